@@ -1,0 +1,1 @@
+"""GPU side of Atelier: model deployments, batching and engines. Never sees HTTP."""

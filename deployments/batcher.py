@@ -1,0 +1,145 @@
+"""Dynamic batching: gather compatible requests that arrive close together into one call.
+
+The oldest waiting request always runs next (no starvation). Its batch takes the later
+requests with the same key, in arrival order, up to `max_batch_size` images, and waits at
+most `wait_s` from the oldest request's arrival for more company. Requests with other
+keys keep their places for the following batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+Runner = Callable[[Sequence[Any]], Awaitable[Sequence[Any]]]
+
+
+@dataclass(frozen=True)
+class Batched:
+    """A request's result with how its batch was formed and timed."""
+
+    result: Any
+    batch_id: str
+    batch_images: int
+    batch_requests: int
+    queue_s: float
+    run_s: float
+
+
+@dataclass(eq=False)
+class _Pending:
+    request: Any
+    key: Hashable
+    size: int
+    enqueued: float
+    future: asyncio.Future = field(repr=False)
+
+
+class Batcher:
+    """Submit requests, await their results; cancelling the awaiting task withdraws one.
+
+    `runner` receives a list of compatible requests and returns one result per request,
+    in order. If it raises for a batch of several, each request is run again alone, so
+    only the request that fails alone gets the error.
+    """
+
+    def __init__(self, runner: Runner, max_batch_size: int, wait_s: float, name: str = "b"):
+        if max_batch_size < 1 or wait_s < 0:
+            raise ValueError("max_batch_size must be >= 1 and wait_s >= 0")
+        self._runner, self._max, self._wait_s, self._name = runner, max_batch_size, wait_s, name
+        self._pending: list[_Pending] = []
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._ids = itertools.count(1)
+        self.running_since: float | None = None
+        self.calls = 0
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    async def submit(self, request: Any, key: Hashable, size: int = 1) -> Batched:
+        """Queue `request` (taking `size` images of a batch) and return its result."""
+        self._ensure_worker()
+        item = _Pending(request, key, size, time.monotonic(),
+                        asyncio.get_running_loop().create_future())
+        self._pending.append(item)
+        self._wakeup.set()
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            if item in self._pending:
+                self._pending.remove(item)
+            raise
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._worker = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            self._wakeup.clear()
+            if not self._pending:
+                await self._wakeup.wait()
+                continue
+            batch = self._select()
+            images = sum(p.size for p in batch)
+            remaining = batch[0].enqueued + self._wait_s - time.monotonic()
+            if images < self._max and remaining > 0:
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    pass
+                continue
+            for item in batch:
+                self._pending.remove(item)
+            await self._run(batch)
+
+    def _select(self) -> list[_Pending]:
+        """The oldest request and the compatible ones after it that fit, in order."""
+        head = self._pending[0]
+        batch, images = [head], head.size
+        for item in self._pending[1:]:
+            if item.key != head.key:
+                continue
+            if images + item.size > self._max:
+                break
+            batch.append(item)
+            images += item.size
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        self.running_since = started
+        self.calls += 1
+        batch_id = f"{self._name}-{next(self._ids)}"
+        try:
+            results = await self._runner([p.request for p in batch])
+        except Exception as exc:  # isolate the failing request from its batchmates
+            self.running_since = None
+            if len(batch) == 1:
+                _settle(batch[0].future, exc=exc)
+                return
+            for item in batch:
+                await self._run([item])
+            return
+        self.running_since = None
+        run_s = time.monotonic() - started
+        images = sum(p.size for p in batch)
+        for item, result in zip(batch, results, strict=True):
+            _settle(item.future, Batched(result, batch_id, images, len(batch),
+                                         started - item.enqueued, run_s))
+
+
+def _settle(future: asyncio.Future, value: Any = None, exc: BaseException | None = None) -> None:
+    if future.done():  # the client went away meanwhile
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(value)

@@ -1,0 +1,50 @@
+"""One engine per model family behind the same small protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from serve.config import ModelConfig
+from serve.types import GenerationRequest
+
+
+class Engine(Protocol):
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Any]]:
+        """One pipeline call for requests sharing a batch key; images per request."""
+
+    def check(self) -> None:
+        """Raise if the engine can no longer serve."""
+
+    def describe(self) -> dict:
+        """Device, dtype and other facts for /healthz."""
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device is 'cuda' but this replica sees no GPU")
+    return requested
+
+
+def model_path(model: ModelConfig, cache_dir: Path) -> Path:
+    """The local folder to load: the configured path, or the embedded model, built once."""
+    if model.embedded is not None:
+        from deployments.tiny import ensure_embedded
+
+        return ensure_embedded(model.embedded, cache_dir)
+    return model.path
+
+
+def create_engine(model: ModelConfig, cache_dir: Path) -> Engine:
+    path = model_path(model, cache_dir)
+    device = resolve_device(model.device)
+    if model.family == "sdxl":
+        from deployments.engines.sdxl import SDXLEngine
+
+        return SDXLEngine(path, model.dtype, device)
+    raise ValueError(f"no engine for family {model.family!r}")

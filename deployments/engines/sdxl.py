@@ -1,0 +1,107 @@
+"""SDXL engine: one diffusers pipeline, batched calls with per-image seeds."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                       HeunDiscreteScheduler, PNDMScheduler, StableDiffusionXLPipeline)
+from PIL import Image
+
+from serve.types import GenerationRequest
+
+log = logging.getLogger("atelier.engine")
+
+# Replicate's names → (diffusers class, extra config).
+_SCHEDULERS = {
+    "K_EULER": (EulerDiscreteScheduler, {}),
+    "K_EULER_ANCESTRAL": (EulerAncestralDiscreteScheduler, {}),
+    "DDIM": (DDIMScheduler, {}),
+    "DPMSolverMultistep": (DPMSolverMultistepScheduler, {}),
+    "HeunDiscrete": (HeunDiscreteScheduler, {}),
+    "KarrasDPM": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "PNDM": (PNDMScheduler, {}),
+}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class SDXLEngine:
+    """Loads an SDXL pipeline from local files only and runs compatible batches.
+
+    Guarantees: image i of a request depends only on the request and its seed i, not on
+    the other requests of its batch (prompts are encoded per request, latents and
+    ancestral noise come from one CPU generator per image).
+    """
+
+    def __init__(self, path: Path, dtype: str, device: str):
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[dtype] if self.device.type == "cuda" else torch.float32
+        self.pipe = _load_pipeline(path, self.dtype).to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        base = self.pipe.scheduler.config
+        self._schedulers = {name: cls.from_config(base, **extra)
+                            for name, (cls, extra) in _SCHEDULERS.items()}
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "vae_scale_factor": self.pipe.vae_scale_factor}
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Image.Image]]:
+        """Run one pipeline call for compatible requests; return each request's images.
+
+        All requests must share `batch_key`; raises ValueError otherwise.
+        """
+        first = requests[0]
+        if any(r.batch_key != first.batch_key for r in requests):
+            raise ValueError("a pipeline call needs requests with equal batch keys")
+        embeds = self._encode(requests)
+        generators = [torch.Generator("cpu").manual_seed(seed)
+                      for r in requests for seed in r.seeds]
+        self.pipe.scheduler = self._schedulers[first.scheduler]
+        images = self.pipe(
+            width=first.width, height=first.height,
+            num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+            generator=generators, output_type="pil", **embeds).images
+        out, start = [], 0
+        for r in requests:
+            out.append(images[start:start + r.num_outputs])
+            start += r.num_outputs
+        return out
+
+    def _encode(self, requests: Sequence[GenerationRequest]) -> dict[str, torch.Tensor]:
+        """Prompt embeddings per image, each prompt encoded on its own."""
+        parts: list[tuple[torch.Tensor, ...]] = []
+        for r in requests:
+            pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+                prompt=r.prompt, device=self.device, num_images_per_prompt=r.num_outputs,
+                do_classifier_free_guidance=True, negative_prompt=r.negative_prompt or None)
+            parts.append((pos, neg, pooled, neg_pooled))
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                 "negative_pooled_prompt_embeds")
+        return {name: torch.cat([p[i] for p in parts]) for i, name in enumerate(names)}
+
+    def check(self) -> None:
+        """Raise RuntimeError if the pipeline cannot run (missing parts, weights gone bad)."""
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            module = getattr(self.pipe, name, None)
+            if module is None:
+                raise RuntimeError(f"pipeline has no {name}")
+        probe = next(self.pipe.unet.parameters())
+        if probe.device.type != self.device.type or not torch.isfinite(probe).all():
+            raise RuntimeError("UNet weights are not usable on the expected device")
+
+
+def _load_pipeline(path: Path, dtype: torch.dtype) -> StableDiffusionXLPipeline:
+    """Load from a diffusers folder; never reach the network."""
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"model path {path} must be a diffusers folder")
+    log.info("loading SDXL pipeline from %s (%s)", path, dtype)
+    return StableDiffusionXLPipeline.from_pretrained(
+        path, torch_dtype=dtype, local_files_only=True, use_safetensors=True)

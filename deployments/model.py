@@ -1,0 +1,96 @@
+"""The model deployment: one replica per GPU, loaded and warmed up before it is healthy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ray import serve
+
+from deployments.batcher import Batcher
+from deployments.encoding import encode_image
+from serve.config import ModelConfig
+from serve.errors import InferenceFailed
+from serve.types import MEDIA_TYPES, BatchInfo, GenerationRequest, GenerationResult
+
+log = logging.getLogger("atelier.model")
+_MAX_CONSECUTIVE_FAILURES = 3
+
+
+@serve.deployment
+class ModelDeployment:
+    """Serves one base model. `generate` takes a GenerationRequest, returns its result.
+
+    Construction loads the pipeline (local files only) and runs one warm-up call, so the
+    replica is reported healthy only once a request would run at full speed.
+    """
+
+    def __init__(self, model: dict, cache_dir: str):
+        from deployments.engines import create_engine
+
+        self.cfg = ModelConfig.model_validate(model)
+        started = time.monotonic()
+        self.engine = create_engine(self.cfg, Path(cache_dir))
+        self.load_s = time.monotonic() - started
+        # One thread: pipeline calls never overlap on a replica.
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        started = time.monotonic()
+        self._warm_up()
+        self.warmup_s = time.monotonic() - started
+        self._failures = 0
+        tag = serve.get_replica_context().replica_id.unique_id
+        self.batcher = Batcher(self._run_batch, self.cfg.batching.max_batch_size,
+                               self.cfg.batching.wait_ms / 1000, name=tag)
+        log.info("%s ready on %s: load %.2fs, warm-up %.2fs", self.cfg.id,
+                 self.engine.describe()["device"], self.load_s, self.warmup_s)
+
+    def _warm_up(self) -> None:
+        d = self.cfg.defaults
+        self.engine.generate([GenerationRequest(
+            model=self.cfg.id, prompt="warm-up", width=d.width, height=d.height,
+            num_inference_steps=self.cfg.warmup_steps, guidance_scale=d.guidance_scale,
+            seed=0, scheduler=d.scheduler)])
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Queue the request in the batcher; raise InferenceFailed if it fails alone."""
+        outcome = await self.batcher.submit(request, request.batch_key, request.num_outputs)
+        b = BatchInfo(batch_id=outcome.batch_id, images=outcome.batch_images,
+                      requests=outcome.batch_requests, queue_ms=outcome.queue_s * 1000,
+                      inference_ms=outcome.run_s * 1000)
+        return GenerationResult(images=outcome.result, seeds=request.seeds,
+                                media_type=MEDIA_TYPES[request.output_format],
+                                width=request.width, height=request.height, batch=b)
+
+    async def _run_batch(self, requests: Sequence[GenerationRequest]) -> list[list[bytes]]:
+        loop = asyncio.get_running_loop()
+        try:
+            encoded = await loop.run_in_executor(self._executor, self._generate_sync, requests)
+        except Exception as exc:
+            self._failures += 1
+            log.exception("pipeline call failed for %d request(s)", len(requests))
+            raise InferenceFailed(f"generation failed: {type(exc).__name__}") from exc
+        self._failures = 0
+        return encoded
+
+    def _generate_sync(self, requests: Sequence[GenerationRequest]) -> list[list[bytes]]:
+        images = self.engine.generate(requests)
+        return [[encode_image(im, r.output_format, r.output_quality) for im in ims]
+                for r, ims in zip(requests, images, strict=True)]
+
+    def check_health(self) -> None:
+        """Raise if the pipeline is unusable, keeps failing, or a call is stuck."""
+        self.engine.check()
+        if self._failures >= _MAX_CONSECUTIVE_FAILURES:
+            raise RuntimeError(f"{self._failures} pipeline calls failed in a row")
+        since = self.batcher.running_since
+        if since is not None and time.monotonic() - since > self.cfg.health_stall_s:
+            raise RuntimeError(f"a pipeline call has run for over {self.cfg.health_stall_s}s")
+
+    def info(self) -> dict:
+        return {"model": self.cfg.id, "load_s": round(self.load_s, 3),
+                "warmup_s": round(self.warmup_s, 3), "pipeline_calls": self.batcher.calls,
+                "queued": self.batcher.queued, **self.engine.describe()}

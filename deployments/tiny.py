@@ -1,0 +1,113 @@
+"""The embedded default model: a tiny SDXL-architecture pipeline with random weights.
+
+It is built once, deterministically, saved in diffusers format with safetensors, and then
+loaded through the same `from_pretrained` path as a real checkpoint. It draws noise: it
+exists so that the whole service runs on any machine without downloading weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock
+
+TINY_SDXL = "tiny-sdxl"
+# Bump when the recipe below changes, so old caches are not reused.
+_RECIPE_VERSION = 1
+_SEED = 20261122
+_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def ensure_embedded(name: str, cache_dir: Path) -> Path:
+    """Return the folder of embedded model `name`, building it on first use.
+
+    Concurrent callers (several replicas on one machine) build it once: the folder is
+    written under a temporary name and renamed into place while a file lock is held.
+    Raises ValueError for an unknown name.
+    """
+    if name != TINY_SDXL:
+        raise ValueError(f"unknown embedded model {name!r}; known: {TINY_SDXL!r}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / f"{name}-v{_RECIPE_VERSION}"
+    with FileLock(str(target) + ".lock"):
+        if not (target / "model_index.json").exists():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+            try:
+                _build_tiny_sdxl(tmp)
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE (as in GPT-2/CLIP)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def _write_clip_tokenizer(folder: Path) -> int:
+    """Write a CLIP BPE vocabulary (single bytes plus a few merges); return its size."""
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("r", "e"), ("o", "n</w>")]
+    tokens += ["".join(m) for m in merges] + list(_SPECIAL_TOKENS)
+    folder.mkdir(parents=True)
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(vocab)
+
+
+def _build_tiny_sdxl(folder: Path) -> None:
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
+                              CLIPTokenizer)
+
+    vocab_size = _write_clip_tokenizer(folder / "_vocab")
+    tokenizer = CLIPTokenizer(str(folder / "_vocab" / "vocab.json"),
+                              str(folder / "_vocab" / "merges.txt"), model_max_length=77)
+    bos, eos = (vocab_size - 2, vocab_size - 1)
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_act="gelu")
+    torch.manual_seed(_SEED)
+    text_encoder = CLIPTextModel(text_config)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 1), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
+        norm_num_groups=8)
+    # Four VAE blocks give SDXL's 8x spatial factor, so sizes behave as on the real model.
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        timestep_spacing="leading", prediction_type="epsilon")
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / "_vocab")

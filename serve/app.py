@@ -1,0 +1,86 @@
+"""Wiring: the ingress deployment and the app builder that `serve run`/`serve deploy` use.
+
+    serve run serve_config.yaml              # the embedded default
+    args: {config: path/to/atelier.yaml}     # real models (see README)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import ray
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from deployments.model import ModelDeployment
+from serve.config import AtelierConfig, ModelConfig, load_config, parse_config
+from serve.errors import install_error_handlers
+from serve.router import ModelRouter
+from serve.routes import generate, models
+
+log = logging.getLogger("atelier.ingress")
+
+api = FastAPI(title="Atelier", description="Self-hosted image generation.",
+              version="0.1.0")
+api.include_router(generate.router)
+api.include_router(models.router)
+install_error_handlers(api)
+
+
+@serve.deployment
+@serve.ingress(api)
+class Ingress:
+    """HTTP front: validates, converts to GenerationRequest, routes to model deployments."""
+
+    def __init__(self, config: dict, handles: Mapping[str, DeploymentHandle],
+                 deployment_names: Mapping[str, str]):
+        self.router = ModelRouter(AtelierConfig.model_validate(config), handles)
+        self.deployment_names = dict(deployment_names)
+        self.started_at = int(time.time())
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """Build the Serve application from `args["config"]` (a YAML path), an inline
+    `args["atelier"]` mapping, or the embedded default when neither is given.
+
+    Raises ConfigError naming the failing field.
+    """
+    args = args or {}
+    if "atelier" in args:
+        config = parse_config(args["atelier"])
+    else:
+        config = load_config(args.get("config"))
+    config.check_paths()
+    has_gpus = _cluster_has_gpus()
+    bound = {m.id: _model_app(m, config, has_gpus) for m in config.models}
+    names = {m.id: _deployment_name(m) for m in config.models}
+    return Ingress.options(
+        num_replicas=config.ingress_replicas,
+        max_ongoing_requests=config.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(config.model_dump(mode="json"), bound, names)
+
+
+def _deployment_name(model: ModelConfig) -> str:
+    return f"model-{model.slug}"
+
+
+def _model_app(model: ModelConfig, config: AtelierConfig, has_gpus: bool) -> serve.Application:
+    gpus = 1 if model.device == "cuda" or (model.device == "auto" and has_gpus) else 0
+    return ModelDeployment.options(
+        name=_deployment_name(model),
+        num_replicas=model.replicas,
+        max_ongoing_requests=model.max_ongoing_requests,
+        max_queued_requests=model.max_queued_requests,
+        ray_actor_options={"num_gpus": gpus, "num_cpus": model.num_cpus},
+        health_check_period_s=10,
+        health_check_timeout_s=30,
+    ).bind(model.model_dump(mode="json"), str(config.cache_dir))
+
+
+def _cluster_has_gpus() -> bool:
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0

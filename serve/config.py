@@ -1,0 +1,162 @@
+"""Typed configuration: which base models to serve and how.
+
+Loaded from YAML (or built in code for the embedded default). Every invalid value fails at
+start with `ConfigError`, whose message names the field path (e.g. `models.0.dtype`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
+DEFAULT_MODEL_ID = "atelier/tiny-sdxl"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names each failing field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: int = Field(4, ge=1, le=64, description=(
+        "Most images in one pipeline call (a request with num_outputs=n takes n)."))
+    wait_ms: float = Field(20.0, ge=0, le=10_000, description=(
+        "How long the oldest waiting request waits for compatible company before its "
+        "batch runs anyway."))
+
+
+class LimitsConfig(_Strict):
+    min_size: int = Field(64, ge=8, description="Smallest width or height in pixels.")
+    max_size: int = Field(2048, ge=8, description="Largest width or height in pixels.")
+    max_pixels: int = Field(1024 * 1024, ge=64, description="Largest width x height.")
+    max_steps: int = Field(50, ge=1, le=500, description="Most denoising steps per request.")
+    max_outputs: int = Field(4, ge=1, le=16, description="Most images per request.")
+
+    @model_validator(mode="after")
+    def _sizes_ordered(self) -> LimitsConfig:
+        if self.min_size > self.max_size:
+            raise ValueError("min_size must not exceed max_size")
+        return self
+
+
+class DefaultsConfig(_Strict):
+    width: int = Field(1024, description="Width when a request gives none.")
+    height: int = Field(1024, description="Height when a request gives none.")
+    num_inference_steps: int = Field(30, ge=1, description="Steps when a request gives none.")
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="Guidance when none is given.")
+    scheduler: str = Field("K_EULER", description="Scheduler when a request gives none.")
+
+
+class ModelConfig(_Strict):
+    id: str = Field(description="Public model id in owner/name form, e.g. atelier/tiny-sdxl.")
+    aliases: list[str] = Field(default_factory=list, description=(
+        "Other ids that resolve to this model (e.g. stability-ai/sdxl)."))
+    family: Literal["sdxl"] = Field("sdxl", description="Pipeline family of the weights.")
+    path: Path | None = Field(None, description=(
+        "Local diffusers folder or single-file .safetensors checkpoint. Never fetched."))
+    embedded: Literal["tiny-sdxl"] | None = Field(None, description=(
+        "Build and serve an embedded random-weight model instead of `path`."))
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description=(
+        "Weights and compute dtype on GPU (CPU always computes in float32)."))
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description=(
+        "auto: one GPU per replica when the cluster has GPUs, else CPU."))
+    replicas: int = Field(1, ge=1, le=1024, description="Number of replicas (one per GPU).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    max_ongoing_requests: int = Field(16, ge=1, description=(
+        "Requests a replica holds at once (queued in its batcher or running)."))
+    max_queued_requests: int = Field(64, ge=0, description=(
+        "Requests waiting for a replica before new ones get 503."))
+    warmup_steps: int = Field(2, ge=1, le=50, description="Steps of the start-up warm-up call.")
+    health_stall_s: float = Field(600, gt=0, description=(
+        "A pipeline call running longer than this marks the replica unhealthy."))
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        for name in (self.id, *self.aliases):
+            if not MODEL_ID.match(name):
+                raise ValueError(f"model id {name!r} is not in lowercase owner/name form")
+        if (self.path is None) == (self.embedded is None):
+            raise ValueError("set exactly one of path or embedded")
+        if self.max_ongoing_requests < self.batching.max_batch_size:
+            raise ValueError("max_ongoing_requests must be at least batching.max_batch_size, "
+                             "or batches can never fill")
+        return self
+
+    @property
+    def slug(self) -> str:
+        """A name usable as a Serve deployment name."""
+        return re.sub(r"[^a-z0-9-]", "-", self.id)
+
+
+class AtelierConfig(_Strict):
+    models: list[ModelConfig] = Field(min_length=1, description="Base models to serve.")
+    cache_dir: Path = Field(default_factory=lambda: default_cache_dir(), description=(
+        "Where embedded models are built."))
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the CPU-only ingress.")
+    ingress_max_ongoing_requests: int = Field(1024, ge=1, description=(
+        "HTTP requests one ingress replica holds at once (it mostly awaits the models)."))
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> AtelierConfig:
+        seen: set[str] = set()
+        for model in self.models:
+            for name in (model.id, *model.aliases):
+                if name in seen:
+                    raise ValueError(f"model id or alias {name!r} is used twice")
+                seen.add(name)
+        return self
+
+    def check_paths(self) -> None:
+        """Raise ConfigError naming the field of each model path that does not exist."""
+        for i, model in enumerate(self.models):
+            if model.path is not None and not model.path.exists():
+                raise ConfigError(f"models.{i}.path: {model.path} does not exist")
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("ATELIER_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "atelier"
+
+
+def default_config() -> AtelierConfig:
+    """The embedded default: the tiny random-weight SDXL, sized for a laptop CPU."""
+    return AtelierConfig(models=[ModelConfig(
+        id=DEFAULT_MODEL_ID, aliases=["stability-ai/sdxl"], embedded="tiny-sdxl",
+        dtype="float32", num_cpus=max(1, min(4, os.cpu_count() or 1)),
+        limits=LimitsConfig(max_size=1024, max_pixels=1024 * 1024),
+        defaults=DefaultsConfig(width=512, height=512, num_inference_steps=20))])
+
+
+def parse_config(data: Any) -> AtelierConfig:
+    """Validate a config mapping; raise ConfigError naming every failing field."""
+    try:
+        return AtelierConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(part) for part in err["loc"]) or "config"
+            lines.append(f"{where}: {err['msg']}")
+        raise ConfigError("invalid Atelier config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path | None) -> AtelierConfig:
+    """Read a YAML config file; None gives the embedded default."""
+    if path is None:
+        return default_config()
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    return parse_config(data)

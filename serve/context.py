@@ -1,0 +1,31 @@
+"""Access to the running ingress replica from route functions.
+
+Serve copies the FastAPI app into each replica, so per-replica state lives on the ingress
+object itself, reached through Serve's replica context.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Protocol
+
+from fastapi import Request
+
+from ray import serve
+
+from serve.router import ModelRouter
+
+
+class IngressState(Protocol):
+    router: ModelRouter
+    deployment_names: dict[str, str]
+    started_at: int
+
+
+def ingress() -> IngressState:
+    return serve.get_replica_context().servable_object
+
+
+def request_id(request: Request) -> str:
+    """The id Serve echoes in the X-Request-Id response header (the client's, if sent)."""
+    return request.headers.get("x-request-id") or uuid.uuid4().hex

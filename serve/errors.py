@@ -1,0 +1,102 @@
+"""Typed errors and their single mapping to HTTP.
+
+Routes and deployments raise these; `install_error_handlers` turns them (and Serve's own
+overload errors) into responses. Nothing else in the code base builds an error response.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+RETRY_AFTER_S = 1
+
+
+class AtelierError(Exception):
+    """Base of every error that reaches a client. `status` is its HTTP status."""
+
+    status = 500
+    kind = "internal_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def detail(self) -> Any:
+        return self.message
+
+
+class InvalidField(AtelierError):
+    """A request value is wrong; `loc` names it as (source, field, ...)."""
+
+    status = 422
+    kind = "invalid_request"
+
+    def __init__(self, field: str, message: str, source: str = "body"):
+        super().__init__(f"{field or source}: {message}")
+        self.field, self.reason, self.source = field, message, source
+
+    def at(self, source: str) -> InvalidField:
+        """The same error located in another part of the request (query or body)."""
+        return InvalidField(self.field, self.reason, source)
+
+    def detail(self) -> Any:
+        loc = [self.source, self.field] if self.field else [self.source]
+        return [{"loc": loc, "msg": self.reason, "type": "value_error"}]
+
+
+class ModelNotFound(AtelierError):
+    status = 404
+    kind = "model_not_found"
+
+    def __init__(self, model: str, known: list[str]):
+        super().__init__(f"model {model!r} is not served here; served: {', '.join(known)}")
+
+
+class Overloaded(AtelierError):
+    """Every replica's queue is full: retry later."""
+
+    status = 503
+    kind = "overloaded"
+
+
+class InferenceFailed(AtelierError):
+    """The pipeline failed on this request alone (its batchmates were retried without it)."""
+
+    status = 500
+    kind = "inference_failed"
+
+
+def error_response(exc: AtelierError) -> JSONResponse:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status in (429, 503) else None
+    return JSONResponse({"detail": exc.detail()}, status_code=exc.status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the one mapping from typed errors to HTTP responses."""
+
+    @app.exception_handler(AtelierError)
+    async def _atelier(_: Request, exc: AtelierError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(BackPressureError)
+    async def _backpressure(_: Request, exc: BackPressureError) -> JSONResponse:
+        return error_response(Overloaded("all replicas of this model are busy; retry later"))
+
+    @app.exception_handler(DeploymentUnavailableError)
+    async def _unavailable(_: Request, exc: DeploymentUnavailableError) -> JSONResponse:
+        return error_response(Overloaded("the model has no running replica yet; retry later"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _plain_errors(exc.errors())}, status_code=422)
+
+
+def _plain_errors(errors: Any) -> list[dict]:
+    """Pydantic error dicts reduced to JSON-safe loc/msg/type."""
+    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")),
+             "type": str(e.get("type", "value_error"))} for e in errors]

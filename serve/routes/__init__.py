@@ -1,0 +1,1 @@
+"""One module per public API; each holds its schemas and thin routes."""

@@ -1,0 +1,121 @@
+"""`POST /generate`: the interface of a plain FastAPI + diffusers server.
+
+Fields come as query parameters, a JSON body, or both (the body wins on a clash). The
+answer is JSON with base64 images, or the first image itself when the client sends
+`Accept: image/png` (or webp/jpeg matching `output_format`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serve.config import ModelConfig
+from serve.context import ingress, request_id
+from serve.errors import InvalidField
+from serve.timing import timing_headers
+from serve.types import MAX_SEED, SCHEDULERS, GenerationRequest, GenerationResult, OutputFormat
+
+router = APIRouter()
+
+
+class GenerateParams(BaseModel):
+    """Everything `/generate` accepts; unset values take the model's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=4000, description="What to draw.")
+    model: str | None = Field(None, description="Model id or alias; default: the first served.")
+    negative_prompt: str = Field("", max_length=4000, description="What to steer away from.")
+    width: int | None = Field(None, ge=8, description="Multiple of 8, within the model's limits.")
+    height: int | None = Field(None, ge=8, description="Multiple of 8, within the model's limits.")
+    steps: int | None = Field(None, ge=1, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; returned.")
+    num_outputs: int = Field(1, ge=1, le=16, description="Images to make (seeds seed, seed+1, ...).")
+    scheduler: str | None = Field(None, description=f"One of {', '.join(SCHEDULERS)}.")
+    output_format: OutputFormat = Field("png", description="png, webp or jpeg.")
+    output_quality: int = Field(90, ge=1, le=100, description="webp/jpeg quality.")
+
+    def to_request(self, model: ModelConfig, request_id: str) -> GenerationRequest:
+        d = model.defaults
+        return GenerationRequest(
+            model=model.id, prompt=self.prompt, negative_prompt=self.negative_prompt,
+            width=self.width or d.width, height=self.height or d.height,
+            num_inference_steps=self.steps or d.num_inference_steps,
+            guidance_scale=d.guidance_scale if self.guidance_scale is None else self.guidance_scale,
+            seed=secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed,
+            scheduler=self.scheduler or d.scheduler, num_outputs=self.num_outputs,
+            output_format=self.output_format, output_quality=self.output_quality,
+            request_id=request_id)
+
+
+_OPENAPI = {
+    "parameters": [{"name": name, "in": "query", "required": False,
+                    "schema": GenerateParams.model_json_schema()["properties"][name]}
+                   for name in GenerateParams.model_fields],
+    "requestBody": {"required": False, "content": {
+        "application/json": {"schema": GenerateParams.model_json_schema()}}},
+}
+
+
+@router.post("/generate", openapi_extra=_OPENAPI, summary="Generate images")
+async def generate(request: Request) -> Response:
+    params, sources = await _read_params(request)
+    router_ = ingress().router
+    model = router_.resolve(params.model)
+    gen = params.to_request(model, request_id(request))
+    try:
+        gen.check_limits(model.limits)
+    except InvalidField as exc:
+        field = "steps" if exc.field == "num_inference_steps" else exc.field
+        raise InvalidField(field, exc.reason, sources.get(field, "body")) from None
+    result = await router_.generate(gen)
+    return _respond(request, gen, result)
+
+
+async def _read_params(request: Request) -> tuple[GenerateParams, dict[str, str]]:
+    """Merge query and JSON body; return the params and where each field came from.
+
+    Raises RequestValidationError located at ("query"|"body", field).
+    """
+    values: dict[str, Any] = dict(request.query_params)
+    sources = dict.fromkeys(values, "query")
+    raw = await request.body()
+    if raw.strip():
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidField("", f"invalid JSON: {exc}", "body") from None
+        if not isinstance(body, dict):
+            raise InvalidField("", "must be a JSON object", "body")
+        values.update(body)
+        sources.update(dict.fromkeys(body, "body"))
+    try:
+        return GenerateParams.model_validate(values), sources
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            err["loc"] = (sources.get(field, "body" if raw.strip() else "query"), *err["loc"])
+            errors.append(err)
+        raise RequestValidationError(errors) from None
+
+
+def _respond(request: Request, gen: GenerationRequest, result: GenerationResult) -> Response:
+    headers = timing_headers(result.batch)
+    headers["X-Atelier-Seed"] = str(result.seeds[0])
+    if result.media_type in request.headers.get("accept", ""):
+        return Response(result.images[0], media_type=result.media_type, headers=headers)
+    images = [base64.b64encode(img).decode("ascii") for img in result.images]
+    body = {"image": images[0], "images": images, "seed": result.seeds[0],
+            "seeds": result.seeds, "model": gen.model, "width": result.width,
+            "height": result.height, "media_type": result.media_type}
+    return JSONResponse(body, headers=headers)

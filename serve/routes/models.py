@@ -1,0 +1,43 @@
+"""`GET /v1/models` (OpenAI's list shape) and `GET /healthz`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from serve.context import ingress
+
+router = APIRouter()
+
+
+@router.get("/v1/models", summary="List served models")
+async def list_models() -> dict:
+    config = ingress().router.config
+    created = ingress().started_at
+    data = [{"id": m.id, "object": "model", "created": created, "owned_by": m.id.split("/")[0],
+             "family": m.family, "aliases": m.aliases,
+             "limits": m.limits.model_dump(), "defaults": m.defaults.model_dump()}
+            for m in config.models]
+    return {"object": "list", "data": data}
+
+
+@router.get("/healthz", summary="Readiness of every model deployment")
+async def healthz() -> JSONResponse:
+    """200 only when every model deployment is healthy with all its replicas running."""
+    app_name = serve.get_replica_context().app_name
+    status = await asyncio.to_thread(serve.status)
+    deployments = status.applications[app_name].deployments
+    models, ready = {}, True
+    for model in ingress().router.config.models:
+        dep = deployments.get(ingress().deployment_names[model.id])
+        running = dep.replica_states.get("RUNNING", 0) if dep else 0
+        healthy = dep is not None and dep.status == "HEALTHY" and running > 0
+        ready &= healthy
+        models[model.id] = {"state": "ready" if healthy else "not_ready",
+                            "status": dep.status if dep else "MISSING",
+                            "replicas_running": running, "replicas_wanted": model.replicas}
+    return JSONResponse({"status": "ok" if ready else "unavailable", "models": models},
+                        status_code=200 if ready else 503)

@@ -1,0 +1,95 @@
+"""The one internal request type every public API converts to, and what comes back.
+
+Deployments see only these types; they know nothing about HTTP or the public APIs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from serve.config import LimitsConfig
+from serve.errors import InvalidField
+
+# Replicate's stability-ai/sdxl scheduler names.
+SCHEDULERS = ("K_EULER", "K_EULER_ANCESTRAL", "DDIM", "DPMSolverMultistep", "HeunDiscrete",
+              "KarrasDPM", "PNDM")
+OutputFormat = Literal["png", "webp", "jpeg"]
+MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One client request, already resolved to a served model id and a concrete seed.
+
+    Image i of the request is drawn from seed `seed + i` (mod 2**32), whatever batch it
+    runs in.
+    """
+
+    model: str
+    prompt: str
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+    scheduler: str
+    negative_prompt: str = ""
+    num_outputs: int = 1
+    output_format: OutputFormat = "png"
+    output_quality: int = 90
+    request_id: str = ""
+
+    @property
+    def seeds(self) -> list[int]:
+        return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_outputs)]
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call."""
+        return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
+                self.scheduler)
+
+    def check_limits(self, limits: LimitsConfig) -> None:
+        """Raise InvalidField for the first value outside the model's limits."""
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value % 8:
+                raise InvalidField(name, f"must be a multiple of 8, got {value}")
+            if not limits.min_size <= value <= limits.max_size:
+                raise InvalidField(
+                    name, f"must be between {limits.min_size} and {limits.max_size}, got {value}")
+        if self.width * self.height > limits.max_pixels:
+            raise InvalidField("width", f"width x height must be at most {limits.max_pixels} "
+                                        f"pixels, got {self.width * self.height}")
+        if self.num_inference_steps > limits.max_steps:
+            raise InvalidField("num_inference_steps",
+                               f"must be at most {limits.max_steps} for this model")
+        if self.num_outputs > limits.max_outputs:
+            raise InvalidField("num_outputs", f"must be at most {limits.max_outputs} for this model")
+        if self.scheduler not in SCHEDULERS:
+            raise InvalidField("scheduler", f"must be one of {', '.join(SCHEDULERS)}")
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """How the pipeline call that produced a request's images was formed."""
+
+    batch_id: str
+    images: int
+    requests: int
+    queue_ms: float
+    inference_ms: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Encoded images of one request, in order, with the seed of each."""
+
+    images: list[bytes]
+    seeds: list[int]
+    media_type: str
+    width: int
+    height: int
+    batch: BatchInfo
