@@ -24,7 +24,7 @@ _SCHEDULERS = {
     "DPMSolverMultistep": (DPMSolverMultistepScheduler, {}),
     "HeunDiscrete": (HeunDiscreteScheduler, {}),
     "KarrasDPM": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "PNDM": (PNDMScheduler, {}),
+    "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
 }
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -104,4 +104,4 @@ def _load_pipeline(path: Path, dtype: torch.dtype) -> StableDiffusionXLPipeline:
         raise ValueError(f"model path {path} must be a diffusers folder")
     log.info("loading SDXL pipeline from %s (%s)", path, dtype)
     return StableDiffusionXLPipeline.from_pretrained(
-        path, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+        path, dtype=dtype, local_files_only=True, use_safetensors=True)

@@ -1,0 +1,121 @@
+import asyncio
+
+import pytest
+
+from deployments.batcher import Batcher
+
+
+class Recorder:
+    """A runner that records each call and answers each request with its own value."""
+
+    def __init__(self, fail_on=None, delay=0.0):
+        self.calls: list[list] = []
+        self.fail_on, self.delay = fail_on, delay
+
+    async def __call__(self, requests):
+        self.calls.append(list(requests))
+        await asyncio.sleep(self.delay)
+        if self.fail_on in requests:
+            raise RuntimeError(f"cannot do {self.fail_on}")
+        return [f"done-{r}" for r in requests]
+
+
+async def _submit_all(batcher, items):
+    """Submit (request, key, size) items in order, a moment apart, and gather results."""
+    tasks = []
+    for request, key, size in items:
+        tasks.append(asyncio.create_task(batcher.submit(request, key, size)))
+        await asyncio.sleep(0.001)
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_compatible_requests_share_one_call_in_arrival_order():
+    run = Recorder()
+    batcher = Batcher(run, max_batch_size=8, wait_s=0.05)
+    results = asyncio.run(_submit_all(batcher, [(i, "k", 1) for i in range(4)]))
+    assert run.calls == [[0, 1, 2, 3]]
+    assert [r.result for r in results] == ["done-0", "done-1", "done-2", "done-3"]
+    assert {r.batch_id for r in results} == {"b-1"}
+    assert all(r.batch_images == 4 and r.batch_requests == 4 for r in results)
+
+
+def test_incompatible_requests_run_in_separate_calls_oldest_key_first():
+    run = Recorder()
+    batcher = Batcher(run, max_batch_size=8, wait_s=0.05)
+    items = [("a1", "A", 1), ("b1", "B", 1), ("a2", "A", 1), ("b2", "B", 1)]
+    results = asyncio.run(_submit_all(batcher, items))
+    assert run.calls == [["a1", "a2"], ["b1", "b2"]]
+    assert [r.result for r in results] == ["done-a1", "done-b1", "done-a2", "done-b2"]
+
+
+def test_num_outputs_count_against_the_batch_size():
+    run = Recorder()
+    batcher = Batcher(run, max_batch_size=4, wait_s=0.05)
+    asyncio.run(_submit_all(batcher, [("x", "k", 3), ("y", "k", 2), ("z", "k", 1)]))
+    assert run.calls == [["x"], ["y", "z"]]
+
+
+def test_a_request_larger_than_the_batch_runs_alone():
+    run = Recorder()
+    batcher = Batcher(run, max_batch_size=2, wait_s=0.01)
+    results = asyncio.run(_submit_all(batcher, [("big", "k", 5)]))
+    assert run.calls == [["big"]] and results[0].batch_images == 5
+
+
+def test_a_full_batch_does_not_wait_for_the_window():
+    run = Recorder()
+    batcher = Batcher(run, max_batch_size=2, wait_s=30)
+    results = asyncio.run(asyncio.wait_for(_submit_all(batcher, [(1, "k", 1), (2, "k", 1)]), 5))
+    assert results[0].queue_s < 1
+
+
+def test_a_lone_request_waits_about_the_window_then_runs():
+    run = Recorder()
+    batcher = Batcher(run, max_batch_size=8, wait_s=0.2)
+    (result,) = asyncio.run(_submit_all(batcher, [(1, "k", 1)]))
+    assert 0.18 <= result.queue_s < 1.0
+
+
+def test_a_failing_request_fails_alone_and_its_batchmates_succeed():
+    run = Recorder(fail_on="bad")
+    batcher = Batcher(run, max_batch_size=8, wait_s=0.05)
+    results = asyncio.run(_submit_all(batcher, [("ok1", "k", 1), ("bad", "k", 1), ("ok2", "k", 1)]))
+    assert results[0].result == "done-ok1" and results[2].result == "done-ok2"
+    assert isinstance(results[1], RuntimeError) and "bad" in str(results[1])
+    assert run.calls == [["ok1", "bad", "ok2"], ["ok1"], ["bad"], ["ok2"]]
+
+
+def test_a_cancelled_waiting_request_never_runs():
+    async def scenario():
+        run = Recorder()
+        batcher = Batcher(run, max_batch_size=8, wait_s=0.1)
+        keep = asyncio.create_task(batcher.submit("keep", "k"))
+        drop = asyncio.create_task(batcher.submit("drop", "k"))
+        await asyncio.sleep(0.01)
+        drop.cancel()
+        result = await keep
+        with pytest.raises(asyncio.CancelledError):
+            await drop
+        return run.calls, result, batcher.queued
+
+    calls, result, queued = asyncio.run(scenario())
+    assert calls == [["keep"]] and result.result == "done-keep" and queued == 0
+
+
+def test_the_window_is_counted_from_the_oldest_arrival():
+    """A key that waited behind another batch runs at once when that batch ends."""
+
+    async def scenario():
+        run = Recorder(delay=0.3)
+        batcher = Batcher(run, max_batch_size=8, wait_s=0.1)
+        first = await _submit_all(batcher, [("a", "A", 1), ("b", "B", 1)])
+        return first
+
+    a, b = asyncio.run(scenario())
+    # b arrived at ~0, waited for a's window (0.1) and call (0.3), not another window.
+    assert 0.35 <= b.queue_s < 0.55
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(ValueError):
+        Batcher(Recorder(), max_batch_size=0, wait_s=0)

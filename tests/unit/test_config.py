@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+
+from serve.config import ConfigError, default_config, load_config, parse_config
+
+
+def _model(**overrides):
+    return {"id": "acme/sdxl", "embedded": "tiny-sdxl", **overrides}
+
+
+def test_default_config_serves_the_embedded_tiny_sdxl_under_its_alias():
+    cfg = default_config()
+    assert [m.id for m in cfg.models] == ["atelier/tiny-sdxl"]
+    assert cfg.models[0].embedded == "tiny-sdxl"
+    assert "stability-ai/sdxl" in cfg.models[0].aliases
+
+
+@pytest.mark.parametrize("model, field", [
+    (_model(dtype="float8"), "models.0.dtype"),
+    (_model(replicas=0), "models.0.replicas"),
+    (_model(batching={"max_batch_size": 0}), "models.0.batching.max_batch_size"),
+    (_model(limits={"max_steps": -1}), "models.0.limits.max_steps"),
+    (_model(colour="red"), "models.0.colour"),
+    (_model(family="sd15"), "models.0.family"),
+])
+def test_invalid_field_is_named_in_the_error(model, field):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"models": [model]})
+    assert field in str(err.value)
+
+
+@pytest.mark.parametrize("model, text", [
+    (_model(id="NoSlash"), "owner/name"),
+    (_model(path="/x"), "exactly one of path or embedded"),
+    ({"id": "acme/sdxl"}, "exactly one of path or embedded"),
+    (_model(max_ongoing_requests=2, batching={"max_batch_size": 8}), "max_ongoing_requests"),
+])
+def test_inconsistent_model_is_rejected_with_reason(model, text):
+    with pytest.raises(ConfigError, match=text):
+        parse_config({"models": [model]})
+
+
+def test_an_alias_may_not_repeat_another_models_id():
+    with pytest.raises(ConfigError, match="used twice"):
+        parse_config({"models": [_model(), _model(id="acme/other", aliases=["acme/sdxl"])]})
+
+
+def test_missing_model_path_names_the_field(tmp_path):
+    cfg = parse_config({"models": [_model(), {"id": "acme/real", "path": str(tmp_path / "no")}]})
+    with pytest.raises(ConfigError, match=r"models\.1\.path: .*does not exist"):
+        cfg.check_paths()
+
+
+def test_yaml_file_loads_with_nested_defaults(tmp_path: Path):
+    (tmp_path / "weights").mkdir()
+    f = tmp_path / "atelier.yaml"
+    f.write_text(f"""
+models:
+  - id: stability-ai/sdxl
+    path: {tmp_path / 'weights'}
+    replicas: 2
+    batching: {{max_batch_size: 8, wait_ms: 30}}
+""")
+    cfg = load_config(f)
+    cfg.check_paths()
+    m = cfg.models[0]
+    assert (m.replicas, m.batching.max_batch_size, m.batching.wait_ms) == (2, 8, 30.0)
+    assert m.limits.max_outputs == 4 and m.dtype == "float16"
+
+
+def test_unreadable_yaml_is_a_config_error(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("models: [unclosed")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(f)

@@ -1,0 +1,111 @@
+"""The SDXL engine on the tiny embedded model, without Ray."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deployments.encoding import encode_image
+from serve.types import SCHEDULERS, GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_sdxl_path):
+    from deployments.engines.sdxl import SDXLEngine
+
+    return SDXLEngine(tiny_sdxl_path, "float16", "cpu")
+
+
+def _req(seed, **overrides):
+    base = dict(model="a/b", prompt="a red cube", width=64, height=64, num_inference_steps=3,
+                guidance_scale=7.5, seed=seed, scheduler="K_EULER")
+    return GenerationRequest(**{**base, **overrides})
+
+
+def _px(image):
+    return np.asarray(image).astype(int)
+
+
+def assert_same_pixels(a, b):
+    """Equal up to one 8-bit level on a few pixels.
+
+    A batched matmul may sum in another order than a single one, so a float32 value that
+    sits on a rounding boundary can land one level away after quantisation.
+    """
+    diff = np.abs(_px(a) - _px(b))
+    assert diff.max() <= 1, diff.max()
+    assert (diff > 0).mean() < 0.01
+
+
+def test_cpu_computes_in_float32_whatever_the_configured_dtype(engine):
+    assert engine.describe()["dtype"] == "float32" and engine.describe()["device"] == "cpu"
+
+
+@pytest.mark.parametrize("width, height", [(64, 64), (128, 64), (64, 192)])
+def test_image_has_the_requested_size(engine, width, height):
+    (images,) = engine.generate([_req(1, width=width, height=height)])
+    assert [im.size for im in images] == [(width, height)]
+
+
+def test_same_seed_same_pixels_and_other_seed_other_pixels(engine):
+    a = engine.generate([_req(7)])[0][0]
+    b = engine.generate([_req(7)])[0][0]
+    c = engine.generate([_req(8)])[0][0]
+    assert np.array_equal(_px(a), _px(b))
+    assert np.abs(_px(a) - _px(c)).mean() > 10
+
+
+def test_an_image_does_not_depend_on_its_batchmates(engine):
+    alone = [engine.generate([r])[0][0] for r in
+             (_req(7), _req(8, prompt="a blue ball", negative_prompt="blurry"))]
+    batch = engine.generate([_req(7), _req(8, prompt="a blue ball", negative_prompt="blurry"),
+                             _req(99, prompt="other", num_outputs=2)])
+    assert [len(images) for images in batch] == [1, 1, 2]
+    assert_same_pixels(alone[0], batch[0][0])
+    assert_same_pixels(alone[1], batch[1][0])
+
+
+def test_output_i_uses_seed_plus_i(engine):
+    (images,) = engine.generate([_req(40, num_outputs=3)])
+    second_alone = engine.generate([_req(41)])[0][0]
+    assert_same_pixels(images[1], second_alone)
+    assert np.abs(_px(images[0]) - _px(images[1])).mean() > 10
+
+
+def test_mixed_batch_keys_are_refused(engine):
+    with pytest.raises(ValueError, match="equal batch keys"):
+        engine.generate([_req(1), _req(2, width=128)])
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_scheduler_runs_and_is_deterministic(engine, scheduler, steps):
+    a = engine.generate([_req(3, scheduler=scheduler, num_inference_steps=steps)])[0][0]
+    b = engine.generate([_req(3, scheduler=scheduler, num_inference_steps=steps)])[0][0]
+    assert a.size == (64, 64) and np.array_equal(_px(a), _px(b))
+
+
+def test_schedulers_give_different_images(engine):
+    euler = engine.generate([_req(3, scheduler="K_EULER")])[0][0]
+    ddim = engine.generate([_req(3, scheduler="DDIM")])[0][0]
+    assert np.abs(_px(euler) - _px(ddim)).mean() > 1
+
+
+def test_engine_check_passes_on_a_loaded_pipeline(engine):
+    engine.check()
+
+
+@pytest.mark.parametrize("fmt, magic", [("png", b"\x89PNG"), ("jpeg", b"\xff\xd8\xff"),
+                                        ("webp", b"RIFF")])
+def test_images_encode_in_the_requested_format(fmt, magic):
+    image = Image.fromarray(np.full((16, 24, 3), 200, dtype=np.uint8))
+    data = encode_image(image, fmt, 80)
+    assert data.startswith(magic)
+    assert Image.open(io.BytesIO(data)).size == (24, 16)
+
+
+def test_jpeg_quality_changes_the_size():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    assert len(encode_image(image, "jpeg", 20)) < len(encode_image(image, "jpeg", 95))
