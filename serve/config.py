@@ -65,6 +65,8 @@ class ModelConfig(_Strict):
         "Local diffusers folder or single-file .safetensors checkpoint. Never fetched."))
     embedded: Literal["tiny-sdxl"] | None = Field(None, description=(
         "Build and serve an embedded random-weight model instead of `path`."))
+    variant: str | None = Field(None, description=(
+        "Weights file variant in the folder, e.g. fp16 for *.fp16.safetensors."))
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description=(
         "Weights and compute dtype on GPU (CPU always computes in float32)."))
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description=(

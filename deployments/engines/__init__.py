@@ -46,5 +46,5 @@ def create_engine(model: ModelConfig, cache_dir: Path) -> Engine:
     if model.family == "sdxl":
         from deployments.engines.sdxl import SDXLEngine
 
-        return SDXLEngine(path, model.dtype, device)
+        return SDXLEngine(path, model.dtype, device, model.variant)
     raise ValueError(f"no engine for family {model.family!r}")

@@ -37,10 +37,10 @@ class SDXLEngine:
     ancestral noise come from one CPU generator per image).
     """
 
-    def __init__(self, path: Path, dtype: str, device: str):
+    def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None):
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype] if self.device.type == "cuda" else torch.float32
-        self.pipe = _load_pipeline(path, self.dtype).to(self.device)
+        self.pipe = _load_pipeline(path, self.dtype, variant).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         base = self.pipe.scheduler.config
         self._schedulers = {name: cls.from_config(base, **extra)
@@ -96,7 +96,8 @@ class SDXLEngine:
             raise RuntimeError("UNet weights are not usable on the expected device")
 
 
-def _load_pipeline(path: Path, dtype: torch.dtype) -> StableDiffusionXLPipeline:
+def _load_pipeline(path: Path, dtype: torch.dtype,
+                   variant: str | None) -> StableDiffusionXLPipeline:
     """Load from a diffusers folder; never reach the network."""
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
@@ -104,4 +105,4 @@ def _load_pipeline(path: Path, dtype: torch.dtype) -> StableDiffusionXLPipeline:
         raise ValueError(f"model path {path} must be a diffusers folder")
     log.info("loading SDXL pipeline from %s (%s)", path, dtype)
     return StableDiffusionXLPipeline.from_pretrained(
-        path, dtype=dtype, local_files_only=True, use_safetensors=True)
+        path, dtype=dtype, variant=variant, local_files_only=True, use_safetensors=True)

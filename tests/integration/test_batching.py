@@ -1,0 +1,44 @@
+from collections import defaultdict
+
+from tests.integration.conftest import BATCHED, assert_same_pixels, decode, post_many
+
+
+def _body(seed, **extra):
+    return {"prompt": f"prompt {seed}", "seed": seed, "model": BATCHED, **extra}
+
+
+def test_concurrent_compatible_requests_share_pipeline_calls(base_url, client):
+    responses = post_many(base_url, [_body(s) for s in (11, 12, 13, 14)])
+    assert [r.status_code for r in responses] == [200] * 4
+    batch_ids = {r.headers["x-atelier-batch-id"] for r in responses}
+    assert len(batch_ids) < 4
+    assert all(int(r.headers["x-atelier-batch-size"]) >= 2 for r in responses)
+    assert [r.json()["seed"] for r in responses] == [11, 12, 13, 14]
+
+
+def test_a_seed_gives_the_same_pixels_alone_or_among_concurrent_requests(base_url, client):
+    alone = client.post("/generate", json=_body(21))
+    assert alone.headers["x-atelier-batch-size"] == "1"
+    crowd = post_many(base_url, [_body(22), _body(21), _body(23, num_outputs=2)])
+    assert crowd[1].headers["x-atelier-batch-size"] == "4"
+    assert_same_pixels(decode(alone.json()["image"]), decode(crowd[1].json()["image"]))
+
+
+def test_mixed_requests_are_grouped_by_size_and_steps_in_order(base_url):
+    shapes = [{"width": 64}, {"width": 128}, {"width": 64}, {"width": 128, "steps": 3},
+              {"width": 128}]
+    responses = post_many(base_url, [_body(30 + i, **s) for i, s in enumerate(shapes)])
+    groups = defaultdict(list)
+    for shape, r in zip(shapes, responses):
+        assert r.status_code == 200
+        assert decode(r.json()["image"]).size == (shape["width"], 64)
+        groups[r.headers["x-atelier-batch-id"]].append((shape["width"], shape.get("steps", 2)))
+    # Three compatible groups: (64, default), (128, default), (128, 3 steps).
+    assert sorted(groups.values()) == [[(64, 2), (64, 2)], [(128, 2), (128, 2)], [(128, 3)]]
+
+
+def test_num_outputs_fill_the_batch(base_url):
+    responses = post_many(base_url, [_body(40, num_outputs=3), _body(41, num_outputs=2)])
+    # 3 + 2 images exceed the batch of 4: two calls, in arrival order.
+    assert [r.headers["x-atelier-batch-size"] for r in responses] == ["3", "2"]
+    assert [len(r.json()["images"]) for r in responses] == [3, 2]

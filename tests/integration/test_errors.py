@@ -1,0 +1,47 @@
+import pytest
+
+from tests.integration.conftest import FAST
+
+
+@pytest.mark.parametrize("query, body, loc", [
+    ("?prompt=x&width=65", None, ["query", "width"]),
+    ("?prompt=x&width=abc", None, ["query", "width"]),
+    ("?width=64", None, ["query", "prompt"]),
+    ("", {"width": 64}, ["body", "prompt"]),
+    ("", {"prompt": ""}, ["body", "prompt"]),
+    ("", {"prompt": "x", "height": 4096}, ["body", "height"]),
+    ("", {"prompt": "x", "width": 512, "height": 512}, ["body", "width"]),
+    ("", {"prompt": "x", "steps": 0}, ["body", "steps"]),
+    ("", {"prompt": "x", "steps": 21}, ["body", "steps"]),
+    ("", {"prompt": "x", "num_outputs": 5}, ["body", "num_outputs"]),
+    ("", {"prompt": "x", "seed": -1}, ["body", "seed"]),
+    ("", {"prompt": "x", "seed": 2**32}, ["body", "seed"]),
+    ("", {"prompt": "x", "scheduler": "LMS"}, ["body", "scheduler"]),
+    ("", {"prompt": "x", "output_format": "gif"}, ["body", "output_format"]),
+    ("", {"prompt": "x", "guidance_scale": "high"}, ["body", "guidance_scale"]),
+    ("", {"prompt": "x", "colour": "red"}, ["body", "colour"]),
+    ("?prompt=x&colour=red", None, ["query", "colour"]),
+])
+def test_bad_input_is_422_naming_the_field(client, query, body, loc):
+    r = client.post(f"/generate{query}", json=body) if body else client.post(f"/generate{query}")
+    assert r.status_code == 422, r.text
+    assert loc in [e["loc"] for e in r.json()["detail"]]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe"])
+def test_a_body_that_is_not_a_json_object_is_422(client, raw):
+    r = client.post("/generate", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body"]
+
+
+def test_unknown_model_is_404_listing_the_served_ones(client):
+    r = client.post("/generate", json={"prompt": "x", "model": "acme/nope"})
+    assert r.status_code == 404
+    assert "acme/nope" in r.json()["detail"] and FAST in r.json()["detail"]
+
+
+def test_server_keeps_serving_after_bad_requests(client):
+    for _ in range(3):
+        client.post("/generate", json={"prompt": "x", "width": 7})
+    r = client.post("/generate", json={"prompt": "x", "seed": 9})
+    assert r.status_code == 200 and r.json()["seed"] == 9

@@ -1,0 +1,25 @@
+from tests.integration.conftest import BATCHED, FAST
+
+
+def test_models_are_listed_in_openai_shape(client):
+    body = client.get("/v1/models").json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == [FAST, BATCHED]
+    first = body["data"][0]
+    assert first["object"] == "model" and first["owned_by"] == "atelier"
+    assert first["aliases"] == ["stability-ai/sdxl"] and first["limits"]["max_size"] == 512
+
+
+def test_healthz_reports_every_model_ready(client):
+    r = client.get("/healthz")
+    assert r.status_code == 200
+    models = r.json()["models"]
+    assert set(models) == {FAST, BATCHED}
+    assert all(m["state"] == "ready" and m["replicas_running"] == 1 for m in models.values())
+
+
+def test_openapi_documents_the_generate_fields(client):
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/generate"]["post"]
+    assert {p["name"] for p in op["parameters"]} >= {"prompt", "width", "height", "steps", "seed"}
+    assert "prompt" in op["requestBody"]["content"]["application/json"]["schema"]["required"]

@@ -1,0 +1,23 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from serve.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "serve" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_model_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.models and all(m.path is not None for m in cfg.models)
+
+
+def test_serve_config_is_valid_for_serve_and_binds_to_loopback():
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
+    assert schema.http_options.host == "127.0.0.1"
+    assert schema.http_options.request_timeout_s > 0
+    assert schema.applications[0].import_path == "serve.app:build_app"
