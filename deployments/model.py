@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from PIL.Image import Image
 from ray import serve
 
 from deployments.batcher import Batcher
@@ -36,8 +38,11 @@ class ModelDeployment:
         started = time.monotonic()
         self.engine = create_engine(self.cfg, Path(cache_dir))
         self.load_s = time.monotonic() - started
-        # One thread: pipeline calls never overlap on a replica.
+        # One thread: pipeline calls never overlap on a replica. Encoding runs beside it,
+        # so the next batch starts while the last one's images are compressed.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        self._encoders = ThreadPoolExecutor(min(8, os.cpu_count() or 1),
+                                            thread_name_prefix="encode")
         started = time.monotonic()
         self._warm_up()
         self.warmup_s = time.monotonic() - started
@@ -58,28 +63,25 @@ class ModelDeployment:
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Queue the request in the batcher; raise InferenceFailed if it fails alone."""
         outcome = await self.batcher.submit(request, request.batch_key, request.num_outputs)
+        images = await asyncio.get_running_loop().run_in_executor(
+            self._encoders, _encode_all, request, outcome.result)
         b = BatchInfo(batch_id=outcome.batch_id, images=outcome.batch_images,
                       requests=outcome.batch_requests, queue_ms=outcome.queue_s * 1000,
                       inference_ms=outcome.run_s * 1000)
-        return GenerationResult(images=outcome.result, seeds=request.seeds,
+        return GenerationResult(images=images, seeds=request.seeds,
                                 media_type=MEDIA_TYPES[request.output_format],
                                 width=request.width, height=request.height, batch=b)
 
-    async def _run_batch(self, requests: Sequence[GenerationRequest]) -> list[list[bytes]]:
+    async def _run_batch(self, requests: Sequence[GenerationRequest]) -> list[list[Image]]:
         loop = asyncio.get_running_loop()
         try:
-            encoded = await loop.run_in_executor(self._executor, self._generate_sync, requests)
+            images = await loop.run_in_executor(self._executor, self.engine.generate, requests)
         except Exception as exc:
             self._failures += 1
             log.exception("pipeline call failed for %d request(s)", len(requests))
             raise InferenceFailed(f"generation failed: {type(exc).__name__}") from exc
         self._failures = 0
-        return encoded
-
-    def _generate_sync(self, requests: Sequence[GenerationRequest]) -> list[list[bytes]]:
-        images = self.engine.generate(requests)
-        return [[encode_image(im, r.output_format, r.output_quality) for im in ims]
-                for r, ims in zip(requests, images, strict=True)]
+        return images
 
     def check_health(self) -> None:
         """Raise if the pipeline is unusable, keeps failing, or a call is stuck."""
@@ -94,3 +96,7 @@ class ModelDeployment:
         return {"model": self.cfg.id, "load_s": round(self.load_s, 3),
                 "warmup_s": round(self.warmup_s, 3), "pipeline_calls": self.batcher.calls,
                 "queued": self.batcher.queued, **self.engine.describe()}
+
+
+def _encode_all(request: GenerationRequest, images: Sequence[Image]) -> list[bytes]:
+    return [encode_image(im, request.output_format, request.output_quality) for im in images]

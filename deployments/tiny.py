@@ -72,7 +72,46 @@ def _write_clip_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
+# The tiny recipe, in the same layout as the full SDXL configs a benchmark may pass.
+TINY_SDXL_CONFIGS = {
+    "unet": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+             "block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "attention_head_dim": [2, 4],
+             "transformer_layers_per_block": [1, 1], "use_linear_projection": True,
+             "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+             "projection_class_embeddings_input_dim": 6 * 8 + 32, "cross_attention_dim": 64,
+             "norm_num_groups": 8},
+    # Four VAE blocks give SDXL's 8x spatial factor, so sizes behave as on the real model.
+    "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
+            "block_out_channels": [8, 16, 16, 16], "norm_num_groups": 8, "sample_size": 64,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4},
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 77,
+                     "projection_dim": 32, "hidden_act": "gelu"},
+    "text_encoder_2": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 4, "max_position_embeddings": 77,
+                       "projection_dim": 32, "hidden_act": "gelu"},
+    "scheduler": {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "steps_offset": 1, "timestep_spacing": "leading", "prediction_type": "epsilon"},
+}
+
+
 def _build_tiny_sdxl(folder: Path) -> None:
+    build_random_sdxl(folder, TINY_SDXL_CONFIGS)
+
+
+def _public(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32") -> None:
+    """Save an SDXL pipeline with random weights built from `configs` (keys unet, vae,
+    text_encoder, text_encoder_2, scheduler) in diffusers format with safetensors.
+
+    Deterministic for given configs. The text encoders' vocabulary is at least the
+    generated tokenizer's; a larger one (the real 49408) costs the same as the real model.
+    """
     import torch
     from diffusers import (AutoencoderKL, EulerDiscreteScheduler,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
@@ -83,31 +122,20 @@ def _build_tiny_sdxl(folder: Path) -> None:
     tokenizer = CLIPTokenizer(str(folder / "_vocab" / "vocab.json"),
                               str(folder / "_vocab" / "merges.txt"), model_max_length=77)
     bos, eos = (vocab_size - 2, vocab_size - 1)
-    text_config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_act="gelu")
+
+    def text_config(name: str) -> CLIPTextConfig:
+        cfg = {"vocab_size": vocab_size, **_public(configs[name])}
+        cfg["vocab_size"] = max(cfg["vocab_size"], vocab_size)
+        return CLIPTextConfig(**cfg, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+
     torch.manual_seed(_SEED)
-    text_encoder = CLIPTextModel(text_config)
-    text_encoder_2 = CLIPTextModelWithProjection(text_config)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 1), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
-        norm_num_groups=8)
-    # Four VAE blocks give SDXL's 8x spatial factor, so sizes behave as on the real model.
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
-        timestep_spacing="leading", prediction_type="epsilon")
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+        text_encoder=CLIPTextModel(text_config("text_encoder")),
+        text_encoder_2=CLIPTextModelWithProjection(text_config("text_encoder_2")),
+        unet=UNet2DConditionModel(**_public(configs["unet"])),
+        vae=AutoencoderKL(**_public(configs["vae"])),
+        scheduler=EulerDiscreteScheduler(**_public(configs["scheduler"])),
+        tokenizer=tokenizer, tokenizer_2=tokenizer)
+    pipe.to(dtype=getattr(torch, dtype))
     pipe.save_pretrained(folder, safe_serialization=True)
     shutil.rmtree(folder / "_vocab")

@@ -1,0 +1,172 @@
+"""Serving benchmark: start Atelier, then measure start-up, latency and throughput over HTTP.
+
+    python -m load.bench_serving                                  # embedded tiny model, CPU
+    python -m load.bench_serving --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
+        --size 1024 --steps 20 --batch 8 --concurrency 1 8 16     # full SDXL architecture
+
+Prints a table and writes JSON (default results/serving-<device>.json). Figures are what
+this run saw on this machine; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+
+def _parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="Atelier YAML config (default: the embedded tiny model)")
+    p.add_argument("--random-sdxl", help="build an SDXL with random weights from this JSON of "
+                                         "component configs and serve it")
+    p.add_argument("--size", type=int, default=64, help="width and height of each image")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--batch", type=int, default=8, help="max_batch_size (random-sdxl only)")
+    p.add_argument("--wait-ms", type=float, default=20, help="batch window (random-sdxl only)")
+    p.add_argument("--single", type=int, default=20, help="sequential requests for latency")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--duration", type=float, default=20, help="seconds per concurrency level")
+    p.add_argument("--port", type=int, default=8077)
+    p.add_argument("--out", help="JSON output path")
+    return p.parse_args()
+
+
+def _app_args(args: argparse.Namespace) -> dict:
+    if args.config:
+        return {"config": args.config}
+    if not args.random_sdxl:
+        return {}
+    from deployments.tiny import build_random_sdxl
+    from serve.config import default_cache_dir
+
+    folder = default_cache_dir() / "random-sdxl-base"
+    if not (folder / "model_index.json").exists():
+        started = time.monotonic()
+        build_random_sdxl(folder, json.loads(Path(args.random_sdxl).read_text()), "float16")
+        print(f"built random SDXL in {time.monotonic() - started:.1f}s at {folder}")
+    return {"atelier": {"models": [{
+        "id": "bench/random-sdxl", "path": str(folder), "dtype": "float16", "num_cpus": 4,
+        "max_ongoing_requests": max(64, args.batch * 4), "max_queued_requests": 1024,
+        "batching": {"max_batch_size": args.batch, "wait_ms": args.wait_ms},
+        "limits": {"max_size": 2048, "max_pixels": 2048 * 2048, "max_steps": 100},
+        "defaults": {"width": args.size, "height": args.size,
+                     "num_inference_steps": args.steps}}]}}
+
+
+def _start(args: argparse.Namespace) -> tuple[str, float]:
+    """Deploy the app; return its URL and the seconds from deploy to /healthz 200."""
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 600})
+    url = f"http://127.0.0.1:{args.port}"
+    app_args = _app_args(args)
+    started = time.monotonic()
+    serve.run(build_app(app_args), name="atelier", route_prefix="/")
+    while httpx.get(f"{url}/healthz", timeout=30).status_code != 200:
+        time.sleep(0.2)
+    return url, time.monotonic() - started
+
+
+def _body(args: argparse.Namespace, seed: int) -> dict:
+    return {"prompt": f"benchmark image {seed}", "width": args.size, "height": args.size,
+            "steps": args.steps, "guidance_scale": args.guidance, "seed": seed}
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def _single(url: str, args: argparse.Namespace) -> dict:
+    latencies = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        for i in range(args.single):
+            started = time.monotonic()
+            r = await client.post("/generate", json=_body(args, i))
+            r.raise_for_status()
+            latencies.append(time.monotonic() - started)
+    return {"requests": len(latencies), "p50_s": _pct(latencies, 0.5),
+            "p95_s": _pct(latencies, 0.95), "mean_s": statistics.fmean(latencies),
+            "first_s": latencies[0]}
+
+
+async def _closed_loop(url: str, args: argparse.Namespace, concurrency: int) -> dict:
+    """`concurrency` clients, each sending its next request when the last one returns."""
+    latencies, batch_sizes, images = [], [], 0
+    deadline = time.monotonic() + args.duration
+
+    async def worker(wid: int) -> None:
+        nonlocal images
+        seq = 0
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            while time.monotonic() < deadline:
+                started = time.monotonic()
+                r = await client.post("/generate", json=_body(args, wid * 100_000 + seq))
+                r.raise_for_status()
+                latencies.append(time.monotonic() - started)
+                batch_sizes.append(int(r.headers["x-atelier-batch-size"]))
+                images += len(r.json()["images"])
+                seq += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    elapsed = time.monotonic() - started
+    return {"concurrency": concurrency, "images": images, "seconds": elapsed,
+            "images_per_s": images / elapsed, "p50_s": _pct(latencies, 0.5),
+            "p95_s": _pct(latencies, 0.95), "p99_s": _pct(latencies, 0.99),
+            "mean_batch_size": statistics.fmean(batch_sizes)}
+
+
+def _machine() -> dict:
+    import importlib.metadata as md
+
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(),
+            "versions": {p: md.version(p) for p in ("ray", "diffusers", "torch")}}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def main() -> None:
+    args = _parse_args()
+    url, startup_s = _start(args)
+    single = asyncio.run(_single(url, args))
+    loops = [asyncio.run(_closed_loop(url, args, c)) for c in args.concurrency]
+    machine = _machine()
+    report = {"settings": vars(args), "machine": machine, "startup_to_healthy_s": startup_s,
+              "single": single, "closed_loop": loops}
+    print(f"start-up to healthy: {startup_s:.1f}s   machine: {machine}")
+    print(f"one request ({args.size}x{args.size}, {args.steps} steps): "
+          f"p50 {single['p50_s'] * 1000:.0f} ms, p95 {single['p95_s'] * 1000:.0f} ms, "
+          f"first {single['first_s'] * 1000:.0f} ms")
+    print("concurrency  images/s  p50_s   p95_s   p99_s   mean_batch")
+    for r in loops:
+        print(f"{r['concurrency']:>11}  {r['images_per_s']:>8.2f}  {r['p50_s']:>6.2f}  "
+              f"{r['p95_s']:>6.2f}  {r['p99_s']:>6.2f}  {r['mean_batch_size']:>10.2f}")
+    device = "gpu" if "gpu" in machine else "cpu"
+    out = Path(args.out or f"results/serving-{device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
