@@ -62,7 +62,7 @@ class ModelConfig(_Strict):
         "Other ids that resolve to this model (e.g. stability-ai/sdxl)."))
     family: Literal["sdxl"] = Field("sdxl", description="Pipeline family of the weights.")
     path: Path | None = Field(None, description=(
-        "Local diffusers folder or single-file .safetensors checkpoint. Never fetched."))
+        "Local diffusers-format folder (safetensors weights). Never fetched."))
     embedded: Literal["tiny-sdxl"] | None = Field(None, description=(
         "Build and serve an embedded random-weight model instead of `path`."))
     variant: str | None = Field(None, description=(
@@ -123,8 +123,14 @@ class AtelierConfig(_Strict):
     def check_paths(self) -> None:
         """Raise ConfigError naming the field of each model path that does not exist."""
         for i, model in enumerate(self.models):
-            if model.path is not None and not model.path.exists():
+            if model.path is None:
+                continue
+            if not model.path.exists():
                 raise ConfigError(f"models.{i}.path: {model.path} does not exist")
+            if not (model.path / "model_index.json").is_file():
+                raise ConfigError(f"models.{i}.path: {model.path} is not a diffusers folder "
+                                  "(no model_index.json); convert single-file checkpoints "
+                                  "first (see README)")
 
 
 def default_cache_dir() -> Path:

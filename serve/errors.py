@@ -1,7 +1,9 @@
 """Typed errors and their single mapping to HTTP.
 
-Routes and deployments raise these; `install_error_handlers` turns them (and Serve's own
-overload errors) into responses. Nothing else in the code base builds an error response.
+Routes and deployments raise these; `install_error_handlers` turns them into responses.
+Nothing else in the code base builds an error response. (Serve's own overload errors are
+translated into `Overloaded` by the router: Serve installs its own FastAPI handlers for
+them, which would answer without Retry-After.)
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 RETRY_AFTER_S = 1
 
@@ -82,14 +83,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AtelierError)
     async def _atelier(_: Request, exc: AtelierError) -> JSONResponse:
         return error_response(exc)
-
-    @app.exception_handler(BackPressureError)
-    async def _backpressure(_: Request, exc: BackPressureError) -> JSONResponse:
-        return error_response(Overloaded("all replicas of this model are busy; retry later"))
-
-    @app.exception_handler(DeploymentUnavailableError)
-    async def _unavailable(_: Request, exc: DeploymentUnavailableError) -> JSONResponse:
-        return error_response(Overloaded("the model has no running replica yet; retry later"))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

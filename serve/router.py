@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from serve.config import AtelierConfig, ModelConfig
-from serve.errors import ModelNotFound
+from serve.errors import ModelNotFound, Overloaded
 from serve.types import GenerationRequest, GenerationResult
 
 
@@ -39,5 +40,13 @@ class ModelRouter:
             raise ModelNotFound(name, [m.id for m in self.config.models]) from None
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Run `request` (whose `model` is a resolved id) on its model's deployment."""
-        return await self._handles[request.model].generate.remote(request)
+        """Run `request` (whose `model` is a resolved id) on its model's deployment.
+
+        Raises Overloaded when every replica's queue is full or none is running.
+        """
+        try:
+            return await self._handles[request.model].generate.remote(request)
+        except BackPressureError:
+            raise Overloaded(f"all replicas of {request.model} are busy; retry later") from None
+        except DeploymentUnavailableError:
+            raise Overloaded(f"{request.model} has no running replica yet; retry later") from None

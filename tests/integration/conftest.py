@@ -1,7 +1,8 @@
 """A real Ray Serve app over real HTTP, with two models built from the embedded tiny SDXL.
 
 `atelier/tiny-sdxl` batches with a short window (most tests); `atelier/tiny-sdxl-batched`
-waits two seconds for company, so concurrent requests reliably share pipeline calls.
+waits two seconds for company, so concurrent requests reliably share pipeline calls;
+`atelier/tiny-sdxl-one-slot` holds one request and queues one more, to show overload.
 """
 
 import asyncio
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 FAST, BATCHED = "atelier/tiny-sdxl", "atelier/tiny-sdxl-batched"
+ONE_SLOT = "atelier/tiny-sdxl-one-slot"
 
 
 def _model(model_id, wait_ms, **extra):
@@ -38,7 +40,9 @@ def base_url(cache_dir):
     from serve.app import build_app
 
     config = {"cache_dir": str(cache_dir), "models": [
-        _model(FAST, 10, aliases=["stability-ai/sdxl"]), _model(BATCHED, 2000)]}
+        _model(FAST, 10, aliases=["stability-ai/sdxl"]), _model(BATCHED, 2000),
+        _model(ONE_SLOT, 1500, max_ongoing_requests=1, max_queued_requests=1,
+               batching={"max_batch_size": 1, "wait_ms": 1500})]}
     ray.init(num_cpus=4, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.integration.conftest import FAST
+from tests.integration.conftest import FAST, ONE_SLOT, post_many
 
 
 @pytest.mark.parametrize("query, body, loc", [
@@ -45,3 +45,17 @@ def test_server_keeps_serving_after_bad_requests(client):
         client.post("/generate", json={"prompt": "x", "width": 7})
     r = client.post("/generate", json={"prompt": "x", "seed": 9})
     assert r.status_code == 200 and r.json()["seed"] == 9
+
+
+def test_requests_past_the_queue_limit_get_503_with_retry_after_at_once(base_url):
+    # One request runs (it waits 1.5 s for company), one waits in the queue, the rest are
+    # refused without waiting.
+    responses = post_many(base_url, [{"prompt": "x", "seed": s, "model": ONE_SLOT}
+                                     for s in range(5)])
+    ok = [(seed, r) for seed, r in enumerate(responses) if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 503]
+    assert len(ok) == 2 and len(refused) == 3
+    assert all(r.json()["seed"] == seed for seed, r in ok)
+    for r in refused:
+        assert r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
+        assert r.elapsed.total_seconds() < 1.0

@@ -52,8 +52,16 @@ def test_missing_model_path_names_the_field(tmp_path):
         cfg.check_paths()
 
 
+def test_a_path_that_is_not_a_diffusers_folder_is_refused(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    cfg = parse_config({"models": [{"id": "acme/real", "path": str(tmp_path / "model.safetensors")}]})
+    with pytest.raises(ConfigError, match=r"models\.0\.path: .*not a diffusers folder"):
+        cfg.check_paths()
+
+
 def test_yaml_file_loads_with_nested_defaults(tmp_path: Path):
     (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model_index.json").write_text("{}")
     f = tmp_path / "atelier.yaml"
     f.write_text(f"""
 models:
