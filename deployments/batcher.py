@@ -56,7 +56,6 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._ids = itertools.count(1)
         self.running_since: float | None = None
-        self.calls = 0
 
     @property
     def queued(self) -> int:
@@ -116,7 +115,6 @@ class Batcher:
     async def _run(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
         self.running_since = started
-        self.calls += 1
         batch_id = f"{self._name}-{next(self._ids)}"
         try:
             results = await self._runner([p.request for p in batch])

@@ -78,7 +78,8 @@ class ModelDeployment:
             images = await loop.run_in_executor(self._executor, self.engine.generate, requests)
         except Exception as exc:
             self._failures += 1
-            log.exception("pipeline call failed for %d request(s)", len(requests))
+            log.exception("pipeline call failed for request(s) %s",
+                          ", ".join(r.request_id for r in requests))
             raise InferenceFailed(f"generation failed: {type(exc).__name__}") from exc
         self._failures = 0
         return images
@@ -91,11 +92,6 @@ class ModelDeployment:
         since = self.batcher.running_since
         if since is not None and time.monotonic() - since > self.cfg.health_stall_s:
             raise RuntimeError(f"a pipeline call has run for over {self.cfg.health_stall_s}s")
-
-    def info(self) -> dict:
-        return {"model": self.cfg.id, "load_s": round(self.load_s, 3),
-                "warmup_s": round(self.warmup_s, 3), "pipeline_calls": self.batcher.calls,
-                "queued": self.batcher.queued, **self.engine.describe()}
 
 
 def _encode_all(request: GenerationRequest, images: Sequence[Image]) -> list[bytes]:

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
 DEFAULT_MODEL_ID = "atelier/tiny-sdxl"
+# Replicate's stability-ai/sdxl scheduler names.
+SCHEDULERS = ("K_EULER", "K_EULER_ANCESTRAL", "DDIM", "DPMSolverMultistep", "HeunDiscrete",
+              "KarrasDPM", "PNDM")
 
 
 class ConfigError(ValueError):
@@ -55,6 +58,23 @@ class DefaultsConfig(_Strict):
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Guidance when none is given.")
     scheduler: str = Field("K_EULER", description="Scheduler when a request gives none.")
 
+    @model_validator(mode="after")
+    def _known_scheduler(self) -> DefaultsConfig:
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}")
+        return self
+
+    def check_within(self, limits: LimitsConfig) -> None:
+        """Raise ValueError if a request made of these defaults would break `limits`."""
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value % 8 or not limits.min_size <= value <= limits.max_size:
+                raise ValueError(f"defaults.{name} must be a multiple of 8 within limits")
+        if self.width * self.height > limits.max_pixels:
+            raise ValueError("defaults.width x defaults.height exceeds limits.max_pixels")
+        if self.num_inference_steps > limits.max_steps:
+            raise ValueError("defaults.num_inference_steps exceeds limits.max_steps")
+
 
 class ModelConfig(_Strict):
     id: str = Field(description="Public model id in owner/name form, e.g. atelier/tiny-sdxl.")
@@ -91,6 +111,7 @@ class ModelConfig(_Strict):
                 raise ValueError(f"model id {name!r} is not in lowercase owner/name form")
         if (self.path is None) == (self.embedded is None):
             raise ValueError("set exactly one of path or embedded")
+        self.defaults.check_within(self.limits)
         if self.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError("max_ongoing_requests must be at least batching.max_batch_size, "
                              "or batches can never fill")

@@ -8,12 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from serve.config import LimitsConfig
+from serve.config import SCHEDULERS, LimitsConfig
 from serve.errors import InvalidField
 
-# Replicate's stability-ai/sdxl scheduler names.
-SCHEDULERS = ("K_EULER", "K_EULER_ANCESTRAL", "DDIM", "DPMSolverMultistep", "HeunDiscrete",
-              "KarrasDPM", "PNDM")
+__all__ = ["SCHEDULERS", "GenerationRequest", "GenerationResult", "BatchInfo"]
 OutputFormat = Literal["png", "webp", "jpeg"]
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 MAX_SEED = 2**32 - 1

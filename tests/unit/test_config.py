@@ -35,6 +35,10 @@ def test_invalid_field_is_named_in_the_error(model, field):
     (_model(path="/x"), "exactly one of path or embedded"),
     ({"id": "acme/sdxl"}, "exactly one of path or embedded"),
     (_model(max_ongoing_requests=2, batching={"max_batch_size": 8}), "max_ongoing_requests"),
+    (_model(defaults={"scheduler": "LMS"}), "scheduler must be one of"),
+    (_model(defaults={"width": 1001}), "defaults.width must be a multiple of 8"),
+    (_model(defaults={"width": 4096}, limits={"max_size": 2048}), "defaults.width"),
+    (_model(defaults={"num_inference_steps": 80}), "exceeds limits.max_steps"),
 ])
 def test_inconsistent_model_is_rejected_with_reason(model, text):
     with pytest.raises(ConfigError, match=text):

@@ -96,6 +96,18 @@ def test_engine_check_passes_on_a_loaded_pipeline(engine):
     engine.check()
 
 
+def test_engine_check_fails_when_the_weights_go_bad(tiny_sdxl_path):
+    import torch
+
+    from deployments.engines.sdxl import SDXLEngine
+
+    broken = SDXLEngine(tiny_sdxl_path, "float32", "cpu")
+    with torch.no_grad():
+        next(broken.pipe.unet.parameters()).fill_(float("nan"))
+    with pytest.raises(RuntimeError, match="not usable"):
+        broken.check()
+
+
 @pytest.mark.parametrize("fmt, magic", [("png", b"\x89PNG"), ("jpeg", b"\xff\xd8\xff"),
                                         ("webp", b"RIFF")])
 def test_images_encode_in_the_requested_format(fmt, magic):
