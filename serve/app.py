@@ -77,8 +77,8 @@ def _model_app(model: ModelConfig, config: AtelierConfig, has_gpus: bool) -> ser
         max_ongoing_requests=model.max_ongoing_requests,
         max_queued_requests=model.max_queued_requests,
         ray_actor_options={"num_gpus": gpus, "num_cpus": model.num_cpus},
-        health_check_period_s=10,
-        health_check_timeout_s=30,
+        health_check_period_s=model.health_check_period_s,
+        health_check_timeout_s=model.health_check_timeout_s,
     ).bind(model.model_dump(mode="json"), str(config.cache_dir))
 
 

@@ -90,7 +90,8 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description=(
         "Weights and compute dtype on GPU (CPU always computes in float32)."))
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description=(
-        "auto: one GPU per replica when the cluster has GPUs, else CPU."))
+        "auto: one GPU per replica when the Ray cluster has GPUs as the app is built, "
+        "else CPU; cuda: always one GPU per replica."))
     replicas: int = Field(1, ge=1, le=1024, description="Number of replicas (one per GPU).")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
     max_ongoing_requests: int = Field(16, ge=1, description=(
@@ -98,6 +99,10 @@ class ModelConfig(_Strict):
     max_queued_requests: int = Field(64, ge=0, description=(
         "Requests waiting for a replica before new ones get 503."))
     warmup_steps: int = Field(2, ge=1, le=50, description="Steps of the start-up warm-up call.")
+    health_check_period_s: float = Field(10, gt=0, description=(
+        "How often Serve calls the replica's health check."))
+    health_check_timeout_s: float = Field(30, gt=0, description=(
+        "A health check slower than this counts as failed."))
     health_stall_s: float = Field(600, gt=0, description=(
         "A pipeline call running longer than this marks the replica unhealthy."))
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
