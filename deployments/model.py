@@ -16,7 +16,8 @@ from ray import serve
 from deployments.batcher import Batcher
 from deployments.encoding import encode_image
 from serve.config import ModelConfig
-from serve.errors import InferenceFailed
+from serve.adapters import AdapterCatalog, AdapterSet
+from serve.errors import AtelierError, InferenceFailed
 from serve.types import MEDIA_TYPES, BatchInfo, GenerationRequest, GenerationResult
 
 log = logging.getLogger("atelier.model")
@@ -31,25 +32,35 @@ class ModelDeployment:
     replica is reported healthy only once a request would run at full speed.
     """
 
-    def __init__(self, model: dict, cache_dir: str):
+    def __init__(self, model: dict, cache_dir: str, adapters: list[dict]):
         from deployments.engines import create_engine
 
         self.cfg = ModelConfig.model_validate(model)
+        catalog = AdapterCatalog.from_dicts(adapters).entries
+        fitting = {name: e for name, e in catalog.items()
+                   if e.fits(self.cfg.id, self.cfg.family, self.cfg.aliases)}
         started = time.monotonic()
-        self.engine = create_engine(self.cfg, Path(cache_dir))
+        self.engine = create_engine(self.cfg, Path(cache_dir), fitting)
         self.load_s = time.monotonic() - started
         # One thread: pipeline calls never overlap on a replica. Encoding runs beside it,
         # so the next batch starts while the last one's images are compressed.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
-        self._encoders = ThreadPoolExecutor(min(8, os.cpu_count() or 1),
-                                            thread_name_prefix="encode")
+        self._workers = ThreadPoolExecutor(min(8, os.cpu_count() or 1),
+                                           thread_name_prefix="encode-read")
         started = time.monotonic()
         self._warm_up()
         self.warmup_s = time.monotonic() - started
         self._failures = 0
-        tag = serve.get_replica_context().replica_id.unique_id
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.batcher = Batcher(self._run_batch, self.cfg.batching.max_batch_size,
-                               self.cfg.batching.wait_ms / 1000, name=tag)
+                               self.cfg.batching.wait_ms / 1000, name=self.replica)
+
+        async def load_adapter_set(key: str) -> AdapterSet:
+            return await self._load_adapters(AdapterSet.from_key(key))
+
+        # Serve reports the sets a replica holds, so the router sends a set's requests here.
+        self._adapter_set = serve.multiplexed(
+            max_num_models_per_replica=self.cfg.max_loaded_adapters)(load_adapter_set)
         log.info("%s ready on %s: load %.2fs, warm-up %.2fs", self.cfg.id,
                  self.engine.describe()["device"], self.load_s, self.warmup_s)
 
@@ -61,21 +72,43 @@ class ModelDeployment:
             seed=0, scheduler=d.scheduler)])
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Queue the request in the batcher; raise InferenceFailed if it fails alone."""
+        """Queue the request in the batcher and return its encoded images.
+
+        Raises AdapterInvalid if one of its adapters cannot load, InferenceFailed if the
+        pipeline fails on it alone.
+        """
+        if request.adapters:
+            await self._adapter_set(request.adapters.key)
         outcome = await self.batcher.submit(request, request.batch_key, request.num_outputs)
         images = await asyncio.get_running_loop().run_in_executor(
-            self._encoders, _encode_all, request, outcome.result)
+            self._workers, _encode_all, request, outcome.result)
         b = BatchInfo(batch_id=outcome.batch_id, images=outcome.batch_images,
                       requests=outcome.batch_requests, queue_ms=outcome.queue_s * 1000,
                       inference_ms=outcome.run_s * 1000)
         return GenerationResult(images=images, seeds=request.seeds,
                                 media_type=MEDIA_TYPES[request.output_format],
-                                width=request.width, height=request.height, batch=b)
+                                width=request.width, height=request.height, batch=b,
+                                replica=self.replica,
+                                adapters_held=tuple(self.engine.adapters.loaded))
+
+    async def _load_adapters(self, adapters: AdapterSet) -> AdapterSet:
+        """Read missing adapters off the pipeline thread, then inject them between calls."""
+        loop = asyncio.get_running_loop()
+        slots = self.engine.adapters
+        for name in adapters.names:
+            if name in slots.loaded:
+                continue
+            state = await loop.run_in_executor(self._workers, slots.read, name)
+            await loop.run_in_executor(self._executor, slots.inject, name, state,
+                                       tuple(adapters.names))
+        return adapters
 
     async def _run_batch(self, requests: Sequence[GenerationRequest]) -> list[list[Image]]:
         loop = asyncio.get_running_loop()
         try:
             images = await loop.run_in_executor(self._executor, self.engine.generate, requests)
+        except AtelierError:
+            raise  # a client-side problem (e.g. an adapter that does not fit), not a fault
         except Exception as exc:
             self._failures += 1
             log.exception("pipeline call failed for request(s) %s",

@@ -139,3 +139,65 @@ def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32") -> No
     pipe.to(dtype=getattr(torch, dtype))
     pipe.save_pretrained(folder, safe_serialization=True)
     shutil.rmtree(folder / "_vocab")
+
+
+TINY_SDXL_DEMO = "tiny-sdxl-demo"
+# name → (rank, key layout): demo adapters for the embedded model, random but fixed.
+DEMO_LORAS = {"pixel-art": (4, "peft"), "watercolor": (8, "peft"), "sketch": (4, "kohya")}
+_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+def ensure_demo_loras(name: str, cache_dir: Path) -> Path:
+    """Return the folder of the embedded model's demo LoRA adapters, building it once.
+
+    Each adapter is made with PEFT on the tiny UNet (random, seeded weights) and saved as
+    `<name>.safetensors`, in the diffusers/PEFT key layout or kohya's.
+    """
+    if name != TINY_SDXL_DEMO:
+        raise ValueError(f"unknown embedded adapters {name!r}; known: {TINY_SDXL_DEMO!r}")
+    model = ensure_embedded(TINY_SDXL, cache_dir)
+    target = cache_dir / f"{name}-v{_RECIPE_VERSION}"
+    with FileLock(str(target) + ".lock"):
+        if not target.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
+            try:
+                _build_demo_loras(model, tmp)
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build_demo_loras(model: Path, folder: Path) -> None:
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    for i, (name, (rank, layout)) in enumerate(sorted(DEMO_LORAS.items())):
+        torch.manual_seed(_SEED + 1 + i)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=_LORA_TARGETS,
+                                    init_lora_weights=False), adapter_name=name)
+        state = {k: v.contiguous() for k, v in
+                 get_peft_model_state_dict(unet, adapter_name=name).items()}
+        unet.delete_adapters(name)
+        if layout == "kohya":
+            state = _to_kohya(state, rank)
+        else:
+            state = {f"unet.{k}": v for k, v in state.items()}
+        save_file(state, str(folder / f"{name}.safetensors"), metadata={"format": "pt"})
+
+
+def _to_kohya(state: dict, rank: int) -> dict:
+    """PEFT keys (`a.b.to_q.lora_A.weight`) in kohya's layout (`lora_unet_a_b_to_q...`)."""
+    import torch
+
+    out = {}
+    for key, tensor in state.items():
+        module, kind = key.rsplit(".lora_", 1)
+        stem = "lora_unet_" + module.replace(".", "_")
+        out[f"{stem}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor
+        out[f"{stem}.alpha"] = torch.tensor(float(rank))
+    return out

@@ -17,10 +17,11 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.model import ModelDeployment
+from serve.adapters import AdapterCatalog
 from serve.config import AtelierConfig, ModelConfig, load_config, parse_config
 from serve.errors import install_error_handlers
 from serve.router import ModelRouter
-from serve.routes import generate, models
+from serve.routes import generate, loras, models
 
 log = logging.getLogger("atelier.ingress")
 
@@ -28,6 +29,7 @@ api = FastAPI(title="Atelier", description="Self-hosted image generation.",
               version="0.1.0")
 api.include_router(generate.router)
 api.include_router(models.router)
+api.include_router(loras.router)
 install_error_handlers(api)
 
 
@@ -36,9 +38,10 @@ install_error_handlers(api)
 class Ingress:
     """HTTP front: validates, converts to GenerationRequest, routes to model deployments."""
 
-    def __init__(self, config: dict, handles: Mapping[str, DeploymentHandle],
-                 deployment_names: Mapping[str, str]):
-        self.router = ModelRouter(AtelierConfig.model_validate(config), handles)
+    def __init__(self, config: dict, adapters: list[dict],
+                 handles: Mapping[str, DeploymentHandle], deployment_names: Mapping[str, str]):
+        self.router = ModelRouter(AtelierConfig.model_validate(config),
+                                  AdapterCatalog.from_dicts(adapters), handles)
         self.deployment_names = dict(deployment_names)
         self.started_at = int(time.time())
 
@@ -55,21 +58,35 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     else:
         config = load_config(args.get("config"))
     config.check_paths()
+    catalog = _scan_adapters(config).to_dicts()
     has_gpus = _cluster_has_gpus()
-    bound = {m.id: _model_app(m, config, has_gpus) for m in config.models}
+    bound = {m.id: _model_app(m, config, catalog, has_gpus) for m in config.models}
     names = {m.id: _deployment_name(m) for m in config.models}
     return Ingress.options(
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
-    ).bind(config.model_dump(mode="json"), bound, names)
+    ).bind(config.model_dump(mode="json"), catalog, bound, names)
 
 
 def _deployment_name(model: ModelConfig) -> str:
     return f"model-{model.slug}"
 
 
-def _model_app(model: ModelConfig, config: AtelierConfig, has_gpus: bool) -> serve.Application:
+def _scan_adapters(config: AtelierConfig) -> AdapterCatalog:
+    folders = []
+    for folder in config.lora_folders:
+        path = folder.path
+        if folder.embedded is not None:
+            from deployments.tiny import ensure_demo_loras  # builds with torch, once
+
+            path = ensure_demo_loras(folder.embedded, config.cache_dir)
+        folders.append((path, folder.base, folder.default_scale))
+    return AdapterCatalog.scan(folders)
+
+
+def _model_app(model: ModelConfig, config: AtelierConfig, catalog: list[dict],
+               has_gpus: bool) -> serve.Application:
     gpus = 1 if model.device == "cuda" or (model.device == "auto" and has_gpus) else 0
     return ModelDeployment.options(
         name=_deployment_name(model),
@@ -79,7 +96,7 @@ def _model_app(model: ModelConfig, config: AtelierConfig, has_gpus: bool) -> ser
         ray_actor_options={"num_gpus": gpus, "num_cpus": model.num_cpus},
         health_check_period_s=model.health_check_period_s,
         health_check_timeout_s=model.health_check_timeout_s,
-    ).bind(model.model_dump(mode="json"), str(config.cache_dir))
+    ).bind(model.model_dump(mode="json"), str(config.cache_dir), catalog)
 
 
 def _cluster_has_gpus() -> bool:

@@ -43,6 +43,7 @@ class LimitsConfig(_Strict):
     max_pixels: int = Field(1024 * 1024, ge=64, description="Largest width x height.")
     max_steps: int = Field(50, ge=1, le=500, description="Most denoising steps per request.")
     max_outputs: int = Field(4, ge=1, le=16, description="Most images per request.")
+    max_loras: int = Field(4, ge=0, le=16, description="Most LoRA adapters one request stacks.")
 
     @model_validator(mode="after")
     def _sizes_ordered(self) -> LimitsConfig:
@@ -98,6 +99,8 @@ class ModelConfig(_Strict):
         "Requests a replica holds at once (queued in its batcher or running)."))
     max_queued_requests: int = Field(64, ge=0, description=(
         "Requests waiting for a replica before new ones get 503."))
+    max_loaded_adapters: int = Field(8, ge=1, le=256, description=(
+        "LoRA adapters a replica keeps loaded (least recently used ones are unloaded)."))
     warmup_steps: int = Field(2, ge=1, le=50, description="Steps of the start-up warm-up call.")
     health_check_period_s: float = Field(10, gt=0, description=(
         "How often Serve calls the replica's health check."))
@@ -117,6 +120,8 @@ class ModelConfig(_Strict):
         if (self.path is None) == (self.embedded is None):
             raise ValueError("set exactly one of path or embedded")
         self.defaults.check_within(self.limits)
+        if self.limits.max_loras > self.max_loaded_adapters:
+            raise ValueError("limits.max_loras must not exceed max_loaded_adapters")
         if self.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError("max_ongoing_requests must be at least batching.max_batch_size, "
                              "or batches can never fill")
@@ -128,10 +133,28 @@ class ModelConfig(_Strict):
         return re.sub(r"[^a-z0-9-]", "-", self.id)
 
 
+class LoraFolderConfig(_Strict):
+    path: Path | None = Field(None, description=(
+        "Folder of <name>.safetensors LoRA files (diffusers/PEFT or kohya key layout)."))
+    embedded: Literal["tiny-sdxl-demo"] | None = Field(None, description=(
+        "Build and use the demo adapters of the embedded tiny model instead of `path`."))
+    base: str = Field(description="Model id, alias or family (e.g. sdxl) the adapters fit.")
+    default_scale: float = Field(1.0, ge=-4, le=4, description=(
+        "Scale when a request names an adapter without one."))
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoraFolderConfig:
+        if (self.path is None) == (self.embedded is None):
+            raise ValueError("set exactly one of path or embedded")
+        return self
+
+
 class AtelierConfig(_Strict):
     models: list[ModelConfig] = Field(min_length=1, description="Base models to serve.")
     cache_dir: Path = Field(default_factory=lambda: default_cache_dir(), description=(
         "Where embedded models are built."))
+    lora_folders: list[LoraFolderConfig] = Field(default_factory=list, description=(
+        "Folders whose LoRA adapters form the catalog that requests may name."))
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the CPU-only ingress.")
     ingress_max_ongoing_requests: int = Field(1024, ge=1, description=(
         "HTTP requests one ingress replica holds at once (it mostly awaits the models)."))
@@ -157,6 +180,9 @@ class AtelierConfig(_Strict):
                 raise ConfigError(f"models.{i}.path: {model.path} is not a diffusers folder "
                                   "(no model_index.json); convert single-file checkpoints "
                                   "first (see README)")
+        for i, folder in enumerate(self.lora_folders):
+            if folder.path is not None and not folder.path.is_dir():
+                raise ConfigError(f"lora_folders.{i}.path: {folder.path} is not a folder")
 
 
 def default_cache_dir() -> Path:
@@ -170,7 +196,8 @@ def default_config() -> AtelierConfig:
         id=DEFAULT_MODEL_ID, aliases=["stability-ai/sdxl"], embedded="tiny-sdxl",
         dtype="float32", num_cpus=max(1, min(4, os.cpu_count() or 1)),
         limits=LimitsConfig(max_size=1024, max_pixels=1024 * 1024),
-        defaults=DefaultsConfig(width=512, height=512, num_inference_steps=20))])
+        defaults=DefaultsConfig(width=512, height=512, num_inference_steps=20))],
+        lora_folders=[LoraFolderConfig(embedded="tiny-sdxl-demo", base="sdxl")])
 
 
 def parse_config(data: Any) -> AtelierConfig:

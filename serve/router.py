@@ -7,16 +7,18 @@ from collections.abc import Mapping
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
+from serve.adapters import AdapterCatalog, AdapterSet
 from serve.config import AtelierConfig, ModelConfig
-from serve.errors import ModelNotFound, Overloaded
+from serve.errors import InvalidField, ModelNotFound, Overloaded
 from serve.types import GenerationRequest, GenerationResult
 
 
 class ModelRouter:
     """Resolves model ids and aliases, and sends requests to the right deployment."""
 
-    def __init__(self, config: AtelierConfig, handles: Mapping[str, DeploymentHandle]):
-        self.config = config
+    def __init__(self, config: AtelierConfig, catalog: AdapterCatalog,
+                 handles: Mapping[str, DeploymentHandle]):
+        self.config, self.catalog = config, catalog
         self._handles = dict(handles)
         self._by_name: dict[str, ModelConfig] = {}
         for model in config.models:
@@ -39,13 +41,37 @@ class ModelRouter:
         except KeyError:
             raise ModelNotFound(name, [m.id for m in self.config.models]) from None
 
+    def adapters_for(self, model: ModelConfig,
+                     refs: list[tuple[str, float | None]]) -> AdapterSet:
+        """The adapter set for (name, scale or None for the default) references.
+
+        Raises AdapterNotFound for a name outside the catalog, InvalidField("loras") for
+        an adapter made for another model, a name given twice, or too many adapters.
+        """
+        if len(refs) > model.limits.max_loras:
+            raise InvalidField("loras", f"at most {model.limits.max_loras} adapters per request")
+        pairs = []
+        for name, scale in refs:
+            entry = self.catalog.get(name)
+            if not entry.fits(model.id, model.family, model.aliases):
+                raise InvalidField("loras", f"adapter {name!r} is for {entry.base}, "
+                                            f"not {model.id}")
+            pairs.append((name, entry.default_scale if scale is None else scale))
+        try:
+            return AdapterSet.of(pairs)
+        except ValueError as exc:
+            raise InvalidField("loras", str(exc)) from None
+
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run `request` (whose `model` is a resolved id) on its model's deployment.
 
         Raises Overloaded when every replica's queue is full or none is running.
         """
+        handle = self._handles[request.model]
+        if request.adapters:
+            handle = handle.options(multiplexed_model_id=request.adapters.key)
         try:
-            return await self._handles[request.model].generate.remote(request)
+            return await handle.generate.remote(request)
         except BackPressureError:
             raise Overloaded(f"all replicas of {request.model} are busy; retry later") from None
         except DeploymentUnavailableError:

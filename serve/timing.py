@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from serve.types import BatchInfo
+from serve.types import GenerationResult
 
 
-def timing_headers(batch: BatchInfo) -> dict[str, str]:
+def timing_headers(result: GenerationResult) -> dict[str, str]:
     """X-Atelier-* headers plus a standard Server-Timing header."""
+    batch = result.batch
     return {
+        "X-Atelier-Replica": result.replica,
+        "X-Atelier-Adapters-Held": ",".join(result.adapters_held),
         "X-Atelier-Queue-Ms": f"{batch.queue_ms:.1f}",
         "X-Atelier-Inference-Ms": f"{batch.inference_ms:.1f}",
         "X-Atelier-Batch-Size": str(batch.images),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from serve.adapters import AdapterSet
 from serve.config import SCHEDULERS, LimitsConfig
 from serve.errors import InvalidField
 
@@ -37,6 +38,7 @@ class GenerationRequest:
     num_outputs: int = 1
     output_format: OutputFormat = "png"
     output_quality: int = 90
+    adapters: AdapterSet = AdapterSet()
     request_id: str = ""
 
     @property
@@ -47,7 +49,7 @@ class GenerationRequest:
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
-                self.scheduler)
+                self.scheduler, self.adapters.key)
 
     def check_limits(self, limits: LimitsConfig) -> None:
         """Raise InvalidField for the first value outside the model's limits."""
@@ -91,3 +93,5 @@ class GenerationResult:
     width: int
     height: int
     batch: BatchInfo
+    replica: str
+    adapters_held: tuple[str, ...] = ()

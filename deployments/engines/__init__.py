@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from serve.adapters import AdapterEntry
 from serve.config import ModelConfig
 from serve.types import GenerationRequest
 
+if TYPE_CHECKING:
+    from deployments.adapters import AdapterSlots
+
 
 class Engine(Protocol):
+    adapters: AdapterSlots
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Any]]:
         """One pipeline call for requests sharing a batch key; images per request."""
 
@@ -18,7 +24,7 @@ class Engine(Protocol):
         """Raise if the engine can no longer serve."""
 
     def describe(self) -> dict:
-        """Device, dtype and other facts for /healthz."""
+        """Device, dtype and other facts for logs."""
 
 
 def resolve_device(requested: str) -> str:
@@ -40,11 +46,14 @@ def model_path(model: ModelConfig, cache_dir: Path) -> Path:
     return model.path
 
 
-def create_engine(model: ModelConfig, cache_dir: Path) -> Engine:
+def create_engine(model: ModelConfig, cache_dir: Path,
+                  adapters: dict[str, AdapterEntry]) -> Engine:
+    """Load the model's pipeline; `adapters` are the catalog entries that fit it."""
     path = model_path(model, cache_dir)
     device = resolve_device(model.device)
     if model.family == "sdxl":
         from deployments.engines.sdxl import SDXLEngine
 
-        return SDXLEngine(path, model.dtype, device, model.variant)
+        return SDXLEngine(path, model.dtype, device, model.variant, adapters,
+                          model.max_loaded_adapters)
     raise ValueError(f"no engine for family {model.family!r}")

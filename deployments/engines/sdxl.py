@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -12,6 +12,8 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler,
                        HeunDiscreteScheduler, PNDMScheduler, StableDiffusionXLPipeline)
 from PIL import Image
 
+from deployments.adapters import AdapterSlots
+from serve.adapters import AdapterEntry
 from serve.types import GenerationRequest
 
 log = logging.getLogger("atelier.engine")
@@ -37,7 +39,8 @@ class SDXLEngine:
     ancestral noise come from one CPU generator per image).
     """
 
-    def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None):
+    def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
+                 adapters: Mapping[str, AdapterEntry] | None = None, max_adapters: int = 8):
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype] if self.device.type == "cuda" else torch.float32
         self.pipe = _load_pipeline(path, self.dtype, variant).to(self.device)
@@ -45,6 +48,7 @@ class SDXLEngine:
         base = self.pipe.scheduler.config
         self._schedulers = {name: cls.from_config(base, **extra)
                             for name, (cls, extra) in _SCHEDULERS.items()}
+        self.adapters = AdapterSlots(self.pipe, adapters or {}, max_adapters)
 
     def describe(self) -> dict:
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
@@ -59,6 +63,7 @@ class SDXLEngine:
         first = requests[0]
         if any(r.batch_key != first.batch_key for r in requests):
             raise ValueError("a pipeline call needs requests with equal batch keys")
+        self.adapters.activate(first.adapters)
         embeds = self._encode(requests)
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serve.adapters import AdapterSet, split_prompt_tags
 from serve.config import ModelConfig
 from serve.context import ingress, request_id
 from serve.errors import InvalidField
@@ -24,6 +25,13 @@ from serve.timing import timing_headers
 from serve.types import MAX_SEED, SCHEDULERS, GenerationRequest, GenerationResult, OutputFormat
 
 router = APIRouter()
+
+
+class LoraRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, description="A name from GET /v1/loras.")
+    scale: float | None = Field(None, ge=-4, le=4, description="Default: the adapter's own.")
 
 
 class GenerateParams(BaseModel):
@@ -43,11 +51,15 @@ class GenerateParams(BaseModel):
     scheduler: str | None = Field(None, description=f"One of {', '.join(SCHEDULERS)}.")
     output_format: OutputFormat = Field("png", description="png, webp or jpeg.")
     output_quality: int = Field(90, ge=1, le=100, description="webp/jpeg quality.")
+    loras: list[LoraRef] = Field(default_factory=list, description=(
+        "LoRA adapters to stack (JSON body only); `<lora:name:scale>` in the prompt also works."))
 
-    def to_request(self, model: ModelConfig, request_id: str) -> GenerationRequest:
+    def to_request(self, model: ModelConfig, request_id: str, prompt: str,
+                   adapters: AdapterSet) -> GenerationRequest:
         d = model.defaults
         return GenerationRequest(
-            model=model.id, prompt=self.prompt, negative_prompt=self.negative_prompt,
+            model=model.id, prompt=prompt, negative_prompt=self.negative_prompt,
+            adapters=adapters,
             width=self.width or d.width, height=self.height or d.height,
             num_inference_steps=self.steps or d.num_inference_steps,
             guidance_scale=d.guidance_scale if self.guidance_scale is None else self.guidance_scale,
@@ -57,12 +69,25 @@ class GenerateParams(BaseModel):
             request_id=request_id)
 
 
+def _inline(node: Any, defs: dict) -> Any:
+    """The JSON schema with local `$ref`s replaced by their definitions (for openapi_extra,
+    which cannot add components)."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _inline(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+_SCHEMA = GenerateParams.model_json_schema()
+_SCHEMA = _inline(_SCHEMA, _SCHEMA.get("$defs", {}))
 _OPENAPI = {
     "parameters": [{"name": name, "in": "query", "required": False,
-                    "schema": GenerateParams.model_json_schema()["properties"][name]}
-                   for name in GenerateParams.model_fields],
-    "requestBody": {"required": False, "content": {
-        "application/json": {"schema": GenerateParams.model_json_schema()}}},
+                    "schema": _SCHEMA["properties"][name]}
+                   for name in GenerateParams.model_fields if name != "loras"],
+    "requestBody": {"required": False, "content": {"application/json": {"schema": _SCHEMA}}},
 }
 
 
@@ -71,8 +96,10 @@ async def generate(request: Request) -> Response:
     params, sources = await _read_params(request)
     router_ = ingress().router
     model = router_.resolve(params.model)
-    gen = params.to_request(model, request_id(request))
     try:
+        prompt, tags = split_prompt_tags(params.prompt)
+        adapters = router_.adapters_for(model, [(r.name, r.scale) for r in params.loras] + tags)
+        gen = params.to_request(model, request_id(request), prompt, adapters)
         gen.check_limits(model.limits)
     except InvalidField as exc:
         field = "steps" if exc.field == "num_inference_steps" else exc.field
@@ -110,7 +137,7 @@ async def _read_params(request: Request) -> tuple[GenerateParams, dict[str, str]
 
 
 def _respond(request: Request, gen: GenerationRequest, result: GenerationResult) -> Response:
-    headers = timing_headers(result.batch)
+    headers = timing_headers(result)
     headers["X-Atelier-Seed"] = str(result.seeds[0])
     if result.media_type in request.headers.get("accept", ""):
         return Response(result.images[0], media_type=result.media_type, headers=headers)

@@ -2,7 +2,9 @@
 
 `atelier/tiny-sdxl` batches with a short window (most tests); `atelier/tiny-sdxl-batched`
 waits two seconds for company, so concurrent requests reliably share pipeline calls;
-`atelier/tiny-sdxl-one-slot` holds one request and queues one more, to show overload.
+`atelier/tiny-sdxl-one-slot` holds one request and queues one more, to show overload;
+`atelier/tiny-sdxl-2x` has two replicas, to show adapter affinity. The adapter catalog is
+the embedded demo set plus `bad_adapters` (files that must fail cleanly).
 """
 
 import asyncio
@@ -17,6 +19,7 @@ from PIL import Image
 
 FAST, BATCHED = "atelier/tiny-sdxl", "atelier/tiny-sdxl-batched"
 ONE_SLOT = "atelier/tiny-sdxl-one-slot"
+TWO_REPLICAS = "atelier/tiny-sdxl-2x"
 
 
 def _model(model_id, wait_ms, **extra):
@@ -33,17 +36,43 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def base_url(cache_dir):
+def bad_adapters(tmp_path_factory, cache_dir):
+    """A folder for sdxl with a truncated file and a shape mismatch, and one for another
+    base model, each made from a real demo adapter."""
+    from safetensors.torch import load_file, save_file
+
+    from deployments.tiny import TINY_SDXL_DEMO, ensure_demo_loras
+
+    demo = ensure_demo_loras(TINY_SDXL_DEMO, cache_dir) / "pixel-art.safetensors"
+    sdxl, other = tmp_path_factory.mktemp("bad-sdxl"), tmp_path_factory.mktemp("other-base")
+    (sdxl / "truncated.safetensors").write_bytes(demo.read_bytes()[:-4096])
+    state = load_file(demo)
+    save_file({k: (v.repeat(1, 2) if "lora_A" in k else v) for k, v in state.items()},
+              str(sdxl / "wrong-shape.safetensors"))
+    (sdxl / "pickled.bin").write_bytes(b"not allowed")
+    save_file(state, str(other / "for-other.safetensors"))
+    return sdxl, other
+
+
+@pytest.fixture(scope="session")
+def base_url(cache_dir, bad_adapters):
     import ray
     from ray import serve
 
     from serve.app import build_app
 
     config = {"cache_dir": str(cache_dir), "models": [
-        _model(FAST, 10, aliases=["stability-ai/sdxl"]), _model(BATCHED, 2000),
+        _model(FAST, 10, aliases=["stability-ai/sdxl"], max_loaded_adapters=2,
+               limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 20,
+                       "max_loras": 2}),
+        _model(BATCHED, 2000),
         _model(ONE_SLOT, 1500, max_ongoing_requests=1, max_queued_requests=1,
-               batching={"max_batch_size": 1, "wait_ms": 1500})]}
-    ray.init(num_cpus=4, include_dashboard=False)
+               batching={"max_batch_size": 1, "wait_ms": 1500}),
+        _model(TWO_REPLICAS, 10, replicas=2)],
+        "lora_folders": [{"embedded": "tiny-sdxl-demo", "base": "sdxl"},
+                         {"path": str(bad_adapters[0]), "base": "sdxl"},
+                         {"path": str(bad_adapters[1]), "base": "acme/other"}]}
+    ray.init(num_cpus=8, include_dashboard=False)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
     serve.run(build_app({"atelier": config}), name="atelier", route_prefix="/")

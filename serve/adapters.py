@@ -1,0 +1,189 @@
+"""LoRA adapters on the CPU side: the adapter-set value type and the catalog.
+
+A request can only name catalog entries; the catalog is built once at start from the
+configured folders, so no request value ever becomes a filesystem path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from serve.errors import AtelierError, InvalidField
+
+log = logging.getLogger("atelier.adapters")
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_PROMPT_TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>")
+_MAX_HEADER = 64 * 1024 * 1024
+
+
+class AdapterNotFound(AtelierError):
+    status = 404
+    kind = "adapter_not_found"
+
+    def __init__(self, name: str):
+        super().__init__(f"adapter {name!r} is not in the catalog (GET /v1/loras lists them)")
+
+
+class AdapterInvalid(AtelierError):
+    """The adapter's file cannot be used with this model (corrupt, wrong format or shape)."""
+
+    status = 422
+    kind = "adapter_invalid"
+
+
+@dataclass(frozen=True)
+class AdapterSet:
+    """Adapters and their scales in canonical (name) order; empty means the base model.
+
+    `key` is the canonical string form ("a@0.8+b@1"), used as Serve's multiplexed model id.
+    """
+
+    items: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[str, float]]) -> AdapterSet:
+        """Raises ValueError if a name appears twice."""
+        items = tuple(sorted((name, round(float(scale), 4)) for name, scale in pairs))
+        names = [name for name, _ in items]
+        if len(set(names)) != len(names):
+            raise ValueError("an adapter is named twice")
+        return cls(items)
+
+    @classmethod
+    def from_key(cls, key: str) -> AdapterSet:
+        """Inverse of `key`. Raises ValueError for a malformed key."""
+        if not key:
+            return cls()
+        pairs = []
+        for part in key.split("+"):
+            name, _, scale = part.rpartition("@")
+            pairs.append((name, float(scale)))
+        return cls.of(pairs)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.items]
+
+    @property
+    def scales(self) -> list[float]:
+        return [scale for _, scale in self.items]
+
+    @property
+    def key(self) -> str:
+        return "+".join(f"{name}@{scale:g}" for name, scale in self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+@dataclass(frozen=True)
+class AdapterEntry:
+    name: str
+    path: str
+    base: str
+    default_scale: float
+    rank: int
+    layout: str  # "peft" (diffusers/PEFT keys) or "kohya"
+
+    def fits(self, model_id: str, family: str, aliases: Iterable[str] = ()) -> bool:
+        return self.base in (model_id, family, *aliases)
+
+
+def split_prompt_tags(prompt: str) -> tuple[str, list[tuple[str, float | None]]]:
+    """Remove A1111-style `<lora:name:weight>` tags; return the prompt and (name, weight).
+
+    Raises InvalidField("prompt") for a tag whose weight is not a number.
+    """
+    tags: list[tuple[str, float | None]] = []
+    for name, weight in _PROMPT_TAG.findall(prompt):
+        try:
+            tags.append((name.strip(), float(weight) if weight.strip() else None))
+        except ValueError:
+            raise InvalidField("prompt", f"lora tag weight {weight!r} is not a number") from None
+    cleaned = " ".join(_PROMPT_TAG.sub(" ", prompt).split())
+    return cleaned, tags
+
+
+def read_entry(path: Path, base: str, default_scale: float) -> AdapterEntry:
+    """Describe one LoRA file from its safetensors header, without loading tensors.
+
+    Raises ValueError if the file is not a readable safetensors LoRA.
+    """
+    header = _safetensors_header(path)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    downs = sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_down.weight")))
+    if not downs:
+        raise ValueError("no LoRA weights (lora_A/lora_down) in the file")
+    layout = "kohya" if any(k.startswith("lora_unet_") for k in tensors) else "peft"
+    rank = int(tensors[downs[0]]["shape"][0])
+    return AdapterEntry(path.stem, str(path), base, default_scale, rank, layout)
+
+
+def _safetensors_header(path: Path) -> dict:
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError("file too short for a safetensors header")
+        (size,) = struct.unpack("<Q", raw)
+        if size > _MAX_HEADER:
+            raise ValueError("safetensors header too large")
+        data = f.read(size)
+    try:
+        header = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a safetensors file")
+    return header
+
+
+class AdapterCatalog:
+    """The adapters that requests may name, scanned once from the configured folders."""
+
+    def __init__(self, entries: Iterable[AdapterEntry] = ()):
+        self.entries: dict[str, AdapterEntry] = {}
+        for entry in entries:
+            if entry.name in self.entries:
+                raise ValueError(f"adapter name {entry.name!r} appears in two folders")
+            self.entries[entry.name] = entry
+
+    @classmethod
+    def scan(cls, folders: Iterable[tuple[Path, str, float]]) -> AdapterCatalog:
+        """Catalog every `*.safetensors` LoRA in each (folder, base, default_scale).
+
+        Other files and unreadable ones are left out with a warning: they can never load.
+        """
+        entries = []
+        for folder, base, default_scale in folders:
+            for path in sorted(folder.iterdir()):
+                if not path.is_file():
+                    continue
+                if path.suffix != ".safetensors" or not NAME.match(path.stem):
+                    log.warning("not an adapter (only <name>.safetensors load): %s", path)
+                    continue
+                try:
+                    entries.append(read_entry(path, base, default_scale))
+                except (OSError, ValueError) as exc:
+                    log.warning("adapter %s left out: %s", path, exc)
+        return cls(entries)
+
+    def to_dicts(self) -> list[dict]:
+        return [asdict(e) for e in self.entries.values()]
+
+    @classmethod
+    def from_dicts(cls, rows: Iterable[Mapping]) -> AdapterCatalog:
+        return cls(AdapterEntry(**row) for row in rows)
+
+    def get(self, name: str) -> AdapterEntry:
+        """Raises AdapterNotFound for any name not in the catalog."""
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise AdapterNotFound(name) from None

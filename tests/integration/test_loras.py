@@ -1,0 +1,113 @@
+"""LoRA adapters: catalog, effect on pixels, stacking, prompt tags, affinity, LRU, bad files."""
+
+import numpy as np
+import pytest
+
+from tests.integration.conftest import FAST, TWO_REPLICAS, decode, pixels, post_many
+
+
+def _gen(client, loras=None, prompt="a cat", seed=11, model=FAST, **extra):
+    body = {"prompt": prompt, "seed": seed, "model": model, **extra}
+    if loras is not None:
+        body["loras"] = loras
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def _px(r):
+    return pixels(decode(r.json()["image"]))
+
+
+def test_catalog_lists_the_demo_adapters_and_leaves_out_non_safetensors(client):
+    rows = {row["name"]: row for row in client.get("/v1/loras").json()["data"]}
+    assert {n: (rows[n]["rank"], rows[n]["layout"], rows[n]["base_model"])
+            for n in ("pixel-art", "watercolor", "sketch")} == {
+        "pixel-art": (4, "peft", "sdxl"), "watercolor": (8, "peft", "sdxl"),
+        "sketch": (4, "kohya", "sdxl")}
+    assert rows["for-other"]["base_model"] == "acme/other"
+    assert "pickled" not in rows and all(r["default_scale"] == 1.0 for r in rows.values())
+
+
+@pytest.mark.parametrize("name", ["pixel-art", "watercolor", "sketch"])
+def test_an_adapter_changes_the_image_and_scale_zero_gives_the_base(client, name):
+    base = _px(_gen(client))
+    styled = _px(_gen(client, [{"name": name}]))
+    zero = _px(_gen(client, [{"name": name, "scale": 0}]))
+    assert np.abs(styled - base).mean() > 1
+    assert np.array_equal(zero, base)
+
+
+def test_the_same_adapter_and_seed_give_the_same_bytes(client):
+    a = _gen(client, [{"name": "watercolor", "scale": 0.7}]).json()["image"]
+    b = _gen(client, [{"name": "watercolor", "scale": 0.7}]).json()["image"]
+    assert a == b
+
+
+def test_stacked_adapters_differ_from_either_alone(client):
+    one = _px(_gen(client, [{"name": "pixel-art"}]))
+    two = _px(_gen(client, [{"name": "watercolor"}]))
+    both = _px(_gen(client, [{"name": "watercolor"}, {"name": "pixel-art"}]))
+    assert np.abs(both - one).mean() > 1 and np.abs(both - two).mean() > 1
+
+
+def test_a_prompt_tag_is_the_same_as_the_loras_field(client):
+    tagged = _gen(client, prompt="a cat <lora:pixel-art:0.6>").json()["image"]
+    field = _gen(client, [{"name": "pixel-art", "scale": 0.6}], prompt="a cat").json()["image"]
+    assert tagged == field
+
+
+def test_the_replica_keeps_the_least_recently_used_adapters_up_to_its_capacity(client):
+    held = [_gen(client, [{"name": n}]).headers["x-atelier-adapters-held"].split(",")
+            for n in ("pixel-art", "watercolor", "sketch", "pixel-art")]
+    assert held[1] == ["pixel-art", "watercolor"]
+    assert held[2] == ["watercolor", "sketch"]  # capacity 2: pixel-art went out
+    assert held[3] == ["sketch", "pixel-art"]
+
+
+def test_requests_for_an_adapter_stick_to_the_replica_that_holds_it(client):
+    first = _gen(client, [{"name": "sketch"}], model=TWO_REPLICAS)
+    replica = first.headers["x-atelier-replica"]
+    later = [_gen(client, [{"name": "sketch"}], model=TWO_REPLICAS, seed=s) for s in range(6)]
+    assert {r.headers["x-atelier-replica"] for r in later} == {replica}
+    assert all("sketch" in r.headers["x-atelier-adapters-held"] for r in later)
+
+
+def test_requests_without_adapters_spread_over_both_replicas(base_url):
+    responses = post_many(base_url, [{"prompt": "x", "seed": s, "model": TWO_REPLICAS}
+                                     for s in range(12)])
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.headers["x-atelier-replica"] for r in responses}) == 2
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "nope", "pickled",
+                                  "pickled.bin", "pixel-art.safetensors"])
+def test_names_outside_the_catalog_are_404(client, name):
+    r = client.post("/generate", json={"prompt": "x", "loras": [{"name": name}]})
+    assert r.status_code == 404 and name in r.json()["detail"]
+
+
+@pytest.mark.parametrize("body, reason", [
+    ({"loras": [{"name": "for-other"}]}, "is for acme/other"),
+    ({"loras": [{"name": "sketch"}, {"name": "sketch", "scale": 0.5}]}, "named twice"),
+    ({"loras": [{"name": "sketch"}, {"name": "watercolor"}, {"name": "pixel-art"}]}, "at most 2"),
+    ({"loras": [{"name": "sketch", "scale": 9}]}, "less than or equal to 4"),
+    ({"loras": [{"name": "sketch", "path": "/etc"}]}, "Extra inputs"),
+])
+def test_bad_adapter_requests_are_422(client, body, reason):
+    r = client.post("/generate", json={"prompt": "x", **body})
+    assert r.status_code == 422 and reason in r.text
+
+
+def test_a_bad_prompt_tag_weight_is_422_on_the_prompt(client):
+    r = client.post("/generate", json={"prompt": "x <lora:sketch:lots>"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "prompt"]
+
+
+@pytest.mark.parametrize("name", ["truncated", "wrong-shape"])
+def test_a_corrupt_or_misshapen_file_is_422_and_the_replica_keeps_serving(client, name):
+    before = _gen(client, [{"name": "pixel-art"}]).json()["image"]
+    r = client.post("/generate", json={"prompt": "x", "model": FAST, "loras": [{"name": name}]})
+    assert r.status_code == 422 and name in r.json()["detail"]
+    assert _gen(client, [{"name": "pixel-art"}]).json()["image"] == before
+    assert client.get("/healthz").status_code == 200
