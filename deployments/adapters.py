@@ -1,9 +1,14 @@
-"""LoRA adapters on a replica: read from disk, inject into the pipeline, switch, evict.
+"""LoRA adapters on a replica: fixed slots in the UNet, filled and switched in place.
 
-Reading a file (`read`) touches only the disk and CPU memory, so it runs off the pipeline
-thread; `inject`, `activate` and eviction change the pipeline's modules and run on the
-pipeline thread, between pipeline calls. Switching between adapters already held sets
-scales only; no weights are reloaded.
+At start the UNet gets `capacity` LoRA slots (PEFT layers of `max_rank` on the configured
+target modules), so no module is ever injected or removed while serving:
+
+- `read` (any thread): the file's tensors, converted to PEFT keys, checked against the
+  slots' shapes and staged in (pinned) CPU memory. Only disk and CPU work.
+- `inject` (pipeline thread, between calls): copy those tensors into a free or least
+  recently used slot — a device copy, no module surgery.
+- `activate` (pipeline thread): point every LoRA layer at the slots of a set and set their
+  scales — attribute writes only; switching between held adapters reloads nothing.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -21,77 +28,151 @@ from serve.adapters import AdapterEntry, AdapterInvalid, AdapterSet
 log = logging.getLogger("atelier.adapters")
 
 
-class AdapterSlots:
-    """An LRU of adapters loaded into one pipeline, at most `capacity` at a time."""
+@dataclass
+class AdapterWeights:
+    """One adapter staged for a slot: per LoRA layer (A, B, alpha/rank)."""
 
-    def __init__(self, pipe, catalog: Mapping[str, AdapterEntry], capacity: int):
-        self._pipe, self._catalog, self._capacity = pipe, catalog, capacity
-        self._loaded: OrderedDict[str, None] = OrderedDict()
-        self._active: AdapterSet | None = AdapterSet()
-        self.loads = 0
+    name: str
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+class AdapterSlots:
+    """An LRU of adapters held in `capacity` preallocated LoRA slots of one UNet."""
+
+    def __init__(self, unet, catalog: Mapping[str, AdapterEntry], capacity: int,
+                 max_rank: int, targets: Sequence[str]):
+        self._catalog, self._max_rank = catalog, max_rank
+        self._slots = [f"slot{i}" for i in range(capacity)] if catalog else []
+        if self._slots:
+            from peft import LoraConfig
+
+            for slot in self._slots:
+                unet.add_adapter(LoraConfig(r=max_rank, lora_alpha=max_rank,
+                                            target_modules=list(targets)), adapter_name=slot)
+        from peft.tuners.lora import LoraLayer
+
+        self._layers = {path: m for path, m in unet.named_modules() if isinstance(m, LoraLayer)}
+        self._held: OrderedDict[str, str] = OrderedDict()  # adapter name → slot
+        self._alphas: dict[str, list[float]] = {}  # per adapter, aligned with _layers
+        self._active: AdapterSet | None = None
         self.last_load_s = 0.0
+        self.activate(AdapterSet())
 
     @property
     def loaded(self) -> list[str]:
-        return list(self._loaded)
+        return list(self._held)
 
-    def read(self, name: str) -> dict:
-        """The adapter's tensors from its catalogued file. Raises AdapterInvalid."""
+    def read(self, name: str) -> AdapterWeights:
+        """Stage the adapter's tensors. Raises AdapterInvalid if it cannot fill a slot."""
         entry = self._catalog[name]
         try:
-            return load_file(entry.path, device="cpu")
+            raw = load_file(entry.path, device="cpu")
         except (OSError, SafetensorError, ValueError) as exc:
             raise AdapterInvalid(f"adapter {name!r} cannot be read: {exc}") from None
+        layers = _to_peft_layers(raw, name)
+        staged = {}
+        for path, (a, b, alpha) in layers.items():
+            slot_a, slot_b = self._slot_weights(path, name)
+            rank = a.shape[0]
+            if (rank > self._max_rank or a.shape[1] != slot_a.shape[1]
+                    or b.shape != (slot_b.shape[0], rank)):
+                raise AdapterInvalid(f"adapter {name!r} does not fit this model at {path}")
+            a, b = a.to(slot_a.dtype), b.to(slot_b.dtype)
+            if slot_a.is_cuda:
+                a, b = a.pin_memory(), b.pin_memory()
+            staged[path] = (a, b, (alpha if alpha is not None else rank) / rank)
+        return AdapterWeights(name, staged)
 
-    def inject(self, name: str, state: dict, keep: tuple[str, ...] = ()) -> None:
-        """Load `state` as adapter `name`, first unloading least recently used adapters
-        (never those in `keep`). Raises AdapterInvalid and leaves no trace on failure."""
-        if name in self._loaded:
-            self._loaded.move_to_end(name)
+    def inject(self, name: str, weights: AdapterWeights, keep: tuple[str, ...] = ()) -> None:
+        """Copy staged weights into a free slot or the least recently used one not in
+        `keep`. Raises AdapterInvalid when every slot is needed by `keep`."""
+        if name in self._held:
+            self._held.move_to_end(name)
             return
         started = time.perf_counter()
-        while len(self._loaded) >= self._capacity:
-            victim = next((n for n in self._loaded if n not in keep), None)
-            if victim is None:
-                break
-            self._unload(victim)
-        try:
-            self._pipe.load_lora_weights(state, adapter_name=name)
-        except (ValueError, RuntimeError, KeyError) as exc:
-            self._discard(name)
-            raise AdapterInvalid(f"adapter {name!r} does not fit this model: "
-                                 f"{type(exc).__name__}") from None
-        self._loaded[name] = None
-        self._active = None  # diffusers activates a newly loaded adapter on its own
-        self.loads += 1
+        slot = self._free_slot(keep)
+        with torch.no_grad():
+            for path, layer in self._layers.items():
+                slot_a, slot_b = layer.lora_A[slot].weight, layer.lora_B[slot].weight
+                if path in weights.layers:
+                    a, b, _ = weights.layers[path]
+                    rank = a.shape[0]
+                    slot_a[:rank].copy_(a, non_blocking=True)
+                    slot_a[rank:].zero_()
+                    slot_b[:, :rank].copy_(b, non_blocking=True)
+                    slot_b[:, rank:].zero_()
+                else:
+                    slot_b.zero_()
+        self._alphas[name] = [weights.layers[p][2] if p in weights.layers else 0.0
+                              for p in self._layers]
+        self._held[name] = slot
+        self._active = None
         self.last_load_s = time.perf_counter() - started
-        log.info("loaded adapter %s in %.1f ms", name, self.last_load_s * 1000)
 
     def activate(self, adapters: AdapterSet) -> None:
         """Make exactly `adapters` (with their scales) active; load any that are missing."""
         for name in adapters.names:
-            if name not in self._loaded:
+            if name not in self._held:
                 self.inject(name, self.read(name), keep=tuple(adapters.names))
-            self._loaded.move_to_end(name)
+            self._held.move_to_end(name)
         if adapters == self._active:
             return
-        if adapters:
-            self._pipe.enable_lora()
-            self._pipe.set_adapters(adapters.names, adapters.scales)
-        elif self._loaded:
-            self._pipe.disable_lora()
+        slots = [self._held[n] for n in adapters.names]
+        scaled = [(self._held[n], s, self._alphas[n]) for n, s in adapters.items]
+        for i, layer in enumerate(self._layers.values()):
+            layer._active_adapter = slots
+            for slot, scale, alphas in scaled:
+                layer.scaling[slot] = scale * alphas[i]
         self._active = adapters
 
-    def _unload(self, name: str) -> None:
-        self._pipe.delete_adapters(name)
-        del self._loaded[name]
-        self._active = None
-        log.info("unloaded adapter %s", name)
+    def _slot_weights(self, path: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self._layers.get(path)
+        if layer is None or not self._slots:
+            raise AdapterInvalid(f"adapter {name!r} changes {path}, which is not among this "
+                                 "model's lora_targets")
+        slot = self._slots[0]
+        return layer.lora_A[slot].weight, layer.lora_B[slot].weight
 
-    def _discard(self, name: str) -> None:
-        """Remove whatever a failed load left behind."""
-        try:
-            self._pipe.delete_adapters(name)
-        except (ValueError, KeyError, AttributeError):
-            pass  # nothing was injected under that name
-        self._active = None
+    def _free_slot(self, keep: tuple[str, ...]) -> str:
+        used = set(self._held.values())
+        for slot in self._slots:
+            if slot not in used:
+                return slot
+        victim = next((n for n in self._held if n not in keep), None)
+        if victim is None:
+            raise AdapterInvalid("more adapters in one request than this replica holds")
+        log.info("unloading adapter %s", victim)
+        return self._held.pop(victim)
+
+
+def _to_peft_layers(raw: dict[str, torch.Tensor], name: str
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
+    """UNet LoRA tensors by module path, from the diffusers/PEFT or kohya key layout."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    try:
+        state, alphas = StableDiffusionXLPipeline.lora_state_dict(raw)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise AdapterInvalid(f"adapter {name!r} is not a LoRA diffusers can read: {exc}") from None
+    unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    if len(unet) < len(state):
+        log.warning("adapter %s: text-encoder weights left out (UNet only)", name)
+    peft = convert_unet_state_dict_to_peft(unet)
+    alpha_of = {}
+    for key, value in (alphas or {}).items():
+        (converted,) = convert_unet_state_dict_to_peft(
+            {key.removeprefix("unet.").removesuffix(".alpha"): None})
+        alpha_of[converted.rsplit(".lora_", 1)[0]] = float(value)
+    layers = {}
+    for key, a in peft.items():
+        if ".lora_A." not in key:
+            continue
+        path = key.split(".lora_A.")[0]
+        b = peft.get(key.replace(".lora_A.", ".lora_B."))
+        if b is None or a.ndim != 2 or b.ndim != 2:
+            raise AdapterInvalid(f"adapter {name!r}: {path} is not a linear LoRA pair")
+        layers[path] = (a, b, alpha_of.get(path))
+    if not layers:
+        raise AdapterInvalid(f"adapter {name!r} has no UNet LoRA weights")
+    return layers

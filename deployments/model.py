@@ -38,7 +38,8 @@ class ModelDeployment:
         self.cfg = ModelConfig.model_validate(model)
         catalog = AdapterCatalog.from_dicts(adapters).entries
         fitting = {name: e for name, e in catalog.items()
-                   if e.fits(self.cfg.id, self.cfg.family, self.cfg.aliases)}
+                   if e.fits(self.cfg.id, self.cfg.family, self.cfg.aliases)
+                   and e.rank <= self.cfg.max_lora_rank}
         started = time.monotonic()
         self.engine = create_engine(self.cfg, Path(cache_dir), fitting)
         self.load_s = time.monotonic() - started

@@ -161,26 +161,29 @@ def ensure_demo_loras(name: str, cache_dir: Path) -> Path:
         if not target.is_dir():
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
             try:
-                _build_demo_loras(model, tmp)
+                build_random_loras(model / "unet", tmp, DEMO_LORAS)
                 os.replace(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-def _build_demo_loras(model: Path, folder: Path) -> None:
+def build_random_loras(unet_folder: Path, folder: Path, specs: dict[str, tuple[int, str]],
+                       dtype: str = "float32") -> None:
+    """Save one random, seeded LoRA per `specs` entry (name → (rank, "peft"|"kohya")) for
+    the UNet in `unet_folder`, as `<name>.safetensors` in `folder`."""
     import torch
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    unet = UNet2DConditionModel.from_pretrained(model / "unet")
-    for i, (name, (rank, layout)) in enumerate(sorted(DEMO_LORAS.items())):
+    unet = UNet2DConditionModel.from_pretrained(unet_folder)
+    for i, (name, (rank, layout)) in enumerate(sorted(specs.items())):
         torch.manual_seed(_SEED + 1 + i)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=_LORA_TARGETS,
                                     init_lora_weights=False), adapter_name=name)
-        state = {k: v.contiguous() for k, v in
+        state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in
                  get_peft_model_state_dict(unet, adapter_name=name).items()}
         unet.delete_adapters(name)
         if layout == "kohya":

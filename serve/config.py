@@ -100,7 +100,12 @@ class ModelConfig(_Strict):
     max_queued_requests: int = Field(64, ge=0, description=(
         "Requests waiting for a replica before new ones get 503."))
     max_loaded_adapters: int = Field(8, ge=1, le=256, description=(
-        "LoRA adapters a replica keeps loaded (least recently used ones are unloaded)."))
+        "LoRA slots per replica: adapters held at once (the least recently used makes room)."))
+    max_lora_rank: int = Field(64, ge=1, le=1024, description=(
+        "Rank of each LoRA slot; adapters of higher rank are refused."))
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
+        description="UNet modules (name suffixes) that LoRA slots cover.")
     warmup_steps: int = Field(2, ge=1, le=50, description="Steps of the start-up warm-up call.")
     health_check_period_s: float = Field(10, gt=0, description=(
         "How often Serve calls the replica's health check."))

@@ -56,6 +56,9 @@ class ModelRouter:
             if not entry.fits(model.id, model.family, model.aliases):
                 raise InvalidField("loras", f"adapter {name!r} is for {entry.base}, "
                                             f"not {model.id}")
+            if entry.rank > model.max_lora_rank:
+                raise InvalidField("loras", f"adapter {name!r} has rank {entry.rank}, above "
+                                            f"this model's max_lora_rank {model.max_lora_rank}")
             pairs.append((name, entry.default_scale if scale is None else scale))
         try:
             return AdapterSet.of(pairs)

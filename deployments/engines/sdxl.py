@@ -40,7 +40,9 @@ class SDXLEngine:
     """
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
-                 adapters: Mapping[str, AdapterEntry] | None = None, max_adapters: int = 8):
+                 adapters: Mapping[str, AdapterEntry] | None = None, max_adapters: int = 8,
+                 max_lora_rank: int = 64,
+                 lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0")):
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype] if self.device.type == "cuda" else torch.float32
         self.pipe = _load_pipeline(path, self.dtype, variant).to(self.device)
@@ -48,7 +50,8 @@ class SDXLEngine:
         base = self.pipe.scheduler.config
         self._schedulers = {name: cls.from_config(base, **extra)
                             for name, (cls, extra) in _SCHEDULERS.items()}
-        self.adapters = AdapterSlots(self.pipe, adapters or {}, max_adapters)
+        self.adapters = AdapterSlots(self.pipe.unet, adapters or {}, max_adapters,
+                                     max_lora_rank, lora_targets)
 
     def describe(self) -> dict:
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),

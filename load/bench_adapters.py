@@ -1,0 +1,149 @@
+"""LoRA benchmark on one engine: switch time, load time, throughput lost to switching.
+
+    python -m load.bench_adapters                                  # tiny model, CPU
+    python -m load.bench_adapters --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
+        --rank 64 --size 1024 --steps 20                           # SDXL architecture, GPU
+
+It builds random LoRA adapters of the given rank for the model's UNet (safetensors on
+local disk), loads them through the same code a replica uses, and prints and saves JSON
+(default results/adapters-<device>.json). Figures are what this run saw; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+
+def _parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--random-sdxl", help="JSON of SDXL component configs (default: tiny model)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--adapters", type=int, default=5,
+                   help="adapters to build (the replica gets one slot fewer)")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--requests", type=int, default=20, help="requests per traffic mix")
+    p.add_argument("--switch-every", type=int, default=5, help="1 in N requests switches")
+    p.add_argument("--out", help="JSON output path")
+    return p.parse_args()
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Path, Path, str]:
+    """The model folder, the adapter folder, and the dtype to serve in."""
+    import torch
+
+    from deployments.tiny import TINY_SDXL, build_random_loras, build_random_sdxl, ensure_embedded
+    from serve.config import default_cache_dir
+
+    cache = default_cache_dir()
+    dtype = "float16" if torch.cuda.is_available() else "float32"
+    if args.random_sdxl:
+        model = cache / "random-sdxl-base"
+        if not (model / "model_index.json").exists():
+            build_random_sdxl(model, json.loads(Path(args.random_sdxl).read_text()), "float16")
+    else:
+        model = ensure_embedded(TINY_SDXL, cache)
+    folder = cache / f"bench-loras-{model.name}-r{args.rank}-n{args.adapters}"
+    if not folder.is_dir():
+        folder.mkdir(parents=True)
+        specs = {f"bench-{i}": (args.rank, "peft") for i in range(args.adapters)}
+        build_random_loras(model / "unet", folder, specs, dtype)
+    return model, folder, dtype
+
+
+def _timed(fn, *a) -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn(*a)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def _loads(engine, names: list[str]) -> dict:
+    """Read (disk → staged CPU tensors, off the pipeline thread) and inject (→ a slot, on
+    the pipeline thread) each adapter; with one slot fewer than adapters, the last loads
+    evict the least recently used."""
+    reads, injects = [], []
+    for name in names:
+        staged = []
+        reads.append(_timed(lambda: staged.append(engine.adapters.read(name))))
+        injects.append(_timed(engine.adapters.inject, name, staged[0]))
+    return {"read_ms": [r * 1000 for r in reads], "inject_ms": [i * 1000 for i in injects],
+            "load_ms_median": statistics.median(r + i for r, i in zip(reads, injects)) * 1000,
+            "inject_ms_median": statistics.median(injects) * 1000}
+
+
+def _switches(engine, names: list[str], rounds: int = 20) -> dict:
+    from serve.adapters import AdapterSet
+
+    a, b = AdapterSet.of([(names[0], 1.0)]), AdapterSet.of([(names[1], 0.8)])
+    times = [_timed(engine.adapters.activate, s) for _ in range(rounds) for s in (a, b)]
+    base = [_timed(engine.adapters.activate, s) for _ in range(rounds)
+            for s in (AdapterSet(), a)]
+    return {"held_switch_ms_median": statistics.median(times) * 1000,
+            "held_switch_ms_max": max(times) * 1000,
+            "base_toggle_ms_median": statistics.median(base) * 1000}
+
+
+def _throughput(engine, args, names: list[str], switching: bool) -> float:
+    from serve.adapters import AdapterSet
+    from serve.types import GenerationRequest
+
+    current = 0
+    started = time.perf_counter()
+    for i in range(args.requests):
+        if switching and i % args.switch_every == args.switch_every - 1:
+            current = 1 - current
+        engine.generate([GenerationRequest(
+            model="bench", prompt=f"image {i}", width=args.size, height=args.size,
+            num_inference_steps=args.steps, guidance_scale=7.5, seed=i, scheduler="K_EULER",
+            adapters=AdapterSet.of([(names[current], 1.0)]))])
+    return args.requests / (time.perf_counter() - started)
+
+
+def main() -> None:
+    args = _parse_args()
+    import torch
+
+    from deployments.engines.sdxl import SDXLEngine
+    from serve.adapters import AdapterCatalog
+
+    model, folder, dtype = _prepare(args)
+    catalog = AdapterCatalog.scan([(folder, "sdxl", 1.0)]).entries
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = SDXLEngine(model, dtype, device, adapters=catalog, max_adapters=len(catalog) - 1,
+                        max_lora_rank=args.rank)
+    names = sorted(catalog)
+    loads = _loads(engine, names)
+    held = names[-2:]  # the two most recently loaded: still in their slots
+    switches = _switches(engine, held)
+    _throughput(engine, args, held, False)  # warm-up at this shape
+    runs = {False: [], True: []}
+    for _ in range(2):  # alternate, so drift in the machine's speed hits both mixes
+        for switching in (False, True):
+            runs[switching].append(_throughput(engine, args, held, switching))
+    steady, mixed = statistics.median(runs[False]), statistics.median(runs[True])
+    report = {"settings": vars(args), "device": torch.cuda.get_device_name(0)
+              if device == "cuda" else platform.processor() or "cpu",
+              "adapter_mb": round(sum(Path(e.path).stat().st_size for e in catalog.values())
+                                  / len(catalog) / 2**20, 1),
+              **loads, **switches, "images_per_s_one_adapter": steady,
+              "images_per_s_switching": mixed, "throughput_loss": 1 - mixed / steady}
+    print(json.dumps(report, indent=2))
+    out = Path(args.out or f"results/adapters-{'gpu' if device == 'cuda' else 'cpu'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+import struct
+
+import pytest
+
+from serve.adapters import (AdapterCatalog, AdapterNotFound, AdapterSet, read_entry,
+                            split_prompt_tags)
+from serve.errors import InvalidField
+
+
+def test_adapter_set_is_canonical_whatever_the_order():
+    a = AdapterSet.of([("b", 0.5), ("a", 1)])
+    assert a == AdapterSet.of([("a", 1.0), ("b", 0.5)])
+    assert a.key == "a@1+b@0.5" and a.names == ["a", "b"] and a.scales == [1.0, 0.5]
+    assert AdapterSet.from_key(a.key) == a
+
+
+def test_the_empty_set_is_the_base_model():
+    assert not AdapterSet() and AdapterSet().key == "" and AdapterSet.from_key("") == AdapterSet()
+
+
+def test_a_name_given_twice_is_refused():
+    with pytest.raises(ValueError, match="twice"):
+        AdapterSet.of([("a", 1), ("a", 0.5)])
+
+
+@pytest.mark.parametrize("prompt, cleaned, tags", [
+    ("a cat <lora:pixel-art:0.6>", "a cat", [("pixel-art", 0.6)]),
+    ("<lora:a:1> x  <lora:b> y", "x y", [("a", 1.0), ("b", None)]),
+    ("no tags here", "no tags here", []),
+])
+def test_prompt_tags_are_read_and_removed(prompt, cleaned, tags):
+    assert split_prompt_tags(prompt) == (cleaned, tags)
+
+
+def test_a_tag_weight_that_is_not_a_number_names_the_prompt():
+    with pytest.raises(InvalidField) as err:
+        split_prompt_tags("x <lora:a:lots>")
+    assert err.value.field == "prompt"
+
+
+def _write_header(path, header: dict):
+    import json
+
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+
+
+def test_entries_describe_rank_and_layout_from_the_header(tmp_path):
+    _write_header(tmp_path / "p.safetensors", {
+        "unet.x.to_q.lora_A.weight": {"dtype": "F16", "shape": [16, 320], "data_offsets": [0, 0]},
+        "unet.x.to_q.lora_B.weight": {"dtype": "F16", "shape": [320, 16], "data_offsets": [0, 0]}})
+    _write_header(tmp_path / "k.safetensors", {
+        "lora_unet_x_to_q.lora_down.weight": {"dtype": "F16", "shape": [8, 320],
+                                              "data_offsets": [0, 0]}})
+    p = read_entry(tmp_path / "p.safetensors", "sdxl", 0.8)
+    k = read_entry(tmp_path / "k.safetensors", "sdxl", 1.0)
+    assert (p.name, p.rank, p.layout, p.default_scale) == ("p", 16, "peft", 0.8)
+    assert (k.rank, k.layout) == (8, "kohya")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 8 + b"x", struct.pack("<Q", 2**40),
+                                     struct.pack("<Q", 2) + b"[]"])
+def test_files_that_are_not_safetensors_are_refused(tmp_path, content):
+    (tmp_path / "bad.safetensors").write_bytes(content)
+    with pytest.raises(ValueError):
+        read_entry(tmp_path / "bad.safetensors", "sdxl", 1.0)
+
+
+def test_scan_keeps_only_readable_safetensors_loras(tmp_path):
+    _write_header(tmp_path / "good.safetensors", {
+        "unet.x.lora_A.weight": {"dtype": "F16", "shape": [4, 8], "data_offsets": [0, 0]}})
+    _write_header(tmp_path / "no-lora.safetensors", {
+        "unet.x.weight": {"dtype": "F16", "shape": [4, 8], "data_offsets": [0, 0]}})
+    (tmp_path / "model.ckpt").write_bytes(b"pickle")
+    (tmp_path / "bad name!.safetensors").write_bytes(b"")
+    catalog = AdapterCatalog.scan([(tmp_path, "sdxl", 1.0)])
+    assert list(catalog.entries) == ["good"]
+    assert AdapterCatalog.from_dicts(catalog.to_dicts()).entries == catalog.entries
+    with pytest.raises(AdapterNotFound):
+        catalog.get("../good")
