@@ -15,8 +15,8 @@ from ray import serve
 
 from deployments.batcher import Batcher
 from deployments.encoding import encode_image
-from serve.config import ModelConfig
 from serve.adapters import AdapterCatalog, AdapterSet
+from serve.config import ModelConfig
 from serve.errors import AtelierError, InferenceFailed
 from serve.types import MEDIA_TYPES, BatchInfo, GenerationRequest, GenerationResult
 
@@ -37,9 +37,7 @@ class ModelDeployment:
 
         self.cfg = ModelConfig.model_validate(model)
         catalog = AdapterCatalog.from_dicts(adapters).entries
-        fitting = {name: e for name, e in catalog.items()
-                   if e.fits(self.cfg.id, self.cfg.family, self.cfg.aliases)
-                   and e.rank <= self.cfg.max_lora_rank}
+        fitting = {name: e for name, e in catalog.items() if e.problem_with(self.cfg) is None}
         started = time.monotonic()
         self.engine = create_engine(self.cfg, Path(cache_dir), fitting)
         self.load_s = time.monotonic() - started

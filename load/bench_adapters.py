@@ -18,6 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
+from load.report import save_report
+
 
 def _parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -139,10 +141,7 @@ def main() -> None:
               **loads, **switches, "images_per_s_one_adapter": steady,
               "images_per_s_switching": mixed, "throughput_loss": 1 - mixed / steady}
     print(json.dumps(report, indent=2))
-    out = Path(args.out or f"results/adapters-{'gpu' if device == 'cuda' else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"saved {out}")
+    save_report(report, args.out, f"adapters-{'gpu' if device == 'cuda' else 'cpu'}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx
 
+from load.report import save_report
+
 
 def _parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -161,11 +163,7 @@ def main() -> None:
     for r in loops:
         print(f"{r['concurrency']:>11}  {r['images_per_s']:>8.2f}  {r['p50_s']:>6.2f}  "
               f"{r['p95_s']:>6.2f}  {r['p99_s']:>6.2f}  {r['mean_batch_size']:>10.2f}")
-    device = "gpu" if "gpu" in machine else "cpu"
-    out = Path(args.out or f"results/serving-{device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"saved {out}")
+    save_report(report, args.out, f"serving-{'gpu' if 'gpu' in machine else 'cpu'}")
 
 
 if __name__ == "__main__":

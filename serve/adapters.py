@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from serve.config import ModelConfig
 from serve.errors import AtelierError, InvalidField
 
 log = logging.getLogger("atelier.adapters")
@@ -92,8 +93,14 @@ class AdapterEntry:
     rank: int
     layout: str  # "peft" (diffusers/PEFT keys) or "kohya"
 
-    def fits(self, model_id: str, family: str, aliases: Iterable[str] = ()) -> bool:
-        return self.base in (model_id, family, *aliases)
+    def problem_with(self, model: ModelConfig) -> str | None:
+        """Why this adapter cannot serve `model`, or None when it can."""
+        if self.base not in (model.id, model.family, *model.aliases):
+            return f"adapter {self.name!r} is for {self.base}, not {model.id}"
+        if self.rank > model.max_lora_rank:
+            return (f"adapter {self.name!r} has rank {self.rank}, above this model's "
+                    f"max_lora_rank {model.max_lora_rank}")
+        return None
 
 
 def split_prompt_tags(prompt: str) -> tuple[str, list[tuple[str, float | None]]]:

@@ -46,19 +46,16 @@ class ModelRouter:
         """The adapter set for (name, scale or None for the default) references.
 
         Raises AdapterNotFound for a name outside the catalog, InvalidField("loras") for
-        an adapter made for another model, a name given twice, or too many adapters.
+        an adapter this model cannot use, a name given twice, or too many adapters.
         """
         if len(refs) > model.limits.max_loras:
             raise InvalidField("loras", f"at most {model.limits.max_loras} adapters per request")
         pairs = []
         for name, scale in refs:
             entry = self.catalog.get(name)
-            if not entry.fits(model.id, model.family, model.aliases):
-                raise InvalidField("loras", f"adapter {name!r} is for {entry.base}, "
-                                            f"not {model.id}")
-            if entry.rank > model.max_lora_rank:
-                raise InvalidField("loras", f"adapter {name!r} has rank {entry.rank}, above "
-                                            f"this model's max_lora_rank {model.max_lora_rank}")
+            problem = entry.problem_with(model)
+            if problem is not None:
+                raise InvalidField("loras", problem)
             pairs.append((name, entry.default_scale if scale is None else scale))
         try:
             return AdapterSet.of(pairs)

@@ -78,3 +78,16 @@ def test_scan_keeps_only_readable_safetensors_loras(tmp_path):
     assert AdapterCatalog.from_dicts(catalog.to_dicts()).entries == catalog.entries
     with pytest.raises(AdapterNotFound):
         catalog.get("../good")
+
+
+def test_an_adapter_names_why_a_model_cannot_use_it():
+    from serve.adapters import AdapterEntry
+    from serve.config import ModelConfig
+
+    model = ModelConfig(id="acme/sdxl", aliases=["stability-ai/sdxl"], embedded="tiny-sdxl",
+                        max_lora_rank=16)
+    entry = AdapterEntry("a", "/x", "sdxl", 1.0, 8, "peft")
+    assert entry.problem_with(model) is None
+    assert AdapterEntry("a", "/x", "stability-ai/sdxl", 1.0, 8, "peft").problem_with(model) is None
+    assert "is for flux" in AdapterEntry("a", "/x", "flux", 1.0, 8, "peft").problem_with(model)
+    assert "rank 32" in AdapterEntry("a", "/x", "sdxl", 1.0, 32, "peft").problem_with(model)
