@@ -12,16 +12,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import ray
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.model import ModelDeployment
 from serve.adapters import AdapterCatalog
 from serve.config import AtelierConfig, ModelConfig, load_config, parse_config
-from serve.errors import install_error_handlers
+from serve.auth import OPEN_PREFIXES, authorized, configured_keys
+from serve.context import ingress
+from serve.errors import Unauthorized, error_response, install_error_handlers
+from serve.files import FileStore
 from serve.router import ModelRouter
-from serve.routes import generate, loras, models
+from serve.routes import files, generate, loras, models, openai_images
 
 log = logging.getLogger("atelier.ingress")
 
@@ -30,7 +33,19 @@ api = FastAPI(title="Atelier", description="Self-hosted image generation.",
 api.include_router(generate.router)
 api.include_router(models.router)
 api.include_router(loras.router)
+api.include_router(openai_images.router)
+api.include_router(files.router)
 install_error_handlers(api)
+
+
+@api.middleware("http")
+async def _require_key(request: Request, call_next):
+    path = request.url.path
+    if path.startswith(OPEN_PREFIXES) or authorized(request.headers.get("authorization"),
+                                                     ingress().api_keys):
+        return await call_next(request)
+    return error_response(path, Unauthorized("missing or wrong API key "
+                                             "(Authorization: Bearer <key>)"))
 
 
 @serve.deployment
@@ -40,8 +55,12 @@ class Ingress:
 
     def __init__(self, config: dict, adapters: list[dict],
                  handles: Mapping[str, DeploymentHandle], deployment_names: Mapping[str, str]):
-        self.router = ModelRouter(AtelierConfig.model_validate(config),
-                                  AdapterCatalog.from_dicts(adapters), handles)
+        cfg = AtelierConfig.model_validate(config)
+        self.router = ModelRouter(cfg, AdapterCatalog.from_dicts(adapters), handles)
+        self.files = FileStore(cfg.file_ttl_s, cfg.file_store_mb * 2**20)
+        self.api_keys = configured_keys(cfg.api_keys)
+        if not self.api_keys:
+            log.warning("no API keys are set: anyone who reaches this port can generate")
         self.deployment_names = dict(deployment_names)
         self.started_at = int(time.time())
 

@@ -160,6 +160,13 @@ class AtelierConfig(_Strict):
         "Where embedded models are built."))
     lora_folders: list[LoraFolderConfig] = Field(default_factory=list, description=(
         "Folders whose LoRA adapters form the catalog that requests may name."))
+    api_keys: list[str] = Field(default_factory=list, repr=False, description=(
+        "Keys clients must send as `Authorization: Bearer <key>` (or `Token <key>`); "
+        "ATELIER_API_KEYS (comma-separated) adds more. None: the server is open."))
+    file_ttl_s: float = Field(3600, gt=0, description=(
+        "How long generated files stay downloadable by URL."))
+    file_store_mb: int = Field(1024, ge=1, description=(
+        "Most megabytes of generated files an ingress replica keeps (oldest go first)."))
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the CPU-only ingress.")
     ingress_max_ongoing_requests: int = Field(1024, ge=1, description=(
         "HTTP requests one ingress replica holds at once (it mostly awaits the models)."))

@@ -13,6 +13,7 @@ from fastapi import Request
 
 from ray import serve
 
+from serve.files import FileStore
 from serve.router import ModelRouter
 
 
@@ -20,6 +21,8 @@ class IngressState(Protocol):
     router: ModelRouter
     deployment_names: dict[str, str]
     started_at: int
+    files: FileStore
+    api_keys: tuple[bytes, ...]
 
 
 def ingress() -> IngressState:

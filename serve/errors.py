@@ -72,21 +72,49 @@ class InferenceFailed(AtelierError):
     kind = "inference_failed"
 
 
-def error_response(exc: AtelierError) -> JSONResponse:
+class Unauthorized(AtelierError):
+    status = 401
+    kind = "unauthorized"
+
+
+# Each public API answers errors in its own shape; the first matching path prefix wins.
+_OPENAI_PREFIXES = ("/v1/images",)
+
+
+def error_response(path: str, exc: AtelierError) -> JSONResponse:
+    """The response for `exc` in the shape of the API that `path` belongs to."""
     headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status in (429, 503) else None
+    if exc.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    if path.startswith(_OPENAI_PREFIXES):
+        status = 400 if exc.status == 422 else exc.status
+        return JSONResponse(_openai_body(exc), status_code=status, headers=headers)
     return JSONResponse({"detail": exc.detail()}, status_code=exc.status, headers=headers)
+
+
+def _openai_body(exc: AtelierError) -> dict:
+    param = exc.field if isinstance(exc, InvalidField) and exc.field else None
+    kind = "invalid_request_error" if exc.status < 500 else "server_error"
+    if exc.status == 401:
+        kind = "authentication_error"
+    return {"error": {"message": exc.message, "type": kind, "param": param, "code": exc.kind}}
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the one mapping from typed errors to HTTP responses."""
 
     @app.exception_handler(AtelierError)
-    async def _atelier(_: Request, exc: AtelierError) -> JSONResponse:
-        return error_response(exc)
+    async def _atelier(request: Request, exc: AtelierError) -> JSONResponse:
+        return error_response(request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _plain_errors(exc.errors())}, status_code=422)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _plain_errors(exc.errors())
+        if request.url.path.startswith(_OPENAI_PREFIXES):
+            first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+            field = str(first["loc"][-1]) if len(first["loc"]) > 1 else ""
+            return error_response(request.url.path, InvalidField(field, first["msg"]))
+        return JSONResponse({"detail": errors}, status_code=422)
 
 
 def _plain_errors(errors: Any) -> list[dict]:

@@ -19,6 +19,8 @@ from PIL import Image
 
 FAST, BATCHED = "atelier/tiny-sdxl", "atelier/tiny-sdxl-batched"
 ONE_SLOT = "atelier/tiny-sdxl-one-slot"
+API_KEY = "test-key-7f3a"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TWO_REPLICAS = "atelier/tiny-sdxl-2x"
 
 
@@ -61,7 +63,7 @@ def base_url(cache_dir, bad_adapters):
 
     from serve.app import build_app
 
-    config = {"cache_dir": str(cache_dir), "models": [
+    config = {"cache_dir": str(cache_dir), "api_keys": [API_KEY], "models": [
         _model(FAST, 10, aliases=["stability-ai/sdxl"], max_loaded_adapters=2,
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 20,
                        "max_loras": 2}),
@@ -83,7 +85,7 @@ def base_url(cache_dir, bad_adapters):
 
 @pytest.fixture
 def client(base_url):
-    with httpx.Client(base_url=base_url, timeout=60) as c:
+    with httpx.Client(base_url=base_url, timeout=60, headers=AUTH) as c:
         yield c
 
 
@@ -91,7 +93,7 @@ def post_many(base_url, bodies, path="/generate"):
     """POST the bodies concurrently; return the responses in the same order."""
 
     async def run():
-        async with httpx.AsyncClient(base_url=base_url, timeout=60) as c:
+        async with httpx.AsyncClient(base_url=base_url, timeout=60, headers=AUTH) as c:
             tasks = []
             for body in bodies:
                 tasks.append(asyncio.create_task(c.post(path, json=body)))

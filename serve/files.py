@@ -1,0 +1,53 @@
+"""Generated files served by URL for a limited time (in this ingress replica's memory)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from serve.types import MEDIA_TYPES
+
+_EXTENSIONS = {media: ext for ext, media in MEDIA_TYPES.items()}
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    data: bytes
+    media_type: str
+    expires_at: float
+
+
+class FileStore:
+    """Bounded by age (`ttl_s`) and total size (`max_bytes`, oldest dropped first)."""
+
+    def __init__(self, ttl_s: float, max_bytes: int):
+        self._ttl_s, self._max_bytes = ttl_s, max_bytes
+        self._files: OrderedDict[str, StoredFile] = OrderedDict()
+        self._bytes = 0
+
+    def put(self, data: bytes, media_type: str) -> str:
+        """Store and return the file's name (random id plus extension)."""
+        self._expire()
+        name = f"{secrets.token_urlsafe(16)}.{_EXTENSIONS.get(media_type, 'bin')}"
+        self._files[name] = StoredFile(data, media_type, time.monotonic() + self._ttl_s)
+        self._bytes += len(data)
+        while self._bytes > self._max_bytes and len(self._files) > 1:
+            self._drop(next(iter(self._files)))
+        return name
+
+    def get(self, name: str) -> StoredFile | None:
+        self._expire()
+        return self._files.get(name)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._files:
+            name, stored = next(iter(self._files.items()))
+            if stored.expires_at > now:
+                break
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        self._bytes -= len(self._files.pop(name).data)
