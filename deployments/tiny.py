@@ -17,7 +17,7 @@ from filelock import FileLock
 
 TINY_SDXL = "tiny-sdxl"
 # Bump when the recipe below changes, so old caches are not reused.
-_RECIPE_VERSION = 1
+RECIPE_VERSION = 1
 _SEED = 20261122
 _SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
@@ -32,7 +32,7 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
     if name != TINY_SDXL:
         raise ValueError(f"unknown embedded model {name!r}; known: {TINY_SDXL!r}")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"{name}-v{_RECIPE_VERSION}"
+    target = cache_dir / f"{name}-v{RECIPE_VERSION}"
     with FileLock(str(target) + ".lock"):
         if not (target / "model_index.json").exists():
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
@@ -156,7 +156,7 @@ def ensure_demo_loras(name: str, cache_dir: Path) -> Path:
     if name != TINY_SDXL_DEMO:
         raise ValueError(f"unknown embedded adapters {name!r}; known: {TINY_SDXL_DEMO!r}")
     model = ensure_embedded(TINY_SDXL, cache_dir)
-    target = cache_dir / f"{name}-v{_RECIPE_VERSION}"
+    target = cache_dir / f"{name}-v{RECIPE_VERSION}"
     with FileLock(str(target) + ".lock"):
         if not target.is_dir():
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))

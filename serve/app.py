@@ -24,7 +24,9 @@ from serve.context import ingress
 from serve.errors import Unauthorized, error_response, install_error_handlers
 from serve.files import FileStore
 from serve.router import ModelRouter
-from serve.routes import files, generate, loras, models, openai_images
+from serve.predictions import PredictionStore
+from serve.routes import files, generate, loras, models, openai_images, replicate
+from serve.versions import version_id
 
 log = logging.getLogger("atelier.ingress")
 
@@ -34,6 +36,7 @@ api.include_router(generate.router)
 api.include_router(models.router)
 api.include_router(loras.router)
 api.include_router(openai_images.router)
+api.include_router(replicate.router)
 api.include_router(files.router)
 install_error_handlers(api)
 
@@ -53,12 +56,15 @@ async def _require_key(request: Request, call_next):
 class Ingress:
     """HTTP front: validates, converts to GenerationRequest, routes to model deployments."""
 
-    def __init__(self, config: dict, adapters: list[dict],
+    def __init__(self, config: dict, adapters: list[dict], versions: dict[str, str],
                  handles: Mapping[str, DeploymentHandle], deployment_names: Mapping[str, str]):
         cfg = AtelierConfig.model_validate(config)
         self.router = ModelRouter(cfg, AdapterCatalog.from_dicts(adapters), handles)
         self.files = FileStore(cfg.file_ttl_s, cfg.file_store_mb * 2**20)
         self.api_keys = configured_keys(cfg.api_keys)
+        self.predictions = PredictionStore(cfg.file_ttl_s)
+        self.versions = dict(versions)
+        self.started_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         if not self.api_keys:
             log.warning("no API keys are set: anyone who reaches this port can generate")
         self.deployment_names = dict(deployment_names)
@@ -81,11 +87,12 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     has_gpus = _cluster_has_gpus()
     bound = {m.id: _model_app(m, config, catalog, has_gpus) for m in config.models}
     names = {m.id: _deployment_name(m) for m in config.models}
+    versions = {m.id: version_id(m, config.cache_dir) for m in config.models}
     return Ingress.options(
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
-    ).bind(config.model_dump(mode="json"), catalog, bound, names)
+    ).bind(config.model_dump(mode="json"), catalog, versions, bound, names)
 
 
 def _deployment_name(model: ModelConfig) -> str:

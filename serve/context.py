@@ -14,6 +14,7 @@ from fastapi import Request
 from ray import serve
 
 from serve.files import FileStore
+from serve.predictions import PredictionStore
 from serve.router import ModelRouter
 
 
@@ -23,6 +24,9 @@ class IngressState(Protocol):
     started_at: int
     files: FileStore
     api_keys: tuple[bytes, ...]
+    predictions: PredictionStore
+    versions: dict[str, str]
+    started_iso: str
 
 
 def ingress() -> IngressState:

@@ -77,8 +77,9 @@ class Unauthorized(AtelierError):
     kind = "unauthorized"
 
 
-# Each public API answers errors in its own shape; the first matching path prefix wins.
+# Each public API answers errors in its own shape, chosen by path prefix.
 _OPENAI_PREFIXES = ("/v1/images",)
+_REPLICATE_PREFIXES = ("/v1/predictions", "/v1/models/")
 
 
 def error_response(path: str, exc: AtelierError) -> JSONResponse:
@@ -89,6 +90,9 @@ def error_response(path: str, exc: AtelierError) -> JSONResponse:
     if path.startswith(_OPENAI_PREFIXES):
         status = 400 if exc.status == 422 else exc.status
         return JSONResponse(_openai_body(exc), status_code=status, headers=headers)
+    if path.startswith(_REPLICATE_PREFIXES):
+        return JSONResponse(_replicate_body(exc), status_code=exc.status, headers=headers,
+                            media_type="application/problem+json")
     return JSONResponse({"detail": exc.detail()}, status_code=exc.status, headers=headers)
 
 
@@ -98,6 +102,17 @@ def _openai_body(exc: AtelierError) -> dict:
     if exc.status == 401:
         kind = "authentication_error"
     return {"error": {"message": exc.message, "type": kind, "param": param, "code": exc.kind}}
+
+
+def _replicate_body(exc: AtelierError, fields: list[dict] | None = None) -> dict:
+    """Problem details, as Replicate answers, with `invalid_fields` for bad input."""
+    body = {"type": exc.kind, "title": exc.kind.replace("_", " ").capitalize(),
+            "status": exc.status, "detail": exc.message}
+    if fields is None and isinstance(exc, InvalidField) and exc.field:
+        fields = [{"type": "invalid", "field": exc.field, "description": exc.reason}]
+    if fields:
+        body["invalid_fields"] = fields
+    return body
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -110,6 +125,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _plain_errors(exc.errors())
+        if request.url.path.startswith(_REPLICATE_PREFIXES):
+            fields = [{"type": e["type"], "field": ".".join(str(p) for p in e["loc"][1:]),
+                       "description": e["msg"]} for e in errors]
+            problem = InvalidField("", "; ".join(f"{f['field']}: {f['description']}"
+                                                 for f in fields))
+            return JSONResponse(_replicate_body(problem, fields), status_code=422,
+                                media_type="application/problem+json")
         if request.url.path.startswith(_OPENAI_PREFIXES):
             first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
             field = str(first["loc"][-1]) if len(first["loc"]) > 1 else ""

@@ -1,0 +1,210 @@
+"""Replicate's predictions API, for the official `replicate` client.
+
+Inputs mirror `stability-ai/sdxl`. `apply_watermark` and `disable_safety_checker` are
+accepted and have no effect (no watermark is added, no safety checker runs). Output is a
+list of file URLs served under /files for `file_ttl_s`.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from serve.context import IngressState, ingress, request_id
+from serve.errors import AtelierError, InvalidField, ModelNotFound
+from serve.predictions import Prediction
+from serve.types import MAX_SEED, SCHEDULERS, GenerationRequest, OutputFormat
+
+router = APIRouter()
+_WAIT = re.compile(r"(?:^|[,;\s])wait(?:=(\d+))?(?:$|[,;\s])")
+
+
+class PredictionNotFound(AtelierError):
+    status = 404
+    kind = "prediction_not_found"
+
+
+class SDXLInput(BaseModel):
+    """stability-ai/sdxl's inputs; unset values take the served model's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=4000, description="Input prompt")
+    negative_prompt: str = Field("", max_length=4000, description="Input negative prompt")
+    width: int | None = Field(None, ge=8, description="Width of output image")
+    height: int | None = Field(None, ge=8, description="Height of output image")
+    num_outputs: int = Field(1, ge=1, le=4, description="Number of images to output")
+    scheduler: str | None = Field(None, description=f"scheduler: {', '.join(SCHEDULERS)}")
+    num_inference_steps: int | None = Field(None, ge=1, le=500, description="Denoising steps")
+    guidance_scale: float | None = Field(None, ge=1, le=50, description="Classifier-free guidance")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
+    lora_weights: str | None = Field(None, description="A LoRA name from GET /v1/loras")
+    lora_scale: float | None = Field(None, ge=-4, le=4, description="Scale of lora_weights")
+    output_format: OutputFormat = Field("png", description="png, webp or jpeg")
+    output_quality: int = Field(90, ge=1, le=100, description="webp/jpeg quality")
+    apply_watermark: bool = Field(True, description="Accepted; no watermark is applied")
+    disable_safety_checker: bool = Field(False, description="Accepted; no checker runs")
+
+
+class PredictionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: SDXLInput
+    version: str | None = None
+    webhook: str | None = None
+    webhook_events_filter: list[str] | None = None
+    stream: bool | None = None
+
+
+def _base(request: Request) -> str:
+    return str(request.base_url).rstrip("/")
+
+
+def _model_json(state: IngressState, model_id: str, base: str) -> dict:
+    model = state.router.resolve(model_id)
+    owner, name = model.id.split("/")
+    return {"url": f"{base}/v1/models/{model.id}", "owner": owner, "name": name,
+            "description": f"{model.family} served by Atelier", "visibility": "public",
+            "github_url": None, "paper_url": None, "license_url": None, "run_count": 0,
+            "cover_image_url": None, "default_example": None,
+            "latest_version": _version_json(state, model.id)}
+
+
+def _version_json(state: IngressState, model_id: str) -> dict:
+    output = {"type": "array", "items": {"type": "string", "format": "uri"}, "title": "Output"}
+    return {"id": state.versions[model_id], "created_at": state.started_iso,
+            "cog_version": "atelier", "openapi_schema": {
+                "openapi": "3.0.2", "info": {"title": model_id, "version": "1"},
+                "components": {"schemas": {"Input": SDXLInput.model_json_schema(),
+                                           "Output": output}}}}
+
+
+@router.get("/v1/models/{owner}/{name}", summary="Replicate: get a model")
+async def get_model(owner: str, name: str, request: Request) -> dict:
+    return _model_json(ingress(), f"{owner}/{name}", _base(request))
+
+
+@router.get("/v1/models/{owner}/{name}/versions/{version}", summary="Replicate: get a version")
+async def get_version(owner: str, name: str, version: str) -> dict:
+    state = ingress()
+    model = state.router.resolve(f"{owner}/{name}")
+    if state.versions[model.id] != version:
+        raise ModelNotFound(f"{owner}/{name}:{version}", list(state.versions))
+    return _version_json(state, model.id)
+
+
+@router.post("/v1/models/{owner}/{name}/predictions", summary="Replicate: run a model")
+async def create_model_prediction(owner: str, name: str, body: PredictionBody,
+                                  request: Request) -> JSONResponse:
+    return await _create(f"{owner}/{name}", None, body, request)
+
+
+@router.post("/v1/predictions", summary="Replicate: run a model version")
+async def create_prediction(body: PredictionBody, request: Request) -> JSONResponse:
+    if not body.version:
+        raise InvalidField("version", "give a model as owner/name[:version] or a version id")
+    ref, _, version = body.version.partition(":")
+    state = ingress()
+    if "/" not in ref:  # a bare version id
+        owners = [m for m, v in state.versions.items() if v == ref]
+        if not owners:
+            raise ModelNotFound(ref, list(state.versions))
+        ref, version = owners[0], ref
+    return await _create(ref, version or None, body, request)
+
+
+async def _create(model_ref: str, version: str | None, body: PredictionBody,
+                  request: Request) -> JSONResponse:
+    state = ingress()
+    model = state.router.resolve(model_ref)
+    if version is not None and version != state.versions[model.id]:
+        raise InvalidField("version", f"{model.id} is served at version {state.versions[model.id]}")
+    gen = _to_request(state, model.id, body.input, request_id(request))
+    prediction = Prediction(model=model.id, version=state.versions[model.id],
+                            input=body.input.model_dump(exclude_none=True))
+    base = _base(request)
+    state.predictions.start(prediction, lambda p: _run(state, p, gen, base))
+    wait_s = _wait_seconds(request.headers.get("prefer", ""))
+    if wait_s:
+        await state.predictions.wait(prediction.id, wait_s)
+    payload = prediction.to_json(base)
+    if wait_s and not prediction.done:
+        payload["status"] = "starting"  # as Replicate does when the wait runs out
+    return JSONResponse(payload, status_code=201 if prediction.done or not wait_s else 202)
+
+
+def _to_request(state: IngressState, model_id: str, inp: SDXLInput,
+                rid: str) -> GenerationRequest:
+    model = state.router.resolve(model_id)
+    d = model.defaults
+    refs = [(inp.lora_weights, inp.lora_scale)] if inp.lora_weights else []
+    try:
+        adapters = state.router.adapters_for(model, refs)
+        gen = GenerationRequest(
+            model=model.id, prompt=inp.prompt, negative_prompt=inp.negative_prompt,
+            width=inp.width or d.width, height=inp.height or d.height,
+            num_inference_steps=inp.num_inference_steps or d.num_inference_steps,
+            guidance_scale=d.guidance_scale if inp.guidance_scale is None else inp.guidance_scale,
+            seed=secrets.randbelow(MAX_SEED + 1) if inp.seed is None else inp.seed,
+            scheduler=inp.scheduler or d.scheduler, num_outputs=inp.num_outputs,
+            output_format=inp.output_format, output_quality=inp.output_quality,
+            adapters=adapters, request_id=rid)
+        gen.check_limits(model.limits)
+    except InvalidField as exc:
+        field = "lora_weights" if exc.field == "loras" else exc.field
+        raise InvalidField(f"input.{field}", exc.reason) from None
+    return gen
+
+
+async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base: str) -> None:
+    p.status, p.started_at = "processing", p.created_at
+    p.logs = f"Using seed: {gen.seed}\n"
+    started = time.monotonic()
+    try:
+        result = await state.router.generate(gen)
+    except AtelierError as exc:
+        p.finish("failed", error=exc.message)
+        return
+    p.metrics["predict_time"] = round(result.batch.inference_ms / 1000, 3)
+    p.logs += f"Generated {len(result.images)} image(s) in {time.monotonic() - started:.2f}s\n"
+    urls = [f"{base}/files/{state.files.put(img, result.media_type)}" for img in result.images]
+    if not p.done:  # not canceled meanwhile
+        p.finish("succeeded", output=urls)
+
+
+def _wait_seconds(prefer: str) -> float:
+    match = _WAIT.search(prefer)
+    if not match:
+        return 0
+    return float(min(60, max(1, int(match[1])))) if match[1] else 60.0
+
+
+@router.get("/v1/predictions/{prediction_id}", summary="Replicate: get a prediction")
+async def get_prediction(prediction_id: str, request: Request) -> dict:
+    prediction = ingress().predictions.get(prediction_id)
+    if prediction is None:
+        raise PredictionNotFound(f"no prediction {prediction_id!r}")
+    return prediction.to_json(_base(request))
+
+
+@router.post("/v1/predictions/{prediction_id}/cancel", summary="Replicate: cancel")
+async def cancel_prediction(prediction_id: str, request: Request) -> dict:
+    store = ingress().predictions
+    prediction = store.get(prediction_id)
+    if prediction is None:
+        raise PredictionNotFound(f"no prediction {prediction_id!r}")
+    store.cancel(prediction)
+    return prediction.to_json(_base(request))
+
+
+@router.get("/v1/predictions", summary="Replicate: list predictions, newest first")
+async def list_predictions(request: Request, cursor: str | None = None) -> dict:
+    page, after = ingress().predictions.page(cursor, 100)
+    base = _base(request)
+    return {"results": [p.to_json(base) for p in page], "previous": None,
+            "next": f"{base}/v1/predictions?cursor={after}" if after else None}

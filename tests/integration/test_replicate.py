@@ -1,0 +1,101 @@
+"""The official `replicate` client against the running app."""
+
+import io
+import time
+
+import httpx
+import pytest
+import replicate
+from PIL import Image
+from replicate.exceptions import ReplicateError
+
+from tests.integration.conftest import API_KEY, AUTH, BATCHED, FAST, decode, pixels
+
+
+@pytest.fixture
+def rep(base_url):
+    return replicate.Client(api_token=API_KEY, base_url=base_url)
+
+
+def _png(url):
+    r = httpx.get(url)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    return r.content
+
+
+def test_run_returns_file_urls_of_pngs_of_the_requested_size(rep):
+    output = rep.run(FAST, input={"prompt": "a red cube", "width": 128, "height": 64,
+                                  "num_outputs": 2, "seed": 5})
+    assert len(output) == 2
+    sizes = [Image.open(io.BytesIO(_png(str(url)))).size for url in output]
+    assert sizes == [(128, 64), (128, 64)]
+
+
+def test_run_matches_generate_for_the_same_seed(rep, client):
+    (url,) = rep.run(FAST, input={"prompt": "a cat", "seed": 42})
+    direct = client.post("/generate", json={"prompt": "a cat", "seed": 42}).json()["image"]
+    replicated = Image.open(io.BytesIO(_png(str(url))))
+    assert (pixels(decode(direct)) == pixels(replicated)).all()
+
+
+def test_create_wait_get_by_version(rep):
+    model = rep.models.get(FAST)
+    version = model.latest_version
+    assert len(version.id) == 64
+    assert "prompt" in version.openapi_schema["components"]["schemas"]["Input"]["properties"]
+    prediction = rep.predictions.create(version=version.id, input={"prompt": "x", "seed": 1})
+    assert prediction.status in ("starting", "processing")
+    prediction.wait()
+    assert prediction.status == "succeeded" and prediction.version == version.id
+    again = rep.predictions.get(prediction.id)
+    assert again.output == prediction.output and again.metrics["predict_time"] > 0
+    assert "Using seed: 1" in again.logs
+    assert again.id in [p.id for p in rep.predictions.list()]
+
+
+def test_the_version_pins_the_model(rep):
+    with pytest.raises(ReplicateError):
+        rep.predictions.create(version=f"{FAST}:{'0' * 64}", input={"prompt": "x"})
+
+
+def test_cancel_ends_queued_and_running_predictions_while_others_finish(rep):
+    # The batched model waits 2 s for company, so these are all still pending.
+    preds = [rep.models.predictions.create(model=BATCHED, input={"prompt": "x", "seed": s})
+             for s in range(3)]
+    time.sleep(0.3)
+    rep.predictions.cancel(preds[1].id)
+    for p in preds:
+        p.wait()
+    assert [p.status for p in preds] == ["succeeded", "canceled", "succeeded"]
+    assert preds[1].output is None and len(preds[0].output) == 1
+
+
+def test_invalid_input_is_422_naming_each_field(base_url):
+    r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", headers=AUTH,
+                   json={"input": {"prompt": "x", "width": "wide", "colour": "red"}})
+    assert r.status_code == 422
+    fields = {f["field"] for f in r.json()["invalid_fields"]}
+    assert fields == {"input.width", "input.colour"}
+
+
+@pytest.mark.parametrize("inp, field", [({"prompt": "x", "width": 65}, "input.width"),
+                                        ({"prompt": "x", "lora_weights": "nope"}, None)])
+def test_model_limits_and_adapters_are_checked_before_running(base_url, inp, field):
+    r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", headers=AUTH, json={"input": inp})
+    if field:
+        assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == field
+    else:
+        assert r.status_code == 404 and r.json()["status"] == 404
+
+
+def test_lora_weights_input_applies_the_adapter(rep):
+    (base,) = rep.run(FAST, input={"prompt": "a cat", "seed": 3})
+    (styled,) = rep.run(FAST, input={"prompt": "a cat", "seed": 3, "lora_weights": "sketch",
+                                     "lora_scale": 1.0})
+    assert _png(str(base)) != _png(str(styled))
+
+
+def test_unknown_prediction_is_404(rep):
+    with pytest.raises(ReplicateError) as err:
+        rep.predictions.get("doesnotexist")
+    assert err.value.status == 404
