@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import httpx
 import ray
 from fastapi import FastAPI, Request
 from ray import serve
@@ -65,6 +66,7 @@ class Ingress:
         self.predictions = PredictionStore(cfg.file_ttl_s)
         self.versions = dict(versions)
         self.started_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.webhook_client = httpx.AsyncClient(follow_redirects=False)
         if not self.api_keys:
             log.warning("no API keys are set: anyone who reaches this port can generate")
         self.deployment_names = dict(deployment_names)

@@ -163,6 +163,8 @@ class AtelierConfig(_Strict):
     api_keys: list[str] = Field(default_factory=list, repr=False, description=(
         "Keys clients must send as `Authorization: Bearer <key>` (or `Token <key>`); "
         "ATELIER_API_KEYS (comma-separated) adds more. None: the server is open."))
+    webhook_allowed_hosts: list[str] = Field(default_factory=list, description=(
+        "Hosts (or host:port) that prediction webhooks may be sent to; none by default."))
     file_ttl_s: float = Field(3600, gt=0, description=(
         "How long generated files stay downloadable by URL."))
     file_store_mb: int = Field(1024, ge=1, description=(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Protocol
 
+import httpx
 from fastapi import Request
 
 from ray import serve
@@ -27,6 +28,7 @@ class IngressState(Protocol):
     predictions: PredictionStore
     versions: dict[str, str]
     started_iso: str
+    webhook_client: httpx.AsyncClient
 
 
 def ingress() -> IngressState:

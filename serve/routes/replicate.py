@@ -7,6 +7,7 @@ list of file URLs served under /files for `file_ttl_s`.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
@@ -19,6 +20,7 @@ from serve.context import IngressState, ingress, request_id
 from serve.errors import AtelierError, InvalidField, ModelNotFound
 from serve.predictions import Prediction
 from serve.types import MAX_SEED, SCHEDULERS, GenerationRequest, OutputFormat
+from serve.webhooks import WebhookSender, check_events, check_webhook
 
 router = APIRouter()
 _WAIT = re.compile(r"(?:^|[,;\s])wait(?:=(\d+))?(?:$|[,;\s])")
@@ -125,10 +127,15 @@ async def _create(model_ref: str, version: str | None, body: PredictionBody,
     if version is not None and version != state.versions[model.id]:
         raise InvalidField("version", f"{model.id} is served at version {state.versions[model.id]}")
     gen = _to_request(state, model.id, body.input, request_id(request))
+    webhook = None
+    if body.webhook:
+        check_webhook(body.webhook, state.router.config.webhook_allowed_hosts)
+        webhook = WebhookSender(body.webhook, check_events(body.webhook_events_filter),
+                                state.webhook_client)
     prediction = Prediction(model=model.id, version=state.versions[model.id],
                             input=body.input.model_dump(exclude_none=True))
     base = _base(request)
-    state.predictions.start(prediction, lambda p: _run(state, p, gen, base))
+    state.predictions.start(prediction, lambda p: _run(state, p, gen, base, webhook))
     wait_s = _wait_seconds(request.headers.get("prefer", ""))
     if wait_s:
         await state.predictions.wait(prediction.id, wait_s)
@@ -161,20 +168,29 @@ def _to_request(state: IngressState, model_id: str, inp: SDXLInput,
     return gen
 
 
-async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base: str) -> None:
+async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base: str,
+               webhook: WebhookSender | None) -> None:
+    """Run the prediction; send its webhook events; a cancel still sends `completed`."""
     p.status, p.started_at = "processing", p.created_at
     p.logs = f"Using seed: {gen.seed}\n"
     started = time.monotonic()
     try:
+        if webhook:
+            await webhook.send("start", p.to_json(base))
         result = await state.router.generate(gen)
+        p.metrics["predict_time"] = round(result.batch.inference_ms / 1000, 3)
+        p.logs += f"Generated {len(result.images)} image(s) in {time.monotonic() - started:.2f}s\n"
+        urls = [f"{base}/files/{state.files.put(img, result.media_type)}"
+                for img in result.images]
+        if not p.done:  # not canceled meanwhile
+            p.finish("succeeded", output=urls)
+            if webhook:
+                await webhook.send("output", p.to_json(base))
     except AtelierError as exc:
         p.finish("failed", error=exc.message)
-        return
-    p.metrics["predict_time"] = round(result.batch.inference_ms / 1000, 3)
-    p.logs += f"Generated {len(result.images)} image(s) in {time.monotonic() - started:.2f}s\n"
-    urls = [f"{base}/files/{state.files.put(img, result.media_type)}" for img in result.images]
-    if not p.done:  # not canceled meanwhile
-        p.finish("succeeded", output=urls)
+    finally:
+        if webhook:
+            await asyncio.shield(webhook.send("completed", p.to_json(base)))
 
 
 def _wait_seconds(prefer: str) -> float:

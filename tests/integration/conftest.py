@@ -63,7 +63,8 @@ def base_url(cache_dir, bad_adapters):
 
     from serve.app import build_app
 
-    config = {"cache_dir": str(cache_dir), "api_keys": [API_KEY], "models": [
+    config = {"cache_dir": str(cache_dir), "api_keys": [API_KEY],
+              "webhook_allowed_hosts": ["127.0.0.1"], "models": [
         _model(FAST, 10, aliases=["stability-ai/sdxl"], max_loaded_adapters=2,
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 20,
                        "max_loras": 2}),

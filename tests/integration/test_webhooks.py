@@ -1,0 +1,106 @@
+"""Prediction webhooks to a real HTTP receiver on loopback."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from tests.integration.conftest import AUTH, BATCHED, FAST
+
+
+class Receiver:
+    """Records POSTed JSON bodies; answers 500 to the first `fail_first` of them."""
+
+    def __init__(self, fail_first=0):
+        self.bodies, self.attempts, self.fail_first = [], 0, fail_first
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                receiver.attempts += 1
+                ok = receiver.attempts > receiver.fail_first
+                if ok:
+                    receiver.bodies.append(body)
+                self.send_response(200 if ok else 500)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, status, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(b["status"] == status for b in self.bodies):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no webhook with status {status}: {self.bodies}")
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+def _create(base_url, model=FAST, **body):
+    r = httpx.post(f"{base_url}/v1/models/{model}/predictions", headers=AUTH,
+                   json={"input": {"prompt": "x", "seed": 3}, **body})
+    return r
+
+
+def test_start_and_completed_reach_the_receiver_with_the_output(base_url, receiver):
+    created = _create(base_url, webhook=receiver.url).json()
+    receiver.wait_for("succeeded")
+    events = [(b["id"], b["status"]) for b in receiver.bodies]
+    assert events[0] == (created["id"], "processing")
+    assert events[-1] == (created["id"], "succeeded")
+    assert receiver.bodies[-1]["output"][0].startswith(base_url + "/files/")
+
+
+def test_the_events_filter_is_honoured(base_url, receiver):
+    _create(base_url, webhook=receiver.url, webhook_events_filter=["completed"])
+    receiver.wait_for("succeeded")
+    time.sleep(0.3)
+    assert [b["status"] for b in receiver.bodies] == ["succeeded"]
+
+
+def test_a_failing_receiver_is_retried_until_it_answers(base_url):
+    receiver = Receiver(fail_first=1)
+    try:
+        r = _create(base_url, webhook=receiver.url, webhook_events_filter=["completed"])
+        assert r.status_code == 201
+        receiver.wait_for("succeeded")
+        assert receiver.attempts == 2
+    finally:
+        receiver.server.shutdown()
+
+
+def test_a_canceled_prediction_sends_completed_as_canceled(base_url, receiver):
+    created = _create(base_url, model=BATCHED, webhook=receiver.url).json()
+    httpx.post(f"{base_url}/v1/predictions/{created['id']}/cancel", headers=AUTH)
+    receiver.wait_for("canceled")
+    assert receiver.bodies[-1]["output"] is None
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data",
+                                 "http://localhost:8000/hook", "file:///etc/passwd",
+                                 "http://10.0.0.1/x", "ftp://127.0.0.1/x"])
+def test_webhooks_to_hosts_not_allowed_are_refused_before_anything_runs(base_url, url):
+    r = _create(base_url, webhook=url)
+    assert r.status_code == 422
+    assert r.json()["invalid_fields"][0]["field"] == "webhook"
+
+
+def test_an_unknown_event_is_refused(base_url, receiver):
+    r = _create(base_url, webhook=receiver.url, webhook_events_filter=["done"])
+    assert r.status_code == 422
+    assert r.json()["invalid_fields"][0]["field"] == "webhook_events_filter"
