@@ -169,7 +169,9 @@ class AtelierConfig(_Strict):
         "How long generated files stay downloadable by URL."))
     file_store_mb: int = Field(1024, ge=1, description=(
         "Most megabytes of generated files an ingress replica keeps (oldest go first)."))
-    ingress_replicas: int = Field(1, ge=1, description="Replicas of the CPU-only ingress.")
+    ingress_replicas: int = Field(1, ge=1, description=(
+        "Replicas of the CPU-only ingress. Predictions and files live in the memory of the "
+        "replica that made them, so more than one needs a shared store."))
     ingress_max_ongoing_requests: int = Field(1024, ge=1, description=(
         "HTTP requests one ingress replica holds at once (it mostly awaits the models)."))
 
