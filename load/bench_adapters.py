@@ -76,11 +76,11 @@ def _loads(engine, names: list[str]) -> dict:
     evict the least recently used."""
     reads, injects = [], []
     for name in names:
-        staged = []
-        reads.append(_timed(lambda: staged.append(engine.adapters.read(name))))
+        staged: list = []
+        reads.append(_timed(lambda n=name, out=staged: out.append(engine.adapters.read(n))))
         injects.append(_timed(engine.adapters.inject, name, staged[0]))
     return {"read_ms": [r * 1000 for r in reads], "inject_ms": [i * 1000 for i in injects],
-            "load_ms_median": statistics.median(r + i for r, i in zip(reads, injects)) * 1000,
+            "load_ms_median": statistics.median(r + i for r, i in zip(reads, injects, strict=True)) * 1000,
             "inject_ms_median": statistics.median(injects) * 1000}
 
 

@@ -52,7 +52,7 @@ def main() -> None:
     with httpx.Client(base_url=url, timeout=120) as client:
         model = client.get("/v1/models").json()["data"][0]["id"]
         calls = _calls(args, model)
-        for name, call in calls.items():  # one warm call each
+        for call in calls.values():  # one warm call each
             call(client).raise_for_status()
         for _ in range(args.rounds):
             for name, call in calls.items():

@@ -5,11 +5,12 @@ Deployments see only these types; they know nothing about HTTP or the public API
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Literal
 
 from serve.adapters import AdapterSet
-from serve.config import SCHEDULERS, LimitsConfig
+from serve.config import SCHEDULERS, LimitsConfig, ModelConfig
 from serve.errors import InvalidField
 
 __all__ = ["SCHEDULERS", "GenerationRequest", "GenerationResult", "BatchInfo"]
@@ -40,6 +41,23 @@ class GenerationRequest:
     output_quality: int = 90
     adapters: AdapterSet = AdapterSet()
     request_id: str = ""
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, prompt: str, *, width: int | None = None,
+                  height: int | None = None, num_inference_steps: int | None = None,
+                  guidance_scale: float | None = None, seed: int | None = None,
+                  scheduler: str | None = None, **rest) -> GenerationRequest:
+        """A request for `model`: unset values take its defaults, an unset seed is drawn,
+        and the result is checked against its limits (raises InvalidField)."""
+        d = model.defaults
+        request = cls(
+            model=model.id, prompt=prompt, width=width or d.width, height=height or d.height,
+            num_inference_steps=num_inference_steps or d.num_inference_steps,
+            guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
+            seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed,
+            scheduler=scheduler or d.scheduler, **rest)
+        request.check_limits(model.limits)
+        return request
 
     @property
     def seeds(self) -> list[int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import secrets
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -56,17 +55,13 @@ class GenerateParams(BaseModel):
 
     def to_request(self, model: ModelConfig, request_id: str, prompt: str,
                    adapters: AdapterSet) -> GenerationRequest:
-        d = model.defaults
-        return GenerationRequest(
-            model=model.id, prompt=prompt, negative_prompt=self.negative_prompt,
-            adapters=adapters,
-            width=self.width or d.width, height=self.height or d.height,
-            num_inference_steps=self.steps or d.num_inference_steps,
-            guidance_scale=d.guidance_scale if self.guidance_scale is None else self.guidance_scale,
-            seed=secrets.randbelow(MAX_SEED + 1) if self.seed is None else self.seed,
-            scheduler=self.scheduler or d.scheduler, num_outputs=self.num_outputs,
-            output_format=self.output_format, output_quality=self.output_quality,
-            request_id=request_id)
+        """Raises InvalidField for values outside the model's limits."""
+        return GenerationRequest.for_model(
+            model, prompt, width=self.width, height=self.height,
+            num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
+            scheduler=self.scheduler, negative_prompt=self.negative_prompt,
+            num_outputs=self.num_outputs, output_format=self.output_format,
+            output_quality=self.output_quality, adapters=adapters, request_id=request_id)
 
 
 def _inline(node: Any, defs: dict) -> Any:
@@ -100,7 +95,6 @@ async def generate(request: Request) -> Response:
         prompt, tags = split_prompt_tags(params.prompt)
         adapters = router_.adapters_for(model, [(r.name, r.scale) for r in params.loras] + tags)
         gen = params.to_request(model, request_id(request), prompt, adapters)
-        gen.check_limits(model.limits)
     except InvalidField as exc:
         field = "steps" if exc.field == "num_inference_steps" else exc.field
         raise InvalidField(field, exc.reason, sources.get(field, "body")) from None

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import base64
 import re
-import secrets
 import time
 from typing import Literal
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.adapters import AdapterSet
 from serve.context import ingress, request_id
 from serve.errors import InvalidField
-from serve.types import MAX_SEED, GenerationRequest
+from serve.types import GenerationRequest
 
 router = APIRouter()
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -56,16 +54,12 @@ class ImageGenerationParams(BaseModel):
 async def create_images(params: ImageGenerationParams, request: Request) -> dict:
     state = ingress()
     model = state.router.resolve(params.model)
-    d = model.defaults
-    width, height = params.dimensions((d.width, d.height))
-    gen = GenerationRequest(
-        model=model.id, prompt=params.prompt, width=width, height=height,
-        num_inference_steps=d.num_inference_steps, guidance_scale=d.guidance_scale,
-        seed=secrets.randbelow(MAX_SEED + 1), scheduler=d.scheduler, num_outputs=params.n,
-        output_format=params.output_format, output_quality=params.output_compression or 90,
-        adapters=AdapterSet(), request_id=request_id(request))
+    width, height = params.dimensions((model.defaults.width, model.defaults.height))
     try:
-        gen.check_limits(model.limits)
+        gen = GenerationRequest.for_model(
+            model, params.prompt, width=width, height=height, num_outputs=params.n,
+            output_format=params.output_format,
+            output_quality=params.output_compression or 90, request_id=request_id(request))
     except InvalidField as exc:
         field = {"width": "size", "height": "size", "num_outputs": "n"}.get(exc.field, exc.field)
         raise InvalidField(field, exc.reason) from None

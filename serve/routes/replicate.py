@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 import time
 
 from fastapi import APIRouter, Request
@@ -148,24 +147,18 @@ async def _create(model_ref: str, version: str | None, body: PredictionBody,
 def _to_request(state: IngressState, model_id: str, inp: SDXLInput,
                 rid: str) -> GenerationRequest:
     model = state.router.resolve(model_id)
-    d = model.defaults
     refs = [(inp.lora_weights, inp.lora_scale)] if inp.lora_weights else []
     try:
-        adapters = state.router.adapters_for(model, refs)
-        gen = GenerationRequest(
-            model=model.id, prompt=inp.prompt, negative_prompt=inp.negative_prompt,
-            width=inp.width or d.width, height=inp.height or d.height,
-            num_inference_steps=inp.num_inference_steps or d.num_inference_steps,
-            guidance_scale=d.guidance_scale if inp.guidance_scale is None else inp.guidance_scale,
-            seed=secrets.randbelow(MAX_SEED + 1) if inp.seed is None else inp.seed,
-            scheduler=inp.scheduler or d.scheduler, num_outputs=inp.num_outputs,
-            output_format=inp.output_format, output_quality=inp.output_quality,
-            adapters=adapters, request_id=rid)
-        gen.check_limits(model.limits)
+        return GenerationRequest.for_model(
+            model, inp.prompt, width=inp.width, height=inp.height,
+            num_inference_steps=inp.num_inference_steps, guidance_scale=inp.guidance_scale,
+            seed=inp.seed, scheduler=inp.scheduler, negative_prompt=inp.negative_prompt,
+            num_outputs=inp.num_outputs, output_format=inp.output_format,
+            output_quality=inp.output_quality, adapters=state.router.adapters_for(model, refs),
+            request_id=rid)
     except InvalidField as exc:
         field = "lora_weights" if exc.field == "loras" else exc.field
         raise InvalidField(f"input.{field}", exc.reason) from None
-    return gen
 
 
 async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base: str,

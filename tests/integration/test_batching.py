@@ -29,7 +29,7 @@ def test_mixed_requests_are_grouped_by_size_and_steps_in_order(base_url):
               {"width": 128}]
     responses = post_many(base_url, [_body(30 + i, **s) for i, s in enumerate(shapes)])
     groups = defaultdict(list)
-    for shape, r in zip(shapes, responses):
+    for shape, r in zip(shapes, responses, strict=True):
         assert r.status_code == 200
         assert decode(r.json()["image"]).size == (shape["width"], 64)
         groups[r.headers["x-atelier-batch-id"]].append((shape["width"], shape.get("steps", 2)))
