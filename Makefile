@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml
 serve: setup
 	$(BIN)/serve run serve_config.yaml
 
+# The shared-state tests run a real Redis: Debian's redis-server, installed here if missing.
 test: setup
+	command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	$(BIN)/python -m pytest -q
 
 clean:

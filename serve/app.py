@@ -22,10 +22,10 @@ from serve.adapters import AdapterCatalog
 from serve.config import AtelierConfig, ModelConfig, load_config, parse_config
 from serve.auth import OPEN_PREFIXES, authorized, configured_keys
 from serve.context import ingress
-from serve.errors import Unauthorized, error_response, install_error_handlers
-from serve.files import FileStore
+from serve.errors import Unauthorized, api_path, error_response, install_error_handlers
 from serve.router import ModelRouter
-from serve.predictions import PredictionStore
+from serve.predictions import PredictionRunner
+from serve.state import MemoryStore, RedisStore
 from serve.routes import files, generate, loras, models, openai_images, replicate
 from serve.versions import version_id
 
@@ -44,12 +44,15 @@ install_error_handlers(api)
 
 @api.middleware("http")
 async def _require_key(request: Request, call_next):
-    path = request.url.path
+    path = api_path(request)
     if path.startswith(OPEN_PREFIXES) or authorized(request.headers.get("authorization"),
                                                      ingress().api_keys):
-        return await call_next(request)
-    return error_response(path, Unauthorized("missing or wrong API key "
-                                             "(Authorization: Bearer <key>)"))
+        response = await call_next(request)
+    else:
+        response = error_response(path, Unauthorized("missing or wrong API key "
+                                                     "(Authorization: Bearer <key>)"))
+    response.headers["X-Atelier-Ingress"] = ingress().replica
+    return response
 
 
 @serve.deployment
@@ -61,9 +64,11 @@ class Ingress:
                  handles: Mapping[str, DeploymentHandle], deployment_names: Mapping[str, str]):
         cfg = AtelierConfig.model_validate(config)
         self.router = ModelRouter(cfg, AdapterCatalog.from_dicts(adapters), handles)
-        self.files = FileStore(cfg.file_ttl_s, cfg.file_store_mb * 2**20)
+        self.store = (RedisStore(cfg.redis_url, cfg.file_ttl_s) if cfg.redis_url else
+                      MemoryStore(cfg.file_ttl_s, cfg.file_store_mb * 2**20))
+        self.predictions = PredictionRunner(self.store)
         self.api_keys = configured_keys(cfg.api_keys)
-        self.predictions = PredictionStore(cfg.file_ttl_s)
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.versions = dict(versions)
         self.started_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.webhook_client = httpx.AsyncClient(follow_redirects=False)

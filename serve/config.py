@@ -165,15 +165,25 @@ class AtelierConfig(_Strict):
         "ATELIER_API_KEYS (comma-separated) adds more. None: the server is open."))
     webhook_allowed_hosts: list[str] = Field(default_factory=list, description=(
         "Hosts (or host:port) that prediction webhooks may be sent to; none by default."))
+    redis_url: str | None = Field(None, description=(
+        "Keep predictions and files in Redis (e.g. redis://host:6379/0), shared by every "
+        "ingress replica; default: in the ingress replica's memory."))
     file_ttl_s: float = Field(3600, gt=0, description=(
-        "How long generated files stay downloadable by URL."))
+        "How long predictions and generated files are kept."))
     file_store_mb: int = Field(1024, ge=1, description=(
         "Most megabytes of generated files an ingress replica keeps (oldest go first)."))
     ingress_replicas: int = Field(1, ge=1, description=(
-        "Replicas of the CPU-only ingress. Predictions and files live in the memory of the "
-        "replica that made them, so more than one needs a shared store."))
+        "Replicas of the CPU-only ingress; more than one needs redis_url, so that they "
+        "share predictions and files."))
     ingress_max_ongoing_requests: int = Field(1024, ge=1, description=(
         "HTTP requests one ingress replica holds at once (it mostly awaits the models)."))
+
+    @model_validator(mode="after")
+    def _shared_state(self) -> AtelierConfig:
+        if self.ingress_replicas > 1 and self.redis_url is None:
+            raise ValueError("ingress_replicas > 1 needs redis_url, or predictions made "
+                             "through one replica are unknown to the others")
+        return self
 
     @model_validator(mode="after")
     def _unique_ids(self) -> AtelierConfig:

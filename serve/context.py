@@ -14,8 +14,7 @@ from fastapi import Request
 
 from ray import serve
 
-from serve.files import FileStore
-from serve.predictions import PredictionStore
+from serve.predictions import PredictionRunner, StateStore
 from serve.router import ModelRouter
 
 
@@ -23,12 +22,13 @@ class IngressState(Protocol):
     router: ModelRouter
     deployment_names: dict[str, str]
     started_at: int
-    files: FileStore
+    store: StateStore
     api_keys: tuple[bytes, ...]
-    predictions: PredictionStore
+    predictions: PredictionRunner
     versions: dict[str, str]
     started_iso: str
     webhook_client: httpx.AsyncClient
+    replica: str
 
 
 def ingress() -> IngressState:

@@ -115,27 +115,34 @@ def _replicate_body(exc: AtelierError, fields: list[dict] | None = None) -> dict
     return body
 
 
+def api_path(request: Request) -> str:
+    """The request's path below the app's route prefix (e.g. /v1/images/generations)."""
+    root, path = request.scope.get("root_path", ""), request.url.path
+    return path[len(root):] if root and path.startswith(root) else path
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the one mapping from typed errors to HTTP responses."""
 
     @app.exception_handler(AtelierError)
     async def _atelier(request: Request, exc: AtelierError) -> JSONResponse:
-        return error_response(request.url.path, exc)
+        return error_response(api_path(request), exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _plain_errors(exc.errors())
-        if request.url.path.startswith(_REPLICATE_PREFIXES):
+        path = api_path(request)
+        if path.startswith(_REPLICATE_PREFIXES):
             fields = [{"type": e["type"], "field": ".".join(str(p) for p in e["loc"][1:]),
                        "description": e["msg"]} for e in errors]
             problem = InvalidField("", "; ".join(f"{f['field']}: {f['description']}"
                                                  for f in fields))
             return JSONResponse(_replicate_body(problem, fields), status_code=422,
                                 media_type="application/problem+json")
-        if request.url.path.startswith(_OPENAI_PREFIXES):
+        if path.startswith(_OPENAI_PREFIXES):
             first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
             field = str(first["loc"][-1]) if len(first["loc"]) > 1 else ""
-            return error_response(request.url.path, InvalidField(field, first["msg"]))
+            return error_response(path, InvalidField(field, first["msg"]))
         return JSONResponse({"detail": errors}, status_code=422)
 
 

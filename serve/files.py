@@ -1,4 +1,4 @@
-"""Generated files served by URL for a limited time (in this ingress replica's memory)."""
+"""Generated files served by URL for a limited time (the in-memory backend's part)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from dataclasses import dataclass
 from serve.types import MEDIA_TYPES
 
 _EXTENSIONS = {media: ext for ext, media in MEDIA_TYPES.items()}
+
+
+def file_name(media_type: str) -> str:
+    """A fresh unguessable file name (128 random bits) with the type's extension."""
+    return f"{secrets.token_urlsafe(16)}.{_EXTENSIONS.get(media_type, 'bin')}"
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,7 @@ class FileStore:
     def put(self, data: bytes, media_type: str) -> str:
         """Store and return the file's name (random id plus extension)."""
         self._expire()
-        name = f"{secrets.token_urlsafe(16)}.{_EXTENSIONS.get(media_type, 'bin')}"
+        name = file_name(media_type)
         self._files[name] = StoredFile(data, media_type, time.monotonic() + self._ttl_s)
         self._bytes += len(data)
         while self._bytes > self._max_bytes and len(self._files) > 1:

@@ -1,8 +1,9 @@
-"""Replicate-style predictions: their state and the tasks that run them.
+"""Replicate-style predictions: their state, where it is kept, and the tasks that run them.
 
-This store keeps predictions in the ingress replica's memory (the single-node default);
-it is bounded by age and count. Each prediction runs as an asyncio task that calls the
-model deployment; cancelling the task withdraws a queued request before it ever runs.
+State (predictions, output files, cancel requests) lives in a `StateStore`: in the ingress
+replica's memory (single-node default) or in Redis (shared by every ingress replica, and
+surviving their restarts). A prediction runs as an asyncio task in the replica that took
+it; that task watches for a cancel request, which any replica may record.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
+
+from serve.files import StoredFile
 
 TERMINAL = ("succeeded", "failed", "canceled")
+CANCEL_POLL_S = 0.1
 
 
 def _now_iso() -> str:
@@ -37,7 +40,7 @@ class Prediction:
     started_at: str | None = None
     completed_at: str | None = None
     metrics: dict = field(default_factory=dict)
-    created: float = field(default_factory=time.monotonic)
+    created: float = field(default_factory=time.time)
 
     @property
     def done(self) -> bool:
@@ -46,66 +49,61 @@ class Prediction:
     def finish(self, status: str, output: Any = None, error: str | None = None) -> None:
         self.status, self.output, self.error = status, output, error
         self.completed_at = _now_iso()
-        self.metrics["total_time"] = round(time.monotonic() - self.created, 3)
+        self.metrics["total_time"] = round(time.time() - self.created, 3)
+
+    def to_state(self) -> dict:
+        return asdict(self)
 
     def to_json(self, base_url: str) -> dict:
         url = f"{base_url}/v1/predictions/{self.id}"
-        return {"id": self.id, "model": self.model, "version": self.version,
-                "input": self.input, "output": self.output, "error": self.error,
-                "logs": self.logs, "status": self.status, "created_at": self.created_at,
-                "started_at": self.started_at, "completed_at": self.completed_at,
-                "metrics": self.metrics, "urls": {"get": url, "cancel": f"{url}/cancel"}}
+        body = {k: v for k, v in asdict(self).items() if k != "created"}
+        return {**body, "urls": {"get": url, "cancel": f"{url}/cancel"}}
 
 
-class PredictionStore:
-    """Predictions by id, newest last; at most `max_items`, each kept `ttl_s` after it ends."""
+class StateStore(Protocol):
+    """Where predictions, output files and cancel requests are kept."""
 
-    def __init__(self, ttl_s: float, max_items: int = 10_000):
-        self._ttl_s, self._max = ttl_s, max_items
-        self._items: OrderedDict[str, Prediction] = OrderedDict()
+    async def save(self, prediction: Prediction) -> None: ...
+    async def load(self, prediction_id: str) -> Prediction | None: ...
+    async def page(self, after: str | None, limit: int) -> tuple[list[Prediction], str | None]:
+        """Newest first, after the prediction id `after`; also the next cursor."""
+    async def put_file(self, data: bytes, media_type: str) -> str: ...
+    async def get_file(self, name: str) -> StoredFile | None: ...
+    async def request_cancel(self, prediction_id: str) -> None: ...
+    async def cancel_requested(self, prediction_id: str) -> bool: ...
+
+
+class PredictionRunner:
+    """Runs predictions taken by this ingress replica; cancels them on request."""
+
+    def __init__(self, store: StateStore):
+        self.store = store
         self._tasks: dict[str, asyncio.Task] = {}
 
-    def start(self, prediction: Prediction,
-              run: Callable[[Prediction], Awaitable[None]]) -> Prediction:
-        """Store `prediction` and run `run(prediction)` as a task."""
-        self._expire()
-        self._items[prediction.id] = prediction
+    async def start(self, prediction: Prediction,
+                    run: Callable[[Prediction], Awaitable[None]]) -> None:
+        await self.store.save(prediction)
         task = asyncio.get_running_loop().create_task(run(prediction))
         self._tasks[prediction.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(prediction.id, None))
-        return prediction
-
-    def get(self, prediction_id: str) -> Prediction | None:
-        return self._items.get(prediction_id)
-
-    def page(self, after: str | None, limit: int) -> tuple[list[Prediction], str | None]:
-        """Newest first, starting after the prediction id `after`; also the next cursor."""
-        newest_first = list(reversed(self._items.values()))
-        start = 0
-        if after is not None:
-            ids = [p.id for p in newest_first]
-            start = ids.index(after) + 1 if after in ids else len(ids)
-        page = newest_first[start:start + limit]
-        more = start + limit < len(newest_first)
-        return page, (page[-1].id if more and page else None)
 
     async def wait(self, prediction_id: str, timeout_s: float) -> None:
         task = self._tasks.get(prediction_id)
         if task is not None:
             await asyncio.wait([task], timeout=timeout_s)
 
-    def cancel(self, prediction: Prediction) -> None:
-        """End a prediction that has not finished as canceled; its request is withdrawn."""
+    async def cancel(self, prediction: Prediction) -> None:
+        """End an unfinished prediction as canceled, whichever replica runs it."""
         if prediction.done:
             return
-        task = self._tasks.get(prediction.id)
-        if task is not None:
-            task.cancel()
+        await self.store.request_cancel(prediction.id)
         prediction.finish("canceled")
+        await self.store.save(prediction)
+        task = self._tasks.get(prediction.id)
+        if task is not None:  # ours: withdraw it now rather than at the next poll
+            task.cancel()
 
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for pid, p in list(self._items.items()):
-            expired = p.done and now - p.created > self._ttl_s
-            if expired or len(self._items) > self._max and p.done:
-                del self._items[pid]
+    async def until_canceled(self, prediction_id: str) -> None:
+        """Return once a cancel has been requested for the prediction (from any replica)."""
+        while not await self.store.cancel_requested(prediction_id):
+            await asyncio.sleep(CANCEL_POLL_S)

@@ -21,7 +21,7 @@ class FileNotFound(AtelierError):
 
 @router.get("/files/{name}", summary="Download a generated file")
 async def get_file(name: str) -> Response:
-    stored = ingress().files.get(name)
+    stored = await ingress().store.get_file(name)
     if stored is None:
         raise FileNotFound("no such file, or it has expired")
     return Response(stored.data, media_type=stored.media_type,

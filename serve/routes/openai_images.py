@@ -66,7 +66,7 @@ async def create_images(params: ImageGenerationParams, request: Request) -> dict
     result = await state.router.generate(gen)
     if params.response_format == "url":
         base = str(request.base_url).rstrip("/")
-        data = [{"url": f"{base}/files/{state.files.put(img, result.media_type)}"}
+        data = [{"url": f"{base}/files/{await state.store.put_file(img, result.media_type)}"}
                 for img in result.images]
     else:
         data = [{"b64_json": base64.b64encode(img).decode("ascii")} for img in result.images]

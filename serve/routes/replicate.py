@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from serve.context import IngressState, ingress, request_id
 from serve.errors import AtelierError, InvalidField, ModelNotFound
 from serve.predictions import Prediction
-from serve.types import MAX_SEED, SCHEDULERS, GenerationRequest, OutputFormat
+from serve.types import MAX_SEED, SCHEDULERS, GenerationRequest, GenerationResult, OutputFormat
 from serve.webhooks import WebhookSender, check_events, check_webhook
 
 router = APIRouter()
@@ -134,7 +134,7 @@ async def _create(model_ref: str, version: str | None, body: PredictionBody,
     prediction = Prediction(model=model.id, version=state.versions[model.id],
                             input=body.input.model_dump(exclude_none=True))
     base = _base(request)
-    state.predictions.start(prediction, lambda p: _run(state, p, gen, base, webhook))
+    await state.predictions.start(prediction, lambda p: _run(state, p, gen, base, webhook))
     wait_s = _wait_seconds(request.headers.get("prefer", ""))
     if wait_s:
         await state.predictions.wait(prediction.id, wait_s)
@@ -163,27 +163,50 @@ def _to_request(state: IngressState, model_id: str, inp: SDXLInput,
 
 async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base: str,
                webhook: WebhookSender | None) -> None:
-    """Run the prediction; send its webhook events; a cancel still sends `completed`."""
+    """Run the prediction and keep its state; a cancel from any replica stops it, and
+    `completed` is still sent."""
     p.status, p.started_at = "processing", p.created_at
     p.logs = f"Using seed: {gen.seed}\n"
+    await state.store.save(p)
     started = time.monotonic()
     try:
         if webhook:
             await webhook.send("start", p.to_json(base))
-        result = await state.router.generate(gen)
+        result = await _generate_unless_canceled(state, p, gen)
+        if result is None or await state.store.cancel_requested(p.id):
+            p.finish("canceled")
+            return
         p.metrics["predict_time"] = round(result.batch.inference_ms / 1000, 3)
         p.logs += f"Generated {len(result.images)} image(s) in {time.monotonic() - started:.2f}s\n"
-        urls = [f"{base}/files/{state.files.put(img, result.media_type)}"
+        urls = [f"{base}/files/{await state.store.put_file(img, result.media_type)}"
                 for img in result.images]
-        if not p.done:  # not canceled meanwhile
-            p.finish("succeeded", output=urls)
-            if webhook:
-                await webhook.send("output", p.to_json(base))
+        p.finish("succeeded", output=urls)
+        await state.store.save(p)
+        if webhook:
+            await webhook.send("output", p.to_json(base))
     except AtelierError as exc:
         p.finish("failed", error=exc.message)
+        await state.store.save(p)
+    except asyncio.CancelledError:
+        p.finish("canceled")  # canceled through this replica; the store already says so
+        raise
     finally:
         if webhook:
             await asyncio.shield(webhook.send("completed", p.to_json(base)))
+
+
+async def _generate_unless_canceled(state: IngressState, p: Prediction,
+                                    gen: GenerationRequest) -> GenerationResult | None:
+    """The result, or None once a cancel is requested (the request is then withdrawn)."""
+    work = asyncio.ensure_future(state.router.generate(gen))
+    watch = asyncio.ensure_future(state.predictions.until_canceled(p.id))
+    try:
+        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+    return work.result() if work.done() and not work.cancelled() else None
 
 
 def _wait_seconds(prefer: str) -> float:
@@ -195,7 +218,7 @@ def _wait_seconds(prefer: str) -> float:
 
 @router.get("/v1/predictions/{prediction_id}", summary="Replicate: get a prediction")
 async def get_prediction(prediction_id: str, request: Request) -> dict:
-    prediction = ingress().predictions.get(prediction_id)
+    prediction = await ingress().store.load(prediction_id)
     if prediction is None:
         raise PredictionNotFound(f"no prediction {prediction_id!r}")
     return prediction.to_json(_base(request))
@@ -203,17 +226,17 @@ async def get_prediction(prediction_id: str, request: Request) -> dict:
 
 @router.post("/v1/predictions/{prediction_id}/cancel", summary="Replicate: cancel")
 async def cancel_prediction(prediction_id: str, request: Request) -> dict:
-    store = ingress().predictions
-    prediction = store.get(prediction_id)
+    state = ingress()
+    prediction = await state.store.load(prediction_id)
     if prediction is None:
         raise PredictionNotFound(f"no prediction {prediction_id!r}")
-    store.cancel(prediction)
+    await state.predictions.cancel(prediction)
     return prediction.to_json(_base(request))
 
 
 @router.get("/v1/predictions", summary="Replicate: list predictions, newest first")
 async def list_predictions(request: Request, cursor: str | None = None) -> dict:
-    page, after = ingress().predictions.page(cursor, 100)
+    page, after = await ingress().store.page(cursor, 100)
     base = _base(request)
     return {"results": [p.to_json(base) for p in page], "previous": None,
             "next": f"{base}/v1/predictions?cursor={after}" if after else None}

@@ -1,0 +1,125 @@
+"""Predictions and files in a real Redis, shared by two ingress replicas, surviving restarts.
+
+A second app (route prefix /shared) with two ingress replicas and the Redis store runs
+beside the main test app.
+"""
+
+import shutil
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.integration.conftest import AUTH, _free_port, _model
+
+MODEL = "atelier/tiny-sdxl-shared"
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    server = shutil.which("redis-server")
+    assert server, "redis-server is missing: `make test` installs Debian's redis-server"
+    port = _free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path_factory.mktemp("redis"))],
+                            stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def shared_url(base_url, redis_url, cache_dir):
+    from ray import serve
+
+    from serve.app import build_app
+
+    config = {"cache_dir": str(cache_dir), "redis_url": redis_url, "ingress_replicas": 2,
+              "api_keys": [AUTH["Authorization"].split()[1]],
+              "models": [_model(MODEL, 1500)]}
+    serve.run(build_app({"atelier": config}), name="atelier-shared", route_prefix="/shared")
+    yield f"{base_url}/shared"
+    serve.delete("atelier-shared")
+
+
+def _create(url):
+    r = httpx.post(f"{url}/v1/models/{MODEL}/predictions", headers=AUTH,
+                   json={"input": {"prompt": "x", "seed": 9}})
+    assert r.status_code == 201, r.text
+    return r.json()["id"], r.headers["x-atelier-ingress"]
+
+
+def _get(url, pid):
+    r = httpx.get(f"{url}/v1/predictions/{pid}", headers=AUTH)
+    assert r.status_code == 200, r.text
+    return r.json(), r.headers["x-atelier-ingress"]
+
+
+def _wait_done(url, pid, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body, _ = _get(url, pid)
+        if body["status"] in ("succeeded", "failed", "canceled"):
+            return body
+        time.sleep(0.1)
+    raise AssertionError(f"{pid} did not finish")
+
+
+def test_a_prediction_made_through_one_replica_is_read_through_the_other(shared_url):
+    pid, owner = _create(shared_url)
+    seen = {owner}
+    for _ in range(40):
+        body, replica = _get(shared_url, pid)
+        seen.add(replica)
+        assert body["id"] == pid
+    assert len(seen) == 2
+    done = _wait_done(shared_url, pid)
+    assert done["status"] == "succeeded"
+    downloads = [httpx.get(done["output"][0]) for _ in range(20)]
+    assert all(r.status_code == 200 and r.content.startswith(b"\x89PNG") for r in downloads)
+    assert len({r.headers["x-atelier-ingress"] for r in downloads}) == 2  # both, from Redis
+
+
+def test_a_prediction_is_canceled_through_the_other_replica(shared_url):
+    for _ in range(15):
+        pid, owner = _create(shared_url)
+        r = httpx.post(f"{shared_url}/v1/predictions/{pid}/cancel", headers=AUTH)
+        if r.headers["x-atelier-ingress"] != owner:
+            break
+    else:
+        pytest.fail("every cancel landed on the owning replica")
+    assert r.json()["status"] == "canceled"
+    time.sleep(2.5)  # past the model's window: a request still queued would have run
+    body = _wait_done(shared_url, pid)
+    assert body["status"] == "canceled" and body["output"] is None
+
+
+def test_predictions_and_files_survive_an_ingress_restart(shared_url):
+    import ray
+
+    pid, _ = _create(shared_url)
+    before = _wait_done(shared_url, pid)
+    for name in ray.util.list_named_actors(all_namespaces=True):
+        if "atelier-shared#Ingress" in name["name"]:
+            ray.kill(ray.get_actor(name["name"], namespace=name["namespace"]), no_restart=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            after, _ = _get(shared_url, pid)
+            break
+        except (AssertionError, httpx.HTTPError):
+            time.sleep(0.5)
+    else:
+        pytest.fail("the ingress did not come back")
+    assert after["output"] == before["output"] and after["status"] == "succeeded"
+    assert httpx.get(after["output"][0]).content.startswith(b"\x89PNG")
+    assert httpx.get(f"{shared_url}/healthz").status_code == 200  # open under a prefix too
