@@ -15,7 +15,9 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-Runner = Callable[[Sequence[Any]], Awaitable[Sequence[Any]]]
+# runner(requests, abandoned): `abandoned()` turns true once every request of the call
+# has been withdrawn, so a long call can stop early.
+Runner = Callable[[Sequence[Any], Callable[[], bool]], Awaitable[Sequence[Any]]]
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ class Batcher:
 
     `runner` receives a list of compatible requests and returns one result per request,
     in order. If it raises for a batch of several, each request is run again alone, so
-    only the request that fails alone gets the error.
+    only the request that fails alone gets the error. A request withdrawn while its call
+    runs gets no result; once all of a call's requests are withdrawn, `abandoned()` says so.
     """
 
     def __init__(self, runner: Runner, max_batch_size: int, wait_s: float, name: str = "b"):
@@ -117,7 +120,8 @@ class Batcher:
         self.running_since = started
         batch_id = f"{self._name}-{next(self._ids)}"
         try:
-            results = await self._runner([p.request for p in batch])
+            results = await self._runner([p.request for p in batch],
+                                         lambda: all(p.future.done() for p in batch))
         except Exception as exc:  # isolate the failing request from its batchmates
             self.running_since = None
             if len(batch) == 1:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -102,10 +102,12 @@ class ModelDeployment:
                                        tuple(adapters.names))
         return adapters
 
-    async def _run_batch(self, requests: Sequence[GenerationRequest]) -> list[list[Image]]:
+    async def _run_batch(self, requests: Sequence[GenerationRequest],
+                         abandoned: Callable[[], bool]) -> list[list[Image]]:
         loop = asyncio.get_running_loop()
         try:
-            images = await loop.run_in_executor(self._executor, self.engine.generate, requests)
+            images = await loop.run_in_executor(self._executor, self.engine.generate, requests,
+                                                abandoned)
         except AtelierError:
             raise  # a client-side problem (e.g. an adapter that does not fit), not a fault
         except Exception as exc:

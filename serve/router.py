@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -65,13 +66,18 @@ class ModelRouter:
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run `request` (whose `model` is a resolved id) on its model's deployment.
 
-        Raises Overloaded when every replica's queue is full or none is running.
+        Raises Overloaded when every replica's queue is full or none is running. If the
+        awaiting task is cancelled, the request is withdrawn from the replica too.
         """
         handle = self._handles[request.model]
         if request.adapters:
             handle = handle.options(multiplexed_model_id=request.adapters.key)
+        response = handle.generate.remote(request)
         try:
-            return await handle.generate.remote(request)
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()  # the replica stops waiting for (or computing) it
+            raise
         except BackPressureError:
             raise Overloaded(f"all replicas of {request.model} are busy; retry later") from None
         except DeploymentUnavailableError:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 class Engine(Protocol):
     adapters: AdapterSlots
 
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Any]]:
-        """One pipeline call for requests sharing a batch key; images per request."""
+    def generate(self, requests: Sequence[GenerationRequest],
+                 abandoned: Callable[[], bool] = ...) -> list[list[Any]]:
+        """One pipeline call for requests sharing a batch key; images per request.
+        Stops denoising early once `abandoned()` is true."""
 
     def check(self) -> None:
         """Raise if the engine can no longer serve."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -58,10 +58,13 @@ class SDXLEngine:
                 "vae_scale_factor": self.pipe.vae_scale_factor}
 
     @torch.inference_mode()
-    def generate(self, requests: Sequence[GenerationRequest]) -> list[list[Image.Image]]:
+    def generate(self, requests: Sequence[GenerationRequest],
+                 abandoned: Callable[[], bool] = lambda: False) -> list[list[Image.Image]]:
         """Run one pipeline call for compatible requests; return each request's images.
 
-        All requests must share `batch_key`; raises ValueError otherwise.
+        All requests must share `batch_key`; raises ValueError otherwise. When `abandoned()`
+        turns true (nobody waits for any of these images), denoising stops after the
+        current step and the unfinished images are returned, to be thrown away.
         """
         first = requests[0]
         if any(r.batch_key != first.batch_key for r in requests):
@@ -74,7 +77,8 @@ class SDXLEngine:
         images = self.pipe(
             width=first.width, height=first.height,
             num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
-            generator=generators, output_type="pil", **embeds).images
+            generator=generators, output_type="pil",
+            callback_on_step_end=_stop_when(abandoned), **embeds).images
         out, start = [], 0
         for r in requests:
             out.append(images[start:start + r.num_outputs])
@@ -102,6 +106,17 @@ class SDXLEngine:
         probe = next(self.pipe.unet.parameters())
         if probe.device.type != self.device.type or not torch.isfinite(probe).all():
             raise RuntimeError("UNet weights are not usable on the expected device")
+
+
+def _stop_when(abandoned: Callable[[], bool]):
+    """A diffusers step callback that interrupts the denoising loop once `abandoned()`."""
+
+    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
+        if abandoned():
+            pipe._interrupt = True  # diffusers' own flag: the loop skips the remaining steps
+        return {}
+
+    return callback
 
 
 def _load_pipeline(path: Path, dtype: torch.dtype,

@@ -66,7 +66,7 @@ def base_url(cache_dir, bad_adapters):
     config = {"cache_dir": str(cache_dir), "api_keys": [API_KEY],
               "webhook_allowed_hosts": ["127.0.0.1"], "models": [
         _model(FAST, 10, aliases=["stability-ai/sdxl"], max_loaded_adapters=2,
-               limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 20,
+               limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60,
                        "max_loras": 2}),
         _model(BATCHED, 2000),
         _model(ONE_SLOT, 1500, max_ongoing_requests=1, max_queued_requests=1,

@@ -12,7 +12,7 @@ from tests.integration.conftest import FAST, ONE_SLOT, post_many
     ("", {"prompt": "x", "height": 4096}, ["body", "height"]),
     ("", {"prompt": "x", "width": 512, "height": 512}, ["body", "width"]),
     ("", {"prompt": "x", "steps": 0}, ["body", "steps"]),
-    ("", {"prompt": "x", "steps": 21}, ["body", "steps"]),
+    ("", {"prompt": "x", "steps": 61}, ["body", "steps"]),
     ("", {"prompt": "x", "num_outputs": 5}, ["body", "num_outputs"]),
     ("", {"prompt": "x", "seed": -1}, ["body", "seed"]),
     ("", {"prompt": "x", "seed": 2**32}, ["body", "seed"]),

@@ -99,3 +99,18 @@ def test_unknown_prediction_is_404(rep):
     with pytest.raises(ReplicateError) as err:
         rep.predictions.get("doesnotexist")
     assert err.value.status == 404
+
+
+def test_canceling_a_running_prediction_stops_its_pipeline_call_early(rep, client):
+    slow = {"prompt": "x", "seed": 2, "width": 256, "height": 256, "num_inference_steps": 60}
+    full = client.post("/generate", json={"prompt": "x", "seed": 2, "width": 256,
+                                          "height": 256, "steps": 60})
+    full_ms = float(full.headers["x-atelier-inference-ms"])
+    running = rep.models.predictions.create(model=FAST, input=slow)
+    time.sleep(0.05 + full_ms / 8000)  # well inside its call
+    rep.predictions.cancel(running.id)
+    after = client.post("/generate", json={"prompt": "y", "seed": 1})
+    # The next request waited only for the interrupted call's current step, not its rest.
+    assert float(after.headers["x-atelier-queue-ms"]) < full_ms / 2
+    running.reload()
+    assert running.status == "canceled" and running.output is None

@@ -12,8 +12,9 @@ class Recorder:
         self.calls: list[list] = []
         self.fail_on, self.delay = fail_on, delay
 
-    async def __call__(self, requests):
+    async def __call__(self, requests, abandoned):
         self.calls.append(list(requests))
+        self.abandoned = abandoned
         await asyncio.sleep(self.delay)
         if self.fail_on in requests:
             raise RuntimeError(f"cannot do {self.fail_on}")
@@ -119,3 +120,21 @@ def test_the_window_is_counted_from_the_oldest_arrival():
 def test_invalid_settings_are_refused():
     with pytest.raises(ValueError):
         Batcher(Recorder(), max_batch_size=0, wait_s=0)
+
+
+def test_a_call_whose_requests_are_all_withdrawn_is_told_so():
+    async def scenario():
+        run = Recorder(delay=0.3)
+        batcher = Batcher(run, max_batch_size=8, wait_s=0)
+        a = asyncio.create_task(batcher.submit("a", "k"))
+        b = asyncio.create_task(batcher.submit("b", "k"))
+        await asyncio.sleep(0.1)  # both are in the running call now
+        a.cancel()
+        await asyncio.sleep(0)
+        first = run.abandoned()
+        b.cancel()
+        await asyncio.sleep(0)
+        return first, run.abandoned(), run.calls
+
+    partly, fully, calls = asyncio.run(scenario())
+    assert calls == [["a", "b"]] and partly is False and fully is True
