@@ -15,9 +15,11 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# runner(requests, abandoned): `abandoned()` turns true once every request of the call
-# has been withdrawn, so a long call can stop early.
-Runner = Callable[[Sequence[Any], Callable[[], bool]], Awaitable[Sequence[Any]]]
+# runner(requests, abandoned, on_step): `abandoned()` turns true once every request of the
+# call has been withdrawn, so a long call can stop early; `on_step(step, total)`, callable
+# from any thread, reports progress to the requests that asked for it.
+StepListener = Callable[[int, int], None]
+Runner = Callable[[Sequence[Any], Callable[[], bool], StepListener], Awaitable[Sequence[Any]]]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class _Pending:
     size: int
     enqueued: float
     future: asyncio.Future = field(repr=False)
+    on_step: StepListener | None = None
 
 
 class Batcher:
@@ -64,11 +67,15 @@ class Batcher:
     def queued(self) -> int:
         return len(self._pending)
 
-    async def submit(self, request: Any, key: Hashable, size: int = 1) -> Batched:
-        """Queue `request` (taking `size` images of a batch) and return its result."""
+    async def submit(self, request: Any, key: Hashable, size: int = 1,
+                     on_step: StepListener | None = None) -> Batched:
+        """Queue `request` (taking `size` images of a batch) and return its result.
+
+        `on_step(step, total)` is called on this event loop as its call progresses.
+        """
         self._ensure_worker()
         item = _Pending(request, key, size, time.monotonic(),
-                        asyncio.get_running_loop().create_future())
+                        asyncio.get_running_loop().create_future(), on_step)
         self._pending.append(item)
         self._wakeup.set()
         try:
@@ -121,7 +128,8 @@ class Batcher:
         batch_id = f"{self._name}-{next(self._ids)}"
         try:
             results = await self._runner([p.request for p in batch],
-                                         lambda: all(p.future.done() for p in batch))
+                                         lambda: all(p.future.done() for p in batch),
+                                         _fan_out(batch, asyncio.get_running_loop()))
         except Exception as exc:  # isolate the failing request from its batchmates
             self.running_since = None
             if len(batch) == 1:
@@ -136,6 +144,17 @@ class Batcher:
         for item, result in zip(batch, results, strict=True):
             _settle(item.future, Batched(result, batch_id, images, len(batch),
                                          started - item.enqueued, run_s))
+
+
+def _fan_out(batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> StepListener:
+    listeners = [p for p in batch if p.on_step is not None]
+
+    def on_step(step: int, total: int) -> None:
+        for p in listeners:
+            if not p.future.done():
+                loop.call_soon_threadsafe(p.on_step, step, total)
+
+    return on_step
 
 
 def _settle(future: asyncio.Future, value: Any = None, exc: BaseException | None = None) -> None:

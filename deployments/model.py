@@ -6,14 +6,14 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL.Image import Image
 from ray import serve
 
-from deployments.batcher import Batcher
+from deployments.batcher import Batcher, StepListener
 from deployments.encoding import encode_image
 from serve.adapters import AdapterCatalog, AdapterSet
 from serve.config import ModelConfig
@@ -70,7 +70,8 @@ class ModelDeployment:
             num_inference_steps=self.cfg.warmup_steps, guidance_scale=d.guidance_scale,
             seed=0, scheduler=d.scheduler)])
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
+    async def generate(self, request: GenerationRequest,
+                       on_step: StepListener | None = None) -> GenerationResult:
         """Queue the request in the batcher and return its encoded images.
 
         Raises AdapterInvalid if one of its adapters cannot load, InferenceFailed if the
@@ -78,7 +79,8 @@ class ModelDeployment:
         """
         if request.adapters:
             await self._adapter_set(request.adapters.key)
-        outcome = await self.batcher.submit(request, request.batch_key, request.num_outputs)
+        outcome = await self.batcher.submit(request, request.batch_key, request.num_outputs,
+                                            on_step)
         images = await asyncio.get_running_loop().run_in_executor(
             self._workers, _encode_all, request, outcome.result)
         b = BatchInfo(batch_id=outcome.batch_id, images=outcome.batch_images,
@@ -89,6 +91,24 @@ class ModelDeployment:
                                 width=request.width, height=request.height, batch=b,
                                 replica=self.replica,
                                 adapters_held=tuple(self.engine.adapters.loaded))
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[tuple]:
+        """Like `generate`, as a stream: ("progress", step, total) while its pipeline call
+        runs, then ("result", GenerationResult)."""
+        steps: asyncio.Queue = asyncio.Queue()
+        work = asyncio.ensure_future(
+            self.generate(request, on_step=lambda s, t: steps.put_nowait((s, t))))
+        try:
+            while not work.done():
+                step = asyncio.ensure_future(steps.get())
+                await asyncio.wait([work, step], return_when=asyncio.FIRST_COMPLETED)
+                if step.done():
+                    yield ("progress", *step.result())
+                else:
+                    step.cancel()
+            yield ("result", work.result())
+        finally:
+            work.cancel()
 
     async def _load_adapters(self, adapters: AdapterSet) -> AdapterSet:
         """Read missing adapters off the pipeline thread, then inject them between calls."""
@@ -103,11 +123,11 @@ class ModelDeployment:
         return adapters
 
     async def _run_batch(self, requests: Sequence[GenerationRequest],
-                         abandoned: Callable[[], bool]) -> list[list[Image]]:
+                         abandoned: Callable[[], bool], on_step: StepListener) -> list[list[Image]]:
         loop = asyncio.get_running_loop()
         try:
             images = await loop.run_in_executor(self._executor, self.engine.generate, requests,
-                                                abandoned)
+                                                abandoned, on_step)
         except AtelierError:
             raise  # a client-side problem (e.g. an adapter that does not fit), not a fault
         except Exception as exc:

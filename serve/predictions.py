@@ -22,7 +22,7 @@ TERMINAL = ("succeeded", "failed", "canceled")
 CANCEL_POLL_S = 0.1
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -36,7 +36,7 @@ class Prediction:
     output: Any = None
     error: str | None = None
     logs: str = ""
-    created_at: str = field(default_factory=_now_iso)
+    created_at: str = field(default_factory=now_iso)
     started_at: str | None = None
     completed_at: str | None = None
     metrics: dict = field(default_factory=dict)
@@ -48,7 +48,7 @@ class Prediction:
 
     def finish(self, status: str, output: Any = None, error: str | None = None) -> None:
         self.status, self.output, self.error = status, output, error
-        self.completed_at = _now_iso()
+        self.completed_at = now_iso()
         self.metrics["total_time"] = round(time.time() - self.created, 3)
 
     def to_state(self) -> dict:

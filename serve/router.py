@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -63,16 +63,34 @@ class ModelRouter:
         except ValueError as exc:
             raise InvalidField("loras", str(exc)) from None
 
+    def _handle(self, request: GenerationRequest) -> DeploymentHandle:
+        handle = self._handles[request.model]
+        if request.adapters:
+            handle = handle.options(multiplexed_model_id=request.adapters.key)
+        return handle
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[tuple]:
+        """("progress", step, total) events while the request runs, then ("result", ...).
+
+        Raises as `generate` does; closing the iterator early withdraws the request.
+        """
+        response = self._handle(request).options(stream=True).generate_stream.remote(request)
+        try:
+            async for event in response:
+                yield event
+        except (BackPressureError, DeploymentUnavailableError):
+            raise Overloaded(f"{request.model} is busy or has no running replica; "
+                             "retry later") from None
+        finally:
+            response.cancel()
+
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run `request` (whose `model` is a resolved id) on its model's deployment.
 
         Raises Overloaded when every replica's queue is full or none is running. If the
         awaiting task is cancelled, the request is withdrawn from the replica too.
         """
-        handle = self._handles[request.model]
-        if request.adapters:
-            handle = handle.options(multiplexed_model_id=request.adapters.key)
-        response = handle.generate.remote(request)
+        response = self._handle(request).generate.remote(request)
         try:
             return await response
         except asyncio.CancelledError:

@@ -18,9 +18,10 @@ class Engine(Protocol):
     adapters: AdapterSlots
 
     def generate(self, requests: Sequence[GenerationRequest],
-                 abandoned: Callable[[], bool] = ...) -> list[list[Any]]:
+                 abandoned: Callable[[], bool] = ...,
+                 on_step: Callable[[int, int], None] | None = None) -> list[list[Any]]:
         """One pipeline call for requests sharing a batch key; images per request.
-        Stops denoising early once `abandoned()` is true."""
+        Stops denoising early once `abandoned()` is true; reports each step to `on_step`."""
 
     def check(self) -> None:
         """Raise if the engine can no longer serve."""

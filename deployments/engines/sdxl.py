@@ -59,12 +59,14 @@ class SDXLEngine:
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest],
-                 abandoned: Callable[[], bool] = lambda: False) -> list[list[Image.Image]]:
+                 abandoned: Callable[[], bool] = lambda: False,
+                 on_step: Callable[[int, int], None] | None = None) -> list[list[Image.Image]]:
         """Run one pipeline call for compatible requests; return each request's images.
 
         All requests must share `batch_key`; raises ValueError otherwise. When `abandoned()`
         turns true (nobody waits for any of these images), denoising stops after the
         current step and the unfinished images are returned, to be thrown away.
+        `on_step(step, total)` is called after each denoising step.
         """
         first = requests[0]
         if any(r.batch_key != first.batch_key for r in requests):
@@ -78,7 +80,7 @@ class SDXLEngine:
             width=first.width, height=first.height,
             num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
             generator=generators, output_type="pil",
-            callback_on_step_end=_stop_when(abandoned), **embeds).images
+            callback_on_step_end=_step_callback(abandoned, on_step), **embeds).images
         out, start = [], 0
         for r in requests:
             out.append(images[start:start + r.num_outputs])
@@ -108,10 +110,13 @@ class SDXLEngine:
             raise RuntimeError("UNet weights are not usable on the expected device")
 
 
-def _stop_when(abandoned: Callable[[], bool]):
-    """A diffusers step callback that interrupts the denoising loop once `abandoned()`."""
+def _step_callback(abandoned: Callable[[], bool], on_step: Callable[[int, int], None] | None):
+    """A diffusers step callback: reports progress, and interrupts the denoising loop once
+    `abandoned()`."""
 
     def callback(pipe, step: int, timestep, tensors: dict) -> dict:
+        if on_step is not None:
+            on_step(step + 1, pipe.num_timesteps)
         if abandoned():
             pipe._interrupt = True  # diffusers' own flag: the loop skips the remaining steps
         return {}

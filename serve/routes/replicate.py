@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Awaitable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -17,11 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.context import IngressState, ingress, request_id
 from serve.errors import AtelierError, InvalidField, ModelNotFound
-from serve.predictions import Prediction
+from serve.predictions import Prediction, now_iso
 from serve.types import MAX_SEED, SCHEDULERS, GenerationRequest, GenerationResult, OutputFormat
 from serve.webhooks import WebhookSender, check_events, check_webhook
 
 router = APIRouter()
+_SAVE_EVERY_S = 0.25
 _WAIT = re.compile(r"(?:^|[,;\s])wait(?:=(\d+))?(?:$|[,;\s])")
 
 
@@ -165,14 +167,12 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
                webhook: WebhookSender | None) -> None:
     """Run the prediction and keep its state; a cancel from any replica stops it, and
     `completed` is still sent."""
-    p.status, p.started_at = "processing", p.created_at
     p.logs = f"Using seed: {gen.seed}\n"
-    await state.store.save(p)
     started = time.monotonic()
     try:
         if webhook:
             await webhook.send("start", p.to_json(base))
-        result = await _generate_unless_canceled(state, p, gen)
+        result = await _unless_canceled(state, p, _follow(state, p, gen, base, webhook))
         if result is None or await state.store.cancel_requested(p.id):
             p.finish("canceled")
             return
@@ -195,18 +195,44 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
             await asyncio.shield(webhook.send("completed", p.to_json(base)))
 
 
-async def _generate_unless_canceled(state: IngressState, p: Prediction,
-                                    gen: GenerationRequest) -> GenerationResult | None:
-    """The result, or None once a cancel is requested (the request is then withdrawn)."""
-    work = asyncio.ensure_future(state.router.generate(gen))
+async def _follow(state: IngressState, p: Prediction, gen: GenerationRequest, base: str,
+                  webhook: WebhookSender | None) -> GenerationResult:
+    """Stream the request: the first step marks the prediction processing; each step
+    updates its logs (saved and sent at most every few hundred ms)."""
+    header, last_saved = p.logs, 0.0
+    async for event in state.router.generate_stream(gen):
+        if event[0] == "result":
+            return event[1]
+        _, step, total = event
+        if p.status == "starting":
+            p.status, p.started_at = "processing", now_iso()
+        p.logs = header + _progress_line(step, total)
+        if time.monotonic() - last_saved >= _SAVE_EVERY_S or step == total:
+            last_saved = time.monotonic()
+            await state.store.save(p)
+            if webhook:
+                await webhook.send("logs", p.to_json(base))
+    raise AtelierError("the model ended the stream without a result")
+
+
+def _progress_line(step: int, total: int) -> str:
+    done = round(20 * step / total)
+    return f"{round(100 * step / total):3d}%|{'█' * done}{' ' * (20 - done)}| {step}/{total}\n"
+
+
+async def _unless_canceled(state: IngressState, p: Prediction,
+                           work: Awaitable[GenerationResult]) -> GenerationResult | None:
+    """The result of `work`, or None once a cancel is requested (the work is then dropped,
+    which withdraws the request from its replica)."""
+    task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(state.predictions.until_canceled(p.id))
     try:
-        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
-        if not work.done():
-            work.cancel()
-    return work.result() if work.done() and not work.cancelled() else None
+        if not task.done():
+            task.cancel()
+    return task.result() if task.done() and not task.cancelled() else None
 
 
 def _wait_seconds(prefer: str) -> float:

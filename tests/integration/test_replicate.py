@@ -114,3 +114,19 @@ def test_canceling_a_running_prediction_stops_its_pipeline_call_early(rep, clien
     assert float(after.headers["x-atelier-queue-ms"]) < full_ms / 2
     running.reload()
     assert running.status == "canceled" and running.output is None
+
+
+def test_logs_show_step_progress_while_the_prediction_runs(rep):
+    p = rep.models.predictions.create(model=FAST, input={
+        "prompt": "x", "seed": 4, "width": 256, "height": 256, "num_inference_steps": 40})
+    mid_run = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        p.reload()
+        if p.status == "processing" and "/40" in (p.logs or "") and "40/40" not in p.logs:
+            mid_run = p.logs
+        if p.status == "succeeded":
+            break
+        time.sleep(0.05)
+    assert mid_run is not None and mid_run.startswith("Using seed: 4\n")
+    assert "| 40/40" in p.logs and "100%|" in p.logs and p.started_at is not None

@@ -61,7 +61,7 @@ def test_start_and_completed_reach_the_receiver_with_the_output(base_url, receiv
     created = _create(base_url, webhook=receiver.url).json()
     receiver.wait_for("succeeded")
     events = [(b["id"], b["status"]) for b in receiver.bodies]
-    assert events[0] == (created["id"], "processing")
+    assert events[0] == (created["id"], "starting")
     assert events[-1] == (created["id"], "succeeded")
     assert receiver.bodies[-1]["output"][0].startswith(base_url + "/files/")
 

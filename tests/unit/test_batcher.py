@@ -12,9 +12,10 @@ class Recorder:
         self.calls: list[list] = []
         self.fail_on, self.delay = fail_on, delay
 
-    async def __call__(self, requests, abandoned):
+    async def __call__(self, requests, abandoned, on_step):
         self.calls.append(list(requests))
         self.abandoned = abandoned
+        on_step(1, 2)
         await asyncio.sleep(self.delay)
         if self.fail_on in requests:
             raise RuntimeError(f"cannot do {self.fail_on}")
@@ -138,3 +139,16 @@ def test_a_call_whose_requests_are_all_withdrawn_is_told_so():
 
     partly, fully, calls = asyncio.run(scenario())
     assert calls == [["a", "b"]] and partly is False and fully is True
+
+
+def test_progress_reaches_the_requests_that_listen():
+    async def scenario():
+        run = Recorder()
+        batcher = Batcher(run, max_batch_size=8, wait_s=0.01)
+        seen = []
+        await asyncio.gather(batcher.submit("a", "k", on_step=lambda s, t: seen.append((s, t))),
+                             batcher.submit("b", "k"))
+        await asyncio.sleep(0)
+        return seen
+
+    assert asyncio.run(scenario()) == [(1, 2)]

@@ -121,3 +121,16 @@ def test_jpeg_quality_changes_the_size():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     assert len(encode_image(image, "jpeg", 20)) < len(encode_image(image, "jpeg", 95))
+
+
+def test_each_denoising_step_is_reported(engine):
+    steps = []
+    engine.generate([_req(1, num_inference_steps=3)], on_step=lambda s, t: steps.append((s, t)))
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_an_abandoned_call_stops_after_the_current_step(engine):
+    steps = []
+    engine.generate([_req(1, num_inference_steps=5)], abandoned=lambda: len(steps) >= 2,
+                    on_step=lambda s, t: steps.append(s))
+    assert steps == [1, 2]
