@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from serve.files import StoredFile
 
-TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL = ("succeeded", "failed", "canceled", "aborted")
 CANCEL_POLL_S = 0.1
 
 

@@ -24,6 +24,8 @@ from serve.webhooks import WebhookSender, check_events, check_webhook
 
 router = APIRouter()
 _SAVE_EVERY_S = 0.25
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 _WAIT = re.compile(r"(?:^|[,;\s])wait(?:=(\d+))?(?:$|[,;\s])")
 
 
@@ -136,7 +138,9 @@ async def _create(model_ref: str, version: str | None, body: PredictionBody,
     prediction = Prediction(model=model.id, version=state.versions[model.id],
                             input=body.input.model_dump(exclude_none=True))
     base = _base(request)
-    await state.predictions.start(prediction, lambda p: _run(state, p, gen, base, webhook))
+    deadline_s = _duration_s(request.headers.get("cancel-after"))
+    await state.predictions.start(
+        prediction, lambda p: _run(state, p, gen, base, webhook, deadline_s))
     wait_s = _wait_seconds(request.headers.get("prefer", ""))
     if wait_s:
         await state.predictions.wait(prediction.id, wait_s)
@@ -164,15 +168,22 @@ def _to_request(state: IngressState, model_id: str, inp: SDXLInput,
 
 
 async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base: str,
-               webhook: WebhookSender | None) -> None:
+               webhook: WebhookSender | None, deadline_s: float | None) -> None:
     """Run the prediction and keep its state; a cancel from any replica stops it, and
-    `completed` is still sent."""
+    `completed` is still sent. Past `deadline_s` it ends as aborted if it had not
+    started, else canceled."""
     p.logs = f"Using seed: {gen.seed}\n"
     started = time.monotonic()
     try:
         if webhook:
             await webhook.send("start", p.to_json(base))
-        result = await _unless_canceled(state, p, _follow(state, p, gen, base, webhook))
+        result = await _unless_canceled(state, p, _follow(state, p, gen, base, webhook),
+                                        deadline_s)
+        if result is None and not await state.store.cancel_requested(p.id):  # deadline
+            await state.store.request_cancel(p.id)
+            p.finish("aborted" if p.status == "starting" else "canceled")
+            await state.store.save(p)
+            return
         if result is None or await state.store.cancel_requested(p.id):
             p.finish("canceled")
             return
@@ -220,19 +231,38 @@ def _progress_line(step: int, total: int) -> str:
     return f"{round(100 * step / total):3d}%|{'█' * done}{' ' * (20 - done)}| {step}/{total}\n"
 
 
-async def _unless_canceled(state: IngressState, p: Prediction,
-                           work: Awaitable[GenerationResult]) -> GenerationResult | None:
-    """The result of `work`, or None once a cancel is requested (the work is then dropped,
-    which withdraws the request from its replica)."""
+async def _unless_canceled(state: IngressState, p: Prediction, work: Awaitable[GenerationResult],
+                           deadline_s: float | None) -> GenerationResult | None:
+    """The result of `work`, or None once a cancel is requested or the deadline passes
+    (the work is then dropped, which withdraws the request from its replica)."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(state.predictions.until_canceled(p.id))
     try:
-        await asyncio.wait([task, watch], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([task, watch], timeout=deadline_s,
+                           return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
         if not task.done():
             task.cancel()
     return task.result() if task.done() and not task.cancelled() else None
+
+
+def _duration_s(value: str | None) -> float | None:
+    """Seconds in a Cancel-After value: a number of seconds, or units like 1h30m, 45s,
+    500ms. Raises InvalidField for anything else."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = _DURATION_PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise InvalidField("Cancel-After", f"not a duration: {value!r}") from None
+        seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
+    if not 0 < seconds <= 86_400:
+        raise InvalidField("Cancel-After", "must be between 0 and 24h")
+    return seconds
 
 
 def _wait_seconds(prefer: str) -> float:

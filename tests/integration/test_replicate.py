@@ -130,3 +130,31 @@ def test_logs_show_step_progress_while_the_prediction_runs(rep):
         time.sleep(0.05)
     assert mid_run is not None and mid_run.startswith("Using seed: 4\n")
     assert "| 40/40" in p.logs and "100%|" in p.logs and p.started_at is not None
+
+
+def _deadline_run(base_url, model, inp, cancel_after):
+    r = httpx.post(f"{base_url}/v1/models/{model}/predictions", json={"input": inp},
+                   headers={**AUTH, "Cancel-After": cancel_after, "Prefer": "wait=10"})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_a_deadline_before_the_start_aborts_the_prediction(base_url):
+    # The batched model waits 2 s for company: the 500 ms deadline comes first.
+    body = _deadline_run(base_url, BATCHED, {"prompt": "x", "seed": 1}, "500ms")
+    assert body["status"] == "aborted" and body["output"] is None
+    assert 0.4 < body["metrics"]["total_time"] < 1.5
+
+
+def test_a_deadline_while_running_cancels_the_prediction(base_url):
+    slow = {"prompt": "x", "seed": 2, "width": 256, "height": 256, "num_inference_steps": 60}
+    body = _deadline_run(base_url, FAST, slow, "0.8s")
+    assert body["status"] == "canceled" and body["output"] is None
+    assert body["started_at"] is not None and "/60" in body["logs"]
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "0", "25h", "1x"])
+def test_a_bad_deadline_is_422(base_url, value):
+    r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", json={"input": {"prompt": "x"}},
+                   headers={**AUTH, "Cancel-After": value})
+    assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == "Cancel-After"
