@@ -96,7 +96,8 @@ def _switches(engine, names: list[str], rounds: int = 20) -> dict:
             "base_toggle_ms_median": statistics.median(base) * 1000}
 
 
-def _throughput(engine, args, names: list[str], switching: bool) -> float:
+def _throughput(engine, args, names: list[str], switching: bool | None) -> float:
+    """images/s: one adapter (False), switching 1 in N requests (True), or none (None)."""
     from serve.adapters import AdapterSet
     from serve.types import GenerationRequest
 
@@ -108,7 +109,8 @@ def _throughput(engine, args, names: list[str], switching: bool) -> float:
         engine.generate([GenerationRequest(
             model="bench", prompt=f"image {i}", width=args.size, height=args.size,
             num_inference_steps=args.steps, guidance_scale=7.5, seed=i, scheduler="K_EULER",
-            adapters=AdapterSet.of([(names[current], 1.0)]))])
+            adapters=AdapterSet() if switching is None
+            else AdapterSet.of([(names[current], 1.0)]))])
     return args.requests / (time.perf_counter() - started)
 
 
@@ -129,17 +131,24 @@ def main() -> None:
     held = names[-2:]  # the two most recently loaded: still in their slots
     switches = _switches(engine, held)
     _throughput(engine, args, held, False)  # warm-up at this shape
-    runs = {False: [], True: []}
-    for _ in range(2):  # alternate, so drift in the machine's speed hits both mixes
-        for switching in (False, True):
+    runs = {False: [], True: [], None: []}
+    for _ in range(2):  # alternate, so drift in the machine's speed hits every mix
+        for switching in (False, True, None):
             runs[switching].append(_throughput(engine, args, held, switching))
     steady, mixed = statistics.median(runs[False]), statistics.median(runs[True])
+    base = statistics.median(runs[None])
+    del engine
+    plain = SDXLEngine(model, dtype, device)  # the same model without LoRA slots
+    _throughput(plain, args, held, None)
+    no_slots = _throughput(plain, args, held, None)
     report = {"settings": vars(args), "device": torch.cuda.get_device_name(0)
               if device == "cuda" else platform.processor() or "cpu",
               "adapter_mb": round(sum(Path(e.path).stat().st_size for e in catalog.values())
                                   / len(catalog) / 2**20, 1),
               **loads, **switches, "images_per_s_one_adapter": steady,
-              "images_per_s_switching": mixed, "throughput_loss": 1 - mixed / steady}
+              "images_per_s_switching": mixed, "throughput_loss": 1 - mixed / steady,
+              "images_per_s_no_adapter_slots_present": base,
+              "images_per_s_without_slots": no_slots}
     print(json.dumps(report, indent=2))
     save_report(report, args.out, f"adapters-{'gpu' if device == 'cuda' else 'cpu'}")
 
