@@ -14,7 +14,6 @@ target modules), so no module is ever injected or removed while serving:
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,7 +54,6 @@ class AdapterSlots:
         self._held: OrderedDict[str, str] = OrderedDict()  # adapter name → slot
         self._alphas: dict[str, list[float]] = {}  # per adapter, aligned with _layers
         self._active: AdapterSet | None = None
-        self.last_load_s = 0.0
         self.activate(AdapterSet())
 
     @property
@@ -89,7 +87,6 @@ class AdapterSlots:
         if name in self._held:
             self._held.move_to_end(name)
             return
-        started = time.perf_counter()
         slot = self._free_slot(keep)
         with torch.no_grad():
             for path, layer in self._layers.items():
@@ -107,7 +104,6 @@ class AdapterSlots:
                               for p in self._layers]
         self._held[name] = slot
         self._active = None
-        self.last_load_s = time.perf_counter() - started
 
     def activate(self, adapters: AdapterSet) -> None:
         """Make exactly `adapters` (with their scales) active; load any that are missing."""

@@ -22,7 +22,8 @@ from serve.adapters import AdapterCatalog
 from serve.config import AtelierConfig, ModelConfig, load_config, parse_config
 from serve.auth import OPEN_PREFIXES, authorized, configured_keys
 from serve.context import ingress
-from serve.errors import Unauthorized, api_path, error_response, install_error_handlers
+from serve.errors import Unauthorized
+from serve.http_errors import api_path, error_response, install_error_handlers
 from serve.router import ModelRouter
 from serve.predictions import PredictionRunner
 from serve.state import MemoryStore, RedisStore
@@ -70,7 +71,6 @@ class Ingress:
         self.api_keys = configured_keys(cfg.api_keys)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.versions = dict(versions)
-        self.started_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.webhook_client = httpx.AsyncClient(follow_redirects=False)
         if not self.api_keys:
             log.warning("no API keys are set: anyone who reaches this port can generate")

@@ -26,7 +26,6 @@ class IngressState(Protocol):
     api_keys: tuple[bytes, ...]
     predictions: PredictionRunner
     versions: dict[str, str]
-    started_iso: str
     webhook_client: httpx.AsyncClient
     replica: str
 

@@ -21,7 +21,6 @@ def file_name(media_type: str) -> str:
 class StoredFile:
     data: bytes
     media_type: str
-    expires_at: float
 
 
 class FileStore:
@@ -29,14 +28,14 @@ class FileStore:
 
     def __init__(self, ttl_s: float, max_bytes: int):
         self._ttl_s, self._max_bytes = ttl_s, max_bytes
-        self._files: OrderedDict[str, StoredFile] = OrderedDict()
+        self._files: OrderedDict[str, tuple[StoredFile, float]] = OrderedDict()  # + expiry
         self._bytes = 0
 
     def put(self, data: bytes, media_type: str) -> str:
         """Store and return the file's name (random id plus extension)."""
         self._expire()
         name = file_name(media_type)
-        self._files[name] = StoredFile(data, media_type, time.monotonic() + self._ttl_s)
+        self._files[name] = (StoredFile(data, media_type), time.monotonic() + self._ttl_s)
         self._bytes += len(data)
         while self._bytes > self._max_bytes and len(self._files) > 1:
             self._drop(next(iter(self._files)))
@@ -44,15 +43,16 @@ class FileStore:
 
     def get(self, name: str) -> StoredFile | None:
         self._expire()
-        return self._files.get(name)
+        found = self._files.get(name)
+        return found[0] if found else None
 
     def _expire(self) -> None:
         now = time.monotonic()
         while self._files:
-            name, stored = next(iter(self._files.items()))
-            if stored.expires_at > now:
+            name, (_, expires_at) = next(iter(self._files.items()))
+            if expires_at > now:
                 break
             self._drop(name)
 
     def _drop(self, name: str) -> None:
-        self._bytes -= len(self._files.pop(name).data)
+        self._bytes -= len(self._files.pop(name)[0].data)

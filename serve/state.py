@@ -103,7 +103,7 @@ class RedisStore:
         found = await self._redis.hgetall(f"{_PREFIX}file:{name}")
         if not found:
             return None
-        return StoredFile(found[b"data"], found[b"type"].decode(), time.time())
+        return StoredFile(found[b"data"], found[b"type"].decode())
 
     async def request_cancel(self, prediction_id: str) -> None:
         await self._redis.set(f"{_PREFIX}cancel:{prediction_id}", b"1", ex=self._ttl)

@@ -82,7 +82,8 @@ def _model_json(state: IngressState, model_id: str, base: str) -> dict:
 
 def _version_json(state: IngressState, model_id: str) -> dict:
     output = {"type": "array", "items": {"type": "string", "format": "uri"}, "title": "Output"}
-    return {"id": state.versions[model_id], "created_at": state.started_iso,
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.started_at))
+    return {"id": state.versions[model_id], "created_at": created,
             "cog_version": "atelier", "openapi_schema": {
                 "openapi": "3.0.2", "info": {"title": model_id, "version": "1"},
                 "components": {"schemas": {"Input": SDXLInput.model_json_schema(),

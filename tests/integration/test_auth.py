@@ -23,7 +23,8 @@ def test_the_key_opens_the_api_in_both_schemes(base_url, scheme):
 
 
 def test_health_needs_no_key(base_url):
-    assert httpx.get(base_url + "/healthz").status_code == 200
+    r = httpx.get(base_url + "/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
 
 
 def test_openai_errors_keep_the_openai_shape_for_401(base_url):

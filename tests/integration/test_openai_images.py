@@ -62,11 +62,13 @@ def test_bad_values_raise_bad_request_naming_the_param(oai, kwargs, param):
 
 
 def test_unknown_model_raises_not_found(oai):
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as err:
         oai.images.generate(model="dall-e-3", prompt="x")
+    assert err.value.body["code"] == "model_not_found" and "dall-e-3" in err.value.message
 
 
 def test_a_wrong_key_raises_authentication_error(base_url):
     bad = openai.OpenAI(api_key="nope", base_url=f"{base_url}/v1", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as err:
         bad.images.generate(model=FAST, prompt="x")
+    assert err.value.body["type"] == "authentication_error"
