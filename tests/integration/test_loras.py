@@ -1,5 +1,7 @@
 """LoRA adapters: catalog, effect on pixels, stacking, prompt tags, affinity, LRU, bad files."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -68,6 +70,9 @@ def test_the_replica_keeps_the_least_recently_used_adapters_up_to_its_capacity(c
 def test_requests_for_an_adapter_stick_to_the_replica_that_holds_it(client):
     first = _gen(client, [{"name": "sketch"}], model=TWO_REPLICAS)
     replica = first.headers["x-atelier-replica"]
+    # A replica reports what it holds every 0.1 s, and the report reaches the routers
+    # through Serve's controller: until then a request may still go to either replica.
+    time.sleep(1.5)
     later = [_gen(client, [{"name": "sketch"}], model=TWO_REPLICAS, seed=s) for s in range(6)]
     assert {r.headers["x-atelier-replica"] for r in later} == {replica}
     assert all("sketch" in r.headers["x-atelier-adapters-held"] for r in later)
