@@ -15,11 +15,13 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# runner(requests, abandoned, on_step): `abandoned()` turns true once every request of the
-# call has been withdrawn, so a long call can stop early; `on_step(step, total)`, callable
-# from any thread, reports progress to the requests that asked for it.
+# runner(requests, withdrawn, on_step): `withdrawn()`, callable from any thread, gives the
+# indexes of the call's requests that were withdrawn since it started, so a long call can
+# drop them or stop early; `on_step(step, total)`, callable from any thread, reports
+# progress to the requests that asked for it.
 StepListener = Callable[[int, int], None]
-Runner = Callable[[Sequence[Any], Callable[[], bool], StepListener], Awaitable[Sequence[Any]]]
+Runner = Callable[[Sequence[Any], Callable[[], set[int]], StepListener],
+                  Awaitable[Sequence[Any]]]
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,7 @@ class Batcher:
     `runner` receives a list of compatible requests and returns one result per request,
     in order. If it raises for a batch of several, each request is run again alone, so
     only the request that fails alone gets the error. A request withdrawn while its call
-    runs gets no result; once all of a call's requests are withdrawn, `abandoned()` says so.
+    runs gets no result, and `withdrawn()` names it to the runner.
     """
 
     def __init__(self, runner: Runner, max_batch_size: int, wait_s: float, name: str = "b"):
@@ -128,7 +130,8 @@ class Batcher:
         batch_id = f"{self._name}-{next(self._ids)}"
         try:
             results = await self._runner([p.request for p in batch],
-                                         lambda: all(p.future.done() for p in batch),
+                                         lambda: {i for i, p in enumerate(batch)
+                                                  if p.future.done()},
                                          _fan_out(batch, asyncio.get_running_loop()))
         except Exception as exc:  # isolate the failing request from its batchmates
             self.running_since = None
@@ -136,7 +139,8 @@ class Batcher:
                 _settle(batch[0].future, exc=exc)
                 return
             for item in batch:
-                await self._run([item])
+                if not item.future.done():
+                    await self._run([item])
             return
         self.running_since = None
         run_s = time.monotonic() - started

@@ -123,11 +123,11 @@ class ModelDeployment:
         return adapters
 
     async def _run_batch(self, requests: Sequence[GenerationRequest],
-                         abandoned: Callable[[], bool], on_step: StepListener) -> list[list[Image]]:
+                         withdrawn: Callable[[], set[int]], on_step: StepListener) -> list[list[Image]]:
         loop = asyncio.get_running_loop()
         try:
             images = await loop.run_in_executor(self._executor, self.engine.generate, requests,
-                                                abandoned, on_step)
+                                                withdrawn, on_step)
         except AtelierError:
             raise  # a client-side problem (e.g. an adapter that does not fit), not a fault
         except Exception as exc:

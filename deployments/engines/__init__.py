@@ -18,10 +18,11 @@ class Engine(Protocol):
     adapters: AdapterSlots
 
     def generate(self, requests: Sequence[GenerationRequest],
-                 abandoned: Callable[[], bool] = ...,
+                 withdrawn: Callable[[], set[int]] = ...,
                  on_step: Callable[[int, int], None] | None = None) -> list[list[Any]]:
         """One pipeline call for requests sharing a batch key; images per request.
-        Stops denoising early once `abandoned()` is true; reports each step to `on_step`."""
+        Requests whose indexes `withdrawn()` returns leave the call at the next step (no
+        images); it stops once all have left. Reports each step to `on_step`."""
 
     def check(self) -> None:
         """Raise if the engine can no longer serve."""

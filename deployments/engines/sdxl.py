@@ -13,6 +13,7 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler,
 from PIL import Image
 
 from deployments.adapters import AdapterSlots
+from deployments.engines.withdrawal import BatchRows, step_callback
 from serve.adapters import AdapterEntry
 from serve.types import GenerationRequest
 
@@ -59,14 +60,14 @@ class SDXLEngine:
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest],
-                 abandoned: Callable[[], bool] = lambda: False,
+                 withdrawn: Callable[[], set[int]] = set,
                  on_step: Callable[[int, int], None] | None = None) -> list[list[Image.Image]]:
         """Run one pipeline call for compatible requests; return each request's images.
 
-        All requests must share `batch_key`; raises ValueError otherwise. When `abandoned()`
-        turns true (nobody waits for any of these images), denoising stops after the
-        current step and the unfinished images are returned, to be thrown away.
-        `on_step(step, total)` is called after each denoising step.
+        All requests must share `batch_key`; raises ValueError otherwise. `withdrawn()`
+        gives the indexes of requests nobody waits for any more: after each denoising step
+        their rows leave the batch (they get no images), and once all have left, the
+        call stops. `on_step(step, total)` is called after each denoising step.
         """
         first = requests[0]
         if any(r.batch_key != first.batch_key for r in requests):
@@ -75,17 +76,16 @@ class SDXLEngine:
         embeds = self._encode(requests)
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
+        rows = BatchRows([r.num_outputs for r in requests])
         self.pipe.scheduler = self._schedulers[first.scheduler]
         images = self.pipe(
             width=first.width, height=first.height,
             num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
             generator=generators, output_type="pil",
-            callback_on_step_end=_step_callback(abandoned, on_step), **embeds).images
-        out, start = [], 0
-        for r in requests:
-            out.append(images[start:start + r.num_outputs])
-            start += r.num_outputs
-        return out
+            callback_on_step_end=step_callback(rows, generators, withdrawn, on_step),
+            callback_on_step_end_tensor_inputs=list(self.pipe._callback_tensor_inputs),
+            **embeds).images
+        return rows.split(images)
 
     def _encode(self, requests: Sequence[GenerationRequest]) -> dict[str, torch.Tensor]:
         """Prompt embeddings per image, each prompt encoded on its own."""
@@ -108,20 +108,6 @@ class SDXLEngine:
         probe = next(self.pipe.unet.parameters())
         if probe.device.type != self.device.type or not torch.isfinite(probe).all():
             raise RuntimeError("UNet weights are not usable on the expected device")
-
-
-def _step_callback(abandoned: Callable[[], bool], on_step: Callable[[int, int], None] | None):
-    """A diffusers step callback: reports progress, and interrupts the denoising loop once
-    `abandoned()`."""
-
-    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
-        if on_step is not None:
-            on_step(step + 1, pipe.num_timesteps)
-        if abandoned():
-            pipe._interrupt = True  # diffusers' own flag: the loop skips the remaining steps
-        return {}
-
-    return callback
 
 
 def _load_pipeline(path: Path, dtype: torch.dtype,

@@ -9,7 +9,8 @@ import replicate
 from PIL import Image
 from replicate.exceptions import ReplicateError
 
-from tests.integration.conftest import API_KEY, AUTH, BATCHED, FAST, decode, pixels
+from tests.integration.conftest import (API_KEY, AUTH, BATCHED, FAST, assert_same_pixels,
+                                       decode, pixels)
 
 
 @pytest.fixture
@@ -68,6 +69,29 @@ def test_cancel_ends_queued_and_running_predictions_while_others_finish(rep):
         p.wait()
     assert [p.status for p in preds] == ["succeeded", "canceled", "succeeded"]
     assert preds[1].output is None and len(preds[0].output) == 1
+
+
+def test_canceling_one_running_prediction_of_a_batch_leaves_the_others_their_pixels(rep,
+                                                                                   client):
+    def inp(seed):
+        return {"prompt": "a lamp", "seed": seed, "width": 256, "height": 256,
+                "num_inference_steps": 20}
+
+    preds = [rep.models.predictions.create(model=BATCHED, input=inp(s)) for s in (11, 12, 13)]
+    deadline = time.monotonic() + 60
+    while "/20" not in (preds[1].logs or "") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        preds[1].reload()
+    assert "20/20" not in preds[1].logs  # cancelled while its pipeline call runs
+    rep.predictions.cancel(preds[1].id)
+    for p in preds:
+        p.wait()
+    assert [p.status for p in preds] == ["succeeded", "canceled", "succeeded"]
+    for p, seed in ((preds[0], 11), (preds[2], 13)):
+        alone = client.post("/generate", json={"model": FAST, "prompt": "a lamp", "seed": seed,
+                                               "width": 256, "height": 256, "steps": 20})
+        batched = Image.open(io.BytesIO(_png(str(p.output[0]))))
+        assert_same_pixels(batched, decode(alone.json()["image"]))
 
 
 def test_invalid_input_is_422_naming_each_field(base_url):

@@ -12,9 +12,9 @@ class Recorder:
         self.calls: list[list] = []
         self.fail_on, self.delay = fail_on, delay
 
-    async def __call__(self, requests, abandoned, on_step):
+    async def __call__(self, requests, withdrawn, on_step):
         self.calls.append(list(requests))
-        self.abandoned = abandoned
+        self.withdrawn = withdrawn
         on_step(1, 2)
         await asyncio.sleep(self.delay)
         if self.fail_on in requests:
@@ -123,7 +123,7 @@ def test_invalid_settings_are_refused():
         Batcher(Recorder(), max_batch_size=0, wait_s=0)
 
 
-def test_a_call_whose_requests_are_all_withdrawn_is_told_so():
+def test_a_running_call_is_told_which_requests_were_withdrawn():
     async def scenario():
         run = Recorder(delay=0.3)
         batcher = Batcher(run, max_batch_size=8, wait_s=0)
@@ -132,13 +132,13 @@ def test_a_call_whose_requests_are_all_withdrawn_is_told_so():
         await asyncio.sleep(0.1)  # both are in the running call now
         a.cancel()
         await asyncio.sleep(0)
-        first = run.abandoned()
+        first = run.withdrawn()
         b.cancel()
         await asyncio.sleep(0)
-        return first, run.abandoned(), run.calls
+        return first, run.withdrawn(), run.calls
 
     partly, fully, calls = asyncio.run(scenario())
-    assert calls == [["a", "b"]] and partly is False and fully is True
+    assert calls == [["a", "b"]] and partly == {0} and fully == {0, 1}
 
 
 def test_progress_reaches_the_requests_that_listen():
@@ -152,3 +152,19 @@ def test_progress_reaches_the_requests_that_listen():
         return seen
 
     assert asyncio.run(scenario()) == [(1, 2)]
+
+
+def test_a_failed_call_is_retried_without_its_withdrawn_requests():
+    async def scenario():
+        run = Recorder(fail_on="b", delay=0.2)
+        batcher = Batcher(run, max_batch_size=8, wait_s=0)
+        tasks = [asyncio.create_task(batcher.submit(r, "k")) for r in "abc"]
+        await asyncio.sleep(0.1)
+        tasks[0].cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return run.calls, results
+
+    calls, results = asyncio.run(scenario())
+    assert calls == [["a", "b", "c"], ["b"], ["c"]]
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert isinstance(results[1], RuntimeError) and results[2].result == "done-c"

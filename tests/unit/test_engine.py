@@ -129,8 +129,32 @@ def test_each_denoising_step_is_reported(engine):
     assert steps == [(1, 3), (2, 3), (3, 3)]
 
 
-def test_an_abandoned_call_stops_after_the_current_step(engine):
+def test_a_call_whose_requests_are_all_withdrawn_stops_after_the_current_step(engine):
     steps = []
-    engine.generate([_req(1, num_inference_steps=5)], abandoned=lambda: len(steps) >= 2,
-                    on_step=lambda s, t: steps.append(s))
-    assert steps == [1, 2]
+    (images,) = engine.generate([_req(1, num_inference_steps=5)],
+                                withdrawn=lambda: {0} if len(steps) >= 2 else set(),
+                                on_step=lambda s, t: steps.append(s))
+    assert steps == [1, 2] and images == []
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_withdrawn_request_leaves_the_running_batch_and_the_others_keep_their_pixels(
+        engine, scheduler):
+    batch = [_req(1, scheduler=scheduler, num_inference_steps=5),
+             _req(2, scheduler=scheduler, num_inference_steps=5, num_outputs=2,
+                  prompt="a blue cone"),
+             _req(3, scheduler=scheduler, num_inference_steps=5, prompt="a green ball")]
+    untouched = engine.generate(batch)
+    steps, unet_rows = [], []
+    hook = engine.pipe.unet.register_forward_pre_hook(
+        lambda module, args: unet_rows.append(args[0].shape[0]))
+    try:
+        out = engine.generate(batch, withdrawn=lambda: {1} if len(steps) >= 3 else set(),
+                              on_step=lambda s, t: steps.append(s))
+    finally:
+        hook.remove()
+    assert out[1] == [] and [len(images) for images in out] == [1, 0, 1]
+    assert_same_pixels(out[0][0], untouched[0][0])
+    assert_same_pixels(out[2][0], untouched[2][0])
+    # Classifier-free guidance runs two UNet rows per image: 4 images, then 2.
+    assert unet_rows[0] == 8 and unet_rows[-1] == 4 and len(steps) == len(unet_rows)

@@ -1,0 +1,101 @@
+"""Taking withdrawn requests out of a pipeline call that is already denoising.
+
+A diffusers step callback may hand back replacements for the tensors it was given (the
+pipeline's `callback_on_step_end_tensor_inputs`), and the loop goes on with those. Dropping
+a request's rows from the latents, from the text conditioning, from the scheduler's
+per-sample history and from the per-image generators leaves the computation of every
+other image as it was, so they finish with the pixels they would have had, while the
+following steps no longer spend compute on images nobody waits for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+class BatchRows:
+    """Which requests still own rows of the batch, in row order."""
+
+    def __init__(self, sizes: Sequence[int]):
+        self.sizes = list(sizes)
+        self.live = list(range(len(sizes)))
+
+    def drop(self, gone: set[int]) -> list[int]:
+        """Forget the requests in `gone`; return the current row indexes to keep."""
+        keep, row = [], 0
+        for index in self.live:
+            size = self.sizes[index]
+            if index not in gone:
+                keep.extend(range(row, row + size))
+            row += size
+        self.live = [i for i in self.live if i not in gone]
+        return keep
+
+    def split(self, images: Sequence) -> list[list]:
+        """The call's output images per request; an empty list for a withdrawn one."""
+        out: list[list] = [[] for _ in self.sizes]
+        start = 0
+        for index in self.live:
+            out[index] = list(images[start:start + self.sizes[index]])
+            start += self.sizes[index]
+        return out
+
+
+def step_callback(rows: BatchRows, generators: list, withdrawn: Callable[[], set[int]],
+                  on_step: Callable[[int, int], None] | None):
+    """A diffusers step callback: reports progress, drops the rows of requests withdrawn
+    since the last step, and interrupts the loop once no request is left."""
+
+    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
+        if on_step is not None:
+            on_step(step + 1, pipe.num_timesteps)
+        gone = set(withdrawn()) & set(rows.live)
+        if not gone:
+            return {}
+        if len(gone) == len(rows.live):
+            rows.drop(gone)
+            pipe._interrupt = True  # diffusers' own flag: the loop skips the remaining steps
+            return {}
+        return shrink(pipe.scheduler, tensors, rows.drop(gone), generators)
+
+    return callback
+
+
+def shrink(scheduler, tensors: dict, keep: list[int], generators: list) -> dict:
+    """Keep only rows `keep` of the latents and of every batch-sized input and state.
+
+    Conditioning tensors with twice the latent rows hold classifier-free guidance's
+    unconditional half first, then the conditional half. `generators` is the list the
+    pipeline was called with; it is changed in place, as the scheduler holds it.
+    """
+    latents = tensors["latents"]
+    rows = latents.shape[0]
+    index = torch.tensor(keep, device=latents.device)
+    out = {"latents": latents[index]}
+    for name, value in tensors.items():
+        if name == "latents" or not torch.is_tensor(value):
+            continue
+        if value.shape[0] == 2 * rows:
+            out[name] = value[torch.cat([index, index + rows])]
+        elif value.shape[0] == rows:
+            out[name] = value[index]
+    _shrink_scheduler_state(scheduler, latents, index)
+    generators[:] = [generators[i] for i in keep]
+    return out
+
+
+def _shrink_scheduler_state(scheduler, latents: torch.Tensor, index: torch.Tensor) -> None:
+    """Multistep schedulers keep earlier samples and model outputs (DPM-Solver's
+    `model_outputs`, Heun's `sample`, PNDM's `ets`): anything shaped like the latents."""
+
+    def per_sample(value) -> bool:
+        return torch.is_tensor(value) and value.shape == latents.shape
+
+    for name, value in list(vars(scheduler).items()):
+        if per_sample(value):
+            setattr(scheduler, name, value[index.to(value.device)])
+        elif isinstance(value, list) and any(per_sample(v) for v in value):
+            setattr(scheduler, name, [v[index.to(v.device)] if per_sample(v) else v
+                                      for v in value])
