@@ -2,12 +2,15 @@
 
 Inputs mirror `stability-ai/sdxl`. `apply_watermark` and `disable_safety_checker` are
 accepted and have no effect (no watermark is added, no safety checker runs). Output is a
-list of file URLs served under /files for `file_ttl_s`.
+list of file URLs served under /files for `file_ttl_s`. As on Replicate, a create call with
+`Prefer: wait` that finishes in time answers with the files inline as data URIs (the
+official clients turn either form into file objects); the stored prediction keeps the URLs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import time
 from collections.abc import Awaitable
@@ -148,7 +151,17 @@ async def _create(model_ref: str, version: str | None, body: PredictionBody,
     payload = prediction.to_json(base)
     if wait_s and not prediction.done:
         payload["status"] = "starting"  # as Replicate does when the wait runs out
+    if wait_s and prediction.status == "succeeded":
+        payload["output"] = [await _data_uri(state, url) for url in prediction.output]
     return JSONResponse(payload, status_code=201 if prediction.done or not wait_s else 202)
+
+
+async def _data_uri(state: IngressState, url: str) -> str:
+    """The file behind one of our output URLs, inline; the URL if it is already gone."""
+    stored = await state.store.get_file(url.rsplit("/", 1)[-1])
+    if stored is None:
+        return url
+    return f"data:{stored.media_type};base64,{base64.b64encode(stored.data).decode()}"
 
 
 def _to_request(state: IngressState, model_id: str, inp: SDXLInput,

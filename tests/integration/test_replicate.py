@@ -1,5 +1,6 @@
 """The official `replicate` client against the running app."""
 
+import base64
 import io
 import time
 
@@ -24,19 +25,34 @@ def _png(url):
     return r.content
 
 
-def test_run_returns_file_urls_of_pngs_of_the_requested_size(rep):
+def test_run_returns_png_files_of_the_requested_size(rep):
     output = rep.run(FAST, input={"prompt": "a red cube", "width": 128, "height": 64,
                                   "num_outputs": 2, "seed": 5})
     assert len(output) == 2
-    sizes = [Image.open(io.BytesIO(_png(str(url)))).size for url in output]
+    # run() waits (Prefer: wait), so the files come inline as data URIs.
+    assert all(f.url.startswith("data:image/png;base64,") for f in output)
+    sizes = [Image.open(io.BytesIO(f.read())).size for f in output]
     assert sizes == [(128, 64), (128, 64)]
 
 
 def test_run_matches_generate_for_the_same_seed(rep, client):
-    (url,) = rep.run(FAST, input={"prompt": "a cat", "seed": 42})
+    (file,) = rep.run(FAST, input={"prompt": "a cat", "seed": 42})
     direct = client.post("/generate", json={"prompt": "a cat", "seed": 42}).json()["image"]
-    replicated = Image.open(io.BytesIO(_png(str(url))))
+    replicated = Image.open(io.BytesIO(file.read()))
     assert (pixels(decode(direct)) == pixels(replicated)).all()
+
+
+def test_a_waited_create_inlines_the_files_the_stored_prediction_links(base_url):
+    r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", headers={**AUTH, "Prefer": "wait"},
+                   json={"input": {"prompt": "a cat", "seed": 8, "output_format": "webp"}},
+                   timeout=70)
+    assert r.status_code == 201 and r.json()["status"] == "succeeded"
+    (inline,) = r.json()["output"]
+    head, _, data = inline.partition(",")
+    assert head == "data:image/webp;base64"
+    (url,) = httpx.get(r.json()["urls"]["get"], headers=AUTH).json()["output"]
+    assert url.startswith(f"{base_url}/files/") and url.endswith(".webp")
+    assert httpx.get(url).content == base64.b64decode(data)
 
 
 def test_create_wait_get_by_version(rep):
@@ -116,7 +132,7 @@ def test_lora_weights_input_applies_the_adapter(rep):
     (base,) = rep.run(FAST, input={"prompt": "a cat", "seed": 3})
     (styled,) = rep.run(FAST, input={"prompt": "a cat", "seed": 3, "lora_weights": "sketch",
                                      "lora_scale": 1.0})
-    assert _png(str(base)) != _png(str(styled))
+    assert base.read() != styled.read()
 
 
 def test_unknown_prediction_is_404(rep):
