@@ -22,6 +22,7 @@ from serve.types import MEDIA_TYPES, BatchInfo, GenerationRequest, GenerationRes
 
 log = logging.getLogger("atelier.model")
 _MAX_CONSECUTIVE_FAILURES = 3
+_PROGRESS_EVERY_S = 0.2
 
 
 @serve.deployment
@@ -94,18 +95,22 @@ class ModelDeployment:
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[tuple]:
         """Like `generate`, as a stream: ("progress", step, total) while its pipeline call
-        runs, then ("result", GenerationResult)."""
+        runs, then ("result", GenerationResult). The first step is always reported, later
+        ones at most every `_PROGRESS_EVERY_S` (each streamed item has a cost), and the
+        result stands for the last."""
         steps: asyncio.Queue = asyncio.Queue()
         work = asyncio.ensure_future(
             self.generate(request, on_step=lambda s, t: steps.put_nowait((s, t))))
+        sent_at = None
         try:
             while not work.done():
                 step = asyncio.ensure_future(steps.get())
                 await asyncio.wait([work, step], return_when=asyncio.FIRST_COMPLETED)
-                if step.done():
-                    yield ("progress", *step.result())
-                else:
+                if not step.done():
                     step.cancel()
+                elif sent_at is None or time.monotonic() - sent_at >= _PROGRESS_EVERY_S:
+                    sent_at = time.monotonic()
+                    yield ("progress", *step.result())
             yield ("result", work.result())
         finally:
             work.cancel()

@@ -222,17 +222,19 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
 
 async def _follow(state: IngressState, p: Prediction, gen: GenerationRequest, base: str,
                   webhook: WebhookSender | None) -> GenerationResult:
-    """Stream the request: the first step marks the prediction processing; each step
-    updates its logs (saved and sent at most every few hundred ms)."""
-    header, last_saved = p.logs, 0.0
+    """Stream the request: the first step marks the prediction processing; the steps the
+    replica reports update its logs (saved and sent at most every few hundred ms), and the
+    result completes the progress bar."""
+    header, last_saved, total = p.logs, 0.0, gen.num_inference_steps
     async for event in state.router.generate_stream(gen):
         if event[0] == "result":
+            p.logs = header + _progress_line(total, total)
             return event[1]
         _, step, total = event
         if p.status == "starting":
             p.status, p.started_at = "processing", now_iso()
         p.logs = header + _progress_line(step, total)
-        if time.monotonic() - last_saved >= _SAVE_EVERY_S or step == total:
+        if time.monotonic() - last_saved >= _SAVE_EVERY_S:
             last_saved = time.monotonic()
             await state.store.save(p)
             if webhook:
