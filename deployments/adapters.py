@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from serve.adapters import AdapterEntry, AdapterInvalid, AdapterSet
 
-log = logging.getLogger("atelier.adapters")
+log = logging.getLogger("ray.serve.atelier.adapters")
 
 
 @dataclass

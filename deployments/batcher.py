@@ -55,10 +55,13 @@ class Batcher:
     runs gets no result, and `withdrawn()` names it to the runner.
     """
 
-    def __init__(self, runner: Runner, max_batch_size: int, wait_s: float, name: str = "b"):
+    def __init__(self, runner: Runner, max_batch_size: int, wait_s: float, name: str = "b",
+                 on_depth: Callable[[int], None] | None = None):
+        """`on_depth(n)` hears the number of waiting requests whenever it changes."""
         if max_batch_size < 1 or wait_s < 0:
             raise ValueError("max_batch_size must be >= 1 and wait_s >= 0")
         self._runner, self._max, self._wait_s, self._name = runner, max_batch_size, wait_s, name
+        self._on_depth = on_depth or (lambda n: None)
         self._pending: list[_Pending] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -79,12 +82,14 @@ class Batcher:
         item = _Pending(request, key, size, time.monotonic(),
                         asyncio.get_running_loop().create_future(), on_step)
         self._pending.append(item)
+        self._on_depth(len(self._pending))
         self._wakeup.set()
         try:
             return await item.future
         except asyncio.CancelledError:
             if item in self._pending:
                 self._pending.remove(item)
+                self._on_depth(len(self._pending))
             raise
 
     def _ensure_worker(self) -> None:
@@ -109,6 +114,7 @@ class Batcher:
                 continue
             for item in batch:
                 self._pending.remove(item)
+            self._on_depth(len(self._pending))
             await self._run(batch)
 
     def _select(self) -> list[_Pending]:

@@ -18,9 +18,10 @@ from deployments.encoding import encode_image
 from serve.adapters import AdapterCatalog, AdapterSet
 from serve.config import ModelConfig
 from serve.errors import AtelierError, InferenceFailed
+from serve.metrics import ModelMetrics
 from serve.types import MEDIA_TYPES, BatchInfo, GenerationRequest, GenerationResult
 
-log = logging.getLogger("atelier.model")
+log = logging.getLogger("ray.serve.atelier.model")
 _MAX_CONSECUTIVE_FAILURES = 3
 _PROGRESS_EVERY_S = 0.2
 
@@ -50,10 +51,13 @@ class ModelDeployment:
         started = time.monotonic()
         self._warm_up()
         self.warmup_s = time.monotonic() - started
+        self.metrics = ModelMetrics(self.cfg.id, self.cfg.batching.max_batch_size)
         self._failures = 0
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.batcher = Batcher(self._run_batch, self.cfg.batching.max_batch_size,
-                               self.cfg.batching.wait_ms / 1000, name=self.replica)
+                               self.cfg.batching.wait_ms / 1000, name=self.replica,
+                               on_depth=self.metrics.queue_depth.set)
+        self._refresh_gauges()
 
         async def load_adapter_set(key: str) -> AdapterSet:
             return await self._load_adapters(AdapterSet.from_key(key))
@@ -79,9 +83,10 @@ class ModelDeployment:
         pipeline fails on it alone.
         """
         if request.adapters:
-            await self._adapter_set(request.adapters.key)
+            await self._hold_adapters(request.adapters)
         outcome = await self.batcher.submit(request, request.batch_key, request.num_outputs,
                                             on_step)
+        self.metrics.queue_wait.observe(outcome.queue_s)
         images = await asyncio.get_running_loop().run_in_executor(
             self._workers, _encode_all, request, outcome.result)
         b = BatchInfo(batch_id=outcome.batch_id, images=outcome.batch_images,
@@ -115,6 +120,17 @@ class ModelDeployment:
         finally:
             work.cancel()
 
+    async def _hold_adapters(self, adapters: AdapterSet) -> None:
+        """Make the set resident (through Serve's multiplexing, which reports it to the
+        router); count whether it was already held."""
+        held = all(name in self.engine.adapters.loaded for name in adapters.names)
+        try:
+            await self._adapter_set(adapters.key)
+        except Exception:
+            self.metrics.adapters.inc(1, {"outcome": "failed"})
+            raise
+        self.metrics.adapters.inc(1, {"outcome": "hit" if held else "load"})
+
     async def _load_adapters(self, adapters: AdapterSet) -> AdapterSet:
         """Read missing adapters off the pipeline thread, then inject them between calls."""
         loop = asyncio.get_running_loop()
@@ -128,11 +144,18 @@ class ModelDeployment:
         return adapters
 
     async def _run_batch(self, requests: Sequence[GenerationRequest],
-                         withdrawn: Callable[[], set[int]], on_step: StepListener) -> list[list[Image]]:
-        loop = asyncio.get_running_loop()
+                         withdrawn: Callable[[], set[int]],
+                         on_step: StepListener) -> list[list[Image]]:
+        loop, steps = asyncio.get_running_loop(), [0]
+
+        def counted(step: int, total: int) -> None:
+            steps[0] += 1
+            on_step(step, total)
+
+        started = time.monotonic()
         try:
             images = await loop.run_in_executor(self._executor, self.engine.generate, requests,
-                                                withdrawn, on_step)
+                                                withdrawn, counted)
         except AtelierError:
             raise  # a client-side problem (e.g. an adapter that does not fit), not a fault
         except Exception as exc:
@@ -141,11 +164,27 @@ class ModelDeployment:
                           ", ".join(r.request_id for r in requests))
             raise InferenceFailed(f"generation failed: {type(exc).__name__}") from exc
         self._failures = 0
+        self.metrics.batch_done(sum(len(own) for own in images), steps[0],
+                                time.monotonic() - started)
+        self._report_memory()
         return images
+
+    def _report_memory(self) -> None:
+        device, used = self.engine.memory()
+        self.metrics.memory.set(used, {"device": device})
+
+    def _refresh_gauges(self) -> None:
+        """Ray drops a gauge value that is not set again within two export intervals, so
+        the slow-moving ones are set again at every health check."""
+        self.metrics.load.set(self.load_s)
+        self.metrics.warmup.set(self.warmup_s)
+        self.metrics.queue_depth.set(self.batcher.queued)
+        self._report_memory()
 
     def check_health(self) -> None:
         """Raise if the pipeline is unusable, keeps failing, or a call is stuck."""
         self.engine.check()
+        self._refresh_gauges()
         if self._failures >= _MAX_CONSECUTIVE_FAILURES:
             raise RuntimeError(f"{self._failures} pipeline calls failed in a row")
         since = self.batcher.running_since

@@ -17,7 +17,7 @@ from pathlib import Path
 from serve.config import ModelConfig
 from serve.errors import AtelierError, InvalidField
 
-log = logging.getLogger("atelier.adapters")
+log = logging.getLogger("ray.serve.atelier.adapters")
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PROMPT_TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>")

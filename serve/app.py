@@ -24,13 +24,14 @@ from serve.auth import OPEN_PREFIXES, authorized, configured_keys
 from serve.context import ingress
 from serve.errors import Unauthorized
 from serve.http_errors import api_path, error_response, install_error_handlers
+from serve.metrics import IngressMetrics
 from serve.router import ModelRouter
 from serve.predictions import PredictionRunner
 from serve.state import MemoryStore, RedisStore
 from serve.routes import files, generate, loras, models, openai_images, replicate
 from serve.versions import version_id
 
-log = logging.getLogger("atelier.ingress")
+log = logging.getLogger("ray.serve.atelier.ingress")
 
 api = FastAPI(title="Atelier", description="Self-hosted image generation.",
               version="0.1.0")
@@ -45,6 +46,7 @@ install_error_handlers(api)
 
 @api.middleware("http")
 async def _require_key(request: Request, call_next):
+    started = time.monotonic()
     path = api_path(request)
     if path.startswith(OPEN_PREFIXES) or authorized(request.headers.get("authorization"),
                                                      ingress().api_keys):
@@ -53,6 +55,7 @@ async def _require_key(request: Request, call_next):
         response = error_response(path, Unauthorized("missing or wrong API key "
                                                      "(Authorization: Bearer <key>)"))
     response.headers["X-Atelier-Ingress"] = ingress().replica
+    ingress().metrics.answered(path, response.status_code, time.monotonic() - started)
     return response
 
 
@@ -64,7 +67,9 @@ class Ingress:
     def __init__(self, config: dict, adapters: list[dict], versions: dict[str, str],
                  handles: Mapping[str, DeploymentHandle], deployment_names: Mapping[str, str]):
         cfg = AtelierConfig.model_validate(config)
-        self.router = ModelRouter(cfg, AdapterCatalog.from_dicts(adapters), handles)
+        self.metrics = IngressMetrics()
+        self.router = ModelRouter(cfg, AdapterCatalog.from_dicts(adapters), handles,
+                                  self.metrics)
         self.store = (RedisStore(cfg.redis_url, cfg.file_ttl_s) if cfg.redis_url else
                       MemoryStore(cfg.file_ttl_s, cfg.file_store_mb * 2**20))
         self.predictions = PredictionRunner(self.store)

@@ -14,6 +14,7 @@ from fastapi import Request
 
 from ray import serve
 
+from serve.metrics import IngressMetrics
 from serve.predictions import PredictionRunner, StateStore
 from serve.router import ModelRouter
 
@@ -28,6 +29,7 @@ class IngressState(Protocol):
     versions: dict[str, str]
     webhook_client: httpx.AsyncClient
     replica: str
+    metrics: IngressMetrics
 
 
 def ingress() -> IngressState:
@@ -35,5 +37,9 @@ def ingress() -> IngressState:
 
 
 def request_id(request: Request) -> str:
-    """The id Serve echoes in the X-Request-Id response header (the client's, if sent)."""
-    return request.headers.get("x-request-id") or uuid.uuid4().hex
+    """The id Serve echoes in the X-Request-Id response header (the client's, if sent),
+    which Serve's structured logs carry on every line about this request."""
+    from ray.serve.context import _get_serve_request_context  # no public accessor
+
+    return (_get_serve_request_context().request_id or request.headers.get("x-request-id")
+            or uuid.uuid4().hex)

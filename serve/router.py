@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
+                                  RequestCancelledError)
 from ray.serve.handle import DeploymentHandle
 
 from serve.adapters import AdapterCatalog, AdapterSet
 from serve.config import AtelierConfig, ModelConfig
-from serve.errors import InvalidField, ModelNotFound, Overloaded
+from serve.errors import (AtelierError, InferenceFailed, InvalidField, ModelNotFound,
+                          Overloaded)
+from serve.metrics import IngressMetrics
 from serve.types import GenerationRequest, GenerationResult
+
+log = logging.getLogger("ray.serve.atelier.router")
 
 
 class ModelRouter:
     """Resolves model ids and aliases, and sends requests to the right deployment."""
 
     def __init__(self, config: AtelierConfig, catalog: AdapterCatalog,
-                 handles: Mapping[str, DeploymentHandle]):
-        self.config, self.catalog = config, catalog
+                 handles: Mapping[str, DeploymentHandle], metrics: IngressMetrics):
+        self.config, self.catalog, self.metrics = config, catalog, metrics
         self._handles = dict(handles)
         self._by_name: dict[str, ModelConfig] = {}
         for model in config.models:
@@ -74,13 +81,15 @@ class ModelRouter:
 
         Raises as `generate` does; closing the iterator early withdraws the request.
         """
+        started = time.monotonic()
         response = self._handle(request).options(stream=True).generate_stream.remote(request)
         try:
             async for event in response:
+                if event[0] == "result":
+                    self._delivered(request, event[1], started)
                 yield event
-        except (BackPressureError, DeploymentUnavailableError):
-            raise Overloaded(f"{request.model} is busy or has no running replica; "
-                             "retry later") from None
+        except BaseException as exc:
+            raise self._failed(request, exc) from None
         finally:
             response.cancel()
 
@@ -90,13 +99,44 @@ class ModelRouter:
         Raises Overloaded when every replica's queue is full or none is running. If the
         awaiting task is cancelled, the request is withdrawn from the replica too.
         """
+        started = time.monotonic()
         response = self._handle(request).generate.remote(request)
         try:
-            return await response
-        except asyncio.CancelledError:
-            response.cancel()  # the replica stops waiting for (or computing) it
-            raise
-        except BackPressureError:
-            raise Overloaded(f"all replicas of {request.model} are busy; retry later") from None
-        except DeploymentUnavailableError:
-            raise Overloaded(f"{request.model} has no running replica yet; retry later") from None
+            result = await response
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                response.cancel()  # the replica stops waiting for (or computing) it
+            raise self._failed(request, exc) from None
+        self._delivered(request, result, started)
+        return result
+
+    def _delivered(self, request: GenerationRequest, result: GenerationResult,
+                   started: float) -> None:
+        self.metrics.images.inc(len(result.images), {"model": request.model})
+        self.metrics.generation.observe(time.monotonic() - started, {"model": request.model})
+
+    def _failed(self, request: GenerationRequest, exc: BaseException) -> BaseException:
+        """Count the failure by kind; return the exception the caller should see."""
+        kind, raised = _failure(request, exc)
+        if kind is not None:
+            self.metrics.failed(request.model, kind)
+            log.info("request %s ended: %s", request.request_id, kind,
+                     extra={"model": request.model, "kind": kind})
+        return raised
+
+
+def _failure(request: GenerationRequest, exc: BaseException) -> tuple[str | None, BaseException]:
+    """(error kind to count or None, exception to raise) for a failed generation. Client
+    errors (4xx) are counted by the ingress from their status."""
+    if isinstance(exc, BackPressureError | DeploymentUnavailableError):
+        return "overload", Overloaded(f"{request.model} is busy or has no running replica; "
+                                      "retry later")
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit | RequestCancelledError):
+        return "canceled", exc
+    if isinstance(exc, TimeoutError):
+        return "timeout", exc
+    if isinstance(exc, InferenceFailed):
+        return ("oom" if "OutOfMemory" in exc.message else "failed"), exc
+    if isinstance(exc, AtelierError) and exc.status < 500:
+        return None, exc
+    return "failed", exc

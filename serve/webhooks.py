@@ -12,7 +12,7 @@ import httpx
 
 from serve.errors import InvalidField
 
-log = logging.getLogger("atelier.webhooks")
+log = logging.getLogger("ray.serve.atelier.webhooks")
 
 EVENTS = ("start", "output", "logs", "completed")
 _THROTTLED = ("output", "logs")

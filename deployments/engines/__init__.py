@@ -30,6 +30,9 @@ class Engine(Protocol):
     def describe(self) -> dict:
         """Device, dtype and other facts for logs."""
 
+    def memory(self) -> tuple[str, int]:
+        """(device name, bytes the model holds there) for the memory gauge."""
+
 
 def resolve_device(requested: str) -> str:
     import torch

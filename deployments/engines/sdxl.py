@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import psutil
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
@@ -17,7 +18,7 @@ from deployments.engines.withdrawal import BatchRows, step_callback
 from serve.adapters import AdapterEntry
 from serve.types import GenerationRequest
 
-log = logging.getLogger("atelier.engine")
+log = logging.getLogger("ray.serve.atelier.engine")
 
 # Replicate's names → (diffusers class, extra config).
 _SCHEDULERS = {
@@ -53,6 +54,13 @@ class SDXLEngine:
                             for name, (cls, extra) in _SCHEDULERS.items()}
         self.adapters = AdapterSlots(self.pipe.unet, adapters or {}, max_adapters,
                                      max_lora_rank, lora_targets)
+
+    def memory(self) -> tuple[str, int]:
+        """(device, bytes held): torch's allocated GPU memory, or the process's resident
+        memory on CPU."""
+        if self.device.type == "cuda":
+            return str(self.device), torch.cuda.memory_allocated(self.device)
+        return "cpu", psutil.Process().memory_info().rss
 
     def describe(self) -> dict:
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),

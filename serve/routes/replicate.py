@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import time
 from collections.abc import Awaitable
@@ -25,6 +26,7 @@ from serve.predictions import Prediction, now_iso
 from serve.types import MAX_SEED, SCHEDULERS, GenerationRequest, GenerationResult, OutputFormat
 from serve.webhooks import WebhookSender, check_events, check_webhook
 
+log = logging.getLogger("ray.serve.atelier.replicate")
 router = APIRouter()
 _SAVE_EVERY_S = 0.25
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -216,6 +218,8 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
         p.finish("canceled")  # canceled through this replica; the store already says so
         raise
     finally:
+        log.info("prediction %s %s", p.id, p.status,
+                 extra={"prediction_id": p.id, "model": p.model, "status": p.status})
         if webhook:
             await asyncio.shield(webhook.send("completed", p.to_json(base)))
 

@@ -57,7 +57,13 @@ def bad_adapters(tmp_path_factory, cache_dir):
 
 
 @pytest.fixture(scope="session")
-def base_url(cache_dir, bad_adapters):
+def metrics_port():
+    """Ray's metrics export port for the test cluster (scraped by the Prometheus test)."""
+    return _free_port()
+
+
+@pytest.fixture(scope="session")
+def base_url(cache_dir, bad_adapters, metrics_port):
     import ray
     from ray import serve
 
@@ -75,7 +81,9 @@ def base_url(cache_dir, bad_adapters):
         "lora_folders": [{"embedded": "tiny-sdxl-demo", "base": "sdxl"},
                          {"path": str(bad_adapters[0]), "base": "sdxl"},
                          {"path": str(bad_adapters[1]), "base": "acme/other"}]}
-    ray.init(num_cpus=8, include_dashboard=False)
+    # The dashboard writes Ray's Prometheus service-discovery file.
+    ray.init(num_cpus=8, include_dashboard=True, dashboard_port=_free_port(),
+             _metrics_export_port=metrics_port)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
     serve.run(build_app({"atelier": config}), name="atelier", route_prefix="/")

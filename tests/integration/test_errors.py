@@ -58,5 +58,5 @@ def test_requests_past_the_queue_limit_get_503_with_retry_after_at_once(base_url
     assert 2 <= len(ok) <= 3 and len(ok) + len(refused) == 5
     assert all(r.json()["seed"] == seed for seed, r in ok)
     for r in refused:
-        assert r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
+        assert r.headers.get("retry-after") == "1" and "busy" in r.json()["detail"], (r.headers, r.text)
         assert r.elapsed.total_seconds() < 1.0

@@ -1,0 +1,111 @@
+"""Every Atelier metric, defined here and nowhere else.
+
+Metrics are `ray.serve.metrics` objects: Ray's per-node agent exports them (names gain a
+`ray_` prefix, counters a `_total` suffix) on the node's metrics port, and Serve adds the
+`application`, `deployment` and `replica` labels. Labels are bounded: model id, API name,
+status code, error kind, adapter outcome; never prompts or adapter names.
+"""
+
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+SECONDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
+BATCH_IMAGES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+FILL = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+
+# HTTP statuses counted as errors of a kind at the ingress; failures past validation
+# (overload, timeout, out of memory, canceled, failed) are counted where they happen.
+_KIND_BY_STATUS = {400: "validation", 401: "unauthorized", 404: "not_found",
+                   413: "too_large", 422: "validation"}
+_API_BY_PREFIX = (("/v1/images", "openai"), ("/v1/predictions", "replicate"),
+                  ("/v1/models/", "replicate"), ("/v1/models", "models"),
+                  ("/generate", "generate"), ("/files", "files"), ("/v1/loras", "loras"),
+                  ("/healthz", "health"))
+
+
+def api_name(path: str) -> str:
+    """The public API a path belongs to (a bounded label)."""
+    for prefix, name in _API_BY_PREFIX:
+        if path.startswith(prefix):
+            return name
+    return "other"
+
+
+def error_kind(status: int) -> str | None:
+    """The error kind the ingress counts for an HTTP status, or None."""
+    return _KIND_BY_STATUS.get(status)
+
+
+class IngressMetrics:
+    """Recorded by the ingress replicas: what clients asked and got."""
+
+    def __init__(self):
+        self.requests = Counter("atelier_requests", "HTTP requests answered",
+                                tag_keys=("api", "status"))
+        self.duration = Histogram("atelier_request_duration_seconds",
+                                  "HTTP request time at the ingress, end to end",
+                                  boundaries=SECONDS, tag_keys=("api",))
+        self.errors = Counter("atelier_errors", "Failed requests by kind",
+                              tag_keys=("model", "kind"))
+        self.images = Counter("atelier_images", "Images delivered to clients",
+                              tag_keys=("model",))
+        self.generation = Histogram("atelier_generation_duration_seconds",
+                                    "Time from routing a request to its images",
+                                    boundaries=SECONDS, tag_keys=("model",))
+
+    def answered(self, path: str, status: int, seconds: float) -> None:
+        api = api_name(path)
+        self.requests.inc(1, {"api": api, "status": str(status)})
+        self.duration.observe(seconds, {"api": api})
+        kind = error_kind(status)
+        if kind is not None:
+            self.errors.inc(1, {"model": "unknown", "kind": kind})
+
+    def failed(self, model: str, kind: str) -> None:
+        self.errors.inc(1, {"model": model, "kind": kind})
+
+
+class ModelMetrics:
+    """Recorded by a model replica (Serve adds its `replica` label)."""
+
+    def __init__(self, model: str, max_batch_images: int):
+        self.max_batch_images = max_batch_images
+
+        def made(metric):
+            metric.set_default_tags({"model": model})  # Serve adds its tags to the dict
+            return metric
+
+        self.queue_wait = made(Histogram("atelier_queue_wait_seconds", "Wait for a batch",
+                                         boundaries=SECONDS, tag_keys=("model",)))
+        self.inference = made(Histogram("atelier_inference_seconds", "One pipeline call",
+                                        boundaries=SECONDS, tag_keys=("model",)))
+        self.batch_images = made(Histogram("atelier_batch_images", "Images per pipeline call",
+                                           boundaries=BATCH_IMAGES, tag_keys=("model",)))
+        self.batch_fill = made(Histogram("atelier_batch_fill_ratio",
+                                         "Images per call over the batch size limit",
+                                         boundaries=FILL, tag_keys=("model",)))
+        self.generated = made(Counter("atelier_generated_images", "Images computed",
+                                      tag_keys=("model",)))
+        self.steps = made(Counter("atelier_denoising_steps", "Denoising steps run",
+                                  tag_keys=("model",)))
+        self.queue_depth = made(Gauge("atelier_queue_depth_requests",
+                                      "Requests waiting for a batch", tag_keys=("model",)))
+        self.adapters = made(Counter("atelier_adapter_requests",
+                                     "Adapter sets asked of the replica, by outcome",
+                                     tag_keys=("model", "outcome")))
+        self.load = made(Gauge("atelier_model_load_seconds", "Pipeline load time",
+                               tag_keys=("model",)))
+        self.warmup = made(Gauge("atelier_model_warmup_seconds", "Warm-up call time",
+                                 tag_keys=("model",)))
+        self.memory = made(Gauge("atelier_device_memory_bytes",
+                                 "Memory the replica holds on its device (GPU memory "
+                                 "allocated by torch; resident memory on CPU)",
+                                 tag_keys=("model", "device")))
+
+    def batch_done(self, images: int, steps: int, seconds: float) -> None:
+        self.generated.inc(images)
+        self.steps.inc(steps)
+        self.inference.observe(seconds)
+        self.batch_images.observe(images)
+        self.batch_fill.observe(min(1.0, images / self.max_batch_images))

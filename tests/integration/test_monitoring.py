@@ -1,0 +1,114 @@
+"""The Grafana dashboard, query by query, against a real Prometheus scraping the app.
+
+Prometheus (Debian's package, installed by `make test`) runs with the shipped
+`monitoring/prometheus.yml`, which finds Ray's metrics ports through the service-discovery
+file Ray's dashboard writes; only the scrape interval is shortened. After traffic that
+exercises every metric, each panel query must return at least one finite value.
+"""
+
+import json
+import math
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import AUTH, FAST, _free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "atelier.json"
+RAY_SD_FILE = Path("/tmp/ray/prom_metrics_service_discovery.json")
+
+
+@pytest.fixture(scope="module")
+def prometheus(base_url, metrics_port, tmp_path_factory):
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus is missing: `make test` installs Debian's prometheus"
+    config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["file_sd_configs"][0]["files"] == [str(RAY_SD_FILE)]
+    targets = json.loads(RAY_SD_FILE.read_text())[0]["targets"]
+    assert any(t.endswith(f":{metrics_port}") for t in targets), targets  # this cluster's
+    config["global"]["scrape_interval"] = "1s"
+    folder = tmp_path_factory.mktemp("prometheus")
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _wait_ready(url, timeout_s=30):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/-/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("prometheus did not become ready")
+
+
+def _traffic(base_url, seconds):
+    """Good requests (some with adapters), and bad ones, from two clients at once."""
+
+    def client(offset):
+        with httpx.Client(base_url=base_url, headers=AUTH, timeout=60) as c:
+            end, i = time.monotonic() + seconds, offset
+            while time.monotonic() < end:
+                body = {"prompt": "a cat", "seed": i, "model": FAST}
+                if i % 3 == 0:
+                    body["loras"] = [{"name": "pixel-art"}]
+                assert c.post("/generate", json=body).status_code == 200
+                assert c.post("/generate", json={"prompt": "", "model": FAST}).status_code == 422
+                i += 2
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _panel_queries():
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [(p["title"], t["expr"]) for p in panels if p["type"] != "row"
+            for t in p["targets"]]
+
+
+def _concrete(expr):
+    return expr.replace("$model", FAST).replace("$__rate_interval", "1m")
+
+
+def test_every_dashboard_panel_returns_data(base_url, prometheus):
+    _traffic(base_url, seconds=30)
+    time.sleep(3)  # one more scrape of the last export
+    empty = []
+    for title, expr in _panel_queries():
+        r = httpx.get(f"{prometheus}/api/v1/query", params={"query": _concrete(expr)})
+        assert r.status_code == 200, (title, r.text)
+        values = [float(s["value"][1]) for s in r.json()["data"]["result"]]
+        if not any(math.isfinite(v) for v in values):
+            empty.append((title, expr, values))
+    assert not empty, empty
+
+
+def test_the_dashboard_covers_what_operators_watch():
+    titles = " ".join(title for title, _ in _panel_queries()).lower()
+    for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "errors",
+                  "memory", "healthy"):
+        assert topic in titles, topic
