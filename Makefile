@@ -22,7 +22,10 @@ $(VENV)/.installed: pyproject.toml
 
 # Ray runs in the foreground of `make serve` and stops with it (Ctrl-C). Prometheus scrapes
 # Ray's metrics at http://127.0.0.1:$(METRICS_PORT)/metrics (see monitoring/).
+# Every Ray process and client here uses token auth with the token in ~/.ray/auth_token.
 serve: setup
+	$(BIN)/ray get-auth-token --generate >/dev/null
+	export RAY_AUTH_MODE=token; \
 	$(BIN)/ray start --head --block --port=$(RAY_PORT) --metrics-export-port=$(METRICS_PORT) \
 	  --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) --disable-usage-stats & \
 	ray_pid=$$!; trap 'kill -TERM $$ray_pid 2>/dev/null; wait $$ray_pid' EXIT INT TERM; \

@@ -1,0 +1,124 @@
+"""`make serve`, as the README gives it: Ray with its metrics port, the shipped Serve config
+on the embedded default, JSON logs, and everything stopped by one Ctrl-C.
+
+These run before the integration tests start their own Ray cluster on this machine.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import _free_port, decode
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _wait_healthy(url, proc, timeout_s=240):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, "make serve exited"
+        time.sleep(1)
+    raise TimeoutError("never healthy")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, cache_dir):
+    """(app url, metrics url, Ray port, process) of a running `make serve`."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = http_port = _free_port()
+    path = tmp_path_factory.mktemp("make-serve") / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ports = {"RAY_PORT": _free_port(), "METRICS_PORT": _free_port(),
+             "DASHBOARD_PORT": _free_port()}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["ATELIER_CACHE_DIR"] = str(cache_dir)
+    proc = subprocess.Popen(
+        ["make", "-s", "serve", f"SERVE_CONFIG={path}", *(f"{k}={v}" for k, v in ports.items())],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url, f"http://127.0.0.1:{ports['METRICS_PORT']}/metrics", ports["RAY_PORT"], proc
+    finally:
+        _interrupt(proc)
+
+
+def _interrupt(proc):
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does in a terminal
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_make_serve_answers_on_the_embedded_model(served):
+    url, *_ = served
+    r = httpx.post(f"{url}/generate?prompt=a+red+cube&width=64&height=64&steps=2&seed=7",
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "atelier/tiny-sdxl"
+    assert decode(r.json()["image"]).size == (64, 64)
+
+
+def test_ray_exports_atelier_metrics_on_the_metrics_port(served):
+    url, metrics, *_ = served
+    httpx.post(f"{url}/generate", json={"prompt": "x", "seed": 1}, timeout=60)
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(metrics, timeout=10).text
+        if "ray_atelier_generated_images_total{" in text:
+            break
+        time.sleep(1)
+    lines = [line for line in text.splitlines()
+             if line.startswith("ray_atelier_generated_images_total{")]
+    assert lines and all('model="atelier/tiny-sdxl"' in line for line in lines)
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in lines) >= 1
+
+
+def test_logs_are_json_lines_with_the_request_and_prediction_ids(served):
+    url, *_ = served
+    rid = f"probe-{uuid.uuid4().hex}"
+    r = httpx.post(f"{url}/v1/models/atelier/tiny-sdxl/predictions", timeout=70,
+                   headers={"Prefer": "wait", "X-Request-Id": rid},
+                   json={"input": {"prompt": "a cat", "seed": 2}})
+    assert r.status_code == 201 and r.headers["x-request-id"] == rid
+    pid = r.json()["id"]
+    logs = Path("/tmp/ray/session_latest/logs/serve")
+    deadline, records = time.monotonic() + 30, []
+    while time.monotonic() < deadline and not any(x.get("prediction_id") == pid
+                                                  for x in records):
+        time.sleep(0.5)
+        records = [json.loads(line) for f in logs.glob("replica_*.log")
+                   for line in f.read_text().splitlines() if rid in line]
+    ours = [x for x in records if x.get("prediction_id") == pid]
+    assert ours and ours[0]["request_id"] == rid and ours[0]["status"] == "succeeded"
+
+
+def test_ctrl_c_stops_serve_and_ray(served):
+    *_, ray_port, proc = served
+    _interrupt(proc)
+    assert proc.returncode is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", ray_port)) != 0:
+                return  # Ray's GCS is gone
+        time.sleep(1)
+    pytest.fail("Ray's GCS still listens after Ctrl-C")
