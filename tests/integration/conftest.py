@@ -82,7 +82,7 @@ def base_url(cache_dir, bad_adapters, metrics_port):
                          {"path": str(bad_adapters[0]), "base": "sdxl"},
                          {"path": str(bad_adapters[1]), "base": "acme/other"}]}
     # The dashboard writes Ray's Prometheus service-discovery file.
-    ray.init(num_cpus=8, include_dashboard=True, dashboard_port=_free_port(),
+    ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_port=_free_port(),
              _metrics_export_port=metrics_port)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})

@@ -1,0 +1,95 @@
+"""Workload profiles: what one request of a kind of traffic looks like.
+
+A profile turns (random generator, request number) into one `/generate` JSON body. The
+open-loop driver (`load.run`) and the Locust file (`load/locustfile.py`) both draw their
+requests from here, so the two tools send the same traffic.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+# A few product shots and scenes for the variation mix; captions in the style of the
+# COCO captions that MLPerf's SDXL benchmark prompts with.
+PRODUCTS = ("a leather handbag", "a ceramic coffee mug", "a pair of running shoes",
+            "a glass perfume bottle", "a wooden desk lamp", "a wool scarf")
+SCENES = ("on a marble counter, soft morning light", "in a sunlit kitchen",
+          "on a beach at sunset", "against a pastel studio backdrop",
+          "on a rustic wooden table with plants")
+CAPTIONS = ("A man riding a wave on top of a surfboard.",
+            "A kitchen with wooden cabinets and a white refrigerator.",
+            "Two giraffes standing next to each other in a field.",
+            "A plate of food with broccoli and a piece of meat.",
+            "A red double decker bus driving down a city street.",
+            "A cat sitting on a laptop keyboard on a desk.",
+            "A group of people flying kites on a grassy hill.",
+            "A train traveling over a bridge near a river.")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """`body(rng, i, adapters)` makes request i; `adapters` are names the server offers."""
+
+    name: str
+    description: str
+    body: Callable[[random.Random, int, Sequence[str]], dict]
+    size: int
+    steps: int
+    slo_s: float
+
+
+def _seed(rng: random.Random) -> int:
+    return rng.randrange(2**31)
+
+
+def _smoke(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
+    return {"prompt": "a red cube", "width": 64, "height": 64, "steps": 2, "seed": _seed(rng)}
+
+
+def _variations(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
+    """A seller's product in five scenes: requests come in runs of five, one product each."""
+    product = PRODUCTS[(i // 5) % len(PRODUCTS)]
+    scene = SCENES[i % 5]
+    return {"prompt": f"product photo of {product} {scene}", "width": 1024, "height": 1024,
+            "steps": 25, "guidance_scale": 7.0, "seed": _seed(rng),
+            "negative_prompt": "blurry, low quality, watermark, text"}
+
+
+def _mlperf(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
+    return {"prompt": rng.choice(CAPTIONS), "width": 1024, "height": 1024, "steps": 20,
+            "guidance_scale": 8.0, "scheduler": "K_EULER", "seed": _seed(rng)}
+
+
+def _mixed_adapters(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
+    """A third without an adapter; the rest pick adapters with a few popular ones
+    (weights 1/rank), as styles are in practice."""
+    body = {"prompt": rng.choice(CAPTIONS), "width": 1024, "height": 1024, "steps": 20,
+            "seed": _seed(rng)}
+    if adapters and rng.random() >= 1 / 3:
+        weights = [1 / (rank + 1) for rank in range(len(adapters))]
+        body["loras"] = [{"name": rng.choices(list(adapters), weights)[0]}]
+    return body
+
+
+PROFILES = {p.name: p for p in (
+    Profile("smoke", "64x64, 2 steps: checks the tool and the server end to end (CI)",
+            _smoke, 64, 2, slo_s=5.0),
+    Profile("product-variations", "one product photo in five scenes, 1024x1024, 25 steps",
+            _variations, 1024, 25, slo_s=20.0),
+    Profile("mlperf", "MLPerf-like SDXL: captions, 1024x1024, 20 steps, guidance 8",
+            _mlperf, 1024, 20, slo_s=20.0),
+    Profile("mixed-adapters", "captions with a popular-first mix of LoRA adapters, "
+            "1024x1024, 20 steps", _mixed_adapters, 1024, 20, slo_s=20.0),
+)}
+
+
+def sized(body: dict, size: int | None, steps: int | None) -> dict:
+    """The body with width/height and steps overridden (to run a profile on a small model)."""
+    out = dict(body)
+    if size is not None:
+        out["width"] = out["height"] = size
+    if steps is not None:
+        out["steps"] = steps
+    return out

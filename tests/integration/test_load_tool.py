@@ -1,0 +1,63 @@
+"""The load tool against the running app: the CI smoke profile, overload, and Locust."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from load.run import main as load_main
+from tests.integration.conftest import API_KEY, FAST, ONE_SLOT
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(base_url, tmp_path, *extra):
+    out = tmp_path / "report.json"
+    load_main(["--url", base_url, "--api-key", API_KEY, "--out", str(out), *extra])
+    return json.loads(out.read_text()), out.with_suffix(".png")
+
+
+def test_the_smoke_profile_reports_throughput_latency_cost_and_a_plot(base_url, tmp_path):
+    report, png = _run(base_url, tmp_path, "--profile", "smoke", "--model", FAST,
+                       "--rates", "2", "6", "--requests", "12", "--gpu-hour-usd", "3.6",
+                       "--api-price-usd", "0.004")
+    assert [lv["offered_rps"] for lv in report["levels"]] == [2.0, 6.0]
+    for lv in report["levels"]:
+        assert lv["sent"] == lv["succeeded"] == 12 and lv["errors"] == {}
+        lat = lv["latency_s"]
+        assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] < 60
+        assert 0 < lv["goodput_img_s"] <= lv["throughput_img_s"]
+    c = report["cost"]
+    best = max(lv["goodput_img_s"] for lv in report["levels"])
+    assert c["usd_per_image_at_capacity"] == pytest.approx(3.6 / 3600 / best)
+    assert c["break_even_img_month"] == pytest.approx(3.6 * 730 / 0.004)
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 600
+
+
+def test_overload_is_counted_by_kind_not_lost(base_url, tmp_path):
+    report, _ = _run(base_url, tmp_path, "--profile", "smoke", "--model", ONE_SLOT,
+                     "--rates", "40", "--requests", "10", "--arrival", "bursty",
+                     "--burst", "10")
+    (lv,) = report["levels"]
+    assert lv["errors"].get("overload", 0) >= 5  # one runs, one queues, the rest are refused
+    assert lv["succeeded"] + sum(lv["errors"].values()) == lv["sent"] == 10
+
+
+def test_the_locust_file_drives_the_server(base_url, tmp_path):
+    env = {**os.environ, "ATELIER_API_KEY": API_KEY, "ATELIER_MODEL": FAST,
+           "ATELIER_PROFILE": "smoke"}
+    locust = Path(sys.executable).parent / "locust"
+    subprocess.run([str(locust), "-f", str(ROOT / "load" / "locustfile.py"), "--headless",
+                    "-u", "2", "-r", "2", "-t", "6s", "--host", base_url,
+                    "--csv", str(tmp_path / "run"), "--only-summary"],
+                   env=env, cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    with open(tmp_path / "run_stats.csv") as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    generate = rows["/generate [smoke]"]
+    assert int(generate["Request Count"]) >= 4 and int(generate["Failure Count"]) == 0
