@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL.Image import Image
+import ray
 from ray import serve
 
 from deployments.batcher import Batcher, StepListener
@@ -54,6 +55,9 @@ class ModelDeployment:
         self.metrics = ModelMetrics(self.cfg.id, self.cfg.batching.max_batch_size)
         self._failures = 0
         self.replica = serve.get_replica_context().replica_id.unique_id
+        runtime = ray.get_runtime_context()
+        self.node = runtime.get_node_id()
+        self.gpus = tuple(str(g) for g in runtime.get_accelerator_ids().get("GPU", ()))
         self.batcher = Batcher(self._run_batch, self.cfg.batching.max_batch_size,
                                self.cfg.batching.wait_ms / 1000, name=self.replica,
                                on_depth=self.metrics.queue_depth.set)
@@ -95,7 +99,7 @@ class ModelDeployment:
         return GenerationResult(images=images, seeds=request.seeds,
                                 media_type=MEDIA_TYPES[request.output_format],
                                 width=request.width, height=request.height, batch=b,
-                                replica=self.replica,
+                                replica=self.replica, node=self.node, gpus=self.gpus,
                                 adapters_held=tuple(self.engine.adapters.loaded))
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[tuple]:

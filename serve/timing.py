@@ -10,6 +10,8 @@ def timing_headers(result: GenerationResult) -> dict[str, str]:
     batch = result.batch
     return {
         "X-Atelier-Replica": result.replica,
+        "X-Atelier-Node": result.node,
+        "X-Atelier-GPU": ",".join(result.gpus),
         "X-Atelier-Adapters-Held": ",".join(result.adapters_held),
         "X-Atelier-Queue-Ms": f"{batch.queue_ms:.1f}",
         "X-Atelier-Inference-Ms": f"{batch.inference_ms:.1f}",

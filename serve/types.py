@@ -113,3 +113,5 @@ class GenerationResult:
     batch: BatchInfo
     replica: str
     adapters_held: tuple[str, ...] = ()
+    node: str = ""  # the Ray node id of the replica
+    gpus: tuple[str, ...] = ()  # the GPU ids Ray gave the replica

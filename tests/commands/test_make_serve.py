@@ -1,7 +1,8 @@
 """`make serve`, as the README gives it: Ray with its metrics port, the shipped Serve config
 on the embedded default, JSON logs, and everything stopped by one Ctrl-C.
 
-These run before the integration tests start their own Ray cluster on this machine.
+These run before tests/integration starts its own Ray cluster on this machine (pytest
+collects folders in name order).
 """
 
 import json
