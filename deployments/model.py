@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL.Image import Image
 import ray
+from PIL.Image import Image
 from ray import serve
 
 from deployments.batcher import Batcher, StepListener

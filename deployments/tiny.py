@@ -113,10 +113,18 @@ def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32") -> No
     generated tokenizer's; a larger one (the real 49408) costs the same as the real model.
     """
     import torch
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
-                              CLIPTokenizer)
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+    )
 
     vocab_size = _write_clip_tokenizer(folder / "_vocab")
     tokenizer = CLIPTokenizer(str(folder / "_vocab" / "vocab.json"),

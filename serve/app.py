@@ -19,16 +19,16 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.model import ModelDeployment
 from serve.adapters import AdapterCatalog
-from serve.config import AtelierConfig, ModelConfig, load_config, parse_config
 from serve.auth import OPEN_PREFIXES, authorized, configured_keys
+from serve.config import AtelierConfig, ModelConfig, load_config, parse_config
 from serve.context import ingress
 from serve.errors import Unauthorized
 from serve.http_errors import api_path, error_response, install_error_handlers
 from serve.metrics import IngressMetrics
-from serve.router import ModelRouter
 from serve.predictions import PredictionRunner
-from serve.state import MemoryStore, RedisStore
+from serve.router import ModelRouter
 from serve.routes import files, generate, loras, models, openai_images, replicate
+from serve.state import MemoryStore, RedisStore
 from serve.versions import version_id
 
 log = logging.getLogger("ray.serve.atelier.ingress")

@@ -11,7 +11,6 @@ from typing import Protocol
 
 import httpx
 from fastapi import Request
-
 from ray import serve
 
 from serve.metrics import IngressMetrics

@@ -7,14 +7,16 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 
-from ray.serve.exceptions import (BackPressureError, DeploymentUnavailableError,
-                                  RequestCancelledError)
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RequestCancelledError,
+)
 from ray.serve.handle import DeploymentHandle
 
 from serve.adapters import AdapterCatalog, AdapterSet
 from serve.config import AtelierConfig, ModelConfig
-from serve.errors import (AtelierError, InferenceFailed, InvalidField, ModelNotFound,
-                          Overloaded)
+from serve.errors import AtelierError, InferenceFailed, InvalidField, ModelNotFound, Overloaded
 from serve.metrics import IngressMetrics
 from serve.types import GenerationRequest, GenerationResult
 

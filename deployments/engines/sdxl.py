@@ -8,9 +8,15 @@ from pathlib import Path
 
 import psutil
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler,
-                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler, PNDMScheduler, StableDiffusionXLPipeline)
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionXLPipeline,
+)
 from PIL import Image
 
 from deployments.adapters import AdapterSlots

@@ -7,8 +7,8 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from serve.adapters import AdapterCatalog, AdapterSet  # noqa: E402
-from serve.types import GenerationRequest  # noqa: E402
+from serve.adapters import AdapterCatalog, AdapterSet
+from serve.types import GenerationRequest
 
 
 @pytest.fixture(scope="module")

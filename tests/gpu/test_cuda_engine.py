@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from serve.types import GenerationRequest  # noqa: E402
+from serve.types import GenerationRequest
 
 
 @pytest.fixture(scope="module")

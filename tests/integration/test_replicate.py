@@ -10,8 +10,15 @@ import replicate
 from PIL import Image
 from replicate.exceptions import ReplicateError
 
-from tests.integration.conftest import (API_KEY, AUTH, BATCHED, FAST, assert_same_pixels,
-                                       decode, pixels)
+from tests.integration.conftest import (
+    API_KEY,
+    AUTH,
+    BATCHED,
+    FAST,
+    assert_same_pixels,
+    decode,
+    pixels,
+)
 
 
 @pytest.fixture

@@ -2,8 +2,13 @@ import struct
 
 import pytest
 
-from serve.adapters import (AdapterCatalog, AdapterNotFound, AdapterSet, read_entry,
-                            split_prompt_tags)
+from serve.adapters import (
+    AdapterCatalog,
+    AdapterNotFound,
+    AdapterSet,
+    read_entry,
+    split_prompt_tags,
+)
 from serve.errors import InvalidField
 
 
