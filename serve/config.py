@@ -170,6 +170,9 @@ class AtelierConfig(_Strict):
         "ingress replica; default: in the ingress replica's memory."))
     file_ttl_s: float = Field(3600, gt=0, description=(
         "How long predictions and generated files are kept."))
+    prediction_retry_s: float = Field(600, ge=0, description=(
+        "How long an accepted prediction keeps retrying, with back-off, while its model is "
+        "full or the replica running it was lost (then it fails)."))
     file_store_mb: int = Field(1024, ge=1, description=(
         "Most megabytes of generated files an ingress replica keeps (oldest go first)."))
     ingress_replicas: int = Field(1, ge=1, description=(

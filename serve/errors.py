@@ -60,6 +60,13 @@ class Overloaded(AtelierError):
     kind = "overloaded"
 
 
+class ReplicaLost(AtelierError):
+    """The replica running the request stopped (process crash, node loss): retry."""
+
+    status = 503
+    kind = "replica_lost"
+
+
 class InferenceFailed(AtelierError):
     """The pipeline failed on this request alone (its batchmates were retried without it)."""
 

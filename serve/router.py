@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -16,7 +17,14 @@ from ray.serve.handle import DeploymentHandle
 
 from serve.adapters import AdapterCatalog, AdapterSet
 from serve.config import AtelierConfig, ModelConfig
-from serve.errors import AtelierError, InferenceFailed, InvalidField, ModelNotFound, Overloaded
+from serve.errors import (
+    AtelierError,
+    InferenceFailed,
+    InvalidField,
+    ModelNotFound,
+    Overloaded,
+    ReplicaLost,
+)
 from serve.metrics import IngressMetrics
 from serve.types import GenerationRequest, GenerationResult
 
@@ -133,6 +141,9 @@ def _failure(request: GenerationRequest, exc: BaseException) -> tuple[str | None
     if isinstance(exc, BackPressureError | DeploymentUnavailableError):
         return "overload", Overloaded(f"{request.model} is busy or has no running replica; "
                                       "retry later")
+    if isinstance(exc, RayActorError):  # the replica's process or node went away
+        return "replica_lost", ReplicaLost(f"the {request.model} replica running this request "
+                                           "stopped; retry")
     if isinstance(exc, asyncio.CancelledError | GeneratorExit | RequestCancelledError):
         return "canceled", exc
     if isinstance(exc, TimeoutError):

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from serve.context import IngressState, ingress, request_id
-from serve.errors import AtelierError, InvalidField, ModelNotFound
+from serve.errors import AtelierError, InvalidField, ModelNotFound, Overloaded, ReplicaLost
 from serve.predictions import Prediction, now_iso
 from serve.routes.replicate_inputs import PredictionBody, SDXLInput, duration_s, wait_seconds
 from serve.types import GenerationRequest, GenerationResult
@@ -28,6 +28,7 @@ from serve.webhooks import WebhookSender, check_events, check_webhook
 log = logging.getLogger("ray.serve.atelier.replicate")
 router = APIRouter()
 _SAVE_EVERY_S = 0.25
+_FIRST_RETRY_S, _MAX_RETRY_S = 0.5, 10.0
 
 
 class PredictionNotFound(AtelierError):
@@ -157,7 +158,7 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
     try:
         if webhook:
             await webhook.send("start", p.to_json(base))
-        result = await _unless_canceled(state, p, _follow(state, p, gen, base, webhook),
+        result = await _unless_canceled(state, p, _retrying(state, p, gen, base, webhook),
                                         deadline_s)
         if result is None and not await state.store.cancel_requested(p.id):  # deadline
             await state.store.request_cancel(p.id)
@@ -186,6 +187,25 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
                  extra={"prediction_id": p.id, "model": p.model, "status": p.status})
         if webhook:
             await asyncio.shield(webhook.send("completed", p.to_json(base)))
+
+
+async def _retrying(state: IngressState, p: Prediction, gen: GenerationRequest, base: str,
+                    webhook: WebhookSender | None) -> GenerationResult:
+    """An accepted prediction is not dropped for lack of capacity: while its model is full
+    or the replica running it is lost, it is retried with back-off (noted in its logs) for
+    up to `prediction_retry_s`."""
+    give_up = time.monotonic() + state.router.config.prediction_retry_s
+    delay = _FIRST_RETRY_S
+    while True:
+        try:
+            return await _follow(state, p, gen, base, webhook)
+        except (Overloaded, ReplicaLost) as exc:
+            if time.monotonic() + delay > give_up:
+                raise
+            p.logs += f"{exc.message}; retrying in {delay:.1f}s\n"
+            await state.store.save(p)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, _MAX_RETRY_S)
 
 
 async def _follow(state: IngressState, p: Prediction, gen: GenerationRequest, base: str,

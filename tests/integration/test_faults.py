@@ -1,0 +1,63 @@
+"""Faults injected into the running app: a model replica killed in the middle of a batch."""
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import replicate
+
+from tests.integration.conftest import API_KEY, AUTH, FAST, RESTARTABLE
+
+SLOW = {"prompt": "a lamp", "width": 256, "height": 256, "num_inference_steps": 20}
+
+
+def _replica_pids(model_id: str) -> list[int]:
+    import ray
+    from ray.util.state import list_actors
+
+    name = "ServeReplica:atelier:model-" + model_id.replace("/", "-")
+    alive = list_actors(address=ray.get_runtime_context().gcs_address,
+                        filters=[("state", "=", "ALIVE")], limit=10_000)
+    return [a.pid for a in alive if a.class_name == name]
+
+
+def test_a_killed_replica_fails_its_sync_request_cleanly_and_its_prediction_finishes(
+        base_url):
+    rep = replicate.Client(api_token=API_KEY, base_url=base_url)
+    (old_pid,) = _replica_pids(RESTARTABLE)
+    sync = {}
+
+    def call():
+        sync["r"] = httpx.post(f"{base_url}/generate", headers=AUTH, timeout=120, json={
+            "model": RESTARTABLE, "prompt": "a lamp", "seed": 1, "width": 256, "height": 256,
+            "steps": 20})
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    # The model waits 1 s for company, so both share the batch that gets killed.
+    p = rep.models.predictions.create(model=RESTARTABLE, input={**SLOW, "seed": 2})
+    deadline = time.monotonic() + 60
+    while "/20" not in (p.logs or "") and time.monotonic() < deadline:
+        time.sleep(0.05)
+        p.reload()
+    assert "20/20" not in p.logs
+    os.kill(old_pid, signal.SIGKILL)
+
+    others = [httpx.post(f"{base_url}/generate", headers=AUTH, timeout=60,
+                         json={"model": FAST, "prompt": "x", "seed": s}) for s in range(3)]
+    assert [r.status_code for r in others] == [200, 200, 200]  # other models unaffected
+
+    thread.join(120)
+    r = sync["r"]
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "stopped; retry" in r.json()["detail"]
+
+    deadline = time.monotonic() + 180
+    while p.status not in ("succeeded", "failed", "canceled") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        p.reload()
+    assert p.status == "succeeded" and len(p.output) == 1
+    assert "retrying" in p.logs  # it ran again, on the replica Serve started instead
+    assert _replica_pids(RESTARTABLE) not in ([], [old_pid])
