@@ -113,6 +113,10 @@ class ModelConfig(_Strict):
         "A health check slower than this counts as failed."))
     health_stall_s: float = Field(600, gt=0, description=(
         "A pipeline call running longer than this marks the replica unhealthy."))
+    request_timeout_s: float = Field(300, gt=0, description=(
+        "Longest a synchronous request (/generate, OpenAI) may take, queue included: past "
+        "it the client gets 504 and the request leaves its batch. Predictions use "
+        "Cancel-After instead."))
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)

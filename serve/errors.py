@@ -60,6 +60,13 @@ class Overloaded(AtelierError):
     kind = "overloaded"
 
 
+class TimedOut(AtelierError):
+    """The request ran past the model's request_timeout_s; its work was withdrawn."""
+
+    status = 504
+    kind = "timeout"
+
+
 class ReplicaLost(AtelierError):
     """The replica running the request stopped (process crash, node loss): retry."""
 

@@ -24,6 +24,7 @@ from serve.errors import (
     ModelNotFound,
     Overloaded,
     ReplicaLost,
+    TimedOut,
 )
 from serve.metrics import IngressMetrics
 from serve.types import GenerationRequest, GenerationResult
@@ -106,16 +107,20 @@ class ModelRouter:
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run `request` (whose `model` is a resolved id) on its model's deployment.
 
-        Raises Overloaded when every replica's queue is full or none is running. If the
-        awaiting task is cancelled, the request is withdrawn from the replica too.
+        Raises Overloaded when every replica's queue is full or none is running, TimedOut
+        past the model's request_timeout_s. If the awaiting task is cancelled or times
+        out, the request is withdrawn from the replica too.
         """
         started = time.monotonic()
+        timeout_s = self.resolve(request.model).request_timeout_s
         response = self._handle(request).generate.remote(request)
         try:
-            result = await response
+            result = await asyncio.wait_for(_awaited(response), timeout_s)
         except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
+            if isinstance(exc, asyncio.CancelledError | TimeoutError):
                 response.cancel()  # the replica stops waiting for (or computing) it
+            if isinstance(exc, TimeoutError):
+                exc = TimedOut(f"no result within {timeout_s:g}s (request_timeout_s)")
             raise self._failed(request, exc) from None
         self._delivered(request, result, started)
         return result
@@ -135,6 +140,10 @@ class ModelRouter:
         return raised
 
 
+async def _awaited(response):
+    return await response
+
+
 def _failure(request: GenerationRequest, exc: BaseException) -> tuple[str | None, BaseException]:
     """(error kind to count or None, exception to raise) for a failed generation. Client
     errors (4xx) are counted by the ingress from their status."""
@@ -146,7 +155,7 @@ def _failure(request: GenerationRequest, exc: BaseException) -> tuple[str | None
                                            "stopped; retry")
     if isinstance(exc, asyncio.CancelledError | GeneratorExit | RequestCancelledError):
         return "canceled", exc
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError | TimedOut):
         return "timeout", exc
     if isinstance(exc, InferenceFailed):
         return ("oom" if "OutOfMemory" in exc.message else "failed"), exc

@@ -4,7 +4,8 @@
 waits two seconds for company, so concurrent requests reliably share pipeline calls;
 `atelier/tiny-sdxl-one-slot` holds one request and queues one more, to show overload;
 `atelier/tiny-sdxl-2x` has two replicas, to show adapter affinity;
-`atelier/tiny-sdxl-restartable` is the one whose replica the fault tests kill. The adapter catalog is
+`atelier/tiny-sdxl-restartable` is the one whose replica the fault tests kill;
+`atelier/tiny-sdxl-deadline` gives synchronous requests 1.5 s. The adapter catalog is
 the embedded demo set plus `bad_adapters` (files that must fail cleanly).
 """
 
@@ -24,6 +25,7 @@ API_KEY = "test-key-7f3a"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TWO_REPLICAS = "atelier/tiny-sdxl-2x"
 RESTARTABLE = "atelier/tiny-sdxl-restartable"
+DEADLINE = "atelier/tiny-sdxl-deadline"
 
 
 def _model(model_id, wait_ms, **extra):
@@ -80,7 +82,9 @@ def base_url(cache_dir, bad_adapters, metrics_port):
         _model(ONE_SLOT, 1500, max_ongoing_requests=1, max_queued_requests=1,
                batching={"max_batch_size": 1, "wait_ms": 1500}),
         _model(TWO_REPLICAS, 10, replicas=2),
-        _model(RESTARTABLE, 1000)],
+        _model(RESTARTABLE, 1000),
+        _model(DEADLINE, 10, request_timeout_s=1.5,
+               limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60})],
         "lora_folders": [{"embedded": "tiny-sdxl-demo", "base": "sdxl"},
                          {"path": str(bad_adapters[0]), "base": "sdxl"},
                          {"path": str(bad_adapters[1]), "base": "acme/other"}]}

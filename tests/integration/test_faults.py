@@ -1,4 +1,5 @@
-"""Faults injected into the running app: a model replica killed in the middle of a batch."""
+"""Faults injected into the running app: a model replica killed in the middle of a batch,
+a request that runs past its deadline."""
 
 import os
 import signal
@@ -8,7 +9,7 @@ import time
 import httpx
 import replicate
 
-from tests.integration.conftest import API_KEY, AUTH, FAST, RESTARTABLE
+from tests.integration.conftest import API_KEY, AUTH, DEADLINE, FAST, RESTARTABLE
 
 SLOW = {"prompt": "a lamp", "width": 256, "height": 256, "num_inference_steps": 20}
 
@@ -61,3 +62,16 @@ def test_a_killed_replica_fails_its_sync_request_cleanly_and_its_prediction_fini
     assert p.status == "succeeded" and len(p.output) == 1
     assert "retrying" in p.logs  # it ran again, on the replica Serve started instead
     assert _replica_pids(RESTARTABLE) not in ([], [old_pid])
+
+
+def test_a_request_past_its_deadline_gets_504_and_leaves_its_batch(client):
+    started = time.monotonic()
+    r = client.post("/generate", json={"model": DEADLINE, "prompt": "x", "seed": 1,
+                                       "width": 256, "height": 256, "steps": 60})
+    elapsed = time.monotonic() - started
+    assert r.status_code == 504 and "request_timeout_s" in r.json()["detail"]
+    assert 1.5 <= elapsed < 3.0
+    after = client.post("/generate", json={"model": DEADLINE, "prompt": "y", "seed": 2})
+    assert after.status_code == 200
+    # It did not wait for the rest of the abandoned 60 steps, only for the current one.
+    assert float(after.headers["x-atelier-queue-ms"]) < 400

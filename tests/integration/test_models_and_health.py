@@ -1,11 +1,12 @@
-from tests.integration.conftest import BATCHED, FAST, ONE_SLOT, RESTARTABLE, TWO_REPLICAS
+from tests.integration.conftest import (BATCHED, DEADLINE, FAST, ONE_SLOT, RESTARTABLE,
+                                       TWO_REPLICAS)
 
 
 def test_models_are_listed_in_openai_shape(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == [FAST, BATCHED, ONE_SLOT, TWO_REPLICAS,
-                                          RESTARTABLE]
+                                          RESTARTABLE, DEADLINE]
     first = body["data"][0]
     assert first["object"] == "model" and first["owned_by"] == "atelier"
     assert first["aliases"] == ["stability-ai/sdxl"] and first["limits"]["max_size"] == 512
@@ -15,7 +16,8 @@ def test_healthz_reports_every_model_ready(client):
     r = client.get("/healthz")
     assert r.status_code == 200
     models = r.json()["models"]
-    assert set(models) == {FAST, BATCHED, ONE_SLOT, TWO_REPLICAS, RESTARTABLE}
+    assert set(models) == {FAST, BATCHED, ONE_SLOT, TWO_REPLICAS, RESTARTABLE,
+                           DEADLINE}
     assert all(m["state"] == "ready" for m in models.values())
     assert [models[m]["replicas_running"] for m in (FAST, TWO_REPLICAS)] == [1, 2]
 
