@@ -100,9 +100,9 @@ class ModelRouter:
                     self._delivered(request, event[1], started)
                 yield event
         except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                response.cancel()  # withdrawn; cancelling a failed stream would re-raise
             raise self._failed(request, exc) from None
-        finally:
-            response.cancel()
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run `request` (whose `model` is a resolved id) on its model's deployment.

@@ -179,6 +179,10 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
     except AtelierError as exc:
         p.finish("failed", error=exc.message)
         await state.store.save(p)
+    except Exception:  # never leave an accepted prediction unfinished
+        log.exception("prediction %s failed", p.id, extra={"prediction_id": p.id})
+        p.finish("failed", error="internal error")
+        await state.store.save(p)
     except asyncio.CancelledError:
         p.finish("canceled")  # canceled through this replica; the store already says so
         raise

@@ -9,7 +9,7 @@ import time
 import httpx
 import replicate
 
-from tests.integration.conftest import API_KEY, AUTH, DEADLINE, FAST, RESTARTABLE
+from tests.integration.conftest import API_KEY, AUTH, DEADLINE, FAST, ONE_SLOT, RESTARTABLE
 
 SLOW = {"prompt": "a lamp", "width": 256, "height": 256, "num_inference_steps": 20}
 
@@ -75,3 +75,18 @@ def test_a_request_past_its_deadline_gets_504_and_leaves_its_batch(client):
     assert after.status_code == 200
     # It did not wait for the rest of the abandoned 60 steps, only for the current one.
     assert float(after.headers["x-atelier-queue-ms"]) < 400
+
+
+def test_predictions_past_capacity_wait_their_turn_instead_of_failing(base_url):
+    # The one-slot model holds one request and queues one: six at once overflow it.
+    rep = replicate.Client(api_token=API_KEY, base_url=base_url)
+    preds = [rep.models.predictions.create(model=ONE_SLOT, input={"prompt": "x", "seed": s})
+             for s in range(6)]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(p.status not in ("succeeded", "failed")
+                                              for p in preds):
+        time.sleep(0.5)
+        for p in preds:
+            p.reload()
+    assert [p.status for p in preds] == ["succeeded"] * 6
+    assert any("busy" in p.logs and "retrying" in p.logs for p in preds)
