@@ -32,8 +32,12 @@ def prometheus(base_url, metrics_port, tmp_path_factory):
     config = yaml.safe_load((ROOT / "monitoring" / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
     assert job["file_sd_configs"][0]["files"] == [str(RAY_SD_FILE)]
-    targets = json.loads(RAY_SD_FILE.read_text())[0]["targets"]
-    assert any(t.endswith(f":{metrics_port}") for t in targets), targets  # this cluster's
+    # RAY_SD_FILE links to the newest Ray session's file; read this cluster's own, in case
+    # another Ray session started on this machine meanwhile.
+    ours = _session_dir() / RAY_SD_FILE.name
+    targets = json.loads(ours.read_text())[0]["targets"]
+    assert any(t.endswith(f":{metrics_port}") for t in targets), targets
+    job["file_sd_configs"][0]["files"] = [str(ours)]
     config["global"]["scrape_interval"] = "1s"
     folder = tmp_path_factory.mktemp("prometheus")
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -49,6 +53,12 @@ def prometheus(base_url, metrics_port, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _session_dir() -> Path:
+    import ray
+
+    return Path(ray._private.worker._global_node.get_session_dir_path())  # no public accessor
 
 
 def _wait_ready(url, timeout_s=30):
