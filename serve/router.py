@@ -94,12 +94,16 @@ class ModelRouter:
         """
         started = time.monotonic()
         response = self._handle(request).options(stream=True).generate_stream.remote(request)
+        delivered = False
         try:
             async for event in response:
                 if event[0] == "result":
                     self._delivered(request, event[1], started)
+                    delivered = True
                 yield event
         except BaseException as exc:
+            if delivered:
+                raise  # closed or cancelled after its result: nothing was withdrawn
             if isinstance(exc, asyncio.CancelledError | GeneratorExit):
                 response.cancel()  # withdrawn; cancelling a failed stream would re-raise
             raise self._failed(request, exc) from None
