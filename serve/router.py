@@ -119,7 +119,7 @@ class ModelRouter:
         timeout_s = self.resolve(request.model).request_timeout_s
         response = self._handle(request).generate.remote(request)
         try:
-            result = await asyncio.wait_for(_awaited(response), timeout_s)
+            result = await asyncio.wait_for(response, timeout_s)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError | TimeoutError):
                 response.cancel()  # the replica stops waiting for (or computing) it
@@ -142,10 +142,6 @@ class ModelRouter:
             log.info("request %s ended: %s", request.request_id, kind,
                      extra={"model": request.model, "kind": kind})
         return raised
-
-
-async def _awaited(response):
-    return await response
 
 
 def _failure(request: GenerationRequest, exc: BaseException) -> tuple[str | None, BaseException]:
