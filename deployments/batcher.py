@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("ray.serve.atelier.batcher")
 
 # runner(requests, withdrawn, on_step): `withdrawn()`, callable from any thread, gives the
 # indexes of the call's requests that were withdrawn since it started, so a long call can
@@ -50,9 +53,10 @@ class Batcher:
     """Submit requests, await their results; cancelling the awaiting task withdraws one.
 
     `runner` receives a list of compatible requests and returns one result per request,
-    in order. If it raises for a batch of several, each request is run again alone, so
-    only the request that fails alone gets the error. A request withdrawn while its call
-    runs gets no result, and `withdrawn()` names it to the runner.
+    in order. If it raises for a batch of several, the batch is split in two halves that
+    run again, down to single requests: a batch too large for the device's memory runs as
+    smaller batches, and only a request that fails alone gets the error. A request
+    withdrawn while its call runs gets no result, and `withdrawn()` names it to the runner.
     """
 
     def __init__(self, runner: Runner, max_batch_size: int, wait_s: float, name: str = "b",
@@ -139,21 +143,47 @@ class Batcher:
                                          lambda: {i for i, p in enumerate(batch)
                                                   if p.future.done()},
                                          _fan_out(batch, asyncio.get_running_loop()))
-        except Exception as exc:  # isolate the failing request from its batchmates
+        except Exception as exc:
             self.running_since = None
             if len(batch) == 1:
                 _settle(batch[0].future, exc=exc)
                 return
-            for item in batch:
-                if not item.future.done():
-                    await self._run([item])
+            reason = type(exc).__name__
+        else:
+            self.running_since = None
+            run_s = time.monotonic() - started
+            images = sum(p.size for p in batch)
+            for item, result in zip(batch, results, strict=True):
+                _settle(item.future, Batched(result, batch_id, images, len(batch),
+                                             started - item.enqueued, run_s))
             return
-        self.running_since = None
-        run_s = time.monotonic() - started
-        images = sum(p.size for p in batch)
-        for item, result in zip(batch, results, strict=True):
-            _settle(item.future, Batched(result, batch_id, images, len(batch),
-                                         started - item.enqueued, run_s))
+        # Retried only now that the error (and the memory its traceback may hold) is gone.
+        await self._retry_in_halves(batch, reason)
+
+    async def _retry_in_halves(self, batch: list[_Pending], reason: str) -> None:
+        """Run a failed batch again as two halves, without its withdrawn requests."""
+        live = [item for item in batch if not item.future.done()]
+        if len(live) <= 1:
+            if live:
+                await self._run(live)
+            return
+        middle = _middle(live)
+        log.warning("a call of %d requests failed (%s); retrying as %d + %d",
+                    len(live), reason, middle, len(live) - middle)
+        await self._run(live[:middle])
+        rest = [item for item in live[middle:] if not item.future.done()]
+        if rest:
+            await self._run(rest)
+
+
+def _middle(batch: list[_Pending]) -> int:
+    """Where to cut a batch so that both halves hold about as many images."""
+    total, images = sum(p.size for p in batch), 0
+    for i, item in enumerate(batch[:-1]):
+        images += item.size
+        if images * 2 >= total:
+            return i + 1
+    return len(batch) - 1
 
 
 def _fan_out(batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> StepListener:

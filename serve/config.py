@@ -44,6 +44,9 @@ class LimitsConfig(_Strict):
     max_steps: int = Field(50, ge=1, le=500, description="Most denoising steps per request.")
     max_outputs: int = Field(4, ge=1, le=16, description="Most images per request.")
     max_loras: int = Field(4, ge=0, le=16, description="Most LoRA adapters one request stacks.")
+    max_request_pixels: int = Field(4 * 1024 * 1024, ge=64, description=(
+        "Memory budget of one request: largest width x height x num_outputs. A request "
+        "over it gets 422 before it reaches the GPU."))
 
     @model_validator(mode="after")
     def _sizes_ordered(self) -> LimitsConfig:
@@ -71,8 +74,9 @@ class DefaultsConfig(_Strict):
             value = getattr(self, name)
             if value % 8 or not limits.min_size <= value <= limits.max_size:
                 raise ValueError(f"defaults.{name} must be a multiple of 8 within limits")
-        if self.width * self.height > limits.max_pixels:
-            raise ValueError("defaults.width x defaults.height exceeds limits.max_pixels")
+        if self.width * self.height > min(limits.max_pixels, limits.max_request_pixels):
+            raise ValueError("defaults.width x defaults.height exceeds limits.max_pixels "
+                             "or limits.max_request_pixels")
         if self.num_inference_steps > limits.max_steps:
             raise ValueError("defaults.num_inference_steps exceeds limits.max_steps")
 
@@ -117,6 +121,10 @@ class ModelConfig(_Strict):
         "Longest a synchronous request (/generate, OpenAI) may take, queue included: past "
         "it the client gets 504 and the request leaves its batch. Predictions use "
         "Cancel-After instead."))
+    simulate_oom_above_images: int | None = Field(None, ge=1, description=(
+        "Fault drill: pipeline calls of more images than this raise the device's "
+        "out-of-memory error, as a full GPU would, to rehearse the split-and-retry path. "
+        "Leave unset in production."))
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)

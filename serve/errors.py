@@ -74,6 +74,14 @@ class ReplicaLost(AtelierError):
     kind = "replica_lost"
 
 
+class OutOfMemory(AtelierError):
+    """The device ran out of memory for this request even alone (its batch was split and
+    retried smaller first): retry later, or ask for fewer images or a smaller size."""
+
+    status = 503
+    kind = "oom"
+
+
 class InferenceFailed(AtelierError):
     """The pipeline failed on this request alone (its batchmates were retried without it)."""
 

@@ -19,9 +19,9 @@ from serve.adapters import AdapterCatalog, AdapterSet
 from serve.config import AtelierConfig, ModelConfig
 from serve.errors import (
     AtelierError,
-    InferenceFailed,
     InvalidField,
     ModelNotFound,
+    OutOfMemory,
     Overloaded,
     ReplicaLost,
     TimedOut,
@@ -157,8 +157,8 @@ def _failure(request: GenerationRequest, exc: BaseException) -> tuple[str | None
         return "canceled", exc
     if isinstance(exc, TimeoutError | TimedOut):
         return "timeout", exc
-    if isinstance(exc, InferenceFailed):
-        return ("oom" if "OutOfMemory" in exc.message else "failed"), exc
+    if isinstance(exc, OutOfMemory):
+        return "oom", exc
     if isinstance(exc, AtelierError) and exc.status < 500:
         return None, exc
     return "failed", exc

@@ -86,6 +86,11 @@ class GenerationRequest:
                                f"must be at most {limits.max_steps} for this model")
         if self.num_outputs > limits.max_outputs:
             raise InvalidField("num_outputs", f"must be at most {limits.max_outputs} for this model")
+        if self.width * self.height * self.num_outputs > limits.max_request_pixels:
+            raise InvalidField("num_outputs", (
+                f"width x height x num_outputs must be at most {limits.max_request_pixels} "
+                f"pixels for this model (its memory budget), got "
+                f"{self.width * self.height * self.num_outputs}"))
         if self.scheduler not in SCHEDULERS:
             raise InvalidField("scheduler", f"must be one of {', '.join(SCHEDULERS)}")
 

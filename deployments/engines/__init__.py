@@ -62,5 +62,6 @@ def create_engine(model: ModelConfig, cache_dir: Path,
         from deployments.engines.sdxl import SDXLEngine
 
         return SDXLEngine(path, model.dtype, device, model.variant, adapters,
-                          model.max_loaded_adapters, model.max_lora_rank, model.lora_targets)
+                          model.max_loaded_adapters, model.max_lora_rank, model.lora_targets,
+                          model.simulate_oom_above_images)
     raise ValueError(f"no engine for family {model.family!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from PIL import Image
 from deployments.adapters import AdapterSlots
 from deployments.engines.withdrawal import BatchRows, step_callback
 from serve.adapters import AdapterEntry
+from serve.errors import OutOfMemory
 from serve.types import GenerationRequest
 
 log = logging.getLogger("ray.serve.atelier.engine")
@@ -50,7 +52,9 @@ class SDXLEngine:
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
                  adapters: Mapping[str, AdapterEntry] | None = None, max_adapters: int = 8,
                  max_lora_rank: int = 64,
-                 lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0")):
+                 lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+                 simulate_oom_above_images: int | None = None):
+        self.simulate_oom_above_images = simulate_oom_above_images
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype] if self.device.type == "cuda" else torch.float32
         self.pipe = _load_pipeline(path, self.dtype, variant).to(self.device)
@@ -92,14 +96,39 @@ class SDXLEngine:
                       for r in requests for seed in r.seeds]
         rows = BatchRows([r.num_outputs for r in requests])
         self.pipe.scheduler = self._schedulers[first.scheduler]
-        images = self.pipe(
+        out_of_memory = False
+        try:
+            images = self._call(first, generators, embeds,
+                                step_callback(rows, generators, withdrawn, on_step))
+        except torch.OutOfMemoryError:
+            out_of_memory = True  # handled below, once the failed call's frames are gone
+        if out_of_memory:
+            raise self._recover_memory(requests)
+        return rows.split(images)
+
+    def _call(self, first: GenerationRequest, generators: list[torch.Generator],
+              embeds: dict[str, torch.Tensor], callback: Callable) -> list[Image.Image]:
+        if self.simulate_oom_above_images and len(generators) > self.simulate_oom_above_images:
+            raise torch.OutOfMemoryError(f"simulated: {len(generators)} images in one call")
+        return self.pipe(
             width=first.width, height=first.height,
             num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
-            generator=generators, output_type="pil",
-            callback_on_step_end=step_callback(rows, generators, withdrawn, on_step),
+            generator=generators, output_type="pil", callback_on_step_end=callback,
             callback_on_step_end_tensor_inputs=list(self.pipe._callback_tensor_inputs),
             **embeds).images
-        return rows.split(images)
+
+    def _recover_memory(self, requests: Sequence[GenerationRequest]) -> OutOfMemory:
+        """Give the failed call's memory back; the error to raise, so the caller can retry
+        smaller batches."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        images, r = sum(q.num_outputs for q in requests), requests[0]
+        log.warning("%s ran out of memory: %d request(s), %d image(s) of %dx%d",
+                    self.device, len(requests), images, r.width, r.height)
+        return OutOfMemory(f"{self.device} ran out of memory for {len(requests)} request(s), "
+                           f"{images} image(s) of {r.width}x{r.height}; retry later, or ask "
+                           "for fewer images or a smaller size")
 
     def _encode(self, requests: Sequence[GenerationRequest]) -> dict[str, torch.Tensor]:
         """Prompt embeddings per image, each prompt encoded on its own."""

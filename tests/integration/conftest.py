@@ -5,7 +5,9 @@ waits two seconds for company, so concurrent requests reliably share pipeline ca
 `atelier/tiny-sdxl-one-slot` holds one request and queues one more, to show overload;
 `atelier/tiny-sdxl-2x` has two replicas, to show adapter affinity;
 `atelier/tiny-sdxl-restartable` is the one whose replica the fault tests kill;
-`atelier/tiny-sdxl-deadline` gives synchronous requests 1.5 s. The adapter catalog is
+`atelier/tiny-sdxl-deadline` gives synchronous requests 1.5 s;
+`atelier/tiny-sdxl-small-memory` runs out of memory on calls of more than two images
+(the out-of-memory drill) and budgets 3 images of 64x64 per request. The adapter catalog is
 the embedded demo set plus `bad_adapters` (files that must fail cleanly).
 """
 
@@ -26,6 +28,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TWO_REPLICAS = "atelier/tiny-sdxl-2x"
 RESTARTABLE = "atelier/tiny-sdxl-restartable"
 DEADLINE = "atelier/tiny-sdxl-deadline"
+SMALL_MEMORY = "atelier/tiny-sdxl-small-memory"
 
 
 def _model(model_id, wait_ms, **extra):
@@ -84,12 +87,15 @@ def base_url(cache_dir, bad_adapters, metrics_port):
         _model(TWO_REPLICAS, 10, replicas=2),
         _model(RESTARTABLE, 1000),
         _model(DEADLINE, 10, request_timeout_s=1.5,
-               limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60})],
+               limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60}),
+        _model(SMALL_MEMORY, 1000, simulate_oom_above_images=2, health_check_period_s=1,
+               limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 20,
+                       "max_request_pixels": 3 * 64 * 64})],
         "lora_folders": [{"embedded": "tiny-sdxl-demo", "base": "sdxl"},
                          {"path": str(bad_adapters[0]), "base": "sdxl"},
                          {"path": str(bad_adapters[1]), "base": "acme/other"}]}
     # The dashboard writes Ray's Prometheus service-discovery file.
-    ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_port=_free_port(),
+    ray.init(address="local", num_cpus=12, include_dashboard=True, dashboard_port=_free_port(),
              _metrics_export_port=metrics_port)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})

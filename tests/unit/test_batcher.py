@@ -84,7 +84,38 @@ def test_a_failing_request_fails_alone_and_its_batchmates_succeed():
     results = asyncio.run(_submit_all(batcher, [("ok1", "k", 1), ("bad", "k", 1), ("ok2", "k", 1)]))
     assert results[0].result == "done-ok1" and results[2].result == "done-ok2"
     assert isinstance(results[1], RuntimeError) and "bad" in str(results[1])
-    assert run.calls == [["ok1", "bad", "ok2"], ["ok1"], ["bad"], ["ok2"]]
+    # Split in halves (by images) until the failing request is alone.
+    assert run.calls == [["ok1", "bad", "ok2"], ["ok1", "bad"], ["ok1"], ["bad"], ["ok2"]]
+
+
+class MemoryBound(Recorder):
+    """A runner whose device holds at most `limit` images per call, like a GPU that runs
+    out of memory on larger batches."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit = limit
+
+    async def __call__(self, requests, withdrawn, on_step):
+        self.calls.append(list(requests))
+        if sum(size for _, size in requests) > self.limit:
+            raise MemoryError("out of memory")
+        return [f"done-{name}" for name, _ in requests]
+
+
+def test_a_batch_too_large_for_memory_is_split_in_halves_until_it_fits():
+    run = MemoryBound(limit=2)
+    batcher = Batcher(run, max_batch_size=8, wait_s=0.05)
+    items = [((name, 1), "k", 1) for name in "abcde"] + [(("big", 3), "k", 3)]
+    results = asyncio.run(_submit_all(batcher, items))
+    names = [[name for name, _ in call] for call in run.calls]
+    # 8 images fail; halves of 4 images (a-d) and 4 (e, big); then 2 + 2 fit; e alone
+    # fits; big fails alone and only big gets the error.
+    assert names == [list("abcde") + ["big"], list("abcd"), ["a", "b"], ["c", "d"],
+                     ["e", "big"], ["e"], ["big"]]
+    assert [r.result for r in results[:5]] == [f"done-{n}" for n in "abcde"]
+    assert [r.batch_images for r in results[:5]] == [2, 2, 2, 2, 1]
+    assert isinstance(results[5], MemoryError)
 
 
 def test_a_cancelled_waiting_request_never_runs():

@@ -158,3 +158,17 @@ def test_a_withdrawn_request_leaves_the_running_batch_and_the_others_keep_their_
     assert_same_pixels(out[2][0], untouched[2][0])
     # Classifier-free guidance runs two UNet rows per image: 4 images, then 2.
     assert unet_rows[0] == 8 and unet_rows[-1] == 4 and len(steps) == len(unet_rows)
+
+def test_running_out_of_memory_raises_a_clear_error_and_the_engine_keeps_serving(
+        tiny_sdxl_path):
+    from deployments.engines.sdxl import SDXLEngine
+    from serve.errors import OutOfMemory
+
+    drill = SDXLEngine(tiny_sdxl_path, "float32", "cpu", simulate_oom_above_images=2)
+    with pytest.raises(OutOfMemory, match=r"3 image\(s\) of 64x64") as raised:
+        drill.generate([_req(1, num_outputs=2), _req(2)])
+    assert raised.value.status == 503 and raised.value.__context__ is None
+    (images,) = drill.generate([_req(1, num_outputs=2)])
+    reference = SDXLEngine(tiny_sdxl_path, "float32", "cpu").generate([_req(1, num_outputs=2)])
+    assert [_px(im).tolist() for im in images] == [_px(im).tolist() for im in reference[0]]
+    drill.check()

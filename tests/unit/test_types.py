@@ -41,3 +41,11 @@ def test_values_outside_the_model_limits_name_their_field(overrides, field):
 
 def test_values_inside_the_limits_pass():
     _req(width=1024, height=1024, num_outputs=4).check_limits(LimitsConfig())
+
+
+def test_a_request_over_the_memory_budget_is_refused_on_num_outputs():
+    limits = LimitsConfig(max_pixels=1024 * 1024, max_request_pixels=2 * 1024 * 1024)
+    _req(width=1024, height=1024, num_outputs=2).check_limits(limits)
+    with pytest.raises(InvalidField, match="at most 2097152 pixels.*got 3145728") as err:
+        _req(width=1024, height=1024, num_outputs=3).check_limits(limits)
+    assert err.value.field == "num_outputs"
