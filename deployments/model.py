@@ -163,7 +163,9 @@ class ModelDeployment:
         except AtelierError:
             raise  # a client-side problem (e.g. an adapter that does not fit), not a fault
         except Exception as exc:
-            self._failures += 1
+            # A failed batch is retried in halves down to single requests: only a request
+            # failing alone says something about the pipeline's health.
+            self._failures += len(requests) == 1
             log.exception("pipeline call failed for request(s) %s",
                           ", ".join(r.request_id for r in requests))
             raise InferenceFailed(f"generation failed: {type(exc).__name__}") from exc
