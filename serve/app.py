@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -28,10 +29,12 @@ from serve.metrics import IngressMetrics
 from serve.predictions import PredictionRunner
 from serve.router import ModelRouter
 from serve.routes import files, generate, loras, models, openai_images, replicate
+from serve.routes.replicate_runs import run_prediction
 from serve.state import MemoryStore, RedisStore
 from serve.versions import version_id
 
 log = logging.getLogger("ray.serve.atelier.ingress")
+_DRAIN_MARGIN_S = 10
 
 api = FastAPI(title="Atelier", description="Self-hosted image generation.",
               version="0.1.0")
@@ -72,15 +75,24 @@ class Ingress:
                                   self.metrics)
         self.store = (RedisStore(cfg.redis_url, cfg.file_ttl_s) if cfg.redis_url else
                       MemoryStore(cfg.file_ttl_s, cfg.file_store_mb * 2**20))
-        self.predictions = PredictionRunner(self.store)
         self.api_keys = configured_keys(cfg.api_keys)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.predictions = PredictionRunner(self.store, self.replica,
+                                            lambda p: run_prediction(self, p))
+        # Serve runs the constructor on the replica's event loop.
+        self._keeper = asyncio.get_running_loop().create_task(self.predictions.keep())
         self.versions = dict(versions)
         self.webhook_client = httpx.AsyncClient(follow_redirects=False)
         if not self.api_keys:
             log.warning("no API keys are set: anyone who reaches this port can generate")
         self.deployment_names = dict(deployment_names)
         self.started_at = int(time.time())
+
+    async def __del__(self):
+        """Serve calls this when the replica stops (redeploy, scale-down), after its HTTP
+        requests have drained: unfinished predictions go to another replica at once."""
+        self._keeper.cancel()
+        await self.predictions.hand_over()
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
@@ -100,10 +112,14 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     bound = {m.id: _model_app(m, config, catalog, has_gpus) for m in config.models}
     names = {m.id: _deployment_name(m) for m in config.models}
     versions = {m.id: version_id(m, config.cache_dir) for m in config.models}
+    # A replica being replaced (redeploy, scale-down) first finishes the synchronous
+    # requests it holds, which may take up to the longest request_timeout_s.
+    drain_s = max(m.request_timeout_s for m in config.models) + _DRAIN_MARGIN_S
     return Ingress.options(
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=drain_s,
     ).bind(config.model_dump(mode="json"), catalog, versions, bound, names)
 
 
@@ -134,6 +150,7 @@ def _model_app(model: ModelConfig, config: AtelierConfig, catalog: list[dict],
         ray_actor_options={"num_gpus": gpus, "num_cpus": model.num_cpus},
         health_check_period_s=model.health_check_period_s,
         health_check_timeout_s=model.health_check_timeout_s,
+        graceful_shutdown_timeout_s=model.request_timeout_s + _DRAIN_MARGIN_S,
     ).bind(model.model_dump(mode="json"), str(config.cache_dir), catalog)
 
 

@@ -4,11 +4,18 @@ State (predictions, output files, cancel requests) lives in a `StateStore`: in t
 replica's memory (single-node default) or in Redis (shared by every ingress replica, and
 surviving their restarts). A prediction runs as an asyncio task in the replica that took
 it; that task watches for a cancel request, which any replica may record.
+
+Nothing accepted is lost with an ingress replica: the replica running an unfinished
+prediction holds a lease on it in the store and renews it every few seconds. When the
+replica stops (redeploy, crash, node loss), its leases lapse, or are given back at once on
+a clean stop, and another replica (or the one Serve starts instead) adopts the
+predictions and runs them again from their stored input and seed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +27,9 @@ from serve.files import StoredFile
 
 TERMINAL = ("succeeded", "failed", "canceled", "aborted")
 CANCEL_POLL_S = 0.1
+LEASE_S = 15.0  # an unfinished prediction whose lease is this old is adopted elsewhere
+
+log = logging.getLogger("ray.serve.atelier.predictions")
 
 
 def now_iso() -> str:
@@ -41,6 +51,9 @@ class Prediction:
     completed_at: str | None = None
     metrics: dict = field(default_factory=dict)
     created: float = field(default_factory=time.time)
+    # What running it again needs and the client does not see: the drawn seed, the base
+    # URL, the webhook and its events, the Cancel-After deadline, the request id.
+    private: dict = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -56,12 +69,14 @@ class Prediction:
 
     def to_json(self, base_url: str) -> dict:
         url = f"{base_url}/v1/predictions/{self.id}"
-        body = {k: v for k, v in asdict(self).items() if k != "created"}
+        body = {k: v for k, v in asdict(self).items() if k not in ("created", "private")}
         return {**body, "urls": {"get": url, "cancel": f"{url}/cancel"}}
 
 
 class StateStore(Protocol):
-    """Where predictions, output files and cancel requests are kept."""
+    """Where predictions, output files, cancel requests and leases are kept. Saving an
+    unfinished prediction lists it as running; saving a finished one unlists it and drops
+    its lease."""
 
     async def save(self, prediction: Prediction) -> None: ...
     async def load(self, prediction_id: str) -> Prediction | None: ...
@@ -71,21 +86,81 @@ class StateStore(Protocol):
     async def get_file(self, name: str) -> StoredFile | None: ...
     async def request_cancel(self, prediction_id: str) -> None: ...
     async def cancel_requested(self, prediction_id: str) -> bool: ...
+    async def claim(self, prediction_id: str, owner: str, lease_s: float) -> bool:
+        """Take the prediction's lease if nobody holds it; True if taken."""
+    async def renew(self, prediction_ids: list[str], owner: str, lease_s: float) -> None: ...
+    async def release(self, prediction_id: str) -> None:
+        """Drop the lease, so that another replica adopts the prediction at once."""
+    async def orphans(self) -> list[str]:
+        """Running predictions that nobody holds a lease on."""
+
+
+Run = Callable[[Prediction], Awaitable[None]]
 
 
 class PredictionRunner:
-    """Runs predictions taken by this ingress replica; cancels them on request."""
+    """Runs the predictions this ingress replica took or adopted; cancels them on
+    request; `keep()` renews its leases and adopts orphans; `hand_over()` gives its
+    unfinished predictions back when the replica stops."""
 
-    def __init__(self, store: StateStore):
-        self.store = store
+    def __init__(self, store: StateStore, owner: str, run: Run, lease_s: float = LEASE_S):
+        self.store, self.owner, self._run, self.lease_s = store, owner, run, lease_s
         self._tasks: dict[str, asyncio.Task] = {}
+        self.handing_over = False
 
-    async def start(self, prediction: Prediction,
-                    run: Callable[[Prediction], Awaitable[None]]) -> None:
+    async def start(self, prediction: Prediction) -> None:
+        """Store a new prediction and run it here."""
+        await self.store.claim(prediction.id, self.owner, self.lease_s)
         await self.store.save(prediction)
-        task = asyncio.get_running_loop().create_task(run(prediction))
+        self._spawn(prediction)
+
+    def _spawn(self, prediction: Prediction) -> None:
+        task = asyncio.get_running_loop().create_task(self._run(prediction))
         self._tasks[prediction.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(prediction.id, None))
+
+    async def keep(self) -> None:
+        """Forever: renew this replica's leases and adopt predictions nobody holds."""
+        while True:
+            try:
+                await self.store.renew(list(self._tasks), self.owner, self.lease_s)
+                await self.adopt_orphans()
+            except Exception:  # the store is unreachable for now: try again later
+                log.exception("renewing leases or adopting predictions failed")
+            await asyncio.sleep(self.lease_s / 3)
+
+    async def adopt_orphans(self) -> list[str]:
+        """Run here the unfinished predictions whose replica stopped; their ids."""
+        adopted = []
+        for prediction_id in await self.store.orphans():
+            if self.handing_over or prediction_id in self._tasks:
+                continue
+            if not await self.store.claim(prediction_id, self.owner, self.lease_s):
+                continue  # another replica was quicker
+            prediction = await self.store.load(prediction_id)
+            if prediction is None or prediction.done:
+                await self.store.release(prediction_id)
+                continue
+            prediction.logs += ("The ingress replica running this prediction stopped; "
+                                f"running it again on {self.owner}\n")
+            log.info("adopted prediction %s", prediction_id,
+                     extra={"prediction_id": prediction_id})
+            self._spawn(prediction)
+            adopted.append(prediction_id)
+        return adopted
+
+    async def hand_over(self) -> None:
+        """Stop running predictions here and give their leases back, for another replica
+        to adopt (the replica is stopping)."""
+        self.handing_over = True
+        tasks = dict(self._tasks)
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        for prediction_id in tasks:
+            await self.store.release(prediction_id)
+        if tasks:
+            log.info("handed over %d unfinished prediction(s)", len(tasks))
 
     async def wait(self, prediction_id: str, timeout_s: float) -> None:
         task = self._tasks.get(prediction_id)

@@ -21,10 +21,17 @@ class MemoryStore:
         self._ttl_s, self._max = ttl_s, max_predictions
         self._predictions: OrderedDict[str, dict] = OrderedDict()
         self._cancels: set[str] = set()
+        self._running: set[str] = set()
+        self._leases: dict[str, tuple[str, float]] = {}  # id -> (owner, expiry)
         self._files = FileStore(ttl_s, max_file_bytes)
 
     async def save(self, prediction: Prediction) -> None:
         self._predictions[prediction.id] = prediction.to_state()
+        if prediction.done:
+            self._running.discard(prediction.id)
+            self._leases.pop(prediction.id, None)
+        else:
+            self._running.add(prediction.id)
         self._expire()
 
     async def load(self, prediction_id: str) -> Prediction | None:
@@ -49,17 +56,39 @@ class MemoryStore:
     async def cancel_requested(self, prediction_id: str) -> bool:
         return prediction_id in self._cancels
 
+    async def claim(self, prediction_id: str, owner: str, lease_s: float) -> bool:
+        held = self._leases.get(prediction_id)
+        if held is not None and held[1] > time.monotonic():
+            return False
+        self._leases[prediction_id] = (owner, time.monotonic() + lease_s)
+        return True
+
+    async def renew(self, prediction_ids: list[str], owner: str, lease_s: float) -> None:
+        for prediction_id in prediction_ids:
+            self._leases[prediction_id] = (owner, time.monotonic() + lease_s)
+
+    async def release(self, prediction_id: str) -> None:
+        self._leases.pop(prediction_id, None)
+
+    async def orphans(self) -> list[str]:
+        now = time.monotonic()
+        return [pid for pid in self._running
+                if pid not in self._leases or self._leases[pid][1] <= now]
+
     def _expire(self) -> None:
         cutoff = time.time() - self._ttl_s
         for pid, state in list(self._predictions.items()):
             if state["created"] < cutoff or len(self._predictions) > self._max:
                 del self._predictions[pid]
                 self._cancels.discard(pid)
+                self._running.discard(pid)
+                self._leases.pop(pid, None)
 
 
 class RedisStore:
     """Keys: atelier:pred:<id> (JSON), atelier:preds (ids by creation time),
-    atelier:file:<name> (hash of data and type), atelier:cancel:<id>; all with TTLs."""
+    atelier:file:<name> (hash of data and type), atelier:cancel:<id>, atelier:lease:<id>
+    (the owning replica); all with TTLs. atelier:running is the set of unfinished ids."""
 
     def __init__(self, url: str, ttl_s: float):
         import redis.asyncio as redis
@@ -73,6 +102,11 @@ class RedisStore:
                      ex=self._ttl)
             pipe.zadd(f"{_PREFIX}preds", {prediction.id: prediction.created})
             pipe.zremrangebyscore(f"{_PREFIX}preds", "-inf", time.time() - self._ttl)
+            if prediction.done:
+                pipe.srem(f"{_PREFIX}running", prediction.id)
+                pipe.delete(f"{_PREFIX}lease:{prediction.id}")
+            else:
+                pipe.sadd(f"{_PREFIX}running", prediction.id)
             await pipe.execute()
 
     async def load(self, prediction_id: str) -> Prediction | None:
@@ -110,3 +144,35 @@ class RedisStore:
 
     async def cancel_requested(self, prediction_id: str) -> bool:
         return bool(await self._redis.exists(f"{_PREFIX}cancel:{prediction_id}"))
+
+    async def claim(self, prediction_id: str, owner: str, lease_s: float) -> bool:
+        return bool(await self._redis.set(f"{_PREFIX}lease:{prediction_id}", owner, nx=True,
+                                          px=int(lease_s * 1000)))
+
+    async def renew(self, prediction_ids: list[str], owner: str, lease_s: float) -> None:
+        if not prediction_ids:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for prediction_id in prediction_ids:
+                pipe.set(f"{_PREFIX}lease:{prediction_id}", owner, px=int(lease_s * 1000))
+            await pipe.execute()
+
+    async def release(self, prediction_id: str) -> None:
+        await self._redis.delete(f"{_PREFIX}lease:{prediction_id}")
+
+    async def orphans(self) -> list[str]:
+        """Also forgets running ids whose prediction has expired."""
+        ids = [i.decode() for i in await self._redis.smembers(f"{_PREFIX}running")]
+        if not ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for prediction_id in ids:
+                pipe.exists(f"{_PREFIX}lease:{prediction_id}")
+                pipe.exists(f"{_PREFIX}pred:{prediction_id}")
+            found = await pipe.execute()
+        leased, stored = found[0::2], found[1::2]
+        gone = [i for i, kept in zip(ids, stored, strict=True) if not kept]
+        if gone:
+            await self._redis.srem(f"{_PREFIX}running", *gone)
+        return [i for i, held, kept in zip(ids, leased, stored, strict=True)
+                if kept and not held]

@@ -14,12 +14,13 @@ the embedded demo set plus `bad_adapters` (files that must fail cleanly).
 import asyncio
 import base64
 import io
-import socket
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.conftest import free_port as _free_port
 
 FAST, BATCHED = "atelier/tiny-sdxl", "atelier/tiny-sdxl-batched"
 ONE_SLOT = "atelier/tiny-sdxl-one-slot"
@@ -36,12 +37,6 @@ def _model(model_id, wait_ms, **extra):
             "batching": {"max_batch_size": 4, "wait_ms": wait_ms},
             "limits": {"max_size": 512, "max_pixels": 256 * 256, "max_steps": 20},
             "defaults": {"width": 64, "height": 64, "num_inference_steps": 2}, **extra}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

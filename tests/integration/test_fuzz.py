@@ -20,7 +20,7 @@ _REPLICATE = ("/v1/predictions", "/v1/models/")
 def error_in_its_api_shape(ctx, response, case):
     """An error answer has the body its API's clients parse."""
     if response.status_code < 400:
-        return None
+        return
     try:
         body = response.json()
     except ValueError:
@@ -34,7 +34,7 @@ def error_in_its_api_shape(ctx, response, case):
         assert response.headers["content-type"][0].startswith("application/problem+json")
     else:
         assert "detail" in body, body
-    return None
+    return
 
 
 def _fuzz(operation, base_url):

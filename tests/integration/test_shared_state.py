@@ -4,37 +4,14 @@ A second app (route prefix /shared) with two ingress replicas and the Redis stor
 beside the main test app.
 """
 
-import shutil
-import socket
-import subprocess
 import time
 
 import httpx
 import pytest
 
-from tests.integration.conftest import AUTH, _free_port, _model
+from tests.integration.conftest import AUTH, _model
 
 MODEL = "atelier/tiny-sdxl-shared"
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    server = shutil.which("redis-server")
-    assert server, "redis-server is missing: `make test` installs Debian's redis-server"
-    port = _free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path_factory.mktemp("redis"))],
-                            stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
 
 
 @pytest.fixture(scope="module")

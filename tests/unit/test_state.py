@@ -1,7 +1,9 @@
 import asyncio
 
-from serve.predictions import Prediction
-from serve.state import MemoryStore
+import pytest
+
+from serve.predictions import Prediction, PredictionRunner
+from serve.state import MemoryStore, RedisStore
 
 
 def _run(coro):
@@ -46,3 +48,95 @@ def test_files_expire_and_the_oldest_go_when_over_budget():
     b = _run(store.put_file(b"abcdef", "image/png"))
     assert a.endswith(".png") and _run(store.get_file(a)) is None
     assert _run(store.get_file(b)).data == b"abcdef"
+
+
+# Leases: two runners on one store stand for two ingress replicas.
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request):
+    if request.param == "memory":
+        return MemoryStore(ttl_s=60, max_file_bytes=1000)
+    url = request.getfixturevalue("redis_url")
+    _run(_flush(url))
+    return RedisStore(url, ttl_s=60)
+
+
+async def _flush(url):
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
+
+
+class Work:
+    """A prediction run that finishes when told to, and records where it ran."""
+
+    def __init__(self, store, name):
+        self.store, self.name, self.ran, self.release = store, name, [], asyncio.Event()
+
+    async def __call__(self, p):
+        self.ran.append(p.id)
+        await self.release.wait()
+        p.finish("succeeded", output=[self.name])
+        await self.store.save(p)
+
+
+def test_a_stopped_replicas_prediction_is_adopted_once_its_lease_lapses(store):
+    async def scenario():
+        a_work, b_work = Work(store, "a"), Work(store, "b")
+        a = PredictionRunner(store, "a", a_work, lease_s=0.3)
+        b = PredictionRunner(store, "b", b_work, lease_s=0.3)
+        p = Prediction(model="m/x", version="v", input={}, logs="Using seed: 1\n")
+        await a.start(p)
+        await asyncio.sleep(0.05)
+        held = await b.adopt_orphans()  # a holds the lease
+        await asyncio.sleep(0.4)  # a stopped renewing: as if its process had died
+        adopted = await b.adopt_orphans()
+        again = await a.adopt_orphans()  # b holds it now
+        b_work.release.set()
+        await asyncio.sleep(0.05)
+        return p.id, held, adopted, again, b_work.ran, await store.load(p.id), \
+            await store.orphans()
+
+    pid, held, adopted, again, ran, final, left = _run(scenario())
+    assert held == [] and adopted == [pid] and again == [] and ran == [pid]
+    assert final.status == "succeeded" and final.output == ["b"]
+    assert "stopped; running it again on b" in final.logs
+    assert left == []  # finished: no longer running
+
+
+def test_a_replica_that_hands_over_lets_another_adopt_at_once(store):
+    async def scenario():
+        a_work, b_work = Work(store, "a"), Work(store, "b")
+        a = PredictionRunner(store, "a", a_work, lease_s=60)
+        b = PredictionRunner(store, "b", b_work, lease_s=60)
+        p = Prediction(model="m/x", version="v", input={})
+        await a.start(p)
+        await asyncio.sleep(0.05)
+        before = await b.adopt_orphans()
+        await a.hand_over()
+        adopted = await b.adopt_orphans()
+        b_work.release.set()
+        await asyncio.sleep(0.05)
+        return p.id, before, adopted, a_work.ran, (await store.load(p.id)).status
+
+    pid, before, adopted, ran_on_a, status = _run(scenario())
+    assert before == [] and adopted == [pid] and ran_on_a == [pid] and status == "succeeded"
+
+
+def test_renewed_leases_keep_predictions_with_their_replica(store):
+    async def scenario():
+        work = Work(store, "a")
+        a = PredictionRunner(store, "a", work, lease_s=0.3)
+        b = PredictionRunner(store, "b", Work(store, "b"), lease_s=0.3)
+        await a.start(Prediction(model="m/x", version="v", input={}))
+        keeper = asyncio.create_task(a.keep())
+        await asyncio.sleep(0.8)  # well past one lease
+        adopted = await b.adopt_orphans()
+        keeper.cancel()
+        work.release.set()
+        await asyncio.sleep(0.05)
+        return adopted
+
+    assert _run(scenario()) == []
