@@ -100,3 +100,31 @@ def test_predictions_and_files_survive_an_ingress_restart(shared_url):
     assert after["output"] == before["output"] and after["status"] == "succeeded"
     assert httpx.get(after["output"][0]).content.startswith(b"\x89PNG")
     assert httpx.get(f"{shared_url}/healthz").status_code == 200  # open under a prefix too
+
+
+def test_predictions_of_a_killed_ingress_replica_are_adopted_and_finish(shared_url):
+    import ray
+
+    taken = {}
+    for seed in range(6):  # long enough to be running when the replica is killed
+        r = httpx.post(f"{shared_url}/v1/models/{MODEL}/predictions", headers=AUTH,
+                       json={"input": {"prompt": "x", "seed": seed, "width": 256,
+                                       "height": 256, "num_inference_steps": 20}})
+        assert r.status_code == 201
+        taken[r.json()["id"]] = r.headers["x-atelier-ingress"]
+    victim = next(iter(taken.values()))
+    (actor,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                if "atelier-shared#Ingress" in a["name"] and a["name"].endswith(victim)]
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=False)
+    killed_at = time.monotonic()
+
+    # Its leases lapse within 15 s; the surviving (or restarted) replica runs them again.
+    done = {pid: _wait_done(shared_url, pid, timeout=120) for pid in taken}
+    assert [b["status"] for b in done.values()] == ["succeeded"] * len(taken)
+    victims = [pid for pid, owner in taken.items() if owner == victim]
+    for pid in victims:
+        assert f"{victim}; running it again" not in done[pid]["logs"]
+        assert "stopped; running it again on" in done[pid]["logs"]
+        assert done[pid]["output"] and httpx.get(done[pid]["output"][0]).status_code == 200
+    print(f"{len(victims)} predictions adopted; all done "
+          f"{time.monotonic() - killed_at:.1f} s after the kill")
