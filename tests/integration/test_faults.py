@@ -7,6 +7,7 @@ import threading
 import time
 
 import httpx
+import pytest
 import replicate
 
 from tests.integration.conftest import API_KEY, AUTH, DEADLINE, FAST, ONE_SLOT, RESTARTABLE
@@ -90,3 +91,16 @@ def test_predictions_past_capacity_wait_their_turn_instead_of_failing(base_url):
             p.reload()
     assert [p.status for p in preds] == ["succeeded"] * 6
     assert any("busy" in p.logs and "retrying" in p.logs for p in preds)
+
+
+def test_a_client_that_disconnects_frees_its_batch_place_at_the_next_step(client):
+    long = {"model": DEADLINE, "prompt": "x", "seed": 3, "width": 256, "height": 256,
+            "steps": 60}
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):  # the client hangs up after 0.8 s
+        httpx.post(f"{client.base_url}/generate", headers=AUTH, json=long, timeout=0.8)
+    after = client.post("/generate", json={"model": DEADLINE, "prompt": "y", "seed": 4})
+    assert after.status_code == 200
+    # Sixty steps at 256x256 take several seconds; the next request waited for one step.
+    assert float(after.headers["x-atelier-queue-ms"]) < 400
+    assert time.monotonic() - started < 3.0
