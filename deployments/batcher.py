@@ -71,10 +71,19 @@ class Batcher:
         self._worker: asyncio.Task | None = None
         self._ids = itertools.count(1)
         self.running_since: float | None = None
+        self._running: list[_Pending] = []
 
     @property
     def queued(self) -> int:
         return len(self._pending)
+
+    def fail_all(self, exc: Exception) -> None:
+        """Answer every waiting request and the running call's with `exc` (the replica is
+        being given up); the running call sees them all withdrawn."""
+        for item in [*self._pending, *self._running]:
+            _settle(item.future, exc=exc)
+        self._pending.clear()
+        self._on_depth(0)
 
     async def submit(self, request: Any, key: Hashable, size: int = 1,
                      on_step: StepListener | None = None) -> Batched:
@@ -136,7 +145,7 @@ class Batcher:
 
     async def _run(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
-        self.running_since = started
+        self.running_since, self._running = started, batch
         batch_id = f"{self._name}-{next(self._ids)}"
         try:
             results = await self._runner([p.request for p in batch],

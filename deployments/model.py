@@ -18,7 +18,7 @@ from deployments.batcher import Batcher, StepListener
 from deployments.encoding import encode_image
 from serve.adapters import AdapterCatalog, AdapterSet
 from serve.config import ModelConfig
-from serve.errors import AtelierError, InferenceFailed
+from serve.errors import AtelierError, InferenceFailed, ReplicaLost
 from serve.metrics import ModelMetrics
 from serve.types import MEDIA_TYPES, BatchInfo, GenerationRequest, GenerationResult
 
@@ -187,15 +187,25 @@ class ModelDeployment:
         self.metrics.queue_depth.set(self.batcher.queued)
         self._report_memory()
 
-    def check_health(self) -> None:
-        """Raise if the pipeline is unusable, keeps failing, or a call is stuck."""
-        self.engine.check()
-        self._refresh_gauges()
-        if self._failures >= _MAX_CONSECUTIVE_FAILURES:
-            raise RuntimeError(f"{self._failures} pipeline calls failed in a row")
-        since = self.batcher.running_since
-        if since is not None and time.monotonic() - since > self.cfg.health_stall_s:
-            raise RuntimeError(f"a pipeline call has run for over {self.cfg.health_stall_s}s")
+    async def check_health(self) -> None:
+        """Raise if the pipeline is unusable, keeps failing, or a call is stuck. Before
+        saying so, answer the requests it holds with ReplicaLost (their callers retry
+        elsewhere), so that Serve's graceful stop does not wait for a wedged call."""
+        try:
+            self.engine.check()
+            self._refresh_gauges()
+            if self._failures >= _MAX_CONSECUTIVE_FAILURES:
+                raise RuntimeError(f"{self._failures} pipeline calls failed in a row")
+            since = self.batcher.running_since
+            if since is not None and time.monotonic() - since > self.cfg.health_stall_s:
+                raise RuntimeError(
+                    f"a pipeline call has run for over {self.cfg.health_stall_s}s")
+        except Exception as exc:
+            log.error("%s replica unhealthy: %s", self.cfg.id, exc)
+            self.batcher.fail_all(ReplicaLost(
+                f"the {self.cfg.id} replica holding this request is unhealthy ({exc}) and "
+                "is being replaced; retry"))
+            raise
 
 
 def _encode_all(request: GenerationRequest, images: Sequence[Image]) -> list[bytes]:

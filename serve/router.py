@@ -153,6 +153,8 @@ def _failure(request: GenerationRequest, exc: BaseException) -> tuple[str | None
     if isinstance(exc, RayActorError):  # the replica's process or node went away
         return "replica_lost", ReplicaLost(f"the {request.model} replica running this request "
                                            "stopped; retry")
+    if isinstance(exc, ReplicaLost):  # given up by its replica as unhealthy
+        return "replica_lost", exc
     if isinstance(exc, asyncio.CancelledError | GeneratorExit | RequestCancelledError):
         return "canceled", exc
     if isinstance(exc, TimeoutError | TimedOut):

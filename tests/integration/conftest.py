@@ -7,7 +7,9 @@ waits two seconds for company, so concurrent requests reliably share pipeline ca
 `atelier/tiny-sdxl-restartable` is the one whose replica the fault tests kill;
 `atelier/tiny-sdxl-deadline` gives synchronous requests 1.5 s;
 `atelier/tiny-sdxl-small-memory` runs out of memory on calls of more than two images
-(the out-of-memory drill) and budgets 3 images of 64x64 per request. The adapter catalog is
+(the out-of-memory drill) and budgets 3 images of 64x64 per request;
+`atelier/tiny-sdxl-stall` counts a pipeline call of over 1.5 s as wedged. The adapter
+catalog is
 the embedded demo set plus `bad_adapters` (files that must fail cleanly).
 """
 
@@ -30,6 +32,7 @@ TWO_REPLICAS = "atelier/tiny-sdxl-2x"
 RESTARTABLE = "atelier/tiny-sdxl-restartable"
 DEADLINE = "atelier/tiny-sdxl-deadline"
 SMALL_MEMORY = "atelier/tiny-sdxl-small-memory"
+STALL = "atelier/tiny-sdxl-stall"
 
 
 def _model(model_id, wait_ms, **extra):
@@ -85,7 +88,9 @@ def base_url(cache_dir, bad_adapters, metrics_port):
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60}),
         _model(SMALL_MEMORY, 1000, simulate_oom_above_images=2, health_check_period_s=1,
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 20,
-                       "max_request_pixels": 3 * 64 * 64})],
+                       "max_request_pixels": 3 * 64 * 64}),
+        _model(STALL, 10, health_stall_s=1.5, health_check_period_s=1,
+               limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60})],
         "lora_folders": [{"embedded": "tiny-sdxl-demo", "base": "sdxl"},
                          {"path": str(bad_adapters[0]), "base": "sdxl"},
                          {"path": str(bad_adapters[1]), "base": "acme/other"}]}

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import replicate
 
-from tests.integration.conftest import API_KEY, AUTH, DEADLINE, FAST, ONE_SLOT, RESTARTABLE
+from tests.integration.conftest import API_KEY, AUTH, DEADLINE, FAST, ONE_SLOT, RESTARTABLE, STALL
 
 SLOW = {"prompt": "a lamp", "width": 256, "height": 256, "num_inference_steps": 20}
 
@@ -104,3 +104,19 @@ def test_a_client_that_disconnects_frees_its_batch_place_at_the_next_step(client
     # Sixty steps at 256x256 take several seconds; the next request waited for one step.
     assert float(after.headers["x-atelier-queue-ms"]) < 400
     assert time.monotonic() - started < 3.0
+
+
+def test_a_stalled_pipeline_call_fails_the_health_check_and_its_requests_are_answered(
+        client):
+    started = time.monotonic()
+    # Four 256x256 images for 60 steps run far past the model's 1.5 s stall limit.
+    r = client.post("/generate", json={"model": STALL, "prompt": "x", "seed": 2, "width": 256,
+                                       "height": 256, "steps": 60, "num_outputs": 4})
+    elapsed = time.monotonic() - started
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "is unhealthy (a pipeline call has run for over 1.5s)" in r.json()["detail"]
+    assert elapsed < 5  # answered by the failed health check, not after the whole call
+    # The call left at its next step (a truly hung one keeps failing the check, and Serve
+    # replaces the replica after its failure threshold, without waiting on the request).
+    after = client.post("/generate", json={"model": STALL, "prompt": "y", "seed": 3})
+    assert after.status_code == 200

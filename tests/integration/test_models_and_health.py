@@ -5,6 +5,7 @@ from tests.integration.conftest import (
     ONE_SLOT,
     RESTARTABLE,
     SMALL_MEMORY,
+    STALL,
     TWO_REPLICAS,
 )
 
@@ -13,7 +14,8 @@ def test_models_are_listed_in_openai_shape(client):
     body = client.get("/v1/models").json()
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == [FAST, BATCHED, ONE_SLOT, TWO_REPLICAS,
-                                          RESTARTABLE, DEADLINE, SMALL_MEMORY]
+                                          RESTARTABLE, DEADLINE, SMALL_MEMORY,
+                                          STALL]
     first = body["data"][0]
     assert first["object"] == "model" and first["owned_by"] == "atelier"
     assert first["aliases"] == ["stability-ai/sdxl"] and first["limits"]["max_size"] == 512
@@ -24,7 +26,7 @@ def test_healthz_reports_every_model_ready(client):
     assert r.status_code == 200
     models = r.json()["models"]
     assert set(models) == {FAST, BATCHED, ONE_SLOT, TWO_REPLICAS, RESTARTABLE,
-                           DEADLINE, SMALL_MEMORY}
+                           DEADLINE, SMALL_MEMORY, STALL}
     assert all(m["state"] == "ready" for m in models.values())
     assert [models[m]["replicas_running"] for m in (FAST, TWO_REPLICAS)] == [1, 2]
 
