@@ -153,13 +153,13 @@ class Batcher:
                                                   if p.future.done()},
                                          _fan_out(batch, asyncio.get_running_loop()))
         except Exception as exc:
-            self.running_since = None
+            self.running_since, self._running = None, []
             if len(batch) == 1:
                 _settle(batch[0].future, exc=exc)
                 return
             reason = type(exc).__name__
         else:
-            self.running_since = None
+            self.running_since, self._running = None, []
             run_s = time.monotonic() - started
             images = sum(p.size for p in batch)
             for item, result in zip(batch, results, strict=True):
