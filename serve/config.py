@@ -37,6 +37,30 @@ class BatchingConfig(_Strict):
         "batch runs anyway."))
 
 
+class SpeedConfig(_Strict):
+    """How the UNet is prepared for speed at load. All off by default: each trades start-up
+    time or exactness for throughput, and `compile`, `fuse_qkv` and `fp8` change the
+    layers that LoRA slots need, so a model served with LoRA adapters cannot use them."""
+
+    channels_last: bool = Field(False, description=(
+        "Store UNet and VAE convolution weights channels-last (faster convolutions on GPU)."))
+    fuse_qkv: bool = Field(False, description=(
+        "Fuse each attention's query, key and value projections into one matrix product."))
+    compile: bool = Field(False, description=(
+        "torch.compile the UNet's repeated blocks (transformer and resnet blocks) and the "
+        "VAE decoder's, with dynamic shapes: one compilation serves every batch size and "
+        "image size. It happens during the start-up warm-up; the compiled code is kept in "
+        "`<cache_dir>/compile`, so a restarted replica reuses it."))
+    fp8: bool = Field(False, description=(
+        "Run the UNet transformer blocks' linear layers in FP8 (e4m3, one scale per row of "
+        "weights and of activations). Needs a GPU with FP8 matrix units (H100, Ada, "
+        "Blackwell); images differ slightly from bf16."))
+
+    @property
+    def changes_layers(self) -> bool:
+        return self.compile or self.fuse_qkv or self.fp8
+
+
 class LimitsConfig(_Strict):
     min_size: int = Field(64, ge=8, description="Smallest width or height in pixels.")
     max_size: int = Field(2048, ge=8, description="Largest width or height in pixels.")
@@ -126,6 +150,7 @@ class ModelConfig(_Strict):
         "out-of-memory error, as a full GPU would, to rehearse the split-and-retry path. "
         "Leave unset in production."))
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
 
@@ -208,6 +233,17 @@ class AtelierConfig(_Strict):
                 if name in seen:
                     raise ValueError(f"model id or alias {name!r} is used twice")
                 seen.add(name)
+        return self
+
+    @model_validator(mode="after")
+    def _speed_without_adapters(self) -> AtelierConfig:
+        for model in self.models:
+            names = (model.id, model.family, *model.aliases)
+            if model.speed.changes_layers and any(f.base in names for f in self.lora_folders):
+                raise ValueError(
+                    f"model {model.id}: speed.compile, speed.fuse_qkv and speed.fp8 change the "
+                    "UNet layers that LoRA slots need, and lora_folders has adapters for it; "
+                    "serve the adapters from a model entry without them")
         return self
 
     def check_paths(self) -> None:

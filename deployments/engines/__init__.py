@@ -63,5 +63,6 @@ def create_engine(model: ModelConfig, cache_dir: Path,
 
         return SDXLEngine(path, model.dtype, device, model.variant, adapters,
                           model.max_loaded_adapters, model.max_lora_rank, model.lora_targets,
-                          model.simulate_oom_above_images)
+                          model.simulate_oom_above_images, model.speed,
+                          cache_dir / "compile")
     raise ValueError(f"no engine for family {model.family!r}")

@@ -1,0 +1,104 @@
+"""Speed settings applied to a loaded pipeline: fused QKV, FP8 linear layers,
+channels-last memory layout and regional torch.compile with a persistent cache."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from serve.config import SpeedConfig
+
+log = logging.getLogger("ray.serve.atelier.engine")
+
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+# Blocks that repeat through the UNet and the VAE decoder: compiling each class once (its
+# instances share the compiled code) costs a fraction of compiling the whole network.
+_REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+
+
+class Fp8Linear(nn.Module):
+    """A linear layer computed in FP8 e4m3: weights quantized once per output row,
+    activations per row at each call, accumulated by `torch._scaled_mm` in higher
+    precision and returned in the input's dtype."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)
+        self.register_buffer("weight", (w / scale).to(torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out)
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @staticmethod
+    def fits(linear: nn.Linear) -> bool:
+        """FP8 matrix products need both dimensions to be multiples of 16."""
+        return linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        x_scale = (rows.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
+        q = (rows.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
+                               out_dtype=torch.bfloat16).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def to_fp8(unet: nn.Module) -> int:
+    """Replace the linear layers inside the UNet's transformer blocks by Fp8Linear;
+    return how many were replaced."""
+    replaced = 0
+    for block in unet.modules():
+        if type(block).__name__ != "BasicTransformerBlock":
+            continue
+        for name, child in list(block.named_modules()):
+            if type(child) is nn.Linear and Fp8Linear.fits(child):
+                parent_name, _, attr = name.rpartition(".")
+                parent = block.get_submodule(parent_name) if parent_name else block
+                setattr(parent, attr, Fp8Linear(child))
+                replaced += 1
+    return replaced
+
+
+def compile_blocks(modules: list[nn.Module], cache_dir: Path) -> int:
+    """Compile every repeated block of `modules` with dynamic shapes, caching the compiled
+    code under `cache_dir`; return how many blocks were wrapped. Compilation itself
+    happens at each block's first call."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # read at each cache access
+    # One code object serves many block variants (with or without a shortcut, time
+    # embedding or cross-attention): allow a compiled graph for each.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    wrapped = 0
+    for root in modules:
+        for module in root.modules():
+            if type(module).__name__ in _REPEATED_BLOCKS:
+                module.compile(dynamic=True)
+                wrapped += 1
+    return wrapped
+
+
+def apply_speed(pipe, speed: SpeedConfig, cache_dir: Path) -> dict:
+    """Prepare `pipe` as `speed` asks, in the order the settings build on each other;
+    return what was done, for the logs."""
+    done: dict = {}
+    if speed.fuse_qkv:
+        pipe.unet.fuse_qkv_projections()
+        done["fused_qkv"] = True
+    if speed.fp8:
+        done["fp8_linears"] = to_fp8(pipe.unet)
+    if speed.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        done["channels_last"] = True
+    if speed.compile:
+        done["compiled_blocks"] = compile_blocks([pipe.unet, pipe.vae.decoder], cache_dir)
+    if done:
+        log.info("speed settings applied: %s", done)
+    return done

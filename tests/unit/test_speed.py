@@ -1,0 +1,110 @@
+"""Speed settings on the tiny model (CPU): the same function, computed another way."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deployments.engines.speed import Fp8Linear, to_fp8
+from serve.config import ConfigError, SpeedConfig, parse_config
+from serve.types import GenerationRequest
+
+
+def _req(seed, **overrides):
+    base = dict(model="a/b", prompt="a red cube", width=64, height=64, num_inference_steps=3,
+                guidance_scale=7.5, seed=seed, scheduler="K_EULER")
+    return GenerationRequest(**{**base, **overrides})
+
+
+def _px(image):
+    return np.asarray(image).astype(int)
+
+
+def _rel(a, b):
+    return (torch.linalg.vector_norm(a.double() - b.double())
+            / torch.linalg.vector_norm(b.double())).item()
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_sdxl_path):
+    from deployments.engines.sdxl import SDXLEngine
+
+    return SDXLEngine(tiny_sdxl_path, "float32", "cpu")
+
+
+def test_fp8_linear_is_close_to_the_float_layer_on_fresh_inputs():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    fp8 = Fp8Linear(linear)
+    assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight.shape == (48, 64)
+    for _ in range(3):
+        x = torch.randn(2, 5, 64) * 3
+        out, ref = fp8(x), linear(x)
+        assert out.shape == ref.shape == (2, 5, 48) and out.dtype == x.dtype
+        err = _rel(out, ref)
+        # e4m3 keeps 3 mantissa bits: a few percent, never exact, never NaN.
+        assert 1e-4 < err < 0.08, err
+        assert torch.isfinite(out).all()
+
+
+def test_fp8_linear_keeps_rows_with_different_ranges_apart():
+    """Per-row scales: a row of tiny activations is not flushed by a row of large ones."""
+    linear = nn.Linear(32, 16, bias=False)
+    x = torch.stack([torch.randn(32) * 1e-3, torch.randn(32) * 1e3])
+    out, ref = Fp8Linear(linear)(x), linear(x)
+    for row in range(2):
+        assert _rel(out[row], ref[row]) < 0.08
+
+
+def test_only_transformer_block_linears_that_fit_become_fp8(tiny_sdxl_path):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path / "unet")
+    expected = sum(1 for block in unet.modules()
+                   if type(block).__name__ == "BasicTransformerBlock"
+                   for m in block.modules() if type(m) is nn.Linear and Fp8Linear.fits(m))
+    time_linears = [m for m in unet.time_embedding.modules() if type(m) is nn.Linear]
+    assert expected > 0
+    assert to_fp8(unet) == expected
+    assert sum(isinstance(m, Fp8Linear) for m in unet.modules()) == expected
+    assert all(type(m) is nn.Linear for m in unet.time_embedding.modules()
+               if isinstance(m, nn.Linear)) and time_linears
+
+
+def test_fused_qkv_and_channels_last_and_compile_keep_the_pixels(tiny_sdxl_path, plain,
+                                                                 tmp_path):
+    from deployments.engines.sdxl import SDXLEngine
+
+    fast = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=tmp_path / "compile",
+                      speed=SpeedConfig(fuse_qkv=True, channels_last=True, compile=True))
+    assert fast.describe()["speed"]["compiled_blocks"] > 0
+    assert fast.describe()["speed"]["fused_qkv"] is True
+    # Two batch sizes and two image sizes run on the same compiled blocks.
+    for reqs in ([_req(3)], [_req(4), _req(5, num_outputs=2)], [_req(6, width=128)]):
+        ref, got = plain.generate(reqs), fast.generate(reqs)
+        for a, b in zip([i for own in ref for i in own], [i for own in got for i in own]):
+            diff = np.abs(_px(a) - _px(b))
+            assert diff.max() <= 2 and (diff > 0).mean() < 0.02, (diff.max(), diff.mean())
+    assert any((tmp_path / "compile").iterdir())  # the compiled code is kept on disk
+
+
+def test_fp8_images_stay_close_to_the_float_images(tiny_sdxl_path, plain):
+    from deployments.engines.sdxl import SDXLEngine
+
+    fp8 = SDXLEngine(tiny_sdxl_path, "float32", "cpu", speed=SpeedConfig(fp8=True))
+    assert fp8.describe()["speed"]["fp8_linears"] > 0
+    a, b = plain.generate([_req(9)])[0][0], fp8.generate([_req(9)])[0][0]
+    diff = np.abs(_px(a) - _px(b))
+    assert 0 < diff.mean() < 8, diff.mean()
+    assert np.abs(_px(a) - _px(plain.generate([_req(10)])[0][0])).mean() > 4 * diff.mean()
+
+
+@pytest.mark.parametrize("setting", ["compile", "fuse_qkv", "fp8"])
+def test_settings_that_change_layers_are_refused_beside_lora_adapters(setting, tmp_path):
+    model = {"id": "a/b", "path": str(tmp_path), "speed": {setting: True}}
+    with pytest.raises(ConfigError, match="LoRA slots"):
+        parse_config({"models": [model],
+                      "lora_folders": [{"path": str(tmp_path), "base": "sdxl"}]})
+    parse_config({"models": [model]})
+    parse_config({"models": [{**model, "speed": {"channels_last": True}}],
+                  "lora_folders": [{"path": str(tmp_path), "base": "sdxl"}]})
