@@ -74,10 +74,10 @@ class ModelDeployment:
 
     def _warm_up(self) -> None:
         d = self.cfg.defaults
-        self.engine.generate([GenerationRequest(
+        self.engine.warm_up(GenerationRequest(
             model=self.cfg.id, prompt="warm-up", width=d.width, height=d.height,
             num_inference_steps=self.cfg.warmup_steps, guidance_scale=d.guidance_scale,
-            seed=0, scheduler=d.scheduler)])
+            seed=0, scheduler=d.scheduler), self.cfg.batching.max_batch_size)
 
     async def generate(self, request: GenerationRequest,
                        on_step: StepListener | None = None) -> GenerationResult:

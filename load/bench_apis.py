@@ -17,7 +17,7 @@ import time
 
 import httpx
 
-from load.bench_serving import _machine, _start
+from load.bench_serving import machine, start_atelier
 from load.report import save_report
 
 
@@ -27,8 +27,6 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--port", type=int, default=8078)
     p.add_argument("--out")
-    # _start's options, fixed here: the embedded default model.
-    p.set_defaults(config=None, random_sdxl=None)
     return p.parse_args()
 
 
@@ -47,7 +45,7 @@ def _calls(args: argparse.Namespace, model: str) -> dict:
 
 def main() -> None:
     args = _parse_args()
-    url, _ = _start(args)
+    url, _ = start_atelier(args.port, {})  # the embedded default model
     latencies: dict[str, list[float]] = {}
     with httpx.Client(base_url=url, timeout=120) as client:
         model = client.get("/v1/models").json()["data"][0]["id"]
@@ -61,7 +59,7 @@ def main() -> None:
                 latencies.setdefault(name, []).append(time.perf_counter() - started)
     medians = {name: statistics.median(v) * 1000 for name, v in latencies.items()}
     base = medians["generate"]
-    report = {"settings": vars(args), "machine": _machine(), "median_ms": medians,
+    report = {"settings": vars(args), "machine": machine(), "median_ms": medians,
               "overhead_over_generate_ms": {n: m - base for n, m in medians.items()}}
     for name, ms in medians.items():
         print(f"{name:>24}: median {ms:7.1f} ms  ({ms - base:+.1f} ms vs /generate)")

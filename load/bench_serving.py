@@ -64,17 +64,17 @@ def _app_args(args: argparse.Namespace) -> dict:
                      "num_inference_steps": args.steps}}]}}
 
 
-def _start(args: argparse.Namespace) -> tuple[str, float]:
+def start_atelier(port: int, app_args: dict) -> tuple[str, float]:
     """Deploy the app; return its URL and the seconds from deploy to /healthz 200."""
     import ray
     from ray import serve
 
     from serve.app import build_app
 
-    ray.init(include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port, "request_timeout_s": 600})
-    url = f"http://127.0.0.1:{args.port}"
-    app_args = _app_args(args)
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 600})
+    url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
     serve.run(build_app(app_args), name="atelier", route_prefix="/")
     while httpx.get(f"{url}/healthz", timeout=30).status_code != 200:
@@ -92,7 +92,7 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def _single(url: str, args: argparse.Namespace) -> dict:
+async def single(url: str, args: argparse.Namespace) -> dict:
     latencies = []
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         for i in range(args.single):
@@ -105,7 +105,7 @@ async def _single(url: str, args: argparse.Namespace) -> dict:
             "first_s": latencies[0]}
 
 
-async def _closed_loop(url: str, args: argparse.Namespace, concurrency: int) -> dict:
+async def closed_loop(url: str, args: argparse.Namespace, concurrency: int) -> dict:
     """`concurrency` clients, each sending its next request when the last one returns."""
     latencies, batch_sizes, images = [], [], 0
     deadline = time.monotonic() + args.duration
@@ -119,7 +119,7 @@ async def _closed_loop(url: str, args: argparse.Namespace, concurrency: int) -> 
                 r = await client.post("/generate", json=_body(args, wid * 100_000 + seq))
                 r.raise_for_status()
                 latencies.append(time.monotonic() - started)
-                batch_sizes.append(int(r.headers["x-atelier-batch-size"]))
+                batch_sizes.append(int(r.headers.get("x-atelier-batch-size", 1)))
                 images += len(r.json()["images"])
                 seq += 1
 
@@ -132,7 +132,7 @@ async def _closed_loop(url: str, args: argparse.Namespace, concurrency: int) -> 
             "mean_batch_size": statistics.fmean(batch_sizes)}
 
 
-def _machine() -> dict:
+def machine() -> dict:
     import importlib.metadata as md
 
     info = {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -149,21 +149,21 @@ def _machine() -> dict:
 
 def main() -> None:
     args = _parse_args()
-    url, startup_s = _start(args)
-    single = asyncio.run(_single(url, args))
-    loops = [asyncio.run(_closed_loop(url, args, c)) for c in args.concurrency]
-    machine = _machine()
-    report = {"settings": vars(args), "machine": machine, "startup_to_healthy_s": startup_s,
-              "single": single, "closed_loop": loops}
-    print(f"start-up to healthy: {startup_s:.1f}s   machine: {machine}")
+    url, startup_s = start_atelier(args.port, _app_args(args))
+    one = asyncio.run(single(url, args))
+    loops = [asyncio.run(closed_loop(url, args, c)) for c in args.concurrency]
+    host = machine()
+    report = {"settings": vars(args), "machine": host, "startup_to_healthy_s": startup_s,
+              "single": one, "closed_loop": loops}
+    print(f"start-up to healthy: {startup_s:.1f}s   machine: {host}")
     print(f"one request ({args.size}x{args.size}, {args.steps} steps): "
-          f"p50 {single['p50_s'] * 1000:.0f} ms, p95 {single['p95_s'] * 1000:.0f} ms, "
-          f"first {single['first_s'] * 1000:.0f} ms")
+          f"p50 {one['p50_s'] * 1000:.0f} ms, p95 {one['p95_s'] * 1000:.0f} ms, "
+          f"first {one['first_s'] * 1000:.0f} ms")
     print("concurrency  images/s  p50_s   p95_s   p99_s   mean_batch")
     for r in loops:
         print(f"{r['concurrency']:>11}  {r['images_per_s']:>8.2f}  {r['p50_s']:>6.2f}  "
               f"{r['p95_s']:>6.2f}  {r['p99_s']:>6.2f}  {r['mean_batch_size']:>10.2f}")
-    save_report(report, args.out, f"serving-{'gpu' if 'gpu' in machine else 'cpu'}")
+    save_report(report, args.out, f"serving-{'gpu' if 'gpu' in host else 'cpu'}")
 
 
 if __name__ == "__main__":

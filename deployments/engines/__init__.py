@@ -24,6 +24,9 @@ class Engine(Protocol):
         Requests whose indexes `withdrawn()` returns leave the call at the next step (no
         images); it stops once all have left. Reports each step to `on_step`."""
 
+    def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
+        """Run the calls that bring the engine to full speed (allocation, compilation)."""
+
     def check(self) -> None:
         """Raise if the engine can no longer serve."""
 

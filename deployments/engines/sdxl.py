@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -80,6 +81,15 @@ class SDXLEngine:
     def describe(self) -> dict:
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "vae_scale_factor": self.pipe.vae_scale_factor, "speed": self.speed}
+
+    def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
+        """Run `request` as calls of 1, 2 and `max_images` images: the first calls
+        allocate memory and, with `speed.compile`, compile. Compiled code is specialised
+        for one image, general from two on, and may split again at larger batches, so
+        the largest batch is compiled here too rather than under load."""
+        for images in sorted({1, min(2, max_images), max_images}):
+            self.generate([replace(request, num_outputs=1, seed=request.seed + i)
+                           for i in range(images)])
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest],

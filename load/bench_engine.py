@@ -1,0 +1,185 @@
+"""Engine benchmark: what each speed setting buys, per batch size, without HTTP.
+
+    python -m load.bench_engine                                   # embedded tiny model, CPU
+    python -m load.bench_engine --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
+        --size 1024 --steps 20 --batches 8 16 --variants fp16 compiled compiled compiled-fp8
+
+Each variant runs in a fresh process (its own memory and compile state): it loads the
+model, runs the start-up warm-up (which compiles, for compiled variants), then for each
+batch size one call more and `--repeats` timed calls. A variant named twice shows the
+start with the compile cache its first run left. Images of the same seeds are compared
+with the first variant (mean absolute difference in 8-bit levels). Prints a table and
+writes JSON (default results/engine-<device>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from serve.config import SpeedConfig
+
+_FAST = {"channels_last": True, "fuse_qkv": True}
+VARIANTS = {
+    "fp16": ("float16", {}),
+    "bf16": ("bfloat16", {}),
+    "bf16-fast": ("bfloat16", _FAST),
+    "fp8": ("bfloat16", {**_FAST, "fp8": True}),
+    "compiled": ("bfloat16", {**_FAST, "compile": True}),
+    "compiled-fp8": ("bfloat16", {**_FAST, "compile": True, "fp8": True}),
+}
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--random-sdxl", help="build an SDXL with random weights from this JSON of "
+                                         "component configs (default: the embedded tiny model)")
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
+                   default=["fp16", "bf16-fast", "fp8"])
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--cache-dir", help="model and compile cache (default: Atelier's)")
+    p.add_argument("--out", help="JSON output path")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # child process: run this variant
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--pixels", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def model_folder(random_sdxl: str | None, cache_dir: Path) -> Path:
+    """The folder to load: the tiny embedded model, or a random full SDXL built once."""
+    from deployments.tiny import build_random_sdxl, ensure_embedded
+
+    if not random_sdxl:
+        return ensure_embedded("tiny-sdxl", cache_dir)
+    folder = cache_dir / "random-sdxl-base"
+    if not (folder / "model_index.json").exists():
+        started = time.monotonic()
+        build_random_sdxl(folder, json.loads(Path(random_sdxl).read_text()), "float16")
+        print(f"built random SDXL in {time.monotonic() - started:.1f}s at {folder}", flush=True)
+    return folder
+
+
+def _requests(args: argparse.Namespace, images: int) -> list:
+    from serve.types import GenerationRequest
+
+    return [GenerationRequest(model="bench/x", prompt=f"benchmark image {i}", seed=1000 + i,
+                              width=args.size, height=args.size, guidance_scale=8.0,
+                              num_inference_steps=args.steps, scheduler="K_EULER")
+            for i in range(images)]
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    """Child process: load, warm up, time each batch size; save the first batch's pixels."""
+    import numpy as np
+    import torch
+
+    from deployments.engines import resolve_device
+    from deployments.engines.sdxl import SDXLEngine
+
+    dtype, speed = VARIANTS[args.one]
+    started = time.monotonic()
+    engine = SDXLEngine(Path(args.model), dtype, resolve_device("auto"),
+                        speed=SpeedConfig(**speed),
+                        compile_cache=Path(args.cache_dir) / "compile")
+    load_s = time.monotonic() - started
+    started = time.monotonic()
+    warm = _requests(args, 1)[0]
+    engine.warm_up(replace(warm, prompt="warm-up", num_inference_steps=2), max(args.batches))
+    _sync()
+    out = {"variant": args.one, "dtype": dtype, "speed": speed, "load_s": load_s,
+           "warmup_s": time.monotonic() - started, "batches": []}
+    for size in args.batches:
+        times = []
+        for _ in range(args.repeats + 1):
+            started = time.monotonic()
+            images = engine.generate(_requests(args, size))
+            _sync()
+            times.append(time.monotonic() - started)
+        if size == args.batches[0]:
+            np.save(args.pixels, np.stack([np.asarray(own[0]) for own in images]))
+        best = sorted(times[1:])[len(times[1:]) // 2]
+        out["batches"].append({"images": size, "first_call_s": times[0], "call_s": best,
+                               "images_per_s": size / best})
+    if torch.cuda.is_available():
+        out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def _child(args: argparse.Namespace, variant: str, folder: Path, pixels: Path) -> dict:
+    cmd = [sys.executable, "-m", "load.bench_engine", "--one", variant, "--model", str(folder),
+           "--pixels", str(pixels), "--cache-dir", args.cache_dir, "--size", str(args.size),
+           "--steps", str(args.steps), "--repeats", str(args.repeats),
+           "--batches", *map(str, args.batches)]
+    started = time.monotonic()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(done.stderr[-4000:], file=sys.stderr)
+        return {"variant": variant, "error": done.stderr.strip().splitlines()[-1:]}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.monotonic() - started
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse_args(argv)
+    if args.one:
+        print(json.dumps(run_variant(args)))
+        return {}
+    import numpy as np
+
+    from load.bench_serving import machine
+    from load.flops import sdxl_flops
+    from load.report import save_report
+    from serve.config import default_cache_dir
+
+    args.cache_dir = args.cache_dir or str(default_cache_dir())
+    folder = model_folder(args.random_sdxl, Path(args.cache_dir))
+    flops = sdxl_flops(folder, args.size, args.steps)
+    results, reference = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, variant in enumerate(args.variants):
+            pixels = Path(tmp) / f"{i}.npy"
+            r = _child(args, variant, folder, pixels)
+            if "error" not in r:
+                px = np.load(pixels).astype(np.int16)
+                reference = px if reference is None else reference
+                r["mean_abs_diff_vs_first"] = float(np.abs(px - reference).mean())
+                for b in r["batches"]:
+                    b["tflops"] = b["images_per_s"] * flops["image"] / 1e12
+            results.append(r)
+            _print(r)
+    report = {"settings": {k: v for k, v in vars(args).items() if k not in
+                           ("one", "model", "pixels")},
+              "machine": machine(), "flops": flops, "variants": results}
+    save_report(report, args.out, f"engine-{'gpu' if 'gpu' in report['machine'] else 'cpu'}")
+    return report
+
+
+def _print(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['variant']:<13} failed: {r['error']}", flush=True)
+        return
+    cells = "  ".join(f"b{b['images']}: {b['images_per_s']:.3f} img/s {b['tflops']:.0f} TFLOP/s"
+                      f" (first {b['first_call_s']:.1f}s)" for b in r["batches"])
+    print(f"{r['variant']:<13} load {r['load_s']:.1f}s warm-up {r['warmup_s']:.1f}s  {cells}  "
+          f"diff {r['mean_abs_diff_vs_first']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
