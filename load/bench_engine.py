@@ -116,9 +116,38 @@ def run_variant(args: argparse.Namespace) -> dict:
         best = sorted(times[1:])[len(times[1:]) // 2]
         out["batches"].append({"images": size, "first_call_s": times[0], "call_s": best,
                                "images_per_s": size / best})
+    out["stages_s"] = _stages(engine, _requests(args, args.batches[0]))
     if torch.cuda.is_available():
         out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def _stages(engine, requests: list) -> dict:
+    """Seconds of each stage of one call of `requests`, run piece by piece: prompt
+    encoding, denoising (UNet steps), VAE decode, transfer to 8-bit PIL images."""
+    import torch
+
+    from deployments.engines.sdxl import _to_pil
+
+    pipe, first, marks = engine.pipe, requests[0], [time.monotonic()]
+
+    def mark() -> None:
+        _sync()
+        marks.append(time.monotonic())
+
+    with torch.inference_mode():
+        embeds = engine._encode(requests)
+        mark()
+        latents = pipe(width=first.width, height=first.height, output_type="latent",
+                       num_inference_steps=first.num_inference_steps,
+                       guidance_scale=first.guidance_scale, **embeds).images
+        mark()
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        mark()
+        _to_pil(pipe.image_processor.postprocess(decoded, output_type="pt"))
+        mark()
+    names = ("encode", "denoise", "vae_decode", "to_pil")
+    return {name: b - a for name, a, b in zip(names, marks, marks[1:])}
 
 
 def _child(args: argparse.Namespace, variant: str, folder: Path, pixels: Path) -> dict:
@@ -127,7 +156,7 @@ def _child(args: argparse.Namespace, variant: str, folder: Path, pixels: Path) -
            "--steps", str(args.steps), "--repeats", str(args.repeats),
            "--batches", *map(str, args.batches)]
     started = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         print(done.stderr[-4000:], file=sys.stderr)
         return {"variant": variant, "error": done.stderr.strip().splitlines()[-1:]}
@@ -177,8 +206,9 @@ def _print(r: dict) -> None:
         return
     cells = "  ".join(f"b{b['images']}: {b['images_per_s']:.3f} img/s {b['tflops']:.0f} TFLOP/s"
                       f" (first {b['first_call_s']:.1f}s)" for b in r["batches"])
+    stages = " ".join(f"{k} {v:.3f}s" for k, v in r["stages_s"].items())
     print(f"{r['variant']:<13} load {r['load_s']:.1f}s warm-up {r['warmup_s']:.1f}s  {cells}  "
-          f"diff {r['mean_abs_diff_vs_first']:.2f}", flush=True)
+          f"diff {r['mean_abs_diff_vs_first']:.2f}\n{'':<13} stages: {stages}", flush=True)
 
 
 if __name__ == "__main__":

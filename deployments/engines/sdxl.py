@@ -22,8 +22,8 @@ from diffusers import (
 from PIL import Image
 
 from deployments.adapters import AdapterSlots
-from deployments.engines.withdrawal import BatchRows, step_callback
 from deployments.engines.speed import apply_speed
+from deployments.engines.withdrawal import BatchRows, step_callback
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
 from serve.errors import OutOfMemory

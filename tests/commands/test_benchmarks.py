@@ -1,0 +1,95 @@
+"""The benchmark programs, end to end on the tiny model: the same commands that measure a
+GPU, with small sizes. They run Ray themselves, so they run before tests/integration
+starts its cluster (pytest collects folders in name order)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(module, *args, timeout=600):
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def throughput(tmp_path_factory, tiny_sdxl_path):
+    out = tmp_path_factory.mktemp("bench") / "throughput.json"
+    stdout = _run("load.bench_throughput", "--variant", "bf16-fast", "--batch", "4",
+                  "--concurrency", "1", "6", "--duration", "6", "--single", "3",
+                  "--open-s", "5", "--idle-s", "1", "--port", str(free_port()),
+                  "--baseline-port", str(free_port()), "--out", str(out))
+    return json.loads(out.read_text()), stdout, out
+
+
+def test_throughput_benchmark_measures_the_plain_server_and_atelier(throughput):
+    report, stdout, _ = throughput
+    base, atelier = report["baseline"], report["atelier"]
+    # The plain server answers one request at a time; Atelier batches concurrent clients.
+    assert base["closed_loop"][0]["mean_batch_size"] == 1
+    assert base["closed_loop"][0]["images"] > 0
+    loops = {c["concurrency"]: c for c in atelier["closed_loop"]}
+    assert loops[1]["mean_batch_size"] == 1
+    assert loops[6]["mean_batch_size"] > 1.5
+    assert all(c["images"] > 0 and c["p50_s"] <= c["p99_s"] for c in loops.values())
+    best = max(c["images_per_s"] for c in loops.values())
+    summary = report["summary"]
+    assert summary["atelier_images_per_s"] == best
+    assert summary["speedup"] == pytest.approx(best / base["closed_loop"][0]["images_per_s"])
+    assert summary["atelier_tflops"] == pytest.approx(best * report["flops"]["image"] / 1e12)
+    assert "speedup" in stdout and "plain server" in stdout
+
+
+def test_throughput_benchmark_runs_the_open_loop_the_idle_request_and_a_restart(throughput):
+    report, _, _ = throughput
+    a = report["atelier"]
+    open_loop = a["open_loop_90pct"]
+    best = report["summary"]["atelier_images_per_s"]
+    assert open_loop["offered_rps"] == pytest.approx(0.9 * best)
+    assert open_loop["sent"] >= 8 and open_loop["succeeded"] == open_loop["sent"]
+    assert open_loop["latency_s"]["p99"] == report["summary"]["p99_at_90pct_s"]
+    assert a["after_idle_s"]["idle_s"] == 1 and a["after_idle_s"]["request_s"] > 0
+    assert a["restart"]["to_healthy_s"] > 0 and a["restart"]["first_request_s"] > 0
+    assert report["variant"] == {"dtype": "bfloat16",
+                                 "speed": {"channels_last": True, "fuse_qkv": True}}
+
+
+def test_throughput_benchmark_plots_next_to_its_json(throughput):
+    _, _, out = throughput
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flops_follow_the_model_configs(tiny_sdxl_path):
+    from load.flops import sdxl_flops
+
+    small, large = sdxl_flops(tiny_sdxl_path, 64, 2), sdxl_flops(tiny_sdxl_path, 64, 4)
+    assert small["unet_step"] == 2 * small["unet_forward"] > 0
+    assert large["image"] - small["image"] == 2 * small["unet_step"]
+    assert sdxl_flops(tiny_sdxl_path, 128, 2)["unet_forward"] > 3 * small["unet_forward"]
+
+
+def test_engine_benchmark_compares_variants_with_the_first(tmp_path):
+    out = tmp_path / "engine.json"
+    stdout = _run("load.bench_engine", "--variants", "fp16", "fp16", "fp8", "--batches", "1",
+                  "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    first, again, fp8 = report["variants"]
+    assert first["mean_abs_diff_vs_first"] == again["mean_abs_diff_vs_first"] == 0
+    assert fp8["mean_abs_diff_vs_first"] > 0  # FP8 computes a slightly different image
+    for v in report["variants"]:
+        assert [b["images"] for b in v["batches"]] == [1, 2]
+        assert set(v["stages_s"]) == {"encode", "denoise", "vae_decode", "to_pil"}
+        for b in v["batches"]:
+            assert b["tflops"] == pytest.approx(b["images_per_s"] * report["flops"]["image"]
+                                                / 1e12)
+    assert "stages:" in stdout
