@@ -88,8 +88,15 @@ class SDXLEngine:
         for one image, general from two on, and may split again at larger batches, so
         the largest batch is compiled here too rather than under load."""
         for images in sorted({1, min(2, max_images), max_images}):
-            self.generate([replace(request, num_outputs=1, seed=request.seed + i)
-                           for i in range(images)])
+            try:
+                self.generate([replace(request, num_outputs=1, seed=request.seed + i)
+                               for i in range(images)])
+            except OutOfMemory:
+                # Serving splits such batches anyway; the replica need not fail for it.
+                log.warning("warm-up: %d images of %dx%d do not fit in memory at once; "
+                            "batches that large will run split", images, request.width,
+                            request.height)
+                return
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest],

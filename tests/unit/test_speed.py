@@ -109,3 +109,20 @@ def test_settings_that_change_layers_are_refused_beside_lora_adapters(setting, t
     parse_config({"models": [model]})
     parse_config({"models": [{**model, "speed": {"channels_last": True}}],
                   "lora_folders": [{"path": str(tmp_path), "base": "sdxl"}]})
+
+
+def test_warm_up_stops_at_the_first_batch_that_does_not_fit(tiny_sdxl_path):
+    from deployments.engines.sdxl import SDXLEngine
+
+    drill = SDXLEngine(tiny_sdxl_path, "float32", "cpu", simulate_oom_above_images=2)
+    calls = []
+    generate = drill.generate
+
+    def counting(requests, *args, **kwargs):
+        calls.append(len(requests))
+        return generate(requests, *args, **kwargs)
+
+    drill.generate = counting
+    drill.warm_up(_req(1), max_images=4)  # 1 and 2 fit; 4 raise the drill's OOM
+    assert calls == [1, 2, 4]
+    assert len(drill.generate([_req(2), _req(3)])[1]) == 1  # and it still serves
