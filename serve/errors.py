@@ -38,11 +38,18 @@ class InvalidField(AtelierError):
 
     def at(self, source: str) -> InvalidField:
         """The same error located in another part of the request (query or body)."""
-        return InvalidField(self.field, self.reason, source)
+        return type(self)(self.field, self.reason, source)
 
     def detail(self) -> Any:
         loc = [self.source, self.field] if self.field else [self.source]
         return [{"loc": loc, "msg": self.reason, "type": "value_error"}]
+
+
+class TooLarge(InvalidField):
+    """A request value (an uploaded image) is over a size limit: 413, naming the field."""
+
+    status = 413
+    kind = "too_large"
 
 
 class ModelNotFound(AtelierError):

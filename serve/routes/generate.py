@@ -97,7 +97,7 @@ async def generate(request: Request) -> Response:
         gen = params.to_request(model, request_id(request), prompt, adapters)
     except InvalidField as exc:
         field = "steps" if exc.field == "num_inference_steps" else exc.field
-        raise InvalidField(field, exc.reason, sources.get(field, "body")) from None
+        raise type(exc)(field, exc.reason, sources.get(field, "body")) from None
     result = await router_.generate(gen)
     return _respond(request, gen, result)
 

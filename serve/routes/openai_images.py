@@ -62,7 +62,7 @@ async def create_images(params: ImageGenerationParams, request: Request) -> dict
             output_quality=params.output_compression or 90, request_id=request_id(request))
     except InvalidField as exc:
         field = {"width": "size", "height": "size", "num_outputs": "n"}.get(exc.field, exc.field)
-        raise InvalidField(field, exc.reason) from None
+        raise type(exc)(field, exc.reason) from None
     result = await state.router.generate(gen)
     if params.response_format == "url":
         base = str(request.base_url).rstrip("/")

@@ -58,7 +58,7 @@ def to_request(state: IngressState, model_id: str, inp: SDXLInput,
             request_id=rid)
     except InvalidField as exc:
         field = "lora_weights" if exc.field == "loras" else exc.field
-        raise InvalidField(f"input.{field}", exc.reason) from None
+        raise type(exc)(f"input.{field}", exc.reason) from None
 
 
 async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base: str,

@@ -1,0 +1,85 @@
+"""Input images (img2img, inpainting): decoded safely, oriented and converted to RGB.
+
+Limits are checked before the pixels are decoded: the encoded size first, then the
+width and height from the file's header, so a small file that claims huge dimensions (a
+decompression bomb) is refused without allocating its pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from serve.errors import InvalidField, TooLarge
+
+_DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?:;[\w=.-]+)*?;base64,(?P<data>.*)$",
+                       re.DOTALL)
+_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def decode_base64(value: str, field: str, max_bytes: int) -> bytes:
+    """Bytes of a data URI or plain base64 string; 413 when over `max_bytes`."""
+    match = _DATA_URI.match(value.strip())
+    text = match["data"] if match else value.strip()
+    if len(text) * 3 // 4 > max_bytes:
+        raise TooLarge(field, f"image data is over {max_bytes} bytes")
+    if not match and text.startswith(("http://", "https://")):
+        raise InvalidField(field, "image URLs are not fetched; send a data URI or base64")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidField(field, "is neither a data URI nor valid base64") from None
+
+
+def open_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode `data` into an RGB image with its EXIF orientation applied and any
+    transparency flattened onto white. 413 over `max_bytes` or `max_pixels` (checked
+    from the header, before decoding), 422 for data that is not a supported image."""
+    if len(data) > max_bytes:
+        raise TooLarge(field, f"image data is over {max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=_FORMATS)
+            width, height = image.size
+            if width * height > max_pixels:
+                raise TooLarge(field, f"image is {width}x{height}, over {max_pixels} pixels")
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise TooLarge(field, f"image is over {max_pixels} pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidField(field, f"cannot be decoded as an image ({exc})") from None
+    return _to_rgb(ImageOps.exif_transpose(image))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGB", image.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return image.convert("RGB")
+
+
+def open_mask(data: bytes, field: str, image: Image.Image, max_bytes: int,
+              max_pixels: int) -> Image.Image:
+    """A mask of the same size as `image`, in 8-bit grey (white = repaint)."""
+    mask = open_image(data, field, max_bytes, max_pixels).convert("L")
+    if mask.size != image.size:
+        raise InvalidField(field, f"mask is {mask.width}x{mask.height} but the image is "
+                                  f"{image.width}x{image.height}")
+    return mask
+
+
+def output_size(image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
+    """The size to generate: the input's unless given, each rounded down to a multiple of
+    8 (at least 8)."""
+    w, h = width or image.width, height or image.height
+    return max(8, w // 8 * 8), max(8, h // 8 * 8)
