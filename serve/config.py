@@ -68,6 +68,10 @@ class LimitsConfig(_Strict):
     max_steps: int = Field(50, ge=1, le=500, description="Most denoising steps per request.")
     max_outputs: int = Field(4, ge=1, le=16, description="Most images per request.")
     max_loras: int = Field(4, ge=0, le=16, description="Most LoRA adapters one request stacks.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description=(
+        "Largest input image (img2img, inpainting) as sent, in bytes; over it: 413."))
+    max_image_pixels: int = Field(4096 * 4096, ge=64, description=(
+        "Largest input image in pixels, read from its header before decoding; over it: 413."))
     max_request_pixels: int = Field(4 * 1024 * 1024, ge=64, description=(
         "Memory budget of one request: largest width x height x num_outputs. A request "
         "over it gets 422 before it reaches the GPU."))

@@ -15,7 +15,9 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from serve.config import LimitsConfig
 from serve.errors import InvalidField, TooLarge
+from serve.types import SourceImage
 
 _DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?:;[\w=.-]+)*?;base64,(?P<data>.*)$",
                        re.DOTALL)
@@ -83,3 +85,20 @@ def output_size(image: Image.Image, width: int | None, height: int | None) -> tu
     8 (at least 8)."""
     w, h = width or image.width, height or image.height
     return max(8, w // 8 * 8), max(8, h // 8 * 8)
+
+
+def source_image(image: str, mask: str | None, strength: float, width: int | None,
+                 height: int | None, limits: LimitsConfig) -> tuple[SourceImage, int, int]:
+    """Decode the base64 `image` (and `mask`) of a request; return them at the size to
+    generate, with that width and height."""
+    nbytes, npixels = limits.max_image_bytes, limits.max_image_pixels
+    picture = open_image(decode_base64(image, "image", nbytes), "image", nbytes, npixels)
+    grey = None
+    if mask is not None:
+        grey = open_mask(decode_base64(mask, "mask", nbytes), "mask", picture, nbytes, npixels)
+    w, h = output_size(picture, width, height)
+    picture = picture.resize((w, h), Image.Resampling.LANCZOS) if picture.size != (w, h) \
+        else picture
+    if grey is not None and grey.size != (w, h):
+        grey = grey.resize((w, h), Image.Resampling.NEAREST)
+    return SourceImage(picture.tobytes(), strength, None if grey is None else grey.tobytes()), w, h

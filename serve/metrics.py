@@ -104,8 +104,12 @@ class ModelMetrics:
                                  tag_keys=("model", "device")))
 
     def batch_done(self, images: int, steps: int, seconds: float) -> None:
-        self.generated.inc(images)
-        self.steps.inc(steps)
+        # Ray's counters refuse 0: a call whose requests all left, or an img2img call at
+        # strength 0 (no denoising step), adds nothing to them.
+        if images:
+            self.generated.inc(images)
+        if steps:
+            self.steps.inc(steps)
         self.inference.observe(seconds)
         self.batch_images.observe(images)
         self.batch_fill.observe(min(1.0, images / self.max_batch_images))

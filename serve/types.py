@@ -13,10 +13,24 @@ from serve.adapters import AdapterSet
 from serve.config import SCHEDULERS, LimitsConfig, ModelConfig
 from serve.errors import InvalidField
 
-__all__ = ["SCHEDULERS", "GenerationRequest", "GenerationResult", "BatchInfo"]
+__all__ = ["SCHEDULERS", "BatchInfo", "GenerationRequest", "GenerationResult", "SourceImage"]
 OutputFormat = Literal["png", "webp", "jpeg"]
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True, eq=False)
+class SourceImage:
+    """An input image for img2img or inpainting, already at the request's size: RGB
+    pixels, and for inpainting a mask of 8-bit grey (white = repaint)."""
+
+    rgb: bytes
+    strength: float
+    mask: bytes | None = None
+
+    @property
+    def mode(self) -> str:
+        return "inpaint" if self.mask is not None else "img2img"
 
 
 @dataclass(frozen=True)
@@ -41,6 +55,12 @@ class GenerationRequest:
     output_quality: int = 90
     adapters: AdapterSet = AdapterSet()
     request_id: str = ""
+    source: SourceImage | None = None
+
+    @property
+    def mode(self) -> str:
+        """txt2img, img2img or inpaint: which pipeline call the request needs."""
+        return "txt2img" if self.source is None else self.source.mode
 
     @classmethod
     def for_model(cls, model: ModelConfig, prompt: str, *, width: int | None = None,
@@ -66,8 +86,9 @@ class GenerationRequest:
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
+        strength = None if self.source is None else self.source.strength
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
-                self.scheduler, self.adapters.key)
+                self.scheduler, self.adapters.key, self.mode, strength)
 
     def check_limits(self, limits: LimitsConfig) -> None:
         """Raise InvalidField for the first value outside the model's limits."""

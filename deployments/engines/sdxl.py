@@ -17,11 +17,19 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     PNDMScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 from PIL import Image
 
 from deployments.adapters import AdapterSlots
+from deployments.engines.sources import (
+    keep_unmasked,
+    nothing_to_denoise,
+    source_inputs,
+    source_pil,
+)
 from deployments.engines.speed import apply_speed
 from deployments.engines.withdrawal import BatchRows, step_callback
 from serve.adapters import AdapterEntry
@@ -63,6 +71,12 @@ class SDXLEngine:
         self.dtype = _DTYPES[dtype] if self.device.type == "cuda" else torch.float32
         self.pipe = _load_pipeline(path, self.dtype, variant).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        # img2img and inpainting share the text-to-image pipeline's modules.
+        self._pipes = {"txt2img": self.pipe,
+                       "img2img": StableDiffusionXLImg2ImgPipeline.from_pipe(self.pipe),
+                       "inpaint": StableDiffusionXLInpaintPipeline.from_pipe(self.pipe)}
+        for pipe in self._pipes.values():
+            pipe.set_progress_bar_config(disable=True)
         base = self.pipe.scheduler.config
         self._schedulers = {name: cls.from_config(base, **extra)
                             for name, (cls, extra) in _SCHEDULERS.items()}
@@ -112,32 +126,39 @@ class SDXLEngine:
         first = requests[0]
         if any(r.batch_key != first.batch_key for r in requests):
             raise ValueError("a pipeline call needs requests with equal batch keys")
+        if nothing_to_denoise(first):
+            return [[source_pil(r) for _ in r.seeds] for r in requests]
         self.adapters.activate(first.adapters)
         embeds = self._encode(requests)
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
         rows = BatchRows([r.num_outputs for r in requests])
-        self.pipe.scheduler = self._schedulers[first.scheduler]
+        pipe = self._pipes[first.mode]
+        pipe.scheduler = self._schedulers[first.scheduler]
+        # Inpainting keeps per-row state outside the step callback's reach: its rows stay.
+        callback = step_callback(rows, generators, withdrawn, on_step,
+                                 shrink_rows=first.mode != "inpaint")
         out_of_memory = False
         try:
-            images = self._call(first, generators, embeds,
-                                step_callback(rows, generators, withdrawn, on_step))
+            images = self._call(pipe, first, generators, embeds | source_inputs(requests),
+                                callback)
         except torch.OutOfMemoryError:
             out_of_memory = True  # handled below, once the failed call's frames are gone
         if out_of_memory:
             raise self._recover_memory(requests)
-        return rows.split(images)
+        per_request = rows.split(images)
+        return keep_unmasked(requests, per_request) if first.mode == "inpaint" else per_request
 
-    def _call(self, first: GenerationRequest, generators: list[torch.Generator],
-              embeds: dict[str, torch.Tensor], callback: Callable) -> list[Image.Image]:
+    def _call(self, pipe, first: GenerationRequest, generators: list[torch.Generator],
+              inputs: dict, callback: Callable) -> list[Image.Image]:
         if self.simulate_oom_above_images and len(generators) > self.simulate_oom_above_images:
             raise torch.OutOfMemoryError(f"simulated: {len(generators)} images in one call")
-        images = self.pipe(
+        images = pipe(
             width=first.width, height=first.height,
             num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
             generator=generators, output_type="pt", callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=list(self.pipe._callback_tensor_inputs),
-            **embeds).images
+            callback_on_step_end_tensor_inputs=list(pipe._callback_tensor_inputs),
+            **inputs).images
         return _to_pil(images)
 
     def _recover_memory(self, requests: Sequence[GenerationRequest]) -> OutOfMemory:

@@ -44,15 +44,16 @@ class BatchRows:
 
 
 def step_callback(rows: BatchRows, generators: list, withdrawn: Callable[[], set[int]],
-                  on_step: Callable[[int, int], None] | None):
+                  on_step: Callable[[int, int], None] | None, shrink_rows: bool = True):
     """A diffusers step callback: reports progress, drops the rows of requests withdrawn
-    since the last step, and interrupts the loop once no request is left."""
+    since the last step (unless `shrink_rows` is False: then they run to the end, and
+    their images go nowhere), and interrupts the loop once no request is left."""
 
     def callback(pipe, step: int, timestep, tensors: dict) -> dict:
         if on_step is not None:
             on_step(step + 1, pipe.num_timesteps)
         gone = set(withdrawn()) & set(rows.live)
-        if not gone:
+        if not gone or (not shrink_rows and len(gone) < len(rows.live)):
             return {}
         if len(gone) == len(rows.live):
             rows.drop(gone)

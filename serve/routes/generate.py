@@ -20,6 +20,7 @@ from serve.adapters import AdapterSet, split_prompt_tags
 from serve.config import ModelConfig
 from serve.context import ingress, request_id
 from serve.errors import InvalidField
+from serve.images import source_image
 from serve.timing import timing_headers
 from serve.types import MAX_SEED, SCHEDULERS, GenerationRequest, GenerationResult, OutputFormat
 
@@ -52,12 +53,26 @@ class GenerateParams(BaseModel):
     output_quality: int = Field(90, ge=1, le=100, description="webp/jpeg quality.")
     loras: list[LoraRef] = Field(default_factory=list, description=(
         "LoRA adapters to stack (JSON body only); `<lora:name:scale>` in the prompt also works."))
+    image: str | None = Field(None, description=(
+        "Input image for img2img (JSON body only): a data URI or base64. The output takes "
+        "its size, rounded down to multiples of 8, unless width or height are given."))
+    mask: str | None = Field(None, description=(
+        "Inpainting mask of the image's size (JSON body only): white is repainted, black "
+        "kept."))
+    prompt_strength: float = Field(0.8, ge=0, le=1, description=(
+        "How far an input image may change: 0 returns it, 1 keeps only its layout's trace."))
 
     def to_request(self, model: ModelConfig, request_id: str, prompt: str,
                    adapters: AdapterSet) -> GenerationRequest:
         """Raises InvalidField for values outside the model's limits."""
+        width, height, source = self.width, self.height, None
+        if self.mask is not None and self.image is None:
+            raise InvalidField("mask", "a mask needs an image")
+        if self.image is not None:
+            source, width, height = source_image(self.image, self.mask, self.prompt_strength,
+                                                 width, height, model.limits)
         return GenerationRequest.for_model(
-            model, prompt, width=self.width, height=self.height,
+            model, prompt, width=width, height=height, source=source,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
             scheduler=self.scheduler, negative_prompt=self.negative_prompt,
             num_outputs=self.num_outputs, output_format=self.output_format,
@@ -81,7 +96,8 @@ _SCHEMA = _inline(_SCHEMA, _SCHEMA.get("$defs", {}))
 _OPENAPI = {
     "parameters": [{"name": name, "in": "query", "required": False,
                     "schema": _SCHEMA["properties"][name]}
-                   for name in GenerateParams.model_fields if name != "loras"],
+                   for name in GenerateParams.model_fields
+                   if name not in ("loras", "image", "mask")],
     "requestBody": {"required": False, "content": {"application/json": {"schema": _SCHEMA}}},
 }
 

@@ -1,0 +1,91 @@
+"""img2img and inpainting through `/generate` on the running app; bad images get 4xx."""
+
+import base64
+import io
+import struct
+import zlib
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from tests.integration.conftest import AUTH, FAST, decode, pixels, post_many
+
+RNG = np.random.default_rng(3)
+PHOTO = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # 96 wide, 64 high
+
+
+def _b64(image, fmt="PNG"):
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _body(**extra):
+    return {"model": FAST, "prompt": "the product on a marble counter", "steps": 4,
+            "seed": 11, "image": _b64(Image.fromarray(PHOTO)), **extra}
+
+
+def test_output_takes_the_input_size_rounded_to_multiples_of_8(client):
+    r = client.post("/generate", json=_body(prompt_strength=0.6))
+    assert r.status_code == 200, r.text
+    assert decode(r.json()["image"]).size == (96, 64)
+    odd = Image.fromarray(RNG.integers(0, 256, (70, 100, 3), dtype=np.uint8))
+    r = client.post("/generate", json=_body(image=_b64(odd)))
+    assert (r.json()["width"], r.json()["height"]) == (96, 64)
+    r = client.post("/generate", json=_body(width=128))
+    assert decode(r.json()["image"]).size == (128, 64)
+
+
+def test_strength_zero_returns_the_input_pixels(client):
+    r = client.post("/generate", json=_body(prompt_strength=0))
+    assert np.array_equal(pixels(decode(r.json()["image"])), PHOTO.astype(int))
+
+
+def test_five_variations_of_one_photo_all_differ(base_url):
+    bodies = [_body(seed=100 + i, prompt=f"the product, scene {i}") for i in range(5)]
+    responses = post_many(base_url, bodies)
+    assert [r.status_code for r in responses] == [200] * 5
+    images = [pixels(decode(r.json()["image"])) for r in responses]
+    assert [r.json()["seed"] for r in responses] == [100, 101, 102, 103, 104]
+    assert all(im.shape == (64, 96, 3) for im in images)
+    for i in range(5):
+        for j in range(i + 1, 5):
+            assert np.abs(images[i] - images[j]).mean() > 1
+
+
+def test_inpainting_keeps_the_unmasked_pixels(client):
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 24:72] = 255
+    r = client.post("/generate", json=_body(mask=_b64(Image.fromarray(mask))))
+    out = pixels(decode(r.json()["image"]))
+    diff = np.abs(out - PHOTO.astype(int))
+    assert diff[mask == 0].max() == 0 and diff[mask == 255].mean() > 20
+
+
+def _bomb_png(side):
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+                            + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                            + chunk(b"IEND", b"")).decode()
+
+
+def test_bad_images_get_their_4xx_and_the_server_keeps_serving(client):
+    truncated = _b64(Image.fromarray(PHOTO))[:200]
+    cases = [
+        (_body(image="this is not base64!"), 422, "image"),
+        (_body(image=truncated), 422, "image"),
+        (_body(image=_bomb_png(20_000)), 413, "image"),
+        (_body(mask=_b64(Image.new("L", (32, 32), 255))), 422, "mask"),
+        ({**_body(mask=_b64(Image.new("L", (96, 64), 255))), "image": None}, 422, "mask"),
+    ]
+    for body, status, field in cases:
+        r = client.post("/generate", json=body)
+        assert r.status_code == status, (field, r.text)
+        assert r.json()["detail"][0]["loc"] == ["body", field]
+    ok = client.post("/generate", json=_body())
+    assert ok.status_code == 200
+    assert httpx.get(f"{client.base_url}/healthz", headers=AUTH).status_code == 200
