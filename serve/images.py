@@ -87,10 +87,15 @@ def output_size(image: Image.Image, width: int | None, height: int | None) -> tu
     return max(8, w // 8 * 8), max(8, h // 8 * 8)
 
 
-def source_image(image: str, mask: str | None, strength: float, width: int | None,
-                 height: int | None, limits: LimitsConfig) -> tuple[SourceImage, int, int]:
+def source_image(image: str | None, mask: str | None, strength: float, width: int | None,
+                 height: int | None, limits: LimitsConfig,
+                 ) -> tuple[SourceImage | None, int | None, int | None]:
     """Decode the base64 `image` (and `mask`) of a request; return them at the size to
-    generate, with that width and height."""
+    generate, with that width and height (for no image: None and the size as given)."""
+    if image is None:
+        if mask is not None:
+            raise InvalidField("mask", "a mask needs an image")
+        return None, width, height
     nbytes, npixels = limits.max_image_bytes, limits.max_image_pixels
     picture = open_image(decode_base64(image, "image", nbytes), "image", nbytes, npixels)
     grey = None

@@ -65,12 +65,8 @@ class GenerateParams(BaseModel):
     def to_request(self, model: ModelConfig, request_id: str, prompt: str,
                    adapters: AdapterSet) -> GenerationRequest:
         """Raises InvalidField for values outside the model's limits."""
-        width, height, source = self.width, self.height, None
-        if self.mask is not None and self.image is None:
-            raise InvalidField("mask", "a mask needs an image")
-        if self.image is not None:
-            source, width, height = source_image(self.image, self.mask, self.prompt_strength,
-                                                 width, height, model.limits)
+        source, width, height = source_image(self.image, self.mask, self.prompt_strength,
+                                             self.width, self.height, model.limits)
         return GenerationRequest.for_model(
             model, prompt, width=width, height=height, source=source,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,

@@ -29,6 +29,12 @@ class SDXLInput(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, le=500, description="Denoising steps")
     guidance_scale: float | None = Field(None, ge=1, le=50, description="Classifier-free guidance")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
+    image: str | None = Field(None, description=(
+        "Input image for img2img or inpaint mode, as a data URI (or base64)"))
+    mask: str | None = Field(None, description=(
+        "Input mask for inpaint mode: white areas are repainted, black kept"))
+    prompt_strength: float = Field(0.8, ge=0, le=1, description=(
+        "Prompt strength with img2img / inpaint; 1.0 destroys the input image's information"))
     lora_weights: str | None = Field(None, description="A LoRA name from GET /v1/loras")
     lora_scale: float | None = Field(None, ge=-4, le=4, description="Scale of lora_weights")
     output_format: OutputFormat = Field("png", description="png, webp or jpeg")

@@ -14,6 +14,7 @@ from collections.abc import Awaitable
 
 from serve.context import IngressState
 from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost
+from serve.images import source_image
 from serve.predictions import Prediction, now_iso
 from serve.routes.replicate_inputs import SDXLInput
 from serve.types import GenerationRequest, GenerationResult
@@ -49,8 +50,10 @@ def to_request(state: IngressState, model_id: str, inp: SDXLInput,
     model = state.router.resolve(model_id)
     refs = [(inp.lora_weights, inp.lora_scale)] if inp.lora_weights else []
     try:
+        source, width, height = source_image(inp.image, inp.mask, inp.prompt_strength,
+                                             inp.width, inp.height, model.limits)
         return GenerationRequest.for_model(
-            model, inp.prompt, width=inp.width, height=inp.height,
+            model, inp.prompt, width=width, height=height, source=source,
             num_inference_steps=inp.num_inference_steps, guidance_scale=inp.guidance_scale,
             seed=inp.seed, scheduler=inp.scheduler, negative_prompt=inp.negative_prompt,
             num_outputs=inp.num_outputs, output_format=inp.output_format,

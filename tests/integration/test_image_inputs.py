@@ -89,3 +89,35 @@ def test_bad_images_get_their_4xx_and_the_server_keeps_serving(client):
     ok = client.post("/generate", json=_body())
     assert ok.status_code == 200
     assert httpx.get(f"{client.base_url}/healthz", headers=AUTH).status_code == 200
+
+
+def test_replicate_client_sends_the_photo_as_a_file_and_gets_it_back_at_strength_0(base_url):
+    import replicate
+
+    from tests.integration.conftest import API_KEY
+
+    rep = replicate.Client(api_token=API_KEY, base_url=base_url)
+    buf = io.BytesIO()
+    Image.fromarray(PHOTO).save(buf, format="PNG")
+    buf.seek(0)
+    (kept,) = rep.run(FAST, input={"prompt": "x", "image": buf, "prompt_strength": 0},
+                      file_encoding_strategy="base64")
+    assert np.array_equal(pixels(Image.open(io.BytesIO(kept.read()))), PHOTO.astype(int))
+    mask = np.zeros((64, 96), np.uint8)
+    mask[:, 48:] = 255
+    (painted,) = rep.run(FAST, input={"prompt": "x", "image": _b64(Image.fromarray(PHOTO)),
+                                      "mask": _b64(Image.fromarray(mask)), "seed": 4,
+                                      "num_inference_steps": 4})
+    diff = np.abs(pixels(Image.open(io.BytesIO(painted.read()))) - PHOTO.astype(int))
+    assert diff[:, :48].max() == 0 and diff[:, 48:].mean() > 20
+
+
+def test_replicate_bad_image_is_a_422_naming_the_input_field(base_url):
+    r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", headers=AUTH,
+                   json={"input": {"prompt": "x", "image": "data:image/png;base64,AAAA"}})
+    assert r.status_code == 422
+    assert r.json()["invalid_fields"][0]["field"] == "input.image"
+    r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", headers=AUTH,
+                   json={"input": {"prompt": "x", "image": _bomb_png(20_000)}})
+    assert r.status_code == 413
+    assert r.json()["invalid_fields"][0]["field"] == "input.image"
