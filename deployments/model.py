@@ -77,7 +77,7 @@ class ModelDeployment:
         self.engine.warm_up(GenerationRequest(
             model=self.cfg.id, prompt="warm-up", width=d.width, height=d.height,
             num_inference_steps=self.cfg.warmup_steps, guidance_scale=d.guidance_scale,
-            seed=0, scheduler=d.scheduler), self.cfg.batching.max_batch_size)
+            seed=0, scheduler=self.cfg.default_scheduler), self.cfg.batching.max_batch_size)
 
     async def generate(self, request: GenerationRequest,
                        on_step: StepListener | None = None) -> GenerationResult:

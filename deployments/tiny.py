@@ -1,8 +1,9 @@
-"""The embedded default model: a tiny SDXL-architecture pipeline with random weights.
+"""The embedded default models: tiny SDXL- and FLUX-architecture pipelines with random
+weights (the FLUX recipe is in `deployments.tiny_flux`).
 
-It is built once, deterministically, saved in diffusers format with safetensors, and then
-loaded through the same `from_pretrained` path as a real checkpoint. It draws noise: it
-exists so that the whole service runs on any machine without downloading weights.
+Each is built once, deterministically, saved in diffusers format with safetensors, and then
+loaded through the same `from_pretrained` path as a real checkpoint. They draw noise: they
+exist so that the whole service runs on any machine without downloading weights.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from filelock import FileLock
 
 TINY_SDXL = "tiny-sdxl"
+TINY_FLUX = "tiny-flux"
 # Bump when the recipe below changes, so old caches are not reused.
 RECIPE_VERSION = 1
 _SEED = 20261122
@@ -29,15 +31,16 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
     written under a temporary name and renamed into place while a file lock is held.
     Raises ValueError for an unknown name.
     """
-    if name != TINY_SDXL:
-        raise ValueError(f"unknown embedded model {name!r}; known: {TINY_SDXL!r}")
+    builders = {TINY_SDXL: _build_tiny_sdxl, TINY_FLUX: _build_tiny_flux}
+    if name not in builders:
+        raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(builders)}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     target = cache_dir / f"{name}-v{RECIPE_VERSION}"
     with FileLock(str(target) + ".lock"):
         if not (target / "model_index.json").exists():
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
             try:
-                _build_tiny_sdxl(tmp)
+                builders[name](tmp)
                 os.replace(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -99,6 +102,12 @@ TINY_SDXL_CONFIGS = {
 
 def _build_tiny_sdxl(folder: Path) -> None:
     build_random_sdxl(folder, TINY_SDXL_CONFIGS)
+
+
+def _build_tiny_flux(folder: Path) -> None:
+    from deployments.tiny_flux import TINY_FLUX_CONFIGS, build_random_flux
+
+    build_random_flux(folder, TINY_FLUX_CONFIGS)
 
 
 def _public(config: dict) -> dict:

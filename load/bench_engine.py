@@ -127,7 +127,7 @@ def _stages(engine, requests: list) -> dict:
     encoding, denoising (UNet steps), VAE decode, transfer to 8-bit PIL images."""
     import torch
 
-    from deployments.engines.sdxl import _to_pil
+    from deployments.engines.base import to_pil as _to_pil
 
     pipe, first, marks = engine.pipe, requests[0], [time.monotonic()]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,9 +17,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
 DEFAULT_MODEL_ID = "atelier/tiny-sdxl"
+DEFAULT_FLUX_ID = "atelier/tiny-flux"
 # Replicate's stability-ai/sdxl scheduler names.
 SCHEDULERS = ("K_EULER", "K_EULER_ANCESTRAL", "DDIM", "DPMSolverMultistep", "HeunDiscrete",
               "KarrasDPM", "PNDM")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a pipeline family accepts."""
+
+    schedulers: tuple[str, ...]  # the first is the default
+    size_multiple: int  # width and height must be multiples of this
+    negative_prompt: bool
+    modes: tuple[str, ...]  # txt2img, img2img, inpaint
+    embedded: str  # the embedded tiny model of the family
+
+
+FAMILIES = {
+    "sdxl": Family(SCHEDULERS, 8, True, ("txt2img", "img2img", "inpaint"), "tiny-sdxl"),
+    # FLUX latents are packed 2x2, on top of the VAE's factor of 8.
+    "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img"), "tiny-flux"),
+}
 
 
 class ConfigError(ValueError):
@@ -88,20 +108,19 @@ class DefaultsConfig(_Strict):
     height: int = Field(1024, description="Height when a request gives none.")
     num_inference_steps: int = Field(30, ge=1, description="Steps when a request gives none.")
     guidance_scale: float = Field(7.5, ge=0, le=50, description="Guidance when none is given.")
-    scheduler: str = Field("K_EULER", description="Scheduler when a request gives none.")
+    scheduler: str | None = Field(None, description=(
+        "Scheduler when a request gives none; unset: the family's first (K_EULER for "
+        "sdxl, FlowMatchEuler for flux)."))
 
-    @model_validator(mode="after")
-    def _known_scheduler(self) -> DefaultsConfig:
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}")
-        return self
-
-    def check_within(self, limits: LimitsConfig) -> None:
+    def check_within(self, limits: LimitsConfig, family: Family) -> None:
         """Raise ValueError if a request made of these defaults would break `limits`."""
+        if self.scheduler is not None and self.scheduler not in family.schedulers:
+            raise ValueError(f"defaults.scheduler must be one of {', '.join(family.schedulers)}")
         for name in ("width", "height"):
             value = getattr(self, name)
-            if value % 8 or not limits.min_size <= value <= limits.max_size:
-                raise ValueError(f"defaults.{name} must be a multiple of 8 within limits")
+            if value % family.size_multiple or not limits.min_size <= value <= limits.max_size:
+                raise ValueError(f"defaults.{name} must be a multiple of "
+                                 f"{family.size_multiple} within limits")
         if self.width * self.height > min(limits.max_pixels, limits.max_request_pixels):
             raise ValueError("defaults.width x defaults.height exceeds limits.max_pixels "
                              "or limits.max_request_pixels")
@@ -113,11 +132,13 @@ class ModelConfig(_Strict):
     id: str = Field(description="Public model id in owner/name form, e.g. atelier/tiny-sdxl.")
     aliases: list[str] = Field(default_factory=list, description=(
         "Other ids that resolve to this model (e.g. stability-ai/sdxl)."))
-    family: Literal["sdxl"] = Field("sdxl", description="Pipeline family of the weights.")
+    family: Literal["sdxl", "flux"] = Field("sdxl", description=(
+        "Pipeline family of the weights: sdxl (StableDiffusionXLPipeline) or flux "
+        "(FluxPipeline, FLUX.1 dev or schnell)."))
     path: Path | None = Field(None, description=(
         "Local diffusers-format folder (safetensors weights). Never fetched."))
-    embedded: Literal["tiny-sdxl"] | None = Field(None, description=(
-        "Build and serve an embedded random-weight model instead of `path`."))
+    embedded: Literal["tiny-sdxl", "tiny-flux"] | None = Field(None, description=(
+        "Build and serve an embedded random-weight model of the family instead of `path`."))
     variant: str | None = Field(None, description=(
         "Weights file variant in the folder, e.g. fp16 for *.fp16.safetensors."))
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description=(
@@ -165,13 +186,25 @@ class ModelConfig(_Strict):
                 raise ValueError(f"model id {name!r} is not in lowercase owner/name form")
         if (self.path is None) == (self.embedded is None):
             raise ValueError("set exactly one of path or embedded")
-        self.defaults.check_within(self.limits)
+        if self.embedded not in (None, self.rules.embedded):
+            raise ValueError(f"embedded {self.embedded!r} is not a {self.family} model")
+        if self.family != "sdxl" and self.speed != SpeedConfig():
+            raise ValueError("speed settings apply to sdxl models only")
+        self.defaults.check_within(self.limits, self.rules)
         if self.limits.max_loras > self.max_loaded_adapters:
             raise ValueError("limits.max_loras must not exceed max_loaded_adapters")
         if self.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError("max_ongoing_requests must be at least batching.max_batch_size, "
                              "or batches can never fill")
         return self
+
+    @property
+    def rules(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def default_scheduler(self) -> str:
+        return self.defaults.scheduler or self.rules.schedulers[0]
 
     @property
     def slug(self) -> str:
@@ -272,12 +305,18 @@ def default_cache_dir() -> Path:
 
 
 def default_config() -> AtelierConfig:
-    """The embedded default: the tiny random-weight SDXL, sized for a laptop CPU."""
-    return AtelierConfig(models=[ModelConfig(
-        id=DEFAULT_MODEL_ID, aliases=["stability-ai/sdxl"], embedded="tiny-sdxl",
-        dtype="float32", num_cpus=max(1, min(4, os.cpu_count() or 1)),
-        limits=LimitsConfig(max_size=1024, max_pixels=1024 * 1024),
-        defaults=DefaultsConfig(width=512, height=512, num_inference_steps=20))],
+    """The embedded default: a tiny random-weight SDXL and a tiny random-weight FLUX,
+    sized for a laptop CPU (the machine's CPUs shared between the two)."""
+    cpus = max(1, min(4, (os.cpu_count() or 1) // 2))
+    limits = LimitsConfig(max_size=1024, max_pixels=1024 * 1024)
+    return AtelierConfig(models=[
+        ModelConfig(id=DEFAULT_MODEL_ID, aliases=["stability-ai/sdxl"], embedded="tiny-sdxl",
+                    dtype="float32", num_cpus=cpus, limits=limits,
+                    defaults=DefaultsConfig(width=512, height=512, num_inference_steps=20)),
+        ModelConfig(id=DEFAULT_FLUX_ID, aliases=["black-forest-labs/flux-dev"], family="flux",
+                    embedded="tiny-flux", dtype="float32", num_cpus=cpus, limits=limits,
+                    defaults=DefaultsConfig(width=512, height=512, num_inference_steps=28,
+                                            guidance_scale=3))],
         lora_folders=[LoraFolderConfig(embedded="tiny-sdxl-demo", base="sdxl")])
 
 

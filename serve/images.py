@@ -15,7 +15,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serve.config import LimitsConfig
+from serve.config import ModelConfig
 from serve.errors import InvalidField, TooLarge
 from serve.types import SourceImage
 
@@ -80,28 +80,34 @@ def open_mask(data: bytes, field: str, image: Image.Image, max_bytes: int,
     return mask
 
 
-def output_size(image: Image.Image, width: int | None, height: int | None) -> tuple[int, int]:
+def output_size(image: Image.Image, width: int | None, height: int | None,
+                multiple: int = 8) -> tuple[int, int]:
     """The size to generate: the input's unless given, each rounded down to a multiple of
-    8 (at least 8)."""
+    `multiple` (at least `multiple`)."""
     w, h = width or image.width, height or image.height
-    return max(8, w // 8 * 8), max(8, h // 8 * 8)
+    return max(multiple, w // multiple * multiple), max(multiple, h // multiple * multiple)
 
 
-def source_image(image: str | None, mask: str | None, strength: float, width: int | None,
-                 height: int | None, limits: LimitsConfig,
+def _data(value: str | bytes, field: str, max_bytes: int) -> bytes:
+    """Raw bytes (an upload) as they are; a string is a data URI or base64."""
+    return value if isinstance(value, bytes) else decode_base64(value, field, max_bytes)
+
+
+def source_image(image: str | bytes | None, mask: str | bytes | None, strength: float,
+                 width: int | None, height: int | None, model: ModelConfig,
                  ) -> tuple[SourceImage | None, int | None, int | None]:
-    """Decode the base64 `image` (and `mask`) of a request; return them at the size to
+    """Decode the `image` (and `mask`) of a request for `model`; return them at the size to
     generate, with that width and height (for no image: None and the size as given)."""
     if image is None:
         if mask is not None:
             raise InvalidField("mask", "a mask needs an image")
         return None, width, height
-    nbytes, npixels = limits.max_image_bytes, limits.max_image_pixels
-    picture = open_image(decode_base64(image, "image", nbytes), "image", nbytes, npixels)
+    nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
+    picture = open_image(_data(image, "image", nbytes), "image", nbytes, npixels)
     grey = None
     if mask is not None:
-        grey = open_mask(decode_base64(mask, "mask", nbytes), "mask", picture, nbytes, npixels)
-    w, h = output_size(picture, width, height)
+        grey = open_mask(_data(mask, "mask", nbytes), "mask", picture, nbytes, npixels)
+    w, h = output_size(picture, width, height, model.rules.size_multiple)
     picture = picture.resize((w, h), Image.Resampling.LANCZOS) if picture.size != (w, h) \
         else picture
     if grey is not None and grey.size != (w, h):

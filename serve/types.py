@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from serve.adapters import AdapterSet
-from serve.config import SCHEDULERS, LimitsConfig, ModelConfig
+from serve.config import FAMILIES, SCHEDULERS, Family, LimitsConfig, ModelConfig
 from serve.errors import InvalidField
 
 __all__ = ["SCHEDULERS", "BatchInfo", "GenerationRequest", "GenerationResult", "SourceImage"]
@@ -75,8 +75,8 @@ class GenerationRequest:
             num_inference_steps=num_inference_steps or d.num_inference_steps,
             guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
             seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed,
-            scheduler=scheduler or d.scheduler, **rest)
-        request.check_limits(model.limits)
+            scheduler=scheduler or model.default_scheduler, **rest)
+        request.check_limits(model.limits, model.rules)
         return request
 
     @property
@@ -90,12 +90,14 @@ class GenerationRequest:
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
                 self.scheduler, self.adapters.key, self.mode, strength)
 
-    def check_limits(self, limits: LimitsConfig) -> None:
-        """Raise InvalidField for the first value outside the model's limits."""
+    def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
+        """Raise InvalidField for the first value outside the model's limits or what its
+        pipeline family accepts."""
         for name in ("width", "height"):
             value = getattr(self, name)
-            if value % 8:
-                raise InvalidField(name, f"must be a multiple of 8, got {value}")
+            if value % family.size_multiple:
+                raise InvalidField(
+                    name, f"must be a multiple of {family.size_multiple}, got {value}")
             if not limits.min_size <= value <= limits.max_size:
                 raise InvalidField(
                     name, f"must be between {limits.min_size} and {limits.max_size}, got {value}")
@@ -112,8 +114,12 @@ class GenerationRequest:
                 f"width x height x num_outputs must be at most {limits.max_request_pixels} "
                 f"pixels for this model (its memory budget), got "
                 f"{self.width * self.height * self.num_outputs}"))
-        if self.scheduler not in SCHEDULERS:
-            raise InvalidField("scheduler", f"must be one of {', '.join(SCHEDULERS)}")
+        if self.scheduler not in family.schedulers:
+            raise InvalidField("scheduler", f"must be one of {', '.join(family.schedulers)}")
+        if self.negative_prompt and not family.negative_prompt:
+            raise InvalidField("negative_prompt", "this model takes no negative prompt")
+        if self.mode not in family.modes:
+            raise InvalidField("mask", "this model does not do inpainting")
 
 
 @dataclass(frozen=True)

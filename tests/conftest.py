@@ -47,3 +47,10 @@ def redis_url(tmp_path_factory):
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(cache_dir) -> Path:
+    from deployments.tiny import TINY_FLUX, ensure_embedded
+
+    return ensure_embedded(TINY_FLUX, cache_dir)

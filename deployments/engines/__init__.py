@@ -68,4 +68,9 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                           model.max_loaded_adapters, model.max_lora_rank, model.lora_targets,
                           model.simulate_oom_above_images, model.speed,
                           cache_dir / "compile")
+    if model.family == "flux":
+        from deployments.engines.flux import FluxEngine
+
+        return FluxEngine(path, model.dtype, device, model.variant,
+                          model.simulate_oom_above_images)
     raise ValueError(f"no engine for family {model.family!r}")

@@ -1,14 +1,12 @@
-"""SDXL engine: one diffusers pipeline, batched calls with per-image seeds."""
+"""SDXL engine: text-to-image, img2img and inpainting with the seven Replicate schedulers
+and LoRA slots in the UNet."""
 
 from __future__ import annotations
 
-import gc
-import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import ClassVar
 
-import psutil
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -24,20 +22,12 @@ from diffusers import (
 from PIL import Image
 
 from deployments.adapters import AdapterSlots
-from deployments.engines.sources import (
-    keep_unmasked,
-    nothing_to_denoise,
-    source_inputs,
-    source_pil,
-)
+from deployments.engines.base import DiffusersEngine
+from deployments.engines.sources import keep_unmasked
 from deployments.engines.speed import apply_speed
-from deployments.engines.withdrawal import BatchRows, step_callback
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
-from serve.errors import OutOfMemory
 from serve.types import GenerationRequest
-
-log = logging.getLogger("ray.serve.atelier.engine")
 
 # Replicate's names → (diffusers class, extra config).
 _SCHEDULERS = {
@@ -49,16 +39,16 @@ _SCHEDULERS = {
     "KarrasDPM": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
 }
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class SDXLEngine:
-    """Loads an SDXL pipeline from local files only and runs compatible batches.
+class SDXLEngine(DiffusersEngine):
+    """Loads an SDXL pipeline from local files only and runs compatible batches."""
 
-    Guarantees: image i of a request depends only on the request and its seed i, not on
-    the other requests of its batch (prompts are encoded per request, latents and
-    ancestral noise come from one CPU generator per image).
-    """
+    pipelines: ClassVar[dict[str, type]] = {"txt2img": StableDiffusionXLPipeline,
+                 "img2img": StableDiffusionXLImg2ImgPipeline,
+                 "inpaint": StableDiffusionXLInpaintPipeline}
+    denoiser = "unet"
+    parts = ("unet", "vae", "text_encoder", "text_encoder_2")
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
                  adapters: Mapping[str, AdapterEntry] | None = None, max_adapters: int = 8,
@@ -66,17 +56,7 @@ class SDXLEngine:
                  lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
                  simulate_oom_above_images: int | None = None,
                  speed: SpeedConfig | None = None, compile_cache: Path | None = None):
-        self.simulate_oom_above_images = simulate_oom_above_images
-        self.device = torch.device(device)
-        self.dtype = _DTYPES[dtype] if self.device.type == "cuda" else torch.float32
-        self.pipe = _load_pipeline(path, self.dtype, variant).to(self.device)
-        self.pipe.set_progress_bar_config(disable=True)
-        # img2img and inpainting share the text-to-image pipeline's modules.
-        self._pipes = {"txt2img": self.pipe,
-                       "img2img": StableDiffusionXLImg2ImgPipeline.from_pipe(self.pipe),
-                       "inpaint": StableDiffusionXLInpaintPipeline.from_pipe(self.pipe)}
-        for pipe in self._pipes.values():
-            pipe.set_progress_bar_config(disable=True)
+        super().__init__(path, dtype, device, variant, simulate_oom_above_images)
         base = self.pipe.scheduler.config
         self._schedulers = {name: cls.from_config(base, **extra)
                             for name, (cls, extra) in _SCHEDULERS.items()}
@@ -85,94 +65,24 @@ class SDXLEngine:
         self.speed = apply_speed(self.pipe, speed or SpeedConfig(),
                                  compile_cache or path / ".compile")
 
-    def memory(self) -> tuple[str, int]:
-        """(device, bytes held): torch's allocated GPU memory, or the process's resident
-        memory on CPU."""
-        if self.device.type == "cuda":
-            return str(self.device), torch.cuda.memory_allocated(self.device)
-        return "cpu", psutil.Process().memory_info().rss
-
     def describe(self) -> dict:
-        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "vae_scale_factor": self.pipe.vae_scale_factor, "speed": self.speed}
+        return super().describe() | {"speed": self.speed}
 
-    def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
-        """Run `request` as calls of 1, 2 and `max_images` images: the first calls
-        allocate memory and, with `speed.compile`, compile. Compiled code is specialised
-        for one image, general from two on, and may split again at larger batches, so
-        the largest batch is compiled here too rather than under load."""
-        for images in sorted({1, min(2, max_images), max_images}):
-            try:
-                self.generate([replace(request, num_outputs=1, seed=request.seed + i)
-                               for i in range(images)])
-            except OutOfMemory:
-                # Serving splits such batches anyway; the replica need not fail for it.
-                log.warning("warm-up: %d images of %dx%d do not fit in memory at once; "
-                            "batches that large will run split", images, request.width,
-                            request.height)
-                return
-
-    @torch.inference_mode()
-    def generate(self, requests: Sequence[GenerationRequest],
-                 withdrawn: Callable[[], set[int]] = set,
-                 on_step: Callable[[int, int], None] | None = None) -> list[list[Image.Image]]:
-        """Run one pipeline call for compatible requests; return each request's images.
-
-        All requests must share `batch_key`; raises ValueError otherwise. `withdrawn()`
-        gives the indexes of requests nobody waits for any more: after each denoising step
-        their rows leave the batch (they get no images), and once all have left, the
-        call stops. `on_step(step, total)` is called after each denoising step.
-        """
-        first = requests[0]
-        if any(r.batch_key != first.batch_key for r in requests):
-            raise ValueError("a pipeline call needs requests with equal batch keys")
-        if nothing_to_denoise(first):
-            return [[source_pil(r) for _ in r.seeds] for r in requests]
+    def _prepare(self, first: GenerationRequest):
         self.adapters.activate(first.adapters)
-        embeds = self._encode(requests)
-        generators = [torch.Generator("cpu").manual_seed(seed)
-                      for r in requests for seed in r.seeds]
-        rows = BatchRows([r.num_outputs for r in requests])
         pipe = self._pipes[first.mode]
         pipe.scheduler = self._schedulers[first.scheduler]
+        return pipe
+
+    def _shrinks_rows(self, first: GenerationRequest) -> bool:
         # Inpainting keeps per-row state outside the step callback's reach: its rows stay.
-        callback = step_callback(rows, generators, withdrawn, on_step,
-                                 shrink_rows=first.mode != "inpaint")
-        out_of_memory = False
-        try:
-            images = self._call(pipe, first, generators, embeds | source_inputs(requests),
-                                callback)
-        except torch.OutOfMemoryError:
-            out_of_memory = True  # handled below, once the failed call's frames are gone
-        if out_of_memory:
-            raise self._recover_memory(requests)
-        per_request = rows.split(images)
-        return keep_unmasked(requests, per_request) if first.mode == "inpaint" else per_request
+        return first.mode != "inpaint"
 
-    def _call(self, pipe, first: GenerationRequest, generators: list[torch.Generator],
-              inputs: dict, callback: Callable) -> list[Image.Image]:
-        if self.simulate_oom_above_images and len(generators) > self.simulate_oom_above_images:
-            raise torch.OutOfMemoryError(f"simulated: {len(generators)} images in one call")
-        images = pipe(
-            width=first.width, height=first.height,
-            num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
-            generator=generators, output_type="pt", callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=list(pipe._callback_tensor_inputs),
-            **inputs).images
-        return _to_pil(images)
-
-    def _recover_memory(self, requests: Sequence[GenerationRequest]) -> OutOfMemory:
-        """Give the failed call's memory back; the error to raise, so the caller can retry
-        smaller batches."""
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        images, r = sum(q.num_outputs for q in requests), requests[0]
-        log.warning("%s ran out of memory: %d request(s), %d image(s) of %dx%d",
-                    self.device, len(requests), images, r.width, r.height)
-        return OutOfMemory(f"{self.device} ran out of memory for {len(requests)} request(s), "
-                           f"{images} image(s) of {r.width}x{r.height}; retry later, or ask "
-                           "for fewer images or a smaller size")
+    def _finish(self, requests: Sequence[GenerationRequest],
+                per_request: list[list[Image.Image]]) -> list[list[Image.Image]]:
+        if requests[0].mode == "inpaint":
+            return keep_unmasked(requests, per_request)
+        return per_request
 
     def _encode(self, requests: Sequence[GenerationRequest]) -> dict[str, torch.Tensor]:
         """Prompt embeddings per image, each prompt encoded on its own."""
@@ -185,34 +95,3 @@ class SDXLEngine:
         names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
                  "negative_pooled_prompt_embeds")
         return {name: torch.cat([p[i] for p in parts]) for i, name in enumerate(names)}
-
-    def check(self) -> None:
-        """Raise RuntimeError if the pipeline cannot run (missing parts, weights gone bad)."""
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            module = getattr(self.pipe, name, None)
-            if module is None:
-                raise RuntimeError(f"pipeline has no {name}")
-        probe = next(self.pipe.unet.parameters())
-        if probe.device.type != self.device.type or not torch.isfinite(probe).all():
-            raise RuntimeError("UNet weights are not usable on the expected device")
-
-
-def _to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """Images in [0, 1] (N, C, H, W) on the device → PIL, with the same rounding as
-    diffusers' own PIL output, but quantized to 8 bits where the images are, so only a
-    quarter of the bytes cross to the CPU and the CPU does no arithmetic."""
-    pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
-    array = pixels.permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
-
-
-def _load_pipeline(path: Path, dtype: torch.dtype,
-                   variant: str | None) -> StableDiffusionXLPipeline:
-    """Load from a diffusers folder; never reach the network."""
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
-    if not path.is_dir():
-        raise ValueError(f"model path {path} must be a diffusers folder")
-    log.info("loading SDXL pipeline from %s (%s)", path, dtype)
-    return StableDiffusionXLPipeline.from_pretrained(
-        path, dtype=dtype, variant=variant, local_files_only=True, use_safetensors=True)

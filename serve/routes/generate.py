@@ -66,7 +66,7 @@ class GenerateParams(BaseModel):
                    adapters: AdapterSet) -> GenerationRequest:
         """Raises InvalidField for values outside the model's limits."""
         source, width, height = source_image(self.image, self.mask, self.prompt_strength,
-                                             self.width, self.height, model.limits)
+                                             self.width, self.height, model)
         return GenerationRequest.for_model(
             model, prompt, width=width, height=height, source=source,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,

@@ -1,6 +1,7 @@
 """Replicate's predictions API, for the official `replicate` client.
 
-Inputs mirror `stability-ai/sdxl`. `apply_watermark` and `disable_safety_checker` are
+Inputs mirror `stability-ai/sdxl` for SDXL models and `black-forest-labs/flux-dev` for
+FLUX models (each version's schema says which). `apply_watermark` and `disable_safety_checker` are
 accepted and have no effect (no watermark is added, no safety checker runs). Output is a
 list of file URLs served under /files for `file_ttl_s`. As on Replicate, a create call with
 `Prefer: wait` that finishes in time answers with the files inline as data URIs (the
@@ -18,7 +19,13 @@ from fastapi.responses import JSONResponse
 from serve.context import IngressState, ingress, request_id
 from serve.errors import AtelierError, InvalidField, ModelNotFound
 from serve.predictions import Prediction
-from serve.routes.replicate_inputs import PredictionBody, SDXLInput, duration_s, wait_seconds
+from serve.routes.replicate_inputs import (
+    PredictionBody,
+    duration_s,
+    input_schema,
+    parse_input,
+    wait_seconds,
+)
 from serve.routes.replicate_runs import to_request
 from serve.webhooks import check_events, check_webhook
 
@@ -45,12 +52,13 @@ def _model_json(state: IngressState, model_id: str, base: str) -> dict:
 
 
 def _version_json(state: IngressState, model_id: str) -> dict:
+    model = state.router.resolve(model_id)
     output = {"type": "array", "items": {"type": "string", "format": "uri"}, "title": "Output"}
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.started_at))
     return {"id": state.versions[model_id], "created_at": created,
             "cog_version": "atelier", "openapi_schema": {
                 "openapi": "3.0.2", "info": {"title": model_id, "version": "1"},
-                "components": {"schemas": {"Input": SDXLInput.model_json_schema(),
+                "components": {"schemas": {"Input": input_schema(model),
                                            "Output": output}}}}
 
 
@@ -95,13 +103,14 @@ async def _create(model_ref: str, version: str | None, body: PredictionBody,
     if version is not None and version != state.versions[model.id]:
         raise InvalidField("version", f"{model.id} is served at version {state.versions[model.id]}")
     rid = request_id(request)
-    gen = to_request(state, model.id, body.input, rid)  # refuses bad input before accepting
+    inp = parse_input(model, body.input)
+    gen = to_request(state, model.id, inp, rid)  # refuses bad input before accepting
     if body.webhook:
         check_webhook(body.webhook, state.router.config.webhook_allowed_hosts)
     deadline_s = duration_s(request.headers.get("cancel-after"))
     prediction = Prediction(
         model=model.id, version=state.versions[model.id],
-        input=body.input.model_dump(exclude_none=True), private={
+        input=inp.model_dump(exclude_none=True), private={
             "seed": gen.seed, "base": _base(request), "request_id": rid,
             "webhook": body.webhook,
             "events": list(check_events(body.webhook_events_filter)),

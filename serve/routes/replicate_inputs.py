@@ -1,12 +1,19 @@
-"""Replicate request shapes: the `stability-ai/sdxl` inputs, the create body, and the
-`Prefer: wait` and `Cancel-After` headers."""
+"""Replicate request shapes: the inputs of `stability-ai/sdxl` and of
+`black-forest-labs/flux-dev`, the create body, and the `Prefer: wait` and `Cancel-After`
+headers.
+
+Each input class turns itself into the arguments of `GenerationRequest.for_model`
+(`request_args`) and names, for an error about one of those arguments, its own field."""
 
 from __future__ import annotations
 
 import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serve.config import ModelConfig
 from serve.errors import InvalidField
 from serve.types import MAX_SEED, SCHEDULERS, OutputFormat
 
@@ -42,11 +49,94 @@ class SDXLInput(BaseModel):
     apply_watermark: bool = Field(True, description="Accepted; no watermark is applied")
     disable_safety_checker: bool = Field(False, description="Accepted; no checker runs")
 
+    def request_args(self) -> dict[str, Any]:
+        return {"width": self.width, "height": self.height, "num_outputs": self.num_outputs,
+                "num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance_scale, "scheduler": self.scheduler,
+                "negative_prompt": self.negative_prompt, "output_format": self.output_format,
+                "output_quality": self.output_quality}
+
+    def lora_refs(self) -> list[tuple[str, float | None]]:
+        return [(self.lora_weights, self.lora_scale)] if self.lora_weights else []
+
+    def field_of(self, arg: str) -> str:
+        return "lora_weights" if arg == "loras" else arg
+
+
+# Output sizes of FLUX at one megapixel per aspect ratio (multiples of 16); 0.25 MP halves
+# each side.
+FLUX_SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640),
+              "3:2": (1216, 832), "2:3": (832, 1216), "4:5": (896, 1088), "5:4": (1088, 896),
+              "3:4": (896, 1152), "4:3": (1152, 896), "9:16": (768, 1344), "9:21": (640, 1536)}
+
+
+class FluxInput(BaseModel):
+    """black-forest-labs/flux-dev's inputs; unset values take the served model's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=4000, description="Prompt for generated image")
+    aspect_ratio: Literal[tuple(FLUX_SIZES)] | None = Field(None, description=(
+        "Aspect ratio of the output; unset: the model's default size. Ignored with an "
+        "image, whose size the output follows"))
+    megapixels: Literal["1", "0.25"] = Field("1", description="Approximate megapixels")
+    image: str | None = Field(None, description=(
+        "Input image for img2img mode, as a data URI (or base64)"))
+    prompt_strength: float = Field(0.8, ge=0, le=1, description=(
+        "Prompt strength with img2img; 1.0 destroys the input image's information"))
+    num_outputs: int = Field(1, ge=1, le=4, description="Number of outputs to generate")
+    num_inference_steps: int | None = Field(None, ge=1, le=50, description="Denoising steps")
+    guidance: float | None = Field(None, ge=0, le=10, description="Guidance for the process")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
+    output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Image format")
+    output_quality: int = Field(80, ge=0, le=100, description="webp/jpg quality")
+    go_fast: bool = Field(True, description="Accepted; the model's speed settings apply")
+    disable_safety_checker: bool = Field(False, description="Accepted; no checker runs")
+
+    def request_args(self) -> dict[str, Any]:
+        width = height = None
+        if self.aspect_ratio is not None and self.image is None:
+            width, height = FLUX_SIZES[self.aspect_ratio]
+            if self.megapixels == "0.25":
+                width, height = width // 2, height // 2
+        return {"width": width, "height": height, "num_outputs": self.num_outputs,
+                "num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance,
+                "output_format": "jpeg" if self.output_format == "jpg" else self.output_format,
+                "output_quality": max(1, self.output_quality)}
+
+    def lora_refs(self) -> list[tuple[str, float | None]]:
+        return []
+
+    @property
+    def mask(self) -> None:
+        return None
+
+    def field_of(self, arg: str) -> str:
+        if arg in ("width", "height"):
+            return "image" if self.image is not None else "aspect_ratio"
+        return {"guidance_scale": "guidance"}.get(arg, arg)
+
+
+def parse_input(model: ModelConfig, raw: dict) -> SDXLInput | FluxInput:
+    """The create body's `input`, validated against the model family's inputs; a bad
+    field is a 422 located at input.<field>."""
+    cls = FluxInput if model.family == "flux" else SDXLInput
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", "input", *e["loc"])} for e in exc.errors()]
+        raise RequestValidationError(errors) from None
+
+
+def input_schema(model: ModelConfig) -> dict:
+    return (FluxInput if model.family == "flux" else SDXLInput).model_json_schema()
+
 
 class PredictionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input: SDXLInput
+    input: dict[str, Any] = Field(description="The model's inputs (see its version's schema)")
     version: str | None = None
     webhook: str | None = None
     webhook_events_filter: list[str] | None = None

@@ -16,7 +16,7 @@ from serve.context import IngressState
 from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost
 from serve.images import source_image
 from serve.predictions import Prediction, now_iso
-from serve.routes.replicate_inputs import SDXLInput
+from serve.routes.replicate_inputs import FluxInput, SDXLInput, parse_input
 from serve.types import GenerationRequest, GenerationResult
 from serve.webhooks import WebhookSender
 
@@ -28,8 +28,8 @@ _FIRST_RETRY_S, _MAX_RETRY_S = 0.5, 10.0
 async def run_prediction(state: IngressState, p: Prediction) -> None:
     """Run a stored prediction to its end, keeping its state in the store."""
     private = p.private
-    inp = SDXLInput.model_validate({**p.input, "seed": private["seed"]})
     try:
+        inp = parse_input(state.router.resolve(p.model), {**p.input, "seed": private["seed"]})
         gen = to_request(state, p.model, inp, private["request_id"])
     except AtelierError as exc:  # e.g. the model was removed by a redeploy
         p.finish("failed", error=exc.message)
@@ -45,23 +45,19 @@ async def run_prediction(state: IngressState, p: Prediction) -> None:
     await _run(state, p, gen, private["base"], webhook, deadline_s)
 
 
-def to_request(state: IngressState, model_id: str, inp: SDXLInput,
-                rid: str) -> GenerationRequest:
+def to_request(state: IngressState, model_id: str, inp: SDXLInput | FluxInput,
+               rid: str) -> GenerationRequest:
     model = state.router.resolve(model_id)
-    refs = [(inp.lora_weights, inp.lora_scale)] if inp.lora_weights else []
+    args = inp.request_args()
     try:
         source, width, height = source_image(inp.image, inp.mask, inp.prompt_strength,
-                                             inp.width, inp.height, model.limits)
+                                             args.pop("width"), args.pop("height"), model)
         return GenerationRequest.for_model(
-            model, inp.prompt, width=width, height=height, source=source,
-            num_inference_steps=inp.num_inference_steps, guidance_scale=inp.guidance_scale,
-            seed=inp.seed, scheduler=inp.scheduler, negative_prompt=inp.negative_prompt,
-            num_outputs=inp.num_outputs, output_format=inp.output_format,
-            output_quality=inp.output_quality, adapters=state.router.adapters_for(model, refs),
-            request_id=rid)
+            model, inp.prompt, width=width, height=height, source=source, seed=inp.seed,
+            adapters=state.router.adapters_for(model, inp.lora_refs()), request_id=rid,
+            **args)
     except InvalidField as exc:
-        field = "lora_weights" if exc.field == "loras" else exc.field
-        raise type(exc)(f"input.{field}", exc.reason) from None
+        raise type(exc)(f"input.{inp.field_of(exc.field)}", exc.reason) from None
 
 
 async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base: str,

@@ -9,11 +9,16 @@ def _model(**overrides):
     return {"id": "acme/sdxl", "embedded": "tiny-sdxl", **overrides}
 
 
-def test_default_config_serves_the_embedded_tiny_sdxl_under_its_alias():
+def test_default_config_serves_the_embedded_tiny_sdxl_and_flux_under_their_aliases():
     cfg = default_config()
-    assert [m.id for m in cfg.models] == ["atelier/tiny-sdxl"]
-    assert cfg.models[0].embedded == "tiny-sdxl"
-    assert "stability-ai/sdxl" in cfg.models[0].aliases
+    assert [m.id for m in cfg.models] == ["atelier/tiny-sdxl", "atelier/tiny-flux"]
+    sdxl, flux = cfg.models
+    assert (sdxl.family, sdxl.embedded, sdxl.default_scheduler) == ("sdxl", "tiny-sdxl",
+                                                                     "K_EULER")
+    assert (flux.family, flux.embedded, flux.default_scheduler) == ("flux", "tiny-flux",
+                                                                    "FlowMatchEuler")
+    assert "stability-ai/sdxl" in sdxl.aliases
+    assert "black-forest-labs/flux-dev" in flux.aliases
 
 
 @pytest.mark.parametrize("model, field", [
@@ -37,6 +42,13 @@ def test_invalid_field_is_named_in_the_error(model, field):
     (_model(max_ongoing_requests=2, batching={"max_batch_size": 8}), "max_ongoing_requests"),
     (_model(defaults={"scheduler": "LMS"}), "scheduler must be one of"),
     (_model(defaults={"width": 1001}), "defaults.width must be a multiple of 8"),
+    (_model(family="flux", embedded="tiny-flux", defaults={"width": 520}),
+     "defaults.width must be a multiple of 16"),
+    (_model(family="flux"), "'tiny-sdxl' is not a flux model"),
+    (_model(family="flux", embedded="tiny-flux", defaults={"scheduler": "K_EULER"}),
+     "scheduler must be one of FlowMatchEuler"),
+    (_model(family="flux", embedded="tiny-flux", speed={"compile": True}),
+     "speed settings apply to sdxl models only"),
     (_model(defaults={"width": 4096}, limits={"max_size": 2048}), "defaults.width"),
     (_model(defaults={"num_inference_steps": 80}), "exceeds limits.max_steps"),
 ])

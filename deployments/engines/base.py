@@ -1,0 +1,180 @@
+"""What every diffusers engine shares: loading from local files, batched calls with
+per-image seeds, withdrawal between steps, warm-up, out-of-memory recovery, output
+conversion. A family's engine says which pipelines it runs and how prompts are encoded."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import ClassVar
+
+import psutil
+import torch
+from PIL import Image
+
+from deployments.adapters import AdapterSlots
+from deployments.engines.sources import nothing_to_denoise, source_inputs, source_pil
+from deployments.engines.withdrawal import BatchRows, step_callback
+from serve.errors import OutOfMemory
+from serve.types import GenerationRequest
+
+log = logging.getLogger("ray.serve.atelier.engine")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class DiffusersEngine:
+    """Loads a family's pipelines and runs compatible batches.
+
+    Guarantees: image i of a request depends only on the request and its seed i, not on
+    the other requests of its batch (prompts are encoded per request, latents and noise
+    come from one CPU generator per image).
+    """
+
+    # mode (txt2img first) → pipeline class; the others share the first one's modules.
+    pipelines: ClassVar[dict[str, type]]
+    denoiser: ClassVar[str]  # the pipeline attribute that runs every step
+    parts: ClassVar[tuple[str, ...]]  # modules a usable pipeline must have
+    adapters: AdapterSlots
+
+    def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
+                 simulate_oom_above_images: int | None):
+        self.simulate_oom_above_images = simulate_oom_above_images
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[dtype] if self.device.type == "cuda" else torch.float32
+        first, *others = self.pipelines.items()
+        self.pipe = load_pipeline(first[1], path, self.dtype, variant).to(self.device)
+        self._pipes = {first[0]: self.pipe}
+        self._pipes |= {mode: cls.from_pipe(self.pipe) for mode, cls in others}
+        for pipe in self._pipes.values():
+            pipe.set_progress_bar_config(disable=True)
+
+    def memory(self) -> tuple[str, int]:
+        """(device, bytes held): torch's allocated GPU memory, or the process's resident
+        memory on CPU."""
+        if self.device.type == "cuda":
+            return str(self.device), torch.cuda.memory_allocated(self.device)
+        return "cpu", psutil.Process().memory_info().rss
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                "vae_scale_factor": self.pipe.vae_scale_factor}
+
+    def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
+        """Run `request` as calls of 1, 2 and `max_images` images: the first calls
+        allocate memory and, with `speed.compile`, compile. Compiled code is specialised
+        for one image, general from two on, and may split again at larger batches, so
+        the largest batch is compiled here too rather than under load."""
+        for images in sorted({1, min(2, max_images), max_images}):
+            try:
+                self.generate([replace(request, num_outputs=1, seed=request.seed + i)
+                               for i in range(images)])
+            except OutOfMemory:
+                # Serving splits such batches anyway; the replica need not fail for it.
+                log.warning("warm-up: %d images of %dx%d do not fit in memory at once; "
+                            "batches that large will run split", images, request.width,
+                            request.height)
+                return
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest],
+                 withdrawn: Callable[[], set[int]] = set,
+                 on_step: Callable[[int, int], None] | None = None) -> list[list[Image.Image]]:
+        """Run one pipeline call for compatible requests; return each request's images.
+
+        All requests must share `batch_key`; raises ValueError otherwise. `withdrawn()`
+        gives the indexes of requests nobody waits for any more: after each denoising step
+        their rows leave the batch (they get no images; where the pipeline keeps per-row
+        state out of the callback's reach they run on), and once all have left, the call
+        stops. `on_step(step, total)` is called after each denoising step.
+        """
+        first = requests[0]
+        if any(r.batch_key != first.batch_key for r in requests):
+            raise ValueError("a pipeline call needs requests with equal batch keys")
+        if nothing_to_denoise(first):
+            return [[source_pil(r) for _ in r.seeds] for r in requests]
+        pipe = self._prepare(first)
+        inputs = self._encode(requests) | source_inputs(requests)
+        generators = [torch.Generator("cpu").manual_seed(seed)
+                      for r in requests for seed in r.seeds]
+        rows = BatchRows([r.num_outputs for r in requests])
+        callback = step_callback(rows, generators, withdrawn, on_step,
+                                 shrink_rows=self._shrinks_rows(first))
+        out_of_memory = False
+        try:
+            images = self._call(pipe, first, generators, inputs, callback)
+        except torch.OutOfMemoryError:
+            out_of_memory = True  # handled below, once the failed call's frames are gone
+        if out_of_memory:
+            raise self._recover_memory(requests)
+        return self._finish(requests, rows.split(images))
+
+    def _prepare(self, first: GenerationRequest):
+        """Set the pipeline up for a call of `first`'s batch key; return the pipeline."""
+        return self._pipes[first.mode]
+
+    def _shrinks_rows(self, first: GenerationRequest) -> bool:
+        return True
+
+    def _encode(self, requests: Sequence[GenerationRequest]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _finish(self, requests: Sequence[GenerationRequest],
+                per_request: list[list[Image.Image]]) -> list[list[Image.Image]]:
+        return per_request
+
+    def _call(self, pipe, first: GenerationRequest, generators: list[torch.Generator],
+              inputs: dict, callback: Callable) -> list[Image.Image]:
+        if self.simulate_oom_above_images and len(generators) > self.simulate_oom_above_images:
+            raise torch.OutOfMemoryError(f"simulated: {len(generators)} images in one call")
+        images = pipe(
+            width=first.width, height=first.height,
+            num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
+            generator=generators, output_type="pt", callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=list(pipe._callback_tensor_inputs),
+            **inputs).images
+        return to_pil(images)
+
+    def _recover_memory(self, requests: Sequence[GenerationRequest]) -> OutOfMemory:
+        """Give the failed call's memory back; the error to raise, so the caller can retry
+        smaller batches."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        images, r = sum(q.num_outputs for q in requests), requests[0]
+        log.warning("%s ran out of memory: %d request(s), %d image(s) of %dx%d",
+                    self.device, len(requests), images, r.width, r.height)
+        return OutOfMemory(f"{self.device} ran out of memory for {len(requests)} request(s), "
+                           f"{images} image(s) of {r.width}x{r.height}; retry later, or ask "
+                           "for fewer images or a smaller size")
+
+    def check(self) -> None:
+        """Raise RuntimeError if the pipeline cannot run (missing parts, weights gone bad)."""
+        for name in self.parts:
+            if getattr(self.pipe, name, None) is None:
+                raise RuntimeError(f"pipeline has no {name}")
+        probe = next(getattr(self.pipe, self.denoiser).parameters())
+        if probe.device.type != self.device.type or not torch.isfinite(probe).all():
+            raise RuntimeError(f"{self.denoiser} weights are not usable on the expected device")
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Images in [0, 1] (N, C, H, W) on the device → PIL, with the same rounding as
+    diffusers' own PIL output, but quantized to 8 bits where the images are, so only a
+    quarter of the bytes cross to the CPU and the CPU does no arithmetic."""
+    pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+    array = pixels.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
+
+
+def load_pipeline(cls: type, path: Path, dtype: torch.dtype, variant: str | None):
+    """Load from a diffusers folder; never reach the network."""
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"model path {path} must be a diffusers folder")
+    log.info("loading %s from %s (%s)", cls.__name__, path, dtype)
+    return cls.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True,
+                               use_safetensors=True)

@@ -1,0 +1,51 @@
+"""FLUX engine: FLUX.1 text-to-image and img2img with flow-matching Euler.
+
+`guidance_scale` is FLUX's distilled guidance (the transformer's guidance embedding, as
+`guidance` on Replicate's flux-dev); there is no negative prompt and one forward pass per
+step. Schnell-style checkpoints ignore it. LoRA adapters are not served for FLUX.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from diffusers import FluxImg2ImgPipeline, FluxPipeline
+
+from deployments.adapters import AdapterSlots
+from deployments.engines.base import DiffusersEngine
+from serve.types import GenerationRequest
+
+
+class FluxEngine(DiffusersEngine):
+    pipelines: ClassVar[dict[str, type]] = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline}
+    denoiser = "transformer"
+    parts = ("transformer", "vae", "text_encoder", "text_encoder_2")
+
+    def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
+                 simulate_oom_above_images: int | None = None):
+        super().__init__(path, dtype, device, variant, simulate_oom_above_images)
+        self.adapters = AdapterSlots(self.pipe.transformer, {}, 1, 1, ("to_q",))
+        # T5 reads the tokenizer's length, at most the 512 tokens FLUX was trained on.
+        self.max_sequence_length = min(512, self.pipe.tokenizer_2.model_max_length)
+
+    def _shrinks_rows(self, first: GenerationRequest) -> bool:
+        # The pipeline expands guidance and image ids to the batch before the loop: the
+        # rows stay, and a call whose requests have all left still stops.
+        return False
+
+    def _encode(self, requests: Sequence[GenerationRequest]) -> dict[str, torch.Tensor]:
+        """Prompt embeddings per image, each prompt encoded on its own (T5 pads every
+        prompt to the same length, so they stack)."""
+        embeds, pooled = [], []
+        for r in requests:
+            pos, pool, _ = self.pipe.encode_prompt(
+                prompt=r.prompt, prompt_2=None, device=self.device,
+                num_images_per_prompt=r.num_outputs,
+                max_sequence_length=self.max_sequence_length)
+            embeds.append(pos)
+            pooled.append(pool)
+        return {"prompt_embeds": torch.cat(embeds), "pooled_prompt_embeds": torch.cat(pooled),
+                "max_sequence_length": self.max_sequence_length}

@@ -1,0 +1,87 @@
+"""The embedded tiny FLUX: a FLUX.1-architecture pipeline with random weights.
+
+Built like the tiny SDXL (deterministically, saved in diffusers format with safetensors,
+loaded through `FluxPipeline.from_pretrained`): a CLIP text encoder and a T5 encoder with
+tokenizers generated here, a FLUX transformer with double- and single-stream blocks,
+guidance embedding (dev-style), rotary position axes, and a 16-channel VAE whose latents
+the pipeline packs 2x2, as in the real checkpoints.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+_SEED = 20261123
+# T5 reads this many tokens per prompt (the real schnell uses 256, dev 512).
+T5_TOKENS = 256
+
+TINY_FLUX_CONFIGS = {
+    "transformer": {"patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 2,
+                    "attention_head_dim": 16, "num_attention_heads": 2,
+                    "joint_attention_dim": 32, "pooled_projection_dim": 32,
+                    "guidance_embeds": True, "axes_dims_rope": [4, 6, 6]},
+    "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "layers_per_block": 1,
+            "block_out_channels": [8, 16, 16, 16], "norm_num_groups": 8, "sample_size": 64,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4, "use_quant_conv": False,
+            "use_post_quant_conv": False, "shift_factor": 0.0609, "scaling_factor": 0.3611},
+    "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": 77,
+                     "projection_dim": 32, "hidden_act": "quick_gelu"},
+    "text_encoder_2": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
+                       "relative_attention_num_buckets": 8, "feed_forward_proj": "gated-gelu"},
+    # FLUX.1-dev's scheduler: flow matching with a shift that grows with the image size.
+    "scheduler": {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
+                  "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096},
+}
+
+
+def _t5_tokenizer():
+    """A SentencePiece-style unigram tokenizer: T5's special tokens, printable ASCII,
+    the word-start marker and a few whole words."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(chr(c), -3.0) for c in range(33, 127)]
+    pieces += [("▁" + w, -1.0) for w in ("a", "the", "of", "photo", "on", "with", "in")]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tokenizer.model_max_length = T5_TOKENS
+    return tokenizer
+
+
+def build_random_flux(folder: Path, configs: dict, dtype: str = "float32") -> None:
+    """Save a FLUX pipeline with random weights built from `configs` (keys transformer,
+    vae, text_encoder, text_encoder_2, scheduler) in diffusers format with safetensors."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    from deployments.tiny import _write_clip_tokenizer
+
+    vocab_size = _write_clip_tokenizer(folder / "_vocab")
+    clip_tokenizer = CLIPTokenizer(str(folder / "_vocab" / "vocab.json"),
+                                   str(folder / "_vocab" / "merges.txt"), model_max_length=77)
+    t5_tokenizer = _t5_tokenizer()
+    bos, eos = vocab_size - 2, vocab_size - 1
+    torch.manual_seed(_SEED)
+    pipe = FluxPipeline(
+        text_encoder=CLIPTextModel(CLIPTextConfig(
+            vocab_size=vocab_size, **configs["text_encoder"], bos_token_id=bos,
+            eos_token_id=eos, pad_token_id=eos)),
+        text_encoder_2=T5EncoderModel(T5Config(
+            vocab_size=len(t5_tokenizer), **configs["text_encoder_2"], pad_token_id=0,
+            eos_token_id=1, decoder_start_token_id=0)),
+        transformer=FluxTransformer2DModel(**configs["transformer"]),
+        vae=AutoencoderKL(**configs["vae"]),
+        scheduler=FlowMatchEulerDiscreteScheduler(**configs["scheduler"]),
+        tokenizer=clip_tokenizer, tokenizer_2=t5_tokenizer)
+    if dtype != "float32":
+        pipe.to(dtype=getattr(torch, dtype))
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / "_vocab")
