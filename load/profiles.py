@@ -7,6 +7,9 @@ requests from here, so the two tools send the same traffic.
 
 from __future__ import annotations
 
+import base64
+import functools
+import io
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,13 +51,35 @@ def _smoke(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
     return {"prompt": "a red cube", "width": 64, "height": 64, "steps": 2, "seed": _seed(rng)}
 
 
+@functools.cache
+def product_photo(index: int) -> str:
+    """A stand-in for a seller's upload of product `index`: an object on a plain backdrop,
+    1024x1024, as a JPEG data URI (drawn here, the same every time)."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = random.Random(index)
+    image = Image.new("RGB", (1024, 1024), tuple(rng.randrange(180, 250) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    colour = tuple(rng.randrange(30, 200) for _ in range(3))
+    box = (rng.randrange(200, 360), rng.randrange(160, 320), rng.randrange(660, 820),
+           rng.randrange(700, 880))
+    draw.rounded_rectangle(box, radius=rng.randrange(20, 200), fill=colour)
+    draw.ellipse((box[0], box[3] - 40, box[2], box[3] + 40), fill=(90, 90, 90))  # shadow
+    image = image.filter(ImageFilter.GaussianBlur(2))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def _variations(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
-    """A seller's product in five scenes: requests come in runs of five, one product each."""
-    product = PRODUCTS[(i // 5) % len(PRODUCTS)]
+    """A seller's product photo in five scenes (img2img): requests come in runs of five,
+    one product each."""
+    product = (i // 5) % len(PRODUCTS)
     scene = SCENES[i % 5]
-    return {"prompt": f"product photo of {product} {scene}", "width": 1024, "height": 1024,
-            "steps": 25, "guidance_scale": 7.0, "seed": _seed(rng),
-            "negative_prompt": "blurry, low quality, watermark, text"}
+    return {"prompt": f"product photo of {PRODUCTS[product]} {scene}", "width": 1024,
+            "height": 1024, "steps": 25, "guidance_scale": 7.0, "seed": _seed(rng),
+            "negative_prompt": "blurry, low quality, watermark, text",
+            "image": product_photo(product), "prompt_strength": 0.75}
 
 
 def _mlperf(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
@@ -76,7 +101,8 @@ def _mixed_adapters(rng: random.Random, i: int, adapters: Sequence[str]) -> dict
 PROFILES = {p.name: p for p in (
     Profile("smoke", "64x64, 2 steps: checks the tool and the server end to end (CI)",
             _smoke, 64, 2, slo_s=5.0),
-    Profile("product-variations", "one product photo in five scenes, 1024x1024, 25 steps",
+    Profile("product-variations", "one product photo in five scenes (img2img, strength "
+            "0.75), 1024x1024, 25 steps",
             _variations, 1024, 25, slo_s=20.0),
     Profile("mlperf", "MLPerf-like SDXL: captions, 1024x1024, 20 steps, guidance 8",
             _mlperf, 1024, 20, slo_s=20.0),

@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.model import ModelDeployment
 from serve.adapters import AdapterCatalog
 from serve.auth import OPEN_PREFIXES, authorized, configured_keys
+from serve.body_limit import install_body_limit
 from serve.config import AtelierConfig, ModelConfig, load_config, parse_config
 from serve.context import ingress
 from serve.errors import Unauthorized
@@ -62,6 +63,10 @@ async def _require_key(request: Request, call_next):
     return response
 
 
+# Outermost: an overlong body is refused before anything reads it.
+install_body_limit(api, lambda: ingress().router.config.max_body_bytes)
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
@@ -82,7 +87,9 @@ class Ingress:
         # Serve runs the constructor on the replica's event loop.
         self._keeper = asyncio.get_running_loop().create_task(self.predictions.keep())
         self.versions = dict(versions)
-        self.webhook_client = httpx.AsyncClient(follow_redirects=False)
+        self.prepared: dict = {}
+        # Outbound calls (webhooks, input image URLs) never follow redirects.
+        self.http_client = httpx.AsyncClient(follow_redirects=False)
         if not self.api_keys:
             log.warning("no API keys are set: anyone who reaches this port can generate")
         self.deployment_names = dict(deployment_names)

@@ -239,6 +239,9 @@ class AtelierConfig(_Strict):
         "ATELIER_API_KEYS (comma-separated) adds more. None: the server is open."))
     webhook_allowed_hosts: list[str] = Field(default_factory=list, description=(
         "Hosts (or host:port) that prediction webhooks may be sent to; none by default."))
+    image_allowed_hosts: list[str] = Field(default_factory=list, description=(
+        "Hosts (or host:port) that input images may be fetched from when a request gives "
+        "an http(s) URL; none by default (send data URIs or base64)."))
     redis_url: str | None = Field(None, description=(
         "Keep predictions and files in Redis (e.g. redis://host:6379/0), shared by every "
         "ingress replica; default: in the ingress replica's memory."))
@@ -252,6 +255,9 @@ class AtelierConfig(_Strict):
     ingress_replicas: int = Field(1, ge=1, description=(
         "Replicas of the CPU-only ingress; more than one needs redis_url, so that they "
         "share predictions and files."))
+    max_body_bytes: int = Field(64 * 2**20, ge=1024, description=(
+        "Largest HTTP request body; over it: 413 before the body is read (base64 images "
+        "are a third larger than their files)."))
     ingress_max_ongoing_requests: int = Field(1024, ge=1, description=(
         "HTTP requests one ingress replica holds at once (it mostly awaits the models)."))
 

@@ -16,6 +16,7 @@ from ray import serve
 from serve.metrics import IngressMetrics
 from serve.predictions import PredictionRunner, StateStore
 from serve.router import ModelRouter
+from serve.types import GenerationRequest
 
 
 class IngressState(Protocol):
@@ -26,9 +27,10 @@ class IngressState(Protocol):
     api_keys: tuple[bytes, ...]
     predictions: PredictionRunner
     versions: dict[str, str]
-    webhook_client: httpx.AsyncClient
+    http_client: httpx.AsyncClient
     replica: str
     metrics: IngressMetrics
+    prepared: dict[str, GenerationRequest]  # accepted predictions' requests, until they run
 
 
 def ingress() -> IngressState:

@@ -13,11 +13,15 @@ import io
 import re
 import warnings
 
+import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serve.config import ModelConfig
 from serve.errors import InvalidField, TooLarge
 from serve.types import SourceImage
+from serve.webhooks import check_allowed_url
+
+_FETCH_TIMEOUT_S = 10
 
 _DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?:;[\w=.-]+)*?;base64,(?P<data>.*)$",
                        re.DOTALL)
@@ -31,11 +35,44 @@ def decode_base64(value: str, field: str, max_bytes: int) -> bytes:
     if len(text) * 3 // 4 > max_bytes:
         raise TooLarge(field, f"image data is over {max_bytes} bytes")
     if not match and text.startswith(("http://", "https://")):
-        raise InvalidField(field, "image URLs are not fetched; send a data URI or base64")
+        raise InvalidField(field, "image URLs are fetched only from the hosts in "
+                                  "image_allowed_hosts; send a data URI or base64")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidField(field, "is neither a data URI nor valid base64") from None
+
+
+async def fetch_url(value: str | bytes | None, field: str, allowed_hosts: list[str],
+                    max_bytes: int, client: httpx.AsyncClient) -> str | bytes | None:
+    """The bytes behind an http(s) URL on an allowed host (no redirects followed); any
+    other value as it is. 413 past `max_bytes`, 422 if the fetch fails."""
+    if not isinstance(value, str) or not value.strip().startswith(("http://", "https://")):
+        return value
+    url = value.strip()
+    check_allowed_url(url, allowed_hosts, field, "image_allowed_hosts")
+    data = bytearray()
+    try:
+        async with client.stream("GET", url, timeout=_FETCH_TIMEOUT_S,
+                                 follow_redirects=False) as response:
+            if response.status_code != 200:
+                raise InvalidField(field, f"fetching {url} gave HTTP {response.status_code}")
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > max_bytes:
+                    raise TooLarge(field, f"the image at {url} is over {max_bytes} bytes")
+    except httpx.HTTPError as exc:
+        raise InvalidField(field, f"could not fetch {url}: {type(exc).__name__}") from None
+    return bytes(data)
+
+
+async def fetch_sources(image: str | None, mask: str | None, model: ModelConfig,
+                        allowed_hosts: list[str], client: httpx.AsyncClient,
+                        ) -> tuple[str | bytes | None, str | bytes | None]:
+    """A request's image and mask, with http(s) URLs on allowed hosts fetched."""
+    limit = model.limits.max_image_bytes
+    return (await fetch_url(image, "image", allowed_hosts, limit, client),
+            await fetch_url(mask, "mask", allowed_hosts, limit, client))
 
 
 def open_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Image:

@@ -20,7 +20,7 @@ from serve.adapters import AdapterSet, split_prompt_tags
 from serve.config import ModelConfig
 from serve.context import ingress, request_id
 from serve.errors import InvalidField
-from serve.images import source_image
+from serve.images import fetch_sources, source_image
 from serve.timing import timing_headers
 from serve.types import MAX_SEED, SCHEDULERS, GenerationRequest, GenerationResult, OutputFormat
 
@@ -42,8 +42,8 @@ class GenerateParams(BaseModel):
     prompt: str = Field(min_length=1, max_length=4000, description="What to draw.")
     model: str | None = Field(None, description="Model id or alias; default: the first served.")
     negative_prompt: str = Field("", max_length=4000, description="What to steer away from.")
-    width: int | None = Field(None, ge=8, description="Multiple of 8, within the model's limits.")
-    height: int | None = Field(None, ge=8, description="Multiple of 8, within the model's limits.")
+    width: int | None = Field(None, ge=8, description="Multiple of 8 (16 for flux), within limits.")
+    height: int | None = Field(None, ge=8, description="Multiple of 8 (16 for flux), within limits.")
     steps: int | None = Field(None, ge=1, description="Denoising steps.")
     guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; returned.")
@@ -54,8 +54,9 @@ class GenerateParams(BaseModel):
     loras: list[LoraRef] = Field(default_factory=list, description=(
         "LoRA adapters to stack (JSON body only); `<lora:name:scale>` in the prompt also works."))
     image: str | None = Field(None, description=(
-        "Input image for img2img (JSON body only): a data URI or base64. The output takes "
-        "its size, rounded down to multiples of 8, unless width or height are given."))
+        "Input image for img2img (JSON body only): a data URI, base64, or an http(s) URL on "
+        "a host in image_allowed_hosts. The output takes its size, rounded down to "
+        "multiples of 8 (16 for flux), unless width or height are given."))
     mask: str | None = Field(None, description=(
         "Inpainting mask of the image's size (JSON body only): white is repainted, black "
         "kept."))
@@ -63,10 +64,11 @@ class GenerateParams(BaseModel):
         "How far an input image may change: 0 returns it, 1 keeps only its layout's trace."))
 
     def to_request(self, model: ModelConfig, request_id: str, prompt: str,
-                   adapters: AdapterSet) -> GenerationRequest:
-        """Raises InvalidField for values outside the model's limits."""
-        source, width, height = source_image(self.image, self.mask, self.prompt_strength,
-                                             self.width, self.height, model)
+                   adapters: AdapterSet, images: tuple = (None, None)) -> GenerationRequest:
+        """Raises InvalidField for values outside the model's limits. `images`: the image
+        and mask, fetched where they were URLs."""
+        source, width, height = source_image(*images, self.prompt_strength, self.width,
+                                             self.height, model)
         return GenerationRequest.for_model(
             model, prompt, width=width, height=height, source=source,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
@@ -101,12 +103,15 @@ _OPENAPI = {
 @router.post("/generate", openapi_extra=_OPENAPI, summary="Generate images")
 async def generate(request: Request) -> Response:
     params, sources = await _read_params(request)
-    router_ = ingress().router
+    state = ingress()
+    router_ = state.router
     model = router_.resolve(params.model)
     try:
         prompt, tags = split_prompt_tags(params.prompt)
         adapters = router_.adapters_for(model, [(r.name, r.scale) for r in params.loras] + tags)
-        gen = params.to_request(model, request_id(request), prompt, adapters)
+        images = await fetch_sources(params.image, params.mask, model,
+                                     router_.config.image_allowed_hosts, state.http_client)
+        gen = params.to_request(model, request_id(request), prompt, adapters, images)
     except InvalidField as exc:
         field = "steps" if exc.field == "num_inference_steps" else exc.field
         raise type(exc)(field, exc.reason, sources.get(field, "body")) from None

@@ -19,7 +19,8 @@ async def list_models() -> dict:
     created = ingress().started_at
     data = [{"id": m.id, "object": "model", "created": created, "owned_by": m.id.split("/")[0],
              "family": m.family, "aliases": m.aliases,
-             "limits": m.limits.model_dump(), "defaults": m.defaults.model_dump()}
+             "limits": m.limits.model_dump(),
+             "defaults": m.defaults.model_dump() | {"scheduler": m.default_scheduler}}
             for m in config.models]
     return {"object": "list", "data": data}
 

@@ -1,4 +1,6 @@
-"""OpenAI Images API: `POST /v1/images/generations`, for the official `openai` client.
+"""OpenAI Images API for the official `openai` client: `POST /v1/images/generations` and
+`POST /v1/images/edits` (multipart: `image`, optional `mask`, `prompt`, `model`, `n`,
+`size`, `response_format`; an edit is img2img, or inpainting with a mask).
 
 Fields OpenAI's newer models take but a diffusion model has no use for (quality, style,
 background, moderation, user, ...) are accepted and ignored, so unchanged client code
@@ -10,17 +12,21 @@ from __future__ import annotations
 import base64
 import re
 import time
-from typing import Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
 
-from serve.context import ingress, request_id
+from serve.context import IngressState, ingress, request_id
 from serve.errors import InvalidField
-from serve.types import GenerationRequest
+from serve.images import source_image
+from serve.types import GenerationRequest, SourceImage
 
 router = APIRouter()
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_FIELDS = {"width": "size", "height": "size", "num_outputs": "n"}
 
 
 class ImageGenerationParams(BaseModel):
@@ -41,7 +47,7 @@ class ImageGenerationParams(BaseModel):
     user: str | None = None
     safety_identifier: str | None = None
 
-    def dimensions(self, default: tuple[int, int]) -> tuple[int, int]:
+    def dimensions(self, default: tuple[int | None, int | None]) -> tuple[int | None, int | None]:
         if self.size == "auto":
             return default
         match = _SIZE.match(self.size)
@@ -50,19 +56,84 @@ class ImageGenerationParams(BaseModel):
         return int(match[1]), int(match[2])
 
 
+class ImageEditParams(ImageGenerationParams):
+    """The text fields of an edit; `size` auto keeps the input image's size."""
+
+    prompt_strength: float = Field(0.8, ge=0, le=1, description=(
+        "How far the image may change: 0 returns it, 1 keeps only a trace (an Atelier "
+        "extension; send it with extra_body)."))
+    input_fidelity: str | None = None
+    partial_images: int | None = None
+    stream: bool = False
+
+
 @router.post("/v1/images/generations", summary="OpenAI Images: create images")
 async def create_images(params: ImageGenerationParams, request: Request) -> dict:
     state = ingress()
     model = state.router.resolve(params.model)
     width, height = params.dimensions((model.defaults.width, model.defaults.height))
+    return await _generate(state, request, params, None, width, height)
+
+
+@router.post("/v1/images/edits", summary="OpenAI Images: edit an image",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "multipart/form-data": {"schema": {
+                     "type": "object", "required": ["image", "prompt"], "properties": {
+                         "image": {"type": "string", "format": "binary"},
+                         "mask": {"type": "string", "format": "binary"},
+                         **ImageEditParams.model_json_schema()["properties"]}}}}}})
+async def edit_images(request: Request) -> dict:
+    state = ingress()
+    params, image, mask = await _read_edit(request)
+    if params.stream:
+        raise InvalidField("stream", "streamed edits are not supported")
+    model = state.router.resolve(params.model)
+    width, height = params.dimensions((None, None))
+    try:
+        source, width, height = source_image(image, mask, params.prompt_strength, width,
+                                             height, model)
+    except InvalidField as exc:
+        raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
+    return await _generate(state, request, params, source, width, height)
+
+
+async def _read_edit(request: Request) -> tuple[ImageEditParams, bytes, bytes | None]:
+    """The edit's text fields and its image and mask files. Raises InvalidField (400)."""
+    try:
+        form = await request.form(max_files=4, max_fields=64)
+    except HTTPException as exc:  # malformed multipart data
+        raise InvalidField("", f"not a valid multipart/form-data body: {exc.detail}") from None
+    files: dict[str, list[bytes]] = {}
+    fields: dict[str, Any] = {}
+    for name, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            files.setdefault(name.removesuffix("[]"), []).append(await value.read())
+        else:
+            fields[name] = value
+    images, masks = files.pop("image", []), files.pop("mask", [])
+    if len(images) != 1:
+        raise InvalidField("image", "send exactly one image file (PNG, JPEG or WebP)")
+    if len(masks) > 1 or files:
+        name = "mask" if len(masks) > 1 else next(iter(files))
+        raise InvalidField(name, "unexpected file field")
+    try:
+        params = ImageEditParams.model_validate(fields)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    return params, images[0], masks[0] if masks else None
+
+
+async def _generate(state: IngressState, request: Request, params: ImageGenerationParams,
+                    source: SourceImage | None, width: int | None, height: int | None) -> dict:
+    model = state.router.resolve(params.model)
     try:
         gen = GenerationRequest.for_model(
             model, params.prompt, width=width, height=height, num_outputs=params.n,
-            output_format=params.output_format,
+            output_format=params.output_format, source=source,
             output_quality=params.output_compression or 90, request_id=request_id(request))
     except InvalidField as exc:
-        field = {"width": "size", "height": "size", "num_outputs": "n"}.get(exc.field, exc.field)
-        raise type(exc)(field, exc.reason) from None
+        raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
     result = await state.router.generate(gen)
     if params.response_format == "url":
         base = str(request.base_url).rstrip("/")
@@ -71,4 +142,4 @@ async def create_images(params: ImageGenerationParams, request: Request) -> dict
     else:
         data = [{"b64_json": base64.b64encode(img).decode("ascii")} for img in result.images]
     return {"created": int(time.time()), "data": data, "output_format": params.output_format,
-            "size": f"{width}x{height}"}
+            "size": f"{gen.width}x{gen.height}"}

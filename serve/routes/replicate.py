@@ -104,7 +104,7 @@ async def _create(model_ref: str, version: str | None, body: PredictionBody,
         raise InvalidField("version", f"{model.id} is served at version {state.versions[model.id]}")
     rid = request_id(request)
     inp = parse_input(model, body.input)
-    gen = to_request(state, model.id, inp, rid)  # refuses bad input before accepting
+    gen = await to_request(state, model.id, inp, rid)  # refuses bad input before accepting
     if body.webhook:
         check_webhook(body.webhook, state.router.config.webhook_allowed_hosts)
     deadline_s = duration_s(request.headers.get("cancel-after"))
@@ -115,7 +115,12 @@ async def _create(model_ref: str, version: str | None, body: PredictionBody,
             "webhook": body.webhook,
             "events": list(check_events(body.webhook_events_filter)),
             "cancel_at": None if deadline_s is None else time.time() + deadline_s})
-    await state.predictions.start(prediction)
+    state.prepared[prediction.id] = gen  # its input images are decoded (and fetched) once
+    try:
+        await state.predictions.start(prediction)
+    except BaseException:
+        state.prepared.pop(prediction.id, None)
+        raise
     base = _base(request)
     wait_s = wait_seconds(request.headers.get("prefer", ""))
     if wait_s:

@@ -12,9 +12,11 @@ import logging
 import time
 from collections.abc import Awaitable
 
+from fastapi.exceptions import RequestValidationError
+
 from serve.context import IngressState
 from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost
-from serve.images import source_image
+from serve.images import fetch_sources, source_image
 from serve.predictions import Prediction, now_iso
 from serve.routes.replicate_inputs import FluxInput, SDXLInput, parse_input
 from serve.types import GenerationRequest, GenerationResult
@@ -29,28 +31,35 @@ async def run_prediction(state: IngressState, p: Prediction) -> None:
     """Run a stored prediction to its end, keeping its state in the store."""
     private = p.private
     try:
-        inp = parse_input(state.router.resolve(p.model), {**p.input, "seed": private["seed"]})
-        gen = to_request(state, p.model, inp, private["request_id"])
-    except AtelierError as exc:  # e.g. the model was removed by a redeploy
-        p.finish("failed", error=exc.message)
+        gen = state.prepared.pop(p.id, None)  # built when this replica accepted it
+        if gen is None:  # adopted: rebuilt from the stored input (URLs fetched again)
+            inp = parse_input(state.router.resolve(p.model),
+                              {**p.input, "seed": private["seed"]})
+            gen = await to_request(state, p.model, inp, private["request_id"])
+    except (AtelierError, RequestValidationError) as exc:  # e.g. a redeploy changed the model
+        message = getattr(exc, "message", "the stored input does not fit the model any more")
+        p.finish("failed", error=message)
         await state.store.save(p)
         return
     webhook = None
     if private.get("webhook"):
         webhook = WebhookSender(private["webhook"], tuple(private["events"]),
-                                state.webhook_client)
+                                state.http_client)
     deadline_s = None
     if private.get("cancel_at") is not None:
         deadline_s = max(0.0, private["cancel_at"] - time.time())
     await _run(state, p, gen, private["base"], webhook, deadline_s)
 
 
-def to_request(state: IngressState, model_id: str, inp: SDXLInput | FluxInput,
-               rid: str) -> GenerationRequest:
+async def to_request(state: IngressState, model_id: str, inp: SDXLInput | FluxInput,
+                     rid: str) -> GenerationRequest:
     model = state.router.resolve(model_id)
     args = inp.request_args()
     try:
-        source, width, height = source_image(inp.image, inp.mask, inp.prompt_strength,
+        image, mask = await fetch_sources(inp.image, inp.mask, model,
+                                          state.router.config.image_allowed_hosts,
+                                          state.http_client)
+        source, width, height = source_image(image, mask, inp.prompt_strength,
                                              args.pop("width"), args.pop("height"), model)
         return GenerationRequest.for_model(
             model, inp.prompt, width=width, height=height, source=source, seed=inp.seed,

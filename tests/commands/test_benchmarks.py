@@ -93,3 +93,17 @@ def test_engine_benchmark_compares_variants_with_the_first(tmp_path):
             assert b["tflops"] == pytest.approx(b["images_per_s"] * report["flops"]["image"]
                                                 / 1e12)
     assert "stages:" in stdout
+
+
+def test_img2img_benchmark_times_every_mode_of_both_families(tmp_path, tiny_sdxl_path,
+                                                             tiny_flux_path):
+    out = tmp_path / "img2img.json"
+    stdout = _run("load.bench_img2img", "--size", "64", "--steps", "4", "--repeats", "2",
+                  "--out", str(out))
+    report = json.loads(out.read_text())
+    modes = [(r["family"], r["mode"]) for r in report["rows"]]
+    assert modes == [("sdxl", "txt2img"), ("sdxl", "img2img@0.8"), ("sdxl", "img2img@1.0"),
+                     ("sdxl", "inpaint@0.8"), ("flux", "txt2img"), ("flux", "img2img@0.8"),
+                     ("flux", "img2img@1.0")]
+    assert all(0 < r["min_ms"] <= r["median_ms"] for r in report["rows"])
+    assert report["device"] == "cpu" and f"saved {out}" in stdout

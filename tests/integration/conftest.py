@@ -8,9 +8,10 @@ waits two seconds for company, so concurrent requests reliably share pipeline ca
 `atelier/tiny-sdxl-deadline` gives synchronous requests 1.5 s;
 `atelier/tiny-sdxl-small-memory` runs out of memory on calls of more than two images
 (the out-of-memory drill) and budgets 3 images of 64x64 per request;
-`atelier/tiny-sdxl-stall` counts a pipeline call of over 1.5 s as wedged. The adapter
-catalog is
-the embedded demo set plus `bad_adapters` (files that must fail cleanly).
+`atelier/tiny-sdxl-stall` counts a pipeline call of over 1.5 s as wedged;
+`atelier/tiny-flux` is the embedded tiny FLUX. The adapter catalog is the embedded demo
+set plus `bad_adapters` (files that must fail cleanly). Request bodies over 2 MiB get 413;
+input images may be fetched from 127.0.0.1.
 """
 
 import asyncio
@@ -33,6 +34,8 @@ RESTARTABLE = "atelier/tiny-sdxl-restartable"
 DEADLINE = "atelier/tiny-sdxl-deadline"
 SMALL_MEMORY = "atelier/tiny-sdxl-small-memory"
 STALL = "atelier/tiny-sdxl-stall"
+FLUX = "atelier/tiny-flux"
+MAX_BODY_BYTES = 2 * 2**20
 
 
 def _model(model_id, wait_ms, **extra):
@@ -75,7 +78,9 @@ def base_url(cache_dir, bad_adapters, metrics_port):
     from serve.app import build_app
 
     config = {"cache_dir": str(cache_dir), "api_keys": [API_KEY],
-              "webhook_allowed_hosts": ["127.0.0.1"], "models": [
+              "webhook_allowed_hosts": ["127.0.0.1"], "image_allowed_hosts": ["127.0.0.1"],
+              "max_body_bytes": MAX_BODY_BYTES,
+              "models": [
         _model(FAST, 10, aliases=["stability-ai/sdxl"], max_loaded_adapters=2,
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60,
                        "max_loras": 2}),
@@ -90,7 +95,11 @@ def base_url(cache_dir, bad_adapters, metrics_port):
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 20,
                        "max_request_pixels": 3 * 64 * 64}),
         _model(STALL, 10, health_stall_s=1.5, health_check_period_s=1,
-               limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60})],
+               limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60}),
+        _model(FLUX, 10, family="flux", embedded="tiny-flux",
+               aliases=["black-forest-labs/flux-dev"],
+               defaults={"width": 64, "height": 64, "num_inference_steps": 4,
+                         "guidance_scale": 3})],
         "lora_folders": [{"embedded": "tiny-sdxl-demo", "base": "sdxl"},
                          {"path": str(bad_adapters[0]), "base": "sdxl"},
                          {"path": str(bad_adapters[1]), "base": "acme/other"}]}

@@ -61,3 +61,22 @@ def test_the_locust_file_drives_the_server(base_url, tmp_path):
         rows = {row["Name"]: row for row in csv.DictReader(f)}
     generate = rows["/generate [smoke]"]
     assert int(generate["Request Count"]) >= 4 and int(generate["Failure Count"]) == 0
+
+
+def test_the_product_variations_profile_sends_the_photo_for_img2img(base_url, tmp_path):
+    import base64
+    import io
+    import random
+
+    from load.profiles import PROFILES
+
+    profile = PROFILES["product-variations"]
+    bodies = [profile.body(random.Random(0), i, []) for i in range(10)]
+    assert len({b["image"] for b in bodies[:5]}) == 1 and bodies[5]["image"] != bodies[0]["image"]
+    assert {b["prompt_strength"] for b in bodies} == {0.75}
+    photo = Image.open(io.BytesIO(base64.b64decode(bodies[0]["image"].split(",", 1)[1])))
+    assert (photo.format, photo.size) == ("JPEG", (1024, 1024))
+    report, _ = _run(base_url, tmp_path, "--profile", "product-variations", "--model", FAST,
+                     "--size", "64", "--steps", "4", "--rates", "4", "--requests", "10")
+    (lv,) = report["levels"]
+    assert lv["sent"] == lv["succeeded"] == 10 and lv["errors"] == {}

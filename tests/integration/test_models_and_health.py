@@ -2,6 +2,7 @@ from tests.integration.conftest import (
     BATCHED,
     DEADLINE,
     FAST,
+    FLUX,
     ONE_SLOT,
     RESTARTABLE,
     SMALL_MEMORY,
@@ -15,10 +16,14 @@ def test_models_are_listed_in_openai_shape(client):
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == [FAST, BATCHED, ONE_SLOT, TWO_REPLICAS,
                                           RESTARTABLE, DEADLINE, SMALL_MEMORY,
-                                          STALL]
+                                          STALL, FLUX]
     first = body["data"][0]
     assert first["object"] == "model" and first["owned_by"] == "atelier"
     assert first["aliases"] == ["stability-ai/sdxl"] and first["limits"]["max_size"] == 512
+    assert (first["family"], first["defaults"]["scheduler"]) == ("sdxl", "K_EULER")
+    flux = body["data"][-1]
+    assert (flux["family"], flux["aliases"]) == ("flux", ["black-forest-labs/flux-dev"])
+    assert flux["defaults"]["scheduler"] == "FlowMatchEuler"
 
 
 def test_healthz_reports_every_model_ready(client):
@@ -26,7 +31,7 @@ def test_healthz_reports_every_model_ready(client):
     assert r.status_code == 200
     models = r.json()["models"]
     assert set(models) == {FAST, BATCHED, ONE_SLOT, TWO_REPLICAS, RESTARTABLE,
-                           DEADLINE, SMALL_MEMORY, STALL}
+                           DEADLINE, SMALL_MEMORY, STALL, FLUX}
     assert all(m["state"] == "ready" for m in models.values())
     assert [models[m]["replicas_running"] for m in (FAST, TWO_REPLICAS)] == [1, 2]
 

@@ -1,0 +1,167 @@
+"""FLUX beside SDXL on the running app, through every API; OpenAI image edits (multipart);
+request bodies over the configured size are refused with 413 before they are read."""
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.integration.conftest import (
+    API_KEY,
+    AUTH,
+    FAST,
+    FLUX,
+    MAX_BODY_BYTES,
+    decode,
+    pixels,
+)
+
+RNG = np.random.default_rng(8)
+PHOTO = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # 96 wide, 64 high
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def oai(base_url):
+    return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
+
+
+@pytest.fixture
+def rep(base_url):
+    import replicate
+
+    return replicate.Client(api_token=API_KEY, base_url=base_url)
+
+
+def test_generate_routes_by_model_and_flux_keeps_its_seed_guarantee(client):
+    body = {"prompt": "a leather bag", "seed": 21, "model": "black-forest-labs/flux-dev"}
+    a, b = (client.post("/generate", json=body) for _ in range(2))
+    assert a.status_code == 200, a.text
+    assert a.json()["model"] == FLUX and (a.json()["width"], a.json()["height"]) == (64, 64)
+    assert np.array_equal(pixels(decode(a.json()["image"])), pixels(decode(b.json()["image"])))
+    other = client.post("/generate", json={**body, "seed": 22}).json()
+    assert np.abs(pixels(decode(other["image"])) - pixels(decode(a.json()["image"]))).mean() > 1
+    sdxl = client.post("/generate", json={**body, "model": FAST}).json()
+    assert sdxl["model"] == FAST
+
+
+@pytest.mark.parametrize("extra, field", [({"width": 72}, "width"),
+                                           ({"negative_prompt": "blur"}, "negative_prompt"),
+                                           ({"scheduler": "K_EULER"}, "scheduler")])
+def test_flux_refuses_what_its_family_does_not_take(client, extra, field):
+    r = client.post("/generate", json={"prompt": "x", "model": FLUX, **extra})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field]
+
+
+def test_openai_generations_on_flux(oai):
+    resp = oai.images.generate(model=FLUX, prompt="a red cube", size="128x64", n=2)
+    images = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in resp.data]
+    assert [im.size for im in images] == [(128, 64)] * 2
+    assert images[0].tobytes() != images[1].tobytes()
+
+
+def test_replicate_flux_inputs_with_the_official_client(rep, base_url):
+    version = httpx.get(f"{base_url}/v1/models/black-forest-labs/flux-dev", headers=AUTH).json()
+    schema = version["latest_version"]["openapi_schema"]["components"]["schemas"]["Input"]
+    assert {"aspect_ratio", "megapixels", "guidance", "go_fast"} <= set(schema["properties"])
+    assert "negative_prompt" not in schema["properties"]
+    (webp,) = rep.run("black-forest-labs/flux-dev", input={"prompt": "a lamp", "seed": 3})
+    data = webp.read()
+    assert data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    assert Image.open(io.BytesIO(data)).size == (64, 64)
+    kept = rep.run(FLUX, input={"prompt": "x", "image": io.BytesIO(_png(Image.fromarray(PHOTO))),
+                                "prompt_strength": 0, "output_format": "png"},
+                   file_encoding_strategy="base64")
+    assert np.array_equal(pixels(Image.open(io.BytesIO(kept[0].read()))), PHOTO.astype(int))
+
+
+def test_replicate_flux_sizes_beyond_the_limits_name_aspect_ratio(base_url):
+    r = httpx.post(f"{base_url}/v1/models/{FLUX}/predictions", headers=AUTH,
+                   json={"input": {"prompt": "x", "aspect_ratio": "16:9"}})
+    assert r.status_code == 422
+    assert r.json()["invalid_fields"][0]["field"] == "input.aspect_ratio"
+    r = httpx.post(f"{base_url}/v1/models/{FLUX}/predictions", headers=AUTH,
+                   json={"input": {"prompt": "x", "negative_prompt": "blur"}})
+    assert r.status_code == 422
+    assert r.json()["invalid_fields"][0]["field"] == "input.negative_prompt"
+
+
+def test_openai_edit_keeps_the_photo_size_and_makes_n_variations(oai):
+    resp = oai.images.edit(model=FAST, image=("photo.png", _png(Image.fromarray(PHOTO)),
+                                              "image/png"),
+                           prompt="the product on a beach", n=3)
+    images = [pixels(Image.open(io.BytesIO(base64.b64decode(d.b64_json)))) for d in resp.data]
+    assert [im.shape for im in images] == [(64, 96, 3)] * 3 and resp.size == "96x64"
+    assert all(np.abs(images[i] - images[j]).mean() > 1
+               for i in range(3) for j in range(i + 1, 3))
+
+
+def test_openai_edit_with_a_mask_keeps_the_unmasked_pixels(oai):
+    mask = np.zeros((64, 96), np.uint8)
+    mask[:, :40] = 255
+    resp = oai.images.edit(model=FAST, image=("p.png", _png(Image.fromarray(PHOTO))),
+                           mask=("m.png", _png(Image.fromarray(mask))), prompt="a new left side",
+                           size="96x64", response_format="url")
+    out = pixels(Image.open(io.BytesIO(httpx.get(resp.data[0].url).content)))
+    diff = np.abs(out - PHOTO.astype(int))
+    assert diff[:, 40:].max() == 0 and diff[:, :40].mean() > 20
+
+
+def test_openai_edit_on_flux_at_strength_zero_returns_the_photo(oai):
+    resp = oai.images.edit(model=FLUX, image=("p.png", _png(Image.fromarray(PHOTO))),
+                           prompt="x", extra_body={"prompt_strength": 0})
+    out = Image.open(io.BytesIO(base64.b64decode(resp.data[0].b64_json)))
+    assert np.array_equal(pixels(out), PHOTO.astype(int))
+
+
+def _edit(base_url, files, **fields):
+    return httpx.post(f"{base_url}/v1/images/edits", headers=AUTH, files=files,
+                      data={"prompt": "x", **fields}, timeout=60)
+
+
+def test_bad_edits_get_a_400_naming_the_field_and_the_server_keeps_serving(base_url):
+    photo = ("p.png", _png(Image.fromarray(PHOTO)), "image/png")
+    small_mask = ("m.png", _png(Image.new("L", (32, 32), 255)), "image/png")
+    cases = [({"image": ("p.png", b"not an image", "image/png")}, {}, "image"),
+             ({}, {}, "image"),
+             ({"image": photo, "mask": small_mask}, {}, "mask"),
+             ({"image": photo, "mask": ("m.png", _png(Image.new("L", (96, 64))))},
+              {"model": FLUX}, "mask"),
+             ({"image": photo}, {"n": "0"}, "n"),
+             ({"image": photo}, {"size": "large"}, "size"),
+             ({"image": photo}, {"size": "4096x4096"}, "size")]
+    for files, fields, param in cases:
+        r = _edit(base_url, files, **fields)
+        assert r.status_code == 400, (param, r.text)
+        assert r.json()["error"]["param"] == param, r.text
+    # A given size is rounded down to multiples of 8, as the image's own size would be.
+    assert _edit(base_url, {"image": photo}, size="100x100").json()["size"] == "96x96"
+
+
+def test_bodies_over_the_limit_get_413_before_they_are_read(base_url, oai):
+    big = "A" * (MAX_BODY_BYTES + 1)
+    r = httpx.post(f"{base_url}/generate", headers=AUTH, json={"prompt": "x", "image": big})
+    assert r.status_code == 413 and r.json()["detail"][0]["loc"] == ["body", "body"]
+    r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", headers=AUTH,
+                   json={"input": {"prompt": "x", "image": big}})
+    assert r.status_code == 413 and r.json()["invalid_fields"][0]["field"] == "body"
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(3):
+            yield b"B" * MAX_BODY_BYTES
+
+    r = httpx.post(f"{base_url}/v1/images/generations", headers=AUTH, content=chunks())
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body", r.text
+    with pytest.raises(openai.APIStatusError) as err:
+        oai.images.edit(model=FAST, image=("p.png", b"\x89PNG" + big.encode()), prompt="x")
+    assert err.value.status_code == 413
+    assert httpx.get(f"{base_url}/healthz").status_code == 200
