@@ -76,6 +76,14 @@ def test_make_serve_answers_on_the_embedded_model(served):
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "atelier/tiny-sdxl"
     assert decode(r.json()["image"]).size == (64, 64)
+    models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    assert [(m["id"], m["family"]) for m in models] == [("atelier/tiny-sdxl", "sdxl"),
+                                                       ("atelier/tiny-flux", "flux")]
+    r = httpx.post(f"{url}/generate", timeout=60, json={
+        "model": "black-forest-labs/flux-dev", "prompt": "a red cube", "width": 96,
+        "height": 64, "steps": 2, "seed": 7})
+    assert r.json()["model"] == "atelier/tiny-flux", r.text
+    assert decode(r.json()["image"]).size == (96, 64)
 
 
 def test_ray_exports_atelier_metrics_on_the_metrics_port(served):
