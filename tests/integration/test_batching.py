@@ -42,3 +42,32 @@ def test_num_outputs_fill_the_batch(base_url):
     # 3 + 2 images exceed the batch of 4: two calls, in arrival order.
     assert [r.headers["x-atelier-batch-size"] for r in responses] == ["3", "2"]
     assert [len(r.json()["images"]) for r in responses] == [3, 2]
+
+
+def test_image_requests_share_calls_with_their_own_kind_only(base_url):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def png(array):
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    rng = np.random.default_rng(5)
+    photos = [png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    mask = png(np.full((64, 64), 255, np.uint8))
+    bodies = [_body(50, image=photos[0]), _body(51), _body(52, image=photos[1]),
+              _body(53, image=photos[0], mask=mask), _body(54, image=photos[1], mask=mask),
+              _body(55, image=photos[0], prompt_strength=0.5)]
+    responses = post_many(base_url, bodies)
+    assert [r.status_code for r in responses] == [200] * 6
+    calls = [r.headers["x-atelier-batch-id"] for r in responses]
+    # Two img2img photos at 0.8 share a call, as do the two inpaintings; text-to-image and
+    # the other strength each run apart.
+    assert calls[0] == calls[2] and calls[3] == calls[4]
+    assert len({calls[0], calls[1], calls[3], calls[5]}) == 4
+    assert [r.headers["x-atelier-batch-size"] for r in responses] == ["2", "1", "2", "2", "2",
+                                                                       "1"]
