@@ -61,6 +61,18 @@ def _byte_alphabet() -> list[str]:
     return chars
 
 
+def clip_tokenizer():
+    """A CLIP tokenizer built here: byte-level BPE over single bytes plus a few merges."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        size = _write_clip_tokenizer(Path(tmp) / "vocab")
+        tokenizer = CLIPTokenizer(f"{tmp}/vocab/vocab.json", f"{tmp}/vocab/merges.txt",
+                                  model_max_length=77)
+    assert len(tokenizer) == size
+    return tokenizer
+
+
 def _write_clip_tokenizer(folder: Path) -> int:
     """Write a CLIP BPE vocabulary (single bytes plus a few merges); return its size."""
     alphabet = _byte_alphabet()
@@ -128,16 +140,10 @@ def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32") -> No
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    vocab_size = _write_clip_tokenizer(folder / "_vocab")
-    tokenizer = CLIPTokenizer(str(folder / "_vocab" / "vocab.json"),
-                              str(folder / "_vocab" / "merges.txt"), model_max_length=77)
+    tokenizer = clip_tokenizer()
+    vocab_size = len(tokenizer)
     bos, eos = (vocab_size - 2, vocab_size - 1)
 
     def text_config(name: str) -> CLIPTextConfig:
@@ -155,7 +161,6 @@ def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32") -> No
         tokenizer=tokenizer, tokenizer_2=tokenizer)
     pipe.to(dtype=getattr(torch, dtype))
     pipe.save_pretrained(folder, safe_serialization=True)
-    shutil.rmtree(folder / "_vocab")
 
 
 TINY_SDXL_DEMO = "tiny-sdxl-demo"

@@ -9,7 +9,6 @@ the pipeline packs 2x2, as in the real checkpoints.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 _SEED = 20261123
@@ -60,13 +59,12 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32") -> No
         FluxPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from deployments.tiny import _write_clip_tokenizer
+    from deployments.tiny import clip_tokenizer
 
-    vocab_size = _write_clip_tokenizer(folder / "_vocab")
-    clip_tokenizer = CLIPTokenizer(str(folder / "_vocab" / "vocab.json"),
-                                   str(folder / "_vocab" / "merges.txt"), model_max_length=77)
+    tokenizer = clip_tokenizer()
+    vocab_size = len(tokenizer)
     t5_tokenizer = _t5_tokenizer()
     bos, eos = vocab_size - 2, vocab_size - 1
     torch.manual_seed(_SEED)
@@ -80,8 +78,7 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32") -> No
         transformer=FluxTransformer2DModel(**configs["transformer"]),
         vae=AutoencoderKL(**configs["vae"]),
         scheduler=FlowMatchEulerDiscreteScheduler(**configs["scheduler"]),
-        tokenizer=clip_tokenizer, tokenizer_2=t5_tokenizer)
+        tokenizer=tokenizer, tokenizer_2=t5_tokenizer)
     if dtype != "float32":
         pipe.to(dtype=getattr(torch, dtype))
     pipe.save_pretrained(folder, safe_serialization=True)
-    shutil.rmtree(folder / "_vocab")

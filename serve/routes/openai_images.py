@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
+from serve.config import ModelConfig
 from serve.context import IngressState, ingress, request_id
 from serve.errors import InvalidField
 from serve.images import source_image
@@ -72,7 +73,7 @@ async def create_images(params: ImageGenerationParams, request: Request) -> dict
     state = ingress()
     model = state.router.resolve(params.model)
     width, height = params.dimensions((model.defaults.width, model.defaults.height))
-    return await _generate(state, request, params, None, width, height)
+    return await _generate(state, request, params, model, None, width, height)
 
 
 @router.post("/v1/images/edits", summary="OpenAI Images: edit an image",
@@ -94,7 +95,7 @@ async def edit_images(request: Request) -> dict:
                                              height, model)
     except InvalidField as exc:
         raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
-    return await _generate(state, request, params, source, width, height)
+    return await _generate(state, request, params, model, source, width, height)
 
 
 async def _read_edit(request: Request) -> tuple[ImageEditParams, bytes, bytes | None]:
@@ -125,8 +126,8 @@ async def _read_edit(request: Request) -> tuple[ImageEditParams, bytes, bytes | 
 
 
 async def _generate(state: IngressState, request: Request, params: ImageGenerationParams,
-                    source: SourceImage | None, width: int | None, height: int | None) -> dict:
-    model = state.router.resolve(params.model)
+                    model: ModelConfig, source: SourceImage | None, width: int | None,
+                    height: int | None) -> dict:
     try:
         gen = GenerationRequest.for_model(
             model, params.prompt, width=width, height=height, num_outputs=params.n,
