@@ -100,3 +100,19 @@ def test_flux_refuses_what_its_family_does_not_take():
         with pytest.raises(InvalidField) as err:
             request.check_limits(LimitsConfig(), flux)
         assert err.value.field == field
+
+
+def test_a_schnell_style_checkpoint_runs_and_ignores_guidance(tmp_path):
+    """Schnell has no guidance embedding and a fixed-shift scheduler; the same engine
+    serves it, and guidance makes no difference there."""
+    from deployments.engines.flux import FluxEngine
+    from deployments.tiny_flux import TINY_FLUX_CONFIGS, build_random_flux
+
+    configs = {**TINY_FLUX_CONFIGS,
+               "transformer": {**TINY_FLUX_CONFIGS["transformer"], "guidance_embeds": False},
+               "scheduler": {"shift": 1.0, "use_dynamic_shifting": False}}
+    build_random_flux(tmp_path, configs)
+    engine = FluxEngine(tmp_path, "float32", "cpu")
+    fast = replace(BASE, num_inference_steps=4)
+    low, high = (engine.generate([replace(fast, guidance_scale=g)])[0][0] for g in (0.0, 9.0))
+    assert low.size == (128, 96) and np.array_equal(_px(low), _px(high))
