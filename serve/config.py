@@ -282,6 +282,9 @@ class AtelierConfig(_Strict):
     def _speed_without_adapters(self) -> AtelierConfig:
         for model in self.models:
             names = (model.id, model.family, *model.aliases)
+            if model.family != "sdxl" and any(f.base in names for f in self.lora_folders):
+                raise ValueError(f"model {model.id}: LoRA adapters are served for sdxl "
+                                 "models only")
             if model.speed.changes_layers and any(f.base in names for f in self.lora_folders):
                 raise ValueError(
                     f"model {model.id}: speed.compile, speed.fuse_qkv and speed.fp8 change the "

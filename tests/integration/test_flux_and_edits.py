@@ -56,7 +56,8 @@ def test_generate_routes_by_model_and_flux_keeps_its_seed_guarantee(client):
 
 @pytest.mark.parametrize("extra, field", [({"width": 72}, "width"),
                                            ({"negative_prompt": "blur"}, "negative_prompt"),
-                                           ({"scheduler": "K_EULER"}, "scheduler")])
+                                           ({"scheduler": "K_EULER"}, "scheduler"),
+                                           ({"loras": [{"name": "pixel-art"}]}, "loras")])
 def test_flux_refuses_what_its_family_does_not_take(client, extra, field):
     r = client.post("/generate", json={"prompt": "x", "model": FLUX, **extra})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", field]

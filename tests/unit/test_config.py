@@ -98,3 +98,12 @@ def test_unreadable_yaml_is_a_config_error(tmp_path):
     f.write_text("models: [unclosed")
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(f)
+
+
+def test_lora_folders_for_a_flux_model_are_refused():
+    flux = {"id": "acme/flux", "family": "flux", "embedded": "tiny-flux"}
+    with pytest.raises(ConfigError, match="LoRA adapters are served for sdxl models only"):
+        parse_config({"models": [flux], "lora_folders": [{"path": "/x", "base": "flux"}]})
+    assert parse_config({"models": [flux, _model()],
+                         "lora_folders": [{"path": "/x", "base": "sdxl"}]}).models[0].id == \
+        "acme/flux"
