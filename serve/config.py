@@ -76,6 +76,20 @@ class SpeedConfig(_Strict):
         "weights and of activations). Needs a GPU with FP8 matrix units (H100, Ada, "
         "Blackwell); images differ slightly from bf16."))
 
+    batch_buckets: list[int] = Field(default_factory=list, description=(
+        "Image counts every pipeline call is padded up to (the smallest that holds the "
+        "call; the extra rows are computed and dropped), so compiled code meets only these "
+        "batch sizes; with `compile`, each is compiled for its exact shapes during the "
+        "warm-up instead of once with dynamic shapes. Empty: calls run at their own size. "
+        "The largest must hold batching.max_batch_size."))
+
+    @model_validator(mode="after")
+    def _buckets_ascending(self) -> SpeedConfig:
+        buckets = self.batch_buckets
+        if any(b < 1 for b in buckets) or buckets != sorted(set(buckets)):
+            raise ValueError("batch_buckets must be distinct positive counts in ascending order")
+        return self
+
     @property
     def changes_layers(self) -> bool:
         return self.compile or self.fuse_qkv or self.fp8
@@ -193,6 +207,9 @@ class ModelConfig(_Strict):
         self.defaults.check_within(self.limits, self.rules)
         if self.limits.max_loras > self.max_loaded_adapters:
             raise ValueError("limits.max_loras must not exceed max_loaded_adapters")
+        buckets = self.speed.batch_buckets
+        if buckets and buckets[-1] < self.batching.max_batch_size:
+            raise ValueError("speed.batch_buckets must hold batching.max_batch_size")
         if self.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError("max_ongoing_requests must be at least batching.max_batch_size, "
                              "or batches can never fill")

@@ -38,6 +38,7 @@ class DiffusersEngine:
     denoiser: ClassVar[str]  # the pipeline attribute that runs every step
     parts: ClassVar[tuple[str, ...]]  # modules a usable pipeline must have
     adapters: AdapterSlots
+    buckets: tuple[int, ...] = ()  # image counts calls are padded up to (none: as they come)
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
                  simulate_oom_above_images: int | None):
@@ -66,8 +67,13 @@ class DiffusersEngine:
         """Run `request` as calls of 1, 2 and `max_images` images: the first calls
         allocate memory and, with `speed.compile`, compile. Compiled code is specialised
         for one image, general from two on, and may split again at larger batches, so
-        the largest batch is compiled here too rather than under load."""
-        for images in sorted({1, min(2, max_images), max_images}):
+        the largest batch is compiled here too rather than under load. With batch buckets,
+        each bucket up to `max_images` is run instead."""
+        counts = sorted({1, min(2, max_images), max_images})
+        if self.buckets:
+            counts = [b for b in self.buckets if b < max_images]
+            counts.append(next((b for b in self.buckets if b >= max_images), max_images))
+        for images in counts:
             try:
                 self.generate([replace(request, num_outputs=1, seed=request.seed + i)
                                for i in range(images)])
@@ -95,6 +101,8 @@ class DiffusersEngine:
             raise ValueError("a pipeline call needs requests with equal batch keys")
         if nothing_to_denoise(first):
             return [[source_pil(r) for _ in r.seeds] for r in requests]
+        real = len(requests)
+        requests, withdrawn = self._padded(requests, withdrawn)
         pipe = self._prepare(first)
         inputs = self._encode(requests) | source_inputs(requests)
         generators = [torch.Generator("cpu").manual_seed(seed)
@@ -109,7 +117,25 @@ class DiffusersEngine:
             out_of_memory = True  # handled below, once the failed call's frames are gone
         if out_of_memory:
             raise self._recover_memory(requests)
-        return self._finish(requests, rows.split(images))
+        return self._finish(requests, rows.split(images))[:real]
+
+    def _padded(self, requests: Sequence[GenerationRequest], withdrawn: Callable[[], set[int]],
+                ) -> tuple[list[GenerationRequest], Callable[[], set[int]]]:
+        """With batch buckets: the requests plus one filler request whose images bring the
+        call up to the smallest bucket that holds it, and a `withdrawn` under which the
+        filler leaves once every real request has."""
+        images = sum(r.num_outputs for r in requests)
+        bucket = next((b for b in self.buckets if b >= images), images)
+        if bucket == images:
+            return list(requests), withdrawn
+        real = range(len(requests))
+        filler = replace(requests[-1], num_outputs=bucket - images, request_id="")
+
+        def gone() -> set[int]:
+            left = set(withdrawn())
+            return left | {len(real)} if left.issuperset(real) else left
+
+        return [*requests, filler], gone
 
     def _prepare(self, first: GenerationRequest):
         """Set the pipeline up for a call of `first`'s batch key; return the pipeline."""

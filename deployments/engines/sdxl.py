@@ -62,8 +62,9 @@ class SDXLEngine(DiffusersEngine):
                             for name, (cls, extra) in _SCHEDULERS.items()}
         self.adapters = AdapterSlots(self.pipe.unet, adapters or {}, max_adapters,
                                      max_lora_rank, lora_targets)
-        self.speed = apply_speed(self.pipe, speed or SpeedConfig(),
-                                 compile_cache or path / ".compile")
+        speed = speed or SpeedConfig()
+        self.buckets = tuple(speed.batch_buckets)
+        self.speed = apply_speed(self.pipe, speed, compile_cache or path / ".compile")
 
     def describe(self) -> dict:
         return super().describe() | {"speed": self.speed}

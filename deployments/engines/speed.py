@@ -66,10 +66,10 @@ def to_fp8(unet: nn.Module) -> int:
     return replaced
 
 
-def compile_blocks(modules: list[nn.Module], cache_dir: Path) -> int:
-    """Compile every repeated block of `modules` with dynamic shapes, caching the compiled
-    code under `cache_dir`; return how many blocks were wrapped. Compilation itself
-    happens at each block's first call."""
+def compile_blocks(modules: list[nn.Module], cache_dir: Path, dynamic: bool = True) -> int:
+    """Compile every repeated block of `modules` (with dynamic shapes, or specialised to
+    each shape met), caching the compiled code under `cache_dir`; return how many blocks
+    were wrapped. Compilation itself happens at each block's first call."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # read at each cache access
     # One code object serves many block variants (with or without a shortcut, time
@@ -79,7 +79,7 @@ def compile_blocks(modules: list[nn.Module], cache_dir: Path) -> int:
     for root in modules:
         for module in root.modules():
             if type(module).__name__ in _REPEATED_BLOCKS:
-                module.compile(dynamic=True)
+                module.compile(dynamic=dynamic)
                 wrapped += 1
     return wrapped
 
@@ -98,7 +98,11 @@ def apply_speed(pipe, speed: SpeedConfig, cache_dir: Path) -> dict:
         pipe.vae.to(memory_format=torch.channels_last)
         done["channels_last"] = True
     if speed.compile:
-        done["compiled_blocks"] = compile_blocks([pipe.unet, pipe.vae.decoder], cache_dir)
+        # Padded to a few batch sizes, each shape can be compiled exactly.
+        done["compiled_blocks"] = compile_blocks([pipe.unet, pipe.vae.decoder], cache_dir,
+                                                 dynamic=not speed.batch_buckets)
+    if speed.batch_buckets:
+        done["batch_buckets"] = list(speed.batch_buckets)
     if done:
         log.info("speed settings applied: %s", done)
     return done

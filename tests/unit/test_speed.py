@@ -126,3 +126,58 @@ def test_warm_up_stops_at_the_first_batch_that_does_not_fit(tiny_sdxl_path):
     drill.warm_up(_req(1), max_images=4)  # 1 and 2 fit; 4 raise the drill's OOM
     assert calls == [1, 2, 4]
     assert len(drill.generate([_req(2), _req(3)])[1]) == 1  # and it still serves
+
+
+def test_batch_buckets_pad_calls_and_keep_each_images_pixels(tiny_sdxl_path, plain):
+    from deployments.engines.sdxl import SDXLEngine
+
+    padded = SDXLEngine(tiny_sdxl_path, "float32", "cpu",
+                        speed=SpeedConfig(batch_buckets=[2, 4]))
+    rows: list[int] = []
+    hook = padded.pipe.unet.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.append(args[0].shape[0]), with_kwargs=True)
+    try:
+        (one,) = padded.generate([_req(5)])
+        three = padded.generate([_req(6), _req(7, num_outputs=2)])
+    finally:
+        hook.remove()
+    # Classifier-free guidance doubles the rows: 1 image → bucket 2, 3 images → bucket 4.
+    assert set(rows[:3]) == {4} and set(rows[3:]) == {8}
+    assert len(one) == 1 and [len(images) for images in three] == [1, 2]
+    for got, want in ((one[0], plain.generate([_req(5)])[0][0]),
+                      (three[1][1], plain.generate([_req(8)])[0][0])):
+        diff = np.abs(_px(got) - _px(want))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01  # as in test_engine
+
+
+def test_a_padded_call_stops_once_its_real_requests_are_withdrawn(tiny_sdxl_path):
+    from deployments.engines.sdxl import SDXLEngine
+
+    padded = SDXLEngine(tiny_sdxl_path, "float32", "cpu", speed=SpeedConfig(batch_buckets=[4]))
+    steps: list[int] = []
+    out = padded.generate([_req(1, num_inference_steps=10)], withdrawn=lambda: {0},
+                          on_step=lambda step, total: steps.append(step))
+    assert out == [[]] and steps == [1]
+
+
+def test_batch_buckets_must_ascend_and_hold_the_batch():
+    with pytest.raises(ConfigError, match="ascending"):
+        parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl",
+                                  "speed": {"batch_buckets": [4, 2]}}]})
+    with pytest.raises(ConfigError, match="must hold batching.max_batch_size"):
+        parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl",
+                                  "batching": {"max_batch_size": 8},
+                                  "speed": {"batch_buckets": [1, 2, 4]}}]})
+
+
+def test_warm_up_runs_every_bucket_up_to_the_largest_batch(tiny_sdxl_path):
+    from deployments.engines.sdxl import SDXLEngine
+
+    padded = SDXLEngine(tiny_sdxl_path, "float32", "cpu",
+                        speed=SpeedConfig(batch_buckets=[1, 2, 4, 8]))
+    rows: list[int] = []
+    hook = padded.pipe.unet.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.append(args[0].shape[0]), with_kwargs=True)
+    padded.warm_up(_req(0, num_inference_steps=1), max_images=3)
+    hook.remove()
+    assert rows == [2, 4, 8]  # buckets 1, 2 and 4 (the one that holds 3), doubled by CFG
