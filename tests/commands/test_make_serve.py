@@ -88,17 +88,19 @@ def test_make_serve_answers_on_the_embedded_model(served):
 
 def test_ray_exports_atelier_metrics_on_the_metrics_port(served):
     url, metrics, *_ = served
-    httpx.post(f"{url}/generate", json={"prompt": "x", "seed": 1}, timeout=60)
-    deadline, text = time.monotonic() + 60, ""
-    while time.monotonic() < deadline:
-        text = httpx.get(metrics, timeout=10).text
-        if "ray_atelier_generated_images_total{" in text:
-            break
+    for model in ("atelier/tiny-sdxl", "atelier/tiny-flux"):
+        httpx.post(f"{url}/generate", json={"prompt": "x", "seed": 1, "model": model,
+                                            "width": 64, "height": 64}, timeout=60)
+    deadline, counts = time.monotonic() + 60, {}
+    while time.monotonic() < deadline and len(counts) < 2:
+        counts = {}
+        for line in httpx.get(metrics, timeout=10).text.splitlines():
+            if line.startswith("ray_atelier_generated_images_total{"):
+                model = line.split('model="', 1)[1].split('"', 1)[0]
+                counts[model] = counts.get(model, 0) + float(line.rsplit(" ", 1)[1])
         time.sleep(1)
-    lines = [line for line in text.splitlines()
-             if line.startswith("ray_atelier_generated_images_total{")]
-    assert lines and all('model="atelier/tiny-sdxl"' in line for line in lines)
-    assert sum(float(line.rsplit(" ", 1)[1]) for line in lines) >= 1
+    assert set(counts) == {"atelier/tiny-sdxl", "atelier/tiny-flux"}
+    assert all(n >= 1 for n in counts.values())
 
 
 def test_logs_are_json_lines_with_the_request_and_prediction_ids(served):
