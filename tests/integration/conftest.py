@@ -120,15 +120,16 @@ def client(base_url):
         yield c
 
 
-def post_many(base_url, bodies, path="/generate"):
-    """POST the bodies concurrently; return the responses in the same order."""
+def post_many(base_url, bodies, path="/generate", lead_s=0.02):
+    """POST the bodies concurrently, the first `lead_s` ahead of the others (which are
+    20 ms apart); return the responses in the same order."""
 
     async def run():
         async with httpx.AsyncClient(base_url=base_url, timeout=60, headers=AUTH) as c:
             tasks = []
-            for body in bodies:
+            for i, body in enumerate(bodies):
                 tasks.append(asyncio.create_task(c.post(path, json=body)))
-                await asyncio.sleep(0.02)  # arrival order is the order given
+                await asyncio.sleep(lead_s if i == 0 else 0.02)  # arrival order as given
             return await asyncio.gather(*tasks)
 
     return asyncio.run(run())
