@@ -7,6 +7,7 @@ decompression bomb) is refused without allocating its pixels.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -66,13 +67,19 @@ async def fetch_url(value: str | bytes | None, field: str, allowed_hosts: list[s
     return bytes(data)
 
 
-async def fetch_sources(image: str | None, mask: str | None, model: ModelConfig,
-                        allowed_hosts: list[str], client: httpx.AsyncClient,
-                        ) -> tuple[str | bytes | None, str | bytes | None]:
-    """A request's image and mask, with http(s) URLs on allowed hosts fetched."""
+async def load_source(image: str | bytes | None, mask: str | bytes | None, strength: float,
+                      width: int | None, height: int | None, model: ModelConfig,
+                      allowed_hosts: list[str], client: httpx.AsyncClient,
+                      ) -> tuple[SourceImage | None, int | None, int | None]:
+    """`source_image` for a request on the event loop: URLs on allowed hosts fetched
+    first, then the decoding done in a worker thread, so that a large image does not hold
+    up the other requests of this replica."""
+    if image is None and mask is None:
+        return None, width, height
     limit = model.limits.max_image_bytes
-    return (await fetch_url(image, "image", allowed_hosts, limit, client),
-            await fetch_url(mask, "mask", allowed_hosts, limit, client))
+    image = await fetch_url(image, "image", allowed_hosts, limit, client)
+    mask = await fetch_url(mask, "mask", allowed_hosts, limit, client)
+    return await asyncio.to_thread(source_image, image, mask, strength, width, height, model)
 
 
 def open_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Image:

@@ -20,9 +20,16 @@ from serve.adapters import AdapterSet, split_prompt_tags
 from serve.config import ModelConfig
 from serve.context import ingress, request_id
 from serve.errors import InvalidField
-from serve.images import fetch_sources, source_image
+from serve.images import load_source
 from serve.timing import timing_headers
-from serve.types import MAX_SEED, SCHEDULERS, GenerationRequest, GenerationResult, OutputFormat
+from serve.types import (
+    MAX_SEED,
+    SCHEDULERS,
+    GenerationRequest,
+    GenerationResult,
+    OutputFormat,
+    SourceImage,
+)
 
 router = APIRouter()
 
@@ -63,12 +70,11 @@ class GenerateParams(BaseModel):
     prompt_strength: float = Field(0.8, ge=0, le=1, description=(
         "How far an input image may change: 0 returns it, 1 keeps only its layout's trace."))
 
-    def to_request(self, model: ModelConfig, request_id: str, prompt: str,
-                   adapters: AdapterSet, images: tuple = (None, None)) -> GenerationRequest:
-        """Raises InvalidField for values outside the model's limits. `images`: the image
-        and mask, fetched where they were URLs."""
-        source, width, height = source_image(*images, self.prompt_strength, self.width,
-                                             self.height, model)
+    def to_request(self, model: ModelConfig, request_id: str, prompt: str, adapters: AdapterSet,
+                   source: SourceImage | None, width: int | None,
+                   height: int | None) -> GenerationRequest:
+        """Raises InvalidField for values outside the model's limits. `source`, `width`
+        and `height` come from `load_source` (the input image's size unless given)."""
         return GenerationRequest.for_model(
             model, prompt, width=width, height=height, source=source,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
@@ -109,9 +115,11 @@ async def generate(request: Request) -> Response:
     try:
         prompt, tags = split_prompt_tags(params.prompt)
         adapters = router_.adapters_for(model, [(r.name, r.scale) for r in params.loras] + tags)
-        images = await fetch_sources(params.image, params.mask, model,
-                                     router_.config.image_allowed_hosts, state.http_client)
-        gen = params.to_request(model, request_id(request), prompt, adapters, images)
+        source, width, height = await load_source(
+            params.image, params.mask, params.prompt_strength, params.width, params.height,
+            model, router_.config.image_allowed_hosts, state.http_client)
+        gen = params.to_request(model, request_id(request), prompt, adapters, source, width,
+                                height)
     except InvalidField as exc:
         field = "steps" if exc.field == "num_inference_steps" else exc.field
         raise type(exc)(field, exc.reason, sources.get(field, "body")) from None

@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 from serve.config import ModelConfig
 from serve.context import IngressState, ingress, request_id
 from serve.errors import InvalidField
-from serve.images import source_image
+from serve.images import load_source
 from serve.types import GenerationRequest, SourceImage
 
 router = APIRouter()
@@ -91,8 +91,9 @@ async def edit_images(request: Request) -> dict:
     model = state.router.resolve(params.model)
     width, height = params.dimensions((None, None))
     try:
-        source, width, height = source_image(image, mask, params.prompt_strength, width,
-                                             height, model)
+        source, width, height = await load_source(
+            image, mask, params.prompt_strength, width, height, model,
+            state.router.config.image_allowed_hosts, state.http_client)
     except InvalidField as exc:
         raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
     return await _generate(state, request, params, model, source, width, height)

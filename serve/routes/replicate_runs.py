@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 
 from serve.context import IngressState
 from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost
-from serve.images import fetch_sources, source_image
+from serve.images import load_source
 from serve.predictions import Prediction, now_iso
 from serve.routes.replicate_inputs import FluxInput, SDXLInput, parse_input
 from serve.types import GenerationRequest, GenerationResult
@@ -56,11 +56,9 @@ async def to_request(state: IngressState, model_id: str, inp: SDXLInput | FluxIn
     model = state.router.resolve(model_id)
     args = inp.request_args()
     try:
-        image, mask = await fetch_sources(inp.image, inp.mask, model,
-                                          state.router.config.image_allowed_hosts,
-                                          state.http_client)
-        source, width, height = source_image(image, mask, inp.prompt_strength,
-                                             args.pop("width"), args.pop("height"), model)
+        source, width, height = await load_source(
+            inp.image, inp.mask, inp.prompt_strength, args.pop("width"), args.pop("height"),
+            model, state.router.config.image_allowed_hosts, state.http_client)
         return GenerationRequest.for_model(
             model, inp.prompt, width=width, height=height, source=source, seed=inp.seed,
             adapters=state.router.adapters_for(model, inp.lora_refs()), request_id=rid,
