@@ -55,7 +55,8 @@ class GenerateParams(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; returned.")
     num_outputs: int = Field(1, ge=1, le=16, description="Images to make (seeds seed, seed+1, ...).")
-    scheduler: str | None = Field(None, description=f"One of {', '.join(SCHEDULERS)}.")
+    scheduler: str | None = Field(None, description=(
+        f"SDXL: one of {', '.join(SCHEDULERS)}; FLUX: FlowMatchEuler."))
     output_format: OutputFormat = Field("png", description="png, webp or jpeg.")
     output_quality: int = Field(90, ge=1, le=100, description="webp/jpeg quality.")
     loras: list[LoraRef] = Field(default_factory=list, description=(
