@@ -1,0 +1,128 @@
+"""The parts of a model's configuration: pipeline families and what each accepts, and the
+batching, speed, limits and defaults sections (`serve.config` assembles them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Replicate's stability-ai/sdxl scheduler names.
+SCHEDULERS = ("K_EULER", "K_EULER_ANCESTRAL", "DDIM", "DPMSolverMultistep", "HeunDiscrete",
+              "KarrasDPM", "PNDM")
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a pipeline family accepts."""
+
+    schedulers: tuple[str, ...]  # the first is the default
+    size_multiple: int  # width and height must be multiples of this
+    negative_prompt: bool
+    modes: tuple[str, ...]  # txt2img, img2img, inpaint
+    embedded: str  # the embedded tiny model of the family
+
+
+FAMILIES = {
+    "sdxl": Family(SCHEDULERS, 8, True, ("txt2img", "img2img", "inpaint"), "tiny-sdxl"),
+    # FLUX latents are packed 2x2, on top of the VAE's factor of 8.
+    "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img"), "tiny-flux"),
+}
+
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(_Strict):
+    max_batch_size: int = Field(4, ge=1, le=64, description=(
+        "Most images in one pipeline call (a request with num_outputs=n takes n)."))
+    wait_ms: float = Field(20.0, ge=0, le=10_000, description=(
+        "How long the oldest waiting request waits for compatible company before its "
+        "batch runs anyway."))
+
+
+class SpeedConfig(_Strict):
+    """How the UNet is prepared for speed at load. All off by default: each trades start-up
+    time or exactness for throughput, and `compile`, `fuse_qkv` and `fp8` change the
+    layers that LoRA slots need, so a model served with LoRA adapters cannot use them."""
+
+    channels_last: bool = Field(False, description=(
+        "Store UNet and VAE convolution weights channels-last (faster convolutions on GPU)."))
+    fuse_qkv: bool = Field(False, description=(
+        "Fuse each attention's query, key and value projections into one matrix product."))
+    compile: bool = Field(False, description=(
+        "torch.compile the UNet's repeated blocks (transformer and resnet blocks) and the "
+        "VAE decoder's, with dynamic shapes: one compilation serves every batch size and "
+        "image size. It happens during the start-up warm-up; the compiled code is kept in "
+        "`<cache_dir>/compile`, so a restarted replica reuses it."))
+    fp8: bool = Field(False, description=(
+        "Run the UNet transformer blocks' linear layers in FP8 (e4m3, one scale per row of "
+        "weights and of activations). Needs a GPU with FP8 matrix units (H100, Ada, "
+        "Blackwell); images differ slightly from bf16."))
+
+    batch_buckets: list[int] = Field(default_factory=list, description=(
+        "Image counts every pipeline call is padded up to (the smallest that holds the "
+        "call; the extra rows are computed and dropped), so compiled code meets only these "
+        "batch sizes; with `compile`, each is compiled for its exact shapes during the "
+        "warm-up instead of once with dynamic shapes. Empty: calls run at their own size. "
+        "The largest must hold batching.max_batch_size."))
+
+    @model_validator(mode="after")
+    def _buckets_ascending(self) -> SpeedConfig:
+        buckets = self.batch_buckets
+        if any(b < 1 for b in buckets) or buckets != sorted(set(buckets)):
+            raise ValueError("batch_buckets must be distinct positive counts in ascending order")
+        return self
+
+    @property
+    def changes_layers(self) -> bool:
+        return self.compile or self.fuse_qkv or self.fp8
+
+
+class LimitsConfig(_Strict):
+    min_size: int = Field(64, ge=8, description="Smallest width or height in pixels.")
+    max_size: int = Field(2048, ge=8, description="Largest width or height in pixels.")
+    max_pixels: int = Field(1024 * 1024, ge=64, description="Largest width x height.")
+    max_steps: int = Field(50, ge=1, le=500, description="Most denoising steps per request.")
+    max_outputs: int = Field(4, ge=1, le=16, description="Most images per request.")
+    max_loras: int = Field(4, ge=0, le=16, description="Most LoRA adapters one request stacks.")
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description=(
+        "Largest input image (img2img, inpainting) as sent, in bytes; over it: 413."))
+    max_image_pixels: int = Field(4096 * 4096, ge=64, description=(
+        "Largest input image in pixels, read from its header before decoding; over it: 413."))
+    max_request_pixels: int = Field(4 * 1024 * 1024, ge=64, description=(
+        "Memory budget of one request: largest width x height x num_outputs. A request "
+        "over it gets 422 before it reaches the GPU."))
+
+    @model_validator(mode="after")
+    def _sizes_ordered(self) -> LimitsConfig:
+        if self.min_size > self.max_size:
+            raise ValueError("min_size must not exceed max_size")
+        return self
+
+
+class DefaultsConfig(_Strict):
+    width: int = Field(1024, description="Width when a request gives none.")
+    height: int = Field(1024, description="Height when a request gives none.")
+    num_inference_steps: int = Field(30, ge=1, description="Steps when a request gives none.")
+    guidance_scale: float = Field(7.5, ge=0, le=50, description="Guidance when none is given.")
+    scheduler: str | None = Field(None, description=(
+        "Scheduler when a request gives none; unset: the family's first (K_EULER for "
+        "sdxl, FlowMatchEuler for flux)."))
+
+    def check_within(self, limits: LimitsConfig, family: Family) -> None:
+        """Raise ValueError if a request made of these defaults would break `limits`."""
+        if self.scheduler is not None and self.scheduler not in family.schedulers:
+            raise ValueError(f"defaults.scheduler must be one of {', '.join(family.schedulers)}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value % family.size_multiple or not limits.min_size <= value <= limits.max_size:
+                raise ValueError(f"defaults.{name} must be a multiple of "
+                                 f"{family.size_multiple} within limits")
+        if self.width * self.height > min(limits.max_pixels, limits.max_request_pixels):
+            raise ValueError("defaults.width x defaults.height exceeds limits.max_pixels "
+                             "or limits.max_request_pixels")
+        if self.num_inference_steps > limits.max_steps:
+            raise ValueError("defaults.num_inference_steps exceeds limits.max_steps")
