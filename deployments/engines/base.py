@@ -108,8 +108,10 @@ class DiffusersEngine:
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
         rows = BatchRows([r.num_outputs for r in requests])
+        # With buckets the call keeps its padded size to the end: dropping withdrawn rows
+        # would meet the compiled code with a batch size it was not compiled for.
         callback = step_callback(rows, generators, withdrawn, on_step,
-                                 shrink_rows=self._shrinks_rows(first))
+                                 shrink_rows=self._shrinks_rows(first) and not self.buckets)
         out_of_memory = False
         try:
             images = self._call(pipe, first, generators, inputs, callback)

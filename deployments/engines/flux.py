@@ -27,6 +27,7 @@ class FluxEngine(DiffusersEngine):
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
                  simulate_oom_above_images: int | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
+        # No catalog: no slots are made (FLUX serves no adapters); the protocol's empty LRU.
         self.adapters = AdapterSlots(self.pipe.transformer, {}, 1, 1, ("to_q",))
         # T5 reads the tokenizer's length, at most the 512 tokens FLUX was trained on.
         self.max_sequence_length = min(512, self.pipe.tokenizer_2.model_max_length)
@@ -36,9 +37,9 @@ class FluxEngine(DiffusersEngine):
         # rows stay, and a call whose requests have all left still stops.
         return False
 
-    def _encode(self, requests: Sequence[GenerationRequest]) -> dict[str, torch.Tensor]:
+    def _encode(self, requests: Sequence[GenerationRequest]) -> dict:
         """Prompt embeddings per image, each prompt encoded on its own (T5 pads every
-        prompt to the same length, so they stack)."""
+        prompt to the same length, so they stack), and the T5 length they were made at."""
         embeds, pooled = [], []
         for r in requests:
             pos, pool, _ = self.pipe.encode_prompt(

@@ -181,3 +181,19 @@ def test_warm_up_runs_every_bucket_up_to_the_largest_batch(tiny_sdxl_path):
     padded.warm_up(_req(0, num_inference_steps=1), max_images=3)
     hook.remove()
     assert rows == [2, 4, 8]  # buckets 1, 2 and 4 (the one that holds 3), doubled by CFG
+
+
+def test_a_padded_call_keeps_its_bucket_size_when_one_request_leaves(tiny_sdxl_path):
+    from deployments.engines.sdxl import SDXLEngine
+
+    padded = SDXLEngine(tiny_sdxl_path, "float32", "cpu", speed=SpeedConfig(batch_buckets=[4]))
+    rows: list[int] = []
+    hook = padded.pipe.unet.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.append(args[0].shape[0]), with_kwargs=True)
+    left: set[int] = set()
+    out = padded.generate([_req(1, num_inference_steps=4), _req(2, num_inference_steps=4)],
+                          withdrawn=lambda: left, on_step=lambda step, total: left.add(0))
+    hook.remove()
+    # Request 0 leaves after the first step; its rows run on (their images go nowhere), so
+    # the UNet still sees the bucket at every step (4 images, doubled by CFG).
+    assert rows == [8] * 4 and [len(images) for images in out] == [1, 1]
