@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import ray
 from PIL.Image import Image
@@ -44,9 +45,11 @@ class ModelDeployment:
         started = time.monotonic()
         self.engine = create_engine(self.cfg, Path(cache_dir), fitting)
         self.load_s = time.monotonic() - started
-        # One thread: pipeline calls never overlap on a replica. Encoding runs beside it,
-        # so the next batch starts while the last one's images are compressed.
+        # One thread: pipeline calls never overlap on a replica. Prompts are encoded on
+        # another as requests arrive, and images compressed on others, all while the
+        # running call denoises.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pipeline")
+        self._prompts = ThreadPoolExecutor(1, thread_name_prefix="prompts")
         self._workers = ThreadPoolExecutor(min(8, os.cpu_count() or 1),
                                            thread_name_prefix="encode-read")
         started = time.monotonic()
@@ -88,7 +91,8 @@ class ModelDeployment:
         """
         if request.adapters:
             await self._hold_adapters(request.adapters)
-        outcome = await self.batcher.submit(request, request.batch_key, request.num_outputs,
+        queued = _Queued(request, await self._prepare(request))
+        outcome = await self.batcher.submit(queued, request.batch_key, request.num_outputs,
                                             on_step)
         self.metrics.queue_wait.observe(outcome.queue_s)
         images = await asyncio.get_running_loop().run_in_executor(
@@ -124,6 +128,17 @@ class ModelDeployment:
         finally:
             work.cancel()
 
+    async def _prepare(self, request: GenerationRequest) -> Any:
+        """Encode the request's prompt now (or find it held), beside the running call."""
+        try:
+            embeds, held = await asyncio.get_running_loop().run_in_executor(
+                self._prompts, self.engine.prepare, request)
+        except Exception as exc:
+            log.exception("prompt encoding failed for request %s", request.request_id)
+            raise InferenceFailed(f"prompt encoding failed: {type(exc).__name__}") from exc
+        self.metrics.prompts.inc(1, {"outcome": "held" if held else "encoded"})
+        return embeds
+
     async def _hold_adapters(self, adapters: AdapterSet) -> None:
         """Make the set resident (through Serve's multiplexing, which reports it to the
         router); count whether it was already held."""
@@ -147,10 +162,10 @@ class ModelDeployment:
                                        tuple(adapters.names))
         return adapters
 
-    async def _run_batch(self, requests: Sequence[GenerationRequest],
-                         withdrawn: Callable[[], set[int]],
+    async def _run_batch(self, queued: Sequence[_Queued], withdrawn: Callable[[], set[int]],
                          on_step: StepListener) -> list[list[Image]]:
         loop, steps = asyncio.get_running_loop(), [0]
+        requests = [q.request for q in queued]
 
         def counted(step: int, total: int) -> None:
             steps[0] += 1
@@ -159,7 +174,7 @@ class ModelDeployment:
         started = time.monotonic()
         try:
             images = await loop.run_in_executor(self._executor, self.engine.generate, requests,
-                                                withdrawn, counted)
+                                                withdrawn, counted, [q.prompt for q in queued])
         except AtelierError:
             raise  # a client-side problem (e.g. an adapter that does not fit), not a fault
         except Exception as exc:
@@ -206,6 +221,13 @@ class ModelDeployment:
                 f"the {self.cfg.id} replica holding this request is unhealthy ({exc}) and "
                 "is being replaced; retry"))
             raise
+
+
+class _Queued(NamedTuple):
+    """A request in the batcher, with its prompt embeddings made on arrival."""
+
+    request: GenerationRequest
+    prompt: Any
 
 
 def _encode_all(request: GenerationRequest, images: Sequence[Image]) -> list[bytes]:

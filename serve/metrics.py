@@ -94,6 +94,10 @@ class ModelMetrics:
         self.adapters = made(Counter("atelier_adapter_requests",
                                      "Adapter sets asked of the replica, by outcome",
                                      tag_keys=("model", "outcome")))
+        self.prompts = made(Counter("atelier_prompt_encodings",
+                                    "Prompts a replica needed, by outcome (encoded, or "
+                                    "held from a recent request)",
+                                    tag_keys=("model", "outcome")))
         self.load = made(Gauge("atelier_model_load_seconds", "Pipeline load time",
                                tag_keys=("model",)))
         self.warmup = made(Gauge("atelier_model_warmup_seconds", "Warm-up call time",

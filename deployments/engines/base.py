@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from deployments.adapters import AdapterSlots
+from deployments.engines.prompts import Embeds, PromptCache, stack
 from deployments.engines.sources import nothing_to_denoise, source_inputs, source_pil
 from deployments.engines.withdrawal import BatchRows, step_callback
 from serve.errors import OutOfMemory
@@ -37,6 +38,7 @@ class DiffusersEngine:
     pipelines: ClassVar[dict[str, type]]
     denoiser: ClassVar[str]  # the pipeline attribute that runs every step
     parts: ClassVar[tuple[str, ...]]  # modules a usable pipeline must have
+    embed_names: ClassVar[tuple[str, ...]]  # pipeline inputs made by `_encode_prompt`
     adapters: AdapterSlots
     buckets: tuple[int, ...] = ()  # image counts calls are padded up to (none: as they come)
 
@@ -51,6 +53,7 @@ class DiffusersEngine:
         self._pipes |= {mode: cls.from_pipe(self.pipe) for mode, cls in others}
         for pipe in self._pipes.values():
             pipe.set_progress_bar_config(disable=True)
+        self.prompts = PromptCache(self._encode_prompt)
 
     def memory(self) -> tuple[str, int]:
         """(device, bytes held): torch's allocated GPU memory, or the process's resident
@@ -85,16 +88,24 @@ class DiffusersEngine:
                 return
 
     @torch.inference_mode()
+    def prepare(self, request: GenerationRequest) -> tuple[Embeds, bool]:
+        """The request's prompt embeddings, made ahead of its call (from any thread), and
+        whether they were already held."""
+        return self.prompts.get(request)
+
+    @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest],
                  withdrawn: Callable[[], set[int]] = set,
-                 on_step: Callable[[int, int], None] | None = None) -> list[list[Image.Image]]:
+                 on_step: Callable[[int, int], None] | None = None,
+                 prompts: Sequence[Embeds] | None = None) -> list[list[Image.Image]]:
         """Run one pipeline call for compatible requests; return each request's images.
 
         All requests must share `batch_key`; raises ValueError otherwise. `withdrawn()`
         gives the indexes of requests nobody waits for any more: after each denoising step
         their rows leave the batch (they get no images; where the pipeline keeps per-row
         state out of the callback's reach they run on), and once all have left, the call
-        stops. `on_step(step, total)` is called after each denoising step.
+        stops. `on_step(step, total)` is called after each denoising step. `prompts` are
+        the requests' embeddings from `prepare`; those not given are made here.
         """
         first = requests[0]
         if any(r.batch_key != first.batch_key for r in requests):
@@ -104,7 +115,7 @@ class DiffusersEngine:
         real = len(requests)
         requests, withdrawn = self._padded(requests, withdrawn)
         pipe = self._prepare(first)
-        inputs = self._encode(requests) | source_inputs(requests)
+        inputs = self._encode(requests, prompts) | source_inputs(requests)
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
         rows = BatchRows([r.num_outputs for r in requests])
@@ -146,8 +157,21 @@ class DiffusersEngine:
     def _shrinks_rows(self, first: GenerationRequest) -> bool:
         return True
 
-    def _encode(self, requests: Sequence[GenerationRequest]) -> dict[str, torch.Tensor]:
+    def _encode(self, requests: Sequence[GenerationRequest],
+                prompts: Sequence[Embeds] | None = None) -> dict:
+        """The call's prompt inputs: embeddings per image (a filler request past the given
+        `prompts` shares the last request's prompt, so it is held)."""
+        given = list(prompts or ())
+        given += [self.prompts.get(r)[0] for r in requests[len(given):]]
+        return stack(self.embed_names, requests, given) | self._call_inputs()
+
+    def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
+        """One image's embeddings of a prompt, in `embed_names` order."""
         raise NotImplementedError
+
+    def _call_inputs(self) -> dict:
+        """Pipeline inputs every call passes besides the embeddings."""
+        return {}
 
     def _finish(self, requests: Sequence[GenerationRequest],
                 per_request: list[list[Image.Image]]) -> list[list[Image.Image]]:

@@ -7,15 +7,14 @@ step. Schnell-style checkpoints ignore it. LoRA adapters are not served for FLUX
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 from diffusers import FluxImg2ImgPipeline, FluxPipeline
 
 from deployments.adapters import AdapterSlots
 from deployments.engines.base import DiffusersEngine
+from deployments.engines.prompts import Embeds
 from serve.types import GenerationRequest
 
 
@@ -23,6 +22,7 @@ class FluxEngine(DiffusersEngine):
     pipelines: ClassVar[dict[str, type]] = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline}
     denoiser = "transformer"
     parts = ("transformer", "vae", "text_encoder", "text_encoder_2")
+    embed_names = ("prompt_embeds", "pooled_prompt_embeds")
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
                  simulate_oom_above_images: int | None = None):
@@ -37,16 +37,12 @@ class FluxEngine(DiffusersEngine):
         # rows stay, and a call whose requests have all left still stops.
         return False
 
-    def _encode(self, requests: Sequence[GenerationRequest]) -> dict:
-        """Prompt embeddings per image, each prompt encoded on its own (T5 pads every
-        prompt to the same length, so they stack), and the T5 length they were made at."""
-        embeds, pooled = [], []
-        for r in requests:
-            pos, pool, _ = self.pipe.encode_prompt(
-                prompt=r.prompt, prompt_2=None, device=self.device,
-                num_images_per_prompt=r.num_outputs,
-                max_sequence_length=self.max_sequence_length)
-            embeds.append(pos)
-            pooled.append(pool)
-        return {"prompt_embeds": torch.cat(embeds), "pooled_prompt_embeds": torch.cat(pooled),
-                "max_sequence_length": self.max_sequence_length}
+    def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
+        # T5 pads every prompt to the same length, so one call's embeddings stack.
+        pos, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=self.device, num_images_per_prompt=1,
+            max_sequence_length=self.max_sequence_length)
+        return pos, pooled
+
+    def _call_inputs(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}

@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -23,6 +22,7 @@ from PIL import Image
 
 from deployments.adapters import AdapterSlots
 from deployments.engines.base import DiffusersEngine
+from deployments.engines.prompts import Embeds
 from deployments.engines.sources import keep_unmasked
 from deployments.engines.speed import apply_speed
 from serve.adapters import AdapterEntry
@@ -49,6 +49,8 @@ class SDXLEngine(DiffusersEngine):
                  "inpaint": StableDiffusionXLInpaintPipeline}
     denoiser = "unet"
     parts = ("unet", "vae", "text_encoder", "text_encoder_2")
+    embed_names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                   "negative_pooled_prompt_embeds")
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
                  adapters: Mapping[str, AdapterEntry] | None = None, max_adapters: int = 8,
@@ -85,14 +87,8 @@ class SDXLEngine(DiffusersEngine):
             return keep_unmasked(requests, per_request)
         return per_request
 
-    def _encode(self, requests: Sequence[GenerationRequest]) -> dict[str, torch.Tensor]:
-        """Prompt embeddings per image, each prompt encoded on its own."""
-        parts: list[tuple[torch.Tensor, ...]] = []
-        for r in requests:
-            pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-                prompt=r.prompt, device=self.device, num_images_per_prompt=r.num_outputs,
-                do_classifier_free_guidance=True, negative_prompt=r.negative_prompt or None)
-            parts.append((pos, neg, pooled, neg_pooled))
-        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                 "negative_pooled_prompt_embeds")
-        return {name: torch.cat([p[i] for p in parts]) for i, name in enumerate(names)}
+    def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
+        pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
+            prompt=prompt, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=True, negative_prompt=negative_prompt or None)
+        return pos, neg, pooled, neg_pooled

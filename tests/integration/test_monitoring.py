@@ -119,6 +119,6 @@ def test_every_dashboard_panel_returns_data(base_url, prometheus):
 
 def test_the_dashboard_covers_what_operators_watch():
     titles = " ".join(title for title, _ in _panel_queries()).lower()
-    for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "errors",
-                  "memory", "healthy"):
+    for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "prompts held",
+                  "errors", "memory", "healthy"):
         assert topic in titles, topic
