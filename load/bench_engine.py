@@ -15,6 +15,7 @@ writes JSON (default results/engine-<device>.json).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 from serve.config import SpeedConfig
 
 _FAST = {"channels_last": True, "fuse_qkv": True}
+_CALLS = itertools.count()
 VARIANTS = {
     "fp16": ("float16", {}),
     "bf16": ("bfloat16", {}),
@@ -71,7 +73,9 @@ def model_folder(random_sdxl: str | None, cache_dir: Path) -> Path:
 def _requests(args: argparse.Namespace, images: int) -> list:
     from serve.types import GenerationRequest
 
-    return [GenerationRequest(model="bench/x", prompt=f"benchmark image {i}", seed=1000 + i,
+    call = next(_CALLS)  # prompts new to every call: each is encoded, as in real traffic
+    return [GenerationRequest(model="bench/x", prompt=f"benchmark image {call}-{i}",
+                              seed=1000 + i,
                               width=args.size, height=args.size, guidance_scale=8.0,
                               num_inference_steps=args.steps, scheduler="K_EULER")
             for i in range(images)]
