@@ -60,12 +60,16 @@ class Batcher:
     """
 
     def __init__(self, runner: Runner, max_batch_size: int, wait_s: float, name: str = "b",
-                 on_depth: Callable[[int], None] | None = None):
-        """`on_depth(n)` hears the number of waiting requests whenever it changes."""
-        if max_batch_size < 1 or wait_s < 0:
-            raise ValueError("max_batch_size must be >= 1 and wait_s >= 0")
+                 on_depth: Callable[[int], None] | None = None, idle_s: float | None = None,
+                 on_idle: Callable[[], Awaitable[None]] | None = None):
+        """`on_depth(n)` hears the number of waiting requests whenever it changes.
+        `on_idle()` is awaited after every `idle_s` without a request (keeping the device
+        warm); a request arriving meanwhile runs once it returns."""
+        if max_batch_size < 1 or wait_s < 0 or (idle_s is not None and idle_s <= 0):
+            raise ValueError("max_batch_size must be >= 1, wait_s >= 0 and idle_s > 0")
         self._runner, self._max, self._wait_s, self._name = runner, max_batch_size, wait_s, name
         self._on_depth = on_depth or (lambda n: None)
+        self._idle_s, self._on_idle = (idle_s, on_idle) if on_idle else (None, None)
         self._pending: list[_Pending] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -91,7 +95,7 @@ class Batcher:
 
         `on_step(step, total)` is called on this event loop as its call progresses.
         """
-        self._ensure_worker()
+        self.start()
         item = _Pending(request, key, size, time.monotonic(),
                         asyncio.get_running_loop().create_future(), on_step)
         self._pending.append(item)
@@ -105,7 +109,9 @@ class Batcher:
                 self._on_depth(len(self._pending))
             raise
 
-    def _ensure_worker(self) -> None:
+    def start(self) -> None:
+        """Start the batching task on the running event loop, if not running (submit does
+        it too; call it early for `on_idle` to run before the first request)."""
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._loop())
@@ -114,7 +120,7 @@ class Batcher:
         while True:
             self._wakeup.clear()
             if not self._pending:
-                await self._wakeup.wait()
+                await self._idle()
                 continue
             batch = self._select()
             images = sum(p.size for p in batch)
@@ -129,6 +135,16 @@ class Batcher:
                 self._pending.remove(item)
             self._on_depth(len(self._pending))
             await self._run(batch)
+
+    async def _idle(self) -> None:
+        """Wait for a request; past `idle_s` without one, run `on_idle` first."""
+        if self._idle_s is None:
+            await self._wakeup.wait()
+            return
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), self._idle_s)
+        except TimeoutError:
+            await self._on_idle()
 
     def _select(self) -> list[_Pending]:
         """The oldest request and the compatible ones after it that fit, in order."""

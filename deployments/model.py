@@ -63,7 +63,8 @@ class ModelDeployment:
         self.gpus = tuple(str(g) for g in runtime.get_accelerator_ids().get("GPU", ()))
         self.batcher = Batcher(self._run_batch, self.cfg.batching.max_batch_size,
                                self.cfg.batching.wait_ms / 1000, name=self.replica,
-                               on_depth=self.metrics.queue_depth.set)
+                               on_depth=self.metrics.queue_depth.set,
+                               idle_s=self.cfg.keep_warm_s, on_idle=self._keep_warm)
         self._refresh_gauges()
 
         async def load_adapter_set(key: str) -> AdapterSet:
@@ -76,11 +77,27 @@ class ModelDeployment:
                  self.engine.describe()["device"], self.load_s, self.warmup_s)
 
     def _warm_up(self) -> None:
+        self.engine.warm_up(self._warm_request(self.cfg.warmup_steps),
+                            self.cfg.batching.max_batch_size)
+
+    def _warm_request(self, steps: int) -> GenerationRequest:
         d = self.cfg.defaults
-        self.engine.warm_up(GenerationRequest(
+        return GenerationRequest(
             model=self.cfg.id, prompt="warm-up", width=d.width, height=d.height,
-            num_inference_steps=self.cfg.warmup_steps, guidance_scale=d.guidance_scale,
-            seed=0, scheduler=self.cfg.default_scheduler), self.cfg.batching.max_batch_size)
+            num_inference_steps=steps, guidance_scale=d.guidance_scale, seed=0,
+            scheduler=self.cfg.default_scheduler)
+
+    async def _keep_warm(self) -> None:
+        """After `keep_warm_s` without a request: one short call on the pipeline thread
+        (the batcher runs none meanwhile), so the device's clocks and caches do not go
+        cold before the next request."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.engine.generate, [self._warm_request(1)])
+        except Exception:
+            log.exception("%s keep-warm call failed", self.cfg.id)
+            return
+        self.metrics.keep_warm.inc()
 
     async def generate(self, request: GenerationRequest,
                        on_step: StepListener | None = None) -> GenerationResult:
@@ -206,6 +223,7 @@ class ModelDeployment:
         """Raise if the pipeline is unusable, keeps failing, or a call is stuck. Before
         saying so, answer the requests it holds with ReplicaLost (their callers retry
         elsewhere), so that Serve's graceful stop does not wait for a wedged call."""
+        self.batcher.start()  # so that an idle replica keeps warm before its first request
         try:
             self.engine.check()
             self._refresh_gauges()

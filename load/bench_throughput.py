@@ -15,7 +15,10 @@
    request when the last returns). At 90 % of the best closed-loop rate it runs the load
    tool's open loop (Poisson arrivals, MLPerf-like captions) for latency percentiles,
    then one request after `--idle-s` of silence, and a restart (deploy again; the compile
-   cache stays) timed to healthy and to its first image.
+   cache stays) timed to healthy and to its first image. The first request and the one
+   after the silence are each followed by two more, and all carry the server's split
+   (queue, pipeline call) and the GPU's SM clock before sending: what a pause costs, and
+   where. `--keep-warm-s` sets the replicas' keep-warm.
 Prints a table; writes JSON and (with matplotlib) a PNG next to it.
 """
 
@@ -51,6 +54,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-concurrency", type=int, default=4)
     p.add_argument("--open-s", type=float, default=15, help="seconds of open-loop arrivals")
     p.add_argument("--idle-s", type=float, default=5)
+    p.add_argument("--keep-warm-s", type=float, help="Atelier's keep_warm_s (default: off)")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--no-restart", action="store_true")
     p.add_argument("--port", type=int, default=8077)
@@ -67,6 +71,7 @@ def atelier_config(args: argparse.Namespace, folder: Path) -> dict:
         "num_cpus": min(4, os.cpu_count() or 1),
         "max_ongoing_requests": max(64, args.batch * 4), "max_queued_requests": 1024,
         "request_timeout_s": 600, "health_stall_s": 900, "health_check_timeout_s": 120,
+        "keep_warm_s": args.keep_warm_s,
         "batching": {"max_batch_size": args.batch, "wait_ms": args.wait_ms},
         "limits": {"max_size": 2048, "max_pixels": 2048 * 2048, "max_steps": 100,
                    "max_request_pixels": 64 * 2048 * 2048},
@@ -117,28 +122,55 @@ async def _open_loop(url: str, args: argparse.Namespace, rate: float) -> dict:
     return summarize(outcomes, rate, profile.slo_s)
 
 
-def _timed_request(url: str, args: argparse.Namespace, seed: int) -> float:
+def _timed_request(url: str, args: argparse.Namespace, seed: int) -> dict:
+    """One request: its time at the client, and how the server split it (queue and
+    pipeline call), with the GPU's SM clock just before it was sent (where readable), to
+    tell a cold device from a cold HTTP path."""
+    clock = _sm_clock_mhz()
     started = time.monotonic()
-    httpx.post(url + "/generate", json=bs._body(args, seed), timeout=900).raise_for_status()
-    return time.monotonic() - started
+    r = httpx.post(url + "/generate", json=bs._body(args, seed), timeout=900)
+    r.raise_for_status()
+    return {"request_s": time.monotonic() - started,
+            "queue_ms": float(r.headers["X-Atelier-Queue-Ms"]),
+            "inference_ms": float(r.headers["X-Atelier-Inference-Ms"]),
+            "sm_clock_mhz_before": clock}
+
+
+def _cold_then_warm(url: str, args: argparse.Namespace, seed: int) -> dict:
+    """A request after a pause, then two straight after it: what the pause cost."""
+    cold = _timed_request(url, args, seed)
+    warm = [_timed_request(url, args, seed + 1 + i) for i in range(2)]
+    return {"request_s": cold["request_s"], "cold": cold, "warm_after": warm}
+
+
+def _sm_clock_mhz() -> float | None:
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    query = ["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits", "-i", gpu]
+    try:
+        done = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True)
+        return float(done.stdout.split()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
 
 
 def atelier(args: argparse.Namespace, folder: Path) -> dict:
     from ray import serve
 
     url, startup_s = bs.start_atelier(args.port, atelier_config(args, folder))
-    out: dict = {"startup_to_healthy_s": startup_s,
-                 "first_request_s": _timed_request(url, args, 1)}
+    first = _cold_then_warm(url, args, 1)
+    out: dict = {"startup_to_healthy_s": startup_s, "first_request_s": first["request_s"],
+                 "first_request": first}
     out["single"] = asyncio.run(bs.single(url, args))
     out["closed_loop"] = [asyncio.run(bs.closed_loop(url, args, c)) for c in args.concurrency]
     best = max(r["images_per_s"] for r in out["closed_loop"])
     out["open_loop_90pct"] = asyncio.run(_open_loop(url, args, 0.9 * best))
     time.sleep(args.idle_s)
-    out["after_idle_s"] = {"idle_s": args.idle_s, "request_s": _timed_request(url, args, 2)}
+    out["after_idle_s"] = {"idle_s": args.idle_s, **_cold_then_warm(url, args, 10)}
     if not args.no_restart:
         serve.delete("atelier")
         _, again = bs.start_atelier(args.port, atelier_config(args, folder))
-        out["restart"] = {"to_healthy_s": again, "first_request_s": _timed_request(url, args, 3)}
+        out["restart"] = {"to_healthy_s": again,
+                          "first_request_s": _timed_request(url, args, 20)["request_s"]}
     serve.shutdown()
     return out
 

@@ -70,6 +70,10 @@ class ModelConfig(_Strict):
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
         description="UNet modules (name suffixes) that LoRA slots cover.")
     warmup_steps: int = Field(2, ge=1, le=50, description="Steps of the start-up warm-up call.")
+    keep_warm_s: float | None = Field(None, gt=0, description=(
+        "When set, a replica that has had no request for this many seconds runs a one-step "
+        "call of the default size (and again after each such spell), so that the next "
+        "request finds the device as warm as under load. Unset: idle replicas do nothing."))
     health_check_period_s: float = Field(10, gt=0, description=(
         "How often Serve calls the replica's health check."))
     health_check_timeout_s: float = Field(30, gt=0, description=(

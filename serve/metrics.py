@@ -98,6 +98,9 @@ class ModelMetrics:
                                     "Prompts a replica needed, by outcome (encoded, or "
                                     "held from a recent request)",
                                     tag_keys=("model", "outcome")))
+        self.keep_warm = made(Counter("atelier_keep_warm_calls",
+                                      "One-step calls an idle replica ran to stay warm",
+                                      tag_keys=("model",)))
         self.load = made(Gauge("atelier_model_load_seconds", "Pipeline load time",
                                tag_keys=("model",)))
         self.warmup = made(Gauge("atelier_model_warmup_seconds", "Warm-up call time",

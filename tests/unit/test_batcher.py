@@ -199,3 +199,63 @@ def test_a_failed_call_is_retried_without_its_withdrawn_requests():
     assert calls == [["a", "b", "c"], ["b"], ["c"]]
     assert isinstance(results[0], asyncio.CancelledError)
     assert isinstance(results[1], RuntimeError) and results[2].result == "done-c"
+
+
+class IdleRecorder:
+    """An `on_idle` that records when it starts and ends, taking `pause` each time."""
+
+    def __init__(self, events, pause=0.0):
+        self.events, self.pause = events, pause
+
+    async def __call__(self):
+        self.events.append("idle")
+        await asyncio.sleep(self.pause)
+        self.events.append("idle done")
+
+
+def test_on_idle_runs_after_every_idle_spell_and_never_while_requests_keep_coming():
+    events: list = []
+    run = Recorder()
+
+    async def scenario():
+        batcher = Batcher(run, max_batch_size=4, wait_s=0.0, idle_s=0.1,
+                          on_idle=IdleRecorder(events))
+        batcher.start()
+        await asyncio.sleep(0.35)  # idle from the start: about three spells
+        idle_at_first = events.count("idle")
+        for i in range(12):  # a request every 40 ms: never 100 ms without one
+            await batcher.submit(i, "k")
+            await asyncio.sleep(0.04)
+        return idle_at_first, events.count("idle") - idle_at_first
+
+    idle_at_first, idle_while_busy = asyncio.run(scenario())
+    assert 2 <= idle_at_first <= 4
+    assert idle_while_busy == 0
+    assert len(run.calls) == 12
+
+
+def test_a_request_arriving_during_on_idle_runs_as_soon_as_it_returns():
+    events: list = []
+
+    async def runner(requests, withdrawn, on_step):
+        events.append(f"run {requests}")
+        return requests
+
+    async def scenario():
+        batcher = Batcher(runner, max_batch_size=4, wait_s=0.0, idle_s=0.05,
+                          on_idle=IdleRecorder(events, pause=0.2))
+        batcher.start()
+        await asyncio.sleep(0.1)  # inside the first idle call
+        started = asyncio.get_running_loop().time()
+        result = await batcher.submit("r", "k")
+        return result.result, asyncio.get_running_loop().time() - started
+
+    result, waited = asyncio.run(scenario())
+    assert result == "r"
+    assert events[:3] == ["idle", "idle done", "run ['r']"]
+    assert 0.1 <= waited < 0.3  # the rest of the idle call, then at once
+
+
+def test_idle_s_must_be_positive():
+    with pytest.raises(ValueError, match="idle_s"):
+        Batcher(Recorder(), max_batch_size=4, wait_s=0.0, idle_s=0, on_idle=IdleRecorder([]))

@@ -14,8 +14,9 @@ from serve.types import GenerationRequest
 
 
 def _req(prompt="a red cube", seed=1, **overrides):
-    base = dict(model="a/b", prompt=prompt, width=64, height=64, num_inference_steps=3,
-                guidance_scale=7.5, seed=seed, scheduler="K_EULER")
+    base = {"model": "a/b", "prompt": prompt, "width": 64, "height": 64,
+            "num_inference_steps": 3, "guidance_scale": 7.5, "seed": seed,
+            "scheduler": "K_EULER"}
     return GenerationRequest(**{**base, **overrides})
 
 
