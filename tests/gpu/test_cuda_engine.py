@@ -38,3 +38,24 @@ def test_seeded_images_repeat_and_survive_batching_on_the_gpu(engine):
     assert np.array_equal(a, b)
     # fp16 kernels for batch 1 and batch 4 may differ by a rounding step.
     assert np.abs(a - c).max() <= 2 and (np.abs(a - c) > 0).mean() < 0.05
+
+
+def test_prompts_prepared_on_another_thread_during_a_gpu_call_give_the_same_pixels(engine):
+    """The replica encodes prompts on its own thread while the pipeline thread denoises,
+    both on the GPU: the embeddings must be complete before a later call uses them."""
+    import threading
+
+    from deployments.engines.prompts import PromptCache
+
+    request, other = _req(31, prompt="a green vase"), _req(32, prompt="a steel bridge")
+    expected = np.asarray(engine.generate([other])[0][0]).astype(int)
+    engine.prompts = PromptCache(engine._encode_prompt)  # nothing held
+    prepared = []
+    thread = threading.Thread(target=lambda: prepared.append(engine.prepare(other)))
+    thread.start()
+    engine.generate([request])  # runs while the other thread encodes
+    thread.join()
+    (embeds, held), = prepared
+    assert not held and embeds[0].device.type == "cuda"
+    got = np.asarray(engine.generate([other], prompts=[embeds])[0][0]).astype(int)
+    assert np.array_equal(expected, got)
