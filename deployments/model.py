@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import ray
 from PIL.Image import Image
@@ -108,7 +108,7 @@ class ModelDeployment:
         """
         if request.adapters:
             await self._hold_adapters(request.adapters)
-        queued = _Queued(request, await self._prepare(request))
+        queued = _Queued(request, self._prepare(request))
         outcome = await self.batcher.submit(queued, request.batch_key, request.num_outputs,
                                             on_step)
         self.metrics.queue_wait.observe(outcome.queue_s)
@@ -145,16 +145,19 @@ class ModelDeployment:
         finally:
             work.cancel()
 
-    async def _prepare(self, request: GenerationRequest) -> Any:
-        """Encode the request's prompt now (or find it held), beside the running call."""
-        try:
-            embeds, held = await asyncio.get_running_loop().run_in_executor(
-                self._prompts, self.engine.prepare, request)
-        except Exception as exc:
-            log.exception("prompt encoding failed for request %s", request.request_id)
-            raise InferenceFailed(f"prompt encoding failed: {type(exc).__name__}") from exc
-        self.metrics.prompts.inc(1, {"outcome": "held" if held else "encoded"})
-        return embeds
+    def _prepare(self, request: GenerationRequest) -> asyncio.Future:
+        """Start encoding the request's prompt (or finding it held) on the prompt thread.
+        The request joins the batcher meanwhile, so batches form as they would without
+        it; its call awaits the embeddings, most often made while an earlier call ran."""
+        future = asyncio.get_running_loop().run_in_executor(self._prompts, self.engine.prepare,
+                                                            request)
+        future.add_done_callback(self._count_prompt)
+        return future
+
+    def _count_prompt(self, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is None:  # failures: at the call
+            self.metrics.prompts.inc(1, {"outcome": "held" if future.result()[1] else
+                                         "encoded"})
 
     async def _hold_adapters(self, adapters: AdapterSet) -> None:
         """Make the set resident (through Serve's multiplexing, which reports it to the
@@ -188,10 +191,11 @@ class ModelDeployment:
             steps[0] += 1
             on_step(step, total)
 
-        started = time.monotonic()
         try:
+            prompts = [(await q.prompt)[0] for q in queued]
+            started = time.monotonic()
             images = await loop.run_in_executor(self._executor, self.engine.generate, requests,
-                                                withdrawn, counted, [q.prompt for q in queued])
+                                                withdrawn, counted, prompts)
         except AtelierError:
             raise  # a client-side problem (e.g. an adapter that does not fit), not a fault
         except Exception as exc:
@@ -242,10 +246,11 @@ class ModelDeployment:
 
 
 class _Queued(NamedTuple):
-    """A request in the batcher, with its prompt embeddings made on arrival."""
+    """A request in the batcher, with its prompt embeddings (engine.prepare's result)
+    being made since its arrival."""
 
     request: GenerationRequest
-    prompt: Any
+    prompt: asyncio.Future
 
 
 def _encode_all(request: GenerationRequest, images: Sequence[Image]) -> list[bytes]:
