@@ -35,6 +35,8 @@ VARIANTS = {
     "fp8": ("bfloat16", {**_FAST, "fp8": True}),
     "compiled": ("bfloat16", {**_FAST, "compile": True}),
     "compiled-fp8": ("bfloat16", {**_FAST, "compile": True, "fp8": True}),
+    "compiled-fp8-tensor": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
+                                         "fp8_scaling": "tensor"}),
 }
 
 

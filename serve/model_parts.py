@@ -4,6 +4,7 @@ batching, speed, limits and defaults sections (`serve.config` assembles them).""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -61,6 +62,10 @@ class SpeedConfig(_Strict):
         "Run the UNet transformer blocks' linear layers in FP8 (e4m3, one scale per row of "
         "weights and of activations). Needs a GPU with FP8 matrix units (H100, Ada, "
         "Blackwell); images differ slightly from bf16."))
+    fp8_scaling: Literal["row", "tensor"] = Field("row", description=(
+        "With fp8: one scale per row of weights and of activations (row), or one per "
+        "tensor (tensor: the plainest FP8 matrix product, but a row of small activations "
+        "beside large ones loses precision)."))
 
     batch_buckets: list[int] = Field(default_factory=list, description=(
         "Image counts every pipeline call is padded up to (the smallest that holds the "
@@ -71,6 +76,8 @@ class SpeedConfig(_Strict):
 
     @model_validator(mode="after")
     def _buckets_ascending(self) -> SpeedConfig:
+        if self.fp8_scaling != "row" and not self.fp8:
+            raise ValueError("fp8_scaling applies only with fp8: true")
         buckets = self.batch_buckets
         if any(b < 1 for b in buckets) or buckets != sorted(set(buckets)):
             raise ValueError("batch_buckets must be distinct positive counts in ascending order")

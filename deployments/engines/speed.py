@@ -21,16 +21,18 @@ _REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
 class Fp8Linear(nn.Module):
-    """A linear layer computed in FP8 e4m3: weights quantized once per output row,
-    activations per row at each call, accumulated by `torch._scaled_mm` in higher
-    precision and returned in the input's dtype."""
+    """A linear layer computed in FP8 e4m3: weights quantized once, activations at each
+    call, per row (each output row of the weights, each row of activations) or per tensor;
+    accumulated by `torch._scaled_mm` in higher precision and returned in the input's
+    dtype."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, per_row: bool = True):
         super().__init__()
         w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp(min=1e-12)
+        self._dim = 1 if per_row else None  # amax over each row, or over everything
+        scale = (_amax(w, self._dim) / E4M3_MAX).clamp(min=1e-12)
         self.register_buffer("weight", (w / scale).to(torch.float8_e4m3fn))
-        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out)
+        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out) or ()
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -41,7 +43,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        x_scale = (rows.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
+        x_scale = (_amax(rows, self._dim).float() / E4M3_MAX).clamp(min=1e-12)
         q = (rows.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         out = torch._scaled_mm(q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                out_dtype=torch.bfloat16).to(x.dtype)
@@ -50,7 +52,12 @@ class Fp8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-def to_fp8(unet: nn.Module) -> int:
+def _amax(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """Largest magnitude per row (dim 1, kept as a column) or of the whole tensor."""
+    return x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
+
+
+def to_fp8(unet: nn.Module, per_row: bool = True) -> int:
     """Replace the linear layers inside the UNet's transformer blocks by Fp8Linear;
     return how many were replaced."""
     replaced = 0
@@ -61,7 +68,7 @@ def to_fp8(unet: nn.Module) -> int:
             if type(child) is nn.Linear and Fp8Linear.fits(child):
                 parent_name, _, attr = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, attr, Fp8Linear(child))
+                setattr(parent, attr, Fp8Linear(child, per_row))
                 replaced += 1
     return replaced
 
@@ -92,7 +99,8 @@ def apply_speed(pipe, speed: SpeedConfig, cache_dir: Path) -> dict:
         pipe.unet.fuse_qkv_projections()
         done["fused_qkv"] = True
     if speed.fp8:
-        done["fp8_linears"] = to_fp8(pipe.unet)
+        done["fp8_linears"] = to_fp8(pipe.unet, per_row=speed.fp8_scaling == "row")
+        done["fp8_scaling"] = speed.fp8_scaling
     if speed.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)

@@ -33,11 +33,13 @@ def plain(tiny_sdxl_path):
     return SDXLEngine(tiny_sdxl_path, "float32", "cpu")
 
 
-def test_fp8_linear_is_close_to_the_float_layer_on_fresh_inputs():
+@pytest.mark.parametrize("per_row", [True, False])
+def test_fp8_linear_is_close_to_the_float_layer_on_fresh_inputs(per_row):
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
-    fp8 = Fp8Linear(linear)
+    fp8 = Fp8Linear(linear, per_row)
     assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight.shape == (48, 64)
+    assert fp8.weight_scale.shape == ((1, 48) if per_row else ())
     for _ in range(3):
         x = torch.randn(2, 5, 64) * 3
         out, ref = fp8(x), linear(x)
@@ -49,12 +51,33 @@ def test_fp8_linear_is_close_to_the_float_layer_on_fresh_inputs():
 
 
 def test_fp8_linear_keeps_rows_with_different_ranges_apart():
-    """Per-row scales: a row of tiny activations is not flushed by a row of large ones."""
+    """Per-row scales: a row of tiny activations is not flushed by a row of large ones.
+    One scale per tensor is what `fp8_scaling: tensor` trades away."""
+    torch.manual_seed(1)
     linear = nn.Linear(32, 16, bias=False)
     x = torch.stack([torch.randn(32) * 1e-3, torch.randn(32) * 1e3])
     out, ref = Fp8Linear(linear)(x), linear(x)
     for row in range(2):
         assert _rel(out[row], ref[row]) < 0.08
+    out = Fp8Linear(linear, per_row=False)(x)
+    assert _rel(out[1], ref[1]) < 0.08
+    assert _rel(out[0], ref[0]) > 0.5  # below e4m3's smallest step at the large row's scale
+
+
+def test_fp8_tensor_scaling_is_a_setting_of_fp8(tiny_sdxl_path, plain):
+    from deployments.engines.sdxl import SDXLEngine
+
+    with pytest.raises(ValueError, match="fp8_scaling applies only with fp8"):
+        SpeedConfig(fp8_scaling="tensor")
+    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu",
+                        speed=SpeedConfig(fp8=True, fp8_scaling="tensor"))
+    layers = [m for m in engine.pipe.unet.modules() if isinstance(m, Fp8Linear)]
+    assert engine.describe()["speed"]["fp8_scaling"] == "tensor"
+    assert layers and all(m.weight_scale.dim() == 0 for m in layers)
+    a, b = plain.generate([_req(9)])[0][0], engine.generate([_req(9)])[0][0]
+    diff = np.abs(_px(a) - _px(b))
+    assert 0 < diff.mean() < 8, diff.mean()
+    assert np.abs(_px(a) - _px(plain.generate([_req(10)])[0][0])).mean() > 4 * diff.mean()
 
 
 def test_only_transformer_block_linears_that_fit_become_fp8(tiny_sdxl_path):
