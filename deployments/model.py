@@ -146,9 +146,10 @@ class ModelDeployment:
             work.cancel()
 
     def _prepare(self, request: GenerationRequest) -> asyncio.Future:
-        """Start encoding the request's prompt (or finding it held) on the prompt thread.
-        The request joins the batcher meanwhile, so batches form as they would without
-        it; its call awaits the embeddings, most often made while an earlier call ran."""
+        """Start encoding the request's prompt (or finding it held) and moving its input
+        image to the device, on the prompt thread. The request joins the batcher
+        meanwhile, so batches form as they would without it; its call awaits the result,
+        most often made while an earlier call ran."""
         future = asyncio.get_running_loop().run_in_executor(self._prompts, self.engine.prepare,
                                                             request)
         future.add_done_callback(self._count_prompt)
@@ -192,10 +193,10 @@ class ModelDeployment:
             on_step(step, total)
 
         try:
-            prompts = [(await q.prompt)[0] for q in queued]
+            prepared = [(await q.prepared)[0] for q in queued]
             started = time.monotonic()
             images = await loop.run_in_executor(self._executor, self.engine.generate, requests,
-                                                withdrawn, counted, prompts)
+                                                withdrawn, counted, prepared)
         except AtelierError:
             raise  # a client-side problem (e.g. an adapter that does not fit), not a fault
         except Exception as exc:
@@ -246,11 +247,11 @@ class ModelDeployment:
 
 
 class _Queued(NamedTuple):
-    """A request in the batcher, with its prompt embeddings (engine.prepare's result)
-    being made since its arrival."""
+    """A request in the batcher, with what its call needs (engine.prepare's result: prompt
+    embeddings, input image) being made since its arrival."""
 
     request: GenerationRequest
-    prompt: asyncio.Future
+    prepared: asyncio.Future
 
 
 def _encode_all(request: GenerationRequest, images: Sequence[Image]) -> list[bytes]:

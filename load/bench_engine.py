@@ -142,7 +142,7 @@ def _stages(engine, requests: list) -> dict:
         marks.append(time.monotonic())
 
     with torch.inference_mode():
-        embeds = engine._encode(requests)
+        embeds = engine._encode(requests, [engine.prepare(r)[0].embeds for r in requests])
         mark()
         latents = pipe(width=first.width, height=first.height, output_type="latent",
                        num_inference_steps=first.num_inference_steps,

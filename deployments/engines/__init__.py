@@ -18,17 +18,17 @@ class Engine(Protocol):
     adapters: AdapterSlots
 
     def prepare(self, request: GenerationRequest) -> tuple[Any, bool]:
-        """The request's prompt embeddings, made ahead of its call on any thread, and
-        whether they were already held."""
+        """What the request's call needs (prompt embeddings, input image on the device),
+        made ahead of it on any thread, and whether the embeddings were already held."""
 
     def generate(self, requests: Sequence[GenerationRequest],
                  withdrawn: Callable[[], set[int]] = ...,
                  on_step: Callable[[int, int], None] | None = None,
-                 prompts: Sequence[Any] | None = None) -> list[list[Any]]:
+                 prepared: Sequence[Any] | None = None) -> list[list[Any]]:
         """One pipeline call for requests sharing a batch key; images per request.
         Requests whose indexes `withdrawn()` returns leave the call at the next step (no
-        images); it stops once all have left. Reports each step to `on_step`. `prompts`
-        are the requests' embeddings from `prepare` (made in the call if not given)."""
+        images); it stops once all have left. Reports each step to `on_step`. `prepared`
+        holds the requests' `prepare` results (made in the call if not given)."""
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
         """Run the calls that bring the engine to full speed (allocation, compilation)."""

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import psutil
 import torch
@@ -17,13 +17,27 @@ from PIL import Image
 
 from deployments.adapters import AdapterSlots
 from deployments.engines.prompts import Embeds, PromptCache, stack
-from deployments.engines.sources import nothing_to_denoise, source_inputs, source_pil
+from deployments.engines.sources import (
+    SourceTensors,
+    nothing_to_denoise,
+    source_inputs,
+    source_pil,
+    source_tensors,
+)
 from deployments.engines.withdrawal import BatchRows, step_callback
 from serve.errors import OutOfMemory
 from serve.types import GenerationRequest
 
 log = logging.getLogger("ray.serve.atelier.engine")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Prepared(NamedTuple):
+    """What a request's call needs, made before the call: prompt embeddings (one image's)
+    and the input image and mask on the device."""
+
+    embeds: Embeds
+    source: SourceTensors | None
 
 
 class DiffusersEngine:
@@ -88,24 +102,25 @@ class DiffusersEngine:
                 return
 
     @torch.inference_mode()
-    def prepare(self, request: GenerationRequest) -> tuple[Embeds, bool]:
-        """The request's prompt embeddings, made ahead of its call (from any thread), and
-        whether they were already held."""
-        return self.prompts.get(request)
+    def prepare(self, request: GenerationRequest) -> tuple[Prepared, bool]:
+        """The request's prompt embeddings and input image, made ahead of its call (from
+        any thread), and whether the embeddings were already held."""
+        embeds, held = self.prompts.get(request)
+        return Prepared(embeds, source_tensors(request, self.device)), held
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest],
                  withdrawn: Callable[[], set[int]] = set,
                  on_step: Callable[[int, int], None] | None = None,
-                 prompts: Sequence[Embeds] | None = None) -> list[list[Image.Image]]:
+                 prepared: Sequence[Prepared] | None = None) -> list[list[Image.Image]]:
         """Run one pipeline call for compatible requests; return each request's images.
 
         All requests must share `batch_key`; raises ValueError otherwise. `withdrawn()`
         gives the indexes of requests nobody waits for any more: after each denoising step
         their rows leave the batch (they get no images; where the pipeline keeps per-row
         state out of the callback's reach they run on), and once all have left, the call
-        stops. `on_step(step, total)` is called after each denoising step. `prompts` are
-        the requests' embeddings from `prepare`; those not given are made here.
+        stops. `on_step(step, total)` is called after each denoising step. `prepared` holds
+        the requests' `prepare` results; those not given are made here.
         """
         first = requests[0]
         if any(r.batch_key != first.batch_key for r in requests):
@@ -113,9 +128,13 @@ class DiffusersEngine:
         if nothing_to_denoise(first):
             return [[source_pil(r) for _ in r.seeds] for r in requests]
         real = len(requests)
+        made = list(prepared or ())
+        made += [self.prepare(r)[0] for r in requests[len(made):]]
         requests, withdrawn = self._padded(requests, withdrawn)
+        made += made[-1:] * (len(requests) - real)  # a filler repeats the last request
         pipe = self._prepare(first)
-        inputs = self._encode(requests, prompts) | source_inputs(requests)
+        inputs = (self._encode(requests, [p.embeds for p in made])
+                  | source_inputs(requests, [p.source for p in made]))
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
         rows = BatchRows([r.num_outputs for r in requests])
@@ -158,12 +177,9 @@ class DiffusersEngine:
         return True
 
     def _encode(self, requests: Sequence[GenerationRequest],
-                prompts: Sequence[Embeds] | None = None) -> dict:
-        """The call's prompt inputs: embeddings per image (a filler request past the given
-        `prompts` shares the last request's prompt, so it is held)."""
-        given = list(prompts or ())
-        given += [self.prompts.get(r)[0] for r in requests[len(given):]]
-        return stack(self.embed_names, requests, given) | self._call_inputs()
+                embeds: Sequence[Embeds]) -> dict:
+        """The call's prompt inputs: each request's embeddings once per image."""
+        return stack(self.embed_names, requests, embeds) | self._call_inputs()
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
         """One image's embeddings of a prompt, in `embed_names` order."""

@@ -55,7 +55,7 @@ def test_prompts_prepared_on_another_thread_during_a_gpu_call_give_the_same_pixe
     thread.start()
     engine.generate([request])  # runs while the other thread encodes
     thread.join()
-    (embeds, held), = prepared
-    assert not held and embeds[0].device.type == "cuda"
-    got = np.asarray(engine.generate([other], prompts=[embeds])[0][0]).astype(int)
+    (made, held), = prepared
+    assert not held and made.embeds[0].device.type == "cuda"
+    got = np.asarray(engine.generate([other], prepared=[made])[0][0]).astype(int)
     assert np.array_equal(expected, got)

@@ -107,7 +107,7 @@ def test_prepared_prompts_give_the_pixels_of_prompts_encoded_in_the_call(
     engine.prompts = PromptCache(engine._encode_prompt)  # nothing held from that call
     prepared = [engine.prepare(r) for r in requests]
     assert [held for _, held in prepared] == [False, False]
-    ahead = engine.generate(requests, prompts=[embeds for embeds, _ in prepared])
+    ahead = engine.generate(requests, prepared=[made for made, _ in prepared])
     assert [len(own) for own in ahead] == [2, 1]
     for a, b in zip(_pixels(in_call), _pixels(ahead), strict=True):
         assert np.array_equal(a, b)
@@ -137,8 +137,34 @@ def test_a_prompt_is_prepared_while_another_call_runs_and_that_call_is_unchanged
     finally:
         hook.remove()
     assert np.array_equal(_pixels(alone)[0], _pixels(during)[0])
-    (embeds, held), = prepared
-    assert not held and embeds[0].shape[0] == 1
+    (made, held), = prepared
+    assert not held and made.embeds[0].shape[0] == 1 and made.source is None
     # The running call's prompt was held from the first call; only the new one was encoded
     # (the CLIP encoder runs for the prompt; the empty negative prompt is zeros in SDXL).
     assert len(encoder_calls) == 1
+
+
+def test_input_images_are_prepared_as_8_bit_tensors_and_give_the_in_call_pixels(sdxl):
+    from serve.types import SourceImage
+
+    rng = np.random.default_rng(4)
+    photo = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    requests = [_req("a chair", 6, num_outputs=2,
+                     source=SourceImage(photo.tobytes(), 0.8, mask.tobytes())),
+                _req("a desk", 8, source=SourceImage((255 - photo).tobytes(), 0.8,
+                                                      mask.tobytes()))]
+    made, _ = sdxl.prepare(requests[0])
+    image, kept = made.source
+    assert image.dtype == kept.dtype == torch.uint8
+    assert image.shape == (1, 3, 64, 64) and kept.shape == (1, 1, 64, 64)
+    assert np.array_equal(image[0].permute(1, 2, 0).numpy(), photo)
+    assert np.array_equal(kept[0, 0].numpy(), mask)
+    in_call = sdxl.generate(requests)
+    ahead = sdxl.generate(requests, prepared=[sdxl.prepare(r)[0] for r in requests])
+    for a, b in zip(_pixels(in_call), _pixels(ahead), strict=True):
+        assert np.array_equal(a, b)
+    # Outside the mask the input's pixels are kept exactly.
+    outside = mask == 0
+    assert np.array_equal(_pixels(ahead)[0][outside], photo[outside])
