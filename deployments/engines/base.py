@@ -149,7 +149,8 @@ class DiffusersEngine:
             out_of_memory = True  # handled below, once the failed call's frames are gone
         if out_of_memory:
             raise self._recover_memory(requests)
-        return self._finish(requests, rows.split(images))[:real]
+        pixels = self._finish(requests, made, to_uint8(images))
+        return rows.split(pil_rows(pixels))[:real]
 
     def _padded(self, requests: Sequence[GenerationRequest], withdrawn: Callable[[], set[int]],
                 ) -> tuple[list[GenerationRequest], Callable[[], set[int]]]:
@@ -189,21 +190,21 @@ class DiffusersEngine:
         """Pipeline inputs every call passes besides the embeddings."""
         return {}
 
-    def _finish(self, requests: Sequence[GenerationRequest],
-                per_request: list[list[Image.Image]]) -> list[list[Image.Image]]:
-        return per_request
+    def _finish(self, requests: Sequence[GenerationRequest], made: Sequence[Prepared],
+                pixels: torch.Tensor) -> torch.Tensor:
+        """The call's 8-bit images (rows, on the device) as they are to be delivered."""
+        return pixels
 
     def _call(self, pipe, first: GenerationRequest, generators: list[torch.Generator],
-              inputs: dict, callback: Callable) -> list[Image.Image]:
+              inputs: dict, callback: Callable) -> torch.Tensor:
         if self.simulate_oom_above_images and len(generators) > self.simulate_oom_above_images:
             raise torch.OutOfMemoryError(f"simulated: {len(generators)} images in one call")
-        images = pipe(
+        return pipe(
             width=first.width, height=first.height,
             num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
             generator=generators, output_type="pt", callback_on_step_end=callback,
             callback_on_step_end_tensor_inputs=list(pipe._callback_tensor_inputs),
             **inputs).images
-        return to_pil(images)
 
     def _recover_memory(self, requests: Sequence[GenerationRequest]) -> OutOfMemory:
         """Give the failed call's memory back; the error to raise, so the caller can retry
@@ -232,7 +233,15 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """Images in [0, 1] (N, C, H, W) on the device → PIL, with the same rounding as
     diffusers' own PIL output, but quantized to 8 bits where the images are, so only a
     quarter of the bytes cross to the CPU and the CPU does no arithmetic."""
-    pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+    return pil_rows(to_uint8(images))
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def pil_rows(pixels: torch.Tensor) -> list[Image.Image]:
+    """8-bit images (N, C, H, W), wherever they are → PIL."""
     array = pixels.permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
 

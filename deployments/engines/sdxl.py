@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -18,10 +19,9 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
-from PIL import Image
 
 from deployments.adapters import AdapterSlots
-from deployments.engines.base import DiffusersEngine
+from deployments.engines.base import DiffusersEngine, Prepared
 from deployments.engines.prompts import Embeds
 from deployments.engines.sources import keep_unmasked
 from deployments.engines.speed import apply_speed
@@ -81,11 +81,11 @@ class SDXLEngine(DiffusersEngine):
         # Inpainting keeps per-row state outside the step callback's reach: its rows stay.
         return first.mode != "inpaint"
 
-    def _finish(self, requests: Sequence[GenerationRequest],
-                per_request: list[list[Image.Image]]) -> list[list[Image.Image]]:
-        if requests[0].mode == "inpaint":
-            return keep_unmasked(requests, per_request)
-        return per_request
+    def _finish(self, requests: Sequence[GenerationRequest], made: Sequence[Prepared],
+                pixels: torch.Tensor) -> torch.Tensor:
+        if requests[0].mode == "inpaint":  # its rows never leave: they match the sources
+            return keep_unmasked(pixels, requests, [p.source for p in made])
+        return pixels
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(

@@ -1,11 +1,11 @@
-"""Input images of img2img and inpainting calls: per-row pipeline inputs, the requests
-that need no denoising at all, and putting the kept pixels back after inpainting."""
+"""Input images of img2img and inpainting calls: 8-bit tensors on the device, per-row
+pipeline inputs, the requests that need no denoising at all, and putting the kept pixels
+back after inpainting."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -14,10 +14,6 @@ from serve.types import GenerationRequest
 
 def source_pil(request: GenerationRequest) -> Image.Image:
     return Image.frombytes("RGB", (request.width, request.height), request.source.rgb)
-
-
-def mask_pil(request: GenerationRequest) -> Image.Image:
-    return Image.frombytes("L", (request.width, request.height), request.source.mask)
 
 
 # A request's input image (1×3×H×W) and mask (1×1×H×W, or None) as 8-bit tensors on the
@@ -45,15 +41,18 @@ def source_inputs(requests: Sequence[GenerationRequest],
     first = requests[0]
     if first.source is None:
         return {}
-
-    def rows(part: int) -> torch.Tensor:
-        return torch.cat([src[part].expand(r.num_outputs, -1, -1, -1)
-                          for r, src in zip(requests, sources, strict=True)]).float() / 255
-
-    inputs = {"image": rows(0), "strength": first.source.strength}
+    inputs = {"image": per_row(requests, sources, 0).float() / 255,
+              "strength": first.source.strength}
     if first.mode == "inpaint":
-        inputs["mask_image"] = rows(1)
+        inputs["mask_image"] = per_row(requests, sources, 1).float() / 255
     return inputs
+
+
+def per_row(requests: Sequence[GenerationRequest], sources: Sequence[SourceTensors | None],
+            part: int) -> torch.Tensor:
+    """Each request's input image (part 0) or mask (part 1) once per output image."""
+    return torch.cat([src[part].expand(r.num_outputs, -1, -1, -1)
+                      for r, src in zip(requests, sources, strict=True)])
 
 
 def nothing_to_denoise(request: GenerationRequest) -> bool:
@@ -62,19 +61,15 @@ def nothing_to_denoise(request: GenerationRequest) -> bool:
             and int(request.num_inference_steps * request.source.strength) < 1)
 
 
-def keep_unmasked(requests: Sequence[GenerationRequest],
-                  per_request: list[list[Image.Image]]) -> list[list[Image.Image]]:
-    """Blend each inpainted image with its input by the mask (white: generated, black:
-    the input's own pixels, grey: in between), so what the mask keeps is exact and not
-    what the VAE makes of it."""
-    out = []
-    for request, images in zip(requests, per_request, strict=True):
-        if not images:
-            out.append(images)
-            continue
-        source = np.asarray(source_pil(request), dtype=np.float32)
-        weight = np.asarray(mask_pil(request), dtype=np.float32)[..., None] / 255
-        out.append([Image.fromarray(np.rint(np.asarray(im, dtype=np.float32) * weight
-                                            + source * (1 - weight)).astype(np.uint8))
-                    for im in images])
-    return out
+def keep_unmasked(pixels: torch.Tensor, requests: Sequence[GenerationRequest],
+                  sources: Sequence[SourceTensors | None]) -> torch.Tensor:
+    """Blend each inpainted image (8-bit rows, on the device) with its input by the mask
+    (white: generated, black: the input's own pixels, grey: in between), so what the mask
+    keeps is exact and not what the VAE makes of it."""
+    out, start = pixels.float(), 0
+    for request, (image, mask) in zip(requests, sources, strict=True):
+        weight = mask.float() / 255
+        rows = out[start:start + request.num_outputs]  # a view: blended in place
+        rows.mul_(weight).add_(image.float() * (1 - weight))
+        start += request.num_outputs
+    return out.round_().to(torch.uint8)
