@@ -23,6 +23,17 @@ def tiny_sdxl_path(cache_dir) -> Path:
     return ensure_embedded(TINY_SDXL, cache_dir)
 
 
+def counts_by_model(exposition: str, metric: str) -> dict[str, float]:
+    """A counter's value per `model` label, summed over its other labels, from Ray's
+    Prometheus text on a node's metrics port."""
+    counts: dict[str, float] = {}
+    for line in exposition.splitlines():
+        if line.startswith(metric + "{"):
+            model = line.split('model="', 1)[1].split('"', 1)[0]
+            counts[model] = counts.get(model, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.conftest import counts_by_model
 from tests.integration.conftest import _free_port, decode
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,11 +94,8 @@ def test_ray_exports_atelier_metrics_on_the_metrics_port(served):
                                             "width": 64, "height": 64}, timeout=60)
     deadline, counts = time.monotonic() + 60, {}
     while time.monotonic() < deadline and len(counts) < 2:
-        counts = {}
-        for line in httpx.get(metrics, timeout=10).text.splitlines():
-            if line.startswith("ray_atelier_generated_images_total{"):
-                model = line.split('model="', 1)[1].split('"', 1)[0]
-                counts[model] = counts.get(model, 0) + float(line.rsplit(" ", 1)[1])
+        counts = counts_by_model(httpx.get(metrics, timeout=10).text,
+                                 "ray_atelier_generated_images_total")
         time.sleep(1)
     assert set(counts) == {"atelier/tiny-sdxl", "atelier/tiny-flux"}
     assert all(n >= 1 for n in counts.values())

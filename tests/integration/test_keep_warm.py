@@ -6,16 +6,8 @@ import time
 
 import httpx
 
+from tests.conftest import counts_by_model
 from tests.integration.conftest import AUTH, FLUX, decode, pixels
-
-
-def _keep_warm_calls(metrics_url: str) -> dict[str, float]:
-    counts: dict[str, float] = {}
-    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
-        if line.startswith("ray_atelier_keep_warm_calls_total{"):
-            model = line.split('model="', 1)[1].split('"', 1)[0]
-            counts[model] = counts.get(model, 0) + float(line.rsplit(" ", 1)[1])
-    return counts
 
 
 def _image(base_url):
@@ -31,7 +23,8 @@ def test_an_idle_replica_keeps_warm_and_its_answers_do_not_change(base_url, metr
     deadline, counts = time.monotonic() + 90, {}
     while time.monotonic() < deadline and counts.get(FLUX, 0) < 2:
         time.sleep(2)
-        counts = _keep_warm_calls(metrics_url)
+        counts = counts_by_model(httpx.get(metrics_url, timeout=10).text,
+                                 "ray_atelier_keep_warm_calls_total")
     assert counts.get(FLUX, 0) >= 2, counts
     # Only the model configured for it keeps warm.
     assert set(counts) == {FLUX}, counts
