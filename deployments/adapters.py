@@ -1,6 +1,7 @@
-"""LoRA adapters on a replica: fixed slots in the UNet, filled and switched in place.
+"""LoRA adapters on a replica: fixed slots in the denoiser (SDXL's UNet, FLUX's
+transformer), filled and switched in place.
 
-At start the UNet gets `capacity` LoRA slots (PEFT layers of `max_rank` on the configured
+At start the denoiser gets `capacity` LoRA slots (PEFT layers of `max_rank` on the configured
 target modules), so no module is ever injected or removed while serving:
 
 - `read` (any thread): the file's tensors, converted to PEFT keys, checked against the
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,11 @@ from serve.adapters import AdapterEntry, AdapterInvalid, AdapterSet
 log = logging.getLogger("ray.serve.atelier.adapters")
 
 
+# A family's LoRA reader: a file's tensors → (diffusers-layout state dict, alphas or None).
+# Diffusers' `lora_state_dict` of the family's pipeline converts kohya and other layouts.
+LoraReader = Callable[[dict[str, torch.Tensor]], tuple[dict, dict | None]]
+
+
 @dataclass
 class AdapterWeights:
     """One adapter staged for a slot: per LoRA layer (A, B, alpha/rank)."""
@@ -36,21 +42,29 @@ class AdapterWeights:
 
 
 class AdapterSlots:
-    """An LRU of adapters held in `capacity` preallocated LoRA slots of one UNet."""
+    """An LRU of adapters held in `capacity` preallocated LoRA slots of one denoiser.
 
-    def __init__(self, unet, catalog: Mapping[str, AdapterEntry], capacity: int,
-                 max_rank: int, targets: Sequence[str]):
+    `prefix` is the denoiser's key prefix in LoRA files ("unet", "transformer"); `reader`
+    reads the family's layouts.
+    """
+
+    def __init__(self, denoiser, catalog: Mapping[str, AdapterEntry], capacity: int,
+                 max_rank: int, targets: Sequence[str], prefix: str = "unet",
+                 reader: LoraReader | None = None):
         self._catalog, self._max_rank = catalog, max_rank
+        self._prefix, self._reader = prefix, reader
         self._slots = [f"slot{i}" for i in range(capacity)] if catalog else []
         if self._slots:
             from peft import LoraConfig
 
             for slot in self._slots:
-                unet.add_adapter(LoraConfig(r=max_rank, lora_alpha=max_rank,
-                                            target_modules=list(targets)), adapter_name=slot)
+                denoiser.add_adapter(LoraConfig(r=max_rank, lora_alpha=max_rank,
+                                                target_modules=list(targets)),
+                                     adapter_name=slot)
         from peft.tuners.lora import LoraLayer
 
-        self._layers = {path: m for path, m in unet.named_modules() if isinstance(m, LoraLayer)}
+        self._layers = {path: m for path, m in denoiser.named_modules()
+                        if isinstance(m, LoraLayer)}
         self._held: OrderedDict[str, str] = OrderedDict()  # adapter name → slot
         self._alphas: dict[str, list[float]] = {}  # per adapter, aligned with _layers
         self._active: AdapterSet | None = None
@@ -67,7 +81,7 @@ class AdapterSlots:
             raw = load_file(entry.path, device="cpu")
         except (OSError, SafetensorError, ValueError) as exc:
             raise AdapterInvalid(f"adapter {name!r} cannot be read: {exc}") from None
-        layers = _to_peft_layers(raw, name)
+        layers = _to_peft_layers(raw, name, self._reader, self._prefix)
         staged = {}
         for path, (a, b, alpha) in layers.items():
             slot_a, slot_b = self._slot_weights(path, name)
@@ -141,24 +155,29 @@ class AdapterSlots:
         return self._held.pop(victim)
 
 
-def _to_peft_layers(raw: dict[str, torch.Tensor], name: str
-                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
-    """UNet LoRA tensors by module path, from the diffusers/PEFT or kohya key layout."""
-    from diffusers import StableDiffusionXLPipeline
+def _to_peft_layers(raw: dict[str, torch.Tensor], name: str, reader: LoraReader | None,
+                    prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
+    """The denoiser's LoRA tensors by module path, from any layout `reader` converts
+    (default: SDXL's, which reads the diffusers/PEFT and kohya layouts)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
+    if reader is None:
+        from diffusers import StableDiffusionXLPipeline
+
+        reader = StableDiffusionXLPipeline.lora_state_dict
     try:
-        state, alphas = StableDiffusionXLPipeline.lora_state_dict(raw)
-    except (ValueError, KeyError, RuntimeError) as exc:
+        state, alphas = reader(raw)
+    except (ValueError, KeyError, RuntimeError, AssertionError) as exc:
         raise AdapterInvalid(f"adapter {name!r} is not a LoRA diffusers can read: {exc}") from None
-    unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    if len(unet) < len(state):
-        log.warning("adapter %s: text-encoder weights left out (UNet only)", name)
-    peft = convert_unet_state_dict_to_peft(unet)
+    lead = f"{prefix}."
+    own = {k.removeprefix(lead): v for k, v in state.items() if k.startswith(lead)}
+    if len(own) < len(state):
+        log.warning("adapter %s: text-encoder weights left out (%s only)", name, prefix)
+    peft = convert_unet_state_dict_to_peft(own)
     alpha_of = {}
     for key, value in (alphas or {}).items():
         (converted,) = convert_unet_state_dict_to_peft(
-            {key.removeprefix("unet.").removesuffix(".alpha"): None})
+            {key.removeprefix(lead).removesuffix(".alpha"): None})
         alpha_of[converted.rsplit(".lora_", 1)[0]] = float(value)
     layers = {}
     for key, a in peft.items():
@@ -170,5 +189,5 @@ def _to_peft_layers(raw: dict[str, torch.Tensor], name: str
             raise AdapterInvalid(f"adapter {name!r}: {path} is not a linear LoRA pair")
         layers[path] = (a, b, alpha_of.get(path))
     if not layers:
-        raise AdapterInvalid(f"adapter {name!r} has no UNet LoRA weights")
+        raise AdapterInvalid(f"adapter {name!r} has no {prefix} LoRA weights")
     return layers

@@ -164,26 +164,33 @@ def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32") -> No
 
 
 TINY_SDXL_DEMO = "tiny-sdxl-demo"
+TINY_FLUX_DEMO = "tiny-flux-demo"
 # name → (rank, key layout): demo adapters for the embedded model, random but fixed.
 DEMO_LORAS = {"pixel-art": (4, "peft"), "watercolor": (8, "peft"), "sketch": (4, "kohya")}
 _LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 def ensure_demo_loras(name: str, cache_dir: Path) -> Path:
-    """Return the folder of the embedded model's demo LoRA adapters, building it once.
+    """Return the folder of an embedded model's demo LoRA adapters, building it once.
 
-    Each adapter is made with PEFT on the tiny UNet (random, seeded weights) and saved as
-    `<name>.safetensors`, in the diffusers/PEFT key layout or kohya's.
+    Each adapter is random with a fixed seed, made for the tiny model's denoiser and saved
+    as `<name>.safetensors` in the diffusers/PEFT key layout or kohya's.
     """
-    if name != TINY_SDXL_DEMO:
-        raise ValueError(f"unknown embedded adapters {name!r}; known: {TINY_SDXL_DEMO!r}")
-    model = ensure_embedded(TINY_SDXL, cache_dir)
+    from deployments.tiny_flux import DEMO_FLUX_LORAS, build_random_flux_loras
+
+    demos = {TINY_SDXL_DEMO: (TINY_SDXL, "unet", build_random_loras, DEMO_LORAS),
+             TINY_FLUX_DEMO: (TINY_FLUX, "transformer", build_random_flux_loras,
+                              DEMO_FLUX_LORAS)}
+    if name not in demos:
+        raise ValueError(f"unknown embedded adapters {name!r}; known: {', '.join(demos)}")
+    embedded, part, build, specs = demos[name]
+    model = ensure_embedded(embedded, cache_dir)
     target = cache_dir / f"{name}-v{RECIPE_VERSION}"
     with FileLock(str(target) + ".lock"):
         if not target.is_dir():
             tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
             try:
-                build_random_loras(model / "unet", tmp, DEMO_LORAS)
+                build(model / part, tmp, specs)
                 os.replace(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

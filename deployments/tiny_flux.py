@@ -82,3 +82,68 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32") -> No
     if dtype != "float32":
         pipe.to(dtype=getattr(torch, dtype))
     pipe.save_pretrained(folder, safe_serialization=True)
+
+
+# name → (rank, key layout): demo adapters for the embedded FLUX, random but fixed. The
+# PEFT ones cover every default FLUX target; the kohya one uses sd-scripts' BFL names.
+DEMO_FLUX_LORAS = {"neon": (4, "peft"), "film-grain": (8, "peft"), "ink": (4, "kohya")}
+
+# kohya (sd-scripts) FLUX module names → the diffusers modules each covers; a fused qkv
+# covers three. The single blocks' fused `linear1` is left out: diffusers splits it at the
+# full model's widths only.
+_KOHYA_DOUBLE = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn_proj": ("attn.to_out.0",),
+    "img_mlp_0": ("ff.net.0.proj",), "img_mlp_2": ("ff.net.2",), "img_mod_lin": ("norm1.linear",),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "txt_attn_proj": ("attn.to_add_out",), "txt_mlp_0": ("ff_context.net.0.proj",),
+    "txt_mlp_2": ("ff_context.net.2",), "txt_mod_lin": ("norm1_context.linear",)}
+_KOHYA_SINGLE = {"linear2": ("proj_out",), "modulation_lin": ("norm.linear",)}
+
+
+def build_random_flux_loras(transformer_folder: Path, folder: Path,
+                            specs: dict[str, tuple[int, str]]) -> None:
+    """Save one random, seeded LoRA per `specs` entry (name → (rank, "peft"|"kohya")) for
+    the FLUX transformer in `transformer_folder`, as `<name>.safetensors` in `folder`."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from serve.model_parts import FAMILIES
+
+    transformer = FluxTransformer2DModel.from_pretrained(transformer_folder)
+    for i, (name, (rank, layout)) in enumerate(sorted(specs.items())):
+        torch.manual_seed(_SEED + 1 + i)
+        if layout == "kohya":
+            state = _kohya_lora(transformer, rank)
+        else:
+            transformer.add_adapter(LoraConfig(
+                r=rank, lora_alpha=rank, target_modules=list(FAMILIES["flux"].lora_targets),
+                init_lora_weights=False), adapter_name=name)
+            state = {f"transformer.{k}": v.contiguous() for k, v in
+                     get_peft_model_state_dict(transformer, adapter_name=name).items()}
+            transformer.delete_adapters(name)
+        save_file(state, str(folder / f"{name}.safetensors"), metadata={"format": "pt"})
+
+
+def _kohya_lora(transformer, rank: int) -> dict:
+    """Random LoRA tensors in sd-scripts' FLUX layout, with alpha at half the rank."""
+    import torch
+
+    modules = dict(transformer.named_modules())
+    blocks = [(f"double_blocks_{i}", f"transformer_blocks.{i}", _KOHYA_DOUBLE)
+              for i in range(len(transformer.transformer_blocks))]
+    blocks += [(f"single_blocks_{i}", f"single_transformer_blocks.{i}", _KOHYA_SINGLE)
+               for i in range(len(transformer.single_transformer_blocks))]
+    out = {}
+    for kohya_block, block, names in blocks:
+        for kohya, covered in names.items():
+            linears = [modules[f"{block}.{m}"] for m in covered]
+            fan_in = linears[0].in_features
+            stem = f"lora_unet_{kohya_block}_{kohya}"
+            out[f"{stem}.lora_down.weight"] = torch.randn(rank, fan_in) / fan_in**0.5
+            out[f"{stem}.lora_up.weight"] = torch.randn(
+                sum(m.out_features for m in linears), rank) / rank**0.5
+            out[f"{stem}.alpha"] = torch.tensor(rank / 2)
+    return out

@@ -66,9 +66,10 @@ class ModelConfig(_Strict):
         "LoRA slots per replica: adapters held at once (the least recently used makes room)."))
     max_lora_rank: int = Field(64, ge=1, le=1024, description=(
         "Rank of each LoRA slot; adapters of higher rank are refused."))
-    lora_targets: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
-        description="UNet modules (name suffixes) that LoRA slots cover.")
+    lora_targets: list[str] = Field(min_length=1, description=(
+        "Denoiser modules (name suffixes) that LoRA slots cover. Default per family: the "
+        "attention projections (sdxl); every linear layer of the transformer blocks "
+        "(flux)."))
     warmup_steps: int = Field(2, ge=1, le=50, description="Steps of the start-up warm-up call.")
     keep_warm_s: float | None = Field(None, gt=0, description=(
         "When set, a replica that has had no request for this many seconds runs a one-step "
@@ -92,6 +93,16 @@ class ModelConfig(_Strict):
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_lora_targets(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "lora_targets" not in data:
+            family = data.get("family", "sdxl")
+            # An unknown family is reported on its own field.
+            rules = FAMILIES.get(family if isinstance(family, str) else "", FAMILIES["sdxl"])
+            data = {**data, "lora_targets": list(rules.lora_targets)}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -132,8 +143,8 @@ class ModelConfig(_Strict):
 class LoraFolderConfig(_Strict):
     path: Path | None = Field(None, description=(
         "Folder of <name>.safetensors LoRA files (diffusers/PEFT or kohya key layout)."))
-    embedded: Literal["tiny-sdxl-demo"] | None = Field(None, description=(
-        "Build and use the demo adapters of the embedded tiny model instead of `path`."))
+    embedded: Literal["tiny-sdxl-demo", "tiny-flux-demo"] | None = Field(None, description=(
+        "Build and use the demo adapters of an embedded tiny model instead of `path`."))
     base: str = Field(description="Model id, alias or family (e.g. sdxl) the adapters fit.")
     default_scale: float = Field(1.0, ge=-4, le=4, description=(
         "Scale when a request names an adapter without one."))
@@ -199,9 +210,6 @@ class AtelierConfig(_Strict):
     def _speed_without_adapters(self) -> AtelierConfig:
         for model in self.models:
             names = (model.id, model.family, *model.aliases)
-            if model.family != "sdxl" and any(f.base in names for f in self.lora_folders):
-                raise ValueError(f"model {model.id}: LoRA adapters are served for sdxl "
-                                 "models only")
             if model.speed.changes_layers and any(f.base in names for f in self.lora_folders):
                 raise ValueError(
                     f"model {model.id}: speed.compile, speed.fuse_qkv and speed.fp8 change the "
@@ -243,7 +251,8 @@ def default_config() -> AtelierConfig:
                     embedded="tiny-flux", dtype="float32", num_cpus=cpus, limits=limits,
                     defaults=DefaultsConfig(width=512, height=512, num_inference_steps=28,
                                             guidance_scale=3))],
-        lora_folders=[LoraFolderConfig(embedded="tiny-sdxl-demo", base="sdxl")])
+        lora_folders=[LoraFolderConfig(embedded="tiny-sdxl-demo", base="sdxl"),
+                      LoraFolderConfig(embedded="tiny-flux-demo", base="flux")])
 
 
 def parse_config(data: Any) -> AtelierConfig:

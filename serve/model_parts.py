@@ -22,14 +22,25 @@ class Family:
     negative_prompt: bool
     modes: tuple[str, ...]  # txt2img, img2img, inpaint
     embedded: str  # the embedded tiny model of the family
+    lora_targets: tuple[str, ...]  # default modules (name suffixes) of the LoRA slots
 
+
+# SDXL adapters mostly train the UNet's attention projections. FLUX trainers (ai-toolkit,
+# kohya's sd-scripts, diffusers' scripts) train every linear layer of the transformer
+# blocks: attention of both streams, feed-forwards, the single blocks' MLP and output, and
+# the modulation layers.
+_FLUX_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+    "to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "proj_mlp", "proj_out", "norm1.linear", "norm1_context.linear", "norm.linear")
 
 FAMILIES = {
-    "sdxl": Family(SCHEDULERS, 8, True, ("txt2img", "img2img", "inpaint"), "tiny-sdxl"),
+    "sdxl": Family(SCHEDULERS, 8, True, ("txt2img", "img2img", "inpaint"), "tiny-sdxl",
+                   ("to_q", "to_k", "to_v", "to_out.0")),
     # FLUX latents are packed 2x2, on top of the VAE's factor of 8.
-    "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img"), "tiny-flux"),
+    "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img"), "tiny-flux",
+                   _FLUX_LORA_TARGETS),
 }
-
 
 
 class _Strict(BaseModel):

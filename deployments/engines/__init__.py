@@ -78,5 +78,6 @@ def create_engine(model: ModelConfig, cache_dir: Path,
         from deployments.engines.flux import FluxEngine
 
         return FluxEngine(path, model.dtype, device, model.variant,
-                          model.simulate_oom_above_images)
+                          model.simulate_oom_above_images, adapters, model.max_loaded_adapters,
+                          model.max_lora_rank, model.lora_targets)
     raise ValueError(f"no engine for family {model.family!r}")

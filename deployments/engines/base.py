@@ -171,7 +171,9 @@ class DiffusersEngine:
         return [*requests, filler], gone
 
     def _prepare(self, first: GenerationRequest):
-        """Set the pipeline up for a call of `first`'s batch key; return the pipeline."""
+        """Set the pipeline up for a call of `first`'s batch key (its adapter set active);
+        return the pipeline."""
+        self.adapters.activate(first.adapters)
         return self._pipes[first.mode]
 
     def _shrinks_rows(self, first: GenerationRequest) -> bool:

@@ -2,11 +2,14 @@
 
 `guidance_scale` is FLUX's distilled guidance (the transformer's guidance embedding, as
 `guidance` on Replicate's flux-dev); there is no negative prompt and one forward pass per
-step. Schnell-style checkpoints ignore it. LoRA adapters are not served for FLUX.
+step. Schnell-style checkpoints ignore it. LoRA adapters live in slots of the transformer,
+read from the diffusers/PEFT (ai-toolkit) layout or kohya's (BFL module names).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,6 +18,8 @@ from diffusers import FluxImg2ImgPipeline, FluxPipeline
 from deployments.adapters import AdapterSlots
 from deployments.engines.base import DiffusersEngine
 from deployments.engines.prompts import Embeds
+from serve.adapters import AdapterEntry
+from serve.model_parts import FAMILIES
 from serve.types import GenerationRequest
 
 
@@ -25,10 +30,15 @@ class FluxEngine(DiffusersEngine):
     embed_names = ("prompt_embeds", "pooled_prompt_embeds")
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
-                 simulate_oom_above_images: int | None = None):
+                 simulate_oom_above_images: int | None = None,
+                 adapters: Mapping[str, AdapterEntry] | None = None, max_adapters: int = 8,
+                 max_lora_rank: int = 64,
+                 lora_targets: Sequence[str] = FAMILIES["flux"].lora_targets):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
-        # No catalog: no slots are made (FLUX serves no adapters); the protocol's empty LRU.
-        self.adapters = AdapterSlots(self.pipe.transformer, {}, 1, 1, ("to_q",))
+        self.adapters = AdapterSlots(
+            self.pipe.transformer, adapters or {}, max_adapters, max_lora_rank, lora_targets,
+            prefix="transformer", reader=partial(FluxPipeline.lora_state_dict,
+                                                 return_alphas=True))
         # T5 reads the tokenizer's length, at most the 512 tokens FLUX was trained on.
         self.max_sequence_length = min(512, self.pipe.tokenizer_2.model_max_length)
 

@@ -27,6 +27,7 @@ from deployments.engines.sources import keep_unmasked
 from deployments.engines.speed import apply_speed
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
+from serve.model_parts import FAMILIES
 from serve.types import GenerationRequest
 
 # Replicate's names → (diffusers class, extra config).
@@ -55,7 +56,7 @@ class SDXLEngine(DiffusersEngine):
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
                  adapters: Mapping[str, AdapterEntry] | None = None, max_adapters: int = 8,
                  max_lora_rank: int = 64,
-                 lora_targets: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"),
+                 lora_targets: Sequence[str] = FAMILIES["sdxl"].lora_targets,
                  simulate_oom_above_images: int | None = None,
                  speed: SpeedConfig | None = None, compile_cache: Path | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
@@ -72,8 +73,7 @@ class SDXLEngine(DiffusersEngine):
         return super().describe() | {"speed": self.speed}
 
     def _prepare(self, first: GenerationRequest):
-        self.adapters.activate(first.adapters)
-        pipe = self._pipes[first.mode]
+        pipe = super()._prepare(first)
         pipe.scheduler = self._schedulers[first.scheduler]
         return pipe
 

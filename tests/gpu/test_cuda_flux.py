@@ -45,3 +45,26 @@ def test_flux_img2img_on_the_gpu_keeps_the_size_and_strength_zero_the_pixels(eng
     kept = engine.generate([_req(1, source=SourceImage(photo.tobytes(), 0.0))])[0][0]
     moved = engine.generate([_req(1, source=SourceImage(photo.tobytes(), 0.6))])[0][0]
     assert np.array_equal(np.asarray(kept), photo) and moved.size == (128, 96)
+
+
+def test_flux_adapters_fill_slots_on_the_gpu(tiny_flux_path, cache_dir):
+    """Staged on pinned CPU memory, copied into bf16 slots on the device; scale 0 is the
+    base model and an adapter changes the image."""
+    from deployments.engines.flux import FluxEngine
+    from deployments.tiny import TINY_FLUX_DEMO, ensure_demo_loras
+    from serve.adapters import AdapterCatalog, AdapterSet
+
+    catalog = AdapterCatalog.scan([(ensure_demo_loras(TINY_FLUX_DEMO, cache_dir), "flux",
+                                    1.0)]).entries
+    engine = FluxEngine(tiny_flux_path, "bfloat16", "cuda", adapters=catalog,
+                        max_adapters=2, max_lora_rank=8)
+    staged = engine.adapters.read("ink")
+    a, _, _ = next(iter(staged.layers.values()))
+    assert a.is_pinned() and a.dtype == torch.bfloat16
+
+    def image(adapters):
+        return np.asarray(engine.generate([_req(7, adapters=adapters)])[0][0]).astype(int)
+
+    base = image(AdapterSet())
+    assert np.array_equal(image(AdapterSet.of([("ink", 0.0)])), base)
+    assert np.abs(image(AdapterSet.of([("neon", 1.0)])) - base).mean() > 2

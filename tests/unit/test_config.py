@@ -100,10 +100,17 @@ def test_unreadable_yaml_is_a_config_error(tmp_path):
         load_config(f)
 
 
-def test_lora_folders_for_a_flux_model_are_refused():
+def test_lora_targets_default_per_family_and_can_be_set():
     flux = {"id": "acme/flux", "family": "flux", "embedded": "tiny-flux"}
-    with pytest.raises(ConfigError, match="LoRA adapters are served for sdxl models only"):
-        parse_config({"models": [flux], "lora_folders": [{"path": "/x", "base": "flux"}]})
-    assert parse_config({"models": [flux, _model()],
-                         "lora_folders": [{"path": "/x", "base": "sdxl"}]}).models[0].id == \
-        "acme/flux"
+    config = parse_config({"models": [flux, _model()],
+                           "lora_folders": [{"path": "/x", "base": "flux"}]})
+    flux_targets, sdxl_targets = (m.lora_targets for m in config.models)
+    assert sdxl_targets == ["to_q", "to_k", "to_v", "to_out.0"]
+    # FLUX adapters train every linear layer of the blocks: both streams' attention,
+    # feed-forwards, the single blocks' MLP and output, and the modulations.
+    assert len(flux_targets) == 17 and {"add_q_proj", "proj_mlp", "norm1_context.linear",
+                                        "ff_context.net.2"} <= set(flux_targets)
+    chosen = parse_config({"models": [{**flux, "lora_targets": ["to_q", "to_v"]}]})
+    assert chosen.models[0].lora_targets == ["to_q", "to_v"]
+    with pytest.raises(ConfigError, match="models.0.lora_targets"):
+        parse_config({"models": [{**flux, "lora_targets": []}]})
