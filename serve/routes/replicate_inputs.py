@@ -22,10 +22,24 @@ _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
 _WAIT = re.compile(r"(?:^|[,;\s])wait(?:=(\d+))?(?:$|[,;\s])")
 
 
-class SDXLInput(BaseModel):
-    """stability-ai/sdxl's inputs; unset values take the served model's defaults."""
+class _LoraInput(BaseModel):
+    """The LoRA inputs of Replicate's LoRA models: a name from the catalog, its scale."""
 
     model_config = ConfigDict(extra="forbid")
+
+    lora_weights: str | None = Field(None, description="A LoRA name from GET /v1/loras")
+    lora_scale: float | None = Field(None, ge=-4, le=4, description="Scale of lora_weights")
+
+    def lora_refs(self) -> list[tuple[str, float | None]]:
+        return [(self.lora_weights, self.lora_scale)] if self.lora_weights else []
+
+    def field_of(self, arg: str) -> str:
+        """The input field that holds request argument `arg`."""
+        return "lora_weights" if arg == "loras" else arg
+
+
+class SDXLInput(_LoraInput):
+    """stability-ai/sdxl's inputs; unset values take the served model's defaults."""
 
     prompt: str = Field(min_length=1, max_length=4000, description="Input prompt")
     negative_prompt: str = Field("", max_length=4000, description="Input negative prompt")
@@ -42,8 +56,6 @@ class SDXLInput(BaseModel):
         "Input mask for inpaint mode: white areas are repainted, black kept"))
     prompt_strength: float = Field(0.8, ge=0, le=1, description=(
         "Prompt strength with img2img / inpaint; 1.0 destroys the input image's information"))
-    lora_weights: str | None = Field(None, description="A LoRA name from GET /v1/loras")
-    lora_scale: float | None = Field(None, ge=-4, le=4, description="Scale of lora_weights")
     output_format: OutputFormat = Field("png", description="png, webp or jpeg")
     output_quality: int = Field(90, ge=1, le=100, description="webp/jpeg quality")
     apply_watermark: bool = Field(True, description="Accepted; no watermark is applied")
@@ -56,11 +68,6 @@ class SDXLInput(BaseModel):
                 "negative_prompt": self.negative_prompt, "output_format": self.output_format,
                 "output_quality": self.output_quality}
 
-    def lora_refs(self) -> list[tuple[str, float | None]]:
-        return [(self.lora_weights, self.lora_scale)] if self.lora_weights else []
-
-    def field_of(self, arg: str) -> str:
-        return "lora_weights" if arg == "loras" else arg
 
 
 # Output sizes of FLUX at one megapixel per aspect ratio (multiples of 16); 0.25 MP halves
@@ -70,10 +77,10 @@ FLUX_SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640),
               "3:4": (896, 1152), "4:3": (1152, 896), "9:16": (768, 1344), "9:21": (640, 1536)}
 
 
-class FluxInput(BaseModel):
-    """black-forest-labs/flux-dev's inputs; unset values take the served model's defaults."""
-
-    model_config = ConfigDict(extra="forbid")
+class FluxInput(_LoraInput):
+    """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora and of
+    Replicate's trained FLUX models (`extra_lora`); unset values take the served model's
+    defaults."""
 
     prompt: str = Field(min_length=1, max_length=4000, description="Prompt for generated image")
     aspect_ratio: Literal[tuple(FLUX_SIZES)] | None = Field(None, description=(
@@ -90,6 +97,10 @@ class FluxInput(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
     output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Image format")
     output_quality: int = Field(80, ge=0, le=100, description="webp/jpg quality")
+    extra_lora: str | None = Field(None, description=(
+        "A second LoRA name from GET /v1/loras, stacked on lora_weights"))
+    extra_lora_scale: float | None = Field(None, ge=-4, le=4, description=(
+        "Scale of extra_lora"))
     go_fast: bool = Field(True, description="Accepted; the model's speed settings apply")
     disable_safety_checker: bool = Field(False, description="Accepted; no checker runs")
 
@@ -106,7 +117,8 @@ class FluxInput(BaseModel):
                 "output_quality": max(1, self.output_quality)}
 
     def lora_refs(self) -> list[tuple[str, float | None]]:
-        return []
+        extra = [(self.extra_lora, self.extra_lora_scale)] if self.extra_lora else []
+        return super().lora_refs() + extra
 
     @property
     def mask(self) -> None:
@@ -115,7 +127,7 @@ class FluxInput(BaseModel):
     def field_of(self, arg: str) -> str:
         if arg in ("width", "height"):
             return "image" if self.image is not None else "aspect_ratio"
-        return {"guidance_scale": "guidance"}.get(arg, arg)
+        return super().field_of({"guidance_scale": "guidance"}.get(arg, arg))
 
 
 def parse_input(model: ModelConfig, raw: dict) -> SDXLInput | FluxInput:

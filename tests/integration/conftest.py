@@ -101,6 +101,7 @@ def base_url(cache_dir, bad_adapters, metrics_port):
                defaults={"width": 64, "height": 64, "num_inference_steps": 4,
                          "guidance_scale": 3})],
         "lora_folders": [{"embedded": "tiny-sdxl-demo", "base": "sdxl"},
+                         {"embedded": "tiny-flux-demo", "base": "flux"},
                          {"path": str(bad_adapters[0]), "base": "sdxl"},
                          {"path": str(bad_adapters[1]), "base": "acme/other"}]}
     # The dashboard writes Ray's Prometheus service-discovery file.

@@ -96,6 +96,67 @@ def test_replicate_flux_sizes_beyond_the_limits_name_aspect_ratio(base_url):
     assert r.json()["invalid_fields"][0]["field"] == "input.negative_prompt"
 
 
+def _flux(client, **extra):
+    r = client.post("/generate", json={"prompt": "a lamp", "seed": 5, "model": FLUX, **extra})
+    assert r.status_code == 200, r.text
+    return r, pixels(decode(r.json()["image"]))
+
+
+def test_flux_adapters_change_the_image_as_the_loras_field_or_a_prompt_tag(client):
+    rows = {row["name"]: row for row in client.get("/v1/loras").json()["data"]}
+    assert {n: (rows[n]["base_model"], rows[n]["layout"]) for n in ("neon", "ink")} == {
+        "neon": ("flux", "peft"), "ink": ("flux", "kohya")}
+    _, base = _flux(client)
+    held, neon = _flux(client, loras=[{"name": "neon", "scale": 0.8}])
+    assert "neon" in held.headers["X-Atelier-Adapters-Held"].split(",")
+    _, tagged = _flux(client, prompt="a lamp <lora:neon:0.8>")
+    _, zero = _flux(client, loras=[{"name": "neon", "scale": 0}])
+    _, ink = _flux(client, loras=[{"name": "ink"}])
+    assert np.array_equal(tagged, neon) and np.array_equal(zero, base)
+    assert min(np.abs(neon - base).mean(), np.abs(ink - base).mean(),
+               np.abs(ink - neon).mean()) > 2
+
+
+def test_the_catalog_lists_what_one_model_can_use(client):
+    def names(model):
+        r = client.get("/v1/loras", params={"model": model})
+        assert r.status_code == 200, r.text
+        return {row["name"] for row in r.json()["data"]}
+
+    assert names("black-forest-labs/flux-dev") == {"neon", "film-grain", "ink"}
+    sdxl = names(FAST)
+    assert {"pixel-art", "watercolor", "sketch"} <= sdxl
+    assert not sdxl & {"neon", "ink", "for-other"}
+    r = client.get("/v1/loras", params={"model": "acme/none"})
+    assert r.status_code == 404 and "acme/none" in r.text
+
+
+def test_replicate_flux_lora_inputs_give_the_generate_pixels(rep, client, base_url):
+    schema = httpx.get(f"{base_url}/v1/models/{FLUX}", headers=AUTH).json()[
+        "latest_version"]["openapi_schema"]["components"]["schemas"]["Input"]
+    assert {"lora_weights", "lora_scale", "extra_lora", "extra_lora_scale"} <= set(
+        schema["properties"])
+    (png,) = rep.run(FLUX, input={"prompt": "a lamp", "seed": 5, "lora_weights": "ink",
+                                  "lora_scale": 0.7, "extra_lora": "neon",
+                                  "extra_lora_scale": 0.5, "output_format": "png"})
+    _, both = _flux(client, loras=[{"name": "neon", "scale": 0.5}, {"name": "ink", "scale": 0.7}])
+    assert np.array_equal(pixels(Image.open(io.BytesIO(png.read()))), both)
+
+
+@pytest.mark.parametrize("model, name, family", [(FLUX, "pixel-art", "sdxl"),
+                                                  (FAST, "neon", "flux")])
+def test_an_adapter_of_the_other_family_is_422_on_every_api(client, base_url, model, name,
+                                                          family):
+    r = client.post("/generate", json={"prompt": "x", "model": model,
+                                       "loras": [{"name": name}]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "loras"]
+    assert f"is for {family}" in r.json()["detail"][0]["msg"]
+    r = httpx.post(f"{base_url}/v1/models/{model}/predictions", headers=AUTH,
+                   json={"input": {"prompt": "x", "lora_weights": name}})
+    assert r.status_code == 422
+    assert r.json()["invalid_fields"][0]["field"] == "input.lora_weights"
+
+
 def test_openai_edit_keeps_the_photo_size_and_makes_n_variations(oai):
     resp = oai.images.edit(model=FAST, image=("photo.png", _png(Image.fromarray(PHOTO)),
                                               "image/png"),
