@@ -32,7 +32,12 @@ class AtelierUser(HttpUser):
         key = os.environ.get("ATELIER_API_KEY")
         if key:
             self.client.headers["Authorization"] = f"Bearer {key}"
-        r = self.client.get("/v1/loras", name="/v1/loras")
+        model = os.environ.get("ATELIER_MODEL")
+        if not model:  # the server's first model, whose adapters the profiles may name
+            r = self.client.get("/v1/models", name="/v1/models")
+            model = r.json()["data"][0]["id"] if r.ok else None
+        r = self.client.get("/v1/loras", params={"model": model} if model else {},
+                            name="/v1/loras")
         self.adapters = [row["name"] for row in r.json()["data"]] if r.ok else []
         self.rng = random.Random()
         self.sent = 0

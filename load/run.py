@@ -112,8 +112,12 @@ def _slo(profile: Profile, args: argparse.Namespace) -> float:
     return args.slo_s if args.slo_s is not None else profile.slo_s
 
 
-async def _adapters(client: httpx.AsyncClient) -> list[str]:
-    r = await client.get("/v1/loras")
+async def _adapters(client: httpx.AsyncClient, model: str | None) -> list[str]:
+    """The adapters the target model can use (the server's first model by default)."""
+    if model is None:
+        r = await client.get("/v1/models")
+        model = r.json()["data"][0]["id"] if r.status_code == 200 else None
+    r = await client.get("/v1/loras", params={"model": model} if model else {})
     return [row["name"] for row in r.json()["data"]] if r.status_code == 200 else []
 
 
@@ -123,7 +127,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits,
                                  timeout=args.max_seconds + 60) as client:
-        adapters = await _adapters(client)
+        adapters = await _adapters(client, args.model)
         levels = []
         for rate in args.rates:
             outcomes = await run_level(client, profile, rate, args, adapters)

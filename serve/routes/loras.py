@@ -1,8 +1,8 @@
-"""`GET /v1/loras`: the adapter catalog."""
+"""`GET /v1/loras`: the adapter catalog, all of it or the adapters one model can use."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from serve.context import ingress
 
@@ -10,8 +10,14 @@ router = APIRouter()
 
 
 @router.get("/v1/loras", summary="List the LoRA adapters requests may name")
-async def list_loras() -> dict:
-    entries = ingress().router.catalog.entries.values()
+async def list_loras(model: str | None = Query(None, description=(
+        "A model id or alias: only the adapters that model can use (404 if unknown)."))
+                     ) -> dict:
+    router_ = ingress().router
+    entries = router_.catalog.entries.values()
+    if model is not None:
+        served = router_.resolve(model)
+        entries = [e for e in entries if e.problem_with(served) is None]
     data = [{"name": e.name, "base_model": e.base, "rank": e.rank,
              "default_scale": e.default_scale, "layout": e.layout} for e in entries]
     return {"object": "list", "data": data}

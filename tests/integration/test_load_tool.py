@@ -1,5 +1,6 @@
 """The load tool against the running app: the CI smoke profile, overload, and Locust."""
 
+import asyncio
 import csv
 import json
 import os
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from load.run import main as load_main
-from tests.integration.conftest import API_KEY, FAST, ONE_SLOT
+from tests.integration.conftest import API_KEY, AUTH, FAST, FLUX, ONE_SLOT
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,3 +81,27 @@ def test_the_product_variations_profile_sends_the_photo_for_img2img(base_url, tm
                      "--size", "64", "--steps", "4", "--rates", "4", "--requests", "10")
     (lv,) = report["levels"]
     assert lv["sent"] == lv["succeeded"] == 10 and lv["errors"] == {}
+
+
+def test_the_adapter_profile_names_only_adapters_of_the_target_model(base_url, tmp_path):
+    """The catalog also holds SDXL adapters; on the FLUX model any of them would be a 422."""
+    import random
+
+    from load.profiles import PROFILES
+    from load.run import _adapters
+
+    async def flux_adapters():
+        import httpx
+
+        async with httpx.AsyncClient(base_url=base_url, headers=AUTH) as client:
+            return await _adapters(client, FLUX), await _adapters(client, None)
+
+    flux, default = asyncio.run(flux_adapters())
+    assert sorted(flux) == ["film-grain", "ink", "neon"] and "pixel-art" in default
+    rng = random.Random(0)
+    bodies = [PROFILES["mixed-adapters"].body(rng, i, flux) for i in range(30)]
+    assert {b["loras"][0]["name"] for b in bodies if "loras" in b} == set(flux)
+    report, _ = _run(base_url, tmp_path, "--profile", "mixed-adapters", "--model", FLUX,
+                     "--size", "64", "--steps", "4", "--rates", "4", "--requests", "9")
+    (lv,) = report["levels"]
+    assert lv["sent"] == lv["succeeded"] == 9 and lv["errors"] == {}
