@@ -5,8 +5,9 @@
         --rank 64 --size 1024 --steps 20                           # SDXL architecture, GPU
 
 It builds random LoRA adapters of the given rank for the model's UNet (safetensors on
-local disk), loads them through the same code a replica uses, and prints and saves JSON
-(default results/adapters-<device>.json). Figures are what this run saw; nothing is asserted.
+local disk), loads them through the same code a replica uses (LoRA slots, or merged into
+the weights with `--fuse`), and prints and saves JSON (default
+results/adapters-<device>[-fused].json). Figures are what this run saw; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--requests", type=int, default=20, help="requests per traffic mix")
     p.add_argument("--switch-every", type=int, default=5, help="1 in N requests switches")
+    p.add_argument("--fuse", action="store_true",
+                   help="merge adapters into the weights (fuse_adapters) instead of slots")
     p.add_argument("--out", help="JSON output path")
     return p.parse_args()
 
@@ -125,7 +128,7 @@ def main() -> None:
     catalog = AdapterCatalog.scan([(folder, "sdxl", 1.0)]).entries
     device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = SDXLEngine(model, dtype, device, adapters=catalog, max_adapters=len(catalog) - 1,
-                        max_lora_rank=args.rank)
+                        max_lora_rank=args.rank, fuse_adapters=args.fuse)
     names = sorted(catalog)
     loads = _loads(engine, names)
     held = names[-2:]  # the two most recently loaded: still in their slots
@@ -150,7 +153,8 @@ def main() -> None:
               "images_per_s_no_adapter_slots_present": base,
               "images_per_s_without_slots": no_slots}
     print(json.dumps(report, indent=2))
-    save_report(report, args.out, f"adapters-{'gpu' if device == 'cuda' else 'cpu'}")
+    mode = "-fused" if args.fuse else ""
+    save_report(report, args.out, f"adapters-{'gpu' if device == 'cuda' else 'cpu'}{mode}")
 
 
 if __name__ == "__main__":

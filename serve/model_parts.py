@@ -57,8 +57,9 @@ class BatchingConfig(_Strict):
 
 class SpeedConfig(_Strict):
     """How the UNet is prepared for speed at load. All off by default: each trades start-up
-    time or exactness for throughput, and `compile`, `fuse_qkv` and `fp8` change the
-    layers that LoRA slots need, so a model served with LoRA adapters cannot use them."""
+    time or exactness for throughput. `fuse_qkv` and `fp8` replace the layers that LoRA
+    adapters change, so a model served with adapters cannot use them; `compile` needs the
+    model's `fuse_adapters`."""
 
     channels_last: bool = Field(False, description=(
         "Store UNet and VAE convolution weights channels-last (faster convolutions on GPU)."))
@@ -93,10 +94,6 @@ class SpeedConfig(_Strict):
         if any(b < 1 for b in buckets) or buckets != sorted(set(buckets)):
             raise ValueError("batch_buckets must be distinct positive counts in ascending order")
         return self
-
-    @property
-    def changes_layers(self) -> bool:
-        return self.compile or self.fuse_qkv or self.fp8
 
 
 class LimitsConfig(_Strict):

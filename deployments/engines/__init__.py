@@ -12,10 +12,11 @@ from serve.types import GenerationRequest
 
 if TYPE_CHECKING:
     from deployments.adapters import AdapterSlots
+    from deployments.fused_adapters import FusedAdapters
 
 
 class Engine(Protocol):
-    adapters: AdapterSlots
+    adapters: AdapterSlots | FusedAdapters
 
     def prepare(self, request: GenerationRequest) -> tuple[Any, bool]:
         """What the request's call needs (prompt embeddings, input image on the device),
@@ -73,11 +74,11 @@ def create_engine(model: ModelConfig, cache_dir: Path,
         return SDXLEngine(path, model.dtype, device, model.variant, adapters,
                           model.max_loaded_adapters, model.max_lora_rank, model.lora_targets,
                           model.simulate_oom_above_images, model.speed,
-                          cache_dir / "compile")
+                          cache_dir / "compile", model.fuse_adapters)
     if model.family == "flux":
         from deployments.engines.flux import FluxEngine
 
         return FluxEngine(path, model.dtype, device, model.variant,
                           model.simulate_oom_above_images, adapters, model.max_loaded_adapters,
-                          model.max_lora_rank, model.lora_targets)
+                          model.max_lora_rank, model.lora_targets, model.fuse_adapters)
     raise ValueError(f"no engine for family {model.family!r}")

@@ -25,6 +25,7 @@ from deployments.engines.sources import (
     source_tensors,
 )
 from deployments.engines.withdrawal import BatchRows, step_callback
+from deployments.fused_adapters import FusedAdapters
 from serve.errors import OutOfMemory
 from serve.types import GenerationRequest
 
@@ -53,7 +54,7 @@ class DiffusersEngine:
     denoiser: ClassVar[str]  # the pipeline attribute that runs every step
     parts: ClassVar[tuple[str, ...]]  # modules a usable pipeline must have
     embed_names: ClassVar[tuple[str, ...]]  # pipeline inputs made by `_encode_prompt`
-    adapters: AdapterSlots
+    adapters: AdapterSlots | FusedAdapters
     buckets: tuple[int, ...] = ()  # image counts calls are padded up to (none: as they come)
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
@@ -77,8 +78,10 @@ class DiffusersEngine:
         return "cpu", psutil.Process().memory_info().rss
 
     def describe(self) -> dict:
+        merged = isinstance(self.adapters, FusedAdapters)
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
-                "vae_scale_factor": self.pipe.vae_scale_factor}
+                "vae_scale_factor": self.pipe.vae_scale_factor,
+                "adapters": "merged" if merged else "slots"}
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
         """Run `request` as calls of 1, 2 and `max_images` images: the first calls

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 from diffusers import FluxImg2ImgPipeline, FluxPipeline
 
-from deployments.adapters import AdapterSlots
+from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine
 from deployments.engines.prompts import Embeds
 from serve.adapters import AdapterEntry
@@ -33,12 +33,13 @@ class FluxEngine(DiffusersEngine):
                  simulate_oom_above_images: int | None = None,
                  adapters: Mapping[str, AdapterEntry] | None = None, max_adapters: int = 8,
                  max_lora_rank: int = 64,
-                 lora_targets: Sequence[str] = FAMILIES["flux"].lora_targets):
+                 lora_targets: Sequence[str] = FAMILIES["flux"].lora_targets,
+                 fuse_adapters: bool = False):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
-        self.adapters = AdapterSlots(
+        self.adapters = adapter_store(
             self.pipe.transformer, adapters or {}, max_adapters, max_lora_rank, lora_targets,
             prefix="transformer", reader=partial(FluxPipeline.lora_state_dict,
-                                                 return_alphas=True))
+                                                 return_alphas=True), fuse=fuse_adapters)
         # T5 reads the tokenizer's length, at most the 512 tokens FLUX was trained on.
         self.max_sequence_length = min(512, self.pipe.tokenizer_2.model_max_length)
 

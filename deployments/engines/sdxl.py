@@ -20,7 +20,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from deployments.adapters import AdapterSlots
+from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine, Prepared
 from deployments.engines.prompts import Embeds
 from deployments.engines.sources import keep_unmasked
@@ -58,13 +58,14 @@ class SDXLEngine(DiffusersEngine):
                  max_lora_rank: int = 64,
                  lora_targets: Sequence[str] = FAMILIES["sdxl"].lora_targets,
                  simulate_oom_above_images: int | None = None,
-                 speed: SpeedConfig | None = None, compile_cache: Path | None = None):
+                 speed: SpeedConfig | None = None, compile_cache: Path | None = None,
+                 fuse_adapters: bool = False):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
         base = self.pipe.scheduler.config
         self._schedulers = {name: cls.from_config(base, **extra)
                             for name, (cls, extra) in _SCHEDULERS.items()}
-        self.adapters = AdapterSlots(self.pipe.unet, adapters or {}, max_adapters,
-                                     max_lora_rank, lora_targets)
+        self.adapters = adapter_store(self.pipe.unet, adapters or {}, max_adapters,
+                                      max_lora_rank, lora_targets, fuse=fuse_adapters)
         speed = speed or SpeedConfig()
         self.buckets = tuple(speed.batch_buckets)
         self.speed = apply_speed(self.pipe, speed, compile_cache or path / ".compile")

@@ -46,3 +46,23 @@ def test_switching_back_and_forth_reproduces_each_adapter(engine):
     _image(engine, AdapterSet.of([("sketch", 1.0)]))
     _image(engine, AdapterSet.of([("watercolor", 1.0)]))  # evicts pixel-art
     assert np.array_equal(_image(engine, AdapterSet.of([("pixel-art", 1.0)])), a1)
+
+
+def test_merged_adapters_on_the_gpu_match_slots_and_restore_the_base(engine, tiny_sdxl_path,
+                                                                     cache_dir):
+    """fp16 weights with the adapter merged in round differently from the separate
+    low-rank product: close images, and the base weights come back bit for bit."""
+    from deployments.engines.sdxl import SDXLEngine
+    from deployments.tiny import TINY_SDXL_DEMO, ensure_demo_loras
+
+    catalog = AdapterCatalog.scan([(ensure_demo_loras(TINY_SDXL_DEMO, cache_dir), "sdxl", 1.0)])
+    merged = SDXLEngine(tiny_sdxl_path, "float16", "cuda", adapters=catalog.entries,
+                        max_adapters=2, max_lora_rank=8, fuse_adapters=True)
+    weights = {n: p.detach().clone() for n, p in merged.pipe.unet.named_parameters()}
+    base = _image(merged)
+    for adapters in (AdapterSet.of([("pixel-art", 1.0)]),
+                     AdapterSet.of([("watercolor", 0.8), ("sketch", 1.0)])):
+        diff = np.abs(_image(merged, adapters) - _image(engine, adapters))
+        assert diff.mean() < 1, (adapters.key, diff.mean(), diff.max())
+    assert np.array_equal(_image(merged), base)
+    assert all(torch.equal(p, weights[n]) for n, p in merged.pipe.unet.named_parameters())

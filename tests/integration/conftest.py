@@ -96,7 +96,9 @@ def base_url(cache_dir, bad_adapters, metrics_port):
                        "max_request_pixels": 3 * 64 * 64}),
         _model(STALL, 10, health_stall_s=1.5, health_check_period_s=1,
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60}),
+        # FLUX's adapters are merged into its weights (SDXL's, above, run in LoRA slots).
         _model(FLUX, 10, family="flux", embedded="tiny-flux", keep_warm_s=3,
+               fuse_adapters=True,
                aliases=["black-forest-labs/flux-dev"],
                defaults={"width": 64, "height": 64, "num_inference_steps": 4,
                          "guidance_scale": 3})],

@@ -126,12 +126,20 @@ def test_fp8_images_stay_close_to_the_float_images(tiny_sdxl_path, plain):
 @pytest.mark.parametrize("setting", ["compile", "fuse_qkv", "fp8"])
 def test_settings_that_change_layers_are_refused_beside_lora_adapters(setting, tmp_path):
     model = {"id": "a/b", "path": str(tmp_path), "speed": {setting: True}}
-    with pytest.raises(ConfigError, match="LoRA slots"):
-        parse_config({"models": [model],
-                      "lora_folders": [{"path": str(tmp_path), "base": "sdxl"}]})
+    folders = [{"path": str(tmp_path), "base": "sdxl"}]
+    with pytest.raises(ConfigError, match=f"cannot run with .*{setting}"):
+        parse_config({"models": [model], "lora_folders": folders})
     parse_config({"models": [model]})
     parse_config({"models": [{**model, "speed": {"channels_last": True}}],
-                  "lora_folders": [{"path": str(tmp_path), "base": "sdxl"}]})
+                  "lora_folders": folders})
+    # Merged adapters leave the layers as they are, so compiled code runs them too; fused
+    # projections and FP8 layers are still not the layers adapters change.
+    fused = {**model, "fuse_adapters": True}
+    if setting == "compile":
+        parse_config({"models": [fused], "lora_folders": folders})
+    else:
+        with pytest.raises(ConfigError, match=setting):
+            parse_config({"models": [fused], "lora_folders": folders})
 
 
 def test_warm_up_stops_at_the_first_batch_that_does_not_fit(tiny_sdxl_path):

@@ -1,0 +1,108 @@
+"""LoRA adapters merged into the denoiser's weights for the calls that use them.
+
+The denoiser keeps its plain linear layers: no LoRA wrappers run in any call, so a call
+with adapters runs at the base model's speed, compiled or not. Held adapters are kept on
+the device at their own rank; the targeted weights are copied once at start, so the base
+model is restored exactly (a copy, not a subtraction) whenever the set changes:
+
+- `read` (any thread): as for slots (`deployments.lora_files`).
+- `inject` (pipeline thread, between calls): move the staged tensors to the device.
+- `activate` (pipeline thread): when the set differs from the merged one, restore the
+  weights it changed and add `scale * alpha/rank * B @ A` of each adapter in the set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from deployments.lora_files import AdapterWeights, LoraReader, Target, read_adapter
+from serve.adapters import AdapterEntry, AdapterInvalid, AdapterSet
+
+log = logging.getLogger("ray.serve.atelier.adapters")
+
+
+def targeted(path: str, targets: Sequence[str]) -> bool:
+    """Whether module `path` is one of `targets` (name suffixes, as PEFT matches them)."""
+    return any(path == t or path.endswith(f".{t}") for t in targets)
+
+
+class FusedAdapters:
+    """An LRU of up to `capacity` adapters on the device; the active set is merged into
+    the targeted linear layers' weights. Same protocol as `AdapterSlots`."""
+
+    def __init__(self, denoiser, catalog: Mapping[str, AdapterEntry], capacity: int,
+                 max_rank: int, targets: Sequence[str], prefix: str = "unet",
+                 reader: LoraReader | None = None):
+        self._catalog, self._capacity, self._max_rank = catalog, capacity, max_rank
+        self._prefix, self._reader = prefix, reader
+        self._linears = {path: m for path, m in denoiser.named_modules()
+                         if catalog and isinstance(m, torch.nn.Linear)
+                         and targeted(path, targets)}
+        with torch.no_grad():
+            self._originals = {p: m.weight.detach().clone() for p, m in self._linears.items()}
+        self._held: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._merged = AdapterSet()
+        self._changed: set[str] = set()  # layers whose weights hold a merged adapter
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self._held)
+
+    @property
+    def original_bytes(self) -> int:
+        """Device memory of the weight copy that restores the base model."""
+        return sum(w.numel() * w.element_size() for w in self._originals.values())
+
+    def read(self, name: str) -> AdapterWeights:
+        """Stage the adapter's tensors. Raises AdapterInvalid if it does not fit."""
+        return read_adapter(self._catalog[name], self._reader, self._prefix, self._max_rank,
+                            self._target)
+
+    def inject(self, name: str, weights: AdapterWeights, keep: tuple[str, ...] = ()) -> None:
+        """Hold staged weights on the device, making room by dropping the least recently
+        used adapter not in `keep`. Raises AdapterInvalid when all are needed by `keep`."""
+        if name in self._held:
+            self._held.move_to_end(name)
+            return
+        if len(self._held) >= self._capacity:
+            victim = next((n for n in self._held if n not in keep), None)
+            if victim is None:
+                raise AdapterInvalid("more adapters in one request than this replica holds")
+            log.info("unloading adapter %s", victim)
+            del self._held[victim]
+        layers = {}
+        for path, (a, b, scale) in weights.layers.items():
+            device = self._linears[path].weight.device
+            layers[path] = (a.to(device, non_blocking=True), b.to(device, non_blocking=True),
+                            scale)
+        self._held[name] = AdapterWeights(name, layers)
+
+    def activate(self, adapters: AdapterSet) -> None:
+        """Merge exactly `adapters` (with their scales) into the weights; load any that
+        are missing. The base model's weights come back exactly for an empty set."""
+        for name in adapters.names:
+            if name not in self._held:
+                self.inject(name, self.read(name), keep=tuple(adapters.names))
+            self._held.move_to_end(name)
+        if adapters == self._merged:
+            return
+        changed = set()
+        with torch.no_grad():
+            for path in self._changed:
+                self._linears[path].weight.copy_(self._originals[path])
+            for name, scale in adapters.items:
+                for path, (a, b, alpha) in self._held[name].layers.items():
+                    self._linears[path].weight.addmm_(b, a, alpha=scale * alpha)
+                    changed.add(path)
+        self._changed, self._merged = changed, adapters
+
+    def _target(self, path: str) -> Target | None:
+        layer = self._linears.get(path)
+        if layer is None:
+            return None
+        weight = layer.weight
+        return Target(layer.in_features, layer.out_features, weight.dtype, weight.is_cuda)

@@ -1,0 +1,103 @@
+"""LoRA files: read in any layout the family's diffusers loader converts, checked against
+the layers they must fit, and staged in (pinned) CPU memory. Only disk and CPU work, so
+it runs off the pipeline thread."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from serve.adapters import AdapterEntry, AdapterInvalid
+
+log = logging.getLogger("ray.serve.atelier.adapters")
+
+# A family's LoRA reader: a file's tensors → (diffusers-layout state dict, alphas or None).
+# Diffusers' `lora_state_dict` of the family's pipeline converts kohya and other layouts.
+LoraReader = Callable[[dict[str, torch.Tensor]], tuple[dict, dict | None]]
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter staged for a slot: per layer path (A, B, alpha/rank)."""
+
+    name: str
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+class Target(NamedTuple):
+    """What one layer's LoRA pair must fit, and how to stage it."""
+
+    in_features: int
+    out_features: int
+    dtype: torch.dtype
+    pin: bool  # stage in pinned memory (for an asynchronous copy to a GPU)
+
+
+def read_adapter(entry: AdapterEntry, reader: LoraReader | None, prefix: str, max_rank: int,
+                 target_of: Callable[[str], Target | None]) -> AdapterWeights:
+    """Read `entry`'s file and stage it for the layers `target_of` describes (None for a
+    layer that takes no adapter). Raises AdapterInvalid if it cannot be used."""
+    name = entry.name
+    try:
+        raw = load_file(entry.path, device="cpu")
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise AdapterInvalid(f"adapter {name!r} cannot be read: {exc}") from None
+    staged = {}
+    for path, (a, b, alpha) in _to_peft_layers(raw, name, reader, prefix).items():
+        target = target_of(path)
+        if target is None:
+            raise AdapterInvalid(f"adapter {name!r} changes {path}, which is not among this "
+                                 "model's lora_targets")
+        rank = a.shape[0]
+        if (rank > max_rank or a.shape[1] != target.in_features
+                or b.shape != (target.out_features, rank)):
+            raise AdapterInvalid(f"adapter {name!r} does not fit this model at {path}")
+        a, b = a.to(target.dtype), b.to(target.dtype)
+        if target.pin:
+            a, b = a.pin_memory(), b.pin_memory()
+        staged[path] = (a, b, (alpha if alpha is not None else rank) / rank)
+    return AdapterWeights(name, staged)
+
+
+def _to_peft_layers(raw: dict[str, torch.Tensor], name: str, reader: LoraReader | None,
+                    prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
+    """The denoiser's LoRA tensors by module path, from any layout `reader` converts
+    (default: SDXL's, which reads the diffusers/PEFT and kohya layouts)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    if reader is None:
+        from diffusers import StableDiffusionXLPipeline
+
+        reader = StableDiffusionXLPipeline.lora_state_dict
+    try:
+        state, alphas = reader(raw)
+    except (ValueError, KeyError, RuntimeError, AssertionError) as exc:
+        raise AdapterInvalid(f"adapter {name!r} is not a LoRA diffusers can read: {exc}") from None
+    lead = f"{prefix}."
+    own = {k.removeprefix(lead): v for k, v in state.items() if k.startswith(lead)}
+    if len(own) < len(state):
+        log.warning("adapter %s: text-encoder weights left out (%s only)", name, prefix)
+    peft = convert_unet_state_dict_to_peft(own)
+    alpha_of = {}
+    for key, value in (alphas or {}).items():
+        (converted,) = convert_unet_state_dict_to_peft(
+            {key.removeprefix(lead).removesuffix(".alpha"): None})
+        alpha_of[converted.rsplit(".lora_", 1)[0]] = float(value)
+    layers = {}
+    for key, a in peft.items():
+        if ".lora_A." not in key:
+            continue
+        path = key.split(".lora_A.")[0]
+        b = peft.get(key.replace(".lora_A.", ".lora_B."))
+        if b is None or a.ndim != 2 or b.ndim != 2:
+            raise AdapterInvalid(f"adapter {name!r}: {path} is not a linear LoRA pair")
+        layers[path] = (a, b, alpha_of.get(path))
+    if not layers:
+        raise AdapterInvalid(f"adapter {name!r} has no {prefix} LoRA weights")
+    return layers
