@@ -20,10 +20,9 @@ from dataclasses import replace
 from load.bench_serving import machine
 from load.report import save_report
 
-# (mode, strength, with a mask), per family.
-_MODES = {"sdxl": [("txt2img", None, False), ("img2img", 0.8, False), ("img2img", 1.0, False),
-                   ("inpaint", 0.8, True)],
-          "flux": [("txt2img", None, False), ("img2img", 0.8, False), ("img2img", 1.0, False)]}
+# (mode, strength, with a mask): the same for both families.
+_MODES = [("txt2img", None, False), ("img2img", 0.8, False), ("img2img", 1.0, False),
+          ("inpaint", 0.8, True)]
 
 
 def _parse_args() -> argparse.Namespace:
@@ -58,7 +57,7 @@ def _requests(family: str, size: int, steps: int):
                              "marble counter", width=size, height=size, num_inference_steps=steps,
                              guidance_scale=3.5, seed=1,
                              scheduler=FAMILIES[family].schedulers[0])
-    for mode, strength, masked in _MODES[family]:
+    for mode, strength, masked in _MODES:
         source = None if strength is None else SourceImage(
             photo, strength, mask.tobytes() if masked else None)
         name = mode if strength is None else f"{mode}@{strength}"

@@ -38,8 +38,8 @@ FAMILIES = {
     "sdxl": Family(SCHEDULERS, 8, True, ("txt2img", "img2img", "inpaint"), "tiny-sdxl",
                    ("to_q", "to_k", "to_v", "to_out.0")),
     # FLUX latents are packed 2x2, on top of the VAE's factor of 8.
-    "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img"), "tiny-flux",
-                   _FLUX_LORA_TARGETS),
+    "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img", "inpaint"),
+                   "tiny-flux", _FLUX_LORA_TARGETS),
 }
 
 

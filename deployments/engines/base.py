@@ -19,6 +19,7 @@ from deployments.adapters import AdapterSlots
 from deployments.engines.prompts import Embeds, PromptCache, stack
 from deployments.engines.sources import (
     SourceTensors,
+    keep_unmasked,
     nothing_to_denoise,
     source_inputs,
     source_pil,
@@ -197,7 +198,10 @@ class DiffusersEngine:
 
     def _finish(self, requests: Sequence[GenerationRequest], made: Sequence[Prepared],
                 pixels: torch.Tensor) -> torch.Tensor:
-        """The call's 8-bit images (rows, on the device) as they are to be delivered."""
+        """The call's 8-bit images (rows, on the device) as they are to be delivered: for
+        inpainting, the input's own pixels where the mask keeps them."""
+        if requests[0].mode == "inpaint":  # its rows never leave: they match the sources
+            return keep_unmasked(pixels, requests, [p.source for p in made])
         return pixels
 
     def _call(self, pipe, first: GenerationRequest, generators: list[torch.Generator],

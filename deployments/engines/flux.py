@@ -1,4 +1,4 @@
-"""FLUX engine: FLUX.1 text-to-image and img2img with flow-matching Euler.
+"""FLUX engine: FLUX.1 text-to-image, img2img and inpainting with flow-matching Euler.
 
 `guidance_scale` is FLUX's distilled guidance (the transformer's guidance embedding, as
 `guidance` on Replicate's flux-dev); there is no negative prompt and one forward pass per
@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
-from diffusers import FluxImg2ImgPipeline, FluxPipeline
+from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine
@@ -24,7 +24,9 @@ from serve.types import GenerationRequest
 
 
 class FluxEngine(DiffusersEngine):
-    pipelines: ClassVar[dict[str, type]] = {"txt2img": FluxPipeline, "img2img": FluxImg2ImgPipeline}
+    pipelines: ClassVar[dict[str, type]] = {"txt2img": FluxPipeline,
+                                            "img2img": FluxImg2ImgPipeline,
+                                            "inpaint": FluxInpaintPipeline}
     denoiser = "transformer"
     parts = ("transformer", "vae", "text_encoder", "text_encoder_2")
     embed_names = ("prompt_embeds", "pooled_prompt_embeds")

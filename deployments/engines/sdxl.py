@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -21,9 +20,8 @@ from diffusers import (
 )
 
 from deployments.adapters import adapter_store
-from deployments.engines.base import DiffusersEngine, Prepared
+from deployments.engines.base import DiffusersEngine
 from deployments.engines.prompts import Embeds
-from deployments.engines.sources import keep_unmasked
 from deployments.engines.speed import apply_speed
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
@@ -81,12 +79,6 @@ class SDXLEngine(DiffusersEngine):
     def _shrinks_rows(self, first: GenerationRequest) -> bool:
         # Inpainting keeps per-row state outside the step callback's reach: its rows stay.
         return first.mode != "inpaint"
-
-    def _finish(self, requests: Sequence[GenerationRequest], made: Sequence[Prepared],
-                pixels: torch.Tensor) -> torch.Tensor:
-        if requests[0].mode == "inpaint":  # its rows never leave: they match the sources
-            return keep_unmasked(pixels, requests, [p.source for p in made])
-        return pixels
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(

@@ -78,9 +78,9 @@ FLUX_SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640),
 
 
 class FluxInput(_LoraInput):
-    """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora and of
-    Replicate's trained FLUX models (`extra_lora`); unset values take the served model's
-    defaults."""
+    """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora and the
+    LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`); unset
+    values take the served model's defaults."""
 
     prompt: str = Field(min_length=1, max_length=4000, description="Prompt for generated image")
     aspect_ratio: Literal[tuple(FLUX_SIZES)] | None = Field(None, description=(
@@ -88,9 +88,13 @@ class FluxInput(_LoraInput):
         "image, whose size the output follows"))
     megapixels: Literal["1", "0.25"] = Field("1", description="Approximate megapixels")
     image: str | None = Field(None, description=(
-        "Input image for img2img mode, as a data URI (or base64)"))
+        "Input image for img2img or inpaint mode, as a data URI (or base64)"))
+    mask: str | None = Field(None, description=(
+        "Input mask for inpaint mode, as on Replicate's trained FLUX models: white areas "
+        "are repainted, black kept"))
     prompt_strength: float = Field(0.8, ge=0, le=1, description=(
-        "Prompt strength with img2img; 1.0 destroys the input image's information"))
+        "Prompt strength with img2img / inpaint; 1.0 destroys the input image's "
+        "information"))
     num_outputs: int = Field(1, ge=1, le=4, description="Number of outputs to generate")
     num_inference_steps: int | None = Field(None, ge=1, le=50, description="Denoising steps")
     guidance: float | None = Field(None, ge=0, le=10, description="Guidance for the process")
@@ -119,10 +123,6 @@ class FluxInput(_LoraInput):
     def lora_refs(self) -> list[tuple[str, float | None]]:
         extra = [(self.extra_lora, self.extra_lora_scale)] if self.extra_lora else []
         return super().lora_refs() + extra
-
-    @property
-    def mask(self) -> None:
-        return None
 
     def field_of(self, arg: str) -> str:
         if arg in ("width", "height"):

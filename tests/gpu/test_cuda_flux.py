@@ -47,6 +47,16 @@ def test_flux_img2img_on_the_gpu_keeps_the_size_and_strength_zero_the_pixels(eng
     assert np.array_equal(np.asarray(kept), photo) and moved.size == (128, 96)
 
 
+def test_flux_inpainting_on_the_gpu_keeps_the_unmasked_pixels_exactly(engine):
+    photo = np.random.default_rng(2).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    mask = np.zeros((96, 128), np.uint8)
+    mask[20:70, 30:100] = 255
+    (images,) = engine.generate([_req(3, source=SourceImage(photo.tobytes(), 0.9,
+                                                             mask.tobytes()))])
+    diff = np.abs(np.asarray(images[0]).astype(int) - photo.astype(int))
+    assert diff[mask == 0].max() == 0 and diff[mask == 255].mean() > 20
+
+
 def test_flux_adapters_fill_slots_on_the_gpu(tiny_flux_path, cache_dir):
     """Staged on pinned CPU memory, copied into bf16 slots on the device; scale 0 is the
     base model and an adapter changes the image."""
