@@ -8,8 +8,9 @@ Each variant runs in a fresh process (its own memory and compile state): it load
 model, runs the start-up warm-up (which compiles, for compiled variants), then for each
 batch size one call more and `--repeats` timed calls. A variant named twice shows the
 start with the compile cache its first run left. Images of the same seeds are compared
-with the first variant (mean absolute difference in 8-bit levels). Prints a table and
-writes JSON (default results/engine-<device>.json).
+with the first variant (mean absolute difference in 8-bit levels). `--profile` adds where
+one call's time goes by kind of kernel (`load.profile_ops`). Prints a table and writes
+JSON (default results/engine-<device>.json).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ VARIANTS = {
     "compiled-fp8": ("bfloat16", {**_FAST, "compile": True, "fp8": True}),
     "compiled-fp8-tensor": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
                                          "fp8_scaling": "tensor"}),
+    "compiled-cudnn": ("bfloat16", {**_FAST, "compile": True, "attention": "cudnn"}),
+    "compiled-fp8-cudnn": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
+                                        "attention": "cudnn"}),
 }
 
 
@@ -50,6 +54,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--profile", action="store_true",
+                   help="profile one call of the first batch size: time per kind of kernel")
     p.add_argument("--cache-dir", help="model and compile cache (default: Atelier's)")
     p.add_argument("--out", help="JSON output path")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: run this variant
@@ -123,6 +129,10 @@ def run_variant(args: argparse.Namespace) -> dict:
         out["batches"].append({"images": size, "first_call_s": times[0], "call_s": best,
                                "images_per_s": size / best})
     out["stages_s"] = _stages(engine, _requests(args, args.batches[0]))
+    if args.profile:
+        from load.profile_ops import op_breakdown
+
+        out["profile"] = op_breakdown(lambda: engine.generate(_requests(args, args.batches[0])))
     if torch.cuda.is_available():
         out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -160,7 +170,7 @@ def _child(args: argparse.Namespace, variant: str, folder: Path, pixels: Path) -
     cmd = [sys.executable, "-m", "load.bench_engine", "--one", variant, "--model", str(folder),
            "--pixels", str(pixels), "--cache-dir", args.cache_dir, "--size", str(args.size),
            "--steps", str(args.steps), "--repeats", str(args.repeats),
-           "--batches", *map(str, args.batches)]
+           "--batches", *map(str, args.batches), *(["--profile"] if args.profile else [])]
     started = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -215,6 +225,9 @@ def _print(r: dict) -> None:
     stages = " ".join(f"{k} {v:.3f}s" for k, v in r["stages_s"].items())
     print(f"{r['variant']:<13} load {r['load_s']:.1f}s warm-up {r['warmup_s']:.1f}s  {cells}  "
           f"diff {r['mean_abs_diff_vs_first']:.2f}\n{'':<13} stages: {stages}", flush=True)
+    if "profile" in r:
+        kinds = " ".join(f"{k} {v['share']:.0%}" for k, v in r["profile"]["kinds"].items())
+        print(f"{'':<13} {r['profile']['measured']}: {kinds}", flush=True)
 
 
 if __name__ == "__main__":

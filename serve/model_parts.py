@@ -79,6 +79,12 @@ class SpeedConfig(_Strict):
         "tensor (tensor: the plainest FP8 matrix product, but a row of small activations "
         "beside large ones loses precision)."))
 
+    attention: Literal["auto", "cudnn", "flash", "efficient"] = Field("auto", description=(
+        "Which of PyTorch's fused attention kernels the UNet tries first: auto (PyTorch's "
+        "own order: FlashAttention-2, then memory-efficient; cuDNN last), cudnn (cuDNN's "
+        "fused attention, Hopper and later), flash or efficient. The others stay as "
+        "fallbacks for shapes the first cannot run."))
+
     batch_buckets: list[int] = Field(default_factory=list, description=(
         "Image counts every pipeline call is padded up to (the smallest that holds the "
         "call; the extra rows are computed and dropped), so compiled code meets only these "

@@ -25,6 +25,7 @@ from deployments.engines.sources import (
     source_pil,
     source_tensors,
 )
+from deployments.engines.speed import attention_order
 from deployments.engines.withdrawal import BatchRows, step_callback
 from deployments.fused_adapters import FusedAdapters
 from serve.errors import OutOfMemory
@@ -57,6 +58,7 @@ class DiffusersEngine:
     embed_names: ClassVar[tuple[str, ...]]  # pipeline inputs made by `_encode_prompt`
     adapters: AdapterSlots | FusedAdapters
     buckets: tuple[int, ...] = ()  # image counts calls are padded up to (none: as they come)
+    attention: str = "auto"  # the order fused attention kernels are tried in (speed.py)
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
                  simulate_oom_above_images: int | None):
@@ -208,12 +210,14 @@ class DiffusersEngine:
               inputs: dict, callback: Callable) -> torch.Tensor:
         if self.simulate_oom_above_images and len(generators) > self.simulate_oom_above_images:
             raise torch.OutOfMemoryError(f"simulated: {len(generators)} images in one call")
-        return pipe(
-            width=first.width, height=first.height,
-            num_inference_steps=first.num_inference_steps, guidance_scale=first.guidance_scale,
-            generator=generators, output_type="pt", callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=list(pipe._callback_tensor_inputs),
-            **inputs).images
+        with attention_order(self.attention):
+            return pipe(
+                width=first.width, height=first.height,
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale, generator=generators, output_type="pt",
+                callback_on_step_end=callback,
+                callback_on_step_end_tensor_inputs=list(pipe._callback_tensor_inputs),
+                **inputs).images
 
     def _recover_memory(self, requests: Sequence[GenerationRequest]) -> OutOfMemory:
         """Give the failed call's memory back; the error to raise, so the caller can retry

@@ -66,6 +66,7 @@ class SDXLEngine(DiffusersEngine):
                                       max_lora_rank, lora_targets, fuse=fuse_adapters)
         speed = speed or SpeedConfig()
         self.buckets = tuple(speed.batch_buckets)
+        self.attention = speed.attention
         self.speed = apply_speed(self.pipe, speed, compile_cache or path / ".compile")
 
     def describe(self) -> dict:

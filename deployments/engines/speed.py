@@ -1,14 +1,17 @@
 """Speed settings applied to a loaded pipeline: fused QKV, FP8 linear layers,
-channels-last memory layout and regional torch.compile with a persistent cache."""
+channels-last memory layout, regional torch.compile with a persistent cache, and the
+order in which fused attention kernels are tried."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from serve.config import SpeedConfig
 
@@ -91,6 +94,26 @@ def compile_blocks(modules: list[nn.Module], cache_dir: Path, dynamic: bool = Tr
     return wrapped
 
 
+# The attention kernels in the order each setting tries them; all stay enabled.
+_ATTENTION_ORDER = {
+    "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+              SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+              SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH],
+    "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                  SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH],
+}
+
+
+def attention_order(name: str) -> contextlib.AbstractContextManager:
+    """A context in which scaled-dot-product attention tries kernels in `name`'s order
+    (PyTorch's own for auto). The order is process-wide while it lasts; every kernel stays
+    enabled, so work on other threads (prompt encoding) only sees another order."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    return sdpa_kernel(_ATTENTION_ORDER[name], set_priority=True)
+
+
 def apply_speed(pipe, speed: SpeedConfig, cache_dir: Path) -> dict:
     """Prepare `pipe` as `speed` asks, in the order the settings build on each other;
     return what was done, for the logs."""
@@ -111,6 +134,8 @@ def apply_speed(pipe, speed: SpeedConfig, cache_dir: Path) -> dict:
                                                  dynamic=not speed.batch_buckets)
     if speed.batch_buckets:
         done["batch_buckets"] = list(speed.batch_buckets)
+    if speed.attention != "auto":
+        done["attention"] = speed.attention
     if done:
         log.info("speed settings applied: %s", done)
     return done

@@ -105,6 +105,37 @@ def test_engine_benchmark_compares_variants_with_the_first(tmp_path):
     assert "stages:" in stdout
 
 
+def test_engine_profile_splits_a_call_by_kind_of_work(tmp_path):
+    out = tmp_path / "engine.json"
+    stdout = _run("load.bench_engine", "--variants", "fp16", "--batches", "2", "--profile",
+                  "--out", str(out))
+    (variant,) = json.loads(out.read_text())["variants"]
+    profile = variant["profile"]
+    assert profile["measured"] == "cpu aten operators"
+    kinds = profile["kinds"]
+    # The tiny UNet has all of them: linear layers, resnet convolutions, attention, norms.
+    assert {"matmul", "convolution", "attention", "normalisation"} <= set(kinds)
+    assert sum(k["share"] for k in kinds.values()) == pytest.approx(1)
+    assert sum(k["ms"] for k in kinds.values()) == pytest.approx(profile["total_ms"])
+    assert profile["top"][0]["ms"] >= profile["top"][-1]["ms"] > 0
+    assert "cpu aten operators: " in stdout
+
+
+def test_operator_names_are_sorted_into_kinds():
+    from load.profile_ops import kind_of
+
+    cases = {"aten::addmm": "matmul", "nvjet_tst_128x256_64x4_2x1_v_bz": "matmul",
+             "triton_tem_fused_mm_0": "matmul", "aten::_scaled_mm": "matmul",
+             "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32": "convolution",
+             "aten::mkldnn_convolution": "convolution",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16": "attention",
+             "pytorch_flash::flash_fwd_kernel": "attention",
+             "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "attention",
+             "triton_red_fused_native_group_norm_0": "normalisation",
+             "void at::native::vectorized_elementwise_kernel<4>": "other", "aten::comm": "other"}
+    assert {name: kind_of(name) for name in cases} == cases
+
+
 def test_img2img_benchmark_times_every_mode_of_both_families(tmp_path, tiny_sdxl_path,
                                                              tiny_flux_path):
     out = tmp_path / "img2img.json"

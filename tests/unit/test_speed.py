@@ -112,6 +112,28 @@ def test_fused_qkv_and_channels_last_and_compile_keep_the_pixels(tiny_sdxl_path,
     assert any((tmp_path / "compile").iterdir())  # the compiled code is kept on disk
 
 
+@pytest.mark.parametrize("attention, first", [("cudnn", "CUDNN_ATTENTION"),
+                                              ("efficient", "EFFICIENT_ATTENTION")])
+def test_the_attention_order_holds_for_the_call_only(tiny_sdxl_path, plain, attention, first):
+    """The chosen kernel is tried first during each denoising step and PyTorch's own
+    order comes back after the call. This CPU has neither kernel, so attention falls
+    back to the same one as with auto: the same pixels."""
+    from torch.nn.attention import SDPBackend
+
+    from deployments.engines.sdxl import SDXLEngine
+
+    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu", speed=SpeedConfig(attention=attention))
+    assert engine.describe()["speed"]["attention"] == attention
+    before = torch._C._get_sdp_priority_order()
+    tried_first = []
+    (images,) = engine.generate(
+        [_req(3)], on_step=lambda step, total: tried_first.append(
+            torch._C._get_sdp_priority_order()[0]))
+    assert tried_first == [int(getattr(SDPBackend, first))] * 3
+    assert torch._C._get_sdp_priority_order() == before
+    assert np.array_equal(_px(images[0]), _px(plain.generate([_req(3)])[0][0]))
+
+
 def test_fp8_images_stay_close_to_the_float_images(tiny_sdxl_path, plain):
     from deployments.engines.sdxl import SDXLEngine
 
