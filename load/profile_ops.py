@@ -15,11 +15,11 @@ from collections.abc import Callable
 # Convolutions come before matrix products: cuDNN names its convolution kernels
 # "...fprop_implicit_gemm...". Attention comes first of all: its kernels hold "gemm" too.
 KINDS = (
-    ("attention", re.compile(r"flash|fmha|attention|sdpa|softmax", re.I)),
-    ("convolution", re.compile(r"conv|fprop|dgrad|wgrad|implicit", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|softmax", re.IGNORECASE)),
+    ("convolution", re.compile(r"conv|fprop|dgrad|wgrad|implicit", re.IGNORECASE)),
     ("matmul", re.compile(r"gemm|matmul|(?<![a-z])mm(?![a-z])|addmm|bmm|nvjet|cutlass|xmma",
-                          re.I)),
-    ("normalisation", re.compile(r"norm", re.I)),
+                          re.IGNORECASE)),
+    ("normalisation", re.compile(r"norm", re.IGNORECASE)),
 )
 
 
