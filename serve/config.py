@@ -120,8 +120,6 @@ class ModelConfig(_Strict):
             raise ValueError("set exactly one of path or embedded")
         if self.embedded not in (None, self.rules.embedded):
             raise ValueError(f"embedded {self.embedded!r} is not a {self.family} model")
-        if self.family != "sdxl" and self.speed != SpeedConfig():
-            raise ValueError("speed settings apply to sdxl models only")
         self.defaults.check_within(self.limits, self.rules)
         if self.limits.max_loras > self.max_loaded_adapters:
             raise ValueError("limits.max_loras must not exceed max_loaded_adapters")

@@ -80,5 +80,6 @@ def create_engine(model: ModelConfig, cache_dir: Path,
 
         return FluxEngine(path, model.dtype, device, model.variant,
                           model.simulate_oom_above_images, adapters, model.max_loaded_adapters,
-                          model.max_lora_rank, model.lora_targets, model.fuse_adapters)
+                          model.max_lora_rank, model.lora_targets, model.fuse_adapters,
+                          model.speed, cache_dir / "compile")
     raise ValueError(f"no engine for family {model.family!r}")

@@ -25,9 +25,10 @@ from deployments.engines.sources import (
     source_pil,
     source_tensors,
 )
-from deployments.engines.speed import attention_order
+from deployments.engines.speed import apply_speed, attention_order
 from deployments.engines.withdrawal import BatchRows, step_callback
 from deployments.fused_adapters import FusedAdapters
+from serve.config import SpeedConfig
 from serve.errors import OutOfMemory
 from serve.types import GenerationRequest
 
@@ -72,6 +73,14 @@ class DiffusersEngine:
         for pipe in self._pipes.values():
             pipe.set_progress_bar_config(disable=True)
         self.prompts = PromptCache(self._encode_prompt)
+        self.speed: dict = {}  # the speed settings applied (`speed_up`), for describe()
+
+    def speed_up(self, speed: SpeedConfig, compile_cache: Path) -> None:
+        """Apply the model's speed settings (after its adapters are in place)."""
+        self.buckets = tuple(speed.batch_buckets)
+        self.attention = speed.attention
+        self.speed = apply_speed(self.pipe, getattr(self.pipe, self.denoiser), speed,
+                                 compile_cache)
 
     def memory(self) -> tuple[str, int]:
         """(device, bytes held): torch's allocated GPU memory, or the process's resident
@@ -84,7 +93,7 @@ class DiffusersEngine:
         merged = isinstance(self.adapters, FusedAdapters)
         return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
                 "vae_scale_factor": self.pipe.vae_scale_factor,
-                "adapters": "merged" if merged else "slots"}
+                "adapters": "merged" if merged else "slots", "speed": self.speed}
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
         """Run `request` as calls of 1, 2 and `max_images` images: the first calls

@@ -2,8 +2,9 @@
 
 `guidance_scale` is FLUX's distilled guidance (the transformer's guidance embedding, as
 `guidance` on Replicate's flux-dev); there is no negative prompt and one forward pass per
-step. Schnell-style checkpoints ignore it. LoRA adapters live in slots of the transformer,
-read from the diffusers/PEFT (ai-toolkit) layout or kohya's (BFL module names).
+step. Schnell-style checkpoints ignore it. LoRA adapters live in slots of the transformer
+or are merged into its weights, read from the diffusers/PEFT (ai-toolkit) layout or
+kohya's (BFL module names). The speed settings are SDXL's, applied to the transformer.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine
 from deployments.engines.prompts import Embeds
 from serve.adapters import AdapterEntry
+from serve.config import SpeedConfig
 from serve.model_parts import FAMILIES
 from serve.types import GenerationRequest
 
@@ -36,12 +38,14 @@ class FluxEngine(DiffusersEngine):
                  adapters: Mapping[str, AdapterEntry] | None = None, max_adapters: int = 8,
                  max_lora_rank: int = 64,
                  lora_targets: Sequence[str] = FAMILIES["flux"].lora_targets,
-                 fuse_adapters: bool = False):
+                 fuse_adapters: bool = False, speed: SpeedConfig | None = None,
+                 compile_cache: Path | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
         self.adapters = adapter_store(
             self.pipe.transformer, adapters or {}, max_adapters, max_lora_rank, lora_targets,
             prefix="transformer", reader=partial(FluxPipeline.lora_state_dict,
                                                  return_alphas=True), fuse=fuse_adapters)
+        self.speed_up(speed or SpeedConfig(), compile_cache or path / ".compile")
         # T5 reads the tokenizer's length, at most the 512 tokens FLUX was trained on.
         self.max_sequence_length = min(512, self.pipe.tokenizer_2.model_max_length)
 

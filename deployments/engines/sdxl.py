@@ -22,7 +22,6 @@ from diffusers import (
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine
 from deployments.engines.prompts import Embeds
-from deployments.engines.speed import apply_speed
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
 from serve.model_parts import FAMILIES
@@ -64,13 +63,7 @@ class SDXLEngine(DiffusersEngine):
                             for name, (cls, extra) in _SCHEDULERS.items()}
         self.adapters = adapter_store(self.pipe.unet, adapters or {}, max_adapters,
                                       max_lora_rank, lora_targets, fuse=fuse_adapters)
-        speed = speed or SpeedConfig()
-        self.buckets = tuple(speed.batch_buckets)
-        self.attention = speed.attention
-        self.speed = apply_speed(self.pipe, speed, compile_cache or path / ".compile")
-
-    def describe(self) -> dict:
-        return super().describe() | {"speed": self.speed}
+        self.speed_up(speed or SpeedConfig(), compile_cache or path / ".compile")
 
     def _prepare(self, first: GenerationRequest):
         pipe = super()._prepare(first)

@@ -18,9 +18,13 @@ from serve.config import SpeedConfig
 log = logging.getLogger("ray.serve.atelier.engine")
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
-# Blocks that repeat through the UNet and the VAE decoder: compiling each class once (its
-# instances share the compiled code) costs a fraction of compiling the whole network.
-_REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+# The transformer blocks of SDXL's UNet and of FLUX's transformer: their linear layers are
+# the ones made FP8.
+_TRANSFORMER_BLOCKS = ("BasicTransformerBlock", "FluxTransformerBlock",
+                       "FluxSingleTransformerBlock")
+# Blocks that repeat through the denoiser and the VAE decoder: compiling each class once
+# (its instances share the compiled code) costs a fraction of compiling the whole network.
+_REPEATED_BLOCKS = (*_TRANSFORMER_BLOCKS, "ResnetBlock2D")
 
 
 class Fp8Linear(nn.Module):
@@ -60,12 +64,12 @@ def _amax(x: torch.Tensor, dim: int | None) -> torch.Tensor:
     return x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
 
 
-def to_fp8(unet: nn.Module, per_row: bool = True) -> int:
-    """Replace the linear layers inside the UNet's transformer blocks by Fp8Linear;
+def to_fp8(denoiser: nn.Module, per_row: bool = True) -> int:
+    """Replace the linear layers inside the denoiser's transformer blocks by Fp8Linear;
     return how many were replaced."""
     replaced = 0
-    for block in unet.modules():
-        if type(block).__name__ != "BasicTransformerBlock":
+    for block in denoiser.modules():
+        if type(block).__name__ not in _TRANSFORMER_BLOCKS:
             continue
         for name, child in list(block.named_modules()):
             if type(child) is nn.Linear and Fp8Linear.fits(child):
@@ -114,23 +118,24 @@ def attention_order(name: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel(_ATTENTION_ORDER[name], set_priority=True)
 
 
-def apply_speed(pipe, speed: SpeedConfig, cache_dir: Path) -> dict:
-    """Prepare `pipe` as `speed` asks, in the order the settings build on each other;
-    return what was done, for the logs."""
+def apply_speed(pipe, denoiser: nn.Module, speed: SpeedConfig, cache_dir: Path) -> dict:
+    """Prepare `pipe`, whose `denoiser` (UNet or transformer) runs every step, as `speed`
+    asks, in the order the settings build on each other; return what was done, for the
+    logs."""
     done: dict = {}
     if speed.fuse_qkv:
-        pipe.unet.fuse_qkv_projections()
+        denoiser.fuse_qkv_projections()
         done["fused_qkv"] = True
     if speed.fp8:
-        done["fp8_linears"] = to_fp8(pipe.unet, per_row=speed.fp8_scaling == "row")
+        done["fp8_linears"] = to_fp8(denoiser, per_row=speed.fp8_scaling == "row")
         done["fp8_scaling"] = speed.fp8_scaling
     if speed.channels_last:
-        pipe.unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
         done["channels_last"] = True
     if speed.compile:
         # Padded to a few batch sizes, each shape can be compiled exactly.
-        done["compiled_blocks"] = compile_blocks([pipe.unet, pipe.vae.decoder], cache_dir,
+        done["compiled_blocks"] = compile_blocks([denoiser, pipe.vae.decoder], cache_dir,
                                                  dynamic=not speed.batch_buckets)
     if speed.batch_buckets:
         done["batch_buckets"] = list(speed.batch_buckets)

@@ -47,8 +47,6 @@ def test_invalid_field_is_named_in_the_error(model, field):
     (_model(family="flux"), "'tiny-sdxl' is not a flux model"),
     (_model(family="flux", embedded="tiny-flux", defaults={"scheduler": "K_EULER"}),
      "scheduler must be one of FlowMatchEuler"),
-    (_model(family="flux", embedded="tiny-flux", speed={"compile": True}),
-     "speed settings apply to sdxl models only"),
     (_model(defaults={"width": 4096}, limits={"max_size": 2048}), "defaults.width"),
     (_model(defaults={"num_inference_steps": 80}), "exceeds limits.max_steps"),
 ])

@@ -250,3 +250,40 @@ def test_a_padded_call_keeps_its_bucket_size_when_one_request_leaves(tiny_sdxl_p
     # Request 0 leaves after the first step; its rows run on (their images go nowhere), so
     # the UNet still sees the bucket at every step (4 images, doubled by CFG).
     assert rows == [8] * 4 and [len(images) for images in out] == [1, 1]
+
+
+def test_flux_takes_the_same_speed_settings(tiny_flux_path, tmp_path):
+    """FLUX's transformer: its double- and single-stream blocks compiled (with the VAE
+    decoder's resnets), its attention projections fused, its block linears in FP8."""
+    from deployments.engines.flux import FluxEngine
+
+    def req(seed, **overrides):
+        return GenerationRequest(**{"model": "a/flux", "prompt": "a red shoe", "width": 64,
+                                    "height": 64, "num_inference_steps": 4,
+                                    "guidance_scale": 3.5, "seed": seed,
+                                    "scheduler": "FlowMatchEuler", **overrides})
+
+    plain = FluxEngine(tiny_flux_path, "float32", "cpu")
+    fast = FluxEngine(tiny_flux_path, "float32", "cpu", compile_cache=tmp_path,
+                      speed=SpeedConfig(fuse_qkv=True, channels_last=True, compile=True))
+    blocks = sum(type(m).__name__ in ("FluxTransformerBlock", "FluxSingleTransformerBlock",
+                                      "ResnetBlock2D")
+                 for root in (fast.pipe.transformer, fast.pipe.vae.decoder)
+                 for m in root.modules())
+    assert fast.describe()["speed"] == {"fused_qkv": True, "channels_last": True,
+                                        "compiled_blocks": blocks}
+    requests = [req(4), req(5, num_outputs=2)]
+    images = [[image for own in e.generate(requests) for image in own] for e in (plain, fast)]
+    for a, b in zip(*images, strict=True):
+        diff = np.abs(_px(a) - _px(b))
+        assert diff.max() <= 2 and (diff > 0).mean() < 0.02, (diff.max(), diff.mean())
+    fp8 = FluxEngine(tiny_flux_path, "float32", "cpu", speed=SpeedConfig(fp8=True))
+    linears = sum(isinstance(m, nn.Linear) and Fp8Linear.fits(m)
+                  for block in plain.pipe.transformer.modules()
+                  if type(block).__name__ in ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+                  for m in block.modules())
+    assert fp8.describe()["speed"]["fp8_linears"] == linears > 0
+    a, b = (_px(e.generate([req(9)])[0][0]) for e in (plain, fp8))
+    other_seed = _px(plain.generate([req(10)])[0][0])
+    # Measured: 0.13 levels on average, against 46 between two seeds.
+    assert 0 < np.abs(a - b).mean() < np.abs(a - other_seed).mean() / 20
