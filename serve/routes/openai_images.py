@@ -4,7 +4,10 @@
 
 Fields OpenAI's newer models take but a diffusion model has no use for (quality, style,
 background, moderation, user, ...) are accepted and ignored, so unchanged client code
-keeps working; anything else unknown is a 400 naming the field.
+keeps working; anything else unknown is a 400 naming the field. The API has no adapter
+field: a `<lora:name:scale>` tag in the prompt applies a catalog adapter, as on
+`/generate`. `seed` (and `prompt_strength` for edits) are Atelier extensions, sent with
+the client's `extra_body`.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
+from serve.adapters import split_prompt_tags
 from serve.config import ModelConfig
 from serve.context import IngressState, ingress, request_id
 from serve.errors import InvalidField
 from serve.images import load_source
-from serve.types import GenerationRequest, SourceImage
+from serve.types import MAX_SEED, GenerationRequest, SourceImage
 
 router = APIRouter()
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-_FIELDS = {"width": "size", "height": "size", "num_outputs": "n"}
+_FIELDS = {"width": "size", "height": "size", "num_outputs": "n", "loras": "prompt"}
 
 
 class ImageGenerationParams(BaseModel):
@@ -40,6 +44,9 @@ class ImageGenerationParams(BaseModel):
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png", "webp", "jpeg"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100, description="webp/jpeg quality.")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
+        "Seed of the first image (the others take the next ones); unset: drawn at random "
+        "(an Atelier extension; send it with extra_body)."))
     # Accepted for compatibility, without effect here.
     quality: str | None = None
     style: str | None = None
@@ -130,9 +137,12 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
                     model: ModelConfig, source: SourceImage | None, width: int | None,
                     height: int | None) -> dict:
     try:
+        # The OpenAI API has no adapter field: `<lora:name:scale>` tags in the prompt name them.
+        prompt, tags = split_prompt_tags(params.prompt)
         gen = GenerationRequest.for_model(
-            model, params.prompt, width=width, height=height, num_outputs=params.n,
-            output_format=params.output_format, source=source,
+            model, prompt, width=width, height=height, num_outputs=params.n,
+            output_format=params.output_format, source=source, seed=params.seed,
+            adapters=state.router.adapters_for(model, tags),
             output_quality=params.output_compression or 90, request_id=request_id(request))
     except InvalidField as exc:
         raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None

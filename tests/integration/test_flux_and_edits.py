@@ -117,6 +117,20 @@ def test_flux_adapters_change_the_image_as_the_loras_field_or_a_prompt_tag(clien
                np.abs(ink - neon).mean()) > 2
 
 
+def test_openai_prompt_tags_apply_adapters_with_a_seed_from_extra_body(oai, client):
+    resp = oai.images.generate(model=FLUX, prompt="a lamp <lora:neon:0.8>",
+                               extra_body={"seed": 5})
+    tagged = pixels(Image.open(io.BytesIO(base64.b64decode(resp.data[0].b64_json))))
+    _, neon = _flux(client, loras=[{"name": "neon", "scale": 0.8}])
+    _, base = _flux(client)
+    assert np.array_equal(tagged, neon) and np.abs(tagged - base).mean() > 2
+    with pytest.raises(openai.NotFoundError):
+        oai.images.generate(model=FLUX, prompt="a lamp <lora:no-such-style>")
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.images.generate(model=FLUX, prompt="a lamp <lora:pixel-art>")
+    assert err.value.response.json()["error"]["param"] == "prompt"
+
+
 def test_the_catalog_lists_what_one_model_can_use(client):
     def names(model):
         r = client.get("/v1/loras", params={"model": model})
