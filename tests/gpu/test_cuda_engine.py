@@ -59,3 +59,22 @@ def test_prompts_prepared_on_another_thread_during_a_gpu_call_give_the_same_pixe
     assert not held and made.embeds[0].device.type == "cuda"
     got = np.asarray(engine.generate([other], prepared=[made])[0][0]).astype(int)
     assert np.array_equal(expected, got)
+
+
+@pytest.mark.parametrize("attention, kernel", [("cudnn", "cudnn"), ("flash", "flash")])
+def test_the_chosen_attention_kernel_runs_and_keeps_the_image(engine, tiny_sdxl_path,
+                                                              attention, kernel):
+    """The profiler sees the chosen kernel among the call's attention kernels, and the
+    image stays within rounding of PyTorch's own choice."""
+    from deployments.engines.sdxl import SDXLEngine
+    from load.profile_ops import op_breakdown
+    from serve.config import SpeedConfig
+
+    chosen = SDXLEngine(tiny_sdxl_path, "float16", "cuda",
+                        speed=SpeedConfig(attention=attention))
+    profile = op_breakdown(lambda: chosen.generate([_req(7)]), top=200)
+    attention_kernels = [k["name"].lower() for k in profile["top"] if k["kind"] == "attention"]
+    assert any(kernel in name for name in attention_kernels), attention_kernels
+    a = np.asarray(chosen.generate([_req(7)])[0][0]).astype(int)
+    b = np.asarray(engine.generate([_req(7)])[0][0]).astype(int)
+    assert np.abs(a - b).mean() < 1
