@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from deployments.fused_adapters import FusedAdapters
+from deployments.fused_adapters import FusedAdapters, least_recent
 from deployments.lora_files import AdapterWeights, LoraReader, Target, read_adapter
-from serve.adapters import AdapterEntry, AdapterInvalid, AdapterSet
+from serve.adapters import AdapterEntry, AdapterSet
 
 log = logging.getLogger("ray.serve.atelier.adapters")
 
@@ -120,11 +120,7 @@ class AdapterSlots:
         for slot in self._slots:
             if slot not in used:
                 return slot
-        victim = next((n for n in self._held if n not in keep), None)
-        if victim is None:
-            raise AdapterInvalid("more adapters in one request than this replica holds")
-        log.info("unloading adapter %s", victim)
-        return self._held.pop(victim)
+        return self._held.pop(least_recent(self._held, keep))
 
 
 def adapter_store(denoiser, catalog: Mapping[str, AdapterEntry], capacity: int, max_rank: int,

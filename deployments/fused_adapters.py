@@ -25,6 +25,16 @@ from serve.adapters import AdapterEntry, AdapterInvalid, AdapterSet
 log = logging.getLogger("ray.serve.atelier.adapters")
 
 
+def least_recent(held: OrderedDict[str, object], keep: tuple[str, ...]) -> str:
+    """The least recently used adapter of `held` outside `keep`, to make room. Raises
+    AdapterInvalid when every one is needed by `keep`."""
+    victim = next((n for n in held if n not in keep), None)
+    if victim is None:
+        raise AdapterInvalid("more adapters in one request than this replica holds")
+    log.info("unloading adapter %s", victim)
+    return victim
+
+
 def targeted(path: str, targets: Sequence[str]) -> bool:
     """Whether module `path` is one of `targets` (name suffixes, as PEFT matches them)."""
     return any(path == t or path.endswith(f".{t}") for t in targets)
@@ -69,11 +79,7 @@ class FusedAdapters:
             self._held.move_to_end(name)
             return
         if len(self._held) >= self._capacity:
-            victim = next((n for n in self._held if n not in keep), None)
-            if victim is None:
-                raise AdapterInvalid("more adapters in one request than this replica holds")
-            log.info("unloading adapter %s", victim)
-            del self._held[victim]
+            del self._held[least_recent(self._held, keep)]
         layers = {}
         for path, (a, b, scale) in weights.layers.items():
             device = self._linears[path].weight.device
