@@ -17,7 +17,6 @@ target modules), so no module is ever injected or removed while serving:
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -26,8 +25,6 @@ import torch
 from deployments.fused_adapters import FusedAdapters, least_recent
 from deployments.lora_files import AdapterWeights, LoraReader, Target, read_adapter
 from serve.adapters import AdapterEntry, AdapterSet
-
-log = logging.getLogger("ray.serve.atelier.adapters")
 
 
 class AdapterSlots:
