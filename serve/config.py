@@ -73,9 +73,9 @@ class ModelConfig(_Strict):
     fuse_adapters: bool = Field(False, description=(
         "Merge a call's LoRA adapters into the denoiser's weights (restored exactly from a "
         "copy when the set changes) instead of running LoRA layers beside them: calls with "
-        "adapters run at the base model's speed, and speed.compile and channels_last work "
-        "with adapters. Costs a device copy of the targeted weights (SDXL attention "
-        "projections: 1.9 GB in fp16; FLUX's 17 targets: about 23 GB in bf16) and a weight "
+        "adapters compute only the base model's layers, and speed.compile and channels_last "
+        "work with adapters. Costs a device copy of the targeted weights (SDXL attention "
+        "projections: 1.9 GB in fp16; FLUX.1-dev's 17 targets: 23.7 GB in bf16) and a weight "
         "rewrite each time a replica's adapter set changes."))
     warmup_steps: int = Field(2, ge=1, le=50, description="Steps of the start-up warm-up call.")
     keep_warm_s: float | None = Field(None, gt=0, description=(
