@@ -34,6 +34,8 @@ class AdapterSlots:
     reads the family's layouts.
     """
 
+    rewrites = 0  # slots never rewrite the denoiser's weights (see FusedAdapters)
+
     def __init__(self, denoiser, catalog: Mapping[str, AdapterEntry], capacity: int,
                  max_rank: int, targets: Sequence[str], prefix: str = "unet",
                  reader: LoraReader | None = None):

@@ -57,6 +57,7 @@ class FusedAdapters:
         self._held: OrderedDict[str, AdapterWeights] = OrderedDict()
         self._merged = AdapterSet()
         self._changed: set[str] = set()  # layers whose weights hold a merged adapter
+        self.rewrites = 0  # times the weights were restored and merged for another set
 
     @property
     def loaded(self) -> list[str]:
@@ -105,6 +106,7 @@ class FusedAdapters:
                     self._linears[path].weight.addmm_(b, a, alpha=scale * alpha)
                     changed.add(path)
         self._changed, self._merged = changed, adapters
+        self.rewrites += 1
 
     def _target(self, path: str) -> Target | None:
         layer = self._linears.get(path)

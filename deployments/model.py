@@ -57,6 +57,7 @@ class ModelDeployment:
         self.warmup_s = time.monotonic() - started
         self.metrics = ModelMetrics(self.cfg.id, self.cfg.batching.max_batch_size)
         self._failures = 0
+        self._rewrites = self.engine.adapters.rewrites  # the warm-up's are not counted
         self.replica = serve.get_replica_context().replica_id.unique_id
         runtime = ray.get_runtime_context()
         self.node = runtime.get_node_id()
@@ -98,6 +99,7 @@ class ModelDeployment:
             log.exception("%s keep-warm call failed", self.cfg.id)
             return
         self.metrics.keep_warm.inc()
+        self._count_rewrites()
 
     async def generate(self, request: GenerationRequest,
                        on_step: StepListener | None = None) -> GenerationResult:
@@ -209,8 +211,17 @@ class ModelDeployment:
         self._failures = 0
         self.metrics.batch_done(sum(len(own) for own in images), steps[0],
                                 time.monotonic() - started)
+        self._count_rewrites()
         self._report_memory()
         return images
+
+    def _count_rewrites(self) -> None:
+        """Add the weight rewrites of merged adapters since the last count (calls and
+        keep-warm calls alike) to their counter."""
+        rewrites = self.engine.adapters.rewrites
+        if rewrites > self._rewrites:  # Ray's counters refuse 0
+            self.metrics.adapter_rewrites.inc(rewrites - self._rewrites)
+            self._rewrites = rewrites
 
     def _report_memory(self) -> None:
         device, used = self.engine.memory()

@@ -94,6 +94,10 @@ class ModelMetrics:
         self.adapters = made(Counter("atelier_adapter_requests",
                                      "Adapter sets asked of the replica, by outcome",
                                      tag_keys=("model", "outcome")))
+        self.adapter_rewrites = made(Counter(
+            "atelier_adapter_weight_rewrites",
+            "Times a replica with merged adapters (fuse_adapters) restored its weights and "
+            "merged another adapter set", tag_keys=("model",)))
         self.prompts = made(Counter("atelier_prompt_encodings",
                                     "Prompts a replica needed, by outcome (encoded, or "
                                     "held from a recent request)",

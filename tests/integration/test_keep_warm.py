@@ -29,3 +29,26 @@ def test_an_idle_replica_keeps_warm_and_its_answers_do_not_change(base_url, metr
     # Only the model configured for it keeps warm.
     assert set(counts) == {FLUX}, counts
     assert (_image(base_url) == before).all()
+
+
+def test_merged_adapters_count_their_weight_rewrites(base_url, metrics_port):
+    """The FLUX model merges its adapters into its weights (SDXL's use slots): each call
+    for another set than the last rewrites them, and keep-warm calls restore the base."""
+    metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+    def rewrites() -> dict[str, float]:
+        return counts_by_model(httpx.get(metrics_url, timeout=10).text,
+                               "ray_atelier_adapter_weight_rewrites_total")
+
+    start = rewrites().get(FLUX, 0)
+    for name in ("neon", "ink", "neon"):
+        r = httpx.post(f"{base_url}/generate", headers=AUTH, timeout=60,
+                       json={"prompt": "a lamp", "seed": 5, "model": FLUX,
+                             "loras": [{"name": name}]})
+        assert r.status_code == 200, r.text
+    deadline, counts = time.monotonic() + 60, {}
+    while time.monotonic() < deadline and counts.get(FLUX, 0) < start + 3:
+        time.sleep(2)
+        counts = rewrites()
+    assert counts.get(FLUX, 0) >= start + 3, counts
+    assert set(counts) == {FLUX}, counts  # slots never rewrite weights

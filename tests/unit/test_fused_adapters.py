@@ -56,7 +56,11 @@ def test_merged_adapters_give_the_images_of_slots(sdxl_pair):
 def test_the_base_weights_come_back_bit_for_bit(sdxl_pair):
     _, fused = sdxl_pair
     weights = {n: p.detach().clone() for n, p in fused.pipe.unet.named_parameters()}
+    fused.adapters.activate(AdapterSet())
+    rewrites = fused.adapters.rewrites
     fused.adapters.activate(AdapterSet.of([("watercolor", 1.0)]))
+    fused.adapters.activate(AdapterSet.of([("watercolor", 1.0)]))  # already merged
+    assert fused.adapters.rewrites == rewrites + 1
     changed = [n for n, p in fused.pipe.unet.named_parameters() if not torch.equal(p, weights[n])]
     assert changed and all(n.endswith(".weight") for n in changed)
     fused.adapters.activate(AdapterSet())
