@@ -22,12 +22,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from deployments.fused_adapters import FusedAdapters, least_recent
+from deployments.fused_adapters import FusedAdapters, HeldAdapters
 from deployments.lora_files import AdapterWeights, LoraReader, Target, read_adapter
 from serve.adapters import AdapterEntry, AdapterSet
 
 
-class AdapterSlots:
+class AdapterSlots(HeldAdapters):
     """An LRU of adapters held in `capacity` preallocated LoRA slots of one denoiser.
 
     `prefix` is the denoiser's key prefix in LoRA files ("unet", "transformer"); `reader`
@@ -57,10 +57,6 @@ class AdapterSlots:
         self._alphas: dict[str, list[float]] = {}  # per adapter, aligned with _layers
         self._active: AdapterSet | None = None
         self.activate(AdapterSet())
-
-    @property
-    def loaded(self) -> list[str]:
-        return list(self._held)
 
     def read(self, name: str) -> AdapterWeights:
         """Stage the adapter's tensors. Raises AdapterInvalid if it cannot fill a slot."""
@@ -93,10 +89,7 @@ class AdapterSlots:
 
     def activate(self, adapters: AdapterSet) -> None:
         """Make exactly `adapters` (with their scales) active; load any that are missing."""
-        for name in adapters.names:
-            if name not in self._held:
-                self.inject(name, self.read(name), keep=tuple(adapters.names))
-            self._held.move_to_end(name)
+        self._hold(adapters)
         if adapters == self._active:
             return
         slots = [self._held[n] for n in adapters.names]
@@ -119,7 +112,7 @@ class AdapterSlots:
         for slot in self._slots:
             if slot not in used:
                 return slot
-        return self._held.pop(least_recent(self._held, keep))
+        return self._held.pop(self._least_recent(keep))
 
 
 def adapter_store(denoiser, catalog: Mapping[str, AdapterEntry], capacity: int, max_rank: int,

@@ -25,14 +25,31 @@ from serve.adapters import AdapterEntry, AdapterInvalid, AdapterSet
 log = logging.getLogger("ray.serve.atelier.adapters")
 
 
-def least_recent(held: OrderedDict[str, object], keep: tuple[str, ...]) -> str:
-    """The least recently used adapter of `held` outside `keep`, to make room. Raises
-    AdapterInvalid when every one is needed by `keep`."""
-    victim = next((n for n in held if n not in keep), None)
-    if victim is None:
-        raise AdapterInvalid("more adapters in one request than this replica holds")
-    log.info("unloading adapter %s", victim)
-    return victim
+class HeldAdapters:
+    """The LRU both adapter stores keep (`_held`: adapter name → what holds it), and what
+    they do alike with it. A store supplies `read` and `inject`."""
+
+    _held: OrderedDict
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self._held)
+
+    def _hold(self, adapters: AdapterSet) -> None:
+        """Load the adapters of `adapters` not held yet; mark all as used last."""
+        for name in adapters.names:
+            if name not in self._held:
+                self.inject(name, self.read(name), keep=tuple(adapters.names))
+            self._held.move_to_end(name)
+
+    def _least_recent(self, keep: tuple[str, ...]) -> str:
+        """The least recently used adapter outside `keep`, to make room. Raises
+        AdapterInvalid when every one is needed by `keep`."""
+        victim = next((n for n in self._held if n not in keep), None)
+        if victim is None:
+            raise AdapterInvalid("more adapters in one request than this replica holds")
+        log.info("unloading adapter %s", victim)
+        return victim
 
 
 def targeted(path: str, targets: Sequence[str]) -> bool:
@@ -40,7 +57,7 @@ def targeted(path: str, targets: Sequence[str]) -> bool:
     return any(path == t or path.endswith(f".{t}") for t in targets)
 
 
-class FusedAdapters:
+class FusedAdapters(HeldAdapters):
     """An LRU of up to `capacity` adapters on the device; the active set is merged into
     the targeted linear layers' weights. Same protocol as `AdapterSlots`."""
 
@@ -60,10 +77,6 @@ class FusedAdapters:
         self.rewrites = 0  # times the weights were restored and merged for another set
 
     @property
-    def loaded(self) -> list[str]:
-        return list(self._held)
-
-    @property
     def original_bytes(self) -> int:
         """Device memory of the weight copy that restores the base model."""
         return sum(w.numel() * w.element_size() for w in self._originals.values())
@@ -80,7 +93,7 @@ class FusedAdapters:
             self._held.move_to_end(name)
             return
         if len(self._held) >= self._capacity:
-            del self._held[least_recent(self._held, keep)]
+            del self._held[self._least_recent(keep)]
         layers = {}
         for path, (a, b, scale) in weights.layers.items():
             device = self._linears[path].weight.device
@@ -91,10 +104,7 @@ class FusedAdapters:
     def activate(self, adapters: AdapterSet) -> None:
         """Merge exactly `adapters` (with their scales) into the weights; load any that
         are missing. The base model's weights come back exactly for an empty set."""
-        for name in adapters.names:
-            if name not in self._held:
-                self.inject(name, self.read(name), keep=tuple(adapters.names))
-            self._held.move_to_end(name)
+        self._hold(adapters)
         if adapters == self._merged:
             return
         changed = set()
