@@ -20,7 +20,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from serve.config import ModelConfig
 from serve.errors import InvalidField, TooLarge
 from serve.types import SourceImage
-from serve.webhooks import check_allowed_url
+from serve.urls import check_allowed_url
 
 _FETCH_TIMEOUT_S = 10
 

@@ -6,11 +6,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 import httpx
 
 from serve.errors import InvalidField
+from serve.urls import check_allowed_url
 
 log = logging.getLogger("ray.serve.atelier.webhooks")
 
@@ -24,22 +24,6 @@ _FIRST_BACKOFF_S = 0.5
 def check_webhook(url: str, allowed_hosts: Iterable[str]) -> None:
     """Raise InvalidField("webhook") unless `url` is http(s) to an allowed host[:port]."""
     check_allowed_url(url, allowed_hosts, "webhook", "webhook_allowed_hosts")
-
-
-def check_allowed_url(url: str, allowed_hosts: Iterable[str], field: str, setting: str) -> None:
-    """Raise InvalidField(field) unless `url` is http(s) to a host[:port] listed in the
-    config's `setting`.
-
-    Nothing is resolved: a host is allowed only if it is listed, so a request cannot make
-    the server reach an address the operator did not name.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidField(field, "must be an http(s) URL")
-    host = parts.hostname.lower()
-    allowed = {h.lower() for h in allowed_hosts}
-    if host not in allowed and f"{host}:{parts.port}" not in allowed:
-        raise InvalidField(field, f"host {host} is not in this server's {setting}")
 
 
 def check_events(events: list[str] | None) -> tuple[str, ...]:

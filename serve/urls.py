@@ -1,0 +1,39 @@
+"""Which URLs the server may reach on a request's behalf: only hosts the operator listed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from serve.errors import InvalidField
+
+
+def host_allowed(url: str, allowed_hosts: Iterable[str]) -> bool:
+    """Whether `url` is http(s) to a listed host, host:port, or a subdomain of a listed
+    `*.domain`.
+
+    Nothing is resolved: a host is allowed only if it is named, so a request cannot make
+    the server reach an address the operator did not name.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    host = parts.hostname.lower()
+    for entry in (h.lower() for h in allowed_hosts):
+        if entry.startswith("*."):
+            if host.endswith(entry[1:]):
+                return True
+        elif entry in (host, f"{host}:{parts.port}"):
+            return True
+    return False
+
+
+def check_allowed_url(url: str, allowed_hosts: Iterable[str], field: str, setting: str) -> None:
+    """Raise InvalidField(field) unless `url` is http(s) to a host allowed by the config's
+    `setting` (see `host_allowed`)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidField(field, "must be an http(s) URL")
+    if not host_allowed(url, allowed_hosts):
+        raise InvalidField(field, f"host {parts.hostname.lower()} is not in this server's "
+                                  f"{setting}")
