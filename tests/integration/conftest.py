@@ -123,6 +123,14 @@ def client(base_url):
         yield c
 
 
+@pytest.fixture
+def rep(base_url):
+    """The official Replicate client, pointed at the app."""
+    import replicate
+
+    return replicate.Client(api_token=API_KEY, base_url=base_url)
+
+
 def post_many(base_url, bodies, path="/generate", lead_s=0.02):
     """POST the bodies concurrently, the first `lead_s` ahead of the others (which are
     20 ms apart); return the responses in the same order."""

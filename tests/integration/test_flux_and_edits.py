@@ -35,13 +35,6 @@ def oai(base_url):
     return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
 
 
-@pytest.fixture
-def rep(base_url):
-    import replicate
-
-    return replicate.Client(api_token=API_KEY, base_url=base_url)
-
-
 def test_generate_routes_by_model_and_flux_keeps_its_seed_guarantee(client):
     body = {"prompt": "a leather bag", "seed": 21, "model": "black-forest-labs/flux-dev"}
     a, b = (client.post("/generate", json=body) for _ in range(2))

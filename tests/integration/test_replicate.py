@@ -6,12 +6,10 @@ import time
 
 import httpx
 import pytest
-import replicate
 from PIL import Image
 from replicate.exceptions import ReplicateError
 
 from tests.integration.conftest import (
-    API_KEY,
     AUTH,
     BATCHED,
     FAST,
@@ -19,11 +17,6 @@ from tests.integration.conftest import (
     decode,
     pixels,
 )
-
-
-@pytest.fixture
-def rep(base_url):
-    return replicate.Client(api_token=API_KEY, base_url=base_url)
 
 
 def _png(url):
