@@ -36,12 +36,12 @@ class AdapterSlots(HeldAdapters):
 
     rewrites = 0  # slots never rewrite the denoiser's weights (see FusedAdapters)
 
-    def __init__(self, denoiser, catalog: Mapping[str, AdapterEntry], capacity: int,
+    def __init__(self, denoiser, catalog: Mapping[str, AdapterEntry] | None, capacity: int,
                  max_rank: int, targets: Sequence[str], prefix: str = "unet",
                  reader: LoraReader | None = None):
-        self._catalog, self._max_rank = catalog, max_rank
+        self._catalog, self._max_rank = catalog if catalog is not None else {}, max_rank
         self._prefix, self._reader = prefix, reader
-        self._slots = [f"slot{i}" for i in range(capacity)] if catalog else []
+        self._slots = [f"slot{i}" for i in range(capacity)] if catalog is not None else []
         if self._slots:
             from peft import LoraConfig
 
@@ -115,10 +115,12 @@ class AdapterSlots(HeldAdapters):
         return self._held.pop(self._least_recent(keep))
 
 
-def adapter_store(denoiser, catalog: Mapping[str, AdapterEntry], capacity: int, max_rank: int,
-                  targets: Sequence[str], prefix: str = "unet", reader: LoraReader | None = None,
+def adapter_store(denoiser, catalog: Mapping[str, AdapterEntry] | None, capacity: int,
+                  max_rank: int, targets: Sequence[str], prefix: str = "unet",
+                  reader: LoraReader | None = None,
                   fuse: bool = False) -> AdapterSlots | FusedAdapters:
     """The denoiser's adapters: merged into its weights per call (`fuse`), or in LoRA slots
-    that run beside its layers."""
+    that run beside its layers. `catalog` None: the model takes no adapters (no slots, no
+    weight copy); a mapping, even empty, may gain entries later (adapters given by URL)."""
     store = FusedAdapters if fuse else AdapterSlots
     return store(denoiser, catalog, capacity, max_rank, targets, prefix, reader)

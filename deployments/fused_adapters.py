@@ -61,13 +61,14 @@ class FusedAdapters(HeldAdapters):
     """An LRU of up to `capacity` adapters on the device; the active set is merged into
     the targeted linear layers' weights. Same protocol as `AdapterSlots`."""
 
-    def __init__(self, denoiser, catalog: Mapping[str, AdapterEntry], capacity: int,
+    def __init__(self, denoiser, catalog: Mapping[str, AdapterEntry] | None, capacity: int,
                  max_rank: int, targets: Sequence[str], prefix: str = "unet",
                  reader: LoraReader | None = None):
-        self._catalog, self._capacity, self._max_rank = catalog, capacity, max_rank
+        self._catalog = catalog if catalog is not None else {}
+        self._capacity, self._max_rank = capacity, max_rank
         self._prefix, self._reader = prefix, reader
         self._linears = {path: m for path, m in denoiser.named_modules()
-                         if catalog and isinstance(m, torch.nn.Linear)
+                         if catalog is not None and isinstance(m, torch.nn.Linear)
                          and targeted(path, targets)}
         with torch.no_grad():
             self._originals = {p: m.weight.detach().clone() for p, m in self._linears.items()}

@@ -43,32 +43,33 @@ def read_adapter(entry: AdapterEntry, reader: LoraReader | None, prefix: str, ma
                  target_of: Callable[[str], Target | None]) -> AdapterWeights:
     """Read `entry`'s file and stage it for the layers `target_of` describes (None for a
     layer that takes no adapter). Raises AdapterInvalid if it cannot be used."""
-    name = entry.name
+    name = entry.label
     try:
         raw = load_file(entry.path, device="cpu")
     except (OSError, SafetensorError, ValueError) as exc:
-        raise AdapterInvalid(f"adapter {name!r} cannot be read: {exc}") from None
+        raise AdapterInvalid(f"adapter {name} cannot be read: {exc}") from None
     staged = {}
     for path, (a, b, alpha) in _to_peft_layers(raw, name, reader, prefix).items():
         target = target_of(path)
         if target is None:
-            raise AdapterInvalid(f"adapter {name!r} changes {path}, which is not among this "
+            raise AdapterInvalid(f"adapter {name} changes {path}, which is not among this "
                                  "model's lora_targets")
         rank = a.shape[0]
         if (rank > max_rank or a.shape[1] != target.in_features
                 or b.shape != (target.out_features, rank)):
-            raise AdapterInvalid(f"adapter {name!r} does not fit this model at {path}")
+            raise AdapterInvalid(f"adapter {name} does not fit this model at {path}")
         a, b = a.to(target.dtype), b.to(target.dtype)
         if target.pin:
             a, b = a.pin_memory(), b.pin_memory()
         staged[path] = (a, b, (alpha if alpha is not None else rank) / rank)
-    return AdapterWeights(name, staged)
+    return AdapterWeights(entry.name, staged)
 
 
 def _to_peft_layers(raw: dict[str, torch.Tensor], name: str, reader: LoraReader | None,
                     prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
     """The denoiser's LoRA tensors by module path, from any layout `reader` converts
-    (default: SDXL's, which reads the diffusers/PEFT and kohya layouts)."""
+    (default: SDXL's, which reads the diffusers/PEFT and kohya layouts). `name` labels the
+    adapter in messages."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     if reader is None:
@@ -78,7 +79,7 @@ def _to_peft_layers(raw: dict[str, torch.Tensor], name: str, reader: LoraReader 
     try:
         state, alphas = reader(raw)
     except (ValueError, KeyError, RuntimeError, AssertionError) as exc:
-        raise AdapterInvalid(f"adapter {name!r} is not a LoRA diffusers can read: {exc}") from None
+        raise AdapterInvalid(f"adapter {name} is not a LoRA diffusers can read: {exc}") from None
     lead = f"{prefix}."
     own = {k.removeprefix(lead): v for k, v in state.items() if k.startswith(lead)}
     if len(own) < len(state):
@@ -96,8 +97,8 @@ def _to_peft_layers(raw: dict[str, torch.Tensor], name: str, reader: LoraReader 
         path = key.split(".lora_A.")[0]
         b = peft.get(key.replace(".lora_A.", ".lora_B."))
         if b is None or a.ndim != 2 or b.ndim != 2:
-            raise AdapterInvalid(f"adapter {name!r}: {path} is not a linear LoRA pair")
+            raise AdapterInvalid(f"adapter {name}: {path} is not a linear LoRA pair")
         layers[path] = (a, b, alpha_of.get(path))
     if not layers:
-        raise AdapterInvalid(f"adapter {name!r} has no {prefix} LoRA weights")
+        raise AdapterInvalid(f"adapter {name} has no {prefix} LoRA weights")
     return layers

@@ -17,7 +17,8 @@ from ray import serve
 
 from deployments.batcher import Batcher, StepListener
 from deployments.encoding import encode_image
-from serve.adapters import AdapterCatalog, AdapterSet
+from deployments.lora_downloads import AdapterDownloads, DownloadSettings
+from serve.adapters import AdapterCatalog, AdapterInvalid, AdapterSet
 from serve.config import ModelConfig
 from serve.errors import AtelierError, InferenceFailed, ReplicaLost
 from serve.metrics import ModelMetrics
@@ -36,14 +37,20 @@ class ModelDeployment:
     replica is reported healthy only once a request would run at full speed.
     """
 
-    def __init__(self, model: dict, cache_dir: str, adapters: list[dict]):
+    def __init__(self, model: dict, cache_dir: str, adapters: list[dict],
+                 downloads: dict | None = None):
         from deployments.engines import create_engine
 
         self.cfg = ModelConfig.model_validate(model)
         catalog = AdapterCatalog.from_dicts(adapters).entries
-        fitting = {name: e for name, e in catalog.items() if e.problem_with(self.cfg) is None}
+        # Adapters given by URL join this replica's catalog as they are downloaded.
+        self._catalog = {n: e for n, e in catalog.items() if e.problem_with(self.cfg) is None}
+        self._downloads = downloads and AdapterDownloads(DownloadSettings(
+            Path(cache_dir) / "lora-downloads", tuple(downloads["allowed_hosts"]),
+            downloads["max_bytes"]))
         started = time.monotonic()
-        self.engine = create_engine(self.cfg, Path(cache_dir), fitting)
+        self.engine = create_engine(self.cfg, Path(cache_dir),
+                                    self._catalog if self._catalog or self._downloads else None)
         self.load_s = time.monotonic() - started
         # One thread: pipeline calls never overlap on a replica. Prompts are encoded on
         # another as requests arrive, and images compressed on others, all while the
@@ -164,14 +171,33 @@ class ModelDeployment:
 
     async def _hold_adapters(self, adapters: AdapterSet) -> None:
         """Make the set resident (through Serve's multiplexing, which reports it to the
-        router); count whether it was already held."""
+        router), downloading adapters given by URL first; count whether it was already
+        held."""
         held = all(name in self.engine.adapters.loaded for name in adapters.names)
         try:
+            await self._download_adapters(adapters)
             await self._adapter_set(adapters.key)
         except Exception:
             self.metrics.adapters.inc(1, {"outcome": "failed"})
             raise
         self.metrics.adapters.inc(1, {"outcome": "hit" if held else "load"})
+
+    async def _download_adapters(self, adapters: AdapterSet) -> None:
+        """Add the set's adapters given by URL to this replica's catalog, downloading those
+        not on this node yet. Raises AdapterInvalid."""
+        for name, url in adapters.urls:
+            if name in self._catalog:
+                continue
+            if self._downloads is None:
+                raise AdapterInvalid("this server downloads no LoRA files "
+                                     "(its lora_allowed_hosts is empty)")
+            entry = await self._downloads.entry(
+                name, url, self.cfg.id,
+                lambda *args: asyncio.get_running_loop().run_in_executor(self._workers, *args))
+            problem = entry.problem_with(self.cfg)
+            if problem is not None:
+                raise AdapterInvalid(problem)
+            self._catalog[name] = entry
 
     async def _load_adapters(self, adapters: AdapterSet) -> AdapterSet:
         """Read missing adapters off the pipeline thread, then inject them between calls."""

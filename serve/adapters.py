@@ -1,17 +1,19 @@
 """LoRA adapters on the CPU side: the adapter-set value type and the catalog.
 
-A request can only name catalog entries; the catalog is built once at start from the
-configured folders, so no request value ever becomes a filesystem path.
+A request names catalog entries, built once at start from the configured folders, or gives
+a LoRA file's URL on a host in `lora_allowed_hosts`, which replicas download under a name
+made from the URL's hash. No request value ever becomes a filesystem path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from serve.config import ModelConfig
@@ -44,18 +46,22 @@ class AdapterSet:
     """Adapters and their scales in canonical (name) order; empty means the base model.
 
     `key` is the canonical string form ("a@0.8+b@1"), used as Serve's multiplexed model id.
+    `urls` maps the names of adapters given by URL to their URLs, for the replica that
+    downloads them; the set's identity is its items alone.
     """
 
     items: tuple[tuple[str, float], ...] = ()
+    urls: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     @classmethod
-    def of(cls, pairs: Iterable[tuple[str, float]]) -> AdapterSet:
+    def of(cls, pairs: Iterable[tuple[str, float]],
+           urls: Iterable[tuple[str, str]] = ()) -> AdapterSet:
         """Raises ValueError if a name appears twice."""
         items = tuple(sorted((name, round(float(scale), 4)) for name, scale in pairs))
         names = [name for name, _ in items]
         if len(set(names)) != len(names):
             raise ValueError("an adapter is named twice")
-        return cls(items)
+        return cls(items, tuple(sorted(set(urls))))
 
     @classmethod
     def from_key(cls, key: str) -> AdapterSet:
@@ -92,15 +98,43 @@ class AdapterEntry:
     default_scale: float
     rank: int
     layout: str  # "peft" (diffusers/PEFT keys) or "kohya"
+    url: str = ""  # where a downloaded adapter came from
+
+    @property
+    def label(self) -> str:
+        """How messages name it: the catalog name, or the URL the request gave."""
+        return self.url or repr(self.name)
 
     def problem_with(self, model: ModelConfig) -> str | None:
         """Why this adapter cannot serve `model`, or None when it can."""
         if self.base not in (model.id, model.family, *model.aliases):
-            return f"adapter {self.name!r} is for {self.base}, not {model.id}"
+            return f"adapter {self.label} is for {self.base}, not {model.id}"
         if self.rank > model.max_lora_rank:
-            return (f"adapter {self.name!r} has rank {self.rank}, above this model's "
+            return (f"adapter {self.label} has rank {self.rank}, above this model's "
                     f"max_lora_rank {model.max_lora_rank}")
         return None
+
+
+def adapter_url(ref: str) -> str | None:
+    """The http(s) URL a reference gives, or None for a catalog name. Replicate's
+    scheme-less `huggingface.co/...` form is read as https; a Hugging Face repository
+    without a file is refused (InvalidField("loras")), since it names no single file."""
+    ref = ref.strip()
+    if ref.startswith("huggingface.co/"):
+        ref = f"https://{ref}"
+    if not ref.startswith(("http://", "https://")):
+        return None
+    parts = ref.split("/")
+    if parts[2] == "huggingface.co" and "resolve" not in parts[5:6]:
+        raise InvalidField("loras", "give the LoRA file's URL on Hugging Face: https://"
+                                    "huggingface.co/<owner>/<repo>/resolve/main/<file>"
+                                    ".safetensors")
+    return ref
+
+
+def url_adapter_name(url: str) -> str:
+    """The name an adapter given by URL goes by: the same on every replica and ingress."""
+    return f"url-{hashlib.sha256(url.encode()).hexdigest()[:24]}"
 
 
 def split_prompt_tags(prompt: str) -> tuple[str, list[tuple[str, float | None]]]:

@@ -149,6 +149,9 @@ def _scan_adapters(config: AtelierConfig) -> AdapterCatalog:
 def _model_app(model: ModelConfig, config: AtelierConfig, catalog: list[dict],
                has_gpus: bool) -> serve.Application:
     gpus = 1 if model.device == "cuda" or (model.device == "auto" and has_gpus) else 0
+    downloads = {"allowed_hosts": config.lora_allowed_hosts,
+                 "max_bytes": config.lora_download_max_mb * 2**20} if (
+        config.lora_allowed_hosts and model.runs_adapters) else None
     return ModelDeployment.options(
         name=_deployment_name(model),
         num_replicas=model.replicas,
@@ -158,7 +161,7 @@ def _model_app(model: ModelConfig, config: AtelierConfig, catalog: list[dict],
         health_check_period_s=model.health_check_period_s,
         health_check_timeout_s=model.health_check_timeout_s,
         graceful_shutdown_timeout_s=model.request_timeout_s + _DRAIN_MARGIN_S,
-    ).bind(model.model_dump(mode="json"), str(config.cache_dir), catalog)
+    ).bind(model.model_dump(mode="json"), str(config.cache_dir), catalog, downloads)
 
 
 def _cluster_has_gpus() -> bool:

@@ -140,6 +140,13 @@ class ModelConfig(_Strict):
         return self.defaults.scheduler or self.rules.schedulers[0]
 
     @property
+    def runs_adapters(self) -> bool:
+        """Whether its speed settings leave LoRA adapters a way to run: fused QKV and FP8
+        replace the layers adapters change, and compiled blocks need them merged."""
+        s = self.speed
+        return not (s.fuse_qkv or s.fp8 or (s.compile and not self.fuse_adapters))
+
+    @property
     def slug(self) -> str:
         """A name usable as a Serve deployment name."""
         return re.sub(r"[^a-z0-9-]", "-", self.id)
@@ -167,6 +174,13 @@ class AtelierConfig(_Strict):
         "Where embedded models are built."))
     lora_folders: list[LoraFolderConfig] = Field(default_factory=list, description=(
         "Folders whose LoRA adapters form the catalog that requests may name."))
+    lora_allowed_hosts: list[str] = Field(default_factory=list, description=(
+        "Hosts (host, host:port, or *.domain) that LoRA files may be downloaded from when a "
+        "request gives a URL instead of a catalog name (Replicate's lora_weights); none by "
+        "default. Redirects are followed only to listed hosts (for Hugging Face: "
+        "huggingface.co and *.hf.co)."))
+    lora_download_max_mb: int = Field(2048, ge=1, description=(
+        "Largest LoRA file a replica downloads, in megabytes."))
     api_keys: list[str] = Field(default_factory=list, repr=False, description=(
         "Keys clients must send as `Authorization: Bearer <key>` (or `Token <key>`); "
         "ATELIER_API_KEYS (comma-separated) adds more. None: the server is open."))
@@ -217,8 +231,7 @@ class AtelierConfig(_Strict):
             names = (model.id, model.family, *model.aliases)
             if not any(f.base in names for f in self.lora_folders):
                 continue
-            speed = model.speed
-            if speed.fuse_qkv or speed.fp8 or (speed.compile and not model.fuse_adapters):
+            if not model.runs_adapters:
                 raise ValueError(
                     f"model {model.id}: lora_folders has adapters for it, which cannot run with "
                     "speed.fuse_qkv or speed.fp8 (they replace the layers adapters change), nor "

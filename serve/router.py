@@ -15,7 +15,7 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 
-from serve.adapters import AdapterCatalog, AdapterSet
+from serve.adapters import AdapterCatalog, AdapterSet, adapter_url, url_adapter_name
 from serve.config import AtelierConfig, ModelConfig
 from serve.errors import (
     AtelierError,
@@ -28,6 +28,7 @@ from serve.errors import (
 )
 from serve.metrics import IngressMetrics
 from serve.types import GenerationRequest, GenerationResult
+from serve.urls import check_allowed_url
 
 log = logging.getLogger("ray.serve.atelier.router")
 
@@ -62,22 +63,35 @@ class ModelRouter:
 
     def adapters_for(self, model: ModelConfig,
                      refs: list[tuple[str, float | None]]) -> AdapterSet:
-        """The adapter set for (name, scale or None for the default) references.
+        """The adapter set for (catalog name or file URL, scale or None for the default)
+        references.
 
         Raises AdapterNotFound for a name outside the catalog, InvalidField("loras") for
-        an adapter this model cannot use, a name given twice, or too many adapters.
+        an adapter this model cannot use, a URL on a host outside lora_allowed_hosts, a
+        name given twice, or too many adapters.
         """
         if len(refs) > model.limits.max_loras:
             raise InvalidField("loras", f"at most {model.limits.max_loras} adapters per request")
-        pairs = []
-        for name, scale in refs:
-            entry = self.catalog.get(name)
+        pairs, urls = [], []
+        for ref, scale in refs:
+            url = adapter_url(ref)
+            if url is not None:
+                if not model.runs_adapters:
+                    raise InvalidField("loras", f"{model.id} runs with speed settings that "
+                                                "leave no room for LoRA adapters")
+                check_allowed_url(url, self.config.lora_allowed_hosts, "loras",
+                                  "lora_allowed_hosts")
+                name = url_adapter_name(url)
+                urls.append((name, url))
+                pairs.append((name, 1.0 if scale is None else scale))
+                continue
+            entry = self.catalog.get(ref)
             problem = entry.problem_with(model)
             if problem is not None:
                 raise InvalidField("loras", problem)
-            pairs.append((name, entry.default_scale if scale is None else scale))
+            pairs.append((ref, entry.default_scale if scale is None else scale))
         try:
-            return AdapterSet.of(pairs)
+            return AdapterSet.of(pairs, urls)
         except ValueError as exc:
             raise InvalidField("loras", str(exc)) from None
 

@@ -64,7 +64,7 @@ def model_path(model: ModelConfig, cache_dir: Path) -> Path:
 
 
 def create_engine(model: ModelConfig, cache_dir: Path,
-                  adapters: dict[str, AdapterEntry]) -> Engine:
+                  adapters: dict[str, AdapterEntry] | None) -> Engine:
     """Load the model's pipeline; `adapters` are the catalog entries that fit it."""
     path = model_path(model, cache_dir)
     device = resolve_device(model.device)

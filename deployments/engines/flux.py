@@ -42,7 +42,7 @@ class FluxEngine(DiffusersEngine):
                  compile_cache: Path | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
         self.adapters = adapter_store(
-            self.pipe.transformer, adapters or {}, max_adapters, max_lora_rank, lora_targets,
+            self.pipe.transformer, adapters, max_adapters, max_lora_rank, lora_targets,
             prefix="transformer", reader=partial(FluxPipeline.lora_state_dict,
                                                  return_alphas=True), fuse=fuse_adapters)
         self.speed_up(speed or SpeedConfig(), compile_cache or path / ".compile")

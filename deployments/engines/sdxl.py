@@ -61,7 +61,7 @@ class SDXLEngine(DiffusersEngine):
         base = self.pipe.scheduler.config
         self._schedulers = {name: cls.from_config(base, **extra)
                             for name, (cls, extra) in _SCHEDULERS.items()}
-        self.adapters = adapter_store(self.pipe.unet, adapters or {}, max_adapters,
+        self.adapters = adapter_store(self.pipe.unet, adapters, max_adapters,
                                       max_lora_rank, lora_targets, fuse=fuse_adapters)
         self.speed_up(speed or SpeedConfig(), compile_cache or path / ".compile")
 

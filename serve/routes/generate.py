@@ -37,7 +37,8 @@ router = APIRouter()
 class LoraRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200, description="A name from GET /v1/loras.")
+    name: str = Field(min_length=1, max_length=2048, description=(
+        "A name from GET /v1/loras, or a LoRA file's URL on a host in lora_allowed_hosts."))
     scale: float | None = Field(None, ge=-4, le=4, description="Default: the adapter's own.")
 
 

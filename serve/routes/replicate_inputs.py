@@ -23,11 +23,13 @@ _WAIT = re.compile(r"(?:^|[,;\s])wait(?:=(\d+))?(?:$|[,;\s])")
 
 
 class _LoraInput(BaseModel):
-    """The LoRA inputs of Replicate's LoRA models: a name from the catalog, its scale."""
+    """The LoRA inputs of Replicate's LoRA models: a catalog name or file URL, its scale."""
 
     model_config = ConfigDict(extra="forbid")
 
-    lora_weights: str | None = Field(None, description="A LoRA name from GET /v1/loras")
+    lora_weights: str | None = Field(None, max_length=2048, description=(
+        "A LoRA name from GET /v1/loras, or the URL of a .safetensors LoRA file on a host "
+        "in lora_allowed_hosts"))
     lora_scale: float | None = Field(None, ge=-4, le=4, description="Scale of lora_weights")
 
     def lora_refs(self) -> list[tuple[str, float | None]]:
@@ -102,7 +104,8 @@ class FluxInput(_LoraInput):
     output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Image format")
     output_quality: int = Field(80, ge=0, le=100, description="webp/jpg quality")
     extra_lora: str | None = Field(None, description=(
-        "A second LoRA name from GET /v1/loras, stacked on lora_weights"))
+        "A second LoRA (a name from GET /v1/loras or a file URL), stacked on "
+        "lora_weights"))
     extra_lora_scale: float | None = Field(None, ge=-4, le=4, description=(
         "Scale of extra_lora"))
     go_fast: bool = Field(True, description="Accepted; the model's speed settings apply")

@@ -11,7 +11,7 @@ waits two seconds for company, so concurrent requests reliably share pipeline ca
 `atelier/tiny-sdxl-stall` counts a pipeline call of over 1.5 s as wedged;
 `atelier/tiny-flux` is the embedded tiny FLUX. The adapter catalog is the embedded demo
 set plus `bad_adapters` (files that must fail cleanly). Request bodies over 2 MiB get 413;
-input images may be fetched from 127.0.0.1.
+input images and LoRA files may be fetched from 127.0.0.1.
 """
 
 import asyncio
@@ -79,6 +79,7 @@ def base_url(cache_dir, bad_adapters, metrics_port):
 
     config = {"cache_dir": str(cache_dir), "api_keys": [API_KEY],
               "webhook_allowed_hosts": ["127.0.0.1"], "image_allowed_hosts": ["127.0.0.1"],
+              "lora_allowed_hosts": ["127.0.0.1"],
               "max_body_bytes": MAX_BODY_BYTES,
               "models": [
         _model(FAST, 10, aliases=["stability-ai/sdxl"], max_loaded_adapters=2,

@@ -96,3 +96,65 @@ def test_an_adapter_names_why_a_model_cannot_use_it():
     assert AdapterEntry("a", "/x", "stability-ai/sdxl", 1.0, 8, "peft").problem_with(model) is None
     assert "is for flux" in AdapterEntry("a", "/x", "flux", 1.0, 8, "peft").problem_with(model)
     assert "rank 32" in AdapterEntry("a", "/x", "sdxl", 1.0, 32, "peft").problem_with(model)
+
+
+HF_FILE = "https://huggingface.co/acme/ink-lora/resolve/main/ink.safetensors"
+
+
+@pytest.mark.parametrize("ref, url", [
+    ("pixel-art", None),
+    (HF_FILE, HF_FILE),
+    (HF_FILE.removeprefix("https://"), HF_FILE),  # Replicate's scheme-less form
+    (" http://127.0.0.1:8000/a.safetensors ", "http://127.0.0.1:8000/a.safetensors"),
+])
+def test_a_reference_is_a_catalog_name_or_a_file_url(ref, url):
+    from serve.adapters import adapter_url
+
+    assert adapter_url(ref) == url
+
+
+def test_a_hugging_face_repository_without_a_file_is_refused_with_the_form_to_use():
+    from serve.adapters import adapter_url
+
+    with pytest.raises(InvalidField) as err:
+        adapter_url("huggingface.co/acme/ink-lora")
+    assert err.value.field == "loras"
+    assert "/resolve/main/<file>.safetensors" in str(err.value)
+
+
+def test_adapters_given_by_url_have_stable_names_and_urls_do_not_change_the_set():
+    from serve.adapters import NAME, url_adapter_name
+
+    name = url_adapter_name(HF_FILE)
+    assert name == url_adapter_name(HF_FILE) != url_adapter_name(HF_FILE + "?v=2")
+    assert NAME.match(name) and len(name) == 28
+    with_url = AdapterSet.of([(name, 0.5)], [(name, HF_FILE)])
+    assert with_url == AdapterSet.of([(name, 0.5)]) and with_url.key == f"{name}@0.5"
+    assert with_url.urls == ((name, HF_FILE),)
+
+
+def _url_router(**config):
+    from serve.config import parse_config
+    from serve.router import ModelRouter
+
+    cfg = parse_config({"models": [{"id": "acme/fast", "embedded": "tiny-sdxl",
+                                    "speed": {"fuse_qkv": True}},
+                                   {"id": "acme/plain", "embedded": "tiny-sdxl"}], **config})
+    return ModelRouter(cfg, AdapterCatalog.from_dicts([]), {}, metrics=None), cfg.models
+
+
+def test_file_urls_are_taken_only_from_allowed_hosts_and_for_models_that_run_adapters():
+    router, (fast, plain) = _url_router(lora_allowed_hosts=["huggingface.co", "*.hf.co"])
+    got = router.adapters_for(plain, [(HF_FILE, None), ("https://cdn-lfs.hf.co/x", 0.7)])
+    names = {url: name for name, url in got.urls}
+    assert dict(got.items) == {names[HF_FILE]: 1.0, names["https://cdn-lfs.hf.co/x"]: 0.7}
+    for ref in ("https://example.com/a.safetensors", "http://hf.co.evil.net/a",
+                "https://evilhf.co/a"):
+        with pytest.raises(InvalidField, match="not in this server's lora_allowed_hosts") as err:
+            router.adapters_for(plain, [(ref, None)])
+        assert err.value.field == "loras"
+    with pytest.raises(InvalidField, match="speed settings"):
+        router.adapters_for(fast, [(HF_FILE, None)])
+    closed, (_, plain) = _url_router()
+    with pytest.raises(InvalidField, match="lora_allowed_hosts"):
+        closed.adapters_for(plain, [(HF_FILE, None)])

@@ -1,0 +1,125 @@
+"""LoRA files given by URL: downloaded once per node into the cache folder, then served
+like catalog entries.
+
+The ingress has already checked the URL's host against `lora_allowed_hosts`; the replica
+checks it again, and every redirect too, so a listed host cannot send it elsewhere. A
+file is written under a temporary name and renamed when whole and readable as a
+safetensors LoRA, so a cut or refused download leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from serve.adapters import AdapterEntry, AdapterInvalid, read_entry
+from serve.urls import host_allowed
+
+log = logging.getLogger("ray.serve.atelier.adapters")
+
+_MAX_REDIRECTS = 5
+_TIMEOUT = httpx.Timeout(30, connect=10)
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """Where and from where a replica downloads LoRA files (the app's lora_* settings)."""
+
+    folder: Path
+    allowed_hosts: tuple[str, ...]
+    max_bytes: int
+
+
+def download_file(url: str, dest: Path, allowed_hosts: tuple[str, ...], max_bytes: int,
+                  token: str | None = None) -> None:
+    """Save the file at `url` as `dest`, following redirects to allowed hosts only. `token`
+    goes to huggingface.co alone (never to the hosts it redirects to).
+
+    Raises AdapterInvalid when the host is not allowed, the server does not answer 200,
+    or the file is over `max_bytes`.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, part = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, httpx.Client(timeout=_TIMEOUT) as client:
+            _stream_to(client, url, out, allowed_hosts, max_bytes, token)
+        os.replace(part, dest)
+    except httpx.HTTPError as exc:
+        raise AdapterInvalid(f"could not download the LoRA at {url}: "
+                             f"{type(exc).__name__}") from None
+    finally:
+        if os.path.exists(part):
+            os.unlink(part)
+
+
+def _stream_to(client: httpx.Client, url: str, out, allowed_hosts: tuple[str, ...],
+               max_bytes: int, token: str | None) -> None:
+    for _ in range(_MAX_REDIRECTS + 1):
+        if not host_allowed(url, allowed_hosts):
+            raise AdapterInvalid(f"the LoRA URL leads to {urlsplit(url).hostname}, which is "
+                                 "not in this server's lora_allowed_hosts")
+        headers = {"Authorization": f"Bearer {token}"} if (
+            token and urlsplit(url).hostname == "huggingface.co") else {}
+        with client.stream("GET", url, headers=headers) as response:
+            if response.is_redirect:
+                url = urljoin(url, response.headers["location"])
+                continue
+            if response.status_code != 200:
+                raise AdapterInvalid(f"downloading the LoRA at {url} gave HTTP "
+                                     f"{response.status_code}")
+            size = int(response.headers.get("content-length") or 0)
+            written = 0
+            for chunk in response.iter_bytes(_CHUNK):
+                written += len(chunk)
+                if max(size, written) > max_bytes:
+                    raise AdapterInvalid(f"the LoRA at {url} is over lora_download_max_mb "
+                                         f"({max_bytes // 2**20} MB)")
+                out.write(chunk)
+            return
+    raise AdapterInvalid(f"the LoRA URL redirects more than {_MAX_REDIRECTS} times")
+
+
+class AdapterDownloads:
+    """The adapters of one replica given by URL: each downloaded at most once at a time,
+    and kept in `settings.folder` for later requests and restarts."""
+
+    def __init__(self, settings: DownloadSettings):
+        self.settings = settings
+        self._pending: dict[str, asyncio.Future] = {}
+
+    async def entry(self, name: str, url: str, base: str,
+                    run: Callable[..., asyncio.Future]) -> AdapterEntry:
+        """The catalog entry for adapter `name` at `url`, downloading it (with `run`, which
+        runs a blocking call off the event loop) unless it is on disk already. Requests for
+        an adapter being downloaded wait for that download. Raises AdapterInvalid."""
+        path = self.settings.folder / f"{name}.safetensors"
+        if not path.exists():
+            task = self._pending.get(name)
+            if task is None:
+                task = self._pending[name] = asyncio.ensure_future(
+                    self._download(name, url, path, run))
+            await asyncio.shield(task)  # one caller giving up does not stop the others'
+        try:
+            return replace(read_entry(path, base, 1.0), url=url)
+        except (OSError, ValueError) as exc:
+            path.unlink(missing_ok=True)  # a file that is not a LoRA is not kept
+            raise AdapterInvalid(f"the file at {url} is not a safetensors LoRA: {exc}") from None
+
+    async def _download(self, name: str, url: str, path: Path,
+                        run: Callable[..., asyncio.Future]) -> None:
+        s = self.settings
+        log.info("downloading LoRA %s to %s", url, path)
+        try:
+            await run(download_file, url, path, s.allowed_hosts, s.max_bytes,
+                      os.environ.get("HF_TOKEN"))
+        finally:
+            del self._pending[name]

@@ -1,0 +1,112 @@
+"""LoRA files given by URL, downloaded from a real local HTTP server."""
+
+import asyncio
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from safetensors.torch import save, save_file
+
+from deployments.lora_downloads import AdapterDownloads, DownloadSettings, download_file
+from serve.adapters import AdapterInvalid
+
+LORA = save({"unet.down.lora_A.weight": torch.ones(4, 8),
+             "unet.down.lora_B.weight": torch.zeros(8, 4)})
+
+
+@pytest.fixture(scope="module")
+def server():
+    """127.0.0.1 serves the files; /away redirects to `localhost`, another host."""
+    gets = Counter()
+    routes = {"/a.safetensors": (200, LORA), "/big": (200, b"x" * 3000),
+              "/text": (200, b"<html>a model card</html>")}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            gets[self.path] += 1
+            port = self.server.server_address[1]
+            if self.path in ("/moved", "/away"):
+                host = "127.0.0.1" if self.path == "/moved" else "localhost"
+                self.send_response(302)
+                self.send_header("Location", f"http://{host}:{port}/a.safetensors")
+                self.end_headers()
+                return
+            status, body = routes.get(self.path.split("?")[0], (404, b"no"))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", gets
+    httpd.shutdown()
+
+
+ALLOWED = ("127.0.0.1",)
+
+
+def test_a_file_is_saved_whole_and_redirects_within_allowed_hosts_are_followed(server, tmp_path):
+    url, _ = server
+    for path in ("/a.safetensors", "/moved"):
+        dest = tmp_path / f"{path[1:]}.safetensors"
+        download_file(url + path, dest, ALLOWED, 10_000)
+        assert dest.read_bytes() == LORA
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors.safetensors",
+                                                         "moved.safetensors"]
+
+
+@pytest.mark.parametrize("path, reason", [
+    ("/away", "leads to localhost, which is not in this server's lora_allowed_hosts"),
+    ("/missing", "gave HTTP 404"),
+    ("/big", "is over lora_download_max_mb"),
+])
+def test_refused_downloads_say_why_and_leave_no_file(server, tmp_path, path, reason):
+    url, _ = server
+    with pytest.raises(AdapterInvalid, match=reason):
+        download_file(url + path, tmp_path / "x.safetensors", ALLOWED, 2000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_host_that_cannot_be_reached_is_an_invalid_adapter(tmp_path):
+    with pytest.raises(AdapterInvalid, match="could not download the LoRA at .*ConnectError"):
+        download_file("http://127.0.0.1:9/a.safetensors", tmp_path / "x.safetensors",
+                      ALLOWED, 2000)
+
+
+def _run_in_thread(fn, *args):
+    return asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def test_concurrent_requests_share_one_download_and_later_ones_use_the_file(server, tmp_path):
+    url, gets = server
+    downloads = AdapterDownloads(DownloadSettings(tmp_path, ALLOWED, 10_000))
+    lora = f"{url}/a.safetensors?shared"
+    before = gets["/a.safetensors?shared"]
+
+    async def three():
+        first = await asyncio.gather(*(downloads.entry("url-1", lora, "acme/m", _run_in_thread)
+                                       for _ in range(2)))
+        return [*first, await downloads.entry("url-1", lora, "acme/m", _run_in_thread)]
+
+    entries = asyncio.run(three())
+    assert gets["/a.safetensors?shared"] - before == 1
+    assert {(e.name, e.base, e.rank, e.layout) for e in entries} == {
+        ("url-1", "acme/m", 4, "peft")}
+    assert (tmp_path / "url-1.safetensors").read_bytes() == LORA
+
+
+def test_a_file_that_is_not_a_lora_is_refused_and_not_kept(server, tmp_path):
+    url, _ = server
+    downloads = AdapterDownloads(DownloadSettings(tmp_path, ALLOWED, 10_000))
+    with pytest.raises(AdapterInvalid, match="is not a safetensors LoRA"):
+        asyncio.run(downloads.entry("url-2", f"{url}/text", "acme/m", _run_in_thread))
+    save_file({"w": torch.ones(2)}, str(tmp_path / "url-3.safetensors"))  # no LoRA keys
+    with pytest.raises(AdapterInvalid, match="no LoRA weights"):
+        asyncio.run(downloads.entry("url-3", f"{url}/text", "acme/m", _run_in_thread))
+    assert list(tmp_path.iterdir()) == []
