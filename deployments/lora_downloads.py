@@ -3,8 +3,9 @@ like catalog entries.
 
 The ingress has already checked the URL's host against `lora_allowed_hosts`; the replica
 checks it again, and every redirect too, so a listed host cannot send it elsewhere. A
-file is written under a temporary name and renamed when whole and readable as a
-safetensors LoRA, so a cut or refused download leaves nothing behind.
+file is written under a temporary name and renamed when whole, so a cut or refused
+download leaves nothing behind; the folder is kept under a size by deleting the least
+recently used files.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -21,6 +22,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 
 from serve.adapters import AdapterEntry, AdapterInvalid, read_entry
+from serve.config import ModelConfig
 from serve.urls import host_allowed
 
 log = logging.getLogger("ray.serve.atelier.adapters")
@@ -37,6 +39,7 @@ class DownloadSettings:
     folder: Path
     allowed_hosts: tuple[str, ...]
     max_bytes: int
+    cache_bytes: int = 20 * 2**30  # the folder's size past which the least used files go
 
 
 def download_file(url: str, dest: Path, allowed_hosts: tuple[str, ...], max_bytes: int,
@@ -96,13 +99,34 @@ class AdapterDownloads:
         self.settings = settings
         self._pending: dict[str, asyncio.Future] = {}
 
+    async def add(self, urls: Iterable[tuple[str, str]], catalog: dict[str, AdapterEntry],
+                  held: Collection[str], model: ModelConfig,
+                  run: Callable[..., asyncio.Future]) -> None:
+        """Put each (name, url) adapter in `catalog` for `model`, unless `held` already
+        (in memory) or listed with its file still on disk. Raises AdapterInvalid for a
+        file that cannot be had or does not fit the model."""
+        for name, url in urls:
+            if name in held:
+                continue
+            known = catalog.get(name)
+            if known is not None and Path(known.path).exists():
+                Path(known.path).touch()  # the folder is trimmed by last use
+                continue
+            entry = await self.entry(name, url, model.id, run)
+            problem = entry.problem_with(model)
+            if problem is not None:
+                raise AdapterInvalid(problem)
+            catalog[name] = entry
+
     async def entry(self, name: str, url: str, base: str,
                     run: Callable[..., asyncio.Future]) -> AdapterEntry:
         """The catalog entry for adapter `name` at `url`, downloading it (with `run`, which
         runs a blocking call off the event loop) unless it is on disk already. Requests for
         an adapter being downloaded wait for that download. Raises AdapterInvalid."""
         path = self.settings.folder / f"{name}.safetensors"
-        if not path.exists():
+        if path.exists():
+            path.touch()  # the folder is trimmed by last use
+        else:
             task = self._pending.get(name)
             if task is None:
                 task = self._pending[name] = asyncio.ensure_future(
@@ -121,5 +145,26 @@ class AdapterDownloads:
         try:
             await run(download_file, url, path, s.allowed_hosts, s.max_bytes,
                       os.environ.get("HF_TOKEN"))
+            await run(trim_folder, s.folder, s.cache_bytes, path)
         finally:
             del self._pending[name]
+
+
+def trim_folder(folder: Path, max_bytes: int, keep: Path) -> list[Path]:
+    """Delete the least recently used LoRA files of `folder` (never `keep`) until the rest
+    fit in `max_bytes`; return the deleted paths. A replica holding a deleted adapter keeps
+    it in memory; one that needs it again downloads it again."""
+    files = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    total = sum(p.stat().st_size for p in files)
+    deleted = []
+    for path in files:
+        if total <= max_bytes:
+            break
+        if path != keep:
+            total -= path.stat().st_size
+            path.unlink(missing_ok=True)
+            deleted.append(path)
+    if deleted:
+        log.info("LoRA downloads over %d MB: deleted %s", max_bytes // 2**20,
+                 ", ".join(p.name for p in deleted))
+    return deleted

@@ -47,7 +47,7 @@ class ModelDeployment:
         self._catalog = {n: e for n, e in catalog.items() if e.problem_with(self.cfg) is None}
         self._downloads = downloads and AdapterDownloads(DownloadSettings(
             Path(cache_dir) / "lora-downloads", tuple(downloads["allowed_hosts"]),
-            downloads["max_bytes"]))
+            downloads["max_bytes"], downloads["cache_bytes"]))
         started = time.monotonic()
         self.engine = create_engine(self.cfg, Path(cache_dir),
                                     self._catalog if self._catalog or self._downloads else None)
@@ -185,19 +185,14 @@ class ModelDeployment:
     async def _download_adapters(self, adapters: AdapterSet) -> None:
         """Add the set's adapters given by URL to this replica's catalog, downloading those
         not on this node yet. Raises AdapterInvalid."""
-        for name, url in adapters.urls:
-            if name in self._catalog:
-                continue
-            if self._downloads is None:
-                raise AdapterInvalid("this server downloads no LoRA files "
-                                     "(its lora_allowed_hosts is empty)")
-            entry = await self._downloads.entry(
-                name, url, self.cfg.id,
-                lambda *args: asyncio.get_running_loop().run_in_executor(self._workers, *args))
-            problem = entry.problem_with(self.cfg)
-            if problem is not None:
-                raise AdapterInvalid(problem)
-            self._catalog[name] = entry
+        if not adapters.urls:
+            return
+        if self._downloads is None:
+            raise AdapterInvalid("this server downloads no LoRA files for this model "
+                                 "(lora_allowed_hosts, speed settings)")
+        loop = asyncio.get_running_loop()
+        await self._downloads.add(adapters.urls, self._catalog, self.engine.adapters.loaded,
+                                  self.cfg, lambda *a: loop.run_in_executor(self._workers, *a))
 
     async def _load_adapters(self, adapters: AdapterSet) -> AdapterSet:
         """Read missing adapters off the pipeline thread, then inject them between calls."""

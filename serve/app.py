@@ -150,7 +150,8 @@ def _model_app(model: ModelConfig, config: AtelierConfig, catalog: list[dict],
                has_gpus: bool) -> serve.Application:
     gpus = 1 if model.device == "cuda" or (model.device == "auto" and has_gpus) else 0
     downloads = {"allowed_hosts": config.lora_allowed_hosts,
-                 "max_bytes": config.lora_download_max_mb * 2**20} if (
+                 "max_bytes": config.lora_download_max_mb * 2**20,
+                 "cache_bytes": config.lora_download_cache_mb * 2**20} if (
         config.lora_allowed_hosts and model.runs_adapters) else None
     return ModelDeployment.options(
         name=_deployment_name(model),

@@ -181,6 +181,9 @@ class AtelierConfig(_Strict):
         "huggingface.co and *.hf.co)."))
     lora_download_max_mb: int = Field(2048, ge=1, description=(
         "Largest LoRA file a replica downloads, in megabytes."))
+    lora_download_cache_mb: int = Field(20480, ge=1, description=(
+        "Megabytes of downloaded LoRA files a node keeps; past it the least recently used "
+        "files are deleted (and downloaded again when needed)."))
     api_keys: list[str] = Field(default_factory=list, repr=False, description=(
         "Keys clients must send as `Authorization: Bearer <key>` (or `Token <key>`); "
         "ATELIER_API_KEYS (comma-separated) adds more. None: the server is open."))

@@ -110,3 +110,42 @@ def test_a_file_that_is_not_a_lora_is_refused_and_not_kept(server, tmp_path):
     with pytest.raises(AdapterInvalid, match="no LoRA weights"):
         asyncio.run(downloads.entry("url-3", f"{url}/text", "acme/m", _run_in_thread))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_folder_is_trimmed_to_its_size_by_last_use_never_the_new_file(tmp_path):
+    import os
+
+    from deployments.lora_downloads import trim_folder
+
+    for i, name in enumerate(["old", "used", "new"]):
+        (tmp_path / f"{name}.safetensors").write_bytes(b"x" * 1000)
+        os.utime(tmp_path / f"{name}.safetensors", (i, [1, 3, 2][i]))  # "used" is newest
+    assert trim_folder(tmp_path, 5000, tmp_path / "new.safetensors") == []
+    assert trim_folder(tmp_path, 1500, tmp_path / "new.safetensors") == [
+        tmp_path / "old.safetensors", tmp_path / "used.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["new.safetensors"]
+
+
+def test_add_skips_held_adapters_and_downloads_again_a_file_that_was_trimmed(server, tmp_path):
+    from serve.config import ModelConfig
+
+    url, gets = server
+    model = ModelConfig(id="acme/m", embedded="tiny-sdxl", max_lora_rank=2)
+    downloads = AdapterDownloads(DownloadSettings(tmp_path, ALLOWED, 10_000, cache_bytes=1))
+    lora, catalog = f"{url}/a.safetensors?add", {}
+
+    def add(name, held=(), rank=4):
+        served = model.model_copy(update={"max_lora_rank": rank})
+        asyncio.run(downloads.add([(name, lora)], catalog, held, served, _run_in_thread))
+
+    with pytest.raises(AdapterInvalid, match=r"adapter http://.*\?add has rank 4, above this "
+                                             "model's max_lora_rank 2"):
+        add("url-a", rank=2)
+    add("url-a")
+    add("url-a")  # its file is there: no download
+    assert catalog["url-a"].rank == 4 and gets["/a.safetensors?add"] == 1
+    (tmp_path / "url-a.safetensors").unlink()
+    add("url-a", held=["url-a"])  # in memory: nothing to do
+    assert gets["/a.safetensors?add"] == 1
+    add("url-a")
+    assert gets["/a.safetensors?add"] == 2 and (tmp_path / "url-a.safetensors").exists()
