@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar, NamedTuple
@@ -159,7 +160,8 @@ class DiffusersEngine:
                                  shrink_rows=self._shrinks_rows(first) and not self.buckets)
         out_of_memory = False
         try:
-            images = self._call(pipe, first, generators, inputs, callback)
+            with self._rows_follow(rows):
+                images = self._call(pipe, first, generators, inputs, callback)
         except torch.OutOfMemoryError:
             out_of_memory = True  # handled below, once the failed call's frames are gone
         if out_of_memory:
@@ -192,7 +194,14 @@ class DiffusersEngine:
         return self._pipes[first.mode]
 
     def _shrinks_rows(self, first: GenerationRequest) -> bool:
-        return True
+        """Whether withdrawn requests' rows can leave a running call. Inpainting keeps
+        per-row state out of the step callback's reach: its rows stay."""
+        return first.mode != "inpaint"
+
+    def _rows_follow(self, rows: BatchRows) -> AbstractContextManager:
+        """Around a call: keep per-row inputs the step callback cannot reach in step with
+        the rows still live (`rows`)."""
+        return nullcontext()
 
     def _encode(self, requests: Sequence[GenerationRequest],
                 embeds: Sequence[Embeds]) -> dict:

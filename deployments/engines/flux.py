@@ -9,7 +9,8 @@ kohya's (BFL module names). The speed settings are SDXL's, applied to the transf
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
@@ -19,10 +20,10 @@ from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine
 from deployments.engines.prompts import Embeds
+from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
 from serve.model_parts import FAMILIES
-from serve.types import GenerationRequest
 
 
 class FluxEngine(DiffusersEngine):
@@ -49,10 +50,25 @@ class FluxEngine(DiffusersEngine):
         # T5 reads the tokenizer's length, at most the 512 tokens FLUX was trained on.
         self.max_sequence_length = min(512, self.pipe.tokenizer_2.model_max_length)
 
-    def _shrinks_rows(self, first: GenerationRequest) -> bool:
-        # The pipeline expands guidance and image ids to the batch before the loop: the
-        # rows stay, and a call whose requests have all left still stops.
-        return False
+    @contextmanager
+    def _rows_follow(self, rows: BatchRows) -> Iterator[None]:
+        """The pipeline makes the transformer's `guidance` and `pooled_projections` for all
+        the call's rows before its loop, out of the step callback's reach; once requests
+        leave (their latents dropped), only the live rows of those go in."""
+
+        def live_rows(module, args, kwargs):
+            count = kwargs["hidden_states"].shape[0]
+            for name in ("guidance", "pooled_projections"):
+                value = kwargs.get(name)
+                if value is not None and value.shape[0] > count:
+                    kwargs[name] = value[rows.original_rows()]
+            return args, kwargs
+
+        hook = self.pipe.transformer.register_forward_pre_hook(live_rows, with_kwargs=True)
+        try:
+            yield
+        finally:
+            hook.remove()
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
         # T5 pads every prompt to the same length, so one call's embeddings stack.

@@ -70,10 +70,6 @@ class SDXLEngine(DiffusersEngine):
         pipe.scheduler = self._schedulers[first.scheduler]
         return pipe
 
-    def _shrinks_rows(self, first: GenerationRequest) -> bool:
-        # Inpainting keeps per-row state outside the step callback's reach: its rows stay.
-        return first.mode != "inpaint"
-
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
             prompt=prompt, device=self.device, num_images_per_prompt=1,

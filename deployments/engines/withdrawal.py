@@ -11,6 +11,7 @@ following steps no longer spend compute on images nobody waits for.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 
 import torch
 
@@ -32,6 +33,11 @@ class BatchRows:
             row += size
         self.live = [i for i in self.live if i not in gone]
         return keep
+
+    def original_rows(self) -> list[int]:
+        """The rows the live requests held when the call began."""
+        starts = [0, *accumulate(self.sizes)]
+        return [row for i in self.live for row in range(starts[i], starts[i + 1])]
 
     def split(self, images: Sequence) -> list[list]:
         """The call's output images per request; an empty list for a withdrawn one."""

@@ -134,3 +134,33 @@ def test_a_schnell_style_checkpoint_runs_and_ignores_guidance(tmp_path):
     fast = replace(BASE, num_inference_steps=4)
     low, high = (engine.generate([replace(fast, guidance_scale=g)])[0][0] for g in (0.0, 9.0))
     assert low.size == (128, 96) and np.array_equal(_px(low), _px(high))
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+def test_a_withdrawn_request_leaves_the_running_flux_batch_and_the_others_keep_their_pixels(
+        engine, mode):
+    first = _img2img(A, 0.8) if mode == "img2img" else BASE
+    batch = [replace(first, num_inference_steps=5),
+             replace(first, num_inference_steps=5, seed=2, num_outputs=2, prompt="a blue cone"),
+             replace(first, num_inference_steps=5, seed=3, prompt="a green ball")]
+    untouched = engine.generate(batch)
+    steps, rows = [], []
+    hook = engine.pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(
+            (kwargs["hidden_states"].shape[0], kwargs["pooled_projections"].shape[0],
+             kwargs["guidance"].shape[0])), with_kwargs=True)
+    try:
+        out = engine.generate(batch, withdrawn=lambda: {1} if len(steps) >= 2 else set(),
+                              on_step=lambda s, t: steps.append(s))
+    finally:
+        hook.remove()
+    assert [len(images) for images in out] == [1, 0, 1]
+    for kept in (0, 2):
+        diff = np.abs(_px(out[kept][0]) - _px(untouched[kept][0]))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    # This hook runs before the engine's, so it sees the pipeline's own inputs: guidance
+    # and pooled embeddings for the 4 rows the call began with, latents of 2 rows once
+    # the request has left after the second step.
+    steps_run = len(rows)
+    assert [r[0] for r in rows] == [4, 4] + [2] * (steps_run - 2)
+    assert {r[1:] for r in rows} == {(4, 4)}
