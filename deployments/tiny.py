@@ -17,6 +17,7 @@ from pathlib import Path
 from filelock import FileLock
 
 TINY_SDXL = "tiny-sdxl"
+TINY_SDXL_REFINER = "tiny-sdxl-refiner"
 TINY_FLUX = "tiny-flux"
 # Bump when the recipe below changes, so old caches are not reused.
 RECIPE_VERSION = 1
@@ -31,7 +32,8 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
     written under a temporary name and renamed into place while a file lock is held.
     Raises ValueError for an unknown name.
     """
-    builders = {TINY_SDXL: _build_tiny_sdxl, TINY_FLUX: _build_tiny_flux}
+    builders = {TINY_SDXL: _build_tiny_sdxl, TINY_SDXL_REFINER: _build_tiny_refiner,
+                TINY_FLUX: _build_tiny_flux}
     if name not in builders:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(builders)}")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -112,8 +114,18 @@ TINY_SDXL_CONFIGS = {
 }
 
 
+# The refiner's UNet (stable-diffusion-xl-refiner-1.0's design at the tiny size): text
+# conditioning from text_encoder_2 alone, and five time ids (sizes, crop, aesthetic score).
+TINY_REFINER_UNET = {**TINY_SDXL_CONFIGS["unet"], "cross_attention_dim": 32,
+                     "projection_class_embeddings_input_dim": 5 * 8 + 32}
+
+
 def _build_tiny_sdxl(folder: Path) -> None:
     build_random_sdxl(folder, TINY_SDXL_CONFIGS)
+
+
+def _build_tiny_refiner(folder: Path) -> None:
+    build_random_sdxl(folder, {**TINY_SDXL_CONFIGS, "unet": TINY_REFINER_UNET}, refiner=True)
 
 
 def _build_tiny_flux(folder: Path) -> None:
@@ -126,9 +138,12 @@ def _public(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32") -> None:
+def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32",
+                      refiner: bool = False) -> None:
     """Save an SDXL pipeline with random weights built from `configs` (keys unet, vae,
-    text_encoder, text_encoder_2, scheduler) in diffusers format with safetensors.
+    text_encoder, text_encoder_2, scheduler) in diffusers format with safetensors; with
+    `refiner`, a refiner's (an img2img pipeline without text_encoder, conditioned on the
+    aesthetic score, as stable-diffusion-xl-refiner-1.0 is saved).
 
     Deterministic for given configs. The text encoders' vocabulary is at least the
     generated tokenizer's; a larger one (the real 49408) costs the same as the real model.
@@ -137,6 +152,7 @@ def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32") -> No
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
@@ -151,14 +167,19 @@ def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32") -> No
         cfg["vocab_size"] = max(cfg["vocab_size"], vocab_size)
         return CLIPTextConfig(**cfg, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
 
-    torch.manual_seed(_SEED)
-    pipe = StableDiffusionXLPipeline(
-        text_encoder=CLIPTextModel(text_config("text_encoder")),
-        text_encoder_2=CLIPTextModelWithProjection(text_config("text_encoder_2")),
-        unet=UNet2DConditionModel(**_public(configs["unet"])),
-        vae=AutoencoderKL(**_public(configs["vae"])),
-        scheduler=EulerDiscreteScheduler(**_public(configs["scheduler"])),
-        tokenizer=tokenizer, tokenizer_2=tokenizer)
+    torch.manual_seed(_SEED + refiner)
+    text_encoder = None if refiner else CLIPTextModel(text_config("text_encoder"))
+    parts = {"text_encoder_2": CLIPTextModelWithProjection(text_config("text_encoder_2")),
+             "unet": UNet2DConditionModel(**_public(configs["unet"])),
+             "vae": AutoencoderKL(**_public(configs["vae"])),
+             "scheduler": EulerDiscreteScheduler(**_public(configs["scheduler"])),
+             "tokenizer_2": tokenizer}
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            **parts, text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False)
+    else:
+        pipe = StableDiffusionXLPipeline(**parts, text_encoder=text_encoder, tokenizer=tokenizer)
     pipe.to(dtype=getattr(torch, dtype))
     pipe.save_pretrained(folder, safe_serialization=True)
 

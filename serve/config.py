@@ -38,6 +38,24 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names each failing field."""
 
 
+class RefinerConfig(_Strict):
+    """An SDXL refiner (stable-diffusion-xl-refiner-1.0's architecture) that runs after the
+    base model for Replicate's `refine` input. It uses the base model's text_encoder_2 and
+    VAE, as diffusers' and Replicate's SDXL pipelines do; its own copies are not loaded."""
+
+    path: Path | None = Field(None, description=(
+        "Local diffusers folder of the refiner (safetensors weights). Never fetched."))
+    embedded: Literal["tiny-sdxl-refiner"] | None = Field(None, description=(
+        "Build and use the embedded random-weight refiner of the tiny SDXL."))
+    variant: str | None = Field(None, description="Weights file variant, e.g. fp16.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RefinerConfig:
+        if (self.path is None) == (self.embedded is None):
+            raise ValueError("set exactly one of path or embedded")
+        return self
+
+
 class ModelConfig(_Strict):
     id: str = Field(description="Public model id in owner/name form, e.g. atelier/tiny-sdxl.")
     aliases: list[str] = Field(default_factory=list, description=(
@@ -77,6 +95,9 @@ class ModelConfig(_Strict):
         "work with adapters. Costs a device copy of the targeted weights (SDXL attention "
         "projections: 1.9 GB in fp16; FLUX.1-dev's 17 targets: 23.7 GB in bf16) and a weight "
         "rewrite each time a replica's adapter set changes."))
+    refiner: RefinerConfig | None = Field(None, description=(
+        "SDXL only: a refiner for the `refine` request input (expert_ensemble_refiner, "
+        "base_image_refiner). Unset: requests asking for refinement get 422."))
     warmup_steps: int = Field(2, ge=1, le=50, description="Steps of the start-up warm-up call.")
     keep_warm_s: float | None = Field(None, gt=0, description=(
         "When set, a replica that has had no request for this many seconds runs a one-step "
@@ -120,6 +141,8 @@ class ModelConfig(_Strict):
             raise ValueError("set exactly one of path or embedded")
         if self.embedded not in (None, self.rules.embedded):
             raise ValueError(f"embedded {self.embedded!r} is not a {self.family} model")
+        if self.refiner is not None and self.family != "sdxl":
+            raise ValueError("refiner: only sdxl models take a refiner")
         self.defaults.check_within(self.limits, self.rules)
         if self.limits.max_loras > self.max_loaded_adapters:
             raise ValueError("limits.max_loras must not exceed max_loaded_adapters")
@@ -245,14 +268,16 @@ class AtelierConfig(_Strict):
     def check_paths(self) -> None:
         """Raise ConfigError naming the field of each model path that does not exist."""
         for i, model in enumerate(self.models):
-            if model.path is None:
-                continue
-            if not model.path.exists():
-                raise ConfigError(f"models.{i}.path: {model.path} does not exist")
-            if not (model.path / "model_index.json").is_file():
-                raise ConfigError(f"models.{i}.path: {model.path} is not a diffusers folder "
-                                  "(no model_index.json); convert single-file checkpoints "
-                                  "first (see README)")
+            refiner = model.refiner.path if model.refiner is not None else None
+            for field, path in (("path", model.path), ("refiner.path", refiner)):
+                if path is None:
+                    continue
+                if not path.exists():
+                    raise ConfigError(f"models.{i}.{field}: {path} does not exist")
+                if not (path / "model_index.json").is_file():
+                    raise ConfigError(f"models.{i}.{field}: {path} is not a diffusers folder "
+                                      "(no model_index.json); convert single-file "
+                                      "checkpoints first (see README)")
         for i, folder in enumerate(self.lora_folders):
             if folder.path is not None and not folder.path.is_dir():
                 raise ConfigError(f"lora_folders.{i}.path: {folder.path} is not a folder")
@@ -270,6 +295,7 @@ def default_config() -> AtelierConfig:
     limits = LimitsConfig(max_size=1024, max_pixels=1024 * 1024)
     return AtelierConfig(models=[
         ModelConfig(id=DEFAULT_MODEL_ID, aliases=["stability-ai/sdxl"], embedded="tiny-sdxl",
+                    refiner=RefinerConfig(embedded="tiny-sdxl-refiner"),
                     dtype="float32", num_cpus=cpus, limits=limits,
                     defaults=DefaultsConfig(width=512, height=512, num_inference_steps=20)),
         ModelConfig(id=DEFAULT_FLUX_ID, aliases=["black-forest-labs/flux-dev"], family="flux",

@@ -15,6 +15,9 @@ from serve.errors import InvalidField
 
 __all__ = ["SCHEDULERS", "BatchInfo", "GenerationRequest", "GenerationResult", "SourceImage"]
 OutputFormat = Literal["png", "webp", "jpeg"]
+# Replicate's SDXL `refine` values: the refiner finishes the base model's last
+# 1 - high_noise_frac of the steps, or reworks its finished image (img2img at strength 0.3).
+Refine = Literal["no_refiner", "expert_ensemble_refiner", "base_image_refiner"]
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 MAX_SEED = 2**32 - 1
 
@@ -56,6 +59,9 @@ class GenerationRequest:
     adapters: AdapterSet = AdapterSet()
     request_id: str = ""
     source: SourceImage | None = None
+    refine: Refine = "no_refiner"
+    high_noise_frac: float = 0.8  # expert_ensemble_refiner: where the refiner takes over
+    refine_steps: int | None = None  # base_image_refiner: steps (default: the request's)
 
     @property
     def mode(self) -> str:
@@ -77,6 +83,9 @@ class GenerationRequest:
             seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed,
             scheduler=scheduler or model.default_scheduler, **rest)
         request.check_limits(model.limits, model.rules)
+        if request.refine != "no_refiner" and model.refiner is None:
+            raise InvalidField("refine", "this model has no refiner (its config sets none); "
+                                         "use no_refiner")
         return request
 
     @property
@@ -87,8 +96,9 @@ class GenerationRequest:
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
         strength = None if self.source is None else self.source.strength
+        refine = (self.refine, self.high_noise_frac, self.refine_steps)
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
-                self.scheduler, self.adapters.key, self.mode, strength)
+                self.scheduler, self.adapters.key, self.mode, strength, refine)
 
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its
@@ -107,6 +117,11 @@ class GenerationRequest:
         if self.num_inference_steps > limits.max_steps:
             raise InvalidField("num_inference_steps",
                                f"must be at most {limits.max_steps} for this model")
+        if self.refine == "base_image_refiner" and (self.refine_steps or 0) > limits.max_steps:
+            raise InvalidField("refine_steps", f"must be at most {limits.max_steps} for this model")
+        if self.refine == "expert_ensemble_refiner" and not 0 < self.high_noise_frac < 1:
+            raise InvalidField("high_noise_frac", "must be between 0 and 1 (exclusive) for "
+                                                  "expert_ensemble_refiner")
         if self.num_outputs > limits.max_outputs:
             raise InvalidField("num_outputs", f"must be at most {limits.max_outputs} for this model")
         if self.width * self.height * self.num_outputs > limits.max_request_pixels:

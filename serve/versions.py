@@ -21,16 +21,17 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
 
     h = hashlib.sha256()
     config = model.model_dump(mode="json", include={"family", "embedded", "variant", "dtype",
-                                                    "defaults", "lora_targets"})
+                                                    "defaults", "lora_targets", "refiner"})
     h.update(json.dumps(config, sort_keys=True).encode())
-    if model.embedded is not None:
+    refiner = model.refiner.path if model.refiner is not None else None
+    if model.embedded is not None or (model.refiner and model.refiner.embedded):
         h.update(f"embedded-recipe-{RECIPE_VERSION}".encode())  # built deterministically
-    else:
-        cache = _DigestCache(cache_dir / "weight-digests.json")
-        for path in sorted(p for p in model.path.rglob("*") if p.is_file()):
-            h.update(path.relative_to(model.path).as_posix().encode())
+    cache = _DigestCache(cache_dir / "weight-digests.json")
+    for folder in (f for f in (model.path, refiner) if f is not None):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            h.update(path.relative_to(folder).as_posix().encode())
             h.update(cache.digest(path).encode())
-        cache.save()
+    cache.save()
     return h.hexdigest()
 
 

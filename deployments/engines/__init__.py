@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from serve.adapters import AdapterEntry
-from serve.config import ModelConfig
+from serve.config import ModelConfig, RefinerConfig
 from serve.types import GenerationRequest
 
 if TYPE_CHECKING:
@@ -63,6 +63,15 @@ def model_path(model: ModelConfig, cache_dir: Path) -> Path:
     return model.path
 
 
+def refiner_path(refiner: RefinerConfig, cache_dir: Path) -> Path:
+    """The refiner's local folder: the configured path, or the embedded one, built once."""
+    if refiner.embedded is not None:
+        from deployments.tiny import ensure_embedded
+
+        return ensure_embedded(refiner.embedded, cache_dir)
+    return refiner.path
+
+
 def create_engine(model: ModelConfig, cache_dir: Path,
                   adapters: dict[str, AdapterEntry] | None) -> Engine:
     """Load the model's pipeline; `adapters` are the catalog entries that fit it."""
@@ -71,10 +80,13 @@ def create_engine(model: ModelConfig, cache_dir: Path,
     if model.family == "sdxl":
         from deployments.engines.sdxl import SDXLEngine
 
+        refiner = model.refiner
         return SDXLEngine(path, model.dtype, device, model.variant, adapters,
                           model.max_loaded_adapters, model.max_lora_rank, model.lora_targets,
                           model.simulate_oom_above_images, model.speed,
-                          cache_dir / "compile", model.fuse_adapters)
+                          cache_dir / "compile", model.fuse_adapters,
+                          refiner_path(refiner, cache_dir) if refiner else None,
+                          refiner.variant if refiner else None)
     if model.family == "flux":
         from deployments.engines.flux import FluxEngine
 

@@ -161,7 +161,8 @@ class DiffusersEngine:
         out_of_memory = False
         try:
             with self._rows_follow(rows):
-                images = self._call(pipe, first, generators, inputs, callback)
+                out = self._call(pipe, first, generators, inputs, callback)
+                images = self._second_stage(requests, rows, generators, out, callback)
         except torch.OutOfMemoryError:
             out_of_memory = True  # handled below, once the failed call's frames are gone
         if out_of_memory:
@@ -198,6 +199,13 @@ class DiffusersEngine:
         per-row state out of the step callback's reach: its rows stay."""
         return first.mode != "inpaint"
 
+    def _second_stage(self, requests: Sequence[GenerationRequest], rows: BatchRows,
+                      generators: list[torch.Generator], out: torch.Tensor,
+                      callback: Callable) -> torch.Tensor:
+        """The call's images from what its pipeline call returned (`out`, rows still live):
+        a family may run a second model over them here (SDXL's refiner)."""
+        return out
+
     def _rows_follow(self, rows: BatchRows) -> AbstractContextManager:
         """Around a call: keep per-row inputs the step callback cannot reach in step with
         the rows still live (`rows`)."""
@@ -228,14 +236,13 @@ class DiffusersEngine:
               inputs: dict, callback: Callable) -> torch.Tensor:
         if self.simulate_oom_above_images and len(generators) > self.simulate_oom_above_images:
             raise torch.OutOfMemoryError(f"simulated: {len(generators)} images in one call")
+        args = {"width": first.width, "height": first.height,
+                "num_inference_steps": first.num_inference_steps,
+                "guidance_scale": first.guidance_scale, "generator": generators,
+                "output_type": "pt", "callback_on_step_end": callback,
+                "callback_on_step_end_tensor_inputs": list(pipe._callback_tensor_inputs)}
         with attention_order(self.attention):
-            return pipe(
-                width=first.width, height=first.height,
-                num_inference_steps=first.num_inference_steps,
-                guidance_scale=first.guidance_scale, generator=generators, output_type="pt",
-                callback_on_step_end=callback,
-                callback_on_step_end_tensor_inputs=list(pipe._callback_tensor_inputs),
-                **inputs).images
+            return pipe(**(args | inputs)).images
 
     def _recover_memory(self, requests: Sequence[GenerationRequest]) -> OutOfMemory:
         """Give the failed call's memory back; the error to raise, so the caller can retry
@@ -277,12 +284,14 @@ def pil_rows(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
 
 
-def load_pipeline(cls: type, path: Path, dtype: torch.dtype, variant: str | None):
-    """Load from a diffusers folder; never reach the network."""
+def load_pipeline(cls: type, path: Path, dtype: torch.dtype, variant: str | None,
+                  **components):
+    """Load from a diffusers folder; never reach the network. `components` are modules
+    given instead of the folder's own (which are then not loaded)."""
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
     if not path.is_dir():
         raise ValueError(f"model path {path} must be a diffusers folder")
     log.info("loading %s from %s (%s)", cls.__name__, path, dtype)
     return cls.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True,
-                               use_safetensors=True)
+                               use_safetensors=True, **components)

@@ -1,12 +1,15 @@
-"""SDXL engine: text-to-image, img2img and inpainting with the seven Replicate schedulers
-and LoRA slots in the UNet."""
+"""SDXL engine: text-to-image, img2img and inpainting with the seven Replicate schedulers,
+LoRA adapters in the UNet, and an optional refiner run after the base model (Replicate's
+`refine`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -20,8 +23,10 @@ from diffusers import (
 )
 
 from deployments.adapters import adapter_store
-from deployments.engines.base import DiffusersEngine
+from deployments.engines.base import DiffusersEngine, load_pipeline
 from deployments.engines.prompts import Embeds
+from deployments.engines.speed import attention_order
+from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
 from serve.model_parts import FAMILIES
@@ -56,8 +61,16 @@ class SDXLEngine(DiffusersEngine):
                  lora_targets: Sequence[str] = FAMILIES["sdxl"].lora_targets,
                  simulate_oom_above_images: int | None = None,
                  speed: SpeedConfig | None = None, compile_cache: Path | None = None,
-                 fuse_adapters: bool = False):
+                 fuse_adapters: bool = False, refiner: Path | None = None,
+                 refiner_variant: str | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
+        # The refiner shares the base model's text_encoder_2 and VAE (its own are not read).
+        self.refiner = None if refiner is None else load_pipeline(
+            StableDiffusionXLImg2ImgPipeline, refiner, self.dtype, refiner_variant,
+            text_encoder_2=self.pipe.text_encoder_2, tokenizer_2=self.pipe.tokenizer_2,
+            vae=self.pipe.vae).to(self.device)
+        if self.refiner is not None:
+            self.refiner.set_progress_bar_config(disable=True)
         base = self.pipe.scheduler.config
         self._schedulers = {name: cls.from_config(base, **extra)
                             for name, (cls, extra) in _SCHEDULERS.items()}
@@ -75,3 +88,50 @@ class SDXLEngine(DiffusersEngine):
             prompt=prompt, device=self.device, num_images_per_prompt=1,
             do_classifier_free_guidance=True, negative_prompt=negative_prompt or None)
         return pos, neg, pooled, neg_pooled
+
+    def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
+        """As for every engine, then one refined call, so the refiner is warm too."""
+        super().warm_up(request, max_images)
+        if self.refiner is not None:
+            self.generate([replace(request, refine="expert_ensemble_refiner",
+                                   high_noise_frac=0.5)])
+
+    def _call(self, pipe, first: GenerationRequest, generators: list[torch.Generator],
+              inputs: dict, callback: Callable) -> torch.Tensor:
+        """With refinement, the base model hands over latents: for an expert ensemble,
+        noisy ones at `high_noise_frac` of the schedule."""
+        if first.refine != "no_refiner":
+            if self.refiner is None:
+                raise ValueError("this engine has no refiner")
+            inputs = inputs | {"output_type": "latent"}
+        if first.refine == "expert_ensemble_refiner":
+            inputs = inputs | {"denoising_end": first.high_noise_frac}
+        return super()._call(pipe, first, generators, inputs, callback)
+
+    def _second_stage(self, requests: Sequence[GenerationRequest], rows: BatchRows,
+                      generators: list[torch.Generator], out: torch.Tensor,
+                      callback: Callable) -> torch.Tensor:
+        """Refine the base model's latents (rows still live) as Replicate's SDXL does: the
+        refiner's img2img pipeline on the same prompts and per-image generators, from
+        `high_noise_frac` on (expert ensemble), or over the finished latents at its default
+        strength for `refine_steps` (base image). Withdrawals go on as in the first stage."""
+        first = requests[0]
+        if first.refine == "no_refiner":
+            return out
+        if not rows.live:  # every request left during the first stage
+            return out.new_zeros(out.shape[0], 3, first.height, first.width)
+        live = rows.original_rows()
+        prompts = [(r.prompt, r.negative_prompt) for r in requests for _ in r.seeds]
+        args = {"num_inference_steps": first.num_inference_steps}
+        if first.refine == "expert_ensemble_refiner":
+            args["denoising_start"] = first.high_noise_frac
+        elif first.refine_steps:
+            args["num_inference_steps"] = first.refine_steps
+        with attention_order(self.attention):
+            return self.refiner(
+                prompt=[prompts[i][0] for i in live],
+                negative_prompt=[prompts[i][1] for i in live], image=out,
+                guidance_scale=first.guidance_scale, generator=generators, output_type="pt",
+                callback_on_step_end=callback,
+                callback_on_step_end_tensor_inputs=list(self.refiner._callback_tensor_inputs),
+                **args).images

@@ -28,6 +28,7 @@ from serve.types import (
     GenerationRequest,
     GenerationResult,
     OutputFormat,
+    Refine,
     SourceImage,
 )
 
@@ -71,6 +72,13 @@ class GenerateParams(BaseModel):
         "kept."))
     prompt_strength: float = Field(0.8, ge=0, le=1, description=(
         "How far an input image may change: 0 returns it, 1 keeps only its layout's trace."))
+    refine: Refine = Field("no_refiner", description=(
+        "SDXL models with a refiner: expert_ensemble_refiner (the refiner takes the last "
+        "steps over) or base_image_refiner (it reworks the finished image)."))
+    high_noise_frac: float = Field(0.8, gt=0, lt=1, description=(
+        "expert_ensemble_refiner: the fraction of the steps the base model runs."))
+    refine_steps: int | None = Field(None, ge=1, description=(
+        "base_image_refiner: the refiner's steps (default: steps)."))
 
     def to_request(self, model: ModelConfig, request_id: str, prompt: str, adapters: AdapterSet,
                    source: SourceImage | None, width: int | None,
@@ -82,7 +90,9 @@ class GenerateParams(BaseModel):
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
             scheduler=self.scheduler, negative_prompt=self.negative_prompt,
             num_outputs=self.num_outputs, output_format=self.output_format,
-            output_quality=self.output_quality, adapters=adapters, request_id=request_id)
+            output_quality=self.output_quality, adapters=adapters, request_id=request_id,
+            refine=self.refine, high_noise_frac=self.high_noise_frac,
+            refine_steps=self.refine_steps)
 
 
 def _inline(node: Any, defs: dict) -> Any:

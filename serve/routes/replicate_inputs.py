@@ -11,11 +11,11 @@ import re
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from serve.config import ModelConfig
 from serve.errors import InvalidField
-from serve.types import MAX_SEED, SCHEDULERS, OutputFormat
+from serve.types import MAX_SEED, SCHEDULERS, OutputFormat, Refine
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
@@ -60,15 +60,33 @@ class SDXLInput(_LoraInput):
         "Prompt strength with img2img / inpaint; 1.0 destroys the input image's information"))
     output_format: OutputFormat = Field("png", description="png, webp or jpeg")
     output_quality: int = Field(90, ge=1, le=100, description="webp/jpeg quality")
+    refine: Refine = Field("no_refiner", description=(
+        "Which refine style to use (models whose config has a refiner)"))
+    high_noise_frac: float = Field(0.8, ge=0, le=1, description=(
+        "For expert_ensemble_refiner, the fraction of noise to use"))
+    refine_steps: int | None = Field(None, ge=1, description=(
+        "For base_image_refiner, the number of steps to refine, defaults to "
+        "num_inference_steps"))
+    replicate_weights: str | None = Field(None, description=(
+        "Not taken: give lora_weights (a catalog name or a .safetensors URL) instead"))
     apply_watermark: bool = Field(True, description="Accepted; no watermark is applied")
     disable_safety_checker: bool = Field(False, description="Accepted; no checker runs")
+
+    @field_validator("replicate_weights")
+    @classmethod
+    def _no_trained_weights(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError("Replicate's trained-weights archives are not read here; give "
+                             "lora_weights: a LoRA name from GET /v1/loras or the URL of its "
+                             ".safetensors file")
 
     def request_args(self) -> dict[str, Any]:
         return {"width": self.width, "height": self.height, "num_outputs": self.num_outputs,
                 "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler,
                 "negative_prompt": self.negative_prompt, "output_format": self.output_format,
-                "output_quality": self.output_quality}
+                "output_quality": self.output_quality, "refine": self.refine,
+                "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps}
 
 
 

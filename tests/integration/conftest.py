@@ -1,6 +1,6 @@
 """A real Ray Serve app over real HTTP, with two models built from the embedded tiny SDXL.
 
-`atelier/tiny-sdxl` batches with a short window (most tests); `atelier/tiny-sdxl-batched`
+`atelier/tiny-sdxl` batches with a short window (most tests) and has the tiny refiner; `atelier/tiny-sdxl-batched`
 waits two seconds for company, so concurrent requests reliably share pipeline calls;
 `atelier/tiny-sdxl-one-slot` holds one request and queues one more, to show overload;
 `atelier/tiny-sdxl-2x` has two replicas, to show adapter affinity;
@@ -83,6 +83,7 @@ def base_url(cache_dir, bad_adapters, metrics_port):
               "max_body_bytes": MAX_BODY_BYTES,
               "models": [
         _model(FAST, 10, aliases=["stability-ai/sdxl"], max_loaded_adapters=2,
+               refiner={"embedded": "tiny-sdxl-refiner"},
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60,
                        "max_loras": 2}),
         _model(BATCHED, 2000),

@@ -42,6 +42,37 @@ def test_run_matches_generate_for_the_same_seed(rep, client):
     assert (pixels(decode(direct)) == pixels(replicated)).all()
 
 
+def test_replicates_own_sdxl_example_input_is_served_with_the_refiner(rep, client):
+    """The input of stability-ai/sdxl's API example, refiner and all."""
+    example = {"prompt": "An astronaut riding a rainbow unicorn, cinematic, dramatic",
+               "width": 128, "height": 128, "refine": "expert_ensemble_refiner",
+               "scheduler": "K_EULER", "lora_scale": 0.6, "num_outputs": 1,
+               "guidance_scale": 7.5, "apply_watermark": False, "high_noise_frac": 0.8,
+               "negative_prompt": "", "prompt_strength": 0.8, "num_inference_steps": 10,
+               "seed": 4}
+    (file,) = rep.run(FAST, input=example)
+    body = {"prompt": example["prompt"], "width": 128, "height": 128, "steps": 10,
+            "guidance_scale": 7.5, "seed": 4}
+    refined = client.post("/generate", json={**body, "refine": "expert_ensemble_refiner"})
+    plain = client.post("/generate", json=body)
+    replicated = pixels(Image.open(io.BytesIO(file.read())))
+    assert (replicated == pixels(decode(refined.json()["image"]))).all()
+    assert abs(replicated - pixels(decode(plain.json()["image"]))).mean() > 0.1
+
+
+@pytest.mark.parametrize("inp, field, reason", [
+    ({"refine": "base_image_refiner"}, "input.refine", "has no refiner"),
+    ({"replicate_weights": "https://replicate.delivery/x/trained.tar"},
+     "input.replicate_weights", "give lora_weights"),
+])
+def test_refining_without_a_refiner_and_trained_weight_archives_are_422(base_url, inp, field,
+                                                                        reason):
+    r = httpx.post(f"{base_url}/v1/models/{BATCHED}/predictions", headers=AUTH,
+                   json={"input": {"prompt": "x", **inp}})
+    assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == field
+    assert reason in r.text
+
+
 def test_a_waited_create_inlines_the_files_the_stored_prediction_links(base_url):
     r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", headers={**AUTH, "Prefer": "wait"},
                    json={"input": {"prompt": "a cat", "seed": 8, "output_format": "webp"}},
