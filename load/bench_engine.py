@@ -41,6 +41,11 @@ VARIANTS = {
     "compiled-cudnn": ("bfloat16", {**_FAST, "compile": True, "attention": "cudnn"}),
     "compiled-fp8-cudnn": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
                                         "attention": "cudnn"}),
+    # Guidance on the first half of the steps only: fewer UNet rows, different images.
+    "fp16-cfg50": ("float16", {"cfg_cutoff": 0.5}),
+    "compiled-cfg50": ("bfloat16", {**_FAST, "compile": True, "cfg_cutoff": 0.5}),
+    "compiled-fp8-cfg50": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
+                                        "cfg_cutoff": 0.5}),
 }
 
 
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
 
     from load.bench_serving import machine
-    from load.flops import sdxl_flops
+    from load.flops import guided_steps, sdxl_flops
     from load.report import save_report
     from serve.config import default_cache_dir
 
@@ -205,8 +210,11 @@ def main(argv: list[str] | None = None) -> dict:
                 px = np.load(pixels).astype(np.int16)
                 reference = px if reference is None else reference
                 r["mean_abs_diff_vs_first"] = float(np.abs(px - reference).mean())
+                own = sdxl_flops(folder, args.size, args.steps, guided_steps(
+                    args.steps, VARIANTS[variant][1].get("cfg_cutoff")))["image"]
+                r["flops_per_image"] = own
                 for b in r["batches"]:
-                    b["tflops"] = b["images_per_s"] * flops["image"] / 1e12
+                    b["tflops"] = b["images_per_s"] * own / 1e12
             results.append(r)
             _print(r)
     report = {"settings": {k: v for k, v in vars(args).items() if k not in

@@ -177,12 +177,13 @@ def atelier(args: argparse.Namespace, folder: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parse_args(argv)
-    from load.flops import sdxl_flops
+    from load.flops import guided_steps, sdxl_flops
     from serve.config import default_cache_dir
 
     args.cache_dir = args.cache_dir or str(default_cache_dir())
     folder = model_folder(args.random_sdxl, Path(args.cache_dir))
-    flops = sdxl_flops(folder, args.size, args.steps)
+    flops = sdxl_flops(folder, args.size, args.steps, guided_steps(
+        args.steps, VARIANTS[args.variant][1].get("cfg_cutoff")))
     report: dict = {"settings": vars(args), "machine": bs.machine(), "flops": flops,
                     "variant": dict(zip(("dtype", "speed"), VARIANTS[args.variant]))}
     if not args.no_baseline:

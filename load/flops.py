@@ -10,9 +10,16 @@ import json
 from pathlib import Path
 
 
-def sdxl_flops(folder: Path, size: int, steps: int, guidance: bool = True) -> dict:
-    """FLOPs of one image of `size`² at `steps` steps: UNet forward, per step (twice the
-    forward with classifier-free guidance), VAE decode and the whole image."""
+def guided_steps(steps: int, cfg_cutoff: float | None) -> int:
+    """How many of `steps` run with classifier-free guidance under speed.cfg_cutoff: those
+    up to and including index int(steps x cutoff)."""
+    return steps if cfg_cutoff is None else min(steps, int(steps * cfg_cutoff) + 1)
+
+
+def sdxl_flops(folder: Path, size: int, steps: int, guided: int | None = None) -> dict:
+    """FLOPs of one image of `size`² at `steps` steps of which `guided` (default: all) run
+    with classifier-free guidance: UNet forward, a guided step (two forwards), VAE decode
+    and the whole image."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
@@ -37,6 +44,7 @@ def sdxl_flops(folder: Path, size: int, steps: int, guidance: bool = True) -> di
         with FlopCounterMode(display=False) as counter:
             vae.decode(torch.empty(1, vae_cfg["latent_channels"], side, side, device="meta"))
         vae_decode = counter.get_total_flops()
-    per_step = unet_forward * (2 if guidance else 1)
-    return {"unet_forward": unet_forward, "unet_step": per_step, "vae_decode": vae_decode,
-            "image": per_step * steps + vae_decode, "size": size, "steps": steps}
+    guided = steps if guided is None else guided
+    return {"unet_forward": unet_forward, "unet_step": 2 * unet_forward,
+            "vae_decode": vae_decode, "size": size, "steps": steps, "guided_steps": guided,
+            "image": unet_forward * (steps + guided) + vae_decode}

@@ -143,6 +143,8 @@ class ModelConfig(_Strict):
             raise ValueError(f"embedded {self.embedded!r} is not a {self.family} model")
         if self.refiner is not None and self.family != "sdxl":
             raise ValueError("refiner: only sdxl models take a refiner")
+        if self.speed.cfg_cutoff is not None and self.family != "sdxl":
+            raise ValueError("speed.cfg_cutoff: only sdxl models use classifier-free guidance")
         self.defaults.check_within(self.limits, self.rules)
         if self.limits.max_loras > self.max_loaded_adapters:
             raise ValueError("limits.max_loras must not exceed max_loaded_adapters")

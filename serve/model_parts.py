@@ -87,6 +87,13 @@ class SpeedConfig(_Strict):
         "fused attention, Hopper and later), flash or efficient. The others stay as "
         "fallbacks for shapes the first cannot run."))
 
+    cfg_cutoff: float | None = Field(None, gt=0, lt=1, description=(
+        "SDXL: stop classifier-free guidance after this fraction of the steps (as diffusers' "
+        "SDXLCFGCutoffCallback: the step at index int(steps x cutoff) is the last guided), "
+        "so the later steps run the UNet once per image instead of twice. Changes the "
+        "images (less guidance late in the schedule); inpainting calls keep full guidance. "
+        "Unset: guidance on every step."))
+
     batch_buckets: list[int] = Field(default_factory=list, description=(
         "Image counts every pipeline call is padded up to (the smallest that holds the "
         "call; the extra rows are computed and dropped), so compiled code meets only these "

@@ -61,6 +61,7 @@ class DiffusersEngine:
     adapters: AdapterSlots | FusedAdapters
     buckets: tuple[int, ...] = ()  # image counts calls are padded up to (none: as they come)
     attention: str = "auto"  # the order fused attention kernels are tried in (speed.py)
+    cfg_cutoff: float | None = None  # fraction of the steps guided (speed.cfg_cutoff)
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
                  simulate_oom_above_images: int | None):
@@ -80,6 +81,7 @@ class DiffusersEngine:
         """Apply the model's speed settings (after its adapters are in place)."""
         self.buckets = tuple(speed.batch_buckets)
         self.attention = speed.attention
+        self.cfg_cutoff = speed.cfg_cutoff
         self.speed = apply_speed(self.pipe, getattr(self.pipe, self.denoiser), speed,
                                  compile_cache)
 
@@ -102,6 +104,11 @@ class DiffusersEngine:
         for one image, general from two on, and may split again at larger batches, so
         the largest batch is compiled here too rather than under load. With batch buckets,
         each bucket up to `max_images` is run instead."""
+        if self.cfg_cutoff is not None:  # enough steps for the unguided ones to be warmed up
+            steps = request.num_inference_steps
+            while int(steps * self.cfg_cutoff) > steps - 2:
+                steps += 1
+            request = replace(request, num_inference_steps=steps)
         counts = sorted({1, min(2, max_images), max_images})
         if self.buckets:
             counts = [b for b in self.buckets if b < max_images]
@@ -156,8 +163,10 @@ class DiffusersEngine:
         rows = BatchRows([r.num_outputs for r in requests])
         # With buckets the call keeps its padded size to the end: dropping withdrawn rows
         # would meet the compiled code with a batch size it was not compiled for.
+        # Inpainting keeps both guidance halves of its mask out of the callback's reach.
         callback = step_callback(rows, generators, withdrawn, on_step,
-                                 shrink_rows=self._shrinks_rows(first) and not self.buckets)
+                                 shrink_rows=self._shrinks_rows(first) and not self.buckets,
+                                 cfg_cutoff=self.cfg_cutoff if first.mode != "inpaint" else None)
         out_of_memory = False
         try:
             with self._rows_follow(rows):

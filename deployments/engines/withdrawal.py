@@ -50,14 +50,24 @@ class BatchRows:
 
 
 def step_callback(rows: BatchRows, generators: list, withdrawn: Callable[[], set[int]],
-                  on_step: Callable[[int, int], None] | None, shrink_rows: bool = True):
+                  on_step: Callable[[int, int], None] | None, shrink_rows: bool = True,
+                  cfg_cutoff: float | None = None):
     """A diffusers step callback: reports progress, drops the rows of requests withdrawn
     since the last step (unless `shrink_rows` is False: then they run to the end, and
-    their images go nowhere), and interrupts the loop once no request is left."""
+    their images go nowhere), and interrupts the loop once no request is left. With
+    `cfg_cutoff`, guidance stops after step int(steps x cutoff) (`guidance_off`)."""
 
     def callback(pipe, step: int, timestep, tensors: dict) -> dict:
         if on_step is not None:
             on_step(step + 1, pipe.num_timesteps)
+        out = _withdraw(pipe, tensors)
+        if (cfg_cutoff is not None and not pipe._interrupt
+                and step == int(pipe.num_timesteps * cfg_cutoff)
+                and getattr(pipe, "do_classifier_free_guidance", False)):
+            out |= guidance_off(pipe, tensors | out)
+        return out
+
+    def _withdraw(pipe, tensors: dict) -> dict:
         gone = set(withdrawn()) & set(rows.live)
         if not gone or (not shrink_rows and len(gone) < len(rows.live)):
             return {}
@@ -68,6 +78,16 @@ def step_callback(rows: BatchRows, generators: list, withdrawn: Callable[[], set
         return shrink(pipe.scheduler, tensors, rows.drop(gone), generators)
 
     return callback
+
+
+def guidance_off(pipe, tensors: dict) -> dict:
+    """Stop classifier-free guidance for the rest of the call: keep the conditional half
+    (the second) of every input made for both halves, and set the pipeline's guidance scale
+    to 0, which its loop reads as "no guidance" (one UNet row per image from now on)."""
+    rows = tensors["latents"].shape[0]
+    pipe._guidance_scale = 0.0
+    return {name: value[rows:] for name, value in tensors.items()
+            if name != "latents" and torch.is_tensor(value) and value.shape[0] == 2 * rows}
 
 
 def shrink(scheduler, tensors: dict, keep: list[int], generators: list) -> dict:

@@ -80,11 +80,14 @@ def test_throughput_benchmark_plots_next_to_its_json(throughput):
 
 
 def test_flops_follow_the_model_configs(tiny_sdxl_path):
-    from load.flops import sdxl_flops
+    from load.flops import guided_steps, sdxl_flops
 
     small, large = sdxl_flops(tiny_sdxl_path, 64, 2), sdxl_flops(tiny_sdxl_path, 64, 4)
     assert small["unet_step"] == 2 * small["unet_forward"] > 0
     assert large["image"] - small["image"] == 2 * small["unet_step"]
+    # Under speed.cfg_cutoff 0.5, 3 of 4 steps are guided (indexes 0-2): one forward fewer.
+    cut = sdxl_flops(tiny_sdxl_path, 64, 4, guided_steps(4, 0.5))
+    assert guided_steps(4, 0.5) == 3 and large["image"] - cut["image"] == cut["unet_forward"]
     assert sdxl_flops(tiny_sdxl_path, 128, 2)["unet_forward"] > 3 * small["unet_forward"]
 
 
