@@ -117,19 +117,24 @@ class AdapterEntry:
 
 def adapter_url(ref: str) -> str | None:
     """The http(s) URL a reference gives, or None for a catalog name. Replicate's
-    scheme-less `huggingface.co/...` form is read as https; a Hugging Face repository
-    without a file is refused (InvalidField("loras")), since it names no single file."""
-    ref = ref.strip()
+    scheme-less `huggingface.co/...` form is read as https. On Hugging Face, a file's page
+    (`/blob/`) becomes its download (`/resolve/`); a repository (`huggingface.co/<owner>/
+    <repo>`) stays as it is, for the replica to find its LoRA file. Raises
+    InvalidField("loras") for any other Hugging Face page."""
+    ref = ref.strip().rstrip("/")
     if ref.startswith("huggingface.co/"):
         ref = f"https://{ref}"
     if not ref.startswith(("http://", "https://")):
         return None
     parts = ref.split("/")
-    if parts[2] == "huggingface.co" and "resolve" not in parts[5:6]:
-        raise InvalidField("loras", "give the LoRA file's URL on Hugging Face: https://"
-                                    "huggingface.co/<owner>/<repo>/resolve/main/<file>"
-                                    ".safetensors")
-    return ref
+    if parts[2] != "huggingface.co" or len(parts) == 5:
+        return ref
+    if parts[5:6] == ["blob"]:
+        parts[5] = "resolve"
+    if parts[5:6] != ["resolve"] or len(parts) < 8:
+        raise InvalidField("loras", "give a Hugging Face repository (huggingface.co/<owner>/"
+                                    "<repo>) or one of its files (.../resolve/main/<file>)")
+    return "/".join(parts)
 
 
 def url_adapter_name(url: str) -> str:

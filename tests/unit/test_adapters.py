@@ -103,23 +103,28 @@ HF_FILE = "https://huggingface.co/acme/ink-lora/resolve/main/ink.safetensors"
 
 @pytest.mark.parametrize("ref, url", [
     ("pixel-art", None),
+    ("acme/ink-lora", None),  # a Replicate model name: not a URL
     (HF_FILE, HF_FILE),
     (HF_FILE.removeprefix("https://"), HF_FILE),  # Replicate's scheme-less form
+    (HF_FILE.replace("/resolve/", "/blob/"), HF_FILE),  # the file's page
+    ("huggingface.co/acme/ink-lora/", "https://huggingface.co/acme/ink-lora"),  # a repository
     (" http://127.0.0.1:8000/a.safetensors ", "http://127.0.0.1:8000/a.safetensors"),
 ])
-def test_a_reference_is_a_catalog_name_or_a_file_url(ref, url):
+def test_a_reference_is_a_catalog_name_a_file_url_or_a_hugging_face_repository(ref, url):
     from serve.adapters import adapter_url
 
     assert adapter_url(ref) == url
 
 
-def test_a_hugging_face_repository_without_a_file_is_refused_with_the_form_to_use():
+@pytest.mark.parametrize("ref", ["huggingface.co/acme", "huggingface.co/acme/ink-lora/tree/main",
+                                 "https://huggingface.co/acme/ink-lora/resolve/main"])
+def test_other_hugging_face_pages_are_refused_with_the_forms_to_use(ref):
     from serve.adapters import adapter_url
 
     with pytest.raises(InvalidField) as err:
-        adapter_url("huggingface.co/acme/ink-lora")
+        adapter_url(ref)
     assert err.value.field == "loras"
-    assert "/resolve/main/<file>.safetensors" in str(err.value)
+    assert "huggingface.co/<owner>/<repo>" in str(err.value)
 
 
 def test_adapters_given_by_url_have_stable_names_and_urls_do_not_change_the_set():

@@ -1,6 +1,7 @@
 """LoRA files given by URL, downloaded from a real local HTTP server."""
 
 import asyncio
+import json
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,21 +17,34 @@ LORA = save({"unet.down.lora_A.weight": torch.ones(4, 8),
              "unet.down.lora_B.weight": torch.zeros(8, 4)})
 
 
+def _siblings(*names):
+    return json.dumps({"siblings": [{"rfilename": n} for n in names]}).encode()
+
+
 @pytest.fixture(scope="module")
 def server():
-    """127.0.0.1 serves the files; /away redirects to `localhost`, another host."""
-    gets = Counter()
+    """127.0.0.1 serves the files, and stands for Hugging Face (its model API and
+    /resolve/ downloads); /away and /acme/two's file redirect to `localhost`, another
+    host. Records each path's Authorization header."""
+    gets, auth = Counter(), {}
     routes = {"/a.safetensors": (200, LORA), "/big": (200, b"x" * 3000),
-              "/text": (200, b"<html>a model card</html>")}
+              "/text": (200, b"<html>a model card</html>"),
+              "/api/models/acme/one": (200, _siblings("README.md", "style.safetensors")),
+              "/api/models/acme/two": (200, _siblings("a.safetensors", "lora.safetensors",
+                                                      "sub/pytorch_lora_weights.safetensors")),
+              "/api/models/acme/many": (200, _siblings("a.safetensors", "b.safetensors")),
+              "/acme/one/resolve/main/style.safetensors": (200, LORA)}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             gets[self.path] += 1
+            auth[self.path] = self.headers.get("Authorization")
             port = self.server.server_address[1]
-            if self.path in ("/moved", "/away"):
-                host = "127.0.0.1" if self.path == "/moved" else "localhost"
+            away = {"/moved": "127.0.0.1", "/away": "localhost",
+                    "/acme/two/resolve/main/lora.safetensors": "localhost"}
+            if self.path in away:
                 self.send_response(302)
-                self.send_header("Location", f"http://{host}:{port}/a.safetensors")
+                self.send_header("Location", f"http://{away[self.path]}:{port}/a.safetensors")
                 self.end_headers()
                 return
             status, body = routes.get(self.path.split("?")[0], (404, b"no"))
@@ -44,6 +58,7 @@ def server():
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    gets.auth = auth
     yield f"http://127.0.0.1:{httpd.server_address[1]}", gets
     httpd.shutdown()
 
@@ -149,3 +164,37 @@ def test_add_skips_held_adapters_and_downloads_again_a_file_that_was_trimmed(ser
     assert gets["/a.safetensors?add"] == 1
     add("url-a")
     assert gets["/a.safetensors?add"] == 2 and (tmp_path / "url-a.safetensors").exists()
+
+
+def test_a_hugging_face_repository_gives_its_lora_file_and_the_token_stays_on_the_hub(
+        server, tmp_path, monkeypatch):
+    url, gets = server
+    monkeypatch.setenv("HF_ENDPOINT", url)  # a mirror: the local server stands for the hub
+    hosts = ("127.0.0.1", "localhost")
+    download_file("https://huggingface.co/acme/one", tmp_path / "one.safetensors", hosts,
+                  10_000, token="hf_x")
+    assert (tmp_path / "one.safetensors").read_bytes() == LORA
+    assert gets.auth["/api/models/acme/one"] == "Bearer hf_x"
+    assert gets.auth["/acme/one/resolve/main/style.safetensors"] == "Bearer hf_x"
+    # Of several files, the one trainers name so; its download redirects to another host
+    # (as the hub's file CDN is), which gets no token.
+    download_file("https://huggingface.co/acme/two", tmp_path / "two.safetensors", hosts,
+                  10_000, token="hf_x")
+    assert (tmp_path / "two.safetensors").read_bytes() == LORA
+    assert gets.auth["/acme/two/resolve/main/lora.safetensors"] == "Bearer hf_x"
+    assert gets.auth["/a.safetensors"] is None
+
+
+@pytest.mark.parametrize("repo, reason", [
+    ("acme/many", r"has 2 top-level .safetensors files \(a.safetensors, b.safetensors\); "
+                  r"give one: https://huggingface.co/acme/many/resolve/main/<file>"),
+    ("acme/none", "looking up the Hugging Face repository acme/none gave HTTP 404"),
+])
+def test_a_repository_without_one_lora_file_is_refused_saying_why(server, tmp_path,
+                                                                  monkeypatch, repo, reason):
+    url, _ = server
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    with pytest.raises(AdapterInvalid, match=reason):
+        download_file(f"https://huggingface.co/{repo}", tmp_path / "x.safetensors", ALLOWED,
+                      10_000)
+    assert list(tmp_path.iterdir()) == []
