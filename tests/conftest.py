@@ -34,6 +34,50 @@ def counts_by_model(exposition: str, metric: str) -> dict[str, float]:
     return counts
 
 
+class FileServer:
+    """A real HTTP server on 127.0.0.1 for what the app fetches: `files` by path (the query
+    ignored), a 302 to each `redirects` location (`{port}` filled in), 404 otherwise.
+    `requests` lists each GET's full path and Authorization header, in arrival order."""
+
+    def __init__(self, files: dict[str, bytes], redirects: dict[str, str] | None = None):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, str | None]] = []
+        served = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                served.requests.append((self.path, self.headers.get("Authorization")))
+                location = (redirects or {}).get(self.path)
+                body = files.get(self.path.split("?")[0])
+                self.send_response(302 if location else 404 if body is None else 200)
+                if location:
+                    self.send_header("Location", location.format(port=served.port))
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args):
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._httpd.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    @property
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.requests]
+
+    def auth(self, path: str) -> str | None:
+        """The Authorization header of the last GET of `path`."""
+        return next(a for p, a in reversed(self.requests) if p == path)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,15 +3,14 @@
 import base64
 import io
 import struct
-import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import FileServer
 from tests.integration.conftest import AUTH, FAST, decode, pixels, post_many
 
 RNG = np.random.default_rng(3)
@@ -129,35 +128,16 @@ def test_replicate_bad_image_is_a_422_naming_the_input_field(base_url):
 @pytest.fixture(scope="module")
 def photo_server():
     """An HTTP server on 127.0.0.1 (an allowed image host) with the photo at /photo.png;
-    /moved redirects to it, anything else is 404. Counts the requests it serves."""
+    /moved redirects to it, anything else is 404."""
     buf = io.BytesIO()
     Image.fromarray(PHOTO).save(buf, format="PNG")
-    hits = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            if self.path == "/photo.png":
-                self.send_response(200)
-                self.send_header("Content-Type", "image/png")
-                self.end_headers()
-                self.wfile.write(buf.getvalue())
-                return
-            self.send_response(302 if self.path == "/moved" else 404)
-            self.send_header("Location", "/photo.png")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", hits
-    server.shutdown()
+    server = FileServer({"/photo.png": buf.getvalue()}, {"/moved": "/photo.png"})
+    yield server
+    server.close()
 
 
 def test_image_urls_are_fetched_only_from_allowed_hosts(client, base_url, photo_server):
-    url, hits = photo_server
+    url = photo_server.url
     r = client.post("/generate", json=_body(image=f"{url}/photo.png", prompt_strength=0))
     assert r.status_code == 200, r.text
     assert np.array_equal(pixels(decode(r.json()["image"])), PHOTO.astype(int))
@@ -165,11 +145,11 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(client, base_url, photo_
                    json={"input": {"prompt": "x", "image": f"{url}/photo.png",
                                    "prompt_strength": 0}})
     assert r.json()["status"] == "succeeded"
-    assert hits == ["/photo.png", "/photo.png"]
+    assert photo_server.paths == ["/photo.png", "/photo.png"]
     for image, reason in [(f"http://localhost:{url.rsplit(':', 1)[1]}/photo.png",
                            "image_allowed_hosts"),
                           (f"{url}/missing.png", "HTTP 404"), (f"{url}/moved", "HTTP 302")]:
         r = client.post("/generate", json=_body(image=image))
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image"]
         assert reason in r.json()["detail"][0]["msg"]
-    assert hits == ["/photo.png", "/photo.png", "/missing.png", "/moved"]
+    assert photo_server.paths == ["/photo.png", "/photo.png", "/missing.png", "/moved"]

@@ -2,9 +2,6 @@
 
 import asyncio
 import json
-import threading
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -12,6 +9,7 @@ from safetensors.torch import save, save_file
 
 from deployments.lora_downloads import AdapterDownloads, DownloadSettings, download_file
 from serve.adapters import AdapterInvalid
+from tests.conftest import FileServer
 
 LORA = save({"unet.down.lora_A.weight": torch.ones(4, 8),
              "unet.down.lora_B.weight": torch.zeros(8, 4)})
@@ -25,49 +23,26 @@ def _siblings(*names):
 def server():
     """127.0.0.1 serves the files, and stands for Hugging Face (its model API and
     /resolve/ downloads); /away and /acme/two's file redirect to `localhost`, another
-    host. Records each path's Authorization header."""
-    gets, auth = Counter(), {}
-    routes = {"/a.safetensors": (200, LORA), "/big": (200, b"x" * 3000),
-              "/text": (200, b"<html>a model card</html>"),
-              "/api/models/acme/one": (200, _siblings("README.md", "style.safetensors")),
-              "/api/models/acme/two": (200, _siblings("a.safetensors", "lora.safetensors",
-                                                      "sub/pytorch_lora_weights.safetensors")),
-              "/api/models/acme/many": (200, _siblings("a.safetensors", "b.safetensors")),
-              "/acme/one/resolve/main/style.safetensors": (200, LORA)}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            gets[self.path] += 1
-            auth[self.path] = self.headers.get("Authorization")
-            port = self.server.server_address[1]
-            away = {"/moved": "127.0.0.1", "/away": "localhost",
-                    "/acme/two/resolve/main/lora.safetensors": "localhost"}
-            if self.path in away:
-                self.send_response(302)
-                self.send_header("Location", f"http://{away[self.path]}:{port}/a.safetensors")
-                self.end_headers()
-                return
-            status, body = routes.get(self.path.split("?")[0], (404, b"no"))
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    gets.auth = auth
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", gets
-    httpd.shutdown()
+    host."""
+    away = "http://localhost:{port}/a.safetensors"
+    served = FileServer(
+        {"/a.safetensors": LORA, "/big": b"x" * 3000, "/text": b"<html>a model card</html>",
+         "/api/models/acme/one": _siblings("README.md", "style.safetensors"),
+         "/api/models/acme/two": _siblings("a.safetensors", "lora.safetensors",
+                                           "sub/pytorch_lora_weights.safetensors"),
+         "/api/models/acme/many": _siblings("a.safetensors", "b.safetensors"),
+         "/acme/one/resolve/main/style.safetensors": LORA},
+        {"/moved": "http://127.0.0.1:{port}/a.safetensors", "/away": away,
+         "/acme/two/resolve/main/lora.safetensors": away})
+    yield served
+    served.close()
 
 
 ALLOWED = ("127.0.0.1",)
 
 
 def test_a_file_is_saved_whole_and_redirects_within_allowed_hosts_are_followed(server, tmp_path):
-    url, _ = server
+    url = server.url
     for path in ("/a.safetensors", "/moved"):
         dest = tmp_path / f"{path[1:]}.safetensors"
         download_file(url + path, dest, ALLOWED, 10_000)
@@ -82,7 +57,7 @@ def test_a_file_is_saved_whole_and_redirects_within_allowed_hosts_are_followed(s
     ("/big", "is over lora_download_max_mb"),
 ])
 def test_refused_downloads_say_why_and_leave_no_file(server, tmp_path, path, reason):
-    url, _ = server
+    url = server.url
     with pytest.raises(AdapterInvalid, match=reason):
         download_file(url + path, tmp_path / "x.safetensors", ALLOWED, 2000)
     assert list(tmp_path.iterdir()) == []
@@ -99,10 +74,8 @@ def _run_in_thread(fn, *args):
 
 
 def test_concurrent_requests_share_one_download_and_later_ones_use_the_file(server, tmp_path):
-    url, gets = server
     downloads = AdapterDownloads(DownloadSettings(tmp_path, ALLOWED, 10_000))
-    lora = f"{url}/a.safetensors?shared"
-    before = gets["/a.safetensors?shared"]
+    lora = f"{server.url}/a.safetensors?shared"
 
     async def three():
         first = await asyncio.gather(*(downloads.entry("url-1", lora, "acme/m", _run_in_thread)
@@ -110,14 +83,14 @@ def test_concurrent_requests_share_one_download_and_later_ones_use_the_file(serv
         return [*first, await downloads.entry("url-1", lora, "acme/m", _run_in_thread)]
 
     entries = asyncio.run(three())
-    assert gets["/a.safetensors?shared"] - before == 1
+    assert server.paths.count("/a.safetensors?shared") == 1
     assert {(e.name, e.base, e.rank, e.layout) for e in entries} == {
         ("url-1", "acme/m", 4, "peft")}
     assert (tmp_path / "url-1.safetensors").read_bytes() == LORA
 
 
 def test_a_file_that_is_not_a_lora_is_refused_and_not_kept(server, tmp_path):
-    url, _ = server
+    url = server.url
     downloads = AdapterDownloads(DownloadSettings(tmp_path, ALLOWED, 10_000))
     with pytest.raises(AdapterInvalid, match="is not a safetensors LoRA"):
         asyncio.run(downloads.entry("url-2", f"{url}/text", "acme/m", _run_in_thread))
@@ -144,10 +117,9 @@ def test_the_folder_is_trimmed_to_its_size_by_last_use_never_the_new_file(tmp_pa
 def test_add_skips_held_adapters_and_downloads_again_a_file_that_was_trimmed(server, tmp_path):
     from serve.config import ModelConfig
 
-    url, gets = server
     model = ModelConfig(id="acme/m", embedded="tiny-sdxl", max_lora_rank=2)
     downloads = AdapterDownloads(DownloadSettings(tmp_path, ALLOWED, 10_000, cache_bytes=1))
-    lora, catalog = f"{url}/a.safetensors?add", {}
+    lora, catalog = f"{server.url}/a.safetensors?add", {}
 
     def add(name, held=(), rank=4):
         served = model.model_copy(update={"max_lora_rank": rank})
@@ -158,42 +130,40 @@ def test_add_skips_held_adapters_and_downloads_again_a_file_that_was_trimmed(ser
         add("url-a", rank=2)
     add("url-a")
     add("url-a")  # its file is there: no download
-    assert catalog["url-a"].rank == 4 and gets["/a.safetensors?add"] == 1
+    assert catalog["url-a"].rank == 4 and server.paths.count("/a.safetensors?add") == 1
     (tmp_path / "url-a.safetensors").unlink()
     add("url-a", held=["url-a"])  # in memory: nothing to do
-    assert gets["/a.safetensors?add"] == 1
+    assert server.paths.count("/a.safetensors?add") == 1
     add("url-a")
-    assert gets["/a.safetensors?add"] == 2 and (tmp_path / "url-a.safetensors").exists()
+    assert server.paths.count("/a.safetensors?add") == 2 and (tmp_path / "url-a.safetensors").exists()
 
 
 def test_a_hugging_face_repository_gives_its_lora_file_and_the_token_stays_on_the_hub(
         server, tmp_path, monkeypatch):
-    url, gets = server
-    monkeypatch.setenv("HF_ENDPOINT", url)  # a mirror: the local server stands for the hub
+    monkeypatch.setenv("HF_ENDPOINT", server.url)  # a mirror: the local server stands for it
     hosts = ("127.0.0.1", "localhost")
     download_file("https://huggingface.co/acme/one", tmp_path / "one.safetensors", hosts,
                   10_000, token="hf_x")
     assert (tmp_path / "one.safetensors").read_bytes() == LORA
-    assert gets.auth["/api/models/acme/one"] == "Bearer hf_x"
-    assert gets.auth["/acme/one/resolve/main/style.safetensors"] == "Bearer hf_x"
+    assert server.auth("/api/models/acme/one") == "Bearer hf_x"
+    assert server.auth("/acme/one/resolve/main/style.safetensors") == "Bearer hf_x"
     # Of several files, the one trainers name so; its download redirects to another host
     # (as the hub's file CDN is), which gets no token.
     download_file("https://huggingface.co/acme/two", tmp_path / "two.safetensors", hosts,
                   10_000, token="hf_x")
     assert (tmp_path / "two.safetensors").read_bytes() == LORA
-    assert gets.auth["/acme/two/resolve/main/lora.safetensors"] == "Bearer hf_x"
-    assert gets.auth["/a.safetensors"] is None
+    assert server.auth("/acme/two/resolve/main/lora.safetensors") == "Bearer hf_x"
+    assert server.requests[-1] == ("/a.safetensors", None)
 
 
 @pytest.mark.parametrize("repo, reason", [
-    ("acme/many", r"has 2 top-level .safetensors files \(a.safetensors, b.safetensors\); "
-                  r"give one: https://huggingface.co/acme/many/resolve/main/<file>"),
+    ("acme/many", (r"has 2 top-level .safetensors files \(a.safetensors, b.safetensors\); "
+                   r"give one: https://huggingface.co/acme/many/resolve/main/<file>")),
     ("acme/none", "looking up the Hugging Face repository acme/none gave HTTP 404"),
 ])
 def test_a_repository_without_one_lora_file_is_refused_saying_why(server, tmp_path,
                                                                   monkeypatch, repo, reason):
-    url, _ = server
-    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
     with pytest.raises(AdapterInvalid, match=reason):
         download_file(f"https://huggingface.co/{repo}", tmp_path / "x.safetensors", ALLOWED,
                       10_000)
