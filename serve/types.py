@@ -5,6 +5,7 @@ Deployments see only these types; they know nothing about HTTP or the public API
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Literal
@@ -18,6 +19,7 @@ OutputFormat = Literal["png", "webp", "jpeg"]
 # Replicate's SDXL `refine` values: the refiner finishes the base model's last
 # 1 - high_noise_frac of the steps, or reworks its finished image (img2img at strength 0.3).
 Refine = Literal["no_refiner", "expert_ensemble_refiner", "base_image_refiner"]
+REFINER_STRENGTH = 0.3  # base_image_refiner: the refiner's img2img runs int(steps x 0.3)
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 MAX_SEED = 2**32 - 1
 
@@ -117,8 +119,16 @@ class GenerationRequest:
         if self.num_inference_steps > limits.max_steps:
             raise InvalidField("num_inference_steps",
                                f"must be at most {limits.max_steps} for this model")
-        if self.refine == "base_image_refiner" and (self.refine_steps or 0) > limits.max_steps:
-            raise InvalidField("refine_steps", f"must be at most {limits.max_steps} for this model")
+        if self.refine == "base_image_refiner":
+            steps = self.refine_steps or self.num_inference_steps
+            if steps > limits.max_steps:
+                raise InvalidField("refine_steps",
+                                   f"must be at most {limits.max_steps} for this model")
+            if int(steps * REFINER_STRENGTH) < 1:
+                raise InvalidField("refine_steps", (
+                    f"base_image_refiner reworks the image at strength {REFINER_STRENGTH}, "
+                    f"which needs at least {math.ceil(1 / REFINER_STRENGTH)} steps "
+                    "(refine_steps, or num_inference_steps when unset)"))
         if self.refine == "expert_ensemble_refiner" and not 0 < self.high_noise_frac < 1:
             raise InvalidField("high_noise_frac", "must be between 0 and 1 (exclusive) for "
                                                   "expert_ensemble_refiner")

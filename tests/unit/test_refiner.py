@@ -123,10 +123,18 @@ def test_refinement_needs_a_model_with_a_refiner_and_sane_values():
                                        refine_steps=5).refine_steps == 5
     for refine, field, value in (("expert_ensemble_refiner", "high_noise_frac", 1.0),
                                  ("expert_ensemble_refiner", "high_noise_frac", 0.0),
-                                 ("base_image_refiner", "refine_steps", 10_000)):
+                                 ("base_image_refiner", "refine_steps", 10_000),
+                                 ("base_image_refiner", "refine_steps", 3)):
         with pytest.raises(InvalidField) as err:
             GenerationRequest.for_model(refined, "x", refine=refine, **{field: value})
-        assert err.value.field == field
+        assert err.value.field == "refine_steps" if refine == "base_image_refiner" else field
+    # At strength 0.3 the refiner needs 4 steps; unset refine_steps means the request's.
+    with pytest.raises(InvalidField, match="at least 4 steps") as err:
+        GenerationRequest.for_model(refined, "x", refine="base_image_refiner",
+                                    num_inference_steps=3)
+    assert err.value.field == "refine_steps"
+    assert GenerationRequest.for_model(refined, "x", refine="base_image_refiner",
+                                       num_inference_steps=3, refine_steps=4)
     # Values for the other refine style (or none) do not matter.
     assert GenerationRequest.for_model(refined, "x", high_noise_frac=1.0, refine_steps=10_000)
     with pytest.raises(ValueError, match="only sdxl models take a refiner"):
