@@ -68,7 +68,7 @@ def download_file(url: str, dest: Path, allowed_hosts: tuple[str, ...], max_byte
                 url = _repo_file(client, repo, allowed_hosts, token)
             _stream_to(client, url, out, allowed_hosts, max_bytes, token)
         os.replace(part, dest)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise AdapterInvalid(f"could not download the LoRA at {url}: "
                              f"{type(exc).__name__}") from None
     finally:
@@ -124,8 +124,8 @@ def _stream_to(client: httpx.Client, url: str, out, allowed_hosts: tuple[str, ..
                max_bytes: int, token: str | None) -> None:
     for _ in range(_MAX_REDIRECTS + 1):
         if not host_allowed(url, allowed_hosts):
-            raise AdapterInvalid(f"the LoRA URL leads to {urlsplit(url).hostname}, which is "
-                                 "not in this server's lora_allowed_hosts")
+            raise AdapterInvalid(f"the LoRA URL leads to {url}, whose host is not in this "
+                                 "server's lora_allowed_hosts")
         with client.stream("GET", url, headers=_auth(url, token)) as response:
             if response.is_redirect:
                 url = urljoin(url, response.headers["location"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from serve.errors import InvalidField
 
@@ -15,8 +15,8 @@ def host_allowed(url: str, allowed_hosts: Iterable[str]) -> bool:
     Nothing is resolved: a host is allowed only if it is named, so a request cannot make
     the server reach an address the operator did not name.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    parts = _parts(url)
+    if parts is None:
         return False
     host = parts.hostname.lower()
     for entry in (h.lower() for h in allowed_hosts):
@@ -28,11 +28,23 @@ def host_allowed(url: str, allowed_hosts: Iterable[str]) -> bool:
     return False
 
 
+def _parts(url: str) -> SplitResult | None:
+    """The parts of an http(s) URL with a host and a valid port; None for anything else."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError when out of range)
+    except ValueError:  # malformed: an unclosed IPv6 bracket, a port past 65535
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts
+
+
 def check_allowed_url(url: str, allowed_hosts: Iterable[str], field: str, setting: str) -> None:
     """Raise InvalidField(field) unless `url` is http(s) to a host allowed by the config's
     `setting` (see `host_allowed`)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    parts = _parts(url)
+    if parts is None:
         raise InvalidField(field, "must be an http(s) URL")
     if not host_allowed(url, allowed_hosts):
         raise InvalidField(field, f"host {parts.hostname.lower()} is not in this server's "

@@ -29,3 +29,13 @@ def test_events_default_to_all_and_unknown_ones_are_refused():
     assert check_events(["completed"]) == ("completed",)
     with pytest.raises(InvalidField):
         check_events(["finished"])
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/hook", "http://[::1/hook",
+                                 "ftp://127.0.0.1/hook", "http:///hook"])
+def test_malformed_urls_are_a_field_error_not_a_crash(url):
+    from serve.urls import check_allowed_url, host_allowed
+
+    assert not host_allowed(url, ["127.0.0.1", "*.1"])
+    with pytest.raises(InvalidField, match="must be an http"):
+        check_allowed_url(url, ["127.0.0.1"], "webhook", "webhook_allowed_hosts")
