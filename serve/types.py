@@ -84,10 +84,10 @@ class GenerationRequest:
             guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
             seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed,
             scheduler=scheduler or model.default_scheduler, **rest)
-        request.check_limits(model.limits, model.rules)
         if request.refine != "no_refiner" and model.refiner is None:
             raise InvalidField("refine", "this model has no refiner (its config sets none); "
                                          "use no_refiner")
+        request.check_limits(model.limits, model.rules)
         return request
 
     @property

@@ -116,9 +116,10 @@ def test_refinement_needs_a_model_with_a_refiner_and_sane_values():
     plain = ModelConfig(id="acme/plain", embedded="tiny-sdxl")
     refined = ModelConfig(id="acme/refined", embedded="tiny-sdxl",
                           refiner=RefinerConfig(embedded="tiny-sdxl-refiner"))
-    with pytest.raises(InvalidField, match="has no refiner") as err:
-        GenerationRequest.for_model(plain, "x", refine="expert_ensemble_refiner")
-    assert err.value.field == "refine"
+    for refine in ("expert_ensemble_refiner", "base_image_refiner"):
+        with pytest.raises(InvalidField, match="has no refiner") as err:  # before its values
+            GenerationRequest.for_model(plain, "x", refine=refine, num_inference_steps=2)
+        assert err.value.field == "refine"
     assert GenerationRequest.for_model(refined, "x", refine="base_image_refiner",
                                        refine_steps=5).refine_steps == 5
     for refine, field, value in (("expert_ensemble_refiner", "high_noise_frac", 1.0),
