@@ -161,12 +161,14 @@ class DiffusersEngine:
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
         rows = BatchRows([r.num_outputs for r in requests])
-        # With buckets the call keeps its padded size to the end: dropping withdrawn rows
-        # would meet the compiled code with a batch size it was not compiled for.
-        # Inpainting keeps both guidance halves of its mask out of the callback's reach.
+        # Inpainting keeps per-row state (its mask, both guidance halves of it) out of the
+        # step callback's reach: its rows stay, and it keeps guidance on every step. With
+        # buckets the call keeps its padded size to the end: dropping withdrawn rows would
+        # meet the compiled code with a batch size it was not compiled for.
+        inpaint = first.mode == "inpaint"
         callback = step_callback(rows, generators, withdrawn, on_step,
-                                 shrink_rows=self._shrinks_rows(first) and not self.buckets,
-                                 cfg_cutoff=self.cfg_cutoff if first.mode != "inpaint" else None)
+                                 shrink_rows=not inpaint and not self.buckets,
+                                 cfg_cutoff=None if inpaint else self.cfg_cutoff)
         out_of_memory = False
         try:
             with self._rows_follow(rows):
@@ -202,11 +204,6 @@ class DiffusersEngine:
         return the pipeline."""
         self.adapters.activate(first.adapters)
         return self._pipes[first.mode]
-
-    def _shrinks_rows(self, first: GenerationRequest) -> bool:
-        """Whether withdrawn requests' rows can leave a running call. Inpainting keeps
-        per-row state out of the step callback's reach: its rows stay."""
-        return first.mode != "inpaint"
 
     def _second_stage(self, requests: Sequence[GenerationRequest], rows: BatchRows,
                       generators: list[torch.Generator], out: torch.Tensor,
