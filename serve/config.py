@@ -38,7 +38,17 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names each failing field."""
 
 
-class RefinerConfig(_Strict):
+class _PathOrEmbedded(_Strict):
+    """Files from a local `path`, or an `embedded` set built here: exactly one of them."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _PathOrEmbedded:
+        if (self.path is None) == (self.embedded is None):
+            raise ValueError("set exactly one of path or embedded")
+        return self
+
+
+class RefinerConfig(_PathOrEmbedded):
     """An SDXL refiner (stable-diffusion-xl-refiner-1.0's architecture) that runs after the
     base model for Replicate's `refine` input. It uses the base model's text_encoder_2 and
     VAE, as diffusers' and Replicate's SDXL pipelines do; its own copies are not loaded."""
@@ -48,12 +58,6 @@ class RefinerConfig(_Strict):
     embedded: Literal["tiny-sdxl-refiner"] | None = Field(None, description=(
         "Build and use the embedded random-weight refiner of the tiny SDXL."))
     variant: str | None = Field(None, description="Weights file variant, e.g. fp16.")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> RefinerConfig:
-        if (self.path is None) == (self.embedded is None):
-            raise ValueError("set exactly one of path or embedded")
-        return self
 
 
 class ModelConfig(_Strict):
@@ -177,7 +181,7 @@ class ModelConfig(_Strict):
         return re.sub(r"[^a-z0-9-]", "-", self.id)
 
 
-class LoraFolderConfig(_Strict):
+class LoraFolderConfig(_PathOrEmbedded):
     path: Path | None = Field(None, description=(
         "Folder of <name>.safetensors LoRA files (diffusers/PEFT or kohya key layout)."))
     embedded: Literal["tiny-sdxl-demo", "tiny-flux-demo"] | None = Field(None, description=(
@@ -185,12 +189,6 @@ class LoraFolderConfig(_Strict):
     base: str = Field(description="Model id, alias or family (e.g. sdxl) the adapters fit.")
     default_scale: float = Field(1.0, ge=-4, le=4, description=(
         "Scale when a request names an adapter without one."))
-
-    @model_validator(mode="after")
-    def _one_source(self) -> LoraFolderConfig:
-        if (self.path is None) == (self.embedded is None):
-            raise ValueError("set exactly one of path or embedded")
-        return self
 
 
 class AtelierConfig(_Strict):

@@ -57,9 +57,9 @@ class BatchingConfig(_Strict):
 
 class SpeedConfig(_Strict):
     """How the denoiser (SDXL's UNet, FLUX's transformer) is prepared for speed at load.
-    All off by default: each trades start-up time or exactness for throughput. `fuse_qkv` and `fp8` replace the layers that LoRA
-    adapters change, so a model served with adapters cannot use them; `compile` needs the
-    model's `fuse_adapters`."""
+    All off by default: each trades start-up time or exactness for throughput. `fuse_qkv`
+    and `fp8` replace the layers that LoRA adapters change, so a model served with adapters
+    cannot use them; `compile` needs the model's `fuse_adapters`."""
 
     channels_last: bool = Field(False, description=(
         "Store the denoiser's and the VAE's convolution weights channels-last (faster "
@@ -73,8 +73,8 @@ class SpeedConfig(_Strict):
         "image size. It happens during the start-up warm-up; the compiled code is kept in "
         "`<cache_dir>/compile`, so a restarted replica reuses it."))
     fp8: bool = Field(False, description=(
-        "Run the denoiser's transformer blocks' linear layers in FP8 (e4m3, one scale per row of "
-        "weights and of activations). Needs a GPU with FP8 matrix units (H100, Ada, "
+        "Run the denoiser's transformer blocks' linear layers in FP8 (e4m3, one scale per "
+        "row of weights and of activations). Needs a GPU with FP8 matrix units (H100, Ada, "
         "Blackwell); images differ slightly from bf16."))
     fp8_scaling: Literal["row", "tensor"] = Field("row", description=(
         "With fp8: one scale per row of weights and of activations (row), or one per "
@@ -82,8 +82,8 @@ class SpeedConfig(_Strict):
         "beside large ones loses precision)."))
 
     attention: Literal["auto", "cudnn", "flash", "efficient"] = Field("auto", description=(
-        "Which of PyTorch's fused attention kernels the denoiser tries first: auto (PyTorch's "
-        "own order: FlashAttention-2, then memory-efficient; cuDNN last), cudnn (cuDNN's "
+        "Which of PyTorch's fused attention kernels the denoiser tries first: auto "
+        "(PyTorch's own order: FlashAttention-2, then memory-efficient; cuDNN last), cudnn (cuDNN's "
         "fused attention, Hopper and later), flash or efficient. The others stay as "
         "fallbacks for shapes the first cannot run."))
 
