@@ -38,16 +38,14 @@ class ModelDeployment:
     """
 
     def __init__(self, model: dict, cache_dir: str, adapters: list[dict],
-                 downloads: dict | None = None):
+                 downloads: DownloadSettings | None = None):
         from deployments.engines import create_engine
 
         self.cfg = ModelConfig.model_validate(model)
         catalog = AdapterCatalog.from_dicts(adapters).entries
         # Adapters given by URL join this replica's catalog as they are downloaded.
         self._catalog = {n: e for n, e in catalog.items() if e.problem_with(self.cfg) is None}
-        self._downloads = downloads and AdapterDownloads(DownloadSettings(
-            Path(cache_dir) / "lora-downloads", tuple(downloads["allowed_hosts"]),
-            downloads["max_bytes"], downloads["cache_bytes"]))
+        self._downloads = downloads and AdapterDownloads(downloads)
         started = time.monotonic()
         self.engine = create_engine(self.cfg, Path(cache_dir),
                                     self._catalog if self._catalog or self._downloads else None)

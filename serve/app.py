@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments.lora_downloads import DownloadSettings
 from deployments.model import ModelDeployment
 from serve.adapters import AdapterCatalog
 from serve.auth import OPEN_PREFIXES, authorized, configured_keys
@@ -149,9 +150,9 @@ def _scan_adapters(config: AtelierConfig) -> AdapterCatalog:
 def _model_app(model: ModelConfig, config: AtelierConfig, catalog: list[dict],
                has_gpus: bool) -> serve.Application:
     gpus = 1 if model.device == "cuda" or (model.device == "auto" and has_gpus) else 0
-    downloads = {"allowed_hosts": config.lora_allowed_hosts,
-                 "max_bytes": config.lora_download_max_mb * 2**20,
-                 "cache_bytes": config.lora_download_cache_mb * 2**20} if (
+    downloads = DownloadSettings(
+        config.cache_dir / "lora-downloads", tuple(config.lora_allowed_hosts),
+        config.lora_download_max_mb * 2**20, config.lora_download_cache_mb * 2**20) if (
         config.lora_allowed_hosts and model.runs_adapters) else None
     return ModelDeployment.options(
         name=_deployment_name(model),
