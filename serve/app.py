@@ -27,10 +27,11 @@ from serve.config import AtelierConfig, ModelConfig, load_config, parse_config
 from serve.context import ingress
 from serve.errors import Unauthorized
 from serve.http_errors import api_path, error_response, install_error_handlers
+from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics
 from serve.predictions import PredictionRunner
 from serve.router import ModelRouter
-from serve.routes import files, generate, loras, models, openai_images, replicate
+from serve.routes import files, generate, loras, models, openai_images, replicate, uploads
 from serve.routes.replicate_runs import run_prediction
 from serve.state import MemoryStore, RedisStore
 from serve.versions import version_id
@@ -46,6 +47,7 @@ api.include_router(loras.router)
 api.include_router(openai_images.router)
 api.include_router(replicate.router)
 api.include_router(files.router)
+api.include_router(uploads.router)
 install_error_handlers(api)
 
 
@@ -91,6 +93,7 @@ class Ingress:
         self.prepared: dict = {}
         # Outbound calls (webhooks, input image URLs) never follow redirects.
         self.http_client = httpx.AsyncClient(follow_redirects=False)
+        self.images = ImageFetcher(cfg.image_allowed_hosts, self.http_client, self.store)
         if not self.api_keys:
             log.warning("no API keys are set: anyone who reaches this port can generate")
         self.deployment_names = dict(deployment_names)

@@ -13,6 +13,7 @@ import httpx
 from fastapi import Request
 from ray import serve
 
+from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics
 from serve.predictions import PredictionRunner, StateStore
 from serve.router import ModelRouter
@@ -28,6 +29,7 @@ class IngressState(Protocol):
     predictions: PredictionRunner
     versions: dict[str, str]
     http_client: httpx.AsyncClient
+    images: ImageFetcher
     replica: str
     metrics: IngressMetrics
     prepared: dict[str, GenerationRequest]  # accepted predictions' requests, until they run
@@ -44,3 +46,8 @@ def request_id(request: Request) -> str:
 
     return (_get_serve_request_context().request_id or request.headers.get("x-request-id")
             or uuid.uuid4().hex)
+
+
+def base_url(request: Request) -> str:
+    """The URL clients reached this server at, for the links in answers (no trailing /)."""
+    return str(request.base_url).rstrip("/")

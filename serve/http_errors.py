@@ -14,7 +14,7 @@ RETRY_AFTER_S = 1
 
 # Each public API answers errors in its own shape, chosen by path prefix.
 _OPENAI_PREFIXES = ("/v1/images",)
-_REPLICATE_PREFIXES = ("/v1/predictions", "/v1/models/")
+_REPLICATE_PREFIXES = ("/v1/predictions", "/v1/models/", "/v1/files")
 
 
 def error_response(path: str, exc: AtelierError) -> JSONResponse:

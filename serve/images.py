@@ -13,13 +13,17 @@ import binascii
 import io
 import re
 import warnings
+from dataclasses import dataclass
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serve.config import ModelConfig
 from serve.errors import InvalidField, TooLarge
+from serve.files import output_name
+from serve.predictions import StateStore
 from serve.types import SourceImage
+from serve.uploads import upload_id
 from serve.urls import check_allowed_url
 
 _FETCH_TIMEOUT_S = 10
@@ -37,48 +41,81 @@ def decode_base64(value: str, field: str, max_bytes: int) -> bytes:
         raise TooLarge(field, f"image data is over {max_bytes} bytes")
     if not match and text.startswith(("http://", "https://")):
         raise InvalidField(field, "image URLs are fetched only from the hosts in "
-                                  "image_allowed_hosts; send a data URI or base64")
+                                  "image_allowed_hosts or this server's own files; send a "
+                                  "data URI or base64")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidField(field, "is neither a data URI nor valid base64") from None
 
 
-async def fetch_url(value: str | bytes | None, field: str, allowed_hosts: list[str],
-                    max_bytes: int, client: httpx.AsyncClient) -> str | bytes | None:
-    """The bytes behind an http(s) URL on an allowed host (no redirects followed); any
-    other value as it is. 413 past `max_bytes`, 422 if the fetch fails."""
-    if not isinstance(value, str) or not value.strip().startswith(("http://", "https://")):
-        return value
-    url = value.strip()
-    check_allowed_url(url, allowed_hosts, field, "image_allowed_hosts")
-    data = bytearray()
-    try:
-        async with client.stream("GET", url, timeout=_FETCH_TIMEOUT_S,
-                                 follow_redirects=False) as response:
-            if response.status_code != 200:
-                raise InvalidField(field, f"fetching {url} gave HTTP {response.status_code}")
-            async for chunk in response.aiter_bytes():
-                data += chunk
-                if len(data) > max_bytes:
-                    raise TooLarge(field, f"the image at {url} is over {max_bytes} bytes")
-    except httpx.HTTPError as exc:
-        raise InvalidField(field, f"could not fetch {url}: {type(exc).__name__}") from None
-    return bytes(data)
+@dataclass(frozen=True)
+class ImageFetcher:
+    """Where input image URLs are read from: this server's own files (uploads to its files
+    API, and its outputs, so one prediction's output can be the next one's input) straight
+    from the store, anything else from the hosts the operator allowed."""
+
+    allowed_hosts: list[str]
+    client: httpx.AsyncClient
+    store: StateStore
+
+    async def fetch(self, value: str | bytes | None, field: str,
+                    max_bytes: int) -> str | bytes | None:
+        """The bytes behind an http(s) URL; any other value as it is. 413 past
+        `max_bytes`, 422 if the URL is refused or its fetch fails."""
+        if not isinstance(value, str) or not value.strip().startswith(("http://", "https://")):
+            return value
+        url = value.strip()
+        data = await self._stored(url, field)
+        if data is None:
+            check_allowed_url(url, self.allowed_hosts, field, "image_allowed_hosts")
+            data = await self._get(url, field, max_bytes)
+        if len(data) > max_bytes:
+            raise TooLarge(field, f"the image at {url} is over {max_bytes} bytes")
+        return data
+
+    async def _stored(self, url: str, field: str) -> bytes | None:
+        """An upload's bytes (422 if it is gone), or an output file's (None if gone)."""
+        uploaded = upload_id(url)
+        if uploaded is not None:
+            data = await self.store.upload_data(uploaded)
+            if data is None:
+                raise InvalidField(field, f"no uploaded file {uploaded} (uploads are kept "
+                                          "file_ttl_s)")
+            return data
+        name = output_name(url)
+        stored = await self.store.get_file(name) if name else None
+        return stored.data if stored else None
+
+    async def _get(self, url: str, field: str, max_bytes: int) -> bytes:
+        data = bytearray()
+        try:
+            async with self.client.stream("GET", url, timeout=_FETCH_TIMEOUT_S,
+                                          follow_redirects=False) as response:
+                if response.status_code != 200:
+                    raise InvalidField(field,
+                                       f"fetching {url} gave HTTP {response.status_code}")
+                async for chunk in response.aiter_bytes():
+                    data += chunk
+                    if len(data) > max_bytes:
+                        break
+        except httpx.HTTPError as exc:
+            raise InvalidField(field, f"could not fetch {url}: {type(exc).__name__}") from None
+        return bytes(data)
 
 
 async def load_source(image: str | bytes | None, mask: str | bytes | None, strength: float,
                       width: int | None, height: int | None, model: ModelConfig,
-                      allowed_hosts: list[str], client: httpx.AsyncClient,
+                      fetcher: ImageFetcher,
                       ) -> tuple[SourceImage | None, int | None, int | None]:
-    """`source_image` for a request on the event loop: URLs on allowed hosts fetched
-    first, then the decoding done in a worker thread, so that a large image does not hold
+    """`source_image` for a request on the event loop: URLs read first (uploads, allowed
+    hosts), then the decoding done in a worker thread, so that a large image does not hold
     up the other requests of this replica."""
     if image is None and mask is None:
         return None, width, height
     limit = model.limits.max_image_bytes
-    image = await fetch_url(image, "image", allowed_hosts, limit, client)
-    mask = await fetch_url(mask, "mask", allowed_hosts, limit, client)
+    image = await fetcher.fetch(image, "image", limit)
+    mask = await fetcher.fetch(mask, "mask", limit)
     return await asyncio.to_thread(source_image, image, mask, strength, width, height, model)
 
 

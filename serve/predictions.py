@@ -1,8 +1,8 @@
 """Replicate-style predictions: their state, where it is kept, and the tasks that run them.
 
-State (predictions, output files, cancel requests) lives in a `StateStore`: in the ingress
-replica's memory (single-node default) or in Redis (shared by every ingress replica, and
-surviving their restarts). A prediction runs as an asyncio task in the replica that took
+State (predictions, output files, uploaded input files, cancel requests) lives in a
+`StateStore`: in the ingress replica's memory (single-node default) or in Redis (shared by
+every ingress replica, and surviving their restarts). A prediction runs as an asyncio task in the replica that took
 it; that task watches for a cancel request, which any replica may record.
 
 Nothing accepted is lost with an ingress replica: the replica running an unfinished
@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from serve.files import StoredFile
+from serve.uploads import Upload
 
 TERMINAL = ("succeeded", "failed", "canceled", "aborted")
 CANCEL_POLL_S = 0.1
@@ -84,6 +85,12 @@ class StateStore(Protocol):
         """Newest first, after the prediction id `after`; also the next cursor."""
     async def put_file(self, data: bytes, media_type: str) -> str: ...
     async def get_file(self, name: str) -> StoredFile | None: ...
+    async def put_upload(self, upload: Upload, data: bytes) -> None: ...
+    async def get_upload(self, upload_id: str) -> Upload | None: ...
+    async def upload_data(self, upload_id: str) -> bytes | None: ...
+    async def uploads(self) -> list[Upload]:
+        """Newest first."""
+    async def delete_upload(self, upload_id: str) -> bool: ...
     async def request_cancel(self, prediction_id: str) -> None: ...
     async def cancel_requested(self, prediction_id: str) -> bool: ...
     async def claim(self, prediction_id: str, owner: str, lease_s: float) -> bool:

@@ -1,7 +1,7 @@
 """The two `StateStore` backends: this replica's memory, or Redis for a cluster.
 
-Both are bounded: predictions and files expire `ttl_s` after they were made; the memory
-backend also caps the bytes of files it keeps.
+Both are bounded: predictions, files and uploads expire `ttl_s` after they were made; the
+memory backend also caps the bytes of output files it keeps, and of uploads.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 from serve.files import FileStore, StoredFile, file_name
 from serve.predictions import Prediction
+from serve.uploads import Upload
 
 _PREFIX = "atelier:"
 
@@ -24,6 +25,8 @@ class MemoryStore:
         self._running: set[str] = set()
         self._leases: dict[str, tuple[str, float]] = {}  # id -> (owner, expiry)
         self._files = FileStore(ttl_s, max_file_bytes)
+        self._upload_data = FileStore(ttl_s, max_file_bytes)
+        self._uploads: dict[str, Upload] = {}
 
     async def save(self, prediction: Prediction) -> None:
         self._predictions[prediction.id] = prediction.to_state()
@@ -49,6 +52,27 @@ class MemoryStore:
 
     async def get_file(self, name: str) -> StoredFile | None:
         return self._files.get(name)
+
+    async def put_upload(self, upload: Upload, data: bytes) -> None:
+        self._uploads[upload.id] = upload
+        self._upload_data.put(data, upload.content_type, name=upload.id)
+
+    async def get_upload(self, upload_id: str) -> Upload | None:
+        return self._uploads.get(upload_id) if await self.upload_data(upload_id) else None
+
+    async def upload_data(self, upload_id: str) -> bytes | None:
+        stored = self._upload_data.get(upload_id)
+        if stored is None:
+            self._uploads.pop(upload_id, None)
+        return stored.data if stored else None
+
+    async def uploads(self) -> list[Upload]:
+        found = [await self.get_upload(i) for i in list(self._uploads)]
+        return sorted((u for u in found if u), key=lambda u: -u.created)
+
+    async def delete_upload(self, upload_id: str) -> bool:
+        self._uploads.pop(upload_id, None)
+        return self._upload_data.delete(upload_id)
 
     async def request_cancel(self, prediction_id: str) -> None:
         self._cancels.add(prediction_id)
@@ -87,8 +111,10 @@ class MemoryStore:
 
 class RedisStore:
     """Keys: atelier:pred:<id> (JSON), atelier:preds (ids by creation time),
-    atelier:file:<name> (hash of data and type), atelier:cancel:<id>, atelier:lease:<id>
-    (the owning replica); all with TTLs. atelier:running is the set of unfinished ids."""
+    atelier:file:<name> (hash of data and type), atelier:upload:<id> (hash of data and the
+    upload's record), atelier:uploads (upload ids by creation time), atelier:cancel:<id>,
+    atelier:lease:<id> (the owning replica); all with TTLs. atelier:running is the set of
+    unfinished ids."""
 
     def __init__(self, url: str, ttl_s: float):
         import redis.asyncio as redis
@@ -138,6 +164,31 @@ class RedisStore:
         if not found:
             return None
         return StoredFile(found[b"data"], found[b"type"].decode())
+
+    async def put_upload(self, upload: Upload, data: bytes) -> None:
+        key = f"{_PREFIX}upload:{upload.id}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"data": data, "info": json.dumps(upload.to_state())})
+            pipe.expire(key, self._ttl)
+            pipe.zadd(f"{_PREFIX}uploads", {upload.id: upload.created})
+            pipe.zremrangebyscore(f"{_PREFIX}uploads", "-inf", time.time() - self._ttl)
+            await pipe.execute()
+
+    async def get_upload(self, upload_id: str) -> Upload | None:
+        info = await self._redis.hget(f"{_PREFIX}upload:{upload_id}", "info")
+        return Upload(**json.loads(info)) if info else None
+
+    async def upload_data(self, upload_id: str) -> bytes | None:
+        return await self._redis.hget(f"{_PREFIX}upload:{upload_id}", "data")
+
+    async def uploads(self) -> list[Upload]:
+        ids = await self._redis.zrevrange(f"{_PREFIX}uploads", 0, -1)
+        found = [await self.get_upload(i.decode()) for i in ids]
+        return [u for u in found if u]
+
+    async def delete_upload(self, upload_id: str) -> bool:
+        await self._redis.zrem(f"{_PREFIX}uploads", upload_id)
+        return bool(await self._redis.delete(f"{_PREFIX}upload:{upload_id}"))
 
     async def request_cancel(self, prediction_id: str) -> None:
         await self._redis.set(f"{_PREFIX}cancel:{prediction_id}", b"1", ex=self._ttl)

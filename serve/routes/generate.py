@@ -129,7 +129,7 @@ async def generate(request: Request) -> Response:
         adapters = router_.adapters_for(model, [(r.name, r.scale) for r in params.loras] + tags)
         source, width, height = await load_source(
             params.image, params.mask, params.prompt_strength, params.width, params.height,
-            model, router_.config.image_allowed_hosts, state.http_client)
+            model, state.images)
         gen = params.to_request(model, request_id(request), prompt, adapters, source, width,
                                 height)
     except InvalidField as exc:

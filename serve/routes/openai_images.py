@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 
 from serve.adapters import split_prompt_tags
 from serve.config import ModelConfig
-from serve.context import IngressState, ingress, request_id
+from serve.context import IngressState, base_url, ingress, request_id
 from serve.errors import InvalidField
 from serve.images import load_source
 from serve.types import MAX_SEED, GenerationRequest, SourceImage
@@ -100,7 +100,7 @@ async def edit_images(request: Request) -> dict:
     try:
         source, width, height = await load_source(
             image, mask, params.prompt_strength, width, height, model,
-            state.router.config.image_allowed_hosts, state.http_client)
+            state.images)
     except InvalidField as exc:
         raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
     return await _generate(state, request, params, model, source, width, height)
@@ -148,7 +148,7 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
         raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
     result = await state.router.generate(gen)
     if params.response_format == "url":
-        base = str(request.base_url).rstrip("/")
+        base = base_url(request)
         data = [{"url": f"{base}/files/{await state.store.put_file(img, result.media_type)}"}
                 for img in result.images]
     else:

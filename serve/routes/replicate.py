@@ -17,7 +17,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from serve.context import IngressState, ingress, request_id
+from serve.context import IngressState, base_url, ingress, request_id
 from serve.errors import AtelierError, InvalidField, ModelNotFound
 from serve.predictions import Prediction
 from serve.routes.replicate_inputs import (
@@ -36,10 +36,6 @@ router = APIRouter()
 class PredictionNotFound(AtelierError):
     status = 404
     kind = "prediction_not_found"
-
-
-def _base(request: Request) -> str:
-    return str(request.base_url).rstrip("/")
 
 
 def _model_json(state: IngressState, model_id: str, base: str) -> dict:
@@ -65,7 +61,7 @@ def _version_json(state: IngressState, model_id: str) -> dict:
 
 @router.get("/v1/models/{owner}/{name}", summary="Replicate: get a model")
 async def get_model(owner: str, name: str, request: Request) -> dict:
-    return _model_json(ingress(), f"{owner}/{name}", _base(request))
+    return _model_json(ingress(), f"{owner}/{name}", base_url(request))
 
 
 @router.get("/v1/models/{owner}/{name}/versions/{version}", summary="Replicate: get a version")
@@ -112,7 +108,7 @@ async def _create(model_ref: str, version: str | None, body: PredictionBody,
     prediction = Prediction(
         model=model.id, version=state.versions[model.id],
         input=inp.model_dump(exclude_none=True), private={
-            "seed": gen.seed, "base": _base(request), "request_id": rid,
+            "seed": gen.seed, "base": base_url(request), "request_id": rid,
             "webhook": body.webhook,
             "events": list(check_events(body.webhook_events_filter)),
             "cancel_at": None if deadline_s is None else time.time() + deadline_s})
@@ -122,7 +118,7 @@ async def _create(model_ref: str, version: str | None, body: PredictionBody,
     except BaseException:
         state.prepared.pop(prediction.id, None)
         raise
-    base = _base(request)
+    base = base_url(request)
     wait_s = wait_seconds(request.headers.get("prefer", ""))
     if wait_s:
         await state.predictions.wait(prediction.id, wait_s)
@@ -147,7 +143,7 @@ async def get_prediction(prediction_id: str, request: Request) -> dict:
     prediction = await ingress().store.load(prediction_id)
     if prediction is None:
         raise PredictionNotFound(f"no prediction {prediction_id!r}")
-    return prediction.to_json(_base(request))
+    return prediction.to_json(base_url(request))
 
 
 @router.post("/v1/predictions/{prediction_id}/cancel", summary="Replicate: cancel")
@@ -157,12 +153,12 @@ async def cancel_prediction(prediction_id: str, request: Request) -> dict:
     if prediction is None:
         raise PredictionNotFound(f"no prediction {prediction_id!r}")
     await state.predictions.cancel(prediction)
-    return prediction.to_json(_base(request))
+    return prediction.to_json(base_url(request))
 
 
 @router.get("/v1/predictions", summary="Replicate: list predictions, newest first")
 async def list_predictions(request: Request, cursor: str | None = None) -> dict:
     page, after = await ingress().store.page(cursor, 100)
-    base = _base(request)
+    base = base_url(request)
     return {"results": [p.to_json(base) for p in page], "previous": None,
             "next": f"{base}/v1/predictions?cursor={after}" if after else None}

@@ -58,7 +58,7 @@ async def to_request(state: IngressState, model_id: str, inp: SDXLInput | FluxIn
     try:
         source, width, height = await load_source(
             inp.image, inp.mask, inp.prompt_strength, args.pop("width"), args.pop("height"),
-            model, state.router.config.image_allowed_hosts, state.http_client)
+            model, state.images)
         return GenerationRequest.for_model(
             model, inp.prompt, width=width, height=height, source=source, seed=inp.seed,
             adapters=state.router.adapters_for(model, inp.lora_refs()), request_id=rid,

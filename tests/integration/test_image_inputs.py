@@ -153,3 +153,68 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(client, base_url, photo_
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image"]
         assert reason in r.json()["detail"][0]["msg"]
     assert photo_server.paths == ["/photo.png", "/photo.png", "/missing.png", "/moved"]
+
+
+def _png(array):
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_replicate_client_uploads_file_inputs_and_the_url_reads_from_the_store(rep, base_url):
+    """The client's default for a file input: POST /v1/files, then send `urls.get`."""
+    photo = _png(PHOTO)
+    (kept,) = rep.run(FAST, input={"prompt": "x", "image": io.BytesIO(photo),
+                                   "prompt_strength": 0})
+    assert np.array_equal(pixels(Image.open(io.BytesIO(kept.read()))), PHOTO.astype(int))
+    listed = [f for f in rep.files.list() if f.checksums["sha256"] == _sha256(photo)]
+    assert len(listed) == 1 and listed[0].size == len(photo)
+    assert listed[0].content_type == "image/png"
+    assert listed[0].urls["get"] == f"{base_url}/v1/files/{listed[0].id}"
+    inputs = {"prompt": "x", "seed": 5, "num_inference_steps": 4, "prompt_strength": 0.6}
+    (uploaded,) = rep.run(FAST, input={**inputs, "image": io.BytesIO(photo)})
+    (inline,) = rep.run(FAST, input={**inputs, "image": _b64(Image.fromarray(PHOTO))})
+    assert np.array_equal(pixels(Image.open(io.BytesIO(uploaded.read()))),
+                          pixels(Image.open(io.BytesIO(inline.read()))))
+
+
+def _sha256(data):
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_files_api_keeps_details_serves_bytes_and_deletes(rep, base_url):
+    import replicate
+
+    photo = _png(PHOTO)
+    made = rep.files.create(io.BytesIO(photo), filename="shelf photo.png",
+                            metadata={"job": 7})
+    assert (made.name, made.size, made.metadata) == ("shelf photo.png", len(photo), {"job": 7})
+    assert made.checksums["sha256"] == _sha256(photo) and made.expires_at > made.created_at
+    assert rep.files.get(made.id).checksums == made.checksums
+    url = f"{base_url}/v1/files/{made.id}/download"
+    r = httpx.get(url, headers=AUTH)
+    assert r.content == photo and r.headers["content-type"] == "image/png"
+    assert httpx.get(url).status_code == 401  # uploads need the key, unlike outputs
+    assert rep.files.delete(made.id) is True
+    with pytest.raises(replicate.exceptions.ReplicateError) as gone:
+        rep.files.get(made.id)
+    assert gone.value.status == 404
+    r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", headers=AUTH,
+                   json={"input": {"prompt": "x", "image": made.urls["get"]}})
+    assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == "input.image"
+    assert f"no uploaded file {made.id}" in r.json()["detail"]
+
+
+def test_files_api_refuses_bad_uploads_with_the_field(base_url):
+    url = f"{base_url}/v1/files"
+    cases = [({"files": {"other": ("a.png", b"x", "image/png")}}, "content"),
+             ({"files": {"content": ("a.png", b"", "image/png")}}, "content"),
+             ({"files": {"content": ("a.png", b"x", "image/png")},
+               "data": {"metadata": "[1, 2]"}}, "metadata")]
+    for kwargs, field in cases:
+        r = httpx.post(url, headers=AUTH, **kwargs)
+        assert r.status_code == 422, r.text
+        assert r.json()["invalid_fields"][0]["field"] == field
+

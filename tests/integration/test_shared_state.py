@@ -4,10 +4,13 @@ A second app (route prefix /shared) with two ingress replicas and the Redis stor
 beside the main test app.
 """
 
+import io
 import time
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.integration.conftest import AUTH, _model
 
@@ -79,6 +82,31 @@ def test_a_prediction_is_canceled_through_the_other_replica(shared_url):
     body = _wait_done(shared_url, pid)
     assert body["status"] == "canceled" and body["output"] is None
 
+
+def _png(r):
+    return np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), dtype=int)
+
+
+def test_uploads_and_outputs_are_inputs_through_either_replica_with_no_fetch(shared_url):
+    """This app allows no image hosts: its own files are read from Redis, never fetched."""
+    first = _wait_done(shared_url, _create(shared_url)[0])
+    photo = httpx.get(first["output"][0])
+    r = httpx.post(f"{shared_url}/v1/files", headers=AUTH,
+                   files={"content": ("photo.png", photo.content, "image/png")})
+    assert r.status_code == 201, r.text
+    upload = r.json()
+    seen = {httpx.get(upload["urls"]["get"], headers=AUTH).headers["x-atelier-ingress"]
+            for _ in range(20)}
+    assert len(seen) == 2
+    for url in (first["output"][0], upload["urls"]["get"]):
+        r = httpx.post(f"{shared_url}/v1/models/{MODEL}/predictions", headers=AUTH,
+                       json={"input": {"prompt": "y", "image": url, "prompt_strength": 0}})
+        assert r.status_code == 201, r.text
+        again = _wait_done(shared_url, r.json()["id"])
+        assert np.array_equal(_png(httpx.get(again["output"][0])), _png(photo))
+    r = httpx.post(f"{shared_url}/v1/models/{MODEL}/predictions", headers=AUTH,
+                   json={"input": {"prompt": "y", "image": "http://127.0.0.1:9/a.png"}})
+    assert r.status_code == 422 and "image_allowed_hosts" in r.json()["detail"]
 
 def test_predictions_and_files_survive_an_ingress_restart(shared_url):
     import ray

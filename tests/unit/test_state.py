@@ -1,9 +1,11 @@
 import asyncio
+import hashlib
 
 import pytest
 
 from serve.predictions import Prediction, PredictionRunner
 from serve.state import MemoryStore, RedisStore
+from serve.uploads import Upload, upload_id
 
 
 def _run(coro):
@@ -140,3 +142,43 @@ def test_renewed_leases_keep_predictions_with_their_replica(store):
         return adopted
 
     assert _run(scenario()) == []
+
+
+def test_uploads_are_kept_listed_newest_first_and_deleted(store):
+    async def scenario():
+        first = Upload.of(b"\x89PNG first", "a.png", "image/png", {"n": 1})
+        second = Upload.of(b"second", "b.bin", "application/octet-stream", {})
+        second = Upload(**{**second.to_state(), "created": first.created + 1})
+        await store.put_upload(first, b"\x89PNG first")
+        await store.put_upload(second, b"second")
+        listed = [u.id for u in await store.uploads()]
+        got, data = await store.get_upload(first.id), await store.upload_data(first.id)
+        deleted, again = await store.delete_upload(first.id), await store.delete_upload(first.id)
+        return (first, second, listed, got, data, deleted, again,
+                await store.get_upload(first.id), await store.upload_data(first.id),
+                [u.id for u in await store.uploads()])
+
+    first, second, listed, got, data, deleted, again, gone, no_data, left = _run(scenario())
+    assert listed == [second.id, first.id]
+    assert got == first and got.metadata == {"n": 1} and data == b"\x89PNG first"
+    assert first.checksums == {"sha256": hashlib.sha256(b"\x89PNG first").hexdigest(),
+                               "md5": hashlib.md5(b"\x89PNG first").hexdigest()}
+    assert deleted and not again and gone is None and no_data is None and left == [second.id]
+
+
+def test_uploads_expire_with_their_data():
+    store = MemoryStore(ttl_s=60, max_file_bytes=10)
+    a, b = Upload.of(b"123456", "a", "x/y", {}), Upload.of(b"abcdef", "b", "x/y", {})
+    _run(store.put_upload(a, b"123456"))
+    _run(store.put_upload(b, b"abcdef"))  # over the 10-byte budget: the oldest goes
+    assert _run(store.get_upload(a.id)) is None and _run(store.upload_data(a.id)) is None
+    assert [u.id for u in _run(store.uploads())] == [b.id]
+
+
+def test_upload_ids_are_read_from_files_api_urls_only():
+    uid = "0123456789abcdef0123456789abcdef"
+    assert upload_id(f"http://10.0.0.5:8000/v1/files/{uid}") == uid
+    assert upload_id(f"https://gw.example/shared/v1/files/{uid}/download?x=1") == uid
+    assert upload_id(f"https://cdn.example/files/{uid}") is None
+    assert upload_id(f"https://cdn.example/v1/files/{uid}/other") is None
+    assert upload_id("http://[::1/v1/files/x") is None
