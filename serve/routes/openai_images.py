@@ -1,6 +1,8 @@
-"""OpenAI Images API for the official `openai` client: `POST /v1/images/generations` and
+"""OpenAI Images API for the official `openai` client: `POST /v1/images/generations`,
 `POST /v1/images/edits` (multipart: `image`, optional `mask`, `prompt`, `model`, `n`,
-`size`, `response_format`; an edit is img2img, or inpainting with a mask).
+`size`, `response_format`; an edit is img2img, or inpainting with a mask) and `POST
+/v1/images/variations` (multipart: `image`, `model`, `n`, `size`, `response_format`; an
+edit with no prompt).
 
 Fields OpenAI's newer models take but a diffusion model has no use for (quality, style,
 background, moderation, user, ...) are accepted and ignored, so unchanged client code
@@ -75,6 +77,15 @@ class ImageEditParams(ImageGenerationParams):
     stream: bool = False
 
 
+class ImageVariationParams(ImageEditParams):
+    """A variation is the image redrawn with no prompt: img2img at `prompt_strength`, each
+    image from its own seed."""
+
+    prompt: str = Field("", max_length=32000, description=(
+        "Optional text to steer the variations (an Atelier extension; send it with "
+        "extra_body)."))
+
+
 @router.post("/v1/images/generations", summary="OpenAI Images: create images")
 async def create_images(params: ImageGenerationParams, request: Request) -> dict:
     state = ingress()
@@ -83,30 +94,46 @@ async def create_images(params: ImageGenerationParams, request: Request) -> dict
     return await _generate(state, request, params, model, None, width, height)
 
 
+def _multipart(params: type[BaseModel], *files: str) -> dict:
+    """The OpenAPI request body of a multipart route: its image files and text fields."""
+    schema = params.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["image", *schema.get("required", [])], "properties": {
+            **{name: {"type": "string", "format": "binary"} for name in files},
+            **schema["properties"]}}}}}}
+
+
 @router.post("/v1/images/edits", summary="OpenAI Images: edit an image",
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "multipart/form-data": {"schema": {
-                     "type": "object", "required": ["image", "prompt"], "properties": {
-                         "image": {"type": "string", "format": "binary"},
-                         "mask": {"type": "string", "format": "binary"},
-                         **ImageEditParams.model_json_schema()["properties"]}}}}}})
+             openapi_extra=_multipart(ImageEditParams, "image", "mask"))
 async def edit_images(request: Request) -> dict:
+    return await _edit(request, ImageEditParams)
+
+
+@router.post("/v1/images/variations", summary="OpenAI Images: variations of an image",
+             openapi_extra=_multipart(ImageVariationParams, "image"))
+async def create_variations(request: Request) -> dict:
+    return await _edit(request, ImageVariationParams)
+
+
+async def _edit(request: Request, kind: type[ImageEditParams]) -> dict:
     state = ingress()
-    params, image, mask = await _read_edit(request)
+    params, image, mask = await _read_edit(request, kind)
     if params.stream:
         raise InvalidField("stream", "streamed edits are not supported")
+    if mask is not None and kind is ImageVariationParams:
+        raise InvalidField("mask", "variations take no mask; send it to /v1/images/edits")
     model = state.router.resolve(params.model)
     width, height = params.dimensions((None, None))
     try:
         source, width, height = await load_source(
-            image, mask, params.prompt_strength, width, height, model,
-            state.images)
+            image, mask, params.prompt_strength, width, height, model, state.images)
     except InvalidField as exc:
         raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
     return await _generate(state, request, params, model, source, width, height)
 
 
-async def _read_edit(request: Request) -> tuple[ImageEditParams, bytes, bytes | None]:
+async def _read_edit(request: Request, kind: type[ImageEditParams],
+                     ) -> tuple[ImageEditParams, bytes, bytes | None]:
     """The edit's text fields and its image and mask files. Raises InvalidField (400)."""
     try:
         form = await request.form(max_files=4, max_fields=64)
@@ -126,7 +153,7 @@ async def _read_edit(request: Request) -> tuple[ImageEditParams, bytes, bytes | 
         name = "mask" if len(masks) > 1 else next(iter(files))
         raise InvalidField(name, "unexpected file field")
     try:
-        params = ImageEditParams.model_validate(fields)
+        params = kind.model_validate(fields)
     except ValidationError as exc:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None

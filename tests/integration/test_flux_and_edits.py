@@ -202,6 +202,37 @@ def test_openai_edit_on_flux_at_strength_zero_returns_the_photo(oai):
     assert np.array_equal(pixels(out), PHOTO.astype(int))
 
 
+@pytest.mark.parametrize("model", [FAST, FLUX])
+def test_openai_variations_are_prompt_free_edits_one_seed_each(oai, model):
+    photo = _png(Image.fromarray(PHOTO))
+    resp = oai.images.create_variation(model=model, image=("p.png", photo, "image/png"), n=2,
+                                       extra_body={"seed": 30})
+    images = [pixels(Image.open(io.BytesIO(base64.b64decode(d.b64_json)))) for d in resp.data]
+    assert resp.size == "96x64" and [im.shape for im in images] == [(64, 96, 3)] * 2
+    assert np.abs(images[0] - images[1]).mean() > 1
+    # With a prompt (extra_body), a variation is the edit of the same seed.
+    steered = oai.images.create_variation(model=model, image=("p.png", photo, "image/png"),
+                                          extra_body={"seed": 31, "prompt": "on a beach"})
+    edit = oai.images.edit(model=model, image=("p.png", photo, "image/png"),
+                           prompt="on a beach", extra_body={"seed": 31})
+    assert steered.data[0].b64_json == edit.data[0].b64_json
+    assert np.abs(pixels(Image.open(io.BytesIO(base64.b64decode(edit.data[0].b64_json))))
+                  - images[1]).mean() > 1  # the prompt-free one (seed 31) differs
+    kept = oai.images.create_variation(model=model, image=("p.png", photo, "image/png"),
+                                       extra_body={"prompt_strength": 0})
+    assert np.array_equal(pixels(Image.open(io.BytesIO(base64.b64decode(kept.data[0].b64_json)))),
+                          PHOTO.astype(int))
+
+
+def test_a_variation_with_a_mask_is_a_400_on_mask(base_url):
+    photo = ("p.png", _png(Image.fromarray(PHOTO)), "image/png")
+    r = httpx.post(f"{base_url}/v1/images/variations", headers=AUTH,
+                   files={"image": photo, "mask": photo})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "mask"
+    r = httpx.post(f"{base_url}/v1/images/variations", headers=AUTH, files={"image": photo},
+                   data={"n": "0"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
 def _edit(base_url, files, **fields):
     return httpx.post(f"{base_url}/v1/images/edits", headers=AUTH, files=files,
                       data={"prompt": "x", **fields}, timeout=60)
