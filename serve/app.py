@@ -31,7 +31,16 @@ from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics
 from serve.predictions import PredictionRunner
 from serve.router import ModelRouter
-from serve.routes import files, generate, loras, models, openai_images, replicate, uploads
+from serve.routes import (
+    files,
+    generate,
+    loras,
+    models,
+    openai_images,
+    replicate,
+    replicate_deployments,
+    uploads,
+)
 from serve.routes.replicate_runs import run_prediction
 from serve.state import MemoryStore, RedisStore
 from serve.versions import version_id
@@ -46,6 +55,7 @@ api.include_router(models.router)
 api.include_router(loras.router)
 api.include_router(openai_images.router)
 api.include_router(replicate.router)
+api.include_router(replicate_deployments.router)
 api.include_router(files.router)
 api.include_router(uploads.router)
 install_error_handlers(api)

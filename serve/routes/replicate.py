@@ -76,7 +76,7 @@ async def get_version(owner: str, name: str, version: str) -> dict:
 @router.post("/v1/models/{owner}/{name}/predictions", summary="Replicate: run a model")
 async def create_model_prediction(owner: str, name: str, body: PredictionBody,
                                   request: Request) -> JSONResponse:
-    return await _create(f"{owner}/{name}", None, body, request)
+    return await create_for_model(f"{owner}/{name}", None, body, request)
 
 
 @router.post("/v1/predictions", summary="Replicate: run a model version")
@@ -90,11 +90,12 @@ async def create_prediction(body: PredictionBody, request: Request) -> JSONRespo
         if not owners:
             raise ModelNotFound(ref, list(state.versions))
         ref, version = owners[0], ref
-    return await _create(ref, version or None, body, request)
+    return await create_for_model(ref, version or None, body, request)
 
 
-async def _create(model_ref: str, version: str | None, body: PredictionBody,
-                  request: Request) -> JSONResponse:
+async def create_for_model(model_ref: str, version: str | None, body: PredictionBody,
+                           request: Request) -> JSONResponse:
+    """Accept a prediction of `model_ref` (an id or alias), at `version` if given."""
     state = ingress()
     model = state.router.resolve(model_ref)
     if version is not None and version != state.versions[model.id]:

@@ -229,3 +229,38 @@ def test_a_bad_deadline_is_422(base_url, value):
     r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", json={"input": {"prompt": "x"}},
                    headers={**AUTH, "Cancel-After": value})
     assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == "Cancel-After"
+
+
+def test_a_deployment_is_a_model_by_alias_with_its_version_as_the_release(rep):
+    deployment = rep.deployments.get("stability-ai/sdxl")  # an alias of FAST
+    release = deployment.current_release
+    assert (deployment.owner, deployment.name) == ("stability-ai", "sdxl")
+    assert release.model == FAST and release.version == rep.models.get(FAST).latest_version.id
+    assert release.configuration.min_instances == 1
+    inp = {"prompt": "a red cube", "seed": 17, "width": 64, "height": 64,
+           "num_inference_steps": 4}
+    via_deployment = deployment.predictions.create(input=inp)
+    via_shortcut = rep.deployments.predictions.create("stability-ai/sdxl", input=inp)
+    via_model = rep.predictions.create(model=FAST, input=inp)
+    for p in (via_deployment, via_shortcut, via_model):
+        p.wait()
+        assert p.status == "succeeded" and p.version == release.version
+    images = [Image.open(io.BytesIO(_png(p.output[0])))
+              for p in (via_deployment, via_shortcut, via_model)]
+    assert_same_pixels(images[0], images[2])
+    assert_same_pixels(images[1], images[2])
+    assert {d.id for d in rep.deployments.list()} >= {FAST, "atelier/tiny-flux"}
+
+
+def test_deployments_are_made_by_the_config_not_the_api(rep):
+    with pytest.raises(ReplicateError) as made:
+        rep.deployments.create(name="x", model=FAST, version="v", hardware="gpu-h100",
+                               min_instances=1, max_instances=1)
+    assert made.value.status == 405 and "alias" in made.value.detail
+    with pytest.raises(ReplicateError) as removed:
+        rep.deployments.delete("stability-ai", "sdxl")
+    assert removed.value.status == 405
+    with pytest.raises(ReplicateError) as missing:
+        rep.deployments.get("acme/none")
+    assert missing.value.status == 404
+    assert rep.accounts.current().username == "atelier"

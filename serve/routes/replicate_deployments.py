@@ -1,0 +1,75 @@
+"""Replicate's deployments API, for client code written against a Replicate deployment
+(`replicate.deployments.get("acme/product-shots").predictions.create(...)`).
+
+A deployment here is a served model named by its id or any of its aliases: give the
+model the alias `acme/product-shots` and that code runs unchanged. Its one release is
+the model's current version. Deployments are made by the config, not through the API:
+creating, updating or deleting one is a 405 that says so.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from serve.config import ModelConfig
+from serve.context import IngressState, ingress
+from serve.errors import AtelierError
+from serve.routes.replicate import create_for_model
+from serve.routes.replicate_inputs import PredictionBody
+
+router = APIRouter()
+
+
+class ManagedByConfig(AtelierError):
+    status = 405
+    kind = "method_not_allowed"
+
+
+def _deployment_json(state: IngressState, name: str, model: ModelConfig) -> dict:
+    owner, _, short = name.partition("/")
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.started_at))
+    hardware = {"cuda": "gpu", "cpu": "cpu"}.get(model.device, "auto")
+    return {"owner": owner, "name": short, "current_release": {
+        "number": 1, "model": model.id, "version": state.versions[model.id],
+        "created_at": created, "created_by": None, "configuration": {
+            "hardware": hardware, "min_instances": model.replicas,
+            "max_instances": model.replicas}}}
+
+
+@router.get("/v1/deployments", summary="Replicate: list deployments (the served models)")
+async def list_deployments() -> dict:
+    state = ingress()
+    models = state.router.config.models
+    return {"results": [_deployment_json(state, m.id, m) for m in models],
+            "next": None, "previous": None}
+
+
+@router.get("/v1/deployments/{owner}/{name}", summary="Replicate: get a deployment")
+async def get_deployment(owner: str, name: str) -> dict:
+    state = ingress()
+    model = state.router.resolve(f"{owner}/{name}")
+    return _deployment_json(state, f"{owner}/{name}", model)
+
+
+@router.post("/v1/deployments/{owner}/{name}/predictions",
+             summary="Replicate: run a deployment (a model by id or alias)")
+async def create_deployment_prediction(owner: str, name: str, body: PredictionBody,
+                                       request: Request) -> JSONResponse:
+    return await create_for_model(f"{owner}/{name}", None, body, request)
+
+
+@router.post("/v1/deployments", summary="Replicate: create a deployment (refused)")
+@router.patch("/v1/deployments/{owner}/{name}", summary="Replicate: update (refused)")
+@router.delete("/v1/deployments/{owner}/{name}", summary="Replicate: delete (refused)")
+async def manage_deployment() -> None:
+    raise ManagedByConfig("deployments are this server's models, made by its config: add an "
+                          "alias to a model to serve a deployment name")
+
+
+@router.get("/v1/account", summary="Replicate: the account the API key belongs to")
+async def get_account() -> dict:
+    return {"type": "organization", "username": "atelier", "name": "Atelier",
+            "github_url": None}
