@@ -38,12 +38,13 @@ from serve.routes import (
     models,
     openai_images,
     replicate,
-    replicate_deployments,
+    replicate_account,
     uploads,
 )
 from serve.routes.replicate_runs import run_prediction
 from serve.state import MemoryStore, RedisStore
 from serve.versions import version_id
+from serve.webhooks import new_secret, webhook_secret_from_env
 
 log = logging.getLogger("ray.serve.atelier.ingress")
 _DRAIN_MARGIN_S = 10
@@ -55,7 +56,7 @@ api.include_router(models.router)
 api.include_router(loras.router)
 api.include_router(openai_images.router)
 api.include_router(replicate.router)
-api.include_router(replicate_deployments.router)
+api.include_router(replicate_account.router)
 api.include_router(files.router)
 api.include_router(uploads.router)
 install_error_handlers(api)
@@ -108,6 +109,13 @@ class Ingress:
             log.warning("no API keys are set: anyone who reaches this port can generate")
         self.deployment_names = dict(deployment_names)
         self.started_at = int(time.time())
+        self._webhook_secret = cfg.webhook_secret or webhook_secret_from_env()
+
+    async def webhook_secret(self) -> str:
+        """The configured signing secret, else the one kept in the store (made once)."""
+        if self._webhook_secret is None:
+            self._webhook_secret = await self.store.shared_secret("webhook", new_secret)
+        return self._webhook_secret
 
     async def __del__(self):
         """Serve calls this when the replica stops (redeploy, scale-down), after its HTTP

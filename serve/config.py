@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from serve.model_parts import (  # re-exported: importers keep using serve.config
     FAMILIES,
@@ -24,6 +24,7 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
     SpeedConfig,
     _Strict,
 )
+from serve.webhooks import check_secret
 
 __all__ = ["FAMILIES", "SCHEDULERS", "AtelierConfig", "BatchingConfig", "ConfigError",
            "DefaultsConfig", "Family", "LimitsConfig", "LoraFolderConfig", "ModelConfig",
@@ -212,6 +213,10 @@ class AtelierConfig(_Strict):
         "ATELIER_API_KEYS (comma-separated) adds more. None: the server is open."))
     webhook_allowed_hosts: list[str] = Field(default_factory=list, description=(
         "Hosts (or host:port) that prediction webhooks may be sent to; none by default."))
+    webhook_secret: str | None = Field(None, repr=False, description=(
+        "Secret that signs webhooks (whsec_ + base64 of 24-64 bytes), also settable as "
+        "ATELIER_WEBHOOK_SECRET. Unset: one is made and kept in the store (Redis: shared "
+        "and kept; memory: until the ingress restarts). GET /v1/webhooks/default/secret."))
     image_allowed_hosts: list[str] = Field(default_factory=list, description=(
         "Hosts (or host:port) that input images may be fetched from when a request gives "
         "an http(s) URL; none by default (send data URIs or base64)."))
@@ -233,6 +238,11 @@ class AtelierConfig(_Strict):
         "are a third larger than their files)."))
     ingress_max_ongoing_requests: int = Field(1024, ge=1, description=(
         "HTTP requests one ingress replica holds at once (it mostly awaits the models)."))
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _signing_secret(cls, value: str | None) -> str | None:
+        return value if value is None else check_secret(value)
 
     @model_validator(mode="after")
     def _shared_state(self) -> AtelierConfig:

@@ -34,6 +34,8 @@ class IngressState(Protocol):
     metrics: IngressMetrics
     prepared: dict[str, GenerationRequest]  # accepted predictions' requests, until they run
 
+    async def webhook_secret(self) -> str: ...
+
 
 def ingress() -> IngressState:
     return serve.get_replica_context().servable_object

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from serve.files import FileStore, StoredFile, file_name
 from serve.predictions import Prediction
@@ -27,6 +28,7 @@ class MemoryStore:
         self._files = FileStore(ttl_s, max_file_bytes)
         self._upload_data = FileStore(ttl_s, max_file_bytes)
         self._uploads: dict[str, Upload] = {}
+        self._secrets: dict[str, str] = {}
 
     async def save(self, prediction: Prediction) -> None:
         self._predictions[prediction.id] = prediction.to_state()
@@ -74,6 +76,9 @@ class MemoryStore:
         self._uploads.pop(upload_id, None)
         return self._upload_data.delete(upload_id)
 
+    async def shared_secret(self, name: str, make: Callable[[], str]) -> str:
+        return self._secrets.setdefault(name, make())
+
     async def request_cancel(self, prediction_id: str) -> None:
         self._cancels.add(prediction_id)
 
@@ -114,7 +119,7 @@ class RedisStore:
     atelier:file:<name> (hash of data and type), atelier:upload:<id> (hash of data and the
     upload's record), atelier:uploads (upload ids by creation time), atelier:cancel:<id>,
     atelier:lease:<id> (the owning replica); all with TTLs. atelier:running is the set of
-    unfinished ids."""
+    unfinished ids; atelier:secret:<name> (the webhook signing secret) has no TTL."""
 
     def __init__(self, url: str, ttl_s: float):
         import redis.asyncio as redis
@@ -189,6 +194,11 @@ class RedisStore:
     async def delete_upload(self, upload_id: str) -> bool:
         await self._redis.zrem(f"{_PREFIX}uploads", upload_id)
         return bool(await self._redis.delete(f"{_PREFIX}upload:{upload_id}"))
+
+    async def shared_secret(self, name: str, make: Callable[[], str]) -> str:
+        """Made by the first replica to ask, kept without expiry."""
+        await self._redis.set(f"{_PREFIX}secret:{name}", make(), nx=True)
+        return (await self._redis.get(f"{_PREFIX}secret:{name}")).decode()
 
     async def request_cancel(self, prediction_id: str) -> None:
         await self._redis.set(f"{_PREFIX}cancel:{prediction_id}", b"1", ex=self._ttl)

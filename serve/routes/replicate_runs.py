@@ -44,7 +44,7 @@ async def run_prediction(state: IngressState, p: Prediction) -> None:
     webhook = None
     if private.get("webhook"):
         webhook = WebhookSender(private["webhook"], tuple(private["events"]),
-                                state.http_client)
+                                state.http_client, await state.webhook_secret())
     deadline_s = None
     if private.get("cancel_at") is not None:
         deadline_s = max(0.0, private["cancel_at"] - time.time())

@@ -156,3 +156,11 @@ def test_predictions_of_a_killed_ingress_replica_are_adopted_and_finish(shared_u
         assert done[pid]["output"] and httpx.get(done[pid]["output"][0]).status_code == 200
     print(f"{len(victims)} predictions adopted; all done "
           f"{time.monotonic() - killed_at:.1f} s after the kill")
+
+
+def test_both_replicas_sign_webhooks_with_the_one_secret_kept_in_redis(shared_url):
+    answers = [httpx.get(f"{shared_url}/v1/webhooks/default/secret", headers=AUTH)
+               for _ in range(20)]
+    assert len({r.headers["x-atelier-ingress"] for r in answers}) == 2
+    keys = {r.json()["key"] for r in answers}
+    assert len(keys) == 1 and keys.pop().startswith("whsec_")

@@ -12,15 +12,19 @@ from tests.integration.conftest import AUTH, BATCHED, FAST
 
 
 class Receiver:
-    """Records POSTed JSON bodies; answers 500 to the first `fail_first` of them."""
+    """Records POSTed JSON bodies (and every attempt's headers and bytes); answers 500 to
+    the first `fail_first` of them."""
 
     def __init__(self, fail_first=0):
         self.bodies, self.attempts, self.fail_first = [], 0, fail_first
+        self.raw = []  # (headers, body bytes) of every attempt
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                raw = self.rfile.read(int(self.headers["content-length"]))
+                receiver.raw.append((dict(self.headers), raw))
+                body = json.loads(raw)
                 receiver.attempts += 1
                 ok = receiver.attempts > receiver.fail_first
                 if ok:
@@ -104,3 +108,25 @@ def test_an_unknown_event_is_refused(base_url, receiver):
     r = _create(base_url, webhook=receiver.url, webhook_events_filter=["done"])
     assert r.status_code == 422
     assert r.json()["invalid_fields"][0]["field"] == "webhook_events_filter"
+
+
+def test_webhooks_are_signed_as_replicate_signs_them(base_url, rep):
+    from replicate.webhook import InvalidSignatureError
+
+    receiver = Receiver(fail_first=1)
+    try:
+        _create(base_url, webhook=receiver.url, webhook_events_filter=["start", "completed"])
+        receiver.wait_for("succeeded")
+    finally:
+        receiver.server.shutdown()
+    secret = rep.webhooks.default.secret()
+    assert secret.key.startswith("whsec_") and rep.webhooks.default.secret() == secret
+    for headers, raw in receiver.raw:
+        assert rep.webhooks.validate(headers=headers, body=raw.decode(), secret=secret,
+                                     tolerance=60) is None
+    ids = [headers["webhook-id"] for headers, _ in receiver.raw]
+    assert len(receiver.raw) == 3 and ids[0] == ids[1] != ids[2]  # a retry keeps its id
+    headers, raw = receiver.raw[-1]
+    with pytest.raises(InvalidSignatureError):
+        rep.webhooks.validate(headers=headers, body=raw.decode().replace("succeeded", "failed"),
+                              secret=secret)

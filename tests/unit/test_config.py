@@ -112,3 +112,11 @@ def test_lora_targets_default_per_family_and_can_be_set():
     assert chosen.models[0].lora_targets == ["to_q", "to_v"]
     with pytest.raises(ConfigError, match="models.0.lora_targets"):
         parse_config({"models": [{**flux, "lora_targets": []}]})
+
+
+def test_a_webhook_secret_must_be_a_standard_webhooks_secret():
+    base = default_config().model_dump(mode="json")
+    with pytest.raises(ConfigError, match=r"webhook_secret: .*whsec_"):
+        parse_config({**base, "webhook_secret": "hunter2"})
+    secret = "whsec_" + "QUJD" * 8  # base64 of 24 bytes
+    assert parse_config({**base, "webhook_secret": secret}).webhook_secret == secret

@@ -1,7 +1,14 @@
 import pytest
 
 from serve.errors import InvalidField
-from serve.webhooks import EVENTS, check_events, check_webhook
+from serve.webhooks import (
+    EVENTS,
+    check_events,
+    check_secret,
+    check_webhook,
+    new_secret,
+    signed_headers,
+)
 
 
 @pytest.mark.parametrize("url", ["http://hooks.example.com/x", "https://HOOKS.example.com/y",
@@ -39,3 +46,27 @@ def test_malformed_urls_are_a_field_error_not_a_crash(url):
     assert not host_allowed(url, ["127.0.0.1", "*.1"])
     with pytest.raises(InvalidField, match="must be an http"):
         check_allowed_url(url, ["127.0.0.1"], "webhook", "webhook_allowed_hosts")
+
+
+def test_signed_webhooks_pass_replicates_own_check_and_a_changed_body_fails():
+    from replicate.webhook import InvalidSignatureError, WebhookSigningSecret, Webhooks
+
+    secret = new_secret()
+    body = b'{"id": "p1", "status": "succeeded"}'
+    headers = signed_headers(secret, "msg_1", body, 1_700_000_000)
+    assert Webhooks.validate(headers=headers, body=body.decode(),
+                             secret=WebhookSigningSecret(key=secret)) is None
+    with pytest.raises(InvalidSignatureError):
+        Webhooks.validate(headers=headers, body=body.decode().replace("p1", "p2"),
+                          secret=WebhookSigningSecret(key=secret))
+    with pytest.raises(InvalidSignatureError):
+        Webhooks.validate(headers=headers, body=body.decode(),
+                          secret=WebhookSigningSecret(key=new_secret()))
+
+
+@pytest.mark.parametrize("secret", ["", "whsec_", "whsec_c2hvcnQ=", "sk_" + "A" * 44,
+                                    "whsec_" + "A" * 43 + "_", "whsec_not base64!"])
+def test_malformed_signing_secrets_are_refused(secret):
+    with pytest.raises(ValueError, match="whsec_"):
+        check_secret(secret)
+    assert check_secret(new_secret()).startswith("whsec_")

@@ -1,5 +1,7 @@
-"""Replicate's deployments API, for client code written against a Replicate deployment
-(`replicate.deployments.get("acme/product-shots").predictions.create(...)`).
+"""Replicate's account-level routes: the account, the webhook signing secret
+(`replicate.webhooks.default.secret()`), and deployments, for client code written against
+a Replicate deployment (`replicate.deployments.get("acme/product-shots")
+.predictions.create(...)`).
 
 A deployment here is a served model named by its id or any of its aliases: give the
 model the alias `acme/product-shots` and that code runs unchanged. Its one release is
@@ -73,3 +75,8 @@ async def manage_deployment() -> None:
 async def get_account() -> dict:
     return {"type": "organization", "username": "atelier", "name": "Atelier",
             "github_url": None}
+
+
+@router.get("/v1/webhooks/default/secret", summary="Replicate: the webhook signing secret")
+async def get_webhook_secret() -> dict:
+    return {"key": await ingress().webhook_secret()}
