@@ -1,28 +1,33 @@
-"""`GET /v1/models` (OpenAI's list shape) and `GET /healthz`."""
+"""`GET /v1/models` (OpenAI's list shape, with Replicate's beside it) and `GET /healthz`."""
 
 from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from serve.context import ingress
+from serve.context import base_url, ingress
+from serve.routes.replicate import model_json
 
 router = APIRouter()
 
 
 @router.get("/v1/models", summary="List served models")
-async def list_models() -> dict:
-    config = ingress().router.config
-    created = ingress().started_at
+async def list_models(request: Request) -> dict:
+    """OpenAI's client reads `data`, Replicate's (`models.list()`) reads `results`."""
+    state = ingress()
+    config = state.router.config
+    created = state.started_at
     data = [{"id": m.id, "object": "model", "created": created, "owned_by": m.id.split("/")[0],
              "family": m.family, "aliases": m.aliases,
              "limits": m.limits.model_dump(),
              "defaults": m.defaults.model_dump() | {"scheduler": m.default_scheduler}}
             for m in config.models]
-    return {"object": "list", "data": data}
+    base = base_url(request)
+    return {"object": "list", "data": data, "next": None, "previous": None,
+            "results": [model_json(state, m.id, base) for m in config.models]}
 
 
 @router.get("/healthz", summary="Readiness of every model deployment")

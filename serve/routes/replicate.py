@@ -38,7 +38,8 @@ class PredictionNotFound(AtelierError):
     kind = "prediction_not_found"
 
 
-def _model_json(state: IngressState, model_id: str, base: str) -> dict:
+def model_json(state: IngressState, model_id: str, base: str) -> dict:
+    """A served model as Replicate's API shows one, with its latest version."""
     model = state.router.resolve(model_id)
     owner, name = model.id.split("/")
     return {"url": f"{base}/v1/models/{model.id}", "owner": owner, "name": name,
@@ -61,7 +62,7 @@ def _version_json(state: IngressState, model_id: str) -> dict:
 
 @router.get("/v1/models/{owner}/{name}", summary="Replicate: get a model")
 async def get_model(owner: str, name: str, request: Request) -> dict:
-    return _model_json(ingress(), f"{owner}/{name}", base_url(request))
+    return model_json(ingress(), f"{owner}/{name}", base_url(request))
 
 
 @router.get("/v1/models/{owner}/{name}/versions/{version}", summary="Replicate: get a version")

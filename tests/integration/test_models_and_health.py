@@ -26,6 +26,21 @@ def test_models_are_listed_in_openai_shape(client):
     assert flux["defaults"]["scheduler"] == "FlowMatchEuler"
 
 
+def test_both_official_clients_list_the_same_models(base_url, rep):
+    import openai
+
+    from tests.integration.conftest import API_KEY
+
+    oai = openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
+    listed = [m.id for m in oai.models.list()]
+    page = rep.models.list()
+    assert [f"{m.owner}/{m.name}" for m in page.results] == listed and page.next is None
+    flux = page.results[-1]
+    assert flux.latest_version.id == rep.models.get(FLUX).latest_version.id
+    assert "prompt" in flux.latest_version.openapi_schema["components"]["schemas"]["Input"][
+        "properties"]
+
+
 def test_healthz_reports_every_model_ready(client):
     r = client.get("/healthz")
     assert r.status_code == 200
