@@ -2,8 +2,9 @@
 
 State (predictions, output files, uploaded input files, cancel requests) lives in a
 `StateStore`: in the ingress replica's memory (single-node default) or in Redis (shared by
-every ingress replica, and surviving their restarts). A prediction runs as an asyncio task in the replica that took
-it; that task watches for a cancel request, which any replica may record.
+every ingress replica, and surviving their restarts). A prediction runs as an asyncio task
+in the replica that took it; that task watches for a cancel request, which any replica
+may record.
 
 Nothing accepted is lost with an ingress replica: the replica running an unfinished
 prediction holds a lease on it in the store and renews it every few seconds. When the
