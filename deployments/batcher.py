@@ -18,12 +18,14 @@ from typing import Any
 
 log = logging.getLogger("ray.serve.atelier.batcher")
 
-# runner(requests, withdrawn, on_step): `withdrawn()`, callable from any thread, gives the
-# indexes of the call's requests that were withdrawn since it started, so a long call can
-# drop them or stop early; `on_step(step, total)`, callable from any thread, reports
-# progress to the requests that asked for it.
+# runner(requests, withdrawn, on_step, on_preview): `withdrawn()`, callable from any
+# thread, gives the indexes of the call's requests that were withdrawn since it started, so
+# a long call can drop them or stop early; `on_step(step, total)`, callable from any
+# thread, reports progress to the requests that asked for it; `on_preview(index, images)`
+# hands request `index` its partial images.
 StepListener = Callable[[int, int], None]
-Runner = Callable[[Sequence[Any], Callable[[], set[int]], StepListener],
+PreviewListener = Callable[[int, Any], None]
+Runner = Callable[[Sequence[Any], Callable[[], set[int]], StepListener, PreviewListener],
                   Awaitable[Sequence[Any]]]
 
 
@@ -47,6 +49,7 @@ class _Pending:
     enqueued: float
     future: asyncio.Future = field(repr=False)
     on_step: StepListener | None = None
+    on_preview: Callable[[Any], None] | None = None
 
 
 class Batcher:
@@ -90,14 +93,16 @@ class Batcher:
         self._on_depth(0)
 
     async def submit(self, request: Any, key: Hashable, size: int = 1,
-                     on_step: StepListener | None = None) -> Batched:
+                     on_step: StepListener | None = None,
+                     on_preview: Callable[[Any], None] | None = None) -> Batched:
         """Queue `request` (taking `size` images of a batch) and return its result.
 
-        `on_step(step, total)` is called on this event loop as its call progresses.
+        `on_step(step, total)` is called on this event loop as its call progresses, and
+        `on_preview(images)` with each of its partial images.
         """
         self.start()
         item = _Pending(request, key, size, time.monotonic(),
-                        asyncio.get_running_loop().create_future(), on_step)
+                        asyncio.get_running_loop().create_future(), on_step, on_preview)
         self._pending.append(item)
         self._on_depth(len(self._pending))
         self._wakeup.set()
@@ -167,7 +172,8 @@ class Batcher:
             results = await self._runner([p.request for p in batch],
                                          lambda: {i for i, p in enumerate(batch)
                                                   if p.future.done()},
-                                         _fan_out(batch, asyncio.get_running_loop()))
+                                         _fan_out(batch, asyncio.get_running_loop()),
+                                         _hand_previews(batch, asyncio.get_running_loop()))
         except Exception as exc:
             self.running_since, self._running = None, []
             if len(batch) == 1:
@@ -220,6 +226,15 @@ def _fan_out(batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> StepList
                 loop.call_soon_threadsafe(p.on_step, step, total)
 
     return on_step
+
+
+def _hand_previews(batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> PreviewListener:
+    def on_preview(index: int, images: Any) -> None:
+        item = batch[index] if 0 <= index < len(batch) else None
+        if item is not None and item.on_preview is not None and not item.future.done():
+            loop.call_soon_threadsafe(item.on_preview, images)
+
+    return on_preview
 
 
 def _settle(future: asyncio.Future, value: Any = None, exc: BaseException | None = None) -> None:

@@ -15,7 +15,7 @@ import ray
 from PIL.Image import Image
 from ray import serve
 
-from deployments.batcher import Batcher, StepListener
+from deployments.batcher import Batcher, PreviewListener, StepListener
 from deployments.encoding import encode_image
 from deployments.lora_downloads import AdapterDownloads, DownloadSettings
 from serve.adapters import AdapterCatalog, AdapterInvalid, AdapterSet
@@ -107,8 +107,11 @@ class ModelDeployment:
         self._count_rewrites()
 
     async def generate(self, request: GenerationRequest,
-                       on_step: StepListener | None = None) -> GenerationResult:
-        """Queue the request in the batcher and return its encoded images.
+                       on_step: StepListener | None = None,
+                       on_preview: Callable[[list[Image]], None] | None = None,
+                       ) -> GenerationResult:
+        """Queue the request in the batcher and return its encoded images; `on_step` hears
+        its call's progress, `on_preview` gets its partial images (`partial_images`).
 
         Raises AdapterInvalid if one of its adapters cannot load, InferenceFailed if the
         pipeline fails on it alone.
@@ -117,7 +120,7 @@ class ModelDeployment:
             await self._hold_adapters(request.adapters)
         queued = _Queued(request, self._prepare(request))
         outcome = await self.batcher.submit(queued, request.batch_key, request.num_outputs,
-                                            on_step)
+                                            on_step, on_preview)
         self.metrics.queue_wait.observe(outcome.queue_s)
         images = await asyncio.get_running_loop().run_in_executor(
             self._workers, _encode_all, request, outcome.result)
@@ -132,22 +135,27 @@ class ModelDeployment:
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[tuple]:
         """Like `generate`, as a stream: ("progress", step, total) while its pipeline call
-        runs, then ("result", GenerationResult). The first step is always reported, later
-        ones at most every `_PROGRESS_EVERY_S` (each streamed item has a cost), and the
-        result stands for the last."""
-        steps: asyncio.Queue = asyncio.Queue()
-        work = asyncio.ensure_future(
-            self.generate(request, on_step=lambda s, t: steps.put_nowait((s, t))))
-        sent_at = None
+        runs, ("partial", [encoded image, ...]) for each of its partial images, then
+        ("result", GenerationResult). The first step is always reported, later ones at
+        most every `_PROGRESS_EVERY_S` (each streamed item has a cost), and the result
+        stands for the last."""
+        events: asyncio.Queue = asyncio.Queue()
+        work = asyncio.ensure_future(self.generate(
+            request, on_step=lambda s, t: events.put_nowait(("progress", s, t)),
+            on_preview=lambda images: events.put_nowait(("partial", images))))
+        loop, sent_at = asyncio.get_running_loop(), None
         try:
             while not work.done():
-                step = asyncio.ensure_future(steps.get())
-                await asyncio.wait([work, step], return_when=asyncio.FIRST_COMPLETED)
-                if not step.done():
-                    step.cancel()
+                event = asyncio.ensure_future(events.get())
+                await asyncio.wait([work, event], return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                elif event.result()[0] == "partial":
+                    yield ("partial", await loop.run_in_executor(
+                        self._workers, _encode_all, request, event.result()[1]))
                 elif sent_at is None or time.monotonic() - sent_at >= _PROGRESS_EVERY_S:
                     sent_at = time.monotonic()
-                    yield ("progress", *step.result())
+                    yield event.result()
             yield ("result", work.result())
         finally:
             work.cancel()
@@ -205,7 +213,8 @@ class ModelDeployment:
         return adapters
 
     async def _run_batch(self, queued: Sequence[_Queued], withdrawn: Callable[[], set[int]],
-                         on_step: StepListener) -> list[list[Image]]:
+                         on_step: StepListener, on_preview: PreviewListener,
+                         ) -> list[list[Image]]:
         loop, steps = asyncio.get_running_loop(), [0]
         requests = [q.request for q in queued]
 
@@ -217,7 +226,7 @@ class ModelDeployment:
             prepared = [(await q.prepared)[0] for q in queued]
             started = time.monotonic()
             images = await loop.run_in_executor(self._executor, self.engine.generate, requests,
-                                                withdrawn, counted, prepared)
+                                                withdrawn, counted, prepared, on_preview)
         except AtelierError:
             raise  # a client-side problem (e.g. an adapter that does not fit), not a fault
         except Exception as exc:

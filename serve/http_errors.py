@@ -25,14 +25,15 @@ def error_response(path: str, exc: AtelierError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"}
     if path.startswith(_OPENAI_PREFIXES):
         status = 400 if exc.status == 422 else exc.status
-        return JSONResponse(_openai_body(exc), status_code=status, headers=headers)
+        return JSONResponse(openai_error(exc), status_code=status, headers=headers)
     if path.startswith(_REPLICATE_PREFIXES):
         return JSONResponse(_replicate_body(exc), status_code=exc.status, headers=headers,
                             media_type="application/problem+json")
     return JSONResponse({"detail": exc.detail()}, status_code=exc.status, headers=headers)
 
 
-def _openai_body(exc: AtelierError) -> dict:
+def openai_error(exc: AtelierError) -> dict:
+    """`exc` as OpenAI's API describes an error (the body of an error answer or event)."""
     param = exc.field if isinstance(exc, InvalidField) and exc.field else None
     kind = "invalid_request_error" if exc.status < 500 else "server_error"
     if exc.status == 401:

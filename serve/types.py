@@ -64,6 +64,7 @@ class GenerationRequest:
     refine: Refine = "no_refiner"
     high_noise_frac: float = 0.8  # expert_ensemble_refiner: where the refiner takes over
     refine_steps: int | None = None  # base_image_refiner: steps (default: the request's)
+    partial_images: int = 0  # images of the call in progress to send while it denoises
 
     @property
     def mode(self) -> str:

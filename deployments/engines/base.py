@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from deployments.adapters import AdapterSlots
+from deployments.engines.previews import PreviewListener, Previews
 from deployments.engines.prompts import Embeds, PromptCache, stack
 from deployments.engines.sources import (
     SourceTensors,
@@ -135,15 +136,18 @@ class DiffusersEngine:
     def generate(self, requests: Sequence[GenerationRequest],
                  withdrawn: Callable[[], set[int]] = set,
                  on_step: Callable[[int, int], None] | None = None,
-                 prepared: Sequence[Prepared] | None = None) -> list[list[Image.Image]]:
+                 prepared: Sequence[Prepared] | None = None,
+                 on_preview: PreviewListener | None = None) -> list[list[Image.Image]]:
         """Run one pipeline call for compatible requests; return each request's images.
 
         All requests must share `batch_key`; raises ValueError otherwise. `withdrawn()`
         gives the indexes of requests nobody waits for any more: after each denoising step
         their rows leave the batch (they get no images; where the pipeline keeps per-row
         state out of the callback's reach they run on), and once all have left, the call
-        stops. `on_step(step, total)` is called after each denoising step. `prepared` holds
-        the requests' `prepare` results; those not given are made here.
+        stops. `on_step(step, total)` is called after each denoising step, and
+        `on_preview(index, images)` with request `index`'s partial images (its
+        `partial_images`). `prepared` holds the requests' `prepare` results; those not
+        given are made here.
         """
         first = requests[0]
         if any(r.batch_key != first.batch_key for r in requests):
@@ -166,12 +170,14 @@ class DiffusersEngine:
         # buckets the call keeps its padded size to the end: dropping withdrawn rows would
         # meet the compiled code with a batch size it was not compiled for.
         inpaint = first.mode == "inpaint"
+        previews = self._previews(requests[:real], rows, on_preview)
         callback = step_callback(rows, generators, withdrawn, on_step,
                                  shrink_rows=not inpaint and not self.buckets,
-                                 cfg_cutoff=None if inpaint else self.cfg_cutoff)
+                                 cfg_cutoff=None if inpaint else self.cfg_cutoff,
+                                 previews=previews)
         out_of_memory = False
         try:
-            with self._rows_follow(rows):
+            with self._rows_follow(rows), previews.tapping(pipe) if previews else nullcontext():
                 out = self._call(pipe, first, generators, inputs, callback)
                 images = self._second_stage(requests, rows, generators, out, callback)
         except torch.OutOfMemoryError:
@@ -180,6 +186,24 @@ class DiffusersEngine:
             raise self._recover_memory(requests)
         pixels = self._finish(requests, made, to_uint8(images))
         return rows.split(pil_rows(pixels))[:real]
+
+    def _previews(self, requests: Sequence[GenerationRequest], rows: BatchRows,
+                  on_preview: PreviewListener | None) -> Previews | None:
+        """The taker of the call's partial images, if a request wants some (fillers
+        padding the call to a bucket want none)."""
+        wanted = [r.partial_images for r in requests]
+        if on_preview is None or not any(wanted):
+            return None
+        wanted += [0] * (len(rows.sizes) - len(wanted))
+        size = (requests[0].width, requests[0].height)
+        return Previews(wanted, rows, lambda pipe, latents: self._decode_latents(
+            pipe, latents, *size), to_pil, on_preview)
+
+    def _decode_latents(self, pipe, latents: torch.Tensor, width: int,
+                        height: int) -> torch.Tensor:
+        """Images in [0, 1] (N, C, H, W) of latents as the pipeline's loop holds them, as
+        the pipeline itself decodes its result."""
+        raise NotImplementedError
 
     def _padded(self, requests: Sequence[GenerationRequest], withdrawn: Callable[[], set[int]],
                 ) -> tuple[list[GenerationRequest], Callable[[], set[int]]]:

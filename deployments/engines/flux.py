@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
+import torch
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 
 from deployments.adapters import adapter_store
@@ -79,3 +80,11 @@ class FluxEngine(DiffusersEngine):
 
     def _call_inputs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}
+
+    def _decode_latents(self, pipe, latents: torch.Tensor, width: int,
+                        height: int) -> torch.Tensor:
+        vae = pipe.vae
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type="pt")

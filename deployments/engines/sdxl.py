@@ -108,6 +108,27 @@ class SDXLEngine(DiffusersEngine):
             inputs = inputs | {"denoising_end": first.high_noise_frac}
         return super()._call(pipe, first, generators, inputs, callback)
 
+    def _decode_latents(self, pipe, latents: torch.Tensor, width: int,
+                        height: int) -> torch.Tensor:
+        vae = pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # fp16 overflows
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            mean, std = getattr(vae.config, "latents_mean", None), getattr(
+                vae.config, "latents_std", None)
+            latents = latents.to(next(vae.post_quant_conv.parameters()).dtype)
+            if mean is not None and std is not None:
+                latents = (latents * latents.new_tensor(std).view(1, -1, 1, 1)
+                           / vae.config.scaling_factor + latents.new_tensor(mean).view(1, -1, 1, 1))
+            else:
+                latents = latents / vae.config.scaling_factor
+            image = vae.decode(latents, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        return pipe.image_processor.postprocess(image, output_type="pt")
+
     def _second_stage(self, requests: Sequence[GenerationRequest], rows: BatchRows,
                       generators: list[torch.Generator], out: torch.Tensor,
                       callback: Callable) -> torch.Tensor:

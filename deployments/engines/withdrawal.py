@@ -51,15 +51,19 @@ class BatchRows:
 
 def step_callback(rows: BatchRows, generators: list, withdrawn: Callable[[], set[int]],
                   on_step: Callable[[int, int], None] | None, shrink_rows: bool = True,
-                  cfg_cutoff: float | None = None):
-    """A diffusers step callback: reports progress, drops the rows of requests withdrawn
-    since the last step (unless `shrink_rows` is False: then they run to the end, and
-    their images go nowhere), and interrupts the loop once no request is left. With
-    `cfg_cutoff`, guidance stops after step int(steps x cutoff) (`guidance_off`)."""
+                  cfg_cutoff: float | None = None,
+                  previews: Callable[[object, int, torch.Tensor], None] | None = None):
+    """A diffusers step callback: reports progress, takes partial images (`previews`,
+    see deployments.engines.previews), drops the rows of requests withdrawn since the
+    last step (unless `shrink_rows` is False: then they run to the end, and their images
+    go nowhere), and interrupts the loop once no request is left. With `cfg_cutoff`,
+    guidance stops after step int(steps x cutoff) (`guidance_off`)."""
 
     def callback(pipe, step: int, timestep, tensors: dict) -> dict:
         if on_step is not None:
             on_step(step + 1, pipe.num_timesteps)
+        if previews is not None:
+            previews(pipe, step, tensors["latents"])
         out = _withdraw(pipe, tensors)
         if (cfg_cutoff is not None and not pipe._interrupt
                 and step == int(pipe.num_timesteps * cfg_cutoff)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 
@@ -29,6 +30,7 @@ from serve.config import ModelConfig
 from serve.context import IngressState, base_url, ingress, request_id
 from serve.errors import InvalidField
 from serve.images import load_source
+from serve.routes.openai_stream import stream_images
 from serve.types import MAX_SEED, GenerationRequest, SourceImage
 
 router = APIRouter()
@@ -49,6 +51,10 @@ class ImageGenerationParams(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
         "Seed of the first image (the others take the next ones); unset: drawn at random "
         "(an Atelier extension; send it with extra_body)."))
+    stream: bool = Field(False, description=(
+        "Answer with server-sent events: partial images, then the image (needs n=1)."))
+    partial_images: int | None = Field(None, ge=0, le=3, description=(
+        "Partial images to stream while the image forms (with stream)."))
     # Accepted for compatibility, without effect here.
     quality: str | None = None
     style: str | None = None
@@ -73,8 +79,6 @@ class ImageEditParams(ImageGenerationParams):
         "How far the image may change: 0 returns it, 1 keeps only a trace (an Atelier "
         "extension; send it with extra_body)."))
     input_fidelity: str | None = None
-    partial_images: int | None = None
-    stream: bool = False
 
 
 class ImageVariationParams(ImageEditParams):
@@ -86,8 +90,10 @@ class ImageVariationParams(ImageEditParams):
         "extra_body)."))
 
 
-@router.post("/v1/images/generations", summary="OpenAI Images: create images")
-async def create_images(params: ImageGenerationParams, request: Request) -> dict:
+@router.post("/v1/images/generations", summary="OpenAI Images: create images",
+             response_model=None)
+async def create_images(params: ImageGenerationParams,
+                        request: Request) -> dict | StreamingResponse:
     state = ingress()
     model = state.router.resolve(params.model)
     width, height = params.dimensions((model.defaults.width, model.defaults.height))
@@ -104,22 +110,20 @@ def _multipart(params: type[BaseModel], *files: str) -> dict:
 
 
 @router.post("/v1/images/edits", summary="OpenAI Images: edit an image",
-             openapi_extra=_multipart(ImageEditParams, "image", "mask"))
-async def edit_images(request: Request) -> dict:
+             openapi_extra=_multipart(ImageEditParams, "image", "mask"), response_model=None)
+async def edit_images(request: Request) -> dict | StreamingResponse:
     return await _edit(request, ImageEditParams)
 
 
 @router.post("/v1/images/variations", summary="OpenAI Images: variations of an image",
-             openapi_extra=_multipart(ImageVariationParams, "image"))
-async def create_variations(request: Request) -> dict:
+             openapi_extra=_multipart(ImageVariationParams, "image"), response_model=None)
+async def create_variations(request: Request) -> dict | StreamingResponse:
     return await _edit(request, ImageVariationParams)
 
 
-async def _edit(request: Request, kind: type[ImageEditParams]) -> dict:
+async def _edit(request: Request, kind: type[ImageEditParams]) -> dict | StreamingResponse:
     state = ingress()
     params, image, mask = await _read_edit(request, kind)
-    if params.stream:
-        raise InvalidField("stream", "streamed edits are not supported")
     if mask is not None and kind is ImageVariationParams:
         raise InvalidField("mask", "variations take no mask; send it to /v1/images/edits")
     model = state.router.resolve(params.model)
@@ -162,7 +166,9 @@ async def _read_edit(request: Request, kind: type[ImageEditParams],
 
 async def _generate(state: IngressState, request: Request, params: ImageGenerationParams,
                     model: ModelConfig, source: SourceImage | None, width: int | None,
-                    height: int | None) -> dict:
+                    height: int | None) -> dict | StreamingResponse:
+    if params.stream and params.n != 1:
+        raise InvalidField("n", "a streamed answer carries one image: n must be 1")
     try:
         # The OpenAI API has no adapter field: `<lora:name:scale>` tags in the prompt name them.
         prompt, tags = split_prompt_tags(params.prompt)
@@ -170,9 +176,13 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
             model, prompt, width=width, height=height, num_outputs=params.n,
             output_format=params.output_format, source=source, seed=params.seed,
             adapters=state.router.adapters_for(model, tags),
-            output_quality=params.output_compression or 90, request_id=request_id(request))
+            output_quality=params.output_compression or 90, request_id=request_id(request),
+            partial_images=(params.partial_images or 0) if params.stream else 0)
     except InvalidField as exc:
         raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
+    if params.stream:
+        kind = "image_edit" if isinstance(params, ImageEditParams) else "image_generation"
+        return await stream_images(state, gen, kind)
     result = await state.router.generate(gen)
     if params.response_format == "url":
         base = base_url(request)

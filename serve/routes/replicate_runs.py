@@ -146,6 +146,8 @@ async def _follow(state: IngressState, p: Prediction, gen: GenerationRequest, ba
         if event[0] == "result":
             p.logs = header + _progress_line(total, total)
             return event[1]
+        if event[0] != "progress":
+            continue
         _, step, total = event
         if p.status == "starting":
             p.status, p.started_at = "processing", now_iso()

@@ -72,3 +72,48 @@ def test_a_wrong_key_raises_authentication_error(base_url):
     with pytest.raises(openai.AuthenticationError) as err:
         bad.images.generate(model=FAST, prompt="x")
     assert err.value.body["type"] == "authentication_error"
+
+
+def _pixels(b64):
+    import numpy as np
+
+    return np.asarray(_png(base64.b64decode(b64)).convert("RGB")).astype(int)
+
+
+def test_a_streamed_generation_sends_its_partial_images_then_the_image(oai):
+    import numpy as np
+
+    from tests.integration.conftest import FLUX
+
+    kwargs = {"model": FLUX, "prompt": "a leather bag", "extra_body": {"seed": 12}}
+    events = list(oai.images.generate(stream=True, partial_images=2, **kwargs))
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + [
+        "image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    assert all(e.size == "64x64" and e.output_format == "png" for e in events)
+    plain = oai.images.generate(**kwargs)
+    final = _pixels(events[-1].b64_json)
+    assert np.abs(final - _pixels(plain.data[0].b64_json)).max() <= 1
+    partials = [_pixels(e.b64_json) for e in events[:2]]
+    assert all(p.shape == (64, 64, 3) and np.abs(p - final).mean() > 0 for p in partials)
+    assert np.abs(partials[1] - final).mean() < np.abs(partials[0] - final).mean()
+
+
+def test_a_streamed_edit_uses_the_edit_events_and_zero_partials_send_only_the_image(oai):
+    photo = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(photo, format="PNG")
+    events = list(oai.images.edit(model=FAST, image=("p.png", photo.getvalue(), "image/png"),
+                                  prompt="a blue square", stream=True, partial_images=1,
+                                  extra_body={"prompt_strength": 1}))  # both steps run
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    events = list(oai.images.generate(model=FAST, prompt="x", stream=True, partial_images=0))
+    assert [e.type for e in events] == ["image_generation.completed"]
+    assert _png(base64.b64decode(events[0].b64_json)).size == (64, 64)
+
+
+@pytest.mark.parametrize("kwargs, param", [({"n": 2}, "n"), ({"partial_images": 4},
+                                                            "partial_images")])
+def test_bad_streamed_requests_are_refused_before_the_stream(oai, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.images.generate(model=FAST, prompt="x", stream=True, **kwargs)
+    assert err.value.body["param"] == param

@@ -12,10 +12,12 @@ class Recorder:
         self.calls: list[list] = []
         self.fail_on, self.delay = fail_on, delay
 
-    async def __call__(self, requests, withdrawn, on_step):
+    async def __call__(self, requests, withdrawn, on_step, on_preview):
         self.calls.append(list(requests))
         self.withdrawn = withdrawn
         on_step(1, 2)
+        for index, request in enumerate(requests):
+            on_preview(index, f"partial-{request}")
         await asyncio.sleep(self.delay)
         if self.fail_on in requests:
             raise RuntimeError(f"cannot do {self.fail_on}")
@@ -96,7 +98,7 @@ class MemoryBound(Recorder):
         super().__init__()
         self.limit = limit
 
-    async def __call__(self, requests, withdrawn, on_step):
+    async def __call__(self, requests, withdrawn, on_step, on_preview):
         self.calls.append(list(requests))
         if sum(size for _, size in requests) > self.limit:
             raise MemoryError("out of memory")
@@ -185,6 +187,19 @@ def test_progress_reaches_the_requests_that_listen():
     assert asyncio.run(scenario()) == [(1, 2)]
 
 
+def test_partial_images_reach_only_their_own_request():
+    async def scenario():
+        batcher = Batcher(Recorder(), max_batch_size=8, wait_s=0.01)
+        seen = []
+        await asyncio.gather(batcher.submit("a", "k"),
+                             batcher.submit("b", "k", on_preview=seen.append),
+                             batcher.submit("c", "k"))
+        await asyncio.sleep(0)
+        return seen
+
+    assert asyncio.run(scenario()) == ["partial-b"]
+
+
 def test_a_failed_call_is_retried_without_its_withdrawn_requests():
     async def scenario():
         run = Recorder(fail_on="b", delay=0.2)
@@ -237,7 +252,7 @@ def test_on_idle_runs_after_every_idle_spell_and_never_while_requests_keep_comin
 def test_a_request_arriving_during_on_idle_runs_as_soon_as_it_returns():
     events: list = []
 
-    async def runner(requests, withdrawn, on_step):
+    async def runner(requests, withdrawn, on_step, on_preview):
         events.append(f"run {requests}")
         return requests
 
