@@ -13,26 +13,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin
 
 import httpx
 
+from deployments.lora_sources import auth_headers, file_url
 from serve.adapters import AdapterEntry, AdapterInvalid, read_entry
 from serve.config import ModelConfig
 from serve.urls import host_allowed
 
 log = logging.getLogger("ray.serve.atelier.adapters")
 
-_HUB = "https://huggingface.co"
-_REPO = re.compile(r"^[^/?#]+/[^/?#]+$")  # <owner>/<repo>
-# Names LoRA trainers give their file, in order of preference (diffusers, ai-toolkit and
-# Replicate's trainers, kohya).
-_LORA_FILES = ("pytorch_lora_weights.safetensors", "lora.safetensors")
 _MAX_REDIRECTS = 5
 _TIMEOUT = httpx.Timeout(30, connect=10)
 _CHUNK = 1 << 20
@@ -48,12 +43,11 @@ class DownloadSettings:
     cache_bytes: int = 20 * 2**30  # the folder's size past which the least used files go
 
 
-def download_file(url: str, dest: Path, allowed_hosts: tuple[str, ...], max_bytes: int,
-                  token: str | None = None) -> None:
-    """Save the file at `url` as `dest`, following redirects to allowed hosts only. A
-    Hugging Face repository (`https://huggingface.co/<owner>/<repo>`) is first looked up
-    for its LoRA file; huggingface.co stands for HF_ENDPOINT when that is set. `token`
-    goes to the Hugging Face endpoint alone (never to the hosts it redirects to).
+def download_file(url: str, dest: Path, allowed_hosts: tuple[str, ...],
+                  max_bytes: int) -> None:
+    """Save the LoRA file of reference `url` as `dest`, following redirects to allowed
+    hosts only. A Hugging Face repository or a CivitAI model page is looked up for its
+    file first (`deployments.lora_sources`, which also says which token goes where).
 
     Raises AdapterInvalid when the host is not allowed, the server does not answer 200,
     or the file is over `max_bytes`.
@@ -62,11 +56,8 @@ def download_file(url: str, dest: Path, allowed_hosts: tuple[str, ...], max_byte
     fd, part = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out, httpx.Client(timeout=_TIMEOUT) as client:
-            url = _on_hub(url)
-            repo = url.removeprefix(_endpoint() + "/")
-            if repo != url and _REPO.match(repo):
-                url = _repo_file(client, repo, allowed_hosts, token)
-            _stream_to(client, url, out, allowed_hosts, max_bytes, token)
+            url = file_url(client, url, allowed_hosts)
+            _stream_to(client, url, out, allowed_hosts, max_bytes)
         os.replace(part, dest)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise AdapterInvalid(f"could not download the LoRA at {url}: "
@@ -76,57 +67,13 @@ def download_file(url: str, dest: Path, allowed_hosts: tuple[str, ...], max_byte
             os.unlink(part)
 
 
-def _endpoint() -> str:
-    """Hugging Face's address: HF_ENDPOINT (a mirror) if set, as its own libraries read it."""
-    return os.environ.get("HF_ENDPOINT", _HUB).rstrip("/")
-
-
-def _on_hub(url: str) -> str:
-    """`url` with huggingface.co replaced by the Hugging Face endpoint."""
-    return _endpoint() + url.removeprefix(_HUB) if url.startswith(_HUB + "/") else url
-
-
-def _repo_file(client: httpx.Client, repo: str, allowed_hosts: tuple[str, ...],
-               token: str | None) -> str:
-    """The download URL of Hugging Face repository `repo`'s LoRA file: its only top-level
-    .safetensors file, or among several the one named as trainers name LoRA files.
-    Raises AdapterInvalid when there is none, or no way to choose."""
-    endpoint = _endpoint()
-    api = f"{endpoint}/api/models/{repo}"
-    if not host_allowed(api, allowed_hosts):
-        raise AdapterInvalid(f"{urlsplit(api).hostname} is not in this server's "
-                             "lora_allowed_hosts")
-    response = client.get(api, headers=_auth(api, token))
-    if response.status_code != 200:
-        raise AdapterInvalid(f"looking up the Hugging Face repository {repo} gave HTTP "
-                             f"{response.status_code}")
-    try:
-        files = [s["rfilename"] for s in response.json()["siblings"]]
-    except (ValueError, KeyError, TypeError):
-        raise AdapterInvalid(f"Hugging Face's answer for {repo} lists no files") from None
-    names = sorted(n for n in files if n.endswith(".safetensors") and "/" not in n)
-    chosen = names if len(names) == 1 else [n for n in _LORA_FILES if n in names][:1]
-    if not chosen:
-        raise AdapterInvalid(f"the Hugging Face repository {repo} has "
-                             f"{len(names)} top-level .safetensors files ({', '.join(names)}); "
-                             f"give one: https://huggingface.co/{repo}/resolve/main/<file>")
-    return f"{endpoint}/{repo}/resolve/main/{chosen[0]}"
-
-
-def _auth(url: str, token: str | None) -> dict:
-    """The token goes to the Hugging Face endpoint alone, never to hosts it redirects to."""
-    if token and url.startswith(_endpoint() + "/"):
-        return {"Authorization": f"Bearer {token}"}
-    return {}
-
-
 def _stream_to(client: httpx.Client, url: str, out, allowed_hosts: tuple[str, ...],
-               max_bytes: int, token: str | None) -> None:
+               max_bytes: int) -> None:
     for _ in range(_MAX_REDIRECTS + 1):
         if not host_allowed(url, allowed_hosts):
             raise AdapterInvalid(f"the LoRA URL leads to {url}, whose host is not in this "
                                  "server's lora_allowed_hosts")
-        with client.stream("GET", url, headers=_auth(url, token)) as response:
+        with client.stream("GET", url, headers=auth_headers(url)) as response:
             if response.is_redirect:
                 url = urljoin(url, response.headers["location"])
                 continue
@@ -197,8 +144,7 @@ class AdapterDownloads:
         s = self.settings
         log.info("downloading LoRA %s to %s", url, path)
         try:
-            await run(download_file, url, path, s.allowed_hosts, s.max_bytes,
-                      os.environ.get("HF_TOKEN"))
+            await run(download_file, url, path, s.allowed_hosts, s.max_bytes)
             await run(trim_folder, s.folder, s.cache_bytes, path)
         finally:
             del self._pending[name]

@@ -117,12 +117,13 @@ class AdapterEntry:
 
 def adapter_url(ref: str) -> str | None:
     """The http(s) URL a reference gives, or None for a catalog name. Replicate's
-    scheme-less `huggingface.co/...` form is read as https. On Hugging Face, a file's page
+    scheme-less `huggingface.co/...` and `civitai.com/...` forms are read as https (a
+    CivitAI model page's file is found by the replica). On Hugging Face, a file's page
     (`/blob/`) becomes its download (`/resolve/`); a repository (`huggingface.co/<owner>/
     <repo>`) stays as it is, for the replica to find its LoRA file. Raises
     InvalidField("loras") for any other Hugging Face page."""
     ref = ref.strip().rstrip("/")
-    if ref.startswith("huggingface.co/"):
+    if ref.startswith(("huggingface.co/", "civitai.com/")):
         ref = f"https://{ref}"
     if not ref.startswith(("http://", "https://")):
         return None

@@ -109,8 +109,10 @@ HF_FILE = "https://huggingface.co/acme/ink-lora/resolve/main/ink.safetensors"
     (HF_FILE.replace("/resolve/", "/blob/"), HF_FILE),  # the file's page
     ("huggingface.co/acme/ink-lora/", "https://huggingface.co/acme/ink-lora"),  # a repository
     (" http://127.0.0.1:8000/a.safetensors ", "http://127.0.0.1:8000/a.safetensors"),
+    ("civitai.com/models/7/neon?modelVersionId=70",  # Replicate's CivitAI form
+     "https://civitai.com/models/7/neon?modelVersionId=70"),
 ])
-def test_a_reference_is_a_catalog_name_a_file_url_or_a_hugging_face_repository(ref, url):
+def test_a_reference_is_a_catalog_name_a_file_url_or_a_site_page(ref, url):
     from serve.adapters import adapter_url
 
     assert adapter_url(ref) == url

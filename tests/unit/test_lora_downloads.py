@@ -19,11 +19,22 @@ def _siblings(*names):
     return json.dumps({"siblings": [{"rfilename": n} for n in names]}).encode()
 
 
+def _file(name, version, fmt="SafeTensor", primary=False):
+    return {"name": name, "type": "Model", "primary": primary, "metadata": {"format": fmt},
+            "downloadUrl": f"https://civitai.com/api/download/models/{version}"}
+
+
+def _civitai_model(kind, versions):
+    """CivitAI's answer for a model: its type and versions, newest first."""
+    return json.dumps({"type": kind, "modelVersions": [
+        {"id": vid, "files": files} for vid, files in versions]}).encode()
+
+
 @pytest.fixture(scope="module")
 def server():
     """127.0.0.1 serves the files, and stands for Hugging Face (its model API and
-    /resolve/ downloads); /away and /acme/two's file redirect to `localhost`, another
-    host."""
+    /resolve/ downloads) and CivitAI (its model API and downloads); /away, /acme/two's
+    file and CivitAI's version 71 redirect to `localhost`, another host."""
     away = "http://localhost:{port}/a.safetensors"
     served = FileServer(
         {"/a.safetensors": LORA, "/big": b"x" * 3000, "/text": b"<html>a model card</html>",
@@ -31,9 +42,19 @@ def server():
          "/api/models/acme/two": _siblings("a.safetensors", "lora.safetensors",
                                            "sub/pytorch_lora_weights.safetensors"),
          "/api/models/acme/many": _siblings("a.safetensors", "b.safetensors"),
-         "/acme/one/resolve/main/style.safetensors": LORA},
+         "/acme/one/resolve/main/style.safetensors": LORA,
+         "/api/v1/models/7": _civitai_model("LORA", [(71, [_file("new.safetensors", 71)]),
+                                                     (70, [_file("old.safetensors", 70)])]),
+         "/api/v1/model-versions/70": json.dumps({
+             "id": 70, "model": {"type": "LORA"}, "files": [
+                 _file("old.ckpt", 70, "PickleTensor", primary=True),
+                 _file("old.safetensors", 70)]}).encode(),
+         "/api/v1/models/8": _civitai_model("Checkpoint", [(80, [_file("sdxl.safetensors", 80)])]),
+         "/api/v1/models/9": _civitai_model("LORA", [(90, [_file("x.pt", 90, "PickleTensor")])]),
+         "/api/download/models/70": LORA},
         {"/moved": "http://127.0.0.1:{port}/a.safetensors", "/away": away,
-         "/acme/two/resolve/main/lora.safetensors": away})
+         "/acme/two/resolve/main/lora.safetensors": away,
+         "/api/download/models/71": away})
     yield served
     served.close()
 
@@ -141,16 +162,18 @@ def test_add_skips_held_adapters_and_downloads_again_a_file_that_was_trimmed(ser
 def test_a_hugging_face_repository_gives_its_lora_file_and_the_token_stays_on_the_hub(
         server, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", server.url)  # a mirror: the local server stands for it
+    monkeypatch.setenv("HF_TOKEN", "hf_x")
+    monkeypatch.setenv("CIVITAI_TOKEN", "civ_x")  # not for the hub
     hosts = ("127.0.0.1", "localhost")
     download_file("https://huggingface.co/acme/one", tmp_path / "one.safetensors", hosts,
-                  10_000, token="hf_x")
+                  10_000)
     assert (tmp_path / "one.safetensors").read_bytes() == LORA
     assert server.auth("/api/models/acme/one") == "Bearer hf_x"
     assert server.auth("/acme/one/resolve/main/style.safetensors") == "Bearer hf_x"
     # Of several files, the one trainers name so; its download redirects to another host
     # (as the hub's file CDN is), which gets no token.
     download_file("https://huggingface.co/acme/two", tmp_path / "two.safetensors", hosts,
-                  10_000, token="hf_x")
+                  10_000)
     assert (tmp_path / "two.safetensors").read_bytes() == LORA
     assert server.auth("/acme/two/resolve/main/lora.safetensors") == "Bearer hf_x"
     assert server.requests[-1] == ("/a.safetensors", None)
@@ -167,4 +190,38 @@ def test_a_repository_without_one_lora_file_is_refused_saying_why(server, tmp_pa
     with pytest.raises(AdapterInvalid, match=reason):
         download_file(f"https://huggingface.co/{repo}", tmp_path / "x.safetensors", ALLOWED,
                       10_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_civitai_model_page_gives_its_newest_or_chosen_versions_safetensors_file(
+        server, tmp_path, monkeypatch):
+    monkeypatch.setenv("CIVITAI_ENDPOINT", server.url)  # a proxy: the local server stands in
+    monkeypatch.setenv("CIVITAI_TOKEN", "civ_x")
+    monkeypatch.setenv("HF_TOKEN", "hf_x")  # not for CivitAI
+    hosts = ("127.0.0.1", "localhost")
+    download_file("https://civitai.com/models/7/neon-style", tmp_path / "new.safetensors",
+                  hosts, 10_000)
+    assert (tmp_path / "new.safetensors").read_bytes() == LORA
+    assert server.auth("/api/v1/models/7") == "Bearer civ_x"
+    assert server.auth("/api/download/models/71") == "Bearer civ_x"
+    assert server.requests[-1] == ("/a.safetensors", None)  # the CDN it redirects to: none
+    download_file("https://civitai.com/models/7?modelVersionId=70",
+                  tmp_path / "old.safetensors", hosts, 10_000)
+    assert (tmp_path / "old.safetensors").read_bytes() == LORA
+    assert server.paths[-2:] == ["/api/v1/model-versions/70", "/api/download/models/70"]
+
+
+@pytest.mark.parametrize("page, reason", [
+    ("models/8", "the CivitAI model 8 is a Checkpoint, not a LoRA"),
+    ("models/9", "the CivitAI model 9 has no SafeTensor file to download"),
+    ("models/5", "looking up the CivitAI model 5 gave HTTP 404"),
+])
+def test_a_civitai_model_that_is_no_lora_file_is_refused_before_any_download(
+        server, tmp_path, monkeypatch, page, reason):
+    monkeypatch.setenv("CIVITAI_ENDPOINT", server.url)
+    before = len(server.requests)
+    with pytest.raises(AdapterInvalid, match=reason):
+        download_file(f"https://civitai.com/{page}", tmp_path / "x.safetensors", ALLOWED,
+                      10_000)
+    assert [p for p in server.paths[before:] if "/download/" in p] == []
     assert list(tmp_path.iterdir()) == []
