@@ -78,3 +78,16 @@ def test_the_chosen_attention_kernel_runs_and_keeps_the_image(engine, tiny_sdxl_
     a = np.asarray(chosen.generate([_req(7)])[0][0]).astype(int)
     b = np.asarray(engine.generate([_req(7)])[0][0]).astype(int)
     assert np.abs(a - b).mean() < 1
+
+
+def test_partial_images_decode_in_half_precision_and_leave_the_result_alone(engine):
+    """The fp16 VAE is decoded in float32 when its config asks (as the pipeline does), and
+    given back in float16 for the call's own decode."""
+    plain = np.asarray(engine.generate([_req(9)])[0][0]).astype(int)
+    got = []
+    (images,) = engine.generate([_req(9, partial_images=3)],
+                                on_preview=lambda i, ims: got.append(ims[0]))
+    assert len(got) == 3 and all(im.size == (128, 128) for im in got)
+    assert all(np.asarray(im).std() > 1 for im in got)  # not a black (NaN) frame
+    assert np.abs(np.asarray(images[0]).astype(int) - plain).max() <= 2
+    assert next(engine.pipe.vae.parameters()).dtype == torch.float16

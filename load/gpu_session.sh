@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU measurements of the speed work, one step per device call, each well inside the
+# 10 minutes a call may take (device time is short: run the steps in this order, the first
+# ones matter most). Here, once, in the project root:
+#   echo /.whl/ >> .git/info/exclude
+#   ../shared/gpu/make-wheels.sh .whl pytest pluggy iniconfig
+#   cp ../shared/gpu/sdxl-base-configs.json .whl/
+# then on the device, carrying .whl:   bash load/gpu_session.sh STEP
+#   engine      compiled bf16, cuDNN attention and the guidance cutoff, with the kernel profile
+#   engine-fp8  the FP8 variants (row-wise, per tensor, with the cutoff)
+#   tests       tests/gpu (CUDA paths: FLUX, adapters, memory, partial images)
+#   throughput  through HTTP against the plain server, with an idle spell (cold start)
+#   keep-warm   the same idle spell with keep_warm_s 2, Atelier alone
+#   adapters    LoRA switching at rank 64, in slots then merged
+# Figures go to $OUT (results/ when unset) as JSON, with each step's console output.
+set -euo pipefail
+step=${1:?"step: engine | engine-fp8 | tests | throughput | keep-warm | adapters"}
+out=${OUT:-results}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+export ATELIER_CACHE_DIR=/tmp/atelier  # the model and compile caches, kept while warm
+sdxl=(--random-sdxl .whl/sdxl-base-configs.json --size 1024 --steps 20)
+log="$out/gpu-$step.txt"
+case $step in
+  engine) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --profile \
+            --variants compiled compiled-cudnn compiled-cfg50 \
+            --out "$out/engine-h100-compiled.json" 2>&1 | tee "$log" ;;
+  engine-fp8) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 \
+                --variants compiled-fp8 compiled-fp8-tensor compiled-fp8-cfg50 \
+                --out "$out/engine-h100-fp8.json" 2>&1 | tee "$log" ;;
+  tests) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$log" ;;
+  throughput) python3 -m load.bench_throughput "${sdxl[@]}" --variant compiled --idle-s 30 \
+                --out "$out/throughput-h100-idle.json" 2>&1 | tee "$log" ;;
+  keep-warm) python3 -m load.bench_throughput "${sdxl[@]}" --variant compiled --idle-s 30 \
+               --keep-warm-s 2 --no-baseline \
+               --out "$out/throughput-h100-keepwarm.json" 2>&1 | tee "$log" ;;
+  adapters) for mode in slots fuse; do
+              flag=(); [ "$mode" = fuse ] && flag=(--fuse)
+              python3 -m load.bench_adapters "${sdxl[@]}" --rank 64 --requests 10 \
+                "${flag[@]}" --out "$out/adapters-h100-r64-$mode.json"
+            done 2>&1 | tee "$log" ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
