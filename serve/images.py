@@ -108,8 +108,8 @@ async def load_source(image: str | bytes | None, mask: str | bytes | None, stren
                       width: int | None, height: int | None, model: ModelConfig,
                       fetcher: ImageFetcher,
                       ) -> tuple[SourceImage | None, int | None, int | None]:
-    """`source_image` for a request on the event loop: URLs read first (uploads, allowed
-    hosts), then the decoding done in a worker thread, so that a large image does not hold
+    """`source_image` for a request on the event loop: URLs read first (this server's own
+    files, or allowed hosts), then the decoding done in a worker thread, so that a large image does not hold
     up the other requests of this replica."""
     if image is None and mask is None:
         return None, width, height
