@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.lora_downloads import DownloadSettings
 from deployments.model import ModelDeployment
 from serve.adapters import AdapterCatalog
-from serve.auth import OPEN_PREFIXES, authorized, configured_keys
+from serve.auth import OPEN_PREFIXES, ApiKey, configured_keys, matching_key
 from serve.body_limit import install_body_limit
 from serve.config import AtelierConfig, ModelConfig, load_config, parse_config
 from serve.context import ingress
@@ -30,6 +30,7 @@ from serve.http_errors import api_path, error_response, install_error_handlers
 from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics
 from serve.predictions import PredictionRunner
+from serve.rate_limits import Draw, bucket_id, counted
 from serve.router import ModelRouter
 from serve.routes import (
     files,
@@ -65,15 +66,30 @@ install_error_handlers(api)
 @api.middleware("http")
 async def _require_key(request: Request, call_next):
     started = time.monotonic()
-    path = api_path(request)
-    if path.startswith(OPEN_PREFIXES) or authorized(request.headers.get("authorization"),
-                                                     ingress().api_keys):
-        response = await call_next(request)
-    else:
+    path, state = api_path(request), ingress()
+    key = matching_key(request.headers.get("authorization"), state.api_keys)
+    if not path.startswith(OPEN_PREFIXES) and state.api_keys and key is None:
         response = error_response(path, Unauthorized("missing or wrong API key "
                                                      "(Authorization: Bearer <key>)"))
-    response.headers["X-Atelier-Ingress"] = ingress().replica
-    ingress().metrics.answered(path, response.status_code, time.monotonic() - started)
+    else:
+        response = await _within_rate(request, path, key, call_next)
+    response.headers["X-Atelier-Ingress"] = state.replica
+    state.metrics.answered(path, response.status_code, time.monotonic() - started)
+    return response
+
+
+async def _within_rate(request: Request, path: str, key: ApiKey | None, call_next):
+    """Answer the request if its key's bucket has a token for it (or it needs none)."""
+    if key is None or key.requests_per_minute is None or not counted(request.method, path):
+        return await call_next(request)
+    allowed, tokens = await ingress().store.take_token(bucket_id(key), key.requests_per_minute)
+    draw = Draw(allowed, tokens, key.requests_per_minute)
+    if allowed:
+        response = await call_next(request)
+    else:
+        ingress().metrics.rate_limited.inc(1, {"key": key.name})
+        response = error_response(path, draw.refusal(key.name))
+    response.headers.update(draw.headers())
     return response
 
 

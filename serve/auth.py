@@ -1,34 +1,69 @@
-"""API keys: `Authorization: Bearer <key>` or `Token <key>` (older Replicate clients)."""
+"""API keys: `Authorization: Bearer <key>` or `Token <key>` (older Replicate clients).
+
+A key may carry a name (for logs and metrics) and a rate of generation requests per
+minute (`serve.rate_limits`), so that teams sharing the GPUs cannot crowd each other out.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field
 
 # Health checks and file links (whose random names are the capability) need no key.
 OPEN_PREFIXES = ("/healthz", "/files/")
 
 
-def configured_keys(config_keys: Iterable[str]) -> tuple[bytes, ...]:
-    """Keys from the config plus the comma-separated ATELIER_API_KEYS variable."""
-    env = os.environ.get("ATELIER_API_KEYS", "")
-    keys = [*config_keys, *(k.strip() for k in env.split(","))]
-    return tuple(k.encode() for k in keys if k)
+class ApiKeyConfig(BaseModel):
+    """A key with its name and limits (a plain string in `api_keys` is a key without)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=1, repr=False)
+    name: str | None = Field(None, max_length=64, pattern=r"^[\w.-]+$", description=(
+        "Shown in logs and metrics instead of the key; default: key-<first 8 hex of its "
+        "SHA-256>."))
+    requests_per_minute: int | None = Field(None, ge=1, description=(
+        "Generation requests this key may make per minute (a bucket of that many, refilled "
+        "evenly); past it: 429 with Retry-After. Polling, uploads and listings are free. "
+        "Unset: no limit."))
 
 
-def authorized(header: str | None, keys: tuple[bytes, ...]) -> bool:
-    """True if no keys are set, or the header carries one of them.
+@dataclass(frozen=True)
+class ApiKey:
+    secret: bytes = field(repr=False)
+    name: str = ""
+    requests_per_minute: int | None = None
+
+
+def configured_keys(config_keys: Iterable[str | ApiKeyConfig]) -> tuple[ApiKey, ...]:
+    """Keys from the config plus the comma-separated ATELIER_API_KEYS variable (those
+    have no limits)."""
+    env = [k.strip() for k in os.environ.get("ATELIER_API_KEYS", "").split(",")]
+    keys = [k if isinstance(k, ApiKeyConfig) else ApiKeyConfig(key=k)
+            for k in [*config_keys, *(k for k in env if k)]]
+    return tuple(ApiKey(k.key.encode(), k.name or _default_name(k.key), k.requests_per_minute)
+                 for k in keys)
+
+
+def _default_name(key: str) -> str:
+    return f"key-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def matching_key(header: str | None, keys: tuple[ApiKey, ...]) -> ApiKey | None:
+    """The key the header carries, or None.
 
     Every key is compared in constant time, and all are compared whatever matches.
     """
-    if not keys:
-        return True
     scheme, _, token = (header or "").partition(" ")
     if scheme.lower() not in ("bearer", "token"):
-        return False
-    given = token.strip().encode()
-    matched = False
+        return None
+    given, found = token.strip().encode(), None
     for key in keys:
-        matched |= hmac.compare_digest(given, key)
-    return matched
+        if hmac.compare_digest(given, key.secret):
+            found = key
+    return found

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from serve.auth import ApiKeyConfig
 from serve.model_parts import (  # re-exported: importers keep using serve.config
     FAMILIES,
     SCHEDULERS,
@@ -208,9 +209,10 @@ class AtelierConfig(_Strict):
     lora_download_cache_mb: int = Field(20480, ge=1, description=(
         "Megabytes of downloaded LoRA files a node keeps; past it the least recently used "
         "files are deleted (and downloaded again when needed)."))
-    api_keys: list[str] = Field(default_factory=list, repr=False, description=(
-        "Keys clients must send as `Authorization: Bearer <key>` (or `Token <key>`); "
-        "ATELIER_API_KEYS (comma-separated) adds more. None: the server is open."))
+    api_keys: list[str | ApiKeyConfig] = Field(default_factory=list, repr=False, description=(
+        "Keys clients must send as `Authorization: Bearer <key>` (or `Token <key>`), each a "
+        "string or {key, name, requests_per_minute}; ATELIER_API_KEYS (comma-separated) adds "
+        "more. None: the server is open."))
     webhook_allowed_hosts: list[str] = Field(default_factory=list, description=(
         "Hosts (or host:port) that prediction webhooks may be sent to; none by default."))
     webhook_secret: str | None = Field(None, repr=False, description=(

@@ -13,6 +13,7 @@ import httpx
 from fastapi import Request
 from ray import serve
 
+from serve.auth import ApiKey
 from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics
 from serve.predictions import PredictionRunner, StateStore
@@ -25,7 +26,7 @@ class IngressState(Protocol):
     deployment_names: dict[str, str]
     started_at: int
     store: StateStore
-    api_keys: tuple[bytes, ...]
+    api_keys: tuple[ApiKey, ...]
     predictions: PredictionRunner
     versions: dict[str, str]
     http_client: httpx.AsyncClient

@@ -20,7 +20,8 @@ _REPLICATE_PREFIXES = ("/v1/predictions", "/v1/models/", "/v1/files", "/v1/deplo
 
 def error_response(path: str, exc: AtelierError) -> JSONResponse:
     """The response for `exc` in the shape of the API that `path` belongs to."""
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status in (429, 503) else None
+    retry_after_s = getattr(exc, "retry_after_s", RETRY_AFTER_S)
+    headers = {"Retry-After": str(retry_after_s)} if exc.status in (429, 503) else None
     if exc.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     if path.startswith(_OPENAI_PREFIXES):

@@ -3,7 +3,8 @@
 Metrics are `ray.serve.metrics` objects: Ray's per-node agent exports them (names gain a
 `ray_` prefix, counters a `_total` suffix) on the node's metrics port, and Serve adds the
 `application`, `deployment` and `replica` labels. Labels are bounded: model id, API name,
-status code, error kind, adapter outcome; never prompts or adapter names.
+status code, error kind, adapter outcome, API key name (the operator's, never the key);
+never prompts or adapter names.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ FILL = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
 # HTTP statuses counted as errors of a kind at the ingress; failures past validation
 # (overload, timeout, out of memory, canceled, failed) are counted where they happen.
 _KIND_BY_STATUS = {400: "validation", 401: "unauthorized", 404: "not_found",
-                   413: "too_large", 422: "validation"}
+                   413: "too_large", 422: "validation", 429: "rate_limited"}
 _API_BY_PREFIX = (("/v1/images", "openai"), ("/v1/predictions", "replicate"),
                   ("/v1/models/", "replicate"), ("/v1/models", "models"),
+                  ("/v1/files", "replicate"), ("/v1/deployments", "replicate"),
+                  ("/v1/account", "replicate"), ("/v1/webhooks", "replicate"),
                   ("/generate", "generate"), ("/files", "files"), ("/v1/loras", "loras"),
                   ("/healthz", "health"))
 
@@ -53,6 +56,8 @@ class IngressMetrics:
         self.generation = Histogram("atelier_generation_duration_seconds",
                                     "Time from routing a request to its images",
                                     boundaries=SECONDS, tag_keys=("model",))
+        self.rate_limited = Counter("atelier_rate_limited", "Requests refused with 429 "
+                                    "by their API key's rate", tag_keys=("key",))
 
     def answered(self, path: str, status: int, seconds: float) -> None:
         api = api_name(path)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from serve.files import FileStore, StoredFile, file_name
 from serve.predictions import Prediction
+from serve.rate_limits import REDIS_TAKE, MemoryBuckets
 from serve.uploads import Upload
 
 _PREFIX = "atelier:"
@@ -29,6 +30,7 @@ class MemoryStore:
         self._upload_data = FileStore(ttl_s, max_file_bytes)
         self._uploads: dict[str, Upload] = {}
         self._secrets: dict[str, str] = {}
+        self._buckets = MemoryBuckets()
 
     async def save(self, prediction: Prediction) -> None:
         self._predictions[prediction.id] = prediction.to_state()
@@ -79,6 +81,9 @@ class MemoryStore:
     async def shared_secret(self, name: str, make: Callable[[], str]) -> str:
         return self._secrets.setdefault(name, make())
 
+    async def take_token(self, bucket: str, limit: int) -> tuple[bool, float]:
+        return self._buckets.take(bucket, limit)
+
     async def request_cancel(self, prediction_id: str) -> None:
         self._cancels.add(prediction_id)
 
@@ -119,13 +124,15 @@ class RedisStore:
     atelier:file:<name> (hash of data and type), atelier:upload:<id> (hash of data and the
     upload's record), atelier:uploads (upload ids by creation time), atelier:cancel:<id>,
     atelier:lease:<id> (the owning replica); all with TTLs. atelier:running is the set of
-    unfinished ids; atelier:secret:<name> (the webhook signing secret) has no TTL."""
+    unfinished ids; atelier:secret:<name> (the webhook signing secret) has no TTL;
+    atelier:rate:<bucket> is an API key's token bucket (`serve.rate_limits`)."""
 
     def __init__(self, url: str, ttl_s: float):
         import redis.asyncio as redis
 
         self._redis = redis.Redis.from_url(url)
         self._ttl = max(1, int(ttl_s))
+        self._take = self._redis.register_script(REDIS_TAKE)
 
     async def save(self, prediction: Prediction) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -194,6 +201,10 @@ class RedisStore:
     async def delete_upload(self, upload_id: str) -> bool:
         await self._redis.zrem(f"{_PREFIX}uploads", upload_id)
         return bool(await self._redis.delete(f"{_PREFIX}upload:{upload_id}"))
+
+    async def take_token(self, bucket: str, limit: int) -> tuple[bool, float]:
+        allowed, tokens = await self._take(keys=[f"{_PREFIX}rate:{bucket}"], args=[limit])
+        return bool(int(allowed)), float(tokens)
 
     async def shared_secret(self, name: str, make: Callable[[], str]) -> str:
         """Made by the first replica to ask, kept without expiry."""

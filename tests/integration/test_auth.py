@@ -30,3 +30,36 @@ def test_health_needs_no_key(base_url):
 def test_openai_errors_keep_the_openai_shape_for_401(base_url):
     r = httpx.post(base_url + "/v1/images/generations", json={"prompt": "x"})
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_a_keys_rate_limit_answers_429_in_each_apis_shape_and_spares_the_others(base_url):
+    """team-a's key may make 3 generation requests a minute (one more every 20 s)."""
+    import openai
+
+    from tests.integration.conftest import FAST, LIMITED_KEY
+
+    limited = {"Authorization": f"Bearer {LIMITED_KEY}"}
+    body = {"prompt": "a cat", "model": FAST, "seed": 1}
+    left = []
+    for _ in range(3):
+        r = httpx.post(f"{base_url}/generate", headers=limited, json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        left.append(r.headers["x-ratelimit-remaining-requests"])
+        assert r.headers["x-ratelimit-limit-requests"] == "3"
+    assert left == ["2", "1", "0"]
+    r = httpx.post(f"{base_url}/generate", headers=limited, json=body)
+    assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 20
+    assert "team-a is over its 3 requests per minute" in r.json()["detail"]
+    # Reading is free; other keys are not affected.
+    assert httpx.get(f"{base_url}/v1/predictions", headers=limited).status_code == 200
+    ok = httpx.post(f"{base_url}/generate", headers={"Authorization": f"Bearer {API_KEY}"},
+                    json=body, timeout=60)
+    assert ok.status_code == 200 and "x-ratelimit-limit-requests" not in ok.headers
+    oai = openai.OpenAI(api_key=LIMITED_KEY, base_url=f"{base_url}/v1", max_retries=0)
+    with pytest.raises(openai.RateLimitError) as err:
+        oai.images.generate(model=FAST, prompt="x")
+    assert err.value.code == "rate_limit_exceeded"
+    r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", headers=limited,
+                   json={"input": {"prompt": "x"}})
+    assert r.status_code == 429 and r.json()["status"] == 429
+    assert r.headers["content-type"] == "application/problem+json"

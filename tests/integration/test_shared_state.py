@@ -15,6 +15,7 @@ from PIL import Image
 from tests.integration.conftest import AUTH, _model
 
 MODEL = "atelier/tiny-sdxl-shared"
+SHARED_LIMITED = "test-key-shared-limit-4"  # 4 generation requests per minute
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,8 @@ def shared_url(base_url, redis_url, cache_dir):
     from serve.app import build_app
 
     config = {"cache_dir": str(cache_dir), "redis_url": redis_url, "ingress_replicas": 2,
-              "api_keys": [AUTH["Authorization"].split()[1]],
+              "api_keys": [AUTH["Authorization"].split()[1],
+                           {"key": SHARED_LIMITED, "requests_per_minute": 4}],
               "models": [_model(MODEL, 1500)]}
     serve.run(build_app({"atelier": config}), name="atelier-shared", route_prefix="/shared")
     yield f"{base_url}/shared"
@@ -164,3 +166,11 @@ def test_both_replicas_sign_webhooks_with_the_one_secret_kept_in_redis(shared_ur
     assert len({r.headers["x-atelier-ingress"] for r in answers}) == 2
     keys = {r.json()["key"] for r in answers}
     assert len(keys) == 1 and keys.pop().startswith("whsec_")
+
+
+def test_both_replicas_draw_from_one_rate_bucket_in_redis(shared_url):
+    headers = {"Authorization": f"Bearer {SHARED_LIMITED}"}
+    answers = [httpx.post(f"{shared_url}/v1/models/{MODEL}/predictions", headers=headers,
+                          json={"input": {"prompt": "x", "seed": i}}) for i in range(8)]
+    assert [r.status_code for r in answers] == [201] * 4 + [429] * 4
+    assert len({r.headers["x-atelier-ingress"] for r in answers}) == 2
