@@ -72,6 +72,7 @@ async def _require_key(request: Request, call_next):
         response = error_response(path, Unauthorized("missing or wrong API key "
                                                      "(Authorization: Bearer <key>)"))
     else:
+        request.state.client = key.name if key else "open"
         response = await _within_rate(request, path, key, call_next)
     response.headers["X-Atelier-Ingress"] = state.replica
     state.metrics.answered(path, response.status_code, time.monotonic() - started)

@@ -51,6 +51,12 @@ def request_id(request: Request) -> str:
             or uuid.uuid4().hex)
 
 
+def client_name(request: Request) -> str:
+    """The name of the API key the request came with ("open" on a server without keys),
+    as the ingress middleware recorded it: usage is counted by it."""
+    return getattr(request.state, "client", "open")
+
+
 def base_url(request: Request) -> str:
     """The URL clients reached this server at, for the links in answers (no trailing /)."""
     return str(request.base_url).rstrip("/")

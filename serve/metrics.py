@@ -56,6 +56,11 @@ class IngressMetrics:
         self.generation = Histogram("atelier_generation_duration_seconds",
                                     "Time from routing a request to its images",
                                     boundaries=SECONDS, tag_keys=("model",))
+        self.key_images = Counter("atelier_key_images", "Images delivered, by API key name",
+                                  tag_keys=("key", "model"))
+        self.key_seconds = Counter("atelier_key_pipeline_seconds", (
+            "Pipeline time used, by API key name: each call's time shared by its images"),
+            tag_keys=("key", "model"))
         self.rate_limited = Counter("atelier_rate_limited", "Requests refused with 429 "
                                     "by their API key's rate", tag_keys=("key",))
 
@@ -66,6 +71,12 @@ class IngressMetrics:
         kind = error_kind(status)
         if kind is not None:
             self.errors.inc(1, {"model": "unknown", "kind": kind})
+
+    def used(self, client: str, model: str, images: int, share_s: float) -> None:
+        tags = {"key": client or "open", "model": model}
+        self.key_images.inc(images, tags)
+        if share_s > 0:  # Ray's counters refuse 0
+            self.key_seconds.inc(share_s, tags)
 
     def failed(self, model: str, kind: str) -> None:
         self.errors.inc(1, {"model": model, "kind": kind})

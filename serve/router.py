@@ -146,6 +146,9 @@ class ModelRouter:
     def _delivered(self, request: GenerationRequest, result: GenerationResult,
                    started: float) -> None:
         self.metrics.images.inc(len(result.images), {"model": request.model})
+        b = result.batch
+        self.metrics.used(request.client, request.model, len(result.images),
+                          b.inference_ms / 1000 * len(result.images) / max(1, b.images))
         self.metrics.generation.observe(time.monotonic() - started, {"model": request.model})
 
     def _failed(self, request: GenerationRequest, exc: BaseException) -> BaseException:

@@ -65,6 +65,7 @@ class GenerationRequest:
     high_noise_frac: float = 0.8  # expert_ensemble_refiner: where the refiner takes over
     refine_steps: int | None = None  # base_image_refiner: steps (default: the request's)
     partial_images: int = 0  # images of the call in progress to send while it denoises
+    client: str = ""  # the name of the API key it came with, for usage by key
 
     @property
     def mode(self) -> str:

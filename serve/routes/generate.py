@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve.adapters import AdapterSet, split_prompt_tags
 from serve.config import ModelConfig
-from serve.context import ingress, request_id
+from serve.context import client_name, ingress, request_id
 from serve.errors import InvalidField
 from serve.images import load_source
 from serve.timing import timing_headers
@@ -82,7 +82,7 @@ class GenerateParams(BaseModel):
 
     def to_request(self, model: ModelConfig, request_id: str, prompt: str, adapters: AdapterSet,
                    source: SourceImage | None, width: int | None,
-                   height: int | None) -> GenerationRequest:
+                   height: int | None, client: str = "") -> GenerationRequest:
         """Raises InvalidField for values outside the model's limits. `source`, `width`
         and `height` come from `load_source` (the input image's size unless given)."""
         return GenerationRequest.for_model(
@@ -92,7 +92,7 @@ class GenerateParams(BaseModel):
             num_outputs=self.num_outputs, output_format=self.output_format,
             output_quality=self.output_quality, adapters=adapters, request_id=request_id,
             refine=self.refine, high_noise_frac=self.high_noise_frac,
-            refine_steps=self.refine_steps)
+            refine_steps=self.refine_steps, client=client)
 
 
 def _inline(node: Any, defs: dict) -> Any:
@@ -131,7 +131,7 @@ async def generate(request: Request) -> Response:
             params.image, params.mask, params.prompt_strength, params.width, params.height,
             model, state.images)
         gen = params.to_request(model, request_id(request), prompt, adapters, source, width,
-                                height)
+                                height, client_name(request))
     except InvalidField as exc:
         field = "steps" if exc.field == "num_inference_steps" else exc.field
         raise type(exc)(field, exc.reason, sources.get(field, "body")) from None

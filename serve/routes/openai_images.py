@@ -27,7 +27,7 @@ from starlette.datastructures import UploadFile
 
 from serve.adapters import split_prompt_tags
 from serve.config import ModelConfig
-from serve.context import IngressState, base_url, ingress, request_id
+from serve.context import IngressState, base_url, client_name, ingress, request_id
 from serve.errors import InvalidField
 from serve.images import load_source
 from serve.routes.openai_stream import stream_images
@@ -177,7 +177,8 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
             output_format=params.output_format, source=source, seed=params.seed,
             adapters=state.router.adapters_for(model, tags),
             output_quality=params.output_compression or 90, request_id=request_id(request),
-            partial_images=(params.partial_images or 0) if params.stream else 0)
+            partial_images=(params.partial_images or 0) if params.stream else 0,
+            client=client_name(request))
     except InvalidField as exc:
         raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
     if params.stream:

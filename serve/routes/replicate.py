@@ -17,7 +17,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from serve.context import IngressState, base_url, ingress, request_id
+from serve.context import IngressState, base_url, client_name, ingress, request_id
 from serve.errors import AtelierError, InvalidField, ModelNotFound
 from serve.predictions import Prediction
 from serve.routes.replicate_inputs import (
@@ -103,14 +103,15 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
         raise InvalidField("version", f"{model.id} is served at version {state.versions[model.id]}")
     rid = request_id(request)
     inp = parse_input(model, body.input)
-    gen = await to_request(state, model.id, inp, rid)  # refuses bad input before accepting
+    client = client_name(request)
+    gen = await to_request(state, model.id, inp, rid, client)  # refuses bad input first
     if body.webhook:
         check_webhook(body.webhook, state.router.config.webhook_allowed_hosts)
     deadline_s = duration_s(request.headers.get("cancel-after"))
     prediction = Prediction(
         model=model.id, version=state.versions[model.id],
         input=inp.model_dump(exclude_none=True), private={
-            "seed": gen.seed, "base": base_url(request), "request_id": rid,
+            "seed": gen.seed, "base": base_url(request), "request_id": rid, "client": client,
             "webhook": body.webhook,
             "events": list(check_events(body.webhook_events_filter)),
             "cancel_at": None if deadline_s is None else time.time() + deadline_s})

@@ -35,7 +35,8 @@ async def run_prediction(state: IngressState, p: Prediction) -> None:
         if gen is None:  # adopted: rebuilt from the stored input (URLs fetched again)
             inp = parse_input(state.router.resolve(p.model),
                               {**p.input, "seed": private["seed"]})
-            gen = await to_request(state, p.model, inp, private["request_id"])
+            gen = await to_request(state, p.model, inp, private["request_id"],
+                                   private.get("client", ""))
     except (AtelierError, RequestValidationError) as exc:  # e.g. a redeploy changed the model
         message = getattr(exc, "message", "the stored input does not fit the model any more")
         p.finish("failed", error=message)
@@ -52,7 +53,7 @@ async def run_prediction(state: IngressState, p: Prediction) -> None:
 
 
 async def to_request(state: IngressState, model_id: str, inp: SDXLInput | FluxInput,
-                     rid: str) -> GenerationRequest:
+                     rid: str, client: str = "") -> GenerationRequest:
     model = state.router.resolve(model_id)
     args = inp.request_args()
     try:
@@ -62,7 +63,7 @@ async def to_request(state: IngressState, model_id: str, inp: SDXLInput | FluxIn
         return GenerationRequest.for_model(
             model, inp.prompt, width=width, height=height, source=source, seed=inp.seed,
             adapters=state.router.adapters_for(model, inp.lora_refs()), request_id=rid,
-            **args)
+            client=client, **args)
     except InvalidField as exc:
         raise type(exc)(f"input.{inp.field_of(exc.field)}", exc.reason) from None
 

@@ -120,5 +120,18 @@ def test_every_dashboard_panel_returns_data(base_url, prometheus):
 def test_the_dashboard_covers_what_operators_watch():
     titles = " ".join(title for title, _ in _panel_queries()).lower()
     for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "prompts held",
-                  "errors", "memory", "healthy"):
+                  "errors", "memory", "healthy", "by api key"):
         assert topic in titles, topic
+
+
+def test_usage_is_counted_under_the_api_keys_name(prometheus):
+    """After the traffic above (made with API_KEY, which has no name of its own)."""
+    import hashlib
+
+    from tests.integration.conftest import API_KEY
+
+    name = f"key-{hashlib.sha256(API_KEY.encode()).hexdigest()[:8]}"
+    r = httpx.get(f"{prometheus}/api/v1/query",
+                  params={"query": "sum by (key) (ray_atelier_key_images_total)"})
+    by_key = {s["metric"]["key"]: float(s["value"][1]) for s in r.json()["data"]["result"]}
+    assert by_key.get(name, 0) >= 10 and API_KEY not in by_key and "open" not in by_key

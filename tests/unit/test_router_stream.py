@@ -46,9 +46,13 @@ class _Counter:
 class _Metrics:
     def __init__(self):
         self.images, self.generation, self.failures = _Counter(), _Counter(), []
+        self.usage = []
 
     def failed(self, model, kind):
         self.failures.append((model, kind))
+
+    def used(self, client, model, images, share_s):
+        self.usage.append((client, images, share_s))
 
 
 def _router(stream):
@@ -57,12 +61,15 @@ def _router(stream):
     metrics = _Metrics()
     router = ModelRouter(config, AdapterCatalog.from_dicts([]), {model: _Handle(stream)},
                          metrics)
-    request = GenerationRequest.for_model(config.models[0], "a cat", seed=1)
+    request = GenerationRequest.for_model(config.models[0], "a cat", seed=1, client="team-a")
     return router, request, metrics
 
 
 def test_a_stream_left_after_its_result_counts_as_delivered_not_canceled():
-    stream = _Stream([("progress", 1, 2), ("result", SimpleNamespace(images=[b"a", b"b"]))])
+    # Its 2 images shared a 3 s pipeline call with 2 others: half the call is its use.
+    result = SimpleNamespace(images=[b"a", b"b"],
+                             batch=SimpleNamespace(inference_ms=3000, images=4))
+    stream = _Stream([("progress", 1, 2), ("result", result)])
     router, request, metrics = _router(stream)
 
     async def consume():
@@ -73,6 +80,7 @@ def test_a_stream_left_after_its_result_counts_as_delivered_not_canceled():
     assert len(asyncio.run(consume()).images) == 2  # asyncio.run closes the generator
     assert metrics.failures == [] and stream.cancelled is False
     assert metrics.images.calls == [(2, {"model": request.model})]
+    assert metrics.usage == [("team-a", 2, 1.5)]
 
 
 def test_a_stream_closed_before_its_result_is_withdrawn_and_counted_canceled():
