@@ -60,6 +60,8 @@ class MemoryStore:
     async def put_upload(self, upload: Upload, data: bytes) -> None:
         self._uploads[upload.id] = upload
         self._upload_data.put(data, upload.content_type, name=upload.id)
+        for gone in [i for i in self._uploads if self._upload_data.get(i) is None]:
+            del self._uploads[gone]  # expired, or dropped for the byte budget
 
     async def get_upload(self, upload_id: str) -> Upload | None:
         return self._uploads.get(upload_id) if await self.upload_data(upload_id) else None

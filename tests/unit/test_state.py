@@ -171,8 +171,10 @@ def test_uploads_expire_with_their_data():
     a, b = Upload.of(b"123456", "a", "x/y", {}), Upload.of(b"abcdef", "b", "x/y", {})
     _run(store.put_upload(a, b"123456"))
     _run(store.put_upload(b, b"abcdef"))  # over the 10-byte budget: the oldest goes
+    assert list(store._uploads) == [b.id]  # its record with it
     assert _run(store.get_upload(a.id)) is None and _run(store.upload_data(a.id)) is None
     assert [u.id for u in _run(store.uploads())] == [b.id]
+    assert list(store._uploads) == [b.id]  # no record is kept of what is gone
 
 
 def test_upload_ids_are_read_from_files_api_urls_only():
