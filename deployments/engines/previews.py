@@ -7,10 +7,12 @@ DPM-Solver++ keeps it as its last model output, and for flow matching (FLUX) it 
 sample less sigma times the predicted velocity. With other samplers (PNDM) a partial
 image shows the current, still noisy, latents. Decoding is one VAE pass over the
 previewed rows only, inside the call: the other requests of the batch keep their pixels.
+A partial image that fails to decode (out of memory) is skipped, not the call.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -19,6 +21,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from deployments.engines.withdrawal import BatchRows
+
+log = logging.getLogger("ray.serve.atelier.engine")
 
 # decode(pipe, latents of some rows) -> those rows' images in [0, 1] (N, C, H, W)
 Decode = Callable[[object, torch.Tensor], torch.Tensor]
@@ -78,7 +82,13 @@ class Previews:
                 rows.extend(range(row, row + size))
                 owners.append((index, size))
             row += size
-        images = self._to_images(self._decode(pipe, estimate[rows].to(latents.dtype)))
+        try:
+            images = self._to_images(self._decode(pipe, estimate[rows].to(latents.dtype)))
+        except Exception:  # partial images are a courtesy: the call goes on
+            log.exception("partial images failed; the call goes on without them")
+            for index in due:
+                self.wanted[index] = self.sent[index]
+            return
         start = 0
         for index, size in owners:
             self.sent[index] += 1

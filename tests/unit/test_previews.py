@@ -119,3 +119,15 @@ def test_a_withdrawn_request_gets_no_more_partial_images(sdxl):
                   on_step=lambda s, t: steps.append(s),
                   on_preview=lambda i, images: got.append((i, len(steps))))
     assert got == [(0, 2), (1, 2), (1, 4), (1, 6)]
+
+
+def test_a_partial_image_that_fails_is_skipped_and_the_call_goes_on(sdxl, monkeypatch):
+    plain = sdxl.generate([_req(4)])
+
+    def failing(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sdxl, "_decode_latents", failing)
+    got = []
+    out = sdxl.generate([_req(4, partial_images=3)], on_preview=lambda i, ims: got.append(i))
+    assert got == [] and np.abs(_px(out[0][0]) - _px(plain[0][0])).max() <= 1
