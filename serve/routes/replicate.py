@@ -60,9 +60,13 @@ def _version_json(state: IngressState, model_id: str) -> dict:
                                            "Output": output}}}}
 
 
-@router.get("/v1/models/{owner}/{name}", summary="Replicate: get a model")
+@router.get("/v1/models/{owner}/{name}", summary="Replicate (and OpenAI): get a model")
 async def get_model(owner: str, name: str, request: Request) -> dict:
-    return model_json(ingress(), f"{owner}/{name}", base_url(request))
+    """Replicate's model, with the fields OpenAI's `models.retrieve` reads beside them."""
+    state = ingress()
+    found = model_json(state, f"{owner}/{name}", base_url(request))
+    return {**found, "id": f"{found['owner']}/{found['name']}", "object": "model",
+            "created": state.started_at, "owned_by": found["owner"]}
 
 
 @router.get("/v1/models/{owner}/{name}/versions/{version}", summary="Replicate: get a version")

@@ -35,6 +35,8 @@ def test_both_official_clients_list_the_same_models(base_url, rep):
     listed = [m.id for m in oai.models.list()]
     page = rep.models.list()
     assert [f"{m.owner}/{m.name}" for m in page.results] == listed and page.next is None
+    retrieved = oai.models.retrieve("black-forest-labs/flux-dev")  # an alias
+    assert (retrieved.id, retrieved.object, retrieved.owned_by) == (FLUX, "model", "atelier")
     flux = page.results[-1]
     assert flux.latest_version.id == rep.models.get(FLUX).latest_version.id
     assert "prompt" in flux.latest_version.openapi_schema["components"]["schemas"]["Input"][
