@@ -117,6 +117,7 @@ class Ingress:
                                             lambda p: run_prediction(self, p))
         # Serve runs the constructor on the replica's event loop.
         self._keeper = asyncio.get_running_loop().create_task(self.predictions.keep())
+        self._warming = asyncio.get_running_loop().create_task(self._warm_models(cfg))
         self.versions = dict(versions)
         self.prepared: dict = {}
         # Outbound calls (webhooks, input image URLs) never follow redirects.
@@ -128,6 +129,15 @@ class Ingress:
         self.started_at = int(time.time())
         self._webhook_secret = cfg.webhook_secret or webhook_secret_from_env()
 
+    async def _warm_models(self, cfg: AtelierConfig) -> None:
+        """Each model's request path through this replica, warmed once its replicas
+        answer (see ModelRouter.warm); a failure only means a colder first request."""
+        for model in cfg.models:
+            try:
+                await self.router.warm(model)
+            except Exception as exc:  # noqa: BLE001 (it is only a warm-up)
+                log.info("warming the path to %s failed: %s", model.id, type(exc).__name__)
+
     async def webhook_secret(self) -> str:
         """The configured signing secret, else the one kept in the store (made once)."""
         if self._webhook_secret is None:
@@ -138,6 +148,7 @@ class Ingress:
         """Serve calls this when the replica stops (redeploy, scale-down), after its HTTP
         requests have drained: unfinished predictions go to another replica at once."""
         self._keeper.cancel()
+        self._warming.cancel()
         await self.predictions.hand_over()
 
 
