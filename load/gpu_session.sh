@@ -3,7 +3,7 @@
 # 10 minutes a call may take (device time is short: run the steps in this order, the first
 # ones matter most). Here, once, in the project root:
 #   echo /.whl/ >> .git/info/exclude
-#   ../shared/gpu/make-wheels.sh .whl pytest pluggy iniconfig
+#   ../shared/gpu/make-wheels.sh .whl pytest pluggy iniconfig pytest-timeout
 #   cp ../shared/gpu/sdxl-base-configs.json .whl/
 # then on the device, carrying .whl:   bash load/gpu_session.sh STEP
 #   engine      compiled bf16, cuDNN attention and the guidance cutoff, with the kernel profile
