@@ -5,8 +5,9 @@ After every step the scheduler's estimate of the finished latents is kept: the s
 that compute one return it from their step (Euler, Euler ancestral, DDIM, Heun),
 DPM-Solver++ keeps it as its last model output, and for flow matching (FLUX) it is the
 sample less sigma times the predicted velocity. With other samplers (PNDM) a partial
-image shows the current, still noisy, latents. Decoding is one VAE pass over the
-previewed rows only, inside the call: the other requests of the batch keep their pixels.
+image shows the current, still noisy, latents. Decoding is one VAE pass per previewed
+image, inside the call (batches of one, a shape the warm-up compiles): the other requests
+of the batch keep their pixels.
 A partial image that fails to decode (out of memory) is skipped, not the call.
 """
 
@@ -82,8 +83,9 @@ class Previews:
                 rows.extend(range(row, row + size))
                 owners.append((index, size))
             row += size
-        try:
-            images = self._to_images(self._decode(pipe, estimate[rows].to(latents.dtype)))
+        try:  # one image at a time: compiled decoders meet only the batch size of 1
+            images = [image for row in rows for image in self._to_images(
+                self._decode(pipe, estimate[row:row + 1].to(latents.dtype)))]
         except Exception:  # partial images are a courtesy: the call goes on
             log.exception("partial images failed; the call goes on without them")
             for index in due:
