@@ -1,11 +1,13 @@
-"""img2img and inpainting against text-to-image, per family, on one engine.
+"""img2img, inpainting and streamed partial images against text-to-image, per family, on
+one engine.
 
     python -m load.bench_img2img                        # tiny SDXL and tiny FLUX, CPU
     python -m load.bench_img2img --size 512 --steps 28 --repeats 9
 
 Each mode runs the same prompt and seed `--repeats` times (after one untimed call) at
 `--size`² and `--steps`; img2img runs only `steps x strength` denoising steps but also
-encodes its input with the VAE. Prints and saves JSON (default
+encodes its input with the VAE; `txt2img+3 partial` is text-to-image taking the three
+partial images a streamed OpenAI request asks for (three more VAE decodes). Prints and saves JSON (default
 results/img2img-<device>-tiny<size>.json). Figures are what this run saw.
 """
 
@@ -20,9 +22,9 @@ from dataclasses import replace
 from load.bench_serving import machine
 from load.report import save_report
 
-# (mode, strength, with a mask): the same for both families.
-_MODES = [("txt2img", None, False), ("img2img", 0.8, False), ("img2img", 1.0, False),
-          ("inpaint", 0.8, True)]
+# (mode, strength, with a mask, partial images): the same for both families.
+_MODES = [("txt2img", None, False, 0), ("img2img", 0.8, False, 0), ("img2img", 1.0, False, 0),
+          ("inpaint", 0.8, True, 0), ("txt2img+3 partial", None, False, 3)]
 
 
 def _parse_args() -> argparse.Namespace:
@@ -57,11 +59,11 @@ def _requests(family: str, size: int, steps: int):
                              "marble counter", width=size, height=size, num_inference_steps=steps,
                              guidance_scale=3.5, seed=1,
                              scheduler=FAMILIES[family].schedulers[0])
-    for mode, strength, masked in _MODES:
+    for mode, strength, masked, partial in _MODES:
         source = None if strength is None else SourceImage(
             photo, strength, mask.tobytes() if masked else None)
         name = mode if strength is None else f"{mode}@{strength}"
-        yield name, replace(base, source=source)
+        yield name, replace(base, source=source, partial_images=partial)
 
 
 def main() -> None:
@@ -72,12 +74,14 @@ def main() -> None:
         engine = _engine(family)
         device = engine.describe()["device"]
         for name, request in _requests(family, args.size, args.steps):
-            engine.generate([request])  # untimed: first-call allocation
-            times = []
+            partials = []
+            engine.generate([request], on_preview=lambda i, images: partials.append(i))
+            times = []  # (the call above is untimed: first-call allocation)
             for _ in range(args.repeats):
                 started = time.perf_counter()
-                engine.generate([request])
+                engine.generate([request], on_preview=lambda i, images: partials.append(i))
                 times.append(time.perf_counter() - started)
+            assert len(partials) == request.partial_images * (args.repeats + 1)
             row = {"family": family, "mode": name,
                    "median_ms": round(statistics.median(times) * 1000, 1),
                    "min_ms": round(min(times) * 1000, 1)}
