@@ -19,6 +19,7 @@ import statistics
 import time
 from dataclasses import replace
 
+from deployments.engines.previews import preview_steps
 from load.bench_serving import machine
 from load.report import save_report
 
@@ -81,7 +82,8 @@ def main() -> None:
                 started = time.perf_counter()
                 engine.generate([request], on_preview=lambda i, images: partials.append(i))
                 times.append(time.perf_counter() - started)
-            assert len(partials) == request.partial_images * (args.repeats + 1)
+            expected = len(preview_steps(request.partial_images, args.steps))
+            assert len(partials) == expected * (args.repeats + 1)
             row = {"family": family, "mode": name,
                    "median_ms": round(statistics.median(times) * 1000, 1),
                    "min_ms": round(min(times) * 1000, 1)}
