@@ -75,12 +75,13 @@ def main() -> None:
         engine = _engine(family)
         device = engine.describe()["device"]
         for name, request in _requests(family, args.size, args.steps):
-            partials = []
-            engine.generate([request], on_preview=lambda i, images: partials.append(i))
+            partials: list[int] = []
+            taken = partials.append  # the partial images' request indexes, one per image
+            engine.generate([request], on_preview=lambda i, images, taken=taken: taken(i))
             times = []  # (the call above is untimed: first-call allocation)
             for _ in range(args.repeats):
                 started = time.perf_counter()
-                engine.generate([request], on_preview=lambda i, images: partials.append(i))
+                engine.generate([request], on_preview=lambda i, images, taken=taken: taken(i))
                 times.append(time.perf_counter() - started)
             expected = len(preview_steps(request.partial_images, args.steps))
             assert len(partials) == expected * (args.repeats + 1)
