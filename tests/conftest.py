@@ -109,3 +109,18 @@ def tiny_flux_path(cache_dir) -> Path:
     from deployments.tiny import TINY_FLUX, ensure_embedded
 
     return ensure_embedded(TINY_FLUX, cache_dir)
+
+
+# The tiny engines in float32 on the CPU, one pair per test module that asks for them.
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl_path):
+    from deployments.engines.sdxl import SDXLEngine
+
+    return SDXLEngine(tiny_sdxl_path, "float32", "cpu")
+
+
+@pytest.fixture(scope="module")
+def flux(tiny_flux_path):
+    from deployments.engines.flux import FluxEngine
+
+    return FluxEngine(tiny_flux_path, "float32", "cpu")

@@ -73,20 +73,6 @@ def _px(image):
     return np.asarray(image).astype(int)
 
 
-@pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_path):
-    from deployments.engines.sdxl import SDXLEngine
-
-    return SDXLEngine(tiny_sdxl_path, "float32", "cpu")
-
-
-@pytest.fixture(scope="module")
-def flux(tiny_flux_path):
-    from deployments.engines.flux import FluxEngine
-
-    return FluxEngine(tiny_flux_path, "float32", "cpu")
-
-
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
 def test_partial_images_come_at_their_steps_and_leave_every_final_image_as_it_was(
         family, request):

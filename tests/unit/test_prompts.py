@@ -77,20 +77,6 @@ def test_stack_repeats_each_requests_embeddings_per_image():
     assert out["p"].flatten().tolist() == [10.0, 10.0, 20.0]
 
 
-@pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_path):
-    from deployments.engines.sdxl import SDXLEngine
-
-    return SDXLEngine(tiny_sdxl_path, "float32", "cpu")
-
-
-@pytest.fixture(scope="module")
-def flux(tiny_flux_path):
-    from deployments.engines.flux import FluxEngine
-
-    return FluxEngine(tiny_flux_path, "float32", "cpu")
-
-
 def _pixels(result):
     return [np.asarray(im).astype(int) for own in result for im in own]
 
