@@ -38,6 +38,9 @@ VARIANTS = {
     "compiled-fp8": ("bfloat16", {**_FAST, "compile": True, "fp8": True}),
     "compiled-fp8-tensor": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
                                          "fp8_scaling": "tensor"}),
+    # Row-wise FP8 accumulated in float32 every 128 terms (fp8_fast_accum off).
+    "compiled-fp8-slowaccum": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
+                                            "fp8_fast_accum": False}),
     "compiled-cudnn": ("bfloat16", {**_FAST, "compile": True, "attention": "cudnn"}),
     "compiled-fp8-cudnn": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
                                         "attention": "cudnn"}),

@@ -7,7 +7,7 @@
 #   cp ../shared/gpu/sdxl-base-configs.json .whl/
 # then on the device, carrying .whl:   bash load/gpu_session.sh STEP
 #   engine      compiled bf16, cuDNN attention and the guidance cutoff, with the kernel profile
-#   engine-fp8  the FP8 variants (row-wise, per tensor, with the cutoff)
+#   engine-fp8  the FP8 variants (row-wise with and without fast accumulation, per tensor)
 #   tests       tests/gpu (CUDA paths: FLUX, adapters, memory, partial images)
 #   throughput  through HTTP against the plain server, with an idle spell (cold start)
 #   keep-warm   the same idle spell with keep_warm_s 2, Atelier alone
@@ -27,7 +27,7 @@ case $step in
             --variants compiled compiled-cudnn compiled-cfg50 \
             --out "$out/engine-h100-compiled.json" 2>&1 | tee "$log" ;;
   engine-fp8) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 \
-                --variants compiled-fp8 compiled-fp8-tensor compiled-fp8-cfg50 \
+                --variants compiled-fp8 compiled-fp8-slowaccum compiled-fp8-tensor \
                 --out "$out/engine-h100-fp8.json" 2>&1 | tee "$log" ;;
   tests) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$log" ;;
   throughput) python3 -m load.bench_throughput "${sdxl[@]}" --variant compiled --idle-s 30 \

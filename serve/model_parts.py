@@ -80,6 +80,10 @@ class SpeedConfig(_Strict):
         "With fp8: one scale per row of weights and of activations (row), or one per "
         "tensor (tensor: the plainest FP8 matrix product, but a row of small activations "
         "beside large ones loses precision)."))
+    fp8_fast_accum: bool = Field(True, description=(
+        "With fp8: accumulate each matrix product in the FP8 tensor cores' own accumulators "
+        "(fast, as FP8 inference usually runs; row-wise products without it run a much "
+        "slower kernel) instead of promoting partial sums to float32 every 128 terms."))
 
     attention: Literal["auto", "cudnn", "flash", "efficient"] = Field("auto", description=(
         "Which of PyTorch's fused attention kernels the denoiser tries first: auto "
@@ -103,8 +107,8 @@ class SpeedConfig(_Strict):
 
     @model_validator(mode="after")
     def _buckets_ascending(self) -> SpeedConfig:
-        if self.fp8_scaling != "row" and not self.fp8:
-            raise ValueError("fp8_scaling applies only with fp8: true")
+        if (self.fp8_scaling != "row" or not self.fp8_fast_accum) and not self.fp8:
+            raise ValueError("fp8_scaling and fp8_fast_accum apply only with fp8: true")
         buckets = self.batch_buckets
         if any(b < 1 for b in buckets) or buckets != sorted(set(buckets)):
             raise ValueError("batch_buckets must be distinct positive counts in ascending order")

@@ -50,6 +50,23 @@ def test_fp8_linear_is_close_to_the_float_layer_on_fresh_inputs(per_row):
         assert torch.isfinite(out).all()
 
 
+def test_fp8_linear_adds_the_bias_inside_the_product():
+    torch.manual_seed(2)
+    linear = nn.Linear(32, 16)
+    with torch.no_grad():
+        linear.bias.copy_(torch.linspace(-4, 4, 16))
+    unbiased = nn.Linear(32, 16, bias=False)
+    unbiased.weight = linear.weight
+    fp8, fp8_unbiased = Fp8Linear(linear), Fp8Linear(unbiased)
+    assert fp8.bias.dtype == torch.bfloat16 and fp8_unbiased.bias is None
+    x = torch.randn(3, 32)
+    out = fp8(x)
+    assert _rel(out, linear(x)) < 0.05
+    # The same product, with the bias added to each row to within bf16's rounding.
+    added = out - fp8_unbiased(x)
+    assert torch.allclose(added, linear.bias.detach().expand(3, 16), atol=0.05)
+
+
 def test_fp8_linear_keeps_rows_with_different_ranges_apart():
     """Per-row scales: a row of tiny activations is not flushed by a row of large ones.
     One scale per tensor is what `fp8_scaling: tensor` trades away."""
@@ -67,13 +84,15 @@ def test_fp8_linear_keeps_rows_with_different_ranges_apart():
 def test_fp8_tensor_scaling_is_a_setting_of_fp8(tiny_sdxl_path, plain):
     from deployments.engines.sdxl import SDXLEngine
 
-    with pytest.raises(ValueError, match="fp8_scaling applies only with fp8"):
-        SpeedConfig(fp8_scaling="tensor")
-    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu",
-                        speed=SpeedConfig(fp8=True, fp8_scaling="tensor"))
+    for setting in ({"fp8_scaling": "tensor"}, {"fp8_fast_accum": False}):
+        with pytest.raises(ValueError, match="fp8_scaling and fp8_fast_accum apply only with"):
+            SpeedConfig(**setting)
+    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu", speed=SpeedConfig(
+        fp8=True, fp8_scaling="tensor", fp8_fast_accum=False))
     layers = [m for m in engine.pipe.unet.modules() if isinstance(m, Fp8Linear)]
     assert engine.describe()["speed"]["fp8_scaling"] == "tensor"
-    assert layers and all(m.weight_scale.dim() == 0 for m in layers)
+    assert engine.describe()["speed"]["fp8_fast_accum"] is False
+    assert layers and all(m.weight_scale.dim() == 0 and not m.fast_accum for m in layers)
     a, b = plain.generate([_req(9)])[0][0], engine.generate([_req(9)])[0][0]
     diff = np.abs(_px(a) - _px(b))
     assert 0 < diff.mean() < 8, diff.mean()
