@@ -17,6 +17,7 @@ target modules), so no module is ever injected or removed while serving:
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
@@ -45,10 +46,13 @@ class AdapterSlots(HeldAdapters):
         if self._slots:
             from peft import LoraConfig
 
-            for slot in self._slots:
-                denoiser.add_adapter(LoraConfig(r=max_rank, lora_alpha=max_rank,
-                                                target_modules=list(targets)),
-                                     adapter_name=slot)
+            with warnings.catch_warnings():
+                # PEFT warns from the second adapter on; several slots are the point.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                for slot in self._slots:
+                    denoiser.add_adapter(LoraConfig(r=max_rank, lora_alpha=max_rank,
+                                                    target_modules=list(targets)),
+                                         adapter_name=slot)
         from peft.tuners.lora import LoraLayer
 
         self._layers = {path: m for path, m in denoiser.named_modules()

@@ -49,3 +49,19 @@ def test_a_set_larger_than_the_slots_is_refused(engine):
     with pytest.raises(AdapterInvalid, match="more adapters"):
         engine.adapters.activate(AdapterSet.of([("pixel-art", 1), ("sketch", 1),
                                                 ("watercolor", 1)]))
+
+
+def test_preparing_several_slots_warns_of_nothing(tiny_sdxl_path):
+    """PEFT's warning about a second adapter is expected here, so it is not logged."""
+    import warnings
+
+    from diffusers import UNet2DConditionModel
+
+    from deployments.adapters import AdapterSlots
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path / "unet")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        slots = AdapterSlots(unet, {}, 3, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    assert len(unet.peft_config) == 3 and slots.loaded == []
+    assert [str(w.message) for w in seen if "peft_config" in str(w.message)] == []
