@@ -11,10 +11,13 @@
 #   tests       tests/gpu (CUDA paths: FLUX, adapters, memory, partial images)
 #   throughput  through HTTP against the plain server, with an idle spell (cold start)
 #   keep-warm   the same idle spell with keep_warm_s 2, Atelier alone
+# throughput and keep-warm serve the `compiled` variant, or the one named after the step
+# (the fastest the engine steps found: bash load/gpu_session.sh throughput compiled-fp8).
 #   adapters    LoRA switching at rank 64, in slots then merged
 # Figures go to $OUT (results/ when unset) as JSON, with each step's console output.
 set -euo pipefail
 step=${1:?"step: engine | engine-fp8 | tests | throughput | keep-warm | adapters"}
+variant=${2:-compiled}
 out=${OUT:-results}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
@@ -30,11 +33,11 @@ case $step in
                 --variants compiled-fp8 compiled-fp8-slowaccum compiled-fp8-tensor \
                 --out "$out/engine-h100-fp8.json" 2>&1 | tee "$log" ;;
   tests) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$log" ;;
-  throughput) python3 -m load.bench_throughput "${sdxl[@]}" --variant compiled --idle-s 30 \
-                --out "$out/throughput-h100-idle.json" 2>&1 | tee "$log" ;;
-  keep-warm) python3 -m load.bench_throughput "${sdxl[@]}" --variant compiled --idle-s 30 \
+  throughput) python3 -m load.bench_throughput "${sdxl[@]}" --variant "$variant" --idle-s 30 \
+                --out "$out/throughput-h100-$variant-idle.json" 2>&1 | tee "$log" ;;
+  keep-warm) python3 -m load.bench_throughput "${sdxl[@]}" --variant "$variant" --idle-s 30 \
                --keep-warm-s 2 --no-baseline \
-               --out "$out/throughput-h100-keepwarm.json" 2>&1 | tee "$log" ;;
+               --out "$out/throughput-h100-$variant-keepwarm.json" 2>&1 | tee "$log" ;;
   adapters) for mode in slots fuse; do
               flag=(); [ "$mode" = fuse ] && flag=(--fuse)
               python3 -m load.bench_adapters "${sdxl[@]}" --rank 64 --requests 10 \
