@@ -73,6 +73,7 @@ async def _require_key(request: Request, call_next):
                                                      "(Authorization: Bearer <key>)"))
     else:
         request.state.client = key.name if key else "open"
+        request.state.api_key = key
         response = await _within_rate(request, path, key, call_next)
     response.headers["X-Atelier-Ingress"] = state.replica
     state.metrics.answered(path, response.status_code, time.monotonic() - started)

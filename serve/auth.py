@@ -1,7 +1,8 @@
 """API keys: `Authorization: Bearer <key>` or `Token <key>` (older Replicate clients).
 
-A key may carry a name (for logs and metrics) and a rate of generation requests per
-minute (`serve.rate_limits`), so that teams sharing the GPUs cannot crowd each other out.
+A key may carry a name (for logs and metrics) and rates of generation requests and of
+images per minute (`serve.rate_limits`), so that teams sharing the GPUs cannot crowd each
+other out.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ class ApiKeyConfig(BaseModel):
         "Generation requests this key may make per minute (a bucket of that many, refilled "
         "evenly); past it: 429 with Retry-After. Polling, uploads and listings are free. "
         "Unset: no limit."))
+    images_per_minute: int | None = Field(None, ge=1, description=(
+        "Images this key may ask for per minute, a request of n images taking n (a bucket "
+        "of that many, refilled evenly); past it: 429 with Retry-After. At least every "
+        "model's limits.max_outputs. Unset: no limit."))
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class ApiKey:
     secret: bytes = field(repr=False)
     name: str = ""
     requests_per_minute: int | None = None
+    images_per_minute: int | None = None
 
 
 def configured_keys(config_keys: Iterable[str | ApiKeyConfig]) -> tuple[ApiKey, ...]:
@@ -46,8 +52,8 @@ def configured_keys(config_keys: Iterable[str | ApiKeyConfig]) -> tuple[ApiKey, 
     env = [k.strip() for k in os.environ.get("ATELIER_API_KEYS", "").split(",")]
     keys = [k if isinstance(k, ApiKeyConfig) else ApiKeyConfig(key=k)
             for k in [*config_keys, *(k for k in env if k)]]
-    return tuple(ApiKey(k.key.encode(), k.name or _default_name(k.key), k.requests_per_minute)
-                 for k in keys)
+    return tuple(ApiKey(k.key.encode(), k.name or _default_name(k.key), k.requests_per_minute,
+                        k.images_per_minute) for k in keys)
 
 
 def _default_name(key: str) -> str:

@@ -211,8 +211,8 @@ class AtelierConfig(_Strict):
         "files are deleted (and downloaded again when needed)."))
     api_keys: list[str | ApiKeyConfig] = Field(default_factory=list, repr=False, description=(
         "Keys clients must send as `Authorization: Bearer <key>` (or `Token <key>`), each a "
-        "string or {key, name, requests_per_minute}; ATELIER_API_KEYS (comma-separated) adds "
-        "more. None: the server is open."))
+        "string or {key, name, requests_per_minute, images_per_minute}; ATELIER_API_KEYS "
+        "(comma-separated) adds more. None: the server is open."))
     webhook_allowed_hosts: list[str] = Field(default_factory=list, description=(
         "Hosts (or host:port) that prediction webhooks may be sent to; none by default."))
     webhook_secret: str | None = Field(None, repr=False, description=(
@@ -251,6 +251,17 @@ class AtelierConfig(_Strict):
         if self.ingress_replicas > 1 and self.redis_url is None:
             raise ValueError("ingress_replicas > 1 needs redis_url, or predictions made "
                              "through one replica are unknown to the others")
+        return self
+
+    @model_validator(mode="after")
+    def _image_rates_hold_a_request(self) -> AtelierConfig:
+        most = max((m.limits.max_outputs for m in self.models), default=1)
+        for key in self.api_keys:
+            rate = getattr(key, "images_per_minute", None)
+            if rate is not None and rate < most:
+                raise ValueError(f"api key {key.name or '(unnamed)'}: images_per_minute {rate} "
+                                 f"is below the {most} images one request may ask for "
+                                 "(limits.max_outputs), which it could then never send")
         return self
 
     @model_validator(mode="after")

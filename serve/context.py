@@ -17,6 +17,7 @@ from serve.auth import ApiKey
 from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics
 from serve.predictions import PredictionRunner, StateStore
+from serve.rate_limits import draw_images
 from serve.router import ModelRouter
 from serve.types import GenerationRequest
 
@@ -55,6 +56,17 @@ def client_name(request: Request) -> str:
     """The name of the API key the request came with ("open" on a server without keys),
     as the ingress middleware recorded it: usage is counted by it."""
     return getattr(request.state, "client", "open")
+
+
+async def charge_images(request: Request, images: int) -> None:
+    """Take a generation request's images from its key's images-per-minute bucket, before
+    any work is queued; RateLimited (429 with Retry-After) when the bucket is short."""
+    key = getattr(request.state, "api_key", None)
+    state = ingress()
+    draw = await draw_images(state.store, key, images)
+    if draw is not None and not draw.allowed:
+        state.metrics.rate_limited.inc(1, {"key": key.name})
+        raise draw.refusal(key.name)
 
 
 def base_url(request: Request) -> str:

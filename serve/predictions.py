@@ -94,8 +94,8 @@ class StateStore(Protocol):
     async def delete_upload(self, upload_id: str) -> bool: ...
     async def shared_secret(self, name: str, make: Callable[[], str]) -> str:
         """The secret kept under `name`, made with `make()` by the first to ask."""
-    async def take_token(self, bucket: str, limit: int) -> tuple[bool, float]:
-        """Draw one token from a bucket of `limit` refilled per minute: (drawn, left)."""
+    async def take_token(self, bucket: str, limit: int, cost: int = 1) -> tuple[bool, float]:
+        """Draw `cost` tokens from a bucket of `limit` refilled per minute: (drawn, left)."""
     async def request_cancel(self, prediction_id: str) -> None: ...
     async def cancel_requested(self, prediction_id: str) -> bool: ...
     async def claim(self, prediction_id: str, owner: str, lease_s: float) -> bool:

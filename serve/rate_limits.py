@@ -9,6 +9,10 @@ draws from the same bucket.
 
 Answers to counted requests carry OpenAI's headers: `x-ratelimit-limit-requests`,
 `x-ratelimit-remaining-requests`, `x-ratelimit-reset-requests` (until the bucket is full).
+
+A key with `images_per_minute: M` also has a bucket of M images: a generation request
+takes as many as it asks for once its fields are read (`serve.context.charge_images`),
+before any work is queued, so a request of four images costs four times one of one.
 """
 
 from __future__ import annotations
@@ -42,11 +46,13 @@ class RateLimited(AtelierError):
 
 @dataclass(frozen=True)
 class Draw:
-    """One request's draw from its key's bucket."""
+    """One request's draw of `cost` tokens from its key's bucket of `unit`s."""
 
     allowed: bool
     tokens: float  # left after the draw
     limit: int
+    cost: int = 1
+    unit: str = "requests"
 
     @property
     def per_s(self) -> float:
@@ -58,14 +64,16 @@ class Draw:
                 "x-ratelimit-reset-requests": f"{(self.limit - self.tokens) / self.per_s:.0f}s"}
 
     def refusal(self, name: str) -> RateLimited:
-        wait_s = max(1, math.ceil((1 - self.tokens) / self.per_s))
-        return RateLimited(f"API key {name} is over its {self.limit} requests per minute; "
-                           f"retry in {wait_s} s", wait_s)
+        wait_s = max(1, math.ceil((self.cost - self.tokens) / self.per_s))
+        asked = f" (this request asks for {self.cost})" if self.cost > 1 else ""
+        return RateLimited(f"API key {name} is over its {self.limit} {self.unit} per minute"
+                           f"{asked}; retry in {wait_s} s", wait_s)
 
 
-def bucket_id(key: ApiKey) -> str:
+def bucket_id(key: ApiKey, unit: str = "requests") -> str:
     """The bucket's name in the store: never the key itself."""
-    return hashlib.sha256(key.secret).hexdigest()[:24]
+    digest = hashlib.sha256(key.secret).hexdigest()[:24]
+    return digest if unit == "requests" else f"{digest}:{unit}"
 
 
 def refill(tokens: float, since_s: float, limit: int) -> float:
@@ -79,20 +87,22 @@ class MemoryBuckets:
     def __init__(self):
         self._buckets: dict[str, tuple[float, float]] = {}  # id -> (tokens, at)
 
-    def take(self, bucket: str, limit: int, now: float | None = None) -> tuple[bool, float]:
+    def take(self, bucket: str, limit: int, cost: int = 1,
+             now: float | None = None) -> tuple[bool, float]:
         now = time.monotonic() if now is None else now
         tokens, at = self._buckets.get(bucket, (float(limit), now))
         tokens = refill(tokens, now - at, limit)
-        allowed = tokens >= 1
-        tokens -= int(allowed)
+        allowed = tokens >= cost
+        tokens -= cost * allowed
         self._buckets[bucket] = (tokens, now)
         return allowed, tokens
 
 
 # The same arithmetic in Redis, atomically and on Redis's clock: KEYS[1] the bucket,
-# ARGV[1] the limit.
+# ARGV[1] the limit, ARGV[2] the cost.
 REDIS_TAKE = """
 local limit = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local held = redis.call('HMGET', KEYS[1], 'tokens', 'at')
@@ -100,8 +110,17 @@ local tokens = tonumber(held[1]) or limit
 local at = tonumber(held[2]) or now
 tokens = math.min(limit, tokens + math.max(0, now - at) * limit / 60)
 local allowed = 0
-if tokens >= 1 then tokens = tokens - 1; allowed = 1 end
+if tokens >= cost then tokens = tokens - cost; allowed = 1 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
 redis.call('EXPIRE', KEYS[1], 120)
 return {allowed, tostring(tokens)}
 """
+
+
+async def draw_images(store, key: ApiKey | None, images: int) -> Draw | None:
+    """Take `images` from the key's image bucket (None: the key has no such limit)."""
+    if key is None or key.images_per_minute is None:
+        return None
+    allowed, tokens = await store.take_token(bucket_id(key, "images"), key.images_per_minute,
+                                             images)
+    return Draw(allowed, tokens, key.images_per_minute, images, "images")

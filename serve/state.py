@@ -83,8 +83,8 @@ class MemoryStore:
     async def shared_secret(self, name: str, make: Callable[[], str]) -> str:
         return self._secrets.setdefault(name, make())
 
-    async def take_token(self, bucket: str, limit: int) -> tuple[bool, float]:
-        return self._buckets.take(bucket, limit)
+    async def take_token(self, bucket: str, limit: int, cost: int = 1) -> tuple[bool, float]:
+        return self._buckets.take(bucket, limit, cost)
 
     async def request_cancel(self, prediction_id: str) -> None:
         self._cancels.add(prediction_id)
@@ -204,8 +204,9 @@ class RedisStore:
         await self._redis.zrem(f"{_PREFIX}uploads", upload_id)
         return bool(await self._redis.delete(f"{_PREFIX}upload:{upload_id}"))
 
-    async def take_token(self, bucket: str, limit: int) -> tuple[bool, float]:
-        allowed, tokens = await self._take(keys=[f"{_PREFIX}rate:{bucket}"], args=[limit])
+    async def take_token(self, bucket: str, limit: int, cost: int = 1) -> tuple[bool, float]:
+        allowed, tokens = await self._take(keys=[f"{_PREFIX}rate:{bucket}"],
+                                           args=[limit, cost])
         return bool(int(allowed)), float(tokens)
 
     async def shared_secret(self, name: str, make: Callable[[], str]) -> str:

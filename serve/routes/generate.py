@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve.adapters import AdapterSet, split_prompt_tags
 from serve.config import ModelConfig
-from serve.context import client_name, ingress, request_id
+from serve.context import charge_images, client_name, ingress, request_id
 from serve.errors import InvalidField
 from serve.images import load_source
 from serve.timing import timing_headers
@@ -135,6 +135,7 @@ async def generate(request: Request) -> Response:
     except InvalidField as exc:
         field = "steps" if exc.field == "num_inference_steps" else exc.field
         raise type(exc)(field, exc.reason, sources.get(field, "body")) from None
+    await charge_images(request, gen.num_outputs)
     result = await router_.generate(gen)
     return _respond(request, gen, result)
 

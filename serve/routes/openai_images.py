@@ -27,7 +27,14 @@ from starlette.datastructures import UploadFile
 
 from serve.adapters import split_prompt_tags
 from serve.config import ModelConfig
-from serve.context import IngressState, base_url, client_name, ingress, request_id
+from serve.context import (
+    IngressState,
+    base_url,
+    charge_images,
+    client_name,
+    ingress,
+    request_id,
+)
 from serve.errors import InvalidField
 from serve.images import load_source
 from serve.routes.openai_stream import stream_images
@@ -181,6 +188,7 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
             client=client_name(request))
     except InvalidField as exc:
         raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
+    await charge_images(request, gen.num_outputs)
     if params.stream:
         kind = "image_edit" if isinstance(params, ImageEditParams) else "image_generation"
         return await stream_images(state, gen, kind)

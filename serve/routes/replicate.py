@@ -17,7 +17,14 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from serve.context import IngressState, base_url, client_name, ingress, request_id
+from serve.context import (
+    IngressState,
+    base_url,
+    charge_images,
+    client_name,
+    ingress,
+    request_id,
+)
 from serve.errors import AtelierError, InvalidField, ModelNotFound
 from serve.predictions import Prediction
 from serve.routes.replicate_inputs import (
@@ -112,6 +119,7 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
     if body.webhook:
         check_webhook(body.webhook, state.router.config.webhook_allowed_hosts)
     deadline_s = duration_s(request.headers.get("cancel-after"))
+    await charge_images(request, gen.num_outputs)
     prediction = Prediction(
         model=model.id, version=state.versions[model.id],
         input=inp.model_dump(exclude_none=True), private={

@@ -29,6 +29,7 @@ FAST, BATCHED = "atelier/tiny-sdxl", "atelier/tiny-sdxl-batched"
 ONE_SLOT = "atelier/tiny-sdxl-one-slot"
 API_KEY = "test-key-7f3a"
 LIMITED_KEY = "test-key-limited-91c2"  # 3 generation requests per minute
+IMAGES_KEY = "test-key-images-5d0e"  # 6 images per minute
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TWO_REPLICAS = "atelier/tiny-sdxl-2x"
 RESTARTABLE = "atelier/tiny-sdxl-restartable"
@@ -80,7 +81,8 @@ def base_url(cache_dir, bad_adapters, metrics_port):
 
     config = {"cache_dir": str(cache_dir),
               "api_keys": [API_KEY, {"key": LIMITED_KEY, "name": "team-a",
-                                     "requests_per_minute": 3}],
+                                     "requests_per_minute": 3},
+                           {"key": IMAGES_KEY, "name": "team-b", "images_per_minute": 6}],
               "webhook_allowed_hosts": ["127.0.0.1"], "image_allowed_hosts": ["127.0.0.1"],
               "lora_allowed_hosts": ["127.0.0.1"],
               "max_body_bytes": MAX_BODY_BYTES,

@@ -63,3 +63,42 @@ def test_a_keys_rate_limit_answers_429_in_each_apis_shape_and_spares_the_others(
                    json={"input": {"prompt": "x"}})
     assert r.status_code == 429 and r.json()["status"] == 429
     assert r.headers["content-type"] == "application/problem+json"
+
+
+def test_a_keys_image_rate_counts_each_requests_images_in_every_api(base_url):
+    """team-b's key may ask for 6 images a minute (one more every 10 s), whatever the
+    number of requests; a refused request takes none."""
+    import openai
+    import replicate
+    from replicate.exceptions import ReplicateError
+
+    from tests.integration.conftest import FAST, IMAGES_KEY
+
+    team_b = {"Authorization": f"Bearer {IMAGES_KEY}"}
+    body = {"prompt": "a cat", "model": FAST, "seed": 1}
+    r = httpx.post(f"{base_url}/generate", headers=team_b, json={**body, "num_outputs": 4},
+                   timeout=60)
+    assert r.status_code == 200 and len(r.json()["images"]) == 4
+    assert "x-ratelimit-limit-requests" not in r.headers  # no request rate for this key
+    r = httpx.post(f"{base_url}/generate", headers=team_b, json={**body, "num_outputs": 3})
+    assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 10
+    assert "team-b is over its 6 images per minute (this request asks for 3)" in (
+        r.json()["detail"])
+    r = httpx.post(f"{base_url}/generate", headers=team_b, json={**body, "num_outputs": 2},
+                   timeout=60)
+    assert r.status_code == 200 and len(r.json()["images"]) == 2
+    oai = openai.OpenAI(api_key=IMAGES_KEY, base_url=f"{base_url}/v1", max_retries=0)
+    with pytest.raises(openai.RateLimitError) as err:
+        oai.images.generate(model=FAST, prompt="x", n=2)
+    assert err.value.code == "rate_limit_exceeded"
+    rep = replicate.Client(api_token=IMAGES_KEY, base_url=base_url)
+    newest = _newest_prediction(base_url, team_b)
+    with pytest.raises(ReplicateError) as err:
+        rep.models.predictions.create(model=FAST, input={"prompt": "x", "num_outputs": 2})
+    assert err.value.status == 429
+    assert _newest_prediction(base_url, team_b) == newest  # the refused one was never made
+
+
+def _newest_prediction(base_url, headers):
+    listed = httpx.get(f"{base_url}/v1/predictions", headers=headers).json()["results"]
+    return listed[0]["id"] if listed else None

@@ -65,3 +65,42 @@ def test_redis_buckets_follow_the_same_arithmetic(redis_url):
     assert [allowed for allowed, _ in draws] == [True, True, False]
     assert draws[0][1] == pytest.approx(1, abs=0.01) and draws[2][1] < 0.05
     assert other[0] is True
+
+
+def test_a_draw_may_cost_several_tokens_and_a_refusal_takes_none():
+    buckets = MemoryBuckets()
+    assert buckets.take("i", 6, cost=4, now=0.0) == (True, 2.0)
+    assert buckets.take("i", 6, cost=3, now=0.0) == (False, 2.0)  # short: nothing taken
+    assert buckets.take("i", 6, cost=2, now=0.0) == (True, 0.0)
+    refused = Draw(False, 0.5, 6, cost=3, unit="images").refusal("team-b")
+    assert refused.retry_after_s == 25  # 2.5 images at one per 10 s
+    assert "team-b is over its 6 images per minute (this request asks for 3)" in refused.message
+
+
+def test_image_buckets_are_apart_from_request_buckets():
+    (key,) = configured_keys([ApiKeyConfig(key="sk-b", name="team-b", images_per_minute=8)])
+    assert key.images_per_minute == 8 and key.requests_per_minute is None
+    assert bucket_id(key, "images") == f"{bucket_id(key)}:images"
+
+
+def test_an_image_rate_below_one_requests_images_is_refused_at_start_up():
+    from serve.config import AtelierConfig
+
+    models = [{"id": "a/b", "embedded": "tiny-sdxl", "limits": {"max_outputs": 4}}]
+    with pytest.raises(ValueError, match="images_per_minute 3 is below the 4 images"):
+        AtelierConfig.model_validate({"models": models, "api_keys": [
+            {"key": "k", "name": "team-b", "images_per_minute": 3}]})
+    AtelierConfig.model_validate({"models": models, "api_keys": [
+        {"key": "k", "images_per_minute": 4}]})
+
+
+def test_redis_draws_take_their_cost(redis_url):
+    async def scenario():
+        store = RedisStore(redis_url, ttl_s=60)
+        draws = [await store.take_token("test-cost", 6, cost) for cost in (4, 3, 2)]
+        await store._redis.delete("atelier:rate:test-cost")
+        return draws
+
+    draws = asyncio.run(scenario())
+    assert [allowed for allowed, _ in draws] == [True, False, True]
+    assert draws[1][1] == pytest.approx(2, abs=0.01) and draws[2][1] < 0.05
