@@ -61,10 +61,12 @@ def client_name(request: Request) -> str:
 async def charge_images(request: Request, images: int) -> None:
     """Take a generation request's images from its key's images-per-minute bucket, before
     any work is queued; RateLimited (429 with Retry-After) when the bucket is short."""
-    key = getattr(request.state, "api_key", None)
+    key: ApiKey | None = getattr(request.state, "api_key", None)
+    if key is None or key.images_per_minute is None:
+        return
     state = ingress()
     draw = await draw_images(state.store, key, images)
-    if draw is not None and not draw.allowed:
+    if not draw.allowed:
         state.metrics.rate_limited.inc(1, {"key": key.name})
         raise draw.refusal(key.name)
 

@@ -22,9 +22,13 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from serve.auth import ApiKey
 from serve.errors import AtelierError
+
+if TYPE_CHECKING:
+    from serve.predictions import StateStore
 
 _GENERATION = re.compile(r"^/(?:generate|v1/images/(?:generations|edits|variations)"
                          r"|v1/predictions|v1/(?:models|deployments)/[^/]+/[^/]+/predictions)$")
@@ -117,10 +121,8 @@ return {allowed, tostring(tokens)}
 """
 
 
-async def draw_images(store, key: ApiKey | None, images: int) -> Draw | None:
-    """Take `images` from the key's image bucket (None: the key has no such limit)."""
-    if key is None or key.images_per_minute is None:
-        return None
+async def draw_images(store: StateStore, key: ApiKey, images: int) -> Draw:
+    """Take `images` from the bucket of a key with `images_per_minute`."""
     allowed, tokens = await store.take_token(bucket_id(key, "images"), key.images_per_minute,
                                              images)
     return Draw(allowed, tokens, key.images_per_minute, images, "images")
