@@ -41,6 +41,11 @@ VARIANTS = {
     # Row-wise FP8 accumulated in float32 every 128 terms (fp8_fast_accum off).
     "compiled-fp8-slowaccum": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
                                             "fp8_fast_accum": False}),
+    # Inductor times its own kernels against the libraries' for each product and convolution.
+    "compiled-autotune": ("bfloat16", {**_FAST, "compile": True,
+                                       "compile_mode": "max-autotune-no-cudagraphs"}),
+    "compiled-fp8-autotune": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
+                                           "compile_mode": "max-autotune-no-cudagraphs"}),
     "compiled-cudnn": ("bfloat16", {**_FAST, "compile": True, "attention": "cudnn"}),
     "compiled-fp8-cudnn": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
                                         "attention": "cudnn"}),

@@ -9,15 +9,17 @@
 #   engine      compiled bf16, cuDNN attention and the guidance cutoff, with the kernel profile
 #   engine-fp8  the FP8 variants (row-wise with and without fast accumulation, per tensor)
 #   engine-512  512², 30 steps (the 6 img/s target): compiled, FP8, FP8 with the cutoff
+#   engine-autotune  compiled with Inductor's kernel autotuning (a longer first start)
 #   tests       tests/gpu (CUDA paths: FLUX, adapters, memory, partial images)
 #   throughput  through HTTP against the plain server, with an idle spell (cold start)
 #   keep-warm   the same idle spell with keep_warm_s 2, Atelier alone
 #   adapters    LoRA switching at rank 64, in slots then merged
 # throughput and keep-warm serve the `compiled` variant, or the one named after the step
-# (the fastest the engine steps found: bash load/gpu_session.sh throughput compiled-fp8).
+# (the fastest the engine steps found: bash load/gpu_session.sh throughput compiled-fp8);
+# engine-autotune runs compiled-autotune, or the variant named after it.
 # Figures go to $OUT (results/ when unset) as JSON, with each step's console output.
 set -euo pipefail
-step=${1:?"step: engine | engine-fp8 | engine-512 | tests | throughput | keep-warm | adapters"}
+step=${1:?"step: engine | engine-fp8 | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters"}
 variant=${2:-compiled}
 out=${OUT:-results}
 mkdir -p "$out"
@@ -37,6 +39,9 @@ case $step in
                 --size 512 --steps 30 --batches 16 \
                 --variants compiled compiled-fp8 compiled-fp8-cfg50 \
                 --out "$out/engine-h100-512.json" 2>&1 | tee "$log" ;;
+  engine-autotune) tuned=${2:-compiled-autotune}
+                   python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --variants "$tuned" \
+                     --out "$out/engine-h100-$tuned.json" 2>&1 | tee "$log" ;;
   tests) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$log" ;;
   throughput) python3 -m load.bench_throughput "${sdxl[@]}" --variant "$variant" --idle-s 30 \
                 --out "$out/throughput-h100-$variant-idle.json" 2>&1 | tee "$log" ;;

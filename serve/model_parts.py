@@ -72,6 +72,12 @@ class SpeedConfig(_Strict):
         "VAE decoder's, with dynamic shapes: one compilation serves every batch size and "
         "image size. It happens during the start-up warm-up; the compiled code is kept in "
         "`<cache_dir>/compile`, so a restarted replica reuses it."))
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+        "default", description=(
+            "With compile: torch.compile's mode. max-autotune-no-cudagraphs times several "
+            "generated kernels against the library's for each matrix product and "
+            "convolution of the compiled blocks on the GPU and keeps the fastest; the first "
+            "start takes longer, and the choices are kept with the compiled code."))
     fp8: bool = Field(False, description=(
         "Run the denoiser's transformer blocks' linear layers in FP8 (e4m3, one scale per "
         "row of weights and of activations). Needs a GPU with FP8 matrix units (H100, Ada, "
@@ -109,6 +115,8 @@ class SpeedConfig(_Strict):
     def _buckets_ascending(self) -> SpeedConfig:
         if (self.fp8_scaling != "row" or not self.fp8_fast_accum) and not self.fp8:
             raise ValueError("fp8_scaling and fp8_fast_accum apply only with fp8: true")
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError("compile_mode applies only with compile: true")
         buckets = self.batch_buckets
         if any(b < 1 for b in buckets) or buckets != sorted(set(buckets)):
             raise ValueError("batch_buckets must be distinct positive counts in ascending order")

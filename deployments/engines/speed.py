@@ -84,10 +84,12 @@ def to_fp8(denoiser: nn.Module, per_row: bool = True, fast_accum: bool = True) -
     return replaced
 
 
-def compile_blocks(modules: list[nn.Module], cache_dir: Path, dynamic: bool = True) -> int:
+def compile_blocks(modules: list[nn.Module], cache_dir: Path, dynamic: bool = True,
+                   mode: str = "default") -> int:
     """Compile every repeated block of `modules` (with dynamic shapes, or specialised to
-    each shape met), caching the compiled code under `cache_dir`; return how many blocks
-    were wrapped. Compilation itself happens at each block's first call."""
+    each shape met) in torch.compile's `mode`, caching the compiled code under
+    `cache_dir`; return how many blocks were wrapped. Compilation itself happens at each
+    block's first call."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # read at each cache access
     # One code object serves many block variants (with or without a shortcut, time
@@ -97,7 +99,7 @@ def compile_blocks(modules: list[nn.Module], cache_dir: Path, dynamic: bool = Tr
     for root in modules:
         for module in root.modules():
             if type(module).__name__ in _REPEATED_BLOCKS:
-                module.compile(dynamic=dynamic)
+                module.compile(dynamic=dynamic, mode=mode)
                 wrapped += 1
     return wrapped
 
@@ -142,7 +144,10 @@ def apply_speed(pipe, denoiser: nn.Module, speed: SpeedConfig, cache_dir: Path) 
     if speed.compile:
         # Padded to a few batch sizes, each shape can be compiled exactly.
         done["compiled_blocks"] = compile_blocks([denoiser, pipe.vae.decoder], cache_dir,
-                                                 dynamic=not speed.batch_buckets)
+                                                 dynamic=not speed.batch_buckets,
+                                                 mode=speed.compile_mode)
+        if speed.compile_mode != "default":
+            done["compile_mode"] = speed.compile_mode
     if speed.batch_buckets:
         done["batch_buckets"] = list(speed.batch_buckets)
     if speed.attention != "auto":

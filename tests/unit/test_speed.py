@@ -114,13 +114,16 @@ def test_only_transformer_block_linears_that_fit_become_fp8(tiny_sdxl_path):
                if isinstance(m, nn.Linear)) and time_linears
 
 
+@pytest.mark.parametrize("mode", ["default", "max-autotune-no-cudagraphs"])
 def test_fused_qkv_and_channels_last_and_compile_keep_the_pixels(tiny_sdxl_path, plain,
-                                                                 tmp_path):
+                                                                 tmp_path, mode):
     from deployments.engines.sdxl import SDXLEngine
 
     fast = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=tmp_path / "compile",
-                      speed=SpeedConfig(fuse_qkv=True, channels_last=True, compile=True))
+                      speed=SpeedConfig(fuse_qkv=True, channels_last=True, compile=True,
+                                        compile_mode=mode))
     assert fast.describe()["speed"]["compiled_blocks"] > 0
+    assert fast.describe()["speed"].get("compile_mode", "default") == mode
     assert fast.describe()["speed"]["fused_qkv"] is True
     # Two batch sizes and two image sizes run on the same compiled blocks.
     for reqs in ([_req(3)], [_req(4), _req(5, num_outputs=2)], [_req(6, width=128)]):
@@ -230,6 +233,14 @@ def test_a_padded_call_stops_once_its_real_requests_are_withdrawn(tiny_sdxl_path
     out = padded.generate([_req(1, num_inference_steps=10)], withdrawn=lambda: {0},
                           on_step=lambda step, total: steps.append(step))
     assert out == [[]] and steps == [1]
+
+
+def test_compile_mode_is_a_setting_of_compile():
+    with pytest.raises(ValueError, match="compile_mode applies only with compile"):
+        SpeedConfig(compile_mode="max-autotune-no-cudagraphs")
+    with pytest.raises(ValueError, match="compile_mode"):
+        SpeedConfig(compile=True, compile_mode="reduce-overhead")  # CUDA graphs: not offered
+    assert SpeedConfig(compile=True, compile_mode="max-autotune-no-cudagraphs").compile
 
 
 def test_batch_buckets_must_ascend_and_hold_the_batch():
