@@ -4,9 +4,11 @@
     ATELIER_PROFILE=mlperf ATELIER_API_KEY=... \\
         locust -f load/locustfile.py --headless -u 16 -r 4 -t 10m --host http://gpu-box:8000
 
-Environment: ATELIER_PROFILE (default smoke), ATELIER_API_KEY, ATELIER_MODEL, and
-ATELIER_SIZE / ATELIER_STEPS to run a 1024-pixel profile on a small model. Locust users
-are closed loops (each waits for its answer); `load.run` is the open-loop driver.
+Environment: ATELIER_PROFILE (default smoke), ATELIER_API_KEY, ATELIER_MODEL,
+ATELIER_ADAPTERS (space-separated adapter names or LoRA file URLs for mixed-adapters;
+default: the model's catalog), and ATELIER_SIZE / ATELIER_STEPS to run a 1024-pixel
+profile on a small model. Locust users are closed loops (each waits for its answer);
+`load.run` is the open-loop driver.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ class AtelierUser(HttpUser):
         key = os.environ.get("ATELIER_API_KEY")
         if key:
             self.client.headers["Authorization"] = f"Bearer {key}"
+        self.adapters = os.environ.get("ATELIER_ADAPTERS", "").split()
+        self.rng = random.Random()
+        self.sent = 0
+        if self.adapters:
+            return
         model = os.environ.get("ATELIER_MODEL")
         if not model:  # the server's first model, whose adapters the profiles may name
             r = self.client.get("/v1/models", name="/v1/models")
@@ -39,8 +46,6 @@ class AtelierUser(HttpUser):
         r = self.client.get("/v1/loras", params={"model": model} if model else {},
                             name="/v1/loras")
         self.adapters = [row["name"] for row in r.json()["data"]] if r.ok else []
-        self.rng = random.Random()
-        self.sent = 0
 
     @task
     def generate(self) -> None:

@@ -87,6 +87,13 @@ def _mlperf(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
             "guidance_scale": 8.0, "scheduler": "K_EULER", "seed": _seed(rng)}
 
 
+def _refiner(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
+    """Replicate's SDXL example input: the refiner takes the last fifth of the steps."""
+    return {"prompt": rng.choice(CAPTIONS), "width": 1024, "height": 1024, "steps": 30,
+            "guidance_scale": 7.5, "seed": _seed(rng), "refine": "expert_ensemble_refiner",
+            "high_noise_frac": 0.8}
+
+
 def _mixed_adapters(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
     """A third without an adapter; the rest pick adapters with a few popular ones
     (weights 1/rank), as styles are in practice."""
@@ -106,8 +113,11 @@ PROFILES = {p.name: p for p in (
             _variations, 1024, 25, slo_s=20.0),
     Profile("mlperf", "MLPerf-like SDXL: captions, 1024x1024, 20 steps, guidance 8",
             _mlperf, 1024, 20, slo_s=20.0),
-    Profile("mixed-adapters", "captions with a popular-first mix of LoRA adapters, "
-            "1024x1024, 20 steps", _mixed_adapters, 1024, 20, slo_s=20.0),
+    Profile("refiner", "captions with the SDXL refiner on the last 20 % of the steps "
+            "(expert_ensemble_refiner), 1024x1024, 30 steps", _refiner, 1024, 30, slo_s=30.0),
+    Profile("mixed-adapters", "captions with a popular-first mix of LoRA adapters (the "
+            "server's catalog, or --adapters names and file URLs), 1024x1024, 20 steps",
+            _mixed_adapters, 1024, 20, slo_s=20.0),
 )}
 
 

@@ -42,6 +42,10 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--burst", type=int, default=8, help="requests per burst (bursty)")
     p.add_argument("--requests", type=int, default=40, help="requests per offered rate")
     p.add_argument("--max-seconds", type=float, default=300, help="hard cap per rate")
+    p.add_argument("--adapters", nargs="+", metavar="NAME_OR_URL",
+                   help="the adapters the mixed-adapters profile draws from: catalog names "
+                        "or LoRA file URLs (which the server downloads); default: the "
+                        "target model's catalog")
     p.add_argument("--size", type=int, help="override the profile's width and height")
     p.add_argument("--steps", type=int, help="override the profile's steps")
     p.add_argument("--slo-s", type=float, help="latency objective (default: the profile's)")
@@ -127,7 +131,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits,
                                  timeout=args.max_seconds + 60) as client:
-        adapters = await _adapters(client, args.model)
+        adapters = args.adapters or await _adapters(client, args.model)
         levels = []
         for rate in args.rates:
             outcomes = await run_level(client, profile, rate, args, adapters)

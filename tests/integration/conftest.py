@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import FileServer
 from tests.conftest import free_port as _free_port
 
 FAST, BATCHED = "atelier/tiny-sdxl", "atelier/tiny-sdxl-batched"
@@ -122,6 +123,19 @@ def base_url(cache_dir, bad_adapters, metrics_port):
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def lora_server(cache_dir):
+    """Serves the demo adapters' files as /<name>.safetensors from 127.0.0.1 (a host in
+    the app's lora_allowed_hosts)."""
+    from deployments.tiny import TINY_FLUX_DEMO, TINY_SDXL_DEMO, ensure_demo_loras
+
+    server = FileServer({f"/{p.name}": p.read_bytes()
+                         for demo in (TINY_SDXL_DEMO, TINY_FLUX_DEMO)
+                         for p in ensure_demo_loras(demo, cache_dir).glob("*.safetensors")})
+    yield server
+    server.close()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from load.run import main as load_main
-from tests.integration.conftest import API_KEY, AUTH, FAST, FLUX, ONE_SLOT
+from tests.integration.conftest import API_KEY, AUTH, BATCHED, FAST, FLUX, ONE_SLOT
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -105,3 +105,37 @@ def test_the_adapter_profile_names_only_adapters_of_the_target_model(base_url, t
                      "--size", "64", "--steps", "4", "--rates", "4", "--requests", "9")
     (lv,) = report["levels"]
     assert lv["sent"] == lv["succeeded"] == 9 and lv["errors"] == {}
+
+
+def test_the_adapter_profile_sends_lora_file_urls_the_server_downloads(base_url, tmp_path,
+                                                                        lora_server):
+    urls = [f"{lora_server.url}/{name}.safetensors?load-tool" for name in ("watercolor",
+                                                                           "pixel-art")]
+    report, _ = _run(base_url, tmp_path, "--profile", "mixed-adapters", "--model", FAST,
+                     "--adapters", *urls, "--size", "64", "--steps", "2", "--rates", "4",
+                     "--requests", "9")
+    (lv,) = report["levels"]
+    assert lv["sent"] == lv["succeeded"] == 9 and lv["errors"] == {}
+    fetched = [p for p in lora_server.paths if p.endswith("?load-tool")]
+    # Each adapter drawn was downloaded once by the model's replica, then held.
+    assert fetched and sorted(set(fetched)) == sorted(fetched)
+    assert {f"{lora_server.url}{p}" for p in fetched} <= set(urls)
+
+
+def test_the_refiner_profile_asks_for_the_refiner(base_url, tmp_path):
+    import random
+
+    from load.profiles import PROFILES
+
+    body = PROFILES["refiner"].body(random.Random(0), 0, [])
+    assert (body["refine"], body["high_noise_frac"], body["steps"]) == (
+        "expert_ensemble_refiner", 0.8, 30)
+    report, _ = _run(base_url, tmp_path, "--profile", "refiner", "--model", FAST,
+                     "--size", "64", "--steps", "5", "--rates", "4", "--requests", "6")
+    (lv,) = report["levels"]
+    assert lv["sent"] == lv["succeeded"] == 6 and lv["errors"] == {}
+    # A model without a refiner refuses every such request before queueing it.
+    report, _ = _run(base_url, tmp_path, "--profile", "refiner", "--model", BATCHED,
+                     "--size", "64", "--steps", "5", "--rates", "4", "--requests", "4")
+    (lv,) = report["levels"]
+    assert lv["succeeded"] == 0 and lv["errors"] == {"validation": 4}

@@ -7,20 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import FileServer
 from tests.integration.conftest import FAST, FLUX, decode, pixels
-
-
-@pytest.fixture(scope="module")
-def lora_server(cache_dir):
-    """Serves the demo adapters' files as /<name>.safetensors."""
-    from deployments.tiny import TINY_FLUX_DEMO, TINY_SDXL_DEMO, ensure_demo_loras
-
-    server = FileServer({f"/{p.name}": p.read_bytes()
-                         for demo in (TINY_SDXL_DEMO, TINY_FLUX_DEMO)
-                         for p in ensure_demo_loras(demo, cache_dir).glob("*.safetensors")})
-    yield server
-    server.close()
 
 
 def _gen(client, model, loras, seed=11, prompt="a cat"):
