@@ -106,8 +106,10 @@ async def single(url: str, args: argparse.Namespace) -> dict:
 
 
 async def closed_loop(url: str, args: argparse.Namespace, concurrency: int) -> dict:
-    """`concurrency` clients, each sending its next request when the last one returns."""
+    """`concurrency` clients, each sending its next request when the last one returns.
+    With Atelier, the pipeline calls its answers name are summed up too (`calls_summary`)."""
     latencies, batch_sizes, images = [], [], 0
+    calls: dict[str, tuple[str, int, float]] = {}
     deadline = time.monotonic() + args.duration
 
     async def worker(wid: int) -> None:
@@ -120,6 +122,10 @@ async def closed_loop(url: str, args: argparse.Namespace, concurrency: int) -> d
                 r.raise_for_status()
                 latencies.append(time.monotonic() - started)
                 batch_sizes.append(int(r.headers.get("x-atelier-batch-size", 1)))
+                if "x-atelier-batch-id" in r.headers:
+                    calls[r.headers["x-atelier-batch-id"]] = (
+                        r.headers["x-atelier-replica"], batch_sizes[-1],
+                        float(r.headers["x-atelier-inference-ms"]) / 1000)
                 images += len(r.json()["images"])
                 seq += 1
 
@@ -129,7 +135,26 @@ async def closed_loop(url: str, args: argparse.Namespace, concurrency: int) -> d
     return {"concurrency": concurrency, "images": images, "seconds": elapsed,
             "images_per_s": images / elapsed, "p50_s": _pct(latencies, 0.5),
             "p95_s": _pct(latencies, 0.95), "p99_s": _pct(latencies, 0.99),
-            "mean_batch_size": statistics.fmean(batch_sizes)}
+            "mean_batch_size": statistics.fmean(batch_sizes),
+            **calls_summary(list(calls.values()), elapsed)}
+
+
+def calls_summary(calls: list[tuple[str, int, float]], elapsed_s: float) -> dict:
+    """What the pipeline calls (replica, images, seconds) behind a run's answers say about
+    where its time went: the share of the run the replicas spent in calls (their mean;
+    below 1, a device waited for work), the images made per second of calls (the engine's
+    own speed inside the server), and the mean call time by images per call."""
+    if not calls:
+        return {}
+    busy_s = sum(seconds for _, _, seconds in calls)
+    by_size: dict[int, list[float]] = {}
+    for _, size, seconds in calls:
+        by_size.setdefault(size, []).append(seconds)
+    return {"calls": len(calls), "call_images": sum(size for _, size, _ in calls),
+            "busy_share": busy_s / (elapsed_s * len({replica for replica, _, _ in calls})),
+            "images_per_call_s": sum(size for _, size, _ in calls) / busy_s,
+            "mean_call_s_by_images": {str(n): statistics.fmean(v)
+                                      for n, v in sorted(by_size.items())}}
 
 
 def machine() -> dict:

@@ -42,9 +42,19 @@ def test_throughput_benchmark_measures_the_plain_server_and_atelier(throughput):
     assert loops[1]["mean_batch_size"] == 1
     assert loops[6]["mean_batch_size"] > 1.5
     assert all(c["images"] > 0 and c["p50_s"] <= c["p99_s"] for c in loops.values())
+    # The pipeline calls named in the answers hold every image, and took part of the run.
+    for c in loops.values():
+        assert c["call_images"] == c["images"] and c["calls"] <= c["images"]
+        assert 0 < c["busy_share"] <= 1
+        assert c["images_per_call_s"] == pytest.approx(c["images_per_s"] / c["busy_share"])
+    assert list(loops[1]["mean_call_s_by_images"]) == ["1"]
+    assert "busy_share" not in base["closed_loop"][0]  # the plain server names no calls
     best = max(c["images_per_s"] for c in loops.values())
     summary = report["summary"]
     assert summary["atelier_images_per_s"] == best
+    top = max(loops.values(), key=lambda c: c["images_per_s"])
+    assert (summary["busy_share_at_best"], summary["images_per_call_s_at_best"]) == (
+        top["busy_share"], top["images_per_call_s"])
     assert summary["speedup"] == pytest.approx(best / base["closed_loop"][0]["images_per_s"])
     assert summary["atelier_tflops"] == pytest.approx(best * report["flops"]["image"] / 1e12)
     assert "speedup" in stdout and "plain server" in stdout

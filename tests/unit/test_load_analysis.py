@@ -47,3 +47,16 @@ def test_cost_uses_the_best_goodput_and_the_break_even_volume():
     assert c["usd_per_image_at_capacity"] == pytest.approx(7.2 / 3600 / 2.0)
     assert c["fixed_usd_per_month"] == pytest.approx(7.2 * HOURS_PER_MONTH)
     assert c["break_even_img_month"] == pytest.approx(7.2 * HOURS_PER_MONTH / 0.004)
+
+
+def test_calls_summary_splits_a_run_into_busy_time_and_speed_in_calls():
+    from load.bench_serving import calls_summary
+
+    # Two replicas over a 10 s run: one spent 8 s in calls, the other 4 s.
+    calls = [("r1", 8, 5.0), ("r1", 4, 3.0), ("r2", 8, 4.0)]
+    s = calls_summary(calls, 10.0)
+    assert s["calls"] == 3 and s["call_images"] == 20
+    assert s["busy_share"] == pytest.approx(12.0 / 20.0)
+    assert s["images_per_call_s"] == pytest.approx(20 / 12.0)
+    assert s["mean_call_s_by_images"] == {"4": 3.0, "8": 4.5}
+    assert calls_summary([], 10.0) == {}
