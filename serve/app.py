@@ -30,7 +30,7 @@ from serve.http_errors import api_path, error_response, install_error_handlers
 from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics
 from serve.predictions import PredictionRunner
-from serve.rate_limits import Draw, bucket_id, counted
+from serve.rate_limits import counted, draw
 from serve.router import ModelRouter
 from serve.routes import (
     files,
@@ -84,14 +84,13 @@ async def _within_rate(request: Request, path: str, key: ApiKey | None, call_nex
     """Answer the request if its key's bucket has a token for it (or it needs none)."""
     if key is None or key.requests_per_minute is None or not counted(request.method, path):
         return await call_next(request)
-    allowed, tokens = await ingress().store.take_token(bucket_id(key), key.requests_per_minute)
-    draw = Draw(allowed, tokens, key.requests_per_minute)
-    if allowed:
+    drawn = await draw(ingress().store, key)
+    if drawn.allowed:
         response = await call_next(request)
     else:
         ingress().metrics.rate_limited.inc(1, {"key": key.name})
-        response = error_response(path, draw.refusal(key.name))
-    response.headers.update(draw.headers())
+        response = error_response(path, drawn.refusal(key.name))
+    response.headers.update(drawn.headers())
     return response
 
 

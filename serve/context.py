@@ -17,7 +17,7 @@ from serve.auth import ApiKey
 from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics
 from serve.predictions import PredictionRunner, StateStore
-from serve.rate_limits import draw_images
+from serve.rate_limits import draw
 from serve.router import ModelRouter
 from serve.types import GenerationRequest
 
@@ -65,10 +65,10 @@ async def charge_images(request: Request, images: int) -> None:
     if key is None or key.images_per_minute is None:
         return
     state = ingress()
-    draw = await draw_images(state.store, key, images)
-    if not draw.allowed:
+    drawn = await draw(state.store, key, "images", images)
+    if not drawn.allowed:
         state.metrics.rate_limited.inc(1, {"key": key.name})
-        raise draw.refusal(key.name)
+        raise drawn.refusal(key.name)
 
 
 def base_url(request: Request) -> str:

@@ -121,8 +121,9 @@ return {allowed, tostring(tokens)}
 """
 
 
-async def draw_images(store: StateStore, key: ApiKey, images: int) -> Draw:
-    """Take `images` from the bucket of a key with `images_per_minute`."""
-    allowed, tokens = await store.take_token(bucket_id(key, "images"), key.images_per_minute,
-                                             images)
-    return Draw(allowed, tokens, key.images_per_minute, images, "images")
+async def draw(store: StateStore, key: ApiKey, unit: str = "requests", cost: int = 1) -> Draw:
+    """Take `cost` from the key's bucket of `unit` (requests or images), whose limit is the
+    key's `<unit>_per_minute` (set)."""
+    limit = getattr(key, f"{unit}_per_minute")
+    allowed, tokens = await store.take_token(bucket_id(key, unit), limit, cost)
+    return Draw(allowed, tokens, limit, cost, unit)

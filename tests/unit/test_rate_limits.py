@@ -83,6 +83,29 @@ def test_image_buckets_are_apart_from_request_buckets():
     assert bucket_id(key, "images") == f"{bucket_id(key)}:images"
 
 
+def test_draw_takes_from_the_units_own_bucket_at_the_keys_rate():
+    import asyncio
+
+    from serve.rate_limits import draw
+    from serve.state import MemoryStore
+
+    (key,) = configured_keys([ApiKeyConfig(key="sk-c", name="team-c", requests_per_minute=2,
+                                           images_per_minute=8)])
+
+    async def draws():
+        store = MemoryStore(ttl_s=60, max_file_bytes=1024)
+        return [await draw(store, key, "images", 3), await draw(store, key, "images", 6),
+                await draw(store, key), await draw(store, key), await draw(store, key)]
+
+    images_ok, images_short, *requests = asyncio.run(draws())
+    assert (images_ok.allowed, images_ok.limit, images_ok.cost, images_ok.unit) == (
+        True, 8, 3, "images")
+    assert images_short.allowed is False and images_short.tokens == pytest.approx(5, abs=0.01)
+    # The request bucket is whole after the image draws: two allowed, the third refused.
+    assert [d.allowed for d in requests] == [True, True, False]
+    assert requests[0].limit == 2 and requests[0].unit == "requests"
+
+
 def test_an_image_rate_below_one_requests_images_is_refused_at_start_up():
     from serve.config import AtelierConfig
 
