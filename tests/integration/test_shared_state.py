@@ -46,14 +46,36 @@ def _get(url, pid):
     return r.json(), r.headers["x-atelier-ingress"]
 
 
-def _wait_done(url, pid, timeout=30):
+def _wait_done(url, pid, timeout=30, failover=False):
+    """Poll until the prediction ends. In a failover, a poll the proxy had sent to the dead
+    replica may time out or fail; a client polls again, and so does this."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        body, _ = _get(url, pid)
+        try:
+            body, _ = _get(url, pid)
+        except (AssertionError, httpx.HTTPError):
+            if not failover:
+                raise
+            time.sleep(0.5)
+            continue
         if body["status"] in ("succeeded", "failed", "canceled"):
             return body
         time.sleep(0.1)
     raise AssertionError(f"{pid} did not finish")
+
+
+def _wait_both_ingresses(url, timeout=90):
+    """Return once both ingress replicas answer again (the killed one restarted)."""
+    deadline, seen = time.monotonic() + timeout, set()
+    while time.monotonic() < deadline and len(seen) < 2:
+        try:
+            r = httpx.get(f"{url}/healthz", timeout=2)
+            if r.status_code == 200:
+                seen.add(r.headers["x-atelier-ingress"])
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    assert len(seen) == 2, f"only {seen} answered after the restart"
 
 
 def test_a_prediction_made_through_one_replica_is_read_through_the_other(shared_url):
@@ -130,6 +152,7 @@ def test_predictions_and_files_survive_an_ingress_restart(shared_url):
     assert after["output"] == before["output"] and after["status"] == "succeeded"
     assert httpx.get(after["output"][0]).content.startswith(b"\x89PNG")
     assert httpx.get(f"{shared_url}/healthz").status_code == 200  # open under a prefix too
+    _wait_both_ingresses(shared_url)
 
 
 def test_predictions_of_a_killed_ingress_replica_are_adopted_and_finish(shared_url):
@@ -149,7 +172,7 @@ def test_predictions_of_a_killed_ingress_replica_are_adopted_and_finish(shared_u
     killed_at = time.monotonic()
 
     # Its leases lapse within 15 s; the surviving (or restarted) replica runs them again.
-    done = {pid: _wait_done(shared_url, pid, timeout=120) for pid in taken}
+    done = {pid: _wait_done(shared_url, pid, timeout=120, failover=True) for pid in taken}
     assert [b["status"] for b in done.values()] == ["succeeded"] * len(taken)
     victims = [pid for pid, owner in taken.items() if owner == victim]
     for pid in victims:
@@ -158,6 +181,7 @@ def test_predictions_of_a_killed_ingress_replica_are_adopted_and_finish(shared_u
         assert done[pid]["output"] and httpx.get(done[pid]["output"][0]).status_code == 200
     print(f"{len(victims)} predictions adopted; all done "
           f"{time.monotonic() - killed_at:.1f} s after the kill")
+    _wait_both_ingresses(shared_url)
 
 
 def test_both_replicas_sign_webhooks_with_the_one_secret_kept_in_redis(shared_url):
