@@ -68,20 +68,47 @@ def _amax(x: torch.Tensor, dim: int | None) -> torch.Tensor:
     return x.abs().amax() if dim is None else x.abs().amax(dim=dim, keepdim=True)
 
 
-def to_fp8(denoiser: nn.Module, per_row: bool = True, fast_accum: bool = True) -> int:
-    """Replace the linear layers inside the denoiser's transformer blocks by Fp8Linear;
-    return how many were replaced."""
-    replaced = 0
-    for block in denoiser.modules():
-        if type(block).__name__ not in _TRANSFORMER_BLOCKS:
+# The layers diffusers' QKV fusion adds, each with the separate projections it replaces.
+# Cross-attention fuses only key and value: its query projection keeps running.
+_FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
+          "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+def fuse_qkv(denoiser: nn.Module) -> int:
+    """Fuse each attention's query, key and value projections into one layer, and drop the
+    separate ones, which diffusers keeps (for unfusing, which nothing here does) although
+    no call runs them any more; return how many parameters were dropped."""
+    denoiser.fuse_qkv_projections()
+    dropped = 0
+    for attention in denoiser.modules():
+        if not getattr(attention, "fused_projections", False):
             continue
-        for name, child in list(block.named_modules()):
-            if type(child) is nn.Linear and Fp8Linear.fits(child):
-                parent_name, _, attr = name.rpartition(".")
-                parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, attr, Fp8Linear(child, per_row, fast_accum))
-                replaced += 1
-    return replaced
+        for fused, parts in _FUSED.items():
+            if getattr(attention, fused, None) is None:
+                continue
+            for part in parts:
+                dropped += sum(p.numel() for p in getattr(attention, part).parameters())
+                delattr(attention, part)
+    return dropped
+
+
+def fp8_candidates(denoiser: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """The linear layers `speed.fp8` computes in FP8: those inside the denoiser's
+    transformer blocks whose sizes fit, each as (its block, its name in the block, it)."""
+    return [(block, name, child)
+            for block in denoiser.modules() if type(block).__name__ in _TRANSFORMER_BLOCKS
+            for name, child in block.named_modules()
+            if type(child) is nn.Linear and Fp8Linear.fits(child)]
+
+
+def to_fp8(denoiser: nn.Module, per_row: bool = True, fast_accum: bool = True) -> int:
+    """Replace the fp8_candidates of the denoiser by Fp8Linear; return how many."""
+    layers = fp8_candidates(denoiser)
+    for block, name, child in layers:
+        parent_name, _, attr = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        setattr(parent, attr, Fp8Linear(child, per_row, fast_accum))
+    return len(layers)
 
 
 def compile_blocks(modules: list[nn.Module], cache_dir: Path, dynamic: bool = True,
@@ -130,8 +157,8 @@ def apply_speed(pipe, denoiser: nn.Module, speed: SpeedConfig, cache_dir: Path) 
     logs."""
     done: dict = {}
     if speed.fuse_qkv:
-        denoiser.fuse_qkv_projections()
         done["fused_qkv"] = True
+        done["unfused_params_dropped"] = fuse_qkv(denoiser)
     if speed.fp8:
         done["fp8_linears"] = to_fp8(denoiser, per_row=speed.fp8_scaling == "row",
                                      fast_accum=speed.fp8_fast_accum)

@@ -167,6 +167,37 @@ def test_fp8_images_stay_close_to_the_float_images(tiny_sdxl_path, plain):
     assert np.abs(_px(a) - _px(plain.generate([_req(10)])[0][0])).mean() > 4 * diff.mean()
 
 
+def _params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_fused_qkv_drops_the_projections_it_replaces_and_fp8_makes_only_running_layers(
+        tiny_sdxl_path, plain):
+    from deployments.engines.sdxl import SDXLEngine
+
+    fused = SDXLEngine(tiny_sdxl_path, "float32", "cpu", speed=SpeedConfig(fuse_qkv=True))
+    dropped = fused.describe()["speed"]["unfused_params_dropped"]
+    # The fused layers hold exactly the weights of the projections they replace.
+    assert dropped > 0 and _params(fused.pipe.unet) == _params(plain.pipe.unet)
+    for block in fused.pipe.unet.modules():
+        if type(block).__name__ == "BasicTransformerBlock":
+            assert not hasattr(block.attn1, "to_q") and hasattr(block.attn1, "to_qkv")
+            assert hasattr(block.attn2, "to_q") and not hasattr(block.attn2, "to_k")
+    assert np.array_equal(_px(fused.generate([_req(3)])[0][0]),
+                          _px(plain.generate([_req(3)])[0][0]))
+
+    fp8 = SDXLEngine(tiny_sdxl_path, "float32", "cpu",
+                     speed=SpeedConfig(fuse_qkv=True, fp8=True))
+    calls = {}
+    for name, m in fp8.pipe.unet.named_modules():
+        if isinstance(m, Fp8Linear):
+            calls[name] = 0
+            m.register_forward_hook(lambda m, i, o, name=name: calls.update({name: calls[name] + 1}))
+    assert len(calls) == fp8.describe()["speed"]["fp8_linears"] > 0
+    fp8.generate([_req(3)])
+    assert min(calls.values()) > 0, [n for n, c in calls.items() if c == 0]
+
+
 @pytest.mark.parametrize("setting", ["compile", "fuse_qkv", "fp8"])
 def test_settings_that_change_layers_are_refused_beside_lora_adapters(setting, tmp_path):
     model = {"id": "a/b", "path": str(tmp_path), "speed": {setting: True}}
@@ -300,8 +331,10 @@ def test_flux_takes_the_same_speed_settings(tiny_flux_path, tmp_path):
                                       "ResnetBlock2D")
                  for root in (fast.pipe.transformer, fast.pipe.vae.decoder)
                  for m in root.modules())
-    assert fast.describe()["speed"] == {"fused_qkv": True, "channels_last": True,
-                                        "compiled_blocks": blocks}
+    speed = dict(fast.describe()["speed"])
+    dropped = speed.pop("unfused_params_dropped")
+    assert speed == {"fused_qkv": True, "channels_last": True, "compiled_blocks": blocks}
+    assert dropped > 0 and _params(fast.pipe.transformer) == _params(plain.pipe.transformer)
     requests = [req(4), req(5, num_outputs=2)]
     images = [[image for own in e.generate(requests) for image in own] for e in (plain, fast)]
     for a, b in zip(*images, strict=True):
