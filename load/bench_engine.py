@@ -91,7 +91,7 @@ def model_folder(random_sdxl: str | None, cache_dir: Path) -> Path:
     return folder
 
 
-def _requests(args: argparse.Namespace, images: int) -> list:
+def call_requests(args: argparse.Namespace, images: int) -> list:
     from serve.types import GenerationRequest
 
     call = next(_CALLS)  # prompts new to every call: each is encoded, as in real traffic
@@ -124,7 +124,7 @@ def run_variant(args: argparse.Namespace) -> dict:
                         compile_cache=Path(args.cache_dir) / "compile")
     load_s = time.monotonic() - started
     started = time.monotonic()
-    warm = _requests(args, 1)[0]
+    warm = call_requests(args, 1)[0]
     engine.warm_up(replace(warm, prompt="warm-up", num_inference_steps=2), max(args.batches))
     _sync()
     out = {"variant": args.one, "dtype": dtype, "speed": speed, "load_s": load_s,
@@ -133,7 +133,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         times = []
         for _ in range(args.repeats + 1):
             started = time.monotonic()
-            images = engine.generate(_requests(args, size))
+            images = engine.generate(call_requests(args, size))
             _sync()
             times.append(time.monotonic() - started)
         if size == args.batches[0]:
@@ -141,11 +141,11 @@ def run_variant(args: argparse.Namespace) -> dict:
         best = sorted(times[1:])[len(times[1:]) // 2]
         out["batches"].append({"images": size, "first_call_s": times[0], "call_s": best,
                                "images_per_s": size / best})
-    out["stages_s"] = _stages(engine, _requests(args, args.batches[0]))
+    out["stages_s"] = _stages(engine, call_requests(args, args.batches[0]))
     if args.profile:
         from load.profile_ops import op_breakdown
 
-        out["profile"] = op_breakdown(lambda: engine.generate(_requests(args, args.batches[0])))
+        out["profile"] = op_breakdown(lambda: engine.generate(call_requests(args, args.batches[0])))
     if torch.cuda.is_available():
         out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
