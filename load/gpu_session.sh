@@ -8,6 +8,7 @@
 # then on the device, carrying .whl:   bash load/gpu_session.sh STEP
 #   engine      compiled bf16, cuDNN attention and the guidance cutoff, with the kernel profile
 #   engine-fp8  the FP8 variants (row-wise with and without fast accumulation, per tensor)
+#   fp8-error   each FP8 layer's error against float32 beside bfloat16's, in one real call
 #   engine-512  512², 30 steps (the 6 img/s target): compiled, FP8, FP8 with the cutoff
 #   engine-autotune  compiled with Inductor's kernel autotuning (a longer first start)
 #   tests       tests/gpu (CUDA paths: FLUX, adapters, memory, partial images)
@@ -19,7 +20,7 @@
 # engine-autotune runs compiled-autotune, or the variant named after it.
 # Figures go to $OUT (results/ when unset) as JSON, with each step's console output.
 set -euo pipefail
-step=${1:?"step: engine | engine-fp8 | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters"}
+step=${1:?"step: engine | engine-fp8 | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters"}
 variant=${2:-compiled}
 out=${OUT:-results}
 mkdir -p "$out"
@@ -35,6 +36,8 @@ case $step in
   engine-fp8) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 \
                 --variants compiled-fp8 compiled-fp8-slowaccum compiled-fp8-tensor \
                 --out "$out/engine-h100-fp8.json" 2>&1 | tee "$log" ;;
+  fp8-error) python3 -m load.fp8_error "${sdxl[@]}" --out "$out/fp8-error-h100.json" \
+               2>&1 | tee "$log" ;;
   engine-512) python3 -m load.bench_engine --random-sdxl .whl/sdxl-base-configs.json \
                 --size 512 --steps 30 --batches 16 \
                 --variants compiled compiled-fp8 compiled-fp8-cfg50 \

@@ -134,6 +134,29 @@ def test_engine_profile_splits_a_call_by_kind_of_work(tmp_path):
     assert "cpu aten operators: " in stdout
 
 
+def test_fp8_error_measures_every_layer_fp8_takes_against_float32(tmp_path, tiny_sdxl_path):
+    from diffusers import UNet2DConditionModel
+
+    from deployments.engines.speed import fp8_candidates, fuse_qkv
+
+    out = tmp_path / "fp8.json"
+    stdout = _run("load.fp8_error", "--model", str(tiny_sdxl_path), "--steps", "2",
+                  "--out", str(out))
+    report = json.loads(out.read_text())
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path / "unet")
+    fuse_qkv(unet)  # as the program prepares it
+    names = {id(m): name for name, m in unet.named_modules()}
+    assert set(report["by_layer"]) == {names[id(layer)] for *_, layer in fp8_candidates(unet)}
+    s = report["summary"]
+    # bfloat16 keeps 8 significant bits and e4m3 4: each rounds at its own scale.
+    assert 0 < s["bf16"]["max"] < 0.01
+    for name in ("fp8-row", "fp8-row-slowaccum", "fp8-tensor"):
+        assert 0.01 < s[name]["median"] < 0.08 and s[name]["median_vs_bf16"] > 4
+        assert s[name]["worst"][0]["error"] == s[name]["max"]
+    assert report["call_dtype"] == "torch.float32"  # a CPU serves float32
+    assert "fp8-tensor" in stdout and "layers, relative error" in stdout
+
+
 def test_operator_names_are_sorted_into_kinds():
     from load.profile_ops import kind_of
 
