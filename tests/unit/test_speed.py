@@ -188,11 +188,13 @@ def test_fused_qkv_drops_the_projections_it_replaces_and_fp8_makes_only_running_
 
     fp8 = SDXLEngine(tiny_sdxl_path, "float32", "cpu",
                      speed=SpeedConfig(fuse_qkv=True, fp8=True))
-    calls = {}
-    for name, m in fp8.pipe.unet.named_modules():
-        if isinstance(m, Fp8Linear):
-            calls[name] = 0
-            m.register_forward_hook(lambda m, i, o, name=name: calls.update({name: calls[name] + 1}))
+    calls = {name: 0 for name, m in fp8.pipe.unet.named_modules() if isinstance(m, Fp8Linear)}
+
+    def count(name):
+        return lambda *_: calls.update({name: calls[name] + 1})
+
+    for name in calls:
+        fp8.pipe.unet.get_submodule(name).register_forward_hook(count(name))
     assert len(calls) == fp8.describe()["speed"]["fp8_linears"] > 0
     fp8.generate([_req(3)])
     assert min(calls.values()) > 0, [n for n, c in calls.items() if c == 0]
