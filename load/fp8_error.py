@@ -75,8 +75,9 @@ def _linear(module: nn.Linear, x: torch.Tensor, dtype: torch.dtype) -> torch.Ten
 
 
 def measure(engine, requests: list, worst: int = 5) -> tuple[dict, list]:
-    """Run `requests` as one call of `engine` (bfloat16, without FP8) with a LayerError on
-    every FP8 candidate of its denoiser; return the summary and the call's images."""
+    """Run `requests` as one call of `engine` (as served without FP8: bfloat16 on a GPU,
+    float32 on a CPU) with a LayerError on every FP8 candidate of its denoiser; return the
+    summary and the call's images."""
     denoiser = getattr(engine.pipe, engine.denoiser)
     names = {id(m): name for name, m in denoiser.named_modules()}
     hooks, handles = {}, []
