@@ -35,6 +35,10 @@ class HeldAdapters:
     def loaded(self) -> list[str]:
         return list(self._held)
 
+    def bind(self, denoiser) -> None:
+        """Find the layers to change in `denoiser` as the speed settings left it (nothing
+        to find for LoRA slots, which the settings that replace layers do not run with)."""
+
     def _hold(self, adapters: AdapterSet) -> None:
         """Load the adapters of `adapters` not held yet; mark all as used last."""
         for name in adapters.names:
@@ -59,7 +63,13 @@ def targeted(path: str, targets: Sequence[str]) -> bool:
 
 class FusedAdapters(HeldAdapters):
     """An LRU of up to `capacity` adapters on the device; the active set is merged into
-    the targeted linear layers' weights. Same protocol as `AdapterSlots`."""
+    the targeted linear layers' weights. Same protocol as `AdapterSlots`.
+
+    Made before the speed settings, it copies the targeted layers' weights; `bind`, after
+    them, finds what computes each targeted layer now: the layer itself, its rows of a
+    fused QKV layer, or an FP8 layer (`speed.Fp8Linear`), whose rows are quantized again
+    from the float weights with the adapters added (so the base comes back bit for bit).
+    """
 
     def __init__(self, denoiser, catalog: Mapping[str, AdapterEntry] | None, capacity: int,
                  max_rank: int, targets: Sequence[str], prefix: str = "unet",
@@ -67,15 +77,23 @@ class FusedAdapters(HeldAdapters):
         self._catalog = catalog if catalog is not None else {}
         self._capacity, self._max_rank = capacity, max_rank
         self._prefix, self._reader = prefix, reader
-        self._linears = {path: m for path, m in denoiser.named_modules()
-                         if catalog is not None and isinstance(m, torch.nn.Linear)
-                         and targeted(path, targets)}
         with torch.no_grad():
-            self._originals = {p: m.weight.detach().clone() for p, m in self._linears.items()}
+            self._originals = {path: m.weight.detach().clone()
+                               for path, m in denoiser.named_modules()
+                               if catalog is not None and isinstance(m, torch.nn.Linear)
+                               and targeted(path, targets)}
+        self.bind(denoiser)
         self._held: OrderedDict[str, AdapterWeights] = OrderedDict()
         self._merged = AdapterSet()
         self._changed: set[str] = set()  # layers whose weights hold a merged adapter
         self.rewrites = 0  # times the weights were restored and merged for another set
+
+    def bind(self, denoiser) -> None:
+        """Find the layer and rows that compute each targeted layer in `denoiser` now."""
+        from deployments.engines.speed import linear_rows
+
+        rows = linear_rows(denoiser)
+        self._parts = {path: rows[path] for path in self._originals}
 
     @property
     def original_bytes(self) -> int:
@@ -97,7 +115,7 @@ class FusedAdapters(HeldAdapters):
             del self._held[self._least_recent(keep)]
         layers = {}
         for path, (a, b, scale) in weights.layers.items():
-            device = self._linears[path].weight.device
+            device = self._originals[path].device
             layers[path] = (a.to(device, non_blocking=True), b.to(device, non_blocking=True),
                             scale)
         self._held[name] = AdapterWeights(name, layers)
@@ -108,20 +126,33 @@ class FusedAdapters(HeldAdapters):
         self._hold(adapters)
         if adapters == self._merged:
             return
-        changed = set()
+        terms: dict[str, list] = {}  # layer path → [(A, B, factor)]
+        for name, scale in adapters.items:
+            for path, (a, b, alpha) in self._held[name].layers.items():
+                terms.setdefault(path, []).append((a, b, scale * alpha))
         with torch.no_grad():
-            for path in self._changed:
-                self._linears[path].weight.copy_(self._originals[path])
-            for name, scale in adapters.items:
-                for path, (a, b, alpha) in self._held[name].layers.items():
-                    self._linears[path].weight.addmm_(b, a, alpha=scale * alpha)
-                    changed.add(path)
-        self._changed, self._merged = changed, adapters
+            for path in self._changed.union(terms):
+                self._write(path, terms.get(path, []))
+        self._changed, self._merged = set(terms), adapters
         self.rewrites += 1
 
+    def _write(self, path: str, terms: list) -> None:
+        """Set the weights computing layer `path` to its original plus each term's
+        `factor * B @ A`."""
+        layer, rows = self._parts[path]
+        original = self._originals[path]
+        fp8 = not isinstance(layer, torch.nn.Linear)
+        # An FP8 layer is quantized from a float copy of this one layer's weights.
+        weight = original.to(torch.float32, copy=True) if fp8 else layer.weight[rows]
+        if not fp8:
+            weight.copy_(original)
+        for a, b, factor in terms:
+            weight.addmm_(b.to(weight.dtype), a.to(weight.dtype), alpha=factor)
+        if fp8:
+            layer.set_rows(rows, weight)
+
     def _target(self, path: str) -> Target | None:
-        layer = self._linears.get(path)
-        if layer is None:
+        weight = self._originals.get(path)
+        if weight is None:
             return None
-        weight = layer.weight
-        return Target(layer.in_features, layer.out_features, weight.dtype, weight.is_cuda)
+        return Target(weight.shape[1], weight.shape[0], weight.dtype, weight.is_cuda)

@@ -97,10 +97,11 @@ class ModelConfig(_Strict):
     fuse_adapters: bool = Field(False, description=(
         "Merge a call's LoRA adapters into the denoiser's weights (restored exactly from a "
         "copy when the set changes) instead of running LoRA layers beside them: calls with "
-        "adapters compute only the base model's layers, and speed.compile and channels_last "
-        "work with adapters. Costs a device copy of the targeted weights (SDXL attention "
-        "projections: 1.9 GB in fp16; FLUX.1-dev's 17 targets: 23.7 GB in bf16) and a weight "
-        "rewrite each time a replica's adapter set changes."))
+        "adapters compute only the base model's layers, and every speed setting (compile, "
+        "channels_last, fuse_qkv, fp8) works with adapters. Costs a device copy of the "
+        "targeted weights (SDXL attention projections: 1.9 GB in fp16; FLUX.1-dev's 17 "
+        "targets: 23.7 GB in bf16) and a weight rewrite each time a replica's adapter set "
+        "changes."))
     refiner: RefinerConfig | None = Field(None, description=(
         "SDXL only: a refiner for the `refine` request input (expert_ensemble_refiner, "
         "base_image_refiner). Unset: requests asking for refinement get 422."))
@@ -172,10 +173,11 @@ class ModelConfig(_Strict):
 
     @property
     def runs_adapters(self) -> bool:
-        """Whether its speed settings leave LoRA adapters a way to run: fused QKV and FP8
-        replace the layers adapters change, and compiled blocks need them merged."""
+        """Whether its speed settings leave LoRA adapters a way to run: merged adapters run
+        with all of them; LoRA slots cannot wrap the layers fused QKV and FP8 replace, and
+        compiled blocks take adapters only merged."""
         s = self.speed
-        return not (s.fuse_qkv or s.fp8 or (s.compile and not self.fuse_adapters))
+        return self.fuse_adapters or not (s.fuse_qkv or s.fp8 or s.compile)
 
     @property
     def slug(self) -> str:
@@ -282,10 +284,9 @@ class AtelierConfig(_Strict):
                 continue
             if not model.runs_adapters:
                 raise ValueError(
-                    f"model {model.id}: lora_folders has adapters for it, which cannot run with "
-                    "speed.fuse_qkv or speed.fp8 (they replace the layers adapters change), nor "
-                    "with speed.compile unless fuse_adapters is true; serve the adapters from "
-                    "a model entry without them")
+                    f"model {model.id}: lora_folders has adapters for it, which run with "
+                    "speed.fuse_qkv, speed.fp8 and speed.compile only when merged: set "
+                    "fuse_adapters: true, or serve the adapters from a model entry without them")
         return self
 
     def check_paths(self) -> None:

@@ -79,12 +79,14 @@ class DiffusersEngine:
         self.speed: dict = {}  # the speed settings applied (`speed_up`), for describe()
 
     def speed_up(self, speed: SpeedConfig, compile_cache: Path) -> None:
-        """Apply the model's speed settings (after its adapters are in place)."""
+        """Apply the model's speed settings (after its adapters are in place), then let
+        the adapters find the layers the settings left."""
         self.buckets = tuple(speed.batch_buckets)
         self.attention = speed.attention
         self.cfg_cutoff = speed.cfg_cutoff
-        self.speed = apply_speed(self.pipe, getattr(self.pipe, self.denoiser), speed,
-                                 compile_cache)
+        denoiser = getattr(self.pipe, self.denoiser)
+        self.speed = apply_speed(self.pipe, denoiser, speed, compile_cache)
+        self.adapters.bind(denoiser)
 
     def memory(self) -> tuple[str, int]:
         """(device, bytes held): torch's allocated GPU memory, or the process's resident

@@ -28,25 +28,40 @@ _REPEATED_BLOCKS = (*_TRANSFORMER_BLOCKS, "ResnetBlock2D")
 
 
 class Fp8Linear(nn.Module):
-    """A linear layer computed in FP8 e4m3: weights quantized once, activations at each
-    call, per row (each output row of the weights, each row of activations) or per tensor;
-    multiplied by `torch._scaled_mm`, which adds the bias and returns bf16 (cast back to the
-    input's dtype). `fast_accum` keeps the products in the FP8 units' own accumulators
-    instead of promoting them to float32 every 128 terms: faster on Hopper, as FP8
-    inference usually runs, and slightly less exact."""
+    """A linear layer computed in FP8 e4m3: weights quantized when made (and rows of them
+    again by `set_rows`), activations at each call, per row (each output row of the
+    weights, each row of activations) or per tensor; multiplied by `torch._scaled_mm`,
+    which adds the bias and returns bf16 (cast back to the input's dtype). `fast_accum`
+    keeps the products in the FP8 units' own accumulators instead of promoting them to
+    float32 every 128 terms: faster on Hopper, as FP8 inference usually runs, and slightly
+    less exact."""
 
     def __init__(self, linear: nn.Linear, per_row: bool = True, fast_accum: bool = True):
         super().__init__()
         w = linear.weight.detach().float()
-        self._dim = 1 if per_row else None  # amax over each row, or over everything
-        self.fast_accum = fast_accum
-        scale = (_amax(w, self._dim) / E4M3_MAX).clamp(min=1e-12)
-        self.register_buffer("weight", (w / scale).to(torch.float8_e4m3fn))
-        self.register_buffer("weight_scale", scale.t().contiguous())  # (1, out) or ()
+        self.per_row, self.fast_accum = per_row, fast_accum
+        # Per row: one scale for each output row, made as the row is quantized. Per
+        # tensor: one for the whole matrix, set here from its largest magnitude.
+        scale = torch.ones(1, w.shape[0]) if per_row else _amax(w, None) / E4M3_MAX
+        self.register_buffer("weight_scale", scale.clamp(min=1e-12).to(w.device))
+        self.register_buffer("weight", torch.empty_like(w, dtype=torch.float8_e4m3fn))
+        self.set_rows(slice(0, w.shape[0]), w)
         # The product's epilogue adds a bias of the output's dtype.
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", bias)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    @torch.no_grad()
+    def set_rows(self, rows: slice, w: torch.Tensor) -> None:
+        """Quantize float weights `w` into output rows `rows`, in place (compiled code
+        that holds the buffers computes with the new weights). Per row, each row gets its
+        own scale, so rows set again from the same floats come back bit for bit; per
+        tensor, the scale set at construction stays and larger values are clipped to it."""
+        w = w.float()
+        if self.per_row:
+            self.weight_scale[:, rows] = (_amax(w, 1) / E4M3_MAX).clamp(min=1e-12).t()
+        scale = self.weight_scale[:, rows].t() if self.per_row else self.weight_scale
+        self.weight[rows] = (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
     @staticmethod
     def fits(linear: nn.Linear) -> bool:
@@ -55,7 +70,8 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        x_scale = (_amax(rows, self._dim).float() / E4M3_MAX).clamp(min=1e-12)
+        dim = 1 if self.per_row else None
+        x_scale = (_amax(rows, dim).float() / E4M3_MAX).clamp(min=1e-12)
         q = (rows.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         out = torch._scaled_mm(q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                bias=self.bias, out_dtype=torch.bfloat16,
@@ -90,6 +106,26 @@ def fuse_qkv(denoiser: nn.Module) -> int:
                 dropped += sum(p.numel() for p in getattr(attention, part).parameters())
                 delattr(attention, part)
     return dropped
+
+
+def linear_rows(denoiser: nn.Module) -> dict[str, tuple[nn.Module, slice]]:
+    """Each linear layer of the denoiser by the path it has in the model as loaded, as
+    (the layer that computes it now, nn.Linear or Fp8Linear; its output rows there): all
+    of its own rows, or its share of a fused QKV layer (`fuse_qkv`)."""
+    rows = {}
+    for path, module in denoiser.named_modules():
+        if isinstance(module, (nn.Linear, Fp8Linear)):
+            rows[path] = (module, slice(0, module.out_features))
+        if not getattr(module, "fused_projections", False):
+            continue
+        for fused, parts in _FUSED.items():
+            layer = getattr(module, fused, None)
+            if layer is None:
+                continue
+            size = layer.out_features // len(parts)
+            for i, part in enumerate(parts):
+                rows[f"{path}.{part}"] = (layer, slice(i * size, (i + 1) * size))
+    return rows
 
 
 def fp8_candidates(denoiser: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:

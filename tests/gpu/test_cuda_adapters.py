@@ -1,4 +1,5 @@
-"""LoRA slots on CUDA (skipped without a GPU): staged pinned copies, switches, scale 0."""
+"""LoRA adapters on CUDA (skipped without a GPU): staged pinned copies, switches, scale 0,
+merged adapters, in bf16 and in compiled FP8 layers."""
 
 import numpy as np
 import pytest
@@ -66,3 +67,30 @@ def test_merged_adapters_on_the_gpu_match_slots_and_restore_the_base(engine, tin
         assert diff.mean() < 1, (adapters.key, diff.mean(), diff.max())
     assert np.array_equal(_image(merged), base)
     assert all(torch.equal(p, weights[n]) for n, p in merged.pipe.unet.named_parameters())
+
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def test_merged_adapters_run_in_compiled_fp8_layers_and_restore_them(tiny_sdxl_path,
+                                                                     cache_dir, tmp_path):
+    """bf16 with fused projections, FP8 and compiled blocks: an adapter changes the image,
+    and the empty set brings back the base FP8 weights bit for bit, and the base image."""
+    from deployments.engines.sdxl import SDXLEngine
+    from deployments.tiny import TINY_SDXL_DEMO, ensure_demo_loras
+    from serve.config import SpeedConfig
+
+    catalog = AdapterCatalog.scan([(ensure_demo_loras(TINY_SDXL_DEMO, cache_dir), "sdxl", 1.0)])
+    fast = SDXLEngine(tiny_sdxl_path, "bfloat16", "cuda", adapters=catalog.entries,
+                      max_adapters=2, max_lora_rank=8, fuse_adapters=True,
+                      speed=SpeedConfig(fuse_qkv=True, fp8=True, compile=True),
+                      compile_cache=tmp_path)
+    assert fast.describe()["speed"]["fp8_linears"] > 0
+    buffers = {n: b.clone() for n, b in fast.pipe.unet.named_buffers()}
+    base = _image(fast)
+    assert np.abs(_image(fast, AdapterSet.of([("pixel-art", 1.0)])) - base).mean() > 1
+    assert np.array_equal(_image(fast), base)
+    assert all(torch.equal(_bits(b), _bits(buffers[n]))
+               for n, b in fast.pipe.unet.named_buffers())

@@ -1,13 +1,16 @@
 """Adapters merged into the weights (`fuse_adapters`) against adapters in LoRA slots, on
 the tiny SDXL and FLUX (CPU, float32): the same images, the base model restored exactly,
-plain linear layers throughout, and compiled blocks that see each merged set."""
+plain linear layers throughout, compiled blocks that see each merged set, and the layers
+fused QKV and FP8 leave: the same images with fused projections, and FP8 layers holding
+exactly the quantized merged weights."""
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from serve.adapters import AdapterCatalog, AdapterInvalid, AdapterSet
-from serve.config import SpeedConfig
+from serve.config import FAMILIES, SpeedConfig
 from serve.types import GenerationRequest
 
 SDXL = {"model": "m", "prompt": "a cat", "width": 64, "height": 64, "num_inference_steps": 3,
@@ -117,3 +120,82 @@ def test_compiled_blocks_run_each_merged_set(tiny_sdxl_path, cache_dir, sdxl_pai
         a, b = _image(fused, adapters), _image(compiled, adapters)
         diff = np.abs(a - b)
         assert diff.max() <= 2 and (diff > 0).mean() < 0.02, (adapters.key, diff.max())
+
+
+
+def _fast(engine_cls, path, catalog, speed, **kwargs):
+    return engine_cls(path, "float32", "cpu", adapters=catalog, max_adapters=2,
+                      max_lora_rank=8, fuse_adapters=True, speed=speed, **kwargs)
+
+
+def _bits(t):
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _fp8_rows_hold_the_quantized_merged_weights(plain, fp8, targets) -> tuple[int, int]:
+    """Every targeted layer of `plain` (float, unfused, adapters merged) is, in `fp8`,
+    rows of an FP8 layer holding exactly its weights quantized, or of a float layer
+    holding them; return how many of each."""
+    from deployments.engines.speed import Fp8Linear, linear_rows
+    from deployments.fused_adapters import targeted
+
+    rows_of = linear_rows(fp8)
+    checked, floats = 0, 0
+    for path, linear in plain.named_modules():
+        if not (isinstance(linear, nn.Linear) and targeted(path, targets)):
+            continue
+        layer, rows = rows_of[path]
+        if not isinstance(layer, Fp8Linear):  # a size FP8 does not take
+            assert torch.allclose(layer.weight[rows], linear.weight, atol=1e-6), path
+            floats += 1
+            continue
+        expected = Fp8Linear(linear)
+        assert torch.equal(_bits(layer.weight[rows]), _bits(expected.weight)), path
+        assert torch.equal(layer.weight_scale[:, rows], expected.weight_scale), path
+        checked += 1
+    return checked, floats
+
+
+def test_merged_adapters_reach_fused_qkv_rows_and_fp8_layers(tiny_sdxl_path, cache_dir,
+                                                             sdxl_pair):
+    from peft.tuners.lora import LoraLayer
+
+    from deployments.engines.sdxl import SDXLEngine
+
+    slots, fused = sdxl_pair
+    wrapped = sum(isinstance(m, LoraLayer) for m in slots.pipe.unet.modules())
+    catalog = _catalog(cache_dir, "tiny-sdxl-demo", "sdxl")
+    qkv = _fast(SDXLEngine, tiny_sdxl_path, catalog, SpeedConfig(fuse_qkv=True))
+    fp8 = _fast(SDXLEngine, tiny_sdxl_path, catalog, SpeedConfig(fuse_qkv=True, fp8=True))
+    assert qkv.describe()["speed"]["unfused_params_dropped"] > 0
+    base = {n: b.clone() for n, b in fp8.pipe.unet.named_buffers()}
+    targets = FAMILIES["sdxl"].lora_targets
+    fp8_images = []
+    for adapters in SDXL_SETS[:4]:
+        assert _close(_image(fused, adapters), _image(qkv, adapters)), adapters.key
+        fp8_images.append(_image(fp8, adapters))
+        # The layers hold the set both engines just ran.
+        assert _fp8_rows_hold_the_quantized_merged_weights(
+            fused.pipe.unet, fp8.pipe.unet, targets) == (wrapped, 0), adapters.key
+    assert np.abs(fp8_images[1] - fp8_images[0]).mean() > 2  # the adapter runs in FP8
+    fp8.adapters.activate(AdapterSet())
+    assert all(torch.equal(_bits(b), _bits(base[n])) for n, b in fp8.pipe.unet.named_buffers())
+
+
+def test_flux_merged_adapters_reach_fused_qkv_rows_and_fp8_layers(tiny_flux_path, cache_dir):
+    from deployments.engines.flux import FluxEngine
+
+    catalog = _catalog(cache_dir, "tiny-flux-demo", "flux")
+    plain, qkv, fp8 = (_fast(FluxEngine, tiny_flux_path, catalog, speed) for speed in (
+        SpeedConfig(), SpeedConfig(fuse_qkv=True), SpeedConfig(fuse_qkv=True, fp8=True)))
+    targets = FAMILIES["flux"].lora_targets
+    fp8_layers = fp8.describe()["speed"]["fp8_linears"]
+    # Each FP8 layer computes one targeted layer or, fused, two or three; the output
+    # projection after the last block stays float.
+    for adapters in (AdapterSet.of([("ink", 1.0)]), AdapterSet.of([("neon", 0.6)]),
+                     AdapterSet()):
+        assert _close(_image(plain, adapters, FLUX), _image(qkv, adapters, FLUX))
+        _image(fp8, adapters, FLUX)
+        held, floats = _fp8_rows_hold_the_quantized_merged_weights(
+            plain.pipe.transformer, fp8.pipe.transformer, targets)
+        assert fp8_layers < held <= 3 * fp8_layers and floats == 1, (held, floats)

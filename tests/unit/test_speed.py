@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from deployments.engines.speed import Fp8Linear, to_fp8
+from deployments.engines.speed import E4M3_MAX, Fp8Linear, to_fp8
 from serve.config import ConfigError, SpeedConfig, parse_config
 from serve.types import GenerationRequest
 
@@ -79,6 +79,34 @@ def test_fp8_linear_keeps_rows_with_different_ranges_apart():
     out = Fp8Linear(linear, per_row=False)(x)
     assert _rel(out[1], ref[1]) < 0.08
     assert _rel(out[0], ref[0]) > 0.5  # below e4m3's smallest step at the large row's scale
+
+
+def test_fp8_rows_set_again_change_only_those_rows_and_come_back_bit_for_bit():
+    """`set_rows` (merged adapters): per row, the rows set get scales of their own and the
+    others keep theirs; per tensor, the scale stays and values past it are clipped."""
+    torch.manual_seed(2)
+    linear = nn.Linear(32, 48)
+    for per_row in (True, False):
+        fp8 = Fp8Linear(linear, per_row)
+        weight, scale = fp8.weight.view(torch.uint8).clone(), fp8.weight_scale.clone()
+        rows = slice(16, 32)
+        bigger = linear.weight.detach()[rows] * 3 + torch.randn(16, 32) * 0.05
+        fp8.set_rows(rows, bigger)
+        changed = (fp8.weight.view(torch.uint8) != weight).any(dim=1)
+        assert changed[rows].all() and not changed[:16].any() and not changed[32:].any()
+        dequantized = fp8.weight[rows].float() * (fp8.weight_scale[:, rows].t() if per_row
+                                                  else fp8.weight_scale)
+        if per_row:
+            assert torch.equal(fp8.weight_scale[:, :16], scale[:, :16])
+            assert torch.allclose(fp8.weight_scale[:, rows],
+                                  bigger.abs().amax(dim=1) / E4M3_MAX)
+            assert _rel(dequantized, bigger) < 0.05
+        else:
+            assert torch.equal(fp8.weight_scale, scale)
+            assert dequantized.abs().max() == E4M3_MAX * scale  # clipped at the old scale
+        fp8.set_rows(rows, linear.weight.detach()[rows])
+        assert torch.equal(fp8.weight.view(torch.uint8), weight)
+        assert torch.equal(fp8.weight_scale, scale)
 
 
 def test_fp8_tensor_scaling_is_a_setting_of_fp8(tiny_sdxl_path, plain):
@@ -201,22 +229,17 @@ def test_fused_qkv_drops_the_projections_it_replaces_and_fp8_makes_only_running_
 
 
 @pytest.mark.parametrize("setting", ["compile", "fuse_qkv", "fp8"])
-def test_settings_that_change_layers_are_refused_beside_lora_adapters(setting, tmp_path):
+def test_settings_that_change_layers_take_lora_adapters_only_merged(setting, tmp_path):
     model = {"id": "a/b", "path": str(tmp_path), "speed": {setting: True}}
     folders = [{"path": str(tmp_path), "base": "sdxl"}]
-    with pytest.raises(ConfigError, match=f"cannot run with .*{setting}"):
+    with pytest.raises(ConfigError, match=f"with .*speed.{setting}.* only when merged"):
         parse_config({"models": [model], "lora_folders": folders})
     parse_config({"models": [model]})
     parse_config({"models": [{**model, "speed": {"channels_last": True}}],
                   "lora_folders": folders})
-    # Merged adapters leave the layers as they are, so compiled code runs them too; fused
-    # projections and FP8 layers are still not the layers adapters change.
-    fused = {**model, "fuse_adapters": True}
-    if setting == "compile":
-        parse_config({"models": [fused], "lora_folders": folders})
-    else:
-        with pytest.raises(ConfigError, match=setting):
-            parse_config({"models": [fused], "lora_folders": folders})
+    config = parse_config({"models": [{**model, "fuse_adapters": True}],
+                           "lora_folders": folders})
+    assert config.models[0].runs_adapters
 
 
 def test_warm_up_stops_at_the_first_batch_that_does_not_fit(tiny_sdxl_path):
