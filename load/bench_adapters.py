@@ -6,8 +6,10 @@
 
 It builds random LoRA adapters of the given rank for the model's UNet (safetensors on
 local disk), loads them through the same code a replica uses (LoRA slots, or merged into
-the weights with `--fuse`), and prints and saves JSON (default
-results/adapters-<device>[-fused].json). Figures are what this run saw; nothing is asserted.
+the weights with `--fuse`), optionally with the dtype and speed settings of one of
+`load.bench_engine`'s variants (`--variant compiled-fp8 --fuse`), and prints and saves
+JSON (default results/adapters-<device>[-fused][-<variant>].json). Figures are what this
+run saw; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import statistics
 import time
 from pathlib import Path
 
+from load.bench_engine import VARIANTS
 from load.report import save_report
+from serve.config import ModelConfig, SpeedConfig, default_cache_dir
 
 
 def _parse_args() -> argparse.Namespace:
@@ -34,8 +38,16 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--switch-every", type=int, default=5, help="1 in N requests switches")
     p.add_argument("--fuse", action="store_true",
                    help="merge adapters into the weights (fuse_adapters) instead of slots")
+    p.add_argument("--variant", choices=sorted(VARIANTS),
+                   help="dtype and speed settings of load.bench_engine's variant of that name, "
+                        "for the engine with adapters and the one without (default: fp16 on a "
+                        "GPU, none); settings that replace layers need --fuse")
     p.add_argument("--out", help="JSON output path")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.variant and not args.fuse and not ModelConfig(
+            id="a/b", path=".", speed=VARIANTS[args.variant][1]).runs_adapters:
+        p.error(f"--variant {args.variant} runs adapters only merged: add --fuse")
+    return args
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Path, Path, str]:
@@ -43,10 +55,10 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Path, str]:
     import torch
 
     from deployments.tiny import TINY_SDXL, build_random_loras, build_random_sdxl, ensure_embedded
-    from serve.config import default_cache_dir
 
     cache = default_cache_dir()
-    dtype = "float16" if torch.cuda.is_available() else "float32"
+    dtype = "float16" if args.variant is None else VARIANTS[args.variant][0]
+    dtype = dtype if torch.cuda.is_available() else "float32"
     if args.random_sdxl:
         model = cache / "random-sdxl-base"
         if not (model / "model_index.json").exists():
@@ -127,8 +139,11 @@ def main() -> None:
     model, folder, dtype = _prepare(args)
     catalog = AdapterCatalog.scan([(folder, "sdxl", 1.0)]).entries
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    speed = SpeedConfig(**VARIANTS[args.variant][1] if args.variant else {})
+    compile_cache = default_cache_dir() / "compile"
     engine = SDXLEngine(model, dtype, device, adapters=catalog, max_adapters=len(catalog) - 1,
-                        max_lora_rank=args.rank, fuse_adapters=args.fuse)
+                        max_lora_rank=args.rank, fuse_adapters=args.fuse, speed=speed,
+                        compile_cache=compile_cache)
     names = sorted(catalog)
     loads = _loads(engine, names)
     held = names[-2:]  # the two most recently loaded: still in their slots
@@ -140,12 +155,14 @@ def main() -> None:
             runs[switching].append(_throughput(engine, args, held, switching))
     steady, mixed = statistics.median(runs[False]), statistics.median(runs[True])
     base = statistics.median(runs[None])
+    applied = engine.speed
     del engine
-    plain = SDXLEngine(model, dtype, device)  # the same model without LoRA slots
+    # The same model without adapters
+    plain = SDXLEngine(model, dtype, device, speed=speed, compile_cache=compile_cache)
     _throughput(plain, args, held, None)
     no_slots = _throughput(plain, args, held, None)
     report = {"settings": vars(args), "device": torch.cuda.get_device_name(0)
-              if device == "cuda" else platform.processor() or "cpu",
+              if device == "cuda" else platform.processor() or "cpu", "speed": applied,
               "adapter_mb": round(sum(Path(e.path).stat().st_size for e in catalog.values())
                                   / len(catalog) / 2**20, 1),
               **loads, **switches, "images_per_s_one_adapter": steady,
@@ -153,7 +170,7 @@ def main() -> None:
               "images_per_s_no_adapter_slots_present": base,
               "images_per_s_without_slots": no_slots}
     print(json.dumps(report, indent=2))
-    mode = "-fused" if args.fuse else ""
+    mode = ("-fused" if args.fuse else "") + (f"-{args.variant}" if args.variant else "")
     save_report(report, args.out, f"adapters-{'gpu' if device == 'cuda' else 'cpu'}{mode}")
 
 

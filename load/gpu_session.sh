@@ -14,7 +14,7 @@
 #   tests       tests/gpu (CUDA paths: FLUX, adapters, memory, partial images)
 #   throughput  through HTTP against the plain server, with an idle spell (cold start)
 #   keep-warm   the same idle spell with keep_warm_s 2, Atelier alone
-#   adapters    LoRA switching at rank 64, in slots then merged
+#   adapters    LoRA switching at rank 64: in slots, merged, merged with compiled FP8
 # throughput and keep-warm serve the `compiled` variant, or the one named after the step
 # (the fastest the engine steps found: bash load/gpu_session.sh throughput compiled-fp8);
 # engine-autotune runs compiled-autotune, or the variant named after it.
@@ -51,8 +51,12 @@ case $step in
   keep-warm) python3 -m load.bench_throughput "${sdxl[@]}" --variant "$variant" --idle-s 30 \
                --keep-warm-s 2 --no-baseline \
                --out "$out/throughput-h100-$variant-keepwarm.json" 2>&1 | tee "$log" ;;
-  adapters) for mode in slots fuse; do
-              flag=(); [ "$mode" = fuse ] && flag=(--fuse)
+  adapters) for mode in slots fuse fuse-compiled-fp8; do
+              case $mode in
+                slots) flag=() ;;
+                fuse) flag=(--fuse) ;;
+                *) flag=(--fuse --variant compiled-fp8) ;;
+              esac
               python3 -m load.bench_adapters "${sdxl[@]}" --rank 64 --requests 10 \
                 "${flag[@]}" --out "$out/adapters-h100-r64-$mode.json"
             done 2>&1 | tee "$log" ;;

@@ -157,6 +157,23 @@ def test_fp8_error_measures_every_layer_fp8_takes_against_float32(tmp_path, tiny
     assert "fp8-tensor" in stdout and "layers, relative error" in stdout
 
 
+def test_adapter_benchmark_merges_adapters_into_fp8_and_fused_layers(tmp_path):
+    out = tmp_path / "adapters.json"
+    _run("load.bench_adapters", "--fuse", "--variant", "fp8", "--adapters", "3",
+         "--requests", "2", "--steps", "2", "--switch-every", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    speed = report["speed"]
+    assert speed["fused_qkv"] and speed["unfused_params_dropped"] > 0
+    assert speed["fp8_linears"] > 0 and speed["fp8_scaling"] == "row"
+    assert len(report["read_ms"]) == len(report["inject_ms"]) == 3
+    assert report["held_switch_ms_median"] > 0
+    assert report["throughput_loss"] == pytest.approx(
+        1 - report["images_per_s_switching"] / report["images_per_s_one_adapter"])
+    refused = subprocess.run([sys.executable, "-m", "load.bench_adapters", "--variant", "fp8"],
+                             cwd=ROOT, capture_output=True, text=True, check=False)
+    assert refused.returncode == 2 and "runs adapters only merged: add --fuse" in refused.stderr
+
+
 def test_operator_names_are_sorted_into_kinds():
     from load.profile_ops import kind_of
 
