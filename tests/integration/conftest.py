@@ -9,7 +9,8 @@ waits two seconds for company, so concurrent requests reliably share pipeline ca
 `atelier/tiny-sdxl-small-memory` runs out of memory on calls of more than two images
 (the out-of-memory drill) and budgets 3 images of 64x64 per request;
 `atelier/tiny-sdxl-stall` counts a pipeline call of over 1.5 s as wedged;
-`atelier/tiny-flux` is the embedded tiny FLUX. The adapter catalog is the embedded demo
+`atelier/tiny-flux` is the embedded tiny FLUX, with fused projections, FP8 layers and
+its adapters merged into them. The adapter catalog is the embedded demo
 set plus `bad_adapters` (files that must fail cleanly). Request bodies over 2 MiB get 413;
 input images and LoRA files may be fetched from 127.0.0.1.
 """
@@ -104,9 +105,10 @@ def base_url(cache_dir, bad_adapters, metrics_port):
                        "max_request_pixels": 3 * 64 * 64}),
         _model(STALL, 10, health_stall_s=1.5, health_check_period_s=1,
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60}),
-        # FLUX's adapters are merged into its weights (SDXL's, above, run in LoRA slots).
+        # FLUX's adapters are merged into its weights (SDXL's, above, run in LoRA slots),
+        # whose attention projections are fused and whose transformer blocks run in FP8.
         _model(FLUX, 10, family="flux", embedded="tiny-flux", keep_warm_s=3,
-               fuse_adapters=True,
+               fuse_adapters=True, speed={"fuse_qkv": True, "fp8": True},
                aliases=["black-forest-labs/flux-dev"],
                defaults={"width": 64, "height": 64, "num_inference_steps": 4,
                          "guidance_scale": 3})],
