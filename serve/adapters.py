@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,8 @@ from serve.errors import AtelierError, InvalidField
 
 log = logging.getLogger("ray.serve.atelier.adapters")
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # each part of a catalog name
+_NAME_PARTS = 3  # <name>, <owner>/<model>, <owner>/<model>/<version>
 _PROMPT_TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>")
 _MAX_HEADER = 64 * 1024 * 1024
 
@@ -158,8 +159,10 @@ def split_prompt_tags(prompt: str) -> tuple[str, list[tuple[str, float | None]]]
     return cleaned, tags
 
 
-def read_entry(path: Path, base: str, default_scale: float) -> AdapterEntry:
-    """Describe one LoRA file from its safetensors header, without loading tensors.
+def read_entry(path: Path, base: str, default_scale: float,
+               name: str | None = None) -> AdapterEntry:
+    """Describe one LoRA file from its safetensors header, without loading tensors; it
+    goes by `name` (default: the file's name without .safetensors).
 
     Raises ValueError if the file is not a readable safetensors LoRA.
     """
@@ -170,7 +173,16 @@ def read_entry(path: Path, base: str, default_scale: float) -> AdapterEntry:
         raise ValueError("no LoRA weights (lora_A/lora_down) in the file")
     layout = "kohya" if any(k.startswith("lora_unet_") for k in tensors) else "peft"
     rank = int(tensors[downs[0]]["shape"][0])
-    return AdapterEntry(path.stem, str(path), base, default_scale, rank, layout)
+    return AdapterEntry(name or path.stem, str(path), base, default_scale, rank, layout)
+
+
+def _files(folder: Path, levels: int) -> Iterator[Path]:
+    """The files of `folder` and of its subfolders, `levels` deep in all, in name order."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            yield path
+        elif path.is_dir() and levels > 1:
+            yield from _files(path, levels - 1)
 
 
 def _safetensors_header(path: Path) -> dict:
@@ -203,20 +215,22 @@ class AdapterCatalog:
 
     @classmethod
     def scan(cls, folders: Iterable[tuple[Path, str, float]]) -> AdapterCatalog:
-        """Catalog every `*.safetensors` LoRA in each (folder, base, default_scale).
+        """Catalog every `*.safetensors` LoRA in each (folder, base, default_scale), and
+        in its subfolders: a file goes by its path in the folder, so that
+        `fofr/flux-80s-cyberpunk.safetensors` answers Replicate's model references
+        (`<owner>/<model>`, `<owner>/<model>/<version>`).
 
         Other files and unreadable ones are left out with a warning: they can never load.
         """
         entries = []
         for folder, base, default_scale in folders:
-            for path in sorted(folder.iterdir()):
-                if not path.is_file():
-                    continue
-                if path.suffix != ".safetensors" or not NAME.match(path.stem):
+            for path in _files(folder, levels=_NAME_PARTS):
+                parts = (*path.relative_to(folder).parent.parts, path.stem)
+                if path.suffix != ".safetensors" or not all(NAME.match(p) for p in parts):
                     log.warning("not an adapter (only <name>.safetensors load): %s", path)
                     continue
                 try:
-                    entries.append(read_entry(path, base, default_scale))
+                    entries.append(read_entry(path, base, default_scale, "/".join(parts)))
                 except (OSError, ValueError) as exc:
                     log.warning("adapter %s left out: %s", path, exc)
         return cls(entries)

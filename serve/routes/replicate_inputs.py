@@ -28,8 +28,9 @@ class _LoraInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lora_weights: str | None = Field(None, max_length=2048, description=(
-        "A LoRA name from GET /v1/loras, or the URL of a .safetensors LoRA file on a host "
-        "in lora_allowed_hosts"))
+        "A LoRA name from GET /v1/loras (Replicate model names, <owner>/<model>, are those "
+        "of adapters filed under <owner>/ in a LoRA folder), or the URL of a .safetensors "
+        "LoRA file on a host in lora_allowed_hosts"))
     lora_scale: float | None = Field(None, ge=-4, le=4, description="Scale of lora_weights")
 
     def lora_refs(self) -> list[tuple[str, float | None]]:

@@ -11,13 +11,15 @@ waits two seconds for company, so concurrent requests reliably share pipeline ca
 `atelier/tiny-sdxl-stall` counts a pipeline call of over 1.5 s as wedged;
 `atelier/tiny-flux` is the embedded tiny FLUX, with fused projections, FP8 layers and
 its adapters merged into them. The adapter catalog is the embedded demo
-set plus `bad_adapters` (files that must fail cleanly). Request bodies over 2 MiB get 413;
+set plus `bad_adapters` (files that must fail cleanly) and `named_adapters` (filed by
+Replicate model name). Request bodies over 2 MiB get 413;
 input images and LoRA files may be fetched from 127.0.0.1.
 """
 
 import asyncio
 import base64
 import io
+import shutil
 
 import httpx
 import numpy as np
@@ -69,13 +71,27 @@ def bad_adapters(tmp_path_factory, cache_dir):
 
 
 @pytest.fixture(scope="session")
+def named_adapters(tmp_path_factory, cache_dir):
+    """A FLUX folder laid out by Replicate model name: `acme/ink-style` is the demo `ink`,
+    `acme/ink-style/v2` the demo `neon`."""
+    from deployments.tiny import TINY_FLUX_DEMO, ensure_demo_loras
+
+    demo = ensure_demo_loras(TINY_FLUX_DEMO, cache_dir)
+    folder = tmp_path_factory.mktemp("by-model-name")
+    (folder / "acme" / "ink-style").mkdir(parents=True)
+    shutil.copy(demo / "ink.safetensors", folder / "acme" / "ink-style.safetensors")
+    shutil.copy(demo / "neon.safetensors", folder / "acme" / "ink-style" / "v2.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def metrics_port():
     """Ray's metrics export port for the test cluster (scraped by the Prometheus test)."""
     return _free_port()
 
 
 @pytest.fixture(scope="session")
-def base_url(cache_dir, bad_adapters, metrics_port):
+def base_url(cache_dir, bad_adapters, named_adapters, metrics_port):
     import ray
     from ray import serve
 
@@ -115,7 +131,8 @@ def base_url(cache_dir, bad_adapters, metrics_port):
         "lora_folders": [{"embedded": "tiny-sdxl-demo", "base": "sdxl"},
                          {"embedded": "tiny-flux-demo", "base": "flux"},
                          {"path": str(bad_adapters[0]), "base": "sdxl"},
-                         {"path": str(bad_adapters[1]), "base": "acme/other"}]}
+                         {"path": str(bad_adapters[1]), "base": "acme/other"},
+                         {"path": str(named_adapters), "base": "flux"}]}
     # The dashboard writes Ray's Prometheus service-discovery file.
     ray.init(address="local", num_cpus=12, include_dashboard=True, dashboard_port=_free_port(),
              _metrics_export_port=metrics_port)

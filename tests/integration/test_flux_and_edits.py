@@ -130,7 +130,8 @@ def test_the_catalog_lists_what_one_model_can_use(client):
         assert r.status_code == 200, r.text
         return {row["name"] for row in r.json()["data"]}
 
-    assert names("black-forest-labs/flux-dev") == {"neon", "film-grain", "ink"}
+    assert names("black-forest-labs/flux-dev") == {"neon", "film-grain", "ink",
+                                                   "acme/ink-style", "acme/ink-style/v2"}
     sdxl = names(FAST)
     assert {"pixel-art", "watercolor", "sketch"} <= sdxl
     assert not sdxl & {"neon", "ink", "for-other"}
@@ -157,6 +158,24 @@ def test_replicate_flux_lora_inputs_give_the_generate_pixels(rep, client, base_u
                                   "extra_lora_scale": 0.5, "output_format": "png"})
     _, both = _flux(client, loras=[{"name": "neon", "scale": 0.5}, {"name": "ink", "scale": 0.7}])
     assert np.array_equal(pixels(Image.open(io.BytesIO(png.read()))), both)
+
+
+def test_replicate_model_names_find_the_adapters_filed_under_them(rep, client):
+    """`<owner>/<model>` and `<owner>/<model>/<version>`, as Replicate's LoRA inputs take
+    them, name the files at those paths in a LoRA folder (copies of `ink` and `neon`)."""
+    (png,) = rep.run(FLUX, input={"prompt": "a lamp", "seed": 5, "lora_weights": "acme/ink-style",
+                                  "lora_scale": 0.7, "extra_lora": "acme/ink-style/v2",
+                                  "extra_lora_scale": 0.5, "output_format": "png"})
+    _, both = _flux(client, loras=[{"name": "neon", "scale": 0.5}, {"name": "ink", "scale": 0.7}])
+    _, base = _flux(client)
+    assert np.array_equal(pixels(Image.open(io.BytesIO(png.read()))), both)
+    assert np.abs(both - base).mean() > 2
+    _, tagged = _flux(client, prompt="a lamp <lora:acme/ink-style:0.7>")
+    _, ink = _flux(client, loras=[{"name": "ink", "scale": 0.7}])
+    assert np.array_equal(tagged, ink)
+    r = client.post("/generate", json={"prompt": "x", "model": FLUX,
+                                       "loras": [{"name": "acme/no-such-style"}]})
+    assert r.status_code == 404 and "acme/no-such-style" in r.text
 
 
 @pytest.mark.parametrize("model, name, family", [(FLUX, "pixel-art", "sdxl"),

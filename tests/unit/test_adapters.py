@@ -85,6 +85,17 @@ def test_scan_keeps_only_readable_safetensors_loras(tmp_path):
         catalog.get("../good")
 
 
+def test_files_in_subfolders_go_by_their_path_as_replicate_model_names(tmp_path):
+    header = {"unet.x.lora_A.weight": {"dtype": "F16", "shape": [4, 8], "data_offsets": [0, 0]}}
+    for name in ("top", "fofr/emoji", "fofr/emoji/v2", "a/b/c/too-deep", "bad owner/x"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        _write_header(tmp_path / f"{name}.safetensors", header)
+    entries = AdapterCatalog.scan([(tmp_path, "flux", 1.0)]).entries
+    assert sorted(entries) == ["fofr/emoji", "fofr/emoji/v2", "top"]
+    assert entries["fofr/emoji/v2"].path == str(tmp_path / "fofr/emoji/v2.safetensors")
+    assert AdapterSet.from_key(AdapterSet.of([("fofr/emoji", 0.5)]).key).names == ["fofr/emoji"]
+
+
 def test_an_adapter_names_why_a_model_cannot_use_it():
     from serve.adapters import AdapterEntry
     from serve.config import ModelConfig
