@@ -10,10 +10,10 @@ waits two seconds for company, so concurrent requests reliably share pipeline ca
 (the out-of-memory drill) and budgets 3 images of 64x64 per request;
 `atelier/tiny-sdxl-stall` counts a pipeline call of over 1.5 s as wedged;
 `atelier/tiny-flux` is the embedded tiny FLUX, with fused projections, FP8 layers and
-its adapters merged into them. The adapter catalog is the embedded demo
-set plus `bad_adapters` (files that must fail cleanly) and `named_adapters` (filed by
-Replicate model name). Request bodies over 2 MiB get 413;
-input images and LoRA files may be fetched from 127.0.0.1.
+its adapters merged into them. The adapter catalog is the embedded demo set plus
+`bad_adapters` (files that must fail cleanly) and `named_adapters` (filed by Replicate
+model name). Request bodies over 2 MiB get 413; input images and LoRA files may be
+fetched from 127.0.0.1.
 """
 
 import asyncio

@@ -122,10 +122,10 @@ def test_compiled_blocks_run_each_merged_set(tiny_sdxl_path, cache_dir, sdxl_pai
         assert diff.max() <= 2 and (diff > 0).mean() < 0.02, (adapters.key, diff.max())
 
 
-
-def _fast(engine_cls, path, catalog, speed, **kwargs):
+def _fast(engine_cls, path, catalog, speed):
+    """A CPU engine with merged adapters and `speed`."""
     return engine_cls(path, "float32", "cpu", adapters=catalog, max_adapters=2,
-                      max_lora_rank=8, fuse_adapters=True, speed=speed, **kwargs)
+                      max_lora_rank=8, fuse_adapters=True, speed=speed)
 
 
 def _bits(t):
