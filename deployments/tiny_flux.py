@@ -36,22 +36,30 @@ TINY_FLUX_CONFIGS = {
 }
 
 
-def _t5_tokenizer():
-    """A SentencePiece-style unigram tokenizer: T5's special tokens, printable ASCII,
-    the word-start marker and a few whole words."""
+def _t5_tokenizer(tokens: int = T5_TOKENS):
+    """A SentencePiece-style unigram tokenizer reading `tokens` per prompt: T5's special
+    tokens, printable ASCII, the word-start marker and a few whole words."""
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(chr(c), -3.0) for c in range(33, 127)]
     pieces += [("▁" + w, -1.0) for w in ("a", "the", "of", "photo", "on", "with", "in")]
     tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
-    tokenizer.model_max_length = T5_TOKENS
+    tokenizer.model_max_length = tokens
     return tokenizer
 
 
-def build_random_flux(folder: Path, configs: dict, dtype: str = "float32") -> None:
+def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
+                      device: str = "cpu") -> None:
     """Save a FLUX pipeline with random weights built from `configs` (keys transformer,
-    vae, text_encoder, text_encoder_2, scheduler) in diffusers format with safetensors."""
+    vae, text_encoder, text_encoder_2, scheduler; optional tokenizer_2.model_max_length)
+    in diffusers format with safetensors.
+
+    Deterministic for given configs and device. Each module is built on `device` and cast
+    to `dtype` before the next one is built, so the full FLUX.1-dev (12 B transformer
+    parameters) fits in one GPU's memory while it is made. The text encoders' vocabulary is
+    at least the generated tokenizers'; a larger one costs what the real model's does.
+    """
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -61,26 +69,31 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32") -> No
     )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from deployments.tiny import clip_tokenizer
+    from deployments.tiny import _public, clip_tokenizer
 
     tokenizer = clip_tokenizer()
-    vocab_size = len(tokenizer)
-    t5_tokenizer = _t5_tokenizer()
-    bos, eos = vocab_size - 2, vocab_size - 1
+    t5_tokenizer = _t5_tokenizer(configs.get("tokenizer_2", {}).get("model_max_length",
+                                                                     T5_TOKENS))
+    bos, eos = len(tokenizer) - 2, len(tokenizer) - 1
+    clip = _public(configs["text_encoder"])
+    t5 = _public(configs["text_encoder_2"])
+    clip["vocab_size"] = max(clip.get("vocab_size", 0), len(tokenizer))
+    t5["vocab_size"] = max(t5.get("vocab_size", 0), len(t5_tokenizer))
+
+    def made(module):
+        return module.to(device="cpu", dtype=getattr(torch, dtype))
+
     torch.manual_seed(_SEED)
-    pipe = FluxPipeline(
-        text_encoder=CLIPTextModel(CLIPTextConfig(
-            vocab_size=vocab_size, **configs["text_encoder"], bos_token_id=bos,
-            eos_token_id=eos, pad_token_id=eos)),
-        text_encoder_2=T5EncoderModel(T5Config(
-            vocab_size=len(t5_tokenizer), **configs["text_encoder_2"], pad_token_id=0,
-            eos_token_id=1, decoder_start_token_id=0)),
-        transformer=FluxTransformer2DModel(**configs["transformer"]),
-        vae=AutoencoderKL(**configs["vae"]),
-        scheduler=FlowMatchEulerDiscreteScheduler(**configs["scheduler"]),
-        tokenizer=tokenizer, tokenizer_2=t5_tokenizer)
-    if dtype != "float32":
-        pipe.to(dtype=getattr(torch, dtype))
+    with torch.device(device):
+        pipe = FluxPipeline(
+            text_encoder=made(CLIPTextModel(CLIPTextConfig(
+                **clip, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))),
+            text_encoder_2=made(T5EncoderModel(T5Config(
+                **t5, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))),
+            transformer=made(FluxTransformer2DModel(**_public(configs["transformer"]))),
+            vae=made(AutoencoderKL(**_public(configs["vae"]))),
+            scheduler=FlowMatchEulerDiscreteScheduler(**_public(configs["scheduler"])),
+            tokenizer=tokenizer, tokenizer_2=t5_tokenizer)
     pipe.save_pretrained(folder, safe_serialization=True)
 
 

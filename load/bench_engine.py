@@ -3,6 +3,8 @@
     python -m load.bench_engine                                   # embedded tiny model, CPU
     python -m load.bench_engine --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
         --size 1024 --steps 20 --batches 8 16 --variants fp16 compiled compiled compiled-fp8
+    python -m load.bench_engine --random-flux load/flux-dev-configs.json \\
+        --size 1024 --steps 28 --batches 1 4 --variants bf16 compiled compiled-fp8
 
 Each variant runs in a fresh process (its own memory and compile state): it loads the
 model, runs the start-up warm-up (which compiles, for compiled variants), then for each
@@ -61,6 +63,11 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--random-sdxl", help="build an SDXL with random weights from this JSON of "
                                          "component configs (default: the embedded tiny model)")
+    p.add_argument("--random-flux", help="build a FLUX with random weights from this JSON of "
+                                         "component configs (load/flux-dev-configs.json)")
+    p.add_argument("--family", choices=("sdxl", "flux"),
+                   help="the embedded tiny model of this family (default: sdxl, or flux with "
+                        "--random-flux)")
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
                    default=["fp16", "bf16-fast", "fp8"])
     p.add_argument("--size", type=int, default=64)
@@ -74,31 +81,58 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: run this variant
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--pixels", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    family = "flux" if args.random_flux else args.family or "sdxl"
+    if args.random_sdxl and args.random_flux or args.family not in (None, family):
+        p.error("--random-sdxl, --random-flux and --family name different models")
+    ruled_out = [v for v in args.variants if family == "flux" and "cfg" in v]
+    if ruled_out:
+        p.error(f"FLUX has no classifier-free guidance to cut off: {', '.join(ruled_out)}")
+    args.family = family
+    return args
 
 
-def model_folder(random_sdxl: str | None, cache_dir: Path) -> Path:
-    """The folder to load: the tiny embedded model, or a random full SDXL built once."""
+def model_folder(configs: str | None, cache_dir: Path, family: str = "sdxl") -> Path:
+    """The folder to load: the family's tiny embedded model, or a random full model built
+    once from the JSON of component configs `configs` (SDXL in fp16, FLUX in bf16, FLUX on
+    the GPU when there is one)."""
     from deployments.tiny import build_random_sdxl, ensure_embedded
+    from deployments.tiny_flux import build_random_flux
+    from serve.model_parts import FAMILIES
 
-    if not random_sdxl:
-        return ensure_embedded("tiny-sdxl", cache_dir)
-    folder = cache_dir / "random-sdxl-base"
+    if not configs:
+        return ensure_embedded(FAMILIES[family].embedded, cache_dir)
+    spec = json.loads(Path(configs).read_text())
+    folder = cache_dir / f"random-{Path(configs).stem.removesuffix('-configs')}"
     if not (folder / "model_index.json").exists():
         started = time.monotonic()
-        build_random_sdxl(folder, json.loads(Path(random_sdxl).read_text()), "float16")
-        print(f"built random SDXL in {time.monotonic() - started:.1f}s at {folder}", flush=True)
+        if family == "flux":
+            import torch
+
+            build_random_flux(folder, spec, "bfloat16",
+                              "cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            build_random_sdxl(folder, spec, "float16")
+        print(f"built random {family} in {time.monotonic() - started:.1f}s at {folder}",
+              flush=True)
     return folder
 
 
+# Guidance as the public pipelines are usually run: SDXL's classifier-free guidance at 8,
+# FLUX.1-dev's distilled guidance at 3.5.
+_GUIDANCE = {"sdxl": 8.0, "flux": 3.5}
+
+
 def call_requests(args: argparse.Namespace, images: int) -> list:
+    from serve.model_parts import FAMILIES
     from serve.types import GenerationRequest
 
+    family = getattr(args, "family", "sdxl")
     call = next(_CALLS)  # prompts new to every call: each is encoded, as in real traffic
     return [GenerationRequest(model="bench/x", prompt=f"benchmark image {call}-{i}",
-                              seed=1000 + i,
-                              width=args.size, height=args.size, guidance_scale=8.0,
-                              num_inference_steps=args.steps, scheduler="K_EULER")
+                              seed=1000 + i, width=args.size, height=args.size,
+                              guidance_scale=_GUIDANCE[family], num_inference_steps=args.steps,
+                              scheduler=FAMILIES[family].schedulers[0])
             for i in range(images)]
 
 
@@ -115,13 +149,16 @@ def run_variant(args: argparse.Namespace) -> dict:
     import torch
 
     from deployments.engines import resolve_device
-    from deployments.engines.sdxl import SDXLEngine
+
+    if args.family == "flux":
+        from deployments.engines.flux import FluxEngine as Engine
+    else:
+        from deployments.engines.sdxl import SDXLEngine as Engine
 
     dtype, speed = VARIANTS[args.one]
     started = time.monotonic()
-    engine = SDXLEngine(Path(args.model), dtype, resolve_device("auto"),
-                        speed=SpeedConfig(**speed),
-                        compile_cache=Path(args.cache_dir) / "compile")
+    engine = Engine(Path(args.model), dtype, resolve_device("auto"), speed=SpeedConfig(**speed),
+                    compile_cache=Path(args.cache_dir) / "compile")
     load_s = time.monotonic() - started
     started = time.monotonic()
     warm = call_requests(args, 1)[0]
@@ -153,7 +190,8 @@ def run_variant(args: argparse.Namespace) -> dict:
 
 def _stages(engine, requests: list) -> dict:
     """Seconds of each stage of one call of `requests`, run piece by piece: prompt
-    encoding, denoising (UNet steps), VAE decode, transfer to 8-bit PIL images."""
+    encoding, denoising (the denoiser's steps), VAE decode as the engine decodes, transfer
+    to 8-bit PIL images."""
     import torch
 
     from deployments.engines.base import to_pil as _to_pil
@@ -171,9 +209,9 @@ def _stages(engine, requests: list) -> dict:
                        num_inference_steps=first.num_inference_steps,
                        guidance_scale=first.guidance_scale, **embeds).images
         mark()
-        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        decoded = engine._decode_latents(pipe, latents, first.width, first.height)
         mark()
-        _to_pil(pipe.image_processor.postprocess(decoded, output_type="pt"))
+        _to_pil(decoded)
         mark()
     names = ("encode", "denoise", "vae_decode", "to_pil")
     return {name: b - a for name, a, b in zip(names, marks, marks[1:])}
@@ -181,6 +219,7 @@ def _stages(engine, requests: list) -> dict:
 
 def _child(args: argparse.Namespace, variant: str, folder: Path, pixels: Path) -> dict:
     cmd = [sys.executable, "-m", "load.bench_engine", "--one", variant, "--model", str(folder),
+           "--family", args.family,
            "--pixels", str(pixels), "--cache-dir", args.cache_dir, "--size", str(args.size),
            "--steps", str(args.steps), "--repeats", str(args.repeats),
            "--batches", *map(str, args.batches), *(["--profile"] if args.profile else [])]
@@ -202,13 +241,14 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
 
     from load.bench_serving import machine
-    from load.flops import guided_steps, sdxl_flops
+    from load.flops import image_flops
     from load.report import save_report
     from serve.config import default_cache_dir
 
     args.cache_dir = args.cache_dir or str(default_cache_dir())
-    folder = model_folder(args.random_sdxl, Path(args.cache_dir))
-    flops = sdxl_flops(folder, args.size, args.steps)
+    folder = model_folder(args.random_sdxl or args.random_flux, Path(args.cache_dir),
+                          args.family)
+    flops = image_flops(args.family, folder, args.size, args.steps)
     results, reference = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for i, variant in enumerate(args.variants):
@@ -218,8 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
                 px = np.load(pixels).astype(np.int16)
                 reference = px if reference is None else reference
                 r["mean_abs_diff_vs_first"] = float(np.abs(px - reference).mean())
-                own = sdxl_flops(folder, args.size, args.steps, guided_steps(
-                    args.steps, VARIANTS[variant][1].get("cfg_cutoff")))["image"]
+                own = image_flops(args.family, folder, args.size, args.steps,
+                                  VARIANTS[variant][1].get("cfg_cutoff"))["image"]
                 r["flops_per_image"] = own
                 for b in r["batches"]:
                     b["tflops"] = b["images_per_s"] * own / 1e12

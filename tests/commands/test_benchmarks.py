@@ -101,6 +101,60 @@ def test_flops_follow_the_model_configs(tiny_sdxl_path):
     assert sdxl_flops(tiny_sdxl_path, 128, 2)["unet_forward"] > 3 * small["unet_forward"]
 
 
+def _flux_config_folder(folder, configs):
+    """The config files of a FLUX model folder, as save_pretrained writes them (no weights)."""
+    for part, name in (("transformer", "config.json"), ("vae", "config.json"),
+                       ("tokenizer_2", "tokenizer_config.json")):
+        (folder / part).mkdir(parents=True)
+        (folder / part / name).write_text(json.dumps(configs[part]))
+    return folder
+
+
+def test_flux_flops_count_every_block_over_the_image_and_text_tokens(tmp_path):
+    """FLUX.1-dev at 1024²: 4096 image tokens and 512 T5 tokens. Counted by hand, each of
+    the 57 blocks applies 113.2 M weights to each token of its stream (19 double blocks:
+    image and text streams with their own weights; 38 single blocks over all 4608 tokens)
+    and attention costs 4·L²·3072 per block; the counter finds that plus the embedders."""
+    from load.flops import flux_flops
+
+    configs = json.loads((ROOT / "load" / "flux-dev-configs.json").read_text())
+    folder = _flux_config_folder(tmp_path, configs)
+    width, mlp = 3072, 4 * 3072
+    double = 4 * width * width + 2 * width * mlp  # q, k, v, out; feed-forward in and out
+    single = width * (3 * width + mlp) + (width + mlp) * width  # fused linear1, linear2
+    tokens = 4096 + 512
+    blocks = 2 * tokens * (19 * double + 38 * single) + 57 * 4 * tokens**2 * width
+    big, small = flux_flops(folder, 1024, 28), flux_flops(folder, 512, 28)
+    assert (big["image_tokens"], big["text_tokens"]) == (4096, 512)
+    assert blocks < big["transformer_forward"] < 1.01 * blocks
+    assert big["image"] == 28 * big["transformer_forward"] + big["vae_decode"]
+    assert small["image_tokens"] == 1024 and small["transformer_forward"] < big[
+        "transformer_forward"] / 3
+
+
+def test_engine_benchmark_runs_flux(tmp_path, tiny_flux_path):
+    out = tmp_path / "engine.json"
+    stdout = _run("load.bench_engine", "--family", "flux", "--variants", "bf16", "bf16",
+                  "fp8", "--batches", "1", "2", "--steps", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["flops"]["text_tokens"] == 256 and report["flops"]["image_tokens"] == 16
+    assert report["flops"]["image"] == 2 * report["flops"]["transformer_forward"] + report[
+        "flops"]["vae_decode"]
+    first, again, fp8 = report["variants"]
+    assert first["mean_abs_diff_vs_first"] == again["mean_abs_diff_vs_first"] == 0
+    assert fp8["mean_abs_diff_vs_first"] > 0 and fp8["speed"]["fp8"] is True
+    for v in report["variants"]:
+        assert set(v["stages_s"]) == {"encode", "denoise", "vae_decode", "to_pil"}
+        for b in v["batches"]:
+            assert b["tflops"] == pytest.approx(b["images_per_s"] * report["flops"]["image"]
+                                                / 1e12)
+    assert "stages:" in stdout
+    done = subprocess.run([sys.executable, "-m", "load.bench_engine", "--family", "flux",
+                           "--variants", "compiled-cfg50"], cwd=ROOT, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 2 and "no classifier-free guidance" in done.stderr
+
+
 def test_engine_benchmark_compares_variants_with_the_first(tmp_path):
     out = tmp_path / "engine.json"
     stdout = _run("load.bench_engine", "--variants", "fp16", "fp16", "fp8", "--batches", "1",

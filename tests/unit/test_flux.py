@@ -136,6 +136,32 @@ def test_a_schnell_style_checkpoint_runs_and_ignores_guidance(tmp_path):
     assert low.size == (128, 96) and np.array_equal(_px(low), _px(high))
 
 
+def test_a_model_built_from_configs_reads_its_t5_length_and_keeps_the_real_vocabulary(
+        tmp_path):
+    """As the FLUX.1-dev configs ask: T5 reads 512 tokens (the tiny model 256), and the
+    encoders keep their configured vocabulary though the generated tokenizers are smaller;
+    in bfloat16 every weight is saved in bfloat16."""
+    import torch
+    from safetensors import safe_open
+
+    from deployments.engines.flux import FluxEngine
+    from deployments.tiny_flux import TINY_FLUX_CONFIGS, build_random_flux
+
+    configs = {**TINY_FLUX_CONFIGS, "tokenizer_2": {"model_max_length": 512, "_note": "x"},
+               "text_encoder": {**TINY_FLUX_CONFIGS["text_encoder"], "vocab_size": 700},
+               "text_encoder_2": {**TINY_FLUX_CONFIGS["text_encoder_2"], "vocab_size": 600}}
+    build_random_flux(tmp_path, configs, "bfloat16")
+    with safe_open(tmp_path / "text_encoder_2" / "model.safetensors", "pt") as f:
+        names = list(f.keys())  # a safetensors file, not a dict
+        assert f.get_tensor("shared.weight").shape == (600, 32)
+        assert {f.get_tensor(name).dtype for name in names} == {torch.bfloat16}
+    engine = FluxEngine(tmp_path, "float32", "cpu")
+    assert engine.max_sequence_length == 512
+    assert engine.pipe.text_encoder.get_input_embeddings().weight.shape == (700, 32)
+    embeds, pooled = engine._encode_prompt("a photo of a shoe", "")
+    assert embeds.shape == (1, 512, 32) and pooled.shape == (1, 32)
+
+
 @pytest.mark.parametrize("mode", ["txt2img", "img2img"])
 def test_a_withdrawn_request_leaves_the_running_flux_batch_and_the_others_keep_their_pixels(
         engine, mode):
