@@ -15,8 +15,9 @@
 #   throughput  through HTTP against the plain server, with an idle spell (cold start)
 #   keep-warm   the same idle spell with keep_warm_s 2, Atelier alone
 #   adapters    LoRA switching at rank 64: in slots, merged, merged with compiled FP8
-#   engine-flux FLUX.1-dev's architecture (random weights, built on the GPU), 1024², 28 steps,
-#               batch 4: compiled bf16 and compiled FP8, or the variants named after it
+#   engine-flux FLUX.1-dev's architecture (random weights, built on the GPU by the first
+#               call), 1024², 28 steps, batch 4: compiled bf16, or the variants named after
+#               it (one per call fits: engine-flux compiled, then engine-flux compiled-fp8)
 # throughput and keep-warm serve the `compiled` variant, or the one named after the step
 # (the fastest the engine steps found: bash load/gpu_session.sh throughput compiled-fp8);
 # engine-autotune runs compiled-autotune, or the variant named after it.
@@ -62,9 +63,10 @@ case $step in
               python3 -m load.bench_adapters "${sdxl[@]}" --rank 64 --requests 10 \
                 "${flag[@]}" --out "$out/adapters-h100-r64-$mode.json"
             done 2>&1 | tee "$log" ;;
-  engine-flux) shift; flux=("$@"); [ ${#flux[@]} -gt 0 ] || flux=(compiled compiled-fp8)
+  engine-flux) shift; flux=("$@"); [ ${#flux[@]} -gt 0 ] || flux=(compiled)
                python3 -m load.bench_engine --random-flux load/flux-dev-configs.json \
                  --size 1024 --steps 28 --batches 4 --repeats 1 --variants "${flux[@]}" \
-                 --out "$out/engine-h100-flux1024.json" 2>&1 | tee "$log" ;;
+                 --out "$out/engine-h100-flux1024-$(IFS=_; echo "${flux[*]}").json" \
+                 2>&1 | tee "$log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
