@@ -59,8 +59,8 @@ VARIANTS = {
 }
 
 
-def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The arguments that choose the model: a random full SDXL or FLUX, or a tiny one."""
     p.add_argument("--random-sdxl", help="build an SDXL with random weights from this JSON of "
                                          "component configs (default: the embedded tiny model)")
     p.add_argument("--random-flux", help="build a FLUX with random weights from this JSON of "
@@ -68,6 +68,24 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--family", choices=("sdxl", "flux"),
                    help="the embedded tiny model of this family (default: sdxl, or flux with "
                         "--random-flux)")
+
+
+def resolve_family(p: argparse.ArgumentParser, args: argparse.Namespace,
+                   variants: list[str]) -> None:
+    """Set args.family from the model arguments; refuse contradictions and variants the
+    family cannot run (FLUX has no classifier-free guidance to cut off)."""
+    family = "flux" if args.random_flux else args.family or "sdxl"
+    if args.random_sdxl and args.random_flux or args.family not in (None, family):
+        p.error("--random-sdxl, --random-flux and --family name different models")
+    ruled_out = [v for v in variants if family == "flux" and "cfg_cutoff" in VARIANTS[v][1]]
+    if ruled_out:
+        p.error(f"FLUX has no classifier-free guidance to cut off: {', '.join(ruled_out)}")
+    args.family = family
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(p)
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS),
                    default=["fp16", "bf16-fast", "fp8"])
     p.add_argument("--size", type=int, default=64)
@@ -82,13 +100,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--pixels", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    family = "flux" if args.random_flux else args.family or "sdxl"
-    if args.random_sdxl and args.random_flux or args.family not in (None, family):
-        p.error("--random-sdxl, --random-flux and --family name different models")
-    ruled_out = [v for v in args.variants if family == "flux" and "cfg" in v]
-    if ruled_out:
-        p.error(f"FLUX has no classifier-free guidance to cut off: {', '.join(ruled_out)}")
-    args.family = family
+    resolve_family(p, args, args.variants)
     return args
 
 
@@ -120,7 +132,7 @@ def model_folder(configs: str | None, cache_dir: Path, family: str = "sdxl") -> 
 
 # Guidance as the public pipelines are usually run: SDXL's classifier-free guidance at 8,
 # FLUX.1-dev's distilled guidance at 3.5.
-_GUIDANCE = {"sdxl": 8.0, "flux": 3.5}
+GUIDANCE = {"sdxl": 8.0, "flux": 3.5}
 
 
 def call_requests(args: argparse.Namespace, images: int) -> list:
@@ -131,7 +143,7 @@ def call_requests(args: argparse.Namespace, images: int) -> list:
     call = next(_CALLS)  # prompts new to every call: each is encoded, as in real traffic
     return [GenerationRequest(model="bench/x", prompt=f"benchmark image {call}-{i}",
                               seed=1000 + i, width=args.size, height=args.size,
-                              guidance_scale=_GUIDANCE[family], num_inference_steps=args.steps,
+                              guidance_scale=GUIDANCE[family], num_inference_steps=args.steps,
                               scheduler=FAMILIES[family].schedulers[0])
             for i in range(images)]
 

@@ -4,16 +4,20 @@
     python -m load.bench_throughput --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
         --size 1024 --steps 20 --variant compiled --batch 8 --concurrency 8 16 24 \\
         --duration 40 --out results/throughput-h100.json
+    python -m load.bench_throughput --random-flux load/flux-dev-configs.json \\
+        --size 1024 --steps 28 --variant compiled --batch 4 --concurrency 4 8
 
-1. Builds the model (tiny, or the full SDXL architecture with random weights) and counts
-   the FLOPs of one image from its configs.
-2. Baseline: starts `load.plain_server` (fp16, SDPA, one request at a time), measures one
-   request after another, then `--baseline-concurrency` clients, and stops it.
+1. Builds the model (tiny, or the full SDXL or FLUX architecture with random weights) and
+   counts the FLOPs of one image from its configs.
+2. Baseline: starts `load.plain_server` (fp16 for SDXL, bf16 for FLUX, SDPA, one request
+   at a time), measures one request after another, then `--baseline-concurrency`
+   clients, and stops it.
 3. Atelier: deploys it with Ray Serve (dtype and speed settings of `--variant`, batching
    of `--batch`/`--wait-ms`), measures the first request after start-up, one request
    after another, then closed loops of each `--concurrency` (each client sends its next
    request when the last returns). At 90 % of the best closed-loop rate it runs the load
-   tool's open loop (Poisson arrivals, MLPerf-like captions) for latency percentiles,
+   tool's open loop (Poisson arrivals, the mlperf or flux-dev profile's captions) for
+   latency percentiles,
    then one request after `--idle-s` of silence, and a restart (deploy again; the compile
    cache stays) timed to healthy and to its first image. The first request and the one
    after the silence are each followed by two more, and all carry the server's split
@@ -35,17 +39,17 @@ from pathlib import Path
 import httpx
 
 from load import bench_serving as bs
-from load.bench_engine import VARIANTS, model_folder
+from load.bench_engine import GUIDANCE, VARIANTS, add_model_args, model_folder, resolve_family
 from load.report import save_report
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--random-sdxl", help="JSON of SDXL component configs (default: tiny model)")
+    add_model_args(p)
     p.add_argument("--variant", choices=sorted(VARIANTS), default="bf16-fast")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--guidance", type=float, default=8.0)
+    p.add_argument("--guidance", type=float, help="default: 8 for SDXL, 3.5 for FLUX")
     p.add_argument("--batch", type=int, default=4, help="Atelier's max_batch_size")
     p.add_argument("--wait-ms", type=float, default=50, help="Atelier's batch window")
     p.add_argument("--single", type=int, default=5, help="sequential requests for latency")
@@ -61,13 +65,17 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline-port", type=int, default=8090)
     p.add_argument("--cache-dir", help="model and compile cache (default: Atelier's)")
     p.add_argument("--out", help="JSON output path")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    resolve_family(p, args, [args.variant])
+    args.guidance = GUIDANCE[args.family] if args.guidance is None else args.guidance
+    return args
 
 
 def atelier_config(args: argparse.Namespace, folder: Path) -> dict:
     dtype, speed = VARIANTS[args.variant]
     return {"atelier": {"cache_dir": args.cache_dir, "models": [{
-        "id": "bench/sdxl", "path": str(folder), "dtype": dtype, "speed": speed,
+        "id": f"bench/{args.family}", "family": args.family, "path": str(folder),
+        "dtype": dtype, "speed": speed,
         "num_cpus": min(4, os.cpu_count() or 1),
         "max_ongoing_requests": max(64, args.batch * 4), "max_queued_requests": 1024,
         "request_timeout_s": 600, "health_stall_s": 900, "health_check_timeout_s": 120,
@@ -96,8 +104,9 @@ def _wait_healthy(url: str, path: str, proc: subprocess.Popen | None = None,
 
 def baseline(args: argparse.Namespace, folder: Path) -> dict:
     url = f"http://127.0.0.1:{args.baseline_port}"
+    dtype = "bfloat16" if args.family == "flux" else "float16"
     proc = subprocess.Popen([sys.executable, "-m", "load.plain_server", "--model", str(folder),
-                             "--port", str(args.baseline_port)])
+                             "--dtype", dtype, "--port", str(args.baseline_port)])
     try:
         startup_s = _wait_healthy(url, "/health", proc)
         one = asyncio.run(bs.single(url, args))
@@ -113,7 +122,7 @@ async def _open_loop(url: str, args: argparse.Namespace, rate: float) -> dict:
     from load.profiles import PROFILES
     from load.run import run_level
 
-    profile = PROFILES["mlperf"]
+    profile = PROFILES["flux-dev" if args.family == "flux" else "mlperf"]
     opts = argparse.Namespace(seed=0, requests=max(8, round(rate * args.open_s)),
                               arrival="poisson", burst=1, max_seconds=args.open_s * 3,
                               size=args.size, steps=args.steps, model=None, slo_s=None)
@@ -177,13 +186,14 @@ def atelier(args: argparse.Namespace, folder: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parse_args(argv)
-    from load.flops import guided_steps, sdxl_flops
+    from load.flops import image_flops
     from serve.config import default_cache_dir
 
     args.cache_dir = args.cache_dir or str(default_cache_dir())
-    folder = model_folder(args.random_sdxl, Path(args.cache_dir))
-    flops = sdxl_flops(folder, args.size, args.steps, guided_steps(
-        args.steps, VARIANTS[args.variant][1].get("cfg_cutoff")))
+    folder = model_folder(args.random_sdxl or args.random_flux, Path(args.cache_dir),
+                          args.family)
+    flops = image_flops(args.family, folder, args.size, args.steps,
+                        VARIANTS[args.variant][1].get("cfg_cutoff"))
     report: dict = {"settings": vars(args), "machine": bs.machine(), "flops": flops,
                     "variant": dict(zip(("dtype", "speed"), VARIANTS[args.variant]))}
     if not args.no_baseline:

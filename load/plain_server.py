@@ -1,10 +1,13 @@
 """The baseline Atelier is measured against: a plain FastAPI + diffusers `/generate` server.
 
-It is what teams write first: one `StableDiffusionXLPipeline` in fp16 with diffusers'
-default attention (PyTorch SDPA), one request at a time under a lock, images returned as
-base64 PNG in JSON (the same shape as Atelier's `/generate`, so one client drives both).
+It is what teams write first: one diffusers pipeline (the folder's own class:
+`StableDiffusionXLPipeline`, or `FluxPipeline` run in bf16 as FLUX's model card does) in
+fp16 with diffusers' default attention (PyTorch SDPA), one request at a time under a lock,
+images returned as base64 PNG in JSON (the same shape as Atelier's `/generate`, so one
+client drives both).
 
     python -m load.plain_server --model /path/to/sdxl-folder --port 8090
+    python -m load.plain_server --model /path/to/flux-folder --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import io
 
 import torch
 import uvicorn
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline
 from fastapi import FastAPI
 from pydantic import BaseModel
 
@@ -34,7 +37,7 @@ class GenerateBody(BaseModel):
 
 def create_app(model: str, dtype: str = "float16") -> FastAPI:
     cuda = torch.cuda.is_available()
-    pipe = StableDiffusionXLPipeline.from_pretrained(
+    pipe = DiffusionPipeline.from_pretrained(
         model, dtype=getattr(torch, dtype) if cuda else torch.float32,
         local_files_only=True, use_safetensors=True).to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)
@@ -69,7 +72,7 @@ def create_app(model: str, dtype: str = "float16") -> FastAPI:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="diffusers SDXL folder")
+    p.add_argument("--model", required=True, help="diffusers SDXL or FLUX folder")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8090)

@@ -87,6 +87,12 @@ def _mlperf(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
             "guidance_scale": 8.0, "scheduler": "K_EULER", "seed": _seed(rng)}
 
 
+def _flux_dev(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
+    """Replicate's flux-dev defaults: 28 steps; guidance 3.5 as FLUX.1-dev's model card."""
+    return {"prompt": rng.choice(CAPTIONS), "width": 1024, "height": 1024, "steps": 28,
+            "guidance_scale": 3.5, "seed": _seed(rng)}
+
+
 def _refiner(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
     """Replicate's SDXL example input: the refiner takes the last fifth of the steps."""
     return {"prompt": rng.choice(CAPTIONS), "width": 1024, "height": 1024, "steps": 30,
@@ -113,6 +119,8 @@ PROFILES = {p.name: p for p in (
             _variations, 1024, 25, slo_s=20.0),
     Profile("mlperf", "MLPerf-like SDXL: captions, 1024x1024, 20 steps, guidance 8",
             _mlperf, 1024, 20, slo_s=20.0),
+    Profile("flux-dev", "captions for a FLUX.1-dev model, 1024x1024, 28 steps, guidance 3.5",
+            _flux_dev, 1024, 28, slo_s=60.0),
     Profile("refiner", "captions with the SDXL refiner on the last 20 % of the steps "
             "(expert_ensemble_refiner), 1024x1024, 30 steps", _refiner, 1024, 30, slo_s=30.0),
     Profile("mixed-adapters", "captions with a popular-first mix of LoRA adapters (the "

@@ -89,6 +89,34 @@ def test_throughput_benchmark_plots_next_to_its_json(throughput):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_throughput_benchmark_serves_flux_against_a_plain_flux_server(tmp_path,
+                                                                       tiny_flux_path):
+    """The same run on the tiny FLUX: the plain server loads the folder's FluxPipeline, the
+    open loop sends the flux-dev profile (FLUX takes its scheduler and guidance), and the
+    TFLOP/s follow FLUX's FLOP count."""
+    out = tmp_path / "flux.json"
+    stdout = _run("load.bench_throughput", "--family", "flux", "--variant", "bf16-fast",
+                  "--batch", "4", "--concurrency", "4", "--duration", "5", "--single", "2",
+                  "--open-s", "4", "--idle-s", "0.5", "--no-restart",
+                  "--port", str(free_port()), "--baseline-port", str(free_port()),
+                  "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["settings"]["family"] == "flux" and report["settings"]["guidance"] == 3.5
+    assert report["flops"]["image"] == 2 * report["flops"]["transformer_forward"] + report[
+        "flops"]["vae_decode"]
+    base, (loop,) = report["baseline"]["closed_loop"][0], report["atelier"]["closed_loop"]
+    assert base["images"] > 0 and base["mean_batch_size"] == 1
+    assert loop["images"] == loop["call_images"] > 0 and loop["mean_batch_size"] > 1
+    open_loop = report["atelier"]["open_loop_90pct"]
+    assert open_loop["sent"] >= 8 and open_loop["succeeded"] == open_loop["sent"]
+    assert open_loop["errors"] == {}
+    summary = report["summary"]
+    assert summary["speedup"] == pytest.approx(loop["images_per_s"] / base["images_per_s"])
+    assert summary["atelier_tflops"] == pytest.approx(
+        loop["images_per_s"] * report["flops"]["image"] / 1e12)
+    assert "restart" not in report["atelier"] and "atelier bf16-fast" in stdout
+
+
 def test_flops_follow_the_model_configs(tiny_sdxl_path):
     from load.flops import guided_steps, sdxl_flops
 
