@@ -148,6 +148,16 @@ def call_requests(args: argparse.Namespace, images: int) -> list:
             for i in range(images)]
 
 
+def engine_class(family: str) -> type:
+    if family == "flux":
+        from deployments.engines.flux import FluxEngine
+
+        return FluxEngine
+    from deployments.engines.sdxl import SDXLEngine
+
+    return SDXLEngine
+
+
 def _sync() -> None:
     import torch
 
@@ -162,15 +172,11 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     from deployments.engines import resolve_device
 
-    if args.family == "flux":
-        from deployments.engines.flux import FluxEngine as Engine
-    else:
-        from deployments.engines.sdxl import SDXLEngine as Engine
-
     dtype, speed = VARIANTS[args.one]
     started = time.monotonic()
-    engine = Engine(Path(args.model), dtype, resolve_device("auto"), speed=SpeedConfig(**speed),
-                    compile_cache=Path(args.cache_dir) / "compile")
+    engine = engine_class(args.family)(Path(args.model), dtype, resolve_device("auto"),
+                                       speed=SpeedConfig(**speed),
+                                       compile_cache=Path(args.cache_dir) / "compile")
     load_s = time.monotonic() - started
     started = time.monotonic()
     warm = call_requests(args, 1)[0]

@@ -5,6 +5,7 @@ FP8 adds, on the activations a real call feeds it.
     python -m load.fp8_error --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
         --size 1024 --steps 20 --out results/fp8-error-h100.json
     python -m load.fp8_error --model /models/sdxl-base --size 1024 --steps 30
+    python -m load.fp8_error --random-flux load/flux-dev-configs.json --size 1024 --steps 28
 
 Images say little about FP8 on random weights: those amplify every rounding along the
 denoising trajectory, so bfloat16 alone moves the images as far as FP8 does. This runs one
@@ -16,7 +17,8 @@ The call itself goes on unchanged. A layer's error is ‖y − y_ref‖ / ‖y_r
 calls. The report gives, for bfloat16 and each FP8 setting, the mean, median and largest
 over layers, the worst layers, and the median of FP8's error in units of bfloat16's own.
 Random weights lack the outlying values of trained ones, which per-tensor scales suffer
-from most: `--model` measures a real SDXL folder (diffusers format). Prints a table; writes JSON
+from most: `--model` measures a real SDXL folder, or FLUX with `--family flux` (diffusers
+format). Prints a table; writes JSON
 (default results/fp8-error-<device>.json).
 """
 
@@ -33,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from deployments.engines.speed import Fp8Linear, fp8_candidates
+from load.bench_engine import add_model_args, resolve_family
 
 # name: (row-wise scales, fast accumulation), as speed.fp8_scaling / speed.fp8_fast_accum.
 FP8_SETTINGS = {"fp8-row": (True, True), "fp8-row-slowaccum": (True, False),
@@ -111,31 +114,31 @@ def summarize(errors: dict[str, dict[str, float]], worst: int = 5) -> dict:
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--random-sdxl", help="build an SDXL with random weights from this JSON of "
-                                         "component configs (default: the embedded tiny model)")
-    p.add_argument("--model", help="an SDXL folder in diffusers format instead")
+    add_model_args(p)
+    p.add_argument("--model", help="a model folder in diffusers format instead")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--images", type=int, default=1, help="images in the measured call")
     p.add_argument("--cache-dir", help="model cache (default: Atelier's)")
     p.add_argument("--out", help="JSON output path")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    resolve_family(p, args, [])
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     from deployments.engines import resolve_device
-    from deployments.engines.sdxl import SDXLEngine
-    from load.bench_engine import call_requests, model_folder
+    from load.bench_engine import call_requests, engine_class, model_folder
     from load.bench_serving import machine
     from load.report import save_report
     from serve.config import SpeedConfig, default_cache_dir
 
     args = _parse_args(argv)
     args.cache_dir = args.cache_dir or str(default_cache_dir())
-    folder = Path(args.model) if args.model else model_folder(args.random_sdxl,
-                                                              Path(args.cache_dir))
-    engine = SDXLEngine(folder, "bfloat16", resolve_device("auto"),
-                        speed=SpeedConfig(fuse_qkv=True))
+    folder = Path(args.model) if args.model else model_folder(
+        args.random_sdxl or args.random_flux, Path(args.cache_dir), args.family)
+    engine = engine_class(args.family)(folder, "bfloat16", resolve_device("auto"),
+                                       speed=SpeedConfig(fuse_qkv=True))
     started = time.monotonic()
     with torch.inference_mode():
         measured, _ = measure(engine, call_requests(args, args.images))

@@ -216,19 +216,24 @@ def test_engine_profile_splits_a_call_by_kind_of_work(tmp_path):
     assert "cpu aten operators: " in stdout
 
 
+def _fp8_layer_names(denoiser) -> set[str]:
+    """The layers FP8 takes in `denoiser` with fused QKV, as load.fp8_error prepares it."""
+    from deployments.engines.speed import fp8_candidates, fuse_qkv
+
+    fuse_qkv(denoiser)
+    names = {id(m): name for name, m in denoiser.named_modules()}
+    return {names[id(layer)] for *_, layer in fp8_candidates(denoiser)}
+
+
 def test_fp8_error_measures_every_layer_fp8_takes_against_float32(tmp_path, tiny_sdxl_path):
     from diffusers import UNet2DConditionModel
-
-    from deployments.engines.speed import fp8_candidates, fuse_qkv
 
     out = tmp_path / "fp8.json"
     stdout = _run("load.fp8_error", "--model", str(tiny_sdxl_path), "--steps", "2",
                   "--out", str(out))
     report = json.loads(out.read_text())
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path / "unet")
-    fuse_qkv(unet)  # as the program prepares it
-    names = {id(m): name for name, m in unet.named_modules()}
-    assert set(report["by_layer"]) == {names[id(layer)] for *_, layer in fp8_candidates(unet)}
+    assert set(report["by_layer"]) == _fp8_layer_names(unet)
     s = report["summary"]
     # bfloat16 keeps 8 significant bits and e4m3 4: each rounds at its own scale.
     assert 0 < s["bf16"]["max"] < 0.01
@@ -237,6 +242,19 @@ def test_fp8_error_measures_every_layer_fp8_takes_against_float32(tmp_path, tiny
         assert s[name]["worst"][0]["error"] == s[name]["max"]
     assert report["call_dtype"] == "torch.float32"  # a CPU serves float32
     assert "fp8-tensor" in stdout and "layers, relative error" in stdout
+
+
+def test_fp8_error_measures_the_flux_transformer(tmp_path, tiny_flux_path):
+    from diffusers import FluxTransformer2DModel
+
+    out = tmp_path / "fp8.json"
+    _run("load.fp8_error", "--family", "flux", "--steps", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_flux_path / "transformer")
+    assert set(report["by_layer"]) == _fp8_layer_names(transformer)
+    assert report["settings"]["family"] == "flux"
+    s = report["summary"]
+    assert 0 < s["bf16"]["max"] < 0.01 and s["fp8-row"]["median_vs_bf16"] > 4
 
 
 def test_adapter_benchmark_merges_adapters_into_fp8_and_fused_layers(tmp_path):
