@@ -63,6 +63,17 @@ class Fp8Linear(nn.Module):
         scale = self.weight_scale[:, rows].t() if self.per_row else self.weight_scale
         self.weight[rows] = (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`, `.half()` and the like move the buffers but keep their dtypes:
+        FP8 weights, float32 scales and the bf16 bias are what `_scaled_mm` takes, whatever
+        the rest of the model is cast to."""
+
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+        return super()._apply(keep_dtype, recurse)
+
     @staticmethod
     def fits(linear: nn.Linear) -> bool:
         """FP8 matrix products need both dimensions to be multiples of 16."""

@@ -109,6 +109,26 @@ def test_fp8_rows_set_again_change_only_those_rows_and_come_back_bit_for_bit():
         assert torch.equal(fp8.weight_scale, scale)
 
 
+def test_casting_a_model_keeps_its_fp8_layers_as_they_are():
+    """`.to(dtype)` and `.half()` cast the float layers around an FP8 layer and leave its
+    FP8 weights, float32 scales and bf16 bias, so it computes exactly what it did."""
+    import copy
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(32, 32), Fp8Linear(nn.Linear(32, 16)))
+    uncast = copy.deepcopy(model[1])
+    before = {name: t.clone() for name, t in model[1].state_dict().items()}
+    model.to(torch.float16)
+    assert model[0].weight.dtype == torch.float16
+    for name, t in model[1].state_dict().items():
+        assert t.dtype == before[name].dtype and torch.equal(
+            t.view(torch.uint8), before[name].view(torch.uint8)), name
+    h = torch.randn(4, 32, dtype=torch.float16)
+    assert model[1](h).dtype == torch.float16 and torch.equal(model[1](h), uncast(h))
+    model.half().to("cpu")
+    assert model[1].weight.dtype == torch.float8_e4m3fn
+
+
 def test_fp8_tensor_scaling_is_a_setting_of_fp8(tiny_sdxl_path, plain):
     from deployments.engines.sdxl import SDXLEngine
 
