@@ -78,3 +78,22 @@ def test_flux_adapters_fill_slots_on_the_gpu(tiny_flux_path, cache_dir):
     base = image(AdapterSet())
     assert np.array_equal(image(AdapterSet.of([("ink", 0.0)])), base)
     assert np.abs(image(AdapterSet.of([("neon", 1.0)])) - base).mean() > 2
+
+
+def test_a_flux_built_on_the_gpu_is_saved_in_bfloat16_and_rebuilt_identically(tmp_path):
+    """How the FLUX.1-dev benchmark model is made: each module built on the GPU and moved
+    off in bfloat16; the same configs give the same weights, and the folder serves."""
+    from safetensors.torch import load_file
+
+    from deployments.engines.flux import FluxEngine
+    from deployments.tiny_flux import TINY_FLUX_CONFIGS, build_random_flux
+
+    for name in ("a", "b"):
+        build_random_flux(tmp_path / name, TINY_FLUX_CONFIGS, "bfloat16", "cuda")
+    file = "transformer/diffusion_pytorch_model.safetensors"
+    first, again = load_file(tmp_path / "a" / file), load_file(tmp_path / "b" / file)
+    assert {t.dtype for t in first.values()} == {torch.bfloat16}
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    engine = FluxEngine(tmp_path / "a", "bfloat16", "cuda")
+    image = np.asarray(engine.generate([_req(3)])[0][0])
+    assert image.shape == (96, 128, 3) and image.std() > 0
