@@ -114,9 +114,10 @@ _KOHYA_SINGLE = {"linear2": ("proj_out",), "modulation_lin": ("norm.linear",)}
 
 
 def build_random_flux_loras(transformer_folder: Path, folder: Path,
-                            specs: dict[str, tuple[int, str]]) -> None:
+                            specs: dict[str, tuple[int, str]], dtype: str = "float32") -> None:
     """Save one random, seeded LoRA per `specs` entry (name → (rank, "peft"|"kohya")) for
-    the FLUX transformer in `transformer_folder`, as `<name>.safetensors` in `folder`."""
+    the FLUX transformer in `transformer_folder`, as `<name>.safetensors` in `folder`, with
+    tensors in `dtype` (the transformer is loaded in it)."""
     import torch
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
@@ -125,7 +126,8 @@ def build_random_flux_loras(transformer_folder: Path, folder: Path,
 
     from serve.model_parts import FAMILIES
 
-    transformer = FluxTransformer2DModel.from_pretrained(transformer_folder)
+    transformer = FluxTransformer2DModel.from_pretrained(transformer_folder,
+                                                         torch_dtype=getattr(torch, dtype))
     for i, (name, (rank, layout)) in enumerate(sorted(specs.items())):
         torch.manual_seed(_SEED + 1 + i)
         if layout == "kohya":
@@ -137,6 +139,7 @@ def build_random_flux_loras(transformer_folder: Path, folder: Path,
             state = {f"transformer.{k}": v.contiguous() for k, v in
                      get_peft_model_state_dict(transformer, adapter_name=name).items()}
             transformer.delete_adapters(name)
+        state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()}
         save_file(state, str(folder / f"{name}.safetensors"), metadata={"format": "pt"})
 
 

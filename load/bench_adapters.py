@@ -3,9 +3,11 @@
     python -m load.bench_adapters                                  # tiny model, CPU
     python -m load.bench_adapters --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
         --rank 64 --size 1024 --steps 20                           # SDXL architecture, GPU
+    python -m load.bench_adapters --random-flux load/flux-dev-configs.json \\
+        --rank 32 --size 1024 --steps 28                           # FLUX.1-dev architecture
 
-It builds random LoRA adapters of the given rank for the model's UNet (safetensors on
-local disk), loads them through the same code a replica uses (LoRA slots, or merged into
+It builds random LoRA adapters of the given rank for the model's denoiser, on the family's
+default targets (safetensors on local disk), loads them through the same code a replica uses (LoRA slots, or merged into
 the weights with `--fuse`), optionally with the dtype and speed settings of one of
 `load.bench_engine`'s variants (`--variant compiled-fp8 --fuse`), and prints and saves
 JSON (default results/adapters-<device>[-fused][-<variant>].json). Figures are what this
@@ -21,14 +23,21 @@ import statistics
 import time
 from pathlib import Path
 
-from load.bench_engine import VARIANTS
+from load.bench_engine import (
+    GUIDANCE,
+    VARIANTS,
+    add_model_args,
+    engine_class,
+    model_folder,
+    resolve_family,
+)
 from load.report import save_report
 from serve.config import ModelConfig, SpeedConfig, default_cache_dir
 
 
 def _parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--random-sdxl", help="JSON of SDXL component configs (default: tiny model)")
+    add_model_args(p)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--adapters", type=int, default=5,
                    help="adapters to build (the replica gets one slot fewer)")
@@ -44,6 +53,7 @@ def _parse_args() -> argparse.Namespace:
                         "GPU, none); settings that replace layers need --fuse")
     p.add_argument("--out", help="JSON output path")
     args = p.parse_args()
+    resolve_family(p, args, [args.variant] if args.variant else [])
     if args.variant and not args.fuse and not ModelConfig(
             id="a/b", path=".", speed=VARIANTS[args.variant][1]).runs_adapters:
         p.error(f"--variant {args.variant} runs adapters only merged: add --fuse")
@@ -54,22 +64,22 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Path, str]:
     """The model folder, the adapter folder, and the dtype to serve in."""
     import torch
 
-    from deployments.tiny import TINY_SDXL, build_random_loras, build_random_sdxl, ensure_embedded
+    from deployments.tiny import build_random_loras
+    from deployments.tiny_flux import build_random_flux_loras
 
     cache = default_cache_dir()
-    dtype = "float16" if args.variant is None else VARIANTS[args.variant][0]
+    flux = args.family == "flux"
+    dtype = VARIANTS[args.variant][0] if args.variant else "bfloat16" if flux else "float16"
     dtype = dtype if torch.cuda.is_available() else "float32"
-    if args.random_sdxl:
-        model = cache / "random-sdxl-base"
-        if not (model / "model_index.json").exists():
-            build_random_sdxl(model, json.loads(Path(args.random_sdxl).read_text()), "float16")
-    else:
-        model = ensure_embedded(TINY_SDXL, cache)
-    folder = cache / f"bench-loras-{model.name}-r{args.rank}-n{args.adapters}"
+    model = model_folder(args.random_sdxl or args.random_flux, cache, args.family)
+    folder = cache / f"bench-loras-{model.name}-r{args.rank}-n{args.adapters}-{dtype}"
     if not folder.is_dir():
         folder.mkdir(parents=True)
         specs = {f"bench-{i}": (args.rank, "peft") for i in range(args.adapters)}
-        build_random_loras(model / "unet", folder, specs, dtype)
+        if flux:
+            build_random_flux_loras(model / "transformer", folder, specs, dtype)
+        else:
+            build_random_loras(model / "unet", folder, specs, dtype)
     return model, folder, dtype
 
 
@@ -114,6 +124,7 @@ def _switches(engine, names: list[str], rounds: int = 20) -> dict:
 def _throughput(engine, args, names: list[str], switching: bool | None) -> float:
     """images/s: one adapter (False), switching 1 in N requests (True), or none (None)."""
     from serve.adapters import AdapterSet
+    from serve.model_parts import FAMILIES
     from serve.types import GenerationRequest
 
     current = 0
@@ -123,7 +134,8 @@ def _throughput(engine, args, names: list[str], switching: bool | None) -> float
             current = 1 - current
         engine.generate([GenerationRequest(
             model="bench", prompt=f"image {i}", width=args.size, height=args.size,
-            num_inference_steps=args.steps, guidance_scale=7.5, seed=i, scheduler="K_EULER",
+            num_inference_steps=args.steps, guidance_scale=GUIDANCE[args.family], seed=i,
+            scheduler=FAMILIES[args.family].schedulers[0],
             adapters=AdapterSet() if switching is None
             else AdapterSet.of([(names[current], 1.0)]))])
     return args.requests / (time.perf_counter() - started)
@@ -133,17 +145,17 @@ def main() -> None:
     args = _parse_args()
     import torch
 
-    from deployments.engines.sdxl import SDXLEngine
     from serve.adapters import AdapterCatalog
 
     model, folder, dtype = _prepare(args)
-    catalog = AdapterCatalog.scan([(folder, "sdxl", 1.0)]).entries
+    catalog = AdapterCatalog.scan([(folder, args.family, 1.0)]).entries
+    make_engine = engine_class(args.family)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     speed = SpeedConfig(**VARIANTS[args.variant][1] if args.variant else {})
     compile_cache = default_cache_dir() / "compile"
-    engine = SDXLEngine(model, dtype, device, adapters=catalog, max_adapters=len(catalog) - 1,
-                        max_lora_rank=args.rank, fuse_adapters=args.fuse, speed=speed,
-                        compile_cache=compile_cache)
+    engine = make_engine(model, dtype, device, adapters=catalog,
+                         max_adapters=len(catalog) - 1, max_lora_rank=args.rank,
+                         fuse_adapters=args.fuse, speed=speed, compile_cache=compile_cache)
     names = sorted(catalog)
     loads = _loads(engine, names)
     held = names[-2:]  # the two most recently loaded: still in their slots
@@ -158,7 +170,7 @@ def main() -> None:
     applied = engine.speed
     del engine
     # The same model without adapters
-    plain = SDXLEngine(model, dtype, device, speed=speed, compile_cache=compile_cache)
+    plain = make_engine(model, dtype, device, speed=speed, compile_cache=compile_cache)
     _throughput(plain, args, held, None)
     no_slots = _throughput(plain, args, held, None)
     report = {"settings": vars(args), "device": torch.cuda.get_device_name(0)

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import httpx
 
@@ -47,14 +45,10 @@ def _app_args(args: argparse.Namespace) -> dict:
         return {"config": args.config}
     if not args.random_sdxl:
         return {}
-    from deployments.tiny import build_random_sdxl
+    from load.bench_engine import model_folder
     from serve.config import default_cache_dir
 
-    folder = default_cache_dir() / "random-sdxl-base"
-    if not (folder / "model_index.json").exists():
-        started = time.monotonic()
-        build_random_sdxl(folder, json.loads(Path(args.random_sdxl).read_text()), "float16")
-        print(f"built random SDXL in {time.monotonic() - started:.1f}s at {folder}")
+    folder = model_folder(args.random_sdxl, default_cache_dir())
     return {"atelier": {"models": [{
         "id": "bench/random-sdxl", "path": str(folder), "dtype": "float16", "num_cpus": 4,
         "max_ongoing_requests": max(64, args.batch * 4), "max_queued_requests": 1024,

@@ -274,6 +274,20 @@ def test_adapter_benchmark_merges_adapters_into_fp8_and_fused_layers(tmp_path):
     assert refused.returncode == 2 and "runs adapters only merged: add --fuse" in refused.stderr
 
 
+def test_adapter_benchmark_switches_flux_adapters_in_slots(tmp_path, tiny_flux_path):
+    """FLUX adapters cover every default target of the transformer (attention of both
+    streams, feed-forwards, the single blocks' MLP and output, modulation)."""
+    out = tmp_path / "adapters.json"
+    _run("load.bench_adapters", "--family", "flux", "--rank", "4", "--adapters", "3",
+         "--requests", "2", "--steps", "2", "--switch-every", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["settings"]["family"] == "flux"
+    assert len(report["read_ms"]) == len(report["inject_ms"]) == 3
+    assert report["held_switch_ms_median"] > 0 and report["images_per_s_one_adapter"] > 0
+    assert report["throughput_loss"] == pytest.approx(
+        1 - report["images_per_s_switching"] / report["images_per_s_one_adapter"])
+
+
 def test_operator_names_are_sorted_into_kinds():
     from load.profile_ops import kind_of
 
