@@ -134,7 +134,8 @@ def _build_tiny_flux(folder: Path) -> None:
     build_random_flux(folder, TINY_FLUX_CONFIGS)
 
 
-def _public(config: dict) -> dict:
+def public_fields(config: dict) -> dict:
+    """A component config without its notes (keys starting with an underscore)."""
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
@@ -163,16 +164,16 @@ def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32",
     bos, eos = (vocab_size - 2, vocab_size - 1)
 
     def text_config(name: str) -> CLIPTextConfig:
-        cfg = {"vocab_size": vocab_size, **_public(configs[name])}
+        cfg = {"vocab_size": vocab_size, **public_fields(configs[name])}
         cfg["vocab_size"] = max(cfg["vocab_size"], vocab_size)
         return CLIPTextConfig(**cfg, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
 
     torch.manual_seed(_SEED + refiner)
     text_encoder = None if refiner else CLIPTextModel(text_config("text_encoder"))
     parts = {"text_encoder_2": CLIPTextModelWithProjection(text_config("text_encoder_2")),
-             "unet": UNet2DConditionModel(**_public(configs["unet"])),
-             "vae": AutoencoderKL(**_public(configs["vae"])),
-             "scheduler": EulerDiscreteScheduler(**_public(configs["scheduler"])),
+             "unet": UNet2DConditionModel(**public_fields(configs["unet"])),
+             "vae": AutoencoderKL(**public_fields(configs["vae"])),
+             "scheduler": EulerDiscreteScheduler(**public_fields(configs["scheduler"])),
              "tokenizer_2": tokenizer}
     if refiner:
         pipe = StableDiffusionXLImg2ImgPipeline(

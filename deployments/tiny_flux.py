@@ -69,14 +69,14 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
     )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from deployments.tiny import _public, clip_tokenizer
+    from deployments.tiny import clip_tokenizer, public_fields
 
     tokenizer = clip_tokenizer()
     t5_tokenizer = _t5_tokenizer(configs.get("tokenizer_2", {}).get("model_max_length",
                                                                      T5_TOKENS))
     bos, eos = len(tokenizer) - 2, len(tokenizer) - 1
-    clip = _public(configs["text_encoder"])
-    t5 = _public(configs["text_encoder_2"])
+    clip = public_fields(configs["text_encoder"])
+    t5 = public_fields(configs["text_encoder_2"])
     clip["vocab_size"] = max(clip.get("vocab_size", 0), len(tokenizer))
     t5["vocab_size"] = max(t5.get("vocab_size", 0), len(t5_tokenizer))
 
@@ -90,9 +90,9 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
                 **clip, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))),
             text_encoder_2=made(T5EncoderModel(T5Config(
                 **t5, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))),
-            transformer=made(FluxTransformer2DModel(**_public(configs["transformer"]))),
-            vae=made(AutoencoderKL(**_public(configs["vae"]))),
-            scheduler=FlowMatchEulerDiscreteScheduler(**_public(configs["scheduler"])),
+            transformer=made(FluxTransformer2DModel(**public_fields(configs["transformer"]))),
+            vae=made(AutoencoderKL(**public_fields(configs["vae"]))),
+            scheduler=FlowMatchEulerDiscreteScheduler(**public_fields(configs["scheduler"])),
             tokenizer=tokenizer, tokenizer_2=t5_tokenizer)
     pipe.save_pretrained(folder, safe_serialization=True)
 

@@ -106,8 +106,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def model_folder(configs: str | None, cache_dir: Path, family: str = "sdxl") -> Path:
     """The folder to load: the family's tiny embedded model, or a random full model built
-    once from the JSON of component configs `configs` (SDXL in fp16, FLUX in bf16, FLUX on
-    the GPU when there is one)."""
+    once from the JSON of component configs `configs` into a folder named after that file
+    (SDXL in fp16, FLUX in bf16, FLUX on the GPU when there is one)."""
     from deployments.tiny import build_random_sdxl, ensure_embedded
     from deployments.tiny_flux import build_random_flux
     from serve.model_parts import FAMILIES
@@ -139,7 +139,7 @@ def call_requests(args: argparse.Namespace, images: int) -> list:
     from serve.model_parts import FAMILIES
     from serve.types import GenerationRequest
 
-    family = getattr(args, "family", "sdxl")
+    family = args.family
     call = next(_CALLS)  # prompts new to every call: each is encoded, as in real traffic
     return [GenerationRequest(model="bench/x", prompt=f"benchmark image {call}-{i}",
                               seed=1000 + i, width=args.size, height=args.size,
@@ -149,6 +149,7 @@ def call_requests(args: argparse.Namespace, images: int) -> list:
 
 
 def engine_class(family: str) -> type:
+    """The family's engine (imported only when needed: it loads torch and diffusers)."""
     if family == "flux":
         from deployments.engines.flux import FluxEngine
 
