@@ -136,7 +136,7 @@ def build_random_flux_loras(transformer_folder: Path, folder: Path,
             transformer.add_adapter(LoraConfig(
                 r=rank, lora_alpha=rank, target_modules=list(FAMILIES["flux"].lora_targets),
                 init_lora_weights=False), adapter_name=name)
-            state = {f"transformer.{k}": v.contiguous() for k, v in
+            state = {f"transformer.{k}": v for k, v in
                      get_peft_model_state_dict(transformer, adapter_name=name).items()}
             transformer.delete_adapters(name)
         state = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()}

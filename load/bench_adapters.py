@@ -7,8 +7,8 @@
         --rank 32 --size 1024 --steps 28                           # FLUX.1-dev architecture
 
 It builds random LoRA adapters of the given rank for the model's denoiser, on the family's
-default targets (safetensors on local disk), loads them through the same code a replica uses (LoRA slots, or merged into
-the weights with `--fuse`), optionally with the dtype and speed settings of one of
+default targets (safetensors on local disk), loads them through the same code a replica
+uses (LoRA slots, or merged into the weights with `--fuse`), optionally with the dtype and speed settings of one of
 `load.bench_engine`'s variants (`--variant compiled-fp8 --fuse`), and prints and saves
 JSON (default results/adapters-<device>[-fused][-<variant>].json). Figures are what this
 run saw; nothing is asserted.
@@ -49,8 +49,9 @@ def _parse_args() -> argparse.Namespace:
                    help="merge adapters into the weights (fuse_adapters) instead of slots")
     p.add_argument("--variant", choices=sorted(VARIANTS),
                    help="dtype and speed settings of load.bench_engine's variant of that name, "
-                        "for the engine with adapters and the one without (default: fp16 on a "
-                        "GPU, none); settings that replace layers need --fuse")
+                        "for the engine with adapters and the one without (default on a GPU: "
+                        "fp16 for SDXL, bf16 for FLUX, no speed settings); settings that "
+                        "replace layers need --fuse")
     p.add_argument("--out", help="JSON output path")
     args = p.parse_args()
     resolve_family(p, args, [args.variant] if args.variant else [])
@@ -71,7 +72,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Path, str]:
     flux = args.family == "flux"
     dtype = VARIANTS[args.variant][0] if args.variant else "bfloat16" if flux else "float16"
     dtype = dtype if torch.cuda.is_available() else "float32"
-    model = model_folder(args.random_sdxl or args.random_flux, cache, args.family)
+    model = model_folder(args.configs, cache, args.family)
     folder = cache / f"bench-loras-{model.name}-r{args.rank}-n{args.adapters}-{dtype}"
     if not folder.is_dir():
         folder.mkdir(parents=True)

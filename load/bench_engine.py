@@ -72,15 +72,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_family(p: argparse.ArgumentParser, args: argparse.Namespace,
                    variants: list[str]) -> None:
-    """Set args.family from the model arguments; refuse contradictions and variants the
-    family cannot run (FLUX has no classifier-free guidance to cut off)."""
+    """Set args.family and args.configs (the random model's JSON, if any) from the model
+    arguments; refuse contradictions and variants the family cannot run (FLUX has no
+    classifier-free guidance to cut off)."""
     family = "flux" if args.random_flux else args.family or "sdxl"
     if args.random_sdxl and args.random_flux or args.family not in (None, family):
         p.error("--random-sdxl, --random-flux and --family name different models")
     ruled_out = [v for v in variants if family == "flux" and "cfg_cutoff" in VARIANTS[v][1]]
     if ruled_out:
         p.error(f"FLUX has no classifier-free guidance to cut off: {', '.join(ruled_out)}")
-    args.family = family
+    args.family, args.configs = family, args.random_sdxl or args.random_flux
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -265,8 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     from serve.config import default_cache_dir
 
     args.cache_dir = args.cache_dir or str(default_cache_dir())
-    folder = model_folder(args.random_sdxl or args.random_flux, Path(args.cache_dir),
-                          args.family)
+    folder = model_folder(args.configs, Path(args.cache_dir), args.family)
     flops = image_flops(args.family, folder, args.size, args.steps)
     results, reference = [], None
     with tempfile.TemporaryDirectory() as tmp:

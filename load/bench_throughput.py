@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     from serve.config import default_cache_dir
 
     args.cache_dir = args.cache_dir or str(default_cache_dir())
-    folder = model_folder(args.random_sdxl or args.random_flux, Path(args.cache_dir),
-                          args.family)
+    folder = model_folder(args.configs, Path(args.cache_dir), args.family)
     flops = image_flops(args.family, folder, args.size, args.steps,
                         VARIANTS[args.variant][1].get("cfg_cutoff"))
     report: dict = {"settings": vars(args), "machine": bs.machine(), "flops": flops,

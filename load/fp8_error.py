@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = _parse_args(argv)
     args.cache_dir = args.cache_dir or str(default_cache_dir())
     folder = Path(args.model) if args.model else model_folder(
-        args.random_sdxl or args.random_flux, Path(args.cache_dir), args.family)
+        args.configs, Path(args.cache_dir), args.family)
     engine = engine_class(args.family)(folder, "bfloat16", resolve_device("auto"),
                                        speed=SpeedConfig(fuse_qkv=True))
     started = time.monotonic()

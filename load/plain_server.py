@@ -1,8 +1,8 @@
 """The baseline Atelier is measured against: a plain FastAPI + diffusers `/generate` server.
 
-It is what teams write first: one diffusers pipeline (the folder's own class:
-`StableDiffusionXLPipeline`, or `FluxPipeline` run in bf16 as FLUX's model card does) in
-fp16 with diffusers' default attention (PyTorch SDPA), one request at a time under a lock,
+It is what teams write first: one diffusers pipeline of the folder's own class
+(`StableDiffusionXLPipeline` in fp16, or `FluxPipeline` in bf16 as FLUX's model card runs
+it) with diffusers' default attention (PyTorch SDPA), one request at a time under a lock,
 images returned as base64 PNG in JSON (the same shape as Atelier's `/generate`, so one
 client drives both).
 
