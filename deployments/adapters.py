@@ -1,15 +1,17 @@
 """LoRA adapters on a replica: fixed slots in the denoiser (SDXL's UNet, FLUX's
 transformer), filled and switched in place.
 
-At start the denoiser gets `capacity` LoRA slots (PEFT layers of `max_rank` on the configured
-target modules), so no module is ever injected or removed while serving:
+At start every targeted layer gets `capacity` LoRA slots of `max_rank`
+(`deployments.lora_slots`), put around what computes it once the speed settings are
+applied, so no module is injected or removed while serving:
 
 - `read` (any thread): the file's tensors, converted to PEFT keys, checked against the
   slots' shapes and staged in (pinned) CPU memory (`deployments.lora_files`).
 - `inject` (pipeline thread, between calls): copy those tensors into a free or least
   recently used slot — a device copy, no module surgery.
-- `activate` (pipeline thread): point every LoRA layer at the slots of a set and set their
-  scales — attribute writes only; switching between held adapters reloads nothing.
+- `activate_call` (pipeline thread): give each request of a call its set's slots and
+  scales — a small index tensor; switching between held adapters reloads nothing, and
+  requests with different sets share one call.
 
 `adapter_store` picks these slots, or adapters merged into the weights per call
 (`deployments.fused_adapters`, the model's `fuse_adapters`).
@@ -17,50 +19,50 @@ target modules), so no module is ever injected or removed while serving:
 
 from __future__ import annotations
 
-import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from deployments.fused_adapters import FusedAdapters, HeldAdapters
+from deployments.engines.withdrawal import BatchRows
+from deployments.fused_adapters import FusedAdapters, HeldAdapters, targeted
 from deployments.lora_files import AdapterWeights, LoraReader, Target, read_adapter
+from deployments.lora_slots import SlotLinear, SlotRouting, wrap_targets
 from serve.adapters import AdapterEntry, AdapterSet
 
 
 class AdapterSlots(HeldAdapters):
-    """An LRU of adapters held in `capacity` preallocated LoRA slots of one denoiser.
+    """An LRU of adapters held in `capacity` slots of every targeted layer of one
+    denoiser (`deployments.lora_slots`); rows of one call may use different sets.
 
     `prefix` is the denoiser's key prefix in LoRA files ("unet", "transformer"); `reader`
-    reads the family's layouts.
+    reads the family's layouts. The slot layers are put in by `bind`, after the speed
+    settings, around what computes each target then (fused QKV rows, FP8 layers alike).
     """
 
     rewrites = 0  # slots never rewrite the denoiser's weights (see FusedAdapters)
+    mixes_sets = True  # one call may run requests with different adapter sets
 
     def __init__(self, denoiser, catalog: Mapping[str, AdapterEntry] | None, capacity: int,
                  max_rank: int, targets: Sequence[str], prefix: str = "unet",
                  reader: LoraReader | None = None):
-        self._catalog, self._max_rank = catalog if catalog is not None else {}, max_rank
+        self._catalog = catalog if catalog is not None else {}
+        self._capacity, self._max_rank = capacity if catalog is not None else 0, max_rank
+        self._paths = [path for path, m in denoiser.named_modules()
+                       if catalog is not None and isinstance(m, torch.nn.Linear)
+                       and targeted(path, targets)]
         self._prefix, self._reader = prefix, reader
-        self._slots = [f"slot{i}" for i in range(capacity)] if catalog is not None else []
-        if self._slots:
-            from peft import LoraConfig
+        self._layers: dict[str, tuple[SlotLinear, int]] = {}
+        self._held: OrderedDict[str, int] = OrderedDict()  # adapter name → slot
+        self._routing = SlotRouting(self._capacity)
 
-            with warnings.catch_warnings():
-                # PEFT warns from the second adapter on; several slots are the point.
-                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                for slot in self._slots:
-                    denoiser.add_adapter(LoraConfig(r=max_rank, lora_alpha=max_rank,
-                                                    target_modules=list(targets)),
-                                         adapter_name=slot)
-        from peft.tuners.lora import LoraLayer
-
-        self._layers = {path: m for path, m in denoiser.named_modules()
-                        if isinstance(m, LoraLayer)}
-        self._held: OrderedDict[str, str] = OrderedDict()  # adapter name → slot
-        self._alphas: dict[str, list[float]] = {}  # per adapter, aligned with _layers
-        self._active: AdapterSet | None = None
-        self.activate(AdapterSet())
+    def bind(self, denoiser) -> None:
+        """Put the slot layers around what computes each target in `denoiser` now."""
+        if self._layers or not self._paths:
+            return
+        self._layers = wrap_targets(denoiser, self._paths, self._capacity, self._max_rank,
+                                    denoiser.dtype)
+        self._routing.attach(denoiser, {layer for layer, _ in self._layers.values()})
 
     def read(self, name: str) -> AdapterWeights:
         """Stage the adapter's tensors. Raises AdapterInvalid if it cannot fill a slot."""
@@ -74,46 +76,38 @@ class AdapterSlots(HeldAdapters):
             self._held.move_to_end(name)
             return
         slot = self._free_slot(keep)
-        with torch.no_grad():
-            for path, layer in self._layers.items():
-                slot_a, slot_b = layer.lora_A[slot].weight, layer.lora_B[slot].weight
-                if path in weights.layers:
-                    a, b, _ = weights.layers[path]
-                    rank = a.shape[0]
-                    slot_a[:rank].copy_(a, non_blocking=True)
-                    slot_a[rank:].zero_()
-                    slot_b[:, :rank].copy_(b, non_blocking=True)
-                    slot_b[:, rank:].zero_()
-                else:
-                    slot_b.zero_()
-        self._alphas[name] = [weights.layers[p][2] if p in weights.layers else 0.0
-                              for p in self._layers]
+        for path, (layer, part) in self._layers.items():
+            layer.fill(slot, part, weights.layers.get(path))
         self._held[name] = slot
-        self._active = None
 
     def activate(self, adapters: AdapterSet) -> None:
-        """Make exactly `adapters` (with their scales) active; load any that are missing."""
-        self._hold(adapters)
-        if adapters == self._active:
-            return
-        slots = [self._held[n] for n in adapters.names]
-        scaled = [(self._held[n], s, self._alphas[n]) for n, s in adapters.items]
-        for i, layer in enumerate(self._layers.values()):
-            layer._active_adapter = slots
-            for slot, scale, alphas in scaled:
-                layer.scaling[slot] = scale * alphas[i]
-        self._active = adapters
+        """Make exactly `adapters` (with their scales) active for every row; load any that
+        are missing."""
+        self.activate_call([adapters], BatchRows([1]))
+
+    def activate_call(self, sets: Sequence[AdapterSet], rows: BatchRows) -> None:
+        """Give each request of a call (`sets`, one per request, whose images are `rows`)
+        its adapter set; load any that are missing, keeping all the call's. Raises
+        AdapterInvalid when the call names more adapters than the slots hold."""
+        names = tuple(dict.fromkeys(n for s in sets for n in s.names))
+        for name in names:
+            if name not in self._held:
+                self.inject(name, self.read(name), keep=names)
+            self._held.move_to_end(name)
+        self._routing.route([[(self._held[n], scale) for n, scale in s.items] for s in sets],
+                            rows)
 
     def _target(self, path: str) -> Target | None:
-        layer = self._layers.get(path)
-        if layer is None or not self._slots:
+        found = self._layers.get(path)
+        if found is None:
             return None
-        slot_a, slot_b = layer.lora_A[self._slots[0]].weight, layer.lora_B[self._slots[0]].weight
-        return Target(slot_a.shape[1], slot_b.shape[0], slot_a.dtype, slot_a.is_cuda)
+        layer = found[0]
+        return Target(layer.in_features, layer.out_features // layer.parts,
+                      layer.lora_a.dtype, layer.lora_a.is_cuda)
 
-    def _free_slot(self, keep: tuple[str, ...]) -> str:
+    def _free_slot(self, keep: tuple[str, ...]) -> int:
         used = set(self._held.values())
-        for slot in self._slots:
+        for slot in range(self._capacity):
             if slot not in used:
                 return slot
         return self._held.pop(self._least_recent(keep))

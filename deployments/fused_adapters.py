@@ -27,9 +27,17 @@ log = logging.getLogger("ray.serve.atelier.adapters")
 
 class HeldAdapters:
     """The LRU both adapter stores keep (`_held`: adapter name → what holds it), and what
-    they do alike with it. A store supplies `read` and `inject`."""
+    they do alike with it. A store supplies `read`, `inject` and `activate`."""
 
     _held: OrderedDict
+    mixes_sets = False  # every request of a call must have the same adapter set
+
+    def activate_call(self, sets: Sequence[AdapterSet], rows) -> None:
+        """Give each request of a call (one set per request, images `rows`) its adapter
+        set: here they must all be the same one (raises ValueError otherwise)."""
+        if any(s != sets[0] for s in sets):
+            raise ValueError("these adapters serve one adapter set per call")
+        self.activate(sets[0])
 
     @property
     def loaded(self) -> list[str]:

@@ -99,10 +99,16 @@ class GenerationRequest:
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
+        return (*self.shared_key, self.adapters.key)
+
+    @property
+    def shared_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call that gives each request
+        its own adapter set (LoRA slots)."""
         strength = None if self.source is None else self.source.strength
         refine = (self.refine, self.high_noise_frac, self.refine_steps)
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
-                self.scheduler, self.adapters.key, self.mode, strength, refine)
+                self.scheduler, self.mode, strength, refine)
 
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its

@@ -152,7 +152,7 @@ class DiffusersEngine:
         given are made here.
         """
         first = requests[0]
-        if any(r.batch_key != first.batch_key for r in requests):
+        if any(self.batch_key(r) != self.batch_key(first) for r in requests):
             raise ValueError("a pipeline call needs requests with equal batch keys")
         if nothing_to_denoise(first):
             return [[source_pil(r) for _ in r.seeds] for r in requests]
@@ -161,12 +161,12 @@ class DiffusersEngine:
         made += [self.prepare(r)[0] for r in requests[len(made):]]
         requests, withdrawn = self._padded(requests, withdrawn)
         made += made[-1:] * (len(requests) - real)  # a filler repeats the last request
-        pipe = self._prepare(first)
+        rows = BatchRows([r.num_outputs for r in requests])
+        pipe = self._prepare(requests, rows)
         inputs = (self._encode(requests, [p.embeds for p in made])
                   | source_inputs(requests, [p.source for p in made]))
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
-        rows = BatchRows([r.num_outputs for r in requests])
         # Inpainting keeps per-row state (its mask, both guidance halves of it) out of the
         # step callback's reach: its rows stay, and it keeps guidance on every step. With
         # buckets the call keeps its padded size to the end: dropping withdrawn rows would
@@ -225,11 +225,17 @@ class DiffusersEngine:
 
         return [*requests, filler], gone
 
-    def _prepare(self, first: GenerationRequest):
-        """Set the pipeline up for a call of `first`'s batch key (its adapter set active);
-        return the pipeline."""
-        self.adapters.activate(first.adapters)
-        return self._pipes[first.mode]
+    def batch_key(self, request: GenerationRequest) -> tuple:
+        """Requests with equal keys can share one of this engine's calls: the request's
+        own key, without its adapter set where the adapters can differ between the rows
+        of a call (LoRA slots)."""
+        return request.shared_key if self.adapters.mixes_sets else request.batch_key
+
+    def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
+        """Set the pipeline up for a call of `requests` (images `rows`), each with its
+        adapter set active; return the pipeline."""
+        self.adapters.activate_call([r.adapters for r in requests], rows)
+        return self._pipes[requests[0].mode]
 
     def _second_stage(self, requests: Sequence[GenerationRequest], rows: BatchRows,
                       generators: list[torch.Generator], out: torch.Tensor,

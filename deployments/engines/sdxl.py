@@ -78,9 +78,9 @@ class SDXLEngine(DiffusersEngine):
                                       max_lora_rank, lora_targets, fuse=fuse_adapters)
         self.speed_up(speed or SpeedConfig(), compile_cache or path / ".compile")
 
-    def _prepare(self, first: GenerationRequest):
-        pipe = super()._prepare(first)
-        pipe.scheduler = self._schedulers[first.scheduler]
+    def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
+        pipe = super()._prepare(requests, rows)
+        pipe.scheduler = self._schedulers[requests[0].scheduler]
         return pipe
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:

@@ -51,17 +51,74 @@ def test_a_set_larger_than_the_slots_is_refused(engine):
                                                 ("watercolor", 1)]))
 
 
-def test_preparing_several_slots_warns_of_nothing(tiny_sdxl_path):
-    """PEFT's warning about a second adapter is expected here, so it is not logged."""
-    import warnings
+def _req(seed=3, adapters=AdapterSet(), **overrides):
+    return GenerationRequest(**{"model": "m", "prompt": "a cat", "width": 64, "height": 64,
+                                "num_inference_steps": 2, "guidance_scale": 7.5, "seed": seed,
+                                "scheduler": "K_EULER", "adapters": adapters, **overrides})
 
-    from diffusers import UNet2DConditionModel
 
-    from deployments.adapters import AdapterSlots
+def _assert_close(a, b):
+    """Equal up to one 8-bit level on a few pixels (a batch sums in another order)."""
+    diff = np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, diff.max()
 
-    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_path / "unet")
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        slots = AdapterSlots(unet, {}, 3, 4, ["to_q", "to_k", "to_v", "to_out.0"])
-    assert len(unet.peft_config) == 3 and slots.loaded == []
-    assert [str(w.message) for w in seen if "peft_config" in str(w.message)] == []
+
+PIXEL, SKETCH = AdapterSet.of([("pixel-art", 1.0)]), AdapterSet.of([("sketch", 0.6)])
+
+
+def test_requests_with_different_adapters_share_one_call_with_their_own_images(engine):
+    requests = [_req(1, PIXEL), _req(2, SKETCH, num_outputs=2), _req(3), _req(4, PIXEL)]
+    alone = [engine.generate([r])[0] for r in requests]
+    together = engine.generate(requests)
+    assert [len(images) for images in together] == [1, 2, 1, 1]
+    for own, shared in zip(alone, together):
+        for a, b in zip(own, shared):
+            _assert_close(a, b)
+    # The adapters do change the images they are asked for.
+    base = engine.generate([_req(1)])[0][0]
+    assert np.abs(np.asarray(base).astype(int) - np.asarray(alone[0][0])).mean() > 2
+
+
+def test_a_call_may_not_name_more_adapters_than_the_slots_hold(engine):
+    with pytest.raises(AdapterInvalid, match="more adapters"):
+        engine.generate([_req(1, PIXEL), _req(2, SKETCH),
+                         _req(3, AdapterSet.of([("watercolor", 1)]))])
+
+
+def test_a_withdrawn_request_takes_its_adapter_rows_out_of_the_call(engine):
+    requests = [_req(1, PIXEL, num_inference_steps=4), _req(2, num_inference_steps=4),
+                _req(3, SKETCH, num_inference_steps=4)]
+    untouched = engine.generate(requests)
+    steps = []
+    out = engine.generate(requests, withdrawn=lambda: {1} if len(steps) >= 2 else set(),
+                          on_step=lambda s, t: steps.append(s))
+    assert [len(images) for images in out] == [1, 0, 1]
+    _assert_close(out[0][0], untouched[0][0])
+    _assert_close(out[2][0], untouched[2][0])
+
+
+def test_slots_are_put_around_the_layers_fused_qkv_and_fp8_leave(tiny_sdxl_path, cache_dir):
+    from deployments.engines.sdxl import SDXLEngine
+    from deployments.engines.speed import Fp8Linear
+    from deployments.lora_slots import SlotLinear
+    from deployments.tiny import TINY_SDXL_DEMO, ensure_demo_loras
+    from serve.config import SpeedConfig
+
+    catalog = AdapterCatalog.scan([(ensure_demo_loras(TINY_SDXL_DEMO, cache_dir), "sdxl",
+                                    1.0)]).entries
+    plain, qkv, fp8 = (SDXLEngine(tiny_sdxl_path, "float32", "cpu", adapters=catalog,
+                                  max_adapters=2, max_lora_rank=8, speed=speed)
+                       for speed in (SpeedConfig(), SpeedConfig(fuse_qkv=True),
+                                     SpeedConfig(fuse_qkv=True, fp8=True)))
+    attention = qkv.pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+    assert isinstance(attention.to_qkv, SlotLinear) and attention.to_qkv.parts == 3
+    fp8_slots = [m for m in fp8.pipe.unet.modules()
+                 if isinstance(m, SlotLinear) and isinstance(m.base, Fp8Linear)]
+    assert fp8_slots
+    requests = [_req(1, PIXEL), _req(2, SKETCH), _req(3)]
+    images = [engine.generate(requests) for engine in (plain, qkv, fp8)]
+    for a, b in zip(images[0], images[1]):
+        _assert_close(a[0], b[0])
+    fp8_base = fp8.generate([_req(1)])[0][0]
+    assert np.abs(np.asarray(fp8_base).astype(int)
+                  - np.asarray(images[2][0][0]).astype(int)).mean() > 2

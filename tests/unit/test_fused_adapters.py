@@ -71,14 +71,14 @@ def test_the_base_weights_come_back_bit_for_bit(sdxl_pair):
 
 
 def test_merged_adapters_leave_plain_linear_layers(sdxl_pair):
-    from peft.tuners.lora import LoraLayer
+    from deployments.lora_slots import SlotLinear
 
     slots, fused = sdxl_pair
-    assert any(isinstance(m, LoraLayer) for m in slots.pipe.unet.modules())
-    assert not any(isinstance(m, LoraLayer) for m in fused.pipe.unet.modules())
+    assert any(isinstance(m, SlotLinear) for m in slots.pipe.unet.modules())
+    assert not any(isinstance(m, SlotLinear) for m in fused.pipe.unet.modules())
     # The copy that restores the base: the attention projections the slots cover.
-    wrapped = sum(m.base_layer.weight.numel() * 4 for m in slots.pipe.unet.modules()
-                  if isinstance(m, LoraLayer))
+    wrapped = sum(m.base.weight.numel() * 4 for m in slots.pipe.unet.modules()
+                  if isinstance(m, SlotLinear))
     assert fused.adapters.original_bytes == wrapped > 0
     assert (slots.describe()["adapters"], fused.describe()["adapters"]) == ("slots", "merged")
 
@@ -158,12 +158,11 @@ def _fp8_rows_hold_the_quantized_merged_weights(plain, fp8, targets) -> tuple[in
 
 def test_merged_adapters_reach_fused_qkv_rows_and_fp8_layers(tiny_sdxl_path, cache_dir,
                                                              sdxl_pair):
-    from peft.tuners.lora import LoraLayer
-
     from deployments.engines.sdxl import SDXLEngine
+    from deployments.lora_slots import SlotLinear
 
     slots, fused = sdxl_pair
-    wrapped = sum(isinstance(m, LoraLayer) for m in slots.pipe.unet.modules())
+    wrapped = sum(isinstance(m, SlotLinear) for m in slots.pipe.unet.modules())
     catalog = _catalog(cache_dir, "tiny-sdxl-demo", "sdxl")
     qkv = _fast(SDXLEngine, tiny_sdxl_path, catalog, SpeedConfig(fuse_qkv=True))
     fp8 = _fast(SDXLEngine, tiny_sdxl_path, catalog, SpeedConfig(fuse_qkv=True, fp8=True))
