@@ -20,7 +20,8 @@ applied, so no module is injected or removed while serving:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
@@ -96,6 +97,20 @@ class AdapterSlots(HeldAdapters):
             self._held.move_to_end(name)
         self._routing.route([[(self._held[n], scale) for n, scale in s.items] for s in sets],
                             rows)
+
+    def primed(self) -> AbstractContextManager | None:
+        """A context in which calls without adapters run the slot layers as calls with one
+        adapter per request do (on the all-zero slot), so warm-up compiles that code too;
+        None without slots."""
+        return self._priming() if self._layers else None
+
+    @contextmanager
+    def _priming(self) -> Iterator[None]:
+        self._routing.primed = True
+        try:
+            yield
+        finally:
+            self._routing.primed = False
 
     def _target(self, path: str) -> Target | None:
         found = self._layers.get(path)

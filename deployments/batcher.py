@@ -1,9 +1,10 @@
 """Dynamic batching: gather compatible requests that arrive close together into one call.
 
 The oldest waiting request always runs next (no starvation). Its batch takes the later
-requests with the same key, in arrival order, up to `max_batch_size` images, and waits at
-most `wait_s` from the oldest request's arrival for more company. Requests with other
-keys keep their places for the following batches.
+requests with the same key, in arrival order, up to `max_batch_size` images (and, where
+requests name what the call must hold for them, such as LoRA adapters, up to `max_held`
+such names), and waits at most `wait_s` from the oldest request's arrival for more
+company. Requests with other keys keep their places for the following batches.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class _Pending:
     size: int
     enqueued: float
     future: asyncio.Future = field(repr=False)
+    holds: frozenset = frozenset()
     on_step: StepListener | None = None
     on_preview: Callable[[Any], None] | None = None
 
@@ -64,15 +66,18 @@ class Batcher:
 
     def __init__(self, runner: Runner, max_batch_size: int, wait_s: float, name: str = "b",
                  on_depth: Callable[[int], None] | None = None, idle_s: float | None = None,
-                 on_idle: Callable[[], Awaitable[None]] | None = None):
+                 on_idle: Callable[[], Awaitable[None]] | None = None,
+                 max_held: int | None = None):
         """`on_depth(n)` hears the number of waiting requests whenever it changes.
         `on_idle()` is awaited after every `idle_s` without a request (keeping the device
-        warm); a request arriving meanwhile runs once it returns."""
+        warm); a request arriving meanwhile runs once it returns. `max_held`: the most distinct
+        names (`submit`'s `holds`) one batch's requests may have together (None: no limit)."""
         if max_batch_size < 1 or wait_s < 0 or (idle_s is not None and idle_s <= 0):
             raise ValueError("max_batch_size must be >= 1, wait_s >= 0 and idle_s > 0")
         self._runner, self._max, self._wait_s, self._name = runner, max_batch_size, wait_s, name
         self._on_depth = on_depth or (lambda n: None)
         self._idle_s, self._on_idle = (idle_s, on_idle) if on_idle else (None, None)
+        self._max_held = max_held
         self._pending: list[_Pending] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -94,15 +99,17 @@ class Batcher:
 
     async def submit(self, request: Any, key: Hashable, size: int = 1,
                      on_step: StepListener | None = None,
-                     on_preview: Callable[[Any], None] | None = None) -> Batched:
-        """Queue `request` (taking `size` images of a batch) and return its result.
+                     on_preview: Callable[[Any], None] | None = None,
+                     holds: frozenset = frozenset()) -> Batched:
+        """Queue `request` (taking `size` images of a batch, and needing the names in
+        `holds` held by its call) and return its result.
 
         `on_step(step, total)` is called on this event loop as its call progresses, and
         `on_preview(images)` with each of its partial images.
         """
         self.start()
         item = _Pending(request, key, size, time.monotonic(),
-                        asyncio.get_running_loop().create_future(), on_step, on_preview)
+                        asyncio.get_running_loop().create_future(), holds, on_step, on_preview)
         self._pending.append(item)
         self._on_depth(len(self._pending))
         self._wakeup.set()
@@ -154,14 +161,17 @@ class Batcher:
     def _select(self) -> list[_Pending]:
         """The oldest request and the compatible ones after it that fit, in order."""
         head = self._pending[0]
-        batch, images = [head], head.size
+        batch, images, held = [head], head.size, head.holds
         for item in self._pending[1:]:
             if item.key != head.key:
                 continue
             if images + item.size > self._max:
                 break
+            if self._max_held is not None and len(held | item.holds) > self._max_held:
+                continue
             batch.append(item)
             images += item.size
+            held |= item.holds
         return batch
 
     async def _run(self, batch: list[_Pending]) -> None:

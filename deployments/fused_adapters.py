@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 
@@ -38,6 +39,11 @@ class HeldAdapters:
         if any(s != sets[0] for s in sets):
             raise ValueError("these adapters serve one adapter set per call")
         self.activate(sets[0])
+
+    def primed(self) -> AbstractContextManager | None:
+        """A context in which calls without adapters run the code calls with one adapter
+        per request run; None where that is the same code (adapters merged)."""
+        return None
 
     @property
     def loaded(self) -> list[str]:

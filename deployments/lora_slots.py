@@ -109,6 +109,9 @@ class SlotRouting:
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rows = None
         self._placed: tuple | None = None  # what the layers hold now
+        # Calls without adapters run the slot layers too, on the all-zero slot (warm-up:
+        # compiled code for calls with adapters is made before the first one).
+        self.primed = False
 
     def attach(self, denoiser: nn.Module, layers: set[SlotLinear]) -> None:
         self._layers = tuple(layers)
@@ -119,11 +122,11 @@ class SlotRouting:
         images each request has and which are still live."""
         if not self._layers:
             return
-        if not any(per_request):
+        if not any(per_request) and not self.primed:
             self._table, self._rows = None, None
             self._place(None, None, key=None)
             return
-        width = max(len(p) for p in per_request)
+        width = max(1, *(len(p) for p in per_request))
         padded = [p + [(self._zero, 0.0)] * (width - len(p)) for p, size
                   in zip(per_request, rows.sizes, strict=True) for _ in range(size)]
         like = self._layers[0].lora_a

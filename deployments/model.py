@@ -70,7 +70,8 @@ class ModelDeployment:
         self.batcher = Batcher(self._run_batch, self.cfg.batching.max_batch_size,
                                self.cfg.batching.wait_ms / 1000, name=self.replica,
                                on_depth=self.metrics.queue_depth.set,
-                               idle_s=self.cfg.keep_warm_s, on_idle=self._keep_warm)
+                               idle_s=self.cfg.keep_warm_s, on_idle=self._keep_warm,
+                               max_held=self.cfg.max_loaded_adapters)
         self._refresh_gauges()
 
         async def load_adapter_set(key: str) -> AdapterSet:
@@ -119,8 +120,9 @@ class ModelDeployment:
         if request.adapters:
             await self._hold_adapters(request.adapters)
         queued = _Queued(request, self._prepare(request))
-        outcome = await self.batcher.submit(queued, request.batch_key, request.num_outputs,
-                                            on_step, on_preview)
+        outcome = await self.batcher.submit(queued, self.engine.batch_key(request),
+                                            request.num_outputs, on_step, on_preview,
+                                            frozenset(request.adapters.names))
         self.metrics.queue_wait.observe(outcome.queue_s)
         images = await asyncio.get_running_loop().run_in_executor(
             self._workers, _encode_all, request, outcome.result)

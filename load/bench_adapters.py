@@ -8,8 +8,10 @@
 
 It builds random LoRA adapters of the given rank for the model's denoiser, on the family's
 default targets (safetensors on local disk), loads them through the same code a replica
-uses (LoRA slots, or merged into the weights with `--fuse`), optionally with the dtype and speed settings of one of
-`load.bench_engine`'s variants (`--variant compiled-fp8 --fuse`), and prints and saves
+uses (LoRA slots, or merged into the weights with `--fuse`), optionally with the dtype and
+speed settings of one of `load.bench_engine`'s variants (`--variant compiled-fp8`), and
+measures loading, switching, throughput with switching, and requests with different
+adapters in one call against one call each (`--mixed`; slots only). It prints and saves
 JSON (default results/adapters-<device>[-fused][-<variant>].json). Figures are what this
 run saw; nothing is asserted.
 """
@@ -32,7 +34,7 @@ from load.bench_engine import (
     resolve_family,
 )
 from load.report import save_report
-from serve.config import ModelConfig, SpeedConfig, default_cache_dir
+from serve.config import SpeedConfig, default_cache_dir
 
 
 def _parse_args() -> argparse.Namespace:
@@ -45,19 +47,18 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--requests", type=int, default=20, help="requests per traffic mix")
     p.add_argument("--switch-every", type=int, default=5, help="1 in N requests switches")
+    p.add_argument("--mixed", type=int, default=4,
+                   help="requests with different adapters run in one call and one by one "
+                        "(at most one fewer than --adapters)")
     p.add_argument("--fuse", action="store_true",
                    help="merge adapters into the weights (fuse_adapters) instead of slots")
     p.add_argument("--variant", choices=sorted(VARIANTS),
                    help="dtype and speed settings of load.bench_engine's variant of that name, "
                         "for the engine with adapters and the one without (default on a GPU: "
-                        "fp16 for SDXL, bf16 for FLUX, no speed settings); settings that "
-                        "replace layers need --fuse")
+                        "fp16 for SDXL, bf16 for FLUX, no speed settings)")
     p.add_argument("--out", help="JSON output path")
     args = p.parse_args()
     resolve_family(p, args, [args.variant] if args.variant else [])
-    if args.variant and not args.fuse and not ModelConfig(
-            id="a/b", path=".", speed=VARIANTS[args.variant][1]).runs_adapters:
-        p.error(f"--variant {args.variant} runs adapters only merged: add --fuse")
     return args
 
 
@@ -122,24 +123,49 @@ def _switches(engine, names: list[str], rounds: int = 20) -> dict:
             "base_toggle_ms_median": statistics.median(base) * 1000}
 
 
+def _request(args, i: int, adapters):
+    from serve.model_parts import FAMILIES
+    from serve.types import GenerationRequest
+
+    return GenerationRequest(
+        model="bench", prompt=f"image {i}", width=args.size, height=args.size,
+        num_inference_steps=args.steps, guidance_scale=GUIDANCE[args.family], seed=i,
+        scheduler=FAMILIES[args.family].schedulers[0], adapters=adapters)
+
+
 def _throughput(engine, args, names: list[str], switching: bool | None) -> float:
     """images/s: one adapter (False), switching 1 in N requests (True), or none (None)."""
     from serve.adapters import AdapterSet
-    from serve.model_parts import FAMILIES
-    from serve.types import GenerationRequest
 
     current = 0
     started = time.perf_counter()
     for i in range(args.requests):
         if switching and i % args.switch_every == args.switch_every - 1:
             current = 1 - current
-        engine.generate([GenerationRequest(
-            model="bench", prompt=f"image {i}", width=args.size, height=args.size,
-            num_inference_steps=args.steps, guidance_scale=GUIDANCE[args.family], seed=i,
-            scheduler=FAMILIES[args.family].schedulers[0],
-            adapters=AdapterSet() if switching is None
-            else AdapterSet.of([(names[current], 1.0)]))])
+        engine.generate([_request(args, i, AdapterSet() if switching is None
+                                  else AdapterSet.of([(names[current], 1.0)]))])
     return args.requests / (time.perf_counter() - started)
+
+
+def _mixed_calls(engine, args, names: list[str], rounds: int = 3) -> dict:
+    """images/s for one request per adapter in `names` (each its own adapter): in one
+    call, as LoRA slots run them, and in one call each, as a call per adapter set does."""
+    from serve.adapters import AdapterSet
+
+    requests = [_request(args, i, AdapterSet.of([(n, 1.0)])) for i, n in enumerate(names)]
+
+    def one_each() -> None:
+        for request in requests:
+            engine.generate([request])
+
+    shared = None
+    if engine.adapters.mixes_sets:
+        engine.generate(requests)  # warm-up at this batch size
+        shared = len(requests) / statistics.median(
+            _timed(engine.generate, requests) for _ in range(rounds))
+    separate = len(requests) / statistics.median(_timed(one_each) for _ in range(rounds))
+    return {"mixed_requests": len(requests), "images_per_s_mixed_one_call": shared,
+            "images_per_s_mixed_call_each": separate}
 
 
 def main() -> None:
@@ -161,6 +187,7 @@ def main() -> None:
     loads = _loads(engine, names)
     held = names[-2:]  # the two most recently loaded: still in their slots
     switches = _switches(engine, held)
+    mixed_calls = _mixed_calls(engine, args, names[-min(args.mixed, len(names) - 1):])
     _throughput(engine, args, held, False)  # warm-up at this shape
     runs = {False: [], True: [], None: []}
     for _ in range(2):  # alternate, so drift in the machine's speed hits every mix
@@ -178,7 +205,7 @@ def main() -> None:
               if device == "cuda" else platform.processor() or "cpu", "speed": applied,
               "adapter_mb": round(sum(Path(e.path).stat().st_size for e in catalog.values())
                                   / len(catalog) / 2**20, 1),
-              **loads, **switches, "images_per_s_one_adapter": steady,
+              **loads, **switches, **mixed_calls, "images_per_s_one_adapter": steady,
               "images_per_s_switching": mixed, "throughput_loss": 1 - mixed / steady,
               "images_per_s_no_adapter_slots_present": base,
               "images_per_s_without_slots": no_slots}

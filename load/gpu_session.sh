@@ -14,7 +14,9 @@
 #   tests       tests/gpu (CUDA paths: FLUX, adapters, memory, partial images)
 #   throughput  through HTTP against the plain server, with an idle spell (cold start)
 #   keep-warm   the same idle spell with keep_warm_s 2, Atelier alone
-#   adapters    LoRA switching at rank 64: in slots, merged, merged with compiled FP8
+#   adapters    LoRA switching and requests with different adapters in one call, at rank
+#               64: in slots and merged, or the modes named after it (slots, fuse,
+#               slots-compiled-fp8, fuse-compiled-fp8; the compiled ones one per call)
 #   engine-flux FLUX.1-dev's architecture (random weights, built on the GPU by the first
 #               call), 1024², 28 steps, batch 4: compiled bf16, or the variants named after
 #               it (one per call fits: engine-flux compiled, then engine-flux compiled-fp8)
@@ -54,11 +56,14 @@ case $step in
   keep-warm) python3 -m load.bench_throughput "${sdxl[@]}" --variant "$variant" --idle-s 30 \
                --keep-warm-s 2 --no-baseline \
                --out "$out/throughput-h100-$variant-keepwarm.json" 2>&1 | tee "$log" ;;
-  adapters) for mode in slots fuse fuse-compiled-fp8; do
+  adapters) shift; modes=("$@"); [ ${#modes[@]} -gt 0 ] || modes=(slots fuse)
+            for mode in "${modes[@]}"; do
               case $mode in
                 slots) flag=() ;;
                 fuse) flag=(--fuse) ;;
-                *) flag=(--fuse --variant compiled-fp8) ;;
+                slots-compiled-fp8) flag=(--variant compiled-fp8) ;;
+                fuse-compiled-fp8) flag=(--fuse --variant compiled-fp8) ;;
+                *) echo "unknown adapters mode $mode" >&2; exit 2 ;;
               esac
               python3 -m load.bench_adapters "${sdxl[@]}" --rank 64 --requests 10 \
                 "${flag[@]}" --out "$out/adapters-h100-r64-$mode.json"

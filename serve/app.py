@@ -201,8 +201,8 @@ def _model_app(model: ModelConfig, config: AtelierConfig, catalog: list[dict],
     gpus = 1 if model.device == "cuda" or (model.device == "auto" and has_gpus) else 0
     downloads = DownloadSettings(
         config.cache_dir / "lora-downloads", tuple(config.lora_allowed_hosts),
-        config.lora_download_max_mb * 2**20, config.lora_download_cache_mb * 2**20) if (
-        config.lora_allowed_hosts and model.runs_adapters) else None
+        config.lora_download_max_mb * 2**20,
+        config.lora_download_cache_mb * 2**20) if config.lora_allowed_hosts else None
     return ModelDeployment.options(
         name=_deployment_name(model),
         num_replicas=model.replicas,

@@ -172,14 +172,6 @@ class ModelConfig(_Strict):
         return self.defaults.scheduler or self.rules.schedulers[0]
 
     @property
-    def runs_adapters(self) -> bool:
-        """Whether its speed settings leave LoRA adapters a way to run: merged adapters run
-        with all of them; LoRA slots cannot wrap the layers fused QKV and FP8 replace, and
-        compiled blocks take adapters only merged."""
-        s = self.speed
-        return self.fuse_adapters or not (s.fuse_qkv or s.fp8 or s.compile)
-
-    @property
     def slug(self) -> str:
         """A name usable as a Serve deployment name."""
         return re.sub(r"[^a-z0-9-]", "-", self.id)
@@ -274,19 +266,6 @@ class AtelierConfig(_Strict):
                 if name in seen:
                     raise ValueError(f"model id or alias {name!r} is used twice")
                 seen.add(name)
-        return self
-
-    @model_validator(mode="after")
-    def _speed_without_adapters(self) -> AtelierConfig:
-        for model in self.models:
-            names = (model.id, model.family, *model.aliases)
-            if not any(f.base in names for f in self.lora_folders):
-                continue
-            if not model.runs_adapters:
-                raise ValueError(
-                    f"model {model.id}: lora_folders has adapters for it, which run with "
-                    "speed.fuse_qkv, speed.fp8 and speed.compile only when merged: set "
-                    "fuse_adapters: true, or serve the adapters from a model entry without them")
         return self
 
     def check_paths(self) -> None:

@@ -76,9 +76,6 @@ class ModelRouter:
         for ref, scale in refs:
             url = adapter_url(ref)
             if url is not None:
-                if not model.runs_adapters:
-                    raise InvalidField("loras", f"{model.id} runs with speed settings that "
-                                                "leave no room for LoRA adapters")
                 check_allowed_url(url, self.config.lora_allowed_hosts, "loras",
                                   "lora_allowed_hosts")
                 name = url_adapter_name(url)

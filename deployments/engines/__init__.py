@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 class Engine(Protocol):
     adapters: AdapterSlots | FusedAdapters
 
+    def batch_key(self, request: GenerationRequest) -> tuple:
+        """Requests with equal keys can share one call."""
+
     def prepare(self, request: GenerationRequest) -> tuple[Any, bool]:
         """What the request's call needs (prompt embeddings, input image on the device),
         made ahead of it on any thread, and whether the embeddings were already held."""

@@ -116,16 +116,29 @@ class DiffusersEngine:
         if self.buckets:
             counts = [b for b in self.buckets if b < max_images]
             counts.append(next((b for b in self.buckets if b >= max_images), max_images))
-        for images in counts:
-            try:
-                self.generate([replace(request, num_outputs=1, seed=request.seed + i)
-                               for i in range(images)])
-            except OutOfMemory:
-                # Serving splits such batches anyway; the replica need not fail for it.
-                log.warning("warm-up: %d images of %dx%d do not fit in memory at once; "
-                            "batches that large will run split", images, request.width,
-                            request.height)
-                return
+        # Compiled, calls with adapters in LoRA slots run other code: warm that up too.
+        primings = [nullcontext()]
+        primed = self.adapters.primed()
+        if self.speed.get("compiled_blocks") and primed is not None:
+            primings.append(primed)
+        for priming in primings:
+            with priming:
+                for images in counts:
+                    if not self._warm_call(request, images):
+                        return
+
+    def _warm_call(self, request: GenerationRequest, images: int) -> bool:
+        """One warm-up call of `images` images; False if it does not fit in memory."""
+        try:
+            self.generate([replace(request, num_outputs=1, seed=request.seed + i)
+                           for i in range(images)])
+        except OutOfMemory:
+            # Serving splits such batches anyway; the replica need not fail for it.
+            log.warning("warm-up: %d images of %dx%d do not fit in memory at once; "
+                        "batches that large will run split", images, request.width,
+                        request.height)
+            return False
+        return True
 
     @torch.inference_mode()
     def prepare(self, request: GenerationRequest) -> tuple[Prepared, bool]:

@@ -269,9 +269,19 @@ def test_adapter_benchmark_merges_adapters_into_fp8_and_fused_layers(tmp_path):
     assert report["held_switch_ms_median"] > 0
     assert report["throughput_loss"] == pytest.approx(
         1 - report["images_per_s_switching"] / report["images_per_s_one_adapter"])
-    refused = subprocess.run([sys.executable, "-m", "load.bench_adapters", "--variant", "fp8"],
-                             cwd=ROOT, capture_output=True, text=True, check=False)
-    assert refused.returncode == 2 and "runs adapters only merged: add --fuse" in refused.stderr
+    # Merged adapters run one set per call: no shared call to measure.
+    assert report["mixed_requests"] == 2 and report["images_per_s_mixed_one_call"] is None
+    assert report["images_per_s_mixed_call_each"] > 0
+
+
+def test_adapter_benchmark_runs_slots_with_the_speed_settings_and_mixed_calls(tmp_path):
+    out = tmp_path / "adapters.json"
+    _run("load.bench_adapters", "--variant", "fp8", "--adapters", "4", "--mixed", "3",
+         "--requests", "2", "--steps", "2", "--switch-every", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["speed"]["fused_qkv"] and report["speed"]["fp8_linears"] > 0
+    assert report["mixed_requests"] == 3
+    assert report["images_per_s_mixed_one_call"] > 0 and report["images_per_s_mixed_call_each"] > 0
 
 
 def test_adapter_benchmark_switches_flux_adapters_in_slots(tmp_path, tiny_flux_path):

@@ -24,6 +24,20 @@ def test_a_seed_gives_the_same_pixels_alone_or_among_concurrent_requests(base_ur
     assert_same_pixels(decode(alone.json()["image"]), decode(crowd[1].json()["image"]))
 
 
+def test_requests_with_different_adapters_share_a_call_and_keep_their_own_pixels(
+        base_url, client):
+    sets = [[{"name": "pixel-art"}], [{"name": "sketch", "scale": 0.6}], None,
+            [{"name": "pixel-art"}, {"name": "watercolor", "scale": 0.5}]]
+    bodies = [_body(60 + i, **({"loras": s} if s else {})) for i, s in enumerate(sets)]
+    alone = [client.post("/generate", json=body) for body in bodies]
+    assert [r.headers["x-atelier-batch-size"] for r in alone] == ["1"] * 4
+    crowd = post_many(base_url, bodies)
+    assert len({r.headers["x-atelier-batch-id"] for r in crowd}) == 1
+    assert [r.headers["x-atelier-batch-size"] for r in crowd] == ["4"] * 4
+    for own, shared in zip(alone, crowd, strict=True):
+        assert_same_pixels(decode(own.json()["image"]), decode(shared.json()["image"]))
+
+
 def test_mixed_requests_are_grouped_by_size_and_steps_in_order(base_url):
     shapes = [{"width": 64}, {"width": 128}, {"width": 64}, {"width": 128, "steps": 3},
               {"width": 128}]

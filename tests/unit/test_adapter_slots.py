@@ -122,3 +122,28 @@ def test_slots_are_put_around_the_layers_fused_qkv_and_fp8_leave(tiny_sdxl_path,
     fp8_base = fp8.generate([_req(1)])[0][0]
     assert np.abs(np.asarray(fp8_base).astype(int)
                   - np.asarray(images[2][0][0]).astype(int)).mean() > 2
+
+
+def test_compiled_slots_switch_and_mix_sets_without_compiling_again(tiny_sdxl_path, cache_dir,
+                                                                    engine, tmp_path):
+    """Warm-up compiles the code of calls with one adapter per request; after it, calls
+    that switch, mix or drop adapters reuse it, with the images uncompiled slots give."""
+    from torch._dynamo.utils import counters
+
+    from deployments.engines.sdxl import SDXLEngine
+    from deployments.tiny import TINY_SDXL_DEMO, ensure_demo_loras
+    from serve.config import SpeedConfig
+
+    catalog = AdapterCatalog.scan([(ensure_demo_loras(TINY_SDXL_DEMO, cache_dir), "sdxl",
+                                    1.0)]).entries
+    compiled = SDXLEngine(tiny_sdxl_path, "float32", "cpu", adapters=catalog, max_adapters=2,
+                          max_lora_rank=8, compile_cache=tmp_path,
+                          speed=SpeedConfig(compile=True, batch_buckets=[2]))
+    compiled.warm_up(_req(0), max_images=2)
+    graphs = counters["stats"]["unique_graphs"]
+    calls = [[_req(1, PIXEL)], [_req(1, SKETCH), _req(2)], [_req(1, PIXEL), _req(2, SKETCH)],
+             [_req(1)]]
+    for requests in calls:
+        for own, eager in zip(compiled.generate(requests), engine.generate(requests)):
+            _assert_close(own[0], eager[0])
+    assert counters["stats"]["unique_graphs"] == graphs > 0

@@ -59,6 +59,24 @@ def test_num_outputs_count_against_the_batch_size():
     assert run.calls == [["x"], ["y", "z"]]
 
 
+def test_a_batch_holds_at_most_max_held_names_and_the_others_wait_their_turn():
+    run = Recorder()
+    batcher = Batcher(run, max_batch_size=8, wait_s=0.05, max_held=2)
+
+    async def submit_all():
+        holds = {"p": {"x"}, "q": {"y"}, "r": {"z"}, "s": {"x", "y"}, "t": set()}
+        tasks = []
+        for request, names in holds.items():
+            tasks.append(asyncio.create_task(
+                batcher.submit(request, "k", 1, holds=frozenset(names))))
+            await asyncio.sleep(0.001)
+        return await asyncio.gather(*tasks)
+
+    asyncio.run(submit_all())
+    # r would make three names with p and q; it leads the next batch instead.
+    assert run.calls == [["p", "q", "s", "t"], ["r"]]
+
+
 def test_a_request_larger_than_the_batch_runs_alone():
     run = Recorder()
     batcher = Batcher(run, max_batch_size=2, wait_s=0.01)

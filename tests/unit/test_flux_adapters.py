@@ -92,6 +92,19 @@ def test_the_least_recently_used_adapter_leaves_and_comes_back_the_same(engine):
     assert np.array_equal(_image(engine, AdapterSet.of([("neon", 1.0)])), first)
 
 
+def test_requests_with_different_adapters_share_one_call_with_their_own_images(engine):
+    sets = [AdapterSet.of([("ink", 1.0)]), AdapterSet.of([("neon", 1.0), ("ink", 0.5)]), BASE]
+    requests = [GenerationRequest(**{**REQUEST, "seed": seed}, adapters=adapters)
+                for seed, adapters in enumerate(sets)]
+    alone = [np.asarray(engine.generate([r])[0][0]).astype(int) for r in requests]
+    together = [np.asarray(images[0]).astype(int) for images in engine.generate(requests)]
+    for a, b in zip(alone, together):
+        diff = np.abs(a - b)
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    base = engine.generate([GenerationRequest(**{**REQUEST, "seed": 0})])[0][0]
+    assert np.abs(alone[0] - np.asarray(base).astype(int)).mean() > 2  # ink changes it
+
+
 @pytest.mark.parametrize("name", ["pixel-art", "sketch"])
 def test_an_sdxl_adapter_is_refused_by_the_flux_slots(cache_dir, tiny_flux_path, name):
     """Whatever a folder's `base` says, an SDXL file cannot fill FLUX slots: 422, not 500."""

@@ -249,17 +249,13 @@ def test_fused_qkv_drops_the_projections_it_replaces_and_fp8_makes_only_running_
 
 
 @pytest.mark.parametrize("setting", ["compile", "fuse_qkv", "fp8"])
-def test_settings_that_change_layers_take_lora_adapters_only_merged(setting, tmp_path):
+def test_settings_that_change_layers_take_lora_adapters_in_slots_or_merged(setting, tmp_path):
     model = {"id": "a/b", "path": str(tmp_path), "speed": {setting: True}}
     folders = [{"path": str(tmp_path), "base": "sdxl"}]
-    with pytest.raises(ConfigError, match=f"with .*speed.{setting}.* only when merged"):
-        parse_config({"models": [model], "lora_folders": folders})
-    parse_config({"models": [model]})
-    parse_config({"models": [{**model, "speed": {"channels_last": True}}],
-                  "lora_folders": folders})
-    config = parse_config({"models": [{**model, "fuse_adapters": True}],
-                           "lora_folders": folders})
-    assert config.models[0].runs_adapters
+    for fuse in (False, True):
+        config = parse_config({"models": [{**model, "fuse_adapters": fuse}],
+                               "lora_folders": folders})
+        assert config.models[0].speed.model_dump()[setting] is True
 
 
 def test_warm_up_stops_at_the_first_batch_that_does_not_fit(tiny_sdxl_path):
