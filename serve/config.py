@@ -87,7 +87,8 @@ class ModelConfig(_Strict):
     max_queued_requests: int = Field(64, ge=0, description=(
         "Requests waiting for a replica before new ones get 503."))
     max_loaded_adapters: int = Field(8, ge=1, le=256, description=(
-        "LoRA slots per replica: adapters held at once (the least recently used makes room)."))
+        "LoRA slots per replica: adapters held at once (the least recently used makes "
+        "room), and the most distinct adapters the requests of one call may name."))
     max_lora_rank: int = Field(64, ge=1, le=1024, description=(
         "Rank of each LoRA slot; adapters of higher rank are refused."))
     lora_targets: list[str] = Field(min_length=1, description=(
@@ -96,9 +97,9 @@ class ModelConfig(_Strict):
         "(flux)."))
     fuse_adapters: bool = Field(False, description=(
         "Merge a call's LoRA adapters into the denoiser's weights (restored exactly from a "
-        "copy when the set changes) instead of running LoRA layers beside them: calls with "
-        "adapters compute only the base model's layers, and every speed setting (compile, "
-        "channels_last, fuse_qkv, fp8) works with adapters. Costs a device copy of the "
+        "copy when the set changes) instead of running LoRA slots beside them: calls with "
+        "adapters compute only the base model's layers, but each call serves one adapter "
+        "set (slots let requests with different sets share a call). Costs a device copy of the "
         "targeted weights (SDXL attention projections: 1.9 GB in fp16; FLUX.1-dev's 17 "
         "targets: 23.7 GB in bf16) and a weight rewrite each time a replica's adapter set "
         "changes."))
