@@ -90,11 +90,7 @@ class AdapterSlots(HeldAdapters):
         """Give each request of a call (`sets`, one per request, whose images are `rows`)
         its adapter set; load any that are missing, keeping all the call's. Raises
         AdapterInvalid when the call names more adapters than the slots hold."""
-        names = tuple(dict.fromkeys(n for s in sets for n in s.names))
-        for name in names:
-            if name not in self._held:
-                self.inject(name, self.read(name), keep=names)
-            self._held.move_to_end(name)
+        self._hold(tuple(dict.fromkeys(n for s in sets for n in s.names)))
         self._routing.route([[(self._held[n], scale) for n, scale in s.items] for s in sets],
                             rows)
 

@@ -53,11 +53,12 @@ class HeldAdapters:
         """Find the layers to change in `denoiser` as the speed settings left it (nothing
         to find for LoRA slots, which the settings that replace layers do not run with)."""
 
-    def _hold(self, adapters: AdapterSet) -> None:
-        """Load the adapters of `adapters` not held yet; mark all as used last."""
-        for name in adapters.names:
+    def _hold(self, names: tuple[str, ...]) -> None:
+        """Load the adapters named that are not held yet, keeping all of them; mark all
+        as used last."""
+        for name in names:
             if name not in self._held:
-                self.inject(name, self.read(name), keep=tuple(adapters.names))
+                self.inject(name, self.read(name), keep=names)
             self._held.move_to_end(name)
 
     def _least_recent(self, keep: tuple[str, ...]) -> str:
@@ -65,7 +66,8 @@ class HeldAdapters:
         AdapterInvalid when every one is needed by `keep`."""
         victim = next((n for n in self._held if n not in keep), None)
         if victim is None:
-            raise AdapterInvalid("more adapters in one request than this replica holds")
+            raise AdapterInvalid(
+                "more adapters in one request or call than this replica holds")
         log.info("unloading adapter %s", victim)
         return victim
 
@@ -137,7 +139,7 @@ class FusedAdapters(HeldAdapters):
     def activate(self, adapters: AdapterSet) -> None:
         """Merge exactly `adapters` (with their scales) into the weights; load any that
         are missing. The base model's weights come back exactly for an empty set."""
-        self._hold(adapters)
+        self._hold(tuple(adapters.names))
         if adapters == self._merged:
             return
         terms: dict[str, list] = {}  # layer path → [(A, B, factor)]

@@ -141,7 +141,7 @@ class SlotRouting:
         batch = (args[0] if args else kwargs.get("sample", kwargs.get("hidden_states")))
         live = tuple(self._rows.original_rows())
         key = (live, batch.shape[0])
-        if key == self._placed:
+        if key == self._placed or not live:
             return
         index = torch.tensor(live, device=self._table[0].device)
         times = batch.shape[0] // len(live)

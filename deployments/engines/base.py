@@ -106,7 +106,9 @@ class DiffusersEngine:
         allocate memory and, with `speed.compile`, compile. Compiled code is specialised
         for one image, general from two on, and may split again at larger batches, so
         the largest batch is compiled here too rather than under load. With batch buckets,
-        each bucket up to `max_images` is run instead."""
+        each bucket up to `max_images` is run instead. Compiled with LoRA slots, the calls
+        run again with the slots primed (`adapters.primed`), for the code of calls with
+        adapters."""
         if self.cfg_cutoff is not None:  # enough steps for the unguided ones to be warmed up
             steps = request.num_inference_steps
             while int(steps * self.cfg_cutoff) > steps - 2:
