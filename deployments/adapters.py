@@ -28,7 +28,7 @@ import torch
 from deployments.engines.withdrawal import BatchRows
 from deployments.fused_adapters import FusedAdapters, HeldAdapters, targeted
 from deployments.lora_files import AdapterWeights, LoraReader, Target, read_adapter
-from deployments.lora_slots import SlotLinear, SlotRouting, wrap_targets
+from deployments.lora_slots import SlotLinear, SlotRouting, slot_widths, wrap_targets
 from serve.adapters import AdapterEntry, AdapterSet
 
 
@@ -57,13 +57,16 @@ class AdapterSlots(HeldAdapters):
         self._held: OrderedDict[str, int] = OrderedDict()  # adapter name → slot
         self._routing = SlotRouting(self._capacity)
 
-    def bind(self, denoiser) -> None:
-        """Put the slot layers around what computes each target in `denoiser` now."""
+    def bind(self, denoiser, compiled: bool = False) -> None:
+        """Put the slot layers around what computes each target in `denoiser` now;
+        `compiled`: the denoiser's blocks are compiled, so calls pad each row's adapters
+        up to one of a few counts (`slot_widths`)."""
         if self._layers or not self._paths:
             return
         self._layers = wrap_targets(denoiser, self._paths, self._capacity, self._max_rank,
                                     denoiser.dtype)
         self._routing.attach(denoiser, {layer for layer, _ in self._layers.values()})
+        self._routing.widths = slot_widths(self._capacity) if compiled else ()
 
     def read(self, name: str) -> AdapterWeights:
         """Stage the adapter's tensors. Raises AdapterInvalid if it cannot fill a slot."""
@@ -94,19 +97,19 @@ class AdapterSlots(HeldAdapters):
         self._routing.route([[(self._held[n], scale) for n, scale in s.items] for s in sets],
                             rows)
 
-    def primed(self) -> AbstractContextManager | None:
-        """A context in which calls without adapters run the slot layers as calls with one
-        adapter per request do (on the all-zero slot), so warm-up compiles that code too;
-        None without slots."""
-        return self._priming() if self._layers else None
+    def primings(self) -> list[AbstractContextManager]:
+        """Compiled: one context per adapter count calls are padded up to, in which calls
+        without adapters run the slot layers as calls with that many adapters per row do
+        (on the all-zero slot), so that warm-up compiles their code too."""
+        return [self._priming(width) for width in self._routing.widths]
 
     @contextmanager
-    def _priming(self) -> Iterator[None]:
-        self._routing.primed = True
+    def _priming(self, width: int) -> Iterator[None]:
+        self._routing.primed = width
         try:
             yield
         finally:
-            self._routing.primed = False
+            self._routing.primed = 0
 
     def _target(self, path: str) -> Target | None:
         found = self._layers.get(path)

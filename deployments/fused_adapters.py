@@ -40,18 +40,18 @@ class HeldAdapters:
             raise ValueError("these adapters serve one adapter set per call")
         self.activate(sets[0])
 
-    def primed(self) -> AbstractContextManager | None:
-        """A context in which calls without adapters run the code calls with one adapter
-        per request run; None where that is the same code (adapters merged)."""
-        return None
+    def primings(self) -> list[AbstractContextManager]:
+        """Contexts in which warm-up calls run the code that calls with adapters run, when
+        that differs from the plain calls' code (none where adapters are merged)."""
+        return []
 
     @property
     def loaded(self) -> list[str]:
         return list(self._held)
 
-    def bind(self, denoiser) -> None:
-        """Find the layers to change in `denoiser` as the speed settings left it (nothing
-        to find for LoRA slots, which the settings that replace layers do not run with)."""
+    def bind(self, denoiser, compiled: bool = False) -> None:
+        """Find what to change in `denoiser` as the speed settings left it (`compiled`:
+        its blocks are compiled)."""
 
     def _hold(self, names: tuple[str, ...]) -> None:
         """Load the adapters named that are not held yet, keeping all of them; mark all
@@ -104,7 +104,7 @@ class FusedAdapters(HeldAdapters):
         self._changed: set[str] = set()  # layers whose weights hold a merged adapter
         self.rewrites = 0  # times the weights were restored and merged for another set
 
-    def bind(self, denoiser) -> None:
+    def bind(self, denoiser, compiled: bool = False) -> None:
         """Find the layer and rows that compute each targeted layer in `denoiser` now."""
         from deployments.engines.speed import linear_rows
 

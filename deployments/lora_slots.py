@@ -97,6 +97,18 @@ def wrap_targets(denoiser: nn.Module, paths: list[str], slots: int, rank: int,
     return found
 
 
+def slot_widths(capacity: int) -> tuple[int, ...]:
+    """The adapter counts per row that compiled calls are padded up to: powers of two
+    below `capacity`, and `capacity`. Compiled code is specialised for one adapter per
+    row and general from two on, or, with static shapes, for each count: the warm-up
+    runs each of these, so no count met later compiles under load."""
+    widths, width = [], 1
+    while width < capacity:
+        widths.append(width)
+        width *= 2
+    return (*widths, capacity)
+
+
 class SlotRouting:
     """Which slots each row of the running call reads: set per call (`route`), and placed
     on the slot layers before each denoiser forward, for the rows still in the batch (a
@@ -109,9 +121,12 @@ class SlotRouting:
         self._table: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rows = None
         self._placed: tuple | None = None  # what the layers hold now
-        # Calls without adapters run the slot layers too, on the all-zero slot (warm-up:
-        # compiled code for calls with adapters is made before the first one).
-        self.primed = False
+        # Compiled: the adapter counts per row that calls are padded up to (slot_widths),
+        # with the all-zero slot; () runs each call at its own largest count.
+        self.widths: tuple[int, ...] = ()
+        # Warm-up: calls without adapters run the slot layers as calls with this many
+        # adapters per row do (all on the all-zero slot); 0: they skip the slot layers.
+        self.primed = 0
 
     def attach(self, denoiser: nn.Module, layers: set[SlotLinear]) -> None:
         self._layers = tuple(layers)
@@ -122,11 +137,12 @@ class SlotRouting:
         images each request has and which are still live."""
         if not self._layers:
             return
-        if not any(per_request) and not self.primed:
+        width = max([self.primed, *(len(p) for p in per_request)])
+        if not width:
             self._table, self._rows = None, None
             self._place(None, None, key=None)
             return
-        width = max(1, *(len(p) for p in per_request))
+        width = next((w for w in self.widths if w >= width), width)
         padded = [p + [(self._zero, 0.0)] * (width - len(p)) for p, size
                   in zip(per_request, rows.sizes, strict=True) for _ in range(size)]
         like = self._layers[0].lora_a

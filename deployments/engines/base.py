@@ -86,7 +86,7 @@ class DiffusersEngine:
         self.cfg_cutoff = speed.cfg_cutoff
         denoiser = getattr(self.pipe, self.denoiser)
         self.speed = apply_speed(self.pipe, denoiser, speed, compile_cache)
-        self.adapters.bind(denoiser)
+        self.adapters.bind(denoiser, compiled=bool(self.speed.get("compiled_blocks")))
 
     def memory(self) -> tuple[str, int]:
         """(device, bytes held): torch's allocated GPU memory, or the process's resident
@@ -107,8 +107,8 @@ class DiffusersEngine:
         for one image, general from two on, and may split again at larger batches, so
         the largest batch is compiled here too rather than under load. With batch buckets,
         each bucket up to `max_images` is run instead. Compiled with LoRA slots, the calls
-        run again with the slots primed (`adapters.primed`), for the code of calls with
-        adapters."""
+        run again with the slots primed for each adapter count calls are padded up to
+        (`adapters.primings`), for the code of calls with adapters."""
         if self.cfg_cutoff is not None:  # enough steps for the unguided ones to be warmed up
             steps = request.num_inference_steps
             while int(steps * self.cfg_cutoff) > steps - 2:
@@ -119,11 +119,7 @@ class DiffusersEngine:
             counts = [b for b in self.buckets if b < max_images]
             counts.append(next((b for b in self.buckets if b >= max_images), max_images))
         # Compiled, calls with adapters in LoRA slots run other code: warm that up too.
-        primings = [nullcontext()]
-        primed = self.adapters.primed()
-        if self.speed.get("compiled_blocks") and primed is not None:
-            primings.append(primed)
-        for priming in primings:
+        for priming in [nullcontext(), *self.adapters.primings()]:
             with priming:
                 for images in counts:
                     if not self._warm_call(request, images):

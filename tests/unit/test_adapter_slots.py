@@ -97,6 +97,32 @@ def test_a_withdrawn_request_takes_its_adapter_rows_out_of_the_call(engine):
     _assert_close(out[2][0], untouched[2][0])
 
 
+def test_compiled_calls_pad_each_rows_adapters_up_to_a_few_counts():
+    """Compiled, a row's adapters are padded with the all-zero slot up to a power of two
+    or the capacity, so calls meet only the counts warm-up ran; uncompiled, a call runs
+    at its own largest count."""
+    import torch
+
+    from deployments.engines.withdrawal import BatchRows
+    from deployments.lora_slots import SlotRouting, slot_widths, wrap_targets
+
+    assert [slot_widths(c) for c in (1, 2, 6, 8)] == [(1,), (1, 2), (1, 2, 4, 6),
+                                                     (1, 2, 4, 8)]
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    layer, _ = wrap_targets(net, ["0"], slots=8, rank=2, dtype=torch.float32)["0"]
+    routing = SlotRouting(8)
+    routing.attach(net, {layer})
+    placed = {}
+    for widths in (slot_widths(8), ()):
+        routing.widths = widths
+        routing.route([[(0, 1.0), (1, 0.5), (2, 0.25)], []], BatchRows([1, 1]))
+        net(torch.zeros(2, 4))
+        placed[widths] = layer.slot_rows.tolist(), layer.slot_scales.tolist()
+    assert placed[slot_widths(8)] == ([[0, 1, 2, 8], [8, 8, 8, 8]],
+                                      [[1.0, 0.5, 0.25, 0.0], [0.0] * 4])
+    assert placed[()] == ([[0, 1, 2], [8, 8, 8]], [[1.0, 0.5, 0.25], [0.0] * 3])
+
+
 def test_slots_are_put_around_the_layers_fused_qkv_and_fp8_leave(tiny_sdxl_path, cache_dir):
     from deployments.engines.sdxl import SDXLEngine
     from deployments.engines.speed import Fp8Linear
@@ -126,8 +152,9 @@ def test_slots_are_put_around_the_layers_fused_qkv_and_fp8_leave(tiny_sdxl_path,
 
 def test_compiled_slots_switch_and_mix_sets_without_compiling_again(tiny_sdxl_path, cache_dir,
                                                                     engine, tmp_path):
-    """Warm-up compiles the code of calls with one adapter per request; after it, calls
-    that switch, mix or drop adapters reuse it, with the images uncompiled slots give."""
+    """Warm-up compiles the code of calls with one and with two adapters per request;
+    after it, calls that switch, mix, stack or drop adapters reuse it, with the images
+    uncompiled slots give."""
     from torch._dynamo.utils import counters
 
     from deployments.engines.sdxl import SDXLEngine
@@ -141,8 +168,9 @@ def test_compiled_slots_switch_and_mix_sets_without_compiling_again(tiny_sdxl_pa
                           speed=SpeedConfig(compile=True, batch_buckets=[2]))
     compiled.warm_up(_req(0), max_images=2)
     graphs = counters["stats"]["unique_graphs"]
+    both = AdapterSet.of([("pixel-art", 1.0), ("sketch", 0.5)])
     calls = [[_req(1, PIXEL)], [_req(1, SKETCH), _req(2)], [_req(1, PIXEL), _req(2, SKETCH)],
-             [_req(1)]]
+             [_req(1, both)], [_req(1, both), _req(2, PIXEL)], [_req(1)]]
     for requests in calls:
         for own, eager in zip(compiled.generate(requests), engine.generate(requests)):
             _assert_close(own[0], eager[0])
