@@ -48,6 +48,11 @@ VARIANTS = {
                                        "compile_mode": "max-autotune-no-cudagraphs"}),
     "compiled-fp8-autotune": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
                                            "compile_mode": "max-autotune-no-cudagraphs"}),
+    # Static shapes: every call padded to 8 images, each block compiled for exactly that
+    # shape (speed.batch_buckets), against the dynamic shapes of the plain compiled ones.
+    "compiled-b8": ("bfloat16", {**_FAST, "compile": True, "batch_buckets": [8]}),
+    "compiled-fp8-b8": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
+                                     "batch_buckets": [8]}),
     "compiled-cudnn": ("bfloat16", {**_FAST, "compile": True, "attention": "cudnn"}),
     "compiled-fp8-cudnn": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
                                         "attention": "cudnn"}),

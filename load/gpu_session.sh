@@ -7,7 +7,9 @@
 #   cp ../shared/gpu/sdxl-base-configs.json .whl/
 # then on the device, carrying .whl:   bash load/gpu_session.sh STEP
 #   engine      compiled bf16, cuDNN attention and the guidance cutoff, with the kernel profile
-#   engine-fp8  the FP8 variants (row-wise with and without fast accumulation, per tensor)
+#   engine-fp8  the FP8 variants (row-wise with and without fast accumulation, per tensor),
+#               with the kernel profile
+#   engine-static  compiled for static shapes (calls padded to 8 images), bf16 and FP8
 #   fp8-error   each FP8 layer's error against float32 beside bfloat16's, in one real call
 #   engine-512  512², 30 steps (the 6 img/s target): compiled, FP8, FP8 with the cutoff
 #   engine-autotune  compiled with Inductor's kernel autotuning (a longer first start)
@@ -25,7 +27,7 @@
 # engine-autotune runs compiled-autotune, or the variant named after it.
 # Figures go to $OUT (results/ when unset) as JSON, with each step's console output.
 set -euo pipefail
-step=${1:?"step: engine | engine-fp8 | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux"}
+step=${1:?"step: engine | engine-fp8 | engine-static | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux"}
 variant=${2:-compiled}
 out=${OUT:-results}
 mkdir -p "$out"
@@ -38,9 +40,12 @@ case $step in
   engine) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --profile \
             --variants compiled compiled-cudnn compiled-cfg50 \
             --out "$out/engine-h100-compiled.json" 2>&1 | tee "$log" ;;
-  engine-fp8) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 \
+  engine-fp8) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --profile \
                 --variants compiled-fp8 compiled-fp8-slowaccum compiled-fp8-tensor \
                 --out "$out/engine-h100-fp8.json" 2>&1 | tee "$log" ;;
+  engine-static) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --profile \
+                   --variants compiled-b8 compiled-fp8-b8 \
+                   --out "$out/engine-h100-static.json" 2>&1 | tee "$log" ;;
   fp8-error) python3 -m load.fp8_error "${sdxl[@]}" --out "$out/fp8-error-h100.json" \
                2>&1 | tee "$log" ;;
   engine-512) python3 -m load.bench_engine --random-sdxl .whl/sdxl-base-configs.json \

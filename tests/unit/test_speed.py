@@ -315,6 +315,14 @@ def test_compile_mode_is_a_setting_of_compile():
     assert SpeedConfig(compile=True, compile_mode="max-autotune-no-cudagraphs").compile
 
 
+def test_every_benchmark_variant_is_a_valid_speed_setting():
+    from load.bench_engine import VARIANTS
+
+    speeds = {name: SpeedConfig(**speed) for name, (_, speed) in VARIANTS.items()}
+    assert speeds["compiled-b8"].batch_buckets == [8] and speeds["compiled-b8"].compile
+    assert speeds["compiled-fp8-b8"].fp8 and speeds["compiled-fp8-b8"].batch_buckets == [8]
+
+
 def test_batch_buckets_must_ascend_and_hold_the_batch():
     with pytest.raises(ConfigError, match="ascending"):
         parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl",
