@@ -18,10 +18,11 @@ from ray import serve
 from deployments.batcher import Batcher, PreviewListener, StepListener
 from deployments.encoding import encode_image
 from deployments.lora_downloads import AdapterDownloads, DownloadSettings
+from serve import gc_pauses
 from serve.adapters import AdapterCatalog, AdapterInvalid, AdapterSet
 from serve.config import ModelConfig
 from serve.errors import AtelierError, InferenceFailed, ReplicaLost
-from serve.metrics import ModelMetrics
+from serve.metrics import ModelMetrics, gc_pause_histogram
 from serve.types import MEDIA_TYPES, BatchInfo, GenerationRequest, GenerationResult
 
 log = logging.getLogger("ray.serve.atelier.model")
@@ -80,8 +81,12 @@ class ModelDeployment:
         # Serve reports the sets a replica holds, so the router sends a set's requests here.
         self._adapter_set = serve.multiplexed(
             max_num_models_per_replica=self.cfg.max_loaded_adapters)(load_adapter_set)
-        log.info("%s ready on %s: load %.2fs, warm-up %.2fs", self.cfg.id,
-                 self.engine.describe()["device"], self.load_s, self.warmup_s)
+        # What start-up made stays; requests should not wait for collections to scan it.
+        settled = gc_pauses.settle()
+        gc_pauses.watch(gc_pause_histogram())
+        log.info("%s ready on %s: load %.2fs, warm-up %.2fs, %d objects frozen in %.2fs",
+                 self.cfg.id, self.engine.describe()["device"], self.load_s, self.warmup_s,
+                 settled["frozen"], settled["seconds"])
 
     def _warm_up(self) -> None:
         self.engine.warm_up(self._warm_request(self.cfg.warmup_steps),

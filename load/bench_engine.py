@@ -190,7 +190,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     engine.warm_up(replace(warm, prompt="warm-up", num_inference_steps=2), max(args.batches))
     _sync()
     out = {"variant": args.one, "dtype": dtype, "speed": speed, "load_s": load_s,
-           "warmup_s": time.monotonic() - started, "batches": []}
+           "warmup_s": time.monotonic() - started, "gc": gc_figures(), "batches": []}
     for size in args.batches:
         times = []
         for _ in range(args.repeats + 1):
@@ -211,6 +211,25 @@ def run_variant(args: argparse.Namespace) -> dict:
     if torch.cuda.is_available():
         out["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def gc_figures() -> dict:
+    """What a full garbage collection costs in this process after warm-up, before and
+    after the heap is settled as a serving replica settles it (serve.gc_pauses); the
+    calls timed after it run with the settled heap, as they would in a replica."""
+    import gc
+
+    from serve.gc_pauses import settle
+
+    objects = len(gc.get_objects())
+    started = time.perf_counter()
+    gc.collect()
+    full_s = time.perf_counter() - started
+    settled = settle()
+    started = time.perf_counter()
+    gc.collect()
+    return {"objects": objects, "full_collection_s": full_s, "frozen": settled["frozen"],
+            "full_collection_settled_s": time.perf_counter() - started}
 
 
 def _stages(engine, requests: list) -> dict:
@@ -305,6 +324,10 @@ def _print(r: dict) -> None:
     stages = " ".join(f"{k} {v:.3f}s" for k, v in r["stages_s"].items())
     print(f"{r['variant']:<13} load {r['load_s']:.1f}s warm-up {r['warmup_s']:.1f}s  {cells}  "
           f"diff {r['mean_abs_diff_vs_first']:.2f}\n{'':<13} stages: {stages}", flush=True)
+    gc = r["gc"]
+    print(f"{'':<13} full garbage collection of {gc['objects']} objects "
+          f"{gc['full_collection_s'] * 1000:.0f} ms, settled {gc['full_collection_settled_s'] * 1000:.1f} ms",
+          flush=True)
     if "profile" in r:
         kinds = " ".join(f"{k} {v['share']:.0%}" for k, v in r["profile"]["kinds"].items())
         print(f"{'':<13} {r['profile']['measured']}: {kinds}", flush=True)

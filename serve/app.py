@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.lora_downloads import DownloadSettings
 from deployments.model import ModelDeployment
+from serve import gc_pauses
 from serve.adapters import AdapterCatalog
 from serve.auth import OPEN_PREFIXES, ApiKey, configured_keys, matching_key
 from serve.body_limit import install_body_limit
@@ -28,7 +29,7 @@ from serve.context import ingress
 from serve.errors import Unauthorized
 from serve.http_errors import api_path, error_response, install_error_handlers
 from serve.images import ImageFetcher
-from serve.metrics import IngressMetrics
+from serve.metrics import IngressMetrics, gc_pause_histogram
 from serve.predictions import PredictionRunner
 from serve.rate_limits import counted, draw
 from serve.router import ModelRouter
@@ -128,6 +129,8 @@ class Ingress:
         self.deployment_names = dict(deployment_names)
         self.started_at = int(time.time())
         self._webhook_secret = cfg.webhook_secret or webhook_secret_from_env()
+        gc_pauses.settle()  # later collections scan only what serving makes
+        gc_pauses.watch(gc_pause_histogram())
 
     async def _warm_models(self, cfg: AtelierConfig) -> None:
         """Each model's request path through this replica, warmed once its replicas

@@ -14,6 +14,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 SECONDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128]
 BATCH_IMAGES = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
 FILL = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+GC_SECONDS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1]
 
 # HTTP statuses counted as errors of a kind at the ingress; failures past validation
 # (overload, timeout, out of memory, canceled, failed) are counted where they happen.
@@ -38,6 +39,14 @@ def api_name(path: str) -> str:
 def error_kind(status: int) -> str | None:
     """The error kind the ingress counts for an HTTP status, or None."""
     return _KIND_BY_STATUS.get(status)
+
+
+def gc_pause_histogram() -> Histogram:
+    """Garbage collections of a replica's process (ingress or model), timed by
+    `serve.gc_pauses.watch`: every thread of the replica waits while one runs."""
+    return Histogram("atelier_gc_pause_seconds", "Time one garbage collection held a "
+                     "replica's interpreter, by generation (2: a full collection)",
+                     boundaries=GC_SECONDS, tag_keys=("generation",))
 
 
 class IngressMetrics:

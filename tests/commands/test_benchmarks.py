@@ -176,7 +176,12 @@ def test_engine_benchmark_runs_flux(tmp_path, tiny_flux_path):
         for b in v["batches"]:
             assert b["tflops"] == pytest.approx(b["images_per_s"] * report["flops"]["image"]
                                                 / 1e12)
-    assert "stages:" in stdout
+        # A loaded engine is hundreds of thousands of objects; settled, a full collection
+        # scans none of them.
+        gc = v["gc"]
+        assert gc["frozen"] > 100_000 and gc["objects"] > 100_000
+        assert gc["full_collection_settled_s"] < gc["full_collection_s"]
+    assert "stages:" in stdout and "full garbage collection of" in stdout
     done = subprocess.run([sys.executable, "-m", "load.bench_engine", "--family", "flux",
                            "--variants", "compiled-cfg50"], cwd=ROOT, capture_output=True,
                           text=True, check=False)
@@ -197,7 +202,12 @@ def test_engine_benchmark_compares_variants_with_the_first(tmp_path):
         for b in v["batches"]:
             assert b["tflops"] == pytest.approx(b["images_per_s"] * report["flops"]["image"]
                                                 / 1e12)
-    assert "stages:" in stdout
+        # A loaded engine is hundreds of thousands of objects; settled, a full collection
+        # scans none of them.
+        gc = v["gc"]
+        assert gc["frozen"] > 100_000 and gc["objects"] > 100_000
+        assert gc["full_collection_settled_s"] < gc["full_collection_s"]
+    assert "stages:" in stdout and "full garbage collection of" in stdout
 
 
 def test_engine_profile_splits_a_call_by_kind_of_work(tmp_path):

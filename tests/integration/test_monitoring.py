@@ -134,7 +134,7 @@ def test_the_dashboard_covers_what_operators_watch():
     titles = " ".join(title for title, _ in _panel_queries()).lower()
     for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "prompts held",
                   "errors", "memory", "healthy", "by api key", "busy share",
-                  "gpu utilization"):
+                  "gpu utilization", "garbage collection"):
         assert topic in titles, topic
 
 
