@@ -324,10 +324,9 @@ def _print(r: dict) -> None:
     stages = " ".join(f"{k} {v:.3f}s" for k, v in r["stages_s"].items())
     print(f"{r['variant']:<13} load {r['load_s']:.1f}s warm-up {r['warmup_s']:.1f}s  {cells}  "
           f"diff {r['mean_abs_diff_vs_first']:.2f}\n{'':<13} stages: {stages}", flush=True)
-    gc = r["gc"]
-    print(f"{'':<13} full garbage collection of {gc['objects']} objects "
-          f"{gc['full_collection_s'] * 1000:.0f} ms, settled {gc['full_collection_settled_s'] * 1000:.1f} ms",
-          flush=True)
+    full, settled = r["gc"]["full_collection_s"], r["gc"]["full_collection_settled_s"]
+    print(f"{'':<13} full garbage collection of {r['gc']['objects']} objects "
+          f"{full * 1000:.0f} ms, settled {settled * 1000:.1f} ms", flush=True)
     if "profile" in r:
         kinds = " ".join(f"{k} {v['share']:.0%}" for k, v in r["profile"]["kinds"].items())
         print(f"{'':<13} {r['profile']['measured']}: {kinds}", flush=True)

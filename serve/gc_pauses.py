@@ -4,7 +4,8 @@ A collection holds the interpreter lock while it scans, so every thread of the r
 waits: the pipeline thread launches no kernel, the event loop answers nothing. A full
 (generation 2) collection scans every tracked object of the process, and a replica holds
 hundreds of thousands of them once torch, diffusers and Ray are loaded (more still with
-compiled code): with the tiny engine on the 2-core CPU a full collection took about 290 ms.
+compiled code): with the tiny engine warmed up on the 2-core CPU, a full collection
+(440,000–500,000 objects) took 240–290 ms.
 
 `settle` runs once a replica has started (warmed up): it collects what start-up left
 and freezes the rest (`gc.freeze`), so later collections scan only objects made while
