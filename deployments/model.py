@@ -122,6 +122,7 @@ class ModelDeployment:
         Raises AdapterInvalid if one of its adapters cannot load, InferenceFailed if the
         pipeline fails on it alone.
         """
+        collected = gc_pauses.paused_s()
         if request.adapters:
             await self._hold_adapters(request.adapters)
         queued = _Queued(request, self._prepare(request))
@@ -138,7 +139,8 @@ class ModelDeployment:
                                 media_type=MEDIA_TYPES[request.output_format],
                                 width=request.width, height=request.height, batch=b,
                                 replica=self.replica, node=self.node, gpus=self.gpus,
-                                adapters_held=tuple(self.engine.adapters.loaded))
+                                adapters_held=tuple(self.engine.adapters.loaded),
+                                gc_ms=(gc_pauses.paused_s() - collected) * 1000)
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[tuple]:
         """Like `generate`, as a stream: ("progress", step, total) while its pipeline call

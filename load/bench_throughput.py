@@ -21,8 +21,9 @@
    then one request after `--idle-s` of silence, and a restart (deploy again; the compile
    cache stays) timed to healthy and to its first image. The first request and the one
    after the silence are each followed by two more, and all carry the server's split
-   (queue, pipeline call) and the GPU's SM clock before sending: what a pause costs, and
-   where. `--keep-warm-s` sets the replicas' keep-warm.
+   (queue, pipeline call, garbage collection in the replica) and the GPU's SM clock
+   before sending: what a pause costs, and where. `--keep-warm-s` sets the replicas'
+   keep-warm.
 Prints a table; writes JSON and (with matplotlib) a PNG next to it.
 """
 
@@ -132,9 +133,10 @@ async def _open_loop(url: str, args: argparse.Namespace, rate: float) -> dict:
 
 
 def _timed_request(url: str, args: argparse.Namespace, seed: int) -> dict:
-    """One request: its time at the client, and how the server split it (queue and
-    pipeline call), with the GPU's SM clock just before it was sent (where readable), to
-    tell a cold device from a cold HTTP path."""
+    """One request: its time at the client, and how the server split it (queue,
+    pipeline call, garbage collection in the model replica meanwhile), with the GPU's SM
+    clock just before it was sent (where readable), to tell a cold device from a cold
+    HTTP path."""
     clock = _sm_clock_mhz()
     started = time.monotonic()
     r = httpx.post(url + "/generate", json=bs._body(args, seed), timeout=900)
@@ -142,6 +144,7 @@ def _timed_request(url: str, args: argparse.Namespace, seed: int) -> dict:
     return {"request_s": time.monotonic() - started,
             "queue_ms": float(r.headers["X-Atelier-Queue-Ms"]),
             "inference_ms": float(r.headers["X-Atelier-Inference-Ms"]),
+            "gc_ms": float(r.headers["X-Atelier-GC-Ms"]),
             "sm_clock_mhz_before": clock}
 
 

@@ -9,7 +9,8 @@ compiled code): with the tiny engine warmed up on the 2-core CPU, a full collect
 
 `settle` runs once a replica has started (warmed up): it collects what start-up left
 and freezes the rest (`gc.freeze`), so later collections scan only objects made while
-serving. `watch` times every collection into a histogram, by generation.
+serving. `watch` times every collection into a histogram, by generation, and keeps
+the running total (`paused_s`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Observer(Protocol):
 
 
 _watched: list[Observer] = []  # one watcher per process, whatever the replicas in it
+_paused = [0.0]  # seconds of collection since the watcher was installed
 
 
 def settle() -> dict:
@@ -47,7 +49,14 @@ def watch(pauses: Observer) -> None:
         if phase == "start":
             started[0] = time.perf_counter()
         else:
-            pauses.observe(time.perf_counter() - started[0],
-                           {"generation": str(info["generation"])})
+            seconds = time.perf_counter() - started[0]
+            _paused[0] += seconds
+            pauses.observe(seconds, {"generation": str(info["generation"])})
 
     gc.callbacks.append(timed)
+
+
+def paused_s() -> float:
+    """Seconds this process has spent in garbage collection since `watch` (0 before):
+    the difference over a request's stay is what collections held it up."""
+    return _paused[0]

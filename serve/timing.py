@@ -18,5 +18,7 @@ def timing_headers(result: GenerationResult) -> dict[str, str]:
         "X-Atelier-Batch-Size": str(batch.images),
         "X-Atelier-Batch-Requests": str(batch.requests),
         "X-Atelier-Batch-Id": batch.batch_id,
-        "Server-Timing": f"queue;dur={batch.queue_ms:.1f}, inference;dur={batch.inference_ms:.1f}",
+        "X-Atelier-GC-Ms": f"{result.gc_ms:.1f}",
+        "Server-Timing": f"queue;dur={batch.queue_ms:.1f}, inference;dur={batch.inference_ms:.1f}"
+                         f", gc;dur={result.gc_ms:.1f}",
     }

@@ -180,3 +180,4 @@ class GenerationResult:
     adapters_held: tuple[str, ...] = ()
     node: str = ""  # the Ray node id of the replica
     gpus: tuple[str, ...] = ()  # the GPU ids Ray gave the replica
+    gc_ms: float = 0.0  # garbage collection in the replica's process while it held it

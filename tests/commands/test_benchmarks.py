@@ -70,12 +70,14 @@ def test_throughput_benchmark_runs_the_open_loop_the_idle_request_and_a_restart(
     assert open_loop["latency_s"]["p99"] == report["summary"]["p99_at_90pct_s"]
     assert a["after_idle_s"]["idle_s"] == 1 and a["after_idle_s"]["request_s"] > 0
     # The first request and the one after the pause, each with the two that followed it,
-    # split by the server into queue and pipeline time (no GPU clock on a CPU machine).
+    # split by the server into queue, pipeline and collection time (no GPU clock on a
+    # CPU machine).
     for cold_then_warm in (a["first_request"], a["after_idle_s"]):
         cold, warm = cold_then_warm["cold"], cold_then_warm["warm_after"]
         assert cold["request_s"] == cold_then_warm["request_s"] and len(warm) == 2
         for r in (cold, *warm):
             assert 0 < r["inference_ms"] / 1000 < r["request_s"] and r["queue_ms"] >= 0
+            assert 0 <= r["gc_ms"] / 1000 < r["request_s"]
             assert r["sm_clock_mhz_before"] is None
     assert report["settings"]["keep_warm_s"] == 0.5
     assert a["restart"]["to_healthy_s"] > 0 and a["restart"]["first_request_s"] > 0

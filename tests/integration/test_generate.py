@@ -88,3 +88,7 @@ def test_timing_headers_describe_the_batch(client):
     assert 1900 <= float(h["x-atelier-queue-ms"]) < 10_000
     assert float(h["x-atelier-inference-ms"]) > 0
     assert h["server-timing"].startswith("queue;dur=")
+    # Collections in the replica while it held the request: part of its stay there.
+    gc_ms = float(h["x-atelier-gc-ms"])
+    assert 0 <= gc_ms < float(h["x-atelier-queue-ms"]) + float(h["x-atelier-inference-ms"])
+    assert f"gc;dur={gc_ms:.1f}" in h["server-timing"]

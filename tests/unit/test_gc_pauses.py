@@ -30,6 +30,7 @@ def test_settle_freezes_what_start_up_left_out_of_later_collections():
 
 def test_watch_times_every_collection_by_generation_once_per_process(monkeypatch):
     monkeypatch.setattr(gc_pauses, "_watched", [])
+    monkeypatch.setattr(gc_pauses, "_paused", [0.0])
     before = list(gc.callbacks)
     first, second = _Recorder(), _Recorder()
     gc_pauses.watch(first)
@@ -44,3 +45,5 @@ def test_watch_times_every_collection_by_generation_once_per_process(monkeypatch
     generations = [tags["generation"] for _, tags in first.seen]
     assert generations[-2:] == ["2", "0"] and second.seen == []
     assert all(0 <= seconds < 10 for seconds, _ in first.seen)
+    # The running total is what the histogram saw, to the float.
+    assert gc_pauses.paused_s() == sum(seconds for seconds, _ in first.seen) > 0
