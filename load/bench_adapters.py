@@ -37,7 +37,7 @@ from load.report import save_report
 from serve.config import SpeedConfig, default_cache_dir
 
 
-def _parse_args() -> argparse.Namespace:
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(p)
     p.add_argument("--rank", type=int, default=8)
@@ -57,7 +57,7 @@ def _parse_args() -> argparse.Namespace:
                         "for the engine with adapters and the one without (default on a GPU: "
                         "fp16 for SDXL, bf16 for FLUX, no speed settings)")
     p.add_argument("--out", help="JSON output path")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     resolve_family(p, args, [args.variant] if args.variant else [])
     return args
 

@@ -12,7 +12,8 @@ batch size one call more and `--repeats` timed calls. A variant named twice show
 start with the compile cache its first run left. Images of the same seeds are compared
 with the first variant (mean absolute difference in 8-bit levels). `--profile` adds where
 one call's time goes by kind of kernel (`load.profile_ops`). Prints a table and writes
-JSON (default results/engine-<device>.json).
+JSON (default results/engine-<device>.json) after each variant, marked `"partial": true`
+until the last.
 """
 
 from __future__ import annotations
@@ -293,6 +294,10 @@ def main(argv: list[str] | None = None) -> dict:
     folder = model_folder(args.configs, Path(args.cache_dir), args.family)
     flops = image_flops(args.family, folder, args.size, args.steps)
     results, reference = [], None
+    report = {"settings": {k: v for k, v in vars(args).items() if k not in
+                           ("one", "model", "pixels")},
+              "machine": machine(), "flops": flops, "variants": results}
+    name = f"engine-{'gpu' if 'gpu' in report['machine'] else 'cpu'}"
     with tempfile.TemporaryDirectory() as tmp:
         for i, variant in enumerate(args.variants):
             pixels = Path(tmp) / f"{i}.npy"
@@ -308,10 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
                     b["tflops"] = b["images_per_s"] * own / 1e12
             results.append(r)
             _print(r)
-    report = {"settings": {k: v for k, v in vars(args).items() if k not in
-                           ("one", "model", "pixels")},
-              "machine": machine(), "flops": flops, "variants": results}
-    save_report(report, args.out, f"engine-{'gpu' if 'gpu' in report['machine'] else 'cpu'}")
+            save_report(report, args.out, name, partial=i + 1 < len(args.variants))
     return report
 
 

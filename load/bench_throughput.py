@@ -24,7 +24,9 @@
    (queue, pipeline call, garbage collection in the replica) and the GPU's SM clock
    before sending: what a pause costs, and where. `--keep-warm-s` sets the replicas'
    keep-warm.
-Prints a table; writes JSON and (with matplotlib) a PNG next to it.
+Prints a table; writes JSON and (with matplotlib) a PNG next to it. The JSON is first
+written, marked `"partial": true`, after the baseline and before each later part, so a run
+cut off keeps what it measured.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -165,20 +168,28 @@ def _sm_clock_mhz() -> float | None:
         return None
 
 
-def atelier(args: argparse.Namespace, folder: Path) -> dict:
+def atelier(args: argparse.Namespace, folder: Path, out: dict,
+            checkpoint: Callable[[], object]) -> dict:
+    """Measure Atelier into `out`, calling `checkpoint()` after each part."""
     from ray import serve
 
     url, startup_s = bs.start_atelier(args.port, atelier_config(args, folder))
     first = _cold_then_warm(url, args, 1)
-    out: dict = {"startup_to_healthy_s": startup_s, "first_request_s": first["request_s"],
-                 "first_request": first}
+    out.update(startup_to_healthy_s=startup_s, first_request_s=first["request_s"],
+               first_request=first)
     out["single"] = asyncio.run(bs.single(url, args))
-    out["closed_loop"] = [asyncio.run(bs.closed_loop(url, args, c)) for c in args.concurrency]
+    out["closed_loop"] = []
+    for c in args.concurrency:
+        checkpoint()
+        out["closed_loop"].append(asyncio.run(bs.closed_loop(url, args, c)))
+    checkpoint()
     best = max(r["images_per_s"] for r in out["closed_loop"])
     out["open_loop_90pct"] = asyncio.run(_open_loop(url, args, 0.9 * best))
+    checkpoint()
     time.sleep(args.idle_s)
     out["after_idle_s"] = {"idle_s": args.idle_s, **_cold_then_warm(url, args, 10)}
     if not args.no_restart:
+        checkpoint()
         serve.delete("atelier")
         _, again = bs.start_atelier(args.port, atelier_config(args, folder))
         out["restart"] = {"to_healthy_s": again,
@@ -198,13 +209,16 @@ def main(argv: list[str] | None = None) -> dict:
                         VARIANTS[args.variant][1].get("cfg_cutoff"))
     report: dict = {"settings": vars(args), "machine": bs.machine(), "flops": flops,
                     "variant": dict(zip(("dtype", "speed"), VARIANTS[args.variant]))}
+    name = f"throughput-{'gpu' if 'gpu' in report['machine'] else 'cpu'}"
     if not args.no_baseline:
         report["baseline"] = baseline(args, folder)
         _print("plain server", report["baseline"], flops)
-    report["atelier"] = atelier(args, folder)
+    report["atelier"] = {}
+    atelier(args, folder, report["atelier"],
+            lambda: save_report(report, args.out, name, partial=True))
     _print(f"atelier {args.variant}", report["atelier"], flops)
     _summarize(report, flops)
-    path = save_report(report, args.out, f"throughput-{'gpu' if 'gpu' in report['machine'] else 'cpu'}")
+    path = save_report(report, args.out, name)
     plot(report, path.with_suffix(".png"))
     return report
 

@@ -35,6 +35,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 export ATELIER_CACHE_DIR=/tmp/atelier  # the model and compile caches, kept while warm
 sdxl=(--random-sdxl .whl/sdxl-base-configs.json --size 1024 --steps 20)
+# Serving as sdxl-gpu-fast.yaml does (batches of 8, 100 ms window), at the client counts
+# that made the most images/s in the last run; about 9 minutes with the compile cache of
+# an earlier step, and the report is saved after each part in case the call runs out.
+served=(--batch 8 --wait-ms 100 --single 4 --idle-s 30)
 log="$out/gpu-$step.txt"
 case $step in
   engine) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --profile \
@@ -56,11 +60,12 @@ case $step in
                    python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --variants "$tuned" \
                      --out "$out/engine-h100-$tuned.json" 2>&1 | tee "$log" ;;
   tests) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$log" ;;
-  throughput) python3 -m load.bench_throughput "${sdxl[@]}" --variant "$variant" --idle-s 30 \
+  throughput) python3 -m load.bench_throughput "${sdxl[@]}" "${served[@]}" --variant "$variant" \
+                --concurrency 16 24 --duration 30 --open-s 40 \
                 --out "$out/throughput-h100-$variant-idle.json" 2>&1 | tee "$log" ;;
-  keep-warm) python3 -m load.bench_throughput "${sdxl[@]}" --variant "$variant" --idle-s 30 \
-               --keep-warm-s 2 --no-baseline \
-               --out "$out/throughput-h100-$variant-keepwarm.json" 2>&1 | tee "$log" ;;
+  keep-warm) python3 -m load.bench_throughput "${sdxl[@]}" "${served[@]}" --variant "$variant" \
+               --keep-warm-s 2 --no-baseline --no-restart --concurrency 16 --duration 20 \
+               --open-s 20 --out "$out/throughput-h100-$variant-keepwarm.json" 2>&1 | tee "$log" ;;
   adapters) shift; modes=("$@"); [ ${#modes[@]} -gt 0 ] || modes=(slots fuse)
             for mode in "${modes[@]}"; do
               case $mode in

@@ -3,8 +3,11 @@ GPU, with small sizes. They run Ray themselves, so they run before tests/integra
 starts its cluster (pytest collects folders in name order)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,19 +24,36 @@ def _run(module, *args, timeout=600):
     return done.stdout
 
 
+def _watched(out: Path, module: str, *args: str, timeout: float = 600) -> tuple[str, list]:
+    """Run a benchmark like `_run`, reading its report file each time it changes."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args, "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    seen: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if out.exists() and (not seen or json.loads(out.read_text()) != seen[-1]):
+            seen.append(json.loads(out.read_text()))
+        time.sleep(0.1)
+    stdout, stderr = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+    assert proc.returncode == 0, stderr[-3000:]
+    if json.loads(out.read_text()) != seen[-1]:
+        seen.append(json.loads(out.read_text()))
+    return stdout, seen
+
+
 @pytest.fixture(scope="module")
 def throughput(tmp_path_factory, tiny_sdxl_path):
     out = tmp_path_factory.mktemp("bench") / "throughput.json"
-    stdout = _run("load.bench_throughput", "--variant", "bf16-fast", "--batch", "4",
-                  "--concurrency", "1", "6", "--duration", "6", "--single", "3",
-                  "--open-s", "5", "--idle-s", "1", "--keep-warm-s", "0.5",
-                  "--port", str(free_port()),
-                  "--baseline-port", str(free_port()), "--out", str(out))
-    return json.loads(out.read_text()), stdout, out
+    stdout, seen = _watched(out, "load.bench_throughput", "--variant", "bf16-fast", "--batch",
+                            "4", "--concurrency", "1", "6", "--duration", "6", "--single",
+                            "3", "--open-s", "5", "--idle-s", "1", "--keep-warm-s", "0.5",
+                            "--port", str(free_port()), "--baseline-port", str(free_port()))
+    return json.loads(out.read_text()), stdout, out, seen
 
 
 def test_throughput_benchmark_measures_the_plain_server_and_atelier(throughput):
-    report, stdout, _ = throughput
+    report, stdout, _, _ = throughput
     base, atelier = report["baseline"], report["atelier"]
     # The plain server answers one request at a time; Atelier batches concurrent clients.
     assert base["closed_loop"][0]["mean_batch_size"] == 1
@@ -61,7 +81,7 @@ def test_throughput_benchmark_measures_the_plain_server_and_atelier(throughput):
 
 
 def test_throughput_benchmark_runs_the_open_loop_the_idle_request_and_a_restart(throughput):
-    report, _, _ = throughput
+    report, _, _, _ = throughput
     a = report["atelier"]
     open_loop = a["open_loop_90pct"]
     best = report["summary"]["atelier_images_per_s"]
@@ -85,8 +105,23 @@ def test_throughput_benchmark_runs_the_open_loop_the_idle_request_and_a_restart(
                                  "speed": {"channels_last": True, "fuse_qkv": True}}
 
 
+def test_throughput_benchmark_saves_each_part_as_it_is_measured(throughput):
+    """A run cut off (a device call's time limit) leaves what it had measured: the report
+    is rewritten, marked partial, before each closed loop, the open loop and the restart."""
+    report, _, _, seen = throughput
+    partial, final = seen[:-1], seen[-1]
+    assert final == report and "partial" not in final
+    assert partial and all(s["partial"] is True for s in partial)
+    loops = [len(s["atelier"].get("closed_loop", [])) for s in partial]
+    assert loops == sorted(loops) and {0, 1, 2} <= set(loops)
+    assert partial[0]["baseline"] == report["baseline"]  # the plain server's, from the start
+    last = partial[-1]["atelier"]
+    assert "after_idle_s" in last and "restart" not in last and "summary" not in partial[-1]
+    assert last["closed_loop"] == report["atelier"]["closed_loop"]
+
+
 def test_throughput_benchmark_plots_next_to_its_json(throughput):
-    _, _, out = throughput
+    _, _, out, _ = throughput
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -196,6 +231,7 @@ def test_engine_benchmark_compares_variants_with_the_first(tmp_path):
                   "2", "--out", str(out))
     report = json.loads(out.read_text())
     first, again, fp8 = report["variants"]
+    assert "partial" not in report
     assert first["mean_abs_diff_vs_first"] == again["mean_abs_diff_vs_first"] == 0
     assert fp8["mean_abs_diff_vs_first"] > 0  # FP8 computes a slightly different image
     for v in report["variants"]:
@@ -210,6 +246,28 @@ def test_engine_benchmark_compares_variants_with_the_first(tmp_path):
         assert gc["frozen"] > 100_000 and gc["objects"] > 100_000
         assert gc["full_collection_settled_s"] < gc["full_collection_s"]
     assert "stages:" in stdout and "full garbage collection of" in stdout
+
+
+def test_an_engine_benchmark_cut_off_leaves_the_variants_it_measured(tmp_path):
+    """As a device call's time limit does: the run is killed during its second variant."""
+    out = tmp_path / "engine.json"
+    proc = subprocess.Popen([sys.executable, "-m", "load.bench_engine", "--variants", "fp16",
+                             "fp8", "--batches", "1", "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    report = json.loads(out.read_text())
+    assert report["partial"] is True
+    (first,) = report["variants"]
+    assert first["variant"] == "fp16" and first["mean_abs_diff_vs_first"] == 0
+    assert [b["images"] for b in first["batches"]] == [1] and first["batches"][0]["tflops"] > 0
+    assert not (tmp_path / "engine.json.part").exists()
 
 
 def test_engine_profile_splits_a_call_by_kind_of_work(tmp_path):

@@ -1,0 +1,84 @@
+"""load/gpu_session.sh, whose steps run only on a lent GPU machine: each step's commands
+are recorded here by a stand-in `python3` and parsed by the programs they call, so a
+misspelt option or variant shows here, not after minutes of device time."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = {  # step arguments: the programs each runs
+    ("engine",): ["load.bench_engine"],
+    ("engine-fp8",): ["load.bench_engine"],
+    ("engine-static",): ["load.bench_engine"],
+    ("fp8-error",): ["load.fp8_error"],
+    ("engine-512",): ["load.bench_engine"],
+    ("engine-autotune",): ["load.bench_engine"],
+    ("throughput", "compiled-fp8"): ["load.bench_throughput"],
+    ("keep-warm",): ["load.bench_throughput"],
+    ("adapters",): ["load.bench_adapters"] * 2,
+    ("adapters", "slots-compiled-fp8"): ["load.bench_adapters"],
+    ("engine-flux", "compiled-fp8"): ["load.bench_engine"],
+    ("tests",): ["pytest"],
+}
+
+
+def _run(tmp_path: Path, *step: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run a step with the stand-in `python3`; return the run and the file of its calls."""
+    shims, log = tmp_path / "bin", tmp_path / "calls.jsonl"
+    shims.mkdir(exist_ok=True)
+    python3 = shims / "python3"
+    python3.write_text('#!/bin/sh\nexec "$ATELIER_REAL_PYTHON" -c \'import json, os, sys\n'
+                       'open(os.environ["ATELIER_CALLS"], "a").write(json.dumps(sys.argv[1:])'
+                       ' + "\\n")\' "$@"\n')
+    python3.chmod(0o755)
+    log.unlink(missing_ok=True)
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "ATELIER_CALLS": str(log), "ATELIER_REAL_PYTHON": sys.executable}
+    done = subprocess.run(["bash", "load/gpu_session.sh", *step], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    return done, log
+
+
+def _record(tmp_path: Path, *step: str) -> list[list[str]]:
+    done, log = _run(tmp_path, *step)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("step", list(STEPS), ids=" ".join)
+def test_each_gpu_step_calls_its_programs_with_options_they_accept(tmp_path, step):
+    install, *calls = _record(tmp_path, *step)
+    assert install[:3] == ["-m", "pip", "install"] and "--no-index" in install
+    assert [c[1] for c in calls] == STEPS[step]
+    for call in calls:
+        if call[1] == "pytest":
+            continue
+        args = importlib.import_module(call[1])._parse_args(call[2:])
+        assert args.out.startswith(str(tmp_path / "out")) and args.out.endswith(".json")
+        assert args.size == (512 if step == ("engine-512",) else 1024)
+
+
+def test_the_throughput_step_serves_as_the_fast_config_does(tmp_path):
+    (_, (_, _, *argv)) = _record(tmp_path, "throughput", "compiled-fp8")
+    from load.bench_throughput import _parse_args
+    from serve.config import load_config
+
+    args = _parse_args(argv)
+    fast = load_config(ROOT / "serve/configs/sdxl-gpu-fast.yaml").models[0]
+    assert (args.batch, args.wait_ms) == (fast.batching.max_batch_size, fast.batching.wait_ms)
+    assert (args.variant, args.steps, args.guidance, args.idle_s) == ("compiled-fp8", 20, 8, 30)
+    assert min(args.concurrency) >= 2 * args.batch  # a batch waits while one runs
+
+
+def test_an_unknown_step_or_mode_is_refused(tmp_path):
+    for step, said in ((["warp-speed"], "unknown step warp-speed"),
+                       (["adapters", "turbo"], "unknown adapters mode turbo")):
+        done, log = _run(tmp_path, *step)
+        assert done.returncode == 2 and said in done.stdout + done.stderr
+        assert len(log.read_text().splitlines()) == 1  # the install, and nothing measured
