@@ -184,7 +184,7 @@ class Batcher:
                                                   if p.future.done()},
                                          _fan_out(batch, asyncio.get_running_loop()),
                                          _hand_previews(batch, asyncio.get_running_loop()))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure: split the batch, answer the rest
             self.running_since, self._running = None, []
             if len(batch) == 1:
                 _settle(batch[0].future, exc=exc)

@@ -139,7 +139,7 @@ class ModelRouter:
         response = self._handle(request).generate.remote(request)
         try:
             result = await asyncio.wait_for(response, timeout_s)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - cancelled too: cancel the replica's work
             if isinstance(exc, asyncio.CancelledError | TimeoutError):
                 response.cancel()  # the replica stops waiting for (or computing) it
             if isinstance(exc, TimeoutError):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from serve.adapters import AdapterSet
@@ -58,7 +58,7 @@ class GenerationRequest:
     num_outputs: int = 1
     output_format: OutputFormat = "png"
     output_quality: int = 90
-    adapters: AdapterSet = AdapterSet()
+    adapters: AdapterSet = field(default_factory=AdapterSet)
     request_id: str = ""
     source: SourceImage | None = None
     refine: Refine = "no_refiner"

@@ -22,10 +22,10 @@ def engine(tiny_sdxl_path, cache_dir):
                       max_adapters=2, max_lora_rank=8)
 
 
-def _image(engine, adapters=AdapterSet()):
+def _image(engine, adapters=None):
     (images,) = engine.generate([GenerationRequest(
         model="m", prompt="a cat", width=128, height=128, num_inference_steps=3,
-        guidance_scale=7.5, seed=3, scheduler="K_EULER", adapters=adapters)])
+        guidance_scale=7.5, seed=3, scheduler="K_EULER", adapters=adapters or AdapterSet())])
     return np.asarray(images[0]).astype(int)
 
 

@@ -18,8 +18,8 @@ def engine(tiny_sdxl_path):
 
 
 def _req(seed, **overrides):
-    base = dict(model="a/b", prompt="a red cube", width=128, height=128,
-                num_inference_steps=4, guidance_scale=7.5, seed=seed, scheduler="K_EULER")
+    base = {"model": "a/b", "prompt": "a red cube", "width": 128, "height": 128,
+                "num_inference_steps": 4, "guidance_scale": 7.5, "seed": seed, "scheduler": "K_EULER"}
     return GenerationRequest(**{**base, **overrides})
 
 

@@ -18,10 +18,10 @@ def engine(tiny_sdxl_path, cache_dir):
                       max_lora_rank=8)
 
 
-def _image(engine, adapters=AdapterSet()):
+def _image(engine, adapters=None):
     (images,) = engine.generate([GenerationRequest(
         model="m", prompt="a cat", width=64, height=64, num_inference_steps=2,
-        guidance_scale=7.5, seed=3, scheduler="K_EULER", adapters=adapters)])
+        guidance_scale=7.5, seed=3, scheduler="K_EULER", adapters=adapters or AdapterSet())])
     return np.asarray(images[0]).astype(int)
 
 
@@ -51,10 +51,10 @@ def test_a_set_larger_than_the_slots_is_refused(engine):
                                                 ("watercolor", 1)]))
 
 
-def _req(seed=3, adapters=AdapterSet(), **overrides):
+def _req(seed=3, adapters=None, **overrides):
     return GenerationRequest(**{"model": "m", "prompt": "a cat", "width": 64, "height": 64,
                                 "num_inference_steps": 2, "guidance_scale": 7.5, "seed": seed,
-                                "scheduler": "K_EULER", "adapters": adapters, **overrides})
+                                "scheduler": "K_EULER", "adapters": adapters or AdapterSet(), **overrides})
 
 
 def _assert_close(a, b):

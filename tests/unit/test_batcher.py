@@ -164,7 +164,7 @@ def test_the_window_is_counted_from_the_oldest_arrival():
         first = await _submit_all(batcher, [("a", "A", 1), ("b", "B", 1)])
         return first
 
-    a, b = asyncio.run(scenario())
+    _, b = asyncio.run(scenario())
     # b arrived at ~0, waited for a's window (0.1) and call (0.3), not another window.
     assert 0.35 <= b.queue_s < 0.55
 

@@ -64,8 +64,8 @@ def test_pndm_has_no_estimate_and_previews_fall_back_to_the_latents():
 
 
 def _req(seed, **overrides):
-    base = dict(model="a/b", prompt="a red cube", width=64, height=64, num_inference_steps=8,
-                guidance_scale=7.5, seed=seed, scheduler="K_EULER")
+    base = {"model": "a/b", "prompt": "a red cube", "width": 64, "height": 64, "num_inference_steps": 8,
+                "guidance_scale": 7.5, "seed": seed, "scheduler": "K_EULER"}
     return GenerationRequest(**{**base, **overrides})
 
 

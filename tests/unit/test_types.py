@@ -6,8 +6,8 @@ from serve.types import MAX_SEED, GenerationRequest
 
 
 def _req(**overrides):
-    base = dict(model="a/b", prompt="p", width=64, height=64, num_inference_steps=2,
-                guidance_scale=7.0, seed=5, scheduler="K_EULER")
+    base = {"model": "a/b", "prompt": "p", "width": 64, "height": 64, "num_inference_steps": 2,
+                "guidance_scale": 7.0, "seed": 5, "scheduler": "K_EULER"}
     return GenerationRequest(**{**base, **overrides})
 
 

@@ -49,7 +49,7 @@ def test_malformed_urls_are_a_field_error_not_a_crash(url):
 
 
 def test_signed_webhooks_pass_replicates_own_check_and_a_changed_body_fails():
-    from replicate.webhook import InvalidSignatureError, WebhookSigningSecret, Webhooks
+    from replicate.webhook import InvalidSignatureError, Webhooks, WebhookSigningSecret
 
     secret = new_secret()
     body = b'{"id": "p1", "status": "succeeded"}'
