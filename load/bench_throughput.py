@@ -210,12 +210,16 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"settings": vars(args), "machine": bs.machine(), "flops": flops,
                     "variant": dict(zip(("dtype", "speed"), VARIANTS[args.variant]))}
     name = f"throughput-{'gpu' if 'gpu' in report['machine'] else 'cpu'}"
+
+    def checkpoint() -> None:
+        save_report(report, args.out, name, partial=True)
+
     if not args.no_baseline:
         report["baseline"] = baseline(args, folder)
         _print("plain server", report["baseline"], flops)
+        checkpoint()
     report["atelier"] = {}
-    atelier(args, folder, report["atelier"],
-            lambda: save_report(report, args.out, name, partial=True))
+    atelier(args, folder, report["atelier"], checkpoint)
     _print(f"atelier {args.variant}", report["atelier"], flops)
     _summarize(report, flops)
     path = save_report(report, args.out, name)

@@ -37,8 +37,9 @@ export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 export ATELIER_CACHE_DIR=/tmp/atelier  # the model and compile caches, kept while warm
 sdxl=(--random-sdxl .whl/sdxl-base-configs.json --size 1024 --steps 20)
 # Serving as sdxl-gpu-fast.yaml does (batches of 8, 100 ms window), at the client counts
-# that made the most images/s in the last run; about 9 minutes with the compile cache of
-# an earlier step, and the report is saved after each part in case the call runs out.
+# that made the most images/s in the last run. Estimated from that run's parts at about 9
+# minutes with the compile cache of an earlier step; the report is saved after each part
+# in case the call runs out.
 served=(--batch 8 --wait-ms 100 --single 4 --idle-s 30)
 log="$out/gpu-$step.txt"
 case $step in
