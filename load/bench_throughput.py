@@ -169,8 +169,8 @@ def _sm_clock_mhz() -> float | None:
 
 
 def atelier(args: argparse.Namespace, folder: Path, out: dict,
-            checkpoint: Callable[[], object]) -> dict:
-    """Measure Atelier into `out`, calling `checkpoint()` after each part."""
+            checkpoint: Callable[[], object]) -> None:
+    """Measure Atelier into `out`, calling `checkpoint()` between its parts."""
     from ray import serve
 
     url, startup_s = bs.start_atelier(args.port, atelier_config(args, folder))
@@ -195,7 +195,6 @@ def atelier(args: argparse.Namespace, folder: Path, out: dict,
         out["restart"] = {"to_healthy_s": again,
                           "first_request_s": _timed_request(url, args, 20)["request_s"]}
     serve.shutdown()
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
