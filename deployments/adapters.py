@@ -46,9 +46,11 @@ class AdapterSlots(HeldAdapters):
 
     def __init__(self, denoiser, catalog: Mapping[str, AdapterEntry] | None, capacity: int,
                  max_rank: int, targets: Sequence[str], prefix: str = "unet",
-                 reader: LoraReader | None = None):
+                 reader: LoraReader | None = None,
+                 encoders: Mapping[str, torch.nn.Module] | None = None):
         self._catalog = catalog if catalog is not None else {}
         self._capacity, self._max_rank = capacity if catalog is not None else 0, max_rank
+        self._hold_text(encoders, self._capacity)
         self._paths = [path for path, m in denoiser.named_modules()
                        if catalog is not None and isinstance(m, torch.nn.Linear)
                        and targeted(path, targets)]
@@ -71,11 +73,13 @@ class AdapterSlots(HeldAdapters):
     def read(self, name: str) -> AdapterWeights:
         """Stage the adapter's tensors. Raises AdapterInvalid if it cannot fill a slot."""
         return read_adapter(self._catalog[name], self._reader, self._prefix, self._max_rank,
-                            self._target)
+                            self._target, self._encoders)
 
     def inject(self, name: str, weights: AdapterWeights, keep: tuple[str, ...] = ()) -> None:
         """Copy staged weights into a free slot or the least recently used one not in
-        `keep`. Raises AdapterInvalid when every slot is needed by `keep`."""
+        `keep` (the text-encoder parts are held apart). Raises AdapterInvalid when every
+        slot is needed by `keep`."""
+        self.text.hold(name, weights.text)
         if name in self._held:
             self._held.move_to_end(name)
             return
@@ -129,10 +133,13 @@ class AdapterSlots(HeldAdapters):
 
 def adapter_store(denoiser, catalog: Mapping[str, AdapterEntry] | None, capacity: int,
                   max_rank: int, targets: Sequence[str], prefix: str = "unet",
-                  reader: LoraReader | None = None,
-                  fuse: bool = False) -> AdapterSlots | FusedAdapters:
+                  reader: LoraReader | None = None, fuse: bool = False,
+                  encoders: Mapping[str, torch.nn.Module] | None = None,
+                  ) -> AdapterSlots | FusedAdapters:
     """The denoiser's adapters: merged into its weights per call (`fuse`), or in LoRA slots
-    that run beside its layers. `catalog` None: the model takes no adapters (no slots, no
-    weight copy); a mapping, even empty, may gain entries later (adapters given by URL)."""
+    that run beside its layers; their parts for the text `encoders` (by key prefix in LoRA
+    files) apply while prompts are encoded. `catalog` None: the model takes no adapters
+    (no slots, no weight copy); a mapping, even empty, may gain entries later (adapters
+    given by URL)."""
     store = FusedAdapters if fuse else AdapterSlots
-    return store(denoiser, catalog, capacity, max_rank, targets, prefix, reader)
+    return store(denoiser, catalog, capacity, max_rank, targets, prefix, reader, encoders)

@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from deployments.lora_files import AdapterWeights, LoraReader, Target, read_adapter
+from deployments.lora_text import TextAdapters
 from serve.adapters import AdapterEntry, AdapterInvalid, AdapterSet
 
 log = logging.getLogger("ray.serve.atelier.adapters")
@@ -28,10 +29,18 @@ log = logging.getLogger("ray.serve.atelier.adapters")
 
 class HeldAdapters:
     """The LRU both adapter stores keep (`_held`: adapter name → what holds it), and what
-    they do alike with it. A store supplies `read`, `inject` and `activate`."""
+    they do alike with it. A store supplies `read`, `inject` and `activate`; the
+    adapters' text-encoder parts are held apart, for prompt encoding (`text`)."""
 
     _held: OrderedDict
+    text: TextAdapters
     mixes_sets = False  # every request of a call must have the same adapter set
+
+    def _hold_text(self, encoders: Mapping[str, torch.nn.Module] | None, capacity: int) -> None:
+        """Hold the text-encoder parts of up to `capacity` adapters for `encoders` (by
+        their key prefix in LoRA files; none: those parts are left out)."""
+        self._encoders = dict(encoders or {}) if capacity else {}
+        self.text = TextAdapters(self._encoders, lambda name: self.read(name).text, capacity)
 
     def activate_call(self, sets: Sequence[AdapterSet], rows) -> None:
         """Give each request of a call (one set per request, images `rows`) its adapter
@@ -89,9 +98,11 @@ class FusedAdapters(HeldAdapters):
 
     def __init__(self, denoiser, catalog: Mapping[str, AdapterEntry] | None, capacity: int,
                  max_rank: int, targets: Sequence[str], prefix: str = "unet",
-                 reader: LoraReader | None = None):
+                 reader: LoraReader | None = None,
+                 encoders: Mapping[str, torch.nn.Module] | None = None):
         self._catalog = catalog if catalog is not None else {}
         self._capacity, self._max_rank = capacity, max_rank
+        self._hold_text(encoders, capacity if catalog is not None else 0)
         self._prefix, self._reader = prefix, reader
         with torch.no_grad():
             self._originals = {path: m.weight.detach().clone()
@@ -119,11 +130,12 @@ class FusedAdapters(HeldAdapters):
     def read(self, name: str) -> AdapterWeights:
         """Stage the adapter's tensors. Raises AdapterInvalid if it does not fit."""
         return read_adapter(self._catalog[name], self._reader, self._prefix, self._max_rank,
-                            self._target)
+                            self._target, self._encoders)
 
     def inject(self, name: str, weights: AdapterWeights, keep: tuple[str, ...] = ()) -> None:
         """Hold staged weights on the device, making room by dropping the least recently
         used adapter not in `keep`. Raises AdapterInvalid when all are needed by `keep`."""
+        self.text.hold(name, weights.text)
         if name in self._held:
             self._held.move_to_end(name)
             return

@@ -5,14 +5,16 @@ it runs off the pipeline thread."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
+from deployments.lora_text import TextLayers, text_layers
 from serve.adapters import AdapterEntry, AdapterInvalid
 
 log = logging.getLogger("ray.serve.atelier.adapters")
@@ -24,10 +26,12 @@ LoraReader = Callable[[dict[str, torch.Tensor]], tuple[dict, dict | None]]
 
 @dataclass
 class AdapterWeights:
-    """One adapter staged for a slot: per layer path (A, B, alpha/rank)."""
+    """One adapter staged for a slot: per denoiser layer path (A, B, alpha/rank), and its
+    text-encoder parts (`deployments.lora_text`; empty when it has none)."""
 
     name: str
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    text: TextLayers = field(default_factory=dict)
 
 
 class Target(NamedTuple):
@@ -40,16 +44,25 @@ class Target(NamedTuple):
 
 
 def read_adapter(entry: AdapterEntry, reader: LoraReader | None, prefix: str, max_rank: int,
-                 target_of: Callable[[str], Target | None]) -> AdapterWeights:
-    """Read `entry`'s file and stage it for the layers `target_of` describes (None for a
-    layer that takes no adapter). Raises AdapterInvalid if it cannot be used."""
+                 target_of: Callable[[str], Target | None],
+                 encoders: Mapping[str, nn.Module] | None = None) -> AdapterWeights:
+    """Read `entry`'s file and stage it for the denoiser layers `target_of` describes
+    (None for a layer that takes no adapter) and for the text `encoders` (by their key
+    prefix in LoRA files). Raises AdapterInvalid if it cannot be used."""
     name = entry.label
     try:
         raw = load_file(entry.path, device="cpu")
     except (OSError, SafetensorError, ValueError) as exc:
         raise AdapterInvalid(f"adapter {name} cannot be read: {exc}") from None
+    state, alphas = _read_state(raw, name, reader)
+    encoders = encoders or {}
+    text = text_layers(state, alphas, encoders, name, max_rank)
+    leads = tuple(f"{p}." for p in (prefix, *encoders))
+    if any(not k.startswith(leads) for k in state):
+        log.warning("adapter %s: weights of other models left out (%s only)", name,
+                    ", ".join(p.rstrip(".") for p in leads))
     staged = {}
-    for path, (a, b, alpha) in _to_peft_layers(raw, name, reader, prefix).items():
+    for path, (a, b, alpha) in _to_peft_layers(state, alphas, name, prefix).items():
         target = target_of(path)
         if target is None:
             raise AdapterInvalid(f"adapter {name} changes {path}, which is not among this "
@@ -62,28 +75,34 @@ def read_adapter(entry: AdapterEntry, reader: LoraReader | None, prefix: str, ma
         if target.pin:
             a, b = a.pin_memory(), b.pin_memory()
         staged[path] = (a, b, (alpha if alpha is not None else rank) / rank)
-    return AdapterWeights(entry.name, staged)
+    if not staged and not text:
+        raise AdapterInvalid(f"adapter {name} has no {prefix} or text-encoder LoRA weights")
+    return AdapterWeights(entry.name, staged, text)
 
 
-def _to_peft_layers(raw: dict[str, torch.Tensor], name: str, reader: LoraReader | None,
-                    prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
-    """The denoiser's LoRA tensors by module path, from any layout `reader` converts
-    (default: SDXL's, which reads the diffusers/PEFT and kohya layouts). `name` labels the
-    adapter in messages."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
+def _read_state(raw: dict[str, torch.Tensor], name: str,
+                reader: LoraReader | None) -> tuple[dict, dict | None]:
+    """(state dict with each model's prefix, alphas or None) of a file's tensors in any
+    layout `reader` converts (default: SDXL's, which reads the diffusers/PEFT and kohya
+    layouts). `name` labels the adapter in messages."""
     if reader is None:
         from diffusers import StableDiffusionXLPipeline
 
         reader = StableDiffusionXLPipeline.lora_state_dict
     try:
-        state, alphas = reader(raw)
+        return reader(raw)
     except (ValueError, KeyError, RuntimeError, AssertionError) as exc:
         raise AdapterInvalid(f"adapter {name} is not a LoRA diffusers can read: {exc}") from None
+
+
+def _to_peft_layers(state: dict, alphas: dict | None, name: str,
+                    prefix: str) -> dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]:
+    """The denoiser's LoRA tensors by module path. `name` labels the adapter in
+    messages."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
     lead = f"{prefix}."
     own = {k.removeprefix(lead): v for k, v in state.items() if k.startswith(lead)}
-    if len(own) < len(state):
-        log.warning("adapter %s: text-encoder weights left out (%s only)", name, prefix)
     peft = convert_unet_state_dict_to_peft(own)
     alpha_of = {}
     for key, value in (alphas or {}).items():
@@ -99,6 +118,4 @@ def _to_peft_layers(raw: dict[str, torch.Tensor], name: str, reader: LoraReader 
         if b is None or a.ndim != 2 or b.ndim != 2:
             raise AdapterInvalid(f"adapter {name}: {path} is not a linear LoRA pair")
         layers[path] = (a, b, alpha_of.get(path))
-    if not layers:
-        raise AdapterInvalid(f"adapter {name} has no {prefix} LoRA weights")
     return layers

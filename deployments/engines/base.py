@@ -75,12 +75,13 @@ class DiffusersEngine:
         self._pipes |= {mode: cls.from_pipe(self.pipe) for mode, cls in others}
         for pipe in self._pipes.values():
             pipe.set_progress_bar_config(disable=True)
-        self.prompts = PromptCache(self._encode_prompt)
         self.speed: dict = {}  # the speed settings applied (`speed_up`), for describe()
 
     def speed_up(self, speed: SpeedConfig, compile_cache: Path) -> None:
         """Apply the model's speed settings (after its adapters are in place), then let
-        the adapters find the layers the settings left."""
+        the adapters find the layers the settings left; prompts are encoded with the
+        adapters' text-encoder parts."""
+        self.prompts = PromptCache(self._encode_prompt, adapters=self.adapters.text)
         self.buckets = tuple(speed.batch_buckets)
         self.attention = speed.attention
         self.cfg_cutoff = speed.cfg_cutoff

@@ -46,7 +46,8 @@ class FluxEngine(DiffusersEngine):
         self.adapters = adapter_store(
             self.pipe.transformer, adapters, max_adapters, max_lora_rank, lora_targets,
             prefix="transformer", reader=partial(FluxPipeline.lora_state_dict,
-                                                 return_alphas=True), fuse=fuse_adapters)
+                                                 return_alphas=True), fuse=fuse_adapters,
+            encoders={"text_encoder": self.pipe.text_encoder})
         self.speed_up(speed or SpeedConfig(), compile_cache or path / ".compile")
         # T5 reads the tokenizer's length, at most the 512 tokens FLUX was trained on.
         self.max_sequence_length = min(512, self.pipe.tokenizer_2.model_max_length)

@@ -3,7 +3,9 @@
 A replica encodes each request's prompt when the request arrives, on a thread of its own,
 while the running call denoises; the call then only stacks the embeddings. Prompts used
 recently are kept, so a repeated prompt (variations of one product, retries) skips the
-text encoders altogether.
+text encoders altogether. A request whose adapters change the text encoders
+(`deployments.lora_text`) is encoded with them, and held apart from the same prompt
+without them.
 """
 
 from __future__ import annotations
@@ -11,39 +13,46 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 
+from deployments.lora_text import TextAdapters
 from serve.types import GenerationRequest
 
 # One image's embeddings (each tensor with a batch dimension of 1), in the order of the
 # engine's `embed_names`.
 Embeds = tuple[torch.Tensor, ...]
-PromptKey = tuple[str, str]
+PromptKey = tuple[str, str, tuple]
 
 
 class PromptCache:
-    """Embeddings by (prompt, negative prompt), the `entries` most recently used kept.
+    """Embeddings by (prompt, negative prompt, the adapters that change the text
+    encoders with their scales), the `entries` most recently used kept. `adapters`:
+    where those adapters' text-encoder parts are (none: no adapter changes them).
 
     Safe to call from several threads: encoding is serialised (fast tokenizers refuse
     concurrent use), and a prompt being encoded by one thread is found by the next.
     """
 
-    def __init__(self, encode: Callable[[str, str], Embeds], entries: int = 64):
+    def __init__(self, encode: Callable[[str, str], Embeds], entries: int = 64,
+                 adapters: TextAdapters | None = None):
         if entries < 1:
             raise ValueError("entries must be >= 1")
-        self._encode, self._entries = encode, entries
+        self._encode, self._entries, self._adapters = encode, entries, adapters
         self._held: OrderedDict[PromptKey, Embeds] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, request: GenerationRequest) -> tuple[Embeds, bool]:
         """The request's embeddings, and whether they were already held."""
-        key = (request.prompt, request.negative_prompt)
         with self._lock:
+            tag = self._adapters.tag(request.adapters) if self._adapters else ()
+            key = (request.prompt, request.negative_prompt, tag)
             if key in self._held:
                 self._held.move_to_end(key)
                 return self._held[key], True
-            embeds = self._encode(*key)
+            with self._adapters.applied(tag) if tag else nullcontext():
+                embeds = self._encode(request.prompt, request.negative_prompt)
             self._held[key] = embeds
             if len(self._held) > self._entries:
                 self._held.popitem(last=False)

@@ -1,5 +1,5 @@
 """SDXL engine: text-to-image, img2img and inpainting with the seven Replicate schedulers,
-LoRA adapters in the UNet, and an optional refiner run after the base model (Replicate's
+LoRA adapters in the UNet and both text encoders, and an optional refiner run after the base model (Replicate's
 `refine`)."""
 
 from __future__ import annotations
@@ -74,8 +74,10 @@ class SDXLEngine(DiffusersEngine):
         base = self.pipe.scheduler.config
         self._schedulers = {name: cls.from_config(base, **extra)
                             for name, (cls, extra) in _SCHEDULERS.items()}
-        self.adapters = adapter_store(self.pipe.unet, adapters, max_adapters,
-                                      max_lora_rank, lora_targets, fuse=fuse_adapters)
+        self.adapters = adapter_store(
+            self.pipe.unet, adapters, max_adapters, max_lora_rank, lora_targets,
+            fuse=fuse_adapters, encoders={"text_encoder": self.pipe.text_encoder,
+                                          "text_encoder_2": self.pipe.text_encoder_2})
         self.speed_up(speed or SpeedConfig(), compile_cache or path / ".compile")
 
     def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
