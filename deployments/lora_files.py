@@ -76,7 +76,8 @@ def read_adapter(entry: AdapterEntry, reader: LoraReader | None, prefix: str, ma
             a, b = a.pin_memory(), b.pin_memory()
         staged[path] = (a, b, (alpha if alpha is not None else rank) / rank)
     if not staged and not text:
-        raise AdapterInvalid(f"adapter {name} has no {prefix} or text-encoder LoRA weights")
+        raise AdapterInvalid(
+            f"adapter {name} has no {prefix} LoRA weights, nor text-encoder ones")
     return AdapterWeights(entry.name, staged, text)
 
 

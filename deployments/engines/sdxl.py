@@ -1,6 +1,6 @@
 """SDXL engine: text-to-image, img2img and inpainting with the seven Replicate schedulers,
-LoRA adapters in the UNet and both text encoders, and an optional refiner run after the base model (Replicate's
-`refine`)."""
+LoRA adapters in the UNet and both text encoders, and an optional refiner run after the
+base model (Replicate's `refine`)."""
 
 from __future__ import annotations
 
