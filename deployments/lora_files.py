@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from deployments.lora_scales import file_scalings, plain_scaling, refuse_other_variants
 from deployments.lora_text import TextLayers, text_layers
 from serve.adapters import AdapterEntry, AdapterInvalid
 
@@ -55,13 +56,14 @@ def read_adapter(entry: AdapterEntry, reader: LoraReader | None, prefix: str, ma
     except (OSError, SafetensorError, ValueError) as exc:
         raise AdapterInvalid(f"adapter {name} cannot be read: {exc}") from None
     state, alphas = _read_state(raw, name, reader)
+    scalings = file_scalings(entry.path, f"adapter {name}")
     encoders = encoders or {}
-    text = text_layers(state, alphas, encoders, name, max_rank)
+    text = text_layers(state, alphas, encoders, name, max_rank, scalings)
     leads = tuple(f"{p}." for p in (prefix, *encoders))
     if any(not k.startswith(leads) for k in state):
         log.warning("adapter %s: weights of other models left out (%s only)", name,
                     ", ".join(p.rstrip(".") for p in leads))
-    staged = {}
+    staged, scale = {}, scalings.get(prefix, plain_scaling)
     for path, (a, b, alpha) in _to_peft_layers(state, alphas, name, prefix).items():
         target = target_of(path)
         if target is None:
@@ -74,7 +76,7 @@ def read_adapter(entry: AdapterEntry, reader: LoraReader | None, prefix: str, ma
         a, b = a.to(target.dtype), b.to(target.dtype)
         if target.pin:
             a, b = a.pin_memory(), b.pin_memory()
-        staged[path] = (a, b, (alpha if alpha is not None else rank) / rank)
+        staged[path] = (a, b, scale(path, rank, alpha))
     if not staged and not text:
         raise AdapterInvalid(
             f"adapter {name} has no {prefix} LoRA weights, nor text-encoder ones")
@@ -105,6 +107,7 @@ def _to_peft_layers(state: dict, alphas: dict | None, name: str,
     lead = f"{prefix}."
     own = {k.removeprefix(lead): v for k, v in state.items() if k.startswith(lead)}
     peft = convert_unet_state_dict_to_peft(own)
+    refuse_other_variants(peft, f"adapter {name}")
     alpha_of = {}
     for key, value in (alphas or {}).items():
         (converted,) = convert_unet_state_dict_to_peft(

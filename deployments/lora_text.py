@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from deployments.lora_scales import Scaling, plain_scaling, refuse_other_variants
 from serve.adapters import AdapterInvalid, AdapterSet
 
 # encoder name ("text_encoder", "text_encoder_2") → linear layer path → (A, B, alpha/rank)
@@ -29,11 +30,13 @@ TextTag = tuple[tuple[str, float], ...]
 
 
 def text_layers(state: Mapping[str, torch.Tensor], alphas: Mapping | None,
-                encoders: Mapping[str, nn.Module], name: str, max_rank: int) -> TextLayers:
+                encoders: Mapping[str, nn.Module], name: str, max_rank: int,
+                scalings: Mapping[str, Scaling] | None = None) -> TextLayers:
     """The encoders' LoRA pairs in a family reader's state dict (keys prefixed with the
     encoder's name), checked against the encoders' linear layers and staged on the CPU
-    (pinned for an encoder on a GPU). `name` labels the adapter in messages. Raises
-    AdapterInvalid."""
+    (pinned for an encoder on a GPU). `scalings` gives an encoder's factors where the
+    file's metadata sets them (`deployments.lora_scales`). `name` labels the adapter in
+    messages. Raises AdapterInvalid."""
     found: TextLayers = {}
     for prefix, encoder in encoders.items():
         lead = f"{prefix}."
@@ -41,13 +44,14 @@ def text_layers(state: Mapping[str, torch.Tensor], alphas: Mapping | None,
         if own:
             alpha_of = {k.removeprefix(lead).removesuffix(".alpha"): float(v)
                         for k, v in (alphas or {}).items() if k.startswith(lead)}
-            found[prefix] = _pairs(own, alpha_of, encoder, f"adapter {name} ({prefix})",
-                                   max_rank)
+            scale = (scalings or {}).get(prefix, plain_scaling)
+            found[prefix] = _pairs(own, alpha_of, scale, encoder,
+                                   f"adapter {name} ({prefix})", max_rank)
     return found
 
 
-def _pairs(own: Mapping[str, torch.Tensor], alpha_of: Mapping[str, float], encoder: nn.Module,
-           label: str, max_rank: int) -> dict:
+def _pairs(own: Mapping[str, torch.Tensor], alpha_of: Mapping[str, float], scale: Scaling,
+           encoder: nn.Module, label: str, max_rank: int) -> dict:
     """One encoder's (A, B, alpha/rank) by layer path, from its keys in any layout
     diffusers' text-encoder loader reads (old diffusers, PEFT; kohya comes converted)."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
@@ -57,6 +61,7 @@ def _pairs(own: Mapping[str, torch.Tensor], alpha_of: Mapping[str, float], encod
             {k: k for k in own}))
     except ValueError as exc:
         raise AdapterInvalid(f"{label} is not a LoRA diffusers can read: {exc}") from None
+    refuse_other_variants(renamed, label)
     if not hasattr(encoder, "text_model"):  # older files name the encoder's inner model
         renamed = {k.removeprefix("text_model."): v for k, v in renamed.items()}
     modules, weight = dict(encoder.named_modules()), next(encoder.parameters())
@@ -78,7 +83,7 @@ def _pairs(own: Mapping[str, torch.Tensor], alpha_of: Mapping[str, float], encod
         a, b = a.to(weight.dtype), b.to(weight.dtype)
         if weight.is_cuda:
             a, b = a.pin_memory(), b.pin_memory()
-        pairs[path] = (a, b, alpha_of.get(source, rank) / rank)
+        pairs[path] = (a, b, scale(path, rank, alpha_of.get(source)))
     return pairs
 
 

@@ -18,14 +18,20 @@ _TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 _UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def _lora(model, targets, seed):
-    """A random LoRA (rank 4) on `model`'s `targets`, as PEFT saves it."""
+def _config(targets, **options):
+    """A LoraConfig of rank 4 and alpha 4 on `targets` unless `options` say otherwise."""
     from peft import LoraConfig
+
+    return LoraConfig(**({"r": RANK, "lora_alpha": RANK, "target_modules": targets,
+                          "init_lora_weights": False} | options))
+
+
+def _lora(model, targets, seed, **options):
+    """A random LoRA on `model`'s `targets` (`_config`), as PEFT saves it."""
     from peft.utils import get_peft_model_state_dict
 
     torch.manual_seed(seed)
-    model.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets,
-                                 init_lora_weights=False), adapter_name="made")
+    model.add_adapter(_config(targets, **options), adapter_name="made")
     state = {k: v.contiguous() for k, v in
              get_peft_model_state_dict(model, adapter_name="made").items()}
     # diffusers' models and transformers' name the removal differently
