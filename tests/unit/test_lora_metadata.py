@@ -12,34 +12,19 @@ from safetensors.torch import load_file, save_file
 
 from deployments.lora_scales import file_scalings
 from serve.adapters import AdapterCatalog, AdapterInvalid
-from tests.unit.test_text_adapters import (
-    _TE_TARGETS,
-    _UNET_TARGETS,
-    REQUEST,
-    _config,
-    _diffusers,
-    _embeds,
-    _engine,
-    _lora,
-    _req,
+from tests.lora_files import (
+    TE_TARGETS,
+    UNET_TARGETS,
+    lora_config,
+    random_lora,
+    save_sdxl_lora,
 )
+from tests.unit.test_text_adapters import REQUEST, _diffusers, _embeds, _engine, _req
 
 # Each model's LoraConfig options: alphas ≠ ranks, patterns per layer, rank-stabilised.
 UNET = {"lora_alpha": 8, "alpha_pattern": {"to_k": 2}, "rank_pattern": {"to_v": 2}}
 TE1 = {"lora_alpha": 6, "use_rslora": True}
 TE2 = {"lora_alpha": 1, "alpha_pattern": {"fc2": 12}, "rank_pattern": {"fc1": 2}}
-
-
-def _save(folder, name, parts, metadata=True):
-    """Save (prefix → (state, options)) with diffusers' writer; with `metadata`, each
-    model's LoraConfig goes into the file as diffusers' training scripts put it."""
-    from diffusers import StableDiffusionXLPipeline
-
-    layers = {f"{prefix}_lora_layers": state for prefix, (state, _) in parts.items()}
-    configs = {f"{prefix}_lora_adapter_metadata": config.to_dict()
-               for prefix, (_, config) in parts.items()} if metadata else {}
-    StableDiffusionXLPipeline.save_lora_weights(str(folder), weight_name=f"{name}.safetensors",
-                                                **layers, **configs)
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +36,14 @@ def folder(tiny_sdxl_path, tmp_path_factory):
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path, local_files_only=True)
     parts = {}
     for seed, (prefix, model, targets, options) in enumerate((
-            ("unet", pipe.unet, _UNET_TARGETS, UNET),
-            ("text_encoder", pipe.text_encoder, _TE_TARGETS, TE1),
-            ("text_encoder_2", pipe.text_encoder_2, _TE_TARGETS, TE2))):
-        parts[prefix] = (_lora(model, targets, 50 + seed, **options),
-                         _config(targets, **options))
+            ("unet", pipe.unet, UNET_TARGETS, UNET),
+            ("text_encoder", pipe.text_encoder, TE_TARGETS, TE1),
+            ("text_encoder_2", pipe.text_encoder_2, TE_TARGETS, TE2))):
+        parts[prefix] = (random_lora(model, targets, 50 + seed, **options),
+                         lora_config(targets, **options))
     out = tmp_path_factory.mktemp("metadata-loras")
-    _save(out, "tuned", parts)
-    _save(out, "bare", parts, metadata=False)
+    save_sdxl_lora(out, "tuned", parts)
+    save_sdxl_lora(out, "bare", parts, metadata=False)
     return out
 
 
@@ -76,7 +61,7 @@ def test_each_layers_factor_follows_the_metadata(engine):
     te1 = {path.rsplit(".", 1)[-1]: factor
            for path, (_, _, factor) in weights.text["text_encoder"].items()
            if ".layers.0." in path}
-    assert te1 == pytest.approx(dict.fromkeys(_TE_TARGETS, 6 / 2))  # 6/√4
+    assert te1 == pytest.approx(dict.fromkeys(TE_TARGETS, 6 / 2))  # 6/√4
     te2 = {path.rsplit(".", 1)[-1]: (a.shape[0], factor)
            for path, (a, _, factor) in weights.text["text_encoder_2"].items()
            if ".layers.0." in path}
@@ -111,11 +96,11 @@ def test_dora_adapters_are_refused_with_or_without_metadata(tiny_sdxl_path, tmp_
     from diffusers import StableDiffusionXLPipeline
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path, local_files_only=True)
-    state = _lora(pipe.unet, _UNET_TARGETS, 7, use_dora=True)
+    state = random_lora(pipe.unet, UNET_TARGETS, 7, use_dora=True)
     assert any("lora_magnitude_vector" in k for k in state)
-    parts = {"unet": (state, _config(_UNET_TARGETS, use_dora=True))}
-    _save(tmp_path, "dora", parts)
-    _save(tmp_path, "dora-bare", parts, metadata=False)
+    parts = {"unet": (state, lora_config(UNET_TARGETS, use_dora=True))}
+    save_sdxl_lora(tmp_path, "dora", parts)
+    save_sdxl_lora(tmp_path, "dora-bare", parts, metadata=False)
     engine = _engine(tiny_sdxl_path, tmp_path)
     with pytest.raises(AdapterInvalid, match=r"adapter 'dora' \(unet\) uses DoRA"):
         engine.adapters.read("dora")
@@ -132,7 +117,7 @@ def _with_metadata(folder, tmp_path, raw):
 
 
 def test_metadata_diffusers_could_not_use_either_is_refused_saying_why(folder, tmp_path):
-    unet = {"r": 4, "lora_alpha": 8, "target_modules": _UNET_TARGETS}
+    unet = {"r": 4, "lora_alpha": 8, "target_modules": UNET_TARGETS}
     cases = [("not json", "is not a JSON object"),
              ("[4]", "is not a JSON object"),
              (json.dumps({"unet.layers_pattern": "blocks"}),

@@ -9,34 +9,11 @@ import torch
 
 from serve.adapters import AdapterCatalog, AdapterInvalid, AdapterSet
 from serve.types import GenerationRequest
+from tests.lora_files import RANK, TE_TARGETS, UNET_TARGETS, random_lora
 
-RANK = 4
 REQUEST = {"model": "m", "prompt": "a cat in a hat", "negative_prompt": "blurry",
            "width": 64, "height": 64, "num_inference_steps": 3, "guidance_scale": 7.5,
            "seed": 5, "scheduler": "K_EULER"}
-_TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-def _config(targets, **options):
-    """A LoraConfig of rank 4 and alpha 4 on `targets` unless `options` say otherwise."""
-    from peft import LoraConfig
-
-    return LoraConfig(**({"r": RANK, "lora_alpha": RANK, "target_modules": targets,
-                          "init_lora_weights": False} | options))
-
-
-def _lora(model, targets, seed, **options):
-    """A random LoRA on `model`'s `targets` (`_config`), as PEFT saves it."""
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(seed)
-    model.add_adapter(_config(targets, **options), adapter_name="made")
-    state = {k: v.contiguous() for k, v in
-             get_peft_model_state_dict(model, adapter_name="made").items()}
-    # diffusers' models and transformers' name the removal differently
-    (getattr(model, "delete_adapters", None) or model.delete_adapter)("made")
-    return state
 
 
 def _kohya(state, stem_prefix, inner=""):
@@ -61,9 +38,9 @@ def folder(tiny_sdxl_path, tmp_path_factory):
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path, local_files_only=True)
     out = tmp_path_factory.mktemp("text-loras")
     for seed, name in ((11, "styled"), (21, "kohya-styled"), (31, "words-only")):
-        unet = {} if name == "words-only" else _lora(pipe.unet, _UNET_TARGETS, seed)
-        te1 = _lora(pipe.text_encoder, _TE_TARGETS, seed + 1)
-        te2 = _lora(pipe.text_encoder_2, _TE_TARGETS, seed + 2)
+        unet = {} if name == "words-only" else random_lora(pipe.unet, UNET_TARGETS, seed)
+        te1 = random_lora(pipe.text_encoder, TE_TARGETS, seed + 1)
+        te2 = random_lora(pipe.text_encoder_2, TE_TARGETS, seed + 2)
         if name == "kohya-styled":
             state = (_kohya(unet, "lora_unet_") | _kohya(te1, "lora_te1_", "text_model.")
                      | _kohya(te2, "lora_te2_", "text_model."))
@@ -80,7 +57,7 @@ def _engine(path, folder, **options):
 
     catalog = AdapterCatalog.scan([(folder, "sdxl", 1.0)]).entries
     return SDXLEngine(path, "float32", "cpu", adapters=catalog, max_adapters=2,
-                      max_lora_rank=RANK, lora_targets=_UNET_TARGETS, **options)
+                      max_lora_rank=RANK, lora_targets=UNET_TARGETS, **options)
 
 
 @pytest.fixture(scope="module")
@@ -238,9 +215,9 @@ def test_a_flux_adapters_clip_part_gives_the_embeddings_of_diffusers_own_loading
 
     pipe = FluxPipeline.from_pretrained(tiny_flux_path, local_files_only=True)
     state = ({f"transformer.{k}": v for k, v in
-              _lora(pipe.transformer, ["to_q", "to_k", "to_v"], 41).items()}
+              random_lora(pipe.transformer, ["to_q", "to_k", "to_v"], 41).items()}
              | {f"text_encoder.{k}": v for k, v in
-                _lora(pipe.text_encoder, _TE_TARGETS, 42).items()})
+                random_lora(pipe.text_encoder, TE_TARGETS, 42).items()})
     save_file(state, str(tmp_path / "lit.safetensors"), metadata={"format": "pt"})
     catalog = AdapterCatalog.scan([(tmp_path, "flux", 1.0)]).entries
     engine = FluxEngine(tiny_flux_path, "float32", "cpu", adapters=catalog, max_adapters=1,
