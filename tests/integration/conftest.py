@@ -11,7 +11,8 @@ waits two seconds for company, so concurrent requests reliably share pipeline ca
 `atelier/tiny-sdxl-stall` counts a pipeline call of over 1.5 s as wedged;
 `atelier/tiny-flux` is the embedded tiny FLUX, with fused projections, FP8 layers and
 its adapters merged into them. The adapter catalog is the embedded demo set plus
-`bad_adapters` (files that must fail cleanly) and `named_adapters` (filed by Replicate
+`bad_adapters` (files that must fail cleanly), `made_adapters` (made with PEFT and saved by
+diffusers, text-encoder parts and metadata alphas) and `named_adapters` (filed by Replicate
 model name). Request bodies over 2 MiB get 413; input images and LoRA files may be
 fetched from 127.0.0.1.
 """
@@ -71,6 +72,39 @@ def bad_adapters(tmp_path_factory, cache_dir):
 
 
 @pytest.fixture(scope="session")
+def made_adapters(tmp_path_factory, tiny_sdxl_path):
+    """An sdxl folder of adapters made with PEFT and saved by diffusers' writer, with each
+    model's LoraConfig in the file (alpha twice the rank): "lettered" changes the UNet and
+    both text encoders, "lettered-unet" holds its UNet part alone, "dora" is DoRA."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from tests.lora_files import (
+        RANK,
+        TE_TARGETS,
+        UNET_TARGETS,
+        lora_config,
+        random_lora,
+        save_sdxl_lora,
+    )
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path, local_files_only=True)
+    doubled = {"lora_alpha": 2 * RANK}
+    parts = {prefix: (random_lora(model, targets, seed, **doubled),
+                      lora_config(targets, **doubled))
+             for seed, (prefix, model, targets) in enumerate((
+                 ("unet", pipe.unet, UNET_TARGETS),
+                 ("text_encoder", pipe.text_encoder, TE_TARGETS),
+                 ("text_encoder_2", pipe.text_encoder_2, TE_TARGETS)))}
+    folder = tmp_path_factory.mktemp("made-adapters")
+    save_sdxl_lora(folder, "lettered", parts)
+    save_sdxl_lora(folder, "lettered-unet", {"unet": parts["unet"]})
+    dora = {"use_dora": True}
+    save_sdxl_lora(folder, "dora", {"unet": (random_lora(pipe.unet, UNET_TARGETS, 9, **dora),
+                                             lora_config(UNET_TARGETS, **dora))})
+    return folder
+
+
+@pytest.fixture(scope="session")
 def named_adapters(tmp_path_factory, cache_dir):
     """A FLUX folder laid out by Replicate model name: `acme/ink-style` is the demo `ink`,
     `acme/ink-style/v2` the demo `neon`."""
@@ -91,7 +125,7 @@ def metrics_port():
 
 
 @pytest.fixture(scope="session")
-def base_url(cache_dir, bad_adapters, named_adapters, metrics_port):
+def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_port):
     import ray
     from ray import serve
 
@@ -132,6 +166,7 @@ def base_url(cache_dir, bad_adapters, named_adapters, metrics_port):
                          {"embedded": "tiny-flux-demo", "base": "flux"},
                          {"path": str(bad_adapters[0]), "base": "sdxl"},
                          {"path": str(bad_adapters[1]), "base": "acme/other"},
+                         {"path": str(made_adapters), "base": "sdxl"},
                          {"path": str(named_adapters), "base": "flux"}]}
     # The dashboard writes Ray's Prometheus service-discovery file.
     ray.init(address="local", num_cpus=12, include_dashboard=True, dashboard_port=_free_port(),

@@ -4,8 +4,9 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
-from tests.integration.conftest import FAST, TWO_REPLICAS, decode, pixels, post_many
+from tests.integration.conftest import BATCHED, FAST, TWO_REPLICAS, decode, pixels, post_many
 
 
 def _gen(client, loras=None, prompt="a cat", seed=11, model=FAST, **extra):
@@ -109,10 +110,50 @@ def test_a_bad_prompt_tag_weight_is_422_on_the_prompt(client):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "prompt"]
 
 
-@pytest.mark.parametrize("name", ["truncated", "wrong-shape"])
-def test_a_corrupt_or_misshapen_file_is_422_and_the_replica_keeps_serving(client, name):
+@pytest.mark.parametrize(("name", "why"), [("truncated", "cannot be read"),
+                                         ("wrong-shape", "does not fit this model"),
+                                         ("dora", "uses DoRA, which Atelier does not apply")])
+def test_a_corrupt_or_misshapen_file_is_422_and_the_replica_keeps_serving(client, name, why):
     before = _gen(client, [{"name": "pixel-art"}]).json()["image"]
     r = client.post("/generate", json={"prompt": "x", "model": FAST, "loras": [{"name": name}]})
-    assert r.status_code == 422 and name in r.json()["detail"]
+    assert r.status_code == 422 and name in r.json()["detail"] and why in r.json()["detail"]
     assert _gen(client, [{"name": "pixel-art"}]).json()["image"] == before
     assert client.get("/healthz").status_code == 200
+
+
+# Every setting the reference pipeline needs, given explicitly.
+_EXACT = {"negative_prompt": "blurry", "width": 64, "height": 64, "steps": 3,
+          "guidance_scale": 7.5, "scheduler": "K_EULER"}
+
+
+def test_text_encoder_parts_and_metadata_alphas_give_diffusers_own_pixels(client, made_adapters,
+                                                                         tiny_sdxl_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    lettered = _px(_gen(client, [{"name": "lettered", "scale": 0.8}], seed=4, **_EXACT))
+    unet_only = _px(_gen(client, [{"name": "lettered-unet", "scale": 0.8}], seed=4, **_EXACT))
+    base = _px(_gen(client, seed=4, **_EXACT))
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(made_adapters / "lettered.safetensors"), adapter_name="ref")
+    pipe.set_adapters(["ref"], [0.8])
+    reference = pipe(prompt="a cat", negative_prompt="blurry", width=64, height=64,
+                     num_inference_steps=3, guidance_scale=7.5,
+                     generator=[torch.Generator("cpu").manual_seed(4)]).images[0]
+    assert np.abs(lettered - pixels(reference)).max() <= 1
+    # The text-encoder parts count: without them the same UNet part gives another image.
+    assert np.abs(lettered - unet_only).mean() > 1 and np.abs(lettered - base).mean() > 1
+
+
+def test_requests_with_and_without_text_parts_share_a_call_with_their_own_images(base_url,
+                                                                                 client):
+    bodies = [{"prompt": "a cat", "seed": 6, "model": BATCHED, **_EXACT, **extra}
+              for extra in ({"loras": [{"name": "lettered"}]}, {})]
+    together = post_many(base_url, bodies)
+    assert [r.headers["x-atelier-batch-size"] for r in together] == ["2", "2"]
+    alone = [_gen(client, model=BATCHED, seed=6, **_EXACT, **extra)
+             for extra in ({"loras": [{"name": "lettered"}]}, {})]
+    for shared, single in zip(together, alone, strict=True):
+        assert single.headers["x-atelier-batch-size"] == "1"
+        assert np.abs(_px(shared) - _px(single)).max() <= 1
+    assert np.abs(_px(together[0]) - _px(together[1])).mean() > 1
