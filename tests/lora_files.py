@@ -28,14 +28,14 @@ def random_lora(model, targets, seed, **options):
     return state
 
 
-def save_sdxl_lora(folder, name, parts, metadata=True):
-    """Save (prefix → (state, LoraConfig)) with diffusers' writer as `<name>.safetensors`;
-    with `metadata`, each model's LoraConfig goes into the file as diffusers' training
-    scripts put it (`lora_adapter_metadata`)."""
+def save_lora(folder, name, parts, metadata=True, pipeline=None):
+    """Save (prefix → (state, LoraConfig)) with the `pipeline` class's diffusers writer
+    (default: SDXL's) as `<name>.safetensors`; with `metadata`, each model's LoraConfig goes
+    into the file as diffusers' training scripts put it (`lora_adapter_metadata`)."""
     from diffusers import StableDiffusionXLPipeline
 
     layers = {f"{prefix}_lora_layers": state for prefix, (state, _) in parts.items()}
     configs = {f"{prefix}_lora_adapter_metadata": config.to_dict()
                for prefix, (_, config) in parts.items()} if metadata else {}
-    StableDiffusionXLPipeline.save_lora_weights(str(folder), weight_name=f"{name}.safetensors",
-                                                **layers, **configs)
+    (pipeline or StableDiffusionXLPipeline).save_lora_weights(
+        str(folder), weight_name=f"{name}.safetensors", **layers, **configs)

@@ -84,7 +84,7 @@ def made_adapters(tmp_path_factory, tiny_sdxl_path):
         UNET_TARGETS,
         lora_config,
         random_lora,
-        save_sdxl_lora,
+        save_lora,
     )
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path, local_files_only=True)
@@ -96,10 +96,10 @@ def made_adapters(tmp_path_factory, tiny_sdxl_path):
                  ("text_encoder", pipe.text_encoder, TE_TARGETS),
                  ("text_encoder_2", pipe.text_encoder_2, TE_TARGETS)))}
     folder = tmp_path_factory.mktemp("made-adapters")
-    save_sdxl_lora(folder, "lettered", parts)
-    save_sdxl_lora(folder, "lettered-unet", {"unet": parts["unet"]})
+    save_lora(folder, "lettered", parts)
+    save_lora(folder, "lettered-unet", {"unet": parts["unet"]})
     dora = {"use_dora": True}
-    save_sdxl_lora(folder, "dora", {"unet": (random_lora(pipe.unet, UNET_TARGETS, 9, **dora),
+    save_lora(folder, "dora", {"unet": (random_lora(pipe.unet, UNET_TARGETS, 9, **dora),
                                              lora_config(UNET_TARGETS, **dora))})
     return folder
 

@@ -1,6 +1,6 @@
 """LoRA files whose alphas live in diffusers' safetensors metadata (`lora_adapter_metadata`,
 the PEFT LoraConfig of each model), as diffusers' `save_lora_weights` writes them, on the
-tiny SDXL model. Diffusers' own `load_lora_weights` is the reference; the same tensors
+tiny SDXL and FLUX models. Diffusers' own `load_lora_weights` is the reference; the same tensors
 without the metadata show that it is read."""
 
 import json
@@ -11,13 +11,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deployments.lora_scales import file_scalings
-from serve.adapters import AdapterCatalog, AdapterInvalid
+from serve.adapters import AdapterCatalog, AdapterInvalid, AdapterSet
+from serve.types import GenerationRequest
 from tests.lora_files import (
     TE_TARGETS,
     UNET_TARGETS,
     lora_config,
     random_lora,
-    save_sdxl_lora,
+    save_lora,
 )
 from tests.unit.test_text_adapters import REQUEST, _diffusers, _embeds, _engine, _req
 
@@ -42,8 +43,8 @@ def folder(tiny_sdxl_path, tmp_path_factory):
         parts[prefix] = (random_lora(model, targets, 50 + seed, **options),
                          lora_config(targets, **options))
     out = tmp_path_factory.mktemp("metadata-loras")
-    save_sdxl_lora(out, "tuned", parts)
-    save_sdxl_lora(out, "bare", parts, metadata=False)
+    save_lora(out, "tuned", parts)
+    save_lora(out, "bare", parts, metadata=False)
     return out
 
 
@@ -92,6 +93,32 @@ def test_embeddings_and_pixels_are_those_of_diffusers_own_loading(engine, folder
     assert np.abs(ours_px - bare_px).mean() > 1
 
 
+def test_a_flux_adapters_metadata_alphas_give_diffusers_own_pixels(tiny_flux_path, tmp_path):
+    from diffusers import FluxPipeline
+
+    from deployments.engines.flux import FluxEngine
+    from tests.unit.test_flux_adapters import REQUEST as FLUX_REQUEST
+    from tests.unit.test_flux_adapters import _diffusers_image
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_path, local_files_only=True)
+    targets, options = ["to_q", "to_k", "to_v"], {"lora_alpha": 32, "alpha_pattern": {"to_k": 1}}
+    parts = {"transformer": (random_lora(pipe.transformer, targets, 61, **options),
+                             lora_config(targets, **options))}
+    save_lora(tmp_path, "glow", parts, pipeline=FluxPipeline)
+    save_lora(tmp_path, "glow-bare", parts, metadata=False, pipeline=FluxPipeline)
+    catalog = AdapterCatalog.scan([(tmp_path, "flux", 1.0)]).entries
+    engine = FluxEngine(tiny_flux_path, "float32", "cpu", adapters=catalog, max_adapters=2,
+                        max_lora_rank=4, lora_targets=targets)
+
+    def image(name):
+        request = GenerationRequest(**FLUX_REQUEST, adapters=AdapterSet.of([(name, 1.0)]))
+        return np.asarray(engine.generate([request])[0][0]).astype(int)
+
+    ours = image("glow")
+    assert np.array_equal(ours, _diffusers_image(tiny_flux_path, tmp_path / "glow.safetensors"))
+    assert np.abs(ours - image("glow-bare")).mean() > 1
+
+
 def test_dora_adapters_are_refused_with_or_without_metadata(tiny_sdxl_path, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -99,8 +126,8 @@ def test_dora_adapters_are_refused_with_or_without_metadata(tiny_sdxl_path, tmp_
     state = random_lora(pipe.unet, UNET_TARGETS, 7, use_dora=True)
     assert any("lora_magnitude_vector" in k for k in state)
     parts = {"unet": (state, lora_config(UNET_TARGETS, use_dora=True))}
-    save_sdxl_lora(tmp_path, "dora", parts)
-    save_sdxl_lora(tmp_path, "dora-bare", parts, metadata=False)
+    save_lora(tmp_path, "dora", parts)
+    save_lora(tmp_path, "dora-bare", parts, metadata=False)
     engine = _engine(tiny_sdxl_path, tmp_path)
     with pytest.raises(AdapterInvalid, match=r"adapter 'dora' \(unet\) uses DoRA"):
         engine.adapters.read("dora")
