@@ -102,10 +102,7 @@ class TextAdapters:
         self._held: OrderedDict[str, TextLayers] = OrderedDict()
         self._lock = threading.Lock()
         self._local = threading.local()
-        for modules in self._modules.values():
-            for layer in modules.values():
-                if isinstance(layer, nn.Linear):
-                    layer.register_forward_hook(self._add_terms)
+        self._hooked: set[nn.Module] = set()
 
     def hold(self, name: str, layers: TextLayers) -> TextLayers:
         """Keep `name`'s staged parts (none: it changes no encoder) on the encoders'
@@ -117,6 +114,7 @@ class TextAdapters:
                                     b.to(device, non_blocking=True), alpha)
                              for path, (a, b, alpha) in pairs.items()}
         with self._lock:
+            self._hook(moved)
             self._held[name] = moved
             self._held.move_to_end(name)
             while len(self._held) > self._capacity:
@@ -145,6 +143,17 @@ class TextAdapters:
             yield
         finally:
             self._local.terms = None
+
+    def _hook(self, layers: TextLayers) -> None:
+        """Put the hook on each layer of `layers` that has none. Only layers some adapter
+        changed carry one (an encoder no adapter touches runs as it is), and a hook stays
+        once put: an encoding under way on another thread may still need it."""
+        for prefix, pairs in layers.items():
+            for path in pairs:
+                layer = self._modules[prefix][path]
+                if layer not in self._hooked:
+                    layer.register_forward_hook(self._add_terms)
+                    self._hooked.add(layer)
 
     def _parts(self, name: str) -> TextLayers:
         with self._lock:

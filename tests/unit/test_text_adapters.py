@@ -236,3 +236,21 @@ def test_a_flux_adapters_clip_part_gives_the_embeddings_of_diffusers_own_loading
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-5)
     assert torch.equal(ours[0], plain[0])
     assert (ours[1] - plain[1]).abs().max() > 1e-3
+
+
+def test_only_layers_that_an_adapter_changes_carry_a_hook(tiny_sdxl_path, folder):
+    engine = _engine(tiny_sdxl_path, folder)
+    encoders = {"text_encoder": engine.pipe.text_encoder,
+                "text_encoder_2": engine.pipe.text_encoder_2}
+
+    def hooked():
+        return {(prefix, path) for prefix, encoder in encoders.items()
+                for path, layer in encoder.named_modules()
+                if isinstance(layer, torch.nn.Linear) and layer._forward_hooks}
+
+    _embeds(engine, _req(prompt="no adapter yet"))
+    assert hooked() == set()  # encoders no adapter touched run as they are
+    _embeds(engine, _req([("words-only", 1.0)]))
+    parts = engine.adapters.text._held["words-only"]
+    assert hooked() == {(prefix, path) for prefix, pairs in parts.items() for path in pairs}
+    assert len(hooked()) > 20 and ("text_encoder_2", "text_projection") not in hooked()
