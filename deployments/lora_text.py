@@ -62,14 +62,16 @@ def _pairs(own: Mapping[str, torch.Tensor], alpha_of: Mapping[str, float], scale
     except ValueError as exc:
         raise AdapterInvalid(f"{label} is not a LoRA diffusers can read: {exc}") from None
     refuse_other_variants(renamed, label)
-    if not hasattr(encoder, "text_model"):  # older files name the encoder's inner model
-        renamed = {k.removeprefix("text_model."): v for k, v in renamed.items()}
+    # Files name the encoder's inner model (`text_model.`); transformers 5 has none. A
+    # file's patterns are matched against the layer's name as the file gives it.
+    inner = "" if hasattr(encoder, "text_model") else "text_model."
     modules, weight = dict(encoder.named_modules()), next(encoder.parameters())
     pairs = {}
     for key, source in renamed.items():
         if ".lora_A." not in key:
             continue
-        path = key.split(".lora_A.")[0]
+        named = key.split(".lora_A.")[0]
+        path = named.removeprefix(inner)
         layer = modules.get(path)
         b_source = renamed.get(key.replace(".lora_A.", ".lora_B."))
         if not isinstance(layer, nn.Linear) or b_source is None:
@@ -83,7 +85,7 @@ def _pairs(own: Mapping[str, torch.Tensor], alpha_of: Mapping[str, float], scale
         a, b = a.to(weight.dtype), b.to(weight.dtype)
         if weight.is_cuda:
             a, b = a.pin_memory(), b.pin_memory()
-        pairs[path] = (a, b, scale(path, rank, alpha_of.get(source)))
+        pairs[path] = (a, b, scale(named, rank, alpha_of.get(source)))
     return pairs
 
 

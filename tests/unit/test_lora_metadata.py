@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from deployments.lora_scales import file_scalings
@@ -174,3 +175,28 @@ def test_the_catalog_takes_files_with_metadata_as_any_other(folder):
     entries = AdapterCatalog.scan([(folder, "sdxl", 1.0)]).entries
     assert {name: (e.rank, e.layout) for name, e in entries.items()} == {
         "bare": (4, "peft"), "tuned": (4, "peft")}
+
+
+def test_text_patterns_name_layers_as_the_file_does(folder, tmp_path, tiny_sdxl_path):
+    """A file written with transformers 4 names every encoder layer under `text_model.`,
+    which transformers 5's CLIPTextModel has not (its CLIPTextModelWithProjection has);
+    a pattern written with such a whole name still picks its layer in both encoders."""
+    with safe_open(folder / "tuned.safetensors", framework="pt") as handle:
+        options = json.loads(handle.metadata()["lora_adapter_metadata"])
+    tensors = {k.replace("text_encoder.encoder.", "text_encoder.text_model.encoder."): v
+               for k, v in load_file(folder / "tuned.safetensors").items()}
+    assert sum(".text_model." in k for k in tensors) == 48  # 2 encoders × 2 layers × 6 × 2
+    inner = "text_model.encoder.layers"
+    options["text_encoder.alpha_pattern"] = {f"{inner}.0.mlp.fc2": 12}
+    options["text_encoder_2.rank_pattern"] = {f"{inner}.{i}.mlp.fc1": 2 for i in (0, 1)}
+    options["text_encoder_2.alpha_pattern"] = {f"{inner}.0.mlp.fc2": 12}
+    save_file(tensors, str(tmp_path / "named.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(options)})
+    weights = _engine(tiny_sdxl_path, tmp_path).adapters.read("named")
+    found = {prefix: {path.split("layers.")[1]: (a.shape[0], factor)
+                      for path, (a, _, factor) in layers.items() if ".mlp." in path}
+             for prefix, layers in weights.text.items()}
+    assert found["text_encoder"] == {"0.mlp.fc1": (4, 3.0), "1.mlp.fc1": (4, 3.0),
+                                     "0.mlp.fc2": (4, 6.0), "1.mlp.fc2": (4, 3.0)}  # 12/√4
+    assert found["text_encoder_2"] == {"0.mlp.fc1": (2, 1 / 2), "1.mlp.fc1": (2, 1 / 2),
+                                       "0.mlp.fc2": (4, 12 / 4), "1.mlp.fc2": (4, 1 / 4)}
