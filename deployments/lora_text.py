@@ -62,8 +62,8 @@ def _pairs(own: Mapping[str, torch.Tensor], alpha_of: Mapping[str, float], scale
     except ValueError as exc:
         raise AdapterInvalid(f"{label} is not a LoRA diffusers can read: {exc}") from None
     refuse_other_variants(renamed, label)
-    # Files name the encoder's inner model (`text_model.`); transformers 5 has none. A
-    # file's patterns are matched against the layer's name as the file gives it.
+    # Files written with transformers 4 name the inner model (`text_model.`), which
+    # transformers 5's CLIPTextModel has not; the file's patterns match its own names.
     inner = "" if hasattr(encoder, "text_model") else "text_model."
     modules, weight = dict(encoder.named_modules()), next(encoder.parameters())
     pairs = {}
