@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements of the speed work, one step per device call, each well inside the
-# 10 minutes a call may take (device time is short: run the steps in this order, the first
-# ones matter most). Here, once, in the project root:
+# 10 minutes a call may take. Device time is short (a lent machine may leave room for one
+# step after its start), so run the steps not yet measured in this order: engine-fp8,
+# engine-static, throughput with the fastest variant, keep-warm, fp8-error, engine-512,
+# engine-autotune, adapters, engine-flux. Here, once, in the project root:
 #   echo /.whl/ >> .git/info/exclude
 #   ../shared/gpu/make-wheels.sh .whl pytest pluggy iniconfig pytest-timeout
 #   cp ../shared/gpu/sdxl-base-configs.json .whl/
@@ -26,12 +28,17 @@
 # throughput and keep-warm serve the `compiled` variant, or the one named after the step
 # (the fastest the engine steps found: bash load/gpu_session.sh throughput compiled-fp8);
 # engine-autotune runs compiled-autotune, or the variant named after it.
-# Figures go to $OUT (results/ when unset) as JSON, with each step's console output.
+# Figures go to $OUT (results/ when unset) as JSON, with each step's console output; the
+# files are named after the GPU the step ran on (its name as nvidia-smi gives it, without
+# "NVIDIA", lower-cased: h100-80gb-hbm3, h200, ...), so two cards' figures never mix.
 set -euo pipefail
 step=${1:?"step: engine | engine-fp8 | engine-static | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux"}
 variant=${2:-compiled}
 out=${OUT:-results}
 mkdir -p "$out"
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
+gpu=$(echo "${gpu#NVIDIA }" | tr 'A-Z' 'a-z' | tr -cs 'a-z0-9' '-' | sed 's/^-*//; s/-*$//')
+gpu=${gpu:-gpu}
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 export PYTHONPATH=$PWD:/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 export ATELIER_CACHE_DIR=/tmp/atelier  # the model and compile caches, kept while warm
@@ -45,29 +52,29 @@ log="$out/gpu-$step.txt"
 case $step in
   engine) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --profile \
             --variants compiled compiled-cudnn compiled-cfg50 \
-            --out "$out/engine-h100-compiled.json" 2>&1 | tee "$log" ;;
+            --out "$out/engine-$gpu-compiled.json" 2>&1 | tee "$log" ;;
   engine-fp8) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --profile \
                 --variants compiled-fp8 compiled-fp8-tensor compiled-fp8-slowaccum \
-                --out "$out/engine-h100-fp8.json" 2>&1 | tee "$log" ;;
+                --out "$out/engine-$gpu-fp8.json" 2>&1 | tee "$log" ;;
   engine-static) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --profile \
                    --variants compiled-b8 compiled-fp8-b8 \
-                   --out "$out/engine-h100-static.json" 2>&1 | tee "$log" ;;
-  fp8-error) python3 -m load.fp8_error "${sdxl[@]}" --out "$out/fp8-error-h100.json" \
+                   --out "$out/engine-$gpu-static.json" 2>&1 | tee "$log" ;;
+  fp8-error) python3 -m load.fp8_error "${sdxl[@]}" --out "$out/fp8-error-$gpu.json" \
                2>&1 | tee "$log" ;;
   engine-512) python3 -m load.bench_engine --random-sdxl .whl/sdxl-base-configs.json \
                 --size 512 --steps 30 --batches 16 \
                 --variants compiled compiled-fp8 compiled-fp8-cfg50 \
-                --out "$out/engine-h100-512.json" 2>&1 | tee "$log" ;;
+                --out "$out/engine-$gpu-512.json" 2>&1 | tee "$log" ;;
   engine-autotune) tuned=${2:-compiled-autotune}
                    python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --variants "$tuned" \
-                     --out "$out/engine-h100-$tuned.json" 2>&1 | tee "$log" ;;
+                     --out "$out/engine-$gpu-$tuned.json" 2>&1 | tee "$log" ;;
   tests) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$log" ;;
   throughput) python3 -m load.bench_throughput "${sdxl[@]}" "${served[@]}" --variant "$variant" \
                 --concurrency 16 24 --duration 30 --open-s 40 \
-                --out "$out/throughput-h100-$variant-idle.json" 2>&1 | tee "$log" ;;
+                --out "$out/throughput-$gpu-$variant-idle.json" 2>&1 | tee "$log" ;;
   keep-warm) python3 -m load.bench_throughput "${sdxl[@]}" "${served[@]}" --variant "$variant" \
                --keep-warm-s 2 --no-baseline --no-restart --concurrency 16 --duration 20 \
-               --open-s 20 --out "$out/throughput-h100-$variant-keepwarm.json" 2>&1 | tee "$log" ;;
+               --open-s 20 --out "$out/throughput-$gpu-$variant-keepwarm.json" 2>&1 | tee "$log" ;;
   adapters) shift; modes=("$@"); [ ${#modes[@]} -gt 0 ] || modes=(slots fuse)
             for mode in "${modes[@]}"; do
               case $mode in
@@ -78,12 +85,12 @@ case $step in
                 *) echo "unknown adapters mode $mode" >&2; exit 2 ;;
               esac
               python3 -m load.bench_adapters "${sdxl[@]}" --rank 64 --requests 10 \
-                "${flag[@]}" --out "$out/adapters-h100-r64-$mode.json"
+                "${flag[@]}" --out "$out/adapters-$gpu-r64-$mode.json"
             done 2>&1 | tee "$log" ;;
   engine-flux) shift; flux=("$@"); [ ${#flux[@]} -gt 0 ] || flux=(compiled)
                python3 -m load.bench_engine --random-flux load/flux-dev-configs.json \
                  --size 1024 --steps 28 --batches 4 --repeats 1 --variants "${flux[@]}" \
-                 --out "$out/engine-h100-flux1024-$(IFS=_; echo "${flux[*]}").json" \
+                 --out "$out/engine-$gpu-flux1024-$(IFS=_; echo "${flux[*]}").json" \
                  2>&1 | tee "$log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

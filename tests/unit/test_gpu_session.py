@@ -28,15 +28,21 @@ STEPS = {  # step arguments: the programs each runs
 }
 
 
-def _run(tmp_path: Path, *step: str) -> tuple[subprocess.CompletedProcess, Path]:
-    """Run a step with the stand-in `python3`; return the run and the file of its calls."""
+def _run(tmp_path: Path, *step: str, gpu: str | None = "NVIDIA H200"
+         ) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run a step with the stand-in `python3` and an `nvidia-smi` that names `gpu` (None:
+    fails); return the run and the file of its calls."""
     shims, log = tmp_path / "bin", tmp_path / "calls.jsonl"
     shims.mkdir(exist_ok=True)
     python3 = shims / "python3"
     python3.write_text('#!/bin/sh\nexec "$ATELIER_REAL_PYTHON" -c \'import json, os, sys\n'
                        'open(os.environ["ATELIER_CALLS"], "a").write(json.dumps(sys.argv[1:])'
                        ' + "\\n")\' "$@"\n')
-    python3.chmod(0o755)
+    (shims / "nvidia-smi").write_text(  # with no GPU it fails, printing nothing
+        '#!/bin/sh\nexit 9\n' if gpu is None else
+        f'#!/bin/sh\n[ "$*" = "--query-gpu=name --format=csv,noheader" ] && echo "{gpu}"\n')
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
     log.unlink(missing_ok=True)
     env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
            "ATELIER_CALLS": str(log), "ATELIER_REAL_PYTHON": sys.executable}
@@ -45,8 +51,8 @@ def _run(tmp_path: Path, *step: str) -> tuple[subprocess.CompletedProcess, Path]
     return done, log
 
 
-def _record(tmp_path: Path, *step: str) -> list[list[str]]:
-    done, log = _run(tmp_path, *step)
+def _record(tmp_path: Path, *step: str, **gpu: str | None) -> list[list[str]]:
+    done, log = _run(tmp_path, *step, **gpu)
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in log.read_text().splitlines()]
 
@@ -61,6 +67,7 @@ def test_each_gpu_step_calls_its_programs_with_options_they_accept(tmp_path, ste
             continue
         args = importlib.import_module(call[1])._parse_args(call[2:])
         assert args.out.startswith(str(tmp_path / "out")) and args.out.endswith(".json")
+        assert "-h200" in Path(args.out).name and "h100" not in args.out
         assert args.size == (512 if step == ("engine-512",) else 1024)
 
 
@@ -82,3 +89,14 @@ def test_an_unknown_step_or_mode_is_refused(tmp_path):
         done, log = _run(tmp_path, *step)
         assert done.returncode == 2 and said in done.stdout + done.stderr
         assert len(log.read_text().splitlines()) == 1  # the install, and nothing measured
+
+
+@pytest.mark.parametrize(("gpu", "tag"), [("NVIDIA H100 80GB HBM3", "h100-80gb-hbm3"),
+                                          ("NVIDIA RTX PRO 6000 Blackwell Server Edition",
+                                           "rtx-pro-6000-blackwell-server-edition"),
+                                          (None, "gpu")])
+def test_figures_are_named_after_the_gpu_they_were_measured_on(tmp_path, gpu, tag):
+    (_, (_, _, *argv)) = _record(tmp_path, "engine-512", gpu=gpu)
+    from load.bench_engine import _parse_args
+
+    assert Path(_parse_args(argv).out).name == f"engine-{tag}-512.json"
