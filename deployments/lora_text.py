@@ -62,16 +62,13 @@ def _pairs(own: Mapping[str, torch.Tensor], alpha_of: Mapping[str, float], scale
     except ValueError as exc:
         raise AdapterInvalid(f"{label} is not a LoRA diffusers can read: {exc}") from None
     refuse_other_variants(renamed, label)
-    # Files written with transformers 4 name the inner model (`text_model.`), which
-    # transformers 5's CLIPTextModel has not; the file's patterns match its own names.
-    inner = "" if hasattr(encoder, "text_model") else "text_model."
     modules, weight = dict(encoder.named_modules()), next(encoder.parameters())
     pairs = {}
     for key, source in renamed.items():
         if ".lora_A." not in key:
             continue
-        named = key.split(".lora_A.")[0]
-        path = named.removeprefix(inner)
+        named = key.split(".lora_A.")[0]  # the file's patterns match this name
+        path = _layer_path(named, modules)
         layer = modules.get(path)
         b_source = renamed.get(key.replace(".lora_A.", ".lora_B."))
         if not isinstance(layer, nn.Linear) or b_source is None:
@@ -87,6 +84,16 @@ def _pairs(own: Mapping[str, torch.Tensor], alpha_of: Mapping[str, float], scale
             a, b = a.pin_memory(), b.pin_memory()
         pairs[path] = (a, b, scale(named, rank, alpha_of.get(source)))
     return pairs
+
+
+def _layer_path(named: str, modules: Mapping[str, nn.Module]) -> str:
+    """The encoder's layer that a file's name means. CLIP's inner model (`text_model.`)
+    is in transformers 4's CLIPTextModel and in CLIPTextModelWithProjection, not in
+    transformers 5's CLIPTextModel, so a file written under one version may name it where
+    the encoder loaded under the other has none, or leave it out where it has one."""
+    bare = named.removeprefix("text_model.")
+    return next((path for path in (named, bare, f"text_model.{bare}") if path in modules),
+                named)
 
 
 class TextAdapters:

@@ -206,6 +206,37 @@ def test_text_parts_that_do_not_fit_the_encoders_are_refused(engine, folder, tmp
         del engine.adapters._catalog["misfit"]
 
 
+def test_encoder_layers_are_found_with_or_without_clips_inner_model_in_their_names(
+        engine, folder, tmp_path):
+    """Transformers 4 names CLIPTextModel's layers under `text_model.`, transformers 5 does
+    not (CLIPTextModelWithProjection keeps it in both), so a file written under one may
+    name the inner model where the loaded encoder has none, or the other way round."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "styled.safetensors")
+    renamed = {k.replace("text_encoder.encoder.", "text_encoder.text_model.encoder.")
+                .replace("text_encoder_2.text_model.", "text_encoder_2."): v
+               for k, v in state.items()}
+    assert sum(k.startswith("text_encoder.text_model.") for k in renamed) == 24
+    assert sum(k.startswith("text_encoder_2.encoder.") for k in renamed) == 24
+    save_file(renamed, str(tmp_path / "other-names.safetensors"))
+    engine.adapters._catalog["other-names"] = AdapterCatalog.scan(
+        [(tmp_path, "sdxl", 1.0)]).entries["other-names"]
+    try:
+        assert ({p: {path: a.shape for path, (a, _, _) in layers.items()}
+                 for p, layers in engine.adapters.read("other-names").text.items()}
+                == {p: {path: a.shape for path, (a, _, _) in layers.items()}
+                    for p, layers in engine.adapters.read("styled").text.items()})
+        ours, _ = _embeds(engine, _req([("other-names", 0.8)]))
+        theirs, _ = _embeds(engine, _req([("styled", 0.8)]))
+        plain, _ = _embeds(engine, _req())
+        for a, b, c in zip(ours, theirs, plain, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            assert (a - c).abs().max() > 1e-3
+    finally:
+        del engine.adapters._catalog["other-names"]
+
+
 def test_a_flux_adapters_clip_part_gives_the_embeddings_of_diffusers_own_loading(
         tiny_flux_path, tmp_path):
     from diffusers import FluxPipeline
