@@ -169,12 +169,14 @@ class DiffusersEngine:
         if nothing_to_denoise(first):
             return [[source_pil(r) for _ in r.seeds] for r in requests]
         real = len(requests)
-        made = list(prepared or ())
-        made += [self.prepare(r)[0] for r in requests[len(made):]]
         requests, withdrawn = self._padded(requests, withdrawn)
-        made += made[-1:] * (len(requests) - real)  # a filler repeats the last request
         rows = BatchRows([r.num_outputs for r in requests])
+        # The adapters are held before prompts not yet prepared are encoded, as a replica
+        # does, so an adapter's file is read once (its text-encoder parts with the rest).
         pipe = self._prepare(requests, rows)
+        made = list(prepared or ())
+        made += [self.prepare(r)[0] for r in requests[len(made):real]]
+        made += made[-1:] * (len(requests) - real)  # a filler repeats the last request
         inputs = (self._encode(requests, [p.embeds for p in made])
                   | source_inputs(requests, [p.source for p in made]))
         generators = [torch.Generator("cpu").manual_seed(seed)

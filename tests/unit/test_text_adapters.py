@@ -180,6 +180,25 @@ def test_text_parts_evicted_are_read_again_with_the_same_embeddings(tiny_sdxl_pa
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["slots", "merged"])
+def test_a_direct_call_reads_an_adapters_file_once(tiny_sdxl_path, folder, engine, fuse):
+    """Called directly (benchmarks), the engine holds a call's adapters before it encodes
+    their prompts, as a replica does: the file is read once, text parts and all."""
+    fresh = _engine(tiny_sdxl_path, folder, fuse_adapters=fuse)
+    reads, read = [], fresh.adapters.read
+    fresh.adapters.read = lambda name: reads.append(name) or read(name)
+    request = _req([("styled", 0.9)], prompt="a prompt first seen in this call")
+    (images,) = fresh.generate([request])
+    assert reads == ["styled"]
+    (twice,) = fresh.generate([request])
+    assert reads == ["styled"] and fresh.prompts.get(request)[1]  # held: nothing read again
+    engine.adapters.activate(request.adapters)  # a replica's order, on the other engine
+    (reference,) = engine.generate([request], prepared=[engine.prepare(request)[0]])
+    for ours in (images, twice):
+        assert np.abs(np.asarray(ours[0]).astype(int)
+                      - np.asarray(reference[0]).astype(int)).max() <= 1
+
+
 def test_merged_adapters_encode_prompts_with_their_text_parts_too(tiny_sdxl_path, folder,
                                                                  engine):
     fused = _engine(tiny_sdxl_path, folder, fuse_adapters=True)
