@@ -69,6 +69,8 @@ def _pairs(own: Mapping[str, torch.Tensor], alpha_of: Mapping[str, float], scale
             continue
         named = key.split(".lora_A.")[0]  # the file's patterns match this name
         path = _layer_path(named, modules)
+        if path in pairs:
+            raise AdapterInvalid(f"{label} changes {path} twice, under two names")
         layer = modules.get(path)
         b_source = renamed.get(key.replace(".lora_A.", ".lora_B."))
         if not isinstance(layer, nn.Linear) or b_source is None:

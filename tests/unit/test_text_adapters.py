@@ -229,7 +229,9 @@ def test_encoder_layers_are_found_with_or_without_clips_inner_model_in_their_nam
         engine, folder, tmp_path):
     """Transformers 4 names CLIPTextModel's layers under `text_model.`, transformers 5 does
     not (CLIPTextModelWithProjection keeps it in both), so a file written under one may
-    name the inner model where the loaded encoder has none, or the other way round."""
+    name the inner model where the loaded encoder has none, or the other way round. A file
+    that names one layer both ways is refused: which of the two pairs it means is
+    unknown."""
     from safetensors.torch import load_file, save_file
 
     state = load_file(folder / "styled.safetensors")
@@ -239,9 +241,17 @@ def test_encoder_layers_are_found_with_or_without_clips_inner_model_in_their_nam
     assert sum(k.startswith("text_encoder.text_model.") for k in renamed) == 24
     assert sum(k.startswith("text_encoder_2.encoder.") for k in renamed) == 24
     save_file(renamed, str(tmp_path / "other-names.safetensors"))
-    engine.adapters._catalog["other-names"] = AdapterCatalog.scan(
-        [(tmp_path, "sdxl", 1.0)]).entries["other-names"]
+    twice = renamed | {k.replace("text_encoder_2.", "text_encoder_2.text_model."): v.clone()
+                       for k, v in renamed.items()
+                       if k.startswith("text_encoder_2.encoder.layers.1.mlp.fc2.")}
+    save_file(twice, str(tmp_path / "named-twice.safetensors"))
+    for name in ("other-names", "named-twice"):
+        engine.adapters._catalog[name] = AdapterCatalog.scan(
+            [(tmp_path, "sdxl", 1.0)]).entries[name]
     try:
+        with pytest.raises(AdapterInvalid, match=r"\(text_encoder_2\) changes "
+                           r"text_model\.encoder\.layers\.1\.mlp\.fc2 twice"):
+            engine.adapters.read("named-twice")
         assert ({p: {path: a.shape for path, (a, _, _) in layers.items()}
                  for p, layers in engine.adapters.read("other-names").text.items()}
                 == {p: {path: a.shape for path, (a, _, _) in layers.items()}
@@ -253,7 +263,8 @@ def test_encoder_layers_are_found_with_or_without_clips_inner_model_in_their_nam
             torch.testing.assert_close(a, b, rtol=0, atol=0)
             assert (a - c).abs().max() > 1e-3
     finally:
-        del engine.adapters._catalog["other-names"]
+        for name in ("other-names", "named-twice"):
+            del engine.adapters._catalog[name]
 
 
 def test_a_flux_adapters_clip_part_gives_the_embeddings_of_diffusers_own_loading(
