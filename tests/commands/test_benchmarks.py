@@ -86,6 +86,7 @@ def test_throughput_benchmark_runs_the_open_loop_the_idle_request_and_a_restart(
     open_loop = a["open_loop_90pct"]
     best = report["summary"]["atelier_images_per_s"]
     assert open_loop["offered_rps"] == pytest.approx(0.9 * best)
+    assert open_loop["errors"] == {}  # first: a failure shows which kinds of error
     assert open_loop["sent"] >= 8 and open_loop["succeeded"] == open_loop["sent"]
     assert open_loop["latency_s"]["p99"] == report["summary"]["p99_at_90pct_s"]
     assert a["after_idle_s"]["idle_s"] == 1 and a["after_idle_s"]["request_s"] > 0
@@ -146,8 +147,8 @@ def test_throughput_benchmark_serves_flux_against_a_plain_flux_server(tmp_path,
     assert base["images"] > 0 and base["mean_batch_size"] == 1
     assert loop["images"] == loop["call_images"] > 0 and loop["mean_batch_size"] > 1
     open_loop = report["atelier"]["open_loop_90pct"]
+    assert open_loop["errors"] == {}  # first: a failure shows which kinds of error
     assert open_loop["sent"] >= 8 and open_loop["succeeded"] == open_loop["sent"]
-    assert open_loop["errors"] == {}
     summary = report["summary"]
     assert summary["speedup"] == pytest.approx(loop["images_per_s"] / base["images_per_s"])
     assert summary["atelier_tflops"] == pytest.approx(
