@@ -14,7 +14,7 @@ the running total (`paused_s`).
 
 The timing callback runs inside the collection, which may have interrupted any code of
 any thread, a `ContextVar.set` among them; so it only notes the time, and a thread of
-its own hands the figures to the histogram. Observing a Ray Serve metric there crashed
+its own hands the figures to the histogram. Observing a Ray Serve metric there crashes
 replicas under load: Serve's metrics set a ContextVar when it is unset
 (`_get_serve_request_context`), and a set made while another set's tree update is under
 way frees the tree that update still walks (CPython gh-148891: MemoryError, then SIGSEGV).

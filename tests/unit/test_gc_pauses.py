@@ -73,9 +73,9 @@ def test_watch_times_every_collection_by_generation_once_per_process(monkeypatch
 
 
 def test_a_collection_interrupting_a_context_variables_set_leaves_it_whole():
-    """The crash this module once caused in replicas under load: a collection that runs
-    while a thread sets Ray Serve's request context (as every request's start does) must
-    not record into a Serve metric there, since Serve's metrics set that ContextVar when
+    """A replica's crash under load: a collection that runs while a thread sets Ray
+    Serve's request context (as every request's start does) must not record into a Serve
+    metric there, since Serve's metrics set that ContextVar when
     it is unset, freeing the tree the interrupted set still walks (CPython gh-148891).
     The observer below does what Serve's metrics do; observed inside the collection, this
     process crashed (SIGSEGV) in about 7 of 10 runs."""
