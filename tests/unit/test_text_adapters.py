@@ -3,6 +3,8 @@ diffusers/PEFT layout and in kohya's (`lora_te1_`/`lora_te2_`, alpha at half the
 applied while a request's prompt is encoded and only then. Diffusers' own
 `load_lora_weights` is the reference for what such an adapter does."""
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -63,6 +65,18 @@ def _engine(path, folder, **options):
 @pytest.fixture(scope="module")
 def engine(tiny_sdxl_path, folder):
     return _engine(tiny_sdxl_path, folder)
+
+
+@contextmanager
+def _catalogued(engine, folder):
+    """The adapters of `folder` in the engine's catalog for the block's length."""
+    entries = AdapterCatalog.scan([(folder, "sdxl", 1.0)]).entries
+    engine.adapters._catalog.update(entries)
+    try:
+        yield
+    finally:
+        for name in entries:
+            del engine.adapters._catalog[name]
 
 
 def _req(adapters=(), **overrides):
@@ -216,13 +230,9 @@ def test_text_parts_that_do_not_fit_the_encoders_are_refused(engine, folder, tmp
     key = next(k for k in state if k.startswith("text_encoder_2.") and "lora_A" in k)
     state[key] = torch.zeros(RANK, state[key].shape[1] + 8)
     save_file(state, str(tmp_path / "misfit.safetensors"))
-    entry = AdapterCatalog.scan([(tmp_path, "sdxl", 1.0)]).entries["misfit"]
-    engine.adapters._catalog["misfit"] = entry
-    try:
-        with pytest.raises(AdapterInvalid, match="text_encoder_2.*does not fit"):
-            engine.adapters.read("misfit")
-    finally:
-        del engine.adapters._catalog["misfit"]
+    with _catalogued(engine, tmp_path), pytest.raises(AdapterInvalid,
+                                                      match="text_encoder_2.*does not fit"):
+        engine.adapters.read("misfit")
 
 
 def test_encoder_layers_are_found_with_or_without_clips_inner_model_in_their_names(
@@ -245,10 +255,7 @@ def test_encoder_layers_are_found_with_or_without_clips_inner_model_in_their_nam
                        for k, v in renamed.items()
                        if k.startswith("text_encoder_2.encoder.layers.1.mlp.fc2.")}
     save_file(twice, str(tmp_path / "named-twice.safetensors"))
-    for name in ("other-names", "named-twice"):
-        engine.adapters._catalog[name] = AdapterCatalog.scan(
-            [(tmp_path, "sdxl", 1.0)]).entries[name]
-    try:
+    with _catalogued(engine, tmp_path):
         with pytest.raises(AdapterInvalid, match=r"\(text_encoder_2\) changes "
                            r"text_model\.encoder\.layers\.1\.mlp\.fc2 twice"):
             engine.adapters.read("named-twice")
@@ -262,9 +269,6 @@ def test_encoder_layers_are_found_with_or_without_clips_inner_model_in_their_nam
         for a, b, c in zip(ours, theirs, plain, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
             assert (a - c).abs().max() > 1e-3
-    finally:
-        for name in ("other-names", "named-twice"):
-            del engine.adapters._catalog[name]
 
 
 def test_a_flux_adapters_clip_part_gives_the_embeddings_of_diffusers_own_loading(
