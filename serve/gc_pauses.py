@@ -37,7 +37,6 @@ class Observer(Protocol):
 log = logging.getLogger("ray.serve.atelier.gc")
 _watched: list[Observer] = []  # one watcher per process, whatever the replicas in it
 _paused = [0.0]  # seconds of collection since the watcher was installed
-_timed: deque[tuple[int, float]] = deque()  # (generation, seconds) not yet observed
 
 
 def settle() -> dict:
@@ -56,7 +55,7 @@ def watch(pauses: Observer, every_s: float = 1.0) -> None:
     if _watched:
         return
     _watched.append(pauses)
-    started, noted = [0.0], _timed
+    started, noted = [0.0], deque()  # (generation, seconds) not yet observed
 
     def timed(phase: str, info: dict) -> None:  # inside the collection: note, nothing more
         if phase == "start":

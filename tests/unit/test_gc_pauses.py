@@ -8,7 +8,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 from serve import gc_pauses
@@ -24,9 +23,9 @@ class _Recorder:
         self.seen.append((value, tags))
         self.threads.add(threading.get_ident())
 
-    def wait_for(self, count, limit_s=10.0):
+    def wait_for(self, done, limit_s=10.0):
         deadline = time.monotonic() + limit_s
-        while len(self.seen) < count and time.monotonic() < deadline:
+        while not done() and time.monotonic() < deadline:
             time.sleep(0.01)
 
 
@@ -47,7 +46,6 @@ def test_settle_freezes_what_start_up_left_out_of_later_collections():
 def test_watch_times_every_collection_by_generation_once_per_process(monkeypatch):
     monkeypatch.setattr(gc_pauses, "_watched", [])
     monkeypatch.setattr(gc_pauses, "_paused", [0.0])
-    monkeypatch.setattr(gc_pauses, "_timed", deque())
     before = list(gc.callbacks)
     first, second = _Recorder(), _Recorder()
     gc_pauses.watch(first, every_s=0.02)
@@ -58,7 +56,7 @@ def test_watch_times_every_collection_by_generation_once_per_process(monkeypatch
         gc.collect(2)
         gc.collect(0)
         total = gc_pauses.paused_s()  # counted at once, observed a moment later
-        first.wait_for(2)
+        first.wait_for(lambda: len(first.seen) >= 2)
     finally:
         gc.callbacks.remove(added[0])
     generations = [tags["generation"] for _, tags in first.seen]
@@ -67,7 +65,7 @@ def test_watch_times_every_collection_by_generation_once_per_process(monkeypatch
     assert all(0 <= seconds < 10 for seconds, _ in first.seen)
     # The running total is what the histogram saw, to the float, and the histogram was
     # fed by the watcher's own thread, never from inside a collection.
-    first.wait_for(len(first.seen) + len(gc_pauses._timed))
+    first.wait_for(lambda: sum(seconds for seconds, _ in first.seen) == gc_pauses.paused_s())
     assert total <= gc_pauses.paused_s() == sum(seconds for seconds, _ in first.seen) > 0
     assert first.threads and threading.get_ident() not in first.threads
 
