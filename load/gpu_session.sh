@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements of the speed work, one step per device call, each well inside the
 # 10 minutes a call may take. Device time is short (a lent machine may leave room for one
-# step after its start), so run the steps not yet measured in this order: engine-fp8,
-# engine-static, throughput with the fastest variant, keep-warm, fp8-error, engine-512,
-# engine-autotune, adapters, engine-flux. Here, once, in the project root:
+# step after its start), so run the steps not yet measured in this order: engine-static
+# (static shapes, and FP8 with fast accumulation beside bf16, in one step), throughput
+# with the fastest variant, keep-warm, engine-fp8, fp8-error, engine-512, engine-autotune,
+# adapters, engine-flux. Here, once, in the project root:
 #   echo /.whl/ >> .git/info/exclude
 #   ../shared/gpu/make-wheels.sh .whl pytest pluggy iniconfig pytest-timeout
 #   cp ../shared/gpu/sdxl-base-configs.json .whl/
