@@ -14,24 +14,23 @@ from typing import Any
 
 import httpx
 import ray
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.lora_downloads import DownloadSettings
 from deployments.model import ModelDeployment
 from serve import gc_pauses
+from serve.access import install_access
 from serve.adapters import AdapterCatalog
-from serve.auth import OPEN_PREFIXES, ApiKey, configured_keys, matching_key
+from serve.auth import configured_keys
 from serve.body_limit import install_body_limit
 from serve.config import AtelierConfig, ModelConfig, load_config, parse_config
 from serve.context import ingress
-from serve.errors import Unauthorized
-from serve.http_errors import api_path, error_response, install_error_handlers
+from serve.http_errors import install_error_handlers
 from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics, gc_pause_histogram
 from serve.predictions import PredictionRunner
-from serve.rate_limits import counted, draw
 from serve.router import ModelRouter
 from serve.routes import (
     files,
@@ -62,39 +61,8 @@ api.include_router(replicate_account.router)
 api.include_router(files.router)
 api.include_router(uploads.router)
 install_error_handlers(api)
-
-
-@api.middleware("http")
-async def _require_key(request: Request, call_next):
-    started = time.monotonic()
-    path, state = api_path(request), ingress()
-    key = matching_key(request.headers.get("authorization"), state.api_keys)
-    if not path.startswith(OPEN_PREFIXES) and state.api_keys and key is None:
-        response = error_response(path, Unauthorized("missing or wrong API key "
-                                                     "(Authorization: Bearer <key>)"))
-    else:
-        request.state.client = key.name if key else "open"
-        request.state.api_key = key
-        response = await _within_rate(request, path, key, call_next)
-    response.headers["X-Atelier-Ingress"] = state.replica
-    state.metrics.answered(path, response.status_code, time.monotonic() - started)
-    return response
-
-
-async def _within_rate(request: Request, path: str, key: ApiKey | None, call_next):
-    """Answer the request if its key's bucket has a token for it (or it needs none)."""
-    if key is None or key.requests_per_minute is None or not counted(request.method, path):
-        return await call_next(request)
-    drawn = await draw(ingress().store, key)
-    if drawn.allowed:
-        response = await call_next(request)
-    else:
-        ingress().metrics.rate_limited.inc(1, {"key": key.name})
-        response = error_response(path, drawn.refusal(key.name))
-    response.headers.update(drawn.headers())
-    return response
-
-
+# Key and rate checks, inside the body limit.
+install_access(api, ingress)
 # Outermost: an overlong body is refused before anything reads it.
 install_body_limit(api, lambda: ingress().router.config.max_body_bytes)
 
