@@ -10,6 +10,7 @@ nodes with GPUs) must be valid queries.
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import threading
@@ -24,6 +25,7 @@ from tests.integration.conftest import AUTH, FAST, _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "atelier.json"
+ALERTS = ROOT / "monitoring" / "alerts.yml"
 RAY_SD_FILE = Path("/tmp/ray/prom_metrics_service_discovery.json")
 RAY_GPU_METRICS = ("ray_node_gpus_utilization", "ray_node_gram_used")
 
@@ -48,6 +50,8 @@ def prometheus(base_url, metrics_port, tmp_path_factory):
     assert any(t.endswith(f":{metrics_port}") for t in targets), targets
     job["file_sd_configs"][0]["files"] = [str(ours)]
     config["global"]["scrape_interval"] = "1s"
+    config["global"]["evaluation_interval"] = "1s"
+    config["rule_files"] = [str(ALERTS)]  # the shipped rules, from where they are
     folder = tmp_path_factory.mktemp("prometheus")
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = _free_port()
@@ -149,3 +153,40 @@ def test_usage_is_counted_under_the_api_keys_name(prometheus):
                   params={"query": "sum by (key) (ray_atelier_key_images_total)"})
     by_key = {s["metric"]["key"]: float(s["value"][1]) for s in r.json()["data"]["result"]}
     assert by_key.get(name, 0) >= 10 and API_KEY not in by_key
+
+
+def _query(prometheus, expr):
+    r = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr})
+    assert r.status_code == 200, (expr, r.text)
+    return r.json()["data"]["result"]
+
+
+def test_every_alert_rule_runs_on_the_metrics_the_app_exports(prometheus):
+    """After the traffic above: Prometheus evaluated every shipped rule without error,
+    and each metric the rules read exists with the labels they group by (those of Ray's
+    GPU node metrics only where there is a GPU). `tests/unit/test_alerts.py` checks when
+    each alert fires."""
+    shipped = {rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"]
+               for rule in group["rules"]}
+    deadline = time.monotonic() + 20
+    while True:
+        groups = httpx.get(f"{prometheus}/api/v1/rules").json()["data"]["groups"]
+        rules = {r["name"]: r for g in groups for r in g["rules"]}
+        evaluated = rules and all(r["health"] != "unknown" for r in rules.values())
+        if evaluated or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert set(rules) == shipped
+    assert {name: (r["health"], r.get("lastError", "")) for name, r in rules.items()} == {
+        name: ("ok", "") for name in shipped}
+    metrics = set(re.findall(r"\b(ray_[a-z_]+)", ALERTS.read_text()))
+    for metric in sorted(metrics):
+        if metric.startswith("ray_node_") and not _has_gpu():  # GPU nodes export these
+            continue
+        series = [s["metric"] for s in _query(prometheus, metric)]
+        assert series, metric
+        if metric.startswith("ray_atelier_"):
+            assert all("model" in labels for labels in series), (metric, series)
+    deployments = {s["metric"]["deployment"] for s in
+                   _query(prometheus, "ray_serve_deployment_replica_healthy")}
+    assert "Ingress" in deployments and any(d.startswith("model-") for d in deployments)
