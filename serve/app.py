@@ -61,10 +61,10 @@ api.include_router(replicate_account.router)
 api.include_router(files.router)
 api.include_router(uploads.router)
 install_error_handlers(api)
-# Key and rate checks, inside the body limit.
-install_access(api, ingress)
-# Outermost: an overlong body is refused before anything reads it.
+# An overlong body is refused before anything reads it; outermost, the key and rate
+# checks, so that refusal too is counted and names the ingress replica.
 install_body_limit(api, lambda: ingress().router.config.max_body_bytes)
+install_access(api, ingress)
 
 
 @serve.deployment

@@ -279,6 +279,7 @@ def test_bodies_over_the_limit_get_413_before_they_are_read(base_url, oai):
     big = "A" * (MAX_BODY_BYTES + 1)
     r = httpx.post(f"{base_url}/generate", headers=AUTH, json={"prompt": "x", "image": big})
     assert r.status_code == 413 and r.json()["detail"][0]["loc"] == ["body", "body"]
+    assert r.headers["x-atelier-ingress"]  # answered, and counted, as any other
     r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", headers=AUTH,
                    json={"input": {"prompt": "x", "image": big}})
     assert r.status_code == 413 and r.json()["invalid_fields"][0]["field"] == "body"
@@ -289,6 +290,7 @@ def test_bodies_over_the_limit_get_413_before_they_are_read(base_url, oai):
 
     r = httpx.post(f"{base_url}/v1/images/generations", headers=AUTH, content=chunks())
     assert r.status_code == 413 and r.json()["error"]["param"] == "body", r.text
+    assert r.headers["x-atelier-ingress"]
     with pytest.raises(openai.APIStatusError) as err:
         oai.images.edit(model=FAST, image=("p.png", b"\x89PNG" + big.encode()), prompt="x")
     assert err.value.status_code == 413
