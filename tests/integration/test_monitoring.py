@@ -117,14 +117,18 @@ def _concrete(expr):
     return expr.replace("$model", FAST).replace("$__rate_interval", "1m")
 
 
+def _query(prometheus, expr):
+    r = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr})
+    assert r.status_code == 200, (expr, r.text)
+    return r.json()["data"]["result"]
+
+
 def test_every_dashboard_panel_returns_data(base_url, prometheus):
     _traffic(base_url, seconds=30)
     time.sleep(3)  # one more scrape of the last export
     empty = []
     for title, expr in _panel_queries():
-        r = httpx.get(f"{prometheus}/api/v1/query", params={"query": _concrete(expr)})
-        assert r.status_code == 200, (title, r.text)
-        values = [float(s["value"][1]) for s in r.json()["data"]["result"]]
+        values = [float(s["value"][1]) for s in _query(prometheus, _concrete(expr))]
         if title.startswith("Busy share"):  # a fraction of each replica's time
             assert values and all(0 < v <= 1.1 for v in values), values
         gpu_only = any(metric in expr for metric in RAY_GPU_METRICS)
@@ -149,16 +153,9 @@ def test_usage_is_counted_under_the_api_keys_name(prometheus):
     from tests.integration.conftest import API_KEY
 
     name = f"key-{hashlib.sha256(API_KEY.encode()).hexdigest()[:8]}"
-    r = httpx.get(f"{prometheus}/api/v1/query",
-                  params={"query": "sum by (key) (ray_atelier_key_images_total)"})
-    by_key = {s["metric"]["key"]: float(s["value"][1]) for s in r.json()["data"]["result"]}
+    by_key = {s["metric"]["key"]: float(s["value"][1])
+              for s in _query(prometheus, "sum by (key) (ray_atelier_key_images_total)")}
     assert by_key.get(name, 0) >= 10 and API_KEY not in by_key
-
-
-def _query(prometheus, expr):
-    r = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr})
-    assert r.status_code == 200, (expr, r.text)
-    return r.json()["data"]["result"]
 
 
 def test_every_alert_rule_runs_on_the_metrics_the_app_exports(prometheus):
