@@ -159,11 +159,13 @@ def test_usage_is_counted_under_the_api_keys_name(prometheus):
 
 
 def test_every_alert_rule_runs_on_the_metrics_the_app_exports(prometheus):
-    """After the traffic above: Prometheus evaluated every shipped rule without error,
+    """After the traffic above: Prometheus evaluated every shipped rule (alerts and the
+    recording rules they read) without error,
     and each metric the rules read exists with the labels they group by (those of Ray's
     GPU node metrics only where there is a GPU). `tests/unit/test_alerts.py` checks when
     each alert fires."""
-    shipped = {rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"]
+    shipped = {rule.get("alert") or rule["record"]
+               for group in yaml.safe_load(ALERTS.read_text())["groups"]
                for rule in group["rules"]}
     deadline = time.monotonic() + 20
     while True:
