@@ -21,7 +21,7 @@ from deployments.lora_downloads import AdapterDownloads, DownloadSettings
 from serve import gc_pauses
 from serve.adapters import AdapterCatalog, AdapterInvalid, AdapterSet
 from serve.config import ModelConfig
-from serve.errors import AtelierError, InferenceFailed, ReplicaLost
+from serve.errors import AtelierError, InferenceFailed, Refused, ReplicaLost
 from serve.metrics import ModelMetrics, gc_pause_histogram
 from serve.types import MEDIA_TYPES, BatchInfo, GenerationRequest, GenerationResult
 
@@ -112,16 +112,22 @@ class ModelDeployment:
         self.metrics.keep_warm.inc()
         self._count_rewrites()
 
-    async def generate(self, request: GenerationRequest,
-                       on_step: StepListener | None = None,
-                       on_preview: Callable[[list[Image]], None] | None = None,
-                       ) -> GenerationResult:
-        """Queue the request in the batcher and return its encoded images; `on_step` hears
-        its call's progress, `on_preview` gets its partial images (`partial_images`).
+    async def generate(self, request: GenerationRequest) -> GenerationResult | Refused:
+        """Run the request; a client error (one of its adapters cannot be used) is answered
+        as Refused. Raises InferenceFailed if the pipeline fails on it alone."""
+        try:
+            return await self._generate(request)
+        except AtelierError as exc:
+            if (refused := _refusal(exc)) is None:
+                raise
+            return refused
 
-        Raises AdapterInvalid if one of its adapters cannot load, InferenceFailed if the
-        pipeline fails on it alone.
-        """
+    async def _generate(self, request: GenerationRequest,
+                        on_step: StepListener | None = None,
+                        on_preview: Callable[[list[Image]], None] | None = None,
+                        ) -> GenerationResult:
+        """Queue the request in the batcher and return its encoded images; `on_step` hears
+        its call's progress, `on_preview` gets its partial images (`partial_images`)."""
         collected = gc_pauses.paused_s()
         if request.adapters:
             await self._hold_adapters(request.adapters)
@@ -145,11 +151,11 @@ class ModelDeployment:
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[tuple]:
         """Like `generate`, as a stream: ("progress", step, total) while its pipeline call
         runs, ("partial", [encoded image, ...]) for each of its partial images, then
-        ("result", GenerationResult). The first step is always reported, later ones at
-        most every `_PROGRESS_EVERY_S` (each streamed item has a cost), and the result
-        stands for the last."""
+        ("result", GenerationResult or Refused). The first step is always reported, later
+        ones at most every `_PROGRESS_EVERY_S` (each streamed item has a cost), and the
+        result stands for the last."""
         events: asyncio.Queue = asyncio.Queue()
-        work = asyncio.ensure_future(self.generate(
+        work = asyncio.ensure_future(self._generate(
             request, on_step=lambda s, t: events.put_nowait(("progress", s, t)),
             on_preview=lambda images: events.put_nowait(("partial", images))))
         loop, sent_at = asyncio.get_running_loop(), None
@@ -165,7 +171,7 @@ class ModelDeployment:
                 elif sent_at is None or time.monotonic() - sent_at >= _PROGRESS_EVERY_S:
                     sent_at = time.monotonic()
                     yield event.result()
-            yield ("result", work.result())
+            yield ("result", _refusal(work.exception()) or work.result())
         finally:
             work.cancel()
 
@@ -300,6 +306,11 @@ class _Queued(NamedTuple):
 
     request: GenerationRequest
     prepared: asyncio.Future
+
+
+def _refusal(exc: BaseException | None) -> Refused | None:
+    """The answer for a client error, so that it is not raised through Serve."""
+    return Refused(exc) if isinstance(exc, AtelierError) and exc.status < 500 else None
 
 
 def _encode_all(request: GenerationRequest, images: Sequence[Image]) -> list[bytes]:

@@ -9,6 +9,7 @@ here, so model replicas can raise these without one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -24,6 +25,27 @@ class AtelierError(Exception):
 
     def detail(self) -> Any:
         return self.message
+
+    def __reduce__(self):
+        # Errors cross processes (a model replica's reach the ingress): rebuilt from their
+        # attributes, whatever their __init__ takes.
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(cls: type[AtelierError], args: tuple, attributes: dict) -> AtelierError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(attributes)
+    return error
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A client error (4xx) that a model replica answers with instead of raising it: Serve
+    logs each raised exception as a failed request, with its traceback, and counts it among
+    the deployment's errors. The router raises `error` in the ingress."""
+
+    error: AtelierError
 
 
 class InvalidField(AtelierError):

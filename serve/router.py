@@ -23,6 +23,7 @@ from serve.errors import (
     ModelNotFound,
     OutOfMemory,
     Overloaded,
+    Refused,
     ReplicaLost,
     TimedOut,
 )
@@ -116,6 +117,8 @@ class ModelRouter:
         delivered = False
         try:
             async for event in response:
+                if event[0] == "result" and isinstance(event[1], Refused):
+                    raise event[1].error
                 if event[0] == "result":
                     self._delivered(request, event[1], started)
                     delivered = True
@@ -139,6 +142,8 @@ class ModelRouter:
         response = self._handle(request).generate.remote(request)
         try:
             result = await asyncio.wait_for(response, timeout_s)
+            if isinstance(result, Refused):
+                raise result.error
         except BaseException as exc:  # noqa: BLE001 - cancelled too: cancel the replica's work
             if isinstance(exc, asyncio.CancelledError | TimeoutError):
                 response.cancel()  # the replica stops waiting for (or computing) it

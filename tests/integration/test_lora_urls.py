@@ -2,11 +2,14 @@
 real local HTTP server on a host in the app's lora_allowed_hosts (127.0.0.1)."""
 
 import io
+import time
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import counts_by_model
 from tests.integration.conftest import FAST, FLUX, decode, pixels
 
 
@@ -61,3 +64,30 @@ def test_bad_adapter_urls_get_a_clear_422_and_the_replica_keeps_serving(
                                        "loras": [{"name": ref.format(url=url)}]})
     assert r.status_code == 422 and reason in r.text, r.text
     assert _gen(client, model, [], prompt="x").json()["seeds"] == [11]
+
+
+def test_a_refused_adapter_is_answered_by_the_replica_not_raised_through_serve(
+        client, lora_server, metrics_port):
+    """Serve logs each exception a replica raises as a failed request, with its traceback,
+    and counts it in its error counter: a client's bad adapter is none of that. The
+    replica's own count of failed adapter sets, exported beside Serve's, shows when the
+    refusal has been counted."""
+    def exported() -> tuple[float, list[str]]:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        failed = counts_by_model("\n".join(line for line in text.splitlines()
+                                            if 'outcome="failed"' in line),
+                                 "ray_atelier_adapter_requests_total").get(FAST, 0)
+        return failed, [line for line in text.splitlines()
+                        if line.startswith("ray_serve_deployment_error_counter_total{")
+                        and 'deployment="model-atelier-tiny-sdxl"' in line]
+
+    before, _ = exported()
+    r = client.post("/generate", json={"prompt": "x", "model": FAST, "loras": [
+        {"name": f"{lora_server.url}/gone.safetensors"}]})
+    assert r.status_code == 422 and "gave HTTP 404" in r.text, r.text
+    deadline, failed = time.monotonic() + 30, exported()[0]
+    while failed < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        failed = exported()[0]
+    time.sleep(2)  # Serve flushes its counters every 100 ms
+    assert failed == before + 1 and exported()[1] == [], (before, failed, exported())

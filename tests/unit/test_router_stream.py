@@ -1,10 +1,14 @@
-"""ModelRouter.generate_stream against a stand-in handle: what it counts and cancels."""
+"""ModelRouter against a stand-in handle: what it counts, cancels and raises."""
 
 import asyncio
+import pickle
 from types import SimpleNamespace
 
-from serve.adapters import AdapterCatalog
+import pytest
+
+from serve.adapters import AdapterCatalog, AdapterInvalid
 from serve.config import default_config
+from serve.errors import InvalidField, ModelNotFound, Refused, TooLarge
 from serve.router import ModelRouter
 from serve.types import GenerationRequest
 
@@ -95,3 +99,47 @@ def test_a_stream_closed_before_its_result_is_withdrawn_and_counted_canceled():
     asyncio.run(consume())
     assert metrics.failures == [(request.model, "canceled")] and stream.cancelled is True
     assert metrics.images.calls == []
+
+
+class _Response:
+    """What `handle.generate.remote` returns: awaited for the replica's answer."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def __await__(self):
+        yield from asyncio.sleep(0).__await__()
+        return self.answer
+
+    def cancel(self):
+        raise AssertionError("a refused request has nothing to withdraw")
+
+
+def test_a_replicas_refusal_is_raised_as_its_error_and_not_counted_a_failure():
+    # The replica answers a client error instead of raising it through Serve; it crossed
+    # a process boundary, so it arrives pickled.
+    refused = pickle.loads(pickle.dumps(Refused(
+        AdapterInvalid("downloading the LoRA at http://h/x.safetensors gave HTTP 404"))))
+    stream = _Stream([("result", refused)])
+    router, request, metrics = _router(stream)
+    router._handles[request.model].generate = SimpleNamespace(
+        remote=lambda request: _Response(refused))
+
+    async def consume():
+        async for _ in router.generate_stream(request):
+            raise AssertionError("a refused stream yields nothing")
+
+    for attempt in (consume, lambda: router.generate(request)):
+        with pytest.raises(AdapterInvalid, match="gave HTTP 404") as raised:
+            asyncio.run(attempt())
+        assert raised.value.status == 422
+    assert metrics.failures == [] and metrics.images.calls == [] and not stream.cancelled
+
+
+def test_errors_keep_their_fields_across_processes():
+    for error in (InvalidField("loras", "no such adapter", "query"),
+                  TooLarge("image", "over 20 MB"), ModelNotFound("a/b", ["c/d"])):
+        copy = pickle.loads(pickle.dumps(error))
+        assert (type(copy), copy.args, copy.status) == (type(error), error.args, error.status)
+        assert copy.detail() == error.detail()
+    assert copy.detail() == "model 'a/b' is not served here; served: c/d"
