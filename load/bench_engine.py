@@ -190,7 +190,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     warm = call_requests(args, 1)[0]
     engine.warm_up(replace(warm, prompt="warm-up", num_inference_steps=2), max(args.batches))
     _sync()
-    out = {"variant": args.one, "dtype": dtype, "speed": speed, "load_s": load_s,
+    out = {"variant": args.one, "dtype": dtype, "weights": engine.describe()["weights"],
+           "speed": speed, "load_s": load_s,
            "warmup_s": time.monotonic() - started, "gc": gc_figures(), "batches": []}
     for size in args.batches:
         times = []

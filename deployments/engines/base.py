@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from deployments.adapters import AdapterSlots
+from deployments.engines.loading import load_pipeline, share_modules
 from deployments.engines.previews import PreviewListener, Previews
 from deployments.engines.prompts import Embeds, PromptCache, stack
 from deployments.engines.sources import (
@@ -72,7 +73,7 @@ class DiffusersEngine:
         first, *others = self.pipelines.items()
         self.pipe = load_pipeline(first[1], path, self.dtype, variant).to(self.device)
         self._pipes = {first[0]: self.pipe}
-        self._pipes |= {mode: cls.from_pipe(self.pipe) for mode, cls in others}
+        self._pipes |= share_modules(self.pipe, dict(others), self.dtype)
         for pipe in self._pipes.values():
             pipe.set_progress_bar_config(disable=True)
         self.speed: dict = {}  # the speed settings applied (`speed_up`), for describe()
@@ -98,7 +99,9 @@ class DiffusersEngine:
 
     def describe(self) -> dict:
         merged = isinstance(self.adapters, FusedAdapters)
-        return {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+        weights = {part: _name(next(getattr(self.pipe, part).parameters()).dtype)
+                   for part in self.parts}  # as they are, whatever loading meant them to be
+        return {"device": str(self.device), "dtype": _name(self.dtype), "weights": weights,
                 "vae_scale_factor": self.pipe.vae_scale_factor,
                 "adapters": "merged" if merged else "slots", "speed": self.speed}
 
@@ -336,14 +339,5 @@ def pil_rows(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
 
 
-def load_pipeline(cls: type, path: Path, dtype: torch.dtype, variant: str | None,
-                  **components):
-    """Load from a diffusers folder; never reach the network. `components` are modules
-    given instead of the folder's own (which are then not loaded)."""
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
-    if not path.is_dir():
-        raise ValueError(f"model path {path} must be a diffusers folder")
-    log.info("loading %s from %s (%s)", cls.__name__, path, dtype)
-    return cls.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True,
-                               use_safetensors=True, **components)
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -23,7 +23,8 @@ from diffusers import (
 )
 
 from deployments.adapters import adapter_store
-from deployments.engines.base import DiffusersEngine, load_pipeline
+from deployments.engines.base import DiffusersEngine
+from deployments.engines.loading import load_pipeline
 from deployments.engines.prompts import Embeds
 from deployments.engines.speed import attention_order
 from deployments.engines.withdrawal import BatchRows

@@ -40,6 +40,45 @@ def assert_same_pixels(a, b):
 
 def test_cpu_computes_in_float32_whatever_the_configured_dtype(engine):
     assert engine.describe()["dtype"] == "float32" and engine.describe()["device"] == "cpu"
+    assert engine.describe()["weights"] == dict.fromkeys(
+        ("unet", "vae", "text_encoder", "text_encoder_2"), "float32")
+
+
+def test_the_img2img_and_inpainting_pipelines_share_the_modules_in_their_dtype(
+        tiny_sdxl_path):
+    """diffusers' from_pipe casts what it shares to float32 unless told otherwise: a
+    bfloat16 model (as on a GPU) must stay bfloat16, and the warning diffusers gives at
+    any cast, naming no module, is not logged."""
+    import logging
+
+    import torch
+    from diffusers import (
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    from deployments.engines.loading import load_pipeline, share_modules
+
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
+    diffusers_log.addHandler(handler)
+    try:
+        pipe = load_pipeline(StableDiffusionXLPipeline, tiny_sdxl_path, torch.bfloat16, None)
+        shared = share_modules(pipe, {"img2img": StableDiffusionXLImg2ImgPipeline,
+                                      "inpaint": StableDiffusionXLInpaintPipeline},
+                               torch.bfloat16)
+    finally:
+        diffusers_log.removeHandler(handler)
+    for other in shared.values():
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            assert getattr(other, part) is getattr(pipe, part)
+            assert next(getattr(pipe, part).parameters()).dtype == torch.bfloat16, part
+    assert [type(p).__name__ for p in shared.values()] == [
+        "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"]
+    assert not [w for w in warnings if "kept in float32" in w], warnings
 
 
 @pytest.mark.parametrize("width, height", [(64, 64), (128, 64), (64, 192)])

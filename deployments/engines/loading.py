@@ -1,0 +1,43 @@
+"""Loading a family's pipelines from local files: the first from its folder, the others
+(img2img, inpainting) over the same modules."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("ray.serve.atelier.engine")
+
+
+class _NoEmptyFloat32List(logging.Filter):
+    """diffusers warns at every cast of a model to a dtype that "modules that should be
+    kept in float32" may suffer, even when it names none (`[]`): that warning is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFloat32List())
+
+
+def load_pipeline(cls: type, path: Path, dtype: torch.dtype, variant: str | None,
+                  **components):
+    """Load from a diffusers folder; never reach the network. `components` are modules
+    given instead of the folder's own (which are then not loaded)."""
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"model path {path} must be a diffusers folder")
+    log.info("loading %s from %s (%s)", cls.__name__, path, dtype)
+    return cls.from_pretrained(path, dtype=dtype, variant=variant, local_files_only=True,
+                               use_safetensors=True, **components)
+
+
+def share_modules(pipe, classes: Mapping[str, type], dtype: torch.dtype) -> dict:
+    """A pipeline of each class (by mode) over `pipe`'s modules, which are not copied.
+    diffusers' from_pipe casts the modules it shares to its dtype, float32 unless told:
+    told `pipe`'s own, it leaves them as they are."""
+    return {mode: cls.from_pipe(pipe, dtype=dtype) for mode, cls in classes.items()}
