@@ -9,12 +9,10 @@ exist so that the whole service runs on any machine without downloading weights.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
-from filelock import FileLock
+from deployments.once import built_once
 
 TINY_SDXL = "tiny-sdxl"
 TINY_SDXL_REFINER = "tiny-sdxl-refiner"
@@ -26,27 +24,13 @@ _SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
 def ensure_embedded(name: str, cache_dir: Path) -> Path:
-    """Return the folder of embedded model `name`, building it on first use.
-
-    Concurrent callers (several replicas on one machine) build it once: the folder is
-    written under a temporary name and renamed into place while a file lock is held.
-    Raises ValueError for an unknown name.
-    """
+    """Return the folder of embedded model `name`, building it once per machine.
+    Raises ValueError for an unknown name."""
     builders = {TINY_SDXL: _build_tiny_sdxl, TINY_SDXL_REFINER: _build_tiny_refiner,
                 TINY_FLUX: _build_tiny_flux}
     if name not in builders:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(builders)}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"{name}-v{RECIPE_VERSION}"
-    with FileLock(str(target) + ".lock"):
-        if not (target / "model_index.json").exists():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
-            try:
-                builders[name](tmp)
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return built_once(cache_dir / f"{name}-v{RECIPE_VERSION}", builders[name])
 
 
 def _byte_alphabet() -> list[str]:
@@ -207,16 +191,8 @@ def ensure_demo_loras(name: str, cache_dir: Path) -> Path:
         raise ValueError(f"unknown embedded adapters {name!r}; known: {', '.join(demos)}")
     embedded, part, build, specs = demos[name]
     model = ensure_embedded(embedded, cache_dir)
-    target = cache_dir / f"{name}-v{RECIPE_VERSION}"
-    with FileLock(str(target) + ".lock"):
-        if not target.is_dir():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir))
-            try:
-                build(model / part, tmp, specs)
-                os.replace(tmp, target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return built_once(cache_dir / f"{name}-v{RECIPE_VERSION}",
+                      lambda folder: build(model / part, folder, specs))
 
 
 def build_random_loras(unet_folder: Path, folder: Path, specs: dict[str, tuple[int, str]],
