@@ -70,7 +70,14 @@ class ModelConfig(_Strict):
         "Pipeline family of the weights: sdxl (StableDiffusionXLPipeline) or flux "
         "(FluxPipeline, FLUX.1 dev or schnell)."))
     path: Path | None = Field(None, description=(
-        "Local diffusers-format folder (safetensors weights). Never fetched."))
+        "Local diffusers-format folder (safetensors weights), or, for sdxl, a single-file "
+        "checkpoint (`.safetensors`, as fine-tunes are shared) read with `configs_from`. "
+        "Never fetched."))
+    configs_from: Path | None = Field(None, description=(
+        "With a single-file `path`: a diffusers folder of the same architecture (e.g. "
+        "stable-diffusion-xl-base-1.0) whose configs, tokenizers and scheduler go with the "
+        "file's weights; its own weights are not read. The file is converted once into "
+        "the cache, so later starts load a diffusers folder."))
     embedded: Literal["tiny-sdxl", "tiny-flux"] | None = Field(None, description=(
         "Build and serve an embedded random-weight model of the family instead of `path`."))
     variant: str | None = Field(None, description=(
@@ -149,6 +156,10 @@ class ModelConfig(_Strict):
             raise ValueError("set exactly one of path or embedded")
         if self.embedded not in (None, self.rules.embedded):
             raise ValueError(f"embedded {self.embedded!r} is not a {self.family} model")
+        if self.configs_from is not None and (self.family != "sdxl" or self.path is None):
+            raise ValueError("configs_from: only an sdxl model's single-file path takes it")
+        if self.configs_from is not None and self.variant is not None:
+            raise ValueError("variant: a single-file checkpoint has no variants")
         if self.refiner is not None and self.family != "sdxl":
             raise ValueError("refiner: only sdxl models take a refiner")
         if self.speed.cfg_cutoff is not None and self.family != "sdxl":
@@ -270,18 +281,27 @@ class AtelierConfig(_Strict):
         return self
 
     def check_paths(self) -> None:
-        """Raise ConfigError naming the field of each model path that does not exist."""
+        """Raise ConfigError naming the field of each model path that does not exist or
+        does not hold what its field reads."""
         for i, model in enumerate(self.models):
             refiner = model.refiner.path if model.refiner is not None else None
-            for field, path in (("path", model.path), ("refiner.path", refiner)):
-                if path is None:
-                    continue
-                if not path.exists():
+            sources = (("path", model.path), ("configs_from", model.configs_from),
+                       ("refiner.path", refiner))
+            for field, path in sources:
+                if path is not None and not path.exists():
                     raise ConfigError(f"models.{i}.{field}: {path} does not exist")
-                if not (path / "model_index.json").is_file():
+            single = model.path is not None and model.path.is_file()
+            for field, path in sources[1:] if single else sources:  # a file is no folder
+                if path is not None and not (path / "model_index.json").is_file():
                     raise ConfigError(f"models.{i}.{field}: {path} is not a diffusers folder "
-                                      "(no model_index.json); convert single-file "
-                                      "checkpoints first (see README)")
+                                      "(no model_index.json)")
+            if single and (model.path.suffix != ".safetensors" or model.configs_from is None):
+                raise ConfigError(f"models.{i}.path: {model.path} is a file: only a "
+                                  ".safetensors checkpoint of an sdxl model with "
+                                  "configs_from is read")
+            if model.configs_from is not None and not single:
+                raise ConfigError(f"models.{i}.configs_from: goes only with a single-file "
+                                  "path")
         for i, folder in enumerate(self.lora_folders):
             if folder.path is not None and not folder.path.is_dir():
                 raise ConfigError(f"lora_folders.{i}.path: {folder.path} is not a folder")

@@ -58,11 +58,16 @@ def resolve_device(requested: str) -> str:
 
 
 def model_path(model: ModelConfig, cache_dir: Path) -> Path:
-    """The local folder to load: the configured path, or the embedded model, built once."""
+    """The local folder to load: the configured path, the embedded model, built once, or
+    a single-file checkpoint's folder, converted once."""
     if model.embedded is not None:
         from deployments.tiny import ensure_embedded
 
         return ensure_embedded(model.embedded, cache_dir)
+    if model.configs_from is not None:
+        from deployments.engines.loading import converted_checkpoint
+
+        return converted_checkpoint(model.path, model.configs_from, cache_dir)
     return model.path
 
 

@@ -67,10 +67,41 @@ def test_missing_model_path_names_the_field(tmp_path):
 
 
 def test_a_path_that_is_not_a_diffusers_folder_is_refused(tmp_path):
-    (tmp_path / "model.safetensors").write_bytes(b"")
-    cfg = parse_config({"models": [{"id": "acme/real", "path": str(tmp_path / "model.safetensors")}]})
+    cfg = parse_config({"models": [{"id": "acme/real", "path": str(tmp_path)}]})
     with pytest.raises(ConfigError, match=r"models\.0\.path: .*not a diffusers folder"):
         cfg.check_paths()
+
+
+@pytest.mark.parametrize("file, configs, family, error", [
+    ("model.safetensors", None, "sdxl", r"models\.0\.path: .*is a file: .*configs_from"),
+    ("model.ckpt", "base", "sdxl", r"models\.0\.path: .*model\.ckpt is a file: only a \.safe"),
+    ("model.safetensors", "empty", "sdxl", r"models\.0\.configs_from: .*not a diffusers"),
+    ("model.safetensors", "gone", "sdxl", r"models\.0\.configs_from: .*does not exist"),
+    ("base", "base", "sdxl", r"models\.0\.configs_from: goes only with a single-file path"),
+    ("model.safetensors", "base", "flux", r"configs_from: only an sdxl model's single-file"),
+])
+def test_a_single_file_checkpoint_needs_a_folder_of_configs(tmp_path, file, configs, family,
+                                                           error):
+    for name in ("model.safetensors", "model.ckpt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model_index.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    model = {"id": "acme/real", "family": family, "path": str(tmp_path / file)}
+    if configs:
+        model["configs_from"] = str(tmp_path / configs)
+    with pytest.raises(ConfigError, match=error):
+        parse_config({"models": [model]}).check_paths()
+
+
+def test_a_single_file_checkpoint_with_its_configs_is_accepted(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model_index.json").write_text("{}")
+    cfg = parse_config({"models": [{"id": "acme/real", "path": str(tmp_path / "model.safetensors"),
+                                    "configs_from": str(tmp_path / "base")}]})
+    cfg.check_paths()
+    assert cfg.models[0].configs_from == tmp_path / "base"
 
 
 def test_yaml_file_loads_with_nested_defaults(tmp_path: Path):

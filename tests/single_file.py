@@ -1,0 +1,114 @@
+"""A diffusers SDXL folder written as one checkpoint in the original (Stability's
+generative-models) layout, as fine-tunes are shared: the key names and shapes that
+diffusers' single-file loader reads back."""
+
+from pathlib import Path
+
+import torch
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+           "conv_shortcut": "skip_connection"}
+_UNET_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
+                  "to_out.0": "proj_out"}
+
+
+def _resnet(rest: str) -> str:
+    name, _, param = rest.partition(".")
+    return f"{_RESNET[name]}.{param}"
+
+
+def _unet_key(key: str, layers: int, with_attention: set[int]) -> str:
+    """A UNet key in the original layout: input, middle and output blocks numbered
+    through; a down block is `layers` layers and a downsampler, an up block one layer more
+    (its upsampler after the last layer's attention, if any)."""
+    head, _, param = key.rpartition(".")
+    if head in _UNET_TOP:
+        return f"{_UNET_TOP[head]}.{param}"
+    p = key.split(".")
+    if p[0] == "mid_block":
+        rest = ".".join(p[3:])
+        return (f"middle_block.{2 * int(p[2])}.{_resnet(rest)}" if p[1] == "resnets"
+                else f"middle_block.1.{rest}")
+    block, kind, j, rest = int(p[1]), p[2], int(p[3]), ".".join(p[4:])
+    layer = f"0.{_resnet(rest)}" if kind == "resnets" else f"1.{rest}"
+    if p[0] == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{(block + 1) * (layers + 1)}.0.op.{param}"
+        return f"input_blocks.{block * (layers + 1) + j + 1}.{layer}"
+    if kind == "upsamplers":
+        last = block * (layers + 1) + layers
+        return f"output_blocks.{last}.{2 if block in with_attention else 1}.conv.{param}"
+    return f"output_blocks.{block * (layers + 1) + j}.{layer}"
+
+
+def _vae_key(key: str, up_blocks: int) -> str:
+    side, *p = key.replace("conv_shortcut", "nin_shortcut").replace(
+        "conv_norm_out", "norm_out").split(".")
+    if p[0] == "down_blocks":
+        return (f"{side}.down.{p[1]}.block.{'.'.join(p[3:])}" if p[2] == "resnets"
+                else f"{side}.down.{p[1]}.downsample.conv.{p[-1]}")
+    if p[0] == "up_blocks":
+        block = up_blocks - 1 - int(p[1])  # numbered from the bottom
+        return (f"{side}.up.{block}.block.{'.'.join(p[3:])}" if p[2] == "resnets"
+                else f"{side}.up.{block}.upsample.conv.{p[-1]}")
+    if p[0] == "mid_block" and p[1] == "resnets":
+        return f"{side}.mid.block_{int(p[2]) + 1}.{'.'.join(p[3:])}"
+    if p[0] == "mid_block":
+        return f"{side}.mid.attn_1.{_VAE_ATTENTION['.'.join(p[3:-1])]}.{p[-1]}"
+    return ".".join([side, *p])
+
+
+def _open_clip(state: dict) -> dict:
+    """text_encoder_2 as OpenCLIP names it: q, k and v in one in_proj, the projection
+    transposed."""
+    out, qkv = {}, {}
+    names = {"embeddings.position_embedding.weight": "positional_embedding",
+             "embeddings.token_embedding.weight": "token_embedding.weight",
+             "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+    for key, value in state.items():
+        key = key.removeprefix("text_model.")
+        if key == "text_projection.weight":
+            out["text_projection"] = value.T.contiguous()
+        elif key in names:
+            out[names[key]] = value
+        else:  # encoder.layers.<i>.<module>.<param>
+            _, _, i, *rest = key.split(".")
+            base, module = f"transformer.resblocks.{i}.", ".".join(rest)
+            if rest[0] == "self_attn" and rest[1] in ("q_proj", "k_proj", "v_proj"):
+                qkv.setdefault((base, rest[2]), {})[rest[1]] = value
+                continue
+            for new, old in (("self_attn.", "attn."), ("layer_norm1", "ln_1"),
+                             ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                             ("mlp.fc2", "mlp.c_proj")):
+                module = module.replace(new, old)
+            out[base + module] = value
+    for (base, param), parts in qkv.items():
+        out[f"{base}attn.in_proj_{param}"] = torch.cat(
+            [parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+    return out
+
+
+def save_single_file(pipe, file: Path) -> None:
+    """Write `pipe` (a StableDiffusionXLPipeline) as one original-layout safetensors file."""
+    from safetensors.torch import save_file
+
+    unet = pipe.unet.config
+    with_attention = {i for i, t in enumerate(unet.up_block_types) if "CrossAttn" in t}
+    state = {f"model.diffusion_model.{_unet_key(k, unet.layers_per_block, with_attention)}": v
+             for k, v in pipe.unet.state_dict().items()}
+    for key, value in pipe.vae.state_dict().items():
+        if ".attentions." in key and value.ndim == 2:
+            value = value[:, :, None, None]  # the VAE's attention projections are 1×1 convs
+        state[f"first_stage_model.{_vae_key(key, len(pipe.vae.config.up_block_types))}"] = value
+    for key, value in pipe.text_encoder.state_dict().items():
+        if "position_ids" not in key:
+            name = key if key.startswith("text_model.") else f"text_model.{key}"
+            state[f"conditioner.embedders.0.transformer.{name}"] = value
+    state |= {f"conditioner.embedders.1.model.{k}": v for k, v in _open_clip(
+        {k: v for k, v in pipe.text_encoder_2.state_dict().items() if "position_ids" not in k}
+    ).items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(file))
