@@ -84,9 +84,11 @@ class ModelDeployment:
         # What start-up made stays; requests should not wait for collections to scan it.
         settled = gc_pauses.settle()
         gc_pauses.watch(gc_pause_histogram())
-        log.info("%s ready on %s: load %.2fs, warm-up %.2fs, %d objects frozen in %.2fs",
-                 self.cfg.id, self.engine.describe()["device"], self.load_s, self.warmup_s,
-                 settled["frozen"], settled["seconds"])
+        facts = self.engine.describe()
+        log.info("%s ready on %s (weights: %s): load %.2fs, warm-up %.2fs, %d objects frozen "
+                 "in %.2fs", self.cfg.id, facts["device"],
+                 ", ".join(f"{part} {dtype}" for part, dtype in facts["weights"].items()),
+                 self.load_s, self.warmup_s, settled["frozen"], settled["seconds"])
 
     def _warm_up(self) -> None:
         self.engine.warm_up(self._warm_request(self.cfg.warmup_steps),

@@ -119,6 +119,19 @@ def test_logs_are_json_lines_with_the_request_and_prediction_ids(served):
     assert ours and ours[0]["request_id"] == rid and ours[0]["status"] == "succeeded"
 
 
+def test_each_model_replica_logs_its_device_and_the_dtypes_its_weights_are_in(served):
+    ready = [json.loads(line)["message"] for f in _recent_serve_logs()
+             for line in f.read_text().splitlines()
+             if line.startswith("{") and " ready on " in line]  # JSON: this app's
+    sdxl = [m for m in ready if m.startswith("atelier/tiny-sdxl ready on ")]
+    flux = [m for m in ready if m.startswith("atelier/tiny-flux ready on ")]
+    assert sdxl and flux, ready
+    assert all(m.startswith("atelier/tiny-sdxl ready on cpu (weights: unet float32, vae "
+                            "float32, text_encoder float32, text_encoder_2 float32): ")
+               for m in sdxl), sdxl
+    assert all("(weights: transformer float32, vae float32" in m for m in flux), flux
+
+
 def _recent_serve_logs(within_s=900):
     """Serve replica logs of recent Ray sessions (the request id picks ours)."""
     now = time.time()
