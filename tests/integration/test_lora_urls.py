@@ -91,3 +91,14 @@ def test_a_refused_adapter_is_answered_by_the_replica_not_raised_through_serve(
         failed = exported()[0]
     time.sleep(3)  # Serve flushes its counters every 100 ms, Ray exports them together
     assert failed >= before + 1 and exported()[1] == [], (before, failed, exported())
+
+
+def test_a_prediction_whose_lora_cannot_be_downloaded_fails_with_the_reason(rep, lora_server):
+    from replicate.exceptions import ModelError
+
+    with pytest.raises(ModelError) as failed:
+        rep.run(FAST, input={"prompt": "a cat", "seed": 3,
+                             "lora_weights": f"{lora_server.url}/gone.safetensors"})
+    prediction = failed.value.prediction
+    assert prediction.status == "failed" and "gave HTTP 404" in prediction.error, prediction
+    assert rep.run(FAST, input={"prompt": "a cat", "seed": 3})  # the replica keeps serving
