@@ -13,17 +13,6 @@ import torch
 log = logging.getLogger("ray.serve.atelier.engine")
 
 
-class _NoEmptyFloat32List(logging.Filter):
-    """diffusers warns at every cast of a model to a dtype that "modules that should be
-    kept in float32" may suffer, even when it names none (`[]`): that warning is dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "should be kept in float32: []" not in record.getMessage()
-
-
-logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFloat32List())
-
-
 def load_pipeline(cls: type, path: Path, dtype: torch.dtype, variant: str | None,
                   **components):
     """Load from a diffusers folder; never reach the network. `components` are modules
