@@ -26,35 +26,32 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
     refiner = model.refiner.path if model.refiner is not None else None
     if model.embedded is not None or (model.refiner and model.refiner.embedded):
         h.update(f"embedded-recipe-{RECIPE_VERSION}".encode())  # built deterministically
-    cache = _DigestCache(cache_dir / "weight-digests.json")
-    for source, weights in ((model.path, True), (model.configs_from, False), (refiner, True)):
-        for name, path in _files(source, weights):
-            h.update(name.encode())
-            h.update(cache.digest(path).encode())
-    cache.save()
+    _add_files(h, cache_dir, ((model.path, True), (model.configs_from, False), (refiner, True)))
     return h.hexdigest()
 
 
 def checkpoint_key(checkpoint: Path, configs: Path, cache_dir: Path) -> str:
     """16 hex digits naming a single-file checkpoint read with the configs of a folder."""
-    cache = _DigestCache(cache_dir / "weight-digests.json")
-    h = hashlib.sha256(cache.digest(checkpoint).encode())
-    for name, path in _files(configs, weights=False):
-        h.update(name.encode())
-        h.update(cache.digest(path).encode())
-    cache.save()
+    h = hashlib.sha256()
+    _add_files(h, cache_dir, ((checkpoint, True), (configs, False)))
     return h.hexdigest()[:16]
 
 
-def _files(source: Path | None, weights: bool) -> list[tuple[str, Path]]:
-    """(name, path) of the files a model source holds: a single file, or a folder's files
-    (without its weights when only its configs and tokenizers are read)."""
-    if source is None:
-        return []
-    if source.is_file():
-        return [(source.name, source)]
-    return [(p.relative_to(source).as_posix(), p) for p in sorted(source.rglob("*"))
-            if p.is_file() and (weights or p.suffix not in (".safetensors", ".bin"))]
+def _add_files(h, cache_dir: Path, sources) -> None:
+    """Hash the name and digest of each file of each (source, with its weights) pair: a
+    single file, or a folder's files (without its weights when only its configs and
+    tokenizers are read)."""
+    cache = _DigestCache(cache_dir / "weight-digests.json")
+    for source, weights in sources:
+        if source is None:
+            continue
+        files = ([(source.name, source)] if source.is_file() else
+                 [(p.relative_to(source).as_posix(), p) for p in sorted(source.rglob("*"))
+                  if p.is_file() and (weights or p.suffix not in (".safetensors", ".bin"))])
+        for name, path in files:
+            h.update(name.encode())
+            h.update(cache.digest(path).encode())
+    cache.save()
 
 
 class _DigestCache:

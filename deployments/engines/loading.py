@@ -48,8 +48,10 @@ def converted_checkpoint(checkpoint: Path, configs: Path, cache_dir: Path) -> Pa
     from deployments.once import built_once
     from serve.versions import checkpoint_key
 
-    with safe_open(checkpoint, "pt") as f:
-        dtype = _FILE_DTYPES.get(f.get_slice(next(iter(f.keys()))).get_dtype(), torch.float32)
+    with safe_open(checkpoint, "pt") as f:  # the UNet's dtype (position ids are integers)
+        names = f.keys()  # the handle itself is not iterable
+        unet = next((k for k in names if k.startswith("model.diffusion_model.")), None)
+        dtype = _FILE_DTYPES.get(unet and f.get_slice(unet).get_dtype(), torch.float32)
 
     def convert(folder: Path) -> None:
         log.info("converting %s (%s) with the configs of %s", checkpoint, dtype, configs)

@@ -31,7 +31,8 @@ def checkpoint(tmp_path_factory):
             "projection_class_embeddings_input_dim": 6 * 8 + 48}
     build_random_sdxl(root / "folder", {**TINY_SDXL_CONFIGS, "unet": unet,
                                         "text_encoder_2": _WIDER}, dtype="float16")
-    pipe = StableDiffusionXLPipeline.from_pretrained(root / "folder", local_files_only=True)
+    pipe = StableDiffusionXLPipeline.from_pretrained(root / "folder", local_files_only=True,
+                                                     dtype=torch.float16)
     save_single_file(pipe, root / "fine-tune.safetensors")
     shutil.copytree(root / "folder", root / "configs",
                     ignore=shutil.ignore_patterns("*.safetensors"))
