@@ -117,9 +117,9 @@ class ModelRouter:
         delivered = False
         try:
             async for event in response:
-                if event[0] == "result" and isinstance(event[1], Refused):
-                    raise event[1].error
                 if event[0] == "result":
+                    if isinstance(event[1], Refused):
+                        raise event[1].error
                     self._delivered(request, event[1], started)
                     delivered = True
                 yield event
