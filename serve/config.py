@@ -70,14 +70,16 @@ class ModelConfig(_Strict):
         "Pipeline family of the weights: sdxl (StableDiffusionXLPipeline) or flux "
         "(FluxPipeline, FLUX.1 dev or schnell)."))
     path: Path | None = Field(None, description=(
-        "Local diffusers-format folder (safetensors weights), or, for sdxl, a single-file "
-        "checkpoint (`.safetensors`, as fine-tunes are shared) read with `configs_from`. "
-        "Never fetched."))
+        "Local diffusers-format folder (safetensors weights), or a single-file checkpoint "
+        "(`.safetensors`, as fine-tunes are shared: for sdxl the whole pipeline in the "
+        "original layout, for flux the transformer in Black Forest Labs' layout) read with "
+        "`configs_from`. Never fetched."))
     configs_from: Path | None = Field(None, description=(
         "With a single-file `path`: a diffusers folder of the same architecture (e.g. "
-        "stable-diffusion-xl-base-1.0) whose configs, tokenizers and scheduler go with the "
-        "file's weights; its own weights are not read. The file is converted once into "
-        "the cache, so later starts load a diffusers folder."))
+        "stable-diffusion-xl-base-1.0, FLUX.1-dev) whose configs, tokenizers and scheduler "
+        "go with the file's weights; for flux also its text encoders and VAE (its "
+        "transformer's weights are not read), for sdxl none of its weights. The file is "
+        "converted once into the cache, so later starts load a diffusers folder."))
     embedded: Literal["tiny-sdxl", "tiny-flux"] | None = Field(None, description=(
         "Build and serve an embedded random-weight model of the family instead of `path`."))
     variant: str | None = Field(None, description=(
@@ -156,8 +158,8 @@ class ModelConfig(_Strict):
             raise ValueError("set exactly one of path or embedded")
         if self.embedded not in (None, self.rules.embedded):
             raise ValueError(f"embedded {self.embedded!r} is not a {self.family} model")
-        if self.configs_from is not None and (self.family != "sdxl" or self.path is None):
-            raise ValueError("configs_from: only an sdxl model's single-file path takes it")
+        if self.configs_from is not None and self.path is None:
+            raise ValueError("configs_from: only a single-file path takes it")
         if self.configs_from is not None and self.variant is not None:
             raise ValueError("variant: a single-file checkpoint has no variants")
         if self.refiner is not None and self.family != "sdxl":
@@ -295,16 +297,29 @@ class AtelierConfig(_Strict):
                 if path is not None and not (path / "model_index.json").is_file():
                     raise ConfigError(f"models.{i}.{field}: {path} is not a diffusers folder "
                                       "(no model_index.json)")
-            if single and (model.path.suffix != ".safetensors" or model.configs_from is None):
-                raise ConfigError(f"models.{i}.path: {model.path} is a file: only a "
-                                  ".safetensors checkpoint of an sdxl model with "
-                                  "configs_from is read")
-            if model.configs_from is not None and not single:
-                raise ConfigError(f"models.{i}.configs_from: goes only with a single-file "
-                                  "path")
+            if single or model.configs_from is not None:
+                _check_single_file(f"models.{i}", model)
         for i, folder in enumerate(self.lora_folders):
             if folder.path is not None and not folder.path.is_dir():
                 raise ConfigError(f"lora_folders.{i}.path: {folder.path} is not a folder")
+
+
+# The modules a single-file model reads from its `configs_from` folder's weights.
+_MODULES_FROM_CONFIGS = {"sdxl": (), "flux": ("vae", "text_encoder", "text_encoder_2")}
+
+
+def _check_single_file(where: str, model: ModelConfig) -> None:
+    if not model.path.is_file():
+        raise ConfigError(f"{where}.configs_from: goes only with a single-file path")
+    if model.path.suffix != ".safetensors" or model.configs_from is None:
+        raise ConfigError(f"{where}.path: {model.path} is a file: only a .safetensors "
+                          "checkpoint with configs_from is read")
+    for module in _MODULES_FROM_CONFIGS[model.family]:
+        if not any((model.configs_from / module).glob("*.safetensors")):
+            raise ConfigError(
+                f"{where}.configs_from: {model.configs_from / module} holds no .safetensors "
+                f"weights: a {model.family} file holds the transformer alone, and its "
+                f"{', '.join(_MODULES_FROM_CONFIGS[model.family])} are read from this folder")
 
 
 def default_cache_dir() -> Path:

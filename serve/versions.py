@@ -26,28 +26,47 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
     refiner = model.refiner.path if model.refiner is not None else None
     if model.embedded is not None or (model.refiner and model.refiner.embedded):
         h.update(f"embedded-recipe-{RECIPE_VERSION}".encode())  # built deterministically
-    _add_files(h, cache_dir, ((model.path, True), (model.configs_from, False), (refiner, True)))
+    _add_files(h, cache_dir, ((model.path, _read_all), (model.configs_from,
+                                                         _READ_WITH_FILE[model.family]),
+                              (refiner, _read_all)))
     return h.hexdigest()
 
 
 def checkpoint_key(checkpoint: Path, configs: Path, cache_dir: Path) -> str:
-    """16 hex digits naming a single-file checkpoint read with the configs of a folder."""
-    h = hashlib.sha256()
-    _add_files(h, cache_dir, ((checkpoint, True), (configs, False)))
+    """16 hex digits naming a single-file checkpoint read with the configs of a folder
+    (where it is: a converted FLUX folder links the folder's other modules)."""
+    h = hashlib.sha256(str(configs.resolve()).encode())
+    _add_files(h, cache_dir, ((checkpoint, _read_all), (configs, _READ_WITH_FILE["sdxl"])))
     return h.hexdigest()[:16]
 
 
+_WEIGHTS = (".safetensors", ".bin")
+
+
+def _read_all(name: str) -> bool:
+    return True
+
+
+# Which files of the `configs_from` folder a single-file model reads: for SDXL its configs,
+# tokenizers and scheduler alone (the file holds every weight), for FLUX also the weights of
+# every module but the transformer (the file is the transformer).
+_READ_WITH_FILE = {
+    "sdxl": lambda name: not name.endswith(_WEIGHTS),
+    "flux": lambda name: not name.endswith(_WEIGHTS) or (
+        "/" in name and not name.startswith("transformer/")),
+}
+
+
 def _add_files(h, cache_dir: Path, sources) -> None:
-    """Hash the name and digest of each file of each (source, with its weights) pair: a
-    single file, or a folder's files (without its weights when only its configs and
-    tokenizers are read)."""
+    """Hash the name and digest of each file of each (source, read) pair: a single file,
+    or the files of a folder for which `read(name within the folder)` is true."""
     cache = _DigestCache(cache_dir / "weight-digests.json")
-    for source, weights in sources:
+    for source, read in sources:
         if source is None:
             continue
         files = ([(source.name, source)] if source.is_file() else
-                 [(p.relative_to(source).as_posix(), p) for p in sorted(source.rglob("*"))
-                  if p.is_file() and (weights or p.suffix not in (".safetensors", ".bin"))])
+                 [(name, p) for p in sorted(source.rglob("*"))
+                  if p.is_file() and read(name := p.relative_to(source).as_posix())])
         for name, path in files:
             h.update(name.encode())
             h.update(cache.digest(path).encode())

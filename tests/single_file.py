@@ -112,3 +112,66 @@ def save_single_file(pipe, file: Path) -> None:
         {k: v for k, v in pipe.text_encoder_2.state_dict().items() if "position_ids" not in k}
     ).items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(file))
+
+
+# A FLUX transformer's names in Black Forest Labs' layout (as flux1-dev.safetensors and
+# the fine-tunes made from it are shared): renamed as they are, or q, k and v (and, in the
+# single-stream blocks, the MLP's input) in one matrix.
+_FLUX_TOP = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+             "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+             "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+             "context_embedder": "txt_in", "x_embedder": "img_in",
+             "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1"}
+_FLUX_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+                "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                "attn.norm_added_q": "txt_attn.norm.query_norm",
+                "attn.norm_added_k": "txt_attn.norm.key_norm",
+                "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+_FLUX_SINGLE = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm",
+                "attn.norm_k": "norm.key_norm", "proj_out": "linear2"}
+_FLUX_JOINED = {("transformer_blocks", "attn.to_q"): ("img_attn.qkv", 0, 3),
+                ("transformer_blocks", "attn.to_k"): ("img_attn.qkv", 1, 3),
+                ("transformer_blocks", "attn.to_v"): ("img_attn.qkv", 2, 3),
+                ("transformer_blocks", "attn.add_q_proj"): ("txt_attn.qkv", 0, 3),
+                ("transformer_blocks", "attn.add_k_proj"): ("txt_attn.qkv", 1, 3),
+                ("transformer_blocks", "attn.add_v_proj"): ("txt_attn.qkv", 2, 3),
+                ("single_transformer_blocks", "attn.to_q"): ("linear1", 0, 4),
+                ("single_transformer_blocks", "attn.to_k"): ("linear1", 1, 4),
+                ("single_transformer_blocks", "attn.to_v"): ("linear1", 2, 4),
+                ("single_transformer_blocks", "proj_mlp"): ("linear1", 3, 4)}
+
+
+_FLUX_BLOCKS = {"transformer_blocks": ("double_blocks", _FLUX_DOUBLE),
+                "single_transformer_blocks": ("single_blocks", _FLUX_SINGLE)}
+
+
+def save_flux_transformer_file(transformer, file: Path, dtype: torch.dtype | None = None,
+                               prefix: str = "") -> None:
+    """Write a FluxTransformer2DModel as one safetensors file in Black Forest Labs' layout,
+    its tensors cast to `dtype` if given, each name after `prefix` (ComfyUI's files have
+    `model.diffusion_model.`)."""
+    from safetensors.torch import save_file
+
+    state, joined = {}, {}
+    for key, value in transformer.state_dict().items():
+        module, _, param = key.rpartition(".")
+        if module in _FLUX_TOP:
+            if module == "norm_out.linear":  # diffusers keeps (scale, shift), BFL (shift, scale)
+                value = torch.cat(value.chunk(2)[::-1])
+            state[f"{_FLUX_TOP[module]}.{param}"] = value
+            continue
+        kind, i, rest = module.split(".", 2)
+        block, names = _FLUX_BLOCKS[kind]
+        if (kind, rest) in _FLUX_JOINED:
+            name, at, parts = _FLUX_JOINED[kind, rest]
+            joined.setdefault(f"{block}.{i}.{name}.{param}", [None] * parts)[at] = value
+        else:  # the RMS norms' weights are `scale`s there
+            state[f"{block}.{i}.{names[rest]}.{'scale' if 'norm.' in names[rest] else param}"] = value
+    state |= {k: torch.cat(parts) for k, parts in joined.items()}
+    save_file({prefix + k: (v if dtype is None else v.to(dtype)).contiguous()
+               for k, v in state.items()}, str(file))

@@ -67,7 +67,7 @@ def model_path(model: ModelConfig, cache_dir: Path) -> Path:
     if model.configs_from is not None:
         from deployments.engines.loading import converted_checkpoint
 
-        return converted_checkpoint(model.path, model.configs_from, cache_dir)
+        return converted_checkpoint(model.path, model.configs_from, cache_dir, model.family)
     return model.path
 
 

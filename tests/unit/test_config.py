@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,10 @@ def test_a_path_that_is_not_a_diffusers_folder_is_refused(tmp_path):
     ("model.safetensors", "empty", "sdxl", r"models\.0\.configs_from: .*not a diffusers"),
     ("model.safetensors", "gone", "sdxl", r"models\.0\.configs_from: .*does not exist"),
     ("base", "base", "sdxl", r"models\.0\.configs_from: goes only with a single-file path"),
-    ("model.safetensors", "base", "flux", r"configs_from: only an sdxl model's single-file"),
+    ("model.safetensors", "base", "flux",
+     (r"models\.0\.configs_from: .*base/vae holds no \.safetensors weights: a flux file "
+      r"holds the transformer alone, and its vae, text_encoder, text_encoder_2 are read from")),
+    ("model.safetensors", "base-vae", "flux", r"models\.0\.configs_from: .*base-vae/text_encoder "),
 ])
 def test_a_single_file_checkpoint_needs_a_folder_of_configs(tmp_path, file, configs, family,
                                                            error):
@@ -87,6 +91,9 @@ def test_a_single_file_checkpoint_needs_a_folder_of_configs(tmp_path, file, conf
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "model_index.json").write_text("{}")
     (tmp_path / "empty").mkdir()
+    shutil.copytree(tmp_path / "base", tmp_path / "base-vae")
+    (tmp_path / "base-vae" / "vae").mkdir()
+    (tmp_path / "base-vae" / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     model = {"id": "acme/real", "family": family, "path": str(tmp_path / file)}
     if configs:
         model["configs_from"] = str(tmp_path / configs)
@@ -94,11 +101,18 @@ def test_a_single_file_checkpoint_needs_a_folder_of_configs(tmp_path, file, conf
         parse_config({"models": [model]}).check_paths()
 
 
-def test_a_single_file_checkpoint_with_its_configs_is_accepted(tmp_path):
+@pytest.mark.parametrize("family, weights", [
+    ("sdxl", ()),  # configs alone
+    ("flux", ("vae", "text_encoder", "text_encoder_2"))])
+def test_a_single_file_checkpoint_with_its_configs_is_accepted(tmp_path, family, weights):
     (tmp_path / "model.safetensors").write_bytes(b"")
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "model_index.json").write_text("{}")
-    cfg = parse_config({"models": [{"id": "acme/real", "path": str(tmp_path / "model.safetensors"),
+    for module in weights:
+        (tmp_path / "base" / module).mkdir()
+        (tmp_path / "base" / module / "model-00001-of-00002.safetensors").write_bytes(b"")
+    cfg = parse_config({"models": [{"id": "acme/real", "family": family,
+                                    "path": str(tmp_path / "model.safetensors"),
                                     "configs_from": str(tmp_path / "base")}]})
     cfg.check_paths()
     assert cfg.models[0].configs_from == tmp_path / "base"
