@@ -18,6 +18,7 @@ from ray import serve
 from deployments.batcher import Batcher, PreviewListener, StepListener
 from deployments.encoding import encode_image
 from deployments.lora_downloads import AdapterDownloads, DownloadSettings
+from deployments.safety import SafetyChecker, withheld
 from serve import gc_pauses
 from serve.adapters import AdapterCatalog, AdapterInvalid, AdapterSet
 from serve.config import ModelConfig
@@ -50,6 +51,8 @@ class ModelDeployment:
         started = time.monotonic()
         self.engine = create_engine(self.cfg, Path(cache_dir),
                                     self._catalog if self._catalog or self._downloads else None)
+        self.checker = self.cfg.safety_checker and SafetyChecker(
+            self.cfg.safety_checker.path, self.engine.device, self.engine.dtype)
         self.load_s = time.monotonic() - started
         # One thread: pipeline calls never overlap on a replica. Prompts are encoded on
         # another as requests arrive, and images compressed on others, all while the
@@ -91,8 +94,10 @@ class ModelDeployment:
                  self.load_s, self.warmup_s, settled["frozen"], settled["seconds"])
 
     def _warm_up(self) -> None:
-        self.engine.warm_up(self._warm_request(self.cfg.warmup_steps),
-                            self.cfg.batching.max_batch_size)
+        request = self._warm_request(self.cfg.warmup_steps)
+        self.engine.warm_up(request, self.cfg.batching.max_batch_size)
+        if self.checker:
+            self.checker.warm_up(request.width, request.height)
 
     def _warm_request(self, steps: int) -> GenerationRequest:
         d = self.cfg.defaults
@@ -138,8 +143,8 @@ class ModelDeployment:
                                             request.num_outputs, on_step, on_preview,
                                             frozenset(request.adapters.names))
         self.metrics.queue_wait.observe(outcome.queue_s)
-        images = await asyncio.get_running_loop().run_in_executor(
-            self._workers, _encode_all, request, outcome.result)
+        images, nsfw = await asyncio.get_running_loop().run_in_executor(
+            self._workers, self._finish, request, outcome.result)
         b = BatchInfo(batch_id=outcome.batch_id, images=outcome.batch_images,
                       requests=outcome.batch_requests, queue_ms=outcome.queue_s * 1000,
                       inference_ms=outcome.run_s * 1000)
@@ -148,7 +153,23 @@ class ModelDeployment:
                                 width=request.width, height=request.height, batch=b,
                                 replica=self.replica, node=self.node, gpus=self.gpus,
                                 adapters_held=tuple(self.engine.adapters.loaded),
-                                gc_ms=(gc_pauses.paused_s() - collected) * 1000)
+                                gc_ms=(gc_pauses.paused_s() - collected) * 1000, nsfw=nsfw)
+
+    def _finish(self, request: GenerationRequest, images: Sequence[Image],
+                partial: bool = False) -> tuple[list[bytes], tuple[bool, ...]]:
+        """The request's images encoded, and which the safety checker flagged (made black),
+        if the model has one and the request is checked (empty otherwise). Runs on the
+        encoding threads, beside the next pipeline call."""
+        if not (self.checker and request.safety_check):
+            return _encode_all(request, images), ()
+        nsfw = tuple(self.checker.flags(images))
+        if any(nsfw):
+            self.metrics.safety_flagged.inc(sum(nsfw))
+            log.info("%s: %d of the %s of request %s flagged by the safety checker",
+                     self.cfg.id, sum(nsfw), "partial images" if partial else "images",
+                     request.request_id)
+        return _encode_all(request, [withheld(im) if bad else im
+                                     for im, bad in zip(images, nsfw)]), nsfw
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[tuple]:
         """Like `generate`, as a stream: ("progress", step, total) while its pipeline call
@@ -167,9 +188,11 @@ class ModelDeployment:
                 await asyncio.wait([work, event], return_when=asyncio.FIRST_COMPLETED)
                 if not event.done():
                     event.cancel()
-                elif event.result()[0] == "partial":
-                    yield ("partial", await loop.run_in_executor(
-                        self._workers, _encode_all, request, event.result()[1]))
+                elif event.result()[0] == "partial":  # a flagged one is not sent
+                    images, nsfw = await loop.run_in_executor(
+                        self._workers, self._finish, request, event.result()[1], True)
+                    if not any(nsfw):
+                        yield ("partial", images)
                 elif sent_at is None or time.monotonic() - sent_at >= _PROGRESS_EVERY_S:
                     sent_at = time.monotonic()
                     yield event.result()

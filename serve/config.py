@@ -22,6 +22,7 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
     DefaultsConfig,
     Family,
     LimitsConfig,
+    SafetyCheckerConfig,
     SpeedConfig,
     _Strict,
 )
@@ -115,6 +116,9 @@ class ModelConfig(_Strict):
     refiner: RefinerConfig | None = Field(None, description=(
         "SDXL only: a refiner for the `refine` request input (expert_ensemble_refiner, "
         "base_image_refiner). Unset: requests asking for refinement get 422."))
+    safety_checker: SafetyCheckerConfig | None = Field(None, description=(
+        "Check every output image for NSFW content and withhold the flagged ones (see "
+        "SafetyCheckerConfig). Unset: no check."))
     warmup_steps: int = Field(2, ge=1, le=50, description="Steps of the start-up warm-up call.")
     keep_warm_s: float | None = Field(None, gt=0, description=(
         "When set, a replica that has had no request for this many seconds runs a one-step "
@@ -287,18 +291,23 @@ class AtelierConfig(_Strict):
         does not hold what its field reads."""
         for i, model in enumerate(self.models):
             refiner = model.refiner.path if model.refiner is not None else None
+            checker = model.safety_checker.path if model.safety_checker is not None else None
             sources = (("path", model.path), ("configs_from", model.configs_from),
-                       ("refiner.path", refiner))
+                       ("refiner.path", refiner), ("safety_checker.path", checker))
             for field, path in sources:
                 if path is not None and not path.exists():
                     raise ConfigError(f"models.{i}.{field}: {path} does not exist")
             single = model.path is not None and model.path.is_file()
-            for field, path in sources[1:] if single else sources:  # a file is no folder
+            for field, path in sources[1:3] if single else sources[:3]:  # a file is no folder
                 if path is not None and not (path / "model_index.json").is_file():
                     raise ConfigError(f"models.{i}.{field}: {path} is not a diffusers folder "
                                       "(no model_index.json)")
             if single or model.configs_from is not None:
                 _check_single_file(f"models.{i}", model)
+            for name in ("config.json", "preprocessor_config.json") if checker else ():
+                if not (checker / name).is_file():
+                    raise ConfigError(f"models.{i}.safety_checker.path: {checker} holds no "
+                                      f"{name} (a StableDiffusionSafetyChecker folder)")
         for i, folder in enumerate(self.lora_folders):
             if folder.path is not None and not folder.path.is_dir():
                 raise ConfigError(f"lora_folders.{i}.path: {folder.path} is not a folder")

@@ -74,6 +74,18 @@ class TooLarge(InvalidField):
     kind = "too_large"
 
 
+class ContentFlagged(AtelierError):
+    """The model's safety checker flagged every image of the request, and they were
+    withheld. (Replicate's models fail such a prediction with this message.)"""
+
+    status = 400
+    kind = "content_policy_violation"
+
+    def __init__(self):
+        super().__init__("NSFW content detected. Try running it again, or try a different "
+                         "prompt.")
+
+
 class ModelNotFound(AtelierError):
     status = 404
     kind = "model_not_found"

@@ -127,6 +127,10 @@ class ModelMetrics:
                                     "Prompts a replica needed, by outcome (encoded, or "
                                     "held from a recent request)",
                                     tag_keys=("model", "outcome")))
+        self.safety_flagged = made(Counter(
+            "atelier_safety_flagged_images",
+            "Images (and partial images) the safety checker flagged and withheld",
+            tag_keys=("model",)))
         self.keep_warm = made(Counter("atelier_keep_warm_calls",
                                       "One-step calls an idle replica ran to stay warm",
                                       tag_keys=("model",)))

@@ -1,9 +1,11 @@
 """The parts of a model's configuration: pipeline families and what each accepts, and the
-batching, speed, limits and defaults sections (`serve.config` assembles them)."""
+batching, speed, limits, defaults and safety checker sections (`serve.config` assembles
+them)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -168,3 +170,17 @@ class DefaultsConfig(_Strict):
                              "or limits.max_request_pixels")
         if self.num_inference_steps > limits.max_steps:
             raise ValueError("defaults.num_inference_steps exceeds limits.max_steps")
+
+
+class SafetyCheckerConfig(_Strict):
+    """An image safety checker run on every output image (Stable Diffusion's, as Replicate's
+    SDXL and FLUX models run it): flagged images are withheld."""
+
+    path: Path = Field(description=(
+        "Local folder of a StableDiffusionSafetyChecker (config.json, model.safetensors) "
+        "and its CLIP image processor (preprocessor_config.json), e.g. "
+        "CompVis/stable-diffusion-safety-checker. Never fetched."))
+    allow_disable: bool = Field(True, description=(
+        "Requests may turn the check off (Replicate's `disable_safety_checker`, also taken "
+        "by /generate), as on Replicate's API. False: every image is checked whatever the "
+        "request says."))

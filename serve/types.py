@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from serve.adapters import AdapterSet
 from serve.config import FAMILIES, SCHEDULERS, Family, LimitsConfig, ModelConfig
-from serve.errors import InvalidField
+from serve.errors import ContentFlagged, InvalidField
 
 __all__ = ["SCHEDULERS", "BatchInfo", "GenerationRequest", "GenerationResult", "SourceImage"]
 OutputFormat = Literal["png", "webp", "jpeg"]
@@ -66,6 +66,7 @@ class GenerationRequest:
     refine_steps: int | None = None  # base_image_refiner: steps (default: the request's)
     partial_images: int = 0  # images of the call in progress to send while it denoises
     client: str = ""  # the name of the API key it came with, for usage by key
+    safety_check: bool = True  # False: skip the model's safety checker, if it lets requests
 
     @property
     def mode(self) -> str:
@@ -78,8 +79,11 @@ class GenerationRequest:
                   guidance_scale: float | None = None, seed: int | None = None,
                   scheduler: str | None = None, **rest) -> GenerationRequest:
         """A request for `model`: unset values take its defaults, an unset seed is drawn,
-        and the result is checked against its limits (raises InvalidField)."""
+        and the result is checked against its limits (raises InvalidField). The safety
+        check stays on where the model's checker does not let requests skip it."""
         d = model.defaults
+        if model.safety_checker is not None and not model.safety_checker.allow_disable:
+            rest["safety_check"] = True
         request = cls(
             model=model.id, prompt=prompt, width=width or d.width, height=height or d.height,
             num_inference_steps=num_inference_steps or d.num_inference_steps,
@@ -181,3 +185,16 @@ class GenerationResult:
     node: str = ""  # the Ray node id of the replica
     gpus: tuple[str, ...] = ()  # the GPU ids Ray gave the replica
     gc_ms: float = 0.0  # garbage collection in the replica's process while it held it
+    # Per image: flagged by the model's safety checker (and then black). Empty: unchecked.
+    nsfw: tuple[bool, ...] = ()
+
+    def unflagged(self) -> GenerationResult:
+        """The result without its flagged images (as Replicate's models answer); raises
+        ContentFlagged if that leaves none."""
+        if not any(self.nsfw):
+            return self
+        kept = [i for i, flagged in enumerate(self.nsfw) if not flagged]
+        if not kept:
+            raise ContentFlagged()
+        return replace(self, images=[self.images[i] for i in kept],
+                       seeds=[self.seeds[i] for i in kept], nsfw=(False,) * len(kept))

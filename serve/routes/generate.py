@@ -79,6 +79,8 @@ class GenerateParams(BaseModel):
         "expert_ensemble_refiner: the fraction of the steps the base model runs."))
     refine_steps: int | None = Field(None, ge=1, description=(
         "base_image_refiner: the refiner's steps (default: steps)."))
+    disable_safety_checker: bool = Field(False, description=(
+        "Skip the model's safety checker, if it has one and lets requests skip it."))
 
     def to_request(self, model: ModelConfig, request_id: str, prompt: str, adapters: AdapterSet,
                    source: SourceImage | None, width: int | None,
@@ -92,7 +94,8 @@ class GenerateParams(BaseModel):
             num_outputs=self.num_outputs, output_format=self.output_format,
             output_quality=self.output_quality, adapters=adapters, request_id=request_id,
             refine=self.refine, high_noise_frac=self.high_noise_frac,
-            refine_steps=self.refine_steps, client=client)
+            refine_steps=self.refine_steps, client=client,
+            safety_check=not self.disable_safety_checker)
 
 
 def _inline(node: Any, defs: dict) -> Any:
@@ -171,10 +174,15 @@ async def _read_params(request: Request) -> tuple[GenerateParams, dict[str, str]
 def _respond(request: Request, gen: GenerationRequest, result: GenerationResult) -> Response:
     headers = timing_headers(result)
     headers["X-Atelier-Seed"] = str(result.seeds[0])
+    if result.nsfw:  # checked: as diffusers' pipelines answer, a flagged image is black
+        headers["X-Atelier-NSFW-Content-Detected"] = ",".join(
+            str(flag).lower() for flag in result.nsfw)
     if result.media_type in request.headers.get("accept", ""):
         return Response(result.images[0], media_type=result.media_type, headers=headers)
     images = [base64.b64encode(img).decode("ascii") for img in result.images]
     body = {"image": images[0], "images": images, "seed": result.seeds[0],
             "seeds": result.seeds, "model": gen.model, "width": result.width,
             "height": result.height, "media_type": result.media_type}
+    if result.nsfw:
+        body["nsfw_content_detected"] = list(result.nsfw)
     return JSONResponse(body, headers=headers)

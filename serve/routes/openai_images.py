@@ -192,7 +192,7 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
     if params.stream:
         kind = "image_edit" if isinstance(params, ImageEditParams) else "image_generation"
         return await stream_images(state, gen, kind)
-    result = await state.router.generate(gen)
+    result = (await state.router.generate(gen)).unflagged()  # 400 if all are flagged
     if params.response_format == "url":
         base = base_url(request)
         data = [{"url": f"{base}/files/{await state.store.put_file(img, result.media_type)}"}

@@ -54,8 +54,9 @@ async def stream_images(state: IngressState, gen: GenerationRequest,
                         **common})
                     index += 1
                 elif event[0] == "result":
+                    result = event[1].unflagged()  # flagged: an error event
                     yield _event(f"{kind}.completed", {
-                        "type": f"{kind}.completed", "b64_json": _b64(event[1].images[0]),
+                        "type": f"{kind}.completed", "b64_json": _b64(result.images[0]),
                         "created_at": int(time.time()), "usage": _USAGE, **common})
                     return
                 event = await _next(events, deadline, timeout_s)

@@ -71,7 +71,8 @@ class SDXLInput(_LoraInput):
     replicate_weights: str | None = Field(None, description=(
         "Not taken: give lora_weights (a catalog name or a .safetensors URL) instead"))
     apply_watermark: bool = Field(True, description="Accepted; no watermark is applied")
-    disable_safety_checker: bool = Field(False, description="Accepted; no checker runs")
+    disable_safety_checker: bool = Field(False, description=(
+        "Skip the model's safety checker (if it has one and lets requests skip it)"))
 
     @field_validator("replicate_weights")
     @classmethod
@@ -128,7 +129,8 @@ class FluxInput(_LoraInput):
     extra_lora_scale: float | None = Field(None, ge=-4, le=4, description=(
         "Scale of extra_lora"))
     go_fast: bool = Field(True, description="Accepted; the model's speed settings apply")
-    disable_safety_checker: bool = Field(False, description="Accepted; no checker runs")
+    disable_safety_checker: bool = Field(False, description=(
+        "Skip the model's safety checker (if it has one and lets requests skip it)"))
 
     def request_args(self) -> dict[str, Any]:
         width = height = None

@@ -63,7 +63,7 @@ async def to_request(state: IngressState, model_id: str, inp: SDXLInput | FluxIn
         return GenerationRequest.for_model(
             model, inp.prompt, width=width, height=height, source=source, seed=inp.seed,
             adapters=state.router.adapters_for(model, inp.lora_refs()), request_id=rid,
-            client=client, **args)
+            client=client, safety_check=not inp.disable_safety_checker, **args)
     except InvalidField as exc:
         raise type(exc)(f"input.{inp.field_of(exc.field)}", exc.reason) from None
 
@@ -93,6 +93,9 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
             p.finish("canceled")
             return
         p.metrics["predict_time"] = round(result.batch.inference_ms / 1000, 3)
+        p.logs += "".join(f"NSFW content detected in image {i}\n"
+                          for i, flagged in enumerate(result.nsfw) if flagged)
+        result = result.unflagged()  # as Replicate's models: fails if none is left
         p.logs += f"Generated {len(result.images)} image(s) in {time.monotonic() - started:.2f}s\n"
         urls = [f"{base}/files/{await state.store.put_file(img, result.media_type)}"
                 for img in result.images]

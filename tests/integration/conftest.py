@@ -9,6 +9,8 @@ waits two seconds for company, so concurrent requests reliably share pipeline ca
 `atelier/tiny-sdxl-small-memory` runs out of memory on calls of more than two images
 (the out-of-memory drill) and budgets 3 images of 64x64 per request;
 `atelier/tiny-sdxl-stall` counts a pipeline call of over 1.5 s as wedged;
+`atelier/tiny-sdxl-checked` has a safety checker that flags the image of CHECKED_PROMPT's
+seed 10 and passes that of seed 11;
 `atelier/tiny-flux` is the embedded tiny FLUX, with fused projections, FP8 layers and
 its adapters merged into them. The adapter catalog is the embedded demo set plus
 `bad_adapters` (files that must fail cleanly), `made_adapters` (made with PEFT and saved by
@@ -42,6 +44,8 @@ DEADLINE = "atelier/tiny-sdxl-deadline"
 SMALL_MEMORY = "atelier/tiny-sdxl-small-memory"
 STALL = "atelier/tiny-sdxl-stall"
 FLUX = "atelier/tiny-flux"
+CHECKED = "atelier/tiny-sdxl-checked"
+CHECKED_PROMPT = "a scene for the safety checker"
 MAX_BODY_BYTES = 2 * 2**20
 
 
@@ -119,13 +123,32 @@ def named_adapters(tmp_path_factory, cache_dir):
 
 
 @pytest.fixture(scope="session")
+def safety_checker(cache_dir, tmp_path_factory):
+    """The folder of CHECKED's safety checker, its concepts made from the model's own
+    images of CHECKED_PROMPT: seed 10's flagged, seed 11's passed."""
+    from deployments.engines import create_engine
+    from serve.config import ModelConfig
+    from serve.types import GenerationRequest
+    from tests.safety import save_checker
+
+    model = ModelConfig.model_validate(_model(CHECKED, 10))
+    engine = create_engine(model, cache_dir, None)
+    (flagged, kept), = engine.generate([GenerationRequest.for_model(
+        model, CHECKED_PROMPT, seed=10, num_outputs=2)])
+    folder = tmp_path_factory.mktemp("safety-checker")
+    save_checker(folder, [flagged], [kept])
+    return folder
+
+
+@pytest.fixture(scope="session")
 def metrics_port():
     """Ray's metrics export port for the test cluster (scraped by the Prometheus test)."""
     return _free_port()
 
 
 @pytest.fixture(scope="session")
-def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_port):
+def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_port,
+             safety_checker):
     import ray
     from ray import serve
 
@@ -155,6 +178,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                        "max_request_pixels": 3 * 64 * 64}),
         _model(STALL, 10, health_stall_s=1.5, health_check_period_s=1,
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60}),
+        _model(CHECKED, 10, safety_checker={"path": str(safety_checker)}),
         # FLUX's adapters are merged into its weights (SDXL's, above, run in LoRA slots),
         # whose attention projections are fused and whose transformer blocks run in FP8.
         _model(FLUX, 10, family="flux", embedded="tiny-flux", keep_warm_s=3,
@@ -169,7 +193,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                          {"path": str(made_adapters), "base": "sdxl"},
                          {"path": str(named_adapters), "base": "flux"}]}
     # The dashboard writes Ray's Prometheus service-discovery file.
-    ray.init(address="local", num_cpus=12, include_dashboard=True, dashboard_port=_free_port(),
+    ray.init(address="local", num_cpus=13, include_dashboard=True, dashboard_port=_free_port(),
              _metrics_export_port=metrics_port)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})

@@ -1,5 +1,6 @@
 from tests.integration.conftest import (
     BATCHED,
+    CHECKED,
     DEADLINE,
     FAST,
     FLUX,
@@ -16,7 +17,7 @@ def test_models_are_listed_in_openai_shape(client):
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == [FAST, BATCHED, ONE_SLOT, TWO_REPLICAS,
                                           RESTARTABLE, DEADLINE, SMALL_MEMORY,
-                                          STALL, FLUX]
+                                          STALL, CHECKED, FLUX]
     first = body["data"][0]
     assert first["object"] == "model" and first["owned_by"] == "atelier"
     assert first["aliases"] == ["stability-ai/sdxl"] and first["limits"]["max_size"] == 512
@@ -48,7 +49,7 @@ def test_healthz_reports_every_model_ready(client):
     assert r.status_code == 200
     models = r.json()["models"]
     assert set(models) == {FAST, BATCHED, ONE_SLOT, TWO_REPLICAS, RESTARTABLE,
-                           DEADLINE, SMALL_MEMORY, STALL, FLUX}
+                           DEADLINE, SMALL_MEMORY, STALL, CHECKED, FLUX}
     assert all(m["state"] == "ready" for m in models.values())
     assert [models[m]["replicas_running"] for m in (FAST, TWO_REPLICAS)] == [1, 2]
 

@@ -8,7 +8,7 @@ import pytest
 
 from serve.errors import Overloaded, TimedOut
 from serve.routes.openai_stream import stream_images
-from serve.types import GenerationRequest
+from serve.types import BatchInfo, GenerationRequest, GenerationResult
 
 GEN = GenerationRequest(model="a/b", prompt="x", width=64, height=32, num_inference_steps=4,
                         guidance_scale=5, seed=1, scheduler="K_EULER", partial_images=1)
@@ -44,8 +44,13 @@ def _run(router):
              json.loads(c.split(b"\n")[1].removeprefix(b"data: "))) for c in chunks]
 
 
+def _result(image: bytes, nsfw: tuple[bool, ...] = ()) -> GenerationResult:
+    return GenerationResult(images=[image], seeds=[1], media_type="image/png", width=64,
+                            height=32, batch=BatchInfo("b", 1, 1, 0, 0), replica="r", nsfw=nsfw)
+
+
 def test_partials_then_the_image_with_their_index_and_size():
-    result = SimpleNamespace(images=[b"final"])
+    result = _result(b"final")
     events = _run(Router([("progress", 1, 4), ("partial", [b"p0"]), ("progress", 2, 4),
                           ("partial", [b"p1"]), ("result", result)]))
     assert [name for name, _ in events] == ["image_generation.partial_image"] * 2 + [
@@ -53,6 +58,14 @@ def test_partials_then_the_image_with_their_index_and_size():
     assert [d.get("partial_image_index") for _, d in events] == [0, 1, None]
     assert [d["b64_json"] for _, d in events] == ["cDA=", "cDE=", "ZmluYWw="]
     assert all(d["size"] == "64x32" and d["type"] == name for name, d in events)
+
+
+def test_an_image_the_safety_checker_flagged_is_an_error_event_in_its_place():
+    events = _run(Router([("progress", 1, 4), ("partial", [b"p0"]),
+                          ("result", _result(b"black", (True,)))]))
+    assert [name for name, _ in events] == ["image_generation.partial_image", "error"]
+    assert events[1][1]["error"]["code"] == "content_policy_violation"
+    assert "NSFW content detected" in events[1][1]["error"]["message"]
 
 
 def test_an_error_after_the_start_is_an_error_event_in_openais_shape():

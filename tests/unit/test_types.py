@@ -1,6 +1,6 @@
 import pytest
 
-from serve.config import LimitsConfig
+from serve.config import LimitsConfig, ModelConfig
 from serve.errors import InvalidField
 from serve.types import MAX_SEED, GenerationRequest
 
@@ -49,3 +49,14 @@ def test_a_request_over_the_memory_budget_is_refused_on_num_outputs():
     with pytest.raises(InvalidField, match="at most 2097152 pixels.*got 3145728") as err:
         _req(width=1024, height=1024, num_outputs=3).check_limits(limits)
     assert err.value.field == "num_outputs"
+
+
+@pytest.mark.parametrize("allow_disable, asked, checked", [
+    (True, False, False), (True, True, True), (False, False, True), (False, True, True)])
+def test_a_request_skips_the_safety_check_only_where_the_model_lets_it(allow_disable, asked,
+                                                                        checked):
+    model = ModelConfig.model_validate({
+        "id": "acme/m", "embedded": "tiny-sdxl",
+        "safety_checker": {"path": "/models/checker", "allow_disable": allow_disable}})
+    request = GenerationRequest.for_model(model, "x", seed=1, safety_check=asked)
+    assert request.safety_check is checked
