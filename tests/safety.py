@@ -4,8 +4,16 @@ CompVis/stable-diffusion-safety-checker folder is."""
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+
+
+def tinted_noise(seed: int, tint: tuple[int, int, int]) -> Image.Image:
+    """64x64 noise around a colour, different for each seed."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(tint) + rng.normal(0, 40, (64, 64, 3)), 0, 255)
+    return Image.fromarray(pixels.astype(np.uint8))
 
 
 def save_checker(folder: Path, flagged: list[Image.Image], kept: list[Image.Image]) -> None:

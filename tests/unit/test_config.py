@@ -165,3 +165,21 @@ def test_a_webhook_secret_must_be_a_standard_webhooks_secret():
         parse_config({**base, "webhook_secret": "hunter2"})
     secret = "whsec_" + "QUJD" * 8  # base64 of 24 bytes
     assert parse_config({**base, "webhook_secret": secret}).webhook_secret == secret
+
+
+def test_a_safety_checker_folder_must_hold_the_checker_and_its_image_processor(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model_index.json").write_text("{}")
+    (tmp_path / "checker").mkdir()
+    (tmp_path / "checker" / "config.json").write_text("{}")
+    cfg = parse_config({"models": [{"id": "acme/real", "path": str(tmp_path / "base"),
+                                    "safety_checker": {"path": str(tmp_path / "checker")}}]})
+    with pytest.raises(ConfigError, match=r"models\.0\.safety_checker\.path: .*checker holds "
+                                          r"no preprocessor_config\.json"):
+        cfg.check_paths()
+    (tmp_path / "checker" / "preprocessor_config.json").write_text("{}")
+    cfg.check_paths()
+    gone = parse_config({"models": [{"id": "acme/real", "path": str(tmp_path / "base"),
+                                     "safety_checker": {"path": str(tmp_path / "no")}}]})
+    with pytest.raises(ConfigError, match=r"models\.0\.safety_checker\.path: .*does not exist"):
+        gone.check_paths()

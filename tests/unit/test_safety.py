@@ -1,20 +1,11 @@
 """The image safety checker: loaded as Stable Diffusion's is, it flags what its concepts
 describe; results without their flagged images."""
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from serve.errors import ContentFlagged
 from serve.types import BatchInfo, GenerationResult
-from tests.safety import save_checker
-
-
-def _noise(seed: int, tint: tuple[int, int, int]) -> Image.Image:
-    """Noise around a colour, different for each seed."""
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(tint) + rng.normal(0, 40, (64, 64, 3)), 0, 255)
-    return Image.fromarray(pixels.astype(np.uint8))
+from tests.safety import save_checker, tinted_noise
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +15,16 @@ def checker(tmp_path_factory):
     from deployments.safety import SafetyChecker
 
     folder = tmp_path_factory.mktemp("checker")
-    save_checker(folder, [_noise(s, (220, 30, 30)) for s in range(3)],
-                 [_noise(s, (30, 30, 220)) for s in range(3)])
+    save_checker(folder, [tinted_noise(s, (220, 30, 30)) for s in range(3)],
+                 [tinted_noise(s, (30, 30, 220)) for s in range(3)])
     return SafetyChecker(folder, torch.device("cpu"), torch.float32)
 
 
 def test_the_checker_flags_images_like_its_concepts_and_passes_others(checker):
     red, blue = (220, 30, 30), (30, 30, 220)
     # Seeds 10-13 were not among the images its concepts were made from.
-    assert checker.flags([_noise(10, red), _noise(11, blue), _noise(12, blue),
-                          _noise(13, red)]) == [True, False, False, True]
+    assert checker.flags([tinted_noise(10, red), tinted_noise(11, blue), tinted_noise(12, blue),
+                          tinted_noise(13, red)]) == [True, False, False, True]
     assert checker.flags([]) == []
 
 
