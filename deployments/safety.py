@@ -57,7 +57,6 @@ class SafetyChecker:
                                     images=[np.zeros(1) for _ in images])
         return [bool(f) for f in flagged]
 
-
     def warm_up(self, width: int, height: int) -> None:
         """One check, so that the first request's does not allocate."""
         self.flags([Image.new("RGB", (width, height))])

@@ -292,13 +292,13 @@ class AtelierConfig(_Strict):
         for i, model in enumerate(self.models):
             refiner = model.refiner.path if model.refiner is not None else None
             checker = model.safety_checker.path if model.safety_checker is not None else None
-            sources = (("path", model.path), ("configs_from", model.configs_from),
-                       ("refiner.path", refiner), ("safety_checker.path", checker))
-            for field, path in sources:
+            pipelines = (("path", model.path), ("configs_from", model.configs_from),
+                         ("refiner.path", refiner))
+            for field, path in (*pipelines, ("safety_checker.path", checker)):
                 if path is not None and not path.exists():
                     raise ConfigError(f"models.{i}.{field}: {path} does not exist")
             single = model.path is not None and model.path.is_file()
-            for field, path in sources[1:3] if single else sources[:3]:  # a file is no folder
+            for field, path in pipelines[1:] if single else pipelines:  # a file is no folder
                 if path is not None and not (path / "model_index.json").is_file():
                     raise ConfigError(f"models.{i}.{field}: {path} is not a diffusers folder "
                                       "(no model_index.json)")
