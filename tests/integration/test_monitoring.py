@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import AUTH, FAST, _free_port
+from tests.integration.conftest import AUTH, CHECKED, CHECKED_PROMPT, FAST, _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "atelier.json"
@@ -87,7 +87,8 @@ def _wait_ready(url, timeout_s=30):
 
 
 def _traffic(base_url, seconds):
-    """Good requests (some with adapters), and bad ones, from two clients at once."""
+    """Good requests (some with adapters, some withheld by a safety checker), and bad ones,
+    from two clients at once."""
 
     def client(offset):
         with httpx.Client(base_url=base_url, headers=AUTH, timeout=60) as c:
@@ -98,6 +99,10 @@ def _traffic(base_url, seconds):
                     body["loras"] = [{"name": "pixel-art"}]
                 assert c.post("/generate", json=body).status_code == 200
                 assert c.post("/generate", json={"prompt": "", "model": FAST}).status_code == 422
+                if i % 8 == 0:
+                    flagged = {"prompt": CHECKED_PROMPT, "seed": 10, "model": CHECKED}
+                    r = c.post("/generate", json=flagged)
+                    assert r.json()["nsfw_content_detected"] == [True], r.text
                 i += 2
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(2)]
@@ -142,7 +147,7 @@ def test_the_dashboard_covers_what_operators_watch():
     titles = " ".join(title for title, _ in _panel_queries()).lower()
     for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "prompts held",
                   "errors", "memory", "healthy", "by api key", "busy share",
-                  "gpu utilization", "garbage collection"):
+                  "gpu utilization", "garbage collection", "safety checker"):
         assert topic in titles, topic
 
 
