@@ -18,9 +18,10 @@ from ray import serve
 from deployments.batcher import Batcher, PreviewListener, StepListener
 from deployments.encoding import encode_image
 from deployments.lora_downloads import AdapterDownloads, DownloadSettings
+from deployments.replica_adapters import ReplicaAdapters
 from deployments.safety import SafetyChecker, withheld
 from serve import gc_pauses
-from serve.adapters import AdapterCatalog, AdapterInvalid, AdapterSet
+from serve.adapters import AdapterCatalog, AdapterSet
 from serve.config import ModelConfig
 from serve.errors import AtelierError, InferenceFailed, Refused, ReplicaLost
 from serve.metrics import ModelMetrics, gc_pause_histogram
@@ -44,13 +45,12 @@ class ModelDeployment:
         from deployments.engines import create_engine
 
         self.cfg = ModelConfig.model_validate(model)
-        catalog = AdapterCatalog.from_dicts(adapters).entries
-        # Adapters given by URL join this replica's catalog as they are downloaded.
-        self._catalog = {n: e for n, e in catalog.items() if e.problem_with(self.cfg) is None}
-        self._downloads = downloads and AdapterDownloads(downloads)
+        catalog = {n: e for n, e in AdapterCatalog.from_dicts(adapters).entries.items()
+                   if e.problem_with(self.cfg) is None}
+        downloads = downloads and AdapterDownloads(downloads)
         started = time.monotonic()
         self.engine = create_engine(self.cfg, Path(cache_dir),
-                                    self._catalog if self._catalog or self._downloads else None)
+                                    catalog if catalog or downloads else None)
         self.checker = self.cfg.safety_checker and SafetyChecker(
             self.cfg.safety_checker.path, self.engine.device, self.engine.dtype)
         self.load_s = time.monotonic() - started
@@ -77,13 +77,8 @@ class ModelDeployment:
                                idle_s=self.cfg.keep_warm_s, on_idle=self._keep_warm,
                                max_held=self.cfg.max_loaded_adapters)
         self._refresh_gauges()
-
-        async def load_adapter_set(key: str) -> AdapterSet:
-            return await self._load_adapters(AdapterSet.from_key(key))
-
-        # Serve reports the sets a replica holds, so the router sends a set's requests here.
-        self._adapter_set = serve.multiplexed(
-            max_num_models_per_replica=self.cfg.max_loaded_adapters)(load_adapter_set)
+        self.adapters = ReplicaAdapters(self.cfg, self.engine.adapters, catalog, downloads,
+                                        self._workers, self._executor)
         # What start-up made stays; requests should not wait for collections to scan it.
         settled = gc_pauses.settle()
         gc_pauses.watch(gc_pause_histogram())
@@ -216,41 +211,13 @@ class ModelDeployment:
                                          "encoded"})
 
     async def _hold_adapters(self, adapters: AdapterSet) -> None:
-        """Make the set resident (through Serve's multiplexing, which reports it to the
-        router), downloading adapters given by URL first; count whether it was already
-        held."""
-        held = all(name in self.engine.adapters.loaded for name in adapters.names)
+        """Make the set resident; count whether it was held already."""
         try:
-            await self._download_adapters(adapters)
-            await self._adapter_set(adapters.key)
+            held = await self.adapters.hold(adapters)
         except Exception:
             self.metrics.adapters.inc(1, {"outcome": "failed"})
             raise
         self.metrics.adapters.inc(1, {"outcome": "hit" if held else "load"})
-
-    async def _download_adapters(self, adapters: AdapterSet) -> None:
-        """Add the set's adapters given by URL to this replica's catalog, downloading those
-        not on this node yet. Raises AdapterInvalid."""
-        if not adapters.urls:
-            return
-        if self._downloads is None:
-            raise AdapterInvalid("this server downloads no LoRA files for this model "
-                                 "(lora_allowed_hosts, speed settings)")
-        loop = asyncio.get_running_loop()
-        await self._downloads.add(adapters.urls, self._catalog, self.engine.adapters.loaded,
-                                  self.cfg, lambda *a: loop.run_in_executor(self._workers, *a))
-
-    async def _load_adapters(self, adapters: AdapterSet) -> AdapterSet:
-        """Read missing adapters off the pipeline thread, then inject them between calls."""
-        loop = asyncio.get_running_loop()
-        slots = self.engine.adapters
-        for name in adapters.names:
-            if name in slots.loaded:
-                continue
-            state = await loop.run_in_executor(self._workers, slots.read, name)
-            await loop.run_in_executor(self._executor, slots.inject, name, state,
-                                       tuple(adapters.names))
-        return adapters
 
     async def _run_batch(self, queued: Sequence[_Queued], withdrawn: Callable[[], set[int]],
                          on_step: StepListener, on_preview: PreviewListener,

@@ -23,6 +23,8 @@ import asyncio
 import base64
 import io
 import shutil
+import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -243,6 +245,25 @@ def post_many(base_url, bodies, path="/generate", lead_s=0.02):
             return await asyncio.gather(*tasks)
 
     return asyncio.run(run())
+
+
+def ray_session_dir() -> Path:
+    """The test cluster's Ray session folder (its logs are under `logs/`)."""
+    import ray
+
+    return Path(ray._private.worker._global_node.get_session_dir_path())  # no public accessor
+
+
+def replica_log(deployment: str, request_id: str, timeout_s: float = 15) -> list[str]:
+    """The lines the replicas of `deployment` logged with `request_id` (sent as the
+    request's X-Request-Id), once its call's own line (`CALL <method> <status>`) is there."""
+    logs, deadline = ray_session_dir() / "logs" / "serve", time.monotonic() + timeout_s
+    while True:
+        lines = [line for f in logs.glob(f"replica_atelier_{deployment}_*.log")
+                 for line in f.read_text(errors="replace").splitlines() if request_id in line]
+        if any(" -- CALL " in line for line in lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.2)
 
 
 def decode(b64: str) -> Image.Image:

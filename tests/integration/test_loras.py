@@ -1,12 +1,21 @@
 """LoRA adapters: catalog, effect on pixels, stacking, prompt tags, affinity, LRU, bad files."""
 
 import time
+import uuid
 
 import numpy as np
 import pytest
 import torch
 
-from tests.integration.conftest import BATCHED, FAST, TWO_REPLICAS, decode, pixels, post_many
+from tests.integration.conftest import (
+    BATCHED,
+    FAST,
+    TWO_REPLICAS,
+    decode,
+    pixels,
+    post_many,
+    replica_log,
+)
 
 
 def _gen(client, loras=None, prompt="a cat", seed=11, model=FAST, **extra):
@@ -119,6 +128,20 @@ def test_a_corrupt_or_misshapen_file_is_422_and_the_replica_keeps_serving(client
     assert r.status_code == 422 and name in r.json()["detail"] and why in r.json()["detail"]
     assert _gen(client, [{"name": "pixel-art"}]).json()["image"] == before
     assert client.get("/healthz").status_code == 200
+
+
+def test_an_unusable_file_is_refused_before_serves_loader_would_log_a_failed_load(client):
+    """Serve's multiplexing logs an ERROR line for each set its loader fails to load: the
+    replica reads a set's files before it hands the set over, so a client's bad file is
+    answered (the call's own line says OK) without one."""
+    rid = f"unusable-adapter-{uuid.uuid4().hex}"
+    r = client.post("/generate", headers={"X-Request-Id": rid},
+                    json={"prompt": "x", "model": FAST, "loras": [{"name": "wrong-shape"}]})
+    assert r.status_code == 422 and "does not fit this model" in r.text
+    lines = replica_log("model-atelier-tiny-sdxl", rid)
+    calls = [line.split(" -- ")[1].rsplit(" ", 1)[0] for line in lines if " -- CALL " in line]
+    assert calls == ["CALL generate OK"], lines
+    assert not [line for line in lines if line.startswith("ERROR")], lines
 
 
 # Every setting the reference pipeline needs, given explicitly.

@@ -21,7 +21,14 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import AUTH, CHECKED, CHECKED_PROMPT, FAST, _free_port
+from tests.integration.conftest import (
+    AUTH,
+    CHECKED,
+    CHECKED_PROMPT,
+    FAST,
+    _free_port,
+    ray_session_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "monitoring" / "grafana" / "dashboards" / "atelier.json"
@@ -45,7 +52,7 @@ def prometheus(base_url, metrics_port, tmp_path_factory):
     assert job["file_sd_configs"][0]["files"] == [str(RAY_SD_FILE)]
     # RAY_SD_FILE links to the newest Ray session's file; read this cluster's own, in case
     # another Ray session started on this machine meanwhile.
-    ours = _session_dir() / RAY_SD_FILE.name
+    ours = ray_session_dir() / RAY_SD_FILE.name
     targets = json.loads(ours.read_text())[0]["targets"]
     assert any(t.endswith(f":{metrics_port}") for t in targets), targets
     job["file_sd_configs"][0]["files"] = [str(ours)]
@@ -66,12 +73,6 @@ def prometheus(base_url, metrics_port, tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def _session_dir() -> Path:
-    import ray
-
-    return Path(ray._private.worker._global_node.get_session_dir_path())  # no public accessor
 
 
 def _wait_ready(url, timeout_s=30):
