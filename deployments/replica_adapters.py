@@ -50,6 +50,9 @@ class ReplicaAdapters:
         self._staged[adapters.key] = await self._read(adapters)
         try:
             await self._resident(adapters.key)
+            # A set Serve still counted as held, whose adapters other sets displaced from
+            # the slots since, gets them back as read (its loader did not run).
+            await self._load(adapters)
         finally:
             self._staged.pop(adapters.key, None)
         return held
