@@ -76,8 +76,8 @@ class ReplicaAdapters:
                 for name in adapters.names if name not in self.slots.loaded}
 
     async def _load(self, adapters: AdapterSet) -> AdapterSet:
-        """Serve's loader: inject the set's missing adapters between calls, as `hold` read
-        them (or read again, if another set displaced them since)."""
+        """Inject the set's missing adapters between calls (Serve's loader, and `hold`
+        after it), as `hold` read them, or read again if another set displaced them since."""
         loop = asyncio.get_running_loop()
         staged = self._staged.get(adapters.key, {})
         for name in adapters.names:

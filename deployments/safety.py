@@ -14,9 +14,6 @@ from PIL import Image
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger("ray.serve.atelier.safety")
-
-
 class _OwnAnswer(logging.Filter):
     """The checker warns that "a black image will be returned instead": here the
     withheld images are the APIs' to answer for, and logged once by the replica."""
