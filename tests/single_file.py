@@ -175,3 +175,24 @@ def save_flux_transformer_file(transformer, file: Path, dtype: torch.dtype | Non
     state |= {k: torch.cat(parts) for k, parts in joined.items()}
     save_file({prefix + k: (v if dtype is None else v.to(dtype)).contiguous()
                for k, v in state.items()}, str(file))
+
+
+def scaled_fp8(state: dict[str, torch.Tensor], scale: str, per_row: bool):
+    """(`state` as ComfyUI's "scaled" FP8 files hold it, the values it stands for). Each
+    block's matrix is stored in FP8 e4m3 divided by a float32 scale (its largest magnitude
+    over 448, per tensor or per row) named `<layer>.<scale>`, beside an activation scale
+    and the file's mark; the values are the FP8 matrices times their scales, in bfloat16."""
+    fp8 = torch.float8_e4m3fn
+    file, values = {"scaled_fp8": torch.zeros(0, dtype=fp8)}, {}
+    for key, value in state.items():
+        if not (key.endswith(".weight") and value.dim() == 2 and "blocks." in key):
+            file[key] = values[key] = value
+            continue
+        layer, magnitude = key.removesuffix(".weight"), value.float().abs()
+        scales = (magnitude.amax(dim=1) if per_row else magnitude.amax()) / 448
+        stored = (value.float() / scales.reshape(-1, 1)).to(fp8)
+        file |= {key: stored, f"{layer}.{scale}": scales,
+                 f"{layer}.{'scale_input' if scale == 'scale_weight' else 'input_scale'}":
+                     torch.ones(())}
+        values[key] = (stored.float() * scales.reshape(-1, 1)).to(torch.bfloat16)
+    return file, values

@@ -5,6 +5,7 @@ into a folder."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,6 +38,11 @@ def share_modules(pipe, classes: Mapping[str, type], dtype: torch.dtype) -> dict
 # also shared) are converted to bfloat16, which holds every FP8 value exactly.
 _FILE_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
                 "F8_E4M3": torch.bfloat16, "F8_E5M2": torch.bfloat16}
+# ComfyUI's names of an FP8 weight's scale ("scaled" FP8 files; the older name first), and
+# of what only FP8 matrix products read: the activations' scale, the layer's format, the
+# file's mark.
+_SCALES = ("scale_weight", "weight_scale")
+_FP8_PRODUCTS_ONLY = ("scale_input", "input_scale", "comfy_quant", "scaled_fp8")
 # A name each family's denoiser has in its single files (SDXL's is the UNet's prefix).
 _DENOISER = {"sdxl": "model.diffusion_model.", "flux": "double_blocks."}
 
@@ -56,14 +62,18 @@ def converted_checkpoint(checkpoint: Path, configs: Path, cache_dir: Path, famil
         names = f.keys()  # the handle itself is not iterable
         first = next((k for k in names if _DENOISER[family] in k), None)
         dtype = _FILE_DTYPES.get(first and f.get_slice(first).get_dtype(), torch.float32)
-    scaled = next((k for k in names if k.endswith("scale_weight")), None)
-    if scaled is not None:  # diffusers' converters would drop the scales: wrong weights
-        raise ValueError(f"{checkpoint} holds FP8 weights with scales ({scaled}), which "
-                         "are not read: convert it to bfloat16 first")
+        scaled = _scales(f, checkpoint)
+    if scaled and family == "sdxl":  # diffusers' converter would drop the scales
+        raise ValueError(f"{checkpoint} holds FP8 weights with scales ({scaled[0]}), which "
+                         "are read for FLUX transformers only: convert it to float16 first")
 
     def convert(folder: Path) -> None:
         log.info("converting %s (%s) with %s", checkpoint, dtype, configs)
-        (_convert_sdxl if family == "sdxl" else _convert_flux)(checkpoint, configs, dtype, folder)
+        if family == "sdxl":
+            _convert_sdxl(checkpoint, configs, dtype, folder)
+        else:  # diffusers' converter takes the tensors, too
+            source = _dequantized(checkpoint, dtype) if scaled else str(checkpoint)
+            _convert_flux(source, configs, dtype, folder)
 
     key = checkpoint_key(checkpoint, configs, cache_dir)
     return built_once(cache_dir / "converted" / f"{checkpoint.stem}-{key}", convert)
@@ -78,15 +88,45 @@ def _convert_sdxl(checkpoint: Path, configs: Path, dtype: torch.dtype, folder: P
     pipe.save_pretrained(folder)
 
 
-def _convert_flux(checkpoint: Path, configs: Path, dtype: torch.dtype, folder: Path) -> None:
+def _convert_flux(checkpoint: str | dict, configs: Path, dtype: torch.dtype, folder: Path) -> None:
     """The file is the transformer alone (Black Forest Labs' layout); the folder links the
     rest of `configs` (text encoders, VAE, tokenizers, scheduler), which is not copied."""
     from diffusers import FluxTransformer2DModel
 
     transformer = FluxTransformer2DModel.from_single_file(
-        str(checkpoint), config=str(configs), subfolder="transformer", local_files_only=True,
+        checkpoint, config=str(configs), subfolder="transformer", local_files_only=True,
         dtype=dtype)
     transformer.save_pretrained(folder / "transformer")
     for entry in configs.resolve().iterdir():
         if entry.name != "transformer":
             (folder / entry.name).symlink_to(entry)
+
+
+def _scales(f, checkpoint: Path) -> list[str]:
+    """The names of the FP8 weights' scales in the open file `f`, checked: one per tensor
+    or one per row of the weight, as ComfyUI's FP8 formats have. Others (blocks, as FP4
+    formats have) are refused, naming the tensor."""
+    names = set(f.keys())
+    scales = sorted(k for k in names if k.rpartition(".")[2] in _SCALES)
+    for name in scales:
+        weight, scale = name.rpartition(".")[0] + ".weight", f.get_slice(name).get_shape()
+        rows = f.get_slice(weight).get_shape()[:1] if weight in names else None
+        if rows is None or math.prod(scale) not in (1, *rows):
+            raise ValueError(f"{checkpoint}: the scale {name} {tuple(scale)} is neither one "
+                             "per tensor nor one per row of its weight")
+    return scales
+
+
+def _dequantized(checkpoint: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of a "scaled" FP8 file, each scaled weight multiplied by its scale (one
+    per tensor or per output row, as `_scales` checked) into `dtype`, as ComfyUI computes
+    them; the scales and what only FP8 products read are left out."""
+    from safetensors.torch import load_file
+
+    state = load_file(checkpoint)
+    for name in [k for k in state if k.rpartition(".")[2] in _SCALES]:
+        scale, weight_name = state.pop(name).float(), name.rpartition(".")[0] + ".weight"
+        weight = state[weight_name]
+        rows = scale.reshape(-1, *[1] * (weight.dim() - 1))
+        state[weight_name] = (weight.float() * rows).to(dtype)
+    return {k: v for k, v in state.items() if k.rpartition(".")[2] not in _FP8_PRODUCTS_ONLY}

@@ -9,7 +9,7 @@ import torch
 
 from serve.config import ModelConfig
 from serve.types import GenerationRequest
-from tests.single_file import save_flux_transformer_file
+from tests.single_file import save_flux_transformer_file, scaled_fp8
 
 # diffusers converts these files at FLUX.1's own width only (3072: 24 heads of 128), so
 # the tiny FLUX gets a transformer that wide, of one block of each kind (530 M parameters).
@@ -83,18 +83,54 @@ def test_an_fp8_file_in_comfyuis_names_is_converted_to_bfloat16_exactly(checkpoi
     assert not all(torch.equal(theirs[k], ours[k]) for k in theirs)  # FP8 rounded them
 
 
-def test_an_fp8_file_with_scales_is_refused_naming_them(checkpoint, tmp_path):
-    from safetensors.torch import save_file
+@pytest.mark.parametrize("scale,per_row,prefix", [("scale_weight", False, ""),
+                                                   ("weight_scale", True, "model.diffusion_model.")])
+def test_a_scaled_fp8_file_is_converted_to_its_weights_times_their_scales(
+        checkpoint, tmp_path, scale, per_row, prefix):
+    """As ComfyUI's "scaled" FP8 files (older and newer names) are shared: the converted
+    weights are those of the bfloat16 file of the values the file stands for, closer to
+    the fine-tune's than plain FP8 keeps them."""
+    from safetensors.torch import load_file, save_file
 
     from deployments.engines import model_path
 
-    scaled = tmp_path / "scaled.safetensors"
-    weight = torch.ones(8, 8).to(torch.float8_e4m3fn)
-    save_file({"double_blocks.0.img_attn.qkv.weight": weight,
-               "double_blocks.0.img_attn.qkv.scale_weight": torch.tensor([0.5])}, str(scaled))
-    with pytest.raises(ValueError, match=r"scaled\.safetensors holds FP8 weights with scales "
-                       r"\(double_blocks\.0\.img_attn\.qkv\.scale_weight\)"):
+    folder, file, base = checkpoint
+    stored, values = scaled_fp8(load_file(file), scale, per_row)
+    save_file({prefix + k: v for k, v in stored.items()}, str(tmp_path / "scaled.safetensors"))
+    save_file(values, str(tmp_path / "values.safetensors"))
+    ours = _transformer_weights(model_path(_model(tmp_path / "scaled.safetensors", base), tmp_path))
+    expected = _transformer_weights(model_path(_model(tmp_path / "values.safetensors", base),
+                                               tmp_path))
+    assert set(ours) == set(expected)
+    assert all(ours[k].dtype == torch.bfloat16 and torch.equal(ours[k], expected[k])
+               for k in ours)
+    plain = _transformer_weights(model_path(_model(file.with_name("fine-tune-fp8.safetensors"),
+                                                   base), tmp_path))
+    theirs = _transformer_weights(folder)
+    matrices = [k for k in theirs if "blocks." in k and theirs[k].dim() == 2]
+    err = {name: sum((w[k].float() - theirs[k].float()).abs().mean() for k in matrices)
+           for name, w in (("scaled", ours), ("plain", plain))}
+    assert err["scaled"] < err["plain"] / 2, err
+
+
+def test_scales_other_than_per_tensor_or_per_row_are_refused_naming_them(checkpoint, tmp_path):
+    from safetensors.torch import save_file
+
+    from deployments.engines import model_path
+    from deployments.engines.loading import converted_checkpoint
+
+    scaled = tmp_path / "blocks.safetensors"
+    weight = torch.ones(8, 32).to(torch.float8_e4m3fn)
+    save_file({"double_blocks.0.img_attn.qkv.weight": weight,  # one scale per 16 values
+               "double_blocks.0.img_attn.qkv.weight_scale": torch.ones(8, 2)}, str(scaled))
+    with pytest.raises(ValueError, match=r"blocks\.safetensors: the scale double_blocks\.0\."
+                       r"img_attn\.qkv\.weight_scale \(8, 2\) is neither one per tensor"):
         model_path(_model(scaled, checkpoint[2]), tmp_path)
+    save_file({"model.diffusion_model.out.0.weight": weight,
+               "model.diffusion_model.out.0.scale_weight": torch.ones(())}, str(scaled))
+    with pytest.raises(ValueError, match=r"scales \(model\.diffusion_model\.out\.0\."
+                       r"scale_weight\), which are read for FLUX transformers only"):
+        converted_checkpoint(scaled, checkpoint[2], tmp_path, "sdxl")
     assert not (tmp_path / "converted").exists()
 
 
