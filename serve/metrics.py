@@ -83,7 +83,8 @@ class IngressMetrics:
 
     def used(self, client: str, model: str, images: int, share_s: float) -> None:
         tags = {"key": client or "open", "model": model}
-        self.key_images.inc(images, tags)
+        if images > 0:  # Ray's counters refuse 0
+            self.key_images.inc(images, tags)
         if share_s > 0:  # Ray's counters refuse 0
             self.key_seconds.inc(share_s, tags)
 

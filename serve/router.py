@@ -155,9 +155,13 @@ class ModelRouter:
 
     def _delivered(self, request: GenerationRequest, result: GenerationResult,
                    started: float) -> None:
-        self.metrics.images.inc(len(result.images), {"model": request.model})
+        # Images a safety checker withheld (black on /generate) are not delivered, though
+        # their pipeline time is used.
+        delivered = len(result.images) - sum(result.nsfw)
+        if delivered:  # Ray's counters refuse 0
+            self.metrics.images.inc(delivered, {"model": request.model})
         b = result.batch
-        self.metrics.used(request.client, request.model, len(result.images),
+        self.metrics.used(request.client, request.model, delivered,
                           b.inference_ms / 1000 * len(result.images) / max(1, b.images))
         self.metrics.generation.observe(time.monotonic() - started, {"model": request.model})
 

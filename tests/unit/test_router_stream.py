@@ -9,6 +9,7 @@ import pytest
 from serve.adapters import AdapterCatalog, AdapterInvalid
 from serve.config import default_config
 from serve.errors import InvalidField, ModelNotFound, Refused, TooLarge
+from serve.metrics import IngressMetrics
 from serve.router import ModelRouter
 from serve.types import GenerationRequest
 
@@ -71,7 +72,7 @@ def _router(stream):
 
 def test_a_stream_left_after_its_result_counts_as_delivered_not_canceled():
     # Its 2 images shared a 3 s pipeline call with 2 others: half the call is its use.
-    result = SimpleNamespace(images=[b"a", b"b"],
+    result = SimpleNamespace(images=[b"a", b"b"], nsfw=(),
                              batch=SimpleNamespace(inference_ms=3000, images=4))
     stream = _Stream([("progress", 1, 2), ("result", result)])
     router, request, metrics = _router(stream)
@@ -85,6 +86,23 @@ def test_a_stream_left_after_its_result_counts_as_delivered_not_canceled():
     assert metrics.failures == [] and stream.cancelled is False
     assert metrics.images.calls == [(2, {"model": request.model})]
     assert metrics.usage == [("team-a", 2, 1.5)]
+
+
+def test_images_a_safety_checker_withheld_are_not_delivered_but_their_time_is_used():
+    # 3 images of a 2 s call of 4; the first and last flagged (black on /generate).
+    result = SimpleNamespace(images=[b"a", b"b", b"c"], nsfw=(True, False, True),
+                             batch=SimpleNamespace(inference_ms=2000, images=4))
+    router, request, metrics = _router(None)
+    router._handles[request.model].generate = SimpleNamespace(
+        remote=lambda request: _Response(result))
+    assert asyncio.run(router.generate(request)) is result
+    assert metrics.images.calls == [(1, {"model": request.model})]
+    assert metrics.usage == [("team-a", 1, 1.5)]
+    result.nsfw = (True, True, True)
+    asyncio.run(router.generate(request))
+    assert metrics.images.calls == [(1, {"model": request.model})]  # none more
+    assert metrics.usage[1:] == [("team-a", 0, 1.5)] and metrics.failures == []
+    IngressMetrics().used("team-a", request.model, 0, 1.5)  # Ray's counters refuse inc(0)
 
 
 def test_a_stream_closed_before_its_result_is_withdrawn_and_counted_canceled():
