@@ -78,6 +78,14 @@ async def get_model(owner: str, name: str, request: Request) -> dict:
             "created": state.started_at, "owned_by": found["owner"]}
 
 
+@router.get("/v1/models/{owner}/{name}/versions", summary="Replicate: list a model's versions")
+async def list_versions(owner: str, name: str) -> dict:
+    """The version served: a model's version follows its files, and one is served at once."""
+    state = ingress()
+    model = state.router.resolve(f"{owner}/{name}")
+    return {"next": None, "previous": None, "results": [_version_json(state, model.id)]}
+
+
 @router.get("/v1/models/{owner}/{name}/versions/{version}", summary="Replicate: get a version")
 async def get_version(owner: str, name: str, version: str) -> dict:
     state = ingress()

@@ -91,6 +91,8 @@ def test_create_wait_get_by_version(rep):
     version = model.latest_version
     assert len(version.id) == 64
     assert "prompt" in version.openapi_schema["components"]["schemas"]["Input"]["properties"]
+    assert [v.id for v in model.versions.list()] == [version.id]
+    assert model.versions.get(version.id).openapi_schema == version.openapi_schema
     prediction = rep.predictions.create(version=version.id, input={"prompt": "x", "seed": 1})
     assert prediction.status in ("starting", "processing")
     prediction.wait()
