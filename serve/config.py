@@ -250,8 +250,20 @@ class AtelierConfig(_Strict):
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description=(
         "Largest HTTP request body; over it: 413 before the body is read (base64 images "
         "are a third larger than their files)."))
+    cors_allowed_origins: list[str] = Field(default_factory=list, description=(
+        "Origins (scheme://host[:port]) whose browser apps may call the APIs, or \"*\" "
+        "for any; none by default. API keys are still needed."))
     ingress_max_ongoing_requests: int = Field(1024, ge=1, description=(
         "HTTP requests one ingress replica holds at once (it mostly awaits the models)."))
+
+    @field_validator("cors_allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:  # as browsers send Origin: no path, not even a trailing "/"
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"cors_allowed_origins: {origin!r} is not an origin: give "
+                                 "scheme://host[:port], without a path, or \"*\"")
+        return value
 
     @field_validator("webhook_secret")
     @classmethod

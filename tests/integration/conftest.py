@@ -49,6 +49,7 @@ FLUX = "atelier/tiny-flux"
 CHECKED = "atelier/tiny-sdxl-checked"
 CHECKED_PROMPT = "a scene for the safety checker"
 MAX_BODY_BYTES = 2 * 2**20
+STUDIO = "http://studio.test:5173"  # the one origin whose browser apps may call
 
 
 def _model(model_id, wait_ms, **extra):
@@ -162,7 +163,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                            {"key": IMAGES_KEY, "name": "team-b", "images_per_minute": 6}],
               "webhook_allowed_hosts": ["127.0.0.1"], "image_allowed_hosts": ["127.0.0.1"],
               "lora_allowed_hosts": ["127.0.0.1"],
-              "max_body_bytes": MAX_BODY_BYTES,
+              "max_body_bytes": MAX_BODY_BYTES, "cors_allowed_origins": [STUDIO],
               "models": [
         _model(FAST, 10, aliases=["stability-ai/sdxl"], max_loaded_adapters=2,
                refiner={"embedded": "tiny-sdxl-refiner"},

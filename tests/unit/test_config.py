@@ -1,3 +1,4 @@
+import re
 import shutil
 from pathlib import Path
 
@@ -183,3 +184,14 @@ def test_a_safety_checker_folder_must_hold_the_checker_and_its_image_processor(t
                                      "safety_checker": {"path": str(tmp_path / "no")}}]})
     with pytest.raises(ConfigError, match=r"models\.0\.safety_checker\.path: .*does not exist"):
         gone.check_paths()
+
+
+def test_cors_origins_are_origins_as_browsers_send_them():
+    origins = ["https://studio.example.com", "http://localhost:5173", "*"]
+    assert parse_config({"models": [_model()],
+                         "cors_allowed_origins": origins}).cors_allowed_origins == origins
+    assert default_config().cors_allowed_origins == []
+    for origin in ("https://studio.example.com/", "studio.example.com", "https://a.b/app"):
+        with pytest.raises(ConfigError, match=rf"cors_allowed_origins: '{re.escape(origin)}' "
+                           r"is not an origin: give scheme://host\[:port\], without a path"):
+            parse_config({"models": [_model()], "cors_allowed_origins": [origin]})
