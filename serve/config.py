@@ -19,12 +19,16 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
     FAMILIES,
     SCHEDULERS,
     BatchingConfig,
+    ConfigError,
     DefaultsConfig,
     Family,
     LimitsConfig,
+    RefinerConfig,
     SafetyCheckerConfig,
     SpeedConfig,
+    _PathOrEmbedded,
     _Strict,
+    check_pipeline,
 )
 from serve.webhooks import check_secret
 
@@ -35,32 +39,6 @@ __all__ = ["FAMILIES", "SCHEDULERS", "AtelierConfig", "BatchingConfig", "ConfigE
 MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
 DEFAULT_MODEL_ID = "atelier/tiny-sdxl"
 DEFAULT_FLUX_ID = "atelier/tiny-flux"
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names each failing field."""
-
-
-class _PathOrEmbedded(_Strict):
-    """Files from a local `path`, or an `embedded` set built here: exactly one of them."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> _PathOrEmbedded:
-        if (self.path is None) == (self.embedded is None):
-            raise ValueError("set exactly one of path or embedded")
-        return self
-
-
-class RefinerConfig(_PathOrEmbedded):
-    """An SDXL refiner (stable-diffusion-xl-refiner-1.0's architecture) that runs after the
-    base model for Replicate's `refine` input. It uses the base model's text_encoder_2 and
-    VAE, as diffusers' and Replicate's SDXL pipelines do; its own copies are not loaded."""
-
-    path: Path | None = Field(None, description=(
-        "Local diffusers folder of the refiner (safetensors weights). Never fetched."))
-    embedded: Literal["tiny-sdxl-refiner"] | None = Field(None, description=(
-        "Build and use the embedded random-weight refiner of the tiny SDXL."))
-    variant: str | None = Field(None, description="Weights file variant, e.g. fp16.")
 
 
 class ModelConfig(_Strict):
@@ -302,45 +280,20 @@ class AtelierConfig(_Strict):
         """Raise ConfigError naming the field of each model path that does not exist or
         does not hold what its field reads."""
         for i, model in enumerate(self.models):
-            refiner = model.refiner.path if model.refiner is not None else None
-            checker = model.safety_checker.path if model.safety_checker is not None else None
-            pipelines = (("path", model.path), ("configs_from", model.configs_from),
-                         ("refiner.path", refiner))
-            for field, path in (*pipelines, ("safety_checker.path", checker)):
-                if path is not None and not path.exists():
-                    raise ConfigError(f"models.{i}.{field}: {path} does not exist")
-            single = model.path is not None and model.path.is_file()
-            for field, path in pipelines[1:] if single else pipelines:  # a file is no folder
-                if path is not None and not (path / "model_index.json").is_file():
-                    raise ConfigError(f"models.{i}.{field}: {path} is not a diffusers folder "
-                                      "(no model_index.json)")
-            if single or model.configs_from is not None:
-                _check_single_file(f"models.{i}", model)
+            refiner, checker = model.refiner, model.safety_checker
+            check_pipeline(f"models.{i}", "", model.path, model.configs_from, model.family)
+            check_pipeline(f"models.{i}", "refiner.", refiner and refiner.path,
+                           refiner and refiner.configs_from, "sdxl-refiner")
+            if checker is not None and not checker.path.exists():
+                raise ConfigError(f"models.{i}.safety_checker.path: {checker.path} does not "
+                                  "exist")
             for name in ("config.json", "preprocessor_config.json") if checker else ():
-                if not (checker / name).is_file():
-                    raise ConfigError(f"models.{i}.safety_checker.path: {checker} holds no "
-                                      f"{name} (a StableDiffusionSafetyChecker folder)")
+                if not (checker.path / name).is_file():
+                    raise ConfigError(f"models.{i}.safety_checker.path: {checker.path} holds "
+                                      f"no {name} (a StableDiffusionSafetyChecker folder)")
         for i, folder in enumerate(self.lora_folders):
             if folder.path is not None and not folder.path.is_dir():
                 raise ConfigError(f"lora_folders.{i}.path: {folder.path} is not a folder")
-
-
-# The modules a single-file model reads from its `configs_from` folder's weights.
-_MODULES_FROM_CONFIGS = {"sdxl": (), "flux": ("vae", "text_encoder", "text_encoder_2")}
-
-
-def _check_single_file(where: str, model: ModelConfig) -> None:
-    if not model.path.is_file():
-        raise ConfigError(f"{where}.configs_from: goes only with a single-file path")
-    if model.path.suffix != ".safetensors" or model.configs_from is None:
-        raise ConfigError(f"{where}.path: {model.path} is a file: only a .safetensors "
-                          "checkpoint with configs_from is read")
-    for module in _MODULES_FROM_CONFIGS[model.family]:
-        if not any((model.configs_from / module).glob("*.safetensors")):
-            raise ConfigError(
-                f"{where}.configs_from: {model.configs_from / module} holds no .safetensors "
-                f"weights: a {model.family} file holds the transformer alone, and its "
-                f"{', '.join(_MODULES_FROM_CONFIGS[model.family])} are read from this folder")
 
 
 def default_cache_dir() -> Path:

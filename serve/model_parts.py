@@ -1,6 +1,6 @@
-"""The parts of a model's configuration: pipeline families and what each accepts, and the
-batching, speed, limits, defaults and safety checker sections (`serve.config` assembles
-them)."""
+"""The parts of a model's configuration: pipeline families and what each accepts, the
+batching, speed, limits, defaults, refiner and safety checker sections (`serve.config`
+assembles them), and the checks of the files a pipeline's paths must hold."""
 
 from __future__ import annotations
 
@@ -47,6 +47,20 @@ FAMILIES = {
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names each failing field."""
+
+
+class _PathOrEmbedded(_Strict):
+    """Files from a local `path`, or an `embedded` set built here: exactly one of them."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> _PathOrEmbedded:
+        if (self.path is None) == (self.embedded is None):
+            raise ValueError("set exactly one of path or embedded")
+        return self
 
 
 class BatchingConfig(_Strict):
@@ -184,3 +198,62 @@ class SafetyCheckerConfig(_Strict):
         "Requests may turn the check off (Replicate's `disable_safety_checker`, also taken "
         "by /generate), as on Replicate's API. False: every image is checked whatever the "
         "request says."))
+
+
+class RefinerConfig(_PathOrEmbedded):
+    """An SDXL refiner (stable-diffusion-xl-refiner-1.0's architecture) that runs after the
+    base model for Replicate's `refine` input. It uses the base model's text_encoder_2 and
+    VAE, as diffusers' and Replicate's SDXL pipelines do; its own copies are not loaded."""
+
+    path: Path | None = Field(None, description=(
+        "Local diffusers folder of the refiner (safetensors weights), or a single-file "
+        "refiner checkpoint (`.safetensors`, original layout, as sd_xl_refiner_1.0 and its "
+        "fine-tunes are shared) read with `configs_from`. Never fetched."))
+    configs_from: Path | None = Field(None, description=(
+        "With a single-file `path`: a refiner diffusers folder (e.g. "
+        "stable-diffusion-xl-refiner-1.0) whose configs and scheduler go with the file's "
+        "UNet; none of its weights are read. The UNet is converted once into the cache."))
+    embedded: Literal["tiny-sdxl-refiner"] | None = Field(None, description=(
+        "Build and use the embedded random-weight refiner of the tiny SDXL."))
+    variant: str | None = Field(None, description="Weights file variant, e.g. fp16.")
+
+    @model_validator(mode="after")
+    def _configs_with_a_file(self) -> RefinerConfig:
+        if self.configs_from is not None and (self.path is None or self.variant is not None):
+            raise ValueError("refiner.configs_from: goes with a single-file path alone "
+                             "(no embedded, no variant)")
+        return self
+
+
+# The modules a single-file checkpoint reads from its `configs_from` folder's weights (an
+# SDXL file holds the whole pipeline; a refiner's, its UNet and modules the refiner takes
+# from the base model).
+_MODULES_FROM_CONFIGS = {"sdxl": (), "flux": ("vae", "text_encoder", "text_encoder_2"),
+                         "sdxl-refiner": ()}
+
+
+def check_pipeline(where: str, prefix: str, path: Path | None, configs_from: Path | None,
+                   kind: str) -> None:
+    """Raise ConfigError naming the field (`prefix` + path or configs_from) unless `path`
+    is a diffusers folder, or a `.safetensors` checkpoint with a diffusers folder
+    `configs_from` holding the weights the file lacks; None: embedded."""
+    fields = {f"{where}.{prefix}path": path, f"{where}.{prefix}configs_from": configs_from}
+    for field, folder in fields.items():
+        if folder is not None and not folder.exists():
+            raise ConfigError(f"{field}: {folder} does not exist")
+    single = path is not None and path.is_file()
+    for field, folder in list(fields.items())[single:]:  # a file is no folder
+        if folder is not None and not (folder / "model_index.json").is_file():
+            raise ConfigError(f"{field}: {folder} is not a diffusers folder "
+                              "(no model_index.json)")
+    if configs_from is not None and not single:
+        raise ConfigError(f"{where}.{prefix}configs_from: goes only with a single-file path")
+    if single and (path.suffix != ".safetensors" or configs_from is None):
+        raise ConfigError(f"{where}.{prefix}path: {path} is a file: only a .safetensors "
+                          "checkpoint with configs_from is read")
+    for module in _MODULES_FROM_CONFIGS[kind] if single else ():
+        if not any((configs_from / module).glob("*.safetensors")):
+            raise ConfigError(
+                f"{where}.{prefix}configs_from: {configs_from / module} holds no .safetensors "
+                f"weights: a {kind} file holds the transformer alone, and its "
+                f"{', '.join(_MODULES_FROM_CONFIGS[kind])} are read from this folder")

@@ -23,12 +23,13 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
     config = model.model_dump(mode="json", include={"family", "embedded", "variant", "dtype",
                                                     "defaults", "lora_targets", "refiner"})
     h.update(json.dumps(config, sort_keys=True).encode())
-    refiner = model.refiner.path if model.refiner is not None else None
-    if model.embedded is not None or (model.refiner and model.refiner.embedded):
+    refiner = model.refiner
+    if model.embedded is not None or (refiner and refiner.embedded):
         h.update(f"embedded-recipe-{RECIPE_VERSION}".encode())  # built deterministically
     _add_files(h, cache_dir, ((model.path, _read_all), (model.configs_from,
                                                          _READ_WITH_FILE[model.family]),
-                              (refiner, _read_all)))
+                              (refiner and refiner.path, _read_all),
+                              (refiner and refiner.configs_from, _READ_WITH_FILE["sdxl"])))
     return h.hexdigest()
 
 
@@ -47,9 +48,10 @@ def _read_all(name: str) -> bool:
     return True
 
 
-# Which files of the `configs_from` folder a single-file model reads: for SDXL its configs,
-# tokenizers and scheduler alone (the file holds every weight), for FLUX also the weights of
-# every module but the transformer (the file is the transformer).
+# Which files of the `configs_from` folder a single-file model reads: for SDXL (and a
+# refiner) its configs, tokenizers and scheduler alone (the file holds every weight read),
+# for FLUX also the weights of every module but the transformer (the file is the
+# transformer).
 _READ_WITH_FILE = {
     "sdxl": lambda name: not name.endswith(_WEIGHTS),
     "flux": lambda name: not name.endswith(_WEIGHTS) or (

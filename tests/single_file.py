@@ -93,7 +93,8 @@ def _open_clip(state: dict) -> dict:
 
 
 def save_single_file(pipe, file: Path) -> None:
-    """Write `pipe` (a StableDiffusionXLPipeline) as one original-layout safetensors file."""
+    """Write `pipe` (a StableDiffusionXLPipeline, or a refiner's img2img pipeline, without
+    text_encoder) as one original-layout safetensors file."""
     from safetensors.torch import save_file
 
     unet = pipe.unet.config
@@ -104,11 +105,12 @@ def save_single_file(pipe, file: Path) -> None:
         if ".attentions." in key and value.ndim == 2:
             value = value[:, :, None, None]  # the VAE's attention projections are 1×1 convs
         state[f"first_stage_model.{_vae_key(key, len(pipe.vae.config.up_block_types))}"] = value
-    for key, value in pipe.text_encoder.state_dict().items():
+    encoders = [pipe.text_encoder] if pipe.text_encoder is not None else []
+    for key, value in encoders[0].state_dict().items() if encoders else ():
         if "position_ids" not in key:
             name = key if key.startswith("text_model.") else f"text_model.{key}"
             state[f"conditioner.embedders.0.transformer.{name}"] = value
-    state |= {f"conditioner.embedders.1.model.{k}": v for k, v in _open_clip(
+    state |= {f"conditioner.embedders.{len(encoders)}.model.{k}": v for k, v in _open_clip(
         {k: v for k, v in pipe.text_encoder_2.state_dict().items() if "position_ids" not in k}
     ).items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(file))

@@ -72,11 +72,17 @@ def model_path(model: ModelConfig, cache_dir: Path) -> Path:
 
 
 def refiner_path(refiner: RefinerConfig, cache_dir: Path) -> Path:
-    """The refiner's local folder: the configured path, or the embedded one, built once."""
+    """The refiner's local folder: the configured path, the embedded one, built once, or
+    a single-file refiner's folder, converted once."""
     if refiner.embedded is not None:
         from deployments.tiny import ensure_embedded
 
         return ensure_embedded(refiner.embedded, cache_dir)
+    if refiner.configs_from is not None:
+        from deployments.engines.loading import converted_checkpoint
+
+        return converted_checkpoint(refiner.path, refiner.configs_from, cache_dir,
+                                    "sdxl-refiner")
     return refiner.path
 
 

@@ -43,16 +43,17 @@ _FILE_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float
 # file's mark.
 _SCALES = ("scale_weight", "weight_scale")
 _FP8_PRODUCTS_ONLY = ("scale_input", "input_scale", "comfy_quant", "scaled_fp8")
-# A name each family's denoiser has in its single files (SDXL's is the UNet's prefix).
-_DENOISER = {"sdxl": "model.diffusion_model.", "flux": "double_blocks."}
+# A name each kind's denoiser has in its single files (SDXL's is the UNet's prefix).
+_DENOISER = {"sdxl": "model.diffusion_model.", "sdxl-refiner": "model.diffusion_model.",
+             "flux": "double_blocks."}
 
 
-def converted_checkpoint(checkpoint: Path, configs: Path, cache_dir: Path, family: str) -> Path:
-    """The diffusers folder of a single-file checkpoint, as fine-tunes are shared, read with
-    the configs (and, for FLUX, the other modules) of the folder `configs`. Converted once
-    per machine into the cache, in the dtype of the file's UNet or transformer, under a
-    name from the file's and configs' SHA-256: later starts, and the other replicas, load
-    the folder."""
+def converted_checkpoint(checkpoint: Path, configs: Path, cache_dir: Path, kind: str) -> Path:
+    """The diffusers folder of a single-file checkpoint of `kind` (sdxl, sdxl-refiner,
+    flux), as fine-tunes are shared, read with the configs (and, for FLUX, the other
+    modules) of the folder `configs`. Converted once per machine into the cache, in the
+    dtype of the file's UNet or transformer, under a name from the file's and configs'
+    SHA-256: later starts, and the other replicas, load the folder."""
     from safetensors import safe_open
 
     from deployments.once import built_once
@@ -60,20 +61,20 @@ def converted_checkpoint(checkpoint: Path, configs: Path, cache_dir: Path, famil
 
     with safe_open(checkpoint, "pt") as f:  # the first tensor may be integer position ids
         names = f.keys()  # the handle itself is not iterable
-        first = next((k for k in names if _DENOISER[family] in k), None)
+        first = next((k for k in names if _DENOISER[kind] in k), None)
         dtype = _FILE_DTYPES.get(first and f.get_slice(first).get_dtype(), torch.float32)
         scaled = _scales(f, checkpoint)
-    if scaled and family == "sdxl":  # diffusers' converter would drop the scales
+    if scaled and kind != "flux":  # diffusers' converter would drop the scales
         raise ValueError(f"{checkpoint} holds FP8 weights with scales ({scaled[0]}), which "
                          "are read for FLUX transformers only: convert it to float16 first")
 
     def convert(folder: Path) -> None:
         log.info("converting %s (%s) with %s", checkpoint, dtype, configs)
-        if family == "sdxl":
+        if kind == "sdxl":
             _convert_sdxl(checkpoint, configs, dtype, folder)
         else:  # diffusers' converter takes the tensors, too
             source = _dequantized(checkpoint, dtype) if scaled else str(checkpoint)
-            _convert_flux(source, configs, dtype, folder)
+            _convert_denoiser(source, configs, dtype, folder, kind)
 
     key = checkpoint_key(checkpoint, configs, cache_dir)
     return built_once(cache_dir / "converted" / f"{checkpoint.stem}-{key}", convert)
@@ -88,17 +89,21 @@ def _convert_sdxl(checkpoint: Path, configs: Path, dtype: torch.dtype, folder: P
     pipe.save_pretrained(folder)
 
 
-def _convert_flux(checkpoint: str | dict, configs: Path, dtype: torch.dtype, folder: Path) -> None:
-    """The file is the transformer alone (Black Forest Labs' layout); the folder links the
-    rest of `configs` (text encoders, VAE, tokenizers, scheduler), which is not copied."""
-    from diffusers import FluxTransformer2DModel
+def _convert_denoiser(checkpoint: str | dict, configs: Path, dtype: torch.dtype,
+                      folder: Path, kind: str) -> None:
+    """The file's denoiser alone is read: a FLUX file is the transformer alone (Black
+    Forest Labs' layout); of a refiner's file (original layout) the refiner reads only the
+    UNet, taking text_encoder_2 and the VAE from the base model. The folder links the rest
+    of `configs` (text encoders, VAE, tokenizers, scheduler), which is not copied."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
-    transformer = FluxTransformer2DModel.from_single_file(
-        checkpoint, config=str(configs), subfolder="transformer", local_files_only=True,
-        dtype=dtype)
-    transformer.save_pretrained(folder / "transformer")
+    cls, name = ((FluxTransformer2DModel, "transformer") if kind == "flux" else
+                 (UNet2DConditionModel, "unet"))
+    denoiser = cls.from_single_file(checkpoint, config=str(configs), subfolder=name,
+                                    local_files_only=True, dtype=dtype)
+    denoiser.save_pretrained(folder / name)
     for entry in configs.resolve().iterdir():
-        if entry.name != "transformer":
+        if entry.name != name:
             (folder / entry.name).symlink_to(entry)
 
 

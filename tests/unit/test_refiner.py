@@ -141,3 +141,90 @@ def test_refinement_needs_a_model_with_a_refiner_and_sane_values():
     with pytest.raises(ValueError, match="only sdxl models take a refiner"):
         ModelConfig(id="acme/flux", family="flux", embedded="tiny-flux",
                     refiner=RefinerConfig(embedded="tiny-sdxl-refiner"))
+
+
+@pytest.fixture(scope="module")
+def refiner_file(refiner_path, tmp_path_factory):
+    """(the tiny refiner as one original-layout file, as sd_xl_refiner_1.0.safetensors is,
+    a copy of its folder without weights)."""
+    import shutil
+
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from tests.single_file import save_single_file
+
+    root = tmp_path_factory.mktemp("single-file-refiner")
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_path, local_files_only=True)
+    save_single_file(pipe, root / "refiner-tune.safetensors")
+    shutil.copytree(refiner_path, root / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
+    return root / "refiner-tune.safetensors", root / "configs"
+
+
+def _with_refiner(file, configs):
+    from serve.config import parse_config
+
+    config = parse_config({"models": [{"id": "acme/refined", "embedded": "tiny-sdxl",
+                                       "refiner": {"path": str(file),
+                                                   "configs_from": str(configs)}}]})
+    config.check_paths()
+    return config.models[0]
+
+
+def test_a_single_file_refiner_is_converted_once_and_refines_as_its_folder_does(
+        engine, refiner_path, refiner_file, cache_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from deployments.engines import create_engine
+    from deployments.engines import refiner_path as converted_refiner
+
+    model = _with_refiner(*refiner_file)
+    converted = converted_refiner(model.refiner, tmp_path)
+    assert converted.parent == tmp_path / "converted"
+    (theirs,), (ours,) = ((p / "unet").glob("*.safetensors") for p in (refiner_path, converted))
+    a, b = load_file(theirs), load_file(ours)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in converted.iterdir() if p.is_symlink()) == sorted(
+        p.name for p in refiner_file[1].iterdir() if p.name != "unet")
+    from_file = create_engine(model, cache_dir, None)
+    for request in (ENSEMBLE, BASE_IMAGE):
+        assert np.array_equal(_px(from_file.generate([request])[0][0]),
+                              _px(engine.generate([request])[0][0]))
+
+
+def test_a_single_file_refiners_version_follows_the_file_not_the_configs_weights(
+        refiner_file, tmp_path):
+    import shutil
+
+    from serve.versions import version_id
+
+    shutil.copytree(refiner_file[1], tmp_path / "configs")
+    shutil.copy(refiner_file[0], tmp_path / "refiner.safetensors")
+    model = _with_refiner(tmp_path / "refiner.safetensors", tmp_path / "configs")
+    first = version_id(model, tmp_path)
+    (tmp_path / "configs" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    assert version_id(model, tmp_path) == first  # weights the refiner does not read
+    data = bytearray((tmp_path / "refiner.safetensors").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "refiner.safetensors").write_bytes(bytes(data))
+    assert version_id(model, tmp_path) != first
+
+
+def test_a_refiner_file_needs_its_configs_and_configs_need_a_file(refiner_path, refiner_file):
+    from serve.config import ConfigError, parse_config
+
+    file, configs = refiner_file
+    for refiner, error in (
+            ({"path": str(file)}, (r"models\.0\.refiner\.path: .*refiner-tune\.safetensors "
+                                   r"is a file: only a \.safetensors checkpoint with configs_from")),
+            ({"path": str(refiner_path), "configs_from": str(configs)},
+             r"models\.0\.refiner\.configs_from: goes only with a single-file path"),
+            ({"path": str(file), "configs_from": str(file.parent)},
+             r"models\.0\.refiner\.configs_from: .* is not a diffusers folder")):
+        config = parse_config({"models": [{"id": "acme/refined", "embedded": "tiny-sdxl",
+                                           "refiner": refiner}]})
+        with pytest.raises(ConfigError, match=error):
+            config.check_paths()
+    with pytest.raises(ConfigError, match=r"refiner\.configs_from: goes with a single-file "
+                       r"path alone"):
+        parse_config({"models": [{"id": "acme/refined", "embedded": "tiny-sdxl", "refiner": {
+            "embedded": "tiny-sdxl-refiner", "configs_from": str(configs)}}]})
