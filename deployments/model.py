@@ -45,6 +45,7 @@ class ModelDeployment:
         from deployments.engines import create_engine
 
         self.cfg = ModelConfig.model_validate(model)
+        self._label = self.cfg.id if self.cfg.label_images else None
         catalog = {n: e for n, e in AdapterCatalog.from_dicts(adapters).entries.items()
                    if e.problem_with(self.cfg) is None}
         downloads = downloads and AdapterDownloads(downloads)
@@ -156,7 +157,7 @@ class ModelDeployment:
         if the model has one and the request is checked (empty otherwise). Runs on the
         encoding threads, beside the next pipeline call."""
         if not (self.checker and request.safety_check):
-            return _encode_all(request, images), ()
+            return _encode_all(request, images, self._label), ()
         nsfw = tuple(self.checker.flags(images))
         if any(nsfw):
             self.metrics.safety_flagged.inc(sum(nsfw))
@@ -164,7 +165,7 @@ class ModelDeployment:
                      self.cfg.id, sum(nsfw), "partial images" if partial else "images",
                      request.request_id)
         return _encode_all(request, [withheld(im) if bad else im
-                                     for im, bad in zip(images, nsfw)]), nsfw
+                                     for im, bad in zip(images, nsfw)], self._label), nsfw
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[tuple]:
         """Like `generate`, as a stream: ("progress", step, total) while its pipeline call
@@ -305,5 +306,7 @@ def _refusal(exc: BaseException | None) -> Refused | None:
     return Refused(exc) if isinstance(exc, AtelierError) and exc.status < 500 else None
 
 
-def _encode_all(request: GenerationRequest, images: Sequence[Image]) -> list[bytes]:
-    return [encode_image(im, request.output_format, request.output_quality) for im in images]
+def _encode_all(request: GenerationRequest, images: Sequence[Image],
+                label: str | None) -> list[bytes]:
+    return [encode_image(im, request.output_format, request.output_quality, label)
+            for im in images]

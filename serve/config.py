@@ -97,6 +97,10 @@ class ModelConfig(_Strict):
     safety_checker: SafetyCheckerConfig | None = Field(None, description=(
         "Check every output image for NSFW content and withhold the flagged ones (see "
         "SafetyCheckerConfig). Unset: no check."))
+    label_images: bool = Field(True, description=(
+        "Say in each image's XMP metadata that a trained model generated it (IPTC digital "
+        "source type trainedAlgorithmicMedia) and which (xmp:CreatorTool), as the EU AI "
+        "Act's Article 50 asks of generated images; the pixels are the same either way."))
     warmup_steps: int = Field(2, ge=1, le=50, description="Steps of the start-up warm-up call.")
     keep_warm_s: float | None = Field(None, gt=0, description=(
         "When set, a replica that has had no request for this many seconds runs a one-step "

@@ -1,3 +1,4 @@
+import io
 import os
 import shutil
 import socket
@@ -21,6 +22,21 @@ def tiny_sdxl_path(cache_dir) -> Path:
     from deployments.tiny import TINY_SDXL, ensure_embedded
 
     return ensure_embedded(TINY_SDXL, cache_dir)
+
+
+def xmp_label(data: bytes) -> tuple[str, str] | None:
+    """(IPTC digital source type, xmp:CreatorTool) from an encoded image's XMP, if any."""
+    import xml.etree.ElementTree as ET
+
+    from PIL import Image
+
+    info = Image.open(io.BytesIO(data)).info
+    xmp = info.get("XML:com.adobe.xmp") or info.get("xmp")  # PNG's iTXt; JPEG's, WebP's
+    if xmp is None:
+        return None
+    (desc,) = ET.fromstring(xmp).iter("{http://www.w3.org/1999/02/22-rdf-syntax-ns#}Description")
+    return (desc.get("{http://iptc.org/std/Iptc4xmpExt/2008-02-29/}DigitalSourceType"),
+            desc.get("{http://ns.adobe.com/xap/1.0/}CreatorTool"))
 
 
 def counts_by_model(exposition: str, metric: str) -> dict[str, float]:

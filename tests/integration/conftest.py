@@ -172,7 +172,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
         _model(BATCHED, 2000),
         _model(ONE_SLOT, 1500, max_ongoing_requests=1, max_queued_requests=1,
                batching={"max_batch_size": 1, "wait_ms": 1500}),
-        _model(TWO_REPLICAS, 10, replicas=2),
+        _model(TWO_REPLICAS, 10, replicas=2, label_images=False),
         _model(RESTARTABLE, 1000),
         _model(DEADLINE, 10, request_timeout_s=1.5,
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60}),

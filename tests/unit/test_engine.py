@@ -8,6 +8,7 @@ from PIL import Image
 
 from deployments.encoding import encode_image
 from serve.types import SCHEDULERS, GenerationRequest
+from tests.conftest import xmp_label
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,19 @@ def test_images_encode_in_the_requested_format(fmt, magic):
     data = encode_image(image, fmt, 80)
     assert data.startswith(magic)
     assert Image.open(io.BytesIO(data)).size == (24, 16)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_a_labeled_image_says_a_model_made_it_with_the_same_pixels(fmt):
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8))
+    plain, labeled = encode_image(image, fmt, 80), encode_image(image, fmt, 80, "acme/sdxl")
+    assert xmp_label(plain) is None
+    assert xmp_label(labeled) == (
+        "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia",
+        "Atelier (acme/sdxl)")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(plain))),
+                          np.asarray(Image.open(io.BytesIO(labeled))))
 
 
 def test_jpeg_quality_changes_the_size():
