@@ -242,7 +242,8 @@ def check_pipeline(where: str, prefix: str, path: Path | None, configs_from: Pat
         if folder is not None and not folder.exists():
             raise ConfigError(f"{field}: {folder} does not exist")
     single = path is not None and path.is_file()
-    for field, folder in list(fields.items())[single:]:  # a file is no folder
+    folders = list(fields.items())
+    for field, folder in folders[1:] if single else folders:  # a file is no folder
         if folder is not None and not (folder / "model_index.json").is_file():
             raise ConfigError(f"{field}: {folder} is not a diffusers folder "
                               "(no model_index.json)")
