@@ -16,13 +16,14 @@ from PIL.Image import Image
 from ray import serve
 
 from deployments.batcher import Batcher, PreviewListener, StepListener
+from deployments.credentials import ContentCredentials
 from deployments.encoding import encode_image
 from deployments.lora_downloads import AdapterDownloads, DownloadSettings
 from deployments.replica_adapters import ReplicaAdapters
 from deployments.safety import SafetyChecker, withheld
 from serve import gc_pauses
 from serve.adapters import AdapterCatalog, AdapterSet
-from serve.config import ModelConfig
+from serve.config import ContentCredentialsConfig, ModelConfig
 from serve.errors import AtelierError, InferenceFailed, Refused, ReplicaLost
 from serve.metrics import ModelMetrics, gc_pause_histogram
 from serve.types import MEDIA_TYPES, BatchInfo, GenerationRequest, GenerationResult
@@ -41,11 +42,13 @@ class ModelDeployment:
     """
 
     def __init__(self, model: dict, cache_dir: str, adapters: list[dict],
-                 downloads: DownloadSettings | None = None):
+                 downloads: DownloadSettings | None = None, credentials: dict | None = None):
         from deployments.engines import create_engine
 
         self.cfg = ModelConfig.model_validate(model)
         self._label = self.cfg.id if self.cfg.label_images else None
+        self.credentials = credentials and self._label and ContentCredentials(
+            ContentCredentialsConfig.model_validate(credentials))
         catalog = {n: e for n, e in AdapterCatalog.from_dicts(adapters).entries.items()
                    if e.problem_with(self.cfg) is None}
         downloads = downloads and AdapterDownloads(downloads)
@@ -157,15 +160,30 @@ class ModelDeployment:
         if the model has one and the request is checked (empty otherwise). Runs on the
         encoding threads, beside the next pipeline call."""
         if not (self.checker and request.safety_check):
-            return _encode_all(request, images, self._label), ()
+            return self._encoded(request, images), ()
         nsfw = tuple(self.checker.flags(images))
         if any(nsfw):
             self.metrics.safety_flagged.inc(sum(nsfw))
             log.info("%s: %d of the %s of request %s flagged by the safety checker",
                      self.cfg.id, sum(nsfw), "partial images" if partial else "images",
                      request.request_id)
-        return _encode_all(request, [withheld(im) if bad else im
-                                     for im, bad in zip(images, nsfw)], self._label), nsfw
+        return self._encoded(request, [withheld(im) if bad else im
+                                       for im, bad in zip(images, nsfw)]), nsfw
+
+    def _encoded(self, request: GenerationRequest, images: Sequence[Image]) -> list[bytes]:
+        """Encoded, labeled, and signed when the server has content credentials; an image
+        whose signature fails goes out with its label alone, and the failure is logged."""
+        fmt, quality = request.output_format, request.output_quality
+        encoded = [encode_image(im, fmt, quality, self._label) for im in images]
+        if not self.credentials:
+            return encoded
+        try:
+            return [self.credentials.sign(data, MEDIA_TYPES[fmt], self.cfg.id)
+                    for data in encoded]
+        except Exception as exc:  # noqa: BLE001 (the images are still good)
+            log.error("%s: signing the images of request %s failed: %s", self.cfg.id,
+                      request.request_id, exc)
+            return encoded
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[tuple]:
         """Like `generate`, as a stream: ("progress", step, total) while its pipeline call
@@ -305,8 +323,3 @@ def _refusal(exc: BaseException | None) -> Refused | None:
     """The answer for a client error, so that it is not raised through Serve."""
     return Refused(exc) if isinstance(exc, AtelierError) and exc.status < 500 else None
 
-
-def _encode_all(request: GenerationRequest, images: Sequence[Image],
-                label: str | None) -> list[bytes]:
-    return [encode_image(im, request.output_format, request.output_quality, label)
-            for im in images]

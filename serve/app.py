@@ -186,7 +186,8 @@ def _model_app(model: ModelConfig, config: AtelierConfig, catalog: list[dict],
         health_check_period_s=model.health_check_period_s,
         health_check_timeout_s=model.health_check_timeout_s,
         graceful_shutdown_timeout_s=model.request_timeout_s + _DRAIN_MARGIN_S,
-    ).bind(model.model_dump(mode="json"), str(config.cache_dir), catalog, downloads)
+    ).bind(model.model_dump(mode="json"), str(config.cache_dir), catalog, downloads,
+           config.content_credentials and config.content_credentials.model_dump(mode="json"))
 
 
 def _cluster_has_gpus() -> bool:

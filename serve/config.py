@@ -20,6 +20,7 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
     SCHEDULERS,
     BatchingConfig,
     ConfigError,
+    ContentCredentialsConfig,
     DefaultsConfig,
     Family,
     LimitsConfig,
@@ -99,8 +100,9 @@ class ModelConfig(_Strict):
         "SafetyCheckerConfig). Unset: no check."))
     label_images: bool = Field(True, description=(
         "Say in each image's XMP metadata that a trained model generated it (IPTC digital "
-        "source type trainedAlgorithmicMedia) and which (xmp:CreatorTool), as the EU AI "
-        "Act's Article 50 asks of generated images; the pixels are the same either way."))
+        "source type trainedAlgorithmicMedia) and which (xmp:CreatorTool), and sign it with "
+        "content_credentials when set, as the EU AI Act's Article 50 asks of generated "
+        "images; the pixels are the same either way."))
     warmup_steps: int = Field(2, ge=1, le=50, description="Steps of the start-up warm-up call.")
     keep_warm_s: float | None = Field(None, gt=0, description=(
         "When set, a replica that has had no request for this many seconds runs a one-step "
@@ -232,6 +234,9 @@ class AtelierConfig(_Strict):
     max_body_bytes: int = Field(64 * 2**20, ge=1024, description=(
         "Largest HTTP request body; over it: 413 before the body is read (base64 images "
         "are a third larger than their files)."))
+    content_credentials: ContentCredentialsConfig | None = Field(None, description=(
+        "Sign every labeled image (models' label_images) with a C2PA manifest; unset: "
+        "the XMP label alone."))
     cors_allowed_origins: list[str] = Field(default_factory=list, description=(
         "Origins (scheme://host[:port]) whose browser apps may call the APIs, or \"*\" "
         "for any; none by default. API keys are still needed."))
@@ -295,6 +300,11 @@ class AtelierConfig(_Strict):
                 if not (checker.path / name).is_file():
                     raise ConfigError(f"models.{i}.safety_checker.path: {checker.path} holds "
                                       f"no {name} (a StableDiffusionSafetyChecker folder)")
+        signing = self.content_credentials
+        for field in ("certificate", "private_key") if signing else ():
+            if not getattr(signing, field).is_file():
+                raise ConfigError(f"content_credentials.{field}: {getattr(signing, field)} "
+                                  "is not a file")
         for i, folder in enumerate(self.lora_folders):
             if folder.path is not None and not folder.path.is_dir():
                 raise ConfigError(f"lora_folders.{i}.path: {folder.path} is not a folder")

@@ -200,6 +200,23 @@ class SafetyCheckerConfig(_Strict):
         "request says."))
 
 
+class ContentCredentialsConfig(_Strict):
+    """Content Credentials (C2PA): each image carries a manifest, signed with the operator's
+    certificate, saying a trained model generated it and which, as OpenAI's and Black
+    Forest Labs' APIs sign their images. The files must be on every node."""
+
+    certificate: Path = Field(description=(
+        "PEM file: the signing certificate, then the certificates of the CAs that issued "
+        "it (C2PA's profile: an end-entity certificate with digitalSignature usage and an "
+        "extended key usage such as emailProtection or documentSigning, not self-signed)."))
+    private_key: Path = Field(description="PEM file (PKCS#8) of the certificate's key.")
+    algorithm: Literal["es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519"] = (
+        Field("es256", description="Signature algorithm, as the key's type asks."))
+    timestamp_url: str | None = Field(None, description=(
+        "An RFC 3161 time-stamp authority asked at each signature, so that the signature "
+        "outlives the certificate; unset: none (the nodes must reach it)."))
+
+
 class RefinerConfig(_PathOrEmbedded):
     """An SDXL refiner (stable-diffusion-xl-refiner-1.0's architecture) that runs after the
     base model for Replicate's `refine` input. It uses the base model's text_encoder_2 and

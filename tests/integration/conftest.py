@@ -150,8 +150,15 @@ def metrics_port():
 
 
 @pytest.fixture(scope="session")
+def signing_files(tmp_path_factory):
+    from tests.credentials import save_signing_files
+
+    return save_signing_files(tmp_path_factory.mktemp("signing"))
+
+
+@pytest.fixture(scope="session")
 def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_port,
-             safety_checker):
+             safety_checker, signing_files):
     import ray
     from ray import serve
 
@@ -164,6 +171,8 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
               "webhook_allowed_hosts": ["127.0.0.1"], "image_allowed_hosts": ["127.0.0.1"],
               "lora_allowed_hosts": ["127.0.0.1"],
               "max_body_bytes": MAX_BODY_BYTES, "cors_allowed_origins": [STUDIO],
+              "content_credentials": {"certificate": str(signing_files[0]),
+                                      "private_key": str(signing_files[1])},
               "models": [
         _model(FAST, 10, aliases=["stability-ai/sdxl"], max_loaded_adapters=2,
                refiner={"embedded": "tiny-sdxl-refiner"},

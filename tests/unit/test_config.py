@@ -195,3 +195,13 @@ def test_cors_origins_are_origins_as_browsers_send_them():
         with pytest.raises(ConfigError, match=rf"cors_allowed_origins: '{re.escape(origin)}' "
                            r"is not an origin: give scheme://host\[:port\], without a path"):
             parse_config({"models": [_model()], "cors_allowed_origins": [origin]})
+
+
+def test_content_credentials_files_must_be_there(tmp_path):
+    (tmp_path / "chain.pem").write_text("-----BEGIN CERTIFICATE-----")
+    config = parse_config({"models": [_model()], "content_credentials": {
+        "certificate": str(tmp_path / "chain.pem"), "private_key": str(tmp_path / "key.pem")}})
+    assert config.content_credentials.algorithm == "es256"
+    with pytest.raises(ConfigError, match=r"content_credentials\.private_key: .*key\.pem is "
+                                          r"not a file"):
+        config.check_paths()

@@ -1,0 +1,58 @@
+"""Content Credentials: images signed with a test CA's certificate, read back with the C2PA
+SDK's reader; the signature covers the pixels and the label, and certificate trouble
+stops the start."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deployments.credentials import ContentCredentials
+from deployments.encoding import GENERATED, encode_image
+from serve.model_parts import ContentCredentialsConfig
+from tests.conftest import xmp_label
+from tests.credentials import read_credentials, save_signing_files
+
+_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
+@pytest.fixture(scope="module")
+def signing(tmp_path_factory):
+    chain, key = save_signing_files(tmp_path_factory.mktemp("signing"))
+    return ContentCredentialsConfig(certificate=chain, private_key=key)
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpeg"])
+def test_a_signed_image_says_which_model_made_it_with_its_pixels_and_label_kept(signing, fmt):
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 48, 3), np.uint8))
+    labeled = encode_image(image, fmt, 90, "acme/sdxl")
+    signed = ContentCredentials(signing).sign(labeled, _TYPES[fmt], "acme/sdxl")
+    state, codes, action = read_credentials(signed, _TYPES[fmt])
+    # Valid, its only remark that this test CA is in no trust list.
+    assert (state, codes) == ("Valid", ["signingCredential.untrusted"])
+    assert (action["action"], action["digitalSourceType"], action["softwareAgent"]["name"]) == (
+        "c2pa.created", GENERATED, "Atelier (acme/sdxl)")
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(signed))),
+                          np.asarray(Image.open(io.BytesIO(labeled))))
+    assert xmp_label(signed) == (GENERATED, "Atelier (acme/sdxl)")
+    assert len(signed) - len(labeled) < 8192  # no thumbnail
+    assert read_credentials(labeled, _TYPES[fmt]) is None
+
+
+def test_a_changed_pixel_breaks_the_signature(signing):
+    image = Image.fromarray(np.full((32, 32, 3), 90, np.uint8))
+    signed = bytearray(ContentCredentials(signing).sign(
+        encode_image(image, "png", 100, "acme/sdxl"), "image/png", "acme/sdxl"))
+    at = signed.index(b"IDAT") + 8  # inside the pixel data
+    signed[at] ^= 0xFF
+    state, codes, _ = read_credentials(bytes(signed), "image/png")
+    assert state == "Invalid" and "assertion.dataHash.mismatch" in codes
+
+
+def test_a_key_that_does_not_match_the_certificate_stops_the_start(signing, tmp_path):
+    _, other_key = save_signing_files(tmp_path)
+    wrong = signing.model_copy(update={"private_key": other_key})
+    with pytest.raises(ValueError, match=r"content_credentials: .*chain\.pem and .*key\.pem "
+                                         r"cannot sign"):
+        ContentCredentials(wrong)
