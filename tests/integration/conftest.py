@@ -286,6 +286,12 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB")).astype(int)
 
 
+def same_pixels(a: str, b: str) -> bool:
+    """Whether two base64 PNGs hold the same pixels (their bytes differ: each image's
+    Content Credentials are signed on their own)."""
+    return np.array_equal(pixels(decode(a)), pixels(decode(b)))
+
+
 def assert_same_pixels(a, b):
     """Equal up to one 8-bit level on under 1 % of values (batched float sums may round
     the other way on a boundary; see tests/unit/test_engine.py)."""
