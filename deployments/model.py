@@ -47,8 +47,8 @@ class ModelDeployment:
 
         self.cfg = ModelConfig.model_validate(model)
         self._label = self.cfg.id if self.cfg.label_images else None
-        self.credentials = credentials and self._label and ContentCredentials(
-            ContentCredentialsConfig.model_validate(credentials))
+        self.credentials = None if not (credentials and self._label) else (
+            ContentCredentials(ContentCredentialsConfig.model_validate(credentials)))
         catalog = {n: e for n, e in AdapterCatalog.from_dicts(adapters).entries.items()
                    if e.problem_with(self.cfg) is None}
         downloads = downloads and AdapterDownloads(downloads)
