@@ -13,11 +13,14 @@ DASHBOARD_PORT ?= 8265
 .PHONY: serve test setup clean
 setup: $(VENV)/.installed
 
+# The last step installs the tests' watermark decoder without its dependencies, which ask
+# for OpenCV with GUI libraries: the dev extra's headless OpenCV and PyWavelets serve it.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "invisible-watermark==0.2.0"
 	touch $@
 
 # Ray runs in the foreground of `make serve` and stops with it (Ctrl-C). Prometheus scrapes

@@ -21,6 +21,7 @@ from deployments.encoding import encode_image
 from deployments.lora_downloads import AdapterDownloads, DownloadSettings
 from deployments.replica_adapters import ReplicaAdapters
 from deployments.safety import SafetyChecker, withheld
+from deployments.watermark import MESSAGES, message_bits, watermarked
 from serve import gc_pauses
 from serve.adapters import AdapterCatalog, AdapterSet
 from serve.config import ContentCredentialsConfig, ModelConfig
@@ -47,6 +48,8 @@ class ModelDeployment:
 
         self.cfg = ModelConfig.model_validate(model)
         self._label = self.cfg.id if self.cfg.label_images else None
+        self._mark = (None if self.cfg.watermark is None
+                      else message_bits(MESSAGES[self.cfg.family]))
         self.credentials = None if not (credentials and self._label) else (
             ContentCredentials(ContentCredentialsConfig.model_validate(credentials)))
         catalog = {n: e for n, e in AdapterCatalog.from_dicts(adapters).entries.items()
@@ -156,18 +159,19 @@ class ModelDeployment:
 
     def _finish(self, request: GenerationRequest, images: Sequence[Image],
                 partial: bool = False) -> tuple[list[bytes], tuple[bool, ...]]:
-        """The request's images encoded, and which the safety checker flagged (made black),
-        if the model has one and the request is checked (empty otherwise). Runs on the
-        encoding threads, beside the next pipeline call."""
+        """The request's images watermarked and encoded, and which the safety checker
+        flagged (made black), if the model has one and the request is checked (empty
+        otherwise). Runs on the encoding threads, beside the next pipeline call."""
+        mark = self._mark if request.watermark else None
         if not (self.checker and request.safety_check):
-            return self._encoded(request, images), ()
+            return self._encoded(request, [watermarked(im, mark) for im in images]), ()
         nsfw = tuple(self.checker.flags(images))
         if any(nsfw):
             self.metrics.safety_flagged.inc(sum(nsfw))
             log.info("%s: %d of the %s of request %s flagged by the safety checker",
                      self.cfg.id, sum(nsfw), "partial images" if partial else "images",
                      request.request_id)
-        return self._encoded(request, [withheld(im) if bad else im
+        return self._encoded(request, [withheld(im) if bad else watermarked(im, mark)
                                        for im, bad in zip(images, nsfw)]), nsfw
 
     def _encoded(self, request: GenerationRequest, images: Sequence[Image]) -> list[bytes]:
@@ -322,4 +326,3 @@ class _Queued(NamedTuple):
 def _refusal(exc: BaseException | None) -> Refused | None:
     """The answer for a client error, so that it is not raised through Serve."""
     return Refused(exc) if isinstance(exc, AtelierError) and exc.status < 500 else None
-

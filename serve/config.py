@@ -27,6 +27,7 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
     RefinerConfig,
     SafetyCheckerConfig,
     SpeedConfig,
+    WatermarkConfig,
     _PathOrEmbedded,
     _Strict,
     check_pipeline,
@@ -103,6 +104,9 @@ class ModelConfig(_Strict):
         "source type trainedAlgorithmicMedia) and which (xmp:CreatorTool), and sign it with "
         "content_credentials when set, as the EU AI Act's Article 50 asks of generated "
         "images; the pixels are the same either way."))
+    watermark: WatermarkConfig | None = Field(default_factory=WatermarkConfig, description=(
+        "Mark every image with the family's invisible watermark (see WatermarkConfig); null: "
+        "no mark, the pixels are the pipeline's."))
     warmup_steps: int = Field(2, ge=1, le=50, description="Steps of the start-up warm-up call.")
     keep_warm_s: float | None = Field(None, gt=0, description=(
         "When set, a replica that has had no request for this many seconds runs a one-step "

@@ -1,5 +1,5 @@
 """The parts of a model's configuration: pipeline families and what each accepts, the
-batching, speed, limits, defaults, refiner and safety checker sections (`serve.config`
+batching, speed, limits, defaults, refiner, safety checker and watermark sections (`serve.config`
 assembles them), and the checks of the files a pipeline's paths must hold."""
 
 from __future__ import annotations
@@ -197,6 +197,17 @@ class SafetyCheckerConfig(_Strict):
     allow_disable: bool = Field(True, description=(
         "Requests may turn the check off (Replicate's `disable_safety_checker`, also taken "
         "by /generate), as on Replicate's API. False: every image is checked whatever the "
+        "request says."))
+
+
+class WatermarkConfig(_Strict):
+    """The invisible watermark of Stability AI's SDXL and Black Forest Labs' FLUX.1
+    reference code (DWT-DCT, with the family's 48-bit message), in every image of 256x256
+    pixels or more, so that the detectors run on those models' images find it in ours."""
+
+    allow_disable: bool = Field(True, description=(
+        "Requests may leave the mark out (Replicate's `apply_watermark: false`, also taken "
+        "by /generate), as on Replicate's API. False: every image is marked whatever the "
         "request says."))
 
 

@@ -67,6 +67,7 @@ class GenerationRequest:
     partial_images: int = 0  # images of the call in progress to send while it denoises
     client: str = ""  # the name of the API key it came with, for usage by key
     safety_check: bool = True  # False: skip the model's safety checker, if it lets requests
+    watermark: bool = True  # False: leave out the model's invisible watermark, if it lets
 
     @property
     def mode(self) -> str:
@@ -80,10 +81,12 @@ class GenerationRequest:
                   scheduler: str | None = None, **rest) -> GenerationRequest:
         """A request for `model`: unset values take its defaults, an unset seed is drawn,
         and the result is checked against its limits (raises InvalidField). The safety
-        check stays on where the model's checker does not let requests skip it."""
+        check and the watermark stay on where the model does not let requests skip them."""
         d = model.defaults
         if model.safety_checker is not None and not model.safety_checker.allow_disable:
             rest["safety_check"] = True
+        if model.watermark is not None and not model.watermark.allow_disable:
+            rest["watermark"] = True
         request = cls(
             model=model.id, prompt=prompt, width=width or d.width, height=height or d.height,
             num_inference_steps=num_inference_steps or d.num_inference_steps,

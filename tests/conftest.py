@@ -24,6 +24,20 @@ def tiny_sdxl_path(cache_dir) -> Path:
     return ensure_embedded(TINY_SDXL, cache_dir)
 
 
+def read_watermark(image, length: int):
+    """The bits the invisible-watermark library's decoder (what detectors of SDXL's and
+    FLUX.1's marks run) reads from an image or its encoded bytes, in 8-bit BGR as OpenCV
+    loads files."""
+    import numpy as np
+    from imwatermark import WatermarkDecoder
+    from PIL import Image
+
+    if isinstance(image, bytes):
+        image = Image.open(io.BytesIO(image))
+    bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+    return np.array(WatermarkDecoder("bits", length).decode(bgr, "dwtDct"), dtype=int)
+
+
 def xmp_label(data: bytes) -> tuple[str, str] | None:
     """(IPTC digital source type, xmp:CreatorTool) from an encoded image's XMP, if any."""
     import xml.etree.ElementTree as ET

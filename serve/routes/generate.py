@@ -81,6 +81,9 @@ class GenerateParams(BaseModel):
         "base_image_refiner: the refiner's steps (default: steps)."))
     disable_safety_checker: bool = Field(False, description=(
         "Skip the model's safety checker, if it has one and lets requests skip it."))
+    apply_watermark: bool = Field(True, description=(
+        "Mark the images with the model's invisible watermark; false leaves it out where the "
+        "model's config lets requests do so."))
 
     def to_request(self, model: ModelConfig, request_id: str, prompt: str, adapters: AdapterSet,
                    source: SourceImage | None, width: int | None,
@@ -95,7 +98,7 @@ class GenerateParams(BaseModel):
             output_quality=self.output_quality, adapters=adapters, request_id=request_id,
             refine=self.refine, high_noise_frac=self.high_noise_frac,
             refine_steps=self.refine_steps, client=client,
-            safety_check=not self.disable_safety_checker)
+            safety_check=not self.disable_safety_checker, watermark=self.apply_watermark)
 
 
 def _inline(node: Any, defs: dict) -> Any:

@@ -1,9 +1,9 @@
 """Replicate's predictions API, for the official `replicate` client.
 
 Inputs mirror `stability-ai/sdxl` for SDXL models and `black-forest-labs/flux-dev` for
-FLUX models (each version's schema says which). `apply_watermark` and `go_fast` are
-accepted and have no effect (no watermark is added, speed is the model's config);
-`disable_safety_checker` skips the model's safety checker, where it has one that lets it.
+FLUX models (each version's schema says which). `apply_watermark: false` leaves out the
+invisible watermark, where the model's config lets it; `go_fast` is accepted and has no
+effect (speed is the model's config); `disable_safety_checker` skips the model's safety checker, where it has one that lets it.
 As on Replicate, flagged images are left out of the output, and a prediction whose images
 were all flagged fails with "NSFW content detected...". Output is a
 list of file URLs served under /files for `file_ttl_s`. As on Replicate, a create call with

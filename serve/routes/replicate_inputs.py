@@ -70,7 +70,9 @@ class SDXLInput(_LoraInput):
         "num_inference_steps"))
     replicate_weights: str | None = Field(None, description=(
         "Not taken: give lora_weights (a catalog name or a .safetensors URL) instead"))
-    apply_watermark: bool = Field(True, description="Accepted; no watermark is applied")
+    apply_watermark: bool = Field(True, description=(
+        "Mark the images with SDXL's invisible watermark (models whose config lets requests "
+        "leave it out)"))
     disable_safety_checker: bool = Field(False, description=(
         "Skip the model's safety checker (if it has one and lets requests skip it)"))
 
@@ -88,7 +90,8 @@ class SDXLInput(_LoraInput):
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler,
                 "negative_prompt": self.negative_prompt, "output_format": self.output_format,
                 "output_quality": self.output_quality, "refine": self.refine,
-                "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps}
+                "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps,
+                "watermark": self.apply_watermark}
 
 
 

@@ -60,3 +60,21 @@ def test_a_request_skips_the_safety_check_only_where_the_model_lets_it(allow_dis
         "safety_checker": {"path": "/models/checker", "allow_disable": allow_disable}})
     request = GenerationRequest.for_model(model, "x", seed=1, safety_check=asked)
     assert request.safety_check is checked
+
+
+@pytest.mark.parametrize("allow_disable, asked, marked", [
+    (True, False, False), (True, True, True), (False, False, True), (False, True, True)])
+def test_a_request_leaves_the_watermark_out_only_where_the_model_lets_it(allow_disable, asked,
+                                                                          marked):
+    model = ModelConfig.model_validate({"id": "acme/m", "embedded": "tiny-sdxl",
+                                        "watermark": {"allow_disable": allow_disable}})
+    request = GenerationRequest.for_model(model, "x", seed=1, watermark=asked)
+    assert request.watermark is marked
+
+
+def test_models_are_watermarked_unless_their_config_says_null():
+    marked = ModelConfig.model_validate({"id": "acme/m", "embedded": "tiny-sdxl"})
+    assert marked.watermark is not None and marked.watermark.allow_disable
+    plain = ModelConfig.model_validate({"id": "acme/m", "embedded": "tiny-sdxl",
+                                        "watermark": None})
+    assert plain.watermark is None
