@@ -56,3 +56,38 @@ def test_a_key_that_does_not_match_the_certificate_stops_the_start(signing, tmp_
     with pytest.raises(ValueError, match=r"content_credentials: .*chain\.pem and .*key\.pem "
                                          r"cannot sign"):
         ContentCredentials(wrong)
+
+
+def test_a_failed_signature_sends_the_images_with_their_label_alone(caplog):
+    """The replica's fallback when signing fails after start-up (a time-stamp authority
+    that stopped answering): the SDK's error is logged, the request still gets its images,
+    labeled and unsigned."""
+    import logging
+    from types import SimpleNamespace
+
+    import c2pa
+
+    from deployments.model import ModelDeployment
+    from serve.config import ModelConfig
+    from serve.types import GenerationRequest
+
+    class Unreachable:
+        def sign(self, data, media_type, model):
+            raise c2pa.C2paError("time-stamp authority unreachable")
+
+    model = ModelConfig(id="acme/sdxl", embedded="tiny-sdxl")
+    replica = SimpleNamespace(cfg=model, _label=model.id, credentials=Unreachable())
+    request = GenerationRequest.for_model(model, "x", seed=1, request_id="r-7")
+    images = [Image.new("RGB", (16, 16), (200, 30, 30)), Image.new("RGB", (16, 16))]
+    log = logging.getLogger("ray.serve.atelier.model")  # Ray's loggers do not propagate
+    log.addHandler(caplog.handler)
+    try:
+        out = ModelDeployment.func_or_class._encoded(replica, request, images)
+    finally:
+        log.removeHandler(caplog.handler)
+    assert len(out) == 2 and [xmp_label(d) for d in out] == [
+        (GENERATED, "Atelier (acme/sdxl)")] * 2
+    assert [read_credentials(d, "image/png") for d in out] == [None, None]
+    assert np.asarray(Image.open(io.BytesIO(out[0])))[8, 8].tolist() == [200, 30, 30]
+    assert ("acme/sdxl: signing the images of request r-7 failed: time-stamp authority "
+            "unreachable") in caplog.text
