@@ -179,11 +179,12 @@ def save_flux_transformer_file(transformer, file: Path, dtype: torch.dtype | Non
                for k, v in state.items()}, str(file))
 
 
-def scaled_fp8(state: dict[str, torch.Tensor], scale: str, per_row: bool):
+def scaled_fp8(state: dict[str, torch.Tensor], scale: str, per_row: bool,
+               dtype: torch.dtype = torch.bfloat16):
     """(`state` as ComfyUI's "scaled" FP8 files hold it, the values it stands for). Each
     block's matrix is stored in FP8 e4m3 divided by a float32 scale (its largest magnitude
     over 448, per tensor or per row) named `<layer>.<scale>`, beside an activation scale
-    and the file's mark; the values are the FP8 matrices times their scales, in bfloat16."""
+    and the file's mark; the values are the FP8 matrices times their scales, in `dtype`."""
     fp8 = torch.float8_e4m3fn
     file, values = {"scaled_fp8": torch.zeros(0, dtype=fp8)}, {}
     for key, value in state.items():
@@ -196,5 +197,5 @@ def scaled_fp8(state: dict[str, torch.Tensor], scale: str, per_row: bool):
         file |= {key: stored, f"{layer}.{scale}": scales,
                  f"{layer}.{'scale_input' if scale == 'scale_weight' else 'input_scale'}":
                      torch.ones(())}
-        values[key] = (stored.float() * scales.reshape(-1, 1)).to(torch.bfloat16)
+        values[key] = (stored.float() * scales.reshape(-1, 1)).to(dtype)
     return file, values

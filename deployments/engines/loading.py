@@ -63,15 +63,12 @@ def converted_checkpoint(checkpoint: Path, configs: Path, cache_dir: Path, kind:
         names = f.keys()  # the handle itself is not iterable
         first = next((k for k in names if _DENOISER[kind] in k), None)
         dtype = _FILE_DTYPES.get(first and f.get_slice(first).get_dtype(), torch.float32)
-        scaled = _scales(f, checkpoint)
-    if scaled and kind != "flux":  # diffusers' converter would drop the scales
-        raise ValueError(f"{checkpoint} holds FP8 weights with scales ({scaled[0]}), which "
-                         "are read for FLUX transformers only: convert it to float16 first")
+        scaled = _scales(f, checkpoint)  # diffusers' converter would drop the scales
 
     def convert(folder: Path) -> None:
         log.info("converting %s (%s) with %s", checkpoint, dtype, configs)
         if kind == "sdxl":
-            _convert_sdxl(checkpoint, configs, dtype, folder)
+            _convert_sdxl(checkpoint, configs, dtype, folder, scaled)
         else:  # diffusers' converter takes the tensors, too
             source = _dequantized(checkpoint, dtype) if scaled else str(checkpoint)
             _convert_denoiser(source, configs, dtype, folder, kind)
@@ -80,13 +77,24 @@ def converted_checkpoint(checkpoint: Path, configs: Path, cache_dir: Path, kind:
     return built_once(cache_dir / "converted" / f"{checkpoint.stem}-{key}", convert)
 
 
-def _convert_sdxl(checkpoint: Path, configs: Path, dtype: torch.dtype, folder: Path) -> None:
-    """The whole pipeline is in the file (original layout): UNet, VAE, both text encoders."""
+def _convert_sdxl(checkpoint: Path, configs: Path, dtype: torch.dtype, folder: Path,
+                  scaled: list[str]) -> None:
+    """The whole pipeline is in the file (original layout): UNet, VAE, both text encoders.
+    diffusers' pipeline converter reads files only, so a scaled FP8 file's weights are
+    written dequantized beside the folder first, and that file is removed after."""
     from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
 
-    pipe = StableDiffusionXLPipeline.from_single_file(
-        str(checkpoint), config=str(configs), local_files_only=True, dtype=dtype)
-    pipe.save_pretrained(folder)
+    source = folder.with_name(folder.name + ".dequantized.safetensors") if scaled else None
+    if source is not None:
+        save_file(_dequantized(checkpoint, dtype), str(source))
+    try:
+        pipe = StableDiffusionXLPipeline.from_single_file(
+            str(source or checkpoint), config=str(configs), local_files_only=True, dtype=dtype)
+        pipe.save_pretrained(folder)
+    finally:
+        if source is not None:
+            source.unlink(missing_ok=True)
 
 
 def _convert_denoiser(checkpoint: str | dict, configs: Path, dtype: torch.dtype,

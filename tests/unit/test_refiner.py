@@ -191,6 +191,30 @@ def test_a_single_file_refiner_is_converted_once_and_refines_as_its_folder_does(
                               _px(engine.generate([request])[0][0]))
 
 
+def test_a_scaled_fp8_refiner_file_is_converted_to_its_weights_times_their_scales(
+        refiner_file, tmp_path):
+    """As ComfyUI's "scaled" FP8 files hold it: the converted UNet is that of the file of
+    the values the scaled one stands for."""
+    from safetensors.torch import load_file, save_file
+
+    from deployments.engines.loading import converted_checkpoint
+    from tests.single_file import scaled_fp8
+
+    file, configs = refiner_file
+    state = load_file(file)
+    dtype = state["model.diffusion_model.out.2.bias"].dtype  # the file's, kept
+    stored, values = scaled_fp8(state, "weight_scale", True, dtype=dtype)
+    save_file(stored, str(tmp_path / "scaled.safetensors"))
+    save_file(values, str(tmp_path / "values.safetensors"))
+    ours, expected = (converted_checkpoint(tmp_path / f"{name}.safetensors", configs,
+                                           tmp_path, "sdxl-refiner")
+                      for name in ("scaled", "values"))
+    (a,), (b,) = ((p / "unet").glob("*.safetensors") for p in (ours, expected))
+    a, b = load_file(a), load_file(b)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.dtype == torch.float8_e4m3fn for v in stored.values())
+
+
 def test_a_single_file_refiners_version_follows_the_file_not_the_configs_weights(
         refiner_file, tmp_path):
     import shutil

@@ -9,7 +9,7 @@ import torch
 
 from serve.config import ModelConfig
 from serve.types import GenerationRequest
-from tests.single_file import save_single_file
+from tests.single_file import save_single_file, scaled_fp8
 
 # The tiny SDXL with a wider second text encoder: in the original layout diffusers tells
 # the two encoders apart by their widths (768 and 1280 in the real model).
@@ -79,6 +79,33 @@ def test_a_converted_checkpoint_draws_the_pixels_of_its_diffusers_folder(checkpo
     (a,), (b,) = from_file.generate([request])[0], from_folder.generate([request])[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert np.asarray(a).std() > 1  # an image, not a blank
+
+
+@pytest.mark.parametrize("scale,per_row", [("scale_weight", False), ("weight_scale", True)])
+def test_a_scaled_fp8_checkpoint_is_converted_to_its_weights_times_their_scales(
+        checkpoint, tmp_path, scale, per_row):
+    """ComfyUI's "scaled" FP8 SDXL files. diffusers' pipeline converter reads files only and
+    would drop the scales: the weights are written dequantized first, and the converted
+    pipeline is that of the file of the values the scaled one stands for."""
+    from safetensors.torch import load_file, save_file
+
+    from deployments.engines.loading import converted_checkpoint
+
+    folder, file, configs = checkpoint
+    stored, values = scaled_fp8(load_file(file), scale, per_row, dtype=torch.float16)
+    save_file(stored, str(tmp_path / "scaled.safetensors"))
+    save_file(values, str(tmp_path / "values.safetensors"))
+    ours, expected = (converted_checkpoint(tmp_path / f"{name}.safetensors", configs,
+                                           tmp_path, "sdxl") for name in ("scaled", "values"))
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        (a,), (b,) = (ours / part).glob("*.safetensors"), (expected / part).glob("*.safetensors")
+        a, b = load_file(a), load_file(b)
+        assert set(a) == set(b), part
+        assert all(a[k].dtype == torch.float16 and torch.equal(a[k], b[k]) for k in a), part
+    (theirs,) = (folder / "unet").glob("*.safetensors")
+    theirs, unet = load_file(theirs), load_file(next((ours / "unet").glob("*.safetensors")))
+    assert not all(torch.equal(theirs[k], unet[k]) for k in theirs)  # FP8 rounded them
+    assert not list((tmp_path / "converted").glob("*.safetensors"))  # the dequantized file
 
 
 def test_the_version_follows_the_files_bytes_and_the_configs(checkpoint, tmp_path):

@@ -117,7 +117,6 @@ def test_scales_other_than_per_tensor_or_per_row_are_refused_naming_them(checkpo
     from safetensors.torch import save_file
 
     from deployments.engines import model_path
-    from deployments.engines.loading import converted_checkpoint
 
     scaled = tmp_path / "blocks.safetensors"
     weight = torch.ones(8, 32).to(torch.float8_e4m3fn)
@@ -126,11 +125,6 @@ def test_scales_other_than_per_tensor_or_per_row_are_refused_naming_them(checkpo
     with pytest.raises(ValueError, match=r"blocks\.safetensors: the scale double_blocks\.0\."
                        r"img_attn\.qkv\.weight_scale \(8, 2\) is neither one per tensor"):
         model_path(_model(scaled, checkpoint[2]), tmp_path)
-    save_file({"model.diffusion_model.out.0.weight": weight,
-               "model.diffusion_model.out.0.scale_weight": torch.ones(())}, str(scaled))
-    with pytest.raises(ValueError, match=r"scales \(model\.diffusion_model\.out\.0\."
-                       r"scale_weight\), which are read for FLUX transformers only"):
-        converted_checkpoint(scaled, checkpoint[2], tmp_path, "sdxl")
     assert not (tmp_path / "converted").exists()
 
 
