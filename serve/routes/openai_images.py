@@ -4,9 +4,11 @@
 /v1/images/variations` (multipart: `image`, `model`, `n`, `size`, `response_format`; an
 edit with no prompt).
 
-Fields OpenAI's newer models take but a diffusion model has no use for (quality, style,
-background, moderation, user, ...) are accepted and ignored, so unchanged client code
-keeps working; anything else unknown is a 400 naming the field. The API has no adapter
+`quality` sets the effort as gpt-image models take it: `low` and `medium` run a third and
+two thirds of the model's default steps; `high`, `auto` and DALL-E 3's `hd` and `standard`
+run them all. Fields OpenAI's newer models take but a diffusion model has no use for
+(style, background, moderation, user, ...) are accepted and ignored, so unchanged client
+code keeps working; anything else unknown is a 400 naming the field. The API has no adapter
 field: a `<lora:name:scale>` tag in the prompt applies a catalog adapter, as on
 `/generate`. `seed` (and `prompt_strength` for edits) are Atelier extensions, sent with
 the client's `extra_body`.
@@ -42,7 +44,10 @@ from serve.types import MAX_SEED, GenerationRequest, SourceImage
 
 router = APIRouter()
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-_FIELDS = {"width": "size", "height": "size", "num_outputs": "n", "loras": "prompt"}
+_FIELDS = {"width": "size", "height": "size", "num_outputs": "n", "loras": "prompt",
+           "num_inference_steps": "quality"}
+# gpt-image's lower quality levels, as shares of the model's default steps.
+_QUALITY_SHARES = {"low": 1 / 3, "medium": 2 / 3}
 
 
 class ImageGenerationParams(BaseModel):
@@ -62,13 +67,21 @@ class ImageGenerationParams(BaseModel):
         "Answer with server-sent events: partial images, then the image (needs n=1)."))
     partial_images: int | None = Field(None, ge=0, le=3, description=(
         "Partial images to stream while the image forms (with stream)."))
+    quality: Literal["auto", "low", "medium", "high", "hd", "standard"] | None = Field(
+        None, description=("low and medium: a third and two thirds of the model's default "
+                           "steps; the others: all of them."))
     # Accepted for compatibility, without effect here.
-    quality: str | None = None
     style: str | None = None
     background: str | None = None
     moderation: str | None = None
     user: str | None = None
     safety_identifier: str | None = None
+
+    def steps(self, model: ModelConfig) -> int | None:
+        """The denoising steps `quality` asks of `model`; None: its default."""
+        share = _QUALITY_SHARES.get(self.quality or "auto")
+        return None if share is None else max(1, round(model.defaults.num_inference_steps
+                                                        * share))
 
     def dimensions(self, default: tuple[int | None, int | None]) -> tuple[int | None, int | None]:
         if self.size == "auto":
@@ -181,6 +194,7 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
         prompt, tags = split_prompt_tags(params.prompt)
         gen = GenerationRequest.for_model(
             model, prompt, width=width, height=height, num_outputs=params.n,
+            num_inference_steps=params.steps(model),
             output_format=params.output_format, source=source, seed=params.seed,
             adapters=state.router.adapters_for(model, tags),
             output_quality=params.output_compression or 90, request_id=request_id(request),

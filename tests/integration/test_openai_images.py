@@ -8,7 +8,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import API_KEY, FAST
+from tests.integration.conftest import API_KEY, FAST, FLUX, assert_same_pixels, decode, pixels
 
 
 @pytest.fixture
@@ -50,9 +50,27 @@ def test_compatibility_fields_are_accepted(oai):
     assert base64.b64decode(resp.data[0].b64_json).startswith(b"RIFF")
 
 
+def test_quality_runs_a_share_of_the_models_default_steps(oai, client):
+    """FLUX's test model takes 4 steps by default: low runs 1 (a third, rounded), medium 3
+    and high 4, each the image /generate draws with those steps."""
+    def drawn(**kwargs):
+        (item,) = oai.images.generate(model=FLUX, prompt="a red cube", size="64x64",
+                                      extra_body={"seed": 12}, **kwargs).data
+        return _png(base64.b64decode(item.b64_json))
+
+    by_steps = {steps: decode(client.post("/generate", json={
+        "model": FLUX, "prompt": "a red cube", "seed": 12, "steps": steps}).json()["image"])
+        for steps in (1, 3, 4)}
+    for quality, steps in (("low", 1), ("medium", 3), ("high", 4), ("auto", 4)):
+        assert_same_pixels(drawn(quality=quality), by_steps[steps])
+    assert_same_pixels(drawn(), by_steps[4])
+    assert abs(pixels(by_steps[1]) - pixels(by_steps[4])).mean() > 5
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"size": "65x64"}, "size"), ({"size": "4096x4096"}, "size"), ({"size": "big"}, "size"),
     ({"n": 9}, "n"), ({"extra_body": {"colour": "red"}}, "colour"),
+    ({"quality": "ultra"}, "quality"),
 ])
 def test_bad_values_raise_bad_request_naming_the_param(oai, kwargs, param):
     with pytest.raises(openai.BadRequestError) as err:
