@@ -32,6 +32,7 @@ _U_OF_B_MINUS_Y = 0.492111
 
 
 def message_bits(message: int) -> np.ndarray:
+    """The bits of `message`, from its highest set bit, as the reference code lists them."""
     return np.array([int(b) for b in bin(message)[2:]], dtype=np.int64)
 
 

@@ -1,6 +1,7 @@
 """The parts of a model's configuration: pipeline families and what each accepts, the
-batching, speed, limits, defaults, refiner, safety checker and watermark sections (`serve.config`
-assembles them), and the checks of the files a pipeline's paths must hold."""
+batching, speed, limits, defaults, refiner, safety checker and watermark sections
+(`serve.config` assembles them), and the checks of the files a pipeline's paths must
+hold."""
 
 from __future__ import annotations
 
@@ -202,8 +203,9 @@ class SafetyCheckerConfig(_Strict):
 
 class WatermarkConfig(_Strict):
     """The invisible watermark of Stability AI's SDXL and Black Forest Labs' FLUX.1
-    reference code (DWT-DCT, with the family's 48-bit message), in every image of 256x256
-    pixels or more, so that the detectors run on those models' images find it in ours."""
+    reference code (the invisible-watermark library's dwtDct, with the family's message),
+    in every image of 256x256 pixels or more, so that the detectors run on those models'
+    images find it in ours."""
 
     allow_disable: bool = Field(True, description=(
         "Requests may leave the mark out (Replicate's `apply_watermark: false`, also taken "

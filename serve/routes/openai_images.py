@@ -44,8 +44,7 @@ from serve.types import MAX_SEED, GenerationRequest, SourceImage
 
 router = APIRouter()
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-_FIELDS = {"width": "size", "height": "size", "num_outputs": "n", "loras": "prompt",
-           "num_inference_steps": "quality"}
+_FIELDS = {"width": "size", "height": "size", "num_outputs": "n", "loras": "prompt"}
 # gpt-image's lower quality levels, as shares of the model's default steps.
 _QUALITY_SHARES = {"low": 1 / 3, "medium": 2 / 3}
 
