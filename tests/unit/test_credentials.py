@@ -11,10 +11,9 @@ from PIL import Image
 from deployments.credentials import ContentCredentials
 from deployments.encoding import GENERATED, encode_image
 from serve.model_parts import ContentCredentialsConfig
+from serve.types import MEDIA_TYPES
 from tests.conftest import xmp_label
 from tests.credentials import read_credentials, save_signing_files
-
-_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +26,8 @@ def signing(tmp_path_factory):
 def test_a_signed_image_says_which_model_made_it_with_its_pixels_and_label_kept(signing, fmt):
     image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 48, 3), np.uint8))
     labeled = encode_image(image, fmt, 90, "acme/sdxl")
-    signed = ContentCredentials(signing).sign(labeled, _TYPES[fmt], "acme/sdxl")
-    state, codes, action = read_credentials(signed, _TYPES[fmt])
+    signed = ContentCredentials(signing).sign(labeled, MEDIA_TYPES[fmt], "acme/sdxl")
+    state, codes, action = read_credentials(signed, MEDIA_TYPES[fmt])
     # Valid, its only remark that this test CA is in no trust list.
     assert (state, codes) == ("Valid", ["signingCredential.untrusted"])
     assert (action["action"], action["digitalSourceType"], action["softwareAgent"]["name"]) == (
@@ -37,7 +36,7 @@ def test_a_signed_image_says_which_model_made_it_with_its_pixels_and_label_kept(
                           np.asarray(Image.open(io.BytesIO(labeled))))
     assert xmp_label(signed) == (GENERATED, "Atelier (acme/sdxl)")
     assert len(signed) - len(labeled) < 8192  # no thumbnail
-    assert read_credentials(labeled, _TYPES[fmt]) is None
+    assert read_credentials(labeled, MEDIA_TYPES[fmt]) is None
 
 
 def test_a_changed_pixel_breaks_the_signature(signing):
