@@ -14,7 +14,7 @@ DASHBOARD_PORT ?= 8265
 setup: $(VENV)/.installed
 
 # The last step installs the tests' watermark decoder without its dependencies, which ask
-# for OpenCV with GUI libraries: the dev extra's headless OpenCV and PyWavelets serve it.
+# for OpenCV with GUI libraries: the headless OpenCV and the dev extra's PyWavelets serve it.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -16,6 +16,7 @@ from deployments.once import built_once
 
 TINY_SDXL = "tiny-sdxl"
 TINY_SDXL_REFINER = "tiny-sdxl-refiner"
+TINY_SDXL_CONTROLNET = "tiny-sdxl-controlnet"
 TINY_FLUX = "tiny-flux"
 # Bump when the recipe below changes, so old caches are not reused.
 RECIPE_VERSION = 1
@@ -27,7 +28,7 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
     """Return the folder of embedded model `name`, building it once per machine.
     Raises ValueError for an unknown name."""
     builders = {TINY_SDXL: _build_tiny_sdxl, TINY_SDXL_REFINER: _build_tiny_refiner,
-                TINY_FLUX: _build_tiny_flux}
+                TINY_SDXL_CONTROLNET: _build_tiny_controlnet, TINY_FLUX: _build_tiny_flux}
     if name not in builders:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(builders)}")
     return built_once(cache_dir / f"{name}-v{RECIPE_VERSION}", builders[name])
@@ -110,6 +111,26 @@ def _build_tiny_sdxl(folder: Path) -> None:
 
 def _build_tiny_refiner(folder: Path) -> None:
     build_random_sdxl(folder, {**TINY_SDXL_CONFIGS, "unet": TINY_REFINER_UNET}, refiner=True)
+
+
+def _build_tiny_controlnet(folder: Path) -> None:
+    """A ControlNet of the tiny SDXL's UNet design (as controlnet-canny-sdxl-1.0 is of
+    SDXL's, its conditioning embedding scaled down), saved as diffusers saves one. The
+    convolutions that are zero before training (its outputs, and the control image
+    embedding's last) get random weights, the embedding's scaled so that the control
+    image counts as much as the latents, as it does once trained."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    torch.manual_seed(_SEED + 2)
+    unet = UNet2DConditionModel(**public_fields(TINY_SDXL_CONFIGS["unet"]))
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64, 128))
+    for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+        torch.nn.init.normal_(conv.weight, std=0.1)
+    for conv in net.controlnet_cond_embedding.modules():  # He's: features of unit scale
+        if isinstance(conv, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(conv.weight)
+    net.save_pretrained(folder, safe_serialization=True)
 
 
 def _build_tiny_flux(folder: Path) -> None:

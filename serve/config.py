@@ -21,6 +21,7 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
     BatchingConfig,
     ConfigError,
     ContentCredentialsConfig,
+    ControlNetConfig,
     DefaultsConfig,
     Family,
     LimitsConfig,
@@ -96,6 +97,9 @@ class ModelConfig(_Strict):
     refiner: RefinerConfig | None = Field(None, description=(
         "SDXL only: a refiner for the `refine` request input (expert_ensemble_refiner, "
         "base_image_refiner). Unset: requests asking for refinement get 422."))
+    controlnets: dict[str, ControlNetConfig] = Field(default_factory=dict, description=(
+        "SDXL only: ControlNets by the name requests give (`controlnet`), e.g. {canny: "
+        "{path: ...}}. A request with a `control_image` and no name uses the first."))
     safety_checker: SafetyCheckerConfig | None = Field(None, description=(
         "Check every output image for NSFW content and withhold the flagged ones (see "
         "SafetyCheckerConfig). Unset: no check."))
@@ -156,6 +160,8 @@ class ModelConfig(_Strict):
             raise ValueError("variant: a single-file checkpoint has no variants")
         if self.refiner is not None and self.family != "sdxl":
             raise ValueError("refiner: only sdxl models take a refiner")
+        if self.controlnets and self.family != "sdxl":
+            raise ValueError("controlnets: only sdxl models take ControlNets")
         if self.speed.cfg_cutoff is not None and self.family != "sdxl":
             raise ValueError("speed.cfg_cutoff: only sdxl models use classifier-free guidance")
         self.defaults.check_within(self.limits, self.rules)
@@ -297,6 +303,10 @@ class AtelierConfig(_Strict):
             check_pipeline(f"models.{i}", "", model.path, model.configs_from, model.family)
             check_pipeline(f"models.{i}", "refiner.", refiner and refiner.path,
                            refiner and refiner.configs_from, "sdxl-refiner")
+            for name, net in model.controlnets.items():
+                if net.path is not None and not (net.path / "config.json").is_file():
+                    raise ConfigError(f"models.{i}.controlnets.{name}.path: {net.path} is not "
+                                      "a ControlNet folder (no config.json)")
             if checker is not None and not checker.path.exists():
                 raise ConfigError(f"models.{i}.safety_checker.path: {checker.path} does not "
                                   "exist")
@@ -327,6 +337,8 @@ def default_config() -> AtelierConfig:
     return AtelierConfig(models=[
         ModelConfig(id=DEFAULT_MODEL_ID, aliases=["stability-ai/sdxl"], embedded="tiny-sdxl",
                     refiner=RefinerConfig(embedded="tiny-sdxl-refiner"),
+                    controlnets={"canny": ControlNetConfig(embedded="tiny-sdxl-controlnet",
+                                                           preprocess="canny")},
                     dtype="float32", num_cpus=cpus, limits=limits,
                     defaults=DefaultsConfig(width=512, height=512, num_inference_steps=20)),
         ModelConfig(id=DEFAULT_FLUX_ID, aliases=["black-forest-labs/flux-dev"], family="flux",

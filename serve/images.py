@@ -1,4 +1,5 @@
-"""Input images (img2img, inpainting): decoded safely, oriented and converted to RGB.
+"""Input images (img2img, inpainting, ControlNet): decoded safely, oriented and converted
+to RGB.
 
 Limits are checked before the pixels are decoded: the encoded size first, then the
 width and height from the file's header, so a small file that claims huge dimensions (a
@@ -22,7 +23,7 @@ from serve.config import ModelConfig
 from serve.errors import InvalidField, TooLarge
 from serve.files import output_name
 from serve.predictions import StateStore
-from serve.types import SourceImage
+from serve.types import ControlImage, SourceImage, unknown_controlnet
 from serve.uploads import upload_id
 from serve.urls import check_allowed_url
 
@@ -194,3 +195,61 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     if grey is not None and grey.size != (w, h):
         grey = grey.resize((w, h), Image.Resampling.NEAREST)
     return SourceImage(picture.tobytes(), strength, None if grey is None else grey.tobytes()), w, h
+
+
+@dataclass(frozen=True)
+class ControlParams:
+    """A request's ControlNet fields; None: the model's defaults (its first ControlNet, that
+    ControlNet's scale)."""
+
+    image: str | bytes | None
+    name: str | None = None
+    scale: float | None = None
+    start: float = 0.0
+    end: float = 1.0
+
+
+async def load_control(params: ControlParams, width: int | None, height: int | None,
+                       model: ModelConfig, fetcher: ImageFetcher,
+                       ) -> tuple[ControlImage | None, int | None, int | None]:
+    """The request's control image at the size to generate (its own unless given), through
+    its ControlNet's preprocessing, with that size; for none, None and the size as given."""
+    if params.image is None:
+        if params.name is not None:
+            raise InvalidField("control_image", "a controlnet needs a control_image")
+        return None, width, height
+    if not model.controlnets:
+        raise InvalidField("control_image", "this model has no ControlNet (its config sets "
+                                            "none)")
+    name = params.name or next(iter(model.controlnets))
+    net = model.controlnets.get(name)
+    if net is None:
+        raise unknown_controlnet(model, name)
+    data = await fetcher.fetch(params.image, "control_image", model.limits.max_image_bytes)
+    rgb, w, h = await asyncio.to_thread(_control_pixels, data, net.preprocess, width, height,
+                                        model)
+    scale = net.conditioning_scale if params.scale is None else params.scale
+    return ControlImage(name, rgb, scale, params.start, params.end), w, h
+
+
+def _control_pixels(data: str | bytes, preprocess: str, width: int | None,
+                    height: int | None, model: ModelConfig) -> tuple[bytes, int, int]:
+    nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
+    picture = open_image(_data(data, "control_image", nbytes), "control_image", nbytes,
+                         npixels)
+    w, h = output_size(picture, width, height, model.rules.size_multiple)
+    if picture.size != (w, h):
+        picture = picture.resize((w, h), Image.Resampling.LANCZOS)
+    if preprocess == "canny":
+        picture = canny(picture)
+    return picture.tobytes(), w, h
+
+
+def canny(picture: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
+    """OpenCV's Canny edges of the picture's grey levels, white on black, as RGB: the
+    control images canny ControlNets were trained on (with these thresholds)."""
+    import cv2
+    import numpy as np
+
+    edges = cv2.Canny(np.asarray(picture.convert("L")), low, high)
+    return Image.fromarray(edges).convert("RGB")

@@ -1,5 +1,5 @@
 """The parts of a model's configuration: pipeline families and what each accepts, the
-batching, speed, limits, defaults, refiner, safety checker and watermark sections
+batching, speed, limits, defaults, refiner, ControlNet, safety checker and watermark sections
 (`serve.config` assembles them), and the checks of the files a pipeline's paths must
 hold."""
 
@@ -23,7 +23,7 @@ class Family:
     schedulers: tuple[str, ...]  # the first is the default
     size_multiple: int  # width and height must be multiples of this
     negative_prompt: bool
-    modes: tuple[str, ...]  # txt2img, img2img, inpaint
+    modes: tuple[str, ...]  # txt2img, img2img, inpaint, controlnet
     embedded: str  # the embedded tiny model of the family
     lora_targets: tuple[str, ...]  # default modules (name suffixes) of the LoRA slots
 
@@ -38,8 +38,8 @@ _FLUX_LORA_TARGETS = (
     "proj_mlp", "proj_out", "norm1.linear", "norm1_context.linear", "norm.linear")
 
 FAMILIES = {
-    "sdxl": Family(SCHEDULERS, 8, True, ("txt2img", "img2img", "inpaint"), "tiny-sdxl",
-                   ("to_q", "to_k", "to_v", "to_out.0")),
+    "sdxl": Family(SCHEDULERS, 8, True, ("txt2img", "img2img", "inpaint", "controlnet"),
+                   "tiny-sdxl", ("to_q", "to_k", "to_v", "to_out.0")),
     # FLUX latents are packed 2x2, on top of the VAE's factor of 8.
     "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img", "inpaint"),
                    "tiny-flux", _FLUX_LORA_TARGETS),
@@ -253,6 +253,26 @@ class RefinerConfig(_PathOrEmbedded):
             raise ValueError("refiner.configs_from: goes with a single-file path alone "
                              "(no embedded, no variant)")
         return self
+
+
+class ControlNetConfig(_PathOrEmbedded):
+    """A ControlNet for an SDXL model (diffusers' ControlNetModel: canny edges, depth,
+    pose...): requests that name it send a control image, whose shapes the model then
+    follows. It runs beside the model's UNet at every step, with the UNet's dtype."""
+
+    path: Path | None = Field(None, description=(
+        "Local diffusers folder of the ControlNet: config.json and its safetensors weights "
+        "(e.g. controlnet-canny-sdxl-1.0). Never fetched."))
+    embedded: Literal["tiny-sdxl-controlnet"] | None = Field(None, description=(
+        "Build and use the embedded random-weight ControlNet of the tiny SDXL."))
+    variant: str | None = Field(None, description="Weights file variant, e.g. fp16.")
+    conditioning_scale: float = Field(1.0, ge=0, le=2, description=(
+        "How strongly the control image steers the image when the request does not say "
+        "(its `controlnet_conditioning_scale`)."))
+    preprocess: Literal["none", "canny"] = Field("none", description=(
+        "What the control image goes through first: none (requests send the map itself: "
+        "edges, depth, pose), or canny (requests send a picture, whose Canny edges, white "
+        "on black, are the control image)."))
 
 
 # The modules a single-file checkpoint reads from its `configs_from` folder's weights (an

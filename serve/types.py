@@ -14,7 +14,8 @@ from serve.adapters import AdapterSet
 from serve.config import FAMILIES, SCHEDULERS, Family, LimitsConfig, ModelConfig
 from serve.errors import ContentFlagged, InvalidField
 
-__all__ = ["SCHEDULERS", "BatchInfo", "GenerationRequest", "GenerationResult", "SourceImage"]
+__all__ = ["SCHEDULERS", "BatchInfo", "ControlImage", "GenerationRequest", "GenerationResult",
+           "SourceImage"]
 OutputFormat = Literal["png", "webp", "jpeg"]
 # Replicate's SDXL `refine` values: the refiner finishes the base model's last
 # 1 - high_noise_frac of the steps, or reworks its finished image (img2img at strength 0.3).
@@ -36,6 +37,25 @@ class SourceImage:
     @property
     def mode(self) -> str:
         return "inpaint" if self.mask is not None else "img2img"
+
+
+@dataclass(frozen=True, eq=False)
+class ControlImage:
+    """A ControlNet's input, already at the request's size (and through the ControlNet's
+    preprocessing): which of the model's ControlNets, its RGB pixels, how strongly it
+    steers, and the fractions of the steps it steers (from `start` to `end`)."""
+
+    name: str
+    rgb: bytes
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    @property
+    def key(self) -> tuple:
+        """Requests whose keys are equal can share a call (the pipeline takes one
+        ControlNet and one scale per call)."""
+        return (self.name, self.scale, self.start, self.end)
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,7 @@ class GenerationRequest:
     adapters: AdapterSet = field(default_factory=AdapterSet)
     request_id: str = ""
     source: SourceImage | None = None
+    control: ControlImage | None = None  # steers text-to-image through a ControlNet
     refine: Refine = "no_refiner"
     high_noise_frac: float = 0.8  # expert_ensemble_refiner: where the refiner takes over
     refine_steps: int | None = None  # base_image_refiner: steps (default: the request's)
@@ -71,8 +92,11 @@ class GenerationRequest:
 
     @property
     def mode(self) -> str:
-        """txt2img, img2img or inpaint: which pipeline call the request needs."""
-        return "txt2img" if self.source is None else self.source.mode
+        """txt2img, controlnet (text-to-image steered by a control image), img2img or
+        inpaint: which pipeline call the request needs."""
+        if self.source is not None:
+            return self.source.mode
+        return "txt2img" if self.control is None else "controlnet"
 
     @classmethod
     def for_model(cls, model: ModelConfig, prompt: str, *, width: int | None = None,
@@ -96,8 +120,22 @@ class GenerationRequest:
         if request.refine != "no_refiner" and model.refiner is None:
             raise InvalidField("refine", "this model has no refiner (its config sets none); "
                                          "use no_refiner")
+        request._check_control(model)
         request.check_limits(model.limits, model.rules)
         return request
+
+    def _check_control(self, model: ModelConfig) -> None:
+        if self.control is None:
+            return
+        if self.source is not None:
+            raise InvalidField("control_image", "goes with text-to-image alone: send no "
+                                                "image or mask with it")
+        if self.control.name not in model.controlnets:
+            raise unknown_controlnet(model, self.control.name)
+        if not 0 <= self.control.start < self.control.end <= 1:
+            raise InvalidField("control_guidance_start", (
+                "control_guidance_start must be below control_guidance_end, both within "
+                "0 to 1"))
 
     @property
     def seeds(self) -> list[int]:
@@ -114,8 +152,9 @@ class GenerationRequest:
         its own adapter set (LoRA slots)."""
         strength = None if self.source is None else self.source.strength
         refine = (self.refine, self.high_noise_frac, self.refine_steps)
+        control = None if self.control is None else self.control.key
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
-                self.scheduler, self.mode, strength, refine)
+                self.scheduler, self.mode, strength, refine, control)
 
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its
@@ -160,6 +199,12 @@ class GenerationRequest:
             raise InvalidField("negative_prompt", "this model takes no negative prompt")
         if self.mode not in family.modes:
             raise InvalidField("mask", "this model does not do inpainting")
+
+
+def unknown_controlnet(model: ModelConfig, name: str) -> InvalidField:
+    names = ", ".join(model.controlnets) or "none (its config sets none)"
+    return InvalidField("controlnet", f"this model has no ControlNet named {name!r}; its "
+                                      f"ControlNets: {names}")
 
 
 @dataclass(frozen=True)

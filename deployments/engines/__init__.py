@@ -86,6 +86,14 @@ def refiner_path(refiner: RefinerConfig, cache_dir: Path) -> Path:
     return refiner.path
 
 
+def controlnet_paths(model: ModelConfig, cache_dir: Path) -> dict[str, tuple[Path, str | None]]:
+    """Each ControlNet's local folder (the embedded one built once) and weights variant."""
+    from deployments.tiny import ensure_embedded
+
+    return {name: (net.path or ensure_embedded(net.embedded, cache_dir), net.variant)
+            for name, net in model.controlnets.items()}
+
+
 def create_engine(model: ModelConfig, cache_dir: Path,
                   adapters: dict[str, AdapterEntry] | None) -> Engine:
     """Load the model's pipeline; `adapters` are the catalog entries that fit it."""
@@ -100,7 +108,8 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                           model.simulate_oom_above_images, model.speed,
                           cache_dir / "compile", model.fuse_adapters,
                           refiner_path(refiner, cache_dir) if refiner else None,
-                          refiner.variant if refiner else None)
+                          refiner.variant if refiner else None,
+                          controlnet_paths(model, cache_dir))
     if model.family == "flux":
         from deployments.engines.flux import FluxEngine
 

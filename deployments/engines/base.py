@@ -22,6 +22,8 @@ from deployments.engines.previews import PreviewListener, Previews
 from deployments.engines.prompts import Embeds, PromptCache, stack
 from deployments.engines.sources import (
     SourceTensors,
+    control_inputs,
+    control_tensor,
     keep_unmasked,
     nothing_to_denoise,
     source_inputs,
@@ -41,10 +43,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 class Prepared(NamedTuple):
     """What a request's call needs, made before the call: prompt embeddings (one image's)
-    and the input image and mask on the device."""
+    and the input image and mask, or the control image, on the device."""
 
     embeds: Embeds
     source: SourceTensors | None
+    control: torch.Tensor | None = None
 
 
 class DiffusersEngine:
@@ -144,10 +147,11 @@ class DiffusersEngine:
 
     @torch.inference_mode()
     def prepare(self, request: GenerationRequest) -> tuple[Prepared, bool]:
-        """The request's prompt embeddings and input image, made ahead of its call (from
-        any thread), and whether the embeddings were already held."""
+        """The request's prompt embeddings and input or control image, made ahead of its
+        call (from any thread), and whether the embeddings were already held."""
         embeds, held = self.prompts.get(request)
-        return Prepared(embeds, source_tensors(request, self.device)), held
+        return Prepared(embeds, source_tensors(request, self.device),
+                        control_tensor(request, self.device)), held
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest],
@@ -181,7 +185,8 @@ class DiffusersEngine:
         made += [self.prepare(r)[0] for r in requests[len(made):real]]
         made += made[-1:] * (len(requests) - real)  # a filler repeats the last request
         inputs = (self._encode(requests, [p.embeds for p in made])
-                  | source_inputs(requests, [p.source for p in made]))
+                  | source_inputs(requests, [p.source for p in made])
+                  | control_inputs(requests, [p.control for p in made]))
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
         # Inpainting keeps per-row state (its mask, both guidance halves of it) out of the

@@ -1,6 +1,6 @@
 """SDXL engine: text-to-image, img2img and inpainting with the seven Replicate schedulers,
-LoRA adapters in the UNet and both text encoders, and an optional refiner run after the
-base model (Replicate's `refine`)."""
+LoRA adapters in the UNet and both text encoders, text-to-image steered by the model's
+ControlNets, and an optional refiner run after the base model (Replicate's `refine`)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ from typing import ClassVar
 
 import torch
 from diffusers import (
+    ControlNetModel,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     PNDMScheduler,
+    ControlNetModel,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
@@ -31,7 +34,7 @@ from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
 from serve.model_parts import FAMILIES
-from serve.types import GenerationRequest
+from serve.types import ControlImage, GenerationRequest
 
 # Replicate's names → (diffusers class, extra config).
 _SCHEDULERS = {
@@ -63,8 +66,10 @@ class SDXLEngine(DiffusersEngine):
                  simulate_oom_above_images: int | None = None,
                  speed: SpeedConfig | None = None, compile_cache: Path | None = None,
                  fuse_adapters: bool = False, refiner: Path | None = None,
-                 refiner_variant: str | None = None):
+                 refiner_variant: str | None = None,
+                 controlnets: Mapping[str, tuple[Path, str | None]] | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
+        self._load_controlnets(controlnets or {})
         # The refiner shares the base model's text_encoder_2 and VAE (its own are not read).
         self.refiner = None if refiner is None else load_pipeline(
             StableDiffusionXLImg2ImgPipeline, refiner, self.dtype, refiner_variant,
@@ -81,10 +86,28 @@ class SDXLEngine(DiffusersEngine):
                                           "text_encoder_2": self.pipe.text_encoder_2})
         self.speed_up(speed or SpeedConfig(), compile_cache or path / ".compile")
 
+    def _load_controlnets(self, controlnets: Mapping[str, tuple[Path, str | None]]) -> None:
+        """Load each ControlNet (by name: its folder and weights variant) in the model's
+        dtype; their calls run a ControlNet pipeline over the model's own modules, given
+        the request's ControlNet at each call."""
+        self.controlnets = {
+            name: load_pipeline(ControlNetModel, folder, self.dtype, variant).to(self.device)
+            for name, (folder, variant) in controlnets.items()}
+        if self.controlnets:
+            pipe = StableDiffusionXLControlNetPipeline.from_pipe(
+                self.pipe, controlnet=next(iter(self.controlnets.values())), dtype=self.dtype)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipes["controlnet"] = pipe
+
     def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
         pipe = super()._prepare(requests, rows)
         pipe.scheduler = self._schedulers[requests[0].scheduler]
+        if requests[0].control is not None:
+            pipe.controlnet = self.controlnets[requests[0].control.name]
         return pipe
+
+    def describe(self) -> dict:
+        return super().describe() | {"controlnets": list(self.controlnets)}
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
@@ -93,8 +116,12 @@ class SDXLEngine(DiffusersEngine):
         return pos, neg, pooled, neg_pooled
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
-        """As for every engine, then one refined call, so the refiner is warm too."""
+        """As for every engine, then one call with each ControlNet and one refined call, so
+        that they are warm too."""
         super().warm_up(request, max_images)
+        blank = bytes(request.width * request.height * 3)
+        for name in self.controlnets:
+            self.generate([replace(request, num_outputs=1, control=ControlImage(name, blank))])
         if self.refiner is not None:
             self.generate([replace(request, refine="expert_ensemble_refiner",
                                    high_noise_frac=0.5)])

@@ -1,6 +1,6 @@
-"""Input images of img2img and inpainting calls: 8-bit tensors on the device, per-row
-pipeline inputs, the requests that need no denoising at all, and putting the kept pixels
-back after inpainting."""
+"""Input images of img2img, inpainting and ControlNet calls: 8-bit tensors on the device,
+per-row pipeline inputs, the requests that need no denoising at all, and putting the kept
+pixels back after inpainting."""
 
 from __future__ import annotations
 
@@ -25,13 +25,34 @@ def source_tensors(request: GenerationRequest, device: torch.device) -> SourceTe
     source = request.source
     if source is None:
         return None
-    h, w = request.height, request.width
-    image = torch.frombuffer(bytearray(source.rgb), dtype=torch.uint8).view(h, w, 3)
-    image = image.permute(2, 0, 1)[None].to(device)
+    image = _rgb_tensor(source.rgb, request, device)
     if source.mask is None:
         return image, None
     return image, torch.frombuffer(bytearray(source.mask), dtype=torch.uint8).view(
         1, 1, h, w).to(device)
+
+
+def control_tensor(request: GenerationRequest, device: torch.device) -> torch.Tensor | None:
+    """The request's control image (1x3xHxW, 8-bit) on the device, or None."""
+    return None if request.control is None else _rgb_tensor(request.control.rgb, request, device)
+
+
+def _rgb_tensor(rgb: bytes, request: GenerationRequest, device: torch.device) -> torch.Tensor:
+    image = torch.frombuffer(bytearray(rgb), dtype=torch.uint8)
+    return image.view(request.height, request.width, 3).permute(2, 0, 1)[None].to(device)
+
+
+def control_inputs(requests: Sequence[GenerationRequest],
+                   controls: Sequence[torch.Tensor | None]) -> dict:
+    """The ControlNet pipeline's arguments of a call's control images, one row per output
+    image in [0, 1] (the pipeline's processor leaves tensors unnormalised), and the
+    ControlNet settings the call's requests share."""
+    control = requests[0].control
+    if control is None:
+        return {}
+    return {"image": _rows(requests, controls).float() / 255,
+            "controlnet_conditioning_scale": control.scale,
+            "control_guidance_start": control.start, "control_guidance_end": control.end}
 
 
 def source_inputs(requests: Sequence[GenerationRequest],
@@ -51,8 +72,12 @@ def source_inputs(requests: Sequence[GenerationRequest],
 def per_row(requests: Sequence[GenerationRequest], sources: Sequence[SourceTensors | None],
             part: int) -> torch.Tensor:
     """Each request's input image (part 0) or mask (part 1) once per output image."""
-    return torch.cat([src[part].expand(r.num_outputs, -1, -1, -1)
-                      for r, src in zip(requests, sources, strict=True)])
+    return _rows(requests, [src[part] for src in sources])
+
+
+def _rows(requests: Sequence[GenerationRequest], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.expand(r.num_outputs, -1, -1, -1)
+                      for r, t in zip(requests, tensors, strict=True)])
 
 
 def nothing_to_denoise(request: GenerationRequest) -> bool:

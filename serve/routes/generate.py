@@ -20,11 +20,12 @@ from serve.adapters import AdapterSet, split_prompt_tags
 from serve.config import ModelConfig
 from serve.context import charge_images, client_name, ingress, request_id
 from serve.errors import InvalidField
-from serve.images import load_source
+from serve.images import ControlParams, load_control, load_source
 from serve.timing import timing_headers
 from serve.types import (
     MAX_SEED,
     SCHEDULERS,
+    ControlImage,
     GenerationRequest,
     GenerationResult,
     OutputFormat,
@@ -79,19 +80,40 @@ class GenerateParams(BaseModel):
         "expert_ensemble_refiner: the fraction of the steps the base model runs."))
     refine_steps: int | None = Field(None, ge=1, description=(
         "base_image_refiner: the refiner's steps (default: steps)."))
+    control_image: str | None = Field(None, description=(
+        "SDXL models with ControlNets: the image whose shapes the output follows (JSON body "
+        "only; a data URI, base64, or an allowed URL): the map itself (edges, depth, pose), "
+        "or a picture for a ControlNet that preprocesses (canny). The output takes its size "
+        "unless width or height are given. Text-to-image only."))
+    controlnet: str | None = Field(None, description=(
+        "Which of the model's ControlNets (GET /v1/models lists them); default: the first."))
+    controlnet_conditioning_scale: float | None = Field(None, ge=0, le=2, description=(
+        "How strongly the control image steers; default: the ControlNet's own (config)."))
+    control_guidance_start: float = Field(0.0, ge=0, lt=1, description=(
+        "The fraction of the steps after which the control image starts to steer."))
+    control_guidance_end: float = Field(1.0, gt=0, le=1, description=(
+        "The fraction of the steps after which it stops."))
     disable_safety_checker: bool = Field(False, description=(
         "Skip the model's safety checker, if it has one and lets requests skip it."))
     apply_watermark: bool = Field(True, description=(
         "Mark the images with the model's invisible watermark; false leaves it out where the "
         "model's config lets requests do so."))
 
+    @property
+    def control(self) -> ControlParams:
+        return ControlParams(self.control_image, self.controlnet,
+                             self.controlnet_conditioning_scale, self.control_guidance_start,
+                             self.control_guidance_end)
+
     def to_request(self, model: ModelConfig, request_id: str, prompt: str, adapters: AdapterSet,
                    source: SourceImage | None, width: int | None,
-                   height: int | None, client: str = "") -> GenerationRequest:
-        """Raises InvalidField for values outside the model's limits. `source`, `width`
-        and `height` come from `load_source` (the input image's size unless given)."""
+                   height: int | None, client: str = "",
+                   control: ControlImage | None = None) -> GenerationRequest:
+        """Raises InvalidField for values outside the model's limits. `source`, `control`,
+        `width` and `height` come from `load_source` and `load_control` (the input or
+        control image's size unless given)."""
         return GenerationRequest.for_model(
-            model, prompt, width=width, height=height, source=source,
+            model, prompt, width=width, height=height, source=source, control=control,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
             scheduler=self.scheduler, negative_prompt=self.negative_prompt,
             num_outputs=self.num_outputs, output_format=self.output_format,
@@ -119,7 +141,7 @@ _OPENAPI = {
     "parameters": [{"name": name, "in": "query", "required": False,
                     "schema": _SCHEMA["properties"][name]}
                    for name in GenerateParams.model_fields
-                   if name not in ("loras", "image", "mask")],
+                   if name not in ("loras", "image", "mask", "control_image")],
     "requestBody": {"required": False, "content": {"application/json": {"schema": _SCHEMA}}},
 }
 
@@ -136,8 +158,10 @@ async def generate(request: Request) -> Response:
         source, width, height = await load_source(
             params.image, params.mask, params.prompt_strength, params.width, params.height,
             model, state.images)
+        control, width, height = await load_control(params.control, width, height, model,
+                                                    state.images)
         gen = params.to_request(model, request_id(request), prompt, adapters, source, width,
-                                height, client_name(request))
+                                height, client_name(request), control)
     except InvalidField as exc:
         field = "steps" if exc.field == "num_inference_steps" else exc.field
         raise type(exc)(field, exc.reason, sources.get(field, "body")) from None

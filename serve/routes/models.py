@@ -22,6 +22,9 @@ async def list_models(request: Request) -> dict:
     created = state.started_at
     data = [{"id": m.id, "object": "model", "created": created, "owned_by": m.id.split("/")[0],
              "family": m.family, "aliases": m.aliases,
+             "controlnets": {name: {"conditioning_scale": net.conditioning_scale,
+                                    "preprocess": net.preprocess}
+                             for name, net in m.controlnets.items()},
              "limits": m.limits.model_dump(),
              "defaults": m.defaults.model_dump() | {"scheduler": m.default_scheduler}}
             for m in config.models]
