@@ -21,15 +21,18 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
 
     h = hashlib.sha256()
     config = model.model_dump(mode="json", include={"family", "embedded", "variant", "dtype",
-                                                    "defaults", "lora_targets", "refiner"})
+                                                    "defaults", "lora_targets", "refiner",
+                                                    "controlnets"})
     h.update(json.dumps(config, sort_keys=True).encode())
-    refiner = model.refiner
-    if model.embedded is not None or (refiner and refiner.embedded):
+    refiner, nets = model.refiner, model.controlnets.values()
+    if model.embedded is not None or (refiner and refiner.embedded) or any(
+            net.embedded for net in nets):
         h.update(f"embedded-recipe-{RECIPE_VERSION}".encode())  # built deterministically
     _add_files(h, cache_dir, ((model.path, _read_all), (model.configs_from,
                                                          _READ_WITH_FILE[model.family]),
                               (refiner and refiner.path, _read_all),
-                              (refiner and refiner.configs_from, _READ_WITH_FILE["sdxl"])))
+                              (refiner and refiner.configs_from, _READ_WITH_FILE["sdxl"]),
+                              *((net.path, _read_all) for net in nets)))
     return h.hexdigest()
 
 

@@ -29,7 +29,7 @@ def source_tensors(request: GenerationRequest, device: torch.device) -> SourceTe
     if source.mask is None:
         return image, None
     return image, torch.frombuffer(bytearray(source.mask), dtype=torch.uint8).view(
-        1, 1, h, w).to(device)
+        1, 1, request.height, request.width).to(device)
 
 
 def control_tensor(request: GenerationRequest, device: torch.device) -> torch.Tensor | None:
