@@ -176,6 +176,9 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
               "models": [
         _model(FAST, 10, aliases=["stability-ai/sdxl"], max_loaded_adapters=2,
                refiner={"embedded": "tiny-sdxl-refiner"},
+               controlnets={"canny": {"embedded": "tiny-sdxl-controlnet", "preprocess": "canny"},
+                            "lines": {"embedded": "tiny-sdxl-controlnet",
+                                      "conditioning_scale": 0.5}},
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60,
                        "max_loras": 2}),
         _model(BATCHED, 2000),
