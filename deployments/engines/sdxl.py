@@ -106,7 +106,11 @@ class SDXLEngine(DiffusersEngine):
         return pipe
 
     def describe(self) -> dict:
-        return super().describe() | {"controlnets": list(self.controlnets)}
+        """As for every engine, with each ControlNet's weights dtype among the modules'."""
+        facts = super().describe()
+        facts["weights"] |= {f"controlnet {name}": str(next(net.parameters()).dtype)
+                             .removeprefix("torch.") for name, net in self.controlnets.items()}
+        return facts | {"controlnets": list(self.controlnets)}
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(

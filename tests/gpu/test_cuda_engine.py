@@ -91,3 +91,21 @@ def test_partial_images_decode_in_half_precision_and_leave_the_result_alone(engi
     assert all(np.asarray(im).std() > 1 for im in got)  # not a black (NaN) frame
     assert np.abs(np.asarray(images[0]).astype(int) - plain).max() <= 2
     assert next(engine.pipe.vae.parameters()).dtype == torch.float16
+
+
+def test_a_controlnet_runs_in_the_models_dtype_on_the_gpu(tiny_sdxl_path, cache_dir):
+    from deployments.engines.sdxl import SDXLEngine
+    from deployments.tiny import TINY_SDXL_CONTROLNET, ensure_embedded
+    from serve.types import ControlImage
+
+    folder = ensure_embedded(TINY_SDXL_CONTROLNET, cache_dir)
+    engine = SDXLEngine(tiny_sdxl_path, "bfloat16", "cuda", controlnets={"canny": (folder, None)})
+    assert engine.describe()["weights"]["controlnet canny"] == "bfloat16"
+    edges = np.zeros((128, 128, 3), np.uint8)
+    edges[32:96, 32] = edges[32, 32:96] = 255
+    control = ControlImage("canny", edges.tobytes(), 1.0)
+    plain = np.asarray(engine.generate([_req(3)])[0][0]).astype(int)
+    steered = engine.generate([_req(3, control=control), _req(4, control=control)])
+    off = engine.generate([_req(3, control=ControlImage("canny", edges.tobytes(), 0.0))])
+    assert np.abs(np.asarray(steered[0][0]).astype(int) - plain).mean() > 3
+    assert np.array_equal(np.asarray(off[0][0]).astype(int), plain)

@@ -146,7 +146,9 @@ def test_warm_up_runs_each_controlnet(engine):
         for hook in hooks:
             hook.remove()
     assert {name: len(c) for name, c in calls.items()} == {"canny": 6, "other": 6}
-    assert engine.describe()["controlnets"] == ["canny", "other"]
+    facts = engine.describe()
+    assert facts["controlnets"] == ["canny", "other"]
+    assert facts["weights"]["controlnet canny"] == facts["weights"]["unet"] == "float32"
 
 
 def test_canny_gives_white_edges_on_black_along_the_shapes():
