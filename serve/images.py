@@ -14,12 +14,13 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serve.config import ModelConfig
+from serve.config import ControlNetConfig, ModelConfig
 from serve.errors import InvalidField, TooLarge
 from serve.files import output_name
 from serve.predictions import StateStore
@@ -199,50 +200,66 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
 
 @dataclass(frozen=True)
 class ControlParams:
-    """A request's ControlNet fields; None: the model's defaults (its first ControlNet, that
-    ControlNet's scale)."""
+    """One ControlNet of a request as its route took it (None: the model's first
+    ControlNet, that ControlNet's scale), and the route's names of its name, image and
+    start fields, for errors."""
 
     image: str | bytes | None
     name: str | None = None
     scale: float | None = None
     start: float = 0.0
     end: float = 1.0
+    fields: tuple[str, str, str] = ("controlnet", "control_image", "control_guidance_start")
 
 
-async def load_control(params: ControlParams, width: int | None, height: int | None,
-                       model: ModelConfig, fetcher: ImageFetcher,
-                       ) -> tuple[ControlImage | None, int | None, int | None]:
-    """The request's control image at the size to generate (its own unless given), through
-    its ControlNet's preprocessing, with that size; for none, None and the size as given."""
+async def load_controls(params: Sequence[ControlParams], width: int | None,
+                        height: int | None, model: ModelConfig, fetcher: ImageFetcher,
+                        size_from: int = 0,
+                        ) -> tuple[tuple[ControlImage, ...], int | None, int | None]:
+    """The request's control images at the size to generate, through their ControlNets'
+    preprocessing, with that size: `width` and `height` where given, else control image
+    `size_from`'s own (rounded down as an input image's). None: (), and the size as given."""
+    nets = [_controlnet(p, model) for p in params]
+    if not params:
+        return (), width, height
+    limit = model.limits.max_image_bytes
+    data = [await fetcher.fetch(p.image, p.fields[1], limit) for p in params]
+    pixels, w, h = await asyncio.to_thread(_control_pixels, params, nets, data, width, height,
+                                           model, size_from)
+    return tuple(ControlImage(net_name, rgb, net.conditioning_scale if p.scale is None
+                              else p.scale, p.start, p.end)
+                 for p, (net_name, net), rgb in zip(params, nets, pixels, strict=True)), w, h
+
+
+def _controlnet(params: ControlParams, model: ModelConfig) -> tuple[str, ControlNetConfig]:
+    """The (name, config) of the ControlNet `params` names; 422 on the right field."""
+    name_field, image_field, start_field = params.fields
     if params.image is None:
-        if params.name is not None:
-            raise InvalidField("control_image", "a controlnet needs a control_image")
-        return None, width, height
+        raise InvalidField(image_field, f"{name_field} needs a control image")
     if not model.controlnets:
-        raise InvalidField("control_image", "this model has no ControlNet (its config sets "
-                                            "none)")
+        raise InvalidField(image_field, "this model has no ControlNet (its config sets none)")
     name = params.name or next(iter(model.controlnets))
-    net = model.controlnets.get(name)
-    if net is None:
-        raise unknown_controlnet(model, name)
-    data = await fetcher.fetch(params.image, "control_image", model.limits.max_image_bytes)
-    rgb, w, h = await asyncio.to_thread(_control_pixels, data, net.preprocess, width, height,
-                                        model)
-    scale = net.conditioning_scale if params.scale is None else params.scale
-    return ControlImage(name, rgb, scale, params.start, params.end), w, h
+    if name not in model.controlnets:
+        raise unknown_controlnet(model, name, name_field)
+    if not params.start < params.end:
+        raise InvalidField(start_field, "the start of a ControlNet's steps must be below "
+                                        "their end")
+    return name, model.controlnets[name]
 
 
-def _control_pixels(data: str | bytes, preprocess: str, width: int | None,
-                    height: int | None, model: ModelConfig) -> tuple[bytes, int, int]:
+def _control_pixels(params: Sequence[ControlParams], nets: Sequence[tuple[str, ControlNetConfig]],
+                    data: Sequence[str | bytes], width: int | None, height: int | None,
+                    model: ModelConfig, size_from: int) -> tuple[list[bytes], int, int]:
     nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
-    picture = open_image(_data(data, "control_image", nbytes), "control_image", nbytes,
-                         npixels)
-    w, h = output_size(picture, width, height, model.rules.size_multiple)
-    if picture.size != (w, h):
-        picture = picture.resize((w, h), Image.Resampling.LANCZOS)
-    if preprocess == "canny":
-        picture = canny(picture)
-    return picture.tobytes(), w, h
+    pictures = [open_image(_data(d, p.fields[1], nbytes), p.fields[1], nbytes, npixels)
+                for p, d in zip(params, data, strict=True)]
+    w, h = output_size(pictures[size_from], width, height, model.rules.size_multiple)
+    out = []
+    for picture, (_, net) in zip(pictures, nets, strict=True):
+        if picture.size != (w, h):
+            picture = picture.resize((w, h), Image.Resampling.LANCZOS)
+        out.append((canny(picture) if net.preprocess == "canny" else picture).tobytes())
+    return out, w, h
 
 
 def canny(picture: Image.Image, low: int = 100, high: int = 200) -> Image.Image:

@@ -23,7 +23,7 @@ class Family:
     schedulers: tuple[str, ...]  # the first is the default
     size_multiple: int  # width and height must be multiples of this
     negative_prompt: bool
-    modes: tuple[str, ...]  # txt2img, img2img, inpaint, controlnet
+    modes: tuple[str, ...]  # txt2img, img2img, inpaint
     embedded: str  # the embedded tiny model of the family
     lora_targets: tuple[str, ...]  # default modules (name suffixes) of the LoRA slots
 
@@ -38,8 +38,8 @@ _FLUX_LORA_TARGETS = (
     "proj_mlp", "proj_out", "norm1.linear", "norm1_context.linear", "norm.linear")
 
 FAMILIES = {
-    "sdxl": Family(SCHEDULERS, 8, True, ("txt2img", "img2img", "inpaint", "controlnet"),
-                   "tiny-sdxl", ("to_q", "to_k", "to_v", "to_out.0")),
+    "sdxl": Family(SCHEDULERS, 8, True, ("txt2img", "img2img", "inpaint"), "tiny-sdxl",
+                   ("to_q", "to_k", "to_v", "to_out.0")),
     # FLUX latents are packed 2x2, on top of the VAE's factor of 8.
     "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img", "inpaint"),
                    "tiny-flux", _FLUX_LORA_TARGETS),
@@ -147,6 +147,8 @@ class LimitsConfig(_Strict):
     max_steps: int = Field(50, ge=1, le=500, description="Most denoising steps per request.")
     max_outputs: int = Field(4, ge=1, le=16, description="Most images per request.")
     max_loras: int = Field(4, ge=0, le=16, description="Most LoRA adapters one request stacks.")
+    max_controlnets: int = Field(3, ge=0, le=8, description=(
+        "Most ControlNets one request combines (each runs at every step)."))
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description=(
         "Largest input image (img2img, inpainting) as sent, in bytes; over it: 413."))
     max_image_pixels: int = Field(4096 * 4096, ge=64, description=(
@@ -266,7 +268,7 @@ class ControlNetConfig(_PathOrEmbedded):
     embedded: Literal["tiny-sdxl-controlnet"] | None = Field(None, description=(
         "Build and use the embedded random-weight ControlNet of the tiny SDXL."))
     variant: str | None = Field(None, description="Weights file variant, e.g. fp16.")
-    conditioning_scale: float = Field(1.0, ge=0, le=2, description=(
+    conditioning_scale: float = Field(1.0, ge=0, le=4, description=(
         "How strongly the control image steers the image when the request does not say "
         "(its `controlnet_conditioning_scale`)."))
     preprocess: Literal["none", "canny"] = Field("none", description=(

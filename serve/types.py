@@ -81,7 +81,7 @@ class GenerationRequest:
     adapters: AdapterSet = field(default_factory=AdapterSet)
     request_id: str = ""
     source: SourceImage | None = None
-    control: ControlImage | None = None  # steers text-to-image through a ControlNet
+    controls: tuple[ControlImage, ...] = ()  # ControlNets steering the image, combined
     refine: Refine = "no_refiner"
     high_noise_frac: float = 0.8  # expert_ensemble_refiner: where the refiner takes over
     refine_steps: int | None = None  # base_image_refiner: steps (default: the request's)
@@ -92,11 +92,9 @@ class GenerationRequest:
 
     @property
     def mode(self) -> str:
-        """txt2img, controlnet (text-to-image steered by a control image), img2img or
-        inpaint: which pipeline call the request needs."""
-        if self.source is not None:
-            return self.source.mode
-        return "txt2img" if self.control is None else "controlnet"
+        """txt2img, img2img or inpaint: which pipeline call the request needs (with its
+        `controls`, that mode's ControlNet pipeline)."""
+        return "txt2img" if self.source is None else self.source.mode
 
     @classmethod
     def for_model(cls, model: ModelConfig, prompt: str, *, width: int | None = None,
@@ -120,22 +118,14 @@ class GenerationRequest:
         if request.refine != "no_refiner" and model.refiner is None:
             raise InvalidField("refine", "this model has no refiner (its config sets none); "
                                          "use no_refiner")
-        request._check_control(model)
         request.check_limits(model.limits, model.rules)
+        for control in request.controls:  # the routes name their own fields first
+            if control.name not in model.controlnets:
+                raise unknown_controlnet(model, control.name)
+        if len(request.controls) > model.limits.max_controlnets:
+            raise InvalidField("controlnets", f"at most {model.limits.max_controlnets} "
+                                              "ControlNets per request for this model")
         return request
-
-    def _check_control(self, model: ModelConfig) -> None:
-        if self.control is None:
-            return
-        if self.source is not None:
-            raise InvalidField("control_image", "goes with text-to-image alone: send no "
-                                                "image or mask with it")
-        if self.control.name not in model.controlnets:
-            raise unknown_controlnet(model, self.control.name)
-        if not 0 <= self.control.start < self.control.end <= 1:
-            raise InvalidField("control_guidance_start", (
-                "control_guidance_start must be below control_guidance_end, both within "
-                "0 to 1"))
 
     @property
     def seeds(self) -> list[int]:
@@ -152,7 +142,7 @@ class GenerationRequest:
         its own adapter set (LoRA slots)."""
         strength = None if self.source is None else self.source.strength
         refine = (self.refine, self.high_noise_frac, self.refine_steps)
-        control = None if self.control is None else self.control.key
+        control = tuple(c.key for c in self.controls)
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
                 self.scheduler, self.mode, strength, refine, control)
 
@@ -201,10 +191,10 @@ class GenerationRequest:
             raise InvalidField("mask", "this model does not do inpainting")
 
 
-def unknown_controlnet(model: ModelConfig, name: str) -> InvalidField:
+def unknown_controlnet(model: ModelConfig, name: str, field: str = "controlnets") -> InvalidField:
     names = ", ".join(model.controlnets) or "none (its config sets none)"
-    return InvalidField("controlnet", f"this model has no ControlNet named {name!r}; its "
-                                      f"ControlNets: {names}")
+    return InvalidField(field, f"this model has no ControlNet named {name!r}; its "
+                               f"ControlNets: {names}")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from deployments.engines.prompts import Embeds, PromptCache, stack
 from deployments.engines.sources import (
     SourceTensors,
     control_inputs,
-    control_tensor,
+    control_tensors,
     keep_unmasked,
     nothing_to_denoise,
     source_inputs,
@@ -43,11 +43,11 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 class Prepared(NamedTuple):
     """What a request's call needs, made before the call: prompt embeddings (one image's)
-    and the input image and mask, or the control image, on the device."""
+    and the input image and mask and the control images on the device."""
 
     embeds: Embeds
     source: SourceTensors | None
-    control: torch.Tensor | None = None
+    controls: tuple[torch.Tensor, ...] = ()
 
 
 class DiffusersEngine:
@@ -147,11 +147,11 @@ class DiffusersEngine:
 
     @torch.inference_mode()
     def prepare(self, request: GenerationRequest) -> tuple[Prepared, bool]:
-        """The request's prompt embeddings and input or control image, made ahead of its
+        """The request's prompt embeddings and input and control images, made ahead of its
         call (from any thread), and whether the embeddings were already held."""
         embeds, held = self.prompts.get(request)
         return Prepared(embeds, source_tensors(request, self.device),
-                        control_tensor(request, self.device)), held
+                        control_tensors(request, self.device)), held
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest],
@@ -186,7 +186,7 @@ class DiffusersEngine:
         made += made[-1:] * (len(requests) - real)  # a filler repeats the last request
         inputs = (self._encode(requests, [p.embeds for p in made])
                   | source_inputs(requests, [p.source for p in made])
-                  | control_inputs(requests, [p.control for p in made]))
+                  | control_inputs(requests, [p.controls for p in made]))
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
         # Inpainting keeps per-row state (its mask, both guidance halves of it) out of the

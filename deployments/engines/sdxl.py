@@ -1,6 +1,6 @@
 """SDXL engine: text-to-image, img2img and inpainting with the seven Replicate schedulers,
-LoRA adapters in the UNet and both text encoders, text-to-image steered by the model's
-ControlNets, and an optional refiner run after the base model (Replicate's `refine`)."""
+LoRA adapters in the UNet and both text encoders, each mode steered by the model's
+ControlNets (one or several at once), and an optional refiner run after the base model (Replicate's `refine`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    MultiControlNetModel,
     PNDMScheduler,
+    StableDiffusionXLControlNetImg2ImgPipeline,
+    StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
@@ -35,6 +38,10 @@ from serve.config import SpeedConfig
 from serve.model_parts import FAMILIES
 from serve.types import ControlImage, GenerationRequest
 
+# mode → the ControlNet pipeline of calls with ControlNets.
+_CONTROLNET_PIPELINES = {"txt2img": StableDiffusionXLControlNetPipeline,
+                         "img2img": StableDiffusionXLControlNetImg2ImgPipeline,
+                         "inpaint": StableDiffusionXLControlNetInpaintPipeline}
 # Replicate's names → (diffusers class, extra config).
 _SCHEDULERS = {
     "K_EULER": (EulerDiscreteScheduler, {}),
@@ -87,22 +94,35 @@ class SDXLEngine(DiffusersEngine):
 
     def _load_controlnets(self, controlnets: Mapping[str, tuple[Path, str | None]]) -> None:
         """Load each ControlNet (by name: its folder and weights variant) in the model's
-        dtype; their calls run a ControlNet pipeline over the model's own modules, given
-        the request's ControlNet at each call."""
+        dtype. Calls with ControlNets run the ControlNet pipeline of their mode over the
+        model's own modules, given the call's ControlNet (several: combined) each time."""
         self.controlnets = {
             name: load_pipeline(ControlNetModel, folder, self.dtype, variant).to(self.device)
             for name, (folder, variant) in controlnets.items()}
-        if self.controlnets:
-            pipe = StableDiffusionXLControlNetPipeline.from_pipe(
-                self.pipe, controlnet=next(iter(self.controlnets.values())), dtype=self.dtype)
+        self._control_pipes, self._combined = {}, {}
+        if not self.controlnets:
+            return
+        first = next(iter(self.controlnets.values()))
+        for mode, cls in _CONTROLNET_PIPELINES.items():
+            pipe = cls.from_pipe(self.pipe, controlnet=first, dtype=self.dtype)
             pipe.set_progress_bar_config(disable=True)
-            self._pipes["controlnet"] = pipe
+            self._control_pipes[mode] = pipe
+
+    def _controlnet(self, names: tuple[str, ...]):
+        """The ControlNet of a call: the one named, or the named ones combined."""
+        if len(names) == 1:
+            return self.controlnets[names[0]]
+        if names not in self._combined:
+            self._combined[names] = MultiControlNetModel([self.controlnets[n] for n in names])
+        return self._combined[names]
 
     def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
         pipe = super()._prepare(requests, rows)
-        pipe.scheduler = self._schedulers[requests[0].scheduler]
-        if requests[0].control is not None:
-            pipe.controlnet = self.controlnets[requests[0].control.name]
+        first = requests[0]
+        if first.controls:
+            pipe = self._control_pipes[first.mode]
+            pipe.controlnet = self._controlnet(tuple(c.name for c in first.controls))
+        pipe.scheduler = self._schedulers[first.scheduler]
         return pipe
 
     def describe(self) -> dict:
@@ -124,7 +144,7 @@ class SDXLEngine(DiffusersEngine):
         super().warm_up(request, max_images)
         blank = bytes(request.width * request.height * 3)
         for name in self.controlnets:
-            self.generate([replace(request, num_outputs=1, control=ControlImage(name, blank))])
+            self.generate([replace(request, num_outputs=1, controls=(ControlImage(name, blank),))])
         if self.refiner is not None:
             self.generate([replace(request, refine="expert_ensemble_refiner",
                                    high_noise_frac=0.5)])

@@ -32,9 +32,10 @@ def source_tensors(request: GenerationRequest, device: torch.device) -> SourceTe
         1, 1, request.height, request.width).to(device)
 
 
-def control_tensor(request: GenerationRequest, device: torch.device) -> torch.Tensor | None:
-    """The request's control image (1x3xHxW, 8-bit) on the device, or None."""
-    return None if request.control is None else _rgb_tensor(request.control.rgb, request, device)
+def control_tensors(request: GenerationRequest,
+                    device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The request's control images (each 1x3xHxW, 8-bit) on the device."""
+    return tuple(_rgb_tensor(c.rgb, request, device) for c in request.controls)
 
 
 def _rgb_tensor(rgb: bytes, request: GenerationRequest, device: torch.device) -> torch.Tensor:
@@ -43,16 +44,26 @@ def _rgb_tensor(rgb: bytes, request: GenerationRequest, device: torch.device) ->
 
 
 def control_inputs(requests: Sequence[GenerationRequest],
-                   controls: Sequence[torch.Tensor | None]) -> dict:
-    """The ControlNet pipeline's arguments of a call's control images, one row per output
-    image in [0, 1] (the pipeline's processor leaves tensors unnormalised), and the
-    ControlNet settings the call's requests share."""
-    control = requests[0].control
-    if control is None:
+                   controls: Sequence[tuple[torch.Tensor, ...]]) -> dict:
+    """The ControlNet pipelines' arguments of a call's control images, one row per output
+    image in [0, 1] (their processor leaves tensors unnormalised), and the settings the
+    call's requests share: for one ControlNet single values, for several lists (as
+    diffusers' MultiControlNetModel takes them). Text-to-image takes them as `image`, the
+    img2img and inpainting pipelines (whose `image` is the input) as `control_image`."""
+    first = requests[0].controls
+    if not first:
         return {}
-    return {"image": _rows(requests, controls).float() / 255,
-            "controlnet_conditioning_scale": control.scale,
-            "control_guidance_start": control.start, "control_guidance_end": control.end}
+    images = [_rows(requests, [c[i] for c in controls]).float() / 255
+              for i in range(len(first))]
+
+    def one_or_all(values: list):
+        return values[0] if len(values) == 1 else values
+
+    key = "image" if requests[0].source is None else "control_image"
+    return {key: one_or_all(images),
+            "controlnet_conditioning_scale": one_or_all([c.scale for c in first]),
+            "control_guidance_start": one_or_all([c.start for c in first]),
+            "control_guidance_end": one_or_all([c.end for c in first])}
 
 
 def source_inputs(requests: Sequence[GenerationRequest],

@@ -86,32 +86,49 @@ def step_callback(rows: BatchRows, generators: list, withdrawn: Callable[[], set
 
 def guidance_off(pipe, tensors: dict) -> dict:
     """Stop classifier-free guidance for the rest of the call: keep the conditional half
-    (the second) of every input made for both halves, and set the pipeline's guidance scale
+    (the second) of every input made for both halves (in lists too), and set the pipeline's guidance scale
     to 0, which its loop reads as "no guidance" (one UNet row per image from now on)."""
     rows = tensors["latents"].shape[0]
     pipe._guidance_scale = 0.0
-    return {name: value[rows:] for name, value in tensors.items()
-            if name != "latents" and torch.is_tensor(value) and value.shape[0] == 2 * rows}
+    out = {}
+    for name, value in tensors.items():
+        halves = _per_row(value, 2 * rows)
+        if name != "latents" and halves is not None:
+            out[name] = halves(lambda v: v[rows:])
+    return out
+
+
+def _per_row(value, rows: int):
+    """For a tensor of `rows` rows, or a list of such (the control images of several
+    ControlNets): a function applying a row selection to it, or to each; else None."""
+    if torch.is_tensor(value):
+        return (lambda pick: pick(value)) if value.shape[0] == rows else None
+    if isinstance(value, list) and value and all(
+            torch.is_tensor(v) and v.shape[0] == rows for v in value):
+        return lambda pick: [pick(v) for v in value]
+    return None
 
 
 def shrink(scheduler, tensors: dict, keep: list[int], generators: list) -> dict:
     """Keep only rows `keep` of the latents and of every batch-sized input and state.
 
     Conditioning tensors with twice the latent rows hold classifier-free guidance's
-    unconditional half first, then the conditional half. `generators` is the list the
+    unconditional half first, then the conditional half; a list of tensors (the control
+    images of several ControlNets) has each shrunk. `generators` is the list the
     pipeline was called with; it is changed in place, as the scheduler holds it.
     """
     latents = tensors["latents"]
     rows = latents.shape[0]
     index = torch.tensor(keep, device=latents.device)
     out = {"latents": latents[index]}
+    both = torch.cat([index, index + rows])
     for name, value in tensors.items():
-        if name == "latents" or not torch.is_tensor(value):
+        if name == "latents":
             continue
-        if value.shape[0] == 2 * rows:
-            out[name] = value[torch.cat([index, index + rows])]
-        elif value.shape[0] == rows:
-            out[name] = value[index]
+        if (halves := _per_row(value, 2 * rows)) is not None:
+            out[name] = halves(lambda v: v[both])
+        elif (single := _per_row(value, rows)) is not None:
+            out[name] = single(lambda v: v[index])
     _shrink_scheduler_state(scheduler, latents, index)
     generators[:] = [generators[i] for i in keep]
     return out

@@ -20,7 +20,7 @@ from serve.adapters import AdapterSet, split_prompt_tags
 from serve.config import ModelConfig
 from serve.context import charge_images, client_name, ingress, request_id
 from serve.errors import InvalidField
-from serve.images import ControlParams, load_control, load_source
+from serve.images import ControlParams, load_controls, load_source
 from serve.timing import timing_headers
 from serve.types import (
     MAX_SEED,
@@ -42,6 +42,17 @@ class LoraRef(BaseModel):
     name: str = Field(min_length=1, max_length=2048, description=(
         "A name from GET /v1/loras, or a LoRA file's URL on a host in lora_allowed_hosts."))
     scale: float | None = Field(None, ge=-4, le=4, description="Default: the adapter's own.")
+
+
+class ControlRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description="The control image, as control_image takes it.")
+    name: str | None = Field(None, description="Which ControlNet; default: the model's first.")
+    conditioning_scale: float | None = Field(None, ge=0, le=4, description=(
+        "Default: the ControlNet's own."))
+    start: float = Field(0.0, ge=0, lt=1, description="As control_guidance_start.")
+    end: float = Field(1.0, gt=0, le=1, description="As control_guidance_end.")
 
 
 class GenerateParams(BaseModel):
@@ -84,15 +95,18 @@ class GenerateParams(BaseModel):
         "SDXL models with ControlNets: the image whose shapes the output follows (JSON body "
         "only; a data URI, base64, or an allowed URL): the map itself (edges, depth, pose), "
         "or a picture for a ControlNet that preprocesses (canny). The output takes its size "
-        "unless width or height are given. Text-to-image only."))
+        "unless width or height, or an input image, are given."))
     controlnet: str | None = Field(None, description=(
         "Which of the model's ControlNets (GET /v1/models lists them); default: the first."))
-    controlnet_conditioning_scale: float | None = Field(None, ge=0, le=2, description=(
+    controlnet_conditioning_scale: float | None = Field(None, ge=0, le=4, description=(
         "How strongly the control image steers; default: the ControlNet's own (config)."))
     control_guidance_start: float = Field(0.0, ge=0, lt=1, description=(
         "The fraction of the steps after which the control image starts to steer."))
     control_guidance_end: float = Field(1.0, gt=0, le=1, description=(
         "The fraction of the steps after which it stops."))
+    controlnets: list[ControlRef] = Field(default_factory=list, description=(
+        "Several ControlNets at once (JSON body only), each with its control image; "
+        "instead of control_image and controlnet."))
     disable_safety_checker: bool = Field(False, description=(
         "Skip the model's safety checker, if it has one and lets requests skip it."))
     apply_watermark: bool = Field(True, description=(
@@ -100,20 +114,30 @@ class GenerateParams(BaseModel):
         "model's config lets requests do so."))
 
     @property
-    def control(self) -> ControlParams:
-        return ControlParams(self.control_image, self.controlnet,
-                             self.controlnet_conditioning_scale, self.control_guidance_start,
-                             self.control_guidance_end)
+    def controls(self) -> list[ControlParams]:
+        """The request's ControlNets; 422 when it gives them in both forms."""
+        single = self.control_image is not None or self.controlnet is not None
+        if single and self.controlnets:
+            raise InvalidField("controlnets", "give either controlnets or control_image "
+                                              "(with controlnet), not both")
+        if single:
+            return [ControlParams(self.control_image, self.controlnet,
+                                  self.controlnet_conditioning_scale,
+                                  self.control_guidance_start, self.control_guidance_end)]
+        return [ControlParams(c.image, c.name, c.conditioning_scale, c.start, c.end,
+                              (f"controlnets.{i}.name", f"controlnets.{i}.image",
+                               f"controlnets.{i}.start"))
+                for i, c in enumerate(self.controlnets)]
 
     def to_request(self, model: ModelConfig, request_id: str, prompt: str, adapters: AdapterSet,
                    source: SourceImage | None, width: int | None,
                    height: int | None, client: str = "",
-                   control: ControlImage | None = None) -> GenerationRequest:
-        """Raises InvalidField for values outside the model's limits. `source`, `control`,
-        `width` and `height` come from `load_source` and `load_control` (the input or
-        control image's size unless given)."""
+                   controls: tuple[ControlImage, ...] = ()) -> GenerationRequest:
+        """Raises InvalidField for values outside the model's limits. `source`, `controls`,
+        `width` and `height` come from `load_source` and `load_controls` (the input or
+        first control image's size unless given)."""
         return GenerationRequest.for_model(
-            model, prompt, width=width, height=height, source=source, control=control,
+            model, prompt, width=width, height=height, source=source, controls=controls,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
             scheduler=self.scheduler, negative_prompt=self.negative_prompt,
             num_outputs=self.num_outputs, output_format=self.output_format,
@@ -141,7 +165,7 @@ _OPENAPI = {
     "parameters": [{"name": name, "in": "query", "required": False,
                     "schema": _SCHEMA["properties"][name]}
                    for name in GenerateParams.model_fields
-                   if name not in ("loras", "image", "mask", "control_image")],
+                   if name not in ("loras", "image", "mask", "control_image", "controlnets")],
     "requestBody": {"required": False, "content": {"application/json": {"schema": _SCHEMA}}},
 }
 
@@ -158,10 +182,10 @@ async def generate(request: Request) -> Response:
         source, width, height = await load_source(
             params.image, params.mask, params.prompt_strength, params.width, params.height,
             model, state.images)
-        control, width, height = await load_control(params.control, width, height, model,
-                                                    state.images)
+        controls, width, height = await load_controls(params.controls, width, height, model,
+                                                      state.images)
         gen = params.to_request(model, request_id(request), prompt, adapters, source, width,
-                                height, client_name(request), control)
+                                height, client_name(request), controls)
     except InvalidField as exc:
         field = "steps" if exc.field == "num_inference_steps" else exc.field
         raise type(exc)(field, exc.reason, sources.get(field, "body")) from None

@@ -11,10 +11,11 @@ import re
 from typing import Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from serve.config import ModelConfig
 from serve.errors import InvalidField
+from serve.images import ControlParams
 from serve.types import MAX_SEED, SCHEDULERS, OutputFormat, Refine
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -40,9 +41,78 @@ class _LoraInput(BaseModel):
         """The input field that holds request argument `arg`."""
         return "lora_weights" if arg == "loras" else arg
 
+    def control_params(self) -> list[ControlParams]:
+        """The ControlNets the input asks for (SDXL's multi-ControlNet inputs)."""
+        return []
 
-class SDXLInput(_LoraInput):
-    """stability-ai/sdxl's inputs; unset values take the served model's defaults."""
+    def sizing(self) -> tuple[bool, int | None]:
+        """(whether width and height count, the index in `control_params` of the control
+        image whose size the output takes, if one)."""
+        return True, None
+
+
+_SIZINGS = ("width_height", "input_image", "mask_image", "controlnet_1_image",
+            "controlnet_2_image", "controlnet_3_image")
+
+
+def _controlnet_inputs() -> dict[str, Any]:
+    """The inputs of fofr/sdxl-multi-controlnet-lora: three ControlNet slots, each a name
+    (none: unused), a control image, a scale and the fractions of the steps it steers."""
+    fields: dict[str, Any] = {}
+    for n in (1, 2, 3):
+        fields |= {
+            f"controlnet_{n}": (str, Field("none", max_length=200, description=(
+                f"ControlNet {n}: a name from the model's ControlNets (GET /v1/models), or "
+                "none"))),
+            f"controlnet_{n}_image": (str | None, Field(None, description=(
+                f"Control image of ControlNet {n}, as image takes it"))),
+            f"controlnet_{n}_conditioning_scale": (float | None, Field(None, ge=0, le=4,
+                description="How strongly it steers; default: the ControlNet's own")),
+            f"controlnet_{n}_start": (float, Field(0.0, ge=0, le=1, description=(
+                "When it starts steering, as a fraction of the steps"))),
+            f"controlnet_{n}_end": (float, Field(1.0, ge=0, le=1, description=(
+                "When it stops steering, as a fraction of the steps")))}
+    return fields
+
+
+class _ControlNetSlots(BaseModel):
+    """The ControlNet slots' methods; `_ControlNetInputs` adds their fields."""
+
+    sizing_strategy: Literal[_SIZINGS] = Field("width_height", description=(
+        "Where the output size comes from: width and height, the input image, or a "
+        "ControlNet's control image"))
+
+    def control_params(self) -> list[ControlParams]:
+        return [ControlParams(getattr(self, f"controlnet_{n}_image"),
+                              getattr(self, f"controlnet_{n}"),
+                              getattr(self, f"controlnet_{n}_conditioning_scale"),
+                              getattr(self, f"controlnet_{n}_start"),
+                              getattr(self, f"controlnet_{n}_end"),
+                              (f"controlnet_{n}", f"controlnet_{n}_image", f"controlnet_{n}_start"))
+                for n in (1, 2, 3) if getattr(self, f"controlnet_{n}") != "none"]
+
+    def sizing(self) -> tuple[bool, int | None]:
+        strategy = self.sizing_strategy
+        if strategy in ("input_image", "mask_image"):
+            if getattr(self, "image", None) is None:
+                raise InvalidField("sizing_strategy", f"{strategy} needs an image")
+            return False, None
+        if strategy == "width_height":
+            return True, None
+        slot = f"controlnet_{strategy.split('_')[1]}"
+        names = [p.fields[0] for p in self.control_params()]
+        if slot not in names:
+            raise InvalidField("sizing_strategy", f"{strategy} needs {slot} to be set")
+        return False, names.index(slot)
+
+
+_ControlNetInputs = create_model("_ControlNetInputs", __base__=_ControlNetSlots,
+                                 **_controlnet_inputs())
+
+
+class SDXLInput(_ControlNetInputs, _LoraInput):
+    """stability-ai/sdxl's inputs, with fofr/sdxl-multi-controlnet-lora's ControlNet inputs
+    for models with ControlNets; unset values take the served model's defaults."""
 
     prompt: str = Field(min_length=1, max_length=4000, description="Input prompt")
     negative_prompt: str = Field("", max_length=4000, description="Input negative prompt")

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 
 from serve.context import IngressState
 from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost
-from serve.images import load_source
+from serve.images import load_controls, load_source
 from serve.predictions import Prediction, now_iso
 from serve.routes.replicate_inputs import FluxInput, SDXLInput, parse_input
 from serve.types import GenerationRequest, GenerationResult
@@ -56,12 +56,22 @@ async def to_request(state: IngressState, model_id: str, inp: SDXLInput | FluxIn
                      rid: str, client: str = "") -> GenerationRequest:
     model = state.router.resolve(model_id)
     args = inp.request_args()
+    width, height = args.pop("width"), args.pop("height")
     try:
+        sized, size_from = inp.sizing()
+        width, height = (width, height) if sized else (None, None)
+        controls = inp.control_params()
+        if size_from is not None:  # the control image's size is the input image's too
+            made, width, height = await load_controls(controls, None, None, model,
+                                                      state.images, size_from)
         source, width, height = await load_source(
-            inp.image, inp.mask, inp.prompt_strength, args.pop("width"), args.pop("height"),
-            model, state.images)
+            inp.image, inp.mask, inp.prompt_strength, width, height, model, state.images)
+        if size_from is None:
+            made, width, height = await load_controls(controls, width, height, model,
+                                                      state.images)
         return GenerationRequest.for_model(
             model, inp.prompt, width=width, height=height, source=source, seed=inp.seed,
+            controls=made,
             adapters=state.router.adapters_for(model, inp.lora_refs()), request_id=rid,
             client=client, safety_check=not inp.disable_safety_checker, **args)
     except InvalidField as exc:

@@ -103,9 +103,9 @@ def test_a_controlnet_runs_in_the_models_dtype_on_the_gpu(tiny_sdxl_path, cache_
     assert engine.describe()["weights"]["controlnet canny"] == "bfloat16"
     edges = np.zeros((128, 128, 3), np.uint8)
     edges[32:96, 32] = edges[32, 32:96] = 255
-    control = ControlImage("canny", edges.tobytes(), 1.0)
+    control = (ControlImage("canny", edges.tobytes(), 1.0),)
     plain = np.asarray(engine.generate([_req(3)])[0][0]).astype(int)
-    steered = engine.generate([_req(3, control=control), _req(4, control=control)])
-    off = engine.generate([_req(3, control=ControlImage("canny", edges.tobytes(), 0.0))])
+    steered = engine.generate([_req(3, controls=control), _req(4, controls=control)])
+    off = engine.generate([_req(3, controls=(ControlImage("canny", edges.tobytes(), 0.0),))])
     assert np.abs(np.asarray(steered[0][0]).astype(int) - plain).mean() > 3
     assert np.array_equal(np.asarray(off[0][0]).astype(int), plain)

@@ -1,6 +1,8 @@
-"""ControlNet through `/generate` on the running app: the control image steers the image,
-the canny ControlNet draws from a picture's edges, the ControlNet's own scale is the
-default, and bad ControlNet fields are 422s naming them."""
+"""ControlNets through `/generate` and Replicate's API on the running app: the control
+image steers the image, the canny ControlNet draws from a picture's edges, the
+ControlNet's own scale is the default, several combine, img2img takes them, Replicate's
+multi-ControlNet inputs give `/generate`'s pixels, and bad ControlNet fields are 422s
+naming them."""
 
 import base64
 import io
@@ -85,10 +87,10 @@ def test_the_model_list_names_the_controlnets(client):
     ({"controlnet": "depth"}, "controlnet", "canny, lines"),
     ({"model": FLUX}, "control_image", "no ControlNet"),
     ({"control_image": "bm90IGFuIGltYWdl"}, "control_image", "cannot be decoded"),
-    ({"image": _b64(PICTURE)}, "control_image", "text-to-image alone"),
+    ({"controlnets": [{"image": _b64(EDGES)}]}, "controlnets", "not both"),
     ({"control_guidance_start": 0.6, "control_guidance_end": 0.4}, "control_guidance_start",
-     "below control_guidance_end"),
-    ({"controlnet_conditioning_scale": 3}, "controlnet_conditioning_scale", "2"),
+     "below their end"),
+    ({"controlnet_conditioning_scale": 5}, "controlnet_conditioning_scale", "4"),
     ({"control_image": None, "controlnet": "canny"}, "control_image", "needs"),
 ])
 def test_bad_controlnet_fields_are_422s_naming_them(client, fields, field, words):
@@ -99,3 +101,65 @@ def test_bad_controlnet_fields_are_422s_naming_them(client, fields, field, words
     assert r.status_code == 422, r.text
     (error,) = r.json()["detail"]
     assert error["loc"] == ["body", field] and words in error["msg"], error
+
+
+def test_two_controlnets_combine_and_scale_zero_leaves_one(client):
+    both = [{"name": "lines", "image": _b64(EDGES), "conditioning_scale": 1.0},
+            {"name": "canny", "image": _b64(PICTURE), "conditioning_scale": 0.0}]
+    one = _generate(client, controlnets=both)
+    alone = _generate(client, control_image=_b64(EDGES), controlnet="lines",
+                      controlnet_conditioning_scale=1.0)
+    assert_same_pixels(decode(one["image"]), decode(alone["image"]))
+    both[1]["conditioning_scale"] = 1.0
+    combined = _generate(client, controlnets=both)
+    assert np.abs(pixels(decode(combined["image"]))
+                  - pixels(decode(alone["image"]))).mean() > 0.5
+    r = client.post("/generate", json={"model": FAST, "prompt": "x", "controlnets": [
+        {"name": "lines", "image": _b64(EDGES)}, {"name": "depth", "image": _b64(EDGES)}]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body",
+                                                                       "controlnets.1.name"]
+
+
+def test_img2img_follows_a_control_image_of_the_inputs_size(client):
+    photo = np.random.default_rng(8).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    fields = {"image": _b64(Image.fromarray(photo)), "prompt_strength": 0.7}
+    plain = _generate(client, **fields)
+    steered = _generate(client, **fields, control_image=_b64(EDGES.resize((48, 32))),
+                        controlnet="lines")
+    assert decode(steered["image"]).size == (96, 64)
+    assert np.abs(pixels(decode(steered["image"])) - pixels(decode(plain["image"]))).mean() > 1
+
+
+def _replicated(rep, **fields):
+    (file,) = rep.run(FAST, input={"prompt": "a product shot", "num_inference_steps": 4,
+                                   "seed": 21, **fields})
+    return Image.open(io.BytesIO(file.read()))
+
+
+def test_replicates_multi_controlnet_inputs_give_generates_pixels(rep, client):
+    """fofr/sdxl-multi-controlnet-lora's inputs, as its clients send them."""
+    edges_url = "data:image/png;base64," + _b64(EDGES)
+    image = _replicated(rep, controlnet_1="lines", controlnet_1_image=edges_url,
+                        controlnet_1_conditioning_scale=0.8, controlnet_2="canny",
+                        controlnet_2_image=edges_url, controlnet_2_conditioning_scale=0.3,
+                        controlnet_2_end=0.5, controlnet_3="none",
+                        sizing_strategy="controlnet_1_image")
+    direct = _generate(client, controlnets=[
+        {"name": "lines", "image": _b64(EDGES), "conditioning_scale": 0.8},
+        {"name": "canny", "image": _b64(EDGES), "conditioning_scale": 0.3, "end": 0.5}])
+    assert image.size == (96, 64)
+    assert_same_pixels(image, decode(direct["image"]))
+    sized = _replicated(rep, controlnet_1="lines", controlnet_1_image=edges_url, width=64,
+                        height=128)
+    assert sized.size == (64, 128)
+
+
+def test_replicates_sizing_strategy_needs_what_it_names(rep):
+    import replicate
+
+    for fields in ({"sizing_strategy": "controlnet_2_image", "controlnet_1": "lines",
+                    "controlnet_1_image": "data:image/png;base64," + _b64(EDGES)},
+                   {"sizing_strategy": "input_image"}):
+        with pytest.raises(replicate.exceptions.ReplicateError) as err:
+            _replicated(rep, **fields)
+        assert err.value.status == 422 and "sizing_strategy" in str(err.value)
