@@ -137,11 +137,13 @@ def _replicated(rep, **fields):
 
 
 def test_replicates_multi_controlnet_inputs_give_generates_pixels(rep, client):
-    """fofr/sdxl-multi-controlnet-lora's inputs, as its clients send them."""
+    """fofr/sdxl-multi-controlnet-lora's inputs, as its clients send them: a data URI,
+    and a file the client uploads first."""
     edges_url = "data:image/png;base64," + _b64(EDGES)
     image = _replicated(rep, controlnet_1="lines", controlnet_1_image=edges_url,
                         controlnet_1_conditioning_scale=0.8, controlnet_2="canny",
-                        controlnet_2_image=edges_url, controlnet_2_conditioning_scale=0.3,
+                        controlnet_2_image=io.BytesIO(base64.b64decode(_b64(EDGES))),
+                        controlnet_2_conditioning_scale=0.3,
                         controlnet_2_end=0.5, controlnet_3="none",
                         sizing_strategy="controlnet_1_image")
     direct = _generate(client, controlnets=[
