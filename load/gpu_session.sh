@@ -4,7 +4,7 @@
 # step after its start), so run the steps not yet measured in this order: engine-static
 # (static shapes, and FP8 with fast accumulation beside bf16, in one step), throughput
 # with the fastest variant, keep-warm, engine-fp8, fp8-error, engine-512, engine-autotune,
-# adapters, engine-flux. Here, once, in the project root:
+# adapters, engine-flux, controlnet. Here, once, in the project root:
 #   echo /.whl/ >> .git/info/exclude
 #   ../shared/gpu/make-wheels.sh .whl pytest pluggy iniconfig pytest-timeout
 #   cp ../shared/gpu/sdxl-base-configs.json .whl/
@@ -23,6 +23,8 @@
 #   adapters    LoRA switching and requests with different adapters in one call, at rank
 #               64: in slots and merged, or the modes named after it (slots, fuse,
 #               slots-compiled-fp8, fuse-compiled-fp8; the compiled ones one per call)
+#   controlnet  what none, one and two ControlNets (controlnet-canny-sdxl-1.0's design,
+#               random weights) cost per call, eager bf16, batches of 1 and 8
 #   engine-flux FLUX.1-dev's architecture (random weights, built on the GPU by the first
 #               call), 1024², 28 steps, batch 4: compiled bf16, or the variants named after
 #               it (one per call fits: engine-flux compiled, then engine-flux compiled-fp8)
@@ -33,7 +35,7 @@
 # files are named after the GPU the step ran on (its name as nvidia-smi gives it, without
 # "NVIDIA", lower-cased: h100-80gb-hbm3, h200, ...), so two cards' figures never mix.
 set -euo pipefail
-step=${1:?"step: engine | engine-fp8 | engine-static | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux"}
+step=${1:?"step: engine | engine-fp8 | engine-static | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux | controlnet"}
 variant=${2:-compiled}
 out=${OUT:-results}
 mkdir -p "$out"
@@ -93,5 +95,7 @@ case $step in
                  --size 1024 --steps 28 --batches 4 --repeats 1 --variants "${flux[@]}" \
                  --out "$out/engine-$gpu-flux1024-$(IFS=_; echo "${flux[*]}").json" \
                  2>&1 | tee "$log" ;;
+  controlnet) python3 -m load.bench_controlnet "${sdxl[@]}" --batches 1 8 --repeats 2 \
+               --out "$out/controlnet-$gpu.json" 2>&1 | tee "$log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -396,3 +396,25 @@ def test_img2img_benchmark_times_every_mode_of_both_families(tmp_path, tiny_sdxl
     assert modes == [(family, mode) for family in ("sdxl", "flux") for mode in each]
     assert all(0 < r["min_ms"] <= r["median_ms"] for r in report["rows"])
     assert report["device"] == "cpu" and f"saved {out}" in stdout
+
+
+def test_controlnet_benchmark_times_each_count_and_batch(tmp_path, cache_dir):
+    from diffusers import ControlNetModel
+
+    from deployments.tiny import TINY_SDXL_CONTROLNET, ensure_embedded
+
+    out = tmp_path / "controlnet.json"
+    stdout = _run("load.bench_controlnet", "--size", "64", "--steps", "2", "--batches", "1",
+                  "2", "--repeats", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert [(r["batch"], r["controlnets"]) for r in report["rows"]] == [
+        (b, n) for b in (1, 2) for n in (0, 1, 2)]
+    for r in report["rows"]:
+        assert 0 < r["min_s"] <= r["median_s"]
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_s"], rel=0.01)
+    none = {r["batch"]: r["median_s"] for r in report["rows"] if r["controlnets"] == 0}
+    for r in report["rows"]:
+        assert r["time_vs_none"] == pytest.approx(r["median_s"] / none[r["batch"]], rel=0.01)
+    net = ControlNetModel.from_pretrained(ensure_embedded(TINY_SDXL_CONTROLNET, cache_dir))
+    assert report["controlnet_weight_bytes"] == sum(p.numel() * 4 for p in net.parameters())
+    assert report["weights"]["controlnet net0"] == "float32" and f"saved {out}" in stdout

@@ -24,6 +24,7 @@ STEPS = {  # step arguments: the programs each runs
     ("adapters",): ["load.bench_adapters"] * 2,
     ("adapters", "slots-compiled-fp8"): ["load.bench_adapters"],
     ("engine-flux", "compiled-fp8"): ["load.bench_engine"],
+    ("controlnet",): ["load.bench_controlnet"],
     ("tests",): ["pytest"],
 }
 
