@@ -239,7 +239,13 @@ def parse_input(model: ModelConfig, raw: dict) -> SDXLInput | FluxInput:
 
 
 def input_schema(model: ModelConfig) -> dict:
-    return (FluxInput if model.family == "flux" else SDXLInput).model_json_schema()
+    """The model's input schema; an SDXL model without ControlNets shows no ControlNet
+    inputs (it refuses them)."""
+    schema = (FluxInput if model.family == "flux" else SDXLInput).model_json_schema()
+    if model.family == "sdxl" and not model.controlnets:
+        schema["properties"] = {name: spec for name, spec in schema["properties"].items()
+                                if name not in _ControlNetInputs.model_fields}
+    return schema
 
 
 class PredictionBody(BaseModel):

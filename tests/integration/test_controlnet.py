@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.integration.conftest import FAST, FLUX, assert_same_pixels, decode, pixels
+from tests.integration.conftest import BATCHED, FAST, FLUX, assert_same_pixels, decode, pixels
 
 
 def _picture() -> Image.Image:
@@ -165,3 +165,22 @@ def test_replicates_sizing_strategy_needs_what_it_names(rep):
         with pytest.raises(replicate.exceptions.ReplicateError) as err:
             _replicated(rep, **fields)
         assert err.value.status == 422 and "sizing_strategy" in str(err.value)
+
+
+def test_only_models_with_controlnets_show_replicates_controlnet_inputs(rep):
+    def inputs(model):
+        version = rep.models.get(model).latest_version
+        return version.openapi_schema["components"]["schemas"]["Input"]["properties"]
+
+    assert {"controlnet_1", "controlnet_3_end", "sizing_strategy"} <= set(inputs(FAST))
+    assert "prompt" in inputs(BATCHED) and not any(
+        "controlnet" in name or name == "sizing_strategy" for name in inputs(BATCHED))
+
+
+def test_a_lora_and_a_controlnet_steer_one_image_together(client):
+    fields = {"control_image": _b64(EDGES), "controlnet": "lines"}
+    steered = _generate(client, **fields)
+    styled = _generate(client, **fields, loras=[{"name": "sketch", "scale": 1.0}])
+    tagged = _generate(client, **fields, prompt="a product shot <lora:sketch:1.0>")
+    assert np.abs(pixels(decode(styled["image"])) - pixels(decode(steered["image"]))).mean() > 1
+    assert_same_pixels(decode(styled["image"]), decode(tagged["image"]))

@@ -241,3 +241,18 @@ def test_a_request_checks_its_controlnets_against_the_model():
         with pytest.raises(InvalidField) as err:
             GenerationRequest.for_model(model, "x", width=64, height=64, controls=controls)
         assert err.value.field == "controlnets"
+
+
+def test_a_models_version_pins_its_controlnets_weights(tmp_path, controlnet_path,
+                                                       other_controlnet):
+    from serve.config import ModelConfig
+    from serve.versions import version_id
+
+    def version(**controlnets):
+        return version_id(ModelConfig(id="a/b", embedded="tiny-sdxl", controlnets=controlnets),
+                          tmp_path)
+
+    one = version(canny={"path": controlnet_path})
+    assert one == version(canny={"path": controlnet_path})
+    assert len({version(), one, version(canny={"path": other_controlnet}),
+                version(canny={"path": controlnet_path, "conditioning_scale": 0.5})}) == 4
