@@ -256,3 +256,26 @@ def test_a_models_version_pins_its_controlnets_weights(tmp_path, controlnet_path
     assert one == version(canny={"path": controlnet_path})
     assert len({version(), one, version(canny={"path": other_controlnet}),
                 version(canny={"path": controlnet_path, "conditioning_scale": 0.5})}) == 4
+
+
+def test_guidance_cutoff_halves_the_controlnets_rows_and_withdrawal_follows(engine):
+    """speed.cfg_cutoff drops the unconditional half of every guided input, the control
+    images of both ControlNets with them; a request withdrawn after that leaves its rows."""
+    batch = [_both(), _both(seed=9, num_outputs=2)]
+    rows, steps = [], []
+    hook = engine.controlnets["other"].register_forward_pre_hook(  # called with keywords
+        lambda module, args, kwargs: rows.append(kwargs["sample"].shape[0]), with_kwargs=True)
+    engine.cfg_cutoff = 0.5
+    try:
+        cut = engine.generate(batch)
+        out = engine.generate(batch, withdrawn=lambda: {1} if len(steps) >= 4 else set(),
+                              on_step=lambda s, t: steps.append(s))
+    finally:
+        engine.cfg_cutoff = None
+        hook.remove()
+    # 6 steps, guided through step index 3: 3 images x 2 rows, then 3 rows, then 1 row.
+    assert rows[:6] == [6, 6, 6, 6, 3, 3] and rows[6:] == [6, 6, 6, 6, 1, 1]
+    assert [len(images) for images in out] == [1, 0]
+    assert_same_pixels(out[0][0], cut[0][0])
+    full = engine.generate(batch)[0][0]  # the last two steps unguided: measured 0.11 levels
+    assert np.abs(_px(cut[0][0]) - _px(full)).mean() > 0.05
