@@ -218,7 +218,12 @@ async def load_controls(params: Sequence[ControlParams], width: int | None,
                         ) -> tuple[tuple[ControlImage, ...], int | None, int | None]:
     """The request's control images at the size to generate, through their ControlNets'
     preprocessing, with that size: `width` and `height` where given, else control image
-    `size_from`'s own (rounded down as an input image's). None: (), and the size as given."""
+    `size_from`'s own (rounded down as an input image's). For none: (), and the size as
+    given. More than the model's `limits.max_controlnets` are refused before any is read."""
+    most = model.limits.max_controlnets
+    if len(params) > most:
+        raise InvalidField(params[most].fields[0], f"at most {most} ControlNets per request "
+                                                   "for this model")
     nets = [_controlnet(p, model) for p in params]
     if not params:
         return (), width, height

@@ -53,8 +53,8 @@ class ControlImage:
 
     @property
     def key(self) -> tuple:
-        """Requests whose keys are equal can share a call (the pipeline takes one
-        ControlNet and one scale per call)."""
+        """Requests whose ControlNets have equal keys, in order, can share a call (the
+        pipeline takes each ControlNet's scale and step range once per call)."""
         return (self.name, self.scale, self.start, self.end)
 
 

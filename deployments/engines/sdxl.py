@@ -1,6 +1,7 @@
 """SDXL engine: text-to-image, img2img and inpainting with the seven Replicate schedulers,
 LoRA adapters in the UNet and both text encoders, each mode steered by the model's
-ControlNets (one or several at once), and an optional refiner run after the base model (Replicate's `refine`)."""
+ControlNets (one or several at once), and an optional refiner run after the base model
+(Replicate's `refine`)."""
 
 from __future__ import annotations
 
@@ -144,7 +145,8 @@ class SDXLEngine(DiffusersEngine):
         super().warm_up(request, max_images)
         blank = bytes(request.width * request.height * 3)
         for name in self.controlnets:
-            self.generate([replace(request, num_outputs=1, controls=(ControlImage(name, blank),))])
+            control = ControlImage(name, blank)
+            self.generate([replace(request, num_outputs=1, controls=(control,))])
         if self.refiner is not None:
             self.generate([replace(request, refine="expert_ensemble_refiner",
                                    high_noise_frac=0.5)])

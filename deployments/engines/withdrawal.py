@@ -86,8 +86,9 @@ def step_callback(rows: BatchRows, generators: list, withdrawn: Callable[[], set
 
 def guidance_off(pipe, tensors: dict) -> dict:
     """Stop classifier-free guidance for the rest of the call: keep the conditional half
-    (the second) of every input made for both halves (in lists too), and set the pipeline's guidance scale
-    to 0, which its loop reads as "no guidance" (one UNet row per image from now on)."""
+    (the second) of every input made for both halves (in lists too), and set the
+    pipeline's guidance scale to 0, which its loop reads as "no guidance" (one UNet row per
+    image from now on)."""
     rows = tensors["latents"].shape[0]
     pipe._guidance_scale = 0.0
     out = {}

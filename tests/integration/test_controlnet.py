@@ -92,6 +92,8 @@ def test_the_model_list_names_the_controlnets(client):
      "below their end"),
     ({"controlnet_conditioning_scale": 5}, "controlnet_conditioning_scale", "4"),
     ({"control_image": None, "controlnet": "canny"}, "control_image", "needs"),
+    ({"control_image": None, "controlnets": [{"image": "not read"}] * 4},
+     "controlnets.3.name", "at most 3"),
 ])
 def test_bad_controlnet_fields_are_422s_naming_them(client, fields, field, words):
     body = {"model": FAST, "prompt": "x", "steps": 2, "control_image": _b64(PICTURE), **fields}
