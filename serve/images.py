@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
 
 from serve.config import ControlNetConfig, ModelConfig
 from serve.errors import InvalidField, TooLarge
@@ -196,6 +197,27 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     if grey is not None and grey.size != (w, h):
         grey = grey.resize((w, h), Image.Resampling.NEAREST)
     return SourceImage(picture.tobytes(), strength, None if grey is None else grey.tobytes()), w, h
+
+
+class ControlRef(BaseModel):
+    """One ControlNet of a request's `controlnets` list (JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description=(
+        "The control image: a data URI, base64, or an http(s) URL on a host in "
+        "image_allowed_hosts."))
+    name: str | None = Field(None, description="Which ControlNet; default: the model's first.")
+    conditioning_scale: float | None = Field(None, ge=0, le=4, description=(
+        "How strongly it steers; default: the ControlNet's own."))
+    start: float = Field(0.0, ge=0, lt=1, description=(
+        "The fraction of the steps after which it starts to steer."))
+    end: float = Field(1.0, gt=0, le=1, description="The fraction after which it stops.")
+
+    def params(self, field: str) -> ControlParams:
+        """As `load_controls` takes it, its errors naming `field`.name, .image, .start."""
+        return ControlParams(self.image, self.name, self.conditioning_scale, self.start,
+                             self.end, (f"{field}.name", f"{field}.image", f"{field}.start"))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from serve.adapters import AdapterSet, split_prompt_tags
 from serve.config import ModelConfig
 from serve.context import charge_images, client_name, ingress, request_id
 from serve.errors import InvalidField
-from serve.images import ControlParams, load_controls, load_source
+from serve.images import ControlParams, ControlRef, load_controls, load_source
 from serve.timing import timing_headers
 from serve.types import (
     MAX_SEED,
@@ -42,17 +42,6 @@ class LoraRef(BaseModel):
     name: str = Field(min_length=1, max_length=2048, description=(
         "A name from GET /v1/loras, or a LoRA file's URL on a host in lora_allowed_hosts."))
     scale: float | None = Field(None, ge=-4, le=4, description="Default: the adapter's own.")
-
-
-class ControlRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    image: str = Field(description="The control image, as control_image takes it.")
-    name: str | None = Field(None, description="Which ControlNet; default: the model's first.")
-    conditioning_scale: float | None = Field(None, ge=0, le=4, description=(
-        "Default: the ControlNet's own."))
-    start: float = Field(0.0, ge=0, lt=1, description="As control_guidance_start.")
-    end: float = Field(1.0, gt=0, le=1, description="As control_guidance_end.")
 
 
 class GenerateParams(BaseModel):
@@ -124,10 +113,7 @@ class GenerateParams(BaseModel):
             return [ControlParams(self.control_image, self.controlnet,
                                   self.controlnet_conditioning_scale,
                                   self.control_guidance_start, self.control_guidance_end)]
-        return [ControlParams(c.image, c.name, c.conditioning_scale, c.start, c.end,
-                              (f"controlnets.{i}.name", f"controlnets.{i}.image",
-                               f"controlnets.{i}.start"))
-                for i, c in enumerate(self.controlnets)]
+        return [c.params(f"controlnets.{i}") for i, c in enumerate(self.controlnets)]
 
     def to_request(self, model: ModelConfig, request_id: str, prompt: str, adapters: AdapterSet,
                    source: SourceImage | None, width: int | None,

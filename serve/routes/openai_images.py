@@ -10,13 +10,14 @@ run them all. Fields OpenAI's newer models take but a diffusion model has no use
 (style, background, moderation, user, ...) are accepted and ignored, so unchanged client
 code keeps working; anything else unknown is a 400 naming the field. The API has no adapter
 field: a `<lora:name:scale>` tag in the prompt applies a catalog adapter, as on
-`/generate`. `seed` (and `prompt_strength` for edits) are Atelier extensions, sent with
-the client's `extra_body`.
+`/generate`. `seed`, `controlnets` (and `prompt_strength` for edits) are Atelier
+extensions, sent with the client's `extra_body`.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 from typing import Any, Literal
@@ -24,7 +25,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import UploadFile
 
 from serve.adapters import split_prompt_tags
@@ -38,7 +39,7 @@ from serve.context import (
     request_id,
 )
 from serve.errors import InvalidField
-from serve.images import load_source
+from serve.images import ControlRef, load_controls, load_source
 from serve.routes.openai_stream import stream_images
 from serve.types import MAX_SEED, GenerationRequest, SourceImage
 
@@ -66,6 +67,10 @@ class ImageGenerationParams(BaseModel):
         "Answer with server-sent events: partial images, then the image (needs n=1)."))
     partial_images: int | None = Field(None, ge=0, le=3, description=(
         "Partial images to stream while the image forms (with stream)."))
+    controlnets: list[ControlRef] = Field(default_factory=list, description=(
+        "SDXL models with ControlNets: control images that steer the image, as /generate's "
+        "controlnets (an Atelier extension; send it with extra_body; in an edit's form, "
+        "as JSON)."))
     quality: Literal["auto", "low", "medium", "high", "hd", "standard"] | None = Field(
         None, description=("low and medium: a third and two thirds of the model's default "
                            "steps; the others: all of them."))
@@ -75,6 +80,17 @@ class ImageGenerationParams(BaseModel):
     moderation: str | None = None
     user: str | None = None
     safety_identifier: str | None = None
+
+    @field_validator("controlnets", mode="before")
+    @classmethod
+    def _json_in_a_form(cls, value: Any) -> Any:
+        """A multipart form (edits) carries the list as JSON text."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list: {exc}") from None
+        return value
 
     def steps(self, model: ModelConfig) -> int | None:
         """The denoising steps `quality` asks of `model`; None: its default."""
@@ -115,7 +131,7 @@ async def create_images(params: ImageGenerationParams,
                         request: Request) -> dict | StreamingResponse:
     state = ingress()
     model = state.router.resolve(params.model)
-    width, height = params.dimensions((model.defaults.width, model.defaults.height))
+    width, height = params.dimensions((None, None))
     return await _generate(state, request, params, model, None, width, height)
 
 
@@ -189,12 +205,17 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
     if params.stream and params.n != 1:
         raise InvalidField("n", "a streamed answer carries one image: n must be 1")
     try:
+        # Without an input or control image the size is the model's default.
+        controls = [c.params(f"controlnets.{i}") for i, c in enumerate(params.controlnets)]
+        controls, width, height = await load_controls(controls, width, height, model,
+                                                      state.images)
         # The OpenAI API has no adapter field: `<lora:name:scale>` tags in the prompt name them.
         prompt, tags = split_prompt_tags(params.prompt)
         gen = GenerationRequest.for_model(
             model, prompt, width=width, height=height, num_outputs=params.n,
             num_inference_steps=params.steps(model),
-            output_format=params.output_format, source=source, seed=params.seed,
+            output_format=params.output_format, source=source, controls=controls,
+            seed=params.seed,
             adapters=state.router.adapters_for(model, tags),
             output_quality=params.output_compression or 90, request_id=request_id(request),
             partial_images=(params.partial_images or 0) if params.stream else 0,

@@ -6,6 +6,7 @@ naming them."""
 
 import base64
 import io
+import json
 
 import cv2
 import numpy as np
@@ -36,6 +37,7 @@ def _b64(image: Image.Image) -> str:
 
 def _generate(client, **fields):
     body = {"model": FAST, "prompt": "a product shot", "steps": 4, "seed": 21, **fields}
+    body = {name: value for name, value in body.items() if value is not None}
     r = client.post("/generate", json=body)
     assert r.status_code == 200, r.text
     return r.json()
@@ -186,3 +188,33 @@ def test_a_lora_and_a_controlnet_steer_one_image_together(client):
     tagged = _generate(client, **fields, prompt="a product shot <lora:sketch:1.0>")
     assert np.abs(pixels(decode(styled["image"])) - pixels(decode(steered["image"]))).mean() > 1
     assert_same_pixels(decode(styled["image"]), decode(tagged["image"]))
+
+
+@pytest.fixture
+def oai(base_url):
+    import openai
+
+    from tests.integration.conftest import API_KEY
+
+    return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
+
+
+def test_the_openai_client_sends_controlnets_with_extra_body(oai, client):
+    nets = [{"name": "lines", "image": _b64(EDGES), "conditioning_scale": 0.8}]
+    made = oai.images.generate(model=FAST, prompt="a product shot",
+                               extra_body={"seed": 21, "controlnets": nets})
+    direct = _generate(client, controlnets=nets, steps=None)
+    image = Image.open(io.BytesIO(base64.b64decode(made.data[0].b64_json)))
+    assert image.size == (96, 64) and made.size == "96x64"
+    assert_same_pixels(image, decode(direct["image"]))
+    # An edit's form carries the list as JSON.
+    photo = np.random.default_rng(8).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    png = base64.b64decode(_b64(Image.fromarray(photo)))
+    edited = oai.images.edit(model=FAST, image=("p.png", png, "image/png"),
+                             prompt="a product shot", extra_body={
+                                 "seed": 21, "prompt_strength": 0.7,
+                                 "controlnets": json.dumps(nets)})
+    direct = _generate(client, controlnets=nets, steps=None, image=_b64(Image.fromarray(photo)),
+                       prompt_strength=0.7)
+    assert_same_pixels(Image.open(io.BytesIO(base64.b64decode(edited.data[0].b64_json))),
+                       decode(direct["image"]))
