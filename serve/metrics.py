@@ -62,6 +62,9 @@ class IngressMetrics:
                               tag_keys=("model", "kind"))
         self.images = Counter("atelier_images", "Images delivered to clients",
                               tag_keys=("model",))
+        self.controlnet_images = Counter("atelier_controlnet_images", (
+            "Images delivered that a ControlNet steered, by ControlNet"),
+            tag_keys=("model", "controlnet"))
         self.generation = Histogram("atelier_generation_duration_seconds",
                                     "Time from routing a request to its images",
                                     boundaries=SECONDS, tag_keys=("model",))

@@ -160,6 +160,9 @@ class ModelRouter:
         delivered = len(result.images) - sum(result.nsfw)
         if delivered:  # Ray's counters refuse 0
             self.metrics.images.inc(delivered, {"model": request.model})
+            for control in request.controls:
+                self.metrics.controlnet_images.inc(
+                    delivered, {"model": request.model, "controlnet": control.name})
         b = result.batch
         self.metrics.used(request.client, request.model, delivered,
                           b.inference_ms / 1000 * len(result.images) / max(1, b.images))

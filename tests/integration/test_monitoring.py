@@ -8,6 +8,8 @@ machine without a GPU, the panels of Ray's GPU node metrics (which Ray exports o
 nodes with GPUs) must be valid queries.
 """
 
+import base64
+import io
 import json
 import math
 import re
@@ -20,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from PIL import Image
 
 from tests.integration.conftest import (
     AUTH,
@@ -87,9 +90,18 @@ def _wait_ready(url, timeout_s=30):
     raise TimeoutError("prometheus did not become ready")
 
 
+def _black_png() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+BLACK_PNG = _black_png()
+
+
 def _traffic(base_url, seconds):
-    """Good requests (some with adapters, some withheld by a safety checker), and bad ones,
-    from two clients at once."""
+    """Good requests (some with adapters or a ControlNet, some withheld by a safety
+    checker), and bad ones, from two clients at once."""
 
     def client(offset):
         with httpx.Client(base_url=base_url, headers=AUTH, timeout=60) as c:
@@ -98,6 +110,8 @@ def _traffic(base_url, seconds):
                 body = {"prompt": "a cat", "seed": i, "model": FAST}
                 if i % 3 == 0:
                     body["loras"] = [{"name": "pixel-art"}]
+                if i % 4 == 1:  # a ControlNet steers it (a black control image)
+                    body["controlnets"] = [{"name": "lines", "image": BLACK_PNG}]
                 assert c.post("/generate", json=body).status_code == 200
                 assert c.post("/generate", json={"prompt": "", "model": FAST}).status_code == 422
                 if i % 8 == 0:
@@ -148,7 +162,7 @@ def test_the_dashboard_covers_what_operators_watch():
     titles = " ".join(title for title, _ in _panel_queries()).lower()
     for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "prompts held",
                   "errors", "memory", "healthy", "by api key", "busy share",
-                  "gpu utilization", "garbage collection", "safety checker"):
+                  "gpu utilization", "garbage collection", "safety checker", "controlnet"):
         assert topic in titles, topic
 
 
