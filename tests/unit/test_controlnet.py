@@ -279,3 +279,31 @@ def test_guidance_cutoff_halves_the_controlnets_rows_and_withdrawal_follows(engi
     assert_same_pixels(out[0][0], cut[0][0])
     full = engine.generate(batch)[0][0]  # the last two steps unguided: measured 0.11 levels
     assert np.abs(_px(cut[0][0]) - _px(full)).mean() > 0.05
+
+
+def test_the_refiner_finishes_a_controlnet_image_as_diffusers_two_pipelines_do(
+        tiny_sdxl_path, cache_dir, controlnet_path):
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    from deployments.engines.sdxl import SDXLEngine
+    from deployments.tiny import TINY_SDXL_REFINER
+
+    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu",
+                        refiner=ensure_embedded(TINY_SDXL_REFINER, cache_dir),
+                        controlnets={"canny": (controlnet_path, None)})
+    request = _req(SQUARE, 0.8, refine="expert_ensemble_refiner", high_noise_frac=0.5)
+    ours = engine.generate([request])[0][0]
+    base = StableDiffusionXLControlNetPipeline.from_pipe(
+        engine.pipe, controlnet=ControlNetModel.from_pretrained(controlnet_path))
+    base.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(5)]
+    latents = base(prompt="a red cube", image=SQUARE, width=64, height=64,
+                   num_inference_steps=6, guidance_scale=7.5,
+                   controlnet_conditioning_scale=0.8, denoising_end=0.5,
+                   output_type="latent", generator=generators).images
+    theirs = engine.refiner(prompt="a red cube", image=latents, num_inference_steps=6,
+                            denoising_start=0.5, guidance_scale=7.5,
+                            generator=generators).images[0]
+    assert_same_pixels(ours, theirs)
+    unrefined = engine.generate([replace(request, refine="no_refiner")])[0][0]
+    assert np.abs(_px(ours) - _px(unrefined)).mean() > 1
