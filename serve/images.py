@@ -1,5 +1,5 @@
-"""Input images (img2img, inpainting, ControlNet): decoded safely, oriented and converted
-to RGB.
+"""Input images (img2img, inpainting, and ControlNets' in `serve.controls`): decoded
+safely, oriented and converted to RGB.
 
 Limits are checked before the pixels are decoded: the encoded size first, then the
 width and height from the file's header, so a small file that claims huge dimensions (a
@@ -14,18 +14,16 @@ import binascii
 import io
 import re
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
 
-from serve.config import ControlNetConfig, ModelConfig
+from serve.config import ModelConfig
 from serve.errors import InvalidField, TooLarge
 from serve.files import output_name
 from serve.predictions import StateStore
-from serve.types import ControlImage, SourceImage, unknown_controlnet
+from serve.types import SourceImage
 from serve.uploads import upload_id
 from serve.urls import check_allowed_url
 
@@ -172,7 +170,7 @@ def output_size(image: Image.Image, width: int | None, height: int | None,
     return max(multiple, w // multiple * multiple), max(multiple, h // multiple * multiple)
 
 
-def _data(value: str | bytes, field: str, max_bytes: int) -> bytes:
+def raw_bytes(value: str | bytes, field: str, max_bytes: int) -> bytes:
     """Raw bytes (an upload) as they are; a string is a data URI or base64."""
     return value if isinstance(value, bytes) else decode_base64(value, field, max_bytes)
 
@@ -187,113 +185,13 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
             raise InvalidField("mask", "a mask needs an image")
         return None, width, height
     nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
-    picture = open_image(_data(image, "image", nbytes), "image", nbytes, npixels)
+    picture = open_image(raw_bytes(image, "image", nbytes), "image", nbytes, npixels)
     grey = None
     if mask is not None:
-        grey = open_mask(_data(mask, "mask", nbytes), "mask", picture, nbytes, npixels)
+        grey = open_mask(raw_bytes(mask, "mask", nbytes), "mask", picture, nbytes, npixels)
     w, h = output_size(picture, width, height, model.rules.size_multiple)
     picture = picture.resize((w, h), Image.Resampling.LANCZOS) if picture.size != (w, h) \
         else picture
     if grey is not None and grey.size != (w, h):
         grey = grey.resize((w, h), Image.Resampling.NEAREST)
     return SourceImage(picture.tobytes(), strength, None if grey is None else grey.tobytes()), w, h
-
-
-class ControlRef(BaseModel):
-    """One ControlNet of a request's `controlnets` list (JSON)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image: str = Field(description=(
-        "The control image: a data URI, base64, or an http(s) URL on a host in "
-        "image_allowed_hosts."))
-    name: str | None = Field(None, description="Which ControlNet; default: the model's first.")
-    conditioning_scale: float | None = Field(None, ge=0, le=4, description=(
-        "How strongly it steers; default: the ControlNet's own."))
-    start: float = Field(0.0, ge=0, lt=1, description=(
-        "The fraction of the steps after which it starts to steer."))
-    end: float = Field(1.0, gt=0, le=1, description="The fraction after which it stops.")
-
-    def params(self, field: str) -> ControlParams:
-        """As `load_controls` takes it, its errors naming `field`.name, .image, .start."""
-        return ControlParams(self.image, self.name, self.conditioning_scale, self.start,
-                             self.end, (f"{field}.name", f"{field}.image", f"{field}.start"))
-
-
-@dataclass(frozen=True)
-class ControlParams:
-    """One ControlNet of a request as its route took it (None: the model's first
-    ControlNet, that ControlNet's scale), and the route's names of its name, image and
-    start fields, for errors."""
-
-    image: str | bytes | None
-    name: str | None = None
-    scale: float | None = None
-    start: float = 0.0
-    end: float = 1.0
-    fields: tuple[str, str, str] = ("controlnet", "control_image", "control_guidance_start")
-
-
-async def load_controls(params: Sequence[ControlParams], width: int | None,
-                        height: int | None, model: ModelConfig, fetcher: ImageFetcher,
-                        size_from: int = 0,
-                        ) -> tuple[tuple[ControlImage, ...], int | None, int | None]:
-    """The request's control images at the size to generate, through their ControlNets'
-    preprocessing, with that size: `width` and `height` where given, else control image
-    `size_from`'s own (rounded down as an input image's). For none: (), and the size as
-    given. More than the model's `limits.max_controlnets` are refused before any is read."""
-    most = model.limits.max_controlnets
-    if len(params) > most:
-        raise InvalidField(params[most].fields[0], f"at most {most} ControlNets per request "
-                                                   "for this model")
-    nets = [_controlnet(p, model) for p in params]
-    if not params:
-        return (), width, height
-    limit = model.limits.max_image_bytes
-    data = [await fetcher.fetch(p.image, p.fields[1], limit) for p in params]
-    pixels, w, h = await asyncio.to_thread(_control_pixels, params, nets, data, width, height,
-                                           model, size_from)
-    return tuple(ControlImage(net_name, rgb, net.conditioning_scale if p.scale is None
-                              else p.scale, p.start, p.end)
-                 for p, (net_name, net), rgb in zip(params, nets, pixels, strict=True)), w, h
-
-
-def _controlnet(params: ControlParams, model: ModelConfig) -> tuple[str, ControlNetConfig]:
-    """The (name, config) of the ControlNet `params` names; 422 on the right field."""
-    name_field, image_field, start_field = params.fields
-    if params.image is None:
-        raise InvalidField(image_field, f"{name_field} needs a control image")
-    if not model.controlnets:
-        raise InvalidField(image_field, "this model has no ControlNet (its config sets none)")
-    name = params.name or next(iter(model.controlnets))
-    if name not in model.controlnets:
-        raise unknown_controlnet(model, name, name_field)
-    if not params.start < params.end:
-        raise InvalidField(start_field, "the start of a ControlNet's steps must be below "
-                                        "their end")
-    return name, model.controlnets[name]
-
-
-def _control_pixels(params: Sequence[ControlParams], nets: Sequence[tuple[str, ControlNetConfig]],
-                    data: Sequence[str | bytes], width: int | None, height: int | None,
-                    model: ModelConfig, size_from: int) -> tuple[list[bytes], int, int]:
-    nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
-    pictures = [open_image(_data(d, p.fields[1], nbytes), p.fields[1], nbytes, npixels)
-                for p, d in zip(params, data, strict=True)]
-    w, h = output_size(pictures[size_from], width, height, model.rules.size_multiple)
-    out = []
-    for picture, (_, net) in zip(pictures, nets, strict=True):
-        if picture.size != (w, h):
-            picture = picture.resize((w, h), Image.Resampling.LANCZOS)
-        out.append((canny(picture) if net.preprocess == "canny" else picture).tobytes())
-    return out, w, h
-
-
-def canny(picture: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
-    """OpenCV's Canny edges of the picture's grey levels, white on black, as RGB: the
-    control images canny ControlNets were trained on (with these thresholds)."""
-    import cv2
-    import numpy as np
-
-    edges = cv2.Canny(np.asarray(picture.convert("L")), low, high)
-    return Image.fromarray(edges).convert("RGB")

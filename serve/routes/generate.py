@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from serve.adapters import AdapterSet, split_prompt_tags
 from serve.config import ModelConfig
 from serve.context import charge_images, client_name, ingress, request_id
+from serve.controls import ControlParams, ControlRef, listed, load_controls
 from serve.errors import InvalidField
-from serve.images import ControlParams, ControlRef, load_controls, load_source
+from serve.images import load_source
 from serve.timing import timing_headers
 from serve.types import (
     MAX_SEED,
@@ -102,8 +103,7 @@ class GenerateParams(BaseModel):
         "Mark the images with the model's invisible watermark; false leaves it out where the "
         "model's config lets requests do so."))
 
-    @property
-    def controls(self) -> list[ControlParams]:
+    def control_params(self) -> list[ControlParams]:
         """The request's ControlNets; 422 when it gives them in both forms."""
         single = self.control_image is not None or self.controlnet is not None
         if single and self.controlnets:
@@ -113,7 +113,7 @@ class GenerateParams(BaseModel):
             return [ControlParams(self.control_image, self.controlnet,
                                   self.controlnet_conditioning_scale,
                                   self.control_guidance_start, self.control_guidance_end)]
-        return [c.params(f"controlnets.{i}") for i, c in enumerate(self.controlnets)]
+        return listed(self.controlnets)
 
     def to_request(self, model: ModelConfig, request_id: str, prompt: str, adapters: AdapterSet,
                    source: SourceImage | None, width: int | None,
@@ -168,7 +168,7 @@ async def generate(request: Request) -> Response:
         source, width, height = await load_source(
             params.image, params.mask, params.prompt_strength, params.width, params.height,
             model, state.images)
-        controls, width, height = await load_controls(params.controls, width, height, model,
+        controls, width, height = await load_controls(params.control_params(), width, height, model,
                                                       state.images)
         gen = params.to_request(model, request_id(request), prompt, adapters, source, width,
                                 height, client_name(request), controls)

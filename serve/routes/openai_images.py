@@ -38,8 +38,9 @@ from serve.context import (
     ingress,
     request_id,
 )
+from serve.controls import ControlRef, listed, load_controls
 from serve.errors import InvalidField
-from serve.images import ControlRef, load_controls, load_source
+from serve.images import load_source
 from serve.routes.openai_stream import stream_images
 from serve.types import MAX_SEED, GenerationRequest, SourceImage
 
@@ -206,9 +207,8 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
         raise InvalidField("n", "a streamed answer carries one image: n must be 1")
     try:
         # Without an input or control image the size is the model's default.
-        controls = [c.params(f"controlnets.{i}") for i, c in enumerate(params.controlnets)]
-        controls, width, height = await load_controls(controls, width, height, model,
-                                                      state.images)
+        controls, width, height = await load_controls(listed(params.controlnets), width,
+                                                      height, model, state.images)
         # The OpenAI API has no adapter field: `<lora:name:scale>` tags in the prompt name them.
         prompt, tags = split_prompt_tags(params.prompt)
         gen = GenerationRequest.for_model(

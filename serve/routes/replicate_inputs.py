@@ -14,8 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from serve.config import ModelConfig
+from serve.controls import ControlParams
 from serve.errors import InvalidField
-from serve.images import ControlParams
 from serve.types import MAX_SEED, SCHEDULERS, OutputFormat, Refine
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")

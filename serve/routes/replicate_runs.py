@@ -15,8 +15,9 @@ from collections.abc import Awaitable
 from fastapi.exceptions import RequestValidationError
 
 from serve.context import IngressState
+from serve.controls import load_controls
 from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost
-from serve.images import load_controls, load_source
+from serve.images import load_source
 from serve.predictions import Prediction, now_iso
 from serve.routes.replicate_inputs import FluxInput, SDXLInput, parse_input
 from serve.types import GenerationRequest, GenerationResult
