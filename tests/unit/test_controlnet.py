@@ -110,17 +110,31 @@ def test_each_image_follows_its_own_control_image_in_a_shared_call(engine):
     assert_same_pixels(together[1][0], engine.generate([b])[0][0])
 
 
-def test_a_withdrawn_request_leaves_and_the_other_keeps_its_pixels(engine):
-    batch = [_req(SQUARE), _req(WIDE, seed=9, num_outputs=2), _req(SQUARE, seed=11)]
-    untouched = engine.generate(batch)
+def _withdrawing(engine, batch: list, after: int | None, net: str = "canny"):
+    """Run `batch`, request 1 withdrawn after step `after` (None: none is); return the
+    images and the batch rows of each forward of ControlNet `net` (called with keywords
+    when combined)."""
     steps, rows = [], []
-    hook = engine.controlnets["canny"].register_forward_pre_hook(
-        lambda module, args: rows.append(args[0].shape[0]))
+    hook = engine.controlnets[net].register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append((args[0] if args else kwargs["sample"])
+                                                 .shape[0]), with_kwargs=True)
     try:
-        out = engine.generate(batch, withdrawn=lambda: {1} if len(steps) >= 3 else set(),
+        out = engine.generate(batch, withdrawn=lambda: {1} if after is not None
+                              and len(steps) >= after else set(),
                               on_step=lambda s, t: steps.append(s))
     finally:
         hook.remove()
+    return out, rows
+
+
+@pytest.mark.parametrize("nets", [1, 2])
+def test_a_withdrawn_request_leaves_and_the_others_keep_their_pixels(engine, nets):
+    def req(**overrides):
+        return _req(SQUARE, **overrides) if nets == 1 else _both(**overrides)
+
+    batch = [req(), req(seed=9, num_outputs=2), req(seed=11)]
+    untouched = engine.generate(batch)
+    out, rows = _withdrawing(engine, batch, after=3)
     assert [len(images) for images in out] == [1, 0, 1]
     assert_same_pixels(out[0][0], untouched[0][0])
     assert_same_pixels(out[2][0], untouched[2][0])
@@ -187,17 +201,6 @@ def test_two_controlnets_combine_as_diffusers_multicontrolnet_does(engine, contr
     assert np.abs(_px(engine.generate([_both()])[0][0]) - _px(alone)).mean() > 1
 
 
-def test_a_withdrawn_request_leaves_a_call_of_two_controlnets(engine):
-    batch = [_both(), _both(seed=9, num_outputs=2), _both(seed=11)]
-    untouched = engine.generate(batch)
-    steps = []
-    out = engine.generate(batch, withdrawn=lambda: {1} if len(steps) >= 3 else set(),
-                          on_step=lambda s, t: steps.append(s))
-    assert [len(images) for images in out] == [1, 0, 1]
-    assert_same_pixels(out[0][0], untouched[0][0])
-    assert_same_pixels(out[2][0], untouched[2][0])
-
-
 INPUT = np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)
 MASK = np.zeros((64, 64), np.uint8)
 MASK[16:48, 16:48] = 255
@@ -262,19 +265,14 @@ def test_guidance_cutoff_halves_the_controlnets_rows_and_withdrawal_follows(engi
     """speed.cfg_cutoff drops the unconditional half of every guided input, the control
     images of both ControlNets with them; a request withdrawn after that leaves its rows."""
     batch = [_both(), _both(seed=9, num_outputs=2)]
-    rows, steps = [], []
-    hook = engine.controlnets["other"].register_forward_pre_hook(  # called with keywords
-        lambda module, args, kwargs: rows.append(kwargs["sample"].shape[0]), with_kwargs=True)
     engine.cfg_cutoff = 0.5
     try:
-        cut = engine.generate(batch)
-        out = engine.generate(batch, withdrawn=lambda: {1} if len(steps) >= 4 else set(),
-                              on_step=lambda s, t: steps.append(s))
+        cut, cut_rows = _withdrawing(engine, batch, after=None, net="other")
+        out, rows = _withdrawing(engine, batch, after=4, net="other")
     finally:
         engine.cfg_cutoff = None
-        hook.remove()
     # 6 steps, guided through step index 3: 3 images x 2 rows, then 3 rows, then 1 row.
-    assert rows[:6] == [6, 6, 6, 6, 3, 3] and rows[6:] == [6, 6, 6, 6, 1, 1]
+    assert cut_rows == [6, 6, 6, 6, 3, 3] and rows == [6, 6, 6, 6, 1, 1]
     assert [len(images) for images in out] == [1, 0]
     assert_same_pixels(out[0][0], cut[0][0])
     full = engine.generate(batch)[0][0]  # the last two steps unguided: measured 0.11 levels
