@@ -17,6 +17,7 @@ from deployments.once import built_once
 TINY_SDXL = "tiny-sdxl"
 TINY_SDXL_REFINER = "tiny-sdxl-refiner"
 TINY_SDXL_CONTROLNET = "tiny-sdxl-controlnet"
+TINY_SDXL_IP_ADAPTER = "tiny-sdxl-ip-adapter"
 TINY_FLUX = "tiny-flux"
 # Bump when the recipe below changes, so old caches are not reused.
 RECIPE_VERSION = 1
@@ -28,7 +29,8 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
     """Return the folder of embedded model `name`, building it once per machine.
     Raises ValueError for an unknown name."""
     builders = {TINY_SDXL: _build_tiny_sdxl, TINY_SDXL_REFINER: _build_tiny_refiner,
-                TINY_SDXL_CONTROLNET: _build_tiny_controlnet, TINY_FLUX: _build_tiny_flux}
+                TINY_SDXL_CONTROLNET: _build_tiny_controlnet,
+                TINY_SDXL_IP_ADAPTER: _build_tiny_ip_adapter, TINY_FLUX: _build_tiny_flux}
     if name not in builders:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(builders)}")
     return built_once(cache_dir / f"{name}-v{RECIPE_VERSION}", builders[name])
@@ -131,6 +133,38 @@ def _build_tiny_controlnet(folder: Path) -> None:
         if isinstance(conv, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(conv.weight)
     net.save_pretrained(folder, safe_serialization=True)
+
+
+def _build_tiny_ip_adapter(folder: Path) -> None:
+    """An IP-Adapter of the tiny SDXL in h94/IP-Adapter's layout: sdxl_models/ holds the
+    weights file (the image projection's `image_proj.*` and each cross-attention's
+    `ip_adapter.<n>.to_k_ip/to_v_ip`, numbered as the original code numbers the UNet's
+    attention layers) and image_encoder/, a small CLIP vision model. The image key and
+    value projections start from the text ones plus noise, as training starts from them."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(_SEED + 3)
+    models = folder / "sdxl_models"
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8, projection_dim=32))
+    encoder.save_pretrained(models / "image_encoder", safe_serialization=True)
+    unet = UNet2DConditionModel(**public_fields(TINY_SDXL_CONFIGS["unet"]))
+    text_dim, image_dim = unet.config.cross_attention_dim, encoder.config.projection_dim
+    state = {"image_proj.proj.weight": torch.randn(4 * text_dim, image_dim) * 0.2,
+             "image_proj.proj.bias": torch.zeros(4 * text_dim),
+             "image_proj.norm.weight": torch.ones(text_dim),
+             "image_proj.norm.bias": torch.zeros(text_dim)}
+    for number, name in enumerate(unet.attn_processors):  # attn1, attn2 of each block
+        if name.endswith("attn2.processor"):
+            attention = unet.get_submodule(name.removesuffix(".processor"))
+            for ip, text in (("to_k_ip", attention.to_k), ("to_v_ip", attention.to_v)):
+                noise = torch.randn_like(text.weight) * text.weight.std()
+                state[f"ip_adapter.{number}.{ip}.weight"] = text.weight.detach() + noise
+    save_file({k: v.contiguous() for k, v in state.items()}, models / "ip-adapter_sdxl.safetensors")
 
 
 def _build_tiny_flux(folder: Path) -> None:

@@ -21,18 +21,18 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
     BatchingConfig,
     ConfigError,
     ContentCredentialsConfig,
-    ControlNetConfig,
     DefaultsConfig,
     Family,
     LimitsConfig,
+    PathOrEmbedded,
     RefinerConfig,
     SafetyCheckerConfig,
     SpeedConfig,
     WatermarkConfig,
-    _PathOrEmbedded,
     _Strict,
     check_pipeline,
 )
+from serve.steering import ControlNetConfig, IPAdapterConfig
 from serve.webhooks import check_secret
 
 __all__ = ["FAMILIES", "SCHEDULERS", "AtelierConfig", "BatchingConfig", "ConfigError",
@@ -100,6 +100,9 @@ class ModelConfig(_Strict):
     controlnets: dict[str, ControlNetConfig] = Field(default_factory=dict, description=(
         "SDXL only: ControlNets by the name requests give (`controlnet`), e.g. {canny: "
         "{path: ...}}. A request with a `control_image` and no name uses the first."))
+    ip_adapter: IPAdapterConfig | None = Field(None, description=(
+        "SDXL only: an IP-Adapter, for requests' image prompts (`ip_adapter_image`). Unset: "
+        "requests with one get 422."))
     safety_checker: SafetyCheckerConfig | None = Field(None, description=(
         "Check every output image for NSFW content and withhold the flagged ones (see "
         "SafetyCheckerConfig). Unset: no check."))
@@ -162,6 +165,8 @@ class ModelConfig(_Strict):
             raise ValueError("refiner: only sdxl models take a refiner")
         if self.controlnets and self.family != "sdxl":
             raise ValueError("controlnets: only sdxl models take ControlNets")
+        if self.ip_adapter is not None and self.family != "sdxl":
+            raise ValueError("ip_adapter: only sdxl models take an IP-Adapter")
         if self.speed.cfg_cutoff is not None and self.family != "sdxl":
             raise ValueError("speed.cfg_cutoff: only sdxl models use classifier-free guidance")
         self.defaults.check_within(self.limits, self.rules)
@@ -189,7 +194,7 @@ class ModelConfig(_Strict):
         return re.sub(r"[^a-z0-9-]", "-", self.id)
 
 
-class LoraFolderConfig(_PathOrEmbedded):
+class LoraFolderConfig(PathOrEmbedded):
     path: Path | None = Field(None, description=(
         "Folder of <name>.safetensors LoRA files (diffusers/PEFT or kohya key layout)."))
     embedded: Literal["tiny-sdxl-demo", "tiny-flux-demo"] | None = Field(None, description=(
@@ -304,9 +309,9 @@ class AtelierConfig(_Strict):
             check_pipeline(f"models.{i}", "refiner.", refiner and refiner.path,
                            refiner and refiner.configs_from, "sdxl-refiner")
             for name, net in model.controlnets.items():
-                if net.path is not None and not (net.path / "config.json").is_file():
-                    raise ConfigError(f"models.{i}.controlnets.{name}.path: {net.path} is not "
-                                      "a ControlNet folder (no config.json)")
+                net.check_files(f"models.{i}.controlnets.{name}")
+            if model.ip_adapter is not None:
+                model.ip_adapter.check_files(f"models.{i}.ip_adapter")
             if checker is not None and not checker.path.exists():
                 raise ConfigError(f"models.{i}.safety_checker.path: {checker.path} does not "
                                   "exist")
@@ -339,6 +344,7 @@ def default_config() -> AtelierConfig:
                     refiner=RefinerConfig(embedded="tiny-sdxl-refiner"),
                     controlnets={"canny": ControlNetConfig(embedded="tiny-sdxl-controlnet",
                                                            preprocess="canny")},
+                    ip_adapter=IPAdapterConfig(embedded="tiny-sdxl-ip-adapter"),
                     dtype="float32", num_cpus=cpus, limits=limits,
                     defaults=DefaultsConfig(width=512, height=512, num_inference_steps=20)),
         ModelConfig(id=DEFAULT_FLUX_ID, aliases=["black-forest-labs/flux-dev"], family="flux",

@@ -1,7 +1,7 @@
 """The parts of a model's configuration: pipeline families and what each accepts, the
-batching, speed, limits, defaults, refiner, ControlNet, safety checker and watermark sections
-(`serve.config` assembles them), and the checks of the files a pipeline's paths must
-hold."""
+batching, speed, limits, defaults, refiner, safety checker and watermark sections
+(`serve.config` assembles them; ControlNets and IP-Adapters are in `serve.steering`),
+and the checks of the files a pipeline's paths must hold."""
 
 from __future__ import annotations
 
@@ -54,11 +54,11 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message names each failing field."""
 
 
-class _PathOrEmbedded(_Strict):
+class PathOrEmbedded(_Strict):
     """Files from a local `path`, or an `embedded` set built here: exactly one of them."""
 
     @model_validator(mode="after")
-    def _one_source(self) -> _PathOrEmbedded:
+    def _one_source(self) -> PathOrEmbedded:
         if (self.path is None) == (self.embedded is None):
             raise ValueError("set exactly one of path or embedded")
         return self
@@ -232,7 +232,7 @@ class ContentCredentialsConfig(_Strict):
         "outlives the certificate; unset: none (the nodes must reach it)."))
 
 
-class RefinerConfig(_PathOrEmbedded):
+class RefinerConfig(PathOrEmbedded):
     """An SDXL refiner (stable-diffusion-xl-refiner-1.0's architecture) that runs after the
     base model for Replicate's `refine` input. It uses the base model's text_encoder_2 and
     VAE, as diffusers' and Replicate's SDXL pipelines do; its own copies are not loaded."""
@@ -255,26 +255,6 @@ class RefinerConfig(_PathOrEmbedded):
             raise ValueError("refiner.configs_from: goes with a single-file path alone "
                              "(no embedded, no variant)")
         return self
-
-
-class ControlNetConfig(_PathOrEmbedded):
-    """A ControlNet for an SDXL model (diffusers' ControlNetModel: canny edges, depth,
-    pose...): requests that name it send a control image, whose shapes the model then
-    follows. It runs beside the model's UNet at every step, with the UNet's dtype."""
-
-    path: Path | None = Field(None, description=(
-        "Local diffusers folder of the ControlNet: config.json and its safetensors weights "
-        "(e.g. controlnet-canny-sdxl-1.0). Never fetched."))
-    embedded: Literal["tiny-sdxl-controlnet"] | None = Field(None, description=(
-        "Build and use the embedded random-weight ControlNet of the tiny SDXL."))
-    variant: str | None = Field(None, description="Weights file variant, e.g. fp16.")
-    conditioning_scale: float = Field(1.0, ge=0, le=4, description=(
-        "How strongly the control image steers the image when the request does not say "
-        "(its `controlnet_conditioning_scale`)."))
-    preprocess: Literal["none", "canny"] = Field("none", description=(
-        "What the control image goes through first: none (requests send the map itself: "
-        "edges, depth, pose), or canny (requests send a picture, whose Canny edges, white "
-        "on black, are the control image)."))
 
 
 # The modules a single-file checkpoint reads from its `configs_from` folder's weights (an

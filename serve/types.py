@@ -15,7 +15,7 @@ from serve.config import FAMILIES, SCHEDULERS, Family, LimitsConfig, ModelConfig
 from serve.errors import ContentFlagged, InvalidField
 
 __all__ = ["SCHEDULERS", "BatchInfo", "ControlImage", "GenerationRequest", "GenerationResult",
-           "SourceImage"]
+           "ImagePrompt", "SourceImage"]
 OutputFormat = Literal["png", "webp", "jpeg"]
 # Replicate's SDXL `refine` values: the refiner finishes the base model's last
 # 1 - high_noise_frac of the steps, or reworks its finished image (img2img at strength 0.3).
@@ -23,6 +23,8 @@ Refine = Literal["no_refiner", "expert_ensemble_refiner", "base_image_refiner"]
 REFINER_STRENGTH = 0.3  # base_image_refiner: the refiner's img2img runs int(steps x 0.3)
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 MAX_SEED = 2**32 - 1
+# Image prompts are scaled down to this on their shorter side (their encoders see 224).
+IMAGE_PROMPT_SIDE = 512
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,6 +60,18 @@ class ControlImage:
         return (self.name, self.scale, self.start, self.end)
 
 
+@dataclass(frozen=True, eq=False)
+class ImagePrompt:
+    """An IP-Adapter's input: a picture (RGB pixels, its own size, at most
+    IMAGE_PROMPT_SIDE on its shorter side) whose content and style the image takes on,
+    and how strongly."""
+
+    rgb: bytes
+    width: int
+    height: int
+    scale: float
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One client request, already resolved to a served model id and a concrete seed.
@@ -82,6 +96,7 @@ class GenerationRequest:
     request_id: str = ""
     source: SourceImage | None = None
     controls: tuple[ControlImage, ...] = ()  # ControlNets steering the image, combined
+    image_prompt: ImagePrompt | None = None  # for the model's IP-Adapter
     refine: Refine = "no_refiner"
     high_noise_frac: float = 0.8  # expert_ensemble_refiner: where the refiner takes over
     refine_steps: int | None = None  # base_image_refiner: steps (default: the request's)
@@ -122,6 +137,9 @@ class GenerationRequest:
         for control in request.controls:  # the routes name their own fields first
             if control.name not in model.controlnets:
                 raise unknown_controlnet(model, control.name)
+        if request.image_prompt is not None and model.ip_adapter is None:
+            raise InvalidField("ip_adapter_image", "this model has no IP-Adapter (its config "
+                                                   "sets none)")
         if len(request.controls) > model.limits.max_controlnets:
             raise InvalidField("controlnets", f"at most {model.limits.max_controlnets} "
                                               "ControlNets per request for this model")

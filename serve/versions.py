@@ -22,18 +22,28 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
     h = hashlib.sha256()
     config = model.model_dump(mode="json", include={"family", "embedded", "variant", "dtype",
                                                     "defaults", "lora_targets", "refiner",
-                                                    "controlnets"})
+                                                    "controlnets", "ip_adapter"})
     h.update(json.dumps(config, sort_keys=True).encode())
-    refiner, nets = model.refiner, model.controlnets.values()
+    refiner, nets, ip = model.refiner, model.controlnets.values(), model.ip_adapter
     if model.embedded is not None or (refiner and refiner.embedded) or any(
-            net.embedded for net in nets):
+            net.embedded for net in nets) or (ip and ip.embedded):
         h.update(f"embedded-recipe-{RECIPE_VERSION}".encode())  # built deterministically
     _add_files(h, cache_dir, ((model.path, _read_all), (model.configs_from,
                                                          _READ_WITH_FILE[model.family]),
                               (refiner and refiner.path, _read_all),
                               (refiner and refiner.configs_from, _READ_WITH_FILE["sdxl"]),
-                              *((net.path, _read_all) for net in nets)))
+                              *((net.path, _read_all) for net in nets),
+                              *_ip_adapter_files(ip)))
     return h.hexdigest()
+
+
+def _ip_adapter_files(adapter) -> list:
+    """An IP-Adapter's weights file and image encoder folder (not the rest of its folder,
+    which may hold other adapters)."""
+    if adapter is None or adapter.path is None:
+        return []
+    return [(adapter.weights_file(adapter.path), _read_all),
+            (adapter.encoder_folder(adapter.path), _read_all)]
 
 
 def checkpoint_key(checkpoint: Path, configs: Path, cache_dir: Path) -> str:

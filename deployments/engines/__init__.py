@@ -94,6 +94,18 @@ def controlnet_paths(model: ModelConfig, cache_dir: Path) -> dict[str, tuple[Pat
             for name, net in model.controlnets.items()}
 
 
+def ip_adapter_files(model: ModelConfig, cache_dir: Path) -> tuple[Path, str, str, str] | None:
+    """The IP-Adapter's (folder, subfolder, weights file, image encoder folder) as diffusers'
+    load_ip_adapter takes them (the embedded one built once), or None."""
+    from deployments.tiny import ensure_embedded
+
+    adapter = model.ip_adapter
+    if adapter is None:
+        return None
+    folder = adapter.path or ensure_embedded(adapter.embedded, cache_dir)
+    return folder, adapter.subfolder, adapter.weight_name, adapter.image_encoder
+
+
 def create_engine(model: ModelConfig, cache_dir: Path,
                   adapters: dict[str, AdapterEntry] | None) -> Engine:
     """Load the model's pipeline; `adapters` are the catalog entries that fit it."""
@@ -109,7 +121,7 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                           cache_dir / "compile", model.fuse_adapters,
                           refiner_path(refiner, cache_dir) if refiner else None,
                           refiner.variant if refiner else None,
-                          controlnet_paths(model, cache_dir))
+                          controlnet_paths(model, cache_dir), ip_adapter_files(model, cache_dir))
     if model.family == "flux":
         from deployments.engines.flux import FluxEngine
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from deployments.adapters import AdapterSlots
+from deployments.engines.image_prompts import ImagePrompts
 from deployments.engines.loading import load_pipeline, share_modules
 from deployments.engines.previews import PreviewListener, Previews
 from deployments.engines.prompts import Embeds, PromptCache, stack
@@ -42,12 +43,14 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 class Prepared(NamedTuple):
-    """What a request's call needs, made before the call: prompt embeddings (one image's)
-    and the input image and mask and the control images on the device."""
+    """What a request's call needs, made before the call: prompt embeddings (one image's),
+    the input image and mask and the control images on the device, and the image prompt's
+    embedding."""
 
     embeds: Embeds
     source: SourceTensors | None
     controls: tuple[torch.Tensor, ...] = ()
+    image_prompt: torch.Tensor | None = None
 
 
 class DiffusersEngine:
@@ -67,6 +70,7 @@ class DiffusersEngine:
     buckets: tuple[int, ...] = ()  # image counts calls are padded up to (none: as they come)
     attention: str = "auto"  # the order fused attention kernels are tried in (speed.py)
     cfg_cutoff: float | None = None  # fraction of the steps guided (speed.cfg_cutoff)
+    image_prompts: ImagePrompts | None = None  # the model's IP-Adapter, if it has one
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
                  simulate_oom_above_images: int | None):
@@ -147,11 +151,13 @@ class DiffusersEngine:
 
     @torch.inference_mode()
     def prepare(self, request: GenerationRequest) -> tuple[Prepared, bool]:
-        """The request's prompt embeddings and input and control images, made ahead of its
-        call (from any thread), and whether the embeddings were already held."""
+        """The request's prompt embeddings, input and control images and image prompt,
+        made ahead of its call (from any thread), and whether the embeddings were already
+        held."""
         embeds, held = self.prompts.get(request)
+        image = self.image_prompts and self.image_prompts.embed(request.image_prompt)
         return Prepared(embeds, source_tensors(request, self.device),
-                        control_tensors(request, self.device)), held
+                        control_tensors(request, self.device), image), held
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest],
@@ -201,7 +207,7 @@ class DiffusersEngine:
                                  previews=previews)
         out_of_memory = False
         try:
-            with self._rows_follow(rows), previews.tapping(pipe) if previews else nullcontext():
+            with self._rows_follow(requests, made, rows), previews.tapping(pipe) if previews else nullcontext():
                 out = self._call(pipe, first, generators, inputs, callback)
                 images = self._second_stage(requests, rows, generators, out, callback)
         except torch.OutOfMemoryError:
@@ -266,10 +272,13 @@ class DiffusersEngine:
         a family may run a second model over them here (SDXL's refiner)."""
         return out
 
-    def _rows_follow(self, rows: BatchRows) -> AbstractContextManager:
+    def _rows_follow(self, requests: Sequence[GenerationRequest], made: Sequence[Prepared],
+                     rows: BatchRows) -> AbstractContextManager:
         """Around a call: keep per-row inputs the step callback cannot reach in step with
-        the rows still live (`rows`)."""
-        return nullcontext()
+        the rows still live (`rows`): here, image prompts' (`image_prompts.following`)."""
+        if self.image_prompts is None:
+            return nullcontext()
+        return self.image_prompts.following(requests, [p.image_prompt for p in made], rows)
 
     def _encode(self, requests: Sequence[GenerationRequest],
                 embeds: Sequence[Embeds]) -> dict:

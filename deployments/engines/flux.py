@@ -19,12 +19,13 @@ import torch
 from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
 
 from deployments.adapters import adapter_store
-from deployments.engines.base import DiffusersEngine
+from deployments.engines.base import DiffusersEngine, Prepared
 from deployments.engines.prompts import Embeds
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
 from serve.model_parts import FAMILIES
+from serve.types import GenerationRequest
 
 
 class FluxEngine(DiffusersEngine):
@@ -53,7 +54,8 @@ class FluxEngine(DiffusersEngine):
         self.max_sequence_length = min(512, self.pipe.tokenizer_2.model_max_length)
 
     @contextmanager
-    def _rows_follow(self, rows: BatchRows) -> Iterator[None]:
+    def _rows_follow(self, requests: Sequence[GenerationRequest], made: Sequence[Prepared],
+                     rows: BatchRows) -> Iterator[None]:
         """The pipeline makes the transformer's `guidance` and `pooled_projections` for all
         the call's rows before its loop, out of the step callback's reach; once requests
         leave (their latents dropped), only the live rows of those go in."""

@@ -1,7 +1,7 @@
 """SDXL engine: text-to-image, img2img and inpainting with the seven Replicate schedulers,
 LoRA adapters in the UNet and both text encoders, each mode steered by the model's
-ControlNets (one or several at once), and an optional refiner run after the base model
-(Replicate's `refine`)."""
+ControlNets (one or several at once) and by an image prompt (IP-Adapter), and an optional
+refiner run after the base model (Replicate's `refine`)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from diffusers import (
 
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine
+from deployments.engines.image_prompts import ImagePrompts
 from deployments.engines.loading import load_pipeline
 from deployments.engines.prompts import Embeds
 from deployments.engines.speed import attention_order
@@ -37,7 +38,7 @@ from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
 from serve.model_parts import FAMILIES
-from serve.types import ControlImage, GenerationRequest
+from serve.types import ControlImage, GenerationRequest, ImagePrompt
 
 # mode → the ControlNet pipeline of calls with ControlNets.
 _CONTROLNET_PIPELINES = {"txt2img": StableDiffusionXLControlNetPipeline,
@@ -74,8 +75,11 @@ class SDXLEngine(DiffusersEngine):
                  speed: SpeedConfig | None = None, compile_cache: Path | None = None,
                  fuse_adapters: bool = False, refiner: Path | None = None,
                  refiner_variant: str | None = None,
-                 controlnets: Mapping[str, tuple[Path, str | None]] | None = None):
+                 controlnets: Mapping[str, tuple[Path, str | None]] | None = None,
+                 ip_adapter: tuple[Path, str, str, str] | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
+        if ip_adapter is not None:  # (folder, subfolder, weights file, image encoder)
+            self.image_prompts = ImagePrompts(self.pipe, *ip_adapter)
         self._load_controlnets(controlnets or {})
         # The refiner shares the base model's text_encoder_2 and VAE (its own are not read).
         self.refiner = None if refiner is None else load_pipeline(
@@ -127,10 +131,14 @@ class SDXLEngine(DiffusersEngine):
         return pipe
 
     def describe(self) -> dict:
-        """As for every engine, with each ControlNet's weights dtype among the modules'."""
+        """As for every engine, with each ControlNet's weights dtype, and the IP-Adapter's
+        image encoder's, among the modules'."""
         facts = super().describe()
-        facts["weights"] |= {f"controlnet {name}": str(next(net.parameters()).dtype)
-                             .removeprefix("torch.") for name, net in self.controlnets.items()}
+        nets = {f"controlnet {name}": net for name, net in self.controlnets.items()}
+        if self.image_prompts is not None:
+            nets["ip-adapter image_encoder"] = self.pipe.image_encoder
+        facts["weights"] |= {name: str(next(net.parameters()).dtype).removeprefix("torch.")
+                             for name, net in nets.items()}
         return facts | {"controlnets": list(self.controlnets)}
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
@@ -140,10 +148,13 @@ class SDXLEngine(DiffusersEngine):
         return pos, neg, pooled, neg_pooled
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
-        """As for every engine, then one call with each ControlNet and one refined call, so
-        that they are warm too."""
+        """As for every engine, then one call with each ControlNet, one with an image
+        prompt and one refined call, so that they are warm too."""
         super().warm_up(request, max_images)
         blank = bytes(request.width * request.height * 3)
+        if self.image_prompts is not None:
+            prompt = ImagePrompt(blank, request.width, request.height, 1.0)
+            self.generate([replace(request, num_outputs=1, image_prompt=prompt)])
         for name in self.controlnets:
             control = ControlImage(name, blank)
             self.generate([replace(request, num_outputs=1, controls=(control,))])

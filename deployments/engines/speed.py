@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import torch
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -104,8 +105,16 @@ _FUSED = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
 def fuse_qkv(denoiser: nn.Module) -> int:
     """Fuse each attention's query, key and value projections into one layer, and drop the
     separate ones, which diffusers keeps (for unfusing, which nothing here does) although
-    no call runs them any more; return how many parameters were dropped."""
+    no call runs them any more; return how many parameters were dropped. Cross-attentions
+    with an IP-Adapter keep their own projections and attention (which reads them)."""
+    image_prompted = [(module, module.processor) for module in denoiser.modules()
+                      if isinstance(getattr(module, "processor", None),
+                                    IPAdapterAttnProcessor2_0)]
     denoiser.fuse_qkv_projections()
+    for module, processor in image_prompted:
+        del module.to_kv
+        module.fused_projections = False
+        module.set_processor(processor)
     dropped = 0
     for attention in denoiser.modules():
         if not getattr(attention, "fused_projections", False):
@@ -145,7 +154,8 @@ def fp8_candidates(denoiser: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]
     return [(block, name, child)
             for block in denoiser.modules() if type(block).__name__ in _TRANSFORMER_BLOCKS
             for name, child in block.named_modules()
-            if type(child) is nn.Linear and Fp8Linear.fits(child)]
+            if type(child) is nn.Linear and Fp8Linear.fits(child)
+            and "processor" not in name.split(".")]  # an IP-Adapter's own: 4 to 16 tokens
 
 
 def to_fp8(denoiser: nn.Module, per_row: bool = True, fast_accum: bool = True) -> int:

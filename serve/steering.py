@@ -1,0 +1,85 @@
+"""The configs of what steers an SDXL model's images from pictures besides its prompt:
+ControlNets (a control image's shapes) and an IP-Adapter (an image prompt), each with the
+check of the files its path must hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from serve.model_parts import ConfigError, PathOrEmbedded
+
+
+class ControlNetConfig(PathOrEmbedded):
+    """A ControlNet for an SDXL model (diffusers' ControlNetModel: canny edges, depth,
+    pose...): requests that name it send a control image, whose shapes the model then
+    follows. It runs beside the model's UNet at every step, with the UNet's dtype."""
+
+    path: Path | None = Field(None, description=(
+        "Local diffusers folder of the ControlNet: config.json and its safetensors weights "
+        "(e.g. controlnet-canny-sdxl-1.0). Never fetched."))
+    embedded: Literal["tiny-sdxl-controlnet"] | None = Field(None, description=(
+        "Build and use the embedded random-weight ControlNet of the tiny SDXL."))
+    variant: str | None = Field(None, description="Weights file variant, e.g. fp16.")
+    conditioning_scale: float = Field(1.0, ge=0, le=4, description=(
+        "How strongly the control image steers the image when the request does not say "
+        "(its `controlnet_conditioning_scale`)."))
+    preprocess: Literal["none", "canny"] = Field("none", description=(
+        "What the control image goes through first: none (requests send the map itself: "
+        "edges, depth, pose), or canny (requests send a picture, whose Canny edges, white "
+        "on black, are the control image)."))
+
+
+    def check_files(self, where: str) -> None:
+        """Raise ConfigError naming `where`.path unless it is a ControlNet folder."""
+        if self.path is not None and not (self.path / "config.json").is_file():
+            raise ConfigError(f"{where}.path: {self.path} is not a ControlNet folder "
+                              "(no config.json)")
+
+
+class IPAdapterConfig(PathOrEmbedded):
+    """An IP-Adapter for an SDXL model (h94/IP-Adapter's SDXL adapters, as diffusers'
+    `load_ip_adapter` reads them): requests may send an image prompt, a picture whose
+    content and style the image takes on beside the text prompt. Its image encoder (a CLIP
+    vision model) encodes each request's picture before its call; the adapter adds an
+    attention over the picture's tokens to each of the UNet's cross-attentions."""
+
+    path: Path | None = Field(None, description=(
+        "Local folder the adapter's files are in (e.g. a copy of h94/IP-Adapter). Never "
+        "fetched."))
+    embedded: Literal["tiny-sdxl-ip-adapter"] | None = Field(None, description=(
+        "Build and use the embedded random-weight IP-Adapter of the tiny SDXL."))
+    subfolder: str = Field("sdxl_models", description=(
+        "The folder under `path` that holds the weights file (diffusers' `subfolder`)."))
+    weight_name: str = Field("ip-adapter_sdxl.safetensors", description=(
+        "The weights file in `subfolder`, in the adapter's own layout (`image_proj` and "
+        "`ip_adapter` keys), e.g. ip-adapter-plus_sdxl_vit-h.safetensors."))
+    image_encoder: str = Field("image_encoder", description=(
+        "The image encoder's folder (a CLIPVisionModelWithProjection): a name is looked for "
+        "in `subfolder`, a path with a slash under `path` (e.g. models/image_encoder, the "
+        "ViT-H encoder of the vit-h adapters), as diffusers' `image_encoder_folder`."))
+    scale: float = Field(0.6, ge=0, le=2, description=(
+        "How strongly the image prompt steers when the request does not say (its "
+        "`ip_adapter_scale`): 0 ignores it."))
+
+    def weights_file(self, folder: Path) -> Path:
+        return folder / self.subfolder / self.weight_name
+
+    def encoder_folder(self, folder: Path) -> Path:
+        """Where diffusers reads the image encoder from, under the adapter's folder."""
+        if "/" in self.image_encoder:
+            return folder / self.image_encoder
+        return folder / self.subfolder / self.image_encoder
+
+    def check_files(self, where: str) -> None:
+        """Raise ConfigError naming the field whose file is missing from `path`."""
+        if self.path is None:
+            return
+        if not self.weights_file(self.path).is_file():
+            raise ConfigError(f"{where}.weight_name: {self.weights_file(self.path)} is not a "
+                              "file (path, subfolder and weight_name name it)")
+        if not (self.encoder_folder(self.path) / "config.json").is_file():
+            raise ConfigError(f"{where}.image_encoder: {self.encoder_folder(self.path)} is not "
+                              "an image encoder folder (no config.json)")

@@ -1,0 +1,251 @@
+"""Image prompts (IP-Adapter), on the tiny SDXL's engine with the embedded tiny IP-Adapter
+(CPU): the same pixels as diffusers' own pipelines given `ip_adapter_image` at the same
+scale (text-to-image, img2img, with a ControlNet), requests with and without one and with
+different scales in one call, withdrawal and the guidance cutoff, fused QKV, warm-up, and
+the config's checks."""
+
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deployments.tiny import TINY_SDXL_CONTROLNET, TINY_SDXL_IP_ADAPTER, ensure_embedded
+from serve.config import ConfigError, parse_config
+from serve.errors import InvalidField
+from serve.types import ControlImage, GenerationRequest, ImagePrompt, SourceImage
+from tests.unit.test_engine import _px, assert_same_pixels
+
+BASE = GenerationRequest(model="a/b", prompt="a red cube", width=64, height=64,
+                         num_inference_steps=6, guidance_scale=7.5, seed=5,
+                         scheduler="K_EULER")
+FILES = ("sdxl_models", "ip-adapter_sdxl.safetensors", "image_encoder")
+
+
+def _picture(seed: int, size=(48, 40)) -> Image.Image:
+    noise = np.random.RandomState(seed).rand(size[1], size[0], 3)
+    return Image.fromarray((noise * 255).astype("uint8"))
+
+
+STRIPES, DOTS = _picture(1), _picture(2, (30, 50))
+
+
+def _prompted(picture: Image.Image, scale: float = 0.6, **overrides) -> GenerationRequest:
+    prompt = ImagePrompt(picture.tobytes(), *picture.size, scale)
+    return replace(BASE, image_prompt=prompt, **overrides)
+
+
+@pytest.fixture(scope="module")
+def adapter_path(cache_dir):
+    return ensure_embedded(TINY_SDXL_IP_ADAPTER, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_sdxl_path, adapter_path, cache_dir):
+    from deployments.engines.sdxl import SDXLEngine
+
+    net = ensure_embedded(TINY_SDXL_CONTROLNET, cache_dir)
+    return SDXLEngine(tiny_sdxl_path, "float32", "cpu", controlnets={"canny": (net, None)},
+                      ip_adapter=(adapter_path, *FILES))
+
+
+def _reference(base, adapter_path, cls_name: str = "StableDiffusionXLPipeline", **parts):
+    """diffusers' own pipeline over freshly loaded tiny SDXL modules with the adapter."""
+    import diffusers
+
+    pipe = getattr(diffusers, cls_name).from_pretrained(base, **parts)
+    pipe.load_ip_adapter(str(adapter_path), subfolder=FILES[0], weight_name=FILES[1])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _seeds(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_the_images_are_diffusers_own_with_ip_adapter_image(engine, tiny_sdxl_path,
+                                                            adapter_path):
+    """In one call: two images with an image prompt at 0.6, one at 0.3 and one without;
+    each is what diffusers draws for it alone, its adapter's scale set to the request's."""
+    batch = [_prompted(STRIPES, num_outputs=2, negative_prompt="blurry"),
+             _prompted(DOTS, 0.3, seed=9), replace(BASE, seed=11)]
+    assert len({engine.batch_key(r) for r in batch}) == 1
+    ours = engine.generate(batch)
+    pipe = _reference(tiny_sdxl_path, adapter_path)
+    args = {"prompt": "a red cube", "width": 64, "height": 64, "num_inference_steps": 6,
+            "guidance_scale": 7.5}
+    pipe.set_ip_adapter_scale(0.6)
+    first = pipe(**args, negative_prompt="blurry", ip_adapter_image=STRIPES,
+                 num_images_per_prompt=2, generator=_seeds(5, 6)).images
+    pipe.set_ip_adapter_scale(0.3)
+    second = pipe(**args, ip_adapter_image=DOTS, generator=_seeds(9)).images
+    pipe.set_ip_adapter_scale(0.0)  # the adapter's attention skipped: the plain model
+    plain = pipe(**args, ip_adapter_image=DOTS, generator=_seeds(11)).images
+    for a, b in zip([*ours[0], *ours[1], *ours[2]], [*first, *second, *plain], strict=True):
+        assert_same_pixels(a, b)
+
+
+def test_the_image_prompt_moves_the_image_and_scale_zero_does_not(engine):
+    plain = engine.generate([BASE])[0][0]
+    assert np.array_equal(_px(engine.generate([_prompted(STRIPES, 0.0)])[0][0]), _px(plain))
+    stripes, dots = (engine.generate([_prompted(p, 1.0)])[0][0] for p in (STRIPES, DOTS))
+    strong = engine.generate([_prompted(STRIPES, 2.0)])[0][0]
+    gap = np.abs(_px(stripes) - _px(plain)).mean()
+    assert gap > 2 and np.abs(_px(stripes) - _px(dots)).mean() > 0.3
+    assert np.abs(_px(strong) - _px(plain)).mean() > gap
+
+
+def test_img2img_and_a_controlnet_with_an_image_prompt_are_diffusers_own(
+        engine, tiny_sdxl_path, adapter_path, cache_dir):
+    from diffusers import ControlNetModel
+
+    source = _picture(3, (64, 64))
+    edges = _picture(4, (64, 64))
+    img2img = _prompted(DOTS, 0.8, source=SourceImage(source.tobytes(), 0.7))
+    controlled = _prompted(DOTS, 0.8, controls=(ControlImage("canny", edges.tobytes(), 0.5),))
+    args = {"prompt": "a red cube", "num_inference_steps": 6, "guidance_scale": 7.5,
+            "ip_adapter_image": DOTS, "generator": _seeds(5)}
+    pipe = _reference(tiny_sdxl_path, adapter_path, "StableDiffusionXLImg2ImgPipeline")
+    pipe.set_ip_adapter_scale(0.8)
+    assert_same_pixels(engine.generate([img2img])[0][0],
+                       pipe(**args, image=source, strength=0.7).images[0])
+    net = ControlNetModel.from_pretrained(ensure_embedded(TINY_SDXL_CONTROLNET, cache_dir))
+    pipe = _reference(tiny_sdxl_path, adapter_path, "StableDiffusionXLControlNetPipeline",
+                      controlnet=net)
+    pipe.set_ip_adapter_scale(0.8)
+    args["generator"] = _seeds(5)
+    assert_same_pixels(engine.generate([controlled])[0][0],
+                       pipe(**args, image=edges, width=64, height=64,
+                            controlnet_conditioning_scale=0.5).images[0])
+
+
+def _run(engine, batch, after: int | None):
+    """Run `batch`, request 1 withdrawn after step `after` (None: none is); return the
+    images and the rows of the image tokens at each UNet call."""
+    steps, rows = [], []
+    hook = engine.pipe.unet.register_forward_hook(
+        lambda module, args, kwargs, out: rows.append(
+            kwargs["added_cond_kwargs"]["image_embeds"][0].shape[0]), with_kwargs=True)
+    try:
+        out = engine.generate(batch, withdrawn=lambda: {1} if after is not None
+                              and len(steps) >= after else set(),
+                              on_step=lambda s, t: steps.append(s))
+    finally:
+        hook.remove()
+    return out, rows
+
+
+@pytest.mark.parametrize("cutoff", [None, 0.5])
+def test_withdrawal_and_the_guidance_cutoff_keep_each_rows_image_prompt(engine, cutoff):
+    batch = [_prompted(STRIPES), _prompted(DOTS, seed=9, num_outputs=2), replace(BASE, seed=3),
+             _prompted(DOTS, 1.2, seed=4)]
+    engine.cfg_cutoff = cutoff
+    try:
+        whole, whole_rows = _run(engine, batch, after=None)
+        out, rows = _run(engine, batch, after=2)
+    finally:
+        engine.cfg_cutoff = None
+    assert [len(images) for images in out] == [1, 0, 1, 1]
+    for i in (0, 2, 3):
+        assert_same_pixels(out[i][0], whole[i][0])
+    # 5 images, two rows each; withdrawn after step 2: 3 images left; with the cutoff,
+    # one row per image after step index 3.
+    assert whole_rows == ([10] * 6 if cutoff is None else [10] * 4 + [5] * 2)
+    assert rows == ([10, 10, 6, 6, 6, 6] if cutoff is None else [10, 10, 6, 6, 3, 3])
+
+
+def test_fused_qkv_keeps_the_adapters_attention(tiny_sdxl_path, adapter_path, engine):
+    from deployments.engines.sdxl import SDXLEngine
+    from serve.config import SpeedConfig
+
+    fused = SDXLEngine(tiny_sdxl_path, "float32", "cpu", ip_adapter=(adapter_path, *FILES),
+                       speed=SpeedConfig(fuse_qkv=True))
+    processors = {type(p).__name__ for p in fused.pipe.unet.attn_processors.values()}
+    assert processors == {"FusedAttnProcessor2_0", "IPAdapterAttnProcessor2_0"}
+    request = _prompted(STRIPES, 1.0)
+    assert_same_pixels(fused.generate([request])[0][0], engine.generate([request])[0][0])
+
+
+def test_warm_up_encodes_an_image_prompt_and_the_ready_facts_name_the_encoder(engine):
+    encoded = []
+    hook = engine.pipe.image_encoder.register_forward_hook(lambda *a: encoded.append(1))
+    try:
+        engine.warm_up(BASE)
+    finally:
+        hook.remove()
+    assert encoded == [1]
+    weights = engine.describe()["weights"]
+    assert weights["ip-adapter image_encoder"] == weights["unet"] == "float32"
+
+
+def test_the_config_checks_the_adapters_files_and_family(tmp_path, adapter_path):
+    def config(**adapter):
+        return parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl",
+                                         "ip_adapter": adapter}]})
+
+    config(path=str(adapter_path)).check_paths()
+    with pytest.raises(ConfigError, match=r"models\.0\.ip_adapter\.weight_name"):
+        config(path=str(adapter_path), weight_name="ip-adapter-plus_sdxl_vit-h.safetensors"
+               ).check_paths()
+    with pytest.raises(ConfigError, match=r"models\.0\.ip_adapter\.image_encoder: .*models/"):
+        config(path=str(adapter_path), image_encoder="models/image_encoder").check_paths()
+    with pytest.raises(ConfigError, match="ip_adapter: only sdxl"):
+        parse_config({"models": [{"id": "a/b", "family": "flux", "embedded": "tiny-flux",
+                                  "ip_adapter": {"embedded": "tiny-sdxl-ip-adapter"}}]})
+    with pytest.raises(ConfigError, match="scale"):
+        config(embedded="tiny-sdxl-ip-adapter", scale=3)
+    plain = parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl"}]}).models[0]
+    with pytest.raises(InvalidField) as refused:
+        GenerationRequest.for_model(plain, "x", image_prompt=_prompted(DOTS).image_prompt)
+    assert refused.value.field == "ip_adapter_image"
+
+
+def test_a_models_version_pins_its_ip_adapters_weights_and_scale(tmp_path, adapter_path):
+    from serve.config import ModelConfig
+    from serve.versions import version_id
+
+    def version(**adapter):
+        return version_id(ModelConfig(id="a/b", embedded="tiny-sdxl",
+                                      ip_adapter=adapter or None), tmp_path)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(adapter_path, copy)
+    weights = copy / FILES[0] / FILES[1]
+    one = version(path=copy)
+    assert one == version(path=copy)
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    assert len({version(), one, version(path=copy), version(path=copy, scale=0.9)}) == 4
+
+
+def test_an_image_prompt_is_read_as_an_input_image_and_scaled_down(tmp_path):
+    import asyncio
+    import base64
+    import io
+
+    from serve.config import default_config
+    from serve.controls import load_image_prompt
+    from serve.images import ImageFetcher
+
+    model = default_config().models[0]
+    fetcher = ImageFetcher([], None, None)
+    big = _picture(5, (1600, 900))
+    data = io.BytesIO()
+    big.save(data, "PNG")
+    text = base64.b64encode(data.getvalue()).decode()
+    prompt = asyncio.run(load_image_prompt(text, None, model, fetcher))
+    assert (prompt.width, prompt.height, prompt.scale) == (910, 512, model.ip_adapter.scale)
+    assert len(prompt.rgb) == 910 * 512 * 3
+    small = io.BytesIO()
+    DOTS.save(small, "PNG")
+    text = base64.b64encode(small.getvalue()).decode()
+    prompt = asyncio.run(load_image_prompt(text, 1.5, model, fetcher))
+    assert prompt.rgb == DOTS.tobytes() and prompt.scale == 1.5
+    assert asyncio.run(load_image_prompt(None, 1.0, model, fetcher)) is None
+    flux = default_config().models[1]
+    for bad, field in ((flux, "ip_adapter_image"), (model, "ip_adapter_image")):
+        with pytest.raises(InvalidField) as refused:
+            asyncio.run(load_image_prompt("not an image" if bad is model else text, None,
+                                          bad, fetcher))
+        assert refused.value.field == field
