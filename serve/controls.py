@@ -1,6 +1,7 @@
-"""ControlNets' inputs as the routes take them: the request's fields (one ControlNet, or a
-list), checked against the model's ControlNets, and their control images decoded as input
-images are, at the size to generate, through each ControlNet's preprocessing (Canny)."""
+"""ControlNets' and the IP-Adapter's inputs as the routes take them: the request's fields
+(one ControlNet, or a list), checked against the model's ControlNets, and their control
+images decoded as input images are, at the size to generate, through each ControlNet's
+preprocessing (Canny); an image prompt decoded the same way, at its own size."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from serve.config import ControlNetConfig, ModelConfig
 from serve.errors import InvalidField
 from serve.images import ImageFetcher, open_image, output_size, raw_bytes
-from serve.types import ControlImage, unknown_controlnet
+from serve.types import IMAGE_PROMPT_SIDE, ControlImage, ImagePrompt, unknown_controlnet
 
 
 class ControlRef(BaseModel):
@@ -120,3 +121,29 @@ def canny(picture: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
 
     edges = cv2.Canny(np.asarray(picture.convert("L")), low, high)
     return Image.fromarray(edges).convert("RGB")
+
+
+async def load_image_prompt(image: str | None, scale: float | None, model: ModelConfig,
+                            fetcher: ImageFetcher, field: str = "ip_adapter_image",
+                            ) -> ImagePrompt | None:
+    """The request's image prompt for the model's IP-Adapter (None: it sends none), read as
+    an input image is and scaled down to IMAGE_PROMPT_SIDE on its shorter side; its scale
+    the adapter's own unless given. 422 on `field` for a model without an IP-Adapter."""
+    if image is None:
+        return None
+    if model.ip_adapter is None:
+        raise InvalidField(field, "this model has no IP-Adapter (its config sets none)")
+    data = await fetcher.fetch(image, field, model.limits.max_image_bytes)
+    picture = await asyncio.to_thread(_prompt_picture, data, field, model)
+    return ImagePrompt(picture.tobytes(), *picture.size,
+                       model.ip_adapter.scale if scale is None else scale)
+
+
+def _prompt_picture(data: str | bytes, field: str, model: ModelConfig) -> Image.Image:
+    nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
+    picture = open_image(raw_bytes(data, field, nbytes), field, nbytes, npixels)
+    shorter = min(picture.size)
+    if shorter <= IMAGE_PROMPT_SIDE:
+        return picture
+    size = [max(1, round(side * IMAGE_PROMPT_SIDE / shorter)) for side in picture.size]
+    return picture.resize(size, Image.Resampling.LANCZOS)

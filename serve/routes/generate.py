@@ -19,7 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from serve.adapters import AdapterSet, split_prompt_tags
 from serve.config import ModelConfig
 from serve.context import charge_images, client_name, ingress, request_id
-from serve.controls import ControlParams, ControlRef, listed, load_controls
+from serve.controls import (
+    ControlParams,
+    ControlRef,
+    listed,
+    load_controls,
+    load_image_prompt,
+)
 from serve.errors import InvalidField
 from serve.images import load_source
 from serve.timing import timing_headers
@@ -29,6 +35,7 @@ from serve.types import (
     ControlImage,
     GenerationRequest,
     GenerationResult,
+    ImagePrompt,
     OutputFormat,
     Refine,
     SourceImage,
@@ -97,6 +104,13 @@ class GenerateParams(BaseModel):
     controlnets: list[ControlRef] = Field(default_factory=list, description=(
         "Several ControlNets at once (JSON body only), each with its control image; "
         "instead of control_image and controlnet."))
+    ip_adapter_image: str | None = Field(None, description=(
+        "SDXL models with an IP-Adapter: an image prompt, a picture whose content and style "
+        "the output takes on beside the text prompt (JSON body only; a data URI, base64, or "
+        "an allowed URL; any size)."))
+    ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
+        "How strongly the image prompt steers (0 ignores it); default: the adapter's own "
+        "(config)."))
     disable_safety_checker: bool = Field(False, description=(
         "Skip the model's safety checker, if it has one and lets requests skip it."))
     apply_watermark: bool = Field(True, description=(
@@ -118,12 +132,15 @@ class GenerateParams(BaseModel):
     def to_request(self, model: ModelConfig, request_id: str, prompt: str, adapters: AdapterSet,
                    source: SourceImage | None, width: int | None,
                    height: int | None, client: str = "",
-                   controls: tuple[ControlImage, ...] = ()) -> GenerationRequest:
+                   controls: tuple[ControlImage, ...] = (),
+                   image_prompt: ImagePrompt | None = None) -> GenerationRequest:
         """Raises InvalidField for values outside the model's limits. `source`, `controls`,
         `width` and `height` come from `load_source` and `load_controls` (the input or
-        first control image's size unless given)."""
+        first control image's size unless given), `image_prompt` from
+        `load_image_prompt`."""
         return GenerationRequest.for_model(
             model, prompt, width=width, height=height, source=source, controls=controls,
+            image_prompt=image_prompt,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
             scheduler=self.scheduler, negative_prompt=self.negative_prompt,
             num_outputs=self.num_outputs, output_format=self.output_format,
@@ -151,7 +168,8 @@ _OPENAPI = {
     "parameters": [{"name": name, "in": "query", "required": False,
                     "schema": _SCHEMA["properties"][name]}
                    for name in GenerateParams.model_fields
-                   if name not in ("loras", "image", "mask", "control_image", "controlnets")],
+                   if name not in ("loras", "image", "mask", "control_image", "controlnets",
+                                   "ip_adapter_image")],
     "requestBody": {"required": False, "content": {"application/json": {"schema": _SCHEMA}}},
 }
 
@@ -170,8 +188,10 @@ async def generate(request: Request) -> Response:
             model, state.images)
         controls, width, height = await load_controls(params.control_params(), width, height, model,
                                                       state.images)
+        image_prompt = await load_image_prompt(params.ip_adapter_image,
+                                               params.ip_adapter_scale, model, state.images)
         gen = params.to_request(model, request_id(request), prompt, adapters, source, width,
-                                height, client_name(request), controls)
+                                height, client_name(request), controls, image_prompt)
     except InvalidField as exc:
         field = "steps" if exc.field == "num_inference_steps" else exc.field
         raise type(exc)(field, exc.reason, sources.get(field, "body")) from None

@@ -25,6 +25,7 @@ async def list_models(request: Request) -> dict:
              "controlnets": {name: {"conditioning_scale": net.conditioning_scale,
                                     "preprocess": net.preprocess}
                              for name, net in m.controlnets.items()},
+             "ip_adapter": m.ip_adapter and {"scale": m.ip_adapter.scale},
              "limits": m.limits.model_dump(),
              "defaults": m.defaults.model_dump() | {"scheduler": m.default_scheduler}}
             for m in config.models]

@@ -10,8 +10,8 @@ run them all. Fields OpenAI's newer models take but a diffusion model has no use
 (style, background, moderation, user, ...) are accepted and ignored, so unchanged client
 code keeps working; anything else unknown is a 400 naming the field. The API has no adapter
 field: a `<lora:name:scale>` tag in the prompt applies a catalog adapter, as on
-`/generate`. `seed`, `controlnets` (and `prompt_strength` for edits) are Atelier
-extensions, sent with the client's `extra_body`.
+`/generate`. `seed`, `controlnets`, `ip_adapter_image` and `ip_adapter_scale` (and
+`prompt_strength` for edits) are Atelier extensions, sent with the client's `extra_body`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from serve.context import (
     ingress,
     request_id,
 )
-from serve.controls import ControlRef, listed, load_controls
+from serve.controls import ControlRef, listed, load_controls, load_image_prompt
 from serve.errors import InvalidField
 from serve.images import load_source
 from serve.routes.openai_stream import stream_images
@@ -72,6 +72,11 @@ class ImageGenerationParams(BaseModel):
         "SDXL models with ControlNets: control images that steer the image, as /generate's "
         "controlnets (an Atelier extension; send it with extra_body; in an edit's form, "
         "as JSON)."))
+    ip_adapter_image: str | None = Field(None, description=(
+        "SDXL models with an IP-Adapter: an image prompt, as /generate's ip_adapter_image "
+        "(an Atelier extension; send it with extra_body)."))
+    ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
+        "How strongly ip_adapter_image steers; default: the adapter's own."))
     quality: Literal["auto", "low", "medium", "high", "hd", "standard"] | None = Field(
         None, description=("low and medium: a third and two thirds of the model's default "
                            "steps; the others: all of them."))
@@ -209,13 +214,15 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
         # Without an input or control image the size is the model's default.
         controls, width, height = await load_controls(listed(params.controlnets), width,
                                                       height, model, state.images)
+        image_prompt = await load_image_prompt(params.ip_adapter_image,
+                                               params.ip_adapter_scale, model, state.images)
         # The OpenAI API has no adapter field: `<lora:name:scale>` tags in the prompt name them.
         prompt, tags = split_prompt_tags(params.prompt)
         gen = GenerationRequest.for_model(
             model, prompt, width=width, height=height, num_outputs=params.n,
             num_inference_steps=params.steps(model),
             output_format=params.output_format, source=source, controls=controls,
-            seed=params.seed,
+            image_prompt=image_prompt, seed=params.seed,
             adapters=state.router.adapters_for(model, tags),
             output_quality=params.output_compression or 90, request_id=request_id(request),
             partial_images=(params.partial_images or 0) if params.stream else 0,

@@ -50,6 +50,10 @@ class _LoraInput(BaseModel):
         image whose size the output takes, if one)."""
         return True, None
 
+    def image_prompt(self) -> tuple[str | None, float | None]:
+        """The image prompt the input sends for the model's IP-Adapter, and its scale."""
+        return None, None
+
 
 _SIZINGS = ("width_height", "input_image", "mask_image", "controlnet_1_image",
             "controlnet_2_image", "controlnet_3_image")
@@ -145,6 +149,11 @@ class SDXLInput(_ControlNetInputs, _LoraInput):
         "leave it out)"))
     disable_safety_checker: bool = Field(False, description=(
         "Skip the model's safety checker (if it has one and lets requests skip it)"))
+    ip_adapter_image: str | None = Field(None, description=(
+        "Image prompt for the model's IP-Adapter: its content and style steer the output "
+        "beside the prompt; as image takes it"))
+    ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
+        "How strongly ip_adapter_image steers; default: the adapter's own"))
 
     @field_validator("replicate_weights")
     @classmethod
@@ -163,6 +172,8 @@ class SDXLInput(_ControlNetInputs, _LoraInput):
                 "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps,
                 "watermark": self.apply_watermark}
 
+    def image_prompt(self) -> tuple[str | None, float | None]:
+        return self.ip_adapter_image, self.ip_adapter_scale
 
 
 # Output sizes of FLUX at one megapixel per aspect ratio (multiples of 16); 0.25 MP halves
@@ -238,13 +249,20 @@ def parse_input(model: ModelConfig, raw: dict) -> SDXLInput | FluxInput:
         raise RequestValidationError(errors) from None
 
 
+_IP_ADAPTER_INPUTS = ("ip_adapter_image", "ip_adapter_scale")
+
+
 def input_schema(model: ModelConfig) -> dict:
     """The model's input schema; an SDXL model without ControlNets shows no ControlNet
-    inputs (it refuses them)."""
+    inputs, one without an IP-Adapter no image prompt inputs (it refuses them)."""
     schema = (FluxInput if model.family == "flux" else SDXLInput).model_json_schema()
+    hidden: set[str] = set()
     if model.family == "sdxl" and not model.controlnets:
-        schema["properties"] = {name: spec for name, spec in schema["properties"].items()
-                                if name not in _ControlNetInputs.model_fields}
+        hidden |= set(_ControlNetInputs.model_fields)
+    if model.family == "sdxl" and model.ip_adapter is None:
+        hidden |= set(_IP_ADAPTER_INPUTS)
+    schema["properties"] = {name: spec for name, spec in schema["properties"].items()
+                            if name not in hidden}
     return schema
 
 

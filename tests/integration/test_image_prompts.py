@@ -1,0 +1,137 @@
+"""Image prompts (IP-Adapter) through `/generate`, Replicate's and OpenAI's APIs with their
+official clients, on the running app: the image prompt steers the image and keeps its
+size, the adapter's own scale is the default, requests with and without one share a call
+and keep their own pixels, the three APIs give the same pixels, models list their adapter
+and only models with one show Replicate's inputs for it, and bad fields are refused in
+each API's shape, naming them."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.integration.conftest import (
+    API_KEY,
+    BATCHED,
+    FAST,
+    FLUX,
+    TWO_REPLICAS,
+    assert_same_pixels,
+    decode,
+    pixels,
+    post_many,
+)
+
+
+def _b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _noise(seed: int, size=(80, 120)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+STYLE, OTHER = _b64(_noise(1)), _b64(_noise(2, (200, 90)))
+
+
+def _generate(client, **fields):
+    body = {"model": FAST, "prompt": "a product shot", "steps": 4, "seed": 31, "width": 64,
+            "height": 64, **fields}
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    return decode(r.json()["image"])
+
+
+def test_the_image_prompt_steers_the_image_at_the_adapters_scale_by_default(client):
+    plain = _generate(client)
+    styled = _generate(client, ip_adapter_image=STYLE)
+    other = _generate(client, ip_adapter_image=OTHER)
+    assert styled.size == plain.size == (64, 64)  # the picture's own size does not count
+    assert np.abs(pixels(styled) - pixels(plain)).mean() > 2
+    assert np.abs(pixels(styled) - pixels(other)).mean() > 0.3
+    assert_same_pixels(_generate(client, ip_adapter_image=STYLE, ip_adapter_scale=0), plain)
+    # The model's config sets the adapter's scale to 0.8.
+    assert_same_pixels(_generate(client, ip_adapter_image=STYLE, ip_adapter_scale=0.8),
+                       styled)
+    weaker = _generate(client, ip_adapter_image=STYLE, ip_adapter_scale=0.3)
+    assert 0 < np.abs(pixels(weaker) - pixels(plain)).mean() < np.abs(
+        pixels(styled) - pixels(plain)).mean()
+
+
+def test_requests_with_and_without_an_image_prompt_share_a_call(base_url, client):
+    bodies = [{"model": BATCHED, "prompt": "a chair", "seed": 40 + i, **extra}
+              for i, extra in enumerate([{"ip_adapter_image": STYLE}, {},
+                                         {"ip_adapter_image": OTHER, "ip_adapter_scale": 1.5}])]
+    alone = [client.post("/generate", json=body) for body in bodies]
+    crowd = post_many(base_url, bodies)
+    assert [r.status_code for r in crowd] == [200] * 3
+    assert len({r.headers["x-atelier-batch-id"] for r in crowd}) == 1
+    assert [r.headers["x-atelier-batch-requests"] for r in crowd] == ["3"] * 3
+    for own, shared in zip(alone, crowd, strict=True):
+        assert_same_pixels(decode(own.json()["image"]), decode(shared.json()["image"]))
+
+
+def test_replicate_and_openai_clients_send_image_prompts_with_generates_pixels(
+        rep, base_url, client):
+    import openai
+
+    direct = _generate(client, ip_adapter_image=STYLE, ip_adapter_scale=1.2)
+    (file,) = rep.run(FAST, input={
+        "prompt": "a product shot", "num_inference_steps": 4, "seed": 31, "width": 64,
+        "height": 64, "ip_adapter_image": io.BytesIO(base64.b64decode(STYLE)),
+        "ip_adapter_scale": 1.2})
+    assert_same_pixels(Image.open(io.BytesIO(file.read())), direct)
+    oai = openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
+    made = oai.images.generate(model=FAST, prompt="a product shot", size="64x64", extra_body={
+        "seed": 31, "ip_adapter_image": "data:image/png;base64," + STYLE,
+        "ip_adapter_scale": 1.2})
+    image = Image.open(io.BytesIO(base64.b64decode(made.data[0].b64_json)))
+    # OpenAI's route runs the model's default steps: compare with /generate's at those.
+    assert_same_pixels(image, _generate(client, ip_adapter_image=STYLE, ip_adapter_scale=1.2,
+                                        steps=None))
+
+
+def test_models_list_their_ip_adapter_and_replicate_shows_its_inputs_where_there_is_one(
+        client, rep):
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert listed[FAST]["ip_adapter"] == {"scale": 0.8}
+    assert listed[TWO_REPLICAS]["ip_adapter"] is None
+
+    def inputs(model):
+        version = rep.models.get(model).latest_version
+        return version.openapi_schema["components"]["schemas"]["Input"]["properties"]
+
+    assert {"ip_adapter_image", "ip_adapter_scale"} <= set(inputs(FAST))
+    assert "prompt" in inputs(TWO_REPLICAS) and "ip_adapter_image" not in inputs(TWO_REPLICAS)
+
+
+def test_bad_image_prompts_are_refused_naming_the_field(client, rep, base_url):
+    import openai
+    import replicate
+
+    cases = [({"model": TWO_REPLICAS, "ip_adapter_image": STYLE}, "ip_adapter_image",
+              "no IP-Adapter"),
+             ({"model": FLUX, "ip_adapter_image": STYLE}, "ip_adapter_image", "no IP-Adapter"),
+             ({"ip_adapter_image": "bm90IGFuIGltYWdl"}, "ip_adapter_image", ""),
+             ({"ip_adapter_image": "http://elsewhere.example/a.png"}, "ip_adapter_image",
+              "image_allowed_hosts"),
+             ({"ip_adapter_image": STYLE, "ip_adapter_scale": 3}, "ip_adapter_scale", "")]
+    for fields, field, says in cases:
+        r = client.post("/generate", json={"model": FAST, "prompt": "x", **fields})
+        assert r.status_code == 422, (fields, r.text)
+        detail = r.json()["detail"][0]
+        assert detail["loc"] == ["body", field] and says in detail["msg"]
+    with pytest.raises(replicate.exceptions.ReplicateError) as err:
+        rep.run(TWO_REPLICAS, input={"prompt": "x", "ip_adapter_image": "data:image/png;"
+                                                                       "base64," + STYLE})
+    assert err.value.status == 422 and "input.ip_adapter_image" in str(err.value)
+    oai = openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as bad:
+        oai.images.generate(model=TWO_REPLICAS, prompt="x",
+                            extra_body={"ip_adapter_image": STYLE})
+    assert bad.value.body["param"] == "ip_adapter_image"
