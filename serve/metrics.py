@@ -65,6 +65,8 @@ class IngressMetrics:
         self.controlnet_images = Counter("atelier_controlnet_images", (
             "Images delivered that a ControlNet steered, by ControlNet"),
             tag_keys=("model", "controlnet"))
+        self.image_prompt_images = Counter("atelier_image_prompt_images", (
+            "Images delivered that an image prompt (IP-Adapter) steered"), tag_keys=("model",))
         self.generation = Histogram("atelier_generation_duration_seconds",
                                     "Time from routing a request to its images",
                                     boundaries=SECONDS, tag_keys=("model",))

@@ -163,6 +163,8 @@ class ModelRouter:
             for control in request.controls:
                 self.metrics.controlnet_images.inc(
                     delivered, {"model": request.model, "controlnet": control.name})
+            if request.image_prompt is not None:
+                self.metrics.image_prompt_images.inc(delivered, {"model": request.model})
         b = result.batch
         self.metrics.used(request.client, request.model, delivered,
                           b.inference_ms / 1000 * len(result.images) / max(1, b.images))

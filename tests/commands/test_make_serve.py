@@ -128,7 +128,7 @@ def test_each_model_replica_logs_its_device_and_the_dtypes_its_weights_are_in(se
     assert sdxl and flux, ready
     assert all(m.startswith("atelier/tiny-sdxl ready on cpu (weights: unet float32, vae "
                             "float32, text_encoder float32, text_encoder_2 float32, "
-                            "controlnet canny float32): ")
+                            "controlnet canny float32, ip-adapter image_encoder float32): ")
                for m in sdxl), sdxl
     assert all("(weights: transformer float32, vae float32" in m for m in flux), flux
 

@@ -100,8 +100,8 @@ BLACK_PNG = _black_png()
 
 
 def _traffic(base_url, seconds):
-    """Good requests (some with adapters or a ControlNet, some withheld by a safety
-    checker), and bad ones, from two clients at once."""
+    """Good requests (some with adapters, a ControlNet or an image prompt, some withheld
+    by a safety checker), and bad ones, from two clients at once."""
 
     def client(offset):
         with httpx.Client(base_url=base_url, headers=AUTH, timeout=60) as c:
@@ -112,6 +112,8 @@ def _traffic(base_url, seconds):
                     body["loras"] = [{"name": "pixel-art"}]
                 if i % 4 == 1:  # a ControlNet steers it (a black control image)
                     body["controlnets"] = [{"name": "lines", "image": BLACK_PNG}]
+                if i % 5 == 2:  # an image prompt steers it
+                    body["ip_adapter_image"] = BLACK_PNG
                 assert c.post("/generate", json=body).status_code == 200
                 assert c.post("/generate", json={"prompt": "", "model": FAST}).status_code == 422
                 if i % 8 == 0:
@@ -162,7 +164,8 @@ def test_the_dashboard_covers_what_operators_watch():
     titles = " ".join(title for title, _ in _panel_queries()).lower()
     for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "prompts held",
                   "errors", "memory", "healthy", "by api key", "busy share",
-                  "gpu utilization", "garbage collection", "safety checker", "controlnet"):
+                  "gpu utilization", "garbage collection", "safety checker", "controlnet",
+                  "image prompt"):
         assert topic in titles, topic
 
 

@@ -168,6 +168,24 @@ def test_fused_qkv_keeps_the_adapters_attention(tiny_sdxl_path, adapter_path, en
     assert_same_pixels(fused.generate([request])[0][0], engine.generate([request])[0][0])
 
 
+def test_compiled_blocks_run_the_per_row_scales(tiny_sdxl_path, adapter_path, engine, tmp_path):
+    """Compiled, the adapter's attention and its per-row scales run inside the compiled
+    transformer blocks: the pixels of eager calls, for calls with and without image
+    prompts and of two batch sizes."""
+    from deployments.engines.sdxl import SDXLEngine
+    from serve.config import SpeedConfig
+
+    fast = SDXLEngine(tiny_sdxl_path, "float32", "cpu", ip_adapter=(adapter_path, *FILES),
+                      speed=SpeedConfig(fuse_qkv=True, compile=True),
+                      compile_cache=tmp_path / "compile")
+    assert fast.describe()["speed"]["compiled_blocks"] > 0
+    for batch in ([_prompted(STRIPES, 1.0)], [BASE],
+                  [_prompted(DOTS, 0.5), replace(BASE, seed=8), _prompted(STRIPES, seed=9)]):
+        for a, b in zip(fast.generate(batch), engine.generate(batch), strict=True):
+            diff = np.abs(_px(a[0]) - _px(b[0]))
+            assert diff.max() <= 2 and (diff > 0).mean() < 0.02, (diff.max(), diff.mean())
+
+
 def test_warm_up_encodes_an_image_prompt_and_the_ready_facts_name_the_encoder(engine):
     encoded = []
     hook = engine.pipe.image_encoder.register_forward_hook(lambda *a: encoded.append(1))
