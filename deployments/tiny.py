@@ -135,24 +135,37 @@ def _build_tiny_controlnet(folder: Path) -> None:
     net.save_pretrained(folder, safe_serialization=True)
 
 
+# The tiny IP-Adapter's image encoder (a CLIPVisionModelWithProjection config).
+TINY_IMAGE_ENCODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                      "num_attention_heads": 4, "image_size": 32, "patch_size": 8,
+                      "projection_dim": 32}
+
+
 def _build_tiny_ip_adapter(folder: Path) -> None:
-    """An IP-Adapter of the tiny SDXL in h94/IP-Adapter's layout: sdxl_models/ holds the
-    weights file (the image projection's `image_proj.*` and each cross-attention's
-    `ip_adapter.<n>.to_k_ip/to_v_ip`, numbered as the original code numbers the UNet's
-    attention layers) and image_encoder/, a small CLIP vision model. The image key and
-    value projections start from the text ones plus noise, as training starts from them."""
     import torch
     from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(_SEED + 3)
+    unet = UNet2DConditionModel(**public_fields(TINY_SDXL_CONFIGS["unet"]))
+    build_random_ip_adapter(folder, unet, TINY_IMAGE_ENCODER)
+
+
+def build_random_ip_adapter(folder: Path, unet, encoder_config: dict,
+                            dtype: str = "float32") -> None:
+    """An IP-Adapter for `unet` (random weights) in h94/IP-Adapter's layout: sdxl_models/
+    holds ip-adapter_sdxl.safetensors (the image projection's `image_proj.*`, four tokens,
+    and each cross-attention's `ip_adapter.<n>.to_k_ip/to_v_ip`, numbered as the original
+    code numbers the UNet's attention layers) and image_encoder/, a CLIP vision model of
+    `encoder_config`. The image key and value projections start from the text ones plus
+    noise, as training starts from them."""
+    import torch
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    torch.manual_seed(_SEED + 3)
     models = folder / "sdxl_models"
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=32, patch_size=8, projection_dim=32))
-    encoder.save_pretrained(models / "image_encoder", safe_serialization=True)
-    unet = UNet2DConditionModel(**public_fields(TINY_SDXL_CONFIGS["unet"]))
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**encoder_config))
+    encoder.to(getattr(torch, dtype)).save_pretrained(models / "image_encoder",
+                                                      safe_serialization=True)
     text_dim, image_dim = unet.config.cross_attention_dim, encoder.config.projection_dim
     state = {"image_proj.proj.weight": torch.randn(4 * text_dim, image_dim) * 0.2,
              "image_proj.proj.bias": torch.zeros(4 * text_dim),
@@ -162,9 +175,11 @@ def _build_tiny_ip_adapter(folder: Path) -> None:
         if name.endswith("attn2.processor"):
             attention = unet.get_submodule(name.removesuffix(".processor"))
             for ip, text in (("to_k_ip", attention.to_k), ("to_v_ip", attention.to_v)):
-                noise = torch.randn_like(text.weight) * text.weight.std()
-                state[f"ip_adapter.{number}.{ip}.weight"] = text.weight.detach() + noise
-    save_file({k: v.contiguous() for k, v in state.items()}, models / "ip-adapter_sdxl.safetensors")
+                weight = text.weight.detach().float()
+                state[f"ip_adapter.{number}.{ip}.weight"] = (
+                    weight + torch.randn_like(weight) * weight.std())
+    save_file({k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()},
+              models / "ip-adapter_sdxl.safetensors")
 
 
 def _build_tiny_flux(folder: Path) -> None:

@@ -418,3 +418,30 @@ def test_controlnet_benchmark_times_each_count_and_batch(tmp_path, cache_dir):
     net = ControlNetModel.from_pretrained(ensure_embedded(TINY_SDXL_CONTROLNET, cache_dir))
     assert report["controlnet_weight_bytes"] == sum(p.numel() * 4 for p in net.parameters())
     assert report["weights"]["controlnet net0"] == "float32" and f"saved {out}" in stdout
+
+
+def test_image_prompt_benchmark_times_each_case_and_the_encoding(tmp_path, cache_dir):
+    from safetensors.torch import load_file
+
+    from deployments.tiny import TINY_SDXL_IP_ADAPTER, ensure_embedded
+
+    out = tmp_path / "image-prompts.json"
+    stdout = _run("load.bench_image_prompts", "--size", "64", "--steps", "2", "--batches", "1",
+                  "2", "--repeats", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert [(r["batch"], r["case"], r["prompted"]) for r in report["rows"]] == [
+        (1, "no adapter", 0), (1, "none prompted", 0), (1, "half prompted", 0),
+        (1, "all prompted", 1), (2, "no adapter", 0), (2, "none prompted", 0),
+        (2, "half prompted", 1), (2, "all prompted", 2)]
+    plain = {r["batch"]: r["median_s"] for r in report["rows"] if r["case"] == "no adapter"}
+    for r in report["rows"]:
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_s"], rel=0.01)
+        assert r["time_vs_no_adapter"] == pytest.approx(r["median_s"] / plain[r["batch"]],
+                                                        rel=0.01)
+    # The adapter's own layers are its weights file's tensors, loaded in float32.
+    weights = load_file(ensure_embedded(TINY_SDXL_IP_ADAPTER, cache_dir)
+                        / "sdxl_models" / "ip-adapter_sdxl.safetensors")
+    assert report["adapter_layers_bytes"] == sum(t.numel() * 4 for t in weights.values())
+    assert report["image_encoder_bytes"] > 0 and report["encoding_s"] > 0
+    assert report["weights"]["ip-adapter image_encoder"] == "float32"
+    assert f"saved {out}" in stdout

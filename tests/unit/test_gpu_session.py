@@ -25,6 +25,7 @@ STEPS = {  # step arguments: the programs each runs
     ("adapters", "slots-compiled-fp8"): ["load.bench_adapters"],
     ("engine-flux", "compiled-fp8"): ["load.bench_engine"],
     ("controlnet",): ["load.bench_controlnet"],
+    ("image-prompts",): ["load.bench_image_prompts"],
     ("tests",): ["pytest"],
 }
 
