@@ -78,7 +78,7 @@ def _requests(size: int, steps: int, images: int, count: int) -> list:
     return [replace(base, seed=1 + i) for i in range(images)]
 
 
-def timed(engine, requests: list, repeats: int) -> list[float]:
+def _timed(engine, requests: list, repeats: int) -> list[float]:
     import torch
 
     def sync() -> None:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows, plain = [], {}
     for images in args.batches:
         for count in args.counts:
-            times = timed(engine, _requests(args.size, args.steps, images, count),
+            times = _timed(engine, _requests(args.size, args.steps, images, count),
                            args.repeats)
             median = statistics.median(times)
             plain.setdefault(images, median if count == 0 else None)

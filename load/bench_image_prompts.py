@@ -9,8 +9,9 @@ with all of them; and what encoding one image prompt takes.
 With `--random-sdxl`, the SDXL base architecture with random weights (the folder
 `load.bench_engine` builds) and an IP-Adapter of ip-adapter_sdxl_vit-h's design made for
 its UNet (random weights too: a ViT-H/14 image encoder, four image tokens), built once
-into the cache. Each case runs one untimed call, then `--repeats` timed ones; the encoding
-is timed alone, `--repeats` times after one untimed run. Prints and saves JSON (default
+into the cache. Per batch size each case runs one untimed call, then the cases take turns
+for `--repeats` rounds of one timed call each (so a machine's drift spreads over all of
+them); the encoding is timed alone, `--repeats` times after one untimed run. Prints and saves JSON (default
 results/image-prompts-<device>-<size>.json): seconds per call, images/s, the ratio to
 the engine without the adapter, the encoding's seconds, and the bytes the image encoder
 and the adapter's own layers take. Figures are what this run saw.
@@ -24,7 +25,6 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_controlnet import timed
 from load.bench_engine import GUIDANCE, model_folder
 from load.bench_serving import machine
 from load.report import save_report
@@ -82,20 +82,42 @@ def _requests(size: int, steps: int, images: int, prompted: int) -> list:
             for i in range(images)]
 
 
-def _encoding_s(engine, request, repeats: int) -> float:
+def _seconds(work) -> float:
     import time
 
     import torch
 
-    engine.image_prompts.embed(request.image_prompt)  # untimed
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        engine.image_prompts.embed(request.image_prompt)
+    def sync() -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+
+    sync()
+    started = time.perf_counter()
+    work()
+    sync()
+    return time.perf_counter() - started
+
+
+def _turns(engines: dict, cases: dict[str, list], repeats: int) -> dict[str, list[float]]:
+    """Each case's call times: one untimed call each, then `repeats` rounds of one each."""
+
+    def call(case: str):
+        engine = engines["plain" if case == "no adapter" else "adapter"]
+        return lambda: engine.generate(cases[case])
+
+    for case in cases:
+        call(case)()  # untimed: first-call allocation
+    times: dict[str, list[float]] = {case: [] for case in cases}
+    for _ in range(repeats):
+        for case in cases:
+            times[case].append(_seconds(call(case)))
+    return times
+
+
+def _encoding_s(engine, request, repeats: int) -> float:
+    engine.image_prompts.embed(request.image_prompt)  # untimed
+    return statistics.median(_seconds(lambda: engine.image_prompts.embed(request.image_prompt))
+                             for _ in range(repeats))
 
 
 def _bytes(modules) -> int:
@@ -118,14 +140,14 @@ def main(argv: list[str] | None = None) -> dict:
     for images in args.batches:
         counts = {"no adapter": 0, "none prompted": 0, "half prompted": images // 2,
                   "all prompted": images}
-        plain = None
+        times = _turns(engines, {case: _requests(args.size, args.steps, images, counts[case])
+                                 for case in CASES}, args.repeats)
+        plain = statistics.median(times["no adapter"])
         for case in CASES:
-            engine = engines["plain" if case == "no adapter" else "adapter"]
-            requests = _requests(args.size, args.steps, images, counts[case])
-            median = statistics.median(timed(engine, requests, args.repeats))
-            plain = plain or median
+            median = statistics.median(times[case])
             row = {"case": case, "batch": images, "prompted": counts[case],
-                   "median_s": round(median, 4), "images_per_s": round(images / median, 3),
+                   "median_s": round(median, 4), "min_s": round(min(times[case]), 4),
+                   "images_per_s": round(images / median, 3),
                    "time_vs_no_adapter": round(median / plain, 3)}
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -109,3 +109,26 @@ def test_a_controlnet_runs_in_the_models_dtype_on_the_gpu(tiny_sdxl_path, cache_
     off = engine.generate([_req(3, controls=(ControlImage("canny", edges.tobytes(), 0.0),))])
     assert np.abs(np.asarray(steered[0][0]).astype(int) - plain).mean() > 3
     assert np.array_equal(np.asarray(off[0][0]).astype(int), plain)
+
+
+def test_an_image_prompt_runs_in_the_models_dtype_on_the_gpu(tiny_sdxl_path, cache_dir):
+    """The IP-Adapter's image encoder and attention in bfloat16, compiled and with fused
+    QKV: a prompted image moves, one without a prompt in the same call keeps its pixels."""
+    from dataclasses import replace
+
+    from deployments.engines.sdxl import SDXLEngine
+    from deployments.tiny import TINY_SDXL_IP_ADAPTER, ensure_embedded
+    from serve.config import SpeedConfig
+    from serve.types import ImagePrompt
+
+    folder = ensure_embedded(TINY_SDXL_IP_ADAPTER, cache_dir)
+    engine = SDXLEngine(tiny_sdxl_path, "bfloat16", "cuda", speed=SpeedConfig(
+        fuse_qkv=True, compile=True), compile_cache=cache_dir / "compile-gpu-ip",
+        ip_adapter=(folder, "sdxl_models", "ip-adapter_sdxl.safetensors", "image_encoder"))
+    assert engine.describe()["weights"]["ip-adapter image_encoder"] == "bfloat16"
+    picture = np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    prompt = ImagePrompt(picture.tobytes(), 80, 96, 1.0)
+    plain = np.asarray(engine.generate([_req(3)])[0][0]).astype(int)
+    both = engine.generate([replace(_req(3), image_prompt=prompt), _req(3)])
+    assert np.abs(np.asarray(both[0][0]).astype(int) - plain).mean() > 2
+    assert np.abs(np.asarray(both[1][0]).astype(int) - plain).max() <= 2
