@@ -207,7 +207,8 @@ class DiffusersEngine:
                                  previews=previews)
         out_of_memory = False
         try:
-            with self._rows_follow(requests, made, rows), previews.tapping(pipe) if previews else nullcontext():
+            tap = previews.tapping(pipe) if previews else nullcontext()
+            with self._rows_follow(requests, made, rows), tap:
                 out = self._call(pipe, first, generators, inputs, callback)
                 images = self._second_stage(requests, rows, generators, out, callback)
         except torch.OutOfMemoryError:

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from deployments.tiny import TINY_SDXL_CONTROLNET, ensure_embedded
 from serve.controls import canny
 from serve.types import ControlImage, GenerationRequest, SourceImage
-from tests.unit.test_engine import _px, assert_same_pixels
+from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
 
 BASE = GenerationRequest(model="a/b", prompt="a red cube", width=64, height=64,
                          num_inference_steps=6, guidance_scale=7.5, seed=5,
@@ -111,20 +111,10 @@ def test_each_image_follows_its_own_control_image_in_a_shared_call(engine):
 
 
 def _withdrawing(engine, batch: list, after: int | None, net: str = "canny"):
-    """Run `batch`, request 1 withdrawn after step `after` (None: none is); return the
-    images and the batch rows of each forward of ControlNet `net` (called with keywords
-    when combined)."""
-    steps, rows = [], []
-    hook = engine.controlnets[net].register_forward_pre_hook(
-        lambda module, args, kwargs: rows.append((args[0] if args else kwargs["sample"])
-                                                 .shape[0]), with_kwargs=True)
-    try:
-        out = engine.generate(batch, withdrawn=lambda: {1} if after is not None
-                              and len(steps) >= after else set(),
-                              on_step=lambda s, t: steps.append(s))
-    finally:
-        hook.remove()
-    return out, rows
+    """`withdrawing`, with the batch rows of each forward of ControlNet `net` (called with
+    keywords when combined)."""
+    return withdrawing(engine, batch, after, engine.controlnets[net],
+                       lambda args, kwargs: (args[0] if args else kwargs["sample"]).shape[0])
 
 
 @pytest.mark.parametrize("nets", [1, 2])

@@ -39,6 +39,22 @@ def assert_same_pixels(a, b):
     assert (diff > 0).mean() < 0.01
 
 
+def withdrawing(engine, batch: list, after: int | None, module, rows_of):
+    """Run `batch` on `engine`, request 1 withdrawn after step `after` (None: none is);
+    return the images and `rows_of(args, kwargs)` of each forward of `module` (a part of
+    the engine's pipeline) during the call."""
+    steps, rows = [], []
+    hook = module.register_forward_hook(
+        lambda m, args, kwargs, out: rows.append(rows_of(args, kwargs)), with_kwargs=True)
+    try:
+        out = engine.generate(batch, withdrawn=lambda: {1} if after is not None
+                              and len(steps) >= after else set(),
+                              on_step=lambda s, t: steps.append(s))
+    finally:
+        hook.remove()
+    return out, rows
+
+
 def test_cpu_computes_in_float32_whatever_the_configured_dtype(engine):
     assert engine.describe()["dtype"] == "float32" and engine.describe()["device"] == "cpu"
     assert engine.describe()["weights"] == dict.fromkeys(

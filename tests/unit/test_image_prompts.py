@@ -16,7 +16,7 @@ from deployments.tiny import TINY_SDXL_CONTROLNET, TINY_SDXL_IP_ADAPTER, ensure_
 from serve.config import ConfigError, parse_config
 from serve.errors import InvalidField
 from serve.types import ControlImage, GenerationRequest, ImagePrompt, SourceImage
-from tests.unit.test_engine import _px, assert_same_pixels
+from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
 
 BASE = GenerationRequest(model="a/b", prompt="a red cube", width=64, height=64,
                          num_inference_steps=6, guidance_scale=7.5, seed=5,
@@ -122,19 +122,9 @@ def test_img2img_and_a_controlnet_with_an_image_prompt_are_diffusers_own(
 
 
 def _run(engine, batch, after: int | None):
-    """Run `batch`, request 1 withdrawn after step `after` (None: none is); return the
-    images and the rows of the image tokens at each UNet call."""
-    steps, rows = [], []
-    hook = engine.pipe.unet.register_forward_hook(
-        lambda module, args, kwargs, out: rows.append(
-            kwargs["added_cond_kwargs"]["image_embeds"][0].shape[0]), with_kwargs=True)
-    try:
-        out = engine.generate(batch, withdrawn=lambda: {1} if after is not None
-                              and len(steps) >= after else set(),
-                              on_step=lambda s, t: steps.append(s))
-    finally:
-        hook.remove()
-    return out, rows
+    """`withdrawing`, with the rows of the image tokens at each UNet call."""
+    return withdrawing(engine, batch, after, engine.pipe.unet, lambda args, kwargs: (
+        kwargs["added_cond_kwargs"]["image_embeds"][0].shape[0]))
 
 
 @pytest.mark.parametrize("cutoff", [None, 0.5])
