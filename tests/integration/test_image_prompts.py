@@ -63,6 +63,16 @@ def test_the_image_prompt_steers_the_image_at_the_adapters_scale_by_default(clie
         pixels(styled) - pixels(plain)).mean()
 
 
+def test_a_lora_and_an_image_prompt_steer_one_image_together(client):
+    styled = _generate(client, ip_adapter_image=STYLE)
+    both = _generate(client, ip_adapter_image=STYLE, loras=[{"name": "sketch", "scale": 1.0}])
+    tagged = _generate(client, ip_adapter_image=STYLE, prompt="a product shot <lora:sketch:1.0>")
+    lora_only = _generate(client, loras=[{"name": "sketch", "scale": 1.0}])
+    assert np.abs(pixels(both) - pixels(styled)).mean() > 1
+    assert np.abs(pixels(both) - pixels(lora_only)).mean() > 1
+    assert_same_pixels(both, tagged)
+
+
 def test_requests_with_and_without_an_image_prompt_share_a_call(base_url, client):
     bodies = [{"model": BATCHED, "prompt": "a chair", "seed": 40 + i, **extra}
               for i, extra in enumerate([{"ip_adapter_image": STYLE}, {},

@@ -121,6 +121,40 @@ def test_img2img_and_a_controlnet_with_an_image_prompt_are_diffusers_own(
                             controlnet_conditioning_scale=0.5).images[0])
 
 
+def test_inpainting_with_an_image_prompt_keeps_the_unmasked_pixels(engine):
+    picture = np.asarray(_picture(6, (64, 64)))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    source = SourceImage(picture.tobytes(), 0.8, mask.tobytes())
+    prompted = engine.generate([_prompted(STRIPES, 1.0, source=source)])[0][0]
+    plain = engine.generate([replace(BASE, source=source)])[0][0]
+    assert np.array_equal(_px(prompted)[mask == 0], picture[mask == 0].astype(int))
+    assert np.abs(_px(prompted) - _px(plain))[mask == 255].mean() > 1
+
+
+def test_the_refiner_finishes_an_image_prompted_image_as_diffusers_two_pipelines_do(
+        tiny_sdxl_path, adapter_path, cache_dir):
+    """The image prompt steers the base model's steps; the refiner (which has no adapter)
+    takes over its latents."""
+    from deployments.engines.sdxl import SDXLEngine
+    from deployments.tiny import TINY_SDXL_REFINER
+
+    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu", ip_adapter=(adapter_path, *FILES),
+                        refiner=ensure_embedded(TINY_SDXL_REFINER, cache_dir))
+    request = _prompted(DOTS, 0.9, refine="expert_ensemble_refiner", high_noise_frac=0.5)
+    ours = engine.generate([request])[0][0]
+    base = _reference(tiny_sdxl_path, adapter_path)
+    base.set_ip_adapter_scale(0.9)
+    generators = _seeds(5)
+    latents = base(prompt="a red cube", ip_adapter_image=DOTS, width=64, height=64,
+                   num_inference_steps=6, guidance_scale=7.5, denoising_end=0.5,
+                   output_type="latent", generator=generators).images
+    theirs = engine.refiner(prompt="a red cube", image=latents, num_inference_steps=6,
+                            denoising_start=0.5, guidance_scale=7.5,
+                            generator=generators).images[0]
+    assert_same_pixels(ours, theirs)
+
+
 def _run(engine, batch, after: int | None):
     """`withdrawing`, with the rows of the image tokens at each UNet call."""
     return withdrawing(engine, batch, after, engine.pipe.unet, lambda args, kwargs: (
