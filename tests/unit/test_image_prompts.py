@@ -51,12 +51,13 @@ def engine(tiny_sdxl_path, adapter_path, cache_dir):
                       ip_adapter=(adapter_path, *FILES))
 
 
-def _reference(base, adapter_path, cls_name: str = "StableDiffusionXLPipeline", **parts):
+def _reference(base, adapter_path, cls_name: str = "StableDiffusionXLPipeline",
+               weight_name: str = FILES[1], **parts):
     """diffusers' own pipeline over freshly loaded tiny SDXL modules with the adapter."""
     import diffusers
 
     pipe = getattr(diffusers, cls_name).from_pretrained(base, **parts)
-    pipe.load_ip_adapter(str(adapter_path), subfolder=FILES[0], weight_name=FILES[1])
+    pipe.load_ip_adapter(str(adapter_path), subfolder=FILES[0], weight_name=weight_name)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -85,6 +86,60 @@ def test_the_images_are_diffusers_own_with_ip_adapter_image(engine, tiny_sdxl_pa
     plain = pipe(**args, ip_adapter_image=DOTS, generator=_seeds(11)).images
     for a, b in zip([*ours[0], *ours[1], *ours[2]], [*first, *second, *plain], strict=True):
         assert_same_pixels(a, b)
+
+
+_PLUS_NAMES = (("attn.to_out.0.", "0.to_out."), ("attn.to_q.", "0.to_q."), ("ln0.", "0.norm1."),
+               ("ln1.", "0.norm2."), ("ff.0.", "1.0."), ("ff.1.net.0.proj.", "1.1."),
+               ("ff.1.net.2.", "1.3."))
+
+
+@pytest.fixture(scope="module")
+def plus_adapter(adapter_path, tmp_path_factory):
+    """A "plus" IP-Adapter of the tiny SDXL (ip-adapter-plus_sdxl_vit-h's kind: a resampler
+    reads the encoder's penultimate hidden states, 16 image tokens), random weights, in the
+    original layout (its `to_kv`, `norm1`, `1.1` names), beside the tiny adapter's encoder."""
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("plus")
+    shutil.copytree(adapter_path / FILES[0] / FILES[2], folder / FILES[0] / FILES[2])
+    torch.manual_seed(7)
+    resampler = IPAdapterPlusImageProjection(embed_dims=32, output_dims=64, hidden_dims=64,
+                                             heads=1, num_queries=16)
+    state = {}
+    for name, value in resampler.state_dict().items():
+        if ".attn.to_k." in name or ".attn.to_v." in name:
+            kv = name.replace(".attn.to_k.", ".0.to_kv.").replace(".attn.to_v.", ".0.to_kv.")
+            state.setdefault(kv, []).append(value)  # key rows, then value rows
+            continue
+        for ours, theirs in _PLUS_NAMES:
+            name = name.replace(ours, theirs)
+        state[name] = value
+    state = {f"image_proj.{k}": torch.cat(v) if isinstance(v, list) else v
+             for k, v in state.items()}
+    basic = load_file(adapter_path / FILES[0] / FILES[1])
+    state |= {k: v * 3 for k, v in basic.items() if k.startswith("ip_adapter.")}
+    save_file({k: v.contiguous() for k, v in state.items()},
+              folder / FILES[0] / "ip-adapter-plus_sdxl.safetensors")
+    return folder
+
+
+def test_a_plus_adapter_reads_hidden_states_as_diffusers_does(tiny_sdxl_path, plus_adapter):
+    from deployments.engines.sdxl import SDXLEngine
+
+    files = (FILES[0], "ip-adapter-plus_sdxl.safetensors", FILES[2])
+    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu", ip_adapter=(plus_adapter, *files))
+    assert engine.image_prompts.hidden_states
+    ours = engine.generate([_prompted(STRIPES, 0.7), replace(BASE, seed=11)])
+    pipe = _reference(tiny_sdxl_path, plus_adapter, weight_name=files[1])
+    args = {"prompt": "a red cube", "width": 64, "height": 64, "num_inference_steps": 6,
+            "guidance_scale": 7.5}
+    pipe.set_ip_adapter_scale(0.7)
+    theirs = pipe(**args, ip_adapter_image=STRIPES, generator=_seeds(5)).images[0]
+    assert_same_pixels(ours[0][0], theirs)
+    plain = engine.generate([replace(BASE, seed=11)])[0][0]
+    assert_same_pixels(ours[1][0], plain)
+    assert np.abs(_px(ours[0][0]) - _px(engine.generate([BASE])[0][0])).mean() > 1
 
 
 def test_the_image_prompt_moves_the_image_and_scale_zero_does_not(engine):
