@@ -111,6 +111,16 @@ def _mixed_adapters(rng: random.Random, i: int, adapters: Sequence[str]) -> dict
     return body
 
 
+def _image_prompts(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
+    """Captions, every other one steered by one of three mood boards (drawn here, the same
+    every time) through the model's IP-Adapter at 0.6, as a brand's style references."""
+    body = {"prompt": rng.choice(CAPTIONS), "width": 1024, "height": 1024, "steps": 20,
+            "seed": _seed(rng)}
+    if i % 2 == 0:
+        body |= {"ip_adapter_image": product_photo(100 + (i // 2) % 3), "ip_adapter_scale": 0.6}
+    return body
+
+
 PROFILES = {p.name: p for p in (
     Profile("smoke", "64x64, 2 steps: checks the tool and the server end to end (CI)",
             _smoke, 64, 2, slo_s=5.0),
@@ -126,6 +136,9 @@ PROFILES = {p.name: p for p in (
     Profile("mixed-adapters", "captions with a popular-first mix of LoRA adapters (the "
             "server's catalog, or --adapters names and file URLs), 1024x1024, 20 steps",
             _mixed_adapters, 1024, 20, slo_s=20.0),
+    Profile("image-prompts", "captions, every other one with one of three mood boards as "
+            "its image prompt (IP-Adapter, scale 0.6), 1024x1024, 20 steps",
+            _image_prompts, 1024, 20, slo_s=20.0),
 )}
 
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from load.run import main as load_main
-from tests.integration.conftest import API_KEY, AUTH, BATCHED, FAST, FLUX, ONE_SLOT
+from tests.integration.conftest import API_KEY, AUTH, BATCHED, FAST, FLUX, ONE_SLOT, TWO_REPLICAS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,3 +140,23 @@ def test_the_refiner_profile_asks_for_the_refiner(base_url, tmp_path):
                      "--size", "64", "--steps", "5", "--rates", "4", "--requests", "4")
     (lv,) = report["levels"]
     assert lv["succeeded"] == 0 and lv["errors"] == {"validation": 4}
+
+
+def test_the_image_prompt_profile_sends_mood_boards_every_other_request(base_url, tmp_path):
+    import random
+
+    from load.profiles import PROFILES
+
+    bodies = [PROFILES["image-prompts"].body(random.Random(0), i, []) for i in range(8)]
+    boards = [b.get("ip_adapter_image") for b in bodies]
+    assert boards[1::2] == [None] * 4 and len(set(boards[0::2])) == 3
+    assert boards[0] == boards[6] and boards[0].startswith("data:image/jpeg;base64,")
+    report, _ = _run(base_url, tmp_path, "--profile", "image-prompts", "--model", FAST,
+                     "--size", "64", "--steps", "4", "--rates", "4", "--requests", "6")
+    (lv,) = report["levels"]
+    assert lv["sent"] == lv["succeeded"] == 6 and lv["errors"] == {}
+    # A model without an IP-Adapter refuses the prompted half before queueing them.
+    report, _ = _run(base_url, tmp_path, "--profile", "image-prompts", "--model", TWO_REPLICAS,
+                     "--size", "64", "--steps", "4", "--rates", "4", "--requests", "6")
+    (lv,) = report["levels"]
+    assert lv["succeeded"] == 3 and lv["errors"] == {"validation": 3}
