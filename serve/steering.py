@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from serve.model_parts import ConfigError, PathOrEmbedded
 
@@ -63,6 +63,16 @@ class IPAdapterConfig(PathOrEmbedded):
     scale: float = Field(0.6, ge=0, le=2, description=(
         "How strongly the image prompt steers when the request does not say (its "
         "`ip_adapter_scale`): 0 ignores it."))
+
+    @model_validator(mode="after")
+    def _embedded_files(self) -> IPAdapterConfig:
+        defaults = {name: IPAdapterConfig.model_fields[name].default
+                    for name in ("subfolder", "weight_name", "image_encoder")}
+        changed = [name for name, value in defaults.items() if getattr(self, name) != value]
+        if self.embedded is not None and changed:
+            raise ValueError(f"{changed[0]}: the embedded IP-Adapter has only its own files; "
+                             "leave subfolder, weight_name and image_encoder unset")
+        return self
 
     def weights_file(self, folder: Path) -> Path:
         return folder / self.subfolder / self.weight_name

@@ -293,6 +293,8 @@ def test_the_config_checks_the_adapters_files_and_family(tmp_path, adapter_path)
                                   "ip_adapter": {"embedded": "tiny-sdxl-ip-adapter"}}]})
     with pytest.raises(ConfigError, match="scale"):
         config(embedded="tiny-sdxl-ip-adapter", scale=3)
+    with pytest.raises(ConfigError, match="weight_name: the embedded IP-Adapter"):
+        config(embedded="tiny-sdxl-ip-adapter", weight_name="ip-adapter-plus_sdxl.safetensors")
     plain = parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl"}]}).models[0]
     with pytest.raises(InvalidField) as refused:
         GenerationRequest.for_model(plain, "x", image_prompt=_prompted(DOTS).image_prompt)
