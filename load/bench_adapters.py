@@ -32,6 +32,7 @@ from load.bench_engine import (
     engine_class,
     model_folder,
     resolve_family,
+    timed,
 )
 from load.report import save_report
 from serve.config import SpeedConfig, default_cache_dir
@@ -85,18 +86,6 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Path, str]:
     return model, folder, dtype
 
 
-def _timed(fn, *a) -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    fn(*a)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
-
-
 def _loads(engine, names: list[str]) -> dict:
     """Read (disk → staged CPU tensors, off the pipeline thread) and inject (→ a slot, on
     the pipeline thread) each adapter; with one slot fewer than adapters, the last loads
@@ -104,8 +93,8 @@ def _loads(engine, names: list[str]) -> dict:
     reads, injects = [], []
     for name in names:
         staged: list = []
-        reads.append(_timed(lambda n=name, out=staged: out.append(engine.adapters.read(n))))
-        injects.append(_timed(engine.adapters.inject, name, staged[0]))
+        reads.append(timed(lambda n=name, out=staged: out.append(engine.adapters.read(n))))
+        injects.append(timed(engine.adapters.inject, name, staged[0]))
     return {"read_ms": [r * 1000 for r in reads], "inject_ms": [i * 1000 for i in injects],
             "load_ms_median": statistics.median(r + i for r, i in zip(reads, injects, strict=True)) * 1000,
             "inject_ms_median": statistics.median(injects) * 1000}
@@ -115,8 +104,8 @@ def _switches(engine, names: list[str], rounds: int = 20) -> dict:
     from serve.adapters import AdapterSet
 
     a, b = AdapterSet.of([(names[0], 1.0)]), AdapterSet.of([(names[1], 0.8)])
-    times = [_timed(engine.adapters.activate, s) for _ in range(rounds) for s in (a, b)]
-    base = [_timed(engine.adapters.activate, s) for _ in range(rounds)
+    times = [timed(engine.adapters.activate, s) for _ in range(rounds) for s in (a, b)]
+    base = [timed(engine.adapters.activate, s) for _ in range(rounds)
             for s in (AdapterSet(), a)]
     return {"held_switch_ms_median": statistics.median(times) * 1000,
             "held_switch_ms_max": max(times) * 1000,
@@ -162,8 +151,8 @@ def _mixed_calls(engine, args, names: list[str], rounds: int = 3) -> dict:
     if engine.adapters.mixes_sets:
         engine.generate(requests)  # warm-up at this batch size
         shared = len(requests) / statistics.median(
-            _timed(engine.generate, requests) for _ in range(rounds))
-    separate = len(requests) / statistics.median(_timed(one_each) for _ in range(rounds))
+            timed(engine.generate, requests) for _ in range(rounds))
+    separate = len(requests) / statistics.median(timed(one_each) for _ in range(rounds))
     return {"mixed_requests": len(requests), "images_per_s_mixed_one_call": shared,
             "images_per_s_mixed_call_each": separate}
 

@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_engine import GUIDANCE, model_folder
+from load.bench_engine import GUIDANCE, model_folder, timed
 from load.bench_serving import machine
 from load.report import save_report
 
@@ -79,21 +78,8 @@ def _requests(size: int, steps: int, images: int, count: int) -> list:
 
 
 def _timed(engine, requests: list, repeats: int) -> list[float]:
-    import torch
-
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
     engine.generate(requests)  # untimed: first-call allocation
-    times = []
-    for _ in range(repeats):
-        sync()
-        started = time.perf_counter()
-        engine.generate(requests)
-        sync()
-        times.append(time.perf_counter() - started)
-    return times
+    return [timed(engine.generate, requests) for _ in range(repeats)]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -173,6 +173,15 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def timed(fn, *args) -> float:
+    """Seconds `fn(*args)` takes, the GPU's queued work finished before and after."""
+    _sync()
+    started = time.perf_counter()
+    fn(*args)
+    _sync()
+    return time.perf_counter() - started
+
+
 def run_variant(args: argparse.Namespace) -> dict:
     """Child process: load, warm up, time each batch size; save the first batch's pixels."""
     import numpy as np

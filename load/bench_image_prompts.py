@@ -25,7 +25,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_engine import GUIDANCE, model_folder
+from load.bench_engine import GUIDANCE, model_folder, timed
 from load.bench_serving import machine
 from load.report import save_report
 
@@ -82,22 +82,6 @@ def _requests(size: int, steps: int, images: int, prompted: int) -> list:
             for i in range(images)]
 
 
-def _seconds(work) -> float:
-    import time
-
-    import torch
-
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    sync()
-    started = time.perf_counter()
-    work()
-    sync()
-    return time.perf_counter() - started
-
-
 def _turns(engines: dict, cases: dict[str, list], repeats: int) -> dict[str, list[float]]:
     """Each case's call times: one untimed call each, then `repeats` rounds of one each."""
 
@@ -110,13 +94,13 @@ def _turns(engines: dict, cases: dict[str, list], repeats: int) -> dict[str, lis
     times: dict[str, list[float]] = {case: [] for case in cases}
     for _ in range(repeats):
         for case in cases:
-            times[case].append(_seconds(call(case)))
+            times[case].append(timed(call(case)))
     return times
 
 
 def _encoding_s(engine, request, repeats: int) -> float:
     engine.image_prompts.embed(request.image_prompt)  # untimed
-    return statistics.median(_seconds(lambda: engine.image_prompts.embed(request.image_prompt))
+    return statistics.median(timed(engine.image_prompts.embed, request.image_prompt)
                              for _ in range(repeats))
 
 

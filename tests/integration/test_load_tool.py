@@ -131,15 +131,19 @@ def test_the_refiner_profile_asks_for_the_refiner(base_url, tmp_path):
     body = PROFILES["refiner"].body(random.Random(0), 0, [])
     assert (body["refine"], body["high_noise_frac"], body["steps"]) == (
         "expert_ensemble_refiner", 0.8, 30)
-    report, _ = _run(base_url, tmp_path, "--profile", "refiner", "--model", FAST,
-                     "--size", "64", "--steps", "5", "--rates", "4", "--requests", "6")
-    (lv,) = report["levels"]
+    lv = _level(base_url, tmp_path, "refiner", FAST, requests=6, steps=5)
     assert lv["sent"] == lv["succeeded"] == 6 and lv["errors"] == {}
     # A model without a refiner refuses every such request before queueing it.
-    report, _ = _run(base_url, tmp_path, "--profile", "refiner", "--model", BATCHED,
-                     "--size", "64", "--steps", "5", "--rates", "4", "--requests", "4")
-    (lv,) = report["levels"]
+    lv = _level(base_url, tmp_path, "refiner", BATCHED, requests=4, steps=5)
     assert lv["succeeded"] == 0 and lv["errors"] == {"validation": 4}
+
+
+def _level(base_url, tmp_path, profile: str, model: str, requests: int, steps: int) -> dict:
+    """The one rate level of a run of `profile` on `model` at 64x64 and 4 requests/s."""
+    report, _ = _run(base_url, tmp_path, "--profile", profile, "--model", model, "--size",
+                     "64", "--steps", str(steps), "--rates", "4", "--requests", str(requests))
+    (lv,) = report["levels"]
+    return lv
 
 
 def test_the_image_prompt_profile_sends_mood_boards_every_other_request(base_url, tmp_path):
@@ -151,12 +155,8 @@ def test_the_image_prompt_profile_sends_mood_boards_every_other_request(base_url
     boards = [b.get("ip_adapter_image") for b in bodies]
     assert boards[1::2] == [None] * 4 and len(set(boards[0::2])) == 3
     assert boards[0] == boards[6] and boards[0].startswith("data:image/jpeg;base64,")
-    report, _ = _run(base_url, tmp_path, "--profile", "image-prompts", "--model", FAST,
-                     "--size", "64", "--steps", "4", "--rates", "4", "--requests", "6")
-    (lv,) = report["levels"]
+    lv = _level(base_url, tmp_path, "image-prompts", FAST, requests=6, steps=4)
     assert lv["sent"] == lv["succeeded"] == 6 and lv["errors"] == {}
     # A model without an IP-Adapter refuses the prompted half before queueing them.
-    report, _ = _run(base_url, tmp_path, "--profile", "image-prompts", "--model", TWO_REPLICAS,
-                     "--size", "64", "--steps", "4", "--rates", "4", "--requests", "6")
-    (lv,) = report["levels"]
+    lv = _level(base_url, tmp_path, "image-prompts", TWO_REPLICAS, requests=6, steps=4)
     assert lv["succeeded"] == 3 and lv["errors"] == {"validation": 3}
