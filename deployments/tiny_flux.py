@@ -50,7 +50,7 @@ def _t5_tokenizer(tokens: int = T5_TOKENS):
 
 
 def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
-                      device: str = "cpu") -> None:
+                      device: str = "cpu", kontext: bool = False) -> None:
     """Save a FLUX pipeline with random weights built from `configs` (keys transformer,
     vae, text_encoder, text_encoder_2, scheduler; optional tokenizer_2.model_max_length)
     in diffusers format with safetensors.
@@ -59,11 +59,13 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
     to `dtype` before the next one is built, so the full FLUX.1-dev (12 B transformer
     parameters) fits in one GPU's memory while it is made. The text encoders' vocabulary is
     at least the generated tokenizers'; a larger one costs what the real model's does.
+    `kontext`: saved as a FLUX.1 Kontext pipeline (the same modules; its own seed).
     """
     import torch
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
         FluxPipeline,
         FluxTransformer2DModel,
     )
@@ -83,9 +85,9 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
     def made(module):
         return module.to(device="cpu", dtype=getattr(torch, dtype))
 
-    torch.manual_seed(_SEED)
+    torch.manual_seed(_SEED + kontext)
     with torch.device(device):
-        pipe = FluxPipeline(
+        pipe = (FluxKontextPipeline if kontext else FluxPipeline)(
             text_encoder=made(CLIPTextModel(CLIPTextConfig(
                 **clip, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))),
             text_encoder_2=made(T5EncoderModel(T5Config(

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from serve.auth import ApiKeyConfig
 from serve.model_parts import (  # re-exported: importers keep using serve.config
     FAMILIES,
+    KONTEXT,
     SCHEDULERS,
     BatchingConfig,
     ConfigError,
@@ -30,6 +31,7 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
     SpeedConfig,
     WatermarkConfig,
     _Strict,
+    check_kontext,
     check_pipeline,
 )
 from serve.steering import ControlNetConfig, IPAdapterConfig
@@ -62,8 +64,13 @@ class ModelConfig(_Strict):
         "go with the file's weights; for flux also its text encoders and VAE (its "
         "transformer's weights are not read), for sdxl none of its weights. The file is "
         "converted once into the cache, so later starts load a diffusers folder."))
-    embedded: Literal["tiny-sdxl", "tiny-flux"] | None = Field(None, description=(
-        "Build and serve an embedded random-weight model of the family instead of `path`."))
+    embedded: Literal["tiny-sdxl", "tiny-flux", "tiny-flux-kontext"] | None = Field(
+        None, description=("Build and serve an embedded random-weight model of the family "
+                           "(tiny-flux-kontext: with `kontext`) instead of `path`."))
+    kontext: bool = Field(False, description=(
+        "flux only: the weights are FLUX.1 Kontext (FluxKontextPipeline): a request's input "
+        "image is a reference that the prompt edits by instruction (\"make the sky red\"), "
+        "with no prompt strength and no mask. Requests without an image are text-to-image."))
     variant: str | None = Field(None, description=(
         "Weights file variant in the folder, e.g. fp16 for *.fp16.safetensors."))
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description=(
@@ -155,8 +162,12 @@ class ModelConfig(_Strict):
                 raise ValueError(f"model id {name!r} is not in lowercase owner/name form")
         if (self.path is None) == (self.embedded is None):
             raise ValueError("set exactly one of path or embedded")
+        if self.kontext and self.family != "flux":
+            raise ValueError("kontext: only flux models are Kontext models")
         if self.embedded not in (None, self.rules.embedded):
-            raise ValueError(f"embedded {self.embedded!r} is not a {self.family} model")
+            kind = f"{self.family}{' Kontext' if self.kontext else ''} model"
+            hint = "; set kontext: true" if self.embedded == "tiny-flux-kontext" else ""
+            raise ValueError(f"embedded {self.embedded!r} is not a {kind}{hint}")
         if self.configs_from is not None and self.path is None:
             raise ValueError("configs_from: only a single-file path takes it")
         if self.configs_from is not None and self.variant is not None:
@@ -182,7 +193,7 @@ class ModelConfig(_Strict):
 
     @property
     def rules(self) -> Family:
-        return FAMILIES[self.family]
+        return KONTEXT if self.kontext else FAMILIES[self.family]
 
     @property
     def default_scheduler(self) -> str:
@@ -306,6 +317,7 @@ class AtelierConfig(_Strict):
         for i, model in enumerate(self.models):
             refiner, checker = model.refiner, model.safety_checker
             check_pipeline(f"models.{i}", "", model.path, model.configs_from, model.family)
+            check_kontext(f"models.{i}", model.path, model.configs_from, model.kontext)
             check_pipeline(f"models.{i}", "refiner.", refiner and refiner.path,
                            refiner and refiner.configs_from, "sdxl-refiner")
             for name, net in model.controlnets.items():

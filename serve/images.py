@@ -170,6 +170,14 @@ def output_size(image: Image.Image, width: int | None, height: int | None,
     return max(multiple, w // multiple * multiple), max(multiple, h // multiple * multiple)
 
 
+def area_size(image: Image.Image, area: int, multiple: int) -> tuple[int, int]:
+    """The size of `area` pixels with the image's aspect ratio, each side rounded down to a
+    multiple of `multiple`, as diffusers' Kontext pipeline sizes its output (`max_area`)."""
+    aspect = image.width / image.height
+    return (max(multiple, round((area * aspect) ** 0.5) // multiple * multiple),
+            max(multiple, round((area / aspect) ** 0.5) // multiple * multiple))
+
+
 def raw_bytes(value: str | bytes, field: str, max_bytes: int) -> bytes:
     """Raw bytes (an upload) as they are; a string is a data URI or base64."""
     return value if isinstance(value, bytes) else decode_base64(value, field, max_bytes)
@@ -179,7 +187,9 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
                  width: int | None, height: int | None, model: ModelConfig,
                  ) -> tuple[SourceImage | None, int | None, int | None]:
     """Decode the `image` (and `mask`) of a request for `model`; return them at the size to
-    generate, with that width and height (for no image: None and the size as given)."""
+    generate, with that width and height (for no image: None and the size as given). For a
+    Kontext model the image is a reference to edit, and unless a width or height is given
+    the output has its shape at the model's default area."""
     if image is None:
         if mask is not None:
             raise InvalidField("mask", "a mask needs an image")
@@ -189,9 +199,14 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     grey = None
     if mask is not None:
         grey = open_mask(raw_bytes(mask, "mask", nbytes), "mask", picture, nbytes, npixels)
-    w, h = output_size(picture, width, height, model.rules.size_multiple)
+    multiple = model.rules.size_multiple
+    if model.kontext and width is None and height is None:  # the input's shape at the model's area
+        width, height = area_size(picture, model.defaults.width * model.defaults.height, multiple)
+    w, h = output_size(picture, width, height, multiple)
     picture = picture.resize((w, h), Image.Resampling.LANCZOS) if picture.size != (w, h) \
         else picture
     if grey is not None and grey.size != (w, h):
         grey = grey.resize((w, h), Image.Resampling.NEAREST)
+    if model.kontext:  # a reference to edit: every step runs
+        return SourceImage(picture.tobytes(), 1.0, grey and grey.tobytes(), edit=True), w, h
     return SourceImage(picture.tobytes(), strength, None if grey is None else grey.tobytes()), w, h

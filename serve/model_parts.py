@@ -5,7 +5,8 @@ and the checks of the files a pipeline's paths must hold."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +24,7 @@ class Family:
     schedulers: tuple[str, ...]  # the first is the default
     size_multiple: int  # width and height must be multiples of this
     negative_prompt: bool
-    modes: tuple[str, ...]  # txt2img, img2img, inpaint
+    modes: tuple[str, ...]  # txt2img, img2img, inpaint, edit
     embedded: str  # the embedded tiny model of the family
     lora_targets: tuple[str, ...]  # default modules (name suffixes) of the LoRA slots
 
@@ -44,6 +45,9 @@ FAMILIES = {
     "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img", "inpaint"),
                    "tiny-flux", _FLUX_LORA_TARGETS),
 }
+# FLUX.1 Kontext (a FLUX model with `kontext: true`): an input image is a reference the
+# prompt edits, not an img2img start; it takes no mask.
+KONTEXT = replace(FAMILIES["flux"], modes=("txt2img", "edit"), embedded="tiny-flux-kontext")
 
 
 class _Strict(BaseModel):
@@ -290,3 +294,23 @@ def check_pipeline(where: str, prefix: str, path: Path | None, configs_from: Pat
                 f"{where}.{prefix}configs_from: {configs_from / module} holds no .safetensors "
                 f"weights: a {kind} file holds the transformer alone, and its "
                 f"{', '.join(_MODULES_FROM_CONFIGS[kind])} are read from this folder")
+
+
+def check_kontext(where: str, path: Path | None, configs_from: Path | None,
+                  kontext: bool) -> None:
+    """Raise ConfigError unless the pipeline folder (`path`, or a single file's
+    `configs_from`) is a FLUX.1 Kontext one exactly when the model says `kontext`: the
+    weights of both load into either pipeline, and the wrong one draws noise."""
+    folder = configs_from if configs_from is not None else path
+    if folder is None or not (folder / "model_index.json").is_file():
+        return
+    try:
+        name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    if kontext and name != "FluxKontextPipeline":
+        raise ConfigError(f"{where}.kontext: {folder} holds a {name} folder, not FLUX.1 "
+                          "Kontext (FluxKontextPipeline)")
+    if not kontext and name == "FluxKontextPipeline":
+        raise ConfigError(f"{where}.kontext: {folder} holds FLUX.1 Kontext weights: set "
+                          "kontext: true, so that input images are edited as references")

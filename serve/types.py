@@ -29,16 +29,20 @@ IMAGE_PROMPT_SIDE = 512
 
 @dataclass(frozen=True, eq=False)
 class SourceImage:
-    """An input image for img2img or inpainting, already at the request's size: RGB
-    pixels, and for inpainting a mask of 8-bit grey (white = repaint)."""
+    """An input image for img2img, inpainting or a Kontext edit, already at the request's
+    size: RGB pixels, and for inpainting a mask of 8-bit grey (white = repaint). An edit's
+    image is a reference the prompt changes (every step runs: `strength` is 1)."""
 
     rgb: bytes
     strength: float
     mask: bytes | None = None
+    edit: bool = False
 
     @property
     def mode(self) -> str:
-        return "inpaint" if self.mask is not None else "img2img"
+        if self.mask is not None:
+            return "inpaint"
+        return "edit" if self.edit else "img2img"
 
 
 @dataclass(frozen=True, eq=False)

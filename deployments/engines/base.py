@@ -195,15 +195,16 @@ class DiffusersEngine:
                   | control_inputs(requests, [p.controls for p in made]))
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
-        # Inpainting keeps per-row state (its mask, both guidance halves of it) out of the
-        # step callback's reach: its rows stay, and it keeps guidance on every step. With
-        # buckets the call keeps its padded size to the end: dropping withdrawn rows would
-        # meet the compiled code with a batch size it was not compiled for.
-        inpaint = first.mode == "inpaint"
+        # Inpainting and Kontext edits keep per-row state (the mask and both guidance
+        # halves of it; the references' latents) out of the step callback's reach: their
+        # rows stay, and inpainting keeps guidance on every step. With buckets the call
+        # keeps its padded size to the end: dropping withdrawn rows would meet the compiled
+        # code with a batch size it was not compiled for.
+        rows_stay = first.mode in ("inpaint", "edit")
         previews = self._previews(requests[:real], rows, on_preview)
         callback = step_callback(rows, generators, withdrawn, on_step,
-                                 shrink_rows=not inpaint and not self.buckets,
-                                 cfg_cutoff=None if inpaint else self.cfg_cutoff,
+                                 shrink_rows=not rows_stay and not self.buckets,
+                                 cfg_cutoff=None if rows_stay else self.cfg_cutoff,
                                  previews=previews)
         out_of_memory = False
         try:

@@ -1,22 +1,33 @@
-"""FLUX engine: FLUX.1 text-to-image, img2img and inpainting with flow-matching Euler.
+"""FLUX engines: FLUX.1 text-to-image, img2img and inpainting with flow-matching Euler,
+and FLUX.1 Kontext's edits.
 
 `guidance_scale` is FLUX's distilled guidance (the transformer's guidance embedding, as
 `guidance` on Replicate's flux-dev); there is no negative prompt and one forward pass per
 step. Schnell-style checkpoints ignore it. LoRA adapters live in slots of the transformer
 or are merged into its weights, read from the diffusers/PEFT (ai-toolkit) layout or
 kohya's (BFL module names). The speed settings are SDXL's, applied to the transformer.
+
+A Kontext model's edit appends the reference image's latent tokens to the ones being
+denoised (diffusers' FluxKontextPipeline), so each step computes both; its text-to-image is
+plain FLUX.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
+from diffusers import (
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxKontextPipeline,
+    FluxPipeline,
+)
 
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine, Prepared
@@ -25,7 +36,7 @@ from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
 from serve.model_parts import FAMILIES
-from serve.types import GenerationRequest
+from serve.types import GenerationRequest, SourceImage
 
 
 class FluxEngine(DiffusersEngine):
@@ -91,3 +102,19 @@ class FluxEngine(DiffusersEngine):
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return pipe.image_processor.postprocess(image, output_type="pt")
+
+
+class FluxKontextEngine(FluxEngine):
+    """FLUX.1 Kontext: text-to-image as FLUX, and edits of a reference image by
+    instruction. An edit call's rows stay to its end (the pipeline holds the references'
+    latents out of the step callback's reach), as inpainting's do."""
+
+    pipelines: ClassVar[dict[str, type]] = {"txt2img": FluxPipeline,
+                                            "edit": FluxKontextPipeline}
+
+    def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
+        """As for FLUX, then the same calls as edits of a blank reference (twice the tokens
+        per step: other kernels, other compiled code)."""
+        super().warm_up(request, max_images)
+        blank = SourceImage(bytes(request.width * request.height * 3), 1.0, edit=True)
+        super().warm_up(replace(request, source=blank), max_images)

@@ -1,4 +1,4 @@
-"""Input images of img2img, inpainting and ControlNet calls: 8-bit tensors on the device,
+"""Input images of img2img, inpainting, Kontext edit and ControlNet calls: 8-bit tensors on the device,
 per-row pipeline inputs, the requests that need no denoising at all, and putting the kept
 pixels back after inpainting."""
 
@@ -73,8 +73,10 @@ def source_inputs(requests: Sequence[GenerationRequest],
     first = requests[0]
     if first.source is None:
         return {}
-    inputs = {"image": per_row(requests, sources, 0).float() / 255,
-              "strength": first.source.strength}
+    image = per_row(requests, sources, 0).float() / 255
+    if first.mode == "edit":  # Kontext: a reference, at the output's own size and area
+        return {"image": image, "max_area": first.width * first.height, "_auto_resize": False}
+    inputs = {"image": image, "strength": first.source.strength}
     if first.mode == "inpaint":
         inputs["mask_image"] = per_row(requests, sources, 1).float() / 255
     return inputs
