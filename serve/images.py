@@ -188,8 +188,8 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
                  ) -> tuple[SourceImage | None, int | None, int | None]:
     """Decode the `image` (and `mask`) of a request for `model`; return them at the size to
     generate, with that width and height (for no image: None and the size as given). For a
-    Kontext model the image is a reference to edit, and unless a width or height is given
-    the output has its shape at the model's default area."""
+    Kontext model the image is a reference to edit: unless a width or height is given the
+    output has its shape at the model's default area, and another shape crops it."""
     if image is None:
         if mask is not None:
             raise InvalidField("mask", "a mask needs an image")
@@ -203,8 +203,9 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     if model.kontext and width is None and height is None:  # the input's shape at the model's area
         width, height = area_size(picture, model.defaults.width * model.defaults.height, multiple)
     w, h = output_size(picture, width, height, multiple)
-    picture = picture.resize((w, h), Image.Resampling.LANCZOS) if picture.size != (w, h) \
-        else picture
+    if picture.size != (w, h):  # a reference is cropped to the output's shape, not stretched
+        picture = ImageOps.fit(picture, (w, h), Image.Resampling.LANCZOS) if model.kontext \
+            else picture.resize((w, h), Image.Resampling.LANCZOS)
     if grey is not None and grey.size != (w, h):
         grey = grey.resize((w, h), Image.Resampling.NEAREST)
     if model.kontext:  # a reference to edit: every step runs

@@ -1,12 +1,14 @@
 """Replicate's predictions API, for the official `replicate` client.
 
-Inputs mirror `stability-ai/sdxl` for SDXL models and `black-forest-labs/flux-dev` for
-FLUX models (each version's schema says which). `apply_watermark: false` leaves out the
+Inputs mirror `stability-ai/sdxl` for SDXL models, `black-forest-labs/flux-dev` for
+FLUX models and `black-forest-labs/flux-kontext-dev` for Kontext models (each version's
+schema says which). `apply_watermark: false` leaves out the
 invisible watermark, where the model's config lets it; `go_fast` is accepted and has no
 effect (speed is the model's config); `disable_safety_checker` skips the model's safety checker, where it has one that lets it.
 As on Replicate, flagged images are left out of the output, and a prediction whose images
 were all flagged fails with "NSFW content detected...". Output is a
-list of file URLs served under /files for `file_ttl_s`. As on Replicate, a create call with
+list of file URLs served under /files for `file_ttl_s` (for Kontext models, as for
+flux-kontext-dev, one URL). As on Replicate, a create call with
 `Prefer: wait` that finishes in time answers with the files inline as data URIs (the
 official clients turn either form into file objects); the stored prediction keeps the URLs.
 """
@@ -29,13 +31,8 @@ from serve.context import (
 )
 from serve.errors import AtelierError, InvalidField, ModelNotFound
 from serve.predictions import Prediction
-from serve.routes.replicate_inputs import (
-    PredictionBody,
-    duration_s,
-    input_schema,
-    parse_input,
-    wait_seconds,
-)
+from serve.routes.replicate_body import PredictionBody, duration_s, wait_seconds
+from serve.routes.replicate_inputs import input_schema, parse_input, single_output
 from serve.routes.replicate_runs import to_request
 from serve.webhooks import check_events, check_webhook
 
@@ -60,7 +57,9 @@ def model_json(state: IngressState, model_id: str, base: str) -> dict:
 
 def _version_json(state: IngressState, model_id: str) -> dict:
     model = state.router.resolve(model_id)
-    output = {"type": "array", "items": {"type": "string", "format": "uri"}, "title": "Output"}
+    output = {"type": "string", "format": "uri", "title": "Output"}
+    if not single_output(model):
+        output = {"type": "array", "items": output, "title": "Output"}
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.started_at))
     return {"id": state.versions[model_id], "created_at": created,
             "cog_version": "atelier", "openapi_schema": {
@@ -151,7 +150,9 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
     if wait_s and not prediction.done:
         payload["status"] = "starting"  # as Replicate does when the wait runs out
     if wait_s and prediction.status == "succeeded":
-        payload["output"] = [await _data_uri(state, url) for url in prediction.output]
+        output = prediction.output
+        payload["output"] = (await _data_uri(state, output) if isinstance(output, str) else
+                             [await _data_uri(state, url) for url in output])
     return JSONResponse(payload, status_code=201 if prediction.done or not wait_s else 202)
 
 

@@ -20,7 +20,7 @@ from serve.config import ModelConfig
 from serve.context import IngressState, ingress
 from serve.errors import AtelierError
 from serve.routes.replicate import create_for_model
-from serve.routes.replicate_inputs import PredictionBody
+from serve.routes.replicate_body import PredictionBody
 
 router = APIRouter()
 

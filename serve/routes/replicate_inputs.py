@@ -1,14 +1,13 @@
-"""Replicate request shapes: the inputs of `stability-ai/sdxl` and of
-`black-forest-labs/flux-dev`, the create body, and the `Prefer: wait` and `Cancel-After`
-headers.
+"""Replicate model inputs: those of `stability-ai/sdxl`, `black-forest-labs/flux-dev` and
+`black-forest-labs/flux-kontext-dev` (the create body and its headers are in
+`serve.routes.replicate_body`).
 
 Each input class turns itself into the arguments of `GenerationRequest.for_model`
 (`request_args`) and names, for an error about one of those arguments, its own field."""
 
 from __future__ import annotations
 
-import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -17,10 +16,6 @@ from serve.config import ModelConfig
 from serve.controls import ControlParams
 from serve.errors import InvalidField
 from serve.types import MAX_SEED, SCHEDULERS, OutputFormat, Refine
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
-_WAIT = re.compile(r"(?:^|[,;\s])wait(?:=(\d+))?(?:$|[,;\s])")
 
 
 class _LoraInput(BaseModel):
@@ -224,9 +219,7 @@ class FluxInput(_LoraInput):
                 width, height = width // 2, height // 2
         return {"width": width, "height": height, "num_outputs": self.num_outputs,
                 "num_inference_steps": self.num_inference_steps,
-                "guidance_scale": self.guidance,
-                "output_format": "jpeg" if self.output_format == "jpg" else self.output_format,
-                "output_quality": max(1, self.output_quality)}
+                "guidance_scale": self.guidance, **_flux_output(self)}
 
     def lora_refs(self) -> list[tuple[str, float | None]]:
         extra = [(self.extra_lora, self.extra_lora_scale)] if self.extra_lora else []
@@ -238,10 +231,75 @@ class FluxInput(_LoraInput):
         return super().field_of({"guidance_scale": "guidance"}.get(arg, arg))
 
 
-def parse_input(model: ModelConfig, raw: dict) -> SDXLInput | FluxInput:
-    """The create body's `input`, validated against the model family's inputs; a bad
-    field is a 422 located at input.<field>."""
-    cls = FluxInput if model.family == "flux" else SDXLInput
+class KontextInput(_LoraInput):
+    """black-forest-labs/flux-kontext-dev's inputs (with flux-kontext-dev-lora's LoRA
+    inputs): `input_image` is the reference the prompt edits; unset values take the served
+    model's defaults."""
+
+    prompt: str = Field(min_length=1, max_length=4000, description=(
+        "Text description of what you want to generate, or the instruction on how to edit "
+        "the given image"))
+    input_image: str | None = Field(None, description=(
+        "Image to use as reference, as a data URI, base64 or an allowed URL; unset: "
+        "text-to-image"))
+    aspect_ratio: Literal[("match_input_image", *FLUX_SIZES)] = Field(
+        "match_input_image", description=(
+            "Aspect ratio of the output; match_input_image: the input image's, at the "
+            "model's default area (no image: the model's default size). Another ratio "
+            "crops the input image to it"))
+    num_inference_steps: int | None = Field(None, ge=1, le=50, description="Denoising steps")
+    guidance: float | None = Field(None, ge=0, le=10, description="Guidance for generation")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
+    output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Image format")
+    output_quality: int = Field(80, ge=0, le=100, description="webp/jpg quality")
+    go_fast: bool = Field(True, description="Accepted; the model's speed settings apply")
+    disable_safety_checker: bool = Field(False, description=(
+        "Skip the model's safety checker (if it has one and lets requests skip it)"))
+
+    mask: ClassVar[None] = None
+    prompt_strength: ClassVar[float] = 1.0  # unused: a reference is not noised
+
+    @property
+    def image(self) -> str | None:
+        return self.input_image
+
+    def request_args(self) -> dict[str, Any]:
+        width, height = FLUX_SIZES.get(self.aspect_ratio, (None, None))
+        return {"width": width, "height": height, "num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance, **_flux_output(self)}
+
+    def field_of(self, arg: str) -> str:
+        if arg in ("width", "height"):
+            return "input_image" if self.aspect_ratio == "match_input_image" else "aspect_ratio"
+        return super().field_of({"guidance_scale": "guidance",
+                                 "image": "input_image"}.get(arg, arg))
+
+
+def _flux_output(inp: FluxInput | KontextInput) -> dict[str, Any]:
+    """The output format and quality of Replicate's FLUX inputs, as requests take them."""
+    return {"output_format": "jpeg" if inp.output_format == "jpg" else inp.output_format,
+            "output_quality": max(1, inp.output_quality)}
+
+
+ReplicateInput = SDXLInput | FluxInput | KontextInput
+
+
+def input_class(model: ModelConfig) -> type[ReplicateInput]:
+    if model.kontext:
+        return KontextInput
+    return FluxInput if model.family == "flux" else SDXLInput
+
+
+def single_output(model: ModelConfig) -> bool:
+    """Whether the model's predictions output one file URL rather than a list, as
+    flux-kontext-dev's (one image per prediction) do."""
+    return model.kontext
+
+
+def parse_input(model: ModelConfig, raw: dict) -> ReplicateInput:
+    """The create body's `input`, validated against the model's inputs; a bad field is a
+    422 located at input.<field>."""
+    cls = input_class(model)
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
@@ -255,7 +313,7 @@ _IP_ADAPTER_INPUTS = ("ip_adapter_image", "ip_adapter_scale")
 def input_schema(model: ModelConfig) -> dict:
     """The model's input schema; an SDXL model without ControlNets shows no ControlNet
     inputs, one without an IP-Adapter no image prompt inputs (it refuses them)."""
-    schema = (FluxInput if model.family == "flux" else SDXLInput).model_json_schema()
+    schema = input_class(model).model_json_schema()
     hidden: set[str] = set()
     if model.family == "sdxl" and not model.controlnets:
         hidden |= set(_ControlNetInputs.model_fields)
@@ -264,38 +322,3 @@ def input_schema(model: ModelConfig) -> dict:
     schema["properties"] = {name: spec for name, spec in schema["properties"].items()
                             if name not in hidden}
     return schema
-
-
-class PredictionBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    input: dict[str, Any] = Field(description="The model's inputs (see its version's schema)")
-    version: str | None = None
-    webhook: str | None = None
-    webhook_events_filter: list[str] | None = None
-    stream: bool | None = None
-
-
-def duration_s(value: str | None) -> float | None:
-    """Seconds in a Cancel-After value: a number of seconds, or units like 1h30m, 45s,
-    500ms. Raises InvalidField for anything else."""
-    if value is None:
-        return None
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        parts = _DURATION_PART.findall(text)
-        if not parts or "".join(n + u for n, u in parts) != text:
-            raise InvalidField("Cancel-After", f"not a duration: {value!r}") from None
-        seconds = sum(float(n) * _UNIT_S[u] for n, u in parts)
-    if not 0 < seconds <= 86_400:
-        raise InvalidField("Cancel-After", "must be between 0 and 24h")
-    return seconds
-
-
-def wait_seconds(prefer: str) -> float:
-    match = _WAIT.search(prefer)
-    if not match:
-        return 0
-    return float(min(60, max(1, int(match[1])))) if match[1] else 60.0

@@ -19,7 +19,7 @@ from serve.controls import load_controls, load_image_prompt
 from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost
 from serve.images import load_source
 from serve.predictions import Prediction, now_iso
-from serve.routes.replicate_inputs import FluxInput, SDXLInput, parse_input
+from serve.routes.replicate_inputs import ReplicateInput, parse_input, single_output
 from serve.types import GenerationRequest, GenerationResult
 from serve.webhooks import WebhookSender
 
@@ -53,7 +53,7 @@ async def run_prediction(state: IngressState, p: Prediction) -> None:
     await _run(state, p, gen, private["base"], webhook, deadline_s)
 
 
-async def to_request(state: IngressState, model_id: str, inp: SDXLInput | FluxInput,
+async def to_request(state: IngressState, model_id: str, inp: ReplicateInput,
                      rid: str, client: str = "") -> GenerationRequest:
     model = state.router.resolve(model_id)
     args = inp.request_args()
@@ -111,7 +111,8 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
         p.logs += f"Generated {len(result.images)} image(s) in {time.monotonic() - started:.2f}s\n"
         urls = [f"{base}/files/{await state.store.put_file(img, result.media_type)}"
                 for img in result.images]
-        p.finish("succeeded", output=urls)
+        p.finish("succeeded", output=urls[0] if single_output(
+            state.router.resolve(gen.model)) else urls)
         await state.store.save(p)
         if webhook:
             await webhook.send("output", p.to_json(base))

@@ -12,7 +12,8 @@ waits two seconds for company, so concurrent requests reliably share pipeline ca
 `atelier/tiny-sdxl-checked` has a safety checker that flags the image of CHECKED_PROMPT's
 seed 10 and passes that of seed 11;
 `atelier/tiny-flux` is the embedded tiny FLUX, with fused projections, FP8 layers and
-its adapters merged into them. The adapter catalog is the embedded demo set plus
+its adapters merged into them; `atelier/tiny-flux-kontext` is the embedded tiny FLUX.1
+Kontext, whose input images are references to edit. The adapter catalog is the embedded demo set plus
 `bad_adapters` (files that must fail cleanly), `made_adapters` (made with PEFT and saved by
 diffusers, text-encoder parts and metadata alphas) and `named_adapters` (filed by Replicate
 model name). Request bodies over 2 MiB get 413; input images and LoRA files may be
@@ -46,6 +47,7 @@ DEADLINE = "atelier/tiny-sdxl-deadline"
 SMALL_MEMORY = "atelier/tiny-sdxl-small-memory"
 STALL = "atelier/tiny-sdxl-stall"
 FLUX = "atelier/tiny-flux"
+KONTEXT = "atelier/tiny-flux-kontext"
 CHECKED = "atelier/tiny-sdxl-checked"
 CHECKED_PROMPT = "a scene for the safety checker"
 MAX_BODY_BYTES = 2 * 2**20
@@ -201,7 +203,11 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                fuse_adapters=True, speed={"fuse_qkv": True, "fp8": True},
                aliases=["black-forest-labs/flux-dev"],
                defaults={"width": 64, "height": 64, "num_inference_steps": 4,
-                         "guidance_scale": 3})],
+                         "guidance_scale": 3}),
+        _model(KONTEXT, 10, family="flux", embedded="tiny-flux-kontext", kontext=True,
+               aliases=["black-forest-labs/flux-kontext-dev"],
+               defaults={"width": 96, "height": 96, "num_inference_steps": 4,
+                         "guidance_scale": 2.5})],
         "lora_folders": [{"embedded": "tiny-sdxl-demo", "base": "sdxl"},
                          {"embedded": "tiny-flux-demo", "base": "flux"},
                          {"path": str(bad_adapters[0]), "base": "sdxl"},
@@ -209,7 +215,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                          {"path": str(made_adapters), "base": "sdxl"},
                          {"path": str(named_adapters), "base": "flux"}]}
     # The dashboard writes Ray's Prometheus service-discovery file.
-    ray.init(address="local", num_cpus=13, include_dashboard=True, dashboard_port=_free_port(),
+    ray.init(address="local", num_cpus=14, include_dashboard=True, dashboard_port=_free_port(),
              _metrics_export_port=metrics_port)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})

@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from serve.config import ConfigError, ModelConfig, parse_config
 from serve.errors import InvalidField
@@ -90,10 +90,12 @@ def test_an_edit_takes_the_reference_shape_at_the_model_area_and_runs_every_step
     # 96x96 = 9216 pixels in 3:2: 117.6 x 78.4, each down to a multiple of 16.
     assert (request.width, request.height) == (112, 64)
     assert request.mode == "edit" and request.source.strength == 1.0
-    assert request.source.rgb == Image.fromarray(PHOTO).resize(
-        (112, 64), Image.Resampling.LANCZOS).tobytes()
+    assert request.source.rgb == ImageOps.fit(
+        Image.fromarray(PHOTO), (112, 64), Image.Resampling.LANCZOS).tobytes()
+    # Another shape crops the reference (its middle third here), rather than stretching it.
     given = source_image(_png(PHOTO), None, 0.3, 64, 64, MODEL)
     assert given[1:] == (64, 64) and given[0].strength == 1.0 and given[0].edit
+    assert given[0].rgb == Image.fromarray(PHOTO[:, 16:80]).tobytes()
 
 
 def test_batched_edits_give_diffusers_kontext_pixels_per_reference_and_seed(engine, reference):

@@ -1,0 +1,106 @@
+"""FLUX.1 Kontext on the running app: one instruction edit through every API (Replicate's
+flux-kontext-dev inputs with the official client, `/generate`, OpenAI image edits) gives
+the same pixels; the output takes the reference's shape; masks and sizes over the limits
+are refused naming the field of the API that sent them."""
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.integration.conftest import API_KEY, AUTH, FLUX, KONTEXT, decode, pixels
+
+RNG = np.random.default_rng(12)
+PHOTO = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # 96 wide, 64 high: 3:2
+OTHER = 255 - PHOTO
+# The model's default area (96x96) in 3:2, each side down to a multiple of 16.
+EDIT_SIZE = (112, 64)
+
+
+def _png(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _data_uri(array) -> str:
+    return "data:image/png;base64," + base64.b64encode(_png(array)).decode()
+
+
+@pytest.fixture
+def oai(base_url):
+    return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
+
+
+def _generate(client, **body) -> np.ndarray:
+    r = client.post("/generate", json={"prompt": "make the sky red", "model": KONTEXT,
+                                       "seed": 5, **body})
+    assert r.status_code == 200, r.text
+    return pixels(decode(r.json()["image"]))
+
+
+def test_one_edit_gives_the_same_pixels_through_every_api(rep, client, oai, base_url):
+    edited = _generate(client, image=_data_uri(PHOTO))
+    assert edited.shape == (EDIT_SIZE[1], EDIT_SIZE[0], 3)
+    # As flux-kontext-dev's, the output is one file, not a list.
+    png = rep.run("black-forest-labs/flux-kontext-dev", input={
+        "prompt": "make the sky red", "input_image": io.BytesIO(_png(PHOTO)), "seed": 5,
+        "output_format": "png"})
+    assert not isinstance(png, list)
+    assert np.array_equal(pixels(Image.open(io.BytesIO(png.read()))), edited)
+    resp = oai.images.edit(model=KONTEXT, image=("p.png", _png(PHOTO), "image/png"),
+                           prompt="make the sky red", extra_body={"seed": 5})
+    assert resp.size == "112x64"
+    assert np.array_equal(pixels(decode(resp.data[0].b64_json)), edited)
+    # The reference is what was edited: another one, same prompt and seed, differs; no
+    # image at all is text-to-image at the model's default size.
+    assert not np.array_equal(_generate(client, image=_data_uri(OTHER)), edited)
+    assert _generate(client).shape == (96, 96, 3)
+
+
+def test_the_replicate_schema_is_flux_kontext_devs(base_url):
+    version = httpx.get(f"{base_url}/v1/models/{KONTEXT}", headers=AUTH).json()
+    schemas = version["latest_version"]["openapi_schema"]["components"]["schemas"]
+    assert schemas["Output"] == {"type": "string", "format": "uri", "title": "Output"}
+    schema = schemas["Input"]
+    fields = set(schema["properties"])
+    assert {"prompt", "input_image", "aspect_ratio", "guidance", "num_inference_steps",
+            "lora_weights", "go_fast", "disable_safety_checker"} <= fields
+    assert not {"image", "mask", "prompt_strength", "num_outputs"} & fields
+    assert schema["properties"]["aspect_ratio"]["default"] == "match_input_image"
+
+
+def test_replicate_aspect_ratios_crop_the_reference_and_over_the_limits_name_the_field(
+        base_url):
+    def create(**extra):
+        return httpx.post(f"{base_url}/v1/models/{KONTEXT}/predictions",
+                          headers={**AUTH, "Prefer": "wait"},
+                          json={"input": {"prompt": "x", "input_image": _data_uri(PHOTO),
+                                          **extra}})
+
+    r = create(aspect_ratio="1:1")  # 1024x1024, over this model's 256x256 pixels
+    assert r.status_code == 422
+    assert r.json()["invalid_fields"][0]["field"] == "input.aspect_ratio"
+    r = create(mask=_data_uri(PHOTO))
+    assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == "input.mask"
+
+
+def test_masks_are_refused_naming_the_field(client, oai):
+    mask = np.full((64, 96), 255, np.uint8)
+    r = client.post("/generate", json={"prompt": "x", "model": KONTEXT,
+                                       "image": _data_uri(PHOTO), "mask": _data_uri(mask)})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mask"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        oai.images.edit(model=KONTEXT, image=("p.png", _png(PHOTO), "image/png"),
+                        mask=("m.png", _png(mask), "image/png"), prompt="x")
+    assert caught.value.body["param"] == "mask"
+
+
+def test_flux_without_kontext_still_does_img2img(client):
+    r = client.post("/generate", json={"prompt": "x", "model": FLUX, "seed": 5,
+                                       "image": _data_uri(PHOTO), "prompt_strength": 0})
+    assert np.array_equal(pixels(decode(r.json()["image"])), PHOTO.astype(int))
