@@ -67,6 +67,9 @@ class IngressMetrics:
             tag_keys=("model", "controlnet"))
         self.image_prompt_images = Counter("atelier_image_prompt_images", (
             "Images delivered that an image prompt (IP-Adapter) steered"), tag_keys=("model",))
+        self.edited_images = Counter("atelier_edited_images", (
+            "Images delivered that edited a reference image (FLUX.1 Kontext)"),
+            tag_keys=("model",))
         self.generation = Histogram("atelier_generation_duration_seconds",
                                     "Time from routing a request to its images",
                                     boundaries=SECONDS, tag_keys=("model",))

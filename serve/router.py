@@ -165,6 +165,8 @@ class ModelRouter:
                     delivered, {"model": request.model, "controlnet": control.name})
             if request.image_prompt is not None:
                 self.metrics.image_prompt_images.inc(delivered, {"model": request.model})
+            if request.mode == "edit":
+                self.metrics.edited_images.inc(delivered, {"model": request.model})
         b = result.batch
         self.metrics.used(request.client, request.model, delivered,
                           b.inference_ms / 1000 * len(result.images) / max(1, b.images))

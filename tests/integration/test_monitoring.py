@@ -29,6 +29,7 @@ from tests.integration.conftest import (
     CHECKED,
     CHECKED_PROMPT,
     FAST,
+    KONTEXT,
     _free_port,
     ray_session_dir,
 )
@@ -101,7 +102,7 @@ BLACK_PNG = _black_png()
 
 def _traffic(base_url, seconds):
     """Good requests (some with adapters, a ControlNet or an image prompt, some withheld
-    by a safety checker), and bad ones, from two clients at once."""
+    by a safety checker, some Kontext edits), and bad ones, from two clients at once."""
 
     def client(offset):
         with httpx.Client(base_url=base_url, headers=AUTH, timeout=60) as c:
@@ -115,6 +116,9 @@ def _traffic(base_url, seconds):
                 if i % 5 == 2:  # an image prompt steers it
                     body["ip_adapter_image"] = BLACK_PNG
                 assert c.post("/generate", json=body).status_code == 200
+                if i % 6 == 0:  # a Kontext edit of a black reference
+                    edit = {"prompt": "make it red", "model": KONTEXT, "image": BLACK_PNG}
+                    assert c.post("/generate", json=edit).status_code == 200
                 assert c.post("/generate", json={"prompt": "", "model": FAST}).status_code == 422
                 if i % 8 == 0:
                     flagged = {"prompt": CHECKED_PROMPT, "seed": 10, "model": CHECKED}
@@ -136,7 +140,8 @@ def _panel_queries():
 
 
 def _concrete(expr):
-    return expr.replace("$model", FAST).replace("$__rate_interval", "1m")
+    """The panel's query for the traffic's models: SDXL's, and Kontext's edits."""
+    return expr.replace("$model", f"{FAST}|{KONTEXT}").replace("$__rate_interval", "1m")
 
 
 def _query(prometheus, expr):
@@ -165,7 +170,7 @@ def test_the_dashboard_covers_what_operators_watch():
     for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "prompts held",
                   "errors", "memory", "healthy", "by api key", "busy share",
                   "gpu utilization", "garbage collection", "safety checker", "controlnet",
-                  "image prompt"):
+                  "image prompt", "edits"):
         assert topic in titles, topic
 
 

@@ -193,6 +193,20 @@ def test_start_up_refuses_a_folder_of_the_other_kind(kontext_path, tiny_flux_pat
         config(kontext_path, False).check_paths()
 
 
+def test_a_single_file_is_checked_against_its_configs_folder(kontext_path, tiny_flux_path,
+                                                             tmp_path):
+    single = tmp_path / "kontext-tune.safetensors"
+    single.write_bytes(b"checked for its name only here")
+
+    def config(configs_from):
+        return parse_config({"models": [{"id": "a/k", "family": "flux", "path": str(single),
+                                         "configs_from": str(configs_from), "kontext": True}]})
+
+    config(kontext_path).check_paths()
+    with pytest.raises(ConfigError, match=r"models\.0\.kontext: .* holds a FluxPipeline"):
+        config(tiny_flux_path).check_paths()
+
+
 def test_a_plain_flux_image_is_still_img2img():
     flux = ModelConfig(id="a/f", family="flux", embedded="tiny-flux")
     source, _, _ = source_image(_png(PHOTO), None, 0.4, None, None, flux)
