@@ -4,7 +4,7 @@
 # step after its start), so run the steps not yet measured in this order: engine-static
 # (static shapes, and FP8 with fast accumulation beside bf16, in one step), throughput
 # with the fastest variant, keep-warm, engine-fp8, fp8-error, engine-512, engine-autotune,
-# adapters, engine-flux, controlnet, image-prompts. Here, once, in the project root:
+# adapters, engine-flux, controlnet, image-prompts, kontext. Here, once, in the project root:
 #   echo /.whl/ >> .git/info/exclude
 #   ../shared/gpu/make-wheels.sh .whl pytest pluggy iniconfig pytest-timeout
 #   cp ../shared/gpu/sdxl-base-configs.json .whl/
@@ -27,6 +27,9 @@
 #               random weights) cost per call, eager bf16, batches of 1 and 8
 #   image-prompts what an IP-Adapter (ip-adapter_sdxl_vit-h's design, random weights) costs
 #               per call with none, half and all images prompted, eager bf16, batches 1, 8
+#   kontext     what a FLUX.1 Kontext edit costs against text-to-image (FLUX.1-dev's
+#               architecture, random weights, served as Kontext), 1024², 28 steps, eager
+#               bf16, batches of 1 and 2
 #   engine-flux FLUX.1-dev's architecture (random weights, built on the GPU by the first
 #               call), 1024², 28 steps, batch 4: compiled bf16, or the variants named after
 #               it (one per call fits: engine-flux compiled, then engine-flux compiled-fp8)
@@ -37,7 +40,7 @@
 # files are named after the GPU the step ran on (its name as nvidia-smi gives it, without
 # "NVIDIA", lower-cased: h100-80gb-hbm3, h200, ...), so two cards' figures never mix.
 set -euo pipefail
-step=${1:?"step: engine | engine-fp8 | engine-static | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts"}
+step=${1:?"step: engine | engine-fp8 | engine-static | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | kontext"}
 variant=${2:-compiled}
 out=${OUT:-results}
 mkdir -p "$out"
@@ -101,5 +104,8 @@ case $step in
                --out "$out/controlnet-$gpu.json" 2>&1 | tee "$log" ;;
   image-prompts) python3 -m load.bench_image_prompts "${sdxl[@]}" --batches 1 8 --repeats 2 \
                    --out "$out/image-prompts-$gpu.json" 2>&1 | tee "$log" ;;
+  kontext) python3 -m load.bench_kontext --random-flux load/flux-dev-configs.json \
+             --size 1024 --steps 28 --batches 1 2 --repeats 1 \
+             --out "$out/kontext-$gpu.json" 2>&1 | tee "$log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -121,6 +121,21 @@ def _image_prompts(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
     return body
 
 
+# Instructions a shop gives a FLUX.1 Kontext model for its product photos.
+EDITS = ("put it on a marble counter in soft morning light",
+         "make the backdrop a beach at sunset", "change its colour to deep blue",
+         "place it in a sunlit kitchen", "add a sprig of eucalyptus beside it")
+
+
+def _kontext_edits(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
+    """Product photos edited by instruction on a Kontext model: runs of five edits of one
+    photo, as a seller makes a listing's pictures. Replicate's flux-kontext-dev defaults
+    (28 steps, guidance 2.5)."""
+    return {"prompt": EDITS[i % 5], "image": product_photo((i // 5) % len(PRODUCTS)),
+            "width": 1024, "height": 1024, "steps": 28, "guidance_scale": 2.5,
+            "seed": _seed(rng)}
+
+
 PROFILES = {p.name: p for p in (
     Profile("smoke", "64x64, 2 steps: checks the tool and the server end to end (CI)",
             _smoke, 64, 2, slo_s=5.0),
@@ -139,6 +154,9 @@ PROFILES = {p.name: p for p in (
     Profile("image-prompts", "captions, every other one with one of three mood boards as "
             "its image prompt (IP-Adapter, scale 0.6), 1024x1024, 20 steps",
             _image_prompts, 1024, 20, slo_s=20.0),
+    Profile("kontext-edits", "product photos edited by instruction on a FLUX.1 Kontext "
+            "model, five edits per photo, 1024x1024, 28 steps, guidance 2.5",
+            _kontext_edits, 1024, 28, slo_s=90.0),
 )}
 
 

@@ -445,3 +445,43 @@ def test_image_prompt_benchmark_times_each_case_and_the_encoding(tmp_path, cache
     assert report["image_encoder_bytes"] > 0 and report["encoding_s"] > 0
     assert report["weights"]["ip-adapter image_encoder"] == "float32"
     assert f"saved {out}" in stdout
+
+
+def test_kontext_benchmark_times_edits_beside_text_to_image(tmp_path):
+    out = tmp_path / "kontext.json"
+    stdout = _run("load.bench_kontext", "--size", "64", "--steps", "2", "--batches", "1", "2",
+                  "--repeats", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert [(r["batch"], r["case"]) for r in report["rows"]] == [
+        (1, "txt2img"), (1, "edit"), (2, "txt2img"), (2, "edit")]
+    plain = {r["batch"]: r["median_s"] for r in report["rows"] if r["case"] == "txt2img"}
+    for r in report["rows"]:
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_s"], rel=0.01)
+        assert r["time_vs_txt2img"] == pytest.approx(r["median_s"] / plain[r["batch"]],
+                                                     rel=0.01)
+    # 64² is 4x4 packed latent tokens; an edit's reference adds as many again.
+    assert report["tokens_per_image"] == {"txt2img": 16, "edit": 32}
+    assert report["model"] == "tiny-flux-kontext" and f"saved {out}" in stdout
+
+
+def test_kontext_benchmark_serves_a_random_flux_as_kontext_through_links(tmp_path,
+                                                                         monkeypatch):
+    """The full-size path, at the tiny FLUX's configs: the random FLUX is built once, and
+    the Kontext folder links its modules beside Kontext's model_index.json."""
+    from deployments.tiny_flux import TINY_FLUX_CONFIGS
+    from load import bench_kontext
+
+    configs = tmp_path / "small-flux-configs.json"
+    configs.write_text(json.dumps(TINY_FLUX_CONFIGS))
+    monkeypatch.setenv("ATELIER_CACHE_DIR", str(tmp_path / "cache"))
+    report = bench_kontext.main(["--random-flux", str(configs), "--size", "32", "--steps", "1",
+                                 "--batches", "1", "--repeats", "1",
+                                 "--out", str(tmp_path / "out.json")])
+    flux, kontext = tmp_path / "cache" / "random-small-flux", tmp_path / "cache" / \
+        "random-small-flux-kontext"
+    assert json.loads((kontext / "model_index.json").read_text())["_class_name"] == \
+        "FluxKontextPipeline"
+    assert (kontext / "transformer").resolve() == (flux / "transformer").resolve()
+    assert (kontext / "transformer").is_symlink()
+    assert report["model"] == "random-flux-kontext"
+    assert report["tokens_per_image"] == {"txt2img": 4, "edit": 8}

@@ -97,3 +97,23 @@ def test_a_flux_built_on_the_gpu_is_saved_in_bfloat16_and_rebuilt_identically(tm
     engine = FluxEngine(tmp_path / "a", "bfloat16", "cuda")
     image = np.asarray(engine.generate([_req(3)])[0][0])
     assert image.shape == (96, 128, 3) and image.std() > 0
+
+
+def test_a_kontext_edit_runs_compiled_in_bfloat16_and_keeps_its_seed_batched(cache_dir):
+    """FLUX.1 Kontext's edits on CUDA, compiled with fused projections: the reference's
+    latents are encoded in bfloat16 beside the image's, and an edit's pixels hardly move
+    when it shares a call."""
+    from deployments.engines.flux import FluxKontextEngine
+    from deployments.tiny import TINY_FLUX_KONTEXT, ensure_embedded
+    from serve.config import SpeedConfig
+
+    engine = FluxKontextEngine(ensure_embedded(TINY_FLUX_KONTEXT, cache_dir), "bfloat16",
+                               "cuda", speed=SpeedConfig(fuse_qkv=True, compile=True),
+                               compile_cache=cache_dir / "compile-gpu-kontext")
+    reference = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    edit = SourceImage(reference.tobytes(), 1.0, edit=True)
+    plain = np.asarray(engine.generate([_req(3)])[0][0]).astype(int)
+    alone = np.asarray(engine.generate([_req(3, source=edit)])[0][0]).astype(int)
+    batched = engine.generate([_req(3, source=edit), _req(4, source=edit)])
+    assert alone.shape == (96, 128, 3) and not np.array_equal(alone, plain)
+    assert np.abs(np.asarray(batched[0][0]).astype(int) - alone).mean() < 2

@@ -12,7 +12,16 @@ import pytest
 from PIL import Image
 
 from load.run import main as load_main
-from tests.integration.conftest import API_KEY, AUTH, BATCHED, FAST, FLUX, ONE_SLOT, TWO_REPLICAS
+from tests.integration.conftest import (
+    API_KEY,
+    AUTH,
+    BATCHED,
+    FAST,
+    FLUX,
+    KONTEXT,
+    ONE_SLOT,
+    TWO_REPLICAS,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -160,3 +169,16 @@ def test_the_image_prompt_profile_sends_mood_boards_every_other_request(base_url
     # A model without an IP-Adapter refuses the prompted half before queueing them.
     lv = _level(base_url, tmp_path, "image-prompts", TWO_REPLICAS, requests=6, steps=4)
     assert lv["succeeded"] == 3 and lv["errors"] == {"validation": 3}
+
+
+def test_the_kontext_profile_edits_each_product_photo_five_ways(base_url, tmp_path):
+    import random
+
+    from load.profiles import PROFILES
+
+    bodies = [PROFILES["kontext-edits"].body(random.Random(0), i, []) for i in range(10)]
+    assert len({b["prompt"] for b in bodies[:5]}) == 5
+    assert len({b["image"] for b in bodies[:5]}) == 1 and bodies[0]["image"] != bodies[5]["image"]
+    assert "prompt_strength" not in bodies[0] and bodies[0]["guidance_scale"] == 2.5
+    lv = _level(base_url, tmp_path, "kontext-edits", KONTEXT, requests=5, steps=2)
+    assert lv["sent"] == lv["succeeded"] == 5 and lv["errors"] == {}

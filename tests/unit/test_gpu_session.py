@@ -26,6 +26,7 @@ STEPS = {  # step arguments: the programs each runs
     ("engine-flux", "compiled-fp8"): ["load.bench_engine"],
     ("controlnet",): ["load.bench_controlnet"],
     ("image-prompts",): ["load.bench_image_prompts"],
+    ("kontext",): ["load.bench_kontext"],
     ("tests",): ["pytest"],
 }
 
