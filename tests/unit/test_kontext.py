@@ -212,3 +212,32 @@ def test_a_plain_flux_image_is_still_img2img():
     source, _, _ = source_image(_png(PHOTO), None, 0.4, None, None, flux)
     assert source.mode == "img2img" and source.strength == 0.4
     assert SourceImage(b"", 1.0, b"", edit=True).mode == "inpaint"
+
+
+def test_an_edit_takes_loras_partial_images_and_the_speed_settings(kontext_path, cache_dir,
+                                                                  tmp_path):
+    """A FLUX LoRA (merged into the weights, one set per call) changes an edit; compiled
+    with fused projections the edit keeps eager's pixels (<= 2 levels), and its partial
+    images are decoded at the output's size."""
+    from deployments.engines.flux import FluxKontextEngine
+    from deployments.tiny import TINY_FLUX_DEMO, ensure_demo_loras
+    from serve.adapters import AdapterCatalog, AdapterSet
+    from serve.config import SpeedConfig
+
+    catalog = AdapterCatalog.scan([(ensure_demo_loras(TINY_FLUX_DEMO, cache_dir), "flux",
+                                    1.0)]).entries
+    engines = [FluxKontextEngine(kontext_path, "float32", "cpu", adapters=catalog,
+                                 fuse_adapters=True, compile_cache=tmp_path,
+                                 speed=SpeedConfig(fuse_qkv=fast, compile=fast))
+               for fast in (False, True)]
+    assert engines[1].describe()["speed"]["compiled_blocks"] > 0
+    edit = _edit(PHOTO, partial_images=2)
+    styled = replace(edit, adapters=AdapterSet.of([("neon", 1.0)]))
+    previews = []
+    eager, fast = ([_px(engine.generate([r], on_preview=lambda i, images: previews.append(
+        images[0].size))[0][0]) for r in (edit, styled)] for engine in engines)
+    for a, b in zip(eager, fast, strict=True):
+        diff = np.abs(a - b)
+        assert diff.max() <= 2 and (diff > 0).mean() < 0.02, (diff.max(), diff.mean())
+    assert np.abs(eager[1] - eager[0]).mean() > 1
+    assert previews == [(112, 64)] * 2 * 4  # two per edit
