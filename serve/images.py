@@ -208,6 +208,6 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
             else picture.resize((w, h), Image.Resampling.LANCZOS)
     if grey is not None and grey.size != (w, h):
         grey = grey.resize((w, h), Image.Resampling.NEAREST)
-    if model.kontext:  # a reference to edit: every step runs
-        return SourceImage(picture.tobytes(), 1.0, grey and grey.tobytes(), edit=True), w, h
-    return SourceImage(picture.tobytes(), strength, None if grey is None else grey.tobytes()), w, h
+    edit = model.kontext  # a reference to edit: every step runs
+    return SourceImage(picture.tobytes(), 1.0 if edit else strength,
+                       None if grey is None else grey.tobytes(), edit=edit), w, h

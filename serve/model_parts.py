@@ -300,7 +300,7 @@ def check_kontext(where: str, path: Path | None, configs_from: Path | None,
                   kontext: bool) -> None:
     """Raise ConfigError unless the pipeline folder (`path`, or a single file's
     `configs_from`) is a FLUX.1 Kontext one exactly when the model says `kontext`: the
-    weights of both load into either pipeline, and the wrong one draws noise."""
+    weights of either load into the other's pipeline, which then misreads references."""
     folder = configs_from if configs_from is not None else path
     if folder is None or not (folder / "model_index.json").is_file():
         return
