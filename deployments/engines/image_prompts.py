@@ -8,11 +8,16 @@ calls where no request has an image prompt: the attention is skipped), and each 
 scale multiplies the values of its image attention, which scales its output by as much
 (attention is linear in its values): a row without an image prompt adds exactly nothing.
 The UNet's inputs for the image tokens are made at each of its calls for the rows still in
-the batch, as the step callback cannot reach them.
+the batch, as the step callback cannot reach them. The pictures encoded most recently are
+kept (a brand's few mood boards come back again and again), so a repeated one skips the
+image encoder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +37,7 @@ class ImagePrompts:
     one."""
 
     def __init__(self, pipe, folder: Path, subfolder: str, weight_name: str,
-                 image_encoder: str):
+                 image_encoder: str, entries: int = 32):
         pipe.load_ip_adapter(str(folder), subfolder=subfolder, weight_name=weight_name,
                              image_encoder_folder=image_encoder, local_files_only=True)
         pipe.image_encoder.eval()
@@ -49,17 +54,30 @@ class ImagePrompts:
         # diffusers' unconditional image prompt: zeros, or the encoder's view of a black image.
         blank = Image.new("RGB", (8, 8))
         self.unconditional = self._encode(blank)[1]
+        self._held: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # by picture
+        self._entries, self._lock = entries, threading.Lock()
 
     def _encode(self, picture: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pipe.encode_image(picture, self.unet.device, 1, self.hidden_states)
 
     @torch.inference_mode()
     def embed(self, prompt: ImagePrompt | None) -> torch.Tensor | None:
-        """The image prompt's embedding for the UNet (one image's), made ahead of its call."""
+        """The image prompt's embedding for the UNet (one image's), made ahead of its call
+        (from any thread), or the one made for the same picture recently."""
         if prompt is None:
             return None
+        key = (hashlib.sha256(prompt.rgb).digest(), prompt.width, prompt.height)
+        with self._lock:
+            if key in self._held:
+                self._held.move_to_end(key)
+                return self._held[key]
         picture = Image.frombytes("RGB", (prompt.width, prompt.height), prompt.rgb)
-        return self._encode(picture)[0]
+        embed = self._encode(picture)[0]
+        with self._lock:
+            self._held[key] = embed
+            if len(self._held) > self._entries:
+                self._held.popitem(last=False)
+        return embed
 
     def _scale_rows(self, module, args, values: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (values.ndim - 1)  # rows first: (rows, images, tokens, dim)

@@ -277,6 +277,35 @@ def test_warm_up_encodes_an_image_prompt_and_the_ready_facts_name_the_encoder(en
     assert weights["ip-adapter image_encoder"] == weights["unet"] == "float32"
 
 
+def test_a_repeated_picture_skips_the_image_encoder(tiny_sdxl_path, adapter_path):
+    """The pictures encoded most recently are kept (by their pixels and size): the same
+    mood board again gives the same embedding without encoding it, and the least recently
+    used leaves first."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from deployments.engines.image_prompts import ImagePrompts
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    prompts = ImagePrompts(pipe, adapter_path, *FILES, entries=2)
+    encoded = []
+    pipe.image_encoder.register_forward_hook(lambda *a: encoded.append(1))
+
+    def embed(picture, scale=0.6):
+        return prompts.embed(ImagePrompt(picture.tobytes(), *picture.size, scale))
+
+    first = embed(STRIPES)
+    assert embed(STRIPES, scale=1.2) is first and len(encoded) == 1  # the scale is not in it
+    dots = embed(DOTS)
+    assert not torch.equal(dots, first) and len(encoded) == 2
+    embed(STRIPES)  # used again: DOTS is now the least recent
+    embed(STRIPES.transpose(Image.Transpose.FLIP_LEFT_RIGHT))  # a third picture: DOTS leaves
+    assert len(encoded) == 3
+    assert torch.equal(embed(DOTS), dots) and len(encoded) == 4  # encoded again
+    # DOTS's return pushed STRIPES out in turn: encoded again, to the same embedding.
+    again = embed(STRIPES)
+    assert again is not first and torch.equal(again, first) and len(encoded) == 5
+
+
 def test_the_config_checks_the_adapters_files_and_family(tmp_path, adapter_path):
     def config(**adapter):
         return parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl",
