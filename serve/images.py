@@ -170,12 +170,18 @@ def output_size(image: Image.Image, width: int | None, height: int | None,
     return max(multiple, w // multiple * multiple), max(multiple, h // multiple * multiple)
 
 
-def area_size(image: Image.Image, area: int, multiple: int) -> tuple[int, int]:
+def area_size(image: Image.Image, area: int, multiple: int,
+              longest: int | None = None) -> tuple[int, int]:
     """The size of `area` pixels with the image's aspect ratio, each side rounded down to a
-    multiple of `multiple`, as diffusers' Kontext pipeline sizes its output (`max_area`)."""
+    multiple of `multiple`, as diffusers' Kontext pipeline sizes its output (`max_area`);
+    a longer side than `longest` shrinks both to fit (a panorama keeps its shape)."""
     aspect = image.width / image.height
-    return (max(multiple, round((area * aspect) ** 0.5) // multiple * multiple),
-            max(multiple, round((area / aspect) ** 0.5) // multiple * multiple))
+    width, height = (area * aspect) ** 0.5, (area / aspect) ** 0.5
+    if longest is not None and max(width, height) > longest:
+        shrink = longest / max(width, height)
+        width, height = width * shrink, height * shrink
+    return (max(multiple, round(width) // multiple * multiple),
+            max(multiple, round(height) // multiple * multiple))
 
 
 def raw_bytes(value: str | bytes, field: str, max_bytes: int) -> bytes:
@@ -201,7 +207,8 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
         grey = open_mask(raw_bytes(mask, "mask", nbytes), "mask", picture, nbytes, npixels)
     multiple = model.rules.size_multiple
     if model.kontext and width is None and height is None:  # the input's shape at the model's area
-        width, height = area_size(picture, model.defaults.width * model.defaults.height, multiple)
+        width, height = area_size(picture, model.defaults.width * model.defaults.height,
+                                  multiple, model.limits.max_size)
     w, h = output_size(picture, width, height, multiple)
     if picture.size != (w, h):  # a reference is cropped to the output's shape, not stretched
         picture = ImageOps.fit(picture, (w, h), Image.Resampling.LANCZOS) if model.kontext \

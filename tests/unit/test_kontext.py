@@ -93,6 +93,12 @@ def test_an_edit_takes_the_reference_shape_at_the_model_area_and_runs_every_step
     assert request.source.rgb == ImageOps.fit(
         Image.fromarray(PHOTO), (112, 64), Image.Resampling.LANCZOS).tobytes()
     # Another shape crops the reference (its middle third here), rather than stretching it.
+    # At 1024², an 8:1 panorama would be 2896 wide: it keeps its shape within the model's
+    # longest side (2048): 2048 x 256.
+    big = MODEL.model_copy(update={"defaults": MODEL.defaults.model_copy(
+        update={"width": 1024, "height": 1024})})
+    panorama = np.zeros((500, 4000, 3), np.uint8)
+    assert source_image(_png(panorama), None, 0.8, None, None, big)[1:] == (2048, 256)
     given = source_image(_png(PHOTO), None, 0.3, 64, 64, MODEL)
     assert given[1:] == (64, 64) and given[0].strength == 1.0 and given[0].edit
     assert given[0].rgb == Image.fromarray(PHOTO[:, 16:80]).tobytes()
