@@ -23,7 +23,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_engine import GUIDANCE, model_folder, timed
+from load.bench_engine import GUIDANCE, add_call_args, model_folder, timed
 from load.bench_serving import machine
 from load.report import save_report
 
@@ -32,15 +32,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--random-sdxl", metavar="CONFIGS", help=(
         "JSON of SDXL component configs: a random full-size model and ControlNet"))
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    add_call_args(p, size=128, steps=10)
     p.add_argument("--counts", type=int, nargs="+", default=[0, 1, 2],
                    help="ControlNets per request")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
-                   help="on GPU (CPU computes in float32)")
-    p.add_argument("--out", help="JSON output path")
     return p.parse_args(argv)
 
 

@@ -173,6 +173,18 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def add_call_args(p: argparse.ArgumentParser, size: int, steps: int) -> None:
+    """The arguments of the benchmarks that time one engine's calls per batch size: image
+    size, steps, batch sizes, timed rounds, GPU dtype and the report's path."""
+    p.add_argument("--size", type=int, default=size)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
+                   help="on GPU (CPU computes in float32)")
+    p.add_argument("--out", help="JSON output path")
+
+
 def timed(fn, *args) -> float:
     """Seconds `fn(*args)` takes, the GPU's queued work finished before and after."""
     _sync()

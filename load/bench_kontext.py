@@ -23,7 +23,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_engine import timed
+from load.bench_engine import add_call_args, timed
 from load.bench_serving import machine
 from load.report import save_report
 
@@ -36,13 +36,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random-flux", metavar="CONFIGS", help=(
         "JSON of FLUX component configs (load/flux-dev-configs.json): a random full-size "
         "model served as Kontext"))
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
-                   help="on GPU (CPU computes in float32)")
-    p.add_argument("--out", help="JSON output path")
+    add_call_args(p, size=256, steps=10)
     return p.parse_args(argv)
 
 
