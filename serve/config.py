@@ -70,7 +70,8 @@ class ModelConfig(_Strict):
     kontext: bool = Field(False, description=(
         "flux only: the weights are FLUX.1 Kontext (FluxKontextPipeline): a request's input "
         "image is a reference that the prompt edits by instruction (\"make the sky red\"), "
-        "with no prompt strength and no mask. Requests without an image are text-to-image."))
+        "with no prompt strength (with a mask: only its white part). Requests without an "
+        "image are text-to-image."))
     variant: str | None = Field(None, description=(
         "Weights file variant in the folder, e.g. fp16 for *.fp16.safetensors."))
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description=(

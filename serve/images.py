@@ -210,11 +210,15 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
         width, height = area_size(picture, model.defaults.width * model.defaults.height,
                                   multiple, model.limits.max_size)
     w, h = output_size(picture, width, height, multiple)
-    if picture.size != (w, h):  # a reference is cropped to the output's shape, not stretched
-        picture = ImageOps.fit(picture, (w, h), Image.Resampling.LANCZOS) if model.kontext \
-            else picture.resize((w, h), Image.Resampling.LANCZOS)
-    if grey is not None and grey.size != (w, h):
-        grey = grey.resize((w, h), Image.Resampling.NEAREST)
     edit = model.kontext  # a reference to edit: every step runs
+
+    def sized(image: Image.Image, resample: Image.Resampling) -> Image.Image:
+        if image.size == (w, h):
+            return image
+        # A reference (and its mask) is cropped to the output's shape, not stretched.
+        return ImageOps.fit(image, (w, h), resample) if edit else image.resize((w, h), resample)
+
+    picture = sized(picture, Image.Resampling.LANCZOS)
+    grey = None if grey is None else sized(grey, Image.Resampling.NEAREST)
     return SourceImage(picture.tobytes(), 1.0 if edit else strength,
                        None if grey is None else grey.tobytes(), edit=edit), w, h

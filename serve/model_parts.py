@@ -46,8 +46,9 @@ FAMILIES = {
                    "tiny-flux", _FLUX_LORA_TARGETS),
 }
 # FLUX.1 Kontext (a FLUX model with `kontext: true`): an input image is a reference the
-# prompt edits, not an img2img start; it takes no mask.
-KONTEXT = replace(FAMILIES["flux"], modes=("txt2img", "edit"), embedded="tiny-flux-kontext")
+# prompt edits, not an img2img start; with a mask, only its white part is repainted.
+KONTEXT = replace(FAMILIES["flux"], modes=("txt2img", "edit", "inpaint"),
+                  embedded="tiny-flux-kontext")
 
 
 class _Strict(BaseModel):

@@ -8,8 +8,8 @@ or are merged into its weights, read from the diffusers/PEFT (ai-toolkit) layout
 kohya's (BFL module names). The speed settings are SDXL's, applied to the transformer.
 
 A Kontext model's edit appends the reference image's latent tokens to the ones being
-denoised (diffusers' FluxKontextPipeline), so each step computes both; its text-to-image is
-plain FLUX.
+denoised (diffusers' FluxKontextPipeline, FluxKontextInpaintPipeline with a mask), so each
+step computes both; its text-to-image is plain FLUX.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from diffusers import (
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
+    FluxKontextInpaintPipeline,
     FluxKontextPipeline,
     FluxPipeline,
 )
@@ -106,11 +107,14 @@ class FluxEngine(DiffusersEngine):
 
 class FluxKontextEngine(FluxEngine):
     """FLUX.1 Kontext: text-to-image as FLUX, and edits of a reference image by
-    instruction. An edit call's rows stay to its end (the pipeline holds the references'
-    latents out of the step callback's reach), as inpainting's do."""
+    instruction, of the whole image or, with a mask, of its white part (the image is its
+    own reference; the unmasked pixels are kept). An edit call's rows stay to its end (the
+    pipeline holds the references' latents out of the step callback's reach), as
+    inpainting's do."""
 
     pipelines: ClassVar[dict[str, type]] = {"txt2img": FluxPipeline,
-                                            "edit": FluxKontextPipeline}
+                                            "edit": FluxKontextPipeline,
+                                            "inpaint": FluxKontextInpaintPipeline}
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
         """As for FLUX, then the same calls as edits of a blank reference (twice the tokens

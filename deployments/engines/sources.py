@@ -73,10 +73,11 @@ def source_inputs(requests: Sequence[GenerationRequest],
     first = requests[0]
     if first.source is None:
         return {}
-    image = per_row(requests, sources, 0).float() / 255
-    if first.mode == "edit":  # Kontext: a reference, at the output's own size and area
-        return {"image": image, "max_area": first.width * first.height, "_auto_resize": False}
-    inputs = {"image": image, "strength": first.source.strength}
+    inputs = {"image": per_row(requests, sources, 0).float() / 255}
+    if first.source.edit:  # Kontext: a reference, at the output's own size and area
+        inputs |= {"max_area": first.width * first.height, "_auto_resize": False}
+    if first.mode != "edit":  # an edit runs every step: its pipeline takes no strength
+        inputs["strength"] = first.source.strength
     if first.mode == "inpaint":
         inputs["mask_image"] = per_row(requests, sources, 1).float() / 255
     return inputs

@@ -15,6 +15,7 @@ from tests.integration.conftest import (
     AUTH,
     FAST,
     FLUX,
+    KONTEXT,
     MAX_BODY_BYTES,
     decode,
     pixels,
@@ -203,7 +204,7 @@ def test_openai_edit_keeps_the_photo_size_and_makes_n_variations(oai):
                for i in range(3) for j in range(i + 1, 3))
 
 
-@pytest.mark.parametrize("model", [FAST, FLUX])
+@pytest.mark.parametrize("model", [FAST, FLUX, KONTEXT])
 def test_openai_edit_with_a_mask_keeps_the_unmasked_pixels(oai, model):
     mask = np.zeros((64, 96), np.uint8)
     mask[:, :40] = 255

@@ -13,7 +13,6 @@ import torch
 from PIL import Image, ImageOps
 
 from serve.config import ConfigError, ModelConfig, parse_config
-from serve.errors import InvalidField
 from serve.images import source_image
 from serve.types import GenerationRequest, SourceImage
 from tests.unit.test_engine import assert_same_pixels, withdrawing
@@ -92,16 +91,20 @@ def test_an_edit_takes_the_reference_shape_at_the_model_area_and_runs_every_step
     assert request.mode == "edit" and request.source.strength == 1.0
     assert request.source.rgb == ImageOps.fit(
         Image.fromarray(PHOTO), (112, 64), Image.Resampling.LANCZOS).tobytes()
-    # Another shape crops the reference (its middle third here), rather than stretching it.
+    # Another shape crops the reference and its mask (their middle two thirds here),
+    # rather than stretching them.
     # At 1024², an 8:1 panorama would be 2896 wide: it keeps its shape within the model's
     # longest side (2048): 2048 x 256.
     big = MODEL.model_copy(update={"defaults": MODEL.defaults.model_copy(
         update={"width": 1024, "height": 1024})})
     panorama = np.zeros((500, 4000, 3), np.uint8)
     assert source_image(_png(panorama), None, 0.8, None, None, big)[1:] == (2048, 256)
-    given = source_image(_png(PHOTO), None, 0.3, 64, 64, MODEL)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[:, 40:] = 255
+    given = source_image(_png(PHOTO), _png(mask), 0.3, 64, 64, MODEL)
     assert given[1:] == (64, 64) and given[0].strength == 1.0 and given[0].edit
     assert given[0].rgb == Image.fromarray(PHOTO[:, 16:80]).tobytes()
+    assert given[0].mask == Image.fromarray(mask[:, 16:80]).tobytes()  # cropped alike
 
 
 def test_batched_edits_give_diffusers_kontext_pixels_per_reference_and_seed(engine, reference):
@@ -169,11 +172,37 @@ def test_warm_up_runs_edits_too(engine, monkeypatch):
     assert modes == [("txt2img", 1), ("txt2img", 2), ("edit", 1), ("edit", 2)]
 
 
-def test_a_mask_is_refused_naming_it():
-    source, width, height = source_image(_png(PHOTO), _png(OTHER), 0.8, None, None, MODEL)
-    with pytest.raises(InvalidField) as caught:
-        GenerationRequest.for_model(MODEL, "x", width=width, height=height, source=source)
-    assert caught.value.field == "mask"
+def test_a_masked_edit_is_diffusers_kontext_inpainting_with_the_unmasked_pixels_kept(
+        engine, kontext_path):
+    """With a mask, only its white part is repainted, the image being its own reference
+    (diffusers' FluxKontextInpaintPipeline at strength 1); the black part is the input's
+    own pixels, not the VAE's version of them."""
+    from diffusers import FluxKontextInpaintPipeline
+
+    mask = np.zeros((64, 96), np.uint8)
+    mask[16:48, 24:72] = 255
+    source, width, height = source_image(_png(PHOTO), _png(mask), 0.3, None, None, MODEL)
+    request = GenerationRequest.for_model(MODEL, "make it gold", width=width, height=height,
+                                          source=source, seed=6, num_outputs=2)
+    assert request.mode == "inpaint" and source.strength == 1.0  # prompt_strength unused
+    ours = [_px(image) for image in engine.generate([request])[0]]
+    pipe = FluxKontextInpaintPipeline.from_pretrained(kontext_path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    size = (request.width, request.height)
+    picture = Image.frombytes("RGB", size, source.rgb)
+    grey = Image.frombytes("L", size, source.mask)
+    theirs = pipe(prompt=request.prompt, image=picture, mask_image=grey, strength=1.0,
+                  width=size[0], height=size[1], max_area=size[0] * size[1],
+                  _auto_resize=False, num_inference_steps=request.num_inference_steps,
+                  guidance_scale=request.guidance_scale, num_images_per_prompt=2,
+                  generator=[torch.Generator().manual_seed(s) for s in request.seeds],
+                  max_sequence_length=engine.max_sequence_length).images
+    white = np.asarray(grey)[..., None] == 255
+    for a, b in zip(ours, theirs, strict=True):
+        diff = np.abs(a - _px(b))[np.broadcast_to(white, a.shape)]
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+        assert np.array_equal(a[~white[..., 0]], _px(picture)[~white[..., 0]])
+        assert np.abs(a - _px(picture))[np.broadcast_to(white, a.shape)].mean() > 5
 
 
 @pytest.mark.parametrize("changes, message", [
