@@ -1,5 +1,6 @@
 """Input images (img2img, inpainting, and ControlNets' in `serve.controls`): decoded
-safely, oriented and converted to RGB.
+safely, oriented and converted to RGB; transparency marks the part to repaint, in a mask
+or, without one, in the image.
 
 Limits are checked before the pixels are decoded: the encoded size first, then the
 width and height from the file's header, so a small file that claims huge dimensions (a
@@ -107,7 +108,7 @@ class ImageFetcher:
 
 async def load_source(image: str | bytes | None, mask: str | bytes | None, strength: float,
                       width: int | None, height: int | None, model: ModelConfig,
-                      fetcher: ImageFetcher,
+                      fetcher: ImageFetcher, hole_is_mask: bool = True,
                       ) -> tuple[SourceImage | None, int | None, int | None]:
     """`source_image` for a request on the event loop: URLs read first (this server's own
     files, or allowed hosts), then the decoding done in a worker thread, so that a large image does not hold
@@ -117,13 +118,27 @@ async def load_source(image: str | bytes | None, mask: str | bytes | None, stren
     limit = model.limits.max_image_bytes
     image = await fetcher.fetch(image, "image", limit)
     mask = await fetcher.fetch(mask, "mask", limit)
-    return await asyncio.to_thread(source_image, image, mask, strength, width, height, model)
+    return await asyncio.to_thread(source_image, image, mask, strength, width, height, model,
+                                   hole_is_mask)
 
 
 def open_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
     """Decode `data` into an RGB image with its EXIF orientation applied and any
     transparency flattened onto white. 413 over `max_bytes` or `max_pixels` (checked
     from the header, before decoding), 422 for data that is not a supported image."""
+    return _to_rgb(_decoded(data, field, max_bytes, max_pixels))
+
+
+def open_with_hole(data: bytes, field: str, max_bytes: int,
+                   max_pixels: int) -> tuple[Image.Image, Image.Image | None]:
+    """`open_image`, and the image's transparent part as a mask (8-bit grey, white where
+    it is fully transparent), or None for an image without transparency: as OpenAI's
+    edits and Replicate's flux-fill-dev take an image with no mask."""
+    image = _decoded(data, field, max_bytes, max_pixels)
+    return _to_rgb(image), _transparent_part(image)
+
+
+def _decoded(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
     if len(data) > max_bytes:
         raise TooLarge(field, f"image data is over {max_bytes} bytes")
     try:
@@ -138,24 +153,42 @@ def open_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Imag
         raise TooLarge(field, f"image is over {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidField(field, f"cannot be decoded as an image ({exc})") from None
-    return _to_rgb(ImageOps.exif_transpose(image))
+    return ImageOps.exif_transpose(image)
+
+
+def _with_alpha(image: Image.Image) -> Image.Image | None:
+    """The image as RGBA if it has an alpha channel (or a palette transparency)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA")
+    return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGB", image.size, (255, 255, 255))
-        white.paste(rgba, mask=rgba.getchannel("A"))
-        return white
-    return image.convert("RGB")
+    rgba = _with_alpha(image)
+    if rgba is None:
+        return image.convert("RGB")
+    white = Image.new("RGB", image.size, (255, 255, 255))
+    white.paste(rgba, mask=rgba.getchannel("A"))
+    return white
+
+
+def _transparent_part(image: Image.Image) -> Image.Image | None:
+    """255 - alpha (a half-transparent edge is repainted half), or None if opaque."""
+    rgba = _with_alpha(image)
+    if rgba is None:
+        return None
+    alpha = rgba.getchannel("A")
+    return None if alpha.getextrema()[0] == 255 else ImageOps.invert(alpha)
 
 
 def open_mask(data: bytes, field: str, image: Image.Image, max_bytes: int,
               max_pixels: int) -> Image.Image:
-    """A mask of the same size as `image`, in 8-bit grey (white = repaint)."""
-    mask = open_image(data, field, max_bytes, max_pixels).convert("L")
+    """A mask of the same size as `image`, in 8-bit grey (white = repaint). A mask with
+    transparency is read as OpenAI's are: its transparent part is repainted, whatever its
+    colours; an opaque one by its grey levels."""
+    decoded = _decoded(data, field, max_bytes, max_pixels)
+    mask = _transparent_part(decoded)
+    mask = _to_rgb(decoded).convert("L") if mask is None else mask
     if mask.size != image.size:
         raise InvalidField(field, f"mask is {mask.width}x{mask.height} but the image is "
                                   f"{image.width}x{image.height}")
@@ -191,9 +224,12 @@ def raw_bytes(value: str | bytes, field: str, max_bytes: int) -> bytes:
 
 def source_image(image: str | bytes | None, mask: str | bytes | None, strength: float,
                  width: int | None, height: int | None, model: ModelConfig,
+                 hole_is_mask: bool = True,
                  ) -> tuple[SourceImage | None, int | None, int | None]:
     """Decode the `image` (and `mask`) of a request for `model`; return them at the size to
-    generate, with that width and height (for no image: None and the size as given). For a
+    generate, with that width and height (for no image: None and the size as given).
+    Without a mask, an image's transparent part is the mask (unless not `hole_is_mask`:
+    a variation's). For a
     Kontext model the image is a reference to edit: unless a width or height is given the
     output has its shape at the model's default area, and another shape crops it."""
     if image is None:
@@ -201,10 +237,11 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
             raise InvalidField("mask", "a mask needs an image")
         return None, width, height
     nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
-    picture = open_image(raw_bytes(image, "image", nbytes), "image", nbytes, npixels)
-    grey = None
+    picture, grey = open_with_hole(raw_bytes(image, "image", nbytes), "image", nbytes, npixels)
     if mask is not None:
         grey = open_mask(raw_bytes(mask, "mask", nbytes), "mask", picture, nbytes, npixels)
+    elif not hole_is_mask:
+        grey = None
     multiple = model.rules.size_multiple
     if model.kontext and width is None and height is None:  # the input's shape at the model's area
         width, height = area_size(picture, model.defaults.width * model.defaults.height,

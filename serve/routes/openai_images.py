@@ -1,6 +1,8 @@
 """OpenAI Images API for the official `openai` client: `POST /v1/images/generations`,
 `POST /v1/images/edits` (multipart: `image`, optional `mask`, `prompt`, `model`, `n`,
-`size`, `response_format`; an edit is img2img, or inpainting with a mask) and `POST
+`size`, `response_format`; an edit is img2img, or inpainting with a mask: its
+transparent part, as OpenAI's masks mark it, or its white part for an opaque one; with no
+mask, the image's own transparent part) and `POST
 /v1/images/variations` (multipart: `image`, `model`, `n`, `size`, `response_format`; an
 edit with no prompt).
 
@@ -171,7 +173,8 @@ async def _edit(request: Request, kind: type[ImageEditParams]) -> dict | Streami
     width, height = params.dimensions((None, None))
     try:
         source, width, height = await load_source(
-            image, mask, params.prompt_strength, width, height, model, state.images)
+            image, mask, params.prompt_strength, width, height, model, state.images,
+            hole_is_mask=kind is not ImageVariationParams)
     except InvalidField as exc:
         raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
     return await _generate(state, request, params, model, source, width, height)

@@ -216,6 +216,32 @@ def test_openai_edit_with_a_mask_keeps_the_unmasked_pixels(oai, model):
     assert diff[:, 40:].max() == 0 and diff[:, :40].mean() > 20
 
 
+def test_openai_style_transparent_masks_and_images_with_a_hole(oai):
+    """As OpenAI's edits take them: a mask's transparent part is edited (here the photo
+    itself with a hole), and an image with a hole and no mask is edited in the hole."""
+    alpha = np.full((64, 96), 255, np.uint8)
+    alpha[:, :40] = 0
+    holed = _png(Image.fromarray(np.dstack([PHOTO, alpha]), "RGBA"))
+    white = np.zeros((64, 96), np.uint8)
+    white[:, :40] = 255
+
+    def edit(image, mask=None):
+        resp = oai.images.edit(model=FAST, image=("p.png", image), prompt="a new left side",
+                               mask=mask or openai.NOT_GIVEN, extra_body={"seed": 12})
+        return pixels(Image.open(io.BytesIO(base64.b64decode(resp.data[0].b64_json))))
+
+    photo = _png(Image.fromarray(PHOTO))
+    by_white = edit(photo, ("m.png", _png(Image.fromarray(white))))
+    assert np.array_equal(edit(photo, ("m.png", holed)), by_white)
+    in_hole = edit(holed)
+    flat = PHOTO.copy()
+    flat[:, :40] = 255  # the hole's pixels, flattened onto white
+    assert np.array_equal(in_hole, edit(_png(Image.fromarray(flat)),
+                                        ("m.png", _png(Image.fromarray(white)))))
+    assert np.array_equal(in_hole[:, 40:], PHOTO[:, 40:].astype(int))
+    assert np.abs(in_hole[:, :40] - by_white[:, :40]).mean() > 1  # white start, not the photo
+
+
 def test_openai_edit_on_flux_at_strength_zero_returns_the_photo(oai):
     resp = oai.images.edit(model=FLUX, image=("p.png", _png(Image.fromarray(PHOTO))),
                            prompt="x", extra_body={"prompt_strength": 0})

@@ -1,4 +1,5 @@
-"""Input images: decoded within limits, oriented, converted; bad data gets its 4xx."""
+"""Input images: decoded within limits, oriented, converted; transparency marks what to
+repaint; bad data gets its 4xx."""
 
 import base64
 import io
@@ -10,7 +11,8 @@ import pytest
 from PIL import Image
 
 from serve.errors import InvalidField, TooLarge
-from serve.images import decode_base64, open_image, open_mask, output_size
+from serve.config import ModelConfig
+from serve.images import decode_base64, open_image, open_mask, output_size, source_image
 
 MB = 1 << 20
 
@@ -115,3 +117,58 @@ def test_output_size_follows_the_input_rounded_to_multiples_of_8():
 def test_a_too_large_error_keeps_its_413_when_located_elsewhere():
     moved = TooLarge("image", "too big").at("query")
     assert isinstance(moved, TooLarge) and moved.status == 413 and moved.source == "query"
+
+
+PHOTO = np.random.default_rng(3).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+SDXL = ModelConfig(id="a/sdxl", family="sdxl", embedded="tiny-sdxl")
+
+
+def _with_hole(alpha_at_hole=0, edge=None) -> Image.Image:
+    """The photo as OpenAI's masks are made: opaque, with a transparent hole (columns 4–9)
+    and optionally a half-transparent column beside it."""
+    alpha = np.full((16, 24), 255, np.uint8)
+    alpha[:, 4:10] = alpha_at_hole
+    if edge is not None:
+        alpha[:, 10] = edge
+    return Image.fromarray(np.dstack([PHOTO, alpha]), "RGBA")
+
+
+def test_a_mask_with_transparency_repaints_its_transparent_part_whatever_its_colours():
+    image = Image.fromarray(PHOTO)
+    mask = np.asarray(open_mask(_encode(_with_hole(edge=128)), "mask", image, MB, 10_000))
+    assert (mask[:, 4:10] == 255).all() and (mask[:, 10] == 127).all()
+    assert (mask[:, :4] == 0).all() and (mask[:, 11:] == 0).all()
+    # A fully opaque RGBA mask is read by its grey levels, as an RGB one is.
+    opaque = np.asarray(open_mask(_encode(_with_hole(alpha_at_hole=255)), "mask", image, MB,
+                                  10_000))
+    assert np.array_equal(opaque, np.asarray(Image.fromarray(PHOTO).convert("L")))
+
+
+def test_an_image_with_transparency_and_no_mask_is_inpainted_in_its_transparent_part():
+    source, width, height = source_image(_encode(_with_hole()), None, 0.8, None, None, SDXL)
+    assert (width, height) == (24, 16) and source.strength == 0.8
+    mask = np.frombuffer(source.mask, np.uint8).reshape(16, 24)
+    assert (mask[:, 4:10] == 255).all() and mask[:, :4].max() == 0 and mask[:, 10:].max() == 0
+    rgb = np.frombuffer(source.rgb, np.uint8).reshape(16, 24, 3)
+    assert (rgb[:, 4:10] == 255).all() and np.array_equal(rgb[:, 10:], PHOTO[:, 10:])
+    # Given a mask, that one counts; a variation's image (hole_is_mask=False) has none.
+    given, _, _ = source_image(_encode(_with_hole()), _encode(Image.new("L", (24, 16), 0)),
+                               0.8, None, None, SDXL)
+    assert set(given.mask) == {0}
+    flat, _, _ = source_image(_encode(_with_hole()), None, 0.8, None, None, SDXL,
+                              hole_is_mask=False)
+    assert flat.mask is None and flat.rgb == source.rgb
+
+
+def test_opaque_images_and_palette_transparency():
+    opaque, _, _ = source_image(_encode(_with_hole(alpha_at_hole=255)), None, 0.8, None, None,
+                                SDXL)
+    assert opaque.mask is None  # an alpha channel with nothing transparent: img2img
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette.putpixel((2, 3), 1)
+    source, _, _ = source_image(_encode(palette, transparency=1), None, 0.8, None, None, SDXL)
+    mask = np.frombuffer(source.mask, np.uint8).reshape(8, 8)
+    assert mask[3, 2] == 255 and mask.sum() == 255
+    rgb = np.frombuffer(source.rgb, np.uint8).reshape(8, 8, 3)
+    assert tuple(rgb[3, 2]) == (255, 255, 255) and tuple(rgb[0, 0]) == (10, 20, 30)
