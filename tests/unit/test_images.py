@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve.errors import InvalidField, TooLarge
 from serve.config import ModelConfig
+from serve.errors import InvalidField, TooLarge
 from serve.images import decode_base64, open_image, open_mask, output_size, source_image
 
 MB = 1 << 20
