@@ -27,7 +27,7 @@ from serve.adapters import AdapterCatalog, AdapterSet
 from serve.config import ContentCredentialsConfig, ModelConfig
 from serve.errors import AtelierError, InferenceFailed, Refused, ReplicaLost
 from serve.metrics import ModelMetrics, gc_pause_histogram
-from serve.types import MEDIA_TYPES, BatchInfo, GenerationRequest, GenerationResult
+from serve.types import MEDIA_TYPES, BatchInfo, GenerationRequest, GenerationResult, SourceImage
 
 log = logging.getLogger("ray.serve.atelier.model")
 _MAX_CONSECUTIVE_FAILURES = 3
@@ -102,11 +102,17 @@ class ModelDeployment:
             self.checker.warm_up(request.width, request.height)
 
     def _warm_request(self, steps: int) -> GenerationRequest:
+        """Text-to-image at the model's defaults; for a model that only fills (FLUX.1
+        Fill), the fill of a blank image's whole area."""
         d = self.cfg.defaults
+        source = None
+        if "txt2img" not in self.cfg.rules.modes:
+            source = SourceImage(bytes(d.width * d.height * 3), 1.0,
+                                 b"\xff" * (d.width * d.height))
         return GenerationRequest(
             model=self.cfg.id, prompt="warm-up", width=d.width, height=d.height,
             num_inference_steps=steps, guidance_scale=d.guidance_scale, seed=0,
-            scheduler=self.cfg.default_scheduler)
+            scheduler=self.cfg.default_scheduler, source=source)
 
     async def _keep_warm(self) -> None:
         """After `keep_warm_s` without a request: one short call on the pipeline thread

@@ -1,5 +1,5 @@
 """The embedded default models: tiny SDXL- and FLUX-architecture pipelines with random
-weights (the FLUX and FLUX.1 Kontext recipe is in `deployments.tiny_flux`).
+weights (the recipe of FLUX and its FLUX.1 Kontext and Fill is in `deployments.tiny_flux`).
 
 Each is built once, deterministically, saved in diffusers format with safetensors, and then
 loaded through the same `from_pretrained` path as a real checkpoint. They draw noise: they
@@ -21,6 +21,7 @@ TINY_SDXL_CONTROLNET = "tiny-sdxl-controlnet"
 TINY_SDXL_IP_ADAPTER = "tiny-sdxl-ip-adapter"
 TINY_FLUX = "tiny-flux"
 TINY_FLUX_KONTEXT = "tiny-flux-kontext"
+TINY_FLUX_FILL = "tiny-flux-fill"
 # Bump when the recipe below changes, so old caches are not reused.
 RECIPE_VERSION = 1
 _SEED = 20261122
@@ -33,7 +34,8 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
     builders = {TINY_SDXL: _build_tiny_sdxl, TINY_SDXL_REFINER: _build_tiny_refiner,
                 TINY_SDXL_CONTROLNET: _build_tiny_controlnet,
                 TINY_SDXL_IP_ADAPTER: _build_tiny_ip_adapter, TINY_FLUX: _build_tiny_flux,
-                TINY_FLUX_KONTEXT: partial(_build_tiny_flux, kontext=True)}
+                TINY_FLUX_KONTEXT: partial(_build_tiny_flux, tool="kontext"),
+                TINY_FLUX_FILL: partial(_build_tiny_flux, tool="fill")}
     if name not in builders:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(builders)}")
     return built_once(cache_dir / f"{name}-v{RECIPE_VERSION}", builders[name])
@@ -185,10 +187,10 @@ def build_random_ip_adapter(folder: Path, unet, encoder_config: dict,
               models / "ip-adapter_sdxl.safetensors")
 
 
-def _build_tiny_flux(folder: Path, kontext: bool = False) -> None:
+def _build_tiny_flux(folder: Path, tool: str | None = None) -> None:
     from deployments.tiny_flux import TINY_FLUX_CONFIGS, build_random_flux
 
-    build_random_flux(folder, TINY_FLUX_CONFIGS, kontext=kontext)
+    build_random_flux(folder, TINY_FLUX_CONFIGS, tool=tool)
 
 
 def public_fields(config: dict) -> dict:

@@ -50,7 +50,7 @@ def _t5_tokenizer(tokens: int = T5_TOKENS):
 
 
 def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
-                      device: str = "cpu", kontext: bool = False) -> None:
+                      device: str = "cpu", tool: str | None = None) -> None:
     """Save a FLUX pipeline with random weights built from `configs` (keys transformer,
     vae, text_encoder, text_encoder_2, scheduler; optional tokenizer_2.model_max_length)
     in diffusers format with safetensors.
@@ -59,12 +59,15 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
     to `dtype` before the next one is built, so the full FLUX.1-dev (12 B transformer
     parameters) fits in one GPU's memory while it is made. The text encoders' vocabulary is
     at least the generated tokenizers'; a larger one costs what the real model's does.
-    `kontext`: saved as a FLUX.1 Kontext pipeline (the same modules; its own seed).
+    `tool`: saved as a FLUX.1 Kontext pipeline ("kontext": the same modules) or a FLUX.1
+    Fill one ("fill": the transformer also takes the packed masked image and mask, as
+    FLUX.1-Fill-dev's 384 input channels do), each with its own seed.
     """
     import torch
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
+        FluxFillPipeline,
         FluxKontextPipeline,
         FluxPipeline,
         FluxTransformer2DModel,
@@ -85,18 +88,32 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
     def made(module):
         return module.to(device="cpu", dtype=getattr(torch, dtype))
 
-    torch.manual_seed(_SEED + kontext)
+    pipelines = {None: FluxPipeline, "kontext": FluxKontextPipeline, "fill": FluxFillPipeline}
+    transformer = public_fields(configs["transformer"])
+    if tool == "fill":
+        transformer |= _fill_channels(transformer, configs["vae"])
+    torch.manual_seed(_SEED + list(pipelines).index(tool))
     with torch.device(device):
-        pipe = (FluxKontextPipeline if kontext else FluxPipeline)(
+        pipe = pipelines[tool](
             text_encoder=made(CLIPTextModel(CLIPTextConfig(
                 **clip, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))),
             text_encoder_2=made(T5EncoderModel(T5Config(
                 **t5, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))),
-            transformer=made(FluxTransformer2DModel(**public_fields(configs["transformer"]))),
+            transformer=made(FluxTransformer2DModel(**transformer)),
             vae=made(AutoencoderKL(**public_fields(configs["vae"]))),
             scheduler=FlowMatchEulerDiscreteScheduler(**public_fields(configs["scheduler"])),
             tokenizer=tokenizer, tokenizer_2=t5_tokenizer)
     pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def _fill_channels(transformer: dict, vae: dict) -> dict:
+    """A Fill transformer's channels: its input is the packed latents (each token 2x2
+    latent pixels), the packed latents of the masked image, and the mask packed at the
+    image's resolution (each token 2x2 latent pixels of vae_scale_factor² image pixels);
+    its output, the latents' alone."""
+    latents = transformer.get("in_channels", 64)
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    return {"in_channels": 2 * latents + 4 * scale * scale, "out_channels": latents}
 
 
 # name → (rank, key layout): demo adapters for the embedded FLUX, random but fixed. The

@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from serve.auth import ApiKeyConfig
 from serve.model_parts import (  # re-exported: importers keep using serve.config
     FAMILIES,
-    KONTEXT,
+    FLUX_TOOLS,
     SCHEDULERS,
     BatchingConfig,
     ConfigError,
@@ -31,7 +31,7 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
     SpeedConfig,
     WatermarkConfig,
     _Strict,
-    check_kontext,
+    check_flux_kind,
     check_pipeline,
 )
 from serve.steering import ControlNetConfig, IPAdapterConfig
@@ -64,14 +64,20 @@ class ModelConfig(_Strict):
         "go with the file's weights; for flux also its text encoders and VAE (its "
         "transformer's weights are not read), for sdxl none of its weights. The file is "
         "converted once into the cache, so later starts load a diffusers folder."))
-    embedded: Literal["tiny-sdxl", "tiny-flux", "tiny-flux-kontext"] | None = Field(
-        None, description=("Build and serve an embedded random-weight model of the family "
-                           "(tiny-flux-kontext: with `kontext`) instead of `path`."))
+    embedded: Literal["tiny-sdxl", "tiny-flux", "tiny-flux-kontext", "tiny-flux-fill"] | None = (
+        Field(None, description=("Build and serve an embedded random-weight model of the "
+                                 "family (tiny-flux-kontext: with `kontext`, tiny-flux-fill: "
+                                 "with `fill`) instead of `path`.")))
     kontext: bool = Field(False, description=(
         "flux only: the weights are FLUX.1 Kontext (FluxKontextPipeline): a request's input "
         "image is a reference that the prompt edits by instruction (\"make the sky red\"), "
         "with no prompt strength (with a mask: only its white part). Requests without an "
         "image are text-to-image."))
+    fill: bool = Field(False, description=(
+        "flux only: the weights are FLUX.1 Fill (FluxFillPipeline), made for inpainting and "
+        "outpainting: every request sends an image and a mask (or an image whose "
+        "transparent part is to be filled), and the mask's white part is drawn anew to fit "
+        "the prompt and the rest of the image, with no prompt strength. No text-to-image."))
     variant: str | None = Field(None, description=(
         "Weights file variant in the folder, e.g. fp16 for *.fp16.safetensors."))
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description=(
@@ -165,9 +171,12 @@ class ModelConfig(_Strict):
             raise ValueError("set exactly one of path or embedded")
         if self.kontext and self.family != "flux":
             raise ValueError("kontext: only flux models are Kontext models")
+        if self.fill and (self.family != "flux" or self.kontext):
+            raise ValueError("fill: only flux models are Fill models, and not Kontext ones")
         if self.embedded not in (None, self.rules.embedded):
-            kind = f"{self.family}{' Kontext' if self.kontext else ''} model"
-            hint = "; set kontext: true" if self.embedded == "tiny-flux-kontext" else ""
+            kind = f"{self.family}{f' {self.flux_kind.title()}' if self.flux_kind else ''} model"
+            hint = {"tiny-flux-kontext": "; set kontext: true",
+                    "tiny-flux-fill": "; set fill: true"}.get(self.embedded, "")
             raise ValueError(f"embedded {self.embedded!r} is not a {kind}{hint}")
         if self.configs_from is not None and self.path is None:
             raise ValueError("configs_from: only a single-file path takes it")
@@ -193,8 +202,13 @@ class ModelConfig(_Strict):
         return self
 
     @property
+    def flux_kind(self) -> Literal["kontext", "fill"] | None:
+        """Which FLUX.1 tool the weights are, if one."""
+        return "kontext" if self.kontext else "fill" if self.fill else None
+
+    @property
     def rules(self) -> Family:
-        return KONTEXT if self.kontext else FAMILIES[self.family]
+        return FLUX_TOOLS[self.flux_kind] if self.flux_kind else FAMILIES[self.family]
 
     @property
     def default_scheduler(self) -> str:
@@ -318,7 +332,7 @@ class AtelierConfig(_Strict):
         for i, model in enumerate(self.models):
             refiner, checker = model.refiner, model.safety_checker
             check_pipeline(f"models.{i}", "", model.path, model.configs_from, model.family)
-            check_kontext(f"models.{i}", model.path, model.configs_from, model.kontext)
+            check_flux_kind(f"models.{i}", model.path, model.configs_from, model.flux_kind)
             check_pipeline(f"models.{i}", "refiner.", refiner and refiner.path,
                            refiner and refiner.configs_from, "sdxl-refiner")
             for name, net in model.controlnets.items():

@@ -224,14 +224,16 @@ def raw_bytes(value: str | bytes, field: str, max_bytes: int) -> bytes:
 
 def source_image(image: str | bytes | None, mask: str | bytes | None, strength: float,
                  width: int | None, height: int | None, model: ModelConfig,
-                 hole_is_mask: bool = True,
+                 hole_is_mask: bool = True, area: int | None = None,
                  ) -> tuple[SourceImage | None, int | None, int | None]:
     """Decode the `image` (and `mask`) of a request for `model`; return them at the size to
-    generate, with that width and height (for no image: None and the size as given).
-    Without a mask, an image's transparent part is the mask (unless not `hole_is_mask`:
-    a variation's). For a
-    Kontext model the image is a reference to edit: unless a width or height is given the
-    output has its shape at the model's default area, and another shape crops it."""
+    generate, with that width and height (for no image: None and the size as given): the
+    input's, unless a width or height is given, or an `area` in pixels at the input's
+    shape. Without a mask, an image's transparent part is the mask (unless not
+    `hole_is_mask`: a variation's). For a Kontext model the image is a reference to edit:
+    unless a width or height is given the output has its shape at the model's default
+    area, and another shape crops it. A Fill model's mask part is drawn anew (strength
+    1)."""
     if image is None:
         if mask is not None:
             raise InvalidField("mask", "a mask needs an image")
@@ -244,8 +246,9 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
         grey = None
     multiple = model.rules.size_multiple
     if model.kontext and width is None and height is None:  # the input's shape at the model's area
-        width, height = area_size(picture, model.defaults.width * model.defaults.height,
-                                  multiple, model.limits.max_size)
+        area = area or model.defaults.width * model.defaults.height
+    if area is not None:
+        width, height = area_size(picture, area, multiple, model.limits.max_size)
     w, h = output_size(picture, width, height, multiple)
     edit = model.kontext  # a reference to edit: every step runs
 
@@ -257,5 +260,5 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
 
     picture = sized(picture, Image.Resampling.LANCZOS)
     grey = None if grey is None else sized(grey, Image.Resampling.NEAREST)
-    return SourceImage(picture.tobytes(), 1.0 if edit else strength,
+    return SourceImage(picture.tobytes(), 1.0 if edit or model.fill else strength,
                        None if grey is None else grey.tobytes(), edit=edit), w, h

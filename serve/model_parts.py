@@ -45,10 +45,19 @@ FAMILIES = {
     "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img", "inpaint"),
                    "tiny-flux", _FLUX_LORA_TARGETS),
 }
-# FLUX.1 Kontext (a FLUX model with `kontext: true`): an input image is a reference the
-# prompt edits, not an img2img start; with a mask, only its white part is repainted.
-KONTEXT = replace(FAMILIES["flux"], modes=("txt2img", "edit", "inpaint"),
-                  embedded="tiny-flux-kontext")
+# The FLUX.1 tools, each a FLUX model with its own weights and pipeline. Kontext
+# (`kontext: true`): an input image is a reference the prompt edits, not an img2img start;
+# with a mask, only its white part is repainted. Fill (`fill: true`): an image and a mask
+# always, the mask's white part drawn anew (inpainting, and outpainting past the borders).
+FLUX_TOOLS = {"kontext": replace(FAMILIES["flux"], modes=("txt2img", "edit", "inpaint"),
+                                 embedded="tiny-flux-kontext"),
+              "fill": replace(FAMILIES["flux"], modes=("inpaint",), embedded="tiny-flux-fill")}
+# Each tool's pipeline class (a folder's model_index.json names it), and what goes wrong
+# when a folder of it is served as another kind.
+_TOOL_PIPELINES = {
+    "kontext": ("FluxKontextPipeline", "its input images are then edited as references"),
+    "fill": ("FluxFillPipeline", "its transformer takes an image and a mask beside the noise"),
+}
 
 
 class _Strict(BaseModel):
@@ -297,11 +306,12 @@ def check_pipeline(where: str, prefix: str, path: Path | None, configs_from: Pat
                 f"{', '.join(_MODULES_FROM_CONFIGS[kind])} are read from this folder")
 
 
-def check_kontext(where: str, path: Path | None, configs_from: Path | None,
-                  kontext: bool) -> None:
+def check_flux_kind(where: str, path: Path | None, configs_from: Path | None,
+                    kind: str | None) -> None:
     """Raise ConfigError unless the pipeline folder (`path`, or a single file's
-    `configs_from`) is a FLUX.1 Kontext one exactly when the model says `kontext`: the
-    weights of either load into the other's pipeline, which then misreads references."""
+    `configs_from`) is the FLUX.1 tool's (Kontext, Fill) exactly when the model says it
+    is `kind`: a Kontext folder loads into FLUX's pipeline and the reverse, and then
+    misreads references; a Fill folder's transformer takes other inputs."""
     folder = configs_from if configs_from is not None else path
     if folder is None or not (folder / "model_index.json").is_file():
         return
@@ -309,9 +319,10 @@ def check_kontext(where: str, path: Path | None, configs_from: Path | None,
         name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError):
         name = None
-    if kontext and name != "FluxKontextPipeline":
-        raise ConfigError(f"{where}.kontext: {folder} holds a {name} folder, not FLUX.1 "
-                          "Kontext (FluxKontextPipeline)")
-    if not kontext and name == "FluxKontextPipeline":
-        raise ConfigError(f"{where}.kontext: {folder} holds FLUX.1 Kontext weights: set "
-                          "kontext: true, so that input images are edited as references")
+    for tool, (pipeline, why) in _TOOL_PIPELINES.items():
+        if kind == tool and name != pipeline:
+            raise ConfigError(f"{where}.{tool}: {folder} holds a {name} folder, not FLUX.1 "
+                              f"{tool.title()} ({pipeline})")
+        if kind != tool and name == pipeline:
+            raise ConfigError(f"{where}.{tool}: {folder} holds FLUX.1 {tool.title()} weights: "
+                              f"set {tool}: true ({why})")

@@ -209,6 +209,10 @@ class GenerationRequest:
             raise InvalidField("scheduler", f"must be one of {', '.join(family.schedulers)}")
         if self.negative_prompt and not family.negative_prompt:
             raise InvalidField("negative_prompt", "this model takes no negative prompt")
+        if self.mode not in family.modes and "txt2img" not in family.modes:
+            raise InvalidField("image" if self.source is None else "mask", (
+                "this model fills the white part of a mask over an image: send an image and "
+                "a mask, or an image whose transparent part is to be filled"))
         if self.mode not in family.modes:
             raise InvalidField("mask", "this model does not do inpainting")
 

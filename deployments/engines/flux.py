@@ -1,5 +1,5 @@
 """FLUX engines: FLUX.1 text-to-image, img2img and inpainting with flow-matching Euler,
-and FLUX.1 Kontext's edits.
+FLUX.1 Kontext's edits and FLUX.1 Fill's inpainting and outpainting.
 
 `guidance_scale` is FLUX's distilled guidance (the transformer's guidance embedding, as
 `guidance` on Replicate's flux-dev); there is no negative prompt and one forward pass per
@@ -9,7 +9,9 @@ kohya's (BFL module names). The speed settings are SDXL's, applied to the transf
 
 A Kontext model's edit appends the reference image's latent tokens to the ones being
 denoised (diffusers' FluxKontextPipeline, FluxKontextInpaintPipeline with a mask), so each
-step computes both; its text-to-image is plain FLUX.
+step computes both; its text-to-image is plain FLUX. A Fill model's transformer takes the
+masked image's latents and the mask beside the noise on every step (diffusers'
+FluxFillPipeline): it draws the mask's white part to fit what is kept, and nothing else.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import ClassVar
 
 import torch
 from diffusers import (
+    FluxFillPipeline,
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
     FluxKontextInpaintPipeline,
@@ -122,3 +125,12 @@ class FluxKontextEngine(FluxEngine):
         super().warm_up(request, max_images)
         blank = SourceImage(bytes(request.width * request.height * 3), 1.0, edit=True)
         super().warm_up(replace(request, source=blank), max_images)
+
+
+class FluxFillEngine(FluxEngine):
+    """FLUX.1 Fill: every request is an image and a mask, the mask's white part drawn anew
+    (inpainting, or outpainting where the image was padded), the rest kept exactly. Its
+    rows stay to the call's end, as inpainting's do; it has no text-to-image, so a
+    replica warms it up and keeps it warm with fills of a blank image."""
+
+    pipelines: ClassVar[dict[str, type]] = {"inpaint": FluxFillPipeline}

@@ -1,8 +1,8 @@
 """Replicate's predictions API, for the official `replicate` client.
 
 Inputs mirror `stability-ai/sdxl` for SDXL models, `black-forest-labs/flux-dev` for
-FLUX models and `black-forest-labs/flux-kontext-dev` for Kontext models (each version's
-schema says which). `apply_watermark: false` leaves out the
+FLUX models, `black-forest-labs/flux-kontext-dev` for Kontext models and
+`black-forest-labs/flux-fill-dev` for Fill models (each version's schema says which). `apply_watermark: false` leaves out the
 invisible watermark, where the model's config lets it; `go_fast` is accepted and has no
 effect (speed is the model's config); `disable_safety_checker` skips the model's safety checker, where it has one that lets it.
 As on Replicate, flagged images are left out of the output, and a prediction whose images
@@ -32,8 +32,8 @@ from serve.context import (
 from serve.errors import AtelierError, InvalidField, ModelNotFound
 from serve.predictions import Prediction
 from serve.routes.replicate_body import PredictionBody, duration_s, wait_seconds
-from serve.routes.replicate_inputs import input_schema, parse_input, single_output
 from serve.routes.replicate_runs import to_request
+from serve.routes.replicate_schemas import input_schema, parse_input, single_output
 from serve.webhooks import check_events, check_webhook
 
 router = APIRouter()

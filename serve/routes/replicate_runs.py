@@ -19,7 +19,7 @@ from serve.controls import load_controls, load_image_prompt
 from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost
 from serve.images import load_source
 from serve.predictions import Prediction, now_iso
-from serve.routes.replicate_inputs import ReplicateInput, parse_input, single_output
+from serve.routes.replicate_schemas import ReplicateInput, parse_input, single_output
 from serve.types import GenerationRequest, GenerationResult
 from serve.webhooks import WebhookSender
 
@@ -66,7 +66,8 @@ async def to_request(state: IngressState, model_id: str, inp: ReplicateInput,
             made, width, height = await load_controls(controls, None, None, model,
                                                       state.images, size_from)
         source, width, height = await load_source(
-            inp.image, inp.mask, inp.prompt_strength, width, height, model, state.images)
+            inp.image, inp.mask, inp.prompt_strength, width, height, model, state.images,
+            area=inp.source_area())
         if size_from is None:
             made, width, height = await load_controls(controls, width, height, model,
                                                       state.images)

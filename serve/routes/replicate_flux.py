@@ -1,0 +1,164 @@
+"""Replicate's FLUX model inputs: `black-forest-labs/flux-dev`'s, `flux-kontext-dev`'s and
+`flux-fill-dev`'s, with their LoRA models' LoRA inputs."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from serve.routes.replicate_inputs import LoraInput
+from serve.types import MAX_SEED
+
+# Output sizes of FLUX at one megapixel per aspect ratio (multiples of 16); 0.25 MP halves
+# each side.
+FLUX_SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640),
+              "3:2": (1216, 832), "2:3": (832, 1216), "4:5": (896, 1088), "5:4": (1088, 896),
+              "3:4": (896, 1152), "4:3": (1152, 896), "9:16": (768, 1344), "9:21": (640, 1536)}
+
+
+class FluxInput(LoraInput):
+    """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora and the
+    LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`); unset
+    values take the served model's defaults."""
+
+    prompt: str = Field(min_length=1, max_length=4000, description="Prompt for generated image")
+    aspect_ratio: Literal[tuple(FLUX_SIZES)] | None = Field(None, description=(
+        "Aspect ratio of the output; unset: the model's default size. Ignored with an "
+        "image, whose size the output follows"))
+    megapixels: Literal["1", "0.25"] = Field("1", description="Approximate megapixels")
+    image: str | None = Field(None, description=(
+        "Input image for img2img or inpaint mode, as a data URI (or base64)"))
+    mask: str | None = Field(None, description=(
+        "Input mask for inpaint mode, as on Replicate's trained FLUX models: white areas "
+        "are repainted, black kept"))
+    prompt_strength: float = Field(0.8, ge=0, le=1, description=(
+        "Prompt strength with img2img / inpaint; 1.0 destroys the input image's "
+        "information"))
+    num_outputs: int = Field(1, ge=1, le=4, description="Number of outputs to generate")
+    num_inference_steps: int | None = Field(None, ge=1, le=50, description="Denoising steps")
+    guidance: float | None = Field(None, ge=0, le=10, description="Guidance for the process")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
+    output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Image format")
+    output_quality: int = Field(80, ge=0, le=100, description="webp/jpg quality")
+    extra_lora: str | None = Field(None, description=(
+        "A second LoRA (a name from GET /v1/loras or a file URL), stacked on "
+        "lora_weights"))
+    extra_lora_scale: float | None = Field(None, ge=-4, le=4, description=(
+        "Scale of extra_lora"))
+    go_fast: bool = Field(True, description="Accepted; the model's speed settings apply")
+    disable_safety_checker: bool = Field(False, description=(
+        "Skip the model's safety checker (if it has one and lets requests skip it)"))
+
+    def request_args(self) -> dict[str, Any]:
+        width = height = None
+        if self.aspect_ratio is not None and self.image is None:
+            width, height = FLUX_SIZES[self.aspect_ratio]
+            if self.megapixels == "0.25":
+                width, height = width // 2, height // 2
+        return {"width": width, "height": height, "num_outputs": self.num_outputs,
+                "num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance, **flux_output(self)}
+
+    def lora_refs(self) -> list[tuple[str, float | None]]:
+        extra = [(self.extra_lora, self.extra_lora_scale)] if self.extra_lora else []
+        return super().lora_refs() + extra
+
+    def field_of(self, arg: str) -> str:
+        if arg in ("width", "height"):
+            return "image" if self.image is not None else "aspect_ratio"
+        return super().field_of({"guidance_scale": "guidance"}.get(arg, arg))
+
+
+class KontextInput(LoraInput):
+    """black-forest-labs/flux-kontext-dev's inputs (with flux-kontext-dev-lora's LoRA
+    inputs): `input_image` is the reference the prompt edits; unset values take the served
+    model's defaults."""
+
+    prompt: str = Field(min_length=1, max_length=4000, description=(
+        "Text description of what you want to generate, or the instruction on how to edit "
+        "the given image"))
+    input_image: str | None = Field(None, description=(
+        "Image to use as reference, as a data URI, base64 or an allowed URL; unset: "
+        "text-to-image"))
+    aspect_ratio: Literal[("match_input_image", *FLUX_SIZES)] = Field(
+        "match_input_image", description=(
+            "Aspect ratio of the output; match_input_image: the input image's, at the "
+            "model's default area (no image: the model's default size). Another ratio "
+            "crops the input image to it"))
+    num_inference_steps: int | None = Field(None, ge=1, le=50, description="Denoising steps")
+    guidance: float | None = Field(None, ge=0, le=10, description="Guidance for generation")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
+    output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Image format")
+    output_quality: int = Field(80, ge=0, le=100, description="webp/jpg quality")
+    go_fast: bool = Field(True, description="Accepted; the model's speed settings apply")
+    disable_safety_checker: bool = Field(False, description=(
+        "Skip the model's safety checker (if it has one and lets requests skip it)"))
+
+    mask: ClassVar[None] = None
+    prompt_strength: ClassVar[float] = 1.0  # unused: a reference is not noised
+
+    @property
+    def image(self) -> str | None:
+        return self.input_image
+
+    def request_args(self) -> dict[str, Any]:
+        width, height = FLUX_SIZES.get(self.aspect_ratio, (None, None))
+        return {"width": width, "height": height, "num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance, **flux_output(self)}
+
+    def field_of(self, arg: str) -> str:
+        if arg in ("width", "height"):
+            return "input_image" if self.aspect_ratio == "match_input_image" else "aspect_ratio"
+        return super().field_of({"guidance_scale": "guidance",
+                                 "image": "input_image"}.get(arg, arg))
+
+
+# flux-fill-dev's megapixels: the output's area at the input image's shape.
+FILL_AREAS = {"1": 1024 * 1024, "0.25": 512 * 512, "match_input": None}
+
+
+class FillInput(LoraInput):
+    """black-forest-labs/flux-fill-dev's inputs: the image to fill and the mask of the part
+    to draw anew (or the image's own transparent part); unset values take the served
+    model's defaults."""
+
+    prompt: str = Field(min_length=1, max_length=4000, description="Prompt for generated image")
+    image: str = Field(description=(
+        "The image to inpaint, as a data URI, base64 or an allowed URL. Can contain an alpha "
+        "mask: without a mask, its transparent part is filled"))
+    mask: str | None = Field(None, description=(
+        "A black-and-white image of the image's size: white areas are inpainted, black "
+        "kept; optional with an alpha mask in the image"))
+    megapixels: Literal[tuple(FILL_AREAS)] = Field("1", description=(
+        "Approximate megapixels of the output, at the input's shape; match_input: the "
+        "input's size (rounded down to multiples of 16)"))
+    num_outputs: int = Field(1, ge=1, le=4, description="Number of outputs to generate")
+    num_inference_steps: int | None = Field(None, ge=1, le=50, description="Denoising steps")
+    guidance: float | None = Field(None, ge=0, le=50, description="Guidance for generated image")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
+    output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Image format")
+    output_quality: int = Field(80, ge=0, le=100, description="webp/jpg quality")
+    disable_safety_checker: bool = Field(False, description=(
+        "Skip the model's safety checker (if it has one and lets requests skip it)"))
+
+    prompt_strength: ClassVar[float] = 1.0  # unused: the mask's part is drawn anew
+
+    def request_args(self) -> dict[str, Any]:
+        return {"width": None, "height": None, "num_outputs": self.num_outputs,
+                "num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance, **flux_output(self)}
+
+    def source_area(self) -> int | None:
+        return FILL_AREAS[self.megapixels]
+
+    def field_of(self, arg: str) -> str:
+        if arg in ("width", "height"):
+            return "megapixels" if self.megapixels != "match_input" else "image"
+        return super().field_of({"guidance_scale": "guidance"}.get(arg, arg))
+
+
+def flux_output(inp: FluxInput | KontextInput | FillInput) -> dict[str, Any]:
+    """The output format and quality of Replicate's FLUX inputs, as requests take them."""
+    return {"output_format": "jpeg" if inp.output_format == "jpg" else inp.output_format,
+            "output_quality": max(1, inp.output_quality)}

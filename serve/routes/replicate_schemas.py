@@ -1,0 +1,53 @@
+"""Which Replicate inputs a served model takes (`stability-ai/sdxl`'s, or one of the FLUX
+models'), their JSON schema, and the parsing of a create body's `input`."""
+
+from __future__ import annotations
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from serve.config import ModelConfig
+from serve.routes.replicate_flux import FillInput, FluxInput, KontextInput
+from serve.routes.replicate_inputs import ControlNetInputs, SDXLInput
+
+ReplicateInput = SDXLInput | FluxInput | KontextInput | FillInput
+
+
+def input_class(model: ModelConfig) -> type[ReplicateInput]:
+    if model.flux_kind is not None:
+        return {"kontext": KontextInput, "fill": FillInput}[model.flux_kind]
+    return FluxInput if model.family == "flux" else SDXLInput
+
+
+def single_output(model: ModelConfig) -> bool:
+    """Whether the model's predictions output one file URL rather than a list, as
+    flux-kontext-dev's (one image per prediction) do."""
+    return model.kontext
+
+
+def parse_input(model: ModelConfig, raw: dict) -> ReplicateInput:
+    """The create body's `input`, validated against the model's inputs; a bad field is a
+    422 located at input.<field>."""
+    cls = input_class(model)
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", "input", *e["loc"])} for e in exc.errors()]
+        raise RequestValidationError(errors) from None
+
+
+_IP_ADAPTER_INPUTS = ("ip_adapter_image", "ip_adapter_scale")
+
+
+def input_schema(model: ModelConfig) -> dict:
+    """The model's input schema; an SDXL model without ControlNets shows no ControlNet
+    inputs, one without an IP-Adapter no image prompt inputs (it refuses them)."""
+    schema = input_class(model).model_json_schema()
+    hidden: set[str] = set()
+    if model.family == "sdxl" and not model.controlnets:
+        hidden |= set(ControlNetInputs.model_fields)
+    if model.family == "sdxl" and model.ip_adapter is None:
+        hidden |= set(_IP_ADAPTER_INPUTS)
+    schema["properties"] = {name: spec for name, spec in schema["properties"].items()
+                            if name not in hidden}
+    return schema
