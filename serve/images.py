@@ -109,6 +109,7 @@ class ImageFetcher:
 async def load_source(image: str | bytes | None, mask: str | bytes | None, strength: float,
                       width: int | None, height: int | None, model: ModelConfig,
                       fetcher: ImageFetcher, hole_is_mask: bool = True,
+                      area: int | None = None,
                       ) -> tuple[SourceImage | None, int | None, int | None]:
     """`source_image` for a request on the event loop: URLs read first (this server's own
     files, or allowed hosts), then the decoding done in a worker thread, so that a large image does not hold
@@ -119,7 +120,7 @@ async def load_source(image: str | bytes | None, mask: str | bytes | None, stren
     image = await fetcher.fetch(image, "image", limit)
     mask = await fetcher.fetch(mask, "mask", limit)
     return await asyncio.to_thread(source_image, image, mask, strength, width, height, model,
-                                   hole_is_mask)
+                                   hole_is_mask, area)
 
 
 def open_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Image:

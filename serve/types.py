@@ -171,6 +171,12 @@ class GenerationRequest:
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its
         pipeline family accepts."""
+        if self.mode not in family.modes and "txt2img" not in family.modes:
+            raise InvalidField("image" if self.source is None else "mask", (
+                "this model fills the white part of a mask over an image: send an image and "
+                "a mask, or an image whose transparent part is to be filled"))
+        if self.mode not in family.modes:
+            raise InvalidField("mask", "this model does not do inpainting")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value % family.size_multiple:
@@ -209,12 +215,6 @@ class GenerationRequest:
             raise InvalidField("scheduler", f"must be one of {', '.join(family.schedulers)}")
         if self.negative_prompt and not family.negative_prompt:
             raise InvalidField("negative_prompt", "this model takes no negative prompt")
-        if self.mode not in family.modes and "txt2img" not in family.modes:
-            raise InvalidField("image" if self.source is None else "mask", (
-                "this model fills the white part of a mask over an image: send an image and "
-                "a mask, or an image whose transparent part is to be filled"))
-        if self.mode not in family.modes:
-            raise InvalidField("mask", "this model does not do inpainting")
 
 
 def unknown_controlnet(model: ModelConfig, name: str, field: str = "controlnets") -> InvalidField:
