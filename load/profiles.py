@@ -136,6 +136,30 @@ def _kontext_edits(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
             "seed": _seed(rng)}
 
 
+@functools.cache
+def banner_canvas(index: int) -> str:
+    """Product `index`'s photo at 768x768 in the middle of a 1344x768 (16:9) canvas whose
+    sides are transparent, as a PNG data URI: what a FLUX.1 Fill model outpaints."""
+    from PIL import Image
+
+    photo = Image.open(io.BytesIO(base64.b64decode(product_photo(index).split(",", 1)[1])))
+    canvas = Image.new("RGBA", (1344, 768), (0, 0, 0, 0))
+    canvas.paste(photo.resize((768, 768), Image.Resampling.LANCZOS), (288, 0))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _fill_banners(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
+    """Square product photos outpainted into 16:9 banners on a Fill model (the canvas's
+    transparent sides are filled): runs of five scenes per photo. Replicate's flux-fill-dev
+    defaults (28 steps, guidance 30)."""
+    product = (i // 5) % len(PRODUCTS)
+    return {"prompt": f"product photo of {PRODUCTS[product]} {SCENES[i % 5]}",
+            "image": banner_canvas(product), "width": 1344, "height": 768, "steps": 28,
+            "guidance_scale": 30.0, "seed": _seed(rng)}
+
+
 PROFILES = {p.name: p for p in (
     Profile("smoke", "64x64, 2 steps: checks the tool and the server end to end (CI)",
             _smoke, 64, 2, slo_s=5.0),
@@ -157,6 +181,9 @@ PROFILES = {p.name: p for p in (
     Profile("kontext-edits", "product photos edited by instruction on a FLUX.1 Kontext "
             "model, five edits per photo, 1024x1024, 28 steps, guidance 2.5",
             _kontext_edits, 1024, 28, slo_s=90.0),
+    Profile("fill-banners", "square product photos outpainted into 16:9 banners on a FLUX.1 "
+            "Fill model (the transparent sides drawn), 1344x768, 28 steps, guidance 30",
+            _fill_banners, 1024, 28, slo_s=90.0),
 )}
 
 

@@ -17,6 +17,7 @@ from tests.integration.conftest import (
     AUTH,
     BATCHED,
     FAST,
+    FILL,
     FLUX,
     KONTEXT,
     ONE_SLOT,
@@ -181,4 +182,27 @@ def test_the_kontext_profile_edits_each_product_photo_five_ways(base_url, tmp_pa
     assert len({b["image"] for b in bodies[:5]}) == 1 and bodies[0]["image"] != bodies[5]["image"]
     assert "prompt_strength" not in bodies[0] and bodies[0]["guidance_scale"] == 2.5
     lv = _level(base_url, tmp_path, "kontext-edits", KONTEXT, requests=5, steps=2)
+    assert lv["sent"] == lv["succeeded"] == 5 and lv["errors"] == {}
+
+
+def test_the_fill_profile_outpaints_each_product_photo_into_five_banners(base_url, tmp_path):
+    import base64
+    import io
+    import random
+
+    import numpy as np
+
+    from load.profiles import PROFILES
+
+    bodies = [PROFILES["fill-banners"].body(random.Random(0), i, []) for i in range(10)]
+    assert len({b["prompt"] for b in bodies[:5]}) == 5
+    assert len({b["image"] for b in bodies[:5]}) == 1 and bodies[0]["image"] != bodies[5]["image"]
+    canvas = np.asarray(Image.open(io.BytesIO(base64.b64decode(
+        bodies[0]["image"].split(",", 1)[1]))))
+    assert canvas.shape == (768, 1344, 4) and (bodies[0]["width"], bodies[0]["height"]) == (
+        1344, 768)
+    alpha = canvas[..., 3]
+    assert alpha[:, :288].max() == 0 and alpha[:, 1056:].max() == 0
+    assert alpha[:, 288:1056].min() == 255  # the photo, kept; the sides, filled
+    lv = _level(base_url, tmp_path, "fill-banners", FILL, requests=5, steps=2)
     assert lv["sent"] == lv["succeeded"] == 5 and lv["errors"] == {}
