@@ -89,9 +89,7 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
         return module.to(device="cpu", dtype=getattr(torch, dtype))
 
     pipelines = {None: FluxPipeline, "kontext": FluxKontextPipeline, "fill": FluxFillPipeline}
-    transformer = public_fields(configs["transformer"])
-    if tool == "fill":
-        transformer |= _fill_channels(transformer, configs["vae"])
+    transformer = transformer_config(configs, tool)
     torch.manual_seed(_SEED + list(pipelines).index(tool))
     with torch.device(device):
         pipe = pipelines[tool](
@@ -106,14 +104,20 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def _fill_channels(transformer: dict, vae: dict) -> dict:
-    """A Fill transformer's channels: its input is the packed latents (each token 2x2
-    latent pixels), the packed latents of the masked image, and the mask packed at the
-    image's resolution (each token 2x2 latent pixels of vae_scale_factor² image pixels);
-    its output, the latents' alone."""
+def transformer_config(configs: dict, tool: str | None = None) -> dict:
+    """The transformer's config of `configs`; a Fill transformer's (`tool` "fill") takes the
+    packed latents (each token 2x2 latent pixels), the packed latents of the masked image,
+    and the mask packed at the image's resolution (each token 2x2 latent pixels of
+    vae_scale_factor² image pixels), and gives the latents' channels alone."""
+    from deployments.tiny import public_fields
+
+    transformer = public_fields(configs["transformer"])
+    if tool != "fill":
+        return transformer
     latents = transformer.get("in_channels", 64)
-    scale = 2 ** (len(vae["block_out_channels"]) - 1)
-    return {"in_channels": 2 * latents + 4 * scale * scale, "out_channels": latents}
+    scale = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    return transformer | {"in_channels": 2 * latents + 4 * scale * scale,
+                          "out_channels": latents}
 
 
 # name → (rank, key layout): demo adapters for the embedded FLUX, random but fixed. The

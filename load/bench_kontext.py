@@ -74,18 +74,19 @@ def _requests(size: int, steps: int, images: int, edit: bool) -> list:
     return [replace(base, seed=1 + i) for i in range(images)]
 
 
-def _turns(engine, cases: dict[str, list], repeats: int) -> dict[str, list[float]]:
-    """Each case's call times: one untimed call each, then `repeats` rounds of one each."""
-    for requests in cases.values():
-        engine.generate(requests)  # untimed: first-call allocation
+def turns(engines: dict, cases: dict[str, list], repeats: int) -> dict[str, list[float]]:
+    """Each case's call times on its engine (`engines` by case): one untimed call each,
+    then `repeats` rounds of one each."""
+    for case, requests in cases.items():
+        engines[case].generate(requests)  # untimed: first-call allocation
     times: dict[str, list[float]] = {case: [] for case in cases}
     for _ in range(repeats):
         for case, requests in cases.items():
-            times[case].append(timed(engine.generate, requests))
+            times[case].append(timed(engines[case].generate, requests))
     return times
 
 
-def _tokens(engine, request) -> int:
+def tokens_per_image(engine, request) -> int:
     """The image tokens one transformer step of `request` computes per image."""
     seen = []
     hook = engine.pipe.transformer.register_forward_pre_hook(
@@ -108,8 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
                                args.dtype, resolve_device("auto"))
     rows = []
     for images in args.batches:
-        times = _turns(engine, {case: _requests(args.size, args.steps, images, case == "edit")
-                                for case in CASES}, args.repeats)
+        times = turns(dict.fromkeys(CASES, engine),
+                      {case: _requests(args.size, args.steps, images, case == "edit")
+                       for case in CASES}, args.repeats)
         plain = statistics.median(times["txt2img"])
         for case in CASES:
             median = statistics.median(times[case])
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             print(json.dumps(row), flush=True)
     facts = engine.describe()
-    tokens = {case: _tokens(engine, _requests(args.size, 1, 1, case == "edit")[0])
+    tokens = {case: tokens_per_image(engine, _requests(args.size, 1, 1, case == "edit")[0])
               for case in CASES}
     report = {"benchmark": "kontext", "size": args.size, "steps": args.steps,
               "guidance_scale": GUIDANCE, "repeats": args.repeats,

@@ -485,3 +485,42 @@ def test_kontext_benchmark_serves_a_random_flux_as_kontext_through_links(tmp_pat
     assert (kontext / "transformer").is_symlink()
     assert report["model"] == "random-flux-kontext"
     assert report["tokens_per_image"] == {"txt2img": 4, "edit": 8}
+
+
+def test_fill_benchmark_times_fills_beside_flux_inpainting(tmp_path):
+    out = tmp_path / "fill.json"
+    stdout = _run("load.bench_fill", "--size", "64", "--steps", "2", "--batches", "1", "2",
+                  "--repeats", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert [(r["batch"], r["case"]) for r in report["rows"]] == [
+        (1, "inpaint"), (1, "fill"), (2, "inpaint"), (2, "fill")]
+    plain = {r["batch"]: r["median_s"] for r in report["rows"] if r["case"] == "inpaint"}
+    for r in report["rows"]:
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_s"], rel=0.01)
+        assert r["time_vs_inpaint"] == pytest.approx(r["median_s"] / plain[r["batch"]],
+                                                     rel=0.01)
+    assert report["input_channels_per_token"] == {"inpaint": 64, "fill": 384}
+    assert report["model"] == "tiny-flux" and f"saved {out}" in stdout
+
+
+def test_fill_benchmark_builds_a_random_fill_beside_the_random_flux(tmp_path, monkeypatch):
+    """The full-size path, at the tiny FLUX's configs: the random FLUX built once, and the
+    Fill folder a random transformer with the wider input beside links to its other
+    modules."""
+    from deployments.tiny_flux import TINY_FLUX_CONFIGS
+    from load import bench_fill
+
+    configs = tmp_path / "small-flux-configs.json"
+    configs.write_text(json.dumps(TINY_FLUX_CONFIGS))
+    monkeypatch.setenv("ATELIER_CACHE_DIR", str(tmp_path / "cache"))
+    report = bench_fill.main(["--random-flux", str(configs), "--size", "32", "--steps", "1",
+                              "--batches", "1", "--repeats", "1",
+                              "--out", str(tmp_path / "out.json")])
+    flux, fill = tmp_path / "cache" / "random-small-flux", tmp_path / "cache" / \
+        "random-small-flux-fill"
+    assert json.loads((fill / "model_index.json").read_text())["_class_name"] == \
+        "FluxFillPipeline"
+    assert (fill / "text_encoder_2").is_symlink() and not (fill / "transformer").is_symlink()
+    assert (fill / "text_encoder_2").resolve() == (flux / "text_encoder_2").resolve()
+    assert report["model"] == "random-flux"
+    assert report["input_channels_per_token"] == {"inpaint": 64, "fill": 384}

@@ -27,6 +27,7 @@ STEPS = {  # step arguments: the programs each runs
     ("controlnet",): ["load.bench_controlnet"],
     ("image-prompts",): ["load.bench_image_prompts"],
     ("kontext",): ["load.bench_kontext"],
+    ("fill",): ["load.bench_fill"],
     ("tests",): ["pytest"],
 }
 
