@@ -23,16 +23,18 @@ def test_serve_config_is_valid_for_serve_and_binds_to_loopback():
     assert schema.applications[0].import_path == "serve.app:build_app"
 
 
-def test_a_commented_model_in_a_shipped_config_is_valid_once_uncommented():
-    """sdxl-flux-gpu.yaml's FLUX.1 Kontext entry, as a user would uncomment it."""
+def test_the_commented_models_in_a_shipped_config_are_valid_once_uncommented():
+    """sdxl-flux-gpu.yaml's FLUX.1 Kontext and Fill entries, as a user would uncomment
+    them."""
     import re
 
     from serve.config import ModelConfig
 
     text = (ROOT / "serve" / "configs" / "sdxl-flux-gpu.yaml").read_text()
-    block = re.search(r"^  # (- id: .*\n)((?:  #   .*\n)+)", text, re.MULTILINE)
-    entry = block[1] + "".join(line[4:] + "\n" for line in block[2].splitlines())
-    model = ModelConfig.model_validate(yaml.safe_load(entry)[0])
-    assert (model.id, model.family, model.kontext) == (
-        "black-forest-labs/flux-kontext-dev", "flux", True)
-    assert model.defaults.guidance_scale == 2.5
+    blocks = re.findall(r"^  # (- id: .*\n)((?:  #   .*\n)+)", text, re.MULTILINE)
+    models = [ModelConfig.model_validate(yaml.safe_load(
+        head + "".join(line[4:] + "\n" for line in body.splitlines()))[0])
+        for head, body in blocks]
+    assert [(m.id, m.family, m.flux_kind, m.defaults.guidance_scale) for m in models] == [
+        ("black-forest-labs/flux-kontext-dev", "flux", "kontext", 2.5),
+        ("black-forest-labs/flux-fill-dev", "flux", "fill", 30)]
