@@ -223,6 +223,10 @@ def raw_bytes(value: str | bytes, field: str, max_bytes: int) -> bytes:
     return value if isinstance(value, bytes) else decode_base64(value, field, max_bytes)
 
 
+# An `area` of `source_image`: the input's own, shrunk to the model's limits if over them.
+INPUT_AREA = 0
+
+
 def source_image(image: str | bytes | None, mask: str | bytes | None, strength: float,
                  width: int | None, height: int | None, model: ModelConfig,
                  hole_is_mask: bool = True, area: int | None = None,
@@ -230,7 +234,7 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     """Decode the `image` (and `mask`) of a request for `model`; return them at the size to
     generate, with that width and height (for no image: None and the size as given): the
     input's, unless a width or height is given, or an `area` in pixels at the input's
-    shape. Without a mask, an image's transparent part is the mask (unless not
+    shape (INPUT_AREA: the input's own, shrunk to fit the model's limits). Without a mask, an image's transparent part is the mask (unless not
     `hole_is_mask`: a variation's). For a Kontext model the image is a reference to edit:
     unless a width or height is given the output has its shape at the model's default
     area, and another shape crops it. A Fill model's mask part is drawn anew (strength
@@ -248,6 +252,8 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     multiple = model.rules.size_multiple
     if model.kontext and width is None and height is None:  # the input's shape at the model's area
         area = area or model.defaults.width * model.defaults.height
+    if area == INPUT_AREA:
+        area = min(picture.width * picture.height, model.limits.max_pixels)
     if area is not None:
         width, height = area_size(picture, area, multiple, model.limits.max_size)
     w, h = output_size(picture, width, height, multiple)

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from serve.images import INPUT_AREA
 from serve.routes.replicate_inputs import LoraInput
 from serve.types import MAX_SEED
 
@@ -114,8 +115,9 @@ class KontextInput(LoraInput):
                                  "image": "input_image"}.get(arg, arg))
 
 
-# flux-fill-dev's megapixels: the output's area at the input image's shape.
-FILL_AREAS = {"1": 1024 * 1024, "0.25": 512 * 512, "match_input": None}
+# flux-fill-dev's megapixels: the output's area at the input image's shape; match_input,
+# the input's size, shrunk to the model's limits as flux-fill-dev shrinks it to 1440².
+FILL_AREAS = {"1": 1024 * 1024, "0.25": 512 * 512, "match_input": INPUT_AREA}
 
 
 class FillInput(LoraInput):
@@ -132,13 +134,15 @@ class FillInput(LoraInput):
         "kept; optional with an alpha mask in the image"))
     megapixels: Literal[tuple(FILL_AREAS)] = Field("1", description=(
         "Approximate megapixels of the output, at the input's shape; match_input: the "
-        "input's size (rounded down to multiples of 16)"))
+        "input's size (each side a multiple of 16), shrunk to the model's limits if over "
+        "them"))
     num_outputs: int = Field(1, ge=1, le=4, description="Number of outputs to generate")
     num_inference_steps: int | None = Field(None, ge=1, le=50, description="Denoising steps")
     guidance: float | None = Field(None, ge=0, le=50, description="Guidance for generated image")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
     output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Image format")
     output_quality: int = Field(80, ge=0, le=100, description="webp/jpg quality")
+    go_fast: bool = Field(True, description="Accepted; the model's speed settings apply")
     disable_safety_checker: bool = Field(False, description=(
         "Skip the model's safety checker (if it has one and lets requests skip it)"))
 

@@ -203,3 +203,22 @@ def test_start_up_refuses_a_folder_of_another_kind(fill_path, tiny_flux_path):
         config(fill_path).check_paths()
     with pytest.raises(ConfigError, match=r"models\.0\.kontext: .* holds a FluxFillPipeline"):
         config(fill_path, kontext=True).check_paths()
+
+
+def test_replicate_megapixels_set_the_area_and_match_input_fits_the_limits():
+    from serve.images import INPUT_AREA
+    from serve.routes.replicate_flux import FILL_AREAS, FillInput
+
+    assert FILL_AREAS == {"1": 1024 * 1024, "0.25": 512 * 512, "match_input": INPUT_AREA}
+    inp = FillInput.model_validate({"prompt": "x", "image": "data:,", "go_fast": False})
+    assert inp.source_area() == 1024 * 1024 and inp.request_args()["width"] is None
+    # match_input keeps the input's size within the model's limits (96x64 here) ...
+    assert source_image(_png(PHOTO), _png(MASK), 0.4, None, None, MODEL,
+                        area=INPUT_AREA)[1:] == (96, 64)
+    # ... and shrinks a larger one, keeping its shape: 3000x2000 is 6 MP, and this
+    # model takes at most 1 MP: 1254.1 x 836.1, each down to a multiple of 16.
+    big = np.zeros((2000, 3000, 3), np.uint8)
+    source, width, height = source_image(_png(big), _png(np.zeros((2000, 3000), np.uint8)),
+                                         0.4, None, None, MODEL, area=INPUT_AREA)
+    assert (width, height) == (1248, 832) and width * height <= MODEL.limits.max_pixels
+    assert len(source.mask) == 1248 * 832
