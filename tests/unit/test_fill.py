@@ -222,3 +222,35 @@ def test_replicate_megapixels_set_the_area_and_match_input_fits_the_limits():
                                          0.4, None, None, MODEL, area=INPUT_AREA)
     assert (width, height) == (1248, 832) and width * height <= MODEL.limits.max_pixels
     assert len(source.mask) == 1248 * 832
+
+
+def test_flux_loras_fill_in_slots_one_call_for_different_sets_and_previews(fill_path,
+                                                                          cache_dir):
+    """FLUX LoRAs (the demo PEFT and kohya ones) apply to a Fill's transformer, whose
+    layers they target are FLUX's: fills with different adapter sets share one call in
+    LoRA slots, each with its own pixels in the mask and the input's outside it; partial
+    images come at the output's size."""
+    from dataclasses import replace
+
+    from deployments.engines.flux import FluxFillEngine
+    from deployments.tiny import TINY_FLUX_DEMO, ensure_demo_loras
+    from serve.adapters import AdapterCatalog, AdapterSet
+
+    catalog = AdapterCatalog.scan([(ensure_demo_loras(TINY_FLUX_DEMO, cache_dir), "flux",
+                                    1.0)]).entries
+    engine = FluxFillEngine(fill_path, "float32", "cpu", adapters=catalog)
+    plain = _fill(partial_images=1)
+    neon = replace(plain, adapters=AdapterSet.of([("neon", 1.0)]))
+    ink = replace(plain, adapters=AdapterSet.of([("ink", 0.8)]))
+    assert engine.batch_key(plain) == engine.batch_key(neon) == engine.batch_key(ink)
+    previews = []
+    together = engine.generate([plain, neon, ink], on_preview=lambda i, images: previews.append(
+        (i, images[0].size)))
+    white = MASK == 255
+    alone = [engine.generate([r])[0][0] for r in (plain, neon, ink)]
+    for (ours,), solo in zip(together, alone, strict=True):
+        assert_same_pixels(ours, solo)
+        assert np.array_equal(_px(ours)[~white], PHOTO[~white].astype(int))
+    assert np.abs(_px(alone[1]) - _px(alone[0]))[white].mean() > 1
+    assert np.abs(_px(alone[2]) - _px(alone[0]))[white].mean() > 1
+    assert sorted(previews) == [(0, (96, 64)), (1, (96, 64)), (2, (96, 64))]
