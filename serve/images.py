@@ -234,11 +234,11 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     """Decode the `image` (and `mask`) of a request for `model`; return them at the size to
     generate, with that width and height (for no image: None and the size as given): the
     input's, unless a width or height is given, or an `area` in pixels at the input's
-    shape (INPUT_AREA: the input's own, shrunk to fit the model's limits). Without a mask, an image's transparent part is the mask (unless not
-    `hole_is_mask`: a variation's). For a Kontext model the image is a reference to edit:
-    unless a width or height is given the output has its shape at the model's default
-    area, and another shape crops it. A Fill model's mask part is drawn anew (strength
-    1)."""
+    shape (INPUT_AREA: the input's own, shrunk to fit the model's limits). Without a
+    mask, an image's transparent part is the mask (unless not `hole_is_mask`: a
+    variation's). For a Kontext model the image is a reference to edit: unless a size is
+    given the output has its shape at the model's default area, and another shape crops
+    it. A Fill model's mask part is drawn anew (strength 1)."""
     if image is None:
         if mask is not None:
             raise InvalidField("mask", "a mask needs an image")
@@ -250,8 +250,8 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     elif not hole_is_mask:
         grey = None
     multiple = model.rules.size_multiple
-    if model.kontext and width is None and height is None:  # the input's shape at the model's area
-        area = area or model.defaults.width * model.defaults.height
+    if model.kontext and width is None and height is None and area is None:
+        area = model.defaults.width * model.defaults.height  # the input's shape at it
     if area == INPUT_AREA:
         area = min(picture.width * picture.height, model.limits.max_pixels)
     if area is not None:

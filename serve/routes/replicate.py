@@ -2,15 +2,16 @@
 
 Inputs mirror `stability-ai/sdxl` for SDXL models, `black-forest-labs/flux-dev` for
 FLUX models, `black-forest-labs/flux-kontext-dev` for Kontext models and
-`black-forest-labs/flux-fill-dev` for Fill models (each version's schema says which). `apply_watermark: false` leaves out the
-invisible watermark, where the model's config lets it; `go_fast` is accepted and has no
-effect (speed is the model's config); `disable_safety_checker` skips the model's safety checker, where it has one that lets it.
+`black-forest-labs/flux-fill-dev` for Fill models (each version's schema says which).
+`apply_watermark: false` leaves out the invisible watermark, where the model's config lets
+it; `go_fast` is accepted and has no effect (speed is the model's config);
+`disable_safety_checker` skips the model's safety checker, where it has one that lets it.
 As on Replicate, flagged images are left out of the output, and a prediction whose images
-were all flagged fails with "NSFW content detected...". Output is a
-list of file URLs served under /files for `file_ttl_s` (for Kontext models, as for
-flux-kontext-dev, one URL). As on Replicate, a create call with
-`Prefer: wait` that finishes in time answers with the files inline as data URIs (the
-official clients turn either form into file objects); the stored prediction keeps the URLs.
+were all flagged fails with "NSFW content detected...". Output is a list of file URLs
+served under /files for `file_ttl_s` (for Kontext models, as for flux-kontext-dev, one
+URL). As on Replicate, a create call with `Prefer: wait` that finishes in time answers
+with the files inline as data URIs (the official clients turn either form into file
+objects); the stored prediction keeps the URLs.
 """
 
 from __future__ import annotations
