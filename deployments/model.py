@@ -102,13 +102,11 @@ class ModelDeployment:
             self.checker.warm_up(request.width, request.height)
 
     def _warm_request(self, steps: int) -> GenerationRequest:
-        """Text-to-image at the model's defaults; for a model that only fills (FLUX.1
-        Fill), the fill of a blank image's whole area."""
+        """Text-to-image at the model's defaults; for a model without it (FLUX.1 Fill,
+        Canny), its own kind of call on a blank image."""
         d = self.cfg.defaults
-        source = None
-        if "txt2img" not in self.cfg.rules.modes:
-            source = SourceImage(bytes(d.width * d.height * 3), 1.0,
-                                 b"\xff" * (d.width * d.height))
+        modes = self.cfg.rules.modes
+        source = None if "txt2img" in modes else SourceImage.blank(d.width, d.height, modes[0])
         return GenerationRequest(
             model=self.cfg.id, prompt="warm-up", width=d.width, height=d.height,
             num_inference_steps=steps, guidance_scale=d.guidance_scale, seed=0,

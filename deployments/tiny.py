@@ -1,5 +1,6 @@
 """The embedded default models: tiny SDXL- and FLUX-architecture pipelines with random
-weights (the recipe of FLUX and its FLUX.1 Kontext and Fill is in `deployments.tiny_flux`).
+weights (the recipe of FLUX and its FLUX.1 Kontext, Fill and Canny is in
+`deployments.tiny_flux`).
 
 Each is built once, deterministically, saved in diffusers format with safetensors, and then
 loaded through the same `from_pretrained` path as a real checkpoint. They draw noise: they
@@ -22,6 +23,7 @@ TINY_SDXL_IP_ADAPTER = "tiny-sdxl-ip-adapter"
 TINY_FLUX = "tiny-flux"
 TINY_FLUX_KONTEXT = "tiny-flux-kontext"
 TINY_FLUX_FILL = "tiny-flux-fill"
+TINY_FLUX_CANNY = "tiny-flux-canny"
 # Bump when the recipe below changes, so old caches are not reused.
 RECIPE_VERSION = 1
 _SEED = 20261122
@@ -35,7 +37,8 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
                 TINY_SDXL_CONTROLNET: _build_tiny_controlnet,
                 TINY_SDXL_IP_ADAPTER: _build_tiny_ip_adapter, TINY_FLUX: _build_tiny_flux,
                 TINY_FLUX_KONTEXT: partial(_build_tiny_flux, tool="kontext"),
-                TINY_FLUX_FILL: partial(_build_tiny_flux, tool="fill")}
+                TINY_FLUX_FILL: partial(_build_tiny_flux, tool="fill"),
+                TINY_FLUX_CANNY: partial(_build_tiny_flux, tool="canny")}
     if name not in builders:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(builders)}")
     return built_once(cache_dir / f"{name}-v{RECIPE_VERSION}", builders[name])

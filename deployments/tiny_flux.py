@@ -59,14 +59,16 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
     to `dtype` before the next one is built, so the full FLUX.1-dev (12 B transformer
     parameters) fits in one GPU's memory while it is made. The text encoders' vocabulary is
     at least the generated tokenizers'; a larger one costs what the real model's does.
-    `tool`: saved as a FLUX.1 Kontext pipeline ("kontext": the same modules) or a FLUX.1
+    `tool`: saved as a FLUX.1 Kontext pipeline ("kontext": the same modules), a FLUX.1
     Fill one ("fill": the transformer also takes the packed masked image and mask, as
-    FLUX.1-Fill-dev's 384 input channels do), each with its own seed.
+    FLUX.1-Fill-dev's 384 input channels do) or a FLUX.1 Canny one ("canny": it also takes
+    the packed control image, 128 channels as FLUX.1-Canny-dev's), each with its own seed.
     """
     import torch
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
+        FluxControlPipeline,
         FluxFillPipeline,
         FluxKontextPipeline,
         FluxPipeline,
@@ -88,7 +90,8 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
     def made(module):
         return module.to(device="cpu", dtype=getattr(torch, dtype))
 
-    pipelines = {None: FluxPipeline, "kontext": FluxKontextPipeline, "fill": FluxFillPipeline}
+    pipelines = {None: FluxPipeline, "kontext": FluxKontextPipeline, "fill": FluxFillPipeline,
+                 "canny": FluxControlPipeline}
     transformer = transformer_config(configs, tool)
     torch.manual_seed(_SEED + list(pipelines).index(tool))
     with torch.device(device):
@@ -105,19 +108,20 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
 
 
 def transformer_config(configs: dict, tool: str | None = None) -> dict:
-    """The transformer's config of `configs`; a Fill transformer's (`tool` "fill") takes the
-    packed latents (each token 2x2 latent pixels), the packed latents of the masked image,
-    and the mask packed at the image's resolution (each token 2x2 latent pixels of
-    vae_scale_factor² image pixels), and gives the latents' channels alone."""
+    """The transformer's config of `configs`. Beside the packed latents (each token 2x2
+    latent pixels), a Fill transformer (`tool` "fill") takes the packed latents of the
+    masked image and the mask packed at the image's resolution (each token 2x2 latent
+    pixels of vae_scale_factor² image pixels), a Canny one ("canny") the packed latents of
+    the control image; either gives the latents' channels alone."""
     from deployments.tiny import public_fields
 
     transformer = public_fields(configs["transformer"])
-    if tool != "fill":
-        return transformer
     latents = transformer.get("in_channels", 64)
     scale = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-    return transformer | {"in_channels": 2 * latents + 4 * scale * scale,
-                          "out_channels": latents}
+    extra = {"fill": latents + 4 * scale * scale, "canny": latents}.get(tool or "")
+    if extra is None:
+        return transformer
+    return transformer | {"in_channels": latents + extra, "out_channels": latents}
 
 
 # name → (rank, key layout): demo adapters for the embedded FLUX, random but fixed. The

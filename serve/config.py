@@ -64,10 +64,10 @@ class ModelConfig(_Strict):
         "go with the file's weights; for flux also its text encoders and VAE (its "
         "transformer's weights are not read), for sdxl none of its weights. The file is "
         "converted once into the cache, so later starts load a diffusers folder."))
-    embedded: Literal["tiny-sdxl", "tiny-flux", "tiny-flux-kontext", "tiny-flux-fill"] | None = (
-        Field(None, description=("Build and serve an embedded random-weight model of the "
-                                 "family (tiny-flux-kontext: with `kontext`, tiny-flux-fill: "
-                                 "with `fill`) instead of `path`.")))
+    embedded: Literal["tiny-sdxl", "tiny-flux", "tiny-flux-kontext", "tiny-flux-fill",
+                      "tiny-flux-canny"] | None = Field(None, description=(
+        "Build and serve an embedded random-weight model of the family (tiny-flux-kontext, "
+        "-fill, -canny: with `kontext`, `fill`, `canny`) instead of `path`."))
     kontext: bool = Field(False, description=(
         "flux only: the weights are FLUX.1 Kontext (FluxKontextPipeline): a request's input "
         "image is a reference that the prompt edits by instruction (\"make the sky red\"), "
@@ -78,6 +78,10 @@ class ModelConfig(_Strict):
         "outpainting: every request sends an image and a mask (or an image whose "
         "transparent part is to be filled), and the mask's white part is drawn anew to fit "
         "the prompt and the rest of the image, with no prompt strength. No text-to-image."))
+    canny: bool = Field(False, description=(
+        "flux only: the weights are FLUX.1 Canny (FluxControlPipeline): every request sends "
+        "an image, whose Canny edges (found here) the output follows while the prompt says "
+        "what to draw. No text-to-image."))
     variant: str | None = Field(None, description=(
         "Weights file variant in the folder, e.g. fp16 for *.fp16.safetensors."))
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description=(
@@ -169,14 +173,16 @@ class ModelConfig(_Strict):
                 raise ValueError(f"model id {name!r} is not in lowercase owner/name form")
         if (self.path is None) == (self.embedded is None):
             raise ValueError("set exactly one of path or embedded")
-        if self.kontext and self.family != "flux":
-            raise ValueError("kontext: only flux models are Kontext models")
-        if self.fill and (self.family != "flux" or self.kontext):
-            raise ValueError("fill: only flux models are Fill models, and not Kontext ones")
+        tools = [name for name in FLUX_TOOLS if getattr(self, name)]
+        if tools and self.family != "flux":
+            raise ValueError(f"{tools[0]}: only flux models are {tools[0].title()} models")
+        if len(tools) > 1:
+            raise ValueError(f"{tools[1]}: a model is one FLUX.1 tool, not "
+                             f"{' and '.join(tools)}")
         if self.embedded not in (None, self.rules.embedded):
             kind = f"{self.family}{f' {self.flux_kind.title()}' if self.flux_kind else ''} model"
-            hint = {"tiny-flux-kontext": "; set kontext: true",
-                    "tiny-flux-fill": "; set fill: true"}.get(self.embedded, "")
+            hint = {f"tiny-flux-{tool}": f"; set {tool}: true" for tool in FLUX_TOOLS
+                    }.get(self.embedded or "", "")
             raise ValueError(f"embedded {self.embedded!r} is not a {kind}{hint}")
         if self.configs_from is not None and self.path is None:
             raise ValueError("configs_from: only a single-file path takes it")
@@ -202,9 +208,9 @@ class ModelConfig(_Strict):
         return self
 
     @property
-    def flux_kind(self) -> Literal["kontext", "fill"] | None:
+    def flux_kind(self) -> Literal["kontext", "fill", "canny"] | None:
         """Which FLUX.1 tool the weights are, if one."""
-        return "kontext" if self.kontext else "fill" if self.fill else None
+        return next((tool for tool in FLUX_TOOLS if getattr(self, tool)), None)
 
     @property
     def rules(self) -> Family:

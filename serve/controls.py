@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve.config import ControlNetConfig, ModelConfig
 from serve.errors import InvalidField
-from serve.images import ImageFetcher, open_image, output_size, raw_bytes
+from serve.images import ImageFetcher, canny, open_image, output_size, raw_bytes
 from serve.types import IMAGE_PROMPT_SIDE, ControlImage, ImagePrompt, unknown_controlnet
 
 
@@ -111,16 +111,6 @@ def _control_pixels(params: Sequence[ControlParams], nets: Sequence[tuple[str, C
             picture = picture.resize((w, h), Image.Resampling.LANCZOS)
         out.append((canny(picture) if net.preprocess == "canny" else picture).tobytes())
     return out, w, h
-
-
-def canny(picture: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
-    """OpenCV's Canny edges of the picture's grey levels, white on black, as RGB: the
-    control images canny ControlNets were trained on (with these thresholds)."""
-    import cv2
-    import numpy as np
-
-    edges = cv2.Canny(np.asarray(picture.convert("L")), low, high)
-    return Image.fromarray(edges).convert("RGB")
 
 
 async def load_image_prompt(image: str | None, scale: float | None, model: ModelConfig,

@@ -218,6 +218,17 @@ def area_size(image: Image.Image, area: int, multiple: int,
             max(multiple, round(height) // multiple * multiple))
 
 
+def canny(picture: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
+    """OpenCV's Canny edges of the picture's grey levels, white on black, as RGB: the
+    control images canny ControlNets were trained on (with these thresholds), and FLUX.1
+    Canny's (50 and 200, as Black Forest Labs' API)."""
+    import cv2
+    import numpy as np
+
+    edges = cv2.Canny(np.asarray(picture.convert("L")), low, high)
+    return Image.fromarray(edges).convert("RGB")
+
+
 def raw_bytes(value: str | bytes, field: str, max_bytes: int) -> bytes:
     """Raw bytes (an upload) as they are; a string is a data URI or base64."""
     return value if isinstance(value, bytes) else decode_base64(value, field, max_bytes)
@@ -225,6 +236,8 @@ def raw_bytes(value: str | bytes, field: str, max_bytes: int) -> bytes:
 
 # An `area` of `source_image`: the input's own, shrunk to the model's limits if over them.
 INPUT_AREA = 0
+# FLUX.1 Canny's edge thresholds (Black Forest Labs' API defaults).
+CANNY_THRESHOLDS = (50, 200)
 
 
 def source_image(image: str | bytes | None, mask: str | bytes | None, strength: float,
@@ -238,16 +251,20 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     mask, an image's transparent part is the mask (unless not `hole_is_mask`: a
     variation's). For a Kontext model the image is a reference to edit: unless a size is
     given the output has its shape at the model's default area, and another shape crops
-    it. A Fill model's mask part is drawn anew (strength 1)."""
+    it. A Fill model's mask part is drawn anew (strength 1); a Canny model's image gives
+    its Canny edges, found at the output's size."""
     if image is None:
         if mask is not None:
             raise InvalidField("mask", "a mask needs an image")
         return None, width, height
     nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
+    if mask is not None and model.canny:
+        raise InvalidField("mask", "this model takes no mask: it draws the whole image, "
+                                   "following the edges of the one sent")
     picture, grey = open_with_hole(raw_bytes(image, "image", nbytes), "image", nbytes, npixels)
     if mask is not None:
         grey = open_mask(raw_bytes(mask, "mask", nbytes), "mask", picture, nbytes, npixels)
-    elif not hole_is_mask:
+    elif not hole_is_mask or model.canny:
         grey = None
     multiple = model.rules.size_multiple
     if model.kontext and width is None and height is None and area is None:
@@ -266,6 +283,8 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
         return ImageOps.fit(image, (w, h), resample) if edit else image.resize((w, h), resample)
 
     picture = sized(picture, Image.Resampling.LANCZOS)
+    if model.canny:  # the edges at the output's size
+        return SourceImage(canny(picture, *CANNY_THRESHOLDS).tobytes(), 1.0, control=True), w, h
     grey = None if grey is None else sized(grey, Image.Resampling.NEAREST)
     return SourceImage(picture.tobytes(), 1.0 if edit or model.fill else strength,
                        None if grey is None else grey.tobytes(), edit=edit), w, h

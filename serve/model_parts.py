@@ -24,9 +24,10 @@ class Family:
     schedulers: tuple[str, ...]  # the first is the default
     size_multiple: int  # width and height must be multiples of this
     negative_prompt: bool
-    modes: tuple[str, ...]  # txt2img, img2img, inpaint, edit
+    modes: tuple[str, ...]  # txt2img, img2img, inpaint, edit, control
     embedded: str  # the embedded tiny model of the family
     lora_targets: tuple[str, ...]  # default modules (name suffixes) of the LoRA slots
+    needs: str = ""  # without text-to-image: what every request must send
 
 
 # SDXL adapters mostly train the UNet's attention projections. FLUX trainers (ai-toolkit,
@@ -49,14 +50,24 @@ FAMILIES = {
 # (`kontext: true`): an input image is a reference the prompt edits, not an img2img start;
 # with a mask, only its white part is repainted. Fill (`fill: true`): an image and a mask
 # always, the mask's white part drawn anew (inpainting, and outpainting past the borders).
-FLUX_TOOLS = {"kontext": replace(FAMILIES["flux"], modes=("txt2img", "edit", "inpaint"),
-                                 embedded="tiny-flux-kontext"),
-              "fill": replace(FAMILIES["flux"], modes=("inpaint",), embedded="tiny-flux-fill")}
+# Canny (`canny: true`): an image always, whose Canny edges the output follows.
+FLUX_TOOLS = {
+    "kontext": replace(FAMILIES["flux"], modes=("txt2img", "edit", "inpaint"),
+                       embedded="tiny-flux-kontext"),
+    "fill": replace(FAMILIES["flux"], modes=("inpaint",), embedded="tiny-flux-fill",
+                    needs="this model fills the white part of a mask over an image: send an "
+                          "image and a mask, or an image whose transparent part is to be "
+                          "filled"),
+    "canny": replace(FAMILIES["flux"], modes=("control",), embedded="tiny-flux-canny",
+                     needs="this model draws what the edges of a control image outline: send "
+                           "an image (its Canny edges are found here)"),
+}
 # Each tool's pipeline class (a folder's model_index.json names it), and what goes wrong
 # when a folder of it is served as another kind.
 _TOOL_PIPELINES = {
     "kontext": ("FluxKontextPipeline", "its input images are then edited as references"),
     "fill": ("FluxFillPipeline", "its transformer takes an image and a mask beside the noise"),
+    "canny": ("FluxControlPipeline", "its transformer takes a control image beside the noise"),
 }
 
 
@@ -309,9 +320,11 @@ def check_pipeline(where: str, prefix: str, path: Path | None, configs_from: Pat
 def check_flux_kind(where: str, path: Path | None, configs_from: Path | None,
                     kind: str | None) -> None:
     """Raise ConfigError unless the pipeline folder (`path`, or a single file's
-    `configs_from`) is the FLUX.1 tool's (Kontext, Fill) exactly when the model says it
-    is `kind`: a Kontext folder loads into FLUX's pipeline and the reverse, and then
-    misreads references; a Fill folder's transformer takes other inputs."""
+    `configs_from`) is the FLUX.1 tool's (Kontext, Fill, Canny) exactly when the model
+    says it is `kind`: a Kontext folder loads into FLUX's pipeline and the reverse, and
+    then misreads references; a Fill or Canny folder's transformer takes other inputs. (A
+    Depth [dev] folder is a FluxControlPipeline too: its name does not tell it from
+    Canny.)"""
     folder = configs_from if configs_from is not None else path
     if folder is None or not (folder / "model_index.json").is_file():
         return

@@ -29,20 +29,31 @@ IMAGE_PROMPT_SIDE = 512
 
 @dataclass(frozen=True, eq=False)
 class SourceImage:
-    """An input image for img2img, inpainting or a Kontext edit, already at the request's
-    size: RGB pixels, and for inpainting a mask of 8-bit grey (white = repaint). An edit's
-    image is a reference the prompt changes (every step runs: `strength` is 1)."""
+    """An input image for img2img, inpainting, a Kontext edit or a FLUX.1 Canny model's
+    control, already at the request's size: RGB pixels, and for inpainting a mask of 8-bit
+    grey (white = repaint). An edit's image is a reference the prompt changes, a control
+    image the edges the output follows (every step runs: `strength` is 1)."""
 
     rgb: bytes
     strength: float
     mask: bytes | None = None
     edit: bool = False
+    control: bool = False
 
     @property
     def mode(self) -> str:
         if self.mask is not None:
             return "inpaint"
-        return "edit" if self.edit else "img2img"
+        return "edit" if self.edit else "control" if self.control else "img2img"
+
+    @classmethod
+    def blank(cls, width: int, height: int, mode: str) -> SourceImage:
+        """A black image for a call of `mode` (a warm-up's): an inpainting's whole area
+        masked, a control image without edges."""
+        black = bytes(width * height * 3)
+        if mode == "inpaint":
+            return cls(black, 1.0, b"\xff" * (width * height))
+        return cls(black, 1.0, edit=mode == "edit", control=mode == "control")
 
 
 @dataclass(frozen=True, eq=False)
@@ -171,12 +182,9 @@ class GenerationRequest:
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its
         pipeline family accepts."""
-        if self.mode not in family.modes and "txt2img" not in family.modes:
-            raise InvalidField("image" if self.source is None else "mask", (
-                "this model fills the white part of a mask over an image: send an image and "
-                "a mask, or an image whose transparent part is to be filled"))
         if self.mode not in family.modes:
-            raise InvalidField("mask", "this model does not do inpainting")
+            raise InvalidField("image" if self.source is None else "mask",
+                               family.needs or "this model does not do inpainting")
         for name in ("width", "height"):
             value = getattr(self, name)
             if value % family.size_multiple:

@@ -123,10 +123,15 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                           refiner.variant if refiner else None,
                           controlnet_paths(model, cache_dir), ip_adapter_files(model, cache_dir))
     if model.family == "flux":
-        from deployments.engines.flux import FluxEngine, FluxFillEngine, FluxKontextEngine
+        from deployments.engines.flux import (
+            FluxControlEngine,
+            FluxEngine,
+            FluxFillEngine,
+            FluxKontextEngine,
+        )
 
-        engine = {"kontext": FluxKontextEngine, "fill": FluxFillEngine}.get(model.flux_kind,
-                                                                             FluxEngine)
+        engine = {"kontext": FluxKontextEngine, "fill": FluxFillEngine,
+                  "canny": FluxControlEngine}.get(model.flux_kind, FluxEngine)
         return engine(path, model.dtype, device, model.variant, model.simulate_oom_above_images,
                       adapters, model.max_loaded_adapters, model.max_lora_rank,
                       model.lora_targets, model.fuse_adapters, model.speed, cache_dir / "compile")

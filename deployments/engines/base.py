@@ -195,12 +195,13 @@ class DiffusersEngine:
                   | control_inputs(requests, [p.controls for p in made]))
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
-        # Inpainting and Kontext edits keep per-row state (the mask and both guidance
-        # halves of it; the references' latents) out of the step callback's reach: their
-        # rows stay, and inpainting keeps guidance on every step. With buckets the call
+        # Inpainting, Kontext edits and FLUX.1 Canny keep per-row state (the mask and both
+        # guidance halves of it; the references' or control images' latents) out of the
+        # step callback's reach: their rows stay, and inpainting keeps guidance on every
+        # step. With buckets the call
         # keeps its padded size to the end: dropping withdrawn rows would meet the compiled
         # code with a batch size it was not compiled for.
-        rows_stay = first.mode in ("inpaint", "edit")
+        rows_stay = first.mode in ("inpaint", "edit", "control")
         previews = self._previews(requests[:real], rows, on_preview)
         callback = step_callback(rows, generators, withdrawn, on_step,
                                  shrink_rows=not rows_stay and not self.buckets,

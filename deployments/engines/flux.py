@@ -1,5 +1,6 @@
 """FLUX engines: FLUX.1 text-to-image, img2img and inpainting with flow-matching Euler,
-FLUX.1 Kontext's edits and FLUX.1 Fill's inpainting and outpainting.
+FLUX.1 Kontext's edits, FLUX.1 Fill's inpainting and outpainting, and FLUX.1 Canny's
+control by edges.
 
 `guidance_scale` is FLUX's distilled guidance (the transformer's guidance embedding, as
 `guidance` on Replicate's flux-dev); there is no negative prompt and one forward pass per
@@ -25,6 +26,7 @@ from typing import ClassVar
 
 import torch
 from diffusers import (
+    FluxControlPipeline,
     FluxFillPipeline,
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
@@ -123,7 +125,7 @@ class FluxKontextEngine(FluxEngine):
         """As for FLUX, then the same calls as edits of a blank reference (twice the tokens
         per step: other kernels, other compiled code)."""
         super().warm_up(request, max_images)
-        blank = SourceImage(bytes(request.width * request.height * 3), 1.0, edit=True)
+        blank = SourceImage.blank(request.width, request.height, "edit")
         super().warm_up(replace(request, source=blank), max_images)
 
 
@@ -134,3 +136,13 @@ class FluxFillEngine(FluxEngine):
     replica warms it up and keeps it warm with fills of a blank image."""
 
     pipelines: ClassVar[dict[str, type]] = {"inpaint": FluxFillPipeline}
+
+
+class FluxControlEngine(FluxEngine):
+    """FLUX.1 Canny: every request is a control image (Canny edges, found on the CPU side),
+    whose latents the transformer reads beside the noise on every step (diffusers'
+    FluxControlPipeline), so the output follows its edges. Its rows stay to the call's
+    end (the control latents are out of the step callback's reach); a replica warms it up
+    and keeps it warm with a blank control image."""
+
+    pipelines: ClassVar[dict[str, type]] = {"control": FluxControlPipeline}

@@ -1,6 +1,6 @@
-"""Input images of img2img, inpainting, Kontext edit and ControlNet calls: 8-bit tensors on the device,
-per-row pipeline inputs, the requests that need no denoising at all, and putting the kept
-pixels back after inpainting."""
+"""Input images of img2img, inpainting, Kontext edit, FLUX.1 Canny and ControlNet calls:
+8-bit tensors on the device, per-row pipeline inputs, the requests that need no denoising
+at all, and putting the kept pixels back after inpainting."""
 
 from __future__ import annotations
 
@@ -69,10 +69,14 @@ def control_inputs(requests: Sequence[GenerationRequest],
 def source_inputs(requests: Sequence[GenerationRequest],
                   sources: Sequence[SourceTensors | None]) -> dict:
     """The pipeline arguments of a call's input images: one row per output image, in
-    [0, 1] as the pipelines' image processors take tensors (the same values as from PIL)."""
+    [0, 1] as the pipelines' image processors take tensors (the same values as from PIL),
+    or a control image in [-1, 1] (FluxControlPipeline does not process tensors)."""
     first = requests[0]
     if first.source is None:
         return {}
+    if first.source.control:  # FLUX.1 Canny's edges, every step run; the pipeline takes
+        # a tensor as it is, so in the VAE's [-1, 1]
+        return {"control_image": per_row(requests, sources, 0).float() / 127.5 - 1}
     inputs = {"image": per_row(requests, sources, 0).float() / 255}
     if first.source.edit:  # Kontext: a reference, at the output's own size and area
         inputs |= {"max_area": first.width * first.height, "_auto_resize": False}

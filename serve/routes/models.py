@@ -21,7 +21,8 @@ async def list_models(request: Request) -> dict:
     config = state.router.config
     created = state.started_at
     data = [{"id": m.id, "object": "model", "created": created, "owned_by": m.id.split("/")[0],
-             "family": m.family, "kontext": m.kontext, "fill": m.fill, "aliases": m.aliases,
+             "family": m.family, "kontext": m.kontext, "fill": m.fill, "canny": m.canny,
+             "aliases": m.aliases,
              "controlnets": {name: {"conditioning_scale": net.conditioning_scale,
                                     "preprocess": net.preprocess}
                              for name, net in m.controlnets.items()},

@@ -1,5 +1,5 @@
-"""Replicate's FLUX model inputs: `black-forest-labs/flux-dev`'s, `flux-kontext-dev`'s and
-`flux-fill-dev`'s, with their LoRA models' LoRA inputs."""
+"""Replicate's FLUX model inputs: `black-forest-labs/flux-dev`'s, `flux-kontext-dev`'s,
+`flux-fill-dev`'s and `flux-canny-dev`'s, with their LoRA models' LoRA inputs."""
 
 from __future__ import annotations
 
@@ -115,27 +115,20 @@ class KontextInput(LoraInput):
                                  "image": "input_image"}.get(arg, arg))
 
 
-# flux-fill-dev's megapixels: the output's area at the input image's shape; match_input,
-# the input's size, shrunk to the model's limits as flux-fill-dev shrinks it to 1440².
+# flux-fill-dev's and flux-canny-dev's megapixels: the output's area at the input image's
+# shape; match_input, the input's size, shrunk to the model's limits as Replicate shrinks
+# it into 1440².
 FILL_AREAS = {"1": 1024 * 1024, "0.25": 512 * 512, "match_input": INPUT_AREA}
 
 
-class FillInput(LoraInput):
-    """black-forest-labs/flux-fill-dev's inputs: the image to fill and the mask of the part
-    to draw anew (or the image's own transparent part); unset values take the served
-    model's defaults."""
+class _MegapixelInput(LoraInput):
+    """The inputs flux-fill-dev and flux-canny-dev share: the output's area at the input
+    image's shape, and no prompt strength (every step runs)."""
 
     prompt: str = Field(min_length=1, max_length=4000, description="Prompt for generated image")
-    image: str = Field(description=(
-        "The image to inpaint, as a data URI, base64 or an allowed URL. Can contain an alpha "
-        "mask: without a mask, its transparent part is filled"))
-    mask: str | None = Field(None, description=(
-        "A black-and-white image of the image's size: white areas are inpainted, black "
-        "kept; optional with an alpha mask in the image"))
     megapixels: Literal[tuple(FILL_AREAS)] = Field("1", description=(
-        "Approximate megapixels of the output, at the input's shape; match_input: the "
-        "input's size (each side a multiple of 16), shrunk to the model's limits if over "
-        "them"))
+        "Approximate megapixels of the output, at the input image's shape; match_input: its "
+        "size (each side a multiple of 16), shrunk to the model's limits if over them"))
     num_outputs: int = Field(1, ge=1, le=4, description="Number of outputs to generate")
     num_inference_steps: int | None = Field(None, ge=1, le=50, description="Denoising steps")
     guidance: float | None = Field(None, ge=0, le=50, description="Guidance for generated image")
@@ -146,7 +139,8 @@ class FillInput(LoraInput):
     disable_safety_checker: bool = Field(False, description=(
         "Skip the model's safety checker (if it has one and lets requests skip it)"))
 
-    prompt_strength: ClassVar[float] = 1.0  # unused: the mask's part is drawn anew
+    prompt_strength: ClassVar[float] = 1.0  # unused: every step runs
+    image_field: ClassVar[str] = "image"  # the input that holds the image
 
     def request_args(self) -> dict[str, Any]:
         return {"width": None, "height": None, "num_outputs": self.num_outputs,
@@ -158,11 +152,41 @@ class FillInput(LoraInput):
 
     def field_of(self, arg: str) -> str:
         if arg in ("width", "height"):
-            return "megapixels" if self.megapixels != "match_input" else "image"
-        return super().field_of({"guidance_scale": "guidance"}.get(arg, arg))
+            return "megapixels" if self.megapixels != "match_input" else self.image_field
+        return super().field_of({"guidance_scale": "guidance",
+                                 "image": self.image_field}.get(arg, arg))
 
 
-def flux_output(inp: FluxInput | KontextInput | FillInput) -> dict[str, Any]:
+class FillInput(_MegapixelInput):
+    """black-forest-labs/flux-fill-dev's inputs: the image to fill and the mask of the part
+    to draw anew (or the image's own transparent part); unset values take the served
+    model's defaults."""
+
+    image: str = Field(description=(
+        "The image to inpaint, as a data URI, base64 or an allowed URL. Can contain an alpha "
+        "mask: without a mask, its transparent part is filled"))
+    mask: str | None = Field(None, description=(
+        "A black-and-white image of the image's size: white areas are inpainted, black "
+        "kept; optional with an alpha mask in the image"))
+
+
+class CannyInput(_MegapixelInput):
+    """black-forest-labs/flux-canny-dev's inputs: the control image whose Canny edges the
+    output follows; unset values take the served model's defaults."""
+
+    control_image: str = Field(description=(
+        "Image whose Canny edges (found here) the output follows, as a data URI, base64 or "
+        "an allowed URL"))
+
+    mask: ClassVar[None] = None
+    image_field: ClassVar[str] = "control_image"
+
+    @property
+    def image(self) -> str:
+        return self.control_image
+
+
+def flux_output(inp: FluxInput | KontextInput | _MegapixelInput) -> dict[str, Any]:
     """The output format and quality of Replicate's FLUX inputs, as requests take them."""
     return {"output_format": "jpeg" if inp.output_format == "jpg" else inp.output_format,
             "output_quality": max(1, inp.output_quality)}

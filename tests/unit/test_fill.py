@@ -181,7 +181,7 @@ def test_the_warm_up_request_of_a_fill_model_fills_a_blank_image():
 
 @pytest.mark.parametrize("changes, message", [
     ({"family": "sdxl", "embedded": "tiny-sdxl"}, "only flux models are Fill models"),
-    ({"kontext": True}, "and not Kontext ones"),
+    ({"kontext": True}, "a model is one FLUX.1 tool, not kontext and fill"),
     ({"embedded": "tiny-flux"}, "'tiny-flux' is not a flux Fill model"),
     ({"fill": False}, "'tiny-flux-fill' is not a flux model; set fill: true")])
 def test_the_config_ties_fill_to_its_weights(changes, message):
