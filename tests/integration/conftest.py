@@ -14,7 +14,8 @@ seed 10 and passes that of seed 11;
 `atelier/tiny-flux` is the embedded tiny FLUX, with fused projections, FP8 layers and
 its adapters merged into them; `atelier/tiny-flux-kontext` is the embedded tiny FLUX.1
 Kontext, whose input images are references to edit; `atelier/tiny-flux-fill` the embedded
-tiny FLUX.1 Fill, which fills masked images. The adapter catalog is the embedded demo set plus
+tiny FLUX.1 Fill, which fills masked images; `atelier/tiny-flux-canny` the embedded tiny
+FLUX.1 Canny, which follows an image's edges. The adapter catalog is the embedded demo set plus
 `bad_adapters` (files that must fail cleanly), `made_adapters` (made with PEFT and saved by
 diffusers, text-encoder parts and metadata alphas) and `named_adapters` (filed by Replicate
 model name). Request bodies over 2 MiB get 413; input images and LoRA files may be
@@ -50,6 +51,7 @@ STALL = "atelier/tiny-sdxl-stall"
 FLUX = "atelier/tiny-flux"
 KONTEXT = "atelier/tiny-flux-kontext"
 FILL = "atelier/tiny-flux-fill"
+CANNY = "atelier/tiny-flux-canny"
 CHECKED = "atelier/tiny-sdxl-checked"
 CHECKED_PROMPT = "a scene for the safety checker"
 MAX_BODY_BYTES = 2 * 2**20
@@ -213,6 +215,10 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
         _model(FILL, 10, family="flux", embedded="tiny-flux-fill", fill=True,
                aliases=["black-forest-labs/flux-fill-dev"],
                defaults={"width": 96, "height": 96, "num_inference_steps": 4,
+                         "guidance_scale": 30}),
+        _model(CANNY, 10, family="flux", embedded="tiny-flux-canny", canny=True,
+               aliases=["black-forest-labs/flux-canny-dev"],
+               defaults={"width": 96, "height": 96, "num_inference_steps": 4,
                          "guidance_scale": 30})],
         "lora_folders": [{"embedded": "tiny-sdxl-demo", "base": "sdxl"},
                          {"embedded": "tiny-flux-demo", "base": "flux"},
@@ -221,7 +227,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                          {"path": str(made_adapters), "base": "sdxl"},
                          {"path": str(named_adapters), "base": "flux"}]}
     # The dashboard writes Ray's Prometheus service-discovery file.
-    ray.init(address="local", num_cpus=15, include_dashboard=True, dashboard_port=_free_port(),
+    ray.init(address="local", num_cpus=16, include_dashboard=True, dashboard_port=_free_port(),
              _metrics_export_port=metrics_port)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})

@@ -1,5 +1,6 @@
 from tests.integration.conftest import (
     BATCHED,
+    CANNY,
     CHECKED,
     DEADLINE,
     FAST,
@@ -19,17 +20,18 @@ def test_models_are_listed_in_openai_shape(client):
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == [FAST, BATCHED, ONE_SLOT, TWO_REPLICAS,
                                           RESTARTABLE, DEADLINE, SMALL_MEMORY,
-                                          STALL, CHECKED, FLUX, KONTEXT, FILL]
+                                          STALL, CHECKED, FLUX, KONTEXT, FILL, CANNY]
     first = body["data"][0]
     assert first["object"] == "model" and first["owned_by"] == "atelier"
     assert first["aliases"] == ["stability-ai/sdxl"] and first["limits"]["max_size"] == 512
     assert (first["family"], first["defaults"]["scheduler"]) == ("sdxl", "K_EULER")
-    flux, kontext, fill = body["data"][-3:]
+    flux, kontext, fill, canny = body["data"][-4:]
     assert (flux["family"], flux["aliases"]) == ("flux", ["black-forest-labs/flux-dev"])
     assert flux["defaults"]["scheduler"] == "FlowMatchEuler"
     assert (flux["kontext"], first["kontext"]) == (False, False)
     assert (kontext["family"], kontext["kontext"], kontext["fill"]) == ("flux", True, False)
     assert (fill["family"], fill["kontext"], fill["fill"]) == ("flux", False, True)
+    assert (canny["family"], canny["fill"], canny["canny"]) == ("flux", False, True)
 
 
 def test_both_official_clients_list_the_same_models(base_url, rep):
@@ -43,7 +45,7 @@ def test_both_official_clients_list_the_same_models(base_url, rep):
     assert [f"{m.owner}/{m.name}" for m in page.results] == listed and page.next is None
     retrieved = oai.models.retrieve("black-forest-labs/flux-dev")  # an alias
     assert (retrieved.id, retrieved.object, retrieved.owned_by) == (FLUX, "model", "atelier")
-    flux = page.results[-3]
+    flux = page.results[-4]
     assert flux.latest_version.id == rep.models.get(FLUX).latest_version.id
     assert "prompt" in flux.latest_version.openapi_schema["components"]["schemas"]["Input"][
         "properties"]
@@ -54,7 +56,7 @@ def test_healthz_reports_every_model_ready(client):
     assert r.status_code == 200
     models = r.json()["models"]
     assert set(models) == {FAST, BATCHED, ONE_SLOT, TWO_REPLICAS, RESTARTABLE,
-                           DEADLINE, SMALL_MEMORY, STALL, CHECKED, FLUX, KONTEXT, FILL}
+                           DEADLINE, SMALL_MEMORY, STALL, CHECKED, FLUX, KONTEXT, FILL, CANNY}
     assert all(m["state"] == "ready" for m in models.values())
     assert [models[m]["replicas_running"] for m in (FAST, TWO_REPLICAS)] == [1, 2]
 

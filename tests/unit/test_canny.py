@@ -22,9 +22,9 @@ from tests.unit.test_engine import assert_same_pixels, withdrawing
 MODEL = ModelConfig(id="a/canny", family="flux", embedded="tiny-flux-canny", canny=True,
                     dtype="float32", defaults={"width": 96, "height": 96,
                                                "num_inference_steps": 4, "guidance_scale": 30})
-# A drawing with edges: two rectangles on grey, 96 wide and 64 high.
+# A drawing with edges: a yellow and a blue box on grey, 96 wide and 64 high.
 DRAWING = np.full((64, 96, 3), 128, np.uint8)
-DRAWING[8:40, 8:48] = (240, 40, 40)
+DRAWING[8:40, 8:48] = (250, 230, 60)
 DRAWING[24:60, 56:90] = (20, 20, 200)
 
 
@@ -94,7 +94,8 @@ def test_an_image_becomes_its_canny_edges_at_the_output_size():
     edges = cv2.Canny(np.asarray(Image.fromarray(DRAWING).convert("L")), 50, 200)
     ours = np.frombuffer(request.source.rgb, np.uint8).reshape(64, 96, 3)
     assert np.array_equal(ours[..., 0], edges) and (ours[..., 0] == ours[..., 2]).all()
-    assert set(np.unique(edges)) == {0, 255} and (edges == 255).sum() > 100
+    assert set(np.unique(edges)) == {0, 255} and (edges[:, :50] == 255).sum() > 100
+    assert (edges[:, 50:] == 255).sum() > 100  # both boxes outlined
     # At another size, the edges are found on the resized picture (sharp, not resampled).
     source, width, height = source_image(_png(DRAWING), None, 0.4, 192, 128, MODEL)
     assert (width, height) == (192, 128) and set(source.rgb) == {0, 255}

@@ -24,8 +24,8 @@ def test_serve_config_is_valid_for_serve_and_binds_to_loopback():
 
 
 def test_the_commented_models_in_a_shipped_config_are_valid_once_uncommented():
-    """sdxl-flux-gpu.yaml's FLUX.1 Kontext and Fill entries, as a user would uncomment
-    them."""
+    """sdxl-flux-gpu.yaml's FLUX.1 Kontext, Fill and Canny entries, as a user would
+    uncomment them."""
     import re
 
     from serve.config import ModelConfig
@@ -37,4 +37,5 @@ def test_the_commented_models_in_a_shipped_config_are_valid_once_uncommented():
         for head, body in blocks]
     assert [(m.id, m.family, m.flux_kind, m.defaults.guidance_scale) for m in models] == [
         ("black-forest-labs/flux-kontext-dev", "flux", "kontext", 2.5),
-        ("black-forest-labs/flux-fill-dev", "flux", "fill", 30)]
+        ("black-forest-labs/flux-fill-dev", "flux", "fill", 30),
+        ("black-forest-labs/flux-canny-dev", "flux", "canny", 30)]
