@@ -188,3 +188,22 @@ def test_replicate_flux_canny_dev_inputs():
     assert inp.request_args()["guidance_scale"] == 30
     assert [inp.field_of(f) for f in ("image", "width", "guidance_scale")] == [
         "control_image", "megapixels", "guidance"]
+
+
+def test_a_flux_lora_changes_a_canny_drawing_in_slots(canny_path, cache_dir):
+    from dataclasses import replace
+
+    from deployments.engines.flux import FluxControlEngine
+    from deployments.tiny import TINY_FLUX_DEMO, ensure_demo_loras
+    from serve.adapters import AdapterCatalog, AdapterSet
+
+    catalog = AdapterCatalog.scan([(ensure_demo_loras(TINY_FLUX_DEMO, cache_dir), "flux",
+                                    1.0)]).entries
+    engine = FluxControlEngine(canny_path, "float32", "cpu", adapters=catalog)
+    plain = _control()
+    neon = replace(plain, adapters=AdapterSet.of([("neon", 1.0)]))
+    together = engine.generate([plain, neon])
+    alone = [engine.generate([r])[0][0] for r in (plain, neon)]
+    for (ours,), solo in zip(together, alone, strict=True):
+        assert_same_pixels(ours, solo)
+    assert np.abs(_px(alone[1]) - _px(alone[0])).mean() > 1
