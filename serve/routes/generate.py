@@ -75,10 +75,12 @@ class GenerateParams(BaseModel):
     image: str | None = Field(None, description=(
         "Input image for img2img (JSON body only): a data URI, base64, or an http(s) URL on "
         "a host in image_allowed_hosts. The output takes its size, rounded down to "
-        "multiples of 8 (16 for flux), unless width or height are given."))
+        "multiples of 8 (16 for flux), unless width or height are given. Its transparent "
+        "part, if any, is inpainted. On a Kontext model a reference to edit, on a Fill "
+        "model the image to fill, on a Canny model the picture whose edges are followed."))
     mask: str | None = Field(None, description=(
         "Inpainting mask of the image's size (JSON body only): white is repainted, black "
-        "kept."))
+        "kept; a mask with transparency repaints its transparent part."))
     prompt_strength: float = Field(0.8, ge=0, le=1, description=(
         "How far an input image may change: 0 returns it, 1 keeps only its layout's trace."))
     refine: Refine = Field("no_refiner", description=(
