@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -183,6 +184,37 @@ def add_call_args(p: argparse.ArgumentParser, size: int, steps: int) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"],
                    help="on GPU (CPU computes in float32)")
     p.add_argument("--out", help="JSON output path")
+
+
+def case_turns(engines: dict, cases: dict[str, list], repeats: int) -> dict[str, list[float]]:
+    """Each case's call times on its engine (`engines` by case): one untimed call each
+    (first-call allocation), then `repeats` rounds of one call each, so that a machine's
+    drift spreads over every case."""
+    for case, requests in cases.items():
+        engines[case].generate(requests)
+    times: dict[str, list[float]] = {case: [] for case in cases}
+    for _ in range(repeats):
+        for case, requests in cases.items():
+            times[case].append(timed(engines[case].generate, requests))
+    return times
+
+
+def compared_rows(times: dict[str, list[float]], images: int, baseline: str,
+                  extra: dict[str, dict] | None = None) -> list[dict]:
+    """A row per case of calls of `images` images: median and fastest call, images/s,
+    and the median over the `baseline` case's (`time_vs_<baseline>`), with the case's
+    `extra` fields; each printed as JSON."""
+    plain = statistics.median(times[baseline])
+    rows = []
+    for case, seconds in times.items():
+        median = statistics.median(seconds)
+        row = {"case": case, "batch": images, **(extra or {}).get(case, {}),
+               "median_s": round(median, 4), "min_s": round(min(seconds), 4),
+               "images_per_s": round(images / median, 3),
+               f"time_vs_{baseline.replace(' ', '_')}": round(median / plain, 3)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def timed(fn, *args) -> float:

@@ -8,24 +8,22 @@ pipeline at strength 1 and through a Fill model.
 
 With `--random-flux`, FLUX.1's architecture with random weights (the folder
 `load.bench_engine` builds), and a Fill model beside it: a random transformer of the same
-configs with the wider input, and links to the FLUX folder's text encoders, VAE, tokenizers
-and scheduler (two full folders would not fit a 64 GB disk). Per batch size each case runs one untimed call, then the cases take turns
-for `--repeats` rounds of one timed call each. Prints and saves JSON (default
-results/fill-<device>-<size>.json): seconds per call, images/s, the fill's time over
-inpainting's, and each transformer's input channels per token. Figures are what this run
-saw.
+configs with the wider input, and links to the FLUX folder's text encoders, VAE,
+tokenizers and scheduler (two full folders would not fit a 64 GB disk). Per batch size
+each case runs one untimed call, then the cases take turns for `--repeats` rounds of one
+timed call each. Prints and saves JSON (default results/fill-<device>-<size>.json):
+seconds per call, images/s, the fill's time over inpainting's, and each transformer's
+input channels per token. Figures are what this run saw.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_engine import add_call_args, model_folder
-from load.bench_kontext import turns
+from load.bench_engine import add_call_args, case_turns, compared_rows, model_folder
 from load.bench_serving import machine
 from load.report import save_report
 
@@ -105,16 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for images in args.batches:
         requests = _requests(args.size, args.steps, images)
-        times = turns(engines, dict.fromkeys(CASES, requests), args.repeats)
-        plain = statistics.median(times["inpaint"])
-        for case in CASES:
-            median = statistics.median(times[case])
-            row = {"case": case, "batch": images, "median_s": round(median, 4),
-                   "min_s": round(min(times[case]), 4),
-                   "images_per_s": round(images / median, 3),
-                   "time_vs_inpaint": round(median / plain, 3)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        times = case_turns(engines, dict.fromkeys(CASES, requests), args.repeats)
+        rows += compared_rows(times, images, "inpaint")
     facts = engines["fill"].describe()
     channels = {case: engine.pipe.transformer.config.in_channels
                 for case, engine in engines.items()}

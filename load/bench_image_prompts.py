@@ -25,7 +25,14 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_engine import GUIDANCE, add_call_args, model_folder, timed
+from load.bench_engine import (
+    GUIDANCE,
+    add_call_args,
+    case_turns,
+    compared_rows,
+    model_folder,
+    timed,
+)
 from load.bench_serving import machine
 from load.report import save_report
 
@@ -76,22 +83,6 @@ def _requests(size: int, steps: int, images: int, prompted: int) -> list:
             for i in range(images)]
 
 
-def _turns(engines: dict, cases: dict[str, list], repeats: int) -> dict[str, list[float]]:
-    """Each case's call times: one untimed call each, then `repeats` rounds of one each."""
-
-    def call(case: str):
-        engine = engines["plain" if case == "no adapter" else "adapter"]
-        return lambda: engine.generate(cases[case])
-
-    for case in cases:
-        call(case)()  # untimed: first-call allocation
-    times: dict[str, list[float]] = {case: [] for case in cases}
-    for _ in range(repeats):
-        for case in cases:
-            times[case].append(timed(call(case)))
-    return times
-
-
 def _encoding_s(engine, request, repeats: int) -> float:
     engine.image_prompts.embed(request.image_prompt)  # untimed
     return statistics.median(timed(engine.image_prompts.embed, request.image_prompt)
@@ -115,20 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
     engines = {"plain": SDXLEngine(model, args.dtype, device),
                "adapter": SDXLEngine(model, args.dtype, device, ip_adapter=(folder, *FILES))}
     rows = []
+    by_case = {case: engines["plain" if case == "no adapter" else "adapter"] for case in CASES}
     for images in args.batches:
         counts = {"no adapter": 0, "none prompted": 0, "half prompted": images // 2,
                   "all prompted": images}
-        times = _turns(engines, {case: _requests(args.size, args.steps, images, counts[case])
-                                 for case in CASES}, args.repeats)
-        plain = statistics.median(times["no adapter"])
-        for case in CASES:
-            median = statistics.median(times[case])
-            row = {"case": case, "batch": images, "prompted": counts[case],
-                   "median_s": round(median, 4), "min_s": round(min(times[case]), 4),
-                   "images_per_s": round(images / median, 3),
-                   "time_vs_no_adapter": round(median / plain, 3)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        times = case_turns(by_case, {case: _requests(args.size, args.steps, images,
+                                                     counts[case]) for case in CASES},
+                           args.repeats)
+        rows += compared_rows(times, images, "no adapter",
+                              {case: {"prompted": n} for case, n in counts.items()})
     adapter = engines["adapter"]
     request = _requests(args.size, args.steps, 1, 1)[0]
     facts = adapter.describe()

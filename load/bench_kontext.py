@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_engine import add_call_args, timed
+from load.bench_engine import add_call_args, case_turns, compared_rows
 from load.bench_serving import machine
 from load.report import save_report
 
@@ -74,18 +73,6 @@ def _requests(size: int, steps: int, images: int, edit: bool) -> list:
     return [replace(base, seed=1 + i) for i in range(images)]
 
 
-def turns(engines: dict, cases: dict[str, list], repeats: int) -> dict[str, list[float]]:
-    """Each case's call times on its engine (`engines` by case): one untimed call each,
-    then `repeats` rounds of one each."""
-    for case, requests in cases.items():
-        engines[case].generate(requests)  # untimed: first-call allocation
-    times: dict[str, list[float]] = {case: [] for case in cases}
-    for _ in range(repeats):
-        for case, requests in cases.items():
-            times[case].append(timed(engines[case].generate, requests))
-    return times
-
-
 def tokens_per_image(engine, request) -> int:
     """The image tokens one transformer step of `request` computes per image."""
     seen = []
@@ -109,18 +96,10 @@ def main(argv: list[str] | None = None) -> dict:
                                args.dtype, resolve_device("auto"))
     rows = []
     for images in args.batches:
-        times = turns(dict.fromkeys(CASES, engine),
-                      {case: _requests(args.size, args.steps, images, case == "edit")
-                       for case in CASES}, args.repeats)
-        plain = statistics.median(times["txt2img"])
-        for case in CASES:
-            median = statistics.median(times[case])
-            row = {"case": case, "batch": images, "median_s": round(median, 4),
-                   "min_s": round(min(times[case]), 4),
-                   "images_per_s": round(images / median, 3),
-                   "time_vs_txt2img": round(median / plain, 3)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        times = case_turns(dict.fromkeys(CASES, engine),
+                           {case: _requests(args.size, args.steps, images, case == "edit")
+                            for case in CASES}, args.repeats)
+        rows += compared_rows(times, images, "txt2img")
     facts = engine.describe()
     tokens = {case: tokens_per_image(engine, _requests(args.size, 1, 1, case == "edit")[0])
               for case in CASES}
