@@ -18,7 +18,31 @@ FLUX_SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640),
               "3:4": (896, 1152), "4:3": (1152, 896), "9:16": (768, 1344), "9:21": (640, 1536)}
 
 
-class FluxInput(LoraInput):
+class _FluxCommon(LoraInput):
+    """The inputs Replicate's FLUX models share: steps, guidance (FLUX's distilled
+    guidance), seed, output format and quality, go_fast and the safety checker's switch."""
+
+    num_inference_steps: int | None = Field(None, ge=1, le=50, description="Denoising steps")
+    guidance: float | None = Field(None, ge=0, le=10, description="Guidance for the process")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
+    output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Image format")
+    output_quality: int = Field(80, ge=0, le=100, description="webp/jpg quality")
+    go_fast: bool = Field(True, description="Accepted; the model's speed settings apply")
+    disable_safety_checker: bool = Field(False, description=(
+        "Skip the model's safety checker (if it has one and lets requests skip it)"))
+
+    def call_args(self) -> dict[str, Any]:
+        """Steps, guidance, and the output format and quality as requests take them."""
+        return {"num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance,
+                "output_format": "jpeg" if self.output_format == "jpg" else self.output_format,
+                "output_quality": max(1, self.output_quality)}
+
+    def field_of(self, arg: str) -> str:
+        return super().field_of({"guidance_scale": "guidance"}.get(arg, arg))
+
+
+class FluxInput(_FluxCommon):
     """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora and the
     LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`); unset
     values take the served model's defaults."""
@@ -37,19 +61,11 @@ class FluxInput(LoraInput):
         "Prompt strength with img2img / inpaint; 1.0 destroys the input image's "
         "information"))
     num_outputs: int = Field(1, ge=1, le=4, description="Number of outputs to generate")
-    num_inference_steps: int | None = Field(None, ge=1, le=50, description="Denoising steps")
-    guidance: float | None = Field(None, ge=0, le=10, description="Guidance for the process")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
-    output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Image format")
-    output_quality: int = Field(80, ge=0, le=100, description="webp/jpg quality")
     extra_lora: str | None = Field(None, description=(
         "A second LoRA (a name from GET /v1/loras or a file URL), stacked on "
         "lora_weights"))
     extra_lora_scale: float | None = Field(None, ge=-4, le=4, description=(
         "Scale of extra_lora"))
-    go_fast: bool = Field(True, description="Accepted; the model's speed settings apply")
-    disable_safety_checker: bool = Field(False, description=(
-        "Skip the model's safety checker (if it has one and lets requests skip it)"))
 
     def request_args(self) -> dict[str, Any]:
         width = height = None
@@ -58,8 +74,7 @@ class FluxInput(LoraInput):
             if self.megapixels == "0.25":
                 width, height = width // 2, height // 2
         return {"width": width, "height": height, "num_outputs": self.num_outputs,
-                "num_inference_steps": self.num_inference_steps,
-                "guidance_scale": self.guidance, **flux_output(self)}
+                **self.call_args()}
 
     def lora_refs(self) -> list[tuple[str, float | None]]:
         extra = [(self.extra_lora, self.extra_lora_scale)] if self.extra_lora else []
@@ -68,10 +83,10 @@ class FluxInput(LoraInput):
     def field_of(self, arg: str) -> str:
         if arg in ("width", "height"):
             return "image" if self.image is not None else "aspect_ratio"
-        return super().field_of({"guidance_scale": "guidance"}.get(arg, arg))
+        return super().field_of(arg)
 
 
-class KontextInput(LoraInput):
+class KontextInput(_FluxCommon):
     """black-forest-labs/flux-kontext-dev's inputs (with flux-kontext-dev-lora's LoRA
     inputs): `input_image` is the reference the prompt edits; unset values take the served
     model's defaults."""
@@ -87,14 +102,6 @@ class KontextInput(LoraInput):
             "Aspect ratio of the output; match_input_image: the input image's, at the "
             "model's default area (no image: the model's default size). Another ratio "
             "crops the input image to it"))
-    num_inference_steps: int | None = Field(None, ge=1, le=50, description="Denoising steps")
-    guidance: float | None = Field(None, ge=0, le=10, description="Guidance for generation")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
-    output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Image format")
-    output_quality: int = Field(80, ge=0, le=100, description="webp/jpg quality")
-    go_fast: bool = Field(True, description="Accepted; the model's speed settings apply")
-    disable_safety_checker: bool = Field(False, description=(
-        "Skip the model's safety checker (if it has one and lets requests skip it)"))
 
     mask: ClassVar[None] = None
     prompt_strength: ClassVar[float] = 1.0  # unused: a reference is not noised
@@ -105,14 +112,12 @@ class KontextInput(LoraInput):
 
     def request_args(self) -> dict[str, Any]:
         width, height = FLUX_SIZES.get(self.aspect_ratio, (None, None))
-        return {"width": width, "height": height, "num_inference_steps": self.num_inference_steps,
-                "guidance_scale": self.guidance, **flux_output(self)}
+        return {"width": width, "height": height, **self.call_args()}
 
     def field_of(self, arg: str) -> str:
         if arg in ("width", "height"):
             return "input_image" if self.aspect_ratio == "match_input_image" else "aspect_ratio"
-        return super().field_of({"guidance_scale": "guidance",
-                                 "image": "input_image"}.get(arg, arg))
+        return super().field_of("input_image" if arg == "image" else arg)
 
 
 # flux-fill-dev's and flux-canny-dev's megapixels: the output's area at the input image's
@@ -121,7 +126,7 @@ class KontextInput(LoraInput):
 FILL_AREAS = {"1": 1024 * 1024, "0.25": 512 * 512, "match_input": INPUT_AREA}
 
 
-class _MegapixelInput(LoraInput):
+class _MegapixelInput(_FluxCommon):
     """The inputs flux-fill-dev and flux-canny-dev share: the output's area at the input
     image's shape, and no prompt strength (every step runs)."""
 
@@ -130,22 +135,15 @@ class _MegapixelInput(LoraInput):
         "Approximate megapixels of the output, at the input image's shape; match_input: its "
         "size (each side a multiple of 16), shrunk to the model's limits if over them"))
     num_outputs: int = Field(1, ge=1, le=4, description="Number of outputs to generate")
-    num_inference_steps: int | None = Field(None, ge=1, le=50, description="Denoising steps")
-    guidance: float | None = Field(None, ge=0, le=50, description="Guidance for generated image")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
-    output_format: Literal["webp", "jpg", "png"] = Field("webp", description="Image format")
-    output_quality: int = Field(80, ge=0, le=100, description="webp/jpg quality")
-    go_fast: bool = Field(True, description="Accepted; the model's speed settings apply")
-    disable_safety_checker: bool = Field(False, description=(
-        "Skip the model's safety checker (if it has one and lets requests skip it)"))
+    guidance: float | None = Field(None, ge=0, le=50, description=(
+        "Guidance for generated image (these models are run at 30)"))
 
     prompt_strength: ClassVar[float] = 1.0  # unused: every step runs
     image_field: ClassVar[str] = "image"  # the input that holds the image
 
     def request_args(self) -> dict[str, Any]:
         return {"width": None, "height": None, "num_outputs": self.num_outputs,
-                "num_inference_steps": self.num_inference_steps,
-                "guidance_scale": self.guidance, **flux_output(self)}
+                **self.call_args()}
 
     def source_area(self) -> int | None:
         return FILL_AREAS[self.megapixels]
@@ -153,8 +151,7 @@ class _MegapixelInput(LoraInput):
     def field_of(self, arg: str) -> str:
         if arg in ("width", "height"):
             return "megapixels" if self.megapixels != "match_input" else self.image_field
-        return super().field_of({"guidance_scale": "guidance",
-                                 "image": self.image_field}.get(arg, arg))
+        return super().field_of(self.image_field if arg == "image" else arg)
 
 
 class FillInput(_MegapixelInput):
@@ -184,9 +181,3 @@ class CannyInput(_MegapixelInput):
     @property
     def image(self) -> str:
         return self.control_image
-
-
-def flux_output(inp: FluxInput | KontextInput | _MegapixelInput) -> dict[str, Any]:
-    """The output format and quality of Replicate's FLUX inputs, as requests take them."""
-    return {"output_format": "jpeg" if inp.output_format == "jpg" else inp.output_format,
-            "output_quality": max(1, inp.output_quality)}
