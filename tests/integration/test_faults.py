@@ -74,8 +74,9 @@ def test_a_request_past_its_deadline_gets_504_and_leaves_its_batch(client):
     assert 1.5 <= elapsed < 3.0
     after = client.post("/generate", json={"model": DEADLINE, "prompt": "y", "seed": 2})
     assert after.status_code == 200
-    # It did not wait for the rest of the abandoned 60 steps, only for the current one.
-    assert float(after.headers["x-atelier-queue-ms"]) < 400
+    # It did not wait for the rest of the abandoned 60 steps (seconds of them: a 1.5 s
+    # deadline leaves most), only for the current one (under a loaded machine's 1 s).
+    assert float(after.headers["x-atelier-queue-ms"]) < 1000
 
 
 def test_predictions_past_capacity_wait_their_turn_instead_of_failing(base_url):
@@ -102,7 +103,7 @@ def test_a_client_that_disconnects_frees_its_batch_place_at_the_next_step(client
     after = client.post("/generate", json={"model": DEADLINE, "prompt": "y", "seed": 4})
     assert after.status_code == 200
     # Sixty steps at 256x256 take several seconds; the next request waited for one step.
-    assert float(after.headers["x-atelier-queue-ms"]) < 400
+    assert float(after.headers["x-atelier-queue-ms"]) < 1000
     assert time.monotonic() - started < 3.0
 
 
