@@ -24,6 +24,7 @@ TINY_FLUX = "tiny-flux"
 TINY_FLUX_KONTEXT = "tiny-flux-kontext"
 TINY_FLUX_FILL = "tiny-flux-fill"
 TINY_FLUX_CANNY = "tiny-flux-canny"
+TINY_FLUX_REDUX = "tiny-flux-redux"
 # Bump when the recipe below changes, so old caches are not reused.
 RECIPE_VERSION = 1
 _SEED = 20261122
@@ -38,7 +39,8 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
                 TINY_SDXL_IP_ADAPTER: _build_tiny_ip_adapter, TINY_FLUX: _build_tiny_flux,
                 TINY_FLUX_KONTEXT: partial(_build_tiny_flux, tool="kontext"),
                 TINY_FLUX_FILL: partial(_build_tiny_flux, tool="fill"),
-                TINY_FLUX_CANNY: partial(_build_tiny_flux, tool="canny")}
+                TINY_FLUX_CANNY: partial(_build_tiny_flux, tool="canny"),
+                TINY_FLUX_REDUX: _build_tiny_redux}
     if name not in builders:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(builders)}")
     return built_once(cache_dir / f"{name}-v{RECIPE_VERSION}", builders[name])
@@ -194,6 +196,13 @@ def _build_tiny_flux(folder: Path, tool: str | None = None) -> None:
     from deployments.tiny_flux import TINY_FLUX_CONFIGS, build_random_flux
 
     build_random_flux(folder, TINY_FLUX_CONFIGS, tool=tool)
+
+
+def _build_tiny_redux(folder: Path) -> None:
+    from deployments.tiny_flux import TINY_FLUX_CONFIGS, TINY_SIGLIP, build_random_redux
+
+    width = TINY_FLUX_CONFIGS["transformer"]["joint_attention_dim"]
+    build_random_redux(folder, TINY_SIGLIP, width)
 
 
 def public_fields(config: dict) -> dict:

@@ -190,3 +190,41 @@ def _kohya_lora(transformer, rank: int) -> dict:
                 sum(m.out_features for m in linears), rank) / rank**0.5
             out[f"{stem}.alpha"] = torch.tensor(rank / 2)
     return out
+
+
+# FLUX.1 Redux's image encoder (google/siglip-so400m-patch14-384's vision tower) at toy
+# size: 8x8 patches, so 64 image tokens per picture where the real one gives 27x27 = 729.
+_REDUX_GAIN = 5.0
+TINY_SIGLIP = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "image_size": 112, "patch_size": 14}
+
+
+def build_random_redux(folder: Path, siglip: dict, txt_in_features: int,
+                       dtype: str = "float32", device: str = "cpu") -> None:
+    """Save a FLUX.1 Redux folder (diffusers' FluxPriorReduxPipeline layout, as
+    black-forest-labs/FLUX.1-Redux-dev ships it) with random weights: a SigLIP vision model
+    of `siglip`, its image processor (a square of the model's image size, mean and spread
+    0.5), and the image embedder projecting each image token to `txt_in_features`, the
+    width of the FLUX transformer's text tokens (its joint_attention_dim). Trained, Redux's
+    tokens are as large as T5's; at random, the projection's output is scaled to about the
+    tiny T5's (mean magnitude near 1), so a picture weighs as much as a prompt."""
+    import torch
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    side = siglip["image_size"]
+    torch.manual_seed(_SEED + 7)
+    with torch.device(device):
+        encoder = SiglipVisionModel(SiglipVisionConfig(**siglip))
+        embedder = ReduxImageEncoder(redux_dim=siglip["hidden_size"],
+                                     txt_in_features=txt_in_features)
+        with torch.no_grad():
+            embedder.redux_down.weight.mul_(_REDUX_GAIN)
+            embedder.redux_down.bias.mul_(_REDUX_GAIN)
+    pipe = FluxPriorReduxPipeline(
+        image_encoder=encoder.to("cpu", getattr(torch, dtype)),
+        feature_extractor=SiglipImageProcessor(size={"height": side, "width": side},
+                                               image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        image_embedder=embedder.to("cpu", getattr(torch, dtype)))
+    pipe.save_pretrained(folder, safe_serialization=True)

@@ -34,7 +34,7 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
     check_flux_kind,
     check_pipeline,
 )
-from serve.steering import ControlNetConfig, IPAdapterConfig
+from serve.steering import ControlNetConfig, IPAdapterConfig, ReduxConfig
 from serve.webhooks import check_secret
 
 __all__ = ["FAMILIES", "SCHEDULERS", "AtelierConfig", "BatchingConfig", "ConfigError",
@@ -121,6 +121,10 @@ class ModelConfig(_Strict):
     ip_adapter: IPAdapterConfig | None = Field(None, description=(
         "SDXL only: an IP-Adapter, for requests' image prompts (`ip_adapter_image`). Unset: "
         "requests with one get 422."))
+    redux: ReduxConfig | None = Field(None, description=(
+        "FLUX only: FLUX.1 Redux, for requests' image prompts (`redux_image`): variations "
+        "of a picture, restyled by the prompt if one is sent. Unset: requests with one get "
+        "422."))
     safety_checker: SafetyCheckerConfig | None = Field(None, description=(
         "Check every output image for NSFW content and withhold the flagged ones (see "
         "SafetyCheckerConfig). Unset: no check."))
@@ -194,6 +198,9 @@ class ModelConfig(_Strict):
             raise ValueError("controlnets: only sdxl models take ControlNets")
         if self.ip_adapter is not None and self.family != "sdxl":
             raise ValueError("ip_adapter: only sdxl models take an IP-Adapter")
+        if self.redux is not None and (self.family != "flux" or self.flux_kind):
+            raise ValueError("redux: only plain flux models (not Kontext, Fill or Canny) take "
+                             "FLUX.1 Redux")
         if self.speed.cfg_cutoff is not None and self.family != "sdxl":
             raise ValueError("speed.cfg_cutoff: only sdxl models use classifier-free guidance")
         self.defaults.check_within(self.limits, self.rules)
@@ -211,6 +218,12 @@ class ModelConfig(_Strict):
     def flux_kind(self) -> Literal["kontext", "fill", "canny"] | None:
         """Which FLUX.1 tool the weights are, if one."""
         return next((tool for tool in FLUX_TOOLS if getattr(self, tool)), None)
+
+    @property
+    def image_prompt_field(self) -> str:
+        """The request field of the model's image prompts: an SDXL model's IP-Adapter reads
+        ip_adapter_image, a FLUX model's Redux redux_image."""
+        return "redux_image" if self.family == "flux" else "ip_adapter_image"
 
     @property
     def rules(self) -> Family:
@@ -345,6 +358,8 @@ class AtelierConfig(_Strict):
                 net.check_files(f"models.{i}.controlnets.{name}")
             if model.ip_adapter is not None:
                 model.ip_adapter.check_files(f"models.{i}.ip_adapter")
+            if model.redux is not None:
+                model.redux.check_files(f"models.{i}.redux")
             if checker is not None and not checker.path.exists():
                 raise ConfigError(f"models.{i}.safety_checker.path: {checker.path} does not "
                                   "exist")
@@ -368,8 +383,9 @@ def default_cache_dir() -> Path:
 
 
 def default_config() -> AtelierConfig:
-    """The embedded default: a tiny random-weight SDXL and a tiny random-weight FLUX,
-    sized for a laptop CPU (the machine's CPUs shared between the two)."""
+    """The embedded default: a tiny random-weight SDXL (with a refiner, a Canny ControlNet
+    and an IP-Adapter) and a tiny random-weight FLUX (with FLUX.1 Redux), sized for a
+    laptop CPU (the machine's CPUs shared between the two)."""
     cpus = max(1, min(4, (os.cpu_count() or 1) // 2))
     limits = LimitsConfig(max_size=1024, max_pixels=1024 * 1024)
     return AtelierConfig(models=[
@@ -381,7 +397,8 @@ def default_config() -> AtelierConfig:
                     dtype="float32", num_cpus=cpus, limits=limits,
                     defaults=DefaultsConfig(width=512, height=512, num_inference_steps=20)),
         ModelConfig(id=DEFAULT_FLUX_ID, aliases=["black-forest-labs/flux-dev"], family="flux",
-                    embedded="tiny-flux", dtype="float32", num_cpus=cpus, limits=limits,
+                    embedded="tiny-flux", redux=ReduxConfig(embedded="tiny-flux-redux"),
+                    dtype="float32", num_cpus=cpus, limits=limits,
                     defaults=DefaultsConfig(width=512, height=512, num_inference_steps=28,
                                             guidance_scale=3))],
         lora_folders=[LoraFolderConfig(embedded="tiny-sdxl-demo", base="sdxl"),

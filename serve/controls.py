@@ -1,13 +1,15 @@
-"""ControlNets' and the IP-Adapter's inputs as the routes take them: the request's fields
-(one ControlNet, or a list), checked against the model's ControlNets, and their control
-images decoded as input images are, at the size to generate, through each ControlNet's
-preprocessing (Canny); an image prompt decoded the same way, at its own size."""
+"""ControlNets' inputs and image prompts (an SDXL model's IP-Adapter's, a FLUX model's
+Redux's) as the routes take them: the request's fields (one ControlNet, or a list), checked
+against the model's ControlNets, and their control images decoded as input images are, at
+the size to generate, through each ControlNet's preprocessing (Canny); an image prompt
+decoded the same way, at its own size."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
@@ -113,20 +115,51 @@ def _control_pixels(params: Sequence[ControlParams], nets: Sequence[tuple[str, C
     return out, w, h
 
 
-async def load_image_prompt(image: str | None, scale: float | None, model: ModelConfig,
-                            fetcher: ImageFetcher, field: str = "ip_adapter_image",
-                            ) -> ImagePrompt | None:
-    """The request's image prompt for the model's IP-Adapter (None: it sends none), read as
-    an input image is and scaled down to IMAGE_PROMPT_SIDE on its shorter side; its scale
-    the adapter's own unless given. 422 on `field` for a model without an IP-Adapter."""
+class ImagePromptParams(NamedTuple):
+    """A request's image prompt as a route reads it: the picture (a data URI, base64, an
+    allowed URL, or a file's bytes), its scale if given, and the field it came in."""
+
+    image: str | bytes | None
+    scale: float | None = None
+    field: str = "ip_adapter_image"
+
+
+_PROMPT_FIELDS = ("ip_adapter_image", "redux_image")
+
+
+def image_prompt_params(params: Any) -> ImagePromptParams:
+    """The image prompt of a route's params, which may send one as ip_adapter_image (for
+    an SDXL model's IP-Adapter, with ip_adapter_scale) or as redux_image (for a FLUX
+    model's Redux); 422 if both."""
+    if params.ip_adapter_image is not None and params.redux_image is not None:
+        raise InvalidField("redux_image", "send one image prompt: ip_adapter_image (SDXL "
+                                          "models) or redux_image (FLUX models)")
+    if params.redux_image is not None:
+        return ImagePromptParams(params.redux_image, None, "redux_image")
+    return ImagePromptParams(params.ip_adapter_image, params.ip_adapter_scale)
+
+
+async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
+                            fetcher: ImageFetcher) -> ImagePrompt | None:
+    """The request's image prompt for the model's IP-Adapter or Redux (None: it sends
+    none), read as an input image is and scaled down to IMAGE_PROMPT_SIDE on its shorter
+    side; its scale the IP-Adapter's own unless given (Redux has none). 422 on its field
+    for a model that
+    reads none, or reads it from the other field."""
+    image, scale, field = given
     if image is None:
         return None
-    if model.ip_adapter is None:
-        raise InvalidField(field, "this model has no IP-Adapter (its config sets none)")
+    reader = model.ip_adapter if model.family == "sdxl" else model.redux
+    if reader is None:
+        raise InvalidField(field, "this model reads no image prompts (its config sets no "
+                                  "IP-Adapter or Redux)")
+    if field in _PROMPT_FIELDS and field != model.image_prompt_field:
+        raise InvalidField(field, "this model reads its image prompt from "
+                                  f"{model.image_prompt_field}")
     data = await fetcher.fetch(image, field, model.limits.max_image_bytes)
     picture = await asyncio.to_thread(_prompt_picture, data, field, model)
     return ImagePrompt(picture.tobytes(), *picture.size,
-                       model.ip_adapter.scale if scale is None else scale)
+                       getattr(reader, "scale", 1.0) if scale is None else scale)
 
 
 def _prompt_picture(data: str | bytes, field: str, model: ModelConfig) -> Image.Image:

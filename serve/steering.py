@@ -1,9 +1,10 @@
-"""The configs of what steers an SDXL model's images from pictures besides its prompt:
-ControlNets (a control image's shapes) and an IP-Adapter (an image prompt), each with the
-check of the files its path must hold."""
+"""The configs of what steers a model's images from pictures besides its prompt: an SDXL
+model's ControlNets (a control image's shapes) and IP-Adapter (an image prompt), and a FLUX
+model's Redux (an image prompt), each with the check of the files its path must hold."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -93,3 +94,35 @@ class IPAdapterConfig(PathOrEmbedded):
         if not (self.encoder_folder(self.path) / "config.json").is_file():
             raise ConfigError(f"{where}.image_encoder: {self.encoder_folder(self.path)} is not "
                               "an image encoder folder (no config.json)")
+
+
+class ReduxConfig(PathOrEmbedded):
+    """FLUX.1 Redux for a FLUX model (black-forest-labs/FLUX.1-Redux-dev, diffusers'
+    FluxPriorReduxPipeline folder): requests may send an image prompt (`redux_image`), a
+    picture the image is a variation of. Its SigLIP encoder and image embedder turn the
+    picture into tokens the transformer reads after the prompt's (729 more for the real
+    encoder's 27x27 patches), so calls with an image prompt batch apart from those
+    without. Without a prompt, the image is a variation of the picture alone; with one,
+    the prompt restyles it. It has no strength setting: the transformer normalises each
+    token, so multiplying the picture's tokens (diffusers' prompt_embeds_scale) barely
+    changes what it draws."""
+
+    path: Path | None = Field(None, description=(
+        "Local FluxPriorReduxPipeline folder: model_index.json, image_encoder (SigLIP), "
+        "feature_extractor and image_embedder. Never fetched."))
+    embedded: Literal["tiny-flux-redux"] | None = Field(None, description=(
+        "Build and use the embedded random-weight Redux of the tiny FLUX."))
+
+    def check_files(self, where: str) -> None:
+        """Raise ConfigError naming `where`.path unless it is a FluxPriorReduxPipeline
+        folder."""
+        if self.path is None:
+            return
+        index = self.path / "model_index.json"
+        try:
+            name = json.loads(index.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        if name != "FluxPriorReduxPipeline":
+            raise ConfigError(f"{where}.path: {self.path} is not a FLUX.1 Redux folder (its "
+                              "model_index.json does not name FluxPriorReduxPipeline)")

@@ -77,7 +77,7 @@ class ControlImage:
 
 @dataclass(frozen=True, eq=False)
 class ImagePrompt:
-    """An IP-Adapter's input: a picture (RGB pixels, its own size, at most
+    """An IP-Adapter's or FLUX.1 Redux's input: a picture (RGB pixels, its own size, at most
     IMAGE_PROMPT_SIDE on its shorter side) whose content and style the image takes on,
     and how strongly."""
 
@@ -111,7 +111,7 @@ class GenerationRequest:
     request_id: str = ""
     source: SourceImage | None = None
     controls: tuple[ControlImage, ...] = ()  # ControlNets steering the image, combined
-    image_prompt: ImagePrompt | None = None  # for the model's IP-Adapter
+    image_prompt: ImagePrompt | None = None  # for the model's IP-Adapter or Redux
     refine: Refine = "no_refiner"
     high_noise_frac: float = 0.8  # expert_ensemble_refiner: where the refiner takes over
     refine_steps: int | None = None  # base_image_refiner: steps (default: the request's)
@@ -152,9 +152,9 @@ class GenerationRequest:
         for control in request.controls:  # the routes name their own fields first
             if control.name not in model.controlnets:
                 raise unknown_controlnet(model, control.name)
-        if request.image_prompt is not None and model.ip_adapter is None:
-            raise InvalidField("ip_adapter_image", "this model has no IP-Adapter (its config "
-                                                   "sets none)")
+        if request.image_prompt is not None and (model.ip_adapter or model.redux) is None:
+            raise InvalidField(model.image_prompt_field, "this model reads no image prompts "
+                                                         "(its config sets no IP-Adapter or Redux)")
         if len(request.controls) > model.limits.max_controlnets:
             raise InvalidField("controlnets", f"at most {model.limits.max_controlnets} "
                                               "ControlNets per request for this model")

@@ -22,18 +22,19 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
     h = hashlib.sha256()
     config = model.model_dump(mode="json", include={"family", "embedded", "variant", "dtype",
                                                     "defaults", "lora_targets", "refiner",
-                                                    "controlnets", "ip_adapter"})
+                                                    "controlnets", "ip_adapter", "redux"})
     h.update(json.dumps(config, sort_keys=True).encode())
     refiner, nets, ip = model.refiner, model.controlnets.values(), model.ip_adapter
+    redux = model.redux
     if model.embedded is not None or (refiner and refiner.embedded) or any(
-            net.embedded for net in nets) or (ip and ip.embedded):
+            net.embedded for net in nets) or (ip and ip.embedded) or (redux and redux.embedded):
         h.update(f"embedded-recipe-{RECIPE_VERSION}".encode())  # built deterministically
     _add_files(h, cache_dir, ((model.path, _read_all), (model.configs_from,
                                                          _READ_WITH_FILE[model.family]),
                               (refiner and refiner.path, _read_all),
                               (refiner and refiner.configs_from, _READ_WITH_FILE["sdxl"]),
                               *((net.path, _read_all) for net in nets),
-                              *_ip_adapter_files(ip)))
+                              *_ip_adapter_files(ip), (redux and redux.path, _read_all)))
     return h.hexdigest()
 
 

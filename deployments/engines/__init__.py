@@ -106,6 +106,16 @@ def ip_adapter_files(model: ModelConfig, cache_dir: Path) -> tuple[Path, str, st
     return folder, adapter.subfolder, adapter.weight_name, adapter.image_encoder
 
 
+def redux_folder(model: ModelConfig, cache_dir: Path) -> Path | None:
+    """The FLUX.1 Redux folder of the model (the embedded one built once), or None."""
+    from deployments.tiny import ensure_embedded
+
+    redux = model.redux
+    if redux is None:
+        return None
+    return redux.path or ensure_embedded(redux.embedded, cache_dir)
+
+
 def create_engine(model: ModelConfig, cache_dir: Path,
                   adapters: dict[str, AdapterEntry] | None) -> Engine:
     """Load the model's pipeline; `adapters` are the catalog entries that fit it."""
@@ -134,5 +144,6 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                   "canny": FluxControlEngine}.get(model.flux_kind, FluxEngine)
         return engine(path, model.dtype, device, model.variant, model.simulate_oom_above_images,
                       adapters, model.max_loaded_adapters, model.max_lora_rank,
-                      model.lora_targets, model.fuse_adapters, model.speed, cache_dir / "compile")
+                      model.lora_targets, model.fuse_adapters, model.speed, cache_dir / "compile",
+                      redux_folder(model, cache_dir))
     raise ValueError(f"no engine for family {model.family!r}")

@@ -13,6 +13,8 @@ denoised (diffusers' FluxKontextPipeline, FluxKontextInpaintPipeline with a mask
 step computes both; its text-to-image is plain FLUX. A Fill model's transformer takes the
 masked image's latents and the mask beside the noise on every step (diffusers'
 FluxFillPipeline): it draws the mask's white part to fit what is kept, and nothing else.
+A FLUX model with FLUX.1 Redux reads image prompts as more prompt tokens
+(`deployments.engines.redux`).
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ from diffusers import (
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine, Prepared
 from deployments.engines.prompts import Embeds
+from deployments.engines.redux import Redux
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
 from serve.model_parts import FAMILIES
-from serve.types import GenerationRequest, SourceImage
+from serve.types import GenerationRequest, ImagePrompt, SourceImage
 
 
 class FluxEngine(DiffusersEngine):
@@ -52,6 +55,7 @@ class FluxEngine(DiffusersEngine):
     denoiser = "transformer"
     parts = ("transformer", "vae", "text_encoder", "text_encoder_2")
     embed_names = ("prompt_embeds", "pooled_prompt_embeds")
+    redux: Redux | None = None  # the model's FLUX.1 Redux, if it has one
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
                  simulate_oom_above_images: int | None = None,
@@ -59,8 +63,11 @@ class FluxEngine(DiffusersEngine):
                  max_lora_rank: int = 64,
                  lora_targets: Sequence[str] = FAMILIES["flux"].lora_targets,
                  fuse_adapters: bool = False, speed: SpeedConfig | None = None,
-                 compile_cache: Path | None = None):
+                 compile_cache: Path | None = None, redux: Path | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
+        if redux is not None:
+            self.redux = Redux(redux, self.dtype, self.device,
+                               self.pipe.transformer.config.joint_attention_dim)
         self.adapters = adapter_store(
             self.pipe.transformer, adapters, max_adapters, max_lora_rank, lora_targets,
             prefix="transformer", reader=partial(FluxPipeline.lora_state_dict,
@@ -69,6 +76,30 @@ class FluxEngine(DiffusersEngine):
         self.speed_up(speed or SpeedConfig(), compile_cache or path / ".compile")
         # T5 reads the tokenizer's length, at most the 512 tokens FLUX was trained on.
         self.max_sequence_length = min(512, self.pipe.tokenizer_2.model_max_length)
+
+    def batch_key(self, request: GenerationRequest) -> tuple:
+        """As every engine's, and apart for requests with a Redux image prompt (more prompt
+        tokens per row)."""
+        return (*super().batch_key(request), request.image_prompt is not None)
+
+    @torch.inference_mode()
+    def prepare(self, request: GenerationRequest) -> tuple[Prepared, bool]:
+        """As every engine's; a Redux image prompt's tokens are appended to the prompt's."""
+        made, held = super().prepare(request)
+        if request.image_prompt is None or self.redux is None:
+            return made, held
+        return made._replace(embeds=self.redux.appended(made.embeds, request.image_prompt)), held
+
+    def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
+        """As every engine's; with Redux, the same calls with an image prompt too (more
+        tokens per step: other kernels, other compiled code)."""
+        super().warm_up(request, max_images)
+        if self.redux is not None and request.image_prompt is None:
+            blank = ImagePrompt(bytes(8 * 8 * 3), 8, 8, 1.0)
+            super().warm_up(replace(request, image_prompt=blank), max_images)
+
+    def describe(self) -> dict:
+        return super().describe() | {"redux": self.redux is not None}
 
     @contextmanager
     def _rows_follow(self, requests: Sequence[GenerationRequest], made: Sequence[Prepared],

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +29,30 @@ from PIL import Image
 
 from deployments.engines.withdrawal import BatchRows
 from serve.types import GenerationRequest, ImagePrompt
+
+
+class HeldEmbeds:
+    """The embeddings of the pictures encoded most recently, by picture: a repeated image
+    prompt skips its encoder. Safe from any thread."""
+
+    def __init__(self, entries: int = 32):
+        self._held: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._entries, self._lock = entries, threading.Lock()
+
+    def get(self, prompt: ImagePrompt,
+            encode: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+        """The picture's embedding: the one held, or `encode`'s, then held."""
+        key = (hashlib.sha256(prompt.rgb).digest(), prompt.width, prompt.height)
+        with self._lock:
+            if key in self._held:
+                self._held.move_to_end(key)
+                return self._held[key]
+        embed = encode(Image.frombytes("RGB", (prompt.width, prompt.height), prompt.rgb))
+        with self._lock:
+            self._held[key] = embed
+            if len(self._held) > self._entries:
+                self._held.popitem(last=False)
+        return embed
 
 
 class ImagePrompts:
@@ -54,8 +78,7 @@ class ImagePrompts:
         # diffusers' unconditional image prompt: zeros, or the encoder's view of a black image.
         blank = Image.new("RGB", (8, 8))
         self.unconditional = self._encode(blank)[1]
-        self._held: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # by picture
-        self._entries, self._lock = entries, threading.Lock()
+        self._held = HeldEmbeds(entries)
 
     def _encode(self, picture: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         return self.pipe.encode_image(picture, self.unet.device, 1, self.hidden_states)
@@ -66,18 +89,7 @@ class ImagePrompts:
         (from any thread), or the one made for the same picture recently."""
         if prompt is None:
             return None
-        key = (hashlib.sha256(prompt.rgb).digest(), prompt.width, prompt.height)
-        with self._lock:
-            if key in self._held:
-                self._held.move_to_end(key)
-                return self._held[key]
-        picture = Image.frombytes("RGB", (prompt.width, prompt.height), prompt.rgb)
-        embed = self._encode(picture)[0]
-        with self._lock:
-            self._held[key] = embed
-            if len(self._held) > self._entries:
-                self._held.popitem(last=False)
-        return embed
+        return self._held.get(prompt, lambda picture: self._encode(picture)[0])
 
     def _scale_rows(self, module, args, values: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (values.ndim - 1)  # rows first: (rows, images, tokens, dim)

@@ -22,6 +22,7 @@ from serve.context import charge_images, client_name, ingress, request_id
 from serve.controls import (
     ControlParams,
     ControlRef,
+    image_prompt_params,
     listed,
     load_controls,
     load_image_prompt,
@@ -57,7 +58,8 @@ class GenerateParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=4000, description="What to draw.")
+    prompt: str = Field("", max_length=4000, description=(
+        "What to draw; required, except with a redux_image (a variation of it alone)."))
     model: str | None = Field(None, description="Model id or alias; default: the first served.")
     negative_prompt: str = Field("", max_length=4000, description="What to steer away from.")
     width: int | None = Field(None, ge=8, description="Multiple of 8 (16 for flux), within limits.")
@@ -113,6 +115,10 @@ class GenerateParams(BaseModel):
     ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
         "How strongly the image prompt steers (0 ignores it); default: the adapter's own "
         "(config)."))
+    redux_image: str | None = Field(None, description=(
+        "FLUX models with FLUX.1 Redux: an image prompt, a picture the output is a "
+        "variation of, restyled by the prompt if one is given (JSON body only; a data URI, "
+        "base64, or an allowed URL; any size)."))
     disable_safety_checker: bool = Field(False, description=(
         "Skip the model's safety checker, if it has one and lets requests skip it."))
     apply_watermark: bool = Field(True, description=(
@@ -171,7 +177,7 @@ _OPENAPI = {
                     "schema": _SCHEMA["properties"][name]}
                    for name in GenerateParams.model_fields
                    if name not in ("loras", "image", "mask", "control_image", "controlnets",
-                                   "ip_adapter_image")],
+                                   "ip_adapter_image", "redux_image")],
     "requestBody": {"required": False, "content": {"application/json": {"schema": _SCHEMA}}},
 }
 
@@ -190,8 +196,11 @@ async def generate(request: Request) -> Response:
             model, state.images)
         controls, width, height = await load_controls(params.control_params(), width, height, model,
                                                       state.images)
-        image_prompt = await load_image_prompt(params.ip_adapter_image,
-                                               params.ip_adapter_scale, model, state.images)
+        if not params.prompt and params.redux_image is None:
+            raise InvalidField("prompt", "say what to draw (only a redux_image may stand in "
+                                         "for a prompt)")
+        image_prompt = await load_image_prompt(image_prompt_params(params), model,
+                                               state.images)
         gen = params.to_request(model, request_id(request), prompt, adapters, source, width,
                                 height, client_name(request), controls, image_prompt)
     except InvalidField as exc:

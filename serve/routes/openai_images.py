@@ -4,7 +4,8 @@
 transparent part, as OpenAI's masks mark it, or its white part for an opaque one; with no
 mask, the image's own transparent part) and `POST
 /v1/images/variations` (multipart: `image`, `model`, `n`, `size`, `response_format`; an
-edit with no prompt).
+edit with no prompt, or on a FLUX model with FLUX.1 Redux, Redux's variation: the image is
+the image prompt of a new picture).
 
 `quality` sets the effort as gpt-image models take it: `low` and `medium` run a third and
 two thirds of the model's default steps; `high`, `auto` and DALL-E 3's `hd` and `standard`
@@ -12,8 +13,8 @@ run them all. Fields OpenAI's newer models take but a diffusion model has no use
 (style, background, moderation, user, ...) are accepted and ignored, so unchanged client
 code keeps working; anything else unknown is a 400 naming the field. The API has no adapter
 field: a `<lora:name:scale>` tag in the prompt applies a catalog adapter, as on
-`/generate`. `seed`, `controlnets`, `ip_adapter_image` and `ip_adapter_scale` (and
-`prompt_strength` for edits) are Atelier extensions, sent with the client's `extra_body`.
+`/generate`. `seed`, `controlnets`, `ip_adapter_image`, `ip_adapter_scale` and
+`redux_image` (and `prompt_strength` for edits) are Atelier extensions, sent with the client's `extra_body`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ from serve.context import (
     ingress,
     request_id,
 )
-from serve.controls import ControlRef, listed, load_controls, load_image_prompt
+from serve.controls import (
+    ControlRef,
+    ImagePromptParams,
+    image_prompt_params,
+    listed,
+    load_controls,
+    load_image_prompt,
+)
 from serve.errors import InvalidField
 from serve.images import load_source
 from serve.routes.openai_stream import stream_images
@@ -79,6 +87,9 @@ class ImageGenerationParams(BaseModel):
         "(an Atelier extension; send it with extra_body)."))
     ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
         "How strongly ip_adapter_image steers; default: the adapter's own."))
+    redux_image: str | None = Field(None, description=(
+        "FLUX models with FLUX.1 Redux: an image prompt, as /generate's redux_image (an "
+        "Atelier extension; send it with extra_body)."))
     quality: Literal["auto", "low", "medium", "high", "hd", "standard"] | None = Field(
         None, description=("low and medium: a third and two thirds of the model's default "
                            "steps; the others: all of them."))
@@ -126,7 +137,8 @@ class ImageEditParams(ImageGenerationParams):
 
 class ImageVariationParams(ImageEditParams):
     """A variation is the image redrawn with no prompt: img2img at `prompt_strength`, each
-    image from its own seed."""
+    image from its own seed; on a FLUX model with FLUX.1 Redux, a new picture with the
+    image as its image prompt, at the requested size (auto: the model's default)."""
 
     prompt: str = Field("", max_length=32000, description=(
         "Optional text to steer the variations (an Atelier extension; send it with "
@@ -171,6 +183,12 @@ async def _edit(request: Request, kind: type[ImageEditParams]) -> dict | Streami
         raise InvalidField("mask", "variations take no mask; send it to /v1/images/edits")
     model = state.router.resolve(params.model)
     width, height = params.dimensions((None, None))
+    if kind is ImageVariationParams and model.redux is not None:
+        if image_prompt_params(params).image is not None:
+            raise InvalidField("redux_image", "a variation's image is its image prompt: send "
+                                              "no other")
+        redux = ImagePromptParams(image, None, "image")
+        return await _generate(state, request, params, model, None, width, height, redux)
     try:
         source, width, height = await load_source(
             image, mask, params.prompt_strength, width, height, model, state.images,
@@ -210,15 +228,16 @@ async def _read_edit(request: Request, kind: type[ImageEditParams],
 
 async def _generate(state: IngressState, request: Request, params: ImageGenerationParams,
                     model: ModelConfig, source: SourceImage | None, width: int | None,
-                    height: int | None) -> dict | StreamingResponse:
+                    height: int | None, prompt_image: ImagePromptParams | None = None,
+                    ) -> dict | StreamingResponse:
     if params.stream and params.n != 1:
         raise InvalidField("n", "a streamed answer carries one image: n must be 1")
     try:
         # Without an input or control image the size is the model's default.
         controls, width, height = await load_controls(listed(params.controlnets), width,
                                                       height, model, state.images)
-        image_prompt = await load_image_prompt(params.ip_adapter_image,
-                                               params.ip_adapter_scale, model, state.images)
+        image_prompt = await load_image_prompt(prompt_image or image_prompt_params(params),
+                                               model, state.images)
         # The OpenAI API has no adapter field: `<lora:name:scale>` tags in the prompt name them.
         prompt, tags = split_prompt_tags(params.prompt)
         gen = GenerationRequest.for_model(

@@ -1,12 +1,14 @@
-"""Replicate's FLUX model inputs: `black-forest-labs/flux-dev`'s, `flux-kontext-dev`'s,
-`flux-fill-dev`'s and `flux-canny-dev`'s, with their LoRA models' LoRA inputs."""
+"""Replicate's FLUX model inputs: `black-forest-labs/flux-dev`'s (with `flux-redux-dev`'s
+image prompt), `flux-kontext-dev`'s, `flux-fill-dev`'s and `flux-canny-dev`'s, with their
+LoRA models' LoRA inputs."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
+from serve.controls import ImagePromptParams
 from serve.images import INPUT_AREA
 from serve.routes.replicate_inputs import LoraInput
 from serve.types import MAX_SEED
@@ -43,11 +45,16 @@ class _FluxCommon(LoraInput):
 
 
 class FluxInput(_FluxCommon):
-    """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora and the
-    LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`); unset
-    values take the served model's defaults."""
+    """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora, the
+    LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`) and
+    flux-redux-dev's `redux_image` (for a model with FLUX.1 Redux, which then needs no
+    prompt); unset values take the served model's defaults."""
 
-    prompt: str = Field(min_length=1, max_length=4000, description="Prompt for generated image")
+    redux_image: str | None = Field(None, description=(
+        "Input image to condition the output on (FLUX.1 Redux): the output is a variation "
+        "of it, restyled by the prompt if one is given; as image takes it"))
+    prompt: str = Field("", max_length=4000, description=(
+        "Prompt for generated image; optional with a redux_image"))
     aspect_ratio: Literal[tuple(FLUX_SIZES)] | None = Field(None, description=(
         "Aspect ratio of the output; unset: the model's default size. Ignored with an "
         "image, whose size the output follows"))
@@ -66,6 +73,16 @@ class FluxInput(_FluxCommon):
         "lora_weights"))
     extra_lora_scale: float | None = Field(None, ge=-4, le=4, description=(
         "Scale of extra_lora"))
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_or_redux(cls, prompt: str, info: ValidationInfo) -> str:
+        if not prompt and info.data.get("redux_image") is None:
+            raise ValueError("a prompt is required (only a redux_image may stand in for one)")
+        return prompt
+
+    def image_prompt(self) -> ImagePromptParams:
+        return ImagePromptParams(self.redux_image, None, "redux_image")
 
     def request_args(self) -> dict[str, Any]:
         width = height = None

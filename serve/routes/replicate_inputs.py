@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from serve.controls import ControlParams
+from serve.controls import ControlParams, ImagePromptParams
 from serve.errors import InvalidField
 from serve.types import MAX_SEED, SCHEDULERS, OutputFormat, Refine
 
@@ -44,9 +44,9 @@ class LoraInput(BaseModel):
         image whose size the output takes, if one)."""
         return True, None
 
-    def image_prompt(self) -> tuple[str | None, float | None]:
-        """The image prompt the input sends for the model's IP-Adapter, and its scale."""
-        return None, None
+    def image_prompt(self) -> ImagePromptParams:
+        """The image prompt the input sends for the model's IP-Adapter or Redux."""
+        return ImagePromptParams(None)
 
     def source_area(self) -> int | None:
         """The output's area in pixels, at the input image's shape, if the input sets it
@@ -171,5 +171,5 @@ class SDXLInput(ControlNetInputs, LoraInput):
                 "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps,
                 "watermark": self.apply_watermark}
 
-    def image_prompt(self) -> tuple[str | None, float | None]:
-        return self.ip_adapter_image, self.ip_adapter_scale
+    def image_prompt(self) -> ImagePromptParams:
+        return ImagePromptParams(self.ip_adapter_image, self.ip_adapter_scale)

@@ -71,7 +71,7 @@ async def to_request(state: IngressState, model_id: str, inp: ReplicateInput,
         if size_from is None:
             made, width, height = await load_controls(controls, width, height, model,
                                                       state.images)
-        image_prompt = await load_image_prompt(*inp.image_prompt(), model, state.images)
+        image_prompt = await load_image_prompt(inp.image_prompt(), model, state.images)
         return GenerationRequest.for_model(
             model, inp.prompt, width=width, height=height, source=source, seed=inp.seed,
             controls=made, image_prompt=image_prompt,

@@ -38,17 +38,22 @@ def parse_input(model: ModelConfig, raw: dict) -> ReplicateInput:
 
 
 _IP_ADAPTER_INPUTS = ("ip_adapter_image", "ip_adapter_scale")
+_REDUX_INPUTS = ("redux_image",)
 
 
 def input_schema(model: ModelConfig) -> dict:
     """The model's input schema; an SDXL model without ControlNets shows no ControlNet
-    inputs, one without an IP-Adapter no image prompt inputs (it refuses them)."""
+    inputs, one without an IP-Adapter and a FLUX model without Redux no image prompt
+    inputs (they refuse them)."""
     schema = input_class(model).model_json_schema()
     hidden: set[str] = set()
     if model.family == "sdxl" and not model.controlnets:
         hidden |= set(ControlNetInputs.model_fields)
     if model.family == "sdxl" and model.ip_adapter is None:
         hidden |= set(_IP_ADAPTER_INPUTS)
+    if input_class(model) is FluxInput and model.redux is None:
+        hidden |= set(_REDUX_INPUTS)  # and the prompt cannot be left out
+        schema["required"] = sorted({*schema.get("required", []), "prompt"})
     schema["properties"] = {name: spec for name, spec in schema["properties"].items()
                             if name not in hidden}
     return schema

@@ -353,7 +353,7 @@ def test_an_image_prompt_is_read_as_an_input_image_and_scaled_down(tmp_path):
     import io
 
     from serve.config import default_config
-    from serve.controls import load_image_prompt
+    from serve.controls import ImagePromptParams, load_image_prompt
     from serve.images import ImageFetcher
 
     model = default_config().models[0]
@@ -362,18 +362,20 @@ def test_an_image_prompt_is_read_as_an_input_image_and_scaled_down(tmp_path):
     data = io.BytesIO()
     big.save(data, "PNG")
     text = base64.b64encode(data.getvalue()).decode()
-    prompt = asyncio.run(load_image_prompt(text, None, model, fetcher))
+    prompt = asyncio.run(load_image_prompt(ImagePromptParams(text), model, fetcher))
     assert (prompt.width, prompt.height, prompt.scale) == (910, 512, model.ip_adapter.scale)
     assert len(prompt.rgb) == 910 * 512 * 3
     small = io.BytesIO()
     DOTS.save(small, "PNG")
     text = base64.b64encode(small.getvalue()).decode()
-    prompt = asyncio.run(load_image_prompt(text, 1.5, model, fetcher))
+    prompt = asyncio.run(load_image_prompt(ImagePromptParams(text, 1.5), model, fetcher))
     assert prompt.rgb == DOTS.tobytes() and prompt.scale == 1.5
-    assert asyncio.run(load_image_prompt(None, 1.0, model, fetcher)) is None
+    assert asyncio.run(load_image_prompt(ImagePromptParams(None, 1.0), model, fetcher)) is None
     flux = default_config().models[1]
-    for bad, field in ((flux, "ip_adapter_image"), (model, "ip_adapter_image")):
+    # A FLUX model reads its image prompt from redux_image, an SDXL one not from there.
+    for bad, field in ((flux, "ip_adapter_image"), (model, "ip_adapter_image"),
+                       (model, "redux_image")):
         with pytest.raises(InvalidField) as refused:
-            asyncio.run(load_image_prompt("not an image" if bad is model else text, None,
-                                          bad, fetcher))
+            image = "not an image" if field == "ip_adapter_image" and bad is model else text
+            asyncio.run(load_image_prompt(ImagePromptParams(image, None, field), bad, fetcher))
         assert refused.value.field == field

@@ -1,0 +1,204 @@
+"""FLUX.1 Redux on the tiny FLUX's engine with the embedded tiny Redux (CPU): the folder is
+diffusers' FluxPriorReduxPipeline layout; an image prompt's images are what diffusers'
+FluxPipeline draws from the prompt's T5 tokens followed by the tokens diffusers' Redux
+modules make of the picture; requests with different pictures share a call, requests
+without one do not; the picture steers and its scale is not used (layer norms undo it); a repeated picture skips the encoder; warm-up, withdrawal,
+the config's checks, and a Redux made for another transformer is refused."""
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deployments.tiny import TINY_FLUX_REDUX, ensure_embedded
+from serve.config import ConfigError, parse_config
+from serve.errors import InvalidField
+from serve.types import GenerationRequest, ImagePrompt
+from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
+
+BASE = GenerationRequest(model="a/flux", prompt="a red shoe on a table", width=128,
+                         height=96, num_inference_steps=6, guidance_scale=3.5, seed=11,
+                         scheduler="FlowMatchEuler")
+
+
+def _picture(seed: int, size=(48, 40)) -> Image.Image:
+    noise = np.random.RandomState(seed).rand(size[1], size[0], 3)
+    return Image.fromarray((noise * 255).astype("uint8"))
+
+
+NOISE, OTHER = _picture(1), _picture(2, (30, 50))
+
+
+def _prompted(picture: Image.Image, scale: float = 1.0, **overrides) -> GenerationRequest:
+    """A request with `picture` as its image prompt (its scale, as an IP-Adapter's)."""
+    return replace(BASE, image_prompt=ImagePrompt(picture.tobytes(), *picture.size, scale),
+                   **overrides)
+
+
+@pytest.fixture(scope="module")
+def redux_path(cache_dir):
+    return ensure_embedded(TINY_FLUX_REDUX, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_flux_path, redux_path):
+    from deployments.engines.flux import FluxEngine
+
+    return FluxEngine(tiny_flux_path, "float32", "cpu", redux=redux_path)
+
+
+def _reference(tiny_flux_path, redux_path, request: GenerationRequest, picture: Image.Image):
+    """diffusers' own: FluxPipeline and FluxPriorReduxPipeline freshly loaded; the prior's
+    encoder and embedder make the picture's tokens, which follow the prompt's T5 tokens (at
+    the tiny tokenizer's length, as the engine reads it), as in Black Forest Labs' code."""
+    from diffusers import FluxPipeline, FluxPriorReduxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux_path)
+    pipe.set_progress_bar_config(disable=True)
+    prior = FluxPriorReduxPipeline.from_pretrained(redux_path)
+    text, pooled, _ = pipe.encode_prompt(prompt=request.prompt, prompt_2=None,
+                                         max_sequence_length=256)
+    tokens = prior.image_embedder(prior.encode_image(picture, "cpu", 1)).image_embeds
+    rows = request.num_outputs
+    return pipe(prompt_embeds=torch.cat([text, tokens], dim=1).repeat(rows, 1, 1),
+                pooled_prompt_embeds=pooled.repeat(rows, 1), width=request.width, height=request.height,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                generator=[torch.Generator().manual_seed(s) for s in request.seeds]).images
+
+
+def test_the_embedded_redux_is_saved_as_black_forest_labs_ships_it(redux_path):
+    index = json.loads((redux_path / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPriorReduxPipeline"
+    assert index["image_encoder"] == ["transformers", "SiglipVisionModel"]
+    assert index["image_embedder"][1] == "ReduxImageEncoder"
+    assert index["feature_extractor"][1].startswith("SiglipImageProcessor")
+    assert (redux_path / "image_encoder" / "model.safetensors").is_file()
+    assert (redux_path / "image_embedder" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_an_image_prompts_images_are_diffusers_own(engine, tiny_flux_path, redux_path):
+    """In one call: two images of one picture with a prompt and one of another picture
+    without, each what diffusers draws for it alone."""
+    batch = [_prompted(NOISE, num_outputs=2), _prompted(OTHER, seed=4, prompt="")]
+    assert len({engine.batch_key(r) for r in batch}) == 1
+    ours = engine.generate(batch)
+    for request, images, picture in zip(batch, ours, (NOISE, OTHER), strict=True):
+        theirs = _reference(tiny_flux_path, redux_path, request, picture)
+        assert len(images) == request.num_outputs
+        for mine, reference in zip(images, theirs, strict=True):
+            assert_same_pixels(mine, reference)
+
+
+def test_the_picture_moves_the_image_and_a_scale_is_not_applied(engine):
+    plain = _px(engine.generate([BASE])[0][0])
+    noise = _px(engine.generate([_prompted(NOISE)])[0][0])
+    other = _px(engine.generate([_prompted(OTHER)])[0][0])
+    assert np.abs(plain - noise).max() >= 6  # not rounding: parts of the image change
+    assert np.abs(noise - other).mean() > 0.1
+    # Without a prompt, the picture alone steers: two pictures, two images.
+    alone = [_px(engine.generate([_prompted(p, prompt="")])[0][0]) for p in (NOISE, OTHER)]
+    assert np.abs(alone[0] - alone[1]).mean() > 0.1
+    assert np.array_equal(_px(engine.generate([_prompted(NOISE, 0.2)])[0][0]), noise)
+
+
+def test_requests_with_an_image_prompt_batch_apart_from_those_without(engine):
+    """A Redux row reads more prompt tokens than a plain one, so they cannot share a call;
+    the image prompt's picture does not part requests."""
+    keys = {engine.batch_key(r) for r in (_prompted(NOISE), _prompted(OTHER, prompt=""))}
+    assert len(keys) == 1
+    assert engine.batch_key(BASE) not in keys
+    with pytest.raises(ValueError, match="equal batch keys"):
+        engine.generate([BASE, _prompted(NOISE)])
+    text = engine.prepare(BASE)[0].embeds[0]
+    prompted = engine.prepare(_prompted(NOISE))[0].embeds[0]
+    assert prompted.shape == (1, text.shape[1] + 64, 32)  # 8x8 SigLIP patches more
+    assert torch.equal(prompted[:, :text.shape[1]], text)
+
+
+def test_a_withdrawn_request_leaves_and_the_others_keep_their_image_prompts(engine):
+    batch = [_prompted(NOISE, num_inference_steps=5),
+             _prompted(OTHER, seed=2, num_outputs=2, num_inference_steps=5),
+             _prompted(OTHER, seed=3, prompt="a green ball", num_inference_steps=5)]
+    untouched, _ = withdrawing(engine, batch, None, engine.pipe.transformer,
+                               lambda a, k: k["hidden_states"].shape[0])
+    out, rows = withdrawing(engine, batch, 2, engine.pipe.transformer,
+                            lambda a, k: (k["hidden_states"].shape[0],
+                                          k["encoder_hidden_states"].shape[0]))
+    assert [len(images) for images in out] == [1, 0, 1]
+    assert rows[:2] == [(4, 4)] * 2 and set(rows[2:]) == {(2, 2)}
+    for kept in (0, 2):
+        assert_same_pixels(out[kept][0], untouched[kept][0])
+
+
+def test_a_repeated_picture_skips_the_encoder_and_warm_up_runs_image_prompted_calls(
+        tiny_flux_path, redux_path):
+    from deployments.engines.flux import FluxEngine
+
+    engine = FluxEngine(tiny_flux_path, "float32", "cpu", redux=redux_path)
+    encoded, tokens = [], []
+    engine.redux.encoder.register_forward_hook(lambda *a: encoded.append(1))
+    engine.pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: tokens.append(k["encoder_hidden_states"].shape[1]), with_kwargs=True)
+    engine.warm_up(replace(BASE, num_inference_steps=2), max_images=2)
+    # Calls of 1 and 2 images, plain (256 tokens) and with an image prompt (64 more).
+    assert tokens == [256] * 4 + [320] * 4 and encoded == [1]
+    first = engine.redux.tokens(_prompted(NOISE).image_prompt)
+    again = engine.redux.tokens(_prompted(NOISE).image_prompt)
+    assert again is first and len(encoded) == 2
+    assert engine.describe()["redux"] is True
+
+
+def test_a_redux_for_another_transformer_is_refused_at_load(tiny_flux_path, tmp_path):
+    from deployments.engines.flux import FluxEngine
+    from deployments.tiny_flux import TINY_SIGLIP, build_random_redux
+
+    build_random_redux(tmp_path / "wide", TINY_SIGLIP, txt_in_features=64)
+    with pytest.raises(ValueError, match="64 wide.*32 wide"):
+        FluxEngine(tiny_flux_path, "float32", "cpu", redux=tmp_path / "wide")
+
+
+def test_the_config_checks_the_redux_folder_and_the_model(tmp_path, redux_path):
+    def config(redux, **model):
+        return parse_config({"models": [{"id": "a/b", "family": "flux",
+                                         "embedded": "tiny-flux", "redux": redux, **model}]})
+
+    config({"path": str(redux_path)}).check_paths()
+    copy = tmp_path / "copy"
+    shutil.copytree(redux_path, copy)
+    (copy / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    with pytest.raises(ConfigError, match=r"models\.0\.redux\.path: .* not a FLUX\.1 Redux"):
+        config({"path": str(copy)}).check_paths()
+    with pytest.raises(ConfigError, match="redux: only plain flux models"):
+        config({"embedded": "tiny-flux-redux"}, embedded="tiny-flux-kontext", kontext=True)
+    with pytest.raises(ConfigError, match="redux: only plain flux models"):
+        parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl",
+                                  "redux": {"embedded": "tiny-flux-redux"}}]})
+    with pytest.raises(ConfigError, match="scale"):  # Redux has none
+        config({"embedded": "tiny-flux-redux", "scale": 0.5})
+    plain = parse_config({"models": [{"id": "a/b", "family": "flux",
+                                      "embedded": "tiny-flux"}]}).models[0]
+    with pytest.raises(InvalidField) as refused:
+        GenerationRequest.for_model(plain, "x", image_prompt=_prompted(NOISE).image_prompt)
+    assert refused.value.field == "redux_image"
+
+
+def test_a_models_version_pins_its_reduxs_weights(tmp_path, redux_path):
+    from serve.config import ModelConfig
+    from serve.versions import version_id
+
+    def version(**redux):
+        return version_id(ModelConfig(id="a/b", family="flux", embedded="tiny-flux",
+                                      redux=redux or None), tmp_path)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(redux_path, copy)
+    weights = copy / "image_embedder" / "diffusion_pytorch_model.safetensors"
+    one = version(path=copy)
+    assert one == version(path=copy)
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    assert len({version(), one, version(path=copy), version(embedded="tiny-flux-redux")}) == 4
