@@ -160,6 +160,14 @@ def _fill_banners(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
             "guidance_scale": 30.0, "seed": _seed(rng)}
 
 
+def _redux_variations(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
+    """Product photos varied with FLUX.1 Redux, no prompt: runs of five variations of one
+    photo, as a shop fills a listing. Replicate's flux-redux-dev defaults (28 steps,
+    guidance 3)."""
+    return {"redux_image": product_photo((i // 5) % len(PRODUCTS)), "width": 1024,
+            "height": 1024, "steps": 28, "guidance_scale": 3.0, "seed": _seed(rng)}
+
+
 PROFILES = {p.name: p for p in (
     Profile("smoke", "64x64, 2 steps: checks the tool and the server end to end (CI)",
             _smoke, 64, 2, slo_s=5.0),
@@ -184,6 +192,9 @@ PROFILES = {p.name: p for p in (
     Profile("fill-banners", "square product photos outpainted into 16:9 banners on a FLUX.1 "
             "Fill model (the transparent sides drawn), 1344x768, 28 steps, guidance 30",
             _fill_banners, 1024, 28, slo_s=90.0),
+    Profile("redux-variations", "product photos varied by a FLUX model with FLUX.1 Redux (no "
+            "prompt), five variations per photo, 1024x1024, 28 steps, guidance 3",
+            _redux_variations, 1024, 28, slo_s=60.0),
 )}
 
 

@@ -23,7 +23,8 @@ Refine = Literal["no_refiner", "expert_ensemble_refiner", "base_image_refiner"]
 REFINER_STRENGTH = 0.3  # base_image_refiner: the refiner's img2img runs int(steps x 0.3)
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 MAX_SEED = 2**32 - 1
-# Image prompts are scaled down to this on their shorter side (their encoders see 224).
+# Image prompts are scaled down to this on their shorter side (their encoders see 224,
+# an IP-Adapter's CLIP, or 384, FLUX.1 Redux's SigLIP).
 IMAGE_PROMPT_SIDE = 512
 
 

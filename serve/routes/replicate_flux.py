@@ -53,7 +53,7 @@ class FluxInput(_FluxCommon):
     redux_image: str | None = Field(None, description=(
         "Input image to condition the output on (FLUX.1 Redux): the output is a variation "
         "of it, restyled by the prompt if one is given; as image takes it"))
-    prompt: str = Field("", max_length=4000, description=(
+    prompt: str = Field("", max_length=4000, validate_default=True, description=(
         "Prompt for generated image; optional with a redux_image"))
     aspect_ratio: Literal[tuple(FLUX_SIZES)] | None = Field(None, description=(
         "Aspect ratio of the output; unset: the model's default size. Ignored with an "

@@ -524,3 +524,44 @@ def test_fill_benchmark_builds_a_random_fill_beside_the_random_flux(tmp_path, mo
     assert (fill / "text_encoder_2").resolve() == (flux / "text_encoder_2").resolve()
     assert report["model"] == "random-flux"
     assert report["input_channels_per_token"] == {"inpaint": 64, "fill": 384}
+
+
+def test_redux_benchmark_times_pictured_calls_beside_plain_ones(tmp_path):
+    out = tmp_path / "redux.json"
+    stdout = _run("load.bench_redux", "--size", "64", "--steps", "2", "--batches", "1", "2",
+                  "--repeats", "2", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert [(r["batch"], r["case"]) for r in report["rows"]] == [
+        (1, "plain"), (1, "redux"), (2, "plain"), (2, "redux")]
+    plain = {r["batch"]: r["median_s"] for r in report["rows"] if r["case"] == "plain"}
+    for r in report["rows"]:
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_s"], rel=0.01)
+        assert r["time_vs_plain"] == pytest.approx(r["median_s"] / plain[r["batch"]],
+                                                   rel=0.01)
+    # The tiny T5 reads 256 tokens; the tiny Redux adds its 8x8 patches.
+    assert report["text_tokens_per_image"] == {"plain": 256, "redux": 320}
+    assert report["encode_s_per_picture"] > 0
+    assert report["model"] == "tiny-flux" and f"saved {out}" in stdout
+
+
+def test_redux_benchmark_builds_a_random_redux_for_the_random_flux(tmp_path, monkeypatch):
+    """The full-size path, at the tiny FLUX's configs and a small SigLIP: the random Redux
+    is built once beside the random FLUX, its tokens as wide as that transformer's."""
+    from deployments.tiny_flux import TINY_FLUX_CONFIGS, TINY_SIGLIP
+    from load import bench_redux
+
+    configs = tmp_path / "small-flux-configs.json"
+    configs.write_text(json.dumps(TINY_FLUX_CONFIGS))
+    monkeypatch.setenv("ATELIER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(bench_redux, "SIGLIP_SO400M", TINY_SIGLIP)
+    report = bench_redux.main(["--random-flux", str(configs), "--size", "32", "--steps", "1",
+                               "--batches", "1", "--repeats", "1",
+                               "--out", str(tmp_path / "out.json")])
+    redux = tmp_path / "cache" / "random-small-flux-redux"
+    assert json.loads((redux / "model_index.json").read_text())["_class_name"] == \
+        "FluxPriorReduxPipeline"
+    embedder = json.loads((redux / "image_embedder" / "config.json").read_text())
+    assert embedder["txt_in_features"] == TINY_FLUX_CONFIGS["transformer"][
+        "joint_attention_dim"]
+    assert report["model"] == "random-flux"
+    assert report["text_tokens_per_image"] == {"plain": 256, "redux": 320}

@@ -162,3 +162,29 @@ def test_a_canny_control_runs_compiled_in_bfloat16_and_keeps_its_seed_batched(ca
     other = np.asarray(engine.generate([_req(3, source=shifted)])[0][0]).astype(int)
     assert alone.shape == (96, 128, 3) and not np.array_equal(alone, other)
     assert np.abs(np.asarray(batched[0][0]).astype(int) - alone).mean() < 2
+
+
+def test_a_redux_image_prompt_runs_compiled_in_bfloat16_and_keeps_its_seed_batched(
+        tiny_flux_path, cache_dir):
+    """FLUX.1 Redux on CUDA, compiled with fused projections: SigLIP and the embedder in
+    bfloat16 on the GPU, their tokens after the prompt's; the picture moves the image, and
+    a request's pixels hardly move when it shares a call."""
+    from deployments.engines.flux import FluxEngine
+    from deployments.tiny import TINY_FLUX_REDUX, ensure_embedded
+    from serve.config import SpeedConfig
+    from serve.types import ImagePrompt
+
+    engine = FluxEngine(tiny_flux_path, "bfloat16", "cuda",
+                        speed=SpeedConfig(fuse_qkv=True, compile=True),
+                        compile_cache=cache_dir / "compile-gpu-redux",
+                        redux=ensure_embedded(TINY_FLUX_REDUX, cache_dir))
+    assert next(engine.redux.encoder.parameters()).dtype == torch.bfloat16
+    picture = np.random.default_rng(2).integers(0, 256, (80, 60, 3), dtype=np.uint8)
+    prompt = ImagePrompt(picture.tobytes(), 60, 80, 1.0)
+    tokens = engine.redux.tokens(prompt)
+    assert tokens.device.type == "cuda" and tokens.shape == (1, 64, 32)
+    plain = np.asarray(engine.generate([_req(3)])[0][0]).astype(int)
+    alone = np.asarray(engine.generate([_req(3, image_prompt=prompt)])[0][0]).astype(int)
+    batched = engine.generate([_req(3, image_prompt=prompt), _req(4, image_prompt=prompt)])
+    assert alone.shape == (96, 128, 3) and not np.array_equal(alone, plain)
+    assert np.abs(np.asarray(batched[0][0]).astype(int) - alone).mean() < 2

@@ -15,7 +15,9 @@ seed 10 and passes that of seed 11;
 its adapters merged into them; `atelier/tiny-flux-kontext` is the embedded tiny FLUX.1
 Kontext, whose input images are references to edit; `atelier/tiny-flux-fill` the embedded
 tiny FLUX.1 Fill, which fills masked images; `atelier/tiny-flux-canny` the embedded tiny
-FLUX.1 Canny, which follows an image's edges. The adapter catalog is the embedded demo set plus
+FLUX.1 Canny, which follows an image's edges; `atelier/tiny-flux-redux` the tiny FLUX with
+the embedded tiny FLUX.1 Redux, which reads image prompts (waiting half a second for
+company). The adapter catalog is the embedded demo set plus
 `bad_adapters` (files that must fail cleanly), `made_adapters` (made with PEFT and saved by
 diffusers, text-encoder parts and metadata alphas) and `named_adapters` (filed by Replicate
 model name). Request bodies over 2 MiB get 413; input images and LoRA files may be
@@ -52,6 +54,7 @@ FLUX = "atelier/tiny-flux"
 KONTEXT = "atelier/tiny-flux-kontext"
 FILL = "atelier/tiny-flux-fill"
 CANNY = "atelier/tiny-flux-canny"
+REDUX = "atelier/tiny-flux-redux"
 CHECKED = "atelier/tiny-sdxl-checked"
 CHECKED_PROMPT = "a scene for the safety checker"
 MAX_BODY_BYTES = 2 * 2**20
@@ -219,7 +222,12 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
         _model(CANNY, 10, family="flux", embedded="tiny-flux-canny", canny=True,
                aliases=["black-forest-labs/flux-canny-dev"],
                defaults={"width": 96, "height": 96, "num_inference_steps": 4,
-                         "guidance_scale": 30})],
+                         "guidance_scale": 30}),
+        _model(REDUX, 500, family="flux", embedded="tiny-flux",
+               redux={"embedded": "tiny-flux-redux"},
+               aliases=["black-forest-labs/flux-redux-dev"],
+               defaults={"width": 64, "height": 64, "num_inference_steps": 4,
+                         "guidance_scale": 3})],
         "lora_folders": [{"embedded": "tiny-sdxl-demo", "base": "sdxl"},
                          {"embedded": "tiny-flux-demo", "base": "flux"},
                          {"path": str(bad_adapters[0]), "base": "sdxl"},
@@ -262,6 +270,14 @@ def rep(base_url):
     import replicate
 
     return replicate.Client(api_token=API_KEY, base_url=base_url)
+
+
+@pytest.fixture
+def oai(base_url):
+    """The official OpenAI client, pointed at the app."""
+    import openai
+
+    return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
 
 
 def post_many(base_url, bodies, path="/generate", lead_s=0.02):

@@ -8,11 +8,9 @@ import io
 
 import httpx
 import numpy as np
-import openai
-import pytest
 from PIL import Image
 
-from tests.integration.conftest import API_KEY, AUTH, CANNY, decode, pixels
+from tests.integration.conftest import AUTH, CANNY, decode, pixels
 
 DRAWING = np.full((64, 96, 3), 128, np.uint8)  # a yellow and a blue box on grey, 96x64
 DRAWING[8:40, 8:48] = (250, 230, 60)
@@ -27,11 +25,6 @@ def _png(array) -> bytes:
 
 def _data_uri(array) -> str:
     return "data:image/png;base64," + base64.b64encode(_png(array)).decode()
-
-
-@pytest.fixture
-def oai(base_url):
-    return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
 
 
 def _generate(client, **body):

@@ -190,15 +190,6 @@ def test_a_lora_and_a_controlnet_steer_one_image_together(client):
     assert_same_pixels(decode(styled["image"]), decode(tagged["image"]))
 
 
-@pytest.fixture
-def oai(base_url):
-    import openai
-
-    from tests.integration.conftest import API_KEY
-
-    return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
-
-
 def test_the_openai_client_sends_controlnets_with_extra_body(oai, client):
     nets = [{"name": "lines", "image": _b64(EDGES), "conditioning_scale": 0.8}]
     made = oai.images.generate(model=FAST, prompt="a product shot",

@@ -13,7 +13,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import API_KEY, AUTH, FILL, decode, pixels
+from tests.integration.conftest import AUTH, FILL, decode, pixels
 
 RNG = np.random.default_rng(15)
 PHOTO = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # 96 wide, 64 high
@@ -35,11 +35,6 @@ def _holed(photo=PHOTO, hole=HOLE) -> bytes:
     """The photo with the hole transparent, as OpenAI's masks and flux-fill-dev's alpha
     masks are made."""
     return _png(np.dstack([photo, 255 - hole]), "RGBA")
-
-
-@pytest.fixture
-def oai(base_url):
-    return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
 
 
 def _generate(client, **body):

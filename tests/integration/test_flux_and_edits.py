@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from tests.integration.conftest import (
-    API_KEY,
     AUTH,
     FAST,
     FLUX,
@@ -30,11 +29,6 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-@pytest.fixture
-def oai(base_url):
-    return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
 
 
 def test_generate_routes_by_model_and_flux_keeps_its_seed_guarantee(client):

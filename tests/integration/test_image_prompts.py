@@ -126,7 +126,8 @@ def test_bad_image_prompts_are_refused_naming_the_field(client, rep, base_url):
 
     cases = [({"model": TWO_REPLICAS, "ip_adapter_image": STYLE}, "ip_adapter_image",
               "no IP-Adapter"),
-             ({"model": FLUX, "ip_adapter_image": STYLE}, "ip_adapter_image", "no IP-Adapter"),
+             ({"model": FLUX, "ip_adapter_image": STYLE}, "ip_adapter_image",
+              "no IP-Adapter or Redux"),
              ({"ip_adapter_image": "bm90IGFuIGltYWdl"}, "ip_adapter_image", ""),
              ({"ip_adapter_image": "http://elsewhere.example/a.png"}, "ip_adapter_image",
               "image_allowed_hosts"),

@@ -8,11 +8,9 @@ import io
 
 import httpx
 import numpy as np
-import openai
-import pytest
 from PIL import Image
 
-from tests.integration.conftest import API_KEY, AUTH, FLUX, KONTEXT, decode, pixels
+from tests.integration.conftest import AUTH, FLUX, KONTEXT, decode, pixels
 
 RNG = np.random.default_rng(12)
 PHOTO = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # 96 wide, 64 high: 3:2
@@ -29,11 +27,6 @@ def _png(array) -> bytes:
 
 def _data_uri(array) -> str:
     return "data:image/png;base64," + base64.b64encode(_png(array)).decode()
-
-
-@pytest.fixture
-def oai(base_url):
-    return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
 
 
 def _generate(client, **body) -> np.ndarray:

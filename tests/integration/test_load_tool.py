@@ -21,6 +21,7 @@ from tests.integration.conftest import (
     FLUX,
     KONTEXT,
     ONE_SLOT,
+    REDUX,
     TWO_REPLICAS,
 )
 
@@ -206,3 +207,22 @@ def test_the_fill_profile_outpaints_each_product_photo_into_five_banners(base_ur
     assert alpha[:, 288:1056].min() == 255  # the photo, kept; the sides, filled
     lv = _level(base_url, tmp_path, "fill-banners", FILL, requests=5, steps=2)
     assert lv["sent"] == lv["succeeded"] == 5 and lv["errors"] == {}
+
+
+def test_the_redux_profile_varies_each_product_photo_five_times_without_a_prompt(
+        base_url, tmp_path):
+    import random
+
+    from load.profiles import PROFILES
+
+    rng = random.Random(0)
+    bodies = [PROFILES["redux-variations"].body(rng, i, []) for i in range(10)]
+    assert all("prompt" not in b for b in bodies)
+    assert len({b["redux_image"] for b in bodies[:5]}) == 1
+    assert bodies[0]["redux_image"] != bodies[5]["redux_image"]
+    assert len({b["seed"] for b in bodies}) == 10
+    lv = _level(base_url, tmp_path, "redux-variations", REDUX, requests=5, steps=2)
+    assert lv["sent"] == lv["succeeded"] == 5 and lv["errors"] == {}
+    # A FLUX model without Redux refuses them, naming the field, before queueing them.
+    lv = _level(base_url, tmp_path, "redux-variations", FLUX, requests=5, steps=2)
+    assert lv["succeeded"] == 0 and lv["errors"] == {"validation": 5}

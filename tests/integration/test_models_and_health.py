@@ -8,6 +8,7 @@ from tests.integration.conftest import (
     FLUX,
     KONTEXT,
     ONE_SLOT,
+    REDUX,
     RESTARTABLE,
     SMALL_MEMORY,
     STALL,
@@ -20,18 +21,21 @@ def test_models_are_listed_in_openai_shape(client):
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == [FAST, BATCHED, ONE_SLOT, TWO_REPLICAS,
                                           RESTARTABLE, DEADLINE, SMALL_MEMORY,
-                                          STALL, CHECKED, FLUX, KONTEXT, FILL, CANNY]
+                                          STALL, CHECKED, FLUX, KONTEXT, FILL, CANNY,
+                                          REDUX]
     first = body["data"][0]
     assert first["object"] == "model" and first["owned_by"] == "atelier"
     assert first["aliases"] == ["stability-ai/sdxl"] and first["limits"]["max_size"] == 512
     assert (first["family"], first["defaults"]["scheduler"]) == ("sdxl", "K_EULER")
-    flux, kontext, fill, canny = body["data"][-4:]
+    flux, kontext, fill, canny, redux = body["data"][-5:]
     assert (flux["family"], flux["aliases"]) == ("flux", ["black-forest-labs/flux-dev"])
     assert flux["defaults"]["scheduler"] == "FlowMatchEuler"
     assert (flux["kontext"], first["kontext"]) == (False, False)
     assert (kontext["family"], kontext["kontext"], kontext["fill"]) == ("flux", True, False)
     assert (fill["family"], fill["kontext"], fill["fill"]) == ("flux", False, True)
     assert (canny["family"], canny["fill"], canny["canny"]) == ("flux", False, True)
+    assert (redux["family"], redux["redux"], flux["redux"]) == ("flux", True, False)
+    assert redux["aliases"] == ["black-forest-labs/flux-redux-dev"]
 
 
 def test_both_official_clients_list_the_same_models(base_url, rep):
@@ -45,7 +49,7 @@ def test_both_official_clients_list_the_same_models(base_url, rep):
     assert [f"{m.owner}/{m.name}" for m in page.results] == listed and page.next is None
     retrieved = oai.models.retrieve("black-forest-labs/flux-dev")  # an alias
     assert (retrieved.id, retrieved.object, retrieved.owned_by) == (FLUX, "model", "atelier")
-    flux = page.results[-4]
+    flux = page.results[-5]
     assert flux.latest_version.id == rep.models.get(FLUX).latest_version.id
     assert "prompt" in flux.latest_version.openapi_schema["components"]["schemas"]["Input"][
         "properties"]
@@ -56,7 +60,8 @@ def test_healthz_reports_every_model_ready(client):
     assert r.status_code == 200
     models = r.json()["models"]
     assert set(models) == {FAST, BATCHED, ONE_SLOT, TWO_REPLICAS, RESTARTABLE,
-                           DEADLINE, SMALL_MEMORY, STALL, CHECKED, FLUX, KONTEXT, FILL, CANNY}
+                           DEADLINE, SMALL_MEMORY, STALL, CHECKED, FLUX, KONTEXT, FILL, CANNY,
+                           REDUX}
     assert all(m["state"] == "ready" for m in models.values())
     assert [models[m]["replicas_running"] for m in (FAST, TWO_REPLICAS)] == [1, 2]
 
@@ -65,4 +70,7 @@ def test_openapi_documents_the_generate_fields(client):
     spec = client.get("/openapi.json").json()
     op = spec["paths"]["/generate"]["post"]
     assert {p["name"] for p in op["parameters"]} >= {"prompt", "width", "height", "steps", "seed"}
-    assert "prompt" in op["requestBody"]["content"]["application/json"]["schema"]["required"]
+    schema = op["requestBody"]["content"]["application/json"]["schema"]
+    # A prompt may be left out only for a redux_image (a 422 on prompt otherwise).
+    assert "prompt" not in schema.get("required", []) and "redux_image" in schema["properties"]
+    assert "redux_image" in schema["properties"]["prompt"]["description"]

@@ -8,12 +8,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import API_KEY, FAST, FLUX, assert_same_pixels, decode, pixels
-
-
-@pytest.fixture
-def oai(base_url):
-    return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
+from tests.integration.conftest import FAST, FLUX, assert_same_pixels, decode, pixels
 
 
 def _png(data: bytes) -> Image.Image:

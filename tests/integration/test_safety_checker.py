@@ -30,11 +30,6 @@ def unchecked(base_url):
     return [decode(b64) for b64 in r.json()["images"]]
 
 
-@pytest.fixture
-def oai(base_url):
-    return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
-
-
 def test_generate_answers_a_flagged_image_black_and_says_which(client, unchecked):
     r = client.post("/generate", json=_BOTH)
     assert r.status_code == 200, r.text

@@ -28,6 +28,7 @@ STEPS = {  # step arguments: the programs each runs
     ("image-prompts",): ["load.bench_image_prompts"],
     ("kontext",): ["load.bench_kontext"],
     ("fill",): ["load.bench_fill"],
+    ("redux",): ["load.bench_redux"],
     ("tests",): ["pytest"],
 }
 

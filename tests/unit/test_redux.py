@@ -202,3 +202,28 @@ def test_a_models_version_pins_its_reduxs_weights(tmp_path, redux_path):
     assert one == version(path=copy)
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     assert len({version(), one, version(path=copy), version(embedded="tiny-flux-redux")}) == 4
+
+
+def test_replicates_flux_input_takes_a_redux_image_in_place_of_a_prompt():
+    from pydantic import ValidationError
+
+    from serve.routes.replicate_flux import FluxInput
+    from serve.routes.replicate_schemas import input_schema
+
+    given = FluxInput.model_validate({"redux_image": "data:image/png;base64,AAAA"})
+    assert given.prompt == "" and tuple(given.image_prompt()) == (
+        "data:image/png;base64,AAAA", None, "redux_image")
+    for bad in ({}, {"prompt": ""}):
+        with pytest.raises(ValidationError) as refused:
+            FluxInput.model_validate({"seed": 1, **bad})
+        assert [e["loc"] for e in refused.value.errors()] == [("prompt",)]
+
+    def schema(**redux):
+        model = parse_config({"models": [{"id": "a/b", "family": "flux",
+                                          "embedded": "tiny-flux", **redux}]}).models[0]
+        return input_schema(model)
+
+    plain, with_redux = schema(), schema(redux={"embedded": "tiny-flux-redux"})
+    assert "redux_image" not in plain["properties"] and "prompt" in plain["required"]
+    assert "redux_image" in with_redux["properties"]
+    assert "prompt" not in with_redux.get("required", [])

@@ -39,3 +39,15 @@ def test_the_commented_models_in_a_shipped_config_are_valid_once_uncommented():
         ("black-forest-labs/flux-kontext-dev", "flux", "kontext", 2.5),
         ("black-forest-labs/flux-fill-dev", "flux", "fill", 30),
         ("black-forest-labs/flux-canny-dev", "flux", "canny", 30)]
+
+
+def test_the_commented_redux_of_the_shipped_flux_model_is_valid_once_uncommented():
+    from serve.config import ModelConfig
+
+    data = yaml.safe_load((ROOT / "serve" / "configs" / "sdxl-flux-gpu.yaml").read_text())
+    flux = next(m for m in data["models"] if m["family"] == "flux")
+    text = (ROOT / "serve" / "configs" / "sdxl-flux-gpu.yaml").read_text()
+    (line,) = [line for line in text.splitlines() if line.startswith("    # redux: ")]
+    model = ModelConfig.model_validate(flux | yaml.safe_load(line.replace("# ", "", 1)))
+    assert (model.id, str(model.redux.path)) == ("black-forest-labs/flux-dev",
+                                                 "/models/flux-redux-dev")

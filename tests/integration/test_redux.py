@@ -1,0 +1,124 @@
+"""FLUX.1 Redux through `/generate`, Replicate's API (flux-redux-dev's input, with the
+official client) and OpenAI's variations (with the official client), on the running app:
+the picture steers the image at the model's size, a prompt-free request is a variation of
+the picture alone, the three APIs give the same pixels, concurrent requests with and
+without an image prompt keep their own pixels, and bad fields are refused in each API's
+shape, naming them."""
+
+import base64
+import io
+
+import numpy as np
+import openai
+import pytest
+import replicate
+from PIL import Image
+
+from tests.integration.conftest import (
+    FAST,
+    FLUX,
+    REDUX,
+    assert_same_pixels,
+    decode,
+    pixels,
+    post_many,
+)
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _noise(seed: int, size=(120, 80)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+PHOTO, OTHER = _png(_noise(1)), _png(_noise(2, (70, 150)))
+PHOTO_B64, OTHER_B64 = (base64.b64encode(p).decode() for p in (PHOTO, OTHER))
+
+
+def _generate(client, **fields) -> Image.Image:
+    r = client.post("/generate", json={"model": REDUX, "seed": 31, **fields})
+    assert r.status_code == 200, r.text
+    return decode(r.json()["image"])
+
+
+def test_the_picture_steers_the_image_with_or_without_a_prompt(client):
+    plain = _generate(client, prompt="a vase")
+    steered = _generate(client, prompt="a vase", redux_image=PHOTO_B64)
+    assert steered.size == plain.size == (64, 64)  # the model's size, not the picture's
+    assert np.abs(pixels(steered) - pixels(plain)).max() >= 6
+    alone = _generate(client, redux_image=PHOTO_B64)  # no prompt: a variation of it
+    other = _generate(client, redux_image=OTHER_B64)
+    assert np.abs(pixels(alone) - pixels(other)).mean() > 0.1
+    assert np.abs(pixels(alone) - pixels(steered)).mean() > 0.5  # the prompt restyles it
+    assert_same_pixels(_generate(client, redux_image=PHOTO_B64), alone)  # seeded
+
+
+def test_replicate_and_openai_clients_get_generates_pixels(client, rep, oai):
+    """flux-redux-dev's input (redux_image alone) through the official client, and an
+    OpenAI variation, are /generate's prompt-free request of the same seed."""
+    alone = _generate(client, redux_image=PHOTO_B64)
+    files = rep.run("black-forest-labs/flux-redux-dev", input={
+        "redux_image": io.BytesIO(PHOTO), "seed": 31, "output_format": "png"})
+    assert len(files) == 1
+    assert_same_pixels(Image.open(io.BytesIO(files[0].read())), alone)
+    made = oai.images.create_variation(model=REDUX, image=("p.png", PHOTO, "image/png"), n=2,
+                                       extra_body={"seed": 31})
+    first, second = (decode(d.b64_json) for d in made.data)
+    assert made.size == "64x64"
+    assert_same_pixels(first, alone)
+    assert_same_pixels(second, _generate(client, redux_image=PHOTO_B64, seed=32))
+    # With a prompt (extra_body), it restyles the picture, as /generate's prompt does.
+    styled = oai.images.create_variation(model=REDUX, image=("p.png", PHOTO, "image/png"),
+                                         extra_body={"seed": 31, "prompt": "a vase"})
+    assert_same_pixels(decode(styled.data[0].b64_json),
+                       _generate(client, prompt="a vase", redux_image=PHOTO_B64))
+
+
+def test_concurrent_requests_with_and_without_a_picture_keep_their_own_pixels(
+        base_url, client):
+    bodies = [{"model": REDUX, "seed": 50 + i, **extra} for i, extra in enumerate(
+        [{"redux_image": PHOTO_B64}, {"prompt": "a chair"},
+         {"redux_image": OTHER_B64, "prompt": "a chair"}, {"redux_image": OTHER_B64}])]
+    alone = [_generate(client, **body) for body in bodies]
+    crowd = post_many(base_url, bodies)
+    assert [r.status_code for r in crowd] == [200] * 4
+    batches = [r.headers["x-atelier-batch-id"] for r in crowd]
+    assert batches[1] not in {batches[0], batches[2], batches[3]}  # fewer prompt tokens
+    assert len(set(batches[0::2] + batches[3:])) == 1  # the 500 ms window gathers them
+    for own, shared in zip(alone, crowd, strict=True):
+        assert_same_pixels(own, decode(shared.json()["image"]))
+
+
+def test_bad_redux_fields_are_refused_naming_the_field(client, rep, oai):
+    cases = [({"model": FAST, "redux_image": PHOTO_B64}, "redux_image",
+              "reads its image prompt from ip_adapter_image"),
+             ({"model": FLUX, "redux_image": PHOTO_B64}, "redux_image", "no IP-Adapter or Redux"),
+             ({"redux_image": PHOTO_B64, "ip_adapter_image": PHOTO_B64}, "redux_image",
+              "one image prompt"),
+             ({"ip_adapter_image": PHOTO_B64}, "ip_adapter_image",
+              "reads its image prompt from redux_image"),
+             ({"redux_image": "bm90IGFuIGltYWdl"}, "redux_image", ""),
+             ({"prompt": ""}, "prompt", "redux_image")]
+    for fields, field, says in cases:
+        r = client.post("/generate", json={"model": REDUX, "prompt": "x", **fields})
+        assert r.status_code == 422, (fields, r.text)
+        detail = r.json()["detail"][0]
+        assert detail["loc"] == ["body", field] and says in detail["msg"], detail
+    with pytest.raises(replicate.exceptions.ReplicateError) as err:
+        rep.run("black-forest-labs/flux-dev", input={"redux_image": io.BytesIO(PHOTO)})
+    assert err.value.status == 422 and "input.redux_image" in str(err.value)
+    with pytest.raises(replicate.exceptions.ReplicateError) as err:
+        rep.run("black-forest-labs/flux-redux-dev", input={"seed": 1})
+    assert err.value.status == 422 and "input.prompt" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as bad:
+        oai.images.create_variation(model=REDUX, image=("p.png", PHOTO, "image/png"),
+                                    extra_body={"redux_image": OTHER_B64})
+    assert bad.value.body["param"] == "redux_image"
+    with pytest.raises(openai.BadRequestError) as bad:
+        oai.images.create_variation(model=REDUX, image=("p.png", b"not an image", "image/png"))
+    assert bad.value.body["param"] == "image"
