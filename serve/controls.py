@@ -122,6 +122,7 @@ class ImagePromptParams(NamedTuple):
     image: str | bytes | None
     scale: float | None = None
     field: str = "ip_adapter_image"
+    downsampling: int | None = None  # FLUX.1 Redux's
 
 
 _PROMPT_FIELDS = ("ip_adapter_image", "redux_image")
@@ -130,12 +131,13 @@ _PROMPT_FIELDS = ("ip_adapter_image", "redux_image")
 def image_prompt_params(params: Any) -> ImagePromptParams:
     """The image prompt of a route's params, which may send one as ip_adapter_image (for
     an SDXL model's IP-Adapter, with ip_adapter_scale) or as redux_image (for a FLUX
-    model's Redux); 422 if both."""
+    model's Redux, with redux_downsampling); 422 if both."""
     if params.ip_adapter_image is not None and params.redux_image is not None:
         raise InvalidField("redux_image", "send one image prompt: ip_adapter_image (SDXL "
                                           "models) or redux_image (FLUX models)")
     if params.redux_image is not None:
-        return ImagePromptParams(params.redux_image, None, "redux_image")
+        return ImagePromptParams(params.redux_image, None, "redux_image",
+                                 params.redux_downsampling)
     return ImagePromptParams(params.ip_adapter_image, params.ip_adapter_scale)
 
 
@@ -143,10 +145,10 @@ async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
                             fetcher: ImageFetcher) -> ImagePrompt | None:
     """The request's image prompt for the model's IP-Adapter or Redux (None: it sends
     none), read as an input image is and scaled down to IMAGE_PROMPT_SIDE on its shorter
-    side; its scale the IP-Adapter's own unless given (Redux has none). 422 on its field
-    for a model that
+    side; its scale the IP-Adapter's own and its downsampling Redux's own unless given.
+    422 on its field for a model that
     reads none, or reads it from the other field."""
-    image, scale, field = given
+    image, scale, field, downsampling = given
     if image is None:
         return None
     reader = model.ip_adapter if model.family == "sdxl" else model.redux
@@ -158,8 +160,11 @@ async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
                                   f"{model.image_prompt_field}")
     data = await fetcher.fetch(image, field, model.limits.max_image_bytes)
     picture = await asyncio.to_thread(_prompt_picture, data, field, model)
-    return ImagePrompt(picture.tobytes(), *picture.size,
-                       getattr(reader, "scale", 1.0) if scale is None else scale)
+    if model.ip_adapter is not None:
+        return ImagePrompt(picture.tobytes(), *picture.size,
+                           model.ip_adapter.scale if scale is None else scale)
+    return ImagePrompt(picture.tobytes(), *picture.size, 1.0,
+                       downsampling or model.redux.downsampling)
 
 
 def _prompt_picture(data: str | bytes, field: str, model: ModelConfig) -> Image.Image:

@@ -103,15 +103,18 @@ class ReduxConfig(PathOrEmbedded):
     picture into tokens the transformer reads after the prompt's (729 more for the real
     encoder's 27x27 patches), so calls with an image prompt batch apart from those
     without. Without a prompt, the image is a variation of the picture alone; with one,
-    the prompt restyles it. It has no strength setting: the transformer normalises each
-    token, so multiplying the picture's tokens (diffusers' prompt_embeds_scale) barely
-    changes what it draws."""
+    the prompt restyles it, the more the fewer picture tokens there are (`downsampling`).
+    """
 
     path: Path | None = Field(None, description=(
         "Local FluxPriorReduxPipeline folder: model_index.json, image_encoder (SigLIP), "
         "feature_extractor and image_embedder. Never fetched."))
     embedded: Literal["tiny-flux-redux"] | None = Field(None, description=(
         "Build and use the embedded random-weight Redux of the tiny FLUX."))
+    downsampling: int = Field(1, ge=1, le=9, description=(
+        "How far the picture's grid of tokens is averaged down when the request does not "
+        "say (its `redux_downsampling`): by 1, all of them (27x27 = 729 for the real "
+        "encoder); by 3, 9x9 = 81 tokens, which weigh less against the prompt's."))
 
     def check_files(self, where: str) -> None:
         """Raise ConfigError naming `where`.path unless it is a FluxPriorReduxPipeline

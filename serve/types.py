@@ -80,12 +80,14 @@ class ControlImage:
 class ImagePrompt:
     """An IP-Adapter's or FLUX.1 Redux's input: a picture (RGB pixels, its own size, at most
     IMAGE_PROMPT_SIDE on its shorter side) whose content and style the image takes on,
-    and how strongly."""
+    and how strongly: an IP-Adapter's `scale`, or the factor by which Redux's grid of
+    picture tokens is averaged down (`downsampling`; 1 keeps them all)."""
 
     rgb: bytes
     width: int
     height: int
     scale: float
+    downsampling: int = 1
 
 
 @dataclass(frozen=True)

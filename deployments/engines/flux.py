@@ -78,9 +78,11 @@ class FluxEngine(DiffusersEngine):
         self.max_sequence_length = min(512, self.pipe.tokenizer_2.model_max_length)
 
     def batch_key(self, request: GenerationRequest) -> tuple:
-        """As every engine's, and apart for requests with a Redux image prompt (more prompt
-        tokens per row)."""
-        return (*super().batch_key(request), request.image_prompt is not None)
+        """As every engine's, and by how many Redux picture tokens follow the prompt's
+        (none without an image prompt): a call's rows have as many tokens each."""
+        prompt, redux = request.image_prompt, self.redux
+        return (*super().batch_key(request),
+                0 if prompt is None or redux is None else redux.count(prompt.downsampling))
 
     @torch.inference_mode()
     def prepare(self, request: GenerationRequest) -> tuple[Prepared, bool]:

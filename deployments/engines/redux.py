@@ -6,9 +6,15 @@ image_encoder, feature_extractor, image_embedder). The tokens are appended to th
 T5 tokens, as the reference code appends them (the prompt's own, an empty one when the
 request has none), so the transformer reads the picture as more prompt. Each request's
 tokens are made ahead of its call and stacked per row like any prompt; a call's rows must
-then have the same number of tokens, so requests with an image prompt batch apart from
-those without. The pictures encoded most recently are kept. An image prompt's scale is
-not used: the transformer normalises each token, so scaled tokens draw nearly the same.
+then have the same number of tokens, so requests batch by how many picture tokens they
+have (none without an image prompt). The pictures encoded most recently are kept.
+
+Redux's tokens form the encoder's grid of patches (27x27 for FLUX.1-Redux-dev's SigLIP).
+A request's `downsampling` k averages the grid down to (side // k)² tokens (area
+averaging, one of the modes of ComfyUI's and InvokeAI's Redux downsampling nodes), so the
+picture weighs less against the prompt. Multiplying the tokens instead (diffusers'
+prompt_embeds_scale) meets the transformer's normalisation of each token: on the tiny
+model, doubling them moved no pixel by more than one level.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import FluxPriorReduxPipeline
 from PIL import Image
 
@@ -39,6 +46,8 @@ class Redux:
         self.encoder = prior.image_encoder.to(device).eval()
         self.embedder = prior.image_embedder.to(device).eval()
         self.processor = prior.feature_extractor
+        config = prior.image_encoder.config
+        self.side = config.image_size // config.patch_size  # the grid of picture tokens
         self.device, self.dtype = device, dtype
         self._held = HeldEmbeds(entries)
 
@@ -54,9 +63,19 @@ class Redux:
         hidden = self.encoder(pixel_values=pixels.to(self.device, self.dtype)).last_hidden_state
         return self.embedder(hidden).image_embeds
 
+    def count(self, downsampling: int) -> int:
+        """How many tokens a picture gives at `downsampling`."""
+        return max(1, self.side // downsampling) ** 2
+
     def appended(self, embeds: tuple[torch.Tensor, torch.Tensor],
                  prompt: ImagePrompt) -> tuple[torch.Tensor, torch.Tensor]:
-        """A request's prompt embeddings (T5 tokens, pooled CLIP) with its picture's tokens
-        after the T5 ones."""
+        """A request's prompt embeddings (T5 tokens, pooled CLIP) with its picture's tokens,
+        averaged down by its `downsampling`, after the T5 ones."""
         text, pooled = embeds
-        return torch.cat([text, self.tokens(prompt).to(text.dtype)], dim=1), pooled
+        tokens = self.tokens(prompt)
+        if prompt.downsampling > 1:
+            side, width = max(1, self.side // prompt.downsampling), tokens.shape[-1]
+            grid = tokens.view(1, self.side, self.side, width).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid.float(), size=(side, side), mode="area")
+            tokens = grid.permute(0, 2, 3, 1).reshape(1, side * side, width)
+        return torch.cat([text, tokens.to(text.dtype)], dim=1), pooled

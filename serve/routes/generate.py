@@ -119,6 +119,9 @@ class GenerateParams(BaseModel):
         "FLUX models with FLUX.1 Redux: an image prompt, a picture the output is a "
         "variation of, restyled by the prompt if one is given (JSON body only; a data URI, "
         "base64, or an allowed URL; any size)."))
+    redux_downsampling: int | None = Field(None, ge=1, le=9, description=(
+        "How far redux_image's grid of tokens is averaged down: 1 keeps all 729, 3 leaves "
+        "81, which weigh less against the prompt; default: the model's Redux's own."))
     disable_safety_checker: bool = Field(False, description=(
         "Skip the model's safety checker, if it has one and lets requests skip it."))
     apply_watermark: bool = Field(True, description=(

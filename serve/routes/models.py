@@ -27,7 +27,7 @@ async def list_models(request: Request) -> dict:
                                     "preprocess": net.preprocess}
                              for name, net in m.controlnets.items()},
              "ip_adapter": m.ip_adapter and {"scale": m.ip_adapter.scale},
-             "redux": m.redux is not None,
+             "redux": m.redux and {"downsampling": m.redux.downsampling},
              "limits": m.limits.model_dump(),
              "defaults": m.defaults.model_dump() | {"scheduler": m.default_scheduler}}
             for m in config.models]

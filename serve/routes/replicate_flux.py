@@ -53,6 +53,9 @@ class FluxInput(_FluxCommon):
     redux_image: str | None = Field(None, description=(
         "Input image to condition the output on (FLUX.1 Redux): the output is a variation "
         "of it, restyled by the prompt if one is given; as image takes it"))
+    redux_downsampling: int | None = Field(None, ge=1, le=9, description=(
+        "How far redux_image's grid of tokens is averaged down (1: all 729; 3: 81, which "
+        "weigh less against the prompt); default: the model's Redux's own"))
     prompt: str = Field("", max_length=4000, validate_default=True, description=(
         "Prompt for generated image; optional with a redux_image"))
     aspect_ratio: Literal[tuple(FLUX_SIZES)] | None = Field(None, description=(
@@ -82,7 +85,8 @@ class FluxInput(_FluxCommon):
         return prompt
 
     def image_prompt(self) -> ImagePromptParams:
-        return ImagePromptParams(self.redux_image, None, "redux_image")
+        return ImagePromptParams(self.redux_image, None, "redux_image",
+                                 self.redux_downsampling)
 
     def request_args(self) -> dict[str, Any]:
         width = height = None

@@ -38,7 +38,7 @@ def parse_input(model: ModelConfig, raw: dict) -> ReplicateInput:
 
 
 _IP_ADAPTER_INPUTS = ("ip_adapter_image", "ip_adapter_scale")
-_REDUX_INPUTS = ("redux_image",)
+_REDUX_INPUTS = ("redux_image", "redux_downsampling")
 
 
 def input_schema(model: ModelConfig) -> dict:

@@ -34,7 +34,8 @@ def test_models_are_listed_in_openai_shape(client):
     assert (kontext["family"], kontext["kontext"], kontext["fill"]) == ("flux", True, False)
     assert (fill["family"], fill["kontext"], fill["fill"]) == ("flux", False, True)
     assert (canny["family"], canny["fill"], canny["canny"]) == ("flux", False, True)
-    assert (redux["family"], redux["redux"], flux["redux"]) == ("flux", True, False)
+    assert (redux["family"], redux["redux"], flux["redux"]) == ("flux", {"downsampling": 1},
+                                                                None)
     assert redux["aliases"] == ["black-forest-labs/flux-redux-dev"]
 
 

@@ -1,7 +1,8 @@
 """FLUX.1 Redux through `/generate`, Replicate's API (flux-redux-dev's input, with the
 official client) and OpenAI's variations (with the official client), on the running app:
 the picture steers the image at the model's size, a prompt-free request is a variation of
-the picture alone, the three APIs give the same pixels, concurrent requests with and
+the picture alone, averaging its tokens down weakens it, the three APIs give the same
+pixels, concurrent requests with and
 without an image prompt keep their own pixels, and bad fields are refused in each API's
 shape, naming them."""
 
@@ -56,6 +57,10 @@ def test_the_picture_steers_the_image_with_or_without_a_prompt(client):
     assert np.abs(pixels(alone) - pixels(other)).mean() > 0.1
     assert np.abs(pixels(alone) - pixels(steered)).mean() > 0.5  # the prompt restyles it
     assert_same_pixels(_generate(client, redux_image=PHOTO_B64), alone)  # seeded
+    # Its 8x8 tokens averaged down to 2x2: the prompt's image moves less.
+    weaker = _generate(client, prompt="a vase", redux_image=PHOTO_B64, redux_downsampling=4)
+    assert 0 < np.abs(pixels(weaker) - pixels(plain)).mean() < np.abs(
+        pixels(steered) - pixels(plain)).mean()
 
 
 def test_replicate_and_openai_clients_get_generates_pixels(client, rep, oai):
@@ -72,11 +77,17 @@ def test_replicate_and_openai_clients_get_generates_pixels(client, rep, oai):
     assert made.size == "64x64"
     assert_same_pixels(first, alone)
     assert_same_pixels(second, _generate(client, redux_image=PHOTO_B64, seed=32))
-    # With a prompt (extra_body), it restyles the picture, as /generate's prompt does.
+    # With a prompt (extra_body), it restyles the picture, as /generate's prompt does;
+    # the downsampling goes along on each API.
     styled = oai.images.create_variation(model=REDUX, image=("p.png", PHOTO, "image/png"),
-                                         extra_body={"seed": 31, "prompt": "a vase"})
-    assert_same_pixels(decode(styled.data[0].b64_json),
-                       _generate(client, prompt="a vase", redux_image=PHOTO_B64))
+                                         extra_body={"seed": 31, "prompt": "a vase",
+                                                     "redux_downsampling": 2})
+    weaker = _generate(client, prompt="a vase", redux_image=PHOTO_B64, redux_downsampling=2)
+    assert_same_pixels(decode(styled.data[0].b64_json), weaker)
+    (file,) = rep.run("black-forest-labs/flux-redux-dev", input={
+        "redux_image": io.BytesIO(PHOTO), "prompt": "a vase", "redux_downsampling": 2,
+        "seed": 31, "output_format": "png"})
+    assert_same_pixels(Image.open(io.BytesIO(file.read())), weaker)
 
 
 def test_concurrent_requests_with_and_without_a_picture_keep_their_own_pixels(
@@ -103,6 +114,7 @@ def test_bad_redux_fields_are_refused_naming_the_field(client, rep, oai):
              ({"ip_adapter_image": PHOTO_B64}, "ip_adapter_image",
               "reads its image prompt from redux_image"),
              ({"redux_image": "bm90IGFuIGltYWdl"}, "redux_image", ""),
+             ({"redux_image": PHOTO_B64, "redux_downsampling": 0}, "redux_downsampling", ""),
              ({"prompt": ""}, "prompt", "redux_image")]
     for fields, field, says in cases:
         r = client.post("/generate", json={"model": REDUX, "prompt": "x", **fields})

@@ -1,8 +1,10 @@
 """FLUX.1 Redux on the tiny FLUX's engine with the embedded tiny Redux (CPU): the folder is
 diffusers' FluxPriorReduxPipeline layout; an image prompt's images are what diffusers'
 FluxPipeline draws from the prompt's T5 tokens followed by the tokens diffusers' Redux
-modules make of the picture; requests with different pictures share a call, requests
-without one do not; the picture steers and its scale is not used (layer norms undo it); a repeated picture skips the encoder; warm-up, withdrawal,
+modules make of the picture (averaged down by its downsampling factor as area pooling
+averages them); requests with different pictures share a call, requests with another
+number of picture tokens do not; the picture steers, less the fewer its tokens, and its
+scale is not used; a repeated picture skips the encoder; warm-up, withdrawal,
 the config's checks, and a Redux made for another transformer is refused."""
 
 import json
@@ -33,10 +35,11 @@ def _picture(seed: int, size=(48, 40)) -> Image.Image:
 NOISE, OTHER = _picture(1), _picture(2, (30, 50))
 
 
-def _prompted(picture: Image.Image, scale: float = 1.0, **overrides) -> GenerationRequest:
+def _prompted(picture: Image.Image, scale: float = 1.0, downsampling: int = 1,
+              **overrides) -> GenerationRequest:
     """A request with `picture` as its image prompt (its scale, as an IP-Adapter's)."""
-    return replace(BASE, image_prompt=ImagePrompt(picture.tobytes(), *picture.size, scale),
-                   **overrides)
+    prompt = ImagePrompt(picture.tobytes(), *picture.size, scale, downsampling)
+    return replace(BASE, image_prompt=prompt, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +54,12 @@ def engine(tiny_flux_path, redux_path):
     return FluxEngine(tiny_flux_path, "float32", "cpu", redux=redux_path)
 
 
-def _reference(tiny_flux_path, redux_path, request: GenerationRequest, picture: Image.Image):
+def _reference(tiny_flux_path, redux_path, request: GenerationRequest, picture: Image.Image,
+               pool: int = 1):
     """diffusers' own: FluxPipeline and FluxPriorReduxPipeline freshly loaded; the prior's
-    encoder and embedder make the picture's tokens, which follow the prompt's T5 tokens (at
-    the tiny tokenizer's length, as the engine reads it), as in Black Forest Labs' code."""
+    encoder and embedder make the picture's tokens (their 8x8 grid mean-pooled in blocks
+    of `pool`), which follow the prompt's T5 tokens (at the tiny tokenizer's length, as the
+    engine reads it), as in Black Forest Labs' code."""
     from diffusers import FluxPipeline, FluxPriorReduxPipeline
 
     pipe = FluxPipeline.from_pretrained(tiny_flux_path)
@@ -63,6 +68,8 @@ def _reference(tiny_flux_path, redux_path, request: GenerationRequest, picture: 
     text, pooled, _ = pipe.encode_prompt(prompt=request.prompt, prompt_2=None,
                                          max_sequence_length=256)
     tokens = prior.image_embedder(prior.encode_image(picture, "cpu", 1)).image_embeds
+    grid = torch.nn.functional.avg_pool2d(tokens.view(1, 8, 8, -1).permute(0, 3, 1, 2), pool)
+    tokens = grid.flatten(2).transpose(1, 2)
     rows = request.num_outputs
     return pipe(prompt_embeds=torch.cat([text, tokens], dim=1).repeat(rows, 1, 1),
                 pooled_prompt_embeds=pooled.repeat(rows, 1), width=request.width, height=request.height,
@@ -83,12 +90,18 @@ def test_the_embedded_redux_is_saved_as_black_forest_labs_ships_it(redux_path):
 
 def test_an_image_prompts_images_are_diffusers_own(engine, tiny_flux_path, redux_path):
     """In one call: two images of one picture with a prompt and one of another picture
-    without, each what diffusers draws for it alone."""
+    without, each what diffusers draws for it alone; and a call of pictures averaged
+    down by 4 (2x2 tokens), as the tokens mean-pooled in 4x4 blocks draw."""
     batch = [_prompted(NOISE, num_outputs=2), _prompted(OTHER, seed=4, prompt="")]
-    assert len({engine.batch_key(r) for r in batch}) == 1
-    ours = engine.generate(batch)
-    for request, images, picture in zip(batch, ours, (NOISE, OTHER), strict=True):
-        theirs = _reference(tiny_flux_path, redux_path, request, picture)
+    pooled = [_prompted(OTHER, downsampling=4), _prompted(NOISE, downsampling=4, seed=2)]
+    assert len({engine.batch_key(r) for r in batch}) == len(
+        {engine.batch_key(r) for r in pooled}) == 1
+    cases = [(request, images, picture, pool) for group, pictures, pool in (
+        (batch, (NOISE, OTHER), 1), (pooled, (OTHER, NOISE), 4))
+        for request, images, picture in zip(group, engine.generate(group), pictures,
+                                            strict=True)]
+    for request, images, picture, pool in cases:
+        theirs = _reference(tiny_flux_path, redux_path, request, picture, pool)
         assert len(images) == request.num_outputs
         for mine, reference in zip(images, theirs, strict=True):
             assert_same_pixels(mine, reference)
@@ -104,14 +117,21 @@ def test_the_picture_moves_the_image_and_a_scale_is_not_applied(engine):
     alone = [_px(engine.generate([_prompted(p, prompt="")])[0][0]) for p in (NOISE, OTHER)]
     assert np.abs(alone[0] - alone[1]).mean() > 0.1
     assert np.array_equal(_px(engine.generate([_prompted(NOISE, 0.2)])[0][0]), noise)
+    # Averaged down, the picture moves the image less, and less again the further.
+    moved = [np.abs(_px(engine.generate([_prompted(NOISE, downsampling=k)])[0][0]) - plain
+                    ).mean() for k in (1, 2, 4, 8)]
+    assert moved == sorted(moved, reverse=True) and moved[-1] < moved[0] / 4
 
 
 def test_requests_with_an_image_prompt_batch_apart_from_those_without(engine):
-    """A Redux row reads more prompt tokens than a plain one, so they cannot share a call;
-    the image prompt's picture does not part requests."""
+    """A Redux row reads more prompt tokens than a plain one, so they cannot share a call,
+    nor rows of different numbers of picture tokens; the picture does not part requests."""
     keys = {engine.batch_key(r) for r in (_prompted(NOISE), _prompted(OTHER, prompt=""))}
     assert len(keys) == 1
     assert engine.batch_key(BASE) not in keys
+    fewer = {engine.batch_key(_prompted(NOISE, downsampling=k)) for k in (3, 4)}
+    assert len(fewer) == 1 and not fewer & keys  # 8 // 3 == 8 // 4: 2x2 tokens each
+    assert engine.prepare(_prompted(NOISE, downsampling=9))[0].embeds[0].shape[1] == 257
     with pytest.raises(ValueError, match="equal batch keys"):
         engine.generate([BASE, _prompted(NOISE)])
     text = engine.prepare(BASE)[0].embeds[0]
@@ -180,6 +200,9 @@ def test_the_config_checks_the_redux_folder_and_the_model(tmp_path, redux_path):
                                   "redux": {"embedded": "tiny-flux-redux"}}]})
     with pytest.raises(ConfigError, match="scale"):  # Redux has none
         config({"embedded": "tiny-flux-redux", "scale": 0.5})
+    with pytest.raises(ConfigError, match="downsampling"):
+        config({"embedded": "tiny-flux-redux", "downsampling": 10})
+    assert config({"embedded": "tiny-flux-redux", "downsampling": 3}).models[0].redux.downsampling == 3
     plain = parse_config({"models": [{"id": "a/b", "family": "flux",
                                       "embedded": "tiny-flux"}]}).models[0]
     with pytest.raises(InvalidField) as refused:
@@ -187,7 +210,7 @@ def test_the_config_checks_the_redux_folder_and_the_model(tmp_path, redux_path):
     assert refused.value.field == "redux_image"
 
 
-def test_a_models_version_pins_its_reduxs_weights(tmp_path, redux_path):
+def test_a_models_version_pins_its_reduxs_weights_and_downsampling(tmp_path, redux_path):
     from serve.config import ModelConfig
     from serve.versions import version_id
 
@@ -201,7 +224,8 @@ def test_a_models_version_pins_its_reduxs_weights(tmp_path, redux_path):
     one = version(path=copy)
     assert one == version(path=copy)
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
-    assert len({version(), one, version(path=copy), version(embedded="tiny-flux-redux")}) == 4
+    assert len({version(), one, version(path=copy), version(embedded="tiny-flux-redux"),
+                version(path=copy, downsampling=3)}) == 5
 
 
 def test_replicates_flux_input_takes_a_redux_image_in_place_of_a_prompt():
@@ -210,9 +234,10 @@ def test_replicates_flux_input_takes_a_redux_image_in_place_of_a_prompt():
     from serve.routes.replicate_flux import FluxInput
     from serve.routes.replicate_schemas import input_schema
 
-    given = FluxInput.model_validate({"redux_image": "data:image/png;base64,AAAA"})
+    given = FluxInput.model_validate({"redux_image": "data:image/png;base64,AAAA",
+                                      "redux_downsampling": 3})
     assert given.prompt == "" and tuple(given.image_prompt()) == (
-        "data:image/png;base64,AAAA", None, "redux_image")
+        "data:image/png;base64,AAAA", None, "redux_image", 3)
     for bad in ({}, {"prompt": ""}):
         with pytest.raises(ValidationError) as refused:
             FluxInput.model_validate({"seed": 1, **bad})
@@ -225,5 +250,5 @@ def test_replicates_flux_input_takes_a_redux_image_in_place_of_a_prompt():
 
     plain, with_redux = schema(), schema(redux={"embedded": "tiny-flux-redux"})
     assert "redux_image" not in plain["properties"] and "prompt" in plain["required"]
-    assert "redux_image" in with_redux["properties"]
+    assert {"redux_image", "redux_downsampling"} <= set(with_redux["properties"])
     assert "prompt" not in with_redux.get("required", [])
