@@ -1,6 +1,7 @@
 """What a FLUX.1 Redux image prompt costs: per batch size, calls of text-to-image on one
-FLUX engine with Redux, without a picture and with one per request (its tokens appended
-to the prompt's), and the time Redux takes to encode one picture.
+FLUX engine with Redux, without a picture, with one per request (its tokens appended to
+the prompt's), and with one averaged down by 3 (`redux_downsampling`: a ninth of the
+tokens), and the time Redux takes to encode one picture.
 
     python -m load.bench_redux                              # tiny FLUX and Redux, CPU
     python -m load.bench_redux --random-flux load/flux-dev-configs.json \\
@@ -29,7 +30,7 @@ from load.bench_engine import add_call_args, case_turns, compared_rows, model_fo
 from load.bench_serving import machine
 from load.report import save_report
 
-CASES = ("plain", "redux")
+CASES = {"plain": None, "redux": 1, "redux-3": 3}  # case → downsampling (None: no picture)
 # google/siglip-so400m-patch14-384's vision tower, which FLUX.1-Redux-dev ships.
 SIGLIP_SO400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
                  "num_attention_heads": 16, "image_size": 384, "patch_size": 14}
@@ -64,8 +65,9 @@ def redux_folder(configs: str | None, cache_dir: Path) -> Path:
     return folder
 
 
-def _requests(size: int, steps: int, images: int, pictured: bool) -> list:
-    """`images` requests (seeds 1, 2, ...), each with a picture of its own if `pictured`."""
+def _requests(size: int, steps: int, images: int, downsampling: int | None) -> list:
+    """`images` requests (seeds 1, 2, ...), each with a picture of its own averaged down by
+    `downsampling` (None: none)."""
     import numpy as np
 
     from serve.types import GenerationRequest, ImagePrompt
@@ -77,7 +79,7 @@ def _requests(size: int, steps: int, images: int, pictured: bool) -> list:
     out = []
     for i in range(images):
         picture = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8).tobytes()
-        prompt = ImagePrompt(picture, 512, 512, 1.0) if pictured else None
+        prompt = downsampling and ImagePrompt(picture, 512, 512, 1.0, downsampling)
         out.append(replace(base, seed=1 + i, image_prompt=prompt))
     return out
 
@@ -93,13 +95,13 @@ def main(argv: list[str] | None = None) -> dict:
                         redux=redux_folder(args.random_flux, cache))
     rows, tokens = [], {}
     for images in args.batches:
-        cases = {case: _requests(args.size, args.steps, images, case == "redux")
-                 for case in CASES}
+        cases = {case: _requests(args.size, args.steps, images, downsampling)
+                 for case, downsampling in CASES.items()}
         tokens = {case: engine.prepare(requests[0])[0].embeds[0].shape[1]
                   for case, requests in cases.items()}  # and the pictures' tokens held
         times = case_turns(dict.fromkeys(CASES, engine), cases, args.repeats)
         rows += compared_rows(times, images, "plain")
-    fresh = _requests(args.size, args.steps, args.repeats + 1, True)
+    fresh = _requests(args.size, args.steps, args.repeats + 1, 1)
     encode = [timed(engine.redux.tokens, r.image_prompt) for r in fresh][1:]  # first: warm
     facts = engine.describe()
     report = {"benchmark": "redux", "size": args.size, "steps": args.steps,
