@@ -10,21 +10,15 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.integration.conftest import AUTH, CANNY, decode, pixels
+from tests.integration.conftest import AUTH, CANNY, decode, pixels, png_bytes
 
 DRAWING = np.full((64, 96, 3), 128, np.uint8)  # a yellow and a blue box on grey, 96x64
 DRAWING[8:40, 8:48] = (250, 230, 60)
 DRAWING[24:60, 56:90] = (20, 20, 200)
 
 
-def _png(array) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _data_uri(array) -> str:
-    return "data:image/png;base64," + base64.b64encode(_png(array)).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(array)).decode()
 
 
 def _generate(client, **body):
@@ -38,11 +32,11 @@ def test_one_drawing_gives_the_same_pixels_through_every_api(rep, client, oai):
     drawn = pixels(decode(r.json()["image"]))
     assert drawn.shape == (64, 96, 3)
     out = rep.run("black-forest-labs/flux-canny-dev", input={
-        "prompt": "two wooden crates", "control_image": io.BytesIO(_png(DRAWING)),
+        "prompt": "two wooden crates", "control_image": io.BytesIO(png_bytes(DRAWING)),
         "megapixels": "match_input", "seed": 5, "output_format": "png"})
     assert isinstance(out, list) and len(out) == 1
     assert np.array_equal(pixels(Image.open(io.BytesIO(out[0].read()))), drawn)
-    resp = oai.images.edit(model=CANNY, image=("d.png", _png(DRAWING), "image/png"),
+    resp = oai.images.edit(model=CANNY, image=("d.png", png_bytes(DRAWING), "image/png"),
                            prompt="two wooden crates", extra_body={"seed": 5})
     assert resp.size == "96x64"
     assert np.array_equal(pixels(decode(resp.data[0].b64_json)), drawn)

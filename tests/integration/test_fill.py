@@ -13,18 +13,12 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import AUTH, FILL, decode, pixels
+from tests.integration.conftest import AUTH, FILL, decode, pixels, png_bytes
 
 RNG = np.random.default_rng(15)
 PHOTO = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # 96 wide, 64 high
 HOLE = np.zeros((64, 96), np.uint8)
 HOLE[16:48, 32:80] = 255  # white: drawn anew
-
-
-def _png(array, mode=None) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def _data_uri(data: bytes) -> str:
@@ -34,7 +28,7 @@ def _data_uri(data: bytes) -> str:
 def _holed(photo=PHOTO, hole=HOLE) -> bytes:
     """The photo with the hole transparent, as OpenAI's masks and flux-fill-dev's alpha
     masks are made."""
-    return _png(np.dstack([photo, 255 - hole]), "RGBA")
+    return png_bytes(np.dstack([photo, 255 - hole]), "RGBA")
 
 
 def _generate(client, **body):
@@ -43,7 +37,7 @@ def _generate(client, **body):
 
 
 def test_one_fill_gives_the_same_pixels_through_every_api(rep, client, oai):
-    r = _generate(client, image=_data_uri(_png(PHOTO)), mask=_data_uri(_png(HOLE)))
+    r = _generate(client, image=_data_uri(png_bytes(PHOTO)), mask=_data_uri(png_bytes(HOLE)))
     assert r.status_code == 200, r.text
     filled = pixels(decode(r.json()["image"]))
     white = HOLE == 255
@@ -54,12 +48,12 @@ def test_one_fill_gives_the_same_pixels_through_every_api(rep, client, oai):
     r = _generate(client, image=_data_uri(_holed()))
     assert np.array_equal(pixels(decode(r.json()["image"])), filled)
     out = rep.run("black-forest-labs/flux-fill-dev", input={
-        "prompt": "a red vase", "image": io.BytesIO(_png(PHOTO)),
-        "mask": io.BytesIO(_png(HOLE)), "megapixels": "match_input", "seed": 5,
+        "prompt": "a red vase", "image": io.BytesIO(png_bytes(PHOTO)),
+        "mask": io.BytesIO(png_bytes(HOLE)), "megapixels": "match_input", "seed": 5,
         "output_format": "png"})
     assert isinstance(out, list) and len(out) == 1  # as flux-fill-dev's: a list
     assert np.array_equal(pixels(Image.open(io.BytesIO(out[0].read()))), filled)
-    resp = oai.images.edit(model=FILL, image=("p.png", _png(PHOTO), "image/png"),
+    resp = oai.images.edit(model=FILL, image=("p.png", png_bytes(PHOTO), "image/png"),
                            mask=("m.png", _holed(), "image/png"), prompt="a red vase",
                            extra_body={"seed": 5})
     assert resp.size == "96x64"
@@ -77,7 +71,7 @@ def test_a_transparent_border_is_outpainted_and_the_picture_kept(client):
     canvas = np.zeros((64, 128, 4), np.uint8)  # a 64x64 picture in the middle of 128 wide
     canvas[:, 32:96, :3] = PHOTO[:, :64]
     canvas[:, 32:96, 3] = 255
-    r = _generate(client, image=_data_uri(_png(canvas, "RGBA")), prompt="a wide beach")
+    r = _generate(client, image=_data_uri(png_bytes(canvas, "RGBA")), prompt="a wide beach")
     assert r.status_code == 200, r.text
     out = pixels(decode(r.json()["image"]))
     assert out.shape == (64, 128, 3)
@@ -102,7 +96,7 @@ def test_what_a_fill_lacks_is_refused_naming_the_field(client, base_url, oai):
     r = _generate(client)
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "image"]
     assert "send an image and a mask" in r.json()["detail"][0]["msg"]
-    r = _generate(client, image=_data_uri(_png(PHOTO)))  # opaque, no mask: nothing to fill
+    r = _generate(client, image=_data_uri(png_bytes(PHOTO)))  # opaque, no mask: nothing to fill
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mask"]
 
     def create(**extra):
@@ -110,9 +104,9 @@ def test_what_a_fill_lacks_is_refused_naming_the_field(client, base_url, oai):
                           headers={**AUTH, "Prefer": "wait"},
                           json={"input": {"prompt": "x", **extra}})
 
-    r = create(mask=_data_uri(_png(HOLE)))
+    r = create(mask=_data_uri(png_bytes(HOLE)))
     assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == "input.image"
-    r = create(image=_data_uri(_png(PHOTO)))
+    r = create(image=_data_uri(png_bytes(PHOTO)))
     assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == "input.mask"
     # One megapixel at the image's 3:2 is over this model's 256x256 pixels.
     r = create(image=_data_uri(_holed()))

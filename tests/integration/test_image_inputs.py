@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import FileServer
-from tests.integration.conftest import AUTH, FAST, decode, pixels, post_many
+from tests.integration.conftest import AUTH, FAST, decode, pixels, png_bytes, post_many
 
 RNG = np.random.default_rng(3)
 PHOTO = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # 96 wide, 64 high
@@ -155,15 +155,9 @@ def test_image_urls_are_fetched_only_from_allowed_hosts(client, base_url, photo_
     assert photo_server.paths == ["/photo.png", "/photo.png", "/missing.png", "/moved"]
 
 
-def _png(array):
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def test_replicate_client_uploads_file_inputs_and_the_url_reads_from_the_store(rep, base_url):
     """The client's default for a file input: POST /v1/files, then send `urls.get`."""
-    photo = _png(PHOTO)
+    photo = png_bytes(PHOTO)
     (kept,) = rep.run(FAST, input={"prompt": "x", "image": io.BytesIO(photo),
                                    "prompt_strength": 0})
     assert np.array_equal(pixels(Image.open(io.BytesIO(kept.read()))), PHOTO.astype(int))
@@ -187,7 +181,7 @@ def _sha256(data):
 def test_files_api_keeps_details_serves_bytes_and_deletes(rep, base_url):
     import replicate
 
-    photo = _png(PHOTO)
+    photo = png_bytes(PHOTO)
     made = rep.files.create(io.BytesIO(photo), filename="shelf photo.png",
                             metadata={"job": 7})
     assert (made.name, made.size, made.metadata) == ("shelf photo.png", len(photo), {"job": 7})

@@ -20,6 +20,7 @@ from tests.integration.conftest import (
     TWO_REPLICAS,
     assert_same_pixels,
     decode,
+    noise,
     pixels,
     post_many,
 )
@@ -31,12 +32,7 @@ def _b64(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _noise(seed: int, size=(80, 120)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-STYLE, OTHER = _b64(_noise(1)), _b64(_noise(2, (200, 90)))
+STYLE, OTHER = _b64(noise(1, (80, 120))), _b64(noise(2, (200, 90)))
 
 
 def _generate(client, **fields):

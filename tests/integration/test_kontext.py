@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.integration.conftest import AUTH, FLUX, KONTEXT, decode, pixels
+from tests.integration.conftest import AUTH, FLUX, KONTEXT, decode, pixels, png_bytes
 
 RNG = np.random.default_rng(12)
 PHOTO = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # 96 wide, 64 high: 3:2
@@ -19,14 +19,8 @@ OTHER = 255 - PHOTO
 EDIT_SIZE = (112, 64)
 
 
-def _png(array) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _data_uri(array) -> str:
-    return "data:image/png;base64," + base64.b64encode(_png(array)).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(array)).decode()
 
 
 def _generate(client, **body) -> np.ndarray:
@@ -41,11 +35,11 @@ def test_one_edit_gives_the_same_pixels_through_every_api(rep, client, oai, base
     assert edited.shape == (EDIT_SIZE[1], EDIT_SIZE[0], 3)
     # As flux-kontext-dev's, the output is one file, not a list.
     png = rep.run("black-forest-labs/flux-kontext-dev", input={
-        "prompt": "make the sky red", "input_image": io.BytesIO(_png(PHOTO)), "seed": 5,
+        "prompt": "make the sky red", "input_image": io.BytesIO(png_bytes(PHOTO)), "seed": 5,
         "output_format": "png"})
     assert not isinstance(png, list)
     assert np.array_equal(pixels(Image.open(io.BytesIO(png.read()))), edited)
-    resp = oai.images.edit(model=KONTEXT, image=("p.png", _png(PHOTO), "image/png"),
+    resp = oai.images.edit(model=KONTEXT, image=("p.png", png_bytes(PHOTO), "image/png"),
                            prompt="make the sky red", extra_body={"seed": 5})
     assert resp.size == "112x64"
     assert np.array_equal(pixels(decode(resp.data[0].b64_json)), edited)

@@ -21,23 +21,13 @@ from tests.integration.conftest import (
     REDUX,
     assert_same_pixels,
     decode,
+    noise,
     pixels,
+    png_bytes,
     post_many,
 )
 
-
-def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _noise(seed: int, size=(120, 80)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-PHOTO, OTHER = _png(_noise(1)), _png(_noise(2, (70, 150)))
+PHOTO, OTHER = png_bytes(noise(1, (120, 80))), png_bytes(noise(2, (70, 150)))
 PHOTO_B64, OTHER_B64 = (base64.b64encode(p).decode() for p in (PHOTO, OTHER))
 
 
