@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +28,7 @@ from serve.controls import (
     load_image_prompt,
 )
 from serve.errors import InvalidField
-from serve.images import load_source
+from serve.images import OUTPAINT_PRESETS, load_source
 from serve.timing import timing_headers
 from serve.types import (
     MAX_SEED,
@@ -51,6 +51,15 @@ class LoraRef(BaseModel):
     name: str = Field(min_length=1, max_length=2048, description=(
         "A name from GET /v1/loras, or a LoRA file's URL on a host in lora_allowed_hosts."))
     scale: float | None = Field(None, ge=-4, le=4, description="Default: the adapter's own.")
+
+
+class OutpaintSides(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    left: int = Field(0, ge=0, le=4096, description="Pixels added on the left.")
+    top: int = Field(0, ge=0, le=4096, description="Pixels added on the top.")
+    right: int = Field(0, ge=0, le=4096, description="Pixels added on the right.")
+    bottom: int = Field(0, ge=0, le=4096, description="Pixels added on the bottom.")
 
 
 class GenerateParams(BaseModel):
@@ -115,6 +124,13 @@ class GenerateParams(BaseModel):
     ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
         "How strongly the image prompt steers (0 ignores it); default: the adapter's own "
         "(config)."))
+    outpaint: OutpaintSides | Literal[tuple(OUTPAINT_PRESETS)] | None = Field(
+        None, description=(
+            "FLUX.1 Fill models (JSON body): set the image on a larger canvas first and draw "
+            "the border too: pixels per side ({left, top, right, bottom}), or one of "
+            "flux-fill-pro's presets (Zoom out 1.5x, Zoom out 2x, Make square, Left / Right "
+            "/ Top / Bottom outpaint). The output takes the canvas's size unless width or "
+            "height are given."))
     redux_image: str | None = Field(None, description=(
         "FLUX models with FLUX.1 Redux: an image prompt, a picture the output is a "
         "variation of, restyled by the prompt if one is given (JSON body only; a data URI, "
@@ -127,6 +143,13 @@ class GenerateParams(BaseModel):
     apply_watermark: bool = Field(True, description=(
         "Mark the images with the model's invisible watermark; false leaves it out where the "
         "model's config lets requests do so."))
+
+    def outpaint_sides(self) -> tuple[int, int, int, int] | str | None:
+        """The outpainting asked for: a preset's name, or pixels per side."""
+        if isinstance(self.outpaint, OutpaintSides):
+            o = self.outpaint
+            return o.left, o.top, o.right, o.bottom
+        return self.outpaint
 
     def control_params(self) -> list[ControlParams]:
         """The request's ControlNets; 422 when it gives them in both forms."""
@@ -180,7 +203,7 @@ _OPENAPI = {
                     "schema": _SCHEMA["properties"][name]}
                    for name in GenerateParams.model_fields
                    if name not in ("loras", "image", "mask", "control_image", "controlnets",
-                                   "ip_adapter_image", "redux_image")],
+                                   "ip_adapter_image", "redux_image", "outpaint")],
     "requestBody": {"required": False, "content": {"application/json": {"schema": _SCHEMA}}},
 }
 
@@ -196,7 +219,7 @@ async def generate(request: Request) -> Response:
         adapters = router_.adapters_for(model, [(r.name, r.scale) for r in params.loras] + tags)
         source, width, height = await load_source(
             params.image, params.mask, params.prompt_strength, params.width, params.height,
-            model, state.images)
+            model, state.images, outpaint=params.outpaint_sides())
         controls, width, height = await load_controls(params.control_params(), width, height, model,
                                                       state.images)
         if not params.prompt and params.redux_image is None:

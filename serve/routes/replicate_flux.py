@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from serve.controls import ImagePromptParams
-from serve.images import INPUT_AREA
+from serve.images import INPUT_AREA, OUTPAINT_PRESETS
 from serve.routes.replicate_inputs import LoraInput
 from serve.types import MAX_SEED
 
@@ -177,8 +177,8 @@ class _MegapixelInput(_FluxCommon):
 
 class FillInput(_MegapixelInput):
     """black-forest-labs/flux-fill-dev's inputs: the image to fill and the mask of the part
-    to draw anew (or the image's own transparent part); unset values take the served
-    model's defaults."""
+    to draw anew (or the image's own transparent part), with flux-fill-pro's outpainting
+    presets; unset values take the served model's defaults."""
 
     image: str = Field(description=(
         "The image to inpaint, as a data URI, base64 or an allowed URL. Can contain an alpha "
@@ -186,6 +186,13 @@ class FillInput(_MegapixelInput):
     mask: str | None = Field(None, description=(
         "A black-and-white image of the image's size: white areas are inpainted, black "
         "kept; optional with an alpha mask in the image"))
+    outpaint: Literal[("None", *OUTPAINT_PRESETS)] = Field("None", description=(
+        "As flux-fill-pro's: set the image on a larger canvas first and draw the border "
+        "too: zoomed out 1.5x or 2x (centred), made square, or half its size added on one "
+        "side"))
+
+    def outpainting(self) -> str | None:
+        return None if self.outpaint == "None" else self.outpaint
 
 
 class CannyInput(_MegapixelInput):

@@ -53,6 +53,10 @@ class LoraInput(BaseModel):
         (flux-fill-dev's megapixels)."""
         return None
 
+    def outpainting(self) -> str | None:
+        """The outpainting preset the input asks for (flux-fill-pro's `outpaint`), if one."""
+        return None
+
 
 _SIZINGS = ("width_height", "input_image", "mask_image", "controlnet_1_image",
             "controlnet_2_image", "controlnet_3_image")

@@ -77,6 +77,26 @@ def test_a_transparent_border_is_outpainted_and_the_picture_kept(client):
     assert out.shape == (64, 128, 3)
     assert np.array_equal(out[:, 32:96], PHOTO[:, :64].astype(int))
     assert np.abs(out[:, :32] - 255).mean() > 20 and np.abs(out[:, 96:] - 255).mean() > 20
+    # `outpaint` makes that canvas here: the same pixels, by the side or by the preset.
+    picture = _data_uri(png_bytes(PHOTO[:, :64]))
+    by_sides = _generate(client, image=picture, prompt="a wide beach",
+                         outpaint={"left": 32, "right": 32})
+    assert np.array_equal(pixels(decode(by_sides.json()["image"])), out)
+    half = _data_uri(png_bytes(PHOTO[16:48, 32:64]))  # 32x32: 2x is 64x64
+    zoomed = pixels(decode(_generate(client, image=half, outpaint="Zoom out 2x").json()[
+        "image"]))
+    assert zoomed.shape == (64, 64, 3)
+    assert np.array_equal(zoomed[16:48, 16:48], PHOTO[16:48, 32:64].astype(int))
+
+
+def test_replicate_takes_flux_fill_pros_outpaint_presets(rep, client):
+    half = png_bytes(PHOTO[16:48, 32:64])
+    (file,) = rep.run("black-forest-labs/flux-fill-dev", input={
+        "prompt": "a red vase", "image": io.BytesIO(half), "outpaint": "Zoom out 2x",
+        "megapixels": "match_input", "seed": 5, "output_format": "png"})
+    direct = _generate(client, image=_data_uri(half), outpaint="Zoom out 2x")
+    assert np.array_equal(pixels(Image.open(io.BytesIO(file.read()))),
+                          pixels(decode(direct.json()["image"])))
 
 
 def test_the_replicate_schema_is_flux_fill_devs(base_url):
@@ -98,6 +118,12 @@ def test_what_a_fill_lacks_is_refused_naming_the_field(client, base_url, oai):
     assert "send an image and a mask" in r.json()["detail"][0]["msg"]
     r = _generate(client, image=_data_uri(png_bytes(PHOTO)))  # opaque, no mask: nothing to fill
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "mask"]
+    for outpaint, model in (("Zoom out 3x", FILL), ({"left": -1}, FILL),
+                            ({"left": 8}, "atelier/tiny-flux")):
+        r = _generate(client, image=_data_uri(png_bytes(PHOTO)), outpaint=outpaint,
+                      model=model)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == [
+            "body", "outpaint"], r.text
 
     def create(**extra):
         return httpx.post(f"{base_url}/v1/models/{FILL}/predictions",
@@ -108,6 +134,8 @@ def test_what_a_fill_lacks_is_refused_naming_the_field(client, base_url, oai):
     assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == "input.image"
     r = create(image=_data_uri(png_bytes(PHOTO)))
     assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == "input.mask"
+    r = create(image=_data_uri(png_bytes(PHOTO)), outpaint="Zoom out 3x")
+    assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == "input.outpaint"
     # One megapixel at the image's 3:2 is over this model's 256x256 pixels.
     r = create(image=_data_uri(_holed()))
     assert r.status_code == 422
