@@ -14,9 +14,10 @@ from typing import Any, NamedTuple
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve.canvases import canny
 from serve.config import ControlNetConfig, ModelConfig
 from serve.errors import InvalidField
-from serve.images import ImageFetcher, canny, open_image, output_size, raw_bytes
+from serve.images import ImageFetcher, open_image, output_size, raw_bytes
 from serve.types import IMAGE_PROMPT_SIDE, ControlImage, ImagePrompt, unknown_controlnet
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from serve.canvases import Sides, canny, canny_thresholds, outpainted
 from serve.config import ModelConfig
 from serve.errors import InvalidField, TooLarge
 from serve.files import output_name
@@ -106,13 +107,11 @@ class ImageFetcher:
         return bytes(data)
 
 
-Sides = tuple[int, int, int, int]  # pixels added on the left, top, right and bottom
-
-
 async def load_source(image: str | bytes | None, mask: str | bytes | None, strength: float,
                       width: int | None, height: int | None, model: ModelConfig,
                       fetcher: ImageFetcher, hole_is_mask: bool = True,
                       area: int | None = None, outpaint: Sides | str | None = None,
+                      edges: tuple[int | None, int | None] = (None, None),
                       ) -> tuple[SourceImage | None, int | None, int | None]:
     """`source_image` for a request on the event loop: URLs read first (this server's own
     files, or allowed hosts), then the decoding done in a worker thread, so that a large image does not hold
@@ -120,12 +119,13 @@ async def load_source(image: str | bytes | None, mask: str | bytes | None, stren
     if image is None and mask is None:
         if outpaint is not None:
             raise InvalidField("outpaint", "outpainting needs an image")
+        canny_thresholds(edges, model)  # refused where they cannot apply
         return None, width, height
     limit = model.limits.max_image_bytes
     image = await fetcher.fetch(image, "image", limit)
     mask = await fetcher.fetch(mask, "mask", limit)
     return await asyncio.to_thread(source_image, image, mask, strength, width, height, model,
-                                   hole_is_mask, area, outpaint)
+                                   hole_is_mask, area, outpaint, edges)
 
 
 def open_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -223,17 +223,6 @@ def area_size(image: Image.Image, area: int, multiple: int,
             max(multiple, round(height) // multiple * multiple))
 
 
-def canny(picture: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
-    """OpenCV's Canny edges of the picture's grey levels, white on black, as RGB: the
-    control images canny ControlNets were trained on (with these thresholds), and FLUX.1
-    Canny's (50 and 200, as Black Forest Labs' API)."""
-    import cv2
-    import numpy as np
-
-    edges = cv2.Canny(np.asarray(picture.convert("L")), low, high)
-    return Image.fromarray(edges).convert("RGB")
-
-
 def raw_bytes(value: str | bytes, field: str, max_bytes: int) -> bytes:
     """Raw bytes (an upload) as they are; a string is a data URI or base64."""
     return value if isinstance(value, bytes) else decode_base64(value, field, max_bytes)
@@ -241,44 +230,11 @@ def raw_bytes(value: str | bytes, field: str, max_bytes: int) -> bytes:
 
 # An `area` of `source_image`: the input's own, shrunk to the model's limits if over them.
 INPUT_AREA = 0
-# Replicate's flux-fill-pro outpainting presets, as fractions of the image's width and
-# height added on its (left, top, right, bottom); "Make square" is worked out per image.
-OUTPAINT_PRESETS = {"Zoom out 1.5x": (0.25, 0.25, 0.25, 0.25),
-                    "Zoom out 2x": (0.5, 0.5, 0.5, 0.5), "Make square": None,
-                    "Left outpaint": (0.5, 0, 0, 0), "Right outpaint": (0, 0, 0.5, 0),
-                    "Top outpaint": (0, 0.5, 0, 0), "Bottom outpaint": (0, 0, 0, 0.5)}
-def outpaint_sides(preset: str, width: int, height: int) -> Sides:
-    """The pixels an OUTPAINT_PRESETS preset adds around an image of `width` x `height`:
-    zooming out by 1.5 or 2 centres it on a canvas that much larger each way, a side's
-    outpaint adds half the image's size there, and "Make square" pads its shorter side
-    to the longer one's length, centred."""
-    if preset == "Make square":
-        wide, tall = max(0, height - width), max(0, width - height)
-        return wide // 2, tall // 2, wide - wide // 2, tall - tall // 2
-    left, top, right, bottom = OUTPAINT_PRESETS[preset]
-    return (round(left * width), round(top * height), round(right * width),
-            round(bottom * height))
-
-
-def expanded(picture: Image.Image, grey: Image.Image | None,
-             sides: Sides) -> tuple[Image.Image, Image.Image]:
-    """The picture on a canvas `sides` larger (left, top, right, bottom), and the mask of
-    the canvas: white on the added border (drawn anew), the picture's own mask (or black:
-    kept) inside it."""
-    left, top, right, bottom = sides
-    size = (picture.width + left + right, picture.height + top + bottom)
-    canvas, mask = Image.new("RGB", size, (255, 255, 255)), Image.new("L", size, 255)
-    canvas.paste(picture, (left, top))
-    mask.paste(grey if grey is not None else Image.new("L", picture.size, 0), (left, top))
-    return canvas, mask
-# FLUX.1 Canny's edge thresholds (Black Forest Labs' API defaults).
-CANNY_THRESHOLDS = (50, 200)
-
-
 def source_image(image: str | bytes | None, mask: str | bytes | None, strength: float,
                  width: int | None, height: int | None, model: ModelConfig,
                  hole_is_mask: bool = True, area: int | None = None,
                  outpaint: Sides | str | None = None,
+                 edges: tuple[int | None, int | None] = (None, None),
                  ) -> tuple[SourceImage | None, int | None, int | None]:
     """Decode the `image` (and `mask`) of a request for `model`; return them at the size to
     generate, with that width and height (for no image: None and the size as given): the
@@ -290,7 +246,7 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     it. A Fill model's mask part is drawn anew (strength 1), and with `outpaint` (pixels
     per side, or an OUTPAINT_PRESETS name) the image is first set on a larger canvas whose
     border is drawn too; a Canny model's image gives its Canny edges, found at the
-    output's size."""
+    output's size with the `edges` thresholds (low, high; None: CANNY_THRESHOLDS')."""
     if image is None:
         if mask is not None:
             raise InvalidField("mask", "a mask needs an image")
@@ -299,13 +255,14 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     if mask is not None and model.canny:
         raise InvalidField("mask", "this model takes no mask: it draws the whole image, "
                                    "following the edges of the one sent")
+    thresholds = canny_thresholds(edges, model)
     picture, grey = open_with_hole(raw_bytes(image, "image", nbytes), "image", nbytes, npixels)
     if mask is not None:
         grey = open_mask(raw_bytes(mask, "mask", nbytes), "mask", picture, nbytes, npixels)
     elif not hole_is_mask or model.canny:
         grey = None
     if outpaint is not None:
-        picture, grey = _outpainted(picture, grey, outpaint, model)
+        picture, grey = outpainted(picture, grey, outpaint, model)
     multiple = model.rules.size_multiple
     if model.kontext and width is None and height is None and area is None:
         area = model.defaults.width * model.defaults.height  # the input's shape at it
@@ -324,21 +281,8 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
 
     picture = sized(picture, Image.Resampling.LANCZOS)
     if model.canny:  # the edges at the output's size
-        return SourceImage(canny(picture, *CANNY_THRESHOLDS).tobytes(), 1.0, control=True), w, h
+        return SourceImage(canny(picture, *thresholds).tobytes(), 1.0, control=True), w, h
     grey = None if grey is None else sized(grey, Image.Resampling.NEAREST)
     return SourceImage(picture.tobytes(), 1.0 if edit or model.fill else strength,
                        None if grey is None else grey.tobytes(), edit=edit), w, h
 
-
-def _outpainted(picture: Image.Image, grey: Image.Image | None, outpaint: Sides | str,
-                model: ModelConfig) -> tuple[Image.Image, Image.Image]:
-    """`expanded` for a Fill model; 422 on outpaint for another model or a canvas over the
-    model's input-pixel limit."""
-    if not model.fill:
-        raise InvalidField("outpaint", "only FLUX.1 Fill models outpaint (fill: true)")
-    sides = outpaint_sides(outpaint, *picture.size) if isinstance(outpaint, str) else outpaint
-    width, height = picture.width + sides[0] + sides[2], picture.height + sides[1] + sides[3]
-    if width * height > model.limits.max_image_pixels:
-        raise InvalidField("outpaint", f"the canvas would be {width}x{height}, over this "
-                                       f"model's {model.limits.max_image_pixels} input pixels")
-    return expanded(picture, grey, sides)

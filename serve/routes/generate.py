@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve.adapters import AdapterSet, split_prompt_tags
+from serve.canvases import OUTPAINT_PRESETS
 from serve.config import ModelConfig
 from serve.context import charge_images, client_name, ingress, request_id
 from serve.controls import (
@@ -28,7 +29,7 @@ from serve.controls import (
     load_image_prompt,
 )
 from serve.errors import InvalidField
-from serve.images import OUTPAINT_PRESETS, load_source
+from serve.images import load_source
 from serve.timing import timing_headers
 from serve.types import (
     MAX_SEED,
@@ -131,6 +132,12 @@ class GenerateParams(BaseModel):
             "flux-fill-pro's presets (Zoom out 1.5x, Zoom out 2x, Make square, Left / Right "
             "/ Top / Bottom outpaint). The output takes the canvas's size unless width or "
             "height are given."))
+    canny_low_threshold: int | None = Field(None, ge=0, le=500, description=(
+        "FLUX.1 Canny models: gradients under it are never edges (OpenCV's Canny; default "
+        "50, as Black Forest Labs' API)."))
+    canny_high_threshold: int | None = Field(None, ge=0, le=500, description=(
+        "Gradients over it are always edges, those between the two where they join one "
+        "(default 200); higher thresholds find fewer edges."))
     redux_image: str | None = Field(None, description=(
         "FLUX models with FLUX.1 Redux: an image prompt, a picture the output is a "
         "variation of, restyled by the prompt if one is given (JSON body only; a data URI, "
@@ -219,7 +226,8 @@ async def generate(request: Request) -> Response:
         adapters = router_.adapters_for(model, [(r.name, r.scale) for r in params.loras] + tags)
         source, width, height = await load_source(
             params.image, params.mask, params.prompt_strength, params.width, params.height,
-            model, state.images, outpaint=params.outpaint_sides())
+            model, state.images, outpaint=params.outpaint_sides(),
+            edges=(params.canny_low_threshold, params.canny_high_threshold))
         controls, width, height = await load_controls(params.control_params(), width, height, model,
                                                       state.images)
         if not params.prompt and params.redux_image is None:

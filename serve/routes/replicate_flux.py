@@ -8,8 +8,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from serve.canvases import OUTPAINT_PRESETS
 from serve.controls import ImagePromptParams
-from serve.images import INPUT_AREA, OUTPAINT_PRESETS
+from serve.images import INPUT_AREA
 from serve.routes.replicate_inputs import LoraInput
 from serve.types import MAX_SEED
 
@@ -197,14 +198,23 @@ class FillInput(_MegapixelInput):
 
 class CannyInput(_MegapixelInput):
     """black-forest-labs/flux-canny-dev's inputs: the control image whose Canny edges the
-    output follows; unset values take the served model's defaults."""
+    output follows, with the thresholds of Black Forest Labs' Canny API; unset values take
+    the served model's defaults."""
 
     control_image: str = Field(description=(
         "Image whose Canny edges (found here) the output follows, as a data URI, base64 or "
         "an allowed URL"))
 
+    canny_low_threshold: int | None = Field(None, ge=0, le=500, description=(
+        "Gradients under it are never edges (default 50, as Black Forest Labs' API)"))
+    canny_high_threshold: int | None = Field(None, ge=0, le=500, description=(
+        "Gradients over it are always edges (default 200); higher thresholds find fewer"))
+
     mask: ClassVar[None] = None
     image_field: ClassVar[str] = "control_image"
+
+    def edge_thresholds(self) -> tuple[int | None, int | None]:
+        return self.canny_low_threshold, self.canny_high_threshold
 
     @property
     def image(self) -> str:

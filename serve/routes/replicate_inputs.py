@@ -57,6 +57,10 @@ class LoraInput(BaseModel):
         """The outpainting preset the input asks for (flux-fill-pro's `outpaint`), if one."""
         return None
 
+    def edge_thresholds(self) -> tuple[int | None, int | None]:
+        """The Canny thresholds (low, high) the input sets, if any."""
+        return None, None
+
 
 _SIZINGS = ("width_height", "input_image", "mask_image", "controlnet_1_image",
             "controlnet_2_image", "controlnet_3_image")

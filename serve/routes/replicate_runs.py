@@ -67,7 +67,7 @@ async def to_request(state: IngressState, model_id: str, inp: ReplicateInput,
                                                       state.images, size_from)
         source, width, height = await load_source(
             inp.image, inp.mask, inp.prompt_strength, width, height, model, state.images,
-            area=inp.source_area(), outpaint=inp.outpainting())
+            area=inp.source_area(), outpaint=inp.outpainting(), edges=inp.edge_thresholds())
         if size_from is None:
             made, width, height = await load_controls(controls, width, height, model,
                                                       state.images)

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.integration.conftest import AUTH, CANNY, decode, pixels, png_bytes
+from tests.integration.conftest import AUTH, CANNY, decode, noise, pixels, png_bytes
 
 DRAWING = np.full((64, 96, 3), 128, np.uint8)  # a yellow and a blue box on grey, 96x64
 DRAWING[8:40, 8:48] = (250, 230, 60)
@@ -49,6 +49,24 @@ def test_one_drawing_gives_the_same_pixels_through_every_api(rep, client, oai):
     assert np.array_equal(pixels(decode(r.json()["image"])), drawn)
     r = _generate(client, image=_data_uri(np.roll(DRAWING, 30, axis=1)))
     assert np.abs(pixels(decode(r.json()["image"])) - drawn).mean() > 2
+
+
+def test_thresholds_change_the_edges_the_same_way_on_each_api(rep, client):
+    photo = np.asarray(noise(3, (96, 64)))  # gradients everywhere, of every strength
+    fewer = {"canny_low_threshold": 150, "canny_high_threshold": 500}
+    default, sparse = (pixels(decode(_generate(client, image=_data_uri(photo), **given).json()[
+        "image"])) for given in ({}, fewer))
+    assert np.abs(default - sparse).mean() > 1
+    (out,) = rep.run("black-forest-labs/flux-canny-dev", input={
+        "prompt": "two wooden crates", "control_image": io.BytesIO(png_bytes(photo)),
+        "megapixels": "match_input", "seed": 5, "output_format": "png", **fewer})
+    assert np.array_equal(pixels(Image.open(io.BytesIO(out.read()))), sparse)
+    r = client.post("/generate", json={"prompt": "x", "canny_high_threshold": 300})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == [
+        "body", "canny_high_threshold"]
+    r = _generate(client, image=_data_uri(photo), canny_low_threshold=300)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == [
+        "body", "canny_low_threshold"]
 
 
 def test_the_replicate_schema_is_flux_canny_devs(base_url):

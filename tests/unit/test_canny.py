@@ -101,6 +101,28 @@ def test_an_image_becomes_its_canny_edges_at_the_output_size():
     assert (width, height) == (192, 128) and set(source.rgb) == {0, 255}
 
 
+def test_thresholds_set_which_gradients_are_edges():
+    """The request's thresholds go to OpenCV as given, the other one at its default;
+    higher ones find fewer edges on a photo. Given to another model, or a low one over the
+    high one, they are refused, naming the field."""
+    photo = np.random.default_rng(3).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    grey = np.asarray(Image.fromarray(photo).convert("L"))
+    found = {}
+    for edges in ((None, None), (150, None), (None, 400), (100, 500)):
+        source, _, _ = source_image(_png(photo), None, 0.4, None, None, MODEL, edges=edges)
+        low, high = (d if e is None else e for e, d in zip(edges, (50, 200), strict=True))
+        ours = np.frombuffer(source.rgb, np.uint8).reshape(64, 96, 3)[..., 0]
+        assert np.array_equal(ours, cv2.Canny(grey, low, high))
+        found[edges] = (ours == 255).sum()
+    assert found[(None, None)] > found[(None, 400)] > found[(100, 500)] > 0
+    plain = ModelConfig(id="a/flux", family="flux", embedded="tiny-flux")
+    for model, edges, field in ((plain, (None, 300), "canny_high_threshold"),
+                                (MODEL, (300, 200), "canny_low_threshold")):
+        with pytest.raises(InvalidField) as refused:
+            source_image(_png(photo), None, 0.4, None, None, model, edges=edges)
+        assert refused.value.field == field
+
+
 def test_batched_controls_give_diffusers_pixels_per_image_and_seed(engine, reference):
     a = _control()
     b = _control(255 - DRAWING[:, ::-1], "a window", seed=9, num_outputs=2)
@@ -188,6 +210,10 @@ def test_replicate_flux_canny_dev_inputs():
     assert inp.request_args()["guidance_scale"] == 30
     assert [inp.field_of(f) for f in ("image", "width", "guidance_scale")] == [
         "control_image", "megapixels", "guidance"]
+    assert inp.edge_thresholds() == (None, None)
+    given = CannyInput.model_validate({"prompt": "x", "control_image": "data:,",
+                                       "canny_low_threshold": 80, "canny_high_threshold": 300})
+    assert given.edge_thresholds() == (80, 300)
 
 
 def test_a_flux_lora_changes_a_canny_drawing_in_slots(canny_path, cache_dir):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from deployments.tiny import TINY_SDXL_CONTROLNET, ensure_embedded
-from serve.images import canny
+from serve.canvases import canny
 from serve.types import ControlImage, GenerationRequest, SourceImage
 from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
 

@@ -6,9 +6,10 @@ and canvases over the input limit are refused, naming `outpaint`."""
 import numpy as np
 import pytest
 
+from serve.canvases import outpaint_sides
 from serve.config import ModelConfig
 from serve.errors import InvalidField
-from serve.images import outpaint_sides, source_image
+from serve.images import source_image
 from tests.unit.test_fill import MASK, MODEL, PHOTO, _png
 
 PICTURE = PHOTO[16:48, 24:72]  # 48 wide, 32 high
