@@ -147,8 +147,7 @@ async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
     """The request's image prompt for the model's IP-Adapter or Redux (None: it sends
     none), read as an input image is and scaled down to IMAGE_PROMPT_SIDE on its shorter
     side; its scale the IP-Adapter's own and its downsampling Redux's own unless given.
-    422 on its field for a model that
-    reads none, or reads it from the other field."""
+    422 on its field for a model that reads none, or reads it from the other field."""
     image, scale, field, downsampling = given
     if image is None:
         return None
@@ -161,11 +160,11 @@ async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
                                   f"{model.image_prompt_field}")
     data = await fetcher.fetch(image, field, model.limits.max_image_bytes)
     picture = await asyncio.to_thread(_prompt_picture, data, field, model)
-    if model.ip_adapter is not None:
+    if model.family == "sdxl":
         return ImagePrompt(picture.tobytes(), *picture.size,
-                           model.ip_adapter.scale if scale is None else scale)
+                           reader.scale if scale is None else scale)
     return ImagePrompt(picture.tobytes(), *picture.size, 1.0,
-                       downsampling or model.redux.downsampling)
+                       downsampling or reader.downsampling)
 
 
 def _prompt_picture(data: str | bytes, field: str, model: ModelConfig) -> Image.Image:

@@ -66,7 +66,8 @@ class IngressMetrics:
             "Images delivered that a ControlNet steered, by ControlNet"),
             tag_keys=("model", "controlnet"))
         self.image_prompt_images = Counter("atelier_image_prompt_images", (
-            "Images delivered that an image prompt (IP-Adapter or FLUX.1 Redux) steered"), tag_keys=("model",))
+            "Images delivered that an image prompt (IP-Adapter or FLUX.1 Redux) steered"),
+            tag_keys=("model",))
         self.edited_images = Counter("atelier_edited_images", (
             "Images delivered that edited a reference image (FLUX.1 Kontext)"),
             tag_keys=("model",))

@@ -14,7 +14,8 @@ run them all. Fields OpenAI's newer models take but a diffusion model has no use
 code keeps working; anything else unknown is a 400 naming the field. The API has no adapter
 field: a `<lora:name:scale>` tag in the prompt applies a catalog adapter, as on
 `/generate`. `seed`, `controlnets`, `ip_adapter_image`, `ip_adapter_scale`, `redux_image`
-and `redux_downsampling` (and `prompt_strength` for edits) are Atelier extensions, sent with the client's `extra_body`.
+and `redux_downsampling` (and `prompt_strength` for edits) are Atelier extensions, sent with
+the client's `extra_body`.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ class ImageGenerationParams(BaseModel):
         "FLUX models with FLUX.1 Redux: an image prompt, as /generate's redux_image (an "
         "Atelier extension; send it with extra_body)."))
     redux_downsampling: int | None = Field(None, ge=1, le=9, description=(
-        "How far redux_image's (or a variation's image's) grid of tokens is averaged down: 1 keeps all 729, 3 leaves "
-        "81, which weigh less against the prompt; default: the model's Redux's own."))
+        "How far redux_image's (or a variation's image's) grid of tokens is averaged "
+        "down: 1 keeps all 729, 3 leaves 81, which weigh less against the prompt; default: "
+        "the model's Redux's own."))
     quality: Literal["auto", "low", "medium", "high", "hd", "standard"] | None = Field(
         None, description=("low and medium: a third and two thirds of the model's default "
                            "steps; the others: all of them."))

@@ -63,7 +63,7 @@ def test_replicate_flux_inputs_with_the_official_client(rep, base_url):
     data = webp.read()
     assert data[:4] == b"RIFF" and data[8:12] == b"WEBP"
     assert Image.open(io.BytesIO(data)).size == (64, 64)
-    kept = rep.run(FLUX, input={"prompt": "x", "image": io.BytesIO(png_bytes(Image.fromarray(PHOTO))),
+    kept = rep.run(FLUX, input={"prompt": "x", "image": io.BytesIO(png_bytes(PHOTO)),
                                 "prompt_strength": 0, "output_format": "png"},
                    file_encoding_strategy="base64")
     assert np.array_equal(pixels(Image.open(io.BytesIO(kept[0].read()))), PHOTO.astype(int))
@@ -139,8 +139,8 @@ def test_replicate_flux_lora_inputs_give_the_generate_pixels(rep, client, base_u
     mask = np.zeros((64, 96), np.uint8)
     mask[16:48, 32:80] = 255
     (inpainted,) = rep.run(FLUX, input={
-        "prompt": "a lamp", "seed": 5, "image": io.BytesIO(png_bytes(Image.fromarray(PHOTO))),
-        "mask": io.BytesIO(png_bytes(Image.fromarray(mask))), "output_format": "png"},
+        "prompt": "a lamp", "seed": 5, "image": io.BytesIO(png_bytes(PHOTO)),
+        "mask": io.BytesIO(png_bytes(mask)), "output_format": "png"},
         file_encoding_strategy="base64")
     diff = np.abs(pixels(Image.open(io.BytesIO(inpainted.read()))) - PHOTO.astype(int))
     assert diff[mask == 0].max() == 0 and diff[mask == 255].mean() > 20
@@ -184,7 +184,7 @@ def test_an_adapter_of_the_other_family_is_422_on_every_api(client, base_url, mo
 
 
 def test_openai_edit_keeps_the_photo_size_and_makes_n_variations(oai):
-    resp = oai.images.edit(model=FAST, image=("photo.png", png_bytes(Image.fromarray(PHOTO)),
+    resp = oai.images.edit(model=FAST, image=("photo.png", png_bytes(PHOTO),
                                               "image/png"),
                            prompt="the product on a beach", n=3)
     images = [pixels(Image.open(io.BytesIO(base64.b64decode(d.b64_json)))) for d in resp.data]
@@ -197,8 +197,8 @@ def test_openai_edit_keeps_the_photo_size_and_makes_n_variations(oai):
 def test_openai_edit_with_a_mask_keeps_the_unmasked_pixels(oai, model):
     mask = np.zeros((64, 96), np.uint8)
     mask[:, :40] = 255
-    resp = oai.images.edit(model=model, image=("p.png", png_bytes(Image.fromarray(PHOTO))),
-                           mask=("m.png", png_bytes(Image.fromarray(mask))), prompt="a new left side",
+    resp = oai.images.edit(model=model, image=("p.png", png_bytes(PHOTO)),
+                           mask=("m.png", png_bytes(mask)), prompt="a new left side",
                            size="96x64", response_format="url")
     out = pixels(Image.open(io.BytesIO(httpx.get(resp.data[0].url).content)))
     diff = np.abs(out - PHOTO.astype(int))
@@ -210,7 +210,7 @@ def test_openai_style_transparent_masks_and_images_with_a_hole(oai):
     itself with a hole), and an image with a hole and no mask is edited in the hole."""
     alpha = np.full((64, 96), 255, np.uint8)
     alpha[:, :40] = 0
-    holed = png_bytes(Image.fromarray(np.dstack([PHOTO, alpha]), "RGBA"))
+    holed = png_bytes(np.dstack([PHOTO, alpha]), "RGBA")
     white = np.zeros((64, 96), np.uint8)
     white[:, :40] = 255
 
@@ -219,20 +219,20 @@ def test_openai_style_transparent_masks_and_images_with_a_hole(oai):
                                mask=mask or openai.NOT_GIVEN, extra_body={"seed": 12})
         return pixels(Image.open(io.BytesIO(base64.b64decode(resp.data[0].b64_json))))
 
-    photo = png_bytes(Image.fromarray(PHOTO))
-    by_white = edit(photo, ("m.png", png_bytes(Image.fromarray(white))))
+    photo = png_bytes(PHOTO)
+    by_white = edit(photo, ("m.png", png_bytes(white)))
     assert np.array_equal(edit(photo, ("m.png", holed)), by_white)
     in_hole = edit(holed)
     flat = PHOTO.copy()
     flat[:, :40] = 255  # the hole's pixels, flattened onto white
-    assert np.array_equal(in_hole, edit(png_bytes(Image.fromarray(flat)),
-                                        ("m.png", png_bytes(Image.fromarray(white)))))
+    assert np.array_equal(in_hole, edit(png_bytes(flat),
+                                        ("m.png", png_bytes(white))))
     assert np.array_equal(in_hole[:, 40:], PHOTO[:, 40:].astype(int))
     assert np.abs(in_hole[:, :40] - by_white[:, :40]).mean() > 1  # white start, not the photo
 
 
 def test_openai_edit_on_flux_at_strength_zero_returns_the_photo(oai):
-    resp = oai.images.edit(model=FLUX, image=("p.png", png_bytes(Image.fromarray(PHOTO))),
+    resp = oai.images.edit(model=FLUX, image=("p.png", png_bytes(PHOTO)),
                            prompt="x", extra_body={"prompt_strength": 0})
     out = Image.open(io.BytesIO(base64.b64decode(resp.data[0].b64_json)))
     assert np.array_equal(pixels(out), PHOTO.astype(int))
@@ -240,7 +240,7 @@ def test_openai_edit_on_flux_at_strength_zero_returns_the_photo(oai):
 
 @pytest.mark.parametrize("model", [FAST, FLUX])
 def test_openai_variations_are_prompt_free_edits_one_seed_each(oai, model):
-    photo = png_bytes(Image.fromarray(PHOTO))
+    photo = png_bytes(PHOTO)
     resp = oai.images.create_variation(model=model, image=("p.png", photo, "image/png"), n=2,
                                        extra_body={"seed": 30})
     images = [pixels(Image.open(io.BytesIO(base64.b64decode(d.b64_json)))) for d in resp.data]
@@ -261,7 +261,7 @@ def test_openai_variations_are_prompt_free_edits_one_seed_each(oai, model):
 
 
 def test_a_variation_with_a_mask_is_a_400_on_mask(base_url):
-    photo = ("p.png", png_bytes(Image.fromarray(PHOTO)), "image/png")
+    photo = ("p.png", png_bytes(PHOTO), "image/png")
     r = httpx.post(f"{base_url}/v1/images/variations", headers=AUTH,
                    files={"image": photo, "mask": photo})
     assert r.status_code == 400 and r.json()["error"]["param"] == "mask"
@@ -275,7 +275,7 @@ def _edit(base_url, files, **fields):
 
 
 def test_bad_edits_get_a_400_naming_the_field_and_the_server_keeps_serving(base_url):
-    photo = ("p.png", png_bytes(Image.fromarray(PHOTO)), "image/png")
+    photo = ("p.png", png_bytes(PHOTO), "image/png")
     small_mask = ("m.png", png_bytes(Image.new("L", (32, 32), 255)), "image/png")
     cases = [({"image": ("p.png", b"not an image", "image/png")}, {}, "image"),
              ({}, {}, "image"),

@@ -72,7 +72,8 @@ def _reference(tiny_flux_path, redux_path, request: GenerationRequest, picture: 
     tokens = grid.flatten(2).transpose(1, 2)
     rows = request.num_outputs
     return pipe(prompt_embeds=torch.cat([text, tokens], dim=1).repeat(rows, 1, 1),
-                pooled_prompt_embeds=pooled.repeat(rows, 1), width=request.width, height=request.height,
+                pooled_prompt_embeds=pooled.repeat(rows, 1), width=request.width,
+                height=request.height,
                 num_inference_steps=request.num_inference_steps,
                 guidance_scale=request.guidance_scale,
                 generator=[torch.Generator().manual_seed(s) for s in request.seeds]).images
@@ -202,7 +203,8 @@ def test_the_config_checks_the_redux_folder_and_the_model(tmp_path, redux_path):
         config({"embedded": "tiny-flux-redux", "scale": 0.5})
     with pytest.raises(ConfigError, match="downsampling"):
         config({"embedded": "tiny-flux-redux", "downsampling": 10})
-    assert config({"embedded": "tiny-flux-redux", "downsampling": 3}).models[0].redux.downsampling == 3
+    model = config({"embedded": "tiny-flux-redux", "downsampling": 3}).models[0]
+    assert model.redux.downsampling == 3
     plain = parse_config({"models": [{"id": "a/b", "family": "flux",
                                       "embedded": "tiny-flux"}]}).models[0]
     with pytest.raises(InvalidField) as refused:
