@@ -198,9 +198,9 @@ class ModelConfig(_Strict):
             raise ValueError("controlnets: only sdxl models take ControlNets")
         if self.ip_adapter is not None and self.family != "sdxl":
             raise ValueError("ip_adapter: only sdxl models take an IP-Adapter")
-        if self.redux is not None and (self.family != "flux" or self.flux_kind):
-            raise ValueError("redux: only plain flux models (not Kontext, Fill or Canny) take "
-                             "FLUX.1 Redux")
+        if self.redux is not None and (self.family != "flux" or self.kontext or self.canny):
+            raise ValueError("redux: only flux models (plain or Fill; not Kontext or Canny) "
+                             "take FLUX.1 Redux")
         if self.speed.cfg_cutoff is not None and self.family != "sdxl":
             raise ValueError("speed.cfg_cutoff: only sdxl models use classifier-free guidance")
         self.defaults.check_within(self.limits, self.rules)

@@ -45,11 +45,9 @@ class _FluxCommon(LoraInput):
         return super().field_of({"guidance_scale": "guidance"}.get(arg, arg))
 
 
-class FluxInput(_FluxCommon):
-    """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora, the
-    LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`) and
-    flux-redux-dev's `redux_image` (for a model with FLUX.1 Redux, which then needs no
-    prompt); unset values take the served model's defaults."""
+class _ReduxInputs(_FluxCommon):
+    """flux-redux-dev's `redux_image`, for models with FLUX.1 Redux (others refuse it),
+    and how far its tokens are averaged down."""
 
     redux_image: str | None = Field(None, description=(
         "Input image to condition the output on (FLUX.1 Redux): the output is a variation "
@@ -57,6 +55,18 @@ class FluxInput(_FluxCommon):
     redux_downsampling: int | None = Field(None, ge=1, le=9, description=(
         "How far redux_image's grid of tokens is averaged down (1: all 729; 3: 81, which "
         "weigh less against the prompt); default: the model's Redux's own"))
+
+    def image_prompt(self) -> ImagePromptParams:
+        return ImagePromptParams(self.redux_image, None, "redux_image",
+                                 self.redux_downsampling)
+
+
+class FluxInput(_ReduxInputs):
+    """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora, the
+    LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`) and
+    flux-redux-dev's `redux_image` (for a model with FLUX.1 Redux, which then needs no
+    prompt); unset values take the served model's defaults."""
+
     prompt: str = Field("", max_length=4000, validate_default=True, description=(
         "Prompt for generated image; optional with a redux_image"))
     aspect_ratio: Literal[tuple(FLUX_SIZES)] | None = Field(None, description=(
@@ -84,10 +94,6 @@ class FluxInput(_FluxCommon):
         if not prompt and info.data.get("redux_image") is None:
             raise ValueError("a prompt is required (only a redux_image may stand in for one)")
         return prompt
-
-    def image_prompt(self) -> ImagePromptParams:
-        return ImagePromptParams(self.redux_image, None, "redux_image",
-                                 self.redux_downsampling)
 
     def request_args(self) -> dict[str, Any]:
         width = height = None
@@ -148,7 +154,7 @@ class KontextInput(_FluxCommon):
 FILL_AREAS = {"1": 1024 * 1024, "0.25": 512 * 512, "match_input": INPUT_AREA}
 
 
-class _MegapixelInput(_FluxCommon):
+class _MegapixelInput(_ReduxInputs):
     """The inputs flux-fill-dev and flux-canny-dev share: the output's area at the input
     image's shape, and no prompt strength (every step runs)."""
 

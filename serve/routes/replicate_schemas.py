@@ -51,8 +51,9 @@ def input_schema(model: ModelConfig) -> dict:
         hidden |= set(ControlNetInputs.model_fields)
     if model.family == "sdxl" and model.ip_adapter is None:
         hidden |= set(_IP_ADAPTER_INPUTS)
-    if input_class(model) is FluxInput and model.redux is None:
-        hidden |= set(_REDUX_INPUTS)  # and the prompt cannot be left out
+    if model.family == "flux" and model.redux is None:
+        hidden |= set(_REDUX_INPUTS)
+    if input_class(model) is FluxInput and model.redux is None:  # a prompt is then needed
         schema["required"] = sorted({*schema.get("required", []), "prompt"})
     schema["properties"] = {name: spec for name, spec in schema["properties"].items()
                             if name not in hidden}

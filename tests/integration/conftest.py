@@ -14,8 +14,9 @@ seed 10 and passes that of seed 11;
 `atelier/tiny-flux` is the embedded tiny FLUX, with fused projections, FP8 layers and
 its adapters merged into them; `atelier/tiny-flux-kontext` is the embedded tiny FLUX.1
 Kontext, whose input images are references to edit; `atelier/tiny-flux-fill` the embedded
-tiny FLUX.1 Fill, which fills masked images; `atelier/tiny-flux-canny` the embedded tiny
-FLUX.1 Canny, which follows an image's edges; `atelier/tiny-flux-redux` the tiny FLUX with
+tiny FLUX.1 Fill, which fills masked images (and reads image prompts with the tiny
+Redux); `atelier/tiny-flux-canny` the embedded tiny FLUX.1 Canny, which follows an image's
+edges; `atelier/tiny-flux-redux` the tiny FLUX with
 the embedded tiny FLUX.1 Redux, which reads image prompts (waiting half a second for
 company). The adapter catalog is the embedded demo set plus
 `bad_adapters` (files that must fail cleanly), `made_adapters` (made with PEFT and saved by
@@ -216,7 +217,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                defaults={"width": 96, "height": 96, "num_inference_steps": 4,
                          "guidance_scale": 2.5}),
         _model(FILL, 10, family="flux", embedded="tiny-flux-fill", fill=True,
-               aliases=["black-forest-labs/flux-fill-dev"],
+               redux={"embedded": "tiny-flux-redux"}, aliases=["black-forest-labs/flux-fill-dev"],
                defaults={"width": 96, "height": 96, "num_inference_steps": 4,
                          "guidance_scale": 30}),
         _model(CANNY, 10, family="flux", embedded="tiny-flux-canny", canny=True,

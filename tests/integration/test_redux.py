@@ -17,6 +17,7 @@ from PIL import Image
 
 from tests.integration.conftest import (
     FAST,
+    FILL,
     FLUX,
     REDUX,
     assert_same_pixels,
@@ -93,6 +94,33 @@ def test_concurrent_requests_with_and_without_a_picture_keep_their_own_pixels(
     assert len(set(batches[0::2] + batches[3:])) == 1  # the 500 ms window gathers them
     for own, shared in zip(alone, crowd, strict=True):
         assert_same_pixels(own, decode(shared.json()["image"]))
+
+
+def test_a_fill_model_draws_the_picture_into_the_masked_part_on_every_api(client, rep, oai):
+    photo = np.asarray(noise(5, (96, 64)))
+    hole = np.zeros((64, 96), np.uint8)
+    hole[16:48, 32:80] = 255
+    white = hole == 255
+    body = {"model": FILL, "prompt": "a product on a table", "seed": 7,
+            "image": "data:image/png;base64," + base64.b64encode(png_bytes(photo)).decode(),
+            "mask": "data:image/png;base64," + base64.b64encode(png_bytes(hole)).decode()}
+    plain, placed = (client.post("/generate", json=body | extra) for extra in (
+        {}, {"redux_image": PHOTO_B64}))
+    assert placed.status_code == 200, placed.text
+    plain, placed = (pixels(decode(r.json()["image"])) for r in (plain, placed))
+    assert np.array_equal(placed[~white], photo[~white])  # the photo kept
+    assert np.abs(placed - plain)[white].max() >= 4  # the picture moved the fill
+    (file,) = rep.run("black-forest-labs/flux-fill-dev", input={
+        "prompt": "a product on a table", "image": io.BytesIO(png_bytes(photo)),
+        "mask": io.BytesIO(png_bytes(hole)), "redux_image": io.BytesIO(PHOTO),
+        "megapixels": "match_input", "seed": 7, "output_format": "png"})
+    assert np.array_equal(pixels(Image.open(io.BytesIO(file.read()))), placed)
+    edited = oai.images.edit(model=FILL, image=("p.png", png_bytes(photo), "image/png"),
+                             mask=("m.png", png_bytes(hole), "image/png"),
+                             prompt="a product on a table",
+                             extra_body={"seed": 7, "redux_image": "data:image/png;base64,"
+                                         + PHOTO_B64})
+    assert np.array_equal(pixels(decode(edited.data[0].b64_json)), placed)
 
 
 def test_bad_redux_fields_are_refused_naming_the_field(client, rep, oai):

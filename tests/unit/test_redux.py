@@ -194,9 +194,12 @@ def test_the_config_checks_the_redux_folder_and_the_model(tmp_path, redux_path):
     (copy / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     with pytest.raises(ConfigError, match=r"models\.0\.redux\.path: .* not a FLUX\.1 Redux"):
         config({"path": str(copy)}).check_paths()
-    with pytest.raises(ConfigError, match="redux: only plain flux models"):
+    with pytest.raises(ConfigError, match="redux: only flux models"):
         config({"embedded": "tiny-flux-redux"}, embedded="tiny-flux-kontext", kontext=True)
-    with pytest.raises(ConfigError, match="redux: only plain flux models"):
+    with pytest.raises(ConfigError, match="redux: only flux models"):
+        config({"embedded": "tiny-flux-redux"}, embedded="tiny-flux-canny", canny=True)
+    config({"embedded": "tiny-flux-redux"}, embedded="tiny-flux-fill", fill=True)
+    with pytest.raises(ConfigError, match="redux: only flux models"):
         parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl",
                                   "redux": {"embedded": "tiny-flux-redux"}}]})
     with pytest.raises(ConfigError, match="scale"):  # Redux has none
@@ -254,3 +257,40 @@ def test_replicates_flux_input_takes_a_redux_image_in_place_of_a_prompt():
     assert "redux_image" not in plain["properties"] and "prompt" in plain["required"]
     assert {"redux_image", "redux_downsampling"} <= set(with_redux["properties"])
     assert "prompt" not in with_redux.get("required", [])
+
+
+def test_a_fill_model_draws_the_picture_into_the_masked_part(redux_path, cache_dir):
+    """Redux on FLUX.1 Fill (a product drawn into a photo's masked part): the images are
+    diffusers' FluxFillPipeline's given the prompt's tokens followed by the picture's, the
+    unmasked pixels the photo's own; a fill with a picture batches apart from one without."""
+    from diffusers import FluxFillPipeline, FluxPriorReduxPipeline
+
+    from deployments.engines.flux import FluxFillEngine
+    from deployments.tiny import TINY_FLUX_FILL
+    from serve.images import source_image
+    from tests.unit.test_fill import MASK, MODEL, PHOTO, _assert_filled, _png
+
+    fill_path = ensure_embedded(TINY_FLUX_FILL, cache_dir)
+    engine = FluxFillEngine(fill_path, "float32", "cpu", redux=redux_path)
+    source, width, height = source_image(_png(PHOTO), _png(MASK), 0.4, None, None, MODEL)
+    request = _prompted(NOISE, width=width, height=height, source=source, guidance_scale=30,
+                        num_outputs=2, num_inference_steps=4)
+    plain = replace(request, image_prompt=None)
+    assert engine.batch_key(request) != engine.batch_key(plain)
+    (ours,), ((without, _),) = engine.generate([request]), engine.generate([plain])
+    pipe = FluxFillPipeline.from_pretrained(fill_path)
+    pipe.set_progress_bar_config(disable=True)
+    prior = FluxPriorReduxPipeline.from_pretrained(redux_path)
+    text, pooled, _ = pipe.encode_prompt(prompt=request.prompt, prompt_2=None,
+                                         max_sequence_length=256)
+    tokens = prior.image_embedder(prior.encode_image(NOISE, "cpu", 1)).image_embeds
+    size = (width, height)
+    theirs = pipe(prompt_embeds=torch.cat([text, tokens], dim=1).repeat(2, 1, 1),
+                  pooled_prompt_embeds=pooled.repeat(2, 1),
+                  image=[Image.frombytes("RGB", size, source.rgb)] * 2,
+                  mask_image=[Image.frombytes("L", size, source.mask)] * 2, width=width,
+                  height=height, num_inference_steps=4, guidance_scale=30,
+                  generator=[torch.Generator().manual_seed(s) for s in request.seeds]).images
+    for mine, reference in zip(ours, theirs, strict=True):
+        _assert_filled(mine, reference, request)
+    assert np.abs(_px(ours[0]) - _px(without)).max() >= 4  # the picture moved the fill
