@@ -43,7 +43,7 @@ def expanded(picture: Image.Image, grey: Image.Image | None,
     return canvas, mask
 
 
-def canny(picture: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
+def canny(picture: Image.Image, low: int, high: int) -> Image.Image:
     """OpenCV's Canny edges of the picture's grey levels, white on black, as RGB: the
     control images canny ControlNets were trained on (with these thresholds), and FLUX.1
     Canny's (50 and 200, as Black Forest Labs' API)."""
@@ -54,8 +54,10 @@ def canny(picture: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
     return Image.fromarray(edges).convert("RGB")
 
 
-# FLUX.1 Canny's edge thresholds (Black Forest Labs' API defaults).
+# FLUX.1 Canny's edge thresholds (Black Forest Labs' API defaults), and canny ControlNets'
+# (those their training images were made with).
 CANNY_THRESHOLDS = (50, 200)
+CONTROLNET_CANNY_THRESHOLDS = (100, 200)
 
 
 def outpainted(picture: Image.Image, grey: Image.Image | None, outpaint: Sides | str,
@@ -74,13 +76,18 @@ def outpainted(picture: Image.Image, grey: Image.Image | None, outpaint: Sides |
 
 def canny_thresholds(edges: tuple[int | None, int | None],
                      model: ModelConfig) -> tuple[int, int]:
-    """A Canny model's edge thresholds (low, high), CANNY_THRESHOLDS' where not given; 422
-    naming the field given to another model, or a low one over the high one."""
+    """The edge thresholds (low, high) of a Canny model's image or a canny ControlNet's
+    control images, the defaults (CANNY_THRESHOLDS, CONTROLNET_CANNY_THRESHOLDS) where not
+    given; 422 naming the field given to a model that finds no edges, or a low one over
+    the high one."""
+    defaults = CANNY_THRESHOLDS if model.canny else CONTROLNET_CANNY_THRESHOLDS
     low, high = (default if given is None else given
-                 for given, default in zip(edges, CANNY_THRESHOLDS, strict=True))
-    if not model.canny and edges != (None, None):
+                 for given, default in zip(edges, defaults, strict=True))
+    finds = model.canny or any(n.preprocess == "canny" for n in model.controlnets.values())
+    if not finds and edges != (None, None):
         field = "canny_low_threshold" if edges[0] is not None else "canny_high_threshold"
-        raise InvalidField(field, "only FLUX.1 Canny models find edges (canny: true)")
+        raise InvalidField(field, "this model finds no edges: only FLUX.1 Canny models "
+                                  "(canny: true) and canny ControlNets (preprocess: canny) do")
     if low > high:
         raise InvalidField("canny_low_threshold", f"{low} is over the high threshold {high}")
     return low, high

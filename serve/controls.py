@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.canvases import canny
+from serve.canvases import canny, canny_thresholds
 from serve.config import ControlNetConfig, ModelConfig
 from serve.errors import InvalidField
 from serve.images import ImageFetcher, open_image, output_size, raw_bytes
@@ -63,12 +63,13 @@ class ControlParams:
 
 async def load_controls(params: Sequence[ControlParams], width: int | None,
                         height: int | None, model: ModelConfig, fetcher: ImageFetcher,
-                        size_from: int = 0,
+                        size_from: int = 0, edges: tuple[int | None, int | None] = (None, None),
                         ) -> tuple[tuple[ControlImage, ...], int | None, int | None]:
     """The request's control images at the size to generate, through their ControlNets'
-    preprocessing, with that size: `width` and `height` where given, else control image
-    `size_from`'s own (rounded down as an input image's). For none: (), and the size as
-    given. More than the model's `limits.max_controlnets` are refused before any is read."""
+    preprocessing (Canny's with the `edges` thresholds, low and high, where given), with
+    that size: `width` and `height` where given, else control image `size_from`'s own
+    (rounded down as an input image's). For none: (), and the size as given. More than the
+    model's `limits.max_controlnets` are refused before any is read."""
     most = model.limits.max_controlnets
     if len(params) > most:
         raise InvalidField(params[most].fields[0], f"at most {most} ControlNets per request "
@@ -79,7 +80,7 @@ async def load_controls(params: Sequence[ControlParams], width: int | None,
     limit = model.limits.max_image_bytes
     data = [await fetcher.fetch(p.image, p.fields[1], limit) for p in params]
     pixels, w, h = await asyncio.to_thread(_control_pixels, params, nets, data, width, height,
-                                           model, size_from)
+                                           model, size_from, canny_thresholds(edges, model))
     return tuple(ControlImage(net_name, rgb, net.conditioning_scale if p.scale is None
                               else p.scale, p.start, p.end)
                  for p, (net_name, net), rgb in zip(params, nets, pixels, strict=True)), w, h
@@ -103,7 +104,8 @@ def _controlnet(params: ControlParams, model: ModelConfig) -> tuple[str, Control
 
 def _control_pixels(params: Sequence[ControlParams], nets: Sequence[tuple[str, ControlNetConfig]],
                     data: Sequence[str | bytes], width: int | None, height: int | None,
-                    model: ModelConfig, size_from: int) -> tuple[list[bytes], int, int]:
+                    model: ModelConfig, size_from: int,
+                    thresholds: tuple[int, int]) -> tuple[list[bytes], int, int]:
     nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
     pictures = [open_image(raw_bytes(d, p.fields[1], nbytes), p.fields[1], nbytes, npixels)
                 for p, d in zip(params, data, strict=True)]
@@ -112,7 +114,8 @@ def _control_pixels(params: Sequence[ControlParams], nets: Sequence[tuple[str, C
     for picture, (_, net) in zip(pictures, nets, strict=True):
         if picture.size != (w, h):
             picture = picture.resize((w, h), Image.Resampling.LANCZOS)
-        out.append((canny(picture) if net.preprocess == "canny" else picture).tobytes())
+        out.append((canny(picture, *thresholds) if net.preprocess == "canny"
+                    else picture).tobytes())
     return out, w, h
 
 

@@ -133,8 +133,9 @@ class GenerateParams(BaseModel):
             "/ Top / Bottom outpaint). The output takes the canvas's size unless width or "
             "height are given."))
     canny_low_threshold: int | None = Field(None, ge=0, le=500, description=(
-        "FLUX.1 Canny models: gradients under it are never edges (OpenCV's Canny; default "
-        "50, as Black Forest Labs' API)."))
+        "FLUX.1 Canny models and canny ControlNets: gradients under it are never edges "
+        "(OpenCV's Canny; default 50 for FLUX.1 Canny, as Black Forest Labs' API, 100 for "
+        "ControlNets, as their training images)."))
     canny_high_threshold: int | None = Field(None, ge=0, le=500, description=(
         "Gradients over it are always edges, those between the two where they join one "
         "(default 200); higher thresholds find fewer edges."))
@@ -224,12 +225,12 @@ async def generate(request: Request) -> Response:
     try:
         prompt, tags = split_prompt_tags(params.prompt)
         adapters = router_.adapters_for(model, [(r.name, r.scale) for r in params.loras] + tags)
+        edges = (params.canny_low_threshold, params.canny_high_threshold)
         source, width, height = await load_source(
             params.image, params.mask, params.prompt_strength, params.width, params.height,
-            model, state.images, outpaint=params.outpaint_sides(),
-            edges=(params.canny_low_threshold, params.canny_high_threshold))
-        controls, width, height = await load_controls(params.control_params(), width, height, model,
-                                                      state.images)
+            model, state.images, outpaint=params.outpaint_sides(), edges=edges)
+        controls, width, height = await load_controls(params.control_params(), width, height,
+                                                      model, state.images, edges=edges)
         if not params.prompt and params.redux_image is None:
             raise InvalidField("prompt", "say what to draw (only a redux_image may stand in "
                                          "for a prompt)")

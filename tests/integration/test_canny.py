@@ -61,7 +61,8 @@ def test_thresholds_change_the_edges_the_same_way_on_each_api(rep, client):
         "prompt": "two wooden crates", "control_image": io.BytesIO(png_bytes(photo)),
         "megapixels": "match_input", "seed": 5, "output_format": "png", **fewer})
     assert np.array_equal(pixels(Image.open(io.BytesIO(out.read()))), sparse)
-    r = client.post("/generate", json={"prompt": "x", "canny_high_threshold": 300})
+    r = client.post("/generate", json={"prompt": "x", "model": "atelier/tiny-flux",
+                                       "canny_high_threshold": 300})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == [
         "body", "canny_high_threshold"]
     r = _generate(client, image=_data_uri(photo), canny_low_threshold=300)

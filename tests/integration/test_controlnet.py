@@ -65,6 +65,16 @@ def test_the_canny_controlnet_draws_from_the_pictures_edges(client):
                             controlnet_conditioning_scale=1.0)
     assert np.abs(pixels(decode(unprocessed["image"]))
                   - pixels(decode(from_edges["image"]))).mean() > 0.5
+    # The request's thresholds find the edges: the same pixels as those edges sent as is.
+    grey = np.asarray(PICTURE.convert("L"))
+    strong = Image.fromarray(cv2.Canny(grey, 450, 500)).convert("RGB")
+    assert 0 < np.asarray(strong).sum() < np.asarray(EDGES).sum()  # fewer edges than 100/200
+    from_strong = _generate(client, control_image=_b64(PICTURE), controlnet="canny",
+                            controlnet_conditioning_scale=1.0, canny_low_threshold=450,
+                            canny_high_threshold=500)
+    assert_same_pixels(decode(from_strong["image"]), decode(_generate(
+        client, control_image=_b64(strong), controlnet="lines",
+        controlnet_conditioning_scale=1.0)["image"]))
 
 
 def test_the_controlnets_own_scale_is_the_default(client):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from deployments.tiny import TINY_SDXL_CONTROLNET, ensure_embedded
-from serve.canvases import canny
+from serve.canvases import CONTROLNET_CANNY_THRESHOLDS, canny
 from serve.types import ControlImage, GenerationRequest, SourceImage
 from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
 
@@ -157,7 +157,7 @@ def test_warm_up_runs_each_controlnet(engine):
 
 
 def test_canny_gives_white_edges_on_black_along_the_shapes():
-    edges = np.asarray(canny(_shapes((8, 8, 30, 30))))
+    edges = np.asarray(canny(_shapes((8, 8, 30, 30)), *CONTROLNET_CANNY_THRESHOLDS))
     assert edges.shape == (64, 64, 3) and set(np.unique(edges)) == {0, 255}
     white = edges[..., 0] == 255
     assert white[8:31, 6:11].any() and white[6:11, 8:31].any()  # the square's sides
