@@ -25,6 +25,8 @@ TINY_FLUX_KONTEXT = "tiny-flux-kontext"
 TINY_FLUX_FILL = "tiny-flux-fill"
 TINY_FLUX_CANNY = "tiny-flux-canny"
 TINY_FLUX_REDUX = "tiny-flux-redux"
+TINY_FLUX_DEPTH = "tiny-flux-depth"
+TINY_DEPTH_ANYTHING = "tiny-depth-anything"
 # Bump when the recipe below changes, so old caches are not reused.
 RECIPE_VERSION = 1
 _SEED = 20261122
@@ -40,7 +42,9 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
                 TINY_FLUX_KONTEXT: partial(_build_tiny_flux, tool="kontext"),
                 TINY_FLUX_FILL: partial(_build_tiny_flux, tool="fill"),
                 TINY_FLUX_CANNY: partial(_build_tiny_flux, tool="canny"),
-                TINY_FLUX_REDUX: _build_tiny_redux}
+                TINY_FLUX_REDUX: _build_tiny_redux,
+                TINY_FLUX_DEPTH: partial(_build_tiny_flux, tool="depth"),
+                TINY_DEPTH_ANYTHING: _build_tiny_depth_anything}
     if name not in builders:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(builders)}")
     return built_once(cache_dir / f"{name}-v{RECIPE_VERSION}", builders[name])
@@ -203,6 +207,12 @@ def _build_tiny_redux(folder: Path) -> None:
 
     width = TINY_FLUX_CONFIGS["transformer"]["joint_attention_dim"]
     build_random_redux(folder, TINY_SIGLIP, width)
+
+
+def _build_tiny_depth_anything(folder: Path) -> None:
+    from deployments.tiny_flux import TINY_DEPTH_ANYTHING, build_random_depth_estimator
+
+    build_random_depth_estimator(folder, TINY_DEPTH_ANYTHING)
 
 
 def public_fields(config: dict) -> dict:

@@ -61,8 +61,9 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
     at least the generated tokenizers'; a larger one costs what the real model's does.
     `tool`: saved as a FLUX.1 Kontext pipeline ("kontext": the same modules), a FLUX.1
     Fill one ("fill": the transformer also takes the packed masked image and mask, as
-    FLUX.1-Fill-dev's 384 input channels do) or a FLUX.1 Canny one ("canny": it also takes
-    the packed control image, 128 channels as FLUX.1-Canny-dev's), each with its own seed.
+    FLUX.1-Fill-dev's 384 input channels do), a FLUX.1 Canny one ("canny": it also takes
+    the packed control image, 128 channels as FLUX.1-Canny-dev's) or a FLUX.1 Depth one
+    ("depth": the same design as Canny's), each with its own seed.
     """
     import torch
     from diffusers import (
@@ -91,7 +92,7 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
         return module.to(device="cpu", dtype=getattr(torch, dtype))
 
     pipelines = {None: FluxPipeline, "kontext": FluxKontextPipeline, "fill": FluxFillPipeline,
-                 "canny": FluxControlPipeline}
+                 "canny": FluxControlPipeline, "depth": FluxControlPipeline}
     transformer = transformer_config(configs, tool)
     torch.manual_seed(_SEED + list(pipelines).index(tool))
     with torch.device(device):
@@ -111,14 +112,15 @@ def transformer_config(configs: dict, tool: str | None = None) -> dict:
     """The transformer's config of `configs`. Beside the packed latents (each token 2x2
     latent pixels), a Fill transformer (`tool` "fill") takes the packed latents of the
     masked image and the mask packed at the image's resolution (each token 2x2 latent
-    pixels of vae_scale_factor² image pixels), a Canny one ("canny") the packed latents of
-    the control image; either gives the latents' channels alone."""
+    pixels of vae_scale_factor² image pixels), a Canny or Depth one ("canny", "depth") the
+    packed latents of the control image; each gives the latents' channels alone."""
     from deployments.tiny import public_fields
 
     transformer = public_fields(configs["transformer"])
     latents = transformer.get("in_channels", 64)
     scale = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
-    extra = {"fill": latents + 4 * scale * scale, "canny": latents}.get(tool or "")
+    extra = {"fill": latents + 4 * scale * scale, "canny": latents,
+             "depth": latents}.get(tool or "")
     if extra is None:
         return transformer
     return transformer | {"in_channels": latents + extra, "out_channels": latents}
@@ -228,3 +230,46 @@ def build_random_redux(folder: Path, siglip: dict, txt_in_features: int,
                                                image_mean=[0.5] * 3, image_std=[0.5] * 3),
         image_embedder=embedder.to("cpu", getattr(torch, dtype)))
     pipe.save_pretrained(folder, safe_serialization=True)
+
+
+# A Depth Anything estimator (LiheYoung/depth-anything-large-hf's design, which FLUX.1 Depth
+# [dev]'s control maps come from) at toy size: a 4-layer DINOv2 reading 56² crops.
+TINY_DEPTH_ANYTHING = {
+    "backbone": {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
+                 "intermediate_size": 64, "image_size": 56, "patch_size": 14,
+                 "out_indices": [1, 2, 3, 4], "reshape_hidden_states": False},
+    "head": {"reassemble_hidden_size": 32, "patch_size": 14, "neck_hidden_sizes": [8, 16, 32, 32],
+             "fusion_hidden_size": 16, "head_hidden_size": 8},
+    "side": 56,
+}
+
+
+def build_random_depth_estimator(folder: Path, configs: dict) -> None:
+    """Save a Depth Anything model with random weights (transformers' layout, read by
+    AutoModelForDepthEstimation) and its image processor (the shorter side to
+    `configs["side"]`, a multiple of the patch size, ImageNet's mean and spread). Its
+    layers take PyTorch's default initialisation and its output a bias of 1, so that a
+    random one still answers in relief rather than in zeros."""
+    import torch
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+    )
+
+    torch.manual_seed(_SEED + 9)
+    model = DepthAnythingForDepthEstimation(DepthAnythingConfig(
+        backbone_config=Dinov2Config(**configs["backbone"]), **configs["head"]))
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+            module.reset_parameters()
+    with torch.no_grad():
+        model.head.conv3.bias.fill_(1.0)
+    side = configs["side"]
+    processor = DPTImageProcessor(
+        size={"height": side, "width": side}, keep_aspect_ratio=True,
+        ensure_multiple_of=configs["head"]["patch_size"], resample=3,
+        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)

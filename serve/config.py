@@ -34,7 +34,12 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
     check_flux_kind,
     check_pipeline,
 )
-from serve.steering import ControlNetConfig, IPAdapterConfig, ReduxConfig
+from serve.steering import (
+    ControlNetConfig,
+    DepthEstimatorConfig,
+    IPAdapterConfig,
+    ReduxConfig,
+)
 from serve.webhooks import check_secret
 
 __all__ = ["FAMILIES", "SCHEDULERS", "AtelierConfig", "BatchingConfig", "ConfigError",
@@ -65,9 +70,10 @@ class ModelConfig(_Strict):
         "transformer's weights are not read), for sdxl none of its weights. The file is "
         "converted once into the cache, so later starts load a diffusers folder."))
     embedded: Literal["tiny-sdxl", "tiny-flux", "tiny-flux-kontext", "tiny-flux-fill",
-                      "tiny-flux-canny"] | None = Field(None, description=(
+                      "tiny-flux-canny", "tiny-flux-depth"] | None = Field(None, description=(
         "Build and serve an embedded random-weight model of the family (tiny-flux-kontext, "
-        "-fill, -canny: with `kontext`, `fill`, `canny`) instead of `path`."))
+        "-fill, -canny, -depth: with `kontext`, `fill`, `canny`, `depth`) instead of "
+        "`path`."))
     kontext: bool = Field(False, description=(
         "flux only: the weights are FLUX.1 Kontext (FluxKontextPipeline): a request's input "
         "image is a reference that the prompt edits by instruction (\"make the sky red\"), "
@@ -82,6 +88,12 @@ class ModelConfig(_Strict):
         "flux only: the weights are FLUX.1 Canny (FluxControlPipeline): every request sends "
         "an image, whose Canny edges (found here) the output follows while the prompt says "
         "what to draw. No text-to-image."))
+    depth: bool = Field(False, description=(
+        "flux only: the weights are FLUX.1 Depth (FluxControlPipeline): every request sends "
+        "an image, whose depth map (estimated here by `depth_estimator`) lays out the "
+        "output while the prompt says what to draw. No text-to-image."))
+    depth_estimator: DepthEstimatorConfig | None = Field(None, description=(
+        "With `depth`: the model that estimates a request's depth map (required)."))
     variant: str | None = Field(None, description=(
         "Weights file variant in the folder, e.g. fp16 for *.fp16.safetensors."))
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description=(
@@ -198,9 +210,13 @@ class ModelConfig(_Strict):
             raise ValueError("controlnets: only sdxl models take ControlNets")
         if self.ip_adapter is not None and self.family != "sdxl":
             raise ValueError("ip_adapter: only sdxl models take an IP-Adapter")
-        if self.redux is not None and (self.family != "flux" or self.kontext or self.canny):
-            raise ValueError("redux: only flux models (plain or Fill; not Kontext or Canny) "
-                             "take FLUX.1 Redux")
+        if self.depth != (self.depth_estimator is not None):
+            raise ValueError("depth_estimator: a Depth model needs one, and only a Depth "
+                             "model takes one")
+        if self.redux is not None and (self.family != "flux" or self.kontext or self.canny
+                                       or self.depth):
+            raise ValueError("redux: only flux models (plain or Fill; not Kontext, Canny or "
+                             "Depth) take FLUX.1 Redux")
         if self.speed.cfg_cutoff is not None and self.family != "sdxl":
             raise ValueError("speed.cfg_cutoff: only sdxl models use classifier-free guidance")
         self.defaults.check_within(self.limits, self.rules)
@@ -215,7 +231,7 @@ class ModelConfig(_Strict):
         return self
 
     @property
-    def flux_kind(self) -> Literal["kontext", "fill", "canny"] | None:
+    def flux_kind(self) -> Literal["kontext", "fill", "canny", "depth"] | None:
         """Which FLUX.1 tool the weights are, if one."""
         return next((tool for tool in FLUX_TOOLS if getattr(self, tool)), None)
 
@@ -360,6 +376,8 @@ class AtelierConfig(_Strict):
                 model.ip_adapter.check_files(f"models.{i}.ip_adapter")
             if model.redux is not None:
                 model.redux.check_files(f"models.{i}.redux")
+            if model.depth_estimator is not None:
+                model.depth_estimator.check_files(f"models.{i}.depth_estimator")
             if checker is not None and not checker.path.exists():
                 raise ConfigError(f"models.{i}.safety_checker.path: {checker.path} does not "
                                   "exist")

@@ -246,20 +246,23 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     it. A Fill model's mask part is drawn anew (strength 1), and with `outpaint` (pixels
     per side, or an OUTPAINT_PRESETS name) the image is first set on a larger canvas whose
     border is drawn too; a Canny model's image gives its Canny edges, found at the
-    output's size with the `edges` thresholds (low, high; None: CANNY_THRESHOLDS')."""
+    output's size with the `edges` thresholds (low, high; None: CANNY_THRESHOLDS'); a
+    Depth model's is a control image at the output's size, whose depth map the replica
+    estimates."""
     if image is None:
         if mask is not None:
             raise InvalidField("mask", "a mask needs an image")
         return None, width, height
     nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
-    if mask is not None and model.canny:
+    controlled = model.canny or model.depth
+    if mask is not None and controlled:
         raise InvalidField("mask", "this model takes no mask: it draws the whole image, "
-                                   "following the edges of the one sent")
+                                   "following the control image sent")
     thresholds = canny_thresholds(edges, model)
     picture, grey = open_with_hole(raw_bytes(image, "image", nbytes), "image", nbytes, npixels)
     if mask is not None:
         grey = open_mask(raw_bytes(mask, "mask", nbytes), "mask", picture, nbytes, npixels)
-    elif not hole_is_mask or model.canny:
+    elif not hole_is_mask or controlled:
         grey = None
     if outpaint is not None:
         picture, grey = outpainted(picture, grey, outpaint, model)
@@ -282,6 +285,8 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     picture = sized(picture, Image.Resampling.LANCZOS)
     if model.canny:  # the edges at the output's size
         return SourceImage(canny(picture, *thresholds).tobytes(), 1.0, control=True), w, h
+    if model.depth:  # its depth map is estimated on the replica
+        return SourceImage(picture.tobytes(), 1.0, control=True), w, h
     grey = None if grey is None else sized(grey, Image.Resampling.NEAREST)
     return SourceImage(picture.tobytes(), 1.0 if edit or model.fill else strength,
                        None if grey is None else grey.tobytes(), edit=edit), w, h

@@ -50,7 +50,8 @@ FAMILIES = {
 # (`kontext: true`): an input image is a reference the prompt edits, not an img2img start;
 # with a mask, only its white part is repainted. Fill (`fill: true`): an image and a mask
 # always, the mask's white part drawn anew (inpainting, and outpainting past the borders).
-# Canny (`canny: true`): an image always, whose Canny edges the output follows.
+# Canny (`canny: true`): an image always, whose Canny edges the output follows. Depth
+# (`depth: true`): an image always, whose estimated depth map the output follows.
 FLUX_TOOLS = {
     "kontext": replace(FAMILIES["flux"], modes=("txt2img", "edit", "inpaint"),
                        embedded="tiny-flux-kontext"),
@@ -61,6 +62,9 @@ FLUX_TOOLS = {
     "canny": replace(FAMILIES["flux"], modes=("control",), embedded="tiny-flux-canny",
                      needs="this model draws what the edges of a control image outline: send "
                            "an image (its Canny edges are found here)"),
+    "depth": replace(FAMILIES["flux"], modes=("control",), embedded="tiny-flux-depth",
+                     needs="this model draws what the depth of a control image lays out: send "
+                           "an image (its depth map is estimated here)"),
 }
 # Each tool's pipeline class (a folder's model_index.json names it), and what goes wrong
 # when a folder of it is served as another kind.
@@ -68,6 +72,7 @@ _TOOL_PIPELINES = {
     "kontext": ("FluxKontextPipeline", "its input images are then edited as references"),
     "fill": ("FluxFillPipeline", "its transformer takes an image and a mask beside the noise"),
     "canny": ("FluxControlPipeline", "its transformer takes a control image beside the noise"),
+    "depth": ("FluxControlPipeline", "its transformer takes a control image beside the noise"),
 }
 
 
@@ -322,9 +327,9 @@ def check_flux_kind(where: str, path: Path | None, configs_from: Path | None,
     """Raise ConfigError unless the pipeline folder (`path`, or a single file's
     `configs_from`) is the FLUX.1 tool's (Kontext, Fill, Canny) exactly when the model
     says it is `kind`: a Kontext folder loads into FLUX's pipeline and the reverse, and
-    then misreads references; a Fill or Canny folder's transformer takes other inputs. (A
-    Depth [dev] folder is a FluxControlPipeline too: its name does not tell it from
-    Canny.)"""
+    then misreads references; a Fill, Canny or Depth folder's transformer takes other
+    inputs. (Canny and Depth folders are both FluxControlPipelines: the name does not tell
+    one from the other.)"""
     folder = configs_from if configs_from is not None else path
     if folder is None or not (folder / "model_index.json").is_file():
         return
@@ -336,6 +341,6 @@ def check_flux_kind(where: str, path: Path | None, configs_from: Path | None,
         if kind == tool and name != pipeline:
             raise ConfigError(f"{where}.{tool}: {folder} holds a {name} folder, not FLUX.1 "
                               f"{tool.title()} ({pipeline})")
-        if kind != tool and name == pipeline:
+        if kind != tool and name == pipeline and _TOOL_PIPELINES.get(kind, ("",))[0] != name:
             raise ConfigError(f"{where}.{tool}: {folder} holds FLUX.1 {tool.title()} weights: "
                               f"set {tool}: true ({why})")

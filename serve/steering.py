@@ -129,3 +129,24 @@ class ReduxConfig(PathOrEmbedded):
         if name != "FluxPriorReduxPipeline":
             raise ConfigError(f"{where}.path: {self.path} is not a FLUX.1 Redux folder (its "
                               "model_index.json does not name FluxPriorReduxPipeline)")
+
+
+class DepthEstimatorConfig(PathOrEmbedded):
+    """The depth estimator of a FLUX.1 Depth model: a transformers depth-estimation folder
+    (Depth Anything, as Black Forest Labs made FLUX.1 Depth [dev]'s control maps with;
+    AutoModelForDepthEstimation and its image processor), run on the replica's device on
+    each request's image before its call."""
+
+    path: Path | None = Field(None, description=(
+        "Local folder: config.json, preprocessor_config.json and safetensors weights (e.g. "
+        "a copy of LiheYoung/depth-anything-large-hf). Never fetched."))
+    embedded: Literal["tiny-depth-anything"] | None = Field(None, description=(
+        "Build and use the embedded random-weight Depth Anything."))
+
+    def check_files(self, where: str) -> None:
+        """Raise ConfigError naming `where`.path unless it holds a model and its image
+        processor."""
+        for name in ("config.json", "preprocessor_config.json") if self.path else ():
+            if not (self.path / name).is_file():
+                raise ConfigError(f"{where}.path: {self.path} holds no {name} (a transformers "
+                                  "depth-estimation folder)")

@@ -30,8 +30,9 @@ IMAGE_PROMPT_SIDE = 512
 
 @dataclass(frozen=True, eq=False)
 class SourceImage:
-    """An input image for img2img, inpainting, a Kontext edit or a FLUX.1 Canny model's
-    control, already at the request's size: RGB pixels, and for inpainting a mask of 8-bit
+    """An input image for img2img, inpainting, a Kontext edit or a FLUX.1 Canny or Depth
+    model's control (Canny's edges; the picture whose depth map Depth's replica
+    estimates), already at the request's size: RGB pixels, and for inpainting a mask of 8-bit
     grey (white = repaint). An edit's image is a reference the prompt changes, a control
     image the edges the output follows (every step runs: `strength` is 1)."""
 

@@ -116,6 +116,14 @@ def redux_folder(model: ModelConfig, cache_dir: Path) -> Path | None:
     return redux.path or ensure_embedded(redux.embedded, cache_dir)
 
 
+def depth_estimator_folder(model: ModelConfig, cache_dir: Path) -> Path:
+    """The Depth model's depth estimator folder (the embedded one built once)."""
+    from deployments.tiny import ensure_embedded
+
+    estimator = model.depth_estimator
+    return estimator.path or ensure_embedded(estimator.embedded, cache_dir)
+
+
 def create_engine(model: ModelConfig, cache_dir: Path,
                   adapters: dict[str, AdapterEntry] | None) -> Engine:
     """Load the model's pipeline; `adapters` are the catalog entries that fit it."""
@@ -135,15 +143,19 @@ def create_engine(model: ModelConfig, cache_dir: Path,
     if model.family == "flux":
         from deployments.engines.flux import (
             FluxControlEngine,
+            FluxDepthEngine,
             FluxEngine,
             FluxFillEngine,
             FluxKontextEngine,
         )
 
         engine = {"kontext": FluxKontextEngine, "fill": FluxFillEngine,
-                  "canny": FluxControlEngine}.get(model.flux_kind, FluxEngine)
+                  "canny": FluxControlEngine, "depth": FluxDepthEngine}.get(model.flux_kind,
+                                                                             FluxEngine)
+        extra = {"depth_estimator": depth_estimator_folder(model, cache_dir)} if model.depth \
+            else {}
         return engine(path, model.dtype, device, model.variant, model.simulate_oom_above_images,
                       adapters, model.max_loaded_adapters, model.max_lora_rank,
                       model.lora_targets, model.fuse_adapters, model.speed, cache_dir / "compile",
-                      redux_folder(model, cache_dir))
+                      redux_folder(model, cache_dir), **extra)
     raise ValueError(f"no engine for family {model.family!r}")

@@ -1,6 +1,6 @@
 """FLUX engines: FLUX.1 text-to-image, img2img and inpainting with flow-matching Euler,
-FLUX.1 Kontext's edits, FLUX.1 Fill's inpainting and outpainting, and FLUX.1 Canny's
-control by edges.
+FLUX.1 Kontext's edits, FLUX.1 Fill's inpainting and outpainting, and FLUX.1 Canny's and
+Depth's control by edges and by depth.
 
 `guidance_scale` is FLUX's distilled guidance (the transformer's guidance embedding, as
 `guidance` on Replicate's flux-dev); there is no negative prompt and one forward pass per
@@ -36,6 +36,7 @@ from diffusers import (
     FluxKontextPipeline,
     FluxPipeline,
 )
+from PIL import Image
 
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine, Prepared
@@ -179,3 +180,23 @@ class FluxControlEngine(FluxEngine):
     and keeps it warm with a blank control image."""
 
     pipelines: ClassVar[dict[str, type]] = {"control": FluxControlPipeline}
+
+
+class FluxDepthEngine(FluxControlEngine):
+    """FLUX.1 Depth: as FLUX.1 Canny, the control image's latents beside the noise on every
+    step, the control image being the depth map of the request's picture, estimated on the
+    replica (`deployments.engines.depth`) when the request is prepared."""
+
+    def __init__(self, *args, depth_estimator: Path, **kwargs):
+        super().__init__(*args, **kwargs)
+        from deployments.engines.depth import DepthMaps
+
+        self.depth_maps = DepthMaps(depth_estimator, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def prepare(self, request: GenerationRequest) -> tuple[Prepared, bool]:
+        """As Canny's, with the picture's depth map as the control image."""
+        source = request.source
+        picture = Image.frombytes("RGB", (request.width, request.height), source.rgb)
+        mapped = replace(source, rgb=self.depth_maps.of(picture).tobytes())
+        return super().prepare(replace(request, source=mapped))

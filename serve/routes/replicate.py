@@ -1,8 +1,9 @@
 """Replicate's predictions API, for the official `replicate` client.
 
 Inputs mirror `stability-ai/sdxl` for SDXL models, `black-forest-labs/flux-dev` for
-FLUX models, and `black-forest-labs/flux-kontext-dev`, `flux-fill-dev` and
-`flux-canny-dev` for Kontext, Fill and Canny models (each version's schema says which).
+FLUX models, and `black-forest-labs/flux-kontext-dev`, `flux-fill-dev`, `flux-canny-dev`
+and `flux-depth-dev` for Kontext, Fill, Canny and Depth models (each version's schema says
+which).
 `apply_watermark: false` leaves out the invisible watermark, where the model's config lets
 it; `go_fast` is accepted and has no effect (speed is the model's config);
 `disable_safety_checker` skips the model's safety checker, where it has one that lets it.

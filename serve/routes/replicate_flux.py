@@ -1,6 +1,6 @@
 """Replicate's FLUX model inputs: `black-forest-labs/flux-dev`'s (with `flux-redux-dev`'s
-image prompt), `flux-kontext-dev`'s, `flux-fill-dev`'s and `flux-canny-dev`'s, with their
-LoRA models' LoRA inputs."""
+image prompt), `flux-kontext-dev`'s, `flux-fill-dev`'s, `flux-canny-dev`'s and
+`flux-depth-dev`'s, with their LoRA models' LoRA inputs."""
 
 from __future__ import annotations
 
@@ -221,6 +221,22 @@ class CannyInput(_MegapixelInput):
 
     def edge_thresholds(self) -> tuple[int | None, int | None]:
         return self.canny_low_threshold, self.canny_high_threshold
+
+    @property
+    def image(self) -> str:
+        return self.control_image
+
+
+class DepthInput(_MegapixelInput):
+    """black-forest-labs/flux-depth-dev's inputs: the control image whose depth map
+    (estimated here) lays out the output; unset values take the served model's defaults."""
+
+    control_image: str = Field(description=(
+        "Image whose depth map (estimated here) the output follows, as a data URI, base64 "
+        "or an allowed URL"))
+
+    mask: ClassVar[None] = None
+    image_field: ClassVar[str] = "control_image"
 
     @property
     def image(self) -> str:

@@ -7,16 +7,22 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from serve.config import ModelConfig
-from serve.routes.replicate_flux import CannyInput, FillInput, FluxInput, KontextInput
+from serve.routes.replicate_flux import (
+    CannyInput,
+    DepthInput,
+    FillInput,
+    FluxInput,
+    KontextInput,
+)
 from serve.routes.replicate_inputs import ControlNetInputs, SDXLInput
 
-ReplicateInput = SDXLInput | FluxInput | KontextInput | FillInput | CannyInput
+ReplicateInput = SDXLInput | FluxInput | KontextInput | FillInput | CannyInput | DepthInput
 
 
 def input_class(model: ModelConfig) -> type[ReplicateInput]:
     if model.flux_kind is not None:
-        return {"kontext": KontextInput, "fill": FillInput,
-                "canny": CannyInput}[model.flux_kind]
+        return {"kontext": KontextInput, "fill": FillInput, "canny": CannyInput,
+                "depth": DepthInput}[model.flux_kind]
     return FluxInput if model.family == "flux" else SDXLInput
 
 

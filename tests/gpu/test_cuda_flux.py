@@ -188,3 +188,31 @@ def test_a_redux_image_prompt_runs_compiled_in_bfloat16_and_keeps_its_seed_batch
     batched = engine.generate([_req(3, image_prompt=prompt), _req(4, image_prompt=prompt)])
     assert alone.shape == (96, 128, 3) and not np.array_equal(alone, plain)
     assert np.abs(np.asarray(batched[0][0]).astype(int) - alone).mean() < 2
+
+
+def test_a_depth_control_runs_compiled_in_bfloat16_with_its_estimator_on_the_gpu(cache_dir):
+    """FLUX.1 Depth on CUDA, compiled with fused projections: Depth Anything in bfloat16 on
+    the GPU makes the control image; another layout gives another image, and a request's
+    pixels hardly move when it shares a call."""
+    from PIL import Image
+
+    from deployments.engines.flux import FluxDepthEngine
+    from deployments.tiny import TINY_DEPTH_ANYTHING, TINY_FLUX_DEPTH, ensure_embedded
+    from serve.config import SpeedConfig
+
+    engine = FluxDepthEngine(ensure_embedded(TINY_FLUX_DEPTH, cache_dir), "bfloat16", "cuda",
+                             speed=SpeedConfig(fuse_qkv=True, compile=True),
+                             compile_cache=cache_dir / "compile-gpu-depth",
+                             depth_estimator=ensure_embedded(TINY_DEPTH_ANYTHING, cache_dir))
+    assert next(engine.depth_maps.model.parameters()).dtype == torch.bfloat16
+    scene = np.zeros((96, 128, 3), np.uint8)
+    scene[20:60, 10:50] = 230
+    picture = SourceImage(scene.tobytes(), 1.0, control=True)
+    flipped = SourceImage(scene[:, ::-1].copy().tobytes(), 1.0, control=True)
+    depth = np.asarray(engine.depth_maps.of(Image.fromarray(scene)))
+    assert depth.shape == (96, 128, 3) and depth.max() == 255
+    alone = np.asarray(engine.generate([_req(3, source=picture)])[0][0]).astype(int)
+    batched = engine.generate([_req(3, source=picture), _req(4, source=picture)])
+    other = np.asarray(engine.generate([_req(3, source=flipped)])[0][0]).astype(int)
+    assert alone.shape == (96, 128, 3) and not np.array_equal(alone, other)
+    assert np.abs(np.asarray(batched[0][0]).astype(int) - alone).mean() < 2

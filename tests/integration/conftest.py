@@ -16,7 +16,8 @@ its adapters merged into them; `atelier/tiny-flux-kontext` is the embedded tiny 
 Kontext, whose input images are references to edit; `atelier/tiny-flux-fill` the embedded
 tiny FLUX.1 Fill, which fills masked images (and reads image prompts with the tiny
 Redux); `atelier/tiny-flux-canny` the embedded tiny FLUX.1 Canny, which follows an image's
-edges; `atelier/tiny-flux-redux` the tiny FLUX with
+edges; `atelier/tiny-flux-depth` the embedded tiny FLUX.1 Depth with the tiny Depth
+Anything, which follows an image's depth; `atelier/tiny-flux-redux` the tiny FLUX with
 the embedded tiny FLUX.1 Redux, which reads image prompts (waiting half a second for
 company). The adapter catalog is the embedded demo set plus
 `bad_adapters` (files that must fail cleanly), `made_adapters` (made with PEFT and saved by
@@ -56,6 +57,7 @@ KONTEXT = "atelier/tiny-flux-kontext"
 FILL = "atelier/tiny-flux-fill"
 CANNY = "atelier/tiny-flux-canny"
 REDUX = "atelier/tiny-flux-redux"
+DEPTH = "atelier/tiny-flux-depth"
 CHECKED = "atelier/tiny-sdxl-checked"
 CHECKED_PROMPT = "a scene for the safety checker"
 MAX_BODY_BYTES = 2 * 2**20
@@ -224,6 +226,11 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                aliases=["black-forest-labs/flux-canny-dev"],
                defaults={"width": 96, "height": 96, "num_inference_steps": 4,
                          "guidance_scale": 30}),
+        _model(DEPTH, 10, family="flux", embedded="tiny-flux-depth", depth=True,
+               depth_estimator={"embedded": "tiny-depth-anything"},
+               aliases=["black-forest-labs/flux-depth-dev"],
+               defaults={"width": 96, "height": 96, "num_inference_steps": 4,
+                         "guidance_scale": 10}),
         _model(REDUX, 500, family="flux", embedded="tiny-flux",
                redux={"embedded": "tiny-flux-redux"},
                aliases=["black-forest-labs/flux-redux-dev"],

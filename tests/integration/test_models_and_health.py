@@ -3,6 +3,7 @@ from tests.integration.conftest import (
     CANNY,
     CHECKED,
     DEADLINE,
+    DEPTH,
     FAST,
     FILL,
     FLUX,
@@ -22,18 +23,19 @@ def test_models_are_listed_in_openai_shape(client):
     assert [m["id"] for m in body["data"]] == [FAST, BATCHED, ONE_SLOT, TWO_REPLICAS,
                                           RESTARTABLE, DEADLINE, SMALL_MEMORY,
                                           STALL, CHECKED, FLUX, KONTEXT, FILL, CANNY,
-                                          REDUX]
+                                          DEPTH, REDUX]
     first = body["data"][0]
     assert first["object"] == "model" and first["owned_by"] == "atelier"
     assert first["aliases"] == ["stability-ai/sdxl"] and first["limits"]["max_size"] == 512
     assert (first["family"], first["defaults"]["scheduler"]) == ("sdxl", "K_EULER")
-    flux, kontext, fill, canny, redux = body["data"][-5:]
+    flux, kontext, fill, canny, depth, redux = body["data"][-6:]
     assert (flux["family"], flux["aliases"]) == ("flux", ["black-forest-labs/flux-dev"])
     assert flux["defaults"]["scheduler"] == "FlowMatchEuler"
     assert (flux["kontext"], first["kontext"]) == (False, False)
     assert (kontext["family"], kontext["kontext"], kontext["fill"]) == ("flux", True, False)
     assert (fill["family"], fill["kontext"], fill["fill"]) == ("flux", False, True)
     assert (canny["family"], canny["fill"], canny["canny"]) == ("flux", False, True)
+    assert (depth["canny"], depth["depth"], canny["depth"]) == (False, True, False)
     assert (redux["family"], redux["redux"], flux["redux"]) == ("flux", {"downsampling": 1},
                                                                 None)
     assert redux["aliases"] == ["black-forest-labs/flux-redux-dev"]
@@ -50,7 +52,7 @@ def test_both_official_clients_list_the_same_models(base_url, rep):
     assert [f"{m.owner}/{m.name}" for m in page.results] == listed and page.next is None
     retrieved = oai.models.retrieve("black-forest-labs/flux-dev")  # an alias
     assert (retrieved.id, retrieved.object, retrieved.owned_by) == (FLUX, "model", "atelier")
-    flux = page.results[-5]
+    flux = page.results[-6]
     assert flux.latest_version.id == rep.models.get(FLUX).latest_version.id
     assert "prompt" in flux.latest_version.openapi_schema["components"]["schemas"]["Input"][
         "properties"]
@@ -62,7 +64,7 @@ def test_healthz_reports_every_model_ready(client):
     models = r.json()["models"]
     assert set(models) == {FAST, BATCHED, ONE_SLOT, TWO_REPLICAS, RESTARTABLE,
                            DEADLINE, SMALL_MEMORY, STALL, CHECKED, FLUX, KONTEXT, FILL, CANNY,
-                           REDUX}
+                           DEPTH, REDUX}
     assert all(m["state"] == "ready" for m in models.values())
     assert [models[m]["replicas_running"] for m in (FAST, TWO_REPLICAS)] == [1, 2]
 

@@ -24,7 +24,7 @@ def test_serve_config_is_valid_for_serve_and_binds_to_loopback():
 
 
 def test_the_commented_models_in_a_shipped_config_are_valid_once_uncommented():
-    """sdxl-flux-gpu.yaml's FLUX.1 Kontext, Fill and Canny entries, as a user would
+    """sdxl-flux-gpu.yaml's FLUX.1 Kontext, Fill, Canny and Depth entries, as a user would
     uncomment them."""
     import re
 
@@ -38,7 +38,9 @@ def test_the_commented_models_in_a_shipped_config_are_valid_once_uncommented():
     assert [(m.id, m.family, m.flux_kind, m.defaults.guidance_scale) for m in models] == [
         ("black-forest-labs/flux-kontext-dev", "flux", "kontext", 2.5),
         ("black-forest-labs/flux-fill-dev", "flux", "fill", 30),
-        ("black-forest-labs/flux-canny-dev", "flux", "canny", 30)]
+        ("black-forest-labs/flux-canny-dev", "flux", "canny", 30),
+        ("black-forest-labs/flux-depth-dev", "flux", "depth", 10)]
+    assert str(models[-1].depth_estimator.path) == "/models/depth-anything"
 
 
 def test_the_commented_redux_of_the_shipped_flux_model_is_valid_once_uncommented():

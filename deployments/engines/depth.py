@@ -1,0 +1,41 @@
+"""FLUX.1 Depth's control images: depth maps of the requests' pictures.
+
+Black Forest Labs made FLUX.1 Depth [dev]'s control maps with Depth Anything (relative
+depth, near bright). Here the estimator's output is brought back to the picture's size
+(bicubic) and stretched to the full 0–255 range; it runs on the replica's device, on the
+thread that prepares a request beside the running call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+
+class DepthMaps:
+    """The depth estimator of `folder` (a transformers depth-estimation folder), on
+    `device` in `dtype`."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype, device: torch.device):
+        self.model = AutoModelForDepthEstimation.from_pretrained(
+            folder, dtype=dtype, local_files_only=True).to(device).eval()
+        self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        self.device, self.dtype = device, dtype
+
+    @torch.inference_mode()
+    def of(self, picture: Image.Image) -> Image.Image:
+        """The picture's depth map at its size: 8-bit grey as RGB, the nearest point 255
+        and the farthest 0 (all 0 if the estimate is flat)."""
+        pixels = self.processor(images=picture, return_tensors="pt").pixel_values
+        depth = self.model(pixel_values=pixels.to(self.device, self.dtype)).predicted_depth
+        depth = F.interpolate(depth[:, None].float(), size=(picture.height, picture.width),
+                              mode="bicubic", align_corners=False)[0, 0]
+        low, high = depth.min(), depth.max()
+        scaled = (depth - low) / (high - low) if high > low else torch.zeros_like(depth)
+        grey = (scaled * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        return Image.fromarray(np.stack([grey] * 3, axis=-1))
