@@ -11,21 +11,12 @@ import json
 import cv2
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from tests.integration.conftest import BATCHED, FAST, FLUX, assert_same_pixels, decode, pixels
+from tests.pictures import scene
 
-
-def _picture() -> Image.Image:
-    """96x64: a bright square and a dark disc on a mid-grey ground."""
-    image = Image.new("RGB", (96, 64), (120, 120, 120))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((10, 10, 40, 40), fill=(240, 230, 220))
-    draw.ellipse((55, 15, 85, 45), fill=(20, 30, 40))
-    return image
-
-
-PICTURE = _picture()
+PICTURE = scene()
 EDGES = Image.fromarray(cv2.Canny(np.asarray(PICTURE.convert("L")), 100, 200)).convert("RGB")
 
 

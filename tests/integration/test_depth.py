@@ -7,20 +7,12 @@ import base64
 import io
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from tests.integration.conftest import AUTH, DEPTH, decode, pixels, png_bytes
+from tests.pictures import scene
 
-
-def _scene(flip: bool = False) -> Image.Image:
-    image = Image.new("RGB", (96, 64), (120, 120, 120))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((10, 10, 40, 40), fill=(240, 230, 220))
-    draw.ellipse((55, 15, 85, 45), fill=(20, 30, 40))
-    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
-
-
-SCENE = png_bytes(_scene())
+SCENE = png_bytes(scene())
 SCENE_URI = "data:image/png;base64," + base64.b64encode(SCENE).decode()
 
 
@@ -43,7 +35,7 @@ def test_one_picture_gives_the_same_pixels_through_every_api(rep, client, oai):
     assert resp.size == "96x64"
     assert np.array_equal(pixels(decode(resp.data[0].b64_json)), drawn)
     # Another layout, same prompt and seed: another image.
-    flipped = "data:image/png;base64," + base64.b64encode(png_bytes(_scene(True))).decode()
+    flipped = "data:image/png;base64," + base64.b64encode(png_bytes(scene(flip=True))).decode()
     other = pixels(decode(_generate(client, image=flipped).json()["image"]))
     assert np.abs(other - drawn).mean() > 1
 

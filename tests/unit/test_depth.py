@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from serve.config import ConfigError, ModelConfig, parse_config
 from serve.errors import InvalidField
 from serve.images import source_image
 from serve.types import GenerationRequest
+from tests.pictures import scene
 from tests.unit.test_engine import assert_same_pixels
 
 MODEL = ModelConfig(id="a/depth", family="flux", embedded="tiny-flux-depth", depth=True,
@@ -26,16 +27,7 @@ MODEL = ModelConfig(id="a/depth", family="flux", embedded="tiny-flux-depth", dep
                               "guidance_scale": 10})
 
 
-def _scene() -> Image.Image:
-    """96x64: a bright square and a dark disc on a mid-grey ground."""
-    image = Image.new("RGB", (96, 64), (120, 120, 120))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((10, 10, 40, 40), fill=(240, 230, 220))
-    draw.ellipse((55, 15, 85, 45), fill=(20, 30, 40))
-    return image
-
-
-SCENE = _scene()
+SCENE = scene()
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +96,7 @@ def test_the_picture_is_sent_and_the_replica_draws_from_its_depth_map(engine, pa
 def test_batched_requests_give_diffusers_pixels_for_their_depth_maps(engine, paths):
     from diffusers import FluxControlPipeline
 
-    flipped = SCENE.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    flipped = scene(flip=True)
     a, b = _request(), _request(flipped, "a window", seed=9, num_outputs=2)
     out = engine.generate([a, b])
     pipe = FluxControlPipeline.from_pretrained(paths[0])

@@ -60,10 +60,24 @@ def _reference(tiny_flux_path, redux_path, request: GenerationRequest, picture: 
     encoder and embedder make the picture's tokens (their 8x8 grid mean-pooled in blocks
     of `pool`), which follow the prompt's T5 tokens (at the tiny tokenizer's length, as the
     engine reads it), as in Black Forest Labs' code."""
-    from diffusers import FluxPipeline, FluxPriorReduxPipeline
+    from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(tiny_flux_path)
     pipe.set_progress_bar_config(disable=True)
+    return pipe(**_reference_embeds(pipe, redux_path, request, picture, pool),
+                width=request.width, height=request.height,
+                num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale,
+                generator=[torch.Generator().manual_seed(s) for s in request.seeds]).images
+
+
+def _reference_embeds(pipe, redux_path, request: GenerationRequest, picture: Image.Image,
+                      pool: int = 1) -> dict:
+    """`pipe`'s prompt embeddings for each of the request's images: the prompt's T5 tokens
+    followed by the tokens diffusers' Redux modules make of the picture, mean-pooled in
+    blocks of `pool` on their 8x8 grid, and the prompt's pooled CLIP vector."""
+    from diffusers import FluxPriorReduxPipeline
+
     prior = FluxPriorReduxPipeline.from_pretrained(redux_path)
     text, pooled, _ = pipe.encode_prompt(prompt=request.prompt, prompt_2=None,
                                          max_sequence_length=256)
@@ -71,12 +85,8 @@ def _reference(tiny_flux_path, redux_path, request: GenerationRequest, picture: 
     grid = torch.nn.functional.avg_pool2d(tokens.view(1, 8, 8, -1).permute(0, 3, 1, 2), pool)
     tokens = grid.flatten(2).transpose(1, 2)
     rows = request.num_outputs
-    return pipe(prompt_embeds=torch.cat([text, tokens], dim=1).repeat(rows, 1, 1),
-                pooled_prompt_embeds=pooled.repeat(rows, 1), width=request.width,
-                height=request.height,
-                num_inference_steps=request.num_inference_steps,
-                guidance_scale=request.guidance_scale,
-                generator=[torch.Generator().manual_seed(s) for s in request.seeds]).images
+    return {"prompt_embeds": torch.cat([text, tokens], dim=1).repeat(rows, 1, 1),
+            "pooled_prompt_embeds": pooled.repeat(rows, 1)}
 
 
 def test_the_embedded_redux_is_saved_as_black_forest_labs_ships_it(redux_path):
@@ -263,7 +273,7 @@ def test_a_fill_model_draws_the_picture_into_the_masked_part(redux_path, cache_d
     """Redux on FLUX.1 Fill (a product drawn into a photo's masked part): the images are
     diffusers' FluxFillPipeline's given the prompt's tokens followed by the picture's, the
     unmasked pixels the photo's own; a fill with a picture batches apart from one without."""
-    from diffusers import FluxFillPipeline, FluxPriorReduxPipeline
+    from diffusers import FluxFillPipeline
 
     from deployments.engines.flux import FluxFillEngine
     from deployments.tiny import TINY_FLUX_FILL
@@ -280,13 +290,8 @@ def test_a_fill_model_draws_the_picture_into_the_masked_part(redux_path, cache_d
     (ours,), ((without, _),) = engine.generate([request]), engine.generate([plain])
     pipe = FluxFillPipeline.from_pretrained(fill_path)
     pipe.set_progress_bar_config(disable=True)
-    prior = FluxPriorReduxPipeline.from_pretrained(redux_path)
-    text, pooled, _ = pipe.encode_prompt(prompt=request.prompt, prompt_2=None,
-                                         max_sequence_length=256)
-    tokens = prior.image_embedder(prior.encode_image(NOISE, "cpu", 1)).image_embeds
     size = (width, height)
-    theirs = pipe(prompt_embeds=torch.cat([text, tokens], dim=1).repeat(2, 1, 1),
-                  pooled_prompt_embeds=pooled.repeat(2, 1),
+    theirs = pipe(**_reference_embeds(pipe, redux_path, request, NOISE),
                   image=[Image.frombytes("RGB", size, source.rgb)] * 2,
                   mask_image=[Image.frombytes("L", size, source.mask)] * 2, width=width,
                   height=height, num_inference_steps=4, guidance_scale=30,
