@@ -247,7 +247,8 @@ async def generate(request: Request) -> Response:
 
 
 async def _read_params(request: Request) -> tuple[GenerateParams, dict[str, str]]:
-    """Merge query and JSON body; return the params and where each field came from.
+    """Merge query and JSON body; return the params and where each field came from (a
+    field not sent: the body if there is one, else the query).
 
     Raises RequestValidationError located at ("query"|"body", field).
     """
@@ -263,13 +264,15 @@ async def _read_params(request: Request) -> tuple[GenerateParams, dict[str, str]
             raise InvalidField("", "must be a JSON object", "body")
         values.update(body)
         sources.update(dict.fromkeys(body, "body"))
+    sources = dict.fromkeys(GenerateParams.model_fields, "body" if raw.strip() else "query"
+                            ) | sources
     try:
         return GenerateParams.model_validate(values), sources
     except ValidationError as exc:
         errors = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else ""
-            err["loc"] = (sources.get(field, "body" if raw.strip() else "query"), *err["loc"])
+            err["loc"] = (sources.get(field, "body"), *err["loc"])
             errors.append(err)
         raise RequestValidationError(errors) from None
 

@@ -243,7 +243,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                          {"path": str(made_adapters), "base": "sdxl"},
                          {"path": str(named_adapters), "base": "flux"}]}
     # The dashboard writes Ray's Prometheus service-discovery file.
-    ray.init(address="local", num_cpus=16, include_dashboard=True, dashboard_port=_free_port(),
+    ray.init(address="local", num_cpus=24, include_dashboard=True, dashboard_port=_free_port(),
              _metrics_export_port=metrics_port)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 120})
