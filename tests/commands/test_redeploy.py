@@ -44,19 +44,42 @@ def cluster(tmp_path_factory):
     """(dashboard address, env) of a one-node Ray cluster started with `ray start`."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
-    dashboard = f"http://127.0.0.1:{free_port()}"
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-         f"--port={free_port()}", "--num-cpus=4", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard.rsplit(':', 1)[1]}",
-         f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    folder = tmp_path_factory.mktemp("redeploy")
+    head, dashboard = _start_head(env, folder)
     try:
-        _until(lambda: _answers(f"{dashboard}/api/version"), 90, "the Ray dashboard")
-        yield dashboard, env, tmp_path_factory.mktemp("redeploy")
+        yield dashboard, env, folder
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(90)
+
+
+def _start_head(env, folder, attempts=3):
+    """A head node whose dashboard answers. `ray start` exits at once when a port picked
+    here is taken by the time it binds (the ports are free only when picked), so a head
+    that exits is started again on other ports; its output is kept for the failure."""
+    for attempt in range(attempts):
+        dashboard = f"http://127.0.0.1:{free_port()}"
+        log = folder / f"ray-start-{attempt}.log"
+        with log.open("wb") as out:
+            head = subprocess.Popen(
+                [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+                 f"--port={free_port()}", "--num-cpus=4", "--include-dashboard=true",
+                 "--dashboard-host=127.0.0.1",
+                 f"--dashboard-port={dashboard.rsplit(':', 1)[1]}",
+                 f"--dashboard-agent-listen-port={free_port()}",
+                 f"--metrics-export-port={free_port()}"],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while head.poll() is None and time.monotonic() < deadline:
+            if _answers(f"{dashboard}/api/version"):
+                return head, dashboard
+            time.sleep(0.5)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(90)
+            break
+    pytest.fail(f"no Ray dashboard after {attempt + 1} `ray start`; the last one printed:\n"
+                f"{log.read_text()[-3000:]}")
 
 
 def _answers(url):
