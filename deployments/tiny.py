@@ -27,6 +27,7 @@ TINY_FLUX_CANNY = "tiny-flux-canny"
 TINY_FLUX_REDUX = "tiny-flux-redux"
 TINY_FLUX_DEPTH = "tiny-flux-depth"
 TINY_DEPTH_ANYTHING = "tiny-depth-anything"
+TINY_FLUX_CONTROLNET = "tiny-flux-controlnet"
 # Bump when the recipe below changes, so old caches are not reused.
 RECIPE_VERSION = 1
 _SEED = 20261122
@@ -44,7 +45,8 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
                 TINY_FLUX_CANNY: partial(_build_tiny_flux, tool="canny"),
                 TINY_FLUX_REDUX: _build_tiny_redux,
                 TINY_FLUX_DEPTH: partial(_build_tiny_flux, tool="depth"),
-                TINY_DEPTH_ANYTHING: _build_tiny_depth_anything}
+                TINY_DEPTH_ANYTHING: _build_tiny_depth_anything,
+                TINY_FLUX_CONTROLNET: _build_tiny_flux_controlnet}
     if name not in builders:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(builders)}")
     return built_once(cache_dir / f"{name}-v{RECIPE_VERSION}", builders[name])
@@ -213,6 +215,16 @@ def _build_tiny_depth_anything(folder: Path) -> None:
     from deployments.tiny_flux import TINY_DEPTH_ANYTHING, build_random_depth_estimator
 
     build_random_depth_estimator(folder, TINY_DEPTH_ANYTHING)
+
+
+def _build_tiny_flux_controlnet(folder: Path) -> None:
+    from deployments.tiny_flux import (
+        TINY_FLUX_CONFIGS,
+        TINY_FLUX_CONTROLNET,
+        build_random_flux_controlnet,
+    )
+
+    build_random_flux_controlnet(folder, TINY_FLUX_CONFIGS["transformer"], TINY_FLUX_CONTROLNET)
 
 
 def public_fields(config: dict) -> dict:

@@ -273,3 +273,31 @@ def build_random_depth_estimator(folder: Path, configs: dict) -> None:
         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
+
+
+# InstantX's FLUX.1-dev ControlNets (a few of the transformer's blocks, each adding its
+# output to the transformer's matching block) at toy size: one double- and one
+# single-stream block, and a union's mode embedding (InstantX's Union: 10 modes).
+TINY_FLUX_CONTROLNET = {"num_layers": 1, "num_single_layers": 1, "num_mode": 10}
+_CONTROLNET_GAIN = 0.5
+
+
+def build_random_flux_controlnet(folder: Path, transformer: dict, controlnet: dict,
+                                 dtype: str = "float32") -> None:
+    """Save a FluxControlNetModel (diffusers' layout, as InstantX ships theirs) for a
+    transformer of config `transformer`, with `controlnet`'s block counts and modes and
+    random weights. The layers that are zero before training (the control image's
+    embedding and each block's output) get random ones, scaled by _CONTROLNET_GAIN so that
+    the control image steers the image without drowning it, as it does once trained."""
+    import torch
+    from diffusers import FluxControlNetModel
+
+    from deployments.tiny import public_fields
+
+    torch.manual_seed(_SEED + 11)
+    net = FluxControlNetModel(**public_fields(transformer) | controlnet)
+    zeroed = [net.controlnet_x_embedder, *net.controlnet_blocks, *net.controlnet_single_blocks]
+    with torch.no_grad():
+        for layer in zeroed:
+            torch.nn.init.normal_(layer.weight, std=_CONTROLNET_GAIN / layer.in_features ** 0.5)
+    net.to(getattr(torch, dtype)).save_pretrained(folder, safe_serialization=True)

@@ -12,6 +12,7 @@ from serve.types import GenerationRequest
 
 if TYPE_CHECKING:
     from deployments.adapters import AdapterSlots
+    from deployments.engines.controlnets import NetFiles
     from deployments.fused_adapters import FusedAdapters
 
 
@@ -86,11 +87,14 @@ def refiner_path(refiner: RefinerConfig, cache_dir: Path) -> Path:
     return refiner.path
 
 
-def controlnet_paths(model: ModelConfig, cache_dir: Path) -> dict[str, tuple[Path, str | None]]:
-    """Each ControlNet's local folder (the embedded one built once) and weights variant."""
+def controlnet_files(model: ModelConfig, cache_dir: Path) -> dict[str, NetFiles]:
+    """Each ControlNet's local folder (the embedded one built once), weights variant and
+    union mode."""
+    from deployments.engines.controlnets import NetFiles
     from deployments.tiny import ensure_embedded
 
-    return {name: (net.path or ensure_embedded(net.embedded, cache_dir), net.variant)
+    return {name: NetFiles(net.path or ensure_embedded(net.embedded, cache_dir), net.variant,
+                           net.control_mode)
             for name, net in model.controlnets.items()}
 
 
@@ -139,7 +143,7 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                           cache_dir / "compile", model.fuse_adapters,
                           refiner_path(refiner, cache_dir) if refiner else None,
                           refiner.variant if refiner else None,
-                          controlnet_paths(model, cache_dir), ip_adapter_files(model, cache_dir))
+                          controlnet_files(model, cache_dir), ip_adapter_files(model, cache_dir))
     if model.family == "flux":
         from deployments.engines.flux import (
             FluxControlEngine,

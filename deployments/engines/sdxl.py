@@ -30,6 +30,7 @@ from diffusers import (
 
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine
+from deployments.engines.controlnets import ControlNets, NetFiles
 from deployments.engines.image_prompts import ImagePrompts
 from deployments.engines.loading import load_pipeline
 from deployments.engines.prompts import Embeds
@@ -38,7 +39,7 @@ from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
 from serve.model_parts import FAMILIES
-from serve.types import ControlImage, GenerationRequest, ImagePrompt
+from serve.types import GenerationRequest, ImagePrompt
 
 # mode → the ControlNet pipeline of calls with ControlNets.
 _CONTROLNET_PIPELINES = {"txt2img": StableDiffusionXLControlNetPipeline,
@@ -75,12 +76,14 @@ class SDXLEngine(DiffusersEngine):
                  speed: SpeedConfig | None = None, compile_cache: Path | None = None,
                  fuse_adapters: bool = False, refiner: Path | None = None,
                  refiner_variant: str | None = None,
-                 controlnets: Mapping[str, tuple[Path, str | None]] | None = None,
+                 controlnets: Mapping[str, NetFiles] | None = None,
                  ip_adapter: tuple[Path, str, str, str] | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
         if ip_adapter is not None:  # (folder, subfolder, weights file, image encoder)
             self.image_prompts = ImagePrompts(self.pipe, *ip_adapter)
-        self._load_controlnets(controlnets or {})
+        self.controlnets = ControlNets(self.pipe, controlnets or {}, self.dtype, self.device,
+                                       ControlNetModel, MultiControlNetModel,
+                                       _CONTROLNET_PIPELINES)
         # The refiner shares the base model's text_encoder_2 and VAE (its own are not read).
         self.refiner = None if refiner is None else load_pipeline(
             StableDiffusionXLImg2ImgPipeline, refiner, self.dtype, refiner_variant,
@@ -97,36 +100,11 @@ class SDXLEngine(DiffusersEngine):
                                           "text_encoder_2": self.pipe.text_encoder_2})
         self.speed_up(speed or SpeedConfig(), compile_cache or path / ".compile")
 
-    def _load_controlnets(self, controlnets: Mapping[str, tuple[Path, str | None]]) -> None:
-        """Load each ControlNet (by name: its folder and weights variant) in the model's
-        dtype. Calls with ControlNets run the ControlNet pipeline of their mode over the
-        model's own modules, given the call's ControlNet (several: combined) each time."""
-        self.controlnets = {
-            name: load_pipeline(ControlNetModel, folder, self.dtype, variant).to(self.device)
-            for name, (folder, variant) in controlnets.items()}
-        self._control_pipes, self._combined = {}, {}
-        if not self.controlnets:
-            return
-        first = next(iter(self.controlnets.values()))
-        for mode, cls in _CONTROLNET_PIPELINES.items():
-            pipe = cls.from_pipe(self.pipe, controlnet=first, dtype=self.dtype)
-            pipe.set_progress_bar_config(disable=True)
-            self._control_pipes[mode] = pipe
-
-    def _controlnet(self, names: tuple[str, ...]):
-        """The ControlNet of a call: the one named, or the named ones combined."""
-        if len(names) == 1:
-            return self.controlnets[names[0]]
-        if names not in self._combined:
-            self._combined[names] = MultiControlNetModel([self.controlnets[n] for n in names])
-        return self._combined[names]
-
     def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
         pipe = super()._prepare(requests, rows)
         first = requests[0]
         if first.controls:
-            pipe = self._control_pipes[first.mode]
-            pipe.controlnet = self._controlnet(tuple(c.name for c in first.controls))
+            pipe = self.controlnets.pipe(first)
         pipe.scheduler = self._schedulers[first.scheduler]
         return pipe
 
@@ -134,12 +112,12 @@ class SDXLEngine(DiffusersEngine):
         """As for every engine, with each ControlNet's weights dtype, and the IP-Adapter's
         image encoder's, among the modules'."""
         facts = super().describe()
-        nets = {f"controlnet {name}": net for name, net in self.controlnets.items()}
+        facts["weights"] |= self.controlnets.weights()
         if self.image_prompts is not None:
-            nets["ip-adapter image_encoder"] = self.pipe.image_encoder
-        facts["weights"] |= {name: str(next(net.parameters()).dtype).removeprefix("torch.")
-                             for name, net in nets.items()}
-        return facts | {"controlnets": list(self.controlnets)}
+            encoder = self.pipe.image_encoder
+            facts["weights"]["ip-adapter image_encoder"] = str(
+                next(encoder.parameters()).dtype).removeprefix("torch.")
+        return facts | {"controlnets": list(self.controlnets.nets)}
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
@@ -155,9 +133,8 @@ class SDXLEngine(DiffusersEngine):
         if self.image_prompts is not None:
             prompt = ImagePrompt(blank, request.width, request.height, 1.0)
             self.generate([replace(request, num_outputs=1, image_prompt=prompt)])
-        for name in self.controlnets:
-            control = ControlImage(name, blank)
-            self.generate([replace(request, num_outputs=1, controls=(control,))])
+        for steered in self.controlnets.warm_requests(request):
+            self.generate([steered])
         if self.refiner is not None:
             self.generate([replace(request, refine="expert_ensemble_refiner",
                                    high_noise_frac=0.5)])

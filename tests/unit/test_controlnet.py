@@ -113,7 +113,7 @@ def test_each_image_follows_its_own_control_image_in_a_shared_call(engine):
 def _withdrawing(engine, batch: list, after: int | None, net: str = "canny"):
     """`withdrawing`, with the batch rows of each forward of ControlNet `net` (called with
     keywords when combined)."""
-    return withdrawing(engine, batch, after, engine.controlnets[net],
+    return withdrawing(engine, batch, after, engine.controlnets.nets[net],
                        lambda args, kwargs: (args[0] if args else kwargs["sample"]).shape[0])
 
 
@@ -142,9 +142,9 @@ def test_each_call_runs_the_controlnet_its_requests_name(engine):
 
 
 def test_warm_up_runs_each_controlnet(engine):
-    calls = {name: [] for name in engine.controlnets}
+    calls = {name: [] for name in engine.controlnets.nets}
     hooks = [net.register_forward_pre_hook(lambda m, a, name=name: calls[name].append(1))
-             for name, net in engine.controlnets.items()]
+             for name, net in engine.controlnets.nets.items()]
     try:
         engine.warm_up(BASE)
     finally:
