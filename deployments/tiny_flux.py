@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from serve.steering import EMBEDDED_CONTROLNETS
+
 _SEED = 20261123
 # T5 reads this many tokens per prompt (the real schnell uses 256, dev 512).
 T5_TOKENS = 256
@@ -278,8 +280,9 @@ def build_random_depth_estimator(folder: Path, configs: dict) -> None:
 # InstantX's FLUX.1-dev ControlNets (a few of the transformer's blocks, each adding its
 # output to the transformer's matching block) at toy size: one double- and one
 # single-stream block, and a union's mode embedding (InstantX's Union: 10 modes).
-TINY_FLUX_CONTROLNET = {"num_layers": 1, "num_single_layers": 1, "num_mode": 10}
-_CONTROLNET_GAIN = 0.5
+TINY_FLUX_CONTROLNET = {"num_layers": 1, "num_single_layers": 1,
+                        "num_mode": EMBEDDED_CONTROLNETS["tiny-flux-controlnet"][1]}
+_CONTROLNET_GAIN = 2.0
 
 
 def build_random_flux_controlnet(folder: Path, transformer: dict, controlnet: dict,

@@ -35,6 +35,7 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
     check_pipeline,
 )
 from serve.steering import (
+    EMBEDDED_CONTROLNETS,
     ControlNetConfig,
     DepthEstimatorConfig,
     IPAdapterConfig,
@@ -128,8 +129,9 @@ class ModelConfig(_Strict):
         "SDXL only: a refiner for the `refine` request input (expert_ensemble_refiner, "
         "base_image_refiner). Unset: requests asking for refinement get 422."))
     controlnets: dict[str, ControlNetConfig] = Field(default_factory=dict, description=(
-        "SDXL only: ControlNets by the name requests give (`controlnet`), e.g. {canny: "
-        "{path: ...}}. A request with a `control_image` and no name uses the first."))
+        "SDXL and plain FLUX models: ControlNets by the name requests give (`controlnet`), "
+        "e.g. {canny: {path: ...}}. A request with a `control_image` and no name uses the "
+        "first."))
     ip_adapter: IPAdapterConfig | None = Field(None, description=(
         "SDXL only: an IP-Adapter, for requests' image prompts (`ip_adapter_image`). Unset: "
         "requests with one get 422."))
@@ -206,8 +208,7 @@ class ModelConfig(_Strict):
             raise ValueError("variant: a single-file checkpoint has no variants")
         if self.refiner is not None and self.family != "sdxl":
             raise ValueError("refiner: only sdxl models take a refiner")
-        if self.controlnets and self.family != "sdxl":
-            raise ValueError("controlnets: only sdxl models take ControlNets")
+        self._check_controlnets()
         if self.ip_adapter is not None and self.family != "sdxl":
             raise ValueError("ip_adapter: only sdxl models take an IP-Adapter")
         if self.depth != (self.depth_estimator is not None):
@@ -229,6 +230,16 @@ class ModelConfig(_Strict):
             raise ValueError("max_ongoing_requests must be at least batching.max_batch_size, "
                              "or batches can never fill")
         return self
+
+    def _check_controlnets(self) -> None:
+        if self.controlnets and self.flux_kind:
+            raise ValueError(f"controlnets: a FLUX.1 {self.flux_kind.title()} model takes no "
+                             "ControlNets (plain FLUX models do)")
+        for name, net in self.controlnets.items():
+            family = net.embedded and EMBEDDED_CONTROLNETS[net.embedded][0]
+            if family not in (None, self.family):
+                raise ValueError(f"controlnets.{name}.embedded: {net.embedded!r} is a {family} "
+                                 f"ControlNet, and this is a {self.family} model")
 
     @property
     def flux_kind(self) -> Literal["kontext", "fill", "canny", "depth"] | None:
@@ -371,7 +382,7 @@ class AtelierConfig(_Strict):
             check_pipeline(f"models.{i}", "refiner.", refiner and refiner.path,
                            refiner and refiner.configs_from, "sdxl-refiner")
             for name, net in model.controlnets.items():
-                net.check_files(f"models.{i}.controlnets.{name}")
+                net.check_files(f"models.{i}.controlnets.{name}", model.family)
             if model.ip_adapter is not None:
                 model.ip_adapter.check_files(f"models.{i}.ip_adapter")
             if model.redux is not None:
@@ -402,8 +413,9 @@ def default_cache_dir() -> Path:
 
 def default_config() -> AtelierConfig:
     """The embedded default: a tiny random-weight SDXL (with a refiner, a Canny ControlNet
-    and an IP-Adapter) and a tiny random-weight FLUX (with FLUX.1 Redux), sized for a
-    laptop CPU (the machine's CPUs shared between the two)."""
+    and an IP-Adapter) and a tiny random-weight FLUX (with FLUX.1 Redux, and a union
+    ControlNet serving canny and depth), sized for a laptop CPU (the machine's CPUs shared
+    between the two)."""
     cpus = max(1, min(4, (os.cpu_count() or 1) // 2))
     limits = LimitsConfig(max_size=1024, max_pixels=1024 * 1024)
     return AtelierConfig(models=[
@@ -416,6 +428,10 @@ def default_config() -> AtelierConfig:
                     defaults=DefaultsConfig(width=512, height=512, num_inference_steps=20)),
         ModelConfig(id=DEFAULT_FLUX_ID, aliases=["black-forest-labs/flux-dev"], family="flux",
                     embedded="tiny-flux", redux=ReduxConfig(embedded="tiny-flux-redux"),
+                    controlnets={"canny": ControlNetConfig(embedded="tiny-flux-controlnet",
+                                                           preprocess="canny", control_mode=0),
+                                 "depth": ControlNetConfig(embedded="tiny-flux-controlnet",
+                                                           control_mode=2)},
                     dtype="float32", num_cpus=cpus, limits=limits,
                     defaults=DefaultsConfig(width=512, height=512, num_inference_steps=28,
                                             guidance_scale=3))],

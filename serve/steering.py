@@ -1,6 +1,7 @@
-"""The configs of what steers a model's images from pictures besides its prompt: an SDXL
-model's ControlNets (a control image's shapes) and IP-Adapter (an image prompt), and a FLUX
-model's Redux (an image prompt), each with the check of the files its path must hold."""
+"""The configs of what steers a model's images from pictures besides its prompt: its
+ControlNets (a control image's shapes), an SDXL model's IP-Adapter (an image prompt), a
+FLUX model's Redux (an image prompt), each with the check of the files its path must
+hold."""
 
 from __future__ import annotations
 
@@ -12,17 +13,27 @@ from pydantic import Field, model_validator
 
 from serve.model_parts import ConfigError, PathOrEmbedded
 
+# The embedded ControlNets: their family, and their union modes (None: not a union).
+EMBEDDED_CONTROLNETS = {"tiny-sdxl-controlnet": ("sdxl", None),
+                        "tiny-flux-controlnet": ("flux", 10)}
+# A family's ControlNet class, as a folder's config.json names it.
+_CONTROLNET_CLASSES = {"sdxl": "ControlNetModel", "flux": "FluxControlNetModel"}
+
 
 class ControlNetConfig(PathOrEmbedded):
-    """A ControlNet for an SDXL model (diffusers' ControlNetModel: canny edges, depth,
-    pose...): requests that name it send a control image, whose shapes the model then
-    follows. It runs beside the model's UNet at every step, with the UNet's dtype."""
+    """A ControlNet: requests that name it send a control image, whose shapes the model
+    then follows. For an SDXL model a diffusers ControlNetModel (canny edges, depth,
+    pose...); for a FLUX model a FluxControlNetModel (InstantX's, Shakker Labs'), perhaps
+    a union one, trained for several kinds of control image, each name then serving one
+    of its modes (`control_mode`; one set of weights in memory for all). It runs beside
+    the model's denoiser at every step, with its dtype."""
 
     path: Path | None = Field(None, description=(
         "Local diffusers folder of the ControlNet: config.json and its safetensors weights "
-        "(e.g. controlnet-canny-sdxl-1.0). Never fetched."))
-    embedded: Literal["tiny-sdxl-controlnet"] | None = Field(None, description=(
-        "Build and use the embedded random-weight ControlNet of the tiny SDXL."))
+        "(e.g. controlnet-canny-sdxl-1.0, FLUX.1-dev-Controlnet-Union). Never fetched."))
+    embedded: Literal[tuple(EMBEDDED_CONTROLNETS)] | None = Field(None, description=(
+        "Build and use the embedded random-weight ControlNet of the tiny SDXL, or of the "
+        "tiny FLUX (a union of 10 modes)."))
     variant: str | None = Field(None, description="Weights file variant, e.g. fp16.")
     conditioning_scale: float = Field(1.0, ge=0, le=4, description=(
         "How strongly the control image steers the image when the request does not say "
@@ -31,13 +42,43 @@ class ControlNetConfig(PathOrEmbedded):
         "What the control image goes through first: none (requests send the map itself: "
         "edges, depth, pose), or canny (requests send a picture, whose Canny edges, white "
         "on black, are the control image)."))
+    control_mode: int | None = Field(None, ge=0, le=63, description=(
+        "FLUX union ControlNets (required there, refused elsewhere): which of its modes "
+        "this name serves, by the number its model card gives (InstantX's Union: canny 0, "
+        "tile 1, depth 2, blur 3, pose 4, gray 5, low quality 6)."))
+
+    @model_validator(mode="after")
+    def _embedded_mode(self) -> ControlNetConfig:
+        if self.embedded is not None:
+            check_control_mode(EMBEDDED_CONTROLNETS[self.embedded][1], self.control_mode)
+        return self
+
+    def check_files(self, where: str, family: str) -> None:
+        """Raise ConfigError naming `where`'s field unless `path` is a ControlNet folder of
+        the family whose union modes hold `control_mode`."""
+        if self.path is None:
+            return
+        try:
+            config = json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError):
+            config = None
+        wanted = _CONTROLNET_CLASSES[family]
+        if not isinstance(config, dict) or config.get("_class_name") != wanted:
+            raise ConfigError(f"{where}.path: {self.path} is not a {family} ControlNet folder "
+                              f"(its config.json does not name {wanted})")
+        try:
+            check_control_mode(config.get("num_mode"), self.control_mode)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.{exc}") from None
 
 
-    def check_files(self, where: str) -> None:
-        """Raise ConfigError naming `where`.path unless it is a ControlNet folder."""
-        if self.path is not None and not (self.path / "config.json").is_file():
-            raise ConfigError(f"{where}.path: {self.path} is not a ControlNet folder "
-                              "(no config.json)")
+def check_control_mode(modes: int | None, mode: int | None) -> None:
+    """ValueError unless `mode` is one of a union ControlNet's `modes` (None: not a union,
+    which takes no mode)."""
+    if modes is None and mode is not None:
+        raise ValueError("control_mode: the ControlNet is not a union one (it has no modes)")
+    if modes is not None and (mode is None or mode >= modes):
+        raise ValueError(f"control_mode: the union ControlNet needs one from 0 to {modes - 1}")
 
 
 class IPAdapterConfig(PathOrEmbedded):

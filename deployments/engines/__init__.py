@@ -161,5 +161,6 @@ def create_engine(model: ModelConfig, cache_dir: Path,
         return engine(path, model.dtype, device, model.variant, model.simulate_oom_above_images,
                       adapters, model.max_loaded_adapters, model.max_lora_rank,
                       model.lora_targets, model.fuse_adapters, model.speed, cache_dir / "compile",
-                      redux_folder(model, cache_dir), **extra)
+                      redux_folder(model, cache_dir),
+                      controlnets=controlnet_files(model, cache_dir), **extra)
     raise ValueError(f"no engine for family {model.family!r}")

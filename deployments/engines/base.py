@@ -71,6 +71,7 @@ class DiffusersEngine:
     attention: str = "auto"  # the order fused attention kernels are tried in (speed.py)
     cfg_cutoff: float | None = None  # fraction of the steps guided (speed.cfg_cutoff)
     image_prompts: ImagePrompts | None = None  # the model's IP-Adapter, if it has one
+    control_rows_stay = False  # whether the rows of calls with ControlNets stay to the end
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
                  simulate_oom_above_images: int | None):
@@ -192,7 +193,7 @@ class DiffusersEngine:
         made += made[-1:] * (len(requests) - real)  # a filler repeats the last request
         inputs = (self._encode(requests, [p.embeds for p in made])
                   | source_inputs(requests, [p.source for p in made])
-                  | control_inputs(requests, [p.controls for p in made]))
+                  | self._control_inputs(requests, [p.controls for p in made]))
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
         # Inpainting, Kontext edits and FLUX.1 Canny keep per-row state (the mask and both
@@ -201,7 +202,8 @@ class DiffusersEngine:
         # step. With buckets the call
         # keeps its padded size to the end: dropping withdrawn rows would meet the compiled
         # code with a batch size it was not compiled for.
-        rows_stay = first.mode in ("inpaint", "edit", "control")
+        rows_stay = first.mode in ("inpaint", "edit", "control") or (
+            self.control_rows_stay and bool(first.controls))
         previews = self._previews(requests[:real], rows, on_preview)
         callback = step_callback(rows, generators, withdrawn, on_step,
                                  shrink_rows=not rows_stay and not self.buckets,
@@ -282,6 +284,11 @@ class DiffusersEngine:
         if self.image_prompts is None:
             return nullcontext()
         return self.image_prompts.following(requests, [p.image_prompt for p in made], rows)
+
+    def _control_inputs(self, requests: Sequence[GenerationRequest],
+                        controls: Sequence[tuple[torch.Tensor, ...]]) -> dict:
+        """The pipeline arguments of the call's control images (`control_inputs`)."""
+        return control_inputs(requests, controls)
 
     def _encode(self, requests: Sequence[GenerationRequest],
                 embeds: Sequence[Embeds]) -> dict:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from deployments.engines.loading import load_pipeline
+from serve.steering import check_control_mode
 from serve.types import ControlImage, GenerationRequest
 
 
@@ -85,14 +86,10 @@ class ControlNets:
 
 
 def check_mode(name: str, net: torch.nn.Module, mode: int | None) -> int | None:
-    """`mode`, if it is one of the union ControlNet's modes; ValueError naming `name` if
-    a union ControlNet is given none or a mode it lacks, or another one is given one."""
-    modes = getattr(net.config, "num_mode", None)
-    if modes is None and mode is not None:
-        raise ValueError(f"controlnets.{name}.control_mode: the ControlNet is not a union "
-                         "one (its config has no num_mode)")
-    if modes is not None and (mode is None or not 0 <= mode < modes):
-        raise ValueError(f"controlnets.{name}.control_mode: the union ControlNet needs a "
-                         f"mode from 0 to {modes - 1}")
+    """`mode`, if it is one of the union ControlNet's modes (none if it is no union);
+    ValueError naming `name` if not."""
+    try:
+        check_control_mode(getattr(net.config, "num_mode", None), mode)
+    except ValueError as exc:
+        raise ValueError(f"controlnets.{name}.{exc}") from None
     return mode
-

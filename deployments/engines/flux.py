@@ -28,25 +28,37 @@ from typing import ClassVar
 
 import torch
 from diffusers import (
+    FluxControlNetImg2ImgPipeline,
+    FluxControlNetInpaintPipeline,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
     FluxControlPipeline,
     FluxFillPipeline,
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
     FluxKontextInpaintPipeline,
     FluxKontextPipeline,
+    FluxMultiControlNetModel,
     FluxPipeline,
 )
 from PIL import Image
 
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine, Prepared
+from deployments.engines.controlnets import ControlNets, NetFiles
 from deployments.engines.prompts import Embeds
 from deployments.engines.redux import Redux
+from deployments.engines.sources import control_inputs
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
 from serve.model_parts import FAMILIES
 from serve.types import GenerationRequest, ImagePrompt, SourceImage
+
+# mode → the ControlNet pipeline of calls with ControlNets.
+_CONTROLNET_PIPELINES = {"txt2img": FluxControlNetPipeline,
+                         "img2img": FluxControlNetImg2ImgPipeline,
+                         "inpaint": FluxControlNetInpaintPipeline}
 
 
 class FluxEngine(DiffusersEngine):
@@ -57,6 +69,9 @@ class FluxEngine(DiffusersEngine):
     parts = ("transformer", "vae", "text_encoder", "text_encoder_2")
     embed_names = ("prompt_embeds", "pooled_prompt_embeds")
     redux: Redux | None = None  # the model's FLUX.1 Redux, if it has one
+    # The FLUX ControlNet pipelines encode the control images' latents before their loop,
+    # out of the step callback's reach: the rows of calls with ControlNets stay.
+    control_rows_stay = True
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
                  simulate_oom_above_images: int | None = None,
@@ -64,8 +79,12 @@ class FluxEngine(DiffusersEngine):
                  max_lora_rank: int = 64,
                  lora_targets: Sequence[str] = FAMILIES["flux"].lora_targets,
                  fuse_adapters: bool = False, speed: SpeedConfig | None = None,
-                 compile_cache: Path | None = None, redux: Path | None = None):
+                 compile_cache: Path | None = None, redux: Path | None = None,
+                 controlnets: Mapping[str, NetFiles] | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
+        self.controlnets = ControlNets(self.pipe, controlnets or {}, self.dtype, self.device,
+                                       FluxControlNetModel, FluxMultiControlNetModel,
+                                       _CONTROLNET_PIPELINES)
         if redux is not None:
             self.redux = Redux(redux, self.dtype, self.device,
                                self.pipe.transformer.config.joint_attention_dim)
@@ -95,14 +114,35 @@ class FluxEngine(DiffusersEngine):
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
         """As every engine's; with Redux, the same calls with an image prompt too (more
-        tokens per step: other kernels, other compiled code)."""
+        tokens per step: other kernels, other compiled code); then one call with each
+        ControlNet."""
         super().warm_up(request, max_images)
         if self.redux is not None and request.image_prompt is None:
             blank = ImagePrompt(bytes(8 * 8 * 3), 8, 8, 1.0)
             super().warm_up(replace(request, image_prompt=blank), max_images)
+        for steered in self.controlnets.warm_requests(request) if not request.controls else ():
+            self.generate([steered])
 
     def describe(self) -> dict:
-        return super().describe() | {"redux": self.redux is not None}
+        facts = super().describe()
+        facts["weights"] |= self.controlnets.weights()
+        return facts | {"redux": self.redux is not None,
+                        "controlnets": list(self.controlnets.nets)}
+
+    def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
+        """As every engine's; a call with ControlNets runs the FLUX ControlNet pipeline of
+        its mode."""
+        pipe = super()._prepare(requests, rows)
+        return self.controlnets.pipe(requests[0]) if requests[0].controls else pipe
+
+    def _control_inputs(self, requests: Sequence[GenerationRequest],
+                        controls: Sequence[tuple[torch.Tensor, ...]]) -> dict:
+        """As every engine's, the control images in the VAE's [-1, 1] (the FLUX
+        ControlNet pipelines encode tensors as they are) and with their union modes."""
+        inputs = control_inputs(requests, controls, signed=True)
+        if inputs:
+            inputs["control_mode"] = self.controlnets.control_modes(requests[0])
+        return inputs
 
     @contextmanager
     def _rows_follow(self, requests: Sequence[GenerationRequest], made: Sequence[Prepared],

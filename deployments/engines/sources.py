@@ -44,22 +44,25 @@ def _rgb_tensor(rgb: bytes, request: GenerationRequest, device: torch.device) ->
 
 
 def control_inputs(requests: Sequence[GenerationRequest],
-                   controls: Sequence[tuple[torch.Tensor, ...]]) -> dict:
+                   controls: Sequence[tuple[torch.Tensor, ...]], signed: bool = False) -> dict:
     """The ControlNet pipelines' arguments of a call's control images, one row per output
     image in [0, 1] (their processor leaves tensors unnormalised), and the settings the
     call's requests share: for one ControlNet single values, for several lists (as
     diffusers' MultiControlNetModel takes them). Text-to-image takes them as `image`, the
-    img2img and inpainting pipelines (whose `image` is the input) as `control_image`."""
+    img2img and inpainting pipelines (whose `image` is the input) as `control_image`.
+    `signed`: always as `control_image`, in [-1, 1] (FLUX's ControlNet pipelines)."""
     first = requests[0].controls
     if not first:
         return {}
     images = [_rows(requests, [c[i] for c in controls]).float() / 255
               for i in range(len(first))]
+    if signed:
+        images = [image * 2 - 1 for image in images]
 
     def one_or_all(values: list):
         return values[0] if len(values) == 1 else values
 
-    key = "image" if requests[0].source is None else "control_image"
+    key = "image" if requests[0].source is None and not signed else "control_image"
     return {key: one_or_all(images),
             "controlnet_conditioning_scale": one_or_all([c.scale for c in first]),
             "control_guidance_start": one_or_all([c.start for c in first]),

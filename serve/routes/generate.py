@@ -103,10 +103,10 @@ class GenerateParams(BaseModel):
     refine_steps: int | None = Field(None, ge=1, description=(
         "base_image_refiner: the refiner's steps (default: steps)."))
     control_image: str | None = Field(None, description=(
-        "SDXL models with ControlNets: the image whose shapes the output follows (JSON body "
-        "only; a data URI, base64, or an allowed URL): the map itself (edges, depth, pose), "
-        "or a picture for a ControlNet that preprocesses (canny). The output takes its size "
-        "unless width or height, or an input image, are given."))
+        "Models with ControlNets (SDXL, plain FLUX): the image whose shapes the output "
+        "follows (JSON body only; a data URI, base64, or an allowed URL): the map itself "
+        "(edges, depth, pose), or a picture for a ControlNet that preprocesses (canny). The "
+        "output takes its size unless width or height, or an input image, are given."))
     controlnet: str | None = Field(None, description=(
         "Which of the model's ControlNets (GET /v1/models lists them); default: the first."))
     controlnet_conditioning_scale: float | None = Field(None, ge=0, le=4, description=(

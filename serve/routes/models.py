@@ -25,7 +25,8 @@ async def list_models(request: Request) -> dict:
              "depth": m.depth,
              "aliases": m.aliases,
              "controlnets": {name: {"conditioning_scale": net.conditioning_scale,
-                                    "preprocess": net.preprocess}
+                                    "preprocess": net.preprocess,
+                                    "control_mode": net.control_mode}
                              for name, net in m.controlnets.items()},
              "ip_adapter": m.ip_adapter and {"scale": m.ip_adapter.scale},
              "redux": m.redux and {"downsampling": m.redux.downsampling},

@@ -80,9 +80,9 @@ class ImageGenerationParams(BaseModel):
     partial_images: int | None = Field(None, ge=0, le=3, description=(
         "Partial images to stream while the image forms (with stream)."))
     controlnets: list[ControlRef] = Field(default_factory=list, description=(
-        "SDXL models with ControlNets: control images that steer the image, as /generate's "
-        "controlnets (an Atelier extension; send it with extra_body; in an edit's form, "
-        "as JSON)."))
+        "Models with ControlNets (SDXL, plain FLUX): control images that steer the image, "
+        "as /generate's controlnets (an Atelier extension; send it with extra_body; in an "
+        "edit's form, as JSON)."))
     ip_adapter_image: str | None = Field(None, description=(
         "SDXL models with an IP-Adapter: an image prompt, as /generate's ip_adapter_image "
         "(an Atelier extension; send it with extra_body)."))

@@ -1,6 +1,7 @@
 """Replicate's FLUX model inputs: `black-forest-labs/flux-dev`'s (with `flux-redux-dev`'s
-image prompt), `flux-kontext-dev`'s, `flux-fill-dev`'s, `flux-canny-dev`'s and
-`flux-depth-dev`'s, with their LoRA models' LoRA inputs."""
+image prompt and `xlabs-ai/flux-dev-controlnet`'s ControlNet inputs), `flux-kontext-dev`'s,
+`flux-fill-dev`'s, `flux-canny-dev`'s and `flux-depth-dev`'s, with their LoRA models' LoRA
+inputs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from serve.canvases import OUTPAINT_PRESETS
-from serve.controls import ImagePromptParams
+from serve.controls import ControlParams, ImagePromptParams
 from serve.images import INPUT_AREA
 from serve.routes.replicate_inputs import LoraInput
 from serve.types import MAX_SEED
@@ -61,11 +62,34 @@ class _ReduxInputs(_FluxCommon):
                                  self.redux_downsampling)
 
 
-class FluxInput(_ReduxInputs):
+class FluxControlNetInputs(_FluxCommon):
+    """xlabs-ai/flux-dev-controlnet's ControlNet inputs, for FLUX models with ControlNets
+    (others refuse them): a control image, which of the model's ControlNets reads it
+    (`control_type`) and how strongly."""
+
+    control_image: str | None = Field(None, description=(
+        "Image whose shapes the output follows, through one of the model's ControlNets: "
+        "the map itself, or a picture for a ControlNet that preprocesses (canny). The "
+        "output takes its size unless aspect_ratio or an image is given"))
+    control_type: str | None = Field(None, max_length=200, description=(
+        "Which of the model's ControlNets reads control_image (GET /v1/models lists them); "
+        "default: the first"))
+    control_strength: float | None = Field(None, ge=0, le=4, description=(
+        "How strongly control_image steers; default: the ControlNet's own"))
+
+    def control_params(self) -> list[ControlParams]:
+        if self.control_image is None:
+            return []
+        return [ControlParams(self.control_image, self.control_type, self.control_strength,
+                              fields=("control_type", "control_image", "control_image"))]
+
+
+class FluxInput(FluxControlNetInputs, _ReduxInputs):
     """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora, the
-    LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`) and
+    LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`),
     flux-redux-dev's `redux_image` (for a model with FLUX.1 Redux, which then needs no
-    prompt); unset values take the served model's defaults."""
+    prompt) and xlabs-ai/flux-dev-controlnet's ControlNet inputs (for a model with
+    ControlNets); unset values take the served model's defaults."""
 
     prompt: str = Field("", max_length=4000, validate_default=True, description=(
         "Prompt for generated image; optional with a redux_image"))
@@ -108,9 +132,17 @@ class FluxInput(_ReduxInputs):
         extra = [(self.extra_lora, self.extra_lora_scale)] if self.extra_lora else []
         return super().lora_refs() + extra
 
+    def sizing(self) -> tuple[bool, int | None]:
+        """Without aspect_ratio or an image, the output takes the control image's size."""
+        if self.control_image is not None and self.aspect_ratio is None and self.image is None:
+            return True, 0
+        return True, None
+
     def field_of(self, arg: str) -> str:
         if arg in ("width", "height"):
-            return "image" if self.image is not None else "aspect_ratio"
+            return ("image" if self.image is not None else "aspect_ratio"
+                    if self.aspect_ratio is not None or self.control_image is None
+                    else "control_image")
         return super().field_of(arg)
 
 

@@ -45,16 +45,19 @@ def parse_input(model: ModelConfig, raw: dict) -> ReplicateInput:
 
 _IP_ADAPTER_INPUTS = ("ip_adapter_image", "ip_adapter_scale")
 _REDUX_INPUTS = ("redux_image", "redux_downsampling")
+_FLUX_CONTROLNET_INPUTS = ("control_image", "control_type", "control_strength")
 
 
 def input_schema(model: ModelConfig) -> dict:
-    """The model's input schema; an SDXL model without ControlNets shows no ControlNet
-    inputs, one without an IP-Adapter and a FLUX model without Redux no image prompt
+    """The model's input schema; a model without ControlNets shows no ControlNet inputs,
+    an SDXL model without an IP-Adapter and a FLUX model without Redux no image prompt
     inputs (they refuse them)."""
     schema = input_class(model).model_json_schema()
     hidden: set[str] = set()
     if model.family == "sdxl" and not model.controlnets:
         hidden |= set(ControlNetInputs.model_fields)
+    if input_class(model) is FluxInput and not model.controlnets:
+        hidden |= set(_FLUX_CONTROLNET_INPUTS)
     if model.family == "sdxl" and model.ip_adapter is None:
         hidden |= set(_IP_ADAPTER_INPUTS)
     if model.family == "flux" and model.redux is None:

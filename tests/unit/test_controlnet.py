@@ -229,7 +229,8 @@ def test_a_request_checks_its_controlnets_against_the_model():
     control = ControlImage("canny", bytes(64 * 64 * 3))
     made = GenerationRequest.for_model(sdxl, "x", width=64, height=64, controls=(control,))
     assert made.mode == "txt2img" and made.batch_key != replace(made, controls=()).batch_key
-    for model, controls in [(flux, (control,)), (sdxl, (replace(control, name="depth"),)),
+    for model, controls in [(flux, (replace(control, name="pose"),)),
+                            (sdxl, (replace(control, name="depth"),)),
                             (sdxl, (control,) * 4)]:
         with pytest.raises(InvalidField) as err:
             GenerationRequest.for_model(model, "x", width=64, height=64, controls=controls)
