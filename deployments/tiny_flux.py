@@ -286,21 +286,23 @@ _CONTROLNET_GAIN = 2.0
 
 
 def build_random_flux_controlnet(folder: Path, transformer: dict, controlnet: dict,
-                                 dtype: str = "float32") -> None:
+                                 dtype: str = "float32", device: str = "cpu") -> None:
     """Save a FluxControlNetModel (diffusers' layout, as InstantX ships theirs) for a
     transformer of config `transformer`, with `controlnet`'s block counts and modes and
     random weights. The layers that are zero before training (the control image's
     embedding and each block's output) get random ones, scaled by _CONTROLNET_GAIN so that
-    the control image steers the image without drowning it, as it does once trained."""
+    the control image steers the image without drowning it, as it does once trained. Built
+    on `device` (a full-size one on a GPU in seconds)."""
     import torch
     from diffusers import FluxControlNetModel
 
     from deployments.tiny import public_fields
 
     torch.manual_seed(_SEED + 11)
-    net = FluxControlNetModel(**public_fields(transformer) | controlnet)
+    with torch.device(device):
+        net = FluxControlNetModel(**public_fields(transformer) | controlnet)
     zeroed = [net.controlnet_x_embedder, *net.controlnet_blocks, *net.controlnet_single_blocks]
     with torch.no_grad():
         for layer in zeroed:
             torch.nn.init.normal_(layer.weight, std=_CONTROLNET_GAIN / layer.in_features ** 0.5)
-    net.to(getattr(torch, dtype)).save_pretrained(folder, safe_serialization=True)
+    net.to("cpu", getattr(torch, dtype)).save_pretrained(folder, safe_serialization=True)

@@ -4,8 +4,8 @@
 # step after its start), so run the steps not yet measured in this order: engine-static
 # (static shapes, and FP8 with fast accumulation beside bf16, in one step), throughput
 # with the fastest variant, keep-warm, engine-fp8, fp8-error, engine-512, engine-autotune,
-# adapters, engine-flux, controlnet, image-prompts, kontext, fill, redux. Here, once, in
-# the project root:
+# adapters, engine-flux, controlnet, image-prompts, kontext, fill, redux, controlnet-flux.
+# Here, once, in the project root:
 #   echo /.whl/ >> .git/info/exclude
 #   ../shared/gpu/make-wheels.sh .whl pytest pluggy iniconfig pytest-timeout
 #   cp ../shared/gpu/sdxl-base-configs.json .whl/
@@ -37,6 +37,9 @@
 #   redux       what a FLUX.1 Redux image prompt costs against text-to-image (random
 #               weights, FLUX.1-dev's and FLUX.1-Redux-dev's architectures; 729 more text
 #               tokens), 1024², 28 steps, eager bf16, batches of 1 and 2, and one encoding
+#   controlnet-flux  what none, one and two FLUX ControlNets (InstantX's Union design, random
+#               weights; two modes of one union) cost per call, 1024², 28 steps, eager bf16,
+#               batches of 1 and 2
 #   engine-flux FLUX.1-dev's architecture (random weights, built on the GPU by the first
 #               call), 1024², 28 steps, batch 4: compiled bf16, or the variants named after
 #               it (one per call fits: engine-flux compiled, then engine-flux compiled-fp8)
@@ -47,7 +50,7 @@
 # files are named after the GPU the step ran on (its name as nvidia-smi gives it, without
 # "NVIDIA", lower-cased: h100-80gb-hbm3, h200, ...), so two cards' figures never mix.
 set -euo pipefail
-step=${1:?"step: engine | engine-fp8 | engine-static | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | kontext | fill | redux"}
+step=${1:?"step: engine | engine-fp8 | engine-static | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | kontext | fill | redux | controlnet-flux"}
 variant=${2:-compiled}
 out=${OUT:-results}
 mkdir -p "$out"
@@ -120,5 +123,8 @@ case $step in
   redux) python3 -m load.bench_redux --random-flux load/flux-dev-configs.json \
            --size 1024 --steps 28 --batches 1 2 --repeats 1 \
            --out "$out/redux-$gpu.json" 2>&1 | tee "$log" ;;
+  controlnet-flux) python3 -m load.bench_controlnet --random-flux load/flux-dev-configs.json \
+                     --size 1024 --steps 28 --batches 1 2 --repeats 1 \
+                     --out "$out/controlnet-flux-$gpu.json" 2>&1 | tee "$log" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

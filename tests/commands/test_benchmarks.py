@@ -420,6 +420,23 @@ def test_controlnet_benchmark_times_each_count_and_batch(tmp_path, cache_dir):
     assert report["weights"]["controlnet net0"] == "float32" and f"saved {out}" in stdout
 
 
+def test_controlnet_benchmark_times_two_modes_of_one_flux_union(tmp_path, cache_dir):
+    from diffusers import FluxControlNetModel
+
+    from deployments.tiny import TINY_FLUX_CONTROLNET, ensure_embedded
+
+    out = tmp_path / "controlnet-flux.json"
+    _run("load.bench_controlnet", "--flux", "--size", "64", "--steps", "2", "--batches", "1",
+         "--repeats", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert (report["model"], report["guidance_scale"]) == ("tiny-flux", 3.5)
+    assert [(r["batch"], r["controlnets"]) for r in report["rows"]] == [(1, 0), (1, 1), (1, 2)]
+    assert all(r["time_vs_none"] > 0 for r in report["rows"])
+    net = FluxControlNetModel.from_pretrained(ensure_embedded(TINY_FLUX_CONTROLNET, cache_dir))
+    assert report["controlnet_weight_bytes"] == sum(p.numel() * 4 for p in net.parameters())
+    assert report["weights"]["controlnet net1"] == report["weights"]["transformer"] == "float32"
+
+
 def test_image_prompt_benchmark_times_each_case_and_the_encoding(tmp_path, cache_dir):
     from safetensors.torch import load_file
 

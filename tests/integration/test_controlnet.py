@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import BATCHED, FAST, FLUX, assert_same_pixels, decode, pixels
+from tests.integration.conftest import BATCHED, FAST, REDUX, assert_same_pixels, decode, pixels
 from tests.pictures import scene
 
 PICTURE = scene()
@@ -81,14 +81,13 @@ def test_the_controlnets_own_scale_is_the_default(client):
 def test_the_model_list_names_the_controlnets(client):
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert models[FAST]["controlnets"] == {
-        "canny": {"conditioning_scale": 1.0, "preprocess": "canny"},
-        "lines": {"conditioning_scale": 0.5, "preprocess": "none"}}
-    assert models[FLUX]["controlnets"] == {}
+        "canny": {"conditioning_scale": 1.0, "preprocess": "canny", "control_mode": None},
+        "lines": {"conditioning_scale": 0.5, "preprocess": "none", "control_mode": None}}
 
 
 @pytest.mark.parametrize(("fields", "field", "words"), [
     ({"controlnet": "depth"}, "controlnet", "canny, lines"),
-    ({"model": FLUX}, "control_image", "no ControlNet"),
+    ({"model": REDUX}, "control_image", "no ControlNet"),
     ({"control_image": "bm90IGFuIGltYWdl"}, "control_image", "cannot be decoded"),
     ({"controlnets": [{"image": _b64(EDGES)}]}, "controlnets", "not both"),
     ({"control_guidance_start": 0.6, "control_guidance_end": 0.4}, "control_guidance_start",

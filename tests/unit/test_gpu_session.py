@@ -29,6 +29,7 @@ STEPS = {  # step arguments: the programs each runs
     ("kontext",): ["load.bench_kontext"],
     ("fill",): ["load.bench_fill"],
     ("redux",): ["load.bench_redux"],
+    ("controlnet-flux",): ["load.bench_controlnet"],
     ("tests",): ["pytest"],
 }
 

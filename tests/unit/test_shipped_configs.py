@@ -53,3 +53,23 @@ def test_the_commented_redux_of_the_shipped_flux_model_is_valid_once_uncommented
     model = ModelConfig.model_validate(flux | yaml.safe_load(line.replace("# ", "", 1)))
     assert (model.id, str(model.redux.path)) == ("black-forest-labs/flux-dev",
                                                  "/models/flux-redux-dev")
+
+
+def test_the_commented_controlnets_of_the_shipped_flux_model_are_valid_once_uncommented():
+    from serve.config import ModelConfig
+
+    text = (ROOT / "serve" / "configs" / "sdxl-flux-gpu.yaml").read_text()
+    lines = text.splitlines()
+    start = lines.index("    # controlnets:")
+    block = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith("    #   "):
+            break
+        block.append(line)
+    flux = next(m for m in yaml.safe_load(text)["models"] if m["family"] == "flux")
+    uncommented = "\n".join(line.replace("# ", "", 1) for line in block)
+    model = ModelConfig.model_validate(flux | yaml.safe_load(uncommented))
+    assert {name: (str(net.path), net.control_mode, net.preprocess)
+            for name, net in model.controlnets.items()} == {
+        "canny": ("/models/flux-controlnet-union", 0, "canny"),
+        "depth": ("/models/flux-controlnet-union", 2, "none")}
