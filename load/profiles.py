@@ -168,6 +168,17 @@ def _redux_variations(rng: random.Random, i: int, adapters: Sequence[str]) -> di
             "height": 1024, "steps": 28, "guidance_scale": 3.0, "seed": _seed(rng)}
 
 
+def _flux_controlnet(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
+    """Product photos redrawn in five scenes by a FLUX model whose `canny` ControlNet keeps
+    each photo's outline (the server finds its edges), at 0.5 as InstantX's examples run
+    their Union; FLUX.1-dev's 28 steps, guidance 3.5."""
+    product = (i // 5) % len(PRODUCTS)
+    return {"prompt": f"product photo of {PRODUCTS[product]} {SCENES[i % 5]}",
+            "control_image": product_photo(product), "controlnet": "canny",
+            "controlnet_conditioning_scale": 0.5, "width": 1024, "height": 1024, "steps": 28,
+            "guidance_scale": 3.5, "seed": _seed(rng)}
+
+
 PROFILES = {p.name: p for p in (
     Profile("smoke", "64x64, 2 steps: checks the tool and the server end to end (CI)",
             _smoke, 64, 2, slo_s=5.0),
@@ -195,6 +206,9 @@ PROFILES = {p.name: p for p in (
     Profile("redux-variations", "product photos varied by a FLUX model with FLUX.1 Redux (no "
             "prompt), five variations per photo, 1024x1024, 28 steps, guidance 3",
             _redux_variations, 1024, 28, slo_s=60.0),
+    Profile("flux-controlnet", "product photos redrawn in five scenes by a FLUX model along "
+            "their edges (its canny ControlNet at 0.5), 1024x1024, 28 steps, guidance 3.5",
+            _flux_controlnet, 1024, 28, slo_s=60.0),
 )}
 
 

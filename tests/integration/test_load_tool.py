@@ -226,3 +226,22 @@ def test_the_redux_profile_varies_each_product_photo_five_times_without_a_prompt
     # A FLUX model without Redux refuses them, naming the field, before queueing them.
     lv = _level(base_url, tmp_path, "redux-variations", FLUX, requests=5, steps=2)
     assert lv["succeeded"] == 0 and lv["errors"] == {"validation": 5}
+
+
+def test_the_flux_controlnet_profile_redraws_each_product_photo_along_its_edges(
+        base_url, tmp_path):
+    import random
+
+    from load.profiles import PROFILES
+
+    bodies = [PROFILES["flux-controlnet"].body(random.Random(0), i, []) for i in range(10)]
+    assert len({b["prompt"] for b in bodies[:5]}) == 5
+    assert len({b["control_image"] for b in bodies[:5]}) == 1
+    assert bodies[0]["control_image"] != bodies[5]["control_image"]
+    assert {(b["controlnet"], b["controlnet_conditioning_scale"]) for b in bodies} == {
+        ("canny", 0.5)}
+    lv = _level(base_url, tmp_path, "flux-controlnet", FLUX, requests=5, steps=2)
+    assert lv["sent"] == lv["succeeded"] == 5 and lv["errors"] == {}
+    # A FLUX model without ControlNets refuses them, naming the field, before queueing them.
+    lv = _level(base_url, tmp_path, "flux-controlnet", REDUX, requests=5, steps=2)
+    assert lv["succeeded"] == 0 and lv["errors"] == {"validation": 5}
