@@ -1,0 +1,249 @@
+"""A served model's configuration: which weights, their family and FLUX.1 tool, what steers
+them (ControlNets, IP-Adapter, Redux), its replicas, adapters, batching, speed, limits and
+defaults, each value checked when the config is read (`serve.config` reads the whole
+file)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from serve.model_parts import (
+    FAMILIES,
+    FLUX_TOOLS,
+    BatchingConfig,
+    DefaultsConfig,
+    Family,
+    LimitsConfig,
+    RefinerConfig,
+    SafetyCheckerConfig,
+    SpeedConfig,
+    WatermarkConfig,
+    _Strict,
+)
+from serve.steering import (
+    EMBEDDED_CONTROLNETS,
+    ControlNetConfig,
+    DepthEstimatorConfig,
+    IPAdapterConfig,
+    ReduxConfig,
+)
+
+MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
+
+
+class ModelConfig(_Strict):
+    id: str = Field(description="Public model id in owner/name form, e.g. atelier/tiny-sdxl.")
+    aliases: list[str] = Field(default_factory=list, description=(
+        "Other ids that resolve to this model (e.g. stability-ai/sdxl)."))
+    family: Literal["sdxl", "flux"] = Field("sdxl", description=(
+        "Pipeline family of the weights: sdxl (StableDiffusionXLPipeline) or flux "
+        "(FluxPipeline, FLUX.1 dev or schnell)."))
+    path: Path | None = Field(None, description=(
+        "Local diffusers-format folder (safetensors weights), or a single-file checkpoint "
+        "(`.safetensors`, as fine-tunes are shared: for sdxl the whole pipeline in the "
+        "original layout, for flux the transformer in Black Forest Labs' layout) read with "
+        "`configs_from`. Never fetched."))
+    configs_from: Path | None = Field(None, description=(
+        "With a single-file `path`: a diffusers folder of the same architecture (e.g. "
+        "stable-diffusion-xl-base-1.0, FLUX.1-dev) whose configs, tokenizers and scheduler "
+        "go with the file's weights; for flux also its text encoders and VAE (its "
+        "transformer's weights are not read), for sdxl none of its weights. The file is "
+        "converted once into the cache, so later starts load a diffusers folder."))
+    embedded: Literal["tiny-sdxl", "tiny-flux", "tiny-flux-kontext", "tiny-flux-fill",
+                      "tiny-flux-canny", "tiny-flux-depth"] | None = Field(None, description=(
+        "Build and serve an embedded random-weight model of the family (tiny-flux-kontext, "
+        "-fill, -canny, -depth: with `kontext`, `fill`, `canny`, `depth`) instead of "
+        "`path`."))
+    kontext: bool = Field(False, description=(
+        "flux only: the weights are FLUX.1 Kontext (FluxKontextPipeline): a request's input "
+        "image is a reference that the prompt edits by instruction (\"make the sky red\"), "
+        "with no prompt strength (with a mask: only its white part). Requests without an "
+        "image are text-to-image."))
+    fill: bool = Field(False, description=(
+        "flux only: the weights are FLUX.1 Fill (FluxFillPipeline), made for inpainting and "
+        "outpainting: every request sends an image and a mask (or an image whose "
+        "transparent part is to be filled), and the mask's white part is drawn anew to fit "
+        "the prompt and the rest of the image, with no prompt strength. No text-to-image."))
+    canny: bool = Field(False, description=(
+        "flux only: the weights are FLUX.1 Canny (FluxControlPipeline): every request sends "
+        "an image, whose Canny edges (found here) the output follows while the prompt says "
+        "what to draw. No text-to-image."))
+    depth: bool = Field(False, description=(
+        "flux only: the weights are FLUX.1 Depth (FluxControlPipeline): every request sends "
+        "an image, whose depth map (estimated here by `depth_estimator`) lays out the "
+        "output while the prompt says what to draw. No text-to-image."))
+    depth_estimator: DepthEstimatorConfig | None = Field(None, description=(
+        "With `depth`: the model that estimates a request's depth map (required)."))
+    variant: str | None = Field(None, description=(
+        "Weights file variant in the folder, e.g. fp16 for *.fp16.safetensors."))
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description=(
+        "Weights and compute dtype on GPU (CPU always computes in float32)."))
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description=(
+        "auto: one GPU per replica when the Ray cluster has GPUs as the app is built, "
+        "else CPU; cuda: always one GPU per replica."))
+    replicas: int = Field(1, ge=1, le=1024, description="Number of replicas (one per GPU).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+    max_ongoing_requests: int = Field(16, ge=1, description=(
+        "Requests a replica holds at once (queued in its batcher or running)."))
+    max_queued_requests: int = Field(64, ge=0, description=(
+        "Requests waiting for a replica before new ones get 503."))
+    max_loaded_adapters: int = Field(8, ge=1, le=256, description=(
+        "LoRA slots per replica: adapters held at once (the least recently used makes "
+        "room), and the most distinct adapters the requests of one call may name."))
+    max_lora_rank: int = Field(64, ge=1, le=1024, description=(
+        "Rank of each LoRA slot; adapters of higher rank are refused."))
+    lora_targets: list[str] = Field(min_length=1, description=(
+        "Denoiser modules (name suffixes) that LoRA slots cover. Default per family: the "
+        "attention projections (sdxl); every linear layer of the transformer blocks "
+        "(flux)."))
+    fuse_adapters: bool = Field(False, description=(
+        "Merge a call's LoRA adapters into the denoiser's weights (restored exactly from a "
+        "copy when the set changes) instead of running LoRA slots beside them: calls with "
+        "adapters compute only the base model's layers, but each call serves one adapter "
+        "set (slots let requests with different sets share a call). Costs a device copy of the "
+        "targeted weights (SDXL attention projections: 1.9 GB in fp16; FLUX.1-dev's 17 "
+        "targets: 23.7 GB in bf16) and a weight rewrite each time a replica's adapter set "
+        "changes."))
+    refiner: RefinerConfig | None = Field(None, description=(
+        "SDXL only: a refiner for the `refine` request input (expert_ensemble_refiner, "
+        "base_image_refiner). Unset: requests asking for refinement get 422."))
+    controlnets: dict[str, ControlNetConfig] = Field(default_factory=dict, description=(
+        "SDXL and plain FLUX models: ControlNets by the name requests give (`controlnet`), "
+        "e.g. {canny: {path: ...}}. A request with a `control_image` and no name uses the "
+        "first."))
+    ip_adapter: IPAdapterConfig | None = Field(None, description=(
+        "SDXL only: an IP-Adapter, for requests' image prompts (`ip_adapter_image`). Unset: "
+        "requests with one get 422."))
+    redux: ReduxConfig | None = Field(None, description=(
+        "FLUX only: FLUX.1 Redux, for requests' image prompts (`redux_image`): variations "
+        "of a picture, restyled by the prompt if one is sent. Unset: requests with one get "
+        "422."))
+    safety_checker: SafetyCheckerConfig | None = Field(None, description=(
+        "Check every output image for NSFW content and withhold the flagged ones (see "
+        "SafetyCheckerConfig). Unset: no check."))
+    label_images: bool = Field(True, description=(
+        "Say in each image's XMP metadata that a trained model generated it (IPTC digital "
+        "source type trainedAlgorithmicMedia) and which (xmp:CreatorTool), and sign it with "
+        "content_credentials when set, as the EU AI Act's Article 50 asks of generated "
+        "images; the pixels are the same either way."))
+    watermark: WatermarkConfig | None = Field(default_factory=WatermarkConfig, description=(
+        "Mark every image with the family's invisible watermark (see WatermarkConfig); null: "
+        "no mark, the pixels are the pipeline's."))
+    warmup_steps: int = Field(2, ge=1, le=50, description="Steps of the start-up warm-up call.")
+    keep_warm_s: float | None = Field(None, gt=0, description=(
+        "When set, a replica that has had no request for this many seconds runs a one-step "
+        "call of the default size (and again after each such spell), so that the next "
+        "request finds the device as warm as under load. Unset: idle replicas do nothing."))
+    health_check_period_s: float = Field(10, gt=0, description=(
+        "How often Serve calls the replica's health check."))
+    health_check_timeout_s: float = Field(30, gt=0, description=(
+        "A health check slower than this counts as failed."))
+    health_stall_s: float = Field(600, gt=0, description=(
+        "A pipeline call running longer than this marks the replica unhealthy."))
+    request_timeout_s: float = Field(300, gt=0, description=(
+        "Longest a synchronous request (/generate, OpenAI) may take, queue included: past "
+        "it the client gets 504 and the request leaves its batch. Predictions use "
+        "Cancel-After instead."))
+    simulate_oom_above_images: int | None = Field(None, ge=1, description=(
+        "Fault drill: pipeline calls of more images than this raise the device's "
+        "out-of-memory error, as a full GPU would, to rehearse the split-and-retry path. "
+        "Leave unset in production."))
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_lora_targets(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "lora_targets" not in data:
+            family = data.get("family", "sdxl")
+            # An unknown family is reported on its own field.
+            rules = FAMILIES.get(family if isinstance(family, str) else "", FAMILIES["sdxl"])
+            data = {**data, "lora_targets": list(rules.lora_targets)}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        for name in (self.id, *self.aliases):
+            if not MODEL_ID.match(name):
+                raise ValueError(f"model id {name!r} is not in lowercase owner/name form")
+        if (self.path is None) == (self.embedded is None):
+            raise ValueError("set exactly one of path or embedded")
+        tools = [name for name in FLUX_TOOLS if getattr(self, name)]
+        if tools and self.family != "flux":
+            raise ValueError(f"{tools[0]}: only flux models are {tools[0].title()} models")
+        if len(tools) > 1:
+            raise ValueError(f"{tools[1]}: a model is one FLUX.1 tool, not "
+                             f"{' and '.join(tools)}")
+        if self.embedded not in (None, self.rules.embedded):
+            kind = f"{self.family}{f' {self.flux_kind.title()}' if self.flux_kind else ''} model"
+            hint = {f"tiny-flux-{tool}": f"; set {tool}: true" for tool in FLUX_TOOLS
+                    }.get(self.embedded or "", "")
+            raise ValueError(f"embedded {self.embedded!r} is not a {kind}{hint}")
+        if self.configs_from is not None and self.path is None:
+            raise ValueError("configs_from: only a single-file path takes it")
+        if self.configs_from is not None and self.variant is not None:
+            raise ValueError("variant: a single-file checkpoint has no variants")
+        if self.refiner is not None and self.family != "sdxl":
+            raise ValueError("refiner: only sdxl models take a refiner")
+        self._check_controlnets()
+        if self.ip_adapter is not None and self.family != "sdxl":
+            raise ValueError("ip_adapter: only sdxl models take an IP-Adapter")
+        if self.depth != (self.depth_estimator is not None):
+            raise ValueError("depth_estimator: a Depth model needs one, and only a Depth "
+                             "model takes one")
+        if self.redux is not None and (self.family != "flux" or self.kontext or self.canny
+                                       or self.depth):
+            raise ValueError("redux: only flux models (plain or Fill; not Kontext, Canny or "
+                             "Depth) take FLUX.1 Redux")
+        if self.speed.cfg_cutoff is not None and self.family != "sdxl":
+            raise ValueError("speed.cfg_cutoff: only sdxl models use classifier-free guidance")
+        self.defaults.check_within(self.limits, self.rules)
+        if self.limits.max_loras > self.max_loaded_adapters:
+            raise ValueError("limits.max_loras must not exceed max_loaded_adapters")
+        buckets = self.speed.batch_buckets
+        if buckets and buckets[-1] < self.batching.max_batch_size:
+            raise ValueError("speed.batch_buckets must hold batching.max_batch_size")
+        if self.max_ongoing_requests < self.batching.max_batch_size:
+            raise ValueError("max_ongoing_requests must be at least batching.max_batch_size, "
+                             "or batches can never fill")
+        return self
+
+    def _check_controlnets(self) -> None:
+        if self.controlnets and self.flux_kind:
+            raise ValueError(f"controlnets: a FLUX.1 {self.flux_kind.title()} model takes no "
+                             "ControlNets (plain FLUX models do)")
+        for name, net in self.controlnets.items():
+            family = net.embedded and EMBEDDED_CONTROLNETS[net.embedded][0]
+            if family not in (None, self.family):
+                raise ValueError(f"controlnets.{name}.embedded: {net.embedded!r} is a {family} "
+                                 f"ControlNet, and this is a {self.family} model")
+
+    @property
+    def flux_kind(self) -> Literal["kontext", "fill", "canny", "depth"] | None:
+        """Which FLUX.1 tool the weights are, if one."""
+        return next((tool for tool in FLUX_TOOLS if getattr(self, tool)), None)
+
+    @property
+    def image_prompt_field(self) -> str:
+        """The request field of the model's image prompts: an SDXL model's IP-Adapter reads
+        ip_adapter_image, a FLUX model's Redux redux_image."""
+        return "redux_image" if self.family == "flux" else "ip_adapter_image"
+
+    @property
+    def rules(self) -> Family:
+        return FLUX_TOOLS[self.flux_kind] if self.flux_kind else FAMILIES[self.family]
+
+    @property
+    def default_scheduler(self) -> str:
+        return self.defaults.scheduler or self.rules.schedulers[0]
+
+    @property
+    def slug(self) -> str:
+        """A name usable as a Serve deployment name."""
+        return re.sub(r"[^a-z0-9-]", "-", self.id)
