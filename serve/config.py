@@ -34,6 +34,7 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
 )
 from serve.steering import (
     ControlNetConfig,
+    DepthEstimatorConfig,
     IPAdapterConfig,
     ReduxConfig,
 )
@@ -195,8 +196,8 @@ def default_cache_dir() -> Path:
 def default_config() -> AtelierConfig:
     """The embedded default: a tiny random-weight SDXL (with a refiner, a Canny ControlNet
     and an IP-Adapter) and a tiny random-weight FLUX (with FLUX.1 Redux, and a union
-    ControlNet serving canny and depth), sized for a laptop CPU (the machine's CPUs shared
-    between the two)."""
+    ControlNet serving canny and depth, each from a picture), sized for a laptop CPU (the
+    machine's CPUs shared between the two)."""
     cpus = max(1, min(4, (os.cpu_count() or 1) // 2))
     limits = LimitsConfig(max_size=1024, max_pixels=1024 * 1024)
     return AtelierConfig(models=[
@@ -212,7 +213,8 @@ def default_config() -> AtelierConfig:
                     controlnets={"canny": ControlNetConfig(embedded="tiny-flux-controlnet",
                                                            preprocess="canny", control_mode=0),
                                  "depth": ControlNetConfig(embedded="tiny-flux-controlnet",
-                                                           control_mode=2)},
+                                                           preprocess="depth", control_mode=2)},
+                    depth_estimator=DepthEstimatorConfig(embedded="tiny-depth-anything"),
                     dtype="float32", num_cpus=cpus, limits=limits,
                     defaults=DefaultsConfig(width=512, height=512, num_inference_steps=28,
                                             guidance_scale=3))],

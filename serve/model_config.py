@@ -77,7 +77,8 @@ class ModelConfig(_Strict):
         "an image, whose depth map (estimated here by `depth_estimator`) lays out the "
         "output while the prompt says what to draw. No text-to-image."))
     depth_estimator: DepthEstimatorConfig | None = Field(None, description=(
-        "With `depth`: the model that estimates a request's depth map (required)."))
+        "The model that estimates depth maps from requests' pictures: required with "
+        "`depth` and with ControlNets that `preprocess: depth`, refused elsewhere."))
     variant: str | None = Field(None, description=(
         "Weights file variant in the folder, e.g. fp16 for *.fp16.safetensors."))
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float16", description=(
@@ -194,9 +195,9 @@ class ModelConfig(_Strict):
         self._check_controlnets()
         if self.ip_adapter is not None and self.family != "sdxl":
             raise ValueError("ip_adapter: only sdxl models take an IP-Adapter")
-        if self.depth != (self.depth_estimator is not None):
-            raise ValueError("depth_estimator: a Depth model needs one, and only a Depth "
-                             "model takes one")
+        if self.estimates_depth != (self.depth_estimator is not None):
+            raise ValueError("depth_estimator: a Depth model and a model with a ControlNet "
+                             "that preprocesses depth need one, and only they take one")
         if self.redux is not None and (self.family != "flux" or self.kontext or self.canny
                                        or self.depth):
             raise ValueError("redux: only flux models (plain or Fill; not Kontext, Canny or "
@@ -223,6 +224,12 @@ class ModelConfig(_Strict):
             if family not in (None, self.family):
                 raise ValueError(f"controlnets.{name}.embedded: {net.embedded!r} is a {family} "
                                  f"ControlNet, and this is a {self.family} model")
+
+    @property
+    def estimates_depth(self) -> bool:
+        """Whether the replica estimates depth maps: a Depth model's, or those of its
+        ControlNets that `preprocess: depth`."""
+        return self.depth or any(net.preprocess == "depth" for net in self.controlnets.values())
 
     @property
     def flux_kind(self) -> Literal["kontext", "fill", "canny", "depth"] | None:

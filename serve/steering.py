@@ -38,10 +38,11 @@ class ControlNetConfig(PathOrEmbedded):
     conditioning_scale: float = Field(1.0, ge=0, le=4, description=(
         "How strongly the control image steers the image when the request does not say "
         "(its `controlnet_conditioning_scale`)."))
-    preprocess: Literal["none", "canny"] = Field("none", description=(
+    preprocess: Literal["none", "canny", "depth"] = Field("none", description=(
         "What the control image goes through first: none (requests send the map itself: "
-        "edges, depth, pose), or canny (requests send a picture, whose Canny edges, white "
-        "on black, are the control image)."))
+        "edges, depth, pose), canny (requests send a picture, whose Canny edges, white on "
+        "black, are the control image) or depth (requests send a picture, whose depth map, "
+        "near bright, the replica estimates with the model's `depth_estimator`)."))
     control_mode: int | None = Field(None, ge=0, le=63, description=(
         "FLUX union ControlNets (required there, refused elsewhere): which of its modes "
         "this name serves, by the number its model card gives (InstantX's Union: canny 0, "

@@ -88,13 +88,13 @@ def refiner_path(refiner: RefinerConfig, cache_dir: Path) -> Path:
 
 
 def controlnet_files(model: ModelConfig, cache_dir: Path) -> dict[str, NetFiles]:
-    """Each ControlNet's local folder (the embedded one built once), weights variant and
-    union mode."""
+    """Each ControlNet's local folder (the embedded one built once), weights variant, union
+    mode and whether it preprocesses depth."""
     from deployments.engines.controlnets import NetFiles
     from deployments.tiny import ensure_embedded
 
     return {name: NetFiles(net.path or ensure_embedded(net.embedded, cache_dir), net.variant,
-                           net.control_mode)
+                           net.control_mode, net.preprocess == "depth")
             for name, net in model.controlnets.items()}
 
 
@@ -120,11 +120,13 @@ def redux_folder(model: ModelConfig, cache_dir: Path) -> Path | None:
     return redux.path or ensure_embedded(redux.embedded, cache_dir)
 
 
-def depth_estimator_folder(model: ModelConfig, cache_dir: Path) -> Path:
-    """The Depth model's depth estimator folder (the embedded one built once)."""
+def depth_estimator_folder(model: ModelConfig, cache_dir: Path) -> Path | None:
+    """The model's depth estimator folder (the embedded one built once), or None."""
     from deployments.tiny import ensure_embedded
 
     estimator = model.depth_estimator
+    if estimator is None:
+        return None
     return estimator.path or ensure_embedded(estimator.embedded, cache_dir)
 
 
@@ -143,7 +145,8 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                           cache_dir / "compile", model.fuse_adapters,
                           refiner_path(refiner, cache_dir) if refiner else None,
                           refiner.variant if refiner else None,
-                          controlnet_files(model, cache_dir), ip_adapter_files(model, cache_dir))
+                          controlnet_files(model, cache_dir), ip_adapter_files(model, cache_dir),
+                          depth_estimator_folder(model, cache_dir))
     if model.family == "flux":
         from deployments.engines.flux import (
             FluxControlEngine,
@@ -156,11 +159,10 @@ def create_engine(model: ModelConfig, cache_dir: Path,
         engine = {"kontext": FluxKontextEngine, "fill": FluxFillEngine,
                   "canny": FluxControlEngine, "depth": FluxDepthEngine}.get(model.flux_kind,
                                                                              FluxEngine)
-        extra = {"depth_estimator": depth_estimator_folder(model, cache_dir)} if model.depth \
-            else {}
         return engine(path, model.dtype, device, model.variant, model.simulate_oom_above_images,
                       adapters, model.max_loaded_adapters, model.max_lora_rank,
                       model.lora_targets, model.fuse_adapters, model.speed, cache_dir / "compile",
                       redux_folder(model, cache_dir),
-                      controlnets=controlnet_files(model, cache_dir), **extra)
+                      controlnets=controlnet_files(model, cache_dir),
+                      depth_estimator=depth_estimator_folder(model, cache_dir))
     raise ValueError(f"no engine for family {model.family!r}")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import psutil
 import torch
@@ -37,6 +37,10 @@ from deployments.fused_adapters import FusedAdapters
 from serve.config import SpeedConfig
 from serve.errors import OutOfMemory
 from serve.types import GenerationRequest
+
+if TYPE_CHECKING:
+    from deployments.engines.controlnets import ControlNets
+    from deployments.engines.depth import DepthMaps
 
 log = logging.getLogger("ray.serve.atelier.engine")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -72,6 +76,8 @@ class DiffusersEngine:
     cfg_cutoff: float | None = None  # fraction of the steps guided (speed.cfg_cutoff)
     image_prompts: ImagePrompts | None = None  # the model's IP-Adapter, if it has one
     control_rows_stay = False  # whether the rows of calls with ControlNets stay to the end
+    controlnets: ControlNets | None = None  # the model's ControlNets, if its family has any
+    depth_maps: DepthMaps | None = None  # the model's depth estimator, if it has one
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
                  simulate_oom_above_images: int | None):
@@ -157,6 +163,8 @@ class DiffusersEngine:
         held."""
         embeds, held = self.prompts.get(request)
         image = self.image_prompts and self.image_prompts.embed(request.image_prompt)
+        if self.controlnets:  # pictures to ControlNets that preprocess depth: their maps
+            request = self.controlnets.with_depth_maps(request)
         return Prepared(embeds, source_tensors(request, self.device),
                         control_tensors(request, self.device), image), held
 

@@ -4,38 +4,51 @@ loaded once in the model's dtype, however many names read it: a FLUX union Contr
 (one set of weights trained for several kinds of control image) is named once per mode
 it serves, each name with its `control_mode`. Calls with ControlNets run the ControlNet
 pipeline of their mode over the model's own modules, given the call's ControlNet (several:
-combined) each time."""
+combined) each time. A ControlNet may preprocess depth: its requests send pictures, whose
+depth maps the replica estimates as it prepares them."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+from PIL import Image
 
 from deployments.engines.loading import load_pipeline
 from serve.steering import check_control_mode
 from serve.types import ControlImage, GenerationRequest
 
+if TYPE_CHECKING:
+    from deployments.engines.depth import DepthMaps
+
 
 class NetFiles(NamedTuple):
-    """Where a named ControlNet's weights are, and the union mode the name serves."""
+    """Where a named ControlNet's weights are, the union mode the name serves, and whether
+    its control images are pictures whose depth maps the replica estimates."""
 
     folder: Path
     variant: str | None = None
     mode: int | None = None
+    estimates_depth: bool = False
 
 
 class ControlNets:
     def __init__(self, pipe, nets: Mapping[str, NetFiles | tuple], dtype: torch.dtype,
                  device: torch.device, model_class: type, combined_class: type,
-                 pipelines: Mapping[str, type]):
+                 pipelines: Mapping[str, type], depth_maps: DepthMaps | None = None):
         loaded: dict[tuple[Path, str | None], torch.nn.Module] = {}
         self.nets, self.modes = {}, {}
+        self.depth_maps, self.depth_names = depth_maps, set()
         for name, files in nets.items():
-            folder, variant, mode = NetFiles(*files)
+            folder, variant, mode, estimates_depth = NetFiles(*files)
+            if estimates_depth and depth_maps is None:
+                raise ValueError(f"controlnets.{name}: it preprocesses depth, and the model "
+                                 "has no depth estimator")
+            if estimates_depth:
+                self.depth_names.add(name)
             if (folder, variant) not in loaded:
                 loaded[folder, variant] = load_pipeline(model_class, folder, dtype,
                                                         variant).to(device)
@@ -65,6 +78,16 @@ class ControlNets:
             self._combined[names] = self._combined_class([self.nets[n] for n in names])
         return self._combined[names]
 
+    def with_depth_maps(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with the depth map of each picture sent to a ControlNet that
+        preprocesses depth as that ControlNet's control image."""
+        if not any(c.name in self.depth_names for c in request.controls):
+            return request
+        size = (request.width, request.height)
+        return replace(request, controls=tuple(
+            replace(c, rgb=self.depth_maps.of(Image.frombytes("RGB", size, c.rgb)).tobytes())
+            if c.name in self.depth_names else c for c in request.controls))
+
     def control_modes(self, request: GenerationRequest) -> int | list[int] | None:
         """The union modes of the request's ControlNets as the FLUX ControlNet pipelines
         take them: one's mode (None: not a union), or each one's (-1: none)."""
@@ -93,3 +116,10 @@ def check_mode(name: str, net: torch.nn.Module, mode: int | None) -> int | None:
     except ValueError as exc:
         raise ValueError(f"controlnets.{name}.{exc}") from None
     return mode
+
+
+def depth_maps(folder: Path, dtype: torch.dtype, device: torch.device) -> DepthMaps:
+    """The depth estimator of `folder` (its module, and transformers', read only here)."""
+    from deployments.engines.depth import DepthMaps
+
+    return DepthMaps(folder, dtype, device)

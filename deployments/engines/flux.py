@@ -45,7 +45,7 @@ from PIL import Image
 
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine, Prepared
-from deployments.engines.controlnets import ControlNets, NetFiles
+from deployments.engines.controlnets import ControlNets, NetFiles, depth_maps
 from deployments.engines.prompts import Embeds
 from deployments.engines.redux import Redux
 from deployments.engines.sources import control_inputs
@@ -80,11 +80,14 @@ class FluxEngine(DiffusersEngine):
                  lora_targets: Sequence[str] = FAMILIES["flux"].lora_targets,
                  fuse_adapters: bool = False, speed: SpeedConfig | None = None,
                  compile_cache: Path | None = None, redux: Path | None = None,
-                 controlnets: Mapping[str, NetFiles] | None = None):
+                 controlnets: Mapping[str, NetFiles] | None = None,
+                 depth_estimator: Path | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
+        self.depth_maps = depth_estimator and depth_maps(depth_estimator, self.dtype,
+                                                         self.device)
         self.controlnets = ControlNets(self.pipe, controlnets or {}, self.dtype, self.device,
                                        FluxControlNetModel, FluxMultiControlNetModel,
-                                       _CONTROLNET_PIPELINES)
+                                       _CONTROLNET_PIPELINES, self.depth_maps)
         if redux is not None:
             self.redux = Redux(redux, self.dtype, self.device,
                                self.pipe.transformer.config.joint_attention_dim)
@@ -225,13 +228,8 @@ class FluxControlEngine(FluxEngine):
 class FluxDepthEngine(FluxControlEngine):
     """FLUX.1 Depth: as FLUX.1 Canny, the control image's latents beside the noise on every
     step, the control image being the depth map of the request's picture, estimated on the
-    replica (`deployments.engines.depth`) when the request is prepared."""
-
-    def __init__(self, *args, depth_estimator: Path, **kwargs):
-        super().__init__(*args, **kwargs)
-        from deployments.engines.depth import DepthMaps
-
-        self.depth_maps = DepthMaps(depth_estimator, self.dtype, self.device)
+    replica (`deployments.engines.depth`, from the model's depth estimator) when the request
+    is prepared."""
 
     @torch.inference_mode()
     def prepare(self, request: GenerationRequest) -> tuple[Prepared, bool]:

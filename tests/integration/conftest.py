@@ -12,8 +12,9 @@ waits two seconds for company, so concurrent requests reliably share pipeline ca
 `atelier/tiny-sdxl-checked` has a safety checker that flags the image of CHECKED_PROMPT's
 seed 10 and passes that of seed 11;
 `atelier/tiny-flux` is the embedded tiny FLUX, with fused projections, FP8 layers and
-its adapters merged into them, and the tiny union ControlNet as canny, edges and depth; `atelier/tiny-flux-kontext` is the embedded tiny FLUX.1
-Kontext, whose input images are references to edit; `atelier/tiny-flux-fill` the embedded
+its adapters merged into them, and the tiny union ControlNet as canny, edges, depth
+(estimating a picture's depth with the tiny Depth Anything) and depth-map;
+`atelier/tiny-flux-kontext` is the embedded tiny FLUX.1 Kontext, whose input images are references to edit; `atelier/tiny-flux-fill` the embedded
 tiny FLUX.1 Fill, which fills masked images (and reads image prompts with the tiny
 Redux); `atelier/tiny-flux-canny` the embedded tiny FLUX.1 Canny, which follows an image's
 edges; `atelier/tiny-flux-depth` the embedded tiny FLUX.1 Depth with the tiny Depth
@@ -214,7 +215,9 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                controlnets={name: {"embedded": "tiny-flux-controlnet", **net} for name, net in {
                    "canny": {"control_mode": 0, "preprocess": "canny"},
                    "edges": {"control_mode": 0},
-                   "depth": {"control_mode": 2, "conditioning_scale": 0.8}}.items()},
+                   "depth": {"control_mode": 2, "preprocess": "depth", "conditioning_scale": 0.8},
+                   "depth-map": {"control_mode": 2, "conditioning_scale": 0.8}}.items()},
+               depth_estimator={"embedded": "tiny-depth-anything"},
                aliases=["black-forest-labs/flux-dev"],
                defaults={"width": 64, "height": 64, "num_inference_steps": 4,
                          "guidance_scale": 3}),

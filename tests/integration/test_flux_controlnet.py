@@ -1,7 +1,8 @@
 """ControlNets on a FLUX model, through `/generate`, Replicate's and OpenAI's APIs on the
 running app: `atelier/tiny-flux` (fused projections, FP8 layers, merged adapters) has the
-tiny union ControlNet under three names, `canny` (mode 0, finding a picture's edges),
-`edges` (mode 0, reading edges as sent) and `depth` (mode 2)."""
+tiny union ControlNet under four names, `canny` (mode 0, finding a picture's edges),
+`edges` (mode 0, reading edges as sent), `depth` (mode 2, estimating a picture's depth
+map with the tiny Depth Anything) and `depth-map` (mode 2, reading depth maps as sent)."""
 
 import base64
 import io
@@ -43,12 +44,23 @@ def test_a_control_image_steers_a_flux_image_and_sets_its_size(client):
     assert np.abs(pixels(steered) - pixels(other)).mean() > 1
 
 
-def test_each_name_serves_its_mode_and_canny_finds_the_edges_first(client):
+def test_each_name_serves_its_mode_and_preprocesses_the_picture_first(client, cache_dir):
+    import torch
+
+    from deployments.engines.depth import DepthMaps
+    from deployments.tiny import TINY_DEPTH_ANYTHING, ensure_embedded
+
     from_picture = _generate(client, control_image=_uri(PICTURE), controlnet="canny")
     from_edges = _generate(client, control_image=_uri(EDGES), controlnet="edges")
     assert_same_pixels(from_picture, from_edges)
-    as_depth = _generate(client, control_image=_uri(EDGES), controlnet="depth")
+    as_depth = _generate(client, control_image=_uri(EDGES), controlnet="depth-map")
     assert not np.array_equal(pixels(as_depth), pixels(from_edges))
+    # The replica estimates the picture's depth map: the pixels of that map sent as is.
+    estimator = DepthMaps(ensure_embedded(TINY_DEPTH_ANYTHING, cache_dir), torch.float32,
+                          torch.device("cpu"))
+    depth_map = estimator.of(PICTURE)
+    assert_same_pixels(_generate(client, control_image=_uri(PICTURE), controlnet="depth"),
+                       _generate(client, control_image=_uri(depth_map), controlnet="depth-map"))
 
 
 def test_the_model_list_gives_each_controlnets_mode(client):
@@ -56,7 +68,8 @@ def test_the_model_list_gives_each_controlnets_mode(client):
     assert models[FLUX]["controlnets"] == {
         "canny": {"conditioning_scale": 1.0, "preprocess": "canny", "control_mode": 0},
         "edges": {"conditioning_scale": 1.0, "preprocess": "none", "control_mode": 0},
-        "depth": {"conditioning_scale": 0.8, "preprocess": "none", "control_mode": 2}}
+        "depth": {"conditioning_scale": 0.8, "preprocess": "depth", "control_mode": 2},
+        "depth-map": {"conditioning_scale": 0.8, "preprocess": "none", "control_mode": 2}}
     assert models[REDUX]["controlnets"] == {}
 
 
@@ -82,7 +95,7 @@ def test_replicates_flux_controlnet_inputs_give_generates_pixels(rep, client):
 
 
 @pytest.mark.parametrize(("fields", "field", "words"), [
-    ({"control_type": "pose"}, "input.control_type", "canny, edges, depth"),
+    ({"control_type": "pose"}, "input.control_type", "canny, edges, depth, depth-map"),
     ({"control_image": "bm90IGFuIGltYWdl"}, "input.control_image", "cannot be decoded"),
     ({"control_strength": 5}, "input.control_strength", "4"),
 ])
@@ -112,7 +125,7 @@ def test_a_flux_model_without_controlnets_refuses_a_control_image(rep, client):
 
 def test_the_openai_client_sends_flux_controlnets_with_extra_body(oai, client):
     nets = [{"name": "edges", "image": _uri(EDGES), "conditioning_scale": 0.9},
-            {"name": "depth", "image": _uri(EDGES), "end": 0.5}]
+            {"name": "depth", "image": _uri(PICTURE), "end": 0.5}]
     made = oai.images.generate(model=FLUX, prompt="a lamp on a desk",
                                extra_body={"seed": 31, "controlnets": nets})
     image = Image.open(io.BytesIO(base64.b64decode(made.data[0].b64_json)))

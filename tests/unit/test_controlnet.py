@@ -296,3 +296,22 @@ def test_the_refiner_finishes_a_controlnet_image_as_diffusers_two_pipelines_do(
     assert_same_pixels(ours, theirs)
     unrefined = engine.generate([replace(request, refine="no_refiner")])[0][0]
     assert np.abs(_px(ours) - _px(unrefined)).mean() > 1
+
+
+def test_an_sdxl_controlnet_that_preprocesses_depth_reads_the_pictures_depth_map(
+        tiny_sdxl_path, controlnet_path, cache_dir):
+    from deployments.engines.controlnets import NetFiles
+    from deployments.engines.depth import DepthMaps
+    from deployments.engines.sdxl import SDXLEngine
+    from deployments.tiny import TINY_DEPTH_ANYTHING
+
+    estimator = ensure_embedded(TINY_DEPTH_ANYTHING, cache_dir)
+    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu", depth_estimator=estimator,
+                        controlnets={"depth": NetFiles(controlnet_path, estimates_depth=True),
+                                     "map": NetFiles(controlnet_path)})
+    picture = _shapes((8, 8, 30, 30))
+    depth_map = DepthMaps(estimator, torch.float32, torch.device("cpu")).of(picture)
+    from_picture = engine.generate([_req(picture, name="depth")])[0][0]
+    assert_same_pixels(from_picture, engine.generate([_req(depth_map, name="map")])[0][0])
+    assert np.abs(_px(from_picture) - _px(engine.generate([_req(picture, name="map")])[0][0])
+                  ).mean() > 0.5

@@ -130,8 +130,9 @@ def test_a_depth_model_needs_an_image_and_takes_no_mask_nor_edges(engine):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"depth_estimator": None}, "a Depth model needs one"),
-    ({"depth": False, "embedded": "tiny-flux"}, "only a Depth model takes one"),
+    ({"depth_estimator": None}, ("a Depth model and a model with a ControlNet that "
+                                 "preprocesses depth need one")),
+    ({"depth": False, "embedded": "tiny-flux"}, "and only they take one"),
     ({"canny": True}, "a model is one FLUX.1 tool"),
     ({"redux": {"embedded": "tiny-flux-redux"}}, "redux: only flux models"),
     ({"embedded": "tiny-flux-canny"}, "not a flux Depth model"),

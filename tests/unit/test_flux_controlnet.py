@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from deployments.engines.controlnets import NetFiles
-from deployments.tiny import TINY_FLUX_CONTROLNET, ensure_embedded
+from deployments.tiny import TINY_DEPTH_ANYTHING, TINY_FLUX_CONTROLNET, ensure_embedded
 from serve.config import ConfigError, ModelConfig, parse_config
 from serve.types import ControlImage, GenerationRequest, SourceImage
 from tests.pictures import scene
@@ -31,12 +31,19 @@ def controlnet_path(cache_dir):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_flux_path, controlnet_path):
+def estimator_path(cache_dir):
+    return ensure_embedded(TINY_DEPTH_ANYTHING, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_flux_path, controlnet_path, estimator_path):
     from deployments.engines.flux import FluxEngine
 
     return FluxEngine(tiny_flux_path, "float32", "cpu",
                       controlnets={"canny": NetFiles(controlnet_path, None, 0),
-                                   "depth": NetFiles(controlnet_path, None, 2)})
+                                   "depth": NetFiles(controlnet_path, None, 2),
+                                   "depth-picture": NetFiles(controlnet_path, None, 2, True)},
+                      depth_estimator=estimator_path)
 
 
 def _req(control: Image.Image, scale: float = 1.0, name: str = "canny", **overrides):
@@ -92,6 +99,29 @@ def test_each_name_serves_its_mode_of_the_union_controlnet_loaded_once(engine):
     # The random mode embedding is one token among the prompt's 256: measured 0.012 levels.
     assert not np.array_equal(_px(canny_image), _px(depth_image))
     assert _req(SCENE).batch_key != _req(SCENE, name="depth").batch_key
+
+
+def test_a_controlnet_that_preprocesses_depth_reads_the_pictures_depth_map(
+        engine, estimator_path):
+    """`preprocess: depth`: the replica estimates the picture's depth map (as FLUX.1 Depth
+    does), the same pixels as that map sent to a ControlNet that takes maps; a picture
+    sent again is estimated once."""
+    from deployments.engines.depth import DepthMaps
+
+    depth_map = DepthMaps(estimator_path, torch.float32, torch.device("cpu")).of(SCENE)
+    assert len(set(depth_map.getdata())) > 20  # a relief, not a flat grey
+    estimates = []
+    hook = engine.depth_maps.model.register_forward_hook(lambda *a: estimates.append(1))
+    try:
+        from_picture = engine.generate([_req(SCENE, name="depth-picture")])[0][0]
+        again = engine.generate([_req(SCENE, name="depth-picture", seed=3)])[0][0]
+        from_flipped = engine.generate([_req(FLIPPED, name="depth-picture")])[0][0]
+    finally:
+        hook.remove()
+    assert estimates == [1, 1]  # SCENE once, FLIPPED once
+    assert_same_pixels(from_picture, engine.generate([_req(depth_map, name="depth")])[0][0])
+    assert np.abs(_px(from_picture) - _px(from_flipped)).mean() > 1
+    assert np.abs(_px(from_picture) - _px(again)).mean() > 1  # another seed
 
 
 def test_each_image_follows_its_own_control_image_in_a_shared_call(engine):
@@ -173,9 +203,9 @@ def test_warm_up_runs_each_controlnet_and_describe_lists_them(engine):
         engine.warm_up(replace(BASE, num_inference_steps=2))
     finally:
         hook.remove()
-    assert modes == [0, 0, 2, 2]
+    assert modes == [0, 0, 2, 2, 2, 2]
     facts = engine.describe()
-    assert facts["controlnets"] == ["canny", "depth"]
+    assert facts["controlnets"] == ["canny", "depth", "depth-picture"]
     assert facts["weights"]["controlnet depth"] == facts["weights"]["transformer"] == "float32"
 
 
@@ -201,6 +231,11 @@ def test_the_config_takes_flux_controlnets_on_plain_flux_models_only():
             "canny": {"embedded": "tiny-sdxl-controlnet", "control_mode": 1}}}]})
     assert "controlnets.canny.embedded: 'tiny-sdxl-controlnet' is a sdxl ControlNet, and " \
            "this is a flux model" in _error(_flux(canny={"embedded": "tiny-sdxl-controlnet"}))
+    assert "depth_estimator: a Depth model and a model with a ControlNet that preprocesses " \
+           "depth need one" in _error(_flux(depth=union | {"preprocess": "depth"}))
+    with_estimator = _flux(depth=union | {"preprocess": "depth"})
+    with_estimator["models"][0]["depth_estimator"] = {"embedded": "tiny-depth-anything"}
+    assert parse_config(with_estimator).models[0].estimates_depth
     kontext = _flux(canny=union)
     kontext["models"][0] |= {"embedded": "tiny-flux-kontext", "kontext": True}
     assert "controlnets: a FLUX.1 Kontext model takes no ControlNets" in _error(kontext)
