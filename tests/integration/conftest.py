@@ -18,7 +18,7 @@ its adapters merged into them, and the tiny union ControlNet as canny, edges, de
 tiny FLUX.1 Fill, which fills masked images (and reads image prompts with the tiny
 Redux); `atelier/tiny-flux-canny` the embedded tiny FLUX.1 Canny, which follows an image's
 edges; `atelier/tiny-flux-depth` the embedded tiny FLUX.1 Depth with the tiny Depth
-Anything, which follows an image's depth; `atelier/tiny-flux-redux` the tiny FLUX with
+Anything, which follows an image's depth (and reads image prompts with the tiny Redux); `atelier/tiny-flux-redux` the tiny FLUX with
 the embedded tiny FLUX.1 Redux, which reads image prompts (waiting half a second for
 company). The adapter catalog is the embedded demo set plus
 `bad_adapters` (files that must fail cleanly), `made_adapters` (made with PEFT and saved by
@@ -235,6 +235,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                          "guidance_scale": 30}),
         _model(DEPTH, 10, family="flux", embedded="tiny-flux-depth", depth=True,
                depth_estimator={"embedded": "tiny-depth-anything"},
+               redux={"embedded": "tiny-flux-redux"},
                aliases=["black-forest-labs/flux-depth-dev"],
                defaults={"width": 96, "height": 96, "num_inference_steps": 4,
                          "guidance_scale": 10}),

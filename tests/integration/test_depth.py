@@ -9,7 +9,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from tests.integration.conftest import AUTH, DEPTH, decode, pixels, png_bytes
+from tests.integration.conftest import AUTH, DEPTH, decode, noise, pixels, png_bytes
 from tests.pictures import scene
 
 SCENE = png_bytes(scene())
@@ -56,3 +56,19 @@ def test_what_a_depth_model_lacks_or_does_not_take_is_refused(client, base_url):
                    headers={**AUTH, "Prefer": "wait"}, json={"input": {"prompt": "x"}})
     assert r.status_code == 422
     assert r.json()["invalid_fields"][0]["field"] == "input.control_image"
+
+
+def test_a_redux_picture_brings_its_look_to_the_depth_layout_on_every_api(rep, client, oai):
+    style = "data:image/png;base64," + base64.b64encode(png_bytes(noise(41, (48, 40)))).decode()
+    r = _generate(client, image=SCENE_URI, redux_image=style)
+    assert r.status_code == 200, r.text
+    styled = pixels(decode(r.json()["image"]))
+    plain = pixels(decode(_generate(client, image=SCENE_URI).json()["image"]))
+    assert np.abs(styled - plain).max() >= 4
+    (out,) = rep.run("black-forest-labs/flux-depth-dev", input={
+        "prompt": "a quiet room", "control_image": SCENE_URI, "redux_image": style,
+        "megapixels": "match_input", "seed": 5, "output_format": "png"})
+    assert np.array_equal(pixels(Image.open(io.BytesIO(out.read()))), styled)
+    resp = oai.images.edit(model=DEPTH, image=("s.png", SCENE, "image/png"),
+                           prompt="a quiet room", extra_body={"seed": 5, "redux_image": style})
+    assert np.array_equal(pixels(decode(resp.data[0].b64_json)), styled)

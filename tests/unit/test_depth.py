@@ -134,7 +134,6 @@ def test_a_depth_model_needs_an_image_and_takes_no_mask_nor_edges(engine):
                                  "preprocesses depth need one")),
     ({"depth": False, "embedded": "tiny-flux"}, "and only they take one"),
     ({"canny": True}, "a model is one FLUX.1 tool"),
-    ({"redux": {"embedded": "tiny-flux-redux"}}, "redux: only flux models"),
     ({"embedded": "tiny-flux-canny"}, "not a flux Depth model"),
 ])
 def test_the_config_ties_depth_to_its_weights_and_estimator(changes, message):
