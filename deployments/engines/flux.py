@@ -123,7 +123,7 @@ class FluxEngine(DiffusersEngine):
         if self.redux is not None and request.image_prompt is None:
             blank = ImagePrompt(bytes(8 * 8 * 3), 8, 8, 1.0)
             super().warm_up(replace(request, image_prompt=blank), max_images)
-        for steered in self.controlnets.warm_requests(request) if not request.controls else ():
+        for steered in self.controlnets.warm_requests(request):
             self.generate([steered])
 
     def describe(self) -> dict:
