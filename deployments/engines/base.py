@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -39,7 +39,7 @@ from serve.errors import OutOfMemory
 from serve.types import GenerationRequest
 
 if TYPE_CHECKING:
-    from deployments.engines.controlnets import ControlNets
+    from deployments.engines.controlnets import ControlNets, NetFiles
     from deployments.engines.depth import DepthMaps
 
 log = logging.getLogger("ray.serve.atelier.engine")
@@ -292,6 +292,20 @@ class DiffusersEngine:
         if self.image_prompts is None:
             return nullcontext()
         return self.image_prompts.following(requests, [p.image_prompt for p in made], rows)
+
+    def _load_controlnets(self, nets: Mapping[str, NetFiles] | None,
+                          depth_estimator: Path | None, classes: tuple[type, type, dict]) -> None:
+        """The model's depth estimator, if it has one, and its ControlNets; `classes`: the
+        family's ControlNet class, its class of several combined, and the ControlNet
+        pipeline of each mode."""
+        from deployments.engines.controlnets import ControlNets
+
+        if depth_estimator is not None:  # transformers' depth models, imported only then
+            from deployments.engines.depth import DepthMaps
+
+            self.depth_maps = DepthMaps(depth_estimator, self.dtype, self.device)
+        self.controlnets = ControlNets(self.pipe, nets or {}, self.dtype, self.device,
+                                       *classes, self.depth_maps)
 
     def _control_inputs(self, requests: Sequence[GenerationRequest],
                         controls: Sequence[tuple[torch.Tensor, ...]]) -> dict:

@@ -44,10 +44,10 @@ class ControlNets:
         self.depth_maps, self.depth_names = depth_maps, set()
         for name, files in nets.items():
             folder, variant, mode, estimates_depth = NetFiles(*files)
-            if estimates_depth and depth_maps is None:
-                raise ValueError(f"controlnets.{name}: it preprocesses depth, and the model "
-                                 "has no depth estimator")
             if estimates_depth:
+                if depth_maps is None:
+                    raise ValueError(f"controlnets.{name}: it preprocesses depth, and the "
+                                     "model has no depth estimator")
                 self.depth_names.add(name)
             if (folder, variant) not in loaded:
                 loaded[folder, variant] = load_pipeline(model_class, folder, dtype,
@@ -117,9 +117,3 @@ def check_mode(name: str, net: torch.nn.Module, mode: int | None) -> int | None:
         raise ValueError(f"controlnets.{name}.{exc}") from None
     return mode
 
-
-def depth_maps(folder: Path, dtype: torch.dtype, device: torch.device) -> DepthMaps:
-    """The depth estimator of `folder` (its module, and transformers', read only here)."""
-    from deployments.engines.depth import DepthMaps
-
-    return DepthMaps(folder, dtype, device)

@@ -45,7 +45,7 @@ from PIL import Image
 
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine, Prepared
-from deployments.engines.controlnets import ControlNets, NetFiles, depth_maps
+from deployments.engines.controlnets import NetFiles
 from deployments.engines.prompts import Embeds
 from deployments.engines.redux import Redux
 from deployments.engines.sources import control_inputs
@@ -83,11 +83,8 @@ class FluxEngine(DiffusersEngine):
                  controlnets: Mapping[str, NetFiles] | None = None,
                  depth_estimator: Path | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
-        self.depth_maps = depth_estimator and depth_maps(depth_estimator, self.dtype,
-                                                         self.device)
-        self.controlnets = ControlNets(self.pipe, controlnets or {}, self.dtype, self.device,
-                                       FluxControlNetModel, FluxMultiControlNetModel,
-                                       _CONTROLNET_PIPELINES, self.depth_maps)
+        self._load_controlnets(controlnets, depth_estimator, (
+            FluxControlNetModel, FluxMultiControlNetModel, _CONTROLNET_PIPELINES))
         if redux is not None:
             self.redux = Redux(redux, self.dtype, self.device,
                                self.pipe.transformer.config.joint_attention_dim)

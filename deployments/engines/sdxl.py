@@ -30,7 +30,7 @@ from diffusers import (
 
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine
-from deployments.engines.controlnets import ControlNets, NetFiles, depth_maps
+from deployments.engines.controlnets import NetFiles
 from deployments.engines.image_prompts import ImagePrompts
 from deployments.engines.loading import load_pipeline
 from deployments.engines.prompts import Embeds
@@ -80,13 +80,10 @@ class SDXLEngine(DiffusersEngine):
                  ip_adapter: tuple[Path, str, str, str] | None = None,
                  depth_estimator: Path | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
-        self.depth_maps = depth_estimator and depth_maps(depth_estimator, self.dtype,
-                                                         self.device)
         if ip_adapter is not None:  # (folder, subfolder, weights file, image encoder)
             self.image_prompts = ImagePrompts(self.pipe, *ip_adapter)
-        self.controlnets = ControlNets(self.pipe, controlnets or {}, self.dtype, self.device,
-                                       ControlNetModel, MultiControlNetModel,
-                                       _CONTROLNET_PIPELINES, self.depth_maps)
+        self._load_controlnets(controlnets, depth_estimator, (
+            ControlNetModel, MultiControlNetModel, _CONTROLNET_PIPELINES))
         # The refiner shares the base model's text_encoder_2 and VAE (its own are not read).
         self.refiner = None if refiner is None else load_pipeline(
             StableDiffusionXLImg2ImgPipeline, refiner, self.dtype, refiner_variant,

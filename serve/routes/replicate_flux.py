@@ -139,11 +139,12 @@ class FluxInput(FluxControlNetInputs, _ReduxInputs):
         return True, None
 
     def field_of(self, arg: str) -> str:
-        if arg in ("width", "height"):
-            return ("image" if self.image is not None else "aspect_ratio"
-                    if self.aspect_ratio is not None or self.control_image is None
-                    else "control_image")
-        return super().field_of(arg)
+        if arg not in ("width", "height"):
+            return super().field_of(arg)
+        if self.image is not None:
+            return "image"
+        _, size_from = self.sizing()
+        return "aspect_ratio" if size_from is None else "control_image"
 
 
 class KontextInput(_FluxCommon):
