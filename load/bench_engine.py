@@ -55,6 +55,16 @@ VARIANTS = {
     "compiled-b8": ("bfloat16", {**_FAST, "compile": True, "batch_buckets": [8]}),
     "compiled-fp8-b8": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
                                      "batch_buckets": [8]}),
+    # FP8 with activation scales fixed by a start-up calibration (speed.fp8_activations).
+    "compiled-fp8cal-b8": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
+                                        "fp8_activations": "calibrated",
+                                        "batch_buckets": [8]}),
+    # serve/configs/sdxl-gpu-fast.yaml's settings: calls padded to 1, 2, 4 or 8 images.
+    "compiled-fp8-buckets": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
+                                          "batch_buckets": [1, 2, 4, 8]}),
+    "compiled-fp8cal-buckets": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
+                                             "fp8_activations": "calibrated",
+                                             "batch_buckets": [1, 2, 4, 8]}),
     "compiled-cudnn": ("bfloat16", {**_FAST, "compile": True, "attention": "cudnn"}),
     "compiled-fp8-cudnn": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
                                         "attention": "cudnn"}),

@@ -12,8 +12,10 @@ denoising trajectory, so bfloat16 alone moves the images as far as FP8 does. Thi
 call of the model as it is served without FP8 (bfloat16 on a GPU, float32 on a CPU; fused
 QKV, as the served FP8 setting has it) and, at every layer FP8 would replace, computes the
 output again from the same input: in float32 (the reference), in bfloat16, and in FP8 with
-each setting (row-wise scales with and without fast accumulation, one scale per tensor).
-The call itself goes on unchanged. A layer's error is ‖y − y_ref‖ / ‖y_ref‖ over all its
+each setting (row-wise scales with and without fast accumulation, one scale per tensor,
+and row-wise weights with activation scales fixed beforehand by a calibration call of
+other prompts, as `fp8_activations: calibrated` fixes them at start-up). The call itself
+goes on unchanged. A layer's error is ‖y − y_ref‖ / ‖y_ref‖ over all its
 calls. The report gives, for bfloat16 and each FP8 setting, the mean, median and largest
 over layers, the worst layers, and the median of FP8's error in units of bfloat16's own.
 Random weights lack the outlying values of trained ones, which per-tensor scales suffer
@@ -34,13 +36,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deployments.engines.speed import Fp8Linear, fp8_candidates
+from deployments.engines.speed import (
+    Fp8Linear,
+    calibrate_fp8,
+    calibration_calls,
+    fp8_candidates,
+)
 from load.bench_engine import add_model_args, resolve_family
 
 # name: (row-wise scales, fast accumulation), as speed.fp8_scaling / speed.fp8_fast_accum.
 FP8_SETTINGS = {"fp8-row": (True, True), "fp8-row-slowaccum": (True, False),
                 "fp8-tensor": (False, True)}
-COMPUTED = ("bf16", *FP8_SETTINGS)
+CALIBRATED = "fp8-row-calibrated"  # speed.fp8_activations: calibrated
+COMPUTED = ("bf16", *FP8_SETTINGS, CALIBRATED)
 
 
 class LayerError:
@@ -50,11 +58,15 @@ class LayerError:
 
     def __init__(self, linear: nn.Linear):
         self.fp8 = {per_row: Fp8Linear(linear, per_row) for per_row in (True, False)}
+        self.calibrated = Fp8Linear(linear)
         self.squared = dict.fromkeys(COMPUTED, 0.0)
         self.reference = 0.0
 
     def __call__(self, module: nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
         x = inputs[0]
+        if self.calibrated.observed is not None:  # the calibration call: observe only
+            self.calibrated(x)
+            return
         ref = _linear(module, x, torch.float32)
         self.reference += ref.square().sum().item()
         self._add("bf16", _linear(module, x, torch.bfloat16), ref)
@@ -62,6 +74,7 @@ class LayerError:
             layer = self.fp8[per_row]
             layer.fast_accum = fast_accum
             self._add(name, layer(x), ref)
+        self._add(CALIBRATED, self.calibrated(x), ref)
 
     def _add(self, name: str, y: torch.Tensor, ref: torch.Tensor) -> None:
         self.squared[name] += (y.float() - ref).square().sum().item()
@@ -87,7 +100,9 @@ def measure(engine, requests: list, worst: int = 5) -> tuple[dict, list]:
     for _, _, linear in fp8_candidates(denoiser):
         hooks[names[id(linear)]] = hook = LayerError(linear)
         handles.append(linear.register_forward_hook(hook))
+    calibrated = nn.ModuleList(hook.calibrated for hook in hooks.values())
     try:
+        calibrate_fp8(calibrated, lambda: engine.generate(calibration_calls(requests[0])))
         images = engine.generate(requests)
     finally:
         for handle in handles:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements of the speed work, one step per device call, each well inside the
 # 10 minutes a call may take. Device time is short (a lent machine may leave room for one
-# step after its start), so run the steps not yet measured in this order: engine-static
-# (static shapes, and FP8 with fast accumulation beside bf16, in one step), throughput
-# with the fastest variant, keep-warm, engine-fp8, fp8-error, engine-512, engine-autotune,
-# adapters, engine-flux, controlnet, image-prompts, kontext, fill, redux, controlnet-flux.
+# step after its start, or two: engine-static and throughput fitted into 15 minutes on an
+# H200), so run the steps not yet measured in this order: engine-calibrated (FP8 with
+# calibrated activation scales beside the dynamic ones, static shapes), fp8-error,
+# throughput with the fastest variant, keep-warm, engine-512, engine-autotune, adapters,
+# engine-flux, controlnet, image-prompts, kontext, fill, redux, controlnet-flux.
 # Here, once, in the project root:
 #   echo /.whl/ >> .git/info/exclude
 #   ../shared/gpu/make-wheels.sh .whl pytest pluggy iniconfig pytest-timeout
@@ -15,6 +16,8 @@
 #               without, measured before and the first to drop if time runs out), with the
 #               kernel profile
 #   engine-static  compiled for static shapes (calls padded to 8 images), bf16 and FP8
+#   engine-calibrated  FP8 with activation scales calibrated at start-up against scales
+#               made at each call, both for static shapes, with the kernel profile
 #   fp8-error   each FP8 layer's error against float32 beside bfloat16's, in one real call
 #   engine-512  512², 30 steps (the 6 img/s target): compiled, FP8, FP8 with the cutoff
 #   engine-autotune  compiled with Inductor's kernel autotuning (a longer first start)
@@ -43,15 +46,16 @@
 #   engine-flux FLUX.1-dev's architecture (random weights, built on the GPU by the first
 #               call), 1024², 28 steps, batch 4: compiled bf16, or the variants named after
 #               it (one per call fits: engine-flux compiled, then engine-flux compiled-fp8)
-# throughput and keep-warm serve the `compiled` variant, or the one named after the step
-# (the fastest the engine steps found: bash load/gpu_session.sh throughput compiled-fp8);
+# throughput and keep-warm serve the `compiled-fp8-buckets` variant (the settings of
+# serve/configs/sdxl-gpu-fast.yaml), or the one named after the step (the fastest the
+# engine steps found: bash load/gpu_session.sh throughput compiled-fp8cal-buckets);
 # engine-autotune runs compiled-autotune, or the variant named after it.
 # Figures go to $OUT (results/ when unset) as JSON, with each step's console output; the
 # files are named after the GPU the step ran on (its name as nvidia-smi gives it, without
 # "NVIDIA", lower-cased: h100-80gb-hbm3, h200, ...), so two cards' figures never mix.
 set -euo pipefail
-step=${1:?"step: engine | engine-fp8 | engine-static | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | kontext | fill | redux | controlnet-flux"}
-variant=${2:-compiled}
+step=${1:?"step: engine | engine-fp8 | engine-static | engine-calibrated | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | kontext | fill | redux | controlnet-flux"}
+variant=${2:-compiled-fp8-buckets}
 out=${OUT:-results}
 mkdir -p "$out"
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)
@@ -77,6 +81,9 @@ case $step in
   engine-static) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --profile \
                    --variants compiled-b8 compiled-fp8-b8 \
                    --out "$out/engine-$gpu-static.json" 2>&1 | tee "$log" ;;
+  engine-calibrated) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --profile \
+                       --variants compiled-fp8-b8 compiled-fp8cal-b8 \
+                       --out "$out/engine-$gpu-fp8cal.json" 2>&1 | tee "$log" ;;
   fp8-error) python3 -m load.fp8_error "${sdxl[@]}" --out "$out/fp8-error-$gpu.json" \
                2>&1 | tee "$log" ;;
   engine-512) python3 -m load.bench_engine --random-sdxl .whl/sdxl-base-configs.json \

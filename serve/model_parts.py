@@ -137,6 +137,12 @@ class SpeedConfig(_Strict):
         "With fp8: accumulate each matrix product in the FP8 tensor cores' own accumulators "
         "(fast, as FP8 inference usually runs; row-wise products without it run a much "
         "slower kernel) instead of promoting partial sums to float32 every 128 terms."))
+    fp8_activations: Literal["dynamic", "calibrated"] = Field("dynamic", description=(
+        "With fp8: scale activations from their own largest values at each call (dynamic: "
+        "a pass over every row before each product), or once for good from the largest "
+        "values each layer met during a start-up calibration call of a few prompts at 20 "
+        "steps or more, with a margin of 2 (calibrated: the scaling is folded into the "
+        "kernel that makes the activations; larger values clip)."))
 
     attention: Literal["auto", "cudnn", "flash", "efficient"] = Field("auto", description=(
         "Which of PyTorch's fused attention kernels the denoiser tries first: auto "
@@ -160,8 +166,10 @@ class SpeedConfig(_Strict):
 
     @model_validator(mode="after")
     def _buckets_ascending(self) -> SpeedConfig:
-        if (self.fp8_scaling != "row" or not self.fp8_fast_accum) and not self.fp8:
-            raise ValueError("fp8_scaling and fp8_fast_accum apply only with fp8: true")
+        if (self.fp8_scaling != "row" or not self.fp8_fast_accum
+                or self.fp8_activations != "dynamic") and not self.fp8:
+            raise ValueError("fp8_scaling, fp8_fast_accum and fp8_activations apply only "
+                             "with fp8: true")
         if self.compile_mode != "default" and not self.compile:
             raise ValueError("compile_mode applies only with compile: true")
         buckets = self.batch_buckets

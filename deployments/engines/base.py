@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
@@ -31,7 +32,12 @@ from deployments.engines.sources import (
     source_pil,
     source_tensors,
 )
-from deployments.engines.speed import apply_speed, attention_order
+from deployments.engines.speed import (
+    apply_speed,
+    attention_order,
+    calibrate_fp8,
+    calibration_calls,
+)
 from deployments.engines.withdrawal import BatchRows, step_callback
 from deployments.fused_adapters import FusedAdapters
 from serve.config import SpeedConfig
@@ -78,6 +84,7 @@ class DiffusersEngine:
     control_rows_stay = False  # whether the rows of calls with ControlNets stay to the end
     controlnets: ControlNets | None = None  # the model's ControlNets, if its family has any
     depth_maps: DepthMaps | None = None  # the model's depth estimator, if it has one
+    calibrating = False  # FP8 activation scales still to calibrate (speed.fp8_activations)
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
                  simulate_oom_above_images: int | None):
@@ -102,6 +109,7 @@ class DiffusersEngine:
         self.cfg_cutoff = speed.cfg_cutoff
         denoiser = getattr(self.pipe, self.denoiser)
         self.speed = apply_speed(self.pipe, denoiser, speed, compile_cache)
+        self.calibrating = speed.fp8 and speed.fp8_activations == "calibrated"
         self.adapters.bind(denoiser, compiled=bool(self.speed.get("compiled_blocks")))
 
     def memory(self) -> tuple[str, int]:
@@ -132,6 +140,8 @@ class DiffusersEngine:
             while int(steps * self.cfg_cutoff) > steps - 2:
                 steps += 1
             request = replace(request, num_inference_steps=steps)
+        if self.calibrating:
+            self._calibrate(request)
         counts = sorted({1, min(2, max_images), max_images})
         if self.buckets:
             counts = [b for b in self.buckets if b < max_images]
@@ -142,6 +152,19 @@ class DiffusersEngine:
                 for images in counts:
                     if not self._warm_call(request, images):
                         return
+
+    def _calibrate(self, request: GenerationRequest) -> None:
+        """Calibrated FP8 activations: fix each FP8 layer's input scale from one call of
+        the calibration prompts at the warm-up request's settings, before anything is
+        compiled."""
+        calls = calibration_calls(request)
+        denoiser = getattr(self.pipe, self.denoiser)
+        started = time.monotonic()
+        self.speed["fp8_calibrated_layers"] = calibrate_fp8(denoiser,
+                                                            lambda: self.generate(calls))
+        self.calibrating = False
+        log.info("FP8 activation scales calibrated on %d layers in %.1fs",
+                 self.speed["fp8_calibrated_layers"], time.monotonic() - started)
 
     def _warm_call(self, request: GenerationRequest, images: int) -> bool:
         """One warm-up call of `images` images; False if it does not fit in memory."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +21,14 @@ from serve.config import SpeedConfig
 log = logging.getLogger("ray.serve.atelier.engine")
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
+# Calibrated FP8 activations: room above the largest magnitude calibration saw. A factor
+# of 2 costs e4m3 one of its 15 binades (its relative precision is the same in each).
+CALIBRATION_MARGIN = 2.0
+# The calibration call: prompts of different kinds (and, with guidance, the empty one).
+CALIBRATION_PROMPTS = ("a photograph of an astronaut riding a horse on the moon",
+                       "a watercolor painting of a crowded market street at dusk, detailed",
+                       "a close-up portrait of an old fisherman, studio lighting, 85mm")
+CALIBRATION_STEPS = 20
 # The transformer blocks of SDXL's UNet and of FLUX's transformer: their linear layers are
 # the ones made FP8.
 _TRANSFORMER_BLOCKS = ("BasicTransformerBlock", "FluxTransformerBlock",
@@ -35,7 +45,11 @@ class Fp8Linear(nn.Module):
     which adds the bias and returns bf16 (cast back to the input's dtype). `fast_accum`
     keeps the products in the FP8 units' own accumulators instead of promoting them to
     float32 every 128 terms: faster on Hopper, as FP8 inference usually runs, and slightly
-    less exact."""
+    less exact. Calibrated (`calibrate_fp8`), activations take one fixed scale instead of
+    their own at each call: quantizing them is then a step of the kernel that makes them,
+    not a pass over each row for its largest value."""
+
+    observed: torch.Tensor | None = None  # while calibrating: the largest input magnitude
 
     def __init__(self, linear: nn.Linear, per_row: bool = True, fast_accum: bool = True):
         super().__init__()
@@ -50,6 +64,7 @@ class Fp8Linear(nn.Module):
         # The product's epilogue adds a bias of the output's dtype.
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", bias)
+        self.register_buffer("input_scale", None)  # set by calibration
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     @torch.no_grad()
@@ -82,8 +97,14 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        dim = 1 if self.per_row else None
-        x_scale = (_amax(rows, dim).float() / E4M3_MAX).clamp(min=1e-12)
+        if self.observed is not None:
+            self.observed = torch.maximum(self.observed, _amax(rows, None).float())
+        if self.input_scale is None:
+            dim = 1 if self.per_row else None
+            x_scale = (_amax(rows, dim).float() / E4M3_MAX).clamp(min=1e-12)
+        else:  # row-wise products take a scale per row: the fixed one, repeated
+            x_scale = (self.input_scale.repeat(rows.shape[0], 1) if self.per_row
+                       else self.input_scale)
         q = (rows.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         out = torch._scaled_mm(q, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                bias=self.bias, out_dtype=torch.bfloat16,
@@ -168,17 +189,57 @@ def to_fp8(denoiser: nn.Module, per_row: bool = True, fast_accum: bool = True) -
     return len(layers)
 
 
+def calibration_calls(request):
+    """The requests of the calibration call: `request` (a GenerationRequest) with each of
+    `CALIBRATION_PROMPTS`, one image each, at `CALIBRATION_STEPS` steps or more
+    (activations change along the schedule)."""
+    steps = max(request.num_inference_steps, CALIBRATION_STEPS)
+    return [replace(request, prompt=prompt, num_outputs=1, seed=request.seed + i,
+                    num_inference_steps=steps)
+            for i, prompt in enumerate(CALIBRATION_PROMPTS)]
+
+
+def calibrate_fp8(denoiser: nn.Module, run: Callable[[], object],
+                  margin: float = CALIBRATION_MARGIN) -> int:
+    """Fix the input scale of each Fp8Linear of `denoiser` from the largest magnitude its
+    inputs reach while `run` runs (uncompiled, with scales made at each call), times
+    `margin`: later inputs up to that are represented, larger ones clip to e4m3's largest
+    value. Layers `run` did not reach keep scaling at each call. Return how many were fixed."""
+    layers = [m for m in denoiser.modules() if isinstance(m, Fp8Linear)]
+    for layer in layers:
+        layer.input_scale = None
+        layer.observed = torch.zeros((), device=layer.weight.device)
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            run()
+    finally:
+        seen = [(layer, layer.observed) for layer in layers]
+        for layer, _ in seen:
+            layer.observed = None
+    fixed = 0
+    for layer, amax in seen:
+        if amax is not None and amax.item() > 0:
+            layer.input_scale = (amax * margin / E4M3_MAX).clamp(min=1e-12)
+            fixed += 1
+    return fixed
+
+
 def compile_blocks(modules: list[nn.Module], cache_dir: Path, dynamic: bool = True,
-                   mode: str = "default") -> int:
+                   mode: str = "default", batch_sizes: int = 1) -> int:
     """Compile every repeated block of `modules` (with dynamic shapes, or specialised to
-    each shape met) in torch.compile's `mode`, caching the compiled code under
-    `cache_dir`; return how many blocks were wrapped. Compilation itself happens at each
-    block's first call."""
+    each shape met, of `batch_sizes` batch sizes) in torch.compile's `mode`, caching the
+    compiled code under `cache_dir`; return how many blocks were wrapped. Compilation
+    itself happens at each block's first call."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)  # read at each cache access
     # One code object serves many block variants (with or without a shortcut, time
-    # embedding or cross-attention): allow a compiled graph for each.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # embedding or cross-attention; SDXL's UNet and VAE decoder hold about 21 resnet
+    # shapes), each compiled again for every batch size: allow a compiled graph for each,
+    # rather than have dynamo run the blocks past the limit uncompiled.
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 64 * batch_sizes)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit,
+                                             256 * batch_sizes)
     wrapped = 0
     for root in modules:
         for module in root.modules():
@@ -229,7 +290,8 @@ def apply_speed(pipe, denoiser: nn.Module, speed: SpeedConfig, cache_dir: Path) 
         # Padded to a few batch sizes, each shape can be compiled exactly.
         done["compiled_blocks"] = compile_blocks([denoiser, pipe.vae.decoder], cache_dir,
                                                  dynamic=not speed.batch_buckets,
-                                                 mode=speed.compile_mode)
+                                                 mode=speed.compile_mode,
+                                                 batch_sizes=max(1, len(speed.batch_buckets)))
         if speed.compile_mode != "default":
             done["compile_mode"] = speed.compile_mode
     if speed.batch_buckets:

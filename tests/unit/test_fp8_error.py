@@ -26,6 +26,11 @@ def test_measuring_leaves_the_call_and_its_layers_as_they_were(tiny_sdxl_path):
     assert report["layers"] == len(report["by_layer"]) > 0
     # The engine computes in float32 here: bfloat16's own rounding is what it adds.
     assert all(0 < e["bf16"] < e["fp8-row"] < 0.1 for e in report["by_layer"].values())
+    # Scales calibrated on other prompts beforehand: FP8's error too, not a copy of the
+    # row-wise one (a fixed scale per layer, not one per row of each call).
+    calibrated = [e["fp8-row-calibrated"] for e in report["by_layer"].values()]
+    assert all(0 < c < 0.15 for c in calibrated)
+    assert calibrated != [e["fp8-row"] for e in report["by_layer"].values()]
 
 
 def test_a_layer_error_is_the_norm_of_the_difference_over_the_reference():
@@ -43,12 +48,16 @@ def test_a_layer_error_is_the_norm_of_the_difference_over_the_reference():
 
 
 def test_the_summary_ranks_layers_and_compares_fp8_with_bfloat16():
-    errors = {"a": {"bf16": 0.01, "fp8-row": 0.05, "fp8-row-slowaccum": 0.04, "fp8-tensor": 0.2},
-              "b": {"bf16": 0.02, "fp8-row": 0.2, "fp8-row-slowaccum": 0.2, "fp8-tensor": 0.1},
-              "c": {"bf16": 0.01, "fp8-row": 0.06, "fp8-row-slowaccum": 0.03, "fp8-tensor": 0.3}}
+    errors = {"a": {"bf16": 0.01, "fp8-row": 0.05, "fp8-row-slowaccum": 0.04, "fp8-tensor": 0.2,
+                    "fp8-row-calibrated": 0.07},
+              "b": {"bf16": 0.02, "fp8-row": 0.2, "fp8-row-slowaccum": 0.2, "fp8-tensor": 0.1,
+                    "fp8-row-calibrated": 0.2},
+              "c": {"bf16": 0.01, "fp8-row": 0.06, "fp8-row-slowaccum": 0.03, "fp8-tensor": 0.3,
+                    "fp8-row-calibrated": 0.09}}
     s = summarize(errors, worst=2)["summary"]
     assert s["fp8-row"]["mean"] == pytest.approx(0.31 / 3)
     assert s["fp8-row"]["median"] == 0.06 and s["fp8-row"]["max"] == 0.2
     assert [w["layer"] for w in s["fp8-tensor"]["worst"]] == ["c", "a"]
     assert s["fp8-row"]["median_vs_bf16"] == pytest.approx(6.0)  # 5, 10 and 6
     assert "median_vs_bf16" not in s["bf16"]
+    assert s["fp8-row-calibrated"]["median_vs_bf16"] == pytest.approx(9.0)  # 7, 10 and 9

@@ -16,6 +16,7 @@ STEPS = {  # step arguments: the programs each runs
     ("engine",): ["load.bench_engine"],
     ("engine-fp8",): ["load.bench_engine"],
     ("engine-static",): ["load.bench_engine"],
+    ("engine-calibrated",): ["load.bench_engine"],
     ("fp8-error",): ["load.fp8_error"],
     ("engine-512",): ["load.bench_engine"],
     ("engine-autotune",): ["load.bench_engine"],
@@ -78,14 +79,17 @@ def test_each_gpu_step_calls_its_programs_with_options_they_accept(tmp_path, ste
 
 
 def test_the_throughput_step_serves_as_the_fast_config_does(tmp_path):
-    (_, (_, _, *argv)) = _record(tmp_path, "throughput", "compiled-fp8")
+    (_, (_, _, *argv)) = _record(tmp_path, "throughput")
+    from load.bench_engine import VARIANTS
     from load.bench_throughput import _parse_args
-    from serve.config import load_config
+    from serve.config import SpeedConfig, load_config
 
     args = _parse_args(argv)
     fast = load_config(ROOT / "serve/configs/sdxl-gpu-fast.yaml").models[0]
     assert (args.batch, args.wait_ms) == (fast.batching.max_batch_size, fast.batching.wait_ms)
-    assert (args.variant, args.steps, args.guidance, args.idle_s) == ("compiled-fp8", 20, 8, 30)
+    dtype, speed = VARIANTS[args.variant]
+    assert (dtype, SpeedConfig(**speed)) == (fast.dtype, fast.speed)
+    assert (args.steps, args.guidance, args.idle_s) == (20, 8, 30)
     assert min(args.concurrency) >= 2 * args.batch  # a batch waits while one runs
 
 

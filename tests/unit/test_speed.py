@@ -132,8 +132,9 @@ def test_casting_a_model_keeps_its_fp8_layers_as_they_are():
 def test_fp8_tensor_scaling_is_a_setting_of_fp8(tiny_sdxl_path, plain):
     from deployments.engines.sdxl import SDXLEngine
 
-    for setting in ({"fp8_scaling": "tensor"}, {"fp8_fast_accum": False}):
-        with pytest.raises(ValueError, match="fp8_scaling and fp8_fast_accum apply only with"):
+    for setting in ({"fp8_scaling": "tensor"}, {"fp8_fast_accum": False},
+                    {"fp8_activations": "calibrated"}):
+        with pytest.raises(ValueError, match="fp8_activations apply only with fp8"):
             SpeedConfig(**setting)
     engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu", speed=SpeedConfig(
         fp8=True, fp8_scaling="tensor", fp8_fast_accum=False))
@@ -344,6 +345,23 @@ def test_warm_up_runs_every_bucket_up_to_the_largest_batch(tiny_sdxl_path):
     padded.warm_up(_req(0, num_inference_steps=1), max_images=3)
     hook.remove()
     assert rows == [2, 4, 8]  # buckets 1, 2 and 4 (the one that holds 3), doubled by CFG
+
+
+def test_each_batch_bucket_gets_its_own_room_of_compiled_graphs(tmp_path):
+    """Compiled for exact shapes, every block variant is compiled again for each bucket:
+    the recompile limits grow with the bucket count, so no block falls back to eager."""
+    from deployments.engines.speed import compile_blocks
+
+    class ResnetBlock2D(nn.Linear):  # named as a repeated block
+        pass
+
+    config = torch._dynamo.config
+    net = nn.Sequential(ResnetBlock2D(4, 4), nn.ReLU(), ResnetBlock2D(4, 4))
+    with config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+        assert compile_blocks([net], tmp_path / "a", dynamic=False) == 2
+        assert (config.recompile_limit, config.accumulated_recompile_limit) == (64, 256)
+        compile_blocks([net], tmp_path / "b", dynamic=False, batch_sizes=4)
+        assert (config.recompile_limit, config.accumulated_recompile_limit) == (256, 1024)
 
 
 def test_a_padded_call_keeps_its_bucket_size_when_one_request_leaves(tiny_sdxl_path):
