@@ -48,7 +48,7 @@ def test_the_scale_is_the_largest_input_met_with_the_margin(per_row):
 
 
 def test_the_fixed_scale_is_the_product_of_the_quantized_input():
-    linears, net = _layers()
+    _, net = _layers()
     calibrate_fp8(net, lambda: net(torch.full((2, 64), 4.0)))
     scale = net[0].input_scale
     x = torch.randn(6, 64)
