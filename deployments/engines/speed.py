@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from deployments.engines.layout import compile_edges, keep_channels_last
 from serve.config import SpeedConfig
 
 log = logging.getLogger("ray.serve.atelier.engine")
@@ -286,12 +287,17 @@ def apply_speed(pipe, denoiser: nn.Module, speed: SpeedConfig, cache_dir: Path) 
         denoiser.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
         done["channels_last"] = True
+        if models := keep_channels_last(denoiser):
+            done["channels_last_transformer_outputs"] = models
     if speed.compile:
         # Padded to a few batch sizes, each shape can be compiled exactly.
         done["compiled_blocks"] = compile_blocks([denoiser, pipe.vae.decoder], cache_dir,
                                                  dynamic=not speed.batch_buckets,
                                                  mode=speed.compile_mode,
                                                  batch_sizes=max(1, len(speed.batch_buckets)))
+        if models := compile_edges(denoiser, dynamic=not speed.batch_buckets,
+                                   mode=speed.compile_mode):
+            done["compiled_transformer_edges"] = models
         if speed.compile_mode != "default":
             done["compile_mode"] = speed.compile_mode
     if speed.batch_buckets:

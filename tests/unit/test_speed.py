@@ -174,6 +174,9 @@ def test_fused_qkv_and_channels_last_and_compile_keep_the_pixels(tiny_sdxl_path,
     assert fast.describe()["speed"]["compiled_blocks"] > 0
     assert fast.describe()["speed"].get("compile_mode", "default") == mode
     assert fast.describe()["speed"]["fused_qkv"] is True
+    # The transformer models' input and output steps are compiled too, one per model.
+    models = fast.describe()["speed"]["compiled_transformer_edges"]
+    assert models == fast.describe()["speed"]["channels_last_transformer_outputs"] > 0
     # Two batch sizes and two image sizes run on the same compiled blocks.
     for reqs in ([_req(3)], [_req(4), _req(5, num_outputs=2)], [_req(6, width=128)]):
         ref, got = plain.generate(reqs), fast.generate(reqs)
