@@ -164,14 +164,23 @@ class SpeedConfig(_Strict):
         "warm-up instead of once with dynamic shapes. Empty: calls run at their own size. "
         "The largest must hold batching.max_batch_size."))
 
+    compile_sizes: list[tuple[int, int]] = Field(default_factory=list, description=(
+        "With compile: image sizes, as [width, height], compiled during the start-up "
+        "warm-up besides the model's default size (each takes as long to compile as the "
+        "default). With batch_buckets, compiled code is specialised to each image size "
+        "too: a call at a size not compiled runs uncompiled rather than stall the replica "
+        "for a compilation."))
+
     @model_validator(mode="after")
     def _buckets_ascending(self) -> SpeedConfig:
         if (self.fp8_scaling != "row" or not self.fp8_fast_accum
                 or self.fp8_activations != "dynamic") and not self.fp8:
             raise ValueError("fp8_scaling, fp8_fast_accum and fp8_activations apply only "
                              "with fp8: true")
-        if self.compile_mode != "default" and not self.compile:
-            raise ValueError("compile_mode applies only with compile: true")
+        if (self.compile_mode != "default" or self.compile_sizes) and not self.compile:
+            raise ValueError("compile_mode and compile_sizes apply only with compile: true")
+        if any(w < 8 or h < 8 or w % 8 or h % 8 for w, h in self.compile_sizes):
+            raise ValueError("compile_sizes must be [width, height] pairs of multiples of 8")
         buckets = self.batch_buckets
         if any(b < 1 for b in buckets) or buckets != sorted(set(buckets)):
             raise ValueError("batch_buckets must be distinct positive counts in ascending order")

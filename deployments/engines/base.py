@@ -85,6 +85,10 @@ class DiffusersEngine:
     controlnets: ControlNets | None = None  # the model's ControlNets, if its family has any
     depth_maps: DepthMaps | None = None  # the model's depth estimator, if it has one
     calibrating = False  # FP8 activation scales still to calibrate (speed.fp8_activations)
+    extra_sizes: tuple[tuple[int, int], ...] = ()  # sizes warmed up besides the default
+    # Compiled for exact shapes (compile with buckets): the image sizes compiled; calls at
+    # other sizes run uncompiled. None: compiled code takes any size (or nothing compiled).
+    compiled_sizes: set[tuple[int, int]] | None = None
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
                  simulate_oom_above_images: int | None):
@@ -110,6 +114,8 @@ class DiffusersEngine:
         denoiser = getattr(self.pipe, self.denoiser)
         self.speed = apply_speed(self.pipe, denoiser, speed, compile_cache)
         self.calibrating = speed.fp8 and speed.fp8_activations == "calibrated"
+        self.extra_sizes = tuple(tuple(size) for size in speed.compile_sizes)
+        self.compiled_sizes = set() if speed.compile and speed.batch_buckets else None
         self.adapters.bind(denoiser, compiled=bool(self.speed.get("compiled_blocks")))
 
     def memory(self) -> tuple[str, int]:
@@ -146,12 +152,19 @@ class DiffusersEngine:
         if self.buckets:
             counts = [b for b in self.buckets if b < max_images]
             counts.append(next((b for b in self.buckets if b >= max_images), max_images))
+        sizes = [(request.width, request.height)]
+        if request.source is None:  # other sizes: as text-to-image calls
+            sizes += [s for s in self.extra_sizes if s != sizes[0]]
+        if self.compiled_sizes is not None:
+            self.compiled_sizes.update(sizes)
         # Compiled, calls with adapters in LoRA slots run other code: warm that up too.
-        for priming in [nullcontext(), *self.adapters.primings()]:
-            with priming:
-                for images in counts:
-                    if not self._warm_call(request, images):
-                        return
+        for width, height in sizes:
+            sized = replace(request, width=width, height=height)
+            for priming in [nullcontext(), *self.adapters.primings()]:
+                with priming:
+                    for images in counts:
+                        if not self._warm_call(sized, images):
+                            return
 
     def _calibrate(self, request: GenerationRequest) -> None:
         """Calibrated FP8 activations: fix each FP8 layer's input scale from one call of
@@ -243,7 +256,7 @@ class DiffusersEngine:
         out_of_memory = False
         try:
             tap = previews.tapping(pipe) if previews else nullcontext()
-            with self._rows_follow(requests, made, rows), tap:
+            with self._rows_follow(requests, made, rows), tap, self._compiled_for(first):
                 out = self._call(pipe, first, generators, inputs, callback)
                 images = self._second_stage(requests, rows, generators, out, callback)
         except torch.OutOfMemoryError:
@@ -252,6 +265,14 @@ class DiffusersEngine:
             raise self._recover_memory(requests)
         pixels = self._finish(requests, made, to_uint8(images))
         return rows.split(pil_rows(pixels))[:real]
+
+    def _compiled_for(self, first: GenerationRequest) -> AbstractContextManager:
+        """Compiled for exact shapes, a call at an image size the warm-up did not compile
+        runs uncompiled: slower than compiled code, but without the minute a compilation
+        of every block takes on a GPU, which every request queued behind it would wait."""
+        if self.compiled_sizes is None or (first.width, first.height) in self.compiled_sizes:
+            return nullcontext()
+        return torch.compiler.set_stance("force_eager")
 
     def _previews(self, requests: Sequence[GenerationRequest], rows: BatchRows,
                   on_preview: PreviewListener | None) -> Previews | None:

@@ -312,7 +312,7 @@ def test_a_padded_call_stops_once_its_real_requests_are_withdrawn(tiny_sdxl_path
 
 
 def test_compile_mode_is_a_setting_of_compile():
-    with pytest.raises(ValueError, match="compile_mode applies only with compile"):
+    with pytest.raises(ValueError, match="compile_mode and compile_sizes apply only with compile"):
         SpeedConfig(compile_mode="max-autotune-no-cudagraphs")
     with pytest.raises(ValueError, match="compile_mode"):
         SpeedConfig(compile=True, compile_mode="reduce-overhead")  # CUDA graphs: not offered
@@ -365,6 +365,31 @@ def test_each_batch_bucket_gets_its_own_room_of_compiled_graphs(tmp_path):
         assert (config.recompile_limit, config.accumulated_recompile_limit) == (64, 256)
         compile_blocks([net], tmp_path / "b", dynamic=False, batch_sizes=4)
         assert (config.recompile_limit, config.accumulated_recompile_limit) == (256, 1024)
+
+
+def test_static_compiled_code_runs_only_at_the_sizes_warmed_up(tiny_sdxl_path, plain,
+                                                               tmp_path):
+    """With buckets, compiled code is specialised to each image size: sizes listed in
+    compile_sizes are compiled during the warm-up, and a call at any other size runs
+    uncompiled (no compilation under load) with the plain engine's pixels."""
+    from torch._dynamo.utils import counters
+
+    from deployments.engines.sdxl import SDXLEngine
+
+    with pytest.raises(ValueError, match="multiples of 8"):
+        SpeedConfig(compile=True, compile_sizes=[[100, 64]])
+    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=tmp_path,
+                        speed=SpeedConfig(compile=True, batch_buckets=[2],
+                                          compile_sizes=[[96, 64]]))
+    before = counters["stats"]["calls_captured"]
+    engine.warm_up(_req(0, num_inference_steps=1), max_images=2)
+    warmed = counters["stats"]["calls_captured"]
+    assert engine.compiled_sizes == {(64, 64), (96, 64)} and warmed > before
+    for req in (_req(5, width=96), _req(6, width=128), _req(7, width=64, height=128)):
+        (images,) = engine.generate([req])
+        assert counters["stats"]["calls_captured"] == warmed  # nothing compiled under load
+        diff = np.abs(_px(images[0]) - _px(plain.generate([req])[0][0]))
+        assert images[0].size == (req.width, req.height) and diff.max() <= 2
 
 
 def test_a_padded_call_keeps_its_bucket_size_when_one_request_leaves(tiny_sdxl_path):
