@@ -50,3 +50,39 @@ def test_fp8_images_stay_close_to_bfloat16_on_the_gpu(tiny_sdxl_path):
     other = np.asarray(plain.generate([replace(req, seed=4)])[0][0])
     assert 0 < np.abs(a - b).mean() < 8
     assert np.abs(a - other.astype(int)).mean() > 4 * np.abs(a - b).mean()
+
+
+@pytest.mark.parametrize("per_row", [True, False])
+def test_calibrated_fp8_products_match_bfloat16_compiled(per_row):
+    """A fixed input scale (row-wise products repeat it per row), in compiled code: the
+    quantization fused into the producing kernel computes what the eager layer does."""
+    from deployments.engines.speed import Fp8Linear, calibrate_fp8
+
+    torch.manual_seed(0)
+    linear = nn.Linear(320, 640).to("cuda", torch.bfloat16)
+    net = nn.Sequential(nn.GELU(), Fp8Linear(linear, per_row))
+    x = torch.randn(2, 333, 320, device="cuda", dtype=torch.bfloat16)
+    assert calibrate_fp8(net, lambda: net(x)) == 1
+    compiled = torch.compile(net, dynamic=False)
+    out, eager, ref = compiled(x), net(x), linear(nn.functional.gelu(x))
+    assert torch.isfinite(out).all() and 1e-4 < _rel(out, ref) < 0.08
+    assert _rel(out, eager) < 0.03
+
+
+def test_calibrated_fp8_images_stay_close_to_bfloat16_on_the_gpu(tiny_sdxl_path):
+    from deployments.engines.sdxl import SDXLEngine
+    from serve.config import SpeedConfig
+
+    req = GenerationRequest(model="a/b", prompt="a red cube", width=128, height=128,
+                            num_inference_steps=4, guidance_scale=7.5, seed=3,
+                            scheduler="K_EULER")
+    plain = SDXLEngine(tiny_sdxl_path, "bfloat16", "cuda")
+    fp8 = SDXLEngine(tiny_sdxl_path, "bfloat16", "cuda", speed=SpeedConfig(
+        fp8=True, fp8_activations="calibrated", compile=True, batch_buckets=[1, 2]))
+    fp8.warm_up(req, max_images=2)
+    assert fp8.describe()["speed"]["fp8_calibrated_layers"] == fp8.describe()["speed"][
+        "fp8_linears"]
+    a, b = (np.asarray(e.generate([req])[0][0]).astype(int) for e in (plain, fp8))
+    other = np.asarray(plain.generate([replace(req, seed=4)])[0][0])
+    assert 0 < np.abs(a - b).mean() < 8
+    assert np.abs(a - other.astype(int)).mean() > 4 * np.abs(a - b).mean()
