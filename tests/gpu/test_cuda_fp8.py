@@ -69,7 +69,7 @@ def test_calibrated_fp8_products_match_bfloat16_compiled(per_row):
     assert _rel(out, eager) < 0.03
 
 
-def test_calibrated_fp8_images_stay_close_to_bfloat16_on_the_gpu(tiny_sdxl_path):
+def test_calibrated_fp8_images_stay_close_to_bfloat16_on_the_gpu(tiny_sdxl_path, tmp_path):
     from deployments.engines.sdxl import SDXLEngine
     from serve.config import SpeedConfig
 
@@ -78,7 +78,8 @@ def test_calibrated_fp8_images_stay_close_to_bfloat16_on_the_gpu(tiny_sdxl_path)
                             scheduler="K_EULER")
     plain = SDXLEngine(tiny_sdxl_path, "bfloat16", "cuda")
     fp8 = SDXLEngine(tiny_sdxl_path, "bfloat16", "cuda", speed=SpeedConfig(
-        fp8=True, fp8_activations="calibrated", compile=True, batch_buckets=[1, 2]))
+        fp8=True, fp8_activations="calibrated", compile=True, batch_buckets=[1, 2]),
+        compile_cache=tmp_path)
     fp8.warm_up(req, max_images=2)
     assert fp8.describe()["speed"]["fp8_calibrated_layers"] == fp8.describe()["speed"][
         "fp8_linears"]
