@@ -140,7 +140,7 @@ class SpeedConfig(_Strict):
     fp8_activations: Literal["dynamic", "calibrated"] = Field("dynamic", description=(
         "With fp8: scale activations from their own largest values at each call (dynamic: "
         "a pass over every row before each product), or once for good from the largest "
-        "values each layer met during a start-up calibration call of a few prompts at 20 "
+        "values each layer met during start-up calibration calls of three prompts at 20 "
         "steps or more, with a margin of 2 (calibrated: the scaling is folded into the "
         "kernel that makes the activations; larger values clip)."))
 

@@ -167,14 +167,15 @@ class DiffusersEngine:
                             return
 
     def _calibrate(self, request: GenerationRequest) -> None:
-        """Calibrated FP8 activations: fix each FP8 layer's input scale from one call of
-        the calibration prompts at the warm-up request's settings, before anything is
-        compiled."""
+        """Calibrated FP8 activations: fix each FP8 layer's input scale from calls of the
+        calibration prompts at the warm-up request's settings, before anything is
+        compiled; one prompt per call, so that a device that holds one image at a time
+        can calibrate too."""
         calls = calibration_calls(request)
         denoiser = getattr(self.pipe, self.denoiser)
         started = time.monotonic()
-        self.speed["fp8_calibrated_layers"] = calibrate_fp8(denoiser,
-                                                            lambda: self.generate(calls))
+        self.speed["fp8_calibrated_layers"] = calibrate_fp8(
+            denoiser, lambda: [self.generate([call]) for call in calls])
         self.calibrating = False
         log.info("FP8 activation scales calibrated on %d layers in %.1fs",
                  self.speed["fp8_calibrated_layers"], time.monotonic() - started)

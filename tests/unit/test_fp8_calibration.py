@@ -107,10 +107,9 @@ def test_the_engine_calibrates_once_at_warm_up_on_the_calibration_prompts(tiny_s
         lambda _m, args, kwargs: calls.append(args[0].shape[0]), with_kwargs=True)
     fp8.warm_up(_req(0, num_inference_steps=2), max_images=2)
     hook.remove()
-    # One calibration call of the prompts (guided: two rows each) at 20 steps, then the
-    # warm-up's own calls of 1 and 2 images at 2 steps.
-    rows = 2 * len(CALIBRATION_PROMPTS)
-    assert calls == [rows] * CALIBRATION_STEPS + [2, 2, 4, 4]
+    # A calibration call of each prompt (guided: two rows) at 20 steps, then the warm-up's
+    # own calls of 1 and 2 images at 2 steps.
+    assert calls == [2] * CALIBRATION_STEPS * len(CALIBRATION_PROMPTS) + [2, 2, 4, 4]
     assert fp8.describe()["speed"]["fp8_calibrated_layers"] == len(layers)
     scales = [m.input_scale.clone() for m in layers]
     fp8.warm_up(_req(0, num_inference_steps=2), max_images=2)  # a second warm-up keeps them
