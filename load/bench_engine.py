@@ -59,6 +59,11 @@ VARIANTS = {
     "compiled-fp8cal-b8": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
                                         "fp8_activations": "calibrated",
                                         "batch_buckets": [8]}),
+    # The same, with cuDNN timing its convolution algorithms (speed.cudnn_benchmark).
+    "compiled-fp8cal-b8-cudnnbench": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
+                                                   "fp8_activations": "calibrated",
+                                                   "batch_buckets": [8],
+                                                   "cudnn_benchmark": True}),
     # serve/configs/sdxl-gpu-fast.yaml's settings: calls padded to 1, 2, 4 or 8 images.
     "compiled-fp8-buckets": ("bfloat16", {**_FAST, "compile": True, "fp8": True,
                                           "batch_buckets": [1, 2, 4, 8]}),

@@ -3,8 +3,8 @@
 # 10 minutes a call may take. Device time is short (a lent machine may leave room for one
 # step after its start, or two: engine-static and throughput fitted into 15 minutes on an
 # H200), so run the steps not yet measured in this order: engine-calibrated (FP8 with
-# calibrated activation scales beside the dynamic ones, static shapes), fp8-error,
-# throughput with the fastest variant, keep-warm, engine-512, engine-autotune, adapters,
+# calibrated activation scales beside the dynamic ones, static shapes), throughput with
+# the fastest variant, engine-cudnnbench, fp8-error, keep-warm, engine-512, engine-autotune, adapters,
 # engine-flux, controlnet, image-prompts, kontext, fill, redux, controlnet-flux.
 # Here, once, in the project root:
 #   echo /.whl/ >> .git/info/exclude
@@ -18,6 +18,8 @@
 #   engine-static  compiled for static shapes (calls padded to 8 images), bf16 and FP8
 #   engine-calibrated  FP8 with activation scales calibrated at start-up against scales
 #               made at each call, both for static shapes, with the kernel profile
+#   engine-cudnnbench  calibrated FP8 for static shapes with cuDNN timing its convolution
+#               algorithms (speed.cudnn_benchmark), with the kernel profile
 #   fp8-error   each FP8 layer's error against float32 beside bfloat16's, in one real call
 #   engine-512  512², 30 steps (the 6 img/s target): compiled, FP8, FP8 with the cutoff
 #   engine-autotune  compiled with Inductor's kernel autotuning (a longer first start)
@@ -54,7 +56,7 @@
 # files are named after the GPU the step ran on (its name as nvidia-smi gives it, without
 # "NVIDIA", lower-cased: h100-80gb-hbm3, h200, ...), so two cards' figures never mix.
 set -euo pipefail
-step=${1:?"step: engine | engine-fp8 | engine-static | engine-calibrated | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | kontext | fill | redux | controlnet-flux"}
+step=${1:?"step: engine | engine-fp8 | engine-static | engine-calibrated | engine-cudnnbench | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | kontext | fill | redux | controlnet-flux"}
 variant=${2:-compiled-fp8-buckets}
 out=${OUT:-results}
 mkdir -p "$out"
@@ -84,6 +86,9 @@ case $step in
   engine-calibrated) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --profile \
                        --variants compiled-fp8-b8 compiled-fp8cal-b8 \
                        --out "$out/engine-$gpu-fp8cal.json" 2>&1 | tee "$log" ;;
+  engine-cudnnbench) python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --profile \
+                       --variants compiled-fp8cal-b8-cudnnbench \
+                       --out "$out/engine-$gpu-cudnnbench.json" 2>&1 | tee "$log" ;;
   fp8-error) python3 -m load.fp8_error "${sdxl[@]}" --out "$out/fp8-error-$gpu.json" \
                2>&1 | tee "$log" ;;
   engine-512) python3 -m load.bench_engine --random-sdxl .whl/sdxl-base-configs.json \

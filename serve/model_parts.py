@@ -144,6 +144,13 @@ class SpeedConfig(_Strict):
         "steps or more, with a margin of 2 (calibrated: the scaling is folded into the "
         "kernel that makes the activations; larger values clip)."))
 
+    cudnn_benchmark: bool = Field(False, description=(
+        "Have cuDNN time its algorithms for each convolution shape the first time it meets "
+        "it and keep the fastest (PyTorch's cudnn.benchmark, for the whole replica process), "
+        "instead of taking its heuristics' choice. The start-up warm-up meets the default "
+        "shapes first. Replicas may choose differently, so the same seed can differ in the "
+        "last bits between them."))
+
     attention: Literal["auto", "cudnn", "flash", "efficient"] = Field("auto", description=(
         "Which of PyTorch's fused attention kernels the denoiser tries first: auto "
         "(PyTorch's own order: FlashAttention-2, then memory-efficient; cuDNN last), cudnn (cuDNN's "

@@ -300,6 +300,9 @@ def apply_speed(pipe, denoiser: nn.Module, speed: SpeedConfig, cache_dir: Path) 
             done["compiled_transformer_edges"] = models
         if speed.compile_mode != "default":
             done["compile_mode"] = speed.compile_mode
+    if speed.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+        done["cudnn_benchmark"] = True
     if speed.batch_buckets:
         done["batch_buckets"] = list(speed.batch_buckets)
     if speed.attention != "auto":

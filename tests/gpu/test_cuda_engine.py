@@ -80,6 +80,24 @@ def test_the_chosen_attention_kernel_runs_and_keeps_the_image(engine, tiny_sdxl_
     assert np.abs(a - b).mean() < 1
 
 
+def test_convolutions_timed_by_cudnn_keep_the_image(engine, tiny_sdxl_path):
+    """speed.cudnn_benchmark: cuDNN may choose other convolution algorithms, within
+    rounding of its heuristics' choice."""
+    from deployments.engines.sdxl import SDXLEngine
+    from serve.config import SpeedConfig
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        timed = SDXLEngine(tiny_sdxl_path, "float16", "cuda",
+                           speed=SpeedConfig(cudnn_benchmark=True))
+        assert torch.backends.cudnn.benchmark is True
+        a = np.asarray(timed.generate([_req(7)])[0][0]).astype(int)
+    finally:
+        torch.backends.cudnn.benchmark = before
+    b = np.asarray(engine.generate([_req(7)])[0][0]).astype(int)
+    assert np.abs(a - b).mean() < 1
+
+
 def test_partial_images_decode_in_half_precision_and_leave_the_result_alone(engine):
     """The fp16 VAE is decoded in float32 when its config asks (as the pipeline does), and
     given back in float16 for the call's own decode."""

@@ -186,6 +186,26 @@ def test_fused_qkv_and_channels_last_and_compile_keep_the_pixels(tiny_sdxl_path,
     assert any((tmp_path / "compile").iterdir())  # the compiled code is kept on disk
 
 
+def test_cudnn_benchmark_is_switched_on_for_the_process_and_keeps_the_pixels(
+        tiny_sdxl_path, plain):
+    from deployments.engines.sdxl import SDXLEngine
+
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        timed = SDXLEngine(tiny_sdxl_path, "float32", "cpu",
+                           speed=SpeedConfig(cudnn_benchmark=True))
+        assert torch.backends.cudnn.benchmark is True
+        assert timed.describe()["speed"] == {"cudnn_benchmark": True}
+        # On the CPU no cuDNN runs: the same pixels, bit for bit.
+        assert np.array_equal(_px(timed.generate([_req(12)])[0][0]),
+                              _px(plain.generate([_req(12)])[0][0]))
+        SDXLEngine(tiny_sdxl_path, "float32", "cpu")  # another model leaves it as it is
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 @pytest.mark.parametrize("attention, first", [("cudnn", "CUDNN_ATTENTION"),
                                               ("efficient", "EFFICIENT_ATTENTION")])
 def test_the_attention_order_holds_for_the_call_only(tiny_sdxl_path, plain, attention, first):
