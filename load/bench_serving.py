@@ -104,6 +104,7 @@ async def closed_loop(url: str, args: argparse.Namespace, concurrency: int) -> d
     With Atelier, the pipeline calls its answers name are summed up too (`calls_summary`)."""
     latencies, batch_sizes, images = [], [], 0
     calls: dict[str, tuple[str, int, float]] = {}
+    done: list[tuple[str, float, int]] = []  # (call, when answered, images)
     deadline = time.monotonic() + args.duration
 
     async def worker(wid: int) -> None:
@@ -120,7 +121,10 @@ async def closed_loop(url: str, args: argparse.Namespace, concurrency: int) -> d
                     calls[r.headers["x-atelier-batch-id"]] = (
                         r.headers["x-atelier-replica"], batch_sizes[-1],
                         float(r.headers["x-atelier-inference-ms"]) / 1000)
-                images += len(r.json()["images"])
+                made = len(r.json()["images"])
+                images += made
+                done.append((r.headers.get("x-atelier-batch-id", f"{wid}-{seq}"),
+                             time.monotonic(), made))
                 seq += 1
 
     started = time.monotonic()
@@ -130,7 +134,25 @@ async def closed_loop(url: str, args: argparse.Namespace, concurrency: int) -> d
             "images_per_s": images / elapsed, "p50_s": _pct(latencies, 0.5),
             "p95_s": _pct(latencies, 0.95), "p99_s": _pct(latencies, 0.99),
             "mean_batch_size": statistics.fmean(batch_sizes),
+            "steady_images_per_s": steady_rate(done),
             **calls_summary(list(calls.values()), elapsed)}
+
+
+def steady_rate(answers: list[tuple[str, float, int]]) -> float | None:
+    """Images per second between the first and the last pipeline call to be answered in
+    full, from (call, when answered, images) per request (a call answered when its last
+    request is): the images of every call after the first over that span. A closed loop
+    measured whole also counts the start, when nothing can be answered before a first call
+    runs, and the end, when the last answers are made and sent; these do not recur in
+    sustained serving. None for fewer than two calls."""
+    ends: dict[str, list] = {}
+    for call, when, made in answers:
+        end = ends.setdefault(call, [when, 0])
+        end[0], end[1] = max(end[0], when), end[1] + made
+    ordered = sorted(ends.values())
+    if len(ordered) < 2 or ordered[-1][0] <= ordered[0][0]:
+        return None
+    return sum(made for _, made in ordered[1:]) / (ordered[-1][0] - ordered[0][0])
 
 
 def calls_summary(calls: list[tuple[str, int, float]], elapsed_s: float) -> dict:

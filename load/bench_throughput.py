@@ -237,9 +237,16 @@ def _summarize(report: dict, flops: dict) -> None:
          "first_request_vs_steady": a["first_request_s"] / a["single"]["p50_s"],
          "after_idle_vs_steady": a["after_idle_s"]["request_s"] / a["single"]["p50_s"],
          "p99_at_90pct_s": a["open_loop_90pct"]["latency_s"]["p99"]}
+    # Between the first and last calls answered (`steady_rate`): sustained serving, without
+    # the run's start and end.
+    s["atelier_steady_images_per_s"] = top.get("steady_images_per_s")
     if "baseline" in report:
-        base = report["baseline"]["closed_loop"][0]["images_per_s"]
-        s.update(baseline_images_per_s=base, speedup=best / base)
+        loop = report["baseline"]["closed_loop"][0]
+        base, steady = loop["images_per_s"], loop.get("steady_images_per_s")
+        s.update(baseline_images_per_s=base, speedup=best / base,
+                 baseline_steady_images_per_s=steady)
+        if steady and s["atelier_steady_images_per_s"]:
+            s["steady_speedup"] = s["atelier_steady_images_per_s"] / steady
     report["summary"] = s
     print("summary: " + ", ".join(f"{k} {v:.3g}" for k, v in s.items() if v is not None))
 
@@ -248,11 +255,14 @@ def _print(name: str, r: dict, flops: dict) -> None:
     one = r["single"]
     print(f"{name}: healthy after {r['startup_to_healthy_s']:.1f}s; one request p50 "
           f"{one['p50_s']:.3f}s", flush=True)
-    print("  concurrency  images/s  TFLOP/s  p50_s   p99_s   mean_batch  busy  img/s_in_calls")
+    print("  concurrency  images/s  steady  TFLOP/s  p50_s   p99_s   mean_batch  busy  "
+          "img/s_in_calls")
     for c in r["closed_loop"]:
         busy = (f"  {c['busy_share']:>4.2f}  {c['images_per_call_s']:>14.3f}"
                 if "busy_share" in c else "")
+        steady = c.get("steady_images_per_s")
         print(f"  {c['concurrency']:>11}  {c['images_per_s']:>8.3f}  "
+              f"{'-' if steady is None else f'{steady:.3f}':>6}  "
               f"{c['images_per_s'] * flops['image'] / 1e12:>7.1f}  {c['p50_s']:>6.2f}  "
               f"{c['p99_s']:>6.2f}  {c['mean_batch_size']:>10.2f}{busy}", flush=True)
 

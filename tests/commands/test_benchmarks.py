@@ -67,6 +67,8 @@ def test_throughput_benchmark_measures_the_plain_server_and_atelier(throughput):
         assert c["call_images"] == c["images"] and c["calls"] <= c["images"]
         assert 0 < c["busy_share"] <= 1
         assert c["images_per_call_s"] == pytest.approx(c["images_per_s"] / c["busy_share"])
+    # Between the first and the last call answered, at least as fast as the whole run.
+    assert loops[6]["steady_images_per_s"] >= loops[6]["images_per_s"] * 0.9
     assert list(loops[1]["mean_call_s_by_images"]) == ["1"]
     assert "busy_share" not in base["closed_loop"][0]  # the plain server names no calls
     best = max(c["images_per_s"] for c in loops.values())
@@ -76,6 +78,9 @@ def test_throughput_benchmark_measures_the_plain_server_and_atelier(throughput):
     assert (summary["busy_share_at_best"], summary["images_per_call_s_at_best"]) == (
         top["busy_share"], top["images_per_call_s"])
     assert summary["speedup"] == pytest.approx(best / base["closed_loop"][0]["images_per_s"])
+    assert summary["atelier_steady_images_per_s"] == top["steady_images_per_s"]
+    assert summary["steady_speedup"] == pytest.approx(
+        top["steady_images_per_s"] / base["closed_loop"][0]["steady_images_per_s"])
     assert summary["atelier_tflops"] == pytest.approx(best * report["flops"]["image"] / 1e12)
     assert "speedup" in stdout and "plain server" in stdout
 

@@ -60,3 +60,17 @@ def test_calls_summary_splits_a_run_into_busy_time_and_speed_in_calls():
     assert s["images_per_call_s"] == pytest.approx(20 / 12.0)
     assert s["mean_call_s_by_images"] == {"4": 3.0, "8": 4.5}
     assert calls_summary([], 10.0) == {}
+
+
+def test_steady_rate_counts_the_calls_after_the_first_over_the_span_they_were_answered_in():
+    from load.bench_serving import steady_rate
+
+    # Calls of 4, 4 and 2 images answered at 5, 9 and 13 s (each over a spread of its own
+    # requests' answers): 6 images in the 8 s from the first call's end to the last's.
+    answers = [("b-1", 4.8, 2), ("b-1", 5.0, 2), ("b-2", 9.0, 1), ("b-2", 8.7, 3),
+               ("b-3", 13.0, 2)]
+    assert steady_rate(answers) == pytest.approx(6 / 8.0)
+    # The order requests come back in does not matter; one call alone gives no span.
+    assert steady_rate(list(reversed(answers))) == pytest.approx(6 / 8.0)
+    assert steady_rate([("b-1", 4.8, 2), ("b-1", 5.0, 2)]) is None
+    assert steady_rate([]) is None
