@@ -74,6 +74,12 @@ def outpainted(picture: Image.Image, grey: Image.Image | None, outpaint: Sides |
     return expanded(picture, grey, sides)
 
 
+def finds_edges(model: ModelConfig) -> bool:
+    """Whether `model` finds Canny edges in pictures: a FLUX.1 Canny model, or one with a
+    canny ControlNet."""
+    return model.canny or any(n.preprocess == "canny" for n in model.controlnets.values())
+
+
 def canny_thresholds(edges: tuple[int | None, int | None],
                      model: ModelConfig) -> tuple[int, int]:
     """The edge thresholds (low, high) of a Canny model's image or a canny ControlNet's
@@ -83,8 +89,7 @@ def canny_thresholds(edges: tuple[int | None, int | None],
     defaults = CANNY_THRESHOLDS if model.canny else CONTROLNET_CANNY_THRESHOLDS
     low, high = (default if given is None else given
                  for given, default in zip(edges, defaults, strict=True))
-    finds = model.canny or any(n.preprocess == "canny" for n in model.controlnets.values())
-    if not finds and edges != (None, None):
+    if not finds_edges(model) and edges != (None, None):
         field = "canny_low_threshold" if edges[0] is not None else "canny_high_threshold"
         raise InvalidField(field, "this model finds no edges: only FLUX.1 Canny models "
                                   "(canny: true) and canny ControlNets (preprocess: canny) do")

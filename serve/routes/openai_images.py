@@ -83,6 +83,11 @@ class ImageGenerationParams(BaseModel):
         "Models with ControlNets (SDXL, plain FLUX): control images that steer the image, "
         "as /generate's controlnets (an Atelier extension; send it with extra_body; in an "
         "edit's form, as JSON)."))
+    canny_low_threshold: int | None = Field(None, ge=0, le=500, description=(
+        "FLUX.1 Canny models and canny ControlNets: Canny's low edge threshold, as "
+        "/generate's (an Atelier extension; send it with extra_body)."))
+    canny_high_threshold: int | None = Field(None, ge=0, le=500, description=(
+        "Canny's high edge threshold, as /generate's (an Atelier extension)."))
     ip_adapter_image: str | None = Field(None, description=(
         "SDXL models with an IP-Adapter: an image prompt, as /generate's ip_adapter_image "
         "(an Atelier extension; send it with extra_body)."))
@@ -115,6 +120,9 @@ class ImageGenerationParams(BaseModel):
             except json.JSONDecodeError as exc:
                 raise ValueError(f"not a JSON list: {exc}") from None
         return value
+
+    def edges(self) -> tuple[int | None, int | None]:
+        return self.canny_low_threshold, self.canny_high_threshold
 
     def steps(self, model: ModelConfig) -> int | None:
         """The denoising steps `quality` asks of `model`; None: its default."""
@@ -197,7 +205,7 @@ async def _edit(request: Request, kind: type[ImageEditParams]) -> dict | Streami
     try:
         source, width, height = await load_source(
             image, mask, params.prompt_strength, width, height, model, state.images,
-            hole_is_mask=kind is not ImageVariationParams)
+            hole_is_mask=kind is not ImageVariationParams, edges=params.edges())
     except InvalidField as exc:
         raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
     return await _generate(state, request, params, model, source, width, height)
@@ -240,7 +248,8 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
     try:
         # Without an input or control image the size is the model's default.
         controls, width, height = await load_controls(listed(params.controlnets), width,
-                                                      height, model, state.images)
+                                                      height, model, state.images,
+                                                      edges=params.edges())
         image_prompt = await load_image_prompt(prompt_image or image_prompt_params(params),
                                                model, state.images)
         # The OpenAI API has no adapter field: `<lora:name:scale>` tags in the prompt name them.

@@ -12,7 +12,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from serve.canvases import OUTPAINT_PRESETS
 from serve.controls import ControlParams, ImagePromptParams
 from serve.images import INPUT_AREA
-from serve.routes.replicate_inputs import LoraInput
+from serve.routes.replicate_inputs import CannyEdgeInputs, LoraInput
 from serve.types import MAX_SEED
 
 # Output sizes of FLUX at one megapixel per aspect ratio (multiples of 16); 0.25 MP halves
@@ -62,7 +62,7 @@ class _ReduxInputs(_FluxCommon):
                                  self.redux_downsampling)
 
 
-class FluxControlNetInputs(_FluxCommon):
+class FluxControlNetInputs(CannyEdgeInputs, _FluxCommon):
     """xlabs-ai/flux-dev-controlnet's ControlNet inputs, for FLUX models with ControlNets
     (others refuse them): a control image, which of the model's ControlNets reads it
     (`control_type`) and how strongly."""
@@ -235,7 +235,7 @@ class FillInput(_MegapixelInput):
         return None if self.outpaint == "None" else self.outpaint
 
 
-class CannyInput(_MegapixelInput):
+class CannyInput(CannyEdgeInputs, _MegapixelInput):
     """black-forest-labs/flux-canny-dev's inputs: the control image whose Canny edges the
     output follows, with the thresholds of Black Forest Labs' Canny API; unset values take
     the served model's defaults."""
@@ -244,16 +244,8 @@ class CannyInput(_MegapixelInput):
         "Image whose Canny edges (found here) the output follows, as a data URI, base64 or "
         "an allowed URL"))
 
-    canny_low_threshold: int | None = Field(None, ge=0, le=500, description=(
-        "Gradients under it are never edges (default 50, as Black Forest Labs' API)"))
-    canny_high_threshold: int | None = Field(None, ge=0, le=500, description=(
-        "Gradients over it are always edges (default 200); higher thresholds find fewer"))
-
     mask: ClassVar[None] = None
     image_field: ClassVar[str] = "control_image"
-
-    def edge_thresholds(self) -> tuple[int | None, int | None]:
-        return self.canny_low_threshold, self.canny_high_threshold
 
     @property
     def image(self) -> str:

@@ -62,6 +62,22 @@ class LoraInput(BaseModel):
         return None, None
 
 
+class CannyEdgeInputs(BaseModel):
+    """Canny's edge thresholds, for a FLUX.1 Canny model's control image (as Black Forest
+    Labs' Canny API takes them) and for the pictures of canny ControlNets (an Atelier
+    extension on the ControlNet models' inputs); a model that finds no edges refuses them."""
+
+    canny_low_threshold: int | None = Field(None, ge=0, le=500, description=(
+        "Gradients under it are never edges (OpenCV's Canny; default 50 for FLUX.1 Canny, as "
+        "Black Forest Labs' API, 100 for canny ControlNets, as their training images)"))
+    canny_high_threshold: int | None = Field(None, ge=0, le=500, description=(
+        "Gradients over it are always edges, those between where they join one (default "
+        "200); higher thresholds find fewer"))
+
+    def edge_thresholds(self) -> tuple[int | None, int | None]:
+        return self.canny_low_threshold, self.canny_high_threshold
+
+
 _SIZINGS = ("width_height", "input_image", "mask_image", "controlnet_1_image",
             "controlnet_2_image", "controlnet_3_image")
 
@@ -86,7 +102,7 @@ def _controlnet_inputs() -> dict[str, Any]:
     return fields
 
 
-class _ControlNetSlots(BaseModel):
+class _ControlNetSlots(CannyEdgeInputs):
     """The ControlNet slots' methods; `ControlNetInputs` adds their fields."""
 
     sizing_strategy: Literal[_SIZINGS] = Field("width_height", description=(

@@ -61,16 +61,16 @@ async def to_request(state: IngressState, model_id: str, inp: ReplicateInput,
     try:
         sized, size_from = inp.sizing()
         width, height = (width, height) if sized else (None, None)
-        controls = inp.control_params()
+        controls, edges = inp.control_params(), inp.edge_thresholds()
         if size_from is not None:  # the control image's size is the input image's too
             made, width, height = await load_controls(controls, None, None, model,
-                                                      state.images, size_from)
+                                                      state.images, size_from, edges)
         source, width, height = await load_source(
             inp.image, inp.mask, inp.prompt_strength, width, height, model, state.images,
-            area=inp.source_area(), outpaint=inp.outpainting(), edges=inp.edge_thresholds())
+            area=inp.source_area(), outpaint=inp.outpainting(), edges=edges)
         if size_from is None:
             made, width, height = await load_controls(controls, width, height, model,
-                                                      state.images)
+                                                      state.images, edges=edges)
         image_prompt = await load_image_prompt(inp.image_prompt(), model, state.images)
         return GenerationRequest.for_model(
             model, inp.prompt, width=width, height=height, source=source, seed=inp.seed,

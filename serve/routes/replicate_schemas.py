@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from serve.canvases import finds_edges
 from serve.config import ModelConfig
 from serve.routes.replicate_flux import (
     CannyInput,
@@ -14,7 +15,7 @@ from serve.routes.replicate_flux import (
     FluxInput,
     KontextInput,
 )
-from serve.routes.replicate_inputs import ControlNetInputs, SDXLInput
+from serve.routes.replicate_inputs import CannyEdgeInputs, ControlNetInputs, SDXLInput
 
 ReplicateInput = SDXLInput | FluxInput | KontextInput | FillInput | CannyInput | DepthInput
 
@@ -50,7 +51,7 @@ _FLUX_CONTROLNET_INPUTS = ("control_image", "control_type", "control_strength")
 
 def input_schema(model: ModelConfig) -> dict:
     """The model's input schema; a model without ControlNets shows no ControlNet inputs,
-    an SDXL model without an IP-Adapter and a FLUX model without Redux no image prompt
+    one that finds no Canny edges no edge thresholds, an SDXL model without an IP-Adapter and a FLUX model without Redux no image prompt
     inputs (they refuse them)."""
     schema = input_class(model).model_json_schema()
     hidden: set[str] = set()
@@ -58,6 +59,8 @@ def input_schema(model: ModelConfig) -> dict:
         hidden |= set(ControlNetInputs.model_fields)
     if input_class(model) is FluxInput and not model.controlnets:
         hidden |= set(_FLUX_CONTROLNET_INPUTS)
+    if not finds_edges(model):
+        hidden |= set(CannyEdgeInputs.model_fields)
     if model.family == "sdxl" and model.ip_adapter is None:
         hidden |= set(_IP_ADAPTER_INPUTS)
     if model.family == "flux" and model.redux is None:

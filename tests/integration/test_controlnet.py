@@ -160,6 +160,29 @@ def test_replicates_multi_controlnet_inputs_give_generates_pixels(rep, client):
     assert sized.size == (64, 128)
 
 
+def test_the_canny_thresholds_of_replicate_and_openai_find_generates_edges(rep, oai, client):
+    """An Atelier extension of both APIs' inputs: the same pixels as /generate's with the
+    same thresholds, other pixels than with the ControlNets' defaults."""
+    nets = [{"name": "canny", "image": _b64(PICTURE), "conditioning_scale": 1.0}]
+    strong = {"canny_low_threshold": 450, "canny_high_threshold": 500}
+    direct = decode(_generate(client, controlnets=nets, **strong)["image"])
+    default = decode(_generate(client, controlnets=nets)["image"])
+    assert np.abs(pixels(direct) - pixels(default)).mean() > 0.2  # 0.41 when written
+    replicated = _replicated(rep, controlnet_1="canny",
+                             controlnet_1_image="data:image/png;base64," + _b64(PICTURE),
+                             controlnet_1_conditioning_scale=1.0,
+                             sizing_strategy="controlnet_1_image", **strong)
+    assert_same_pixels(replicated, direct)
+    # The OpenAI API takes the model's default steps.
+    made = oai.images.generate(model=FAST, prompt="a product shot",
+                               extra_body={"seed": 21, "controlnets": nets, **strong})
+    assert_same_pixels(Image.open(io.BytesIO(base64.b64decode(made.data[0].b64_json))),
+                       decode(_generate(client, controlnets=nets, steps=None, **strong)["image"]))
+    r = client.post("/v1/images/generations", json={
+        "model": FAST, "prompt": "x", "controlnets": nets, "canny_low_threshold": 501})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "canny_low_threshold", r.text
+
+
 def test_replicates_sizing_strategy_needs_what_it_names(rep):
     import replicate
 
@@ -176,9 +199,11 @@ def test_only_models_with_controlnets_show_replicates_controlnet_inputs(rep):
         version = rep.models.get(model).latest_version
         return version.openapi_schema["components"]["schemas"]["Input"]["properties"]
 
-    assert {"controlnet_1", "controlnet_3_end", "sizing_strategy"} <= set(inputs(FAST))
+    assert {"controlnet_1", "controlnet_3_end", "sizing_strategy",
+            "canny_low_threshold", "canny_high_threshold"} <= set(inputs(FAST))
     assert "prompt" in inputs(BATCHED) and not any(
-        "controlnet" in name or name == "sizing_strategy" for name in inputs(BATCHED))
+        "controlnet" in name or name in ("sizing_strategy", "canny_low_threshold")
+        for name in inputs(BATCHED))
 
 
 def test_a_lora_and_a_controlnet_steer_one_image_together(client):
