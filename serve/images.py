@@ -15,6 +15,7 @@ import binascii
 import io
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -25,7 +26,7 @@ from serve.config import ModelConfig
 from serve.errors import InvalidField, TooLarge
 from serve.files import output_name
 from serve.predictions import StateStore
-from serve.types import SourceImage
+from serve.types import Reference, SourceImage
 from serve.uploads import upload_id
 from serve.urls import check_allowed_url
 
@@ -112,6 +113,7 @@ async def load_source(image: str | bytes | None, mask: str | bytes | None, stren
                       fetcher: ImageFetcher, hole_is_mask: bool = True,
                       area: int | None = None, outpaint: Sides | str | None = None,
                       edges: tuple[int | None, int | None] = (None, None),
+                      references: Sequence[str | bytes] = (),
                       ) -> tuple[SourceImage | None, int | None, int | None]:
     """`source_image` for a request on the event loop: URLs read first (this server's own
     files, or allowed hosts), then the decoding done in a worker thread, so that a large image does not hold
@@ -119,13 +121,18 @@ async def load_source(image: str | bytes | None, mask: str | bytes | None, stren
     if image is None and mask is None:
         if outpaint is not None:
             raise InvalidField("outpaint", "outpainting needs an image")
+        if references:
+            raise InvalidField(REFERENCES, "further references need an image to edit")
         canny_thresholds(edges, model)  # refused where they cannot apply
         return None, width, height
     limit = model.limits.max_image_bytes
     image = await fetcher.fetch(image, "image", limit)
     mask = await fetcher.fetch(mask, "mask", limit)
+    check_references(len(references), mask is not None, model)
+    references = [await fetcher.fetch(r, f"{REFERENCES}.{i}", limit)
+                  for i, r in enumerate(references)]
     return await asyncio.to_thread(source_image, image, mask, strength, width, height, model,
-                                   hole_is_mask, area, outpaint, edges)
+                                   hole_is_mask, area, outpaint, edges, references)
 
 
 def open_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -230,11 +237,46 @@ def raw_bytes(value: str | bytes, field: str, max_bytes: int) -> bytes:
 
 # An `area` of `source_image`: the input's own, shrunk to the model's limits if over them.
 INPUT_AREA = 0
+REFERENCES = "reference_images"  # the field of a Kontext edit's further references
+
+
+def check_references(count: int, masked: bool, model: ModelConfig) -> None:
+    """422 on REFERENCES unless `model` can read `count` further references beside the
+    image it edits (`masked`: with a mask)."""
+    if not count:
+        return
+    if not model.kontext:
+        raise InvalidField(REFERENCES, "only Kontext models read further reference images")
+    if masked:
+        raise InvalidField(REFERENCES, "a masked edit reads no further reference images")
+    most = model.limits.max_references
+    if count + 1 > most:
+        raise InvalidField(f"{REFERENCES}.{most - 1}", f"at most {most} reference images per "
+                                                      "edit, the edited one included")
+
+
+def further_references(data: Sequence[str | bytes], area: int,
+                       model: ModelConfig) -> tuple[Reference, ...]:
+    """A Kontext edit's further references, each at its own shape and the output's `area`
+    (as the edited image is sized), within the model's longest side."""
+    nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
+    out = []
+    for i, value in enumerate(data):
+        field = f"{REFERENCES}.{i}"
+        picture = open_image(raw_bytes(value, field, nbytes), field, nbytes, npixels)
+        size = area_size(picture, area, model.rules.size_multiple, model.limits.max_size)
+        if picture.size != size:
+            picture = picture.resize(size, Image.Resampling.LANCZOS)
+        out.append(Reference(picture.tobytes(), *size))
+    return tuple(out)
+
+
 def source_image(image: str | bytes | None, mask: str | bytes | None, strength: float,
                  width: int | None, height: int | None, model: ModelConfig,
                  hole_is_mask: bool = True, area: int | None = None,
                  outpaint: Sides | str | None = None,
                  edges: tuple[int | None, int | None] = (None, None),
+                 references: Sequence[str | bytes] = (),
                  ) -> tuple[SourceImage | None, int | None, int | None]:
     """Decode the `image` (and `mask`) of a request for `model`; return them at the size to
     generate, with that width and height (for no image: None and the size as given): the
@@ -248,11 +290,15 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     border is drawn too; a Canny model's image gives its Canny edges, found at the
     output's size with the `edges` thresholds (low, high; None: CANNY_THRESHOLDS'); a
     Depth model's is a control image at the output's size, whose depth map the replica
-    estimates."""
+    estimates. A Kontext edit without a mask may read further `references`
+    (`further_references`)."""
     if image is None:
         if mask is not None:
             raise InvalidField("mask", "a mask needs an image")
+        if references:
+            raise InvalidField(REFERENCES, "further references need an image to edit")
         return None, width, height
+    check_references(len(references), mask is not None, model)
     nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
     controlled = model.canny or model.depth
     if mask is not None and controlled:
@@ -289,5 +335,6 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
         return SourceImage(picture.tobytes(), 1.0, control=True), w, h
     grey = None if grey is None else sized(grey, Image.Resampling.NEAREST)
     return SourceImage(picture.tobytes(), 1.0 if edit or model.fill else strength,
-                       None if grey is None else grey.tobytes(), edit=edit), w, h
+                       None if grey is None else grey.tobytes(), edit=edit,
+                       references=further_references(references, w * h, model)), w, h
 

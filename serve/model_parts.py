@@ -201,6 +201,9 @@ class LimitsConfig(_Strict):
     max_steps: int = Field(50, ge=1, le=500, description="Most denoising steps per request.")
     max_outputs: int = Field(4, ge=1, le=16, description="Most images per request.")
     max_loras: int = Field(4, ge=0, le=16, description="Most LoRA adapters one request stacks.")
+    max_references: int = Field(4, ge=1, le=8, description=(
+        "Kontext models: most reference images one edit reads, the edited image included "
+        "(each adds its tokens to every step)."))
     max_controlnets: int = Field(3, ge=0, le=8, description=(
         "Most ControlNets one request combines (each runs at every step)."))
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description=(

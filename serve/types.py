@@ -15,7 +15,7 @@ from serve.config import FAMILIES, SCHEDULERS, Family, LimitsConfig, ModelConfig
 from serve.errors import ContentFlagged, InvalidField
 
 __all__ = ["SCHEDULERS", "BatchInfo", "ControlImage", "GenerationRequest", "GenerationResult",
-           "ImagePrompt", "SourceImage"]
+           "ImagePrompt", "Reference", "SourceImage"]
 OutputFormat = Literal["png", "webp", "jpeg"]
 # Replicate's SDXL `refine` values: the refiner finishes the base model's last
 # 1 - high_noise_frac of the steps, or reworks its finished image (img2img at strength 0.3).
@@ -29,18 +29,30 @@ IMAGE_PROMPT_SIDE = 512
 
 
 @dataclass(frozen=True, eq=False)
+class Reference:
+    """A further reference image of a Kontext edit, beside the edited image: RGB pixels at
+    its own size (its own shape, at the output's area)."""
+
+    rgb: bytes
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, eq=False)
 class SourceImage:
     """An input image for img2img, inpainting, a Kontext edit or a FLUX.1 Canny or Depth
     model's control (Canny's edges; the picture whose depth map Depth's replica
     estimates), already at the request's size: RGB pixels, and for inpainting a mask of 8-bit
     grey (white = repaint). An edit's image is a reference the prompt changes, a control
-    image the edges the output follows (every step runs: `strength` is 1)."""
+    image the edges the output follows (every step runs: `strength` is 1); an edit may
+    read `references` besides (what the prompt takes from them: an object, a style)."""
 
     rgb: bytes
     strength: float
     mask: bytes | None = None
     edit: bool = False
     control: bool = False
+    references: tuple[Reference, ...] = ()
 
     @property
     def mode(self) -> str:
@@ -180,8 +192,11 @@ class GenerationRequest:
         strength = None if self.source is None else self.source.strength
         refine = (self.refine, self.high_noise_frac, self.refine_steps)
         control = tuple(c.key for c in self.controls)
+        # A Kontext edit's further references add tokens of their sizes to every row.
+        refs = () if self.source is None else tuple((r.width, r.height)
+                                                    for r in self.source.references)
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
-                self.scheduler, self.mode, strength, refine, control)
+                self.scheduler, self.mode, strength, refine, control, refs)
 
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its

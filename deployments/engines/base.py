@@ -270,8 +270,11 @@ class DiffusersEngine:
     def _compiled_for(self, first: GenerationRequest) -> AbstractContextManager:
         """Compiled for exact shapes, a call at an image size the warm-up did not compile
         runs uncompiled: slower than compiled code, but without the minute a compilation
-        of every block takes on a GPU, which every request queued behind it would wait."""
-        if self.compiled_sizes is None or (first.width, first.height) in self.compiled_sizes:
+        of every block takes on a GPU, which every request queued behind it would wait. So
+        does a Kontext edit with further references (more tokens per row)."""
+        further = first.source is not None and bool(first.source.references)
+        if self.compiled_sizes is None or (
+                (first.width, first.height) in self.compiled_sizes and not further):
             return nullcontext()
         return torch.compiler.set_stance("force_eager")
 

@@ -37,7 +37,6 @@ from diffusers import (
     FluxImg2ImgPipeline,
     FluxInpaintPipeline,
     FluxKontextInpaintPipeline,
-    FluxKontextPipeline,
     FluxMultiControlNetModel,
     FluxPipeline,
 )
@@ -46,6 +45,7 @@ from PIL import Image
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine, Prepared
 from deployments.engines.controlnets import NetFiles
+from deployments.engines.kontext import KontextReferencesPipeline
 from deployments.engines.prompts import Embeds
 from deployments.engines.redux import Redux
 from deployments.engines.sources import control_inputs
@@ -186,13 +186,14 @@ class FluxEngine(DiffusersEngine):
 
 class FluxKontextEngine(FluxEngine):
     """FLUX.1 Kontext: text-to-image as FLUX, and edits of a reference image by
-    instruction, of the whole image or, with a mask, of its white part (the image is its
-    own reference; the unmasked pixels are kept). An edit call's rows stay to its end (the
+    instruction, of the whole image (reading further reference images too, if sent) or,
+    with a mask, of its white part (the image is its own reference; the unmasked pixels
+    are kept). An edit call's rows stay to its end (the
     pipeline holds the references' latents out of the step callback's reach), as
     inpainting's do."""
 
     pipelines: ClassVar[dict[str, type]] = {"txt2img": FluxPipeline,
-                                            "edit": FluxKontextPipeline,
+                                            "edit": KontextReferencesPipeline,
                                             "inpaint": FluxKontextInpaintPipeline}
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:

@@ -16,9 +16,10 @@ def source_pil(request: GenerationRequest) -> Image.Image:
     return Image.frombytes("RGB", (request.width, request.height), request.source.rgb)
 
 
-# A request's input image (1×3×H×W) and mask (1×1×H×W, or None) as 8-bit tensors on the
-# device: a quarter of float32's bytes cross to it, and the call scales them there.
-SourceTensors = tuple[torch.Tensor, torch.Tensor | None]
+# A request's input image (1×3×H×W), mask (1×1×H×W, or None) and a Kontext edit's further
+# references (each 1×3×h×w) as 8-bit tensors on the device: a quarter of float32's bytes
+# cross to it, and the call scales them there.
+SourceTensors = tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, ...]]
 
 
 def source_tensors(request: GenerationRequest, device: torch.device) -> SourceTensors | None:
@@ -26,10 +27,11 @@ def source_tensors(request: GenerationRequest, device: torch.device) -> SourceTe
     if source is None:
         return None
     image = _rgb_tensor(source.rgb, request, device)
+    references = tuple(_rgb_tensor(r.rgb, r, device) for r in source.references)
     if source.mask is None:
-        return image, None
+        return image, None, references
     return image, torch.frombuffer(bytearray(source.mask), dtype=torch.uint8).view(
-        1, 1, request.height, request.width).to(device)
+        1, 1, request.height, request.width).to(device), references
 
 
 def control_tensors(request: GenerationRequest,
@@ -38,9 +40,10 @@ def control_tensors(request: GenerationRequest,
     return tuple(_rgb_tensor(c.rgb, request, device) for c in request.controls)
 
 
-def _rgb_tensor(rgb: bytes, request: GenerationRequest, device: torch.device) -> torch.Tensor:
+def _rgb_tensor(rgb: bytes, sized, device: torch.device) -> torch.Tensor:
+    """RGB bytes of `sized`'s width and height (a request's, a reference's) as 1×3×H×W."""
     image = torch.frombuffer(bytearray(rgb), dtype=torch.uint8)
-    return image.view(request.height, request.width, 3).permute(2, 0, 1)[None].to(device)
+    return image.view(sized.height, sized.width, 3).permute(2, 0, 1)[None].to(device)
 
 
 def control_inputs(requests: Sequence[GenerationRequest],
@@ -83,6 +86,10 @@ def source_inputs(requests: Sequence[GenerationRequest],
     inputs = {"image": per_row(requests, sources, 0).float() / 255}
     if first.source.edit:  # Kontext: a reference, at the output's own size and area
         inputs |= {"max_area": first.width * first.height, "_auto_resize": False}
+        if first.source.references:  # further ones, at their own sizes
+            inputs["references"] = [
+                _rows(requests, [src[2][i] for src in sources]).float() / 255
+                for i in range(len(first.source.references))]
     if first.mode != "edit":  # an edit runs every step: its pipeline takes no strength
         inputs["strength"] = first.source.strength
     if first.mode == "inpaint":
@@ -113,7 +120,7 @@ def keep_unmasked(pixels: torch.Tensor, requests: Sequence[GenerationRequest],
     (white: generated, black: the input's own pixels, grey: in between), so what the mask
     keeps is exact and not what the VAE makes of it."""
     out, start = pixels.float(), 0
-    for request, (image, mask) in zip(requests, sources, strict=True):
+    for request, (image, mask, _) in zip(requests, sources, strict=True):
         weight = mask.float() / 255
         rows = out[start:start + request.num_outputs]  # a view: blended in place
         rows.mul_(weight).add_(image.float() * (1 - weight))

@@ -142,7 +142,8 @@ def test_input_images_are_prepared_as_8_bit_tensors_and_give_the_in_call_pixels(
                 _req("a desk", 8, source=SourceImage((255 - photo).tobytes(), 0.8,
                                                       mask.tobytes()))]
     made, _ = sdxl.prepare(requests[0])
-    image, kept = made.source
+    image, kept, references = made.source
+    assert references == ()
     assert image.dtype == kept.dtype == torch.uint8
     assert image.shape == (1, 3, 64, 64) and kept.shape == (1, 1, 64, 64)
     assert np.array_equal(image[0].permute(1, 2, 0).numpy(), photo)
