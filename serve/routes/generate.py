@@ -90,6 +90,11 @@ class GenerateParams(BaseModel):
         "multiples of 8 (16 for flux), unless width or height are given. Its transparent "
         "part, if any, is inpainted. On a Kontext model a reference to edit, on a Fill "
         "model the image to fill, on a Canny model the picture whose edges are followed."))
+    reference_images: list[str] = Field(default_factory=list, max_length=7, description=(
+        "Kontext models: further reference images the edit of `image` reads (JSON body "
+        "only; as image), e.g. an object or a style the prompt puts into it; each at the "
+        "output's area in its own shape. At most the model's limits.max_references, the "
+        "edited image included (default 4); not with a mask."))
     mask: str | None = Field(None, description=(
         "Inpainting mask of the image's size (JSON body only): white is repainted, black "
         "kept; a mask with transparency repaints its transparent part."))
@@ -228,7 +233,8 @@ async def generate(request: Request) -> Response:
         edges = (params.canny_low_threshold, params.canny_high_threshold)
         source, width, height = await load_source(
             params.image, params.mask, params.prompt_strength, params.width, params.height,
-            model, state.images, outpaint=params.outpaint_sides(), edges=edges)
+            model, state.images, outpaint=params.outpaint_sides(), edges=edges,
+            references=params.reference_images)
         controls, width, height = await load_controls(params.control_params(), width, height,
                                                       model, state.images, edges=edges)
         if not params.prompt and params.redux_image is None:

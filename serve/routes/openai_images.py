@@ -2,7 +2,8 @@
 `POST /v1/images/edits` (multipart: `image`, optional `mask`, `prompt`, `model`, `n`,
 `size`, `response_format`; an edit is img2img, or inpainting with a mask: its
 transparent part, as OpenAI's masks mark it, or its white part for an opaque one; with no
-mask, the image's own transparent part) and `POST
+mask, the image's own transparent part; on a Kontext model an edit by instruction, which
+reads further image files as further references) and `POST
 /v1/images/variations` (multipart: `image`, `model`, `n`, `size`, `response_format`; an
 edit with no prompt, or on a FLUX model with FLUX.1 Redux, Redux's variation: the image is
 the image prompt of a new picture).
@@ -51,12 +52,14 @@ from serve.controls import (
     load_image_prompt,
 )
 from serve.errors import InvalidField
-from serve.images import load_source
+from serve.images import REFERENCES, load_source
 from serve.routes.openai_stream import stream_images
 from serve.types import MAX_SEED, GenerationRequest, SourceImage
 
 router = APIRouter()
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# Image files one edit may send: a Kontext model's most references (limits.max_references).
+MAX_EDIT_IMAGES = 8
 _FIELDS = {"width": "size", "height": "size", "num_outputs": "n", "loras": "prompt"}
 # gpt-image's lower quality levels, as shares of the model's default steps.
 _QUALITY_SHARES = {"low": 1 / 3, "medium": 2 / 3}
@@ -191,9 +194,11 @@ async def create_variations(request: Request) -> dict | StreamingResponse:
 
 async def _edit(request: Request, kind: type[ImageEditParams]) -> dict | StreamingResponse:
     state = ingress()
-    params, image, mask = await _read_edit(request, kind)
+    params, (image, *further), mask = await _read_edit(request, kind)
     if mask is not None and kind is ImageVariationParams:
         raise InvalidField("mask", "variations take no mask; send it to /v1/images/edits")
+    if further and kind is ImageVariationParams:
+        raise InvalidField("image", "a variation is of one image")
     model = state.router.resolve(params.model)
     width, height = params.dimensions((None, None))
     if kind is ImageVariationParams and model.redux is not None:
@@ -205,17 +210,20 @@ async def _edit(request: Request, kind: type[ImageEditParams]) -> dict | Streami
     try:
         source, width, height = await load_source(
             image, mask, params.prompt_strength, width, height, model, state.images,
-            hole_is_mask=kind is not ImageVariationParams, edges=params.edges())
+            hole_is_mask=kind is not ImageVariationParams, edges=params.edges(),
+            references=further)
     except InvalidField as exc:
-        raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
+        field = "image" if exc.field.startswith(REFERENCES) else exc.field
+        raise type(exc)(_FIELDS.get(field, field), exc.reason) from None
     return await _generate(state, request, params, model, source, width, height)
 
 
 async def _read_edit(request: Request, kind: type[ImageEditParams],
-                     ) -> tuple[ImageEditParams, bytes, bytes | None]:
-    """The edit's text fields and its image and mask files. Raises InvalidField (400)."""
+                     ) -> tuple[ImageEditParams, list[bytes], bytes | None]:
+    """The edit's text fields, its image files (the one to edit first; a Kontext model
+    reads the others as further references) and its mask file. Raises InvalidField (400)."""
     try:
-        form = await request.form(max_files=4, max_fields=64)
+        form = await request.form(max_files=MAX_EDIT_IMAGES + 1, max_fields=64)
     except HTTPException as exc:  # malformed multipart data
         raise InvalidField("", f"not a valid multipart/form-data body: {exc.detail}") from None
     files: dict[str, list[bytes]] = {}
@@ -226,8 +234,8 @@ async def _read_edit(request: Request, kind: type[ImageEditParams],
         else:
             fields[name] = value
     images, masks = files.pop("image", []), files.pop("mask", [])
-    if len(images) != 1:
-        raise InvalidField("image", "send exactly one image file (PNG, JPEG or WebP)")
+    if not images:
+        raise InvalidField("image", "send an image file (PNG, JPEG or WebP)")
     if len(masks) > 1 or files:
         name = "mask" if len(masks) > 1 else next(iter(files))
         raise InvalidField(name, "unexpected file field")
@@ -236,7 +244,7 @@ async def _read_edit(request: Request, kind: type[ImageEditParams],
     except ValidationError as exc:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-    return params, images[0], masks[0] if masks else None
+    return params, images, masks[0] if masks else None
 
 
 async def _generate(state: IngressState, request: Request, params: ImageGenerationParams,

@@ -11,7 +11,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from serve.canvases import OUTPAINT_PRESETS
 from serve.controls import ControlParams, ImagePromptParams
-from serve.images import INPUT_AREA
+from serve.images import INPUT_AREA, REFERENCES
 from serve.routes.replicate_inputs import CannyEdgeInputs, LoraInput
 from serve.types import MAX_SEED
 
@@ -147,10 +147,14 @@ class FluxInput(FluxControlNetInputs, _ReduxInputs):
         return "aspect_ratio" if size_from is None else "control_image"
 
 
+_FURTHER = ("input_image_2", "input_image_3", "input_image_4")
+
+
 class KontextInput(_FluxCommon):
     """black-forest-labs/flux-kontext-dev's inputs (with flux-kontext-dev-lora's LoRA
-    inputs): `input_image` is the reference the prompt edits; unset values take the served
-    model's defaults."""
+    inputs): `input_image` is the reference the prompt edits, and `input_image_2` to `_4`
+    (as flux-kontext-max names them) further references it reads; unset values take the
+    served model's defaults."""
 
     prompt: str = Field(min_length=1, max_length=4000, description=(
         "Text description of what you want to generate, or the instruction on how to edit "
@@ -158,6 +162,12 @@ class KontextInput(_FluxCommon):
     input_image: str | None = Field(None, description=(
         "Image to use as reference, as a data URI, base64 or an allowed URL; unset: "
         "text-to-image"))
+    input_image_2: str | None = Field(None, description=(
+        "A further reference image the edit of input_image reads (an object, a person, a "
+        "style the prompt puts into it), as input_image takes it; at the output's area in "
+        "its own shape"))
+    input_image_3: str | None = Field(None, description="Another, as input_image_2")
+    input_image_4: str | None = Field(None, description="Another, as input_image_2")
     aspect_ratio: Literal[("match_input_image", *FLUX_SIZES)] = Field(
         "match_input_image", description=(
             "Aspect ratio of the output; match_input_image: the input image's, at the "
@@ -175,9 +185,16 @@ class KontextInput(_FluxCommon):
         width, height = FLUX_SIZES.get(self.aspect_ratio, (None, None))
         return {"width": width, "height": height, **self.call_args()}
 
+    def references(self) -> list[str]:
+        return [value for name in _FURTHER if (value := getattr(self, name)) is not None]
+
     def field_of(self, arg: str) -> str:
         if arg in ("width", "height"):
             return "input_image" if self.aspect_ratio == "match_input_image" else "aspect_ratio"
+        if arg.startswith(REFERENCES):  # the i-th of those given; the list itself: the first
+            given = [name for name in _FURTHER if getattr(self, name) is not None]
+            index = int(arg.split(".")[1]) if "." in arg else 0
+            return given[min(index, len(given) - 1)]
         return super().field_of("input_image" if arg == "image" else arg)
 
 

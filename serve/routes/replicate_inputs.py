@@ -48,6 +48,10 @@ class LoraInput(BaseModel):
         """The image prompt the input sends for the model's IP-Adapter or Redux."""
         return ImagePromptParams(None)
 
+    def references(self) -> list[str]:
+        """Further reference images of a Kontext edit (flux-kontext-max's input_image_2 …)."""
+        return []
+
     def source_area(self) -> int | None:
         """The output's area in pixels, at the input image's shape, if the input sets it
         (flux-fill-dev's megapixels)."""

@@ -67,7 +67,8 @@ async def to_request(state: IngressState, model_id: str, inp: ReplicateInput,
                                                       state.images, size_from, edges)
         source, width, height = await load_source(
             inp.image, inp.mask, inp.prompt_strength, width, height, model, state.images,
-            area=inp.source_area(), outpaint=inp.outpainting(), edges=edges)
+            area=inp.source_area(), outpaint=inp.outpainting(), edges=edges,
+            references=inp.references())
         if size_from is None:
             made, width, height = await load_controls(controls, width, height, model,
                                                       state.images, edges=edges)

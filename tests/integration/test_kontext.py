@@ -49,6 +49,46 @@ def test_one_edit_gives_the_same_pixels_through_every_api(rep, client, oai, base
     assert _generate(client).shape == (96, 96, 3)
 
 
+def test_further_references_give_the_same_pixels_through_every_api(rep, client, oai):
+    """A second and third reference: /generate's reference_images, Replicate's
+    input_image_2 and _3 (flux-kontext-max's names), OpenAI's further image files."""
+    tall = RNG.integers(0, 256, (120, 40, 3), dtype=np.uint8)
+    sent = [_data_uri(tall), _data_uri(OTHER)]
+    edited = _generate(client, image=_data_uri(PHOTO), reference_images=sent)
+    assert edited.shape == (EDIT_SIZE[1], EDIT_SIZE[0], 3)
+    assert not np.array_equal(edited, _generate(client, image=_data_uri(PHOTO)))
+    png = rep.run("black-forest-labs/flux-kontext-dev", input={
+        "prompt": "make the sky red", "input_image": _data_uri(PHOTO), "seed": 5,
+        "input_image_2": io.BytesIO(png_bytes(tall)), "input_image_3": sent[1],
+        "output_format": "png"})
+    assert np.array_equal(pixels(Image.open(io.BytesIO(png.read()))), edited)
+    resp = oai.images.edit(model=KONTEXT, image=[("p.png", png_bytes(PHOTO), "image/png"),
+                                                 ("t.png", png_bytes(tall), "image/png"),
+                                                 ("o.png", png_bytes(OTHER), "image/png")],
+                           prompt="make the sky red", extra_body={"seed": 5})
+    assert np.array_equal(pixels(decode(resp.data[0].b64_json)), edited)
+    # Refused, naming each API's field: on a model that is not Kontext, past the limit of
+    # 4 references, with a mask.
+    r = client.post("/generate", json={"prompt": "x", "model": FLUX, "image": sent[0],
+                                       "reference_images": sent})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body",
+                                                                       "reference_images"]
+    r = client.post("/generate", json={"prompt": "x", "model": KONTEXT, "image": sent[0],
+                                       "reference_images": sent * 2})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body",
+                                                                       "reference_images.3"]
+    r = client.post("/v1/models/black-forest-labs/flux-kontext-dev/predictions", json={
+        "input": {"prompt": "x", "input_image": sent[0], "input_image_3": "not an image"}},
+        headers={"Prefer": "wait"})
+    assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == (
+        "input.input_image_3"), r.text
+    files = [("image", ("p.png", png_bytes(PHOTO), "image/png"))] * 2 + [
+        ("mask", ("m.png", png_bytes(np.zeros((64, 96, 4), np.uint8)), "image/png"))]
+    r = client.post("/v1/images/edits", data={"model": KONTEXT, "prompt": "x"}, files=files)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image", r.text
+    assert "masked edit" in r.json()["error"]["message"]
+
+
 def test_the_replicate_schema_is_flux_kontext_devs(base_url):
     version = httpx.get(f"{base_url}/v1/models/{KONTEXT}", headers=AUTH).json()
     schemas = version["latest_version"]["openapi_schema"]["components"]["schemas"]
