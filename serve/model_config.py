@@ -198,9 +198,8 @@ class ModelConfig(_Strict):
         if self.estimates_depth != (self.depth_estimator is not None):
             raise ValueError("depth_estimator: a Depth model and a model with a ControlNet "
                              "that preprocesses depth need one, and only they take one")
-        if self.redux is not None and (self.family != "flux" or self.kontext):
-            raise ValueError("redux: only flux models (plain, Fill, Canny or Depth; not "
-                             "Kontext) take FLUX.1 Redux")
+        if self.redux is not None and self.family != "flux":
+            raise ValueError("redux: only flux models take FLUX.1 Redux")
         if self.speed.cfg_cutoff is not None and self.family != "sdxl":
             raise ValueError("speed.cfg_cutoff: only sdxl models use classifier-free guidance")
         self.defaults.check_within(self.limits, self.rules)

@@ -150,11 +150,11 @@ class FluxInput(FluxControlNetInputs, _ReduxInputs):
 _FURTHER = ("input_image_2", "input_image_3", "input_image_4")
 
 
-class KontextInput(_FluxCommon):
+class KontextInput(_ReduxInputs):
     """black-forest-labs/flux-kontext-dev's inputs (with flux-kontext-dev-lora's LoRA
     inputs): `input_image` is the reference the prompt edits, and `input_image_2` to `_4`
-    (as flux-kontext-max names them) further references it reads; unset values take the
-    served model's defaults."""
+    (as flux-kontext-max names them) further references it reads; on a model with FLUX.1
+    Redux, `redux_image` an image prompt; unset values take the served model's defaults."""
 
     prompt: str = Field(min_length=1, max_length=4000, description=(
         "Text description of what you want to generate, or the instruction on how to edit "

@@ -222,6 +222,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                defaults={"width": 64, "height": 64, "num_inference_steps": 4,
                          "guidance_scale": 3}),
         _model(KONTEXT, 10, family="flux", embedded="tiny-flux-kontext", kontext=True,
+               redux={"embedded": "tiny-flux-redux"},
                aliases=["black-forest-labs/flux-kontext-dev"],
                defaults={"width": 96, "height": 96, "num_inference_steps": 4,
                          "guidance_scale": 2.5}),

@@ -19,6 +19,7 @@ from tests.integration.conftest import (
     FAST,
     FILL,
     FLUX,
+    KONTEXT,
     REDUX,
     assert_same_pixels,
     decode,
@@ -121,6 +122,27 @@ def test_a_fill_model_draws_the_picture_into_the_masked_part_on_every_api(client
                              extra_body={"seed": 7, "redux_image": "data:image/png;base64,"
                                          + PHOTO_B64})
     assert np.array_equal(pixels(decode(edited.data[0].b64_json)), placed)
+
+
+def test_a_kontext_edit_reads_the_picture_on_every_api(client, rep, oai):
+    photo = np.asarray(noise(6, (96, 64)))
+    body = {"model": KONTEXT, "prompt": "paint it in this style", "seed": 7,
+            "image": "data:image/png;base64," + base64.b64encode(png_bytes(photo)).decode()}
+    plain, styled = (client.post("/generate", json=body | extra) for extra in (
+        {}, {"redux_image": PHOTO_B64}))
+    assert styled.status_code == 200, styled.text
+    plain, styled = (pixels(decode(r.json()["image"])) for r in (plain, styled))
+    # The picture moved the edit (0.50 levels on average on the tiny models when written).
+    assert styled.shape == (64, 112, 3) and np.abs(styled - plain).mean() > 0.2
+    file = rep.run("black-forest-labs/flux-kontext-dev", input={
+        "prompt": "paint it in this style", "input_image": io.BytesIO(png_bytes(photo)),
+        "redux_image": io.BytesIO(PHOTO), "seed": 7, "output_format": "png"})
+    assert np.array_equal(pixels(Image.open(io.BytesIO(file.read()))), styled)
+    edited = oai.images.edit(model=KONTEXT, image=("p.png", png_bytes(photo), "image/png"),
+                             prompt="paint it in this style",
+                             extra_body={"seed": 7, "redux_image": "data:image/png;base64,"
+                                         + PHOTO_B64})
+    assert np.array_equal(pixels(decode(edited.data[0].b64_json)), styled)
 
 
 def test_bad_redux_fields_are_refused_naming_the_field(client, rep, oai):

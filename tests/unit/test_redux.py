@@ -205,8 +205,7 @@ def test_the_config_checks_the_redux_folder_and_the_model(tmp_path, redux_path):
     (copy / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     with pytest.raises(ConfigError, match=r"models\.0\.redux\.path: .* not a FLUX\.1 Redux"):
         config({"path": str(copy)}).check_paths()
-    with pytest.raises(ConfigError, match="redux: only flux models"):
-        config({"embedded": "tiny-flux-redux"}, embedded="tiny-flux-kontext", kontext=True)
+    config({"embedded": "tiny-flux-redux"}, embedded="tiny-flux-kontext", kontext=True)
     config({"embedded": "tiny-flux-redux"}, embedded="tiny-flux-canny", canny=True)
     config({"embedded": "tiny-flux-redux"}, embedded="tiny-flux-fill", fill=True)
     with pytest.raises(ConfigError, match="redux: only flux models"):
@@ -299,6 +298,37 @@ def test_a_fill_model_draws_the_picture_into_the_masked_part(redux_path, cache_d
     for mine, reference in zip(ours, theirs, strict=True):
         _assert_filled(mine, reference, request)
     assert np.abs(_px(ours[0]) - _px(without)).max() >= 4  # the picture moved the fill
+
+
+def test_a_kontext_edit_reads_the_pictures_tokens_after_the_prompts(redux_path, cache_dir):
+    """Redux on FLUX.1 Kontext (an edit styled after a picture): the images are diffusers'
+    FluxKontextPipeline's for the reference, given the prompt's tokens followed by the
+    picture's; an edit with a picture batches apart from one without."""
+    from diffusers import FluxKontextPipeline
+
+    from deployments.engines import create_engine
+    from deployments.tiny import TINY_FLUX_KONTEXT
+    from serve.images import source_image
+    from tests.unit.test_kontext import MODEL, PHOTO, _png
+
+    model = MODEL.model_copy(update={"redux": ReduxConfig(embedded="tiny-flux-redux")})
+    engine = create_engine(model, cache_dir, None)
+    source, width, height = source_image(_png(PHOTO), None, 0.8, None, None, model)
+    request = _prompted(NOISE, width=width, height=height, source=source, guidance_scale=2.5,
+                        num_outputs=2, num_inference_steps=4, prompt="paint it like this")
+    plain = replace(request, image_prompt=None)
+    assert request.mode == "edit" and engine.batch_key(request) != engine.batch_key(plain)
+    (ours,), ((without, _),) = engine.generate([request]), engine.generate([plain])
+    pipe = FluxKontextPipeline.from_pretrained(ensure_embedded(TINY_FLUX_KONTEXT, cache_dir))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(**_reference_embeds(pipe, redux_path, request, NOISE),
+                  image=Image.frombytes("RGB", (width, height), source.rgb), width=width,
+                  height=height, max_area=width * height, _auto_resize=False,
+                  num_inference_steps=4, guidance_scale=2.5,
+                  generator=[torch.Generator().manual_seed(s) for s in request.seeds]).images
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert_same_pixels(mine, reference)
+    assert np.abs(_px(ours[0]) - _px(without)).mean() > 0.5  # the picture moved the edit
 
 
 def test_a_depth_model_draws_the_pictures_content_along_another_pictures_depth(
