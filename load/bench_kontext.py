@@ -1,5 +1,6 @@
 """What a FLUX.1 Kontext edit costs against text-to-image on the same model: per batch
-size, calls of text-to-image and of edits (each image a reference of the output's size).
+size, calls of text-to-image, of edits (each image a reference of the output's size) and
+of edits reading one further reference of the same size.
 
     python -m load.bench_kontext                            # tiny Kontext, CPU
     python -m load.bench_kontext --random-flux load/flux-dev-configs.json \\
@@ -26,7 +27,7 @@ from load.bench_engine import add_call_args, case_turns, compared_rows
 from load.bench_serving import machine
 from load.report import save_report
 
-CASES = ("txt2img", "edit")
+CASES = ("txt2img", "edit", "edit+1")  # edit+1: one further reference
 GUIDANCE = 2.5  # Replicate's flux-kontext-dev default
 
 
@@ -60,13 +61,17 @@ def kontext_folder(configs: str | None, cache_dir: Path) -> Path:
     return folder
 
 
-def _requests(size: int, steps: int, images: int, edit: bool) -> list:
+def _requests(size: int, steps: int, images: int, case: str) -> list:
     import numpy as np
 
-    from serve.types import GenerationRequest, SourceImage
+    from serve.types import GenerationRequest, Reference, SourceImage
 
-    reference = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    source = SourceImage(reference.tobytes(), 1.0, edit=True) if edit else None
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    further = tuple(Reference(rng.integers(0, 256, (size, size, 3), dtype=np.uint8).tobytes(),
+                              size, size) for _ in range(case.count("+")))
+    source = (SourceImage(reference.tobytes(), 1.0, edit=True, references=further)
+              if case != "txt2img" else None)
     base = GenerationRequest(model="bench/kontext", prompt="make the mug blue", width=size,
                              height=size, num_inference_steps=steps, guidance_scale=GUIDANCE,
                              seed=1, scheduler="FlowMatchEuler", source=source)
@@ -97,11 +102,11 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for images in args.batches:
         times = case_turns(dict.fromkeys(CASES, engine),
-                           {case: _requests(args.size, args.steps, images, case == "edit")
+                           {case: _requests(args.size, args.steps, images, case)
                             for case in CASES}, args.repeats)
         rows += compared_rows(times, images, "txt2img")
     facts = engine.describe()
-    tokens = {case: tokens_per_image(engine, _requests(args.size, 1, 1, case == "edit")[0])
+    tokens = {case: tokens_per_image(engine, _requests(args.size, 1, 1, case)[0])
               for case in CASES}
     report = {"benchmark": "kontext", "size": args.size, "steps": args.steps,
               "guidance_scale": GUIDANCE, "repeats": args.repeats,

@@ -475,14 +475,16 @@ def test_kontext_benchmark_times_edits_beside_text_to_image(tmp_path):
                   "--repeats", "2", "--out", str(out))
     report = json.loads(out.read_text())
     assert [(r["batch"], r["case"]) for r in report["rows"]] == [
-        (1, "txt2img"), (1, "edit"), (2, "txt2img"), (2, "edit")]
+        (1, "txt2img"), (1, "edit"), (1, "edit+1"), (2, "txt2img"), (2, "edit"),
+        (2, "edit+1")]
     plain = {r["batch"]: r["median_s"] for r in report["rows"] if r["case"] == "txt2img"}
     for r in report["rows"]:
         assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_s"], rel=0.01)
         assert r["time_vs_txt2img"] == pytest.approx(r["median_s"] / plain[r["batch"]],
                                                      rel=0.01)
-    # 64² is 4x4 packed latent tokens; an edit's reference adds as many again.
-    assert report["tokens_per_image"] == {"txt2img": 16, "edit": 32}
+    # 64² is 4x4 packed latent tokens; an edit's reference adds as many again, and a
+    # further reference of the same size as many again.
+    assert report["tokens_per_image"] == {"txt2img": 16, "edit": 32, "edit+1": 48}
     assert report["model"] == "tiny-flux-kontext" and f"saved {out}" in stdout
 
 
@@ -506,7 +508,7 @@ def test_kontext_benchmark_serves_a_random_flux_as_kontext_through_links(tmp_pat
     assert (kontext / "transformer").resolve() == (flux / "transformer").resolve()
     assert (kontext / "transformer").is_symlink()
     assert report["model"] == "random-flux-kontext"
-    assert report["tokens_per_image"] == {"txt2img": 4, "edit": 8}
+    assert report["tokens_per_image"] == {"txt2img": 4, "edit": 8, "edit+1": 12}
 
 
 def test_fill_benchmark_times_fills_beside_flux_inpainting(tmp_path):
