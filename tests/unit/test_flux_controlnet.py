@@ -260,3 +260,44 @@ def test_a_controlnet_folder_must_be_of_the_models_family_and_hold_its_mode(
     assert check("flux", 1, single).endswith("control_mode: the ControlNet is not a union one "
                                              "(it has no modes)")
     parse_config(_flux(c={"path": str(controlnet_path), "control_mode": 3})).check_paths()
+
+
+def test_a_controlnet_of_union_pro_2s_design_runs_without_modes(tmp_path, tiny_flux_path):
+    """Shakker Labs' Union Pro 2.0 design: double-stream blocks only, no mode embedding (a
+    union trained without modes). The config takes it without a control_mode, and its
+    images are diffusers' FluxControlNetPipeline's without one."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    from deployments.engines.flux import FluxEngine
+    from deployments.tiny_flux import TINY_FLUX_CONFIGS, build_random_flux_controlnet
+
+    folder = tmp_path / "union-pro-2"
+    build_random_flux_controlnet(folder, TINY_FLUX_CONFIGS["transformer"],
+                                 {"num_layers": 2, "num_single_layers": 0, "num_mode": None})
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["num_single_layers"], config["num_mode"]) == (0, None)
+    parse_config(_flux(canny={"path": str(folder), "preprocess": "canny"})).check_paths()
+    assert "control_mode: the ControlNet is not a union one" in _error_at_start(
+        _flux(canny={"path": str(folder), "control_mode": 0}))
+    engine = FluxEngine(tiny_flux_path, "float32", "cpu",
+                        controlnets={"canny": NetFiles(folder, None, None)})
+    request = _req(SCENE, 0.7, num_outputs=2)
+    ours = engine.generate([request])[0]
+    pipe = FluxControlNetPipeline.from_pipe(
+        engine.pipe, controlnet=FluxControlNetModel.from_pretrained(folder))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt=BASE.prompt, control_image=SCENE, width=128, height=96,
+                  num_inference_steps=6, guidance_scale=3.5, controlnet_conditioning_scale=0.7,
+                  num_images_per_prompt=2, max_sequence_length=engine.max_sequence_length,
+                  generator=[torch.Generator().manual_seed(s) for s in (11, 12)]).images
+    for a, b in zip(ours, theirs, strict=True):
+        assert_same_pixels(a, b)
+    unsteered = engine.generate([_req(SCENE, 0.0)])[0][0]
+    assert np.abs(_px(ours[0]) - _px(unsteered)).mean() > 1  # it steers
+
+
+def _error_at_start(data: dict) -> str:
+    """The error start-up's check of the model's files gives."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(data).check_paths()
+    return str(err.value)
