@@ -14,11 +14,13 @@ seed 10 and passes that of seed 11;
 `atelier/tiny-flux` is the embedded tiny FLUX, with fused projections, FP8 layers and
 its adapters merged into them, and the tiny union ControlNet as canny, edges, depth
 (estimating a picture's depth with the tiny Depth Anything) and depth-map;
-`atelier/tiny-flux-kontext` is the embedded tiny FLUX.1 Kontext, whose input images are references to edit; `atelier/tiny-flux-fill` the embedded
-tiny FLUX.1 Fill, which fills masked images (and reads image prompts with the tiny
-Redux); `atelier/tiny-flux-canny` the embedded tiny FLUX.1 Canny, which follows an image's
-edges; `atelier/tiny-flux-depth` the embedded tiny FLUX.1 Depth with the tiny Depth
-Anything, which follows an image's depth (and reads image prompts with the tiny Redux); `atelier/tiny-flux-redux` the tiny FLUX with
+`atelier/tiny-flux-kontext` is the embedded tiny FLUX.1 Kontext, whose input images are
+references to edit (and which reads image prompts with the tiny Redux);
+`atelier/tiny-flux-fill` the embedded tiny FLUX.1 Fill, which fills masked images (and
+reads image prompts with the tiny Redux); `atelier/tiny-flux-canny` the embedded tiny
+FLUX.1 Canny, which follows an image's edges; `atelier/tiny-flux-depth` the embedded tiny
+FLUX.1 Depth with the tiny Depth Anything, which follows an image's depth (and reads
+image prompts with the tiny Redux); `atelier/tiny-flux-redux` the tiny FLUX with
 the embedded tiny FLUX.1 Redux, which reads image prompts (waiting half a second for
 company). The adapter catalog is the embedded demo set plus
 `bad_adapters` (files that must fail cleanly), `made_adapters` (made with PEFT and saved by
