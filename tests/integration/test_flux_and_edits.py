@@ -268,6 +268,10 @@ def test_a_variation_with_a_mask_is_a_400_on_mask(base_url):
     r = httpx.post(f"{base_url}/v1/images/variations", headers=AUTH, files={"image": photo},
                    data={"n": "0"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = httpx.post(f"{base_url}/v1/images/variations", headers=AUTH,
+                   files=[("image", photo), ("image", photo)])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+    assert "one image" in r.json()["error"]["message"]
 
 def _edit(base_url, files, **fields):
     return httpx.post(f"{base_url}/v1/images/edits", headers=AUTH, files=files,
@@ -288,6 +292,10 @@ def test_bad_edits_get_a_400_naming_the_field_and_the_server_keeps_serving(base_
         r = _edit(base_url, files, **fields)
         assert r.status_code == 400, (param, r.text)
         assert r.json()["error"]["param"] == param, r.text
+    # Only a Kontext model reads more than one image file.
+    r = _edit(base_url, [("image", photo), ("image", photo)])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+    assert "only Kontext" in r.json()["error"]["message"]
     # A given size is rounded down to multiples of 8, as the image's own size would be.
     assert _edit(base_url, {"image": photo}, size="100x100").json()["size"] == "96x96"
 
