@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -96,10 +97,18 @@ class ModelDeployment:
                  self.load_s, self.warmup_s, settled["frozen"], settled["seconds"])
 
     def _warm_up(self) -> None:
+        """The warm-up calls, each on the thread its kind of work runs on when serving:
+        the pipeline calls on the pipeline thread, a prompt's encoding on the prompt
+        thread, the safety checker on an encoding thread. A thread's first work on the
+        device pays for its own set-up (e.g. its cuBLAS handle), which a first request
+        would otherwise wait for."""
         request = self._warm_request(self.cfg.warmup_steps)
-        self.engine.warm_up(request, self.cfg.batching.max_batch_size)
+        self._executor.submit(self.engine.warm_up, request,
+                              self.cfg.batching.max_batch_size).result()
+        self._prompts.submit(self.engine.prepare,
+                             replace(request, prompt="a prompt not seen before")).result()
         if self.checker:
-            self.checker.warm_up(request.width, request.height)
+            self._workers.submit(self.checker.warm_up, request.width, request.height).result()
 
     def _warm_request(self, steps: int) -> GenerationRequest:
         """Text-to-image at the model's defaults; for a model without it (FLUX.1 Fill,
