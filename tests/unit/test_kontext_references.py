@@ -106,3 +106,26 @@ def test_edits_with_references_batch_and_keep_each_images_pixels(engine):  # noq
     for ours, solo in zip(together, alone, strict=True):
         for x, y in zip(ours, solo, strict=True):
             assert_same_pixels(x, y)
+
+
+def test_an_edit_with_further_references_runs_uncompiled_beside_static_compiled_code(
+        kontext_path, engine, tmp_path):  # noqa: F811
+    """Compiled for exact shapes, a call with further references (more tokens per row)
+    compiles nothing under load: it runs uncompiled, with the plain engine's pixels."""
+    from torch._dynamo.utils import counters
+
+    from deployments.engines.flux import FluxKontextEngine
+    from serve.config import SpeedConfig
+
+    compiled = FluxKontextEngine(kontext_path, "float32", "cpu", compile_cache=tmp_path,
+                                 speed=SpeedConfig(compile=True, batch_buckets=[1]))
+    request = _edit(PHOTO, [TALL])
+    compiled.warm_up(GenerationRequest.for_model(MODEL, "warm-up", seed=0,
+                                                 width=request.width, height=request.height,
+                                                 num_inference_steps=1))
+    warmed = counters["stats"]["calls_captured"]
+    assert compiled.compiled_sizes == {(request.width, request.height)}
+    (images,), = compiled.generate([request])
+    assert counters["stats"]["calls_captured"] == warmed  # nothing compiled under load
+    (plain,), = engine.generate([request])
+    assert np.abs(_px(images) - _px(plain)).max() <= 2
