@@ -119,6 +119,27 @@ def test_a_kontext_edit_runs_compiled_in_bfloat16_and_keeps_its_seed_batched(cac
     assert np.abs(np.asarray(batched[0][0]).astype(int) - alone).mean() < 2
 
 
+def test_a_kontext_edit_reads_a_further_reference_in_bfloat16_on_the_gpu(cache_dir):
+    """A further reference is encoded in bfloat16 on the device beside the edited image:
+    it changes the edit, and an edit with one keeps its seed's pixels when batched."""
+    from deployments.engines.flux import FluxKontextEngine
+    from deployments.tiny import TINY_FLUX_KONTEXT, ensure_embedded
+    from serve.types import Reference
+
+    engine = FluxKontextEngine(ensure_embedded(TINY_FLUX_KONTEXT, cache_dir), "bfloat16",
+                               "cuda")
+    rng = np.random.default_rng(1)
+    reference = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    further = Reference(rng.integers(0, 256, (144, 48, 3), dtype=np.uint8).tobytes(), 48, 144)
+    edit = SourceImage(reference.tobytes(), 1.0, edit=True)
+    both = SourceImage(reference.tobytes(), 1.0, edit=True, references=(further,))
+    alone = np.asarray(engine.generate([_req(3, source=edit)])[0][0]).astype(int)
+    read = np.asarray(engine.generate([_req(3, source=both)])[0][0]).astype(int)
+    batched = engine.generate([_req(3, source=both), _req(4, source=both)])
+    assert read.shape == (96, 128, 3) and not np.array_equal(read, alone)
+    assert np.abs(np.asarray(batched[0][0]).astype(int) - read).mean() < 2
+
+
 def test_a_fill_runs_compiled_in_bfloat16_and_keeps_the_unmasked_pixels(cache_dir):
     """FLUX.1 Fill on CUDA, compiled with fused projections: the 384-channel input (noise,
     masked image, mask) in bfloat16; the unmasked pixels are the input's own, and a fill's
