@@ -153,8 +153,9 @@ _FURTHER = ("input_image_2", "input_image_3", "input_image_4")
 class KontextInput(_ReduxInputs):
     """black-forest-labs/flux-kontext-dev's inputs (with flux-kontext-dev-lora's LoRA
     inputs): `input_image` is the reference the prompt edits, and `input_image_2` to `_4`
-    (as flux-kontext-max names them) further references it reads; on a model with FLUX.1
-    Redux, `redux_image` an image prompt; unset values take the served model's defaults."""
+    (as flux-kontext-max names them) further references it reads; multi-image-kontext's
+    `input_image_1` may stand for `input_image`; on a model with FLUX.1 Redux,
+    `redux_image` an image prompt; unset values take the served model's defaults."""
 
     prompt: str = Field(min_length=1, max_length=4000, description=(
         "Text description of what you want to generate, or the instruction on how to edit "
@@ -162,6 +163,9 @@ class KontextInput(_ReduxInputs):
     input_image: str | None = Field(None, description=(
         "Image to use as reference, as a data URI, base64 or an allowed URL; unset: "
         "text-to-image"))
+    input_image_1: str | None = Field(None, description=(
+        "The image to edit, under flux-kontext-apps/multi-image-kontext's name: the same as "
+        "input_image (send one of the two)"))
     input_image_2: str | None = Field(None, description=(
         "A further reference image the edit of input_image reads (an object, a person, a "
         "style the prompt puts into it), as input_image takes it; at the output's area in "
@@ -177,9 +181,16 @@ class KontextInput(_ReduxInputs):
     mask: ClassVar[None] = None
     prompt_strength: ClassVar[float] = 1.0  # unused: a reference is not noised
 
+    @field_validator("input_image_1")
+    @classmethod
+    def _one_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("input_image") is not None:
+            raise ValueError("send the image to edit as input_image or input_image_1, not both")
+        return value
+
     @property
     def image(self) -> str | None:
-        return self.input_image
+        return self.input_image if self.input_image is not None else self.input_image_1
 
     def request_args(self) -> dict[str, Any]:
         width, height = FLUX_SIZES.get(self.aspect_ratio, (None, None))
@@ -189,13 +200,14 @@ class KontextInput(_ReduxInputs):
         return [value for name in _FURTHER if (value := getattr(self, name)) is not None]
 
     def field_of(self, arg: str) -> str:
+        edited = "input_image_1" if self.input_image_1 is not None else "input_image"
         if arg in ("width", "height"):
-            return "input_image" if self.aspect_ratio == "match_input_image" else "aspect_ratio"
+            return edited if self.aspect_ratio == "match_input_image" else "aspect_ratio"
         if arg.startswith(REFERENCES):  # the i-th of those given; the list itself: the first
             given = [name for name in _FURTHER if getattr(self, name) is not None]
             index = int(arg.split(".")[1]) if "." in arg else 0
             return given[min(index, len(given) - 1)]
-        return super().field_of("input_image" if arg == "image" else arg)
+        return super().field_of(edited if arg == "image" else arg)
 
 
 # flux-fill-dev's and flux-canny-dev's megapixels: the output's area at the input image's

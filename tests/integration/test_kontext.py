@@ -62,6 +62,11 @@ def test_further_references_give_the_same_pixels_through_every_api(rep, client, 
         "input_image_2": io.BytesIO(png_bytes(tall)), "input_image_3": sent[1],
         "output_format": "png"})
     assert np.array_equal(pixels(Image.open(io.BytesIO(png.read()))), edited)
+    # multi-image-kontext's names for the first two: input_image_1 and input_image_2.
+    png = rep.run("black-forest-labs/flux-kontext-dev", input={
+        "prompt": "make the sky red", "input_image_1": _data_uri(PHOTO), "seed": 5,
+        "input_image_2": sent[0], "input_image_3": sent[1], "output_format": "png"})
+    assert np.array_equal(pixels(Image.open(io.BytesIO(png.read()))), edited)
     resp = oai.images.edit(model=KONTEXT, image=[("p.png", png_bytes(PHOTO), "image/png"),
                                                  ("t.png", png_bytes(tall), "image/png"),
                                                  ("o.png", png_bytes(OTHER), "image/png")],
@@ -82,6 +87,10 @@ def test_further_references_give_the_same_pixels_through_every_api(rep, client, 
         headers={"Prefer": "wait"})
     assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == (
         "input.input_image_3"), r.text
+    r = client.post("/v1/models/black-forest-labs/flux-kontext-dev/predictions", json={
+        "input": {"prompt": "x", "input_image": sent[0], "input_image_1": sent[0]}})
+    assert r.status_code == 422 and r.json()["invalid_fields"][0]["field"] == (
+        "input.input_image_1"), r.text
     files = [("image", ("p.png", png_bytes(PHOTO), "image/png"))] * 2 + [
         ("mask", ("m.png", png_bytes(np.zeros((64, 96, 4), np.uint8)), "image/png"))]
     r = client.post("/v1/images/edits", data={"model": KONTEXT, "prompt": "x"}, files=files)

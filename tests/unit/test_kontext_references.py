@@ -129,3 +129,23 @@ def test_an_edit_with_further_references_runs_uncompiled_beside_static_compiled_
     assert counters["stats"]["calls_captured"] == warmed  # nothing compiled under load
     (plain,), = engine.generate([request])
     assert np.abs(_px(images) - _px(plain)).max() <= 2
+
+
+def test_replicates_kontext_input_names_the_edited_image_and_the_further_ones():
+    """flux-kontext-dev's input_image, or multi-image-kontext's input_image_1; the further
+    ones as flux-kontext-max names them; each error names the field that was sent."""
+    from pydantic import ValidationError
+
+    from serve.routes.replicate_flux import KontextInput
+
+    inp = KontextInput.model_validate({"prompt": "x", "input_image_1": "a",
+                                       "input_image_2": "b", "input_image_4": "d"})
+    assert inp.image == "a" and inp.references() == ["b", "d"]
+    assert [inp.field_of(f) for f in ("image", "width", "reference_images",
+                                      "reference_images.1")] == [
+        "input_image_1", "input_image_1", "input_image_2", "input_image_4"]
+    plain = KontextInput.model_validate({"prompt": "x", "input_image": "a"})
+    assert plain.image == "a" and plain.references() == [] and plain.field_of("image") == (
+        "input_image")
+    with pytest.raises(ValidationError, match="not both"):
+        KontextInput.model_validate({"prompt": "x", "input_image": "a", "input_image_1": "b"})
