@@ -20,6 +20,8 @@ from serve.types import MAX_SEED
 FLUX_SIZES = {"1:1": (1024, 1024), "16:9": (1344, 768), "21:9": (1536, 640),
               "3:2": (1216, 832), "2:3": (832, 1216), "4:5": (896, 1088), "5:4": (1088, 896),
               "3:4": (896, 1152), "4:3": (1152, 896), "9:16": (768, 1344), "9:21": (640, 1536)}
+# Kontext's ratios: those, and flux-kontext-pro's and multi-image-kontext's 2:1 and 1:2.
+KONTEXT_SIZES = FLUX_SIZES | {"2:1": (1408, 704), "1:2": (704, 1408)}
 
 
 class _FluxCommon(LoraInput):
@@ -172,11 +174,15 @@ class KontextInput(_ReduxInputs):
         "its own shape"))
     input_image_3: str | None = Field(None, description="Another, as input_image_2")
     input_image_4: str | None = Field(None, description="Another, as input_image_2")
-    aspect_ratio: Literal[("match_input_image", *FLUX_SIZES)] = Field(
+    aspect_ratio: Literal[("match_input_image", *KONTEXT_SIZES)] = Field(
         "match_input_image", description=(
             "Aspect ratio of the output; match_input_image: the input image's, at the "
             "model's default area (no image: the model's default size). Another ratio "
             "crops the input image to it"))
+    safety_tolerance: int | None = Field(None, ge=0, le=6, description=(
+        "Accepted, without effect (the moderation level flux-kontext-pro, -max and "
+        "multi-image-kontext take); here the model's safety checker and "
+        "disable_safety_checker decide"))
 
     mask: ClassVar[None] = None
     prompt_strength: ClassVar[float] = 1.0  # unused: a reference is not noised
@@ -193,7 +199,7 @@ class KontextInput(_ReduxInputs):
         return self.input_image if self.input_image is not None else self.input_image_1
 
     def request_args(self) -> dict[str, Any]:
-        width, height = FLUX_SIZES.get(self.aspect_ratio, (None, None))
+        width, height = KONTEXT_SIZES.get(self.aspect_ratio, (None, None))
         return {"width": width, "height": height, **self.call_args()}
 
     def references(self) -> list[str]:

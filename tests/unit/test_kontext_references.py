@@ -139,8 +139,11 @@ def test_replicates_kontext_input_names_the_edited_image_and_the_further_ones():
     from serve.routes.replicate_flux import KontextInput
 
     inp = KontextInput.model_validate({"prompt": "x", "input_image_1": "a",
-                                       "input_image_2": "b", "input_image_4": "d"})
+                                       "input_image_2": "b", "input_image_4": "d",
+                                       "safety_tolerance": 2})
     assert inp.image == "a" and inp.references() == ["b", "d"]
+    wide = KontextInput.model_validate({"prompt": "x", "aspect_ratio": "2:1"}).request_args()
+    assert (wide["width"], wide["height"]) == (1408, 704)
     assert [inp.field_of(f) for f in ("image", "width", "reference_images",
                                       "reference_images.1")] == [
         "input_image_1", "input_image_1", "input_image_2", "input_image_4"]
