@@ -4,8 +4,9 @@
 # step after its start, or two: engine-static and throughput fitted into 15 minutes on an
 # H200), so run the steps not yet measured in this order: engine-calibrated (FP8 with
 # calibrated activation scales beside the dynamic ones, static shapes), throughput with
-# the fastest variant, engine-cudnnbench, fp8-error, keep-warm, engine-512, engine-autotune, adapters,
-# engine-flux, controlnet, image-prompts, kontext, fill, redux, controlnet-flux.
+# the fastest variant, engine-cudnnbench, fp8-error, keep-warm, engine-512,
+# engine-autotune, adapters, engine-flux, controlnet, image-prompts, kontext, fill, redux,
+# controlnet-flux.
 # Here, once, in the project root:
 #   echo /.whl/ >> .git/info/exclude
 #   ../shared/gpu/make-wheels.sh .whl pytest pluggy iniconfig pytest-timeout

@@ -194,6 +194,11 @@ class SpeedConfig(_Strict):
         return self
 
 
+# The most reference images a Kontext edit may be allowed (limits.max_references), the
+# edited one included: what the APIs' fields accept at most.
+MOST_REFERENCES = 8
+
+
 class LimitsConfig(_Strict):
     min_size: int = Field(64, ge=8, description="Smallest width or height in pixels.")
     max_size: int = Field(2048, ge=8, description="Largest width or height in pixels.")
@@ -201,7 +206,7 @@ class LimitsConfig(_Strict):
     max_steps: int = Field(50, ge=1, le=500, description="Most denoising steps per request.")
     max_outputs: int = Field(4, ge=1, le=16, description="Most images per request.")
     max_loras: int = Field(4, ge=0, le=16, description="Most LoRA adapters one request stacks.")
-    max_references: int = Field(4, ge=1, le=8, description=(
+    max_references: int = Field(4, ge=1, le=MOST_REFERENCES, description=(
         "Kontext models: most reference images one edit reads, the edited image included "
         "(each adds its tokens to every step)."))
     max_controlnets: int = Field(3, ge=0, le=8, description=(

@@ -30,6 +30,7 @@ from serve.controls import (
 )
 from serve.errors import InvalidField
 from serve.images import load_source
+from serve.model_parts import MOST_REFERENCES
 from serve.timing import timing_headers
 from serve.types import (
     MAX_SEED,
@@ -90,7 +91,8 @@ class GenerateParams(BaseModel):
         "multiples of 8 (16 for flux), unless width or height are given. Its transparent "
         "part, if any, is inpainted. On a Kontext model a reference to edit, on a Fill "
         "model the image to fill, on a Canny model the picture whose edges are followed."))
-    reference_images: list[str] = Field(default_factory=list, max_length=7, description=(
+    reference_images: list[str] = Field(default_factory=list, max_length=MOST_REFERENCES - 1,
+                                        description=(
         "Kontext models: further reference images the edit of `image` reads (JSON body "
         "only; as image), e.g. an object or a style the prompt puts into it; each at the "
         "output's area in its own shape. At most the model's limits.max_references, the "

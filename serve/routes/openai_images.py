@@ -53,13 +53,12 @@ from serve.controls import (
 )
 from serve.errors import InvalidField
 from serve.images import REFERENCES, load_source
+from serve.model_parts import MOST_REFERENCES
 from serve.routes.openai_stream import stream_images
 from serve.types import MAX_SEED, GenerationRequest, SourceImage
 
 router = APIRouter()
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
-# Image files one edit may send: a Kontext model's most references (limits.max_references).
-MAX_EDIT_IMAGES = 8
 _FIELDS = {"width": "size", "height": "size", "num_outputs": "n", "loras": "prompt"}
 # gpt-image's lower quality levels, as shares of the model's default steps.
 _QUALITY_SHARES = {"low": 1 / 3, "medium": 2 / 3}
@@ -223,7 +222,7 @@ async def _read_edit(request: Request, kind: type[ImageEditParams],
     """The edit's text fields, its image files (the one to edit first; a Kontext model
     reads the others as further references) and its mask file. Raises InvalidField (400)."""
     try:
-        form = await request.form(max_files=MAX_EDIT_IMAGES + 1, max_fields=64)
+        form = await request.form(max_files=MOST_REFERENCES + 1, max_fields=64)
     except HTTPException as exc:  # malformed multipart data
         raise InvalidField("", f"not a valid multipart/form-data body: {exc.detail}") from None
     files: dict[str, list[bytes]] = {}
