@@ -20,6 +20,7 @@ TINY_SDXL = "tiny-sdxl"
 TINY_SDXL_REFINER = "tiny-sdxl-refiner"
 TINY_SDXL_CONTROLNET = "tiny-sdxl-controlnet"
 TINY_SDXL_IP_ADAPTER = "tiny-sdxl-ip-adapter"
+TINY_FLUX_IP_ADAPTER = "tiny-flux-ip-adapter"
 TINY_FLUX = "tiny-flux"
 TINY_FLUX_KONTEXT = "tiny-flux-kontext"
 TINY_FLUX_FILL = "tiny-flux-fill"
@@ -46,7 +47,8 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
                 TINY_FLUX_REDUX: _build_tiny_redux,
                 TINY_FLUX_DEPTH: partial(_build_tiny_flux, tool="depth"),
                 TINY_DEPTH_ANYTHING: _build_tiny_depth_anything,
-                TINY_FLUX_CONTROLNET: _build_tiny_flux_controlnet}
+                TINY_FLUX_CONTROLNET: _build_tiny_flux_controlnet,
+                TINY_FLUX_IP_ADAPTER: _build_tiny_flux_ip_adapter}
     if name not in builders:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(builders)}")
     return built_once(cache_dir / f"{name}-v{RECIPE_VERSION}", builders[name])
@@ -151,51 +153,23 @@ def _build_tiny_controlnet(folder: Path) -> None:
     net.save_pretrained(folder, safe_serialization=True)
 
 
-# The tiny IP-Adapter's image encoder (a CLIPVisionModelWithProjection config).
-TINY_IMAGE_ENCODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                      "num_attention_heads": 4, "image_size": 32, "patch_size": 8,
-                      "projection_dim": 32}
-
-
 def _build_tiny_ip_adapter(folder: Path) -> None:
     import torch
     from diffusers import UNet2DConditionModel
+
+    from deployments.tiny_ip_adapters import TINY_IMAGE_ENCODER, build_random_ip_adapter
 
     torch.manual_seed(_SEED + 3)
     unet = UNet2DConditionModel(**public_fields(TINY_SDXL_CONFIGS["unet"]))
     build_random_ip_adapter(folder, unet, TINY_IMAGE_ENCODER)
 
 
-def build_random_ip_adapter(folder: Path, unet, encoder_config: dict,
-                            dtype: str = "float32") -> None:
-    """An IP-Adapter for `unet` (random weights) in h94/IP-Adapter's layout: sdxl_models/
-    holds ip-adapter_sdxl.safetensors (the image projection's `image_proj.*`, four tokens,
-    and each cross-attention's `ip_adapter.<n>.to_k_ip/to_v_ip`, numbered as the original
-    code numbers the UNet's attention layers) and image_encoder/, a CLIP vision model of
-    `encoder_config`. The image key and value projections start from the text ones plus
-    noise, as training starts from them."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+def _build_tiny_flux_ip_adapter(folder: Path) -> None:
+    from deployments.tiny_flux import TINY_FLUX_CONFIGS
+    from deployments.tiny_ip_adapters import TINY_IMAGE_ENCODER, build_random_flux_ip_adapter
 
-    models = folder / "sdxl_models"
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**encoder_config))
-    encoder.to(getattr(torch, dtype)).save_pretrained(models / "image_encoder",
-                                                      safe_serialization=True)
-    text_dim, image_dim = unet.config.cross_attention_dim, encoder.config.projection_dim
-    state = {"image_proj.proj.weight": torch.randn(4 * text_dim, image_dim) * 0.2,
-             "image_proj.proj.bias": torch.zeros(4 * text_dim),
-             "image_proj.norm.weight": torch.ones(text_dim),
-             "image_proj.norm.bias": torch.zeros(text_dim)}
-    for number, name in enumerate(unet.attn_processors):  # attn1, attn2 of each block
-        if name.endswith("attn2.processor"):
-            attention = unet.get_submodule(name.removesuffix(".processor"))
-            for ip, text in (("to_k_ip", attention.to_k), ("to_v_ip", attention.to_v)):
-                weight = text.weight.detach().float()
-                state[f"ip_adapter.{number}.{ip}.weight"] = (
-                    weight + torch.randn_like(weight) * weight.std())
-    save_file({k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()},
-              models / "ip-adapter_sdxl.safetensors")
+    build_random_flux_ip_adapter(folder, TINY_FLUX_CONFIGS["transformer"], TINY_IMAGE_ENCODER,
+                                 seed=_SEED + 11)
 
 
 def _build_tiny_flux(folder: Path, tool: str | None = None) -> None:

@@ -55,7 +55,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def adapter_folder(configs: str | None, model: Path, cache_dir: Path) -> Path:
     """The embedded tiny IP-Adapter, or one made once for the random model's UNet with
     ip-adapter_sdxl_vit-h's design, saved in fp16."""
-    from deployments.tiny import TINY_SDXL_IP_ADAPTER, build_random_ip_adapter, ensure_embedded
+    from deployments.tiny import TINY_SDXL_IP_ADAPTER, ensure_embedded
+    from deployments.tiny_ip_adapters import build_random_ip_adapter
 
     if not configs:
         return ensure_embedded(TINY_SDXL_IP_ADAPTER, cache_dir)

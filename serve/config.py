@@ -166,7 +166,7 @@ class AtelierConfig(_Strict):
             for name, net in model.controlnets.items():
                 net.check_files(f"models.{i}.controlnets.{name}", model.family)
             if model.ip_adapter is not None:
-                model.ip_adapter.check_files(f"models.{i}.ip_adapter")
+                model.ip_adapter.check_files(f"models.{i}.ip_adapter", model.family)
             if model.redux is not None:
                 model.redux.check_files(f"models.{i}.redux")
             if model.depth_estimator is not None:

@@ -134,11 +134,11 @@ _PROMPT_FIELDS = ("ip_adapter_image", "redux_image")
 
 def image_prompt_params(params: Any) -> ImagePromptParams:
     """The image prompt of a route's params, which may send one as ip_adapter_image (for
-    an SDXL model's IP-Adapter, with ip_adapter_scale) or as redux_image (for a FLUX
+    a model's IP-Adapter, with ip_adapter_scale) or as redux_image (for a FLUX
     model's Redux, with redux_downsampling); 422 if both."""
     if params.ip_adapter_image is not None and params.redux_image is not None:
-        raise InvalidField("redux_image", "send one image prompt: ip_adapter_image (SDXL "
-                                          "models) or redux_image (FLUX models)")
+        raise InvalidField("redux_image", "send one image prompt: ip_adapter_image (models "
+                                          "with an IP-Adapter) or redux_image (with Redux)")
     if params.redux_image is not None:
         return ImagePromptParams(params.redux_image, None, "redux_image",
                                  params.redux_downsampling)
@@ -154,7 +154,7 @@ async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
     image, scale, field, downsampling = given
     if image is None:
         return None
-    reader = model.ip_adapter if model.family == "sdxl" else model.redux
+    reader = model.ip_adapter or model.redux
     if reader is None:
         raise InvalidField(field, "this model reads no image prompts (its config sets no "
                                   "IP-Adapter or Redux)")
@@ -163,7 +163,7 @@ async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
                                   f"{model.image_prompt_field}")
     data = await fetcher.fetch(image, field, model.limits.max_image_bytes)
     picture = await asyncio.to_thread(_prompt_picture, data, field, model)
-    if model.family == "sdxl":
+    if model.ip_adapter is not None:
         return ImagePrompt(picture.tobytes(), *picture.size,
                            reader.scale if scale is None else scale)
     return ImagePrompt(picture.tobytes(), *picture.size, 1.0,

@@ -26,6 +26,7 @@ from serve.model_parts import (
 )
 from serve.steering import (
     EMBEDDED_CONTROLNETS,
+    EMBEDDED_IP_ADAPTERS,
     ControlNetConfig,
     DepthEstimatorConfig,
     IPAdapterConfig,
@@ -117,8 +118,8 @@ class ModelConfig(_Strict):
         "e.g. {canny: {path: ...}}. A request with a `control_image` and no name uses the "
         "first."))
     ip_adapter: IPAdapterConfig | None = Field(None, description=(
-        "SDXL only: an IP-Adapter, for requests' image prompts (`ip_adapter_image`). Unset: "
-        "requests with one get 422."))
+        "SDXL and plain FLUX models: an IP-Adapter, for requests' image prompts "
+        "(`ip_adapter_image`). Unset: requests with one get 422."))
     redux: ReduxConfig | None = Field(None, description=(
         "FLUX only: FLUX.1 Redux, for requests' image prompts (`redux_image`): variations "
         "of a picture, restyled by the prompt if one is sent. Unset: requests with one get "
@@ -193,8 +194,7 @@ class ModelConfig(_Strict):
         if self.refiner is not None and self.family != "sdxl":
             raise ValueError("refiner: only sdxl models take a refiner")
         self._check_controlnets()
-        if self.ip_adapter is not None and self.family != "sdxl":
-            raise ValueError("ip_adapter: only sdxl models take an IP-Adapter")
+        self._check_ip_adapter()
         if self.estimates_depth != (self.depth_estimator is not None):
             raise ValueError("depth_estimator: a Depth model and a model with a ControlNet "
                              "that preprocesses depth need one, and only they take one")
@@ -223,6 +223,21 @@ class ModelConfig(_Strict):
                 raise ValueError(f"controlnets.{name}.embedded: {net.embedded!r} is a {family} "
                                  f"ControlNet, and this is a {self.family} model")
 
+    def _check_ip_adapter(self) -> None:
+        adapter = self.ip_adapter
+        if adapter is None:
+            return
+        if self.flux_kind:
+            raise ValueError(f"ip_adapter: a FLUX.1 {self.flux_kind.title()} model takes no "
+                             "IP-Adapter (sdxl and plain flux models do)")
+        if self.redux is not None:
+            raise ValueError("ip_adapter: a FLUX model reads its image prompts through Redux "
+                             "or an IP-Adapter, not both")
+        family = adapter.embedded and EMBEDDED_IP_ADAPTERS[adapter.embedded]
+        if family not in (None, self.family):
+            raise ValueError(f"ip_adapter.embedded: {adapter.embedded!r} is a {family} "
+                             f"IP-Adapter, and this is a {self.family} model")
+
     @property
     def estimates_depth(self) -> bool:
         """Whether the replica estimates depth maps: a Depth model's, or those of its
@@ -236,9 +251,12 @@ class ModelConfig(_Strict):
 
     @property
     def image_prompt_field(self) -> str:
-        """The request field of the model's image prompts: an SDXL model's IP-Adapter reads
-        ip_adapter_image, a FLUX model's Redux redux_image."""
-        return "redux_image" if self.family == "flux" else "ip_adapter_image"
+        """The request field of the model's image prompts: an IP-Adapter reads
+        ip_adapter_image, a FLUX model's Redux redux_image (and a FLUX model without either
+        is said to read none from redux_image)."""
+        if self.family == "flux" and self.ip_adapter is None:
+            return "redux_image"
+        return "ip_adapter_image"
 
     @property
     def rules(self) -> Family:

@@ -1,7 +1,6 @@
 """The configs of what steers a model's images from pictures besides its prompt: its
-ControlNets (a control image's shapes), an SDXL model's IP-Adapter (an image prompt), a
-FLUX model's Redux (an image prompt), each with the check of the files its path must
-hold."""
+ControlNets (a control image's shapes), an IP-Adapter (an image prompt), a FLUX model's
+Redux (an image prompt), each with the check of the files its path must hold."""
 
 from __future__ import annotations
 
@@ -82,60 +81,90 @@ def check_control_mode(modes: int | None, mode: int | None) -> None:
         raise ValueError(f"control_mode: the union ControlNet needs one from 0 to {modes - 1}")
 
 
+# A family's IP-Adapter layout: (subfolder, weights file, image encoder), as its
+# adapters are published: h94/IP-Adapter's SDXL adapters, XLabs-AI/flux-ip-adapter's
+# (whose CLIP ViT-L/14 image encoder, openai/clip-vit-large-patch14, is copied beside it).
+IP_ADAPTER_LAYOUTS = {"sdxl": ("sdxl_models", "ip-adapter_sdxl.safetensors", "image_encoder"),
+                      "flux": ("", "ip_adapter.safetensors", "image_encoder")}
+# The embedded IP-Adapters, by the family they are made for.
+EMBEDDED_IP_ADAPTERS = {"tiny-sdxl-ip-adapter": "sdxl", "tiny-flux-ip-adapter": "flux"}
+
+
 class IPAdapterConfig(PathOrEmbedded):
-    """An IP-Adapter for an SDXL model (h94/IP-Adapter's SDXL adapters, as diffusers'
-    `load_ip_adapter` reads them): requests may send an image prompt, a picture whose
-    content and style the image takes on beside the text prompt. Its image encoder (a CLIP
-    vision model) encodes each request's picture before its call; the adapter adds an
-    attention over the picture's tokens to each of the UNet's cross-attentions."""
+    """An IP-Adapter: requests may send an image prompt, a picture whose content and style
+    the image takes on beside the text prompt. For an SDXL model one of h94/IP-Adapter's
+    SDXL adapters, for a plain FLUX model XLabs' (XLabs-AI/flux-ip-adapter), each as
+    diffusers' `load_ip_adapter` reads it. Its image encoder (a CLIP vision model) encodes
+    each request's picture before its call; the adapter adds an attention over the
+    picture's tokens to each of the UNet's cross-attentions (FLUX: to each double-stream
+    block)."""
 
     path: Path | None = Field(None, description=(
-        "Local folder the adapter's files are in (e.g. a copy of h94/IP-Adapter). Never "
-        "fetched."))
-    embedded: Literal["tiny-sdxl-ip-adapter"] | None = Field(None, description=(
-        "Build and use the embedded random-weight IP-Adapter of the tiny SDXL."))
-    subfolder: str = Field("sdxl_models", description=(
-        "The folder under `path` that holds the weights file (diffusers' `subfolder`)."))
-    weight_name: str = Field("ip-adapter_sdxl.safetensors", description=(
-        "The weights file in `subfolder`, in the adapter's own layout (`image_proj` and "
-        "`ip_adapter` keys), e.g. ip-adapter-plus_sdxl_vit-h.safetensors."))
-    image_encoder: str = Field("image_encoder", description=(
+        "Local folder the adapter's files are in (e.g. a copy of h94/IP-Adapter, or of "
+        "XLabs-AI/flux-ip-adapter with openai/clip-vit-large-patch14 as its image_encoder "
+        "folder). Never fetched."))
+    embedded: Literal[tuple(EMBEDDED_IP_ADAPTERS)] | None = Field(None, description=(
+        "Build and use the embedded random-weight IP-Adapter of the tiny SDXL or FLUX."))
+    subfolder: str | None = Field(None, description=(
+        "The folder under `path` that holds the weights file (diffusers' `subfolder`); "
+        "default: sdxl_models (SDXL), none (FLUX)."))
+    weight_name: str | None = Field(None, description=(
+        "The weights file in `subfolder`, in the adapter's own layout (h94's `image_proj` "
+        "and `ip_adapter` keys, or XLabs' `ip_adapter_proj_model` and `double_blocks`), "
+        "e.g. ip-adapter-plus_sdxl_vit-h.safetensors; default: ip-adapter_sdxl.safetensors "
+        "(SDXL), ip_adapter.safetensors (FLUX)."))
+    image_encoder: str | None = Field(None, description=(
         "The image encoder's folder (a CLIPVisionModelWithProjection): a name is looked for "
         "in `subfolder`, a path with a slash under `path` (e.g. models/image_encoder, the "
-        "ViT-H encoder of the vit-h adapters), as diffusers' `image_encoder_folder`."))
+        "ViT-H encoder of the vit-h adapters) or where it says if absolute; default: "
+        "image_encoder."))
     scale: float = Field(0.6, ge=0, le=2, description=(
         "How strongly the image prompt steers when the request does not say (its "
         "`ip_adapter_scale`): 0 ignores it."))
 
     @model_validator(mode="after")
     def _embedded_files(self) -> IPAdapterConfig:
-        defaults = {name: IPAdapterConfig.model_fields[name].default
-                    for name in ("subfolder", "weight_name", "image_encoder")}
-        changed = [name for name, value in defaults.items() if getattr(self, name) != value]
+        changed = [name for name in ("subfolder", "weight_name", "image_encoder")
+                   if getattr(self, name) is not None]
         if self.embedded is not None and changed:
             raise ValueError(f"{changed[0]}: the embedded IP-Adapter has only its own files; "
                              "leave subfolder, weight_name and image_encoder unset")
         return self
 
-    def weights_file(self, folder: Path) -> Path:
-        return folder / self.subfolder / self.weight_name
+    def layout(self, family: str) -> tuple[str, str, str]:
+        """(subfolder, weights file, image encoder) for a model of `family`: those set,
+        else the family's (IP_ADAPTER_LAYOUTS)."""
+        given = (self.subfolder, self.weight_name, self.image_encoder)
+        return tuple(g if g is not None else d
+                     for g, d in zip(given, IP_ADAPTER_LAYOUTS[family], strict=True))
 
-    def encoder_folder(self, folder: Path) -> Path:
-        """Where diffusers reads the image encoder from, under the adapter's folder."""
-        if "/" in self.image_encoder:
-            return folder / self.image_encoder
-        return folder / self.subfolder / self.image_encoder
+    def weights_file(self, folder: Path, family: str) -> Path:
+        subfolder, weight_name, _ = self.layout(family)
+        return folder / subfolder / weight_name
 
-    def check_files(self, where: str) -> None:
+    def encoder_folder(self, folder: Path, family: str) -> Path:
+        """Where the image encoder is read from, for the adapter's files in `folder`."""
+        subfolder, _, encoder = self.layout(family)
+        return encoder_folder(folder, subfolder, encoder)
+
+    def check_files(self, where: str, family: str) -> None:
         """Raise ConfigError naming the field whose file is missing from `path`."""
         if self.path is None:
             return
-        if not self.weights_file(self.path).is_file():
-            raise ConfigError(f"{where}.weight_name: {self.weights_file(self.path)} is not a "
-                              "file (path, subfolder and weight_name name it)")
-        if not (self.encoder_folder(self.path) / "config.json").is_file():
-            raise ConfigError(f"{where}.image_encoder: {self.encoder_folder(self.path)} is not "
-                              "an image encoder folder (no config.json)")
+        weights = self.weights_file(self.path, family)
+        if not weights.is_file():
+            raise ConfigError(f"{where}.weight_name: {weights} is not a file (path, "
+                              "subfolder and weight_name name it)")
+        encoder = self.encoder_folder(self.path, family)
+        if not (encoder / "config.json").is_file():
+            raise ConfigError(f"{where}.image_encoder: {encoder} is not an image encoder "
+                              "folder (no config.json)")
+
+
+def encoder_folder(folder: Path, subfolder: str, encoder: str) -> Path:
+    """An IP-Adapter's image encoder folder as diffusers' SDXL loader finds it: a name in
+    `subfolder`, a relative path with a slash under `folder`, an absolute path as it is."""
+    return folder / encoder if "/" in encoder else folder / subfolder / encoder
 
 
 class ReduxConfig(PathOrEmbedded):

@@ -23,8 +23,11 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
     config = model.model_dump(mode="json", include={"family", "embedded", "variant", "dtype",
                                                     "defaults", "lora_targets", "refiner",
                                                     "controlnets", "ip_adapter", "redux"})
-    h.update(json.dumps(config, sort_keys=True).encode())
     refiner, nets, ip = model.refiner, model.controlnets.values(), model.ip_adapter
+    if ip is not None:  # its files as the family lays them out, given or not
+        config["ip_adapter"] |= dict(zip(("subfolder", "weight_name", "image_encoder"),
+                                         ip.layout(model.family), strict=True))
+    h.update(json.dumps(config, sort_keys=True).encode())
     redux = model.redux
     if model.embedded is not None or (refiner and refiner.embedded) or any(
             net.embedded for net in nets) or (ip and ip.embedded) or (redux and redux.embedded):
@@ -34,17 +37,18 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
                               (refiner and refiner.path, _read_all),
                               (refiner and refiner.configs_from, _READ_WITH_FILE["sdxl"]),
                               *((net.path, _read_all) for net in nets),
-                              *_ip_adapter_files(ip), (redux and redux.path, _read_all)))
+                              *_ip_adapter_files(ip, model.family),
+                              (redux and redux.path, _read_all)))
     return h.hexdigest()
 
 
-def _ip_adapter_files(adapter) -> list:
+def _ip_adapter_files(adapter, family: str) -> list:
     """An IP-Adapter's weights file and image encoder folder (not the rest of its folder,
     which may hold other adapters)."""
     if adapter is None or adapter.path is None:
         return []
-    return [(adapter.weights_file(adapter.path), _read_all),
-            (adapter.encoder_folder(adapter.path), _read_all)]
+    return [(adapter.weights_file(adapter.path, family), _read_all),
+            (adapter.encoder_folder(adapter.path, family), _read_all)]
 
 
 def checkpoint_key(checkpoint: Path, configs: Path, cache_dir: Path) -> str:

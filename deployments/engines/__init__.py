@@ -107,7 +107,7 @@ def ip_adapter_files(model: ModelConfig, cache_dir: Path) -> tuple[Path, str, st
     if adapter is None:
         return None
     folder = adapter.path or ensure_embedded(adapter.embedded, cache_dir)
-    return folder, adapter.subfolder, adapter.weight_name, adapter.image_encoder
+    return folder, *adapter.layout(model.family)
 
 
 def redux_folder(model: ModelConfig, cache_dir: Path) -> Path | None:
@@ -164,5 +164,6 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                       model.lora_targets, model.fuse_adapters, model.speed, cache_dir / "compile",
                       redux_folder(model, cache_dir),
                       controlnets=controlnet_files(model, cache_dir),
+                      ip_adapter=ip_adapter_files(model, cache_dir),
                       depth_estimator=depth_estimator_folder(model, cache_dir))
     raise ValueError(f"no engine for family {model.family!r}")

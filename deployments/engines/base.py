@@ -42,7 +42,7 @@ from deployments.engines.withdrawal import BatchRows, step_callback
 from deployments.fused_adapters import FusedAdapters
 from serve.config import SpeedConfig
 from serve.errors import OutOfMemory
-from serve.types import GenerationRequest
+from serve.types import GenerationRequest, ImagePrompt
 
 if TYPE_CHECKING:
     from deployments.engines.controlnets import ControlNets, NetFiles
@@ -129,6 +129,9 @@ class DiffusersEngine:
         merged = isinstance(self.adapters, FusedAdapters)
         weights = {part: _name(next(getattr(self.pipe, part).parameters()).dtype)
                    for part in self.parts}  # as they are, whatever loading meant them to be
+        if self.image_prompts is not None:
+            encoder = self.pipe.image_encoder
+            weights["ip-adapter image_encoder"] = _name(next(encoder.parameters()).dtype)
         return {"device": str(self.device), "dtype": _name(self.dtype), "weights": weights,
                 "vae_scale_factor": self.pipe.vae_scale_factor,
                 "adapters": "merged" if merged else "slots", "speed": self.speed}
@@ -165,6 +168,14 @@ class DiffusersEngine:
                     for images in counts:
                         if not self._warm_call(sized, images):
                             return
+
+    def _warm_image_prompt(self, request: GenerationRequest) -> None:
+        """With an IP-Adapter, one call with a (blank) image prompt: its image encoder's
+        first work, and the adapter's attention where calls without one skip it."""
+        if self.image_prompts is not None:
+            blank = bytes(request.width * request.height * 3)
+            prompt = ImagePrompt(blank, request.width, request.height, 1.0)
+            self.generate([replace(request, num_outputs=1, image_prompt=prompt)])
 
     def _calibrate(self, request: GenerationRequest) -> None:
         """Calibrated FP8 activations: fix each FP8 layer's input scale from calls of the

@@ -14,7 +14,8 @@ step computes both; its text-to-image is plain FLUX. A Fill model's transformer 
 masked image's latents and the mask beside the noise on every step (diffusers'
 FluxFillPipeline): it draws the mask's white part to fit what is kept, and nothing else.
 A FLUX model with FLUX.1 Redux reads image prompts as more prompt tokens
-(`deployments.engines.redux`).
+(`deployments.engines.redux`), one with XLabs' IP-Adapter through an attention over the
+picture's tokens in each double-stream block (`deployments.engines.image_prompts`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from PIL import Image
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine, Prepared
 from deployments.engines.controlnets import NetFiles
+from deployments.engines.image_prompts import FluxImagePrompts
 from deployments.engines.kontext import KontextReferencesPipeline
 from deployments.engines.prompts import Embeds
 from deployments.engines.redux import Redux
@@ -81,10 +83,13 @@ class FluxEngine(DiffusersEngine):
                  fuse_adapters: bool = False, speed: SpeedConfig | None = None,
                  compile_cache: Path | None = None, redux: Path | None = None,
                  controlnets: Mapping[str, NetFiles] | None = None,
-                 depth_estimator: Path | None = None):
+                 depth_estimator: Path | None = None,
+                 ip_adapter: tuple[Path, str, str, str] | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
         self._load_controlnets(controlnets, depth_estimator, (
             FluxControlNetModel, FluxMultiControlNetModel, _CONTROLNET_PIPELINES))
+        if ip_adapter is not None:  # (folder, subfolder, weights file, image encoder)
+            self.image_prompts = FluxImagePrompts(self.pipe, *ip_adapter)
         if redux is not None:
             self.redux = Redux(redux, self.dtype, self.device,
                                self.pipe.transformer.config.joint_attention_dim)
@@ -114,12 +119,14 @@ class FluxEngine(DiffusersEngine):
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
         """As every engine's; with Redux, the same calls with an image prompt too (more
-        tokens per step: other kernels, other compiled code); then one call with each
-        ControlNet."""
+        tokens per step: other kernels, other compiled code); with an IP-Adapter, one call
+        with an image prompt (every call runs the adapter's attention: this warms its image
+        encoder); then one call with each ControlNet."""
         super().warm_up(request, max_images)
         if self.redux is not None and request.image_prompt is None:
             blank = ImagePrompt(bytes(8 * 8 * 3), 8, 8, 1.0)
             super().warm_up(replace(request, image_prompt=blank), max_images)
+        self._warm_image_prompt(request)
         for steered in self.controlnets.warm_requests(request):
             self.generate([steered])
 
@@ -127,6 +134,7 @@ class FluxEngine(DiffusersEngine):
         facts = super().describe()
         facts["weights"] |= self.controlnets.weights()
         return facts | {"redux": self.redux is not None,
+                        "ip_adapter": self.image_prompts is not None,
                         "controlnets": list(self.controlnets.nets)}
 
     def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
@@ -149,7 +157,8 @@ class FluxEngine(DiffusersEngine):
                      rows: BatchRows) -> Iterator[None]:
         """The pipeline makes the transformer's `guidance` and `pooled_projections` for all
         the call's rows before its loop, out of the step callback's reach; once requests
-        leave (their latents dropped), only the live rows of those go in."""
+        leave (their latents dropped), only the live rows of those go in. So do the image
+        prompts' embeddings of a model with an IP-Adapter (`FluxImagePrompts`)."""
 
         def live_rows(module, args, kwargs):
             count = kwargs["hidden_states"].shape[0]
@@ -161,7 +170,8 @@ class FluxEngine(DiffusersEngine):
 
         hook = self.pipe.transformer.register_forward_pre_hook(live_rows, with_kwargs=True)
         try:
-            yield
+            with super()._rows_follow(requests, made, rows):  # image prompts' embeddings
+                yield
         finally:
             hook.remove()
 

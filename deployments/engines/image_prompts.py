@@ -1,14 +1,15 @@
-"""An SDXL model's IP-Adapter: image prompts encoded before their call, and given to the
-UNet per row, so that requests with and without one, and with different scales, share a
-call.
+"""A model's IP-Adapter (SDXL's, or XLabs' for FLUX): image prompts encoded before their
+call, and given to the denoiser per row, so that requests with and without one, and with
+different scales, share a call.
 
 diffusers' IP-Adapter attention adds `scale x attention(image tokens)` to each
-cross-attention, one scale for the whole call. Here the adapter's scale stays 1 (0 for
-calls where no request has an image prompt: the attention is skipped), and each row's own
-scale multiplies the values of its image attention, which scales its output by as much
-(attention is linear in its values): a row without an image prompt adds exactly nothing.
-The UNet's inputs for the image tokens are made at each of its calls for the rows still in
-the batch, as the step callback cannot reach them. The pictures encoded most recently are
+cross-attention (FLUX: to each double-stream block), one scale for the whole call. Here
+the adapter's scale stays 1 (for SDXL, 0 for calls where no request has an image prompt:
+the attention is skipped), and each row's own scale multiplies the values of its image
+attention, which scales its output by as much (attention is linear in its values): a row
+without an image prompt adds exactly nothing. The denoiser's inputs for the image tokens
+are made at each of its calls for the rows still in the batch, as the step callback cannot
+reach them. The pictures encoded most recently are
 kept (a brand's few mood boards come back again and again), so a repeated one skips the
 image encoder.
 """
@@ -25,9 +26,11 @@ from pathlib import Path
 import torch
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection
+from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 from PIL import Image
 
 from deployments.engines.withdrawal import BatchRows
+from serve.steering import encoder_folder
 from serve.types import GenerationRequest, ImagePrompt
 
 
@@ -56,37 +59,49 @@ class HeldEmbeds:
 
 
 class ImagePrompts:
-    """The IP-Adapter loaded into `pipe` (its UNet's attention and image projection, its
-    image encoder and feature extractor), from `folder` as diffusers' load_ip_adapter reads
-    one."""
+    """The IP-Adapter loaded into an SDXL `pipe` (its UNet's attention and image projection,
+    its image encoder and feature extractor), from `folder` as diffusers' load_ip_adapter
+    reads one."""
+
+    processor: type = IPAdapterAttnProcessor2_0  # the attention the adapter brings
 
     def __init__(self, pipe, folder: Path, subfolder: str, weight_name: str,
                  image_encoder: str, entries: int = 32):
-        pipe.load_ip_adapter(str(folder), subfolder=subfolder, weight_name=weight_name,
-                             image_encoder_folder=image_encoder, local_files_only=True)
+        self.pipe = pipe
+        self._load(folder, subfolder, weight_name, image_encoder)
         pipe.image_encoder.eval()
-        self.pipe, self.unet = pipe, pipe.unet
-        projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
-        # Plus adapters read the encoder's penultimate hidden states, the others its embedding.
-        self.hidden_states = not isinstance(projection, ImageProjection)
-        self.attention = [p for p in pipe.unet.attn_processors.values()
-                          if isinstance(p, IPAdapterAttnProcessor2_0)]
-        self._row_scales: torch.Tensor | None = None  # of the UNet call in progress
+        self.attention = [p for p in self.denoiser.attn_processors.values()
+                          if isinstance(p, self.processor)]
+        self._row_scales: torch.Tensor | None = None  # of the denoiser call in progress
         for processor in self.attention:
             for values in processor.to_v_ip:
                 values.register_forward_hook(self._scale_rows)
-        # diffusers' unconditional image prompt: zeros, or the encoder's view of a black image.
-        blank = Image.new("RGB", (8, 8))
-        self.unconditional = self._encode(blank)[1]
+        self.unconditional = self._unconditional()
         self._held = HeldEmbeds(entries)
 
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    def _load(self, folder: Path, subfolder: str, weight_name: str, image_encoder: str) -> None:
+        self.pipe.load_ip_adapter(str(folder), subfolder=subfolder, weight_name=weight_name,
+                                  image_encoder_folder=image_encoder, local_files_only=True)
+        projection = self.denoiser.encoder_hid_proj.image_projection_layers[0]
+        # Plus adapters read the encoder's penultimate hidden states, the others its embedding.
+        self.hidden_states = not isinstance(projection, ImageProjection)
+
+    def _unconditional(self) -> torch.Tensor:
+        """diffusers' unconditional image prompt: zeros, or the encoder's view of a black
+        image."""
+        return self._encode(Image.new("RGB", (8, 8)))[1]
+
     def _encode(self, picture: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pipe.encode_image(picture, self.unet.device, 1, self.hidden_states)
+        return self.pipe.encode_image(picture, self.denoiser.device, 1, self.hidden_states)
 
     @torch.inference_mode()
     def embed(self, prompt: ImagePrompt | None) -> torch.Tensor | None:
-        """The image prompt's embedding for the UNet (one image's), made ahead of its call
-        (from any thread), or the one made for the same picture recently."""
+        """The image prompt's embedding for the denoiser (one image's), made ahead of its
+        call (from any thread), or the one made for the same picture recently."""
         if prompt is None:
             return None
         return self._held.get(prompt, lambda picture: self._encode(picture)[0])
@@ -98,7 +113,7 @@ class ImagePrompts:
     @contextmanager
     def following(self, requests: Sequence[GenerationRequest],
                   embeds: Sequence[torch.Tensor | None], rows: BatchRows) -> Iterator[None]:
-        """Around a call: each UNet call gets the image tokens' inputs and scales of the
+        """Around a call: each denoiser call gets the image tokens' inputs and scales of the
         rows still live, both guidance halves (the unconditional one with diffusers'
         unconditional image prompt) or the conditional one alone."""
         scales, cond = [], []
@@ -106,24 +121,80 @@ class ImagePrompts:
             prompt = request.image_prompt
             scales += [0.0 if prompt is None else prompt.scale] * request.num_outputs
             cond += [self.unconditional if embed is None else embed] * request.num_outputs
-        per_row = torch.tensor(scales, device=self.unet.device)
+        per_row = torch.tensor(scales, device=self.denoiser.device)
         cond_rows = torch.cat(cond)[:, None]  # one image per row
-        self.pipe.set_ip_adapter_scale(1.0 if any(scales) else 0.0)
+        self._set_scale(any(scales))
 
         def image_inputs(module, args, kwargs):
-            count = (args[0] if args else kwargs["sample"]).shape[0]
             live = torch.tensor(rows.original_rows(), device=per_row.device)
             embeds, row_scales = cond_rows[live], per_row[live]
-            if count == 2 * len(live):
+            if self._rows(args, kwargs) == 2 * len(live):
                 embeds = torch.cat([self.unconditional[None].expand_as(embeds), embeds])
                 row_scales = row_scales.repeat(2)
             self._row_scales = row_scales
-            added = dict(kwargs.get("added_cond_kwargs") or {}, image_embeds=[embeds])
-            return args, kwargs | {"added_cond_kwargs": added}
+            return args, self._with_embeds(kwargs, embeds)
 
-        hook = self.unet.register_forward_pre_hook(image_inputs, with_kwargs=True)
+        hook = self.denoiser.register_forward_pre_hook(image_inputs, with_kwargs=True)
         try:
             yield
         finally:
             hook.remove()
             self._row_scales = None
+
+    def _set_scale(self, prompted: bool) -> None:
+        """The adapter's own scale for a call: 1, or 0 where no row has an image prompt (the
+        UNet then skips the adapter's attention)."""
+        self.pipe.set_ip_adapter_scale(1.0 if prompted else 0.0)
+
+    @staticmethod
+    def _rows(args: tuple, kwargs: dict) -> int:
+        return (args[0] if args else kwargs["sample"]).shape[0]
+
+    @staticmethod
+    def _with_embeds(kwargs: dict, embeds: torch.Tensor) -> dict:
+        added = dict(kwargs.get("added_cond_kwargs") or {}, image_embeds=[embeds])
+        return kwargs | {"added_cond_kwargs": added}
+
+
+class FluxImagePrompts(ImagePrompts):
+    """An XLabs IP-Adapter loaded into a FLUX `pipe` (XLabs-AI/flux-ip-adapter's layout, as
+    diffusers' FluxIPAdapterMixin reads it): the picture's CLIP image embedding becomes
+    tokens the transformer projects at each call, and each double-stream block adds an
+    attention over them to its image stream. Every call of any of the model's pipelines
+    gets the rows' embeddings here, from the transformer's forward pre-hook; FLUX has no
+    guidance halves, and a row without an image prompt reads zeros at scale 0, which adds
+    exactly nothing, so the adapter's own scale stays 1."""
+
+    processor = FluxIPAdapterAttnProcessor
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    def _load(self, folder: Path, subfolder: str, weight_name: str, image_encoder: str) -> None:
+        self.pipe.load_ip_adapter(
+            str(folder), weight_name=weight_name, subfolder=subfolder,
+            image_encoder_pretrained_model_name_or_path=str(
+                encoder_folder(folder, subfolder, image_encoder)),
+            image_encoder_dtype=self.denoiser.dtype, local_files_only=True)
+        self.pipe.image_encoder.to(self.denoiser.device)
+
+    def _unconditional(self) -> torch.Tensor:
+        width = self.pipe.image_encoder.config.projection_dim
+        return torch.zeros(1, width, device=self.denoiser.device, dtype=self.denoiser.dtype)
+
+    def _encode(self, picture: Image.Image) -> tuple[torch.Tensor, None]:
+        return self.pipe.encode_image(picture, self.denoiser.device, 1), None
+
+    def _set_scale(self, prompted: bool) -> None:
+        pass
+
+    @staticmethod
+    def _rows(args: tuple, kwargs: dict) -> int:
+        return kwargs["hidden_states"].shape[0]
+
+    @staticmethod
+    def _with_embeds(kwargs: dict, embeds: torch.Tensor) -> dict:
+        # A fresh dict: the transformer pops the embeddings from the one it is given.
+        joint = dict(kwargs.get("joint_attention_kwargs") or {}, ip_adapter_image_embeds=[embeds])
+        return kwargs | {"joint_attention_kwargs": joint}

@@ -39,7 +39,7 @@ from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
 from serve.model_parts import FAMILIES
-from serve.types import GenerationRequest, ImagePrompt
+from serve.types import GenerationRequest
 
 # mode → the ControlNet pipeline of calls with ControlNets.
 _CONTROLNET_PIPELINES = {"txt2img": StableDiffusionXLControlNetPipeline,
@@ -109,14 +109,9 @@ class SDXLEngine(DiffusersEngine):
         return pipe
 
     def describe(self) -> dict:
-        """As for every engine, with each ControlNet's weights dtype, and the IP-Adapter's
-        image encoder's, among the modules'."""
+        """As for every engine, with each ControlNet's weights dtype among the modules'."""
         facts = super().describe()
         facts["weights"] |= self.controlnets.weights()
-        if self.image_prompts is not None:
-            encoder = self.pipe.image_encoder
-            facts["weights"]["ip-adapter image_encoder"] = str(
-                next(encoder.parameters()).dtype).removeprefix("torch.")
         return facts | {"controlnets": list(self.controlnets.nets)}
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
@@ -129,10 +124,7 @@ class SDXLEngine(DiffusersEngine):
         """As for every engine, then one call with each ControlNet, one with an image
         prompt and one refined call, so that they are warm too."""
         super().warm_up(request, max_images)
-        blank = bytes(request.width * request.height * 3)
-        if self.image_prompts is not None:
-            prompt = ImagePrompt(blank, request.width, request.height, 1.0)
-            self.generate([replace(request, num_outputs=1, image_prompt=prompt)])
+        self._warm_image_prompt(request)
         for steered in self.controlnets.warm_requests(request):
             self.generate([steered])
         if self.refiner is not None:

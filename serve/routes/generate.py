@@ -126,7 +126,7 @@ class GenerateParams(BaseModel):
         "Several ControlNets at once (JSON body only), each with its control image; "
         "instead of control_image and controlnet."))
     ip_adapter_image: str | None = Field(None, description=(
-        "SDXL models with an IP-Adapter: an image prompt, a picture whose content and style "
+        "Models with an IP-Adapter: an image prompt, a picture whose content and style "
         "the output takes on beside the text prompt (JSON body only; a data URI, base64, or "
         "an allowed URL; any size)."))
     ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(

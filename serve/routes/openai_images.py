@@ -91,7 +91,7 @@ class ImageGenerationParams(BaseModel):
     canny_high_threshold: int | None = Field(None, ge=0, le=500, description=(
         "Canny's high edge threshold, as /generate's (an Atelier extension)."))
     ip_adapter_image: str | None = Field(None, description=(
-        "SDXL models with an IP-Adapter: an image prompt, as /generate's ip_adapter_image "
+        "Models with an IP-Adapter: an image prompt, as /generate's ip_adapter_image "
         "(an Atelier extension; send it with extra_body)."))
     ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
         "How strongly ip_adapter_image steers; default: the adapter's own."))

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from serve.canvases import OUTPAINT_PRESETS
-from serve.controls import ControlParams, ImagePromptParams
+from serve.controls import ControlParams, ImagePromptParams, image_prompt_params
 from serve.images import INPUT_AREA, REFERENCES
 from serve.routes.replicate_inputs import CannyEdgeInputs, LoraInput
 from serve.types import MAX_SEED
@@ -64,6 +64,17 @@ class _ReduxInputs(_FluxCommon):
                                  self.redux_downsampling)
 
 
+class _IPAdapterInputs(_FluxCommon):
+    """The IP-Adapter inputs of Replicate's SDXL models, for FLUX models with an
+    IP-Adapter (XLabs'; others refuse them)."""
+
+    ip_adapter_image: str | None = Field(None, description=(
+        "Image prompt for the model's IP-Adapter: its content and style steer the output "
+        "beside the prompt; as image takes it"))
+    ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
+        "How strongly ip_adapter_image steers; default: the adapter's own"))
+
+
 class FluxControlNetInputs(CannyEdgeInputs, _FluxCommon):
     """xlabs-ai/flux-dev-controlnet's ControlNet inputs, for FLUX models with ControlNets
     (others refuse them): a control image, which of the model's ControlNets reads it
@@ -86,12 +97,13 @@ class FluxControlNetInputs(CannyEdgeInputs, _FluxCommon):
                               fields=("control_type", "control_image", "control_image"))]
 
 
-class FluxInput(FluxControlNetInputs, _ReduxInputs):
+class FluxInput(FluxControlNetInputs, _IPAdapterInputs, _ReduxInputs):
     """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora, the
     LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`),
     flux-redux-dev's `redux_image` (for a model with FLUX.1 Redux, which then needs no
-    prompt) and xlabs-ai/flux-dev-controlnet's ControlNet inputs (for a model with
-    ControlNets); unset values take the served model's defaults."""
+    prompt), the SDXL models' `ip_adapter_image` (for a model with an IP-Adapter) and
+    xlabs-ai/flux-dev-controlnet's ControlNet inputs (for a model with ControlNets); unset
+    values take the served model's defaults."""
 
     prompt: str = Field("", max_length=4000, validate_default=True, description=(
         "Prompt for generated image; optional with a redux_image"))
@@ -129,6 +141,10 @@ class FluxInput(FluxControlNetInputs, _ReduxInputs):
                 width, height = width // 2, height // 2
         return {"width": width, "height": height, "num_outputs": self.num_outputs,
                 **self.call_args()}
+
+    def image_prompt(self) -> ImagePromptParams:
+        """redux_image or ip_adapter_image, whichever is sent (422 for both)."""
+        return image_prompt_params(self)
 
     def lora_refs(self) -> list[tuple[str, float | None]]:
         extra = [(self.extra_lora, self.extra_lora_scale)] if self.extra_lora else []

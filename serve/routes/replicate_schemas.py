@@ -51,8 +51,8 @@ _FLUX_CONTROLNET_INPUTS = ("control_image", "control_type", "control_strength")
 
 def input_schema(model: ModelConfig) -> dict:
     """The model's input schema; a model without ControlNets shows no ControlNet inputs,
-    one that finds no Canny edges no edge thresholds, an SDXL model without an IP-Adapter
-    and a FLUX model without Redux no image prompt inputs (they refuse them)."""
+    one that finds no Canny edges no edge thresholds, a model without an IP-Adapter or
+    without Redux not their image prompt inputs (it refuses them)."""
     schema = input_class(model).model_json_schema()
     hidden: set[str] = set()
     if model.family == "sdxl" and not model.controlnets:
@@ -61,7 +61,7 @@ def input_schema(model: ModelConfig) -> dict:
         hidden |= set(_FLUX_CONTROLNET_INPUTS)
     if not finds_edges(model):
         hidden |= set(CannyEdgeInputs.model_fields)
-    if model.family == "sdxl" and model.ip_adapter is None:
+    if model.ip_adapter is None:
         hidden |= set(_IP_ADAPTER_INPUTS)
     if model.family == "flux" and model.redux is None:
         hidden |= set(_REDUX_INPUTS)

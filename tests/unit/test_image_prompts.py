@@ -317,7 +317,7 @@ def test_the_config_checks_the_adapters_files_and_family(tmp_path, adapter_path)
                ).check_paths()
     with pytest.raises(ConfigError, match=r"models\.0\.ip_adapter\.image_encoder: .*models/"):
         config(path=str(adapter_path), image_encoder="models/image_encoder").check_paths()
-    with pytest.raises(ConfigError, match="ip_adapter: only sdxl"):
+    with pytest.raises(ConfigError, match="is a sdxl IP-Adapter, and this is a flux model"):
         parse_config({"models": [{"id": "a/b", "family": "flux", "embedded": "tiny-flux",
                                   "ip_adapter": {"embedded": "tiny-sdxl-ip-adapter"}}]})
     with pytest.raises(ConfigError, match="scale"):
