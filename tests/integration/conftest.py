@@ -211,7 +211,9 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60}),
         _model(CHECKED, 10, safety_checker={"path": str(safety_checker)}),
         # FLUX's adapters are merged into its weights (SDXL's, above, run in LoRA slots),
-        # whose attention projections are fused and whose transformer blocks run in FP8.
+        # whose attention projections are fused and whose transformer blocks run in FP8;
+        # its image prompts go through XLabs' IP-Adapter (the other FLUX models' through
+        # Redux).
         _model(FLUX, 10, family="flux", embedded="tiny-flux", keep_warm_s=3,
                fuse_adapters=True, speed={"fuse_qkv": True, "fp8": True},
                controlnets={name: {"embedded": "tiny-flux-controlnet", **net} for name, net in {
@@ -220,6 +222,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                    "depth": {"control_mode": 2, "preprocess": "depth", "conditioning_scale": 0.8},
                    "depth-map": {"control_mode": 2, "conditioning_scale": 0.8}}.items()},
                depth_estimator={"embedded": "tiny-depth-anything"},
+               ip_adapter={"embedded": "tiny-flux-ip-adapter"},
                aliases=["black-forest-labs/flux-dev"],
                defaults={"width": 64, "height": 64, "num_inference_steps": 4,
                          "guidance_scale": 3}),

@@ -1,9 +1,9 @@
 """Image prompts (IP-Adapter) through `/generate`, Replicate's and OpenAI's APIs with their
 official clients, on the running app: the image prompt steers the image and keeps its
 size, the adapter's own scale is the default, requests with and without one share a call
-and keep their own pixels, the three APIs give the same pixels, models list their adapter
-and only models with one show Replicate's inputs for it, and bad fields are refused in
-each API's shape, naming them."""
+and keep their own pixels, the three APIs give the same pixels (on SDXL, and on FLUX with
+XLabs' adapter), models list their adapter and only models with one show Replicate's
+inputs for it, and bad fields are refused in each API's shape, naming them."""
 
 import base64
 import io
@@ -17,6 +17,7 @@ from tests.integration.conftest import (
     BATCHED,
     FAST,
     FLUX,
+    REDUX,
     TWO_REPLICAS,
     assert_same_pixels,
     decode,
@@ -122,8 +123,8 @@ def test_bad_image_prompts_are_refused_naming_the_field(client, rep, base_url):
 
     cases = [({"model": TWO_REPLICAS, "ip_adapter_image": STYLE}, "ip_adapter_image",
               "no IP-Adapter"),
-             ({"model": FLUX, "ip_adapter_image": STYLE}, "ip_adapter_image",
-              "no IP-Adapter or Redux"),
+             ({"model": REDUX, "ip_adapter_image": STYLE}, "ip_adapter_image",
+              "reads its image prompt from redux_image"),
              ({"ip_adapter_image": "bm90IGFuIGltYWdl"}, "ip_adapter_image", ""),
              ({"ip_adapter_image": "http://elsewhere.example/a.png"}, "ip_adapter_image",
               "image_allowed_hosts"),
@@ -142,3 +143,36 @@ def test_bad_image_prompts_are_refused_naming_the_field(client, rep, base_url):
         oai.images.generate(model=TWO_REPLICAS, prompt="x",
                             extra_body={"ip_adapter_image": STYLE})
     assert bad.value.body["param"] == "ip_adapter_image"
+
+
+def test_a_flux_model_with_xlabs_adapter_takes_image_prompts_from_all_three_apis(
+        client, rep, base_url):
+    """FLUX's defaults: 64x64, 4 steps, guidance 3; Replicate's flux-dev input names the
+    same fields as the SDXL models', and only the FLUX model with the adapter shows them."""
+    import openai
+
+    def flux(**fields):
+        return _generate(client, model=FLUX, steps=None, width=None, height=None, **fields)
+
+    plain, styled = flux(), flux(ip_adapter_image=STYLE)
+    assert styled.size == (64, 64) and np.abs(pixels(styled) - pixels(plain)).mean() > 2
+    assert np.abs(pixels(flux(ip_adapter_image=OTHER)) - pixels(styled)).mean() > 0.3
+    assert_same_pixels(flux(ip_adapter_image=STYLE, ip_adapter_scale=0), plain)
+    # The adapter's own scale (0.6) is the default.
+    assert_same_pixels(flux(ip_adapter_image=STYLE, ip_adapter_scale=0.6), styled)
+    (file,) = rep.run("black-forest-labs/flux-dev", input={
+        "prompt": "a product shot", "seed": 31, "output_format": "png",
+        "ip_adapter_image": io.BytesIO(base64.b64decode(STYLE)), "ip_adapter_scale": 0.6})
+    assert_same_pixels(Image.open(io.BytesIO(file.read())), styled)
+    oai = openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
+    made = oai.images.generate(model=FLUX, prompt="a product shot", size="64x64", extra_body={
+        "seed": 31, "ip_adapter_image": "data:image/png;base64," + STYLE})
+    assert_same_pixels(decode(made.data[0].b64_json), styled)
+
+    def inputs(model):
+        version = rep.models.get(model).latest_version
+        return version.openapi_schema["components"]["schemas"]["Input"]["properties"]
+
+    assert {"ip_adapter_image", "ip_adapter_scale"} <= set(inputs(FLUX))
+    assert "redux_image" not in inputs(FLUX)
+    assert "redux_image" in inputs(REDUX) and "ip_adapter_image" not in inputs(REDUX)

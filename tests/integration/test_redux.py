@@ -16,6 +16,7 @@ import replicate
 from PIL import Image
 
 from tests.integration.conftest import (
+    CANNY,
     FAST,
     FILL,
     FLUX,
@@ -148,7 +149,10 @@ def test_a_kontext_edit_reads_the_picture_on_every_api(client, rep, oai):
 def test_bad_redux_fields_are_refused_naming_the_field(client, rep, oai):
     cases = [({"model": FAST, "redux_image": PHOTO_B64}, "redux_image",
               "reads its image prompt from ip_adapter_image"),
-             ({"model": FLUX, "redux_image": PHOTO_B64}, "redux_image", "no IP-Adapter or Redux"),
+             ({"model": FLUX, "redux_image": PHOTO_B64}, "redux_image",
+              "reads its image prompt from ip_adapter_image"),
+             ({"model": CANNY, "redux_image": PHOTO_B64}, "redux_image",
+              "no IP-Adapter or Redux"),
              ({"redux_image": PHOTO_B64, "ip_adapter_image": PHOTO_B64}, "redux_image",
               "one image prompt"),
              ({"ip_adapter_image": PHOTO_B64}, "ip_adapter_image",
