@@ -3,18 +3,24 @@ the adapter, and on one with it with no image prompt, with half the images promp
 with all of them; and what encoding one image prompt takes.
 
     python -m load.bench_image_prompts                      # tiny SDXL and IP-Adapter, CPU
+    python -m load.bench_image_prompts --family flux        # tiny FLUX, XLabs' layout
     python -m load.bench_image_prompts --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
         --size 1024 --steps 20 --batches 1 8 --dtype bfloat16
+    python -m load.bench_image_prompts --random-flux load/flux-dev-configs.json \\
+        --size 1024 --steps 28 --batches 1 2 --dtype bfloat16
 
 With `--random-sdxl`, the SDXL base architecture with random weights (the folder
 `load.bench_engine` builds) and an IP-Adapter of ip-adapter_sdxl_vit-h's design made for
 its UNet (random weights too: a ViT-H/14 image encoder, four image tokens), built once
-into the cache. Per batch size each case runs one untimed call, then the cases take turns
-for `--repeats` rounds of one timed call each (so a machine's drift spreads over all of
-them); the encoding is timed alone, `--repeats` times after one untimed run. Prints and saves JSON (default
-results/image-prompts-<device>-<size>.json): seconds per call, images/s, the ratio to
-the engine without the adapter, the encoding's seconds, and the bytes the image encoder
-and the adapter's own layers take. Figures are what this run saw.
+into the cache. With `--random-flux`, FLUX.1's architecture and an adapter of
+XLabs-AI/flux-ip-adapter's design (CLIP ViT-L/14, four tokens, every double-stream block),
+random weights, built once. Per batch size each case runs one untimed call, then the cases
+take turns for `--repeats` rounds of one timed call each (so a machine's drift spreads
+over all of them); the encoding is timed alone, `--repeats` times after one untimed run.
+Prints and saves JSON (default results/image-prompts-<device>-<size>.json,
+flux-image-prompts-... for FLUX): seconds per call, images/s, the ratio to the engine
+without the adapter, the encoding's seconds, and the bytes the image encoder and the
+adapter's own layers take. Figures are what this run saw.
 """
 
 from __future__ import annotations
@@ -40,28 +46,48 @@ from load.report import save_report
 VIT_H = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
          "num_attention_heads": 16, "image_size": 224, "patch_size": 14,
          "projection_dim": 1024, "hidden_act": "gelu"}
-FILES = ("sdxl_models", "ip-adapter_sdxl.safetensors", "image_encoder")
+# XLabs-AI/flux-ip-adapter's image encoder: openai/clip-vit-large-patch14's vision tower.
+VIT_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+         "num_attention_heads": 16, "image_size": 224, "patch_size": 14,
+         "projection_dim": 768, "hidden_act": "quick_gelu"}
 CASES = ("no adapter", "none prompted", "half prompted", "all prompted")
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--random-sdxl", metavar="CONFIGS", help=(
+    p.add_argument("--family", choices=("sdxl", "flux"), default="sdxl", help=(
+        "The model family (set by --random-sdxl or --random-flux)"))
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--random-sdxl", metavar="CONFIGS", help=(
         "JSON of SDXL component configs: a random full-size model and IP-Adapter"))
+    model.add_argument("--random-flux", metavar="CONFIGS", help=(
+        "JSON of FLUX component configs (load/flux-dev-configs.json): a random full-size "
+        "model and XLabs-style IP-Adapter"))
     add_call_args(p, size=128, steps=10)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.family = "flux" if args.random_flux else "sdxl" if args.random_sdxl else args.family
+    args.configs = args.random_sdxl or args.random_flux
+    return args
 
 
-def adapter_folder(configs: str | None, model: Path, cache_dir: Path) -> Path:
-    """The embedded tiny IP-Adapter, or one made once for the random model's UNet with
-    ip-adapter_sdxl_vit-h's design, saved in fp16."""
-    from deployments.tiny import TINY_SDXL_IP_ADAPTER, ensure_embedded
-    from deployments.tiny_ip_adapters import build_random_ip_adapter
+def adapter_folder(configs: str | None, model: Path, cache_dir: Path,
+                   family: str = "sdxl") -> Path:
+    """The family's embedded tiny IP-Adapter, or one made once for the random model: of
+    ip-adapter_sdxl_vit-h's design for its UNet (fp16), or of XLabs' for its transformer
+    (bf16)."""
+    from deployments.tiny import TINY_FLUX_IP_ADAPTER, TINY_SDXL_IP_ADAPTER, ensure_embedded
+    from deployments.tiny_ip_adapters import build_random_flux_ip_adapter, build_random_ip_adapter
+    from serve.steering import IP_ADAPTER_LAYOUTS
 
     if not configs:
-        return ensure_embedded(TINY_SDXL_IP_ADAPTER, cache_dir)
+        tiny = TINY_FLUX_IP_ADAPTER if family == "flux" else TINY_SDXL_IP_ADAPTER
+        return ensure_embedded(tiny, cache_dir)
     folder = cache_dir / f"random-ip-adapter-{Path(configs).stem.removesuffix('-configs')}"
-    if not (folder / FILES[0] / FILES[1]).exists():
+    subfolder, weights, _ = IP_ADAPTER_LAYOUTS[family]
+    if family == "flux" and not (folder / weights).exists():
+        transformer = json.loads(Path(configs).read_text())["transformer"]
+        build_random_flux_ip_adapter(folder, transformer, VIT_L, dtype="bfloat16")
+    elif family == "sdxl" and not (folder / subfolder / weights).exists():
         import torch
         from diffusers import UNet2DConditionModel
 
@@ -70,7 +96,7 @@ def adapter_folder(configs: str | None, model: Path, cache_dir: Path) -> Path:
     return folder
 
 
-def _requests(size: int, steps: int, images: int, prompted: int) -> list:
+def _requests(size: int, steps: int, images: int, prompted: int, family: str = "sdxl") -> list:
     import numpy as np
 
     from serve.types import GenerationRequest, ImagePrompt
@@ -79,15 +105,24 @@ def _requests(size: int, steps: int, images: int, prompted: int) -> list:
     prompt = ImagePrompt(picture.tobytes(), size, size, 0.6)
     base = GenerationRequest(model="bench/image-prompts", prompt="product photo of a mug",
                              width=size, height=size, num_inference_steps=steps,
-                             guidance_scale=GUIDANCE["sdxl"], seed=1, scheduler="K_EULER")
+                             guidance_scale=GUIDANCE[family], seed=1,
+                             scheduler="FlowMatchEuler" if family == "flux" else "K_EULER")
     return [replace(base, seed=1 + i, image_prompt=prompt if i < prompted else None)
             for i in range(images)]
 
 
-def _encoding_s(engine, request, repeats: int) -> float:
-    engine.image_prompts.embed(request.image_prompt)  # untimed
-    return statistics.median(timed(engine.image_prompts.embed, request.image_prompt)
-                             for _ in range(repeats))
+def _encoding_s(engine, size: int, repeats: int) -> float:
+    """The median time to encode a picture not seen before (a held one skips its encoder),
+    after one untimed encoding."""
+    import numpy as np
+
+    from serve.types import ImagePrompt
+
+    rng = np.random.default_rng(1)
+    pictures = [ImagePrompt(rng.integers(0, 256, (size, size, 3), dtype=np.uint8).tobytes(),
+                            size, size, 0.6) for _ in range(repeats + 1)]
+    engine.image_prompts.embed(pictures[0])  # untimed
+    return statistics.median(timed(engine.image_prompts.embed, p) for p in pictures[1:])
 
 
 def _bytes(modules) -> int:
@@ -96,41 +131,44 @@ def _bytes(modules) -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     from deployments.engines import resolve_device
+    from deployments.engines.flux import FluxEngine
     from deployments.engines.sdxl import SDXLEngine
     from serve.config import default_cache_dir
+    from serve.steering import IP_ADAPTER_LAYOUTS
 
     args = _parse_args(argv)
-    cache = default_cache_dir()
-    model = model_folder(args.random_sdxl, cache)
-    folder = adapter_folder(args.random_sdxl, model, cache)
+    cache, family = default_cache_dir(), args.family
+    model = model_folder(args.configs, cache, family)
+    files = (adapter_folder(args.configs, model, cache, family), *IP_ADAPTER_LAYOUTS[family])
     device = resolve_device("auto")
-    engines = {"plain": SDXLEngine(model, args.dtype, device),
-               "adapter": SDXLEngine(model, args.dtype, device, ip_adapter=(folder, *FILES))}
+    engine = FluxEngine if family == "flux" else SDXLEngine
+    engines = {"plain": engine(model, args.dtype, device),
+               "adapter": engine(model, args.dtype, device, ip_adapter=files)}
     rows = []
     by_case = {case: engines["plain" if case == "no adapter" else "adapter"] for case in CASES}
     for images in args.batches:
         counts = {"no adapter": 0, "none prompted": 0, "half prompted": images // 2,
                   "all prompted": images}
         times = case_turns(by_case, {case: _requests(args.size, args.steps, images,
-                                                     counts[case]) for case in CASES},
+                                                     counts[case], family) for case in CASES},
                            args.repeats)
         rows += compared_rows(times, images, "no adapter",
                               {case: {"prompted": n} for case, n in counts.items()})
     adapter = engines["adapter"]
-    request = _requests(args.size, args.steps, 1, 1)[0]
     facts = adapter.describe()
     report = {"benchmark": "image-prompts", "size": args.size, "steps": args.steps,
-              "guidance_scale": GUIDANCE["sdxl"], "repeats": args.repeats,
+              "guidance_scale": GUIDANCE[family], "repeats": args.repeats,
               "device": facts["device"], "weights": facts["weights"],
-              "model": "random-sdxl" if args.random_sdxl else "tiny-sdxl",
-              "encoding_s": round(_encoding_s(adapter, request, args.repeats), 5),
+              "model": f"{'random' if args.configs else 'tiny'}-{family}",
+              "encoding_s": round(_encoding_s(adapter, args.size, args.repeats), 5),
               "image_encoder_bytes": _bytes([adapter.pipe.image_encoder]),
-              "adapter_layers_bytes": _bytes([adapter.pipe.unet.encoder_hid_proj,
+              "adapter_layers_bytes": _bytes([adapter.image_prompts.denoiser.encoder_hid_proj,
                                               *adapter.image_prompts.attention]),
               "machine": machine(), "rows": rows}
     print(json.dumps({k: report[k] for k in ("encoding_s", "image_encoder_bytes",
                                              "adapter_layers_bytes")}), flush=True)
-    save_report(report, args.out, f"image-prompts-{facts['device'].split(':')[0]}-{args.size}")
+    name = "image-prompts" if family == "sdxl" else "flux-image-prompts"
+    save_report(report, args.out, f"{name}-{facts['device'].split(':')[0]}-{args.size}")
     return report
 
 

@@ -5,8 +5,8 @@
 # H200), so run the steps not yet measured in this order: engine-calibrated (FP8 with
 # calibrated activation scales beside the dynamic ones, static shapes), throughput with
 # the fastest variant, engine-cudnnbench, fp8-error, keep-warm, engine-512,
-# engine-autotune, adapters, engine-flux, controlnet, image-prompts, kontext, fill, redux,
-# controlnet-flux.
+# engine-autotune, adapters, engine-flux, controlnet, image-prompts, image-prompts-flux,
+# kontext, fill, redux, controlnet-flux.
 # Here, once, in the project root:
 #   echo /.whl/ >> .git/info/exclude
 #   ../shared/gpu/make-wheels.sh .whl pytest pluggy iniconfig pytest-timeout
@@ -34,6 +34,8 @@
 #               random weights) cost per call, eager bf16, batches of 1 and 8
 #   image-prompts what an IP-Adapter (ip-adapter_sdxl_vit-h's design, random weights) costs
 #               per call with none, half and all images prompted, eager bf16, batches 1, 8
+#   image-prompts-flux  the same for XLabs' FLUX IP-Adapter's design (CLIP ViT-L/14) on
+#               FLUX.1-dev's architecture, random weights, 1024², 28 steps, batches 1, 2
 #   kontext     what a FLUX.1 Kontext edit costs against text-to-image (FLUX.1-dev's
 #               architecture, random weights, served as Kontext), 1024², 28 steps, eager
 #               bf16, batches of 1 and 2
@@ -57,7 +59,7 @@
 # files are named after the GPU the step ran on (its name as nvidia-smi gives it, without
 # "NVIDIA", lower-cased: h100-80gb-hbm3, h200, ...), so two cards' figures never mix.
 set -euo pipefail
-step=${1:?"step: engine | engine-fp8 | engine-static | engine-calibrated | engine-cudnnbench | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | kontext | fill | redux | controlnet-flux"}
+step=${1:?"step: engine | engine-fp8 | engine-static | engine-calibrated | engine-cudnnbench | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | image-prompts-flux | kontext | fill | redux | controlnet-flux"}
 variant=${2:-compiled-fp8-buckets}
 out=${OUT:-results}
 mkdir -p "$out"
@@ -127,6 +129,10 @@ case $step in
                --out "$out/controlnet-$gpu.json" 2>&1 | tee "$log" ;;
   image-prompts) python3 -m load.bench_image_prompts "${sdxl[@]}" --batches 1 8 --repeats 2 \
                    --out "$out/image-prompts-$gpu.json" 2>&1 | tee "$log" ;;
+  image-prompts-flux) python3 -m load.bench_image_prompts \
+                        --random-flux load/flux-dev-configs.json --size 1024 --steps 28 \
+                        --batches 1 2 --repeats 1 --out "$out/flux-image-prompts-$gpu.json" \
+                        2>&1 | tee "$log" ;;
   kontext) python3 -m load.bench_kontext --random-flux load/flux-dev-configs.json \
              --size 1024 --steps 28 --batches 1 2 --repeats 1 \
              --out "$out/kontext-$gpu.json" 2>&1 | tee "$log" ;;

@@ -469,6 +469,26 @@ def test_image_prompt_benchmark_times_each_case_and_the_encoding(tmp_path, cache
     assert f"saved {out}" in stdout
 
 
+def test_image_prompt_benchmark_runs_flux_with_xlabs_adapter(tmp_path, cache_dir):
+    from safetensors.torch import load_file
+
+    from deployments.tiny import TINY_FLUX_IP_ADAPTER, ensure_embedded
+
+    out = tmp_path / "flux-image-prompts.json"
+    _run("load.bench_image_prompts", "--family", "flux", "--size", "64", "--steps", "2",
+         "--batches", "2", "--repeats", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert (report["model"], report["guidance_scale"]) == ("tiny-flux", 3.5)
+    assert [(r["case"], r["prompted"]) for r in report["rows"]] == [
+        ("no adapter", 0), ("none prompted", 0), ("half prompted", 1), ("all prompted", 2)]
+    # XLabs' file: the projection and each double-stream block's key and value layers.
+    weights = load_file(ensure_embedded(TINY_FLUX_IP_ADAPTER, cache_dir)
+                        / "ip_adapter.safetensors")
+    assert report["adapter_layers_bytes"] == sum(t.numel() * 4 for t in weights.values())
+    assert report["encoding_s"] > 0
+    assert report["weights"]["ip-adapter image_encoder"] == report["weights"]["transformer"]
+
+
 def test_kontext_benchmark_times_edits_beside_text_to_image(tmp_path):
     out = tmp_path / "kontext.json"
     stdout = _run("load.bench_kontext", "--size", "64", "--steps", "2", "--batches", "1", "2",

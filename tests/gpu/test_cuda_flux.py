@@ -211,6 +211,34 @@ def test_a_redux_image_prompt_runs_compiled_in_bfloat16_and_keeps_its_seed_batch
     assert np.abs(np.asarray(batched[0][0]).astype(int) - alone).mean() < 2
 
 
+def test_an_xlabs_ip_adapter_runs_compiled_in_bfloat16_and_keeps_its_rows_apart(
+        tiny_flux_path, cache_dir):
+    """XLabs' FLUX IP-Adapter on CUDA, compiled with fused projections: the CLIP encoder in
+    bfloat16 on the GPU; the picture moves the image, a row without one in the same call
+    is the plain image, and a request's pixels hardly move when it shares a call."""
+    from deployments.engines.flux import FluxEngine
+    from deployments.tiny import TINY_FLUX_IP_ADAPTER, ensure_embedded
+    from serve.config import SpeedConfig
+    from serve.steering import IP_ADAPTER_LAYOUTS
+    from serve.types import ImagePrompt
+
+    folder = ensure_embedded(TINY_FLUX_IP_ADAPTER, cache_dir)
+    engine = FluxEngine(tiny_flux_path, "bfloat16", "cuda",
+                        speed=SpeedConfig(fuse_qkv=True, compile=True),
+                        compile_cache=cache_dir / "compile-gpu-flux-ip",
+                        ip_adapter=(folder, *IP_ADAPTER_LAYOUTS["flux"]))
+    assert next(engine.pipe.image_encoder.parameters()).dtype == torch.bfloat16
+    picture = np.random.default_rng(2).integers(0, 256, (80, 60, 3), dtype=np.uint8)
+    prompt = ImagePrompt(picture.tobytes(), 60, 80, 1.0)
+    assert engine.image_prompts.embed(prompt).device.type == "cuda"
+    plain = np.asarray(engine.generate([_req(3)])[0][0]).astype(int)
+    alone = np.asarray(engine.generate([_req(3, image_prompt=prompt)])[0][0]).astype(int)
+    batched = engine.generate([_req(3, image_prompt=prompt), _req(3)])
+    assert alone.shape == (96, 128, 3) and np.abs(alone - plain).mean() > 2
+    assert np.abs(np.asarray(batched[0][0]).astype(int) - alone).mean() < 2
+    assert np.abs(np.asarray(batched[1][0]).astype(int) - plain).mean() < 2
+
+
 def test_a_depth_control_runs_compiled_in_bfloat16_with_its_estimator_on_the_gpu(cache_dir):
     """FLUX.1 Depth on CUDA, compiled with fused projections: Depth Anything in bfloat16 on
     the GPU makes the control image; another layout gives another image, and a request's
