@@ -20,6 +20,7 @@ from serve.model_parts import (
     LimitsConfig,
     RefinerConfig,
     SafetyCheckerConfig,
+    SchedulerOptions,
     SpeedConfig,
     WatermarkConfig,
     _Strict,
@@ -158,6 +159,9 @@ class ModelConfig(_Strict):
     speed: SpeedConfig = Field(default_factory=SpeedConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+    scheduler_options: SchedulerOptions = Field(default_factory=SchedulerOptions, description=(
+        "SDXL only: the schedulers' timestep spacing and prediction type, over the "
+        "checkpoint's (few-step models: SDXL-Lightning, Hyper-SD)."))
 
     @model_validator(mode="before")
     @classmethod
@@ -200,6 +204,8 @@ class ModelConfig(_Strict):
                              "that preprocesses depth need one, and only they take one")
         if self.redux is not None and self.family != "flux":
             raise ValueError("redux: only flux models take FLUX.1 Redux")
+        if self.scheduler_options.given() and self.family != "sdxl":
+            raise ValueError("scheduler_options: FLUX's flow-matching scheduler takes none")
         if self.speed.cfg_cutoff is not None and self.family != "sdxl":
             raise ValueError("speed.cfg_cutoff: only sdxl models use classifier-free guidance")
         self.defaults.check_within(self.limits, self.rules)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Replicate's stability-ai/sdxl scheduler names.
 SCHEDULERS = ("K_EULER", "K_EULER_ANCESTRAL", "DDIM", "DPMSolverMultistep", "HeunDiscrete",
-              "KarrasDPM", "PNDM")
+              "KarrasDPM", "PNDM", "DPM++2MSDE", "LCM")
 
 
 @dataclass(frozen=True)
@@ -249,6 +249,26 @@ class DefaultsConfig(_Strict):
                              "or limits.max_request_pixels")
         if self.num_inference_steps > limits.max_steps:
             raise ValueError("defaults.num_inference_steps exceeds limits.max_steps")
+
+
+class SchedulerOptions(_Strict):
+    """How an SDXL model's schedulers place and read their steps, over the checkpoint's own
+    scheduler config: what few-step distilled models ask for. SDXL-Lightning and Hyper-SD
+    sample with `trailing` timesteps (the last step at the noisiest timestep); Lightning's
+    1-step UNet predicts the sample; v-prediction fine-tunes predict velocity. Unset: the
+    checkpoint's (SDXL base: leading, epsilon; SDXL-Turbo's folder already says trailing)."""
+
+    timestep_spacing: Literal["leading", "trailing", "linspace"] | None = Field(None, description=(
+        "Where the steps fall among the training timesteps; trailing for SDXL-Lightning "
+        "and Hyper-SD."))
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] | None = Field(
+        None, description=(
+            "What the UNet predicts: epsilon (SDXL), v_prediction, or sample (Lightning's "
+            "1-step UNet)."))
+
+    def given(self) -> dict[str, str]:
+        """The options set, as diffusers' scheduler configs name them."""
+        return self.model_dump(exclude_none=True)
 
 
 class SafetyCheckerConfig(_Strict):

@@ -24,6 +24,8 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
                                                     "defaults", "lora_targets", "refiner",
                                                     "controlnets", "ip_adapter", "redux"})
     refiner, nets, ip = model.refiner, model.controlnets.values(), model.ip_adapter
+    if model.scheduler_options.given():  # (left out unset: versions stay as they were)
+        config["scheduler_options"] = model.scheduler_options.given()
     if ip is not None:  # its files as the family lays them out, given or not
         config["ip_adapter"] |= dict(zip(("subfolder", "weight_name", "image_encoder"),
                                          ip.layout(model.family), strict=True))

@@ -146,7 +146,8 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                           refiner_path(refiner, cache_dir) if refiner else None,
                           refiner.variant if refiner else None,
                           controlnet_files(model, cache_dir), ip_adapter_files(model, cache_dir),
-                          depth_estimator_folder(model, cache_dir))
+                          depth_estimator_folder(model, cache_dir),
+                          model.scheduler_options.given())
     if model.family == "flux":
         from deployments.engines.flux import (
             FluxControlEngine,

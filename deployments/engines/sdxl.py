@@ -18,6 +18,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     MultiControlNetModel,
     PNDMScheduler,
     StableDiffusionXLControlNetImg2ImgPipeline,
@@ -54,6 +55,11 @@ _SCHEDULERS = {
     "HeunDiscrete": (HeunDiscreteScheduler, {}),
     "KarrasDPM": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
     "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
+    # Replicate's SDXL-Lightning's: second-order SDE DPM-Solver++, noise from each image's
+    # generator.
+    "DPM++2MSDE": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    # Latent consistency (LCM-LoRA, LCM-distilled UNets): a few steps at guidance 1 to 2.
+    "LCM": (LCMScheduler, {}),
 }
 
 
@@ -78,7 +84,8 @@ class SDXLEngine(DiffusersEngine):
                  refiner_variant: str | None = None,
                  controlnets: Mapping[str, NetFiles] | None = None,
                  ip_adapter: tuple[Path, str, str, str] | None = None,
-                 depth_estimator: Path | None = None):
+                 depth_estimator: Path | None = None,
+                 scheduler_options: Mapping[str, str] | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
         if ip_adapter is not None:  # (folder, subfolder, weights file, image encoder)
             self.image_prompts = ImagePrompts(self.pipe, *ip_adapter)
@@ -91,9 +98,10 @@ class SDXLEngine(DiffusersEngine):
             vae=self.pipe.vae).to(self.device)
         if self.refiner is not None:
             self.refiner.set_progress_bar_config(disable=True)
-        base = self.pipe.scheduler.config
-        self._schedulers = {name: cls.from_config(base, **extra)
+        base, options = self.pipe.scheduler.config, dict(scheduler_options or {})
+        self._schedulers = {name: cls.from_config(base, **(extra | options))
                             for name, (cls, extra) in _SCHEDULERS.items()}
+        self.scheduler_options = options
         self.adapters = adapter_store(
             self.pipe.unet, adapters, max_adapters, max_lora_rank, lora_targets,
             fuse=fuse_adapters, encoders={"text_encoder": self.pipe.text_encoder,
@@ -109,10 +117,12 @@ class SDXLEngine(DiffusersEngine):
         return pipe
 
     def describe(self) -> dict:
-        """As for every engine, with each ControlNet's weights dtype among the modules'."""
+        """As for every engine, with each ControlNet's weights dtype among the modules', and
+        the scheduler options the model set."""
         facts = super().describe()
         facts["weights"] |= self.controlnets.weights()
-        return facts | {"controlnets": list(self.controlnets.nets)}
+        return facts | {"controlnets": list(self.controlnets.nets),
+                        "scheduler_options": self.scheduler_options}
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
