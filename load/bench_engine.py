@@ -94,9 +94,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_family(p: argparse.ArgumentParser, args: argparse.Namespace,
                    variants: list[str]) -> None:
-    """Set args.family and args.configs (the random model's JSON, if any) from the model
-    arguments; refuse contradictions and variants the family cannot run (FLUX has no
-    classifier-free guidance to cut off)."""
+    """Set args.family, args.configs (the random model's JSON, if any) and args.guidance
+    (unless given) from the model arguments; refuse contradictions and variants the family
+    cannot run (FLUX has no classifier-free guidance to cut off)."""
     family = "flux" if args.random_flux else args.family or "sdxl"
     if args.random_sdxl and args.random_flux or args.family not in (None, family):
         p.error("--random-sdxl, --random-flux and --family name different models")
@@ -104,6 +104,8 @@ def resolve_family(p: argparse.ArgumentParser, args: argparse.Namespace,
     if ruled_out:
         p.error(f"FLUX has no classifier-free guidance to cut off: {', '.join(ruled_out)}")
     args.family, args.configs = family, args.random_sdxl or args.random_flux
+    if getattr(args, "guidance", None) is None:  # the family's usual one
+        args.guidance = GUIDANCE[family]
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,6 +115,9 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=["fp16", "bf16-fast", "fp8"])
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--guidance", type=float, help=(
+        "guidance scale (default: 8 for SDXL, 3.5 for FLUX; SDXL at 1 or below runs "
+        "unguided, one UNet row per image, as few-step models such as SDXL-Lightning do)"))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--profile", action="store_true",
@@ -166,7 +171,8 @@ def call_requests(args: argparse.Namespace, images: int) -> list:
     call = next(_CALLS)  # prompts new to every call: each is encoded, as in real traffic
     return [GenerationRequest(model="bench/x", prompt=f"benchmark image {call}-{i}",
                               seed=1000 + i, width=args.size, height=args.size,
-                              guidance_scale=GUIDANCE[family], num_inference_steps=args.steps,
+                              guidance_scale=args.guidance,
+                              num_inference_steps=args.steps,
                               scheduler=FAMILIES[family].schedulers[0])
             for i in range(images)]
 
@@ -335,7 +341,8 @@ def _child(args: argparse.Namespace, variant: str, folder: Path, pixels: Path) -
     cmd = [sys.executable, "-m", "load.bench_engine", "--one", variant, "--model", str(folder),
            "--family", args.family,
            "--pixels", str(pixels), "--cache-dir", args.cache_dir, "--size", str(args.size),
-           "--steps", str(args.steps), "--repeats", str(args.repeats),
+           "--steps", str(args.steps), "--guidance", str(args.guidance),
+           "--repeats", str(args.repeats),
            "--batches", *map(str, args.batches), *(["--profile"] if args.profile else [])]
     started = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -361,7 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     args.cache_dir = args.cache_dir or str(default_cache_dir())
     folder = model_folder(args.configs, Path(args.cache_dir), args.family)
-    flops = image_flops(args.family, folder, args.size, args.steps)
+    guided = args.guidance > 1  # SDXL's pipelines guide above 1 only
+    flops = image_flops(args.family, folder, args.size, args.steps, guided=guided)
     results, reference = [], None
     report = {"settings": {k: v for k, v in vars(args).items() if k not in
                            ("one", "model", "pixels")},
@@ -376,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
                 reference = px if reference is None else reference
                 r["mean_abs_diff_vs_first"] = float(np.abs(px - reference).mean())
                 own = image_flops(args.family, folder, args.size, args.steps,
-                                  VARIANTS[variant][1].get("cfg_cutoff"))["image"]
+                                  VARIANTS[variant][1].get("cfg_cutoff"), guided)["image"]
                 r["flops_per_image"] = own
                 for b in r["batches"]:
                     b["tflops"] = b["images_per_s"] * own / 1e12

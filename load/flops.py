@@ -87,8 +87,9 @@ def flux_flops(folder: Path, size: int, steps: int) -> dict:
 
 
 def image_flops(family: str, folder: Path, size: int, steps: int,
-                cfg_cutoff: float | None = None) -> dict:
-    """`sdxl_flops` or `flux_flops` for the model's family (FLUX has no guided steps)."""
+                cfg_cutoff: float | None = None, guided: bool = True) -> dict:
+    """`sdxl_flops` or `flux_flops` for the model's family (FLUX has no guided steps); an
+    SDXL image not `guided` (guidance at 1 or below) runs one UNet forward per step."""
     if family == "flux":
         return flux_flops(folder, size, steps)
-    return sdxl_flops(folder, size, steps, guided_steps(steps, cfg_cutoff))
+    return sdxl_flops(folder, size, steps, guided_steps(steps, cfg_cutoff) if guided else 0)

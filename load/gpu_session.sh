@@ -5,8 +5,8 @@
 # H200), so run the steps not yet measured in this order: engine-calibrated (FP8 with
 # calibrated activation scales beside the dynamic ones, static shapes), throughput with
 # the fastest variant, engine-cudnnbench, fp8-error, keep-warm, engine-512,
-# engine-autotune, adapters, engine-flux, controlnet, image-prompts, image-prompts-flux,
-# kontext, fill, redux, controlnet-flux.
+# engine-autotune, engine-lightning, adapters, engine-flux, controlnet, image-prompts,
+# image-prompts-flux, kontext, fill, redux, controlnet-flux.
 # Here, once, in the project root:
 #   echo /.whl/ >> .git/info/exclude
 #   ../shared/gpu/make-wheels.sh .whl pytest pluggy iniconfig pytest-timeout
@@ -24,6 +24,8 @@
 #   fp8-error   each FP8 layer's error against float32 beside bfloat16's, in one real call
 #   engine-512  512², 30 steps (the 6 img/s target): compiled, FP8, FP8 with the cutoff
 #   engine-autotune  compiled with Inductor's kernel autotuning (a longer first start)
+#   engine-lightning  SDXL as few-step models run it (4 steps, guidance 0: one UNet row
+#               per image), 1024², compiled FP8 in calls of 8
 #   tests       tests/gpu (CUDA paths: FLUX, adapters, memory, partial images)
 #   throughput  through HTTP against the plain server, with an idle spell (cold start)
 #   keep-warm   the same idle spell with keep_warm_s 2, Atelier alone
@@ -59,7 +61,7 @@
 # files are named after the GPU the step ran on (its name as nvidia-smi gives it, without
 # "NVIDIA", lower-cased: h100-80gb-hbm3, h200, ...), so two cards' figures never mix.
 set -euo pipefail
-step=${1:?"step: engine | engine-fp8 | engine-static | engine-calibrated | engine-cudnnbench | fp8-error | engine-512 | engine-autotune | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | image-prompts-flux | kontext | fill | redux | controlnet-flux"}
+step=${1:?"step: engine | engine-fp8 | engine-static | engine-calibrated | engine-cudnnbench | fp8-error | engine-512 | engine-autotune | engine-lightning | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | image-prompts-flux | kontext | fill | redux | controlnet-flux"}
 variant=${2:-compiled-fp8-buckets}
 out=${OUT:-results}
 mkdir -p "$out"
@@ -98,6 +100,10 @@ case $step in
                 --size 512 --steps 30 --batches 16 \
                 --variants compiled compiled-fp8 compiled-fp8-cfg50 \
                 --out "$out/engine-$gpu-512.json" 2>&1 | tee "$log" ;;
+  engine-lightning) python3 -m load.bench_engine --random-sdxl .whl/sdxl-base-configs.json \
+                     --size 1024 --steps 4 --guidance 0 --batches 8 --repeats 3 \
+                     --variants compiled-fp8-b8 \
+                     --out "$out/engine-$gpu-lightning.json" 2>&1 | tee "$log" ;;
   engine-autotune) tuned=${2:-compiled-autotune}
                    python3 -m load.bench_engine "${sdxl[@]}" --batches 8 --variants "$tuned" \
                      --out "$out/engine-$gpu-$tuned.json" 2>&1 | tee "$log" ;;

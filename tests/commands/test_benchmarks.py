@@ -255,6 +255,23 @@ def test_engine_benchmark_compares_variants_with_the_first(tmp_path):
     assert "stages:" in stdout and "full garbage collection of" in stdout
 
 
+def test_an_unguided_engine_benchmark_counts_one_unet_forward_per_step(tmp_path, cache_dir):
+    """As few-step models run (guidance 0): the report's FLOPs per image are those of one
+    UNet forward per step, not guidance's two."""
+    from deployments.tiny import TINY_SDXL, ensure_embedded
+    from load.flops import sdxl_flops
+
+    out = tmp_path / "engine.json"
+    _run("load.bench_engine", "--variants", "fp16", "--guidance", "0", "--steps", "4",
+         "--batches", "2", "--repeats", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    folder = ensure_embedded(TINY_SDXL, cache_dir)
+    unguided, guided = (sdxl_flops(folder, 64, 4, n)["image"] for n in (0, 4))
+    assert report["settings"]["guidance"] == 0
+    assert report["flops"]["image"] == report["variants"][0]["flops_per_image"] == unguided
+    assert unguided < 0.6 * guided
+
+
 def test_an_engine_benchmark_cut_off_leaves_the_variants_it_measured(tmp_path):
     """As a device call's time limit does: the run is killed during its second variant."""
     out = tmp_path / "engine.json"

@@ -84,7 +84,8 @@ def test_alias_resolves_to_its_model(client):
 
 
 @pytest.mark.parametrize("scheduler", ["K_EULER_ANCESTRAL", "DDIM", "DPMSolverMultistep",
-                                       "HeunDiscrete", "KarrasDPM", "PNDM"])
+                                       "HeunDiscrete", "KarrasDPM", "PNDM", "DPM++2MSDE",
+                                       "LCM"])
 def test_each_scheduler_answers_with_its_own_image(client, scheduler):
     euler = client.post("/generate", json={"prompt": "x", "seed": 4, "steps": 3}).json()
     other = client.post("/generate", json={"prompt": "x", "seed": 4, "steps": 3,

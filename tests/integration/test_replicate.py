@@ -60,6 +60,23 @@ def test_replicates_own_sdxl_example_input_is_served_with_the_refiner(rep, clien
     assert abs(replicated - pixels(decode(plain.json()["image"]))).mean() > 0.1
 
 
+def test_sdxl_lightnings_input_is_served_unguided_with_its_sde_scheduler(rep, client):
+    """bytedance/sdxl-lightning-4step's example input (its DPM++2MSDE scheduler, 4 steps,
+    guidance 0): the pixels /generate draws for the same settings."""
+    example = {"prompt": "self-portrait of a woman, lightning in the background",
+               "negative_prompt": "worst quality, low quality", "width": 64, "height": 64,
+               "num_outputs": 1, "scheduler": "DPM++2MSDE", "num_inference_steps": 4,
+               "guidance_scale": 0, "seed": 8, "disable_safety_checker": False}
+    (file,) = rep.run(FAST, input=example)
+    body = {"prompt": example["prompt"], "negative_prompt": example["negative_prompt"],
+            "steps": 4, "guidance_scale": 0, "seed": 8, "scheduler": "DPM++2MSDE"}
+    direct = client.post("/generate", json=body).json()["image"]
+    euler = client.post("/generate", json=body | {"scheduler": "K_EULER"}).json()["image"]
+    replicated = pixels(Image.open(io.BytesIO(file.read())))
+    assert (replicated == pixels(decode(direct))).all()
+    assert abs(replicated - pixels(decode(euler))).mean() > 0.1
+
+
 @pytest.mark.parametrize("inp, field, reason", [
     ({"refine": "base_image_refiner"}, "input.refine", "has no refiner"),
     ({"replicate_weights": "https://replicate.delivery/x/trained.tar"},
