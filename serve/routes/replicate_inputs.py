@@ -152,7 +152,8 @@ class SDXLInput(ControlNetInputs, LoraInput):
     num_outputs: int = Field(1, ge=1, le=4, description="Number of images to output")
     scheduler: str | None = Field(None, description=f"scheduler: {', '.join(SCHEDULERS)}")
     num_inference_steps: int | None = Field(None, ge=1, le=500, description="Denoising steps")
-    guidance_scale: float | None = Field(None, ge=1, le=50, description="Classifier-free guidance")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description=(
+        "Classifier-free guidance; 1 or below: none (bytedance/sdxl-lightning-4step's 0)"))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
     image: str | None = Field(None, description=(
         "Input image for img2img or inpaint mode, as a data URI (or base64)"))
