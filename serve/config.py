@@ -167,6 +167,10 @@ class AtelierConfig(_Strict):
                 net.check_files(f"models.{i}.controlnets.{name}", model.family)
             if model.ip_adapter is not None:
                 model.ip_adapter.check_files(f"models.{i}.ip_adapter", model.family)
+            for j, lora in enumerate(model.merged_loras):
+                if not lora.path.is_file():
+                    raise ConfigError(f"models.{i}.merged_loras.{j}.path: {lora.path} is not "
+                                      "a file")
             if model.redux is not None:
                 model.redux.check_files(f"models.{i}.redux")
             if model.depth_estimator is not None:

@@ -18,6 +18,7 @@ from serve.model_parts import (
     DefaultsConfig,
     Family,
     LimitsConfig,
+    MergedLoraConfig,
     RefinerConfig,
     SafetyCheckerConfig,
     SchedulerOptions,
@@ -111,6 +112,9 @@ class ModelConfig(_Strict):
         "targeted weights (SDXL attention projections: 1.9 GB in fp16; FLUX.1-dev's 17 "
         "targets: 23.7 GB in bf16) and a weight rewrite each time a replica's adapter set "
         "changes."))
+    merged_loras: list[MergedLoraConfig] = Field(default_factory=list, description=(
+        "LoRA files merged into the weights at load, for every request (e.g. "
+        "SDXL-Lightning's 4-step LoRA on a base checkpoint); in order."))
     refiner: RefinerConfig | None = Field(None, description=(
         "SDXL only: a refiner for the `refine` request input (expert_ensemble_refiner, "
         "base_image_refiner). Unset: requests asking for refinement get 422."))

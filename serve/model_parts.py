@@ -314,6 +314,16 @@ class ContentCredentialsConfig(_Strict):
         "outlives the certificate; unset: none (the nodes must reach it)."))
 
 
+class MergedLoraConfig(_Strict):
+    """A LoRA merged into the model's weights at load, for every request: a few-step LoRA
+    (SDXL-Lightning's, Hyper-SD's, LCM-LoRA) or a house style on a base checkpoint. Read
+    and merged as diffusers' `load_lora_weights` and `fuse_lora` do (its layouts: diffusers,
+    PEFT, kohya), text-encoder parts included; requests' own adapters come on top."""
+
+    path: Path = Field(description="The LoRA's .safetensors file (local; never fetched).")
+    scale: float = Field(1.0, ge=-4, le=4, description="How strongly it is merged.")
+
+
 class RefinerConfig(PathOrEmbedded):
     """An SDXL refiner (stable-diffusion-xl-refiner-1.0's architecture) that runs after the
     base model for Replicate's `refine` input. It uses the base model's text_encoder_2 and

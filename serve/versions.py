@@ -26,6 +26,8 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
     refiner, nets, ip = model.refiner, model.controlnets.values(), model.ip_adapter
     if model.scheduler_options.given():  # (left out unset: versions stay as they were)
         config["scheduler_options"] = model.scheduler_options.given()
+    if model.merged_loras:  # their scales here, their files' bytes below
+        config["merged_loras"] = [lora.scale for lora in model.merged_loras]
     if ip is not None:  # its files as the family lays them out, given or not
         config["ip_adapter"] |= dict(zip(("subfolder", "weight_name", "image_encoder"),
                                          ip.layout(model.family), strict=True))
@@ -40,6 +42,7 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
                               (refiner and refiner.configs_from, _READ_WITH_FILE["sdxl"]),
                               *((net.path, _read_all) for net in nets),
                               *_ip_adapter_files(ip, model.family),
+                              *((lora.path, _read_all) for lora in model.merged_loras),
                               (redux and redux.path, _read_all)))
     return h.hexdigest()
 

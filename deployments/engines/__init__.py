@@ -110,6 +110,11 @@ def ip_adapter_files(model: ModelConfig, cache_dir: Path) -> tuple[Path, str, st
     return folder, *adapter.layout(model.family)
 
 
+def merged_loras(model: ModelConfig) -> list[tuple[Path, float]]:
+    """The LoRA files merged into the model's weights at load, each with its scale."""
+    return [(lora.path, lora.scale) for lora in model.merged_loras]
+
+
 def redux_folder(model: ModelConfig, cache_dir: Path) -> Path | None:
     """The FLUX.1 Redux folder of the model (the embedded one built once), or None."""
     from deployments.tiny import ensure_embedded
@@ -147,7 +152,7 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                           refiner.variant if refiner else None,
                           controlnet_files(model, cache_dir), ip_adapter_files(model, cache_dir),
                           depth_estimator_folder(model, cache_dir),
-                          model.scheduler_options.given())
+                          model.scheduler_options.given(), merged_loras(model))
     if model.family == "flux":
         from deployments.engines.flux import (
             FluxControlEngine,
@@ -166,5 +171,6 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                       redux_folder(model, cache_dir),
                       controlnets=controlnet_files(model, cache_dir),
                       ip_adapter=ip_adapter_files(model, cache_dir),
+                      merged_loras=merged_loras(model),
                       depth_estimator=depth_estimator_folder(model, cache_dir))
     raise ValueError(f"no engine for family {model.family!r}")

@@ -89,6 +89,7 @@ class DiffusersEngine:
     # Compiled for exact shapes (compile with buckets): the image sizes compiled; calls at
     # other sizes run uncompiled. None: compiled code takes any size (or nothing compiled).
     compiled_sizes: set[tuple[int, int]] | None = None
+    merged_loras: tuple[str, ...] = ()  # the LoRA files merged into the weights at load
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
                  simulate_oom_above_images: int | None):
@@ -102,6 +103,19 @@ class DiffusersEngine:
         for pipe in self._pipes.values():
             pipe.set_progress_bar_config(disable=True)
         self.speed: dict = {}  # the speed settings applied (`speed_up`), for describe()
+
+    def merge_loras(self, loras: Sequence[tuple[Path, float]]) -> None:
+        """Merge LoRA files into the weights for good (the model's `merged_loras`, each
+        (file, scale)), as diffusers' load_lora_weights and fuse_lora do, then drop their
+        layers: the modules every pipeline of the engine shares keep the merged weights.
+        Called before the adapters' slots and the speed settings change the layers."""
+        for i, (path, scale) in enumerate(loras):
+            name = f"merged-{i}"
+            self.pipe.load_lora_weights(str(path.parent), weight_name=path.name,
+                                        adapter_name=name, local_files_only=True)
+            self.pipe.fuse_lora(lora_scale=scale, adapter_names=[name])
+            self.pipe.unload_lora_weights()
+        self.merged_loras = tuple(path.name for path, _ in loras)
 
     def speed_up(self, speed: SpeedConfig, compile_cache: Path) -> None:
         """Apply the model's speed settings (after its adapters are in place), then let
@@ -134,7 +148,8 @@ class DiffusersEngine:
             weights["ip-adapter image_encoder"] = _name(next(encoder.parameters()).dtype)
         return {"device": str(self.device), "dtype": _name(self.dtype), "weights": weights,
                 "vae_scale_factor": self.pipe.vae_scale_factor,
-                "adapters": "merged" if merged else "slots", "speed": self.speed}
+                "adapters": "merged" if merged else "slots", "speed": self.speed,
+                "merged_loras": self.merged_loras}
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
         """Run `request` as calls of 1, 2 and `max_images` images: the first calls

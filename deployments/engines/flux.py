@@ -84,8 +84,10 @@ class FluxEngine(DiffusersEngine):
                  compile_cache: Path | None = None, redux: Path | None = None,
                  controlnets: Mapping[str, NetFiles] | None = None,
                  depth_estimator: Path | None = None,
-                 ip_adapter: tuple[Path, str, str, str] | None = None):
+                 ip_adapter: tuple[Path, str, str, str] | None = None,
+                 merged_loras: Sequence[tuple[Path, float]] = ()):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
+        self.merge_loras(merged_loras)
         self._load_controlnets(controlnets, depth_estimator, (
             FluxControlNetModel, FluxMultiControlNetModel, _CONTROLNET_PIPELINES))
         if ip_adapter is not None:  # (folder, subfolder, weights file, image encoder)

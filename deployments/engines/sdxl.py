@@ -85,8 +85,10 @@ class SDXLEngine(DiffusersEngine):
                  controlnets: Mapping[str, NetFiles] | None = None,
                  ip_adapter: tuple[Path, str, str, str] | None = None,
                  depth_estimator: Path | None = None,
-                 scheduler_options: Mapping[str, str] | None = None):
+                 scheduler_options: Mapping[str, str] | None = None,
+                 merged_loras: Sequence[tuple[Path, float]] = ()):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
+        self.merge_loras(merged_loras)
         if ip_adapter is not None:  # (folder, subfolder, weights file, image encoder)
             self.image_prompts = ImagePrompts(self.pipe, *ip_adapter)
         self._load_controlnets(controlnets, depth_estimator, (
