@@ -12,7 +12,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from serve.canvases import OUTPAINT_PRESETS
 from serve.controls import ControlParams, ImagePromptParams, image_prompt_params
 from serve.images import INPUT_AREA, REFERENCES
-from serve.routes.replicate_inputs import CannyEdgeInputs, LoraInput
+from serve.routes.replicate_inputs import CannyEdgeInputs, IPAdapterInputs, LoraInput
 from serve.types import MAX_SEED
 
 # Output sizes of FLUX at one megapixel per aspect ratio (multiples of 16); 0.25 MP halves
@@ -64,17 +64,6 @@ class _ReduxInputs(_FluxCommon):
                                  self.redux_downsampling)
 
 
-class _IPAdapterInputs(_FluxCommon):
-    """The IP-Adapter inputs of Replicate's SDXL models, for FLUX models with an
-    IP-Adapter (XLabs'; others refuse them)."""
-
-    ip_adapter_image: str | None = Field(None, description=(
-        "Image prompt for the model's IP-Adapter: its content and style steer the output "
-        "beside the prompt; as image takes it"))
-    ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
-        "How strongly ip_adapter_image steers; default: the adapter's own"))
-
-
 class FluxControlNetInputs(CannyEdgeInputs, _FluxCommon):
     """xlabs-ai/flux-dev-controlnet's ControlNet inputs, for FLUX models with ControlNets
     (others refuse them): a control image, which of the model's ControlNets reads it
@@ -97,7 +86,7 @@ class FluxControlNetInputs(CannyEdgeInputs, _FluxCommon):
                               fields=("control_type", "control_image", "control_image"))]
 
 
-class FluxInput(FluxControlNetInputs, _IPAdapterInputs, _ReduxInputs):
+class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs):
     """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora, the
     LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`),
     flux-redux-dev's `redux_image` (for a model with FLUX.1 Redux, which then needs no

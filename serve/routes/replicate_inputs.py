@@ -66,6 +66,20 @@ class LoraInput(BaseModel):
         return None, None
 
 
+class IPAdapterInputs(LoraInput):
+    """The IP-Adapter inputs of Replicate's SDXL models, for models with an IP-Adapter
+    (SDXL's, or XLabs' on FLUX; others refuse them)."""
+
+    ip_adapter_image: str | None = Field(None, description=(
+        "Image prompt for the model's IP-Adapter: its content and style steer the output "
+        "beside the prompt; as image takes it"))
+    ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
+        "How strongly ip_adapter_image steers; default: the adapter's own"))
+
+    def image_prompt(self) -> ImagePromptParams:
+        return ImagePromptParams(self.ip_adapter_image, self.ip_adapter_scale)
+
+
 class CannyEdgeInputs(BaseModel):
     """Canny's edge thresholds, for a FLUX.1 Canny model's control image (as Black Forest
     Labs' Canny API takes them) and for the pictures of canny ControlNets (an Atelier
@@ -141,7 +155,7 @@ ControlNetInputs = create_model("ControlNetInputs", __base__=_ControlNetSlots,
                                  **_controlnet_inputs())
 
 
-class SDXLInput(ControlNetInputs, LoraInput):
+class SDXLInput(ControlNetInputs, IPAdapterInputs):
     """stability-ai/sdxl's inputs, with fofr/sdxl-multi-controlnet-lora's ControlNet inputs
     for models with ControlNets; unset values take the served model's defaults."""
 
@@ -177,12 +191,6 @@ class SDXLInput(ControlNetInputs, LoraInput):
         "leave it out)"))
     disable_safety_checker: bool = Field(False, description=(
         "Skip the model's safety checker (if it has one and lets requests skip it)"))
-    ip_adapter_image: str | None = Field(None, description=(
-        "Image prompt for the model's IP-Adapter: its content and style steer the output "
-        "beside the prompt; as image takes it"))
-    ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
-        "How strongly ip_adapter_image steers; default: the adapter's own"))
-
     @field_validator("replicate_weights")
     @classmethod
     def _no_trained_weights(cls, value: str | None) -> None:
@@ -199,6 +207,3 @@ class SDXLInput(ControlNetInputs, LoraInput):
                 "output_quality": self.output_quality, "refine": self.refine,
                 "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps,
                 "watermark": self.apply_watermark}
-
-    def image_prompt(self) -> ImagePromptParams:
-        return ImagePromptParams(self.ip_adapter_image, self.ip_adapter_scale)

@@ -19,19 +19,12 @@ from deployments.tiny_flux import T5_TOKENS
 from serve.config import ConfigError, parse_config
 from serve.types import ControlImage, GenerationRequest, ImagePrompt, SourceImage
 from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
+from tests.unit.test_image_prompts import DOTS, STRIPES, _picture, _seeds
 
 BASE = GenerationRequest(model="a/flux", prompt="a red shoe on a table", width=64, height=64,
                          num_inference_steps=5, guidance_scale=3.5, seed=5,
                          scheduler="FlowMatchEuler")
 FILES = ("", "ip_adapter.safetensors", "image_encoder")
-
-
-def _picture(seed: int, size=(48, 40)) -> Image.Image:
-    noise = np.random.RandomState(seed).rand(size[1], size[0], 3)
-    return Image.fromarray((noise * 255).astype("uint8"))
-
-
-STRIPES, DOTS = _picture(1), _picture(2, (30, 50))
 
 
 def _prompted(picture: Image.Image, scale: float = 1.0, **overrides) -> GenerationRequest:
@@ -67,10 +60,6 @@ def _reference(pipe, adapter_path, scale: float):
     pipe.set_ip_adapter_scale(scale)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _seeds(*seeds):
-    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 ARGS = {"prompt": BASE.prompt, "width": 64, "height": 64, "num_inference_steps": 5,
