@@ -140,9 +140,14 @@ class DiffusersEngine:
         return "cpu", psutil.Process().memory_info().rss
 
     def describe(self) -> dict:
+        """The engine's facts: device and dtype, the dtype each module's weights are in
+        (the ControlNets' and the IP-Adapter's image encoder's after the pipeline's),
+        adapters, speed settings and merged LoRAs."""
         merged = isinstance(self.adapters, FusedAdapters)
         weights = {part: _name(next(getattr(self.pipe, part).parameters()).dtype)
                    for part in self.parts}  # as they are, whatever loading meant them to be
+        if self.controlnets is not None:
+            weights |= self.controlnets.weights()
         if self.image_prompts is not None:
             encoder = self.pipe.image_encoder
             weights["ip-adapter image_encoder"] = _name(next(encoder.parameters()).dtype)

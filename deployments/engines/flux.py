@@ -134,7 +134,6 @@ class FluxEngine(DiffusersEngine):
 
     def describe(self) -> dict:
         facts = super().describe()
-        facts["weights"] |= self.controlnets.weights()
         return facts | {"redux": self.redux is not None,
                         "ip_adapter": self.image_prompts is not None,
                         "controlnets": list(self.controlnets.nets)}

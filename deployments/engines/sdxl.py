@@ -119,10 +119,8 @@ class SDXLEngine(DiffusersEngine):
         return pipe
 
     def describe(self) -> dict:
-        """As for every engine, with each ControlNet's weights dtype among the modules', and
-        the scheduler options the model set."""
+        """As for every engine, with the scheduler options the model set."""
         facts = super().describe()
-        facts["weights"] |= self.controlnets.weights()
         return facts | {"controlnets": list(self.controlnets.nets),
                         "scheduler_options": self.scheduler_options}
 
