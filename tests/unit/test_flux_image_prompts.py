@@ -19,7 +19,14 @@ from deployments.tiny_flux import T5_TOKENS
 from serve.config import ConfigError, parse_config
 from serve.types import ControlImage, GenerationRequest, ImagePrompt, SourceImage
 from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
-from tests.unit.test_image_prompts import DOTS, STRIPES, _picture, _seeds
+from tests.unit.test_image_prompts import (
+    DOTS,
+    STRIPES,
+    _picture,
+    _seeds,
+    assert_compiled_like_eager,
+    warm_up_encodings,
+)
 
 BASE = GenerationRequest(model="a/flux", prompt="a red shoe on a table", width=64, height=64,
                          num_inference_steps=5, guidance_scale=3.5, seed=5,
@@ -165,21 +172,11 @@ def test_fused_qkv_and_compiled_blocks_keep_the_adapters_attention(
     assert fast.describe()["speed"]["compiled_blocks"] > 0
     processors = {type(p).__name__ for p in fast.pipe.transformer.attn_processors.values()}
     assert "FluxIPAdapterAttnProcessor" in processors
-    for batch in ([_prompted(STRIPES)], [BASE],
-                  [_prompted(DOTS, 0.5), replace(BASE, seed=8), _prompted(STRIPES, seed=9)]):
-        for a, b in zip(fast.generate(batch), engine.generate(batch), strict=True):
-            diff = np.abs(_px(a[0]) - _px(b[0]))
-            assert diff.max() <= 2 and (diff > 0).mean() < 0.02, (diff.max(), diff.mean())
+    assert_compiled_like_eager(fast, engine, _prompted, BASE)
 
 
 def test_warm_up_encodes_an_image_prompt_and_the_ready_facts_name_the_adapter(engine):
-    encoded = []
-    hook = engine.pipe.image_encoder.register_forward_hook(lambda *a: encoded.append(1))
-    try:
-        engine.warm_up(BASE)
-    finally:
-        hook.remove()
-    assert encoded == [1]
+    assert warm_up_encodings(engine, BASE) == 1
     facts = engine.describe()
     assert facts["ip_adapter"] is True and facts["redux"] is False
     assert facts["weights"]["ip-adapter image_encoder"] == facts["weights"]["transformer"]
