@@ -14,11 +14,12 @@ import torch
 from PIL import Image
 
 from deployments.engines.controlnets import NetFiles
-from deployments.tiny import TINY_FLUX_CONTROLNET, TINY_FLUX_IP_ADAPTER, ensure_embedded
+from deployments.tiny import TINY_FLUX_IP_ADAPTER, ensure_embedded
 from deployments.tiny_flux import T5_TOKENS
 from serve.config import ConfigError, parse_config
 from serve.types import ControlImage, GenerationRequest, ImagePrompt, SourceImage
 from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
+from tests.unit.test_flux_controlnet import controlnet_path  # noqa: F401
 from tests.unit.test_image_prompts import (
     DOTS,
     STRIPES,
@@ -45,16 +46,11 @@ def adapter_path(cache_dir):
 
 
 @pytest.fixture(scope="module")
-def net_path(cache_dir):
-    return ensure_embedded(TINY_FLUX_CONTROLNET, cache_dir)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_flux_path, adapter_path, net_path):
+def engine(tiny_flux_path, adapter_path, controlnet_path):  # noqa: F811
     from deployments.engines.flux import FluxEngine
 
     return FluxEngine(tiny_flux_path, "float32", "cpu", ip_adapter=(adapter_path, *FILES),
-                      controlnets={"canny": NetFiles(net_path, None, 0)})
+                      controlnets={"canny": NetFiles(controlnet_path, None, 0)})
 
 
 def _reference(pipe, adapter_path, scale: float):
@@ -110,7 +106,7 @@ def test_the_image_prompt_moves_the_image_and_scale_zero_does_not(engine, flux):
 
 
 def test_img2img_and_a_controlnet_with_an_image_prompt_are_diffusers_own(
-        engine, tiny_flux_path, adapter_path, net_path):
+        engine, tiny_flux_path, adapter_path, controlnet_path):  # noqa: F811
     """The other pipelines get the image tokens from the transformer's hook as the plain
     one does: diffusers' img2img and ControlNet pipelines given ip_adapter_image."""
     from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxImg2ImgPipeline
@@ -123,7 +119,7 @@ def test_img2img_and_a_controlnet_with_an_image_prompt_are_diffusers_own(
         generator=_seeds(5)).images[0])
     controlled = _prompted(DOTS, controls=(ControlImage("canny", edges.tobytes(), 0.7),))
     pipe = _reference(FluxControlNetPipeline.from_pretrained(
-        tiny_flux_path, controlnet=FluxControlNetModel.from_pretrained(net_path)),
+        tiny_flux_path, controlnet=FluxControlNetModel.from_pretrained(controlnet_path)),
         adapter_path, 1.0)
     assert_same_pixels(engine.generate([controlled])[0][0], pipe(
         **ARGS, control_image=edges, control_mode=0, controlnet_conditioning_scale=0.7,
