@@ -6,6 +6,7 @@ file)."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +15,8 @@ from pydantic import Field, model_validator
 from serve.model_parts import (
     FAMILIES,
     FLUX_TOOLS,
+    NO_RESCALE_WITH_CONTROLNETS,
+    ZERO_SNR_SCHEDULERS,
     BatchingConfig,
     DefaultsConfig,
     Family,
@@ -164,8 +167,9 @@ class ModelConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     scheduler_options: SchedulerOptions = Field(default_factory=SchedulerOptions, description=(
-        "SDXL only: the schedulers' timestep spacing and prediction type, over the "
-        "checkpoint's (few-step models: SDXL-Lightning, Hyper-SD)."))
+        "SDXL only: the schedulers' timestep spacing, prediction type and zero-terminal-SNR "
+        "rescaling, over the checkpoint's (few-step models: SDXL-Lightning, Hyper-SD; "
+        "v-prediction fine-tunes)."))
 
     @model_validator(mode="before")
     @classmethod
@@ -212,6 +216,12 @@ class ModelConfig(_Strict):
             raise ValueError("scheduler_options: FLUX's flow-matching scheduler takes none")
         if self.speed.cfg_cutoff is not None and self.family != "sdxl":
             raise ValueError("speed.cfg_cutoff: only sdxl models use classifier-free guidance")
+        if self.defaults.guidance_rescale and self.family != "sdxl":
+            raise ValueError("defaults.guidance_rescale: only sdxl models use classifier-free "
+                             "guidance")
+        if self.defaults.guidance_rescale and self.controlnets:
+            raise ValueError(f"defaults.guidance_rescale: {NO_RESCALE_WITH_CONTROLNETS}; a "
+                             "model with controlnets keeps 0")
         self.defaults.check_within(self.limits, self.rules)
         if self.limits.max_loras > self.max_loaded_adapters:
             raise ValueError("limits.max_loras must not exceed max_loaded_adapters")
@@ -270,6 +280,8 @@ class ModelConfig(_Strict):
 
     @property
     def rules(self) -> Family:
+        if self.scheduler_options.rescale_betas_zero_snr:
+            return replace(FAMILIES["sdxl"], schedulers=ZERO_SNR_SCHEDULERS)
         return FLUX_TOOLS[self.flux_kind] if self.flux_kind else FAMILIES[self.family]
 
     @property

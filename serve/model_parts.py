@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # Replicate's stability-ai/sdxl scheduler names.
 SCHEDULERS = ("K_EULER", "K_EULER_ANCESTRAL", "DDIM", "DPMSolverMultistep", "HeunDiscrete",
               "KarrasDPM", "PNDM", "DPM++2MSDE", "LCM")
+# Those whose diffusers schedulers can rescale the noise schedule to zero terminal SNR.
+ZERO_SNR_SCHEDULERS = tuple(s for s in SCHEDULERS if s not in ("HeunDiscrete", "PNDM"))
+NO_RESCALE_WITH_CONTROLNETS = ("diffusers' SDXL ControlNet text-to-image and img2img "
+                               "pipelines take no guidance rescale")
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,10 @@ class DefaultsConfig(_Strict):
     scheduler: str | None = Field(None, description=(
         "Scheduler when a request gives none; unset: the family's first (K_EULER for "
         "sdxl, FlowMatchEuler for flux)."))
+    guidance_rescale: float = Field(0.0, ge=0, le=1, description=(
+        "SDXL: guidance rescale when a request gives none (0: none). Rescales each guided "
+        "prediction to the spread of the prompt's own, against the over-exposure strong "
+        "guidance gives zero-terminal-SNR models (about 0.7 for those)."))
 
     def check_within(self, limits: LimitsConfig, family: Family) -> None:
         """Raise ValueError if a request made of these defaults would break `limits`."""
@@ -265,8 +273,12 @@ class SchedulerOptions(_Strict):
         None, description=(
             "What the UNet predicts: epsilon (SDXL), v_prediction, or sample (Lightning's "
             "1-step UNet)."))
+    rescale_betas_zero_snr: bool | None = Field(None, description=(
+        "Rescale the noise schedule to zero terminal SNR, as v-prediction fine-tunes "
+        "trained that way (e.g. NoobAI-XL V-Pred) ask, with trailing timesteps; the "
+        "HeunDiscrete and PNDM schedulers cannot, and are not offered then."))
 
-    def given(self) -> dict[str, str]:
+    def given(self) -> dict[str, str | bool]:
         """The options set, as diffusers' scheduler configs name them."""
         return self.model_dump(exclude_none=True)
 

@@ -13,6 +13,7 @@ from typing import Literal
 from serve.adapters import AdapterSet
 from serve.config import FAMILIES, SCHEDULERS, Family, LimitsConfig, ModelConfig
 from serve.errors import ContentFlagged, InvalidField
+from serve.model_parts import NO_RESCALE_WITH_CONTROLNETS
 
 __all__ = ["SCHEDULERS", "BatchInfo", "ControlImage", "GenerationRequest", "GenerationResult",
            "ImagePrompt", "Reference", "SourceImage"]
@@ -135,6 +136,7 @@ class GenerationRequest:
     client: str = ""  # the name of the API key it came with, for usage by key
     safety_check: bool = True  # False: skip the model's safety checker, if it lets requests
     watermark: bool = True  # False: leave out the model's invisible watermark, if it lets
+    guidance_rescale: float = 0.0  # SDXL: rescale guided predictions to the prompt's spread
 
     @property
     def mode(self) -> str:
@@ -146,7 +148,8 @@ class GenerationRequest:
     def for_model(cls, model: ModelConfig, prompt: str, *, width: int | None = None,
                   height: int | None = None, num_inference_steps: int | None = None,
                   guidance_scale: float | None = None, seed: int | None = None,
-                  scheduler: str | None = None, **rest) -> GenerationRequest:
+                  scheduler: str | None = None, guidance_rescale: float | None = None,
+                  **rest) -> GenerationRequest:
         """A request for `model`: unset values take its defaults, an unset seed is drawn,
         and the result is checked against its limits (raises InvalidField). The safety
         check and the watermark stay on where the model does not let requests skip them."""
@@ -160,7 +163,9 @@ class GenerationRequest:
             num_inference_steps=num_inference_steps or d.num_inference_steps,
             guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
             seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed,
-            scheduler=scheduler or model.default_scheduler, **rest)
+            scheduler=scheduler or model.default_scheduler,
+            guidance_rescale=d.guidance_rescale if guidance_rescale is None else guidance_rescale,
+            **rest)
         if request.refine != "no_refiner" and model.refiner is None:
             raise InvalidField("refine", "this model has no refiner (its config sets none); "
                                          "use no_refiner")
@@ -196,7 +201,8 @@ class GenerationRequest:
         refs = () if self.source is None else tuple((r.width, r.height)
                                                     for r in self.source.references)
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
-                self.scheduler, self.mode, strength, refine, control, refs)
+                self.guidance_rescale, self.scheduler, self.mode, strength, refine, control,
+                refs)
 
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its
@@ -242,6 +248,17 @@ class GenerationRequest:
             raise InvalidField("scheduler", f"must be one of {', '.join(family.schedulers)}")
         if self.negative_prompt and not family.negative_prompt:
             raise InvalidField("negative_prompt", "this model takes no negative prompt")
+        self._check_guidance_rescale(family)
+
+    def _check_guidance_rescale(self, family: Family) -> None:
+        if not self.guidance_rescale:
+            return
+        if not family.negative_prompt:  # the families with a negative prompt guide with it
+            raise InvalidField("guidance_rescale", "this model runs no classifier-free "
+                                                   "guidance to rescale")
+        if self.controls and self.mode != "inpaint":
+            raise InvalidField("guidance_rescale", f"{NO_RESCALE_WITH_CONTROLNETS}; send 0 "
+                                                   "with controlnets")
 
 
 def unknown_controlnet(model: ModelConfig, name: str, field: str = "controlnets") -> InvalidField:

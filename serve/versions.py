@@ -26,6 +26,8 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
     refiner, nets, ip = model.refiner, model.controlnets.values(), model.ip_adapter
     if model.scheduler_options.given():  # (left out unset: versions stay as they were)
         config["scheduler_options"] = model.scheduler_options.given()
+    if not model.defaults.guidance_rescale:  # (the same)
+        del config["defaults"]["guidance_rescale"]
     if model.merged_loras:  # their scales here, their files' bytes below
         config["merged_loras"] = [lora.scale for lora in model.merged_loras]
     if ip is not None:  # its files as the family lays them out, given or not

@@ -5,6 +5,7 @@ refiner run after the base model (Replicate's `refine`)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -85,7 +86,7 @@ class SDXLEngine(DiffusersEngine):
                  controlnets: Mapping[str, NetFiles] | None = None,
                  ip_adapter: tuple[Path, str, str, str] | None = None,
                  depth_estimator: Path | None = None,
-                 scheduler_options: Mapping[str, str] | None = None,
+                 scheduler_options: Mapping[str, str | bool] | None = None,
                  merged_loras: Sequence[tuple[Path, float]] = ()):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images)
         self.merge_loras(merged_loras)
@@ -100,15 +101,21 @@ class SDXLEngine(DiffusersEngine):
             vae=self.pipe.vae).to(self.device)
         if self.refiner is not None:
             self.refiner.set_progress_bar_config(disable=True)
-        base, options = self.pipe.scheduler.config, dict(scheduler_options or {})
-        self._schedulers = {name: cls.from_config(base, **(extra | options))
-                            for name, (cls, extra) in _SCHEDULERS.items()}
-        self.scheduler_options = options
+        self.scheduler_options = dict(scheduler_options or {})
+        self._schedulers = self._make_schedulers(self.scheduler_options)
         self.adapters = adapter_store(
             self.pipe.unet, adapters, max_adapters, max_lora_rank, lora_targets,
             fuse=fuse_adapters, encoders={"text_encoder": self.pipe.text_encoder,
                                           "text_encoder_2": self.pipe.text_encoder_2})
         self.speed_up(speed or SpeedConfig(), compile_cache or path / ".compile")
+
+    def _make_schedulers(self, options: dict) -> dict:
+        """Each of Replicate's schedulers that takes every option, from the checkpoint's
+        scheduler config (HeunDiscrete and PNDM cannot rescale to zero terminal SNR)."""
+        base = self.pipe.scheduler.config
+        return {name: cls.from_config(base, **(extra | options))
+                for name, (cls, extra) in _SCHEDULERS.items()
+                if set(options) <= set(inspect.signature(cls.__init__).parameters)}
 
     def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
         pipe = super()._prepare(requests, rows)
@@ -151,6 +158,8 @@ class SDXLEngine(DiffusersEngine):
             inputs = inputs | {"output_type": "latent"}
         if first.refine == "expert_ensemble_refiner":
             inputs = inputs | {"denoising_end": first.high_noise_frac}
+        if first.guidance_rescale:  # (not taken by the ControlNet pipelines but inpainting's)
+            inputs = inputs | {"guidance_rescale": first.guidance_rescale}
         return super()._call(pipe, first, generators, inputs, callback)
 
     def _decode_latents(self, pipe, latents: torch.Tensor, width: int,

@@ -77,6 +77,9 @@ class GenerateParams(BaseModel):
     height: int | None = Field(None, ge=8, description="Multiple of 8 (16 for flux), within limits.")
     steps: int | None = Field(None, ge=1, description="Denoising steps.")
     guidance_scale: float | None = Field(None, ge=0, le=50, description="Classifier-free guidance.")
+    guidance_rescale: float | None = Field(None, ge=0, le=1, description=(
+        "SDXL: rescale each guided prediction to the spread of the prompt's own (0: none; "
+        "about 0.7 for zero-terminal-SNR models); default: the model's."))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; returned.")
     num_outputs: int = Field(1, ge=1, le=16, description="Images to make (seeds seed, seed+1, ...).")
     scheduler: str | None = Field(None, description=(
@@ -191,6 +194,7 @@ class GenerateParams(BaseModel):
             model, prompt, width=width, height=height, source=source, controls=controls,
             image_prompt=image_prompt,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
+            guidance_rescale=self.guidance_rescale,
             scheduler=self.scheduler, negative_prompt=self.negative_prompt,
             num_outputs=self.num_outputs, output_format=self.output_format,
             output_quality=self.output_quality, adapters=adapters, request_id=request_id,

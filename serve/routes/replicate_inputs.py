@@ -168,6 +168,9 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
     num_inference_steps: int | None = Field(None, ge=1, le=500, description="Denoising steps")
     guidance_scale: float | None = Field(None, ge=0, le=50, description=(
         "Classifier-free guidance; 1 or below: none (bytedance/sdxl-lightning-4step's 0)"))
+    guidance_rescale: float | None = Field(None, ge=0, le=1, description=(
+        "Rescale guided predictions to the prompt's own spread (0: none; about 0.7 for "
+        "zero-terminal-SNR models); blank: the model's default"))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
     image: str | None = Field(None, description=(
         "Input image for img2img or inpaint mode, as a data URI (or base64)"))
@@ -203,6 +206,7 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
         return {"width": self.width, "height": self.height, "num_outputs": self.num_outputs,
                 "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler,
+                "guidance_rescale": self.guidance_rescale,
                 "negative_prompt": self.negative_prompt, "output_format": self.output_format,
                 "output_quality": self.output_quality, "refine": self.refine,
                 "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps,

@@ -19,6 +19,9 @@ from tests.integration.conftest import FAST, ONE_SLOT, post_many
     ("", {"prompt": "x", "scheduler": "LMS"}, ["body", "scheduler"]),
     ("", {"prompt": "x", "output_format": "gif"}, ["body", "output_format"]),
     ("", {"prompt": "x", "guidance_scale": "high"}, ["body", "guidance_scale"]),
+    ("", {"prompt": "x", "guidance_rescale": 1.5}, ["body", "guidance_rescale"]),
+    ("", {"prompt": "x", "model": "atelier/tiny-flux", "guidance_rescale": 0.5},
+     ["body", "guidance_rescale"]),
     ("", {"prompt": "x", "colour": "red"}, ["body", "colour"]),
     ("?prompt=x&colour=red", None, ["query", "colour"]),
 ])

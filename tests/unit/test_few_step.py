@@ -26,8 +26,10 @@ def lightning(tiny_sdxl_path):
     return SDXLEngine(tiny_sdxl_path, "float32", "cpu", scheduler_options=TRAILING)
 
 
-def _diffusers(path, scheduler: str, options: dict, request: GenerationRequest, seeds):
-    """diffusers' own SDXL pipeline with the scheduler Atelier names `scheduler`."""
+def _diffusers(path, scheduler: str, options: dict, request: GenerationRequest, seeds,
+               **call):
+    """diffusers' own SDXL pipeline with the scheduler Atelier names `scheduler`, given
+    `call`'s further arguments."""
     from diffusers import StableDiffusionXLPipeline
 
     from deployments.engines.sdxl import _SCHEDULERS
@@ -39,7 +41,7 @@ def _diffusers(path, scheduler: str, options: dict, request: GenerationRequest, 
     return pipe(prompt=request.prompt, width=request.width, height=request.height,
                 num_inference_steps=request.num_inference_steps,
                 guidance_scale=request.guidance_scale, num_images_per_prompt=len(seeds),
-                generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+                generator=[torch.Generator().manual_seed(s) for s in seeds], **call).images
 
 
 def test_trailing_timesteps_at_guidance_zero_are_diffusers_lightning_recipe(
