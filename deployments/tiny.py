@@ -18,6 +18,7 @@ from deployments.once import built_once
 
 TINY_SDXL = "tiny-sdxl"
 TINY_SDXL_REFINER = "tiny-sdxl-refiner"
+TINY_SDXL_INPAINTING = "tiny-sdxl-inpainting"
 TINY_SDXL_CONTROLNET = "tiny-sdxl-controlnet"
 TINY_SDXL_IP_ADAPTER = "tiny-sdxl-ip-adapter"
 TINY_FLUX_IP_ADAPTER = "tiny-flux-ip-adapter"
@@ -39,6 +40,7 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
     """Return the folder of embedded model `name`, building it once per machine.
     Raises ValueError for an unknown name."""
     builders = {TINY_SDXL: _build_tiny_sdxl, TINY_SDXL_REFINER: _build_tiny_refiner,
+                TINY_SDXL_INPAINTING: _build_tiny_inpainting,
                 TINY_SDXL_CONTROLNET: _build_tiny_controlnet,
                 TINY_SDXL_IP_ADAPTER: _build_tiny_ip_adapter, TINY_FLUX: _build_tiny_flux,
                 TINY_FLUX_KONTEXT: partial(_build_tiny_flux, tool="kontext"),
@@ -129,6 +131,13 @@ def _build_tiny_sdxl(folder: Path) -> None:
     build_random_sdxl(folder, TINY_SDXL_CONFIGS)
 
 
+def _build_tiny_inpainting(folder: Path) -> None:
+    """An inpainting UNet (stable-diffusion-xl-1.0-inpainting-0.1's design at the tiny
+    size): the mask and the masked image's latents enter beside the noise."""
+    unet = {**TINY_SDXL_CONFIGS["unet"], "in_channels": 9}
+    build_random_sdxl(folder, {**TINY_SDXL_CONFIGS, "unet": unet}, inpainting=True)
+
+
 def _build_tiny_refiner(folder: Path) -> None:
     build_random_sdxl(folder, {**TINY_SDXL_CONFIGS, "unet": TINY_REFINER_UNET}, refiner=True)
 
@@ -207,11 +216,12 @@ def public_fields(config: dict) -> dict:
 
 
 def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32",
-                      refiner: bool = False) -> None:
+                      refiner: bool = False, inpainting: bool = False) -> None:
     """Save an SDXL pipeline with random weights built from `configs` (keys unet, vae,
     text_encoder, text_encoder_2, scheduler) in diffusers format with safetensors; with
     `refiner`, a refiner's (an img2img pipeline without text_encoder, conditioned on the
-    aesthetic score, as stable-diffusion-xl-refiner-1.0 is saved).
+    aesthetic score, as stable-diffusion-xl-refiner-1.0 is saved); with `inpainting`, as
+    an inpainting pipeline (as stable-diffusion-xl-1.0-inpainting-0.1 is saved).
 
     Deterministic for given configs. The text encoders' vocabulary is at least the
     generated tokenizer's; a larger one (the real 49408) costs the same as the real model.
@@ -221,6 +231,7 @@ def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32",
         AutoencoderKL,
         EulerDiscreteScheduler,
         StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
@@ -247,7 +258,8 @@ def build_random_sdxl(folder: Path, configs: dict, dtype: str = "float32",
             **parts, text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
             force_zeros_for_empty_prompt=False)
     else:
-        pipe = StableDiffusionXLPipeline(**parts, text_encoder=text_encoder, tokenizer=tokenizer)
+        cls = StableDiffusionXLInpaintPipeline if inpainting else StableDiffusionXLPipeline
+        pipe = cls(**parts, text_encoder=text_encoder, tokenizer=tokenizer)
     pipe.to(dtype=getattr(torch, dtype))
     pipe.save_pretrained(folder, safe_serialization=True)
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from serve.auth import ApiKeyConfig
+from serve.folders import check_flux_kind, check_inpainting_unet, check_pipeline
 from serve.model_config import ModelConfig
 from serve.model_parts import (  # re-exported: importers keep using serve.config
     FAMILIES,
@@ -29,8 +30,6 @@ from serve.model_parts import (  # re-exported: importers keep using serve.confi
     RefinerConfig,
     SpeedConfig,
     _Strict,
-    check_flux_kind,
-    check_pipeline,
 )
 from serve.steering import (
     ControlNetConfig,
@@ -161,6 +160,9 @@ class AtelierConfig(_Strict):
             refiner, checker = model.refiner, model.safety_checker
             check_pipeline(f"models.{i}", "", model.path, model.configs_from, model.family)
             check_flux_kind(f"models.{i}", model.path, model.configs_from, model.flux_kind)
+            if model.family == "sdxl":
+                check_inpainting_unet(f"models.{i}", model.path, model.configs_from,
+                                      model.inpainting)
             check_pipeline(f"models.{i}", "refiner.", refiner and refiner.path,
                            refiner and refiner.configs_from, "sdxl-refiner")
             for name, net in model.controlnets.items():

@@ -16,6 +16,7 @@ from serve.model_parts import (
     FAMILIES,
     FLUX_TOOLS,
     NO_RESCALE_WITH_CONTROLNETS,
+    SDXL_INPAINTING,
     ZERO_SNR_SCHEDULERS,
     BatchingConfig,
     DefaultsConfig,
@@ -59,11 +60,18 @@ class ModelConfig(_Strict):
         "go with the file's weights; for flux also its text encoders and VAE (its "
         "transformer's weights are not read), for sdxl none of its weights. The file is "
         "converted once into the cache, so later starts load a diffusers folder."))
-    embedded: Literal["tiny-sdxl", "tiny-flux", "tiny-flux-kontext", "tiny-flux-fill",
-                      "tiny-flux-canny", "tiny-flux-depth"] | None = Field(None, description=(
-        "Build and serve an embedded random-weight model of the family (tiny-flux-kontext, "
-        "-fill, -canny, -depth: with `kontext`, `fill`, `canny`, `depth`) instead of "
-        "`path`."))
+    embedded: Literal["tiny-sdxl", "tiny-sdxl-inpainting", "tiny-flux", "tiny-flux-kontext",
+                      "tiny-flux-fill", "tiny-flux-canny", "tiny-flux-depth"] | None = Field(
+        None, description=(
+            "Build and serve an embedded random-weight model of the family "
+            "(tiny-sdxl-inpainting: with `inpainting`; tiny-flux-kontext, -fill, -canny, "
+            "-depth: with `kontext`, `fill`, `canny`, `depth`) instead of `path`."))
+    inpainting: bool = Field(False, description=(
+        "sdxl only: the UNet is an inpainting one (9 input channels: noise, mask, masked "
+        "image), as diffusers/stable-diffusion-xl-1.0-inpainting-0.1 and the inpainting "
+        "versions of fine-tunes are. Every request runs as inpainting: a mask's white part "
+        "is repainted, an image without a mask is repainted whole at its prompt strength, "
+        "and text-to-image repaints a blank image whole."))
     kontext: bool = Field(False, description=(
         "flux only: the weights are FLUX.1 Kontext (FluxKontextPipeline): a request's input "
         "image is a reference that the prompt edits by instruction (\"make the sky red\"), "
@@ -194,10 +202,14 @@ class ModelConfig(_Strict):
         if len(tools) > 1:
             raise ValueError(f"{tools[1]}: a model is one FLUX.1 tool, not "
                              f"{' and '.join(tools)}")
+        if self.inpainting and self.family != "sdxl":
+            raise ValueError("inpainting: only sdxl models take an inpainting UNet (FLUX.1 "
+                             "Fill's weights: fill)")
         if self.embedded not in (None, self.rules.embedded):
-            kind = f"{self.family}{f' {self.flux_kind.title()}' if self.flux_kind else ''} model"
-            hint = {f"tiny-flux-{tool}": f"; set {tool}: true" for tool in FLUX_TOOLS
-                    }.get(self.embedded or "", "")
+            kind = (self.flux_kind or "").title() or ("inpainting" if self.inpainting else "")
+            kind = f"{self.family}{f' {kind}' if kind else ''} model"
+            hint = {f"tiny-{self.family}-{tool}": f"; set {tool}: true"
+                    for tool in (*FLUX_TOOLS, "inpainting")}.get(self.embedded or "", "")
             raise ValueError(f"embedded {self.embedded!r} is not a {kind}{hint}")
         if self.configs_from is not None and self.path is None:
             raise ValueError("configs_from: only a single-file path takes it")
@@ -280,8 +292,11 @@ class ModelConfig(_Strict):
 
     @property
     def rules(self) -> Family:
-        if self.scheduler_options.rescale_betas_zero_snr:
-            return replace(FAMILIES["sdxl"], schedulers=ZERO_SNR_SCHEDULERS)
+        if self.family == "sdxl":
+            rules = SDXL_INPAINTING if self.inpainting else FAMILIES["sdxl"]
+            if self.scheduler_options.rescale_betas_zero_snr:
+                return replace(rules, schedulers=ZERO_SNR_SCHEDULERS)
+            return rules
         return FLUX_TOOLS[self.flux_kind] if self.flux_kind else FAMILIES[self.family]
 
     @property

@@ -1,11 +1,10 @@
 """The parts of a model's configuration: pipeline families and what each accepts, the
 batching, speed, limits, defaults, refiner, safety checker and watermark sections
-(`serve.config` assembles them; ControlNets and IP-Adapters are in `serve.steering`),
-and the checks of the files a pipeline's paths must hold."""
+(`serve.config` assembles them; ControlNets and IP-Adapters are in `serve.steering`, the
+checks of what a model's paths hold in `serve.folders`)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -70,16 +69,10 @@ FLUX_TOOLS = {
                      needs="this model draws what the depth of a control image lays out: send "
                            "an image (its depth map is estimated here)"),
 }
-# Each tool's pipeline class (a folder's model_index.json names it), and what goes wrong
-# when a folder of it is served as another kind.
-_TOOL_PIPELINES = {
-    "kontext": ("FluxKontextPipeline", "its input images are then edited as references"),
-    "fill": ("FluxFillPipeline", "its transformer takes an image and a mask beside the noise"),
-    "canny": ("FluxControlPipeline", "its transformer takes a control image beside the noise"),
-    "depth": ("FluxControlPipeline", "its transformer takes a control image beside the noise"),
-}
-
-
+# SDXL inpainting checkpoints (`inpainting: true`): a UNet that takes the mask and the
+# masked image's latents beside the noise. Every call is an inpainting one: text-to-image
+# repaints a whole blank image, img2img a whole image at its strength.
+SDXL_INPAINTING = replace(FAMILIES["sdxl"], modes=("inpaint",), embedded="tiny-sdxl-inpainting")
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -359,62 +352,3 @@ class RefinerConfig(PathOrEmbedded):
             raise ValueError("refiner.configs_from: goes with a single-file path alone "
                              "(no embedded, no variant)")
         return self
-
-
-# The modules a single-file checkpoint reads from its `configs_from` folder's weights (an
-# SDXL file holds the whole pipeline; a refiner's, its UNet and modules the refiner takes
-# from the base model).
-_MODULES_FROM_CONFIGS = {"sdxl": (), "flux": ("vae", "text_encoder", "text_encoder_2"),
-                         "sdxl-refiner": ()}
-
-
-def check_pipeline(where: str, prefix: str, path: Path | None, configs_from: Path | None,
-                   kind: str) -> None:
-    """Raise ConfigError naming the field (`prefix` + path or configs_from) unless `path`
-    is a diffusers folder, or a `.safetensors` checkpoint with a diffusers folder
-    `configs_from` holding the weights the file lacks; None: embedded."""
-    fields = {f"{where}.{prefix}path": path, f"{where}.{prefix}configs_from": configs_from}
-    for field, folder in fields.items():
-        if folder is not None and not folder.exists():
-            raise ConfigError(f"{field}: {folder} does not exist")
-    single = path is not None and path.is_file()
-    folders = list(fields.items())
-    for field, folder in folders[1:] if single else folders:  # a file is no folder
-        if folder is not None and not (folder / "model_index.json").is_file():
-            raise ConfigError(f"{field}: {folder} is not a diffusers folder "
-                              "(no model_index.json)")
-    if configs_from is not None and not single:
-        raise ConfigError(f"{where}.{prefix}configs_from: goes only with a single-file path")
-    if single and (path.suffix != ".safetensors" or configs_from is None):
-        raise ConfigError(f"{where}.{prefix}path: {path} is a file: only a .safetensors "
-                          "checkpoint with configs_from is read")
-    for module in _MODULES_FROM_CONFIGS[kind] if single else ():
-        if not any((configs_from / module).glob("*.safetensors")):
-            raise ConfigError(
-                f"{where}.{prefix}configs_from: {configs_from / module} holds no .safetensors "
-                f"weights: a {kind} file holds the transformer alone, and its "
-                f"{', '.join(_MODULES_FROM_CONFIGS[kind])} are read from this folder")
-
-
-def check_flux_kind(where: str, path: Path | None, configs_from: Path | None,
-                    kind: str | None) -> None:
-    """Raise ConfigError unless the pipeline folder (`path`, or a single file's
-    `configs_from`) is the FLUX.1 tool's (Kontext, Fill, Canny) exactly when the model
-    says it is `kind`: a Kontext folder loads into FLUX's pipeline and the reverse, and
-    then misreads references; a Fill, Canny or Depth folder's transformer takes other
-    inputs. (Canny and Depth folders are both FluxControlPipelines: the name does not tell
-    one from the other.)"""
-    folder = configs_from if configs_from is not None else path
-    if folder is None or not (folder / "model_index.json").is_file():
-        return
-    try:
-        name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        name = None
-    for tool, (pipeline, why) in _TOOL_PIPELINES.items():
-        if kind == tool and name != pipeline:
-            raise ConfigError(f"{where}.{tool}: {folder} holds a {name} folder, not FLUX.1 "
-                              f"{tool.title()} ({pipeline})")
-        if kind != tool and name == pipeline and _TOOL_PIPELINES.get(kind, ("",))[0] != name:
-            raise ConfigError(f"{where}.{tool}: {folder} holds FLUX.1 {tool.title()} weights: "
-                              f"set {tool}: true ({why})")

@@ -166,6 +166,8 @@ class GenerationRequest:
             scheduler=scheduler or model.default_scheduler,
             guidance_rescale=d.guidance_rescale if guidance_rescale is None else guidance_rescale,
             **rest)
+        if model.inpainting:
+            request = request.repainting()
         if request.refine != "no_refiner" and model.refiner is None:
             raise InvalidField("refine", "this model has no refiner (its config sets none); "
                                          "use no_refiner")
@@ -180,6 +182,17 @@ class GenerationRequest:
             raise InvalidField("controlnets", f"at most {model.limits.max_controlnets} "
                                               "ControlNets per request for this model")
         return request
+
+    def repainting(self) -> GenerationRequest:
+        """The request as an inpainting UNet's call (its only kind): without a mask, the
+        whole image repainted at its strength; text-to-image, a blank image repainted
+        whole (at strength 1 the pipeline starts from pure noise, as text-to-image does)."""
+        source, area = self.source, self.width * self.height
+        if source is None:
+            return replace(self, source=SourceImage.blank(self.width, self.height, "inpaint"))
+        if source.mask is None:
+            return replace(self, source=replace(source, mask=b"\xff" * area))
+        return self
 
     @property
     def seeds(self) -> list[int]:

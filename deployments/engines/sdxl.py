@@ -40,6 +40,7 @@ from deployments.engines.speed import attention_order
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
+from serve.folders import INPAINTING_UNET_CHANNELS
 from serve.model_parts import FAMILIES
 from serve.types import GenerationRequest
 
@@ -101,6 +102,8 @@ class SDXLEngine(DiffusersEngine):
             vae=self.pipe.vae).to(self.device)
         if self.refiner is not None:
             self.refiner.set_progress_bar_config(disable=True)
+        # An inpainting UNet (noise, mask and masked image in) runs inpainting calls only.
+        self.inpainting = self.pipe.unet.config.in_channels == INPAINTING_UNET_CHANNELS
         self.scheduler_options = dict(scheduler_options or {})
         self._schedulers = self._make_schedulers(self.scheduler_options)
         self.adapters = adapter_store(
@@ -118,18 +121,23 @@ class SDXLEngine(DiffusersEngine):
                 if set(options) <= set(inspect.signature(cls.__init__).parameters)}
 
     def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
-        pipe = super()._prepare(requests, rows)
         first = requests[0]
+        if self.inpainting and first.mode != "inpaint":
+            raise ValueError("an inpainting UNet runs inpainting calls only (the model's "
+                             "requests are made inpainting ones)")
+        pipe = super()._prepare(requests, rows)
         if first.controls:
             pipe = self.controlnets.pipe(first)
         pipe.scheduler = self._schedulers[first.scheduler]
         return pipe
 
     def describe(self) -> dict:
-        """As for every engine, with the scheduler options the model set."""
+        """As for every engine, with the scheduler options the model set and whether its
+        UNet is an inpainting one."""
         facts = super().describe()
         return facts | {"controlnets": list(self.controlnets.nets),
-                        "scheduler_options": self.scheduler_options}
+                        "scheduler_options": self.scheduler_options,
+                        "inpainting_unet": self.inpainting}
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(

@@ -22,7 +22,7 @@ async def list_models(request: Request) -> dict:
     created = state.started_at
     data = [{"id": m.id, "object": "model", "created": created, "owned_by": m.id.split("/")[0],
              "family": m.family, "kontext": m.kontext, "fill": m.fill, "canny": m.canny,
-             "depth": m.depth,
+             "depth": m.depth, "inpainting": m.inpainting,
              "aliases": m.aliases,
              "controlnets": {name: {"conditioning_scale": net.conditioning_scale,
                                     "preprocess": net.preprocess,

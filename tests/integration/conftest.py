@@ -10,7 +10,8 @@ waits two seconds for company, so concurrent requests reliably share pipeline ca
 (the out-of-memory drill) and budgets 3 images of 64x64 per request;
 `atelier/tiny-sdxl-stall` counts a pipeline call of over 1.5 s as wedged;
 `atelier/tiny-sdxl-checked` has a safety checker that flags the image of CHECKED_PROMPT's
-seed 10 and passes that of seed 11;
+seed 10 and passes that of seed 11; `atelier/tiny-sdxl-inpainting` is the embedded tiny
+SDXL inpainting checkpoint (a 9-channel UNet), which runs every request as inpainting;
 `atelier/tiny-flux` is the embedded tiny FLUX, with fused projections, FP8 layers and
 its adapters merged into them, and the tiny union ControlNet as canny, edges, depth
 (estimating a picture's depth with the tiny Depth Anything) and depth-map;
@@ -62,6 +63,7 @@ CANNY = "atelier/tiny-flux-canny"
 REDUX = "atelier/tiny-flux-redux"
 DEPTH = "atelier/tiny-flux-depth"
 CHECKED = "atelier/tiny-sdxl-checked"
+INPAINTING = "atelier/tiny-sdxl-inpainting"
 CHECKED_PROMPT = "a scene for the safety checker"
 MAX_BODY_BYTES = 2 * 2**20
 STUDIO = "http://studio.test:5173"  # the one origin whose browser apps may call
@@ -210,6 +212,8 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
         _model(STALL, 10, health_stall_s=1.5, health_check_period_s=1,
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60}),
         _model(CHECKED, 10, safety_checker={"path": str(safety_checker)}),
+        _model(INPAINTING, 10, embedded="tiny-sdxl-inpainting", inpainting=True,
+               aliases=["diffusers/stable-diffusion-xl-1.0-inpainting-0.1"]),
         # FLUX's adapters are merged into its weights (SDXL's, above, run in LoRA slots),
         # whose attention projections are fused and whose transformer blocks run in FP8;
         # its image prompts go through XLabs' IP-Adapter (the other FLUX models' through

@@ -7,6 +7,7 @@ from tests.integration.conftest import (
     FAST,
     FILL,
     FLUX,
+    INPAINTING,
     KONTEXT,
     ONE_SLOT,
     REDUX,
@@ -22,8 +23,8 @@ def test_models_are_listed_in_openai_shape(client):
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == [FAST, BATCHED, ONE_SLOT, TWO_REPLICAS,
                                           RESTARTABLE, DEADLINE, SMALL_MEMORY,
-                                          STALL, CHECKED, FLUX, KONTEXT, FILL, CANNY,
-                                          DEPTH, REDUX]
+                                          STALL, CHECKED, INPAINTING, FLUX, KONTEXT, FILL,
+                                          CANNY, DEPTH, REDUX]
     first = body["data"][0]
     assert first["object"] == "model" and first["owned_by"] == "atelier"
     assert first["aliases"] == ["stability-ai/sdxl"] and first["limits"]["max_size"] == 512
@@ -64,8 +65,8 @@ def test_healthz_reports_every_model_ready(client):
     assert r.status_code == 200
     models = r.json()["models"]
     assert set(models) == {FAST, BATCHED, ONE_SLOT, TWO_REPLICAS, RESTARTABLE,
-                           DEADLINE, SMALL_MEMORY, STALL, CHECKED, FLUX, KONTEXT, FILL, CANNY,
-                           DEPTH, REDUX}
+                           DEADLINE, SMALL_MEMORY, STALL, CHECKED, INPAINTING, FLUX, KONTEXT,
+                           FILL, CANNY, DEPTH, REDUX}
     assert all(m["state"] == "ready" for m in models.values())
     assert [models[m]["replicas_running"] for m in (FAST, TWO_REPLICAS)] == [1, 2]
 
