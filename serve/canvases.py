@@ -1,5 +1,6 @@
 """What the FLUX.1 tools do to an input image before it is a request's: Fill's outpainting
-canvas (the image on a larger canvas, its border to draw) and Canny's edges."""
+canvas (the image on a larger canvas, its border to draw; SDXL inpainting checkpoints
+take it too) and Canny's edges."""
 
 from __future__ import annotations
 
@@ -62,10 +63,11 @@ CONTROLNET_CANNY_THRESHOLDS = (100, 200)
 
 def outpainted(picture: Image.Image, grey: Image.Image | None, outpaint: Sides | str,
                 model: ModelConfig) -> tuple[Image.Image, Image.Image]:
-    """`expanded` for a Fill model; 422 on outpaint for another model or a canvas over the
-    model's input-pixel limit."""
-    if not model.fill:
-        raise InvalidField("outpaint", "only FLUX.1 Fill models outpaint (fill: true)")
+    """`expanded` for a Fill model or an SDXL inpainting checkpoint; 422 on outpaint for
+    another model or a canvas over the model's input-pixel limit."""
+    if not (model.fill or model.inpainting):
+        raise InvalidField("outpaint", "only FLUX.1 Fill models (fill: true) and SDXL "
+                                       "inpainting checkpoints (inpainting: true) outpaint")
     sides = outpaint_sides(outpaint, *picture.size) if isinstance(outpaint, str) else outpaint
     width, height = picture.width + sides[0] + sides[2], picture.height + sides[1] + sides[3]
     if width * height > model.limits.max_image_pixels:

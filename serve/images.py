@@ -286,8 +286,8 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     variation's). For a Kontext model the image is a reference to edit: unless a size is
     given the output has its shape at the model's default area, and another shape crops
     it. A Fill model's mask part is drawn anew (strength 1), and with `outpaint` (pixels
-    per side, or an OUTPAINT_PRESETS name) the image is first set on a larger canvas whose
-    border is drawn too; a Canny model's image gives its Canny edges, found at the
+    per side, or an OUTPAINT_PRESETS name; Fill and SDXL inpainting models) the image is
+    first set on a larger canvas whose border is drawn too, at strength 1; a Canny model's image gives its Canny edges, found at the
     output's size with the `edges` thresholds (low, high; None: CANNY_THRESHOLDS'); a
     Depth model's is a control image at the output's size, whose depth map the replica
     estimates. A Kontext edit without a mask may read further `references`
@@ -334,7 +334,8 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     if model.depth:  # its depth map is estimated on the replica
         return SourceImage(picture.tobytes(), 1.0, control=True), w, h
     grey = None if grey is None else sized(grey, Image.Resampling.NEAREST)
-    return SourceImage(picture.tobytes(), 1.0 if edit or model.fill else strength,
+    anew = edit or model.fill or outpaint is not None  # every step runs
+    return SourceImage(picture.tobytes(), 1.0 if anew else strength,
                        None if grey is None else grey.tobytes(), edit=edit,
                        references=further_references(references, w * h, model)), w, h
 

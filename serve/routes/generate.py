@@ -137,11 +137,11 @@ class GenerateParams(BaseModel):
         "(config)."))
     outpaint: OutpaintSides | Literal[tuple(OUTPAINT_PRESETS)] | None = Field(
         None, description=(
-            "FLUX.1 Fill models (JSON body): set the image on a larger canvas first and draw "
-            "the border too: pixels per side ({left, top, right, bottom}), or one of "
-            "flux-fill-pro's presets (Zoom out 1.5x, Zoom out 2x, Make square, Left / Right "
-            "/ Top / Bottom outpaint). The output takes the canvas's size unless width or "
-            "height are given."))
+            "FLUX.1 Fill models and SDXL inpainting checkpoints (JSON body): set the image "
+            "on a larger canvas first and draw the border too (at strength 1): pixels per "
+            "side ({left, top, right, bottom}), or one of flux-fill-pro's presets (Zoom out "
+            "1.5x, Zoom out 2x, Make square, Left / Right / Top / Bottom outpaint). The "
+            "output takes the canvas's size unless width or height are given."))
     canny_low_threshold: int | None = Field(None, ge=0, le=500, description=(
         "FLUX.1 Canny models and canny ControlNets: gradients under it are never edges "
         "(OpenCV's Canny; default 50 for FLUX.1 Canny, as Black Forest Labs' API, 100 for "

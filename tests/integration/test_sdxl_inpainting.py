@@ -55,3 +55,16 @@ def test_an_openai_edit_without_a_mask_repaints_the_whole_image_at_its_strength(
     moved = oai.images.edit(model=INPAINTING, image=("p.png", png_bytes(PHOTO), "image/png"),
                             prompt="x", extra_body={"prompt_strength": 0.7, "seed": 3})
     assert np.abs(pixels(decode(moved.data[0].b64_json)) - PHOTO).mean() > 5
+
+
+def test_outpainting_draws_the_border_of_a_larger_canvas_and_keeps_the_picture(client):
+    r = client.post("/generate", json={"model": INPAINTING, "prompt": "a wide beach",
+                                       "image": _b64(PHOTO[:, :32]), "seed": 2, "steps": 3,
+                                       "outpaint": {"right": 32}})
+    assert r.status_code == 200, r.text
+    out = pixels(decode(r.json()["image"]))
+    assert out.shape == (64, 64, 3) and (out[:, :32] == PHOTO[:, :32]).all()
+    assert np.abs(out[:, 32:] - 255).mean() > 20  # the white canvas is drawn over
+    plain = client.post("/generate", json={"prompt": "x", "image": _b64(PHOTO),
+                                           "outpaint": {"right": 32}})
+    assert plain.status_code == 422 and plain.json()["detail"][0]["loc"][-1] == "outpaint"

@@ -1,7 +1,8 @@
 """Outpainting on a FLUX.1 Fill model: `outpaint` sets the image on a larger canvas whose
 border is drawn, the same input as an image a client padded with a transparent border;
-flux-fill-pro's presets in pixels; a given mask is kept inside the canvas; other models
-and canvases over the input limit are refused, naming `outpaint`."""
+flux-fill-pro's presets in pixels; a given mask is kept inside the canvas; an SDXL
+inpainting checkpoint outpaints the same way, at strength 1; other models and canvases
+over the input limit are refused, naming `outpaint`."""
 
 import numpy as np
 import pytest
@@ -72,6 +73,20 @@ def test_outpainting_is_refused_where_it_cannot_be_done():
             source_image(_png(PHOTO), None, 0.4, None, None, model, outpaint=outpaint)
         assert refused.value.field == "outpaint" and says in refused.value.reason
     source_image(_png(PHOTO), None, 0.4, None, None, small, outpaint=(0, 0, 0, 0))
+
+
+def test_an_sdxl_inpainting_checkpoint_outpaints_at_strength_one_and_a_plain_one_not():
+    inpainting = ModelConfig(id="a/b", embedded="tiny-sdxl-inpainting", inpainting=True)
+    source, width, height = source_image(_png(PICTURE), None, 0.4, None, None, inpainting,
+                                         outpaint="Left outpaint")
+    assert (width, height, source.strength) == (72, 32, 1.0)
+    mask = np.frombuffer(source.mask, np.uint8).reshape(32, 72)
+    assert (mask[:, :24] == 255).all() and (mask[:, 24:] == 0).all()
+    assert source_image(_png(PICTURE), None, 0.4, None, None, inpainting)[0].strength == 0.4
+    with pytest.raises(InvalidField) as refused:
+        source_image(_png(PICTURE), None, 0.4, None, None,
+                     ModelConfig(id="a/b", embedded="tiny-sdxl"), outpaint="Left outpaint")
+    assert refused.value.field == "outpaint" and "SDXL inpainting" in refused.value.reason
 
 
 def test_replicates_fill_input_takes_flux_fill_pros_presets():
