@@ -91,11 +91,12 @@ class ModelDeployment:
         settled = gc_pauses.settle()
         gc_pauses.watch(gc_pause_histogram())
         facts = self.engine.describe()
-        merged = facts["merged_loras"]
-        log.info("%s ready on %s (weights: %s%s): load %.2fs, warm-up %.2fs, %d objects "
+        merged, vae = facts["merged_loras"], facts["vae"]
+        log.info("%s ready on %s (weights: %s%s%s): load %.2fs, warm-up %.2fs, %d objects "
                  "frozen in %.2fs", self.cfg.id, facts["device"],
                  ", ".join(f"{part} {dtype}" for part, dtype in facts["weights"].items()),
                  f"; merged LoRAs: {', '.join(merged)}" if merged else "",
+                 f"; VAE from {vae}" if vae else "",
                  self.load_s, self.warmup_s, settled["frozen"], settled["seconds"])
 
     def _warm_up(self) -> None:

@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from serve.auth import ApiKeyConfig
-from serve.folders import check_flux_kind, check_inpainting_unet, check_pipeline
+from serve.folders import check_flux_kind, check_inpainting_unet, check_pipeline, check_vae
 from serve.model_config import ModelConfig
 from serve.model_parts import (  # re-exported: importers keep using serve.config
     FAMILIES,
@@ -169,6 +169,7 @@ class AtelierConfig(_Strict):
                 net.check_files(f"models.{i}.controlnets.{name}", model.family)
             if model.ip_adapter is not None:
                 model.ip_adapter.check_files(f"models.{i}.ip_adapter", model.family)
+            check_vae(f"models.{i}", model.vae, model.family)
             for j, lora in enumerate(model.merged_loras):
                 if not lora.path.is_file():
                     raise ConfigError(f"models.{i}.merged_loras.{j}.path: {lora.path} is not "

@@ -1,6 +1,7 @@
 """The checks of what a model's paths must hold, run when the config's paths are checked
 at start-up: a diffusers folder or a single-file checkpoint with its configs, of the
-FLUX.1 tool the model says it is, with an inpainting UNet exactly when it says so."""
+FLUX.1 tool the model says it is, with an inpainting UNet exactly when it says so, and a
+VAE of the family's latents."""
 
 from __future__ import annotations
 
@@ -103,3 +104,25 @@ def _config_value(file: Path, key: str):
         return json.loads(file.read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
+
+
+# The latent channels of each family's VAE.
+_VAE_LATENT_CHANNELS = {"sdxl": 4, "flux": 16}
+
+
+def check_vae(where: str, vae: Path | None, family: str) -> None:
+    """Raise ConfigError naming `vae` unless it is None or a diffusers AutoencoderKL folder
+    with safetensors weights whose latents have the family's channels."""
+    if vae is None:
+        return
+    config = vae / "config.json"
+    if not config.is_file() or not any(vae.glob("*.safetensors")):
+        raise ConfigError(f"{where}.vae: {vae} is not a diffusers VAE folder (config.json "
+                          "and .safetensors weights)")
+    kind = _config_value(config, "_class_name")
+    if kind != "AutoencoderKL":
+        raise ConfigError(f"{where}.vae: {vae} holds a {kind}, not an AutoencoderKL")
+    channels, wanted = _config_value(config, "latent_channels"), _VAE_LATENT_CHANNELS[family]
+    if channels != wanted:
+        raise ConfigError(f"{where}.vae: {vae} makes latents of {channels} channels; a "
+                          f"{family} model's have {wanted}")

@@ -123,6 +123,11 @@ class ModelConfig(_Strict):
         "targeted weights (SDXL attention projections: 1.9 GB in fp16; FLUX.1-dev's 17 "
         "targets: 23.7 GB in bf16) and a weight rewrite each time a replica's adapter set "
         "changes."))
+    vae: Path | None = Field(None, description=(
+        "A local diffusers AutoencoderKL folder (config.json, safetensors weights) that "
+        "replaces the checkpoint's VAE, e.g. madebyollin/sdxl-vae-fp16-fix (decodes in "
+        "float16 without SDXL's float32 upcast) or a fine-tune's recommended VAE. Its "
+        "latent channels must be the family's (sdxl 4, flux 16). Never fetched."))
     merged_loras: list[MergedLoraConfig] = Field(default_factory=list, description=(
         "LoRA files merged into the weights at load, for every request (e.g. "
         "SDXL-Lightning's 4-step LoRA on a base checkpoint); in order."))

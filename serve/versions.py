@@ -45,6 +45,7 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
                               *((net.path, _read_all) for net in nets),
                               *_ip_adapter_files(ip, model.family),
                               *((lora.path, _read_all) for lora in model.merged_loras),
+                              (model.vae, _read_all),
                               (redux and redux.path, _read_all)))
     return h.hexdigest()
 

@@ -152,7 +152,7 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                           refiner.variant if refiner else None,
                           controlnet_files(model, cache_dir), ip_adapter_files(model, cache_dir),
                           depth_estimator_folder(model, cache_dir),
-                          model.scheduler_options.given(), merged_loras(model))
+                          model.scheduler_options.given(), merged_loras(model), model.vae)
     if model.family == "flux":
         from deployments.engines.flux import (
             FluxControlEngine,
@@ -171,6 +171,6 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                       redux_folder(model, cache_dir),
                       controlnets=controlnet_files(model, cache_dir),
                       ip_adapter=ip_adapter_files(model, cache_dir),
-                      merged_loras=merged_loras(model),
+                      merged_loras=merged_loras(model), vae=model.vae,
                       depth_estimator=depth_estimator_folder(model, cache_dir))
     raise ValueError(f"no engine for family {model.family!r}")

@@ -19,7 +19,7 @@ from PIL import Image
 
 from deployments.adapters import AdapterSlots
 from deployments.engines.image_prompts import ImagePrompts
-from deployments.engines.loading import load_pipeline, share_modules
+from deployments.engines.loading import load_pipeline, load_vae, share_modules
 from deployments.engines.previews import PreviewListener, Previews
 from deployments.engines.prompts import Embeds, PromptCache, stack
 from deployments.engines.sources import (
@@ -92,12 +92,16 @@ class DiffusersEngine:
     merged_loras: tuple[str, ...] = ()  # the LoRA files merged into the weights at load
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
-                 simulate_oom_above_images: int | None):
+                 simulate_oom_above_images: int | None, vae: Path | None = None):
+        """Load the family's pipelines from `path`, with the VAE of the folder `vae` in
+        place of the checkpoint's (which is then not read) if one is given."""
         self.simulate_oom_above_images = simulate_oom_above_images
         self.device = torch.device(device)
         self.dtype = _DTYPES[dtype] if self.device.type == "cuda" else torch.float32
         first, *others = self.pipelines.items()
-        self.pipe = load_pipeline(first[1], path, self.dtype, variant).to(self.device)
+        given = {} if vae is None else {"vae": load_vae(vae, self.dtype)}
+        self.pipe = load_pipeline(first[1], path, self.dtype, variant, **given).to(self.device)
+        self.vae_folder = vae
         self._pipes = {first[0]: self.pipe}
         self._pipes |= share_modules(self.pipe, dict(others), self.dtype)
         for pipe in self._pipes.values():
@@ -142,7 +146,7 @@ class DiffusersEngine:
     def describe(self) -> dict:
         """The engine's facts: device and dtype, the dtype each module's weights are in
         (the ControlNets' and the IP-Adapter's image encoder's after the pipeline's),
-        adapters, speed settings and merged LoRAs."""
+        adapters, speed settings, merged LoRAs and the VAE folder given, if one was."""
         merged = isinstance(self.adapters, FusedAdapters)
         weights = {part: _name(next(getattr(self.pipe, part).parameters()).dtype)
                    for part in self.parts}  # as they are, whatever loading meant them to be
@@ -154,7 +158,8 @@ class DiffusersEngine:
         return {"device": str(self.device), "dtype": _name(self.dtype), "weights": weights,
                 "vae_scale_factor": self.pipe.vae_scale_factor,
                 "adapters": "merged" if merged else "slots", "speed": self.speed,
-                "merged_loras": self.merged_loras}
+                "merged_loras": self.merged_loras,
+                "vae": None if self.vae_folder is None else str(self.vae_folder)}
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
         """Run `request` as calls of 1, 2 and `max_images` images: the first calls

@@ -85,8 +85,8 @@ class FluxEngine(DiffusersEngine):
                  controlnets: Mapping[str, NetFiles] | None = None,
                  depth_estimator: Path | None = None,
                  ip_adapter: tuple[Path, str, str, str] | None = None,
-                 merged_loras: Sequence[tuple[Path, float]] = ()):
-        super().__init__(path, dtype, device, variant, simulate_oom_above_images)
+                 merged_loras: Sequence[tuple[Path, float]] = (), vae: Path | None = None):
+        super().__init__(path, dtype, device, variant, simulate_oom_above_images, vae)
         self.merge_loras(merged_loras)
         self._load_controlnets(controlnets, depth_estimator, (
             FluxControlNetModel, FluxMultiControlNetModel, _CONTROLNET_PIPELINES))

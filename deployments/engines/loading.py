@@ -27,6 +27,15 @@ def load_pipeline(cls: type, path: Path, dtype: torch.dtype, variant: str | None
                                use_safetensors=True, **components)
 
 
+def load_vae(folder: Path, dtype: torch.dtype):
+    """A diffusers AutoencoderKL folder (a model's `vae`), from local files only."""
+    from diffusers import AutoencoderKL
+
+    log.info("loading the VAE from %s (%s)", folder, dtype)
+    return AutoencoderKL.from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                         use_safetensors=True)
+
+
 def share_modules(pipe, classes: Mapping[str, type], dtype: torch.dtype) -> dict:
     """A pipeline of each class (by mode) over `pipe`'s modules, which are not copied.
     diffusers' from_pipe casts the modules it shares to its dtype, float32 unless told:

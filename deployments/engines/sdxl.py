@@ -88,8 +88,8 @@ class SDXLEngine(DiffusersEngine):
                  ip_adapter: tuple[Path, str, str, str] | None = None,
                  depth_estimator: Path | None = None,
                  scheduler_options: Mapping[str, str | bool] | None = None,
-                 merged_loras: Sequence[tuple[Path, float]] = ()):
-        super().__init__(path, dtype, device, variant, simulate_oom_above_images)
+                 merged_loras: Sequence[tuple[Path, float]] = (), vae: Path | None = None):
+        super().__init__(path, dtype, device, variant, simulate_oom_above_images, vae)
         self.merge_loras(merged_loras)
         if ip_adapter is not None:  # (folder, subfolder, weights file, image encoder)
             self.image_prompts = ImagePrompts(self.pipe, *ip_adapter)
