@@ -170,6 +170,10 @@ class AtelierConfig(_Strict):
             if model.ip_adapter is not None:
                 model.ip_adapter.check_files(f"models.{i}.ip_adapter", model.family)
             check_vae(f"models.{i}", model.vae, model.family)
+            for j, embedding in enumerate(model.textual_inversions):
+                if not embedding.path.is_file() or embedding.path.suffix != ".safetensors":
+                    raise ConfigError(f"models.{i}.textual_inversions.{j}.path: "
+                                      f"{embedding.path} is not a .safetensors file")
             for j, lora in enumerate(model.merged_loras):
                 if not lora.path.is_file():
                     raise ConfigError(f"models.{i}.merged_loras.{j}.path: {lora.path} is not "

@@ -27,6 +27,7 @@ from serve.model_parts import (
     SafetyCheckerConfig,
     SchedulerOptions,
     SpeedConfig,
+    TextualInversionConfig,
     WatermarkConfig,
     _Strict,
 )
@@ -131,6 +132,10 @@ class ModelConfig(_Strict):
     merged_loras: list[MergedLoraConfig] = Field(default_factory=list, description=(
         "LoRA files merged into the weights at load, for every request (e.g. "
         "SDXL-Lightning's 4-step LoRA on a base checkpoint); in order."))
+    textual_inversions: list[TextualInversionConfig] = Field(
+        default_factory=list, description=(
+            "SDXL only: textual-inversion embeddings loaded at start, each a new word "
+            "prompts may use."))
     refiner: RefinerConfig | None = Field(None, description=(
         "SDXL only: a refiner for the `refine` request input (expert_ensemble_refiner, "
         "base_image_refiner). Unset: requests asking for refinement get 422."))
@@ -220,6 +225,11 @@ class ModelConfig(_Strict):
             raise ValueError("configs_from: only a single-file path takes it")
         if self.configs_from is not None and self.variant is not None:
             raise ValueError("variant: a single-file checkpoint has no variants")
+        tokens = [embedding.token for embedding in self.textual_inversions]
+        if tokens and self.family != "sdxl":
+            raise ValueError("textual_inversions: only sdxl models take these embeddings")
+        if len(set(tokens)) < len(tokens):
+            raise ValueError("textual_inversions: each embedding needs its own token")
         if self.refiner is not None and self.family != "sdxl":
             raise ValueError("refiner: only sdxl models take a refiner")
         self._check_controlnets()

@@ -329,6 +329,20 @@ class MergedLoraConfig(_Strict):
     scale: float = Field(1.0, ge=-4, le=4, description="How strongly it is merged.")
 
 
+class TextualInversionConfig(_Strict):
+    """An SDXL textual-inversion embedding (e.g. a negative embedding such as
+    unaestheticXL): a new word whose vectors the file holds for each text encoder, loaded
+    as diffusers' `load_textual_inversion` loads it into both."""
+
+    path: Path = Field(description=(
+        "The embedding's .safetensors file as SDXL embeddings are shared: a `clip_l` "
+        "tensor (vectors x 768 for SDXL's first text encoder) and a `clip_g` tensor "
+        "(vectors x 1280 for its second). Local; never fetched."))
+    token: str = Field(pattern=r"^\S+$", max_length=100, description=(
+        "The word prompts and negative prompts use for it, e.g. `unaestheticXL`; an "
+        "embedding of several vectors takes that many token positions."))
+
+
 class RefinerConfig(PathOrEmbedded):
     """An SDXL refiner (stable-diffusion-xl-refiner-1.0's architecture) that runs after the
     base model for Replicate's `refine` input. It uses the base model's text_encoder_2 and

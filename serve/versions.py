@@ -30,6 +30,8 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
         del config["defaults"]["guidance_rescale"]
     if model.merged_loras:  # their scales here, their files' bytes below
         config["merged_loras"] = [lora.scale for lora in model.merged_loras]
+    if model.textual_inversions:  # their tokens here, their files' bytes below
+        config["textual_inversions"] = [e.token for e in model.textual_inversions]
     if ip is not None:  # its files as the family lays them out, given or not
         config["ip_adapter"] |= dict(zip(("subfolder", "weight_name", "image_encoder"),
                                          ip.layout(model.family), strict=True))
@@ -46,6 +48,7 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
                               *_ip_adapter_files(ip, model.family),
                               *((lora.path, _read_all) for lora in model.merged_loras),
                               (model.vae, _read_all),
+                              *((e.path, _read_all) for e in model.textual_inversions),
                               (redux and redux.path, _read_all)))
     return h.hexdigest()
 

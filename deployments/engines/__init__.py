@@ -152,7 +152,8 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                           refiner.variant if refiner else None,
                           controlnet_files(model, cache_dir), ip_adapter_files(model, cache_dir),
                           depth_estimator_folder(model, cache_dir),
-                          model.scheduler_options.given(), merged_loras(model), model.vae)
+                          model.scheduler_options.given(), merged_loras(model), model.vae,
+                          [(e.path, e.token) for e in model.textual_inversions])
     if model.family == "flux":
         from deployments.engines.flux import (
             FluxControlEngine,

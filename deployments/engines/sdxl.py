@@ -88,9 +88,11 @@ class SDXLEngine(DiffusersEngine):
                  ip_adapter: tuple[Path, str, str, str] | None = None,
                  depth_estimator: Path | None = None,
                  scheduler_options: Mapping[str, str | bool] | None = None,
-                 merged_loras: Sequence[tuple[Path, float]] = (), vae: Path | None = None):
+                 merged_loras: Sequence[tuple[Path, float]] = (), vae: Path | None = None,
+                 textual_inversions: Sequence[tuple[Path, str]] = ()):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images, vae)
         self.merge_loras(merged_loras)
+        self._load_embeddings(textual_inversions)
         if ip_adapter is not None:  # (folder, subfolder, weights file, image encoder)
             self.image_prompts = ImagePrompts(self.pipe, *ip_adapter)
         self._load_controlnets(controlnets, depth_estimator, (
@@ -112,6 +114,25 @@ class SDXLEngine(DiffusersEngine):
                                           "text_encoder_2": self.pipe.text_encoder_2})
         self.speed_up(speed or SpeedConfig(), compile_cache or path / ".compile")
 
+    def _load_embeddings(self, embeddings: Sequence[tuple[Path, str]]) -> None:
+        """Each textual-inversion file (SDXL's layout: `clip_l` and `clip_g` vectors) under
+        its token, into both text encoders (the refiner shares the second)."""
+        from safetensors.torch import load_file
+
+        pipe = self.pipe
+        for path, token in embeddings:
+            vectors = load_file(path)
+            missing = sorted({"clip_l", "clip_g"} - set(vectors))
+            if missing:
+                raise ValueError(f"textual inversion {path.name}: an SDXL embedding holds "
+                                 f"clip_l and clip_g tensors; it has no {', '.join(missing)}")
+            pipe.load_textual_inversion(vectors["clip_l"], token=token,
+                                        text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+            pipe.load_textual_inversion(vectors["clip_g"], token=token,
+                                        text_encoder=pipe.text_encoder_2,
+                                        tokenizer=pipe.tokenizer_2)
+        self.embeddings = tuple(token for _, token in embeddings)
+
     def _make_schedulers(self, options: dict) -> dict:
         """Each of Replicate's schedulers that takes every option, from the checkpoint's
         scheduler config (HeunDiscrete and PNDM cannot rescale to zero terminal SNR)."""
@@ -132,12 +153,12 @@ class SDXLEngine(DiffusersEngine):
         return pipe
 
     def describe(self) -> dict:
-        """As for every engine, with the scheduler options the model set and whether its
-        UNet is an inpainting one."""
+        """As for every engine, with the scheduler options the model set, whether its
+        UNet is an inpainting one and its embeddings' tokens."""
         facts = super().describe()
         return facts | {"controlnets": list(self.controlnets.nets),
                         "scheduler_options": self.scheduler_options,
-                        "inpainting_unet": self.inpainting}
+                        "inpainting_unet": self.inpainting, "embeddings": self.embeddings}
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(

@@ -29,6 +29,7 @@ def test_models_are_listed_in_openai_shape(client):
     assert first["object"] == "model" and first["owned_by"] == "atelier"
     assert first["aliases"] == ["stability-ai/sdxl"] and first["limits"]["max_size"] == 512
     assert (first["family"], first["defaults"]["scheduler"]) == ("sdxl", "K_EULER")
+    assert (first["inpainting"], first["textual_inversions"]) == (False, [])
     flux, kontext, fill, canny, depth, redux = body["data"][-6:]
     assert (flux["family"], flux["aliases"]) == ("flux", ["black-forest-labs/flux-dev"])
     assert flux["defaults"]["scheduler"] == "FlowMatchEuler"
