@@ -36,6 +36,10 @@ class ApiKeyConfig(BaseModel):
         "Images this key may ask for per minute, a request of n images taking n (a bucket "
         "of that many, refilled evenly); past it: 429 with Retry-After. At least every "
         "model's limits.max_outputs. Unset: no limit."))
+    models: list[str] | None = Field(None, min_length=1, description=(
+        "The served models (ids or aliases) this key may use; others are answered as not "
+        "served (404), are left out of model listings, and a request naming no model gets "
+        "the first of these. Unset: every model."))
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,11 @@ class ApiKey:
     name: str = ""
     requests_per_minute: int | None = None
     images_per_minute: int | None = None
+    models: frozenset[str] | None = None  # the ids and aliases it may use; None: all
+
+    def may_use(self, names: Iterable[str]) -> bool:
+        """Whether the key may use the model of these names (its id and aliases)."""
+        return self.models is None or not self.models.isdisjoint(names)
 
 
 def configured_keys(config_keys: Iterable[str | ApiKeyConfig]) -> tuple[ApiKey, ...]:
@@ -53,7 +62,8 @@ def configured_keys(config_keys: Iterable[str | ApiKeyConfig]) -> tuple[ApiKey, 
     keys = [k if isinstance(k, ApiKeyConfig) else ApiKeyConfig(key=k)
             for k in [*config_keys, *(k for k in env if k)]]
     return tuple(ApiKey(k.key.encode(), k.name or _default_name(k.key), k.requests_per_minute,
-                        k.images_per_minute) for k in keys)
+                        k.images_per_minute, None if k.models is None else frozenset(k.models))
+                 for k in keys)
 
 
 def _default_name(key: str) -> str:

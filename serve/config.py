@@ -144,6 +144,16 @@ class AtelierConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _keys_name_served_models(self) -> AtelierConfig:
+        served = {name for m in self.models for name in (m.id, *m.aliases)}
+        for i, key in enumerate(self.api_keys):
+            unknown = [n for n in getattr(key, "models", None) or () if n not in served]
+            if unknown:
+                raise ValueError(f"api_keys.{i}.models: {unknown[0]!r} is not a served model "
+                                 "id or alias")
+        return self
+
+    @model_validator(mode="after")
     def _unique_ids(self) -> AtelierConfig:
         seen: set[str] = set()
         for model in self.models:

@@ -14,6 +14,7 @@ from fastapi import Request
 from ray import serve
 
 from serve.auth import ApiKey
+from serve.config import ModelConfig
 from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics
 from serve.predictions import PredictionRunner, StateStore
@@ -41,6 +42,17 @@ class IngressState(Protocol):
 
 def ingress() -> IngressState:
     return serve.get_replica_context().servable_object
+
+
+def model_for(request: Request, name: str | None) -> ModelConfig:
+    """The served model `name` (None: the default) as the request's API key may use it;
+    raises ModelNotFound otherwise."""
+    return ingress().router.resolve(name, getattr(request.state, "api_key", None))
+
+
+def usable_models(request: Request) -> list[ModelConfig]:
+    """The served models the request's API key may use, in config order."""
+    return ingress().router.usable(getattr(request.state, "api_key", None))
 
 
 def request_id(request: Request) -> str:

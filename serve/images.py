@@ -287,11 +287,11 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     given the output has its shape at the model's default area, and another shape crops
     it. A Fill model's mask part is drawn anew (strength 1), and with `outpaint` (pixels
     per side, or an OUTPAINT_PRESETS name; Fill and SDXL inpainting models) the image is
-    first set on a larger canvas whose border is drawn too, at strength 1; a Canny model's image gives its Canny edges, found at the
-    output's size with the `edges` thresholds (low, high; None: CANNY_THRESHOLDS'); a
-    Depth model's is a control image at the output's size, whose depth map the replica
-    estimates. A Kontext edit without a mask may read further `references`
-    (`further_references`)."""
+    first set on a larger canvas whose border is drawn too, at strength 1; a Canny
+    model's image gives its Canny edges, found at the output's size with the `edges`
+    thresholds (low, high; None: CANNY_THRESHOLDS'); a Depth model's is a control image
+    at the output's size, whose depth map the replica estimates. A Kontext edit without a
+    mask may read further `references` (`further_references`)."""
     if image is None:
         if mask is not None:
             raise InvalidField("mask", "a mask needs an image")

@@ -16,6 +16,7 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 
 from serve.adapters import AdapterCatalog, AdapterSet, adapter_url, url_adapter_name
+from serve.auth import ApiKey
 from serve.config import AtelierConfig, ModelConfig
 from serve.errors import (
     AtelierError,
@@ -46,21 +47,21 @@ class ModelRouter:
             for name in (model.id, *model.aliases):
                 self._by_name[name] = model
 
-    @property
-    def default(self) -> ModelConfig:
-        return self.config.models[0]
+    def resolve(self, name: str | None, key: ApiKey | None = None) -> ModelConfig:
+        """The model named by id or alias (for None, the first configured one), among
+        those the API `key` may use.
 
-    def resolve(self, name: str | None) -> ModelConfig:
-        """The model named by id or alias (the first configured one for None).
-
-        Raises ModelNotFound.
+        Raises ModelNotFound, for a model the key may not use too.
         """
-        if name is None:
-            return self.default
-        try:
-            return self._by_name[name]
-        except KeyError:
-            raise ModelNotFound(name, [m.id for m in self.config.models]) from None
+        usable = self.usable(key)
+        model = usable[0] if name is None and usable else self._by_name.get(name or "")
+        if model is None or not any(m is model for m in usable):
+            raise ModelNotFound(name or "(default)", [m.id for m in usable])
+        return model
+
+    def usable(self, key: ApiKey | None) -> list[ModelConfig]:
+        """The configured models the API key may use (every one for None: no keys set)."""
+        return [m for m in self.config.models if key is None or key.may_use((m.id, *m.aliases))]
 
     def adapters_for(self, model: ModelConfig,
                      refs: list[tuple[str, float | None]]) -> AdapterSet:

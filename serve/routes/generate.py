@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from serve.adapters import AdapterSet, split_prompt_tags
 from serve.canvases import OUTPAINT_PRESETS
 from serve.config import ModelConfig
-from serve.context import charge_images, client_name, ingress, request_id
+from serve.context import charge_images, client_name, ingress, model_for, request_id
 from serve.controls import (
     ControlParams,
     ControlRef,
@@ -232,7 +232,7 @@ async def generate(request: Request) -> Response:
     params, sources = await _read_params(request)
     state = ingress()
     router_ = state.router
-    model = router_.resolve(params.model)
+    model = model_for(request, params.model)
     try:
         prompt, tags = split_prompt_tags(params.prompt)
         adapters = router_.adapters_for(model, [(r.name, r.scale) for r in params.loras] + tags)

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
-from serve.context import ingress
+from serve.context import ingress, model_for
 
 router = APIRouter()
 
 
 @router.get("/v1/loras", summary="List the LoRA adapters requests may name")
-async def list_loras(model: str | None = Query(None, description=(
+async def list_loras(request: Request, model: str | None = Query(None, description=(
         "A model id or alias: only the adapters that model can use (404 if unknown)."))
                      ) -> dict:
     router_ = ingress().router
     entries = router_.catalog.entries.values()
     if model is not None:
-        served = router_.resolve(model)
+        served = model_for(request, model)
         entries = [e for e in entries if e.problem_with(served) is None]
     data = [{"name": e.name, "base_model": e.base, "rank": e.rank,
              "default_scale": e.default_scale, "layout": e.layout} for e in entries]

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from serve.context import base_url, ingress
+from serve.context import base_url, ingress, usable_models
 from serve.routes.replicate import model_json
 
 router = APIRouter()
@@ -18,7 +18,7 @@ router = APIRouter()
 async def list_models(request: Request) -> dict:
     """OpenAI's client reads `data`, Replicate's (`models.list()`) reads `results`."""
     state = ingress()
-    config = state.router.config
+    models = usable_models(request)  # those the request's key may use
     created = state.started_at
     data = [{"id": m.id, "object": "model", "created": created, "owned_by": m.id.split("/")[0],
              "family": m.family, "kontext": m.kontext, "fill": m.fill, "canny": m.canny,
@@ -33,10 +33,10 @@ async def list_models(request: Request) -> dict:
              "textual_inversions": [e.token for e in m.textual_inversions],
              "limits": m.limits.model_dump(),
              "defaults": m.defaults.model_dump() | {"scheduler": m.default_scheduler}}
-            for m in config.models]
+            for m in models]
     base = base_url(request)
     return {"object": "list", "data": data, "next": None, "previous": None,
-            "results": [model_json(state, m.id, base) for m in config.models]}
+            "results": [model_json(state, m.id, base) for m in models]}
 
 
 @router.get("/healthz", summary="Readiness of every model deployment")

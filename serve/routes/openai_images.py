@@ -41,6 +41,7 @@ from serve.context import (
     charge_images,
     client_name,
     ingress,
+    model_for,
     request_id,
 )
 from serve.controls import (
@@ -165,7 +166,7 @@ class ImageVariationParams(ImageEditParams):
 async def create_images(params: ImageGenerationParams,
                         request: Request) -> dict | StreamingResponse:
     state = ingress()
-    model = state.router.resolve(params.model)
+    model = model_for(request, params.model)
     width, height = params.dimensions((None, None))
     return await _generate(state, request, params, model, None, width, height)
 
@@ -198,7 +199,7 @@ async def _edit(request: Request, kind: type[ImageEditParams]) -> dict | Streami
         raise InvalidField("mask", "variations take no mask; send it to /v1/images/edits")
     if further and kind is ImageVariationParams:
         raise InvalidField("image", "a variation is of one image")
-    model = state.router.resolve(params.model)
+    model = model_for(request, params.model)
     width, height = params.dimensions((None, None))
     if kind is ImageVariationParams and model.redux is not None:
         if image_prompt_params(params).image is not None:

@@ -29,6 +29,7 @@ from serve.context import (
     charge_images,
     client_name,
     ingress,
+    model_for,
     request_id,
 )
 from serve.errors import AtelierError, InvalidField, ModelNotFound
@@ -74,23 +75,23 @@ def _version_json(state: IngressState, model_id: str) -> dict:
 async def get_model(owner: str, name: str, request: Request) -> dict:
     """Replicate's model, with the fields OpenAI's `models.retrieve` reads beside them."""
     state = ingress()
-    found = model_json(state, f"{owner}/{name}", base_url(request))
+    found = model_json(state, model_for(request, f"{owner}/{name}").id, base_url(request))
     return {**found, "id": f"{found['owner']}/{found['name']}", "object": "model",
             "created": state.started_at, "owned_by": found["owner"]}
 
 
 @router.get("/v1/models/{owner}/{name}/versions", summary="Replicate: list a model's versions")
-async def list_versions(owner: str, name: str) -> dict:
+async def list_versions(owner: str, name: str, request: Request) -> dict:
     """The version served: a model's version follows its files, and one is served at once."""
     state = ingress()
-    model = state.router.resolve(f"{owner}/{name}")
+    model = model_for(request, f"{owner}/{name}")
     return {"next": None, "previous": None, "results": [_version_json(state, model.id)]}
 
 
 @router.get("/v1/models/{owner}/{name}/versions/{version}", summary="Replicate: get a version")
-async def get_version(owner: str, name: str, version: str) -> dict:
+async def get_version(owner: str, name: str, version: str, request: Request) -> dict:
     state = ingress()
-    model = state.router.resolve(f"{owner}/{name}")
+    model = model_for(request, f"{owner}/{name}")
     if state.versions[model.id] != version:
         raise ModelNotFound(f"{owner}/{name}:{version}", list(state.versions))
     return _version_json(state, model.id)
@@ -120,7 +121,7 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
                            request: Request) -> JSONResponse:
     """Accept a prediction of `model_ref` (an id or alias), at `version` if given."""
     state = ingress()
-    model = state.router.resolve(model_ref)
+    model = model_for(request, model_ref)
     if version is not None and version != state.versions[model.id]:
         raise InvalidField("version", f"{model.id} is served at version {state.versions[model.id]}")
     rid = request_id(request)

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from serve.config import ModelConfig
-from serve.context import IngressState, ingress
+from serve.context import IngressState, ingress, model_for, usable_models
 from serve.errors import AtelierError
 from serve.routes.replicate import create_for_model
 from serve.routes.replicate_body import PredictionBody
@@ -42,17 +42,17 @@ def _deployment_json(state: IngressState, name: str, model: ModelConfig) -> dict
 
 
 @router.get("/v1/deployments", summary="Replicate: list deployments (the served models)")
-async def list_deployments() -> dict:
+async def list_deployments(request: Request) -> dict:
     state = ingress()
-    models = state.router.config.models
+    models = usable_models(request)
     return {"results": [_deployment_json(state, m.id, m) for m in models],
             "next": None, "previous": None}
 
 
 @router.get("/v1/deployments/{owner}/{name}", summary="Replicate: get a deployment")
-async def get_deployment(owner: str, name: str) -> dict:
+async def get_deployment(owner: str, name: str, request: Request) -> dict:
     state = ingress()
-    model = state.router.resolve(f"{owner}/{name}")
+    model = model_for(request, f"{owner}/{name}")
     return _deployment_json(state, f"{owner}/{name}", model)
 
 

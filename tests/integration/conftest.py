@@ -50,6 +50,7 @@ ONE_SLOT = "atelier/tiny-sdxl-one-slot"
 API_KEY = "test-key-7f3a"
 LIMITED_KEY = "test-key-limited-91c2"  # 3 generation requests per minute
 IMAGES_KEY = "test-key-images-5d0e"  # 6 images per minute
+MODELS_KEY = "test-key-models-3b8e"  # may use the batched SDXL and FLUX (by an alias) only
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TWO_REPLICAS = "atelier/tiny-sdxl-2x"
 RESTARTABLE = "atelier/tiny-sdxl-restartable"
@@ -184,7 +185,9 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
     config = {"cache_dir": str(cache_dir),
               "api_keys": [API_KEY, {"key": LIMITED_KEY, "name": "team-a",
                                      "requests_per_minute": 3},
-                           {"key": IMAGES_KEY, "name": "team-b", "images_per_minute": 6}],
+                           {"key": IMAGES_KEY, "name": "team-b", "images_per_minute": 6},
+                           {"key": MODELS_KEY, "name": "team-c",
+                            "models": ["black-forest-labs/flux-dev", BATCHED]}],
               "webhook_allowed_hosts": ["127.0.0.1"], "image_allowed_hosts": ["127.0.0.1"],
               "lora_allowed_hosts": ["127.0.0.1"],
               "max_body_bytes": MAX_BODY_BYTES, "cors_allowed_origins": [STUDIO],

@@ -102,3 +102,37 @@ def test_a_keys_image_rate_counts_each_requests_images_in_every_api(base_url):
 def _newest_prediction(base_url, headers):
     listed = httpx.get(f"{base_url}/v1/predictions", headers=headers).json()["results"]
     return listed[0]["id"] if listed else None
+
+
+def test_a_key_limited_to_some_models_sees_and_uses_only_those_in_every_api(base_url):
+    """team-c's key may use the batched SDXL and FLUX: the others are not served to it."""
+    import openai
+    import replicate
+
+    from tests.integration.conftest import BATCHED, FAST, FLUX, MODELS_KEY
+
+    headers = {"Authorization": f"Bearer {MODELS_KEY}"}
+    listed = httpx.get(f"{base_url}/v1/models", headers=headers).json()
+    assert [m["id"] for m in listed["data"]] == [BATCHED, FLUX]
+    assert [m["name"] for m in listed["results"]] == ["tiny-sdxl-batched", "tiny-flux"]
+    default = httpx.post(f"{base_url}/generate", headers=headers, timeout=60,
+                         json={"prompt": "x", "seed": 1, "steps": 1})
+    assert default.status_code == 200 and default.json()["model"] == BATCHED
+    refused = httpx.post(f"{base_url}/generate", headers=headers,
+                         json={"prompt": "x", "model": "stability-ai/sdxl"})
+    assert refused.status_code == 404
+    assert refused.json()["detail"].endswith(f"served: {BATCHED}, {FLUX}")
+    oai = openai.OpenAI(api_key=MODELS_KEY, base_url=f"{base_url}/v1", max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        oai.images.generate(model=FAST, prompt="x")
+    rep = replicate.Client(api_token=MODELS_KEY, base_url=base_url)
+    with pytest.raises(replicate.exceptions.ReplicateError) as caught:
+        rep.models.get(FAST)
+    assert caught.value.status == 404
+    assert rep.models.get("black-forest-labs/flux-dev").name == "tiny-flux"
+    assert [d.name for d in rep.deployments.list()] == ["tiny-sdxl-batched", "tiny-flux"]
+    for path in (f"/v1/loras?model={FAST}", f"/v1/deployments/{FAST}",
+                 f"/v1/models/{FAST}/versions"):
+        assert httpx.get(base_url + path, headers=headers).status_code == 404, path
+    everything = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert len(everything.json()["data"]) > 2
