@@ -167,27 +167,46 @@ async def _data_uri(state: IngressState, url: str) -> str:
     return f"data:{stored.media_type};base64,{base64.b64encode(stored.data).decode()}"
 
 
+def _visible(request: Request, prediction: Prediction) -> bool:
+    """Whether the request's API key made the prediction (by the key's name, as Replicate
+    shows an account its own); on a server without keys, every one is."""
+    client = client_name(request)
+    return client == "open" or prediction.private.get("client") == client
+
+
+async def _own_prediction(request: Request, prediction_id: str) -> Prediction:
+    prediction = await ingress().store.load(prediction_id)
+    if prediction is None or not _visible(request, prediction):
+        raise PredictionNotFound(f"no prediction {prediction_id!r}")
+    return prediction
+
+
 @router.get("/v1/predictions/{prediction_id}", summary="Replicate: get a prediction")
 async def get_prediction(prediction_id: str, request: Request) -> dict:
-    prediction = await ingress().store.load(prediction_id)
-    if prediction is None:
-        raise PredictionNotFound(f"no prediction {prediction_id!r}")
-    return prediction.to_json(base_url(request))
+    return (await _own_prediction(request, prediction_id)).to_json(base_url(request))
 
 
 @router.post("/v1/predictions/{prediction_id}/cancel", summary="Replicate: cancel")
 async def cancel_prediction(prediction_id: str, request: Request) -> dict:
-    state = ingress()
-    prediction = await state.store.load(prediction_id)
-    if prediction is None:
-        raise PredictionNotFound(f"no prediction {prediction_id!r}")
-    await state.predictions.cancel(prediction)
+    prediction = await _own_prediction(request, prediction_id)
+    await ingress().predictions.cancel(prediction)
     return prediction.to_json(base_url(request))
+
+
+_PAGE = 100
 
 
 @router.get("/v1/predictions", summary="Replicate: list predictions, newest first")
 async def list_predictions(request: Request, cursor: str | None = None) -> dict:
-    page, after = await ingress().store.page(cursor, 100)
+    """The key's own predictions, newest first, `_PAGE` at a time."""
+    store, kept, after = ingress().store, [], cursor
+    while True:
+        page, after = await store.page(after, _PAGE)
+        kept += [p for p in page if _visible(request, p)]
+        if len(kept) >= _PAGE or after is None:
+            break
+    if len(kept) > _PAGE:  # the next page starts after the last one shown
+        kept, after = kept[:_PAGE], kept[_PAGE - 1].id
     base = base_url(request)
-    return {"results": [p.to_json(base) for p in page], "previous": None,
+    return {"results": [p.to_json(base) for p in kept], "previous": None,
             "next": f"{base}/v1/predictions?cursor={after}" if after else None}

@@ -136,3 +136,24 @@ def test_a_key_limited_to_some_models_sees_and_uses_only_those_in_every_api(base
         assert httpx.get(base_url + path, headers=headers).status_code == 404, path
     everything = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
     assert len(everything.json()["data"]) > 2
+
+
+def test_each_key_sees_and_cancels_only_its_own_predictions(base_url):
+    from tests.integration.conftest import BATCHED, MODELS_KEY
+
+    mine, theirs = ({"Authorization": f"Bearer {k}"} for k in (MODELS_KEY, API_KEY))
+    made = httpx.post(f"{base_url}/v1/models/{BATCHED}/predictions", headers=mine,
+                      json={"input": {"prompt": "x", "num_inference_steps": 1}}).json()
+    other = httpx.post(f"{base_url}/v1/models/{BATCHED}/predictions", headers=theirs,
+                       json={"input": {"prompt": "y", "num_inference_steps": 1}}).json()
+    path = f"{base_url}/v1/predictions/{made['id']}"
+    assert httpx.get(path, headers=mine).json()["id"] == made["id"]
+    assert httpx.get(path, headers=theirs).status_code == 404
+    assert httpx.post(f"{path}/cancel", headers=theirs).status_code == 404
+    listed = {k: [p["id"] for p in httpx.get(f"{base_url}/v1/predictions",
+                                                headers=h).json()["results"]]
+              for k, h in (("mine", mine), ("theirs", theirs))}
+    assert made["id"] in listed["mine"] and other["id"] not in listed["mine"]
+    assert other["id"] in listed["theirs"] and made["id"] not in listed["theirs"]
+    canceled = httpx.post(f"{path}/cancel", headers=mine).json()
+    assert canceled["id"] == made["id"]
