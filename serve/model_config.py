@@ -21,6 +21,7 @@ from serve.model_parts import (
     BatchingConfig,
     DefaultsConfig,
     Family,
+    FreeUConfig,
     LimitsConfig,
     MergedLoraConfig,
     RefinerConfig,
@@ -132,6 +133,9 @@ class ModelConfig(_Strict):
     merged_loras: list[MergedLoraConfig] = Field(default_factory=list, description=(
         "LoRA files merged into the weights at load, for every request (e.g. "
         "SDXL-Lightning's 4-step LoRA on a base checkpoint); in order."))
+    freeu: FreeUConfig | None = Field(None, description=(
+        "SDXL only: FreeU's re-weighting of the UNet decoder's features for every request "
+        "(`{}` takes the FreeU authors' SDXL values). Changes the images."))
     textual_inversions: list[TextualInversionConfig] = Field(
         default_factory=list, description=(
             "SDXL only: textual-inversion embeddings loaded at start, each a new word "
@@ -226,6 +230,8 @@ class ModelConfig(_Strict):
         if self.configs_from is not None and self.variant is not None:
             raise ValueError("variant: a single-file checkpoint has no variants")
         tokens = [embedding.token for embedding in self.textual_inversions]
+        if self.freeu is not None and self.family != "sdxl":
+            raise ValueError("freeu: only sdxl models have a UNet to re-weight")
         if tokens and self.family != "sdxl":
             raise ValueError("textual_inversions: only sdxl models take these embeddings")
         if len(set(tokens)) < len(tokens):

@@ -329,6 +329,18 @@ class MergedLoraConfig(_Strict):
     scale: float = Field(1.0, ge=-4, le=4, description="How strongly it is merged.")
 
 
+class FreeUConfig(_Strict):
+    """FreeU (Si et al., 2023), as diffusers' `enable_freeu` sets it on an SDXL UNet: in the
+    first two stages of its decoder, the backbone's features are amplified and the low
+    frequencies of the skip connections damped, for more detail at no cost in speed to
+    speak of. The defaults are the FreeU authors' values for SDXL."""
+
+    s1: float = Field(0.9, ge=0, le=2, description="Stage 1's skip-feature scale.")
+    s2: float = Field(0.2, ge=0, le=2, description="Stage 2's skip-feature scale.")
+    b1: float = Field(1.3, ge=0, le=3, description="Stage 1's backbone-feature scale.")
+    b2: float = Field(1.4, ge=0, le=3, description="Stage 2's backbone-feature scale.")
+
+
 class TextualInversionConfig(_Strict):
     """An SDXL textual-inversion embedding (e.g. a negative embedding such as
     unaestheticXL): a new word whose vectors the file holds for each text encoder, loaded

@@ -153,7 +153,8 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                           controlnet_files(model, cache_dir), ip_adapter_files(model, cache_dir),
                           depth_estimator_folder(model, cache_dir),
                           model.scheduler_options.given(), merged_loras(model), model.vae,
-                          [(e.path, e.token) for e in model.textual_inversions])
+                          [(e.path, e.token) for e in model.textual_inversions],
+                          model.freeu and model.freeu.model_dump())
     if model.family == "flux":
         from deployments.engines.flux import (
             FluxControlEngine,

@@ -89,10 +89,14 @@ class SDXLEngine(DiffusersEngine):
                  depth_estimator: Path | None = None,
                  scheduler_options: Mapping[str, str | bool] | None = None,
                  merged_loras: Sequence[tuple[Path, float]] = (), vae: Path | None = None,
-                 textual_inversions: Sequence[tuple[Path, str]] = ()):
+                 textual_inversions: Sequence[tuple[Path, str]] = (),
+                 freeu: Mapping[str, float] | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images, vae)
         self.merge_loras(merged_loras)
         self._load_embeddings(textual_inversions)
+        self.freeu = dict(freeu or {})  # s1, s2, b1, b2 on the UNet the pipelines share
+        if self.freeu:
+            self.pipe.unet.enable_freeu(**self.freeu)
         if ip_adapter is not None:  # (folder, subfolder, weights file, image encoder)
             self.image_prompts = ImagePrompts(self.pipe, *ip_adapter)
         self._load_controlnets(controlnets, depth_estimator, (
@@ -154,11 +158,12 @@ class SDXLEngine(DiffusersEngine):
 
     def describe(self) -> dict:
         """As for every engine, with the scheduler options the model set, whether its
-        UNet is an inpainting one and its embeddings' tokens."""
+        UNet is an inpainting one, its embeddings' tokens and FreeU's scales."""
         facts = super().describe()
         return facts | {"controlnets": list(self.controlnets.nets),
                         "scheduler_options": self.scheduler_options,
-                        "inpainting_unet": self.inpainting, "embeddings": self.embeddings}
+                        "inpainting_unet": self.inpainting, "embeddings": self.embeddings,
+                        "freeu": self.freeu}
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
         pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
