@@ -103,6 +103,15 @@ class ImageGenerationParams(BaseModel):
         "How far redux_image's (or a variation's image's) grid of tokens is averaged "
         "down: 1 keeps all 729, 3 leaves 81, which weigh less against the prompt; default: "
         "the model's Redux's own."))
+    negative_prompt: str = Field("", max_length=4000, description=(
+        "What to steer away from (SDXL; an Atelier extension, as the next three: send them "
+        "with extra_body)."))
+    num_inference_steps: int | None = Field(None, ge=1, description=(
+        "Denoising steps; overrides quality. Default: the model's, or quality's share."))
+    guidance_scale: float | None = Field(None, ge=0, le=50, description=(
+        "Classifier-free guidance (FLUX: its distilled guidance); default: the model's."))
+    scheduler: str | None = Field(None, description=(
+        "A scheduler as /generate names them; default: the model's."))
     quality: Literal["auto", "low", "medium", "high", "hd", "standard"] | None = Field(
         None, description=("low and medium: a third and two thirds of the model's default "
                            "steps; the others: all of them."))
@@ -128,7 +137,10 @@ class ImageGenerationParams(BaseModel):
         return self.canny_low_threshold, self.canny_high_threshold
 
     def steps(self, model: ModelConfig) -> int | None:
-        """The denoising steps `quality` asks of `model`; None: its default."""
+        """The denoising steps asked: `num_inference_steps`, else those `quality` asks of
+        `model`; None: its default."""
+        if self.num_inference_steps is not None:
+            return self.num_inference_steps
         share = _QUALITY_SHARES.get(self.quality or "auto")
         return None if share is None else max(1, round(model.defaults.num_inference_steps
                                                         * share))
@@ -264,7 +276,8 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
         prompt, tags = split_prompt_tags(params.prompt)
         gen = GenerationRequest.for_model(
             model, prompt, width=width, height=height, num_outputs=params.n,
-            num_inference_steps=params.steps(model),
+            num_inference_steps=params.steps(model), negative_prompt=params.negative_prompt,
+            guidance_scale=params.guidance_scale, scheduler=params.scheduler,
             output_format=params.output_format, source=source, controls=controls,
             image_prompt=image_prompt, seed=params.seed,
             adapters=state.router.adapters_for(model, tags),

@@ -62,10 +62,29 @@ def test_quality_runs_a_share_of_the_models_default_steps(oai, client):
     assert abs(pixels(by_steps[1]) - pixels(by_steps[4])).mean() > 5
 
 
+def test_sdxl_settings_sent_with_extra_body_are_the_generate_fields(oai, client):
+    """negative_prompt, num_inference_steps (over quality), guidance_scale and scheduler:
+    the image /generate draws with the same values."""
+    settings = {"negative_prompt": "blurry", "guidance_scale": 9, "scheduler": "DDIM",
+                "seed": 21}
+    (item,) = oai.images.generate(model=FAST, prompt="a lighthouse", quality="low",
+                                  extra_body=settings | {"num_inference_steps": 3}).data
+    direct = client.post("/generate", json={"prompt": "a lighthouse", "steps": 3,
+                                            **settings}).json()["image"]
+    plain = client.post("/generate", json={"prompt": "a lighthouse", "steps": 3,
+                                           "seed": 21}).json()["image"]
+    ours = _png(base64.b64decode(item.b64_json))
+    assert_same_pixels(ours, decode(direct))
+    assert abs(pixels(ours) - pixels(decode(plain))).mean() > 1
+
+
 @pytest.mark.parametrize("kwargs, param", [
     ({"size": "65x64"}, "size"), ({"size": "4096x4096"}, "size"), ({"size": "big"}, "size"),
     ({"n": 9}, "n"), ({"extra_body": {"colour": "red"}}, "colour"),
     ({"quality": "ultra"}, "quality"),
+    ({"extra_body": {"num_inference_steps": 500}}, "num_inference_steps"),
+    ({"extra_body": {"scheduler": "LMS"}}, "scheduler"),
+    ({"extra_body": {"guidance_scale": -1}}, "guidance_scale"),
 ])
 def test_bad_values_raise_bad_request_naming_the_param(oai, kwargs, param):
     with pytest.raises(openai.BadRequestError) as err:
