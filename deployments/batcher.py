@@ -1,10 +1,11 @@
 """Dynamic batching: gather compatible requests that arrive close together into one call.
 
-The oldest waiting request always runs next (no starvation). Its batch takes the later
-requests with the same key, in arrival order, up to `max_batch_size` images (and, where
-requests name what the call must hold for them, such as LoRA adapters, up to `max_held`
-such names), and waits at most `wait_s` from the oldest request's arrival for more
-company. Requests with other keys keep their places for the following batches.
+The oldest waiting request of the highest priority runs next (with one priority, as by
+default, the oldest: no starvation). Its batch takes the other requests with the same
+key, higher priorities first and in arrival order within one, up to `max_batch_size`
+images (and, where requests name what the call must hold for them, such as LoRA adapters,
+up to `max_held` such names), and waits at most `wait_s` from its first request's arrival
+for more company. Requests with other keys keep their places for the following batches.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ class _Pending:
     holds: frozenset = frozenset()
     on_step: StepListener | None = None
     on_preview: Callable[[Any], None] | None = None
+    priority: int = 0
+
+    @property
+    def order(self) -> tuple[int, float]:
+        """Sorts before the requests it runs before: higher priority, then older."""
+        return -self.priority, self.enqueued
 
 
 class Batcher:
@@ -100,16 +107,18 @@ class Batcher:
     async def submit(self, request: Any, key: Hashable, size: int = 1,
                      on_step: StepListener | None = None,
                      on_preview: Callable[[Any], None] | None = None,
-                     holds: frozenset = frozenset()) -> Batched:
-        """Queue `request` (taking `size` images of a batch, and needing the names in
-        `holds` held by its call) and return its result.
+                     holds: frozenset = frozenset(), priority: int = 0) -> Batched:
+        """Queue `request` (taking `size` images of a batch, needing the names in `holds`
+        held by its call, run before waiting requests of lower `priority`) and return its
+        result.
 
         `on_step(step, total)` is called on this event loop as its call progresses, and
         `on_preview(images)` with each of its partial images.
         """
         self.start()
         item = _Pending(request, key, size, time.monotonic(),
-                        asyncio.get_running_loop().create_future(), holds, on_step, on_preview)
+                        asyncio.get_running_loop().create_future(), holds, on_step, on_preview,
+                        priority)
         self._pending.append(item)
         self._on_depth(len(self._pending))
         self._wakeup.set()
@@ -159,10 +168,10 @@ class Batcher:
             await self._on_idle()
 
     def _select(self) -> list[_Pending]:
-        """The oldest request and the compatible ones after it that fit, in order."""
-        head = self._pending[0]
+        """The request to run next and the compatible ones that fit, in their order."""
+        head, *others = sorted(self._pending, key=lambda p: p.order)
         batch, images, held = [head], head.size, head.holds
-        for item in self._pending[1:]:
+        for item in others:
             if item.key != head.key:
                 continue
             if images + item.size > self._max:

@@ -159,7 +159,8 @@ class ModelDeployment:
         queued = _Queued(request, self._prepare(request))
         outcome = await self.batcher.submit(queued, self.engine.batch_key(request),
                                             request.num_outputs, on_step, on_preview,
-                                            frozenset(request.adapters.names))
+                                            frozenset(request.adapters.names),
+                                            request.priority)
         self.metrics.queue_wait.observe(outcome.queue_s)
         images, nsfw = await asyncio.get_running_loop().run_in_executor(
             self._workers, self._finish, request, outcome.result)

@@ -36,6 +36,10 @@ class ApiKeyConfig(BaseModel):
         "Images this key may ask for per minute, a request of n images taking n (a bucket "
         "of that many, refilled evenly); past it: 429 with Retry-After. At least every "
         "model's limits.max_outputs. Unset: no limit."))
+    priority: int = Field(0, ge=-100, le=100, description=(
+        "Where this key's requests queue in a model replica: waiting requests of a higher "
+        "priority run first (compatible lower ones may share their call), e.g. 10 for an "
+        "interactive app's key, -10 for a batch job's. Equal priorities run oldest first."))
     models: list[str] | None = Field(None, min_length=1, description=(
         "The served models (ids or aliases) this key may use; others are answered as not "
         "served (404), are left out of model listings, and a request naming no model gets "
@@ -49,6 +53,7 @@ class ApiKey:
     requests_per_minute: int | None = None
     images_per_minute: int | None = None
     models: frozenset[str] | None = None  # the ids and aliases it may use; None: all
+    priority: int = 0
 
     def may_use(self, names: Iterable[str]) -> bool:
         """Whether the key may use the model of these names (its id and aliases)."""
@@ -62,7 +67,8 @@ def configured_keys(config_keys: Iterable[str | ApiKeyConfig]) -> tuple[ApiKey, 
     keys = [k if isinstance(k, ApiKeyConfig) else ApiKeyConfig(key=k)
             for k in [*config_keys, *(k for k in env if k)]]
     return tuple(ApiKey(k.key.encode(), k.name or _default_name(k.key), k.requests_per_minute,
-                        k.images_per_minute, None if k.models is None else frozenset(k.models))
+                        k.images_per_minute, None if k.models is None else frozenset(k.models),
+                        k.priority)
                  for k in keys)
 
 

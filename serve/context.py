@@ -70,6 +70,13 @@ def client_name(request: Request) -> str:
     return getattr(request.state, "client", "open")
 
 
+def requester(request: Request) -> dict:
+    """What a generation request takes from its API key: its name (usage is counted by
+    it) and its priority."""
+    key = getattr(request.state, "api_key", None)
+    return {"client": client_name(request), "priority": key.priority if key else 0}
+
+
 async def charge_images(request: Request, images: int) -> None:
     """Take a generation request's images from its key's images-per-minute bucket, before
     any work is queued; RateLimited (429 with Retry-After) when the bucket is short."""

@@ -137,6 +137,7 @@ class GenerationRequest:
     safety_check: bool = True  # False: skip the model's safety checker, if it lets requests
     watermark: bool = True  # False: leave out the model's invisible watermark, if it lets
     guidance_rescale: float = 0.0  # SDXL: rescale guided predictions to the prompt's spread
+    priority: int = 0  # its API key's: a replica runs waiting requests of higher ones first
 
     @property
     def mode(self) -> str:

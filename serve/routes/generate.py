@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from serve.adapters import AdapterSet, split_prompt_tags
 from serve.canvases import OUTPAINT_PRESETS
 from serve.config import ModelConfig
-from serve.context import charge_images, client_name, ingress, model_for, request_id
+from serve.context import charge_images, ingress, model_for, request_id, requester
 from serve.controls import (
     ControlParams,
     ControlRef,
@@ -185,7 +185,8 @@ class GenerateParams(BaseModel):
                    source: SourceImage | None, width: int | None,
                    height: int | None, client: str = "",
                    controls: tuple[ControlImage, ...] = (),
-                   image_prompt: ImagePrompt | None = None) -> GenerationRequest:
+                   image_prompt: ImagePrompt | None = None,
+                   priority: int = 0) -> GenerationRequest:
         """Raises InvalidField for values outside the model's limits. `source`, `controls`,
         `width` and `height` come from `load_source` and `load_controls` (the input or
         first control image's size unless given), `image_prompt` from
@@ -199,7 +200,7 @@ class GenerateParams(BaseModel):
             num_outputs=self.num_outputs, output_format=self.output_format,
             output_quality=self.output_quality, adapters=adapters, request_id=request_id,
             refine=self.refine, high_noise_frac=self.high_noise_frac,
-            refine_steps=self.refine_steps, client=client,
+            refine_steps=self.refine_steps, client=client, priority=priority,
             safety_check=not self.disable_safety_checker, watermark=self.apply_watermark)
 
 
@@ -249,7 +250,8 @@ async def generate(request: Request) -> Response:
         image_prompt = await load_image_prompt(image_prompt_params(params), model,
                                                state.images)
         gen = params.to_request(model, request_id(request), prompt, adapters, source, width,
-                                height, client_name(request), controls, image_prompt)
+                                height, controls=controls, image_prompt=image_prompt,
+                                **requester(request))
     except InvalidField as exc:
         field = "steps" if exc.field == "num_inference_steps" else exc.field
         raise type(exc)(field, exc.reason, sources.get(field, "body")) from None

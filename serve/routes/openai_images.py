@@ -39,10 +39,10 @@ from serve.context import (
     IngressState,
     base_url,
     charge_images,
-    client_name,
     ingress,
     model_for,
     request_id,
+    requester,
 )
 from serve.controls import (
     ControlRef,
@@ -283,7 +283,7 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
             adapters=state.router.adapters_for(model, tags),
             output_quality=params.output_compression or 90, request_id=request_id(request),
             partial_images=(params.partial_images or 0) if params.stream else 0,
-            client=client_name(request))
+            **requester(request))
     except InvalidField as exc:
         raise type(exc)(_FIELDS.get(exc.field, exc.field), exc.reason) from None
     await charge_images(request, gen.num_outputs)

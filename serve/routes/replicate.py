@@ -31,6 +31,7 @@ from serve.context import (
     ingress,
     model_for,
     request_id,
+    requester,
 )
 from serve.errors import AtelierError, InvalidField, ModelNotFound
 from serve.predictions import Prediction
@@ -126,8 +127,8 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
         raise InvalidField("version", f"{model.id} is served at version {state.versions[model.id]}")
     rid = request_id(request)
     inp = parse_input(model, body.input)
-    client = client_name(request)
-    gen = await to_request(state, model.id, inp, rid, client)  # refuses bad input first
+    who = requester(request)
+    gen = await to_request(state, model.id, inp, rid, **who)  # refuses bad input first
     if body.webhook:
         check_webhook(body.webhook, state.router.config.webhook_allowed_hosts)
     deadline_s = duration_s(request.headers.get("cancel-after"))
@@ -135,7 +136,7 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
     prediction = Prediction(
         model=model.id, version=state.versions[model.id],
         input=inp.model_dump(exclude_none=True), private={
-            "seed": gen.seed, "base": base_url(request), "request_id": rid, "client": client,
+            "seed": gen.seed, "base": base_url(request), "request_id": rid, **who,
             "webhook": body.webhook,
             "events": list(check_events(body.webhook_events_filter)),
             "cancel_at": None if deadline_s is None else time.time() + deadline_s})

@@ -37,7 +37,7 @@ async def run_prediction(state: IngressState, p: Prediction) -> None:
             inp = parse_input(state.router.resolve(p.model),
                               {**p.input, "seed": private["seed"]})
             gen = await to_request(state, p.model, inp, private["request_id"],
-                                   private.get("client", ""))
+                                   private.get("client", ""), private.get("priority", 0))
     except (AtelierError, RequestValidationError) as exc:  # e.g. a redeploy changed the model
         message = getattr(exc, "message", "the stored input does not fit the model any more")
         p.finish("failed", error=message)
@@ -54,7 +54,7 @@ async def run_prediction(state: IngressState, p: Prediction) -> None:
 
 
 async def to_request(state: IngressState, model_id: str, inp: ReplicateInput,
-                     rid: str, client: str = "") -> GenerationRequest:
+                     rid: str, client: str = "", priority: int = 0) -> GenerationRequest:
     model = state.router.resolve(model_id)
     args = inp.request_args()
     width, height = args.pop("width"), args.pop("height")
@@ -77,7 +77,8 @@ async def to_request(state: IngressState, model_id: str, inp: ReplicateInput,
             model, inp.prompt, width=width, height=height, source=source, seed=inp.seed,
             controls=made, image_prompt=image_prompt,
             adapters=state.router.adapters_for(model, inp.lora_refs()), request_id=rid,
-            client=client, safety_check=not inp.disable_safety_checker, **args)
+            client=client, priority=priority, safety_check=not inp.disable_safety_checker,
+            **args)
     except InvalidField as exc:
         raise type(exc)(f"input.{inp.field_of(exc.field)}", exc.reason) from None
 

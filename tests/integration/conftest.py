@@ -50,7 +50,8 @@ ONE_SLOT = "atelier/tiny-sdxl-one-slot"
 API_KEY = "test-key-7f3a"
 LIMITED_KEY = "test-key-limited-91c2"  # 3 generation requests per minute
 IMAGES_KEY = "test-key-images-5d0e"  # 6 images per minute
-MODELS_KEY = "test-key-models-3b8e"  # may use the batched SDXL and FLUX (by an alias) only
+# May use the batched SDXL and FLUX (by an alias) only; its requests have priority 5.
+MODELS_KEY = "test-key-models-3b8e"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TWO_REPLICAS = "atelier/tiny-sdxl-2x"
 RESTARTABLE = "atelier/tiny-sdxl-restartable"
@@ -186,7 +187,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
               "api_keys": [API_KEY, {"key": LIMITED_KEY, "name": "team-a",
                                      "requests_per_minute": 3},
                            {"key": IMAGES_KEY, "name": "team-b", "images_per_minute": 6},
-                           {"key": MODELS_KEY, "name": "team-c",
+                           {"key": MODELS_KEY, "name": "team-c", "priority": 5,
                             "models": ["black-forest-labs/flux-dev", BATCHED]}],
               "webhook_allowed_hosts": ["127.0.0.1"], "image_allowed_hosts": ["127.0.0.1"],
               "lora_allowed_hosts": ["127.0.0.1"],

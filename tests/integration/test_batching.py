@@ -1,6 +1,16 @@
+import asyncio
 from collections import defaultdict
 
-from tests.integration.conftest import BATCHED, assert_same_pixels, decode, post_many
+import httpx
+
+from tests.integration.conftest import (
+    AUTH,
+    BATCHED,
+    MODELS_KEY,
+    assert_same_pixels,
+    decode,
+    post_many,
+)
 
 
 def _body(seed, **extra):
@@ -85,3 +95,21 @@ def test_image_requests_share_calls_with_their_own_kind_only(base_url):
     assert len({calls[0], calls[1], calls[3], calls[5]}) == 4
     assert [r.headers["x-atelier-batch-size"] for r in responses] == ["2", "1", "2", "2", "2",
                                                                        "1"]
+
+
+def test_a_higher_priority_keys_request_runs_before_an_older_one(base_url):
+    """On the batched model (a 2 s window): a request of priority 0, then 300 ms later one
+    of another size (another call) from team-c's key (priority 5), which runs first."""
+    async def run():
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as c:
+            low = asyncio.create_task(c.post("/generate", headers=AUTH, json=_body(81)))
+            await asyncio.sleep(0.3)
+            high = asyncio.create_task(c.post(
+                "/generate", headers={"Authorization": f"Bearer {MODELS_KEY}"},
+                json=_body(82, width=128)))
+            return await asyncio.gather(low, high)
+
+    low, high = asyncio.run(run())
+    calls = [int(r.headers["x-atelier-batch-id"].rsplit("-", 1)[1]) for r in (low, high)]
+    assert calls[1] < calls[0], calls
+    assert [r.headers["x-atelier-batch-size"] for r in (low, high)] == ["1", "1"]

@@ -52,6 +52,27 @@ def test_incompatible_requests_run_in_separate_calls_oldest_key_first():
     assert [r.result for r in results] == ["done-a1", "done-b1", "done-a2", "done-b2"]
 
 
+def test_a_higher_priority_request_runs_before_older_ones_with_its_compatible_ones():
+    """While a call runs, two requests of priority 0 wait, then one of priority 5: it runs
+    next, taking the older compatible one along (room for two), and the other runs last."""
+    run = Recorder(delay=0.05)
+    batcher = Batcher(run, max_batch_size=2, wait_s=0.0)
+
+    async def main():
+        busy = asyncio.create_task(batcher.submit("busy", "A", 1))
+        await asyncio.sleep(0.01)
+        low = [asyncio.create_task(batcher.submit(name, key, 1))
+               for name, key in (("low-a", "A"), ("low-b", "B"))]
+        await asyncio.sleep(0.001)
+        high = asyncio.create_task(batcher.submit("high-b", "B", 1, priority=5))
+        return await asyncio.gather(busy, *low, high)
+
+    results = asyncio.run(main())
+    assert run.calls == [["busy"], ["high-b", "low-b"], ["low-a"]]
+    assert [r.result for r in results] == ["done-busy", "done-low-a", "done-low-b",
+                                           "done-high-b"]
+
+
 def test_num_outputs_count_against_the_batch_size():
     run = Recorder()
     batcher = Batcher(run, max_batch_size=4, wait_s=0.05)

@@ -46,7 +46,8 @@ def test_a_key_naming_a_model_not_served_is_a_config_error():
 
 def test_keys_without_a_list_and_keys_from_the_environment_use_every_model(monkeypatch):
     monkeypatch.setenv("ATELIER_API_KEYS", "from-env")
-    keys = configured_keys([ApiKeyConfig(key="k", models=["acme/first"])])
+    keys = configured_keys([ApiKeyConfig(key="k", models=["acme/first"], priority=5)])
     assert [k.models for k in keys] == [frozenset({"acme/first"}), None]
+    assert [k.priority for k in keys] == [5, 0]
     assert keys[0].may_use(("acme/first", "x")) and not keys[0].may_use(("acme/flux",))
     assert keys[1].may_use(("anything",))
