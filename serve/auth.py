@@ -40,6 +40,9 @@ class ApiKeyConfig(BaseModel):
         "Where this key's requests queue in a model replica: waiting requests of a higher "
         "priority run first (compatible lower ones may share their call), e.g. 10 for an "
         "interactive app's key, -10 for a batch job's. Equal priorities run oldest first."))
+    sees_all_predictions: bool = Field(False, description=(
+        "Read, list and cancel every key's predictions (an operator's key); otherwise a "
+        "key sees only those made with its name."))
     models: list[str] | None = Field(None, min_length=1, description=(
         "The served models (ids or aliases) this key may use; others are answered as not "
         "served (404), are left out of model listings, and a request naming no model gets "
@@ -54,6 +57,7 @@ class ApiKey:
     images_per_minute: int | None = None
     models: frozenset[str] | None = None  # the ids and aliases it may use; None: all
     priority: int = 0
+    sees_all_predictions: bool = False
 
     def may_use(self, names: Iterable[str]) -> bool:
         """Whether the key may use the model of these names (its id and aliases)."""
@@ -68,7 +72,7 @@ def configured_keys(config_keys: Iterable[str | ApiKeyConfig]) -> tuple[ApiKey, 
             for k in [*config_keys, *(k for k in env if k)]]
     return tuple(ApiKey(k.key.encode(), k.name or _default_name(k.key), k.requests_per_minute,
                         k.images_per_minute, None if k.models is None else frozenset(k.models),
-                        k.priority)
+                        k.priority, k.sees_all_predictions)
                  for k in keys)
 
 

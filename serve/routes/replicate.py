@@ -170,9 +170,10 @@ async def _data_uri(state: IngressState, url: str) -> str:
 
 def _visible(request: Request, prediction: Prediction) -> bool:
     """Whether the request's API key made the prediction (by the key's name, as Replicate
-    shows an account its own); on a server without keys, every one is."""
-    client = client_name(request)
-    return client == "open" or prediction.private.get("client") == client
+    shows an account its own) or sees every one; on a server without keys, every one is."""
+    client, key = client_name(request), getattr(request.state, "api_key", None)
+    return (client == "open" or prediction.private.get("client") == client
+            or (key is not None and key.sees_all_predictions))
 
 
 async def _own_prediction(request: Request, prediction_id: str) -> Prediction:

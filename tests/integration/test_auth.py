@@ -139,7 +139,8 @@ def test_a_key_limited_to_some_models_sees_and_uses_only_those_in_every_api(base
 
 
 def test_each_key_sees_and_cancels_only_its_own_predictions(base_url):
-    from tests.integration.conftest import BATCHED, MODELS_KEY
+    """An operator's key (sees_all_predictions) sees every key's."""
+    from tests.integration.conftest import BATCHED, MODELS_KEY, OPS_KEY
 
     mine, theirs = ({"Authorization": f"Bearer {k}"} for k in (MODELS_KEY, API_KEY))
     made = httpx.post(f"{base_url}/v1/models/{BATCHED}/predictions", headers=mine,
@@ -150,10 +151,13 @@ def test_each_key_sees_and_cancels_only_its_own_predictions(base_url):
     assert httpx.get(path, headers=mine).json()["id"] == made["id"]
     assert httpx.get(path, headers=theirs).status_code == 404
     assert httpx.post(f"{path}/cancel", headers=theirs).status_code == 404
+    ops = {"Authorization": f"Bearer {OPS_KEY}"}
     listed = {k: [p["id"] for p in httpx.get(f"{base_url}/v1/predictions",
                                                 headers=h).json()["results"]]
-              for k, h in (("mine", mine), ("theirs", theirs))}
+              for k, h in (("mine", mine), ("theirs", theirs), ("ops", ops))}
     assert made["id"] in listed["mine"] and other["id"] not in listed["mine"]
     assert other["id"] in listed["theirs"] and made["id"] not in listed["theirs"]
+    assert {made["id"], other["id"]} <= set(listed["ops"])
+    assert httpx.get(path, headers=ops).json()["id"] == made["id"]
     canceled = httpx.post(f"{path}/cancel", headers=mine).json()
     assert canceled["id"] == made["id"]
