@@ -216,9 +216,7 @@ class ModelConfig(_Strict):
         if len(tools) > 1:
             raise ValueError(f"{tools[1]}: a model is one FLUX.1 tool, not "
                              f"{' and '.join(tools)}")
-        if self.inpainting and self.family != "sdxl":
-            raise ValueError("inpainting: only sdxl models take an inpainting UNet (FLUX.1 "
-                             "Fill's weights: fill)")
+        self._check_sdxl_only()
         if self.embedded not in (None, self.rules.embedded):
             kind = (self.flux_kind or "").title() or ("inpainting" if self.inpainting else "")
             kind = f"{self.family}{f' {kind}' if kind else ''} model"
@@ -230,14 +228,8 @@ class ModelConfig(_Strict):
         if self.configs_from is not None and self.variant is not None:
             raise ValueError("variant: a single-file checkpoint has no variants")
         tokens = [embedding.token for embedding in self.textual_inversions]
-        if self.freeu is not None and self.family != "sdxl":
-            raise ValueError("freeu: only sdxl models have a UNet to re-weight")
-        if tokens and self.family != "sdxl":
-            raise ValueError("textual_inversions: only sdxl models take these embeddings")
         if len(set(tokens)) < len(tokens):
             raise ValueError("textual_inversions: each embedding needs its own token")
-        if self.refiner is not None and self.family != "sdxl":
-            raise ValueError("refiner: only sdxl models take a refiner")
         self._check_controlnets()
         self._check_ip_adapter()
         if self.estimates_depth != (self.depth_estimator is not None):
@@ -245,13 +237,6 @@ class ModelConfig(_Strict):
                              "that preprocesses depth need one, and only they take one")
         if self.redux is not None and self.family != "flux":
             raise ValueError("redux: only flux models take FLUX.1 Redux")
-        if self.scheduler_options.given() and self.family != "sdxl":
-            raise ValueError("scheduler_options: FLUX's flow-matching scheduler takes none")
-        if self.speed.cfg_cutoff is not None and self.family != "sdxl":
-            raise ValueError("speed.cfg_cutoff: only sdxl models use classifier-free guidance")
-        if self.defaults.guidance_rescale and self.family != "sdxl":
-            raise ValueError("defaults.guidance_rescale: only sdxl models use classifier-free "
-                             "guidance")
         if self.defaults.guidance_rescale and self.controlnets:
             raise ValueError(f"defaults.guidance_rescale: {NO_RESCALE_WITH_CONTROLNETS}; a "
                              "model with controlnets keeps 0")
@@ -265,6 +250,26 @@ class ModelConfig(_Strict):
             raise ValueError("max_ongoing_requests must be at least batching.max_batch_size, "
                              "or batches can never fill")
         return self
+
+    def _check_sdxl_only(self) -> None:
+        """Refuse on a FLUX model, naming it, each setting only SDXL models take."""
+        if self.family == "sdxl":
+            return
+        guided = "only sdxl models use classifier-free guidance"
+        settings = {
+            "inpainting": (self.inpainting, ("only sdxl models take an inpainting UNet "
+                                             "(FLUX.1 Fill's weights: fill)")),
+            "freeu": (self.freeu is not None, "only sdxl models have a UNet to re-weight"),
+            "textual_inversions": (self.textual_inversions,
+                                   "only sdxl models take these embeddings"),
+            "refiner": (self.refiner is not None, "only sdxl models take a refiner"),
+            "scheduler_options": (self.scheduler_options.given(),
+                                  "FLUX's flow-matching scheduler takes none"),
+            "speed.cfg_cutoff": (self.speed.cfg_cutoff is not None, guided),
+            "defaults.guidance_rescale": (self.defaults.guidance_rescale, guided)}
+        for name, (given, reason) in settings.items():
+            if given:
+                raise ValueError(f"{name}: {reason}")
 
     def _check_controlnets(self) -> None:
         if self.controlnets and self.flux_kind:
