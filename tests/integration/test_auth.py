@@ -133,7 +133,8 @@ def test_a_key_limited_to_some_models_sees_and_uses_only_those_in_every_api(base
     assert [d.name for d in rep.deployments.list()] == ["tiny-sdxl-batched", "tiny-flux"]
     for path in (f"/v1/loras?model={FAST}", f"/v1/deployments/{FAST}",
                  f"/v1/models/{FAST}/versions"):
-        assert httpx.get(base_url + path, headers=headers).status_code == 404, path
+        r = httpx.get(base_url + path, headers=headers)
+        assert r.status_code == 404 and f"model '{FAST}' is not served here" in r.text, path
     everything = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
     assert len(everything.json()["data"]) > 2
 

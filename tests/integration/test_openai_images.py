@@ -76,6 +76,17 @@ def test_sdxl_settings_sent_with_extra_body_are_the_generate_fields(oai, client)
     ours = _png(base64.b64decode(item.b64_json))
     assert_same_pixels(ours, decode(direct))
     assert abs(pixels(ours) - pixels(decode(plain))).mean() > 1
+    # An edit's form carries them too (as text fields), with the image and its strength.
+    photo = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(photo, format="PNG")
+    edit = settings | {"num_inference_steps": 3, "prompt_strength": 0.9}
+    (edited,) = oai.images.edit(model=FAST, prompt="a lighthouse", extra_body=edit,
+                                image=("p.png", photo.getvalue(), "image/png")).data
+    image = "data:image/png;base64," + base64.b64encode(photo.getvalue()).decode()
+    direct = client.post("/generate", json={"prompt": "a lighthouse", "steps": 3,
+                                            "image": image, "prompt_strength": 0.9,
+                                            **settings}).json()["image"]
+    assert_same_pixels(_png(base64.b64decode(edited.b64_json)), decode(direct))
 
 
 @pytest.mark.parametrize("kwargs, param", [
