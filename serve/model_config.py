@@ -24,6 +24,7 @@ from serve.model_parts import (
     FreeUConfig,
     LimitsConfig,
     MergedLoraConfig,
+    PromptConfig,
     RefinerConfig,
     SafetyCheckerConfig,
     SchedulerOptions,
@@ -136,6 +137,9 @@ class ModelConfig(_Strict):
     freeu: FreeUConfig | None = Field(None, description=(
         "SDXL only: FreeU's re-weighting of the UNet decoder's features for every request "
         "(`{}` takes the FreeU authors' SDXL values). Changes the images."))
+    prompts: PromptConfig = Field(default_factory=PromptConfig, description=(
+        "SDXL only: prompts longer than CLIP's 77 tokens and weighted words (see "
+        "PromptConfig). Unset: read as diffusers reads them."))
     textual_inversions: list[TextualInversionConfig] = Field(
         default_factory=list, description=(
             "SDXL only: textual-inversion embeddings loaded at start, each a new word "
@@ -260,6 +264,8 @@ class ModelConfig(_Strict):
             "inpainting": (self.inpainting, ("only sdxl models take an inpainting UNet "
                                              "(FLUX.1 Fill's weights: fill)")),
             "freeu": (self.freeu is not None, "only sdxl models have a UNet to re-weight"),
+            "prompts": (self.prompts.given(), ("FLUX's T5 encoder reads long prompts "
+                                               "whole and takes no weights")),
             "textual_inversions": (self.textual_inversions,
                                    "only sdxl models take these embeddings"),
             "refiner": (self.refiner is not None, "only sdxl models take a refiner"),

@@ -341,6 +341,28 @@ class FreeUConfig(_Strict):
     b2: float = Field(1.4, ge=0, le=3, description="Stage 2's backbone-feature scale.")
 
 
+class PromptConfig(_Strict):
+    """How an SDXL model's text encoders read prompts and negative prompts. CLIP reads 77
+    tokens (a start token, 75 of the prompt's, an end token); diffusers and Replicate's
+    SDXL cut a prompt there."""
+
+    chunks: int = Field(1, ge=1, le=8, description=(
+        "How many chunks of 75 tokens are read, as AUTOMATIC1111's WebUI and compel read "
+        "long prompts: each chunk encoded on its own, their embeddings joined; tokens past "
+        "the last chunk are cut. 1: diffusers' 77 tokens, Replicate's SDXL images. Requests "
+        "whose prompts take different chunk counts run in separate calls; compiled for exact "
+        "shapes (`speed.batch_buckets`), calls of several chunks run uncompiled."))
+    weights: bool = Field(False, description=(
+        "Read AUTOMATIC1111's emphasis: (words) weighs 1.1, [words] 1/1.1, (words:1.5) "
+        "1.5, nested groups multiply, \\( \\) \\[ \\] are literal brackets. Off: brackets "
+        "are text, as in diffusers."))
+
+    def given(self) -> dict[str, int | bool]:
+        """The settings that differ from diffusers' reading."""
+        return {name: value for name, value in self.model_dump().items()
+                if value != PromptConfig.model_fields[name].default}
+
+
 class TextualInversionConfig(_Strict):
     """An SDXL textual-inversion embedding (e.g. a negative embedding such as
     unaestheticXL): a new word whose vectors the file holds for each text encoder, loaded

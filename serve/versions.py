@@ -32,6 +32,8 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
         config["merged_loras"] = [lora.scale for lora in model.merged_loras]
     if model.freeu is not None:  # (left out unset: versions stay as they were)
         config["freeu"] = model.freeu.model_dump()
+    if model.prompts.given():  # (left out unset: versions stay as they were)
+        config["prompts"] = model.prompts.given()
     if model.textual_inversions:  # their tokens here, their files' bytes below
         config["textual_inversions"] = [e.token for e in model.textual_inversions]
     if ip is not None:  # its files as the family lays them out, given or not

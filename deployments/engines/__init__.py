@@ -154,7 +154,7 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                           depth_estimator_folder(model, cache_dir),
                           model.scheduler_options.given(), merged_loras(model), model.vae,
                           [(e.path, e.token) for e in model.textual_inversions],
-                          model.freeu and model.freeu.model_dump())
+                          model.freeu and model.freeu.model_dump(), model.prompts.given())
     if model.family == "flux":
         from deployments.engines.flux import (
             FluxControlEngine,

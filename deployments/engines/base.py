@@ -307,12 +307,17 @@ class DiffusersEngine:
         """Compiled for exact shapes, a call at an image size the warm-up did not compile
         runs uncompiled: slower than compiled code, but without the minute a compilation
         of every block takes on a GPU, which every request queued behind it would wait. So
-        does a Kontext edit with further references (more tokens per row)."""
-        further = first.source is not None and bool(first.source.references)
+        does a call whose rows hold other token counts (`_other_shapes`)."""
         if self.compiled_sizes is None or (
-                (first.width, first.height) in self.compiled_sizes and not further):
+                (first.width, first.height) in self.compiled_sizes
+                and not self._other_shapes(first)):
             return nullcontext()
         return torch.compiler.set_stance("force_eager")
+
+    def _other_shapes(self, first: GenerationRequest) -> bool:
+        """Whether the call's rows hold more tokens than the warm-up compiled for: here, a
+        Kontext edit with further references."""
+        return first.source is not None and bool(first.source.references)
 
     def _previews(self, requests: Sequence[GenerationRequest], rows: BatchRows,
                   on_preview: PreviewListener | None) -> Previews | None:

@@ -35,6 +35,7 @@ from deployments.engines.base import DiffusersEngine
 from deployments.engines.controlnets import NetFiles
 from deployments.engines.image_prompts import ImagePrompts
 from deployments.engines.loading import load_pipeline
+from deployments.engines.long_prompts import LongPrompts
 from deployments.engines.prompts import Embeds
 from deployments.engines.speed import attention_order
 from deployments.engines.withdrawal import BatchRows
@@ -90,10 +91,15 @@ class SDXLEngine(DiffusersEngine):
                  scheduler_options: Mapping[str, str | bool] | None = None,
                  merged_loras: Sequence[tuple[Path, float]] = (), vae: Path | None = None,
                  textual_inversions: Sequence[tuple[Path, str]] = (),
-                 freeu: Mapping[str, float] | None = None):
+                 freeu: Mapping[str, float] | None = None,
+                 prompts: Mapping[str, int | bool] | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images, vae)
         self.merge_loras(merged_loras)
         self._load_embeddings(textual_inversions)
+        self.prompt_settings = dict(prompts or {})  # chunks read, weights (long_prompts)
+        self.long_prompts = LongPrompts((self.pipe.tokenizer, self.pipe.tokenizer_2),
+                                        convert=self.pipe.maybe_convert_prompt,
+                                        **self.prompt_settings)
         self.freeu = dict(freeu or {})  # s1, s2, b1, b2 on the UNet the pipelines share
         if self.freeu:
             self.pipe.unet.enable_freeu(**self.freeu)
@@ -145,6 +151,16 @@ class SDXLEngine(DiffusersEngine):
                 for name, (cls, extra) in _SCHEDULERS.items()
                 if set(options) <= set(inspect.signature(cls.__init__).parameters)}
 
+    def batch_key(self, request: GenerationRequest) -> tuple:
+        """As every engine's, and by how many chunks the prompts are encoded in (a call's
+        rows have as many tokens each)."""
+        return (*super().batch_key(request),
+                self.long_prompts.count(request.prompt, request.negative_prompt))
+
+    def _other_shapes(self, first: GenerationRequest) -> bool:
+        """Prompts of several chunks: more text tokens than the warm-up's."""
+        return super()._other_shapes(first) or self.batch_key(first)[-1] > 1
+
     def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
         first = requests[0]
         if self.inpainting and first.mode != "inpaint":
@@ -158,18 +174,20 @@ class SDXLEngine(DiffusersEngine):
 
     def describe(self) -> dict:
         """As for every engine, with the scheduler options the model set, whether its
-        UNet is an inpainting one, its embeddings' tokens and FreeU's scales."""
+        UNet is an inpainting one, its embeddings' tokens, FreeU's scales and how prompts
+        are read."""
         facts = super().describe()
         return facts | {"controlnets": list(self.controlnets.nets),
                         "scheduler_options": self.scheduler_options,
                         "inpainting_unet": self.inpainting, "embeddings": self.embeddings,
-                        "freeu": self.freeu}
+                        "freeu": self.freeu, "prompts": self.prompt_settings}
 
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
-        pos, neg, pooled, neg_pooled = self.pipe.encode_prompt(
-            prompt=prompt, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=True, negative_prompt=negative_prompt or None)
-        return pos, neg, pooled, neg_pooled
+        pipe = self.pipe
+        return self.long_prompts.encode(
+            [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)],
+            prompt, negative_prompt, pipe.config.force_zeros_for_empty_prompt, self.device,
+            pipe.text_encoder_2.dtype)
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
         """As for every engine, then one call with each ControlNet, one with an image
@@ -231,16 +249,30 @@ class SDXLEngine(DiffusersEngine):
             return out.new_zeros(out.shape[0], 3, first.height, first.width)
         live = rows.original_rows()
         prompts = [(r.prompt, r.negative_prompt) for r in requests for _ in r.seeds]
-        args = {"num_inference_steps": first.num_inference_steps}
+        args = {"num_inference_steps": first.num_inference_steps} | self._refiner_embeds(
+            [prompts[i] for i in live])
         if first.refine == "expert_ensemble_refiner":
             args["denoising_start"] = first.high_noise_frac
         elif first.refine_steps:
             args["num_inference_steps"] = first.refine_steps
         with attention_order(self.attention):
             return self.refiner(
-                prompt=[prompts[i][0] for i in live],
-                negative_prompt=[prompts[i][1] for i in live], image=out,
-                guidance_scale=first.guidance_scale, generator=generators, output_type="pt",
+                image=out, guidance_scale=first.guidance_scale, generator=generators, output_type="pt",
                 callback_on_step_end=callback,
                 callback_on_step_end_tensor_inputs=list(self.refiner._callback_tensor_inputs),
                 **args).images
+
+    def _refiner_embeds(self, prompts: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
+        """The refiner's prompt embeddings for each row's (prompt, negative prompt): its one
+        text encoder's (the base model's second), read in as many chunks as the base
+        model's. Encoded with the refiner's call, not kept (refined calls are rare). An
+        empty negative prompt is encoded, as the prompts Replicate's SDXL passes it are."""
+        refiner, held = self.refiner, {}
+        for pair in set(prompts):
+            held[pair] = self.long_prompts.encode(
+                [(refiner.tokenizer_2, refiner.text_encoder_2)], *pair, False, self.device,
+                refiner.text_encoder_2.dtype)
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                 "negative_pooled_prompt_embeds")
+        return {name: torch.cat([held[pair][i] for pair in prompts])
+                for i, name in enumerate(names)}

@@ -31,6 +31,7 @@ async def list_models(request: Request) -> dict:
              "ip_adapter": m.ip_adapter and {"scale": m.ip_adapter.scale},
              "redux": m.redux and {"downsampling": m.redux.downsampling},
              "textual_inversions": [e.token for e in m.textual_inversions],
+             "prompts": m.prompts.model_dump() if m.family == "sdxl" else None,
              "schedulers": list(m.rules.schedulers),
              "limits": m.limits.model_dump(),
              "defaults": m.defaults.model_dump() | {"scheduler": m.default_scheduler}}

@@ -3,7 +3,8 @@
 `atelier/tiny-sdxl` batches with a short window (most tests) and has the tiny refiner; `atelier/tiny-sdxl-batched`
 waits two seconds for company, so concurrent requests reliably share pipeline calls;
 `atelier/tiny-sdxl-one-slot` holds one request and queues one more, to show overload;
-`atelier/tiny-sdxl-2x` has two replicas, to show adapter affinity;
+`atelier/tiny-sdxl-2x` has two replicas, to show adapter affinity, and reads prompts in
+up to two chunks with weights;
 `atelier/tiny-sdxl-restartable` is the one whose replica the fault tests kill;
 `atelier/tiny-sdxl-deadline` gives synchronous requests 1.5 s;
 `atelier/tiny-sdxl-small-memory` runs out of memory on calls of more than two images
@@ -208,7 +209,8 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
         _model(BATCHED, 2000, ip_adapter={"embedded": "tiny-sdxl-ip-adapter"}),
         _model(ONE_SLOT, 1500, max_ongoing_requests=1, max_queued_requests=1,
                batching={"max_batch_size": 1, "wait_ms": 1500}),
-        _model(TWO_REPLICAS, 10, replicas=2, label_images=False),
+        _model(TWO_REPLICAS, 10, replicas=2, label_images=False,
+               prompts={"chunks": 2, "weights": True}),
         _model(RESTARTABLE, 1000),
         _model(DEADLINE, 10, request_timeout_s=1.5,
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60}),

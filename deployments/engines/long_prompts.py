@@ -1,0 +1,183 @@
+"""SDXL prompts read past CLIP's 77 tokens, and weighted words (a model's `prompts`).
+
+CLIP reads 77 tokens: a start token, 75 of the prompt's and an end token, padded. diffusers
+(and Replicate's SDXL) cut a longer prompt there. With `prompts.chunks` above 1, a prompt
+is read as AUTOMATIC1111's WebUI and compel read it: its tokens in chunks of 75, each chunk
+encoded on its own as a 77-token prompt, and the chunks' embeddings joined along the
+sequence, so the UNet's cross-attention sees every word; the pooled embedding is the first
+chunk's. A prompt and its negative prompt are padded to the same count with empty chunks,
+and the requests of one call have the same count (it is part of their batch key). A prompt
+of one chunk is encoded exactly as diffusers encodes it.
+
+With `prompts.weights`, AUTOMATIC1111's emphasis: `(words)` weighs 1.1, `[words]` 1/1.1,
+`(words:1.5)` 1.5, nested groups multiply, `\\(` `\\)` `\\[` `\\]` are literal brackets. Each
+token's embedding is scaled by its weight, then each chunk's embeddings are scaled back to
+their unweighted mean. The pooled embedding is not weighted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+
+# (tokenizer, text encoder) pairs, in the order their embeddings are joined.
+Encoders = Sequence[tuple[object, torch.nn.Module]]
+
+EMPHASIS = 1.1
+_SYNTAX = re.compile(r"\\[\\()\[\]]|\(|\[|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)|\)|\]"
+                     r"|[^\\()\[\]:]+|[\\:]")
+
+
+def weighted_pieces(prompt: str) -> list[tuple[str, float]]:
+    """The prompt as (text, weight) pieces under AUTOMATIC1111's emphasis syntax,
+    neighbours of one weight joined. Brackets left open weigh to the end; a closing one
+    with nothing open is text."""
+    pieces: list[list] = []
+    rounds: list[int] = []  # where each open group's pieces start
+    squares: list[int] = []
+
+    def weigh(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    for match in _SYNTAX.finditer(prompt):
+        text, weight = match.group(0), match.group(1)
+        if len(text) == 2 and text[0] == "\\":
+            pieces.append([text[1], 1.0])
+        elif text in "([":
+            (rounds if text == "(" else squares).append(len(pieces))
+        elif weight is not None and rounds:
+            weigh(rounds.pop(), float(weight))
+        elif text == ")" and rounds:
+            weigh(rounds.pop(), EMPHASIS)
+        elif text == "]" and squares:
+            weigh(squares.pop(), 1 / EMPHASIS)
+        else:
+            pieces.append([text, 1.0])
+    for start in rounds:
+        weigh(start, EMPHASIS)
+    for start in squares:
+        weigh(start, 1 / EMPHASIS)
+    joined: list[tuple[str, float]] = []
+    for text, weight in pieces:
+        if joined and joined[-1][1] == weight:
+            text = joined.pop()[0] + text
+        joined.append((text, weight))
+    return joined or [("", 1.0)]
+
+
+class LongPrompts:
+    """Tokenizes and encodes prompts in chunks for a pipeline's tokenizers. `convert`
+    spells a textual inversion's token as its vectors' tokens (diffusers'
+    `maybe_convert_prompt`). Safe from several threads: a tokenizer is used by one at a
+    time (fast tokenizers refuse concurrent use)."""
+
+    def __init__(self, tokenizers: Sequence, chunks: int = 1, weights: bool = False,
+                 convert: Callable[[str, object], str] = lambda text, tokenizer: text):
+        if chunks < 1:
+            raise ValueError("chunks must be >= 1")
+        self.tokenizers, self.chunks, self.weights = tuple(tokenizers), chunks, weights
+        self._convert = convert
+        self._lock = threading.RLock()
+        self._counts: OrderedDict[tuple[str, str], int] = OrderedDict()
+
+    def count(self, prompt: str, negative_prompt: str) -> int:
+        """How many chunks the prompt and its negative prompt are encoded in (the larger
+        count; 1 when a model reads one)."""
+        if self.chunks == 1:
+            return 1
+        with self._lock:
+            key = (prompt, negative_prompt)
+            if key not in self._counts:
+                self._counts[key] = max(
+                    max(1, math.ceil(len(self._tokens(t, text)[0]) / _size(t)))
+                    for t in self.tokenizers for text in key)
+                if len(self._counts) > 256:
+                    self._counts.popitem(last=False)
+            self._counts.move_to_end(key)
+            return self._counts[key]
+
+    def _tokens(self, tokenizer, text: str) -> tuple[list[int], list[float]]:
+        """The text's token ids (no start or end token), cut after the chunks read, and
+        each one's weight."""
+        pieces = weighted_pieces(text) if self.weights else [(text, 1.0)]
+        ids: list[int] = []
+        weights: list[float] = []
+        most = self.chunks * _size(tokenizer)
+        for piece, weight in pieces:
+            piece_ids = tokenizer(self._convert(piece, tokenizer), add_special_tokens=False,
+                                  truncation=True, max_length=most).input_ids
+            ids += piece_ids
+            weights += [weight] * len(piece_ids)
+        return ids[:most], weights[:most]
+
+    @torch.inference_mode()
+    def encode(self, encoders: Encoders, prompt: str, negative_prompt: str,
+               zeros_for_empty: bool, device: torch.device,
+               dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(prompt embeddings, negative ones, pooled, negative pooled), each with a batch
+        dimension of 1, as diffusers' SDXL `encode_prompt` gives them for one image with
+        guidance; an empty negative prompt gives zeros where the model says so
+        (`force_zeros_for_empty_prompt`)."""
+        zeros = zeros_for_empty and not negative_prompt
+        with self._lock:  # the tokenizers; not the encoders (`count` may wait on it)
+            count = self.count(prompt, negative_prompt)
+            tokens = [[self._chunked(t, *self._tokens(t, text), count) for t, _ in encoders]
+                      for text in ((prompt,) if zeros else (prompt, negative_prompt))]
+        pos, pooled = self._encoded(encoders, tokens[0])
+        if zeros:
+            neg, neg_pooled = torch.zeros_like(pos), torch.zeros_like(pooled)
+        else:
+            neg, neg_pooled = self._encoded(encoders, tokens[1])
+        return tuple(t.to(device=device, dtype=dtype) for t in (pos, neg, pooled, neg_pooled))
+
+    @staticmethod
+    def _encoded(encoders: Encoders, tokens: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A text's embeddings from its chunks' tokens and weights for each encoder: each
+        encoder's penultimate hidden states of every chunk, chunks joined along the
+        sequence, encoders along the features; and the pooled embedding of the first
+        encoder that has one, from the first chunk."""
+        embeds, pooled = [], None
+        for (_, encoder), (ids, weights) in zip(encoders, tokens, strict=True):
+            out = encoder(ids.to(encoder.device), output_hidden_states=True)
+            if pooled is None and out[0].ndim == 2:
+                pooled = out[0][:1]
+            hidden = out.hidden_states[-2]
+            if bool((weights != 1).any()):
+                hidden = _weighted(hidden, weights.to(hidden))
+            embeds.append(hidden.reshape(1, -1, hidden.shape[-1]))
+        return torch.cat(embeds, dim=-1), pooled
+
+    @staticmethod
+    def _chunked(tokenizer, ids: list[int], weights: list[float],
+                 count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(count, 77) token ids, each row a start token, up to 75 ids, an end token and
+        padding, and their weights (1 for the added tokens)."""
+        size = _size(tokenizer)
+        rows, row_weights = [], []
+        for start in range(0, count * size, size):
+            part = ids[start:start + size]
+            pad = size - len(part)
+            rows.append([tokenizer.bos_token_id, *part, tokenizer.eos_token_id]
+                        + [tokenizer.pad_token_id] * pad)
+            row_weights.append([1.0, *weights[start:start + size], 1.0] + [1.0] * pad)
+        return torch.tensor(rows), torch.tensor(row_weights)
+
+
+def _size(tokenizer) -> int:
+    """The prompt tokens one chunk holds (75 for CLIP's 77)."""
+    return tokenizer.model_max_length - 2
+
+
+def _weighted(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each token's embedding scaled by its weight, each chunk then scaled back to its
+    unweighted mean (AUTOMATIC1111's emphasis)."""
+    before = hidden.mean(dim=(1, 2), keepdim=True)
+    hidden = hidden * weights.unsqueeze(-1)
+    return hidden * (before / hidden.mean(dim=(1, 2), keepdim=True))
