@@ -138,6 +138,7 @@ class GenerationRequest:
     watermark: bool = True  # False: leave out the model's invisible watermark, if it lets
     guidance_rescale: float = 0.0  # SDXL: rescale guided predictions to the prompt's spread
     priority: int = 0  # its API key's: a replica runs waiting requests of higher ones first
+    tiling: bool = False  # SDXL: an image whose edges meet seamlessly when tiled
 
     @property
     def mode(self) -> str:
@@ -216,7 +217,7 @@ class GenerationRequest:
                                                     for r in self.source.references)
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
                 self.guidance_rescale, self.scheduler, self.mode, strength, refine, control,
-                refs)
+                refs, self.tiling)
 
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its
@@ -263,6 +264,9 @@ class GenerationRequest:
         if self.negative_prompt and not family.negative_prompt:
             raise InvalidField("negative_prompt", "this model takes no negative prompt")
         self._check_guidance_rescale(family)
+        if self.tiling and not family.tiles:
+            raise InvalidField("tiling", "this model cannot draw tiling images (FLUX's "
+                                         "transformer has no convolutions to wrap around)")
 
     def _check_guidance_rescale(self, family: Family) -> None:
         if not self.guidance_rescale:

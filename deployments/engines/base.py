@@ -293,7 +293,8 @@ class DiffusersEngine:
         out_of_memory = False
         try:
             tap = previews.tapping(pipe) if previews else nullcontext()
-            with self._rows_follow(requests, made, rows), tap, self._compiled_for(first):
+            with self._rows_follow(requests, made, rows), tap, self._compiled_for(first), \
+                    self._tiled(pipe, first):
                 out = self._call(pipe, first, generators, inputs, callback)
                 images = self._second_stage(requests, rows, generators, out, callback)
         except torch.OutOfMemoryError:
@@ -307,12 +308,21 @@ class DiffusersEngine:
         """Compiled for exact shapes, a call at an image size the warm-up did not compile
         runs uncompiled: slower than compiled code, but without the minute a compilation
         of every block takes on a GPU, which every request queued behind it would wait. So
-        does a call whose rows hold other token counts (`_other_shapes`)."""
-        if self.compiled_sizes is None or (
+        does a call whose rows hold other token counts (`_other_shapes`). A tiling call
+        runs uncompiled under any compilation: its convolutions pad otherwise."""
+        compiled = bool(self.speed.get("compiled_blocks"))
+        if not (compiled and first.tiling) and (self.compiled_sizes is None or (
                 (first.width, first.height) in self.compiled_sizes
-                and not self._other_shapes(first)):
+                and not self._other_shapes(first))):
             return nullcontext()
         return torch.compiler.set_stance("force_eager")
+
+    def _tiled(self, pipe, first: GenerationRequest) -> AbstractContextManager:
+        """Around a call: what makes its images tile when its requests ask (`tiling`);
+        an engine that cannot refuses them."""
+        if first.tiling:
+            raise ValueError("this engine draws no tiling images")
+        return nullcontext()
 
     def _other_shapes(self, first: GenerationRequest) -> bool:
         """Whether the call's rows hold more tokens than the warm-up compiled for: here, a

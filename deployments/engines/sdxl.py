@@ -38,6 +38,7 @@ from deployments.engines.loading import load_pipeline
 from deployments.engines.long_prompts import LongPrompts
 from deployments.engines.prompts import Embeds
 from deployments.engines.speed import attention_order
+from deployments.engines.tiling import circular_padding
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
@@ -160,6 +161,15 @@ class SDXLEngine(DiffusersEngine):
     def _other_shapes(self, first: GenerationRequest) -> bool:
         """Prompts of several chunks: more text tokens than the warm-up's."""
         return super()._other_shapes(first) or self.batch_key(first)[-1] > 1
+
+    def _tiled(self, pipe, first: GenerationRequest):
+        """A tiling call's convolutions, in the UNet, the VAE (both ways), its ControlNets
+        and the refiner's UNet, pad circularly."""
+        if not first.tiling:
+            return super()._tiled(pipe, first)
+        models = [pipe.unet, pipe.vae, getattr(pipe, "controlnet", None),
+                  self.refiner and self.refiner.unet]
+        return circular_padding([m for m in models if m is not None])
 
     def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
         first = requests[0]

@@ -80,6 +80,9 @@ class GenerateParams(BaseModel):
     guidance_rescale: float | None = Field(None, ge=0, le=1, description=(
         "SDXL: rescale each guided prediction to the spread of the prompt's own (0: none; "
         "about 0.7 for zero-terminal-SNR models); default: the model's."))
+    tiling: bool = Field(False, description=(
+        "SDXL: an image that tiles, its left edge continuing its right and its top its "
+        "bottom (textures, patterns)."))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; returned.")
     num_outputs: int = Field(1, ge=1, le=16, description="Images to make (seeds seed, seed+1, ...).")
     scheduler: str | None = Field(None, description=(
@@ -195,7 +198,7 @@ class GenerateParams(BaseModel):
             model, prompt, width=width, height=height, source=source, controls=controls,
             image_prompt=image_prompt,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
-            guidance_rescale=self.guidance_rescale,
+            guidance_rescale=self.guidance_rescale, tiling=self.tiling,
             scheduler=self.scheduler, negative_prompt=self.negative_prompt,
             num_outputs=self.num_outputs, output_format=self.output_format,
             output_quality=self.output_quality, adapters=adapters, request_id=request_id,

@@ -112,6 +112,9 @@ class ImageGenerationParams(BaseModel):
         "Classifier-free guidance (FLUX: its distilled guidance); default: the model's."))
     scheduler: str | None = Field(None, description=(
         "A scheduler as /generate names them; default: the model's."))
+    tiling: bool = Field(False, description=(
+        "SDXL: an image that tiles, edge to edge both ways, as /generate's (an Atelier "
+        "extension; send it with extra_body)."))
     quality: Literal["auto", "low", "medium", "high", "hd", "standard"] | None = Field(
         None, description=("low and medium: a third and two thirds of the model's default "
                            "steps; the others: all of them."))
@@ -278,7 +281,7 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
             model, prompt, width=width, height=height, num_outputs=params.n,
             num_inference_steps=params.steps(model), negative_prompt=params.negative_prompt,
             guidance_scale=params.guidance_scale, scheduler=params.scheduler,
-            output_format=params.output_format, source=source, controls=controls,
+            tiling=params.tiling, output_format=params.output_format, source=source, controls=controls,
             image_prompt=image_prompt, seed=params.seed,
             adapters=state.router.adapters_for(model, tags),
             output_quality=params.output_compression or 90, request_id=request_id(request),

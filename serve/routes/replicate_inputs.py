@@ -171,6 +171,8 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
     guidance_rescale: float | None = Field(None, ge=0, le=1, description=(
         "Rescale guided predictions to the prompt's own spread (0: none; about 0.7 for "
         "zero-terminal-SNR models); blank: the model's default"))
+    tiling: bool = Field(False, description=(
+        "An image that tiles, edge to edge both ways (textures, patterns)"))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
     image: str | None = Field(None, description=(
         "Input image for img2img or inpaint mode, as a data URI (or base64)"))
@@ -206,7 +208,7 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
         return {"width": self.width, "height": self.height, "num_outputs": self.num_outputs,
                 "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler,
-                "guidance_rescale": self.guidance_rescale,
+                "guidance_rescale": self.guidance_rescale, "tiling": self.tiling,
                 "negative_prompt": self.negative_prompt, "output_format": self.output_format,
                 "output_quality": self.output_quality, "refine": self.refine,
                 "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps,
