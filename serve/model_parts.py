@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Replicate's stability-ai/sdxl scheduler names.
 SCHEDULERS = ("K_EULER", "K_EULER_ANCESTRAL", "DDIM", "DPMSolverMultistep", "HeunDiscrete",
-              "KarrasDPM", "PNDM", "DPM++2MSDE", "LCM")
+              "KarrasDPM", "PNDM", "DPM++2MSDE", "LCM", "DPM++2MSDEKarras", "UniPC", "DEIS")
 # Those whose diffusers schedulers can rescale the noise schedule to zero terminal SNR.
-ZERO_SNR_SCHEDULERS = tuple(s for s in SCHEDULERS if s not in ("HeunDiscrete", "PNDM"))
+ZERO_SNR_SCHEDULERS = tuple(s for s in SCHEDULERS if s not in ("HeunDiscrete", "PNDM", "DEIS"))
 NO_RESCALE_WITH_CONTROLNETS = ("diffusers' SDXL ControlNet text-to-image and img2img "
                                "pipelines take no guidance rescale")
 
@@ -270,7 +270,7 @@ class SchedulerOptions(_Strict):
     rescale_betas_zero_snr: bool | None = Field(None, description=(
         "Rescale the noise schedule to zero terminal SNR, as v-prediction fine-tunes "
         "trained that way (e.g. NoobAI-XL V-Pred) ask, with trailing timesteps; the "
-        "HeunDiscrete and PNDM schedulers cannot, and are not offered then."))
+        "HeunDiscrete, PNDM and DEIS schedulers cannot, and are not offered then."))
 
     def given(self) -> dict[str, str | bool]:
         """The options set, as diffusers' scheduler configs name them."""

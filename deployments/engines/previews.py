@@ -2,10 +2,10 @@
 few steps while it denoises (what OpenAI's streamed `partial_images` deliver).
 
 After every step the scheduler's estimate of the finished latents is kept: the samplers
-that compute one return it from their step (Euler, Euler ancestral, DDIM, Heun),
-DPM-Solver++ keeps it as its last model output, and for flow matching (FLUX) it is the
-sample less sigma times the predicted velocity. With other samplers (PNDM) a partial
-image shows the current, still noisy, latents. Decoding is one VAE pass per previewed
+that compute one return it from their step (Euler, Euler ancestral, DDIM, Heun, LCM),
+DPM-Solver++ and UniPC keep it as their last model output, and for flow matching (FLUX)
+it is the sample less sigma times the predicted velocity. With other samplers (PNDM,
+DEIS) a partial image shows the current, still noisy, latents. Decoding is one VAE pass per previewed
 image, inside the call (batches of one, a shape the warm-up compiles): the other requests
 of the batch keep their pixels.
 A partial image that fails to decode (out of memory) is skipped, not the call.
@@ -109,7 +109,9 @@ def _estimate(scheduler, out, model_output: torch.Tensor,
         sigma = scheduler.sigmas[scheduler.step_index - 1]  # the step just taken
         return sample.float() - sigma.to(sample.device) * model_output.float()
     outputs = getattr(scheduler, "model_outputs", None)
-    if "dpmsolver++" in str(getattr(scheduler.config, "algorithm_type", "")) and outputs \
-            and torch.is_tensor(outputs[-1]):
+    config = scheduler.config
+    keeps_x0 = "dpmsolver++" in str(getattr(config, "algorithm_type", "")) or getattr(
+        config, "predict_x0", False)  # (UniPC's)
+    if keeps_x0 and outputs and torch.is_tensor(outputs[-1]):
         return outputs[-1]
     return None

@@ -15,6 +15,7 @@ import torch
 from diffusers import (
     ControlNetModel,
     DDIMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -28,6 +29,7 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
+    UniPCMultistepScheduler,
 )
 
 from deployments.adapters import adapter_store
@@ -64,6 +66,11 @@ _SCHEDULERS = {
     "DPM++2MSDE": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
     # Latent consistency (LCM-LoRA, LCM-distilled UNets): a few steps at guidance 1 to 2.
     "LCM": (LCMScheduler, {}),
+    # As AUTOMATIC1111's WebUI and ComfyUI name them: DPM++ 2M SDE Karras, UniPC, DEIS.
+    "DPM++2MSDEKarras": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++",
+                                                        "use_karras_sigmas": True}),
+    "UniPC": (UniPCMultistepScheduler, {}),
+    "DEIS": (DEISMultistepScheduler, {}),
 }
 
 
@@ -146,7 +153,7 @@ class SDXLEngine(DiffusersEngine):
 
     def _make_schedulers(self, options: dict) -> dict:
         """Each of Replicate's schedulers that takes every option, from the checkpoint's
-        scheduler config (HeunDiscrete and PNDM cannot rescale to zero terminal SNR)."""
+        scheduler config (HeunDiscrete, PNDM and DEIS cannot rescale to zero terminal SNR)."""
         base = self.pipe.scheduler.config
         return {name: cls.from_config(base, **(extra | options))
                 for name, (cls, extra) in _SCHEDULERS.items()

@@ -59,7 +59,7 @@ def test_trailing_timesteps_at_guidance_zero_are_diffusers_lightning_recipe(
     assert {s.config.timestep_spacing for s in lightning._schedulers.values()} == {"trailing"}
 
 
-@pytest.mark.parametrize("scheduler", ["DPM++2MSDE", "LCM"])
+@pytest.mark.parametrize("scheduler", ["DPM++2MSDE", "LCM", "DPM++2MSDEKarras"])
 def test_the_sde_and_lcm_schedulers_are_diffusers_own_with_each_images_generator(
         sdxl, tiny_sdxl_path, scheduler):
     """Both draw fresh noise at each step, from each image's own generator: the pixels of
@@ -72,6 +72,18 @@ def test_the_sde_and_lcm_schedulers_are_diffusers_own_with_each_images_generator
         assert_same_pixels(a, b)
     euler = sdxl.generate([replace(request, scheduler="K_EULER", num_outputs=1)])[0][0]
     assert np.abs(_px(ours[0]) - _px(euler)).mean() > 1
+
+
+@pytest.mark.parametrize("scheduler", ["UniPC", "DEIS", "DPM++2MSDEKarras"])
+def test_the_webui_schedulers_are_diffusers_own(sdxl, tiny_sdxl_path, scheduler):
+    """UniPC, DEIS and DPM++ 2M SDE Karras, as AUTOMATIC1111's WebUI and ComfyUI offer
+    them: diffusers' pixels with that scheduler, each another image than Euler's."""
+    request = replace(BASE, scheduler=scheduler, guidance_scale=6.0, num_inference_steps=5)
+    (ours,), = sdxl.generate([request])
+    (theirs,) = _diffusers(tiny_sdxl_path, scheduler, {}, request, (5,))
+    assert_same_pixels(ours, theirs)
+    euler = sdxl.generate([replace(request, scheduler="K_EULER")])[0][0]
+    assert np.abs(_px(ours) - _px(euler)).mean() > 1
 
 
 def test_guidance_zero_runs_one_unet_row_per_image_and_rows_leave_with_their_pixels(

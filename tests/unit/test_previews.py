@@ -30,7 +30,8 @@ def _scheduler(name):
     return cls(**extra)
 
 
-@pytest.mark.parametrize("name", [*[s for s in SCHEDULERS if s != "PNDM"], "FlowMatchEuler"])
+@pytest.mark.parametrize("name", [*[s for s in SCHEDULERS if s not in ("PNDM", "DEIS")],
+                                  "FlowMatchEuler"])
 def test_with_a_perfect_denoiser_every_samplers_estimate_is_the_clean_latents(name):
     """Noise a known x0 to the first step's level and hand the sampler the true noise (or
     velocity): the estimate kept after its step must be that x0."""
@@ -53,8 +54,9 @@ def test_with_a_perfect_denoiser_every_samplers_estimate_is_the_clean_latents(na
     assert "step" not in vars(scheduler)  # the sampler's own step is back
 
 
-def test_pndm_has_no_estimate_and_previews_fall_back_to_the_latents():
-    scheduler = _scheduler("PNDM")
+@pytest.mark.parametrize("name", ["PNDM", "DEIS"])
+def test_pndm_and_deis_have_no_estimate_and_previews_fall_back_to_the_latents(name):
+    scheduler = _scheduler(name)
     scheduler.set_timesteps(10)
     previews = Previews([1], BatchRows([1]), None, None, None)
     with previews.tapping(SimpleNamespace(scheduler=scheduler)):

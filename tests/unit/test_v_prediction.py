@@ -58,7 +58,7 @@ def test_requests_of_other_rescales_never_share_a_call(v_pred):
 def test_only_the_schedulers_that_rescale_to_zero_snr_are_built_and_offered(v_pred, sdxl):
     assert set(v_pred._schedulers) == set(ZERO_SNR_SCHEDULERS)
     assert set(sdxl._schedulers) == set(SCHEDULERS)
-    assert set(SCHEDULERS) - set(ZERO_SNR_SCHEDULERS) == {"HeunDiscrete", "PNDM"}
+    assert set(SCHEDULERS) - set(ZERO_SNR_SCHEDULERS) == {"HeunDiscrete", "PNDM", "DEIS"}
     assert v_pred.describe()["scheduler_options"] == V_PRED
     model = ModelConfig(id="a/b", embedded="tiny-sdxl", scheduler_options=V_PRED)
     assert model.rules.schedulers == ZERO_SNR_SCHEDULERS
