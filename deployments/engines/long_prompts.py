@@ -12,12 +12,13 @@ of one chunk is encoded exactly as diffusers encodes it.
 With `prompts.weights`, AUTOMATIC1111's emphasis: `(words)` weighs 1.1, `[words]` 1/1.1,
 `(words:1.5)` 1.5, nested groups multiply, `\\(` `\\)` `\\[` `\\]` are literal brackets. Each
 token's embedding is scaled by its weight, then each chunk's embeddings are scaled back to
-their unweighted mean. The pooled embedding is not weighted.
+their unweighted mean. The pooled embedding is not weighted. `BREAK` (the word, in
+capitals) ends a chunk early: what follows starts the next one (brackets do not reach
+across it).
 """
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 from collections import OrderedDict
@@ -29,6 +30,9 @@ import torch
 Encoders = Sequence[tuple[object, torch.nn.Module]]
 
 EMPHASIS = 1.1
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+# A chunk's token ids (no start or end token) and their weights.
+Chunk = tuple[list[int], list[float]]
 _SYNTAX = re.compile(r"\\[\\()\[\]]|\(|\[|:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)|\)|\]"
                      r"|[^\\()\[\]:]+|[\\:]")
 
@@ -94,27 +98,29 @@ class LongPrompts:
         with self._lock:
             key = (prompt, negative_prompt)
             if key not in self._counts:
-                self._counts[key] = max(
-                    max(1, math.ceil(len(self._tokens(t, text)[0]) / _size(t)))
-                    for t in self.tokenizers for text in key)
+                self._counts[key] = max(len(self._tokens(t, text))
+                                        for t in self.tokenizers for text in key)
                 if len(self._counts) > 256:
                     self._counts.popitem(last=False)
             self._counts.move_to_end(key)
             return self._counts[key]
 
-    def _tokens(self, tokenizer, text: str) -> tuple[list[int], list[float]]:
-        """The text's token ids (no start or end token), cut after the chunks read, and
-        each one's weight."""
-        pieces = weighted_pieces(text) if self.weights else [(text, 1.0)]
-        ids: list[int] = []
-        weights: list[float] = []
-        most = self.chunks * _size(tokenizer)
-        for piece, weight in pieces:
-            piece_ids = tokenizer(self._convert(piece, tokenizer), add_special_tokens=False,
-                                  truncation=True, max_length=most).input_ids
-            ids += piece_ids
-            weights += [weight] * len(piece_ids)
-        return ids[:most], weights[:most]
+    def _tokens(self, tokenizer, text: str) -> list[Chunk]:
+        """The text's chunks (at least one), up to the count read."""
+        segments = _BREAK.split(text) if self.weights else [text]
+        size, chunks = _size(tokenizer), []
+        for segment in segments:
+            pieces = weighted_pieces(segment) if self.weights else [(segment, 1.0)]
+            ids: list[int] = []
+            weights: list[float] = []
+            for piece, weight in pieces:
+                piece_ids = tokenizer(self._convert(piece, tokenizer), add_special_tokens=False,
+                                      truncation=True, max_length=self.chunks * size).input_ids
+                ids += piece_ids
+                weights += [weight] * len(piece_ids)
+            chunks += [(ids[i:i + size], weights[i:i + size])
+                       for i in range(0, max(len(ids), 1), size)]
+        return chunks[:self.chunks]
 
     @torch.inference_mode()
     def encode(self, encoders: Encoders, prompt: str, negative_prompt: str,
@@ -127,7 +133,7 @@ class LongPrompts:
         zeros = zeros_for_empty and not negative_prompt
         with self._lock:  # the tokenizers; not the encoders (`count` may wait on it)
             count = self.count(prompt, negative_prompt)
-            tokens = [[self._chunked(t, *self._tokens(t, text), count) for t, _ in encoders]
+            tokens = [[self._chunked(t, self._tokens(t, text), count) for t, _ in encoders]
                       for text in ((prompt,) if zeros else (prompt, negative_prompt))]
         pos, pooled = self._encoded(encoders, tokens[0])
         if zeros:
@@ -155,18 +161,18 @@ class LongPrompts:
         return torch.cat(embeds, dim=-1), pooled
 
     @staticmethod
-    def _chunked(tokenizer, ids: list[int], weights: list[float],
+    def _chunked(tokenizer, chunks: Sequence[Chunk],
                  count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(count, 77) token ids, each row a start token, up to 75 ids, an end token and
-        padding, and their weights (1 for the added tokens)."""
+        """(count, 77) token ids, each row a chunk's: a start token, its ids, an end token
+        and padding (empty chunks after the text's), and their weights (1 for the added
+        tokens)."""
         size = _size(tokenizer)
         rows, row_weights = [], []
-        for start in range(0, count * size, size):
-            part = ids[start:start + size]
-            pad = size - len(part)
-            rows.append([tokenizer.bos_token_id, *part, tokenizer.eos_token_id]
+        for ids, weights in [*chunks, *[([], [])] * (count - len(chunks))]:
+            pad = size - len(ids)
+            rows.append([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
                         + [tokenizer.pad_token_id] * pad)
-            row_weights.append([1.0, *weights[start:start + size], 1.0] + [1.0] * pad)
+            row_weights.append([1.0, *weights, 1.0] + [1.0] * pad)
         return torch.tensor(rows), torch.tensor(row_weights)
 
 

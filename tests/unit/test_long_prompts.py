@@ -94,6 +94,16 @@ def test_a_long_prompt_is_read_in_chunks_of_75_tokens(chunked):
     assert chunked.batch_key(replace(REQUEST, prompt=many))[-1] == 3
 
 
+def test_break_starts_the_next_chunk(chunked):
+    """`BREAK` ends a chunk early: each side is diffusers' encoding of its words alone."""
+    pos = chunked._encode_prompt("a (red:1) cube BREAK the sea", "")[0]
+    assert chunked.batch_key(replace(REQUEST, prompt="a red cube BREAK the sea"))[-1] == 2
+    torch.testing.assert_close(pos[:, :77], _diffusers(chunked, "a red cube")[0],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pos[:, 77:], _diffusers(chunked, "the sea")[0],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_words_past_77_tokens_change_the_image_only_when_read(sdxl, chunked):
     changed = replace(REQUEST, prompt=" ".join(WORDS[:100] + ["the"] * 20))
     assert_same_pixels(sdxl.generate([REQUEST])[0][0], sdxl.generate([changed])[0][0])
