@@ -172,7 +172,8 @@ class ModelDeployment:
                                 width=request.width, height=request.height, batch=b,
                                 replica=self.replica, node=self.node, gpus=self.gpus,
                                 adapters_held=tuple(self.engine.adapters.loaded),
-                                gc_ms=(gc_pauses.paused_s() - collected) * 1000, nsfw=nsfw)
+                                gc_ms=(gc_pauses.paused_s() - collected) * 1000, nsfw=nsfw,
+                                notes=queued.prepared.result()[0].notes)
 
     def _finish(self, request: GenerationRequest, images: Sequence[Image],
                 partial: bool = False) -> tuple[list[bytes], tuple[bool, ...]]:

@@ -313,6 +313,7 @@ class GenerationResult:
     gc_ms: float = 0.0  # garbage collection in the replica's process while it held it
     # Per image: flagged by the model's safety checker (and then black). Empty: unchecked.
     nsfw: tuple[bool, ...] = ()
+    notes: tuple[str, ...] = ()  # what of the request was not used (a prompt cut short)
 
     def unflagged(self) -> GenerationResult:
         """The result without its flagged images (as Replicate's models answer); raises

@@ -61,6 +61,7 @@ class Prepared(NamedTuple):
     source: SourceTensors | None
     controls: tuple[torch.Tensor, ...] = ()
     image_prompt: torch.Tensor | None = None
+    notes: tuple[str, ...] = ()  # for the client: what of the request was not used
 
 
 class DiffusersEngine:

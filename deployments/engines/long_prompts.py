@@ -105,22 +105,37 @@ class LongPrompts:
             self._counts.move_to_end(key)
             return self._counts[key]
 
-    def _tokens(self, tokenizer, text: str) -> list[Chunk]:
-        """The text's chunks (at least one), up to the count read."""
+    def notes(self, prompt: str, negative_prompt: str) -> tuple[str, ...]:
+        """For each of the two that is longer than what the model reads, a line saying
+        how much of it is read."""
+        tokenizer, said = self.tokenizers[0], []
+        with self._lock:
+            for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+                whole = sum(len(ids) for ids, _ in self._tokens(tokenizer, text, cut=False))
+                read = sum(len(ids) for ids, _ in self._tokens(tokenizer, text))
+                if read < whole:
+                    said.append(f"{field}: the model reads {read} of its {whole} tokens "
+                                f"({self.chunks} chunk(s) of {_size(tokenizer)}); the rest "
+                                "was not read")
+        return tuple(said)
+
+    def _tokens(self, tokenizer, text: str, cut: bool = True) -> list[Chunk]:
+        """The text's chunks (at least one), up to the count read unless not `cut`."""
         segments = _BREAK.split(text) if self.weights else [text]
         size, chunks = _size(tokenizer), []
+        most = self.chunks * size if cut else 10**9
         for segment in segments:
             pieces = weighted_pieces(segment) if self.weights else [(segment, 1.0)]
             ids: list[int] = []
             weights: list[float] = []
             for piece, weight in pieces:
                 piece_ids = tokenizer(self._convert(piece, tokenizer), add_special_tokens=False,
-                                      truncation=True, max_length=self.chunks * size).input_ids
+                                      truncation=cut, max_length=most).input_ids
                 ids += piece_ids
                 weights += [weight] * len(piece_ids)
             chunks += [(ids[i:i + size], weights[i:i + size])
                        for i in range(0, max(len(ids), 1), size)]
-        return chunks[:self.chunks]
+        return chunks[:self.chunks] if cut else chunks
 
     @torch.inference_mode()
     def encode(self, encoders: Encoders, prompt: str, negative_prompt: str,

@@ -165,6 +165,12 @@ class SDXLEngine(DiffusersEngine):
         return (*super().batch_key(request),
                 self.long_prompts.count(request.prompt, request.negative_prompt))
 
+    def prepare(self, request: GenerationRequest):
+        """As every engine's, with a note for the client on each prompt cut short."""
+        made, held = super().prepare(request)
+        notes = self.long_prompts.notes(request.prompt, request.negative_prompt)
+        return made._replace(notes=notes), held
+
     def _other_shapes(self, first: GenerationRequest) -> bool:
         """Prompts of several chunks: more text tokens than the warm-up's."""
         return super()._other_shapes(first) or self.batch_key(first)[-1] > 1

@@ -308,4 +308,6 @@ def _respond(request: Request, gen: GenerationRequest, result: GenerationResult)
             "height": result.height, "media_type": result.media_type}
     if result.nsfw:
         body["nsfw_content_detected"] = list(result.nsfw)
+    if result.notes:
+        body["warnings"] = list(result.notes)
     return JSONResponse(body, headers=headers)

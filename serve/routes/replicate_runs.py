@@ -108,6 +108,7 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
             p.finish("canceled")
             return
         p.metrics["predict_time"] = round(result.batch.inference_ms / 1000, 3)
+        p.logs += "".join(f"{note}\n" for note in result.notes)
         p.logs += "".join(f"NSFW content detected in image {i}\n"
                           for i, flagged in enumerate(result.nsfw) if flagged)
         result = result.unflagged()  # as Replicate's models: fails if none is left

@@ -27,6 +27,19 @@ def test_models_list_how_they_read_prompts(client):
     assert models["atelier/tiny-flux"]["prompts"] is None
 
 
+def test_a_prompt_cut_short_is_said_in_the_answer_and_in_replicates_logs(client, rep):
+    note = ("prompt: the model reads 75 of its 120 tokens (1 chunk(s) of 75); the rest "
+            "was not read")
+    body = {"prompt": LONG, "model": FAST, "seed": 5, "steps": 3} | SETTINGS
+    assert client.post("/generate", json=body).json()["warnings"] == [note]
+    read = client.post("/generate", json=body | {"model": TWO_REPLICAS}).json()
+    assert "warnings" not in read and read["seed"] == 5
+    prediction = rep.predictions.create(model=FAST, input={"prompt": LONG, "seed": 5,
+                                                           "num_inference_steps": 3})
+    prediction.wait()
+    assert prediction.status == "succeeded" and note + "\n" in prediction.logs
+
+
 def test_words_past_77_tokens_count_where_the_model_reads_them(client):
     assert (_image(client, FAST, LONG) == _image(client, FAST, CHANGED)).all()
     assert abs(_image(client, TWO_REPLICAS, LONG)

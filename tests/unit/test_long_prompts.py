@@ -104,6 +104,16 @@ def test_break_starts_the_next_chunk(chunked):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_prompt_cut_short_is_noted_for_the_client(sdxl, chunked):
+    request = replace(REQUEST, negative_prompt=" ".join(["on"] * 300))
+    cut = "{}: the model reads {} of its {} tokens ({} chunk(s) of 75); the rest was not read"
+    assert sdxl.prepare(request)[0].notes == (cut.format("prompt", 75, 120, 1),
+                                              cut.format("negative_prompt", 75, 300, 1))
+    assert chunked.prepare(request)[0].notes == (cut.format("negative_prompt", 225, 300, 3),)
+    assert chunked.prepare(REQUEST)[0].notes == () == sdxl.prepare(
+        replace(REQUEST, prompt="a red cube"))[0].notes
+
+
 def test_words_past_77_tokens_change_the_image_only_when_read(sdxl, chunked):
     changed = replace(REQUEST, prompt=" ".join(WORDS[:100] + ["the"] * 20))
     assert_same_pixels(sdxl.generate([REQUEST])[0][0], sdxl.generate([changed])[0][0])
