@@ -169,7 +169,8 @@ class ModelDeployment:
                       inference_ms=outcome.run_s * 1000)
         return GenerationResult(images=images, seeds=request.seeds,
                                 media_type=MEDIA_TYPES[request.output_format],
-                                width=request.width, height=request.height, batch=b,
+                                width=request.output_size[0], height=request.output_size[1],
+                                batch=b,
                                 replica=self.replica, node=self.node, gpus=self.gpus,
                                 adapters_held=tuple(self.engine.adapters.loaded),
                                 gc_ms=(gc_pauses.paused_s() - collected) * 1000, nsfw=nsfw,

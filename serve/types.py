@@ -139,6 +139,11 @@ class GenerationRequest:
     guidance_rescale: float = 0.0  # SDXL: rescale guided predictions to the prompt's spread
     priority: int = 0  # its API key's: a replica runs waiting requests of higher ones first
     tiling: bool = False  # SDXL: an image whose edges meet seamlessly when tiled
+    # SDXL: above 1, each image is upscaled by this much and redrawn by an img2img pass at
+    # hires_strength over hires_steps (default: the request's), as the WebUI's hires. fix.
+    hires_scale: float = 1.0
+    hires_strength: float = 0.5
+    hires_steps: int | None = None
 
     @property
     def mode(self) -> str:
@@ -201,6 +206,15 @@ class GenerationRequest:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_outputs)]
 
     @property
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the images delivered: with a hires pass, the request's size
+        scaled, to the nearest multiple of 8."""
+        if self.hires_scale == 1:
+            return self.width, self.height
+        return (round(self.width * self.hires_scale / 8) * 8,
+                round(self.height * self.hires_scale / 8) * 8)
+
+    @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
         return (*self.shared_key, self.adapters.key)
@@ -217,7 +231,7 @@ class GenerationRequest:
                                                     for r in self.source.references)
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
                 self.guidance_rescale, self.scheduler, self.mode, strength, refine, control,
-                refs, self.tiling)
+                refs, self.tiling, self.hires_scale, self.hires_strength, self.hires_steps)
 
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its
@@ -264,9 +278,37 @@ class GenerationRequest:
         if self.negative_prompt and not family.negative_prompt:
             raise InvalidField("negative_prompt", "this model takes no negative prompt")
         self._check_guidance_rescale(family)
+        self._check_hires(limits, family)
         if self.tiling and not family.tiles:
             raise InvalidField("tiling", "this model cannot draw tiling images (FLUX's "
                                          "transformer has no convolutions to wrap around)")
+
+    def _check_hires(self, limits: LimitsConfig, family: Family) -> None:
+        if self.hires_scale == 1:
+            return
+        if not family.hires:
+            raise InvalidField("hires_scale", "this model draws no second pass (SDXL "
+                                              "models do)")
+        if self.source is not None or self.controls or self.refine != "no_refiner":
+            raise InvalidField("hires_scale", (
+                "a hires pass follows plain text-to-image: not with an input image, control "
+                "images or refine (on an inpainting model every request has an image)"))
+        width, height = self.output_size
+        if max(width, height) > limits.max_size or width * height > limits.max_pixels:
+            raise InvalidField("hires_scale", (
+                f"the images would be {width}x{height}; this model draws at most "
+                f"{limits.max_size} a side and {limits.max_pixels} pixels"))
+        if width * height * self.num_outputs > limits.max_request_pixels:
+            raise InvalidField("num_outputs", (
+                f"{self.num_outputs} images of {width}x{height} exceed this model's "
+                f"{limits.max_request_pixels} pixels per request (its memory budget)"))
+        steps = self.hires_steps or self.num_inference_steps
+        if steps > limits.max_steps:
+            raise InvalidField("hires_steps", f"must be at most {limits.max_steps} for this "
+                                              "model")
+        if int(steps * self.hires_strength) < 1:
+            raise InvalidField("hires_strength", (
+                f"runs int(steps x strength) steps: {steps} x {self.hires_strength} is none"))
 
     def _check_guidance_rescale(self, family: Family) -> None:
         if not self.guidance_rescale:

@@ -297,7 +297,8 @@ class DiffusersEngine:
             with self._rows_follow(requests, made, rows), tap, self._compiled_for(first), \
                     self._tiled(pipe, first):
                 out = self._call(pipe, first, generators, inputs, callback)
-                images = self._second_stage(requests, rows, generators, out, callback)
+                images = self._second_stage(requests, rows, generators, out, callback,
+                                            inputs)
         except torch.OutOfMemoryError:
             out_of_memory = True  # handled below, once the failed call's frames are gone
         if out_of_memory:
@@ -312,9 +313,9 @@ class DiffusersEngine:
         does a call whose rows hold other token counts (`_other_shapes`). A tiling call
         runs uncompiled under any compilation: its convolutions pad otherwise."""
         compiled = bool(self.speed.get("compiled_blocks"))
+        sizes = {(first.width, first.height), first.output_size}  # (a hires pass's too)
         if not (compiled and first.tiling) and (self.compiled_sizes is None or (
-                (first.width, first.height) in self.compiled_sizes
-                and not self._other_shapes(first))):
+                sizes <= self.compiled_sizes and not self._other_shapes(first))):
             return nullcontext()
         return torch.compiler.set_stance("force_eager")
 
@@ -380,9 +381,10 @@ class DiffusersEngine:
 
     def _second_stage(self, requests: Sequence[GenerationRequest], rows: BatchRows,
                       generators: list[torch.Generator], out: torch.Tensor,
-                      callback: Callable) -> torch.Tensor:
-        """The call's images from what its pipeline call returned (`out`, rows still live):
-        a family may run a second model over them here (SDXL's refiner)."""
+                      callback: Callable, inputs: dict) -> torch.Tensor:
+        """The call's images from what its pipeline call returned (`out`, rows still live;
+        `inputs`: the call's, for every row): a family may run a second pass over them
+        here (SDXL's refiner, or its hires pass)."""
         return out
 
     def _rows_follow(self, requests: Sequence[GenerationRequest], made: Sequence[Prepared],

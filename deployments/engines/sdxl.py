@@ -260,12 +260,14 @@ class SDXLEngine(DiffusersEngine):
 
     def _second_stage(self, requests: Sequence[GenerationRequest], rows: BatchRows,
                       generators: list[torch.Generator], out: torch.Tensor,
-                      callback: Callable) -> torch.Tensor:
+                      callback: Callable, inputs: dict) -> torch.Tensor:
         """Refine the base model's latents (rows still live) as Replicate's SDXL does: the
         refiner's img2img pipeline on the same prompts and per-image generators, from
         `high_noise_frac` on (expert ensemble), or over the finished latents at its default
         strength for `refine_steps` (base image). Withdrawals go on as in the first stage."""
         first = requests[0]
+        if first.hires_scale != 1:
+            return self._hires(first, rows, generators, out, callback, inputs)
         if first.refine == "no_refiner":
             return out
         if not rows.live:  # every request left during the first stage
@@ -284,6 +286,30 @@ class SDXLEngine(DiffusersEngine):
                 callback_on_step_end=callback,
                 callback_on_step_end_tensor_inputs=list(self.refiner._callback_tensor_inputs),
                 **args).images
+
+    def _hires(self, first: GenerationRequest, rows: BatchRows,
+               generators: list[torch.Generator], out: torch.Tensor, callback: Callable,
+               inputs: dict) -> torch.Tensor:
+        """The WebUI's hires. fix: the images (rows still live) upscaled to the output
+        size (bicubic) and redrawn by the img2img pipeline at `hires_strength`, with the
+        same prompts, scheduler and per-image generators; withdrawals go on."""
+        width, height = first.output_size
+        if not rows.live:  # every request left during the first pass
+            return out.new_zeros(out.shape[0], 3, height, width)
+        live = torch.tensor(rows.original_rows())
+        embeds = {name: inputs[name][live.to(inputs[name].device)] for name in self.embed_names}
+        image = torch.nn.functional.interpolate(out.float(), size=(height, width),
+                                                mode="bicubic").clamp(0, 1)
+        pipe = self._pipes["img2img"]
+        pipe.scheduler = self._schedulers[first.scheduler]
+        extra = {"guidance_rescale": first.guidance_rescale} if first.guidance_rescale else {}
+        with attention_order(self.attention):
+            return pipe(image=image, strength=first.hires_strength,
+                        num_inference_steps=first.hires_steps or first.num_inference_steps,
+                        guidance_scale=first.guidance_scale, generator=generators,
+                        output_type="pt", callback_on_step_end=callback,
+                        callback_on_step_end_tensor_inputs=list(pipe._callback_tensor_inputs),
+                        **embeds, **extra).images
 
     def _refiner_embeds(self, prompts: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
         """The refiner's prompt embeddings for each row's (prompt, negative prompt): its one

@@ -80,6 +80,14 @@ class GenerateParams(BaseModel):
     guidance_rescale: float | None = Field(None, ge=0, le=1, description=(
         "SDXL: rescale each guided prediction to the spread of the prompt's own (0: none; "
         "about 0.7 for zero-terminal-SNR models); default: the model's."))
+    hires_scale: float = Field(1.0, ge=1, le=4, description=(
+        "SDXL: above 1, a second pass (the WebUI's hires. fix): each image is upscaled by "
+        "this much and redrawn by img2img at hires_strength, for more detail at sizes "
+        "SDXL does not compose well at; the answer's images are that size."))
+    hires_strength: float = Field(0.5, gt=0, le=1, description=(
+        "How much of the upscaled image the second pass redraws."))
+    hires_steps: int | None = Field(None, ge=1, description=(
+        "The second pass's steps (it runs steps x strength of them); default: steps."))
     tiling: bool = Field(False, description=(
         "SDXL: an image that tiles, its left edge continuing its right and its top its "
         "bottom (textures, patterns)."))
@@ -199,6 +207,8 @@ class GenerateParams(BaseModel):
             image_prompt=image_prompt,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
             guidance_rescale=self.guidance_rescale, tiling=self.tiling,
+            hires_scale=self.hires_scale, hires_strength=self.hires_strength,
+            hires_steps=self.hires_steps,
             scheduler=self.scheduler, negative_prompt=self.negative_prompt,
             num_outputs=self.num_outputs, output_format=self.output_format,
             output_quality=self.output_quality, adapters=adapters, request_id=request_id,

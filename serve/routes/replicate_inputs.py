@@ -171,6 +171,12 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
     guidance_rescale: float | None = Field(None, ge=0, le=1, description=(
         "Rescale guided predictions to the prompt's own spread (0: none; about 0.7 for "
         "zero-terminal-SNR models); blank: the model's default"))
+    hires_scale: float = Field(1.0, ge=1, le=4, description=(
+        "Above 1: upscale each image by this much and redraw it by img2img (a hires pass)"))
+    hires_strength: float = Field(0.5, gt=0, le=1, description=(
+        "How much of the upscaled image the hires pass redraws"))
+    hires_steps: int | None = Field(None, ge=1, description=(
+        "The hires pass's steps (it runs steps x strength); blank: num_inference_steps"))
     tiling: bool = Field(False, description=(
         "An image that tiles, edge to edge both ways (textures, patterns)"))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
@@ -209,6 +215,8 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
                 "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler,
                 "guidance_rescale": self.guidance_rescale, "tiling": self.tiling,
+                "hires_scale": self.hires_scale, "hires_strength": self.hires_strength,
+                "hires_steps": self.hires_steps,
                 "negative_prompt": self.negative_prompt, "output_format": self.output_format,
                 "output_quality": self.output_quality, "refine": self.refine,
                 "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps,

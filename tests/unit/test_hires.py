@@ -1,0 +1,97 @@
+"""SDXL's hires pass (`hires_scale`), on the tiny SDXL (CPU): the WebUI's hires. fix as
+diffusers' two pipelines draw it (text-to-image, the images upscaled bicubically, img2img
+over them with the same generators), its size, its calls, and the requests it refuses."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from serve.config import ModelConfig
+from serve.errors import InvalidField
+from serve.types import GenerationRequest, SourceImage
+from tests.unit.test_engine import _px, assert_same_pixels
+
+REQUEST = GenerationRequest(model="a/b", prompt="a castle on a hill", width=64, height=64,
+                            num_inference_steps=4, guidance_scale=6.0, seed=8,
+                            scheduler="K_EULER", hires_scale=1.5, hires_strength=0.6,
+                            hires_steps=5)
+
+
+def test_the_hires_pass_is_diffusers_text_to_image_then_img2img_over_the_upscaled_images(
+        sdxl, tiny_sdxl_path):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path, local_files_only=True)
+    base.set_progress_bar_config(disable=True)
+    second = StableDiffusionXLImg2ImgPipeline(**base.components)
+    generators = [torch.Generator().manual_seed(s) for s in (8, 9)]
+    args = {"prompt": REQUEST.prompt, "guidance_scale": 6.0, "generator": generators,
+            "num_images_per_prompt": 2}
+    drawn = base(width=64, height=64, num_inference_steps=4, output_type="pt", **args).images
+    upscaled = torch.nn.functional.interpolate(drawn, size=(96, 96), mode="bicubic")
+    theirs = second(image=upscaled.clamp(0, 1), strength=0.6, num_inference_steps=5,
+                    **args).images
+    ours = sdxl.generate([replace(REQUEST, num_outputs=2)])[0]
+    assert [image.size for image in ours] == [(96, 96)] * 2
+    for a, b in zip(ours, theirs, strict=True):
+        assert_same_pixels(a, b)
+    plain = sdxl.generate([replace(REQUEST, hires_scale=1.0)])[0][0]
+    assert plain.size == (64, 64)
+
+
+def test_requests_with_the_same_pass_share_a_call_with_their_own_pixels(sdxl):
+    other = replace(REQUEST, prompt="a boat at sea", seed=3)
+    together = sdxl.generate([REQUEST, other])
+    for alone, shared in zip((sdxl.generate([REQUEST]), sdxl.generate([other])), together):
+        assert np.abs(_px(alone[0][0]) - _px(shared[0])).max() <= 1
+    assert sdxl.batch_key(REQUEST) != sdxl.batch_key(replace(REQUEST, hires_strength=0.5))
+    assert sdxl.batch_key(REQUEST) != sdxl.batch_key(replace(REQUEST, hires_scale=1.0))
+
+
+def test_the_output_size_is_scaled_to_a_multiple_of_8():
+    assert replace(REQUEST, hires_scale=1.3).output_size == (80, 80)
+    assert replace(REQUEST, width=128, hires_scale=2).output_size == (256, 128)
+    assert replace(REQUEST, hires_scale=1.0).output_size == (64, 64)
+
+
+@pytest.mark.parametrize(("args", "field", "reason"), [
+    ({"hires_scale": 2, "width": 512, "height": 512}, "hires_scale", "1024x1024"),
+    ({"hires_scale": 2, "num_outputs": 4, "width": 256, "height": 256}, "num_outputs",
+     "per request"),
+    ({"hires_scale": 1.5, "hires_steps": 99}, "hires_steps", "at most"),
+    ({"hires_scale": 1.5, "hires_strength": 0.1, "num_inference_steps": 4}, "hires_strength",
+     "is none"),
+    ({"hires_scale": 1.5, "refine": "base_image_refiner"}, "hires_scale", "refine"),
+    ({"hires_scale": 1.5, "source": SourceImage(bytes(64 * 64 * 3), 0.5)}, "hires_scale",
+     "input image"),
+])
+def test_hires_requests_beyond_the_model_are_refused_naming_the_field(args, field, reason):
+    model = ModelConfig(id="a/b", embedded="tiny-sdxl", refiner={"embedded": "tiny-sdxl-refiner"},
+                        limits={"max_size": 768, "max_pixels": 768 * 768, "max_steps": 50,
+                                "max_request_pixels": 300_000},
+                        defaults={"width": 64, "height": 64})
+    with pytest.raises(InvalidField) as refused:
+        GenerationRequest.for_model(model, "x", **{"width": 64, "height": 64} | args)
+    assert refused.value.field == field and reason in refused.value.reason
+    flux = ModelConfig(id="a/f", family="flux", embedded="tiny-flux")
+    with pytest.raises(InvalidField) as refused:
+        GenerationRequest.for_model(flux, "x", hires_scale=1.5)
+    assert refused.value.field == "hires_scale" and "SDXL" in refused.value.reason
+
+
+def test_a_compiled_engine_runs_a_hires_size_it_did_not_compile_uncompiled(
+        tiny_sdxl_path, sdxl, tmp_path):
+    from torch._dynamo.utils import counters
+
+    from deployments.engines.sdxl import SDXLEngine
+    from serve.config import SpeedConfig
+
+    compiled = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=tmp_path,
+                          speed=SpeedConfig(compile=True, batch_buckets=[1]))
+    compiled.warm_up(replace(REQUEST, hires_scale=1.0, num_inference_steps=1))
+    warmed = counters["stats"]["calls_captured"]
+    (image,), = compiled.generate([REQUEST])
+    assert counters["stats"]["calls_captured"] == warmed
+    assert np.abs(_px(image) - _px(sdxl.generate([REQUEST])[0][0])).max() <= 2
