@@ -5,7 +5,6 @@ Deployments see only these types; they know nothing about HTTP or the public API
 
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -13,7 +12,7 @@ from typing import Literal
 from serve.adapters import AdapterSet
 from serve.config import FAMILIES, SCHEDULERS, Family, LimitsConfig, ModelConfig
 from serve.errors import ContentFlagged, InvalidField
-from serve.model_parts import NO_RESCALE_WITH_CONTROLNETS
+from serve.request_limits import check_limits
 
 __all__ = ["SCHEDULERS", "BatchInfo", "ControlImage", "GenerationRequest", "GenerationResult",
            "ImagePrompt", "Reference", "SourceImage"]
@@ -21,7 +20,6 @@ OutputFormat = Literal["png", "webp", "jpeg"]
 # Replicate's SDXL `refine` values: the refiner finishes the base model's last
 # 1 - high_noise_frac of the steps, or reworks its finished image (img2img at strength 0.3).
 Refine = Literal["no_refiner", "expert_ensemble_refiner", "base_image_refiner"]
-REFINER_STRENGTH = 0.3  # base_image_refiner: the refiner's img2img runs int(steps x 0.3)
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 MAX_SEED = 2**32 - 1
 # Image prompts are scaled down to this on their shorter side (their encoders see 224,
@@ -235,90 +233,8 @@ class GenerationRequest:
 
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its
-        pipeline family accepts."""
-        if self.mode not in family.modes:
-            raise InvalidField("image" if self.source is None else "mask",
-                               family.needs or "this model does not do inpainting")
-        for name in ("width", "height"):
-            value = getattr(self, name)
-            if value % family.size_multiple:
-                raise InvalidField(
-                    name, f"must be a multiple of {family.size_multiple}, got {value}")
-            if not limits.min_size <= value <= limits.max_size:
-                raise InvalidField(
-                    name, f"must be between {limits.min_size} and {limits.max_size}, got {value}")
-        if self.width * self.height > limits.max_pixels:
-            raise InvalidField("width", f"width x height must be at most {limits.max_pixels} "
-                                        f"pixels, got {self.width * self.height}")
-        if self.num_inference_steps > limits.max_steps:
-            raise InvalidField("num_inference_steps",
-                               f"must be at most {limits.max_steps} for this model")
-        if self.refine == "base_image_refiner":
-            steps = self.refine_steps or self.num_inference_steps
-            if steps > limits.max_steps:
-                raise InvalidField("refine_steps",
-                                   f"must be at most {limits.max_steps} for this model")
-            if int(steps * REFINER_STRENGTH) < 1:
-                raise InvalidField("refine_steps", (
-                    f"base_image_refiner reworks the image at strength {REFINER_STRENGTH}, "
-                    f"which needs at least {math.ceil(1 / REFINER_STRENGTH)} steps "
-                    "(refine_steps, or num_inference_steps when unset)"))
-        if self.refine == "expert_ensemble_refiner" and not 0 < self.high_noise_frac < 1:
-            raise InvalidField("high_noise_frac", "must be between 0 and 1 (exclusive) for "
-                                                  "expert_ensemble_refiner")
-        if self.num_outputs > limits.max_outputs:
-            raise InvalidField("num_outputs", f"must be at most {limits.max_outputs} for this model")
-        if self.width * self.height * self.num_outputs > limits.max_request_pixels:
-            raise InvalidField("num_outputs", (
-                f"width x height x num_outputs must be at most {limits.max_request_pixels} "
-                f"pixels for this model (its memory budget), got "
-                f"{self.width * self.height * self.num_outputs}"))
-        if self.scheduler not in family.schedulers:
-            raise InvalidField("scheduler", f"must be one of {', '.join(family.schedulers)}")
-        if self.negative_prompt and not family.negative_prompt:
-            raise InvalidField("negative_prompt", "this model takes no negative prompt")
-        self._check_guidance_rescale(family)
-        self._check_hires(limits, family)
-        if self.tiling and not family.tiles:
-            raise InvalidField("tiling", "this model cannot draw tiling images (FLUX's "
-                                         "transformer has no convolutions to wrap around)")
-
-    def _check_hires(self, limits: LimitsConfig, family: Family) -> None:
-        if self.hires_scale == 1:
-            return
-        if not family.hires:
-            raise InvalidField("hires_scale", "this model draws no second pass (SDXL "
-                                              "models do)")
-        if self.source is not None or self.controls or self.refine != "no_refiner":
-            raise InvalidField("hires_scale", (
-                "a hires pass follows plain text-to-image: not with an input image, control "
-                "images or refine (on an inpainting model every request has an image)"))
-        width, height = self.output_size
-        if max(width, height) > limits.max_size or width * height > limits.max_pixels:
-            raise InvalidField("hires_scale", (
-                f"the images would be {width}x{height}; this model draws at most "
-                f"{limits.max_size} a side and {limits.max_pixels} pixels"))
-        if width * height * self.num_outputs > limits.max_request_pixels:
-            raise InvalidField("num_outputs", (
-                f"{self.num_outputs} images of {width}x{height} exceed this model's "
-                f"{limits.max_request_pixels} pixels per request (its memory budget)"))
-        steps = self.hires_steps or self.num_inference_steps
-        if steps > limits.max_steps:
-            raise InvalidField("hires_steps", f"must be at most {limits.max_steps} for this "
-                                              "model")
-        if int(steps * self.hires_strength) < 1:
-            raise InvalidField("hires_strength", (
-                f"runs int(steps x strength) steps: {steps} x {self.hires_strength} is none"))
-
-    def _check_guidance_rescale(self, family: Family) -> None:
-        if not self.guidance_rescale:
-            return
-        if not family.negative_prompt:  # the families with a negative prompt guide with it
-            raise InvalidField("guidance_rescale", "this model runs no classifier-free "
-                                                   "guidance to rescale")
-        if self.controls and self.mode != "inpaint":
-            raise InvalidField("guidance_rescale", f"{NO_RESCALE_WITH_CONTROLNETS}; send 0 "
-                                                   "with controlnets")
+        pipeline family accepts (`serve.request_limits`)."""
+        check_limits(self, limits, family)
 
 
 def unknown_controlnet(model: ModelConfig, name: str, field: str = "controlnets") -> InvalidField:

@@ -1,0 +1,114 @@
+"""The checks a request passes before it is queued: the model's limits and what its
+pipeline family accepts. Each failure names the field (InvalidField: a 422 or 400 in the
+API's shape)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from serve.errors import InvalidField
+from serve.model_parts import NO_RESCALE_WITH_CONTROLNETS, Family, LimitsConfig
+
+if TYPE_CHECKING:
+    from serve.types import GenerationRequest
+
+REFINER_STRENGTH = 0.3  # base_image_refiner: the refiner's img2img runs int(steps x 0.3)
+
+
+def check_limits(request: GenerationRequest, limits: LimitsConfig, family: Family) -> None:
+    """Raise InvalidField for the first value outside the model's limits or what its
+    pipeline family accepts."""
+    if request.mode not in family.modes:
+        raise InvalidField("image" if request.source is None else "mask",
+                           family.needs or "this model does not do inpainting")
+    _check_size(request, limits, family)
+    if request.num_inference_steps > limits.max_steps:
+        raise InvalidField("num_inference_steps",
+                           f"must be at most {limits.max_steps} for this model")
+    _check_refine(request, limits)
+    if request.scheduler not in family.schedulers:
+        raise InvalidField("scheduler", f"must be one of {', '.join(family.schedulers)}")
+    if request.negative_prompt and not family.negative_prompt:
+        raise InvalidField("negative_prompt", "this model takes no negative prompt")
+    _check_guidance_rescale(request, family)
+    _check_hires(request, limits, family)
+    if request.tiling and not family.tiles:
+        raise InvalidField("tiling", "this model cannot draw tiling images (FLUX's "
+                                     "transformer has no convolutions to wrap around)")
+
+
+def _check_size(request: GenerationRequest, limits: LimitsConfig, family: Family) -> None:
+    for name in ("width", "height"):
+        value = getattr(request, name)
+        if value % family.size_multiple:
+            raise InvalidField(
+                name, f"must be a multiple of {family.size_multiple}, got {value}")
+        if not limits.min_size <= value <= limits.max_size:
+            raise InvalidField(
+                name, f"must be between {limits.min_size} and {limits.max_size}, got {value}")
+    if request.width * request.height > limits.max_pixels:
+        raise InvalidField("width", f"width x height must be at most {limits.max_pixels} "
+                                    f"pixels, got {request.width * request.height}")
+    if request.num_outputs > limits.max_outputs:
+        raise InvalidField("num_outputs", f"must be at most {limits.max_outputs} for this model")
+    if request.width * request.height * request.num_outputs > limits.max_request_pixels:
+        raise InvalidField("num_outputs", (
+            f"width x height x num_outputs must be at most {limits.max_request_pixels} "
+            f"pixels for this model (its memory budget), got "
+            f"{request.width * request.height * request.num_outputs}"))
+
+
+def _check_refine(request: GenerationRequest, limits: LimitsConfig) -> None:
+    if request.refine == "base_image_refiner":
+        steps = request.refine_steps or request.num_inference_steps
+        if steps > limits.max_steps:
+            raise InvalidField("refine_steps",
+                               f"must be at most {limits.max_steps} for this model")
+        if int(steps * REFINER_STRENGTH) < 1:
+            raise InvalidField("refine_steps", (
+                f"base_image_refiner reworks the image at strength {REFINER_STRENGTH}, "
+                f"which needs at least {math.ceil(1 / REFINER_STRENGTH)} steps "
+                "(refine_steps, or num_inference_steps when unset)"))
+    if request.refine == "expert_ensemble_refiner" and not 0 < request.high_noise_frac < 1:
+        raise InvalidField("high_noise_frac", "must be between 0 and 1 (exclusive) for "
+                                              "expert_ensemble_refiner")
+
+
+def _check_hires(request: GenerationRequest, limits: LimitsConfig, family: Family) -> None:
+    if request.hires_scale == 1:
+        return
+    if not family.hires:
+        raise InvalidField("hires_scale", "this model draws no second pass (SDXL "
+                                          "models do)")
+    if request.source is not None or request.controls or request.refine != "no_refiner":
+        raise InvalidField("hires_scale", (
+            "a hires pass follows plain text-to-image: not with an input image, control "
+            "images or refine (on an inpainting model every request has an image)"))
+    width, height = request.output_size
+    if max(width, height) > limits.max_size or width * height > limits.max_pixels:
+        raise InvalidField("hires_scale", (
+            f"the images would be {width}x{height}; this model draws at most "
+            f"{limits.max_size} a side and {limits.max_pixels} pixels"))
+    if width * height * request.num_outputs > limits.max_request_pixels:
+        raise InvalidField("num_outputs", (
+            f"{request.num_outputs} images of {width}x{height} exceed this model's "
+            f"{limits.max_request_pixels} pixels per request (its memory budget)"))
+    steps = request.hires_steps or request.num_inference_steps
+    if steps > limits.max_steps:
+        raise InvalidField("hires_steps", f"must be at most {limits.max_steps} for this "
+                                          "model")
+    if int(steps * request.hires_strength) < 1:
+        raise InvalidField("hires_strength", (
+            f"runs int(steps x strength) steps: {steps} x {request.hires_strength} is none"))
+
+
+def _check_guidance_rescale(request: GenerationRequest, family: Family) -> None:
+    if not request.guidance_rescale:
+        return
+    if not family.negative_prompt:  # the families with a negative prompt guide with it
+        raise InvalidField("guidance_rescale", "this model runs no classifier-free "
+                                               "guidance to rescale")
+    if request.controls and request.mode != "inpaint":
+        raise InvalidField("guidance_rescale", f"{NO_RESCALE_WITH_CONTROLNETS}; send 0 "
+                                               "with controlnets")
