@@ -95,3 +95,35 @@ def test_a_compiled_engine_runs_a_hires_size_it_did_not_compile_uncompiled(
     (image,), = compiled.generate([REQUEST])
     assert counters["stats"]["calls_captured"] == warmed
     assert np.abs(_px(image) - _px(sdxl.generate([REQUEST])[0][0])).max() <= 2
+
+
+def test_each_rows_adapter_set_stays_with_it_through_the_second_pass(tiny_sdxl_path,
+                                                                      cache_dir):
+    """LoRA slots give each row its own adapters in the hires pass as in the first: a
+    request with an adapter and one without share a call with their own pixels."""
+    from deployments.engines.sdxl import SDXLEngine
+    from deployments.tiny import TINY_SDXL_DEMO, ensure_demo_loras
+    from serve.adapters import AdapterCatalog, AdapterSet
+
+    folder = ensure_demo_loras(TINY_SDXL_DEMO, cache_dir)
+    catalog = AdapterCatalog.scan([(folder, "sdxl", 1.0)]).entries
+    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu", adapters=catalog, max_adapters=2,
+                        max_lora_rank=8)
+    styled = replace(REQUEST, adapters=AdapterSet.of([("pixel-art", 1.0)]), seed=2)
+    together = engine.generate([REQUEST, styled])
+    assert np.abs(_px(together[0][0]) - _px(engine.generate([REQUEST])[0][0])).max() <= 1
+    alone = engine.generate([styled])[0][0]
+    assert np.abs(_px(together[1][0]) - _px(alone)).max() <= 1
+    plain = engine.generate([replace(styled, adapters=AdapterSet())])[0][0]
+    assert np.abs(_px(alone) - _px(plain)).mean() > 1
+
+
+def test_a_request_withdrawn_during_the_second_pass_leaves_the_others_their_pixels(sdxl):
+    other = replace(REQUEST, prompt="a boat at sea", seed=3)
+    untouched = sdxl.generate([REQUEST, other])
+    steps = []  # the first pass's 4 steps, then the second's 3 (5 x 0.6)
+    out = sdxl.generate([REQUEST, other], withdrawn=lambda: {1} if len(steps) >= 5 else set(),
+                        on_step=lambda s, t: steps.append((s, t)))
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4), (1, 3), (2, 3), (3, 3)]
+    assert out[1] == [] and len(out[0]) == 1
+    assert_same_pixels(out[0][0], untouched[0][0])
