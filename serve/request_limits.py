@@ -81,10 +81,10 @@ def _check_hires(request: GenerationRequest, limits: LimitsConfig, family: Famil
     if not family.hires:
         raise InvalidField("hires_scale", "this model draws no second pass (SDXL "
                                           "models do)")
-    if request.source is not None or request.controls or request.refine != "no_refiner":
+    if request.source is not None or request.refine != "no_refiner":
         raise InvalidField("hires_scale", (
-            "a hires pass follows plain text-to-image: not with an input image, control "
-            "images or refine (on an inpainting model every request has an image)"))
+            "a hires pass follows text-to-image: not with an input image or refine (on an "
+            "inpainting model every request has an image)"))
     width, height = request.output_size
     if max(width, height) > limits.max_size or width * height > limits.max_pixels:
         raise InvalidField("hires_scale", (

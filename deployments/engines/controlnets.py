@@ -64,9 +64,10 @@ class ControlNets:
     def __bool__(self) -> bool:
         return bool(self.nets)
 
-    def pipe(self, request: GenerationRequest):
-        """The ControlNet pipeline of the request's mode, with its ControlNets set."""
-        pipe = self._pipes[request.mode]
+    def pipe(self, request: GenerationRequest, mode: str | None = None):
+        """The ControlNet pipeline of the request's mode (or `mode`), with its ControlNets
+        set."""
+        pipe = self._pipes[mode or request.mode]
         pipe.controlnet = self._net(tuple(c.name for c in request.controls))
         return pipe
 

@@ -292,24 +292,29 @@ class SDXLEngine(DiffusersEngine):
                inputs: dict) -> torch.Tensor:
         """The WebUI's hires. fix: the images (rows still live) upscaled to the output
         size (bicubic) and redrawn by the img2img pipeline at `hires_strength`, with the
-        same prompts, scheduler and per-image generators; withdrawals go on."""
+        same prompts, scheduler, ControlNets (their control images upscaled bilinearly)
+        and per-image generators; withdrawals go on."""
         width, height = first.output_size
         if not rows.live:  # every request left during the first pass
             return out.new_zeros(out.shape[0], 3, height, width)
-        live = torch.tensor(rows.original_rows())
-        embeds = {name: inputs[name][live.to(inputs[name].device)] for name in self.embed_names}
+        live = torch.tensor(rows.original_rows(), device=out.device)
+        extra = {name: inputs[name][live] for name in self.embed_names}
         image = torch.nn.functional.interpolate(out.float(), size=(height, width),
                                                 mode="bicubic").clamp(0, 1)
         pipe = self._pipes["img2img"]
+        if first.controls:
+            pipe = self.controlnets.pipe(first, "img2img")
+            extra |= _upscaled_controls(inputs, live, (height, width))
         pipe.scheduler = self._schedulers[first.scheduler]
-        extra = {"guidance_rescale": first.guidance_rescale} if first.guidance_rescale else {}
+        if first.guidance_rescale:  # (never with ControlNets: the request refuses it)
+            extra["guidance_rescale"] = first.guidance_rescale
         with attention_order(self.attention):
             return pipe(image=image, strength=first.hires_strength,
                         num_inference_steps=first.hires_steps or first.num_inference_steps,
                         guidance_scale=first.guidance_scale, generator=generators,
                         output_type="pt", callback_on_step_end=callback,
                         callback_on_step_end_tensor_inputs=list(pipe._callback_tensor_inputs),
-                        **embeds, **extra).images
+                        **extra).images
 
     def _refiner_embeds(self, prompts: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
         """The refiner's prompt embeddings for each row's (prompt, negative prompt): its one
@@ -325,3 +330,16 @@ class SDXLEngine(DiffusersEngine):
                  "negative_pooled_prompt_embeds")
         return {name: torch.cat([held[pair][i] for pair in prompts])
                 for i, name in enumerate(names)}
+
+
+def _upscaled_controls(inputs: dict, live: torch.Tensor, size: tuple[int, int]) -> dict:
+    """A text-to-image call's ControlNet arguments for its hires pass (img2img: the
+    control images as `control_image`), the live rows' control images resized to `size`
+    (height, width) bilinearly."""
+    def resized(images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(images[live], size=size, mode="bilinear")
+
+    images = inputs["image"]
+    names = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+    return {"control_image": [resized(i) for i in images] if isinstance(images, list)
+            else resized(images)} | {name: inputs[name] for name in names}

@@ -127,3 +127,45 @@ def test_a_request_withdrawn_during_the_second_pass_leaves_the_others_their_pixe
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4), (1, 3), (2, 3), (3, 3)]
     assert out[1] == [] and len(out[0]) == 1
     assert_same_pixels(out[0][0], untouched[0][0])
+
+
+def test_controlnets_steer_the_second_pass_too_with_diffusers_pixels(tiny_sdxl_path,
+                                                                    cache_dir):
+    """The ControlNet text-to-image pipeline, then its img2img pipeline over the upscaled
+    images with the control image upscaled bilinearly, the same generators throughout."""
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionXLControlNetImg2ImgPipeline,
+        StableDiffusionXLControlNetPipeline,
+    )
+
+    from deployments.engines.sdxl import SDXLEngine
+    from deployments.tiny import TINY_SDXL_CONTROLNET, ensure_embedded
+    from serve.types import ControlImage
+
+    net_path = ensure_embedded(TINY_SDXL_CONTROLNET, cache_dir)
+    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu",
+                        controlnets={"canny": (net_path, None)})
+    control = np.zeros((64, 64, 3), np.uint8)
+    control[8:30, 8:40] = 255
+    request = replace(REQUEST, controls=(ControlImage("canny", control.tobytes(), 0.8),))
+    (ours,), = engine.generate([request])
+    net = ControlNetModel.from_pretrained(net_path)
+    first = StableDiffusionXLControlNetPipeline.from_pipe(engine.pipe, controlnet=net)
+    second = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(engine.pipe, controlnet=net)
+    for pipe in (first, second):
+        pipe.set_progress_bar_config(disable=True)
+    control_rows = torch.from_numpy(control).permute(2, 0, 1)[None].float() / 255
+    args = {"prompt": REQUEST.prompt, "guidance_scale": 6.0,
+            "generator": [torch.Generator().manual_seed(8)],
+            "controlnet_conditioning_scale": 0.8}
+    drawn = first(image=control_rows, width=64, height=64, num_inference_steps=4,
+                  output_type="pt", **args).images
+    upscaled = torch.nn.functional.interpolate(drawn, size=(96, 96), mode="bicubic")
+    (theirs,) = second(image=upscaled.clamp(0, 1), strength=0.6, num_inference_steps=5,
+                       control_image=torch.nn.functional.interpolate(
+                           control_rows, size=(96, 96), mode="bilinear"), **args).images
+    assert ours.size == (96, 96)
+    assert_same_pixels(ours, theirs)
+    unsteered = engine.generate([replace(request, controls=())])[0][0]
+    assert np.abs(_px(ours) - _px(unsteered)).mean() > 1
