@@ -29,6 +29,7 @@ from serve.model_parts import (
     SafetyCheckerConfig,
     SchedulerOptions,
     SpeedConfig,
+    StyleConfig,
     TextualInversionConfig,
     WatermarkConfig,
     _Strict,
@@ -137,6 +138,9 @@ class ModelConfig(_Strict):
     freeu: FreeUConfig | None = Field(None, description=(
         "SDXL only: FreeU's re-weighting of the UNet decoder's features for every request "
         "(`{}` takes the FreeU authors' SDXL values). Changes the images."))
+    styles: dict[str, StyleConfig] = Field(default_factory=dict, description=(
+        "Named styles requests may ask for (`style` on /generate and Replicate's input; "
+        "OpenAI's own `style`), e.g. {cinematic: {prompt: 'cinematic still of {prompt}'}}."))
     prompts: PromptConfig = Field(default_factory=PromptConfig, description=(
         "SDXL only: prompts longer than CLIP's 77 tokens and weighted words (see "
         "PromptConfig). Unset: read as diffusers reads them."))
@@ -231,6 +235,10 @@ class ModelConfig(_Strict):
             raise ValueError("configs_from: only a single-file path takes it")
         if self.configs_from is not None and self.variant is not None:
             raise ValueError("variant: a single-file checkpoint has no variants")
+        for name, style in self.styles.items():
+            if style.negative_prompt and not self.rules.negative_prompt:
+                raise ValueError(f"styles.{name}.negative_prompt: FLUX models take no "
+                                 "negative prompt")
         tokens = [embedding.token for embedding in self.textual_inversions]
         if len(set(tokens)) < len(tokens):
             raise ValueError("textual_inversions: each embedding needs its own token")

@@ -343,6 +343,23 @@ class FreeUConfig(_Strict):
     b2: float = Field(1.4, ge=0, le=3, description="Stage 2's backbone-feature scale.")
 
 
+class StyleConfig(_Strict):
+    """A named style requests may ask for (`style`), as SDXL front ends offer them
+    (Fooocus, Clipdrop): a template the request's prompt is set into, and words to steer
+    away from, added to the request's negative prompt."""
+
+    prompt: str = Field(pattern=r"\{prompt\}", max_length=2000, description=(
+        "The prompt, with `{prompt}` where the request's goes, e.g. `cinematic still of "
+        "{prompt}, shallow depth of field, film grain`."))
+    negative_prompt: str = Field("", max_length=2000, description=(
+        "Put before the request's own negative prompt (SDXL; FLUX models take none)."))
+
+    def apply(self, prompt: str, negative_prompt: str) -> tuple[str, str]:
+        """The request's prompt and negative prompt in this style."""
+        negative = ", ".join(p for p in (self.negative_prompt, negative_prompt) if p)
+        return self.prompt.replace("{prompt}", prompt), negative
+
+
 class PromptConfig(_Strict):
     """How an SDXL model's text encoders read prompts and negative prompts. CLIP reads 77
     tokens (a start token, 75 of the prompt's, an end token); diffusers and Replicate's

@@ -154,11 +154,19 @@ class GenerationRequest:
                   height: int | None = None, num_inference_steps: int | None = None,
                   guidance_scale: float | None = None, seed: int | None = None,
                   scheduler: str | None = None, guidance_rescale: float | None = None,
-                  **rest) -> GenerationRequest:
+                  style: str | None = None, **rest) -> GenerationRequest:
         """A request for `model`: unset values take its defaults, an unset seed is drawn,
-        and the result is checked against its limits (raises InvalidField). The safety
-        check and the watermark stay on where the model does not let requests skip them."""
+        the prompts take the named `style`, and the result is checked against its limits
+        (raises InvalidField). The safety check and the watermark stay on where the model
+        does not let requests skip them."""
         d = model.defaults
+        if style is not None:
+            if style not in model.styles:
+                raise InvalidField("style", f"one of {', '.join(model.styles)}" if model.styles
+                                   else "this model has no styles (its config sets none)")
+            prompt, negative = model.styles[style].apply(prompt, rest.get("negative_prompt", ""))
+            if negative:
+                rest["negative_prompt"] = negative
         if model.safety_checker is not None and not model.safety_checker.allow_disable:
             rest["safety_check"] = True
         if model.watermark is not None and not model.watermark.allow_disable:

@@ -32,6 +32,8 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
         config["merged_loras"] = [lora.scale for lora in model.merged_loras]
     if model.freeu is not None:  # (left out unset: versions stay as they were)
         config["freeu"] = model.freeu.model_dump()
+    if model.styles:  # (the same)
+        config["styles"] = {name: s.model_dump() for name, s in model.styles.items()}
     if model.prompts.given():  # (left out unset: versions stay as they were)
         config["prompts"] = model.prompts.given()
     if model.textual_inversions:  # their tokens here, their files' bytes below

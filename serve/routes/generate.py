@@ -73,6 +73,9 @@ class GenerateParams(BaseModel):
         "What to draw; required, except with a redux_image (a variation of it alone)."))
     model: str | None = Field(None, description="Model id or alias; default: the first served.")
     negative_prompt: str = Field("", max_length=4000, description="What to steer away from.")
+    style: str | None = Field(None, max_length=100, description=(
+        "One of the model's styles (GET /v1/models lists them): its template around the "
+        "prompt, its negative prompt before this one."))
     width: int | None = Field(None, ge=8, description="Multiple of 8 (16 for flux), within limits.")
     height: int | None = Field(None, ge=8, description="Multiple of 8 (16 for flux), within limits.")
     steps: int | None = Field(None, ge=1, description="Denoising steps.")
@@ -209,7 +212,7 @@ class GenerateParams(BaseModel):
             guidance_rescale=self.guidance_rescale, tiling=self.tiling,
             hires_scale=self.hires_scale, hires_strength=self.hires_strength,
             hires_steps=self.hires_steps,
-            scheduler=self.scheduler, negative_prompt=self.negative_prompt,
+            scheduler=self.scheduler, negative_prompt=self.negative_prompt, style=self.style,
             num_outputs=self.num_outputs, output_format=self.output_format,
             output_quality=self.output_quality, adapters=adapters, request_id=request_id,
             refine=self.refine, high_noise_frac=self.high_noise_frac,

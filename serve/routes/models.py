@@ -32,6 +32,7 @@ async def list_models(request: Request) -> dict:
              "redux": m.redux and {"downsampling": m.redux.downsampling},
              "textual_inversions": [e.token for e in m.textual_inversions],
              "prompts": m.prompts.model_dump() if m.family == "sdxl" else None,
+             "styles": {name: s.model_dump() for name, s in m.styles.items()},
              "schedulers": list(m.rules.schedulers),
              "limits": m.limits.model_dump(),
              "defaults": m.defaults.model_dump() | {"scheduler": m.default_scheduler}}

@@ -11,8 +11,9 @@ the image prompt of a new picture).
 `quality` sets the effort as gpt-image models take it: `low` and `medium` run a third and
 two thirds of the model's default steps; `high`, `auto` and DALL-E 3's `hd` and `standard`
 run them all. Fields OpenAI's newer models take but a diffusion model has no use for
-(style, background, moderation, user, ...) are accepted and ignored, so unchanged client
-code keeps working; anything else unknown is a 400 naming the field. The API has no adapter
+(background, moderation, user, ...) are accepted and ignored, so unchanged client code
+keeps working; `style` names one of the model's styles where it has some (DALL-E 3's
+`vivid` and `natural` are ignored by a model without styles); anything else unknown is a 400 naming the field. The API has no adapter
 field: a `<lora:name:scale>` tag in the prompt applies a catalog adapter, as on
 `/generate`. `seed`, `controlnets`, `ip_adapter_image`, `ip_adapter_scale`, `redux_image`
 and `redux_downsampling` (and `prompt_strength` for edits) are Atelier extensions, sent with
@@ -118,8 +119,10 @@ class ImageGenerationParams(BaseModel):
     quality: Literal["auto", "low", "medium", "high", "hd", "standard"] | None = Field(
         None, description=("low and medium: a third and two thirds of the model's default "
                            "steps; the others: all of them."))
+    style: str | None = Field(None, max_length=100, description=(
+        "One of the model's styles (its config's `styles`); ignored by a model that has "
+        "none, as DALL-E 3's vivid and natural are."))
     # Accepted for compatibility, without effect here.
-    style: str | None = None
     background: str | None = None
     moderation: str | None = None
     user: str | None = None
@@ -281,7 +284,8 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
             model, prompt, width=width, height=height, num_outputs=params.n,
             num_inference_steps=params.steps(model), negative_prompt=params.negative_prompt,
             guidance_scale=params.guidance_scale, scheduler=params.scheduler,
-            tiling=params.tiling, output_format=params.output_format, source=source, controls=controls,
+            tiling=params.tiling, style=params.style if model.styles else None,
+            output_format=params.output_format, source=source, controls=controls,
             image_prompt=image_prompt, seed=params.seed,
             adapters=state.router.adapters_for(model, tags),
             output_quality=params.output_compression or 90, request_id=request_id(request),

@@ -36,10 +36,13 @@ class _FluxCommon(LoraInput):
     go_fast: bool = Field(True, description="Accepted; the model's speed settings apply")
     disable_safety_checker: bool = Field(False, description=(
         "Skip the model's safety checker (if it has one and lets requests skip it)"))
+    style: str | None = Field(None, max_length=100, description=(
+        "One of the model's styles (GET /v1/models lists them); blank: none"))
 
     def call_args(self) -> dict[str, Any]:
-        """Steps, guidance, and the output format and quality as requests take them."""
-        return {"num_inference_steps": self.num_inference_steps,
+        """Steps, guidance, the style, and the output format and quality as requests take
+        them."""
+        return {"num_inference_steps": self.num_inference_steps, "style": self.style,
                 "guidance_scale": self.guidance,
                 "output_format": "jpeg" if self.output_format == "jpg" else self.output_format,
                 "output_quality": max(1, self.output_quality)}

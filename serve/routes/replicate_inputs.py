@@ -171,6 +171,8 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
     guidance_rescale: float | None = Field(None, ge=0, le=1, description=(
         "Rescale guided predictions to the prompt's own spread (0: none; about 0.7 for "
         "zero-terminal-SNR models); blank: the model's default"))
+    style: str | None = Field(None, max_length=100, description=(
+        "One of the model's styles (GET /v1/models lists them); blank: none"))
     hires_scale: float = Field(1.0, ge=1, le=4, description=(
         "Above 1: upscale each image by this much and redraw it by img2img (a hires pass)"))
     hires_strength: float = Field(0.5, gt=0, le=1, description=(
@@ -215,6 +217,7 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
                 "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler,
                 "guidance_rescale": self.guidance_rescale, "tiling": self.tiling,
+                "style": self.style,
                 "hires_scale": self.hires_scale, "hires_strength": self.hires_strength,
                 "hires_steps": self.hires_steps,
                 "negative_prompt": self.negative_prompt, "output_format": self.output_format,

@@ -1,6 +1,7 @@
 """A real Ray Serve app over real HTTP, with two models built from the embedded tiny SDXL.
 
-`atelier/tiny-sdxl` batches with a short window (most tests) and has the tiny refiner; `atelier/tiny-sdxl-batched`
+`atelier/tiny-sdxl` batches with a short window (most tests), has the tiny refiner and a
+`cinematic` style; `atelier/tiny-sdxl-batched`
 waits two seconds for company, so concurrent requests reliably share pipeline calls;
 `atelier/tiny-sdxl-one-slot` holds one request and queues one more, to show overload;
 `atelier/tiny-sdxl-2x` has two replicas, to show adapter affinity, and reads prompts in
@@ -199,6 +200,8 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                                       "private_key": str(signing_files[1])},
               "models": [
         _model(FAST, 10, aliases=["stability-ai/sdxl"], max_loaded_adapters=2,
+               styles={"cinematic": {"prompt": "cinematic still of {prompt}, film grain",
+                                     "negative_prompt": "cartoon"}},
                refiner={"embedded": "tiny-sdxl-refiner"},
                controlnets={"canny": {"embedded": "tiny-sdxl-controlnet", "preprocess": "canny"},
                             "lines": {"embedded": "tiny-sdxl-controlnet",
