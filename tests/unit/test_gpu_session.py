@@ -31,6 +31,7 @@ STEPS = {  # step arguments: the programs each runs
     ("fill",): ["load.bench_fill"],
     ("redux",): ["load.bench_redux"],
     ("controlnet-flux",): ["load.bench_controlnet"],
+    ("sdxl-options",): ["load.bench_sdxl_options"],
     ("tests",): ["pytest"],
 }
 

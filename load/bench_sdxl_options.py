@@ -1,0 +1,102 @@
+"""What SDXL's per-request options cost against a plain text-to-image call, per batch size,
+on one engine: long prompts of 100 and 200 words (read in up to three chunks of 75 tokens,
+`prompts.chunks`; each row says how many), weighted words, tiling, and a hires pass at
+1.5x.
+
+    python -m load.bench_sdxl_options                     # tiny SDXL, CPU
+    python -m load.bench_sdxl_options --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
+        --size 1024 --steps 20 --batches 1 8 --dtype bfloat16
+
+With `--random-sdxl`, the SDXL base architecture with random weights (the folder
+`load.bench_engine` builds). The engine reads up to three chunks, with weights. Each
+option and batch size runs one untimed call, then `--repeats` timed ones; the hires row's
+images are 1.5x the size on a side. Prints and saves JSON (default
+results/sdxl-options-<device>-<size>.json): seconds per call, images/s and the ratio to
+the plain call. Figures are what this run saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import replace
+
+from load.bench_engine import GUIDANCE, add_call_args, model_folder, timed
+from load.bench_serving import machine
+from load.report import save_report
+
+PROMPT = "product photo of a ceramic mug on a marble counter, soft window light"
+# option → what it changes in the plain request (`prompt_words`: that many words).
+OPTIONS = {
+    "plain": {},
+    "prompt of 100 words": {"prompt_words": 100},
+    "prompt of 200 words": {"prompt_words": 200},
+    "weighted words": {"prompt": "product photo of a (ceramic mug:1.3) on a [marble] "
+                                 "counter, ((soft window light))"},
+    "tiling": {"tiling": True},
+    "hires 1.5x": {"hires_scale": 1.5, "hires_strength": 0.5},
+}
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--random-sdxl", metavar="CONFIGS", help=(
+        "JSON of SDXL component configs: a random full-size model"))
+    add_call_args(p, size=64, steps=4)
+    p.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS))
+    return p.parse_args(argv)
+
+
+def _requests(option: str, size: int, steps: int, images: int) -> list:
+    from serve.types import GenerationRequest
+
+    changes = dict(OPTIONS[option])
+    words = changes.pop("prompt_words", 0)
+    base = GenerationRequest(model="bench/sdxl", prompt=PROMPT, width=size, height=size,
+                             num_inference_steps=steps, guidance_scale=GUIDANCE["sdxl"],
+                             seed=1, scheduler="K_EULER")
+    if words:  # the prompt's words, again and again (about one token each)
+        changes["prompt"] = " ".join((PROMPT.replace(",", "").split() * words)[:words])
+    base = replace(base, **changes)
+    return [replace(base, seed=1 + i) for i in range(images)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from deployments.engines import resolve_device
+    from deployments.engines.sdxl import SDXLEngine
+    from serve.config import default_cache_dir
+
+    args = _parse_args(argv)
+    engine = SDXLEngine(model_folder(args.random_sdxl, default_cache_dir()), args.dtype,
+                        resolve_device("auto"), prompts={"chunks": 3, "weights": True})
+    rows, plain = [], {}
+    for images in args.batches:
+        for option in args.options:
+            requests = _requests(option, args.size, args.steps, images)
+            engine.generate(requests)  # untimed: first-call allocation
+            times = [timed(engine.generate, requests) for _ in range(args.repeats)]
+            median = statistics.median(times)
+            if option == "plain":
+                plain[images] = median
+            row = {"option": option, "batch": images,
+                   "chunks": engine.batch_key(requests[0])[-1],
+                   "output_size": requests[0].output_size[0],
+                   "median_s": round(median, 4), "min_s": round(min(times), 4),
+                   "images_per_s": round(images / median, 3)}
+            if images in plain:
+                row["time_vs_plain"] = round(median / plain[images], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    facts = engine.describe()
+    report = {"benchmark": "sdxl-options", "size": args.size, "steps": args.steps,
+              "guidance_scale": GUIDANCE["sdxl"], "repeats": args.repeats,
+              "device": facts["device"], "weights": facts["weights"],
+              "model": f"{'random' if args.random_sdxl else 'tiny'}-sdxl",
+              "machine": machine(), "rows": rows}
+    save_report(report, args.out, f"sdxl-options-{facts['device'].split(':')[0]}-{args.size}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
