@@ -52,7 +52,8 @@ _FLUX_CONTROLNET_INPUTS = ("control_image", "control_type", "control_strength")
 def input_schema(model: ModelConfig) -> dict:
     """The model's input schema; a model without ControlNets shows no ControlNet inputs,
     one that finds no Canny edges no edge thresholds, a model without an IP-Adapter or
-    without Redux not their image prompt inputs (it refuses them)."""
+    without Redux not their image prompt inputs, one without styles no `style` (it refuses
+    them); a model's styles are the values `style` takes."""
     schema = input_class(model).model_json_schema()
     hidden: set[str] = set()
     if model.family == "sdxl" and not model.controlnets:
@@ -65,6 +66,11 @@ def input_schema(model: ModelConfig) -> dict:
         hidden |= set(_IP_ADAPTER_INPUTS)
     if model.family == "flux" and model.redux is None:
         hidden |= set(_REDUX_INPUTS)
+    if not model.styles:
+        hidden.add("style")
+    else:
+        schema["properties"]["style"] = {"title": "Style", "enum": list(model.styles),
+                                         "description": "One of the model's styles"}
     if input_class(model) is FluxInput and model.redux is None:  # a prompt is then needed
         schema["required"] = sorted({*schema.get("required", []), "prompt"})
     schema["properties"] = {name: spec for name, spec in schema["properties"].items()

@@ -55,3 +55,14 @@ def test_styles_are_part_of_the_version(tmp_path):
            for styles in ({}, {"c": CINEMATIC}, {"c": CINEMATIC | {"negative_prompt": ""}})}
     assert len(ids) == 3
     assert version_id(ModelConfig(id="a/b", embedded="tiny-sdxl"), tmp_path) in ids
+
+
+def test_replicates_schema_offers_the_styles_and_hides_the_field_without_any():
+    from serve.routes.replicate_schemas import input_schema
+
+    assert input_schema(MODEL)["properties"]["style"]["enum"] == ["cinematic", "plain"]
+    assert "style" not in input_schema(ModelConfig(id="a/c", embedded="tiny-sdxl"))[
+        "properties"]
+    kontext = ModelConfig(id="a/k", family="flux", embedded="tiny-flux-kontext", kontext=True,
+                          styles={"film": {"prompt": "{prompt}, 35mm"}})
+    assert input_schema(kontext)["properties"]["style"]["enum"] == ["film"]
