@@ -40,7 +40,7 @@ from deployments.engines.loading import load_pipeline
 from deployments.engines.long_prompts import LongPrompts
 from deployments.engines.prompts import Embeds
 from deployments.engines.speed import attention_order
-from deployments.engines.tiling import circular_padding
+from deployments.engines.tiling import circular_padding, resized
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
@@ -299,12 +299,12 @@ class SDXLEngine(DiffusersEngine):
             return out.new_zeros(out.shape[0], 3, height, width)
         live = torch.tensor(rows.original_rows(), device=out.device)
         extra = {name: inputs[name][live] for name in self.embed_names}
-        image = torch.nn.functional.interpolate(out.float(), size=(height, width),
-                                                mode="bicubic").clamp(0, 1)
+        size = (height, width)  # a tiling image is upscaled as one (it wraps around)
+        image = resized(out.float(), size, "bicubic", first.tiling).clamp(0, 1)
         pipe = self._pipes["img2img"]
         if first.controls:
             pipe = self.controlnets.pipe(first, "img2img")
-            extra |= _upscaled_controls(inputs, live, (height, width))
+            extra |= _upscaled_controls(inputs, live, size, first.tiling)
         pipe.scheduler = self._schedulers[first.scheduler]
         if first.guidance_rescale:  # (never with ControlNets: the request refuses it)
             extra["guidance_rescale"] = first.guidance_rescale
@@ -332,14 +332,15 @@ class SDXLEngine(DiffusersEngine):
                 for i, name in enumerate(names)}
 
 
-def _upscaled_controls(inputs: dict, live: torch.Tensor, size: tuple[int, int]) -> dict:
+def _upscaled_controls(inputs: dict, live: torch.Tensor, size: tuple[int, int],
+                       wrap: bool) -> dict:
     """A text-to-image call's ControlNet arguments for its hires pass (img2img: the
     control images as `control_image`), the live rows' control images resized to `size`
-    (height, width) bilinearly."""
-    def resized(images: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.interpolate(images[live], size=size, mode="bilinear")
+    (height, width) bilinearly (wrapping round for a tiling call)."""
+    def upscaled(images: torch.Tensor) -> torch.Tensor:
+        return resized(images[live], size, "bilinear", wrap)
 
     images = inputs["image"]
     names = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
-    return {"control_image": [resized(i) for i in images] if isinstance(images, list)
-            else resized(images)} | {name: inputs[name] for name in names}
+    return {"control_image": [upscaled(i) for i in images] if isinstance(images, list)
+            else upscaled(images)} | {name: inputs[name] for name in names}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 
@@ -24,3 +25,16 @@ def circular_padding(models: Iterable[nn.Module]) -> Iterator[None]:
     finally:
         for conv, mode in zip(convs, before, strict=True):
             conv.padding_mode = mode
+
+
+def resized(images: torch.Tensor, size: tuple[int, int], mode: str,
+            wrap: bool = False) -> torch.Tensor:
+    """`images` (N, C, H, W) resized to `size` (height, width) by `mode`; with `wrap`, as
+    a tiling image is: each edge's neighbours are the opposite edge's pixels (the image is
+    resized as the middle of its 3 x 3 tiling), so the result tiles too."""
+    if not wrap:
+        return nn.functional.interpolate(images, size=size, mode=mode)
+    height, width = size
+    tiled = images.repeat(1, 1, 3, 3)
+    big = nn.functional.interpolate(tiled, size=(3 * height, 3 * width), mode=mode)
+    return big[..., height:2 * height, width:2 * width]

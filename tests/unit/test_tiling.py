@@ -96,3 +96,28 @@ def test_a_compiled_engine_runs_tiling_calls_uncompiled(tiny_sdxl_path, sdxl, tm
     (image,), = compiled.generate([REQUEST])
     assert counters["stats"]["calls_captured"] == warmed
     assert np.abs(_px(image) - _px(sdxl.generate([REQUEST])[0][0])).max() <= 2
+
+
+def test_a_tiling_image_is_upscaled_as_one_that_wraps_around():
+    """For the hires pass: resized as the middle of its 3 x 3 tiling, shifting the image
+    round by 4 pixels shifts the 1.5x one round by 6; resized plainly, it does not."""
+    from deployments.engines.tiling import resized
+
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    for mode in ("bicubic", "bilinear"):
+        big = resized(image, (96, 96), mode, wrap=True)
+        shifted = resized(image.roll((4, 4), dims=(2, 3)), (96, 96), mode, wrap=True)
+        torch.testing.assert_close(shifted, big.roll((6, 6), dims=(2, 3)))
+        plain = resized(image, (96, 96), mode)
+        assert torch.equal(plain, torch.nn.functional.interpolate(image, size=(96, 96),
+                                                                  mode=mode))
+        shifted = resized(image.roll((4, 4), dims=(2, 3)), (96, 96), mode)
+        assert (shifted - plain.roll((6, 6), dims=(2, 3))).abs().max() > 0.05
+
+
+def test_a_tiling_hires_call_draws_its_own_larger_image(sdxl):
+    larger = replace(REQUEST, hires_scale=1.5, hires_strength=0.6)
+    (tiled,), = sdxl.generate([larger])
+    (plain,), = sdxl.generate([replace(larger, tiling=False)])
+    assert tiled.size == plain.size == (96, 96)
+    assert np.abs(_px(tiled) - _px(plain)).mean() > 1
