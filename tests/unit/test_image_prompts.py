@@ -391,3 +391,17 @@ def test_an_image_prompt_is_read_as_an_input_image_and_scaled_down(tmp_path):
             image = "not an image" if field == "ip_adapter_image" and bad is model else text
             asyncio.run(load_image_prompt(ImagePromptParams(image, None, field), bad, fetcher))
         assert refused.value.field == field
+
+
+def test_an_image_prompt_steers_the_hires_pass_row_by_row(engine):
+    """A hires call of requests with and without an image prompt: each keeps the pixels
+    it has alone, the prompted one another image than without its picture."""
+    larger = {"hires_scale": 1.5, "hires_strength": 0.6}
+    prompted = _prompted(STRIPES, **larger)
+    plain = replace(BASE, seed=9, prompt="a blue cone", **larger)
+    together = engine.generate([prompted, plain])
+    for alone, shared in zip((engine.generate([prompted]), engine.generate([plain])), together):
+        assert shared[0].size == (96, 96)
+        assert np.abs(_px(alone[0][0]) - _px(shared[0])).max() <= 1
+    unprompted = engine.generate([replace(prompted, image_prompt=None)])[0][0]
+    assert np.abs(_px(together[0][0]) - _px(unprompted)).mean() > 1
