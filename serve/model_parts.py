@@ -33,6 +33,7 @@ class Family:
     needs: str = ""  # without text-to-image: what every request must send
     tiles: bool = False  # draws images that tile (a denoiser of convolutions)
     hires: bool = False  # redraws its text-to-image images larger (a second, img2img pass)
+    variations: bool = False  # mixes a variation seed's noise into text-to-image's
 
 
 # SDXL adapters mostly train the UNet's attention projections. FLUX trainers (ai-toolkit,
@@ -46,7 +47,8 @@ _FLUX_LORA_TARGETS = (
 
 FAMILIES = {
     "sdxl": Family(SCHEDULERS, 8, True, ("txt2img", "img2img", "inpaint"), "tiny-sdxl",
-                   ("to_q", "to_k", "to_v", "to_out.0"), tiles=True, hires=True),
+                   ("to_q", "to_k", "to_v", "to_out.0"), tiles=True, hires=True,
+                   variations=True),
     # FLUX latents are packed 2x2, on top of the VAE's factor of 8.
     "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img", "inpaint"),
                    "tiny-flux", _FLUX_LORA_TARGETS),

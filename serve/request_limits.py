@@ -33,6 +33,7 @@ def check_limits(request: GenerationRequest, limits: LimitsConfig, family: Famil
         raise InvalidField("negative_prompt", "this model takes no negative prompt")
     _check_guidance_rescale(request, family)
     _check_hires(request, limits, family)
+    _check_variation(request, family)
     if request.tiling and not family.tiles:
         raise InvalidField("tiling", "this model cannot draw tiling images (FLUX's "
                                      "transformer has no convolutions to wrap around)")
@@ -101,6 +102,20 @@ def _check_hires(request: GenerationRequest, limits: LimitsConfig, family: Famil
     if int(steps * request.hires_strength) < 1:
         raise InvalidField("hires_strength", (
             f"runs int(steps x strength) steps: {steps} x {request.hires_strength} is none"))
+
+
+def _check_variation(request: GenerationRequest, family: Family) -> None:
+    if not request.variation_strength:
+        return
+    if not family.variations:
+        raise InvalidField("variation_strength", "this model draws no seed variations "
+                                                 "(SDXL models do)")
+    if request.source is not None:
+        raise InvalidField("variation_strength", (
+            "a variation moves text-to-image's starting noise: not with an input image (on "
+            "an inpainting model every request has one)"))
+    if request.variation_seed is None:
+        raise InvalidField("variation_seed", "needed with a variation_strength")
 
 
 def _check_guidance_rescale(request: GenerationRequest, family: Family) -> None:

@@ -142,6 +142,10 @@ class GenerationRequest:
     hires_scale: float = 1.0
     hires_strength: float = 0.5
     hires_steps: int | None = None
+    # SDXL text-to-image: image i starts from its seed's noise moved towards that of
+    # variation_seed + i by variation_strength (0: none), as the WebUI's variation seed.
+    variation_seed: int | None = None
+    variation_strength: float = 0.0
 
     @property
     def mode(self) -> str:

@@ -273,11 +273,12 @@ class DiffusersEngine:
         made = list(prepared or ())
         made += [self.prepare(r)[0] for r in requests[len(made):real]]
         made += made[-1:] * (len(requests) - real)  # a filler repeats the last request
-        inputs = (self._encode(requests, [p.embeds for p in made])
-                  | source_inputs(requests, [p.source for p in made])
-                  | self._control_inputs(requests, [p.controls for p in made]))
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
+        inputs = (self._encode(requests, [p.embeds for p in made])
+                  | source_inputs(requests, [p.source for p in made])
+                  | self._control_inputs(requests, [p.controls for p in made])
+                  | self._noise_inputs(pipe, requests, generators))
         # Inpainting, Kontext edits and FLUX.1 Canny keep per-row state (the mask and both
         # guidance halves of it; the references' or control images' latents) out of the
         # step callback's reach: their rows stay, and inpainting keeps guidance on every
@@ -422,6 +423,12 @@ class DiffusersEngine:
     def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
         """One image's embeddings of a prompt, in `embed_names` order."""
         raise NotImplementedError
+
+    def _noise_inputs(self, pipe, requests: Sequence[GenerationRequest],
+                      generators: list[torch.Generator]) -> dict:
+        """Pipeline inputs for the call's starting noise, made here where a family mixes
+        in requests' variation seeds (SDXL); none: the pipeline draws it."""
+        return {}
 
     def _call_inputs(self) -> dict:
         """Pipeline inputs every call passes besides the embeddings."""

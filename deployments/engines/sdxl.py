@@ -41,6 +41,7 @@ from deployments.engines.long_prompts import LongPrompts
 from deployments.engines.prompts import Embeds
 from deployments.engines.speed import attention_order
 from deployments.engines.tiling import circular_padding, resized
+from deployments.engines.variations import starting_noise
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
@@ -174,6 +175,19 @@ class SDXLEngine(DiffusersEngine):
     def _other_shapes(self, first: GenerationRequest) -> bool:
         """Prompts of several chunks: more text tokens than the warm-up's."""
         return super()._other_shapes(first) or self.batch_key(first)[-1] > 1
+
+    def _noise_inputs(self, pipe, requests: Sequence[GenerationRequest],
+                      generators: list[torch.Generator]) -> dict:
+        """A text-to-image call with a variation: the starting noise of every row, drawn
+        from each image's generator as the pipeline would draw it, moved towards its
+        variation seed's."""
+        if not any(r.variation_strength for r in requests) or requests[0].source is not None:
+            return {}
+        first, channels = requests[0], pipe.unet.config.in_channels
+        shape = (1, channels, first.height // pipe.vae_scale_factor,
+                 first.width // pipe.vae_scale_factor)
+        dtype = pipe.text_encoder_2.dtype  # the pipeline's latents take the embeddings'
+        return {"latents": starting_noise(requests, generators, shape, dtype).to(self.device)}
 
     def _tiled(self, pipe, first: GenerationRequest):
         """A tiling call's convolutions, in the UNet, the VAE (both ways), its ControlNets

@@ -95,6 +95,12 @@ class GenerateParams(BaseModel):
         "SDXL: an image that tiles, its left edge continuing its right and its top its "
         "bottom (textures, patterns)."))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; returned.")
+    variation_seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
+        "SDXL text-to-image: a second seed whose noise variation_strength moves towards "
+        "(image i: variation_seed + i)."))
+    variation_strength: float = Field(0.0, ge=0, le=1, description=(
+        "0: the seed's image; small values: variations close to it; 1: the variation "
+        "seed's own image."))
     num_outputs: int = Field(1, ge=1, le=16, description="Images to make (seeds seed, seed+1, ...).")
     scheduler: str | None = Field(None, description=(
         f"SDXL: one of {', '.join(SCHEDULERS)}; FLUX: FlowMatchEuler."))
@@ -211,7 +217,8 @@ class GenerateParams(BaseModel):
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
             guidance_rescale=self.guidance_rescale, tiling=self.tiling,
             hires_scale=self.hires_scale, hires_strength=self.hires_strength,
-            hires_steps=self.hires_steps,
+            hires_steps=self.hires_steps, variation_seed=self.variation_seed,
+            variation_strength=self.variation_strength,
             scheduler=self.scheduler, negative_prompt=self.negative_prompt, style=self.style,
             num_outputs=self.num_outputs, output_format=self.output_format,
             output_quality=self.output_quality, adapters=adapters, request_id=request_id,

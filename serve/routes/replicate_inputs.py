@@ -182,6 +182,10 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
     tiling: bool = Field(False, description=(
         "An image that tiles, edge to edge both ways (textures, patterns)"))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
+    variation_seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
+        "A second seed for variations of the seed's image (with variation_strength)"))
+    variation_strength: float = Field(0.0, ge=0, le=1, description=(
+        "How far towards the variation seed's image (0: none)"))
     image: str | None = Field(None, description=(
         "Input image for img2img or inpaint mode, as a data URI (or base64)"))
     mask: str | None = Field(None, description=(
@@ -219,7 +223,8 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
                 "guidance_rescale": self.guidance_rescale, "tiling": self.tiling,
                 "style": self.style,
                 "hires_scale": self.hires_scale, "hires_strength": self.hires_strength,
-                "hires_steps": self.hires_steps,
+                "hires_steps": self.hires_steps, "variation_seed": self.variation_seed,
+                "variation_strength": self.variation_strength,
                 "negative_prompt": self.negative_prompt, "output_format": self.output_format,
                 "output_quality": self.output_quality, "refine": self.refine,
                 "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps,

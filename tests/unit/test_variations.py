@@ -1,0 +1,79 @@
+"""Seed variations (`variation_seed`, `variation_strength`) on the tiny SDXL (CPU): at 0 the
+seed's image exactly, at 1 the variation seed's, close to the seed's at small strengths;
+rows with and without a variation share calls; and the requests it refuses."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from deployments.engines.variations import slerp
+from serve.config import ModelConfig
+from serve.errors import InvalidField
+from serve.types import GenerationRequest, SourceImage
+from tests.unit.test_engine import _px, assert_same_pixels
+
+REQUEST = GenerationRequest(model="a/b", prompt="a red cube", width=64, height=64,
+                            num_inference_steps=4, guidance_scale=6.0, seed=4,
+                            scheduler="K_EULER", variation_seed=40)
+
+
+def _image(engine, **changes):
+    return engine.generate([replace(REQUEST, **changes)])[0][0]
+
+
+@pytest.mark.parametrize("scheduler", ["K_EULER", "K_EULER_ANCESTRAL", "DPM++2MSDE"])
+def test_strength_zero_is_the_seeds_own_image_even_where_steps_draw_noise(sdxl, scheduler):
+    """The starting noise is drawn from each image's generator as diffusers draws it, so
+    the generator goes on to the steps' noise (ancestral and SDE samplers) unchanged."""
+    plain = _image(sdxl, scheduler=scheduler, variation_seed=None)
+    assert_same_pixels(_image(sdxl, scheduler=scheduler, variation_strength=0.0), plain)
+    assert np.abs(_px(_image(sdxl, scheduler=scheduler, variation_strength=0.3))
+                  - _px(plain)).mean() > 0.5
+
+
+def test_strength_one_is_the_variation_seeds_image_and_small_ones_stay_close(sdxl):
+    own, other = _image(sdxl, variation_seed=None), _image(sdxl, seed=40, variation_seed=None)
+    assert np.abs(_px(_image(sdxl, variation_strength=1.0)) - _px(other)).max() <= 1
+    gaps = [np.abs(_px(_image(sdxl, variation_strength=s)) - _px(own)).mean()
+            for s in (0.05, 0.3, 0.7)]
+    assert 0 < gaps[0] < gaps[1] < gaps[2]
+
+
+def test_each_image_of_a_request_varies_towards_its_own_variation_seed(sdxl):
+    two = sdxl.generate([replace(REQUEST, num_outputs=2, variation_strength=1.0)])[0]
+    assert np.abs(_px(two[1]) - _px(_image(sdxl, seed=41, variation_seed=None))).max() <= 1
+
+
+def test_rows_with_and_without_a_variation_share_a_call_with_their_own_pixels(sdxl):
+    varied = replace(REQUEST, variation_strength=0.4)
+    plain = replace(REQUEST, seed=9, variation_seed=None, prompt="a blue cone")
+    together = sdxl.generate([varied, plain])
+    assert np.abs(_px(together[0][0]) - _px(sdxl.generate([varied])[0][0])).max() <= 1
+    assert np.abs(_px(together[1][0]) - _px(sdxl.generate([plain])[0][0])).max() <= 1
+
+
+def test_slerp_keeps_the_ends_and_the_norm_between_them():
+    a, b = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    assert torch.equal(slerp(0.0, a, b), a)
+    torch.testing.assert_close(slerp(1.0, a, b), b)
+    middle = slerp(0.5, a, b)
+    assert abs(middle.norm() - (a.norm() + b.norm()) / 2) < 0.1 * a.norm()
+    torch.testing.assert_close(slerp(0.5, a, a), a)  # parallel: linear
+
+
+@pytest.mark.parametrize(("args", "field", "reason"), [
+    ({"variation_strength": 0.2}, "variation_seed", "needed"),
+    ({"variation_strength": 0.2, "variation_seed": 3,
+      "source": SourceImage(bytes(64 * 64 * 3), 0.5)}, "variation_strength", "input image"),
+])
+def test_variations_beyond_text_to_image_or_without_a_seed_are_refused(args, field, reason):
+    model = ModelConfig(id="a/b", embedded="tiny-sdxl")
+    with pytest.raises(InvalidField) as refused:
+        GenerationRequest.for_model(model, "x", width=64, height=64, **args)
+    assert refused.value.field == field and reason in refused.value.reason
+    flux = ModelConfig(id="a/f", family="flux", embedded="tiny-flux")
+    with pytest.raises(InvalidField) as refused:
+        GenerationRequest.for_model(flux, "x", variation_strength=0.2, variation_seed=1)
+    assert refused.value.field == "variation_strength" and "SDXL" in refused.value.reason
