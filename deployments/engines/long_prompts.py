@@ -111,8 +111,9 @@ class LongPrompts:
         tokenizer, said = self.tokenizers[0], []
         with self._lock:
             for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-                whole = sum(len(ids) for ids, _ in self._tokens(tokenizer, text, cut=False))
-                read = sum(len(ids) for ids, _ in self._tokens(tokenizer, text))
+                chunks = self._tokens(tokenizer, text, cut=False)
+                whole = sum(len(ids) for ids, _ in chunks)
+                read = sum(len(ids) for ids, _ in chunks[:self.chunks])
                 if read < whole:
                     said.append(f"{field}: the model reads {read} of its {whole} tokens "
                                 f"({self.chunks} chunk(s) of {_size(tokenizer)}); the rest "
