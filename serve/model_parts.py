@@ -377,6 +377,11 @@ class PromptConfig(_Strict):
         "Read AUTOMATIC1111's emphasis: (words) weighs 1.1, [words] 1/1.1, (words:1.5) "
         "1.5, nested groups multiply, \\( \\) \\[ \\] are literal brackets. Off: brackets "
         "are text, as in diffusers."))
+    comma_backtrack: int = Field(20, ge=0, le=74, description=(
+        "With several chunks: a chunk that would end within this many tokens after a comma "
+        "ends after the comma, the words after it starting the next chunk, so a phrase is "
+        "not split between two (AUTOMATIC1111's WebUI, 20 by default; 0: cut every 75 "
+        "tokens, as compel does)."))
 
     def given(self) -> dict[str, int | bool]:
         """The settings that differ from diffusers' reading."""

@@ -5,7 +5,9 @@ CLIP reads 77 tokens: a start token, 75 of the prompt's and an end token, padded
 is read as AUTOMATIC1111's WebUI and compel read it: its tokens in chunks of 75, each chunk
 encoded on its own as a 77-token prompt, and the chunks' embeddings joined along the
 sequence, so the UNet's cross-attention sees every word; the pooled embedding is the first
-chunk's. A prompt and its negative prompt are padded to the same count with empty chunks,
+chunk's. A chunk that would end within `comma_backtrack` tokens after a comma ends after the
+comma instead, the words after it starting the next chunk (the WebUI's way, 20 by default),
+so a phrase is not split between chunks. A prompt and its negative prompt are padded to the same count with empty chunks,
 and the requests of one call have the same count (it is part of their batch key). A prompt
 of one chunk is encoded exactly as diffusers encodes it.
 
@@ -82,10 +84,12 @@ class LongPrompts:
     time (fast tokenizers refuse concurrent use)."""
 
     def __init__(self, tokenizers: Sequence, chunks: int = 1, weights: bool = False,
+                 comma_backtrack: int = 20,
                  convert: Callable[[str, object], str] = lambda text, tokenizer: text):
-        if chunks < 1:
-            raise ValueError("chunks must be >= 1")
+        if chunks < 1 or comma_backtrack < 0:
+            raise ValueError("chunks must be >= 1 and comma_backtrack >= 0")
         self.tokenizers, self.chunks, self.weights = tuple(tokenizers), chunks, weights
+        self.comma_backtrack = comma_backtrack if chunks > 1 else 0
         self._convert = convert
         self._lock = threading.RLock()
         self._counts: OrderedDict[tuple[str, str], int] = OrderedDict()
@@ -125,6 +129,7 @@ class LongPrompts:
         segments = _BREAK.split(text) if self.weights else [text]
         size, chunks = _size(tokenizer), []
         most = self.chunks * size if cut else 10**9
+        comma = _comma(tokenizer) if self.comma_backtrack else None
         for segment in segments:
             pieces = weighted_pieces(segment) if self.weights else [(segment, 1.0)]
             ids: list[int] = []
@@ -134,8 +139,7 @@ class LongPrompts:
                                       truncation=cut, max_length=most).input_ids
                 ids += piece_ids
                 weights += [weight] * len(piece_ids)
-            chunks += [(ids[i:i + size], weights[i:i + size])
-                       for i in range(0, max(len(ids), 1), size)]
+            chunks += _split(ids, weights, size, comma, self.comma_backtrack)
         return chunks[:self.chunks] if cut else chunks
 
     @torch.inference_mode()
@@ -195,6 +199,28 @@ class LongPrompts:
 def _size(tokenizer) -> int:
     """The prompt tokens one chunk holds (75 for CLIP's 77)."""
     return tokenizer.model_max_length - 2
+
+
+def _comma(tokenizer) -> int | None:
+    """The id of a comma ending a word, None if the tokenizer spells it otherwise."""
+    ids = tokenizer(",", add_special_tokens=False).input_ids
+    return ids[0] if len(ids) == 1 else None
+
+
+def _split(ids: list[int], weights: list[float], size: int, comma: int | None,
+           backtrack: int) -> list[Chunk]:
+    """The tokens in chunks of `size` (at least one chunk), as the WebUI splits them: when
+    a chunk is full and the next token is not a comma, a comma among its last `backtrack`
+    tokens ends it instead, the tokens after the comma moving to the next chunk."""
+    chunks: list[Chunk] = []
+    while len(ids) > size:
+        cut = size
+        if comma is not None and ids[size] != comma:
+            commas = [i for i in range(max(size - backtrack, 0), size) if ids[i] == comma]
+            cut = commas[-1] + 1 if commas else size
+        chunks.append((ids[:cut], weights[:cut]))
+        ids, weights = ids[cut:], weights[cut:]
+    return [*chunks, (ids, weights)]
 
 
 def _weighted(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.engines.long_prompts import weighted_pieces
+from deployments.engines.long_prompts import LongPrompts, weighted_pieces
 from serve.config import ConfigError, ModelConfig, parse_config
 from serve.types import GenerationRequest
 from serve.versions import version_id
@@ -102,6 +102,32 @@ def test_break_starts_the_next_chunk(chunked):
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pos[:, 77:], _diffusers(chunked, "the sea")[0],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_chunk_ends_after_a_comma_near_its_end(chunked):
+    """As the WebUI splits prompts: the 75th token is not the last of a phrase, so the
+    chunk ends after the comma 5 tokens before it, and the words after the comma start
+    the second chunk; each chunk is diffusers' encoding of its own words."""
+    words = ["the"] * 70 + [","] + ["on"] * 20
+    pos = chunked._encode_prompt(" ".join(words), "")[0]
+    torch.testing.assert_close(pos[:, :77], _diffusers(chunked, " ".join(words[:71]))[0],
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pos[:, 77:], _diffusers(chunked, " ".join(words[71:]))[0],
+                               rtol=1e-5, atol=1e-5)
+    tokenizer, comma = chunked.long_prompts.tokenizers[0], 300  # the tiny tokenizer's ","
+
+    def lengths(text: str, backtrack: int) -> list[tuple[int, int]]:
+        reader = LongPrompts([tokenizer], chunks=3, comma_backtrack=backtrack)
+        return [(len(ids), ids.count(comma)) for ids, _ in reader._tokens(tokenizer, text)]
+
+    text = " ".join(words)
+    assert lengths(text, 20) == [(71, 1), (20, 0)]
+    assert lengths(text, 5) == [(71, 1), (20, 0)] and lengths(text, 4) == [(75, 1), (16, 0)]
+    assert lengths(text, 0) == [(75, 1), (16, 0)]
+    # A comma right after a full chunk starts the next one; one chunk read: diffusers' cut.
+    assert lengths(" ".join(["the"] * 75 + [","] + ["on"] * 5), 20) == [(75, 0), (6, 1)]
+    single = LongPrompts([tokenizer], chunks=1)
+    assert [len(ids) for ids, _ in single._tokens(tokenizer, text)] == [75]
 
 
 def test_a_prompt_cut_short_is_noted_for_the_client(sdxl, chunked):
@@ -200,9 +226,13 @@ def test_prompts_are_for_sdxl_and_part_of_the_version(tmp_path):
     with pytest.raises(ConfigError, match=r"prompts\.chunks"):
         parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl",
                                   "prompts": {"chunks": 9}}]})
+    with pytest.raises(ConfigError, match=r"prompts\.comma_backtrack"):
+        parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl",
+                                  "prompts": {"chunks": 2, "comma_backtrack": 75}}]})
     flux = parse_config({"models": [{"id": "a/f", "family": "flux", "embedded": "tiny-flux",
                                      "prompts": {"chunks": 1}}]})
     assert flux.models[0].prompts.given() == {}
     ids = [version_id(ModelConfig(id="a/b", embedded="tiny-sdxl", prompts=p), tmp_path)
-           for p in ({}, {"chunks": 1, "weights": False}, {"chunks": 2}, {"weights": True})]
-    assert ids[0] == ids[1] and len(set(ids)) == 3
+           for p in ({}, {"chunks": 1, "weights": False, "comma_backtrack": 20},
+                     {"chunks": 2}, {"weights": True}, {"chunks": 2, "comma_backtrack": 0})]
+    assert ids[0] == ids[1] and len(set(ids)) == 4
