@@ -330,6 +330,14 @@ class ModelConfig(_Strict):
             return "redux_image"
         return "ip_adapter_image"
 
+    def options(self) -> dict[str, bool]:
+        """Which of the per-request options the model takes: tiling, the hires pass and
+        seed variations (the last two follow text-to-image, which an inpainting checkpoint
+        never runs)."""
+        rules, text = self.rules, "txt2img" in self.rules.modes
+        return {"tiling": rules.tiles, "hires": rules.hires and text,
+                "variations": rules.variations and text}
+
     @property
     def rules(self) -> Family:
         if self.family == "sdxl":

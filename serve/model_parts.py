@@ -51,7 +51,7 @@ FAMILIES = {
                    variations=True),
     # FLUX latents are packed 2x2, on top of the VAE's factor of 8.
     "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img", "inpaint"),
-                   "tiny-flux", _FLUX_LORA_TARGETS),
+                   "tiny-flux", _FLUX_LORA_TARGETS, variations=True),
 }
 # The FLUX.1 tools, each a FLUX model with its own weights and pipeline. Kontext
 # (`kontext: true`): an input image is a reference the prompt edits, not an img2img start;
@@ -59,17 +59,20 @@ FAMILIES = {
 # always, the mask's white part drawn anew (inpainting, and outpainting past the borders).
 # Canny (`canny: true`): an image always, whose Canny edges the output follows. Depth
 # (`depth: true`): an image always, whose estimated depth map the output follows.
+# Seed variations are plain FLUX's only (the tools' pipelines make their latents their own
+# way).
+_FLUX_TOOL = replace(FAMILIES["flux"], variations=False)
 FLUX_TOOLS = {
-    "kontext": replace(FAMILIES["flux"], modes=("txt2img", "edit", "inpaint"),
+    "kontext": replace(_FLUX_TOOL, modes=("txt2img", "edit", "inpaint"),
                        embedded="tiny-flux-kontext"),
-    "fill": replace(FAMILIES["flux"], modes=("inpaint",), embedded="tiny-flux-fill",
+    "fill": replace(_FLUX_TOOL, modes=("inpaint",), embedded="tiny-flux-fill",
                     needs="this model fills the white part of a mask over an image: send an "
                           "image and a mask, or an image whose transparent part is to be "
                           "filled"),
-    "canny": replace(FAMILIES["flux"], modes=("control",), embedded="tiny-flux-canny",
+    "canny": replace(_FLUX_TOOL, modes=("control",), embedded="tiny-flux-canny",
                      needs="this model draws what the edges of a control image outline: send "
                            "an image (its Canny edges are found here)"),
-    "depth": replace(FAMILIES["flux"], modes=("control",), embedded="tiny-flux-depth",
+    "depth": replace(_FLUX_TOOL, modes=("control",), embedded="tiny-flux-depth",
                      needs="this model draws what the depth of a control image lays out: send "
                            "an image (its depth map is estimated here)"),
 }

@@ -51,6 +51,7 @@ from deployments.engines.kontext import KontextReferencesPipeline
 from deployments.engines.prompts import Embeds
 from deployments.engines.redux import Redux
 from deployments.engines.sources import control_inputs
+from deployments.engines.variations import starting_noise, varies
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
@@ -185,6 +186,21 @@ class FluxEngine(DiffusersEngine):
 
     def _call_inputs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}
+
+    def _noise_inputs(self, pipe, requests: Sequence[GenerationRequest],
+                      generators: list[torch.Generator]) -> dict:
+        """A text-to-image call with a variation: the starting noise of every row, drawn
+        from each image's generator as FluxPipeline draws it (latents of 16 channels,
+        then packed 2x2 into tokens), moved towards its variation seed's."""
+        if not varies(requests):
+            return {}
+        first, channels = requests[0], pipe.transformer.config.in_channels // 4
+        height, width = (2 * (side // (pipe.vae_scale_factor * 2))
+                         for side in (first.height, first.width))
+        noise = starting_noise(requests, generators, (1, channels, height, width),
+                               pipe.text_encoder_2.dtype)
+        packed = pipe._pack_latents(noise, len(noise), channels, height, width)
+        return {"latents": packed.to(self.device)}
 
     def _decode_latents(self, pipe, latents: torch.Tensor, width: int,
                         height: int) -> torch.Tensor:

@@ -41,7 +41,7 @@ from deployments.engines.long_prompts import LongPrompts
 from deployments.engines.prompts import Embeds
 from deployments.engines.speed import attention_order
 from deployments.engines.tiling import circular_padding, resized
-from deployments.engines.variations import starting_noise
+from deployments.engines.variations import starting_noise, varies
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
@@ -181,7 +181,7 @@ class SDXLEngine(DiffusersEngine):
         """A text-to-image call with a variation: the starting noise of every row, drawn
         from each image's generator as the pipeline would draw it, moved towards its
         variation seed's."""
-        if not any(r.variation_strength for r in requests) or requests[0].source is not None:
+        if not varies(requests):
             return {}
         first, channels = requests[0], pipe.unet.config.in_channels
         shape = (1, channels, first.height // pipe.vae_scale_factor,

@@ -4,7 +4,8 @@ the strength, from the seed's noise towards the variation seed's. At strength 0 
 seed's image exactly; small strengths give images close to it, 1 the variation seed's own.
 
 The seed's noise is drawn from each image's generator as diffusers' text-to-image pipelines
-draw it (a standard normal of the latents' shape, on the CPU, in the call's dtype), so the
+draw it (a standard normal of the latents' shape, on the CPU, in the call's dtype; FLUX's
+before its 2x2 patches are packed into tokens), so the
 generator goes on to the later steps' noise in the same state, and rows without a
 variation get the very noise the pipeline would have drawn."""
 
@@ -31,6 +32,12 @@ def slerp(strength: float, start: torch.Tensor, end: torch.Tensor) -> torch.Tens
         mixed = (torch.sin((1 - strength) * omega) * a + torch.sin(strength * omega) * b) \
             / torch.sin(omega)
     return mixed.reshape(start.shape).to(start.dtype)
+
+
+def varies(requests: Sequence[GenerationRequest]) -> bool:
+    """Whether a call is text-to-image with a variation in one of its requests (the only
+    calls whose starting noise is made here)."""
+    return any(r.variation_strength for r in requests) and requests[0].source is None
 
 
 def starting_noise(requests: Sequence[GenerationRequest], generators: list[torch.Generator],

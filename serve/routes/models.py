@@ -33,7 +33,7 @@ async def list_models(request: Request) -> dict:
              "textual_inversions": [e.token for e in m.textual_inversions],
              "prompts": m.prompts.model_dump() if m.family == "sdxl" else None,
              "styles": {name: s.model_dump() for name, s in m.styles.items()},
-             "options": _options(m),
+             "options": m.options(),
              "schedulers": list(m.rules.schedulers),
              "limits": m.limits.model_dump(),
              "defaults": m.defaults.model_dump() | {"scheduler": m.default_scheduler}}
@@ -41,15 +41,6 @@ async def list_models(request: Request) -> dict:
     base = base_url(request)
     return {"object": "list", "data": data, "next": None, "previous": None,
             "results": [model_json(state, m.id, base) for m in models]}
-
-
-def _options(model) -> dict[str, bool]:
-    """Which of the per-request options the model takes: SDXL's tiling, hires pass and
-    seed variations (the last two follow text-to-image, which an inpainting checkpoint
-    never runs)."""
-    rules, text = model.rules, "txt2img" in model.rules.modes
-    return {"tiling": rules.tiles, "hires": rules.hires and text,
-            "variations": rules.variations and text}
 
 
 @router.get("/healthz", summary="Readiness of every model deployment")

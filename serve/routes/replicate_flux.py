@@ -112,6 +112,10 @@ class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs):
         "Prompt strength with img2img / inpaint; 1.0 destroys the input image's "
         "information"))
     num_outputs: int = Field(1, ge=1, le=4, description="Number of outputs to generate")
+    variation_seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
+        "A second seed for variations of the seed's image (with variation_strength)"))
+    variation_strength: float = Field(0.0, ge=0, le=1, description=(
+        "How far towards the variation seed's image (0: none)"))
     extra_lora: str | None = Field(None, description=(
         "A second LoRA (a name from GET /v1/loras or a file URL), stacked on "
         "lora_weights"))
@@ -132,7 +136,8 @@ class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs):
             if self.megapixels == "0.25":
                 width, height = width // 2, height // 2
         return {"width": width, "height": height, "num_outputs": self.num_outputs,
-                **self.call_args()}
+                "variation_seed": self.variation_seed,
+                "variation_strength": self.variation_strength, **self.call_args()}
 
     def image_prompt(self) -> ImagePromptParams:
         """redux_image or ip_adapter_image, whichever is sent (422 for both)."""

@@ -47,13 +47,18 @@ def parse_input(model: ModelConfig, raw: dict) -> ReplicateInput:
 _IP_ADAPTER_INPUTS = ("ip_adapter_image", "ip_adapter_scale")
 _REDUX_INPUTS = ("redux_image", "redux_downsampling")
 _FLUX_CONTROLNET_INPUTS = ("control_image", "control_type", "control_strength")
+# GET /v1/models' options → their inputs.
+_OPTION_INPUTS = {"tiling": ("tiling",),
+                  "hires": ("hires_scale", "hires_strength", "hires_steps"),
+                  "variations": ("variation_seed", "variation_strength")}
 
 
 def input_schema(model: ModelConfig) -> dict:
     """The model's input schema; a model without ControlNets shows no ControlNet inputs,
     one that finds no Canny edges no edge thresholds, a model without an IP-Adapter or
     without Redux not their image prompt inputs, one without styles no `style` (it refuses
-    them); a model's styles are the values `style` takes."""
+    them), nor the inputs of options it does not take (tiling, the hires pass, seed
+    variations); a model's styles are the values `style` takes."""
     schema = input_class(model).model_json_schema()
     hidden: set[str] = set()
     if model.family == "sdxl" and not model.controlnets:
@@ -66,6 +71,8 @@ def input_schema(model: ModelConfig) -> dict:
         hidden |= set(_IP_ADAPTER_INPUTS)
     if model.family == "flux" and model.redux is None:
         hidden |= set(_REDUX_INPUTS)
+    hidden |= {name for option, taken in model.options().items() if not taken
+               for name in _OPTION_INPUTS[option]}
     if not model.styles:
         hidden.add("style")
     else:

@@ -1,12 +1,13 @@
-"""Seed variations over HTTP: `/generate` and Replicate's SDXL input draw the same
-variation; strength 0 is the seed's image; a FLUX model refuses them, naming the field."""
+"""Seed variations over HTTP: `/generate` and Replicate's SDXL and FLUX inputs draw the same
+variation; strength 0 is the seed's image; a FLUX.1 Kontext model refuses them, naming the
+field."""
 
 import io
 
 import httpx
 from PIL import Image
 
-from tests.integration.conftest import AUTH, FAST, FLUX, decode, pixels
+from tests.integration.conftest import AUTH, FAST, FLUX, KONTEXT, decode, pixels
 
 BODY = {"prompt": "a lighthouse", "steps": 3, "seed": 12, "guidance_scale": 6,
         "scheduler": "K_EULER_ANCESTRAL", "width": 64, "height": 64}
@@ -31,9 +32,28 @@ def test_a_variation_through_generate_and_replicate(client, rep):
     assert (pixels(Image.open(io.BytesIO(file.read()))) == varied).all()
 
 
-def test_flux_and_a_missing_variation_seed_are_422_naming_the_field(base_url):
+def test_a_flux_variation_through_generate_and_replicate(client, rep):
+    """The model's default size and scheduler on both APIs."""
+    flux = {"prompt": "a lighthouse", "model": FLUX, "steps": 3, "seed": 12}
+
+    def drawn(**changes):
+        r = client.post("/generate", json=flux | changes)
+        assert r.status_code == 200, r.text
+        return pixels(decode(r.json()["image"]))
+
+    own = drawn()
+    varied = drawn(variation_seed=99, variation_strength=0.3)
+    assert (drawn(variation_seed=99, variation_strength=0) == own).all()
+    assert varied.shape == own.shape and abs(varied - own).mean() > 0.5
+    (file,) = rep.run(FLUX, input={"prompt": "a lighthouse", "num_inference_steps": 3,
+                                   "seed": 12, "output_format": "png",
+                                   "variation_seed": 99, "variation_strength": 0.3})
+    assert (pixels(Image.open(io.BytesIO(file.read()))) == varied).all()
+
+
+def test_kontext_and_a_missing_variation_seed_are_422_naming_the_field(base_url):
     r = httpx.post(f"{base_url}/generate", headers=AUTH, json={
-        "prompt": "x", "model": FLUX, "variation_seed": 1, "variation_strength": 0.5})
+        "prompt": "x", "model": KONTEXT, "variation_seed": 1, "variation_strength": 0.5})
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"][-1] == "variation_strength"
     r = httpx.post(f"{base_url}/generate", headers=AUTH,
