@@ -81,6 +81,8 @@ class Ingress:
         self.metrics = IngressMetrics()
         self.router = ModelRouter(cfg, AdapterCatalog.from_dicts(adapters), handles,
                                   self.metrics)
+        for model in cfg.models:  # the gauge reads 0 from the start, not nothing
+            self.metrics.waiting(model.id, 0)
         self.store = (RedisStore(cfg.redis_url, cfg.file_ttl_s) if cfg.redis_url else
                       MemoryStore(cfg.file_ttl_s, cfg.file_store_mb * 2**20))
         self.api_keys = configured_keys(cfg.api_keys)

@@ -81,6 +81,9 @@ class IngressMetrics:
             tag_keys=("key", "model"))
         self.rate_limited = Counter("atelier_rate_limited", "Requests refused with 429 "
                                     "by their API key's rate", tag_keys=("key",))
+        self.ingress_waiting = Gauge("atelier_ingress_waiting_requests", (
+            "Requests waiting at the ingress, by priority, for a place on a model's "
+            "replicas"), tag_keys=("model",))
 
     def answered(self, path: str, status: int, seconds: float) -> None:
         api = api_name(path)
@@ -99,6 +102,9 @@ class IngressMetrics:
 
     def failed(self, model: str, kind: str) -> None:
         self.errors.inc(1, {"model": model, "kind": kind})
+
+    def waiting(self, model: str, count: int) -> None:
+        self.ingress_waiting.set(count, {"model": model})
 
 
 class ModelMetrics:

@@ -109,7 +109,9 @@ class ModelConfig(_Strict):
     max_ongoing_requests: int = Field(16, ge=1, description=(
         "Requests a replica holds at once (queued in its batcher or running)."))
     max_queued_requests: int = Field(64, ge=0, description=(
-        "Requests waiting for a replica before new ones get 503."))
+        "Requests waiting (at each ingress replica, by priority) for a place on the "
+        "replicas before new ones get 503; a newcomer of higher priority takes the place "
+        "of the newest of the lowest waiting instead."))
     max_loaded_adapters: int = Field(8, ge=1, le=256, description=(
         "LoRA slots per replica: adapters held at once (the least recently used makes "
         "room), and the most distinct adapters the requests of one call may name."))

@@ -16,6 +16,7 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 
 from serve.adapters import AdapterCatalog, AdapterSet, adapter_url, url_adapter_name
+from serve.admission import Admission
 from serve.auth import ApiKey
 from serve.config import AtelierConfig, ModelConfig
 from serve.errors import (
@@ -46,6 +47,11 @@ class ModelRouter:
         for model in config.models:
             for name in (model.id, *model.aliases):
                 self._by_name[name] = model
+        # Requests past what a model's replicas hold wait here, by priority (admission).
+        self._admission = {
+            m.id: Admission(m.id, m.replicas * m.max_ongoing_requests, m.max_queued_requests,
+                            lambda count, model=m.id: self.metrics.waiting(model, count))
+            for m in config.models}
 
     def resolve(self, name: str | None, key: ApiKey | None = None) -> ModelConfig:
         """The model named by id or alias (for None, the first configured one), among
@@ -113,40 +119,44 @@ class ModelRouter:
 
         Raises as `generate` does; closing the iterator early withdraws the request.
         """
-        started = time.monotonic()
-        response = self._handle(request).options(stream=True).generate_stream.remote(request)
-        delivered = False
+        started, response, delivered = time.monotonic(), None, False
         try:
-            async for event in response:
-                if event[0] == "result":
-                    if isinstance(event[1], Refused):
-                        raise event[1].error
-                    self._delivered(request, event[1], started)
-                    delivered = True
-                yield event
+            async with self._admission[request.model].slot(request.priority):
+                response = self._handle(request).options(
+                    stream=True).generate_stream.remote(request)
+                async for event in response:
+                    if event[0] == "result":
+                        if isinstance(event[1], Refused):
+                            raise event[1].error
+                        self._delivered(request, event[1], started)
+                        delivered = True
+                    yield event
         except BaseException as exc:
             if delivered:
                 raise  # closed or cancelled after its result: nothing was withdrawn
-            if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            if response is not None and isinstance(exc, asyncio.CancelledError | GeneratorExit):
                 response.cancel()  # withdrawn; cancelling a failed stream would re-raise
             raise self._failed(request, exc) from None
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Run `request` (whose `model` is a resolved id) on its model's deployment.
 
-        Raises Overloaded when every replica's queue is full or none is running, TimedOut
-        past the model's request_timeout_s. If the awaiting task is cancelled or times
-        out, the request is withdrawn from the replica too.
+        Raises Overloaded when the model's queue is full (of requests of no lower
+        priority) or no replica is running, TimedOut past the model's request_timeout_s
+        (waiting included). If the awaiting task is cancelled or times out, the request is
+        withdrawn from the replica too.
         """
-        started = time.monotonic()
+        started, response = time.monotonic(), None
         timeout_s = self.resolve(request.model).request_timeout_s
-        response = self._handle(request).generate.remote(request)
         try:
-            result = await asyncio.wait_for(response, timeout_s)
+            async with asyncio.timeout(timeout_s), \
+                    self._admission[request.model].slot(request.priority):
+                response = self._handle(request).generate.remote(request)
+                result = await response
             if isinstance(result, Refused):
                 raise result.error
         except BaseException as exc:  # noqa: BLE001 - cancelled too: cancel the replica's work
-            if isinstance(exc, asyncio.CancelledError | TimeoutError):
+            if response is not None and isinstance(exc, asyncio.CancelledError | TimeoutError):
                 response.cancel()  # the replica stops waiting for (or computing) it
             if isinstance(exc, TimeoutError):
                 exc = TimedOut(f"no result within {timeout_s:g}s (request_timeout_s)")
@@ -186,6 +196,8 @@ class ModelRouter:
 def _failure(request: GenerationRequest, exc: BaseException) -> tuple[str | None, BaseException]:
     """(error kind to count or None, exception to raise) for a failed generation. Client
     errors (4xx) are counted by the ingress from their status."""
+    if isinstance(exc, Overloaded):  # refused a place in the ingress's queue (admission)
+        return "overload", exc
     if isinstance(exc, BackPressureError | DeploymentUnavailableError):
         return "overload", Overloaded(f"{request.model} is busy or has no running replica; "
                                       "retry later")

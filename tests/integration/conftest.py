@@ -55,6 +55,7 @@ IMAGES_KEY = "test-key-images-5d0e"  # 6 images per minute
 # May use the batched SDXL and FLUX (by an alias) only; its requests have priority 5.
 MODELS_KEY = "test-key-models-3b8e"
 OPS_KEY = "test-key-ops-61f0"  # sees every key's predictions
+URGENT_KEY = "test-key-urgent-8d21"  # its requests have priority 9
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TWO_REPLICAS = "atelier/tiny-sdxl-2x"
 RESTARTABLE = "atelier/tiny-sdxl-restartable"
@@ -192,7 +193,8 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                            {"key": IMAGES_KEY, "name": "team-b", "images_per_minute": 6},
                            {"key": MODELS_KEY, "name": "team-c", "priority": 5,
                             "models": ["black-forest-labs/flux-dev", BATCHED]},
-                           {"key": OPS_KEY, "name": "ops", "sees_all_predictions": True}],
+                           {"key": OPS_KEY, "name": "ops", "sees_all_predictions": True},
+                           {"key": URGENT_KEY, "name": "team-d", "priority": 9}],
               "webhook_allowed_hosts": ["127.0.0.1"], "image_allowed_hosts": ["127.0.0.1"],
               "lora_allowed_hosts": ["127.0.0.1"],
               "max_body_bytes": MAX_BODY_BYTES, "cors_allowed_origins": [STUDIO],

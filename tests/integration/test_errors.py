@@ -1,6 +1,9 @@
+import asyncio
+
+import httpx
 import pytest
 
-from tests.integration.conftest import FAST, ONE_SLOT, post_many
+from tests.integration.conftest import AUTH, FAST, ONE_SLOT, URGENT_KEY, post_many
 
 
 @pytest.mark.parametrize("query, body, loc", [
@@ -48,6 +51,35 @@ def test_server_keeps_serving_after_bad_requests(client):
         client.post("/generate", json={"prompt": "x", "width": 7})
     r = client.post("/generate", json={"prompt": "x", "seed": 9})
     assert r.status_code == 200 and r.json()["seed"] == 9
+
+
+def test_a_request_of_higher_priority_takes_the_place_of_the_newest_lower_one(base_url):
+    """The one-slot model runs one request and queues one (at the ingress): a request of
+    team-d's key (priority 9) arriving at the full queue takes the place of the waiting
+    one (priority 0), which is refused at once (503, Retry-After) while the running one
+    goes on. Which of the first two got there first is the machine's business; each runs
+    for seconds (4 images of 256x256, 20 steps)."""
+    body = {"prompt": "x", "model": ONE_SLOT, "width": 256, "height": 256, "steps": 20,
+            "num_outputs": 4}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as c:
+            tasks = []
+            for seed, key in ((1, None), (2, None), (3, URGENT_KEY)):
+                headers = AUTH if key is None else {"Authorization": f"Bearer {key}"}
+                small = {"width": 64, "height": 64, "num_outputs": 1} if key else {}
+                tasks.append(asyncio.create_task(c.post(
+                    "/generate", headers=headers, json=body | small | {"seed": seed})))
+                await asyncio.sleep(0.3)
+            return await asyncio.gather(*tasks)
+
+    first, second, urgent = asyncio.run(run())
+    assert urgent.status_code == 200 and urgent.json()["seed"] == 3
+    (served,), (pushed,) = ([r for r in (first, second) if r.status_code == code]
+                            for code in (200, 503))
+    assert served.json()["seed"] in (1, 2)
+    assert pushed.headers.get("retry-after") == "1"
+    assert "higher priority took this one's place" in pushed.json()["detail"]
 
 
 def test_requests_past_the_queue_limit_get_503_with_retry_after_at_once(base_url):

@@ -51,13 +51,16 @@ class _Counter:
 class _Metrics:
     def __init__(self):
         self.images, self.generation, self.failures = _Counter(), _Counter(), []
-        self.usage = []
+        self.usage, self.waits = [], []
 
     def failed(self, model, kind):
         self.failures.append((model, kind))
 
     def used(self, client, model, images, share_s):
         self.usage.append((client, images, share_s))
+
+    def waiting(self, model, count):
+        self.waits.append(count)
 
 
 def _router(stream):
