@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from serve.adapters import AdapterCatalog, AdapterInvalid
-from serve.config import default_config
-from serve.errors import InvalidField, ModelNotFound, Refused, TooLarge
+from serve.config import default_config, parse_config
+from serve.errors import InvalidField, ModelNotFound, Refused, TimedOut, TooLarge
 from serve.metrics import IngressMetrics
 from serve.router import ModelRouter
 from serve.types import GenerationRequest
@@ -164,3 +164,51 @@ def test_errors_keep_their_fields_across_processes():
         assert (type(copy), copy.args, copy.status) == (type(error), error.args, error.status)
         assert copy.detail() == error.detail()
     assert copy.detail() == "model 'a/b' is not served here; served: c/d"
+
+
+
+def test_waiting_for_a_place_counts_towards_the_timeout_and_higher_priorities_go_first():
+    """A model whose one replica holds one request, its place taken: a request waits at
+    the ingress, and past request_timeout_s times out without reaching the replica; of
+    two waiting, the higher priority is sent first once the place frees."""
+    config = parse_config({"models": [{
+        "id": "a/b", "embedded": "tiny-sdxl", "max_ongoing_requests": 1,
+        "max_queued_requests": 2, "batching": {"max_batch_size": 1},
+        "request_timeout_s": 0.3}]})
+    model, sent, metrics = config.models[0], [], _Metrics()
+    result = SimpleNamespace(images=[b"a"], nsfw=(False,),
+                             batch=SimpleNamespace(inference_ms=10, images=1))
+
+    def remote(request):
+        sent.append(request.seed)
+        return _Response(result)
+
+    router = ModelRouter(config, AdapterCatalog.from_dicts([]), {
+        model.id: SimpleNamespace(generate=SimpleNamespace(remote=remote))}, metrics)
+
+    def request(seed, priority=0):
+        return GenerationRequest.for_model(model, "x", seed=seed, priority=priority)
+
+    async def run():
+        taken, release = asyncio.Event(), asyncio.Event()
+
+        async def hold():  # another request's place on the replica
+            async with router._admission[model.id].slot():
+                taken.set()
+                await release.wait()
+
+        holder = asyncio.create_task(hold())
+        await taken.wait()
+        with pytest.raises(TimedOut):
+            await router.generate(request(1))
+        assert sent == [] and metrics.waits == [1, 0]
+        low = asyncio.create_task(router.generate(request(2)))
+        high = asyncio.create_task(router.generate(request(3, priority=5)))
+        await asyncio.sleep(0.05)
+        assert sent == [] and metrics.waits[-1] == 2
+        release.set()
+        await asyncio.gather(holder, low, high)
+
+    asyncio.run(run())
+    assert sent == [3, 2] and metrics.failures == [(model.id, "timeout")]
+    assert metrics.waits[-1] == 0
