@@ -174,7 +174,8 @@ def _scan_adapters(config: AtelierConfig) -> AdapterCatalog:
 
 def _model_app(model: ModelConfig, config: AtelierConfig, catalog: list[dict],
                has_gpus: bool) -> serve.Application:
-    gpus = 1 if model.device == "cuda" or (model.device == "auto" and has_gpus) else 0
+    on_gpu = model.device == "cuda" or (model.device == "auto" and has_gpus)
+    gpus = model.gpu_share if on_gpu else 0
     downloads = DownloadSettings(
         config.cache_dir / "lora-downloads", tuple(config.lora_allowed_hosts),
         config.lora_download_max_mb * 2**20,

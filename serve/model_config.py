@@ -104,7 +104,13 @@ class ModelConfig(_Strict):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description=(
         "auto: one GPU per replica when the Ray cluster has GPUs as the app is built, "
         "else CPU; cuda: always one GPU per replica."))
-    replicas: int = Field(1, ge=1, le=1024, description="Number of replicas (one per GPU).")
+    replicas: int = Field(1, ge=1, le=1024, description=(
+        "Number of replicas (one per GPU, or per `gpu_share` of one)."))
+    gpu_share: float = Field(1.0, gt=0, le=1, description=(
+        "The share of a GPU each replica takes (Ray's num_gpus): 0.5 lets two replicas, of "
+        "this model or of others with shares that fit, run on one GPU (e.g. several SDXL "
+        "fine-tunes on a 96 GB card). Each keeps to that share of the GPU's memory; they "
+        "take turns at its compute."))
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
     max_ongoing_requests: int = Field(16, ge=1, description=(
         "Requests a replica holds at once (queued in its batcher or running)."))
@@ -263,6 +269,8 @@ class ModelConfig(_Strict):
         if self.max_ongoing_requests < self.batching.max_batch_size:
             raise ValueError("max_ongoing_requests must be at least batching.max_batch_size, "
                              "or batches can never fill")
+        if self.device == "cpu" and self.gpu_share != 1:
+            raise ValueError("gpu_share: a replica on device cpu takes no GPU")
         return self
 
     def _check_sdxl_only(self) -> None:

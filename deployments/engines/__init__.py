@@ -140,6 +140,12 @@ def create_engine(model: ModelConfig, cache_dir: Path,
     """Load the model's pipeline; `adapters` are the catalog entries that fit it."""
     path = model_path(model, cache_dir)
     device = resolve_device(model.device)
+    if device == "cuda" and model.gpu_share < 1:
+        import torch
+
+        # Replicas sharing a GPU each keep to their share of its memory: past it, an
+        # allocation fails in this replica (answered as out of memory), not in another's.
+        torch.cuda.set_per_process_memory_fraction(model.gpu_share)
     if model.family == "sdxl":
         from deployments.engines.sdxl import SDXLEngine
 

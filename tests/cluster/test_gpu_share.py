@@ -1,0 +1,48 @@
+"""Two models on one GPU (`gpu_share: 0.5` each): a Ray node declaring one GPU places both
+replicas on it, both serve, and the GPU is then taken whole. The GPU is a Ray resource only
+(the replicas compute on CPU); Ray still gives each replica its GPU id, which is what
+placement is about. With a whole GPU each, the second replica could never be placed."""
+
+import httpx
+import pytest
+
+from tests.integration.conftest import _free_port
+
+MODELS = ("atelier/tiny-sdxl-a", "atelier/tiny-sdxl-b")
+
+
+@pytest.fixture(scope="module")
+def shared_gpu(cache_dir):
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False)
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"atelier": {"cache_dir": str(cache_dir), "models": [
+            {"id": model, "embedded": "tiny-sdxl", "dtype": "float32", "gpu_share": 0.5,
+             "num_cpus": 1, "batching": {"max_batch_size": 1, "wait_ms": 0},
+             "defaults": {"width": 64, "height": 64, "num_inference_steps": 2}}
+            for model in MODELS]}}), name="atelier", route_prefix="/")
+        yield ray, f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_two_models_with_half_a_gpu_each_serve_from_the_one_gpu(shared_gpu):
+    ray, url = shared_gpu
+    answers = [httpx.post(f"{url}/generate", json={"prompt": "x", "seed": 3, "model": model},
+                          timeout=60) for model in MODELS]
+    assert [r.status_code for r in answers] == [200, 200]
+    assert [r.json()["model"] for r in answers] == list(MODELS)
+    assert [r.headers["x-atelier-gpu"] for r in answers] == ["0", "0"]
+    assert len({r.headers["x-atelier-node"] for r in answers}) == 1
+    assert len({r.headers["x-atelier-replica"] for r in answers}) == 2
+    # The same tiny model, seed and settings: the same image from either replica.
+    assert answers[0].json()["image"] == answers[1].json()["image"]
+    assert ray.available_resources().get("GPU", 0) == 0
