@@ -41,3 +41,23 @@ def test_a_batch_past_the_gpu_memory_fails_cleanly_and_memory_returns(tiny_sdxl_
         assert torch.cuda.memory_allocated() == baseline
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def test_a_replica_with_a_gpu_share_keeps_to_that_share_of_the_memory(cache_dir):
+    """`gpu_share: 0.25`: the engine's process may allocate a fifth of the GPU's memory
+    but not a third of it."""
+    from deployments.engines import create_engine
+    from serve.config import ModelConfig
+
+    model = ModelConfig(id="a/b", embedded="tiny-sdxl", device="cuda", gpu_share=0.25)
+    total = torch.cuda.get_device_properties(0).total_memory
+    try:
+        create_engine(model, cache_dir, None)
+        fifth = torch.empty(total // 5, dtype=torch.uint8, device="cuda")
+        del fifth
+        torch.cuda.empty_cache()
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(total // 3, dtype=torch.uint8, device="cuda")
+    finally:
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0)
