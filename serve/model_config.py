@@ -15,7 +15,6 @@ from pydantic import Field, model_validator
 from serve.model_parts import (
     FAMILIES,
     FLUX_TOOLS,
-    NO_RESCALE_WITH_CONTROLNETS,
     SDXL_INPAINTING,
     ZERO_SNR_SCHEDULERS,
     BatchingConfig,
@@ -257,9 +256,6 @@ class ModelConfig(_Strict):
                              "that preprocesses depth need one, and only they take one")
         if self.redux is not None and self.family != "flux":
             raise ValueError("redux: only flux models take FLUX.1 Redux")
-        if self.defaults.guidance_rescale and self.controlnets:
-            raise ValueError(f"defaults.guidance_rescale: {NO_RESCALE_WITH_CONTROLNETS}; a "
-                             "model with controlnets keeps 0")
         self.defaults.check_within(self.limits, self.rules)
         if self.limits.max_loras > self.max_loaded_adapters:
             raise ValueError("limits.max_loras must not exceed max_loaded_adapters")

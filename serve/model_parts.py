@@ -16,8 +16,6 @@ SCHEDULERS = ("K_EULER", "K_EULER_ANCESTRAL", "DDIM", "DPMSolverMultistep", "Heu
               "KarrasDPM", "PNDM", "DPM++2MSDE", "LCM", "DPM++2MSDEKarras", "UniPC", "DEIS")
 # Those whose diffusers schedulers can rescale the noise schedule to zero terminal SNR.
 ZERO_SNR_SCHEDULERS = tuple(s for s in SCHEDULERS if s not in ("HeunDiscrete", "PNDM", "DEIS"))
-NO_RESCALE_WITH_CONTROLNETS = ("diffusers' SDXL ControlNet text-to-image and img2img "
-                               "pipelines take no guidance rescale")
 
 
 @dataclass(frozen=True)

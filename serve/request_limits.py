@@ -8,7 +8,7 @@ import math
 from typing import TYPE_CHECKING
 
 from serve.errors import InvalidField
-from serve.model_parts import NO_RESCALE_WITH_CONTROLNETS, Family, LimitsConfig
+from serve.model_parts import Family, LimitsConfig
 
 if TYPE_CHECKING:
     from serve.types import GenerationRequest
@@ -124,6 +124,3 @@ def _check_guidance_rescale(request: GenerationRequest, family: Family) -> None:
     if not family.negative_prompt:  # the families with a negative prompt guide with it
         raise InvalidField("guidance_rescale", "this model runs no classifier-free "
                                                "guidance to rescale")
-    if request.controls and request.mode != "inpaint":
-        raise InvalidField("guidance_rescale", f"{NO_RESCALE_WITH_CONTROLNETS}; send 0 "
-                                               "with controlnets")

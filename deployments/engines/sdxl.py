@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
@@ -39,6 +40,7 @@ from deployments.engines.image_prompts import ImagePrompts
 from deployments.engines.loading import load_pipeline
 from deployments.engines.long_prompts import LongPrompts
 from deployments.engines.prompts import Embeds
+from deployments.engines.rescale import rescaled_guidance
 from deployments.engines.speed import attention_order
 from deployments.engines.tiling import circular_padding, resized
 from deployments.engines.variations import starting_noise, varies
@@ -247,8 +249,11 @@ class SDXLEngine(DiffusersEngine):
             inputs = inputs | {"output_type": "latent"}
         if first.refine == "expert_ensemble_refiner":
             inputs = inputs | {"denoising_end": first.high_noise_frac}
-        if first.guidance_rescale:  # (not taken by the ControlNet pipelines but inpainting's)
+        if first.guidance_rescale and _rescales_itself(first):
             inputs = inputs | {"guidance_rescale": first.guidance_rescale}
+        elif first.guidance_rescale:
+            with rescaled_guidance(pipe, first.guidance_rescale):
+                return super()._call(pipe, first, generators, inputs, callback)
         return super()._call(pipe, first, generators, inputs, callback)
 
     def _decode_latents(self, pipe, latents: torch.Tensor, width: int,
@@ -320,9 +325,11 @@ class SDXLEngine(DiffusersEngine):
             pipe = self.controlnets.pipe(first, "img2img")
             extra |= _upscaled_controls(inputs, live, size, first.tiling)
         pipe.scheduler = self._schedulers[first.scheduler]
-        if first.guidance_rescale:  # (never with ControlNets: the request refuses it)
-            extra["guidance_rescale"] = first.guidance_rescale
-        with attention_order(self.attention):
+        rescale = first.guidance_rescale
+        if rescale and not first.controls:
+            extra["guidance_rescale"] = rescale
+        hook = rescaled_guidance(pipe, rescale) if rescale and first.controls else nullcontext()
+        with attention_order(self.attention), hook:
             return pipe(image=image, strength=first.hires_strength,
                         num_inference_steps=first.hires_steps or first.num_inference_steps,
                         guidance_scale=first.guidance_scale, generator=generators,
@@ -344,6 +351,12 @@ class SDXLEngine(DiffusersEngine):
                  "negative_pooled_prompt_embeds")
         return {name: torch.cat([held[pair][i] for pair in prompts])
                 for i, name in enumerate(names)}
+
+
+def _rescales_itself(first: GenerationRequest) -> bool:
+    """Whether the call's diffusers pipeline takes `guidance_rescale`: all but the
+    ControlNet text-to-image and img2img ones."""
+    return not first.controls or first.mode == "inpaint"
 
 
 def _upscaled_controls(inputs: dict, live: torch.Tensor, size: tuple[int, int],

@@ -315,3 +315,36 @@ def test_an_sdxl_controlnet_that_preprocesses_depth_reads_the_pictures_depth_map
     assert_same_pixels(from_picture, engine.generate([_req(depth_map, name="map")])[0][0])
     assert np.abs(_px(from_picture) - _px(engine.generate([_req(picture, name="map")])[0][0])
                   ).mean() > 0.5
+
+
+def test_controlnet_calls_rescale_guidance_as_diffusers_own_pipelines_do(
+        tiny_sdxl_path, other_controlnet):
+    """diffusers' ControlNet text-to-image and img2img pipelines take no guidance rescale;
+    the engine rescales in a hook on the UNet. A ControlNet at scale 0 adds nothing to the
+    UNet (it still runs: counted), so such a call then draws the plain pipeline's pixels
+    with diffusers' own `guidance_rescale`, text-to-image and in the hires pass; at scale 1
+    the rescale still changes the image."""
+    from deployments.engines.sdxl import SDXLEngine
+    from tests.unit.test_v_prediction import V_PRED
+
+    nets = SDXLEngine(tiny_sdxl_path, "float32", "cpu", scheduler_options=V_PRED,
+                      controlnets={"other": (other_controlnet, None)})
+    rescaled = replace(BASE, guidance_rescale=0.7, num_inference_steps=4)
+    runs, steered = [], []
+    hook = nets.controlnets.nets["other"].register_forward_hook(lambda *a: runs.append(1))
+    try:
+        for request in (rescaled, replace(rescaled, hires_scale=1.5, hires_strength=0.5)):
+            runs.clear()
+            off = replace(request, controls=(ControlImage("other", SQUARE.tobytes(), 0.0),))
+            steered.append(nets.generate([off])[0][0])
+            assert len(runs) >= 4
+            assert_same_pixels(steered[-1], nets.generate([request])[0][0])
+    finally:
+        hook.remove()
+    plain = nets.generate([replace(rescaled, guidance_rescale=0.0)])[0][0]
+    assert np.abs(_px(steered[0]) - _px(plain)).mean() > 1
+    strong = (ControlImage("other", SQUARE.tobytes(), 1.0),)
+    with_rescale, without = (nets.generate([replace(rescaled, controls=strong,
+                                                    guidance_rescale=r)])[0][0]
+                             for r in (0.7, 0.0))
+    assert np.abs(_px(with_rescale) - _px(without)).mean() > 1
