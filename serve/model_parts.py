@@ -57,12 +57,12 @@ FAMILIES = {
 # always, the mask's white part drawn anew (inpainting, and outpainting past the borders).
 # Canny (`canny: true`): an image always, whose Canny edges the output follows. Depth
 # (`depth: true`): an image always, whose estimated depth map the output follows.
-# Seed variations are plain FLUX's only (the tools' pipelines make their latents their own
-# way).
+# Seed variations: Kontext's text-to-image only (FLUX's own pipeline); the other tools
+# always start from a request's image.
 _FLUX_TOOL = replace(FAMILIES["flux"], variations=False)
 FLUX_TOOLS = {
     "kontext": replace(_FLUX_TOOL, modes=("txt2img", "edit", "inpaint"),
-                       embedded="tiny-flux-kontext"),
+                       embedded="tiny-flux-kontext", variations=True),
     "fill": replace(_FLUX_TOOL, modes=("inpaint",), embedded="tiny-flux-fill",
                     needs="this model fills the white part of a mask over an image: send an "
                           "image and a mask, or an image whose transparent part is to be "

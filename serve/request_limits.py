@@ -109,7 +109,7 @@ def _check_variation(request: GenerationRequest, family: Family) -> None:
         return
     if not family.variations:
         raise InvalidField("variation_strength", "this model draws no seed variations "
-                                                 "(SDXL and plain FLUX models do)")
+                                                 "(SDXL, FLUX and Kontext models do)")
     if request.source is not None:
         raise InvalidField("variation_strength", (
             "a variation moves text-to-image's starting noise: not with an input image (on "

@@ -96,7 +96,7 @@ class GenerateParams(BaseModel):
         "bottom (textures, patterns)."))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; returned.")
     variation_seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
-        "Text-to-image (SDXL, plain FLUX): a second seed whose noise variation_strength "
+        "Text-to-image (SDXL, FLUX, Kontext): a second seed whose noise variation_strength "
         "moves towards (image i: variation_seed + i)."))
     variation_strength: float = Field(0.0, ge=0, le=1, description=(
         "0: the seed's image; small values: variations close to it; 1: the variation "

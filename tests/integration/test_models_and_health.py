@@ -40,7 +40,8 @@ def test_models_are_listed_in_openai_shape(client):
     assert flux["defaults"]["scheduler"] == "FlowMatchEuler"
     assert flux["schedulers"] == ["FlowMatchEuler"]
     assert flux["options"] == {"tiling": False, "hires": False, "variations": True}
-    assert kontext["options"] == {"tiling": False, "hires": False, "variations": False}
+    assert kontext["options"] == {"tiling": False, "hires": False, "variations": True}
+    assert fill["options"] == {"tiling": False, "hires": False, "variations": False}
     assert (flux["kontext"], first["kontext"]) == (False, False)
     assert (kontext["family"], kontext["kontext"], kontext["fill"]) == ("flux", True, False)
     assert (fill["family"], fill["kontext"], fill["fill"]) == ("flux", False, True)

@@ -1,13 +1,23 @@
 """Seed variations over HTTP: `/generate` and Replicate's SDXL and FLUX inputs draw the same
-variation; strength 0 is the seed's image; a FLUX.1 Kontext model refuses them, naming the
-field."""
+variation; strength 0 is the seed's image; a FLUX.1 Kontext model draws them in
+text-to-image and refuses them for an edit, naming the field."""
 
+import base64
 import io
 
 import httpx
 from PIL import Image
 
-from tests.integration.conftest import AUTH, FAST, FLUX, KONTEXT, decode, pixels
+from tests.integration.conftest import (
+    AUTH,
+    FAST,
+    FLUX,
+    KONTEXT,
+    decode,
+    noise,
+    pixels,
+    png_bytes,
+)
 
 BODY = {"prompt": "a lighthouse", "steps": 3, "seed": 12, "guidance_scale": 6,
         "scheduler": "K_EULER_ANCESTRAL", "width": 64, "height": 64}
@@ -51,11 +61,18 @@ def test_a_flux_variation_through_generate_and_replicate(client, rep):
     assert (pixels(Image.open(io.BytesIO(file.read()))) == varied).all()
 
 
-def test_kontext_and_a_missing_variation_seed_are_422_naming_the_field(base_url):
+def test_a_kontext_edit_and_a_missing_variation_seed_are_422_naming_the_field(base_url):
+    """Kontext draws variations of its text-to-image images only, not of edits."""
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(noise(1, (96, 96)))).decode()
     r = httpx.post(f"{base_url}/generate", headers=AUTH, json={
-        "prompt": "x", "model": KONTEXT, "variation_seed": 1, "variation_strength": 0.5})
+        "prompt": "x", "model": KONTEXT, "variation_seed": 1, "variation_strength": 0.5,
+        "image": image})
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"][-1] == "variation_strength"
+    r = httpx.post(f"{base_url}/generate", headers=AUTH, json={
+        "prompt": "x", "model": KONTEXT, "variation_seed": 1, "variation_strength": 0.5,
+        "steps": 2})
+    assert r.status_code == 200, r.text
     r = httpx.post(f"{base_url}/generate", headers=AUTH,
                    json={"prompt": "x", "variation_strength": 0.5, "width": 64, "height": 64})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "variation_seed"

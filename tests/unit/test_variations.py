@@ -118,10 +118,18 @@ def test_variations_beyond_text_to_image_or_without_a_seed_are_refused(args, fie
     with pytest.raises(InvalidField) as refused:
         GenerationRequest.for_model(model, "x", width=64, height=64, **args)
     assert refused.value.field == field and reason in refused.value.reason
-    kontext = ModelConfig(id="a/k", family="flux", embedded="tiny-flux-kontext", kontext=True)
+    fill = ModelConfig(id="a/k", family="flux", embedded="tiny-flux-fill", fill=True)
+    masked = SourceImage(bytes(64 * 64 * 3), 1.0, mask=bytes([255]) * 64 * 64)
     with pytest.raises(InvalidField) as refused:
-        GenerationRequest.for_model(kontext, "x", variation_strength=0.2, variation_seed=1)
-    assert refused.value.field == "variation_strength" and "plain FLUX" in refused.value.reason
-    flux = ModelConfig(id="a/f", family="flux", embedded="tiny-flux")
-    assert GenerationRequest.for_model(flux, "x", variation_strength=0.2,
-                                       variation_seed=1).variation_strength == 0.2
+        GenerationRequest.for_model(fill, "x", width=64, height=64, source=masked,
+                                    variation_strength=0.2, variation_seed=1)
+    assert refused.value.field == "variation_strength" and "FLUX" in refused.value.reason
+    kontext = ModelConfig(id="a/k", family="flux", embedded="tiny-flux-kontext", kontext=True)
+    edit = SourceImage(bytes(64 * 64 * 3), 1.0, edit=True)
+    with pytest.raises(InvalidField) as refused:
+        GenerationRequest.for_model(kontext, "x", width=64, height=64, source=edit,
+                                    variation_strength=0.2, variation_seed=1)
+    assert refused.value.field == "variation_strength" and "input image" in refused.value.reason
+    for model in (kontext, ModelConfig(id="a/f", family="flux", embedded="tiny-flux")):
+        assert GenerationRequest.for_model(model, "x", variation_strength=0.2,
+                                           variation_seed=1).variation_strength == 0.2
