@@ -71,7 +71,7 @@ class Admission:
             self._make_room(rank)
         waiter = _Waiter(rank, asyncio.get_running_loop().create_future())
         heapq.heappush(self._waiting, waiter)
-        self._on_waiting(self.waiting)
+        self._admit()  # (a place may be free behind waiters withdrawn meanwhile)
         try:
             await waiter.admitted
         except asyncio.CancelledError:
@@ -99,7 +99,7 @@ class Admission:
         if waiter in self._waiting:
             self._waiting.remove(waiter)
             heapq.heapify(self._waiting)
-            self._on_waiting(self.waiting)
+        self._admit()
 
     def _admit(self) -> None:
         """Let the first waiters through while places are free."""
