@@ -83,11 +83,12 @@ def test_a_request_of_higher_priority_takes_the_place_of_the_newest_lower_one(ba
 
 
 def test_requests_past_the_queue_limit_get_503_with_retry_after_at_once(base_url):
-    # One request runs (it waits 1.5 s for company) and one waits in the queue (at the
-    # ingress, which counts exactly); the other six, sent 20 ms apart, are refused without
-    # waiting. The first is sent 0.5 s ahead, so it reaches the replica.
-    responses = post_many(base_url, [{"prompt": "x", "seed": s, "model": ONE_SLOT}
-                                     for s in range(8)], lead_s=0.5)
+    # One request runs (for seconds: 4 images of 256x256, 20 steps) and one waits in the
+    # queue (at the ingress, which counts exactly); the other six, sent 20 ms apart, are
+    # refused without waiting. The first is sent 0.5 s ahead, so it reaches the replica.
+    responses = post_many(base_url, [{"prompt": "x", "seed": s, "model": ONE_SLOT,
+                                      "width": 256, "height": 256, "steps": 20,
+                                      "num_outputs": 4} for s in range(8)], lead_s=0.5)
     ok = [(seed, r) for seed, r in enumerate(responses) if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 503]
     assert len(ok) == 2 and len(refused) == 6, [r.status_code for r in responses]
