@@ -184,10 +184,11 @@ def _model_app(model: ModelConfig, config: AtelierConfig, catalog: list[dict],
         name=_deployment_name(model),
         num_replicas=model.replicas,
         max_ongoing_requests=model.max_ongoing_requests,
-        # The queue proper is each ingress's (serve.admission), which lets at most this
-        # many through; Serve holds those a replica has not yet taken back (one just
-        # answered may still count as busy there for a moment).
-        max_queued_requests=model.replicas * model.max_ongoing_requests,
+        # The queue proper is each ingress's (serve.admission), which lets through at most
+        # what the replicas hold; Serve's own holds those a replica has not yet taken back
+        # (one just answered may still count as busy there for a moment). Its count is
+        # loose (requests being assigned count as queued), so it sets no limit of its own.
+        max_queued_requests=-1,
         ray_actor_options={"num_gpus": gpus, "num_cpus": model.num_cpus},
         health_check_period_s=model.health_check_period_s,
         health_check_timeout_s=model.health_check_timeout_s,
