@@ -7,9 +7,9 @@ encoded on its own as a 77-token prompt, and the chunks' embeddings joined along
 sequence, so the UNet's cross-attention sees every word; the pooled embedding is the first
 chunk's. A chunk that would end within `comma_backtrack` tokens after a comma ends after the
 comma instead, the words after it starting the next chunk (the WebUI's way, 20 by default),
-so a phrase is not split between chunks. A prompt and its negative prompt are padded to the same count with empty chunks,
-and the requests of one call have the same count (it is part of their batch key). A prompt
-of one chunk is encoded exactly as diffusers encodes it.
+so a phrase is not split between chunks. A prompt and its negative prompt are padded to the
+same count with empty chunks, and the requests of one call have the same count (it is part
+of their batch key). A prompt of one chunk is encoded exactly as diffusers encodes it.
 
 With `prompts.weights`, AUTOMATIC1111's emphasis: `(words)` weighs 1.1, `[words]` 1/1.1,
 `(words:1.5)` 1.5, nested groups multiply, `\\(` `\\)` `\\[` `\\]` are literal brackets. Each
