@@ -154,6 +154,7 @@ class ModelDeployment:
         """Queue the request in the batcher and return its encoded images; `on_step` hears
         its call's progress, `on_preview` gets its partial images (`partial_images`)."""
         collected = gc_pauses.paused_s()
+        self.engine.check_request(request)  # refused alone, before it joins a batch
         if request.adapters:
             await self._hold_adapters(request.adapters)
         queued = _Queued(request, self._prepare(request))

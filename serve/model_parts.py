@@ -32,6 +32,7 @@ class Family:
     tiles: bool = False  # draws images that tile (a denoiser of convolutions)
     hires: bool = False  # redraws its text-to-image images larger (a second, img2img pass)
     variations: bool = False  # mixes a variation seed's noise into text-to-image's
+    clip_skip: bool = False  # reads prompts from a chosen layer of its CLIP text encoders
 
 
 # SDXL adapters mostly train the UNet's attention projections. FLUX trainers (ai-toolkit,
@@ -46,7 +47,7 @@ _FLUX_LORA_TARGETS = (
 FAMILIES = {
     "sdxl": Family(SCHEDULERS, 8, True, ("txt2img", "img2img", "inpaint"), "tiny-sdxl",
                    ("to_q", "to_k", "to_v", "to_out.0"), tiles=True, hires=True,
-                   variations=True),
+                   variations=True, clip_skip=True),
     # FLUX latents are packed 2x2, on top of the VAE's factor of 8.
     "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img", "inpaint"),
                    "tiny-flux", _FLUX_LORA_TARGETS, variations=True),
@@ -363,6 +364,10 @@ class StyleConfig(_Strict):
         return self.prompt.replace("{prompt}", prompt), negative
 
 
+# SDXL's first text encoder (CLIP ViT-L) has 12 layers: skipping 11 reads its embeddings.
+MOST_CLIP_SKIP = 11
+
+
 class PromptConfig(_Strict):
     """How an SDXL model's text encoders read prompts and negative prompts. CLIP reads 77
     tokens (a start token, 75 of the prompt's, an end token); diffusers and Replicate's
@@ -383,6 +388,12 @@ class PromptConfig(_Strict):
         "ends after the comma, the words after it starting the next chunk, so a phrase is "
         "not split between two (AUTOMATIC1111's WebUI, 20 by default; 0: cut every 75 "
         "tokens, as compel does)."))
+    clip_skip: int = Field(0, ge=0, le=MOST_CLIP_SKIP, description=(
+        "The text encoders' layer prompts are read from when a request names none: 0 "
+        "reads SDXL's penultimate layer, as SDXL was trained; each step more reads one "
+        "layer earlier, as diffusers' `clip_skip` counts (the WebUI's `Clip skip 2` is 0 "
+        "here). Some fine-tunes are trained on an earlier layer. Requests override it "
+        "(`clip_skip`); the refiner reads its own penultimate layer."))
 
     def given(self) -> dict[str, int | bool]:
         """The settings that differ from diffusers' reading."""

@@ -31,6 +31,9 @@ def check_limits(request: GenerationRequest, limits: LimitsConfig, family: Famil
         raise InvalidField("scheduler", f"must be one of {', '.join(family.schedulers)}")
     if request.negative_prompt and not family.negative_prompt:
         raise InvalidField("negative_prompt", "this model takes no negative prompt")
+    if request.clip_skip and not family.clip_skip:
+        raise InvalidField("clip_skip", "FLUX reads its prompt with T5 and CLIP's pooled "
+                                        "output: it has no CLIP layer to choose")
     _check_guidance_rescale(request, family)
     _check_hires(request, limits, family)
     _check_variation(request, family)

@@ -146,6 +146,8 @@ class GenerationRequest:
     # variation_seed + i by variation_strength (0: none), as the WebUI's variation seed.
     variation_seed: int | None = None
     variation_strength: float = 0.0
+    # SDXL: the prompt is read that many layers before the text encoders' penultimate one.
+    clip_skip: int = 0
 
     @property
     def mode(self) -> str:
@@ -158,7 +160,8 @@ class GenerationRequest:
                   height: int | None = None, num_inference_steps: int | None = None,
                   guidance_scale: float | None = None, seed: int | None = None,
                   scheduler: str | None = None, guidance_rescale: float | None = None,
-                  style: str | None = None, **rest) -> GenerationRequest:
+                  style: str | None = None, clip_skip: int | None = None,
+                  **rest) -> GenerationRequest:
         """A request for `model`: unset values take its defaults, an unset seed is drawn,
         the prompts take the named `style`, and the result is checked against its limits
         (raises InvalidField). The safety check and the watermark stay on where the model
@@ -182,7 +185,7 @@ class GenerationRequest:
             seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed,
             scheduler=scheduler or model.default_scheduler,
             guidance_rescale=d.guidance_rescale if guidance_rescale is None else guidance_rescale,
-            **rest)
+            clip_skip=model.prompts.clip_skip if clip_skip is None else clip_skip, **rest)
         if model.inpainting:
             request = request.repainting()
         if request.refine != "no_refiner" and model.refiner is None:

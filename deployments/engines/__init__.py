@@ -22,6 +22,9 @@ class Engine(Protocol):
     def batch_key(self, request: GenerationRequest) -> tuple:
         """Requests with equal keys can share one call."""
 
+    def check_request(self, request: GenerationRequest) -> None:
+        """Raise InvalidField for what the request asks that the model cannot do."""
+
     def prepare(self, request: GenerationRequest) -> tuple[Any, bool]:
         """What the request's call needs (prompt embeddings, input image on the device),
         made ahead of it on any thread, and whether the embeddings were already held."""

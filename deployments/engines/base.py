@@ -230,6 +230,10 @@ class DiffusersEngine:
             return False
         return True
 
+    def check_request(self, request: GenerationRequest) -> None:
+        """Raise InvalidField for what the request asks that this model cannot do and the
+        serving side cannot know (it does not read the weights)."""
+
     @torch.inference_mode()
     def prepare(self, request: GenerationRequest) -> tuple[Prepared, bool]:
         """The request's prompt embeddings, input and control images and image prompt,
@@ -420,8 +424,9 @@ class DiffusersEngine:
         """The call's prompt inputs: each request's embeddings once per image."""
         return stack(self.embed_names, requests, embeds) | self._call_inputs()
 
-    def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
-        """One image's embeddings of a prompt, in `embed_names` order."""
+    def _encode_prompt(self, prompt: str, negative_prompt: str, clip_skip: int = 0) -> Embeds:
+        """One image's embeddings of a prompt, in `embed_names` order, read `clip_skip`
+        layers before the text encoders' penultimate where the family reads one."""
         raise NotImplementedError
 
     def _noise_inputs(self, pipe, requests: Sequence[GenerationRequest],

@@ -177,8 +177,9 @@ class FluxEngine(DiffusersEngine):
         finally:
             hook.remove()
 
-    def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
-        # T5 pads every prompt to the same length, so one call's embeddings stack.
+    def _encode_prompt(self, prompt: str, negative_prompt: str, clip_skip: int = 0) -> Embeds:
+        # T5 pads every prompt to the same length, so one call's embeddings stack. (FLUX
+        # reads CLIP's pooled output: requests naming a layer are refused before here.)
         pos, pooled, _ = self.pipe.encode_prompt(
             prompt=prompt, prompt_2=None, device=self.device, num_images_per_prompt=1,
             max_sequence_length=self.max_sequence_length)

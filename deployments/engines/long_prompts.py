@@ -144,37 +144,38 @@ class LongPrompts:
 
     @torch.inference_mode()
     def encode(self, encoders: Encoders, prompt: str, negative_prompt: str,
-               zeros_for_empty: bool, device: torch.device,
-               dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+               zeros_for_empty: bool, device: torch.device, dtype: torch.dtype,
+               clip_skip: int = 0) -> tuple[torch.Tensor, ...]:
         """(prompt embeddings, negative ones, pooled, negative pooled), each with a batch
         dimension of 1, as diffusers' SDXL `encode_prompt` gives them for one image with
-        guidance; an empty negative prompt gives zeros where the model says so
-        (`force_zeros_for_empty_prompt`)."""
+        guidance and `clip_skip`; an empty negative prompt gives zeros where the model
+        says so (`force_zeros_for_empty_prompt`)."""
         zeros = zeros_for_empty and not negative_prompt
         with self._lock:  # the tokenizers; not the encoders (`count` may wait on it)
             count = self.count(prompt, negative_prompt)
             tokens = [[self._chunked(t, self._tokens(t, text), count) for t, _ in encoders]
                       for text in ((prompt,) if zeros else (prompt, negative_prompt))]
-        pos, pooled = self._encoded(encoders, tokens[0])
+        pos, pooled = self._encoded(encoders, tokens[0], clip_skip)
         if zeros:
             neg, neg_pooled = torch.zeros_like(pos), torch.zeros_like(pooled)
         else:
-            neg, neg_pooled = self._encoded(encoders, tokens[1])
+            neg, neg_pooled = self._encoded(encoders, tokens[1], clip_skip)
         return tuple(t.to(device=device, dtype=dtype) for t in (pos, neg, pooled, neg_pooled))
 
     @staticmethod
     def _encoded(encoders: Encoders, tokens: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """A text's embeddings from its chunks' tokens and weights for each encoder: each
-        encoder's penultimate hidden states of every chunk, chunks joined along the
-        sequence, encoders along the features; and the pooled embedding of the first
-        encoder that has one, from the first chunk."""
+        encoder's hidden states `clip_skip` layers before its penultimate for every chunk,
+        chunks joined along the sequence, encoders along the features; and the pooled
+        embedding of the first encoder that has one, from the first chunk (its last
+        layer's, whatever the layer read)."""
         embeds, pooled = [], None
         for (_, encoder), (ids, weights) in zip(encoders, tokens, strict=True):
             out = encoder(ids.to(encoder.device), output_hidden_states=True)
             if pooled is None and out[0].ndim == 2:
                 pooled = out[0][:1]
-            hidden = out.hidden_states[-2]
+            hidden = out.hidden_states[-(clip_skip + 2)]
             if bool((weights != 1).any()):
                 hidden = _weighted(hidden, weights.to(hidden))
             embeds.append(hidden.reshape(1, -1, hidden.shape[-1]))

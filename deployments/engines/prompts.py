@@ -23,19 +23,21 @@ from serve.types import GenerationRequest
 # One image's embeddings (each tensor with a batch dimension of 1), in the order of the
 # engine's `embed_names`.
 Embeds = tuple[torch.Tensor, ...]
-PromptKey = tuple[str, str, tuple]
+PromptKey = tuple[str, str, int, tuple]
 
 
 class PromptCache:
-    """Embeddings by (prompt, negative prompt, the adapters that change the text
-    encoders with their scales), the `entries` most recently used kept. `adapters`:
-    where those adapters' text-encoder parts are (none: no adapter changes them).
+    """Embeddings by (prompt, negative prompt, the text encoders' layer read, the
+    adapters that change the text encoders with their scales), the `entries` most
+    recently used kept; `encode(prompt, negative prompt, clip_skip)` makes them.
+    `adapters`: where those adapters' text-encoder parts are (none: no adapter changes
+    them).
 
     Safe to call from several threads: encoding is serialised (fast tokenizers refuse
     concurrent use), and a prompt being encoded by one thread is found by the next.
     """
 
-    def __init__(self, encode: Callable[[str, str], Embeds], entries: int = 64,
+    def __init__(self, encode: Callable[[str, str, int], Embeds], entries: int = 64,
                  adapters: TextAdapters | None = None):
         if entries < 1:
             raise ValueError("entries must be >= 1")
@@ -47,12 +49,13 @@ class PromptCache:
         """The request's embeddings, and whether they were already held."""
         with self._lock:
             tag = self._adapters.tag(request.adapters) if self._adapters else ()
-            key = (request.prompt, request.negative_prompt, tag)
+            key = (request.prompt, request.negative_prompt, request.clip_skip, tag)
             if key in self._held:
                 self._held.move_to_end(key)
                 return self._held[key], True
             with self._adapters.applied(tag) if tag else nullcontext():
-                embeds = self._encode(request.prompt, request.negative_prompt)
+                embeds = self._encode(request.prompt, request.negative_prompt,
+                                      request.clip_skip)
             self._held[key] = embeds
             if len(self._held) > self._entries:
                 self._held.popitem(last=False)

@@ -47,6 +47,7 @@ from deployments.engines.variations import starting_noise, varies
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
 from serve.config import SpeedConfig
+from serve.errors import InvalidField
 from serve.folders import INPAINTING_UNET_CHANNELS
 from serve.model_parts import FAMILIES
 from serve.types import GenerationRequest
@@ -110,7 +111,12 @@ class SDXLEngine(DiffusersEngine):
         self.prompt_settings = dict(prompts or {})  # chunks read, weights (long_prompts)
         self.long_prompts = LongPrompts((self.pipe.tokenizer, self.pipe.tokenizer_2),
                                         convert=self.pipe.maybe_convert_prompt,
-                                        **self.prompt_settings)
+                                        **{name: value for name, value
+                                           in self.prompt_settings.items()
+                                           if name != "clip_skip"})
+        if self.prompt_settings.get("clip_skip", 0) > self.most_clip_skip:  # the default
+            raise ValueError(f"prompts.clip_skip: at most {self.most_clip_skip} for this "
+                             "model's text encoders")
         self.freeu = dict(freeu or {})  # s1, s2, b1, b2 on the UNet the pipelines share
         if self.freeu:
             self.pipe.unet.enable_freeu(**self.freeu)
@@ -221,12 +227,26 @@ class SDXLEngine(DiffusersEngine):
                         "inpainting_unet": self.inpainting, "embeddings": self.embeddings,
                         "freeu": self.freeu, "prompts": self.prompt_settings}
 
-    def _encode_prompt(self, prompt: str, negative_prompt: str) -> Embeds:
+    def _encode_prompt(self, prompt: str, negative_prompt: str, clip_skip: int = 0) -> Embeds:
         pipe = self.pipe
         return self.long_prompts.encode(
             [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)],
             prompt, negative_prompt, pipe.config.force_zeros_for_empty_prompt, self.device,
-            pipe.text_encoder_2.dtype)
+            pipe.text_encoder_2.dtype, clip_skip)
+
+    @property
+    def most_clip_skip(self) -> int:
+        """The most layers a prompt's reading may skip: the shallower text encoder's
+        layers less one (skipping them all reads its token embeddings)."""
+        return min(self.pipe.text_encoder.config.num_hidden_layers,
+                   self.pipe.text_encoder_2.config.num_hidden_layers) - 1
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """As every engine's, and the request's `clip_skip` within the text encoders."""
+        super().check_request(request)
+        if request.clip_skip > self.most_clip_skip:
+            raise InvalidField("clip_skip", f"must be at most {self.most_clip_skip}: this "
+                                            "model's text encoders have no earlier layer")
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
         """As for every engine, then one call with each ControlNet, one with an image

@@ -30,7 +30,7 @@ from serve.controls import (
 )
 from serve.errors import InvalidField
 from serve.images import load_source
-from serve.model_parts import MOST_REFERENCES
+from serve.model_parts import MOST_CLIP_SKIP, MOST_REFERENCES
 from serve.timing import timing_headers
 from serve.types import (
     MAX_SEED,
@@ -94,6 +94,9 @@ class GenerateParams(BaseModel):
     tiling: bool = Field(False, description=(
         "SDXL: an image that tiles, its left edge continuing its right and its top its "
         "bottom (textures, patterns)."))
+    clip_skip: int | None = Field(None, ge=0, le=MOST_CLIP_SKIP, description=(
+        "SDXL: read the prompt this many layers before the text encoders' penultimate "
+        "(diffusers' clip_skip; the WebUI's Clip skip 2 is 0); default: the model's."))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; returned.")
     variation_seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
         "Text-to-image (SDXL, FLUX, Kontext): a second seed whose noise variation_strength "
@@ -215,7 +218,7 @@ class GenerateParams(BaseModel):
             model, prompt, width=width, height=height, source=source, controls=controls,
             image_prompt=image_prompt,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
-            guidance_rescale=self.guidance_rescale, tiling=self.tiling,
+            guidance_rescale=self.guidance_rescale, tiling=self.tiling, clip_skip=self.clip_skip,
             hires_scale=self.hires_scale, hires_strength=self.hires_strength,
             hires_steps=self.hires_steps, variation_seed=self.variation_seed,
             variation_strength=self.variation_strength,

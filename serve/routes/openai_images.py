@@ -55,7 +55,7 @@ from serve.controls import (
 )
 from serve.errors import InvalidField
 from serve.images import REFERENCES, load_source
-from serve.model_parts import MOST_REFERENCES
+from serve.model_parts import MOST_CLIP_SKIP, MOST_REFERENCES
 from serve.routes.openai_stream import stream_images
 from serve.types import MAX_SEED, GenerationRequest, SourceImage
 
@@ -116,6 +116,9 @@ class ImageGenerationParams(BaseModel):
     tiling: bool = Field(False, description=(
         "SDXL: an image that tiles, edge to edge both ways, as /generate's (an Atelier "
         "extension; send it with extra_body)."))
+    clip_skip: int | None = Field(None, ge=0, le=MOST_CLIP_SKIP, description=(
+        "SDXL: the text encoders' layer the prompt is read from, as /generate's (an "
+        "Atelier extension; send it with extra_body); default: the model's."))
     quality: Literal["auto", "low", "medium", "high", "hd", "standard"] | None = Field(
         None, description=("low and medium: a third and two thirds of the model's default "
                            "steps; the others: all of them."))
@@ -284,7 +287,8 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
             model, prompt, width=width, height=height, num_outputs=params.n,
             num_inference_steps=params.steps(model), negative_prompt=params.negative_prompt,
             guidance_scale=params.guidance_scale, scheduler=params.scheduler,
-            tiling=params.tiling, style=params.style if model.styles else None,
+            tiling=params.tiling, clip_skip=params.clip_skip,
+            style=params.style if model.styles else None,
             output_format=params.output_format, source=source, controls=controls,
             image_prompt=image_prompt, seed=params.seed,
             adapters=state.router.adapters_for(model, tags),

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from serve.controls import ControlParams, ImagePromptParams
 from serve.errors import InvalidField
+from serve.model_parts import MOST_CLIP_SKIP
 from serve.types import MAX_SEED, SCHEDULERS, OutputFormat, Refine
 
 
@@ -181,6 +182,9 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
         "The hires pass's steps (it runs steps x strength); blank: num_inference_steps"))
     tiling: bool = Field(False, description=(
         "An image that tiles, edge to edge both ways (textures, patterns)"))
+    clip_skip: int | None = Field(None, ge=0, le=MOST_CLIP_SKIP, description=(
+        "Read the prompt this many text-encoder layers before the penultimate (diffusers' "
+        "clip_skip; the WebUI's Clip skip 2 is 0); blank: the model's default"))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
     variation_seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
         "A second seed for variations of the seed's image (with variation_strength)"))
@@ -221,6 +225,7 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
                 "num_inference_steps": self.num_inference_steps,
                 "guidance_scale": self.guidance_scale, "scheduler": self.scheduler,
                 "guidance_rescale": self.guidance_rescale, "tiling": self.tiling,
+                "clip_skip": self.clip_skip,
                 "style": self.style,
                 "hires_scale": self.hires_scale, "hires_strength": self.hires_strength,
                 "hires_steps": self.hires_steps, "variation_seed": self.variation_seed,

@@ -23,8 +23,9 @@ def _image(client, model: str, prompt: str, seed: int = 5):
 def test_models_list_how_they_read_prompts(client):
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert models[TWO_REPLICAS]["prompts"] == {"chunks": 2, "weights": True,
-                                                "comma_backtrack": 20}
-    assert models[FAST]["prompts"] == {"chunks": 1, "weights": False, "comma_backtrack": 20}
+                                                "comma_backtrack": 20, "clip_skip": 0}
+    assert models[FAST]["prompts"] == {"chunks": 1, "weights": False, "comma_backtrack": 20,
+                                       "clip_skip": 0}
     assert models["atelier/tiny-flux"]["prompts"] is None
 
 

@@ -27,7 +27,7 @@ class _Encoder:
     def __init__(self, pause_s=0.0):
         self.calls, self.pause_s, self.active, self.most_active = [], pause_s, 0, 0
 
-    def __call__(self, prompt, negative):
+    def __call__(self, prompt, negative, clip_skip=0):
         self.active += 1
         self.most_active = max(self.most_active, self.active)
         time.sleep(self.pause_s)
