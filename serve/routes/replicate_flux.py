@@ -12,7 +12,12 @@ from pydantic import Field, ValidationInfo, field_validator
 from serve.canvases import OUTPAINT_PRESETS
 from serve.controls import ControlParams, ImagePromptParams, image_prompt_params
 from serve.images import INPUT_AREA, REFERENCES
-from serve.routes.replicate_inputs import CannyEdgeInputs, IPAdapterInputs, LoraInput
+from serve.routes.replicate_inputs import (
+    CannyEdgeInputs,
+    IPAdapterInputs,
+    LoraInput,
+    VariationInputs,
+)
 from serve.types import MAX_SEED
 
 # Output sizes of FLUX at one megapixel per aspect ratio (multiples of 16); 0.25 MP halves
@@ -89,7 +94,7 @@ class FluxControlNetInputs(CannyEdgeInputs, _FluxCommon):
                               fields=("control_type", "control_image", "control_image"))]
 
 
-class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs):
+class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs, VariationInputs):
     """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora, the
     LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`),
     flux-redux-dev's `redux_image` (for a model with FLUX.1 Redux, which then needs no
@@ -112,10 +117,6 @@ class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs):
         "Prompt strength with img2img / inpaint; 1.0 destroys the input image's "
         "information"))
     num_outputs: int = Field(1, ge=1, le=4, description="Number of outputs to generate")
-    variation_seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
-        "A second seed for variations of the seed's image (with variation_strength)"))
-    variation_strength: float = Field(0.0, ge=0, le=1, description=(
-        "How far towards the variation seed's image (0: none)"))
     extra_lora: str | None = Field(None, description=(
         "A second LoRA (a name from GET /v1/loras or a file URL), stacked on "
         "lora_weights"))
@@ -136,8 +137,7 @@ class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs):
             if self.megapixels == "0.25":
                 width, height = width // 2, height // 2
         return {"width": width, "height": height, "num_outputs": self.num_outputs,
-                "variation_seed": self.variation_seed,
-                "variation_strength": self.variation_strength, **self.call_args()}
+                **self.variation_args(), **self.call_args()}
 
     def image_prompt(self) -> ImagePromptParams:
         """redux_image or ip_adapter_image, whichever is sent (422 for both)."""
@@ -165,12 +165,13 @@ class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs):
 _FURTHER = ("input_image_2", "input_image_3", "input_image_4")
 
 
-class KontextInput(_ReduxInputs):
+class KontextInput(_ReduxInputs, VariationInputs):
     """black-forest-labs/flux-kontext-dev's inputs (with flux-kontext-dev-lora's LoRA
     inputs): `input_image` is the reference the prompt edits, and `input_image_2` to `_4`
     (as flux-kontext-max names them) further references it reads; multi-image-kontext's
     `input_image_1` may stand for `input_image`; on a model with FLUX.1 Redux,
-    `redux_image` an image prompt; unset values take the served model's defaults."""
+    `redux_image` an image prompt; `variation_seed` and `variation_strength` in
+    text-to-image (no input image); unset values take the served model's defaults."""
 
     prompt: str = Field(min_length=1, max_length=4000, description=(
         "Text description of what you want to generate, or the instruction on how to edit "
@@ -213,7 +214,7 @@ class KontextInput(_ReduxInputs):
 
     def request_args(self) -> dict[str, Any]:
         width, height = KONTEXT_SIZES.get(self.aspect_ratio, (None, None))
-        return {"width": width, "height": height, **self.call_args()}
+        return {"width": width, "height": height, **self.variation_args(), **self.call_args()}
 
     def references(self) -> list[str]:
         return [value for name in _FURTHER if (value := getattr(self, name)) is not None]

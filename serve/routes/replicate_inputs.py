@@ -67,6 +67,19 @@ class LoraInput(BaseModel):
         return None, None
 
 
+class VariationInputs(BaseModel):
+    """Seed variations (the WebUI's variation seed), for the models that draw them."""
+
+    variation_seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
+        "A second seed for variations of the seed's image (with variation_strength)"))
+    variation_strength: float = Field(0.0, ge=0, le=1, description=(
+        "How far towards the variation seed's image (0: none)"))
+
+    def variation_args(self) -> dict[str, Any]:
+        return {"variation_seed": self.variation_seed,
+                "variation_strength": self.variation_strength}
+
+
 class IPAdapterInputs(LoraInput):
     """The IP-Adapter inputs of Replicate's SDXL models, for models with an IP-Adapter
     (SDXL's, or XLabs' on FLUX; others refuse them)."""
@@ -156,7 +169,7 @@ ControlNetInputs = create_model("ControlNetInputs", __base__=_ControlNetSlots,
                                  **_controlnet_inputs())
 
 
-class SDXLInput(ControlNetInputs, IPAdapterInputs):
+class SDXLInput(ControlNetInputs, IPAdapterInputs, VariationInputs):
     """stability-ai/sdxl's inputs, with fofr/sdxl-multi-controlnet-lora's ControlNet inputs
     for models with ControlNets; unset values take the served model's defaults."""
 
@@ -186,10 +199,6 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
         "Read the prompt this many text-encoder layers before the penultimate (diffusers' "
         "clip_skip; the WebUI's Clip skip 2 is 0); blank: the model's default"))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
-    variation_seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
-        "A second seed for variations of the seed's image (with variation_strength)"))
-    variation_strength: float = Field(0.0, ge=0, le=1, description=(
-        "How far towards the variation seed's image (0: none)"))
     image: str | None = Field(None, description=(
         "Input image for img2img or inpaint mode, as a data URI (or base64)"))
     mask: str | None = Field(None, description=(
@@ -228,8 +237,7 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs):
                 "clip_skip": self.clip_skip,
                 "style": self.style,
                 "hires_scale": self.hires_scale, "hires_strength": self.hires_strength,
-                "hires_steps": self.hires_steps, "variation_seed": self.variation_seed,
-                "variation_strength": self.variation_strength,
+                "hires_steps": self.hires_steps, **self.variation_args(),
                 "negative_prompt": self.negative_prompt, "output_format": self.output_format,
                 "output_quality": self.output_quality, "refine": self.refine,
                 "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps,

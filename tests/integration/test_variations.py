@@ -76,3 +76,31 @@ def test_a_kontext_edit_and_a_missing_variation_seed_are_422_naming_the_field(ba
     r = httpx.post(f"{base_url}/generate", headers=AUTH,
                    json={"prompt": "x", "variation_strength": 0.5, "width": 64, "height": 64})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "variation_seed"
+
+
+def test_a_kontext_variation_through_replicate_is_generates_and_edits_refuse_it(
+        client, base_url):
+    """flux-kontext-dev's input, text-to-image (no input_image): the image /generate draws
+    for the same seeds; with an input_image, a 422 naming the Replicate field."""
+    body = {"prompt": "a lighthouse", "model": KONTEXT, "steps": 2, "seed": 12,
+            "variation_seed": 99, "variation_strength": 0.4}
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    varied = pixels(decode(r.json()["image"]))
+    own = pixels(decode(client.post("/generate", json=body | {"variation_strength": 0})
+                        .json()["image"]))
+    assert abs(varied - own).mean() > 0.5
+    given = {"prompt": "a lighthouse", "num_inference_steps": 2, "seed": 12,
+             "output_format": "png", "variation_seed": 99, "variation_strength": 0.4}
+    r = httpx.post(f"{base_url}/v1/models/{KONTEXT}/predictions",
+                   headers={**AUTH, "Prefer": "wait"}, json={"input": given})
+    assert r.status_code == 201, r.text
+    url = r.json()["output"]
+    data = base64.b64decode(url.split(",", 1)[1])
+    assert (pixels(Image.open(io.BytesIO(data))) == varied).all()
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(noise(1, (96, 96)))).decode()
+    r = httpx.post(f"{base_url}/v1/models/{KONTEXT}/predictions",
+                   headers={**AUTH, "Prefer": "wait"},
+                   json={"input": given | {"input_image": image}})
+    assert r.status_code == 422
+    assert r.json()["invalid_fields"][0]["field"] == "input.variation_strength"
