@@ -30,6 +30,8 @@ TINY_FLUX_REDUX = "tiny-flux-redux"
 TINY_FLUX_DEPTH = "tiny-flux-depth"
 TINY_DEPTH_ANYTHING = "tiny-depth-anything"
 TINY_FLUX_CONTROLNET = "tiny-flux-controlnet"
+TINY_ESRGAN = "tiny-esrgan"  # a folder holding TINY_ESRGAN_FILE
+TINY_ESRGAN_FILE = "tiny-esrgan-x4.pth"
 # Bump when the recipe below changes, so old caches are not reused.
 RECIPE_VERSION = 1
 _SEED = 20261122
@@ -50,7 +52,8 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
                 TINY_FLUX_DEPTH: partial(_build_tiny_flux, tool="depth"),
                 TINY_DEPTH_ANYTHING: _build_tiny_depth_anything,
                 TINY_FLUX_CONTROLNET: _build_tiny_flux_controlnet,
-                TINY_FLUX_IP_ADAPTER: _build_tiny_flux_ip_adapter}
+                TINY_FLUX_IP_ADAPTER: _build_tiny_flux_ip_adapter,
+                TINY_ESRGAN: _build_tiny_esrgan}
     if name not in builders:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(builders)}")
     return built_once(cache_dir / f"{name}-v{RECIPE_VERSION}", builders[name])
@@ -208,6 +211,19 @@ def _build_tiny_flux_controlnet(folder: Path) -> None:
     )
 
     build_random_flux_controlnet(folder, TINY_FLUX_CONFIGS["transformer"], TINY_FLUX_CONTROLNET)
+
+
+def _build_tiny_esrgan(folder: Path) -> None:
+    """A x4 RRDBNet of 8 features and 2 blocks, saved as Real-ESRGAN saves its models (a
+    `.pth` holding the `params_ema` state dict)."""
+    import torch
+
+    from deployments.engines.upscalers import RRDBNet
+
+    torch.manual_seed(_SEED + 12)
+    net = RRDBNet(scale=4, features=8, blocks=2, growth=4)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"params_ema": net.state_dict()}, folder / TINY_ESRGAN_FILE)
 
 
 def public_fields(config: dict) -> dict:

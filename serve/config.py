@@ -190,6 +190,8 @@ class AtelierConfig(_Strict):
                                       "a file")
             if model.redux is not None:
                 model.redux.check_files(f"models.{i}.redux")
+            for name, upscaler in model.upscalers.items():
+                upscaler.check_files(f"models.{i}.upscalers.{name}")
             if model.depth_estimator is not None:
                 model.depth_estimator.check_files(f"models.{i}.depth_estimator")
             if checker is not None and not checker.path.exists():

@@ -438,3 +438,27 @@ class RefinerConfig(PathOrEmbedded):
             raise ValueError("refiner.configs_from: goes with a single-file path alone "
                              "(no embedded, no variant)")
         return self
+
+
+# The hires pass's own upscaler: bicubic, always there; a model's `upscalers` add to it.
+BICUBIC = "bicubic"
+
+
+class UpscalerConfig(PathOrEmbedded):
+    """An image upscaler of the ESRGAN family (RRDBNet) for the hires pass, as the WebUI's
+    hires. fix offers them: each first-pass image is upscaled by it (x4, x2 or x1, read
+    from the weights), brought to the hires size by area, then redrawn by img2img."""
+
+    path: Path | None = Field(None, description=(
+        "Local weights file: Real-ESRGAN's `.pth` (e.g. RealESRGAN_x4plus.pth, its "
+        "`params_ema` tensors), an ESRGAN model in the original layout (e.g. "
+        "4x-UltraSharp.pth), or either as `.safetensors`. Read as tensors only. Never "
+        "fetched."))
+    embedded: Literal["tiny-esrgan"] | None = Field(None, description=(
+        "Build and use the embedded random-weight x4 RRDBNet."))
+
+    def check_files(self, where: str) -> None:
+        """Raise ConfigError naming `where`.path unless it is a .pth or .safetensors file."""
+        if self.path is not None and (not self.path.is_file()
+                                      or self.path.suffix not in (".pth", ".safetensors")):
+            raise ConfigError(f"{where}.path: {self.path} is not a .pth or .safetensors file")

@@ -12,6 +12,7 @@ from typing import Literal
 from serve.adapters import AdapterSet
 from serve.config import FAMILIES, SCHEDULERS, Family, LimitsConfig, ModelConfig
 from serve.errors import ContentFlagged, InvalidField
+from serve.model_parts import BICUBIC
 from serve.request_limits import check_limits
 
 __all__ = ["SCHEDULERS", "BatchInfo", "ControlImage", "GenerationRequest", "GenerationResult",
@@ -142,6 +143,7 @@ class GenerationRequest:
     hires_scale: float = 1.0
     hires_strength: float = 0.5
     hires_steps: int | None = None
+    hires_upscaler: str = ""  # with a hires pass: BICUBIC or one of the model's upscalers
     # SDXL text-to-image: image i starts from its seed's noise moved towards that of
     # variation_seed + i by variation_strength (0: none), as the WebUI's variation seed.
     variation_seed: int | None = None
@@ -161,7 +163,7 @@ class GenerationRequest:
                   guidance_scale: float | None = None, seed: int | None = None,
                   scheduler: str | None = None, guidance_rescale: float | None = None,
                   style: str | None = None, clip_skip: int | None = None,
-                  **rest) -> GenerationRequest:
+                  hires_upscaler: str | None = None, **rest) -> GenerationRequest:
         """A request for `model`: unset values take its defaults, an unset seed is drawn,
         the prompts take the named `style`, and the result is checked against its limits
         (raises InvalidField). The safety check and the watermark stay on where the model
@@ -185,7 +187,9 @@ class GenerationRequest:
             seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed,
             scheduler=scheduler or model.default_scheduler,
             guidance_rescale=d.guidance_rescale if guidance_rescale is None else guidance_rescale,
-            clip_skip=model.prompts.clip_skip if clip_skip is None else clip_skip, **rest)
+            clip_skip=model.prompts.clip_skip if clip_skip is None else clip_skip,
+            hires_upscaler=_upscaler(model, hires_upscaler, rest.get("hires_scale", 1)),
+            **rest)
         if model.inpainting:
             request = request.repainting()
         if request.refine != "no_refiner" and model.refiner is None:
@@ -244,12 +248,23 @@ class GenerationRequest:
                                                     for r in self.source.references)
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
                 self.guidance_rescale, self.scheduler, self.mode, strength, refine, control,
-                refs, self.tiling, self.hires_scale, self.hires_strength, self.hires_steps)
+                refs, self.tiling, self.hires_scale, self.hires_strength, self.hires_steps,
+                self.hires_upscaler)
 
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its
         pipeline family accepts (`serve.request_limits`)."""
         check_limits(self, limits, family)
+
+
+def _upscaler(model: ModelConfig, name: str | None, hires_scale: float) -> str:
+    """The upscaler a request's hires pass uses: the one named (BICUBIC or one of the
+    model's), else the model's first, else BICUBIC; none without a hires pass."""
+    if name is not None and name != BICUBIC and name not in model.upscalers:
+        raise InvalidField("hires_upscaler", "one of " + ", ".join([BICUBIC, *model.upscalers]))
+    if hires_scale == 1:
+        return ""
+    return name or next(iter(model.upscalers), BICUBIC)
 
 
 def unknown_controlnet(model: ModelConfig, name: str, field: str = "controlnets") -> InvalidField:

@@ -36,6 +36,8 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
         config["styles"] = {name: s.model_dump() for name, s in model.styles.items()}
     if model.prompts.given():  # (left out unset: versions stay as they were)
         config["prompts"] = model.prompts.given()
+    if model.upscalers:  # (the same) their names, the default first, and files below
+        config["upscalers"] = [[name, u.embedded] for name, u in model.upscalers.items()]
     if model.textual_inversions:  # their tokens here, their files' bytes below
         config["textual_inversions"] = [e.token for e in model.textual_inversions]
     if ip is not None:  # its files as the family lays them out, given or not
@@ -44,7 +46,8 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
     h.update(json.dumps(config, sort_keys=True).encode())
     redux = model.redux
     if model.embedded is not None or (refiner and refiner.embedded) or any(
-            net.embedded for net in nets) or (ip and ip.embedded) or (redux and redux.embedded):
+            net.embedded for net in nets) or (ip and ip.embedded) or (redux and redux.embedded) \
+            or any(u.embedded for u in model.upscalers.values()):
         h.update(f"embedded-recipe-{RECIPE_VERSION}".encode())  # built deterministically
     _add_files(h, cache_dir, ((model.path, _read_all), (model.configs_from,
                                                          _READ_WITH_FILE[model.family]),
@@ -55,7 +58,8 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
                               *((lora.path, _read_all) for lora in model.merged_loras),
                               (model.vae, _read_all),
                               *((e.path, _read_all) for e in model.textual_inversions),
-                              (redux and redux.path, _read_all)))
+                              (redux and redux.path, _read_all),
+                              *((u.path, _read_all) for u in model.upscalers.values())))
     return h.hexdigest()
 
 

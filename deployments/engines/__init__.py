@@ -113,6 +113,14 @@ def ip_adapter_files(model: ModelConfig, cache_dir: Path) -> tuple[Path, str, st
     return folder, *adapter.layout(model.family)
 
 
+def upscaler_files(model: ModelConfig, cache_dir: Path) -> dict[str, Path]:
+    """Each upscaler's weights file (the embedded one built once), by name."""
+    from deployments.tiny import TINY_ESRGAN_FILE, ensure_embedded
+
+    return {name: u.path or ensure_embedded(u.embedded, cache_dir) / TINY_ESRGAN_FILE
+            for name, u in model.upscalers.items()}
+
+
 def merged_loras(model: ModelConfig) -> list[tuple[Path, float]]:
     """The LoRA files merged into the model's weights at load, each with its scale."""
     return [(lora.path, lora.scale) for lora in model.merged_loras]
@@ -163,7 +171,8 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                           depth_estimator_folder(model, cache_dir),
                           model.scheduler_options.given(), merged_loras(model), model.vae,
                           [(e.path, e.token) for e in model.textual_inversions],
-                          model.freeu and model.freeu.model_dump(), model.prompts.given())
+                          model.freeu and model.freeu.model_dump(), model.prompts.given(),
+                          upscaler_files(model, cache_dir))
     if model.family == "flux":
         from deployments.engines.flux import (
             FluxControlEngine,

@@ -43,6 +43,7 @@ from deployments.engines.prompts import Embeds
 from deployments.engines.rescale import rescaled_guidance
 from deployments.engines.speed import attention_order
 from deployments.engines.tiling import circular_padding, resized
+from deployments.engines.upscalers import load_upscaler, upscaled
 from deployments.engines.variations import starting_noise, varies
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
@@ -104,7 +105,8 @@ class SDXLEngine(DiffusersEngine):
                  merged_loras: Sequence[tuple[Path, float]] = (), vae: Path | None = None,
                  textual_inversions: Sequence[tuple[Path, str]] = (),
                  freeu: Mapping[str, float] | None = None,
-                 prompts: Mapping[str, int | bool] | None = None):
+                 prompts: Mapping[str, int | bool] | None = None,
+                 upscalers: Mapping[str, Path] | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images, vae)
         self.merge_loras(merged_loras)
         self._load_embeddings(textual_inversions)
@@ -117,6 +119,8 @@ class SDXLEngine(DiffusersEngine):
         if self.prompt_settings.get("clip_skip", 0) > self.most_clip_skip:  # the default
             raise ValueError(f"prompts.clip_skip: at most {self.most_clip_skip} for this "
                              "model's text encoders")
+        self.upscalers = {name: load_upscaler(file, self.device, self.dtype)
+                          for name, file in (upscalers or {}).items()}
         self.freeu = dict(freeu or {})  # s1, s2, b1, b2 on the UNet the pipelines share
         if self.freeu:
             self.pipe.unet.enable_freeu(**self.freeu)
@@ -220,12 +224,14 @@ class SDXLEngine(DiffusersEngine):
     def describe(self) -> dict:
         """As for every engine, with the scheduler options the model set, whether its
         UNet is an inpainting one, its embeddings' tokens, FreeU's scales and how prompts
-        are read."""
+        are read, and its hires pass's upscalers."""
         facts = super().describe()
         return facts | {"controlnets": list(self.controlnets.nets),
                         "scheduler_options": self.scheduler_options,
                         "inpainting_unet": self.inpainting, "embeddings": self.embeddings,
-                        "freeu": self.freeu, "prompts": self.prompt_settings}
+                        "freeu": self.freeu, "prompts": self.prompt_settings,
+                        "upscalers": {name: f"x{net.scale}"
+                                      for name, net in self.upscalers.items()}}
 
     def _encode_prompt(self, prompt: str, negative_prompt: str, clip_skip: int = 0) -> Embeds:
         pipe = self.pipe
@@ -330,7 +336,7 @@ class SDXLEngine(DiffusersEngine):
                generators: list[torch.Generator], out: torch.Tensor, callback: Callable,
                inputs: dict) -> torch.Tensor:
         """The WebUI's hires. fix: the images (rows still live) upscaled to the output
-        size (bicubic) and redrawn by the img2img pipeline at `hires_strength`, with the
+        size (bicubic, or by the request's `hires_upscaler`) and redrawn by the img2img pipeline at `hires_strength`, with the
         same prompts, scheduler, ControlNets (their control images upscaled bilinearly)
         and per-image generators; withdrawals go on."""
         width, height = first.output_size
@@ -339,7 +345,10 @@ class SDXLEngine(DiffusersEngine):
         live = torch.tensor(rows.original_rows(), device=out.device)
         extra = {name: inputs[name][live] for name in self.embed_names}
         size = (height, width)  # a tiling image is upscaled as one (it wraps around)
-        image = resized(out.float(), size, "bicubic", first.tiling).clamp(0, 1)
+        if first.hires_upscaler in self.upscalers:
+            image = upscaled(self.upscalers[first.hires_upscaler], out, size, first.tiling)
+        else:  # BICUBIC
+            image = resized(out.float(), size, "bicubic", first.tiling).clamp(0, 1)
         pipe = self._pipes["img2img"]
         if first.controls:
             pipe = self.controlnets.pipe(first, "img2img")

@@ -91,6 +91,9 @@ class GenerateParams(BaseModel):
         "How much of the upscaled image the second pass redraws."))
     hires_steps: int | None = Field(None, ge=1, description=(
         "The second pass's steps (it runs steps x strength of them); default: steps."))
+    hires_upscaler: str | None = Field(None, max_length=100, description=(
+        "What upscales the images before the second pass: one of the model's upscalers "
+        "(GET /v1/models lists them) or bicubic; default: the model's first, or bicubic."))
     tiling: bool = Field(False, description=(
         "SDXL: an image that tiles, its left edge continuing its right and its top its "
         "bottom (textures, patterns)."))
@@ -220,7 +223,8 @@ class GenerateParams(BaseModel):
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
             guidance_rescale=self.guidance_rescale, tiling=self.tiling, clip_skip=self.clip_skip,
             hires_scale=self.hires_scale, hires_strength=self.hires_strength,
-            hires_steps=self.hires_steps, variation_seed=self.variation_seed,
+            hires_steps=self.hires_steps, hires_upscaler=self.hires_upscaler,
+            variation_seed=self.variation_seed,
             variation_strength=self.variation_strength,
             scheduler=self.scheduler, negative_prompt=self.negative_prompt, style=self.style,
             num_outputs=self.num_outputs, output_format=self.output_format,

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from serve.context import base_url, ingress, usable_models
+from serve.model_parts import BICUBIC
 from serve.routes.replicate import model_json
 
 router = APIRouter()
@@ -34,6 +35,8 @@ async def list_models(request: Request) -> dict:
              "prompts": m.prompts.model_dump() if m.family == "sdxl" else None,
              "styles": {name: s.model_dump() for name, s in m.styles.items()},
              "options": m.options(),
+             # The hires pass's upscalers, its default first (none: no hires pass).
+             "upscalers": [*m.upscalers, BICUBIC] if m.options()["hires"] else [],
              "schedulers": list(m.rules.schedulers),
              "limits": m.limits.model_dump(),
              "defaults": m.defaults.model_dump() | {"scheduler": m.default_scheduler}}

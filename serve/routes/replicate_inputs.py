@@ -193,6 +193,9 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs, VariationInputs):
         "How much of the upscaled image the hires pass redraws"))
     hires_steps: int | None = Field(None, ge=1, description=(
         "The hires pass's steps (it runs steps x strength); blank: num_inference_steps"))
+    hires_upscaler: str | None = Field(None, max_length=100, description=(
+        "What upscales the images before the hires pass: one of the model's upscalers or "
+        "bicubic; blank: the model's first upscaler, or bicubic"))
     tiling: bool = Field(False, description=(
         "An image that tiles, edge to edge both ways (textures, patterns)"))
     clip_skip: int | None = Field(None, ge=0, le=MOST_CLIP_SKIP, description=(
@@ -237,7 +240,8 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs, VariationInputs):
                 "clip_skip": self.clip_skip,
                 "style": self.style,
                 "hires_scale": self.hires_scale, "hires_strength": self.hires_strength,
-                "hires_steps": self.hires_steps, **self.variation_args(),
+                "hires_steps": self.hires_steps, "hires_upscaler": self.hires_upscaler,
+                **self.variation_args(),
                 "negative_prompt": self.negative_prompt, "output_format": self.output_format,
                 "output_quality": self.output_quality, "refine": self.refine,
                 "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps,

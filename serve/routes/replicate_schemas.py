@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from serve.canvases import finds_edges
 from serve.config import ModelConfig
+from serve.model_parts import BICUBIC
 from serve.routes.replicate_flux import (
     CannyInput,
     DepthInput,
@@ -49,7 +50,7 @@ _REDUX_INPUTS = ("redux_image", "redux_downsampling")
 _FLUX_CONTROLNET_INPUTS = ("control_image", "control_type", "control_strength")
 # GET /v1/models' options → their inputs.
 _OPTION_INPUTS = {"tiling": ("tiling",),
-                  "hires": ("hires_scale", "hires_strength", "hires_steps"),
+                  "hires": ("hires_scale", "hires_strength", "hires_steps", "hires_upscaler"),
                   "variations": ("variation_seed", "variation_strength")}
 
 
@@ -78,6 +79,11 @@ def input_schema(model: ModelConfig) -> dict:
     else:
         schema["properties"]["style"] = {"title": "Style", "enum": list(model.styles),
                                          "description": "One of the model's styles"}
+    if "hires_upscaler" in schema["properties"]:  # the model's upscalers, its first default
+        schema["properties"]["hires_upscaler"] = {
+            "title": "Hires Upscaler", "enum": [*model.upscalers, BICUBIC],
+            "default": next(iter(model.upscalers), BICUBIC),
+            "description": "What upscales the images before the hires pass redraws them"}
     if input_class(model) is FluxInput and model.redux is None:  # a prompt is then needed
         schema["required"] = sorted({*schema.get("required", []), "prompt"})
     schema["properties"] = {name: spec for name, spec in schema["properties"].items()

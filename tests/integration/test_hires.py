@@ -1,5 +1,6 @@
 """SDXL's hires pass over HTTP: `/generate` and Replicate's SDXL input draw the same larger
-images; a FLUX model refuses it, naming the field."""
+images, through the model's ESRGAN upscaler by default or bicubically when asked; an
+unknown upscaler and a FLUX model are refused, naming the field."""
 
 import io
 
@@ -35,3 +36,30 @@ def test_a_hires_pass_on_flux_or_past_the_limits_is_422_naming_the_field(base_ur
     assert r.status_code == 422
     assert r.json()["invalid_fields"][0]["field"] == "input.hires_scale"
     assert "512x512" in r.text
+
+
+def test_the_upscaler_is_the_models_first_unless_a_request_names_bicubic(client, rep, base_url):
+    body = {"prompt": "a castle", "steps": 3} | SETTINGS
+    default = pixels(decode(client.post("/generate", json=body).json()["image"]))
+    named = pixels(decode(client.post("/generate", json=body | {"hires_upscaler": "esrgan"})
+                          .json()["image"]))
+    bicubic = pixels(decode(client.post("/generate", json=body | {"hires_upscaler": "bicubic"})
+                            .json()["image"]))
+    assert (named == default).all() and abs(bicubic - default).mean() > 0.5
+    (file,) = rep.run(FAST, input={"prompt": "a castle", "num_inference_steps": 3,
+                                   "hires_upscaler": "bicubic"} | SETTINGS)
+    assert (pixels(Image.open(io.BytesIO(file.read()))) == bicubic).all()
+    r = client.post("/generate", json=body | {"hires_upscaler": "lanczos"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "hires_upscaler"
+    assert "one of bicubic, esrgan" in r.json()["detail"][0]["msg"]
+    r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", headers=AUTH,
+                   json={"input": {"prompt": "x", "hires_scale": 1.5, "hires_upscaler": "x"}})
+    assert r.status_code == 422
+    assert r.json()["invalid_fields"][0]["field"] == "input.hires_upscaler"
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models[FAST]["upscalers"] == ["esrgan", "bicubic"]
+    assert models[FLUX]["upscalers"] == []
+    schema = httpx.get(f"{base_url}/v1/models/{FAST}", headers=AUTH).json()[
+        "latest_version"]["openapi_schema"]["components"]["schemas"]["Input"]
+    assert schema["properties"]["hires_upscaler"]["enum"] == ["esrgan", "bicubic"]
+    assert schema["properties"]["hires_upscaler"]["default"] == "esrgan"
