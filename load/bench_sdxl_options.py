@@ -1,7 +1,8 @@
 """What SDXL's per-request options cost against a plain text-to-image call, per batch size,
 on one engine: long prompts of 100 and 200 words (read in up to three chunks of 75 tokens,
 `prompts.chunks`; each row says how many), weighted words, tiling, and a hires pass at
-1.5x.
+1.5x, bicubic and through an ESRGAN x4 upscaler (Real-ESRGAN x4plus's network: 64
+features, 23 blocks; random weights with `--random-sdxl`, else the embedded tiny one).
 
     python -m load.bench_sdxl_options                     # tiny SDXL, CPU
     python -m load.bench_sdxl_options --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
@@ -21,6 +22,7 @@ import argparse
 import json
 import statistics
 from dataclasses import replace
+from pathlib import Path
 
 from load.bench_engine import GUIDANCE, add_call_args, model_folder, timed
 from load.bench_serving import machine
@@ -35,7 +37,9 @@ OPTIONS = {
     "weighted words": {"prompt": "product photo of a (ceramic mug:1.3) on a [marble] "
                                  "counter, ((soft window light))"},
     "tiling": {"tiling": True},
-    "hires 1.5x": {"hires_scale": 1.5, "hires_strength": 0.5},
+    "hires 1.5x": {"hires_scale": 1.5, "hires_strength": 0.5, "hires_upscaler": "bicubic"},
+    "hires 1.5x, ESRGAN x4": {"hires_scale": 1.5, "hires_strength": 0.5,
+                              "hires_upscaler": "esrgan-x4"},
 }
 
 
@@ -62,14 +66,40 @@ def _requests(option: str, size: int, steps: int, images: int) -> list:
     return [replace(base, seed=1 + i) for i in range(images)]
 
 
+def _upscaler_file(full: bool, cache_dir: Path) -> Path:
+    """The hires upscaler's file: Real-ESRGAN x4plus's network with random weights, saved
+    as Real-ESRGAN saves it (built once), or the embedded tiny one."""
+    from deployments.once import built_once
+    from deployments.tiny import TINY_ESRGAN, TINY_ESRGAN_FILE, ensure_embedded
+
+    if not full:
+        return ensure_embedded(TINY_ESRGAN, cache_dir) / TINY_ESRGAN_FILE
+
+    def build(folder: Path) -> None:
+        import torch
+
+        from deployments.engines.upscalers import RRDBNet
+
+        torch.manual_seed(0)
+        torch.save({"params_ema": RRDBNet().state_dict()}, folder / _RANDOM_ESRGAN)
+
+    return built_once(cache_dir / "random-esrgan-x4plus", build) / _RANDOM_ESRGAN
+
+
+_RANDOM_ESRGAN = "RealESRGAN_x4plus-random.pth"
+
+
 def main(argv: list[str] | None = None) -> dict:
     from deployments.engines import resolve_device
     from deployments.engines.sdxl import SDXLEngine
     from serve.config import default_cache_dir
 
     args = _parse_args(argv)
-    engine = SDXLEngine(model_folder(args.random_sdxl, default_cache_dir()), args.dtype,
-                        resolve_device("auto"), prompts={"chunks": 3, "weights": True})
+    cache_dir = default_cache_dir()
+    engine = SDXLEngine(model_folder(args.random_sdxl, cache_dir), args.dtype,
+                        resolve_device("auto"), prompts={"chunks": 3, "weights": True},
+                        upscalers={"esrgan-x4": _upscaler_file(bool(args.random_sdxl),
+                                                               cache_dir)})
     rows, plain = [], {}
     for images in args.batches:
         for option in args.options:
