@@ -13,7 +13,8 @@ With `--random-sdxl`, the SDXL base architecture with random weights (the folder
 option and batch size runs one untimed call, then `--repeats` timed ones; the hires row's
 images are 1.5x the size on a side. Prints and saves JSON (default
 results/sdxl-options-<device>-<size>.json): seconds per call, images/s and the ratio to
-the plain call. Figures are what this run saw.
+the plain call, and on a GPU the peak memory of each option's calls (GiB). Figures are
+what this run saw.
 """
 
 from __future__ import annotations
@@ -89,6 +90,22 @@ def _upscaler_file(full: bool, cache_dir: Path) -> Path:
 _RANDOM_ESRGAN = "RealESRGAN_x4plus-random.pth"
 
 
+def _reset_peak() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib() -> float | None:
+    """The most GPU memory torch held since `_reset_peak` (None without a GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
 def main(argv: list[str] | None = None) -> dict:
     from deployments.engines import resolve_device
     from deployments.engines.sdxl import SDXLEngine
@@ -104,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     for images in args.batches:
         for option in args.options:
             requests = _requests(option, args.size, args.steps, images)
+            _reset_peak()
             engine.generate(requests)  # untimed: first-call allocation
             times = [timed(engine.generate, requests) for _ in range(args.repeats)]
             median = statistics.median(times)
@@ -116,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "images_per_s": round(images / median, 3)}
             if images in plain:
                 row["time_vs_plain"] = round(median / plain[images], 3)
+            if (peak := _peak_gib()) is not None:
+                row["peak_gib"] = peak
             rows.append(row)
             print(json.dumps(row), flush=True)
     facts = engine.describe()
