@@ -31,6 +31,7 @@ from serve.controls import (
 from serve.errors import InvalidField
 from serve.images import load_source
 from serve.model_parts import MOST_CLIP_SKIP, MOST_REFERENCES
+from serve.option_fields import HiresFields, VariationFields
 from serve.timing import timing_headers
 from serve.types import (
     MAX_SEED,
@@ -64,7 +65,7 @@ class OutpaintSides(BaseModel):
     bottom: int = Field(0, ge=0, le=4096, description="Pixels added on the bottom.")
 
 
-class GenerateParams(BaseModel):
+class GenerateParams(HiresFields, VariationFields):
     """Everything `/generate` accepts; unset values take the model's defaults."""
 
     model_config = ConfigDict(extra="forbid")
@@ -83,17 +84,6 @@ class GenerateParams(BaseModel):
     guidance_rescale: float | None = Field(None, ge=0, le=1, description=(
         "SDXL: rescale each guided prediction to the spread of the prompt's own (0: none; "
         "about 0.7 for zero-terminal-SNR models); default: the model's."))
-    hires_scale: float = Field(1.0, ge=1, le=4, description=(
-        "SDXL: above 1, a second pass (the WebUI's hires. fix): each image is upscaled by "
-        "this much and redrawn by img2img at hires_strength, for more detail at sizes "
-        "SDXL does not compose well at; the answer's images are that size."))
-    hires_strength: float = Field(0.5, gt=0, le=1, description=(
-        "How much of the upscaled image the second pass redraws."))
-    hires_steps: int | None = Field(None, ge=1, description=(
-        "The second pass's steps (it runs steps x strength of them); default: steps."))
-    hires_upscaler: str | None = Field(None, max_length=100, description=(
-        "What upscales the images before the second pass: one of the model's upscalers "
-        "(GET /v1/models lists them) or bicubic; default: the model's first, or bicubic."))
     tiling: bool = Field(False, description=(
         "SDXL: an image that tiles, its left edge continuing its right and its top its "
         "bottom (textures, patterns)."))
@@ -101,12 +91,6 @@ class GenerateParams(BaseModel):
         "SDXL: read the prompt this many layers before the text encoders' penultimate "
         "(diffusers' clip_skip; the WebUI's Clip skip 2 is 0); default: the model's."))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; returned.")
-    variation_seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
-        "Text-to-image (SDXL, FLUX, Kontext): a second seed whose noise variation_strength "
-        "moves towards (image i: variation_seed + i)."))
-    variation_strength: float = Field(0.0, ge=0, le=1, description=(
-        "0: the seed's image; small values: variations close to it; 1: the variation "
-        "seed's own image."))
     num_outputs: int = Field(1, ge=1, le=16, description="Images to make (seeds seed, seed+1, ...).")
     scheduler: str | None = Field(None, description=(
         f"SDXL: one of {', '.join(SCHEDULERS)}; FLUX: FlowMatchEuler."))
@@ -222,10 +206,7 @@ class GenerateParams(BaseModel):
             image_prompt=image_prompt,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
             guidance_rescale=self.guidance_rescale, tiling=self.tiling, clip_skip=self.clip_skip,
-            hires_scale=self.hires_scale, hires_strength=self.hires_strength,
-            hires_steps=self.hires_steps, hires_upscaler=self.hires_upscaler,
-            variation_seed=self.variation_seed,
-            variation_strength=self.variation_strength,
+            **self.hires_args(), **self.variation_args(),
             scheduler=self.scheduler, negative_prompt=self.negative_prompt, style=self.style,
             num_outputs=self.num_outputs, output_format=self.output_format,
             output_quality=self.output_quality, adapters=adapters, request_id=request_id,

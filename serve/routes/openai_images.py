@@ -56,6 +56,7 @@ from serve.controls import (
 from serve.errors import InvalidField
 from serve.images import REFERENCES, load_source
 from serve.model_parts import MOST_CLIP_SKIP, MOST_REFERENCES
+from serve.option_fields import HiresFields, VariationFields
 from serve.routes.openai_stream import stream_images
 from serve.types import MAX_SEED, GenerationRequest, SourceImage
 
@@ -66,7 +67,7 @@ _FIELDS = {"width": "size", "height": "size", "num_outputs": "n", "loras": "prom
 _QUALITY_SHARES = {"low": 1 / 3, "medium": 2 / 3}
 
 
-class ImageGenerationParams(BaseModel):
+class ImageGenerationParams(HiresFields, VariationFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=32000)
@@ -119,6 +120,9 @@ class ImageGenerationParams(BaseModel):
     clip_skip: int | None = Field(None, ge=0, le=MOST_CLIP_SKIP, description=(
         "SDXL: the text encoders' layer the prompt is read from, as /generate's (an "
         "Atelier extension; send it with extra_body); default: the model's."))
+    guidance_rescale: float | None = Field(None, ge=0, le=1, description=(
+        "SDXL: guidance rescale, as /generate's (an Atelier extension, as the hires and "
+        "variation fields: send them with extra_body); default: the model's."))
     quality: Literal["auto", "low", "medium", "high", "hd", "standard"] | None = Field(
         None, description=("low and medium: a third and two thirds of the model's default "
                            "steps; the others: all of them."))
@@ -288,6 +292,8 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
             num_inference_steps=params.steps(model), negative_prompt=params.negative_prompt,
             guidance_scale=params.guidance_scale, scheduler=params.scheduler,
             tiling=params.tiling, clip_skip=params.clip_skip,
+            guidance_rescale=params.guidance_rescale, **params.hires_args(),
+            **params.variation_args(),
             style=params.style if model.styles else None,
             output_format=params.output_format, source=source, controls=controls,
             image_prompt=image_prompt, seed=params.seed,

@@ -12,12 +12,8 @@ from pydantic import Field, ValidationInfo, field_validator
 from serve.canvases import OUTPAINT_PRESETS
 from serve.controls import ControlParams, ImagePromptParams, image_prompt_params
 from serve.images import INPUT_AREA, REFERENCES
-from serve.routes.replicate_inputs import (
-    CannyEdgeInputs,
-    IPAdapterInputs,
-    LoraInput,
-    VariationInputs,
-)
+from serve.option_fields import VariationFields
+from serve.routes.replicate_inputs import CannyEdgeInputs, IPAdapterInputs, LoraInput
 from serve.types import MAX_SEED
 
 # Output sizes of FLUX at one megapixel per aspect ratio (multiples of 16); 0.25 MP halves
@@ -94,7 +90,7 @@ class FluxControlNetInputs(CannyEdgeInputs, _FluxCommon):
                               fields=("control_type", "control_image", "control_image"))]
 
 
-class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs, VariationInputs):
+class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs, VariationFields):
     """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora, the
     LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`),
     flux-redux-dev's `redux_image` (for a model with FLUX.1 Redux, which then needs no
@@ -165,7 +161,7 @@ class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs, VariationIn
 _FURTHER = ("input_image_2", "input_image_3", "input_image_4")
 
 
-class KontextInput(_ReduxInputs, VariationInputs):
+class KontextInput(_ReduxInputs, VariationFields):
     """black-forest-labs/flux-kontext-dev's inputs (with flux-kontext-dev-lora's LoRA
     inputs): `input_image` is the reference the prompt edits, and `input_image_2` to `_4`
     (as flux-kontext-max names them) further references it reads; multi-image-kontext's

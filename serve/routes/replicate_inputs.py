@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from serve.controls import ControlParams, ImagePromptParams
 from serve.errors import InvalidField
 from serve.model_parts import MOST_CLIP_SKIP
+from serve.option_fields import HiresFields, VariationFields
 from serve.types import MAX_SEED, SCHEDULERS, OutputFormat, Refine
 
 
@@ -65,19 +66,6 @@ class LoraInput(BaseModel):
     def edge_thresholds(self) -> tuple[int | None, int | None]:
         """The Canny thresholds (low, high) the input sets, if any."""
         return None, None
-
-
-class VariationInputs(BaseModel):
-    """Seed variations (the WebUI's variation seed), for the models that draw them."""
-
-    variation_seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
-        "A second seed for variations of the seed's image (with variation_strength)"))
-    variation_strength: float = Field(0.0, ge=0, le=1, description=(
-        "How far towards the variation seed's image (0: none)"))
-
-    def variation_args(self) -> dict[str, Any]:
-        return {"variation_seed": self.variation_seed,
-                "variation_strength": self.variation_strength}
 
 
 class IPAdapterInputs(LoraInput):
@@ -169,7 +157,7 @@ ControlNetInputs = create_model("ControlNetInputs", __base__=_ControlNetSlots,
                                  **_controlnet_inputs())
 
 
-class SDXLInput(ControlNetInputs, IPAdapterInputs, VariationInputs):
+class SDXLInput(ControlNetInputs, IPAdapterInputs, HiresFields, VariationFields):
     """stability-ai/sdxl's inputs, with fofr/sdxl-multi-controlnet-lora's ControlNet inputs
     for models with ControlNets; unset values take the served model's defaults."""
 
@@ -187,15 +175,6 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs, VariationInputs):
         "zero-terminal-SNR models); blank: the model's default"))
     style: str | None = Field(None, max_length=100, description=(
         "One of the model's styles (GET /v1/models lists them); blank: none"))
-    hires_scale: float = Field(1.0, ge=1, le=4, description=(
-        "Above 1: upscale each image by this much and redraw it by img2img (a hires pass)"))
-    hires_strength: float = Field(0.5, gt=0, le=1, description=(
-        "How much of the upscaled image the hires pass redraws"))
-    hires_steps: int | None = Field(None, ge=1, description=(
-        "The hires pass's steps (it runs steps x strength); blank: num_inference_steps"))
-    hires_upscaler: str | None = Field(None, max_length=100, description=(
-        "What upscales the images before the hires pass: one of the model's upscalers or "
-        "bicubic; blank: the model's first upscaler, or bicubic"))
     tiling: bool = Field(False, description=(
         "An image that tiles, edge to edge both ways (textures, patterns)"))
     clip_skip: int | None = Field(None, ge=0, le=MOST_CLIP_SKIP, description=(
@@ -239,9 +218,7 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs, VariationInputs):
                 "guidance_rescale": self.guidance_rescale, "tiling": self.tiling,
                 "clip_skip": self.clip_skip,
                 "style": self.style,
-                "hires_scale": self.hires_scale, "hires_strength": self.hires_strength,
-                "hires_steps": self.hires_steps, "hires_upscaler": self.hires_upscaler,
-                **self.variation_args(),
+                **self.hires_args(), **self.variation_args(),
                 "negative_prompt": self.negative_prompt, "output_format": self.output_format,
                 "output_quality": self.output_quality, "refine": self.refine,
                 "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps,

@@ -1,7 +1,8 @@
-"""SDXL's hires pass over HTTP: `/generate` and Replicate's SDXL input draw the same larger
-images, through the model's ESRGAN upscaler by default or bicubically when asked; an
+"""SDXL's hires pass over HTTP: `/generate`, Replicate's SDXL input and OpenAI's
+`extra_body` draw the same larger images, through the model's ESRGAN upscaler by default or bicubically when asked; an
 unknown upscaler and a FLUX model are refused, naming the field."""
 
+import base64
 import io
 
 import httpx
@@ -38,7 +39,8 @@ def test_a_hires_pass_on_flux_or_past_the_limits_is_422_naming_the_field(base_ur
     assert "512x512" in r.text
 
 
-def test_the_upscaler_is_the_models_first_unless_a_request_names_bicubic(client, rep, base_url):
+def test_the_upscaler_is_the_models_first_unless_a_request_names_bicubic(client, rep, oai,
+                                                                          base_url):
     body = {"prompt": "a castle", "steps": 3} | SETTINGS
     default = pixels(decode(client.post("/generate", json=body).json()["image"]))
     named = pixels(decode(client.post("/generate", json=body | {"hires_upscaler": "esrgan"})
@@ -49,6 +51,11 @@ def test_the_upscaler_is_the_models_first_unless_a_request_names_bicubic(client,
     (file,) = rep.run(FAST, input={"prompt": "a castle", "num_inference_steps": 3,
                                    "hires_upscaler": "bicubic"} | SETTINGS)
     assert (pixels(Image.open(io.BytesIO(file.read()))) == bicubic).all()
+    extra = {k: v for k, v in SETTINGS.items() if k not in ("width", "height")}
+    (item,) = oai.images.generate(model=FAST, prompt="a castle", size="64x64", extra_body={
+        "num_inference_steps": 3, "hires_upscaler": "bicubic"} | extra).data
+    drawn = Image.open(io.BytesIO(base64.b64decode(item.b64_json))).convert("RGB")
+    assert drawn.size == (96, 96) and (pixels(drawn) == bicubic).all()
     r = client.post("/generate", json=body | {"hires_upscaler": "lanczos"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "hires_upscaler"
     assert "one of bicubic, esrgan" in r.json()["detail"][0]["msg"]

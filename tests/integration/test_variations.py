@@ -29,7 +29,7 @@ def _drawn(client, **changes):
     return pixels(decode(r.json()["image"]))
 
 
-def test_a_variation_through_generate_and_replicate(client, rep):
+def test_a_variation_through_generate_replicate_and_openai(client, rep, oai):
     varied = _drawn(client, variation_seed=99, variation_strength=0.3)
     own = _drawn(client)
     assert (_drawn(client, variation_seed=99, variation_strength=0) == own).all()
@@ -40,6 +40,12 @@ def test_a_variation_through_generate_and_replicate(client, rep):
                                    "height": 64, "variation_seed": 99,
                                    "variation_strength": 0.3})
     assert (pixels(Image.open(io.BytesIO(file.read()))) == varied).all()
+    (item,) = oai.images.generate(model=FAST, prompt=BODY["prompt"], size="64x64", extra_body={
+        "num_inference_steps": 3, "seed": 12, "guidance_scale": 6,
+        "scheduler": "K_EULER_ANCESTRAL", "variation_seed": 99,
+        "variation_strength": 0.3}).data
+    drawn = Image.open(io.BytesIO(base64.b64decode(item.b64_json))).convert("RGB")
+    assert (pixels(drawn) == varied).all()
 
 
 def test_a_flux_variation_through_generate_and_replicate(client, rep):

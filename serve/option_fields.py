@@ -1,0 +1,47 @@
+"""Request fields every API names alike (`/generate`, Replicate's SDXL and FLUX inputs,
+OpenAI's `extra_body`): SDXL's hires pass and seed variations. Each API's parameters take
+them from these mixins and hand them on with `hires_args` or `variation_args`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from serve.types import MAX_SEED
+
+
+class HiresFields(BaseModel):
+    """SDXL's hires pass: the WebUI's hires. fix."""
+
+    hires_scale: float = Field(1.0, ge=1, le=4, description=(
+        "SDXL: above 1, a second pass (the WebUI's hires. fix): each image is upscaled by "
+        "this much and redrawn by img2img at hires_strength, for more detail at sizes "
+        "SDXL does not compose well at; the answer's images are that size."))
+    hires_strength: float = Field(0.5, gt=0, le=1, description=(
+        "How much of the upscaled image the second pass redraws."))
+    hires_steps: int | None = Field(None, ge=1, description=(
+        "The second pass's steps (it runs steps x strength of them); default: the "
+        "request's steps."))
+    hires_upscaler: str | None = Field(None, max_length=100, description=(
+        "What upscales the images before the second pass: one of the model's upscalers "
+        "(GET /v1/models lists them) or bicubic; default: the model's first, or bicubic."))
+
+    def hires_args(self) -> dict[str, Any]:
+        return {"hires_scale": self.hires_scale, "hires_strength": self.hires_strength,
+                "hires_steps": self.hires_steps, "hires_upscaler": self.hires_upscaler}
+
+
+class VariationFields(BaseModel):
+    """Seed variations (the WebUI's variation seed), for the models that draw them."""
+
+    variation_seed: int | None = Field(None, ge=0, le=MAX_SEED, description=(
+        "Text-to-image (SDXL, FLUX, Kontext): a second seed whose noise variation_strength "
+        "moves towards (image i: variation_seed + i)."))
+    variation_strength: float = Field(0.0, ge=0, le=1, description=(
+        "0: the seed's image; small values: variations close to it; 1: the variation "
+        "seed's own image."))
+
+    def variation_args(self) -> dict[str, Any]:
+        return {"variation_seed": self.variation_seed,
+                "variation_strength": self.variation_strength}
