@@ -19,8 +19,9 @@ REQUEST = GenerationRequest(model="a/b", prompt="a castle on a hill", width=64, 
                             hires_steps=5)
 
 
-def test_the_hires_pass_is_diffusers_text_to_image_then_img2img_over_the_upscaled_images(
-        sdxl, tiny_sdxl_path):
+def diffusers_hires(tiny_sdxl_path, upscale) -> list:
+    """REQUEST's two images (seeds 8 and 9) as diffusers draws them: its text-to-image
+    pipeline at 64x64, `upscale(images)` to 96x96, its img2img pipeline over them."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path, local_files_only=True)
@@ -30,9 +31,13 @@ def test_the_hires_pass_is_diffusers_text_to_image_then_img2img_over_the_upscale
     args = {"prompt": REQUEST.prompt, "guidance_scale": 6.0, "generator": generators,
             "num_images_per_prompt": 2}
     drawn = base(width=64, height=64, num_inference_steps=4, output_type="pt", **args).images
-    upscaled = torch.nn.functional.interpolate(drawn, size=(96, 96), mode="bicubic")
-    theirs = second(image=upscaled.clamp(0, 1), strength=0.6, num_inference_steps=5,
-                    **args).images
+    return second(image=upscale(drawn), strength=0.6, num_inference_steps=5, **args).images
+
+
+def test_the_hires_pass_is_diffusers_text_to_image_then_img2img_over_the_upscaled_images(
+        sdxl, tiny_sdxl_path):
+    theirs = diffusers_hires(tiny_sdxl_path, lambda drawn: torch.nn.functional.interpolate(
+        drawn, size=(96, 96), mode="bicubic").clamp(0, 1))
     ours = sdxl.generate([replace(REQUEST, num_outputs=2)])[0]
     assert [image.size for image in ours] == [(96, 96)] * 2
     for a, b in zip(ours, theirs, strict=True):

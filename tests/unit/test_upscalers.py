@@ -16,11 +16,10 @@ from serve.errors import InvalidField
 from serve.types import GenerationRequest
 from serve.versions import version_id
 from tests.unit.test_engine import _px, assert_same_pixels
+from tests.unit.test_hires import REQUEST as HIRES
+from tests.unit.test_hires import diffusers_hires
 
-REQUEST = GenerationRequest(model="a/b", prompt="a castle on a hill", width=64, height=64,
-                            num_inference_steps=4, guidance_scale=6.0, seed=8,
-                            scheduler="K_EULER", hires_scale=1.5, hires_strength=0.6,
-                            hires_steps=5, hires_upscaler="esrgan")
+REQUEST = replace(HIRES, hires_upscaler="esrgan")  # the hires tests' request, upscaled
 
 
 def _original_layout(state: dict, blocks: int) -> dict:
@@ -131,23 +130,16 @@ def test_the_hires_pass_redraws_the_upscalers_images_as_diffusers_would(
     """diffusers' text-to-image, the images through the upscaler file's network and
     brought to 96x96 by area, then diffusers' img2img over them with the same
     generators; the bicubic pass on the same engine is the plain engine's."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-
     engine, file = upscaling
-    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path, local_files_only=True)
-    base.set_progress_bar_config(disable=True)
-    second = StableDiffusionXLImg2ImgPipeline(**base.components)
-    generators = [torch.Generator().manual_seed(s) for s in (8, 9)]
-    args = {"prompt": REQUEST.prompt, "guidance_scale": 6.0, "generator": generators,
-            "num_images_per_prompt": 2}
-    drawn = base(width=64, height=64, num_inference_steps=4, output_type="pt", **args).images
-    net = torch.load(file, weights_only=True)["params_ema"]
     reference = RRDBNet(4, 8, 2, 4).eval()
-    reference.load_state_dict(net)
-    with torch.inference_mode():
-        big = reference(drawn).clamp(0, 1)
-    image = F.interpolate(big, size=(96, 96), mode="area").clamp(0, 1)
-    theirs = second(image=image, strength=0.6, num_inference_steps=5, **args).images
+    reference.load_state_dict(torch.load(file, weights_only=True)["params_ema"])
+
+    def upscale(drawn):
+        with torch.inference_mode():
+            big = reference(drawn).clamp(0, 1)
+        return F.interpolate(big, size=(96, 96), mode="area").clamp(0, 1)
+
+    theirs = diffusers_hires(tiny_sdxl_path, upscale)
     ours = engine.generate([replace(REQUEST, num_outputs=2)])[0]
     for a, b in zip(ours, theirs, strict=True):
         assert_same_pixels(a, b)
