@@ -181,7 +181,10 @@ class ModelDeployment:
                 partial: bool = False) -> tuple[list[bytes], tuple[bool, ...]]:
         """The request's images watermarked and encoded, and which the safety checker
         flagged (made black), if the model has one and the request is checked (empty
-        otherwise). Runs on the encoding threads, beside the next pipeline call."""
+        otherwise). Runs on the encoding threads, beside the next pipeline call. Images of
+        a request inpainting only its masked area are first laid into its whole image."""
+        if request.source is not None and request.source.overlay is not None:
+            images = [request.source.overlay.apply(image) for image in images]
         mark = self._mark if request.watermark else None
         if not (self.checker and request.safety_check):
             return self._encoded(request, [watermarked(im, mark) for im in images]), ()

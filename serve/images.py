@@ -25,6 +25,7 @@ from serve.canvases import Sides, canny, canny_thresholds, outpainted
 from serve.config import ModelConfig
 from serve.errors import InvalidField, TooLarge
 from serve.files import output_name
+from serve.inpaint_area import cut_out
 from serve.predictions import StateStore
 from serve.types import Reference, SourceImage
 from serve.uploads import upload_id
@@ -114,6 +115,7 @@ async def load_source(image: str | bytes | None, mask: str | bytes | None, stren
                       area: int | None = None, outpaint: Sides | str | None = None,
                       edges: tuple[int | None, int | None] = (None, None),
                       references: Sequence[str | bytes] = (),
+                      padding_mask_crop: int | None = None,
                       ) -> tuple[SourceImage | None, int | None, int | None]:
     """`source_image` for a request on the event loop: URLs read first (this server's own
     files, or allowed hosts), then the decoding done in a worker thread, so that a large image does not hold
@@ -121,6 +123,9 @@ async def load_source(image: str | bytes | None, mask: str | bytes | None, stren
     if image is None and mask is None:
         if outpaint is not None:
             raise InvalidField("outpaint", "outpainting needs an image")
+        if padding_mask_crop is not None:
+            raise InvalidField("padding_mask_crop", "inpainting only the masked area needs an "
+                                                    "image and a mask")
         if references:
             raise InvalidField(REFERENCES, "further references need an image to edit")
         canny_thresholds(edges, model)  # refused where they cannot apply
@@ -132,7 +137,8 @@ async def load_source(image: str | bytes | None, mask: str | bytes | None, stren
     references = [await fetcher.fetch(r, f"{REFERENCES}.{i}", limit)
                   for i, r in enumerate(references)]
     return await asyncio.to_thread(source_image, image, mask, strength, width, height, model,
-                                   hole_is_mask, area, outpaint, edges, references)
+                                   hole_is_mask, area, outpaint, edges, references,
+                                   padding_mask_crop)
 
 
 def open_image(data: bytes, field: str, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -277,6 +283,7 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
                  outpaint: Sides | str | None = None,
                  edges: tuple[int | None, int | None] = (None, None),
                  references: Sequence[str | bytes] = (),
+                 padding_mask_crop: int | None = None,
                  ) -> tuple[SourceImage | None, int | None, int | None]:
     """Decode the `image` (and `mask`) of a request for `model`; return them at the size to
     generate, with that width and height (for no image: None and the size as given): the
@@ -291,7 +298,8 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     model's image gives its Canny edges, found at the output's size with the `edges`
     thresholds (low, high; None: CANNY_THRESHOLDS'); a Depth model's is a control image
     at the output's size, whose depth map the replica estimates. A Kontext edit without a
-    mask may read further `references` (`further_references`)."""
+    mask may read further `references` (`further_references`). With `padding_mask_crop`,
+    only the masked area is drawn (`masked_area`)."""
     if image is None:
         if mask is not None:
             raise InvalidField("mask", "a mask needs an image")
@@ -310,6 +318,11 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
         grey = open_mask(raw_bytes(mask, "mask", nbytes), "mask", picture, nbytes, npixels)
     elif not hole_is_mask or controlled:
         grey = None
+    if padding_mask_crop is not None:
+        if outpaint is not None:
+            raise InvalidField("padding_mask_crop", "not with outpaint (its border is drawn "
+                                                    "whole)")
+        return masked_area(picture, grey, strength, width, height, model, padding_mask_crop)
     if outpaint is not None:
         picture, grey = outpainted(picture, grey, outpaint, model)
     multiple = model.rules.size_multiple
@@ -339,3 +352,20 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
                        None if grey is None else grey.tobytes(), edit=edit,
                        references=further_references(references, w * h, model)), w, h
 
+
+
+def masked_area(picture: Image.Image, grey: Image.Image | None, strength: float,
+                width: int | None, height: int | None, model: ModelConfig,
+                padding: int) -> tuple[SourceImage, int, int]:
+    """Inpainting only the masked area: the region around the mask (`padding` pixels
+    more each side) drawn at `width` x `height` (default: the model's default size), to
+    be laid back into the whole picture on the replica (`serve.inpaint_area`)."""
+    if grey is None:
+        raise InvalidField("padding_mask_crop", "inpainting only the masked area needs a "
+                                                "mask (or an image with a transparent part)")
+    if model.kontext:
+        raise InvalidField("padding_mask_crop", "a Kontext edit reads the whole image")
+    w, h = width or model.defaults.width, height or model.defaults.height
+    image, mask, overlay = cut_out(picture, grey, w, h, padding)
+    return SourceImage(image.tobytes(), 1.0 if model.fill else strength, mask.tobytes(),
+                       overlay=overlay), w, h

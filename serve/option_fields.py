@@ -1,6 +1,7 @@
 """Request fields every API names alike (`/generate`, Replicate's SDXL and FLUX inputs,
-OpenAI's `extra_body`): SDXL's hires pass and seed variations. Each API's parameters take
-them from these mixins and hand them on with `hires_args` or `variation_args`."""
+OpenAI's `extra_body`): SDXL's hires pass, seed variations and inpainting only the masked
+area. Each API's parameters take them from these mixins and hand them on with
+`hires_args`, `variation_args` or as `padding_mask_crop`."""
 
 from __future__ import annotations
 
@@ -45,3 +46,13 @@ class VariationFields(BaseModel):
     def variation_args(self) -> dict[str, Any]:
         return {"variation_seed": self.variation_seed,
                 "variation_strength": self.variation_strength}
+
+
+class MaskedAreaFields(BaseModel):
+    """Inpainting only the masked area (`serve.inpaint_area`)."""
+
+    padding_mask_crop: int | None = Field(None, ge=0, le=4096, description=(
+        "Inpaint only the masked area (diffusers' padding_mask_crop, the WebUI's \"only "
+        "masked\"): the region around the mask, this many pixels wider on each side, is "
+        "drawn at width x height (default: the model's default size) and laid back into "
+        "the image, which the answer has at its own size; for small areas of large images."))

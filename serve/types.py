@@ -12,6 +12,7 @@ from typing import Literal
 from serve.adapters import AdapterSet
 from serve.config import FAMILIES, SCHEDULERS, Family, LimitsConfig, ModelConfig
 from serve.errors import ContentFlagged, InvalidField
+from serve.inpaint_area import Overlay
 from serve.model_parts import BICUBIC
 from serve.request_limits import check_limits
 
@@ -53,6 +54,8 @@ class SourceImage:
     edit: bool = False
     control: bool = False
     references: tuple[Reference, ...] = ()
+    # Inpainting only the masked area: the whole image this cut-out is laid back into.
+    overlay: Overlay | None = None
 
     @property
     def mode(self) -> str:
@@ -225,7 +228,10 @@ class GenerationRequest:
     @property
     def output_size(self) -> tuple[int, int]:
         """(width, height) of the images delivered: with a hires pass, the request's size
-        scaled, to the nearest multiple of 8."""
+        scaled, to the nearest multiple of 8; inpainting only the masked area, the whole
+        input image's."""
+        if self.source is not None and self.source.overlay is not None:  # the whole image
+            return self.source.overlay.width, self.source.overlay.height
         if self.hires_scale == 1:
             return self.width, self.height
         return (round(self.width * self.hires_scale / 8) * 8,

@@ -31,7 +31,7 @@ from serve.controls import (
 from serve.errors import InvalidField
 from serve.images import load_source
 from serve.model_parts import MOST_CLIP_SKIP, MOST_REFERENCES
-from serve.option_fields import HiresFields, VariationFields
+from serve.option_fields import HiresFields, MaskedAreaFields, VariationFields
 from serve.timing import timing_headers
 from serve.types import (
     MAX_SEED,
@@ -65,7 +65,7 @@ class OutpaintSides(BaseModel):
     bottom: int = Field(0, ge=0, le=4096, description="Pixels added on the bottom.")
 
 
-class GenerateParams(HiresFields, VariationFields):
+class GenerateParams(HiresFields, VariationFields, MaskedAreaFields):
     """Everything `/generate` accepts; unset values take the model's defaults."""
 
     model_config = ConfigDict(extra="forbid")
@@ -252,7 +252,7 @@ async def generate(request: Request) -> Response:
         source, width, height = await load_source(
             params.image, params.mask, params.prompt_strength, params.width, params.height,
             model, state.images, outpaint=params.outpaint_sides(), edges=edges,
-            references=params.reference_images)
+            references=params.reference_images, padding_mask_crop=params.padding_mask_crop)
         controls, width, height = await load_controls(params.control_params(), width, height,
                                                       model, state.images, edges=edges)
         if not params.prompt and params.redux_image is None:

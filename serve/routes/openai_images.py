@@ -56,7 +56,7 @@ from serve.controls import (
 from serve.errors import InvalidField
 from serve.images import REFERENCES, load_source
 from serve.model_parts import MOST_CLIP_SKIP, MOST_REFERENCES
-from serve.option_fields import HiresFields, VariationFields
+from serve.option_fields import HiresFields, MaskedAreaFields, VariationFields
 from serve.routes.openai_stream import stream_images
 from serve.types import MAX_SEED, GenerationRequest, SourceImage
 
@@ -167,7 +167,7 @@ class ImageGenerationParams(HiresFields, VariationFields):
         return int(match[1]), int(match[2])
 
 
-class ImageEditParams(ImageGenerationParams):
+class ImageEditParams(ImageGenerationParams, MaskedAreaFields):
     """The text fields of an edit; `size` auto keeps the input image's size."""
 
     prompt_strength: float = Field(0.8, ge=0, le=1, description=(
@@ -236,7 +236,7 @@ async def _edit(request: Request, kind: type[ImageEditParams]) -> dict | Streami
         source, width, height = await load_source(
             image, mask, params.prompt_strength, width, height, model, state.images,
             hole_is_mask=kind is not ImageVariationParams, edges=params.edges(),
-            references=further)
+            references=further, padding_mask_crop=params.padding_mask_crop)
     except InvalidField as exc:
         field = "image" if exc.field.startswith(REFERENCES) else exc.field
         raise type(exc)(_FIELDS.get(field, field), exc.reason) from None

@@ -12,7 +12,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from serve.canvases import OUTPAINT_PRESETS
 from serve.controls import ControlParams, ImagePromptParams, image_prompt_params
 from serve.images import INPUT_AREA, REFERENCES
-from serve.option_fields import VariationFields
+from serve.option_fields import MaskedAreaFields, VariationFields
 from serve.routes.replicate_inputs import CannyEdgeInputs, IPAdapterInputs, LoraInput
 from serve.types import MAX_SEED
 
@@ -90,7 +90,8 @@ class FluxControlNetInputs(CannyEdgeInputs, _FluxCommon):
                               fields=("control_type", "control_image", "control_image"))]
 
 
-class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs, VariationFields):
+class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs, VariationFields,
+                MaskedAreaFields):
     """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora, the
     LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`),
     flux-redux-dev's `redux_image` (for a model with FLUX.1 Redux, which then needs no

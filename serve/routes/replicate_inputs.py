@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from serve.controls import ControlParams, ImagePromptParams
 from serve.errors import InvalidField
 from serve.model_parts import MOST_CLIP_SKIP
-from serve.option_fields import HiresFields, VariationFields
+from serve.option_fields import HiresFields, MaskedAreaFields, VariationFields
 from serve.types import MAX_SEED, SCHEDULERS, OutputFormat, Refine
 
 
@@ -157,7 +157,8 @@ ControlNetInputs = create_model("ControlNetInputs", __base__=_ControlNetSlots,
                                  **_controlnet_inputs())
 
 
-class SDXLInput(ControlNetInputs, IPAdapterInputs, HiresFields, VariationFields):
+class SDXLInput(ControlNetInputs, IPAdapterInputs, HiresFields, VariationFields,
+                MaskedAreaFields):
     """stability-ai/sdxl's inputs, with fofr/sdxl-multi-controlnet-lora's ControlNet inputs
     for models with ControlNets; unset values take the served model's defaults."""
 

@@ -68,7 +68,8 @@ async def to_request(state: IngressState, model_id: str, inp: ReplicateInput,
         source, width, height = await load_source(
             inp.image, inp.mask, inp.prompt_strength, width, height, model, state.images,
             area=inp.source_area(), outpaint=inp.outpainting(), edges=edges,
-            references=inp.references())
+            references=inp.references(),
+            padding_mask_crop=getattr(inp, "padding_mask_crop", None))
         if size_from is None:
             made, width, height = await load_controls(controls, width, height, model,
                                                       state.images, edges=edges)
