@@ -9,6 +9,7 @@ import torch
 
 from serve.adapters import AdapterCatalog, AdapterInvalid, AdapterSet
 from serve.types import GenerationRequest
+from tests.unit.test_engine import assert_same_pixels
 
 REQUEST = {"model": "m", "prompt": "a red shoe", "width": 64, "height": 64,
            "num_inference_steps": 4, "guidance_scale": 3.5, "seed": 3,
@@ -63,10 +64,12 @@ def test_demo_adapters_are_catalogued_with_their_layout(demo):
 def test_an_adapter_gives_exactly_the_pixels_of_diffusers_own_loading(engine, demo,
                                                                      tiny_flux_path, name):
     """The PEFT file covers all 17 default targets; the kohya one has fused qkv
-    projections that diffusers splits into three, and alpha at half the rank."""
+    projections that diffusers splits into three, and alpha at half the rank. (Up to one
+    level on a few pixels: which CPU kernels sum the products, in which order, differs
+    between machines, and a value on a rounding boundary can land either side.)"""
     ours = _image(engine, AdapterSet.of([(name, 1.0)]))
     assert np.abs(ours - _image(engine)).mean() > 2  # it changes the image
-    assert np.array_equal(ours, _diffusers_image(tiny_flux_path, demo / f"{name}.safetensors"))
+    assert_same_pixels(ours, _diffusers_image(tiny_flux_path, demo / f"{name}.safetensors"))
 
 
 def test_scale_zero_and_base_requests_are_the_base_model(engine):
