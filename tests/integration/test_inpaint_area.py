@@ -35,14 +35,17 @@ def _laid_back(image: np.ndarray) -> None:
 
 
 def test_every_api_draws_the_masked_area_and_lays_it_into_the_photo(client, rep, oai):
+    """The photo is large enough for the invisible watermark, which every API puts on the
+    whole image: the pixels outside the mask are compared unmarked."""
     body = {"prompt": "a red flower", "steps": 4, "seed": 21, "image": _uri(PHOTO),
-            "mask": _uri(MASK)}
-    r = client.post("/generate", json=body | {"padding_mask_crop": 16})
+            "mask": _uri(MASK), "padding_mask_crop": 16}
+    r = client.post("/generate", json=body | {"apply_watermark": False})
     assert r.status_code == 200, r.text
     assert (r.json()["width"], r.json()["height"]) == (400, 300)
-    drawn = pixels(decode(r.json()["image"]))
-    _laid_back(drawn)
-    whole = client.post("/generate", json=body)  # the whole photo is over the limits
+    _laid_back(pixels(decode(r.json()["image"])))
+    drawn = pixels(decode(client.post("/generate", json=body).json()["image"]))
+    assert drawn.shape == PHOTO.shape
+    whole = client.post("/generate", json=body | {"padding_mask_crop": None})  # over limits
     assert whole.status_code == 422 and whole.json()["detail"][0]["loc"][-1] == "width"
     (file,) = rep.run(FAST, input={"prompt": "a red flower", "num_inference_steps": 4,
                                    "seed": 21, "image": _uri(PHOTO), "mask": _uri(MASK),
@@ -57,11 +60,17 @@ def test_every_api_draws_the_masked_area_and_lays_it_into_the_photo(client, rep,
     assert (edited == drawn).all()
 
 
-def test_flux_draws_the_masked_area_at_its_default_size(rep):
+def test_flux_draws_the_masked_area_at_its_default_size(client, rep):
+    body = {"prompt": "a red flower", "model": FLUX, "steps": 3, "seed": 4,
+            "image": _uri(PHOTO), "mask": _uri(MASK), "padding_mask_crop": 16}
+    r = client.post("/generate", json=body | {"apply_watermark": False})
+    assert r.status_code == 200, r.text
+    _laid_back(pixels(decode(r.json()["image"])))
+    marked = pixels(decode(client.post("/generate", json=body).json()["image"]))
     (file,) = rep.run(FLUX, input={"prompt": "a red flower", "num_inference_steps": 3,
                                    "seed": 4, "image": _uri(PHOTO), "mask": _uri(MASK),
                                    "padding_mask_crop": 16, "output_format": "png"})
-    _laid_back(pixels(Image.open(io.BytesIO(file.read()))))
+    assert (pixels(Image.open(io.BytesIO(file.read()))) == marked).all()
 
 
 def test_without_a_mask_or_with_nothing_masked_it_is_refused_naming_the_field(base_url):
