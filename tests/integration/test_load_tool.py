@@ -245,3 +245,16 @@ def test_the_flux_controlnet_profile_redraws_each_product_photo_along_its_edges(
     # A FLUX model without ControlNets refuses them, naming the field, before queueing them.
     lv = _level(base_url, tmp_path, "flux-controlnet", REDUX, requests=5, steps=2)
     assert lv["succeeded"] == 0 and lv["errors"] == {"validation": 5}
+
+
+def test_the_retouch_profile_repaints_each_photos_label_area_five_times(base_url, tmp_path):
+    import random
+
+    from load.profiles import PROFILES
+
+    bodies = [PROFILES["retouch"].body(random.Random(0), i, []) for i in range(10)]
+    assert len({b["image"] for b in bodies[:5]}) == 1 and bodies[0]["image"] != bodies[5]["image"]
+    assert len({b["mask"] for b in bodies}) == 1 and bodies[0]["padding_mask_crop"] == 32
+    assert bodies[0]["width"] == 1024 and bodies[0]["prompt_strength"] == 0.75
+    lv = _level(base_url, tmp_path, "retouch", FAST, requests=5, steps=2)
+    assert lv["sent"] == lv["succeeded"] == 5 and lv["errors"] == {}
