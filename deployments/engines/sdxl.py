@@ -111,14 +111,12 @@ class SDXLEngine(DiffusersEngine):
         self.merge_loras(merged_loras)
         self._load_embeddings(textual_inversions)
         self.prompt_settings = dict(prompts or {})  # chunks read, weights (long_prompts)
-        self.long_prompts = LongPrompts((self.pipe.tokenizer, self.pipe.tokenizer_2),
-                                        convert=self.pipe.maybe_convert_prompt,
-                                        **{name: value for name, value
-                                           in self.prompt_settings.items()
-                                           if name != "clip_skip"})
-        if self.prompt_settings.get("clip_skip", 0) > self.most_clip_skip:  # the default
+        reading = dict(self.prompt_settings)
+        if reading.pop("clip_skip", 0) > self.most_clip_skip:  # the requests' default
             raise ValueError(f"prompts.clip_skip: at most {self.most_clip_skip} for this "
                              "model's text encoders")
+        self.long_prompts = LongPrompts((self.pipe.tokenizer, self.pipe.tokenizer_2),
+                                        convert=self.pipe.maybe_convert_prompt, **reading)
         self.upscalers = {name: load_upscaler(file, self.device, self.dtype)
                           for name, file in (upscalers or {}).items()}
         self.freeu = dict(freeu or {})  # s1, s2, b1, b2 on the UNet the pipelines share
@@ -336,9 +334,9 @@ class SDXLEngine(DiffusersEngine):
                generators: list[torch.Generator], out: torch.Tensor, callback: Callable,
                inputs: dict) -> torch.Tensor:
         """The WebUI's hires. fix: the images (rows still live) upscaled to the output
-        size (bicubic, or by the request's `hires_upscaler`) and redrawn by the img2img pipeline at `hires_strength`, with the
-        same prompts, scheduler, ControlNets (their control images upscaled bilinearly)
-        and per-image generators; withdrawals go on."""
+        size (bicubic, or by the request's `hires_upscaler`) and redrawn by the img2img
+        pipeline at `hires_strength`, with the same prompts, scheduler, ControlNets (their
+        control images upscaled bilinearly) and per-image generators; withdrawals go on."""
         width, height = first.output_size
         if not rows.live:  # every request left during the first pass
             return out.new_zeros(out.shape[0], 3, height, width)

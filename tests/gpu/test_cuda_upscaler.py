@@ -1,6 +1,6 @@
 """An ESRGAN upscaler on CUDA in half precision (skipped without a GPU): the upscaled
-images of the float32 CPU network within a few 8-bit levels on average, and a hires pass through it that
-draws the requested size."""
+images of the float32 CPU network within a few 8-bit levels on average, and a hires pass
+through it that draws the requested size."""
 
 import pytest
 

@@ -1,6 +1,7 @@
 """SDXL's hires pass over HTTP: `/generate`, Replicate's SDXL input and OpenAI's
-`extra_body` draw the same larger images, through the model's ESRGAN upscaler by default or bicubically when asked; an
-unknown upscaler and a FLUX model are refused, naming the field."""
+`extra_body` draw the same larger images, through the model's ESRGAN upscaler by default
+or bicubically when asked; an unknown upscaler and a FLUX model are refused, naming the
+field."""
 
 import base64
 import io
