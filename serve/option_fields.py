@@ -1,7 +1,7 @@
 """Request fields every API names alike (`/generate`, Replicate's SDXL and FLUX inputs,
-OpenAI's `extra_body`): SDXL's hires pass, seed variations and inpainting only the masked
-area. Each API's parameters take them from these mixins and hand them on with
-`hires_args`, `variation_args` or as `padding_mask_crop`."""
+OpenAI's `extra_body`): SDXL's clip skip and hires pass, seed variations and inpainting
+only the masked area. Each API's parameters take them from these mixins and hand them on
+with `hires_args`, `variation_args` or by name."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from serve.model_parts import MOST_CLIP_SKIP
 from serve.types import MAX_SEED
+
+
+class ClipSkipFields(BaseModel):
+    """SDXL's clip skip (`prompts.clip_skip`)."""
+
+    clip_skip: int | None = Field(None, ge=0, le=MOST_CLIP_SKIP, description=(
+        "SDXL: read the prompt this many text-encoder layers before the penultimate "
+        "(diffusers' clip_skip; the WebUI's Clip skip 2 is 0); default: the model's."))
 
 
 class HiresFields(BaseModel):

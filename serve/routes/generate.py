@@ -30,8 +30,13 @@ from serve.controls import (
 )
 from serve.errors import InvalidField
 from serve.images import load_source
-from serve.model_parts import MOST_CLIP_SKIP, MOST_REFERENCES
-from serve.option_fields import HiresFields, MaskedAreaFields, VariationFields
+from serve.model_parts import MOST_REFERENCES
+from serve.option_fields import (
+    ClipSkipFields,
+    HiresFields,
+    MaskedAreaFields,
+    VariationFields,
+)
 from serve.timing import timing_headers
 from serve.types import (
     MAX_SEED,
@@ -65,7 +70,7 @@ class OutpaintSides(BaseModel):
     bottom: int = Field(0, ge=0, le=4096, description="Pixels added on the bottom.")
 
 
-class GenerateParams(HiresFields, VariationFields, MaskedAreaFields):
+class GenerateParams(ClipSkipFields, HiresFields, VariationFields, MaskedAreaFields):
     """Everything `/generate` accepts; unset values take the model's defaults."""
 
     model_config = ConfigDict(extra="forbid")
@@ -87,9 +92,6 @@ class GenerateParams(HiresFields, VariationFields, MaskedAreaFields):
     tiling: bool = Field(False, description=(
         "SDXL: an image that tiles, its left edge continuing its right and its top its "
         "bottom (textures, patterns)."))
-    clip_skip: int | None = Field(None, ge=0, le=MOST_CLIP_SKIP, description=(
-        "SDXL: read the prompt this many layers before the text encoders' penultimate "
-        "(diffusers' clip_skip; the WebUI's Clip skip 2 is 0); default: the model's."))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random when absent; returned.")
     num_outputs: int = Field(1, ge=1, le=16, description="Images to make (seeds seed, seed+1, ...).")
     scheduler: str | None = Field(None, description=(

@@ -55,8 +55,13 @@ from serve.controls import (
 )
 from serve.errors import InvalidField
 from serve.images import REFERENCES, load_source
-from serve.model_parts import MOST_CLIP_SKIP, MOST_REFERENCES
-from serve.option_fields import HiresFields, MaskedAreaFields, VariationFields
+from serve.model_parts import MOST_REFERENCES
+from serve.option_fields import (
+    ClipSkipFields,
+    HiresFields,
+    MaskedAreaFields,
+    VariationFields,
+)
 from serve.routes.openai_stream import stream_images
 from serve.types import MAX_SEED, GenerationRequest, SourceImage
 
@@ -67,7 +72,7 @@ _FIELDS = {"width": "size", "height": "size", "num_outputs": "n", "loras": "prom
 _QUALITY_SHARES = {"low": 1 / 3, "medium": 2 / 3}
 
 
-class ImageGenerationParams(HiresFields, VariationFields):
+class ImageGenerationParams(ClipSkipFields, HiresFields, VariationFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=32000)
@@ -117,12 +122,9 @@ class ImageGenerationParams(HiresFields, VariationFields):
     tiling: bool = Field(False, description=(
         "SDXL: an image that tiles, edge to edge both ways, as /generate's (an Atelier "
         "extension; send it with extra_body)."))
-    clip_skip: int | None = Field(None, ge=0, le=MOST_CLIP_SKIP, description=(
-        "SDXL: the text encoders' layer the prompt is read from, as /generate's (an "
-        "Atelier extension; send it with extra_body); default: the model's."))
     guidance_rescale: float | None = Field(None, ge=0, le=1, description=(
-        "SDXL: guidance rescale, as /generate's (an Atelier extension, as the hires and "
-        "variation fields: send them with extra_body); default: the model's."))
+        "SDXL: guidance rescale, as /generate's (an Atelier extension, as clip_skip and the "
+        "hires and variation fields: send them with extra_body); default: the model's."))
     quality: Literal["auto", "low", "medium", "high", "hd", "standard"] | None = Field(
         None, description=("low and medium: a third and two thirds of the model's default "
                            "steps; the others: all of them."))

@@ -14,8 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from serve.controls import ControlParams, ImagePromptParams
 from serve.errors import InvalidField
-from serve.model_parts import MOST_CLIP_SKIP
-from serve.option_fields import HiresFields, MaskedAreaFields, VariationFields
+from serve.option_fields import (
+    ClipSkipFields,
+    HiresFields,
+    MaskedAreaFields,
+    VariationFields,
+)
 from serve.types import MAX_SEED, SCHEDULERS, OutputFormat, Refine
 
 
@@ -157,8 +161,8 @@ ControlNetInputs = create_model("ControlNetInputs", __base__=_ControlNetSlots,
                                  **_controlnet_inputs())
 
 
-class SDXLInput(ControlNetInputs, IPAdapterInputs, HiresFields, VariationFields,
-                MaskedAreaFields):
+class SDXLInput(ControlNetInputs, IPAdapterInputs, ClipSkipFields, HiresFields,
+                VariationFields, MaskedAreaFields):
     """stability-ai/sdxl's inputs, with fofr/sdxl-multi-controlnet-lora's ControlNet inputs
     for models with ControlNets; unset values take the served model's defaults."""
 
@@ -178,9 +182,6 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs, HiresFields, VariationFields,
         "One of the model's styles (GET /v1/models lists them); blank: none"))
     tiling: bool = Field(False, description=(
         "An image that tiles, edge to edge both ways (textures, patterns)"))
-    clip_skip: int | None = Field(None, ge=0, le=MOST_CLIP_SKIP, description=(
-        "Read the prompt this many text-encoder layers before the penultimate (diffusers' "
-        "clip_skip; the WebUI's Clip skip 2 is 0); blank: the model's default"))
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed; blank: random")
     image: str | None = Field(None, description=(
         "Input image for img2img or inpaint mode, as a data URI (or base64)"))
