@@ -2,7 +2,8 @@
 on one engine: long prompts of 100 and 200 words (read in up to three chunks of 75 tokens,
 `prompts.chunks`; each row says how many), weighted words, tiling, and a hires pass at
 1.5x, bicubic and through an ESRGAN x4 upscaler (Real-ESRGAN x4plus's network: 64
-features, 23 blocks; random weights with `--random-sdxl`, else the embedded tiny one).
+features, 23 blocks; random weights with `--random-sdxl`, else the embedded tiny one),
+in tiles of 256 pixels (the config's default) and whole.
 
     python -m load.bench_sdxl_options                     # tiny SDXL, CPU
     python -m load.bench_sdxl_options --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
@@ -41,6 +42,8 @@ OPTIONS = {
     "hires 1.5x": {"hires_scale": 1.5, "hires_strength": 0.5, "hires_upscaler": "bicubic"},
     "hires 1.5x, ESRGAN x4": {"hires_scale": 1.5, "hires_strength": 0.5,
                               "hires_upscaler": "esrgan-x4"},
+    "hires 1.5x, ESRGAN x4 untiled": {"hires_scale": 1.5, "hires_strength": 0.5,
+                                      "hires_upscaler": "esrgan-x4-whole"},
 }
 
 
@@ -109,14 +112,18 @@ def _peak_gib() -> float | None:
 def main(argv: list[str] | None = None) -> dict:
     from deployments.engines import resolve_device
     from deployments.engines.sdxl import SDXLEngine
+    from deployments.engines.upscalers import UpscalerFile
     from serve.config import default_cache_dir
+    from serve.model_parts import UpscalerConfig
 
     args = _parse_args(argv)
     cache_dir = default_cache_dir()
+    esrgan = _upscaler_file(bool(args.random_sdxl), cache_dir)
+    tiles = UpscalerConfig(path=esrgan)  # the config's default tiles
     engine = SDXLEngine(model_folder(args.random_sdxl, cache_dir), args.dtype,
                         resolve_device("auto"), prompts={"chunks": 3, "weights": True},
-                        upscalers={"esrgan-x4": _upscaler_file(bool(args.random_sdxl),
-                                                               cache_dir)})
+                        upscalers={"esrgan-x4": UpscalerFile(esrgan, tiles.tile, tiles.tile_pad),
+                                   "esrgan-x4-whole": UpscalerFile(esrgan)})
     rows, plain = [], {}
     for images in args.batches:
         for option in args.options:

@@ -456,6 +456,13 @@ class UpscalerConfig(PathOrEmbedded):
         "fetched."))
     embedded: Literal["tiny-esrgan"] | None = Field(None, description=(
         "Build and use the embedded random-weight x4 RRDBNet."))
+    tile: int = Field(256, ge=0, le=4096, multiple_of=4, description=(
+        "Upscale images larger than this many pixels a side in tiles of this size, as "
+        "Real-ESRGAN's --tile does, so the network's activations (at 4x the input's size "
+        "for a x4 model) grow with the tile, not the image. 0: whole images."))
+    tile_pad: int = Field(16, ge=0, le=256, multiple_of=4, description=(
+        "Pixels of its surroundings each tile is read with (their output is thrown away), "
+        "so tiles meet without seams."))
 
     def check_files(self, where: str) -> None:
         """Raise ConfigError naming `where`.path unless it is a .pth or .safetensors file."""

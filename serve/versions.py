@@ -37,7 +37,8 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
     if model.prompts.given():  # (left out unset: versions stay as they were)
         config["prompts"] = model.prompts.given()
     if model.upscalers:  # (the same) their names, the default first, and files below
-        config["upscalers"] = [[name, u.embedded] for name, u in model.upscalers.items()]
+        config["upscalers"] = [[name, u.embedded, u.tile, u.tile_pad]
+                               for name, u in model.upscalers.items()]
     if model.textual_inversions:  # their tokens here, their files' bytes below
         config["textual_inversions"] = [e.token for e in model.textual_inversions]
     if ip is not None:  # its files as the family lays them out, given or not

@@ -13,6 +13,7 @@ from serve.types import GenerationRequest
 if TYPE_CHECKING:
     from deployments.adapters import AdapterSlots
     from deployments.engines.controlnets import NetFiles
+    from deployments.engines.upscalers import UpscalerFile
     from deployments.fused_adapters import FusedAdapters
 
 
@@ -113,11 +114,13 @@ def ip_adapter_files(model: ModelConfig, cache_dir: Path) -> tuple[Path, str, st
     return folder, *adapter.layout(model.family)
 
 
-def upscaler_files(model: ModelConfig, cache_dir: Path) -> dict[str, Path]:
-    """Each upscaler's weights file (the embedded one built once), by name."""
+def upscaler_files(model: ModelConfig, cache_dir: Path) -> dict[str, UpscalerFile]:
+    """Each upscaler's weights file (the embedded one built once) and tiles, by name."""
+    from deployments.engines.upscalers import UpscalerFile
     from deployments.tiny import TINY_ESRGAN_FILE, ensure_embedded
 
-    return {name: u.path or ensure_embedded(u.embedded, cache_dir) / TINY_ESRGAN_FILE
+    return {name: UpscalerFile(u.path or ensure_embedded(u.embedded, cache_dir)
+                               / TINY_ESRGAN_FILE, u.tile, u.tile_pad)
             for name, u in model.upscalers.items()}
 
 

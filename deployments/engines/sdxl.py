@@ -43,7 +43,7 @@ from deployments.engines.prompts import Embeds
 from deployments.engines.rescale import rescaled_guidance
 from deployments.engines.speed import attention_order
 from deployments.engines.tiling import circular_padding, resized
-from deployments.engines.upscalers import load_upscaler, upscaled
+from deployments.engines.upscalers import UpscalerFile, load_upscaler, upscaled
 from deployments.engines.variations import starting_noise, varies
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
@@ -106,7 +106,7 @@ class SDXLEngine(DiffusersEngine):
                  textual_inversions: Sequence[tuple[Path, str]] = (),
                  freeu: Mapping[str, float] | None = None,
                  prompts: Mapping[str, int | bool] | None = None,
-                 upscalers: Mapping[str, Path] | None = None):
+                 upscalers: Mapping[str, UpscalerFile] | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images, vae)
         self.merge_loras(merged_loras)
         self._load_embeddings(textual_inversions)
@@ -117,8 +117,9 @@ class SDXLEngine(DiffusersEngine):
                              "model's text encoders")
         self.long_prompts = LongPrompts((self.pipe.tokenizer, self.pipe.tokenizer_2),
                                         convert=self.pipe.maybe_convert_prompt, **reading)
-        self.upscalers = {name: load_upscaler(file, self.device, self.dtype)
+        self.upscalers = {name: load_upscaler(file.path, self.device, self.dtype)
                           for name, file in (upscalers or {}).items()}
+        self._upscaler_tiles = {name: (f.tile, f.pad) for name, f in (upscalers or {}).items()}
         self.freeu = dict(freeu or {})  # s1, s2, b1, b2 on the UNet the pipelines share
         if self.freeu:
             self.pipe.unet.enable_freeu(**self.freeu)
@@ -344,7 +345,9 @@ class SDXLEngine(DiffusersEngine):
         extra = {name: inputs[name][live] for name in self.embed_names}
         size = (height, width)  # a tiling image is upscaled as one (it wraps around)
         if first.hires_upscaler in self.upscalers:
-            image = upscaled(self.upscalers[first.hires_upscaler], out, size, first.tiling)
+            name = first.hires_upscaler
+            image = upscaled(self.upscalers[name], out, size, first.tiling,
+                             *self._upscaler_tiles[name])
         else:  # BICUBIC
             image = resized(out.float(), size, "bicubic", first.tiling).clamp(0, 1)
         pipe = self._pipes["img2img"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -130,22 +131,66 @@ def load_upscaler(path: Path, device: str | torch.device, dtype: torch.dtype) ->
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+class UpscalerFile(NamedTuple):
+    """An upscaler's weights file and how it is run: tiles of at most `tile` x `tile`
+    input pixels (0: the whole image at once), each read with `pad` more pixels around
+    it whose output is thrown away."""
+
+    path: Path
+    tile: int = 0
+    pad: int = 0
+
+
 @torch.inference_mode()
 def upscaled(net: RRDBNet, images: torch.Tensor, size: tuple[int, int],
-             wrap: bool = False) -> torch.Tensor:
-    """`images` (N, 3, H, W) in [0, 1] upscaled by the network, one at a time (its
-    activations at the output size are the memory it needs), then resized to `size`
-    (height, width): by area where that shrinks them, as the WebUI brings a x4 model's
-    output down to the hires size, bicubically where it still grows them. With `wrap`, a
-    tiling image: the network's convolutions pad circularly and the resize wraps. The
-    result is float32."""
+             wrap: bool = False, tile: int = 0, pad: int = 0) -> torch.Tensor:
+    """`images` (N, 3, H, W) in [0, 1] upscaled by the network, one at a time, then
+    resized to `size` (height, width): by area where that shrinks them, as the WebUI
+    brings a x4 model's output down to the hires size, bicubically where it still grows
+    them. With `wrap`, a tiling image: its edges continue each other through the network
+    and the resize. The result is float32.
+
+    The network's activations at its output size are the memory it needs: with `tile`,
+    an image larger than a tile is upscaled tile by tile as Real-ESRGAN's `--tile` does,
+    each tile read with `pad` pixels of its surroundings (multiples of 4, so an x2 or x1
+    network's folded pixel blocks line up)."""
     dtype = next(net.parameters()).dtype
     out = []
-    with circular_padding([net]) if wrap else nullcontext():
-        for image in images:
-            big = net(image[None].to(dtype)).float().clamp(0, 1)
-            if tuple(big.shape[-2:]) != size:
-                shrinks = big.shape[-2] >= size[0] and big.shape[-1] >= size[1]
-                big = resized(big, size, "area" if shrinks else "bicubic", wrap).clamp(0, 1)
-            out.append(big)
+    for image in images:
+        image = image[None].to(dtype)
+        if tile and max(image.shape[-2:]) > tile:
+            big = _by_tiles(net, image, tile, pad, wrap)
+        else:
+            with circular_padding([net]) if wrap else nullcontext():
+                big = net(image).float().clamp(0, 1)
+        if tuple(big.shape[-2:]) != size:
+            shrinks = big.shape[-2] >= size[0] and big.shape[-1] >= size[1]
+            big = resized(big, size, "area" if shrinks else "bicubic", wrap).clamp(0, 1)
+        out.append(big)
     return torch.cat(out)
+
+
+def _by_tiles(net: RRDBNet, image: torch.Tensor, tile: int, pad: int,
+              wrap: bool) -> torch.Tensor:
+    """One image (1, 3, H, W) upscaled tile by tile into a float32 output. A tile's
+    surroundings stop at the image's edges, where the network pads as it does for the
+    whole image; a tiling image is first padded circularly by `pad`, so they continue
+    across its edges."""
+    height, width = image.shape[-2:]
+    source, at = image, 0
+    if wrap:
+        pad = min(pad, height, width) // 4 * 4
+        source, at = F.pad(image, (pad, pad, pad, pad), mode="circular"), pad
+    s = net.scale
+    out = image.new_empty(1, 3, height * s, width * s, dtype=torch.float32)
+    for top in range(0, height, tile):
+        for left in range(0, width, tile):
+            bottom, right = min(top + tile, height), min(left + tile, width)
+            y0, x0 = max(top + at - pad, 0), max(left + at - pad, 0)
+            y1 = min(bottom + at + pad, source.shape[-2])
+            x1 = min(right + at + pad, source.shape[-1])
+            piece = net(source[..., y0:y1, x0:x1]).float().clamp(0, 1)
+            dy, dx = (top + at - y0) * s, (left + at - x0) * s
+            out[..., top * s:bottom * s, left * s:right * s] = \
+                piece[..., dy:dy + (bottom - top) * s, dx:dx + (right - left) * s]
+    return out

@@ -10,7 +10,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from deployments.engines.upscalers import RRDBNet, load_upscaler, read_state, upscaled
+from deployments.engines.upscalers import (
+    RRDBNet,
+    UpscalerFile,
+    load_upscaler,
+    read_state,
+    upscaled,
+)
 from serve.config import ConfigError, ModelConfig, parse_config
 from serve.errors import InvalidField
 from serve.types import GenerationRequest
@@ -122,7 +128,8 @@ def upscaling(tiny_sdxl_path, cache_dir):
     from deployments.tiny import TINY_ESRGAN, TINY_ESRGAN_FILE, ensure_embedded
 
     file = ensure_embedded(TINY_ESRGAN, cache_dir) / TINY_ESRGAN_FILE
-    return SDXLEngine(tiny_sdxl_path, "float32", "cpu", upscalers={"esrgan": file}), file
+    return SDXLEngine(tiny_sdxl_path, "float32", "cpu",
+                      upscalers={"esrgan": UpscalerFile(file)}), file
 
 
 def test_the_hires_pass_redraws_the_upscalers_images_as_diffusers_would(
@@ -153,9 +160,9 @@ def test_the_hires_pass_redraws_the_upscalers_images_as_diffusers_would(
 
 
 def _model(**extra) -> ModelConfig:
+    upscalers = {"sharp": {"embedded": "tiny-esrgan"}, "soft": {"embedded": "tiny-esrgan"}}
     return ModelConfig(id="a/b", embedded="tiny-sdxl", defaults={"width": 512, "height": 512},
-                       upscalers={"sharp": {"embedded": "tiny-esrgan"},
-                                  "soft": {"embedded": "tiny-esrgan"}}, **extra)
+                       **({"upscalers": upscalers} | extra))
 
 
 def test_requests_take_the_first_upscaler_unless_they_name_one():
@@ -201,3 +208,50 @@ def test_upscalers_and_their_order_are_part_of_the_version(tmp_path):
                                      "sharp": {"embedded": "tiny-esrgan"}})
     ids = {version_id(m, tmp_path) for m in (plain, _model(), swapped)}
     assert len(ids) == 3
+
+
+@pytest.mark.parametrize(("scale", "pad"), [(4, 20), (2, 40)])
+@pytest.mark.parametrize("wrap", [False, True])
+def test_tiles_read_with_the_networks_reach_around_them_meet_as_the_whole_image(
+        scale, pad, wrap):
+    """One block of a x4 network sees 19 input pixels around each one (x2: its folded
+    pixel blocks, twice as far): tiles read with that much more meet without a seam, at
+    the image's edges and across them for a tiling image. Read with none, they differ."""
+    torch.manual_seed(5)
+    net = RRDBNet(scale=scale, features=8, blocks=1, growth=4).eval()
+    with torch.no_grad():  # outputs spread over [0, 1] rather than near 0
+        net.conv_last.weight.mul_(20)
+        net.conv_last.bias.fill_(0.5)
+    image = torch.rand(1, 3, 40, 52)
+    calls = []
+    net.register_forward_hook(lambda _m, args, _o: calls.append(tuple(args[0].shape[-2:])))
+    size = (40 * scale, 52 * scale)
+    whole = upscaled(net, image, size, wrap)
+    assert len(calls) == 1 and 0.1 < whole.std() and (0 < whole).logical_and(whole < 1).any()
+    calls.clear()
+    tiled = upscaled(net, image, size, wrap, tile=16, pad=pad)
+    assert len(calls) == 3 * 4 and max(max(c) for c in calls) <= 16 + 2 * pad
+    assert torch.allclose(tiled, whole, atol=1e-5)
+    seams = upscaled(net, image, size, wrap, tile=16, pad=0)
+    assert (seams - whole).abs().max() > 0.05
+
+
+def test_an_image_within_one_tile_is_upscaled_whole(net):
+    image = torch.rand(2, 3, 16, 12)
+    assert torch.equal(upscaled(net, image, (64, 48), tile=16, pad=4),
+                       upscaled(net, image, (64, 48)))
+
+
+def test_tiles_are_set_per_upscaler_and_part_of_the_version(tmp_path, cache_dir):
+    from deployments.engines import upscaler_files
+
+    model = _model(upscalers={"sharp": {"embedded": "tiny-esrgan", "tile": 128},
+                              "soft": {"embedded": "tiny-esrgan", "tile": 0, "tile_pad": 0}})
+    files = upscaler_files(model, cache_dir)
+    assert [(f.tile, f.pad) for f in files.values()] == [(128, 16), (0, 0)]
+    assert files["sharp"].path.is_file() and files["sharp"].path == files["soft"].path
+    assert version_id(model, tmp_path) != version_id(_model(), tmp_path)
+    for bad in ({"tile": 30}, {"tile_pad": -4}, {"tile": 8192}):
+        with pytest.raises(ConfigError, match=f"upscalers.sharp.{next(iter(bad))}"):
+            parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl", "upscalers": {
+                "sharp": {"embedded": "tiny-esrgan"} | bad}}]})
