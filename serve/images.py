@@ -25,7 +25,7 @@ from serve.canvases import Sides, canny, canny_thresholds, outpainted
 from serve.config import ModelConfig
 from serve.errors import InvalidField, TooLarge
 from serve.files import output_name
-from serve.inpaint_area import cut_out
+from serve.inpaint_area import cut_out, padded_box
 from serve.predictions import StateStore
 from serve.types import Reference, SourceImage
 from serve.uploads import upload_id
@@ -322,7 +322,8 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
         if outpaint is not None:
             raise InvalidField("padding_mask_crop", "not with outpaint (its border is drawn "
                                                     "whole)")
-        return masked_area(picture, grey, strength, width, height, model, padding_mask_crop)
+        return masked_area(picture, grey, strength, width, height, model, padding_mask_crop,
+                           area)
     if outpaint is not None:
         picture, grey = outpainted(picture, grey, outpaint, model)
     multiple = model.rules.size_multiple
@@ -356,15 +357,22 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
 
 def masked_area(picture: Image.Image, grey: Image.Image | None, strength: float,
                 width: int | None, height: int | None, model: ModelConfig,
-                padding: int) -> tuple[SourceImage, int, int]:
+                padding: int, area: int | None = None) -> tuple[SourceImage, int, int]:
     """Inpainting only the masked area: the region around the mask (`padding` pixels
-    more each side) drawn at `width` x `height` (default: the model's default size), to
-    be laid back into the whole picture on the replica (`serve.inpaint_area`)."""
+    more each side) drawn at `width` x `height` (default: the model's default size, or
+    `area` pixels at the region's shape; INPUT_AREA: the region's own), to be laid back
+    into the whole picture on the replica (`serve.inpaint_area`)."""
     if grey is None:
         raise InvalidField("padding_mask_crop", "inpainting only the masked area needs a "
                                                 "mask (or an image with a transparent part)")
     if model.kontext:
         raise InvalidField("padding_mask_crop", "a Kontext edit reads the whole image")
+    if area is not None and width is None and height is None:
+        region = grey.crop(padded_box(grey, padding))
+        if area == INPUT_AREA:
+            area = min(region.width * region.height, model.limits.max_pixels)
+        width, height = area_size(region, area, model.rules.size_multiple,
+                                  model.limits.max_size)
     w, h = width or model.defaults.width, height or model.defaults.height
     image, mask, overlay = cut_out(picture, grey, w, h, padding)
     return SourceImage(image.tobytes(), 1.0 if model.fill else strength, mask.tobytes(),

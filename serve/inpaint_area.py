@@ -59,17 +59,23 @@ def cut_out(picture: Image.Image, grey: Image.Image, width: int, height: int,
     return image, mask, Overlay(picture.tobytes(), grey.tobytes(), *picture.size, box)
 
 
-def crop_region(mask: Image.Image, width: int, height: int, padding: int) -> Box:
+def padded_box(mask: Image.Image, padding: int) -> Box:
     """The box holding every masked (non-black) pixel, `padding` wider on each side within
-    the image, then grown along one axis to the shape of `width` x `height` (kept inside
-    the image where it can be). 422 on the mask if it marks nothing."""
+    the image. 422 on the mask if it marks nothing."""
     marked = np.asarray(mask.convert("L")) != 0
     columns, rows = np.flatnonzero(marked.any(axis=0)), np.flatnonzero(marked.any(axis=1))
     if not len(columns):
         raise InvalidField("mask", "the mask marks nothing to repaint (it is all black)")
     w, h = mask.size
-    x1, y1 = max(int(columns[0]) - padding, 0), max(int(rows[0]) - padding, 0)
-    x2, y2 = min(int(columns[-1]) + 1 + padding, w), min(int(rows[-1]) + 1 + padding, h)
+    return (max(int(columns[0]) - padding, 0), max(int(rows[0]) - padding, 0),
+            min(int(columns[-1]) + 1 + padding, w), min(int(rows[-1]) + 1 + padding, h))
+
+
+def crop_region(mask: Image.Image, width: int, height: int, padding: int) -> Box:
+    """The `padded_box` grown along one axis to the shape of `width` x `height` (kept
+    inside the image where it can be)."""
+    w, h = mask.size
+    x1, y1, x2, y2 = padded_box(mask, padding)
     if (x2 - x1) / (y2 - y1) > width / height:
         y1, y2 = _widened(y1, y2, int((x2 - x1) / (width / height) - (y2 - y1)), h)
     else:

@@ -261,10 +261,11 @@ class _MegapixelInput(_ReduxInputs):
         return super().field_of(self.image_field if arg == "image" else arg)
 
 
-class FillInput(_MegapixelInput):
+class FillInput(_MegapixelInput, MaskedAreaFields):
     """black-forest-labs/flux-fill-dev's inputs: the image to fill and the mask of the part
     to draw anew (or the image's own transparent part), with flux-fill-pro's outpainting
-    presets; unset values take the served model's defaults."""
+    presets, and the masked area alone drawn at `megapixels` with `padding_mask_crop`;
+    unset values take the served model's defaults."""
 
     image: str = Field(description=(
         "The image to inpaint, as a data URI, base64 or an allowed URL. Can contain an alpha "

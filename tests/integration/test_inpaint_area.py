@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.integration.conftest import AUTH, FAST, FLUX, decode, pixels
+from tests.integration.conftest import AUTH, FAST, FILL, FLUX, decode, pixels
 
 RNG = np.random.default_rng(9)
 PHOTO = RNG.integers(0, 256, (300, 400, 3), dtype=np.uint8)  # 120,000 pixels: over 256²
@@ -71,6 +71,27 @@ def test_flux_draws_the_masked_area_at_its_default_size(client, rep):
                                    "seed": 4, "image": _uri(PHOTO), "mask": _uri(MASK),
                                    "padding_mask_crop": 16, "output_format": "png"})
     assert (pixels(Image.open(io.BytesIO(file.read()))) == marked).all()
+
+
+def test_flux_fill_draws_the_masked_area_at_megapixels_of_its_shape(client, rep):
+    """flux-fill-dev's `match_input`: the region around the mask (104x94: 40x30 and 32
+    more each side) at its own area, each side a multiple of 16: 96x80, as /generate draws
+    it given that size; a quarter megapixel at its shape is over the model's limits."""
+    fill = {"prompt": "a red vase", "seed": 5, "image": _uri(PHOTO), "mask": _uri(MASK),
+            "padding_mask_crop": 32}
+    (file,) = rep.run("black-forest-labs/flux-fill-dev", input=fill | {
+        "megapixels": "match_input", "output_format": "png"})
+    drawn = pixels(Image.open(io.BytesIO(file.read())))
+    r = client.post("/generate", json=fill | {"model": FILL, "width": 96, "height": 80})
+    assert r.status_code == 200, r.text
+    assert (pixels(decode(r.json()["image"])) == drawn).all()
+    r = client.post("/generate", json=fill | {"model": FILL, "width": 96, "height": 80,
+                                              "apply_watermark": False})
+    _laid_back(pixels(decode(r.json()["image"])))
+    r = client.post("/v1/models/black-forest-labs/flux-fill-dev/predictions",
+                    json={"input": fill | {"megapixels": "0.25"}})
+    assert r.status_code == 422
+    assert r.json()["invalid_fields"][0]["field"] == "input.megapixels"
 
 
 def test_without_a_mask_or_with_nothing_masked_it_is_refused_naming_the_field(base_url):

@@ -130,3 +130,25 @@ def test_a_fill_model_draws_its_cut_out_anew():
                                          None, None, fill, padding_mask_crop=8)
     assert (width, height, source.strength, source.mode) == (64, 64, 1.0, "inpaint")
     assert source.overlay.box == (62, 37, 98, 73)
+
+
+def test_an_area_is_drawn_at_the_masked_regions_shape():
+    """With flux-fill-dev's megapixels (an area), the region around the mask, 36x26 here
+    (20x10 and 8 more each side), is drawn at that area at its shape, each side a
+    multiple of 16 (rounded down): its own area gives 32x16, a quarter megapixel 592x432;
+    the box is then widened to that shape."""
+    from serve.images import INPUT_AREA
+
+    fill = ModelConfig(id="a/f", family="flux", embedded="tiny-flux-fill", fill=True,
+                       defaults={"width": 64, "height": 64},
+                       limits={"max_size": 1024, "max_pixels": 1024 * 1024})
+    mask = _png(_mask((70, 50, 90, 60)))
+    for area, size in ((INPUT_AREA, (32, 16)), (512 * 512, (592, 432))):
+        source, width, height = source_image(_png(PHOTO), mask, 1.0, None, None, fill,
+                                             area=area, padding_mask_crop=8)
+        assert (width, height) == size
+        left, top, right, bottom = source.overlay.box
+        assert (right - left) / (bottom - top) == pytest.approx(width / height, abs=0.05)
+    sized, *_ = source_image(_png(PHOTO), mask, 1.0, 48, 48, fill, area=512 * 512,
+                             padding_mask_crop=8)
+    assert sized.overlay.box == (62, 37, 98, 73)  # a size given wins
