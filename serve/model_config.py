@@ -161,8 +161,8 @@ class ModelConfig(_Strict):
         "SDXL only: a refiner for the `refine` request input (expert_ensemble_refiner, "
         "base_image_refiner). Unset: requests asking for refinement get 422."))
     upscalers: dict[str, UpscalerConfig] = Field(default_factory=dict, description=(
-        "SDXL only: ESRGAN-family upscalers by the name requests give (`hires_upscaler`), "
-        "for the hires pass; its default is the first. Unset: bicubic."))
+        "SDXL and plain FLUX models: ESRGAN-family upscalers by the name requests give "
+        "(`hires_upscaler`), for the hires pass; its default is the first. Unset: bicubic."))
     controlnets: dict[str, ControlNetConfig] = Field(default_factory=dict, description=(
         "SDXL and plain FLUX models: ControlNets by the name requests give (`controlnet`), "
         "e.g. {canny: {path: ...}}. A request with a `control_image` and no name uses the "
@@ -263,7 +263,8 @@ class ModelConfig(_Strict):
             raise ValueError(f"upscalers.{BICUBIC}: the built-in upscaler's name")
         if self.upscalers and not self.options()["hires"]:
             raise ValueError("upscalers: this model runs no hires pass (an inpainting "
-                             "checkpoint draws no text-to-image images)")
+                             "checkpoint draws no text-to-image images, nor do the FLUX.1 "
+                             "tools run one)")
         if self.redux is not None and self.family != "flux":
             raise ValueError("redux: only flux models take FLUX.1 Redux")
         self.defaults.check_within(self.limits, self.rules)
@@ -293,7 +294,6 @@ class ModelConfig(_Strict):
             "textual_inversions": (self.textual_inversions,
                                    "only sdxl models take these embeddings"),
             "refiner": (self.refiner is not None, "only sdxl models take a refiner"),
-            "upscalers": (self.upscalers, "only sdxl models run a hires pass"),
             "scheduler_options": (self.scheduler_options.given(),
                                   "FLUX's flow-matching scheduler takes none"),
             "speed.cfg_cutoff": (self.speed.cfg_cutoff is not None, guided),

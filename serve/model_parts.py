@@ -50,7 +50,7 @@ FAMILIES = {
                    variations=True, clip_skip=True),
     # FLUX latents are packed 2x2, on top of the VAE's factor of 8.
     "flux": Family(("FlowMatchEuler",), 16, False, ("txt2img", "img2img", "inpaint"),
-                   "tiny-flux", _FLUX_LORA_TARGETS, variations=True),
+                   "tiny-flux", _FLUX_LORA_TARGETS, hires=True, variations=True),
 }
 # The FLUX.1 tools, each a FLUX model with its own weights and pipeline. Kontext
 # (`kontext: true`): an input image is a reference the prompt edits, not an img2img start;
@@ -59,8 +59,8 @@ FAMILIES = {
 # Canny (`canny: true`): an image always, whose Canny edges the output follows. Depth
 # (`depth: true`): an image always, whose estimated depth map the output follows.
 # Seed variations: Kontext's text-to-image only (FLUX's own pipeline); the other tools
-# always start from a request's image.
-_FLUX_TOOL = replace(FAMILIES["flux"], variations=False)
+# always start from a request's image. None runs a hires pass.
+_FLUX_TOOL = replace(FAMILIES["flux"], variations=False, hires=False)
 FLUX_TOOLS = {
     "kontext": replace(_FLUX_TOOL, modes=("txt2img", "edit", "inpaint"),
                        embedded="tiny-flux-kontext", variations=True),

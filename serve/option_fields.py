@@ -1,5 +1,5 @@
 """Request fields every API names alike (`/generate`, Replicate's SDXL and FLUX inputs,
-OpenAI's `extra_body`): SDXL's clip skip and hires pass, seed variations and inpainting
+OpenAI's `extra_body`): SDXL's clip skip, the hires pass, seed variations and inpainting
 only the masked area. Each API's parameters take them from these mixins and hand them on
 with `hires_args`, `variation_args` or by name."""
 
@@ -22,12 +22,12 @@ class ClipSkipFields(BaseModel):
 
 
 class HiresFields(BaseModel):
-    """SDXL's hires pass: the WebUI's hires. fix."""
+    """The hires pass of SDXL and plain FLUX models: the WebUI's hires. fix."""
 
     hires_scale: float = Field(1.0, ge=1, le=4, description=(
-        "SDXL: above 1, a second pass (the WebUI's hires. fix): each image is upscaled by "
-        "this much and redrawn by img2img at hires_strength, for more detail at sizes "
-        "SDXL does not compose well at; the answer's images are that size."))
+        "SDXL, FLUX: above 1, a second pass (the WebUI's hires. fix): each image is "
+        "upscaled by this much and redrawn by img2img at hires_strength, for more detail "
+        "at sizes the model does not compose well at; the answer's images are that size."))
     hires_strength: float = Field(0.5, gt=0, le=1, description=(
         "How much of the upscaled image the second pass redraws."))
     hires_steps: int | None = Field(None, ge=1, description=(

@@ -84,7 +84,7 @@ def _check_hires(request: GenerationRequest, limits: LimitsConfig, family: Famil
         return
     if not family.hires:
         raise InvalidField("hires_scale", "this model draws no second pass (SDXL "
-                                          "models do)")
+                                          "and plain FLUX models do)")
     if request.source is not None or request.refine != "no_refiner":
         raise InvalidField("hires_scale", (
             "a hires pass follows text-to-image: not with an input image or refine (on an "

@@ -141,12 +141,14 @@ class GenerationRequest:
     guidance_rescale: float = 0.0  # SDXL: rescale guided predictions to the prompt's spread
     priority: int = 0  # its API key's: a replica runs waiting requests of higher ones first
     tiling: bool = False  # SDXL: an image whose edges meet seamlessly when tiled
-    # SDXL: above 1, each image is upscaled by this much and redrawn by an img2img pass at
-    # hires_strength over hires_steps (default: the request's), as the WebUI's hires. fix.
+    # SDXL, FLUX: above 1, each image is upscaled by this much and redrawn by an img2img
+    # pass at hires_strength over hires_steps (default: the request's), as the WebUI's
+    # hires. fix; its sides are rounded to multiples of hires_multiple (the family's).
     hires_scale: float = 1.0
     hires_strength: float = 0.5
     hires_steps: int | None = None
     hires_upscaler: str = ""  # with a hires pass: BICUBIC or one of the model's upscalers
+    hires_multiple: int = 8
     # SDXL text-to-image: image i starts from its seed's noise moved towards that of
     # variation_seed + i by variation_strength (0: none), as the WebUI's variation seed.
     variation_seed: int | None = None
@@ -192,7 +194,7 @@ class GenerationRequest:
             guidance_rescale=d.guidance_rescale if guidance_rescale is None else guidance_rescale,
             clip_skip=model.prompts.clip_skip if clip_skip is None else clip_skip,
             hires_upscaler=_upscaler(model, hires_upscaler, rest.get("hires_scale", 1)),
-            **rest)
+            hires_multiple=model.rules.size_multiple, **rest)
         if model.inpainting:
             request = request.repainting()
         if request.refine != "no_refiner" and model.refiner is None:
@@ -228,14 +230,15 @@ class GenerationRequest:
     @property
     def output_size(self) -> tuple[int, int]:
         """(width, height) of the images delivered: with a hires pass, the request's size
-        scaled, to the nearest multiple of 8; inpainting only the masked area, the whole
-        input image's."""
+        scaled, to the nearest multiple of `hires_multiple`; inpainting only the masked
+        area, the whole input image's."""
         if self.source is not None and self.source.overlay is not None:  # the whole image
             return self.source.overlay.width, self.source.overlay.height
         if self.hires_scale == 1:
             return self.width, self.height
-        return (round(self.width * self.hires_scale / 8) * 8,
-                round(self.height * self.hires_scale / 8) * 8)
+        step = self.hires_multiple
+        return (round(self.width * self.hires_scale / step) * step,
+                round(self.height * self.hires_scale / step) * step)
 
     @property
     def batch_key(self) -> tuple:

@@ -195,5 +195,6 @@ def create_engine(model: ModelConfig, cache_dir: Path,
                       controlnets=controlnet_files(model, cache_dir),
                       ip_adapter=ip_adapter_files(model, cache_dir),
                       merged_loras=merged_loras(model), vae=model.vae,
-                      depth_estimator=depth_estimator_folder(model, cache_dir))
+                      depth_estimator=depth_estimator_folder(model, cache_dir),
+                      upscalers=upscaler_files(model, cache_dir))
     raise ValueError(f"no engine for family {model.family!r}")

@@ -20,7 +20,7 @@ picture's tokens in each double-stream block (`deployments.engines.image_prompts
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
@@ -46,11 +46,14 @@ from PIL import Image
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine, Prepared
 from deployments.engines.controlnets import NetFiles
+from deployments.engines.hires import HiresPass, Upscalers
 from deployments.engines.image_prompts import FluxImagePrompts
 from deployments.engines.kontext import KontextReferencesPipeline
 from deployments.engines.prompts import Embeds
 from deployments.engines.redux import Redux
 from deployments.engines.sources import control_inputs
+from deployments.engines.speed import attention_order
+from deployments.engines.upscalers import UpscalerFile
 from deployments.engines.variations import starting_noise, varies
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
@@ -64,7 +67,7 @@ _CONTROLNET_PIPELINES = {"txt2img": FluxControlNetPipeline,
                          "inpaint": FluxControlNetInpaintPipeline}
 
 
-class FluxEngine(DiffusersEngine):
+class FluxEngine(HiresPass, DiffusersEngine):
     pipelines: ClassVar[dict[str, type]] = {"txt2img": FluxPipeline,
                                             "img2img": FluxImg2ImgPipeline,
                                             "inpaint": FluxInpaintPipeline}
@@ -73,8 +76,11 @@ class FluxEngine(DiffusersEngine):
     embed_names = ("prompt_embeds", "pooled_prompt_embeds")
     redux: Redux | None = None  # the model's FLUX.1 Redux, if it has one
     # The FLUX ControlNet pipelines encode the control images' latents before their loop,
-    # out of the step callback's reach: the rows of calls with ControlNets stay.
+    # out of the step callback's reach: the rows of calls with ControlNets stay. So do
+    # those of calls with a hires pass, whose second pipeline call starts with the rows
+    # the first left (`_rows_follow` picks the first call's rows by their first places).
     control_rows_stay = True
+    hires_rows_stay = True
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
                  simulate_oom_above_images: int | None = None,
@@ -86,9 +92,11 @@ class FluxEngine(DiffusersEngine):
                  controlnets: Mapping[str, NetFiles] | None = None,
                  depth_estimator: Path | None = None,
                  ip_adapter: tuple[Path, str, str, str] | None = None,
-                 merged_loras: Sequence[tuple[Path, float]] = (), vae: Path | None = None):
+                 merged_loras: Sequence[tuple[Path, float]] = (), vae: Path | None = None,
+                 upscalers: Mapping[str, UpscalerFile] | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images, vae)
         self.merge_loras(merged_loras)
+        self.upscalers = Upscalers(upscalers, self.device, self.dtype)
         self._load_controlnets(controlnets, depth_estimator, (
             FluxControlNetModel, FluxMultiControlNetModel, _CONTROLNET_PIPELINES))
         if ip_adapter is not None:  # (folder, subfolder, weights file, image encoder)
@@ -137,7 +145,24 @@ class FluxEngine(DiffusersEngine):
         facts = super().describe()
         return facts | {"redux": self.redux is not None,
                         "ip_adapter": self.image_prompts is not None,
-                        "controlnets": list(self.controlnets.nets)}
+                        "controlnets": list(self.controlnets.nets),
+                        "upscalers": self.upscalers.describe()}
+
+    def _second_stage(self, requests: Sequence[GenerationRequest], rows: BatchRows,
+                      generators: list[torch.Generator], out: torch.Tensor,
+                      callback: Callable, inputs: dict) -> torch.Tensor:
+        """A text-to-image call's hires pass (`HiresPass`), where its requests ask."""
+        first = requests[0]
+        if first.hires_scale == 1:
+            return out
+        return self._hires(first, rows, generators, out, callback, inputs)
+
+    def _redraw(self, pipe, first: GenerationRequest, args: dict) -> torch.Tensor:
+        """FLUX's img2img call of the hires pass, told the output's size (else it would
+        resize the images to the model's default) and T5's length."""
+        width, height = first.output_size
+        with attention_order(self.attention):
+            return pipe(width=width, height=height, **self._call_inputs(), **args).images
 
     def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
         """As every engine's; a call with ControlNets runs the FLUX ControlNet pipeline of

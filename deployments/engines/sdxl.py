@@ -36,14 +36,15 @@ from diffusers import (
 from deployments.adapters import adapter_store
 from deployments.engines.base import DiffusersEngine
 from deployments.engines.controlnets import NetFiles
+from deployments.engines.hires import HiresPass, Upscalers
 from deployments.engines.image_prompts import ImagePrompts
 from deployments.engines.loading import load_pipeline
 from deployments.engines.long_prompts import LongPrompts
 from deployments.engines.prompts import Embeds
 from deployments.engines.rescale import rescaled_guidance
 from deployments.engines.speed import attention_order
-from deployments.engines.tiling import circular_padding, resized
-from deployments.engines.upscalers import UpscalerFile, load_upscaler, upscaled
+from deployments.engines.tiling import circular_padding
+from deployments.engines.upscalers import UpscalerFile
 from deployments.engines.variations import starting_noise, varies
 from deployments.engines.withdrawal import BatchRows
 from serve.adapters import AdapterEntry
@@ -79,7 +80,7 @@ _SCHEDULERS = {
 }
 
 
-class SDXLEngine(DiffusersEngine):
+class SDXLEngine(HiresPass, DiffusersEngine):
     """Loads an SDXL pipeline from local files only and runs compatible batches."""
 
     pipelines: ClassVar[dict[str, type]] = {"txt2img": StableDiffusionXLPipeline,
@@ -117,9 +118,7 @@ class SDXLEngine(DiffusersEngine):
                              "model's text encoders")
         self.long_prompts = LongPrompts((self.pipe.tokenizer, self.pipe.tokenizer_2),
                                         convert=self.pipe.maybe_convert_prompt, **reading)
-        self.upscalers = {name: load_upscaler(file.path, self.device, self.dtype)
-                          for name, file in (upscalers or {}).items()}
-        self._upscaler_tiles = {name: (f.tile, f.pad) for name, f in (upscalers or {}).items()}
+        self.upscalers = Upscalers(upscalers, self.device, self.dtype)
         self.freeu = dict(freeu or {})  # s1, s2, b1, b2 on the UNet the pipelines share
         if self.freeu:
             self.pipe.unet.enable_freeu(**self.freeu)
@@ -229,8 +228,7 @@ class SDXLEngine(DiffusersEngine):
                         "scheduler_options": self.scheduler_options,
                         "inpainting_unet": self.inpainting, "embeddings": self.embeddings,
                         "freeu": self.freeu, "prompts": self.prompt_settings,
-                        "upscalers": {name: f"x{net.scale}"
-                                      for name, net in self.upscalers.items()}}
+                        "upscalers": self.upscalers.describe()}
 
     def _encode_prompt(self, prompt: str, negative_prompt: str, clip_skip: int = 0) -> Embeds:
         pipe = self.pipe
@@ -331,41 +329,16 @@ class SDXLEngine(DiffusersEngine):
                 callback_on_step_end_tensor_inputs=list(self.refiner._callback_tensor_inputs),
                 **args).images
 
-    def _hires(self, first: GenerationRequest, rows: BatchRows,
-               generators: list[torch.Generator], out: torch.Tensor, callback: Callable,
-               inputs: dict) -> torch.Tensor:
-        """The WebUI's hires. fix: the images (rows still live) upscaled to the output
-        size (bicubic, or by the request's `hires_upscaler`) and redrawn by the img2img
-        pipeline at `hires_strength`, with the same prompts, scheduler, ControlNets (their
-        control images upscaled bilinearly) and per-image generators; withdrawals go on."""
-        width, height = first.output_size
-        if not rows.live:  # every request left during the first pass
-            return out.new_zeros(out.shape[0], 3, height, width)
-        live = torch.tensor(rows.original_rows(), device=out.device)
-        extra = {name: inputs[name][live] for name in self.embed_names}
-        size = (height, width)  # a tiling image is upscaled as one (it wraps around)
-        if first.hires_upscaler in self.upscalers:
-            name = first.hires_upscaler
-            image = upscaled(self.upscalers[name], out, size, first.tiling,
-                             *self._upscaler_tiles[name])
-        else:  # BICUBIC
-            image = resized(out.float(), size, "bicubic", first.tiling).clamp(0, 1)
-        pipe = self._pipes["img2img"]
-        if first.controls:
-            pipe = self.controlnets.pipe(first, "img2img")
-            extra |= _upscaled_controls(inputs, live, size, first.tiling)
+    def _redraw(self, pipe, first: GenerationRequest, args: dict) -> torch.Tensor:
+        """The hires pass's img2img call, at the request's scheduler and guidance rescale
+        (the ControlNet img2img pipeline takes none: hooked in)."""
         pipe.scheduler = self._schedulers[first.scheduler]
         rescale = first.guidance_rescale
         if rescale and not first.controls:
-            extra["guidance_rescale"] = rescale
+            args["guidance_rescale"] = rescale
         hook = rescaled_guidance(pipe, rescale) if rescale and first.controls else nullcontext()
         with attention_order(self.attention), hook:
-            return pipe(image=image, strength=first.hires_strength,
-                        num_inference_steps=first.hires_steps or first.num_inference_steps,
-                        guidance_scale=first.guidance_scale, generator=generators,
-                        output_type="pt", callback_on_step_end=callback,
-                        callback_on_step_end_tensor_inputs=list(pipe._callback_tensor_inputs),
-                        **extra).images
+            return pipe(**args).images
 
     def _refiner_embeds(self, prompts: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
         """The refiner's prompt embeddings for each row's (prompt, negative prompt): its one
@@ -387,17 +360,3 @@ def _rescales_itself(first: GenerationRequest) -> bool:
     """Whether the call's diffusers pipeline takes `guidance_rescale`: all but the
     ControlNet text-to-image and img2img ones."""
     return not first.controls or first.mode == "inpaint"
-
-
-def _upscaled_controls(inputs: dict, live: torch.Tensor, size: tuple[int, int],
-                       wrap: bool) -> dict:
-    """A text-to-image call's ControlNet arguments for its hires pass (img2img: the
-    control images as `control_image`), the live rows' control images resized to `size`
-    (height, width) bilinearly (wrapping round for a tiling call)."""
-    def upscaled(images: torch.Tensor) -> torch.Tensor:
-        return resized(images[live], size, "bilinear", wrap)
-
-    images = inputs["image"]
-    names = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
-    return {"control_image": [upscaled(i) for i in images] if isinstance(images, list)
-            else upscaled(images)} | {name: inputs[name] for name in names}

@@ -166,6 +166,35 @@ def test_img2img_with_a_controlnet_is_diffusers_own(engine, controlnet_path):
     assert_same_pixels(ours, theirs)
 
 
+def test_a_hires_pass_is_steered_too_as_diffusers_img2img_controlnet_pipeline(
+        engine, controlnet_path):
+    """The ControlNet text-to-image pipeline, the images upscaled bicubically, then the
+    ControlNet img2img pipeline over them with the control image (in the VAE's [-1, 1])
+    upscaled bilinearly, the same generator throughout."""
+    from diffusers import FluxControlNetImg2ImgPipeline
+
+    hires = {"hires_scale": 1.5, "hires_strength": 0.6, "hires_upscaler": "bicubic",
+             "hires_multiple": 16}
+    ours = engine.generate([_req(SCENE, 0.8, **hires)])[0][0]
+    first = _reference(engine, controlnet_path)
+    second = FluxControlNetImg2ImgPipeline.from_pipe(first)
+    control = torch.from_numpy(np.asarray(SCENE)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    args = {"prompt": BASE.prompt, "guidance_scale": 3.5, "control_mode": 0,
+            "controlnet_conditioning_scale": 0.8, "num_inference_steps": 6,
+            "max_sequence_length": engine.max_sequence_length,
+            "generator": [torch.Generator().manual_seed(11)]}
+    drawn = first(control_image=control, width=128, height=96, output_type="pt",
+                  **args).images
+    upscaled = torch.nn.functional.interpolate(drawn, size=(144, 192), mode="bicubic")
+    theirs = second(image=upscaled.clamp(0, 1), strength=0.6, width=192, height=144,
+                    control_image=torch.nn.functional.interpolate(
+                        control, size=(144, 192), mode="bilinear"), **args).images[0]
+    assert ours.size == (192, 144)
+    assert_same_pixels(ours, theirs)
+    unsteered = engine.generate([replace(BASE, **hires)])[0][0]
+    assert np.abs(_px(ours) - _px(unsteered)).mean() > 1
+
+
 def test_inpainting_with_a_controlnet_keeps_the_unmasked_pixels(engine):
     source = SourceImage(Image.fromarray(INPUT).tobytes(), 0.9, Image.fromarray(MASK).tobytes())
     steered = engine.generate([_req(SCENE, source=source)])[0][0]

@@ -181,7 +181,8 @@ def test_requests_take_the_first_upscaler_unless_they_name_one():
 
 
 @pytest.mark.parametrize(("model", "message"), [
-    ({"family": "flux", "embedded": "tiny-flux"}, "only sdxl models run a hires pass"),
+    ({"family": "flux", "embedded": "tiny-flux-kontext", "kontext": True},
+     "nor do the FLUX.1 tools"),
     ({"embedded": "tiny-sdxl-inpainting", "inpainting": True}, "runs no hires pass"),
     ({"upscalers": {"bicubic": {"embedded": "tiny-esrgan"}}}, "built-in upscaler"),
 ])
