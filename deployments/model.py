@@ -170,7 +170,8 @@ class ModelDeployment:
                       inference_ms=outcome.run_s * 1000)
         return GenerationResult(images=images, seeds=request.seeds,
                                 media_type=MEDIA_TYPES[request.output_format],
-                                width=request.output_size[0], height=request.output_size[1],
+                                width=request.delivered_size[0],
+                                height=request.delivered_size[1],
                                 batch=b,
                                 replica=self.replica, node=self.node, gpus=self.gpus,
                                 adapters_held=tuple(self.engine.adapters.loaded),

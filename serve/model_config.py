@@ -348,12 +348,12 @@ class ModelConfig(_Strict):
         return "ip_adapter_image"
 
     def options(self) -> dict[str, bool]:
-        """Which of the per-request options the model takes: tiling, the hires pass and
-        seed variations (the last two follow text-to-image, which an inpainting checkpoint
-        never runs)."""
+        """Which of the per-request options the model takes: tiling, the hires pass, seed
+        variations (those two follow text-to-image, which an inpainting checkpoint never
+        runs) and enlarging the finished images (`upscale`)."""
         rules, text = self.rules, "txt2img" in self.rules.modes
         return {"tiling": rules.tiles, "hires": rules.hires and text,
-                "variations": rules.variations and text}
+                "variations": rules.variations and text, "upscale": rules.hires}
 
     @property
     def rules(self) -> Family:

@@ -1,7 +1,8 @@
 """Request fields every API names alike (`/generate`, Replicate's SDXL and FLUX inputs,
-OpenAI's `extra_body`): SDXL's clip skip, the hires pass, seed variations and inpainting
-only the masked area. Each API's parameters take them from these mixins and hand them on
-with `hires_args`, `variation_args` or by name."""
+OpenAI's `extra_body`): SDXL's clip skip, the hires pass, enlarging the finished images,
+seed variations and inpainting only the masked area. Each API's parameters take them from
+these mixins and hand them on with `hires_args`, `upscale_args`, `variation_args` or by
+name."""
 
 from __future__ import annotations
 
@@ -40,6 +41,21 @@ class HiresFields(BaseModel):
     def hires_args(self) -> dict[str, Any]:
         return {"hires_scale": self.hires_scale, "hires_strength": self.hires_strength,
                 "hires_steps": self.hires_steps, "hires_upscaler": self.hires_upscaler}
+
+
+class UpscaleFields(BaseModel):
+    """Enlarging the finished images (SDXL and plain FLUX models)."""
+
+    upscale: float = Field(1.0, ge=1, le=4, description=(
+        "Above 1: each finished image is enlarged this much by `upscaler`, not redrawn "
+        "(the WebUI's Extras tab); with an image at prompt_strength 0, the image itself is "
+        "enlarged. The answer's images are that size."))
+    upscaler: str | None = Field(None, max_length=100, description=(
+        "What enlarges them: one of the model's upscalers (GET /v1/models lists them) or "
+        "bicubic; default: the model's first, or bicubic."))
+
+    def upscale_args(self) -> dict[str, Any]:
+        return {"upscale": self.upscale, "upscaler": self.upscaler}
 
 
 class VariationFields(BaseModel):

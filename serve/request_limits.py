@@ -36,6 +36,7 @@ def check_limits(request: GenerationRequest, limits: LimitsConfig, family: Famil
                                         "output: it has no CLIP layer to choose")
     _check_guidance_rescale(request, family)
     _check_hires(request, limits, family)
+    _check_upscale(request, limits, family)
     _check_variation(request, family)
     if request.tiling and not family.tiles:
         raise InvalidField("tiling", "this model cannot draw tiling images (FLUX's "
@@ -105,6 +106,22 @@ def _check_hires(request: GenerationRequest, limits: LimitsConfig, family: Famil
     if int(steps * request.hires_strength) < 1:
         raise InvalidField("hires_strength", (
             f"runs int(steps x strength) steps: {steps} x {request.hires_strength} is none"))
+
+
+def _check_upscale(request: GenerationRequest, limits: LimitsConfig, family: Family) -> None:
+    if request.upscale == 1:
+        return
+    if not family.hires:
+        raise InvalidField("upscale", "this model enlarges no images (SDXL and plain FLUX "
+                                      "models do)")
+    if request.source is not None and request.source.overlay is not None:
+        raise InvalidField("upscale", "not with padding_mask_crop (the answer is the whole "
+                                      "input image)")
+    width, height = request.delivered_size
+    if width * height > limits.max_image_pixels:
+        raise InvalidField("upscale", (
+            f"the images would be {width}x{height}, over this model's "
+            f"{limits.max_image_pixels} pixels (max_image_pixels)"))
 
 
 def _check_variation(request: GenerationRequest, family: Family) -> None:

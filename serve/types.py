@@ -149,6 +149,10 @@ class GenerationRequest:
     hires_steps: int | None = None
     hires_upscaler: str = ""  # with a hires pass: BICUBIC or one of the model's upscalers
     hires_multiple: int = 8
+    # SDXL, FLUX: above 1, each finished image is enlarged this much by `upscaler` (BICUBIC
+    # or one of the model's upscalers), not redrawn, as the WebUI's Extras tab does.
+    upscale: float = 1.0
+    upscaler: str = ""
     # SDXL text-to-image: image i starts from its seed's noise moved towards that of
     # variation_seed + i by variation_strength (0: none), as the WebUI's variation seed.
     variation_seed: int | None = None
@@ -168,7 +172,8 @@ class GenerationRequest:
                   guidance_scale: float | None = None, seed: int | None = None,
                   scheduler: str | None = None, guidance_rescale: float | None = None,
                   style: str | None = None, clip_skip: int | None = None,
-                  hires_upscaler: str | None = None, **rest) -> GenerationRequest:
+                  hires_upscaler: str | None = None, upscaler: str | None = None,
+                  **rest) -> GenerationRequest:
         """A request for `model`: unset values take its defaults, an unset seed is drawn,
         the prompts take the named `style`, and the result is checked against its limits
         (raises InvalidField). The safety check and the watermark stay on where the model
@@ -194,7 +199,8 @@ class GenerationRequest:
             guidance_rescale=d.guidance_rescale if guidance_rescale is None else guidance_rescale,
             clip_skip=model.prompts.clip_skip if clip_skip is None else clip_skip,
             hires_upscaler=_upscaler(model, hires_upscaler, rest.get("hires_scale", 1)),
-            hires_multiple=model.rules.size_multiple, **rest)
+            hires_multiple=model.rules.size_multiple,
+            upscaler=_upscaler(model, upscaler, rest.get("upscale", 1), "upscaler"), **rest)
         if model.inpainting:
             request = request.repainting()
         if request.refine != "no_refiner" and model.refiner is None:
@@ -241,6 +247,13 @@ class GenerationRequest:
                 round(self.height * self.hires_scale / step) * step)
 
     @property
+    def delivered_size(self) -> tuple[int, int]:
+        """(width, height) of the images answered: `output_size`, enlarged by `upscale`
+        (rounded to whole pixels)."""
+        width, height = self.output_size
+        return round(width * self.upscale), round(height * self.upscale)
+
+    @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
         return (*self.shared_key, self.adapters.key)
@@ -258,7 +271,7 @@ class GenerationRequest:
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
                 self.guidance_rescale, self.scheduler, self.mode, strength, refine, control,
                 refs, self.tiling, self.hires_scale, self.hires_strength, self.hires_steps,
-                self.hires_upscaler)
+                self.hires_upscaler, self.upscale, self.upscaler)
 
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its
@@ -266,12 +279,14 @@ class GenerationRequest:
         check_limits(self, limits, family)
 
 
-def _upscaler(model: ModelConfig, name: str | None, hires_scale: float) -> str:
-    """The upscaler a request's hires pass uses: the one named (BICUBIC or one of the
-    model's), else the model's first, else BICUBIC; none without a hires pass."""
+def _upscaler(model: ModelConfig, name: str | None, scale: float,
+              field: str = "hires_upscaler") -> str:
+    """The upscaler a request's hires pass (or its final `upscale`) uses: the one named
+    (BICUBIC or one of the model's), else the model's first, else BICUBIC; none without
+    one."""
     if name is not None and name != BICUBIC and name not in model.upscalers:
-        raise InvalidField("hires_upscaler", "one of " + ", ".join([BICUBIC, *model.upscalers]))
-    if hires_scale == 1:
+        raise InvalidField(field, "one of " + ", ".join([BICUBIC, *model.upscalers]))
+    if scale == 1:
         return ""
     return name or next(iter(model.upscalers), BICUBIC)
 

@@ -29,7 +29,6 @@ from deployments.engines.sources import (
     keep_unmasked,
     nothing_to_denoise,
     source_inputs,
-    source_pil,
     source_tensors,
 )
 from deployments.engines.speed import (
@@ -267,8 +266,9 @@ class DiffusersEngine:
         first = requests[0]
         if any(self.batch_key(r) != self.batch_key(first) for r in requests):
             raise ValueError("a pipeline call needs requests with equal batch keys")
-        if nothing_to_denoise(first):
-            return [[source_pil(r) for _ in r.seeds] for r in requests]
+        if nothing_to_denoise(first):  # the input is the answer (enlarged, if asked)
+            return [[image.copy() for image in pil_rows(self._enlarged(
+                r, source_tensors(r, self.device)[0])) for _ in r.seeds] for r in requests]
         real = len(requests)
         requests, withdrawn = self._padded(requests, withdrawn)
         rows = BatchRows([r.num_outputs for r in requests])
@@ -311,7 +311,8 @@ class DiffusersEngine:
         if out_of_memory:
             raise self._recover_memory(requests)
         pixels = self._finish(requests, made, to_uint8(images))
-        return rows.split(pil_rows(pixels))[:real]
+        real_rows = sum(rows.sizes[i] for i in rows.live if i < real)  # (a filler's last)
+        return rows.split(pil_rows(self._enlarged(first, pixels[:real_rows])))[:real]
 
     def _compiled_for(self, first: GenerationRequest) -> AbstractContextManager:
         """Compiled for exact shapes, a call at an image size the warm-up did not compile
@@ -393,6 +394,11 @@ class DiffusersEngine:
         `inputs`: the call's, for every row): a family may run a second pass over them
         here (SDXL's refiner, or a hires pass)."""
         return out
+
+    def _enlarged(self, first: GenerationRequest, pixels: torch.Tensor) -> torch.Tensor:
+        """The call's finished 8-bit images (rows) as delivered: a family may enlarge them
+        here (`upscale`, `HiresPass`)."""
+        return pixels
 
     def _rows_follow(self, requests: Sequence[GenerationRequest], made: Sequence[Prepared],
                      rows: BatchRows) -> AbstractContextManager:

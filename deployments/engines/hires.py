@@ -2,7 +2,7 @@
 images, upscaled to the request's `output_size` (bicubic, or by one of the model's ESRGAN
 upscalers), are redrawn by the family's img2img pipeline at `hires_strength`, with the
 same prompts, ControlNets (their control images upscaled bilinearly) and per-image
-generators."""
+generators. The same upscalers enlarge finished images without a redraw (`upscale`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from deployments.engines.base import to_uint8
 from deployments.engines.tiling import resized
 from deployments.engines.upscalers import UpscalerFile, load_upscaler, upscaled
 from deployments.engines.withdrawal import BatchRows
@@ -27,14 +28,13 @@ class Upscalers:
         self.nets = {name: load_upscaler(f.path, device, dtype) for name, f in files.items()}
         self.tiles = {name: (f.tile, f.pad) for name, f in files.items()}
 
-    def enlarged(self, first: GenerationRequest, images: torch.Tensor,
-                 size: tuple[int, int]) -> torch.Tensor:
-        """`images` in [0, 1] brought to `size` (height, width) by the call's upscaler; a
-        tiling call's images are upscaled as images that wrap around."""
-        name = first.hires_upscaler
+    def enlarged(self, name: str, images: torch.Tensor, size: tuple[int, int],
+                 wrap: bool) -> torch.Tensor:
+        """`images` in [0, 1] brought to `size` (height, width) by upscaler `name` (float32);
+        with `wrap`, as images that tile (their edges continue each other)."""
         if name in self.nets:
-            return upscaled(self.nets[name], images, size, first.tiling, *self.tiles[name])
-        return resized(images.float(), size, "bicubic", first.tiling).clamp(0, 1)
+            return upscaled(self.nets[name], images, size, wrap, *self.tiles[name])
+        return resized(images.float(), size, "bicubic", wrap).clamp(0, 1)
 
     def describe(self) -> dict[str, str]:
         return {name: f"x{net.scale}" for name, net in self.nets.items()}
@@ -58,7 +58,7 @@ class HiresPass:
         live = torch.tensor(rows.original_rows(), device=out.device)
         extra = {name: inputs[name][live] for name in self.embed_names}
         size = (height, width)  # a tiling image is upscaled as one (it wraps around)
-        image = self.upscalers.enlarged(first, out, size)
+        image = self.upscalers.enlarged(first.hires_upscaler, out, size, first.tiling)
         pipe = self._pipes["img2img"]
         if first.controls:
             pipe = self.controlnets.pipe(first, "img2img")
@@ -73,6 +73,16 @@ class HiresPass:
     def _redraw(self, pipe, first: GenerationRequest, args: dict[str, Any]) -> torch.Tensor:
         """The family's img2img call of the hires pass, with `args`."""
         raise NotImplementedError
+
+    def _enlarged(self, first: GenerationRequest, pixels: torch.Tensor) -> torch.Tensor:
+        """The call's finished 8-bit images (rows, on the device) enlarged by its
+        requests' `upscale`, without a redraw."""
+        if first.upscale == 1:
+            return pixels
+        width, height = first.delivered_size
+        images = self.upscalers.enlarged(first.upscaler, pixels.float() / 255,
+                                         (height, width), first.tiling)
+        return to_uint8(images)
 
 
 def _upscaled_controls(inputs: dict, live: torch.Tensor, size: tuple[int, int],

@@ -7,14 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from PIL import Image
 
 from serve.types import GenerationRequest
-
-
-def source_pil(request: GenerationRequest) -> Image.Image:
-    return Image.frombytes("RGB", (request.width, request.height), request.source.rgb)
-
 
 # A request's input image (1×3×H×W), mask (1×1×H×W, or None) and a Kontext edit's further
 # references (each 1×3×h×w) as 8-bit tensors on the device: a quarter of float32's bytes

@@ -35,6 +35,7 @@ from serve.option_fields import (
     ClipSkipFields,
     HiresFields,
     MaskedAreaFields,
+    UpscaleFields,
     VariationFields,
 )
 from serve.timing import timing_headers
@@ -70,7 +71,8 @@ class OutpaintSides(BaseModel):
     bottom: int = Field(0, ge=0, le=4096, description="Pixels added on the bottom.")
 
 
-class GenerateParams(ClipSkipFields, HiresFields, VariationFields, MaskedAreaFields):
+class GenerateParams(ClipSkipFields, HiresFields, UpscaleFields, VariationFields,
+                     MaskedAreaFields):
     """Everything `/generate` accepts; unset values take the model's defaults."""
 
     model_config = ConfigDict(extra="forbid")
@@ -208,7 +210,7 @@ class GenerateParams(ClipSkipFields, HiresFields, VariationFields, MaskedAreaFie
             image_prompt=image_prompt,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
             guidance_rescale=self.guidance_rescale, tiling=self.tiling, clip_skip=self.clip_skip,
-            **self.hires_args(), **self.variation_args(),
+            **self.hires_args(), **self.upscale_args(), **self.variation_args(),
             scheduler=self.scheduler, negative_prompt=self.negative_prompt, style=self.style,
             num_outputs=self.num_outputs, output_format=self.output_format,
             output_quality=self.output_quality, adapters=adapters, request_id=request_id,

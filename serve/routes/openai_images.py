@@ -60,6 +60,7 @@ from serve.option_fields import (
     ClipSkipFields,
     HiresFields,
     MaskedAreaFields,
+    UpscaleFields,
     VariationFields,
 )
 from serve.routes.openai_stream import stream_images
@@ -72,7 +73,7 @@ _FIELDS = {"width": "size", "height": "size", "num_outputs": "n", "loras": "prom
 _QUALITY_SHARES = {"low": 1 / 3, "medium": 2 / 3}
 
 
-class ImageGenerationParams(ClipSkipFields, HiresFields, VariationFields):
+class ImageGenerationParams(ClipSkipFields, HiresFields, UpscaleFields, VariationFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=32000)
@@ -295,7 +296,7 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
             guidance_scale=params.guidance_scale, scheduler=params.scheduler,
             tiling=params.tiling, clip_skip=params.clip_skip,
             guidance_rescale=params.guidance_rescale, **params.hires_args(),
-            **params.variation_args(),
+            **params.upscale_args(), **params.variation_args(),
             style=params.style if model.styles else None,
             output_format=params.output_format, source=source, controls=controls,
             image_prompt=image_prompt, seed=params.seed,
@@ -317,4 +318,4 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
     else:
         data = [{"b64_json": base64.b64encode(img).decode("ascii")} for img in result.images]
     return {"created": int(time.time()), "data": data, "output_format": params.output_format,
-            "size": f"{gen.width}x{gen.height}"}
+            "size": f"{result.width}x{result.height}"}

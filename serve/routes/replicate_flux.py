@@ -12,7 +12,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from serve.canvases import OUTPAINT_PRESETS
 from serve.controls import ControlParams, ImagePromptParams, image_prompt_params
 from serve.images import INPUT_AREA, REFERENCES
-from serve.option_fields import HiresFields, MaskedAreaFields, VariationFields
+from serve.option_fields import HiresFields, MaskedAreaFields, UpscaleFields, VariationFields
 from serve.routes.replicate_inputs import CannyEdgeInputs, IPAdapterInputs, LoraInput
 from serve.types import MAX_SEED
 
@@ -91,7 +91,7 @@ class FluxControlNetInputs(CannyEdgeInputs, _FluxCommon):
 
 
 class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs, HiresFields,
-                VariationFields, MaskedAreaFields):
+                UpscaleFields, VariationFields, MaskedAreaFields):
     """black-forest-labs/flux-dev's inputs, with the LoRA inputs of flux-dev-lora, the
     LoRA and mask inputs of Replicate's trained FLUX models (`extra_lora`, `mask`),
     flux-redux-dev's `redux_image` (for a model with FLUX.1 Redux, which then needs no
@@ -134,7 +134,8 @@ class FluxInput(FluxControlNetInputs, IPAdapterInputs, _ReduxInputs, HiresFields
             if self.megapixels == "0.25":
                 width, height = width // 2, height // 2
         return {"width": width, "height": height, "num_outputs": self.num_outputs,
-                **self.hires_args(), **self.variation_args(), **self.call_args()}
+                **self.hires_args(), **self.upscale_args(), **self.variation_args(),
+                **self.call_args()}
 
     def image_prompt(self) -> ImagePromptParams:
         """redux_image or ip_adapter_image, whichever is sent (422 for both)."""

@@ -18,6 +18,7 @@ from serve.option_fields import (
     ClipSkipFields,
     HiresFields,
     MaskedAreaFields,
+    UpscaleFields,
     VariationFields,
 )
 from serve.types import MAX_SEED, SCHEDULERS, OutputFormat, Refine
@@ -162,7 +163,7 @@ ControlNetInputs = create_model("ControlNetInputs", __base__=_ControlNetSlots,
 
 
 class SDXLInput(ControlNetInputs, IPAdapterInputs, ClipSkipFields, HiresFields,
-                VariationFields, MaskedAreaFields):
+                UpscaleFields, VariationFields, MaskedAreaFields):
     """stability-ai/sdxl's inputs, with fofr/sdxl-multi-controlnet-lora's ControlNet inputs
     for models with ControlNets; unset values take the served model's defaults."""
 
@@ -220,7 +221,7 @@ class SDXLInput(ControlNetInputs, IPAdapterInputs, ClipSkipFields, HiresFields,
                 "guidance_rescale": self.guidance_rescale, "tiling": self.tiling,
                 "clip_skip": self.clip_skip,
                 "style": self.style,
-                **self.hires_args(), **self.variation_args(),
+                **self.hires_args(), **self.upscale_args(), **self.variation_args(),
                 "negative_prompt": self.negative_prompt, "output_format": self.output_format,
                 "output_quality": self.output_quality, "refine": self.refine,
                 "high_noise_frac": self.high_noise_frac, "refine_steps": self.refine_steps,

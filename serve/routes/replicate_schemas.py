@@ -51,7 +51,12 @@ _FLUX_CONTROLNET_INPUTS = ("control_image", "control_type", "control_strength")
 # GET /v1/models' options → their inputs.
 _OPTION_INPUTS = {"tiling": ("tiling",),
                   "hires": ("hires_scale", "hires_strength", "hires_steps", "hires_upscaler"),
-                  "variations": ("variation_seed", "variation_strength")}
+                  "variations": ("variation_seed", "variation_strength"),
+                  "upscale": ("upscale", "upscaler")}
+# The inputs naming an upscaler → what they are for.
+_UPSCALER_INPUTS = {"hires_upscaler": "What upscales the images before the hires pass "
+                                      "redraws them",
+                    "upscaler": "What enlarges the finished images (with upscale)"}
 
 
 def input_schema(model: ModelConfig) -> dict:
@@ -79,11 +84,11 @@ def input_schema(model: ModelConfig) -> dict:
     else:
         schema["properties"]["style"] = {"title": "Style", "enum": list(model.styles),
                                          "description": "One of the model's styles"}
-    if "hires_upscaler" in schema["properties"]:  # the model's upscalers, its first default
-        schema["properties"]["hires_upscaler"] = {
-            "title": "Hires Upscaler", "enum": [*model.upscalers, BICUBIC],
-            "default": next(iter(model.upscalers), BICUBIC),
-            "description": "What upscales the images before the hires pass redraws them"}
+    for name, description in _UPSCALER_INPUTS.items():  # the model's, its first default
+        if name in schema["properties"]:
+            schema["properties"][name] = {
+                "title": name.replace("_", " ").title(), "enum": [*model.upscalers, BICUBIC],
+                "default": next(iter(model.upscalers), BICUBIC), "description": description}
     if input_class(model) is FluxInput and model.redux is None:  # a prompt is then needed
         schema["required"] = sorted({*schema.get("required", []), "prompt"})
     schema["properties"] = {name: spec for name, spec in schema["properties"].items()

@@ -30,18 +30,23 @@ def test_models_are_listed_in_openai_shape(client):
     assert first["aliases"] == ["stability-ai/sdxl"] and first["limits"]["max_size"] == 512
     assert (first["family"], first["defaults"]["scheduler"]) == ("sdxl", "K_EULER")
     assert (first["inpainting"], first["textual_inversions"]) == (False, [])
-    assert first["options"] == {"tiling": True, "hires": True, "variations": True}
+    assert first["options"] == {"tiling": True, "hires": True, "variations": True,
+                                "upscale": True}
     inpainting = next(m for m in body["data"] if m["id"] == INPAINTING)
-    assert inpainting["options"] == {"tiling": True, "hires": False, "variations": False}
+    assert inpainting["options"] == {"tiling": True, "hires": False, "variations": False,
+                                     "upscale": False}
     assert first["schedulers"][:2] == ["K_EULER", "K_EULER_ANCESTRAL"]
     assert "LCM" in first["schedulers"] and "FlowMatchEuler" not in first["schedulers"]
     flux, kontext, fill, canny, depth, redux = body["data"][-6:]
     assert (flux["family"], flux["aliases"]) == ("flux", ["black-forest-labs/flux-dev"])
     assert flux["defaults"]["scheduler"] == "FlowMatchEuler"
     assert flux["schedulers"] == ["FlowMatchEuler"]
-    assert flux["options"] == {"tiling": False, "hires": False, "variations": True}
-    assert kontext["options"] == {"tiling": False, "hires": False, "variations": True}
-    assert fill["options"] == {"tiling": False, "hires": False, "variations": False}
+    assert flux["options"] == {"tiling": False, "hires": True, "variations": True,
+                               "upscale": True}
+    assert kontext["options"] == {"tiling": False, "hires": False, "variations": True,
+                                  "upscale": False}
+    assert fill["options"] == {"tiling": False, "hires": False, "variations": False,
+                               "upscale": False}
     assert (flux["kontext"], first["kontext"]) == (False, False)
     assert (kontext["family"], kontext["kontext"], kontext["fill"]) == ("flux", True, False)
     assert (fill["family"], fill["kontext"], fill["fill"]) == ("flux", False, True)

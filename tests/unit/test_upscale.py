@@ -1,0 +1,128 @@
+"""Enlarging the finished images (`upscale`, `upscaler`), on the tiny SDXL and FLUX (CPU):
+the images a request draws without it, through the upscaler's network or bicubically to
+the larger size, not redrawn; an input at strength 0 enlarged itself; the sizes, and the
+requests refused."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from deployments.engines.base import to_uint8
+from deployments.engines.upscalers import UpscalerFile, load_upscaler, upscaled
+from serve.config import ModelConfig
+from serve.errors import InvalidField
+from serve.inpaint_area import Overlay
+from serve.types import GenerationRequest, SourceImage
+from tests.unit.test_engine import _px
+
+REQUEST = GenerationRequest(model="a/b", prompt="a castle on a hill", width=64, height=48,
+                            num_inference_steps=3, guidance_scale=6.0, seed=8,
+                            scheduler="K_EULER", upscale=2, upscaler="esrgan")
+
+
+def _tensor(images) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(_px(im).astype(np.float32)).permute(2, 0, 1)
+                        for im in images]) / 255
+
+
+@pytest.fixture(scope="module")
+def esrgan_file(cache_dir):
+    from deployments.tiny import TINY_ESRGAN, TINY_ESRGAN_FILE, ensure_embedded
+
+    return ensure_embedded(TINY_ESRGAN, cache_dir) / TINY_ESRGAN_FILE
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_sdxl_path, esrgan_file):
+    from deployments.engines.sdxl import SDXLEngine
+
+    return SDXLEngine(tiny_sdxl_path, "float32", "cpu",
+                      upscalers={"esrgan": UpscalerFile(esrgan_file, 32, 8)})
+
+
+def test_the_drawn_images_go_through_the_upscaler_unredrawn(engine, esrgan_file):
+    """Two images of 64x48 drawn as without `upscale`, then the network's x4 in tiles of
+    32 (as the config sets) brought to 128x96 by area; bicubic at 1.5 likewise."""
+    ours = engine.generate([replace(REQUEST, num_outputs=2)])[0]
+    drawn = engine.generate([replace(REQUEST, num_outputs=2, upscale=1, upscaler="")])[0]
+    net = load_upscaler(esrgan_file, "cpu", torch.float32)
+    theirs = to_uint8(upscaled(net, _tensor(drawn), (96, 128), tile=32, pad=8))
+    assert [im.size for im in ours] == [(128, 96)] * 2 and [im.size for im in drawn] == [
+        (64, 48)] * 2
+    for a, b in zip(ours, theirs, strict=True):
+        assert np.array_equal(_px(a), b.permute(1, 2, 0).numpy())
+    (bicubic,) = engine.generate([replace(REQUEST, upscale=1.5, upscaler="bicubic")])[0]
+    grown = F.interpolate(_tensor(drawn[:1]), size=(72, 96), mode="bicubic").clamp(0, 1)
+    assert bicubic.size == (96, 72)
+    assert np.array_equal(_px(bicubic), to_uint8(grown)[0].permute(1, 2, 0).numpy())
+
+
+def test_only_a_calls_real_images_are_enlarged(engine):
+    """A call padded to a batch bucket of 3 with 2 filler images enlarges one image: its
+    2 x 2 tiles."""
+    calls = []
+    hook = engine.upscalers.nets["esrgan"].register_forward_hook(lambda *_: calls.append(1))
+    engine.buckets = (3,)
+    try:
+        out = engine.generate([REQUEST])
+    finally:
+        engine.buckets = ()
+        hook.remove()
+    assert len(out) == 1 and [im.size for im in out[0]] == [(128, 96)]
+    assert len(calls) == 4
+
+
+def test_an_input_at_strength_0_is_enlarged_itself(engine):
+    """No step runs: the answer is the input, enlarged (here bicubically, to compare)."""
+    picture = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    source = SourceImage(picture.tobytes(), 0.0)
+    (image,) = engine.generate([replace(REQUEST, source=source, upscaler="bicubic")])[0]
+    grown = F.interpolate(torch.from_numpy(picture).permute(2, 0, 1)[None].float() / 255,
+                          size=(96, 128), mode="bicubic").clamp(0, 1)
+    assert np.array_equal(_px(image), to_uint8(grown)[0].permute(1, 2, 0).numpy())
+    (same,) = engine.generate([replace(REQUEST, source=source, upscale=1, upscaler="")])[0]
+    assert np.array_equal(_px(same), picture)
+
+
+def test_flux_enlarges_its_images_too(flux):
+    request = GenerationRequest(model="a/f", prompt="a castle", width=64, height=48,
+                                num_inference_steps=3, guidance_scale=3.5, seed=2,
+                                scheduler="FlowMatchEuler")
+    (drawn,) = flux.generate([request])[0]
+    (ours,) = flux.generate([replace(request, upscale=1.5, upscaler="bicubic")])[0]
+    grown = F.interpolate(_tensor([drawn]), size=(72, 96), mode="bicubic").clamp(0, 1)
+    assert np.array_equal(_px(ours), to_uint8(grown)[0].permute(1, 2, 0).numpy())
+
+
+MODEL = ModelConfig(id="a/b", embedded="tiny-sdxl",
+                    upscalers={"esrgan": {"embedded": "tiny-esrgan"}},
+                    limits={"min_size": 8, "max_image_pixels": 512 * 512})
+
+
+def test_the_answers_size_is_the_drawn_one_enlarged():
+    request = GenerationRequest.for_model(MODEL, "x", width=64, height=48, upscale=2.5)
+    assert request.upscaler == "esrgan" and request.delivered_size == (160, 120)
+    hires = GenerationRequest.for_model(MODEL, "x", width=64, height=48, hires_scale=1.5,
+                                        upscale=2)
+    assert hires.output_size == (96, 72) and hires.delivered_size == (192, 144)
+    plain = GenerationRequest.for_model(MODEL, "x", width=64, height=48, upscaler="esrgan")
+    assert plain.upscaler == "" and plain.delivered_size == (64, 48)
+    assert request.batch_key != replace(request, upscaler="bicubic").batch_key
+
+
+@pytest.mark.parametrize(("model", "args", "field", "reason"), [
+    (MODEL, {"upscale": 4, "width": 256, "height": 256}, "upscale", "1024x1024, over"),
+    (MODEL, {"upscale": 2, "upscaler": "lanczos"}, "upscaler", "one of bicubic, esrgan"),
+    (MODEL, {"upscale": 2, "source": SourceImage(bytes(64 * 64 * 3), 0.5, overlay=Overlay(b"", b"", 640, 480, (0, 0, 64, 64)))},
+     "upscale", "padding_mask_crop"),
+    (ModelConfig(id="a/k", family="flux", embedded="tiny-flux-kontext", kontext=True),
+     {"upscale": 2}, "upscale", "enlarges no images"),
+])
+def test_requests_that_cannot_be_enlarged_are_refused_naming_the_field(model, args, field,
+                                                                         reason):
+    with pytest.raises(InvalidField, match=reason) as refused:
+        GenerationRequest.for_model(model, "x", **{"width": 64, "height": 64} | args)
+    assert refused.value.field == field
