@@ -3,7 +3,8 @@ on one engine: long prompts of 100 and 200 words (read in up to three chunks of 
 `prompts.chunks`; each row says how many), weighted words, tiling, and a hires pass at
 1.5x, bicubic and through an ESRGAN x4 upscaler (Real-ESRGAN x4plus's network: 64
 features, 23 blocks; random weights with `--random-sdxl`, else the embedded tiny one),
-in tiles of 256 pixels (the config's default) and whole.
+in tiles of 256 pixels (the config's default) and whole, and the finished images enlarged
+2x through that upscaler without a redraw (`upscale`).
 
     python -m load.bench_sdxl_options                     # tiny SDXL, CPU
     python -m load.bench_sdxl_options --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
@@ -11,8 +12,9 @@ in tiles of 256 pixels (the config's default) and whole.
 
 With `--random-sdxl`, the SDXL base architecture with random weights (the folder
 `load.bench_engine` builds). The engine reads up to three chunks, with weights. Each
-option and batch size runs one untimed call, then `--repeats` timed ones; the hires row's
-images are 1.5x the size on a side. Prints and saves JSON (default
+option and batch size runs one untimed call, then `--repeats` timed ones; the hires rows'
+images are 1.5x the size on a side, the upscale row's 2x (`output_size`: the side
+answered). Prints and saves JSON (default
 results/sdxl-options-<device>-<size>.json): seconds per call, images/s and the ratio to
 the plain call, and on a GPU the peak memory of each option's calls (GiB). Figures are
 what this run saw.
@@ -44,6 +46,7 @@ OPTIONS = {
                               "hires_upscaler": "esrgan-x4"},
     "hires 1.5x, ESRGAN x4 untiled": {"hires_scale": 1.5, "hires_strength": 0.5,
                                       "hires_upscaler": "esrgan-x4-whole"},
+    "upscale 2x, ESRGAN x4": {"upscale": 2, "upscaler": "esrgan-x4"},
 }
 
 
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
                 plain[images] = median
             row = {"option": option, "batch": images,
                    "chunks": engine.batch_key(requests[0])[-1],
-                   "output_size": requests[0].output_size[0],
+                   "output_size": requests[0].delivered_size[0],
                    "median_s": round(median, 4), "min_s": round(min(times), 4),
                    "images_per_s": round(images / median, 3)}
             if images in plain:

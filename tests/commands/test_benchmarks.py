@@ -634,7 +634,7 @@ def test_sdxl_options_benchmark_times_each_option_against_the_plain_call(tmp_pat
                   "2", "--repeats", "2", "--out", str(out))
     report = json.loads(out.read_text())
     rows = {(r["option"], r["batch"]): r for r in report["rows"]}
-    assert len(rows) == 16 and report["model"] == "tiny-sdxl"
+    assert len(rows) == 18 and report["model"] == "tiny-sdxl"
     for (option, batch), r in rows.items():
         assert 0 < r["min_s"] <= r["median_s"]
         assert r["images_per_s"] == pytest.approx(batch / r["median_s"], rel=0.01)
@@ -644,4 +644,5 @@ def test_sdxl_options_benchmark_times_each_option_against_the_plain_call(tmp_pat
     assert rows["hires 1.5x", 1]["output_size"] == 96 and rows["plain", 1]["output_size"] == 64
     assert rows["hires 1.5x, ESRGAN x4", 1]["output_size"] == 96
     assert rows["hires 1.5x, ESRGAN x4 untiled", 1]["output_size"] == 96
+    assert rows["upscale 2x, ESRGAN x4", 1]["output_size"] == 128
     assert f"saved {out}" in stdout

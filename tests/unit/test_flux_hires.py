@@ -16,6 +16,7 @@ from serve.config import ModelConfig
 from serve.errors import InvalidField
 from serve.types import GenerationRequest
 from tests.unit.test_engine import _px, assert_same_pixels
+from tests.unit.test_hires import withdrawn_in_the_second_pass
 
 REQUEST = GenerationRequest(model="a/b", prompt="a castle on a hill", width=64, height=96,
                             num_inference_steps=4, guidance_scale=3.5, seed=8,
@@ -86,15 +87,10 @@ def test_a_withdrawn_requests_rows_run_on_and_the_others_keep_their_pixels(flux)
     """FLUX's hires calls keep their rows to the end (the second call starts with the
     rows the first left): a request withdrawn during the second pass runs on (the replica
     drops its images) beside the others, and the call stops once every request has left."""
-    other = replace(REQUEST, prompt="a boat at sea", seed=3)
-    untouched = flux.generate([REQUEST, other])
-    steps = []  # the first pass's 4 steps, then the second's 3 (5 x 0.6)
-    out = flux.generate([REQUEST, other], withdrawn=lambda: {1} if len(steps) >= 5 else set(),
-                        on_step=lambda s, t: steps.append((s, t)))
-    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4), (1, 3), (2, 3), (3, 3)]
+    out, untouched = withdrawn_in_the_second_pass(flux, REQUEST)
     for images, alone in zip(out, untouched, strict=True):
         assert_same_pixels(images[0], alone[0])
-    steps.clear()
+    steps = []
     gone = flux.generate([REQUEST], withdrawn=lambda: {0} if len(steps) >= 2 else set(),
                          on_step=lambda s, t: steps.append((s, t)))
     assert gone == [[]] and steps == [(1, 4), (2, 4)]

@@ -80,10 +80,10 @@ def test_hires_requests_beyond_the_model_are_refused_naming_the_field(args, fiel
     with pytest.raises(InvalidField) as refused:
         GenerationRequest.for_model(model, "x", **{"width": 64, "height": 64} | args)
     assert refused.value.field == field and reason in refused.value.reason
-    flux = ModelConfig(id="a/f", family="flux", embedded="tiny-flux")
+    kontext = ModelConfig(id="a/k", family="flux", embedded="tiny-flux-kontext", kontext=True)
     with pytest.raises(InvalidField) as refused:
-        GenerationRequest.for_model(flux, "x", hires_scale=1.5)
-    assert refused.value.field == "hires_scale" and "SDXL" in refused.value.reason
+        GenerationRequest.for_model(kontext, "x", hires_scale=1.5)
+    assert refused.value.field == "hires_scale" and "plain FLUX" in refused.value.reason
 
 
 def test_a_compiled_engine_runs_a_hires_size_it_did_not_compile_uncompiled(
@@ -123,13 +123,21 @@ def test_each_rows_adapter_set_stays_with_it_through_the_second_pass(tiny_sdxl_p
     assert np.abs(_px(alone) - _px(plain)).mean() > 1
 
 
-def test_a_request_withdrawn_during_the_second_pass_leaves_the_others_their_pixels(sdxl):
-    other = replace(REQUEST, prompt="a boat at sea", seed=3)
-    untouched = sdxl.generate([REQUEST, other])
-    steps = []  # the first pass's 4 steps, then the second's 3 (5 x 0.6)
-    out = sdxl.generate([REQUEST, other], withdrawn=lambda: {1} if len(steps) >= 5 else set(),
-                        on_step=lambda s, t: steps.append((s, t)))
+def withdrawn_in_the_second_pass(engine, request: GenerationRequest) -> tuple[list, list]:
+    """A call of `request` and another, the other withdrawn after the 5th step (in the
+    second pass: the first runs 4 steps, the second 3, 5 x 0.6); its images, and theirs
+    alone."""
+    other = replace(request, prompt="a boat at sea", seed=3)
+    untouched = engine.generate([request, other])
+    steps = []
+    out = engine.generate([request, other], withdrawn=lambda: {1} if len(steps) >= 5 else set(),
+                          on_step=lambda s, t: steps.append((s, t)))
     assert steps == [(1, 4), (2, 4), (3, 4), (4, 4), (1, 3), (2, 3), (3, 3)]
+    return out, untouched
+
+
+def test_a_request_withdrawn_during_the_second_pass_leaves_the_others_their_pixels(sdxl):
+    out, untouched = withdrawn_in_the_second_pass(sdxl, REQUEST)
     assert out[1] == [] and len(out[0]) == 1
     assert_same_pixels(out[0][0], untouched[0][0])
 
