@@ -145,7 +145,7 @@ class AtelierConfig(_Strict):
 
     @model_validator(mode="after")
     def _keys_name_served_models(self) -> AtelierConfig:
-        served = {name for m in self.models for name in (m.id, *m.aliases)}
+        served = {name for m in self.models for name in m.names}
         for i, key in enumerate(self.api_keys):
             unknown = [n for n in getattr(key, "models", None) or () if n not in served]
             if unknown:
@@ -157,7 +157,7 @@ class AtelierConfig(_Strict):
     def _unique_ids(self) -> AtelierConfig:
         seen: set[str] = set()
         for model in self.models:
-            for name in (model.id, *model.aliases):
+            for name in model.names:
                 if name in seen:
                     raise ValueError(f"model id or alias {name!r} is used twice")
                 seen.add(name)

@@ -51,6 +51,10 @@ class ModelConfig(_Strict):
     id: str = Field(description="Public model id in owner/name form, e.g. atelier/tiny-sdxl.")
     aliases: list[str] = Field(default_factory=list, description=(
         "Other ids that resolve to this model (e.g. stability-ai/sdxl)."))
+    upscaling_aliases: list[str] = Field(default_factory=list, description=(
+        "Ids (e.g. nightmareai/real-esrgan) under which Replicate predictions take "
+        "real-esrgan's inputs (image, scale) and answer the image enlarged by this "
+        "model's first upscaler, not redrawn, as one URL. Needs an upscaler."))
     family: Literal["sdxl", "flux"] = Field("sdxl", description=(
         "Pipeline family of the weights: sdxl (StableDiffusionXLPipeline) or flux "
         "(FluxPipeline, FLUX.1 dev or schnell)."))
@@ -225,9 +229,12 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        for name in (self.id, *self.aliases):
+        for name in self.names:
             if not MODEL_ID.match(name):
                 raise ValueError(f"model id {name!r} is not in lowercase owner/name form")
+        if self.upscaling_aliases and not (self.upscalers and self.options()["upscale"]):
+            raise ValueError("upscaling_aliases: the model needs an upscaler (upscalers) to "
+                             "enlarge images with")
         if (self.path is None) == (self.embedded is None):
             raise ValueError("set exactly one of path or embedded")
         tools = [name for name in FLUX_TOOLS if getattr(self, name)]
@@ -261,10 +268,9 @@ class ModelConfig(_Strict):
                              "that preprocesses depth need one, and only they take one")
         if BICUBIC in self.upscalers:
             raise ValueError(f"upscalers.{BICUBIC}: the built-in upscaler's name")
-        if self.upscalers and not self.options()["hires"]:
-            raise ValueError("upscalers: this model runs no hires pass (an inpainting "
-                             "checkpoint draws no text-to-image images, nor do the FLUX.1 "
-                             "tools run one)")
+        if self.upscalers and not self.options()["upscale"]:
+            raise ValueError("upscalers: this model runs no hires pass and enlarges no "
+                             "images (the FLUX.1 tools)")
         if self.redux is not None and self.family != "flux":
             raise ValueError("redux: only flux models take FLUX.1 Redux")
         self.defaults.check_within(self.limits, self.rules)
@@ -337,6 +343,11 @@ class ModelConfig(_Strict):
     def flux_kind(self) -> Literal["kontext", "fill", "canny", "depth"] | None:
         """Which FLUX.1 tool the weights are, if one."""
         return next((tool for tool in FLUX_TOOLS if getattr(self, tool)), None)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every id that resolves to the model: its own, its aliases, its upscaling ones."""
+        return (self.id, *self.aliases, *self.upscaling_aliases)
 
     @property
     def image_prompt_field(self) -> str:

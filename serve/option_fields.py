@@ -44,7 +44,7 @@ class HiresFields(BaseModel):
 
 
 class UpscaleFields(BaseModel):
-    """Enlarging the finished images (SDXL and plain FLUX models)."""
+    """Enlarging the finished images (SDXL models and plain FLUX ones)."""
 
     upscale: float = Field(1.0, ge=1, le=4, description=(
         "Above 1: each finished image is enlarged this much by `upscaler`, not redrawn "

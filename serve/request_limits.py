@@ -113,7 +113,7 @@ def _check_upscale(request: GenerationRequest, limits: LimitsConfig, family: Fam
         return
     if not family.hires:
         raise InvalidField("upscale", "this model enlarges no images (SDXL and plain FLUX "
-                                      "models do)")
+                                      "models do, not the FLUX.1 tools)")
     if request.source is not None and request.source.overlay is not None:
         raise InvalidField("upscale", "not with padding_mask_crop (the answer is the whole "
                                       "input image)")

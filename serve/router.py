@@ -45,7 +45,7 @@ class ModelRouter:
         self._handles = dict(handles)
         self._by_name: dict[str, ModelConfig] = {}
         for model in config.models:
-            for name in (model.id, *model.aliases):
+            for name in model.names:
                 self._by_name[name] = model
         # Requests past what a model's replicas hold wait here, by priority (admission).
         self._admission = {
@@ -67,7 +67,7 @@ class ModelRouter:
 
     def usable(self, key: ApiKey | None) -> list[ModelConfig]:
         """The configured models the API key may use (every one for None: no keys set)."""
-        return [m for m in self.config.models if key is None or key.may_use((m.id, *m.aliases))]
+        return [m for m in self.config.models if key is None or key.may_use(m.names)]
 
     def adapters_for(self, model: ModelConfig,
                      refs: list[tuple[str, float | None]]) -> AdapterSet:

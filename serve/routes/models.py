@@ -36,7 +36,7 @@ async def list_models(request: Request) -> dict:
              "styles": {name: s.model_dump() for name, s in m.styles.items()},
              "options": m.options(),
              # The hires pass's upscalers, its default first (none: no hires pass).
-             "upscalers": [*m.upscalers, BICUBIC] if m.options()["hires"] else [],
+             "upscalers": [*m.upscalers, BICUBIC] if m.options()["upscale"] else [],
              "schedulers": list(m.rules.schedulers),
              "limits": m.limits.model_dump(),
              "defaults": m.defaults.model_dump() | {"scheduler": m.default_scheduler}}

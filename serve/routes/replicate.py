@@ -48,27 +48,32 @@ class PredictionNotFound(AtelierError):
     kind = "prediction_not_found"
 
 
-def model_json(state: IngressState, model_id: str, base: str) -> dict:
-    """A served model as Replicate's API shows one, with its latest version."""
-    model = state.router.resolve(model_id)
-    owner, name = model.id.split("/")
-    return {"url": f"{base}/v1/models/{model.id}", "owner": owner, "name": name,
-            "description": f"{model.family} served by Atelier", "visibility": "public",
+def model_json(state: IngressState, name: str, base: str) -> dict:
+    """A served model as Replicate's API shows one named `name` (its id or an alias; under
+    an upscaling alias, as that upscaler), with its latest version."""
+    model = state.router.resolve(name)
+    shown = name if name in model.upscaling_aliases else model.id
+    owner, short = shown.split("/")
+    what = "image upscaling" if shown != model.id else model.family
+    return {"url": f"{base}/v1/models/{shown}", "owner": owner, "name": short,
+            "description": f"{what} served by Atelier", "visibility": "public",
             "github_url": None, "paper_url": None, "license_url": None, "run_count": 0,
             "cover_image_url": None, "default_example": None,
-            "latest_version": _version_json(state, model.id)}
+            "latest_version": _version_json(state, name)}
 
 
-def _version_json(state: IngressState, model_id: str) -> dict:
-    model = state.router.resolve(model_id)
+def _version_json(state: IngressState, name: str) -> dict:
+    """The version served of the model named `name`, with its inputs under that name."""
+    model = state.router.resolve(name)
     output = {"type": "string", "format": "uri", "title": "Output"}
-    if not single_output(model):
+    if not single_output(model, name):
         output = {"type": "array", "items": output, "title": "Output"}
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.started_at))
-    return {"id": state.versions[model_id], "created_at": created,
+    title = name if name in model.upscaling_aliases else model.id
+    return {"id": state.versions[model.id], "created_at": created,
             "cog_version": "atelier", "openapi_schema": {
-                "openapi": "3.0.2", "info": {"title": model_id, "version": "1"},
-                "components": {"schemas": {"Input": input_schema(model),
+                "openapi": "3.0.2", "info": {"title": title, "version": "1"},
+                "components": {"schemas": {"Input": input_schema(model, name),
                                            "Output": output}}}}
 
 
@@ -76,7 +81,8 @@ def _version_json(state: IngressState, model_id: str) -> dict:
 async def get_model(owner: str, name: str, request: Request) -> dict:
     """Replicate's model, with the fields OpenAI's `models.retrieve` reads beside them."""
     state = ingress()
-    found = model_json(state, model_for(request, f"{owner}/{name}").id, base_url(request))
+    model_for(request, f"{owner}/{name}")  # (404 for a model the key may not use)
+    found = model_json(state, f"{owner}/{name}", base_url(request))
     return {**found, "id": f"{found['owner']}/{found['name']}", "object": "model",
             "created": state.started_at, "owned_by": found["owner"]}
 
@@ -85,8 +91,8 @@ async def get_model(owner: str, name: str, request: Request) -> dict:
 async def list_versions(owner: str, name: str, request: Request) -> dict:
     """The version served: a model's version follows its files, and one is served at once."""
     state = ingress()
-    model = model_for(request, f"{owner}/{name}")
-    return {"next": None, "previous": None, "results": [_version_json(state, model.id)]}
+    model_for(request, f"{owner}/{name}")
+    return {"next": None, "previous": None, "results": [_version_json(state, f"{owner}/{name}")]}
 
 
 @router.get("/v1/models/{owner}/{name}/versions/{version}", summary="Replicate: get a version")
@@ -95,7 +101,7 @@ async def get_version(owner: str, name: str, version: str, request: Request) -> 
     model = model_for(request, f"{owner}/{name}")
     if state.versions[model.id] != version:
         raise ModelNotFound(f"{owner}/{name}:{version}", list(state.versions))
-    return _version_json(state, model.id)
+    return _version_json(state, f"{owner}/{name}")
 
 
 @router.post("/v1/models/{owner}/{name}/predictions", summary="Replicate: run a model")
@@ -126,7 +132,8 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
     if version is not None and version != state.versions[model.id]:
         raise InvalidField("version", f"{model.id} is served at version {state.versions[model.id]}")
     rid = request_id(request)
-    inp = parse_input(model, body.input)
+    upscaling = model_ref if model_ref in model.upscaling_aliases else None  # real-esrgan's
+    inp = parse_input(model, body.input, upscaling)
     who = requester(request)
     gen = await to_request(state, model.id, inp, rid, **who)  # refuses bad input first
     if body.webhook:
@@ -137,6 +144,7 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
         model=model.id, version=state.versions[model.id],
         input=inp.model_dump(exclude_none=True), private={
             "seed": gen.seed, "base": base_url(request), "request_id": rid, **who,
+            **({"as": upscaling} if upscaling else {}),
             "webhook": body.webhook,
             "events": list(check_events(body.webhook_events_filter)),
             "cancel_at": None if deadline_s is None else time.time() + deadline_s})

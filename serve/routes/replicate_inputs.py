@@ -24,23 +24,19 @@ from serve.option_fields import (
 from serve.types import MAX_SEED, SCHEDULERS, OutputFormat, Refine
 
 
-class LoraInput(BaseModel):
-    """The LoRA inputs of Replicate's LoRA models: a catalog name or file URL, its scale."""
+class ReplicateInputBase(BaseModel):
+    """What every Replicate input tells the request built from it, as far as the model's
+    own inputs leave it unset: no adapters, ControlNets, image prompt or further
+    references; the sizes as given."""
 
     model_config = ConfigDict(extra="forbid")
 
-    lora_weights: str | None = Field(None, max_length=2048, description=(
-        "A LoRA name from GET /v1/loras (Replicate model names, <owner>/<model>, are those "
-        "of adapters filed under <owner>/ in a LoRA folder), or the URL of a .safetensors "
-        "LoRA file on a host in lora_allowed_hosts"))
-    lora_scale: float | None = Field(None, ge=-4, le=4, description="Scale of lora_weights")
-
     def lora_refs(self) -> list[tuple[str, float | None]]:
-        return [(self.lora_weights, self.lora_scale)] if self.lora_weights else []
+        return []
 
     def field_of(self, arg: str) -> str:
         """The input field that holds request argument `arg`."""
-        return "lora_weights" if arg == "loras" else arg
+        return arg
 
     def control_params(self) -> list[ControlParams]:
         """The ControlNets the input asks for (SDXL's multi-ControlNet inputs)."""
@@ -71,6 +67,22 @@ class LoraInput(BaseModel):
     def edge_thresholds(self) -> tuple[int | None, int | None]:
         """The Canny thresholds (low, high) the input sets, if any."""
         return None, None
+
+
+class LoraInput(ReplicateInputBase):
+    """The LoRA inputs of Replicate's LoRA models: a catalog name or file URL, its scale."""
+
+    lora_weights: str | None = Field(None, max_length=2048, description=(
+        "A LoRA name from GET /v1/loras (Replicate model names, <owner>/<model>, are those "
+        "of adapters filed under <owner>/ in a LoRA folder), or the URL of a .safetensors "
+        "LoRA file on a host in lora_allowed_hosts"))
+    lora_scale: float | None = Field(None, ge=-4, le=4, description="Scale of lora_weights")
+
+    def lora_refs(self) -> list[tuple[str, float | None]]:
+        return [(self.lora_weights, self.lora_scale)] if self.lora_weights else []
+
+    def field_of(self, arg: str) -> str:
+        return "lora_weights" if arg == "loras" else arg
 
 
 class IPAdapterInputs(LoraInput):

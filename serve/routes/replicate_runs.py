@@ -19,7 +19,12 @@ from serve.controls import load_controls, load_image_prompt
 from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost
 from serve.images import load_source
 from serve.predictions import Prediction, now_iso
-from serve.routes.replicate_schemas import ReplicateInput, parse_input, single_output
+from serve.routes.replicate_schemas import (
+    ReplicateInput,
+    input_class,
+    parse_input,
+    single_output,
+)
 from serve.types import GenerationRequest, GenerationResult
 from serve.webhooks import WebhookSender
 
@@ -34,8 +39,11 @@ async def run_prediction(state: IngressState, p: Prediction) -> None:
     try:
         gen = state.prepared.pop(p.id, None)  # built when this replica accepted it
         if gen is None:  # adopted: rebuilt from the stored input (URLs fetched again)
-            inp = parse_input(state.router.resolve(p.model),
-                              {**p.input, "seed": private["seed"]})
+            model, name = state.router.resolve(p.model), private.get("as")
+            raw = dict(p.input)
+            if "seed" in input_class(model, name).model_fields:  # (real-esrgan's has none)
+                raw["seed"] = private["seed"]
+            inp = parse_input(model, raw, name)
             gen = await to_request(state, p.model, inp, private["request_id"],
                                    private.get("client", ""), private.get("priority", 0))
     except (AtelierError, RequestValidationError) as exc:  # e.g. a redeploy changed the model
@@ -117,7 +125,7 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
         urls = [f"{base}/files/{await state.store.put_file(img, result.media_type)}"
                 for img in result.images]
         p.finish("succeeded", output=urls[0] if single_output(
-            state.router.resolve(gen.model)) else urls)
+            state.router.resolve(gen.model), p.private.get("as")) else urls)
         await state.store.save(p)
         if webhook:
             await webhook.send("output", p.to_json(base))

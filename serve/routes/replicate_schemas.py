@@ -17,27 +17,33 @@ from serve.routes.replicate_flux import (
     KontextInput,
 )
 from serve.routes.replicate_inputs import CannyEdgeInputs, ControlNetInputs, SDXLInput
+from serve.routes.replicate_upscale import RealEsrganInput
 
-ReplicateInput = SDXLInput | FluxInput | KontextInput | FillInput | CannyInput | DepthInput
+ReplicateInput = (SDXLInput | FluxInput | KontextInput | FillInput | CannyInput | DepthInput
+                  | RealEsrganInput)
 
 
-def input_class(model: ModelConfig) -> type[ReplicateInput]:
+def input_class(model: ModelConfig, name: str | None = None) -> type[ReplicateInput]:
+    """The inputs the model takes under `name` (one of its ids): real-esrgan's under an
+    upscaling alias, else its family's."""
+    if name in model.upscaling_aliases:
+        return RealEsrganInput
     if model.flux_kind is not None:
         return {"kontext": KontextInput, "fill": FillInput, "canny": CannyInput,
                 "depth": DepthInput}[model.flux_kind]
     return FluxInput if model.family == "flux" else SDXLInput
 
 
-def single_output(model: ModelConfig) -> bool:
-    """Whether the model's predictions output one file URL rather than a list, as
-    flux-kontext-dev's (one image per prediction) do."""
-    return model.kontext
+def single_output(model: ModelConfig, name: str | None = None) -> bool:
+    """Whether the model's predictions (under `name`) output one file URL rather than a
+    list, as flux-kontext-dev's and real-esrgan's (one image per prediction) do."""
+    return model.kontext or name in model.upscaling_aliases
 
 
-def parse_input(model: ModelConfig, raw: dict) -> ReplicateInput:
-    """The create body's `input`, validated against the model's inputs; a bad field is a
-    422 located at input.<field>."""
-    cls = input_class(model)
+def parse_input(model: ModelConfig, raw: dict, name: str | None = None) -> ReplicateInput:
+    """The create body's `input`, validated against the model's inputs under `name`; a
+    bad field is a 422 located at input.<field>."""
+    cls = input_class(model, name)
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
@@ -59,12 +65,15 @@ _UPSCALER_INPUTS = {"hires_upscaler": "What upscales the images before the hires
                     "upscaler": "What enlarges the finished images (with upscale)"}
 
 
-def input_schema(model: ModelConfig) -> dict:
+def input_schema(model: ModelConfig, name: str | None = None) -> dict:
     """The model's input schema; a model without ControlNets shows no ControlNet inputs,
     one that finds no Canny edges no edge thresholds, a model without an IP-Adapter or
     without Redux not their image prompt inputs, one without styles no `style` (it refuses
     them), nor the inputs of options it does not take (tiling, the hires pass, seed
-    variations); a model's styles are the values `style` takes."""
+    variations); a model's styles are the values `style` takes. Under an upscaling alias:
+    real-esrgan's."""
+    if name in model.upscaling_aliases:
+        return RealEsrganInput.model_json_schema()
     schema = input_class(model).model_json_schema()
     hidden: set[str] = set()
     if model.family == "sdxl" and not model.controlnets:
@@ -84,10 +93,10 @@ def input_schema(model: ModelConfig) -> dict:
     else:
         schema["properties"]["style"] = {"title": "Style", "enum": list(model.styles),
                                          "description": "One of the model's styles"}
-    for name, description in _UPSCALER_INPUTS.items():  # the model's, its first default
-        if name in schema["properties"]:
-            schema["properties"][name] = {
-                "title": name.replace("_", " ").title(), "enum": [*model.upscalers, BICUBIC],
+    for field, description in _UPSCALER_INPUTS.items():  # the model's, its first default
+        if field in schema["properties"]:
+            schema["properties"][field] = {
+                "title": field.replace("_", " ").title(), "enum": [*model.upscalers, BICUBIC],
                 "default": next(iter(model.upscalers), BICUBIC), "description": description}
     if input_class(model) is FluxInput and model.redux is None:  # a prompt is then needed
         schema["required"] = sorted({*schema.get("required", []), "prompt"})

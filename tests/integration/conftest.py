@@ -210,6 +210,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                                       "conditioning_scale": 0.5}},
                ip_adapter={"embedded": "tiny-sdxl-ip-adapter", "scale": 0.8},
                upscalers={"esrgan": {"embedded": "tiny-esrgan"}},
+               upscaling_aliases=["nightmareai/real-esrgan"],
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60,
                        "max_loras": 2}),
         _model(BATCHED, 2000, ip_adapter={"embedded": "tiny-sdxl-ip-adapter"}),

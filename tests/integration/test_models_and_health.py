@@ -34,7 +34,7 @@ def test_models_are_listed_in_openai_shape(client):
                                 "upscale": True}
     inpainting = next(m for m in body["data"] if m["id"] == INPAINTING)
     assert inpainting["options"] == {"tiling": True, "hires": False, "variations": False,
-                                     "upscale": False}
+                                     "upscale": True}
     assert first["schedulers"][:2] == ["K_EULER", "K_EULER_ANCESTRAL"]
     assert "LCM" in first["schedulers"] and "FlowMatchEuler" not in first["schedulers"]
     flux, kontext, fill, canny, depth, redux = body["data"][-6:]

@@ -1,6 +1,7 @@
 """Enlarging the finished images over HTTP (`upscale`, `upscaler`): `/generate`, Replicate's
 SDXL input and OpenAI's `extra_body` answer the same enlarged images at the larger size;
-an input image at prompt strength 0 comes back enlarged itself; refusals name the field."""
+an input image at prompt strength 0 comes back enlarged itself, as Replicate's
+real-esrgan (an upscaling alias of the model) answers it; refusals name the field."""
 
 import base64
 import io
@@ -40,18 +41,41 @@ def test_every_api_answers_the_same_enlarged_images(client, rep, oai):
 
 
 def test_an_image_at_strength_0_comes_back_enlarged(client, rep):
-    photo = np.random.default_rng(4).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    photo = np.random.default_rng(4).integers(0, 256, (64, 80, 3), dtype=np.uint8)
     body = {"prompt": "x", "image": _png_uri(photo), "prompt_strength": 0, "upscale": 2,
             "upscaler": "bicubic"}
     r = client.post("/generate", json=body)
     assert r.status_code == 200, r.text
     grown = F.interpolate(torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255,
-                          size=(96, 128), mode="bicubic").clamp(0, 1)
+                          size=(128, 160), mode="bicubic").clamp(0, 1)
     expected = (grown[0] * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
     answered = pixels(decode(r.json()["image"]))
     assert (answered == expected.numpy()).all()
     (file,) = rep.run(FAST, input=body)
     assert (pixels(Image.open(io.BytesIO(file.read()))) == answered).all()
+
+
+def test_real_esrgans_client_code_runs_unchanged_against_the_upscaling_alias(client, rep):
+    """replicate.run("nightmareai/real-esrgan", ...) as on Replicate: one file, the image
+    enlarged by FAST's first upscaler, as `/generate` answers it at strength 0."""
+    photo = np.random.default_rng(5).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, "PNG")
+    output = rep.run("nightmareai/real-esrgan", input={"image": io.BytesIO(buffer.getvalue()),
+                                                       "scale": 2})
+    enlarged = pixels(Image.open(io.BytesIO(output.read())))  # one file, not a list
+    assert enlarged.shape == (128, 160, 3)
+    r = client.post("/generate", json={"prompt": "x", "image": _png_uri(photo),
+                                       "prompt_strength": 0, "upscale": 2})
+    assert (pixels(decode(r.json()["image"])) == enlarged).all()
+    model = rep.models.get("nightmareai/real-esrgan")
+    schema = model.latest_version.openapi_schema["components"]["schemas"]
+    assert set(schema["Input"]["properties"]) == {"image", "scale", "face_enhance"}
+    assert schema["Output"]["type"] == "string"
+    r = client.post("/v1/models/nightmareai/real-esrgan/predictions",
+                    json={"input": {"image": _png_uri(photo), "face_enhance": True}})
+    assert r.status_code == 422
+    assert r.json()["invalid_fields"][0]["field"] == "input.face_enhance"
 
 
 def test_what_cannot_be_enlarged_is_refused_naming_the_field(client, base_url):

@@ -126,3 +126,12 @@ def test_requests_that_cannot_be_enlarged_are_refused_naming_the_field(model, ar
     with pytest.raises(InvalidField, match=reason) as refused:
         GenerationRequest.for_model(model, "x", **{"width": 64, "height": 64} | args)
     assert refused.value.field == field
+
+
+def test_an_inpainting_checkpoint_enlarges_its_images_with_its_upscalers():
+    """It runs no hires pass (no text-to-image), yet its upscalers enlarge its images."""
+    model = ModelConfig(id="a/i", embedded="tiny-sdxl-inpainting", inpainting=True,
+                        upscalers={"esrgan": {"embedded": "tiny-esrgan"}})
+    assert model.options()["upscale"] and not model.options()["hires"]
+    request = GenerationRequest.for_model(model, "x", width=64, height=64, upscale=2)
+    assert (request.upscaler, request.delivered_size) == ("esrgan", (128, 128))

@@ -182,8 +182,7 @@ def test_requests_take_the_first_upscaler_unless_they_name_one():
 
 @pytest.mark.parametrize(("model", "message"), [
     ({"family": "flux", "embedded": "tiny-flux-kontext", "kontext": True},
-     "nor do the FLUX.1 tools"),
-    ({"embedded": "tiny-sdxl-inpainting", "inpainting": True}, "runs no hires pass"),
+     "enlarges no images"),
     ({"upscalers": {"bicubic": {"embedded": "tiny-esrgan"}}}, "built-in upscaler"),
 ])
 def test_configs_that_cannot_use_upscalers_are_refused(model, message):
