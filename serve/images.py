@@ -333,7 +333,10 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
         area = min(picture.width * picture.height, model.limits.max_pixels)
     if area is not None:
         width, height = area_size(picture, area, multiple, model.limits.max_size)
-    w, h = output_size(picture, width, height, multiple)
+    # At strength 0 no step runs: unless sized, the input is answered at its own size.
+    as_is = strength == 0 and (width, height, area, outpaint) == (None,) * 4 and not (
+        model.kontext or model.fill or controlled)
+    w, h = picture.size if as_is else output_size(picture, width, height, multiple)
     edit = model.kontext  # a reference to edit: every step runs
 
     def sized(image: Image.Image, resample: Image.Resampling) -> Image.Image:

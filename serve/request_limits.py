@@ -22,7 +22,10 @@ def check_limits(request: GenerationRequest, limits: LimitsConfig, family: Famil
     if request.mode not in family.modes:
         raise InvalidField("image" if request.source is None else "mask",
                            family.needs or "this model does not do inpainting")
-    _check_size(request, limits, family)
+    if request.runs_no_step:  # nothing is drawn: the input's size is the answer's
+        _check_passed_through(request, limits)
+    else:
+        _check_size(request, limits, family)
     if request.num_inference_steps > limits.max_steps:
         raise InvalidField("num_inference_steps",
                            f"must be at most {limits.max_steps} for this model")
@@ -62,6 +65,16 @@ def _check_size(request: GenerationRequest, limits: LimitsConfig, family: Family
             f"width x height x num_outputs must be at most {limits.max_request_pixels} "
             f"pixels for this model (its memory budget), got "
             f"{request.width * request.height * request.num_outputs}"))
+
+
+def _check_passed_through(request: GenerationRequest, limits: LimitsConfig) -> None:
+    """An input answered as it is (no step runs) is bounded by the largest image the
+    model reads, not by what it draws."""
+    if request.width * request.height > limits.max_image_pixels:
+        raise InvalidField("image", f"is {request.width}x{request.height}, over this "
+                                    f"model's {limits.max_image_pixels} pixels")
+    if request.num_outputs > limits.max_outputs:
+        raise InvalidField("num_outputs", f"must be at most {limits.max_outputs} for this model")
 
 
 def _check_refine(request: GenerationRequest, limits: LimitsConfig) -> None:

@@ -230,6 +230,13 @@ class GenerationRequest:
         return self
 
     @property
+    def runs_no_step(self) -> bool:
+        """Whether its strength is too low for any denoising step: its input image is
+        the answer (enlarged, with `upscale`)."""
+        return (self.source is not None
+                and int(self.num_inference_steps * self.source.strength) < 1)
+
+    @property
     def seeds(self) -> list[int]:
         return [(self.seed + i) % (MAX_SEED + 1) for i in range(self.num_outputs)]
 

@@ -27,7 +27,6 @@ from deployments.engines.sources import (
     control_inputs,
     control_tensors,
     keep_unmasked,
-    nothing_to_denoise,
     source_inputs,
     source_tensors,
 )
@@ -266,7 +265,7 @@ class DiffusersEngine:
         first = requests[0]
         if any(self.batch_key(r) != self.batch_key(first) for r in requests):
             raise ValueError("a pipeline call needs requests with equal batch keys")
-        if nothing_to_denoise(first):  # the input is the answer (enlarged, if asked)
+        if first.runs_no_step:  # the input is the answer (enlarged, if asked)
             return [[image.copy() for image in pil_rows(self._enlarged(
                 r, source_tensors(r, self.device)[0])) for _ in r.seeds] for r in requests]
         real = len(requests)

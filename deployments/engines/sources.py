@@ -102,12 +102,6 @@ def _rows(requests: Sequence[GenerationRequest], tensors: Sequence[torch.Tensor]
                       for r, t in zip(requests, tensors, strict=True)])
 
 
-def nothing_to_denoise(request: GenerationRequest) -> bool:
-    """A strength this low runs no denoising step: the input is the answer."""
-    return (request.source is not None
-            and int(request.num_inference_steps * request.source.strength) < 1)
-
-
 def keep_unmasked(pixels: torch.Tensor, requests: Sequence[GenerationRequest],
                   sources: Sequence[SourceTensors | None]) -> torch.Tensor:
     """Blend each inpainted image (8-bit rows, on the device) with its input by the mask

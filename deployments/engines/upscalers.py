@@ -153,16 +153,21 @@ def upscaled(net: RRDBNet, images: torch.Tensor, size: tuple[int, int],
     The network's activations at its output size are the memory it needs: with `tile`,
     an image larger than a tile is upscaled tile by tile as Real-ESRGAN's `--tile` does,
     each tile read with `pad` pixels of its surroundings (multiples of 4, so an x2 or x1
-    network's folded pixel blocks line up)."""
-    dtype = next(net.parameters()).dtype
+    network's folded pixel blocks line up). An x2 or x1 network's input whose sides are
+    not multiples of its 2 or 4 pixel blocks is padded by reflection (wrapping round for
+    a tiling image) and the padding's output cut off, as Real-ESRGAN does."""
+    dtype, fold = next(net.parameters()).dtype, 4 // net.scale
     out = []
     for image in images:
-        image = image[None].to(dtype)
+        height, width = image.shape[-2:]
+        image = F.pad(image[None].to(dtype), (0, -width % fold, 0, -height % fold),
+                      mode="circular" if wrap else "reflect")
         if tile and max(image.shape[-2:]) > tile:
             big = _by_tiles(net, image, tile, pad, wrap)
         else:
             with circular_padding([net]) if wrap else nullcontext():
                 big = net(image).float().clamp(0, 1)
+        big = big[..., :height * net.scale, :width * net.scale]
         if tuple(big.shape[-2:]) != size:
             shrinks = big.shape[-2] >= size[0] and big.shape[-1] >= size[1]
             big = resized(big, size, "area" if shrinks else "bicubic", wrap).clamp(0, 1)

@@ -17,8 +17,8 @@ class RealEsrganInput(ReplicateInputBase):
     GFPGAN's face enhancement is not served."""
 
     image: str = Field(description=(
-        "Input image, as a data URI, base64 or an allowed URL, within the model's drawing "
-        "limits (max_size, max_pixels)"))
+        "Input image, as a data URI, base64 or an allowed URL; it and the answer within "
+        "the model's max_image_pixels"))
     scale: float = Field(4, ge=1, le=4, description=(
         "Factor to scale the image by (at most 4 here)"))
     face_enhance: bool = Field(False, description=(

@@ -135,3 +135,37 @@ def test_an_inpainting_checkpoint_enlarges_its_images_with_its_upscalers():
     assert model.options()["upscale"] and not model.options()["hires"]
     request = GenerationRequest.for_model(model, "x", width=64, height=64, upscale=2)
     assert (request.upscaler, request.delivered_size) == ("esrgan", (128, 128))
+
+
+def test_an_input_at_strength_0_keeps_its_own_size_within_the_images_a_model_reads(engine):
+    """67 x 45 pixels (no multiple of 8) over the model's 64 x 64 drawing limit is
+    answered at its size and enlarged; past max_image_pixels it is refused on `image`."""
+    import io
+
+    from PIL import Image
+
+    from serve.images import source_image
+
+    model = ModelConfig(id="a/b", embedded="tiny-sdxl",
+                        upscalers={"esrgan": {"embedded": "tiny-esrgan"}},
+                        limits={"max_size": 64, "max_pixels": 64 * 64,
+                                "max_image_pixels": 100 * 100},
+                        defaults={"width": 64, "height": 64})
+    picture = np.random.default_rng(6).integers(0, 256, (45, 67, 3), dtype=np.uint8)
+    data = io.BytesIO()
+    Image.fromarray(picture).save(data, "PNG")
+    source, width, height = source_image(data.getvalue(), None, 0.0, None, None, model)
+    assert (width, height) == (67, 45)
+    request = GenerationRequest.for_model(model, "", width=width, height=height,
+                                          source=source, upscale=1.5, upscaler="bicubic")
+    assert request.runs_no_step and request.delivered_size == (100, 68)
+    (image,) = engine.generate([request])[0]
+    assert image.size == (100, 68)
+    with pytest.raises(InvalidField) as refused:
+        GenerationRequest.for_model(model, "", width=101, height=100,
+                                    source=SourceImage(bytes(101 * 100 * 3), 0.0))
+    assert refused.value.field == "image"
+    with pytest.raises(InvalidField) as refused:  # a drawn request keeps the limits
+        GenerationRequest.for_model(model, "", width=72, height=48,
+                                    source=SourceImage(bytes(72 * 48 * 3), 0.5))
+    assert refused.value.field == "width"

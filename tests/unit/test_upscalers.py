@@ -255,3 +255,13 @@ def test_tiles_are_set_per_upscaler_and_part_of_the_version(tmp_path, cache_dir)
         with pytest.raises(ConfigError, match=f"upscalers.sharp.{next(iter(bad))}"):
             parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl", "upscalers": {
                 "sharp": {"embedded": "tiny-esrgan"} | bad}}]})
+
+
+def test_an_x2_networks_odd_sized_input_is_padded_and_the_padding_cut_off():
+    """7 x 9 pixels through a x2 network (2 x 2 pixel blocks): 14 x 18 out, the pixels
+    clear of the reflected edge as the even 6 x 8 crop gives them."""
+    image = torch.rand(1, 3, 7, 9)
+    out = upscaled(_identity_like(2), image, (14, 18))
+    assert out.shape == (1, 3, 14, 18)
+    assert torch.equal(out[..., :12, :16], upscaled(_identity_like(2), image[..., :6, :8],
+                                                    (12, 16)))
