@@ -203,6 +203,13 @@ def _retouch(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
             "seed": _seed(rng)}
 
 
+def _upscale(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
+    """Sellers' product photos enlarged 4x, not redrawn (strength 0: the model's first
+    upscaler alone, as Replicate's real-esrgan at its default scale)."""
+    return {"prompt": "x", "image": product_photo(i % len(PRODUCTS)), "prompt_strength": 0,
+            "upscale": 4, "seed": _seed(rng)}
+
+
 PROFILES = {p.name: p for p in (
     Profile("smoke", "64x64, 2 steps: checks the tool and the server end to end (CI)",
             _smoke, 64, 2, slo_s=5.0),
@@ -236,6 +243,8 @@ PROFILES = {p.name: p for p in (
     Profile("retouch", "the label area of product photos repainted at 1024x1024 and laid "
             "back (inpainting only the masked area), five per photo, 25 steps",
             _retouch, 1024, 25, slo_s=20.0),
+    Profile("upscale", "product photos of 1024x1024 enlarged 4x by the model's first upscaler, "
+            "not redrawn (prompt strength 0)", _upscale, 1024, 0, slo_s=20.0),
 )}
 
 

@@ -247,6 +247,18 @@ def test_the_flux_controlnet_profile_redraws_each_product_photo_along_its_edges(
     assert lv["succeeded"] == 0 and lv["errors"] == {"validation": 5}
 
 
+def test_the_upscale_profile_enlarges_each_photo_without_a_step(base_url, tmp_path):
+    import random
+
+    from load.profiles import PROFILES
+
+    bodies = [PROFILES["upscale"].body(random.Random(0), i, []) for i in range(3)]
+    assert len({b["image"] for b in bodies}) == 3
+    assert (bodies[0]["prompt_strength"], bodies[0]["upscale"]) == (0, 4)
+    lv = _level(base_url, tmp_path, "upscale", FAST, requests=3, steps=2)
+    assert lv["sent"] == lv["succeeded"] == 3 and lv["errors"] == {}
+
+
 def test_the_retouch_profile_repaints_each_photos_label_area_five_times(base_url, tmp_path):
     import random
 
