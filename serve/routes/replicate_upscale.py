@@ -19,8 +19,8 @@ class RealEsrganInput(ReplicateInputBase):
     image: str = Field(description=(
         "Input image, as a data URI, base64 or an allowed URL; it and the answer within "
         "the model's max_image_pixels"))
-    scale: float = Field(4, ge=1, le=4, description=(
-        "Factor to scale the image by (at most 4 here)"))
+    scale: float = Field(4, ge=1, le=10, description=(
+        "Factor to scale the image by (past the upscaler's own, grown bicubically)"))
     face_enhance: bool = Field(False, description=(
         "Run GFPGAN face enhancement: not served here (only false is taken)"))
 

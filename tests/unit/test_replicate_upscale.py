@@ -38,7 +38,7 @@ def test_under_the_alias_the_inputs_schema_and_output_are_real_esrgans():
 
 @pytest.mark.parametrize(("raw", "field"), [
     ({"image": "x", "face_enhance": True}, "face_enhance"),
-    ({"image": "x", "scale": 6}, "scale"),
+    ({"image": "x", "scale": 11}, "scale"),
     ({"scale": 2}, "image"),
     ({"image": "x", "prompt": "a cat"}, "prompt"),
 ])
