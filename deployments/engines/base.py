@@ -266,8 +266,7 @@ class DiffusersEngine:
         if any(self.batch_key(r) != self.batch_key(first) for r in requests):
             raise ValueError("a pipeline call needs requests with equal batch keys")
         if first.runs_no_step:  # the input is the answer (enlarged, if asked)
-            return [[image.copy() for image in pil_rows(self._enlarged(
-                r, source_tensors(r, self.device)[0])) for _ in r.seeds] for r in requests]
+            return self._inputs_answered(requests)
         real = len(requests)
         requests, withdrawn = self._padded(requests, withdrawn)
         rows = BatchRows([r.num_outputs for r in requests])
@@ -305,13 +304,14 @@ class DiffusersEngine:
                 out = self._call(pipe, first, generators, inputs, callback)
                 images = self._second_stage(requests, rows, generators, out, callback,
                                             inputs)
+            pixels = self._finish(requests, made, to_uint8(images))
+            real_rows = sum(rows.sizes[i] for i in rows.live if i < real)  # (a filler's last)
+            pixels = self._enlarged(first, pixels[:real_rows])
         except torch.OutOfMemoryError:
             out_of_memory = True  # handled below, once the failed call's frames are gone
         if out_of_memory:
             raise self._recover_memory(requests)
-        pixels = self._finish(requests, made, to_uint8(images))
-        real_rows = sum(rows.sizes[i] for i in rows.live if i < real)  # (a filler's last)
-        return rows.split(pil_rows(self._enlarged(first, pixels[:real_rows])))[:real]
+        return rows.split(pil_rows(pixels))[:real]
 
     def _compiled_for(self, first: GenerationRequest) -> AbstractContextManager:
         """Compiled for exact shapes, a call at an image size the warm-up did not compile
@@ -393,6 +393,16 @@ class DiffusersEngine:
         `inputs`: the call's, for every row): a family may run a second pass over them
         here (SDXL's refiner, or a hires pass)."""
         return out
+
+    def _inputs_answered(self, requests: Sequence[GenerationRequest]) -> list[list[Image.Image]]:
+        """Each request's input image as each of its images (no step runs), enlarged by
+        its `upscale`."""
+        try:
+            return [[image.copy() for image in pil_rows(self._enlarged(
+                r, source_tensors(r, self.device)[0])) for _ in r.seeds] for r in requests]
+        except torch.OutOfMemoryError:
+            pass  # handled below, as a call's, once the failed frames are gone
+        raise self._recover_memory(requests)
 
     def _enlarged(self, first: GenerationRequest, pixels: torch.Tensor) -> torch.Tensor:
         """The call's finished 8-bit images (rows) as delivered: a family may enlarge them

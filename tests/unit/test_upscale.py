@@ -169,3 +169,25 @@ def test_an_input_at_strength_0_keeps_its_own_size_within_the_images_a_model_rea
         GenerationRequest.for_model(model, "", width=72, height=48,
                                     source=SourceImage(bytes(72 * 48 * 3), 0.5))
     assert refused.value.field == "width"
+
+
+@pytest.mark.parametrize("strength", [None, 0.0])
+def test_an_upscaler_out_of_memory_is_the_calls_out_of_memory_error(engine, strength):
+    """As a pipeline call's: the replica answers it (and retries smaller batches), never
+    as an internal error; drawn or passed through."""
+    from serve.errors import OutOfMemory
+
+    request = REQUEST if strength is None else replace(
+        REQUEST, source=SourceImage(bytes(64 * 48 * 3), strength))
+    net = engine.upscalers.nets["esrgan"]
+
+    def full(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    hook = net.register_forward_pre_hook(full)
+    try:
+        with pytest.raises(OutOfMemory):
+            engine.generate([request])
+    finally:
+        hook.remove()
+    assert engine.generate([request])[0][0].size == (128, 96)
