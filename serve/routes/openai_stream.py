@@ -57,7 +57,8 @@ async def stream_images(state: IngressState, gen: GenerationRequest,
                     result = event[1].unflagged()  # flagged: an error event
                     yield _event(f"{kind}.completed", {
                         "type": f"{kind}.completed", "b64_json": _b64(result.images[0]),
-                        "created_at": int(time.time()), "usage": _USAGE, **common})
+                        "created_at": int(time.time()), "usage": _USAGE, **common,
+                        "size": f"{result.width}x{result.height}"})  # (a hires pass's, …)
                     return
                 event = await _next(events, deadline, timeout_s)
         except AtelierError as exc:

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -87,3 +88,10 @@ def test_a_refusal_before_the_first_event_is_raised_for_a_plain_answer():
         _run(Router([Overloaded("busy")]))
     with pytest.raises(TimedOut):
         _run(Router(["stall"], timeout_s=0.1))
+
+
+def test_the_completed_image_says_its_own_size_when_larger_than_the_partials():
+    """A hires pass or `upscale` answers a larger image than the first pass's partials."""
+    larger = replace(_result(b"final"), width=128, height=64)
+    events = _run(Router([("progress", 1, 4), ("partial", [b"p0"]), ("result", larger)]))
+    assert [d["size"] for _, d in events] == ["64x32", "128x64"]
