@@ -92,11 +92,12 @@ class ModelDeployment:
         gc_pauses.watch(gc_pause_histogram())
         facts = self.engine.describe()
         merged, vae = facts["merged_loras"], facts["vae"]
-        log.info("%s ready on %s (weights: %s%s%s): load %.2fs, warm-up %.2fs, %d objects "
+        log.info("%s ready on %s (weights: %s%s%s%s): load %.2fs, warm-up %.2fs, %d objects "
                  "frozen in %.2fs", self.cfg.id, facts["device"],
                  ", ".join(f"{part} {dtype}" for part, dtype in facts["weights"].items()),
                  f"; merged LoRAs: {', '.join(merged)}" if merged else "",
                  f"; VAE from {vae}" if vae else "",
+                 "; tiled VAE" if facts["vae_tiling"] else "",
                  self.load_s, self.warmup_s, settled["frozen"], settled["seconds"])
 
     def _warm_up(self) -> None:

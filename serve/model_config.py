@@ -164,6 +164,12 @@ class ModelConfig(_Strict):
     refiner: RefinerConfig | None = Field(None, description=(
         "SDXL only: a refiner for the `refine` request input (expert_ensemble_refiner, "
         "base_image_refiner). Unset: requests asking for refinement get 422."))
+    vae_tiling: bool = Field(False, description=(
+        "Decode and encode images larger than the VAE's sample size (1024 for SDXL and "
+        "FLUX) in overlapping tiles that blend, as diffusers' enable_tiling does, so the "
+        "VAE's memory stays that of a 1024² image for hires passes and large inputs. Such "
+        "images then differ slightly from whole-image decodes; tiling images (`tiling`) "
+        "are decoded whole."))
     upscalers: dict[str, UpscalerConfig] = Field(default_factory=dict, description=(
         "SDXL and plain FLUX models: ESRGAN-family upscalers by the name requests give "
         "(`hires_upscaler`), for the hires pass; its default is the first. Unset: bicubic."))

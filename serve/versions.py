@@ -36,6 +36,8 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
         config["styles"] = {name: s.model_dump() for name, s in model.styles.items()}
     if model.prompts.given():  # (left out unset: versions stay as they were)
         config["prompts"] = model.prompts.given()
+    if model.vae_tiling:  # (the same)
+        config["vae_tiling"] = True
     if model.upscalers:  # (the same) their names, the default first, and files below
         config["upscalers"] = [[name, u.embedded, u.tile, u.tile_pad]
                                for name, u in model.upscalers.items()]

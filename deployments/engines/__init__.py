@@ -48,6 +48,9 @@ class Engine(Protocol):
     def describe(self) -> dict:
         """Device, dtype and other facts for logs."""
 
+    def tile_vae(self) -> None:
+        """Decode and encode large images in tiles (the model's `vae_tiling`)."""
+
     def memory(self) -> tuple[str, int]:
         """(device name, bytes the model holds there) for the memory gauge."""
 
@@ -160,6 +163,15 @@ def create_engine(model: ModelConfig, cache_dir: Path,
         # Replicas sharing a GPU each keep to their share of its memory: past it, an
         # allocation fails in this replica (answered as out of memory), not in another's.
         torch.cuda.set_per_process_memory_fraction(model.gpu_share)
+    engine = _family_engine(model, cache_dir, adapters, path, device)
+    if model.vae_tiling:
+        engine.tile_vae()
+    return engine
+
+
+def _family_engine(model: ModelConfig, cache_dir: Path,
+                   adapters: dict[str, AdapterEntry] | None, path: Path, device: str) -> Engine:
+    """The engine of the model's family, its parts loaded."""
     if model.family == "sdxl":
         from deployments.engines.sdxl import SDXLEngine
 

@@ -159,7 +159,15 @@ class DiffusersEngine:
                 "vae_scale_factor": self.pipe.vae_scale_factor,
                 "adapters": "merged" if merged else "slots", "speed": self.speed,
                 "merged_loras": self.merged_loras,
-                "vae": None if self.vae_folder is None else str(self.vae_folder)}
+                "vae": None if self.vae_folder is None else str(self.vae_folder),
+                "vae_tiling": self.pipe.vae.use_tiling}
+
+    def tile_vae(self) -> None:
+        """Decode and encode images larger than the VAE's sample size in overlapping tiles
+        that blend (diffusers' enable_tiling; the model's `vae_tiling`), so the VAE's
+        memory stays that of its sample size whatever the image's. Every pipeline of the
+        engine shares the VAE."""
+        self.pipe.vae.enable_tiling()
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
         """Run `request` as calls of 1, 2 and `max_images` images: the first calls

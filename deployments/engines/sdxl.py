@@ -6,8 +6,8 @@ refiner run after the base model (Replicate's `refine`)."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
@@ -43,7 +43,7 @@ from deployments.engines.long_prompts import LongPrompts
 from deployments.engines.prompts import Embeds
 from deployments.engines.rescale import rescaled_guidance
 from deployments.engines.speed import attention_order
-from deployments.engines.tiling import circular_padding
+from deployments.engines.tiling import circular_padding, whole_vae
 from deployments.engines.upscalers import UpscalerFile
 from deployments.engines.variations import starting_noise, varies
 from deployments.engines.withdrawal import BatchRows
@@ -206,7 +206,7 @@ class SDXLEngine(HiresPass, DiffusersEngine):
             return super()._tiled(pipe, first)
         models = [pipe.unet, pipe.vae, getattr(pipe, "controlnet", None),
                   self.refiner and self.refiner.unet]
-        return circular_padding([m for m in models if m is not None])
+        return _wrapping([m for m in models if m is not None], pipe.vae)
 
     def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
         first = requests[0]
@@ -354,6 +354,13 @@ class SDXLEngine(HiresPass, DiffusersEngine):
                  "negative_pooled_prompt_embeds")
         return {name: torch.cat([held[pair][i] for pair in prompts])
                 for i, name in enumerate(names)}
+
+
+@contextmanager
+def _wrapping(models: list, vae) -> Iterator[None]:
+    """The models' convolutions pad circularly, and the VAE reads whole images."""
+    with circular_padding(models), whole_vae(vae):
+        yield
 
 
 def _rescales_itself(first: GenerationRequest) -> bool:

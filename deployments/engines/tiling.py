@@ -27,6 +27,19 @@ def circular_padding(models: Iterable[nn.Module]) -> Iterator[None]:
             conv.padding_mode = mode
 
 
+@contextmanager
+def whole_vae(vae: nn.Module) -> Iterator[None]:
+    """Within the block, the VAE decodes and encodes whole images, tiled or not by the
+    model's `vae_tiling`: a tiling image's circular padding wraps the whole image, which
+    tiles of it would break."""
+    before = vae.use_tiling
+    vae.use_tiling = False
+    try:
+        yield
+    finally:
+        vae.use_tiling = before
+
+
 def resized(images: torch.Tensor, size: tuple[int, int], mode: str,
             wrap: bool = False) -> torch.Tensor:
     """`images` (N, C, H, W) resized to `size` (height, width) by `mode`; with `wrap`, as
