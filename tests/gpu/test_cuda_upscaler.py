@@ -33,7 +33,8 @@ def test_a_hires_pass_through_the_upscaler_runs_on_the_gpu(tiny_sdxl_path, esrga
     from deployments.engines.sdxl import SDXLEngine
     from deployments.engines.upscalers import UpscalerFile
 
-    engine = SDXLEngine(tiny_sdxl_path, "float16", "cuda", upscalers={"esrgan": UpscalerFile(esrgan_file)})
+    engine = SDXLEngine(tiny_sdxl_path, "float16", "cuda",
+                        upscalers={"esrgan": UpscalerFile(esrgan_file)})
     request = GenerationRequest(model="a/b", prompt="a castle", width=128, height=128,
                                 num_inference_steps=4, guidance_scale=6.0, seed=3,
                                 scheduler="K_EULER", hires_scale=1.5, hires_upscaler="esrgan")

@@ -116,7 +116,8 @@ def test_the_answers_size_is_the_drawn_one_enlarged():
 @pytest.mark.parametrize(("model", "args", "field", "reason"), [
     (MODEL, {"upscale": 4, "width": 256, "height": 256}, "upscale", "1024x1024, over"),
     (MODEL, {"upscale": 2, "upscaler": "lanczos"}, "upscaler", "one of bicubic, esrgan"),
-    (MODEL, {"upscale": 2, "source": SourceImage(bytes(64 * 64 * 3), 0.5, overlay=Overlay(b"", b"", 640, 480, (0, 0, 64, 64)))},
+    (MODEL, {"upscale": 2, "source": SourceImage(
+        bytes(64 * 64 * 3), 0.5, overlay=Overlay(b"", b"", 640, 480, (0, 0, 64, 64)))},
      "upscale", "padding_mask_crop"),
     (ModelConfig(id="a/k", family="flux", embedded="tiny-flux-kontext", kontext=True),
      {"upscale": 2}, "upscale", "enlarges no images"),
