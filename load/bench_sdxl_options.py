@@ -4,18 +4,22 @@ on one engine: long prompts of 100 and 200 words (read in up to three chunks of 
 1.5x, bicubic and through an ESRGAN x4 upscaler (Real-ESRGAN x4plus's network: 64
 features, 23 blocks; random weights with `--random-sdxl`, else the embedded tiny one),
 in tiles of 256 pixels (the config's default) and whole, and the finished images enlarged
-2x through that upscaler without a redraw (`upscale`).
+2x through that upscaler without a redraw (`upscale`). With `--random-flux` or `--family
+flux`, the same for FLUX's options: its hires passes and `upscale`.
 
     python -m load.bench_sdxl_options                     # tiny SDXL, CPU
     python -m load.bench_sdxl_options --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
         --size 1024 --steps 20 --batches 1 8 --dtype bfloat16
+    python -m load.bench_sdxl_options --random-flux load/flux-dev-configs.json \\
+        --size 1024 --steps 28 --batches 1 4 --repeats 1
 
-With `--random-sdxl`, the SDXL base architecture with random weights (the folder
-`load.bench_engine` builds). The engine reads up to three chunks, with weights. Each
+With `--random-sdxl` or `--random-flux`, the family's full architecture with random
+weights (the folder `load.bench_engine` builds). The SDXL engine reads up to three chunks,
+with weights. Each
 option and batch size runs one untimed call, then `--repeats` timed ones; the hires rows'
 images are 1.5x the size on a side, the upscale row's 2x (`output_size`: the side
 answered). Prints and saves JSON (default
-results/sdxl-options-<device>-<size>.json): seconds per call, images/s and the ratio to
+results/<family>-options-<device>-<size>.json): seconds per call, images/s and the ratio to
 the plain call, and on a GPU the peak memory of each option's calls (GiB). Figures are
 what this run saw.
 """
@@ -28,7 +32,14 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_engine import GUIDANCE, add_call_args, model_folder, timed
+from load.bench_engine import (
+    GUIDANCE,
+    add_call_args,
+    add_model_args,
+    model_folder,
+    resolve_family,
+    timed,
+)
 from load.bench_serving import machine
 from load.report import save_report
 
@@ -48,25 +59,36 @@ OPTIONS = {
                                       "hires_upscaler": "esrgan-x4-whole"},
     "upscale 2x, ESRGAN x4": {"upscale": 2, "upscaler": "esrgan-x4"},
 }
+# The options a FLUX model takes (its T5 reads long prompts whole; it draws no tiling).
+FLUX_OPTIONS = ("plain", "hires 1.5x", "hires 1.5x, ESRGAN x4",
+                "hires 1.5x, ESRGAN x4 untiled", "upscale 2x, ESRGAN x4")
+_SCHEDULERS = {"sdxl": "K_EULER", "flux": "FlowMatchEuler"}
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--random-sdxl", metavar="CONFIGS", help=(
-        "JSON of SDXL component configs: a random full-size model"))
+    add_model_args(p)
     add_call_args(p, size=64, steps=4)
-    p.add_argument("--options", nargs="+", choices=list(OPTIONS), default=list(OPTIONS))
-    return p.parse_args(argv)
+    p.add_argument("--options", nargs="+", choices=list(OPTIONS), help=(
+        "default: every option the family takes"))
+    args = p.parse_args(argv)
+    resolve_family(p, args, [])
+    family_options = list(OPTIONS) if args.family == "sdxl" else list(FLUX_OPTIONS)
+    args.options = args.options or family_options
+    if not set(args.options) <= set(family_options):
+        p.error(f"{args.family} takes only these options: {', '.join(family_options)}")
+    return args
 
 
-def _requests(option: str, size: int, steps: int, images: int) -> list:
+def _requests(option: str, size: int, steps: int, images: int, family: str) -> list:
     from serve.types import GenerationRequest
 
     changes = dict(OPTIONS[option])
     words = changes.pop("prompt_words", 0)
-    base = GenerationRequest(model="bench/sdxl", prompt=PROMPT, width=size, height=size,
-                             num_inference_steps=steps, guidance_scale=GUIDANCE["sdxl"],
-                             seed=1, scheduler="K_EULER")
+    base = GenerationRequest(model=f"bench/{family}", prompt=PROMPT, width=size, height=size,
+                             num_inference_steps=steps, guidance_scale=GUIDANCE[family],
+                             seed=1, scheduler=_SCHEDULERS[family],
+                             hires_multiple=16 if family == "flux" else 8)
     if words:  # the prompt's words, again and again (about one token each)
         changes["prompt"] = " ".join((PROMPT.replace(",", "").split() * words)[:words])
     base = replace(base, **changes)
@@ -112,25 +134,38 @@ def _peak_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _engine(args: argparse.Namespace, cache_dir: Path):
+    """The family's engine, with Real-ESRGAN x4plus's network (or the tiny one) as an
+    upscaler in the config's default tiles and as one that upscales whole images."""
     from deployments.engines import resolve_device
-    from deployments.engines.sdxl import SDXLEngine
     from deployments.engines.upscalers import UpscalerFile
-    from serve.config import default_cache_dir
     from serve.model_parts import UpscalerConfig
+
+    esrgan = _upscaler_file(bool(args.configs), cache_dir)
+    tiles = UpscalerConfig(path=esrgan)
+    upscalers = {"esrgan-x4": UpscalerFile(esrgan, tiles.tile, tiles.tile_pad),
+                 "esrgan-x4-whole": UpscalerFile(esrgan)}
+    folder, device = model_folder(args.configs, cache_dir, args.family), resolve_device("auto")
+    if args.family == "flux":
+        from deployments.engines.flux import FluxEngine
+
+        return FluxEngine(folder, args.dtype, device, upscalers=upscalers)
+    from deployments.engines.sdxl import SDXLEngine
+
+    return SDXLEngine(folder, args.dtype, device, prompts={"chunks": 3, "weights": True},
+                      upscalers=upscalers)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from serve.config import default_cache_dir
 
     args = _parse_args(argv)
     cache_dir = default_cache_dir()
-    esrgan = _upscaler_file(bool(args.random_sdxl), cache_dir)
-    tiles = UpscalerConfig(path=esrgan)  # the config's default tiles
-    engine = SDXLEngine(model_folder(args.random_sdxl, cache_dir), args.dtype,
-                        resolve_device("auto"), prompts={"chunks": 3, "weights": True},
-                        upscalers={"esrgan-x4": UpscalerFile(esrgan, tiles.tile, tiles.tile_pad),
-                                   "esrgan-x4-whole": UpscalerFile(esrgan)})
+    engine = _engine(args, cache_dir)
     rows, plain = [], {}
     for images in args.batches:
         for option in args.options:
-            requests = _requests(option, args.size, args.steps, images)
+            requests = _requests(option, args.size, args.steps, images, args.family)
             _reset_peak()
             engine.generate(requests)  # untimed: first-call allocation
             times = [timed(engine.generate, requests) for _ in range(args.repeats)]
@@ -138,10 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
             if option == "plain":
                 plain[images] = median
             row = {"option": option, "batch": images,
-                   "chunks": engine.batch_key(requests[0])[-1],
                    "output_size": requests[0].delivered_size[0],
                    "median_s": round(median, 4), "min_s": round(min(times), 4),
                    "images_per_s": round(images / median, 3)}
+            if args.family == "sdxl":  # the 75-token chunks its prompt is read in
+                row["chunks"] = engine.batch_key(requests[0])[-1]
             if images in plain:
                 row["time_vs_plain"] = round(median / plain[images], 3)
             if (peak := _peak_gib()) is not None:
@@ -149,12 +185,14 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(row)
             print(json.dumps(row), flush=True)
     facts = engine.describe()
-    report = {"benchmark": "sdxl-options", "size": args.size, "steps": args.steps,
-              "guidance_scale": GUIDANCE["sdxl"], "repeats": args.repeats,
+    family = args.family
+    report = {"benchmark": f"{family}-options", "size": args.size, "steps": args.steps,
+              "guidance_scale": GUIDANCE[family], "repeats": args.repeats,
               "device": facts["device"], "weights": facts["weights"],
-              "model": f"{'random' if args.random_sdxl else 'tiny'}-sdxl",
+              "model": f"{'random' if args.configs else 'tiny'}-{family}",
               "machine": machine(), "rows": rows}
-    save_report(report, args.out, f"sdxl-options-{facts['device'].split(':')[0]}-{args.size}")
+    save_report(report, args.out,
+                f"{family}-options-{facts['device'].split(':')[0]}-{args.size}")
     return report
 
 

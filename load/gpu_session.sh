@@ -61,7 +61,7 @@
 # files are named after the GPU the step ran on (its name as nvidia-smi gives it, without
 # "NVIDIA", lower-cased: h100-80gb-hbm3, h200, ...), so two cards' figures never mix.
 set -euo pipefail
-step=${1:?"step: engine | engine-fp8 | engine-static | engine-calibrated | engine-cudnnbench | fp8-error | engine-512 | engine-autotune | engine-lightning | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | image-prompts-flux | kontext | fill | redux | controlnet-flux | sdxl-options"}
+step=${1:?"step: engine | engine-fp8 | engine-static | engine-calibrated | engine-cudnnbench | fp8-error | engine-512 | engine-autotune | engine-lightning | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | image-prompts-flux | kontext | fill | redux | controlnet-flux | sdxl-options | flux-options"}
 variant=${2:-compiled-fp8-buckets}
 out=${OUT:-results}
 mkdir -p "$out"
@@ -133,6 +133,9 @@ case $step in
                  2>&1 | tee "$log" ;;
   sdxl-options) python3 -m load.bench_sdxl_options "${sdxl[@]}" --batches 1 8 --repeats 2 \
                  --out "$out/sdxl-options-$gpu.json" 2>&1 | tee "$log" ;;
+  flux-options) python3 -m load.bench_sdxl_options --random-flux load/flux-dev-configs.json \
+                  --size 1024 --steps 28 --batches 1 4 --repeats 1 \
+                  --out "$out/flux-options-$gpu.json" 2>&1 | tee "$log" ;;
   controlnet) python3 -m load.bench_controlnet "${sdxl[@]}" --batches 1 8 --repeats 2 \
                --out "$out/controlnet-$gpu.json" 2>&1 | tee "$log" ;;
   image-prompts) python3 -m load.bench_image_prompts "${sdxl[@]}" --batches 1 8 --repeats 2 \

@@ -646,3 +646,15 @@ def test_sdxl_options_benchmark_times_each_option_against_the_plain_call(tmp_pat
     assert rows["hires 1.5x, ESRGAN x4 untiled", 1]["output_size"] == 96
     assert rows["upscale 2x, ESRGAN x4", 1]["output_size"] == 128
     assert f"saved {out}" in stdout
+
+
+def test_the_options_benchmark_times_flux_s_options_too(tmp_path):
+    out = tmp_path / "flux-options.json"
+    _run("load.bench_sdxl_options", "--family", "flux", "--size", "64", "--steps", "2",
+         "--batches", "1", "--repeats", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "flux-options" and report["model"] == "tiny-flux"
+    sizes = {r["option"]: r["output_size"] for r in report["rows"]}
+    assert sizes == {"plain": 64, "hires 1.5x": 96, "hires 1.5x, ESRGAN x4": 96,
+                     "hires 1.5x, ESRGAN x4 untiled": 96, "upscale 2x, ESRGAN x4": 128}
+    assert all("chunks" not in r and r["median_s"] > 0 for r in report["rows"])

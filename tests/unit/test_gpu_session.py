@@ -32,6 +32,7 @@ STEPS = {  # step arguments: the programs each runs
     ("redux",): ["load.bench_redux"],
     ("controlnet-flux",): ["load.bench_controlnet"],
     ("sdxl-options",): ["load.bench_sdxl_options"],
+    ("flux-options",): ["load.bench_sdxl_options"],
     ("tests",): ["pytest"],
 }
 
