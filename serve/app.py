@@ -45,7 +45,7 @@ from serve.routes import (
 )
 from serve.routes.replicate_runs import run_prediction
 from serve.state import MemoryStore, RedisStore
-from serve.versions import version_id
+from serve.versions import upscaling_version, version_id
 from serve.webhooks import new_secret, webhook_secret_from_env
 
 log = logging.getLogger("ray.serve.atelier.ingress")
@@ -145,6 +145,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     bound = {m.id: _model_app(m, config, catalog, has_gpus) for m in config.models}
     names = {m.id: _deployment_name(m) for m in config.models}
     versions = {m.id: version_id(m, config.cache_dir) for m in config.models}
+    versions |= {alias: upscaling_version(versions[m.id], alias) for m in config.models
+                 for alias in m.upscaling_aliases}
     # A replica being replaced (redeploy, scale-down) first finishes the synchronous
     # requests it holds, which may take up to the longest request_timeout_s.
     drain_s = max(m.request_timeout_s for m in config.models) + _DRAIN_MARGIN_S

@@ -15,6 +15,12 @@ from serve.config import ModelConfig
 _CHUNK = 8 * 2**20
 
 
+def upscaling_version(version: str, alias: str) -> str:
+    """The version of a model's upscaling alias (real-esrgan's inputs): its own, so that a
+    prediction naming it alone runs under the alias, changing with the model's."""
+    return hashlib.sha256(f"{version}/{alias}".encode()).hexdigest()
+
+
 def version_id(model: ModelConfig, cache_dir: Path) -> str:
     """64 hex digits, stable while the weights and the generation config stay the same."""
     from deployments.tiny import RECIPE_VERSION

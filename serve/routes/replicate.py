@@ -23,6 +23,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from serve.config import ModelConfig
 from serve.context import (
     IngressState,
     base_url,
@@ -48,11 +49,17 @@ class PredictionNotFound(AtelierError):
     kind = "prediction_not_found"
 
 
+def served_name(model: ModelConfig, name: str) -> str:
+    """The name a prediction of `model` asked for as `name` is kept under, with its own
+    version and inputs: an upscaling alias (real-esrgan's), else the model's id."""
+    return name if name in model.upscaling_aliases else model.id
+
+
 def model_json(state: IngressState, name: str, base: str) -> dict:
     """A served model as Replicate's API shows one named `name` (its id or an alias; under
     an upscaling alias, as that upscaler), with its latest version."""
     model = state.router.resolve(name)
-    shown = name if name in model.upscaling_aliases else model.id
+    shown = served_name(model, name)
     owner, short = shown.split("/")
     what = "image upscaling" if shown != model.id else model.family
     return {"url": f"{base}/v1/models/{shown}", "owner": owner, "name": short,
@@ -69,8 +76,8 @@ def _version_json(state: IngressState, name: str) -> dict:
     if not single_output(model, name):
         output = {"type": "array", "items": output, "title": "Output"}
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.started_at))
-    title = name if name in model.upscaling_aliases else model.id
-    return {"id": state.versions[model.id], "created_at": created,
+    title = served_name(model, name)
+    return {"id": state.versions[title], "created_at": created,
             "cog_version": "atelier", "openapi_schema": {
                 "openapi": "3.0.2", "info": {"title": title, "version": "1"},
                 "components": {"schemas": {"Input": input_schema(model, name),
@@ -99,7 +106,7 @@ async def list_versions(owner: str, name: str, request: Request) -> dict:
 async def get_version(owner: str, name: str, version: str, request: Request) -> dict:
     state = ingress()
     model = model_for(request, f"{owner}/{name}")
-    if state.versions[model.id] != version:
+    if state.versions[served_name(model, f"{owner}/{name}")] != version:
         raise ModelNotFound(f"{owner}/{name}:{version}", list(state.versions))
     return _version_json(state, f"{owner}/{name}")
 
@@ -129,11 +136,11 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
     """Accept a prediction of `model_ref` (an id or alias), at `version` if given."""
     state = ingress()
     model = model_for(request, model_ref)
-    if version is not None and version != state.versions[model.id]:
-        raise InvalidField("version", f"{model.id} is served at version {state.versions[model.id]}")
+    name = served_name(model, model_ref)  # the model's id, or an upscaling alias
+    if version is not None and version != state.versions[name]:
+        raise InvalidField("version", f"{name} is served at version {state.versions[name]}")
     rid = request_id(request)
-    upscaling = model_ref if model_ref in model.upscaling_aliases else None  # real-esrgan's
-    inp = parse_input(model, body.input, upscaling)
+    inp = parse_input(model, body.input, name)
     who = requester(request)
     gen = await to_request(state, model.id, inp, rid, **who)  # refuses bad input first
     if body.webhook:
@@ -141,10 +148,9 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
     deadline_s = duration_s(request.headers.get("cancel-after"))
     await charge_images(request, gen.num_outputs)
     prediction = Prediction(
-        model=model.id, version=state.versions[model.id],
+        model=name, version=state.versions[name],
         input=inp.model_dump(exclude_none=True), private={
             "seed": gen.seed, "base": base_url(request), "request_id": rid, **who,
-            **({"as": upscaling} if upscaling else {}),
             "webhook": body.webhook,
             "events": list(check_events(body.webhook_events_filter)),
             "cancel_at": None if deadline_s is None else time.time() + deadline_s})

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from serve.config import ModelConfig
 from serve.context import IngressState, ingress, model_for, usable_models
 from serve.errors import AtelierError
-from serve.routes.replicate import create_for_model
+from serve.routes.replicate import create_for_model, served_name
 from serve.routes.replicate_body import PredictionBody
 
 router = APIRouter()
@@ -34,8 +34,9 @@ def _deployment_json(state: IngressState, name: str, model: ModelConfig) -> dict
     owner, _, short = name.partition("/")
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.started_at))
     hardware = {"cuda": "gpu", "cpu": "cpu"}.get(model.device, "auto")
+    served = served_name(model, name)  # (an upscaling alias runs its own version)
     return {"owner": owner, "name": short, "current_release": {
-        "number": 1, "model": model.id, "version": state.versions[model.id],
+        "number": 1, "model": served, "version": state.versions[served],
         "created_at": created, "created_by": None, "configuration": {
             "hardware": hardware, "min_instances": model.replicas,
             "max_instances": model.replicas}}}

@@ -39,11 +39,11 @@ async def run_prediction(state: IngressState, p: Prediction) -> None:
     try:
         gen = state.prepared.pop(p.id, None)  # built when this replica accepted it
         if gen is None:  # adopted: rebuilt from the stored input (URLs fetched again)
-            model, name = state.router.resolve(p.model), private.get("as")
+            model = state.router.resolve(p.model)  # (its id, or an upscaling alias)
             raw = dict(p.input)
-            if "seed" in input_class(model, name).model_fields:  # (real-esrgan's has none)
+            if "seed" in input_class(model, p.model).model_fields:  # (real-esrgan's has none)
                 raw["seed"] = private["seed"]
-            inp = parse_input(model, raw, name)
+            inp = parse_input(model, raw, p.model)
             gen = await to_request(state, p.model, inp, private["request_id"],
                                    private.get("client", ""), private.get("priority", 0))
     except (AtelierError, RequestValidationError) as exc:  # e.g. a redeploy changed the model
@@ -125,7 +125,7 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
         urls = [f"{base}/files/{await state.store.put_file(img, result.media_type)}"
                 for img in result.images]
         p.finish("succeeded", output=urls[0] if single_output(
-            state.router.resolve(gen.model), p.private.get("as")) else urls)
+            state.router.resolve(gen.model), p.model) else urls)
         await state.store.save(p)
         if webhook:
             await webhook.send("output", p.to_json(base))

@@ -72,6 +72,13 @@ def test_real_esrgans_client_code_runs_unchanged_against_the_upscaling_alias(cli
     schema = model.latest_version.openapi_schema["components"]["schemas"]
     assert set(schema["Input"]["properties"]) == {"image", "scale", "face_enhance"}
     assert schema["Output"]["type"] == "string"
+    version = model.latest_version.id  # its own, so a prediction naming it alone runs here
+    assert version != rep.models.get(FAST).latest_version.id
+    pinned = rep.run(f"nightmareai/real-esrgan:{version}",
+                     input={"image": io.BytesIO(buffer.getvalue()), "scale": 2})
+    assert (pixels(Image.open(io.BytesIO(pinned.read()))) == enlarged).all()
+    (made,) = [p for p in rep.predictions.list().results if p.version == version][:1]
+    assert made.model == "nightmareai/real-esrgan"
     r = client.post("/v1/models/nightmareai/real-esrgan/predictions",
                     json={"input": {"image": _png_uri(photo), "face_enhance": True}})
     assert r.status_code == 422

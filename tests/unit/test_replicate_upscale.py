@@ -56,3 +56,12 @@ def test_what_real_esrgan_takes_and_this_server_does_not_is_refused_naming_it(ra
 def test_configs_that_cannot_serve_the_alias_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
         parse_config({"models": [MODEL | change]})
+
+
+def test_the_alias_has_its_own_version_following_the_models():
+    from serve.versions import upscaling_version
+
+    one = upscaling_version("a" * 64, ALIAS)
+    assert one == upscaling_version("a" * 64, ALIAS) and len(one) == 64
+    assert one not in (upscaling_version("b" * 64, ALIAS), "a" * 64,
+                       upscaling_version("a" * 64, "other/upscaler"))
