@@ -74,11 +74,12 @@ def test_real_esrgans_client_code_runs_unchanged_against_the_upscaling_alias(cli
     assert schema["Output"]["type"] == "string"
     version = model.latest_version.id  # its own, so a prediction naming it alone runs here
     assert version != rep.models.get(FAST).latest_version.id
-    pinned = rep.run(f"nightmareai/real-esrgan:{version}",
-                     input={"image": io.BytesIO(buffer.getvalue()), "scale": 2})
-    assert (pixels(Image.open(io.BytesIO(pinned.read()))) == enlarged).all()
-    (made,) = [p for p in rep.predictions.list().results if p.version == version][:1]
-    assert made.model == "nightmareai/real-esrgan"
+    made = rep.predictions.create(version=version, input={  # the version alone names it
+        "image": io.BytesIO(buffer.getvalue()), "scale": 2})
+    made.wait()
+    assert (made.status, made.model) == ("succeeded", "nightmareai/real-esrgan")
+    pinned = client.get(made.output)  # one URL
+    assert (pixels(Image.open(io.BytesIO(pinned.content))) == enlarged).all()
     r = client.post("/v1/models/nightmareai/real-esrgan/predictions",
                     json={"input": {"image": _png_uri(photo), "face_enhance": True}})
     assert r.status_code == 422
