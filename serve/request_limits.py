@@ -122,7 +122,7 @@ def _check_hires(request: GenerationRequest, limits: LimitsConfig, family: Famil
 
 
 def _check_upscale(request: GenerationRequest, limits: LimitsConfig, family: Family) -> None:
-    if request.upscale == 1:
+    if not request.enlarges:
         return
     if not family.hires:
         raise InvalidField("upscale", "this model enlarges no images (SDXL and plain FLUX "
@@ -131,6 +131,8 @@ def _check_upscale(request: GenerationRequest, limits: LimitsConfig, family: Fam
         raise InvalidField("upscale", "not with padding_mask_crop (the answer is the whole "
                                       "input image)")
     width, height = request.delivered_size
+    if min(width, height) < 1:
+        raise InvalidField("upscale", f"the images would be {width}x{height} pixels")
     if width * height > limits.max_image_pixels:
         raise InvalidField("upscale", (
             f"the images would be {width}x{height}, over this model's "

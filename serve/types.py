@@ -150,7 +150,8 @@ class GenerationRequest:
     hires_upscaler: str = ""  # with a hires pass: BICUBIC or one of the model's upscalers
     hires_multiple: int = 8
     # SDXL, FLUX: above 1, each finished image is enlarged this much by `upscaler` (BICUBIC
-    # or one of the model's upscalers), not redrawn, as the WebUI's Extras tab does.
+    # or one of the model's upscalers), not redrawn, as the WebUI's Extras tab does; at 1
+    # or below with an upscaler, it goes through it and is resized (`enlarges`).
     upscale: float = 1.0
     upscaler: str = ""
     # SDXL text-to-image: image i starts from its seed's noise moved towards that of
@@ -173,10 +174,12 @@ class GenerationRequest:
                   scheduler: str | None = None, guidance_rescale: float | None = None,
                   style: str | None = None, clip_skip: int | None = None,
                   hires_upscaler: str | None = None, upscaler: str | None = None,
-                  **rest) -> GenerationRequest:
+                  through_upscaler: bool = False, **rest) -> GenerationRequest:
         """A request for `model`: unset values take its defaults, an unset seed is drawn,
         the prompts take the named `style`, and the result is checked against its limits
-        (raises InvalidField). The safety check and the watermark stay on where the model
+        (raises InvalidField). With `through_upscaler`, the images go through the upscaler
+        even at `upscale` 1 or below (real-esrgan's `scale`: the network's output resized
+        to it). The safety check and the watermark stay on where the model
         does not let requests skip them."""
         d = model.defaults
         if style is not None:
@@ -200,7 +203,8 @@ class GenerationRequest:
             clip_skip=model.prompts.clip_skip if clip_skip is None else clip_skip,
             hires_upscaler=_upscaler(model, hires_upscaler, rest.get("hires_scale", 1)),
             hires_multiple=model.rules.size_multiple,
-            upscaler=_upscaler(model, upscaler, rest.get("upscale", 1), "upscaler"), **rest)
+            upscaler=_upscaler(model, upscaler, rest.get("upscale", 1), "upscaler",
+                               through_upscaler), **rest)
         if model.inpainting:
             request = request.repainting()
         if request.refine != "no_refiner" and model.refiner is None:
@@ -254,6 +258,11 @@ class GenerationRequest:
                 round(self.height * self.hires_scale / step) * step)
 
     @property
+    def enlarges(self) -> bool:
+        """Whether its finished images go through an upscaler (`upscale`, `upscaler`)."""
+        return self.upscale != 1 or bool(self.upscaler)
+
+    @property
     def delivered_size(self) -> tuple[int, int]:
         """(width, height) of the images answered: `output_size`, enlarged by `upscale`
         (rounded to whole pixels)."""
@@ -287,13 +296,13 @@ class GenerationRequest:
 
 
 def _upscaler(model: ModelConfig, name: str | None, scale: float,
-              field: str = "hires_upscaler") -> str:
+              field: str = "hires_upscaler", always: bool = False) -> str:
     """The upscaler a request's hires pass (or its final `upscale`) uses: the one named
-    (BICUBIC or one of the model's), else the model's first, else BICUBIC; none without
-    one."""
+    (BICUBIC or one of the model's), else the model's first, else BICUBIC; none at scale
+    1 unless `always`."""
     if name is not None and name != BICUBIC and name not in model.upscalers:
         raise InvalidField(field, "one of " + ", ".join([BICUBIC, *model.upscalers]))
-    if scale == 1:
+    if scale == 1 and not always:
         return ""
     return name or next(iter(model.upscalers), BICUBIC)
 

@@ -77,7 +77,7 @@ class HiresPass:
     def _enlarged(self, first: GenerationRequest, pixels: torch.Tensor) -> torch.Tensor:
         """The call's finished 8-bit images (rows, on the device) enlarged by its
         requests' `upscale`, without a redraw."""
-        if first.upscale == 1:
+        if not first.enlarges:
             return pixels
         width, height = first.delivered_size
         images = self.upscalers.enlarged(first.upscaler, pixels.float() / 255,

@@ -17,14 +17,15 @@ router = APIRouter()
 
 @router.get("/v1/models", summary="List served models")
 async def list_models(request: Request) -> dict:
-    """OpenAI's client reads `data`, Replicate's (`models.list()`) reads `results`."""
+    """OpenAI's client reads `data`, Replicate's (`models.list()`) reads `results`: there,
+    a model's upscaling aliases follow it, as the upscalers they run as."""
     state = ingress()
     models = usable_models(request)  # those the request's key may use
     created = state.started_at
     data = [{"id": m.id, "object": "model", "created": created, "owned_by": m.id.split("/")[0],
              "family": m.family, "kontext": m.kontext, "fill": m.fill, "canny": m.canny,
              "depth": m.depth, "inpainting": m.inpainting,
-             "aliases": m.aliases,
+             "aliases": m.aliases, "upscaling_aliases": m.upscaling_aliases,
              "controlnets": {name: {"conditioning_scale": net.conditioning_scale,
                                     "preprocess": net.preprocess,
                                     "control_mode": net.control_mode}
@@ -43,7 +44,8 @@ async def list_models(request: Request) -> dict:
             for m in models]
     base = base_url(request)
     return {"object": "list", "data": data, "next": None, "previous": None,
-            "results": [model_json(state, m.id, base) for m in models]}
+            "results": [model_json(state, name, base)
+                        for m in models for name in (m.id, *m.upscaling_aliases)]}
 
 
 @router.get("/healthz", summary="Readiness of every model deployment")

@@ -1,6 +1,7 @@
 """nightmareai/real-esrgan's inputs, for the names under which a model enlarges images
-(`upscaling_aliases`): the image is answered at strength 0, enlarged `scale` times by the
-model's first upscaler (`upscale`), not redrawn, and the prediction's output is one URL,
+(`upscaling_aliases`): the image is answered at strength 0, through the model's first
+upscaler and resized to `scale` times its size (`upscale`; at 1 or below too, as
+real-esrgan cleans or shrinks it), not redrawn, and the prediction's output is one URL,
 as real-esrgan's is."""
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ class RealEsrganInput(ReplicateInputBase):
     image: str = Field(description=(
         "Input image, as a data URI, base64 or an allowed URL; it and the answer within "
         "the model's max_image_pixels"))
-    scale: float = Field(4, ge=1, le=10, description=(
-        "Factor to scale the image by (past the upscaler's own, grown bicubically)"))
+    scale: float = Field(4, gt=0, le=10, description=(
+        "Factor to scale the image by: the upscaler's output resized to it (by area where "
+        "that shrinks it, bicubically past the upscaler's own factor)"))
     face_enhance: bool = Field(False, description=(
         "Run GFPGAN face enhancement: not served here (only false is taken)"))
 
@@ -41,7 +43,7 @@ class RealEsrganInput(ReplicateInputBase):
 
     def request_args(self) -> dict[str, Any]:
         return {"width": None, "height": None, "num_outputs": 1, "upscale": self.scale,
-                "upscaler": None, "output_format": "png"}
+                "upscaler": None, "through_upscaler": True, "output_format": "png"}
 
     def field_of(self, arg: str) -> str:
         if arg in ("width", "height"):

@@ -28,6 +28,8 @@ def test_models_are_listed_in_openai_shape(client):
     first = body["data"][0]
     assert first["object"] == "model" and first["owned_by"] == "atelier"
     assert first["aliases"] == ["stability-ai/sdxl"] and first["limits"]["max_size"] == 512
+    assert first["upscaling_aliases"] == ["nightmareai/real-esrgan"]
+    assert all(m["upscaling_aliases"] == [] for m in body["data"][1:])
     assert (first["family"], first["defaults"]["scheduler"]) == ("sdxl", "K_EULER")
     assert (first["inpainting"], first["textual_inversions"]) == (False, [])
     assert first["options"] == {"tiling": True, "hires": True, "variations": True,
@@ -66,7 +68,13 @@ def test_both_official_clients_list_the_same_models(base_url, rep):
     oai = openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
     listed = [m.id for m in oai.models.list()]
     page = rep.models.list()
-    assert [f"{m.owner}/{m.name}" for m in page.results] == listed and page.next is None
+    # Replicate's shows FAST's upscaling alias after it, as the upscaler it runs as.
+    shown = [f"{m.owner}/{m.name}" for m in page.results]
+    assert shown == [listed[0], "nightmareai/real-esrgan", *listed[1:]] and page.next is None
+    alias = page.results[1]
+    assert listed[0] == FAST and alias.description == "image upscaling served by Atelier"
+    assert set(alias.latest_version.openapi_schema["components"]["schemas"]["Input"][
+        "properties"]) == {"image", "scale", "face_enhance"}
     retrieved = oai.models.retrieve("black-forest-labs/flux-dev")  # an alias
     assert (retrieved.id, retrieved.object, retrieved.owned_by) == (FLUX, "model", "atelier")
     flux = page.results[-6]

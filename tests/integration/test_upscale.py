@@ -65,6 +65,9 @@ def test_real_esrgans_client_code_runs_unchanged_against_the_upscaling_alias(cli
                                                        "scale": 2})
     enlarged = pixels(Image.open(io.BytesIO(output.read())))  # one file, not a list
     assert enlarged.shape == (128, 160, 3)
+    halved = rep.run("nightmareai/real-esrgan", input={"image": io.BytesIO(buffer.getvalue()),
+                                                       "scale": 0.5})
+    assert pixels(Image.open(io.BytesIO(halved.read()))).shape == (32, 40, 3)
     r = client.post("/generate", json={"prompt": "x", "image": _png_uri(photo),
                                        "prompt_strength": 0, "upscale": 2})
     assert (pixels(decode(r.json()["image"])) == enlarged).all()

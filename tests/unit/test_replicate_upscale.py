@@ -31,7 +31,9 @@ def test_under_the_alias_the_inputs_schema_and_output_are_real_esrgans():
     assert single_output(model, ALIAS) and not single_output(model, "a/b")
     inp = parse_input(model, {"image": "data:,", "scale": 2}, ALIAS)
     assert inp.request_args() == {"width": None, "height": None, "num_outputs": 1,
-                                  "upscale": 2, "upscaler": None, "output_format": "png"}
+                                  "upscale": 2, "upscaler": None, "through_upscaler": True,
+                                  "output_format": "png"}
+    assert parse_input(model, {"image": "data:,", "scale": 0.5}, ALIAS).scale == 0.5
     assert (inp.prompt_strength, inp.mask, inp.lora_refs()) == (0.0, None, [])
     assert inp.field_of("width") == "image" and inp.field_of("upscale") == "scale"
 
@@ -39,6 +41,7 @@ def test_under_the_alias_the_inputs_schema_and_output_are_real_esrgans():
 @pytest.mark.parametrize(("raw", "field"), [
     ({"image": "x", "face_enhance": True}, "face_enhance"),
     ({"image": "x", "scale": 11}, "scale"),
+    ({"image": "x", "scale": 0}, "scale"),
     ({"scale": 2}, "image"),
     ({"image": "x", "prompt": "a cat"}, "prompt"),
 ])

@@ -87,6 +87,29 @@ def test_an_input_at_strength_0_is_enlarged_itself(engine):
     assert np.array_equal(_px(same), picture)
 
 
+@pytest.mark.parametrize(("scale", "size"), [(1.0, (48, 64)), (0.5, (24, 32))])
+def test_through_the_upscaler_at_1_or_below_the_networks_output_is_shrunk(engine, esrgan_file,
+                                                                          scale, size):
+    """real-esrgan's `scale` 1 or 0.5 (`through_upscaler`): the input image through the
+    network (x4, tiles of 32), brought down to its own size or half by area."""
+    model = ModelConfig(id="a/b", embedded="tiny-sdxl",
+                        upscalers={"esrgan": {"embedded": "tiny-esrgan"}},
+                        limits={"min_size": 8})
+    picture = np.random.default_rng(7).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    request = GenerationRequest.for_model(
+        model, "", width=64, height=48, source=SourceImage(picture.tobytes(), 0.0),
+        upscale=scale, through_upscaler=True)
+    assert request.upscaler == "esrgan" and request.delivered_size == size[::-1]
+    (image,) = engine.generate([request])[0]
+    net = load_upscaler(esrgan_file, "cpu", torch.float32)
+    theirs = to_uint8(upscaled(net, _tensor([picture]), size, tile=32, pad=8))[0]
+    assert np.array_equal(_px(image), theirs.permute(1, 2, 0).numpy())
+    assert np.abs(_px(image).astype(int) - (picture if scale == 1 else 0)).mean() > 1
+    with pytest.raises(InvalidField, match="0x0") as refused:
+        replace(request, upscale=0.001).check_limits(model.limits)
+    assert refused.value.field == "upscale"
+
+
 def test_flux_enlarges_its_images_too(flux):
     request = GenerationRequest(model="a/f", prompt="a castle", width=64, height=48,
                                 num_inference_steps=3, guidance_scale=3.5, seed=2,
