@@ -37,15 +37,63 @@ def build_random_ip_adapter(folder: Path, unet, encoder_config: dict,
              "image_proj.proj.bias": torch.zeros(4 * text_dim),
              "image_proj.norm.weight": torch.ones(text_dim),
              "image_proj.norm.bias": torch.zeros(text_dim)}
+    save_file({k: v.to(getattr(torch, dtype)).contiguous()
+               for k, v in (state | _image_attention(unet)).items()},
+              models / "ip-adapter_sdxl.safetensors")
+
+
+def _image_attention(unet, gain: float = 1.0) -> dict:
+    """Each cross-attention's `ip_adapter.<n>.to_k_ip/to_v_ip`, numbered as the original
+    code numbers the UNet's attention layers: the text projections plus noise, times
+    `gain`."""
+    import torch
+
+    state = {}
     for number, name in enumerate(unet.attn_processors):  # attn1, attn2 of each block
         if name.endswith("attn2.processor"):
             attention = unet.get_submodule(name.removesuffix(".processor"))
             for ip, text in (("to_k_ip", attention.to_k), ("to_v_ip", attention.to_v)):
                 weight = text.weight.detach().float()
                 state[f"ip_adapter.{number}.{ip}.weight"] = (
-                    weight + torch.randn_like(weight) * weight.std())
+                    weight + torch.randn_like(weight) * weight.std()) * gain
+    return state
+
+
+# diffusers' resampler names → the original plus adapters' (ip-adapter-plus_sdxl_vit-h).
+_PLUS_NAMES = (("attn.to_out.0.", "0.to_out."), ("attn.to_q.", "0.to_q."), ("ln0.", "0.norm1."),
+               ("ln1.", "0.norm2."), ("ff.0.", "1.0."), ("ff.1.net.0.proj.", "1.1."),
+               ("ff.1.net.2.", "1.3."))
+
+
+def build_random_plus_ip_adapter(file: Path, unet, encoder_config: dict,
+                                 dtype: str = "float32") -> None:
+    """A "plus" IP-Adapter for `unet` (ip-adapter-plus_sdxl_vit-h's kind: a resampler
+    reads the image encoder's penultimate hidden states into 16 image tokens), random
+    weights, saved as `file` in the original layout (its `to_kv`, `norm1`, `1.1` names),
+    to sit beside an adapter's image encoder of `encoder_config` (h94/IP-Adapter keeps
+    it beside ip-adapter-plus-face_sdxl_vit-h, which has the same layout). Its image
+    attention is scaled up 3 times, to move a tiny model's picture visibly."""
+    import torch
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+    from safetensors.torch import save_file
+
+    width = unet.config.cross_attention_dim
+    resampler = IPAdapterPlusImageProjection(
+        embed_dims=encoder_config["hidden_size"], output_dims=width, hidden_dims=width,
+        heads=max(1, width // 64), num_queries=16)
+    state = {}
+    for name, value in resampler.state_dict().items():
+        if ".attn.to_k." in name or ".attn.to_v." in name:
+            kv = name.replace(".attn.to_k.", ".0.to_kv.").replace(".attn.to_v.", ".0.to_kv.")
+            state.setdefault(kv, []).append(value)  # key rows, then value rows
+            continue
+        for ours, theirs in _PLUS_NAMES:
+            name = name.replace(ours, theirs)
+        state[name] = value
+    state = {f"image_proj.{k}": torch.cat(v) if isinstance(v, list) else v
+             for k, v in state.items()} | _image_attention(unet, gain=3.0)
     save_file({k: v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()},
-              models / "ip-adapter_sdxl.safetensors")
+              str(file))
 
 
 def build_random_flux_ip_adapter(folder: Path, transformer: dict, encoder_config: dict,

@@ -7,7 +7,7 @@ decoded the same way, at its own size."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -168,6 +168,28 @@ async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
                            reader.scale if scale is None else scale)
     return ImagePrompt(picture.tobytes(), *picture.size, 1.0,
                        downsampling or reader.downsampling)
+
+
+async def load_extra_image_prompts(given: Mapping[str, tuple[str | bytes, float | None]],
+                                   model: ModelConfig, fetcher: ImageFetcher,
+                                   field: str = "extra_ip_adapters",
+                                   ) -> tuple[tuple[str, ImagePrompt], ...]:
+    """The image prompts for the model's further IP-Adapters (`ip_adapter.extra`), by
+    name, read as the first adapter's is, each at its adapter's scale unless given. 422 on
+    `field` for a name the model does not hold."""
+    extra = model.ip_adapter.extra if model.ip_adapter is not None else {}
+    for name in given:
+        if name not in extra:
+            raise InvalidField(field, f"{name!r} is not one of this model's further "
+                                      "IP-Adapters (" + (", ".join(extra) or "it has none") + ")")
+
+    async def read(name: str, image: str | bytes, scale: float | None) -> tuple:
+        data = await fetcher.fetch(image, field, model.limits.max_image_bytes)
+        picture = await asyncio.to_thread(_prompt_picture, data, field, model)
+        return name, ImagePrompt(picture.tobytes(), *picture.size,
+                                 extra[name].scale if scale is None else scale)
+
+    return tuple(await asyncio.gather(*(read(name, *value) for name, value in given.items())))
 
 
 def _prompt_picture(data: str | bytes, field: str, model: ModelConfig) -> Image.Image:

@@ -338,6 +338,9 @@ class ModelConfig(_Strict):
         if family not in (None, self.family):
             raise ValueError(f"ip_adapter.embedded: {adapter.embedded!r} is a {family} "
                              f"IP-Adapter, and this is a {self.family} model")
+        if adapter.extra and self.family != "sdxl":
+            raise ValueError("ip_adapter.extra: a FLUX model reads one IP-Adapter (SDXL "
+                             "models may hold several)")
 
     @property
     def estimates_depth(self) -> bool:

@@ -6,9 +6,10 @@ name."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serve.model_parts import MOST_CLIP_SKIP
 from serve.types import MAX_SEED
@@ -56,6 +57,42 @@ class UpscaleFields(BaseModel):
 
     def upscale_args(self) -> dict[str, Any]:
         return {"upscale": self.upscale, "upscaler": self.upscaler}
+
+
+class ExtraImagePrompt(BaseModel):
+    """An image prompt for one of a model's further IP-Adapters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(description=(
+        "The picture: a data URI, base64 or an allowed URL, as ip_adapter_image takes it."))
+    scale: float | None = Field(None, ge=0, le=2, description=(
+        "How strongly it steers; default: that adapter's own (config)."))
+
+
+class ExtraIPAdapterFields(BaseModel):
+    """Image prompts for an SDXL model's further IP-Adapters (`ip_adapter.extra`)."""
+
+    extra_ip_adapters: dict[str, ExtraImagePrompt] = Field(
+        default_factory=dict, max_length=4, description=(
+            "SDXL models with further IP-Adapters (GET /v1/models lists them): an image "
+            "prompt for each by its name, {\"image\": ..., \"scale\": ...}, beside or "
+            "without ip_adapter_image (JSON body; in an edit's form, as JSON)."))
+
+    @field_validator("extra_ip_adapters", mode="before")
+    @classmethod
+    def _prompts_json_in_a_form(cls, value: Any) -> Any:
+        """A multipart form (OpenAI's edits) carries the mapping as JSON text."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("not JSON") from None
+        return value
+
+    def extra_prompt_params(self) -> dict[str, tuple[str, float | None]]:
+        """(picture, scale) of each further adapter's image prompt, by name."""
+        return {name: (p.image, p.scale) for name, p in self.extra_ip_adapters.items()}
 
 
 class VariationFields(BaseModel):

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
-from serve.model_parts import ConfigError, PathOrEmbedded
+from serve.model_parts import ConfigError, PathOrEmbedded, _Strict
 
 # The embedded ControlNets: their family, and their union modes (None: not a union).
 EMBEDDED_CONTROLNETS = {"tiny-sdxl-controlnet": ("sdxl", None),
@@ -86,6 +86,22 @@ def check_control_mode(modes: int | None, mode: int | None) -> None:
 # (whose CLIP ViT-L/14 image encoder, openai/clip-vit-large-patch14, is copied beside it).
 IP_ADAPTER_LAYOUTS = {"sdxl": ("sdxl_models", "ip-adapter_sdxl.safetensors", "image_encoder"),
                       "flux": ("", "ip_adapter.safetensors", "image_encoder")}
+# The names of an SDXL model's further IP-Adapters (`ip_adapter.extra`).
+EXTRA_IP_ADAPTER_NAME = r"^[a-z0-9][a-z0-9_-]{0,39}$"
+
+
+class ExtraIPAdapterConfig(_Strict):
+    """A further IP-Adapter of an SDXL model, in the first one's folder and with its image
+    encoder (h94/IP-Adapter's ip-adapter-plus-face_sdxl_vit-h beside ip-adapter-plus_
+    sdxl_vit-h, say): requests send it an image prompt of its own, by its name."""
+
+    weight_name: str = Field(description=(
+        "Its weights file in the first adapter's `subfolder`, e.g. "
+        "ip-adapter-plus-face_sdxl_vit-h.safetensors."))
+    scale: float = Field(0.6, ge=0, le=2, description=(
+        "How strongly its image prompt steers when the request does not say."))
+
+
 # The embedded IP-Adapters, by the family they are made for.
 EMBEDDED_IP_ADAPTERS = {"tiny-sdxl-ip-adapter": "sdxl", "tiny-flux-ip-adapter": "flux"}
 
@@ -121,15 +137,27 @@ class IPAdapterConfig(PathOrEmbedded):
     scale: float = Field(0.6, ge=0, le=2, description=(
         "How strongly the image prompt steers when the request does not say (its "
         "`ip_adapter_scale`): 0 ignores it."))
+    extra: dict[Annotated[str, StringConstraints(pattern=EXTRA_IP_ADAPTER_NAME)],
+                ExtraIPAdapterConfig] = Field(default_factory=dict, max_length=4, description=(
+        "SDXL models: further adapters by name (lowercase letters, digits, - and _), in "
+        "the same folder and read with the same image encoder: a request sends each an "
+        "image prompt of its own (`extra_ip_adapters`), beside or without the first's. "
+        "Each adds its attention to every cross-attention."))
 
     @model_validator(mode="after")
     def _embedded_files(self) -> IPAdapterConfig:
-        changed = [name for name in ("subfolder", "weight_name", "image_encoder")
-                   if getattr(self, name) is not None]
+        changed = [name for name in ("subfolder", "weight_name", "image_encoder", "extra")
+                   if getattr(self, name)]
         if self.embedded is not None and changed:
             raise ValueError(f"{changed[0]}: the embedded IP-Adapter has only its own files; "
-                             "leave subfolder, weight_name and image_encoder unset")
+                             "leave subfolder, weight_name, image_encoder and extra unset")
         return self
+
+    def weight_names(self, family: str) -> tuple[tuple[str, str], ...]:
+        """(name, weights file) of each of its adapters: the first's name "", then the
+        `extra` ones'."""
+        return (("", self.layout(family)[1]),
+                *((name, extra.weight_name) for name, extra in self.extra.items()))
 
     def layout(self, family: str) -> tuple[str, str, str]:
         """(subfolder, weights file, image encoder) for a model of `family`: those set,
@@ -155,6 +183,10 @@ class IPAdapterConfig(PathOrEmbedded):
         if not weights.is_file():
             raise ConfigError(f"{where}.weight_name: {weights} is not a file (path, "
                               "subfolder and weight_name name it)")
+        for name, extra in self.extra.items():
+            if not (weights.parent / extra.weight_name).is_file():
+                raise ConfigError(f"{where}.extra.{name}.weight_name: "
+                                  f"{weights.parent / extra.weight_name} is not a file")
         encoder = self.encoder_folder(self.path, family)
         if not (encoder / "config.json").is_file():
             raise ConfigError(f"{where}.image_encoder: {encoder} is not an image encoder "

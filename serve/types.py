@@ -131,6 +131,8 @@ class GenerationRequest:
     source: SourceImage | None = None
     controls: tuple[ControlImage, ...] = ()  # ControlNets steering the image, combined
     image_prompt: ImagePrompt | None = None  # for the model's IP-Adapter or Redux
+    # SDXL: image prompts for the model's further IP-Adapters (`ip_adapter.extra`), by name.
+    extra_image_prompts: tuple[tuple[str, ImagePrompt], ...] = ()
     refine: Refine = "no_refiner"
     high_noise_frac: float = 0.8  # expert_ensemble_refiner: where the refiner takes over
     refine_steps: int | None = None  # base_image_refiner: steps (default: the request's)
@@ -217,6 +219,10 @@ class GenerationRequest:
         if request.image_prompt is not None and (model.ip_adapter or model.redux) is None:
             raise InvalidField(model.image_prompt_field, "this model reads no image prompts "
                                                          "(its config sets no IP-Adapter or Redux)")
+        extra = model.ip_adapter.extra if model.ip_adapter is not None else {}
+        if any(name not in extra for name, _ in request.extra_image_prompts):
+            raise InvalidField("extra_ip_adapters", "one of this model's further IP-Adapters: "
+                               + (", ".join(extra) or "it has none"))
         if len(request.controls) > model.limits.max_controlnets:
             raise InvalidField("controlnets", f"at most {model.limits.max_controlnets} "
                                               "ControlNets per request for this model")

@@ -52,6 +52,8 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
     if ip is not None:  # its files as the family lays them out, given or not
         config["ip_adapter"] |= dict(zip(("subfolder", "weight_name", "image_encoder"),
                                          ip.layout(model.family), strict=True))
+        if not ip.extra:  # (left out when none: versions stay as they were)
+            del config["ip_adapter"]["extra"]
     h.update(json.dumps(config, sort_keys=True).encode())
     redux = model.redux
     if model.embedded is not None or (refiner and refiner.embedded) or any(
@@ -77,8 +79,10 @@ def _ip_adapter_files(adapter, family: str) -> list:
     which may hold other adapters)."""
     if adapter is None or adapter.path is None:
         return []
-    return [(adapter.weights_file(adapter.path, family), _read_all),
-            (adapter.encoder_folder(adapter.path, family), _read_all)]
+    weights = adapter.weights_file(adapter.path, family)
+    return [(weights, _read_all), (adapter.encoder_folder(adapter.path, family), _read_all),
+            *((weights.parent / extra.weight_name, _read_all)
+              for extra in adapter.extra.values())]
 
 
 def checkpoint_key(checkpoint: Path, configs: Path, cache_dir: Path) -> str:

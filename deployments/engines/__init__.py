@@ -105,16 +105,19 @@ def controlnet_files(model: ModelConfig, cache_dir: Path) -> dict[str, NetFiles]
             for name, net in model.controlnets.items()}
 
 
-def ip_adapter_files(model: ModelConfig, cache_dir: Path) -> tuple[Path, str, str, str] | None:
-    """The IP-Adapter's (folder, subfolder, weights file, image encoder folder) as diffusers'
-    load_ip_adapter takes them (the embedded one built once), or None."""
+def ip_adapter_files(model: ModelConfig, cache_dir: Path) -> tuple | None:
+    """The IP-Adapters' (folder, subfolder, weights, image encoder folder) as diffusers'
+    load_ip_adapter takes them (the embedded one built once), `weights` the first's file
+    or, with further ones, (name, file) pairs; or None."""
     from deployments.tiny import ensure_embedded
 
     adapter = model.ip_adapter
     if adapter is None:
         return None
     folder = adapter.path or ensure_embedded(adapter.embedded, cache_dir)
-    return folder, *adapter.layout(model.family)
+    subfolder, weight_name, encoder = adapter.layout(model.family)
+    weights = adapter.weight_names(model.family) if adapter.extra else weight_name
+    return folder, subfolder, weights, encoder
 
 
 def upscaler_files(model: ModelConfig, cache_dir: Path) -> dict[str, UpscalerFile]:

@@ -52,13 +52,13 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 class Prepared(NamedTuple):
     """What a request's call needs, made before the call: prompt embeddings (one image's),
-    the input image and mask and the control images on the device, and the image prompt's
-    embedding."""
+    the input image and mask and the control images on the device, and the image prompts'
+    embeddings (one per IP-Adapter, None where the request sends it none)."""
 
     embeds: Embeds
     source: SourceTensors | None
     controls: tuple[torch.Tensor, ...] = ()
-    image_prompt: torch.Tensor | None = None
+    image_prompt: tuple[torch.Tensor | None, ...] | None = None
     notes: tuple[str, ...] = ()  # for the client: what of the request was not used
 
 
@@ -203,12 +203,15 @@ class DiffusersEngine:
                             return
 
     def _warm_image_prompt(self, request: GenerationRequest) -> None:
-        """With an IP-Adapter, one call with a (blank) image prompt: its image encoder's
-        first work, and the adapter's attention where calls without one skip it."""
+        """With IP-Adapters, one call with a (blank) image prompt for each: the image
+        encoder's first work, and the adapters' attention where calls without one skip
+        it."""
         if self.image_prompts is not None:
             blank = bytes(request.width * request.height * 3)
             prompt = ImagePrompt(blank, request.width, request.height, 1.0)
-            self.generate([replace(request, num_outputs=1, image_prompt=prompt)])
+            extra = tuple((name, prompt) for name in self.image_prompts.names[1:])
+            self.generate([replace(request, num_outputs=1, image_prompt=prompt,
+                                   extra_image_prompts=extra)])
 
     def _calibrate(self, request: GenerationRequest) -> None:
         """Calibrated FP8 activations: fix each FP8 layer's input scale from calls of the
@@ -247,7 +250,7 @@ class DiffusersEngine:
         made ahead of its call (from any thread), and whether the embeddings were already
         held."""
         embeds, held = self.prompts.get(request)
-        image = self.image_prompts and self.image_prompts.embed(request.image_prompt)
+        image = self.image_prompts and self.image_prompts.embeds(request)
         if self.controlnets:  # pictures to ControlNets that preprocess depth: their maps
             request = self.controlnets.with_depth_maps(request)
         return Prepared(embeds, source_tensors(request, self.device),

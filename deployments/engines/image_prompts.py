@@ -1,6 +1,8 @@
 """A model's IP-Adapter (SDXL's, or XLabs' for FLUX): image prompts encoded before their
 call, and given to the denoiser per row, so that requests with and without one, and with
-different scales, share a call.
+different scales, share a call. An SDXL model may hold several adapters of one folder and
+image encoder (a style adapter and a face one, say): a request's image prompt goes to the
+first, and its further ones (`extra_image_prompts`) to the others by name.
 
 diffusers' IP-Adapter attention adds `scale x attention(image tokens)` to each
 cross-attention (FLUX: to each double-stream block), one scale for the whole call. Here
@@ -21,6 +23,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,10 +45,11 @@ class HeldEmbeds:
         self._held: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._entries, self._lock = entries, threading.Lock()
 
-    def get(self, prompt: ImagePrompt,
-            encode: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
-        """The picture's embedding: the one held, or `encode`'s, then held."""
-        key = (hashlib.sha256(prompt.rgb).digest(), prompt.width, prompt.height)
+    def get(self, prompt: ImagePrompt, encode: Callable[[Image.Image], torch.Tensor],
+            kind: object = None) -> torch.Tensor:
+        """The picture's embedding (of `kind`, where an encoder gives several): the one
+        held, or `encode`'s, then held."""
+        key = (hashlib.sha256(prompt.rgb).digest(), prompt.width, prompt.height, kind)
         with self._lock:
             if key in self._held:
                 self._held.move_to_end(key)
@@ -59,78 +63,109 @@ class HeldEmbeds:
 
 
 class ImagePrompts:
-    """The IP-Adapter loaded into an SDXL `pipe` (its UNet's attention and image projection,
-    its image encoder and feature extractor), from `folder` as diffusers' load_ip_adapter
-    reads one."""
+    """The IP-Adapters loaded into an SDXL `pipe` (its UNet's attention and image
+    projections, its image encoder and feature extractor), from `folder` as diffusers'
+    load_ip_adapter reads them: `weights` is the first's file, or (name, file) pairs, the
+    first's name "" (a request's `image_prompt`), the others' those its
+    `extra_image_prompts` give."""
 
-    processor: type = IPAdapterAttnProcessor2_0  # the attention the adapter brings
+    processor: type = IPAdapterAttnProcessor2_0  # the attention the adapters bring
 
-    def __init__(self, pipe, folder: Path, subfolder: str, weight_name: str,
-                 image_encoder: str, entries: int = 32):
+    def __init__(self, pipe, folder: Path, subfolder: str,
+                 weights: str | Sequence[tuple[str, str]], image_encoder: str,
+                 entries: int = 32):
         self.pipe = pipe
-        self._load(folder, subfolder, weight_name, image_encoder)
+        pairs = [("", weights)] if isinstance(weights, str) else list(weights)
+        self.names = [name for name, _ in pairs]
+        self._load(folder, subfolder, [file for _, file in pairs], image_encoder)
         pipe.image_encoder.eval()
         self.attention = [p for p in self.denoiser.attn_processors.values()
                           if isinstance(p, self.processor)]
-        self._row_scales: torch.Tensor | None = None  # of the denoiser call in progress
+        # Of the denoiser call in progress: each adapter's scale of each row.
+        self._row_scales: list[torch.Tensor] | None = None
         for processor in self.attention:
-            for values in processor.to_v_ip:
-                values.register_forward_hook(self._scale_rows)
-        self.unconditional = self._unconditional()
+            for adapter, values in enumerate(processor.to_v_ip):
+                values.register_forward_hook(partial(self._scale_rows, adapter))
+        self.unconditional = [self._unconditional(i) for i in range(len(pairs))]
         self._held = HeldEmbeds(entries)
 
     @property
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.unet
 
-    def _load(self, folder: Path, subfolder: str, weight_name: str, image_encoder: str) -> None:
-        self.pipe.load_ip_adapter(str(folder), subfolder=subfolder, weight_name=weight_name,
-                                  image_encoder_folder=image_encoder, local_files_only=True)
-        projection = self.denoiser.encoder_hid_proj.image_projection_layers[0]
+    def _load(self, folder: Path, subfolder: str, weight_names: list[str],
+              image_encoder: str) -> None:
+        count = len(weight_names)
+        self.pipe.load_ip_adapter([str(folder)] * count, subfolder=[subfolder] * count,
+                                  weight_name=weight_names, image_encoder_folder=image_encoder,
+                                  local_files_only=True)
         # Plus adapters read the encoder's penultimate hidden states, the others its embedding.
-        self.hidden_states = not isinstance(projection, ImageProjection)
+        self.hidden = [not isinstance(projection, ImageProjection) for projection
+                       in self.denoiser.encoder_hid_proj.image_projection_layers]
 
-    def _unconditional(self) -> torch.Tensor:
+    @property
+    def hidden_states(self) -> bool:
+        """Whether the first adapter reads the encoder's hidden states."""
+        return self.hidden[0]
+
+    def _unconditional(self, adapter: int) -> torch.Tensor:
         """diffusers' unconditional image prompt: zeros, or the encoder's view of a black
         image."""
-        return self._encode(Image.new("RGB", (8, 8)))[1]
+        return self._encode(Image.new("RGB", (8, 8)), adapter)[1]
 
-    def _encode(self, picture: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pipe.encode_image(picture, self.denoiser.device, 1, self.hidden_states)
+    def _encode(self, picture: Image.Image, adapter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pipe.encode_image(picture, self.denoiser.device, 1, self.hidden[adapter])
 
     @torch.inference_mode()
-    def embed(self, prompt: ImagePrompt | None) -> torch.Tensor | None:
-        """The image prompt's embedding for the denoiser (one image's), made ahead of its
-        call (from any thread), or the one made for the same picture recently."""
+    def embed(self, prompt: ImagePrompt | None, adapter: int = 0) -> torch.Tensor | None:
+        """The image prompt's embedding for the denoiser (one image's) through adapter
+        number `adapter`, made ahead of its call (from any thread), or the one made for
+        the same picture recently."""
         if prompt is None:
             return None
-        return self._held.get(prompt, lambda picture: self._encode(picture)[0])
+        return self._held.get(prompt, lambda picture: self._encode(picture, adapter)[0],
+                              self.hidden[adapter])
 
-    def _scale_rows(self, module, args, values: torch.Tensor) -> torch.Tensor:
+    def embeds(self, request: GenerationRequest) -> tuple[torch.Tensor | None, ...]:
+        """The request's image prompts' embeddings, one per adapter (None: it sends that
+        adapter none)."""
+        extra = dict(request.extra_image_prompts)
+        return tuple(self.embed(request.image_prompt if i == 0 else extra.get(name), i)
+                     for i, name in enumerate(self.names))
+
+    def _scale_rows(self, adapter: int, module, args, values: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (values.ndim - 1)  # rows first: (rows, images, tokens, dim)
-        return values * self._row_scales.to(values.dtype).view(shape)
+        return values * self._row_scales[adapter].to(values.dtype).view(shape)
 
     @contextmanager
     def following(self, requests: Sequence[GenerationRequest],
-                  embeds: Sequence[torch.Tensor | None], rows: BatchRows) -> Iterator[None]:
-        """Around a call: each denoiser call gets the image tokens' inputs and scales of the
-        rows still live, both guidance halves (the unconditional one with diffusers'
-        unconditional image prompt) or the conditional one alone."""
-        scales, cond = [], []
-        for request, embed in zip(requests, embeds, strict=True):
-            prompt = request.image_prompt
-            scales += [0.0 if prompt is None else prompt.scale] * request.num_outputs
-            cond += [self.unconditional if embed is None else embed] * request.num_outputs
-        per_row = torch.tensor(scales, device=self.denoiser.device)
-        cond_rows = torch.cat(cond)[:, None]  # one image per row
-        self._set_scale(any(scales))
+                  embeds: Sequence[tuple[torch.Tensor | None, ...]],
+                  rows: BatchRows) -> Iterator[None]:
+        """Around a call (`embeds`: each request's, from `embeds`): each denoiser call gets
+        each adapter's image tokens' inputs and scales of the rows still live, both
+        guidance halves (the unconditional one with diffusers' unconditional image prompt)
+        or the conditional one alone."""
+        per_row, cond_rows = [], []
+        for adapter in range(len(self.names)):
+            scales, cond = [], []
+            for request, made in zip(requests, embeds, strict=True):
+                prompt = self._prompt(request, adapter)
+                scales += [0.0 if prompt is None else prompt.scale] * request.num_outputs
+                embed = made[adapter] if made[adapter] is not None else \
+                    self.unconditional[adapter]
+                cond += [embed] * request.num_outputs
+            per_row.append(torch.tensor(scales, device=self.denoiser.device))
+            cond_rows.append(torch.cat(cond)[:, None])  # one image per row
+        self._set_scale([bool(scales.any()) for scales in per_row])
 
         def image_inputs(module, args, kwargs):
-            live = torch.tensor(rows.original_rows(), device=per_row.device)
-            embeds, row_scales = cond_rows[live], per_row[live]
+            live = torch.tensor(rows.original_rows(), device=self.denoiser.device)
+            embeds = [cond[live] for cond in cond_rows]
+            row_scales = [scales[live] for scales in per_row]
             if self._rows(args, kwargs) == 2 * len(live):
-                embeds = torch.cat([self.unconditional[None].expand_as(embeds), embeds])
-                row_scales = row_scales.repeat(2)
+                embeds = [torch.cat([uncond[None].expand_as(e), e])
+                          for uncond, e in zip(self.unconditional, embeds, strict=True)]
+                row_scales = [scales.repeat(2) for scales in row_scales]
             self._row_scales = row_scales
             return args, self._with_embeds(kwargs, embeds)
 
@@ -141,18 +176,23 @@ class ImagePrompts:
             hook.remove()
             self._row_scales = None
 
-    def _set_scale(self, prompted: bool) -> None:
-        """The adapter's own scale for a call: 1, or 0 where no row has an image prompt (the
-        UNet then skips the adapter's attention)."""
-        self.pipe.set_ip_adapter_scale(1.0 if prompted else 0.0)
+    def _prompt(self, request: GenerationRequest, adapter: int) -> ImagePrompt | None:
+        if adapter == 0:
+            return request.image_prompt
+        return dict(request.extra_image_prompts).get(self.names[adapter])
+
+    def _set_scale(self, prompted: list[bool]) -> None:
+        """Each adapter's own scale for a call: 1, or 0 where no row has an image prompt
+        for it (the UNet then skips its attention)."""
+        self.pipe.set_ip_adapter_scale([1.0 if p else 0.0 for p in prompted])
 
     @staticmethod
     def _rows(args: tuple, kwargs: dict) -> int:
         return (args[0] if args else kwargs["sample"]).shape[0]
 
     @staticmethod
-    def _with_embeds(kwargs: dict, embeds: torch.Tensor) -> dict:
-        added = dict(kwargs.get("added_cond_kwargs") or {}, image_embeds=[embeds])
+    def _with_embeds(kwargs: dict, embeds: list[torch.Tensor]) -> dict:
+        added = dict(kwargs.get("added_cond_kwargs") or {}, image_embeds=embeds)
         return kwargs | {"added_cond_kwargs": added}
 
 
@@ -171,7 +211,10 @@ class FluxImagePrompts(ImagePrompts):
     def denoiser(self) -> torch.nn.Module:
         return self.pipe.transformer
 
-    def _load(self, folder: Path, subfolder: str, weight_name: str, image_encoder: str) -> None:
+    def _load(self, folder: Path, subfolder: str, weight_names: list[str],
+              image_encoder: str) -> None:
+        (weight_name,) = weight_names  # one adapter (the model's config allows no more)
+        self.hidden = [False]
         self.pipe.load_ip_adapter(
             str(folder), weight_name=weight_name, subfolder=subfolder,
             image_encoder_pretrained_model_name_or_path=str(
@@ -179,14 +222,14 @@ class FluxImagePrompts(ImagePrompts):
             image_encoder_dtype=self.denoiser.dtype, local_files_only=True)
         self.pipe.image_encoder.to(self.denoiser.device)
 
-    def _unconditional(self) -> torch.Tensor:
+    def _unconditional(self, adapter: int) -> torch.Tensor:
         width = self.pipe.image_encoder.config.projection_dim
         return torch.zeros(1, width, device=self.denoiser.device, dtype=self.denoiser.dtype)
 
-    def _encode(self, picture: Image.Image) -> tuple[torch.Tensor, None]:
+    def _encode(self, picture: Image.Image, adapter: int) -> tuple[torch.Tensor, None]:
         return self.pipe.encode_image(picture, self.denoiser.device, 1), None
 
-    def _set_scale(self, prompted: bool) -> None:
+    def _set_scale(self, prompted: list[bool]) -> None:
         pass
 
     @staticmethod
@@ -194,7 +237,7 @@ class FluxImagePrompts(ImagePrompts):
         return kwargs["hidden_states"].shape[0]
 
     @staticmethod
-    def _with_embeds(kwargs: dict, embeds: torch.Tensor) -> dict:
+    def _with_embeds(kwargs: dict, embeds: list[torch.Tensor]) -> dict:
         # A fresh dict: the transformer pops the embeddings from the one it is given.
-        joint = dict(kwargs.get("joint_attention_kwargs") or {}, ip_adapter_image_embeds=[embeds])
+        joint = dict(kwargs.get("joint_attention_kwargs") or {}, ip_adapter_image_embeds=embeds)
         return kwargs | {"joint_attention_kwargs": joint}

@@ -26,6 +26,7 @@ from serve.controls import (
     image_prompt_params,
     listed,
     load_controls,
+    load_extra_image_prompts,
     load_image_prompt,
 )
 from serve.errors import InvalidField
@@ -33,6 +34,7 @@ from serve.images import load_source
 from serve.model_parts import MOST_REFERENCES
 from serve.option_fields import (
     ClipSkipFields,
+    ExtraIPAdapterFields,
     HiresFields,
     MaskedAreaFields,
     UpscaleFields,
@@ -72,7 +74,7 @@ class OutpaintSides(BaseModel):
 
 
 class GenerateParams(ClipSkipFields, HiresFields, UpscaleFields, VariationFields,
-                     MaskedAreaFields):
+                     MaskedAreaFields, ExtraIPAdapterFields):
     """Everything `/generate` accepts; unset values take the model's defaults."""
 
     model_config = ConfigDict(extra="forbid")
@@ -200,14 +202,15 @@ class GenerateParams(ClipSkipFields, HiresFields, UpscaleFields, VariationFields
                    height: int | None, client: str = "",
                    controls: tuple[ControlImage, ...] = (),
                    image_prompt: ImagePrompt | None = None,
+                   extra_image_prompts: tuple[tuple[str, ImagePrompt], ...] = (),
                    priority: int = 0) -> GenerationRequest:
         """Raises InvalidField for values outside the model's limits. `source`, `controls`,
         `width` and `height` come from `load_source` and `load_controls` (the input or
-        first control image's size unless given), `image_prompt` from
-        `load_image_prompt`."""
+        first control image's size unless given), `image_prompt` and
+        `extra_image_prompts` from `load_image_prompt` and `load_extra_image_prompts`."""
         return GenerationRequest.for_model(
             model, prompt, width=width, height=height, source=source, controls=controls,
-            image_prompt=image_prompt,
+            image_prompt=image_prompt, extra_image_prompts=extra_image_prompts,
             num_inference_steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed,
             guidance_rescale=self.guidance_rescale, tiling=self.tiling, clip_skip=self.clip_skip,
             **self.hires_args(), **self.upscale_args(), **self.variation_args(),
@@ -238,7 +241,8 @@ _OPENAPI = {
                     "schema": _SCHEMA["properties"][name]}
                    for name in GenerateParams.model_fields
                    if name not in ("loras", "image", "mask", "control_image", "controlnets",
-                                   "ip_adapter_image", "redux_image", "outpaint")],
+                                   "ip_adapter_image", "redux_image", "outpaint",
+                                   "extra_ip_adapters")],
     "requestBody": {"required": False, "content": {"application/json": {"schema": _SCHEMA}}},
 }
 
@@ -264,9 +268,11 @@ async def generate(request: Request) -> Response:
                                          "for a prompt)")
         image_prompt = await load_image_prompt(image_prompt_params(params), model,
                                                state.images)
+        extra = await load_extra_image_prompts(params.extra_prompt_params(), model,
+                                               state.images)
         gen = params.to_request(model, request_id(request), prompt, adapters, source, width,
                                 height, controls=controls, image_prompt=image_prompt,
-                                **requester(request))
+                                extra_image_prompts=extra, **requester(request))
     except InvalidField as exc:
         field = "steps" if exc.field == "num_inference_steps" else exc.field
         raise type(exc)(field, exc.reason, sources.get(field, "body")) from None

@@ -30,7 +30,9 @@ async def list_models(request: Request) -> dict:
                                     "preprocess": net.preprocess,
                                     "control_mode": net.control_mode}
                              for name, net in m.controlnets.items()},
-             "ip_adapter": m.ip_adapter and {"scale": m.ip_adapter.scale},
+             "ip_adapter": m.ip_adapter and {
+                 "scale": m.ip_adapter.scale,
+                 "extra": {name: {"scale": e.scale} for name, e in m.ip_adapter.extra.items()}},
              "redux": m.redux and {"downsampling": m.redux.downsampling},
              "textual_inversions": [e.token for e in m.textual_inversions],
              "prompts": m.prompts.model_dump() if m.family == "sdxl" else None,

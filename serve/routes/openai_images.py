@@ -51,6 +51,7 @@ from serve.controls import (
     image_prompt_params,
     listed,
     load_controls,
+    load_extra_image_prompts,
     load_image_prompt,
 )
 from serve.errors import InvalidField
@@ -58,6 +59,7 @@ from serve.images import REFERENCES, load_source
 from serve.model_parts import MOST_REFERENCES
 from serve.option_fields import (
     ClipSkipFields,
+    ExtraIPAdapterFields,
     HiresFields,
     MaskedAreaFields,
     UpscaleFields,
@@ -73,7 +75,8 @@ _FIELDS = {"width": "size", "height": "size", "num_outputs": "n", "loras": "prom
 _QUALITY_SHARES = {"low": 1 / 3, "medium": 2 / 3}
 
 
-class ImageGenerationParams(ClipSkipFields, HiresFields, UpscaleFields, VariationFields):
+class ImageGenerationParams(ClipSkipFields, HiresFields, UpscaleFields, VariationFields,
+                            ExtraIPAdapterFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=32000)
@@ -288,6 +291,8 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
                                                       edges=params.edges())
         image_prompt = await load_image_prompt(prompt_image or image_prompt_params(params),
                                                model, state.images)
+        extra = await load_extra_image_prompts(params.extra_prompt_params(), model,
+                                               state.images)
         # The OpenAI API has no adapter field: `<lora:name:scale>` tags in the prompt name them.
         prompt, tags = split_prompt_tags(params.prompt)
         gen = GenerationRequest.for_model(
@@ -299,7 +304,7 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
             **params.upscale_args(), **params.variation_args(),
             style=params.style if model.styles else None,
             output_format=params.output_format, source=source, controls=controls,
-            image_prompt=image_prompt, seed=params.seed,
+            image_prompt=image_prompt, extra_image_prompts=extra, seed=params.seed,
             adapters=state.router.adapters_for(model, tags),
             output_quality=params.output_compression or 90, request_id=request_id(request),
             partial_images=(params.partial_images or 0) if params.stream else 0,

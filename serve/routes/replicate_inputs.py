@@ -16,6 +16,7 @@ from serve.controls import ControlParams, ImagePromptParams
 from serve.errors import InvalidField
 from serve.option_fields import (
     ClipSkipFields,
+    ExtraIPAdapterFields,
     HiresFields,
     MaskedAreaFields,
     UpscaleFields,
@@ -51,6 +52,10 @@ class ReplicateInputBase(BaseModel):
         """The image prompt the input sends for the model's IP-Adapter or Redux."""
         return ImagePromptParams(None)
 
+    def extra_prompt_params(self) -> dict[str, tuple[str, float | None]]:
+        """(picture, scale) of the image prompts it sends further IP-Adapters, by name."""
+        return {}
+
     def references(self) -> list[str]:
         """Further reference images of a Kontext edit (flux-kontext-max's input_image_2 …)."""
         return []
@@ -85,7 +90,7 @@ class LoraInput(ReplicateInputBase):
         return "lora_weights" if arg == "loras" else arg
 
 
-class IPAdapterInputs(LoraInput):
+class IPAdapterInputs(ExtraIPAdapterFields, LoraInput):
     """The IP-Adapter inputs of Replicate's SDXL models, for models with an IP-Adapter
     (SDXL's, or XLabs' on FLUX; others refuse them)."""
 

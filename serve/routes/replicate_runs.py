@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 from fastapi.exceptions import RequestValidationError
 
 from serve.context import IngressState
-from serve.controls import load_controls, load_image_prompt
+from serve.controls import load_controls, load_extra_image_prompts, load_image_prompt
 from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost
 from serve.images import load_source
 from serve.predictions import Prediction, now_iso
@@ -82,9 +82,10 @@ async def to_request(state: IngressState, model_id: str, inp: ReplicateInput,
             made, width, height = await load_controls(controls, width, height, model,
                                                       state.images, edges=edges)
         image_prompt = await load_image_prompt(inp.image_prompt(), model, state.images)
+        extra = await load_extra_image_prompts(inp.extra_prompt_params(), model, state.images)
         return GenerationRequest.for_model(
             model, inp.prompt, width=width, height=height, source=source, seed=inp.seed,
-            controls=made, image_prompt=image_prompt,
+            controls=made, image_prompt=image_prompt, extra_image_prompts=extra,
             adapters=state.router.adapters_for(model, inp.lora_refs()), request_id=rid,
             client=client, priority=priority, safety_check=not inp.disable_safety_checker,
             **args)

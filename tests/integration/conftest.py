@@ -167,6 +167,14 @@ def safety_checker(cache_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def two_ip_adapters(cache_dir, tiny_sdxl_path, tmp_path_factory):
+    """BATCHED's IP-Adapters: the tiny one first, and a "plus" one as its `face`."""
+    from tests.ip_adapters import two_adapters
+
+    return two_adapters(tmp_path_factory.mktemp("ip-adapters"), cache_dir, tiny_sdxl_path)
+
+
+@pytest.fixture(scope="session")
 def metrics_port():
     """Ray's metrics export port for the test cluster (scraped by the Prometheus test)."""
     return _free_port()
@@ -181,7 +189,7 @@ def signing_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_port,
-             safety_checker, signing_files):
+             safety_checker, signing_files, two_ip_adapters):
     import ray
     from ray import serve
 
@@ -213,7 +221,9 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                upscaling_aliases=["nightmareai/real-esrgan"],
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60,
                        "max_loras": 2}),
-        _model(BATCHED, 2000, ip_adapter={"embedded": "tiny-sdxl-ip-adapter"}),
+        # The tiny IP-Adapter's files and a further "plus" adapter, `face`.
+        _model(BATCHED, 2000, ip_adapter={"path": str(two_ip_adapters), "extra": {
+            "face": {"weight_name": "ip-adapter-plus_sdxl.safetensors", "scale": 0.7}}}),
         _model(ONE_SLOT, 1500, max_ongoing_requests=1, max_queued_requests=1,
                batching={"max_batch_size": 1, "wait_ms": 1500}),
         _model(TWO_REPLICAS, 10, replicas=2, label_images=False,

@@ -106,7 +106,7 @@ def test_replicate_and_openai_clients_send_image_prompts_with_generates_pixels(
 def test_models_list_their_ip_adapter_and_replicate_shows_its_inputs_where_there_is_one(
         client, rep):
     listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
-    assert listed[FAST]["ip_adapter"] == {"scale": 0.8}
+    assert listed[FAST]["ip_adapter"] == {"scale": 0.8, "extra": {}}
     assert listed[TWO_REPLICAS]["ip_adapter"] is None
 
     def inputs(model):
@@ -114,7 +114,52 @@ def test_models_list_their_ip_adapter_and_replicate_shows_its_inputs_where_there
         return version.openapi_schema["components"]["schemas"]["Input"]["properties"]
 
     assert {"ip_adapter_image", "ip_adapter_scale"} <= set(inputs(FAST))
+    assert "extra_ip_adapters" not in inputs(FAST)  # it has no further adapters
     assert "prompt" in inputs(TWO_REPLICAS) and "ip_adapter_image" not in inputs(TWO_REPLICAS)
+
+
+def test_a_further_adapter_takes_its_own_image_prompt_in_every_api(client, rep, oai):
+    """BATCHED's `face` adapter (a plus one, beside its first): with the first's prompt it
+    moves the image; alone it works too; its default scale is the config's; the three
+    APIs give the same pixels; names it does not hold are refused naming the field."""
+    face = {"face": {"image": "data:image/png;base64," + OTHER}}
+    common = {"model": BATCHED, "prompt": "a product shot", "steps": 3, "seed": 8}
+
+    def draw(**fields):
+        r = client.post("/generate", json=common | fields)
+        assert r.status_code == 200, r.text
+        return decode(r.json()["image"])
+
+    both, first = draw(ip_adapter_image=STYLE, extra_ip_adapters=face), draw(
+        ip_adapter_image=STYLE)
+    assert np.abs(pixels(both) - pixels(first)).mean() > 1
+    alone, plain = draw(extra_ip_adapters=face), draw()
+    assert np.abs(pixels(alone) - pixels(plain)).mean() > 1
+    assert_same_pixels(draw(ip_adapter_image=STYLE, extra_ip_adapters={"face": {
+        "image": face["face"]["image"], "scale": 0.7}}), both)  # the config's scale
+    (file,) = rep.run(BATCHED, input={
+        "prompt": "a product shot", "num_inference_steps": 3, "seed": 8,
+        "ip_adapter_image": "data:image/png;base64," + STYLE, "extra_ip_adapters": face})
+    assert_same_pixels(Image.open(io.BytesIO(file.read())), both)
+    made = oai.images.generate(model=BATCHED, prompt="a product shot", size="64x64",
+                               extra_body={"seed": 8, "num_inference_steps": 3,
+                                           "ip_adapter_image": "data:image/png;base64," + STYLE,
+                                           "extra_ip_adapters": face})
+    assert_same_pixels(Image.open(io.BytesIO(base64.b64decode(made.data[0].b64_json))), both)
+    for model, says in ((BATCHED, "(face)"), (FAST, "(it has none)")):
+        r = client.post("/generate", json=common | {"model": model, "extra_ip_adapters": {
+            "style": face["face"]}})
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"][0]
+        assert detail["loc"] == ["body", "extra_ip_adapters"] and says in detail["msg"]
+    r = client.post(f"/v1/models/{BATCHED}/predictions", json={"input": {
+        "prompt": "x", "extra_ip_adapters": {"face": {"scale": 0.5}}}})
+    assert r.status_code == 422
+    assert r.json()["invalid_fields"][0]["field"].startswith("input.extra_ip_adapters")
+    listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert listed[BATCHED]["ip_adapter"] == {"scale": 0.6, "extra": {"face": {"scale": 0.7}}}
+    schema = client.get(f"/v1/models/{BATCHED}").json()["latest_version"]["openapi_schema"]
+    assert "extra_ip_adapters" in schema["components"]["schemas"]["Input"]["properties"]
 
 
 def test_bad_image_prompts_are_refused_naming_the_field(client, rep, base_url):

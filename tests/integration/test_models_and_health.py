@@ -57,7 +57,7 @@ def test_models_are_listed_in_openai_shape(client):
     assert (redux["family"], redux["redux"], flux["redux"]) == ("flux", {"downsampling": 1},
                                                                 None)
     assert redux["aliases"] == ["black-forest-labs/flux-redux-dev"]
-    assert (flux["ip_adapter"], redux["ip_adapter"]) == ({"scale": 0.6}, None)
+    assert (flux["ip_adapter"], redux["ip_adapter"]) == ({"scale": 0.6, "extra": {}}, None)
 
 
 def test_both_official_clients_list_the_same_models(base_url, rep):

@@ -16,12 +16,13 @@ from deployments.tiny import TINY_SDXL_CONTROLNET, TINY_SDXL_IP_ADAPTER, ensure_
 from serve.config import ConfigError, parse_config
 from serve.errors import InvalidField
 from serve.types import ControlImage, GenerationRequest, ImagePrompt, SourceImage
+from tests.ip_adapters import ENCODER, FIRST, PLUS, SUBFOLDER, two_adapters
 from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
 
 BASE = GenerationRequest(model="a/b", prompt="a red cube", width=64, height=64,
                          num_inference_steps=6, guidance_scale=7.5, seed=5,
                          scheduler="K_EULER")
-FILES = ("sdxl_models", "ip-adapter_sdxl.safetensors", "image_encoder")
+FILES = (SUBFOLDER, FIRST, ENCODER)
 
 
 def _picture(seed: int, size=(48, 40)) -> Image.Image:
@@ -88,46 +89,18 @@ def test_the_images_are_diffusers_own_with_ip_adapter_image(engine, tiny_sdxl_pa
         assert_same_pixels(a, b)
 
 
-_PLUS_NAMES = (("attn.to_out.0.", "0.to_out."), ("attn.to_q.", "0.to_q."), ("ln0.", "0.norm1."),
-               ("ln1.", "0.norm2."), ("ff.0.", "1.0."), ("ff.1.net.0.proj.", "1.1."),
-               ("ff.1.net.2.", "1.3."))
-
-
 @pytest.fixture(scope="module")
-def plus_adapter(adapter_path, tmp_path_factory):
-    """A "plus" IP-Adapter of the tiny SDXL (ip-adapter-plus_sdxl_vit-h's kind: a resampler
-    reads the encoder's penultimate hidden states, 16 image tokens), random weights, in the
-    original layout (its `to_kv`, `norm1`, `1.1` names), beside the tiny adapter's encoder."""
-    from diffusers.models.embeddings import IPAdapterPlusImageProjection
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path_factory.mktemp("plus")
-    shutil.copytree(adapter_path / FILES[0] / FILES[2], folder / FILES[0] / FILES[2])
-    torch.manual_seed(7)
-    resampler = IPAdapterPlusImageProjection(embed_dims=32, output_dims=64, hidden_dims=64,
-                                             heads=1, num_queries=16)
-    state = {}
-    for name, value in resampler.state_dict().items():
-        if ".attn.to_k." in name or ".attn.to_v." in name:
-            kv = name.replace(".attn.to_k.", ".0.to_kv.").replace(".attn.to_v.", ".0.to_kv.")
-            state.setdefault(kv, []).append(value)  # key rows, then value rows
-            continue
-        for ours, theirs in _PLUS_NAMES:
-            name = name.replace(ours, theirs)
-        state[name] = value
-    state = {f"image_proj.{k}": torch.cat(v) if isinstance(v, list) else v
-             for k, v in state.items()}
-    basic = load_file(adapter_path / FILES[0] / FILES[1])
-    state |= {k: v * 3 for k, v in basic.items() if k.startswith("ip_adapter.")}
-    save_file({k: v.contiguous() for k, v in state.items()},
-              folder / FILES[0] / "ip-adapter-plus_sdxl.safetensors")
-    return folder
+def plus_adapter(cache_dir, tiny_sdxl_path, tmp_path_factory):
+    """A folder with the tiny adapter's encoder and files: its own adapter, and a random
+    "plus" one (ip-adapter-plus_sdxl_vit-h's kind: a resampler reads the encoder's
+    penultimate hidden states, 16 image tokens) in the original layout."""
+    return two_adapters(tmp_path_factory.mktemp("plus"), cache_dir, tiny_sdxl_path)
 
 
 def test_a_plus_adapter_reads_hidden_states_as_diffusers_does(tiny_sdxl_path, plus_adapter):
     from deployments.engines.sdxl import SDXLEngine
 
-    files = (FILES[0], "ip-adapter-plus_sdxl.safetensors", FILES[2])
+    files = (FILES[0], PLUS, FILES[2])
     engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu", ip_adapter=(plus_adapter, *files))
     assert engine.image_prompts.hidden_states
     ours = engine.generate([_prompted(STRIPES, 0.7), replace(BASE, seed=11)])
@@ -140,6 +113,41 @@ def test_a_plus_adapter_reads_hidden_states_as_diffusers_does(tiny_sdxl_path, pl
     plain = engine.generate([replace(BASE, seed=11)])[0][0]
     assert_same_pixels(ours[1][0], plain)
     assert np.abs(_px(ours[0][0]) - _px(engine.generate([BASE])[0][0])).mean() > 1
+
+
+def test_two_adapters_of_one_folder_are_diffusers_own_with_two_image_prompts(
+        tiny_sdxl_path, plus_adapter):
+    """The tiny adapter first and a plus one as "face" (different image encoder outputs:
+    embeddings and hidden states), in one call: both prompts, the face's alone, the
+    first's alone and none; each is what diffusers draws with both adapters loaded, their
+    scales set to the request's (0 where it sends that adapter nothing)."""
+    import diffusers
+
+    from deployments.engines.sdxl import SDXLEngine
+
+    weights = (("", FILES[1]), ("face", PLUS))
+    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu",
+                        ip_adapter=(plus_adapter, FILES[0], weights, FILES[2]))
+    assert engine.image_prompts.hidden == [False, True]
+    face = (("face", ImagePrompt(DOTS.tobytes(), *DOTS.size, 0.5)),)
+    batch = [_prompted(STRIPES, extra_image_prompts=face),
+             replace(BASE, seed=7, extra_image_prompts=(
+                 ("face", ImagePrompt(DOTS.tobytes(), *DOTS.size, 0.8)),)),
+             _prompted(STRIPES, 0.3, seed=9), replace(BASE, seed=11)]
+    assert len({engine.batch_key(r) for r in batch}) == 1
+    ours = engine.generate(batch)
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    pipe.load_ip_adapter([str(plus_adapter)] * 2, subfolder=[FILES[0]] * 2,
+                         weight_name=[FILES[1], PLUS])
+    pipe.set_progress_bar_config(disable=True)
+    args = {"prompt": "a red cube", "width": 64, "height": 64, "num_inference_steps": 6,
+            "guidance_scale": 7.5, "ip_adapter_image": [STRIPES, DOTS]}
+    for (image,), scales, seed in zip(ours, ([0.6, 0.5], [0.0, 0.8], [0.3, 0.0], [0.0, 0.0]),
+                                      (5, 7, 9, 11), strict=True):
+        pipe.set_ip_adapter_scale(scales)
+        assert_same_pixels(image, pipe(**args, generator=_seeds(seed)).images[0])
+    alone = engine.generate([_prompted(STRIPES, seed=5)])[0][0]  # the face moves it
+    assert np.abs(_px(ours[0][0]) - _px(alone)).mean() > 1
 
 
 def test_the_image_prompt_moves_the_image_and_scale_zero_does_not(engine):
@@ -357,6 +365,69 @@ def test_a_models_version_pins_its_ip_adapters_weights_and_scale(tmp_path, adapt
     assert one == version(path=copy)
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     assert len({version(), one, version(path=copy), version(path=copy, scale=0.9)}) == 4
+
+
+def test_further_adapters_are_checked_pinned_and_named_by_requests(plus_adapter, tmp_path):
+    """`ip_adapter.extra`: files checked at start, SDXL only, not with the embedded
+    adapter; each file in the version; an image prompt for a name the model does not hold
+    is refused on `extra_ip_adapters`, and one for a held name is read at its scale."""
+    import asyncio
+    import base64
+    import io
+
+    from serve.controls import load_extra_image_prompts
+    from serve.images import ImageFetcher
+    from serve.versions import version_id
+
+    face = {"face": {"weight_name": PLUS, "scale": 0.4}}
+
+    def model(**adapter):
+        return parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl", "ip_adapter": {
+            "path": str(plus_adapter)} | adapter}]})
+
+    two = model(extra=face)
+    two.check_paths()
+    with pytest.raises(ConfigError, match=r"models\.0\.ip_adapter\.extra\.face\.weight_name"):
+        model(extra={"face": {"weight_name": "nothing.safetensors"}}).check_paths()
+    with pytest.raises(ConfigError, match="extra: the embedded IP-Adapter"):
+        parse_config({"models": [{"id": "a/b", "embedded": "tiny-sdxl", "ip_adapter": {
+            "embedded": "tiny-sdxl-ip-adapter", "extra": face}}]})
+    with pytest.raises(ConfigError, match="ip_adapter.extra: a FLUX model reads one"):
+        parse_config({"models": [{"id": "a/b", "family": "flux", "embedded": "tiny-flux",
+                                  "ip_adapter": {"path": str(plus_adapter), "extra": face}}]})
+    with pytest.raises(ConfigError, match="ip_adapter.extra"):
+        model(extra={"Face!": {"weight_name": PLUS}})
+    one_version = version_id(model().models[0], tmp_path)
+    assert version_id(two.models[0], tmp_path) not in (one_version, version_id(
+        model(extra={"face": {"weight_name": PLUS, "scale": 0.5}}).models[0], tmp_path))
+
+    served, fetcher, data = two.models[0], ImageFetcher([], None, None), io.BytesIO()
+    DOTS.save(data, "PNG")
+    text = base64.b64encode(data.getvalue()).decode()
+    ((name, prompt),) = asyncio.run(load_extra_image_prompts({"face": (text, None)}, served,
+                                                             fetcher))
+    assert (name, prompt.width, prompt.height, prompt.scale) == ("face", 30, 50, 0.4)
+    assert prompt.rgb == DOTS.tobytes()
+    with pytest.raises(InvalidField, match="'style' is not one of .* \\(face\\)") as refused:
+        asyncio.run(load_extra_image_prompts({"style": (text, None)}, served, fetcher))
+    assert refused.value.field == "extra_ip_adapters"
+    with pytest.raises(InvalidField) as refused:
+        GenerationRequest.for_model(model().models[0], "x", extra_image_prompts=(
+            ("face", prompt),))
+    assert refused.value.field == "extra_ip_adapters"
+
+
+def test_an_edits_form_sends_further_image_prompts_as_json_text():
+    from pydantic import ValidationError
+
+    from serve.routes.openai_images import ImageEditParams
+
+    form = ImageEditParams.model_validate({"prompt": "x", "controlnets": "[]",
+                                           "extra_ip_adapters": '{"face": {"image": "abc"}}'})
+    assert form.extra_prompt_params() == {"face": ("abc", None)}
+    with pytest.raises(ValidationError) as refused:
+        ImageEditParams.model_validate({"prompt": "x", "extra_ip_adapters": "{face"})
+    assert refused.value.errors()[0]["loc"] == ("extra_ip_adapters",)
 
 
 def test_an_image_prompt_is_read_as_an_input_image_and_scaled_down(tmp_path):
