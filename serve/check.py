@@ -64,7 +64,7 @@ def model_lines(model: ModelConfig, cache_dir: Path) -> list[str]:
               f"{model.replicas} replica(s) of {model.gpu_share} GPU")]
     parts = {"aliases": model.aliases, "ControlNets": list(model.controlnets),
              "upscalers": list(model.upscalers), "styles": list(model.styles),
-             "IP-Adapter": ["yes"] if model.ip_adapter else [],
+             "IP-Adapter": ["yes", *model.ip_adapter.extra] if model.ip_adapter else [],
              "Redux": ["yes"] if model.redux else [],
              "refiner": ["yes"] if model.refiner else []}
     lines += [f"  {name}: {', '.join(values)}" for name, values in parts.items() if values]

@@ -59,6 +59,17 @@ class UpscaleFields(BaseModel):
         return {"upscale": self.upscale, "upscaler": self.upscaler}
 
 
+def json_in_a_form(value: Any, what: str) -> Any:
+    """A field's value, which a multipart form (OpenAI's edits) carries as JSON text
+    (`what` it should be)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not {what}: {exc}") from None
+    return value
+
+
 class ExtraImagePrompt(BaseModel):
     """An image prompt for one of a model's further IP-Adapters."""
 
@@ -82,13 +93,7 @@ class ExtraIPAdapterFields(BaseModel):
     @field_validator("extra_ip_adapters", mode="before")
     @classmethod
     def _prompts_json_in_a_form(cls, value: Any) -> Any:
-        """A multipart form (OpenAI's edits) carries the mapping as JSON text."""
-        if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except ValueError:
-                raise ValueError("not JSON") from None
-        return value
+        return json_in_a_form(value, "a JSON object")
 
     def extra_prompt_params(self) -> dict[str, tuple[str, float | None]]:
         """(picture, scale) of each further adapter's image prompt, by name."""

@@ -174,7 +174,7 @@ class ModelRouter:
             for control in request.controls:
                 self.metrics.controlnet_images.inc(
                     delivered, {"model": request.model, "controlnet": control.name})
-            if request.image_prompt is not None:
+            if request.image_prompt is not None or request.extra_image_prompts:
                 self.metrics.image_prompt_images.inc(delivered, {"model": request.model})
             if request.mode == "edit":
                 self.metrics.edited_images.inc(delivered, {"model": request.model})

@@ -141,21 +141,12 @@ class ImagePrompts:
     def following(self, requests: Sequence[GenerationRequest],
                   embeds: Sequence[tuple[torch.Tensor | None, ...]],
                   rows: BatchRows) -> Iterator[None]:
-        """Around a call (`embeds`: each request's, from `embeds`): each denoiser call gets
-        each adapter's image tokens' inputs and scales of the rows still live, both
-        guidance halves (the unconditional one with diffusers' unconditional image prompt)
-        or the conditional one alone."""
-        per_row, cond_rows = [], []
-        for adapter in range(len(self.names)):
-            scales, cond = [], []
-            for request, made in zip(requests, embeds, strict=True):
-                prompt = self._prompt(request, adapter)
-                scales += [0.0 if prompt is None else prompt.scale] * request.num_outputs
-                embed = made[adapter] if made[adapter] is not None else \
-                    self.unconditional[adapter]
-                cond += [embed] * request.num_outputs
-            per_row.append(torch.tensor(scales, device=self.denoiser.device))
-            cond_rows.append(torch.cat(cond)[:, None])  # one image per row
+        """Around a call (`embeds`: each request's, one per adapter, from `embeds`): each
+        denoiser call gets each adapter's image tokens' inputs and scales of the rows still
+        live, both guidance halves (the unconditional one with diffusers' unconditional
+        image prompt) or the conditional one alone."""
+        per_row, cond_rows = zip(*(self._rows_of(requests, embeds, adapter)
+                                   for adapter in range(len(self.names))), strict=True)
         self._set_scale([bool(scales.any()) for scales in per_row])
 
         def image_inputs(module, args, kwargs):
@@ -175,6 +166,20 @@ class ImagePrompts:
         finally:
             hook.remove()
             self._row_scales = None
+
+    def _rows_of(self, requests: Sequence[GenerationRequest],
+                 embeds: Sequence[tuple[torch.Tensor | None, ...]],
+                 adapter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An adapter's scale and image embedding for each row of a call: 0 and the
+        unconditional image prompt for rows that send it none."""
+        scales, cond = [], []
+        for request, made in zip(requests, embeds, strict=True):
+            prompt, embed = self._prompt(request, adapter), made[adapter]
+            scales += [0.0 if prompt is None else prompt.scale] * request.num_outputs
+            cond += [self.unconditional[adapter] if embed is None else embed] * \
+                request.num_outputs
+        return (torch.tensor(scales, device=self.denoiser.device),
+                torch.cat(cond)[:, None])  # one image per row
 
     def _prompt(self, request: GenerationRequest, adapter: int) -> ImagePrompt | None:
         if adapter == 0:

@@ -23,7 +23,6 @@ the client's `extra_body`.
 from __future__ import annotations
 
 import base64
-import json
 import re
 import time
 from typing import Any, Literal
@@ -64,6 +63,7 @@ from serve.option_fields import (
     MaskedAreaFields,
     UpscaleFields,
     VariationFields,
+    json_in_a_form,
 )
 from serve.routes.openai_stream import stream_images
 from serve.types import MAX_SEED, GenerationRequest, SourceImage
@@ -144,13 +144,7 @@ class ImageGenerationParams(ClipSkipFields, HiresFields, UpscaleFields, Variatio
     @field_validator("controlnets", mode="before")
     @classmethod
     def _json_in_a_form(cls, value: Any) -> Any:
-        """A multipart form (edits) carries the list as JSON text."""
-        if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not a JSON list: {exc}") from None
-        return value
+        return json_in_a_form(value, "a JSON list")
 
     def edges(self) -> tuple[int | None, int | None]:
         return self.canny_low_threshold, self.canny_high_threshold
