@@ -1,6 +1,9 @@
 """What image prompts (IP-Adapter) cost: per batch size, text-to-image on an engine without
 the adapter, and on one with it with no image prompt, with half the images prompted and
-with all of them; and what encoding one image prompt takes.
+with all of them; and what encoding one image prompt takes. With `--two-adapters` (SDXL),
+also an engine holding a second, "plus" adapter beside the first (ip-adapter-plus_sdxl_
+vit-h's design, 16 tokens, random weights, built once beside it), every image prompting
+both.
 
     python -m load.bench_image_prompts                      # tiny SDXL and IP-Adapter, CPU
     python -m load.bench_image_prompts --family flux        # tiny FLUX, XLabs' layout
@@ -51,6 +54,8 @@ VIT_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24
          "num_attention_heads": 16, "image_size": 224, "patch_size": 14,
          "projection_dim": 768, "hidden_act": "quick_gelu"}
 CASES = ("no adapter", "none prompted", "half prompted", "all prompted")
+TWO = "both adapters prompted"  # the case of --two-adapters
+PLUS_FILE = "ip-adapter-plus_sdxl.safetensors"  # the second adapter's file, beside the first
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,10 +68,14 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--random-flux", metavar="CONFIGS", help=(
         "JSON of FLUX component configs (load/flux-dev-configs.json): a random full-size "
         "model and XLabs-style IP-Adapter"))
+    p.add_argument("--two-adapters", action="store_true", help=(
+        "SDXL: also time an engine with a second (plus) adapter, both prompted"))
     add_call_args(p, size=128, steps=10)
     args = p.parse_args(argv)
     args.family = "flux" if args.random_flux else "sdxl" if args.random_sdxl else args.family
     args.configs = args.random_sdxl or args.random_flux
+    if args.two_adapters and args.family != "sdxl":
+        p.error("--two-adapters: SDXL models hold several IP-Adapters, FLUX ones one")
     return args
 
 
@@ -96,7 +105,36 @@ def adapter_folder(configs: str | None, model: Path, cache_dir: Path,
     return folder
 
 
-def _requests(size: int, steps: int, images: int, prompted: int, family: str = "sdxl") -> list:
+def with_plus_adapter(folder: Path, model: Path, random: bool, cache_dir: Path) -> Path:
+    """A folder with the first adapter's files (`folder`'s) and a second one (PLUS_FILE)
+    beside it, made once for the model's UNet and read with the first's image encoder
+    (ViT-H/14 for the random model). The embedded tiny adapter's folder stays as built:
+    it is copied first."""
+    import shutil
+
+    from deployments.tiny_ip_adapters import TINY_IMAGE_ENCODER, build_random_plus_ip_adapter
+    from serve.steering import IP_ADAPTER_LAYOUTS
+
+    if not random:
+        copy = cache_dir / "tiny-sdxl-ip-adapters-two"
+        if not copy.exists():
+            shutil.copytree(folder, copy)
+        folder = copy
+    file = folder / IP_ADAPTER_LAYOUTS["sdxl"][0] / PLUS_FILE
+    if not file.exists():
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        dtype = "float16" if random else "float32"
+        unet = UNet2DConditionModel.from_pretrained(model / "unet",
+                                                    torch_dtype=getattr(torch, dtype))
+        build_random_plus_ip_adapter(file, unet, VIT_H if random else TINY_IMAGE_ENCODER,
+                                     dtype=dtype)
+    return folder
+
+
+def _requests(size: int, steps: int, images: int, prompted: int, family: str = "sdxl",
+              both: bool = False) -> list:
     import numpy as np
 
     from serve.types import GenerationRequest, ImagePrompt
@@ -107,8 +145,9 @@ def _requests(size: int, steps: int, images: int, prompted: int, family: str = "
                              width=size, height=size, num_inference_steps=steps,
                              guidance_scale=GUIDANCE[family], seed=1,
                              scheduler="FlowMatchEuler" if family == "flux" else "K_EULER")
-    return [replace(base, seed=1 + i, image_prompt=prompt if i < prompted else None)
-            for i in range(images)]
+    extra = (("plus", prompt),) if both else ()
+    return [replace(base, seed=1 + i, image_prompt=prompt if i < prompted else None,
+                    extra_image_prompts=extra) for i in range(images)]
 
 
 def _encoding_s(engine, size: int, repeats: int) -> float:
@@ -144,14 +183,18 @@ def main(argv: list[str] | None = None) -> dict:
     engine = FluxEngine if family == "flux" else SDXLEngine
     engines = {"plain": engine(model, args.dtype, device),
                "adapter": engine(model, args.dtype, device, ip_adapter=files)}
-    rows = []
     by_case = {case: engines["plain" if case == "no adapter" else "adapter"] for case in CASES}
+    if args.two_adapters:
+        both = with_plus_adapter(files[0], model, bool(args.configs), cache)
+        by_case[TWO] = engine(model, args.dtype, device, ip_adapter=(
+            both, files[1], (("", files[2]), ("plus", PLUS_FILE)), files[3]))
+    rows = []
     for images in args.batches:
         counts = {"no adapter": 0, "none prompted": 0, "half prompted": images // 2,
-                  "all prompted": images}
+                  "all prompted": images, TWO: images}
         times = case_turns(by_case, {case: _requests(args.size, args.steps, images,
-                                                     counts[case], family) for case in CASES},
-                           args.repeats)
+                                                     counts[case], family, case == TWO)
+                                     for case in by_case}, args.repeats)
         rows += compared_rows(times, images, "no adapter",
                               {case: {"prompted": n} for case, n in counts.items()})
     adapter = engines["adapter"]

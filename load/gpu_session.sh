@@ -35,7 +35,8 @@
 #   controlnet  what none, one and two ControlNets (controlnet-canny-sdxl-1.0's design,
 #               random weights) cost per call, eager bf16, batches of 1 and 8
 #   image-prompts what an IP-Adapter (ip-adapter_sdxl_vit-h's design, random weights) costs
-#               per call with none, half and all images prompted, eager bf16, batches 1, 8
+#               per call with none, half and all images prompted, eager bf16, batches 1, 8,
+#               and a second (plus) adapter beside it, both prompted
 #   image-prompts-flux  the same for XLabs' FLUX IP-Adapter's design (CLIP ViT-L/14) on
 #               FLUX.1-dev's architecture, random weights, 1024², 28 steps, batches 1, 2
 #   kontext     what a FLUX.1 Kontext edit costs against text-to-image (FLUX.1-dev's
@@ -139,7 +140,7 @@ case $step in
   controlnet) python3 -m load.bench_controlnet "${sdxl[@]}" --batches 1 8 --repeats 2 \
                --out "$out/controlnet-$gpu.json" 2>&1 | tee "$log" ;;
   image-prompts) python3 -m load.bench_image_prompts "${sdxl[@]}" --batches 1 8 --repeats 2 \
-                   --out "$out/image-prompts-$gpu.json" 2>&1 | tee "$log" ;;
+                   --two-adapters --out "$out/image-prompts-$gpu.json" 2>&1 | tee "$log" ;;
   image-prompts-flux) python3 -m load.bench_image_prompts \
                         --random-flux load/flux-dev-configs.json --size 1024 --steps 28 \
                         --batches 1 2 --repeats 1 --out "$out/flux-image-prompts-$gpu.json" \
