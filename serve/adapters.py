@@ -166,7 +166,7 @@ def read_entry(path: Path, base: str, default_scale: float,
 
     Raises ValueError if the file is not a readable safetensors LoRA.
     """
-    header = _safetensors_header(path)
+    header = safetensors_header(path)
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     downs = sorted(k for k in tensors if k.endswith(("lora_A.weight", "lora_down.weight")))
     if not downs:
@@ -185,7 +185,9 @@ def _files(folder: Path, levels: int) -> Iterator[Path]:
             yield from _files(path, levels - 1)
 
 
-def _safetensors_header(path: Path) -> dict:
+def safetensors_header(path: Path) -> dict:
+    """A safetensors file's header: each tensor's dtype, shape and offsets, read without
+    the tensors. Raises ValueError if the file is not one."""
     with path.open("rb") as f:
         raw = f.read(8)
         if len(raw) != 8:

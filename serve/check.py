@@ -15,13 +15,14 @@ is refused, 0 otherwise.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
-from serve.adapters import AdapterCatalog
+from serve.adapters import AdapterCatalog, safetensors_header
 from serve.config import AtelierConfig, ConfigError, ModelConfig, load_config, parse_config
 from serve.versions import upscaling_version, version_id
 
@@ -55,6 +56,61 @@ def configs_in(path: Path | None) -> Iterator[tuple[str, AtelierConfig]]:
             yield f"{name} (the embedded default)", load_config(None)
 
 
+# The modules of a family's pipeline that hold its weights, as diffusers lays them out.
+_MODULES = {"sdxl": ("unet", "text_encoder", "text_encoder_2", "vae"),
+            "flux": ("transformer", "text_encoder", "text_encoder_2", "vae")}
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _parameters(files: list[Path]) -> int:
+    """How many numbers the safetensors `files` hold."""
+    count = 0
+    for file in files:
+        for name, tensor in safetensors_header(file).items():
+            if name != "__metadata__":
+                count += math.prod(tensor["shape"])
+    return count
+
+
+def _module_files(folder: Path, variant: str | None) -> list[Path]:
+    """A diffusers module folder's weights files of `variant` (sharded ones included), as
+    from_pretrained picks them."""
+    def variant_of(file: Path) -> str | None:
+        parts = file.name.removesuffix(".safetensors").split(".")
+        return parts[1].split("-")[0] if len(parts) > 1 else None
+
+    return sorted(f for f in folder.glob("*.safetensors") if variant_of(f) == variant)
+
+
+def weight_bytes(model: ModelConfig) -> dict[str, int]:
+    """What the base model's weights take in its dtype, by module, read from its files'
+    headers (a diffusers folder: its variant's files; a single file: the file, with a
+    FLUX file's other modules from `configs_from`). Empty for an embedded model."""
+    if model.path is None:
+        return {}
+    counts = {}
+    for module in _MODULES[model.family]:
+        if model.path.is_file() and (model.family == "sdxl" or module == "transformer"):
+            counts[model.path.name] = _parameters([model.path])
+            continue
+        folder = (model.configs_from if model.path.is_file() else model.path) / module
+        counts[module] = _parameters(_module_files(folder, model.variant))
+    return {name: count * _DTYPE_BYTES[model.dtype] for name, count in counts.items()}
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def weight_lines(model: ModelConfig) -> list[str]:
+    sizes = weight_bytes(model)
+    if not sizes:
+        return []
+    parts = ", ".join(f"{name} {_size(n)}" for name, n in sizes.items())
+    return [(f"  weights: {_size(sum(sizes.values()))} in {model.dtype} ({parts}); "
+             "ControlNets, adapters and upscalers come on top")]
+
+
 def model_lines(model: ModelConfig, cache_dir: Path) -> list[str]:
     """What a model serves: its names, weights, what steers it, its replicas and versions."""
     weights = f"embedded {model.embedded}" if model.embedded else str(model.path)
@@ -70,6 +126,7 @@ def model_lines(model: ModelConfig, cache_dir: Path) -> list[str]:
     lines += [f"  {name}: {', '.join(values)}" for name, values in parts.items() if values]
     lines.append("  options: " + (", ".join(o for o, on in model.options().items() if on)
                                   or "none"))
+    lines += weight_lines(model)
     version = version_id(model, cache_dir)
     lines.append(f"  version {version}")
     lines += [f"  {alias}: version {upscaling_version(version, alias)} (real-esrgan's inputs)"

@@ -68,6 +68,9 @@ class IngressMetrics:
         self.image_prompt_images = Counter("atelier_image_prompt_images", (
             "Images delivered that an image prompt (IP-Adapter or FLUX.1 Redux) steered"),
             tag_keys=("model",))
+        self.upscaled_images = Counter("atelier_upscaled_images", (
+            "Images delivered enlarged (`upscale`, real-esrgan's scale), by upscaler"),
+            tag_keys=("model", "upscaler"))
         self.edited_images = Counter("atelier_edited_images", (
             "Images delivered that edited a reference image (FLUX.1 Kontext)"),
             tag_keys=("model",))

@@ -178,6 +178,9 @@ class ModelRouter:
                 self.metrics.image_prompt_images.inc(delivered, {"model": request.model})
             if request.mode == "edit":
                 self.metrics.edited_images.inc(delivered, {"model": request.model})
+            if request.enlarges:
+                self.metrics.upscaled_images.inc(
+                    delivered, {"model": request.model, "upscaler": request.upscaler})
         b = result.batch
         self.metrics.used(request.client, request.model, delivered,
                           b.inference_ms / 1000 * len(result.images) / max(1, b.images))

@@ -58,6 +58,7 @@ def test_a_config_for_weights_on_disk_is_reported_with_the_servers_version(confi
     assert f"  version {version}" in lines
     alias = upscaling_version(version, "nightmareai/real-esrgan")
     assert f"  nightmareai/real-esrgan: version {alias} (real-esrgan's inputs)" in lines
+    assert any(line.startswith("  weights: 4.7 MB in float32 (unet 4.1 MB, ") for line in lines)
     assert lines[-2:] == [
         "LoRA adapters in folders: 2",
         "  unusable: adapter 'huge' has rank 128, above this model's max_lora_rank 64"]
@@ -90,3 +91,31 @@ def test_a_config_the_server_would_refuse_exits_1_naming_the_field(config_file, 
     done = _check(str(path))
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.startswith("refused: ") and field in done.stderr
+
+
+def test_the_weights_are_counted_from_the_files_headers_as_diffusers_loads_them(
+        tiny_sdxl_path, tmp_path):
+    """Each module's bytes in the model's dtype equal its parameters as diffusers loads
+    the folder; a variant counts its own files alone."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from serve.check import weight_bytes
+    from serve.config import ModelConfig
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_path)
+    model = ModelConfig(id="a/b", path=tiny_sdxl_path, dtype="float16")
+    assert weight_bytes(model) == {
+        name: 2 * sum(p.numel() for p in getattr(pipe, name).parameters())
+        for name in ("unet", "text_encoder", "text_encoder_2", "vae")}
+    folder = tmp_path / "sdxl"
+    shutil.copytree(tiny_sdxl_path, folder)
+    for module in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        save_file({"w": torch.zeros(10, 10)},
+                  str(next((folder / module).glob("*.safetensors")).with_suffix(
+                      ".fp16.safetensors")))
+    variant = ModelConfig(id="a/b", path=folder, variant="fp16", dtype="float16")
+    assert weight_bytes(variant) == dict.fromkeys(("unet", "text_encoder", "text_encoder_2",
+                                                   "vae"), 200)
+    assert weight_bytes(ModelConfig(id="a/b", embedded="tiny-sdxl")) == {}

@@ -101,8 +101,9 @@ BLACK_PNG = _black_png()
 
 
 def _traffic(base_url, seconds):
-    """Good requests (some with adapters, a ControlNet or an image prompt, some withheld
-    by a safety checker, some Kontext edits), and bad ones, from two clients at once."""
+    """Good requests (some with adapters, a ControlNet or an image prompt, some enlarged,
+    some withheld by a safety checker, some Kontext edits), and bad ones, from two clients
+    at once."""
 
     def client(offset):
         with httpx.Client(base_url=base_url, headers=AUTH, timeout=60) as c:
@@ -115,6 +116,8 @@ def _traffic(base_url, seconds):
                     body["controlnets"] = [{"name": "lines", "image": BLACK_PNG}]
                 if i % 5 == 2:  # an image prompt steers it
                     body["ip_adapter_image"] = BLACK_PNG
+                if i % 7 == 3:  # enlarged by its first upscaler
+                    body["upscale"] = 2
                 assert c.post("/generate", json=body).status_code == 200
                 if i % 6 == 0:  # a Kontext edit of a black reference
                     edit = {"prompt": "make it red", "model": KONTEXT, "image": BLACK_PNG}
@@ -170,7 +173,7 @@ def test_the_dashboard_covers_what_operators_watch():
     for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "prompts held",
                   "errors", "memory", "healthy", "by api key", "busy share",
                   "gpu utilization", "garbage collection", "safety checker", "controlnet",
-                  "image prompt", "edits"):
+                  "image prompt", "edits", "enlarged"):
         assert topic in titles, topic
 
 
