@@ -18,7 +18,13 @@ from serve.canvases import canny, canny_thresholds
 from serve.config import ControlNetConfig, ModelConfig
 from serve.errors import InvalidField
 from serve.images import ImageFetcher, open_image, output_size, raw_bytes
-from serve.types import IMAGE_PROMPT_SIDE, ControlImage, ImagePrompt, unknown_controlnet
+from serve.types import (
+    IMAGE_PROMPT_SIDE,
+    ControlImage,
+    ImagePrompt,
+    unknown_controlnet,
+    unknown_ip_adapter,
+)
 
 
 class ControlRef(BaseModel):
@@ -177,11 +183,10 @@ async def load_extra_image_prompts(given: Mapping[str, tuple[str | bytes, float 
     """The image prompts for the model's further IP-Adapters (`ip_adapter.extra`), by
     name, read as the first adapter's is, each at its adapter's scale unless given. 422 on
     `field` for a name the model does not hold."""
-    extra = model.ip_adapter.extra if model.ip_adapter is not None else {}
+    extra = model.extra_ip_adapters
     for name in given:
         if name not in extra:
-            raise InvalidField(field, f"{name!r} is not one of this model's further "
-                                      "IP-Adapters (" + (", ".join(extra) or "it has none") + ")")
+            raise unknown_ip_adapter(model, name, field)
 
     async def read(name: str, image: str | bytes, scale: float | None) -> tuple:
         data = await fetcher.fetch(image, field, model.limits.max_image_bytes)

@@ -40,6 +40,7 @@ from serve.steering import (
     EMBEDDED_IP_ADAPTERS,
     ControlNetConfig,
     DepthEstimatorConfig,
+    ExtraIPAdapterConfig,
     IPAdapterConfig,
     ReduxConfig,
 )
@@ -341,6 +342,11 @@ class ModelConfig(_Strict):
         if adapter.extra and self.family != "sdxl":
             raise ValueError("ip_adapter.extra: a FLUX model reads one IP-Adapter (SDXL "
                              "models may hold several)")
+
+    @property
+    def extra_ip_adapters(self) -> dict[str, ExtraIPAdapterConfig]:
+        """The further IP-Adapters requests may send image prompts to, by name."""
+        return self.ip_adapter.extra if self.ip_adapter is not None else {}
 
     @property
     def estimates_depth(self) -> bool:

@@ -219,10 +219,9 @@ class GenerationRequest:
         if request.image_prompt is not None and (model.ip_adapter or model.redux) is None:
             raise InvalidField(model.image_prompt_field, "this model reads no image prompts "
                                                          "(its config sets no IP-Adapter or Redux)")
-        extra = model.ip_adapter.extra if model.ip_adapter is not None else {}
-        if any(name not in extra for name, _ in request.extra_image_prompts):
-            raise InvalidField("extra_ip_adapters", "one of this model's further IP-Adapters: "
-                               + (", ".join(extra) or "it has none"))
+        for name, _ in request.extra_image_prompts:
+            if name not in model.extra_ip_adapters:
+                raise unknown_ip_adapter(model, name)
         if len(request.controls) > model.limits.max_controlnets:
             raise InvalidField("controlnets", f"at most {model.limits.max_controlnets} "
                                               "ControlNets per request for this model")
@@ -317,6 +316,13 @@ def unknown_controlnet(model: ModelConfig, name: str, field: str = "controlnets"
     names = ", ".join(model.controlnets) or "none (its config sets none)"
     return InvalidField(field, f"this model has no ControlNet named {name!r}; its "
                                f"ControlNets: {names}")
+
+
+def unknown_ip_adapter(model: ModelConfig, name: str,
+                       field: str = "extra_ip_adapters") -> InvalidField:
+    names = ", ".join(model.extra_ip_adapters) or "it has none"
+    return InvalidField(field, f"{name!r} is not one of this model's further IP-Adapters "
+                               f"({names})")
 
 
 @dataclass(frozen=True)

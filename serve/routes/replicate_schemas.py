@@ -84,7 +84,7 @@ def input_schema(model: ModelConfig, name: str | None = None) -> dict:
         hidden |= set(CannyEdgeInputs.model_fields)
     if model.ip_adapter is None:
         hidden |= set(_IP_ADAPTER_INPUTS)
-    if model.ip_adapter is None or not model.ip_adapter.extra:
+    if not model.extra_ip_adapters:
         hidden.add("extra_ip_adapters")
     if model.family == "flux" and model.redux is None:
         hidden |= set(_REDUX_INPUTS)
