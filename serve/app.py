@@ -25,7 +25,7 @@ from serve.access import install_access
 from serve.adapters import AdapterCatalog
 from serve.auth import configured_keys
 from serve.body_limit import install_body_limit
-from serve.config import AtelierConfig, ModelConfig, load_config, parse_config
+from serve.config import AtelierConfig, ModelConfig, app_config
 from serve.context import ingress
 from serve.cors import install_cors
 from serve.http_errors import install_error_handlers
@@ -134,11 +134,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
     Raises ConfigError naming the failing field.
     """
-    args = args or {}
-    if "atelier" in args:
-        config = parse_config(args["atelier"])
-    else:
-        config = load_config(args.get("config"))
+    config = app_config(args or {})
     config.check_paths()
     catalog = _scan_adapters(config).to_dicts()
     has_gpus = _cluster_has_gpus()

@@ -23,7 +23,14 @@ from pathlib import Path
 import yaml
 
 from serve.adapters import AdapterCatalog, safetensors_header
-from serve.config import AtelierConfig, ConfigError, ModelConfig, load_config, parse_config
+from serve.config import (
+    AtelierConfig,
+    ConfigError,
+    ModelConfig,
+    app_config,
+    load_config,
+    parse_config,
+)
 from serve.versions import upscaling_version, version_id
 
 _APP = "serve.app:build_app"  # the import path of Atelier's applications
@@ -47,13 +54,10 @@ def configs_in(path: Path | None) -> Iterator[tuple[str, AtelierConfig]]:
     if not apps:
         raise ConfigError(f"{path}: no application runs {_APP}")
     for app in apps:
-        args, name = app.get("args") or {}, f"application {app.get('name', '?')!r}"
-        if "atelier" in args:
-            yield f"{name} (inline)", parse_config(args["atelier"])
-        elif args.get("config"):
-            yield f"{name} ({args['config']})", load_config(args["config"])
-        else:
-            yield f"{name} (the embedded default)", load_config(None)
+        args = app.get("args") or {}
+        source = ("inline" if "atelier" in args else args.get("config")
+                  or "the embedded default")
+        yield f"application {app.get('name', '?')!r} ({source})", app_config(args)
 
 
 # The modules of a family's pipeline that hold its weights, as diffusers lays them out.

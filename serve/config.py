@@ -266,3 +266,11 @@ def load_config(path: str | Path | None) -> AtelierConfig:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     return parse_config(data)
+
+
+def app_config(args: dict[str, Any]) -> AtelierConfig:
+    """The config an Atelier application's Serve `args` give: `atelier` (a mapping, inline),
+    else `config` (a YAML path), else the embedded default. Raises ConfigError."""
+    if "atelier" in args:
+        return parse_config(args["atelier"])
+    return load_config(args.get("config"))
