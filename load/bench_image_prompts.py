@@ -3,7 +3,8 @@ the adapter, and on one with it with no image prompt, with half the images promp
 with all of them; and what encoding one image prompt takes. With `--two-adapters` (SDXL),
 also an engine holding a second, "plus" adapter beside the first (ip-adapter-plus_sdxl_
 vit-h's design, 16 tokens, random weights, built once beside it), every image prompting
-both.
+both. With `--boards`, also every image prompted by a mood board, of 4 pictures and 3 in
+turn (a call of two or more images reads 12 pictures' tokens per row).
 
     python -m load.bench_image_prompts                      # tiny SDXL and IP-Adapter, CPU
     python -m load.bench_image_prompts --family flux        # tiny FLUX, XLabs' layout
@@ -55,6 +56,7 @@ VIT_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24
          "projection_dim": 768, "hidden_act": "quick_gelu"}
 CASES = ("no adapter", "none prompted", "half prompted", "all prompted")
 TWO = "both adapters prompted"  # the case of --two-adapters
+BOARDS = "boards of 4 and 3 prompted"  # the case of --boards
 PLUS_FILE = "ip-adapter-plus_sdxl.safetensors"  # the second adapter's file, beside the first
 
 
@@ -70,6 +72,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "model and XLabs-style IP-Adapter"))
     p.add_argument("--two-adapters", action="store_true", help=(
         "SDXL: also time an engine with a second (plus) adapter, both prompted"))
+    p.add_argument("--boards", action="store_true", help=(
+        "Also time every image prompted by a mood board of 4 or 3 pictures"))
     add_call_args(p, size=128, steps=10)
     args = p.parse_args(argv)
     args.family = "flux" if args.random_flux else "sdxl" if args.random_sdxl else args.family
@@ -134,20 +138,26 @@ def with_plus_adapter(folder: Path, model: Path, random: bool, cache_dir: Path) 
 
 
 def _requests(size: int, steps: int, images: int, prompted: int, family: str = "sdxl",
-              both: bool = False) -> list:
+              both: bool = False, boards: bool = False) -> list:
     import numpy as np
 
-    from serve.types import GenerationRequest, ImagePrompt
+    from serve.types import GenerationRequest, ImagePrompt, Picture
 
-    picture = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    prompt = ImagePrompt(picture.tobytes(), size, size, 0.6)
+    rng = np.random.default_rng(0)
+    pictures = [Picture(rng.integers(0, 256, (size, size, 3), dtype=np.uint8).tobytes(),
+                        size, size) for _ in range(4)]
+    prompt = ImagePrompt(*pictures[0], 0.6)
     base = GenerationRequest(model="bench/image-prompts", prompt="product photo of a mug",
                              width=size, height=size, num_inference_steps=steps,
                              guidance_scale=GUIDANCE[family], seed=1,
                              scheduler="FlowMatchEuler" if family == "flux" else "K_EULER")
     extra = (("plus", prompt),) if both else ()
-    return [replace(base, seed=1 + i, image_prompt=prompt if i < prompted else None,
-                    extra_image_prompts=extra) for i in range(images)]
+    requests = [replace(base, seed=1 + i, image_prompt=prompt if i < prompted else None,
+                        extra_image_prompts=extra) for i in range(images)]
+    if boards:  # 4 pictures, 3, 4, ...
+        return [replace(r, image_prompt=replace(prompt, more=tuple(pictures[1:4 - i % 2])))
+                for i, r in enumerate(requests)]
+    return requests
 
 
 def _encoding_s(engine, size: int, repeats: int) -> float:
@@ -188,12 +198,15 @@ def main(argv: list[str] | None = None) -> dict:
         both = with_plus_adapter(files[0], model, bool(args.configs), cache)
         by_case[TWO] = engine(model, args.dtype, device, ip_adapter=(
             both, files[1], (("", files[2]), ("plus", PLUS_FILE)), files[3]))
+    if args.boards:
+        by_case[BOARDS] = engines["adapter"]
     rows = []
     for images in args.batches:
         counts = {"no adapter": 0, "none prompted": 0, "half prompted": images // 2,
-                  "all prompted": images, TWO: images}
+                  "all prompted": images, TWO: images, BOARDS: images}
         times = case_turns(by_case, {case: _requests(args.size, args.steps, images,
-                                                     counts[case], family, case == TWO)
+                                                     counts[case], family, case == TWO,
+                                                     case == BOARDS)
                                      for case in by_case}, args.repeats)
         rows += compared_rows(times, images, "no adapter",
                               {case: {"prompted": n} for case, n in counts.items()})

@@ -112,12 +112,16 @@ def _mixed_adapters(rng: random.Random, i: int, adapters: Sequence[str]) -> dict
 
 
 def _image_prompts(rng: random.Random, i: int, adapters: Sequence[str]) -> dict:
-    """Captions, every other one steered by one of three mood boards (drawn here, the same
-    every time) through the model's IP-Adapter at 0.6, as a brand's style references."""
+    """Captions, every other one steered by one of three mood boards of 1, 2 and 3
+    product photos (drawn here, the same every time) through the model's IP-Adapter at
+    0.6, as a brand's style references."""
     body = {"prompt": rng.choice(CAPTIONS), "width": 1024, "height": 1024, "steps": 20,
             "seed": _seed(rng)}
     if i % 2 == 0:
-        body |= {"ip_adapter_image": product_photo(100 + (i // 2) % 3), "ip_adapter_scale": 0.6}
+        board = (i // 2) % 3
+        body |= {"ip_adapter_image": [product_photo(100 + 3 * board + k)
+                                      for k in range(board + 1)],
+                 "ip_adapter_scale": 0.6}
     return body
 
 
@@ -225,8 +229,8 @@ PROFILES = {p.name: p for p in (
     Profile("mixed-adapters", "captions with a popular-first mix of LoRA adapters (the "
             "server's catalog, or --adapters names and file URLs), 1024x1024, 20 steps",
             _mixed_adapters, 1024, 20, slo_s=20.0),
-    Profile("image-prompts", "captions, every other one with one of three mood boards as "
-            "its image prompt (IP-Adapter, scale 0.6), 1024x1024, 20 steps",
+    Profile("image-prompts", "captions, every other one with one of three mood boards (1, "
+            "2 and 3 photos) as its image prompt (IP-Adapter, scale 0.6), 1024x1024, 20 steps",
             _image_prompts, 1024, 20, slo_s=20.0),
     Profile("kontext-edits", "product photos edited by instruction on a FLUX.1 Kontext "
             "model, five edits per photo, 1024x1024, 28 steps, guidance 2.5",

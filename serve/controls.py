@@ -22,6 +22,7 @@ from serve.types import (
     IMAGE_PROMPT_SIDE,
     ControlImage,
     ImagePrompt,
+    Picture,
     unknown_controlnet,
     unknown_ip_adapter,
 )
@@ -125,11 +126,16 @@ def _control_pixels(params: Sequence[ControlParams], nets: Sequence[tuple[str, C
     return out, w, h
 
 
-class ImagePromptParams(NamedTuple):
-    """A request's image prompt as a route reads it: the picture (a data URI, base64, an
-    allowed URL, or a file's bytes), its scale if given, and the field it came in."""
+# An image prompt's picture as a route takes it (a data URI, base64, an allowed URL, or a
+# file's bytes), or an IP-Adapter's mood board: a list of them.
+PromptImages = str | bytes | Sequence[str]
 
-    image: str | bytes | None
+
+class ImagePromptParams(NamedTuple):
+    """A request's image prompt as a route reads it: its picture or pictures, its scale if
+    given, and the field it came in."""
+
+    image: PromptImages | None
     scale: float | None = None
     field: str = "ip_adapter_image"
     downsampling: int | None = None  # FLUX.1 Redux's
@@ -154,9 +160,9 @@ def image_prompt_params(params: Any) -> ImagePromptParams:
 async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
                             fetcher: ImageFetcher) -> ImagePrompt | None:
     """The request's image prompt for the model's IP-Adapter or Redux (None: it sends
-    none), read as an input image is and scaled down to IMAGE_PROMPT_SIDE on its shorter
-    side; its scale the IP-Adapter's own and its downsampling Redux's own unless given.
-    422 on its field for a model that reads none, or reads it from the other field."""
+    none), read as `_prompt_pictures` reads it; its scale the IP-Adapter's own and its
+    downsampling Redux's own unless given. 422 on its field for a model that reads none,
+    or reads it from the other field."""
     image, scale, field, downsampling = given
     if image is None:
         return None
@@ -167,16 +173,13 @@ async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
     if field in _PROMPT_FIELDS and field != model.image_prompt_field:
         raise InvalidField(field, "this model reads its image prompt from "
                                   f"{model.image_prompt_field}")
-    data = await fetcher.fetch(image, field, model.limits.max_image_bytes)
-    picture = await asyncio.to_thread(_prompt_picture, data, field, model)
+    pictures = await _prompt_pictures(image, field, model, fetcher)
     if model.ip_adapter is not None:
-        return ImagePrompt(picture.tobytes(), *picture.size,
-                           reader.scale if scale is None else scale)
-    return ImagePrompt(picture.tobytes(), *picture.size, 1.0,
-                       downsampling or reader.downsampling)
+        return _image_prompt(pictures, reader.scale if scale is None else scale)
+    return _image_prompt(pictures, 1.0, downsampling or reader.downsampling)
 
 
-async def load_extra_image_prompts(given: Mapping[str, tuple[str | bytes, float | None]],
+async def load_extra_image_prompts(given: Mapping[str, tuple[PromptImages, float | None]],
                                    model: ModelConfig, fetcher: ImageFetcher,
                                    field: str = "extra_ip_adapters",
                                    ) -> tuple[tuple[str, ImagePrompt], ...]:
@@ -188,13 +191,35 @@ async def load_extra_image_prompts(given: Mapping[str, tuple[str | bytes, float 
         if name not in extra:
             raise unknown_ip_adapter(model, name, field)
 
-    async def read(name: str, image: str | bytes, scale: float | None) -> tuple:
-        data = await fetcher.fetch(image, field, model.limits.max_image_bytes)
-        picture = await asyncio.to_thread(_prompt_picture, data, field, model)
-        return name, ImagePrompt(picture.tobytes(), *picture.size,
-                                 extra[name].scale if scale is None else scale)
+    async def read(name: str, images: PromptImages, scale: float | None) -> tuple:
+        pictures = await _prompt_pictures(images, f"{field}.{name}.image", model, fetcher)
+        return name, _image_prompt(pictures, extra[name].scale if scale is None else scale)
 
     return tuple(await asyncio.gather(*(read(name, *value) for name, value in given.items())))
+
+
+async def _prompt_pictures(images: PromptImages, field: str, model: ModelConfig,
+                           fetcher: ImageFetcher) -> list[Image.Image]:
+    """An image prompt's pictures: one, or a mood board's list (`field`.i names the i-th
+    in errors), each read as an input image is and scaled down to IMAGE_PROMPT_SIDE on its
+    shorter side."""
+    if isinstance(images, str | bytes):
+        named = [(images, field)]
+    else:
+        named = [(image, f"{field}.{i}") for i, image in enumerate(images)]
+
+    async def read(image: str | bytes, name: str) -> Image.Image:
+        data = await fetcher.fetch(image, name, model.limits.max_image_bytes)
+        return await asyncio.to_thread(_prompt_picture, data, name, model)
+
+    return list(await asyncio.gather(*(read(*pair) for pair in named)))
+
+
+def _image_prompt(pictures: Sequence[Image.Image], scale: float,
+                  downsampling: int = 1) -> ImagePrompt:
+    first, *more = pictures
+    return ImagePrompt(first.tobytes(), *first.size, scale, downsampling,
+                       tuple(Picture(p.tobytes(), *p.size) for p in more))
 
 
 def _prompt_picture(data: str | bytes, field: str, model: ModelConfig) -> Image.Image:

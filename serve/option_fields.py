@@ -7,12 +7,12 @@ name."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from serve.model_parts import MOST_CLIP_SKIP
-from serve.types import MAX_SEED
+from serve.types import MAX_SEED, MOST_PROMPT_PICTURES
 
 
 class ClipSkipFields(BaseModel):
@@ -70,13 +70,33 @@ def json_in_a_form(value: Any, what: str) -> Any:
     return value
 
 
+def _prompt_pictures(value: Any) -> Any:
+    # A form's text field may hold a JSON list (no picture's text starts with "["). The
+    # count is checked here, so that its error names the field itself.
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        value = json_in_a_form(value, "a JSON list of pictures")
+    if isinstance(value, list) and not 1 <= len(value) <= MOST_PROMPT_PICTURES:
+        raise ValueError(f"send 1 to {MOST_PROMPT_PICTURES} pictures, not {len(value)}")
+    return value
+
+
+# An image prompt: a picture, or an IP-Adapter's mood board of several (a JSON list; in a
+# form, as JSON text).
+PromptPictures = Annotated[
+    str | Annotated[list[str], Field(min_length=1, max_length=MOST_PROMPT_PICTURES)],
+    BeforeValidator(_prompt_pictures)]
+MOOD_BOARD = (f"A list of up to {MOST_PROMPT_PICTURES} pictures is a mood board: the adapter "
+              "reads them all together.")
+
+
 class ExtraImagePrompt(BaseModel):
     """An image prompt for one of a model's further IP-Adapters."""
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(description=(
-        "The picture: a data URI, base64 or an allowed URL, as ip_adapter_image takes it."))
+    image: PromptPictures = Field(description=(
+        "The picture: a data URI, base64 or an allowed URL, as ip_adapter_image takes it. "
+        + MOOD_BOARD))
     scale: float | None = Field(None, ge=0, le=2, description=(
         "How strongly it steers; default: that adapter's own (config)."))
 
@@ -95,7 +115,7 @@ class ExtraIPAdapterFields(BaseModel):
     def _prompts_json_in_a_form(cls, value: Any) -> Any:
         return json_in_a_form(value, "a JSON object")
 
-    def extra_prompt_params(self) -> dict[str, tuple[str, float | None]]:
+    def extra_prompt_params(self) -> dict[str, tuple[str | list[str], float | None]]:
         """(picture, scale) of each further adapter's image prompt, by name."""
         return {name: (p.image, p.scale) for name, p in self.extra_ip_adapters.items()}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from serve.adapters import AdapterSet
 from serve.config import FAMILIES, SCHEDULERS, Family, LimitsConfig, ModelConfig
@@ -17,7 +17,7 @@ from serve.model_parts import BICUBIC
 from serve.request_limits import check_limits
 
 __all__ = ["SCHEDULERS", "BatchInfo", "ControlImage", "GenerationRequest", "GenerationResult",
-           "ImagePrompt", "Reference", "SourceImage"]
+           "ImagePrompt", "Picture", "Reference", "SourceImage"]
 OutputFormat = Literal["png", "webp", "jpeg"]
 # Replicate's SDXL `refine` values: the refiner finishes the base model's last
 # 1 - high_noise_frac of the steps, or reworks its finished image (img2img at strength 0.3).
@@ -27,6 +27,8 @@ MAX_SEED = 2**32 - 1
 # Image prompts are scaled down to this on their shorter side (their encoders see 224,
 # an IP-Adapter's CLIP, or 384, FLUX.1 Redux's SigLIP).
 IMAGE_PROMPT_SIDE = 512
+# An IP-Adapter's image prompt may be several pictures (a mood board), at most this many.
+MOST_PROMPT_PICTURES = 4
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,18 +94,34 @@ class ControlImage:
         return (self.name, self.scale, self.start, self.end)
 
 
+class Picture(NamedTuple):
+    """An image prompt's picture: RGB pixels and their size."""
+
+    rgb: bytes
+    width: int
+    height: int
+
+
 @dataclass(frozen=True, eq=False)
 class ImagePrompt:
     """An IP-Adapter's or FLUX.1 Redux's input: a picture (RGB pixels, its own size, at most
     IMAGE_PROMPT_SIDE on its shorter side) whose content and style the image takes on,
     and how strongly: an IP-Adapter's `scale`, or the factor by which Redux's grid of
-    picture tokens is averaged down (`downsampling`; 1 keeps them all)."""
+    picture tokens is averaged down (`downsampling`; 1 keeps them all). An IP-Adapter's
+    may hold `more` pictures (a mood board): the adapter reads all their image tokens
+    together, as diffusers' does given a list of pictures for one adapter."""
 
     rgb: bytes
     width: int
     height: int
     scale: float
     downsampling: int = 1
+    more: tuple[Picture, ...] = ()
+
+    @property
+    def pictures(self) -> tuple[Picture, ...]:
+        """Its first picture and its further ones."""
+        return (Picture(self.rgb, self.width, self.height), *self.more)
 
 
 @dataclass(frozen=True)

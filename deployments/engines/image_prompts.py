@@ -19,6 +19,7 @@ image encoder.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +35,7 @@ from PIL import Image
 
 from deployments.engines.withdrawal import BatchRows
 from serve.steering import encoder_folder
-from serve.types import GenerationRequest, ImagePrompt
+from serve.types import GenerationRequest, ImagePrompt, Picture
 
 
 class HeldEmbeds:
@@ -45,16 +46,16 @@ class HeldEmbeds:
         self._held: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._entries, self._lock = entries, threading.Lock()
 
-    def get(self, prompt: ImagePrompt, encode: Callable[[Image.Image], torch.Tensor],
+    def get(self, picture: Picture, encode: Callable[[Image.Image], torch.Tensor],
             kind: object = None) -> torch.Tensor:
         """The picture's embedding (of `kind`, where an encoder gives several): the one
         held, or `encode`'s, then held."""
-        key = (hashlib.sha256(prompt.rgb).digest(), prompt.width, prompt.height, kind)
+        key = (hashlib.sha256(picture.rgb).digest(), picture.width, picture.height, kind)
         with self._lock:
             if key in self._held:
                 self._held.move_to_end(key)
                 return self._held[key]
-        embed = encode(Image.frombytes("RGB", (prompt.width, prompt.height), prompt.rgb))
+        embed = encode(Image.frombytes("RGB", (picture.width, picture.height), picture.rgb))
         with self._lock:
             self._held[key] = embed
             if len(self._held) > self._entries:
@@ -118,13 +119,14 @@ class ImagePrompts:
 
     @torch.inference_mode()
     def embed(self, prompt: ImagePrompt | None, adapter: int = 0) -> torch.Tensor | None:
-        """The image prompt's embedding for the denoiser (one image's) through adapter
-        number `adapter`, made ahead of its call (from any thread), or the one made for
-        the same picture recently."""
+        """The image prompt's embedding for the denoiser through adapter number
+        `adapter`, one row per picture, made ahead of its call (from any thread); a picture
+        encoded recently is not encoded again."""
         if prompt is None:
             return None
-        return self._held.get(prompt, lambda picture: self._encode(picture, adapter)[0],
-                              self.hidden[adapter])
+        embeds = [self._held.get(picture, lambda p: self._encode(p, adapter)[0],
+                                 self.hidden[adapter]) for picture in prompt.pictures]
+        return embeds[0] if len(embeds) == 1 else torch.cat(embeds)  # one: the held one
 
     def embeds(self, request: GenerationRequest) -> tuple[torch.Tensor | None, ...]:
         """The request's image prompts' embeddings, one per adapter (None: it sends that
@@ -148,6 +150,9 @@ class ImagePrompts:
         per_row, cond_rows = zip(*(self._rows_of(requests, embeds, adapter)
                                    for adapter in range(len(self.names))), strict=True)
         self._set_scale([bool(scales.any()) for scales in per_row])
+        # diffusers' unconditional prompt has one unconditional picture per picture.
+        unconditional = [uncond.expand(cond.shape[1], *uncond.shape[1:]) for uncond, cond
+                         in zip(self.unconditional, cond_rows, strict=True)]
 
         def image_inputs(module, args, kwargs):
             live = torch.tensor(rows.original_rows(), device=self.denoiser.device)
@@ -155,7 +160,7 @@ class ImagePrompts:
             row_scales = [scales[live] for scales in per_row]
             if self._rows(args, kwargs) == 2 * len(live):
                 embeds = [torch.cat([uncond[None].expand_as(e), e])
-                          for uncond, e in zip(self.unconditional, embeds, strict=True)]
+                          for uncond, e in zip(unconditional, embeds, strict=True)]
                 row_scales = [scales.repeat(2) for scales in row_scales]
             self._row_scales = row_scales
             return args, self._with_embeds(kwargs, embeds)
@@ -170,16 +175,21 @@ class ImagePrompts:
     def _rows_of(self, requests: Sequence[GenerationRequest],
                  embeds: Sequence[tuple[torch.Tensor | None, ...]],
                  adapter: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """An adapter's scale and image embedding for each row of a call: 0 and the
-        unconditional image prompt for rows that send it none."""
+        """An adapter's scale and image embeddings for each row of a call: 0 and the
+        unconditional image prompt for rows that send it none. Rows whose prompts hold
+        different numbers of pictures share the call: each row's pictures are repeated up
+        to a count all the rows' counts divide, which leaves its attention exactly as it
+        was (repeating every key and value of an attention as often changes no weight)."""
         scales, cond = [], []
         for request, made in zip(requests, embeds, strict=True):
             prompt, embed = self._prompt(request, adapter), made[adapter]
             scales += [0.0 if prompt is None else prompt.scale] * request.num_outputs
             cond += [self.unconditional[adapter] if embed is None else embed] * \
                 request.num_outputs
+        count = math.lcm(*(len(embed) for embed in cond))
         return (torch.tensor(scales, device=self.denoiser.device),
-                torch.cat(cond)[:, None])  # one image per row
+                torch.stack([embed.repeat_interleave(count // len(embed), dim=0)
+                             for embed in cond]))  # (rows, pictures, ...)
 
     def _prompt(self, request: GenerationRequest, adapter: int) -> ImagePrompt | None:
         if adapter == 0:

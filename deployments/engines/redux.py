@@ -55,7 +55,7 @@ class Redux:
     def tokens(self, prompt: ImagePrompt) -> torch.Tensor:
         """The picture's tokens (1, tokens, text width), made ahead of its call (from any
         thread), or those made for the same picture recently."""
-        return self._held.get(prompt, self._encode)
+        return self._held.get(prompt.pictures[0], self._encode)  # Redux reads one
 
     def _encode(self, picture: Image.Image) -> torch.Tensor:
         pixels = self.processor.preprocess(images=picture, do_resize=True, return_tensors="pt",

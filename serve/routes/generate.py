@@ -33,10 +33,12 @@ from serve.errors import InvalidField
 from serve.images import load_source
 from serve.model_parts import MOST_REFERENCES
 from serve.option_fields import (
+    MOOD_BOARD,
     ClipSkipFields,
     ExtraIPAdapterFields,
     HiresFields,
     MaskedAreaFields,
+    PromptPictures,
     UpscaleFields,
     VariationFields,
 )
@@ -144,10 +146,10 @@ class GenerateParams(ClipSkipFields, HiresFields, UpscaleFields, VariationFields
     controlnets: list[ControlRef] = Field(default_factory=list, description=(
         "Several ControlNets at once (JSON body only), each with its control image; "
         "instead of control_image and controlnet."))
-    ip_adapter_image: str | None = Field(None, description=(
+    ip_adapter_image: PromptPictures | None = Field(None, description=(
         "Models with an IP-Adapter: an image prompt, a picture whose content and style "
         "the output takes on beside the text prompt (JSON body only; a data URI, base64, or "
-        "an allowed URL; any size)."))
+        "an allowed URL; any size). " + MOOD_BOARD))
     ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
         "How strongly the image prompt steers (0 ignores it); default: the adapter's own "
         "(config)."))

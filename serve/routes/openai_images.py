@@ -61,6 +61,7 @@ from serve.option_fields import (
     ExtraIPAdapterFields,
     HiresFields,
     MaskedAreaFields,
+    PromptPictures,
     UpscaleFields,
     VariationFields,
     json_in_a_form,
@@ -102,9 +103,10 @@ class ImageGenerationParams(ClipSkipFields, HiresFields, UpscaleFields, Variatio
         "/generate's (an Atelier extension; send it with extra_body)."))
     canny_high_threshold: int | None = Field(None, ge=0, le=500, description=(
         "Canny's high edge threshold, as /generate's (an Atelier extension)."))
-    ip_adapter_image: str | None = Field(None, description=(
+    ip_adapter_image: PromptPictures | None = Field(None, description=(
         "Models with an IP-Adapter: an image prompt, as /generate's ip_adapter_image "
-        "(an Atelier extension; send it with extra_body)."))
+        "(an Atelier extension; send it with extra_body; a mood board's list, in an edit's "
+        "form, as JSON)."))
     ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
         "How strongly ip_adapter_image steers; default: the adapter's own."))
     redux_image: str | None = Field(None, description=(

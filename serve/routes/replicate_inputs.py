@@ -15,10 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from serve.controls import ControlParams, ImagePromptParams
 from serve.errors import InvalidField
 from serve.option_fields import (
+    MOOD_BOARD,
     ClipSkipFields,
     ExtraIPAdapterFields,
     HiresFields,
     MaskedAreaFields,
+    PromptPictures,
     UpscaleFields,
     VariationFields,
 )
@@ -94,9 +96,9 @@ class IPAdapterInputs(ExtraIPAdapterFields, LoraInput):
     """The IP-Adapter inputs of Replicate's SDXL models, for models with an IP-Adapter
     (SDXL's, or XLabs' on FLUX; others refuse them)."""
 
-    ip_adapter_image: str | None = Field(None, description=(
+    ip_adapter_image: PromptPictures | None = Field(None, description=(
         "Image prompt for the model's IP-Adapter: its content and style steer the output "
-        "beside the prompt; as image takes it"))
+        "beside the prompt; as image takes it. " + MOOD_BOARD))
     ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
         "How strongly ip_adapter_image steers; default: the adapter's own"))
 

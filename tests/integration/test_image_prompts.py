@@ -162,6 +162,41 @@ def test_a_further_adapter_takes_its_own_image_prompt_in_every_api(client, rep, 
     assert "extra_ip_adapters" in schema["components"]["schemas"]["Input"]["properties"]
 
 
+def test_a_mood_board_steers_as_one_image_prompt_in_every_api(base_url, client, rep, oai):
+    """A board of two pictures: another image than either alone; the same pixels from
+    /generate, Replicate's client (a list of files) and OpenAI's (extra_body); in a call
+    with a single picture and none, each keeps its own pixels; five pictures and a bad
+    second one are refused naming the field."""
+    board = [STYLE, OTHER]
+    mood = _generate(client, ip_adapter_image=board)
+    for picture in board:
+        assert np.abs(pixels(_generate(client, ip_adapter_image=picture)) - pixels(mood)
+                      ).mean() > 0.3
+    (file,) = rep.run(FAST, input={
+        "prompt": "a product shot", "num_inference_steps": 4, "seed": 31, "width": 64,
+        "height": 64, "ip_adapter_image": [io.BytesIO(base64.b64decode(p)) for p in board]})
+    assert_same_pixels(Image.open(io.BytesIO(file.read())), mood)
+    made = oai.images.generate(model=FAST, prompt="a product shot", size="64x64", extra_body={
+        "seed": 31, "ip_adapter_image": ["data:image/png;base64," + p for p in board]})
+    assert_same_pixels(Image.open(io.BytesIO(base64.b64decode(made.data[0].b64_json))),
+                       _generate(client, ip_adapter_image=board, steps=None))
+    bodies = [{"model": BATCHED, "prompt": "a chair", "seed": 50 + i, **extra}
+              for i, extra in enumerate([{"ip_adapter_image": board}, {},
+                                         {"ip_adapter_image": OTHER}])]
+    alone = [client.post("/generate", json=body) for body in bodies]
+    crowd = post_many(base_url, bodies)
+    assert len({r.headers["x-atelier-batch-id"] for r in crowd}) == 1
+    for own, shared in zip(alone, crowd, strict=True):
+        assert_same_pixels(decode(own.json()["image"]), decode(shared.json()["image"]))
+    for pictures, field, says in (([STYLE] * 5, "ip_adapter_image", "not 5"),
+                                  ([STYLE, "bm90IGFuIGltYWdl"], "ip_adapter_image.1", "")):
+        r = client.post("/generate", json={"model": FAST, "prompt": "x",
+                                           "ip_adapter_image": pictures})
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"][0]
+        assert detail["loc"] == ["body", field] and says in detail["msg"], detail
+
+
 def test_bad_image_prompts_are_refused_naming_the_field(client, rep, base_url):
     import openai
     import replicate
