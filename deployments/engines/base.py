@@ -81,7 +81,6 @@ class DiffusersEngine:
     cfg_cutoff: float | None = None  # fraction of the steps guided (speed.cfg_cutoff)
     image_prompts: ImagePrompts | None = None  # the model's IP-Adapter, if it has one
     control_rows_stay = False  # whether the rows of calls with ControlNets stay to the end
-    hires_rows_stay = False  # whether the rows of calls with a hires pass do
     controlnets: ControlNets | None = None  # the model's ControlNets, if its family has any
     depth_maps: DepthMaps | None = None  # the model's depth estimator, if it has one
     calibrating = False  # FP8 activation scales still to calibrate (speed.fp8_activations)
@@ -300,8 +299,7 @@ class DiffusersEngine:
         # keeps its padded size to the end: dropping withdrawn rows would meet the compiled
         # code with a batch size it was not compiled for.
         rows_stay = first.mode in ("inpaint", "edit", "control") or (
-            self.control_rows_stay and bool(first.controls)) or (
-            self.hires_rows_stay and first.hires_scale != 1)
+            self.control_rows_stay and bool(first.controls))
         previews = self._previews(requests[:real], rows, on_preview)
         callback = step_callback(rows, generators, withdrawn, on_step,
                                  shrink_rows=not rows_stay and not self.buckets,

@@ -76,11 +76,8 @@ class FluxEngine(HiresPass, DiffusersEngine):
     embed_names = ("prompt_embeds", "pooled_prompt_embeds")
     redux: Redux | None = None  # the model's FLUX.1 Redux, if it has one
     # The FLUX ControlNet pipelines encode the control images' latents before their loop,
-    # out of the step callback's reach: the rows of calls with ControlNets stay. So do
-    # those of calls with a hires pass, whose second pipeline call starts with the rows
-    # the first left (`_rows_follow` picks the first call's rows by their first places).
+    # out of the step callback's reach: the rows of calls with ControlNets stay.
     control_rows_stay = True
-    hires_rows_stay = True
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None = None,
                  simulate_oom_above_images: int | None = None,
@@ -184,15 +181,17 @@ class FluxEngine(HiresPass, DiffusersEngine):
                      rows: BatchRows) -> Iterator[None]:
         """The pipeline makes the transformer's `guidance` and `pooled_projections` for all
         the call's rows before its loop, out of the step callback's reach; once requests
-        leave (their latents dropped), only the live rows of those go in. So do the image
-        prompts' embeddings of a model with an IP-Adapter (`FluxImagePrompts`)."""
+        leave (their latents dropped), only the live rows of those go in: by their places
+        among the rows the pipeline call started with (a hires pass's second call starts
+        with those the first left). So do the image prompts' embeddings of a model with an
+        IP-Adapter (`FluxImagePrompts`)."""
 
         def live_rows(module, args, kwargs):
             count = kwargs["hidden_states"].shape[0]
             for name in ("guidance", "pooled_projections"):
                 value = kwargs.get(name)
                 if value is not None and value.shape[0] > count:
-                    kwargs[name] = value[rows.original_rows()]
+                    kwargs[name] = value[rows.call_rows()]
             return args, kwargs
 
         hook = self.pipe.transformer.register_forward_pre_hook(live_rows, with_kwargs=True)

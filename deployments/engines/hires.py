@@ -68,6 +68,7 @@ class HiresPass:
                 "guidance_scale": first.guidance_scale, "generator": generators,
                 "output_type": "pt", "callback_on_step_end": callback,
                 "callback_on_step_end_tensor_inputs": list(pipe._callback_tensor_inputs)}
+        rows.start_call()
         return self._redraw(pipe, first, args | extra)
 
     def _redraw(self, pipe, first: GenerationRequest, args: dict[str, Any]) -> torch.Tensor:

@@ -22,6 +22,21 @@ class BatchRows:
     def __init__(self, sizes: Sequence[int]):
         self.sizes = list(sizes)
         self.live = list(range(len(sizes)))
+        self._call_start: list[int] | None = None  # of a further pipeline call
+
+    def start_call(self) -> None:
+        """A further pipeline call of the batch (a hires pass) starts with the rows live
+        now: the inputs it makes before its loop have those rows."""
+        self._call_start = self.original_rows()
+
+    def call_rows(self) -> list[int]:
+        """The live rows' places among the rows the pipeline call under way started with
+        (the first call: all the batch's)."""
+        rows = self.original_rows()
+        if self._call_start is None:
+            return rows
+        places = {row: i for i, row in enumerate(self._call_start)}
+        return [places[row] for row in rows]
 
     def drop(self, gone: set[int]) -> list[int]:
         """Forget the requests in `gone`; return the current row indexes to keep."""

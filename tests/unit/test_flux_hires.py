@@ -83,13 +83,29 @@ def test_the_hires_pass_is_diffusers_text_to_image_then_img2img(upscaling, upsca
     assert engine.describe()["upscalers"] == {"esrgan": "x4"}
 
 
-def test_a_withdrawn_requests_rows_run_on_and_the_others_keep_their_pixels(flux):
-    """FLUX's hires calls keep their rows to the end (the second call starts with the
-    rows the first left): a request withdrawn during the second pass runs on (the replica
-    drops its images) beside the others, and the call stops once every request has left."""
+def test_a_request_withdrawn_in_either_pass_leaves_and_the_others_keep_their_pixels(flux):
+    """Withdrawn during the second pass, a request's rows leave that pipeline call (its
+    pooled text and guidance picked by their places among the rows the call started
+    with); withdrawn during the first, the second call starts without them. Either way the
+    other keeps its pixels, and the call stops once every request has left."""
     out, untouched = withdrawn_in_the_second_pass(flux, REQUEST)
-    for images, alone in zip(out, untouched, strict=True):
-        assert_same_pixels(images[0], alone[0])
+    assert out[1] == [] and len(out[0]) == 1
+    assert_same_pixels(out[0][0], untouched[0][0])
+    other = replace(REQUEST, prompt="a boat at sea", seed=3)
+    third = replace(REQUEST, prompt="a red barn in snow", seed=5)
+    rows = []
+    # The rows of each transformer call: the first request leaves the first pass after
+    # its 2nd step, the third the second pass after its 1st.
+    hook = flux.pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]),
+        with_kwargs=True)
+    try:
+        both = flux.generate([other, REQUEST, third], withdrawn=lambda: (
+            {0, 2} if len(rows) >= 5 else {0} if len(rows) >= 2 else set()))
+    finally:
+        hook.remove()
+    assert both[0] == both[2] == [] and rows == [3, 3, 2, 2, 2, 1, 1]
+    assert_same_pixels(both[1][0], untouched[0][0])
     steps = []
     gone = flux.generate([REQUEST], withdrawn=lambda: {0} if len(steps) >= 2 else set(),
                          on_step=lambda s, t: steps.append((s, t)))
