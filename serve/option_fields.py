@@ -87,6 +87,8 @@ PromptPictures = Annotated[
     BeforeValidator(_prompt_pictures)]
 MOOD_BOARD = (f"A list of up to {MOST_PROMPT_PICTURES} pictures is a mood board: the adapter "
               "reads them all together.")
+REDUX_BOARD = (f"A list of up to {MOST_PROMPT_PICTURES} pictures is a mood board: each one's "
+               "tokens follow the prompt's, in order.")
 
 
 class ExtraImagePrompt(BaseModel):

@@ -114,8 +114,8 @@ class FluxEngine(HiresPass, DiffusersEngine):
         """As every engine's, and by how many Redux picture tokens follow the prompt's
         (none without an image prompt): a call's rows have as many tokens each."""
         prompt, redux = request.image_prompt, self.redux
-        return (*super().batch_key(request),
-                0 if prompt is None or redux is None else redux.count(prompt.downsampling))
+        return (*super().batch_key(request), 0 if prompt is None or redux is None
+                else redux.count(prompt.downsampling) * len(prompt.pictures))
 
     @torch.inference_mode()
     def prepare(self, request: GenerationRequest) -> tuple[Prepared, bool]:

@@ -27,7 +27,7 @@ from diffusers import FluxPriorReduxPipeline
 from PIL import Image
 
 from deployments.engines.image_prompts import HeldEmbeds
-from serve.types import ImagePrompt
+from serve.types import ImagePrompt, Picture
 
 
 class Redux:
@@ -52,10 +52,10 @@ class Redux:
         self._held = HeldEmbeds(entries)
 
     @torch.inference_mode()
-    def tokens(self, prompt: ImagePrompt) -> torch.Tensor:
+    def tokens(self, picture: Picture) -> torch.Tensor:
         """The picture's tokens (1, tokens, text width), made ahead of its call (from any
         thread), or those made for the same picture recently."""
-        return self._held.get(prompt.pictures[0], self._encode)  # Redux reads one
+        return self._held.get(picture, self._encode)
 
     def _encode(self, picture: Image.Image) -> torch.Tensor:
         pixels = self.processor.preprocess(images=picture, do_resize=True, return_tensors="pt",
@@ -69,13 +69,19 @@ class Redux:
 
     def appended(self, embeds: tuple[torch.Tensor, torch.Tensor],
                  prompt: ImagePrompt) -> tuple[torch.Tensor, torch.Tensor]:
-        """A request's prompt embeddings (T5 tokens, pooled CLIP) with its picture's tokens,
-        averaged down by its `downsampling`, after the T5 ones."""
+        """A request's prompt embeddings (T5 tokens, pooled CLIP) with its pictures'
+        tokens, each picture's averaged down by the prompt's `downsampling`, after the T5
+        ones in the pictures' order (a mood board's, as chained Redux conditionings
+        append theirs)."""
         text, pooled = embeds
-        tokens = self.tokens(prompt)
-        if prompt.downsampling > 1:
-            side, width = max(1, self.side // prompt.downsampling), tokens.shape[-1]
-            grid = tokens.view(1, self.side, self.side, width).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid.float(), size=(side, side), mode="area")
-            tokens = grid.permute(0, 2, 3, 1).reshape(1, side * side, width)
-        return torch.cat([text, tokens.to(text.dtype)], dim=1), pooled
+        tokens = [self._downsampled(self.tokens(picture), prompt.downsampling).to(text.dtype)
+                  for picture in prompt.pictures]
+        return torch.cat([text, *tokens], dim=1), pooled
+
+    def _downsampled(self, tokens: torch.Tensor, downsampling: int) -> torch.Tensor:
+        if downsampling == 1:
+            return tokens
+        side, width = max(1, self.side // downsampling), tokens.shape[-1]
+        grid = tokens.view(1, self.side, self.side, width).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(side, side), mode="area")
+        return grid.permute(0, 2, 3, 1).reshape(1, side * side, width)

@@ -34,6 +34,7 @@ from serve.images import load_source
 from serve.model_parts import MOST_REFERENCES
 from serve.option_fields import (
     MOOD_BOARD,
+    REDUX_BOARD,
     ClipSkipFields,
     ExtraIPAdapterFields,
     HiresFields,
@@ -167,10 +168,10 @@ class GenerateParams(ClipSkipFields, HiresFields, UpscaleFields, VariationFields
     canny_high_threshold: int | None = Field(None, ge=0, le=500, description=(
         "Gradients over it are always edges, those between the two where they join one "
         "(default 200); higher thresholds find fewer edges."))
-    redux_image: str | None = Field(None, description=(
+    redux_image: PromptPictures | None = Field(None, description=(
         "FLUX models with FLUX.1 Redux: an image prompt, a picture the output is a "
         "variation of, restyled by the prompt if one is given (JSON body only; a data URI, "
-        "base64, or an allowed URL; any size)."))
+        "base64, or an allowed URL; any size). " + REDUX_BOARD))
     redux_downsampling: int | None = Field(None, ge=1, le=9, description=(
         "How far redux_image's grid of tokens is averaged down: 1 keeps all 729, 3 leaves "
         "81, which weigh less against the prompt; default: the model's Redux's own."))

@@ -109,9 +109,10 @@ class ImageGenerationParams(ClipSkipFields, HiresFields, UpscaleFields, Variatio
         "form, as JSON)."))
     ip_adapter_scale: float | None = Field(None, ge=0, le=2, description=(
         "How strongly ip_adapter_image steers; default: the adapter's own."))
-    redux_image: str | None = Field(None, description=(
+    redux_image: PromptPictures | None = Field(None, description=(
         "FLUX models with FLUX.1 Redux: an image prompt, as /generate's redux_image (an "
-        "Atelier extension; send it with extra_body)."))
+        "Atelier extension; send it with extra_body; a mood board's list, in an edit's "
+        "form, as JSON)."))
     redux_downsampling: int | None = Field(None, ge=1, le=9, description=(
         "How far redux_image's (or a variation's image's) grid of tokens is averaged "
         "down: 1 keeps all 729, 3 leaves 81, which weigh less against the prompt; default: "

@@ -12,7 +12,14 @@ from pydantic import Field, ValidationInfo, field_validator
 from serve.canvases import OUTPAINT_PRESETS
 from serve.controls import ControlParams, ImagePromptParams, image_prompt_params
 from serve.images import INPUT_AREA, REFERENCES
-from serve.option_fields import HiresFields, MaskedAreaFields, UpscaleFields, VariationFields
+from serve.option_fields import (
+    REDUX_BOARD,
+    HiresFields,
+    MaskedAreaFields,
+    PromptPictures,
+    UpscaleFields,
+    VariationFields,
+)
 from serve.routes.replicate_inputs import CannyEdgeInputs, IPAdapterInputs, LoraInput
 from serve.types import MAX_SEED
 
@@ -56,9 +63,9 @@ class _ReduxInputs(_FluxCommon):
     """flux-redux-dev's `redux_image`, for models with FLUX.1 Redux (others refuse it),
     and how far its tokens are averaged down."""
 
-    redux_image: str | None = Field(None, description=(
+    redux_image: PromptPictures | None = Field(None, description=(
         "Input image to condition the output on (FLUX.1 Redux): the output is a variation "
-        "of it, restyled by the prompt if one is given; as image takes it"))
+        "of it, restyled by the prompt if one is given; as image takes it. " + REDUX_BOARD))
     redux_downsampling: int | None = Field(None, ge=1, le=9, description=(
         "How far redux_image's grid of tokens is averaged down (1: all 729; 3: 81, which "
         "weigh less against the prompt); default: the model's Redux's own"))

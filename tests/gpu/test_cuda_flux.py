@@ -202,7 +202,7 @@ def test_a_redux_image_prompt_runs_compiled_in_bfloat16_and_keeps_its_seed_batch
     assert next(engine.redux.encoder.parameters()).dtype == torch.bfloat16
     picture = np.random.default_rng(2).integers(0, 256, (80, 60, 3), dtype=np.uint8)
     prompt = ImagePrompt(picture.tobytes(), 60, 80, 1.0)
-    tokens = engine.redux.tokens(prompt)
+    tokens = engine.redux.tokens(prompt.pictures[0])
     assert tokens.device.type == "cuda" and tokens.shape == (1, 64, 32)
     plain = np.asarray(engine.generate([_req(3)])[0][0]).astype(int)
     alone = np.asarray(engine.generate([_req(3, image_prompt=prompt)])[0][0]).astype(int)

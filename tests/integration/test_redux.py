@@ -83,6 +83,22 @@ def test_replicate_and_openai_clients_get_generates_pixels(client, rep, oai):
     assert_same_pixels(Image.open(io.BytesIO(file.read())), weaker)
 
 
+def test_a_board_of_pictures_steers_as_both_on_every_api(client, rep, oai):
+    """redux_image as a list: another image than either picture alone, the same from
+    /generate, flux-redux-dev's input (a list of files) and OpenAI's extra_body."""
+    board = _generate(client, prompt="a vase", redux_image=[PHOTO_B64, OTHER_B64])
+    for picture in (PHOTO_B64, OTHER_B64):
+        alone = _generate(client, prompt="a vase", redux_image=picture)
+        assert np.abs(pixels(board) - pixels(alone)).mean() > 0.1
+    files = rep.run("black-forest-labs/flux-redux-dev", input={
+        "prompt": "a vase", "redux_image": [io.BytesIO(PHOTO), io.BytesIO(OTHER)], "seed": 31,
+        "output_format": "png"})
+    assert_same_pixels(Image.open(io.BytesIO(files[0].read())), board)
+    made = oai.images.generate(model=REDUX, prompt="a vase", size="64x64", extra_body={
+        "seed": 31, "redux_image": ["data:image/png;base64," + p for p in (PHOTO_B64, OTHER_B64)]})
+    assert_same_pixels(decode(made.data[0].b64_json), board)
+
+
 def test_concurrent_requests_with_and_without_a_picture_keep_their_own_pixels(
         base_url, client):
     bodies = [{"model": REDUX, "seed": 50 + i, **extra} for i, extra in enumerate(

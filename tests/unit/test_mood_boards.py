@@ -1,9 +1,9 @@
-"""Mood boards: an IP-Adapter's image prompt of several pictures, which the adapter reads
-together, as diffusers' pipelines do given a list of pictures for one adapter. On the tiny
-SDXL and FLUX engines with their embedded tiny adapters, and a plus adapter beside the
-SDXL one (CPU): requests with boards of different sizes, single pictures and none share a
-call and each gets diffusers' own pixels; the routes read a board's pictures in order and
-name a bad one."""
+"""Mood boards: an image prompt of several pictures. An IP-Adapter reads them together, as
+diffusers' pipelines do given a list of pictures for one adapter; FLUX.1 Redux appends
+each one's tokens to the prompt's. On the tiny SDXL and FLUX engines with their embedded
+tiny adapters and Redux, and a plus adapter beside the SDXL one (CPU): requests with
+boards of different sizes, single pictures and none share a call and each gets
+diffusers' own pixels; the routes read a board's pictures in order and name a bad one."""
 
 import asyncio
 import base64
@@ -124,6 +124,43 @@ def test_a_flux_board_is_diffusers_own(tiny_flux_path, cache_dir, flux):
     for images, theirs in zip(ours, (board.images, single.images)):
         assert_same_pixels(images[0], theirs[0])
     assert np.array_equal(_px(ours[2][0]), _px(flux.generate([replace(FLUX, seed=11)])[0][0]))
+
+
+def test_a_redux_board_appends_each_pictures_tokens_after_the_prompts(
+        tiny_flux_path, cache_dir):
+    """FLUX.1 Redux: a board's pictures' tokens follow the prompt's T5 tokens in order,
+    each averaged down by the request's downsampling; a board of four pictures averaged
+    down by 2 (4 x 16 tokens) shares a call with one picture at 1 (64 tokens), and each
+    image is diffusers' FluxPipeline fed those tokens."""
+    from diffusers import FluxPipeline
+
+    from deployments.engines.flux import FluxEngine
+    from deployments.tiny import TINY_FLUX_REDUX, ensure_embedded
+    from tests.unit.test_redux import BASE as REDUX
+    from tests.unit.test_redux import _reference_embeds
+
+    path = ensure_embedded(TINY_FLUX_REDUX, cache_dir)
+    reader = FluxEngine(tiny_flux_path, "float32", "cpu", redux=path)
+    board = [STRIPES, DOTS, RINGS, _picture(7, (64, 64))]
+    batch = [replace(REDUX, image_prompt=replace(_board(board, 1.0), downsampling=2)),
+             replace(REDUX, seed=4, prompt="", image_prompt=_board([DOTS], 1.0))]
+    assert len({reader.batch_key(r) for r in batch}) == 1
+    assert reader.batch_key(replace(REDUX, image_prompt=replace(
+        _board(board[:2], 1.0), downsampling=2))) != reader.batch_key(batch[0])
+    ours = reader.generate(batch)
+    pipe = FluxPipeline.from_pretrained(tiny_flux_path)
+    pipe.set_progress_bar_config(disable=True)
+    for request, pictures, pool, images in zip(batch, (board, [DOTS]), (2, 1), ours,
+                                               strict=True):
+        made = [_reference_embeds(pipe, path, request, p, pool) for p in pictures]
+        text = made[0]["prompt_embeds"][:, :256]  # the tiny T5's 256 tokens, then the picture's
+        embeds = torch.cat([text, *(m["prompt_embeds"][:, 256:] for m in made)], dim=1)
+        theirs = pipe(prompt_embeds=embeds, pooled_prompt_embeds=made[0]["pooled_prompt_embeds"],
+                      width=request.width, height=request.height,
+                      num_inference_steps=request.num_inference_steps,
+                      guidance_scale=request.guidance_scale,
+                      generator=_seeds(request.seed)).images[0]
+        assert_same_pixels(images[0], theirs)
 
 
 def test_a_boards_pictures_are_each_encoded_once(tiny_sdxl_path, adapter_path):  # noqa: F811

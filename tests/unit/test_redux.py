@@ -179,8 +179,8 @@ def test_a_repeated_picture_skips_the_encoder_and_warm_up_runs_image_prompted_ca
     engine.warm_up(replace(BASE, num_inference_steps=2), max_images=2)
     # Calls of 1 and 2 images, plain (256 tokens) and with an image prompt (64 more).
     assert tokens == [256] * 4 + [320] * 4 and encoded == [1]
-    first = engine.redux.tokens(_prompted(NOISE).image_prompt)
-    again = engine.redux.tokens(_prompted(NOISE).image_prompt)
+    first = engine.redux.tokens(_prompted(NOISE).image_prompt.pictures[0])
+    again = engine.redux.tokens(_prompted(NOISE).image_prompt.pictures[0])
     assert again is first and len(encoded) == 2
     assert engine.describe()["redux"] is True
 
