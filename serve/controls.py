@@ -139,6 +139,7 @@ class ImagePromptParams(NamedTuple):
     scale: float | None = None
     field: str = "ip_adapter_image"
     downsampling: int | None = None  # FLUX.1 Redux's
+    mask: str | bytes | None = None  # an SDXL IP-Adapter's
 
 
 _PROMPT_FIELDS = ("ip_adapter_image", "redux_image")
@@ -151,10 +152,11 @@ def image_prompt_params(params: Any) -> ImagePromptParams:
     if params.ip_adapter_image is not None and params.redux_image is not None:
         raise InvalidField("redux_image", "send one image prompt: ip_adapter_image (models "
                                           "with an IP-Adapter) or redux_image (with Redux)")
+    mask = getattr(params, "ip_adapter_mask", None)
     if params.redux_image is not None:
         return ImagePromptParams(params.redux_image, None, "redux_image",
-                                 params.redux_downsampling)
-    return ImagePromptParams(params.ip_adapter_image, params.ip_adapter_scale)
+                                 params.redux_downsampling, mask)
+    return ImagePromptParams(params.ip_adapter_image, params.ip_adapter_scale, mask=mask)
 
 
 async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
@@ -163,8 +165,10 @@ async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
     none), read as `_prompt_pictures` reads it; its scale the IP-Adapter's own and its
     downsampling Redux's own unless given. 422 on its field for a model that reads none,
     or reads it from the other field."""
-    image, scale, field, downsampling = given
+    image, scale, field, downsampling, mask = given
     if image is None:
+        if mask is not None:
+            raise InvalidField("ip_adapter_mask", f"a mask needs its picture in {field}")
         return None
     reader = model.ip_adapter or model.redux
     if reader is None:
@@ -174,12 +178,14 @@ async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
         raise InvalidField(field, "this model reads its image prompt from "
                                   f"{model.image_prompt_field}")
     pictures = await _prompt_pictures(image, field, model, fetcher)
+    mask = await _prompt_mask(mask, "ip_adapter_mask", model, fetcher)
     if model.ip_adapter is not None:
-        return _image_prompt(pictures, reader.scale if scale is None else scale)
+        return _image_prompt(pictures, reader.scale if scale is None else scale, mask=mask)
     return _image_prompt(pictures, 1.0, downsampling or reader.downsampling)
 
 
-async def load_extra_image_prompts(given: Mapping[str, tuple[PromptImages, float | None]],
+async def load_extra_image_prompts(given: Mapping[str, tuple[PromptImages, float | None,
+                                                             str | None]],
                                    model: ModelConfig, fetcher: ImageFetcher,
                                    field: str = "extra_ip_adapters",
                                    ) -> tuple[tuple[str, ImagePrompt], ...]:
@@ -191,9 +197,12 @@ async def load_extra_image_prompts(given: Mapping[str, tuple[PromptImages, float
         if name not in extra:
             raise unknown_ip_adapter(model, name, field)
 
-    async def read(name: str, images: PromptImages, scale: float | None) -> tuple:
+    async def read(name: str, images: PromptImages, scale: float | None,
+                   mask: str | None) -> tuple:
         pictures = await _prompt_pictures(images, f"{field}.{name}.image", model, fetcher)
-        return name, _image_prompt(pictures, extra[name].scale if scale is None else scale)
+        return name, _image_prompt(pictures, extra[name].scale if scale is None else scale,
+                                   mask=await _prompt_mask(mask, f"{field}.{name}.mask",
+                                                           model, fetcher))
 
     return tuple(await asyncio.gather(*(read(name, *value) for name, value in given.items())))
 
@@ -215,11 +224,26 @@ async def _prompt_pictures(images: PromptImages, field: str, model: ModelConfig,
     return list(await asyncio.gather(*(read(*pair) for pair in named)))
 
 
-def _image_prompt(pictures: Sequence[Image.Image], scale: float,
-                  downsampling: int = 1) -> ImagePrompt:
+async def _prompt_mask(mask: str | bytes | None, field: str, model: ModelConfig,
+                       fetcher: ImageFetcher) -> Picture | None:
+    """An SDXL IP-Adapter's image prompt's mask, read as an input image is, grayscale;
+    422 on `field` for a FLUX model's."""
+    if mask is None:
+        return None
+    if model.family != "sdxl":
+        raise InvalidField(field, "masks are for SDXL models' IP-Adapters")
+    data = await fetcher.fetch(mask, field, model.limits.max_image_bytes)
+    nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
+    picture = await asyncio.to_thread(
+        lambda: open_image(raw_bytes(data, field, nbytes), field, nbytes, npixels).convert("L"))
+    return Picture(picture.tobytes(), *picture.size)
+
+
+def _image_prompt(pictures: Sequence[Image.Image], scale: float, downsampling: int = 1,
+                  mask: Picture | None = None) -> ImagePrompt:
     first, *more = pictures
     return ImagePrompt(first.tobytes(), *first.size, scale, downsampling,
-                       tuple(Picture(p.tobytes(), *p.size) for p in more))
+                       tuple(Picture(p.tobytes(), *p.size) for p in more), mask)
 
 
 def _prompt_picture(data: str | bytes, field: str, model: ModelConfig) -> Image.Image:

@@ -101,10 +101,19 @@ class ExtraImagePrompt(BaseModel):
         + MOOD_BOARD))
     scale: float | None = Field(None, ge=0, le=2, description=(
         "How strongly it steers; default: that adapter's own (config)."))
+    mask: str | None = Field(None, description=(
+        "Where it steers, as ip_adapter_mask says for ip_adapter_image."))
 
 
 class ExtraIPAdapterFields(BaseModel):
-    """Image prompts for an SDXL model's further IP-Adapters (`ip_adapter.extra`)."""
+    """The SDXL-only parts of image prompts: masks, and image prompts for a model's
+    further IP-Adapters (`ip_adapter.extra`)."""
+
+    ip_adapter_mask: str | None = Field(None, description=(
+        "SDXL models with an IP-Adapter: where ip_adapter_image (one picture) steers, as an "
+        "image (as ip_adapter_image takes it; stretched to the output's size): white where "
+        "it does, black where it does not (diffusers' ip_adapter_masks), for a face or a "
+        "product in one part of the image."))
 
     extra_ip_adapters: dict[str, ExtraImagePrompt] = Field(
         default_factory=dict, max_length=4, description=(
@@ -117,9 +126,10 @@ class ExtraIPAdapterFields(BaseModel):
     def _prompts_json_in_a_form(cls, value: Any) -> Any:
         return json_in_a_form(value, "a JSON object")
 
-    def extra_prompt_params(self) -> dict[str, tuple[str | list[str], float | None]]:
-        """(picture, scale) of each further adapter's image prompt, by name."""
-        return {name: (p.image, p.scale) for name, p in self.extra_ip_adapters.items()}
+    def extra_prompt_params(self) -> dict[str, tuple[str | list[str], float | None,
+                                                      str | None]]:
+        """(pictures, scale, mask) of each further adapter's image prompt, by name."""
+        return {name: (p.image, p.scale, p.mask) for name, p in self.extra_ip_adapters.items()}
 
 
 class VariationFields(BaseModel):

@@ -109,7 +109,9 @@ class ImagePrompt:
     and how strongly: an IP-Adapter's `scale`, or the factor by which Redux's grid of
     picture tokens is averaged down (`downsampling`; 1 keeps them all). An IP-Adapter's
     may hold `more` pictures (a mood board): the adapter reads all their image tokens
-    together, as diffusers' does given a list of pictures for one adapter."""
+    together, as diffusers' does given a list of pictures for one adapter. An SDXL
+    IP-Adapter's single picture may have a `mask` (grayscale, its own size): the picture
+    steers only the image's white part (diffusers' `ip_adapter_masks`)."""
 
     rgb: bytes
     width: int
@@ -117,6 +119,7 @@ class ImagePrompt:
     scale: float
     downsampling: int = 1
     more: tuple[Picture, ...] = ()
+    mask: Picture | None = None  # its pixels grayscale, a byte each
 
     @property
     def pictures(self) -> tuple[Picture, ...]:
@@ -240,6 +243,7 @@ class GenerationRequest:
         for name, _ in request.extra_image_prompts:
             if name not in model.extra_ip_adapters:
                 raise unknown_ip_adapter(model, name)
+        request.check_masked_prompts()
         if len(request.controls) > model.limits.max_controlnets:
             raise InvalidField("controlnets", f"at most {model.limits.max_controlnets} "
                                               "ControlNets per request for this model")
@@ -310,7 +314,27 @@ class GenerationRequest:
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale,
                 self.guidance_rescale, self.scheduler, self.mode, strength, refine, control,
                 refs, self.tiling, self.hires_scale, self.hires_strength, self.hires_steps,
-                self.hires_upscaler, self.upscale, self.upscaler)
+                self.hires_upscaler, self.upscale, self.upscaler, self.masks_image_prompts)
+
+    def check_masked_prompts(self) -> None:
+        """Masked image prompts read each picture's attention apart: a request with one
+        sends no mood board (422 on the board's field)."""
+        if not self.masks_image_prompts:
+            return
+        if self.image_prompt is not None and self.image_prompt.more:
+            raise InvalidField("ip_adapter_image", "a request with a masked image prompt "
+                                                   "sends single pictures, not mood boards")
+        for _, prompt in self.extra_image_prompts:
+            if prompt.more:
+                raise InvalidField("extra_ip_adapters", "a request with a masked image "
+                                   "prompt sends single pictures, not mood boards")
+
+    @property
+    def masks_image_prompts(self) -> bool:
+        """Whether an image prompt of the request has a mask (calls with masks read each
+        picture's attention apart, as diffusers' masked IP-Adapter attention does)."""
+        prompts = (self.image_prompt, *(p for _, p in self.extra_image_prompts))
+        return any(p is not None and p.mask is not None for p in prompts)
 
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its

@@ -63,6 +63,37 @@ class HeldEmbeds:
         return embed
 
 
+class RowMasks:
+    """The masks of a call's rows, per adapter (None: no row of the call masks it), as
+    diffusers' IPAdapterMaskProcessor makes them at each size the call draws at (a hires
+    pass's second one too); a row without a mask is white, the whole image."""
+
+    def __init__(self, per_adapter: list[list[Picture | None] | None]):
+        self.per_adapter = per_adapter
+        self.any = any(rows is not None for rows in per_adapter)
+        self._made: dict[tuple[int, int], list[torch.Tensor | None]] = {}
+
+    def live(self, live: torch.Tensor, size: Sequence[int], both: bool
+             ) -> list[torch.Tensor | None]:
+        """Each adapter's masks (rows, 1 picture, height, width) for the `live` rows at
+        `size` (height, width), for both guidance halves if `both`."""
+        height, width = size
+        if (height, width) not in self._made:
+            self._made[height, width] = [None if rows is None else self._made_at(
+                rows, height, width) for rows in self.per_adapter]
+        out = [None if m is None else m.to(live.device)[live] for m in self._made[height, width]]
+        return [None if m is None else torch.cat([m, m]) if both else m for m in out]
+
+    @staticmethod
+    def _made_at(rows: list[Picture | None], height: int, width: int) -> torch.Tensor:
+        from diffusers.image_processor import IPAdapterMaskProcessor
+
+        white = Picture(bytes([255]) * width * height, width, height)
+        pictures = [Image.frombytes("L", (m.width, m.height), m.rgb)
+                    for m in (white if mask is None else mask for mask in rows)]
+        return IPAdapterMaskProcessor().preprocess(pictures, height=height, width=width)
+
+
 class ImagePrompts:
     """The IP-Adapters loaded into an SDXL `pipe` (its UNet's attention and image
     projections, its image encoder and feature extractor), from `folder` as diffusers'
@@ -153,17 +184,25 @@ class ImagePrompts:
         # diffusers' unconditional prompt has one unconditional picture per picture.
         unconditional = [uncond.expand(cond.shape[1], *uncond.shape[1:]) for uncond, cond
                          in zip(self.unconditional, cond_rows, strict=True)]
+        masks = RowMasks([self._masks_of(requests, adapter)
+                          for adapter in range(len(self.names))])
 
         def image_inputs(module, args, kwargs):
             live = torch.tensor(rows.original_rows(), device=self.denoiser.device)
             embeds = [cond[live] for cond in cond_rows]
             row_scales = [scales[live] for scales in per_row]
-            if self._rows(args, kwargs) == 2 * len(live):
+            both = self._rows(args, kwargs) == 2 * len(live)
+            if both:
                 embeds = [torch.cat([uncond[None].expand_as(e), e])
                           for uncond, e in zip(unconditional, embeds, strict=True)]
                 row_scales = [scales.repeat(2) for scales in row_scales]
             self._row_scales = row_scales
-            return args, self._with_embeds(kwargs, embeds)
+            kwargs = self._with_embeds(kwargs, embeds)
+            if masks.any:
+                size = [side * self.pipe.vae_scale_factor for side in self._latents(
+                    args, kwargs).shape[-2:]]
+                kwargs = self._with_masks(kwargs, masks.live(live, size, both))
+            return args, kwargs
 
         hook = self.denoiser.register_forward_pre_hook(image_inputs, with_kwargs=True)
         try:
@@ -191,6 +230,16 @@ class ImagePrompts:
                 torch.stack([embed.repeat_interleave(count // len(embed), dim=0)
                              for embed in cond]))  # (rows, pictures, ...)
 
+    def _masks_of(self, requests: Sequence[GenerationRequest],
+                  adapter: int) -> list[Picture | None] | None:
+        """Each row's mask for an adapter (None: the whole image), or None where no row
+        has one (the adapter's attention is then diffusers' unmasked one)."""
+        masks = []
+        for request in requests:
+            prompt = self._prompt(request, adapter)
+            masks += [None if prompt is None else prompt.mask] * request.num_outputs
+        return masks if any(mask is not None for mask in masks) else None
+
     def _prompt(self, request: GenerationRequest, adapter: int) -> ImagePrompt | None:
         if adapter == 0:
             return request.image_prompt
@@ -202,8 +251,17 @@ class ImagePrompts:
         self.pipe.set_ip_adapter_scale([1.0 if p else 0.0 for p in prompted])
 
     @staticmethod
-    def _rows(args: tuple, kwargs: dict) -> int:
-        return (args[0] if args else kwargs["sample"]).shape[0]
+    def _latents(args: tuple, kwargs: dict) -> torch.Tensor:
+        return args[0] if args else kwargs["sample"]
+
+    @classmethod
+    def _rows(cls, args: tuple, kwargs: dict) -> int:
+        return cls._latents(args, kwargs).shape[0]
+
+    @staticmethod
+    def _with_masks(kwargs: dict, masks: list[torch.Tensor | None]) -> dict:
+        attention = dict(kwargs.get("cross_attention_kwargs") or {}, ip_adapter_masks=masks)
+        return kwargs | {"cross_attention_kwargs": attention}
 
     @staticmethod
     def _with_embeds(kwargs: dict, embeds: list[torch.Tensor]) -> dict:

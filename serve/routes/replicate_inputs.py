@@ -103,7 +103,8 @@ class IPAdapterInputs(ExtraIPAdapterFields, LoraInput):
         "How strongly ip_adapter_image steers; default: the adapter's own"))
 
     def image_prompt(self) -> ImagePromptParams:
-        return ImagePromptParams(self.ip_adapter_image, self.ip_adapter_scale)
+        return ImagePromptParams(self.ip_adapter_image, self.ip_adapter_scale,
+                                 mask=self.ip_adapter_mask)
 
 
 class CannyEdgeInputs(BaseModel):

@@ -84,6 +84,8 @@ def input_schema(model: ModelConfig, name: str | None = None) -> dict:
         hidden |= set(CannyEdgeInputs.model_fields)
     if model.ip_adapter is None:
         hidden |= set(_IP_ADAPTER_INPUTS)
+    if model.ip_adapter is None or model.family != "sdxl":
+        hidden.add("ip_adapter_mask")
     if not model.extra_ip_adapters:
         hidden.add("extra_ip_adapters")
     if model.family == "flux" and model.redux is None:

@@ -256,3 +256,36 @@ def test_a_flux_model_with_xlabs_adapter_takes_image_prompts_from_all_three_apis
     assert {"ip_adapter_image", "ip_adapter_scale"} <= set(inputs(FLUX))
     assert "redux_image" not in inputs(FLUX)
     assert "redux_image" in inputs(REDUX) and "ip_adapter_image" not in inputs(REDUX)
+    assert "ip_adapter_mask" not in inputs(FLUX) and "ip_adapter_mask" in inputs(FAST)
+
+
+def test_a_masked_image_prompt_steers_its_part_in_every_api(client, rep, oai):
+    """ip_adapter_mask: the picture steers the mask's white half only (another image than
+    unmasked and than plain; a black mask gives the plain one), the same from the three
+    APIs; a FLUX model's, and one with a mood board, are refused naming the field."""
+    half = Image.new("L", (64, 64))
+    half.paste(255, (0, 0, 32, 64))
+    mask = _b64(half)
+    masked = _generate(client, ip_adapter_image=STYLE, ip_adapter_mask=mask)
+    plain, unmasked = _generate(client), _generate(client, ip_adapter_image=STYLE)
+    assert np.abs(pixels(masked) - pixels(plain)).mean() > 0.3
+    assert np.abs(pixels(masked) - pixels(unmasked)).mean() > 0.3
+    assert_same_pixels(_generate(client, ip_adapter_image=STYLE,
+                                 ip_adapter_mask=_b64(Image.new("L", (64, 64)))), plain)
+    (file,) = rep.run(FAST, input={
+        "prompt": "a product shot", "num_inference_steps": 4, "seed": 31, "width": 64,
+        "height": 64, "ip_adapter_image": io.BytesIO(base64.b64decode(STYLE)),
+        "ip_adapter_mask": io.BytesIO(base64.b64decode(mask))})
+    assert_same_pixels(Image.open(io.BytesIO(file.read())), masked)
+    made = oai.images.generate(model=FAST, prompt="a product shot", size="64x64", extra_body={
+        "seed": 31, "ip_adapter_image": "data:image/png;base64," + STYLE,
+        "ip_adapter_mask": "data:image/png;base64," + mask})
+    assert_same_pixels(decode(made.data[0].b64_json),
+                       _generate(client, ip_adapter_image=STYLE, ip_adapter_mask=mask, steps=None))
+    for fields, field in (({"model": FLUX, "ip_adapter_image": STYLE, "ip_adapter_mask": mask},
+                           "ip_adapter_mask"),
+                          ({"ip_adapter_image": [STYLE, OTHER], "ip_adapter_mask": mask},
+                           "ip_adapter_image")):
+        r = client.post("/generate", json={"model": FAST, "prompt": "x", **fields})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["body", field], r.text
