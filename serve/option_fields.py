@@ -80,8 +80,8 @@ def _prompt_pictures(value: Any) -> Any:
     return value
 
 
-# An image prompt: a picture, or an IP-Adapter's mood board of several (a JSON list; in a
-# form, as JSON text).
+# An image prompt: a picture, or a mood board of several (a JSON list; in a form, as JSON
+# text).
 PromptPictures = Annotated[
     str | Annotated[list[str], Field(min_length=1, max_length=MOST_PROMPT_PICTURES)],
     BeforeValidator(_prompt_pictures)]

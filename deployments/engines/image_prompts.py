@@ -80,8 +80,8 @@ class RowMasks:
         height, width = size
         if (height, width) not in self._made:
             self._made[height, width] = [None if rows is None else self._made_at(
-                rows, height, width) for rows in self.per_adapter]
-        out = [None if m is None else m.to(live.device)[live] for m in self._made[height, width]]
+                rows, height, width).to(live.device) for rows in self.per_adapter]
+        out = [None if m is None else m[live] for m in self._made[height, width]]
         return [None if m is None else torch.cat([m, m]) if both else m for m in out]
 
     @staticmethod
