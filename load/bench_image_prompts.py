@@ -4,7 +4,9 @@ with all of them; and what encoding one image prompt takes. With `--two-adapters
 also an engine holding a second, "plus" adapter beside the first (ip-adapter-plus_sdxl_
 vit-h's design, 16 tokens, random weights, built once beside it), every image prompting
 both. With `--boards`, also every image prompted by a mood board, of 4 pictures and 3 in
-turn (a call of two or more images reads 12 pictures' tokens per row).
+turn (a call of two or more images reads 12 pictures' tokens per row). With `--masks`
+(SDXL), also every image's picture masked to the image's left half (diffusers' masked
+attention).
 
     python -m load.bench_image_prompts                      # tiny SDXL and IP-Adapter, CPU
     python -m load.bench_image_prompts --family flux        # tiny FLUX, XLabs' layout
@@ -57,6 +59,7 @@ VIT_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24
 CASES = ("no adapter", "none prompted", "half prompted", "all prompted")
 TWO = "both adapters prompted"  # the case of --two-adapters
 BOARDS = "boards of 4 and 3 prompted"  # the case of --boards
+MASKED = "all prompted, masked"  # the case of --masks
 PLUS_FILE = "ip-adapter-plus_sdxl.safetensors"  # the second adapter's file, beside the first
 
 
@@ -74,12 +77,16 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "SDXL: also time an engine with a second (plus) adapter, both prompted"))
     p.add_argument("--boards", action="store_true", help=(
         "Also time every image prompted by a mood board of 4 or 3 pictures"))
+    p.add_argument("--masks", action="store_true", help=(
+        "SDXL: also time every image's picture masked to the left half"))
     add_call_args(p, size=128, steps=10)
     args = p.parse_args(argv)
     args.family = "flux" if args.random_flux else "sdxl" if args.random_sdxl else args.family
     args.configs = args.random_sdxl or args.random_flux
     if args.two_adapters and args.family != "sdxl":
         p.error("--two-adapters: SDXL models hold several IP-Adapters, FLUX ones one")
+    if args.masks and args.family != "sdxl":
+        p.error("--masks: masks are for SDXL models' IP-Adapters")
     return args
 
 
@@ -138,7 +145,7 @@ def with_plus_adapter(folder: Path, model: Path, random: bool, cache_dir: Path) 
 
 
 def _requests(size: int, steps: int, images: int, prompted: int, family: str = "sdxl",
-              both: bool = False, boards: bool = False) -> list:
+              case: str = "") -> list:
     import numpy as np
 
     from serve.types import GenerationRequest, ImagePrompt, Picture
@@ -151,12 +158,17 @@ def _requests(size: int, steps: int, images: int, prompted: int, family: str = "
                              width=size, height=size, num_inference_steps=steps,
                              guidance_scale=GUIDANCE[family], seed=1,
                              scheduler="FlowMatchEuler" if family == "flux" else "K_EULER")
-    extra = (("plus", prompt),) if both else ()
+    extra = (("plus", prompt),) if case == TWO else ()
     requests = [replace(base, seed=1 + i, image_prompt=prompt if i < prompted else None,
                         extra_image_prompts=extra) for i in range(images)]
-    if boards:  # 4 pictures, 3, 4, ...
+    if case == BOARDS:  # 4 pictures, 3, 4, ...
         return [replace(r, image_prompt=replace(prompt, more=tuple(pictures[1:4 - i % 2])))
                 for i, r in enumerate(requests)]
+    if case == MASKED:
+        half = np.zeros((size, size), np.uint8)
+        half[:, :size // 2] = 255
+        masked = replace(prompt, mask=Picture(half.tobytes(), size, size))
+        return [replace(r, image_prompt=masked) for r in requests]
     return requests
 
 
@@ -198,15 +210,15 @@ def main(argv: list[str] | None = None) -> dict:
         both = with_plus_adapter(files[0], model, bool(args.configs), cache)
         by_case[TWO] = engine(model, args.dtype, device, ip_adapter=(
             both, files[1], (("", files[2]), ("plus", PLUS_FILE)), files[3]))
-    if args.boards:
-        by_case[BOARDS] = engines["adapter"]
+    for case, wanted in ((BOARDS, args.boards), (MASKED, args.masks)):
+        if wanted:
+            by_case[case] = engines["adapter"]
     rows = []
     for images in args.batches:
         counts = {"no adapter": 0, "none prompted": 0, "half prompted": images // 2,
-                  "all prompted": images, TWO: images, BOARDS: images}
+                  "all prompted": images, TWO: images, BOARDS: images, MASKED: images}
         times = case_turns(by_case, {case: _requests(args.size, args.steps, images,
-                                                     counts[case], family, case == TWO,
-                                                     case == BOARDS)
+                                                     counts[case], family, case)
                                      for case in by_case}, args.repeats)
         rows += compared_rows(times, images, "no adapter",
                               {case: {"prompted": n} for case, n in counts.items()})

@@ -466,14 +466,16 @@ def test_image_prompt_benchmark_times_each_case_and_the_encoding(tmp_path, cache
 
     out = tmp_path / "image-prompts.json"
     stdout = _run("load.bench_image_prompts", "--size", "64", "--steps", "2", "--batches", "1",
-                  "2", "--repeats", "2", "--two-adapters", "--boards", "--out", str(out))
+                  "2", "--repeats", "2", "--two-adapters", "--boards", "--masks", "--out",
+                  str(out))
     report = json.loads(out.read_text())
-    boards = "boards of 4 and 3 prompted"
+    boards, masked = "boards of 4 and 3 prompted", "all prompted, masked"
     assert [(r["batch"], r["case"], r["prompted"]) for r in report["rows"]] == [
         (1, "no adapter", 0), (1, "none prompted", 0), (1, "half prompted", 0),
         (1, "all prompted", 1), (1, "both adapters prompted", 1), (1, boards, 1),
-        (2, "no adapter", 0), (2, "none prompted", 0), (2, "half prompted", 1),
-        (2, "all prompted", 2), (2, "both adapters prompted", 2), (2, boards, 2)]
+        (1, masked, 1), (2, "no adapter", 0), (2, "none prompted", 0),
+        (2, "half prompted", 1), (2, "all prompted", 2), (2, "both adapters prompted", 2),
+        (2, boards, 2), (2, masked, 2)]
     # The second adapter sits beside a copy of the embedded one's files, which stay as built.
     two = cache_dir / "tiny-sdxl-ip-adapters-two" / "sdxl_models"
     assert (two / "ip-adapter-plus_sdxl.safetensors").is_file()
