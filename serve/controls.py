@@ -22,6 +22,7 @@ from serve.types import (
     IMAGE_PROMPT_SIDE,
     ControlImage,
     ImagePrompt,
+    IPAdapterBlocks,
     Picture,
     unknown_controlnet,
     unknown_ip_adapter,
@@ -140,6 +141,7 @@ class ImagePromptParams(NamedTuple):
     field: str = "ip_adapter_image"
     downsampling: int | None = None  # FLUX.1 Redux's
     mask: str | bytes | None = None  # an SDXL IP-Adapter's
+    blocks: IPAdapterBlocks = "all"  # an SDXL IP-Adapter's
 
 
 _PROMPT_FIELDS = ("ip_adapter_image", "redux_image")
@@ -152,11 +154,12 @@ def image_prompt_params(params: Any) -> ImagePromptParams:
     if params.ip_adapter_image is not None and params.redux_image is not None:
         raise InvalidField("redux_image", "send one image prompt: ip_adapter_image (models "
                                           "with an IP-Adapter) or redux_image (with Redux)")
-    mask = getattr(params, "ip_adapter_mask", None)
+    mask, blocks = params.ip_adapter_mask, params.ip_adapter_blocks
     if params.redux_image is not None:
         return ImagePromptParams(params.redux_image, None, "redux_image",
-                                 params.redux_downsampling, mask)
-    return ImagePromptParams(params.ip_adapter_image, params.ip_adapter_scale, mask=mask)
+                                 params.redux_downsampling, mask, blocks)
+    return ImagePromptParams(params.ip_adapter_image, params.ip_adapter_scale, mask=mask,
+                             blocks=blocks)
 
 
 async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
@@ -165,7 +168,7 @@ async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
     none), read as `_prompt_pictures` reads it; its scale the IP-Adapter's own and its
     downsampling Redux's own unless given. 422 on its field for a model that reads none,
     or reads it from the other field."""
-    image, scale, field, downsampling, mask = given
+    image, scale, field, downsampling, mask, blocks = given
     if image is None:
         if mask is not None:
             raise InvalidField("ip_adapter_mask", f"a mask needs its picture in {field}")
@@ -179,13 +182,14 @@ async def load_image_prompt(given: ImagePromptParams, model: ModelConfig,
                                   f"{model.image_prompt_field}")
     pictures = await _prompt_pictures(image, field, model, fetcher)
     mask = await _prompt_mask(mask, "ip_adapter_mask", model, fetcher)
+    _check_blocks(blocks, "ip_adapter_blocks", model)
     if model.ip_adapter is not None:
-        return _image_prompt(pictures, reader.scale if scale is None else scale, mask=mask)
+        return _image_prompt(pictures, reader.scale if scale is None else scale, mask=mask,
+                             blocks=blocks)
     return _image_prompt(pictures, 1.0, downsampling or reader.downsampling)
 
 
-async def load_extra_image_prompts(given: Mapping[str, tuple[PromptImages, float | None,
-                                                             str | None]],
+async def load_extra_image_prompts(given: Mapping[str, ImagePromptParams],
                                    model: ModelConfig, fetcher: ImageFetcher,
                                    field: str = "extra_ip_adapters",
                                    ) -> tuple[tuple[str, ImagePrompt], ...]:
@@ -197,14 +201,14 @@ async def load_extra_image_prompts(given: Mapping[str, tuple[PromptImages, float
         if name not in extra:
             raise unknown_ip_adapter(model, name, field)
 
-    async def read(name: str, images: PromptImages, scale: float | None,
-                   mask: str | None) -> tuple:
-        pictures = await _prompt_pictures(images, f"{field}.{name}.image", model, fetcher)
-        return name, _image_prompt(pictures, extra[name].scale if scale is None else scale,
-                                   mask=await _prompt_mask(mask, f"{field}.{name}.mask",
-                                                           model, fetcher))
+    async def read(name: str, params: ImagePromptParams) -> tuple:
+        pictures = await _prompt_pictures(params.image, f"{field}.{name}.image", model,
+                                          fetcher)
+        scale = extra[name].scale if params.scale is None else params.scale
+        return name, _image_prompt(pictures, scale, mask=await _prompt_mask(
+            params.mask, f"{field}.{name}.mask", model, fetcher), blocks=params.blocks)
 
-    return tuple(await asyncio.gather(*(read(name, *value) for name, value in given.items())))
+    return tuple(await asyncio.gather(*(read(name, p) for name, p in given.items())))
 
 
 async def _prompt_pictures(images: PromptImages, field: str, model: ModelConfig,
@@ -239,11 +243,16 @@ async def _prompt_mask(mask: str | bytes | None, field: str, model: ModelConfig,
     return Picture(picture.tobytes(), *picture.size)
 
 
+def _check_blocks(blocks: str, field: str, model: ModelConfig) -> None:
+    if blocks != "all" and model.family != "sdxl":
+        raise InvalidField(field, "only SDXL models' IP-Adapters steer chosen blocks")
+
+
 def _image_prompt(pictures: Sequence[Image.Image], scale: float, downsampling: int = 1,
-                  mask: Picture | None = None) -> ImagePrompt:
+                  mask: Picture | None = None, blocks: IPAdapterBlocks = "all") -> ImagePrompt:
     first, *more = pictures
     return ImagePrompt(first.tobytes(), *first.size, scale, downsampling,
-                       tuple(Picture(p.tobytes(), *p.size) for p in more), mask)
+                       tuple(Picture(p.tobytes(), *p.size) for p in more), mask, blocks)
 
 
 def _prompt_picture(data: str | bytes, field: str, model: ModelConfig) -> Image.Image:

@@ -11,8 +11,9 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from serve.controls import ImagePromptParams
 from serve.model_parts import MOST_CLIP_SKIP
-from serve.types import MAX_SEED, MOST_PROMPT_PICTURES
+from serve.types import MAX_SEED, MOST_PROMPT_PICTURES, IPAdapterBlocks
 
 
 class ClipSkipFields(BaseModel):
@@ -103,6 +104,8 @@ class ExtraImagePrompt(BaseModel):
         "How strongly it steers; default: that adapter's own (config)."))
     mask: str | None = Field(None, description=(
         "Where it steers, as ip_adapter_mask says for ip_adapter_image."))
+    blocks: IPAdapterBlocks = Field("all", description=(
+        "Which attention blocks it steers, as ip_adapter_blocks says for ip_adapter_image."))
 
 
 class ExtraIPAdapterFields(BaseModel):
@@ -114,6 +117,11 @@ class ExtraIPAdapterFields(BaseModel):
         "image (as ip_adapter_image takes it; stretched to the output's size): white where "
         "it does, black where it does not (diffusers' ip_adapter_masks), for a face or a "
         "product in one part of the image."))
+    ip_adapter_blocks: IPAdapterBlocks = Field("all", description=(
+        "SDXL models with an IP-Adapter: which of the UNet's attention blocks "
+        "ip_adapter_image steers (InstantStyle): all; style (the picture's look, not its "
+        "content: colours, texture, brushwork); layout (its composition); or "
+        "style_and_layout."))
 
     extra_ip_adapters: dict[str, ExtraImagePrompt] = Field(
         default_factory=dict, max_length=4, description=(
@@ -126,10 +134,11 @@ class ExtraIPAdapterFields(BaseModel):
     def _prompts_json_in_a_form(cls, value: Any) -> Any:
         return json_in_a_form(value, "a JSON object")
 
-    def extra_prompt_params(self) -> dict[str, tuple[str | list[str], float | None,
-                                                      str | None]]:
-        """(pictures, scale, mask) of each further adapter's image prompt, by name."""
-        return {name: (p.image, p.scale, p.mask) for name, p in self.extra_ip_adapters.items()}
+    def extra_prompt_params(self) -> dict[str, ImagePromptParams]:
+        """Each further adapter's image prompt, by name, as `load_extra_image_prompts`
+        takes them."""
+        return {name: ImagePromptParams(p.image, p.scale, mask=p.mask, blocks=p.blocks)
+                for name, p in self.extra_ip_adapters.items()}
 
 
 class VariationFields(BaseModel):

@@ -29,6 +29,9 @@ MAX_SEED = 2**32 - 1
 IMAGE_PROMPT_SIDE = 512
 # An IP-Adapter's image prompt may be several pictures (a mood board), at most this many.
 MOST_PROMPT_PICTURES = 4
+# Which of an SDXL UNet's attention blocks an IP-Adapter's picture steers: every one, or
+# InstantStyle's (Wang et al., 2024) style block, layout block, or both.
+IPAdapterBlocks = Literal["all", "style", "layout", "style_and_layout"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,7 +114,8 @@ class ImagePrompt:
     may hold `more` pictures (a mood board): the adapter reads all their image tokens
     together, as diffusers' does given a list of pictures for one adapter. An SDXL
     IP-Adapter's single picture may have a `mask` (grayscale, its own size): the picture
-    steers only the image's white part (diffusers' `ip_adapter_masks`)."""
+    steers only the image's white part (diffusers' `ip_adapter_masks`), and it may steer
+    only some of the UNet's attention `blocks` (InstantStyle's)."""
 
     rgb: bytes
     width: int
@@ -120,6 +124,7 @@ class ImagePrompt:
     downsampling: int = 1
     more: tuple[Picture, ...] = ()
     mask: Picture | None = None  # its pixels grayscale, a byte each
+    blocks: IPAdapterBlocks = "all"
 
     @property
     def pictures(self) -> tuple[Picture, ...]:

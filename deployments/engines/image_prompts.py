@@ -9,7 +9,9 @@ cross-attention (FLUX: to each double-stream block), one scale for the whole cal
 the adapter's scale stays 1 (for SDXL, 0 for calls where no request has an image prompt:
 the attention is skipped), and each row's own scale multiplies the values of its image
 attention, which scales its output by as much (attention is linear in its values): a row
-without an image prompt adds exactly nothing. The denoiser's inputs for the image tokens
+without an image prompt adds exactly nothing, and a row steering only some blocks
+(InstantStyle's) has its scale in those and 0 in the others. The denoiser's inputs for the
+image tokens
 are made at each of its calls for the rows still in the batch, as the step callback cannot
 reach them. The pictures encoded most recently are
 kept (a brand's few mood boards come back again and again), so a repeated one skips the
@@ -33,6 +35,7 @@ from diffusers.models.embeddings import ImageProjection
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 from PIL import Image
 
+from deployments.engines.image_prompt_rows import RowMasks, block_kinds, by_block_kind
 from deployments.engines.withdrawal import BatchRows
 from serve.steering import encoder_folder
 from serve.types import GenerationRequest, ImagePrompt, Picture
@@ -63,37 +66,6 @@ class HeldEmbeds:
         return embed
 
 
-class RowMasks:
-    """The masks of a call's rows, per adapter (None: no row of the call masks it), as
-    diffusers' IPAdapterMaskProcessor makes them at each size the call draws at (a hires
-    pass's second one too); a row without a mask is white, the whole image."""
-
-    def __init__(self, per_adapter: list[list[Picture | None] | None]):
-        self.per_adapter = per_adapter
-        self.any = any(rows is not None for rows in per_adapter)
-        self._made: dict[tuple[int, int], list[torch.Tensor | None]] = {}
-
-    def live(self, live: torch.Tensor, size: Sequence[int], both: bool
-             ) -> list[torch.Tensor | None]:
-        """Each adapter's masks (rows, 1 picture, height, width) for the `live` rows at
-        `size` (height, width), for both guidance halves if `both`."""
-        height, width = size
-        if (height, width) not in self._made:
-            self._made[height, width] = [None if rows is None else self._made_at(
-                rows, height, width).to(live.device) for rows in self.per_adapter]
-        out = [None if m is None else m[live] for m in self._made[height, width]]
-        return [None if m is None else torch.cat([m, m]) if both else m for m in out]
-
-    @staticmethod
-    def _made_at(rows: list[Picture | None], height: int, width: int) -> torch.Tensor:
-        from diffusers.image_processor import IPAdapterMaskProcessor
-
-        white = Picture(bytes([255]) * width * height, width, height)
-        pictures = [Image.frombytes("L", (m.width, m.height), m.rgb)
-                    for m in (white if mask is None else mask for mask in rows)]
-        return IPAdapterMaskProcessor().preprocess(pictures, height=height, width=width)
-
-
 class ImagePrompts:
     """The IP-Adapters loaded into an SDXL `pipe` (its UNet's attention and image
     projections, its image encoder and feature extractor), from `folder` as diffusers'
@@ -111,13 +83,16 @@ class ImagePrompts:
         self.names = [name for name, _ in pairs]
         self._load(folder, subfolder, [file for _, file in pairs], image_encoder)
         pipe.image_encoder.eval()
-        self.attention = [p for p in self.denoiser.attn_processors.values()
-                          if isinstance(p, self.processor)]
-        # Of the denoiser call in progress: each adapter's scale of each row.
-        self._row_scales: list[torch.Tensor] | None = None
-        for processor in self.attention:
-            for adapter, values in enumerate(processor.to_v_ip):
-                values.register_forward_hook(partial(self._scale_rows, adapter))
+        # Of the denoiser call in progress: each adapter's scale of each row, in each kind
+        # of block (`block_kinds`; None: the others).
+        self._row_scales: list[dict[str | None, torch.Tensor]] | None = None
+        kinds, self.attention = self._block_kinds(), []
+        for name, processor in self.denoiser.attn_processors.items():
+            if isinstance(processor, self.processor):
+                self.attention.append(processor)
+                kind = next((k for prefix, k in kinds.items() if name.startswith(prefix)), None)
+                for adapter, values in enumerate(processor.to_v_ip):
+                    values.register_forward_hook(partial(self._scale_rows, adapter, kind))
         self.unconditional = [self._unconditional(i) for i in range(len(pairs))]
         self._held = HeldEmbeds(entries)
 
@@ -134,6 +109,9 @@ class ImagePrompts:
         # Plus adapters read the encoder's penultimate hidden states, the others its embedding.
         self.hidden = [not isinstance(projection, ImageProjection) for projection
                        in self.denoiser.encoder_hid_proj.image_projection_layers]
+
+    def _block_kinds(self) -> dict[str, str]:
+        return block_kinds(self.denoiser)
 
     @property
     def hidden_states(self) -> bool:
@@ -166,9 +144,10 @@ class ImagePrompts:
         return tuple(self.embed(request.image_prompt if i == 0 else extra.get(name), i)
                      for i, name in enumerate(self.names))
 
-    def _scale_rows(self, adapter: int, module, args, values: torch.Tensor) -> torch.Tensor:
+    def _scale_rows(self, adapter: int, kind: str | None, module, args,
+                    values: torch.Tensor) -> torch.Tensor:
         shape = (-1,) + (1,) * (values.ndim - 1)  # rows first: (rows, images, tokens, dim)
-        return values * self._row_scales[adapter].to(values.dtype).view(shape)
+        return values * self._row_scales[adapter][kind].to(values.dtype).view(shape)
 
     @contextmanager
     def following(self, requests: Sequence[GenerationRequest],
@@ -186,16 +165,20 @@ class ImagePrompts:
                          in zip(self.unconditional, cond_rows, strict=True)]
         masks = RowMasks([self._masks_of(requests, adapter)
                           for adapter in range(len(self.names))])
+        per_kind = [by_block_kind(scales, [self._blocks(r, adapter) for r in requests
+                                           for _ in range(r.num_outputs)])
+                    for adapter, scales in enumerate(per_row)]
 
         def image_inputs(module, args, kwargs):
             live = torch.tensor(rows.original_rows(), device=self.denoiser.device)
             embeds = [cond[live] for cond in cond_rows]
-            row_scales = [scales[live] for scales in per_row]
+            row_scales = [{kind: s[live] for kind, s in kinds.items()} for kinds in per_kind]
             both = self._rows(args, kwargs) == 2 * len(live)
             if both:
                 embeds = [torch.cat([uncond[None].expand_as(e), e])
                           for uncond, e in zip(unconditional, embeds, strict=True)]
-                row_scales = [scales.repeat(2) for scales in row_scales]
+                row_scales = [{kind: s.repeat(2) for kind, s in kinds.items()}
+                              for kinds in row_scales]
             self._row_scales = row_scales
             kwargs = self._with_embeds(kwargs, embeds)
             if masks.any:
@@ -239,6 +222,10 @@ class ImagePrompts:
             prompt = self._prompt(request, adapter)
             masks += [None if prompt is None else prompt.mask] * request.num_outputs
         return masks if any(mask is not None for mask in masks) else None
+
+    def _blocks(self, request: GenerationRequest, adapter: int) -> str:
+        prompt = self._prompt(request, adapter)
+        return "all" if prompt is None else prompt.blocks
 
     def _prompt(self, request: GenerationRequest, adapter: int) -> ImagePrompt | None:
         if adapter == 0:
@@ -304,6 +291,9 @@ class FluxImagePrompts(ImagePrompts):
 
     def _set_scale(self, prompted: list[bool]) -> None:
         pass
+
+    def _block_kinds(self) -> dict[str, str]:
+        return {}  # (requests name no blocks: they are SDXL's)
 
     @staticmethod
     def _rows(args: tuple, kwargs: dict) -> int:

@@ -104,7 +104,7 @@ class IPAdapterInputs(ExtraIPAdapterFields, LoraInput):
 
     def image_prompt(self) -> ImagePromptParams:
         return ImagePromptParams(self.ip_adapter_image, self.ip_adapter_scale,
-                                 mask=self.ip_adapter_mask)
+                                 mask=self.ip_adapter_mask, blocks=self.ip_adapter_blocks)
 
 
 class CannyEdgeInputs(BaseModel):

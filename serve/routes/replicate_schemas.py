@@ -85,7 +85,7 @@ def input_schema(model: ModelConfig, name: str | None = None) -> dict:
     if model.ip_adapter is None:
         hidden |= set(_IP_ADAPTER_INPUTS)
     if model.ip_adapter is None or model.family != "sdxl":
-        hidden.add("ip_adapter_mask")
+        hidden |= {"ip_adapter_mask", "ip_adapter_blocks"}
     if not model.extra_ip_adapters:
         hidden.add("extra_ip_adapters")
     if model.family == "flux" and model.redux is None:

@@ -256,7 +256,8 @@ def test_a_flux_model_with_xlabs_adapter_takes_image_prompts_from_all_three_apis
     assert {"ip_adapter_image", "ip_adapter_scale"} <= set(inputs(FLUX))
     assert "redux_image" not in inputs(FLUX)
     assert "redux_image" in inputs(REDUX) and "ip_adapter_image" not in inputs(REDUX)
-    assert "ip_adapter_mask" not in inputs(FLUX) and "ip_adapter_mask" in inputs(FAST)
+    for sdxl_only in ("ip_adapter_mask", "ip_adapter_blocks"):
+        assert sdxl_only not in inputs(FLUX) and sdxl_only in inputs(FAST)
 
 
 def test_a_masked_image_prompt_steers_its_part_in_every_api(client, rep, oai):
@@ -289,3 +290,26 @@ def test_a_masked_image_prompt_steers_its_part_in_every_api(client, rep, oai):
         r = client.post("/generate", json={"model": FAST, "prompt": "x", **fields})
         assert r.status_code == 422, r.text
         assert r.json()["detail"][0]["loc"] == ["body", field], r.text
+
+
+def test_an_image_prompt_steering_the_style_block_alone_in_every_api(client, rep, oai):
+    """ip_adapter_blocks: the style block alone gives another image than every block (and
+    than none), the same from the three APIs; a FLUX model refuses it naming the field."""
+    style = _generate(client, ip_adapter_image=STYLE, ip_adapter_blocks="style")
+    every, plain = _generate(client, ip_adapter_image=STYLE), _generate(client)
+    assert np.abs(pixels(style) - pixels(every)).mean() > 0.3
+    assert np.abs(pixels(style) - pixels(plain)).mean() > 0
+    (file,) = rep.run(FAST, input={
+        "prompt": "a product shot", "num_inference_steps": 4, "seed": 31, "width": 64,
+        "height": 64, "ip_adapter_image": io.BytesIO(base64.b64decode(STYLE)),
+        "ip_adapter_blocks": "style"})
+    assert_same_pixels(Image.open(io.BytesIO(file.read())), style)
+    made = oai.images.generate(model=FAST, prompt="a product shot", size="64x64", extra_body={
+        "seed": 31, "ip_adapter_image": "data:image/png;base64," + STYLE,
+        "ip_adapter_blocks": "style"})
+    assert_same_pixels(decode(made.data[0].b64_json), _generate(
+        client, ip_adapter_image=STYLE, ip_adapter_blocks="style", steps=None))
+    r = client.post("/generate", json={"model": FLUX, "prompt": "x", "ip_adapter_image": STYLE,
+                                       "ip_adapter_blocks": "layout"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body",
+                                                                    "ip_adapter_blocks"]

@@ -375,7 +375,7 @@ def test_further_adapters_are_checked_pinned_and_named_by_requests(plus_adapter,
     import base64
     import io
 
-    from serve.controls import load_extra_image_prompts
+    from serve.controls import ImagePromptParams, load_extra_image_prompts
     from serve.images import ImageFetcher
     from serve.versions import version_id
 
@@ -404,12 +404,13 @@ def test_further_adapters_are_checked_pinned_and_named_by_requests(plus_adapter,
     served, fetcher, data = two.models[0], ImageFetcher([], None, None), io.BytesIO()
     DOTS.save(data, "PNG")
     text = base64.b64encode(data.getvalue()).decode()
-    ((name, prompt),) = asyncio.run(load_extra_image_prompts({"face": (text, None)}, served,
-                                                             fetcher))
+    ((name, prompt),) = asyncio.run(load_extra_image_prompts(
+        {"face": ImagePromptParams(text)}, served, fetcher))
     assert (name, prompt.width, prompt.height, prompt.scale) == ("face", 30, 50, 0.4)
     assert prompt.rgb == DOTS.tobytes()
     with pytest.raises(InvalidField, match="'style' is not one of .* \\(face\\)") as refused:
-        asyncio.run(load_extra_image_prompts({"style": (text, None)}, served, fetcher))
+        asyncio.run(load_extra_image_prompts({"style": ImagePromptParams(text)}, served,
+                                             fetcher))
     assert refused.value.field == "extra_ip_adapters"
     with pytest.raises(InvalidField) as refused:
         GenerationRequest.for_model(model().models[0], "x", extra_image_prompts=(
@@ -420,11 +421,12 @@ def test_further_adapters_are_checked_pinned_and_named_by_requests(plus_adapter,
 def test_an_edits_form_sends_further_image_prompts_as_json_text():
     from pydantic import ValidationError
 
+    from serve.controls import ImagePromptParams
     from serve.routes.openai_images import ImageEditParams
 
     form = ImageEditParams.model_validate({"prompt": "x", "controlnets": "[]",
                                            "extra_ip_adapters": '{"face": {"image": "abc"}}'})
-    assert form.extra_prompt_params() == {"face": ("abc", None)}
+    assert form.extra_prompt_params() == {"face": ImagePromptParams("abc")}
     with pytest.raises(ValidationError) as refused:
         ImageEditParams.model_validate({"prompt": "x", "extra_ip_adapters": "{face"})
     assert refused.value.errors()[0]["loc"] == ("extra_ip_adapters",)

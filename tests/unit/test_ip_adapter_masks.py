@@ -116,8 +116,8 @@ def test_the_routes_read_masks_and_refuse_them_where_they_do_not_apply():
             asyncio.run(load_image_prompt(params, model, fetcher))
         assert refused.value.field == field
     with pytest.raises(InvalidField) as refused:
-        asyncio.run(load_extra_image_prompts({"face": (_text(DOTS), None, _text(mask))}, sdxl,
-                                             fetcher))
+        asyncio.run(load_extra_image_prompts(
+            {"face": ImagePromptParams(_text(DOTS), mask=_text(mask))}, sdxl, fetcher))
     assert refused.value.field == "extra_ip_adapters"  # the default has no further adapter
     board = replace(prompt, more=(Picture(STRIPES.tobytes(), *STRIPES.size),))
     with pytest.raises(InvalidField) as refused:
