@@ -143,7 +143,7 @@ def test_withdrawal_keeps_each_rows_image_prompt(engine):
 
     def run(after):
         return withdrawing(engine, batch, after, engine.pipe.transformer, lambda args, kw: (
-            kw["hidden_states"].shape[0], engine.image_prompts._row_scales[0].tolist()))
+            kw["hidden_states"].shape[0], engine.image_prompts._row_scales[0][None].tolist()))
 
     whole, whole_rows = run(None)
     out, rows = run(2)

@@ -250,7 +250,7 @@ def test_replicates_flux_input_takes_a_redux_image_in_place_of_a_prompt():
 
     given = FluxInput.model_validate({"redux_image": "data:image/png;base64,AAAA",
                                       "redux_downsampling": 3})
-    assert given.prompt == "" and tuple(given.image_prompt()) == (
+    assert given.prompt == "" and tuple(given.image_prompt())[:4] == (
         "data:image/png;base64,AAAA", None, "redux_image", 3)
     for bad in ({}, {"prompt": ""}):
         with pytest.raises(ValidationError) as refused:
