@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import get_args
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -11,6 +12,7 @@ from ray import serve
 from serve.context import base_url, ingress, usable_models
 from serve.model_parts import BICUBIC
 from serve.routes.replicate import model_json
+from serve.types import MOST_PROMPT_PICTURES, IPAdapterBlocks
 
 router = APIRouter()
 
@@ -32,8 +34,12 @@ async def list_models(request: Request) -> dict:
                              for name, net in m.controlnets.items()},
              "ip_adapter": m.ip_adapter and {
                  "scale": m.ip_adapter.scale,
-                 "extra": {name: {"scale": e.scale} for name, e in m.ip_adapter.extra.items()}},
-             "redux": m.redux and {"downsampling": m.redux.downsampling},
+                 "extra": {name: {"scale": e.scale} for name, e in m.ip_adapter.extra.items()},
+                 # A mood board's most pictures; whether masks and blocks are taken (SDXL).
+                 "pictures": MOST_PROMPT_PICTURES, "masks": m.family == "sdxl",
+                 "blocks": list(get_args(IPAdapterBlocks)) if m.family == "sdxl" else ["all"]},
+             "redux": m.redux and {"downsampling": m.redux.downsampling,
+                                   "pictures": MOST_PROMPT_PICTURES},
              "textual_inversions": [e.token for e in m.textual_inversions],
              "prompts": m.prompts.model_dump() if m.family == "sdxl" else None,
              "styles": {name: s.model_dump() for name, s in m.styles.items()},

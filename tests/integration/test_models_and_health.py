@@ -54,10 +54,11 @@ def test_models_are_listed_in_openai_shape(client):
     assert (fill["family"], fill["kontext"], fill["fill"]) == ("flux", False, True)
     assert (canny["family"], canny["fill"], canny["canny"]) == ("flux", False, True)
     assert (depth["canny"], depth["depth"], canny["depth"]) == (False, True, False)
-    assert (redux["family"], redux["redux"], flux["redux"]) == ("flux", {"downsampling": 1},
-                                                                None)
+    assert (redux["family"], redux["redux"], flux["redux"]) == (
+        "flux", {"downsampling": 1, "pictures": 4}, None)
     assert redux["aliases"] == ["black-forest-labs/flux-redux-dev"]
-    assert (flux["ip_adapter"], redux["ip_adapter"]) == ({"scale": 0.6, "extra": {}}, None)
+    assert (flux["ip_adapter"], redux["ip_adapter"]) == ({
+        "scale": 0.6, "extra": {}, "pictures": 4, "masks": False, "blocks": ["all"]}, None)
 
 
 def test_both_official_clients_list_the_same_models(base_url, rep):
