@@ -114,9 +114,7 @@ def _control_pixels(params: Sequence[ControlParams], nets: Sequence[tuple[str, C
                     data: Sequence[str | bytes], width: int | None, height: int | None,
                     model: ModelConfig, size_from: int,
                     thresholds: tuple[int, int]) -> tuple[list[bytes], int, int]:
-    nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
-    pictures = [open_image(raw_bytes(d, p.fields[1], nbytes), p.fields[1], nbytes, npixels)
-                for p, d in zip(params, data, strict=True)]
+    pictures = [_opened(d, p.fields[1], model) for p, d in zip(params, data, strict=True)]
     w, h = output_size(pictures[size_from], width, height, model.rules.size_multiple)
     out = []
     for picture, (_, net) in zip(pictures, nets, strict=True):
@@ -237,9 +235,7 @@ async def _prompt_mask(mask: str | bytes | None, field: str, model: ModelConfig,
     if model.family != "sdxl":
         raise InvalidField(field, "masks are for SDXL models' IP-Adapters")
     data = await fetcher.fetch(mask, field, model.limits.max_image_bytes)
-    nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
-    picture = await asyncio.to_thread(
-        lambda: open_image(raw_bytes(data, field, nbytes), field, nbytes, npixels).convert("L"))
+    picture = await asyncio.to_thread(lambda: _opened(data, field, model).convert("L"))
     return Picture(picture.tobytes(), *picture.size)
 
 
@@ -255,9 +251,15 @@ def _image_prompt(pictures: Sequence[Image.Image], scale: float, downsampling: i
                        tuple(Picture(p.tobytes(), *p.size) for p in more), mask, blocks)
 
 
-def _prompt_picture(data: str | bytes, field: str, model: ModelConfig) -> Image.Image:
+def _opened(data: str | bytes, field: str, model: ModelConfig) -> Image.Image:
+    """An input image the route fetched, decoded within the model's limits (422 on
+    `field`)."""
     nbytes, npixels = model.limits.max_image_bytes, model.limits.max_image_pixels
-    picture = open_image(raw_bytes(data, field, nbytes), field, nbytes, npixels)
+    return open_image(raw_bytes(data, field, nbytes), field, nbytes, npixels)
+
+
+def _prompt_picture(data: str | bytes, field: str, model: ModelConfig) -> Image.Image:
+    picture = _opened(data, field, model)
     shorter = min(picture.size)
     if shorter <= IMAGE_PROMPT_SIDE:
         return picture
