@@ -7,6 +7,7 @@ inputs for it, and bad fields are refused in each API's shape, naming them."""
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -183,6 +184,15 @@ def test_a_mood_board_steers_as_one_image_prompt_in_every_api(base_url, client, 
         "seed": 31, "ip_adapter_image": ["data:image/png;base64," + p for p in board]})
     assert_same_pixels(Image.open(io.BytesIO(base64.b64decode(made.data[0].b64_json))),
                        _generate(client, ip_adapter_image=board, steps=None))
+    # An edit's form carries the board as JSON text.
+    photo = base64.b64decode(_b64(noise(5, (64, 64))))
+    edited = oai.images.edit(model=FAST, image=("p.png", photo, "image/png"),
+                             prompt="a product shot", extra_body={
+                                 "seed": 31, "prompt_strength": 0.7,
+                                 "ip_adapter_image": json.dumps(board)})
+    assert_same_pixels(decode(edited.data[0].b64_json), _generate(
+        client, ip_adapter_image=board, steps=None, image=base64.b64encode(photo).decode(),
+        prompt_strength=0.7))
     bodies = [{"model": BATCHED, "prompt": "a chair", "seed": 50 + i, **extra}
               for i, extra in enumerate([{"ip_adapter_image": board}, {},
                                          {"ip_adapter_image": OTHER}])]
