@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         times = case_turns(dict.fromkeys(CASES, engine), cases, args.repeats)
         rows += compared_rows(times, images, "plain")
     fresh = _requests(args.size, args.steps, args.repeats + 1, 1)
-    encode = [timed(engine.redux.tokens, r.image_prompt.pictures[0]) for r in fresh][1:]  # first: warm
+    encode = [timed(engine.redux.tokens, r.image_prompt.pictures[0])
+              for r in fresh][1:]  # the first: warm
     facts = engine.describe()
     report = {"benchmark": "redux", "size": args.size, "steps": args.steps,
               "repeats": args.repeats, "device": facts["device"], "weights": facts["weights"],

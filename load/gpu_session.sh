@@ -140,7 +140,8 @@ case $step in
   controlnet) python3 -m load.bench_controlnet "${sdxl[@]}" --batches 1 8 --repeats 2 \
                --out "$out/controlnet-$gpu.json" 2>&1 | tee "$log" ;;
   image-prompts) python3 -m load.bench_image_prompts "${sdxl[@]}" --batches 1 8 --repeats 2 \
-                   --two-adapters --boards --masks --out "$out/image-prompts-$gpu.json" 2>&1 | tee "$log" ;;
+                   --two-adapters --boards --masks --out "$out/image-prompts-$gpu.json" \
+                   2>&1 | tee "$log" ;;
   image-prompts-flux) python3 -m load.bench_image_prompts \
                         --random-flux load/flux-dev-configs.json --size 1024 --steps 28 \
                         --batches 1 2 --repeats 1 --out "$out/flux-image-prompts-$gpu.json" \
