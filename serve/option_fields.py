@@ -71,7 +71,7 @@ def json_in_a_form(value: Any, what: str) -> Any:
     return value
 
 
-def _prompt_pictures(value: Any) -> Any:
+def _pictures_field(value: Any) -> Any:
     # A form's text field may hold a JSON list (no picture's text starts with "["). The
     # count is checked here, so that its error names the field itself.
     if isinstance(value, str) and value.lstrip().startswith("["):
@@ -85,7 +85,7 @@ def _prompt_pictures(value: Any) -> Any:
 # text).
 PromptPictures = Annotated[
     str | Annotated[list[str], Field(min_length=1, max_length=MOST_PROMPT_PICTURES)],
-    BeforeValidator(_prompt_pictures)]
+    BeforeValidator(_pictures_field)]
 MOOD_BOARD = (f"A list of up to {MOST_PROMPT_PICTURES} pictures is a mood board: the adapter "
               "reads them all together.")
 REDUX_BOARD = (f"A list of up to {MOST_PROMPT_PICTURES} pictures is a mood board: each one's "

@@ -326,20 +326,22 @@ class GenerationRequest:
         sends no mood board (422 on the board's field)."""
         if not self.masks_image_prompts:
             return
-        if self.image_prompt is not None and self.image_prompt.more:
-            raise InvalidField("ip_adapter_image", "a request with a masked image prompt "
-                                                   "sends single pictures, not mood boards")
-        for _, prompt in self.extra_image_prompts:
+        for name, prompt in self._ip_adapter_prompts:
             if prompt.more:
-                raise InvalidField("extra_ip_adapters", "a request with a masked image "
-                                   "prompt sends single pictures, not mood boards")
+                raise InvalidField(name, "a request with a masked image prompt sends single "
+                                         "pictures, not mood boards")
 
     @property
     def masks_image_prompts(self) -> bool:
         """Whether an image prompt of the request has a mask (calls with masks read each
         picture's attention apart, as diffusers' masked IP-Adapter attention does)."""
-        prompts = (self.image_prompt, *(p for _, p in self.extra_image_prompts))
-        return any(p is not None and p.mask is not None for p in prompts)
+        return any(prompt.mask is not None for _, prompt in self._ip_adapter_prompts)
+
+    @property
+    def _ip_adapter_prompts(self) -> list[tuple[str, ImagePrompt]]:
+        """The request's image prompts, each with the field that sent it."""
+        first = [] if self.image_prompt is None else [("ip_adapter_image", self.image_prompt)]
+        return first + [("extra_ip_adapters", p) for _, p in self.extra_image_prompts]
 
     def check_limits(self, limits: LimitsConfig, family: Family = FAMILIES["sdxl"]) -> None:
         """Raise InvalidField for the first value outside the model's limits or what its

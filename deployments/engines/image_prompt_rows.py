@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from diffusers.image_processor import IPAdapterMaskProcessor
 from PIL import Image
 
 from serve.types import Picture
@@ -65,8 +66,6 @@ class RowMasks:
 
     @staticmethod
     def _made_at(rows: list[Picture | None], height: int, width: int) -> torch.Tensor:
-        from diffusers.image_processor import IPAdapterMaskProcessor
-
         white = Picture(bytes([255]) * width * height, width, height)
         pictures = [Image.frombytes("L", (m.width, m.height), m.rgb)
                     for m in (white if mask is None else mask for mask in rows)]
