@@ -85,9 +85,10 @@ class DiffusersEngine:
     depth_maps: DepthMaps | None = None  # the model's depth estimator, if it has one
     calibrating = False  # FP8 activation scales still to calibrate (speed.fp8_activations)
     extra_sizes: tuple[tuple[int, int], ...] = ()  # sizes warmed up besides the default
-    # Compiled for exact shapes (compile with buckets): the image sizes compiled; calls at
-    # other sizes run uncompiled. None: compiled code takes any size (or nothing compiled).
-    compiled_sizes: set[tuple[int, int]] | None = None
+    # Compiled for exact shapes (compile with buckets): once warmed up, a call runs the
+    # compiled code its shapes were warmed up with, and uncompiled code where none was.
+    exact_shapes = False
+    warming = False  # in the warm-up: calls compile what they meet
     merged_loras: tuple[str, ...] = ()  # the LoRA files merged into the weights at load
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
@@ -132,7 +133,7 @@ class DiffusersEngine:
         self.speed = apply_speed(self.pipe, denoiser, speed, compile_cache)
         self.calibrating = speed.fp8 and speed.fp8_activations == "calibrated"
         self.extra_sizes = tuple(tuple(size) for size in speed.compile_sizes)
-        self.compiled_sizes = set() if speed.compile and speed.batch_buckets else None
+        self.exact_shapes = bool(speed.compile and speed.batch_buckets)
         self.adapters.bind(denoiser, compiled=bool(self.speed.get("compiled_blocks")))
 
     def memory(self) -> tuple[str, int]:
@@ -169,6 +170,27 @@ class DiffusersEngine:
         self.pipe.vae.enable_tiling()
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
+        """The calls that bring the engine to full speed (`_warm_calls`). Compiled for
+        exact shapes, they are the only calls that compile: afterwards each compiled
+        block runs the code compiled for the shapes it meets, or runs uncompiled where
+        the warm-up met none (a call at another size or with other token counts, say),
+        slower but without stalling the replica, and every request queued behind it, for
+        a compilation (53 s for one bucket on the H200)."""
+        self.warming = True
+        try:
+            self._warm_calls(request, max_images)
+        finally:
+            self.warming = False
+
+    def _warm_counts(self, max_images: int) -> list[int]:
+        """The image counts of the warm-up's calls: 1, 2 and `max_images`, or with batch
+        buckets each bucket up to the one that holds `max_images`."""
+        if self.buckets:
+            counts = [b for b in self.buckets if b < max_images]
+            return counts + [next((b for b in self.buckets if b >= max_images), max_images)]
+        return sorted({1, min(2, max_images), max_images})
+
+    def _warm_calls(self, request: GenerationRequest, max_images: int = 1) -> None:
         """Run `request` as calls of 1, 2 and `max_images` images: the first calls
         allocate memory and, with `speed.compile`, compile. Compiled code is specialised
         for one image, general from two on, and may split again at larger batches, so
@@ -183,15 +205,10 @@ class DiffusersEngine:
             request = replace(request, num_inference_steps=steps)
         if self.calibrating:
             self._calibrate(request)
-        counts = sorted({1, min(2, max_images), max_images})
-        if self.buckets:
-            counts = [b for b in self.buckets if b < max_images]
-            counts.append(next((b for b in self.buckets if b >= max_images), max_images))
+        counts = self._warm_counts(max_images)
         sizes = [(request.width, request.height)]
         if request.source is None:  # other sizes: as text-to-image calls
             sizes += [s for s in self.extra_sizes if s != sizes[0]]
-        if self.compiled_sizes is not None:
-            self.compiled_sizes.update(sizes)
         # Compiled, calls with adapters in LoRA slots run other code: warm that up too.
         for width, height in sizes:
             sized = replace(request, width=width, height=height)
@@ -201,16 +218,18 @@ class DiffusersEngine:
                         if not self._warm_call(sized, images):
                             return
 
-    def _warm_image_prompt(self, request: GenerationRequest) -> None:
-        """With IP-Adapters, one call with a (blank) image prompt for each: the image
-        encoder's first work, and the adapters' attention where calls without one skip
-        it."""
+    def _warm_image_prompt(self, request: GenerationRequest, counts: Sequence[int]) -> None:
+        """With IP-Adapters, calls of each of `counts` images with a (blank) image prompt
+        for each: the image encoder's first work, and the adapters' attention where calls
+        without one skip it."""
         if self.image_prompts is not None:
             blank = bytes(request.width * request.height * 3)
             prompt = ImagePrompt(blank, request.width, request.height, 1.0)
             extra = tuple((name, prompt) for name in self.image_prompts.names[1:])
-            self.generate([replace(request, num_outputs=1, image_prompt=prompt,
-                                   extra_image_prompts=extra)])
+            prompted = replace(request, image_prompt=prompt, extra_image_prompts=extra)
+            for images in counts:
+                if not self._warm_call(prompted, images):
+                    return
 
     def _calibrate(self, request: GenerationRequest) -> None:
         """Calibrated FP8 activations: fix each FP8 layer's input scale from calls of the
@@ -323,17 +342,17 @@ class DiffusersEngine:
         return rows.split(pil_rows(pixels))[:real]
 
     def _compiled_for(self, first: GenerationRequest) -> AbstractContextManager:
-        """Compiled for exact shapes, a call at an image size the warm-up did not compile
-        runs uncompiled: slower than compiled code, but without the minute a compilation
-        of every block takes on a GPU, which every request queued behind it would wait. So
-        does a call whose rows hold other token counts (`_other_shapes`). A tiling call
-        runs uncompiled under any compilation: its convolutions pad otherwise."""
-        compiled = bool(self.speed.get("compiled_blocks"))
-        sizes = {(first.width, first.height), first.output_size}  # (a hires pass's too)
-        if not (compiled and first.tiling) and (self.compiled_sizes is None or (
-                sizes <= self.compiled_sizes and not self._other_shapes(first))):
-            return nullcontext()
-        return torch.compiler.set_stance("force_eager")
+        """Compiled for exact shapes and warmed up, a call compiles nothing (dynamo's
+        `eager_on_recompile`): each block runs the code the warm-up compiled for its
+        shapes, or runs uncompiled, slower than compiled code but without the minute a
+        compilation of every block takes on a GPU, which every request queued behind it
+        would wait. A tiling call runs uncompiled under any compilation: its convolutions
+        pad otherwise."""
+        if first.tiling and self.speed.get("compiled_blocks"):
+            return torch.compiler.set_stance("force_eager")
+        if self.exact_shapes and not self.warming:
+            return torch.compiler.set_stance("eager_on_recompile")
+        return nullcontext()
 
     def _tiled(self, pipe, first: GenerationRequest) -> AbstractContextManager:
         """Around a call: what makes its images tile when its requests ask (`tiling`);
@@ -341,11 +360,6 @@ class DiffusersEngine:
         if first.tiling:
             raise ValueError("this engine draws no tiling images")
         return nullcontext()
-
-    def _other_shapes(self, first: GenerationRequest) -> bool:
-        """Whether the call's rows hold more tokens than the warm-up compiled for: here, a
-        Kontext edit with further references."""
-        return first.source is not None and bool(first.source.references)
 
     def _previews(self, requests: Sequence[GenerationRequest], rows: BatchRows,
                   on_preview: PreviewListener | None) -> Previews | None:

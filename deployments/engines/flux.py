@@ -125,16 +125,16 @@ class FluxEngine(HiresPass, DiffusersEngine):
             return made, held
         return made._replace(embeds=self.redux.appended(made.embeds, request.image_prompt)), held
 
-    def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
+    def _warm_calls(self, request: GenerationRequest, max_images: int = 1) -> None:
         """As every engine's; with Redux, the same calls with an image prompt too (more
         tokens per step: other kernels, other compiled code); with an IP-Adapter, one call
         with an image prompt (every call runs the adapter's attention: this warms its image
         encoder); then one call with each ControlNet."""
-        super().warm_up(request, max_images)
+        super()._warm_calls(request, max_images)
         if self.redux is not None and request.image_prompt is None:
             blank = ImagePrompt(bytes(8 * 8 * 3), 8, 8, 1.0)
-            super().warm_up(replace(request, image_prompt=blank), max_images)
-        self._warm_image_prompt(request)
+            super()._warm_calls(replace(request, image_prompt=blank), max_images)
+        self._warm_image_prompt(request, [1])
         for steered in self.controlnets.warm_requests(request):
             self.generate([steered])
 
@@ -248,12 +248,12 @@ class FluxKontextEngine(FluxEngine):
                                             "edit": KontextReferencesPipeline,
                                             "inpaint": FluxKontextInpaintPipeline}
 
-    def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
+    def _warm_calls(self, request: GenerationRequest, max_images: int = 1) -> None:
         """As for FLUX, then the same calls as edits of a blank reference (twice the tokens
         per step: other kernels, other compiled code)."""
-        super().warm_up(request, max_images)
+        super()._warm_calls(request, max_images)
         blank = SourceImage.blank(request.width, request.height, "edit")
-        super().warm_up(replace(request, source=blank), max_images)
+        super()._warm_calls(replace(request, source=blank), max_images)
 
 
 class FluxFillEngine(FluxEngine):

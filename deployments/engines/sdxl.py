@@ -182,10 +182,6 @@ class SDXLEngine(HiresPass, DiffusersEngine):
         notes = self.long_prompts.notes(request.prompt, request.negative_prompt)
         return made._replace(notes=notes), held
 
-    def _other_shapes(self, first: GenerationRequest) -> bool:
-        """Prompts of several chunks: more text tokens than the warm-up's."""
-        return super()._other_shapes(first) or self.batch_key(first)[-1] > 1
-
     def _noise_inputs(self, pipe, requests: Sequence[GenerationRequest],
                       generators: list[torch.Generator]) -> dict:
         """A text-to-image call with a variation: the starting noise of every row, drawn
@@ -251,13 +247,16 @@ class SDXLEngine(HiresPass, DiffusersEngine):
             raise InvalidField("clip_skip", f"must be at most {self.most_clip_skip}: this "
                                             "model's text encoders have no earlier layer")
 
-    def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
-        """As for every engine, then one call with each ControlNet, one with an image
-        prompt and one refined call, so that they are warm too."""
-        super().warm_up(request, max_images)
-        self._warm_image_prompt(request)
+    def _warm_calls(self, request: GenerationRequest, max_images: int = 1) -> None:
+        """As for every engine, then the same calls at the default size with an image
+        prompt and with each ControlNet, and one refined call, so that they are warm too."""
+        super()._warm_calls(request, max_images)
+        counts = self._warm_counts(max_images)
+        self._warm_image_prompt(request, counts)
         for steered in self.controlnets.warm_requests(request):
-            self.generate([steered])
+            for images in counts:
+                if not self._warm_call(steered, images):
+                    break
         if self.refiner is not None:
             self.generate([replace(request, refine="expert_ensemble_refiner",
                                    high_noise_frac=0.5)])

@@ -124,7 +124,6 @@ def test_an_edit_with_further_references_runs_uncompiled_beside_static_compiled_
                                                  width=request.width, height=request.height,
                                                  num_inference_steps=1))
     warmed = counters["stats"]["calls_captured"]
-    assert compiled.compiled_sizes == {(request.width, request.height)}
     (images,), = compiled.generate([request])
     assert counters["stats"]["calls_captured"] == warmed  # nothing compiled under load
     (plain,), = engine.generate([request])

@@ -1,0 +1,85 @@
+"""Compiled for exact shapes (`speed.compile` with `speed.batch_buckets`), a warmed-up
+engine compiles nothing under load: on the tiny SDXL with an IP-Adapter and a ControlNet
+(CPU), calls of every bucket with an image prompt or a ControlNet run the code the
+warm-up compiled for them, and calls of shapes the warm-up never met (a mood board, a
+mask, another size) run uncompiled where their shapes differ, with the eager engine's
+pixels."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from serve.types import ControlImage, ImagePrompt, Picture
+from tests.compiled import compiled_run
+from tests.unit.test_engine import _px
+from tests.unit.test_image_prompts import (
+    BASE,
+    DOTS,
+    FILES,
+    STRIPES,
+    adapter_path,  # noqa: F401
+    engine,  # noqa: F401
+)
+
+STEPS = 2
+
+
+def _prompt(*pictures, **extra) -> ImagePrompt:
+    first, *more = pictures
+    return ImagePrompt(first.tobytes(), *first.size, 0.6,
+                       more=tuple(Picture(p.tobytes(), *p.size) for p in more), **extra)
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_sdxl_path, adapter_path, cache_dir, tmp_path_factory):  # noqa: F811
+    from deployments.engines.sdxl import SDXLEngine
+    from deployments.tiny import TINY_SDXL_CONTROLNET, ensure_embedded
+    from serve.config import SpeedConfig
+
+    net = ensure_embedded(TINY_SDXL_CONTROLNET, cache_dir)
+    fast = SDXLEngine(tiny_sdxl_path, "float32", "cpu", controlnets={"canny": (net, None)},
+                      ip_adapter=(adapter_path, *FILES),
+                      speed=SpeedConfig(compile=True, batch_buckets=[1, 2]),
+                      compile_cache=tmp_path_factory.mktemp("compile"))
+    fast.warm_up(replace(BASE, prompt="warm-up", num_inference_steps=1), max_images=2)
+    return fast
+
+
+def test_each_bucket_runs_compiled_with_an_image_prompt_or_a_controlnet(compiled):
+    """The warm-up ran each bucket (1 and 2 images) with an image prompt and with the
+    ControlNet too: such calls enter as many compiled regions as plain ones of their
+    bucket (every block compiled, each step) and compile nothing."""
+    base = replace(BASE, num_inference_steps=STEPS)
+    _, plain, captured = compiled_run(lambda: compiled.generate([base, replace(base, seed=6)]))
+    blocks = plain // STEPS
+    assert captured == 0 and blocks > 0
+    prompted = [replace(base, image_prompt=_prompt(STRIPES)),
+                replace(base, seed=6, image_prompt=_prompt(DOTS))]
+    for batch in (prompted, prompted[:1]):
+        _, regions, captured = compiled_run(lambda b=batch: compiled.generate(b))
+        assert (regions, captured) == (blocks * STEPS, 0)
+    edges = np.zeros((64, 64, 3), np.uint8)
+    edges[20:44, 20:44] = 255
+    steered = replace(base, controls=(ControlImage("canny", edges.tobytes()),))
+    _, regions, captured = compiled_run(
+        lambda: compiled.generate([steered, replace(steered, seed=6)]))
+    assert captured == 0 and regions >= blocks * STEPS  # the ControlNet's blocks besides
+
+
+def test_shapes_never_warmed_up_run_uncompiled_with_the_eager_pixels(compiled, engine):  # noqa: F811
+    """A mood board (more image tokens in each cross-attention) and a mask (another
+    attention) run uncompiled in the blocks they change and compiled in the others; a
+    size not compiled runs uncompiled throughout. None compiles anything, and each gives
+    the eager engine's pixels within two levels."""
+    base = replace(BASE, num_inference_steps=STEPS)
+    _, plain, _ = compiled_run(lambda: compiled.generate([base]))
+    white = Picture(bytes([255]) * 32 * 32, 32, 32)
+    board = replace(base, image_prompt=_prompt(STRIPES, DOTS))
+    masked = replace(base, image_prompt=_prompt(STRIPES, mask=white))
+    for request, some in ((board, True), (masked, True), (replace(base, width=96), False)):
+        (images,), regions, captured = compiled_run(lambda r=request: compiled.generate([r]))
+        assert captured == 0
+        assert 0 < regions < plain if some else regions == 0
+        (eager,) = engine.generate([request])
+        assert np.abs(_px(images[0]) - _px(eager[0])).max() <= 2
