@@ -1,12 +1,11 @@
 """What every diffusers engine shares: loading from local files, batched calls with
-per-image seeds, withdrawal between steps, warm-up, out-of-memory recovery, output
-conversion. A family's engine says which pipelines it runs and how prompts are encoded."""
+per-image seeds, withdrawal between steps, warm-up (`warm_up.py`), out-of-memory
+recovery, output conversion. A family's engine says which pipelines it runs and how prompts are encoded."""
 
 from __future__ import annotations
 
 import gc
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
@@ -30,17 +29,13 @@ from deployments.engines.sources import (
     source_inputs,
     source_tensors,
 )
-from deployments.engines.speed import (
-    apply_speed,
-    attention_order,
-    calibrate_fp8,
-    calibration_calls,
-)
+from deployments.engines.speed import apply_speed, attention_order
+from deployments.engines.warm_up import WarmUp
 from deployments.engines.withdrawal import BatchRows, step_callback
 from deployments.fused_adapters import FusedAdapters
 from serve.config import SpeedConfig
 from serve.errors import OutOfMemory
-from serve.types import GenerationRequest, ImagePrompt
+from serve.types import GenerationRequest
 
 if TYPE_CHECKING:
     from deployments.engines.controlnets import ControlNets, NetFiles
@@ -62,7 +57,7 @@ class Prepared(NamedTuple):
     notes: tuple[str, ...] = ()  # for the client: what of the request was not used
 
 
-class DiffusersEngine:
+class DiffusersEngine(WarmUp):
     """Loads a family's pipelines and runs compatible batches.
 
     Guarantees: image i of a request depends only on the request and its seed i, not on
@@ -83,12 +78,6 @@ class DiffusersEngine:
     control_rows_stay = False  # whether the rows of calls with ControlNets stay to the end
     controlnets: ControlNets | None = None  # the model's ControlNets, if its family has any
     depth_maps: DepthMaps | None = None  # the model's depth estimator, if it has one
-    calibrating = False  # FP8 activation scales still to calibrate (speed.fp8_activations)
-    extra_sizes: tuple[tuple[int, int], ...] = ()  # sizes warmed up besides the default
-    # Compiled for exact shapes (compile with buckets): once warmed up, a call runs the
-    # compiled code its shapes were warmed up with, and uncompiled code where none was.
-    exact_shapes = False
-    warming = False  # in the warm-up: calls compile what they meet
     merged_loras: tuple[str, ...] = ()  # the LoRA files merged into the weights at load
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
@@ -168,95 +157,6 @@ class DiffusersEngine:
         memory stays that of its sample size whatever the image's. Every pipeline of the
         engine shares the VAE."""
         self.pipe.vae.enable_tiling()
-
-    def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
-        """The calls that bring the engine to full speed (`_warm_calls`). Compiled for
-        exact shapes, they are the only calls that compile: afterwards each compiled
-        block runs the code compiled for the shapes it meets, or runs uncompiled where
-        the warm-up met none (a call at another size or with other token counts, say),
-        slower but without stalling the replica, and every request queued behind it, for
-        a compilation (53 s for one bucket on the H200)."""
-        self.warming = True
-        try:
-            self._warm_calls(request, max_images)
-        finally:
-            self.warming = False
-
-    def _warm_counts(self, max_images: int) -> list[int]:
-        """The image counts of the warm-up's calls: 1, 2 and `max_images`, or with batch
-        buckets each bucket up to the one that holds `max_images`."""
-        if self.buckets:
-            counts = [b for b in self.buckets if b < max_images]
-            return counts + [next((b for b in self.buckets if b >= max_images), max_images)]
-        return sorted({1, min(2, max_images), max_images})
-
-    def _warm_calls(self, request: GenerationRequest, max_images: int = 1) -> None:
-        """Run `request` as calls of 1, 2 and `max_images` images: the first calls
-        allocate memory and, with `speed.compile`, compile. Compiled code is specialised
-        for one image, general from two on, and may split again at larger batches, so
-        the largest batch is compiled here too rather than under load. With batch buckets,
-        each bucket up to `max_images` is run instead. Compiled with LoRA slots, the calls
-        run again with the slots primed for each adapter count calls are padded up to
-        (`adapters.primings`), for the code of calls with adapters."""
-        if self.cfg_cutoff is not None:  # enough steps for the unguided ones to be warmed up
-            steps = request.num_inference_steps
-            while int(steps * self.cfg_cutoff) > steps - 2:
-                steps += 1
-            request = replace(request, num_inference_steps=steps)
-        if self.calibrating:
-            self._calibrate(request)
-        counts = self._warm_counts(max_images)
-        sizes = [(request.width, request.height)]
-        if request.source is None:  # other sizes: as text-to-image calls
-            sizes += [s for s in self.extra_sizes if s != sizes[0]]
-        # Compiled, calls with adapters in LoRA slots run other code: warm that up too.
-        for width, height in sizes:
-            sized = replace(request, width=width, height=height)
-            for priming in [nullcontext(), *self.adapters.primings()]:
-                with priming:
-                    for images in counts:
-                        if not self._warm_call(sized, images):
-                            return
-
-    def _warm_image_prompt(self, request: GenerationRequest, counts: Sequence[int]) -> None:
-        """With IP-Adapters, calls of each of `counts` images with a (blank) image prompt
-        for each: the image encoder's first work, and the adapters' attention where calls
-        without one skip it."""
-        if self.image_prompts is not None:
-            blank = bytes(request.width * request.height * 3)
-            prompt = ImagePrompt(blank, request.width, request.height, 1.0)
-            extra = tuple((name, prompt) for name in self.image_prompts.names[1:])
-            prompted = replace(request, image_prompt=prompt, extra_image_prompts=extra)
-            for images in counts:
-                if not self._warm_call(prompted, images):
-                    return
-
-    def _calibrate(self, request: GenerationRequest) -> None:
-        """Calibrated FP8 activations: fix each FP8 layer's input scale from calls of the
-        calibration prompts at the warm-up request's settings, before anything is
-        compiled; one prompt per call, so that a device that holds one image at a time
-        can calibrate too."""
-        calls = calibration_calls(request)
-        denoiser = getattr(self.pipe, self.denoiser)
-        started = time.monotonic()
-        self.speed["fp8_calibrated_layers"] = calibrate_fp8(
-            denoiser, lambda: [self.generate([call]) for call in calls])
-        self.calibrating = False
-        log.info("FP8 activation scales calibrated on %d layers in %.1fs",
-                 self.speed["fp8_calibrated_layers"], time.monotonic() - started)
-
-    def _warm_call(self, request: GenerationRequest, images: int) -> bool:
-        """One warm-up call of `images` images; False if it does not fit in memory."""
-        try:
-            self.generate([replace(request, num_outputs=1, seed=request.seed + i)
-                           for i in range(images)])
-        except OutOfMemory:
-            # Serving splits such batches anyway; the replica need not fail for it.
-            log.warning("warm-up: %d images of %dx%d do not fit in memory at once; "
-                        "batches that large will run split", images, request.width,
-                        request.height)
-            return False
-        return True
 
     def check_request(self, request: GenerationRequest) -> None:
         """Raise InvalidField for what the request asks that this model cannot do and the
@@ -340,19 +240,6 @@ class DiffusersEngine:
         if out_of_memory:
             raise self._recover_memory(requests)
         return rows.split(pil_rows(pixels))[:real]
-
-    def _compiled_for(self, first: GenerationRequest) -> AbstractContextManager:
-        """Compiled for exact shapes and warmed up, a call compiles nothing (dynamo's
-        `eager_on_recompile`): each block runs the code the warm-up compiled for its
-        shapes, or runs uncompiled, slower than compiled code but without the minute a
-        compilation of every block takes on a GPU, which every request queued behind it
-        would wait. A tiling call runs uncompiled under any compilation: its convolutions
-        pad otherwise."""
-        if first.tiling and self.speed.get("compiled_blocks"):
-            return torch.compiler.set_stance("force_eager")
-        if self.exact_shapes and not self.warming:
-            return torch.compiler.set_stance("eager_on_recompile")
-        return nullcontext()
 
     def _tiled(self, pipe, first: GenerationRequest) -> AbstractContextManager:
         """Around a call: what makes its images tile when its requests ask (`tiling`);
