@@ -72,7 +72,8 @@ class Prediction:
     def to_json(self, base_url: str) -> dict:
         url = f"{base_url}/v1/predictions/{self.id}"
         body = {k: v for k, v in asdict(self).items() if k not in ("created", "private")}
-        return {**body, "urls": {"get": url, "cancel": f"{url}/cancel"}}
+        return {**body, "urls": {"get": url, "cancel": f"{url}/cancel",
+                                 "stream": f"{url}/stream"}}
 
 
 class StateStore(Protocol):

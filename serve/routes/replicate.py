@@ -21,7 +21,7 @@ import base64
 import time
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.config import ModelConfig
 from serve.context import (
@@ -35,6 +35,7 @@ from serve.context import (
     requester,
 )
 from serve.errors import AtelierError, InvalidField, ModelNotFound
+from serve.prediction_events import prediction_events
 from serve.predictions import Prediction
 from serve.routes.replicate_body import PredictionBody, duration_s, wait_seconds
 from serve.routes.replicate_runs import to_request
@@ -200,6 +201,18 @@ async def _own_prediction(request: Request, prediction_id: str) -> Prediction:
 @router.get("/v1/predictions/{prediction_id}", summary="Replicate: get a prediction")
 async def get_prediction(prediction_id: str, request: Request) -> dict:
     return (await _own_prediction(request, prediction_id)).to_json(base_url(request))
+
+
+@router.get("/v1/predictions/{prediction_id}/stream",
+            summary="Replicate: a prediction's logs, output and end as server-sent events")
+async def stream_prediction(prediction_id: str, request: Request) -> StreamingResponse:
+    """`urls.stream`: new log lines (`logs`), each output file's URL (`output`), the error
+    (`error`) and the end (`done`), following the stored prediction whichever ingress
+    replica runs it."""
+    prediction, store = await _own_prediction(request, prediction_id), ingress().store
+    return StreamingResponse(prediction_events(prediction, lambda: store.load(prediction_id)),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store"})
 
 
 @router.post("/v1/predictions/{prediction_id}/cancel", summary="Replicate: cancel")
