@@ -63,7 +63,8 @@ def test_the_official_client_streams_the_logs_as_they_come_then_each_file(rep, c
 
 def test_a_stream_opened_after_the_end_replays_it(rep, base_url):
     """Read after the prediction finished: its log lines, its files and `done`, over
-    plain HTTP with the event ids in order; an unknown prediction's stream is 404."""
+    plain HTTP with the event ids in order; an unknown prediction's stream is 404, and
+one read without a key 401."""
     p = rep.models.predictions.create(model=FAST, input={"prompt": "x", "seed": 8})
     p.wait()
     assert p.urls["stream"] == f"{base_url}/v1/predictions/{p.id}/stream"
@@ -74,6 +75,7 @@ def test_a_stream_opened_after_the_end_replays_it(rep, base_url):
         (p.output[0], "4"), ("{}", "5")]
     missing = httpx.get(f"{base_url}/v1/predictions/nope/stream", headers=AUTH)
     assert missing.status_code == 404
+    assert httpx.get(p.urls["stream"]).status_code == 401  # a key, as for the prediction
 
 
 def test_a_failed_prediction_streams_its_error_and_a_canceled_one_its_reason(rep):
