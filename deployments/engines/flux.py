@@ -129,14 +129,13 @@ class FluxEngine(HiresPass, DiffusersEngine):
         """As every engine's; with Redux, the same calls with an image prompt too (more
         tokens per step: other kernels, other compiled code); with an IP-Adapter, one call
         with an image prompt (every call runs the adapter's attention: this warms its image
-        encoder); then one call with each ControlNet."""
+        encoder); then the same calls at the default size with each ControlNet."""
         super()._warm_calls(request, max_images)
         if self.redux is not None and request.image_prompt is None:
             blank = ImagePrompt(bytes(8 * 8 * 3), 8, 8, 1.0)
             super()._warm_calls(replace(request, image_prompt=blank), max_images)
         self._warm_image_prompt(request, [1])
-        for steered in self.controlnets.warm_requests(request):
-            self.generate([steered])
+        self._warm_controlnets(request, self._warm_counts(max_images))
 
     def describe(self) -> dict:
         facts = super().describe()

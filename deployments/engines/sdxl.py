@@ -253,10 +253,7 @@ class SDXLEngine(HiresPass, DiffusersEngine):
         super()._warm_calls(request, max_images)
         counts = self._warm_counts(max_images)
         self._warm_image_prompt(request, counts)
-        for steered in self.controlnets.warm_requests(request):
-            for images in counts:
-                if not self._warm_call(steered, images):
-                    break
+        self._warm_controlnets(request, counts)
         if self.refiner is not None:
             self.generate([replace(request, refine="expert_ensemble_refiner",
                                    high_noise_frac=0.5)])

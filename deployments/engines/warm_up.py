@@ -18,6 +18,7 @@ from serve.errors import OutOfMemory
 from serve.types import GenerationRequest, ImagePrompt
 
 if TYPE_CHECKING:
+    from deployments.engines.controlnets import ControlNets
     from deployments.engines.image_prompts import ImagePrompts
 
 log = logging.getLogger("ray.serve.atelier.engine")
@@ -30,6 +31,7 @@ class WarmUp:
     buckets: tuple[int, ...]
     cfg_cutoff: float | None
     image_prompts: ImagePrompts | None
+    controlnets: ControlNets | None
     speed: dict
     calibrating = False  # FP8 activation scales still to calibrate (speed.fp8_activations)
     extra_sizes: tuple[tuple[int, int], ...] = ()  # sizes warmed up besides the default
@@ -99,6 +101,14 @@ class WarmUp:
             for images in counts:
                 if not self._warm_call(prompted, images):
                     return
+
+    def _warm_controlnets(self, request: GenerationRequest, counts: Sequence[int]) -> None:
+        """Calls of each of `counts` images steered by each ControlNet (a blank control
+        image): their residuals enter the denoiser's blocks, other compiled code."""
+        for steered in self.controlnets.warm_requests(request) if self.controlnets else []:
+            for images in counts:
+                if not self._warm_call(steered, images):
+                    break
 
     def _calibrate(self, request: GenerationRequest) -> None:
         """Calibrated FP8 activations: fix each FP8 layer's input scale from calls of the

@@ -141,16 +141,19 @@ def test_each_call_runs_the_controlnet_its_requests_name(engine):
     assert _req(SQUARE).batch_key != BASE.batch_key
 
 
-def test_warm_up_runs_each_controlnet(engine):
-    calls = {name: [] for name in engine.controlnets.nets}
-    hooks = [net.register_forward_pre_hook(lambda m, a, name=name: calls[name].append(1))
-             for name, net in engine.controlnets.nets.items()]
+def test_warm_up_runs_each_controlnet_at_each_batch_size(engine):
+    """Calls of 1 and 2 images with each ControlNet (the rows each step: both guidance
+    halves of each image), as the warm-up runs the plain calls."""
+    rows = {name: [] for name in engine.controlnets.nets}
+    hooks = [net.register_forward_pre_hook(
+        lambda m, a, name=name: rows[name].append(a[0].shape[0]))
+        for name, net in engine.controlnets.nets.items()]
     try:
-        engine.warm_up(BASE)
+        engine.warm_up(BASE, max_images=2)
     finally:
         for hook in hooks:
             hook.remove()
-    assert {name: len(c) for name, c in calls.items()} == {"canny": 6, "other": 6}
+    assert rows == {"canny": [2] * 6 + [4] * 6, "other": [2] * 6 + [4] * 6}
     facts = engine.describe()
     assert facts["controlnets"] == ["canny", "other"]
     assert facts["weights"]["controlnet canny"] == facts["weights"]["unet"] == "float32"
