@@ -1,6 +1,7 @@
 """What every diffusers engine shares: loading from local files, batched calls with
 per-image seeds, withdrawal between steps, warm-up (`warm_up.py`), out-of-memory
-recovery, output conversion. A family's engine says which pipelines it runs and how prompts are encoded."""
+recovery, output conversion. A family's engine says which pipelines it runs and how
+prompts are encoded."""
 
 from __future__ import annotations
 
