@@ -150,3 +150,33 @@ def test_an_image_prompt_runs_in_the_models_dtype_on_the_gpu(tiny_sdxl_path, cac
     both = engine.generate([replace(_req(3), image_prompt=prompt), _req(3)])
     assert np.abs(np.asarray(both[0][0]).astype(int) - plain).mean() > 2
     assert np.abs(np.asarray(both[1][0]).astype(int) - plain).max() <= 2
+
+
+def test_exact_shapes_compile_nothing_under_load_on_the_gpu(tiny_sdxl_path, cache_dir):
+    """Compiled for exact shapes on CUDA (bfloat16, buckets of 1 and 2) with an
+    IP-Adapter: after the warm-up, two image-prompted images enter every compiled block,
+    a mood board fewer, another size none, and none compiles anything."""
+    from dataclasses import replace
+
+    from deployments.engines.sdxl import SDXLEngine
+    from deployments.tiny import TINY_SDXL_IP_ADAPTER, ensure_embedded
+    from serve.config import SpeedConfig
+    from serve.types import ImagePrompt, Picture
+    from tests.compiled import compiled_run
+
+    folder = ensure_embedded(TINY_SDXL_IP_ADAPTER, cache_dir)
+    engine = SDXLEngine(tiny_sdxl_path, "bfloat16", "cuda", speed=SpeedConfig(
+        compile=True, batch_buckets=[1, 2]), compile_cache=cache_dir / "compile-gpu-exact",
+        ip_adapter=(folder, "sdxl_models", "ip-adapter_sdxl.safetensors", "image_encoder"))
+    engine.warm_up(_req(0, num_inference_steps=1), max_images=2)
+    picture = np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)
+    prompt = ImagePrompt(picture.tobytes(), 80, 96, 0.7)
+    board = replace(prompt, more=(Picture(picture[::-1].tobytes(), 80, 96),))
+    _, full, captured = compiled_run(lambda: engine.generate(
+        [replace(_req(1), image_prompt=prompt), replace(_req(2), image_prompt=prompt)]))
+    assert full > 0 and captured == 0
+    _, fewer, captured = compiled_run(lambda: engine.generate(
+        [replace(_req(1), image_prompt=board)]))
+    assert 0 < fewer < full and captured == 0
+    _, none, captured = compiled_run(lambda: engine.generate([_req(1, width=96)]))
+    assert (none, captured) == (0, 0)
