@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 
 from serve.predictions import Prediction
 
 POLL_S = 0.1  # how often the stored prediction is read again
 KEEP_ALIVE_S = 15.0  # a comment after this long without an event, for proxies' idle limits
+
+log = logging.getLogger("ray.serve.atelier.predictions")
 
 
 def new_log_lines(before: str, after: str) -> list[str]:
@@ -48,7 +52,8 @@ async def prediction_events(prediction: Prediction,
                             load: Callable[[], Awaitable[Prediction | None]],
                             poll_s: float = POLL_S) -> AsyncIterator[bytes]:
     """The stream of `prediction` (as stored when asked), reading it again with `load`
-    until it has finished."""
+    until it has finished. A store that cannot be reached is read again at the next
+    poll; a prediction no longer kept (expired) ends the stream with an error."""
     logs, sent, quiet_since = "", 0, time.monotonic()
     while True:
         kinds = [("logs", line) for line in new_log_lines(logs, prediction.logs)]
@@ -66,4 +71,11 @@ async def prediction_events(prediction: Prediction,
             quiet_since = time.monotonic()
             yield b": keep-alive\n\n"
         await asyncio.sleep(poll_s)
-        prediction = await load() or prediction
+        try:
+            stored = await load()
+        except Exception:  # the store is unreachable for now: read it again next time
+            log.warning("prediction %s: its stream could not read the store", prediction.id,
+                        exc_info=True)
+            continue
+        prediction = stored or replace(prediction, status="failed",  # expired: no end
+                                       error="the prediction is no longer kept")

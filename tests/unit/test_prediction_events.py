@@ -66,3 +66,22 @@ def test_a_quiet_stream_sends_a_comment_to_keep_the_connection(monkeypatch):
     chunks = _stream([waiting, waiting, finished])
     assert chunks == [b": keep-alive\n\n", b": keep-alive\n\n",
                       b'event: done\nid: 1\ndata: {"reason": "canceled"}\n\n']
+
+
+def test_a_store_out_of_reach_is_read_again_and_an_expired_prediction_ends_in_error():
+    running = Prediction(model="a/b", version="v", input={}, status="processing")
+    reads = iter([ConnectionError("store down"), running, None])
+
+    async def load():
+        got = next(reads)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    async def read():
+        return [chunk async for chunk in prediction_events.prediction_events(
+            running, load, 0.0)]
+
+    assert asyncio.run(read()) == [
+        b"event: error\nid: 1\ndata: the prediction is no longer kept\n\n",
+        b'event: done\nid: 2\ndata: {"reason": "error"}\n\n']
