@@ -41,14 +41,23 @@ class WarmUp:
     warming = False  # in the warm-up: calls compile what they meet
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
-        """The calls that bring the engine to full speed (`_warm_calls`). Compiled for
-        exact shapes, they are the only calls that compile: afterwards each compiled
+        """The calls that bring the engine to full speed (`_warm_calls`), after the FP8
+        activations' calibration where asked, each with enough steps for a guidance
+        cutoff's unguided ones. Compiled for exact shapes, they are the only calls that
+        compile: afterwards each compiled
         block runs the code compiled for the shapes it meets, or runs uncompiled where
         the warm-up met none (a call at another size or with other token counts, say),
         slower but without stalling the replica, and every request queued behind it, for
         a compilation (53 s for one bucket on the H200)."""
+        if self.cfg_cutoff is not None:  # enough steps for the unguided ones to be warmed up
+            steps = request.num_inference_steps
+            while int(steps * self.cfg_cutoff) > steps - 2:
+                steps += 1
+            request = replace(request, num_inference_steps=steps)
         self.warming = True
         try:
+            if self.calibrating:
+                self._calibrate(request)
             self._warm_calls(request, max_images)
         finally:
             self.warming = False
@@ -66,49 +75,44 @@ class WarmUp:
         allocate memory and, with `speed.compile`, compile. Compiled code is specialised
         for one image, general from two on, and may split again at larger batches, so
         the largest batch is compiled here too rather than under load. With batch buckets,
-        each bucket up to `max_images` is run instead. Compiled with LoRA slots, the calls
-        run again with the slots primed for each adapter count calls are padded up to
-        (`adapters.primings`), for the code of calls with adapters."""
-        if self.cfg_cutoff is not None:  # enough steps for the unguided ones to be warmed up
-            steps = request.num_inference_steps
-            while int(steps * self.cfg_cutoff) > steps - 2:
-                steps += 1
-            request = replace(request, num_inference_steps=steps)
-        if self.calibrating:
-            self._calibrate(request)
+        each bucket up to `max_images` is run instead (`_warm_all`)."""
         counts = self._warm_counts(max_images)
         sizes = [(request.width, request.height)]
         if request.source is None:  # other sizes: as text-to-image calls
             sizes += [s for s in self.extra_sizes if s != sizes[0]]
-        # Compiled, calls with adapters in LoRA slots run other code: warm that up too.
         for width, height in sizes:
-            sized = replace(request, width=width, height=height)
-            for priming in [nullcontext(), *self.adapters.primings()]:
-                with priming:
-                    for images in counts:
-                        if not self._warm_call(sized, images):
-                            return
+            if not self._warm_all(replace(request, width=width, height=height), counts):
+                return
+
+    def _warm_all(self, request: GenerationRequest, counts: Sequence[int]) -> bool:
+        """`request` as calls of each of `counts` images, then again with the LoRA slots
+        primed for each adapter count calls are padded up to (`adapters.primings`):
+        compiled, calls with adapters run other code. False once a call does not fit in
+        memory (the larger counts are left)."""
+        for priming in [nullcontext(), *self.adapters.primings()]:
+            with priming:
+                for images in counts:
+                    if not self._warm_call(request, images):
+                        return False
+        return True
 
     def _warm_image_prompt(self, request: GenerationRequest, counts: Sequence[int]) -> None:
         """With IP-Adapters, calls of each of `counts` images with a (blank) image prompt
-        for each: the image encoder's first work, and the adapters' attention where calls
-        without one skip it."""
+        for each (`_warm_all`): the image encoder's first work, and the adapters' attention
+        where calls without one skip it."""
         if self.image_prompts is not None:
             blank = bytes(request.width * request.height * 3)
             prompt = ImagePrompt(blank, request.width, request.height, 1.0)
             extra = tuple((name, prompt) for name in self.image_prompts.names[1:])
-            prompted = replace(request, image_prompt=prompt, extra_image_prompts=extra)
-            for images in counts:
-                if not self._warm_call(prompted, images):
-                    return
+            self._warm_all(replace(request, image_prompt=prompt, extra_image_prompts=extra),
+                           counts)
 
     def _warm_controlnets(self, request: GenerationRequest, counts: Sequence[int]) -> None:
         """Calls of each of `counts` images steered by each ControlNet (a blank control
-        image): their residuals enter the denoiser's blocks, other compiled code."""
+        image; `_warm_all`): their residuals enter the denoiser's blocks, other compiled
+        code."""
         for steered in self.controlnets.warm_requests(request) if self.controlnets else []:
-            for images in counts:
-                if not self._warm_call(steered, images):
-                    break
+            self._warm_all(steered, counts)
 
     def _calibrate(self, request: GenerationRequest) -> None:
         """Calibrated FP8 activations: fix each FP8 layer's input scale from calls of the
