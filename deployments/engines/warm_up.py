@@ -44,11 +44,10 @@ class WarmUp:
         """The calls that bring the engine to full speed (`_warm_calls`), after the FP8
         activations' calibration where asked, each with enough steps for a guidance
         cutoff's unguided ones. Compiled for exact shapes, they are the only calls that
-        compile: afterwards each compiled
-        block runs the code compiled for the shapes it meets, or runs uncompiled where
-        the warm-up met none (a call at another size or with other token counts, say),
-        slower but without stalling the replica, and every request queued behind it, for
-        a compilation (53 s for one bucket on the H200)."""
+        compile: afterwards each compiled block runs the code compiled for the shapes it
+        meets, or runs uncompiled where the warm-up met none (a call at another size or
+        with other token counts, say), slower but without stalling the replica, and every
+        request queued behind it, for a compilation (53 s for one bucket on the H200)."""
         if self.cfg_cutoff is not None:  # enough steps for the unguided ones to be warmed up
             steps = request.num_inference_steps
             while int(steps * self.cfg_cutoff) > steps - 2:
