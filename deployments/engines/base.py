@@ -123,7 +123,6 @@ class DiffusersEngine(WarmUp):
         self.speed = apply_speed(self.pipe, denoiser, speed, compile_cache)
         self.calibrating = speed.fp8 and speed.fp8_activations == "calibrated"
         self.extra_sizes = tuple(tuple(size) for size in speed.compile_sizes)
-        self.exact_shapes = bool(speed.compile and speed.batch_buckets)
         self.adapters.bind(denoiser, compiled=bool(self.speed.get("compiled_blocks")))
 
     def memory(self) -> tuple[str, int]:

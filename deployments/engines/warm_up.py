@@ -35,9 +35,6 @@ class WarmUp:
     speed: dict
     calibrating = False  # FP8 activation scales still to calibrate (speed.fp8_activations)
     extra_sizes: tuple[tuple[int, int], ...] = ()  # sizes warmed up besides the default
-    # Compiled for exact shapes (compile with buckets): once warmed up, a call runs the
-    # compiled code its shapes were warmed up with, and uncompiled code where none was.
-    exact_shapes = False
     warming = False  # in the warm-up: calls compile what they meet
 
     def warm_up(self, request: GenerationRequest, max_images: int = 1) -> None:
@@ -147,8 +144,9 @@ class WarmUp:
         compilation of every block takes on a GPU, which every request queued behind it
         would wait. A tiling call runs uncompiled under any compilation: its convolutions
         pad otherwise."""
-        if first.tiling and self.speed.get("compiled_blocks"):
+        compiled = bool(self.speed.get("compiled_blocks"))
+        if compiled and first.tiling:
             return torch.compiler.set_stance("force_eager")
-        if self.exact_shapes and not self.warming:
+        if compiled and self.buckets and not self.warming:  # exact shapes, warmed up
             return torch.compiler.set_stance("eager_on_recompile")
         return nullcontext()
