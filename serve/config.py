@@ -39,12 +39,16 @@ from serve.steering import (
 )
 from serve.webhooks import check_secret
 
-__all__ = ["FAMILIES", "SCHEDULERS", "AtelierConfig", "BatchingConfig", "ConfigError",
-           "DefaultsConfig", "Family", "LimitsConfig", "LoraFolderConfig", "ModelConfig",
-           "SpeedConfig", "default_config", "load_config", "parse_config"]
+__all__ = ["FAMILIES", "OPENAI_IMAGE_MODELS", "SCHEDULERS", "AtelierConfig", "BatchingConfig",
+           "ConfigError", "DefaultsConfig", "Family", "LimitsConfig", "LoraFolderConfig",
+           "ModelConfig", "SpeedConfig", "default_config", "load_config", "parse_config"]
 
 DEFAULT_MODEL_ID = "atelier/tiny-sdxl"
 DEFAULT_FLUX_ID = "atelier/tiny-flux"
+# OpenAI's image models, as its clients name them: the default config serves them all with
+# its SDXL, so code written for OpenAI runs unchanged, its `model` argument included.
+OPENAI_IMAGE_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini",
+                       "gpt-image-1.5", "gpt-image-2")
 
 
 class LoraFolderConfig(PathOrEmbedded):
@@ -224,7 +228,8 @@ def default_config() -> AtelierConfig:
     cpus = max(1, min(4, (os.cpu_count() or 1) // 2))
     limits = LimitsConfig(max_size=1024, max_pixels=1024 * 1024)
     return AtelierConfig(models=[
-        ModelConfig(id=DEFAULT_MODEL_ID, aliases=["stability-ai/sdxl"], embedded="tiny-sdxl",
+        ModelConfig(id=DEFAULT_MODEL_ID, aliases=["stability-ai/sdxl", *OPENAI_IMAGE_MODELS],
+                    embedded="tiny-sdxl",
                     refiner=RefinerConfig(embedded="tiny-sdxl-refiner"),
                     controlnets={"canny": ControlNetConfig(embedded="tiny-sdxl-controlnet",
                                                            preprocess="canny")},

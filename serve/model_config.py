@@ -46,12 +46,16 @@ from serve.steering import (
 )
 
 MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
+# An alias may also be a bare name, as OpenAI's clients name models (dall-e-3, gpt-image-1).
+BARE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
 class ModelConfig(_Strict):
     id: str = Field(description="Public model id in owner/name form, e.g. atelier/tiny-sdxl.")
     aliases: list[str] = Field(default_factory=list, description=(
-        "Other ids that resolve to this model (e.g. stability-ai/sdxl)."))
+        "Other names that resolve to this model: owner/name ids (e.g. stability-ai/sdxl), "
+        "or bare names as OpenAI's clients send them (e.g. dall-e-3, gpt-image-1), which "
+        "only a model field can name (Replicate's routes take owner/name)."))
     upscaling_aliases: list[str] = Field(default_factory=list, description=(
         "Ids (e.g. nightmareai/real-esrgan) under which Replicate predictions take "
         "real-esrgan's inputs (image, scale) and answer the image enlarged by this "
@@ -236,9 +240,13 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        for name in self.names:
+        for name in (self.id, *self.upscaling_aliases):
             if not MODEL_ID.match(name):
                 raise ValueError(f"model id {name!r} is not in lowercase owner/name form")
+        for name in self.aliases:
+            if not (MODEL_ID.match(name) or BARE_NAME.match(name)) or name in FAMILIES:
+                raise ValueError(f"alias {name!r} is neither a lowercase owner/name id nor a "
+                                 "bare lowercase name other than a family's (sdxl, flux)")
         if self.upscaling_aliases and not (self.upscalers and self.options()["upscale"]):
             raise ValueError("upscaling_aliases: the model needs an upscaler (upscalers) to "
                              "enlarge images with")

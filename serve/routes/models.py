@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
-from serve.context import base_url, ingress, usable_models
+from serve.context import base_url, ingress, model_for, usable_models
 from serve.model_parts import BICUBIC
 from serve.routes.replicate import model_json
 from serve.types import MOST_PROMPT_PICTURES, IPAdapterBlocks
@@ -54,6 +54,15 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": data, "next": None, "previous": None,
             "results": [model_json(state, name, base)
                         for m in models for name in (m.id, *m.upscaling_aliases)]}
+
+
+@router.get("/v1/models/{name}", summary="OpenAI: get a model by a bare alias")
+async def get_aliased_model(name: str, request: Request) -> dict:
+    """OpenAI's `models.retrieve` of a name without an owner, an alias such as dall-e-3:
+    the model object under that name, with the served model it stands for."""
+    model = model_for(request, name)  # (404 for a name not served, or not to this key)
+    return {"id": name, "object": "model", "created": ingress().started_at,
+            "owned_by": model.id.split("/")[0], "model": model.id}
 
 
 @router.get("/healthz", summary="Readiness of every model deployment")

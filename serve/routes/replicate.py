@@ -150,7 +150,7 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
     await charge_images(request, gen.num_outputs)
     prediction = Prediction(
         model=name, version=state.versions[name],
-        input=inp.model_dump(exclude_none=True), private={
+        input=inp.model_dump(exclude_unset=True, exclude_none=True), private={
             "seed": gen.seed, "base": base_url(request), "request_id": rid, **who,
             "webhook": body.webhook,
             "events": list(check_events(body.webhook_events_filter)),

@@ -209,7 +209,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
               "content_credentials": {"certificate": str(signing_files[0]),
                                       "private_key": str(signing_files[1])},
               "models": [
-        _model(FAST, 10, aliases=["stability-ai/sdxl"], max_loaded_adapters=2,
+        _model(FAST, 10, aliases=["stability-ai/sdxl", "dall-e-3"], max_loaded_adapters=2,
                styles={"cinematic": {"prompt": "cinematic still of {prompt}, film grain",
                                      "negative_prompt": "cartoon"}},
                refiner={"embedded": "tiny-sdxl-refiner"},
@@ -257,7 +257,7 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                          "guidance_scale": 3}),
         _model(KONTEXT, 10, family="flux", embedded="tiny-flux-kontext", kontext=True,
                redux={"embedded": "tiny-flux-redux"},
-               aliases=["black-forest-labs/flux-kontext-dev"],
+               aliases=["black-forest-labs/flux-kontext-dev", "gpt-image-1"],
                defaults={"width": 96, "height": 96, "num_inference_steps": 4,
                          "guidance_scale": 2.5}),
         _model(FILL, 10, family="flux", embedded="tiny-flux-fill", fill=True,

@@ -27,7 +27,7 @@ def test_models_are_listed_in_openai_shape(client):
                                           CANNY, DEPTH, REDUX]
     first = body["data"][0]
     assert first["object"] == "model" and first["owned_by"] == "atelier"
-    assert first["aliases"] == ["stability-ai/sdxl"] and first["limits"]["max_size"] == 512
+    assert first["aliases"] == ["stability-ai/sdxl", "dall-e-3"] and first["limits"]["max_size"] == 512
     assert first["upscaling_aliases"] == ["nightmareai/real-esrgan"]
     assert all(m["upscaling_aliases"] == [] for m in body["data"][1:])
     assert (first["family"], first["defaults"]["scheduler"]) == ("sdxl", "K_EULER")

@@ -4,11 +4,12 @@ import base64
 import io
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import FAST, FLUX, assert_same_pixels, decode, pixels
+from tests.integration.conftest import FAST, FLUX, KONTEXT, assert_same_pixels, decode, pixels
 
 
 def _png(data: bytes) -> Image.Image:
@@ -105,9 +106,43 @@ def test_bad_values_raise_bad_request_naming_the_param(oai, kwargs, param):
 
 
 def test_unknown_model_raises_not_found(oai):
+    """dall-e-2 is not an alias of any model of the test server (dall-e-3 is)."""
     with pytest.raises(openai.NotFoundError) as err:
-        oai.images.generate(model="dall-e-3", prompt="x")
-    assert err.value.body["code"] == "model_not_found" and "dall-e-3" in err.value.message
+        oai.images.generate(model="dall-e-2", prompt="x")
+    assert err.value.body["code"] == "model_not_found" and "dall-e-2" in err.value.message
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("dall-e-2")
+
+
+def test_openai_model_names_configured_as_aliases_run_their_models(oai):
+    """The test server serves dall-e-3 with its SDXL and gpt-image-1 with its Kontext model:
+    each name draws what the model's own id draws, and `models.retrieve` names the model."""
+    def generated(model):
+        (item,) = oai.images.generate(model=model, prompt="a red cube", size="64x64",
+                                      extra_body={"seed": 21}).data
+        return _png(base64.b64decode(item.b64_json))
+
+    assert_same_pixels(generated("dall-e-3"), generated(FAST))
+    assert not np.array_equal(pixels(generated("dall-e-3")), pixels(generated(FLUX)))
+
+    def edited(model):
+        (item,) = oai.images.edit(model=model, image=("p.png", _red_png(), "image/png"),
+                                  prompt="make it blue", extra_body={"seed": 21}).data
+        return _png(base64.b64decode(item.b64_json))
+
+    # Kontext answers an edit at its default area (96x96 here); the SDXL at the image's size.
+    by_alias = edited("gpt-image-1")
+    assert by_alias.size == (96, 96) and edited(FAST).size == (64, 64)
+    assert_same_pixels(by_alias, edited(KONTEXT))
+    found = oai.models.retrieve("gpt-image-1")
+    assert (found.id, found.owned_by, found.model_extra["model"]) == (
+        "gpt-image-1", "atelier", KONTEXT)
+
+
+def _red_png() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(out, "PNG")
+    return out.getvalue()
 
 
 def test_a_wrong_key_raises_authentication_error(base_url):

@@ -131,6 +131,8 @@ def test_create_wait_get_by_version(rep):
     again = rep.predictions.get(prediction.id)
     assert again.output == prediction.output and again.metrics["predict_time"] > 0
     assert "Using seed: 1" in again.logs
+    # The input as sent, as Replicate echoes it: none of the defaults the run took.
+    assert prediction.input == again.input == {"prompt": "x", "seed": 1}
     assert again.id in [p.id for p in rep.predictions.list()]
 
 

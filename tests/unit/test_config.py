@@ -4,7 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from serve.config import ConfigError, default_config, load_config, parse_config
+from serve.config import (
+    OPENAI_IMAGE_MODELS,
+    ConfigError,
+    default_config,
+    load_config,
+    parse_config,
+)
 
 
 def _model(**overrides):
@@ -58,6 +64,24 @@ def test_invalid_field_is_named_in_the_error(model, field):
 def test_inconsistent_model_is_rejected_with_reason(model, text):
     with pytest.raises(ConfigError, match=text):
         parse_config({"models": [model]})
+
+
+def test_an_alias_may_be_a_bare_name_as_openai_names_models():
+    cfg = parse_config({"models": [_model(aliases=["dall-e-3", "gpt-image-1.5", "acme/x"])]})
+    assert cfg.models[0].aliases == ["dall-e-3", "gpt-image-1.5", "acme/x"]
+    for bad in ("sdxl", "flux", "DALL-E-3", "gpt image", "-x"):
+        with pytest.raises(ConfigError, match="models.0: .*neither a lowercase owner/name"):
+            parse_config({"models": [_model(aliases=[bad])]})
+    # A model's own id stays owner/name.
+    with pytest.raises(ConfigError, match="owner/name form"):
+        parse_config({"models": [_model(id="dall-e-3")]})
+
+
+def test_the_default_config_serves_openais_model_names_with_its_sdxl():
+    sdxl, flux = default_config().models
+    assert set(OPENAI_IMAGE_MODELS) <= set(sdxl.aliases)
+    assert {"dall-e-2", "dall-e-3", "gpt-image-1"} <= set(OPENAI_IMAGE_MODELS)
+    assert not set(OPENAI_IMAGE_MODELS) & set(flux.aliases)
 
 
 def test_an_alias_may_not_repeat_another_models_id():
