@@ -9,9 +9,9 @@ edit with no prompt, or on a FLUX model with FLUX.1 Redux, Redux's variation: th
 the image prompt of a new picture).
 
 `quality` sets the effort as gpt-image models take it: `low` and `medium` run a third and
-two thirds of the model's default steps; `high`, `auto` and DALL-E 3's `hd` and `standard`
-run them all. Fields OpenAI's newer models take but a diffusion model has no use for
-(background, moderation, user, ...) are accepted and ignored, so unchanged client code
+two thirds of the model's default steps; `high`, `xhigh`, `max`, `auto` and DALL-E 3's `hd`
+and `standard` run them all. Fields OpenAI's newer models take but a diffusion model has no
+use for (background, moderation, complexity, user, ...) are accepted and ignored, so unchanged client code
 keeps working; `style` names one of the model's styles where it has some (DALL-E 3's
 `vivid` and `natural` are ignored by a model without styles); anything else unknown is a 400 naming the field. The API has no adapter
 field: a `<lora:name:scale>` tag in the prompt applies a catalog adapter, as on
@@ -132,7 +132,8 @@ class ImageGenerationParams(ClipSkipFields, HiresFields, UpscaleFields, Variatio
     guidance_rescale: float | None = Field(None, ge=0, le=1, description=(
         "SDXL: guidance rescale, as /generate's (an Atelier extension, as clip_skip and the "
         "hires and variation fields: send them with extra_body); default: the model's."))
-    quality: Literal["auto", "low", "medium", "high", "hd", "standard"] | None = Field(
+    quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "hd",
+                     "standard"] | None = Field(
         None, description=("low and medium: a third and two thirds of the model's default "
                            "steps; the others: all of them."))
     style: str | None = Field(None, max_length=100, description=(
@@ -141,6 +142,7 @@ class ImageGenerationParams(ClipSkipFields, HiresFields, UpscaleFields, Variatio
     # Accepted for compatibility, without effect here.
     background: str | None = None
     moderation: str | None = None
+    complexity: Literal["low", "medium", "high"] | None = None
     user: str | None = None
     safety_identifier: str | None = None
 

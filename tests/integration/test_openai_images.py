@@ -41,7 +41,8 @@ def test_default_model_and_size_come_from_the_config(oai):
 
 def test_compatibility_fields_are_accepted(oai):
     resp = oai.images.generate(model="stability-ai/sdxl", prompt="x", size="64x64",
-                               quality="high", user="u-1", output_format="webp",
+                               quality="xhigh", user="u-1", output_format="webp",
+                               complexity="low", moderation="low", background="opaque",
                                output_compression=50)
     assert base64.b64decode(resp.data[0].b64_json).startswith(b"RIFF")
 
@@ -57,7 +58,7 @@ def test_quality_runs_a_share_of_the_models_default_steps(oai, client):
     by_steps = {steps: decode(client.post("/generate", json={
         "model": FLUX, "prompt": "a red cube", "seed": 12, "steps": steps}).json()["image"])
         for steps in (1, 3, 4)}
-    for quality, steps in (("low", 1), ("medium", 3), ("high", 4), ("auto", 4)):
+    for quality, steps in (("low", 1), ("medium", 3), ("high", 4), ("auto", 4), ("max", 4)):
         assert_same_pixels(drawn(quality=quality), by_steps[steps])
     assert_same_pixels(drawn(), by_steps[4])
     assert abs(pixels(by_steps[1]) - pixels(by_steps[4])).mean() > 5
@@ -93,7 +94,8 @@ def test_sdxl_settings_sent_with_extra_body_are_the_generate_fields(oai, client)
 @pytest.mark.parametrize("kwargs, param", [
     ({"size": "65x64"}, "size"), ({"size": "4096x4096"}, "size"), ({"size": "big"}, "size"),
     ({"n": 9}, "n"), ({"extra_body": {"colour": "red"}}, "colour"),
-    ({"quality": "ultra"}, "quality"),
+    ({"quality": "ultra"}, "quality"), ({"output_format": "gif", "frame_count": 4}, "output_format"),
+    ({"frame_count": 4}, "frame_count"), ({"output_format": "svg"}, "output_format"),
     ({"extra_body": {"num_inference_steps": 500}}, "num_inference_steps"),
     ({"extra_body": {"scheduler": "LMS"}}, "scheduler"),
     ({"extra_body": {"guidance_scale": -1}}, "guidance_scale"),
