@@ -214,6 +214,25 @@ def open_mask(data: bytes, field: str, image: Image.Image, max_bytes: int,
     return mask
 
 
+def marked_up(image: bytes, markup: bytes, max_bytes: int, max_pixels: int) -> bytes:
+    """The `image` with `markup` laid over it, as a PNG: OpenAI's edit markup, a
+    transparent PNG of the image's size (after orientation) whose strokes (arrows,
+    circles, scribbles, patches of colour) guide the edit, which redraws the picture as
+    marked. The image keeps its own transparent part where no stroke covers it. 400 on
+    `markup` for one of another size or with no transparent pixel."""
+    picture = _decoded(image, "image", max_bytes, max_pixels).convert("RGBA")
+    marks = _with_alpha(_decoded(markup, "markup", max_bytes, max_pixels))
+    if marks is None or marks.getchannel("A").getextrema()[0] == 255:
+        raise InvalidField("markup", "must be a PNG with transparent pixels, its marks "
+                                     "opaque on a transparent ground")
+    if marks.size != picture.size:
+        raise InvalidField("markup", f"markup is {marks.width}x{marks.height} but the image "
+                                     f"is {picture.width}x{picture.height}")
+    out = io.BytesIO()
+    Image.alpha_composite(picture, marks).save(out, "PNG")
+    return out.getvalue()
+
+
 def output_size(image: Image.Image, width: int | None, height: int | None,
                 multiple: int = 8) -> tuple[int, int]:
     """The size to generate: the input's unless given, each rounded down to a multiple of

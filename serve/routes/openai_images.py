@@ -2,8 +2,10 @@
 `POST /v1/images/edits` (multipart: `image`, optional `mask`, `prompt`, `model`, `n`,
 `size`, `response_format`; an edit is img2img, or inpainting with a mask: its
 transparent part, as OpenAI's masks mark it, or its white part for an opaque one; with no
-mask, the image's own transparent part; on a Kontext model an edit by instruction, which
-reads further image files as further references) and `POST
+mask, the image's own transparent part; a `markup` file, a transparent PNG of the
+image's size, is laid over the image, whose marked-up picture is then edited; on a Kontext
+model an edit by instruction, which reads further image files as further references) and
+`POST
 /v1/images/variations` (multipart: `image`, `model`, `n`, `size`, `response_format`; an
 edit with no prompt, or on a FLUX model with FLUX.1 Redux, Redux's variation: the image is
 the image prompt of a new picture).
@@ -22,6 +24,7 @@ the client's `extra_body`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import time
@@ -54,7 +57,7 @@ from serve.controls import (
     load_image_prompt,
 )
 from serve.errors import InvalidField
-from serve.images import REFERENCES, load_source
+from serve.images import REFERENCES, load_source, marked_up
 from serve.model_parts import MOST_REFERENCES
 from serve.option_fields import (
     ClipSkipFields,
@@ -224,13 +227,16 @@ async def create_variations(request: Request) -> dict | StreamingResponse:
 
 async def _edit(request: Request, kind: type[ImageEditParams]) -> dict | StreamingResponse:
     state = ingress()
-    params, (image, *further), mask = await _read_edit(request, kind)
+    params, (image, *further), mask, markup = await _read_edit(request, kind)
     if mask is not None and kind is ImageVariationParams:
         raise InvalidField("mask", "variations take no mask; send it to /v1/images/edits")
     if further and kind is ImageVariationParams:
         raise InvalidField("image", "a variation is of one image")
     model = model_for(request, params.model)
     width, height = params.dimensions((None, None))
+    if markup is not None:  # the marked-up picture is the one edited
+        image = await asyncio.to_thread(marked_up, image, markup, model.limits.max_image_bytes,
+                                        model.limits.max_image_pixels)
     if kind is ImageVariationParams and model.redux is not None:
         if image_prompt_params(params).image is not None:
             raise InvalidField("redux_image", "a variation's image is its image prompt: send "
@@ -249,9 +255,10 @@ async def _edit(request: Request, kind: type[ImageEditParams]) -> dict | Streami
 
 
 async def _read_edit(request: Request, kind: type[ImageEditParams],
-                     ) -> tuple[ImageEditParams, list[bytes], bytes | None]:
+                     ) -> tuple[ImageEditParams, list[bytes], bytes | None, bytes | None]:
     """The edit's text fields, its image files (the one to edit first; a Kontext model
-    reads the others as further references) and its mask file. Raises InvalidField (400)."""
+    reads the others as further references), its mask file and its markup file (an
+    edit's, not a variation's). Raises InvalidField (400)."""
     try:
         form = await request.form(max_files=MOST_REFERENCES + 1, max_fields=64)
     except HTTPException as exc:  # malformed multipart data
@@ -264,17 +271,20 @@ async def _read_edit(request: Request, kind: type[ImageEditParams],
         else:
             fields[name] = value
     images, masks = files.pop("image", []), files.pop("mask", [])
+    markups = files.pop("markup", []) if kind is ImageEditParams else []
     if not images:
         raise InvalidField("image", "send an image file (PNG, JPEG or WebP)")
-    if len(masks) > 1 or files:
-        name = "mask" if len(masks) > 1 else next(iter(files))
+    if len(masks) > 1 or len(markups) > 1 or files:
+        name = "mask" if len(masks) > 1 else "markup" if len(markups) > 1 else next(iter(files))
         raise InvalidField(name, "unexpected file field")
+    if masks and markups:
+        raise InvalidField("markup", "a markup cannot be combined with a mask")
     try:
         params = kind.model_validate(fields)
     except ValidationError as exc:
         raise RequestValidationError(
             [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
-    return params, images, masks[0] if masks else None
+    return params, images, masks[0] if masks else None, markups[0] if markups else None
 
 
 async def _generate(state: IngressState, request: Request, params: ImageGenerationParams,
