@@ -5,8 +5,7 @@ transparent part, as OpenAI's masks mark it, or its white part for an opaque one
 mask, the image's own transparent part; a `markup` file, a transparent PNG of the
 image's size, is laid over the image, whose marked-up picture is then edited; on a Kontext
 model an edit by instruction, which reads further image files as further references) and
-`POST
-/v1/images/variations` (multipart: `image`, `model`, `n`, `size`, `response_format`; an
+`POST /v1/images/variations` (multipart: `image`, `model`, `n`, `size`, `response_format`; an
 edit with no prompt, or on a FLUX model with FLUX.1 Redux, Redux's variation: the image is
 the image prompt of a new picture).
 
