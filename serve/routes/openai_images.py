@@ -330,5 +330,8 @@ async def _generate(state: IngressState, request: Request, params: ImageGenerati
                 for img in result.images]
     else:
         data = [{"b64_json": base64.b64encode(img).decode("ascii")} for img in result.images]
+    # As gpt-image models answer: the quality asked, and the images' background (opaque:
+    # a diffusion model's images have no transparency).
     return {"created": int(time.time()), "data": data, "output_format": params.output_format,
-            "size": f"{result.width}x{result.height}"}
+            "size": f"{result.width}x{result.height}", "quality": params.quality or "auto",
+            "background": "opaque"}

@@ -45,6 +45,8 @@ def test_compatibility_fields_are_accepted(oai):
                                complexity="low", moderation="low", background="opaque",
                                output_compression=50)
     assert base64.b64decode(resp.data[0].b64_json).startswith(b"RIFF")
+    assert (resp.output_format, resp.quality, resp.background, resp.size) == (
+        "webp", "xhigh", "opaque", "64x64")
 
 
 def test_quality_runs_a_share_of_the_models_default_steps(oai, client):
