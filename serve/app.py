@@ -178,9 +178,12 @@ def _model_app(model: ModelConfig, config: AtelierConfig, catalog: list[dict],
         config.cache_dir / "lora-downloads", tuple(config.lora_allowed_hosts),
         config.lora_download_max_mb * 2**20,
         config.lora_download_cache_mb * 2**20) if config.lora_allowed_hosts else None
+    scaling = ({"num_replicas": model.replicas} if model.autoscaling is None else
+               {"autoscaling_config": model.autoscaling.ray_config(
+                   model.batching.max_batch_size)})
     return ModelDeployment.options(
         name=_deployment_name(model),
-        num_replicas=model.replicas,
+        **scaling,
         max_ongoing_requests=model.max_ongoing_requests,
         # The queue proper is each ingress's (serve.admission), which lets through at most
         # what the replicas hold; Serve's own holds those a replica has not yet taken back

@@ -115,13 +115,20 @@ def weight_lines(model: ModelConfig) -> list[str]:
              "ControlNets, adapters and upscalers come on top")]
 
 
+def _replicas(model: ModelConfig) -> str:
+    fewest, most = model.replica_range
+    if model.autoscaling is None:
+        return f"{most} replica(s)"
+    return f"{fewest} to {most} replicas (autoscaled)"
+
+
 def model_lines(model: ModelConfig, cache_dir: Path) -> list[str]:
     """What a model serves: its names, weights, what steers it, its replicas and versions."""
     weights = f"embedded {model.embedded}" if model.embedded else str(model.path)
     kind = model.family + (f" ({model.flux_kind})" if model.flux_kind else "") + (
         " inpainting" if model.inpainting else "")
     lines = [(f"{model.id}: {kind}, {weights}, {model.dtype} on {model.device}, "
-              f"{model.replicas} replica(s) of {model.gpu_share} GPU")]
+              f"{_replicas(model)} of {model.gpu_share} GPU")]
     parts = {"aliases": model.aliases, "ControlNets": list(model.controlnets),
              "upscalers": list(model.upscalers), "styles": list(model.styles),
              "IP-Adapter": ["yes", *model.ip_adapter.extra] if model.ip_adapter else [],

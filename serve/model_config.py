@@ -18,6 +18,7 @@ from serve.model_parts import (
     FLUX_TOOLS,
     SDXL_INPAINTING,
     ZERO_SNR_SCHEDULERS,
+    AutoscalingConfig,
     BatchingConfig,
     DefaultsConfig,
     Family,
@@ -116,6 +117,9 @@ class ModelConfig(_Strict):
         "else CPU; cuda: always one GPU per replica."))
     replicas: int = Field(1, ge=1, le=1024, description=(
         "Number of replicas (one per GPU, or per `gpu_share` of one)."))
+    autoscaling: AutoscalingConfig | None = Field(None, description=(
+        "Replicas that follow demand, between autoscaling.min_replicas and max_replicas "
+        "(Ray Serve's autoscaling), instead of a fixed number (then leave replicas unset)."))
     gpu_share: float = Field(1.0, gt=0, le=1, description=(
         "The share of a GPU each replica takes (Ray's num_gpus): 0.5 lets two replicas, of "
         "this model or of others with shares that fit, run on one GPU (e.g. several SDXL "
@@ -299,7 +303,17 @@ class ModelConfig(_Strict):
                              "or batches can never fill")
         if self.device == "cpu" and self.gpu_share != 1:
             raise ValueError("gpu_share: a replica on device cpu takes no GPU")
+        if self.autoscaling is not None and self.replicas != 1:  # (1: unset)
+            raise ValueError("replicas: an autoscaled model's replicas are "
+                             "autoscaling.min_replicas to max_replicas; leave it unset")
         return self
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """The fewest and the most replicas the model runs."""
+        if self.autoscaling is None:
+            return self.replicas, self.replicas
+        return self.autoscaling.min_replicas, self.autoscaling.max_replicas
 
     def _check_sdxl_only(self) -> None:
         """Refuse on a FLUX model, naming it, each setting only SDXL models take."""

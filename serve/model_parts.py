@@ -105,6 +105,41 @@ class BatchingConfig(_Strict):
         "batch runs anyway."))
 
 
+class AutoscalingConfig(_Strict):
+    """Ray Serve's autoscaling of a model's replicas between `min_replicas` and
+    `max_replicas`, by the requests each holds (in its batcher or running, and those
+    waiting for one). A replica keeps its weights loaded and warm while it lives; a new
+    one serves once it has started up (weights, warm-up, compiled code from the cache)."""
+
+    min_replicas: int = Field(1, ge=1, le=1024, description=(
+        "Replicas kept at all times (at least one: a model stays loaded and warm)."))
+    max_replicas: int = Field(ge=1, le=1024, description=(
+        "Most replicas (each takes a GPU, or its gpu_share of one)."))
+    target_ongoing_requests: float | None = Field(None, gt=0, description=(
+        "Requests per replica (running, in its batcher, or waiting for a replica) the "
+        "autoscaler aims at: more add replicas, fewer remove them. Unset: twice "
+        "batching.max_batch_size, one call running and one gathered behind it."))
+    upscale_delay_s: float = Field(30.0, ge=0, description=(
+        "How long demand stays over the target before replicas are added."))
+    downscale_delay_s: float = Field(600.0, ge=0, description=(
+        "How long demand stays under the target before replicas are removed: longer than "
+        "the lulls between bursts, as a replica's start-up takes a while."))
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be at least min_replicas")
+        return self
+
+    def ray_config(self, max_batch_size: int) -> dict:
+        """Ray Serve's autoscaling_config for a model whose calls hold `max_batch_size`."""
+        target = self.target_ongoing_requests or 2 * max_batch_size
+        return {"min_replicas": self.min_replicas, "initial_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas, "target_ongoing_requests": target,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s}
+
+
 class SpeedConfig(_Strict):
     """How the denoiser (SDXL's UNet, FLUX's transformer) is prepared for speed at load.
     All off by default: each trades start-up time or exactness for throughput. `fuse_qkv`

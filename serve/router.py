@@ -48,8 +48,11 @@ class ModelRouter:
             for name in model.names:
                 self._by_name[name] = model
         # Requests past what a model's replicas hold wait here, by priority (admission).
+        # (An autoscaled model's most replicas: the requests past what its running ones
+        # hold wait in Serve's handle, where the autoscaler counts them.)
         self._admission = {
-            m.id: Admission(m.id, m.replicas * m.max_ongoing_requests, m.max_queued_requests,
+            m.id: Admission(m.id, m.replica_range[1] * m.max_ongoing_requests,
+                            m.max_queued_requests,
                             lambda count, model=m.id: self.metrics.waiting(model, count))
             for m in config.models}
 

@@ -15,6 +15,9 @@ from serve.routes.replicate import model_json
 from serve.types import MOST_PROMPT_PICTURES, IPAdapterBlocks
 
 router = APIRouter()
+# Deployment states in which a model serves (an autoscaled one while it adds or removes
+# replicas too).
+_SERVING = ("HEALTHY", "UPSCALING", "DOWNSCALING")
 
 
 @router.get("/v1/models", summary="List served models")
@@ -67,7 +70,8 @@ async def get_aliased_model(name: str, request: Request) -> dict:
 
 @router.get("/healthz", summary="Readiness of every model deployment")
 async def healthz() -> JSONResponse:
-    """200 only when every model deployment is healthy with all its replicas running."""
+    """200 only when every model deployment is healthy (or scaling, autoscaled) with a
+    replica running."""
     app_name = serve.get_replica_context().app_name
     status = await asyncio.to_thread(serve.status)
     deployments = status.applications[app_name].deployments
@@ -75,10 +79,12 @@ async def healthz() -> JSONResponse:
     for model in ingress().router.config.models:
         dep = deployments.get(ingress().deployment_names[model.id])
         running = dep.replica_states.get("RUNNING", 0) if dep else 0
-        healthy = dep is not None and dep.status == "HEALTHY" and running > 0
+        healthy = dep is not None and dep.status in _SERVING and running > 0
         ready &= healthy
         models[model.id] = {"state": "ready" if healthy else "not_ready",
                             "status": dep.status if dep else "MISSING",
-                            "replicas_running": running, "replicas_wanted": model.replicas}
+                            "replicas_running": running,
+                            "replicas_wanted": model.replica_range[0],
+                            "replicas_range": list(model.replica_range)}
     return JSONResponse({"status": "ok" if ready else "unavailable", "models": models},
                         status_code=200 if ready else 503)

@@ -38,8 +38,8 @@ def _deployment_json(state: IngressState, name: str, model: ModelConfig) -> dict
     return {"owner": owner, "name": short, "current_release": {
         "number": 1, "model": served, "version": state.versions[served],
         "created_at": created, "created_by": None, "configuration": {
-            "hardware": hardware, "min_instances": model.replicas,
-            "max_instances": model.replicas}}}
+            "hardware": hardware, "min_instances": model.replica_range[0],
+            "max_instances": model.replica_range[1]}}}
 
 
 @router.get("/v1/deployments", summary="Replicate: list deployments (the served models)")

@@ -70,6 +70,7 @@ REDUX = "atelier/tiny-flux-redux"
 DEPTH = "atelier/tiny-flux-depth"
 CHECKED = "atelier/tiny-sdxl-checked"
 INPAINTING = "atelier/tiny-sdxl-inpainting"
+AUTOSCALED = "atelier/tiny-sdxl-autoscaled"  # one replica, two under load
 CHECKED_PROMPT = "a scene for the safety checker"
 MAX_BODY_BYTES = 2 * 2**20
 STUDIO = "http://studio.test:5173"  # the one origin whose browser apps may call
@@ -239,6 +240,8 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
         _model(CHECKED, 10, safety_checker={"path": str(safety_checker)}),
         _model(INPAINTING, 10, embedded="tiny-sdxl-inpainting", inpainting=True,
                aliases=["diffusers/stable-diffusion-xl-1.0-inpainting-0.1"]),
+        _model(AUTOSCALED, 10, autoscaling={"max_replicas": 2, "target_ongoing_requests": 1,
+                                            "upscale_delay_s": 0, "downscale_delay_s": 2}),
         # FLUX's adapters are merged into its weights (SDXL's, above, run in LoRA slots),
         # whose attention projections are fused and whose transformer blocks run in FP8;
         # its image prompts go through XLabs' IP-Adapter (the other FLUX models' through

@@ -1,4 +1,5 @@
 from tests.integration.conftest import (
+    AUTOSCALED,
     BATCHED,
     CANNY,
     CHECKED,
@@ -23,7 +24,8 @@ def test_models_are_listed_in_openai_shape(client):
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == [FAST, BATCHED, ONE_SLOT, TWO_REPLICAS,
                                           RESTARTABLE, DEADLINE, SMALL_MEMORY,
-                                          STALL, CHECKED, INPAINTING, FLUX, KONTEXT, FILL,
+                                          STALL, CHECKED, INPAINTING, AUTOSCALED, FLUX,
+                                          KONTEXT, FILL,
                                           CANNY, DEPTH, REDUX]
     first = body["data"][0]
     assert first["object"] == "model" and first["owned_by"] == "atelier"
@@ -89,10 +91,11 @@ def test_healthz_reports_every_model_ready(client):
     assert r.status_code == 200
     models = r.json()["models"]
     assert set(models) == {FAST, BATCHED, ONE_SLOT, TWO_REPLICAS, RESTARTABLE,
-                           DEADLINE, SMALL_MEMORY, STALL, CHECKED, INPAINTING, FLUX, KONTEXT,
-                           FILL, CANNY, DEPTH, REDUX}
+                           DEADLINE, SMALL_MEMORY, STALL, CHECKED, INPAINTING, AUTOSCALED,
+                           FLUX, KONTEXT, FILL, CANNY, DEPTH, REDUX}
     assert all(m["state"] == "ready" for m in models.values())
     assert [models[m]["replicas_running"] for m in (FAST, TWO_REPLICAS)] == [1, 2]
+    assert [models[m]["replicas_range"] for m in (FAST, TWO_REPLICAS)] == [[1, 1], [2, 2]]
 
 
 def test_openapi_documents_the_generate_fields(client):

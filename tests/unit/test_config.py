@@ -232,3 +232,28 @@ def test_content_credentials_files_must_be_there(tmp_path):
     with pytest.raises(ConfigError, match=r"content_credentials\.private_key: .*key\.pem is "
                                           r"not a file"):
         config.check_paths()
+
+
+def test_autoscaling_replaces_a_fixed_number_of_replicas():
+    cfg = parse_config({"models": [_model(autoscaling={"max_replicas": 4},
+                                          batching={"max_batch_size": 8})]})
+    model = cfg.models[0]
+    assert model.replica_range == (1, 4)
+    # Unset, the target is one call running and one gathered behind it.
+    assert model.autoscaling.ray_config(model.batching.max_batch_size) == {
+        "min_replicas": 1, "initial_replicas": 1, "max_replicas": 4,
+        "target_ongoing_requests": 16, "upscale_delay_s": 30.0, "downscale_delay_s": 600.0}
+    # As the replicas receive it (every field set), the config is still valid.
+    assert type(model).model_validate(model.model_dump(mode="json")) == model
+    assert parse_config({"models": [_model(replicas=3)]}).models[0].replica_range == (3, 3)
+
+
+@pytest.mark.parametrize("autoscaling, extra, text", [
+    ({"min_replicas": 3, "max_replicas": 2}, {}, "max_replicas must be at least min_replicas"),
+    ({"max_replicas": 2}, {"replicas": 2}, "replicas: an autoscaled model's replicas"),
+    ({"min_replicas": 0, "max_replicas": 2}, {}, "min_replicas"),
+    ({"min_replicas": 1}, {}, "max_replicas"),
+])
+def test_bad_autoscaling_is_refused_naming_the_field(autoscaling, extra, text):
+    with pytest.raises(ConfigError, match=text):
+        parse_config({"models": [_model(autoscaling=autoscaling, **extra)]})
