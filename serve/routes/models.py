@@ -59,6 +59,25 @@ async def list_models(request: Request) -> dict:
                         for m in models for name in (m.id, *m.upscaling_aliases)]}
 
 
+@router.api_route("/v1/models", methods=["QUERY"], summary="Replicate: search the served models")
+async def search_models(request: Request) -> dict:
+    """Replicate's `models.search`: the body is the query's text; the served models (and
+    upscaling aliases, as the upscalers they run as) whose names, kind and description
+    hold each of its words, in list_models' order and shape."""
+    words = (await request.body()).decode(errors="replace").lower().split()
+    state, base = ingress(), base_url(request)
+    found = []
+    for m in usable_models(request):
+        for name in (m.id, *m.upscaling_aliases):
+            shown = model_json(state, name, base)
+            about = [name, shown["description"]]
+            if name == m.id:
+                about += [*m.aliases, m.flux_kind or "", "inpainting" if m.inpainting else ""]
+            if all(word in " ".join(about).lower() for word in words):
+                found.append(shown)
+    return {"results": found, "next": None, "previous": None}
+
+
 @router.get("/v1/models/{name}", summary="OpenAI: get a model by a bare alias")
 async def get_aliased_model(name: str, request: Request) -> dict:
     """OpenAI's `models.retrieve` of a name without an owner, an alias such as dall-e-3:

@@ -13,6 +13,9 @@ from tests.integration.conftest import (
     AUTH,
     BATCHED,
     FAST,
+    FLUX,
+    INPAINTING,
+    KONTEXT,
     assert_same_pixels,
     decode,
     pixels,
@@ -134,6 +137,18 @@ def test_create_wait_get_by_version(rep):
     # The input as sent, as Replicate echoes it: none of the defaults the run took.
     assert prediction.input == again.input == {"prompt": "x", "seed": 1}
     assert again.id in [p.id for p in rep.predictions.list()]
+
+
+def test_search_finds_the_served_models_by_name_kind_and_alias(rep):
+    def ids(query):
+        return [f"{m.owner}/{m.name}" for m in rep.models.search(query).results]
+
+    assert ids("flux kontext") == [KONTEXT]
+    assert ids("dall-e-3") == [FAST]  # by its alias
+    assert ids("real-esrgan") == ["nightmareai/real-esrgan"]  # as the upscaler it runs as
+    assert ids("inpainting") == [INPAINTING]
+    assert ids("no such model") == []
+    assert FLUX in ids("flux") and FAST not in ids("flux")
 
 
 def test_the_version_pins_the_model(rep):
