@@ -11,7 +11,7 @@ from ray import serve
 
 from serve.context import base_url, ingress, model_for, usable_models
 from serve.model_parts import BICUBIC
-from serve.routes.replicate import model_json
+from serve.routes.replicate import description, model_json
 from serve.types import MOST_PROMPT_PICTURES, IPAdapterBlocks
 
 router = APIRouter()
@@ -69,12 +69,11 @@ async def search_models(request: Request) -> dict:
     found = []
     for m in usable_models(request):
         for name in (m.id, *m.upscaling_aliases):
-            shown = model_json(state, name, base)
-            about = [name, shown["description"]]
+            about = [name, description(m, name)]
             if name == m.id:
                 about += [*m.aliases, m.flux_kind or "", "inpainting" if m.inpainting else ""]
             if all(word in " ".join(about).lower() for word in words):
-                found.append(shown)
+                found.append(model_json(state, name, base))  # (its schema: matches only)
     return {"results": found, "next": None, "previous": None}
 
 

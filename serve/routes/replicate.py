@@ -62,12 +62,18 @@ def model_json(state: IngressState, name: str, base: str) -> dict:
     model = state.router.resolve(name)
     shown = served_name(model, name)
     owner, short = shown.split("/")
-    what = "image upscaling" if shown != model.id else model.family
     return {"url": f"{base}/v1/models/{shown}", "owner": owner, "name": short,
-            "description": f"{what} served by Atelier", "visibility": "public",
+            "description": description(model, shown), "visibility": "public",
             "github_url": None, "paper_url": None, "license_url": None, "run_count": 0,
             "cover_image_url": None, "default_example": None,
             "latest_version": _version_json(state, name)}
+
+
+def description(model: ModelConfig, shown: str) -> str:
+    """What Replicate's API says the model is, shown as `shown` (its id, or an upscaling
+    alias)."""
+    what = "image upscaling" if shown != model.id else model.family
+    return f"{what} served by Atelier"
 
 
 def _version_json(state: IngressState, name: str) -> dict:
