@@ -41,6 +41,7 @@ from serve.routes import (
     openai_images,
     replicate,
     replicate_account,
+    replicate_collections,
     uploads,
 )
 from serve.routes.replicate_runs import run_prediction
@@ -59,6 +60,7 @@ api.include_router(loras.router)
 api.include_router(openai_images.router)
 api.include_router(replicate.router)
 api.include_router(replicate_account.router)
+api.include_router(replicate_collections.router)
 api.include_router(files.router)
 api.include_router(uploads.router)
 install_error_handlers(api)
@@ -190,12 +192,20 @@ def _model_app(model: ModelConfig, config: AtelierConfig, catalog: list[dict],
         # (one just answered may still count as busy there for a moment). Its count is
         # loose (requests being assigned count as queued), so it sets no limit of its own.
         max_queued_requests=-1,
-        ray_actor_options={"num_gpus": gpus, "num_cpus": model.num_cpus},
+        ray_actor_options=_actor_options(model, gpus),
         health_check_period_s=model.health_check_period_s,
         health_check_timeout_s=model.health_check_timeout_s,
         graceful_shutdown_timeout_s=model.request_timeout_s + _DRAIN_MARGIN_S,
     ).bind(model.model_dump(mode="json"), str(config.cache_dir), catalog, downloads,
            config.content_credentials and config.content_credentials.model_dump(mode="json"))
+
+
+def _actor_options(model: ModelConfig, gpus: float) -> dict:
+    """A replica's Ray resources: its GPU share (on the GPU type asked for, if one)."""
+    options = {"num_gpus": gpus, "num_cpus": model.num_cpus}
+    if gpus and model.accelerator_type:
+        options["accelerator_type"] = model.accelerator_type
+    return options
 
 
 def _cluster_has_gpus() -> bool:

@@ -128,7 +128,8 @@ def model_lines(model: ModelConfig, cache_dir: Path) -> list[str]:
     kind = model.family + (f" ({model.flux_kind})" if model.flux_kind else "") + (
         " inpainting" if model.inpainting else "")
     lines = [(f"{model.id}: {kind}, {weights}, {model.dtype} on {model.device}, "
-              f"{_replicas(model)} of {model.gpu_share} GPU")]
+              f"{_replicas(model)} of {model.gpu_share} GPU"
+              + (f" ({model.accelerator_type})" if model.accelerator_type else ""))]
     parts = {"aliases": model.aliases, "ControlNets": list(model.controlnets),
              "upscalers": list(model.upscalers), "styles": list(model.styles),
              "IP-Adapter": ["yes", *model.ip_adapter.extra] if model.ip_adapter else [],

@@ -125,6 +125,12 @@ class ModelConfig(_Strict):
         "this model or of others with shares that fit, run on one GPU (e.g. several SDXL "
         "fine-tunes on a 96 GB card). Each keeps to that share of the GPU's memory; they "
         "take turns at its compute."))
+    accelerator_type: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                                         description=(
+        "Places the replicas only on servers with this type of GPU, as Ray names it "
+        "(RTX-PRO-6000, H100, L40S, A100 ...; `ray list nodes --detail` shows each "
+        "server's), e.g. a FLUX model on the 96 GB cards of a mixed cluster. Unset: any "
+        "GPU. `GET /v1/hardware` lists the cluster's."))
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
     max_ongoing_requests: int = Field(16, ge=1, description=(
         "Requests a replica holds at once (queued in its batcher or running)."))
@@ -303,6 +309,8 @@ class ModelConfig(_Strict):
                              "or batches can never fill")
         if self.device == "cpu" and self.gpu_share != 1:
             raise ValueError("gpu_share: a replica on device cpu takes no GPU")
+        if self.device == "cpu" and self.accelerator_type is not None:
+            raise ValueError("accelerator_type: a replica on device cpu takes no GPU")
         if self.autoscaling is not None and self.replicas != 1:  # (1: unset)
             raise ValueError("replicas: an autoscaled model's replicas are "
                              "autoscaling.min_replicas to max_replicas; leave it unset")

@@ -1,24 +1,29 @@
 """Replicate's account-level routes: the account, the webhook signing secret
-(`replicate.webhooks.default.secret()`), and deployments, for client code written against
+(`replicate.webhooks.default.secret()`), the cluster's hardware (serve.hardware), and
+deployments, for client code written against
 a Replicate deployment (`replicate.deployments.get("acme/product-shots")
 .predictions.create(...)`).
 
 A deployment here is a served model named by its id or any of its aliases: give the
 model the alias `acme/product-shots` and that code runs unchanged. Its one release is
-the model's current version. Deployments are made by the config, not through the API:
+the model's current version, on the hardware its `accelerator_type` names (`gpu`: any
+GPU). Deployments are made by the config, not through the API:
 creating, updating or deleting one is a 405 that says so.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import ray
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from serve.config import ModelConfig
 from serve.context import IngressState, ingress, model_for, usable_models
 from serve.errors import AtelierError
+from serve.hardware import cluster_hardware, sku
 from serve.routes.replicate import create_for_model, served_name
 from serve.routes.replicate_body import PredictionBody
 
@@ -33,7 +38,8 @@ class ManagedByConfig(AtelierError):
 def _deployment_json(state: IngressState, name: str, model: ModelConfig) -> dict:
     owner, _, short = name.partition("/")
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.started_at))
-    hardware = {"cuda": "gpu", "cpu": "cpu"}.get(model.device, "auto")
+    hardware = (sku(model.accelerator_type) if model.accelerator_type else
+                {"cuda": "gpu", "cpu": "cpu"}.get(model.device, "auto"))
     served = served_name(model, name)  # (an upscaling alias runs its own version)
     return {"owner": owner, "name": short, "current_release": {
         "number": 1, "model": served, "version": state.versions[served],
@@ -76,6 +82,13 @@ async def manage_deployment() -> None:
 async def get_account() -> dict:
     return {"type": "organization", "username": "atelier", "name": "Atelier",
             "github_url": None}
+
+
+@router.get("/v1/hardware", summary="Replicate: the cluster's hardware")
+async def list_hardware() -> list[dict]:
+    """The alive servers' CPUs and GPUs by type (Replicate's sku and name, with `count`
+    and `servers` beside them)."""
+    return cluster_hardware(await asyncio.to_thread(ray.nodes))
 
 
 @router.get("/v1/webhooks/default/secret", summary="Replicate: the webhook signing secret")

@@ -1,7 +1,10 @@
 """Two models on one GPU (`gpu_share: 0.5` each): a Ray node declaring one GPU places both
 replicas on it, both serve, and the GPU is then taken whole. The GPU is a Ray resource only
 (the replicas compute on CPU); Ray still gives each replica its GPU id, which is what
-placement is about. With a whole GPU each, the second replica could never be placed."""
+placement is about. With a whole GPU each, the second replica could never be placed.
+
+The node's GPU is of a type (RTX-PRO-6000, the resource Ray gives a server of such cards),
+which one of the models asks for (`accelerator_type`)."""
 
 import httpx
 import pytest
@@ -9,6 +12,7 @@ import pytest
 from tests.integration.conftest import _free_port, decode, pixels
 
 MODELS = ("atelier/tiny-sdxl-a", "atelier/tiny-sdxl-b")
+GPU_TYPE = "RTX-PRO-6000"
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +22,8 @@ def shared_gpu(cache_dir):
 
     from serve.app import build_app
 
-    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False,
+             resources={f"accelerator_type:{GPU_TYPE}": 1})
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -26,6 +31,7 @@ def shared_gpu(cache_dir):
             {"id": model, "embedded": "tiny-sdxl", "dtype": "float32", "gpu_share": 0.5,
              "num_cpus": 1, "batching": {"max_batch_size": 1, "wait_ms": 0},
              "defaults": {"width": 64, "height": 64, "num_inference_steps": 2}}
+            | ({"accelerator_type": GPU_TYPE} if model == MODELS[0] else {})
             for model in MODELS]}}), name="atelier", route_prefix="/")
         yield ray, f"http://127.0.0.1:{port}"
     finally:
@@ -48,3 +54,16 @@ def test_two_models_with_half_a_gpu_each_serve_from_the_one_gpu(shared_gpu):
     first, second = (pixels(decode(r.json()["image"])) for r in answers)
     assert (first == second).all() and first.std() > 1
     assert ray.available_resources().get("GPU", 0) == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_model_pinned_to_the_gpu_type_holds_it_and_the_hardware_is_listed(shared_gpu):
+    ray, url = shared_gpu
+    # Ray places an actor of an accelerator type by a sliver of the type's resource.
+    assert ray.available_resources()[f"accelerator_type:{GPU_TYPE}"] == pytest.approx(0.999)
+    assert httpx.get(f"{url}/v1/hardware").json() == [
+        {"sku": "cpu", "name": "CPU", "count": 4, "servers": 1},
+        {"sku": "gpu-rtx-pro-6000", "name": "RTX PRO 6000 GPU", "count": 1, "servers": 1}]
+    deployments = httpx.get(f"{url}/v1/deployments").json()["results"]
+    assert {d["name"]: d["current_release"]["configuration"]["hardware"]
+            for d in deployments} == {"tiny-sdxl-a": "gpu-rtx-pro-6000", "tiny-sdxl-b": "auto"}

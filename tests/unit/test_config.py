@@ -38,6 +38,7 @@ def test_default_config_serves_the_embedded_tiny_sdxl_and_flux_under_their_alias
     (_model(family="sd15"), "models.0.family"),
     (_model(gpu_share=0), "models.0.gpu_share"),
     (_model(gpu_share=1.5), "models.0.gpu_share"),
+    (_model(accelerator_type="RTX PRO 6000"), "models.0.accelerator_type"),
 ])
 def test_invalid_field_is_named_in_the_error(model, field):
     with pytest.raises(ConfigError) as err:
@@ -60,6 +61,8 @@ def test_invalid_field_is_named_in_the_error(model, field):
     (_model(defaults={"width": 4096}, limits={"max_size": 2048}), "defaults.width"),
     (_model(defaults={"num_inference_steps": 80}), "exceeds limits.max_steps"),
     (_model(device="cpu", gpu_share=0.5), "gpu_share: a replica on device cpu takes no GPU"),
+    (_model(device="cpu", accelerator_type="H100"),
+     "accelerator_type: a replica on device cpu takes no GPU"),
 ])
 def test_inconsistent_model_is_rejected_with_reason(model, text):
     with pytest.raises(ConfigError, match=text):
