@@ -1,0 +1,64 @@
+"""Replicate's hardware and collections through the official `replicate` client."""
+
+import httpx
+import pytest
+import replicate
+from replicate.exceptions import ReplicateError
+
+from tests.integration.conftest import (
+    AUTH,
+    BATCHED,
+    CANNY,
+    DEPTH,
+    FAST,
+    FILL,
+    FLUX,
+    INPAINTING,
+    KONTEXT,
+    MODELS_KEY,
+    REDUX,
+)
+
+
+def _names(collection) -> list[str]:
+    return [f"{m.owner}/{m.name}" for m in collection]
+
+
+def test_the_hardware_is_the_clusters(rep, base_url):
+    # The test cluster is one Ray node declaring 24 CPUs and no GPU.
+    assert [(h.sku, h.name) for h in rep.hardware.list()] == [("cpu", "CPU")]
+    assert httpx.get(f"{base_url}/v1/hardware", headers=AUTH).json() == [
+        {"sku": "cpu", "name": "CPU", "count": 24, "servers": 1}]
+
+
+def test_collections_group_the_served_models_by_what_they_do(rep):
+    page = rep.collections.list()
+    assert [c.slug for c in page.results] == ["text-to-image", "image-editing", "control-net",
+                                              "super-resolution", "sdxl", "flux"]
+    assert page.next is None and page.results[0].name == "Text to image"
+    assert _names(rep.collections.get("image-editing")) == [INPAINTING, KONTEXT, FILL]
+    assert _names(rep.collections.get("control-net")) == [FAST, FLUX, CANNY, DEPTH]
+    assert _names(rep.collections.get("flux")) == [FLUX, KONTEXT, FILL, CANNY, DEPTH, REDUX]
+    text = _names(rep.collections.get("text-to-image"))
+    assert text[:2] == [FAST, BATCHED] and FLUX in text and REDUX in text
+    assert not {INPAINTING, KONTEXT, FILL, CANNY, DEPTH} & set(text)
+    # An upscaling alias is there as the upscaler it runs as, with that version.
+    upscalers = rep.collections.get("super-resolution")
+    assert _names(upscalers) == ["nightmareai/real-esrgan"]
+    assert upscalers[0].description == "image upscaling served by Atelier"
+    assert (upscalers[0].latest_version.id
+            == rep.models.get("nightmareai/real-esrgan").latest_version.id)
+    with pytest.raises(ReplicateError) as missing:
+        rep.collections.get("video")
+    assert missing.value.status == 404 and "GET /v1/collections" in missing.value.detail
+
+
+def test_a_key_sees_only_the_collections_of_its_models(base_url):
+    # MODELS_KEY may use FLUX (by its alias flux-dev) and BATCHED.
+    limited = replicate.Client(api_token=MODELS_KEY, base_url=base_url)
+    assert [c.slug for c in limited.collections.list().results] == [
+        "text-to-image", "control-net", "sdxl", "flux"]
+    assert _names(limited.collections.get("text-to-image")) == [BATCHED, FLUX]
+    with pytest.raises(ReplicateError) as hidden:
+        limited.collections.get("image-editing")
+    assert hidden.value.status == 404
