@@ -10,6 +10,10 @@ are that many, a newcomer of higher priority takes the place of the newest of th
 priority waiting, which is refused as the model being busy (503, Retry-After), as a
 newcomer of no higher priority is.
 
+An autoscaled model's capacity follows its running replicas (`resize`): a replica's
+`max_ongoing_requests` is over the autoscaler's target, so full replicas are what make it
+add one, and the requests it will take wait here by priority, not in Serve's queue.
+
 With several ingress replicas each lets through a whole model's share (so that an uneven
 spread of clients over them never idles a GPU); what exceeds it waits in Serve's queue.
 """
@@ -46,6 +50,13 @@ class Admission:
         self._waiting: list[_Waiter] = []  # a heap
         self._arrivals = itertools.count()
         self._on_waiting = on_waiting
+
+    def resize(self, capacity: int) -> None:
+        """Let through `capacity` at once from now on (at least one), as an autoscaled
+        model's running replicas change: with more, waiters go through now; with fewer,
+        none goes until those running are under it."""
+        self.capacity = max(1, capacity)
+        self._admit()
 
     @property
     def waiting(self) -> int:

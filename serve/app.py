@@ -24,6 +24,7 @@ from serve import gc_pauses
 from serve.access import install_access
 from serve.adapters import AdapterCatalog
 from serve.auth import configured_keys
+from serve.autoscaled import follow_autoscaled
 from serve.body_limit import install_body_limit
 from serve.config import AtelierConfig, ModelConfig, app_config
 from serve.context import ingress
@@ -102,6 +103,8 @@ class Ingress:
         if not self.api_keys:
             log.warning("no API keys are set: anyone who reaches this port can generate")
         self.deployment_names = dict(deployment_names)
+        self._following = asyncio.get_running_loop().create_task(
+            follow_autoscaled(self.router, self.deployment_names))
         self.started_at = int(time.time())
         self._webhook_secret = cfg.webhook_secret or webhook_secret_from_env()
         gc_pauses.settle()  # later collections scan only what serving makes
@@ -127,6 +130,7 @@ class Ingress:
         requests have drained: unfinished predictions go to another replica at once."""
         self._keeper.cancel()
         self._warming.cancel()
+        self._following.cancel()
         await self.predictions.hand_over()
 
 

@@ -311,10 +311,20 @@ class ModelConfig(_Strict):
             raise ValueError("gpu_share: a replica on device cpu takes no GPU")
         if self.device == "cpu" and self.accelerator_type is not None:
             raise ValueError("accelerator_type: a replica on device cpu takes no GPU")
-        if self.autoscaling is not None and self.replicas != 1:  # (1: unset)
+        if self.autoscaling is not None:
+            self._check_autoscaling(self.autoscaling)
+        return self
+
+    def _check_autoscaling(self, autoscaling: AutoscalingConfig) -> None:
+        if self.replicas != 1:  # (1: unset)
             raise ValueError("replicas: an autoscaled model's replicas are "
                              "autoscaling.min_replicas to max_replicas; leave it unset")
-        return self
+        target = autoscaling.ray_config(self.batching.max_batch_size)["target_ongoing_requests"]
+        if target >= self.max_ongoing_requests:
+            raise ValueError(
+                f"autoscaling.target_ongoing_requests ({target:g}) must be under "
+                f"max_ongoing_requests ({self.max_ongoing_requests}): replicas hold no more "
+                "than that, so the autoscaler would never see more than its target")
 
     @property
     def replica_range(self) -> tuple[int, int]:

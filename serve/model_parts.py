@@ -117,8 +117,10 @@ class AutoscalingConfig(_Strict):
         "Most replicas (each takes a GPU, or its gpu_share of one)."))
     target_ongoing_requests: float | None = Field(None, gt=0, description=(
         "Requests per replica (running, in its batcher, or waiting for a replica) the "
-        "autoscaler aims at: more add replicas, fewer remove them. Unset: twice "
-        "batching.max_batch_size, one call running and one gathered behind it."))
+        "autoscaler aims at: more add replicas, fewer remove them. Under the model's "
+        "max_ongoing_requests (each replica holds up to that, and the rest wait at the "
+        "ingress by priority, so replicas full past the target are what add one). Unset: "
+        "twice batching.max_batch_size, one call running and one gathered behind it."))
     upscale_delay_s: float = Field(30.0, ge=0, description=(
         "How long demand stays over the target before replicas are added."))
     downscale_delay_s: float = Field(600.0, ge=0, description=(

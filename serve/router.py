@@ -48,13 +48,16 @@ class ModelRouter:
             for name in model.names:
                 self._by_name[name] = model
         # Requests past what a model's replicas hold wait here, by priority (admission).
-        # (An autoscaled model's most replicas: the requests past what its running ones
-        # hold wait in Serve's handle, where the autoscaler counts them.)
+        # (An autoscaled model's start with its fewest: see replicas_running.)
         self._admission = {
-            m.id: Admission(m.id, m.replica_range[1] * m.max_ongoing_requests,
+            m.id: Admission(m.id, m.replica_range[0] * m.max_ongoing_requests,
                             m.max_queued_requests,
                             lambda count, model=m.id: self.metrics.waiting(model, count))
             for m in config.models}
+
+    def replicas_running(self, model: ModelConfig, count: int) -> None:
+        """An autoscaled `model` runs `count` replicas now: let through what they hold."""
+        self._admission[model.id].resize(count * model.max_ongoing_requests)
 
     def resolve(self, name: str | None, key: ApiKey | None = None) -> ModelConfig:
         """The model named by id or alias (for None, the first configured one), among

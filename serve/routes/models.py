@@ -7,8 +7,8 @@ from typing import get_args
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from ray import serve
 
+from serve.autoscaled import model_deployments, running
 from serve.context import base_url, ingress, model_for, usable_models
 from serve.model_parts import BICUBIC
 from serve.routes.replicate import description, model_json
@@ -90,18 +90,16 @@ async def get_aliased_model(name: str, request: Request) -> dict:
 async def healthz() -> JSONResponse:
     """200 only when every model deployment is healthy (or scaling, autoscaled) with a
     replica running."""
-    app_name = serve.get_replica_context().app_name
-    status = await asyncio.to_thread(serve.status)
-    deployments = status.applications[app_name].deployments
+    deployments = await asyncio.to_thread(model_deployments, ingress().deployment_names)
     models, ready = {}, True
     for model in ingress().router.config.models:
-        dep = deployments.get(ingress().deployment_names[model.id])
-        running = dep.replica_states.get("RUNNING", 0) if dep else 0
-        healthy = dep is not None and dep.status in _SERVING and running > 0
+        dep = deployments[model.id]
+        replicas = running(dep)
+        healthy = dep is not None and dep.status in _SERVING and replicas > 0
         ready &= healthy
         models[model.id] = {"state": "ready" if healthy else "not_ready",
                             "status": dep.status if dep else "MISSING",
-                            "replicas_running": running,
+                            "replicas_running": replicas,
                             "replicas_wanted": model.replica_range[0],
                             "replicas_range": list(model.replica_range)}
     return JSONResponse({"status": "ok" if ready else "unavailable", "models": models},

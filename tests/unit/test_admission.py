@@ -112,3 +112,29 @@ def test_no_queue_refuses_whatever_finds_the_places_taken():
             return admission.running
 
     assert _run(body) == 1
+
+
+def test_resizing_lets_waiters_through_or_holds_newcomers_until_under_the_new_size():
+    async def body():
+        log = _Log(Admission("m", 1, 10))
+        tasks = [log.start(name) for name in ("a", "b", "c", "d")]
+        await log.settle()
+        assert log.order == ["a"]
+        log.admission.resize(3)  # an autoscaled model's second and third replicas run
+        await log.settle()
+        assert log.order == ["a", "b", "c"] and log.admission.waiting == 1
+        log.admission.resize(0)  # (never under one)
+        assert log.admission.capacity == 1
+        for name in ("a", "b"):
+            log.release[name].set()
+        await log.settle()
+        assert log.order == ["a", "b", "c"]  # c still runs: d waits
+        log.release["c"].set()
+        await log.settle()
+        assert log.order == ["a", "b", "c", "d"]
+        log.release["d"].set()
+        await asyncio.gather(*tasks)
+        return log.admission
+
+    admission = _run(body)
+    assert (admission.running, admission.waiting) == (0, 0)

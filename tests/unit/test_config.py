@@ -239,7 +239,8 @@ def test_content_credentials_files_must_be_there(tmp_path):
 
 def test_autoscaling_replaces_a_fixed_number_of_replicas():
     cfg = parse_config({"models": [_model(autoscaling={"max_replicas": 4},
-                                          batching={"max_batch_size": 8})]})
+                                          batching={"max_batch_size": 8},
+                                          max_ongoing_requests=24)]})
     model = cfg.models[0]
     assert model.replica_range == (1, 4)
     # Unset, the target is one call running and one gathered behind it.
@@ -256,6 +257,12 @@ def test_autoscaling_replaces_a_fixed_number_of_replicas():
     ({"max_replicas": 2}, {"replicas": 2}, "replicas: an autoscaled model's replicas"),
     ({"min_replicas": 0, "max_replicas": 2}, {}, "min_replicas"),
     ({"min_replicas": 1}, {}, "max_replicas"),
+    # Replicas hold at most max_ongoing_requests (16 unset): a target there or over it is
+    # never passed.
+    ({"max_replicas": 2}, {"batching": {"max_batch_size": 8}},
+     r"autoscaling.target_ongoing_requests \(16\) must be under max_ongoing_requests \(16\)"),
+    ({"max_replicas": 2, "target_ongoing_requests": 6.5}, {"max_ongoing_requests": 6},
+     r"target_ongoing_requests \(6.5\) must be under max_ongoing_requests \(6\)"),
 ])
 def test_bad_autoscaling_is_refused_naming_the_field(autoscaling, extra, text):
     with pytest.raises(ConfigError, match=text):
