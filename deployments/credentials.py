@@ -10,7 +10,7 @@ import threading
 from PIL import Image
 
 from deployments.encoding import GENERATED, encode_image
-from serve.model_parts import ContentCredentialsConfig
+from serve.model_extras import ContentCredentialsConfig
 
 # The signer is shared by the encoding threads; a signature takes milliseconds.
 _SIGNING = threading.Lock()

@@ -139,7 +139,7 @@ def _engine(args: argparse.Namespace, cache_dir: Path):
     upscaler in the config's default tiles and as one that upscales whole images."""
     from deployments.engines import resolve_device
     from deployments.engines.upscalers import UpscalerFile
-    from serve.model_parts import UpscalerConfig
+    from serve.model_extras import UpscalerConfig
 
     esrgan = _upscaler_file(bool(args.configs), cache_dir)
     tiles = UpscalerConfig(path=esrgan)

@@ -17,17 +17,16 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from serve.auth import ApiKeyConfig
 from serve.folders import check_flux_kind, check_inpainting_unet, check_pipeline, check_vae
 from serve.model_config import ModelConfig
+from serve.model_extras import ContentCredentialsConfig, RefinerConfig
 from serve.model_parts import (  # re-exported: importers keep using serve.config
     FAMILIES,
     SCHEDULERS,
     BatchingConfig,
     ConfigError,
-    ContentCredentialsConfig,
     DefaultsConfig,
     Family,
     LimitsConfig,
     PathOrEmbedded,
-    RefinerConfig,
     SpeedConfig,
     _Strict,
 )

@@ -12,8 +12,19 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from serve.model_parts import (
+from serve.model_extras import (
     BICUBIC,
+    FreeUConfig,
+    MergedLoraConfig,
+    PromptConfig,
+    RefinerConfig,
+    SafetyCheckerConfig,
+    StyleConfig,
+    TextualInversionConfig,
+    UpscalerConfig,
+    WatermarkConfig,
+)
+from serve.model_parts import (
     FAMILIES,
     FLUX_TOOLS,
     SDXL_INPAINTING,
@@ -22,18 +33,9 @@ from serve.model_parts import (
     BatchingConfig,
     DefaultsConfig,
     Family,
-    FreeUConfig,
     LimitsConfig,
-    MergedLoraConfig,
-    PromptConfig,
-    RefinerConfig,
-    SafetyCheckerConfig,
     SchedulerOptions,
     SpeedConfig,
-    StyleConfig,
-    TextualInversionConfig,
-    UpscalerConfig,
-    WatermarkConfig,
     _Strict,
 )
 from serve.steering import (

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from serve.controls import ImagePromptParams
-from serve.model_parts import MOST_CLIP_SKIP
+from serve.model_extras import MOST_CLIP_SKIP
 from serve.types import MAX_SEED, MOST_PROMPT_PICTURES, IPAdapterBlocks
 
 

@@ -13,7 +13,7 @@ from serve.adapters import AdapterSet
 from serve.config import FAMILIES, SCHEDULERS, Family, LimitsConfig, ModelConfig
 from serve.errors import ContentFlagged, InvalidField
 from serve.inpaint_area import Overlay
-from serve.model_parts import BICUBIC
+from serve.model_extras import BICUBIC
 from serve.request_limits import check_limits
 
 __all__ = ["SCHEDULERS", "BatchInfo", "ControlImage", "GenerationRequest", "GenerationResult",

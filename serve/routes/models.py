@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from serve.autoscaled import model_deployments, running
 from serve.context import base_url, ingress, model_for, usable_models
-from serve.model_parts import BICUBIC
+from serve.model_extras import BICUBIC
 from serve.routes.replicate import description, model_json
 from serve.types import MOST_PROMPT_PICTURES, IPAdapterBlocks
 

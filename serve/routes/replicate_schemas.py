@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from serve.canvases import finds_edges
 from serve.config import ModelConfig
-from serve.model_parts import BICUBIC
+from serve.model_extras import BICUBIC
 from serve.routes.replicate_flux import (
     CannyInput,
     DepthInput,

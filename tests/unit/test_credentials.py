@@ -10,7 +10,7 @@ from PIL import Image
 
 from deployments.credentials import ContentCredentials
 from deployments.encoding import GENERATED, encode_image
-from serve.model_parts import ContentCredentialsConfig
+from serve.model_extras import ContentCredentialsConfig
 from serve.types import MEDIA_TYPES
 from tests.conftest import xmp_label
 from tests.credentials import read_credentials, save_signing_files
