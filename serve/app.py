@@ -43,6 +43,7 @@ from serve.routes import (
     replicate,
     replicate_account,
     replicate_collections,
+    replicate_managed,
     uploads,
 )
 from serve.routes.replicate_runs import run_prediction
@@ -62,6 +63,7 @@ api.include_router(openai_images.router)
 api.include_router(replicate.router)
 api.include_router(replicate_account.router)
 api.include_router(replicate_collections.router)
+api.include_router(replicate_managed.router)
 api.include_router(files.router)
 api.include_router(uploads.router)
 install_error_handlers(api)

@@ -15,7 +15,8 @@ RETRY_AFTER_S = 1
 # Each public API answers errors in its own shape, chosen by path prefix.
 _OPENAI_PREFIXES = ("/v1/images",)
 _REPLICATE_PREFIXES = ("/v1/predictions", "/v1/models/", "/v1/files", "/v1/deployments",
-                       "/v1/account", "/v1/webhooks")
+                       "/v1/account", "/v1/webhooks", "/v1/hardware", "/v1/collections",
+                       "/v1/trainings")
 
 
 def error_response(path: str, exc: AtelierError) -> JSONResponse:

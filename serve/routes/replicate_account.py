@@ -7,8 +7,8 @@ a Replicate deployment (`replicate.deployments.get("acme/product-shots")
 A deployment here is a served model named by its id or any of its aliases: give the
 model the alias `acme/product-shots` and that code runs unchanged. Its one release is
 the model's current version, on the hardware its `accelerator_type` names (`gpu`: any
-GPU). Deployments are made by the config, not through the API:
-creating, updating or deleting one is a 405 that says so.
+GPU). Deployments are made by the config, not through the API: creating, updating or
+deleting one is a 405 that says so (serve.routes.replicate_managed).
 """
 
 from __future__ import annotations
@@ -22,17 +22,11 @@ from fastapi.responses import JSONResponse
 
 from serve.config import ModelConfig
 from serve.context import IngressState, ingress, model_for, usable_models
-from serve.errors import AtelierError
 from serve.hardware import cluster_hardware, sku
 from serve.routes.replicate import create_for_model, served_name
 from serve.routes.replicate_body import PredictionBody
 
 router = APIRouter()
-
-
-class ManagedByConfig(AtelierError):
-    status = 405
-    kind = "method_not_allowed"
 
 
 def _deployment_json(state: IngressState, name: str, model: ModelConfig) -> dict:
@@ -68,14 +62,6 @@ async def get_deployment(owner: str, name: str, request: Request) -> dict:
 async def create_deployment_prediction(owner: str, name: str, body: PredictionBody,
                                        request: Request) -> JSONResponse:
     return await create_for_model(f"{owner}/{name}", None, body, request)
-
-
-@router.post("/v1/deployments", summary="Replicate: create a deployment (refused)")
-@router.patch("/v1/deployments/{owner}/{name}", summary="Replicate: update (refused)")
-@router.delete("/v1/deployments/{owner}/{name}", summary="Replicate: delete (refused)")
-async def manage_deployment() -> None:
-    raise ManagedByConfig("deployments are this server's models, made by its config: add an "
-                          "alias to a model to serve a deployment name")
 
 
 @router.get("/v1/account", summary="Replicate: the account the API key belongs to")

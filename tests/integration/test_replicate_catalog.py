@@ -1,4 +1,5 @@
-"""Replicate's hardware and collections through the official `replicate` client."""
+"""Replicate's hardware and collections through the official `replicate` client, and what
+its API changes that the config decides here (models, versions, trainings)."""
 
 import httpx
 import pytest
@@ -62,3 +63,24 @@ def test_a_key_sees_only_the_collections_of_its_models(base_url):
     with pytest.raises(ReplicateError) as hidden:
         limited.collections.get("image-editing")
     assert hidden.value.status == 404
+
+
+def test_models_versions_and_trainings_are_the_configs_and_none_is_trained(rep):
+    with pytest.raises(ReplicateError) as made:
+        rep.models.create(owner="acme", name="sdxl-x", visibility="private",
+                          hardware="gpu-h100")
+    assert made.value.status == 405 and "config" in made.value.detail
+    version = rep.models.get(FAST).latest_version.id
+    with pytest.raises(ReplicateError) as deleted:
+        rep.models.get(FAST).versions.delete(version)
+    assert deleted.value.status == 405
+    with pytest.raises(ReplicateError) as trained:
+        rep.trainings.create(model=FAST, version=version, destination="acme/sdxl-x",
+                             input={"input_images": "https://example.com/photos.zip"})
+    assert trained.value.status == 405 and "lora folder" in trained.value.detail
+    assert rep.trainings.list().results == []
+    with pytest.raises(ReplicateError) as missing:
+        rep.trainings.get("t1")
+    assert missing.value.status == 404 and missing.value.title == "Training not found"
+    # The model and its version are as they were.
+    assert rep.models.get(FAST).latest_version.id == version
