@@ -146,6 +146,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     config.check_paths()
     catalog = _scan_adapters(config).to_dicts()
     has_gpus = _cluster_has_gpus()
+    _warn_of_missing_gpu_types(config.models, has_gpus)
     bound = {m.id: _model_app(m, config, catalog, has_gpus) for m in config.models}
     names = {m.id: _deployment_name(m) for m in config.models}
     versions = {m.id: version_id(m, config.cache_dir) for m in config.models}
@@ -180,8 +181,7 @@ def _scan_adapters(config: AtelierConfig) -> AdapterCatalog:
 
 def _model_app(model: ModelConfig, config: AtelierConfig, catalog: list[dict],
                has_gpus: bool) -> serve.Application:
-    on_gpu = model.device == "cuda" or (model.device == "auto" and has_gpus)
-    gpus = model.gpu_share if on_gpu else 0
+    gpus = model.gpu_share if _on_gpu(model, has_gpus) else 0
     downloads = DownloadSettings(
         config.cache_dir / "lora-downloads", tuple(config.lora_allowed_hosts),
         config.lora_download_max_mb * 2**20,
@@ -212,6 +212,25 @@ def _actor_options(model: ModelConfig, gpus: float) -> dict:
     if gpus and model.accelerator_type:
         options["accelerator_type"] = model.accelerator_type
     return options
+
+
+def _warn_of_missing_gpu_types(models: list[ModelConfig], has_gpus: bool) -> None:
+    """Log each model on GPUs pinned to a GPU type that no alive server has now: its
+    replicas wait for one (a server may still join)."""
+    if not ray.is_initialized():
+        return
+    present = {key.removeprefix("accelerator_type:") for key in ray.cluster_resources()
+               if key.startswith("accelerator_type:")}
+    for model in models:
+        wanted = model.accelerator_type if _on_gpu(model, has_gpus) else None
+        if wanted and wanted not in present:
+            log.warning("%s: no server of the cluster has %s GPUs now (its GPU types: %s); "
+                        "its replicas wait for one", model.id, wanted,
+                        ", ".join(sorted(present)) or "none")
+
+
+def _on_gpu(model: ModelConfig, has_gpus: bool) -> bool:
+    return model.device == "cuda" or (model.device == "auto" and has_gpus)
 
 
 def _cluster_has_gpus() -> bool:

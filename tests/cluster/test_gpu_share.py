@@ -6,6 +6,10 @@ placement is about. With a whole GPU each, the second replica could never be pla
 The node's GPU is of a type (RTX-PRO-6000, the resource Ray gives a server of such cards),
 which one of the models asks for (`accelerator_type`)."""
 
+import logging
+import os
+import time
+
 import httpx
 import pytest
 
@@ -22,6 +26,8 @@ def shared_gpu(cache_dir):
 
     from serve.app import build_app
 
+    # Serve says which replicas wait to be placed after this long (30 s unset).
+    os.environ["RAY_SERVE_SLOW_STARTUP_WARNING_S"] = "2"
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False,
              resources={f"accelerator_type:{GPU_TYPE}": 1})
     try:
@@ -37,6 +43,7 @@ def shared_gpu(cache_dir):
     finally:
         serve.shutdown()
         ray.shutdown()
+        os.environ.pop("RAY_SERVE_SLOW_STARTUP_WARNING_S", None)
 
 
 @pytest.mark.timeout(300)
@@ -67,3 +74,36 @@ def test_the_model_pinned_to_the_gpu_type_holds_it_and_the_hardware_is_listed(sh
     deployments = httpx.get(f"{url}/v1/deployments").json()["results"]
     assert {d["name"]: d["current_release"]["configuration"]["hardware"]
             for d in deployments} == {"tiny-sdxl-a": "gpu-rtx-pro-6000", "tiny-sdxl-b": "auto"}
+
+
+@pytest.mark.timeout(120)
+def test_a_model_pinned_to_a_gpu_type_no_server_has_waits_and_says_why(shared_gpu, cache_dir,
+                                                                       caplog):
+    from ray import serve
+
+    from serve.app import build_app
+
+    model = {"id": "atelier/tiny-sdxl-h100", "embedded": "tiny-sdxl", "dtype": "float32",
+             "device": "cuda", "accelerator_type": "H100", "num_cpus": 1}
+    log = logging.getLogger("ray.serve.atelier.ingress")
+    log.addHandler(caplog.handler)
+    try:
+        app = build_app({"atelier": {"cache_dir": str(cache_dir), "models": [model]}})
+    finally:
+        log.removeHandler(caplog.handler)
+    assert ("atelier/tiny-sdxl-h100: no server of the cluster has H100 GPUs now (its GPU "
+            f"types: {GPU_TYPE}); its replicas wait for one") in caplog.text
+    _, url = shared_gpu
+    serve.run(app, name="atelier-h100", route_prefix="/h100", _blocking=False)
+    try:
+        deadline, health = time.monotonic() + 90, None
+        while time.monotonic() < deadline:
+            r = httpx.get(f"{url}/h100/healthz")
+            health = r.json()["models"][model["id"]] if r.status_code == 503 else None
+            if health and "accelerator_type:H100" in health.get("message", ""):
+                break
+            time.sleep(1)
+        assert health and health["state"] == "not_ready", health
+        assert health["replicas_running"] == 0 and "to be scheduled" in health["message"]
+    finally:
+        serve.delete("atelier-h100")
