@@ -50,7 +50,8 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="override the profile's steps")
     p.add_argument("--slo-s", type=float, help="latency objective (default: the profile's)")
     p.add_argument("--gpu-hour-usd", type=float, default=2.0, help="price of one GPU-hour")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs behind the URL")
+    p.add_argument("--gpus", type=int, help=(
+        "GPUs behind the URL (default: those the server's GET /v1/hardware lists, else 1)"))
     p.add_argument("--api-price-usd", type=float, default=0.0035,
                    help="a hosted API's price per image, for the break-even")
     p.add_argument("--seed", type=int, default=0)
@@ -125,6 +126,19 @@ async def _adapters(client: httpx.AsyncClient, model: str | None) -> list[str]:
     return [row["name"] for row in r.json()["data"]] if r.status_code == 200 else []
 
 
+async def _hardware(client: httpx.AsyncClient) -> list[dict]:
+    """What the server's cluster has (GET /v1/hardware: CPUs, GPUs by type), or [] from a
+    server that does not say."""
+    r = await client.get("/v1/hardware")
+    return r.json() if r.status_code == 200 else []
+
+
+def gpu_count(hardware: list[dict], given: int | None) -> int:
+    """The GPUs to price: those `given`, else those the hardware lists, else one."""
+    listed = sum(entry["count"] for entry in hardware if entry.get("sku") != "cpu")
+    return given or listed or 1
+
+
 async def main_async(args: argparse.Namespace) -> dict:
     profile = PROFILES[args.profile]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -132,6 +146,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits,
                                  timeout=args.max_seconds + 60) as client:
         adapters = args.adapters or await _adapters(client, args.model)
+        hardware = await _hardware(client)
         levels = []
         for rate in args.rates:
             outcomes = await run_level(client, profile, rate, args, adapters)
@@ -140,8 +155,9 @@ async def main_async(args: argparse.Namespace) -> dict:
     return {"profile": profile.name, "description": profile.description, "url": args.url,
             "arrival": args.arrival, "requests_per_rate": args.requests,
             "size": args.size or profile.size, "steps": args.steps or profile.steps,
-            "levels": levels,
-            "cost": cost(levels, args.gpu_hour_usd, args.gpus, args.api_price_usd)}
+            "levels": levels, "hardware": hardware,
+            "cost": cost(levels, args.gpu_hour_usd, gpu_count(hardware, args.gpus),
+                         args.api_price_usd)}
 
 
 def _print_level(lv: dict) -> None:
@@ -165,6 +181,9 @@ def _print_cost(c: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     report = asyncio.run(main_async(args))
+    gpus = [f"{h['count']} x {h['name']}" for h in report["hardware"] if h["sku"] != "cpu"]
+    if gpus:
+        print("the server lists " + ", ".join(gpus))
     _print_cost(report["cost"])
     path = save_report(report, args.out, f"load-{args.profile}")
     png = args.plot or str(path.with_suffix(".png"))

@@ -44,7 +44,10 @@ def test_the_smoke_profile_reports_throughput_latency_cost_and_a_plot(base_url, 
         lat = lv["latency_s"]
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] < 60
         assert 0 < lv["goodput_img_s"] <= lv["throughput_img_s"]
+    # The test cluster lists CPUs and no GPU: priced as one GPU.
+    assert report["hardware"] == [{"sku": "cpu", "name": "CPU", "count": 24, "servers": 1}]
     c = report["cost"]
+    assert c["gpus"] == 1
     best = max(lv["goodput_img_s"] for lv in report["levels"])
     assert c["usd_per_image_at_capacity"] == pytest.approx(3.6 / 3600 / best)
     assert c["break_even_img_month"] == pytest.approx(3.6 * 730 / 0.004)

@@ -74,3 +74,15 @@ def test_steady_rate_counts_the_calls_after_the_first_over_the_span_they_were_an
     assert steady_rate(list(reversed(answers))) == pytest.approx(6 / 8.0)
     assert steady_rate([("b-1", 4.8, 2), ("b-1", 5.0, 2)]) is None
     assert steady_rate([]) is None
+
+
+def test_the_gpus_priced_are_those_given_else_those_the_server_lists_else_one():
+    from load.run import gpu_count
+
+    listed = [{"sku": "cpu", "name": "CPU", "count": 128, "servers": 2},
+              {"sku": "gpu-rtx-pro-6000", "name": "RTX PRO 6000 GPU", "count": 4, "servers": 2},
+              {"sku": "gpu-l40s", "name": "L40S GPU", "count": 2, "servers": 1}]
+    assert gpu_count(listed, None) == 6
+    assert gpu_count(listed, 2) == 2
+    assert gpu_count(listed[:1], None) == 1  # CPUs only
+    assert gpu_count([], None) == 1  # a server that does not list its hardware
