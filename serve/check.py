@@ -7,7 +7,8 @@ embedded default.
 
 It prints what each application would serve: each model's names, weights, replicas and
 Replicate version (the one clients pin; digests of the weights are kept in the cache
-folder, so the server's start reads none again), and the LoRA adapters its folders hold,
+folder, so the server's start reads none again), the GPUs its replicas reserve by type,
+and the LoRA adapters its folders hold,
 with those no served model can load. Exit status 1 and the failing field when the config
 is refused, 0 otherwise.
 """
@@ -163,6 +164,26 @@ def adapter_lines(config: AtelierConfig) -> list[str]:
     return lines
 
 
+def gpu_line(config: AtelierConfig) -> str:
+    """The GPUs the models' replicas reserve, at start and at most (autoscaled), by the
+    type each asks for: what the cluster must have. Models on `auto` count, as they take
+    GPUs on a cluster that has them; shares are summed (two of 0.5 fit on one GPU)."""
+    need: dict[str, list[float]] = {}
+    for model in config.models:
+        if model.device != "cpu":
+            fewest, most = model.replica_range
+            kind = need.setdefault(model.accelerator_type or "any type", [0.0, 0.0])
+            kind[0] += fewest * model.gpu_share
+            kind[1] += most * model.gpu_share
+    if not need:
+        return "GPUs: none (every model on cpu)"
+    start, most = (sum(counts[i] for counts in need.values()) for i in (0, 1))
+    kinds = "; ".join(f"{kind}: {a:g}" + ("" if a == b else f" to {b:g}")
+                      for kind, (a, b) in need.items())
+    return (f"GPUs the replicas reserve on a cluster with GPUs: {start:g} at start, "
+            f"{most:g} at most ({kinds})")
+
+
 def check(path: Path | None) -> list[str]:
     """The report on the config(s) at `path`; raises ConfigError for a refused one."""
     lines = []
@@ -171,6 +192,7 @@ def check(path: Path | None) -> list[str]:
         lines.append(f"{label}: ok, {len(config.models)} model(s)")
         for model in config.models:
             lines += model_lines(model, config.cache_dir)
+        lines.append(gpu_line(config))
         lines += adapter_lines(config)
     return lines
 

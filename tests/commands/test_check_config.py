@@ -59,6 +59,8 @@ def test_a_config_for_weights_on_disk_is_reported_with_the_servers_version(confi
     alias = upscaling_version(version, "nightmareai/real-esrgan")
     assert f"  nightmareai/real-esrgan: version {alias} (real-esrgan's inputs)" in lines
     assert any(line.startswith("  weights: 4.7 MB in float32 (unet 4.1 MB, ") for line in lines)
+    assert ("GPUs the replicas reserve on a cluster with GPUs: 2 at start, 2 at most "
+            "(any type: 2)") in lines
     assert lines[-2:] == [
         "LoRA adapters in folders: 2",
         "  unusable: adapter 'huge' has rank 128, above this model's max_lora_rank 64"]
@@ -76,6 +78,24 @@ def test_a_serve_config_is_checked_through_the_atelier_config_it_names(config_fi
     lines = done.stdout.splitlines()
     assert lines[0] == f"application 'images' ({path}): ok, 1 model(s)"
     assert lines[1:] == direct[1:]
+
+
+def test_the_gpus_reserved_are_summed_by_type_at_start_and_at_most(config_file):
+    path, data = config_file
+    sdxl = data["models"][0]
+    data["models"] = [
+        sdxl | {"replicas": 1, "gpu_share": 0.5, "accelerator_type": "L40S",
+                "autoscaling": {"max_replicas": 3}},
+        sdxl | {"id": "acme/sdxl-b", "device": "cuda", "aliases": [],
+                "upscaling_aliases": []},
+        sdxl | {"id": "acme/sdxl-c", "device": "cpu", "aliases": [], "upscaling_aliases": []}]
+    path.write_text(yaml.safe_dump(data))
+    done = _check(str(path))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert ("GPUs the replicas reserve on a cluster with GPUs: 2.5 at start, 3.5 at most "
+            "(L40S: 0.5 to 1.5; any type: 2)") in lines
+    assert lines[1].endswith("1 to 3 replicas (autoscaled) of 0.5 GPU (L40S)")
 
 
 @pytest.mark.parametrize(("change", "field"), [
