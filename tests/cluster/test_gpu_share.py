@@ -84,7 +84,8 @@ def test_a_model_pinned_to_a_gpu_type_no_server_has_waits_and_says_why(shared_gp
     from serve.app import build_app
 
     model = {"id": "atelier/tiny-sdxl-h100", "embedded": "tiny-sdxl", "dtype": "float32",
-             "device": "cuda", "accelerator_type": "H100", "num_cpus": 1}
+             "device": "cuda", "accelerator_type": "H100", "num_cpus": 1,
+             "request_timeout_s": 5}  # (its replica, never started, is stopped in 15 s)
     log = logging.getLogger("ray.serve.atelier.ingress")
     log.addHandler(caplog.handler)
     try:
@@ -94,7 +95,9 @@ def test_a_model_pinned_to_a_gpu_type_no_server_has_waits_and_says_why(shared_gp
     assert ("atelier/tiny-sdxl-h100: no server of the cluster has H100 GPUs now (its GPU "
             f"types: {GPU_TYPE}); its replicas wait for one") in caplog.text
     _, url = shared_gpu
-    serve.run(app, name="atelier-h100", route_prefix="/h100", _blocking=False)
+    # (serve.run waits for the app to run, which this one never does; its own
+    # non-waiting form is private.)
+    serve._run(app, name="atelier-h100", route_prefix="/h100", _blocking=False)
     try:
         deadline, health = time.monotonic() + 90, None
         while time.monotonic() < deadline:
