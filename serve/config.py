@@ -164,6 +164,10 @@ class AtelierConfig(_Strict):
                 if name in seen:
                     raise ValueError(f"model id or alias {name!r} is used twice")
                 seen.add(name)
+            for version in model.pinned_versions:
+                if version in seen:
+                    raise ValueError(f"replicate_versions: version {version} is pinned twice")
+                seen.add(version)
         return self
 
     def check_paths(self) -> None:

@@ -51,6 +51,7 @@ from serve.steering import (
 MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
 # An alias may also be a bare name, as OpenAI's clients name models (dall-e-3, gpt-image-1).
 BARE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+VERSION_ID = re.compile(r"^[0-9a-f]{64}$")  # a Replicate version's
 
 
 class ModelConfig(_Strict):
@@ -63,6 +64,11 @@ class ModelConfig(_Strict):
         "Ids (e.g. nightmareai/real-esrgan) under which Replicate predictions take "
         "real-esrgan's inputs (image, scale) and answer the image enlarged by this "
         "model's first upscaler, not redrawn, as one URL. Needs an upscaler."))
+    replicate_versions: list[str] = Field(default_factory=list, description=(
+        "Replicate versions that client code pins, as owner/name:version (e.g. "
+        "stability-ai/sdxl:7762fd07...): predictions of them run on this model unchanged, "
+        "the name being the model's id, an alias or an upscaling alias. Answers report the "
+        "version served here (the one that pins these weights)."))
     family: Literal["sdxl", "flux"] = Field("sdxl", description=(
         "Pipeline family of the weights: sdxl (StableDiffusionXLPipeline) or flux "
         "(FluxPipeline, FLUX.1 dev or schnell)."))
@@ -259,6 +265,12 @@ class ModelConfig(_Strict):
             if not (MODEL_ID.match(name) or BARE_NAME.match(name)) or name in FAMILIES:
                 raise ValueError(f"alias {name!r} is neither a lowercase owner/name id nor a "
                                  "bare lowercase name other than a family's (sdxl, flux)")
+        for ref in self.replicate_versions:
+            name, _, version = ref.rpartition(":")
+            if name not in self.names or not VERSION_ID.match(version):
+                raise ValueError(f"replicate_versions: {ref!r} is not one of this model's "
+                                 "names (id, alias or upscaling alias), ':' and a version id "
+                                 "of 64 hex digits")
         if self.upscaling_aliases and not (self.upscalers and self.options()["upscale"]):
             raise ValueError("upscaling_aliases: the model needs an upscaler (upscalers) to "
                              "enlarge images with")
@@ -400,6 +412,13 @@ class ModelConfig(_Strict):
     def flux_kind(self) -> Literal["kontext", "fill", "canny", "depth"] | None:
         """Which FLUX.1 tool the weights are, if one."""
         return next((tool for tool in FLUX_TOOLS if getattr(self, tool)), None)
+
+    @property
+    def pinned_versions(self) -> dict[str, str]:
+        """Each Replicate version id the model runs under (replicate_versions), with the
+        name it pins."""
+        return {version: name for name, _, version in
+                (ref.rpartition(":") for ref in self.replicate_versions)}
 
     @property
     def names(self) -> tuple[str, ...]:

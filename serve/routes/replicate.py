@@ -50,6 +50,14 @@ class PredictionNotFound(AtelierError):
     kind = "prediction_not_found"
 
 
+def runs_at(state: IngressState, model: ModelConfig, name: str, version: str) -> bool:
+    """Whether `version` runs the model as `name` (served_name): the version served, or
+    a Replicate version the config pins to it (replicate_versions)."""
+    pinned = model.pinned_versions.get(version)
+    return version == state.versions[name] or (
+        pinned is not None and served_name(model, pinned) == name)
+
+
 def served_name(model: ModelConfig, name: str) -> str:
     """The name a prediction of `model` asked for as `name` is kept under, with its own
     version and inputs: an upscaling alias (real-esrgan's), else the model's id."""
@@ -113,9 +121,9 @@ async def list_versions(owner: str, name: str, request: Request) -> dict:
 async def get_version(owner: str, name: str, version: str, request: Request) -> dict:
     state = ingress()
     model = model_for(request, f"{owner}/{name}")
-    if state.versions[served_name(model, f"{owner}/{name}")] != version:
+    if not runs_at(state, model, served_name(model, f"{owner}/{name}"), version):
         raise ModelNotFound(f"{owner}/{name}:{version}", list(state.versions))
-    return _version_json(state, f"{owner}/{name}")
+    return _version_json(state, f"{owner}/{name}") | {"id": version}  # (a pinned one's too)
 
 
 @router.post("/v1/models/{owner}/{name}/predictions", summary="Replicate: run a model")
@@ -130,8 +138,10 @@ async def create_prediction(body: PredictionBody, request: Request) -> JSONRespo
         raise InvalidField("version", "give a model as owner/name[:version] or a version id")
     ref, _, version = body.version.partition(":")
     state = ingress()
-    if "/" not in ref:  # a bare version id
-        owners = [m for m, v in state.versions.items() if v == ref]
+    if "/" not in ref:  # a bare version id: served, or pinned in the config
+        owners = [m for m, v in state.versions.items() if v == ref] + [
+            m.pinned_versions[ref] for m in state.router.config.models
+            if ref in m.pinned_versions]
         if not owners:
             raise ModelNotFound(ref, list(state.versions))
         ref, version = owners[0], ref
@@ -144,7 +154,7 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
     state = ingress()
     model = model_for(request, model_ref)
     name = served_name(model, model_ref)  # the model's id, or an upscaling alias
-    if version is not None and version != state.versions[name]:
+    if version is not None and not runs_at(state, model, name, version):
         raise InvalidField("version", f"{name} is served at version {state.versions[name]}")
     rid = request_id(request)
     inp = parse_input(model, body.input, name)

@@ -72,6 +72,9 @@ CHECKED = "atelier/tiny-sdxl-checked"
 INPAINTING = "atelier/tiny-sdxl-inpainting"
 AUTOSCALED = "atelier/tiny-sdxl-autoscaled"  # one replica, two under load
 CHECKED_PROMPT = "a scene for the safety checker"
+# Replicate's versions of stability-ai/sdxl and nightmareai/real-esrgan, pinned to FAST.
+SDXL_VERSION = "39ed52f2a78e934b3ba6e2a89f5b1c712de7dfea535525255b1aa35c5565e08b"
+ESRGAN_VERSION = "f121d640bd286e1fdc67f9799164c1d5be36ff74576ee11c803ae5b665dd46aa"
 MAX_BODY_BYTES = 2 * 2**20
 STUDIO = "http://studio.test:5173"  # the one origin whose browser apps may call
 
@@ -220,6 +223,8 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                ip_adapter={"embedded": "tiny-sdxl-ip-adapter", "scale": 0.8},
                upscalers={"esrgan": {"embedded": "tiny-esrgan"}},
                upscaling_aliases=["nightmareai/real-esrgan"],
+               replicate_versions=[f"stability-ai/sdxl:{SDXL_VERSION}",
+                                   f"nightmareai/real-esrgan:{ESRGAN_VERSION}"],
                limits={"max_size": 512, "max_pixels": 256 * 256, "max_steps": 60,
                        "max_loras": 2}),
         # The tiny IP-Adapter's files and a further "plus" adapter, `face`.

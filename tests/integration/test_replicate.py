@@ -12,10 +12,12 @@ from replicate.exceptions import ReplicateError
 from tests.integration.conftest import (
     AUTH,
     BATCHED,
+    ESRGAN_VERSION,
     FAST,
     FLUX,
     INPAINTING,
     KONTEXT,
+    SDXL_VERSION,
     assert_same_pixels,
     decode,
     pixels,
@@ -154,6 +156,29 @@ def test_search_finds_the_served_models_by_name_kind_and_alias(rep):
 def test_the_version_pins_the_model(rep):
     with pytest.raises(ReplicateError):
         rep.predictions.create(version=f"{FAST}:{'0' * 64}", input={"prompt": "x"})
+    # A version pinned to the model's upscaling alias does not run it as its SDXL.
+    with pytest.raises(ReplicateError) as other:
+        rep.predictions.create(version=f"stability-ai/sdxl:{ESRGAN_VERSION}",
+                               input={"prompt": "x"})
+    assert other.value.status == 422
+
+
+def test_code_pinned_to_replicates_own_versions_runs_unchanged(rep):
+    inp = {"prompt": "a red cube", "seed": 5, "num_inference_steps": 3}
+    (pinned,) = rep.run(f"stability-ai/sdxl:{SDXL_VERSION}", input=inp)  # a bare version id
+    (served,) = rep.run(FAST, input=inp)
+    assert_same_pixels(Image.open(io.BytesIO(pinned.read())),
+                       Image.open(io.BytesIO(served.read())))
+    prediction = rep.predictions.create(version=SDXL_VERSION, input=inp)
+    prediction.wait()
+    # It reports what ran: the model and the version served here.
+    assert prediction.status == "succeeded" and prediction.model == FAST
+    assert prediction.version == rep.models.get(FAST).latest_version.id != SDXL_VERSION
+    version = rep.models.get("stability-ai/sdxl").versions.get(SDXL_VERSION)
+    assert version.id == SDXL_VERSION and "prompt" in version.openapi_schema["components"][
+        "schemas"]["Input"]["properties"]
+    upscaler = rep.models.get("nightmareai/real-esrgan").versions.get(ESRGAN_VERSION)
+    assert "scale" in upscaler.openapi_schema["components"]["schemas"]["Input"]["properties"]
 
 
 def test_cancel_ends_queued_and_running_predictions_while_others_finish(rep):

@@ -69,6 +69,24 @@ def test_inconsistent_model_is_rejected_with_reason(model, text):
         parse_config({"models": [model]})
 
 
+SDXL_VERSION = "7762fd07cf82c948538e41f63f77d685e02b063e37e496e96eefd46c929f9bdc"
+
+
+def test_replicate_versions_client_code_pins_run_on_the_model_they_name():
+    cfg = parse_config({"models": [_model(aliases=["stability-ai/sdxl"], replicate_versions=[
+        f"stability-ai/sdxl:{SDXL_VERSION}", f"acme/sdxl:{'0' * 64}"])]})
+    assert cfg.models[0].pinned_versions == {SDXL_VERSION: "stability-ai/sdxl",
+                                              "0" * 64: "acme/sdxl"}
+    for bad in (f"acme/other:{SDXL_VERSION}", "acme/sdxl:7762fd07", SDXL_VERSION,
+                f"acme/sdxl:{SDXL_VERSION.upper()}"):
+        with pytest.raises(ConfigError, match="models.0: .*replicate_versions: .*not one of"):
+            parse_config({"models": [_model(replicate_versions=[bad])]})
+    with pytest.raises(ConfigError, match=f"version {SDXL_VERSION} is pinned twice"):
+        parse_config({"models": [
+            _model(replicate_versions=[f"acme/sdxl:{SDXL_VERSION}"]),
+            _model(id="acme/b", replicate_versions=[f"acme/b:{SDXL_VERSION}"])]})
+
+
 def test_an_alias_may_be_a_bare_name_as_openai_names_models():
     cfg = parse_config({"models": [_model(aliases=["dall-e-3", "gpt-image-1.5", "acme/x"])]})
     assert cfg.models[0].aliases == ["dall-e-3", "gpt-image-1.5", "acme/x"]
