@@ -223,6 +223,10 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "atelier"
 
 
+# The version of stability-ai/sdxl that Replicate's examples and client code pin.
+REPLICATE_SDXL = "stability-ai/sdxl:39ed52f2a78e934b3ba6e2a89f5b1c712de7dfea535525255b1aa35c5565e08b"
+
+
 def default_config() -> AtelierConfig:
     """The embedded default: a tiny random-weight SDXL (with a refiner, a Canny ControlNet
     and an IP-Adapter) and a tiny random-weight FLUX (with FLUX.1 Redux, and a union
@@ -232,7 +236,7 @@ def default_config() -> AtelierConfig:
     limits = LimitsConfig(max_size=1024, max_pixels=1024 * 1024)
     return AtelierConfig(models=[
         ModelConfig(id=DEFAULT_MODEL_ID, aliases=["stability-ai/sdxl", *OPENAI_IMAGE_MODELS],
-                    embedded="tiny-sdxl",
+                    embedded="tiny-sdxl", replicate_versions=[REPLICATE_SDXL],
                     refiner=RefinerConfig(embedded="tiny-sdxl-refiner"),
                     controlnets={"canny": ControlNetConfig(embedded="tiny-sdxl-controlnet",
                                                            preprocess="canny")},
