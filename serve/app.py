@@ -29,6 +29,7 @@ from serve.body_limit import install_body_limit
 from serve.config import AtelierConfig, ModelConfig, app_config
 from serve.context import ingress
 from serve.cors import install_cors
+from serve.hardware import gpu_types
 from serve.http_errors import install_error_handlers
 from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics, gc_pause_histogram
@@ -219,8 +220,7 @@ def _warn_of_missing_gpu_types(models: list[ModelConfig], has_gpus: bool) -> Non
     replicas wait for one (a server may still join)."""
     if not ray.is_initialized():
         return
-    present = {key.removeprefix("accelerator_type:") for key in ray.cluster_resources()
-               if key.startswith("accelerator_type:")}
+    present = gpu_types(ray.cluster_resources())
     for model in models:
         wanted = model.accelerator_type if _on_gpu(model, has_gpus) else None
         if wanted and wanted not in present:

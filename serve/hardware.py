@@ -17,8 +17,9 @@ def sku(accelerator_type: str | None) -> str:
     return f"gpu-{accelerator_type.lower()}" if accelerator_type else "gpu"
 
 
-def _gpu_type(resources: dict[str, float]) -> str | None:
-    return next((key.removeprefix(_TYPE) for key in resources if key.startswith(_TYPE)), None)
+def gpu_types(resources: dict[str, float]) -> set[str]:
+    """The GPU types among Ray resources (a node's, or the cluster's)."""
+    return {key.removeprefix(_TYPE) for key in resources if key.startswith(_TYPE)}
 
 
 def cluster_hardware(nodes: list[dict]) -> list[dict]:
@@ -31,7 +32,7 @@ def cluster_hardware(nodes: list[dict]) -> list[dict]:
         resources = node.get("Resources", {})
         found = [("cpu", "CPU", resources.get("CPU", 0))]
         if resources.get("GPU", 0) > 0:
-            kind = _gpu_type(resources)
+            kind = next(iter(gpu_types(resources)), None)  # (one per server)
             name = f"{kind.replace('-', ' ')} GPU" if kind else "GPU"
             found.append((sku(kind), name, resources["GPU"]))
         for code, name, count in found:
