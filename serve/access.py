@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.auth import OPEN_PREFIXES, matching_key
 from serve.context import IngressState
-from serve.errors import Unauthorized
+from serve.errors import AtelierError, Unauthorized
 from serve.http_errors import api_path, error_response
 from serve.rate_limits import counted, draw
 
@@ -61,7 +61,10 @@ class Access:
         request.state.api_key = key
         if key is None or key.requests_per_minute is None or not counted(request.method, path):
             return None, {}
-        drawn = await draw(state.store, key)
+        try:
+            drawn = await draw(state.store, key)
+        except AtelierError as exc:  # the store of its bucket does not answer
+            return error_response(path, exc), {}
         if drawn.allowed:
             return None, drawn.headers()
         state.metrics.rate_limited.inc(1, {"key": key.name})

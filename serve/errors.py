@@ -115,6 +115,14 @@ class ReplicaLost(AtelierError):
     kind = "replica_lost"
 
 
+class StoreUnavailable(AtelierError):
+    """The store of predictions, files and rate limits (Redis) does not answer: retry."""
+
+    status = 503
+    kind = "store_unavailable"
+    retry_after_s = 5
+
+
 class OutOfMemory(AtelierError):
     """The device ran out of memory for this request even alone (its batch was split and
     retried smaller first): retry later, or ask for fewer images or a smaller size."""

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from serve.errors import StoreUnavailable
 from serve.files import StoredFile
 from serve.uploads import Upload
 
@@ -138,7 +139,9 @@ class PredictionRunner:
             try:
                 await self.store.renew(list(self._tasks), self.owner, self.lease_s)
                 await self.adopt_orphans()
-            except Exception:  # the store is unreachable for now: try again later
+            except StoreUnavailable:  # (logged by the store) try again later
+                pass
+            except Exception:  # try again later
                 log.exception("renewing leases or adopting predictions failed")
             await asyncio.sleep(self.lease_s / 3)
 
@@ -193,5 +196,10 @@ class PredictionRunner:
 
     async def until_canceled(self, prediction_id: str) -> None:
         """Return once a cancel has been requested for the prediction (from any replica)."""
-        while not await self.store.cancel_requested(prediction_id):
+        while True:
+            try:
+                if await self.store.cancel_requested(prediction_id):
+                    return
+            except StoreUnavailable:
+                pass  # (nor can a cancel be requested through it meanwhile)
             await asyncio.sleep(CANCEL_POLL_S)

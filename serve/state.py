@@ -6,17 +6,45 @@ memory backend also caps the bytes of output files it keeps, and of uploads.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from redis.exceptions import RedisError
+
+from serve.errors import StoreUnavailable
 from serve.files import FileStore, StoredFile, file_name
 from serve.predictions import Prediction
 from serve.rate_limits import REDIS_TAKE, MemoryBuckets
 from serve.uploads import Upload
 
 _PREFIX = "atelier:"
+log = logging.getLogger("ray.serve.atelier.state")
+
+
+def _answering(cls: type) -> type:
+    """Each public coroutine method of `cls` raises StoreUnavailable where Redis does not
+    answer (refused or lost connection, time-out, a failing server), so that a request
+    gets 503 with Retry-After in its API's shape, not an internal error."""
+    def translated(method: Callable) -> Callable:
+        @functools.wraps(method)
+        async def call(self, *args, **kwargs):
+            try:
+                return await method(self, *args, **kwargs)
+            except RedisError as exc:
+                log.warning("Redis did not answer (%s): %s", method.__name__, exc)
+                raise StoreUnavailable("the prediction and file store (Redis) does not "
+                                       "answer; retry later") from exc
+        return call
+
+    for name, method in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(method):
+            setattr(cls, name, translated(method))
+    return cls
 
 
 class MemoryStore:
@@ -121,6 +149,7 @@ class MemoryStore:
                 self._leases.pop(pid, None)
 
 
+@_answering
 class RedisStore:
     """Keys: atelier:pred:<id> (JSON), atelier:preds (ids by creation time),
     atelier:file:<name> (hash of data and type), atelier:upload:<id> (hash of data and the

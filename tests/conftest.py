@@ -114,14 +114,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
+def start_redis(port: int, folder: Path, appendonly: bool = False) -> subprocess.Popen:
+    """A redis-server on `port`, keeping its files in `folder` (with `appendonly`, every
+    write, so that a restart finds them), once it accepts connections."""
     server = shutil.which("redis-server")
     assert server, "redis-server is missing: `make test` installs Debian's redis-server"
-    port = free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path_factory.mktemp("redis"))],
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([server, "--port", str(port), "--save", "", "--appendonly",
+                             "yes" if appendonly else "no", "--appendfsync", "always",
+                             "--dir", str(folder)], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -129,6 +129,13 @@ def redis_url(tmp_path_factory):
             break
         except OSError:
             time.sleep(0.1)
+    return proc
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    port = free_port()
+    proc = start_redis(port, tmp_path_factory.mktemp("redis"))
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)

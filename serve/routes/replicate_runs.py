@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 
 from serve.context import IngressState
 from serve.controls import load_controls, load_extra_image_prompts, load_image_prompt
-from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost
+from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost, StoreUnavailable
 from serve.images import load_source
 from serve.predictions import Prediction, now_iso
 from serve.routes.replicate_schemas import (
@@ -34,7 +34,17 @@ _FIRST_RETRY_S, _MAX_RETRY_S = 0.5, 10.0
 
 
 async def run_prediction(state: IngressState, p: Prediction) -> None:
-    """Run a stored prediction to its end, keeping its state in the store."""
+    """Run a stored prediction to its end, keeping its state in the store. Where the
+    store stops answering, it is left as last stored: its lease then lapses, and once the
+    store answers again a replica adopts it and runs it again from its input and seed."""
+    try:
+        await _prepare_and_run(state, p)
+    except StoreUnavailable:
+        log.warning("prediction %s left for a later run: the store does not answer", p.id,
+                    extra={"prediction_id": p.id})
+
+
+async def _prepare_and_run(state: IngressState, p: Prediction) -> None:
     private = p.private
     try:
         gen = state.prepared.pop(p.id, None)  # built when this replica accepted it
@@ -46,6 +56,8 @@ async def run_prediction(state: IngressState, p: Prediction) -> None:
             inp = parse_input(model, raw, p.model)
             gen = await to_request(state, p.model, inp, private["request_id"],
                                    private.get("client", ""), private.get("priority", 0))
+    except StoreUnavailable:
+        raise
     except (AtelierError, RequestValidationError) as exc:  # e.g. a redeploy changed the model
         message = getattr(exc, "message", "the stored input does not fit the model any more")
         p.finish("failed", error=message)
@@ -103,7 +115,7 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
     adopted = bool(p.logs)
     if not adopted:
         p.logs = f"Using seed: {gen.seed}\n"
-    started = time.monotonic()
+    started, left = time.monotonic(), False
     try:
         if webhook and not adopted:
             await webhook.send("start", p.to_json(base))
@@ -130,6 +142,9 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
         await state.store.save(p)
         if webhook:
             await webhook.send("output", p.to_json(base))
+    except StoreUnavailable:
+        left = True  # (run_prediction: run again once the store answers)
+        raise
     except AtelierError as exc:
         p.finish("failed", error=exc.message)
         await state.store.save(p)
@@ -144,7 +159,7 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
     finally:
         log.info("prediction %s %s", p.id, p.status,
                  extra={"prediction_id": p.id, "model": p.model, "status": p.status})
-        if webhook and not state.predictions.handing_over:
+        if webhook and not state.predictions.handing_over and not left:
             await asyncio.shield(webhook.send("completed", p.to_json(base)))
 
 
@@ -162,7 +177,7 @@ async def _retrying(state: IngressState, p: Prediction, gen: GenerationRequest, 
             if time.monotonic() + delay > give_up:
                 raise
             p.logs += f"{exc.message}; retrying in {delay:.1f}s\n"
-            await state.store.save(p)
+            await _save_progress(state, p)
             await asyncio.sleep(delay)
             delay = min(2 * delay, _MAX_RETRY_S)
 
@@ -185,10 +200,19 @@ async def _follow(state: IngressState, p: Prediction, gen: GenerationRequest, ba
         p.logs = header + _progress_line(step, total)
         if time.monotonic() - last_saved >= _SAVE_EVERY_S:
             last_saved = time.monotonic()
-            await state.store.save(p)
+            await _save_progress(state, p)
             if webhook:
                 await webhook.send("logs", p.to_json(base))
     raise AtelierError("the model ended the stream without a result")
+
+
+async def _save_progress(state: IngressState, p: Prediction) -> None:
+    """Progress is saved where the store answers; the end is saved, or the prediction is
+    left for a later run (run_prediction)."""
+    try:
+        await state.store.save(p)
+    except StoreUnavailable:
+        pass
 
 
 def _progress_line(step: int, total: int) -> str:
