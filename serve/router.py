@@ -60,7 +60,6 @@ class ModelRouter:
         """`model` runs `count` replicas now: let through what they hold (one request at
         least, which waits in Serve's queue for a replica to start)."""
         self._admission[model.id].resize(count * model.max_ongoing_requests)
-        self.metrics.replicas(model.id, count, model.replica_range[0])
 
     def resolve(self, name: str | None, key: ApiKey | None = None) -> ModelConfig:
         """The model named by id or alias (for None, the first configured one), among

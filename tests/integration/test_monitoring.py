@@ -26,12 +26,10 @@ from PIL import Image
 
 from tests.integration.conftest import (
     AUTH,
-    AUTOSCALED,
     CHECKED,
     CHECKED_PROMPT,
     FAST,
     KONTEXT,
-    TWO_REPLICAS,
     _free_port,
     ray_session_dir,
 )
@@ -189,26 +187,6 @@ def test_usage_is_counted_under_the_api_keys_name(prometheus):
     by_key = {s["metric"]["key"]: float(s["value"][1])
               for s in _query(prometheus, "sum by (key) (ray_atelier_key_images_total)")}
     assert by_key.get(name, 0) >= 10 and API_KEY not in by_key
-
-
-def test_the_ingress_exports_each_models_running_and_wanted_replicas(base_url, prometheus):
-    """Each model runs what it should: one replica, two for the two-replica model, and the
-    autoscaled one's fewest (one), as /healthz says too."""
-    health = httpx.get(f"{base_url}/healthz", headers=AUTH).json()["models"]
-    expected = {model: (h["replicas_running"], h["replicas_range"][0])
-                for model, h in health.items()}
-    assert expected[TWO_REPLICAS] == (2, 2) and expected[AUTOSCALED][1] == 1
-    deadline = time.monotonic() + 30  # (a count that just changed reaches Prometheus
-    while True:                       # within Ray's 10 s report interval and a scrape)
-        exported = {}
-        for kind in ("running", "wanted"):
-            for s in _query(prometheus, f"max by (model) (ray_atelier_model_replicas_{kind})"):
-                exported.setdefault(s["metric"]["model"], {})[kind] = float(s["value"][1])
-        pairs = {model: (e.get("running"), e.get("wanted")) for model, e in exported.items()}
-        if pairs == expected or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert pairs == expected
 
 
 def test_every_alert_rule_runs_on_the_metrics_the_app_exports(prometheus):
