@@ -48,8 +48,7 @@ class ModelRouter:
             for name in model.names:
                 self._by_name[name] = model
         # Requests past what a model's replicas hold wait here, by priority (admission).
-        # (From the replicas it starts with, its fewest if autoscaled; then those running:
-        # see replicas_running.)
+        # (An autoscaled model's start with its fewest: see replicas_running.)
         self._admission = {
             m.id: Admission(m.id, m.replica_range[0] * m.max_ongoing_requests,
                             m.max_queued_requests,
@@ -57,8 +56,7 @@ class ModelRouter:
             for m in config.models}
 
     def replicas_running(self, model: ModelConfig, count: int) -> None:
-        """`model` runs `count` replicas now: let through what they hold (one request at
-        least, which waits in Serve's queue for a replica to start)."""
+        """An autoscaled `model` runs `count` replicas now: let through what they hold."""
         self._admission[model.id].resize(count * model.max_ongoing_requests)
 
     def resolve(self, name: str | None, key: ApiKey | None = None) -> ModelConfig:
