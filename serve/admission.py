@@ -10,9 +10,11 @@ are that many, a newcomer of higher priority takes the place of the newest of th
 priority waiting, which is refused as the model being busy (503, Retry-After), as a
 newcomer of no higher priority is.
 
-An autoscaled model's capacity follows its running replicas (`resize`): a replica's
-`max_ongoing_requests` is over the autoscaler's target, so full replicas are what make it
-add one, and the requests it will take wait here by priority, not in Serve's queue.
+The capacity follows the model's running replicas (`resize`, serve.replicas): while a
+replica is lost (its server down, its process being replaced) or an autoscaled model's
+replica starts, the requests it would hold wait here by priority, not in Serve's queue. An
+autoscaled replica's `max_ongoing_requests` is over the autoscaler's target, so full
+replicas are what make it add one.
 
 With several ingress replicas each lets through a whole model's share (so that an uneven
 spread of clients over them never idles a GPU); what exceeds it waits in Serve's queue.
@@ -52,9 +54,9 @@ class Admission:
         self._on_waiting = on_waiting
 
     def resize(self, capacity: int) -> None:
-        """Let through `capacity` at once from now on (at least one), as an autoscaled
-        model's running replicas change: with more, waiters go through now; with fewer,
-        none goes until those running are under it."""
+        """Let through `capacity` at once from now on (at least one), as the model's
+        running replicas change: with more, waiters go through now; with fewer, none goes
+        until those running are under it."""
         self.capacity = max(1, capacity)
         self._admit()
 

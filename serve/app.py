@@ -24,7 +24,6 @@ from serve import gc_pauses
 from serve.access import install_access
 from serve.adapters import AdapterCatalog
 from serve.auth import configured_keys
-from serve.autoscaled import follow_autoscaled
 from serve.body_limit import install_body_limit
 from serve.config import AtelierConfig, ModelConfig, app_config
 from serve.context import ingress
@@ -34,6 +33,7 @@ from serve.http_errors import install_error_handlers
 from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics, gc_pause_histogram
 from serve.predictions import PredictionRunner
+from serve.replicas import follow_replicas
 from serve.router import ModelRouter
 from serve.routes import (
     files,
@@ -107,7 +107,7 @@ class Ingress:
             log.warning("no API keys are set: anyone who reaches this port can generate")
         self.deployment_names = dict(deployment_names)
         self._following = asyncio.get_running_loop().create_task(
-            follow_autoscaled(self.router, self.deployment_names))
+            follow_replicas(self.router, self.deployment_names))
         self.started_at = int(time.time())
         self._webhook_secret = cfg.webhook_secret or webhook_secret_from_env()
         gc_pauses.settle()  # later collections scan only what serving makes

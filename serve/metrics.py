@@ -87,6 +87,12 @@ class IngressMetrics:
         self.ingress_waiting = Gauge("atelier_ingress_waiting_requests", (
             "Requests waiting at the ingress, by priority, for a place on a model's "
             "replicas"), tag_keys=("model",))
+        self.replicas_running = Gauge("atelier_model_replicas_running", (
+            "A model's replicas that take requests, as the ingress reads them from Serve"),
+            tag_keys=("model",))
+        self.replicas_wanted = Gauge("atelier_model_replicas_wanted", (
+            "The replicas a model should run at least: its `replicas`, or autoscaled its "
+            "`min_replicas`"), tag_keys=("model",))
 
     def answered(self, path: str, status: int, seconds: float) -> None:
         api = api_name(path)
@@ -108,6 +114,10 @@ class IngressMetrics:
 
     def waiting(self, model: str, count: int) -> None:
         self.ingress_waiting.set(count, {"model": model})
+
+    def replicas(self, model: str, running: int, wanted: int) -> None:
+        self.replicas_running.set(running, {"model": model})
+        self.replicas_wanted.set(wanted, {"model": model})
 
 
 class ModelMetrics:

@@ -48,7 +48,8 @@ class ModelRouter:
             for name in model.names:
                 self._by_name[name] = model
         # Requests past what a model's replicas hold wait here, by priority (admission).
-        # (An autoscaled model's start with its fewest: see replicas_running.)
+        # (From the replicas it starts with, its fewest if autoscaled; then those running:
+        # see replicas_running.)
         self._admission = {
             m.id: Admission(m.id, m.replica_range[0] * m.max_ongoing_requests,
                             m.max_queued_requests,
@@ -56,8 +57,10 @@ class ModelRouter:
             for m in config.models}
 
     def replicas_running(self, model: ModelConfig, count: int) -> None:
-        """An autoscaled `model` runs `count` replicas now: let through what they hold."""
+        """`model` runs `count` replicas now: let through what they hold (one request at
+        least, which waits in Serve's queue for a replica to start)."""
         self._admission[model.id].resize(count * model.max_ongoing_requests)
+        self.metrics.replicas(model.id, count, model.replica_range[0])
 
     def resolve(self, name: str | None, key: ApiKey | None = None) -> ModelConfig:
         """The model named by id or alias (for None, the first configured one), among

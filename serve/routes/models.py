@@ -8,9 +8,9 @@ from typing import get_args
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from serve.autoscaled import model_deployments, running
 from serve.context import base_url, ingress, model_for, usable_models
 from serve.model_extras import BICUBIC
+from serve.replicas import model_deployments, running
 from serve.routes.replicate import description, model_json
 from serve.types import MOST_PROMPT_PICTURES, IPAdapterBlocks
 

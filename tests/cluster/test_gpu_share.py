@@ -4,16 +4,20 @@ replicas on it, both serve, and the GPU is then taken whole. The GPU is a Ray re
 placement is about. With a whole GPU each, the second replica could never be placed.
 
 The node's GPU is of a type (RTX-PRO-6000, the resource Ray gives a server of such cards),
-which one of the models asks for (`accelerator_type`)."""
+which one of the models asks for (`accelerator_type`).
+
+A model of two replicas with room for one (a server down) serves on that one, and the
+requests it cannot hold wait at the ingress by priority."""
 
 import logging
 import os
+import threading
 import time
 
 import httpx
 import pytest
 
-from tests.integration.conftest import _free_port, decode, pixels
+from tests.integration.conftest import AUTH, URGENT_KEY, _free_port, decode, pixels
 
 MODELS = ("atelier/tiny-sdxl-a", "atelier/tiny-sdxl-b")
 GPU_TYPE = "RTX-PRO-6000"
@@ -110,3 +114,56 @@ def test_a_model_pinned_to_a_gpu_type_no_server_has_waits_and_says_why(shared_gp
         assert health["replicas_running"] == 0 and "to be scheduled" in health["message"]
     finally:
         serve.delete("atelier-h100")
+
+
+def _post(url: str, key: str, model: str, done: dict, name: str) -> None:
+    r = httpx.post(f"{url}/generate", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                   json={"model": model, "prompt": "a lamp", "seed": 1, "steps": 40,
+                         "width": 128, "height": 128})
+    done[name] = (time.monotonic(), r.status_code, r.headers.get("X-Atelier-Replica"))
+
+
+@pytest.mark.timeout(240)
+def test_a_model_short_of_a_replica_lets_through_what_it_runs_and_the_rest_wait_by_priority(
+        shared_gpu, cache_dir):
+    from ray import serve
+
+    from serve.app import build_app
+
+    # Two replicas of two CPUs each, where two CPUs are free: one is placed, the other
+    # waits, as a replica whose server is down does.
+    model = {"id": "atelier/tiny-sdxl-two", "embedded": "tiny-sdxl", "dtype": "float32",
+             "device": "cpu", "replicas": 2, "num_cpus": 2, "max_ongoing_requests": 1,
+             "batching": {"max_batch_size": 1, "wait_ms": 0}, "request_timeout_s": 30,
+             "limits": {"max_steps": 60}}
+    plain = AUTH["Authorization"].split()[1]
+    serve._run(build_app({"atelier": {"cache_dir": str(cache_dir), "models": [model],
+                                      "api_keys": [plain, {"key": URGENT_KEY, "priority": 9}]}}),
+               name="atelier-two", route_prefix="/two", _blocking=False)
+    _, url = shared_gpu
+    try:
+        deadline, health = time.monotonic() + 120, None
+        while time.monotonic() < deadline and not (health or {}).get("replicas_running"):
+            time.sleep(1)
+            r = httpx.get(f"{url}/two/healthz")
+            health = r.json()["models"][model["id"]] if r.status_code in (200, 503) else None
+        assert health and (health["replicas_running"], health["replicas_wanted"]) == (1, 2), health.get("message")
+        time.sleep(2)  # (the ingress reads the running replicas every second)
+        done, threads = {}, []
+        for name, key in [("low1", plain), ("low2", plain), ("low3", plain), ("low4", plain),
+                          ("urgent", URGENT_KEY)]:
+            threads.append(threading.Thread(target=_post,
+                                            args=(f"{url}/two", key, model["id"], done, name)))
+            threads[-1].start()
+            time.sleep(0.15)  # (they arrive in this order, while low1 runs for seconds)
+        for t in threads:
+            t.join()
+        assert {status for _, status, _ in done.values()} == {200}, done
+        assert len({replica for _, _, replica in done.values()}) == 1
+        # The one replica holds low1; the others wait at the ingress, where the urgent one
+        # goes first. Let through for two replicas, low2 would have waited in Serve's queue
+        # for the one running, and gone before it.
+        finished = sorted(done, key=lambda name: done[name][0])
+        assert finished[:2] == ["low1", "urgent"], finished
+    finally:
+        serve.delete("atelier-two")

@@ -148,6 +148,14 @@ def test_a_stopped_node_leaves_the_other_serving_and_placement_returns_with_it(c
     survivors = _until(lambda: _placements(url, 12), 120, "the head's replicas to serve")
     assert {node for node, _ in survivors.values()} == {head_node}
     assert sorted({gpu for _, gpu in survivors.values()}) == ["0", "1"]
+    # The missing replicas wait for GPUs; /healthz says so.
+    # Serve finds the lost replicas by their failed health checks; /healthz then says the
+    # model runs two of its four replicas.
+    health = _until(lambda: (h := httpx.get(f"{url}/healthz").json()["models"][MODEL])[
+        "replicas_running"] == 2 and h, 60, "the lost replicas to be noticed")
+    assert (health["replicas_wanted"], health["state"], health["status"]) == (
+        4, "not_ready", "UNHEALTHY"), health
+    assert "health check failed" in health["message"]
 
     nodes["worker"] = _ray_start(f"--address={gcs}")
     seen = _until(lambda: _one_replica_per_gpu_of_two_nodes(url), 180, "placement restored")

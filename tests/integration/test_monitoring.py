@@ -26,10 +26,12 @@ from PIL import Image
 
 from tests.integration.conftest import (
     AUTH,
+    AUTOSCALED,
     CHECKED,
     CHECKED_PROMPT,
     FAST,
     KONTEXT,
+    TWO_REPLICAS,
     _free_port,
     ray_session_dir,
 )
@@ -156,14 +158,20 @@ def _query(prometheus, expr):
 def test_every_dashboard_panel_returns_data(base_url, prometheus):
     _traffic(base_url, seconds=30)
     time.sleep(3)  # one more scrape of the last export
-    empty = []
-    for title, expr in _panel_queries():
-        values = [float(s["value"][1]) for s in _query(prometheus, _concrete(expr))]
-        if title.startswith("Busy share"):  # a fraction of each replica's time
-            assert values and all(0 < v <= 1.1 for v in values), values
-        gpu_only = any(metric in expr for metric in RAY_GPU_METRICS)
-        if not any(math.isfinite(v) for v in values) and (_has_gpu() or not gpu_only):
-            empty.append((title, expr, values))
+    queries, deadline = _panel_queries(), time.monotonic() + 30
+    while True:  # (an ingress gauge was once missing for a few seconds after the traffic)
+        empty = []
+        for title, expr in queries:
+            values = [float(s["value"][1]) for s in _query(prometheus, _concrete(expr))]
+            if title.startswith("Busy share"):  # a fraction of each replica's time
+                assert values and all(0 < v <= 1.1 for v in values), values
+            gpu_only = any(metric in expr for metric in RAY_GPU_METRICS)
+            if not any(math.isfinite(v) for v in values) and (_has_gpu() or not gpu_only):
+                empty.append((title, expr, values))
+        if not empty or time.monotonic() > deadline:
+            break
+        queries = [(title, expr) for title, expr, _ in empty]
+        time.sleep(2)
     assert not empty, empty
     assert sum(any(m in e for m in RAY_GPU_METRICS) for _, e in _panel_queries()) == 2
 
@@ -187,6 +195,28 @@ def test_usage_is_counted_under_the_api_keys_name(prometheus):
     by_key = {s["metric"]["key"]: float(s["value"][1])
               for s in _query(prometheus, "sum by (key) (ray_atelier_key_images_total)")}
     assert by_key.get(name, 0) >= 10 and API_KEY not in by_key
+
+
+def test_the_ingress_exports_each_models_running_and_wanted_replicas(base_url, prometheus):
+    """Each model of the app runs what it should: one replica, two for the two-replica
+    model, and the autoscaled one's fewest (one), as /healthz says too. (Other apps of the
+    session export their own models' counts.)"""
+    health = httpx.get(f"{base_url}/healthz", headers=AUTH).json()["models"]
+    expected = {model: (h["replicas_running"], h["replicas_range"][0])
+                for model, h in health.items()}
+    assert expected[TWO_REPLICAS] == (2, 2) and expected[AUTOSCALED][1] == 1
+    deadline = time.monotonic() + 30  # (a count that just changed reaches Prometheus
+    while True:                       # within Ray's 10 s report interval and a scrape)
+        exported = {}
+        for kind in ("running", "wanted"):
+            for s in _query(prometheus, "max by (model) (ray_atelier_model_replicas_"
+                                        f'{kind}{{application="atelier"}})'):
+                exported.setdefault(s["metric"]["model"], {})[kind] = float(s["value"][1])
+        pairs = {model: (e.get("running"), e.get("wanted")) for model, e in exported.items()}
+        if pairs == expected or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert pairs == expected
 
 
 def test_every_alert_rule_runs_on_the_metrics_the_app_exports(prometheus):

@@ -70,6 +70,25 @@ def _availability() -> dict:
                     "application": "atelier", "deployment": "model-acme-sdxl"})]}]}
 
 
+def _replicas() -> dict:
+    # Two ingress replicas (e, f) read each model's replicas. acme/flux (two wanted) runs
+    # one from 1 minute, as both read; acme/sdxl (one wanted) runs it, as ingress e reads,
+    # while the stopped ingress f's last reading, a replica starting, stays exported.
+    def gauge(kind: str, model: str, ingress: str, values: str) -> dict:
+        return _ingress(f"ray_atelier_model_replicas_{kind}", model, values,
+                        f',replica="{ingress}"')
+
+    return {"interval": "1m", "input_series": [
+        *(gauge("wanted", "acme/flux", ingress, "2x30") for ingress in "ef"),
+        *(gauge("running", "acme/flux", ingress, "2 1x30") for ingress in "ef"),
+        *(gauge("wanted", "acme/sdxl", ingress, "1x30") for ingress in "ef"),
+        gauge("running", "acme/sdxl", "e", "1x30"), gauge("running", "acme/sdxl", "f", "0x30")],
+        "alert_rule_test": [
+            {"eval_time": "14m", "alertname": "AtelierReplicasMissing", "exp_alerts": []},
+            {"eval_time": "17m", "alertname": "AtelierReplicasMissing", "exp_alerts": [
+                _expected("AtelierReplicasMissing", {"model": "acme/flux"})]}]}
+
+
 def _requests() -> dict:
     # Per 15 s: acme/sdxl delivers 60 and fails 6 (9 %, oom) and is refused 3 times (4.8 %);
     # acme/flux delivers 60 and fails 1 (1.6 %); acme/broken delivers none and fails 3;
@@ -136,14 +155,14 @@ def _test_rules(tests: list[dict], folder: Path) -> subprocess.CompletedProcess:
     return _promtool("test", "rules", str(spec))
 
 
-@pytest.mark.parametrize("case", [_availability, _requests, _latency, _gpus])
+@pytest.mark.parametrize("case", [_availability, _replicas, _requests, _latency, _gpus])
 def test_each_alert_fires_where_it_should_and_only_there(case, tmp_path):
     run = _test_rules([case()], tmp_path)
     assert run.returncode == 0 and "SUCCESS" in run.stdout, run.stdout + run.stderr
 
 
 def test_every_shipped_alert_is_tested_and_a_wrong_expectation_fails(tmp_path):
-    tested = {t["alertname"] for case in (_availability, _requests, _latency, _gpus)
+    tested = {t["alertname"] for case in (_availability, _replicas, _requests, _latency, _gpus)
               for t in case()["alert_rule_test"]}
     assert tested == set(_rules())
     wrong = _requests()

@@ -14,6 +14,8 @@ from serve.router import ModelRouter
 
 log = logging.getLogger("ray.serve.atelier.ingress")
 FOLLOW_EVERY_S = 1.0  # (a new replica waits at most this long for requests)
+# Replicas that take requests: a replica on a server being drained still serves.
+SERVING = ("RUNNING", "PENDING_MIGRATION")
 
 
 def model_deployments(deployment_names: Mapping[str, str]) -> dict:
@@ -25,21 +27,22 @@ def model_deployments(deployment_names: Mapping[str, str]) -> dict:
 
 
 def running(deployment) -> int:
-    """The running replicas of a deployment as model_deployments gives it."""
-    return deployment.replica_states.get("RUNNING", 0) if deployment else 0
+    """The replicas of a deployment as model_deployments gives it that take requests."""
+    states = deployment.replica_states if deployment else {}
+    return sum(states.get(state, 0) for state in SERVING)
 
 
-async def follow_autoscaled(router: ModelRouter, deployment_names: Mapping[str, str]) -> None:
-    """Keeps the router's admission of each autoscaled model to its running replicas."""
-    models = [m for m in router.config.models if m.autoscaling is not None]
+async def follow_replicas(router: ModelRouter, deployment_names: Mapping[str, str]) -> None:
+    """Keeps the router's admission of each model to its running replicas."""
+    models = list(router.config.models)
     names = {m.id: deployment_names[m.id] for m in models}
     while models:
         try:
             deployments = await asyncio.to_thread(model_deployments, names)
         except Exception as exc:  # noqa: BLE001 (kept as it was until the next look)
-            log.info("reading the autoscaled models' replicas failed: %s", exc)
+            log.info("reading the models' replicas failed: %s", exc)
             deployments = {}
         for model in models:
-            if count := running(deployments.get(model.id)):
-                router.replicas_running(model, count)
+            if (deployment := deployments.get(model.id)) is not None:
+                router.replicas_running(model, running(deployment))
         await asyncio.sleep(FOLLOW_EVERY_S)
