@@ -1,6 +1,6 @@
-"""How many replicas each autoscaled model runs, followed by each ingress replica, so that
-it lets through to the model what those replicas hold and no more (serve.admission): the
-rest wait in its queue by priority while the autoscaler adds replicas."""
+"""How many replicas each model runs, followed by each ingress replica, so that it lets
+through to the model what those replicas hold and no more (serve.admission): the rest wait
+in its queue by priority while a lost replica is replaced or the autoscaler adds one."""
 
 from __future__ import annotations
 

@@ -62,7 +62,11 @@ def prometheus(base_url, metrics_port, tmp_path_factory):
     targets = json.loads(ours.read_text())[0]["targets"]
     assert any(t.endswith(f":{metrics_port}") for t in targets), targets
     job["file_sd_configs"][0]["files"] = [str(ours)]
-    config["global"]["scrape_interval"] = "1s"
+    # Ray's metrics agent takes up to a second to answer on a busy 2-core machine, and a
+    # scrape that times out marks every series of its target stale (empty to a query until
+    # the next good one): scrapes are short but not shorter than that.
+    config["global"]["scrape_interval"] = "2s"
+    config["global"]["scrape_timeout"] = "2s"
     config["global"]["evaluation_interval"] = "1s"
     config["rule_files"] = [str(ALERTS)]  # the shipped rules, from where they are
     folder = tmp_path_factory.mktemp("prometheus")
@@ -155,24 +159,40 @@ def _query(prometheus, expr):
     return r.json()["data"]["result"]
 
 
+def _scrapes(prometheus) -> dict:
+    """Each target's last scrape, for a failure's message: up, and its seconds."""
+    return {s["metric"]["instance"]: (kind, s["value"][1])
+            for kind in ("up", "scrape_duration_seconds")
+            for s in _query(prometheus, kind)}
+
+
+def _asked_until(ask, done, seconds=30):
+    """`ask()` again every 2 s until `done(answer)` or `seconds` have passed (a gauge just
+    set reaches Prometheus within Ray's 10 s report interval and a scrape; a failed scrape
+    leaves nothing for a moment): the last answer."""
+    deadline = time.monotonic() + seconds
+    while not done(answer := ask()) and time.monotonic() < deadline:
+        time.sleep(2)
+    return answer
+
+
+def _empty_panels(prometheus) -> list:
+    empty = []
+    for title, expr in _panel_queries():
+        values = [float(s["value"][1]) for s in _query(prometheus, _concrete(expr))]
+        if title.startswith("Busy share"):  # a fraction of each replica's time
+            assert values and all(0 < v <= 1.1 for v in values), values
+        gpu_only = any(metric in expr for metric in RAY_GPU_METRICS)
+        if not any(math.isfinite(v) for v in values) and (_has_gpu() or not gpu_only):
+            empty.append((title, expr, values))
+    return empty
+
+
 def test_every_dashboard_panel_returns_data(base_url, prometheus):
     _traffic(base_url, seconds=30)
-    time.sleep(3)  # one more scrape of the last export
-    queries, deadline = _panel_queries(), time.monotonic() + 30
-    while True:  # (an ingress gauge was once missing for a few seconds after the traffic)
-        empty = []
-        for title, expr in queries:
-            values = [float(s["value"][1]) for s in _query(prometheus, _concrete(expr))]
-            if title.startswith("Busy share"):  # a fraction of each replica's time
-                assert values and all(0 < v <= 1.1 for v in values), values
-            gpu_only = any(metric in expr for metric in RAY_GPU_METRICS)
-            if not any(math.isfinite(v) for v in values) and (_has_gpu() or not gpu_only):
-                empty.append((title, expr, values))
-        if not empty or time.monotonic() > deadline:
-            break
-        queries = [(title, expr) for title, expr, _ in empty]
-        time.sleep(2)
-    assert not empty, empty
+    time.sleep(5)  # one more scrape of the last export
+    empty = _asked_until(lambda: _empty_panels(prometheus), lambda empty: not empty)
+    assert not empty, (empty, _scrapes(prometheus))
     assert sum(any(m in e for m in RAY_GPU_METRICS) for _, e in _panel_queries()) == 2
 
 
@@ -205,18 +225,17 @@ def test_the_ingress_exports_each_models_running_and_wanted_replicas(base_url, p
     expected = {model: (h["replicas_running"], h["replicas_range"][0])
                 for model, h in health.items()}
     assert expected[TWO_REPLICAS] == (2, 2) and expected[AUTOSCALED][1] == 1
-    deadline = time.monotonic() + 30  # (a count that just changed reaches Prometheus
-    while True:                       # within Ray's 10 s report interval and a scrape)
-        exported = {}
+
+    def exported():
+        counts = {}
         for kind in ("running", "wanted"):
             for s in _query(prometheus, "max by (model) (ray_atelier_model_replicas_"
                                         f'{kind}{{application="atelier"}})'):
-                exported.setdefault(s["metric"]["model"], {})[kind] = float(s["value"][1])
-        pairs = {model: (e.get("running"), e.get("wanted")) for model, e in exported.items()}
-        if pairs == expected or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert pairs == expected
+                counts.setdefault(s["metric"]["model"], {})[kind] = float(s["value"][1])
+        return {model: (c.get("running"), c.get("wanted")) for model, c in counts.items()}
+
+    pairs = _asked_until(exported, lambda pairs: pairs == expected)
+    assert pairs == expected, (pairs, _scrapes(prometheus))
 
 
 def test_every_alert_rule_runs_on_the_metrics_the_app_exports(prometheus):
@@ -228,14 +247,13 @@ def test_every_alert_rule_runs_on_the_metrics_the_app_exports(prometheus):
     shipped = {rule.get("alert") or rule["record"]
                for group in yaml.safe_load(ALERTS.read_text())["groups"]
                for rule in group["rules"]}
-    deadline = time.monotonic() + 20
-    while True:
+
+    def loaded():
         groups = httpx.get(f"{prometheus}/api/v1/rules").json()["data"]["groups"]
-        rules = {r["name"]: r for g in groups for r in g["rules"]}
-        evaluated = rules and all(r["health"] != "unknown" for r in rules.values())
-        if evaluated or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+        return {r["name"]: r for g in groups for r in g["rules"]}
+
+    rules = _asked_until(loaded, lambda rules: rules and all(
+        r["health"] != "unknown" for r in rules.values()))
     assert set(rules) == shipped
     assert {name: (r["health"], r.get("lastError", "")) for name, r in rules.items()} == {
         name: ("ok", "") for name in shipped}
@@ -243,8 +261,9 @@ def test_every_alert_rule_runs_on_the_metrics_the_app_exports(prometheus):
     for metric in sorted(metrics):
         if metric.startswith("ray_node_") and not _has_gpu():  # GPU nodes export these
             continue
-        series = [s["metric"] for s in _query(prometheus, metric)]
-        assert series, metric
+        series = _asked_until(lambda m=metric: [s["metric"] for s in _query(prometheus, m)],
+                              bool)
+        assert series, (metric, _scrapes(prometheus))
         if metric.startswith("ray_atelier_"):
             assert all("model" in labels for labels in series), (metric, series)
     deployments = {s["metric"]["deployment"] for s in
