@@ -49,6 +49,7 @@ from serve.routes import (
 )
 from serve.routes.replicate_runs import run_prediction
 from serve.state import MemoryStore, RedisStore
+from serve.store_health import StoreHealth, watch_store
 from serve.versions import upscaling_version, version_id
 from serve.webhooks import new_secret, webhook_secret_from_env
 
@@ -91,6 +92,9 @@ class Ingress:
             self.metrics.waiting(model.id, 0)
         self.store = (RedisStore(cfg.redis_url, cfg.file_ttl_s) if cfg.redis_url else
                       MemoryStore(cfg.file_ttl_s, cfg.file_store_mb * 2**20))
+        self.store_health = StoreHealth("redis" if cfg.redis_url else "memory")
+        self._watching = asyncio.get_running_loop().create_task(
+            watch_store(self.store, self.store_health, self.metrics))
         self.api_keys = configured_keys(cfg.api_keys)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.predictions = PredictionRunner(self.store, self.replica,
@@ -134,6 +138,7 @@ class Ingress:
         self._keeper.cancel()
         self._warming.cancel()
         self._following.cancel()
+        self._watching.cancel()
         await self.predictions.hand_over()
 
 

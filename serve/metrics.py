@@ -93,6 +93,9 @@ class IngressMetrics:
         self.replicas_wanted = Gauge("atelier_model_replicas_wanted", (
             "The replicas a model should run at least: its `replicas`, or autoscaled its "
             "`min_replicas`"), tag_keys=("model",))
+        self.store_available = Gauge("atelier_store_available", (
+            "1 while the prediction and file store (Redis, or the replica's memory) "
+            "answers this ingress replica, else 0"))
 
     def answered(self, path: str, status: int, seconds: float) -> None:
         api = api_name(path)
@@ -118,6 +121,9 @@ class IngressMetrics:
     def replicas(self, model: str, running: int, wanted: int) -> None:
         self.replicas_running.set(running, {"model": model})
         self.replicas_wanted.set(wanted, {"model": model})
+
+    def store(self, available: bool) -> None:
+        self.store_available.set(1 if available else 0)
 
 
 class ModelMetrics:

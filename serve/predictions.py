@@ -107,6 +107,8 @@ class StateStore(Protocol):
         """Drop the lease, so that another replica adopts the prediction at once."""
     async def orphans(self) -> list[str]:
         """Running predictions that nobody holds a lease on."""
+    async def ping(self) -> None:
+        """Returns when the store answers (raises StoreUnavailable where it does not)."""
 
 
 Run = Callable[[Prediction], Awaitable[None]]

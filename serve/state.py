@@ -139,6 +139,9 @@ class MemoryStore:
         return [pid for pid in self._running
                 if pid not in self._leases or self._leases[pid][1] <= now]
 
+    async def ping(self) -> None:
+        """This replica's memory always answers."""
+
     def _expire(self) -> None:
         cutoff = time.time() - self._ttl_s
         for pid, state in list(self._predictions.items()):
@@ -248,6 +251,9 @@ class RedisStore:
 
     async def cancel_requested(self, prediction_id: str) -> bool:
         return bool(await self._redis.exists(f"{_PREFIX}cancel:{prediction_id}"))
+
+    async def ping(self) -> None:
+        await self._redis.ping()
 
     async def claim(self, prediction_id: str, owner: str, lease_s: float) -> bool:
         return bool(await self._redis.set(f"{_PREFIX}lease:{prediction_id}", owner, nx=True,

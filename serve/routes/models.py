@@ -89,7 +89,9 @@ async def get_aliased_model(name: str, request: Request) -> dict:
 @router.get("/healthz", summary="Readiness of every model deployment")
 async def healthz() -> JSONResponse:
     """200 only when every model deployment is healthy (or scaling, autoscaled) with a
-    replica running; a model that is not says why, in Serve's words."""
+    replica running; a model that is not says why, in Serve's words. `store` says
+    whether the prediction and file store answers (serve.store_health: not a reason for
+    503, as inline images need no store)."""
     deployments = await asyncio.to_thread(model_deployments, ingress().deployment_names)
     models, ready = {}, True
     for model in ingress().router.config.models:
@@ -104,5 +106,6 @@ async def healthz() -> JSONResponse:
                             "replicas_range": list(model.replica_range)}
         if not healthy:  # Serve's word on why (e.g. replicas no server has room for)
             models[model.id]["message"] = dep.message if dep else "no such deployment"
-    return JSONResponse({"status": "ok" if ready else "unavailable", "models": models},
+    return JSONResponse({"status": "ok" if ready else "unavailable", "models": models,
+                         "store": ingress().store_health.as_json()},
                         status_code=200 if ready else 503)

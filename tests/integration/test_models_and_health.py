@@ -96,6 +96,7 @@ def test_healthz_reports_every_model_ready(client):
     assert all(m["state"] == "ready" for m in models.values())
     assert [models[m]["replicas_running"] for m in (FAST, TWO_REPLICAS)] == [1, 2]
     assert [models[m]["replicas_range"] for m in (FAST, TWO_REPLICAS)] == [[1, 1], [2, 2]]
+    assert r.json()["store"] == {"kind": "memory", "state": "ok"}  # (no redis_url here)
 
 
 def test_openapi_documents_the_generate_fields(client):

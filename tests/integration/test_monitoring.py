@@ -199,7 +199,7 @@ def test_every_dashboard_panel_returns_data(base_url, prometheus):
 def test_the_dashboard_covers_what_operators_watch():
     titles = " ".join(title for title, _ in _panel_queries()).lower()
     for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "prompts held",
-                  "errors", "memory", "healthy", "by api key", "busy share",
+                  "errors", "memory", "healthy", "store answers", "by api key", "busy share",
                   "gpu utilization", "garbage collection", "safety checker", "controlnet",
                   "image prompt", "edits", "enlarged"):
         assert topic in titles, topic
@@ -238,6 +238,18 @@ def test_the_ingress_exports_each_models_running_and_wanted_replicas(base_url, p
     assert pairs == expected, (pairs, _scrapes(prometheus))
 
 
+def _read_by_rules() -> dict[str, set[str]]:
+    """Each metric the shipped rules read, with the labels those rules group it by."""
+    read: dict[str, set[str]] = {}
+    for group in yaml.safe_load(ALERTS.read_text())["groups"]:
+        for rule in group["rules"]:
+            grouped = {label.strip() for by in re.findall(r"by \(([^)]*)\)", rule["expr"])
+                       for label in by.split(",")}
+            for metric in re.findall(r"\b(ray_[a-z_]+)", rule["expr"]):
+                read.setdefault(metric, set()).update(grouped)
+    return read
+
+
 def test_every_alert_rule_runs_on_the_metrics_the_app_exports(prometheus):
     """After the traffic above: Prometheus evaluated every shipped rule (alerts and the
     recording rules they read) without error,
@@ -257,15 +269,13 @@ def test_every_alert_rule_runs_on_the_metrics_the_app_exports(prometheus):
     assert set(rules) == shipped
     assert {name: (r["health"], r.get("lastError", "")) for name, r in rules.items()} == {
         name: ("ok", "") for name in shipped}
-    metrics = set(re.findall(r"\b(ray_[a-z_]+)", ALERTS.read_text()))
-    for metric in sorted(metrics):
+    for metric, grouped in sorted(_read_by_rules().items()):
         if metric.startswith("ray_node_") and not _has_gpu():  # GPU nodes export these
             continue
         series = _asked_until(lambda m=metric: [s["metric"] for s in _query(prometheus, m)],
                               bool)
         assert series, (metric, _scrapes(prometheus))
-        if metric.startswith("ray_atelier_"):
-            assert all("model" in labels for labels in series), (metric, series)
+        assert all(grouped <= set(labels) for labels in series), (metric, grouped, series)
     deployments = {s["metric"]["deployment"] for s in
                    _query(prometheus, "ray_serve_deployment_replica_healthy")}
     assert "Ingress" in deployments and any(d.startswith("model-") for d in deployments)

@@ -67,8 +67,32 @@ def _finished(url: str, pid: str, timeout_s: float) -> dict:
     raise AssertionError(f"{pid} did not finish")
 
 
-def test_without_the_store_requests_that_need_it_get_503_and_the_rest_generate(outage):
+def _healthz_store(url: str, state: str) -> dict:
+    """/healthz's `store` once it reads `state` (each ingress replica asks every 5 s)."""
+    deadline = time.monotonic() + 20
+    while (store := httpx.get(f"{url}/healthz", timeout=30).json()["store"])["state"] != state:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return store
+
+
+def _exported_store(metrics_port: int) -> list[float]:
+    """The app's store gauges on Ray's metrics port, once one reads 0 (or after 40 s)."""
+    deadline, values = time.monotonic() + 40, []
+    while 0.0 not in values and time.monotonic() < deadline:
+        time.sleep(1)
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("ray_atelier_store_available{")
+                  and 'application="atelier-outage"' in line]
+    return values
+
+
+def test_without_the_store_requests_that_need_it_get_503_and_the_rest_generate(
+        outage, metrics_port):
     url, redis = outage
+    assert _healthz_store(url, "ok") == {"kind": "redis", "state": "ok"}
     redis.stop()
     try:
         prediction = _predict(url)
@@ -88,9 +112,14 @@ def test_without_the_store_requests_that_need_it_get_503_and_the_rest_generate(o
         inline = httpx.post(f"{url}/generate", headers=AUTH, timeout=60,
                             json={"prompt": "a lamp", "seed": 4})
         assert inline.status_code == 200 and pixels(decode(inline.json()["image"])).std() > 1
+        # The ingress still serves, and says why predictions fail, as the gauge does.
         assert httpx.get(f"{url}/healthz").status_code == 200
+        store = _healthz_store(url, "unavailable")
+        assert store["state"] == "unavailable" and "Connection" in store["message"], store
+        assert 0.0 in _exported_store(metrics_port)
     finally:
         redis.start()
+    assert _healthz_store(url, "ok") == {"kind": "redis", "state": "ok"}
     again = _predict(url)
     assert again.status_code == 201, again.text
     body = _finished(url, again.json()["id"], 60)
