@@ -21,21 +21,25 @@ ASK_EVERY_S = 5.0
 @dataclass
 class StoreHealth:
     kind: str  # "redis" or "memory"
-    available: bool = True
-    error: str | None = None  # Redis's own words on the last failed ask
+    error: str | None = None  # Redis's own words when the last ask failed
+
+    @property
+    def available(self) -> bool:
+        return self.error is None
 
     def as_json(self) -> dict:
         found = {"kind": self.kind, "state": "ok" if self.available else "unavailable"}
-        return found | ({"message": self.error} if self.error else {})
+        return found | ({} if self.available else {"message": self.error})
 
 
 async def ask(store: StateStore, health: StoreHealth, metrics: IngressMetrics) -> None:
     """Ask the store once; note the answer in `health` and the gauge."""
     try:
         await store.ping()
-        health.available, health.error = True, None
+        health.error = None
     except StoreUnavailable as exc:
-        health.available, health.error = False, str(exc.__cause__ or exc)
+        cause = exc.__cause__ or exc  # (Redis's error, which StoreUnavailable wraps)
+        health.error = str(cause) or type(cause).__name__
     metrics.store(health.available)
 
 
