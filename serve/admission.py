@@ -64,11 +64,6 @@ class Admission:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    @property
-    def full(self) -> bool:
-        """Every place let through is taken: who goes next waits on the capacity."""
-        return self.running >= self.capacity
-
     @asynccontextmanager
     async def slot(self, priority: int = 0) -> AsyncIterator[None]:
         """Holds one of the places let through while the body runs; raises Overloaded if

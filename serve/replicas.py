@@ -13,11 +13,7 @@ from ray import serve
 from serve.router import ModelRouter
 
 log = logging.getLogger("ray.serve.atelier.ingress")
-# Serve's status is read every second while some model takes every place its replicas
-# hold here (a new replica waits at most that long for the requests waiting), else every
-# 5 s (what a lost replica would hold goes to Serve's queue for at most that long): each
-# read has Serve's controller describe every replica of the cluster.
-FOLLOW_EVERY_S, IDLE_EVERY_S = 1.0, 5.0
+FOLLOW_EVERY_S = 1.0  # (a new replica waits at most this long for requests)
 # Replicas that take requests: a replica on a server being drained still serves.
 SERVING = ("RUNNING", "PENDING_MIGRATION")
 
@@ -49,4 +45,4 @@ async def follow_replicas(router: ModelRouter, deployment_names: Mapping[str, st
         for model in models:
             if (deployment := deployments.get(model.id)) is not None:
                 router.replicas_running(model, running(deployment))
-        await asyncio.sleep(FOLLOW_EVERY_S if router.any_full() else IDLE_EVERY_S)
+        await asyncio.sleep(FOLLOW_EVERY_S)

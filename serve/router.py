@@ -62,10 +62,6 @@ class ModelRouter:
         self._admission[model.id].resize(count * model.max_ongoing_requests)
         self.metrics.replicas(model.id, count, model.replica_range[0])
 
-    def any_full(self) -> bool:
-        """Whether some model's requests take every place its replicas hold here."""
-        return any(admission.full for admission in self._admission.values())
-
     def resolve(self, name: str | None, key: ApiKey | None = None) -> ModelConfig:
         """The model named by id or alias (for None, the first configured one), among
         those the API `key` may use.
