@@ -117,10 +117,13 @@ def test_a_model_pinned_to_a_gpu_type_no_server_has_waits_and_says_why(shared_gp
 
 
 def _post(url: str, key: str, model: str, done: dict, name: str) -> None:
+    # (about 2 s each on a 2-core CPU: at 128 x 128 and 40 steps, 0.6 s, the first request
+    # was done before the last one was sent)
+    sent = time.monotonic()
     r = httpx.post(f"{url}/generate", headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                   json={"model": model, "prompt": "a lamp", "seed": 1, "steps": 40,
-                         "width": 128, "height": 128})
-    done[name] = (time.monotonic(), r.status_code, r.headers.get("X-Atelier-Replica"))
+                   json={"model": model, "prompt": "a lamp", "seed": 1, "steps": 60,
+                         "width": 256, "height": 256})
+    done[name] = (time.monotonic(), r.status_code, r.headers.get("X-Atelier-Replica"), sent)
 
 
 @pytest.mark.timeout(240)
@@ -155,11 +158,12 @@ def test_a_model_short_of_a_replica_lets_through_what_it_runs_and_the_rest_wait_
             threads.append(threading.Thread(target=_post,
                                             args=(f"{url}/two", key, model["id"], done, name)))
             threads[-1].start()
-            time.sleep(0.15)  # (they arrive in this order, while low1 runs for seconds)
+            time.sleep(0.15)  # (they arrive in this order, while low1 runs)
         for t in threads:
             t.join()
-        assert {status for _, status, _ in done.values()} == {200}, done
-        assert len({replica for _, _, replica in done.values()}) == 1
+        assert {status for _, status, _, _ in done.values()} == {200}, done
+        assert len({replica for _, _, replica, _ in done.values()}) == 1
+        assert done["urgent"][3] < done["low1"][0], "low1 was done before urgent was sent"
         # The one replica holds low1; the others wait at the ingress, where the urgent one
         # goes first. Let through for two replicas, low2 would have waited in Serve's queue
         # for the one running, and gone before it.
