@@ -81,10 +81,13 @@ def prio_url(base_url, cache_dir):
 
 
 def _post(url: str, headers: dict, done: dict, name: str) -> None:
+    # (about 2 s each on a 2-core CPU, so that the first is still running when the last
+    # is sent)
+    sent = time.monotonic()
     r = httpx.post(f"{url}/generate", headers=headers, timeout=120,
                    json={"model": PRIO, "prompt": "a lamp", "seed": 1, "steps": 60,
-                         "width": 128, "height": 128})
-    done[name] = (time.monotonic(), r.status_code, r.headers.get("X-Atelier-Replica"))
+                         "width": 256, "height": 256})
+    done[name] = (time.monotonic(), r.status_code, r.headers.get("X-Atelier-Replica"), sent)
 
 
 def test_requests_past_the_running_replicas_wait_by_priority(prio_url):
@@ -95,10 +98,11 @@ def test_requests_past_the_running_replicas_wait_by_priority(prio_url):
                           ("urgent", URGENT)]:
         threads.append(threading.Thread(target=_post, args=(prio_url, headers, done, name)))
         threads[-1].start()
-        time.sleep(0.15)  # (they arrive in this order, while low1 runs for seconds)
+        time.sleep(0.15)  # (they arrive in this order, while low1 runs)
     for t in threads:
         t.join()
-    assert {status for _, status, _ in done.values()} == {200}, done
+    assert {status for _, status, _, _ in done.values()} == {200}, done
+    assert done["urgent"][3] < done["low1"][0], "low1 was done before urgent was sent"
     # One replica holds low1; the others wait at the ingress, where the urgent one (priority
     # 9) goes first. Let through to Serve's queue, low2-low4 would have gone before it.
     finished = sorted(done, key=lambda name: done[name][0])
