@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from ray import serve
 
@@ -18,18 +19,38 @@ FOLLOW_EVERY_S = 1.0  # (a new replica waits at most this long for requests)
 SERVING = ("RUNNING", "PENDING_MIGRATION")
 
 
-def model_deployments(deployment_names: Mapping[str, str]) -> dict:
-    """Serve's status of each model's deployment in this replica's app (None: no such
-    deployment), by model id, from `deployment_names` (model id: deployment name). Blocks
-    on Serve's controller."""
-    app = serve.status().applications[serve.get_replica_context().app_name]
-    return {model: app.deployments.get(name) for model, name in deployment_names.items()}
+@dataclass(frozen=True)
+class DeploymentState:
+    """A deployment as Serve's controller describes it: its status (Serve's DeploymentStatus,
+    a str), Serve's message on it, and how many of its replicas take requests."""
+    status: str
+    message: str
+    running: int
 
 
-def running(deployment) -> int:
-    """The replicas of a deployment as model_deployments gives it that take requests."""
-    states = deployment.replica_states if deployment else {}
-    return sum(states.get(state, 0) for state in SERVING)
+def model_deployments(deployment_names: Mapping[str, str],
+                      app_name: str | None = None) -> dict[str, DeploymentState | None]:
+    """Serve's state of each model's deployment in app `app_name` (default: this
+    replica's; None: no such deployment), by model id, from `deployment_names` (model id:
+    deployment name). Blocks on Serve's controller.
+
+    These are the details serve.status() is made from, read as the controller sends them:
+    serve.status() validates them into Serve's schema first, which pickles each
+    deployment's request router again: several ms of this process's CPU per deployment,
+    every second (load.bench_status measures both)."""
+    from ray.serve.context import _get_global_client  # no public accessor
+
+    details = _get_global_client().get_serve_details()
+    app_name = app_name or serve.get_replica_context().app_name
+    app = details["applications"][app_name]["deployments"]
+    return {model: _state(app[name]) if name in app else None
+            for model, name in deployment_names.items()}
+
+
+def _state(deployment: dict) -> DeploymentState:
+    replicas = deployment.get("replicas", [])
+    return DeploymentState(deployment["status"], deployment.get("message", ""),
+                           sum(replica["state"] in SERVING for replica in replicas))
 
 
 async def follow_replicas(router: ModelRouter, deployment_names: Mapping[str, str]) -> None:
@@ -44,5 +65,5 @@ async def follow_replicas(router: ModelRouter, deployment_names: Mapping[str, st
             deployments = {}
         for model in models:
             if (deployment := deployments.get(model.id)) is not None:
-                router.replicas_running(model, running(deployment))
+                router.replicas_running(model, deployment.running)
         await asyncio.sleep(FOLLOW_EVERY_S)

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from serve.context import base_url, ingress, model_for, usable_models
 from serve.model_extras import BICUBIC
-from serve.replicas import model_deployments, running
+from serve.replicas import model_deployments
 from serve.routes.replicate import description, model_json
 from serve.types import MOST_PROMPT_PICTURES, IPAdapterBlocks
 
@@ -96,7 +96,7 @@ async def healthz() -> JSONResponse:
     models, ready = {}, True
     for model in ingress().router.config.models:
         dep = deployments[model.id]
-        replicas = running(dep)
+        replicas = dep.running if dep else 0
         healthy = dep is not None and dep.status in _SERVING and replicas > 0
         ready &= healthy
         models[model.id] = {"state": "ready" if healthy else "not_ready",

@@ -667,3 +667,18 @@ def test_the_options_benchmark_times_flux_s_options_too(tmp_path):
     assert sizes == {"plain": 64, "hires 1.5x": 96, "hires 1.5x, ESRGAN x4": 96,
                      "hires 1.5x, ESRGAN x4 untiled": 96, "upscale 2x, ESRGAN x4": 128}
     assert all("chunks" not in r and r["median_s"] > 0 for r in report["rows"])
+
+
+def test_status_benchmark_times_the_ingress_read_beside_serve_status(tmp_path, cache_dir):
+    out = tmp_path / "status.json"
+    stdout = _run("load.bench_status", "--models", "2", "--reads", "3", "--cache-dir",
+                  str(cache_dir), "--out", str(out))
+    report = json.loads(out.read_text())
+    # Two models and the ingress; the read found each model's replica running (it stops
+    # with an error otherwise).
+    [row] = report["rows"]
+    assert (row["models"], row["deployments"], report["reads"]) == (2, 3, 3)
+    for way in ("ingress_read", "serve_status"):
+        assert row[way]["wall_ms"] > 0 and row[way]["cpu_ms"] >= 0, row
+    assert "models  deployments  ingress read" in stdout
+    assert stdout.splitlines()[-2].split()[:2] == ["2", "3"]
