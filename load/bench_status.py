@@ -7,8 +7,9 @@ For each count of tiny CPU models this starts the app on a local Ray and times `
 reads both ways: as the ingress reads them (model_deployments: the controller's details,
 counted as they come) and through serve.status() (the same details, validated into
 Serve's schema first). Each way reports the median wall time and this process's CPU time
-per read. Prints a table and saves JSON (default results/status-cpu-tiny.json). Figures are
-what this run saw; nothing is asserted.
+per read. Before timing, it stops with an error unless both ways give every deployment the
+same status, message and replicas taking requests, one each. Prints a table and saves JSON
+(default results/status-cpu-tiny.json). Figures are what this run saw.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def measure(models: int, reads: int, cache_dir: str) -> dict:
     from ray import serve
 
     from serve.app import build_app
-    from serve.replicas import model_deployments
+    from serve.replicas import SERVING, model_deployments
 
     config = {"cache_dir": cache_dir, "models": [
         {"id": f"atelier/tiny-{i}", "embedded": "tiny-sdxl", "dtype": "float32",
@@ -50,10 +51,16 @@ def measure(models: int, reads: int, cache_dir: str) -> dict:
         for i in range(models)]}
     serve.run(build_app({"atelier": config}), name=APP, route_prefix=f"/{APP}")
     try:
-        names = {n: n for n in serve.status().applications[APP].deployments}
-        states = model_deployments(names, APP)
-        if not all(s is not None and s.running == 1 for s in states.values()):
-            raise RuntimeError(f"the ingress's read differs from serve.status(): {states}")
+        status = serve.status().applications[APP].deployments
+        names = {n: n for n in status}
+        ours = {n: (s.status, s.message, s.running) if s else None
+                for n, s in model_deployments(names, APP).items()}
+        theirs = {n: (d.status, d.message, sum(d.replica_states.get(state, 0)
+                                               for state in SERVING))
+                  for n, d in status.items()}
+        if ours != theirs or any(running != 1 for _, _, running in theirs.values()):
+            raise RuntimeError(f"the ingress's read {ours} differs from serve.status() "
+                               f"{theirs}, or a deployment runs other than one replica")
         return {"models": models, "deployments": len(names),
                 "ingress_read": timed(lambda: model_deployments(names, APP), reads),
                 "serve_status": timed(serve.status, reads)}

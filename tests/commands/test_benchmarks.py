@@ -674,8 +674,9 @@ def test_status_benchmark_times_the_ingress_read_beside_serve_status(tmp_path, c
     stdout = _run("load.bench_status", "--models", "2", "--reads", "3", "--cache-dir",
                   str(cache_dir), "--out", str(out))
     report = json.loads(out.read_text())
-    # Two models and the ingress; the read found each model's replica running (it stops
-    # with an error otherwise).
+    # Two models and the ingress, one replica each; the ingress's read gave each the same
+    # status, message and running replicas as serve.status() (it stops with an error
+    # otherwise).
     [row] = report["rows"]
     assert (row["models"], row["deployments"], report["reads"]) == (2, 3, 3)
     for way in ("ingress_read", "serve_status"):
