@@ -30,7 +30,6 @@ from serve.controls import (
     load_image_prompt,
 )
 from serve.errors import InvalidField
-from serve.images import load_source
 from serve.model_parts import MOST_REFERENCES
 from serve.option_fields import (
     MOOD_BOARD,
@@ -43,6 +42,7 @@ from serve.option_fields import (
     UpscaleFields,
     VariationFields,
 )
+from serve.source_images import load_source
 from serve.timing import timing_headers
 from serve.types import (
     MAX_SEED,

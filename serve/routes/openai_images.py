@@ -56,7 +56,7 @@ from serve.controls import (
     load_image_prompt,
 )
 from serve.errors import InvalidField
-from serve.images import REFERENCES, load_source, marked_up
+from serve.images import marked_up
 from serve.model_parts import MOST_REFERENCES
 from serve.option_fields import (
     ClipSkipFields,
@@ -69,6 +69,7 @@ from serve.option_fields import (
     json_in_a_form,
 )
 from serve.routes.openai_stream import stream_images
+from serve.source_images import REFERENCES, load_source
 from serve.types import MAX_SEED, GenerationRequest, SourceImage
 
 router = APIRouter()

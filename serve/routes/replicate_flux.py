@@ -11,7 +11,6 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from serve.canvases import OUTPAINT_PRESETS
 from serve.controls import ControlParams, ImagePromptParams, image_prompt_params
-from serve.images import INPUT_AREA, REFERENCES
 from serve.option_fields import (
     REDUX_BOARD,
     HiresFields,
@@ -21,6 +20,7 @@ from serve.option_fields import (
     VariationFields,
 )
 from serve.routes.replicate_inputs import CannyEdgeInputs, IPAdapterInputs, LoraInput
+from serve.source_images import INPUT_AREA, REFERENCES
 from serve.types import MAX_SEED
 
 # Output sizes of FLUX at one megapixel per aspect ratio (multiples of 16); 0.25 MP halves

@@ -17,7 +17,6 @@ from fastapi.exceptions import RequestValidationError
 from serve.context import IngressState
 from serve.controls import load_controls, load_extra_image_prompts, load_image_prompt
 from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost, StoreUnavailable
-from serve.images import load_source
 from serve.predictions import Prediction, now_iso
 from serve.routes.replicate_schemas import (
     ReplicateInput,
@@ -25,6 +24,7 @@ from serve.routes.replicate_schemas import (
     parse_input,
     single_output,
 )
+from serve.source_images import load_source
 from serve.types import GenerationRequest, GenerationResult
 from serve.webhooks import WebhookSender
 

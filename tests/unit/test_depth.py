@@ -16,7 +16,7 @@ from PIL import Image
 
 from serve.config import ConfigError, ModelConfig, parse_config
 from serve.errors import InvalidField
-from serve.images import source_image
+from serve.source_images import source_image
 from serve.types import GenerationRequest
 from tests.pictures import scene
 from tests.unit.test_engine import assert_same_pixels

@@ -14,7 +14,7 @@ from PIL import Image
 
 from serve.config import ConfigError, ModelConfig, parse_config
 from serve.errors import InvalidField
-from serve.images import source_image
+from serve.source_images import source_image
 from serve.types import GenerationRequest
 from tests.unit.test_engine import assert_same_pixels, withdrawing
 
@@ -206,8 +206,8 @@ def test_start_up_refuses_a_folder_of_another_kind(fill_path, tiny_flux_path):
 
 
 def test_replicate_megapixels_set_the_area_and_match_input_fits_the_limits():
-    from serve.images import INPUT_AREA
     from serve.routes.replicate_flux import FILL_AREAS, FillInput
+    from serve.source_images import INPUT_AREA
 
     assert FILL_AREAS == {"1": 1024 * 1024, "0.25": 512 * 512, "match_input": INPUT_AREA}
     inp = FillInput.model_validate({"prompt": "x", "image": "data:,", "go_fast": False})

@@ -12,7 +12,8 @@ from PIL import Image
 
 from serve.config import ModelConfig
 from serve.errors import InvalidField, TooLarge
-from serve.images import decode_base64, open_image, open_mask, output_size, source_image
+from serve.images import decode_base64, open_image, open_mask, output_size
+from serve.source_images import source_image
 
 MB = 1 << 20
 

@@ -11,8 +11,8 @@ from PIL import Image, ImageFilter
 
 from serve.config import ModelConfig
 from serve.errors import InvalidField
-from serve.images import source_image
 from serve.inpaint_area import Overlay, crop_region, crop_resized, fill_resized
+from serve.source_images import source_image
 from serve.types import GenerationRequest
 
 RNG = np.random.default_rng(5)
@@ -137,7 +137,7 @@ def test_an_area_is_drawn_at_the_masked_regions_shape():
     (20x10 and 8 more each side), is drawn at that area at its shape, each side a
     multiple of 16 (rounded down): its own area gives 32x16, a quarter megapixel 592x432;
     the box is then widened to that shape."""
-    from serve.images import INPUT_AREA
+    from serve.source_images import INPUT_AREA
 
     fill = ModelConfig(id="a/f", family="flux", embedded="tiny-flux-fill", fill=True,
                        defaults={"width": 64, "height": 64},

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 from serve.config import ConfigError, ModelConfig, parse_config
-from serve.images import source_image
+from serve.source_images import source_image
 from serve.types import GenerationRequest, SourceImage
 from tests.unit.test_engine import assert_same_pixels, withdrawing
 

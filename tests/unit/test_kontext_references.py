@@ -10,7 +10,7 @@ from PIL import Image
 
 from deployments.engines.kontext import reference_offsets
 from serve.errors import InvalidField
-from serve.images import source_image
+from serve.source_images import source_image
 from serve.types import GenerationRequest
 from tests.unit.test_engine import assert_same_pixels, withdrawing
 from tests.unit.test_kontext import (  # noqa: F401 (engine, kontext_path, reference: fixtures)

@@ -10,7 +10,7 @@ import pytest
 from serve.canvases import outpaint_sides
 from serve.config import ModelConfig
 from serve.errors import InvalidField
-from serve.images import source_image
+from serve.source_images import source_image
 from tests.unit.test_fill import MASK, MODEL, PHOTO, _png
 
 PICTURE = PHOTO[16:48, 24:72]  # 48 wide, 32 high

@@ -276,7 +276,7 @@ def test_a_fill_model_draws_the_picture_into_the_masked_part(redux_path, cache_d
 
     from deployments.engines.flux import FluxFillEngine
     from deployments.tiny import TINY_FLUX_FILL
-    from serve.images import source_image
+    from serve.source_images import source_image
     from tests.unit.test_fill import MASK, MODEL, PHOTO, _assert_filled, _png
 
     fill_path = ensure_embedded(TINY_FLUX_FILL, cache_dir)
@@ -308,7 +308,7 @@ def test_a_kontext_edit_reads_the_pictures_tokens_after_the_prompts(redux_path, 
 
     from deployments.engines import create_engine
     from deployments.tiny import TINY_FLUX_KONTEXT
-    from serve.images import source_image
+    from serve.source_images import source_image
     from tests.unit.test_kontext import MODEL, PHOTO, _png
 
     model = MODEL.model_copy(update={"redux": ReduxConfig(embedded="tiny-flux-redux")})
@@ -340,7 +340,7 @@ def test_a_depth_model_draws_the_pictures_content_along_another_pictures_depth(
 
     from deployments.engines import create_engine
     from deployments.tiny import TINY_FLUX_DEPTH
-    from serve.images import source_image
+    from serve.source_images import source_image
     from tests.unit.test_depth import MODEL, SCENE, _png
 
     model = MODEL.model_copy(update={"redux": ReduxConfig(embedded="tiny-flux-redux")})

@@ -168,7 +168,7 @@ def test_an_input_at_strength_0_keeps_its_own_size_within_the_images_a_model_rea
 
     from PIL import Image
 
-    from serve.images import source_image
+    from serve.source_images import source_image
 
     model = ModelConfig(id="a/b", embedded="tiny-sdxl",
                         upscalers={"esrgan": {"embedded": "tiny-esrgan"}},
