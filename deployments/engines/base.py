@@ -22,6 +22,7 @@ from deployments.engines.image_prompts import ImagePrompts
 from deployments.engines.loading import load_pipeline, load_vae, share_modules
 from deployments.engines.previews import PreviewListener, Previews
 from deployments.engines.prompts import Embeds, PromptCache, stack
+from deployments.engines.row_guidance import call_guidance
 from deployments.engines.sources import (
     SourceTensors,
     control_inputs,
@@ -80,6 +81,7 @@ class DiffusersEngine(WarmUp):
     controlnets: ControlNets | None = None  # the model's ControlNets, if its family has any
     depth_maps: DepthMaps | None = None  # the model's depth estimator, if it has one
     merged_loras: tuple[str, ...] = ()  # the LoRA files merged into the weights at load
+    row_guidance = False  # whether a call's rows may have their own guidance scales
 
     def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
                  simulate_oom_above_images: int | None, vae: Path | None = None):
@@ -210,7 +212,8 @@ class DiffusersEngine(WarmUp):
         inputs = (self._encode(requests, [p.embeds for p in made])
                   | source_inputs(requests, [p.source for p in made])
                   | self._control_inputs(requests, [p.controls for p in made])
-                  | self._noise_inputs(pipe, requests, generators))
+                  | self._noise_inputs(pipe, requests, generators)
+                  | self._guidance_inputs(requests, rows))
         # Inpainting, Kontext edits and FLUX.1 Canny keep per-row state (the mask and both
         # guidance halves of it; the references' or control images' latents) out of the
         # step callback's reach: their rows stay, and inpainting keeps guidance on every
@@ -287,8 +290,17 @@ class DiffusersEngine(WarmUp):
     def batch_key(self, request: GenerationRequest) -> tuple:
         """Requests with equal keys can share one of this engine's calls: the request's
         own key, without its adapter set where the adapters can differ between the rows
-        of a call (LoRA slots)."""
-        return request.shared_key if self.adapters.mixes_sets else request.batch_key
+        of a call (LoRA slots), and with only whether it is guided where the guidance
+        scale can differ between them (`row_guidance`)."""
+        key = request.any_guidance_key if self.row_guidance else request.shared_key
+        return key if self.adapters.mixes_sets else (*key, request.adapters.key)
+
+    def _guidance_inputs(self, requests: Sequence[GenerationRequest],
+                         rows: BatchRows) -> dict:
+        """With `row_guidance`: the call's guidance scale, each row its own request's."""
+        if not self.row_guidance:
+            return {}
+        return {"guidance_scale": call_guidance([r.guidance_scale for r in requests], rows)}
 
     def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
         """Set the pipeline up for a call of `requests` (images `rows`), each with its

@@ -65,7 +65,8 @@ class HiresPass:
             extra |= _upscaled_controls(inputs, live, size, first.tiling)
         args = {"image": image, "strength": first.hires_strength,
                 "num_inference_steps": first.hires_steps or first.num_inference_steps,
-                "guidance_scale": first.guidance_scale, "generator": generators,
+                "guidance_scale": inputs.get("guidance_scale", first.guidance_scale),
+                "generator": generators,
                 "output_type": "pt", "callback_on_step_end": callback,
                 "callback_on_step_end_tensor_inputs": list(pipe._callback_tensor_inputs)}
         rows.start_call()

@@ -109,6 +109,8 @@ class SDXLEngine(HiresPass, DiffusersEngine):
                  prompts: Mapping[str, int | bool] | None = None,
                  upscalers: Mapping[str, UpscalerFile] | None = None):
         super().__init__(path, dtype, device, variant, simulate_oom_above_images, vae)
+        # Each row its own guidance scale, unless the UNet embeds the scale (LCM-distilled).
+        self.row_guidance = self.pipe.unet.config.time_cond_proj_dim is None
         self.merge_loras(merged_loras)
         self._load_embeddings(textual_inversions)
         self.prompt_settings = dict(prompts or {})  # chunks read, weights (long_prompts)
@@ -320,7 +322,8 @@ class SDXLEngine(HiresPass, DiffusersEngine):
             args["num_inference_steps"] = first.refine_steps
         with attention_order(self.attention):
             return self.refiner(
-                image=out, guidance_scale=first.guidance_scale, generator=generators, output_type="pt",
+                image=out, guidance_scale=inputs.get("guidance_scale", first.guidance_scale),
+                generator=generators, output_type="pt",
                 callback_on_step_end=callback,
                 callback_on_step_end_tensor_inputs=list(self.refiner._callback_tensor_inputs),
                 **args).images

@@ -40,6 +40,19 @@ def test_seeded_images_repeat_and_survive_batching_on_the_gpu(engine):
     assert np.abs(a - c).max() <= 2 and (np.abs(a - c) > 0).mean() < 0.05
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_each_rows_guidance_scale_is_the_scalars_product_on_the_gpu(dtype):
+    from deployments.engines.row_guidance import RowGuidance
+    from deployments.engines.withdrawal import BatchRows
+
+    torch.manual_seed(0)
+    text, uncond = torch.randn(2, 3, 4, 32, 32, device="cuda").to(getattr(torch, dtype))
+    mixed = RowGuidance([7.3, 4.1], BatchRows([2, 1]))
+    guided = uncond + mixed * (text - uncond)
+    assert torch.equal(guided[:2], uncond[:2] + 7.3 * (text[:2] - uncond[:2]))
+    assert torch.equal(guided[2:], uncond[2:] + 4.1 * (text[2:] - uncond[2:]))
+
+
 def test_prompts_prepared_on_another_thread_during_a_gpu_call_give_the_same_pixels(engine):
     """The replica encodes prompts on its own thread while the pipeline thread denoises,
     both on the GPU: the embeddings must be complete before a later call uses them."""

@@ -48,6 +48,20 @@ def test_requests_with_different_adapters_share_a_call_and_keep_their_own_pixels
         assert_same_pixels(decode(own.json()["image"]), decode(shared.json()["image"]))
 
 
+def test_requests_with_different_guidance_scales_share_a_call_and_keep_their_own_pixels(
+        base_url, client):
+    scales = [7.5, 4.0, 11.0, 1.0]  # the last is not guided: it runs apart
+    bodies = [_body(70 + i, guidance_scale=g) for i, g in enumerate(scales)]
+    alone = [client.post("/generate", json=body) for body in bodies]
+    assert [r.headers["x-atelier-batch-size"] for r in alone] == ["1"] * 4
+    crowd = post_many(base_url, bodies)
+    guided = {r.headers["x-atelier-batch-id"] for r in crowd[:3]}
+    assert len(guided) == 1 and crowd[3].headers["x-atelier-batch-id"] not in guided
+    assert [r.headers["x-atelier-batch-size"] for r in crowd] == ["3", "3", "3", "1"]
+    for own, shared in zip(alone, crowd, strict=True):
+        assert_same_pixels(decode(own.json()["image"]), decode(shared.json()["image"]))
+
+
 def test_mixed_requests_are_grouped_by_size_and_steps_in_order(base_url):
     shapes = [{"width": 64}, {"width": 128}, {"width": 64}, {"width": 128, "steps": 3},
               {"width": 128}]

@@ -120,3 +120,13 @@ def test_compiled_blocks_follow_the_batch_halving_mid_call(engines, tiny_sdxl_pa
                     [i for own in fast.generate(batch) for i in own]):
         diff = np.abs(_px(a) - _px(b))
         assert diff.max() <= 2 and (diff > 0).mean() < 0.02, (diff.max(), diff.mean())
+
+
+def test_images_of_different_guidance_scales_share_a_cut_off_call(engines):
+    cut = engines[1]
+    other = replace(REQUEST, guidance_scale=11.0, seed=4)
+    assert cut.batch_key(REQUEST) == cut.batch_key(other)
+    together, rows = _unet_rows(cut, [REQUEST, other])
+    assert rows == [4] * 5 + [2] * 5  # guided to step index int(10 x 0.4), then a row an image
+    for request, shared in zip((REQUEST, other), together, strict=True):
+        assert _close(shared[0], cut.generate([request])[0][0])

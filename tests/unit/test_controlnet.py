@@ -110,6 +110,14 @@ def test_each_image_follows_its_own_control_image_in_a_shared_call(engine):
     assert_same_pixels(together[1][0], engine.generate([b])[0][0])
 
 
+def test_each_image_keeps_its_guidance_scale_in_a_shared_call(engine):
+    a, b = _req(SQUARE), _req(WIDE, seed=9, guidance_scale=12.0)
+    assert engine.batch_key(a) == engine.batch_key(b)
+    together = engine.generate([a, b])
+    assert_same_pixels(together[0][0], engine.generate([a])[0][0])
+    assert_same_pixels(together[1][0], engine.generate([b])[0][0])
+
+
 def _withdrawing(engine, batch: list, after: int | None, net: str = "canny"):
     """`withdrawing`, with the batch rows of each forward of ControlNet `net` (called with
     keywords when combined)."""

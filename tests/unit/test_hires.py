@@ -55,6 +55,14 @@ def test_requests_with_the_same_pass_share_a_call_with_their_own_pixels(sdxl):
     assert sdxl.batch_key(REQUEST) != sdxl.batch_key(replace(REQUEST, hires_scale=1.0))
 
 
+def test_requests_of_different_guidance_scales_keep_theirs_through_both_passes(sdxl):
+    other = replace(REQUEST, guidance_scale=10.0, seed=3)
+    assert sdxl.batch_key(REQUEST) == sdxl.batch_key(other)
+    together = sdxl.generate([REQUEST, other])
+    for request, shared in zip((REQUEST, other), together, strict=True):
+        assert_same_pixels(shared[0], sdxl.generate([request])[0][0])
+
+
 def test_the_output_size_is_scaled_to_a_multiple_of_8():
     assert replace(REQUEST, hires_scale=1.3).output_size == (80, 80)
     assert replace(REQUEST, width=128, hires_scale=2).output_size == (256, 128)

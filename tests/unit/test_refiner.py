@@ -88,6 +88,15 @@ def test_a_refined_seed_gives_the_same_image_alone_or_batched(engine):
     assert np.abs(_px(batched[0][0]) - _px(batched[0][1])).mean() > 1
 
 
+def test_each_image_keeps_its_guidance_scale_through_the_refiner(engine):
+    other = replace(ENSEMBLE, guidance_scale=ENSEMBLE.guidance_scale + 4, seed=9)
+    assert engine.batch_key(ENSEMBLE) == engine.batch_key(other)
+    together = engine.generate([ENSEMBLE, other])
+    for request, shared in zip((ENSEMBLE, other), together, strict=True):
+        diff = np.abs(_px(shared[0]) - _px(engine.generate([request])[0][0]))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
 @pytest.mark.parametrize("leave_after", [3, 9], ids=["in-the-base", "in-the-refiner"])
 def test_a_request_withdrawn_in_either_stage_leaves_and_the_others_keep_their_pixels(
         engine, leave_after):
