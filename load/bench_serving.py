@@ -30,6 +30,9 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--size", type=int, default=64, help="width and height of each image")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance-mix", type=float, nargs="+", help=(
+        "clients' guidance scales instead of --guidance: client i (and single request i) "
+        "sends the i-th, cycling"))
     p.add_argument("--batch", type=int, default=8, help="max_batch_size (random-sdxl only)")
     p.add_argument("--wait-ms", type=float, default=20, help="batch window (random-sdxl only)")
     p.add_argument("--single", type=int, default=20, help="sequential requests for latency")
@@ -76,9 +79,10 @@ def start_atelier(port: int, app_args: dict) -> tuple[str, float]:
     return url, time.monotonic() - started
 
 
-def _body(args: argparse.Namespace, seed: int) -> dict:
+def _body(args: argparse.Namespace, seed: int, client: int = 0) -> dict:
+    scales = getattr(args, "guidance_mix", None) or [args.guidance]  # (bench_throughput: none)
     return {"prompt": f"benchmark image {seed}", "width": args.size, "height": args.size,
-            "steps": args.steps, "guidance_scale": args.guidance, "seed": seed}
+            "steps": args.steps, "seed": seed, "guidance_scale": scales[client % len(scales)]}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -91,7 +95,7 @@ async def single(url: str, args: argparse.Namespace) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         for i in range(args.single):
             started = time.monotonic()
-            r = await client.post("/generate", json=_body(args, i))
+            r = await client.post("/generate", json=_body(args, i, i))
             r.raise_for_status()
             latencies.append(time.monotonic() - started)
     return {"requests": len(latencies), "p50_s": _pct(latencies, 0.5),
@@ -113,7 +117,8 @@ async def closed_loop(url: str, args: argparse.Namespace, concurrency: int) -> d
         async with httpx.AsyncClient(base_url=url, timeout=600) as client:
             while time.monotonic() < deadline:
                 started = time.monotonic()
-                r = await client.post("/generate", json=_body(args, wid * 100_000 + seq))
+                r = await client.post("/generate",
+                                      json=_body(args, wid * 100_000 + seq, wid))
                 r.raise_for_status()
                 latencies.append(time.monotonic() - started)
                 batch_sizes.append(int(r.headers.get("x-atelier-batch-size", 1)))

@@ -161,6 +161,20 @@ def test_throughput_benchmark_serves_flux_against_a_plain_flux_server(tmp_path,
     assert "restart" not in report["atelier"] and "atelier bf16-fast" in stdout
 
 
+def test_serving_benchmark_clients_of_four_guidance_scales_share_calls(tmp_path):
+    """Eight clients, two for each of four scales, and calls of up to 4 images: with each
+    scale apart a call could hold 2 at the most."""
+    out = tmp_path / "serving.json"
+    _run("load.bench_serving", "--single", "2", "--concurrency", "8", "--duration", "8",
+         "--guidance-mix", "5", "7.5", "9", "11", "--port", str(free_port()), "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["settings"]["guidance_mix"] == [5, 7.5, 9, 11]
+    (loop,) = report["closed_loop"]
+    assert loop["concurrency"] == 8 and loop["call_images"] == loop["images"] > 0
+    assert loop["mean_batch_size"] > 2.5
+    assert max(int(n) for n in loop["mean_call_s_by_images"]) == 4
+
+
 def test_flops_follow_the_model_configs(tiny_sdxl_path):
     from load.flops import guided_steps, sdxl_flops
 
