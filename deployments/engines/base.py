@@ -22,7 +22,6 @@ from deployments.engines.image_prompts import ImagePrompts
 from deployments.engines.loading import load_pipeline, load_vae, share_modules
 from deployments.engines.previews import PreviewListener, Previews
 from deployments.engines.prompts import Embeds, PromptCache, stack
-from deployments.engines.row_guidance import call_guidance
 from deployments.engines.sources import (
     SourceTensors,
     control_inputs,
@@ -297,10 +296,9 @@ class DiffusersEngine(WarmUp):
 
     def _guidance_inputs(self, requests: Sequence[GenerationRequest],
                          rows: BatchRows) -> dict:
-        """With `row_guidance`: the call's guidance scale, each row its own request's."""
-        if not self.row_guidance:
-            return {}
-        return {"guidance_scale": call_guidance([r.guidance_scale for r in requests], rows)}
+        """Pipeline inputs that give each row its own request's guidance scale, where the
+        family's pipeline takes them (`row_guidance`)."""
+        return {}
 
     def _prepare(self, requests: Sequence[GenerationRequest], rows: BatchRows):
         """Set the pipeline up for a call of `requests` (images `rows`), each with its

@@ -51,6 +51,7 @@ from deployments.engines.image_prompts import FluxImagePrompts
 from deployments.engines.kontext import KontextReferencesPipeline
 from deployments.engines.prompts import Embeds
 from deployments.engines.redux import Redux
+from deployments.engines.row_guidance import per_image
 from deployments.engines.sources import control_inputs
 from deployments.engines.speed import attention_order
 from deployments.engines.upscalers import UpscalerFile
@@ -73,6 +74,7 @@ class FluxEngine(HiresPass, DiffusersEngine):
                                             "inpaint": FluxInpaintPipeline}
     denoiser = "transformer"
     parts = ("transformer", "vae", "text_encoder", "text_encoder_2")
+    row_guidance = True  # each row's guidance embedding its own request's (`_rows_follow`)
     embed_names = ("prompt_embeds", "pooled_prompt_embeds")
     redux: Redux | None = None  # the model's FLUX.1 Redux, if it has one
     # The FLUX ControlNet pipelines encode the control images' latents before their loop,
@@ -182,8 +184,19 @@ class FluxEngine(HiresPass, DiffusersEngine):
         the call's rows before its loop, out of the step callback's reach; once requests
         leave (their latents dropped), only the live rows of those go in: by their places
         among the rows the pipeline call started with (a hires pass's second call starts
-        with those the first left). So do the image prompts' embeddings of a model with an
-        IP-Adapter (`FluxImagePrompts`)."""
+        with those the first left). Where the requests' guidance scales differ, the
+        pipeline makes every row's `guidance` of the first's: each live row gets its own
+        request's, in the transformer and in ControlNets that embed it. So do the image
+        prompts' embeddings of a model with an IP-Adapter (`FluxImagePrompts`)."""
+        scales = [r.guidance_scale for r in requests]
+        mixed = len(set(scales)) > 1
+
+        def own_scales(module, args, kwargs):
+            guidance = kwargs.get("guidance")
+            if mixed and guidance is not None:
+                kwargs["guidance"] = torch.tensor(per_image(scales, rows),
+                                                  dtype=guidance.dtype, device=guidance.device)
+            return args, kwargs
 
         def live_rows(module, args, kwargs):
             count = kwargs["hidden_states"].shape[0]
@@ -191,14 +204,17 @@ class FluxEngine(HiresPass, DiffusersEngine):
                 value = kwargs.get(name)
                 if value is not None and value.shape[0] > count:
                     kwargs[name] = value[rows.call_rows()]
-            return args, kwargs
+            return own_scales(module, args, kwargs)
 
-        hook = self.pipe.transformer.register_forward_pre_hook(live_rows, with_kwargs=True)
+        nets = self.controlnets.nets.values() if self.controlnets else ()
+        hooks = [self.pipe.transformer.register_forward_pre_hook(live_rows, with_kwargs=True),
+                 *(net.register_forward_pre_hook(own_scales, with_kwargs=True) for net in nets)]
         try:
             with super()._rows_follow(requests, made, rows):  # image prompts' embeddings
                 yield
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
 
     def _encode_prompt(self, prompt: str, negative_prompt: str, clip_skip: int = 0) -> Embeds:
         # T5 pads every prompt to the same length, so one call's embeddings stack. (FLUX

@@ -1,4 +1,4 @@
-"""Requests with different guidance scales in one SDXL call.
+"""Requests with different guidance scales in one call (SDXL's and FLUX's).
 
 diffusers' SDXL pipelines (text-to-image, img2img, inpainting, their ControlNet versions
 and the refiner's) take one guidance scale per call, and mix each step's two UNet halves
@@ -11,8 +11,9 @@ the row's dtype (PyTorch multiplies a half-precision tensor by a Python float in
 the same way), so an image is what it would be in a call of its own scale.
 
 The rows it reads are the call's `BatchRows`: when withdrawn requests leave the batch,
-the scales of the rows left follow. Pipelines that turn the scale into a tensor (a
-guidance embedding: LCM-distilled UNets, FLUX) cannot take it; their engines keep
+the scales of the rows left follow. Pipelines that turn the scale into a tensor for a
+guidance embedding cannot take it: FLUX's engine gives its transformer (and its
+ControlNets) each live row's scale instead (`per_image`), and LCM-distilled UNets keep
 requests of different scales apart.
 """
 
@@ -41,14 +42,10 @@ class RowGuidance(float):
         made.scales, made.rows = tuple(scales), rows
         return made
 
-    def per_image(self) -> list[float]:
-        """The scale of each live image row, in row order."""
-        return [self.scales[i] for i in self.rows.live for _ in range(self.rows.sizes[i])]
-
     def __mul__(self, other):
         if not torch.is_tensor(other):
             return float(self) * other
-        scales = self.per_image()
+        scales = per_image(self.scales, self.rows)
         if other.shape[0] != len(scales):
             raise ValueError(f"a tensor of {other.shape[0]} rows guided as "
                              f"{len(scales)} image rows")
@@ -57,6 +54,11 @@ class RowGuidance(float):
         return (other.float() * factor).to(other.dtype)
 
     __rmul__ = __mul__
+
+
+def per_image(scales: Sequence[float], rows: BatchRows) -> list[float]:
+    """The scale of each live image row, in row order, from each request's `scales`."""
+    return [scales[i] for i in rows.live for _ in range(rows.sizes[i])]
 
 
 def call_guidance(scales: Sequence[float], rows: BatchRows) -> float:

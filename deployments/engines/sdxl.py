@@ -42,6 +42,7 @@ from deployments.engines.loading import load_pipeline
 from deployments.engines.long_prompts import LongPrompts
 from deployments.engines.prompts import Embeds
 from deployments.engines.rescale import rescaled_guidance
+from deployments.engines.row_guidance import call_guidance
 from deployments.engines.speed import attention_order
 from deployments.engines.tiling import circular_padding, whole_vae
 from deployments.engines.upscalers import UpscalerFile
@@ -276,6 +277,13 @@ class SDXLEngine(HiresPass, DiffusersEngine):
             with rescaled_guidance(pipe, first.guidance_rescale):
                 return super()._call(pipe, first, generators, inputs, callback)
         return super()._call(pipe, first, generators, inputs, callback)
+
+    def _guidance_inputs(self, requests: Sequence[GenerationRequest],
+                         rows: BatchRows) -> dict:
+        """The call's guidance scale: each row its own request's (`RowGuidance`)."""
+        if not self.row_guidance:
+            return {}
+        return {"guidance_scale": call_guidance([r.guidance_scale for r in requests], rows)}
 
     def _decode_latents(self, pipe, latents: torch.Tensor, width: int,
                         height: int) -> torch.Tensor:

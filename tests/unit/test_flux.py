@@ -73,6 +73,34 @@ def test_guidance_changes_the_image(engine):
     assert np.abs(_px(low) - _px(high)).mean() > 0.5
 
 
+def _close(a, b) -> bool:
+    diff = np.abs(_px(a) - _px(b))
+    return diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+def test_requests_of_different_guidance_scales_share_a_call_and_keep_their_own(engine, mode):
+    first = _img2img(A, 0.8) if mode == "img2img" else BASE
+    batch = [first, replace(first, guidance_scale=6.0, seed=2, num_outputs=2),
+             replace(first, guidance_scale=2.0, seed=3)]
+    assert len({engine.batch_key(r) for r in batch}) == 1
+    together = engine.generate(batch)
+    for request, shared in zip(batch, together, strict=True):
+        alone = engine.generate([request])[0]
+        assert len(shared) == len(alone) and all(map(_close, shared, alone))
+
+
+def test_a_withdrawn_request_leaves_and_the_others_keep_their_guidance_scales(engine):
+    batch = [BASE, replace(BASE, guidance_scale=6.0, seed=2, num_outputs=2),
+             replace(BASE, guidance_scale=2.0, seed=3)]
+    steps = []
+    out = engine.generate(batch, withdrawn=lambda: {1} if len(steps) >= 2 else set(),
+                          on_step=lambda s, t: steps.append(s))
+    assert [len(images) for images in out] == [1, 0, 1]
+    assert _close(out[0][0], engine.generate([batch[0]])[0][0])
+    assert _close(out[2][0], engine.generate([batch[2]])[0][0])
+
+
 def test_img2img_strength_zero_returns_the_input(engine):
     (images,) = engine.generate([_img2img(A, 0.0, num_outputs=2)])
     assert all(np.array_equal(_px(im), A) for im in images)

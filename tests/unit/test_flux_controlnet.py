@@ -132,6 +132,14 @@ def test_each_image_follows_its_own_control_image_in_a_shared_call(engine):
     assert_same_pixels(together[1][0], engine.generate([b])[0][0])
 
 
+def test_each_image_keeps_its_guidance_scale_in_the_transformer_and_the_controlnet(engine):
+    a, b = _req(SCENE), _req(FLIPPED, seed=9, guidance_scale=7.0)
+    assert engine.batch_key(a) == engine.batch_key(b)
+    together = engine.generate([a, b])
+    assert_same_pixels(together[0][0], engine.generate([a])[0][0])
+    assert_same_pixels(together[1][0], engine.generate([b])[0][0])
+
+
 def test_two_controlnets_combine_as_diffusers_multicontrolnet_does(engine, controlnet_path):
     both = replace(BASE, controls=(ControlImage("canny", SCENE.tobytes(), 0.8),
                                    ControlImage("depth", FLIPPED.tobytes(), 0.6)))

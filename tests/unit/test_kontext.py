@@ -127,6 +127,16 @@ def test_batched_edits_give_diffusers_kontext_pixels_per_reference_and_seed(engi
     assert (_px(out[0][0]) != _px(alone)).any()
 
 
+def test_edits_of_different_guidance_scales_share_a_call_each_diffusers_own(engine, reference):
+    a, b = _edit(PHOTO), _edit(OTHER, "add a hat", seed=9, guidance_scale=5.0)
+    assert engine.batch_key(a) == engine.batch_key(b)
+    out = engine.generate([a, b])
+    for request, (ours,) in zip((a, b), out, strict=True):
+        picture = Image.frombytes("RGB", (request.width, request.height), request.source.rgb)
+        (theirs,) = _diffusers(reference, request, picture, engine)
+        assert_same_pixels(ours, theirs)
+
+
 def test_text_to_image_is_the_kontext_pipeline_without_an_image(engine, reference):
     request = GenerationRequest.for_model(MODEL, "a lamp", seed=3, width=64, height=80)
     assert request.mode == "txt2img"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.engines.row_guidance import RowGuidance, call_guidance
+from deployments.engines.row_guidance import RowGuidance, call_guidance, per_image
 from deployments.engines.withdrawal import BatchRows
 from serve.types import GenerationRequest
 from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
@@ -45,7 +45,7 @@ def test_the_scales_follow_the_rows_left_and_compare_as_the_first():
     rows = BatchRows([1, 2, 1])
     mixed = call_guidance([5.0, 9.0, 3.0], rows)
     assert isinstance(mixed, RowGuidance) and mixed > 1 and float(mixed) == 5.0
-    assert mixed.per_image() == [5.0, 9.0, 9.0, 3.0]
+    assert per_image(mixed.scales, rows) == [5.0, 9.0, 9.0, 3.0]
     rows.drop({1})
     assert (mixed * torch.ones(2, 1)).flatten().tolist() == [5.0, 3.0]
     with pytest.raises(ValueError, match="3 rows guided as 2 image rows"):
