@@ -214,13 +214,13 @@ class GenerationRequest:
     def shared_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call that gives each request
         its own adapter set (LoRA slots)."""
-        return (self.guidance_scale, *self.any_guidance_key)
+        return (self.guidance_scale, self.guidance_rescale, *self.any_guidance_key)
 
     @property
     def any_guidance_key(self) -> tuple:
         """`shared_key` with only whether the request is guided (a scale over 1) for its
-        guidance scale: requests with equal keys can share a call that also gives each
-        request its own scale (SDXL's)."""
+        guidance scale and rescale: requests with equal keys can share a call that also
+        gives each request its own scale and rescale (SDXL's)."""
         strength = None if self.source is None else self.source.strength
         refine = (self.refine, self.high_noise_frac, self.refine_steps)
         control = tuple(c.key for c in self.controls)
@@ -228,7 +228,7 @@ class GenerationRequest:
         refs = () if self.source is None else tuple((r.width, r.height)
                                                     for r in self.source.references)
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale > 1,
-                self.guidance_rescale, self.scheduler, self.mode, strength, refine, control,
+                self.scheduler, self.mode, strength, refine, control,
                 refs, self.tiling, self.hires_scale, self.hires_strength, self.hires_steps,
                 self.hires_upscaler, self.upscale, self.upscaler, self.masks_image_prompts)
 

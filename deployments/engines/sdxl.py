@@ -42,7 +42,7 @@ from deployments.engines.loading import load_pipeline
 from deployments.engines.long_prompts import LongPrompts
 from deployments.engines.prompts import Embeds
 from deployments.engines.rescale import rescaled_guidance
-from deployments.engines.row_guidance import call_guidance
+from deployments.engines.row_guidance import call_guidance, call_rescale
 from deployments.engines.speed import attention_order
 from deployments.engines.tiling import circular_padding, whole_vae
 from deployments.engines.upscalers import UpscalerFile
@@ -271,19 +271,23 @@ class SDXLEngine(HiresPass, DiffusersEngine):
             inputs = inputs | {"output_type": "latent"}
         if first.refine == "expert_ensemble_refiner":
             inputs = inputs | {"denoising_end": first.high_noise_frac}
-        if first.guidance_rescale and _rescales_itself(first):
-            inputs = inputs | {"guidance_rescale": first.guidance_rescale}
-        elif first.guidance_rescale:
-            with rescaled_guidance(pipe, first.guidance_rescale):
+        rescale = inputs.get("guidance_rescale", 0.0)
+        if rescale and not _rescales_itself(first):
+            inputs = {k: v for k, v in inputs.items() if k != "guidance_rescale"}
+            with rescaled_guidance(pipe, rescale):
                 return super()._call(pipe, first, generators, inputs, callback)
         return super()._call(pipe, first, generators, inputs, callback)
 
     def _guidance_inputs(self, requests: Sequence[GenerationRequest],
                          rows: BatchRows) -> dict:
-        """The call's guidance scale: each row its own request's (`RowGuidance`)."""
+        """The call's guidance rescale, where any request rescales, and its guidance
+        scale: each row its own request's (`RowFactor`, `RowGuidance`)."""
+        rescale = call_rescale([r.guidance_rescale for r in requests], rows)
+        inputs = {"guidance_rescale": rescale} if rescale else {}
         if not self.row_guidance:
-            return {}
-        return {"guidance_scale": call_guidance([r.guidance_scale for r in requests], rows)}
+            return inputs
+        scales = [r.guidance_scale for r in requests]
+        return inputs | {"guidance_scale": call_guidance(scales, rows)}
 
     def _decode_latents(self, pipe, latents: torch.Tensor, width: int,
                         height: int) -> torch.Tensor:
@@ -337,10 +341,10 @@ class SDXLEngine(HiresPass, DiffusersEngine):
                 **args).images
 
     def _redraw(self, pipe, first: GenerationRequest, args: dict) -> torch.Tensor:
-        """The hires pass's img2img call, at the request's scheduler and guidance rescale
-        (the ControlNet img2img pipeline takes none: hooked in)."""
+        """The hires pass's img2img call, at the request's scheduler and the call's
+        guidance rescale (the ControlNet img2img pipeline takes none: hooked in)."""
         pipe.scheduler = self._schedulers[first.scheduler]
-        rescale = first.guidance_rescale
+        rescale = args.pop("guidance_rescale", 0.0)
         if rescale and not first.controls:
             args["guidance_rescale"] = rescale
         hook = rescaled_guidance(pipe, rescale) if rescale and first.controls else nullcontext()

@@ -50,8 +50,11 @@ def test_requests_with_different_adapters_share_a_call_and_keep_their_own_pixels
 
 def test_requests_with_different_guidance_scales_share_a_call_and_keep_their_own_pixels(
         base_url, client):
+    """Guidance scales and guidance rescales both."""
     scales = [7.5, 4.0, 11.0, 1.0]  # the last is not guided: it runs apart
-    bodies = [_body(70 + i, guidance_scale=g) for i, g in enumerate(scales)]
+    rescales = [0.0, 0.7, 0.3, 0.0]
+    bodies = [_body(70 + i, guidance_scale=g, guidance_rescale=r)
+              for i, (g, r) in enumerate(zip(scales, rescales, strict=True))]
     alone = [client.post("/generate", json=body) for body in bodies]
     assert [r.headers["x-atelier-batch-size"] for r in alone] == ["1"] * 4
     crowd = post_many(base_url, bodies)

@@ -110,8 +110,12 @@ def test_each_image_follows_its_own_control_image_in_a_shared_call(engine):
     assert_same_pixels(together[1][0], engine.generate([b])[0][0])
 
 
-def test_each_image_keeps_its_guidance_scale_in_a_shared_call(engine):
-    a, b = _req(SQUARE), _req(WIDE, seed=9, guidance_scale=12.0)
+@pytest.mark.parametrize("rescales", [(0.0, 0.0), (0.7, 0.0)], ids=["scales", "rescales"])
+def test_each_image_keeps_its_guidance_scale_and_rescale_in_a_shared_call(engine, rescales):
+    """The rescale of a ControlNet text-to-image call is the engine's hook: each row
+    its own request's too."""
+    a = _req(SQUARE, guidance_rescale=rescales[0])
+    b = _req(WIDE, seed=9, guidance_scale=12.0, guidance_rescale=rescales[1])
     assert engine.batch_key(a) == engine.batch_key(b)
     together = engine.generate([a, b])
     assert_same_pixels(together[0][0], engine.generate([a])[0][0])

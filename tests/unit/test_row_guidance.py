@@ -1,7 +1,7 @@
-"""Requests with different guidance scales share SDXL calls, each image guided by its own
-request's scale (tiny SDXL, CPU): the scale's product row by row, the batch keys, the
-images against calls of their own, withdrawal, img2img, inpainting and the guidance
-rescale."""
+"""Requests with different guidance scales and rescales share SDXL calls, each image
+guided by its own request's (tiny SDXL, CPU): the products row by row, the batch keys,
+the images against calls of their own, withdrawal, img2img, inpainting, the guidance
+rescale, ControlNets (whose rescale is a hook) and the hires pass."""
 
 from dataclasses import replace
 
@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.engines.row_guidance import RowGuidance, call_guidance, per_image
+from deployments.engines.row_guidance import (
+    RowFactor,
+    RowGuidance,
+    call_guidance,
+    call_rescale,
+    per_image,
+)
 from deployments.engines.withdrawal import BatchRows
 from serve.types import GenerationRequest
 from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
@@ -48,7 +54,7 @@ def test_the_scales_follow_the_rows_left_and_compare_as_the_first():
     assert per_image(mixed.scales, rows) == [5.0, 9.0, 9.0, 3.0]
     rows.drop({1})
     assert (mixed * torch.ones(2, 1)).flatten().tolist() == [5.0, 3.0]
-    with pytest.raises(ValueError, match="3 rows guided as 2 image rows"):
+    with pytest.raises(ValueError, match="3 rows multiplied as 2 image rows"):
         _ = mixed * torch.ones(3, 1)
     with pytest.raises(ValueError, match="all guided"):
         RowGuidance([5.0, 1.0], BatchRows([1, 1]))
@@ -101,3 +107,62 @@ def test_a_rescaled_guidance_is_rescaled_from_each_rows_own_scale(engine):
     together = engine.generate(batch)
     for shared, request in zip(together, batch, strict=True):
         assert_same_pixels(shared[0], engine.generate([request])[0][0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_each_row_is_rescaled_exactly_as_diffusers_rescales_it_alone(dtype):
+    """diffusers' own `rescale_noise_cfg`, given the call's factor, gives each row what
+    it gives that row with the row's own rescale; a row of rescale 0 is left as it was."""
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+        rescale_noise_cfg,
+    )
+
+    torch.manual_seed(0)
+    guided, text = torch.randn(2, 4, 4, 8, 8).to(dtype)
+    rows = BatchRows([1, 2, 1])
+    mixed = call_rescale([0.7, 0.0, 0.3], rows)
+    assert isinstance(mixed, RowFactor) and float(mixed) == 0.7 and mixed > 0.0
+    out = rescale_noise_cfg(guided, text, guidance_rescale=mixed)
+    assert out.dtype == dtype
+    assert torch.equal(out[:1], rescale_noise_cfg(guided[:1], text[:1], guidance_rescale=0.7))
+    assert torch.equal(out[1:3], guided[1:3])
+    assert torch.equal(out[3:], rescale_noise_cfg(guided[3:], text[3:], guidance_rescale=0.3))
+    assert not torch.equal(out[3:], guided[3:])  # a rescale changes the row
+    assert (1 - mixed).scales == pytest.approx((0.3, 1.0, 0.7))
+    assert call_rescale([0.0, 0.0], rows) == 0.0 and type(call_rescale([0.5], rows)) is float
+    rows.drop({0})
+    assert (mixed * torch.ones(3, 1)).flatten().tolist() == [0.0, 0.0, pytest.approx(0.3)]
+
+
+def test_requests_of_any_rescale_share_a_call(engine):
+    keys = {r: engine.batch_key(replace(BASE, guidance_rescale=r)) for r in (0.0, 0.4, 0.7)}
+    assert len(set(keys.values())) == 1
+    assert BASE.shared_key != replace(BASE, guidance_rescale=0.7).shared_key
+
+
+@pytest.mark.parametrize("hires", [False, True], ids=["txt2img", "hires"])
+def test_each_image_in_a_shared_call_is_rescaled_by_its_own_rescale(engine, hires):
+    extra = {"hires_scale": 1.5, "hires_strength": 0.5} if hires else {}
+    batch = [replace(BASE, guidance_rescale=0.7, **extra),
+             replace(BASE, seed=6, num_outputs=2, **extra),
+             replace(BASE, guidance_rescale=0.3, guidance_scale=11.0, seed=7, **extra)]
+    together = engine.generate(batch)
+    alone = [engine.generate([request])[0] for request in batch]
+    for shared, own in zip(together, alone, strict=True):
+        assert len(shared) == len(own)
+        for a, b in zip(shared, own, strict=True):
+            assert_same_pixels(a, b)
+    # The rescale matters: the first request's image without it is another image.
+    plain = engine.generate([replace(batch[0], guidance_rescale=0.0)])[0][0]
+    assert np.abs(_px(plain) - _px(alone[0][0])).mean() > 1
+
+
+def test_a_withdrawn_request_leaves_and_the_others_keep_their_rescales(engine):
+    batch = [replace(BASE, guidance_rescale=0.7),
+             replace(BASE, guidance_rescale=0.2, seed=6, num_outputs=2),
+             replace(BASE, seed=7)]
+    out, rows = withdrawing(engine, batch, 2, engine.pipe.unet,
+                            lambda args, kwargs: args[0].shape[0])
+    assert [len(images) for images in out] == [1, 0, 1] and rows[-1] == 4
+    assert_same_pixels(out[0][0], engine.generate([batch[0]])[0][0])
+    assert_same_pixels(out[2][0], engine.generate([batch[2]])[0][0])

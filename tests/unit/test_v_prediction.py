@@ -45,14 +45,15 @@ def test_zero_snr_v_prediction_with_guidance_rescale_is_diffusers_own(v_pred, ti
     assert (euler.prediction_type, euler.rescale_betas_zero_snr) == ("v_prediction", True)
 
 
-def test_requests_of_other_rescales_never_share_a_call(v_pred):
-    """The rescale is one per pipeline call: other rescales get other batch keys, which
-    the batcher runs in calls of their own and the engine refuses to mix."""
+def test_requests_of_other_rescales_share_a_call_each_rescaled_by_its_own(v_pred):
+    """A zero-SNR model's requests of other rescales share a call: each image is its
+    request's alone (`tests/unit/test_row_guidance.py` has the products row by row)."""
     other = replace(BASE, guidance_rescale=0.0, seed=9)
     assert BASE.shared_key != other.shared_key
-    assert replace(other, guidance_rescale=0.7).shared_key == BASE.shared_key
-    with pytest.raises(ValueError, match="equal batch keys"):
-        v_pred.generate([BASE, other])
+    assert v_pred.batch_key(BASE) == v_pred.batch_key(other)
+    together = v_pred.generate([BASE, other])
+    for shared, request in zip(together, (BASE, other), strict=True):
+        assert_same_pixels(shared[0], v_pred.generate([request])[0][0])
 
 
 def test_only_the_schedulers_that_rescale_to_zero_snr_are_built_and_offered(v_pred, sdxl):
