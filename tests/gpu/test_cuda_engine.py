@@ -53,6 +53,22 @@ def test_each_rows_guidance_scale_is_the_scalars_product_on_the_gpu(dtype):
     assert torch.equal(guided[2:], uncond[2:] + 4.1 * (text[2:] - uncond[2:]))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_each_row_is_rescaled_on_cuda_exactly_as_diffusers_rescales_it_alone(dtype):
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+        rescale_noise_cfg,
+    )
+
+    from deployments.engines.row_guidance import call_rescale
+    from deployments.engines.withdrawal import BatchRows
+
+    torch.manual_seed(0)
+    guided, text = torch.randn(2, 3, 4, 32, 32, device="cuda").to(getattr(torch, dtype))
+    out = rescale_noise_cfg(guided, text, call_rescale([0.7, 0.0], BatchRows([2, 1])))
+    assert torch.equal(out[:2], rescale_noise_cfg(guided[:2], text[:2], 0.7))
+    assert torch.equal(out[2:], guided[2:])
+
+
 def test_prompts_prepared_on_another_thread_during_a_gpu_call_give_the_same_pixels(engine):
     """The replica encodes prompts on its own thread while the pipeline thread denoises,
     both on the GPU: the embeddings must be complete before a later call uses them."""
