@@ -230,7 +230,7 @@ class GenerationRequest:
         return (self.width, self.height, self.num_inference_steps, self.guidance_scale > 1,
                 self.scheduler, self.mode, strength, refine, control,
                 refs, self.tiling, self.hires_scale, self.hires_strength, self.hires_steps,
-                self.hires_upscaler, self.upscale, self.upscaler, self.masks_image_prompts)
+                self.hires_upscaler, self.masks_image_prompts)
 
     def check_masked_prompts(self) -> None:
         """Masked image prompts read each picture's attention apart: a request with one

@@ -235,13 +235,25 @@ class DiffusersEngine(WarmUp):
                 images = self._second_stage(requests, rows, generators, out, callback,
                                             inputs)
             pixels = self._finish(requests, made, to_uint8(images))
-            real_rows = sum(rows.sizes[i] for i in rows.live if i < real)  # (a filler's last)
-            pixels = self._enlarged(first, pixels[:real_rows])
+            delivered = self._delivered(requests[:real], rows, pixels)
         except torch.OutOfMemoryError:
             out_of_memory = True  # handled below, once the failed call's frames are gone
         if out_of_memory:
             raise self._recover_memory(requests)
-        return rows.split(pil_rows(pixels))[:real]
+        return delivered
+
+    def _delivered(self, requests: Sequence[GenerationRequest], rows: BatchRows,
+                   pixels: torch.Tensor) -> list[list[Image.Image]]:
+        """Each request's images (none for a withdrawn one) from the call's finished 8-bit
+        images (`pixels`, the live rows; a filler's last), each request's enlarged by its
+        own `upscale`."""
+        out: list[list[Image.Image]] = [[] for _ in requests]
+        start = 0
+        for i in (i for i in rows.live if i < len(requests)):
+            part = pixels[start:start + rows.sizes[i]]
+            out[i] = pil_rows(self._enlarged(requests[i], part))
+            start += rows.sizes[i]
+        return out
 
     def _tiled(self, pipe, first: GenerationRequest) -> AbstractContextManager:
         """Around a call: what makes its images tile when its requests ask (`tiling`);
@@ -324,9 +336,9 @@ class DiffusersEngine(WarmUp):
             pass  # handled below, as a call's, once the failed frames are gone
         raise self._recover_memory(requests)
 
-    def _enlarged(self, first: GenerationRequest, pixels: torch.Tensor) -> torch.Tensor:
-        """The call's finished 8-bit images (rows) as delivered: a family may enlarge them
-        here (`upscale`, `HiresPass`)."""
+    def _enlarged(self, request: GenerationRequest, pixels: torch.Tensor) -> torch.Tensor:
+        """Finished 8-bit images (rows) of requests of `request`'s enlargement as
+        delivered: a family may enlarge them here (`upscale`, `HiresPass`)."""
         return pixels
 
     def _rows_follow(self, requests: Sequence[GenerationRequest], made: Sequence[Prepared],

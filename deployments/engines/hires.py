@@ -77,14 +77,14 @@ class HiresPass:
         """The family's img2img call of the hires pass, with `args`."""
         raise NotImplementedError
 
-    def _enlarged(self, first: GenerationRequest, pixels: torch.Tensor) -> torch.Tensor:
-        """The call's finished 8-bit images (rows, on the device) enlarged by its
-        requests' `upscale`, without a redraw."""
-        if not first.enlarges:
+    def _enlarged(self, request: GenerationRequest, pixels: torch.Tensor) -> torch.Tensor:
+        """Finished 8-bit images (rows, on the device) of requests of `request`'s
+        enlargement, enlarged by its `upscale`, without a redraw."""
+        if not request.enlarges:
             return pixels
-        width, height = first.delivered_size
-        images = self.upscalers.enlarged(first.upscaler, pixels.float() / 255,
-                                         (height, width), first.tiling)
+        width, height = request.delivered_size
+        images = self.upscalers.enlarged(request.upscaler, pixels.float() / 255,
+                                         (height, width), request.tiling)
         return to_uint8(images)
 
 

@@ -65,6 +65,22 @@ def test_requests_with_different_guidance_scales_share_a_call_and_keep_their_own
         assert_same_pixels(decode(own.json()["image"]), decode(shared.json()["image"]))
 
 
+def test_requests_enlarged_by_other_factors_share_a_call_and_each_gets_its_own_size(
+        base_url, client):
+    bodies = [_body(80), _body(81, upscale=2, upscaler="bicubic"),
+              _body(82, upscale=1.5, upscaler="bicubic")]
+    alone = [client.post("/generate", json=body) for body in bodies]
+    crowd = post_many(base_url, bodies)
+    assert len({r.headers["x-atelier-batch-id"] for r in crowd}) == 1
+    assert [r.headers["x-atelier-batch-size"] for r in crowd] == ["3"] * 3
+    sizes = [(64, 64), (128, 128), (96, 96)]
+    assert [(r.json()["width"], r.json()["height"]) for r in crowd] == sizes
+    for own, shared, size in zip(alone, crowd, sizes, strict=True):
+        image = decode(shared.json()["image"])
+        assert image.size == size
+        assert_same_pixels(decode(own.json()["image"]), image)
+
+
 def test_mixed_requests_are_grouped_by_size_and_steps_in_order(base_url):
     shapes = [{"width": 64}, {"width": 128}, {"width": 64}, {"width": 128, "steps": 3},
               {"width": 128}]

@@ -16,7 +16,7 @@ from serve.config import ModelConfig
 from serve.errors import InvalidField
 from serve.inpaint_area import Overlay
 from serve.types import GenerationRequest, SourceImage
-from tests.unit.test_engine import _px
+from tests.unit.test_engine import _px, assert_same_pixels
 
 REQUEST = GenerationRequest(model="a/b", prompt="a castle on a hill", width=64, height=48,
                             num_inference_steps=3, guidance_scale=6.0, seed=8,
@@ -73,6 +73,36 @@ def test_only_a_calls_real_images_are_enlarged(engine):
         hook.remove()
     assert len(out) == 1 and [im.size for im in out[0]] == [(128, 96)]
     assert len(calls) == 4
+
+
+def test_requests_of_other_enlargements_share_a_call_each_enlarged_by_its_own(engine):
+    """Upscaling follows the call: its requests share it whatever they enlarge by. Each
+    gets its own request's images (the network's 2 x 2 tiles run for each of the three
+    images it enlarges), and a withdrawn one's are none (not enlarged)."""
+    batch = [REQUEST, replace(REQUEST, seed=9), replace(REQUEST, upscale=1.5,
+                                                         upscaler="bicubic", seed=10),
+             replace(REQUEST, upscale=1, upscaler="", num_outputs=2, seed=11),
+             replace(REQUEST, seed=12)]
+    assert len({engine.batch_key(r) for r in batch}) == 1
+    alone = [engine.generate([request])[0] for request in batch]
+    calls = []
+    hook = engine.upscalers.nets["esrgan"].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        together = engine.generate(batch)
+        assert len(calls) == 12
+        calls.clear()
+        gone = engine.generate(batch, withdrawn=lambda: {1})
+        assert len(calls) == 8  # the first and the last request's
+    finally:
+        hook.remove()
+    sizes = [[(128, 96)], [(128, 96)], [(96, 72)], [(64, 48)] * 2, [(128, 96)]]
+    assert [[im.size for im in images] for images in together] == sizes
+    assert [[im.size for im in images] for images in gone] == sizes[:1] + [[]] + sizes[2:]
+    for i, own in enumerate(alone):
+        for a, b in zip(together[i], own, strict=True):
+            assert_same_pixels(a, b)
+        for a, b in zip(gone[i] if i != 1 else own, own, strict=True):
+            assert_same_pixels(a, b)
 
 
 def test_an_input_at_strength_0_is_enlarged_itself(engine):
@@ -133,7 +163,7 @@ def test_the_answers_size_is_the_drawn_one_enlarged():
     assert hires.output_size == (96, 72) and hires.delivered_size == (192, 144)
     plain = GenerationRequest.for_model(MODEL, "x", width=64, height=48, upscaler="esrgan")
     assert plain.upscaler == "" and plain.delivered_size == (64, 48)
-    assert request.batch_key != replace(request, upscaler="bicubic").batch_key
+    assert request.batch_key == replace(request, upscaler="bicubic", upscale=1).batch_key
 
 
 @pytest.mark.parametrize(("model", "args", "field", "reason"), [
