@@ -40,6 +40,7 @@ from deployments.engines.hires import HiresPass, Upscalers
 from deployments.engines.image_prompts import ImagePrompts
 from deployments.engines.loading import load_pipeline
 from deployments.engines.long_prompts import LongPrompts
+from deployments.engines.prompt_masks import padded, padding_masked
 from deployments.engines.prompts import Embeds
 from deployments.engines.rescale import rescaled_guidance
 from deployments.engines.row_guidance import call_guidance, call_rescale
@@ -174,10 +175,28 @@ class SDXLEngine(HiresPass, DiffusersEngine):
                 if set(options) <= set(inspect.signature(cls.__init__).parameters)}
 
     def batch_key(self, request: GenerationRequest) -> tuple:
-        """As every engine's, and by how many chunks the prompts are encoded in (a call's
-        rows have as many tokens each)."""
-        return (*super().batch_key(request),
-                self.long_prompts.count(request.prompt, request.negative_prompt))
+        """As every engine's, and by how many chunks the prompts are encoded in where
+        prompts of other counts cannot share a call: with ControlNets, or compiled
+        (`prompt_masks`)."""
+        key = super().batch_key(request)
+        if request.controls or self.speed.get("compiled_blocks"):
+            return (*key, self.long_prompts.count(request.prompt, request.negative_prompt))
+        return key
+
+    def _encode(self, requests: Sequence[GenerationRequest],
+                embeds: Sequence[Embeds]) -> dict:
+        """As every engine's, shorter prompts padded to the longest (`prompt_masks`)."""
+        return super()._encode(requests, padded(embeds))
+
+    @contextmanager
+    def _rows_follow(self, requests: Sequence[GenerationRequest], made: Sequence,
+                     rows: BatchRows) -> Iterator[None]:
+        """As every engine's, and each row's cross-attention (the base model's and the
+        refiner's) reads its own prompt's tokens, not the padding (`prompt_masks`)."""
+        unets = [self.pipe.unet] + ([] if self.refiner is None else [self.refiner.unet])
+        lengths = [p.embeds[0].shape[1] for p in made]
+        with super()._rows_follow(requests, made, rows), padding_masked(unets, lengths, rows):
+            yield
 
     def prepare(self, request: GenerationRequest):
         """As every engine's, with a note for the client on each prompt cut short."""
@@ -361,6 +380,7 @@ class SDXLEngine(HiresPass, DiffusersEngine):
             held[pair] = self.long_prompts.encode(
                 [(refiner.tokenizer_2, refiner.text_encoder_2)], *pair, False, self.device,
                 refiner.text_encoder_2.dtype)
+        held = dict(zip(held, padded(list(held.values())), strict=True))
         names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
                  "negative_pooled_prompt_embeds")
         return {name: torch.cat([held[pair][i] for pair in prompts])

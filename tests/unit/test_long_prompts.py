@@ -77,7 +77,7 @@ def test_a_long_prompt_is_read_in_chunks_of_75_tokens(chunked):
     pooled embedding the first chunk's; the negative prompt is padded with an empty chunk
     (zeros when it is empty)."""
     pos, neg, pooled, neg_pooled = chunked._encode_prompt(LONG, "")
-    assert chunked.batch_key(REQUEST)[-1] == 2 and pos.shape == (1, 154, pos.shape[2])
+    assert chunked.long_prompts.count(LONG, "") == 2 and pos.shape == (1, 154, pos.shape[2])
     first, _, first_pooled, _ = _diffusers(chunked, " ".join(WORDS[:75]))
     second = _diffusers(chunked, " ".join(WORDS[75:]))[0]
     torch.testing.assert_close(pos[:, :77], first, rtol=1e-5, atol=1e-5)
@@ -91,13 +91,13 @@ def test_a_long_prompt_is_read_in_chunks_of_75_tokens(chunked):
     torch.testing.assert_close(neg[:, 77:], _diffusers(chunked, "")[0], rtol=1e-5, atol=1e-5)
     many = " ".join(["the"] * 400)  # cut after the third chunk
     assert chunked._encode_prompt(many, "")[0].shape[1] == 3 * 77
-    assert chunked.batch_key(replace(REQUEST, prompt=many))[-1] == 3
+    assert chunked.long_prompts.count(many, "") == 3
 
 
 def test_break_starts_the_next_chunk(chunked):
     """`BREAK` ends a chunk early: each side is diffusers' encoding of its words alone."""
     pos = chunked._encode_prompt("a (red:1) cube BREAK the sea", "")[0]
-    assert chunked.batch_key(replace(REQUEST, prompt="a red cube BREAK the sea"))[-1] == 2
+    assert chunked.long_prompts.count("a red cube BREAK the sea", "") == 2
     torch.testing.assert_close(pos[:, :77], _diffusers(chunked, "a red cube")[0],
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pos[:, 77:], _diffusers(chunked, "the sea")[0],
@@ -149,17 +149,13 @@ def test_words_past_77_tokens_change_the_image_only_when_read(sdxl, chunked):
     assert_same_pixels(chunked.generate([short])[0][0], sdxl.generate([short])[0][0])
 
 
-def test_requests_share_calls_by_chunk_count(chunked):
-    """Equal counts share a call, with each request's image as alone; another count has
-    another batch key, and a call of both is refused."""
+def test_requests_of_equal_chunk_counts_share_calls(chunked):
+    """Equal counts share a call, with each request's image as alone (other counts do
+    too, their padding masked: `tests/unit/test_prompt_masks.py`)."""
     other = replace(REQUEST, prompt=" ".join(WORDS[::-1]), seed=9)
     both = chunked.generate([REQUEST, other])
     assert np.abs(_px(both[0][0]) - _px(chunked.generate([REQUEST])[0][0])).max() <= 1
     assert np.abs(_px(both[1][0]) - _px(chunked.generate([other])[0][0])).max() <= 1
-    short = replace(REQUEST, prompt="a red cube")
-    assert chunked.batch_key(short) != chunked.batch_key(REQUEST)
-    with pytest.raises(ValueError, match="equal batch keys"):
-        chunked.generate([REQUEST, short])
 
 
 def test_weights_scale_token_embeddings_then_restore_the_chunk_mean(sdxl, chunked):
