@@ -1,6 +1,7 @@
 """What SDXL's per-request options cost against a plain text-to-image call, per batch size,
 on one engine: long prompts of 100 and 200 words (read in up to three chunks of 75 tokens,
-`prompts.chunks`; each row says how many), weighted words, tiling, and a hires pass at
+`prompts.chunks`; each row says how many), a call whose every other prompt is 200 words
+and the rest plain (one call, the short prompts padded and masked), weighted words, tiling, and a hires pass at
 1.5x, bicubic and through an ESRGAN x4 upscaler (Real-ESRGAN x4plus's network: 64
 features, 23 blocks; random weights with `--random-sdxl`, else the embedded tiny one),
 in tiles of 256 pixels (the config's default) and whole, and the finished images enlarged
@@ -49,6 +50,8 @@ OPTIONS = {
     "plain": {},
     "prompt of 100 words": {"prompt_words": 100},
     "prompt of 200 words": {"prompt_words": 200},
+    # Every other image's prompt 200 words, the others plain: one call, padded and masked.
+    "prompts of 1 and 3 chunks": {"prompt_words": 200, "every_other": True},
     "weighted words": {"prompt": "product photo of a (ceramic mug:1.3) on a [marble] "
                                  "counter, ((soft window light))"},
     "tiling": {"tiling": True},
@@ -85,14 +88,16 @@ def _requests(option: str, size: int, steps: int, images: int, family: str) -> l
 
     changes = dict(OPTIONS[option])
     words = changes.pop("prompt_words", 0)
+    every_other = changes.pop("every_other", False)
     base = GenerationRequest(model=f"bench/{family}", prompt=PROMPT, width=size, height=size,
                              num_inference_steps=steps, guidance_scale=GUIDANCE[family],
                              seed=1, scheduler=_SCHEDULERS[family],
                              hires_multiple=16 if family == "flux" else 8)
     if words:  # the prompt's words, again and again (about one token each)
         changes["prompt"] = " ".join((PROMPT.replace(",", "").split() * words)[:words])
-    base = replace(base, **changes)
-    return [replace(base, seed=1 + i) for i in range(images)]
+    mixed = replace(base, **changes)
+    return [replace(base if every_other and i % 2 else mixed, seed=1 + i)
+            for i in range(images)]
 
 
 def _upscaler_file(full: bool, cache_dir: Path) -> Path:
@@ -176,8 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "output_size": requests[0].delivered_size[0],
                    "median_s": round(median, 4), "min_s": round(min(times), 4),
                    "images_per_s": round(images / median, 3)}
-            if args.family == "sdxl":  # the 75-token chunks its prompt is read in
-                row["chunks"] = engine.batch_key(requests[0])[-1]
+            if args.family == "sdxl":  # the 75-token chunks its prompts are read in
+                row["chunks"] = sorted({engine.long_prompts.count(r.prompt, r.negative_prompt)
+                                        for r in requests})
             if images in plain:
                 row["time_vs_plain"] = round(median / plain[images], 3)
             if (peak := _peak_gib()) is not None:

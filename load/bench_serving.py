@@ -3,6 +3,7 @@
     python -m load.bench_serving                                  # embedded tiny model, CPU
     python -m load.bench_serving --random-sdxl ../shared/gpu/sdxl-base-configs.json \\
         --size 1024 --steps 20 --batch 8 --concurrency 1 8 16     # full SDXL architecture
+    python -m load.bench_serving --prompt-chunks 3 --prompt-words 0 100 200  # long prompts
 
 Prints a table and writes JSON (default results/serving-<device>.json). Figures are what
 this run saw on this machine; nothing is asserted.
@@ -33,6 +34,12 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--guidance-mix", type=float, nargs="+", help=(
         "clients' guidance scales instead of --guidance: client i (and single request i) "
         "sends the i-th, cycling"))
+    p.add_argument("--prompt-words", type=int, nargs="+", help=(
+        "words added to each client's prompt: client i (and single request i) adds the "
+        "i-th count, cycling (SDXL reads 75 tokens a chunk; see --prompt-chunks)"))
+    p.add_argument("--prompt-chunks", type=int, default=0, help=(
+        "serve the model with prompts.chunks at this (the embedded SDXL alone, or the "
+        "random SDXL)"))
     p.add_argument("--batch", type=int, default=8, help="max_batch_size (random-sdxl only)")
     p.add_argument("--wait-ms", type=float, default=20, help="batch window (random-sdxl only)")
     p.add_argument("--single", type=int, default=20, help="sequential requests for latency")
@@ -46,8 +53,16 @@ def _parse_args() -> argparse.Namespace:
 def _app_args(args: argparse.Namespace) -> dict:
     if args.config:
         return {"config": args.config}
-    if not args.random_sdxl:
+    prompts = {"prompts": {"chunks": args.prompt_chunks}} if args.prompt_chunks else {}
+    if not args.random_sdxl and not prompts:
         return {}
+    if not args.random_sdxl:
+        from serve.config import DEFAULT_MODEL_ID
+
+        return {"atelier": {"models": [{
+            "id": DEFAULT_MODEL_ID, "embedded": "tiny-sdxl", "dtype": "float32",
+            "defaults": {"width": args.size, "height": args.size,
+                         "num_inference_steps": args.steps}, **prompts}]}}
     from load.bench_engine import model_folder
     from serve.config import default_cache_dir
 
@@ -58,7 +73,7 @@ def _app_args(args: argparse.Namespace) -> dict:
         "batching": {"max_batch_size": args.batch, "wait_ms": args.wait_ms},
         "limits": {"max_size": 2048, "max_pixels": 2048 * 2048, "max_steps": 100},
         "defaults": {"width": args.size, "height": args.size,
-                     "num_inference_steps": args.steps}}]}}
+                     "num_inference_steps": args.steps}, **prompts}]}}
 
 
 def start_atelier(port: int, app_args: dict) -> tuple[str, float]:
@@ -81,7 +96,9 @@ def start_atelier(port: int, app_args: dict) -> tuple[str, float]:
 
 def _body(args: argparse.Namespace, seed: int, client: int = 0) -> dict:
     scales = getattr(args, "guidance_mix", None) or [args.guidance]  # (bench_throughput: none)
-    return {"prompt": f"benchmark image {seed}", "width": args.size, "height": args.size,
+    words = getattr(args, "prompt_words", None) or [0]
+    prompt = " ".join([f"benchmark image {seed}"] + ["the"] * words[client % len(words)])
+    return {"prompt": prompt, "width": args.size, "height": args.size,
             "steps": args.steps, "seed": seed, "guidance_scale": scales[client % len(scales)]}
 
 

@@ -175,6 +175,21 @@ def test_serving_benchmark_clients_of_four_guidance_scales_share_calls(tmp_path)
     assert max(int(n) for n in loop["mean_call_s_by_images"]) == 4
 
 
+def test_serving_benchmark_clients_of_three_prompt_lengths_share_calls(tmp_path):
+    """Six clients, two for each of prompts of one, two and three chunks, and calls of up
+    to 4 images: with each count apart a call could hold 2 at the most."""
+    out = tmp_path / "serving.json"
+    _run("load.bench_serving", "--single", "2", "--concurrency", "6", "--duration", "8",
+         "--prompt-chunks", "3", "--prompt-words", "0", "100", "200",
+         "--port", str(free_port()), "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["settings"]["prompt_words"] == [0, 100, 200]
+    (loop,) = report["closed_loop"]
+    assert loop["concurrency"] == 6 and loop["call_images"] == loop["images"] > 0
+    assert loop["mean_batch_size"] > 2.5
+    assert max(int(n) for n in loop["mean_call_s_by_images"]) >= 3
+
+
 def test_flops_follow_the_model_configs(tiny_sdxl_path):
     from load.flops import guided_steps, sdxl_flops
 
@@ -657,13 +672,14 @@ def test_sdxl_options_benchmark_times_each_option_against_the_plain_call(tmp_pat
                   "2", "--repeats", "2", "--out", str(out))
     report = json.loads(out.read_text())
     rows = {(r["option"], r["batch"]): r for r in report["rows"]}
-    assert len(rows) == 18 and report["model"] == "tiny-sdxl"
+    assert len(rows) == 20 and report["model"] == "tiny-sdxl"
     for (option, batch), r in rows.items():
         assert 0 < r["min_s"] <= r["median_s"]
         assert r["images_per_s"] == pytest.approx(batch / r["median_s"], rel=0.01)
         plain = rows["plain", batch]["median_s"]
         assert r["time_vs_plain"] == pytest.approx(r["median_s"] / plain, rel=0.01)
-    assert [rows[o, 1]["chunks"] for o in ("plain", "prompt of 200 words")] == [1, 3]
+    assert [rows[o, 1]["chunks"] for o in ("plain", "prompt of 200 words")] == [[1], [3]]
+    assert rows["prompts of 1 and 3 chunks", 2]["chunks"] == [1, 3]  # one call of both
     assert rows["hires 1.5x", 1]["output_size"] == 96 and rows["plain", 1]["output_size"] == 64
     assert rows["hires 1.5x, ESRGAN x4", 1]["output_size"] == 96
     assert rows["hires 1.5x, ESRGAN x4 untiled", 1]["output_size"] == 96
