@@ -209,3 +209,18 @@ def test_exact_shapes_compile_nothing_under_load_on_the_gpu(tiny_sdxl_path, cach
     assert 0 < fewer < full and captured == 0
     _, none, captured = compiled_run(lambda: engine.generate([_req(1, width=96)]))
     assert (none, captured) == (0, 0)
+
+
+def test_prompts_of_other_chunk_counts_share_a_gpu_call_each_reading_its_own(tiny_sdxl_path):
+    """The shorter prompt padded and masked (`prompt_masks`): its image is its own call's
+    within the rounding a batch of another size gives on the GPU."""
+    from deployments.engines.sdxl import SDXLEngine
+
+    chunked = SDXLEngine(tiny_sdxl_path, "float16", "cuda", prompts={"chunks": 3})
+    batch = [_req(11), _req(12, prompt=" ".join(["the"] * 200))]
+    assert [chunked.long_prompts.count(r.prompt, "") for r in batch] == [1, 3]
+    together = chunked.generate(batch)
+    for shared, request in zip(together, batch, strict=True):
+        own = np.asarray(chunked.generate([request])[0][0]).astype(int)
+        diff = np.abs(np.asarray(shared[0]).astype(int) - own)
+        assert diff.max() <= 2 and (diff > 0).mean() < 0.05
