@@ -229,7 +229,8 @@ def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_por
                        "max_loras": 2}),
         # The tiny IP-Adapter's files and a further "plus" adapter, `face`.
         _model(BATCHED, 2000, ip_adapter={"path": str(two_ip_adapters), "extra": {
-            "face": {"weight_name": "ip-adapter-plus_sdxl.safetensors", "scale": 0.7}}}),
+            "face": {"weight_name": "ip-adapter-plus_sdxl.safetensors", "scale": 0.7}}},
+               prompts={"chunks": 3}),
         _model(ONE_SLOT, 1500, max_ongoing_requests=1, max_queued_requests=1,
                batching={"max_batch_size": 1, "wait_ms": 1500}),
         _model(TWO_REPLICAS, 10, replicas=2, label_images=False,

@@ -81,6 +81,20 @@ def test_requests_enlarged_by_other_factors_share_a_call_and_each_gets_its_own_s
         assert_same_pixels(decode(own.json()["image"]), image)
 
 
+def test_prompts_of_other_chunk_counts_share_a_call_and_keep_their_own_pixels(
+        base_url, client):
+    """BATCHED reads up to three chunks of 75 tokens: prompts of one, two and three
+    share a call, each image its own call's (the tiny tokenizer reads "the" as one)."""
+    bodies = [_body(90), _body(91, prompt=" ".join(["the"] * 100)),
+              _body(92, prompt=" ".join(["the"] * 200))]
+    alone = [client.post("/generate", json=body) for body in bodies]
+    crowd = post_many(base_url, bodies)
+    assert len({r.headers["x-atelier-batch-id"] for r in crowd}) == 1
+    assert [r.headers["x-atelier-batch-size"] for r in crowd] == ["3"] * 3
+    for own, shared in zip(alone, crowd, strict=True):
+        assert_same_pixels(decode(own.json()["image"]), decode(shared.json()["image"]))
+
+
 def test_mixed_requests_are_grouped_by_size_and_steps_in_order(base_url):
     shapes = [{"width": 64}, {"width": 128}, {"width": 64}, {"width": 128, "steps": 3},
               {"width": 128}]
