@@ -337,8 +337,8 @@ class DiffusersEngine(WarmUp):
         raise self._recover_memory(requests)
 
     def _enlarged(self, request: GenerationRequest, pixels: torch.Tensor) -> torch.Tensor:
-        """Finished 8-bit images (rows) of requests of `request`'s enlargement as
-        delivered: a family may enlarge them here (`upscale`, `HiresPass`)."""
+        """The request's finished 8-bit images (rows) as delivered: a family may enlarge
+        them here (`upscale`, `HiresPass`)."""
         return pixels
 
     def _rows_follow(self, requests: Sequence[GenerationRequest], made: Sequence[Prepared],

@@ -78,8 +78,8 @@ class HiresPass:
         raise NotImplementedError
 
     def _enlarged(self, request: GenerationRequest, pixels: torch.Tensor) -> torch.Tensor:
-        """Finished 8-bit images (rows, on the device) of requests of `request`'s
-        enlargement, enlarged by its `upscale`, without a redraw."""
+        """The request's finished 8-bit images (rows, on the device) enlarged by its
+        `upscale`, without a redraw."""
         if not request.enlarges:
             return pixels
         width, height = request.delivered_size
