@@ -23,7 +23,7 @@ import httpx
 from load.report import save_report
 
 
-def _parse_args() -> argparse.Namespace:
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", help="Atelier YAML config (default: the embedded tiny model)")
     p.add_argument("--random-sdxl", help="build an SDXL with random weights from this JSON of "
@@ -47,7 +47,7 @@ def _parse_args() -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=20, help="seconds per concurrency level")
     p.add_argument("--port", type=int, default=8077)
     p.add_argument("--out", help="JSON output path")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def _app_args(args: argparse.Namespace) -> dict:

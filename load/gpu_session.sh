@@ -6,7 +6,7 @@
 # calibrated activation scales beside the dynamic ones, static shapes), throughput with
 # the fastest variant, engine-cudnnbench, fp8-error, keep-warm, engine-512,
 # engine-autotune, engine-lightning, adapters, engine-flux, controlnet, image-prompts,
-# image-prompts-flux, kontext, fill, redux, controlnet-flux.
+# image-prompts-flux, kontext, fill, redux, controlnet-flux, serving-mix (guidance, prompts).
 # Here, once, in the project root:
 #   echo /.whl/ >> .git/info/exclude
 #   ../shared/gpu/make-wheels.sh .whl pytest pluggy iniconfig pytest-timeout
@@ -51,6 +51,9 @@
 #   controlnet-flux  what none, one and two FLUX ControlNets (InstantX's Union design, random
 #               weights; two modes of one union) cost per call, 1024², 28 steps, eager bf16,
 #               batches of 1 and 2
+#   serving-mix through HTTP (eager float16, calls of up to 8), clients of one guidance
+#               scale and then of four, or (serving-mix prompts) prompts of one chunk and
+#               then of one, two and three: what mixed traffic's shared calls serve
 #   engine-flux FLUX.1-dev's architecture (random weights, built on the GPU by the first
 #               call), 1024², 28 steps, batch 4: compiled bf16, or the variants named after
 #               it (one per call fits: engine-flux compiled, then engine-flux compiled-fp8)
@@ -62,7 +65,7 @@
 # files are named after the GPU the step ran on (its name as nvidia-smi gives it, without
 # "NVIDIA", lower-cased: h100-80gb-hbm3, h200, ...), so two cards' figures never mix.
 set -euo pipefail
-step=${1:?"step: engine | engine-fp8 | engine-static | engine-calibrated | engine-cudnnbench | fp8-error | engine-512 | engine-autotune | engine-lightning | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | image-prompts-flux | kontext | fill | redux | controlnet-flux | sdxl-options | flux-options"}
+step=${1:?"step: engine | engine-fp8 | engine-static | engine-calibrated | engine-cudnnbench | fp8-error | engine-512 | engine-autotune | engine-lightning | tests | throughput | keep-warm | adapters | engine-flux | controlnet | image-prompts | image-prompts-flux | kontext | fill | redux | controlnet-flux | sdxl-options | flux-options | serving-mix"}
 variant=${2:-compiled-fp8-buckets}
 out=${OUT:-results}
 mkdir -p "$out"
@@ -127,6 +130,19 @@ case $step in
               python3 -m load.bench_adapters "${sdxl[@]}" --rank 64 --requests 10 \
                 "${flag[@]}" --out "$out/adapters-$gpu-r64-$mode.json"
             done 2>&1 | tee "$log" ;;
+  serving-mix) mix=${2:-guidance}
+               case $mix in
+                 guidance) runs=("uniform --guidance 7.5" "mixed --guidance-mix 5 7.5 9 11") ;;
+                 prompts) runs=("uniform --prompt-chunks 3"
+                                "mixed --prompt-chunks 3 --prompt-words 0 100 200") ;;
+                 *) echo "unknown serving-mix $mix" >&2; exit 2 ;;
+               esac
+               for run in "${runs[@]}"; do
+                 read -r -a flag <<< "$run"
+                 python3 -m load.bench_serving "${sdxl[@]}" --batch 8 --wait-ms 100 --single 2 \
+                   --concurrency 16 --duration 45 "${flag[@]:1}" \
+                   --out "$out/serving-$gpu-$mix-${flag[0]}.json"
+               done 2>&1 | tee "$log" ;;
   engine-flux) shift; flux=("$@"); [ ${#flux[@]} -gt 0 ] || flux=(compiled)
                python3 -m load.bench_engine --random-flux load/flux-dev-configs.json \
                  --size 1024 --steps 28 --batches 4 --repeats 1 --variants "${flux[@]}" \

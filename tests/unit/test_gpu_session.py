@@ -34,6 +34,8 @@ STEPS = {  # step arguments: the programs each runs
     ("sdxl-options",): ["load.bench_sdxl_options"],
     ("flux-options",): ["load.bench_sdxl_options"],
     ("tests",): ["pytest"],
+    ("serving-mix",): ["load.bench_serving"] * 2,
+    ("serving-mix", "prompts"): ["load.bench_serving"] * 2,
 }
 
 
@@ -97,7 +99,8 @@ def test_the_throughput_step_serves_as_the_fast_config_does(tmp_path):
 
 def test_an_unknown_step_or_mode_is_refused(tmp_path):
     for step, said in ((["warp-speed"], "unknown step warp-speed"),
-                       (["adapters", "turbo"], "unknown adapters mode turbo")):
+                       (["adapters", "turbo"], "unknown adapters mode turbo"),
+                       (["serving-mix", "sizes"], "unknown serving-mix sizes")):
         done, log = _run(tmp_path, *step)
         assert done.returncode == 2 and said in done.stdout + done.stderr
         assert len(log.read_text().splitlines()) == 1  # the install, and nothing measured
@@ -112,3 +115,19 @@ def test_figures_are_named_after_the_gpu_they_were_measured_on(tmp_path, gpu, ta
     from load.bench_engine import _parse_args
 
     assert Path(_parse_args(argv).out).name == f"engine-{tag}-512.json"
+
+
+def test_the_serving_mix_step_serves_uniform_then_mixed_clients(tmp_path):
+    from load.bench_serving import _parse_args
+
+    for mix in ("guidance", "prompts"):
+        (_, *calls) = _record(tmp_path, "serving-mix", mix)
+        uniform, mixed = (_parse_args(call[2:]) for call in calls)
+        assert [Path(a.out).name for a in (uniform, mixed)] == [
+            f"serving-h200-{mix}-uniform.json", f"serving-h200-{mix}-mixed.json"]
+        assert uniform.batch == mixed.batch == 8 and uniform.concurrency == [16]
+        if mix == "guidance":
+            assert (uniform.guidance_mix, mixed.guidance_mix) == (None, [5, 7.5, 9, 11])
+        else:
+            assert uniform.prompt_chunks == mixed.prompt_chunks == 3
+            assert (uniform.prompt_words, mixed.prompt_words) == (None, [0, 100, 200])
