@@ -39,6 +39,17 @@ def assert_same_pixels(a, b):
     assert (diff > 0).mean() < 0.01
 
 
+def assert_each_as_alone(engine, batch: list, together: list) -> list:
+    """Each request's images of a shared call (`together`) are its own call's, up to
+    `assert_same_pixels`; return its own call's."""
+    alone = [engine.generate([request])[0] for request in batch]
+    for shared, own in zip(together, alone, strict=True):
+        assert len(shared) == len(own)
+        for a, b in zip(shared, own, strict=True):
+            assert_same_pixels(a, b)
+    return alone
+
+
 def withdrawing(engine, batch: list, after: int | None, module, rows_of):
     """Run `batch` on `engine`, request 1 withdrawn after step `after` (None: none is);
     return the images and `rows_of(args, kwargs)` of each forward of `module` (a part of

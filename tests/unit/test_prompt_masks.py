@@ -13,7 +13,7 @@ import torch
 from deployments.engines.prompt_masks import padded, padding_masked
 from deployments.engines.withdrawal import BatchRows
 from serve.types import ControlImage
-from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
+from tests.unit.test_engine import _px, assert_each_as_alone, assert_same_pixels, withdrawing
 from tests.unit.test_image_prompts import FILES, _picture, adapter_path  # noqa: F401
 from tests.unit.test_img2img import A
 from tests.unit.test_img2img import _req as _source_req
@@ -47,14 +47,6 @@ def _masks(engine, batch, **kwargs):
         handle.remove()
 
 
-def _alone(engine, batch, together):
-    for shared, request in zip(together, batch, strict=True):
-        own = engine.generate([request])[0]
-        assert len(shared) == len(own)
-        for a, b in zip(shared, own, strict=True):
-            assert_same_pixels(a, b)
-
-
 def test_prompts_of_one_two_and_three_chunks_share_a_call_each_reading_its_own(engine,
                                                                               monkeypatch):
     counts = [engine.long_prompts.count(r.prompt, r.negative_prompt)
@@ -65,7 +57,7 @@ def test_prompts_of_one_two_and_three_chunks_share_a_call_each_reading_its_own(e
     together, masks = _masks(engine, batch)
     # Both guidance halves: the short image's 77 tokens, the long one's 154 twice, 231.
     assert masks == [[77, 154, 154, 231] * 2] * 3
-    _alone(engine, batch, together)
+    assert_each_as_alone(engine, batch, together)
     # The mask matters: without it the short prompt's image reads the padding.
     monkeypatch.setattr("deployments.engines.sdxl.padding_masked",
                         lambda *args: contextlib.nullcontext())
@@ -96,19 +88,19 @@ def test_a_withdrawn_request_leaves_and_the_others_keep_their_own_tokens(engine)
 def test_the_hires_pass_and_the_refiner_read_each_rows_own_tokens(engine, extra):
     batch = [replace(SHORT, **extra), replace(LONGER, **extra)]
     assert engine.batch_key(batch[0]) == engine.batch_key(batch[1])
-    _alone(engine, batch, engine.generate(batch))
+    assert_each_as_alone(engine, batch, engine.generate(batch))
 
 
 def test_img2img_and_image_prompts_read_each_rows_own_tokens(engine):
     img2img = [_source_req(A, 0.7, None, prompt=SHORT.prompt),
                _source_req(A, 0.7, None, prompt=LONGER.prompt, seed=8)]
-    _alone(engine, img2img, engine.generate(img2img))
+    assert_each_as_alone(engine, img2img, engine.generate(img2img))
     from serve.types import ImagePrompt
 
     picture = _picture(3)
     prompt = ImagePrompt(picture.tobytes(), *picture.size, 0.6)
     prompted = [replace(SHORT, image_prompt=prompt), replace(LONGER, image_prompt=prompt)]
-    _alone(engine, prompted, engine.generate(prompted))
+    assert_each_as_alone(engine, prompted, engine.generate(prompted))
 
 
 def test_calls_with_controlnets_keep_chunk_counts_apart(engine):

@@ -18,7 +18,7 @@ from deployments.engines.row_guidance import (
 )
 from deployments.engines.withdrawal import BatchRows
 from serve.types import GenerationRequest
-from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
+from tests.unit.test_engine import _px, assert_each_as_alone, assert_same_pixels, withdrawing
 from tests.unit.test_img2img import MASK, A
 from tests.unit.test_img2img import _req as _source_req
 
@@ -69,12 +69,7 @@ def test_guided_requests_of_any_scale_share_a_call_and_unguided_ones_do_not(engi
 def test_each_image_in_a_shared_call_is_guided_by_its_own_scale(engine):
     batch = [BASE, replace(BASE, guidance_scale=9.0, seed=6, num_outputs=2),
              replace(BASE, guidance_scale=3.0, seed=7, prompt="a blue ball")]
-    together = engine.generate(batch)
-    alone = [engine.generate([request])[0] for request in batch]
-    for shared, own in zip(together, alone, strict=True):
-        assert len(shared) == len(own)
-        for a, b in zip(shared, own, strict=True):
-            assert_same_pixels(a, b)
+    alone = assert_each_as_alone(engine, batch, engine.generate(batch))
     # The scales matter: the same seed and prompt at 9 is another image than at 7.5, over
     # one level away on 44 % of its values (a shared call's images are within one level).
     other = engine.generate([replace(BASE, guidance_scale=9.0)])[0][0]
@@ -146,12 +141,7 @@ def test_each_image_in_a_shared_call_is_rescaled_by_its_own_rescale(engine, hire
     batch = [replace(BASE, guidance_rescale=0.7, **extra),
              replace(BASE, seed=6, num_outputs=2, **extra),
              replace(BASE, guidance_rescale=0.3, guidance_scale=11.0, seed=7, **extra)]
-    together = engine.generate(batch)
-    alone = [engine.generate([request])[0] for request in batch]
-    for shared, own in zip(together, alone, strict=True):
-        assert len(shared) == len(own)
-        for a, b in zip(shared, own, strict=True):
-            assert_same_pixels(a, b)
+    alone = assert_each_as_alone(engine, batch, engine.generate(batch))
     # The rescale matters: the first request's image without it is another image.
     plain = engine.generate([replace(batch[0], guidance_rescale=0.0)])[0][0]
     assert np.abs(_px(plain) - _px(alone[0][0])).mean() > 1
