@@ -16,7 +16,7 @@ from serve.config import ModelConfig
 from serve.errors import InvalidField
 from serve.inpaint_area import Overlay
 from serve.types import GenerationRequest, SourceImage
-from tests.unit.test_engine import _px, assert_same_pixels
+from tests.unit.test_engine import _px, assert_each_as_alone, assert_same_pixels
 
 REQUEST = GenerationRequest(model="a/b", prompt="a castle on a hill", width=64, height=48,
                             num_inference_steps=3, guidance_scale=6.0, seed=8,
@@ -148,6 +148,12 @@ def test_flux_enlarges_its_images_too(flux):
     (ours,) = flux.generate([replace(request, upscale=1.5, upscaler="bicubic")])[0]
     grown = F.interpolate(_tensor([drawn]), size=(72, 96), mode="bicubic").clamp(0, 1)
     assert np.array_equal(_px(ours), to_uint8(grown)[0].permute(1, 2, 0).numpy())
+    # In one call with a request enlarging nothing, each keeps its own size and pixels.
+    batch = [replace(request, upscale=2, upscaler="bicubic"), replace(request, seed=3)]
+    assert flux.batch_key(batch[0]) == flux.batch_key(batch[1])
+    together = flux.generate(batch)
+    assert [[im.size for im in images] for images in together] == [[(128, 96)], [(64, 48)]]
+    assert_each_as_alone(flux, batch, together)
 
 
 MODEL = ModelConfig(id="a/b", embedded="tiny-sdxl",
