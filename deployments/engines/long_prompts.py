@@ -8,8 +8,8 @@ sequence, so the UNet's cross-attention sees every word; the pooled embedding is
 chunk's. A chunk that would end within `comma_backtrack` tokens after a comma ends after the
 comma instead, the words after it starting the next chunk (the WebUI's way, 20 by default),
 so a phrase is not split between chunks. A prompt and its negative prompt are padded to the
-same count with empty chunks, and the requests of one call have the same count (it is part
-of their batch key). A prompt of one chunk is encoded exactly as diffusers encodes it.
+same count with empty chunks; requests of other counts share a call with their padding
+masked (`prompt_masks`). A prompt of one chunk is encoded exactly as diffusers encodes it.
 
 With `prompts.weights`, AUTOMATIC1111's emphasis: `(words)` weighs 1.1, `[words]` 1/1.1,
 `(words:1.5)` 1.5, nested groups multiply, `\\(` `\\)` `\\[` `\\]` are literal brackets. Each
