@@ -66,10 +66,11 @@ class HiresPass:
         args = {"image": image, "strength": first.hires_strength,
                 "num_inference_steps": first.hires_steps or first.num_inference_steps,
                 "guidance_scale": inputs.get("guidance_scale", first.guidance_scale),
-                **{k: inputs[k] for k in ("guidance_rescale",) if k in inputs},
                 "generator": generators,
                 "output_type": "pt", "callback_on_step_end": callback,
                 "callback_on_step_end_tensor_inputs": list(pipe._callback_tensor_inputs)}
+        if "guidance_rescale" in inputs:  # the call's (SDXL's `_redraw` takes it)
+            args["guidance_rescale"] = inputs["guidance_rescale"]
         rows.start_call()
         return self._redraw(pipe, first, args | extra)
 

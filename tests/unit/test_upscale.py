@@ -101,8 +101,9 @@ def test_requests_of_other_enlargements_share_a_call_each_enlarged_by_its_own(en
     for i, own in enumerate(alone):
         for a, b in zip(together[i], own, strict=True):
             assert_same_pixels(a, b)
-        for a, b in zip(gone[i] if i != 1 else own, own, strict=True):
-            assert_same_pixels(a, b)
+        if i != 1:  # the withdrawn request's are none (above)
+            for a, b in zip(gone[i], own, strict=True):
+                assert_same_pixels(a, b)
 
 
 def test_an_input_at_strength_0_is_enlarged_itself(engine):
