@@ -1,27 +1,23 @@
-"""What every diffusers engine shares: loading from local files, batched calls with
-per-image seeds, withdrawal between steps, warm-up (`warm_up.py`), out-of-memory
-recovery, output conversion. A family's engine says which pipelines it runs and how
+"""What every diffusers engine shares: batched calls with per-image seeds, withdrawal
+between steps, out-of-memory recovery, output conversion; loading from local files
+(`loaded.py`) and the warm-up (`warm_up.py`). A family's engine says which pipelines it runs and how
 prompts are encoded."""
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
-from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
-import psutil
 import torch
 from PIL import Image
 
-from deployments.adapters import AdapterSlots
-from deployments.engines.image_prompts import ImagePrompts
-from deployments.engines.loading import load_pipeline, load_vae, share_modules
+from deployments.engines.loaded import LoadedPipelines
 from deployments.engines.previews import PreviewListener, Previews
-from deployments.engines.prompts import Embeds, PromptCache, stack
+from deployments.engines.prompts import Embeds, stack
 from deployments.engines.sources import (
     SourceTensors,
     control_inputs,
@@ -30,20 +26,13 @@ from deployments.engines.sources import (
     source_inputs,
     source_tensors,
 )
-from deployments.engines.speed import apply_speed, attention_order
+from deployments.engines.speed import attention_order
 from deployments.engines.warm_up import WarmUp
 from deployments.engines.withdrawal import BatchRows, step_callback
-from deployments.fused_adapters import FusedAdapters
-from serve.config import SpeedConfig
 from serve.errors import OutOfMemory
 from serve.types import GenerationRequest
 
-if TYPE_CHECKING:
-    from deployments.engines.controlnets import ControlNets, NetFiles
-    from deployments.engines.depth import DepthMaps
-
 log = logging.getLogger("ray.serve.atelier.engine")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Prepared(NamedTuple):
@@ -58,106 +47,17 @@ class Prepared(NamedTuple):
     notes: tuple[str, ...] = ()  # for the client: what of the request was not used
 
 
-class DiffusersEngine(WarmUp):
-    """Loads a family's pipelines and runs compatible batches.
+class DiffusersEngine(LoadedPipelines, WarmUp):
+    """Runs compatible batches on a family's loaded pipelines (`LoadedPipelines`).
 
     Guarantees: image i of a request depends only on the request and its seed i, not on
     the other requests of its batch (prompts are encoded per request, latents and noise
     come from one CPU generator per image).
     """
 
-    # mode (txt2img first) → pipeline class; the others share the first one's modules.
-    pipelines: ClassVar[dict[str, type]]
-    denoiser: ClassVar[str]  # the pipeline attribute that runs every step
-    parts: ClassVar[tuple[str, ...]]  # modules a usable pipeline must have
     embed_names: ClassVar[tuple[str, ...]]  # pipeline inputs made by `_encode_prompt`
-    adapters: AdapterSlots | FusedAdapters
-    buckets: tuple[int, ...] = ()  # image counts calls are padded up to (none: as they come)
-    attention: str = "auto"  # the order fused attention kernels are tried in (speed.py)
-    cfg_cutoff: float | None = None  # fraction of the steps guided (speed.cfg_cutoff)
-    image_prompts: ImagePrompts | None = None  # the model's IP-Adapter, if it has one
     control_rows_stay = False  # whether the rows of calls with ControlNets stay to the end
-    controlnets: ControlNets | None = None  # the model's ControlNets, if its family has any
-    depth_maps: DepthMaps | None = None  # the model's depth estimator, if it has one
-    merged_loras: tuple[str, ...] = ()  # the LoRA files merged into the weights at load
     row_guidance = False  # whether a call's rows may have their own guidance scales
-
-    def __init__(self, path: Path, dtype: str, device: str, variant: str | None,
-                 simulate_oom_above_images: int | None, vae: Path | None = None):
-        """Load the family's pipelines from `path`, with the VAE of the folder `vae` in
-        place of the checkpoint's (which is then not read) if one is given."""
-        self.simulate_oom_above_images = simulate_oom_above_images
-        self.device = torch.device(device)
-        self.dtype = _DTYPES[dtype] if self.device.type == "cuda" else torch.float32
-        first, *others = self.pipelines.items()
-        given = {} if vae is None else {"vae": load_vae(vae, self.dtype)}
-        self.pipe = load_pipeline(first[1], path, self.dtype, variant, **given).to(self.device)
-        self.vae_folder = vae
-        self._pipes = {first[0]: self.pipe}
-        self._pipes |= share_modules(self.pipe, dict(others), self.dtype)
-        for pipe in self._pipes.values():
-            pipe.set_progress_bar_config(disable=True)
-        self.speed: dict = {}  # the speed settings applied (`speed_up`), for describe()
-
-    def merge_loras(self, loras: Sequence[tuple[Path, float]]) -> None:
-        """Merge LoRA files into the weights for good (the model's `merged_loras`, each
-        (file, scale)), as diffusers' load_lora_weights and fuse_lora do, then drop their
-        layers: the modules every pipeline of the engine shares keep the merged weights.
-        Called before the adapters' slots and the speed settings change the layers."""
-        for i, (path, scale) in enumerate(loras):
-            name = f"merged-{i}"
-            self.pipe.load_lora_weights(str(path.parent), weight_name=path.name,
-                                        adapter_name=name, local_files_only=True)
-            self.pipe.fuse_lora(lora_scale=scale, adapter_names=[name])
-            self.pipe.unload_lora_weights()
-        self.merged_loras = tuple(path.name for path, _ in loras)
-
-    def speed_up(self, speed: SpeedConfig, compile_cache: Path) -> None:
-        """Apply the model's speed settings (after its adapters are in place), then let
-        the adapters find the layers the settings left; prompts are encoded with the
-        adapters' text-encoder parts."""
-        self.prompts = PromptCache(self._encode_prompt, adapters=self.adapters.text)
-        self.buckets = tuple(speed.batch_buckets)
-        self.attention = speed.attention
-        self.cfg_cutoff = speed.cfg_cutoff
-        denoiser = getattr(self.pipe, self.denoiser)
-        self.speed = apply_speed(self.pipe, denoiser, speed, compile_cache)
-        self.calibrating = speed.fp8 and speed.fp8_activations == "calibrated"
-        self.extra_sizes = tuple(tuple(size) for size in speed.compile_sizes)
-        self.adapters.bind(denoiser, compiled=bool(self.speed.get("compiled_blocks")))
-
-    def memory(self) -> tuple[str, int]:
-        """(device, bytes held): torch's allocated GPU memory, or the process's resident
-        memory on CPU."""
-        if self.device.type == "cuda":
-            return str(self.device), torch.cuda.memory_allocated(self.device)
-        return "cpu", psutil.Process().memory_info().rss
-
-    def describe(self) -> dict:
-        """The engine's facts: device and dtype, the dtype each module's weights are in
-        (the ControlNets' and the IP-Adapter's image encoder's after the pipeline's),
-        adapters, speed settings, merged LoRAs and the VAE folder given, if one was."""
-        merged = isinstance(self.adapters, FusedAdapters)
-        weights = {part: _name(next(getattr(self.pipe, part).parameters()).dtype)
-                   for part in self.parts}  # as they are, whatever loading meant them to be
-        if self.controlnets is not None:
-            weights |= self.controlnets.weights()
-        if self.image_prompts is not None:
-            encoder = self.pipe.image_encoder
-            weights["ip-adapter image_encoder"] = _name(next(encoder.parameters()).dtype)
-        return {"device": str(self.device), "dtype": _name(self.dtype), "weights": weights,
-                "vae_scale_factor": self.pipe.vae_scale_factor,
-                "adapters": "merged" if merged else "slots", "speed": self.speed,
-                "merged_loras": self.merged_loras,
-                "vae": None if self.vae_folder is None else str(self.vae_folder),
-                "vae_tiling": self.pipe.vae.use_tiling}
-
-    def tile_vae(self) -> None:
-        """Decode and encode images larger than the VAE's sample size in overlapping tiles
-        that blend (diffusers' enable_tiling; the model's `vae_tiling`), so the VAE's
-        memory stays that of its sample size whatever the image's. Every pipeline of the
-        engine shares the VAE."""
-        self.pipe.vae.enable_tiling()
 
     def check_request(self, request: GenerationRequest) -> None:
         """Raise InvalidField for what the request asks that this model cannot do and the
@@ -349,20 +249,6 @@ class DiffusersEngine(WarmUp):
             return nullcontext()
         return self.image_prompts.following(requests, [p.image_prompt for p in made], rows)
 
-    def _load_controlnets(self, nets: Mapping[str, NetFiles] | None,
-                          depth_estimator: Path | None, classes: tuple[type, type, dict]) -> None:
-        """The model's depth estimator, if it has one, and its ControlNets; `classes`: the
-        family's ControlNet class, its class of several combined, and the ControlNet
-        pipeline of each mode."""
-        from deployments.engines.controlnets import ControlNets
-
-        if depth_estimator is not None:  # transformers' depth models, imported only then
-            from deployments.engines.depth import DepthMaps
-
-            self.depth_maps = DepthMaps(depth_estimator, self.dtype, self.device)
-        self.controlnets = ControlNets(self.pipe, nets or {}, self.dtype, self.device,
-                                       *classes, self.depth_maps)
-
     def _control_inputs(self, requests: Sequence[GenerationRequest],
                         controls: Sequence[tuple[torch.Tensor, ...]]) -> dict:
         """The pipeline arguments of the call's control images (`control_inputs`)."""
@@ -421,14 +307,6 @@ class DiffusersEngine(WarmUp):
                            f"{images} image(s) of {r.width}x{r.height}; retry later, or ask "
                            "for fewer images or a smaller size")
 
-    def check(self) -> None:
-        """Raise RuntimeError if the pipeline cannot run (missing parts, weights gone bad)."""
-        for name in self.parts:
-            if getattr(self.pipe, name, None) is None:
-                raise RuntimeError(f"pipeline has no {name}")
-        probe = next(getattr(self.pipe, self.denoiser).parameters())
-        if probe.device.type != self.device.type or not torch.isfinite(probe).all():
-            raise RuntimeError(f"{self.denoiser} weights are not usable on the expected device")
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -446,7 +324,3 @@ def pil_rows(pixels: torch.Tensor) -> list[Image.Image]:
     """8-bit images (N, C, H, W), wherever they are → PIL."""
     array = pixels.permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a.squeeze(-1) if a.shape[-1] == 1 else a) for a in array]
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
