@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from serve.model_checks import check_names, check_parts, check_serving, check_weights
 from serve.model_extras import (
-    BICUBIC,
     FreeUConfig,
     MergedLoraConfig,
     PromptConfig,
@@ -39,19 +39,12 @@ from serve.model_parts import (
     _Strict,
 )
 from serve.steering import (
-    EMBEDDED_CONTROLNETS,
-    EMBEDDED_IP_ADAPTERS,
     ControlNetConfig,
     DepthEstimatorConfig,
     ExtraIPAdapterConfig,
     IPAdapterConfig,
     ReduxConfig,
 )
-
-MODEL_ID = re.compile(r"^[a-z0-9][a-z0-9._-]*/[a-z0-9][a-z0-9._-]*$")
-# An alias may also be a bare name, as OpenAI's clients name models (dall-e-3, gpt-image-1).
-BARE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-VERSION_ID = re.compile(r"^[0-9a-f]{64}$")  # a Replicate version's
 
 
 class ModelConfig(_Strict):
@@ -258,87 +251,11 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        for name in (self.id, *self.upscaling_aliases):
-            if not MODEL_ID.match(name):
-                raise ValueError(f"model id {name!r} is not in lowercase owner/name form")
-        for name in self.aliases:
-            if not (MODEL_ID.match(name) or BARE_NAME.match(name)) or name in FAMILIES:
-                raise ValueError(f"alias {name!r} is neither a lowercase owner/name id nor a "
-                                 "bare lowercase name other than a family's (sdxl, flux)")
-        for ref in self.replicate_versions:
-            name, _, version = ref.rpartition(":")
-            if name not in self.names or not VERSION_ID.match(version):
-                raise ValueError(f"replicate_versions: {ref!r} is not one of this model's "
-                                 "names (id, alias or upscaling alias), ':' and a version id "
-                                 "of 64 hex digits")
-        if self.upscaling_aliases and not (self.upscalers and self.options()["upscale"]):
-            raise ValueError("upscaling_aliases: the model needs an upscaler (upscalers) to "
-                             "enlarge images with")
-        if (self.path is None) == (self.embedded is None):
-            raise ValueError("set exactly one of path or embedded")
-        tools = [name for name in FLUX_TOOLS if getattr(self, name)]
-        if tools and self.family != "flux":
-            raise ValueError(f"{tools[0]}: only flux models are {tools[0].title()} models")
-        if len(tools) > 1:
-            raise ValueError(f"{tools[1]}: a model is one FLUX.1 tool, not "
-                             f"{' and '.join(tools)}")
-        self._check_sdxl_only()
-        if self.embedded not in (None, self.rules.embedded):
-            kind = (self.flux_kind or "").title() or ("inpainting" if self.inpainting else "")
-            kind = f"{self.family}{f' {kind}' if kind else ''} model"
-            hint = {f"tiny-{self.family}-{tool}": f"; set {tool}: true"
-                    for tool in (*FLUX_TOOLS, "inpainting")}.get(self.embedded or "", "")
-            raise ValueError(f"embedded {self.embedded!r} is not a {kind}{hint}")
-        if self.configs_from is not None and self.path is None:
-            raise ValueError("configs_from: only a single-file path takes it")
-        if self.configs_from is not None and self.variant is not None:
-            raise ValueError("variant: a single-file checkpoint has no variants")
-        for name, style in self.styles.items():
-            if style.negative_prompt and not self.rules.negative_prompt:
-                raise ValueError(f"styles.{name}.negative_prompt: FLUX models take no "
-                                 "negative prompt")
-        tokens = [embedding.token for embedding in self.textual_inversions]
-        if len(set(tokens)) < len(tokens):
-            raise ValueError("textual_inversions: each embedding needs its own token")
-        self._check_controlnets()
-        self._check_ip_adapter()
-        if self.estimates_depth != (self.depth_estimator is not None):
-            raise ValueError("depth_estimator: a Depth model and a model with a ControlNet "
-                             "that preprocesses depth need one, and only they take one")
-        if BICUBIC in self.upscalers:
-            raise ValueError(f"upscalers.{BICUBIC}: the built-in upscaler's name")
-        if self.upscalers and not self.options()["upscale"]:
-            raise ValueError("upscalers: this model runs no hires pass and enlarges no "
-                             "images (the FLUX.1 tools)")
-        if self.redux is not None and self.family != "flux":
-            raise ValueError("redux: only flux models take FLUX.1 Redux")
-        self.defaults.check_within(self.limits, self.rules)
-        if self.limits.max_loras > self.max_loaded_adapters:
-            raise ValueError("limits.max_loras must not exceed max_loaded_adapters")
-        buckets = self.speed.batch_buckets
-        if buckets and buckets[-1] < self.batching.max_batch_size:
-            raise ValueError("speed.batch_buckets must hold batching.max_batch_size")
-        if self.max_ongoing_requests < self.batching.max_batch_size:
-            raise ValueError("max_ongoing_requests must be at least batching.max_batch_size, "
-                             "or batches can never fill")
-        if self.device == "cpu" and self.gpu_share != 1:
-            raise ValueError("gpu_share: a replica on device cpu takes no GPU")
-        if self.device == "cpu" and self.accelerator_type is not None:
-            raise ValueError("accelerator_type: a replica on device cpu takes no GPU")
-        if self.autoscaling is not None:
-            self._check_autoscaling(self.autoscaling)
+        check_names(self)
+        check_weights(self)
+        check_parts(self)
+        check_serving(self)
         return self
-
-    def _check_autoscaling(self, autoscaling: AutoscalingConfig) -> None:
-        if self.replicas != 1:  # (1: unset)
-            raise ValueError("replicas: an autoscaled model's replicas are "
-                             "autoscaling.min_replicas to max_replicas; leave it unset")
-        target = autoscaling.ray_config(self.batching.max_batch_size)["target_ongoing_requests"]
-        if target >= self.max_ongoing_requests:
-            raise ValueError(
-                f"autoscaling.target_ongoing_requests ({target:g}) must be under "
-                f"max_ongoing_requests ({self.max_ongoing_requests}): replicas hold no more "
-                "than that, so the autoscaler would never see more than its target")
 
     @property
     def replica_range(self) -> tuple[int, int]:
@@ -346,56 +263,6 @@ class ModelConfig(_Strict):
         if self.autoscaling is None:
             return self.replicas, self.replicas
         return self.autoscaling.min_replicas, self.autoscaling.max_replicas
-
-    def _check_sdxl_only(self) -> None:
-        """Refuse on a FLUX model, naming it, each setting only SDXL models take."""
-        if self.family == "sdxl":
-            return
-        guided = "only sdxl models use classifier-free guidance"
-        settings = {
-            "inpainting": (self.inpainting, ("only sdxl models take an inpainting UNet "
-                                             "(FLUX.1 Fill's weights: fill)")),
-            "freeu": (self.freeu is not None, "only sdxl models have a UNet to re-weight"),
-            "prompts": (self.prompts.given(), ("FLUX's T5 encoder reads long prompts "
-                                               "whole and takes no weights")),
-            "textual_inversions": (self.textual_inversions,
-                                   "only sdxl models take these embeddings"),
-            "refiner": (self.refiner is not None, "only sdxl models take a refiner"),
-            "scheduler_options": (self.scheduler_options.given(),
-                                  "FLUX's flow-matching scheduler takes none"),
-            "speed.cfg_cutoff": (self.speed.cfg_cutoff is not None, guided),
-            "defaults.guidance_rescale": (self.defaults.guidance_rescale, guided)}
-        for name, (given, reason) in settings.items():
-            if given:
-                raise ValueError(f"{name}: {reason}")
-
-    def _check_controlnets(self) -> None:
-        if self.controlnets and self.flux_kind:
-            raise ValueError(f"controlnets: a FLUX.1 {self.flux_kind.title()} model takes no "
-                             "ControlNets (plain FLUX models do)")
-        for name, net in self.controlnets.items():
-            family = net.embedded and EMBEDDED_CONTROLNETS[net.embedded][0]
-            if family not in (None, self.family):
-                raise ValueError(f"controlnets.{name}.embedded: {net.embedded!r} is a {family} "
-                                 f"ControlNet, and this is a {self.family} model")
-
-    def _check_ip_adapter(self) -> None:
-        adapter = self.ip_adapter
-        if adapter is None:
-            return
-        if self.flux_kind:
-            raise ValueError(f"ip_adapter: a FLUX.1 {self.flux_kind.title()} model takes no "
-                             "IP-Adapter (sdxl and plain flux models do)")
-        if self.redux is not None:
-            raise ValueError("ip_adapter: a FLUX model reads its image prompts through Redux "
-                             "or an IP-Adapter, not both")
-        family = adapter.embedded and EMBEDDED_IP_ADAPTERS[adapter.embedded]
-        if family not in (None, self.family):
-            raise ValueError(f"ip_adapter.embedded: {adapter.embedded!r} is a {family} "
-                             f"IP-Adapter, and this is a {self.family} model")
-        if adapter.extra and self.family != "sdxl":
-            raise ValueError("ip_adapter.extra: a FLUX model reads one IP-Adapter (SDXL "
-                             "models may hold several)")
 
     @property
     def extra_ip_adapters(self) -> dict[str, ExtraIPAdapterConfig]:
