@@ -5,7 +5,6 @@ refiner run after the base model (Replicate's `refine`)."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
@@ -15,22 +14,13 @@ from typing import ClassVar
 import torch
 from diffusers import (
     ControlNetModel,
-    DDIMScheduler,
-    DEISMultistepScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LCMScheduler,
     MultiControlNetModel,
-    PNDMScheduler,
     StableDiffusionXLControlNetImg2ImgPipeline,
     StableDiffusionXLControlNetInpaintPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
-    UniPCMultistepScheduler,
 )
 
 from deployments.adapters import adapter_store
@@ -38,12 +28,13 @@ from deployments.engines.base import DiffusersEngine
 from deployments.engines.controlnets import NetFiles
 from deployments.engines.hires import HiresPass, Upscalers
 from deployments.engines.image_prompts import ImagePrompts
-from deployments.engines.loading import load_pipeline
 from deployments.engines.long_prompts import LongPrompts
 from deployments.engines.prompt_masks import padded, padding_masked
 from deployments.engines.prompts import Embeds
+from deployments.engines.refiner import load_refiner, refined
 from deployments.engines.rescale import rescaled_guidance
 from deployments.engines.row_guidance import call_guidance, call_rescale
+from deployments.engines.sdxl_schedulers import make_schedulers
 from deployments.engines.speed import attention_order
 from deployments.engines.tiling import circular_padding, whole_vae
 from deployments.engines.upscalers import UpscalerFile
@@ -60,26 +51,6 @@ from serve.types import GenerationRequest
 _CONTROLNET_PIPELINES = {"txt2img": StableDiffusionXLControlNetPipeline,
                          "img2img": StableDiffusionXLControlNetImg2ImgPipeline,
                          "inpaint": StableDiffusionXLControlNetInpaintPipeline}
-# Replicate's names → (diffusers class, extra config).
-_SCHEDULERS = {
-    "K_EULER": (EulerDiscreteScheduler, {}),
-    "K_EULER_ANCESTRAL": (EulerAncestralDiscreteScheduler, {}),
-    "DDIM": (DDIMScheduler, {}),
-    "DPMSolverMultistep": (DPMSolverMultistepScheduler, {}),
-    "HeunDiscrete": (HeunDiscreteScheduler, {}),
-    "KarrasDPM": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "PNDM": (PNDMScheduler, {"skip_prk_steps": True}),
-    # Replicate's SDXL-Lightning's: second-order SDE DPM-Solver++, noise from each image's
-    # generator.
-    "DPM++2MSDE": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
-    # Latent consistency (LCM-LoRA, LCM-distilled UNets): a few steps at guidance 1 to 2.
-    "LCM": (LCMScheduler, {}),
-    # As AUTOMATIC1111's WebUI and ComfyUI name them: DPM++ 2M SDE Karras, UniPC, DEIS.
-    "DPM++2MSDEKarras": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++",
-                                                        "use_karras_sigmas": True}),
-    "UniPC": (UniPCMultistepScheduler, {}),
-    "DEIS": (DEISMultistepScheduler, {}),
-}
 
 
 class SDXLEngine(HiresPass, DiffusersEngine):
@@ -131,16 +102,13 @@ class SDXLEngine(HiresPass, DiffusersEngine):
         self._load_controlnets(controlnets, depth_estimator, (
             ControlNetModel, MultiControlNetModel, _CONTROLNET_PIPELINES))
         # The refiner shares the base model's text_encoder_2 and VAE (its own are not read).
-        self.refiner = None if refiner is None else load_pipeline(
-            StableDiffusionXLImg2ImgPipeline, refiner, self.dtype, refiner_variant,
-            text_encoder_2=self.pipe.text_encoder_2, tokenizer_2=self.pipe.tokenizer_2,
-            vae=self.pipe.vae).to(self.device)
-        if self.refiner is not None:
-            self.refiner.set_progress_bar_config(disable=True)
+        self.refiner = None if refiner is None else load_refiner(
+            refiner, refiner_variant, self.pipe, self.dtype, self.device)
         # An inpainting UNet (noise, mask and masked image in) runs inpainting calls only.
         self.inpainting = self.pipe.unet.config.in_channels == INPAINTING_UNET_CHANNELS
         self.scheduler_options = dict(scheduler_options or {})
-        self._schedulers = self._make_schedulers(self.scheduler_options)
+        self._schedulers = make_schedulers(self.pipe.scheduler.config,
+                                           self.scheduler_options)
         self.adapters = adapter_store(
             self.pipe.unet, adapters, max_adapters, max_lora_rank, lora_targets,
             fuse=fuse_adapters, encoders={"text_encoder": self.pipe.text_encoder,
@@ -165,14 +133,6 @@ class SDXLEngine(HiresPass, DiffusersEngine):
                                         text_encoder=pipe.text_encoder_2,
                                         tokenizer=pipe.tokenizer_2)
         self.embeddings = tuple(token for _, token in embeddings)
-
-    def _make_schedulers(self, options: dict) -> dict:
-        """Each of Replicate's schedulers that takes every option, from the checkpoint's
-        scheduler config (HeunDiscrete, PNDM and DEIS cannot rescale to zero terminal SNR)."""
-        base = self.pipe.scheduler.config
-        return {name: cls.from_config(base, **(extra | options))
-                for name, (cls, extra) in _SCHEDULERS.items()
-                if set(options) <= set(inspect.signature(cls.__init__).parameters)}
 
     def batch_key(self, request: GenerationRequest) -> tuple:
         """As every engine's, and by how many chunks the prompts are encoded in where
@@ -332,32 +292,14 @@ class SDXLEngine(HiresPass, DiffusersEngine):
     def _second_stage(self, requests: Sequence[GenerationRequest], rows: BatchRows,
                       generators: list[torch.Generator], out: torch.Tensor,
                       callback: Callable, inputs: dict) -> torch.Tensor:
-        """Refine the base model's latents (rows still live) as Replicate's SDXL does: the
-        refiner's img2img pipeline on the same prompts and per-image generators, from
-        `high_noise_frac` on (expert ensemble), or over the finished latents at its default
-        strength for `refine_steps` (base image). Withdrawals go on as in the first stage."""
+        """The hires pass of a request that asks for one, or the refiner (`refiner.py`)."""
         first = requests[0]
         if first.hires_scale != 1:
             return self._hires(first, rows, generators, out, callback, inputs)
         if first.refine == "no_refiner":
             return out
-        if not rows.live:  # every request left during the first stage
-            return out.new_zeros(out.shape[0], 3, first.height, first.width)
-        live = rows.original_rows()
-        prompts = [(r.prompt, r.negative_prompt) for r in requests for _ in r.seeds]
-        args = {"num_inference_steps": first.num_inference_steps} | self._refiner_embeds(
-            [prompts[i] for i in live])
-        if first.refine == "expert_ensemble_refiner":
-            args["denoising_start"] = first.high_noise_frac
-        elif first.refine_steps:
-            args["num_inference_steps"] = first.refine_steps
-        with attention_order(self.attention):
-            return self.refiner(
-                image=out, guidance_scale=inputs.get("guidance_scale", first.guidance_scale),
-                generator=generators, output_type="pt",
-                callback_on_step_end=callback,
-                callback_on_step_end_tensor_inputs=list(self.refiner._callback_tensor_inputs),
-                **args).images
+        return refined(self.refiner, self.long_prompts, requests, rows, generators, out,
+                       callback, inputs, self.attention)
 
     def _redraw(self, pipe, first: GenerationRequest, args: dict) -> torch.Tensor:
         """The hires pass's img2img call, at the request's scheduler and the call's
@@ -370,21 +312,6 @@ class SDXLEngine(HiresPass, DiffusersEngine):
         with attention_order(self.attention), hook:
             return pipe(**args).images
 
-    def _refiner_embeds(self, prompts: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
-        """The refiner's prompt embeddings for each row's (prompt, negative prompt): its one
-        text encoder's (the base model's second), read in as many chunks as the base
-        model's. Encoded with the refiner's call, not kept (refined calls are rare). An
-        empty negative prompt is encoded, as the prompts Replicate's SDXL passes it are."""
-        refiner, held = self.refiner, {}
-        for pair in set(prompts):
-            held[pair] = self.long_prompts.encode(
-                [(refiner.tokenizer_2, refiner.text_encoder_2)], *pair, False, self.device,
-                refiner.text_encoder_2.dtype)
-        held = dict(zip(held, padded(list(held.values())), strict=True))
-        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
-                 "negative_pooled_prompt_embeds")
-        return {name: torch.cat([held[pair][i] for pair in prompts])
-                for i, name in enumerate(names)}
 
 
 @contextmanager

@@ -32,11 +32,11 @@ def _diffusers(path, scheduler: str, options: dict, request: GenerationRequest, 
     `call`'s further arguments."""
     from diffusers import StableDiffusionXLPipeline
 
-    from deployments.engines.sdxl import _SCHEDULERS
+    from deployments.engines.sdxl_schedulers import SDXL_SCHEDULERS
 
     pipe = StableDiffusionXLPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
-    cls, extra = _SCHEDULERS[scheduler]
+    cls, extra = SDXL_SCHEDULERS[scheduler]
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra, **options)
     return pipe(prompt=request.prompt, width=request.width, height=request.height,
                 num_inference_steps=request.num_inference_steps,

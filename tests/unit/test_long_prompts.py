@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from deployments.engines.long_prompts import LongPrompts, weighted_pieces
+from deployments.engines.refiner import refiner_embeds
 from serve.config import ConfigError, ModelConfig, parse_config
 from serve.types import GenerationRequest
 from serve.versions import version_id
@@ -184,7 +185,8 @@ def test_weights_scale_token_embeddings_then_restore_the_chunk_mean(sdxl, chunke
 
 
 def test_the_refiner_reads_prompts_in_as_many_chunks(chunked):
-    embeds = chunked._refiner_embeds([(LONG, ""), (" ".join(WORDS[::-1]), "blurry")])
+    embeds = refiner_embeds(chunked.refiner, chunked.long_prompts,
+                            [(LONG, ""), (" ".join(WORDS[::-1]), "blurry")])
     assert embeds["prompt_embeds"].shape[:2] == (2, 154)
     refiner = chunked.refiner
     first = refiner.encode_prompt(prompt=" ".join(WORDS[:75]), device="cpu",

@@ -22,11 +22,11 @@ def test_partial_images_are_spread_over_the_steps_before_the_last():
 
 
 def _scheduler(name):
-    from deployments.engines.sdxl import _SCHEDULERS
+    from deployments.engines.sdxl_schedulers import SDXL_SCHEDULERS
 
     if name == "FlowMatchEuler":
         return FlowMatchEulerDiscreteScheduler()
-    cls, extra = _SCHEDULERS[name]
+    cls, extra = SDXL_SCHEDULERS[name]
     return cls(**extra)
 
 
