@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from load.bench_engine import (
+from load.bench_models import (
     GUIDANCE,
     VARIANTS,
     add_model_args,

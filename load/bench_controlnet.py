@@ -31,7 +31,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_engine import GUIDANCE, add_call_args, model_folder, timed
+from load.bench_models import GUIDANCE, add_call_args, model_folder, timed
 from load.bench_serving import machine
 from load.report import save_report
 

@@ -23,7 +23,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_engine import add_call_args, case_turns, compared_rows, model_folder
+from load.bench_models import add_call_args, case_turns, compared_rows, model_folder
 from load.bench_serving import machine
 from load.report import save_report
 

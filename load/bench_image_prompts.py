@@ -37,7 +37,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_engine import (
+from load.bench_models import (
     GUIDANCE,
     add_call_args,
     case_turns,

@@ -23,7 +23,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_engine import add_call_args, case_turns, compared_rows
+from load.bench_models import add_call_args, case_turns, compared_rows
 from load.bench_serving import machine
 from load.report import save_report
 
@@ -44,7 +44,7 @@ def kontext_folder(configs: str | None, cache_dir: Path) -> Path:
     """The embedded tiny Kontext, or the random FLUX's folder seen as Kontext: links to
     its modules beside a model_index.json naming FluxKontextPipeline."""
     from deployments.tiny import TINY_FLUX_KONTEXT, ensure_embedded
-    from load.bench_engine import model_folder
+    from load.bench_models import model_folder
 
     if not configs:
         return ensure_embedded(TINY_FLUX_KONTEXT, cache_dir)

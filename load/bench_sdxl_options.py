@@ -33,7 +33,7 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-from load.bench_engine import (
+from load.bench_models import (
     GUIDANCE,
     add_call_args,
     add_model_args,

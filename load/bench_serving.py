@@ -63,7 +63,7 @@ def _app_args(args: argparse.Namespace) -> dict:
             "id": DEFAULT_MODEL_ID, "embedded": "tiny-sdxl", "dtype": "float32",
             "defaults": {"width": args.size, "height": args.size,
                          "num_inference_steps": args.steps}, **prompts}]}}
-    from load.bench_engine import model_folder
+    from load.bench_models import model_folder
     from serve.config import default_cache_dir
 
     folder = model_folder(args.random_sdxl, default_cache_dir())

@@ -43,7 +43,7 @@ from pathlib import Path
 import httpx
 
 from load import bench_serving as bs
-from load.bench_engine import GUIDANCE, VARIANTS, add_model_args, model_folder, resolve_family
+from load.bench_models import GUIDANCE, VARIANTS, add_model_args, model_folder, resolve_family
 from load.report import save_report
 
 

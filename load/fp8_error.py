@@ -42,7 +42,7 @@ from deployments.engines.speed import (
     calibration_calls,
     fp8_candidates,
 )
-from load.bench_engine import add_model_args, resolve_family
+from load.bench_models import add_model_args, resolve_family
 
 # name: (row-wise scales, fast accumulation), as speed.fp8_scaling / speed.fp8_fast_accum.
 FP8_SETTINGS = {"fp8-row": (True, True), "fp8-row-slowaccum": (True, False),
@@ -143,7 +143,7 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     from deployments.engines import resolve_device
-    from load.bench_engine import call_requests, engine_class, model_folder
+    from load.bench_models import call_requests, engine_class, model_folder
     from load.bench_serving import machine
     from load.report import save_report
     from serve.config import SpeedConfig, default_cache_dir

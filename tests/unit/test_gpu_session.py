@@ -84,7 +84,7 @@ def test_each_gpu_step_calls_its_programs_with_options_they_accept(tmp_path, ste
 
 def test_the_throughput_step_serves_as_the_fast_config_does(tmp_path):
     (_, (_, _, *argv)) = _record(tmp_path, "throughput")
-    from load.bench_engine import VARIANTS
+    from load.bench_models import VARIANTS
     from load.bench_throughput import _parse_args
     from serve.config import SpeedConfig, load_config
 

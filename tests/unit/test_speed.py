@@ -341,7 +341,7 @@ def test_compile_mode_is_a_setting_of_compile():
 
 
 def test_every_benchmark_variant_is_a_valid_speed_setting():
-    from load.bench_engine import VARIANTS
+    from load.bench_models import VARIANTS
 
     speeds = {name: SpeedConfig(**speed) for name, (_, speed) in VARIANTS.items()}
     assert speeds["compiled-b8"].batch_buckets == [8] and speeds["compiled-b8"].compile
