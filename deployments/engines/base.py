@@ -98,34 +98,22 @@ class DiffusersEngine(LoadedPipelines, WarmUp):
         if first.runs_no_step:  # the input is the answer (enlarged, if asked)
             return self._inputs_answered(requests)
         real = len(requests)
+        # 1. Pad the call to its bucket and hold its adapters before the prompts not yet
+        # prepared are encoded, as a replica does, so an adapter's file is read once (its
+        # text-encoder parts with the rest).
         requests, withdrawn = self._padded(requests, withdrawn)
         rows = BatchRows([r.num_outputs for r in requests])
-        # The adapters are held before prompts not yet prepared are encoded, as a replica
-        # does, so an adapter's file is read once (its text-encoder parts with the rest).
         pipe = self._prepare(requests, rows)
         made = list(prepared or ())
         made += [self.prepare(r)[0] for r in requests[len(made):real]]
         made += made[-1:] * (len(requests) - real)  # a filler repeats the last request
+        # 2. The pipeline's inputs, and the step callback that withdraws rows and reports.
         generators = [torch.Generator("cpu").manual_seed(seed)
                       for r in requests for seed in r.seeds]
-        inputs = (self._encode(requests, [p.embeds for p in made])
-                  | source_inputs(requests, [p.source for p in made])
-                  | self._control_inputs(requests, [p.controls for p in made])
-                  | self._noise_inputs(pipe, requests, generators)
-                  | self._guidance_inputs(requests, rows))
-        # Inpainting, Kontext edits and FLUX.1 Canny keep per-row state (the mask and both
-        # guidance halves of it; the references' or control images' latents) out of the
-        # step callback's reach: their rows stay, and inpainting keeps guidance on every
-        # step. With buckets the call
-        # keeps its padded size to the end: dropping withdrawn rows would meet the compiled
-        # code with a batch size it was not compiled for.
-        rows_stay = first.mode in ("inpaint", "edit", "control") or (
-            self.control_rows_stay and bool(first.controls))
+        inputs = self._pipeline_inputs(pipe, requests, rows, made, generators)
         previews = self._previews(requests[:real], rows, on_preview)
-        callback = step_callback(rows, generators, withdrawn, on_step,
-                                 shrink_rows=not rows_stay and not self.buckets,
-                                 cfg_cutoff=None if rows_stay else self.cfg_cutoff,
-                                 previews=previews)
+        callback = self._step_callback(first, rows, generators, withdrawn, on_step, previews)
+        # 3. Run the call, finish and deliver its images.
         out_of_memory = False
         try:
             tap = previews.tapping(pipe) if previews else nullcontext()
@@ -141,6 +129,33 @@ class DiffusersEngine(LoadedPipelines, WarmUp):
         if out_of_memory:
             raise self._recover_memory(requests)
         return delivered
+
+    def _pipeline_inputs(self, pipe, requests: Sequence[GenerationRequest], rows: BatchRows,
+                         made: Sequence[Prepared], generators: list[torch.Generator]) -> dict:
+        """The call's pipeline inputs: prompts, input images, control images, starting
+        noise and guidance, each for every row."""
+        return (self._encode(requests, [p.embeds for p in made])
+                | source_inputs(requests, [p.source for p in made])
+                | self._control_inputs(requests, [p.controls for p in made])
+                | self._noise_inputs(pipe, requests, generators)
+                | self._guidance_inputs(requests, rows))
+
+    def _step_callback(self, first: GenerationRequest, rows: BatchRows,
+                       generators: list[torch.Generator], withdrawn: Callable[[], set[int]],
+                       on_step: Callable[[int, int], None] | None,
+                       previews: Previews | None) -> Callable:
+        """The pipeline's step callback (`step_callback`). Inpainting, Kontext edits and
+        FLUX.1 Canny keep per-row state (the mask and both guidance halves of it; the
+        references' or control images' latents) out of the callback's reach: their rows
+        stay, and inpainting keeps guidance on every step. With buckets the call keeps its
+        padded size to the end: dropping withdrawn rows would meet the compiled code with a
+        batch size it was not compiled for."""
+        rows_stay = first.mode in ("inpaint", "edit", "control") or (
+            self.control_rows_stay and bool(first.controls))
+        return step_callback(rows, generators, withdrawn, on_step,
+                             shrink_rows=not rows_stay and not self.buckets,
+                             cfg_cutoff=None if rows_stay else self.cfg_cutoff,
+                             previews=previews)
 
     def _delivered(self, requests: Sequence[GenerationRequest], rows: BatchRows,
                    pixels: torch.Tensor) -> list[list[Image.Image]]:
