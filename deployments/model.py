@@ -17,15 +17,13 @@ from PIL.Image import Image
 from ray import serve
 
 from deployments.batcher import Batcher, PreviewListener, StepListener
-from deployments.credentials import ContentCredentials
-from deployments.encoding import encode_image
 from deployments.lora_downloads import AdapterDownloads, DownloadSettings
+from deployments.outputs import Outputs
 from deployments.replica_adapters import ReplicaAdapters
-from deployments.safety import SafetyChecker, withheld
-from deployments.watermark import MESSAGES, message_bits, watermarked
+from deployments.safety import SafetyChecker
 from serve import gc_pauses
 from serve.adapters import AdapterCatalog, AdapterSet
-from serve.config import ContentCredentialsConfig, ModelConfig
+from serve.config import ModelConfig
 from serve.errors import AtelierError, InferenceFailed, Refused, ReplicaLost
 from serve.metrics import ModelMetrics, gc_pause_histogram
 from serve.types import MEDIA_TYPES, BatchInfo, GenerationRequest, GenerationResult, SourceImage
@@ -48,11 +46,6 @@ class ModelDeployment:
         from deployments.engines import create_engine
 
         self.cfg = ModelConfig.model_validate(model)
-        self._label = self.cfg.id if self.cfg.label_images else None
-        self._mark = (None if self.cfg.watermark is None
-                      else message_bits(MESSAGES[self.cfg.family]))
-        self.credentials = None if not (credentials and self._label) else (
-            ContentCredentials(ContentCredentialsConfig.model_validate(credentials)))
         catalog = {n: e for n, e in AdapterCatalog.from_dicts(adapters).entries.items()
                    if e.problem_with(self.cfg) is None}
         downloads = downloads and AdapterDownloads(downloads)
@@ -61,6 +54,7 @@ class ModelDeployment:
                                     catalog if catalog or downloads else None)
         self.checker = self.cfg.safety_checker and SafetyChecker(
             self.cfg.safety_checker.path, self.engine.device, self.engine.dtype)
+        self.outputs = Outputs(self.cfg, self.checker or None, credentials)
         self.load_s = time.monotonic() - started
         # One thread: pipeline calls never overlap on a replica. Prompts are encoded on
         # another as requests arrive, and images compressed on others, all while the
@@ -73,6 +67,7 @@ class ModelDeployment:
         self._warm_up()
         self.warmup_s = time.monotonic() - started
         self.metrics = ModelMetrics(self.cfg.id, self.cfg.batching.max_batch_size)
+        self.outputs.on_flagged = self.metrics.safety_flagged.inc
         self._failures = 0
         self._rewrites = self.engine.adapters.rewrites  # the warm-up's are not counted
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -90,6 +85,11 @@ class ModelDeployment:
         # What start-up made stays; requests should not wait for collections to scan it.
         settled = gc_pauses.settle()
         gc_pauses.watch(gc_pause_histogram())
+        self._log_ready(settled)
+
+    def _log_ready(self, settled: dict) -> None:
+        """One log line: the replica is ready, on which device, with which weights, and
+        how long loading, the warm-up and settling the heap (`gc_pauses.settle`) took."""
         facts = self.engine.describe()
         merged, vae = facts["merged_loras"], facts["vae"]
         log.info("%s ready on %s (weights: %s%s%s%s): load %.2fs, warm-up %.2fs, %d objects "
@@ -165,7 +165,7 @@ class ModelDeployment:
                                             request.priority)
         self.metrics.queue_wait.observe(outcome.queue_s)
         images, nsfw = await asyncio.get_running_loop().run_in_executor(
-            self._workers, self._finish, request, outcome.result)
+            self._workers, self.outputs.finish, request, outcome.result)
         b = BatchInfo(batch_id=outcome.batch_id, images=outcome.batch_images,
                       requests=outcome.batch_requests, queue_ms=outcome.queue_s * 1000,
                       inference_ms=outcome.run_s * 1000)
@@ -178,41 +178,6 @@ class ModelDeployment:
                                 adapters_held=tuple(self.engine.adapters.loaded),
                                 gc_ms=(gc_pauses.paused_s() - collected) * 1000, nsfw=nsfw,
                                 notes=queued.prepared.result()[0].notes)
-
-    def _finish(self, request: GenerationRequest, images: Sequence[Image],
-                partial: bool = False) -> tuple[list[bytes], tuple[bool, ...]]:
-        """The request's images watermarked and encoded, and which the safety checker
-        flagged (made black), if the model has one and the request is checked (empty
-        otherwise). Runs on the encoding threads, beside the next pipeline call. Images of
-        a request inpainting only its masked area are first laid into its whole image."""
-        if request.source is not None and request.source.overlay is not None:
-            images = [request.source.overlay.apply(image) for image in images]
-        mark = self._mark if request.watermark else None
-        if not (self.checker and request.safety_check):
-            return self._encoded(request, [watermarked(im, mark) for im in images]), ()
-        nsfw = tuple(self.checker.flags(images))
-        if any(nsfw):
-            self.metrics.safety_flagged.inc(sum(nsfw))
-            log.info("%s: %d of the %s of request %s flagged by the safety checker",
-                     self.cfg.id, sum(nsfw), "partial images" if partial else "images",
-                     request.request_id)
-        return self._encoded(request, [withheld(im) if bad else watermarked(im, mark)
-                                       for im, bad in zip(images, nsfw)]), nsfw
-
-    def _encoded(self, request: GenerationRequest, images: Sequence[Image]) -> list[bytes]:
-        """Encoded, labeled, and signed when the server has content credentials; an image
-        whose signature fails goes out with its label alone, and the failure is logged."""
-        fmt, quality = request.output_format, request.output_quality
-        encoded = [encode_image(im, fmt, quality, self._label) for im in images]
-        if not self.credentials:
-            return encoded
-        try:
-            return [self.credentials.sign(data, MEDIA_TYPES[fmt], self.cfg.id)
-                    for data in encoded]
-        except Exception as exc:  # noqa: BLE001 (the images are still good)
-            log.error("%s: signing the images of request %s failed: %s", self.cfg.id,
-                      request.request_id, exc)
-            return encoded
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[tuple]:
         """Like `generate`, as a stream: ("progress", step, total) while its pipeline call
@@ -233,7 +198,7 @@ class ModelDeployment:
                     event.cancel()
                 elif event.result()[0] == "partial":  # a flagged one is not sent
                     images, nsfw = await loop.run_in_executor(
-                        self._workers, self._finish, request, event.result()[1], True)
+                        self._workers, self.outputs.finish, request, event.result()[1], True)
                     if not any(nsfw):
                         yield ("partial", images)
                 elif sent_at is None or time.monotonic() - sent_at >= _PROGRESS_EVERY_S:
