@@ -4,7 +4,9 @@
 # step after its start, or two: engine-static and throughput fitted into 15 minutes on an
 # H200), so run the steps not yet measured in this order: engine-calibrated (FP8 with
 # calibrated activation scales beside the dynamic ones, static shapes), throughput with
-# the fastest variant, engine-cudnnbench, fp8-error, keep-warm, engine-512,
+# the fastest variant (after engine-calibrated: throughput compiled-fp8cal-b8, whose
+# compiled code that step leaves in the cache while the machine stays warm; the buckets
+# variants compile three more shapes at start-up), engine-cudnnbench, fp8-error, keep-warm, engine-512,
 # engine-autotune, engine-lightning, adapters, engine-flux, controlnet, image-prompts,
 # image-prompts-flux, kontext, fill, redux, controlnet-flux, serving-mix (guidance, prompts).
 # Here, once, in the project root:
@@ -59,7 +61,7 @@
 #               it (one per call fits: engine-flux compiled, then engine-flux compiled-fp8)
 # throughput and keep-warm serve the `compiled-fp8-buckets` variant (the settings of
 # serve/configs/sdxl-gpu-fast.yaml), or the one named after the step (the fastest the
-# engine steps found: bash load/gpu_session.sh throughput compiled-fp8cal-buckets);
+# engine steps found: bash load/gpu_session.sh throughput compiled-fp8cal-b8);
 # engine-autotune runs compiled-autotune, or the variant named after it.
 # Figures go to $OUT (results/ when unset) as JSON, with each step's console output; the
 # files are named after the GPU the step ran on (its name as nvidia-smi gives it, without
