@@ -62,11 +62,10 @@ def test_a_failed_signature_sends_the_images_with_their_label_alone(caplog):
     that stopped answering): the SDK's error is logged, the request still gets its images,
     labeled and unsigned."""
     import logging
-    from types import SimpleNamespace
 
     import c2pa
 
-    from deployments.model import ModelDeployment
+    from deployments.outputs import Outputs
     from serve.config import ModelConfig
     from serve.types import GenerationRequest
 
@@ -75,13 +74,14 @@ def test_a_failed_signature_sends_the_images_with_their_label_alone(caplog):
             raise c2pa.C2paError("time-stamp authority unreachable")
 
     model = ModelConfig(id="acme/sdxl", embedded="tiny-sdxl")
-    replica = SimpleNamespace(cfg=model, _label=model.id, credentials=Unreachable())
+    outputs = Outputs(model, None, None)
+    outputs.credentials = Unreachable()
     request = GenerationRequest.for_model(model, "x", seed=1, request_id="r-7")
     images = [Image.new("RGB", (16, 16), (200, 30, 30)), Image.new("RGB", (16, 16))]
     log = logging.getLogger("ray.serve.atelier.model")  # Ray's loggers do not propagate
     log.addHandler(caplog.handler)
     try:
-        out = ModelDeployment.func_or_class._encoded(replica, request, images)
+        out = outputs._encoded(request, images)
     finally:
         log.removeHandler(caplog.handler)
     assert len(out) == 2 and [xmp_label(d) for d in out] == [
