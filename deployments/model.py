@@ -54,7 +54,7 @@ class ModelDeployment:
                                     catalog if catalog or downloads else None)
         self.checker = self.cfg.safety_checker and SafetyChecker(
             self.cfg.safety_checker.path, self.engine.device, self.engine.dtype)
-        self.outputs = Outputs(self.cfg, self.checker or None, credentials)
+        self.outputs = Outputs(self.cfg, self.checker, credentials)
         self.load_s = time.monotonic() - started
         # One thread: pipeline calls never overlap on a replica. Prompts are encoded on
         # another as requests arrive, and images compressed on others, all while the

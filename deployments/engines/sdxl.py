@@ -313,7 +313,6 @@ class SDXLEngine(HiresPass, DiffusersEngine):
             return pipe(**args).images
 
 
-
 @contextmanager
 def _wrapping(models: list, vae) -> Iterator[None]:
     """The models' convolutions pad circularly, and the VAE reads whole images."""
