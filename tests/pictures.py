@@ -1,5 +1,7 @@
 """Pictures several tests draw from."""
 
+import io
+
 from PIL import Image, ImageDraw
 
 
@@ -11,3 +13,12 @@ def scene(flip: bool = False) -> Image.Image:
     draw.rectangle((10, 10, 40, 40), fill=(240, 230, 220))
     draw.ellipse((55, 15, 85, 45), fill=(20, 30, 40))
     return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
+def png_bytes(picture, mode: str | None = None) -> bytes:
+    """A PIL image, or an array as PIL reads it (in `mode`), as PNG bytes."""
+    if not isinstance(picture, Image.Image):
+        picture = Image.fromarray(picture, mode)
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return buf.getvalue()

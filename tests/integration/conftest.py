@@ -374,15 +374,6 @@ def replica_log(deployment: str, request_id: str, timeout_s: float = 15) -> list
         time.sleep(0.2)
 
 
-def png_bytes(picture, mode: str | None = None) -> bytes:
-    """A PIL image, or an array as PIL reads it (in `mode`), as PNG bytes."""
-    if not isinstance(picture, Image.Image):
-        picture = Image.fromarray(picture, mode)
-    buf = io.BytesIO()
-    picture.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def noise(seed: int, size: tuple[int, int]) -> Image.Image:
     """An RGB picture of `size` (width, height) of random pixels, the same for a seed."""
     rng = np.random.default_rng(seed)

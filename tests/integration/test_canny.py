@@ -10,7 +10,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.integration.conftest import AUTH, CANNY, REDUX, decode, noise, pixels, png_bytes
+from tests.integration.conftest import AUTH, CANNY, REDUX, decode, noise, pixels
+from tests.pictures import png_bytes
 
 DRAWING = np.full((64, 96, 3), 128, np.uint8)  # a yellow and a blue box on grey, 96x64
 DRAWING[8:40, 8:48] = (250, 230, 60)

@@ -9,8 +9,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from tests.integration.conftest import AUTH, DEPTH, decode, noise, pixels, png_bytes
-from tests.pictures import scene
+from tests.integration.conftest import AUTH, DEPTH, decode, noise, pixels
+from tests.pictures import png_bytes, scene
 
 SCENE = png_bytes(scene())
 SCENE_URI = "data:image/png;base64," + base64.b64encode(SCENE).decode()

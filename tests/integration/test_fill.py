@@ -13,7 +13,8 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import AUTH, FILL, decode, pixels, png_bytes
+from tests.integration.conftest import AUTH, FILL, decode, pixels
+from tests.pictures import png_bytes
 
 RNG = np.random.default_rng(15)
 PHOTO = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # 96 wide, 64 high

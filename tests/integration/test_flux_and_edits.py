@@ -18,9 +18,9 @@ from tests.integration.conftest import (
     MAX_BODY_BYTES,
     decode,
     pixels,
-    png_bytes,
     same_pixels,
 )
+from tests.pictures import png_bytes
 
 RNG = np.random.default_rng(8)
 PHOTO = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # 96 wide, 64 high

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import FileServer
-from tests.integration.conftest import AUTH, FAST, decode, pixels, png_bytes, post_many
+from tests.integration.conftest import AUTH, FAST, decode, pixels, post_many
+from tests.pictures import png_bytes
 
 RNG = np.random.default_rng(3)
 PHOTO = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # 96 wide, 64 high

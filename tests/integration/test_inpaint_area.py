@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from tests.integration.conftest import AUTH, FAST, FILL, FLUX, decode, pixels
+from tests.pictures import png_bytes
 
 RNG = np.random.default_rng(9)
 PHOTO = RNG.integers(0, 256, (300, 400, 3), dtype=np.uint8)  # 120,000 pixels: over 256²
@@ -17,14 +18,8 @@ MASK = np.zeros((300, 400), np.uint8)
 MASK[140:170, 200:240] = 255
 
 
-def _png(array) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array).save(out, "PNG")
-    return out.getvalue()
-
-
 def _uri(array) -> str:
-    return "data:image/png;base64," + base64.b64encode(_png(array)).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(array)).decode()
 
 
 def _laid_back(image: np.ndarray) -> None:
@@ -52,8 +47,8 @@ def test_every_api_draws_the_masked_area_and_lays_it_into_the_photo(client, rep,
                                    "padding_mask_crop": 16})
     assert (pixels(Image.open(io.BytesIO(file.read()))) == drawn).all()
     (item,) = oai.images.edit(model=FAST, prompt="a red flower",
-                              image=("p.png", _png(PHOTO), "image/png"),
-                              mask=("m.png", _png(MASK), "image/png"),
+                              image=("p.png", png_bytes(PHOTO), "image/png"),
+                              mask=("m.png", png_bytes(MASK), "image/png"),
                               extra_body={"padding_mask_crop": 16, "seed": 21,
                                           "num_inference_steps": 4}).data
     edited = pixels(Image.open(io.BytesIO(base64.b64decode(item.b64_json))).convert("RGB"))

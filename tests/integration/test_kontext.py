@@ -10,7 +10,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from tests.integration.conftest import AUTH, FLUX, KONTEXT, decode, pixels, png_bytes
+from tests.integration.conftest import AUTH, FLUX, KONTEXT, decode, pixels
+from tests.pictures import png_bytes
 
 RNG = np.random.default_rng(12)
 PHOTO = RNG.integers(0, 256, (64, 96, 3), dtype=np.uint8)  # 96 wide, 64 high: 3:2

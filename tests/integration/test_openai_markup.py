@@ -15,8 +15,8 @@ from tests.integration.conftest import (
     decode,
     noise,
     pixels,
-    png_bytes,
 )
+from tests.pictures import png_bytes
 
 PHOTO = noise(4, (64, 64))
 SQUARE, BLUE = (16, 16, 48, 40), (20, 40, 230)

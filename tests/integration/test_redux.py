@@ -26,9 +26,9 @@ from tests.integration.conftest import (
     decode,
     noise,
     pixels,
-    png_bytes,
     post_many,
 )
+from tests.pictures import png_bytes
 
 PHOTO, OTHER = png_bytes(noise(1, (120, 80))), png_bytes(noise(2, (70, 150)))
 PHOTO_B64, OTHER_B64 = (base64.b64encode(p).decode() for p in (PHOTO, OTHER))

@@ -8,7 +8,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from tests.integration.conftest import INPAINTING, decode, pixels, png_bytes, same_pixels
+from tests.integration.conftest import INPAINTING, decode, pixels, same_pixels
+from tests.pictures import png_bytes
 
 RNG = np.random.default_rng(21)
 PHOTO = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)

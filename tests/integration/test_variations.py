@@ -16,8 +16,8 @@ from tests.integration.conftest import (
     decode,
     noise,
     pixels,
-    png_bytes,
 )
+from tests.pictures import png_bytes
 
 BODY = {"prompt": "a lighthouse", "steps": 3, "seed": 12, "guidance_scale": 6,
         "scheduler": "K_EULER_ANCESTRAL", "width": 64, "height": 64}

@@ -17,6 +17,7 @@ from serve.config import ConfigError, ModelConfig, parse_config
 from serve.errors import InvalidField
 from serve.source_images import source_image
 from serve.types import GenerationRequest
+from tests.pictures import png_bytes
 from tests.unit.test_engine import assert_same_pixels, withdrawing
 
 MODEL = ModelConfig(id="a/canny", family="flux", embedded="tiny-flux-canny", canny=True,
@@ -52,14 +53,8 @@ def reference(canny_path):
     return pipe
 
 
-def _png(pixels) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _control(pixels=DRAWING, prompt="a red box and a blue box", **overrides):
-    source, width, height = source_image(_png(pixels), None, 0.4, None, None, MODEL)
+    source, width, height = source_image(png_bytes(pixels), None, 0.4, None, None, MODEL)
     return GenerationRequest.for_model(MODEL, prompt, width=width, height=height,
                                        source=source, **{"seed": 5, **overrides})
 
@@ -97,7 +92,7 @@ def test_an_image_becomes_its_canny_edges_at_the_output_size():
     assert set(np.unique(edges)) == {0, 255} and (edges[:, :50] == 255).sum() > 100
     assert (edges[:, 50:] == 255).sum() > 100  # both boxes outlined
     # At another size, the edges are found on the resized picture (sharp, not resampled).
-    source, width, height = source_image(_png(DRAWING), None, 0.4, 192, 128, MODEL)
+    source, width, height = source_image(png_bytes(DRAWING), None, 0.4, 192, 128, MODEL)
     assert (width, height) == (192, 128) and set(source.rgb) == {0, 255}
 
 
@@ -109,7 +104,7 @@ def test_thresholds_set_which_gradients_are_edges():
     grey = np.asarray(Image.fromarray(photo).convert("L"))
     found = {}
     for edges in ((None, None), (150, None), (None, 400), (100, 500)):
-        source, _, _ = source_image(_png(photo), None, 0.4, None, None, MODEL, edges=edges)
+        source, _, _ = source_image(png_bytes(photo), None, 0.4, None, None, MODEL, edges=edges)
         low, high = (d if e is None else e for e, d in zip(edges, (50, 200), strict=True))
         ours = np.frombuffer(source.rgb, np.uint8).reshape(64, 96, 3)[..., 0]
         assert np.array_equal(ours, cv2.Canny(grey, low, high))
@@ -119,7 +114,7 @@ def test_thresholds_set_which_gradients_are_edges():
     for model, edges, field in ((plain, (None, 300), "canny_high_threshold"),
                                 (MODEL, (300, 200), "canny_low_threshold")):
         with pytest.raises(InvalidField) as refused:
-            source_image(_png(photo), None, 0.4, None, None, model, edges=edges)
+            source_image(png_bytes(photo), None, 0.4, None, None, model, edges=edges)
         assert refused.value.field == field
 
 
@@ -156,7 +151,7 @@ def test_a_canny_model_needs_an_image_and_takes_no_mask():
         GenerationRequest.for_model(MODEL, "a box", width=64, height=64)
     assert err.value.field == "image" and "edges of a control image" in err.value.reason
     with pytest.raises(InvalidField) as err:
-        source_image(_png(DRAWING), _png(np.zeros((64, 96), np.uint8)), 0.4, None, None, MODEL)
+        source_image(png_bytes(DRAWING), png_bytes(np.zeros((64, 96), np.uint8)), 0.4, None, None, MODEL)
     assert err.value.field == "mask" and "takes no mask" in err.value.reason
     # An image's transparency is no mask here: it is flattened onto white, as elsewhere.
     rgba = np.dstack([DRAWING, np.full((64, 96), 255, np.uint8)])

@@ -5,7 +5,6 @@ replica estimates its depth map (the estimator's output at the picture's size, s
 to 0-255), and the pixels are diffusers' FluxControlPipeline's for that map, alone or
 batched. The config ties `depth` to its weights and estimator."""
 
-import io
 import json
 
 import numpy as np
@@ -18,7 +17,7 @@ from serve.config import ConfigError, ModelConfig, parse_config
 from serve.errors import InvalidField
 from serve.source_images import source_image
 from serve.types import GenerationRequest
-from tests.pictures import scene
+from tests.pictures import png_bytes, scene
 from tests.unit.test_engine import assert_same_pixels
 
 MODEL = ModelConfig(id="a/depth", family="flux", embedded="tiny-flux-depth", depth=True,
@@ -45,14 +44,8 @@ def engine(paths, cache_dir):
     return create_engine(MODEL, cache_dir, None)
 
 
-def _png(picture: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    picture.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _request(picture=SCENE, prompt="a quiet room", **overrides) -> GenerationRequest:
-    source, width, height = source_image(_png(picture), None, 0.4, None, None, MODEL)
+    source, width, height = source_image(png_bytes(picture), None, 0.4, None, None, MODEL)
     return GenerationRequest.for_model(MODEL, prompt, width=width, height=height,
                                        source=source, **{"seed": 5, **overrides})
 
@@ -120,10 +113,10 @@ def test_a_depth_model_needs_an_image_and_takes_no_mask_nor_edges(engine):
         GenerationRequest.for_model(MODEL, "a room", width=64, height=64)
     assert err.value.field == "image" and "depth of a control image" in err.value.reason
     mask = Image.new("L", SCENE.size)
-    for extra, field in (({"mask": _png(mask)}, "mask"),
+    for extra, field in (({"mask": png_bytes(mask)}, "mask"),
                          ({"edges": (None, 300)}, "canny_high_threshold")):
         with pytest.raises(InvalidField) as err:
-            source_image(_png(SCENE), extra.pop("mask", None), 0.4, None, None, MODEL, **extra)
+            source_image(png_bytes(SCENE), extra.pop("mask", None), 0.4, None, None, MODEL, **extra)
         assert err.value.field == field
     # Warm-up's blank control gets a map of its size like any picture.
     assert engine.depth_maps.of(Image.new("RGB", (32, 48))).size == (32, 48)

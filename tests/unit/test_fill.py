@@ -4,7 +4,6 @@ random weights, saved as a FluxFillPipeline folder and loaded as one. A fill's p
 diffusers' own FluxFillPipeline's in the mask's white part, alone or batched, and the
 input's own pixels elsewhere."""
 
-import io
 import json
 
 import numpy as np
@@ -16,6 +15,7 @@ from serve.config import ConfigError, ModelConfig, parse_config
 from serve.errors import InvalidField
 from serve.source_images import source_image
 from serve.types import GenerationRequest
+from tests.pictures import png_bytes
 from tests.unit.test_engine import assert_same_pixels, withdrawing
 
 MODEL = ModelConfig(id="a/fill", family="flux", embedded="tiny-flux-fill", fill=True,
@@ -51,14 +51,8 @@ def reference(fill_path):
     return pipe
 
 
-def _png(pixels, mode=None) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _fill(pixels=PHOTO, mask=MASK, prompt="a red vase", **overrides) -> GenerationRequest:
-    source, width, height = source_image(_png(pixels), None if mask is None else _png(mask),
+    source, width, height = source_image(png_bytes(pixels), None if mask is None else png_bytes(mask),
                                          0.4, None, None, MODEL)
     return GenerationRequest.for_model(MODEL, prompt, width=width, height=height,
                                        source=source, **{"seed": 5, **overrides})
@@ -152,7 +146,7 @@ def test_a_fill_needs_an_image_and_a_mask():
     with pytest.raises(InvalidField) as err:
         GenerationRequest.for_model(MODEL, "a vase", width=64, height=64)
     assert err.value.field == "image" and "send an image and a mask" in err.value.reason
-    source, _, _ = source_image(_png(PHOTO), None, 0.4, None, None, MODEL)
+    source, _, _ = source_image(png_bytes(PHOTO), None, 0.4, None, None, MODEL)
     assert source.mode == "img2img"  # an opaque image, no mask: nothing marked to fill
     with pytest.raises(InvalidField) as err:
         GenerationRequest.for_model(MODEL, "a vase", width=96, height=64, source=source)
@@ -160,11 +154,11 @@ def test_a_fill_needs_an_image_and_a_mask():
 
 
 def test_an_area_sizes_a_fill_at_the_input_shape():
-    source, width, height = source_image(_png(PHOTO), _png(MASK), 0.4, None, None, MODEL,
+    source, width, height = source_image(png_bytes(PHOTO), png_bytes(MASK), 0.4, None, None, MODEL,
                                          area=1024 * 1024)
     # 3:2 at one megapixel: 1254.1 x 836.1, each down to a multiple of 16.
     assert (width, height) == (1248, 832) and len(source.mask) == 1248 * 832
-    assert source_image(_png(PHOTO), _png(MASK), 0.4, None, None, MODEL)[1:] == (96, 64)
+    assert source_image(png_bytes(PHOTO), png_bytes(MASK), 0.4, None, None, MODEL)[1:] == (96, 64)
 
 
 def test_the_warm_up_request_of_a_fill_model_fills_a_blank_image():
@@ -213,12 +207,12 @@ def test_replicate_megapixels_set_the_area_and_match_input_fits_the_limits():
     inp = FillInput.model_validate({"prompt": "x", "image": "data:,", "go_fast": False})
     assert inp.source_area() == 1024 * 1024 and inp.request_args()["width"] is None
     # match_input keeps the input's size within the model's limits (96x64 here) ...
-    assert source_image(_png(PHOTO), _png(MASK), 0.4, None, None, MODEL,
+    assert source_image(png_bytes(PHOTO), png_bytes(MASK), 0.4, None, None, MODEL,
                         area=INPUT_AREA)[1:] == (96, 64)
     # ... and shrinks a larger one, keeping its shape: 3000x2000 is 6 MP, and this
     # model takes at most 1 MP: 1254.1 x 836.1, each down to a multiple of 16.
     big = np.zeros((2000, 3000, 3), np.uint8)
-    source, width, height = source_image(_png(big), _png(np.zeros((2000, 3000), np.uint8)),
+    source, width, height = source_image(png_bytes(big), png_bytes(np.zeros((2000, 3000), np.uint8)),
                                          0.4, None, None, MODEL, area=INPUT_AREA)
     assert (width, height) == (1248, 832) and width * height <= MODEL.limits.max_pixels
     assert len(source.mask) == 1248 * 832

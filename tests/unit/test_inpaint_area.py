@@ -3,7 +3,6 @@ resizes and the overlay are diffusers' VaeImageProcessor's, to the pixel; a requ
 on the tiny SDXL and laid back gives diffusers' inpainting pipeline's image with
 `padding_mask_crop`; and the requests refused."""
 
-import io
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from serve.errors import InvalidField
 from serve.inpaint_area import Overlay, crop_region, crop_resized, fill_resized
 from serve.source_images import source_image
 from serve.types import GenerationRequest
+from tests.pictures import png_bytes
 
 RNG = np.random.default_rng(5)
 PHOTO = Image.fromarray(RNG.integers(0, 256, (120, 160, 3), dtype=np.uint8))
@@ -23,12 +23,6 @@ def _mask(box, size=(160, 120)) -> Image.Image:
     mask = Image.new("L", size)
     mask.paste(255, box)
     return mask
-
-
-def _png(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, "PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +76,7 @@ def test_a_request_draws_diffusers_padding_mask_crop_pixels(sdxl, tiny_sdxl_path
     from diffusers import StableDiffusionXLInpaintPipeline
 
     mask = _mask((70, 50, 90, 60))
-    source, width, height = source_image(_png(PHOTO), _png(mask), 0.8, None, None, MODEL,
+    source, width, height = source_image(png_bytes(PHOTO), png_bytes(mask), 0.8, None, None, MODEL,
                                          padding_mask_crop=8)
     assert (width, height) == (64, 64) and source.overlay.box == (62, 37, 98, 73)
     request = GenerationRequest.for_model(MODEL, "a red flower", seed=3, source=source,
@@ -115,7 +109,7 @@ def test_a_request_draws_diffusers_padding_mask_crop_pixels(sdxl, tiny_sdxl_path
 def test_requests_that_cannot_be_cut_out_are_refused_naming_the_field(args, field, reason):
     mask = args.get("mask", _mask((70, 50, 90, 60)))
     with pytest.raises(InvalidField, match=reason) as refused:
-        source_image(_png(PHOTO), None if mask is None else _png(mask), 0.8, None, None,
+        source_image(png_bytes(PHOTO), None if mask is None else png_bytes(mask), 0.8, None, None,
                      MODEL if "outpaint" not in args else ModelConfig(
                          id="a/i", embedded="tiny-sdxl-inpainting", inpainting=True),
                      outpaint=args.get("outpaint"), padding_mask_crop=8)
@@ -126,7 +120,7 @@ def test_a_fill_model_draws_its_cut_out_anew():
     """FLUX.1 Fill repaints at strength 1, here as for a whole image."""
     fill = ModelConfig(id="a/f", family="flux", embedded="tiny-flux-fill", fill=True,
                        defaults={"width": 64, "height": 64})
-    source, width, height = source_image(_png(PHOTO), _png(_mask((70, 50, 90, 60))), 0.4,
+    source, width, height = source_image(png_bytes(PHOTO), png_bytes(_mask((70, 50, 90, 60))), 0.4,
                                          None, None, fill, padding_mask_crop=8)
     assert (width, height, source.strength, source.mode) == (64, 64, 1.0, "inpaint")
     assert source.overlay.box == (62, 37, 98, 73)
@@ -142,13 +136,13 @@ def test_an_area_is_drawn_at_the_masked_regions_shape():
     fill = ModelConfig(id="a/f", family="flux", embedded="tiny-flux-fill", fill=True,
                        defaults={"width": 64, "height": 64},
                        limits={"max_size": 1024, "max_pixels": 1024 * 1024})
-    mask = _png(_mask((70, 50, 90, 60)))
+    mask = png_bytes(_mask((70, 50, 90, 60)))
     for area, size in ((INPUT_AREA, (32, 16)), (512 * 512, (592, 432))):
-        source, width, height = source_image(_png(PHOTO), mask, 1.0, None, None, fill,
+        source, width, height = source_image(png_bytes(PHOTO), mask, 1.0, None, None, fill,
                                              area=area, padding_mask_crop=8)
         assert (width, height) == size
         left, top, right, bottom = source.overlay.box
         assert (right - left) / (bottom - top) == pytest.approx(width / height, abs=0.05)
-    sized, *_ = source_image(_png(PHOTO), mask, 1.0, 48, 48, fill, area=512 * 512,
+    sized, *_ = source_image(png_bytes(PHOTO), mask, 1.0, 48, 48, fill, area=512 * 512,
                              padding_mask_crop=8)
     assert sized.overlay.box == (62, 37, 98, 73)  # a size given wins

@@ -3,7 +3,6 @@ with random weights, saved as a FluxKontextPipeline folder and loaded as one. An
 pixels are diffusers' own FluxKontextPipeline's for the same reference, prompt and seeds,
 alone or batched; its text-to-image is the Kontext pipeline's own without an image."""
 
-import io
 import json
 from dataclasses import replace
 
@@ -15,6 +14,7 @@ from PIL import Image, ImageOps
 from serve.config import ConfigError, ModelConfig, parse_config
 from serve.source_images import source_image
 from serve.types import GenerationRequest, SourceImage
+from tests.pictures import png_bytes
 from tests.unit.test_engine import assert_same_pixels, withdrawing
 
 MODEL = ModelConfig(id="a/kontext", family="flux", embedded="tiny-flux-kontext", kontext=True,
@@ -49,14 +49,8 @@ def reference(kontext_path):
     return pipe
 
 
-def _png(pixels) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _edit(pixels, prompt="make the sky red", **overrides) -> GenerationRequest:
-    source, width, height = source_image(_png(pixels), None, 0.8, None, None, MODEL)
+    source, width, height = source_image(png_bytes(pixels), None, 0.8, None, None, MODEL)
     return GenerationRequest.for_model(MODEL, prompt, width=width, height=height,
                                        source=source, **{"seed": 5, **overrides})
 
@@ -98,10 +92,10 @@ def test_an_edit_takes_the_reference_shape_at_the_model_area_and_runs_every_step
     big = MODEL.model_copy(update={"defaults": MODEL.defaults.model_copy(
         update={"width": 1024, "height": 1024})})
     panorama = np.zeros((500, 4000, 3), np.uint8)
-    assert source_image(_png(panorama), None, 0.8, None, None, big)[1:] == (2048, 256)
+    assert source_image(png_bytes(panorama), None, 0.8, None, None, big)[1:] == (2048, 256)
     mask = np.zeros((64, 96), np.uint8)
     mask[:, 40:] = 255
-    given = source_image(_png(PHOTO), _png(mask), 0.3, 64, 64, MODEL)
+    given = source_image(png_bytes(PHOTO), png_bytes(mask), 0.3, 64, 64, MODEL)
     assert given[1:] == (64, 64) and given[0].strength == 1.0 and given[0].edit
     assert given[0].rgb == Image.fromarray(PHOTO[:, 16:80]).tobytes()
     assert given[0].mask == Image.fromarray(mask[:, 16:80]).tobytes()  # cropped alike
@@ -191,7 +185,7 @@ def test_a_masked_edit_is_diffusers_kontext_inpainting_with_the_unmasked_pixels_
 
     mask = np.zeros((64, 96), np.uint8)
     mask[16:48, 24:72] = 255
-    source, width, height = source_image(_png(PHOTO), _png(mask), 0.3, None, None, MODEL)
+    source, width, height = source_image(png_bytes(PHOTO), png_bytes(mask), 0.3, None, None, MODEL)
     request = GenerationRequest.for_model(MODEL, "make it gold", width=width, height=height,
                                           source=source, seed=6, num_outputs=2)
     assert request.mode == "inpaint" and source.strength == 1.0  # prompt_strength unused
@@ -254,7 +248,7 @@ def test_a_single_file_is_checked_against_its_configs_folder(kontext_path, tiny_
 
 def test_a_plain_flux_image_is_still_img2img():
     flux = ModelConfig(id="a/f", family="flux", embedded="tiny-flux")
-    source, _, _ = source_image(_png(PHOTO), None, 0.4, None, None, flux)
+    source, _, _ = source_image(png_bytes(PHOTO), None, 0.4, None, None, flux)
     assert source.mode == "img2img" and source.strength == 0.4
     assert SourceImage(b"", 1.0, b"", edit=True).mode == "inpaint"
 

@@ -12,12 +12,12 @@ from deployments.engines.kontext import reference_offsets
 from serve.errors import InvalidField
 from serve.source_images import source_image
 from serve.types import GenerationRequest
+from tests.pictures import png_bytes
 from tests.unit.test_engine import assert_same_pixels, withdrawing
 from tests.unit.test_kontext import (  # noqa: F401 (engine, kontext_path, reference: fixtures)
     MODEL,
     OTHER,
     PHOTO,
-    _png,
     _px,
     engine,
     kontext_path,
@@ -29,8 +29,8 @@ TALL = RNG.integers(0, 256, (120, 40, 3), dtype=np.uint8)  # 40 wide, 120 high
 
 
 def _edit(pixels, references=(), prompt="put the vase on the table", **overrides):
-    source, width, height = source_image(_png(pixels), None, 0.8, None, None, MODEL,
-                                         references=[_png(r) for r in references])
+    source, width, height = source_image(png_bytes(pixels), None, 0.8, None, None, MODEL,
+                                         references=[png_bytes(r) for r in references])
     return GenerationRequest.for_model(MODEL, prompt, width=width, height=height,
                                        source=source, **{"seed": 5, **overrides})
 
@@ -61,11 +61,11 @@ def test_a_further_reference_keeps_its_shape_at_the_outputs_area():
 ])
 def test_references_are_refused_where_they_cannot_be_read(model, mask, count, field, words):
     with pytest.raises(InvalidField) as err:
-        source_image(_png(PHOTO), None if mask is None else _png(mask), 0.8, None, None,
-                     model, references=[_png(TALL)] * count)
+        source_image(png_bytes(PHOTO), None if mask is None else png_bytes(mask), 0.8, None, None,
+                     model, references=[png_bytes(TALL)] * count)
     assert err.value.field == field and words in err.value.reason
     with pytest.raises(InvalidField, match="need an image"):
-        source_image(None, None, 0.8, None, None, MODEL, references=[_png(TALL)])
+        source_image(None, None, 0.8, None, None, MODEL, references=[png_bytes(TALL)])
 
 
 def test_each_step_reads_a_further_references_own_latents_beside_the_ones_before(

@@ -11,7 +11,8 @@ from serve.canvases import outpaint_sides
 from serve.config import ModelConfig
 from serve.errors import InvalidField
 from serve.source_images import source_image
-from tests.unit.test_fill import MASK, MODEL, PHOTO, _png
+from tests.pictures import png_bytes
+from tests.unit.test_fill import MASK, MODEL, PHOTO
 
 PICTURE = PHOTO[16:48, 24:72]  # 48 wide, 32 high
 
@@ -35,9 +36,9 @@ def test_outpainting_is_the_input_of_an_image_with_a_transparent_border():
     canvas = np.zeros((64, 96, 4), np.uint8)
     canvas[16:48, 24:72, :3] = PICTURE
     canvas[16:48, 24:72, 3] = 255
-    padded, width, height = source_image(_png(canvas, "RGBA"), None, 0.4, None, None, MODEL)
+    padded, width, height = source_image(png_bytes(canvas, "RGBA"), None, 0.4, None, None, MODEL)
     for outpaint in ((24, 16, 24, 16), "Zoom out 2x"):
-        made = source_image(_png(PICTURE), None, 0.4, None, None, MODEL, outpaint=outpaint)
+        made = source_image(png_bytes(PICTURE), None, 0.4, None, None, MODEL, outpaint=outpaint)
         source, made_width, made_height = made
         assert (made_width, made_height) == (width, height) == (96, 64)
         assert source.rgb == padded.rgb and source.mask == padded.mask
@@ -49,7 +50,7 @@ def test_outpainting_is_the_input_of_an_image_with_a_transparent_border():
 def test_a_mask_is_kept_inside_the_canvas_and_a_size_rescales_it():
     hole = np.zeros((32, 48), np.uint8)
     hole[8:24, 12:36] = 255
-    source, width, height = source_image(_png(PICTURE), _png(hole), 0.4, None, None, MODEL,
+    source, width, height = source_image(png_bytes(PICTURE), png_bytes(hole), 0.4, None, None, MODEL,
                                          outpaint=(16, 0, 0, 0))
     assert (width, height) == (64, 32)
     mask = np.frombuffer(source.mask, np.uint8).reshape(32, 64)
@@ -57,7 +58,7 @@ def test_a_mask_is_kept_inside_the_canvas_and_a_size_rescales_it():
     rgb = np.frombuffer(source.rgb, np.uint8).reshape(32, 64, 3)
     assert np.array_equal(rgb[:, 16:], PICTURE)
     # The canvas at another size (Replicate's megapixels): its shape kept, 2:1.
-    _, width, height = source_image(_png(PICTURE), None, 0.4, None, None, MODEL,
+    _, width, height = source_image(png_bytes(PICTURE), None, 0.4, None, None, MODEL,
                                     area=128 * 64, outpaint=(16, 0, 0, 0))
     assert (width, height) == (128, 64)
 
@@ -70,21 +71,21 @@ def test_outpainting_is_refused_where_it_cannot_be_done():
              (small, (0, 0, 49, 0), "145x64, over this model's 6144 input pixels")]
     for model, outpaint, says in cases:
         with pytest.raises(InvalidField) as refused:
-            source_image(_png(PHOTO), None, 0.4, None, None, model, outpaint=outpaint)
+            source_image(png_bytes(PHOTO), None, 0.4, None, None, model, outpaint=outpaint)
         assert refused.value.field == "outpaint" and says in refused.value.reason
-    source_image(_png(PHOTO), None, 0.4, None, None, small, outpaint=(0, 0, 0, 0))
+    source_image(png_bytes(PHOTO), None, 0.4, None, None, small, outpaint=(0, 0, 0, 0))
 
 
 def test_an_sdxl_inpainting_checkpoint_outpaints_at_strength_one_and_a_plain_one_not():
     inpainting = ModelConfig(id="a/b", embedded="tiny-sdxl-inpainting", inpainting=True)
-    source, width, height = source_image(_png(PICTURE), None, 0.4, None, None, inpainting,
+    source, width, height = source_image(png_bytes(PICTURE), None, 0.4, None, None, inpainting,
                                          outpaint="Left outpaint")
     assert (width, height, source.strength) == (72, 32, 1.0)
     mask = np.frombuffer(source.mask, np.uint8).reshape(32, 72)
     assert (mask[:, :24] == 255).all() and (mask[:, 24:] == 0).all()
-    assert source_image(_png(PICTURE), None, 0.4, None, None, inpainting)[0].strength == 0.4
+    assert source_image(png_bytes(PICTURE), None, 0.4, None, None, inpainting)[0].strength == 0.4
     with pytest.raises(InvalidField) as refused:
-        source_image(_png(PICTURE), None, 0.4, None, None,
+        source_image(png_bytes(PICTURE), None, 0.4, None, None,
                      ModelConfig(id="a/b", embedded="tiny-sdxl"), outpaint="Left outpaint")
     assert refused.value.field == "outpaint" and "SDXL inpainting" in refused.value.reason
 

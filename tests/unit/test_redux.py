@@ -21,6 +21,7 @@ from serve.config import ConfigError, parse_config
 from serve.errors import InvalidField
 from serve.steering import ReduxConfig
 from serve.types import GenerationRequest, ImagePrompt
+from tests.pictures import png_bytes
 from tests.unit.test_engine import _px, assert_same_pixels, withdrawing
 
 BASE = GenerationRequest(model="a/flux", prompt="a red shoe on a table", width=128,
@@ -277,11 +278,11 @@ def test_a_fill_model_draws_the_picture_into_the_masked_part(redux_path, cache_d
     from deployments.engines.flux import FluxFillEngine
     from deployments.tiny import TINY_FLUX_FILL
     from serve.source_images import source_image
-    from tests.unit.test_fill import MASK, MODEL, PHOTO, _assert_filled, _png
+    from tests.unit.test_fill import MASK, MODEL, PHOTO, _assert_filled
 
     fill_path = ensure_embedded(TINY_FLUX_FILL, cache_dir)
     engine = FluxFillEngine(fill_path, "float32", "cpu", redux=redux_path)
-    source, width, height = source_image(_png(PHOTO), _png(MASK), 0.4, None, None, MODEL)
+    source, width, height = source_image(png_bytes(PHOTO), png_bytes(MASK), 0.4, None, None, MODEL)
     request = _prompted(NOISE, width=width, height=height, source=source, guidance_scale=30,
                         num_outputs=2, num_inference_steps=4)
     plain = replace(request, image_prompt=None)
@@ -309,11 +310,11 @@ def test_a_kontext_edit_reads_the_pictures_tokens_after_the_prompts(redux_path, 
     from deployments.engines import create_engine
     from deployments.tiny import TINY_FLUX_KONTEXT
     from serve.source_images import source_image
-    from tests.unit.test_kontext import MODEL, PHOTO, _png
+    from tests.unit.test_kontext import MODEL, PHOTO
 
     model = MODEL.model_copy(update={"redux": ReduxConfig(embedded="tiny-flux-redux")})
     engine = create_engine(model, cache_dir, None)
-    source, width, height = source_image(_png(PHOTO), None, 0.8, None, None, model)
+    source, width, height = source_image(png_bytes(PHOTO), None, 0.8, None, None, model)
     request = _prompted(NOISE, width=width, height=height, source=source, guidance_scale=2.5,
                         num_outputs=2, num_inference_steps=4, prompt="paint it like this")
     plain = replace(request, image_prompt=None)
@@ -341,11 +342,11 @@ def test_a_depth_model_draws_the_pictures_content_along_another_pictures_depth(
     from deployments.engines import create_engine
     from deployments.tiny import TINY_FLUX_DEPTH
     from serve.source_images import source_image
-    from tests.unit.test_depth import MODEL, SCENE, _png
+    from tests.unit.test_depth import MODEL, SCENE
 
     model = MODEL.model_copy(update={"redux": ReduxConfig(embedded="tiny-flux-redux")})
     engine = create_engine(model, cache_dir, None)
-    source, width, height = source_image(_png(SCENE), None, 0.4, None, None, model)
+    source, width, height = source_image(png_bytes(SCENE), None, 0.4, None, None, model)
     request = _prompted(NOISE, width=width, height=height, source=source, guidance_scale=10,
                         num_outputs=2, num_inference_steps=4)
     plain = replace(request, image_prompt=None)
