@@ -9,12 +9,11 @@ exist so that the whole service runs on any machine without downloading weights.
 
 from __future__ import annotations
 
-import json
-import tempfile
 from functools import partial
 from pathlib import Path
 
 from deployments.once import built_once
+from deployments.tiny_tokenizer import clip_tokenizer
 
 TINY_SDXL = "tiny-sdxl"
 TINY_SDXL_REFINER = "tiny-sdxl-refiner"
@@ -35,7 +34,6 @@ TINY_ESRGAN_FILE = "tiny-esrgan-x4.pth"
 # Bump when the recipe below changes, so old caches are not reused.
 RECIPE_VERSION = 1
 _SEED = 20261122
-_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
 def ensure_embedded(name: str, cache_dir: Path) -> Path:
@@ -57,46 +55,6 @@ def ensure_embedded(name: str, cache_dir: Path) -> Path:
     if name not in builders:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(builders)}")
     return built_once(cache_dir / f"{name}-v{RECIPE_VERSION}", builders[name])
-
-
-def _byte_alphabet() -> list[str]:
-    """The 256 printable stand-ins for bytes used by byte-level BPE (as in GPT-2/CLIP)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-            *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def clip_tokenizer():
-    """A CLIP tokenizer built here: byte-level BPE over single bytes plus a few merges."""
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp:
-        size = _write_clip_tokenizer(Path(tmp) / "vocab")
-        tokenizer = CLIPTokenizer(f"{tmp}/vocab/vocab.json", f"{tmp}/vocab/merges.txt",
-                                  model_max_length=77)
-    assert len(tokenizer) == size
-    return tokenizer
-
-
-def _write_clip_tokenizer(folder: Path) -> int:
-    """Write a CLIP BPE vocabulary (single bytes plus a few merges); return its size."""
-    alphabet = _byte_alphabet()
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("r", "e"), ("o", "n</w>")]
-    tokens += ["".join(m) for m in merges] + list(_SPECIAL_TOKENS)
-    folder.mkdir(parents=True)
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return len(vocab)
 
 
 # The tiny recipe, in the same layout as the full SDXL configs a benchmark may pass.

@@ -79,7 +79,8 @@ def build_random_flux(folder: Path, configs: dict, dtype: str = "float32",
     )
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from deployments.tiny import clip_tokenizer, public_fields
+    from deployments.tiny import public_fields
+    from deployments.tiny_tokenizer import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     t5_tokenizer = _t5_tokenizer(configs.get("tokenizer_2", {}).get("model_max_length",
