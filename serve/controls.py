@@ -18,14 +18,13 @@ from serve.canvases import canny, canny_thresholds
 from serve.config import ControlNetConfig, ModelConfig
 from serve.errors import InvalidField
 from serve.images import ImageFetcher, open_image, output_size, raw_bytes
+from serve.request_limits import unknown_controlnet, unknown_ip_adapter
 from serve.types import (
     IMAGE_PROMPT_SIDE,
     ControlImage,
     ImagePrompt,
     IPAdapterBlocks,
     Picture,
-    unknown_controlnet,
-    unknown_ip_adapter,
 )
 
 

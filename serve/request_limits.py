@@ -1,6 +1,7 @@
-"""The checks a request passes before it is queued: the model's limits and what its
-pipeline family accepts. Each failure names the field (InvalidField: a 422 or 400 in the
-API's shape)."""
+"""The checks a request passes before it is queued: the model's limits, what its
+pipeline family accepts and the parts (refiner, ControlNets, IP-Adapters, upscalers) its
+config names. Each failure names the field (InvalidField: a 422 or 400 in the API's
+shape)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,36 @@ import math
 from typing import TYPE_CHECKING
 
 from serve.errors import InvalidField
+from serve.model_extras import BICUBIC
 from serve.model_parts import Family, LimitsConfig
 
 if TYPE_CHECKING:
+    from serve.model_config import ModelConfig
     from serve.types import GenerationRequest
 
 REFINER_STRENGTH = 0.3  # base_image_refiner: the refiner's img2img runs int(steps x 0.3)
+
+
+def check_for_model(request: GenerationRequest, model: ModelConfig) -> None:
+    """Raise InvalidField for the first thing `request` asks that `model` cannot do: its
+    limits (`check_limits`), a refiner, ControlNets, IP-Adapters or Redux it lacks."""
+    if request.refine != "no_refiner" and model.refiner is None:
+        raise InvalidField("refine", "this model has no refiner (its config sets none); "
+                                     "use no_refiner")
+    request.check_limits(model.limits, model.rules)
+    for control in request.controls:  # the routes name their own fields first
+        if control.name not in model.controlnets:
+            raise unknown_controlnet(model, control.name)
+    if request.image_prompt is not None and (model.ip_adapter or model.redux) is None:
+        raise InvalidField(model.image_prompt_field, "this model reads no image prompts "
+                                                     "(its config sets no IP-Adapter or Redux)")
+    for name, _ in request.extra_image_prompts:
+        if name not in model.extra_ip_adapters:
+            raise unknown_ip_adapter(model, name)
+    request.check_masked_prompts()
+    if len(request.controls) > model.limits.max_controlnets:
+        raise InvalidField("controlnets", f"at most {model.limits.max_controlnets} "
+                                          "ControlNets per request for this model")
 
 
 def check_limits(request: GenerationRequest, limits: LimitsConfig, family: Family) -> None:
@@ -159,3 +184,28 @@ def _check_guidance_rescale(request: GenerationRequest, family: Family) -> None:
     if not family.negative_prompt:  # the families with a negative prompt guide with it
         raise InvalidField("guidance_rescale", "this model runs no classifier-free "
                                                "guidance to rescale")
+
+
+def upscaler_for(model: ModelConfig, name: str | None, scale: float,
+              field: str = "hires_upscaler", always: bool = False) -> str:
+    """The upscaler a request's hires pass (or its final `upscale`) uses: the one named
+    (BICUBIC or one of the model's), else the model's first, else BICUBIC; none at scale
+    1 unless `always`."""
+    if name is not None and name != BICUBIC and name not in model.upscalers:
+        raise InvalidField(field, "one of " + ", ".join([BICUBIC, *model.upscalers]))
+    if scale == 1 and not always:
+        return ""
+    return name or next(iter(model.upscalers), BICUBIC)
+
+
+def unknown_controlnet(model: ModelConfig, name: str, field: str = "controlnets") -> InvalidField:
+    names = ", ".join(model.controlnets) or "none (its config sets none)"
+    return InvalidField(field, f"this model has no ControlNet named {name!r}; its "
+                               f"ControlNets: {names}")
+
+
+def unknown_ip_adapter(model: ModelConfig, name: str,
+                       field: str = "extra_ip_adapters") -> InvalidField:
+    names = ", ".join(model.extra_ip_adapters) or "it has none"
+    return InvalidField(field, f"{name!r} is not one of this model's further IP-Adapters "
+                               f"({names})")

@@ -12,7 +12,6 @@ from typing import Literal
 from serve.adapters import AdapterSet
 from serve.config import FAMILIES, SCHEDULERS, Family, LimitsConfig, ModelConfig
 from serve.errors import ContentFlagged, InvalidField
-from serve.model_extras import BICUBIC
 from serve.request_images import (
     IMAGE_PROMPT_SIDE,
     MOST_PROMPT_PICTURES,
@@ -23,7 +22,7 @@ from serve.request_images import (
     Reference,
     SourceImage,
 )
-from serve.request_limits import check_limits
+from serve.request_limits import check_for_model, check_limits, upscaler_for
 
 __all__ = ["IMAGE_PROMPT_SIDE", "MOST_PROMPT_PICTURES", "SCHEDULERS", "BatchInfo", "ControlImage",
            "GenerationRequest", "GenerationResult", "IPAdapterBlocks", "ImagePrompt", "Picture",
@@ -114,17 +113,13 @@ class GenerationRequest:
         to it). The safety check and the watermark stay on where the model
         does not let requests skip them."""
         d = model.defaults
-        if style is not None:
-            if style not in model.styles:
-                raise InvalidField("style", f"one of {', '.join(model.styles)}" if model.styles
-                                   else "this model has no styles (its config sets none)")
-            prompt, negative = model.styles[style].apply(prompt, rest.get("negative_prompt", ""))
-            if negative:
-                rest["negative_prompt"] = negative
+        # 1. The style's prompts, and the checks the model does not let requests skip.
+        prompt = _styled(model, style, prompt, rest)
         if model.safety_checker is not None and not model.safety_checker.allow_disable:
             rest["safety_check"] = True
         if model.watermark is not None and not model.watermark.allow_disable:
             rest["watermark"] = True
+        # 2. The request, with the model's defaults for what is unset.
         request = cls(
             model=model.id, prompt=prompt, width=width or d.width, height=height or d.height,
             num_inference_steps=num_inference_steps or d.num_inference_steps,
@@ -133,29 +128,14 @@ class GenerationRequest:
             scheduler=scheduler or model.default_scheduler,
             guidance_rescale=d.guidance_rescale if guidance_rescale is None else guidance_rescale,
             clip_skip=model.prompts.clip_skip if clip_skip is None else clip_skip,
-            hires_upscaler=_upscaler(model, hires_upscaler, rest.get("hires_scale", 1)),
+            hires_upscaler=upscaler_for(model, hires_upscaler, rest.get("hires_scale", 1)),
             hires_multiple=model.rules.size_multiple,
-            upscaler=_upscaler(model, upscaler, rest.get("upscale", 1), "upscaler",
-                               through_upscaler), **rest)
+            upscaler=upscaler_for(model, upscaler, rest.get("upscale", 1), "upscaler",
+                                  through_upscaler), **rest)
         if model.inpainting:
             request = request.repainting()
-        if request.refine != "no_refiner" and model.refiner is None:
-            raise InvalidField("refine", "this model has no refiner (its config sets none); "
-                                         "use no_refiner")
-        request.check_limits(model.limits, model.rules)
-        for control in request.controls:  # the routes name their own fields first
-            if control.name not in model.controlnets:
-                raise unknown_controlnet(model, control.name)
-        if request.image_prompt is not None and (model.ip_adapter or model.redux) is None:
-            raise InvalidField(model.image_prompt_field, "this model reads no image prompts "
-                                                         "(its config sets no IP-Adapter or Redux)")
-        for name, _ in request.extra_image_prompts:
-            if name not in model.extra_ip_adapters:
-                raise unknown_ip_adapter(model, name)
-        request.check_masked_prompts()
-        if len(request.controls) > model.limits.max_controlnets:
-            raise InvalidField("controlnets", f"at most {model.limits.max_controlnets} "
-                                              "ControlNets per request for this model")
+        # 3. Checked against the model's limits and parts.
+        check_for_model(request, model)
         return request
 
     def repainting(self) -> GenerationRequest:
@@ -260,29 +240,18 @@ class GenerationRequest:
         check_limits(self, limits, family)
 
 
-def _upscaler(model: ModelConfig, name: str | None, scale: float,
-              field: str = "hires_upscaler", always: bool = False) -> str:
-    """The upscaler a request's hires pass (or its final `upscale`) uses: the one named
-    (BICUBIC or one of the model's), else the model's first, else BICUBIC; none at scale
-    1 unless `always`."""
-    if name is not None and name != BICUBIC and name not in model.upscalers:
-        raise InvalidField(field, "one of " + ", ".join([BICUBIC, *model.upscalers]))
-    if scale == 1 and not always:
-        return ""
-    return name or next(iter(model.upscalers), BICUBIC)
-
-
-def unknown_controlnet(model: ModelConfig, name: str, field: str = "controlnets") -> InvalidField:
-    names = ", ".join(model.controlnets) or "none (its config sets none)"
-    return InvalidField(field, f"this model has no ControlNet named {name!r}; its "
-                               f"ControlNets: {names}")
-
-
-def unknown_ip_adapter(model: ModelConfig, name: str,
-                       field: str = "extra_ip_adapters") -> InvalidField:
-    names = ", ".join(model.extra_ip_adapters) or "it has none"
-    return InvalidField(field, f"{name!r} is not one of this model's further IP-Adapters "
-                               f"({names})")
+def _styled(model: ModelConfig, style: str | None, prompt: str, rest: dict) -> str:
+    """The prompt with the named `style` of `model` applied (its negative prompt set in
+    `rest`); 422 on `style` for a name the model does not have."""
+    if style is None:
+        return prompt
+    if style not in model.styles:
+        raise InvalidField("style", f"one of {', '.join(model.styles)}" if model.styles
+                           else "this model has no styles (its config sets none)")
+    prompt, negative = model.styles[style].apply(prompt, rest.get("negative_prompt", ""))
+    if negative:
+        rest["negative_prompt"] = negative
+    return prompt
 
 
 @dataclass(frozen=True)
