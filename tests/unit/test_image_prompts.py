@@ -422,7 +422,7 @@ def test_an_edits_form_sends_further_image_prompts_as_json_text():
     from pydantic import ValidationError
 
     from serve.controls import ImagePromptParams
-    from serve.routes.openai_images import ImageEditParams
+    from serve.routes.openai_params import ImageEditParams
 
     form = ImageEditParams.model_validate({"prompt": "x", "controlnets": "[]",
                                            "extra_ip_adapters": '{"face": {"image": "abc"}}'})

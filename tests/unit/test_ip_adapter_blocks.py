@@ -86,7 +86,7 @@ def test_the_routes_take_blocks_and_flux_models_refuse_them():
     from serve.config import default_config
     from serve.controls import ImagePromptParams, image_prompt_params, load_image_prompt
     from serve.images import ImageFetcher
-    from serve.routes.generate import GenerateParams
+    from serve.routes.generate_params import GenerateParams
 
     sdxl, flux = default_config().models[:2]
     fetcher = ImageFetcher([], None, None)

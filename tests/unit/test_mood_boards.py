@@ -193,8 +193,8 @@ def test_the_routes_read_a_boards_pictures_in_order_and_name_a_bad_one():
     from serve.config import default_config
     from serve.controls import ImagePromptParams, load_image_prompt
     from serve.images import ImageFetcher
-    from serve.routes.generate import GenerateParams
-    from serve.routes.openai_images import ImageEditParams
+    from serve.routes.generate_params import GenerateParams
+    from serve.routes.openai_params import ImageEditParams
 
     model, fetcher = default_config().models[0], ImageFetcher([], None, None)
     big = _picture(4, (1024, 768))
