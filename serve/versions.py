@@ -26,52 +26,68 @@ def version_id(model: ModelConfig, cache_dir: Path) -> str:
     from deployments.tiny import RECIPE_VERSION
 
     h = hashlib.sha256()
+    h.update(json.dumps(_hashed_config(model), sort_keys=True).encode())
+    if _builds_embedded(model):
+        h.update(f"embedded-recipe-{RECIPE_VERSION}".encode())  # built deterministically
+    _add_files(h, cache_dir, _weight_files(model))
+    return h.hexdigest()
+
+
+def _hashed_config(model: ModelConfig) -> dict:
+    """The part of the model's config that a version hashes. What was added after the
+    first versions is left out while unset, so that the versions of configs without it
+    stay as they were; files are named here and hashed by `_weight_files`."""
     config = model.model_dump(mode="json", include={"family", "embedded", "variant", "dtype",
                                                     "defaults", "lora_targets", "refiner",
                                                     "controlnets", "ip_adapter", "redux"})
-    refiner, nets, ip = model.refiner, model.controlnets.values(), model.ip_adapter
-    if model.scheduler_options.given():  # (left out unset: versions stay as they were)
+    if model.scheduler_options.given():
         config["scheduler_options"] = model.scheduler_options.given()
-    if not model.defaults.guidance_rescale:  # (the same)
+    if not model.defaults.guidance_rescale:
         del config["defaults"]["guidance_rescale"]
     if model.merged_loras:  # their scales here, their files' bytes below
         config["merged_loras"] = [lora.scale for lora in model.merged_loras]
-    if model.freeu is not None:  # (left out unset: versions stay as they were)
+    if model.freeu is not None:
         config["freeu"] = model.freeu.model_dump()
-    if model.styles:  # (the same)
+    if model.styles:
         config["styles"] = {name: s.model_dump() for name, s in model.styles.items()}
-    if model.prompts.given():  # (left out unset: versions stay as they were)
+    if model.prompts.given():
         config["prompts"] = model.prompts.given()
-    if model.vae_tiling:  # (the same)
+    if model.vae_tiling:
         config["vae_tiling"] = True
-    if model.upscalers:  # (the same) their names, the default first, and files below
+    if model.upscalers:  # their names, the default first (their files: below)
         config["upscalers"] = [[name, u.embedded, u.tile, u.tile_pad]
                                for name, u in model.upscalers.items()]
     if model.textual_inversions:  # their tokens here, their files' bytes below
         config["textual_inversions"] = [e.token for e in model.textual_inversions]
+    ip = model.ip_adapter
     if ip is not None:  # its files as the family lays them out, given or not
         config["ip_adapter"] |= dict(zip(("subfolder", "weight_name", "image_encoder"),
                                          ip.layout(model.family), strict=True))
-        if not ip.extra:  # (left out when none: versions stay as they were)
+        if not ip.extra:
             del config["ip_adapter"]["extra"]
-    h.update(json.dumps(config, sort_keys=True).encode())
-    redux = model.redux
-    if model.embedded is not None or (refiner and refiner.embedded) or any(
-            net.embedded for net in nets) or (ip and ip.embedded) or (redux and redux.embedded) \
-            or any(u.embedded for u in model.upscalers.values()):
-        h.update(f"embedded-recipe-{RECIPE_VERSION}".encode())  # built deterministically
-    _add_files(h, cache_dir, ((model.path, _read_all), (model.configs_from,
-                                                         _READ_WITH_FILE[model.family]),
-                              (refiner and refiner.path, _read_all),
-                              (refiner and refiner.configs_from, _READ_WITH_FILE["sdxl"]),
-                              *((net.path, _read_all) for net in nets),
-                              *_ip_adapter_files(ip, model.family),
-                              *((lora.path, _read_all) for lora in model.merged_loras),
-                              (model.vae, _read_all),
-                              *((e.path, _read_all) for e in model.textual_inversions),
-                              (redux and redux.path, _read_all),
-                              *((u.path, _read_all) for u in model.upscalers.values())))
-    return h.hexdigest()
+    return config
+
+
+def _builds_embedded(model: ModelConfig) -> bool:
+    """Whether any of the model's weights are embedded ones, built here from a recipe."""
+    parts = (model.refiner, *model.controlnets.values(), model.ip_adapter, model.redux,
+             *model.upscalers.values())
+    return model.embedded is not None or any(part and part.embedded for part in parts)
+
+
+def _weight_files(model: ModelConfig) -> tuple:
+    """The (file or folder, which of its files to read) pairs of the model's weights."""
+    refiner, ip, redux = model.refiner, model.ip_adapter, model.redux
+    return ((model.path, _read_all), (model.configs_from, _READ_WITH_FILE[model.family]),
+            (refiner and refiner.path, _read_all),
+            (refiner and refiner.configs_from, _READ_WITH_FILE["sdxl"]),
+            *((net.path, _read_all) for net in model.controlnets.values()),
+            *_ip_adapter_files(ip, model.family),
+            *((lora.path, _read_all) for lora in model.merged_loras),
+            (model.vae, _read_all),
+            *((e.path, _read_all) for e in model.textual_inversions),
+            (redux and redux.path, _read_all),
+            *((u.path, _read_all) for u in model.upscalers.values()))
 
 
 def _ip_adapter_files(adapter, family: str) -> list:
