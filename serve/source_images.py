@@ -137,24 +137,35 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     if outpaint is not None:
         picture, grey = outpainted(picture, grey, outpaint, model)
     w, h = _generated_size(picture, strength, width, height, area, outpaint is not None, model)
-    edit = model.kontext  # a reference to edit: every step runs
+    # Every step runs for a reference to edit, a Fill model's mask and an outpainted border.
+    anew = model.kontext or model.fill or outpaint is not None
+    return _sized(picture, grey, (w, h), 1.0 if anew else strength, model, thresholds,
+                  references), w, h
+
+
+def _sized(picture: Image.Image, grey: Image.Image | None, size: tuple[int, int],
+           strength: float, model: ModelConfig, thresholds: tuple[int, int],
+           references: Sequence[str | bytes]) -> SourceImage:
+    """The `SourceImage` of `picture` (and its mask `grey`) at `size`: a Canny model's its
+    edges (found with `thresholds`), a Depth model's the picture to estimate depth from, a
+    Kontext model's a reference to edit with its further `references`."""
+    edit = model.kontext
 
     def sized(image: Image.Image, resample: Image.Resampling) -> Image.Image:
-        if image.size == (w, h):
+        if image.size == size:
             return image
         # A reference (and its mask) is cropped to the output's shape, not stretched.
-        return ImageOps.fit(image, (w, h), resample) if edit else image.resize((w, h), resample)
+        return ImageOps.fit(image, size, resample) if edit else image.resize(size, resample)
 
     picture = sized(picture, Image.Resampling.LANCZOS)
     if model.canny:  # the edges at the output's size
-        return SourceImage(canny(picture, *thresholds).tobytes(), 1.0, control=True), w, h
+        return SourceImage(canny(picture, *thresholds).tobytes(), 1.0, control=True)
     if model.depth:  # its depth map is estimated on the replica
-        return SourceImage(picture.tobytes(), 1.0, control=True), w, h
+        return SourceImage(picture.tobytes(), 1.0, control=True)
     grey = None if grey is None else sized(grey, Image.Resampling.NEAREST)
-    anew = edit or model.fill or outpaint is not None  # every step runs
-    return SourceImage(picture.tobytes(), 1.0 if anew else strength,
-                       None if grey is None else grey.tobytes(), edit=edit,
-                       references=further_references(references, w * h, model)), w, h
+    return SourceImage(picture.tobytes(), strength, None if grey is None else grey.tobytes(),
+                       edit=edit, references=further_references(references,
+                                                                size[0] * size[1], model))
 
 
 def _opened(image: str | bytes, mask: str | bytes | None, hole_is_mask: bool,
