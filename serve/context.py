@@ -7,14 +7,19 @@ object itself, reached through Serve's replica context.
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Protocol
 
 import httpx
 from fastapi import Request
 from ray import serve
+from starlette.datastructures import FormData
+from starlette.exceptions import HTTPException
 
 from serve.auth import ApiKey
 from serve.config import ModelConfig
+from serve.errors import InvalidField
 from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics
 from serve.predictions import PredictionRunner, StateStore
@@ -93,3 +98,20 @@ async def charge_images(request: Request, images: int) -> None:
 def base_url(request: Request) -> str:
     """The URL clients reached this server at, for the links in answers (no trailing /)."""
     return str(request.base_url).rstrip("/")
+
+
+@asynccontextmanager
+async def multipart_form(request: Request, field: str, max_files: int,
+                         max_fields: int) -> AsyncIterator[FormData]:
+    """The request's multipart form, its files closed on leaving (Starlette spools large
+    ones to temporary files, which would otherwise stay open until collected). Malformed
+    data, or more files or fields than allowed: InvalidField on `field`."""
+    try:
+        form = await request.form(max_files=max_files, max_fields=max_fields)
+    except HTTPException as exc:
+        raise InvalidField(field, f"not a valid multipart/form-data body: {exc.detail}",
+                           ) from None
+    try:
+        yield form
+    finally:
+        await form.close()

@@ -28,7 +28,7 @@ import base64
 import time
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -42,6 +42,7 @@ from serve.context import (
     charge_images,
     ingress,
     model_for,
+    multipart_form,
     request_id,
     requester,
 )
@@ -134,17 +135,15 @@ async def _read_edit(request: Request, kind: type[ImageEditParams],
     """The edit's text fields, its image files (the one to edit first; a Kontext model
     reads the others as further references), its mask file and its markup file (an
     edit's, not a variation's). Raises InvalidField (400)."""
-    try:
-        form = await request.form(max_files=MOST_REFERENCES + 1, max_fields=64)
-    except HTTPException as exc:  # malformed multipart data
-        raise InvalidField("", f"not a valid multipart/form-data body: {exc.detail}") from None
     files: dict[str, list[bytes]] = {}
     fields: dict[str, Any] = {}
-    for name, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            files.setdefault(name.removesuffix("[]"), []).append(await value.read())
-        else:
-            fields[name] = value
+    async with multipart_form(request, "", max_files=MOST_REFERENCES + 1,
+                              max_fields=64) as form:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                files.setdefault(name.removesuffix("[]"), []).append(await value.read())
+            else:
+                fields[name] = value
     images, masks = files.pop("image", []), files.pop("mask", [])
     markups = files.pop("markup", []) if kind is ImageEditParams else []
     if not images:

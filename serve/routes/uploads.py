@@ -10,11 +10,11 @@ import json
 import mimetypes
 import re
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from serve.context import base_url, ingress
+from serve.context import base_url, ingress, multipart_form
 from serve.errors import AtelierError, InvalidField
 from serve.uploads import Upload
 
@@ -36,21 +36,19 @@ class UploadNotFound(AtelierError):
                  "multipart/form-data": {"schema": {
                      "type": "object", "required": ["content"], "properties": _FORM}}}}})
 async def create_file(request: Request) -> JSONResponse:
-    try:
-        form = await request.form(max_files=1, max_fields=8)
-    except HTTPException as exc:  # malformed multipart data, or a second file
-        raise InvalidField("content", f"not a valid multipart/form-data body: {exc.detail}",
-                           ) from None
-    content = form.get("content")
-    if not isinstance(content, UploadFile):
-        raise InvalidField("content", "send the file as the multipart field `content`")
-    data = await content.read()
-    if not data:
-        raise InvalidField("content", "the file is empty")
-    name = _SAFE_NAME.sub("_", str(form.get("filename") or content.filename or "file"))[:255]
-    media = (str(form.get("type") or "") or _part_type(content)
-             or mimetypes.guess_type(name)[0] or _sniff(data))
-    upload = Upload.of(data, name, media, _metadata(form.get("metadata")))
+    # Malformed multipart data, or a second file: 422 on content.
+    async with multipart_form(request, "content", max_files=1, max_fields=8) as form:
+        content = form.get("content")
+        if not isinstance(content, UploadFile):
+            raise InvalidField("content", "send the file as the multipart field `content`")
+        data = await content.read()
+        if not data:
+            raise InvalidField("content", "the file is empty")
+        name = _SAFE_NAME.sub("_", str(form.get("filename") or content.filename or "file")
+                              )[:255]
+        media = (str(form.get("type") or "") or _part_type(content)
+                 or mimetypes.guess_type(name)[0] or _sniff(data))
+        upload = Upload.of(data, name, media, _metadata(form.get("metadata")))
     state = ingress()
     await state.store.put_upload(upload, data)
     return JSONResponse(upload.to_json(base_url(request), state.router.config.file_ttl_s),

@@ -248,6 +248,14 @@ def oai(base_url):
     return openai.OpenAI(api_key=API_KEY, base_url=f"{base_url}/v1", max_retries=0)
 
 
+def post_misframed(url, files, **fields):
+    """POST a multipart body whose parts are framed by another boundary than the header
+    names (data a multipart parser refuses)."""
+    body = httpx.Request("POST", url, files=files, data=fields).read()
+    headers = {**AUTH, "Content-Type": "multipart/form-data; boundary=not-the-one-used"}
+    return httpx.post(url, content=body, headers=headers, timeout=60)
+
+
 def post_many(base_url, bodies, path="/generate", lead_s=0.02):
     """POST the bodies concurrently, the first `lead_s` ahead of the others (which are
     20 ms apart); return the responses in the same order."""

@@ -10,6 +10,7 @@ import openai
 import pytest
 from PIL import Image
 
+from serve.model_parts import MOST_REFERENCES
 from tests.integration.conftest import (
     AUTH,
     FAST,
@@ -18,6 +19,7 @@ from tests.integration.conftest import (
     MAX_BODY_BYTES,
     decode,
     pixels,
+    post_misframed,
     same_pixels,
 )
 from tests.pictures import png_bytes
@@ -298,6 +300,20 @@ def test_bad_edits_get_a_400_naming_the_field_and_the_server_keeps_serving(base_
     assert "only Kontext" in r.json()["error"]["message"]
     # A given size is rounded down to multiples of 8, as the image's own size would be.
     assert _edit(base_url, {"image": photo}, size="100x100").json()["size"] == "96x96"
+
+
+def test_edit_forms_the_parser_refuses_get_openais_400_and_the_server_keeps_serving(
+        base_url):
+    photo = ("p.png", png_bytes(PHOTO), "image/png")
+    misframed = post_misframed(f"{base_url}/v1/images/edits", {"image": photo}, prompt="x")
+    overfull = _edit(base_url, [("image", photo)] * (MOST_REFERENCES + 2))
+    for r, reason in ((misframed, "Invalid multipart data"), (overfull, "Too many files")):
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_request")
+        assert "not a valid multipart/form-data body" in error["message"]
+        assert reason in error["message"]
+    assert _edit(base_url, {"image": photo}).json()["size"] == "96x64"
 
 
 def test_bodies_over_the_limit_get_413_before_they_are_read(base_url, oai):

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 
 from tests.conftest import FileServer
-from tests.integration.conftest import AUTH, FAST, decode, pixels, post_many
+from tests.integration.conftest import (
+    AUTH,
+    FAST,
+    decode,
+    pixels,
+    post_many,
+    post_misframed,
+)
 from tests.pictures import png_bytes
 
 RNG = np.random.default_rng(3)
@@ -212,4 +219,13 @@ def test_files_api_refuses_bad_uploads_with_the_field(base_url):
         r = httpx.post(url, headers=AUTH, **kwargs)
         assert r.status_code == 422, r.text
         assert r.json()["invalid_fields"][0]["field"] == field
+    # Data the multipart parser refuses: a second file, or parts framed by another boundary.
+    photo = ("a.png", png_bytes(PHOTO), "image/png")
+    second = httpx.post(url, headers=AUTH, files=[("content", photo), ("content", photo)])
+    misframed = post_misframed(url, {"content": photo})
+    for r, reason in ((second, "Too many files"), (misframed, "Invalid multipart data")):
+        assert r.status_code == 422, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["invalid_fields"][0]["field"] == "content"
+        assert reason in r.json()["detail"]
 
