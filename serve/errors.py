@@ -141,3 +141,17 @@ class InferenceFailed(AtelierError):
 class Unauthorized(AtelierError):
     status = 401
     kind = "unauthorized"
+
+
+class RouteError(AtelierError):
+    """What the web framework answers by itself (no such path, a method the path does not
+    take), carried into the API's error shape; `status` is the framework's."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.kind = _ROUTE_KINDS.get(status, "invalid_request" if status < 500 else
+                                     "internal_error")
+
+
+_ROUTE_KINDS = {404: "not_found", 405: "method_not_allowed"}

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
-from serve.errors import AtelierError, InvalidField
+from serve.errors import AtelierError, InvalidField, RouteError
 
 RETRY_AFTER_S = 1
 
@@ -83,6 +85,17 @@ def install_error_handlers(app: FastAPI) -> None:
             field = str(first["loc"][-1]) if len(first["loc"]) > 1 else ""
             return error_response(path, InvalidField(field, first["msg"]))
         return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def _route(request: Request, exc: HTTPException) -> Response:
+        """No such path or method: in the shape of the API whose prefix the path has (as
+        OpenAI's and Replicate's clients read errors), FastAPI's own elsewhere."""
+        path = api_path(request)
+        if not path.startswith(_OPENAI_PREFIXES + _REPLICATE_PREFIXES):
+            return await http_exception_handler(request, exc)
+        response = error_response(path, RouteError(exc.status_code, str(exc.detail)))
+        response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+        return response
 
 
 def _plain_errors(errors: Any) -> list[dict]:

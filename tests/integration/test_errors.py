@@ -46,6 +46,30 @@ def test_unknown_model_is_404_listing_the_served_ones(client):
     assert "acme/nope" in r.json()["detail"] and FAST in r.json()["detail"]
 
 
+@pytest.mark.parametrize("method, path, status, allow", [
+    ("GET", "/v1/images/generations", 405, "POST"),
+    ("POST", "/v1/images/upscales", 404, None),
+    ("GET", "/v1/predictions/abc/logs", 404, None),
+    ("GET", "/v1/predictions/abc/cancel", 405, "POST"),
+])
+def test_unknown_paths_and_methods_answer_in_their_apis_error_shape(client, method, path,
+                                                                     status, allow):
+    r = client.request(method, path)
+    assert r.status_code == status and r.headers.get("allow") == allow, r.text
+    kind = "not_found" if status == 404 else "method_not_allowed"
+    if path.startswith("/v1/images"):  # OpenAI's shape
+        assert r.json() == {"error": {"message": r.json()["error"]["message"], "param": None,
+                                      "type": "invalid_request_error", "code": kind}}
+    else:  # Replicate's problem details
+        assert r.headers["content-type"] == "application/problem+json"
+        assert (r.json()["type"], r.json()["status"]) == (kind, status)
+
+
+def test_a_path_of_no_api_is_fastapis_plain_404(client):
+    r = client.get("/nothing-here")
+    assert r.status_code == 404 and r.json() == {"detail": "Not Found"}
+
+
 def test_server_keeps_serving_after_bad_requests(client):
     for _ in range(3):
         client.post("/generate", json={"prompt": "x", "width": 7})
