@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from serve.auth import ApiKeyConfig
-from serve.folders import check_flux_kind, check_inpainting_unet, check_pipeline, check_vae
+from serve.folders import check_model_files
 from serve.model_config import ModelConfig
 from serve.model_extras import ContentCredentialsConfig, RefinerConfig
 from serve.model_parts import (  # re-exported: importers keep using serve.config
@@ -174,40 +174,7 @@ class AtelierConfig(_Strict):
         """Raise ConfigError naming the field of each model path that does not exist or
         does not hold what its field reads."""
         for i, model in enumerate(self.models):
-            refiner, checker = model.refiner, model.safety_checker
-            check_pipeline(f"models.{i}", "", model.path, model.configs_from, model.family)
-            check_flux_kind(f"models.{i}", model.path, model.configs_from, model.flux_kind)
-            if model.family == "sdxl":
-                check_inpainting_unet(f"models.{i}", model.path, model.configs_from,
-                                      model.inpainting)
-            check_pipeline(f"models.{i}", "refiner.", refiner and refiner.path,
-                           refiner and refiner.configs_from, "sdxl-refiner")
-            for name, net in model.controlnets.items():
-                net.check_files(f"models.{i}.controlnets.{name}", model.family)
-            if model.ip_adapter is not None:
-                model.ip_adapter.check_files(f"models.{i}.ip_adapter", model.family)
-            check_vae(f"models.{i}", model.vae, model.family)
-            for j, embedding in enumerate(model.textual_inversions):
-                if not embedding.path.is_file() or embedding.path.suffix != ".safetensors":
-                    raise ConfigError(f"models.{i}.textual_inversions.{j}.path: "
-                                      f"{embedding.path} is not a .safetensors file")
-            for j, lora in enumerate(model.merged_loras):
-                if not lora.path.is_file():
-                    raise ConfigError(f"models.{i}.merged_loras.{j}.path: {lora.path} is not "
-                                      "a file")
-            if model.redux is not None:
-                model.redux.check_files(f"models.{i}.redux")
-            for name, upscaler in model.upscalers.items():
-                upscaler.check_files(f"models.{i}.upscalers.{name}")
-            if model.depth_estimator is not None:
-                model.depth_estimator.check_files(f"models.{i}.depth_estimator")
-            if checker is not None and not checker.path.exists():
-                raise ConfigError(f"models.{i}.safety_checker.path: {checker.path} does not "
-                                  "exist")
-            for name in ("config.json", "preprocessor_config.json") if checker else ():
-                if not (checker.path / name).is_file():
-                    raise ConfigError(f"models.{i}.safety_checker.path: {checker.path} holds "
-                                      f"no {name} (a StableDiffusionSafetyChecker folder)")
+            check_model_files(model, f"models.{i}")
         signing = self.content_credentials
         for field in ("certificate", "private_key") if signing else ():
             if not getattr(signing, field).is_file():

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serve.model_parts import ConfigError
+
+if TYPE_CHECKING:
+    from serve.model_config import ModelConfig
 
 # The input channels of an SDXL inpainting UNet: 4 of noise, 1 of mask, 4 of the masked
 # image (a plain UNet takes the 4 of noise).
@@ -28,6 +32,48 @@ _TOOL_PIPELINES = {
 # from the base model).
 _MODULES_FROM_CONFIGS = {"sdxl": (), "flux": ("vae", "text_encoder", "text_encoder_2"),
                          "sdxl-refiner": ()}
+
+
+def check_model_files(model: ModelConfig, where: str) -> None:
+    """Raise ConfigError naming the field (below `where`, e.g. models.0) of the first of
+    `model`'s paths that does not exist or does not hold what its field reads."""
+    _check_weights(model, where)
+    for name, net in model.controlnets.items():
+        net.check_files(f"{where}.controlnets.{name}", model.family)
+    if model.ip_adapter is not None:
+        model.ip_adapter.check_files(f"{where}.ip_adapter", model.family)
+    if model.redux is not None:
+        model.redux.check_files(f"{where}.redux")
+    for name, upscaler in model.upscalers.items():
+        upscaler.check_files(f"{where}.upscalers.{name}")
+    if model.depth_estimator is not None:
+        model.depth_estimator.check_files(f"{where}.depth_estimator")
+    checker = model.safety_checker
+    if checker is not None and not checker.path.exists():
+        raise ConfigError(f"{where}.safety_checker.path: {checker.path} does not exist")
+    for name in ("config.json", "preprocessor_config.json") if checker else ():
+        if not (checker.path / name).is_file():
+            raise ConfigError(f"{where}.safety_checker.path: {checker.path} holds no {name} "
+                              "(a StableDiffusionSafetyChecker folder)")
+
+
+def _check_weights(model: ModelConfig, where: str) -> None:
+    """The pipeline's own: its folder or file, refiner, VAE, embeddings and merged LoRAs."""
+    refiner = model.refiner
+    check_pipeline(where, "", model.path, model.configs_from, model.family)
+    check_flux_kind(where, model.path, model.configs_from, model.flux_kind)
+    if model.family == "sdxl":
+        check_inpainting_unet(where, model.path, model.configs_from, model.inpainting)
+    check_pipeline(where, "refiner.", refiner and refiner.path,
+                   refiner and refiner.configs_from, "sdxl-refiner")
+    check_vae(where, model.vae, model.family)
+    for j, embedding in enumerate(model.textual_inversions):
+        if not embedding.path.is_file() or embedding.path.suffix != ".safetensors":
+            raise ConfigError(f"{where}.textual_inversions.{j}.path: {embedding.path} is not "
+                              "a .safetensors file")
+    for j, lora in enumerate(model.merged_loras):
+        if not lora.path.is_file():
+            raise ConfigError(f"{where}.merged_loras.{j}.path: {lora.path} is not a file")
 
 
 def check_pipeline(where: str, prefix: str, path: Path | None, configs_from: Path | None,
