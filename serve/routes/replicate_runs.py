@@ -129,17 +129,7 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
         if result is None or await state.store.cancel_requested(p.id):
             p.finish("canceled")
             return
-        p.metrics["predict_time"] = round(result.batch.inference_ms / 1000, 3)
-        p.logs += "".join(f"{note}\n" for note in result.notes)
-        p.logs += "".join(f"NSFW content detected in image {i}\n"
-                          for i, flagged in enumerate(result.nsfw) if flagged)
-        result = result.unflagged()  # as Replicate's models: fails if none is left
-        p.logs += f"Generated {len(result.images)} image(s) in {time.monotonic() - started:.2f}s\n"
-        urls = [f"{base}/files/{await state.store.put_file(img, result.media_type)}"
-                for img in result.images]
-        p.finish("succeeded", output=urls[0] if single_output(
-            state.router.resolve(gen.model), p.model) else urls)
-        await state.store.save(p)
+        await _succeed(state, p, gen, base, result, started)
         if webhook:
             await webhook.send("output", p.to_json(base))
     except StoreUnavailable:
@@ -161,6 +151,24 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
                  extra={"prediction_id": p.id, "model": p.model, "status": p.status})
         if webhook and not state.predictions.handing_over and not left:
             await asyncio.shield(webhook.send("completed", p.to_json(base)))
+
+
+async def _succeed(state: IngressState, p: Prediction, gen: GenerationRequest, base: str,
+                   result: GenerationResult, started: float) -> None:
+    """Finish `p` with `result`: its images stored as output files, its notes and flagged
+    images in its logs, its predict time; then save it. Raises ContentFlagged (as
+    Replicate's models fail) when every image was flagged."""
+    p.metrics["predict_time"] = round(result.batch.inference_ms / 1000, 3)
+    p.logs += "".join(f"{note}\n" for note in result.notes)
+    p.logs += "".join(f"NSFW content detected in image {i}\n"
+                      for i, flagged in enumerate(result.nsfw) if flagged)
+    result = result.unflagged()
+    p.logs += f"Generated {len(result.images)} image(s) in {time.monotonic() - started:.2f}s\n"
+    urls = [f"{base}/files/{await state.store.put_file(img, result.media_type)}"
+            for img in result.images]
+    p.finish("succeeded", output=urls[0] if single_output(
+        state.router.resolve(gen.model), p.model) else urls)
+    await state.store.save(p)
 
 
 async def _retrying(state: IngressState, p: Prediction, gen: GenerationRequest, base: str,
