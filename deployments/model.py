@@ -189,7 +189,7 @@ class ModelDeployment:
         work = asyncio.ensure_future(self._generate(
             request, on_step=lambda s, t: events.put_nowait(("progress", s, t)),
             on_preview=lambda images: events.put_nowait(("partial", images))))
-        loop, sent_at = asyncio.get_running_loop(), None
+        loop, sent_at, event = asyncio.get_running_loop(), None, None
         try:
             while not work.done():
                 event = asyncio.ensure_future(events.get())
@@ -207,6 +207,8 @@ class ModelDeployment:
             yield ("result", _refusal(work.exception()) or work.result())
         finally:
             work.cancel()
+            if event is not None:  # a stream dropped while it waited for an event
+                event.cancel()
 
     def _prepare(self, request: GenerationRequest) -> asyncio.Future:
         """Start encoding the request's prompt (or finding it held) and moving its input
