@@ -87,25 +87,61 @@ def check_events(events: list[str] | None) -> tuple[str, ...]:
     return tuple(events)
 
 
+# The event loop keeps only weak references to tasks: deliveries are held here.
+_DELIVERING: set[asyncio.Task] = set()
+
+
 class WebhookSender:
-    """Sends one prediction's events in order; `completed` always goes out, retried. Each
-    event has its own `webhook-id`, the same for its retries; each attempt is signed with
-    its own timestamp."""
+    """Delivers one prediction's events in order, in the background, so that a slow or
+    failing receiver never holds the prediction back. `output` and `logs` go out at most
+    every `_MIN_INTERVAL_S`; while earlier events are being delivered, a newer one of
+    these takes the place of the one still waiting (each body is the whole prediction).
+    An event that fails is retried with back-off until a newer one waits behind it;
+    `completed` always is. Each event has its own `webhook-id`, the same for its
+    retries; each attempt is signed with its own timestamp."""
 
     def __init__(self, url: str, events: tuple[str, ...], client: httpx.AsyncClient,
                  secret: str):
         self._url, self._events, self._client, self._secret = url, events, client, secret
         self._last_sent = 0.0
+        self._waiting: list[tuple[str, bytes]] = []
+        self._delivering: asyncio.Task | None = None
 
-    async def send(self, event: str, body: dict) -> None:
+    def send(self, event: str, body: dict) -> None:
+        """Queue `event` with `body` (serialised now) for delivery; returns at once."""
         if event not in self._events:
             return
         now = time.monotonic()
         if event in _THROTTLED and now - self._last_sent < _MIN_INTERVAL_S:
             return
         self._last_sent = now
-        content, message_id = json.dumps(body).encode(), f"msg_{secrets.token_hex(12)}"
-        delay = _FIRST_BACKOFF_S
+        content = json.dumps(body).encode()
+        if event in _THROTTLED and self._waiting and self._waiting[-1][0] in _THROTTLED:
+            self._waiting[-1] = (event, content)
+        else:
+            self._waiting.append((event, content))
+        self._start()
+
+    def complete(self, body: dict) -> None:
+        """Queue `completed`; its delivery (and that of the events before it) goes on
+        after the prediction's own task has ended."""
+        if "completed" in self._events:
+            self._waiting.append(("completed", json.dumps(body).encode()))
+            self._start()
+
+    def _start(self) -> None:
+        if self._delivering is None or self._delivering.done():
+            self._delivering = asyncio.get_running_loop().create_task(self._deliver())
+            _DELIVERING.add(self._delivering)
+            self._delivering.add_done_callback(_DELIVERING.discard)
+
+    async def _deliver(self) -> None:
+        while self._waiting:
+            event, content = self._waiting.pop(0)
+            await self._post(event, content)
+
+    async def _post(self, event: str, content: bytes) -> None:
+        message_id, delay = f"msg_{secrets.token_hex(12)}", _FIRST_BACKOFF_S
         for attempt in range(1, _ATTEMPTS + 1):
             headers = signed_headers(self._secret, message_id, content, int(time.time()))
             try:
@@ -116,8 +152,11 @@ class WebhookSender:
                 reason = f"HTTP {r.status_code}"
             except httpx.HTTPError as exc:
                 reason = type(exc).__name__
-            log.warning("webhook %s for %s failed (%s), attempt %d/%d", event, body.get("id"),
-                        reason, attempt, _ATTEMPTS)
-            if attempt < _ATTEMPTS:
-                await asyncio.sleep(delay)
-                delay *= 2
+            superseded = event != "completed" and bool(self._waiting)
+            log.warning("webhook %s for %s failed (%s), attempt %d/%d%s", event,
+                        json.loads(content).get("id"), reason, attempt, _ATTEMPTS,
+                        "; a newer event replaces it" if superseded else "")
+            if superseded or attempt == _ATTEMPTS:
+                return
+            await asyncio.sleep(delay)
+            delay *= 2

@@ -118,7 +118,7 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
     started, left = time.monotonic(), False
     try:
         if webhook and not adopted:
-            await webhook.send("start", p.to_json(base))
+            webhook.send("start", p.to_json(base))
         result = await _unless_canceled(state, p, _retrying(state, p, gen, base, webhook),
                                         deadline_s)
         if result is None and not await state.store.cancel_requested(p.id):  # deadline
@@ -131,7 +131,7 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
             return
         await _succeed(state, p, gen, base, result, started)
         if webhook:
-            await webhook.send("output", p.to_json(base))
+            webhook.send("output", p.to_json(base))
     except StoreUnavailable:
         left = True  # (run_prediction: run again once the store answers)
         raise
@@ -150,7 +150,7 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
         log.info("prediction %s %s", p.id, p.status,
                  extra={"prediction_id": p.id, "model": p.model, "status": p.status})
         if webhook and not state.predictions.handing_over and not left:
-            await asyncio.shield(webhook.send("completed", p.to_json(base)))
+            webhook.complete(p.to_json(base))
 
 
 async def _succeed(state: IngressState, p: Prediction, gen: GenerationRequest, base: str,
@@ -210,7 +210,7 @@ async def _follow(state: IngressState, p: Prediction, gen: GenerationRequest, ba
             last_saved = time.monotonic()
             await _save_progress(state, p)
             if webhook:
-                await webhook.send("logs", p.to_json(base))
+                webhook.send("logs", p.to_json(base))
     raise AtelierError("the model ended the stream without a result")
 
 

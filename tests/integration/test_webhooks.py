@@ -13,10 +13,12 @@ from tests.integration.conftest import AUTH, BATCHED, FAST
 
 class Receiver:
     """Records POSTed JSON bodies (and every attempt's headers and bytes); answers 500 to
-    the first `fail_first` of them."""
+    the first `fail_first` of them. With `hold` (a threading.Event), the first attempt is
+    answered only once it is set."""
 
-    def __init__(self, fail_first=0):
+    def __init__(self, fail_first=0, hold=None):
         self.bodies, self.attempts, self.fail_first = [], 0, fail_first
+        self.hold = hold
         self.raw = []  # (headers, body bytes) of every attempt
         receiver = self
 
@@ -26,6 +28,8 @@ class Receiver:
                 receiver.raw.append((dict(self.headers), raw))
                 body = json.loads(raw)
                 receiver.attempts += 1
+                if receiver.hold is not None and receiver.attempts == 1:
+                    receiver.hold.wait(60)
                 ok = receiver.attempts > receiver.fail_first
                 if ok:
                     receiver.bodies.append(body)
@@ -55,9 +59,9 @@ def receiver():
     r.server.shutdown()
 
 
-def _create(base_url, model=FAST, **body):
-    r = httpx.post(f"{base_url}/v1/models/{model}/predictions", headers=AUTH,
-                   json={"input": {"prompt": "x", "seed": 3}, **body})
+def _create(base_url, model=FAST, headers=AUTH, **body):
+    r = httpx.post(f"{base_url}/v1/models/{model}/predictions", headers=headers,
+                   json={"input": {"prompt": "x", "seed": 3}, **body}, timeout=60)
     return r
 
 
@@ -68,6 +72,28 @@ def test_start_and_completed_reach_the_receiver_with_the_output(base_url, receiv
     assert events[0] == (created["id"], "starting")
     assert events[-1] == (created["id"], "succeeded")
     assert receiver.bodies[-1]["output"][0].startswith(base_url + "/files/")
+
+
+def test_a_receiver_that_has_not_answered_does_not_hold_the_prediction_back(base_url):
+    hold = threading.Event()
+    receiver = Receiver(hold=hold)
+    try:
+        r = _create(base_url, webhook=receiver.url, headers={**AUTH, "Prefer": "wait=30"})
+        done = r.json()
+        assert r.status_code == 201 and done["status"] == "succeeded"
+        assert receiver.attempts == 1 and receiver.bodies == []  # start: still unanswered
+        hold.set()
+        receiver.wait_for("succeeded")
+    finally:
+        hold.set()
+        receiver.server.shutdown()
+    # in order; what came while start was held (if anything) went out as one event
+    statuses = [b["status"] for b in receiver.bodies]
+    assert statuses[0] == "starting" and statuses[-1] == "succeeded" and len(statuses) <= 3
+    assert [b["id"] for b in receiver.bodies] == [done["id"]] * len(statuses)
+    stored = httpx.get(f"{base_url}/v1/predictions/{done['id']}", headers=AUTH).json()
+    assert receiver.bodies[-1]["output"] == stored["output"]
+    assert stored["output"][0].startswith(base_url + "/files/")
 
 
 def test_the_events_filter_is_honoured(base_url, receiver):

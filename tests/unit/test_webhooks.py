@@ -1,8 +1,14 @@
+import asyncio
+import json
+
+import httpx
 import pytest
 
+import serve.webhooks
 from serve.errors import InvalidField
 from serve.webhooks import (
     EVENTS,
+    WebhookSender,
     check_events,
     check_secret,
     check_webhook,
@@ -70,3 +76,75 @@ def test_malformed_signing_secrets_are_refused(secret):
     with pytest.raises(ValueError, match="whsec_"):
         check_secret(secret)
     assert check_secret(new_secret()).startswith("whsec_")
+
+
+class _Receiver:
+    """Answers each attempt with the next of `codes` (then 200), recording (event's
+    status, webhook-id) per attempt."""
+
+    def __init__(self, *codes):
+        self.codes, self.attempts = list(codes), []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.attempts.append((json.loads(request.content)["status"],
+                              request.headers["webhook-id"]))
+        return httpx.Response(self.codes.pop(0) if self.codes else 200)
+
+
+async def _delivered(receiver, count):
+    for _ in range(200):
+        if len(receiver.attempts) >= count and not serve.webhooks._DELIVERING:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(receiver.attempts)
+
+
+def test_a_failed_event_gives_way_to_a_newer_one_and_completed_is_retried(monkeypatch):
+    monkeypatch.setattr(serve.webhooks, "_FIRST_BACKOFF_S", 0.05)
+    receiver = _Receiver(500, 500, 503, 503)
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(receiver)) as client:
+            sender = WebhookSender("http://hooks/x", EVENTS, client, new_secret())
+            sender.send("start", {"id": "p", "status": "starting"})
+            await asyncio.sleep(0.01)  # its first attempt failed; its retry waits
+            sender.complete({"id": "p", "status": "succeeded"})
+            await _delivered(receiver, 5)
+
+    asyncio.run(run())
+    statuses = [status for status, _ in receiver.attempts]
+    ids = [message_id for _, message_id in receiver.attempts]
+    # start's retry fails with completed waiting: it is not tried again
+    assert statuses == ["starting"] * 2 + ["succeeded"] * 3
+    assert ids[0] == ids[1] != ids[2] == ids[3] == ids[4]
+
+
+def test_events_queued_behind_a_slow_one_are_merged_into_the_newest(monkeypatch):
+    monkeypatch.setattr(serve.webhooks, "_MIN_INTERVAL_S", 0.0)
+    release, seen = asyncio.Event(), []
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content)["logs"])
+        if len(seen) == 1:
+            await release.wait()
+        return httpx.Response(200)
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.MockTransport(slow)) as client:
+            sender = WebhookSender("http://hooks/x", EVENTS, client, new_secret())
+            sender.send("start", {"logs": "start"})  # returns before it is delivered
+            await asyncio.sleep(0.01)
+            for n in range(3):
+                sender.send("logs", {"logs": f"step {n}"})
+            sender.send("output", {"logs": "output"})
+            sender.complete({"logs": "done"})
+            sender.send("logs", {"logs": "after"})
+            assert seen == ["start"]
+            release.set()
+            for _ in range(100):
+                if not serve.webhooks._DELIVERING:
+                    break
+                await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert seen == ["start", "output", "done", "after"]
