@@ -10,6 +10,7 @@ decompression bomb) is refused without allocating its pixels.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -26,7 +27,8 @@ from serve.predictions import StateStore
 from serve.uploads import upload_id
 from serve.urls import check_allowed_url
 
-_FETCH_TIMEOUT_S = 10
+_FETCH_TIMEOUT_S = 10  # to connect, and between two reads
+_FETCH_TOTAL_S = 60  # for the whole fetch: a host that trickles its bytes is cut off
 
 _DATA_URI = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?:;[\w=.-]+)*?;base64,(?P<data>.*)$",
                        re.DOTALL)
@@ -90,8 +92,8 @@ class ImageFetcher:
     async def _get(self, url: str, field: str, max_bytes: int) -> bytes:
         data = bytearray()
         try:
-            async with self.client.stream("GET", url, timeout=_FETCH_TIMEOUT_S,
-                                          follow_redirects=False) as response:
+            async with asyncio.timeout(_FETCH_TOTAL_S), self.client.stream(
+                    "GET", url, timeout=_FETCH_TIMEOUT_S, follow_redirects=False) as response:
                 if response.status_code != 200:
                     raise InvalidField(field,
                                        f"fetching {url} gave HTTP {response.status_code}")
@@ -101,6 +103,8 @@ class ImageFetcher:
                         break
         except httpx.HTTPError as exc:
             raise InvalidField(field, f"could not fetch {url}: {type(exc).__name__}") from None
+        except TimeoutError:
+            raise InvalidField(field, f"fetching {url} took over {_FETCH_TOTAL_S}s") from None
         return bytes(data)
 
 

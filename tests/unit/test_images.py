@@ -1,19 +1,24 @@
 """Input images: decoded within limits, oriented, converted; transparency marks what to
 repaint; bad data gets its 4xx."""
 
+import asyncio
 import base64
 import io
 import struct
+import time
 import zlib
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
+import serve.images
 from serve.config import ModelConfig
 from serve.errors import InvalidField, TooLarge
-from serve.images import decode_base64, open_image, open_mask, output_size
+from serve.images import ImageFetcher, decode_base64, open_image, open_mask, output_size
 from serve.source_images import source_image
+from serve.state import MemoryStore
 
 MB = 1 << 20
 
@@ -173,3 +178,32 @@ def test_opaque_images_and_palette_transparency():
     assert mask[3, 2] == 255 and mask.sum() == 255
     rgb = np.frombuffer(source.rgb, np.uint8).reshape(8, 8, 3)
     assert tuple(rgb[3, 2]) == (255, 255, 255) and tuple(rgb[0, 0]) == (10, 20, 30)
+
+
+def test_a_host_that_trickles_its_bytes_is_cut_off_with_a_422(monkeypatch):
+    """Every read comes within the per-read time-out; the whole fetch has its own."""
+    monkeypatch.setattr(serve.images, "_FETCH_TOTAL_S", 1)
+    sent = []
+
+    async def trickle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(40):
+            writer.write(b"x")
+            sent.append(time.monotonic())
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        writer.close()
+
+    async def fetch():
+        server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+        host = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server, httpx.AsyncClient() as client:
+            fetcher = ImageFetcher([host], client, MemoryStore(60, MB))
+            with pytest.raises(InvalidField) as refused:
+                await fetcher.fetch(f"http://{host}/slow.png", "image", MB)
+            return refused.value, time.monotonic()
+
+    refused, ended = asyncio.run(fetch())
+    assert refused.field == "image" and "took over 1s" in refused.reason
+    assert 5 <= len(sent) < 40 and ended - sent[0] < 3  # cut off midway, not at the end
