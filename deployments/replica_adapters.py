@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ray import serve
@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from deployments.lora_files import AdapterWeights
 
 
+_DOWNLOADS = 4  # LoRA files a replica downloads at once
+
+
 class ReplicaAdapters:
     """`slots` are the engine's (in slots or merged); files are read on `workers`, and
     injected on `pipeline`, between calls. Adapters given by URL join `catalog` as they
@@ -31,6 +34,11 @@ class ReplicaAdapters:
                  workers: Executor, pipeline: Executor):
         self.cfg, self.slots, self.catalog, self.downloads = cfg, slots, catalog, downloads
         self._workers, self._pipeline = workers, pipeline
+        # Downloads wait on other hosts, for as long as those take: they get threads of
+        # their own, so that a slow host never holds up the workers, which finish every
+        # request's images.
+        self._fetching = (ThreadPoolExecutor(_DOWNLOADS, thread_name_prefix="lora-downloads")
+                          if downloads is not None else None)
         self._staged: dict[str, dict[str, AdapterWeights]] = {}  # by set key, for the loader
 
         async def load_adapter_set(key: str) -> AdapterSet:
@@ -67,7 +75,7 @@ class ReplicaAdapters:
                                  "(lora_allowed_hosts, speed settings)")
         loop = asyncio.get_running_loop()
         await self.downloads.add(adapters.urls, self.catalog, self.slots.loaded, self.cfg,
-                                 lambda *a: loop.run_in_executor(self._workers, *a))
+                                 lambda *a: loop.run_in_executor(self._fetching, *a))
 
     async def _read(self, adapters: AdapterSet) -> dict[str, AdapterWeights]:
         """The set's adapters that are not held, read off the pipeline thread."""

@@ -2,13 +2,18 @@
 real local HTTP server on a host in the app's lora_allowed_hosts (127.0.0.1)."""
 
 import io
+import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.conftest import FAST, FLUX, decode, pixels, replica_log, same_pixels
+from tests.integration.conftest import AUTH, FAST, FLUX, decode, pixels, replica_log, same_pixels
 
 
 def _gen(client, model, loras, seed=11, prompt="a cat"):
@@ -89,3 +94,57 @@ def test_a_prediction_whose_lora_cannot_be_downloaded_fails_with_the_reason(rep,
     prediction = failed.value.prediction
     assert prediction.status == "failed" and "gave HTTP 404" in prediction.error, prediction
     assert rep.run(FAST, input={"prompt": "a cat", "seed": 3})  # the replica keeps serving
+
+
+class _HangingHost:
+    """Takes each GET and answers it (404) only once `release` is set."""
+
+    def __init__(self, release: threading.Event):
+        self.arrived = []
+        host = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                host.arrived.append(self.path)
+                release.wait(60)
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, count: int, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.arrived) < count:
+            assert time.monotonic() < deadline, self.arrived
+            time.sleep(0.05)
+
+
+def test_downloads_from_a_host_that_hangs_do_not_hold_up_other_requests(client, base_url):
+    """The replica's workers finish every request's images (encoding, the safety check):
+    LoRA downloads, however long their host takes, run beside them."""
+    release = threading.Event()
+    host = _HangingHost(release)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            hanging = [pool.submit(httpx.post, f"{base_url}/generate", headers=AUTH, timeout=90,
+                                   json={"prompt": "x", "model": FAST, "loras": [
+                                       {"name": f"{host.url}/slow-{n}.safetensors"}]})
+                       for n in range(8)]
+            host.wait_for(2)
+            plain = client.post("/generate", json={"prompt": "x", "model": FAST, "seed": 4},
+                                timeout=20)
+            assert plain.status_code == 200 and plain.json()["seeds"] == [4]
+            assert not any(f.done() for f in hanging)  # their downloads still wait
+            release.set()
+            answers = [f.result() for f in hanging]
+    finally:
+        release.set()
+        host.server.shutdown()
+    assert [a.status_code for a in answers] == [422] * 8
+    assert all("gave HTTP 404" in a.text for a in answers)
