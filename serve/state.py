@@ -152,6 +152,9 @@ class MemoryStore:
                 self._leases.pop(pid, None)
 
 
+REDIS_TIMEOUT_S = 5.0
+
+
 @_answering
 class RedisStore:
     """Keys: atelier:pred:<id> (JSON), atelier:preds (ids by creation time),
@@ -164,7 +167,11 @@ class RedisStore:
     def __init__(self, url: str, ttl_s: float):
         import redis.asyncio as redis
 
-        self._redis = redis.Redis.from_url(url)
+        # A Redis that stops answering (paused, or its host gone without a reset) is
+        # unavailable after this long, not waited for without end; `?socket_timeout=`
+        # and `?socket_connect_timeout=` in the URL set others.
+        self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
+                                           socket_connect_timeout=REDIS_TIMEOUT_S)
         self._ttl = max(1, int(ttl_s))
         self._take = self._redis.register_script(REDIS_TAKE)
 
