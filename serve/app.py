@@ -12,7 +12,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
 import ray
 from fastapi import FastAPI
 from ray import serve
@@ -50,6 +49,7 @@ from serve.routes import (
 from serve.routes.replicate_runs import run_prediction
 from serve.state import MemoryStore, RedisStore
 from serve.store_health import StoreHealth, watch_store
+from serve.urls import outbound_client
 from serve.versions import upscaling_version, version_id
 from serve.webhooks import new_secret, webhook_secret_from_env
 
@@ -104,8 +104,7 @@ class Ingress:
         self._warming = asyncio.get_running_loop().create_task(self._warm_models(cfg))
         self.versions = dict(versions)
         self.prepared: dict = {}
-        # Outbound calls (webhooks, input image URLs) never follow redirects.
-        self.http_client = httpx.AsyncClient(follow_redirects=False)
+        self.http_client = outbound_client()
         self.images = ImageFetcher(cfg.image_allowed_hosts, self.http_client, self.store)
         if not self.api_keys:
             log.warning("no API keys are set: anyone who reaches this port can generate")

@@ -5,7 +5,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import SplitResult, urlsplit
 
+import httpx
+
 from serve.errors import InvalidField
+
+
+def outbound_client() -> httpx.AsyncClient:
+    """The client for the calls made on requests' behalf (webhooks, input image URLs).
+    Redirects are never followed. Connections are not capped: each belongs to a request
+    or a prediction's webhook delivery, both bounded on their own, and with a cap, one
+    receiver that hangs (a delivery holds its connection for up to four 10 s attempts)
+    would hold every other delivery and image fetch waiting for a free connection."""
+    return httpx.AsyncClient(follow_redirects=False,
+                             limits=httpx.Limits(max_connections=None))
 
 
 def host_allowed(url: str, allowed_hosts: Iterable[str]) -> bool:

@@ -6,6 +6,7 @@ import pytest
 
 import serve.webhooks
 from serve.errors import InvalidField
+from serve.urls import outbound_client
 from serve.webhooks import (
     EVENTS,
     WebhookSender,
@@ -148,3 +149,34 @@ def test_events_queued_behind_a_slow_one_are_merged_into_the_newest(monkeypatch)
 
     asyncio.run(run())
     assert seen == ["start", "output", "done", "after"]
+
+
+def test_the_outbound_client_reaches_more_held_calls_than_a_pool_cap_would_allow():
+    """120 calls (webhooks, image fetches) to a host that holds each one: all of them reach
+    it at once (httpx's default pool would keep the last 20 waiting for a connection)."""
+    held, release = [], asyncio.Event()
+
+    async def hold(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        held.append(1)
+        await release.wait()
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def run():
+        server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+        async with server, outbound_client() as client:
+            calls = [asyncio.create_task(client.post(url, content=b"{}", timeout=10))
+                     for _ in range(120)]
+            for _ in range(150):
+                if len(held) == len(calls):
+                    break
+                await asyncio.sleep(0.02)
+            reached = len(held)
+            release.set()
+            return reached, await asyncio.gather(*calls)
+
+    reached, answers = asyncio.run(run())
+    assert reached == 120 and [a.status_code for a in answers] == [204] * 120
