@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import time
+import weakref
 from collections.abc import Iterable
 from hashlib import sha256
 
@@ -89,6 +90,15 @@ def check_events(events: list[str] | None) -> tuple[str, ...]:
 
 # The event loop keeps only weak references to tasks: deliveries are held here.
 _DELIVERING: set[asyncio.Task] = set()
+# Deliveries under way to one receiver (host and port), per client: a receiver that hangs
+# holds this many connections and no more; its other deliveries wait their turn.
+PER_RECEIVER = 16
+_RECEIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _receiver_slots(client: httpx.AsyncClient, url: str) -> asyncio.Semaphore:
+    by_host = _RECEIVERS.setdefault(client, {})
+    return by_host.setdefault(httpx.URL(url).netloc, asyncio.Semaphore(PER_RECEIVER))
 
 
 class WebhookSender:
@@ -143,10 +153,12 @@ class WebhookSender:
     async def _post(self, event: str, content: bytes) -> None:
         message_id, delay = f"msg_{secrets.token_hex(12)}", _FIRST_BACKOFF_S
         for attempt in range(1, _ATTEMPTS + 1):
-            headers = signed_headers(self._secret, message_id, content, int(time.time()))
             try:
-                r = await self._client.post(self._url, content=content, headers=headers,
-                                            timeout=10)
+                async with _receiver_slots(self._client, self._url):  # then signed: fresh
+                    headers = signed_headers(self._secret, message_id, content,
+                                             int(time.time()))
+                    r = await self._client.post(self._url, content=content, headers=headers,
+                                                timeout=10)
                 if r.status_code < 500:
                     return
                 reason = f"HTTP {r.status_code}"

@@ -180,3 +180,46 @@ def test_the_outbound_client_reaches_more_held_calls_than_a_pool_cap_would_allow
 
     reached, answers = asyncio.run(run())
     assert reached == 120 and [a.status_code for a in answers] == [204] * 120
+
+
+def test_a_receiver_that_hangs_holds_its_own_share_of_connections_and_no_more():
+    held, answered, release = [], [], asyncio.Event()
+
+    async def hanging(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        held.append(1)
+        await release.wait()
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def answering(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        answered.append(1)
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def run():
+        slow = await asyncio.start_server(hanging, "127.0.0.1", 0)
+        fine = await asyncio.start_server(answering, "127.0.0.1", 0)
+        urls = [f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}/hook" for s in (slow, fine)]
+        async with slow, fine, outbound_client() as client:
+            for n in range(40):
+                WebhookSender(urls[0], EVENTS, client, new_secret()).send("start", {"n": n})
+            await asyncio.sleep(0.2)
+            WebhookSender(urls[1], EVENTS, client, new_secret()).send("start", {"n": 40})
+            for _ in range(100):
+                if answered:
+                    break
+                await asyncio.sleep(0.02)
+            seen = len(held), len(answered)
+            release.set()
+            for _ in range(200):
+                if not serve.webhooks._DELIVERING:
+                    break
+                await asyncio.sleep(0.02)
+            return seen
+
+    assert asyncio.run(run()) == (serve.webhooks.PER_RECEIVER, 1)
+    assert len(held) == 40  # once it answers, the others are delivered
