@@ -75,6 +75,20 @@ def client_name(request: Request) -> str:
     return getattr(request.state, "client", "open")
 
 
+def sees_all(request: Request) -> bool:
+    """Whether the request's API key sees what every key made: with `sees_all_predictions`,
+    or on a server without keys."""
+    key = getattr(request.state, "api_key", None)
+    return client_name(request) == "open" or (key is not None and key.sees_all_predictions)
+
+
+def sees(request: Request, owner: str | None) -> bool:
+    """Whether the request's API key may see what the key named `owner` made (a prediction,
+    an upload): its own (by the key's name, as Replicate shows an account its own), or
+    every one where `sees_all`."""
+    return owner == client_name(request) or sees_all(request)
+
+
 def requester(request: Request) -> dict:
     """What a generation request takes from its API key: its name (usage is counted by
     it) and its priority."""

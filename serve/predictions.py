@@ -62,6 +62,11 @@ class Prediction:
     def done(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def owner(self) -> str:
+        """The name of the API key that made it ("open" on a server without keys)."""
+        return self.private.get("client") or "open"
+
     def finish(self, status: str, output: Any = None, error: str | None = None) -> None:
         self.status, self.output, self.error = status, output, error
         self.completed_at = now_iso()
@@ -84,8 +89,10 @@ class StateStore(Protocol):
 
     async def save(self, prediction: Prediction) -> None: ...
     async def load(self, prediction_id: str) -> Prediction | None: ...
-    async def page(self, after: str | None, limit: int) -> tuple[list[Prediction], str | None]:
-        """Newest first, after the prediction id `after`; also the next cursor."""
+    async def page(self, after: str | None, limit: int, owner: str | None = None,
+                   ) -> tuple[list[Prediction], str | None]:
+        """Newest first, after the prediction id `after` (of `owner`'s, the API key name
+        its `private["client"]` holds, when given); also the next cursor."""
     async def put_file(self, data: bytes, media_type: str) -> str: ...
     async def get_file(self, name: str) -> StoredFile | None: ...
     async def put_upload(self, upload: Upload, data: bytes) -> None: ...

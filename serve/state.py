@@ -73,8 +73,10 @@ class MemoryStore:
         state = self._predictions.get(prediction_id)
         return Prediction(**state) if state else None
 
-    async def page(self, after: str | None, limit: int) -> tuple[list[Prediction], str | None]:
-        ids = list(reversed(self._predictions))
+    async def page(self, after: str | None, limit: int, owner: str | None = None,
+                   ) -> tuple[list[Prediction], str | None]:
+        ids = [i for i, state in reversed(self._predictions.items())
+               if owner in (None, state["private"].get("client") or "open")]
         start = ids.index(after) + 1 if after in ids else (0 if after is None else len(ids))
         page = [Prediction(**self._predictions[i]) for i in ids[start:start + limit]]
         return page, (page[-1].id if start + limit < len(ids) and page else None)
@@ -155,9 +157,15 @@ class MemoryStore:
 REDIS_TIMEOUT_S = 5.0
 
 
+def _owned(owner: str) -> str:
+    """The index of one API key name's predictions."""
+    return f"{_PREFIX}preds:by:{owner}"
+
+
 @_answering
 class RedisStore:
-    """Keys: atelier:pred:<id> (JSON), atelier:preds (ids by creation time),
+    """Keys: atelier:pred:<id> (JSON), atelier:preds (ids by creation time) and
+    atelier:preds:by:<key name> (one key's),
     atelier:file:<name> (hash of data and type), atelier:upload:<id> (hash of data and the
     upload's record), atelier:uploads (upload ids by creation time), atelier:cancel:<id>,
     atelier:lease:<id> (the owning replica); all with TTLs. atelier:running is the set of
@@ -179,8 +187,10 @@ class RedisStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(f"{_PREFIX}pred:{prediction.id}", json.dumps(prediction.to_state()),
                      ex=self._ttl)
-            pipe.zadd(f"{_PREFIX}preds", {prediction.id: prediction.created})
-            pipe.zremrangebyscore(f"{_PREFIX}preds", "-inf", time.time() - self._ttl)
+            for index in (f"{_PREFIX}preds", _owned(prediction.owner)):
+                pipe.zadd(index, {prediction.id: prediction.created})
+                pipe.zremrangebyscore(index, "-inf", time.time() - self._ttl)
+                pipe.expire(index, self._ttl)
             if prediction.done:
                 pipe.srem(f"{_PREFIX}running", prediction.id)
                 pipe.delete(f"{_PREFIX}lease:{prediction.id}")
@@ -192,14 +202,15 @@ class RedisStore:
         raw = await self._redis.get(f"{_PREFIX}pred:{prediction_id}")
         return Prediction(**json.loads(raw)) if raw else None
 
-    async def page(self, after: str | None, limit: int) -> tuple[list[Prediction], str | None]:
-        start = 0
+    async def page(self, after: str | None, limit: int, owner: str | None = None,
+                   ) -> tuple[list[Prediction], str | None]:
+        index, start = f"{_PREFIX}preds" if owner is None else _owned(owner), 0
         if after is not None:
-            rank = await self._redis.zrevrank(f"{_PREFIX}preds", after)
+            rank = await self._redis.zrevrank(index, after)
             start = rank + 1 if rank is not None else -1
         if start < 0:
             return [], None
-        ids = await self._redis.zrevrange(f"{_PREFIX}preds", start, start + limit)
+        ids = await self._redis.zrevrange(index, start, start + limit)
         page = [p for p in [await self.load(i.decode()) for i in ids[:limit]] if p]
         return page, (page[-1].id if len(ids) > limit and page else None)
 

@@ -34,10 +34,13 @@ class Upload:
     metadata: dict
     id: str = field(default_factory=lambda: secrets.token_hex(16))
     created: float = field(default_factory=time.time)
+    owner: str = "open"  # the uploading API key's name, as a prediction's `client`
 
     @classmethod
-    def of(cls, data: bytes, name: str, content_type: str, metadata: dict) -> Upload:
+    def of(cls, data: bytes, name: str, content_type: str, metadata: dict,
+           owner: str = "open") -> Upload:
         return cls(name=name, content_type=content_type, size=len(data), metadata=metadata,
+                   owner=owner,
                    checksums={"sha256": hashlib.sha256(data).hexdigest(),
                               "md5": hashlib.md5(data, usedforsecurity=False).hexdigest()})
 
@@ -46,7 +49,7 @@ class Upload:
 
     def to_json(self, base_url: str, ttl_s: float) -> dict:
         """As Replicate's API shows a file; `urls.get` is what inputs name it by."""
-        body = {k: v for k, v in asdict(self).items() if k != "created"}
+        body = {k: v for k, v in asdict(self).items() if k not in ("created", "owner")}
         return {**body, "etag": f'"{self.checksums["md5"]}"',
                 "created_at": _iso(self.created), "expires_at": _iso(self.created + ttl_s),
                 "urls": {"get": f"{base_url}/v1/files/{self.id}"}}

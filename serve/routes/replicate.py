@@ -33,6 +33,8 @@ from serve.context import (
     model_for,
     request_id,
     requester,
+    sees,
+    sees_all,
 )
 from serve.errors import AtelierError, InvalidField, ModelNotFound
 from serve.prediction_events import prediction_events
@@ -200,11 +202,7 @@ async def _data_uri(state: IngressState, url: str) -> str:
 
 
 def _visible(request: Request, prediction: Prediction) -> bool:
-    """Whether the request's API key made the prediction (by the key's name, as Replicate
-    shows an account its own) or sees every one; on a server without keys, every one is."""
-    client, key = client_name(request), getattr(request.state, "api_key", None)
-    return (client == "open" or prediction.private.get("client") == client
-            or (key is not None and key.sees_all_predictions))
+    return sees(request, prediction.owner)
 
 
 async def _own_prediction(request: Request, prediction_id: str) -> Prediction:
@@ -243,15 +241,10 @@ _PAGE = 100
 
 @router.get("/v1/predictions", summary="Replicate: list predictions, newest first")
 async def list_predictions(request: Request, cursor: str | None = None) -> dict:
-    """The key's own predictions, newest first, `_PAGE` at a time."""
-    store, kept, after = ingress().store, [], cursor
-    while True:
-        page, after = await store.page(after, _PAGE)
-        kept += [p for p in page if _visible(request, p)]
-        if len(kept) >= _PAGE or after is None:
-            break
-    if len(kept) > _PAGE:  # the next page starts after the last one shown
-        kept, after = kept[:_PAGE], kept[_PAGE - 1].id
+    """The key's own predictions (from the store's index of them, so a key's listing never
+    reads other keys'), newest first, `_PAGE` at a time."""
+    owner = None if sees_all(request) else client_name(request)
+    page, after = await ingress().store.page(cursor, _PAGE, owner)
     base = base_url(request)
-    return {"results": [p.to_json(base) for p in kept], "previous": None,
+    return {"results": [p.to_json(base) for p in page], "previous": None,
             "next": f"{base}/v1/predictions?cursor={after}" if after else None}

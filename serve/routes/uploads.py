@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from serve.context import base_url, ingress, multipart_form
+from serve.context import base_url, client_name, ingress, multipart_form, sees
 from serve.errors import AtelierError, InvalidField
 from serve.uploads import Upload
 
@@ -48,7 +48,8 @@ async def create_file(request: Request) -> JSONResponse:
                               )[:255]
         media = (str(form.get("type") or "") or _part_type(content)
                  or mimetypes.guess_type(name)[0] or _sniff(data))
-        upload = Upload.of(data, name, media, _metadata(form.get("metadata")))
+        upload = Upload.of(data, name, media, _metadata(form.get("metadata")),
+                           owner=client_name(request))
     state = ingress()
     await state.store.put_upload(upload, data)
     return JSONResponse(upload.to_json(base_url(request), state.router.config.file_ttl_s),
@@ -84,28 +85,32 @@ def _metadata(raw: object) -> dict:
 
 @router.get("/v1/files", summary="Replicate: list uploaded files, newest first")
 async def list_files(request: Request) -> dict:
+    """The key's own uploads (every one for a key with `sees_all_predictions`)."""
     state = ingress()
     ttl_s, base = state.router.config.file_ttl_s, base_url(request)
-    return {"results": [u.to_json(base, ttl_s) for u in await state.store.uploads()],
+    return {"results": [u.to_json(base, ttl_s) for u in await state.store.uploads()
+                        if sees(request, u.owner)],
             "next": None, "previous": None}
 
 
-async def _upload(upload_id: str) -> Upload:
+async def _upload(upload_id: str, request: Request) -> Upload:
+    """The upload, if the request's key may see it: another key's is a 404, as its
+    predictions are."""
     upload = await ingress().store.get_upload(upload_id)
-    if upload is None:
+    if upload is None or not sees(request, upload.owner):
         raise UploadNotFound(f"no file {upload_id!r} (uploads are kept file_ttl_s)")
     return upload
 
 
 @router.get("/v1/files/{upload_id}", summary="Replicate: get an uploaded file's details")
 async def get_file(upload_id: str, request: Request) -> dict:
-    upload = await _upload(upload_id)
+    upload = await _upload(upload_id, request)
     return upload.to_json(base_url(request), ingress().router.config.file_ttl_s)
 
 
 @router.get("/v1/files/{upload_id}/download", summary="Replicate: download an uploaded file")
-async def download_file(upload_id: str) -> Response:
-    upload = await _upload(upload_id)
+async def download_file(upload_id: str, request: Request) -> Response:
+    upload = await _upload(upload_id, request)
     data = await ingress().store.upload_data(upload_id)
     if data is None:  # expired between the two reads
         raise UploadNotFound(f"no file {upload_id!r} (uploads are kept file_ttl_s)")
@@ -116,7 +121,8 @@ async def download_file(upload_id: str) -> Response:
 
 @router.delete("/v1/files/{upload_id}", summary="Replicate: delete an uploaded file",
                status_code=204)
-async def delete_file(upload_id: str) -> Response:
+async def delete_file(upload_id: str, request: Request) -> Response:
+    await _upload(upload_id, request)
     if not await ingress().store.delete_upload(upload_id):
         raise UploadNotFound(f"no file {upload_id!r} (uploads are kept file_ttl_s)")
     return Response(status_code=204)

@@ -162,3 +162,40 @@ def test_each_key_sees_and_cancels_only_its_own_predictions(base_url):
     assert httpx.get(path, headers=ops).json()["id"] == made["id"]
     canceled = httpx.post(f"{path}/cancel", headers=mine).json()
     assert canceled["id"] == made["id"]
+
+
+def test_each_key_sees_and_deletes_only_its_own_uploads(base_url):
+    """Uploads belong to the key's name, as predictions do: another key's are a 404 (and
+    unlisted), an operator's key sees every one; the upload's URL names it as an input."""
+    import io
+
+    import replicate
+
+    from tests.integration.conftest import FAST, MODELS_KEY, OPS_KEY
+    from tests.pictures import png_bytes, scene
+
+    mine, theirs, ops = (replicate.Client(api_token=k, base_url=base_url)
+                         for k in (MODELS_KEY, API_KEY, OPS_KEY))
+    photo = png_bytes(scene())
+    made, other = (c.files.create(io.BytesIO(photo), filename=f"{n}.png")
+                   for c, n in ((mine, "mine"), (theirs, "theirs")))
+    listed = {n: [f.id for f in c.files.list()]
+              for n, c in (("mine", mine), ("theirs", theirs), ("ops", ops))}
+    assert made.id in listed["mine"] and other.id not in listed["mine"]
+    assert other.id in listed["theirs"] and made.id not in listed["theirs"]
+    assert {made.id, other.id} <= set(listed["ops"])
+    path = f"{base_url}/v1/files/{made.id}"
+    auth = {n: {"Authorization": f"Bearer {k}"} for n, k in (("theirs", API_KEY),
+                                                             ("ops", OPS_KEY))}
+    for suffix in ("", "/download"):
+        assert httpx.get(path + suffix, headers=auth["theirs"]).status_code == 404
+    assert httpx.delete(path, headers=auth["theirs"]).status_code == 404
+    assert mine.files.get(made.id).name == "mine.png"  # still there
+    assert httpx.get(f"{path}/download", headers=auth["ops"]).content == photo
+    r = httpx.post(f"{base_url}/v1/models/{FAST}/predictions", headers=auth["theirs"],
+                   json={"input": {"prompt": "x", "image": other.urls["get"],
+                                   "prompt_strength": 0, "output_format": "png"}},
+                   timeout=60)
+    assert r.status_code == 201, r.text
+    assert mine.files.delete(made.id) is True
+    assert httpx.get(path, headers=auth["ops"]).status_code == 404

@@ -1,5 +1,6 @@
 import asyncio
 import hashlib
+import time
 
 import pytest
 
@@ -184,3 +185,26 @@ def test_upload_ids_are_read_from_files_api_urls_only():
     assert upload_id(f"https://cdn.example/files/{uid}") is None
     assert upload_id(f"https://cdn.example/v1/files/{uid}/other") is None
     assert upload_id("http://[::1/v1/files/x") is None
+
+
+def test_a_key_pages_through_its_own_predictions_from_its_own_index(store):
+    now = time.time()
+    made = [Prediction(model="a/b", version="v", input={}, created=now + i / 1000,
+                       private={"client": owner})
+            for i, owner in enumerate(["team-a", "team-b", "team-a", "team-b", "team-a"])]
+
+    async def scenario():
+        for p in made:
+            await store.save(p)
+        first, cursor = await store.page(None, 2, "team-a")
+        rest, end = await store.page(cursor, 2, "team-a")
+        return (first, rest, end, await store.page(None, 10, "team-b"),
+                await store.page(None, 10), await store.page(None, 10, "team-c"))
+
+    first, rest, end, (theirs, _), (everyone, _), nobody = _run(scenario())
+    newest_first = list(reversed(made))
+    assert [p.id for p in first + rest] == [p.id for p in newest_first if p.owner == "team-a"]
+    assert len(first) == 2 and end is None
+    assert [p.id for p in theirs] == [p.id for p in newest_first if p.owner == "team-b"]
+    assert [p.id for p in everyone] == [p.id for p in newest_first]
+    assert nobody == ([], None)
