@@ -151,22 +151,33 @@ def test_events_queued_behind_a_slow_one_are_merged_into_the_newest(monkeypatch)
     assert seen == ["start", "output", "done", "after"]
 
 
+def _host(arrived: list, release: asyncio.Event | None = None):
+    """A loopback HTTP host's handler: notes each request in `arrived`, then answers 204
+    (once `release` is set, if given)."""
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        arrived.append(1)
+        if release is not None:
+            await release.wait()
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    return handle
+
+
+def _url(server: asyncio.Server) -> str:
+    return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+
+
 def test_the_outbound_client_reaches_more_held_calls_than_a_pool_cap_would_allow():
     """120 calls (webhooks, image fetches) to a host that holds each one: all of them reach
     it at once (httpx's default pool would keep the last 20 waiting for a connection)."""
     held, release = [], asyncio.Event()
 
-    async def hold(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        held.append(1)
-        await release.wait()
-        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
     async def run():
-        server = await asyncio.start_server(hold, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hook"
+        server = await asyncio.start_server(_host(held, release), "127.0.0.1", 0)
+        url = _url(server)
         async with server, outbound_client() as client:
             calls = [asyncio.create_task(client.post(url, content=b"{}", timeout=10))
                      for _ in range(120)]
@@ -185,25 +196,10 @@ def test_the_outbound_client_reaches_more_held_calls_than_a_pool_cap_would_allow
 def test_a_receiver_that_hangs_holds_its_own_share_of_connections_and_no_more():
     held, answered, release = [], [], asyncio.Event()
 
-    async def hanging(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        held.append(1)
-        await release.wait()
-        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    async def answering(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        answered.append(1)
-        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
     async def run():
-        slow = await asyncio.start_server(hanging, "127.0.0.1", 0)
-        fine = await asyncio.start_server(answering, "127.0.0.1", 0)
-        urls = [f"http://127.0.0.1:{s.sockets[0].getsockname()[1]}/hook" for s in (slow, fine)]
+        slow = await asyncio.start_server(_host(held, release), "127.0.0.1", 0)
+        fine = await asyncio.start_server(_host(answered), "127.0.0.1", 0)
+        urls = [_url(slow), _url(fine)]
         async with slow, fine, outbound_client() as client:
             for n in range(40):
                 WebhookSender(urls[0], EVENTS, client, new_secret()).send("start", {"n": n})
