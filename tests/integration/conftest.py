@@ -191,7 +191,9 @@ def signing_files(tmp_path_factory):
     return save_signing_files(tmp_path_factory.mktemp("signing"))
 
 
-@pytest.fixture(scope="session")
+# Package scope: the app and its Ray cluster stop once the integration tests are done, so
+# that their idle replicas do not take CPU from the tests run after them.
+@pytest.fixture(scope="package")
 def base_url(cache_dir, bad_adapters, made_adapters, named_adapters, metrics_port,
              safety_checker, signing_files, two_ip_adapters):
     import ray
