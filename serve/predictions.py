@@ -39,6 +39,12 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
+def owner_of(private: dict) -> str:
+    """The name of the API key that made a prediction, from its private state ("open" on a
+    server without keys)."""
+    return private.get("client") or "open"
+
+
 @dataclass
 class Prediction:
     model: str
@@ -64,8 +70,7 @@ class Prediction:
 
     @property
     def owner(self) -> str:
-        """The name of the API key that made it ("open" on a server without keys)."""
-        return self.private.get("client") or "open"
+        return owner_of(self.private)
 
     def finish(self, status: str, output: Any = None, error: str | None = None) -> None:
         self.status, self.output, self.error = status, output, error

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from serve.errors import StoreUnavailable
 from serve.files import FileStore, StoredFile, file_name
-from serve.predictions import Prediction
+from serve.predictions import Prediction, owner_of
 from serve.rate_limits import REDIS_TAKE, MemoryBuckets
 from serve.uploads import Upload
 
@@ -76,7 +76,7 @@ class MemoryStore:
     async def page(self, after: str | None, limit: int, owner: str | None = None,
                    ) -> tuple[list[Prediction], str | None]:
         ids = [i for i, state in reversed(self._predictions.items())
-               if owner in (None, state["private"].get("client") or "open")]
+               if owner in (None, owner_of(state["private"]))]
         start = ids.index(after) + 1 if after in ids else (0 if after is None else len(ids))
         page = [Prediction(**self._predictions[i]) for i in ids[start:start + limit]]
         return page, (page[-1].id if start + limit < len(ids) and page else None)

@@ -97,8 +97,10 @@ _RECEIVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _receiver_slots(client: httpx.AsyncClient, url: str) -> asyncio.Semaphore:
-    by_host = _RECEIVERS.setdefault(client, {})
-    return by_host.setdefault(httpx.URL(url).netloc, asyncio.Semaphore(PER_RECEIVER))
+    by_host, receiver = _RECEIVERS.setdefault(client, {}), httpx.URL(url).netloc
+    if receiver not in by_host:
+        by_host[receiver] = asyncio.Semaphore(PER_RECEIVER)
+    return by_host[receiver]
 
 
 class WebhookSender:
