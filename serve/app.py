@@ -22,7 +22,7 @@ from deployments.model import ModelDeployment
 from serve import gc_pauses
 from serve.access import install_access
 from serve.adapters import AdapterCatalog
-from serve.auth import configured_keys
+from serve.auth import configured_keys, webhook_secrets
 from serve.body_limit import install_body_limit
 from serve.config import AtelierConfig, ModelConfig, app_config
 from serve.context import ingress
@@ -51,7 +51,7 @@ from serve.state import MemoryStore, RedisStore
 from serve.store_health import StoreHealth, watch_store
 from serve.urls import outbound_client
 from serve.versions import upscaling_version, version_id
-from serve.webhooks import new_secret, webhook_secret_from_env
+from serve.webhooks import key_secret, new_secret, webhook_secret_from_env
 
 log = logging.getLogger("ray.serve.atelier.ingress")
 _DRAIN_MARGIN_S = 10
@@ -113,6 +113,7 @@ class Ingress:
             follow_replicas(self.router, self.deployment_names))
         self.started_at = int(time.time())
         self._webhook_secret = cfg.webhook_secret or webhook_secret_from_env()
+        self._key_secrets = webhook_secrets(self.api_keys)
         gc_pauses.settle()  # later collections scan only what serving makes
         gc_pauses.watch(gc_pause_histogram())
 
@@ -125,11 +126,16 @@ class Ingress:
             except Exception as exc:  # noqa: BLE001 (it is only a warm-up)
                 log.info("warming the path to %s failed: %s", model.id, type(exc).__name__)
 
-    async def webhook_secret(self) -> str:
-        """The configured signing secret, else the one kept in the store (made once)."""
+    async def webhook_secret(self, owner: str) -> str:
+        """The secret that signs the webhooks of the API key named `owner` ("open" on a
+        server without keys): the key's own, else one derived from the master secret (the
+        configured one, else the one kept in the store, made once)."""
+        if owner in self._key_secrets:
+            return self._key_secrets[owner]
         if self._webhook_secret is None:
             self._webhook_secret = await self.store.shared_secret("webhook", new_secret)
-        return self._webhook_secret
+        return self._webhook_secret if owner == "open" else \
+            key_secret(self._webhook_secret, owner)
 
     async def __del__(self):
         """Serve calls this when the replica stops (redeploy, scale-down), after its HTTP

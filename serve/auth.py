@@ -13,7 +13,9 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serve.webhooks import check_secret
 
 # Health checks and file links (whose random names are the capability) need no key.
 OPEN_PREFIXES = ("/healthz", "/files/")
@@ -47,6 +49,23 @@ class ApiKeyConfig(BaseModel):
         "The served models (ids or aliases) this key may use; others are answered as not "
         "served (404), are left out of model listings, and a request naming no model gets "
         "the first of these. Unset: every model."))
+    webhook_secret: str | None = Field(None, repr=False, description=(
+        "The secret that signs this key's webhooks (whsec_ + base64 of 24-64 bytes), which "
+        "GET /v1/webhooks/default/secret gives it. Unset: one derived from the server's "
+        "webhook_secret and the key's name, so that no key can sign another's webhooks."))
+
+    @field_validator("name")
+    @classmethod
+    def _not_open(cls, value: str | None) -> str | None:
+        if value == "open":  # a request without a key is known as "open", which sees all
+            raise ValueError("'open' names the requests of a server without keys; choose "
+                             "another name")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _signing_secret(cls, value: str | None) -> str | None:
+        return value if value is None else check_secret(value)
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,7 @@ class ApiKey:
     models: frozenset[str] | None = None  # the ids and aliases it may use; None: all
     priority: int = 0
     sees_all_predictions: bool = False
+    webhook_secret: str | None = field(default=None, repr=False)
 
     def may_use(self, names: Iterable[str]) -> bool:
         """Whether the key may use the model of these names (its id and aliases)."""
@@ -72,8 +92,20 @@ def configured_keys(config_keys: Iterable[str | ApiKeyConfig]) -> tuple[ApiKey, 
             for k in [*config_keys, *(k for k in env if k)]]
     return tuple(ApiKey(k.key.encode(), k.name or _default_name(k.key), k.requests_per_minute,
                         k.images_per_minute, None if k.models is None else frozenset(k.models),
-                        k.priority, k.sees_all_predictions)
+                        k.priority, k.sees_all_predictions, k.webhook_secret)
                  for k in keys)
+
+
+def webhook_secrets(keys: Iterable[ApiKey]) -> dict[str, str]:
+    """The webhook secrets the keys set, by key name; ValueError where keys sharing a name
+    (and so their predictions) set different ones."""
+    found: dict[str, str] = {}
+    for key in keys:
+        if key.webhook_secret and found.setdefault(key.name, key.webhook_secret) != \
+                key.webhook_secret:
+            raise ValueError(f"api_keys: the keys named {key.name!r} set different "
+                             "webhook_secret values, but share their predictions")
+    return found
 
 
 def _default_name(key: str) -> str:

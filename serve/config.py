@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from serve.auth import ApiKeyConfig
+from serve.auth import ApiKeyConfig, configured_keys, webhook_secrets
 from serve.folders import check_model_files
 from serve.model_config import ModelConfig
 from serve.model_extras import ContentCredentialsConfig, RefinerConfig
@@ -85,7 +85,9 @@ class AtelierConfig(_Strict):
     webhook_secret: str | None = Field(None, repr=False, description=(
         "Secret that signs webhooks (whsec_ + base64 of 24-64 bytes), also settable as "
         "ATELIER_WEBHOOK_SECRET. Unset: one is made and kept in the store (Redis: shared "
-        "and kept; memory: until the ingress restarts). GET /v1/webhooks/default/secret."))
+        "and kept; memory: until the ingress restarts). With API keys, each key's secret is "
+        "derived from it and its name (unless the key sets webhook_secret). "
+        "GET /v1/webhooks/default/secret."))
     image_allowed_hosts: list[str] = Field(default_factory=list, description=(
         "Hosts (or host:port) that input images may be fetched from when a request gives "
         "an http(s) URL; none by default (send data URIs or base64)."))
@@ -144,6 +146,11 @@ class AtelierConfig(_Strict):
                 raise ValueError(f"api key {key.name or '(unnamed)'}: images_per_minute {rate} "
                                  f"is below the {most} images one request may ask for "
                                  "(limits.max_outputs), which it could then never send")
+        return self
+
+    @model_validator(mode="after")
+    def _one_webhook_secret_per_key_name(self) -> AtelierConfig:
+        webhook_secrets(configured_keys(self.api_keys))
         return self
 
     @model_validator(mode="after")

@@ -42,7 +42,7 @@ class IngressState(Protocol):
     metrics: IngressMetrics
     prepared: dict[str, GenerationRequest]  # accepted predictions' requests, until they run
 
-    async def webhook_secret(self) -> str: ...
+    async def webhook_secret(self, owner: str) -> str: ...
 
 
 def ingress() -> IngressState:

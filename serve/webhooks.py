@@ -63,6 +63,15 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
+def key_secret(master: str, owner: str) -> str:
+    """The signing secret of the API key named `owner`, derived from the master secret
+    (HMAC-SHA256 of the name): each key signs only its own predictions' webhooks, and one
+    key's secret tells nothing of the master or of another key's."""
+    key = base64.b64decode(master.removeprefix(SECRET_PREFIX))
+    derived = hmac.new(key, b"atelier webhook secret of " + owner.encode(), sha256).digest()
+    return SECRET_PREFIX + base64.b64encode(derived).decode()
+
+
 def signed_headers(secret: str, message_id: str, body: bytes, timestamp: int) -> dict:
     """The headers that let the receiver check `body` came from this server."""
     key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))

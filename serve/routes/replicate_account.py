@@ -21,7 +21,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from serve.config import ModelConfig
-from serve.context import IngressState, ingress, model_for, usable_models
+from serve.context import IngressState, client_name, ingress, model_for, usable_models
 from serve.hardware import cluster_hardware, sku
 from serve.routes.replicate import create_for_model, served_name
 from serve.routes.replicate_body import PredictionBody
@@ -65,9 +65,14 @@ async def create_deployment_prediction(owner: str, name: str, body: PredictionBo
 
 
 @router.get("/v1/account", summary="Replicate: the account the API key belongs to")
-async def get_account() -> dict:
-    return {"type": "organization", "username": "atelier", "name": "Atelier",
-            "github_url": None}
+async def get_account(request: Request) -> dict:
+    """The key's name as the account (what owns its predictions and uploads); "atelier"
+    on a server without keys."""
+    name = client_name(request)
+    if name == "open":
+        return {"type": "organization", "username": "atelier", "name": "Atelier",
+                "github_url": None}
+    return {"type": "organization", "username": name, "name": name, "github_url": None}
 
 
 @router.get("/v1/hardware", summary="Replicate: the cluster's hardware")
@@ -78,5 +83,6 @@ async def list_hardware() -> list[dict]:
 
 
 @router.get("/v1/webhooks/default/secret", summary="Replicate: the webhook signing secret")
-async def get_webhook_secret() -> dict:
-    return {"key": await ingress().webhook_secret()}
+async def get_webhook_secret(request: Request) -> dict:
+    """The secret that signs the webhooks of the request's API key."""
+    return {"key": await ingress().webhook_secret(client_name(request))}

@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from serve.context import IngressState
 from serve.controls import load_controls, load_extra_image_prompts, load_image_prompt
 from serve.errors import AtelierError, InvalidField, Overloaded, ReplicaLost, StoreUnavailable
-from serve.predictions import Prediction, now_iso
+from serve.predictions import Prediction, now_iso, owner_of
 from serve.routes.replicate_schemas import (
     ReplicateInput,
     input_class,
@@ -65,8 +65,9 @@ async def _prepare_and_run(state: IngressState, p: Prediction) -> None:
         return
     webhook = None
     if private.get("webhook"):
+        secret = await state.webhook_secret(owner_of(private))
         webhook = WebhookSender(private["webhook"], tuple(private["events"]),
-                                state.http_client, await state.webhook_secret())
+                                state.http_client, secret)
     deadline_s = None
     if private.get("cancel_at") is not None:
         deadline_s = max(0.0, private["cancel_at"] - time.time())

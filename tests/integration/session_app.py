@@ -29,6 +29,7 @@ from tests.integration.conftest import (
     STUDIO,
     TWO_REPLICAS,
     URGENT_KEY,
+    URGENT_SECRET,
     _model,
 )
 
@@ -53,7 +54,8 @@ def _api_keys() -> list:
             {"key": MODELS_KEY, "name": "team-c", "priority": 5,
              "models": ["black-forest-labs/flux-dev", BATCHED]},
             {"key": OPS_KEY, "name": "ops", "sees_all_predictions": True},
-            {"key": URGENT_KEY, "name": "team-d", "priority": 9}]
+            {"key": URGENT_KEY, "name": "team-d", "priority": 9,
+             "webhook_secret": URGENT_SECRET}]
 
 
 def _sdxl_models(safety_checker, two_ip_adapters) -> list:

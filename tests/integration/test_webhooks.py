@@ -8,7 +8,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tests.integration.conftest import AUTH, BATCHED, FAST
+from tests.integration.conftest import (
+    AUTH,
+    BATCHED,
+    FAST,
+    OPS_KEY,
+    URGENT_KEY,
+    URGENT_SECRET,
+)
 
 
 class Receiver:
@@ -156,3 +163,22 @@ def test_webhooks_are_signed_as_replicate_signs_them(base_url, rep):
     with pytest.raises(InvalidSignatureError):
         rep.webhooks.validate(headers=headers, body=raw.decode().replace("succeeded", "failed"),
                               secret=secret)
+
+
+def test_each_key_signs_its_own_webhooks_with_a_secret_of_its_own(base_url, rep, receiver):
+    import replicate
+    from replicate.webhook import InvalidSignatureError
+
+    ops, team_d = (replicate.Client(api_token=k, base_url=base_url) for k in (OPS_KEY, URGENT_KEY))
+    secrets = [c.webhooks.default.secret() for c in (rep, ops, team_d)]
+    assert len({s.key for s in secrets}) == 3 and secrets[2].key == URGENT_SECRET
+    assert [c.accounts.current().username for c in (ops, team_d)] == ["ops", "team-d"]
+    _create(base_url, headers={"Authorization": f"Bearer {OPS_KEY}"}, webhook=receiver.url,
+            webhook_events_filter=["completed"])
+    receiver.wait_for("succeeded")
+    (headers, raw), = receiver.raw
+    assert ops.webhooks.validate(headers=headers, body=raw.decode(), secret=secrets[1],
+                                 tolerance=60) is None
+    for other in (secrets[0], secrets[2]):  # no other key's receiver would take it
+        with pytest.raises(InvalidSignatureError):
+            ops.webhooks.validate(headers=headers, body=raw.decode(), secret=other)
