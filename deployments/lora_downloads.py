@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,8 +30,8 @@ from serve.urls import host_allowed
 log = logging.getLogger("ray.serve.atelier.adapters")
 
 _MAX_REDIRECTS = 5
-_TIMEOUT = httpx.Timeout(30, connect=10)
-_CHUNK = 1 << 20
+_TIMEOUT = httpx.Timeout(30, connect=10)  # per connection and per read
+_DOWNLOAD_TOTAL_S = 600  # the whole download: a host trickling bytes holds a thread no longer
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,15 @@ def download_file(url: str, dest: Path, allowed_hosts: tuple[str, ...],
     file first (`deployments.lora_sources`, which also says which token goes where).
 
     Raises AdapterInvalid when the host is not allowed, the server does not answer 200,
-    or the file is over `max_bytes`.
+    the file is over `max_bytes`, or the download takes over _DOWNLOAD_TOTAL_S.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, part = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}.", suffix=".part")
+    deadline = time.monotonic() + _DOWNLOAD_TOTAL_S
     try:
         with os.fdopen(fd, "wb") as out, httpx.Client(timeout=_TIMEOUT) as client:
             url = file_url(client, url, allowed_hosts)
-            _stream_to(client, url, out, allowed_hosts, max_bytes)
+            _stream_to(client, url, out, allowed_hosts, max_bytes, deadline)
         os.replace(part, dest)
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise AdapterInvalid(f"could not download the LoRA at {url}: "
@@ -68,7 +70,7 @@ def download_file(url: str, dest: Path, allowed_hosts: tuple[str, ...],
 
 
 def _stream_to(client: httpx.Client, url: str, out, allowed_hosts: tuple[str, ...],
-               max_bytes: int) -> None:
+               max_bytes: int, deadline: float) -> None:
     for _ in range(_MAX_REDIRECTS + 1):
         if not host_allowed(url, allowed_hosts):
             raise AdapterInvalid(f"the LoRA URL leads to {url}, whose host is not in this "
@@ -82,11 +84,14 @@ def _stream_to(client: httpx.Client, url: str, out, allowed_hosts: tuple[str, ..
                                      f"{response.status_code}")
             size = int(response.headers.get("content-length") or 0)
             written = 0
-            for chunk in response.iter_bytes(_CHUNK):
+            for chunk in response.iter_bytes():  # each read as it comes
                 written += len(chunk)
                 if max(size, written) > max_bytes:
                     raise AdapterInvalid(f"the LoRA at {url} is over lora_download_max_mb "
                                          f"({max_bytes // 2**20} MB)")
+                if time.monotonic() > deadline:
+                    raise AdapterInvalid(f"downloading the LoRA at {url} took over "
+                                         f"{_DOWNLOAD_TOTAL_S}s ({written} bytes came)")
                 out.write(chunk)
             return
     raise AdapterInvalid(f"the LoRA URL redirects more than {_MAX_REDIRECTS} times")

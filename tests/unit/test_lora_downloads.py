@@ -2,11 +2,13 @@
 
 import asyncio
 import json
+import time
 
 import pytest
 import torch
 from safetensors.torch import save, save_file
 
+import deployments.lora_downloads
 from deployments.lora_downloads import AdapterDownloads, DownloadSettings, download_file
 from serve.adapters import AdapterInvalid
 from tests.conftest import FileServer
@@ -92,6 +94,36 @@ def test_a_host_that_cannot_be_reached_is_an_invalid_adapter(tmp_path):
 
 def _run_in_thread(fn, *args):
     return asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+def test_a_host_that_trickles_the_file_is_cut_off_and_leaves_no_file(tmp_path, monkeypatch):
+    """Every read comes within the per-read time-out; the whole download has its own."""
+    monkeypatch.setattr(deployments.lora_downloads, "_DOWNLOAD_TOTAL_S", 1)
+    sent = []
+
+    async def trickle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(LORA))
+        for byte in LORA[:40]:
+            writer.write(bytes([byte]))
+            sent.append(time.monotonic())
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        writer.close()
+
+    async def download():
+        server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/slow.safetensors"
+        async with server:
+            with pytest.raises(AdapterInvalid) as refused:
+                await asyncio.to_thread(download_file, url, tmp_path / "slow.safetensors",
+                                        ALLOWED, 2**20)
+            return refused.value, time.monotonic()
+
+    refused, ended = asyncio.run(download())
+    assert "took over 1s" in str(refused) and "slow.safetensors" in str(refused)
+    assert 5 <= len(sent) < 40 and ended - sent[0] < 3  # cut off midway, not at the end
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_concurrent_requests_share_one_download_and_later_ones_use_the_file(server, tmp_path):
