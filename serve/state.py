@@ -77,9 +77,9 @@ class MemoryStore:
                    ) -> tuple[list[Prediction], str | None]:
         ids = [i for i, state in reversed(self._predictions.items())
                if owner in (None, owner_of(state["private"]))]
-        start = ids.index(after) + 1 if after in ids else (0 if after is None else len(ids))
-        page = [Prediction(**self._predictions[i]) for i in ids[start:start + limit]]
-        return page, (page[-1].id if start + limit < len(ids) and page else None)
+        shown, more = _page_of(ids, after, limit)
+        page = [Prediction(**self._predictions[i]) for i in shown]
+        return page, (page[-1].id if more and page else None)
 
     async def put_file(self, data: bytes, media_type: str) -> str:
         return self._files.put(data, media_type)
@@ -102,13 +102,18 @@ class MemoryStore:
             self._uploads.pop(upload_id, None)
         return stored.data if stored else None
 
-    async def uploads(self) -> list[Upload]:
-        found = [await self.get_upload(i) for i in list(self._uploads)]
-        return sorted((u for u in found if u), key=lambda u: -u.created)
+    async def upload_page(self, after: str | None, limit: int, owner: str | None = None,
+                          ) -> tuple[list[Upload], str | None]:
+        kept = [u for u in [await self.get_upload(i) for i in list(self._uploads)] if u]
+        ids = [u.id for u in sorted(kept, key=lambda u: -u.created)
+               if owner in (None, u.owner)]
+        shown, more = _page_of(ids, after, limit)
+        page = [self._uploads[i] for i in shown]
+        return page, (page[-1].id if more and page else None)
 
-    async def delete_upload(self, upload_id: str) -> bool:
-        self._uploads.pop(upload_id, None)
-        return self._upload_data.delete(upload_id)
+    async def delete_upload(self, upload: Upload) -> bool:
+        self._uploads.pop(upload.id, None)
+        return self._upload_data.delete(upload.id)
 
     async def shared_secret(self, name: str, make: Callable[[], str]) -> str:
         return self._secrets.setdefault(name, make())
@@ -154,12 +159,19 @@ class MemoryStore:
                 self._leases.pop(pid, None)
 
 
+def _page_of(ids: list[str], after: str | None, limit: int) -> tuple[list[str], bool]:
+    """The `limit` ids after `after` (from the first when None; none when it is not
+    listed), and whether more follow."""
+    start = ids.index(after) + 1 if after in ids else (0 if after is None else len(ids))
+    return ids[start:start + limit], start + limit < len(ids)
+
+
 REDIS_TIMEOUT_S = 5.0
 
 
-def _owned(owner: str) -> str:
-    """The index of one API key name's predictions."""
-    return f"{_PREFIX}preds:by:{owner}"
+def _owned(owner: str, kind: str = "preds") -> str:
+    """The index of one API key name's predictions (or `uploads`)."""
+    return f"{_PREFIX}{kind}:by:{owner}"
 
 
 @_answering
@@ -167,7 +179,8 @@ class RedisStore:
     """Keys: atelier:pred:<id> (JSON), atelier:preds (ids by creation time) and
     atelier:preds:by:<key name> (one key's),
     atelier:file:<name> (hash of data and type), atelier:upload:<id> (hash of data and the
-    upload's record), atelier:uploads (upload ids by creation time), atelier:cancel:<id>,
+    upload's record), atelier:uploads (upload ids by creation time) and
+    atelier:uploads:by:<key name> (one key's), atelier:cancel:<id>,
     atelier:lease:<id> (the owning replica); all with TTLs. atelier:running is the set of
     unfinished ids; atelier:secret:<name> (the webhook signing secret) has no TTL;
     atelier:rate:<bucket> is an API key's token bucket (`serve.rate_limits`)."""
@@ -204,15 +217,23 @@ class RedisStore:
 
     async def page(self, after: str | None, limit: int, owner: str | None = None,
                    ) -> tuple[list[Prediction], str | None]:
-        index, start = f"{_PREFIX}preds" if owner is None else _owned(owner), 0
+        index = f"{_PREFIX}preds" if owner is None else _owned(owner)
+        ids, more = await self._page_ids(index, after, limit)
+        page = [p for p in [await self.load(i) for i in ids] if p]
+        return page, (page[-1].id if more and page else None)
+
+    async def _page_ids(self, index: str, after: str | None, limit: int,
+                        ) -> tuple[list[str], bool]:
+        """The `limit` ids of the sorted set `index`, newest first, after `after` (from
+        the newest when None; none when it is not listed), and whether more follow."""
+        start = 0
         if after is not None:
             rank = await self._redis.zrevrank(index, after)
             start = rank + 1 if rank is not None else -1
         if start < 0:
-            return [], None
+            return [], False
         ids = await self._redis.zrevrange(index, start, start + limit)
-        page = [p for p in [await self.load(i.decode()) for i in ids[:limit]] if p]
-        return page, (page[-1].id if len(ids) > limit and page else None)
+        return [i.decode() for i in ids[:limit]], len(ids) > limit
 
     async def put_file(self, data: bytes, media_type: str) -> str:
         name = file_name(media_type)
@@ -234,8 +255,10 @@ class RedisStore:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={"data": data, "info": json.dumps(upload.to_state())})
             pipe.expire(key, self._ttl)
-            pipe.zadd(f"{_PREFIX}uploads", {upload.id: upload.created})
-            pipe.zremrangebyscore(f"{_PREFIX}uploads", "-inf", time.time() - self._ttl)
+            for index in (f"{_PREFIX}uploads", _owned(upload.owner, "uploads")):
+                pipe.zadd(index, {upload.id: upload.created})
+                pipe.zremrangebyscore(index, "-inf", time.time() - self._ttl)
+                pipe.expire(index, self._ttl)
             await pipe.execute()
 
     async def get_upload(self, upload_id: str) -> Upload | None:
@@ -245,14 +268,19 @@ class RedisStore:
     async def upload_data(self, upload_id: str) -> bytes | None:
         return await self._redis.hget(f"{_PREFIX}upload:{upload_id}", "data")
 
-    async def uploads(self) -> list[Upload]:
-        ids = await self._redis.zrevrange(f"{_PREFIX}uploads", 0, -1)
-        found = [await self.get_upload(i.decode()) for i in ids]
-        return [u for u in found if u]
+    async def upload_page(self, after: str | None, limit: int, owner: str | None = None,
+                          ) -> tuple[list[Upload], str | None]:
+        index = f"{_PREFIX}uploads" if owner is None else _owned(owner, "uploads")
+        ids, more = await self._page_ids(index, after, limit)
+        page = [u for u in [await self.get_upload(i) for i in ids] if u]
+        return page, (page[-1].id if more and page else None)
 
-    async def delete_upload(self, upload_id: str) -> bool:
-        await self._redis.zrem(f"{_PREFIX}uploads", upload_id)
-        return bool(await self._redis.delete(f"{_PREFIX}upload:{upload_id}"))
+    async def delete_upload(self, upload: Upload) -> bool:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(f"{_PREFIX}uploads", upload.id)
+            pipe.zrem(_owned(upload.owner, "uploads"), upload.id)
+            pipe.delete(f"{_PREFIX}upload:{upload.id}")
+            return bool((await pipe.execute())[-1])
 
     async def take_token(self, bucket: str, limit: int, cost: int = 1) -> tuple[bool, float]:
         allowed, tokens = await self._take(keys=[f"{_PREFIX}rate:{bucket}"],

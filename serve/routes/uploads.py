@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from serve.context import base_url, client_name, ingress, multipart_form, sees
+from serve.context import base_url, client_name, ingress, multipart_form, sees, sees_all
 from serve.errors import AtelierError, InvalidField
 from serve.uploads import Upload
 
@@ -83,14 +83,19 @@ def _metadata(raw: object) -> dict:
     return value
 
 
+_PAGE = 100
+
+
 @router.get("/v1/files", summary="Replicate: list uploaded files, newest first")
-async def list_files(request: Request) -> dict:
-    """The key's own uploads (every one for a key with `sees_all_predictions`)."""
+async def list_files(request: Request, cursor: str | None = None) -> dict:
+    """The key's own uploads (every one for a key with `sees_all_predictions`), from the
+    store's index of them, newest first, `_PAGE` at a time."""
     state = ingress()
     ttl_s, base = state.router.config.file_ttl_s, base_url(request)
-    return {"results": [u.to_json(base, ttl_s) for u in await state.store.uploads()
-                        if sees(request, u.owner)],
-            "next": None, "previous": None}
+    owner = None if sees_all(request) else client_name(request)
+    page, after = await state.store.upload_page(cursor, _PAGE, owner)
+    return {"results": [u.to_json(base, ttl_s) for u in page], "previous": None,
+            "next": f"{base}/v1/files?cursor={after}" if after else None}
 
 
 async def _upload(upload_id: str, request: Request) -> Upload:
@@ -122,7 +127,7 @@ async def download_file(upload_id: str, request: Request) -> Response:
 @router.delete("/v1/files/{upload_id}", summary="Replicate: delete an uploaded file",
                status_code=204)
 async def delete_file(upload_id: str, request: Request) -> Response:
-    await _upload(upload_id, request)
-    if not await ingress().store.delete_upload(upload_id):
+    upload = await _upload(upload_id, request)
+    if not await ingress().store.delete_upload(upload):
         raise UploadNotFound(f"no file {upload_id!r} (uploads are kept file_ttl_s)")
     return Response(status_code=204)

@@ -199,3 +199,20 @@ def test_each_key_sees_and_deletes_only_its_own_uploads(base_url):
     assert r.status_code == 201, r.text
     assert mine.files.delete(made.id) is True
     assert httpx.get(path, headers=auth["ops"]).status_code == 404
+
+
+def test_a_keys_file_listing_reads_its_own_uploads_a_page_at_a_time(base_url):
+    from tests.integration.conftest import URGENT_KEY
+
+    auth = {"Authorization": f"Bearer {URGENT_KEY}"}
+    made = [httpx.post(f"{base_url}/v1/files", headers=auth,
+                       files={"content": (f"{i}.txt", f"note {i}".encode(), "text/plain")}
+                       ).json()["id"] for i in range(101)]
+    first = httpx.get(f"{base_url}/v1/files", headers=auth).json()
+    assert [f["id"] for f in first["results"]] == made[:0:-1]  # newest first, 100 a page
+    assert first["next"] == f"{base_url}/v1/files?cursor={made[1]}"
+    rest = httpx.get(first["next"], headers=auth).json()
+    assert [f["id"] for f in rest["results"]] == [made[0]] and rest["next"] is None
+    for upload_id in made:
+        assert httpx.delete(f"{base_url}/v1/files/{upload_id}", headers=auth).status_code == 204
+    assert httpx.get(f"{base_url}/v1/files", headers=auth).json()["results"] == []

@@ -152,12 +152,12 @@ def test_uploads_are_kept_listed_newest_first_and_deleted(store):
         second = Upload(**{**second.to_state(), "created": first.created + 1})
         await store.put_upload(first, b"\x89PNG first")
         await store.put_upload(second, b"second")
-        listed = [u.id for u in await store.uploads()]
+        listed = [u.id for u in (await store.upload_page(None, 10))[0]]
         got, data = await store.get_upload(first.id), await store.upload_data(first.id)
-        deleted, again = await store.delete_upload(first.id), await store.delete_upload(first.id)
+        deleted, again = await store.delete_upload(first), await store.delete_upload(first)
         return (first, second, listed, got, data, deleted, again,
                 await store.get_upload(first.id), await store.upload_data(first.id),
-                [u.id for u in await store.uploads()])
+                [u.id for u in (await store.upload_page(None, 10, "open"))[0]])
 
     first, second, listed, got, data, deleted, again, gone, no_data, left = _run(scenario())
     assert listed == [second.id, first.id]
@@ -174,7 +174,7 @@ def test_uploads_expire_with_their_data():
     _run(store.put_upload(b, b"abcdef"))  # over the 10-byte budget: the oldest goes
     assert list(store._uploads) == [b.id]  # its record with it
     assert _run(store.get_upload(a.id)) is None and _run(store.upload_data(a.id)) is None
-    assert [u.id for u in _run(store.uploads())] == [b.id]
+    assert [u.id for u in _run(store.upload_page(None, 10))[0]] == [b.id]
     assert list(store._uploads) == [b.id]  # no record is kept of what is gone
 
 
@@ -208,3 +208,27 @@ def test_a_key_pages_through_its_own_predictions_from_its_own_index(store):
     assert [p.id for p in theirs] == [p.id for p in newest_first if p.owner == "team-b"]
     assert [p.id for p in everyone] == [p.id for p in newest_first]
     assert nobody == ([], None)
+
+
+def test_a_key_pages_through_its_own_uploads_from_its_own_index(store):
+    now = time.time()
+    made = [Upload(**{**Upload.of(b"x", f"{i}.png", "image/png", {}, owner).to_state(),
+                      "created": now + i / 1000})
+            for i, owner in enumerate(["team-a", "team-b", "team-a", "team-b", "team-a"])]
+
+    async def scenario():
+        for u in made:
+            await store.put_upload(u, b"x")
+        first, cursor = await store.upload_page(None, 2, "team-a")
+        rest, end = await store.upload_page(cursor, 2, "team-a")
+        await store.delete_upload(made[3])
+        return (first, rest, end, await store.upload_page(None, 1, "team-b"),
+                await store.upload_page(None, 3), await store.upload_page(None, 10, "team-c"))
+
+    first, rest, end, (theirs, _), (everyone, more), nobody = _run(scenario())
+    assert [u.id for u in first + rest] == [made[4].id, made[2].id, made[0].id]
+    assert len(first) == 2 and end is None
+    # The newer was deleted, from both indices: a page of one shows the older.
+    assert [u.id for u in theirs] == [made[1].id]
+    assert [u.id for u in everyone] == [made[4].id, made[2].id, made[1].id]
+    assert more == made[1].id and nobody == ([], None)
