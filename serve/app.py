@@ -32,6 +32,7 @@ from serve.http_errors import install_error_handlers
 from serve.images import ImageFetcher
 from serve.metrics import IngressMetrics, gc_pause_histogram
 from serve.predictions import PredictionRunner
+from serve.redis_state import RedisStore
 from serve.replicas import follow_replicas
 from serve.router import ModelRouter
 from serve.routes import (
@@ -47,7 +48,7 @@ from serve.routes import (
     uploads,
 )
 from serve.routes.replicate_runs import run_prediction
-from serve.state import MemoryStore, RedisStore
+from serve.state import MemoryStore
 from serve.store_health import StoreHealth, watch_store
 from serve.urls import outbound_client
 from serve.versions import upscaling_version, version_id

@@ -6,7 +6,7 @@ import pytest
 
 from serve.auth import ApiKeyConfig, configured_keys, matching_key
 from serve.rate_limits import Draw, MemoryBuckets, bucket_id, counted
-from serve.state import RedisStore
+from serve.redis_state import RedisStore
 
 
 @pytest.mark.parametrize("method, path, takes", [

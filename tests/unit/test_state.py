@@ -5,7 +5,8 @@ import time
 import pytest
 
 from serve.predictions import Prediction, PredictionRunner
-from serve.state import MemoryStore, RedisStore
+from serve.redis_state import RedisStore
+from serve.state import MemoryStore
 from serve.uploads import Upload, upload_id
 
 

@@ -6,7 +6,8 @@ import os
 import signal
 import time
 
-from serve.state import REDIS_TIMEOUT_S, MemoryStore, RedisStore
+from serve.redis_state import REDIS_TIMEOUT_S, RedisStore
+from serve.state import MemoryStore
 from serve.store_health import StoreHealth, ask, watch_store
 from tests.conftest import free_port, start_redis
 
