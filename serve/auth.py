@@ -49,6 +49,10 @@ class ApiKeyConfig(BaseModel):
         "The served models (ids or aliases) this key may use; others are answered as not "
         "served (404), are left out of model listings, and a request naming no model gets "
         "the first of these. Unset: every model."))
+    max_unfinished_predictions: int | None = Field(None, ge=1, description=(
+        "Predictions of this key one ingress replica runs at once (accepted, not yet "
+        "finished); past it a create is refused with 429 and Retry-After, so that one "
+        "key's backlog leaves room for others'. Unset: only the server's bound."))
     webhook_secret: str | None = Field(None, repr=False, description=(
         "The secret that signs this key's webhooks (whsec_ + base64 of 24-64 bytes), which "
         "GET /v1/webhooks/default/secret gives it. Unset: one derived from the server's "
@@ -78,6 +82,7 @@ class ApiKey:
     priority: int = 0
     sees_all_predictions: bool = False
     webhook_secret: str | None = field(default=None, repr=False)
+    max_unfinished_predictions: int | None = None
 
     def may_use(self, names: Iterable[str]) -> bool:
         """Whether the key may use the model of these names (its id and aliases)."""
@@ -92,7 +97,8 @@ def configured_keys(config_keys: Iterable[str | ApiKeyConfig]) -> tuple[ApiKey, 
             for k in [*config_keys, *(k for k in env if k)]]
     return tuple(ApiKey(k.key.encode(), k.name or _default_name(k.key), k.requests_per_minute,
                         k.images_per_minute, None if k.models is None else frozenset(k.models),
-                        k.priority, k.sees_all_predictions, k.webhook_secret)
+                        k.priority, k.sees_all_predictions, k.webhook_secret,
+                        k.max_unfinished_predictions)
                  for k in keys)
 
 

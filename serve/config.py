@@ -96,6 +96,10 @@ class AtelierConfig(_Strict):
         "ingress replica; default: in the ingress replica's memory."))
     file_ttl_s: float = Field(3600, gt=0, description=(
         "How long predictions and generated files are kept."))
+    max_unfinished_predictions: int = Field(1000, ge=1, description=(
+        "Predictions one ingress replica runs at once, from acceptance to their end "
+        "(waiting for a GPU or generating); past it a create is refused with 503 and "
+        "Retry-After. A key's own max_unfinished_predictions bounds its share (429)."))
     prediction_retry_s: float = Field(600, ge=0, description=(
         "How long an accepted prediction keeps retrying, with back-off, while its model is "
         "full or the replica running it was lost (then it fails)."))

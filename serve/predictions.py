@@ -19,13 +19,15 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from serve.errors import StoreUnavailable
+from serve.errors import Overloaded, StoreUnavailable
 from serve.files import StoredFile
+from serve.rate_limits import RateLimited
 from serve.uploads import Upload
 
 TERMINAL = ("succeeded", "failed", "canceled", "aborted")
@@ -126,6 +128,26 @@ class StateStore(Protocol):
 
 
 Run = Callable[[Prediction], Awaitable[None]]
+ROOM_RETRY_S = 5  # Retry-After when there is no room for another unfinished prediction
+
+
+class PredictionsFull(Overloaded):
+    """The ingress replica runs `max_unfinished_predictions` already: retry later."""
+
+    retry_after_s = ROOM_RETRY_S
+
+
+def check_room(runner: PredictionRunner, owner: str, key_max: int | None, most: int) -> None:
+    """Refuse another prediction where the key named `owner` has `key_max` unfinished on
+    this replica (429) or the replica runs `most` (503), both with Retry-After: each
+    unfinished prediction is a task here that keeps its input and polls the store."""
+    if key_max is not None and runner.running(owner) >= key_max:
+        raise RateLimited(f"{owner} has {key_max} unfinished predictions here, its "
+                          "max_unfinished_predictions; send more as they finish",
+                          ROOM_RETRY_S)
+    if runner.running() >= most:
+        raise PredictionsFull(f"this server runs {most} unfinished predictions already "
+                              "(max_unfinished_predictions); retry later")
 
 
 class PredictionRunner:
@@ -136,7 +158,12 @@ class PredictionRunner:
     def __init__(self, store: StateStore, owner: str, run: Run, lease_s: float = LEASE_S):
         self.store, self.owner, self._run, self.lease_s = store, owner, run, lease_s
         self._tasks: dict[str, asyncio.Task] = {}
+        self._owners: Counter[str] = Counter()  # unfinished predictions here, by key name
         self.handing_over = False
+
+    def running(self, owner: str | None = None) -> int:
+        """The unfinished predictions this replica runs (of the key named `owner`)."""
+        return len(self._tasks) if owner is None else self._owners[owner]
 
     async def start(self, prediction: Prediction) -> None:
         """Store a new prediction and run it here."""
@@ -147,7 +174,16 @@ class PredictionRunner:
     def _spawn(self, prediction: Prediction) -> None:
         task = asyncio.get_running_loop().create_task(self._run(prediction))
         self._tasks[prediction.id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(prediction.id, None))
+        owner = prediction.owner
+        self._owners[owner] += 1
+
+        def ended(_: asyncio.Task) -> None:
+            self._tasks.pop(prediction.id, None)
+            self._owners[owner] -= 1
+            if not self._owners[owner]:
+                del self._owners[owner]
+
+        task.add_done_callback(ended)
 
     async def keep(self) -> None:
         """Forever: renew this replica's leases and adopt predictions nobody holds."""

@@ -38,7 +38,7 @@ from serve.context import (
 )
 from serve.errors import AtelierError, InvalidField, ModelNotFound
 from serve.prediction_events import prediction_events
-from serve.predictions import Prediction
+from serve.predictions import Prediction, check_room
 from serve.routes.replicate_body import PredictionBody, duration_s, wait_seconds
 from serve.routes.replicate_runs import to_request
 from serve.routes.replicate_schemas import input_schema, parse_input, single_output
@@ -165,6 +165,9 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
     if body.webhook:
         check_webhook(body.webhook, state.router.config.webhook_allowed_hosts)
     deadline_s = duration_s(request.headers.get("cancel-after"))
+    key = getattr(request.state, "api_key", None)
+    check_room(state.predictions, who["client"], key and key.max_unfinished_predictions,
+               state.router.config.max_unfinished_predictions)
     await charge_images(request, gen.num_outputs)
     prediction = Prediction(
         model=name, version=state.versions[name],

@@ -56,6 +56,7 @@ IMAGES_KEY = "test-key-images-5d0e"  # 6 images per minute
 MODELS_KEY = "test-key-models-3b8e"
 OPS_KEY = "test-key-ops-61f0"  # sees every key's predictions
 URGENT_KEY = "test-key-urgent-8d21"  # its requests have priority 9
+QUEUE_KEY = "test-key-queue-4c7a"  # at most 2 unfinished predictions
 URGENT_SECRET = "whsec_" + "dGVhbS1kIHNpZ25zIGl0cyB3ZWJob29rcyB3aXRoIHRoaXM="  # team-d's own
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TWO_REPLICAS = "atelier/tiny-sdxl-2x"

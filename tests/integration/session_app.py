@@ -21,6 +21,7 @@ from tests.integration.conftest import (
     MODELS_KEY,
     ONE_SLOT,
     OPS_KEY,
+    QUEUE_KEY,
     REDUX,
     RESTARTABLE,
     SDXL_VERSION,
@@ -55,7 +56,8 @@ def _api_keys() -> list:
              "models": ["black-forest-labs/flux-dev", BATCHED]},
             {"key": OPS_KEY, "name": "ops", "sees_all_predictions": True},
             {"key": URGENT_KEY, "name": "team-d", "priority": 9,
-             "webhook_secret": URGENT_SECRET}]
+             "webhook_secret": URGENT_SECRET},
+            {"key": QUEUE_KEY, "name": "team-e", "max_unfinished_predictions": 2}]
 
 
 def _sdxl_models(safety_checker, two_ip_adapters) -> list:

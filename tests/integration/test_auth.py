@@ -1,3 +1,5 @@
+import time
+
 import httpx
 import pytest
 
@@ -216,3 +218,37 @@ def test_a_keys_file_listing_reads_its_own_uploads_a_page_at_a_time(base_url):
     for upload_id in made:
         assert httpx.delete(f"{base_url}/v1/files/{upload_id}", headers=auth).status_code == 204
     assert httpx.get(f"{base_url}/v1/files", headers=auth).json()["results"] == []
+
+
+def test_a_key_past_its_unfinished_predictions_is_refused_until_one_ends(base_url):
+    """team-e may have 2 unfinished predictions at once; BATCHED holds each for 2 s."""
+    import replicate
+    from replicate.exceptions import ReplicateError
+
+    from tests.integration.conftest import BATCHED, QUEUE_KEY
+
+    auth = {"Authorization": f"Bearer {QUEUE_KEY}"}
+    url = f"{base_url}/v1/models/{BATCHED}/predictions"
+    made = [httpx.post(url, headers=auth, json={"input": {"prompt": "x", "seed": i}})
+            for i in range(3)]
+    assert [r.status_code for r in made] == [201, 201, 429]
+    assert made[2].headers["retry-after"] == "5"
+    assert "team-e has 2 unfinished predictions" in made[2].json()["detail"]
+    with pytest.raises(ReplicateError) as refused:  # the official client, as Replicate's
+        replicate.Client(api_token=QUEUE_KEY, base_url=base_url).predictions.create(
+            model=BATCHED, input={"prompt": "x"})
+    assert refused.value.status == 429
+    other = httpx.post(url, headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"input": {"prompt": "x"}})
+    assert other.status_code == 201  # another key has room
+    for r in made[:2]:
+        done = httpx.get(r.json()["urls"]["get"], headers=auth, timeout=5)
+        deadline = time.monotonic() + 60
+        while done.json()["status"] not in ("succeeded", "failed") and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+            done = httpx.get(r.json()["urls"]["get"], headers=auth, timeout=5)
+        assert done.json()["status"] == "succeeded"
+    again = httpx.post(url, headers={**auth, "Prefer": "wait=30"},
+                       json={"input": {"prompt": "x", "seed": 9}}, timeout=60)
+    assert again.status_code == 201 and again.json()["status"] == "succeeded"
