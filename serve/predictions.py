@@ -116,6 +116,8 @@ class StateStore(Protocol):
         """Draw `cost` tokens from a bucket of `limit` refilled per minute: (drawn, left)."""
     async def request_cancel(self, prediction_id: str) -> None: ...
     async def cancel_requested(self, prediction_id: str) -> bool: ...
+    async def cancels_requested(self, prediction_ids: list[str]) -> set[str]:
+        """Those of the predictions that a cancel was requested for, in one call."""
     async def claim(self, prediction_id: str, owner: str, lease_s: float) -> bool:
         """Take the prediction's lease if nobody holds it; True if taken."""
     async def renew(self, prediction_ids: list[str], owner: str, lease_s: float) -> None: ...
@@ -159,6 +161,8 @@ class PredictionRunner:
         self.store, self.owner, self._run, self.lease_s = store, owner, run, lease_s
         self._tasks: dict[str, asyncio.Task] = {}
         self._owners: Counter[str] = Counter()  # unfinished predictions here, by key name
+        self._watched: dict[str, list[asyncio.Future]] = {}  # waits for a cancel, by id
+        self._watcher: asyncio.Task | None = None
         self.handing_over = False
 
     def running(self, owner: str | None = None) -> int:
@@ -247,11 +251,34 @@ class PredictionRunner:
             task.cancel()
 
     async def until_canceled(self, prediction_id: str) -> None:
-        """Return once a cancel has been requested for the prediction (from any replica)."""
-        while True:
+        """Return once a cancel has been requested for the prediction (from any replica).
+        One loop asks the store about every watched prediction at once, each CANCEL_POLL_S,
+        rather than each prediction asking on its own."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._watched.setdefault(prediction_id, []).append(waiter)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = loop.create_task(self._watch_cancels())
+        try:
+            await waiter
+        finally:
+            waiters = self._watched[prediction_id]
+            waiters.remove(waiter)
+            if not waiters:
+                del self._watched[prediction_id]
+
+    async def _watch_cancels(self) -> None:
+        """While predictions are watched: end the wait of those with a cancel requested."""
+        while self._watched:
             try:
-                if await self.store.cancel_requested(prediction_id):
-                    return
+                requested = await self.store.cancels_requested(list(self._watched))
             except StoreUnavailable:
-                pass  # (nor can a cancel be requested through it meanwhile)
+                requested = set()  # (nor can a cancel be requested through it meanwhile)
+            except Exception:  # try again at the next poll
+                log.exception("reading cancel requests failed")
+                requested = set()
+            for prediction_id in requested:
+                for waiter in self._watched.get(prediction_id, ()):
+                    if not waiter.done():
+                        waiter.set_result(None)
             await asyncio.sleep(CANCEL_POLL_S)

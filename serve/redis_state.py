@@ -45,6 +45,7 @@ def _answering(cls: type) -> type:
 
 
 REDIS_TIMEOUT_S = 5.0
+REDIS_CONNECTIONS = 100  # an ingress replica's connections to Redis
 
 
 def _owned(owner: str, kind: str = "preds") -> str:
@@ -68,9 +69,14 @@ class RedisStore:
 
         # A Redis that stops answering (paused, or its host gone without a reset) is
         # unavailable after this long, not waited for without end; `?socket_timeout=`
-        # and `?socket_connect_timeout=` in the URL set others.
-        self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S,
-                                           socket_connect_timeout=REDIS_TIMEOUT_S)
+        # and `?socket_connect_timeout=` in the URL set others. Past REDIS_CONNECTIONS
+        # calls at once, a call waits for a connection (as long), where redis-py's
+        # default pool fails it at once ("Too many connections"); `?max_connections=`
+        # sets another number.
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_CONNECTIONS, timeout=REDIS_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+        self._redis = redis.Redis(connection_pool=pool)
         self._ttl = max(1, int(ttl_s))
         self._take = self._redis.register_script(REDIS_TAKE)
 
@@ -175,6 +181,12 @@ class RedisStore:
 
     async def cancel_requested(self, prediction_id: str) -> bool:
         return bool(await self._redis.exists(f"{_PREFIX}cancel:{prediction_id}"))
+
+    async def cancels_requested(self, prediction_ids: list[str]) -> set[str]:
+        if not prediction_ids:
+            return set()
+        found = await self._redis.mget([f"{_PREFIX}cancel:{i}" for i in prediction_ids])
+        return {i for i, mark in zip(prediction_ids, found, strict=True) if mark is not None}
 
     async def ping(self) -> None:
         await self._redis.ping()

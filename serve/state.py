@@ -97,6 +97,9 @@ class MemoryStore:
     async def cancel_requested(self, prediction_id: str) -> bool:
         return prediction_id in self._cancels
 
+    async def cancels_requested(self, prediction_ids: list[str]) -> set[str]:
+        return self._cancels.intersection(prediction_ids)
+
     async def claim(self, prediction_id: str, owner: str, lease_s: float) -> bool:
         held = self._leases.get(prediction_id)
         if held is not None and held[1] > time.monotonic():

@@ -233,3 +233,53 @@ def test_a_key_pages_through_its_own_uploads_from_its_own_index(store):
     assert [u.id for u in theirs] == [made[1].id]
     assert [u.id for u in everyone] == [made[4].id, made[2].id, made[1].id]
     assert more == made[1].id and nobody == ([], None)
+
+
+class Counting:
+    """The store, counting the calls that read cancel requests."""
+
+    def __init__(self, store):
+        self.store, self.calls = store, 0
+
+    def __getattr__(self, name):
+        if name.startswith("cancel"):
+            self.calls += 1
+        return getattr(self.store, name)
+
+
+def test_cancels_are_read_for_every_watched_prediction_in_one_call(store):
+    async def scenario():
+        counted = Counting(store)
+        runner = PredictionRunner(counted, "a", None)
+        ids = [f"p{i}" for i in range(50)]
+        watches = [asyncio.ensure_future(runner.until_canceled(i)) for i in [*ids, ids[7]]]
+        await asyncio.sleep(0.35)  # three or four polls
+        polled = counted.calls
+        await store.request_cancel(ids[7])
+        await asyncio.sleep(0.25)
+        ended = [i for i, w in zip([*ids, ids[7]], watches, strict=True) if w.done()]
+        for w in watches:
+            w.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
+        await asyncio.sleep(0.25)  # the watching loop ends with nothing left to watch
+        return polled, ended, runner._watched, runner._watcher.done()
+
+    polled, ended, watched, stopped = _run(scenario())
+    assert 3 <= polled <= 5  # one call per poll for all 50 (one each: 150 or more)
+    assert ended == ["p7", "p7"] and watched == {} and stopped
+
+
+def test_more_calls_at_once_than_redis_connections_wait_for_one(redis_url):
+    """An ingress's polls, renewals and requests may well be more than its 100
+    connections to Redis at once: the extra ones wait for one, never fail."""
+    _run(_flush(redis_url))
+
+    async def scenario():
+        store = RedisStore(redis_url, ttl_s=60)
+        p = Prediction(model="a/b", version="v", input={})
+        await store.save(p)
+        loaded = await asyncio.gather(*[store.load(p.id) for _ in range(400)])
+        return p, loaded
+
+    p, loaded = _run(scenario())
+    assert [x.id for x in loaded] == [p.id] * 400
