@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve.webhooks import check_secret
+from serve.webhooks import SigningSecret
 
 # Health checks and file links (whose random names are the capability) need no key.
 OPEN_PREFIXES = ("/healthz", "/files/")
@@ -53,7 +53,7 @@ class ApiKeyConfig(BaseModel):
         "Predictions of this key one ingress replica runs at once (accepted, not yet "
         "finished); past it a create is refused with 429 and Retry-After, so that one "
         "key's backlog leaves room for others'. Unset: only the server's bound."))
-    webhook_secret: str | None = Field(None, repr=False, description=(
+    webhook_secret: SigningSecret | None = Field(None, repr=False, description=(
         "The secret that signs this key's webhooks (whsec_ + base64 of 24-64 bytes), which "
         "GET /v1/webhooks/default/secret gives it. Unset: one derived from the server's "
         "webhook_secret and the key's name, so that no key can sign another's webhooks."))
@@ -65,11 +65,6 @@ class ApiKeyConfig(BaseModel):
             raise ValueError("'open' names the requests of a server without keys; choose "
                              "another name")
         return value
-
-    @field_validator("webhook_secret")
-    @classmethod
-    def _signing_secret(cls, value: str | None) -> str | None:
-        return value if value is None else check_secret(value)
 
 
 @dataclass(frozen=True)

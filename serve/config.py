@@ -36,7 +36,7 @@ from serve.steering import (
     IPAdapterConfig,
     ReduxConfig,
 )
-from serve.webhooks import check_secret
+from serve.webhooks import SigningSecret
 
 __all__ = ["FAMILIES", "OPENAI_IMAGE_MODELS", "SCHEDULERS", "AtelierConfig", "BatchingConfig",
            "ConfigError", "DefaultsConfig", "Family", "LimitsConfig", "LoraFolderConfig",
@@ -82,7 +82,7 @@ class AtelierConfig(_Strict):
         "(comma-separated) adds more. None: the server is open."))
     webhook_allowed_hosts: list[str] = Field(default_factory=list, description=(
         "Hosts (or host:port) that prediction webhooks may be sent to; none by default."))
-    webhook_secret: str | None = Field(None, repr=False, description=(
+    webhook_secret: SigningSecret | None = Field(None, repr=False, description=(
         "Secret that signs webhooks (whsec_ + base64 of 24-64 bytes), also settable as "
         "ATELIER_WEBHOOK_SECRET. Unset: one is made and kept in the store (Redis: shared "
         "and kept; memory: until the ingress restarts). With API keys, each key's secret is "
@@ -128,11 +128,6 @@ class AtelierConfig(_Strict):
                 raise ValueError(f"cors_allowed_origins: {origin!r} is not an origin: give "
                                  "scheme://host[:port], without a path, or \"*\"")
         return value
-
-    @field_validator("webhook_secret")
-    @classmethod
-    def _signing_secret(cls, value: str | None) -> str | None:
-        return value if value is None else check_secret(value)
 
     @model_validator(mode="after")
     def _shared_state(self) -> AtelierConfig:

@@ -17,8 +17,10 @@ import time
 import weakref
 from collections.abc import Iterable
 from hashlib import sha256
+from typing import Annotated
 
 import httpx
+from pydantic import AfterValidator
 
 from serve.errors import InvalidField
 from serve.urls import check_allowed_url
@@ -46,6 +48,9 @@ def check_secret(secret: str) -> str:
         raise ValueError("a webhook signing secret is whsec_ followed by the base64 of 24 to "
                          "64 random bytes")
     return secret
+
+
+SigningSecret = Annotated[str, AfterValidator(check_secret)]  # a config field's type
 
 
 def webhook_secret_from_env() -> str | None:

@@ -108,6 +108,25 @@ class FileServer:
         self._httpd.shutdown()
 
 
+def trickling(body: bytes, sent: list[float], every_s: float = 0.1):
+    """An asyncio stream handler that answers any request with 200 and a Content-Length
+    of `body`, then sends its first 40 bytes one at a time, `every_s` apart, recording
+    when each went in `sent`: each read comes in time, the whole never does."""
+    import asyncio
+
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for byte in body[:40]:
+            writer.write(bytes([byte]))
+            sent.append(time.monotonic())
+            await writer.drain()
+            await asyncio.sleep(every_s)
+        writer.close()
+
+    return handle
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,6 +19,7 @@ from serve.errors import InvalidField, TooLarge
 from serve.images import ImageFetcher, decode_base64, open_image, open_mask, output_size
 from serve.source_images import source_image
 from serve.state import MemoryStore
+from tests.conftest import trickling
 
 MB = 1 << 20
 
@@ -185,18 +186,8 @@ def test_a_host_that_trickles_its_bytes_is_cut_off_with_a_422(monkeypatch):
     monkeypatch.setattr(serve.images, "_FETCH_TOTAL_S", 1)
     sent = []
 
-    async def trickle(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
-        for _ in range(40):
-            writer.write(b"x")
-            sent.append(time.monotonic())
-            await writer.drain()
-            await asyncio.sleep(0.1)
-        writer.close()
-
     async def fetch():
-        server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+        server = await asyncio.start_server(trickling(b"x" * 1000, sent), "127.0.0.1", 0)
         host = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
         async with server, httpx.AsyncClient() as client:
             fetcher = ImageFetcher([host], client, MemoryStore(60, MB))

@@ -11,7 +11,7 @@ from safetensors.torch import save, save_file
 import deployments.lora_downloads
 from deployments.lora_downloads import AdapterDownloads, DownloadSettings, download_file
 from serve.adapters import AdapterInvalid
-from tests.conftest import FileServer
+from tests.conftest import FileServer, trickling
 
 LORA = save({"unet.down.lora_A.weight": torch.ones(4, 8),
              "unet.down.lora_B.weight": torch.zeros(8, 4)})
@@ -101,18 +101,8 @@ def test_a_host_that_trickles_the_file_is_cut_off_and_leaves_no_file(tmp_path, m
     monkeypatch.setattr(deployments.lora_downloads, "_DOWNLOAD_TOTAL_S", 1)
     sent = []
 
-    async def trickle(reader, writer):
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(LORA))
-        for byte in LORA[:40]:
-            writer.write(bytes([byte]))
-            sent.append(time.monotonic())
-            await writer.drain()
-            await asyncio.sleep(0.1)
-        writer.close()
-
     async def download():
-        server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+        server = await asyncio.start_server(trickling(LORA, sent), "127.0.0.1", 0)
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/slow.safetensors"
         async with server:
             with pytest.raises(AdapterInvalid) as refused:
