@@ -161,13 +161,14 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
     rid = request_id(request)
     inp = parse_input(model, body.input, name)
     who = requester(request)
+    key = getattr(request.state, "api_key", None)
+    # Before its input images are fetched and decoded, which a refused request need not.
+    check_room(state.predictions, who["client"], key and key.max_unfinished_predictions,
+               state.router.config.max_unfinished_predictions)
     gen = await to_request(state, model.id, inp, rid, **who)  # refuses bad input first
     if body.webhook:
         check_webhook(body.webhook, state.router.config.webhook_allowed_hosts)
     deadline_s = duration_s(request.headers.get("cancel-after"))
-    key = getattr(request.state, "api_key", None)
-    check_room(state.predictions, who["client"], key and key.max_unfinished_predictions,
-               state.router.config.max_unfinished_predictions)
     await charge_images(request, gen.num_outputs)
     prediction = Prediction(
         model=name, version=state.versions[name],
