@@ -50,9 +50,10 @@ class ApiKeyConfig(BaseModel):
         "served (404), are left out of model listings, and a request naming no model gets "
         "the first of these. Unset: every model."))
     max_unfinished_predictions: int | None = Field(None, ge=1, description=(
-        "Predictions of this key one ingress replica runs at once (accepted, not yet "
-        "finished); past it a create is refused with 429 and Retry-After, so that one "
-        "key's backlog leaves room for others'. Unset: only the server's bound."))
+        "Predictions of this key unfinished at once (accepted or being accepted, not yet "
+        "finished), on all ingress replicas together; past it a create is refused with 429 "
+        "and Retry-After, so that one key's backlog leaves room for others'. Unset: only "
+        "the server's bound."))
     webhook_secret: SigningSecret | None = Field(None, repr=False, description=(
         "The secret that signs this key's webhooks (whsec_ + base64 of 24-64 bytes), which "
         "GET /v1/webhooks/default/secret gives it. Unset: one derived from the server's "

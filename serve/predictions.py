@@ -19,8 +19,8 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -47,12 +47,16 @@ def owner_of(private: dict) -> str:
     return private.get("client") or "open"
 
 
+def new_prediction_id() -> str:
+    return secrets.token_hex(13)
+
+
 @dataclass
 class Prediction:
     model: str
     version: str
     input: dict
-    id: str = field(default_factory=lambda: secrets.token_hex(13))
+    id: str = field(default_factory=lambda: new_prediction_id())
     status: str = "starting"
     output: Any = None
     error: str | None = None
@@ -91,8 +95,8 @@ class Prediction:
 
 class StateStore(Protocol):
     """Where predictions, output files, cancel requests and leases are kept. Saving an
-    unfinished prediction lists it as running; saving a finished one unlists it and drops
-    its lease."""
+    unfinished prediction lists it as running, and among its key's unfinished ones;
+    saving a finished one unlists it and drops its lease."""
 
     async def save(self, prediction: Prediction) -> None: ...
     async def load(self, prediction_id: str) -> Prediction | None: ...
@@ -116,6 +120,11 @@ class StateStore(Protocol):
         """Draw `cost` tokens from a bucket of `limit` refilled per minute: (drawn, left)."""
     async def request_cancel(self, prediction_id: str) -> None: ...
     async def cancel_requested(self, prediction_id: str) -> bool: ...
+    async def hold(self, owner: str, prediction_id: str, most: int) -> bool:
+        """Count the prediction about to be made among the unfinished ones of the key named
+        `owner` if they are fewer than `most` (at once for every replica); True if counted."""
+    async def unhold(self, owner: str, prediction_id: str) -> None:
+        """Stop counting a held prediction that was not made after all."""
     async def cancels_requested(self, prediction_ids: list[str]) -> set[str]:
         """Those of the predictions that a cancel was requested for, in one call."""
     async def claim(self, prediction_id: str, owner: str, lease_s: float) -> bool:
@@ -139,19 +148,6 @@ class PredictionsFull(Overloaded):
     retry_after_s = ROOM_RETRY_S
 
 
-def check_room(runner: PredictionRunner, owner: str, key_max: int | None, most: int) -> None:
-    """Refuse another prediction where the key named `owner` has `key_max` unfinished on
-    this replica (429) or the replica runs `most` (503), both with Retry-After: each
-    unfinished prediction is a task here that keeps its input and polls the store."""
-    if key_max is not None and runner.running(owner) >= key_max:
-        raise RateLimited(f"{owner} has {key_max} unfinished predictions here, its "
-                          "max_unfinished_predictions; send more as they finish",
-                          ROOM_RETRY_S)
-    if runner.running() >= most:
-        raise PredictionsFull(f"this server runs {most} unfinished predictions already "
-                              "(max_unfinished_predictions); retry later")
-
-
 class PredictionRunner:
     """Runs the predictions this ingress replica took or adopted; cancels them on
     request; `keep()` renews its leases and adopts orphans; `hand_over()` gives its
@@ -160,14 +156,40 @@ class PredictionRunner:
     def __init__(self, store: StateStore, owner: str, run: Run, lease_s: float = LEASE_S):
         self.store, self.owner, self._run, self.lease_s = store, owner, run, lease_s
         self._tasks: dict[str, asyncio.Task] = {}
-        self._owners: Counter[str] = Counter()  # unfinished predictions here, by key name
+        self._making = 0  # creates let in, not yet started or refused
         self._watched: dict[str, list[asyncio.Future]] = {}  # waits for a cancel, by id
         self._watcher: asyncio.Task | None = None
         self.handing_over = False
 
-    def running(self, owner: str | None = None) -> int:
-        """The unfinished predictions this replica runs (of the key named `owner`)."""
-        return len(self._tasks) if owner is None else self._owners[owner]
+    @asynccontextmanager
+    async def room(self, owner: str, key_max: int | None, most: int) -> AsyncIterator[str]:
+        """Keep a place for one more prediction of the key named `owner` while it is made,
+        and give the id it is to take. Refused with Retry-After where the replica runs or
+        makes `most` already (503): each is a task here that keeps its input and polls the
+        store; or where the key has `key_max` unfinished, on any replica (429)."""
+        if len(self._tasks) + self._making >= most:
+            raise PredictionsFull(f"this server runs {most} unfinished predictions already "
+                                  "(max_unfinished_predictions); retry later")
+        prediction_id = new_prediction_id()
+        if key_max is not None and not await self.store.hold(owner, prediction_id, key_max):
+            raise RateLimited(f"{owner} has {key_max} unfinished predictions, its "
+                              "max_unfinished_predictions; send more as they finish",
+                              ROOM_RETRY_S)
+        self._making += 1
+        try:
+            yield prediction_id
+        except BaseException:
+            if key_max is not None and prediction_id not in self._tasks:
+                await self._unhold(owner, prediction_id)
+            raise
+        finally:
+            self._making -= 1
+
+    async def _unhold(self, owner: str, prediction_id: str) -> None:
+        try:
+            await self.store.unhold(owner, prediction_id)
+        except Exception:  # (StoreUnavailable among them) it counts until the store's TTL
+            log.exception("a refused prediction still counts for %s", owner)
 
     async def start(self, prediction: Prediction) -> None:
         """Store a new prediction and run it here."""
@@ -178,16 +200,7 @@ class PredictionRunner:
     def _spawn(self, prediction: Prediction) -> None:
         task = asyncio.get_running_loop().create_task(self._run(prediction))
         self._tasks[prediction.id] = task
-        owner = prediction.owner
-        self._owners[owner] += 1
-
-        def ended(_: asyncio.Task) -> None:
-            self._tasks.pop(prediction.id, None)
-            self._owners[owner] -= 1
-            if not self._owners[owner]:
-                del self._owners[owner]
-
-        task.add_done_callback(ended)
+        task.add_done_callback(lambda _: self._tasks.pop(prediction.id, None))
 
     async def keep(self) -> None:
         """Forever: renew this replica's leases and adopt predictions nobody holds."""

@@ -46,10 +46,21 @@ def _answering(cls: type) -> type:
 
 REDIS_TIMEOUT_S = 5.0
 REDIS_CONNECTIONS = 100  # an ingress replica's connections to Redis
+# Count a prediction among a key's unfinished (KEYS[1]) if they are fewer than ARGV[2]:
+# ARGV[1] its id, ARGV[3] the time, ARGV[4] the TTL (older entries are no longer counted).
+REDIS_HOLD = """
+local now, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1])
+   and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('EXPIRE', KEYS[1], ttl)
+return 1
+"""
 
 
 def _owned(owner: str, kind: str = "preds") -> str:
-    """The index of one API key name's predictions (or `uploads`)."""
+    """The index of one API key name's predictions (or `uploads`, `unfinished`)."""
     return f"{_PREFIX}{kind}:by:{owner}"
 
 
@@ -61,7 +72,8 @@ class RedisStore:
     upload's record), atelier:uploads (upload ids by creation time) and
     atelier:uploads:by:<key name> (one key's), atelier:cancel:<id>,
     atelier:lease:<id> (the owning replica); all with TTLs. atelier:running is the set of
-    unfinished ids; atelier:secret:<name> (the webhook signing secret) has no TTL;
+    unfinished ids and atelier:unfinished:by:<key name> one key's (by when last saved);
+    atelier:secret:<name> (the webhook signing secret) has no TTL;
     atelier:rate:<bucket> is an API key's token bucket (`serve.rate_limits`)."""
 
     def __init__(self, url: str, ttl_s: float):
@@ -79,6 +91,7 @@ class RedisStore:
         self._redis = redis.Redis(connection_pool=pool)
         self._ttl = max(1, int(ttl_s))
         self._take = self._redis.register_script(REDIS_TAKE)
+        self._hold = self._redis.register_script(REDIS_HOLD)
 
     async def save(self, prediction: Prediction) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:
@@ -88,11 +101,15 @@ class RedisStore:
                 pipe.zadd(index, {prediction.id: prediction.created})
                 pipe.zremrangebyscore(index, "-inf", time.time() - self._ttl)
                 pipe.expire(index, self._ttl)
+            unfinished = _owned(prediction.owner, "unfinished")
             if prediction.done:
                 pipe.srem(f"{_PREFIX}running", prediction.id)
                 pipe.delete(f"{_PREFIX}lease:{prediction.id}")
+                pipe.zrem(unfinished, prediction.id)
             else:
                 pipe.sadd(f"{_PREFIX}running", prediction.id)
+                pipe.zadd(unfinished, {prediction.id: time.time()})
+                pipe.expire(unfinished, self._ttl)
             await pipe.execute()
 
     async def load(self, prediction_id: str) -> Prediction | None:
@@ -187,6 +204,13 @@ class RedisStore:
             return set()
         found = await self._redis.mget([f"{_PREFIX}cancel:{i}" for i in prediction_ids])
         return {i for i, mark in zip(prediction_ids, found, strict=True) if mark is not None}
+
+    async def hold(self, owner: str, prediction_id: str, most: int) -> bool:
+        return bool(await self._hold(keys=[_owned(owner, "unfinished")],
+                                     args=[prediction_id, most, time.time(), self._ttl]))
+
+    async def unhold(self, owner: str, prediction_id: str) -> None:
+        await self._redis.zrem(_owned(owner, "unfinished"), prediction_id)
 
     async def ping(self) -> None:
         await self._redis.ping()

@@ -23,6 +23,7 @@ class MemoryStore:
         self._predictions: OrderedDict[str, dict] = OrderedDict()
         self._cancels: set[str] = set()
         self._running: set[str] = set()
+        self._unfinished: dict[str, dict[str, float]] = {}  # by key name: id -> when saved
         self._leases: dict[str, tuple[str, float]] = {}  # id -> (owner, expiry)
         self._files = FileStore(ttl_s, max_file_bytes)
         self._upload_data = FileStore(ttl_s, max_file_bytes)
@@ -32,11 +33,14 @@ class MemoryStore:
 
     async def save(self, prediction: Prediction) -> None:
         self._predictions[prediction.id] = prediction.to_state()
+        owners = self._unfinished.setdefault(prediction.owner, {})
         if prediction.done:
             self._running.discard(prediction.id)
             self._leases.pop(prediction.id, None)
+            owners.pop(prediction.id, None)
         else:
             self._running.add(prediction.id)
+            owners[prediction.id] = time.time()
         self._expire()
 
     async def load(self, prediction_id: str) -> Prediction | None:
@@ -100,6 +104,18 @@ class MemoryStore:
     async def cancels_requested(self, prediction_ids: list[str]) -> set[str]:
         return self._cancels.intersection(prediction_ids)
 
+    async def hold(self, owner: str, prediction_id: str, most: int) -> bool:
+        owners = self._unfinished.setdefault(owner, {})
+        for gone in [i for i, at in owners.items() if at < time.time() - self._ttl_s]:
+            del owners[gone]  # (expired unfinished, as their predictions are)
+        if prediction_id not in owners and len(owners) >= most:
+            return False
+        owners[prediction_id] = time.time()
+        return True
+
+    async def unhold(self, owner: str, prediction_id: str) -> None:
+        self._unfinished.get(owner, {}).pop(prediction_id, None)
+
     async def claim(self, prediction_id: str, owner: str, lease_s: float) -> bool:
         held = self._leases.get(prediction_id)
         if held is not None and held[1] > time.monotonic():
@@ -130,6 +146,7 @@ class MemoryStore:
                 self._cancels.discard(pid)
                 self._running.discard(pid)
                 self._leases.pop(pid, None)
+                self._unfinished.get(owner_of(state["private"]), {}).pop(pid, None)
 
 
 def _page_of(ids: list[str], after: str | None, limit: int) -> tuple[list[str], bool]:

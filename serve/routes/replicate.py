@@ -38,7 +38,7 @@ from serve.context import (
 )
 from serve.errors import AtelierError, InvalidField, ModelNotFound
 from serve.prediction_events import prediction_events
-from serve.predictions import Prediction, check_room
+from serve.predictions import Prediction, owner_of
 from serve.routes.replicate_body import PredictionBody, duration_s, wait_seconds
 from serve.routes.replicate_runs import to_request
 from serve.routes.replicate_schemas import input_schema, parse_input, single_output
@@ -163,26 +163,26 @@ async def create_for_model(model_ref: str, version: str | None, body: Prediction
     who = requester(request)
     key = getattr(request.state, "api_key", None)
     # Before its input images are fetched and decoded, which a refused request need not.
-    check_room(state.predictions, who["client"], key and key.max_unfinished_predictions,
-               state.router.config.max_unfinished_predictions)
-    gen = await to_request(state, model.id, inp, rid, **who)  # refuses bad input first
-    if body.webhook:
-        check_webhook(body.webhook, state.router.config.webhook_allowed_hosts)
-    deadline_s = duration_s(request.headers.get("cancel-after"))
-    await charge_images(request, gen.num_outputs)
-    prediction = Prediction(
-        model=name, version=state.versions[name],
-        input=inp.model_dump(exclude_unset=True, exclude_none=True), private={
-            "seed": gen.seed, "base": base_url(request), "request_id": rid, **who,
-            "webhook": body.webhook,
-            "events": list(check_events(body.webhook_events_filter)),
-            "cancel_at": None if deadline_s is None else time.time() + deadline_s})
-    state.prepared[prediction.id] = gen  # its input images are decoded (and fetched) once
-    try:
-        await state.predictions.start(prediction)
-    except BaseException:
-        state.prepared.pop(prediction.id, None)
-        raise
+    async with state.predictions.room(owner_of(who), key and key.max_unfinished_predictions,
+                                      state.router.config.max_unfinished_predictions) as pid:
+        gen = await to_request(state, model.id, inp, rid, **who)  # refuses bad input first
+        if body.webhook:
+            check_webhook(body.webhook, state.router.config.webhook_allowed_hosts)
+        deadline_s = duration_s(request.headers.get("cancel-after"))
+        await charge_images(request, gen.num_outputs)
+        prediction = Prediction(
+            id=pid, model=name, version=state.versions[name],
+            input=inp.model_dump(exclude_unset=True, exclude_none=True), private={
+                "seed": gen.seed, "base": base_url(request), "request_id": rid, **who,
+                "webhook": body.webhook,
+                "events": list(check_events(body.webhook_events_filter)),
+                "cancel_at": None if deadline_s is None else time.time() + deadline_s})
+        state.prepared[pid] = gen  # its input images are decoded (and fetched) once
+        try:
+            await state.predictions.start(prediction)
+        except BaseException:
+            state.prepared.pop(pid, None)
+            raise
     base = base_url(request)
     wait_s = wait_seconds(request.headers.get("prefer", ""))
     if wait_s:

@@ -1,53 +1,100 @@
-"""The bound on unfinished predictions (serve.predictions.check_room): per ingress
-replica (`max_unfinished_predictions`, 503) and per key (`api_keys[]
-.max_unfinished_predictions`, 429), counted as the replica's prediction tasks start and
-end, however they end."""
+"""The bounds on unfinished predictions (serve.predictions.PredictionRunner.room): per
+ingress replica (`max_unfinished_predictions`, 503), counting the creates it is still
+making, and per key (`api_keys[].max_unfinished_predictions`, 429), counted in the store
+for every replica at once, from the moment a create is let in until its prediction ends,
+however it ends. Two runners on one store stand for two ingress replicas."""
 
 import asyncio
 
 import pytest
 
-from serve.predictions import Prediction, PredictionRunner, PredictionsFull, check_room
+from serve.predictions import Prediction, PredictionRunner, PredictionsFull
 from serve.rate_limits import RateLimited
-from serve.state import MemoryStore
+from tests.unit.conftest import Work
 
 
-def test_a_key_and_the_replica_have_room_again_as_their_predictions_end():
+async def _make(runner: PredictionRunner, owner: str, key_max: int | None, most: int = 10,
+                before_start=None) -> Prediction:
+    """Create a prediction of the key named `owner` as the Replicate route does."""
+    async with runner.room(owner, key_max, most) as pid:
+        if before_start is not None:
+            await before_start()  # (fetching and decoding its input images)
+        prediction = Prediction(id=pid, model="m/x", version="v", input={},
+                                private={"client": owner})
+        await runner.start(prediction)
+    return prediction
+
+
+async def _refused(make) -> RateLimited | PredictionsFull:
+    with pytest.raises((RateLimited, PredictionsFull)) as refused:
+        await make
+    return refused.value
+
+
+def test_a_keys_unfinished_predictions_count_on_every_replica_until_they_end(store):
     async def scenario():
-        store = MemoryStore(60, 2**20)
-
-        async def run(p):
-            if p.input["hang"]:
-                await asyncio.get_running_loop().create_future()
-            if p.input["fail"]:
-                raise RuntimeError("a failing run still ends")
-
-        runner = PredictionRunner(store, "ingress-1", run)
-        made = [Prediction(model="m/x", version="v", input={"hang": True, "fail": False},
-                           private={"client": owner}) for owner in ("team-a", "team-a", "team-b")]
-        for p in made:
-            await runner.start(p)
-        counts = [runner.running(), runner.running("team-a"), runner.running("team-c")]
-        refusals = {}
-        for name, args in {"key": ("team-a", 2, 10), "replica": ("team-c", None, 3),
-                           "key-first": ("team-a", 2, 3)}.items():
-            with pytest.raises((RateLimited, PredictionsFull)) as refused:
-                check_room(runner, *args)
-            refusals[name] = refused.value
-        check_room(runner, "team-b", 2, 4)  # room for team-b, and for the replica
-        await runner.cancel(made[0])  # its task is withdrawn
-        failing = Prediction(model="m/x", version="v", input={"hang": False, "fail": True},
-                             private={"client": "team-a"})
-        await runner.start(failing)
+        a_work, b_work = Work(store, "a"), Work(store, "b")
+        a, b = PredictionRunner(store, "a", a_work), PredictionRunner(store, "b", b_work)
+        made = [await _make(a, "team-a", 2), await _make(a, "team-a", 2)]
+        on_b = await _refused(_make(b, "team-a", 2))  # the two on replica a count on b
+        other = await _make(b, "team-b", 2)  # another key has its own room
+        unbounded = [await _make(b, "team-a", None) for _ in range(2)]  # no limit of its own
+        await a.cancel(made[0])
+        after_cancel = await _make(b, "team-a", 4)
+        again = await _refused(_make(b, "team-a", 4))
+        a_work.release.set()  # team-a's other one on replica a succeeds
         await asyncio.sleep(0.05)
-        check_room(runner, "team-a", 2, 3)
-        return counts, refusals, [runner.running(), runner.running("team-a")]
+        after_success = await _make(b, "team-a", 4)
+        b_work.release.set()
+        await asyncio.sleep(0.05)
+        return on_b, other, unbounded, after_cancel, again, after_success
 
-    counts, refusals, after = asyncio.run(scenario())
-    assert counts == [3, 2, 0]
-    assert refusals["key"].status == 429 and refusals["key"].retry_after_s == 5
-    assert "team-a has 2 unfinished predictions" in refusals["key"].message
-    assert refusals["replica"].status == 503 and refusals["replica"].retry_after_s == 5
-    assert "runs 3 unfinished predictions" in refusals["replica"].message
-    assert isinstance(refusals["key-first"], RateLimited)
-    assert after == [2, 1]  # the canceled one and the failed one no longer count
+    on_b, other, unbounded, after_cancel, again, after_success = asyncio.run(scenario())
+    assert isinstance(on_b, RateLimited) and on_b.status == 429 and on_b.retry_after_s == 5
+    assert "team-a has 2 unfinished predictions" in on_b.message
+    assert other.owner == "team-b" and all(p.owner == "team-a" for p in unbounded)
+    # Those made without the key's limit count towards it as well: of 2 + 2, 3 are left
+    # after the cancel, so a fourth is let in at 4 and a fifth is not; one ending makes
+    # room again.
+    assert after_cancel.owner == "team-a" and isinstance(again, RateLimited)
+    assert after_success.owner == "team-a"
+
+
+def test_creates_sent_at_once_are_counted_while_they_are_made(store):
+    async def scenario():
+        runner = PredictionRunner(store, "a", Work(store, "a"))
+        fetching = asyncio.Event()
+
+        async def fetch():
+            await fetching.wait()
+
+        first = asyncio.ensure_future(_make(runner, "team-a", 1, before_start=fetch))
+        await asyncio.sleep(0.05)  # its input images are still being fetched
+        burst = [await _refused(_make(runner, "team-a", 1)),
+                 await _refused(_make(runner, "team-b", None, most=1))]
+        fetching.set()
+        made = await first
+        return burst, made
+
+    (by_key, by_replica), made = asyncio.run(scenario())
+    assert isinstance(by_key, RateLimited) and "team-a has 1 unfinished" in by_key.message
+    assert isinstance(by_replica, PredictionsFull) and by_replica.status == 503
+    assert by_replica.retry_after_s == 5 and "runs 1 unfinished predictions" in by_replica.message
+    assert made.owner == "team-a" and made.status == "starting"
+
+
+def test_a_create_refused_for_its_input_gives_its_place_back(store):
+    async def scenario():
+        runner = PredictionRunner(store, "a", Work(store, "a"))
+
+        async def bad_input():
+            raise ValueError("an input image that does not decode")
+
+        with pytest.raises(ValueError):
+            await _make(runner, "team-a", 1, before_start=bad_input)
+        made = await _make(runner, "team-a", 1)  # the refused one no longer counts
+        full = await _refused(_make(runner, "team-a", 1))
+        return made, full
+
+    made, full = asyncio.run(scenario())
+    assert made.owner == "team-a" and isinstance(full, RateLimited)

@@ -2,12 +2,11 @@ import asyncio
 import hashlib
 import time
 
-import pytest
-
 from serve.predictions import Prediction, PredictionRunner
 from serve.redis_state import RedisStore
 from serve.state import MemoryStore
 from serve.uploads import Upload, upload_id
+from tests.unit.conftest import Work, flush_redis
 
 
 def _run(coro):
@@ -55,36 +54,6 @@ def test_files_expire_and_the_oldest_go_when_over_budget():
 
 
 # Leases: two runners on one store stand for two ingress replicas.
-
-@pytest.fixture(params=["memory", "redis"])
-def store(request):
-    if request.param == "memory":
-        return MemoryStore(ttl_s=60, max_file_bytes=1000)
-    url = request.getfixturevalue("redis_url")
-    _run(_flush(url))
-    return RedisStore(url, ttl_s=60)
-
-
-async def _flush(url):
-    import redis.asyncio as redis
-
-    client = redis.Redis.from_url(url)
-    await client.flushdb()
-    await client.aclose()
-
-
-class Work:
-    """A prediction run that finishes when told to, and records where it ran."""
-
-    def __init__(self, store, name):
-        self.store, self.name, self.ran, self.release = store, name, [], asyncio.Event()
-
-    async def __call__(self, p):
-        self.ran.append(p.id)
-        await self.release.wait()
-        p.finish("succeeded", output=[self.name])
-        await self.store.save(p)
-
 
 def test_a_stopped_replicas_prediction_is_adopted_once_its_lease_lapses(store):
     async def scenario():
@@ -272,7 +241,7 @@ def test_cancels_are_read_for_every_watched_prediction_in_one_call(store):
 def test_more_calls_at_once_than_redis_connections_wait_for_one(redis_url):
     """An ingress's polls, renewals and requests may well be more than its 100
     connections to Redis at once: the extra ones wait for one, never fail."""
-    _run(_flush(redis_url))
+    _run(flush_redis(redis_url))
 
     async def scenario():
         store = RedisStore(redis_url, ttl_s=60)
