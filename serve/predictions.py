@@ -56,7 +56,7 @@ class Prediction:
     model: str
     version: str
     input: dict
-    id: str = field(default_factory=lambda: new_prediction_id())
+    id: str = field(default_factory=new_prediction_id)
     status: str = "starting"
     output: Any = None
     error: str | None = None
@@ -120,13 +120,13 @@ class StateStore(Protocol):
         """Draw `cost` tokens from a bucket of `limit` refilled per minute: (drawn, left)."""
     async def request_cancel(self, prediction_id: str) -> None: ...
     async def cancel_requested(self, prediction_id: str) -> bool: ...
+    async def cancels_requested(self, prediction_ids: list[str]) -> set[str]:
+        """Those of the predictions that a cancel was requested for, in one call."""
     async def hold(self, owner: str, prediction_id: str, most: int) -> bool:
         """Count the prediction about to be made among the unfinished ones of the key named
         `owner` if they are fewer than `most` (at once for every replica); True if counted."""
     async def unhold(self, owner: str, prediction_id: str) -> None:
         """Stop counting a held prediction that was not made after all."""
-    async def cancels_requested(self, prediction_ids: list[str]) -> set[str]:
-        """Those of the predictions that a cancel was requested for, in one call."""
     async def claim(self, prediction_id: str, owner: str, lease_s: float) -> bool:
         """Take the prediction's lease if nobody holds it; True if taken."""
     async def renew(self, prediction_ids: list[str], owner: str, lease_s: float) -> None: ...
