@@ -96,7 +96,9 @@ class Prediction:
 class StateStore(Protocol):
     """Where predictions, output files, cancel requests and leases are kept. Saving an
     unfinished prediction lists it as running, and among its key's unfinished ones;
-    saving a finished one unlists it and drops its lease."""
+    saving a finished one unlists it and drops its lease. A finished prediction stays
+    finished: saving it as unfinished afterwards (a run's progress, saved as another
+    replica cancels it) is ignored."""
 
     async def save(self, prediction: Prediction) -> None: ...
     async def load(self, prediction_id: str) -> Prediction | None: ...

@@ -11,11 +11,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from serve.errors import StoreUnavailable
 from serve.files import StoredFile, file_name
-from serve.predictions import Prediction
+from serve.predictions import TERMINAL, Prediction
 from serve.rate_limits import REDIS_TAKE
 from serve.uploads import Upload
 
@@ -94,23 +94,37 @@ class RedisStore:
         self._hold = self._redis.register_script(REDIS_HOLD)
 
     async def save(self, prediction: Prediction) -> None:
+        key = f"{_PREFIX}pred:{prediction.id}"
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(f"{_PREFIX}pred:{prediction.id}", json.dumps(prediction.to_state()),
-                     ex=self._ttl)
-            for index in (f"{_PREFIX}preds", _owned(prediction.owner)):
-                pipe.zadd(index, {prediction.id: prediction.created})
-                pipe.zremrangebyscore(index, "-inf", time.time() - self._ttl)
-                pipe.expire(index, self._ttl)
-            unfinished = _owned(prediction.owner, "unfinished")
-            if prediction.done:
-                pipe.srem(f"{_PREFIX}running", prediction.id)
-                pipe.delete(f"{_PREFIX}lease:{prediction.id}")
-                pipe.zrem(unfinished, prediction.id)
-            else:
-                pipe.sadd(f"{_PREFIX}running", prediction.id)
-                pipe.zadd(unfinished, {prediction.id: time.time()})
-                pipe.expire(unfinished, self._ttl)
-            await pipe.execute()
+            while True:
+                try:
+                    if not prediction.done:  # (in one step with reading what is stored)
+                        await pipe.watch(key)
+                        stored = await pipe.get(key)
+                        if stored and json.loads(stored)["status"] in TERMINAL:
+                            return  # finished by another (a cancel): that stays
+                        pipe.multi()
+                    self._queue_save(pipe, key, prediction)
+                    await pipe.execute()
+                    return
+                except WatchError:  # it was saved meanwhile: read it again
+                    continue
+
+    def _queue_save(self, pipe, key: str, prediction: Prediction) -> None:
+        pipe.set(key, json.dumps(prediction.to_state()), ex=self._ttl)
+        for index in (f"{_PREFIX}preds", _owned(prediction.owner)):
+            pipe.zadd(index, {prediction.id: prediction.created})
+            pipe.zremrangebyscore(index, "-inf", time.time() - self._ttl)
+            pipe.expire(index, self._ttl)
+        unfinished = _owned(prediction.owner, "unfinished")
+        if prediction.done:
+            pipe.srem(f"{_PREFIX}running", prediction.id)
+            pipe.delete(f"{_PREFIX}lease:{prediction.id}")
+            pipe.zrem(unfinished, prediction.id)
+        else:
+            pipe.sadd(f"{_PREFIX}running", prediction.id)
+            pipe.zadd(unfinished, {prediction.id: time.time()})
+            pipe.expire(unfinished, self._ttl)
 
     async def load(self, prediction_id: str) -> Prediction | None:
         raw = await self._redis.get(f"{_PREFIX}pred:{prediction_id}")

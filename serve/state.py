@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from serve.files import FileStore, StoredFile
-from serve.predictions import Prediction, owner_of
+from serve.predictions import TERMINAL, Prediction, owner_of
 from serve.rate_limits import MemoryBuckets
 from serve.uploads import Upload
 
@@ -32,6 +32,9 @@ class MemoryStore:
         self._buckets = MemoryBuckets()
 
     async def save(self, prediction: Prediction) -> None:
+        stored = self._predictions.get(prediction.id)
+        if stored and stored["status"] in TERMINAL and not prediction.done:
+            return  # finished by another (a cancel): that stays
         self._predictions[prediction.id] = prediction.to_state()
         owners = self._unfinished.setdefault(prediction.owner, {})
         if prediction.done:

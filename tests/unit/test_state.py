@@ -252,3 +252,32 @@ def test_more_calls_at_once_than_redis_connections_wait_for_one(redis_url):
 
     p, loaded = _run(scenario())
     assert [x.id for x in loaded] == [p.id] * 400
+
+
+def test_a_canceled_prediction_stays_canceled_while_its_run_still_saves_progress(store):
+    """A cancel through replica b ends the prediction in the store; replica a's run, yet to
+    notice, saves its progress after that. The store keeps it canceled: not running again,
+    not adopted, no longer counted among its key's unfinished."""
+    async def scenario():
+        async def progress(p):
+            for step in range(1000):
+                p.status, p.logs = "processing", f"step {step}\n"
+                await store.save(p)
+                await asyncio.sleep(0.01)
+
+        a = PredictionRunner(store, "a", progress)
+        b = PredictionRunner(store, "b", progress)
+        p = Prediction(model="m/x", version="v", input={}, private={"client": "team-a"})
+        await a.start(p)
+        await asyncio.sleep(0.05)
+        await b.cancel(await store.load(p.id))
+        await asyncio.sleep(0.1)  # a's run saved its progress some ten times since
+        kept, steps = await store.load(p.id), p.logs
+        found = [kept.status, await store.orphans(), await b.adopt_orphans(),
+                 await store.hold("team-a", "next", 1)]
+        await a.cancel(p)
+        return found, kept.logs, steps
+
+    found, kept_logs, steps = _run(scenario())
+    assert found == ["canceled", [], [], True]
+    assert kept_logs != steps  # the run went on saving; none of it landed
