@@ -101,7 +101,8 @@ class Ingress:
         self.predictions = PredictionRunner(self.store, self.replica,
                                             lambda p: run_prediction(self, p))
         # Serve runs the constructor on the replica's event loop.
-        self._keeper = asyncio.get_running_loop().create_task(self.predictions.keep())
+        self._keeper = asyncio.get_running_loop().create_task(
+            self.predictions.keep(self.metrics.unfinished_predictions))
         self._warming = asyncio.get_running_loop().create_task(self._warm_models(cfg))
         self.versions = dict(versions)
         self.prepared: dict = {}

@@ -93,6 +93,10 @@ class IngressMetrics:
         self.replicas_wanted = Gauge("atelier_model_replicas_wanted", (
             "The replicas a model should run at least: its `replicas`, or autoscaled its "
             "`min_replicas`"), tag_keys=("model",))
+        self.unfinished = Gauge("atelier_unfinished_predictions", (
+            "Replicate predictions this ingress replica runs, from acceptance (or adoption) "
+            "to their end, and creates it is still making: max_unfinished_predictions "
+            "bounds them"))
         self.store_available = Gauge("atelier_store_available", (
             "1 while the prediction and file store (Redis, or the replica's memory) "
             "answers this ingress replica, else 0"))
@@ -121,6 +125,9 @@ class IngressMetrics:
     def replicas(self, model: str, running: int, wanted: int) -> None:
         self.replicas_running.set(running, {"model": model})
         self.replicas_wanted.set(wanted, {"model": model})
+
+    def unfinished_predictions(self, count: int) -> None:
+        self.unfinished.set(count)
 
     def store(self, available: bool) -> None:
         self.store_available.set(1 if available else 0)

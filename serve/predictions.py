@@ -204,9 +204,11 @@ class PredictionRunner:
         self._tasks[prediction.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(prediction.id, None))
 
-    async def keep(self) -> None:
-        """Forever: renew this replica's leases and adopt predictions nobody holds."""
+    async def keep(self, count: Callable[[int], None] = lambda _: None) -> None:
+        """Forever: renew this replica's leases, adopt predictions nobody holds, and give
+        `count` the unfinished predictions here (creates being made among them)."""
         while True:
+            count(len(self._tasks) + self._making)
             try:
                 await self.store.renew(list(self._tasks), self.owner, self.lease_s)
                 await self.adopt_orphans()

@@ -201,7 +201,7 @@ def test_the_dashboard_covers_what_operators_watch():
     for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "prompts held",
                   "errors", "memory", "healthy", "store answers", "by api key", "busy share",
                   "gpu utilization", "garbage collection", "safety checker", "controlnet",
-                  "image prompt", "edits", "enlarged"):
+                  "image prompt", "edits", "enlarged", "unfinished predictions"):
         assert topic in titles, topic
 
 

@@ -98,3 +98,27 @@ def test_a_create_refused_for_its_input_gives_its_place_back(store):
 
     made, full = asyncio.run(scenario())
     assert made.owner == "team-a" and isinstance(full, RateLimited)
+
+
+def test_the_replica_reports_its_unfinished_predictions_as_it_keeps_them(store):
+    """What `ray_atelier_unfinished_predictions` is set to, every keep() round."""
+    async def scenario():
+        work = Work(store, "a")
+        runner = PredictionRunner(store, "a", work, lease_s=0.15)  # (a round each 50 ms)
+        reported = []
+        keeping = asyncio.ensure_future(runner.keep(reported.append))
+        await asyncio.sleep(0.12)
+        at_start = list(reported)
+        for _ in range(2):
+            await _make(runner, "team-a", None)
+        async with runner.room("team-b", None, 10):  # a create still being made
+            await asyncio.sleep(0.12)
+            busy = reported[-1]
+        work.release.set()
+        await asyncio.sleep(0.12)
+        keeping.cancel()
+        return at_start, busy, reported[-1]
+
+    at_start, busy, ended = asyncio.run(scenario())
+    assert at_start and set(at_start) == {0}
+    assert busy == 3 and ended == 0
