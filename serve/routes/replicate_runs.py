@@ -128,7 +128,8 @@ async def _run(state: IngressState, p: Prediction, gen: GenerationRequest, base:
             await state.store.save(p)
             return
         if result is None or await state.store.cancel_requested(p.id):
-            p.finish("canceled")
+            p.finish("canceled")  # (saved by the canceller too, unless its save failed)
+            await state.store.save(p)
             return
         await _succeed(state, p, gen, base, result, started)
         if webhook:
