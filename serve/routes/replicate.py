@@ -35,6 +35,7 @@ from serve.context import (
     requester,
     sees,
     sees_all,
+    usable_models,
 )
 from serve.errors import AtelierError, InvalidField, ModelNotFound
 from serve.prediction_events import prediction_events
@@ -145,7 +146,7 @@ async def create_prediction(body: PredictionBody, request: Request) -> JSONRespo
             m.pinned_versions[ref] for m in state.router.config.models
             if ref in m.pinned_versions]
         if not owners:
-            raise ModelNotFound(ref, list(state.versions))
+            raise ModelNotFound(ref, [m.id for m in usable_models(request)])
         ref, version = owners[0], ref
     return await create_for_model(ref, version or None, body, request)
 

@@ -140,6 +140,24 @@ def test_a_key_limited_to_some_models_sees_and_uses_only_those_in_every_api(base
         assert r.status_code == 404 and f"model '{FAST}' is not served here" in r.text, path
     everything = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
     assert len(everything.json()["data"]) > 2
+    unknown = httpx.post(f"{base_url}/v1/predictions", headers=headers,
+                         json={"version": "0" * 64, "input": {"prompt": "x"}})
+    assert unknown.status_code == 404
+    assert unknown.json()["detail"].endswith(f"served: {BATCHED}, {FLUX}")
+
+
+def test_a_key_limited_to_some_models_lists_only_the_adapters_they_can_use(base_url):
+    from tests.integration.conftest import BATCHED, FLUX, MODELS_KEY
+
+    def names(key, **params):
+        r = httpx.get(f"{base_url}/v1/loras", params=params,
+                      headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200
+        return {row["name"] for row in r.json()["data"]}
+
+    usable = names(API_KEY, model=BATCHED) | names(API_KEY, model=FLUX)
+    assert names(MODELS_KEY) == usable
+    assert "for-other" in names(API_KEY) - usable  # the adapter for a base nobody serves
 
 
 def test_each_key_sees_and_cancels_only_its_own_predictions(base_url):
