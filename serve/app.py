@@ -98,8 +98,9 @@ class Ingress:
             watch_store(self.store, self.store_health, self.metrics))
         self.api_keys = configured_keys(cfg.api_keys)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.predictions = PredictionRunner(self.store, self.replica,
-                                            lambda p: run_prediction(self, p))
+        self.predictions = PredictionRunner(
+            self.store, self.replica, lambda p: run_prediction(self, p),
+            refused=lambda key: self.metrics.rate_limited.inc(1, {"key": key}))
         # Serve runs the constructor on the replica's event loop.
         self._keeper = asyncio.get_running_loop().create_task(
             self.predictions.keep(self.metrics.unfinished_predictions))

@@ -155,8 +155,10 @@ class PredictionRunner:
     request; `keep()` renews its leases and adopts orphans; `hand_over()` gives its
     unfinished predictions back when the replica stops."""
 
-    def __init__(self, store: StateStore, owner: str, run: Run, lease_s: float = LEASE_S):
+    def __init__(self, store: StateStore, owner: str, run: Run, lease_s: float = LEASE_S,
+                 refused: Callable[[str], None] = lambda _: None):
         self.store, self.owner, self._run, self.lease_s = store, owner, run, lease_s
+        self._refused = refused  # told the key name of each create refused with 429
         self._tasks: dict[str, asyncio.Task] = {}
         self._making = 0  # creates let in, not yet started or refused
         self._watched: dict[str, list[asyncio.Future]] = {}  # waits for a cancel, by id
@@ -174,6 +176,7 @@ class PredictionRunner:
                                   "(max_unfinished_predictions); retry later")
         prediction_id = new_prediction_id()
         if key_max is not None and not await self.store.hold(owner, prediction_id, key_max):
+            self._refused(owner)
             raise RateLimited(f"{owner} has {key_max} unfinished predictions, its "
                               "max_unfinished_predictions; send more as they finish",
                               ROOM_RETRY_S)

@@ -53,14 +53,24 @@ def xmp_label(data: bytes) -> tuple[str, str] | None:
             desc.get("{http://ns.adobe.com/xap/1.0/}CreatorTool"))
 
 
-def counts_by_model(exposition: str, metric: str) -> dict[str, float]:
-    """A counter's value per `model` label, summed over its other labels, from Ray's
-    Prometheus text on a node's metrics port."""
+def asked_until(ask, done, seconds=30):
+    """`ask()` again every 2 s until `done(answer)` or `seconds` have passed (a metric just
+    set reaches Ray's metrics port within its 10 s report interval, and Prometheus a
+    scrape later; a failed scrape leaves nothing for a moment): the last answer."""
+    deadline = time.monotonic() + seconds
+    while not done(answer := ask()) and time.monotonic() < deadline:
+        time.sleep(2)
+    return answer
+
+
+def counts_by_model(exposition: str, metric: str, label: str = "model") -> dict[str, float]:
+    """A counter's value per `model` label (or another `label`), summed over its other
+    labels, from Ray's Prometheus text on a node's metrics port."""
     counts: dict[str, float] = {}
     for line in exposition.splitlines():
         if line.startswith(metric + "{"):
-            model = line.split('model="', 1)[1].split('"', 1)[0]
-            counts[model] = counts.get(model, 0) + float(line.rsplit(" ", 1)[1])
+            value = line.split(f'{label}="', 1)[1].split('"', 1)[0]
+            counts[value] = counts.get(value, 0) + float(line.rsplit(" ", 1)[1])
     return counts
 
 

@@ -4,6 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from tests.conftest import asked_until, counts_by_model
 from tests.integration.conftest import API_KEY
 
 
@@ -239,8 +240,10 @@ def test_a_keys_file_listing_reads_its_own_uploads_a_page_at_a_time(base_url):
     assert httpx.get(f"{base_url}/v1/files", headers=auth).json()["results"] == []
 
 
-def test_a_key_past_its_unfinished_predictions_is_refused_until_one_ends(base_url):
-    """team-e may have 2 unfinished predictions at once; BATCHED holds each for 2 s."""
+def test_a_key_past_its_unfinished_predictions_is_refused_until_one_ends(base_url,
+                                                                        metrics_port):
+    """team-e may have 2 unfinished predictions at once; BATCHED holds each for 2 s. Its
+    refusals are counted by key, as those over a rate are."""
     import replicate
     from replicate.exceptions import ReplicateError
 
@@ -258,6 +261,10 @@ def test_a_key_past_its_unfinished_predictions_is_refused_until_one_ends(base_ur
         replicate.Client(api_token=QUEUE_KEY, base_url=base_url).predictions.create(
             model=BATCHED, input={"prompt": "x"})
     assert refused.value.status == 429
+    counted = asked_until(lambda: counts_by_model(
+        httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text,
+        "ray_atelier_rate_limited_total", "key").get("team-e", 0), lambda n: n >= 3)
+    assert counted == 3
     other = httpx.post(url, headers={"Authorization": f"Bearer {API_KEY}"},
                        json={"input": {"prompt": "x"}})
     assert other.status_code == 201  # another key has room

@@ -24,6 +24,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.conftest import asked_until
 from tests.integration.conftest import (
     AUTH,
     AUTOSCALED,
@@ -166,16 +167,6 @@ def _scrapes(prometheus) -> dict:
             for s in _query(prometheus, kind)}
 
 
-def _asked_until(ask, done, seconds=30):
-    """`ask()` again every 2 s until `done(answer)` or `seconds` have passed (a gauge just
-    set reaches Prometheus within Ray's 10 s report interval and a scrape; a failed scrape
-    leaves nothing for a moment): the last answer."""
-    deadline = time.monotonic() + seconds
-    while not done(answer := ask()) and time.monotonic() < deadline:
-        time.sleep(2)
-    return answer
-
-
 def _empty_panels(prometheus) -> list:
     empty = []
     for title, expr in _panel_queries():
@@ -191,7 +182,7 @@ def _empty_panels(prometheus) -> list:
 def test_every_dashboard_panel_returns_data(base_url, prometheus):
     _traffic(base_url, seconds=30)
     time.sleep(5)  # one more scrape of the last export
-    empty = _asked_until(lambda: _empty_panels(prometheus), lambda empty: not empty)
+    empty = asked_until(lambda: _empty_panels(prometheus), lambda empty: not empty)
     assert not empty, (empty, _scrapes(prometheus))
     assert sum(any(m in e for m in RAY_GPU_METRICS) for _, e in _panel_queries()) == 2
 
@@ -201,7 +192,7 @@ def test_the_dashboard_covers_what_operators_watch():
     for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "prompts held",
                   "errors", "memory", "healthy", "store answers", "by api key", "busy share",
                   "gpu utilization", "garbage collection", "safety checker", "controlnet",
-                  "image prompt", "edits", "enlarged", "unfinished predictions"):
+                  "image prompt", "edits", "enlarged", "unfinished predictions", "refused (429)"):
         assert topic in titles, topic
 
 
@@ -234,7 +225,7 @@ def test_the_ingress_exports_each_models_running_and_wanted_replicas(base_url, p
                 counts.setdefault(s["metric"]["model"], {})[kind] = float(s["value"][1])
         return {model: (c.get("running"), c.get("wanted")) for model, c in counts.items()}
 
-    pairs = _asked_until(exported, lambda pairs: pairs == expected)
+    pairs = asked_until(exported, lambda pairs: pairs == expected)
     assert pairs == expected, (pairs, _scrapes(prometheus))
 
 
@@ -264,7 +255,7 @@ def test_every_alert_rule_runs_on_the_metrics_the_app_exports(prometheus):
         groups = httpx.get(f"{prometheus}/api/v1/rules").json()["data"]["groups"]
         return {r["name"]: r for g in groups for r in g["rules"]}
 
-    rules = _asked_until(loaded, lambda rules: rules and all(
+    rules = asked_until(loaded, lambda rules: rules and all(
         r["health"] != "unknown" for r in rules.values()))
     assert set(rules) == shipped
     assert {name: (r["health"], r.get("lastError", "")) for name, r in rules.items()} == {
@@ -272,7 +263,7 @@ def test_every_alert_rule_runs_on_the_metrics_the_app_exports(prometheus):
     for metric, grouped in sorted(_read_by_rules().items()):
         if metric.startswith("ray_node_") and not _has_gpu():  # GPU nodes export these
             continue
-        series = _asked_until(lambda m=metric: [s["metric"] for s in _query(prometheus, m)],
+        series = asked_until(lambda m=metric: [s["metric"] for s in _query(prometheus, m)],
                               bool)
         assert series, (metric, _scrapes(prometheus))
         assert all(grouped <= set(labels) for labels in series), (metric, grouped, series)

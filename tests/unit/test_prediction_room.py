@@ -34,7 +34,8 @@ async def _refused(make) -> RateLimited | PredictionsFull:
 def test_a_keys_unfinished_predictions_count_on_every_replica_until_they_end(store):
     async def scenario():
         a_work, b_work = Work(store, "a"), Work(store, "b")
-        a, b = PredictionRunner(store, "a", a_work), PredictionRunner(store, "b", b_work)
+        a = PredictionRunner(store, "a", a_work)
+        b = PredictionRunner(store, "b", b_work, refused=refusals.append)
         made = [await _make(a, "team-a", 2), await _make(a, "team-a", 2)]
         on_b = await _refused(_make(b, "team-a", 2))  # the two on replica a count on b
         other = await _make(b, "team-b", 2)  # another key has its own room
@@ -49,7 +50,9 @@ def test_a_keys_unfinished_predictions_count_on_every_replica_until_they_end(sto
         await asyncio.sleep(0.05)
         return on_b, other, unbounded, after_cancel, again, after_success
 
+    refusals = []
     on_b, other, unbounded, after_cancel, again, after_success = asyncio.run(scenario())
+    assert refusals == ["team-a", "team-a"]  # (each counted in rate_limited_total{key})
     assert isinstance(on_b, RateLimited) and on_b.status == 429 and on_b.retry_after_s == 5
     assert "team-a has 2 unfinished predictions" in on_b.message
     assert other.owner == "team-b" and all(p.owner == "team-a" for p in unbounded)
@@ -62,7 +65,7 @@ def test_a_keys_unfinished_predictions_count_on_every_replica_until_they_end(sto
 
 def test_creates_sent_at_once_are_counted_while_they_are_made(store):
     async def scenario():
-        runner = PredictionRunner(store, "a", Work(store, "a"))
+        runner = PredictionRunner(store, "a", Work(store, "a"), refused=refusals.append)
         fetching = asyncio.Event()
 
         async def fetch():
@@ -76,7 +79,9 @@ def test_creates_sent_at_once_are_counted_while_they_are_made(store):
         made = await first
         return burst, made
 
+    refusals = []
     (by_key, by_replica), made = asyncio.run(scenario())
+    assert refusals == ["team-a"]  # a full replica is no key's doing
     assert isinstance(by_key, RateLimited) and "team-a has 1 unfinished" in by_key.message
     assert isinstance(by_replica, PredictionsFull) and by_replica.status == 503
     assert by_replica.retry_after_s == 5 and "runs 1 unfinished predictions" in by_replica.message
