@@ -118,8 +118,7 @@ class ModelDeployment:
         """Text-to-image at the model's defaults; for a model without it (FLUX.1 Fill,
         Canny), its own kind of call on a blank image."""
         d = self.cfg.defaults
-        modes = self.cfg.rules.modes
-        source = None if "txt2img" in modes else SourceImage.blank(d.width, d.height, modes[0])
+        source = SourceImage.warm_up(self.cfg.rules.modes, d.width, d.height)
         return GenerationRequest(
             model=self.cfg.id, prompt="warm-up", width=d.width, height=d.height,
             num_inference_steps=steps, guidance_scale=d.guidance_scale, seed=0,

@@ -63,6 +63,12 @@ class SourceImage:
             return cls(black, 1.0, b"\xff" * (width * height))
         return cls(black, 1.0, edit=mode == "edit", control=mode == "control")
 
+    @classmethod
+    def warm_up(cls, modes: tuple[str, ...], width: int, height: int) -> SourceImage | None:
+        """A warm-up call's input for a model of these modes: none where it draws from
+        text, else a blank image for its first kind of call (FLUX.1 Fill, Canny, Depth)."""
+        return None if "txt2img" in modes else cls.blank(width, height, modes[0])
+
 
 @dataclass(frozen=True, eq=False)
 class ControlImage:

@@ -30,7 +30,7 @@ from serve.errors import (
     TimedOut,
 )
 from serve.metrics import IngressMetrics
-from serve.types import GenerationRequest, GenerationResult
+from serve.types import GenerationRequest, GenerationResult, SourceImage
 from serve.urls import check_allowed_url
 
 log = logging.getLogger("ray.serve.atelier.router")
@@ -119,8 +119,12 @@ class ModelRouter:
         """Send one small request to `model` through its handle, counted nowhere, so that
         the handle's routing to the replicas and a replica's request path are set up
         before a client's first request (on a 2-core CPU that first request took ~50 ms
-        longer around its pipeline call than the next ones)."""
-        request = GenerationRequest.for_model(model, "warm-up", seed=0, num_inference_steps=1)
+        longer around its pipeline call than the next ones). A model that draws from no
+        text alone (FLUX.1 Fill, Canny, Depth) is sent a blank image."""
+        d = model.defaults
+        request = GenerationRequest.for_model(
+            model, "warm-up", seed=0, num_inference_steps=1,
+            source=SourceImage.warm_up(model.rules.modes, d.width, d.height))
         await self._handles[model.id].generate.remote(request)
 
     async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[tuple]:

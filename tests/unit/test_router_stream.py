@@ -212,3 +212,31 @@ def test_waiting_for_a_place_counts_towards_the_timeout_and_higher_priorities_go
     asyncio.run(run())
     assert sent == [3, 2] and metrics.failures == [(model.id, "timeout")]
     assert metrics.waits[-1] == 0
+
+
+def test_warming_sends_each_model_a_call_it_takes():
+    """A model that draws from no text alone (FLUX.1 Fill, Canny) is warmed with a blank
+    image to fill or follow, not a text-to-image call it would refuse."""
+    from serve.config import AtelierConfig, ModelConfig
+
+    config = AtelierConfig(models=[
+        ModelConfig(id="a/sdxl", embedded="tiny-sdxl"),
+        ModelConfig(id="a/fill", family="flux", embedded="tiny-flux-fill", fill=True),
+        ModelConfig(id="a/canny", family="flux", embedded="tiny-flux-canny", canny=True)])
+    sent = {}
+
+    class Warmed:
+        def __init__(self, model_id):
+            self.generate = SimpleNamespace(
+                remote=lambda request: _Response(sent.setdefault(model_id, request)))
+
+    router = ModelRouter(config, AdapterCatalog.from_dicts([]),
+                         {m.id: Warmed(m.id) for m in config.models}, _Metrics())
+    for model in config.models:
+        asyncio.run(router.warm(model))
+    assert {m: r.mode for m, r in sent.items()} == {
+        "a/sdxl": "txt2img", "a/fill": "inpaint", "a/canny": "control"}
+    fill = sent["a/fill"]
+    assert fill.source.mask == b"\xff" * (fill.width * fill.height)  # all of it filled
+    assert fill.source.rgb == bytes(fill.width * fill.height * 3)
+    assert all(r.num_inference_steps == 1 and r.seed == 0 for r in sent.values())
