@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from PIL import Image
 
-from deployments.engines.loading import load_pipeline
+from deployments.engines.loading import load_pipeline, quiet
 from serve.steering import check_control_mode
 from serve.types import ControlImage, GenerationRequest
 
@@ -58,8 +58,7 @@ class ControlNets:
         self._pipes = {}
         first = next(iter(self.nets.values()), None)
         for kind, cls in pipelines.items() if first is not None else ():
-            self._pipes[kind] = cls.from_pipe(pipe, controlnet=first, dtype=dtype)
-            self._pipes[kind].set_progress_bar_config(disable=True)
+            self._pipes[kind] = quiet(cls.from_pipe(pipe, controlnet=first, dtype=dtype))
 
     def __bool__(self) -> bool:
         return bool(self.nets)

@@ -12,7 +12,7 @@ import psutil
 import torch
 
 from deployments.adapters import AdapterSlots
-from deployments.engines.loading import load_pipeline, load_vae, share_modules
+from deployments.engines.loading import load_pipeline, load_vae, quiet, share_modules
 from deployments.engines.prompts import PromptCache
 from deployments.engines.speed import apply_speed
 from deployments.fused_adapters import FusedAdapters
@@ -57,7 +57,7 @@ class LoadedPipelines:
         self._pipes = {first[0]: self.pipe}
         self._pipes |= share_modules(self.pipe, dict(others), self.dtype)
         for pipe in self._pipes.values():
-            pipe.set_progress_bar_config(disable=True)
+            quiet(pipe)
         self.speed: dict = {}  # the speed settings applied (`speed_up`), for describe()
 
     def merge_loras(self, loras: Sequence[tuple[Path, float]]) -> None:

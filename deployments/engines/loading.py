@@ -27,6 +27,19 @@ def load_pipeline(cls: type, path: Path, dtype: torch.dtype, variant: str | None
                                use_safetensors=True, **components)
 
 
+def quiet(pipe):
+    """`pipe` as the engine calls it: without its progress bar, and without the invisible
+    watermark diffusers' SDXL pipelines put on their images themselves where the
+    invisible-watermark library is installed (`add_watermarker` unset). That mark went on
+    every image 256 or more pixels wide whatever the request asked, and failed the call of
+    a wide image of fewer than 256x256 pixels (512x64); the images are marked once they
+    are made, as the model's config and the request say (deployments.watermark)."""
+    pipe.set_progress_bar_config(disable=True)
+    if getattr(pipe, "watermark", None) is not None:
+        pipe.watermark = None
+    return pipe
+
+
 def load_vae(folder: Path, dtype: torch.dtype):
     """A diffusers AutoencoderKL folder (a model's `vae`), from local files only."""
     from diffusers import AutoencoderKL

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
 
-from deployments.engines.loading import load_pipeline
+from deployments.engines.loading import load_pipeline, quiet
 from deployments.engines.long_prompts import LongPrompts
 from deployments.engines.prompt_masks import padded
 from deployments.engines.speed import attention_order
@@ -30,8 +30,7 @@ def load_refiner(path: Path, variant: str | None, base, dtype: torch.dtype,
         StableDiffusionXLImg2ImgPipeline, path, dtype, variant,
         text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
         vae=base.vae).to(device)
-    refiner.set_progress_bar_config(disable=True)
-    return refiner
+    return quiet(refiner)
 
 
 def refined(refiner, long_prompts: LongPrompts, requests: Sequence[GenerationRequest],

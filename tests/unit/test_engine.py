@@ -109,10 +109,24 @@ def test_the_img2img_and_inpainting_pipelines_share_the_modules_in_their_dtype(
     assert not [w for w in warnings if "kept in float32" in w], warnings
 
 
-@pytest.mark.parametrize("width, height", [(64, 64), (128, 64), (64, 192)])
+@pytest.mark.parametrize("width, height", [(64, 64), (128, 64), (64, 192), (512, 64)])
 def test_image_has_the_requested_size(engine, width, height):
-    (images,) = engine.generate([_req(1, width=width, height=height)])
+    (images,) = engine.generate([_req(1, width=width, height=height, num_inference_steps=1)])
     assert [im.size for im in images] == [(width, height)]
+
+
+def test_the_pipeline_puts_no_watermark_of_its_own_on_its_images(engine):
+    """diffusers' SDXL pipelines mark their images themselves where the invisible-watermark
+    library is installed, as it is here: the engine's images are the pipeline's unmarked
+    (deployments.outputs marks them where the request asks). The decoder reads about half
+    of SDXL's 48 bits wrong from an unmarked image, none from a marked one."""
+    from deployments.watermark import SDXL_MESSAGE, message_bits, watermarked
+    from tests.conftest import read_watermark
+
+    bits = message_bits(SDXL_MESSAGE)
+    (images,) = engine.generate([_req(3, width=512, height=512, num_inference_steps=1)])
+    assert (read_watermark(images[0], len(bits)) != bits).sum() >= 12
+    assert (read_watermark(watermarked(images[0], bits), len(bits)) == bits).all()
 
 
 def test_same_seed_same_pixels_and_other_seed_other_pixels(engine):
