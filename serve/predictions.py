@@ -174,19 +174,20 @@ class PredictionRunner:
         if len(self._tasks) + self._making >= most:
             raise PredictionsFull(f"this server runs {most} unfinished predictions already "
                                   "(max_unfinished_predictions); retry later")
-        prediction_id = new_prediction_id()
-        if key_max is not None and not await self.store.hold(owner, prediction_id, key_max):
-            self._refused(owner)
-            raise RateLimited(f"{owner} has {key_max} unfinished predictions, its "
-                              "max_unfinished_predictions; send more as they finish",
-                              ROOM_RETRY_S)
-        self._making += 1
+        self._making += 1  # before the key's count is asked, which others may pass meanwhile
         try:
-            yield prediction_id
-        except BaseException:
-            if key_max is not None and prediction_id not in self._tasks:
-                await self._unhold(owner, prediction_id)
-            raise
+            prediction_id = new_prediction_id()
+            if key_max is not None and not await self.store.hold(owner, prediction_id, key_max):
+                self._refused(owner)
+                raise RateLimited(f"{owner} has {key_max} unfinished predictions, its "
+                                  "max_unfinished_predictions; send more as they finish",
+                                  ROOM_RETRY_S)
+            try:
+                yield prediction_id
+            except BaseException:
+                if key_max is not None and prediction_id not in self._tasks:
+                    await self._unhold(owner, prediction_id)
+                raise
         finally:
             self._making -= 1
 

@@ -88,6 +88,27 @@ def test_creates_sent_at_once_are_counted_while_they_are_made(store):
     assert made.owner == "team-a" and made.status == "starting"
 
 
+def test_creates_sent_at_once_while_the_store_counts_the_keys_stay_within_the_replica(
+        store):
+    """The key's count is asked of the store (a round trip to Redis): creates arriving
+    meanwhile already see the first's place taken on the replica."""
+    async def scenario():
+        runner = PredictionRunner(store, "a", Work(store, "a"))
+        held = store.hold
+
+        async def slow_hold(*args):
+            await asyncio.sleep(0.05)
+            return await held(*args)
+
+        store.hold = slow_hold
+        return await asyncio.gather(*(_make(runner, "team-a", 5, most=1) for _ in range(3)),
+                                    return_exceptions=True)
+
+    made, *refused = asyncio.run(scenario())
+    assert made.owner == "team-a"
+    assert [type(r) for r in refused] == [PredictionsFull, PredictionsFull]
+
+
 def test_a_create_refused_for_its_input_gives_its_place_back(store):
     async def scenario():
         runner = PredictionRunner(store, "a", Work(store, "a"))
