@@ -18,7 +18,7 @@ from serve.canvases import canny, canny_thresholds
 from serve.config import ControlNetConfig, ModelConfig
 from serve.errors import InvalidField
 from serve.images import ImageFetcher, open_image, output_size, raw_bytes
-from serve.request_limits import unknown_controlnet, unknown_ip_adapter
+from serve.request_limits import check_resizable, unknown_controlnet, unknown_ip_adapter
 from serve.types import (
     IMAGE_PROMPT_SIDE,
     ControlImage,
@@ -115,6 +115,7 @@ def _control_pixels(params: Sequence[ControlParams], nets: Sequence[tuple[str, C
                     thresholds: tuple[int, int]) -> tuple[list[bytes], int, int]:
     pictures = [_opened(d, p.fields[1], model) for p, d in zip(params, data, strict=True)]
     w, h = output_size(pictures[size_from], width, height, model.rules.size_multiple)
+    check_resizable(w, h, model)
     out = []
     for picture, (_, net) in zip(pictures, nets, strict=True):
         if picture.size != (w, h):

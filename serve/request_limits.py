@@ -41,6 +41,16 @@ def check_for_model(request: GenerationRequest, model: ModelConfig) -> None:
                                           "ControlNets per request for this model")
 
 
+def check_resizable(width: int, height: int, model: ModelConfig) -> None:
+    """422 on `width` for a size past any image `model` draws or passes through, before an
+    input image is resized to it: the request's own checks come once its images are read,
+    and a resize to a size far past them would take the memory it names."""
+    limits = model.limits
+    if width * height > max(limits.max_pixels, limits.max_image_pixels):
+        raise InvalidField("width", f"width x height must be at most {limits.max_pixels} "
+                                    f"pixels, got {width * height}")
+
+
 def check_limits(request: GenerationRequest, limits: LimitsConfig, family: Family) -> None:
     """Raise InvalidField for the first value outside the model's limits or what its
     pipeline family accepts."""

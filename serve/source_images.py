@@ -23,6 +23,7 @@ from serve.images import (
     raw_bytes,
 )
 from serve.inpaint_area import cut_out, padded_box
+from serve.request_limits import check_resizable
 from serve.types import Reference, SourceImage
 
 # An `area` of `source_image`: the input's own, shrunk to the model's limits if over them.
@@ -137,6 +138,7 @@ def source_image(image: str | bytes | None, mask: str | bytes | None, strength: 
     if outpaint is not None:
         picture, grey = outpainted(picture, grey, outpaint, model)
     w, h = _generated_size(picture, strength, width, height, area, outpaint is not None, model)
+    check_resizable(w, h, model)
     # Every step runs for a reference to edit, a Fill model's mask and an outpainted border.
     anew = model.kontext or model.fill or outpaint is not None
     return _sized(picture, grey, (w, h), 1.0 if anew else strength, model, thresholds,
@@ -218,6 +220,7 @@ def masked_area(picture: Image.Image, grey: Image.Image | None, strength: float,
         width, height = area_size(region, area, model.rules.size_multiple,
                                   model.limits.max_size)
     w, h = width or model.defaults.width, height or model.defaults.height
+    check_resizable(w, h, model)
     image, mask, overlay = cut_out(picture, grey, w, h, padding)
     return SourceImage(image.tobytes(), 1.0 if model.fill else strength, mask.tobytes(),
                        overlay=overlay), w, h
