@@ -27,6 +27,7 @@ from serve.body_limit import install_body_limit
 from serve.config import AtelierConfig, ModelConfig, app_config
 from serve.context import ingress
 from serve.cors import install_cors
+from serve.disconnects import install_disconnects
 from serve.hardware import gpu_types
 from serve.http_errors import install_error_handlers
 from serve.images import ImageFetcher
@@ -74,8 +75,10 @@ install_error_handlers(api)
 # checks, so that refusal too is counted and names the ingress replica.
 install_body_limit(api, lambda: ingress().router.config.max_body_bytes)
 install_access(api, ingress)
-# Outermost: a browser's preflight carries no key, and refusals need the headers too.
+# A browser's preflight carries no key, and refusals need the headers too.
 install_cors(api, lambda: ingress().router.config.cors_allowed_origins)
+# Outermost: every layer reads a client that left as a disconnect.
+install_disconnects(api)
 
 
 @serve.deployment
