@@ -1,8 +1,9 @@
 """Faults injected into the running app: a model replica killed in the middle of a batch,
-a request that runs past its deadline."""
+a request that runs past its deadline, clients that leave."""
 
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -10,7 +11,16 @@ import httpx
 import pytest
 import replicate
 
-from tests.integration.conftest import API_KEY, AUTH, DEADLINE, FAST, ONE_SLOT, RESTARTABLE, STALL
+from tests.integration.conftest import (
+    API_KEY,
+    AUTH,
+    DEADLINE,
+    FAST,
+    ONE_SLOT,
+    RESTARTABLE,
+    STALL,
+    ray_session_dir,
+)
 
 SLOW = {"prompt": "a lamp", "width": 256, "height": 256, "num_inference_steps": 20}
 
@@ -107,6 +117,45 @@ def test_a_client_that_disconnects_frees_its_batch_place_at_the_next_step(client
     # Sixty steps at 256x256 take several seconds; the next request waited for one step.
     assert float(after.headers["x-atelier-queue-ms"]) < 1000
     assert time.monotonic() - started < 3.0
+
+
+def _unretrieved_errors() -> int:
+    """Tracebacks of errors no one awaited, as replicas' asyncio logs them to stderr."""
+    logs = ray_session_dir() / "logs"
+    return sum(f.read_text(errors="replace").count("exception was never retrieved")
+               for f in logs.glob("worker-*.err"))
+
+
+def _leave_half_sent(base_url: str, path: str) -> None:
+    """Send a request's head and a tenth of its declared body, then hang up."""
+    url = httpx.URL(base_url)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {url.host}\r\nAuthorization: Bearer {API_KEY}"
+            "\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n")
+    with socket.create_connection((url.host, url.port)) as sock:
+        sock.sendall(head.encode() + b'{"prompt": "' + b"a" * 488)
+        time.sleep(0.3)
+
+
+def test_clients_that_leave_a_stream_or_a_half_sent_body_end_without_errors(base_url):
+    before = _unretrieved_errors()
+    firsts = []
+    for i in range(8):  # each stream left after its first partial image
+        body = {"model": FAST, "prompt": f"a kite {i}", "size": "256x256", "stream": True,
+                "partial_images": 3}
+        with httpx.stream("POST", f"{base_url}/v1/images/generations", json=body,
+                          headers=AUTH, timeout=60) as answer:
+            assert answer.status_code == 200
+            firsts.append(next(line for line in answer.iter_lines() if line.startswith("data:")))
+    assert all('"image_generation.partial_image"' in line for line in firsts), firsts
+    for _ in range(4):
+        _leave_half_sent(base_url, "/generate")
+    after = httpx.post(f"{base_url}/generate", headers=AUTH, timeout=60,
+                       json={"model": FAST, "prompt": "after", "seed": 5})
+    assert after.status_code == 200 and after.json()["seed"] == 5
+    time.sleep(2)  # for the replicas' stderr to reach its files
+    # Before serve/disconnects.py, some of these ended with Serve's TaskCancelledError or
+    # Starlette's ClientDisconnect, and a traceback each.
+    assert _unretrieved_errors() == before
 
 
 def test_a_stalled_pipeline_call_fails_the_health_check_and_its_requests_are_answered(
