@@ -1,8 +1,10 @@
 """`POST /generate`: the interface of a plain FastAPI + diffusers server.
 
 Fields come as query parameters, a JSON body, or both (the body wins on a clash). The
-answer is JSON with base64 images, or the first image itself when the client sends
-`Accept: image/png` (or webp/jpeg matching `output_format`).
+answer is JSON with base64 images, or the first image itself when the client's `Accept`
+prefers the image's type (`image/png`, or webp/jpeg as `output_format` asks; `image/*`)
+to JSON: `Accept: image/png` does, as do `image/*` and `image/*, */*;q=0.8`; no
+`Accept`, `*/*`, `image/png;q=0` and `application/json, image/png;q=0.5` get JSON.
 """
 
 from __future__ import annotations
@@ -126,13 +128,41 @@ async def _read_params(request: Request) -> tuple[GenerateParams, dict[str, str]
         raise RequestValidationError(errors) from None
 
 
+def _quality(accept: str, media_type: str) -> tuple[float, int]:
+    """The quality `accept` gives `media_type`, from its most specific range naming it
+    (2: the type itself, 1: type/*, 0: */*; -1 and quality 0 where none does)."""
+    best, rank = 0.0, -1
+    for part in accept.lower().split(","):
+        range_, *params = (item.strip() for item in part.split(";"))
+        named = {media_type: 2, media_type.split("/")[0] + "/*": 1, "*/*": 0}.get(range_, -1)
+        if named <= rank:
+            continue
+        q = next((value.strip() for name, _, value in (p.partition("=") for p in params)
+                  if name.strip() == "q"), "1")
+        try:
+            quality = float(q)
+        except ValueError:
+            continue  # a malformed range names nothing
+        if 0 <= quality <= 1:
+            best, rank = quality, named
+    return best, rank
+
+
+def wants_image(accept: str, media_type: str) -> bool:
+    """Whether `accept` prefers the image itself to JSON: a higher quality, or the same
+    with the image's own type named (JSON is the answer where nothing decides)."""
+    image, rank = _quality(accept, media_type)
+    json_quality, _ = _quality(accept, "application/json")
+    return image > 0 and (image > json_quality or (image == json_quality and rank == 2))
+
+
 def _respond(request: Request, gen: GenerationRequest, result: GenerationResult) -> Response:
     headers = timing_headers(result)
     headers["X-Atelier-Seed"] = str(result.seeds[0])
     if result.nsfw:  # checked: as diffusers' pipelines answer, a flagged image is black
         headers["X-Atelier-NSFW-Content-Detected"] = ",".join(
             str(flag).lower() for flag in result.nsfw)
-    if result.media_type in request.headers.get("accept", ""):
+    if wants_image(request.headers.get("accept", ""), result.media_type):
         return Response(result.images[0], media_type=result.media_type, headers=headers)
     images = [base64.b64encode(img).decode("ascii") for img in result.images]
     body = {"image": images[0], "images": images, "seed": result.seeds[0],

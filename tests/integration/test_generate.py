@@ -76,6 +76,17 @@ def test_accept_header_returns_the_image_itself(client, fmt, magic, media):
     assert Image.open(io.BytesIO(r.content)).size == (64, 64)
 
 
+@pytest.mark.parametrize("accept, image", [("image/*, */*;q=0.8", True), ("image/png;q=0", False),
+                                           ("application/json, image/png;q=0.5", False)])
+def test_accept_qualities_choose_between_the_image_and_json(client, accept, image):
+    r = client.post("/generate", json={"prompt": "x", "seed": 2}, headers={"Accept": accept})
+    assert r.status_code == 200 and r.headers["x-atelier-seed"] == "2"
+    if image:
+        assert r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
+    else:
+        assert r.headers["content-type"] == "application/json" and r.json()["seed"] == 2
+
+
 def test_alias_resolves_to_its_model(client):
     via_alias = client.post("/generate", json={"prompt": "x", "seed": 5,
                                                "model": "stability-ai/sdxl"}).json()
