@@ -131,10 +131,11 @@ async def _read_params(request: Request) -> tuple[GenerateParams, dict[str, str]
 def _quality(accept: str, media_type: str) -> tuple[float, int]:
     """The quality `accept` gives `media_type`, from its most specific range naming it
     (2: the type itself, 1: type/*, 0: */*; -1 and quality 0 where none does)."""
+    ranks = {media_type: 2, media_type.split("/")[0] + "/*": 1, "*/*": 0}
     best, rank = 0.0, -1
     for part in accept.lower().split(","):
         range_, *params = (item.strip() for item in part.split(";"))
-        named = {media_type: 2, media_type.split("/")[0] + "/*": 1, "*/*": 0}.get(range_, -1)
+        named = ranks.get(range_, -1)
         if named <= rank:
             continue
         q = next((value.strip() for name, _, value in (p.partition("=") for p in params)

@@ -65,7 +65,8 @@ def _serve(app, error: Exception | dict, path: str = "/v1/images/generations",
         sent.append(message)
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "",
              "headers": [(b"content-type", b"application/json")],
              "client": ("127.0.0.1", 5), "server": ("127.0.0.1", 8000)}
     asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
