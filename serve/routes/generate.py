@@ -5,6 +5,8 @@ answer is JSON with base64 images, or the first image itself when the client's `
 prefers the image's type (`image/png`, or webp/jpeg as `output_format` asks; `image/*`)
 to JSON: `Accept: image/png` does, as do `image/*` and `image/*, */*;q=0.8`; no
 `Accept`, `*/*`, `image/png;q=0` and `application/json, image/png;q=0.5` get JSON.
+Without `output_format`, the format is the image type `Accept` prefers (`image/webp`:
+WebP), PNG where it prefers none.
 """
 
 from __future__ import annotations
@@ -30,10 +32,7 @@ from serve.errors import InvalidField
 from serve.routes.generate_params import GenerateParams
 from serve.source_images import load_source
 from serve.timing import timing_headers
-from serve.types import (
-    GenerationRequest,
-    GenerationResult,
-)
+from serve.types import GenerationRequest, GenerationResult, OutputFormat
 
 router = APIRouter()
 
@@ -69,6 +68,8 @@ async def generate(request: Request) -> Response:
     state = ingress()
     router_ = state.router
     model = model_for(request, params.model)
+    if "output_format" not in params.model_fields_set:
+        params.output_format = format_for(request.headers.get("accept", ""))
     try:
         prompt, tags = split_prompt_tags(params.prompt)
         adapters = router_.adapters_for(model, [(r.name, r.scale) for r in params.loras] + tags)
@@ -147,6 +148,16 @@ def _quality(accept: str, media_type: str) -> tuple[float, int]:
         if 0 <= quality <= 1:
             best, rank = quality, named
     return best, rank
+
+
+_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
+def format_for(accept: str) -> OutputFormat:
+    """The format of a request that names no `output_format`: the image type `accept`
+    gives the highest quality (its most specific range decides; PNG on a tie)."""
+    ranked = {fmt: _quality(accept, media) for fmt, media in _FORMATS.items()}
+    return max(ranked, key=lambda fmt: (*ranked[fmt], fmt == "png"))
 
 
 def wants_image(accept: str, media_type: str) -> bool:
