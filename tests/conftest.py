@@ -18,6 +18,13 @@ def cache_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def compile_cache(cache_dir) -> Path:
+    """Where compiled engines keep their compiled code, as a server keeps it beside its
+    models (`<cache_dir>/compile`): an engine reuses the kernels earlier ones compiled."""
+    return cache_dir / "compile"
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_path(cache_dir) -> Path:
     from deployments.tiny import TINY_SDXL, ensure_embedded
 

@@ -151,7 +151,7 @@ def test_slots_are_put_around_the_layers_fused_qkv_and_fp8_leave(tiny_sdxl_path,
 
 
 def test_compiled_slots_switch_and_mix_sets_without_compiling_again(tiny_sdxl_path, cache_dir,
-                                                                    engine, tmp_path):
+                                                                    engine, compile_cache):
     """Warm-up compiles the code of calls with one and with two adapters per request;
     after it, calls that switch, mix, stack or drop adapters reuse it, with the images
     uncompiled slots give."""
@@ -164,7 +164,7 @@ def test_compiled_slots_switch_and_mix_sets_without_compiling_again(tiny_sdxl_pa
     catalog = AdapterCatalog.scan([(ensure_demo_loras(TINY_SDXL_DEMO, cache_dir), "sdxl",
                                     1.0)]).entries
     compiled = SDXLEngine(tiny_sdxl_path, "float32", "cpu", adapters=catalog, max_adapters=2,
-                          max_lora_rank=8, compile_cache=tmp_path,
+                          max_lora_rank=8, compile_cache=compile_cache,
                           speed=SpeedConfig(compile=True, batch_buckets=[2]))
     compiled.warm_up(_req(0), max_images=2)
     graphs = counters["stats"]["unique_graphs"]

@@ -109,11 +109,11 @@ def test_the_cutoff_is_an_sdxl_setting_between_0_and_1():
             SpeedConfig(cfg_cutoff=value)
 
 
-def test_compiled_blocks_follow_the_batch_halving_mid_call(engines, tiny_sdxl_path, tmp_path):
+def test_compiled_blocks_follow_the_batch_halving_mid_call(engines, tiny_sdxl_path, compile_cache):
     from deployments.engines.sdxl import SDXLEngine
 
     _, cut = engines
-    fast = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=tmp_path,
+    fast = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=compile_cache,
                       speed=SpeedConfig(compile=True, cfg_cutoff=0.4))
     batch = [REQUEST, replace(REQUEST, seed=8, num_outputs=2)]
     for a, b in zip([i for own in cut.generate(batch) for i in own],

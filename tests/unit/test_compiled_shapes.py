@@ -34,7 +34,7 @@ def _prompt(*pictures, **extra) -> ImagePrompt:
 
 
 @pytest.fixture(scope="module")
-def compiled(tiny_sdxl_path, adapter_path, cache_dir, tmp_path_factory):  # noqa: F811
+def compiled(tiny_sdxl_path, adapter_path, cache_dir, compile_cache):  # noqa: F811
     from deployments.engines.sdxl import SDXLEngine
     from deployments.tiny import (
         TINY_SDXL_CONTROLNET,
@@ -54,7 +54,7 @@ def compiled(tiny_sdxl_path, adapter_path, cache_dir, tmp_path_factory):  # noqa
                       ip_adapter=(adapter_path, *FILES), adapters=catalog, max_adapters=2,
                       max_lora_rank=8,
                       speed=SpeedConfig(compile=True, batch_buckets=[1, 2]),
-                      compile_cache=tmp_path_factory.mktemp("compile"))
+                      compile_cache=compile_cache)
     fast.warm_up(replace(BASE, prompt="warm-up", num_inference_steps=1), max_images=2)
     return fast
 

@@ -155,7 +155,7 @@ def test_withdrawal_keeps_each_rows_image_prompt(engine):
 
 
 def test_fused_qkv_and_compiled_blocks_keep_the_adapters_attention(
-        tiny_flux_path, adapter_path, engine, tmp_path):
+        tiny_flux_path, adapter_path, engine, compile_cache):
     """Fused QKV leaves XLabs' attention in place (it reads the fused projections), and
     compiled, the attention and its per-row scales run inside the compiled blocks: the
     pixels of eager calls, with and without image prompts and at two batch sizes."""
@@ -164,7 +164,7 @@ def test_fused_qkv_and_compiled_blocks_keep_the_adapters_attention(
 
     fast = FluxEngine(tiny_flux_path, "float32", "cpu", ip_adapter=(adapter_path, *FILES),
                       speed=SpeedConfig(fuse_qkv=True, compile=True),
-                      compile_cache=tmp_path / "compile", fuse_adapters=True)
+                      compile_cache=compile_cache, fuse_adapters=True)
     assert fast.describe()["speed"]["compiled_blocks"] > 0
     processors = {type(p).__name__ for p in fast.pipe.transformer.attn_processors.values()}
     assert "FluxIPAdapterAttnProcessor" in processors

@@ -105,13 +105,13 @@ def test_flux_merged_adapters_give_the_images_of_slots(tiny_flux_path, cache_dir
         assert _close(_image(slots, adapters, FLUX), _image(fused, adapters, FLUX))
 
 
-def test_compiled_blocks_run_each_merged_set(tiny_sdxl_path, cache_dir, sdxl_pair, tmp_path):
+def test_compiled_blocks_run_each_merged_set(tiny_sdxl_path, cache_dir, sdxl_pair, compile_cache):
     """Compiled code reads the weights as they are at each call: switching sets after
     compilation changes the images as it does uncompiled."""
     from deployments.engines.sdxl import SDXLEngine
 
     _, fused = sdxl_pair
-    compiled = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=tmp_path,
+    compiled = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=compile_cache,
                           adapters=_catalog(cache_dir, "tiny-sdxl-demo", "sdxl"),
                           max_adapters=2, max_lora_rank=8, fuse_adapters=True,
                           speed=SpeedConfig(compile=True, channels_last=True))

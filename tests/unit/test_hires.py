@@ -95,13 +95,13 @@ def test_hires_requests_beyond_the_model_are_refused_naming_the_field(args, fiel
 
 
 def test_a_compiled_engine_runs_a_hires_size_it_did_not_compile_uncompiled(
-        tiny_sdxl_path, sdxl, tmp_path):
+        tiny_sdxl_path, sdxl, compile_cache):
     from torch._dynamo.utils import counters
 
     from deployments.engines.sdxl import SDXLEngine
     from serve.config import SpeedConfig
 
-    compiled = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=tmp_path,
+    compiled = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=compile_cache,
                           speed=SpeedConfig(compile=True, batch_buckets=[1]))
     compiled.warm_up(replace(REQUEST, hires_scale=1.0, num_inference_steps=1))
     warmed = counters["stats"]["calls_captured"]

@@ -254,7 +254,7 @@ def test_a_plain_flux_image_is_still_img2img():
 
 
 def test_an_edit_takes_loras_partial_images_and_the_speed_settings(kontext_path, cache_dir,
-                                                                  tmp_path):
+                                                                  compile_cache):
     """A FLUX LoRA (merged into the weights, one set per call) changes an edit; compiled
     with fused projections the edit keeps eager's pixels (<= 2 levels), and its partial
     images are decoded at the output's size."""
@@ -266,7 +266,7 @@ def test_an_edit_takes_loras_partial_images_and_the_speed_settings(kontext_path,
     catalog = AdapterCatalog.scan([(ensure_demo_loras(TINY_FLUX_DEMO, cache_dir), "flux",
                                     1.0)]).entries
     engines = [FluxKontextEngine(kontext_path, "float32", "cpu", adapters=catalog,
-                                 fuse_adapters=True, compile_cache=tmp_path,
+                                 fuse_adapters=True, compile_cache=compile_cache,
                                  speed=SpeedConfig(fuse_qkv=fast, compile=fast))
                for fast in (False, True)]
     assert engines[1].describe()["speed"]["compiled_blocks"] > 0

@@ -109,7 +109,7 @@ def test_edits_with_references_batch_and_keep_each_images_pixels(engine):  # noq
 
 
 def test_an_edit_with_further_references_runs_uncompiled_beside_static_compiled_code(
-        kontext_path, engine, tmp_path):  # noqa: F811
+        kontext_path, engine, compile_cache):  # noqa: F811
     """Compiled for exact shapes, a call with further references (more tokens per row)
     compiles nothing under load: it runs uncompiled, with the plain engine's pixels."""
     from torch._dynamo.utils import counters
@@ -117,7 +117,7 @@ def test_an_edit_with_further_references_runs_uncompiled_beside_static_compiled_
     from deployments.engines.flux import FluxKontextEngine
     from serve.config import SpeedConfig
 
-    compiled = FluxKontextEngine(kontext_path, "float32", "cpu", compile_cache=tmp_path,
+    compiled = FluxKontextEngine(kontext_path, "float32", "cpu", compile_cache=compile_cache,
                                  speed=SpeedConfig(compile=True, batch_buckets=[1]))
     request = _edit(PHOTO, [TALL])
     compiled.warm_up(GenerationRequest.for_model(MODEL, "warm-up", seed=0,

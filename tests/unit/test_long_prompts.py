@@ -200,14 +200,14 @@ def test_the_refiner_reads_prompts_in_as_many_chunks(chunked):
     assert image.size == (64, 64) and _px(image).std() > 1
 
 
-def test_a_compiled_engine_runs_long_prompts_uncompiled(tiny_sdxl_path, chunked, tmp_path):
+def test_a_compiled_engine_runs_long_prompts_uncompiled(tiny_sdxl_path, chunked, compile_cache):
     """Compiled for exact shapes, a call of several chunks compiles nothing under load."""
     from torch._dynamo.utils import counters
 
     from deployments.engines.sdxl import SDXLEngine
     from serve.config import SpeedConfig
 
-    compiled = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=tmp_path,
+    compiled = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=compile_cache,
                           speed=SpeedConfig(compile=True, batch_buckets=[1]),
                           prompts={"chunks": 3, "weights": True})
     compiled.warm_up(replace(REQUEST, prompt="warm-up", num_inference_steps=1))

@@ -389,7 +389,7 @@ def test_each_batch_bucket_gets_its_own_room_of_compiled_graphs(tmp_path):
 
 
 def test_static_compiled_code_runs_only_at_the_sizes_warmed_up(tiny_sdxl_path, plain,
-                                                               tmp_path):
+                                                               compile_cache):
     """With buckets, compiled code is specialised to each image size: sizes listed in
     compile_sizes are compiled during the warm-up, and a call at any other size runs
     uncompiled (no compilation under load) with the plain engine's pixels."""
@@ -400,7 +400,7 @@ def test_static_compiled_code_runs_only_at_the_sizes_warmed_up(tiny_sdxl_path, p
     with pytest.raises(ValueError, match="multiples of 8"):
         SpeedConfig(compile=True, compile_sizes=[[100, 64]])
     torch._dynamo.reset()  # only this engine's warm-up counts (see test_compiled_shapes)
-    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=tmp_path,
+    engine = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=compile_cache,
                         speed=SpeedConfig(compile=True, batch_buckets=[2],
                                           compile_sizes=[[96, 64]]))
     before = counters["stats"]["calls_captured"]
@@ -431,7 +431,7 @@ def test_a_padded_call_keeps_its_bucket_size_when_one_request_leaves(tiny_sdxl_p
     assert rows == [8] * 4 and [len(images) for images in out] == [1, 1]
 
 
-def test_flux_takes_the_same_speed_settings(tiny_flux_path, tmp_path):
+def test_flux_takes_the_same_speed_settings(tiny_flux_path, compile_cache):
     """FLUX's transformer: its double- and single-stream blocks compiled (with the VAE
     decoder's resnets), its attention projections fused, its block linears in FP8."""
     from deployments.engines.flux import FluxEngine
@@ -443,7 +443,7 @@ def test_flux_takes_the_same_speed_settings(tiny_flux_path, tmp_path):
                                     "scheduler": "FlowMatchEuler", **overrides})
 
     plain = FluxEngine(tiny_flux_path, "float32", "cpu")
-    fast = FluxEngine(tiny_flux_path, "float32", "cpu", compile_cache=tmp_path,
+    fast = FluxEngine(tiny_flux_path, "float32", "cpu", compile_cache=compile_cache,
                       speed=SpeedConfig(fuse_qkv=True, channels_last=True, compile=True))
     blocks = sum(type(m).__name__ in ("FluxTransformerBlock", "FluxSingleTransformerBlock",
                                       "ResnetBlock2D")

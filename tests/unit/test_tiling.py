@@ -82,14 +82,14 @@ def test_flux_refuses_tiling_and_sdxl_takes_it():
     assert GenerationRequest.for_model(sdxl, "x", tiling=True).tiling
 
 
-def test_a_compiled_engine_runs_tiling_calls_uncompiled(tiny_sdxl_path, sdxl, tmp_path):
+def test_a_compiled_engine_runs_tiling_calls_uncompiled(tiny_sdxl_path, sdxl, compile_cache):
     """Compiled (any way), a tiling call compiles nothing: its convolutions pad otherwise."""
     from torch._dynamo.utils import counters
 
     from deployments.engines.sdxl import SDXLEngine
     from serve.config import SpeedConfig
 
-    compiled = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=tmp_path,
+    compiled = SDXLEngine(tiny_sdxl_path, "float32", "cpu", compile_cache=compile_cache,
                           speed=SpeedConfig(compile=True))
     compiled.warm_up(replace(REQUEST, tiling=False, num_inference_steps=1))
     warmed = counters["stats"]["calls_captured"]
