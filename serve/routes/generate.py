@@ -32,7 +32,7 @@ from serve.errors import InvalidField
 from serve.routes.generate_params import GenerateParams
 from serve.source_images import load_source
 from serve.timing import timing_headers
-from serve.types import GenerationRequest, GenerationResult, OutputFormat
+from serve.types import MEDIA_TYPES, GenerationRequest, GenerationResult, OutputFormat
 
 router = APIRouter()
 
@@ -150,13 +150,10 @@ def _quality(accept: str, media_type: str) -> tuple[float, int]:
     return best, rank
 
 
-_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
-
-
 def format_for(accept: str) -> OutputFormat:
     """The format of a request that names no `output_format`: the image type `accept`
     gives the highest quality (its most specific range decides; PNG on a tie)."""
-    ranked = {fmt: _quality(accept, media) for fmt, media in _FORMATS.items()}
+    ranked = {fmt: _quality(accept, media) for fmt, media in MEDIA_TYPES.items()}
     return max(ranked, key=lambda fmt: (*ranked[fmt], fmt == "png"))
 
 
