@@ -33,9 +33,12 @@ def _ray_start(*args: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def _stop(node: subprocess.Popen) -> None:
-    if node.poll() is None:
+def _stop(*nodes: subprocess.Popen) -> None:
+    """SIGTERM to each node, then wait for them all: each drains for up to 30 s."""
+    running = [node for node in nodes if node.poll() is None]
+    for node in running:
         os.killpg(node.pid, signal.SIGTERM)
+    for node in running:
         node.wait(90)
 
 
@@ -73,8 +76,7 @@ def cluster(cache_dir):
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
-        for node in nodes.values():
-            _stop(node)
+        _stop(*nodes.values())
         os.environ.pop("RAY_AUTH_MODE", None)
 
 
