@@ -255,7 +255,8 @@ def test_fused_qkv_keeps_the_adapters_attention(tiny_sdxl_path, adapter_path, en
     assert_same_pixels(fused.generate([request])[0][0], engine.generate([request])[0][0])
 
 
-def test_compiled_blocks_run_the_per_row_scales(tiny_sdxl_path, adapter_path, engine, compile_cache):
+def test_compiled_blocks_run_the_per_row_scales(tiny_sdxl_path, adapter_path, engine,
+                                                compile_cache):
     """Compiled, the adapter's attention and its per-row scales run inside the compiled
     transformer blocks: the pixels of eager calls, for calls with and without image
     prompts and of two batch sizes."""
