@@ -1,5 +1,6 @@
 """Who may ask what, and how often: the API key check and the per-key request rate of
-every request, with the ingress's name and the answered-requests metric on each answer.
+every request, with the ingress's name and the answered-requests metric on each answer
+(and on each request that ends unanswered: 499 when its client left, 500 when it failed).
 
 A plain ASGI middleware. A request whose work is cancelled (its client hung up, so Serve
 cancels the call to the model) ends in `CancelledError` as Serve expects; Starlette's
@@ -9,11 +10,13 @@ Serve then logs as a future's unretrieved exception.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from starlette.datastructures import MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.auth import OPEN_PREFIXES, matching_key
@@ -21,6 +24,10 @@ from serve.context import IngressState
 from serve.errors import AtelierError, Unauthorized
 from serve.http_errors import api_path, error_response
 from serve.rate_limits import counted, draw
+
+# The status counted for a request whose client left before its answer began (it gets
+# none): nginx's "client closed request".
+CLIENT_LEFT = 499
 
 
 class Access:
@@ -38,15 +45,26 @@ class Access:
         path = api_path(request)
         refusal, headers = await self._refusal(request, path, state)
 
+        begun = False
+
         async def answered(message: Message) -> None:
+            nonlocal begun
             if message["type"] == "http.response.start":
+                begun = True
                 sent = MutableHeaders(scope=message)
                 sent.update(headers)
                 sent["X-Atelier-Ingress"] = state.replica
                 state.metrics.answered(path, message["status"], time.monotonic() - started)
             await send(message)
 
-        await (refusal or self.app)(scope, receive, answered)
+        try:
+            await (refusal or self.app)(scope, receive, answered)
+        except BaseException as exc:
+            if not begun:  # counted as it ends: its client left, or Starlette answers 500
+                left = isinstance(exc, asyncio.CancelledError | ClientDisconnect)
+                state.metrics.answered(path, CLIENT_LEFT if left else 500,
+                                       time.monotonic() - started)
+            raise
 
     async def _refusal(self, request: Request, path: str,
                        state: IngressState) -> tuple[ASGIApp | None, dict[str, str]]:

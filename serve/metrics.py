@@ -53,7 +53,8 @@ class IngressMetrics:
     """Recorded by the ingress replicas: what clients asked and got."""
 
     def __init__(self):
-        self.requests = Counter("atelier_requests", "HTTP requests answered",
+        self.requests = Counter("atelier_requests", (
+            "HTTP requests answered, by status; 499: the client left before its answer began"),
                                 tag_keys=("api", "status"))
         self.duration = Histogram("atelier_request_duration_seconds",
                                   "HTTP request time at the ingress, end to end",

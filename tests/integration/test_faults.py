@@ -11,6 +11,7 @@ import httpx
 import pytest
 import replicate
 
+from tests.conftest import asked_until, counts_by_model
 from tests.integration.conftest import (
     API_KEY,
     AUTH,
@@ -106,7 +107,16 @@ def test_predictions_past_capacity_wait_their_turn_instead_of_failing(base_url):
     assert any("busy" in p.logs and "retrying" in p.logs for p in preds)
 
 
-def test_a_client_that_disconnects_frees_its_batch_place_at_the_next_step(client):
+def _generate_answers(metrics_port: int) -> dict[str, float]:
+    """`/generate`'s requests by status, from the node's metrics port."""
+    exposition = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    lines = "\n".join(line for line in exposition.splitlines() if 'api="generate"' in line)
+    return counts_by_model(lines, "ray_atelier_requests_total", "status")
+
+
+def test_a_client_that_disconnects_frees_its_batch_place_at_the_next_step(client,
+                                                                         metrics_port):
+    left_before = _generate_answers(metrics_port).get("499", 0)
     long = {"model": DEADLINE, "prompt": "x", "seed": 3, "width": 256, "height": 256,
             "steps": 60}
     started = time.monotonic()
@@ -117,6 +127,10 @@ def test_a_client_that_disconnects_frees_its_batch_place_at_the_next_step(client
     # Sixty steps at 256x256 take several seconds; the next request waited for one step.
     assert float(after.headers["x-atelier-queue-ms"]) < 1000
     assert time.monotonic() - started < 3.0
+    # Counted as a request whose client left before its answer began.
+    left = asked_until(lambda: _generate_answers(metrics_port).get("499", 0),
+                       lambda n: n > left_before)
+    assert left == left_before + 1
 
 
 def _unretrieved_errors() -> int:

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 
 from serve.access import install_access
 from serve.auth import ApiKeyConfig, configured_keys
+from serve.disconnects import install_disconnects
 from serve.state import MemoryStore
 
 
@@ -50,7 +51,16 @@ def _app(keys: list) -> tuple[FastAPI, SimpleNamespace]:
         asyncio.get_running_loop().call_later(0.05, work.cancel)
         await work
 
+    @app.post("/v1/images/generations")
+    async def read_body(request: Request):
+        return {"read": len(await request.body())}
+
+    @app.get("/v1/models")
+    async def broken():
+        raise RuntimeError("broken")
+
     install_access(app, lambda: state)
+    install_disconnects(app)  # outside the key checks, as in the ingress
     return app, state
 
 
@@ -99,22 +109,45 @@ def test_a_keys_request_rate_refuses_the_request_past_it_with_retry_after():
     assert state.metrics.answers[-2:] == [("/generate", 429), ("/healthz", 200)]
 
 
-def test_a_request_whose_work_is_cancelled_ends_cancelled_with_nothing_sent():
-    # Serve expects CancelledError from a request it cancelled; a RuntimeError would be
-    # logged as a future's exception that nobody retrieved.
-    app, state = _app([])
-    sent = []
-    body = [{"type": "http.request", "body": b"", "more_body": False}]
+def _call(app: FastAPI, method: str, path: str, messages: list[dict],
+          sent: list[dict] | None = None) -> list[dict]:
+    """What `app` sends (into `sent`) for a request whose `receive` gives `messages`,
+    then waits."""
+    sent = [] if sent is None else sent
 
     async def receive():
-        return body.pop() if body else await asyncio.Event().wait()
+        return messages.pop(0) if messages else await asyncio.Event().wait()
 
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/predictions", "raw_path": b"/v1/predictions", "root_path": "",
-             "query_string": b"", "headers": [], "server": ("t", 80), "client": ("c", 1)}
+    scope = {"type": "http", "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [], "server": ("t", 80), "client": ("c", 1)}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_a_request_whose_work_is_cancelled_ends_cancelled_and_is_counted_499():
+    # Serve expects CancelledError from a request it cancelled; a RuntimeError would be
+    # logged as a future's exception that nobody retrieved.
+    app, state = _app([])
     with pytest.raises(asyncio.CancelledError):
-        asyncio.run(app(scope, receive, send))
-    assert sent == [] and state.metrics.answers == []
+        _call(app, "POST", "/v1/predictions",
+              [{"type": "http.request", "body": b"", "more_body": False}])
+    assert state.metrics.answers == [("/v1/predictions", 499)]
+
+
+def test_a_client_leaving_during_its_body_and_a_failing_route_are_counted():
+    app, state = _app([])
+    half = {"type": "http.request", "body": b'{"prompt": "a', "more_body": True}
+    left = _call(app, "POST", "/v1/images/generations", [half, {"type": "http.disconnect"}])
+    failed: list[dict] = []
+    with pytest.raises(RuntimeError, match="broken"):  # after Starlette answered
+        _call(app, "GET", "/v1/models", [], failed)
+    whole = {"type": "http.request", "body": b"{}", "more_body": False}
+    read = _call(app, "POST", "/v1/images/generations", [whole])
+    assert left == [] and failed[0]["status"] == 500
+    assert read[0]["status"] == 200 and read[1]["body"] == b'{"read":2}'
+    assert state.metrics.answers == [("/v1/images/generations", 499), ("/v1/models", 500),
+                                     ("/v1/images/generations", 200)]
