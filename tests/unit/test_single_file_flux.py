@@ -26,9 +26,9 @@ def checkpoint(tmp_path_factory):
     from deployments.tiny_flux import TINY_FLUX_CONFIGS, build_random_flux
 
     root = tmp_path_factory.mktemp("single-file-flux")
-    build_random_flux(root / "folder", {**TINY_FLUX_CONFIGS, "tokenizer_2": {"model_max_length": 16},
-                                        "transformer": {**TINY_FLUX_CONFIGS["transformer"], **_WIDE}},
-                      dtype="bfloat16")
+    configs = {**TINY_FLUX_CONFIGS, "tokenizer_2": {"model_max_length": 16},
+               "transformer": {**TINY_FLUX_CONFIGS["transformer"], **_WIDE}}
+    build_random_flux(root / "folder", configs, dtype="bfloat16")
     transformer = FluxTransformer2DModel.from_pretrained(root / "folder" / "transformer",
                                                          dtype=torch.bfloat16)
     save_flux_transformer_file(transformer, root / "fine-tune.safetensors")
@@ -53,6 +53,16 @@ def _transformer_weights(folder):
     return load_file(file)
 
 
+@pytest.fixture(scope="module")
+def plain_fp8(checkpoint, tmp_path_factory):
+    """The transformer's weights converted from its FP8 file in ComfyUI's names."""
+    from deployments.engines import model_path
+
+    _, file, base = checkpoint
+    fp8 = _model(file.with_name("fine-tune-fp8.safetensors"), base)
+    return _transformer_weights(model_path(fp8, tmp_path_factory.mktemp("plain-fp8")))
+
+
 def test_the_transformer_is_converted_once_and_the_rest_linked(checkpoint, tmp_path):
     from deployments.engines import model_path
 
@@ -71,22 +81,18 @@ def test_the_transformer_is_converted_once_and_the_rest_linked(checkpoint, tmp_p
     assert {p: p.stat().st_mtime_ns for p in converted.rglob("*") if p.is_file()} == written
 
 
-def test_an_fp8_file_in_comfyuis_names_is_converted_to_bfloat16_exactly(checkpoint, tmp_path):
-    from deployments.engines import model_path
-
-    folder, file, base = checkpoint
-    converted = model_path(_model(file.with_name("fine-tune-fp8.safetensors"), base), tmp_path)
-    theirs, ours = _transformer_weights(folder), _transformer_weights(converted)
+def test_an_fp8_file_in_comfyuis_names_is_converted_to_bfloat16_exactly(checkpoint, plain_fp8):
+    theirs, ours = _transformer_weights(checkpoint[0]), plain_fp8
     assert all(ours[k].dtype == torch.bfloat16 for k in ours)
     assert all(torch.equal(theirs[k].to(torch.float8_e4m3fn).to(torch.bfloat16), ours[k])
                for k in theirs)
     assert not all(torch.equal(theirs[k], ours[k]) for k in theirs)  # FP8 rounded them
 
 
-@pytest.mark.parametrize("scale,per_row,prefix", [("scale_weight", False, ""),
-                                                   ("weight_scale", True, "model.diffusion_model.")])
+@pytest.mark.parametrize("scale,per_row,prefix", [
+    ("scale_weight", False, ""), ("weight_scale", True, "model.diffusion_model.")])
 def test_a_scaled_fp8_file_is_converted_to_its_weights_times_their_scales(
-        checkpoint, tmp_path, scale, per_row, prefix):
+        checkpoint, plain_fp8, tmp_path, scale, per_row, prefix):
     """As ComfyUI's "scaled" FP8 files (older and newer names) are shared: the converted
     weights are those of the bfloat16 file of the values the file stands for, closer to
     the fine-tune's than plain FP8 keeps them."""
@@ -104,12 +110,10 @@ def test_a_scaled_fp8_file_is_converted_to_its_weights_times_their_scales(
     assert set(ours) == set(expected)
     assert all(ours[k].dtype == torch.bfloat16 and torch.equal(ours[k], expected[k])
                for k in ours)
-    plain = _transformer_weights(model_path(_model(file.with_name("fine-tune-fp8.safetensors"),
-                                                   base), tmp_path))
     theirs = _transformer_weights(folder)
     matrices = [k for k in theirs if "blocks." in k and theirs[k].dim() == 2]
     err = {name: sum((w[k].float() - theirs[k].float()).abs().mean() for k in matrices)
-           for name, w in (("scaled", ours), ("plain", plain))}
+           for name, w in (("scaled", ours), ("plain", plain_fp8))}
     assert err["scaled"] < err["plain"] / 2, err
 
 
