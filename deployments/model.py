@@ -285,19 +285,24 @@ class ModelDeployment:
         self._report_memory()
 
     async def check_health(self) -> None:
-        """Raise if the pipeline is unusable, keeps failing, or a call is stuck. Before
-        saying so, answer the requests it holds with ReplicaLost (their callers retry
-        elsewhere), so that Serve's graceful stop does not wait for a wedged call."""
+        """Raise if a call is stuck, calls keep failing, or the pipeline is unusable.
+        Before saying so, answer the requests it holds with ReplicaLost (their callers
+        retry elsewhere), so that Serve's graceful stop does not wait for a wedged call.
+
+        The weights' check reads them on the device, so it waits for the work queued there
+        (a running call's): it runs on a worker thread, last, and this event loop, which
+        forms the batches and answers the requests, goes on meanwhile, and a wedged call is
+        found without it."""
         self.batcher.start()  # so that an idle replica keeps warm before its first request
         try:
-            self.engine.check()
-            self._refresh_gauges()
-            if self._failures >= _MAX_CONSECUTIVE_FAILURES:
-                raise RuntimeError(f"{self._failures} pipeline calls failed in a row")
             since = self.batcher.running_since
             if since is not None and time.monotonic() - since > self.cfg.health_stall_s:
                 raise RuntimeError(
                     f"a pipeline call has run for over {self.cfg.health_stall_s}s")
+            if self._failures >= _MAX_CONSECUTIVE_FAILURES:
+                raise RuntimeError(f"{self._failures} pipeline calls failed in a row")
+            self._refresh_gauges()
+            await asyncio.get_running_loop().run_in_executor(self._workers, self.engine.check)
         except Exception as exc:
             log.error("%s replica unhealthy: %s", self.cfg.id, exc)
             self.batcher.fail_all(ReplicaLost(
