@@ -191,7 +191,8 @@ def test_the_dashboard_covers_what_operators_watch():
     titles = " ".join(title for title, _ in _panel_queries()).lower()
     for topic in ("per replica", "p95", "queue", "batch fill", "adapter hit", "prompts held",
                   "errors", "memory", "healthy", "store answers", "by api key", "busy share",
-                  "gpu utilization", "garbage collection", "safety checker", "controlnet",
+                  "gpu utilization", "garbage collection", "event-loop delay",
+                  "safety checker", "controlnet",
                   "image prompt", "edits", "enlarged", "unfinished predictions", "refused (429)"):
         assert topic in titles, topic
 
