@@ -132,10 +132,11 @@ def test_a_request_whose_work_is_cancelled_ends_cancelled_and_is_counted_499():
     # Serve expects CancelledError from a request it cancelled; a RuntimeError would be
     # logged as a future's exception that nobody retrieved.
     app, state = _app([])
+    sent: list[dict] = []
     with pytest.raises(asyncio.CancelledError):
         _call(app, "POST", "/v1/predictions",
-              [{"type": "http.request", "body": b"", "more_body": False}])
-    assert state.metrics.answers == [("/v1/predictions", 499)]
+              [{"type": "http.request", "body": b"", "more_body": False}], sent)
+    assert sent == [] and state.metrics.answers == [("/v1/predictions", 499)]
 
 
 def test_a_client_leaving_during_its_body_and_a_failing_route_are_counted():
