@@ -231,13 +231,14 @@ def test_the_ingress_exports_each_models_running_and_wanted_replicas(base_url, p
 
 
 def _read_by_rules() -> dict[str, set[str]]:
-    """Each metric the shipped rules read, with the labels those rules group it by."""
+    """Each metric the shipped rules read, with the series matchers a rule reads it with
+    (`{component="replica"}`, say), and the labels those rules group it by."""
     read: dict[str, set[str]] = {}
     for group in yaml.safe_load(ALERTS.read_text())["groups"]:
         for rule in group["rules"]:
             grouped = {label.strip() for by in re.findall(r"by \(([^)]*)\)", rule["expr"])
                        for label in by.split(",")}
-            for metric in re.findall(r"\b(ray_[a-z_]+)", rule["expr"]):
+            for metric in re.findall(r"\b(ray_[a-z_]+(?:\{[^}]*\})?)", rule["expr"]):
                 read.setdefault(metric, set()).update(grouped)
     return read
 
@@ -264,10 +265,11 @@ def test_every_alert_rule_runs_on_the_metrics_the_app_exports(prometheus):
     for metric, grouped in sorted(_read_by_rules().items()):
         if metric.startswith("ray_node_") and not _has_gpu():  # GPU nodes export these
             continue
-        series = asked_until(lambda m=metric: [s["metric"] for s in _query(prometheus, m)],
-                              bool)
+        name = metric.split("{")[0]  # exported, if not yet with the values a rule picks
+        series = asked_until(lambda m=name: [s["metric"] for s in _query(prometheus, m)], bool)
         assert series, (metric, _scrapes(prometheus))
-        assert all(grouped <= set(labels) for labels in series), (metric, grouped, series)
+        picked = [s["metric"] for s in _query(prometheus, metric)] if "{" in metric else series
+        assert all(grouped <= set(labels) for labels in picked), (metric, grouped, picked)
     deployments = {s["metric"]["deployment"] for s in
                    _query(prometheus, "ray_serve_deployment_replica_healthy")}
     assert "Ingress" in deployments and any(d.startswith("model-") for d in deployments)
