@@ -161,6 +161,7 @@ def main() -> None:
     args = _parse_args()
     import torch
 
+    from deployments.engines import compile_cache_dir
     from serve.adapters import AdapterCatalog
 
     model, folder, dtype = _prepare(args)
@@ -168,7 +169,7 @@ def main() -> None:
     make_engine = engine_class(args.family)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     speed = SpeedConfig(**VARIANTS[args.variant][1] if args.variant else {})
-    compile_cache = default_cache_dir() / "compile"
+    compile_cache = compile_cache_dir(default_cache_dir())
     engine = make_engine(model, dtype, device, adapters=catalog,
                          max_adapters=len(catalog) - 1, max_lora_rank=args.rank,
                          fuse_adapters=args.fuse, speed=speed, compile_cache=compile_cache)

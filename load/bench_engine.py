@@ -68,13 +68,13 @@ def run_variant(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from deployments.engines import resolve_device
+    from deployments.engines import compile_cache_dir, resolve_device
 
     dtype, speed = VARIANTS[args.one]
     started = time.monotonic()
     engine = engine_class(args.family)(Path(args.model), dtype, resolve_device("auto"),
                                        speed=SpeedConfig(**speed),
-                                       compile_cache=Path(args.cache_dir) / "compile")
+                                       compile_cache=compile_cache_dir(Path(args.cache_dir)))
     load_s = time.monotonic() - started
     started = time.monotonic()
     warm = call_requests(args, 1)[0]

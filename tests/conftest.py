@@ -19,9 +19,11 @@ def cache_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def compile_cache(cache_dir) -> Path:
-    """Where compiled engines keep their compiled code, as a server keeps it beside its
-    models (`<cache_dir>/compile`): an engine reuses the kernels earlier ones compiled."""
-    return cache_dir / "compile"
+    """Where compiled engines keep their compiled code, as a server keeps it: an engine
+    reuses the kernels earlier ones compiled."""
+    from deployments.engines import compile_cache_dir
+
+    return compile_cache_dir(cache_dir)
 
 
 @pytest.fixture(scope="session")

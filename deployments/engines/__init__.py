@@ -79,6 +79,12 @@ def model_path(model: ModelConfig, cache_dir: Path) -> Path:
     return model.path
 
 
+def compile_cache_dir(cache_dir: Path) -> Path:
+    """Where compiled engines keep their compiled code (torch.compile's cache), beside the
+    models: an engine reuses what earlier ones compiled, a restarted replica too."""
+    return cache_dir / "compile"
+
+
 def refiner_path(refiner: RefinerConfig, cache_dir: Path) -> Path:
     """The refiner's local folder: the configured path, the embedded one, built once, or
     a single-file refiner's folder, converted once."""
@@ -182,7 +188,7 @@ def _family_engine(model: ModelConfig, cache_dir: Path,
         return SDXLEngine(path, model.dtype, device, model.variant, adapters,
                           model.max_loaded_adapters, model.max_lora_rank, model.lora_targets,
                           model.simulate_oom_above_images, model.speed,
-                          cache_dir / "compile", model.fuse_adapters,
+                          compile_cache_dir(cache_dir), model.fuse_adapters,
                           refiner_path(refiner, cache_dir) if refiner else None,
                           refiner.variant if refiner else None,
                           controlnet_files(model, cache_dir), ip_adapter_files(model, cache_dir),
@@ -205,8 +211,8 @@ def _family_engine(model: ModelConfig, cache_dir: Path,
                                                                              FluxEngine)
         return engine(path, model.dtype, device, model.variant, model.simulate_oom_above_images,
                       adapters, model.max_loaded_adapters, model.max_lora_rank,
-                      model.lora_targets, model.fuse_adapters, model.speed, cache_dir / "compile",
-                      redux_folder(model, cache_dir),
+                      model.lora_targets, model.fuse_adapters, model.speed,
+                      compile_cache_dir(cache_dir), redux_folder(model, cache_dir),
                       controlnets=controlnet_files(model, cache_dir),
                       ip_adapter=ip_adapter_files(model, cache_dir),
                       merged_loras=merged_loras(model), vae=model.vae,
